@@ -1,0 +1,32 @@
+# The two commands of the README:
+#   make run    set everything up, run the daemon on its default socket
+#   make test   set everything up, run ruff, mypy and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: run test lint typecheck pytest bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/shadowd serve $(ARGS)
+
+test: lint typecheck pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check shadowd client tests
+	$(BIN)/ruff format --check shadowd client tests
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed
+	$(BIN)/pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,183 @@
+# What the blocking and the trio client share: opening the source file,
+# building requests, reading replies into results, checking every received
+# fd. No I/O on the daemon's socket here; Client and AsyncClient do that.
+#
+# Must never: return an fd that is not sealed and read-only; leave an fd that
+# came with a reply unclosed when the reply is not handed to the caller.
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from shadowd import __version__
+from shadowd.fds import close_all
+from shadowd.memfd import REQUIRED_SEALS
+from shadowd.protocol import (
+    MAX_BATCH_LIMIT,
+    BatchOpened,
+    ClientConnection,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Opened,
+    OpenedItem,
+    ProtocolError,
+    Reply,
+    StatsReply,
+)
+
+from .errors import ProtocolViolation, ShadowdError, UnsealedDescriptor, refused, source_error
+
+CLIENT_NAME = f"shadowd_client/{__version__}"
+SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+# A SOCK_SEQPACKET datagram cannot exceed the sender's socket buffer (about
+# 208 KiB by default), so this holds any reply.
+REPLY_BUFFER = 256 * 1024
+ANC_SPACE = socket.CMSG_SPACE(MAX_BATCH_LIMIT * 4)
+RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+SEND_FLAGS = int(socket.MSG_NOSIGNAL)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
+
+def open_source(path: str | os.PathLike[str]) -> int:
+    """Open *path* the way the protocol wants it: read-only, never blocking, cloexec."""
+    try:
+        return os.open(path, SOURCE_FLAGS)
+    except OSError as exc:
+        raise source_error(exc, os.fsdecode(path)) from None
+
+
+def label_for(path: str | os.PathLike[str]) -> str:
+    """The path label sent for stats: absolute, valid UTF-8, never used for access."""
+    raw = os.path.abspath(os.fsencode(path))
+    return raw.decode("utf-8", "replace")
+
+
+def check_served(fd: int) -> None:
+    """Accept *fd* only if it carries the four seals and is open read-only."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        seals = flags = -1
+    if seals < 0 or seals & REQUIRED_SEALS != REQUIRED_SEALS or flags & os.O_ACCMODE != os.O_RDONLY:
+        os.close(fd)
+        raise UnsealedDescriptor(
+            "the daemon sent a descriptor that is not sealed and read-only; refused it"
+        )
+
+
+def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+class Session:
+    """The protocol state of one connection, seen from the client."""
+
+    def __init__(self) -> None:
+        self.proto = ClientConnection()
+        self.hello_id: int | None = None
+        self.server: str | None = None
+
+    def hello(self) -> tuple[bytes, list[int]]:
+        event = Hello(id=self.proto.next_id(), client=CLIENT_NAME)
+        self.hello_id = event.id
+        return self.proto.send(event)
+
+    def receive(self, data: bytes | memoryview, fds: list[int], flags: int) -> Reply | None:
+        """Parse one reply datagram; None when it was the hello reply (already checked).
+
+        Raises ShadowdError for a protocol violation or a refused hello.
+        """
+        try:
+            reply = self.proto.receive(
+                data,
+                fds,
+                data_truncated=bool(flags & _MSG_TRUNC),
+                fds_truncated=bool(flags & _MSG_CTRUNC),
+            )
+        except ProtocolError as exc:
+            close_all(exc.fds)
+            raise ProtocolViolation(f"bad reply from the daemon: {exc.message}") from None
+        if reply.id is None:
+            assert isinstance(reply, ErrorReply)
+            raise refused(reply.code, reply.message)
+        if reply.id == self.hello_id:
+            self.hello_id = None
+            if isinstance(reply, ErrorReply):
+                raise refused(reply.code, reply.message)
+            assert isinstance(reply, HelloReply)
+            self.server = reply.server
+            return None
+        return reply
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.proto.server_limits.get("max_batch", 1))
+
+
+def opened_fd(reply: Reply) -> int:
+    """The fd of an open reply, checked; raises the refusal of an error reply."""
+    if isinstance(reply, ErrorReply):
+        raise refused(reply.code, reply.message)
+    if not isinstance(reply, Opened):
+        close_reply(reply)
+        raise ProtocolViolation(f"expected an open reply, got {type(reply).__name__}")
+    check_served(reply.fd)
+    return reply.fd
+
+
+def batch_results(reply: Reply) -> list[int | ShadowdError]:
+    """Per-item results of a batch reply: checked fds, or the refusal of each item."""
+    if isinstance(reply, ErrorReply):
+        raise refused(reply.code, reply.message)
+    if not isinstance(reply, BatchOpened):
+        close_reply(reply)
+        raise ProtocolViolation(f"expected a batch reply, got {type(reply).__name__}")
+    out: list[int | ShadowdError] = []
+    for i, item in enumerate(reply.results):
+        if isinstance(item, OpenedItem):
+            try:
+                check_served(item.fd)
+            except UnsealedDescriptor:
+                close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
+                close_all(fd for fd in out if isinstance(fd, int))
+                raise
+            out.append(item.fd)
+        else:
+            out.append(refused(item.code, item.message))
+    return out
+
+
+def stats_of(reply: Reply) -> dict[str, Any]:
+    if isinstance(reply, ErrorReply):
+        raise refused(reply.code, reply.message)
+    if not isinstance(reply, StatsReply):
+        close_reply(reply)
+        raise ProtocolViolation(f"expected a stats reply, got {type(reply).__name__}")
+    return dict(reply.stats)
+
+
+def close_reply(reply: Reply) -> None:
+    """Close whatever fds a reply carries (a reply nobody will take)."""
+    if isinstance(reply, Opened):
+        os.close(reply.fd)
+    elif isinstance(reply, BatchOpened):
+        close_all(reply.fds)

@@ -1,0 +1,321 @@
+# The trio client: one connection shared by any number of tasks, whose
+# requests are pipelined and matched to replies by id; reconnected once when
+# the daemon restarts.
+#
+# Must never: raise anything but a ShadowdError (trio.Cancelled excepted);
+# lose an fd when a waiting task is cancelled (its reply is closed when it
+# arrives); return an fd that is not sealed and read-only.
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from shadowd.fds import close_all
+from shadowd.paths import resolve_socket_path
+from shadowd.protocol import Open, OpenBatch, Reply, Request, StatsRequest
+
+from ._session import (
+    ANC_SPACE,
+    RECV_FLAGS,
+    REPLY_BUFFER,
+    SEND_FLAGS,
+    Session,
+    ancillary,
+    batch_results,
+    close_reply,
+    fds_from_ancdata,
+    label_for,
+    open_source,
+    opened_fd,
+    stats_of,
+)
+from .errors import DaemonTimeout, DaemonUnavailable, ShadowdError, unavailable
+
+
+class _Broken(Exception):
+    def __init__(self, cause: OSError | None, doing: str) -> None:
+        super().__init__(doing)
+        self.cause = cause
+        self.doing = doing
+
+
+class _Conn:
+    """One connection and the replies that arrived for tasks not yet reading."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.session = Session()
+        self.send_lock = trio.Lock()
+        self.recv_lock = trio.Lock()
+        self.replies: dict[int, Reply] = {}
+        self.abandoned: set[int] = set()
+        self.broken: _Broken | None = None
+        self.buf = bytearray(REPLY_BUFFER)
+
+    def close(self) -> None:
+        self.sock.close()
+        for reply in self.replies.values():
+            close_reply(reply)
+        self.replies.clear()
+
+
+def _batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
+    return OpenBatch(id=id, fds=fds, labels=labels)
+
+
+def _hello_pending(conn: _Conn) -> bool:
+    return conn.session.hello_id is not None
+
+
+class AsyncClient:
+    """A trio connection to shadowd; the same API as :class:`Client`, awaited.
+
+    Several tasks may use one AsyncClient at once: their requests are in
+    flight together and each gets its own reply.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = 30.0,
+    ) -> None:
+        try:
+            self.socket_path = resolve_socket_path(socket_path)
+        except Exception as exc:  # ConfigError of the daemon's family
+            raise DaemonUnavailable(str(exc)) from None
+        self.timeout = timeout
+        self._conn: _Conn | None = None
+        self._connect_lock = trio.Lock()
+        self._closed = False
+
+    # -- public API ------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect now (and say hello) instead of on first use."""
+        await self._ensure_hello()
+
+    async def open(self, path: str | os.PathLike[str]) -> int:
+        """A sealed, read-only fd with the bytes of *path*; the caller owns it."""
+        src = open_source(path)
+        try:
+            return await self.open_fd(src, label=label_for(path))
+        finally:
+            os.close(src)
+
+    async def open_fd(self, fd: int, *, label: str | None = None) -> int:
+        """Like :meth:`open` for a file the caller already opened; *fd* stays theirs."""
+        return opened_fd(await self._call(lambda id: Open(id=id, fd=fd, label=label)))
+
+    async def open_many(
+        self, paths: Sequence[str | os.PathLike[str]], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Open several files in as few round trips as the batch limit allows."""
+        sources: list[int | ShadowdError] = []
+        for path in paths:
+            try:
+                sources.append(open_source(path))
+            except ShadowdError as exc:
+                sources.append(exc)
+        results: list[int | ShadowdError] = list(sources)
+        try:
+            todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+            labels = [label_for(p) for p in paths]
+            while todo:
+                conn = await self._ensure_hello()
+                chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
+                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                chunk_labels = tuple(labels[i] for i in chunk)
+                reply = await self._call(functools.partial(_batch_request, fds, chunk_labels))
+                for i, r in zip(chunk, batch_results(reply), strict=True):
+                    results[i] = r
+        except BaseException:
+            close_all(r for i, r in enumerate(results) if isinstance(r, int) and r != sources[i])
+            raise
+        finally:
+            close_all(s for s in sources if isinstance(s, int))
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, ShadowdError):
+                    close_all(x for x in results if isinstance(x, int))
+                    raise r
+        return results
+
+    async def stats(self) -> dict[str, Any]:
+        return stats_of(await self._call(lambda id: StatsRequest(id=id)))
+
+    async def aclose(self) -> None:
+        """Close the connection. Fds already returned stay valid."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- internals -------------------------------------------------------
+
+    async def _call(self, make: Callable[[int], Request]) -> Reply:
+        fresh = self._conn is None
+        try:
+            return await self._attempt(make)
+        except _Broken as broken:
+            if fresh or isinstance(broken.cause, TimeoutError):
+                raise self._unavailable(broken) from None
+        try:
+            return await self._attempt(make)
+        except _Broken as broken:
+            raise self._unavailable(broken) from None
+
+    def _unavailable(self, broken: _Broken) -> DaemonUnavailable:
+        if broken.cause is None:
+            return DaemonUnavailable(
+                f"shadowd at {self.socket_path} closed the connection ({broken.doing})",
+                socket_path=self.socket_path,
+            )
+        return unavailable(broken.cause, self.socket_path, broken.doing)
+
+    async def _attempt(self, make: Callable[[int], Request]) -> Reply:
+        conn = await self._connection()
+        request = make(conn.session.proto.next_id())
+        data, fds = conn.session.proto.send(request)
+        try:
+            with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+                async with conn.send_lock:
+                    await self._io(
+                        conn,
+                        conn.sock.sendmsg([data], ancillary(fds), SEND_FLAGS),
+                        "sending a request",
+                    )
+                return await self._wait_reply(conn, request.id)
+        except trio.TooSlowError:
+            self._drop(conn, _Broken(TimeoutError(), "waiting for a reply"))
+            raise DaemonTimeout(
+                f"shadowd at {self.socket_path} did not answer in time",
+                socket_path=self.socket_path,
+            ) from None
+        except trio.Cancelled:
+            conn.abandoned.add(request.id)
+            raise
+        except _Broken as broken:
+            self._drop(conn, broken)
+            raise
+        except ShadowdError:
+            self._drop(conn, _Broken(None, "a bad reply"))
+            raise
+
+    async def _io(self, conn: _Conn, coro: Any, doing: str) -> Any:
+        try:
+            return await coro
+        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            if conn.broken is not None:
+                raise conn.broken from None
+            raise _Broken(exc if isinstance(exc, OSError) else None, doing) from None
+
+    async def _wait_reply(self, conn: _Conn, id: int) -> Reply:
+        while True:
+            if id in conn.replies:
+                return conn.replies.pop(id)
+            if conn.broken is not None:
+                raise conn.broken
+            async with conn.recv_lock:
+                if id in conn.replies:
+                    return conn.replies.pop(id)
+                reply = await self._recv(conn)
+                if reply is None:
+                    continue
+                if reply.id == id:
+                    return reply
+                assert reply.id is not None
+                if reply.id in conn.abandoned:
+                    conn.abandoned.discard(reply.id)
+                    close_reply(reply)
+                else:
+                    conn.replies[reply.id] = reply
+
+    async def _recv(self, conn: _Conn) -> Reply | None:
+        n, ancdata, flags, _ = await self._io(
+            conn,
+            conn.sock.recvmsg_into([conn.buf], ANC_SPACE, RECV_FLAGS),
+            "waiting for a reply",
+        )
+        fds = fds_from_ancdata(ancdata)
+        if n == 0 and not fds:
+            raise _Broken(None, "waiting for a reply")
+        return conn.session.receive(memoryview(conn.buf)[:n], fds, flags)
+
+    async def _connection(self) -> _Conn:
+        if self._closed:
+            raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
+        if self._conn is not None:
+            return self._conn
+        async with self._connect_lock:
+            # Another task may have connected while we waited for the lock.
+            current = self._current()
+            if current is not None:
+                return current
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+                    await sock.connect(self.socket_path)
+            except trio.TooSlowError:
+                sock.close()
+                raise DaemonTimeout(
+                    f"shadowd at {self.socket_path} did not accept in time",
+                    socket_path=self.socket_path,
+                ) from None
+            except OSError as exc:
+                sock.close()
+                raise unavailable(exc, self.socket_path, "connecting") from None
+            conn = _Conn(sock)
+            data, _ = conn.session.hello()
+            try:
+                await self._io(conn, sock.sendmsg([data], [], SEND_FLAGS), "saying hello")
+            except _Broken as broken:
+                conn.close()
+                raise self._unavailable(broken) from None
+            self._conn = conn
+            return conn
+
+    def _current(self) -> _Conn | None:
+        return self._conn
+
+    async def _ensure_hello(self) -> _Conn:
+        """A connection whose hello was answered (so its limits are known)."""
+        try:
+            conn = await self._connection()
+            while _hello_pending(conn):
+                async with conn.recv_lock:
+                    # Another task may have read the hello reply meanwhile.
+                    if not _hello_pending(conn):
+                        break
+                    reply = await self._recv(conn)
+                    if reply is not None and reply.id is not None:
+                        conn.replies[reply.id] = reply
+            return conn
+        except _Broken as broken:
+            if self._conn is not None:
+                self._drop(self._conn, broken)
+            raise self._unavailable(broken) from None
+
+    def _drop(self, conn: _Conn, broken: _Broken) -> None:
+        conn.broken = broken
+        if self._conn is conn:
+            self._conn = None
+        conn.close()

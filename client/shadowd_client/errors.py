@@ -1,0 +1,171 @@
+# The client library's exception family, and the one place that turns what
+# goes wrong (an OSError, an error reply, a broken reply) into it.
+#
+# Must never: let a bare OSError, a trio exception or a protocol-internal
+# exception reach the caller. Everything raised is a ShadowdError.
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class ShadowdError(Exception):
+    """Root of every error the client library raises."""
+
+
+class DaemonUnavailable(ShadowdError):
+    """No daemon answers on the socket, or the connection broke and could not be reopened."""
+
+    def __init__(self, message: str, *, socket_path: str | None = None) -> None:
+        super().__init__(message)
+        self.socket_path = socket_path
+
+
+class DaemonTimeout(DaemonUnavailable):
+    """The daemon did not answer in time."""
+
+
+class ProtocolViolation(ShadowdError):
+    """The daemon's reply broke the protocol; the connection is dropped."""
+
+
+class UnsealedDescriptor(ProtocolViolation):
+    """The daemon sent an fd that is not sealed and read-only; it was closed, not returned."""
+
+
+class SourceError(ShadowdError):
+    """The client could not open or read the file itself (before asking the daemon)."""
+
+    def __init__(self, message: str, *, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.filename = filename
+
+
+class Refused(ShadowdError):
+    """The daemon refused the request. ``code`` is the stable code from the protocol."""
+
+    code: str = "refused"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(Refused):
+    """The daemon did not understand the request (a bug in the client, or a version mismatch)."""
+
+    code = "bad-request"
+
+
+class NotRegularFile(Refused):
+    """Only regular files are served: FIFOs, directories, sockets and devices are refused."""
+
+    code = "not-regular"
+
+
+class NotReadable(Refused):
+    """The passed descriptor was not open for reading."""
+
+    code = "not-readable"
+
+
+class FileTooLarge(Refused):
+    """The file is above the daemon's --max-file-size; copy it locally instead."""
+
+    code = "file-too-large"
+
+
+class FileUnstable(Refused):
+    """The file kept changing while the daemon copied it."""
+
+    code = "unstable"
+
+
+class DaemonIOError(Refused):
+    """The daemon could not read the file."""
+
+    code = "io-error"
+
+
+class NotPermitted(Refused):
+    """This peer (uid/gid) is not allowed to use the daemon."""
+
+    code = "not-permitted"
+
+
+class Busy(Refused):
+    """The daemon is at one of its limits; try again later."""
+
+    code = "busy"
+
+
+class ShuttingDown(Refused):
+    """The daemon is stopping."""
+
+    code = "shutting-down"
+
+
+class InternalError(Refused):
+    """The daemon hit a bug of its own."""
+
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[Refused]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        NotRegularFile,
+        NotReadable,
+        FileTooLarge,
+        FileUnstable,
+        DaemonIOError,
+        NotPermitted,
+        Busy,
+        ShuttingDown,
+        InternalError,
+    )
+}
+for _code in (
+    "request-too-large",
+    "unsupported-version",
+    "hello-required",
+    "unknown-op",
+    "bad-fds",
+):
+    _BY_CODE[_code] = BadRequest
+
+
+def refused(code: str, message: str) -> Refused:
+    """The exception for an error reply with *code*."""
+    return _BY_CODE.get(code, Refused)(message, code=code)
+
+
+def source_error(exc: OSError, path: str) -> SourceError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return SourceError(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+
+
+def unavailable(exc: OSError, socket_path: str, doing: str) -> DaemonUnavailable:
+    """The error for an OSError met while *doing* something with the daemon's socket."""
+    if isinstance(exc, TimeoutError):
+        return DaemonTimeout(
+            f"shadowd at {socket_path} did not answer in time ({doing})", socket_path=socket_path
+        )
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return DaemonUnavailable(
+        f"cannot reach shadowd at {socket_path}: {reason} ({doing})", socket_path=socket_path
+    )
+
+
+@contextmanager
+def talking_to(socket_path: str, doing: str) -> Iterator[None]:
+    """Turn an OSError in the block into :class:`DaemonUnavailable`."""
+    try:
+        yield
+    except OSError as exc:
+        raise unavailable(exc, socket_path, doing) from exc

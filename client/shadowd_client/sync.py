@@ -1,0 +1,286 @@
+# The blocking client: one connection to the daemon, safe to share between
+# threads (one request at a time), reconnected once when the daemon restarts.
+#
+# Must never: raise anything but a ShadowdError; return an fd that is not
+# sealed and read-only; keep an fd the caller was not given.
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+from shadowd.fds import close_all
+from shadowd.paths import resolve_socket_path
+from shadowd.protocol import Open, OpenBatch, Reply, Request, StatsRequest
+
+from ._session import (
+    ANC_SPACE,
+    RECV_FLAGS,
+    REPLY_BUFFER,
+    SEND_FLAGS,
+    Session,
+    ancillary,
+    batch_results,
+    close_reply,
+    fds_from_ancdata,
+    label_for,
+    open_source,
+    opened_fd,
+    stats_of,
+)
+from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to, unavailable
+
+
+def _batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
+    return OpenBatch(id=id, fds=fds, labels=labels)
+
+
+class _Broken(Exception):
+    """The connection broke mid-request; the request may be retried once."""
+
+    def __init__(self, cause: OSError | None, doing: str) -> None:
+        super().__init__(doing)
+        self.cause = cause
+        self.doing = doing
+
+
+class Client:
+    """A blocking connection to shadowd.
+
+    ``Client()`` finds the socket as the daemon does (``$SHADOWD_SOCKET``, the
+    user's runtime dir, or /run for root). Connecting happens on first use.
+    Every method raises only :class:`~shadowd_client.ShadowdError` subclasses.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = 30.0,
+    ) -> None:
+        try:
+            self.socket_path = resolve_socket_path(socket_path)
+        except Exception as exc:  # ConfigError of the daemon's family
+            raise DaemonUnavailable(str(exc)) from None
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._session: Session | None = None
+        self._buf = bytearray(REPLY_BUFFER)
+        self._closed = False
+
+    # -- public API ------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect now (and say hello) instead of on first use."""
+        with self._lock:
+            self._ensure_connected()
+
+    def open(self, path: str | os.PathLike[str]) -> int:
+        """A sealed, read-only fd with the bytes of *path*; the caller owns it.
+
+        The file is opened here (read-only, non-blocking) and that fd goes to
+        the daemon as the proof that we may read it; it is closed before
+        returning.
+        """
+        src = open_source(path)
+        try:
+            return self.open_fd(src, label=label_for(path))
+        finally:
+            os.close(src)
+
+    def open_fd(self, fd: int, *, label: str | None = None) -> int:
+        """Like :meth:`open` for a file the caller already opened for reading.
+
+        *fd* stays the caller's; *label* names the file in the daemon's stats.
+        """
+        reply = self._call(lambda id: Open(id=id, fd=fd, label=label))
+        return opened_fd(reply)
+
+    def open_many(
+        self, paths: Sequence[str | os.PathLike[str]], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Open several files in as few round trips as the daemon's batch limit allows.
+
+        Returns one fd per path, in order. When an item fails, every fd already
+        received is closed and its error raised, unless *return_exceptions*:
+        then the error takes that item's place in the list.
+        """
+        results: list[int | ShadowdError] = []
+        try:
+            sources: list[int | ShadowdError] = []
+            for path in paths:
+                try:
+                    sources.append(open_source(path))
+                except ShadowdError as exc:
+                    sources.append(exc)
+            try:
+                results = self._open_sources(sources, [label_for(p) for p in paths])
+            finally:
+                close_all(s for s in sources if isinstance(s, int))
+        except BaseException:
+            close_all(r for r in results if isinstance(r, int))
+            raise
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, ShadowdError):
+                    close_all(x for x in results if isinstance(x, int))
+                    raise r
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's statistics (see ``shadowd stats --json``)."""
+        return stats_of(self._call(lambda id: StatsRequest(id=id)))
+
+    def close(self) -> None:
+        """Close the connection. Fds already returned stay valid."""
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------
+
+    def _open_sources(
+        self, sources: list[int | ShadowdError], labels: list[str]
+    ) -> list[int | ShadowdError]:
+        results: list[int | ShadowdError] = list(sources)
+        todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+        while todo:
+            with self._lock:
+                self._ensure_connected()
+                assert self._session is not None
+                chunk = todo[: self._session.max_batch]
+            todo = todo[len(chunk) :]
+            fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+            chunk_labels = tuple(labels[i] for i in chunk)
+            reply = self._call(functools.partial(_batch_request, fds, chunk_labels))
+            for i, r in zip(chunk, batch_results(reply), strict=True):
+                results[i] = r
+        return results
+
+    def _call(self, make: Callable[[int], Request]) -> Reply:
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
+            fresh = self._sock is None
+            try:
+                return self._attempt(make)
+            except _Broken as broken:
+                self._drop()
+                if fresh or isinstance(broken.cause, TimeoutError):
+                    raise self._unavailable(broken) from None
+            # The connection we had broke (the daemon restarted?): one retry.
+            try:
+                return self._attempt(make)
+            except _Broken as broken:
+                self._drop()
+                raise self._unavailable(broken) from None
+
+    def _unavailable(self, broken: _Broken) -> DaemonUnavailable:
+        if broken.cause is None:
+            return DaemonUnavailable(
+                f"shadowd at {self.socket_path} closed the connection ({broken.doing})",
+                socket_path=self.socket_path,
+            )
+        return unavailable(broken.cause, self.socket_path, broken.doing)
+
+    def _attempt(self, make: Callable[[int], Request]) -> Reply:
+        if self._sock is None:
+            self._connect()
+        assert self._session is not None
+        request = make(self._session.proto.next_id())
+        data, fds = self._session.proto.send(request)
+        self._sendmsg(data, fds)
+        try:
+            return self._wait_reply(request.id)
+        except ShadowdError:
+            self._drop()
+            raise
+
+    def _ensure_connected(self) -> None:
+        """Connected, hello answered; lock held. Raises only ShadowdError."""
+        if self._closed:
+            raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
+        if self._sock is not None and self._session is not None and self._session.server:
+            return
+        try:
+            if self._sock is None:
+                self._connect()
+            self._finish_hello()
+        except _Broken as broken:
+            self._drop()
+            raise self._unavailable(broken) from None
+        except ShadowdError:
+            self._drop()
+            raise
+
+    def _connect(self) -> None:
+        with talking_to(self.socket_path, "connecting"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
+        self._session = Session()
+        # Hello goes out now; its reply is read along with the first request's.
+        data, _ = self._session.hello()
+        self._sendmsg(data, [])
+
+    def _finish_hello(self) -> None:
+        assert self._session is not None
+        while self._session.hello_id is not None:
+            reply = self._recv()
+            if reply is not None:
+                close_reply(reply)
+                raise ProtocolViolation("reply before the hello reply")
+
+    def _sendmsg(self, data: bytes, fds: list[int]) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendmsg([data], ancillary(fds), SEND_FLAGS)
+        except OSError as exc:
+            raise _Broken(exc, "sending a request") from None
+
+    def _recv(self) -> Reply | None:
+        assert self._sock is not None and self._session is not None
+        try:
+            n, ancdata, flags, _ = self._sock.recvmsg_into([self._buf], ANC_SPACE, RECV_FLAGS)
+        except OSError as exc:
+            raise _Broken(exc, "waiting for a reply") from None
+        fds = fds_from_ancdata(ancdata)
+        if n == 0 and not fds:
+            raise _Broken(None, "waiting for a reply")
+        return self._session.receive(memoryview(self._buf)[:n], fds, flags)
+
+    def _wait_reply(self, id: int) -> Reply:
+        while True:
+            reply = self._recv()
+            if reply is None:
+                continue
+            if reply.id == id:
+                return reply
+            close_reply(reply)
+            raise ProtocolViolation(f"reply to request {reply.id} while waiting for {id}")
+
+    def _drop(self) -> None:
+        sock, self._sock, self._session = self._sock, None, None
+        if sock is not None:
+            sock.close()

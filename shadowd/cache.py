@@ -1,0 +1,277 @@
+# The cache: an LRU of sealed memfds, keyed by file identity and checked
+# against the file's version on every lookup.
+#
+# Plain synchronous code, owned by the event-loop thread: no await, no locks,
+# no I/O except releasing memfds it drops. Every operation is O(1) (a dict in
+# LRU order) except `top`, which reports and is O(n log k).
+#
+# Must never: return an entry whose version differs from the one asked for;
+# hold more than max_entries entries or max_bytes bytes; cache a file larger
+# than max_file_size, or one whose ctime is inside the racily-clean window.
+from __future__ import annotations
+
+import enum
+import heapq
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import NamedTuple, Protocol
+
+import attrs
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class Shareable(Protocol):
+    """What the cache needs of a cached file: its size and a reference count."""
+
+    @property
+    def size(self) -> int: ...
+
+    def retain(self) -> Shareable: ...
+
+    def release(self) -> None: ...
+
+    def share(self) -> int: ...
+
+
+@attrs.frozen
+class CacheLimits:
+    max_entries: int = 10_000
+    max_bytes: int = 1 * GiB
+    max_file_size: int = 256 * MiB
+    #: A file whose ctime is younger than this may still change without any
+    #: visible change of stat (same size, same coarse timestamps): serve it,
+    #: don't cache it.
+    racy_window_ns: int = 1_000_000_000
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_entries < 0 or self.max_bytes < 0 or self.max_file_size < 0:
+            raise ValueError("cache limits must not be negative")
+        if self.racy_window_ns < 0:
+            raise ValueError("the racy window must not be negative")
+
+
+class HostKey(NamedTuple):
+    """Identity of a host file: inode numbers repeat across filesystems.
+
+    NamedTuples, not attrs classes: keys are built and hashed on every
+    request, and a tuple does both several times faster.
+    """
+
+    dev: int
+    ino: int
+
+
+class PrivateKey(NamedTuple):
+    """Identity of a private file: scoped by the publisher's uid and namespace."""
+
+    uid: int
+    namespace: str
+    ino: int
+
+
+Version = tuple[int, int, int | None]
+
+
+class Admission(enum.Enum):
+    CACHED = "cached"
+    TOO_LARGE = "too-large"  # above max_file_size
+    OVER_BUDGET = "over-budget"  # cannot fit in max_bytes or max_entries at all
+    RACY = "racy"  # ctime inside the racily-clean window
+
+
+@attrs.define(eq=False)
+class Entry:
+    key: Hashable
+    version: Version
+    file: Shareable
+    label: str | None
+    private: bool
+    hits: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+
+@attrs.frozen
+class TopFile:
+    label: str
+    hits: int
+    size: int
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.hits * self.size
+
+
+@attrs.define
+class KindCounters:
+    hits: int = 0
+    misses: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+
+class Cache:
+    """LRU of shareable files; see the module comment for its rules."""
+
+    def __init__(
+        self, limits: CacheLimits | None = None, *, clock: Callable[[], int] = time.time_ns
+    ) -> None:
+        self.limits = limits or CacheLimits()
+        self._clock = clock
+        # Order is LRU order: the first entry is evicted first. OrderedDict,
+        # not dict: popping a plain dict's first item again and again makes
+        # iteration skip ever more deleted slots.
+        self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+        self.invalidations = 0
+        self.host = KindCounters()
+        self.private = KindCounters()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    @property
+    def hits(self) -> int:
+        return self.host.hits + self.private.hits
+
+    @property
+    def misses(self) -> int:
+        return self.host.misses + self.private.misses
+
+    def _counters(self, private: bool) -> KindCounters:
+        return self.private if private else self.host
+
+    def lookup(self, key: Hashable, version: Version, *, private: bool = False) -> Entry | None:
+        """The entry for *key* at *version*, made most recently used; None on a miss.
+
+        An entry of another version is dropped and counted as an invalidation.
+        """
+        entry = self._entries.get(key)
+        counters = self._counters(private)
+        if entry is not None:
+            if entry.version == version:
+                self._entries.move_to_end(key)
+                entry.hits += 1
+                counters.hits += 1
+                return entry
+            self._drop(key, entry)
+            self.invalidations += 1
+        counters.misses += 1
+        return None
+
+    def peek(self, key: Hashable) -> Entry | None:
+        """The entry for *key*, if any, without counting or reordering."""
+        return self._entries.get(key)
+
+    def admission(self, size: int, ctime_ns: int | None) -> Admission:
+        """Whether a file of *size* and *ctime_ns* may be cached now."""
+        limits = self.limits
+        if size > limits.max_file_size:
+            return Admission.TOO_LARGE
+        if size > limits.max_bytes or limits.max_entries == 0:
+            return Admission.OVER_BUDGET
+        if ctime_ns is not None:
+            age = self._clock() - ctime_ns
+            if age < limits.racy_window_ns:
+                return Admission.RACY
+        return Admission.CACHED
+
+    def insert(
+        self,
+        key: Hashable,
+        version: Version,
+        file: Shareable,
+        *,
+        label: str | None = None,
+        private: bool = False,
+        ctime_ns: int | None = None,
+    ) -> tuple[Admission, Entry | None]:
+        """Cache *file* as *key* at *version*, evicting LRU entries to make room.
+
+        On success the cache takes its own reference to *file*. When an entry
+        of the same version is already there (a concurrent publisher won), that
+        entry is kept and returned and *file* is left alone.
+        """
+        admission = self.admission(file.size, ctime_ns)
+        if admission is not Admission.CACHED:
+            return admission, None
+        existing = self._entries.get(key)
+        if existing is not None:
+            if existing.version == version:
+                return Admission.CACHED, existing
+            self._drop(key, existing)
+            self.invalidations += 1
+        limits = self.limits
+        while self._entries and (
+            len(self._entries) >= limits.max_entries or self.bytes + file.size > limits.max_bytes
+        ):
+            self.evict_oldest()
+        entry = Entry(key=key, version=version, file=file.retain(), label=label, private=private)
+        self._entries[key] = entry
+        self.bytes += entry.size
+        counters = self._counters(private)
+        counters.entries += 1
+        counters.bytes += entry.size
+        return Admission.CACHED, entry
+
+    def evict_oldest(self) -> Entry:
+        key, entry = next(iter(self._entries.items()))
+        self._drop(key, entry)
+        self.evictions += 1
+        return entry
+
+    def remove(self, key: Hashable) -> bool:
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        self._drop(key, entry)
+        return True
+
+    def _drop(self, key: Hashable, entry: Entry) -> None:
+        del self._entries[key]
+        self.bytes -= entry.size
+        counters = self._counters(entry.private)
+        counters.entries -= 1
+        counters.bytes -= entry.size
+        entry.file.release()
+
+    def clear(self) -> None:
+        """Drop every entry (and the cache's reference to its file)."""
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            self._drop(key, entry)
+
+    def lru_keys(self) -> list[Hashable]:
+        """Keys from least to most recently used (for tests and debugging)."""
+        return list(self._entries)
+
+    def top(self, n: int, *, by: str = "hits") -> list[TopFile]:
+        """The *n* labelled entries that saved most, by hits or by bytes not copied."""
+        rank = _RANKINGS.get(by)
+        if rank is None:
+            raise ValueError(f"unknown ranking {by!r}")
+        labelled = (e for e in self._entries.values() if e.label is not None and e.hits > 0)
+        return [
+            TopFile(label=e.label or "", hits=e.hits, size=e.size)
+            for e in heapq.nlargest(n, labelled, key=rank)
+        ]
+
+
+def _by_hits(entry: Entry) -> int:
+    return entry.hits
+
+
+def _by_bytes_saved(entry: Entry) -> int:
+    return entry.hits * entry.size
+
+
+_RANKINGS: dict[str, Callable[[Entry], int]] = {"hits": _by_hits, "bytes": _by_bytes_saved}

@@ -1,0 +1,205 @@
+# The `shadowd` command: serve, stats.
+#
+# Must never: print a traceback for a condition a user can cause (a daemon
+# that is not running, a socket in use, a bad flag): one line naming what is
+# wrong, and a non-zero exit.
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .cache import CacheLimits
+from .errors import ConfigError
+from .paths import resolve_socket_path
+from .protocol import MAX_BATCH_LIMIT, WireLimits
+
+logger = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '64K', '256M', '1.5G' (binary units) -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 1G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (use e.g. 0600)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return mode
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shadowd",
+        description="A per-host cache of sealed memfds for sandbox supervisors.",
+    )
+    parser.add_argument("--version", action="version", version=f"shadowd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    socket_help = (
+        "socket path (default: $SHADOWD_SOCKET, else $XDG_RUNTIME_DIR/shadowd/shadowd.sock, "
+        "or /run/shadowd/shadowd.sock for root)"
+    )
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--socket", help=socket_help)
+    defaults = CacheLimits()
+    serve.add_argument(
+        "--max-entries",
+        type=int,
+        default=defaults.max_entries,
+        help="most files kept (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=defaults.max_bytes,
+        help="most bytes of memfd content kept, e.g. 512M (default 1G)",
+    )
+    serve.add_argument(
+        "--max-file-size",
+        type=parse_size,
+        default=defaults.max_file_size,
+        help="larger files are refused with file-too-large and never cached (default 256M)",
+    )
+    serve.add_argument(
+        "--racy-window",
+        type=_seconds,
+        default=defaults.racy_window_ns / 1e9,
+        help="files whose ctime is younger than this many seconds are served but not cached "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--socket-mode",
+        type=parse_mode,
+        default=0o600,
+        help="octal mode of the socket (default 0600: only the daemon's user may connect)",
+    )
+    serve.add_argument("--socket-group", help="group owning the socket (name or gid)")
+    serve.add_argument(
+        "--copy-workers",
+        type=_positive_int,
+        default=4,
+        help="threads copying missed files (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=WireLimits().max_batch,
+        help=f"most files in one batch open, up to {MAX_BATCH_LIMIT} (default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="(default %(default)s)",
+    )
+
+    stats = sub.add_parser("stats", help="show the daemon's statistics")
+    stats.add_argument("--socket", help=socket_help)
+    stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "stats":
+            return _stats(args)
+    except ConfigError as exc:
+        print(f"shadowd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .daemon import configure_logging, run
+    from .server import ServerConfig
+
+    configure_logging(args.log_level)
+    if args.max_batch > MAX_BATCH_LIMIT:
+        raise ConfigError(f"--max-batch is at most {MAX_BATCH_LIMIT}")
+    try:
+        cache = CacheLimits(
+            max_entries=args.max_entries,
+            max_bytes=args.max_bytes,
+            max_file_size=args.max_file_size,
+            racy_window_ns=int(args.racy_window * 1e9),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    config = ServerConfig(
+        socket_path=resolve_socket_path(args.socket),
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        cache=cache,
+        wire=WireLimits(max_batch=args.max_batch),
+        copy_workers=args.copy_workers,
+    )
+    trio.run(run, config)
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shadowd_client import Client, ShadowdError
+
+    from .report import format_json, format_table
+    from .stats import Stats
+
+    path = resolve_socket_path(args.socket)
+    try:
+        with Client(path, timeout=10.0) as client:
+            raw = client.stats()
+    except ShadowdError as exc:
+        # The message names the socket path.
+        print(f"shadowd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        stats = Stats.from_wire(raw)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        print(
+            f"shadowd: the daemon at {path} sent stats this version cannot read: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(format_json(stats) if args.json else format_table(stats, path))
+    return 0

@@ -1,0 +1,273 @@
+# Copies of missed files, made in worker threads, one per file version at a
+# time (single flight), with their results applied on the event loop.
+#
+# Must never: touch the cache from a worker thread; copy one file version
+# twice at once; lose or double-close an fd when a waiting request is
+# cancelled or a thread is abandoned at shutdown; let fds of untrusted
+# filesystems be closed on the event loop (close() on FUSE can block).
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar, cast
+
+import attrs
+import trio
+
+from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
+from .fds import FdHolder
+from .memfd import SealedFile, sealed_copy
+from .protocol import ErrorCode
+from .source import SourceStat, check_readable, check_regular, stat_sync
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How often a copy is retried when the source changes under it.
+COPY_ATTEMPTS = 3
+
+
+class ThreadJob:
+    """Work for one worker thread that owns fds and may outlive its waiter.
+
+    When the waiting task is cancelled (only at shutdown), trio abandons the
+    thread. Whichever side finishes last releases what the job owns, so
+    nothing leaks and nothing is released twice: the thread releases its
+    result if nobody is left to take it; if the thread never started, the
+    job's inputs are released by *unstarted* in a throwaway daemon thread
+    (closing an fd of a hung mount must not block the loop or the exit).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], T],
+        cleanup: Callable[[T], None],
+        unstarted: Callable[[], None],
+    ) -> None:
+        self._fn: Callable[[], object] = fn
+        self._cleanup: Callable[[Any], None] = cleanup
+        self._unstarted = unstarted
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self._finished = False
+        self._result: object = None
+
+    def run_in_thread(self) -> object:
+        with self._lock:
+            if self._abandoned:
+                return None
+            self._started = True
+        result = self._fn()
+        with self._lock:
+            # Re-read: abandon() may have run while fn did.
+            if self._was_abandoned():
+                self._cleanup(result)
+                return None
+            self._finished = True
+            self._result = result
+            return result
+
+    def _was_abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if not self._started:
+                threading.Thread(target=self._unstarted, daemon=True).start()
+            elif self._finished:
+                result, self._result = self._result, None
+                self._cleanup(result)
+
+
+async def run_job(
+    fn: Callable[[], T],
+    cleanup: Callable[[T], None],
+    limiter: trio.CapacityLimiter,
+    *,
+    unstarted: Callable[[], None] = lambda: None,
+) -> T:
+    """Run *fn* in a worker thread; on cancellation nothing it owns is leaked."""
+    job = ThreadJob(fn, cleanup, unstarted)
+    try:
+        result = await trio.to_thread.run_sync(
+            job.run_in_thread, limiter=limiter, abandon_on_cancel=True
+        )
+    except trio.Cancelled:
+        job.abandon()
+        raise
+    return cast(T, result)
+
+
+def _ignore(result: object) -> None:
+    pass
+
+
+def _release(result: object) -> None:
+    if isinstance(result, tuple):
+        for item in result:
+            _release(item)
+    elif isinstance(result, SealedFile):
+        result.release()
+
+
+def copy_source(src: FdHolder, expected: SourceStat | None) -> tuple[SealedFile, SourceStat]:
+    """Blocking: a sealed copy of *src*, retried while the file keeps changing.
+
+    Takes ownership of *src* and closes it, in this thread. *expected* is the
+    stat the request was made with (None for an fd not yet inspected).
+    """
+    try:
+        st = expected
+        for _attempt in range(COPY_ATTEMPTS):
+            if st is None:
+                st = stat_sync(src.fd)
+                check_readable(src.fd)
+                check_regular(st)
+            try:
+                return sealed_copy(src.fd, st), st
+            except SourceChanged:
+                st = None
+            except OSError as exc:
+                raise request_error_from_os(exc, "cannot copy the file") from exc
+        raise RequestError(
+            ErrorCode.UNSTABLE, f"the file kept changing during {COPY_ATTEMPTS} copies"
+        )
+    finally:
+        src.close()
+
+
+def inspect_source(src: FdHolder) -> SourceStat:
+    """Blocking: a full stat and the checks, for an fd of an untrusted filesystem."""
+    st = stat_sync(src.fd)
+    check_readable(src.fd)
+    check_regular(st)
+    return st
+
+
+@attrs.define(eq=False)
+class Flight:
+    """One copy in progress; requests for the same version wait on it."""
+
+    key: Hashable
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: SealedFile | None = None
+    stat: SourceStat | None = None
+    error: RequestError | None = None
+    cached: bool = False
+    waiters: int = 0
+
+    def join(self) -> None:
+        """Count one more request that will :meth:`wait` (call without awaiting first)."""
+        self.waiters += 1
+
+    async def wait(self) -> tuple[int, SealedFile]:
+        """Wait for the copy; return a fresh served fd of it and the file.
+
+        Every :meth:`join` must be followed by exactly one call of this.
+        """
+        try:
+            await self.done.wait()
+            if self.error is not None:
+                raise RequestError(self.error.code, self.error.message)
+            assert self.result is not None
+            with refusing_os_errors("cannot open a served descriptor"):
+                return self.result.share(), self.result
+        finally:
+            self.waiters -= 1
+            self.drop_if_unwanted()
+
+    def drop_if_unwanted(self) -> None:
+        if self.done.is_set() and self.waiters == 0 and self.result is not None:
+            result, self.result = self.result, None
+            result.release()
+
+
+@attrs.define
+class Copier:
+    """Worker threads for blocking file work, and the table of flights."""
+
+    local_limiter: trio.CapacityLimiter
+    remote_limiter: trio.CapacityLimiter
+    _flights: dict[Hashable, Flight] = attrs.field(factory=dict)
+    copies: int = 0
+    bytes_copied: int = 0
+    copy_failures: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def flight(self, key: Hashable) -> Flight | None:
+        return self._flights.get(key)
+
+    def start(
+        self,
+        nursery: trio.Nursery,
+        key: Hashable,
+        src: FdHolder,
+        expected: SourceStat | None,
+        on_copied: Callable[[Flight, SealedFile, SourceStat], None],
+        *,
+        remote: bool,
+    ) -> Flight:
+        """Start copying *src* (whose ownership moves here) as flight *key*."""
+        flight = Flight(key=key)
+        self._flights[key] = flight
+        nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
+        return flight
+
+    async def _run(
+        self,
+        flight: Flight,
+        src: FdHolder,
+        expected: SourceStat | None,
+        on_copied: Callable[[Flight, SealedFile, SourceStat], None],
+        remote: bool,
+    ) -> None:
+        limiter = self.remote_limiter if remote else self.local_limiter
+        try:
+            sealed, st = await run_job(
+                lambda: copy_source(src, expected), _release, limiter, unstarted=src.close
+            )
+        except RequestError as exc:
+            self.copy_failures += 1
+            flight.error = exc
+        except Exception as exc:
+            logger.exception("copy failed")
+            self.copy_failures += 1
+            flight.error = RequestError(ErrorCode.INTERNAL, f"copy failed: {exc!r}")
+        else:
+            self.copies += 1
+            self.bytes_copied += st.size
+            flight.result = sealed
+            flight.stat = st
+            on_copied(flight, sealed, st)
+        finally:
+            self._flights.pop(flight.key, None)
+            flight.done.set()
+            flight.drop_if_unwanted()
+
+    async def inspect(self, src: FdHolder) -> SourceStat:
+        """Stat an fd of an untrusted filesystem in a worker thread.
+
+        The caller keeps *src* unless this is cancelled; then the job closes it.
+        """
+        return await run_job(
+            lambda: inspect_source(src),
+            lambda _st: src.close(),
+            self.remote_limiter,
+            unstarted=src.close,
+        )
+
+    def close_later(self, nursery: trio.Nursery, src: FdHolder) -> None:
+        """Close an fd of an untrusted filesystem in a worker thread."""
+        if src.closed:
+            return
+        nursery.start_soon(self._close, src)
+
+    async def _close(self, src: FdHolder) -> None:
+        await run_job(src.close, _ignore, self.remote_limiter, unstarted=src.close)

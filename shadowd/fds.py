@@ -1,0 +1,70 @@
+# File-descriptor ownership: a holder that owns exactly one fd, and helpers that
+# close many fds at once.
+#
+# Must never: close an fd it does not own, or close the same fd number twice.
+# A holder sets its fd to -1 when closed, so a use after close fails with EBADF
+# instead of touching whatever file later reuses the number.
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from types import TracebackType
+
+import attrs
+
+
+@attrs.define(eq=False)
+class FdHolder:
+    """Owns one file descriptor until :meth:`close` or :meth:`detach`."""
+
+    fd: int
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Close the fd. Idempotent: a second call does nothing."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership and return the fd; the caller must close it."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def __enter__(self) -> FdHolder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Close every fd in *fds*, with as few syscalls as is safe.
+
+    Runs of consecutive numbers go through one ``close_range``; that is safe
+    because every number in such a run belongs to us, whatever other threads
+    are doing. Errors are ignored: the numbers are released either way.
+    """
+    ordered = sorted({fd for fd in fds if fd >= 0})
+    i = 0
+    n = len(ordered)
+    while i < n:
+        j = i
+        while j + 1 < n and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        try:
+            if j == i:
+                os.close(ordered[i])
+            else:
+                os.closerange(ordered[i], ordered[j] + 1)
+        except OSError:
+            pass
+        i = j + 1

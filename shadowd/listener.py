@@ -1,0 +1,165 @@
+# The listening socket: created safely, found again at shutdown, removed only
+# if it is still the one we created.
+#
+# Must never: exist for an instant with a wider mode than asked (the mode is
+# set on the socket before bind, and the file appears by an atomic rename);
+# replace a socket another server is answering on, or a path that is not a
+# socket; unlink a socket it did not create.
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import logging
+import os
+import socket
+import stat
+
+import attrs
+
+from .errors import ConfigError
+from .fds import FdHolder
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_group(group: str | int | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"unknown group {group!r}") from None
+
+
+def _probe(path: str) -> bool:
+    """True when a server answers on the socket at *path*."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        # EPROTOTYPE: something is listening there, with another socket type.
+        return exc.errno == errno.EPROTOTYPE
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+@attrs.define
+class Listener:
+    """A listening SOCK_SEQPACKET socket and what we need to clean up after it."""
+
+    sock: socket.socket
+    path: str
+    created: bool
+    identity: tuple[int, int] | None = None
+    lock: FdHolder | None = None
+
+    @classmethod
+    def bind(
+        cls,
+        path: str,
+        *,
+        mode: int = 0o600,
+        group: str | int | None = None,
+        backlog: int = socket.SOMAXCONN,
+    ) -> Listener:
+        """Create, bind and listen on *path*, replacing a stale socket there."""
+        gid = resolve_group(group)
+        directory = os.path.dirname(path) or "."
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+        lock = cls._take_lock(path)
+        try:
+            cls._check_existing(path)
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+            try:
+                # The socket file takes the socket inode's mode at bind: set it
+                # first, so the file is never wider than asked.
+                os.fchmod(sock.fileno(), mode & 0o777 & ~0o111)
+                sock.bind(tmp)
+                try:
+                    if gid is not None:
+                        os.chown(tmp, -1, gid)
+                    os.chmod(tmp, mode & 0o777)
+                    os.rename(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                sock.listen(backlog)
+                st = os.stat(path)
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot create socket {path}: {exc.strerror or exc}") from exc
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            lock.close()
+            raise
+        return cls(sock=sock, path=path, created=True, identity=(st.st_dev, st.st_ino), lock=lock)
+
+    @staticmethod
+    def _take_lock(path: str) -> FdHolder:
+        lock_path = path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
+        holder = FdHolder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(
+                    f"another shadowd is already serving {path} (lock {lock_path} is held)"
+                ) from None
+            raise ConfigError(f"cannot lock {lock_path}: {exc.strerror}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return holder
+
+    @staticmethod
+    def _check_existing(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+        if _probe(path):
+            raise ConfigError(f"another server is answering on {path}; refusing to replace it")
+        logger.info("replacing stale socket %s", path)
+
+    def close(self) -> None:
+        """Stop listening; remove the socket file if it is still ours."""
+        self.sock.close()
+        if self.created and self.identity is not None:
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self.identity:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", self.path, exc)
+            self.identity = None
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None

@@ -1,0 +1,645 @@
+# The shadowd wire protocol, sans-I/O (in the style of h11).
+#
+# Datagram bytes and the fds that came with them go in; typed events come out.
+# Events go in; bytes and the fds to attach come out. Both roles live here
+# (ServerConnection, ClientConnection), so the daemon and the client library
+# cannot disagree about the format. The spec is docs/protocol.md; its example
+# bytes are checked against this module by tests/test_protocol_doc.py.
+#
+# Must never: do I/O, import trio, or close an fd. Every fd handed to
+# `receive` comes back out, either inside the returned event or in the
+# `fds` of the ProtocolError that is raised, so the caller can account for
+# all of them. Any exception other than ProtocolError escaping `receive` is
+# a bug.
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeAlias
+
+import attrs
+import msgpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+MAX_ID = 2**64 - 1
+MAX_LABEL_BYTES = 4096
+MAX_CLIENT_NAME = 256
+# Largest batch the format allows; a server may advertise a smaller one.
+MAX_BATCH_LIMIT = 250
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes. Never renamed or reused; new ones may be added."""
+
+    BAD_REQUEST = "bad-request"
+    REQUEST_TOO_LARGE = "request-too-large"
+    UNSUPPORTED_VERSION = "unsupported-version"
+    HELLO_REQUIRED = "hello-required"
+    UNKNOWN_OP = "unknown-op"
+    BAD_FDS = "bad-fds"
+    NOT_REGULAR = "not-regular"
+    NOT_READABLE = "not-readable"
+    FILE_TOO_LARGE = "file-too-large"
+    UNSTABLE = "unstable"
+    IO_ERROR = "io-error"
+    NOT_PERMITTED = "not-permitted"
+    BUSY = "busy"
+    SHUTTING_DOWN = "shutting-down"
+    INTERNAL = "internal"
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A datagram that breaks the protocol.
+
+    ``fds`` are the descriptors that arrived with it: the caller owns them and
+    must close them. ``id`` is the request id when it could be read, so the
+    error can be answered. ``fatal`` means the connection cannot go on.
+    """
+
+    code: ClassVar[ErrorCode] = ErrorCode.BAD_REQUEST
+    default_fatal: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        id: int | None = None,
+        fds: Sequence[int] = (),
+        fatal: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+        self.fds: tuple[int, ...] = tuple(fds)
+        self.fatal = self.default_fatal if fatal is None else fatal
+
+
+class MalformedMessage(ProtocolError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class MessageTooLarge(ProtocolError):
+    code = ErrorCode.REQUEST_TOO_LARGE
+    default_fatal = True
+
+
+class UnsupportedVersion(ProtocolError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+    default_fatal = True
+
+
+class HelloRequired(ProtocolError):
+    code = ErrorCode.HELLO_REQUIRED
+    default_fatal = True
+
+
+class UnknownOp(ProtocolError):
+    code = ErrorCode.UNKNOWN_OP
+
+
+class BadFds(ProtocolError):
+    code = ErrorCode.BAD_FDS
+
+
+# ---------------------------------------------------------------------------
+# Events: requests (client -> server)
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """First message on every connection: the protocol version spoken."""
+
+    id: int
+    version: int = PROTOCOL_VERSION
+    client: str | None = None
+
+
+@attrs.frozen
+class Open:
+    """Serve the file behind ``fd``. ``label`` names it in stats, never for access."""
+
+    id: int
+    fd: int
+    label: str | None = None
+
+
+@attrs.frozen
+class OpenBatch:
+    """Serve several files in one round trip; ``labels`` is empty or one per fd."""
+
+    id: int
+    fds: tuple[int, ...]
+    labels: tuple[str | None, ...] = ()
+
+
+@attrs.frozen
+class StatsRequest:
+    id: int
+
+
+Request: TypeAlias = Hello | Open | OpenBatch | StatsRequest
+
+
+# ---------------------------------------------------------------------------
+# Events: replies (server -> client)
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HelloReply:
+    id: int
+    version: int
+    server: str
+    limits: Mapping[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Opened:
+    """A served descriptor (attached) for an `Open` request."""
+
+    id: int
+    fd: int
+    size: int
+    hit: bool
+
+
+@attrs.frozen
+class OpenedItem:
+    """One served descriptor inside a `BatchOpened`."""
+
+    fd: int
+    size: int
+    hit: bool
+
+
+@attrs.frozen
+class Refusal:
+    """One refused item inside a `BatchOpened`."""
+
+    code: str
+    message: str
+
+
+@attrs.frozen
+class BatchOpened:
+    id: int
+    results: tuple[OpenedItem | Refusal, ...]
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(r.fd for r in self.results if isinstance(r, OpenedItem))
+
+
+@attrs.frozen
+class StatsReply:
+    id: int
+    stats: Mapping[str, Any]
+
+
+@attrs.frozen
+class ErrorReply:
+    """A refused request. ``id`` is None when the request's id was unreadable."""
+
+    id: int | None
+    code: str
+    message: str
+
+
+Reply: TypeAlias = HelloReply | Opened | BatchOpened | StatsReply | ErrorReply
+
+
+# ---------------------------------------------------------------------------
+# Decoding helpers
+# ---------------------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not used by this protocol")
+
+
+def _unpack(data: bytes | memoryview, fds: Sequence[int]) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+        )
+    except Exception as exc:
+        # The parser boundary: whatever msgpack thinks of these bytes, it is
+        # a malformed datagram to us.
+        raise MalformedMessage(
+            f"datagram is not one msgpack object ({type(exc).__name__})", fds=fds, fatal=True
+        ) from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(
+            f"datagram must be a msgpack map, got {type(obj).__name__}", fds=fds, fatal=True
+        )
+    # Keys that are not strings cannot match any field name; like unknown
+    # keys, they are ignored.
+    return obj
+
+
+def _read_id(msg: Mapping[str, Any], fds: Sequence[int]) -> int:
+    value = msg.get("id")
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise MalformedMessage("'id' must be an unsigned integer below 2**64", fds=fds, fatal=True)
+    return value
+
+
+def _field(
+    msg: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    *,
+    id: int | None,
+    fds: Sequence[int],
+    required: bool = True,
+) -> Any:
+    if key not in msg or msg[key] is None:
+        if required:
+            raise MalformedMessage(f"missing field {key!r}", id=id, fds=fds)
+        return None
+    value = msg[key]
+    # bool is an int subclass; a field that wants an int must not take True.
+    if not isinstance(value, kind) or (kind is int and type(value) is bool):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise MalformedMessage(
+            f"field {key!r} must be {names}, got {type(value).__name__}", id=id, fds=fds
+        )
+    return value
+
+
+def _uint(msg: Mapping[str, Any], key: str, *, id: int | None, fds: Sequence[int]) -> int:
+    value: int = _field(msg, key, int, id=id, fds=fds)
+    if not 0 <= value <= MAX_ID:
+        raise MalformedMessage(f"field {key!r} out of range", id=id, fds=fds)
+    return value
+
+
+def _label(value: Any, *, id: int | None, fds: Sequence[int]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedMessage("a path label must be a string", id=id, fds=fds)
+    # A code point takes at most 4 bytes in UTF-8: most labels need no encoding.
+    if len(value) * 4 > MAX_LABEL_BYTES and len(value.encode("utf-8", "surrogatepass")) > (
+        MAX_LABEL_BYTES
+    ):
+        raise MalformedMessage(
+            f"a path label must be at most {MAX_LABEL_BYTES} bytes", id=id, fds=fds
+        )
+    return value
+
+
+def _text(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def new_packer() -> Callable[[Mapping[str, Any]], bytes]:
+    """A reusable packer (cheaper than packb per message); not thread-safe."""
+    return msgpack.Packer(use_bin_type=True).pack
+
+
+# ---------------------------------------------------------------------------
+# Encoding of events (fixed key order, so example bytes are stable)
+# ---------------------------------------------------------------------------
+
+
+def encode_request(
+    event: Request, _pack: Callable[[Mapping[str, Any]], bytes] = _pack
+) -> tuple[bytes, list[int]]:
+    """Bytes and fds of a request datagram."""
+    if isinstance(event, Hello):
+        msg: dict[str, Any] = {"op": "hello", "id": event.id, "version": event.version}
+        if event.client is not None:
+            msg["client"] = event.client
+        return _pack(msg), []
+    if isinstance(event, Open):
+        msg = {"op": "open", "id": event.id}
+        if event.label is not None:
+            msg["path"] = event.label
+        return _pack(msg), [event.fd]
+    if isinstance(event, OpenBatch):
+        msg = {"op": "open_batch", "id": event.id}
+        if event.labels:
+            msg["paths"] = list(event.labels)
+        return _pack(msg), list(event.fds)
+    if isinstance(event, StatsRequest):
+        return _pack({"op": "stats", "id": event.id}), []
+    raise TypeError(f"not a request event: {event!r}")
+
+
+def encode_reply(
+    event: Reply, _pack: Callable[[Mapping[str, Any]], bytes] = _pack
+) -> tuple[bytes, list[int]]:
+    """Bytes and fds of a reply datagram."""
+    if isinstance(event, Opened):
+        return _pack({"id": event.id, "ok": True, "size": event.size, "hit": event.hit}), [event.fd]
+    if isinstance(event, ErrorReply):
+        return _pack(
+            {"id": event.id, "ok": False, "code": str(event.code), "message": event.message}
+        ), []
+    if isinstance(event, BatchOpened):
+        results: list[dict[str, Any]] = []
+        for item in event.results:
+            if isinstance(item, OpenedItem):
+                results.append({"ok": True, "size": item.size, "hit": item.hit})
+            else:
+                results.append({"ok": False, "code": str(item.code), "message": item.message})
+        return _pack({"id": event.id, "ok": True, "results": results}), list(event.fds)
+    if isinstance(event, HelloReply):
+        return _pack(
+            {
+                "id": event.id,
+                "ok": True,
+                "version": event.version,
+                "server": event.server,
+                "limits": dict(event.limits),
+            }
+        ), []
+    if isinstance(event, StatsReply):
+        return _pack({"id": event.id, "ok": True, "stats": dict(event.stats)}), []
+    raise TypeError(f"not a reply event: {event!r}")
+
+
+# ---------------------------------------------------------------------------
+# Server role
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class WireLimits:
+    """Bounds on what a server accepts from one datagram."""
+
+    max_request: int = 65536
+    max_batch: int = 64
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be between 1 and {MAX_BATCH_LIMIT}")
+        if self.max_request < 512:
+            raise ValueError("max_request must be at least 512 bytes")
+
+    @property
+    def max_fds(self) -> int:
+        """Most fds one request may carry; the receive buffer is sized to this."""
+        return self.max_batch
+
+
+class ConnectionState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class ServerConnection:
+    """The server's side of one connection.
+
+    Call :meth:`receive` with each datagram; it returns a request event or
+    raises :class:`ProtocolError`. Call :meth:`send` with each reply.
+    """
+
+    def __init__(self, limits: WireLimits | None = None) -> None:
+        self.limits = limits or WireLimits()
+        self.state = ConnectionState.AWAIT_HELLO
+        self.version: int | None = None
+        self._pack = new_packer()
+
+    def receive(
+        self,
+        data: bytes | memoryview,
+        fds: Sequence[int] = (),
+        *,
+        data_truncated: bool = False,
+        fds_truncated: bool = False,
+    ) -> Request:
+        fds = tuple(fds)
+        try:
+            event = self._parse(data, fds, data_truncated, fds_truncated)
+        except ProtocolError as exc:
+            if exc.fatal:
+                self.state = ConnectionState.CLOSED
+            raise
+        if isinstance(event, Hello):
+            self.state = ConnectionState.READY
+            self.version = event.version
+        return event
+
+    def _parse(
+        self,
+        data: bytes | memoryview,
+        fds: tuple[int, ...],
+        data_truncated: bool,
+        fds_truncated: bool,
+    ) -> Request:
+        if self.state is ConnectionState.CLOSED:
+            raise MalformedMessage("connection is closed", fds=fds, fatal=True)
+        if data_truncated or len(data) > self.limits.max_request:
+            raise MessageTooLarge(f"request larger than {self.limits.max_request} bytes", fds=fds)
+        msg = _unpack(data, fds)
+        id = _read_id(msg, fds)
+        op = msg.get("op")
+        if not isinstance(op, str):
+            raise MalformedMessage("missing field 'op'", id=id, fds=fds)
+        if fds_truncated:
+            raise BadFds(
+                f"too many fds with one request (at most {self.limits.max_fds})", id=id, fds=fds
+            )
+        if self.state is ConnectionState.AWAIT_HELLO and op != "hello":
+            raise HelloRequired(f"the first request must be 'hello', got {op!r}", id=id, fds=fds)
+        if op == "open":
+            self._expect_fds(op, fds, 1, id)
+            label = _label(msg.get("path"), id=id, fds=fds)
+            return Open(id=id, fd=fds[0], label=label)
+        if op == "open_batch":
+            return self._parse_batch(msg, fds, id)
+        if op == "stats":
+            self._expect_fds(op, fds, 0, id)
+            return StatsRequest(id=id)
+        if op == "hello":
+            self._expect_fds(op, fds, 0, id)
+            if self.state is not ConnectionState.AWAIT_HELLO:
+                raise MalformedMessage(
+                    "'hello' was already sent on this connection", id=id, fds=fds
+                )
+            version = _field(msg, "version", int, id=id, fds=fds)
+            client = _field(msg, "client", str, id=id, fds=fds, required=False)
+            if version not in SUPPORTED_VERSIONS:
+                raise UnsupportedVersion(
+                    f"protocol version {version} is not supported; this server speaks "
+                    + ", ".join(str(v) for v in SUPPORTED_VERSIONS),
+                    id=id,
+                )
+            return Hello(
+                id=id,
+                version=version,
+                client=None if client is None else _text(client, MAX_CLIENT_NAME),
+            )
+        raise UnknownOp(f"unknown op {_text(op, 64)!r}", id=id, fds=fds)
+
+    def _expect_fds(self, op: str, fds: tuple[int, ...], want: int, id: int) -> None:
+        if len(fds) != want:
+            raise BadFds(
+                f"{op!r} takes {want} fd{'s' if want != 1 else ''}, got {len(fds)}",
+                id=id,
+                fds=fds,
+            )
+
+    def _parse_batch(self, msg: Mapping[str, Any], fds: tuple[int, ...], id: int) -> OpenBatch:
+        if not 1 <= len(fds) <= self.limits.max_batch:
+            raise BadFds(
+                f"'open_batch' takes 1 to {self.limits.max_batch} fds, got {len(fds)}",
+                id=id,
+                fds=fds,
+            )
+        raw = _field(msg, "paths", list, id=id, fds=fds, required=False)
+        labels: tuple[str | None, ...] = ()
+        if raw is not None:
+            if len(raw) != len(fds):
+                raise MalformedMessage(
+                    f"'paths' has {len(raw)} entries for {len(fds)} fds", id=id, fds=fds
+                )
+            labels = tuple(_label(v, id=id, fds=fds) for v in raw)
+        return OpenBatch(id=id, fds=fds, labels=labels)
+
+    def send(self, event: Reply) -> tuple[bytes, list[int]]:
+        """Bytes and fds for a reply; the caller still owns the fds."""
+        return encode_reply(event, self._pack)
+
+    def error_for(self, exc: ProtocolError) -> ErrorReply:
+        """The reply that answers a protocol error."""
+        return ErrorReply(id=exc.id, code=exc.code, message=exc.message)
+
+
+# ---------------------------------------------------------------------------
+# Client role
+# ---------------------------------------------------------------------------
+
+_REQUEST_KINDS: dict[type, str] = {
+    Hello: "hello",
+    Open: "open",
+    OpenBatch: "open_batch",
+    StatsRequest: "stats",
+}
+
+
+class ClientConnection:
+    """The client's side of one connection: numbers requests, checks replies."""
+
+    def __init__(self) -> None:
+        self._next_id = 0
+        self._pending: dict[int, str] = {}
+        self.server_version: int | None = None
+        self.server_limits: Mapping[str, int] = {}
+        self._pack = new_packer()
+
+    def next_id(self) -> int:
+        id = self._next_id
+        self._next_id = (self._next_id + 1) % (MAX_ID + 1)
+        return id
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def send(self, event: Request) -> tuple[bytes, list[int]]:
+        """Bytes and fds of a request; the reply is then expected."""
+        if event.id in self._pending:
+            raise ValueError(f"request id {event.id} is already in flight")
+        data, fds = encode_request(event, self._pack)
+        self._pending[event.id] = _REQUEST_KINDS[type(event)]
+        return data, fds
+
+    def forget(self, id: int) -> None:
+        """Stop expecting a reply (its request was abandoned)."""
+        self._pending.pop(id, None)
+
+    def receive(
+        self,
+        data: bytes | memoryview,
+        fds: Sequence[int] = (),
+        *,
+        data_truncated: bool = False,
+        fds_truncated: bool = False,
+    ) -> Reply:
+        fds = tuple(fds)
+        if data_truncated:
+            raise MessageTooLarge("reply was truncated", fds=fds)
+        msg = _unpack(data, fds)
+        id = None if msg.get("id") is None else _read_id(msg, fds)
+        kind = None if id is None else self._pending.get(id)
+        if id is not None and kind is None:
+            raise MalformedMessage(f"reply to unknown request id {id}", fds=fds)
+        ok = msg.get("ok")
+        if type(ok) is not bool:
+            raise MalformedMessage("reply field 'ok' must be a boolean", id=id, fds=fds)
+        if id is not None:
+            del self._pending[id]
+        if fds_truncated:
+            raise BadFds("reply fds were truncated", id=id, fds=fds)
+        if not ok or id is None:
+            if fds:
+                raise BadFds("an error reply carried fds", id=id, fds=fds)
+            code = _field(msg, "code", str, id=id, fds=fds)
+            message = _field(msg, "message", str, id=id, fds=fds)
+            return ErrorReply(id=id, code=code, message=message)
+        if kind == "open":
+            if len(fds) != 1:
+                raise BadFds(f"'open' reply carried {len(fds)} fds", id=id, fds=fds)
+            size = _uint(msg, "size", id=id, fds=fds)
+            hit = _field(msg, "hit", bool, id=id, fds=fds)
+            return Opened(id=id, fd=fds[0], size=size, hit=hit)
+        if kind == "open_batch":
+            return self._parse_batch(msg, fds, id)
+        if kind == "stats":
+            if fds:
+                raise BadFds("'stats' reply carried fds", id=id, fds=fds)
+            stats = _field(msg, "stats", dict, id=id, fds=fds)
+            return StatsReply(id=id, stats=stats)
+        # kind == "hello"
+        if fds:
+            raise BadFds("'hello' reply carried fds", id=id, fds=fds)
+        version = _field(msg, "version", int, id=id, fds=fds)
+        server = _field(msg, "server", str, id=id, fds=fds)
+        limits = _field(msg, "limits", dict, id=id, fds=fds, required=False) or {}
+        clean = {k: v for k, v in limits.items() if type(v) is int}
+        self.server_version = version
+        self.server_limits = clean
+        return HelloReply(id=id, version=version, server=server, limits=clean)
+
+    def _parse_batch(self, msg: Mapping[str, Any], fds: tuple[int, ...], id: int) -> BatchOpened:
+        raw = _field(msg, "results", list, id=id, fds=fds)
+        results: list[OpenedItem | Refusal] = []
+        next_fd = 0
+        for item in raw:
+            if not isinstance(item, dict) or type(item.get("ok")) is not bool:
+                raise MalformedMessage("malformed batch result", id=id, fds=fds)
+            if item["ok"]:
+                if next_fd >= len(fds):
+                    raise BadFds("batch reply carried too few fds", id=id, fds=fds)
+                size = _uint(item, "size", id=id, fds=fds)
+                hit = _field(item, "hit", bool, id=id, fds=fds)
+                results.append(OpenedItem(fd=fds[next_fd], size=size, hit=hit))
+                next_fd += 1
+            else:
+                code = _field(item, "code", str, id=id, fds=fds)
+                message = _field(item, "message", str, id=id, fds=fds)
+                results.append(Refusal(code=code, message=message))
+        if next_fd != len(fds):
+            raise BadFds("batch reply carried too many fds", id=id, fds=fds)
+        return BatchOpened(id=id, results=tuple(results))

@@ -1,0 +1,676 @@
+# The I/O loop: accepts connections, reads datagrams, answers requests.
+#
+# One trio thread owns the cache. A hit is answered without any await between
+# lookup and reply (recvmsg, statx, fcntl, open of /proc/self/fd/N, sendmsg,
+# close_range); a miss becomes a flight copied in a worker thread, and the
+# connection goes on reading meanwhile.
+#
+# Must never: await between a cache lookup and the use of what it returned;
+# leave a received fd unclosed on any path (errors, truncation, disconnects,
+# shutdown); block the loop on a client's filesystem (fds of untrusted mounts
+# are inspected, copied and closed in worker threads, see source.py).
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import resource
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from . import __version__
+from .cache import Admission, Cache, CacheLimits, HostKey
+from .copier import Copier, Flight
+from .errors import RequestError, refusing_os_errors
+from .fds import FdHolder, close_all
+from .memfd import SealedFile
+from .protocol import (
+    BatchOpened,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Open,
+    OpenBatch,
+    Opened,
+    OpenedItem,
+    ProtocolError,
+    Refusal,
+    Reply,
+    Request,
+    ServerConnection,
+    StatsReply,
+    StatsRequest,
+    WireLimits,
+)
+from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
+from .stats import Stats, TopEntry
+
+logger = logging.getLogger(__name__)
+
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_SOL_SOCKET = socket.SOL_SOCKET
+# Plain ints: socket.MSG_* are IntFlag members, and `int & IntFlag` goes
+# through enum machinery that costs a microsecond per request.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_UCRED = struct.Struct("3i")
+# Requests a connection may have answered back to back before it yields to
+# the others: pipelining clients must not starve the rest.
+_FAIRNESS_BURST = 16
+# After this many requests that had to be waited for, try reading before
+# waiting once more.
+_PROBE_EVERY = 8
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything the server needs to know; see ``shadowd serve --help``."""
+
+    socket_path: str
+    socket_mode: int = 0o600
+    socket_group: str | int | None = None
+    cache: CacheLimits = attrs.field(factory=CacheLimits)
+    wire: WireLimits = attrs.field(factory=WireLimits)
+    copy_workers: int = 4
+    remote_workers: int = 4
+    max_inflight: int = 32
+    shutdown_grace: float = 10.0
+    top_files: int = 10
+
+
+@attrs.frozen
+class Peer:
+    """Who is on the other end, from SO_PEERCRED at accept time."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> Peer:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(_SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        return cls(pid=pid, uid=uid, gid=gid)
+
+
+class PeerGone(Exception):
+    """The client went away while we were answering it."""
+
+
+@attrs.define(eq=False)
+class Connection:
+    sock: socket.socket
+    peer: Peer
+    proto: ServerConnection
+    read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    inflight: int = 0
+    slot_freed: trio.Event = attrs.field(factory=trio.Event)
+    nursery: trio.Nursery | None = None
+
+
+@attrs.frozen
+class Served:
+    """A descriptor ready to send, and what to say about it."""
+
+    fd: FdHolder
+    size: int
+    hit: bool
+
+
+def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def count_open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
+    except OSError:
+        return -1
+
+
+class Server:
+    """The shadowd request server. Run :meth:`serve`; stop with :meth:`shutdown`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.cache = Cache(config.cache)
+        self.copier = Copier(
+            local_limiter=trio.CapacityLimiter(config.copy_workers),
+            remote_limiter=trio.CapacityLimiter(config.remote_workers),
+        )
+        self.mounts = MountTrust()
+        self.clients = 0
+        self.clients_total = 0
+        self.refused = 0
+        self.refused_by_code: dict[str, int] = {}
+        self.uncached = 0
+        self.internal_errors = 0
+        self._connections: set[Connection] = set()
+        self._started = time.monotonic()
+        self._draining = False
+        self._accept_scope = trio.CancelScope()
+        self._outer_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._hello_limits = {
+            "max_request": config.wire.max_request,
+            "max_batch": config.wire.max_batch,
+            "max_file_size": config.cache.max_file_size,
+        }
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def serve(
+        self,
+        listen_sock: socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on *listen_sock* (listening, non-blocking) until :meth:`shutdown`."""
+        listen_sock.setblocking(False)
+        try:
+            with self._outer_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    with self._accept_scope:
+                        task_status.started()
+                        await self._accept_loop(listen_sock, nursery)
+        finally:
+            self._nursery = None
+            self.cache.clear()
+            logger.info(
+                "stopped after %.1fs: %d hits, %d misses",
+                time.monotonic() - self._started,
+                self.cache.hits,
+                self.cache.misses,
+            )
+
+    def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, then stop.
+
+        Connections stop reading at once; what they already received is
+        answered. After ``shutdown_grace`` seconds whatever remains (a copy
+        stuck on a hung mount) is cancelled.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        self._accept_scope.cancel()
+        for conn in list(self._connections):
+            conn.read_scope.cancel()
+        self._outer_scope.deadline = trio.current_time() + self.config.shutdown_grace
+
+    def stop_now(self) -> None:
+        """Cancel everything still running, in-flight copies included."""
+        self.shutdown()
+        self._outer_scope.cancel()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- accepting -------------------------------------------------------
+
+    async def _accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
+        backoff = 0.01
+        while True:
+            try:
+                sock, _ = lsock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The pending connection stays queued; try again soon.
+                    logger.warning("accept failed (%s); retrying in %.2fs", exc.strerror, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            backoff = 0.01
+            try:
+                sock.setblocking(False)
+                peer = Peer.from_socket(sock)
+            except OSError:
+                sock.close()
+                continue
+            nursery.start_soon(self._run_connection, sock, peer)
+
+    # -- one connection --------------------------------------------------
+
+    async def _run_connection(self, sock: socket.socket, peer: Peer) -> None:
+        conn = Connection(sock=sock, peer=peer, proto=ServerConnection(self.config.wire))
+        self._connections.add(conn)
+        self.clients += 1
+        self.clients_total += 1
+        logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
+        try:
+            async with trio.open_nursery() as inflight:
+                conn.nursery = inflight
+                with conn.read_scope:
+                    if self._draining:
+                        conn.read_scope.cancel()
+                    try:
+                        await self._read_loop(conn)
+                    except PeerGone:
+                        pass
+        except Exception:
+            # A bug of ours: end this connection, keep serving everyone else.
+            self.internal_errors += 1
+            logger.exception("error serving pid %d; connection closed", peer.pid)
+        finally:
+            self._connections.discard(conn)
+            self.clients -= 1
+            sock.close()
+            logger.debug("client gone: pid %d", peer.pid)
+
+    async def _read_loop(self, conn: Connection) -> None:
+        sock = conn.sock
+        buf = bytearray(self.config.wire.max_request)
+        view = memoryview(buf)
+        ancsize = socket.CMSG_SPACE(self.config.wire.max_fds * 4)
+        burst = 0
+        # Try recvmsg before waiting only while the peer keeps requests queued
+        # (pipelining). A request-reply client has nothing queued right after
+        # a reply; trying first would cost it a failing recvmsg every time.
+        try_first = True
+        waited = 0
+        while True:
+            if conn.inflight >= self.config.max_inflight:
+                # Back-pressure: read nothing more until a slow request finishes.
+                conn.slot_freed = trio.Event()
+                await conn.slot_freed.wait()
+                continue
+            if not try_first:
+                burst = 0
+                await trio.lowlevel.wait_readable(sock)
+            try:
+                n, ancdata, flags, _ = sock.recvmsg_into([buf], ancsize, _RECV_FLAGS)
+            except BlockingIOError:
+                try_first = False
+                continue
+            except OSError:
+                return
+            fds = fds_from_ancdata(ancdata)
+            if n == 0 and not fds and not flags & _MSG_TRUNC:
+                return  # orderly shutdown by the peer
+            if not await self._handle_datagram(conn, view[:n], fds, flags):
+                return
+            if try_first:
+                burst += 1
+                if burst >= _FAIRNESS_BURST:
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
+            else:
+                waited += 1
+                if waited >= _PROBE_EVERY:
+                    # Now and then, see whether the peer has started pipelining.
+                    waited = 0
+                    try_first = True
+
+    async def _handle_datagram(
+        self, conn: Connection, data: memoryview, fds: list[int], flags: int
+    ) -> bool:
+        """Answer one datagram; False when the connection must end."""
+        holders = [FdHolder(fd) for fd in fds]
+        try:
+            try:
+                event = conn.proto.receive(
+                    data,
+                    fds,
+                    data_truncated=bool(flags & _MSG_TRUNC),
+                    fds_truncated=bool(flags & _MSG_CTRUNC),
+                )
+            except ProtocolError as exc:
+                self._count_refusal(exc.code)
+                _close_holders(holders)
+                await self._send(conn, conn.proto.error_for(exc))
+                return not exc.fatal
+            try:
+                await self._dispatch(conn, event, holders)
+            except (PeerGone, trio.Cancelled):
+                raise
+            except Exception:
+                await self._internal_error(conn, event.id)
+            return True
+        finally:
+            _close_holders(holders)
+
+    async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
+        if isinstance(event, Open):
+            await self._on_open(conn, event, holders[0])
+        elif isinstance(event, OpenBatch):
+            await self._on_open_batch(conn, event, holders)
+        elif isinstance(event, StatsRequest):
+            await self._send(conn, StatsReply(id=event.id, stats=self.stats().to_wire()))
+        elif isinstance(event, Hello):
+            await self._send(
+                conn,
+                HelloReply(
+                    id=event.id,
+                    version=event.version,
+                    server=f"shadowd/{__version__}",
+                    limits=self._hello_limits,
+                ),
+            )
+
+    async def _internal_error(self, conn: Connection, id: int) -> None:
+        """Answer a request that hit a bug of ours, and log the bug."""
+        self.internal_errors += 1
+        logger.exception("internal error answering request %d of pid %d", id, conn.peer.pid)
+        await self._refuse(
+            conn, id, RequestError(ErrorCode.INTERNAL, "internal error in shadowd; see its log")
+        )
+
+    # -- open ------------------------------------------------------------
+
+    def _serve_now(self, src: FdHolder, label: str | None) -> Served | Flight | None:
+        """Answer from the cache, or join the copy of this version, without waiting.
+
+        Returns None for an fd of an untrusted filesystem, which a worker must
+        inspect. Raises RequestError for an fd that is refused. *src* stays the
+        caller's unless a new copy took it (then it is detached).
+        """
+        fd = src.fd
+        st = stat_nosync(fd)
+        if st is None or not self.mounts.is_local(st.dev):
+            return None
+        check_readable(fd)
+        check_regular(st)
+        self._check_size(st)
+        return self._lookup_or_fly(src, st, label, remote=False)
+
+    def _lookup_or_fly(
+        self, src: FdHolder, st: SourceStat, label: str | None, *, remote: bool
+    ) -> Served | Flight:
+        """A hit, or the flight that will copy this version (joined as a waiter).
+
+        Synchronous on purpose: between the miss and joining the flight
+        nothing else runs, so two requests for one version make one copy.
+        """
+        key = HostKey(st.dev, st.ino)
+        entry = self.cache.lookup(key, st.version)
+        if entry is not None:
+            with refusing_os_errors("cannot open a served descriptor"):
+                served = entry.file.share()
+            return Served(fd=FdHolder(served), size=entry.size, hit=True)
+        assert self._nursery is not None
+        flight_key = (key, st.version)
+        flight = self.copier.flight(flight_key)
+        if flight is None:
+            flight = self.copier.start(
+                self._nursery,
+                flight_key,
+                FdHolder(src.detach()),
+                st,
+                self._on_copied(label),
+                remote=remote,
+            )
+        flight.join()
+        return flight
+
+    def _check_size(self, st: SourceStat) -> None:
+        limit = self.config.cache.max_file_size
+        if st.size > limit:
+            raise RequestError(
+                ErrorCode.FILE_TOO_LARGE,
+                f"file is {st.size} bytes, above the daemon's --max-file-size of {limit}; "
+                "copy it locally",
+            )
+
+    async def _on_open(self, conn: Connection, event: Open, src: FdHolder) -> None:
+        try:
+            outcome = self._serve_now(src, event.label)
+        except RequestError as exc:
+            await self._refuse(conn, event.id, exc)
+            return
+        if isinstance(outcome, Served):
+            try:
+                await self._send(
+                    conn, Opened(id=event.id, fd=outcome.fd.fd, size=outcome.size, hit=True)
+                )
+            finally:
+                _close_holders([src, outcome.fd])
+            return
+        # A flight to wait for, or an untrusted fd that a worker must look at
+        # (and close: never on the loop).
+        pending = outcome if outcome is not None else FdHolder(src.detach())
+        self._start_deferred(conn, event.id, self._finish_open, event, pending)
+
+    async def _finish_open(self, conn: Connection, event: Open, pending: Flight | FdHolder) -> None:
+        try:
+            served = await self._finish(pending, event.label)
+        except RequestError as exc:
+            await self._refuse(conn, event.id, exc)
+            return
+        try:
+            await self._send(
+                conn, Opened(id=event.id, fd=served.fd.fd, size=served.size, hit=served.hit)
+            )
+        finally:
+            served.fd.close()
+
+    async def _finish(self, pending: Flight | FdHolder, label: str | None) -> Served:
+        """Wait for a flight, or inspect an untrusted fd and then serve it."""
+        if isinstance(pending, Flight):
+            return await self._await_flight(pending)
+        return await self._serve_untrusted(pending, label)
+
+    async def _on_open_batch(
+        self, conn: Connection, event: OpenBatch, holders: list[FdHolder]
+    ) -> None:
+        labels = event.labels or (None,) * len(holders)
+        results: list[Served | Refusal | None] = [None] * len(holders)
+        later: list[tuple[int, Flight | FdHolder]] = []
+        for i, src in enumerate(holders):
+            try:
+                outcome = self._serve_now(src, labels[i])
+            except RequestError as exc:
+                self._count_refusal(exc.code)
+                results[i] = Refusal(code=exc.code, message=exc.message)
+                continue
+            if isinstance(outcome, Served):
+                results[i] = outcome
+            else:
+                later.append((i, outcome if outcome is not None else FdHolder(src.detach())))
+        if not later:
+            await self._send_batch(conn, event.id, results)
+            return
+        self._start_deferred(conn, event.id, self._finish_batch, event, results, later, labels)
+
+    async def _finish_batch(
+        self,
+        conn: Connection,
+        event: OpenBatch,
+        results: list[Served | Refusal | None],
+        later: list[tuple[int, Flight | FdHolder]],
+        labels: Sequence[str | None],
+    ) -> None:
+        async def one(i: int, pending: Flight | FdHolder) -> None:
+            try:
+                results[i] = await self._finish(pending, labels[i])
+            except RequestError as exc:
+                self._count_refusal(exc.code)
+                results[i] = Refusal(code=exc.code, message=exc.message)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, pending in later:
+                    nursery.start_soon(one, i, pending)
+            await self._send_batch(conn, event.id, results)
+        finally:
+            # Descriptors served but not sent (on cancellation) are still ours.
+            _close_holders([r.fd for r in results if isinstance(r, Served)])
+
+    async def _send_batch(
+        self, conn: Connection, id: int, results: list[Served | Refusal | None]
+    ) -> None:
+        items: list[OpenedItem | Refusal] = []
+        served = [r for r in results if isinstance(r, Served)]
+        try:
+            for r in results:
+                if isinstance(r, Served):
+                    items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
+                elif isinstance(r, Refusal):
+                    items.append(r)
+                else:  # pragma: no cover - every slot is filled before sending
+                    items.append(Refusal(code=ErrorCode.INTERNAL, message="no result"))
+            await self._send(conn, BatchOpened(id=id, results=tuple(items)))
+        finally:
+            _close_holders([s.fd for s in served])
+
+    def _start_deferred(
+        self, conn: Connection, id: int, fn: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run *fn* for request *id* in the connection's nursery, counted in flight."""
+        conn.inflight += 1
+
+        async def run() -> None:
+            try:
+                await fn(conn, *args)
+            except PeerGone:
+                pass
+            except Exception:
+                try:
+                    await self._internal_error(conn, id)
+                except PeerGone:
+                    pass
+            finally:
+                conn.inflight -= 1
+                conn.slot_freed.set()
+
+        assert conn.nursery is not None
+        conn.nursery.start_soon(run)
+
+    async def _await_flight(self, flight: Flight) -> Served:
+        fd, sealed = await flight.wait()
+        if not flight.cached:
+            self.uncached += 1
+        return Served(fd=FdHolder(fd), size=sealed.size, hit=False)
+
+    async def _serve_untrusted(self, taken: FdHolder, label: str | None) -> Served:
+        """Serve an fd of an untrusted filesystem: stat, copy and close it off the loop."""
+        assert self._nursery is not None
+        # This call owns the fd from here on; the caller's holder is empty, so
+        # its cleanup cannot race the worker thread that closes the fd.
+        src = FdHolder(taken.detach())
+        try:
+            st = await self.copier.inspect(src)
+        except trio.Cancelled:
+            raise  # the inspecting job closes the fd
+        except BaseException:
+            self.copier.close_later(self._nursery, src)
+            raise
+        try:
+            self._check_size(st)
+            outcome = self._lookup_or_fly(src, st, label, remote=True)
+        finally:
+            # Unless a new flight took it, the fd is closed by a worker.
+            self.copier.close_later(self._nursery, src)
+        if isinstance(outcome, Served):
+            return outcome
+        return await self._await_flight(outcome)
+
+    def _on_copied(self, label: str | None) -> Callable[[Flight, SealedFile, SourceStat], None]:
+        def apply(flight: Flight, sealed: SealedFile, st: SourceStat) -> None:
+            admission, _entry = self.cache.insert(
+                HostKey(st.dev, st.ino), st.version, sealed, label=label, ctime_ns=st.ctime_ns
+            )
+            flight.cached = admission is Admission.CACHED
+            if not flight.cached:
+                logger.debug("served uncached (%s): %s", admission.value, label or "?")
+
+        return apply
+
+    # -- replies ---------------------------------------------------------
+
+    async def _refuse(self, conn: Connection, id: int, exc: RequestError) -> None:
+        self._count_refusal(exc.code)
+        await self._send(conn, ErrorReply(id=id, code=exc.code, message=exc.message))
+
+    def _count_refusal(self, code: str) -> None:
+        self.refused += 1
+        self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
+
+    async def _send(self, conn: Connection, reply: Reply) -> None:
+        """Send one reply datagram; the fds in it stay the caller's to close."""
+        data, fds = conn.proto.send(reply)
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock = conn.sock
+        if not conn.send_lock.locked():
+            try:
+                sock.sendmsg([data], anc, _SEND_FLAGS)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise PeerGone() from exc
+        async with conn.send_lock:
+            while True:
+                try:
+                    sock.sendmsg([data], anc, _SEND_FLAGS)
+                    return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                except OSError as exc:
+                    raise PeerGone() from exc
+
+    # -- stats -----------------------------------------------------------
+
+    def stats(self) -> Stats:
+        cache = self.cache
+        limits = self.config.cache
+        n = self.config.top_files
+
+        def top(by: str) -> tuple[TopEntry, ...]:
+            return tuple(TopEntry(t.label, t.hits, t.size) for t in cache.top(n, by=by))
+
+        return Stats(
+            server=f"shadowd/{__version__}",
+            uptime_seconds=round(time.monotonic() - self._started, 3),
+            hits=cache.hits,
+            misses=cache.misses,
+            entries=len(cache),
+            bytes=cache.bytes,
+            evictions=cache.evictions,
+            invalidations=cache.invalidations,
+            uncached=self.uncached,
+            refused=self.refused,
+            copies=self.copier.copies,
+            bytes_copied=self.copier.bytes_copied,
+            clients=self.clients,
+            clients_total=self.clients_total,
+            max_entries=limits.max_entries,
+            max_bytes=limits.max_bytes,
+            max_file_size=limits.max_file_size,
+            private_hits=cache.private.hits,
+            private_misses=cache.private.misses,
+            private_entries=cache.private.entries,
+            private_bytes=cache.private.bytes,
+            open_fds=count_open_fds(),
+            fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            top_by_hits=top("hits"),
+            top_by_bytes=top("bytes"),
+            refused_by_code=dict(self.refused_by_code),
+        )
+
+
+def _close_holders(holders: Sequence[FdHolder]) -> None:
+    """Close every still-owned holder, with as few syscalls as is safe."""
+    close_all([h.detach() for h in holders if h.fd >= 0])

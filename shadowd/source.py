@@ -1,0 +1,236 @@
+# What the daemon learns about a descriptor a client passed, before it decides
+# anything: type, identity, version, whether the client could read it, and
+# whether its filesystem is one we may touch from the event loop.
+#
+# Must never: block the event loop on a filesystem a client controls. A file
+# on a FUSE or network mount can make fstat and even close() wait forever, so
+# the loop inspects fds with statx(AT_STATX_DONT_SYNC), which answers from
+# what the kernel has cached, and hands fds of such filesystems to worker
+# threads for everything else (a fresh fstat, the copy, the close).
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple, cast
+
+import attrs
+
+from .errors import RequestError, refusing_os_errors, request_error_from_os
+from .protocol import ErrorCode
+
+logger = logging.getLogger(__name__)
+
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+# TYPE | MODE | MTIME | CTIME | INO | SIZE
+_STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x80 | 0x100 | 0x200
+_STATX_BASIC_STATS = 0x7FF
+# struct statx: mask at 0, mode at 28, ino at 32, size at 40, ctime at 96,
+# mtime at 112, dev major/minor at 136 (include/uapi/linux/stat.h).
+_STATX_LAYOUT = struct.Struct("<I24xH2xQQ48xqI4xqI4x8xII")
+_STATX_SIZE = 256
+
+# Filesystems without a backing block device whose inspection and close never
+# wait on anyone but the local kernel.
+LOCAL_ANON_FSTYPES = frozenset({"tmpfs", "ramfs", "overlay", "btrfs", "hugetlbfs"})
+
+
+class SourceStat(NamedTuple):
+    """The part of a file's stat that identifies its bytes.
+
+    A NamedTuple rather than an attrs class: one is built per request on the
+    hit path, and tuple construction is several times cheaper.
+    """
+
+    dev: int
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def is_regular(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.mode & 0o111)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        return (self.size, self.mtime_ns, self.ctime_ns)
+
+    @classmethod
+    def from_stat_result(cls, st: os.stat_result) -> SourceStat:
+        return cls(
+            dev=st.st_dev,
+            ino=st.st_ino,
+            mode=st.st_mode,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+
+def _load_statx() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.statx
+    except (OSError, AttributeError):
+        return None
+    # No argtypes on purpose: every argument is a small int, bytes or a
+    # buffer, which ctypes passes right by default, and declaring them
+    # doubles the cost of each call.
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    rc = fn(0, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf)
+    if rc != 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL):
+        return None
+    return cast(Callable[..., int], fn)
+
+
+_statx = _load_statx()
+_tls = threading.local()
+
+
+def _statx_buffer() -> ctypes.Array[ctypes.c_char]:
+    try:
+        buf: ctypes.Array[ctypes.c_char] = _tls.buf
+    except AttributeError:
+        buf = _tls.buf = ctypes.create_string_buffer(_STATX_SIZE)
+    return buf
+
+
+def stat_nosync(fd: int) -> SourceStat | None:
+    """Stat *fd* from the kernel's cached attributes; never waits on the filesystem.
+
+    Returns None when statx is unavailable or the filesystem did not fill in
+    every field; the caller then treats the fd as one to inspect off the loop.
+    """
+    if _statx is None:
+        return None
+    buf = _statx_buffer()
+    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf) != 0:
+        err = ctypes.get_errno()
+        raise RequestError(ErrorCode.BAD_FDS, f"cannot stat the passed fd: {os.strerror(err)}")
+    mask, mode, ino, size, c_sec, c_nsec, m_sec, m_nsec, major, minor = _STATX_LAYOUT.unpack_from(
+        buf
+    )
+    if mask & _STATX_WANTED != _STATX_WANTED:
+        return None
+    return SourceStat(
+        dev=os.makedev(major, minor),
+        ino=ino,
+        mode=mode,
+        size=size,
+        mtime_ns=m_sec * 1_000_000_000 + m_nsec,
+        ctime_ns=c_sec * 1_000_000_000 + c_nsec,
+    )
+
+
+def stat_sync(fd: int) -> SourceStat:
+    """A full fstat, which may wait on the filesystem: for worker threads."""
+    with refusing_os_errors("cannot stat the passed fd"):
+        return SourceStat.from_stat_result(os.fstat(fd))
+
+
+def check_readable(fd: int) -> None:
+    """Refuse an fd the client could not read from (O_PATH or write-only).
+
+    Possession of a readable fd is the proof that the client may read the
+    file; an O_PATH fd can be had for files one cannot read.
+    """
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise request_error_from_os(exc, "cannot inspect the passed fd") from exc
+    if flags & os.O_PATH or flags & os.O_ACCMODE == os.O_WRONLY:
+        raise RequestError(
+            ErrorCode.NOT_READABLE, "the passed fd is not open for reading (O_PATH or O_WRONLY)"
+        )
+
+
+def check_regular(st: SourceStat) -> None:
+    if not st.is_regular:
+        kind = _KIND_NAMES.get(stat.S_IFMT(st.mode), "special file")
+        raise RequestError(
+            ErrorCode.NOT_REGULAR, f"only regular files are served; the passed fd is a {kind}"
+        )
+
+
+_KIND_NAMES = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFLNK: "symbolic link",
+}
+
+
+def parse_mountinfo(text: str) -> dict[int, str]:
+    """Map each mount's st_dev to its filesystem type, from a mountinfo text."""
+    devs: dict[int, str] = {}
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 3 or not right:
+            continue
+        major, _, minor = fields[2].partition(":")
+        try:
+            dev = os.makedev(int(major), int(minor))
+        except ValueError:
+            continue
+        devs[dev] = right.split()[0]
+    return devs
+
+
+@attrs.define
+class MountTrust:
+    """Which filesystems the event loop may inspect and close fds of.
+
+    Filesystems on a block device are local. Of the anonymous-device ones,
+    only the types in LOCAL_ANON_FSTYPES are, as seen in this process's
+    mount table; everything else (FUSE, NFS, CIFS, 9p, procfs, mounts of
+    other namespaces) goes to worker threads. The table is re-read when an
+    unknown device shows up and at least every ``ttl`` seconds, so a device
+    number freed by an unmount and reused by a new mount is re-classified.
+    """
+
+    mountinfo_path: str = "/proc/self/mountinfo"
+    ttl: float = 10.0
+    _devs: dict[int, str] = attrs.field(factory=dict, init=False)
+    _read_at: float = attrs.field(default=-1e9, init=False)
+
+    def is_local(self, dev: int) -> bool:
+        if os.major(dev) != 0:
+            return True
+        now = time.monotonic()
+        if now - self._read_at > self.ttl:
+            self.refresh(now)
+        fstype = self._devs.get(dev)
+        if fstype is None and now - self._read_at > 1.0:
+            self.refresh(now)
+            fstype = self._devs.get(dev)
+        return fstype in LOCAL_ANON_FSTYPES
+
+    def refresh(self, now: float | None = None) -> None:
+        self._read_at = time.monotonic() if now is None else now
+        try:
+            with open(self.mountinfo_path, encoding="utf-8", errors="replace") as f:
+                self._devs = parse_mountinfo(f.read())
+        except OSError as exc:
+            logger.warning("cannot read %s: %s", self.mountinfo_path, exc)
+            self._devs = {}

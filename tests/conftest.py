@@ -1,0 +1,218 @@
+# Shared test fixtures: the daemon as a real subprocess, files with settled
+# ctimes, fd counting, and running code as another user.
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
+
+
+class Daemon:
+    """`shadowd serve` in a subprocess, on a socket of its own."""
+
+    def __init__(self, socket_path: Path, args: list[str], env: dict[str, str] | None = None):
+        self.socket_path = socket_path
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = socket_path.parent / f"{socket_path.name}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "shadowd",
+            "serve",
+            "--socket",
+            str(self.socket_path),
+            "--log-level",
+            "debug",
+            *self.args,
+        ]
+
+    async def start(self, timeout: float = 15.0) -> None:
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "client")])
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env
+        )
+        with trio.fail_after(timeout):
+            while not self.answers():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+                await trio.sleep(0.02)
+
+    def answers(self) -> bool:
+        import socket
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(str(self.socket_path))
+        except OSError:
+            return False
+        finally:
+            s.close()
+        return True
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def fd_targets(self) -> list[str]:
+        out = []
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                out.append(os.readlink(f"/proc/{self.pid}/fd/{name}"))
+            except OSError:
+                pass
+        return sorted(out)
+
+    async def terminate(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        with trio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await trio.sleep(0.02)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may traverse (tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="shadowd-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
+    """A factory: ``await start_daemon("--max-entries", "3")`` returns a running Daemon."""
+    daemons: list[Daemon] = []
+
+    async def start(
+        *args: str, socket_name: str | None = None, env: dict[str, str] | None = None
+    ) -> Daemon:
+        name = socket_name or f"d{len(daemons)}.sock"
+        d = Daemon(shared_dir / name, list(args), env)
+        daemons.append(d)
+        await d.start()
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in daemons:
+            d.kill()
+            # Shown by pytest only when the test failed.
+            print(f"--- log of the daemon on {d.socket_path} ---\n{d.log()}")
+
+
+@pytest.fixture
+async def daemon(start_daemon: Any) -> Daemon:
+    """One daemon that caches files as soon as they are 50 ms old."""
+    return await start_daemon("--racy-window", "0.05")
+
+
+def settle(*paths: Path, window: float = 0.05) -> None:
+    """Wait until the ctimes of *paths* are older than the racy window."""
+    newest = max(p.stat().st_ctime for p in paths)
+    delay = newest + window + 0.02 - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def make_file(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def read_fd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path[:0] = {paths!r}
+    {imports}
+    os.setgroups([])
+    os.setresgid({gid}, {gid}, {gid})
+    os.setresuid({uid}, {uid}, {uid})
+    def out(obj):
+        print(json.dumps(obj))
+    """
+)
+
+
+def run_as(
+    uid: int, code: str, *, gid: int | None = None, imports: str = "", timeout: float = 30
+) -> Any:
+    """Run *code* in a child that drops to *uid* after its imports; return its JSON line.
+
+    Top-level import lines of *code* run before the drop.
+    """
+    gid = uid if gid is None else gid
+    # Everything is imported before the drop: the interpreter's own files may
+    # not be readable by the target user.
+    lines = textwrap.dedent(code).splitlines()
+    hoisted = [ln for ln in lines if ln.startswith(("import ", "from "))]
+    body = [ln for ln in lines if not ln.startswith(("import ", "from "))]
+    prelude = PRELUDE.format(
+        paths=[str(REPO), str(REPO / "client")],
+        imports="\n".join([imports, *hoisted]),
+        uid=uid,
+        gid=gid,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + "\n".join(body)],
+        capture_output=True,
+        timeout=timeout,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])

@@ -1,0 +1,565 @@
+# End to end: `shadowd serve` as a real subprocess, real sockets, real memfds,
+# real SCM_RIGHTS. Each test proves one rule of DESIGN.md and would fail if
+# that rule broke.
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from shadowd_client import (
+    Client,
+    FileTooLarge,
+    NotReadable,
+    NotRegularFile,
+    Opener,
+)
+
+from shadowd.memfd import REQUIRED_SEALS
+
+from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
+
+LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
+
+
+async def call(fn: Any, *args: Any) -> Any:
+    """Run blocking client code off the trio thread (so fail_after still works)."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()
+
+
+def _open_once(d: Daemon, path: Path) -> int:
+    with Client(d.socket_path, timeout=10) as c:
+        return c.open(path)
+
+
+def _open_fd_once(d: Daemon, fd: int) -> int:
+    with Client(d.socket_path, timeout=10) as c:
+        return c.open_fd(fd)
+
+
+def open_bytes(d: Daemon, path: Path) -> bytes:
+    with Client(d.socket_path, timeout=10) as c:
+        fd = c.open(path)
+    try:
+        return read_fd(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_bytes_exact_first_open_misses_then_hits(daemon: Daemon, tmp_path: Path) -> None:
+    sizes = [0, 1, 4095, 4096, 65537, 1024 * 1024 + 3]
+    files = [make_file(tmp_path / f"f{n}", os.urandom(n)) for n in sizes]
+    settle(*files)
+
+    def work() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:
+            for round_ in range(3):
+                for f in files:
+                    fd = c.open(f)
+                    try:
+                        assert read_fd(fd) == f.read_bytes()
+                    finally:
+                        os.close(fd)
+                s = c.stats()
+                assert s["misses"] == len(files)
+                assert s["hits"] == round_ * len(files)
+                assert s["entries"] == len(files)
+                assert s["bytes"] == sum(sizes)
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_served_fd_is_sealed_read_only_and_private(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "data", b"0123456789" * 100)
+    settle(f)
+
+    def work() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:
+            a = c.open(f)
+            b = c.open(f)  # a hit: another open file description of the same memfd
+        try:
+            assert fcntl.fcntl(a, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+            assert fcntl.fcntl(a, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            assert fcntl.fcntl(a, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert os.fstat(a).st_ino == os.fstat(b).st_ino  # one copy per version
+            with pytest.raises(OSError):
+                os.write(a, b"x")
+            with pytest.raises(OSError):
+                os.ftruncate(a, 0)
+            try:
+                rw = os.open(f"/proc/self/fd/{a}", os.O_RDWR)
+            except PermissionError:
+                rw = -1
+            if rw >= 0:
+                try:
+                    with pytest.raises(OSError) as info:
+                        os.write(rw, b"x")
+                    assert info.value.errno == errno.EPERM
+                    with pytest.raises(OSError):
+                        os.ftruncate(rw, 1)
+                finally:
+                    os.close(rw)
+            # Independent offsets: reading one does not move the other.
+            assert os.read(a, 5) == b"01234"
+            assert os.read(b, 3) == b"012"
+            assert os.read(a, 2) == b"56"
+            assert os.lseek(b, 0, os.SEEK_CUR) == 3
+        finally:
+            os.close(a)
+            os.close(b)
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_same_size_rewrite_with_old_mtime_is_served_fresh(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    f = make_file(tmp_path / "conf", b"A" * 4096)
+    old = f.stat()
+    settle(f)
+
+    def work() -> None:
+        assert open_bytes(daemon, f) == b"A" * 4096
+        assert open_bytes(daemon, f) == b"A" * 4096
+        assert stats(daemon)["hits"] == 1
+        f.write_bytes(b"B" * 4096)
+        os.utime(f, ns=(old.st_atime_ns, old.st_mtime_ns))
+        now = f.stat()
+        assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+        assert open_bytes(daemon, f) == b"B" * 4096
+        assert stats(daemon)["invalidations"] == 1
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_200_rewrite_then_open_rounds_never_stale(start_daemon: Any, tmp_path: Path) -> None:
+    # No racy window: every round is cached, so every round tests the key.
+    d = await start_daemon("--racy-window", "0")
+    f = make_file(tmp_path / "hot", b"0" * 8192)
+    mtime = f.stat().st_mtime_ns
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for i in range(200):
+                content = (b"%08d" % i) * 1024
+                f.write_bytes(content)
+                os.utime(f, ns=(mtime, mtime))
+                fd = c.open(f)
+                try:
+                    got = read_fd(fd)
+                finally:
+                    os.close(fd)
+                assert got == content, f"stale bytes served in round {i}"
+            s = c.stats()
+            assert s["misses"] == 200
+
+    with trio.fail_after(60):
+        await call(work)
+
+
+async def test_racy_fresh_file_is_served_but_not_cached(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon()  # the default window of one second
+    f = make_file(tmp_path / "new", b"fresh")
+
+    def work() -> None:
+        assert open_bytes(d, f) == b"fresh"
+        s = stats(d)
+        assert s["uncached"] == 1 and s["entries"] == 0
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_replaced_by_rename_is_served_fresh(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "lib.so", b"old" * 1000)
+    settle(f)
+
+    def work() -> None:
+        assert open_bytes(daemon, f) == b"old" * 1000
+        tmp = make_file(tmp_path / "lib.so.tmp", b"new" * 1000)
+        os.rename(tmp, f)
+        assert open_bytes(daemon, f) == b"new" * 1000
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_entry_budget_and_lru_order(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--racy-window", "0.05", "--max-entries", "3")
+    files = {n: make_file(tmp_path / n, n.encode() * 100) for n in "abcd"}
+    settle(*files.values())
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+
+            def hit(name: str) -> bool:
+                before = c.stats()["hits"]
+                fd = c.open(files[name])
+                try:
+                    assert read_fd(fd) == files[name].read_bytes()
+                finally:
+                    os.close(fd)
+                s = c.stats()
+                assert s["entries"] <= 3
+                return bool(s["hits"] - before)
+
+            assert [hit(n) for n in "abc"] == [False, False, False]
+            assert hit("a")  # a is now the most recently used
+            assert not hit("d")  # evicts b, the least recently used
+            assert hit("a") and hit("c") and hit("d")
+            assert not hit("b")  # b was the one evicted
+            assert c.stats()["evictions"] == 2
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_byte_budget_never_exceeded(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--racy-window", "0.05", "--max-bytes", "10K")
+    rng = random.Random(3)
+    files = [make_file(tmp_path / f"f{i}", os.urandom(rng.randrange(1, 6000))) for i in range(12)]
+    settle(*files)
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(80):
+                f = rng.choice(files)
+                fd = c.open(f)
+                try:
+                    assert read_fd(fd) == f.read_bytes()
+                finally:
+                    os.close(fd)
+                s = c.stats()
+                assert s["bytes"] <= 10 * 1024
+            assert c.stats()["evictions"] > 0
+
+    with trio.fail_after(60):
+        await call(work)
+
+
+async def test_file_over_max_file_size_is_never_cached(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--racy-window", "0.05", "--max-file-size", "1K")
+    big = make_file(tmp_path / "big", os.urandom(2048))
+    small = make_file(tmp_path / "small", os.urandom(1024))
+    settle(big, small)
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                with pytest.raises(FileTooLarge, match="max-file-size"):
+                    c.open(big)
+            fd = c.open(small)
+            os.close(fd)
+            s = c.stats()
+            assert s["entries"] == 1 and s["bytes"] == 1024 and s["copies"] == 1
+        # The supervisor helper copies it locally instead.
+        with Opener(d.socket_path) as opener:
+            fd = opener.open(big)
+            try:
+                assert read_fd(fd) == big.read_bytes()
+                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+            finally:
+                os.close(fd)
+            assert (opener.local_opens, opener.daemon_opens) == (1, 0)
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_served_dso_loads_and_served_binary_runs(daemon: Daemon) -> None:
+    def work() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:
+            lib = c.open(LIBZ)
+            echo = c.open("/bin/echo")
+        try:
+            z = ctypes.CDLL(f"/proc/self/fd/{lib}")
+            z.zlibVersion.restype = ctypes.c_char_p
+            assert z.zlibVersion().startswith(b"1.")
+            assert os.fstat(echo).st_mode & 0o111
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import os, sys; fd = int(sys.argv[1]); "
+                    "os.execve(fd, ['echo', 'served', 'by', 'shadowd'], {})",
+                    str(echo),
+                ],
+                pass_fds=[echo],
+                capture_output=True,
+                timeout=10,
+                check=True,
+            )
+            assert out.stdout == b"served by shadowd\n"
+        finally:
+            os.close(lib)
+            os.close(echo)
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_non_regular_files_refused_quickly(daemon: Daemon, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+
+    def work() -> None:
+        with Client(daemon.socket_path, timeout=5) as c:
+            for path in (fifo, tmp_path, "/dev/zero"):
+                with pytest.raises(NotRegularFile):
+                    c.open(path)
+            # A socket cannot be open()ed; pass the fd itself.
+            with pytest.raises(NotRegularFile, match="socket"):
+                c.open_fd(listener.fileno())
+            ok = make_file(tmp_path / "ok", b"fine")
+            fd = c.open(ok)
+            assert read_fd(fd) == b"fine"
+            os.close(fd)
+
+    try:
+        with trio.fail_after(10):
+            await call(work)
+    finally:
+        listener.close()
+
+
+async def test_batch_open(daemon: Daemon, tmp_path: Path) -> None:
+    files = [make_file(tmp_path / f"b{i}", os.urandom(100 + i)) for i in range(5)]
+    settle(*files)
+
+    def work() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:
+            paths: list[Any] = [*files, "/dev/null", tmp_path / "missing"]
+            first = c.open_many(paths, return_exceptions=True)
+            second = c.open_many(files)
+        try:
+            for fd, f in zip(first[:5], files, strict=True):
+                assert read_fd(fd) == f.read_bytes()
+            assert isinstance(first[5], NotRegularFile)
+            assert type(first[6]).__name__ == "SourceError"
+            for fd, f in zip(second, files, strict=True):
+                assert read_fd(fd) == f.read_bytes()
+        finally:
+            for fd in first[:5] + second:
+                os.close(fd)
+        s = stats(daemon)
+        assert s["misses"] == 5 and s["hits"] == 5
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_16_clients_at_once(daemon: Daemon, tmp_path: Path) -> None:
+    rng = random.Random(16)
+    files = [
+        make_file(tmp_path / f"lib{i}.so", os.urandom(rng.choice([0, 100, 4096, 70_000, 300_000])))
+        for i in range(30)
+    ]
+    settle(*files)
+    contents = {f: f.read_bytes() for f in files}
+
+    def client(seed: int) -> int:
+        r = random.Random(seed)
+        with Client(daemon.socket_path, timeout=30) as c:
+            for _ in range(300):
+                f = r.choice(files)
+                fd = c.open(f)
+                try:
+                    size = os.fstat(fd).st_size
+                    assert os.pread(fd, size + 1, 0) == contents[f]
+                finally:
+                    os.close(fd)
+        return 300
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(call, client, i)
+    s = stats(daemon)
+    assert s["hits"] + s["misses"] == 16 * 300
+    assert s["copies"] == 30  # one copy per file, however many clients raced
+
+
+def _garbage(d: Daemon, rng: random.Random, extra: list[int]) -> None:
+    """One hostile connection of a random kind."""
+    kind = rng.randrange(8)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    try:
+        s.connect(str(d.socket_path))
+        fds = rng.sample(extra, rng.randrange(0, len(extra)))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_ints(fds))))] if fds else []
+        if kind == 0:
+            s.sendmsg([os.urandom(rng.randrange(1, 300))], anc)
+        elif kind == 1:
+            s.sendmsg([msgpack.packb([1, 2, {"op": "open"}])], anc)
+        elif kind == 2:
+            hello = msgpack.packb({"op": "hello", "id": 0, "version": 1})
+            s.sendmsg([hello])
+            s.sendmsg([msgpack.packb({"op": "open", "id": 1, "path": 7})], anc)
+        elif kind == 3:  # too many fds: the kernel truncates the control data
+            s.sendmsg([msgpack.packb({"op": "hello", "id": 0, "version": 1})])
+            many = [extra[0]] * 250
+            s.sendmsg(
+                [msgpack.packb({"op": "open_batch", "id": 1})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_ints(many))))],
+            )
+        elif kind == 4:  # larger than any request may be
+            s.sendmsg([b"\x80" * 100_000], anc)
+        elif kind == 5:  # leave mid-request
+            s.sendmsg([msgpack.packb({"op": "hello", "id": 0, "version": 1})])
+            s.sendmsg([msgpack.packb({"op": "open", "id": 1})], anc)
+            s.close()
+            return
+        elif kind == 6:  # valid requests with the wrong fd counts
+            s.sendmsg([msgpack.packb({"op": "hello", "id": 0, "version": 1})], anc)
+            s.sendmsg([msgpack.packb({"op": "stats", "id": 1})], anc)
+        else:  # an empty datagram carrying fds
+            s.sendmsg([b""], anc)
+        s.shutdown(socket.SHUT_WR)  # the daemon sees the end; read what it answered
+        try:
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+    finally:
+        s.close()
+
+
+def _ints(fds: list[int]) -> Any:
+    import array
+
+    return array.array("i", fds)
+
+
+async def test_garbage_clients_leak_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "good", b"still good")
+    settle(f)
+    r, w = os.pipe()
+    extra = [
+        r,
+        w,
+        os.open("/dev/null", os.O_RDONLY),
+        os.open(f, os.O_RDONLY),
+        os.memfd_create("junk"),
+        os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY),
+    ]
+
+    def warm() -> None:
+        assert open_bytes(daemon, f) == b"still good"
+
+    def storm() -> None:
+        rng = random.Random(300)
+        for _ in range(300):
+            _garbage(daemon, rng, extra)
+
+    try:
+        with trio.fail_after(120):
+            await call(warm)
+            await trio.sleep(0.2)
+            baseline = daemon.open_fds()
+            await call(storm)
+            while True:  # the daemon closes the last connections shortly
+                s = await call(stats, daemon)
+                if s["clients"] == 1 and daemon.open_fds() == baseline:
+                    break
+                await trio.sleep(0.05)
+            assert s["refused"] > 0
+            assert await call(open_bytes, daemon, f) == b"still good"
+            assert daemon.open_fds() == baseline, daemon.fd_targets()
+    finally:
+        for fd in extra:
+            os.close(fd)
+
+
+@requires_root
+async def test_user_who_cannot_read_a_file_cannot_get_its_bytes(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0", "--socket-mode", "0666")
+    secret = make_file(shared_dir / "secret", b"root only", mode=0o600)
+    writeonly = make_file(shared_dir / "wo", b"write only", mode=0o622)
+    # The daemon has the secret cached already: the refusal must not depend on a miss.
+    assert open_bytes(d, secret) == b"root only"
+    code = f"""
+    import socket, array, msgpack
+    from shadowd_client import Client, ShadowdError
+    from shadowd.protocol import Hello, Open, encode_request
+    res = {{}}
+    c = Client({str(d.socket_path)!r}, timeout=5)
+    try:
+        c.open({str(secret)!r})
+        res["open"] = "served"
+    except ShadowdError as e:
+        res["open"] = type(e).__name__
+    def raw(fd):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect({str(d.socket_path)!r})
+        s.sendmsg([encode_request(Hello(id=0))[0]])
+        data, fds = encode_request(Open(id=1, fd=fd))
+        s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        replies = [s.recvmsg(4096, 64) for _ in range(2)]
+        r = msgpack.unpackb(replies[1][0])
+        return [r.get("ok"), r.get("code"), len(replies[1][1])]
+    res["o_path"] = raw(os.open({str(secret)!r}, os.O_PATH))
+    res["o_wronly"] = raw(os.open({str(writeonly)!r}, os.O_WRONLY))
+    out(res)
+    """
+    with trio.fail_after(30):
+        res = await call(run_as, NOBODY, code)
+    assert res["open"] == "SourceError"
+    assert res["o_path"] == [False, "not-readable", 0]
+    assert res["o_wronly"] == [False, "not-readable", 0]
+
+
+async def test_sigterm_exits_zero_removes_socket_and_fds_outlive_it(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    f = make_file(tmp_path / "keep", b"outlives the daemon")
+    settle(f)
+    with trio.fail_after(30):
+        fd = await call(_open_once, daemon, f)
+        try:
+            assert await daemon.terminate(signal.SIGTERM) == 0
+            assert not daemon.socket_path.exists()
+            assert read_fd(fd) == b"outlives the daemon"
+            assert "exiting" in daemon.log()
+        finally:
+            os.close(fd)
+
+
+async def test_sigint_also_drains(daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        assert await daemon.terminate(signal.SIGINT) == 0
+        assert not daemon.socket_path.exists()
+
+
+async def test_not_readable_fd_refused_in_process(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "w", b"data")
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        with trio.fail_after(10), pytest.raises(NotReadable):
+            await call(_open_fd_once, daemon, fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,311 @@
+# protocol.py without sockets: every rule of the wire format, synchronously.
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shadowd import protocol as p
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def ready_server(limits: p.WireLimits | None = None) -> p.ServerConnection:
+    conn = p.ServerConnection(limits)
+    conn.receive(pack({"op": "hello", "id": 0, "version": 1}))
+    assert conn.state is p.ConnectionState.READY
+    return conn
+
+
+def test_hello_then_open() -> None:
+    conn = p.ServerConnection()
+    assert conn.state is p.ConnectionState.AWAIT_HELLO
+    ev = conn.receive(pack({"op": "hello", "id": 0, "version": 1, "client": "t"}))
+    assert ev == p.Hello(id=0, version=1, client="t")
+    ev = conn.receive(pack({"op": "open", "id": 1, "path": "/lib/libc.so.6"}), [7])
+    assert ev == p.Open(id=1, fd=7, label="/lib/libc.so.6")
+
+
+def test_first_request_must_be_hello() -> None:
+    conn = p.ServerConnection()
+    with pytest.raises(p.HelloRequired) as info:
+        conn.receive(pack({"op": "open", "id": 4}), [9])
+    assert info.value.fatal
+    assert info.value.id == 4
+    assert info.value.fds == (9,)
+    assert conn.state is p.ConnectionState.CLOSED
+    # A closed connection refuses everything, still handing back the fds.
+    with pytest.raises(p.ProtocolError) as info2:
+        conn.receive(pack({"op": "hello", "id": 0, "version": 1}), [3])
+    assert info2.value.fds == (3,)
+
+
+def test_unsupported_version_is_fatal() -> None:
+    conn = p.ServerConnection()
+    with pytest.raises(p.UnsupportedVersion) as info:
+        conn.receive(pack({"op": "hello", "id": 0, "version": 99}))
+    assert info.value.fatal and info.value.code == "unsupported-version"
+    assert "99" in info.value.message
+
+
+def test_second_hello_refused_but_not_fatal() -> None:
+    conn = ready_server()
+    with pytest.raises(p.MalformedMessage) as info:
+        conn.receive(pack({"op": "hello", "id": 1, "version": 1}))
+    assert not info.value.fatal
+    assert conn.state is p.ConnectionState.READY
+
+
+@pytest.mark.parametrize(
+    ("msg", "fds", "exc", "fatal"),
+    [
+        ({"op": "open", "id": 1}, [], p.BadFds, False),
+        ({"op": "open", "id": 1}, [3, 4], p.BadFds, False),
+        ({"op": "stats", "id": 1}, [3], p.BadFds, False),
+        ({"op": "open", "id": 1, "path": 5}, [3], p.MalformedMessage, False),
+        ({"op": "open", "id": 1, "path": "x" * 5000}, [3], p.MalformedMessage, False),
+        ({"op": "frobnicate", "id": 1}, [3], p.UnknownOp, False),
+        ({"op": "open"}, [3], p.MalformedMessage, True),
+        ({"op": "open", "id": -1}, [3], p.MalformedMessage, True),
+        ({"op": "open", "id": True}, [3], p.MalformedMessage, True),
+        ({"op": "open", "id": 1.5}, [3], p.MalformedMessage, True),
+        ({"id": 1}, [3], p.MalformedMessage, False),
+        ({"op": "open_batch", "id": 1}, [], p.BadFds, False),
+        ({"op": "open_batch", "id": 1, "paths": ["a"]}, [3, 4], p.MalformedMessage, False),
+        ({"op": "open_batch", "id": 1, "paths": "ab"}, [3, 4], p.MalformedMessage, False),
+    ],
+)
+def test_refusals_keep_fds_and_id(msg: dict, fds: list[int], exc: type, fatal: bool) -> None:
+    conn = ready_server()
+    with pytest.raises(exc) as info:
+        conn.receive(pack(msg), fds)
+    assert info.value.fds == tuple(fds)
+    assert info.value.fatal is fatal
+    if not fatal:
+        assert info.value.id == msg["id"]
+        reply = conn.error_for(info.value)
+        assert reply.code == exc.code
+        data, out_fds = conn.send(reply)
+        assert out_fds == []
+        assert msgpack.unpackb(data)["ok"] is False
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"\x92\x01\x02", pack([1, 2]), pack("open"), pack({"a": 1}) + b"x"],
+)
+def test_not_a_map_is_fatal(data: bytes) -> None:
+    conn = ready_server()
+    with pytest.raises(p.MalformedMessage) as info:
+        conn.receive(data, [5, 6])
+    assert info.value.fatal and info.value.fds == (5, 6)
+
+
+def test_truncation_flags() -> None:
+    conn = ready_server()
+    with pytest.raises(p.MessageTooLarge) as info:
+        conn.receive(b"\x80", [3], data_truncated=True)
+    assert info.value.fatal and info.value.fds == (3,)
+    conn = ready_server()
+    with pytest.raises(p.BadFds) as info2:
+        conn.receive(pack({"op": "open", "id": 2}), [3], fds_truncated=True)
+    assert not info2.value.fatal and info2.value.fds == (3,) and info2.value.id == 2
+
+
+def test_oversized_request() -> None:
+    conn = ready_server(p.WireLimits(max_request=600))
+    with pytest.raises(p.MessageTooLarge):
+        conn.receive(pack({"op": "stats", "id": 1, "pad": "x" * 700}))
+
+
+def test_batch_limits() -> None:
+    conn = ready_server(p.WireLimits(max_batch=2))
+    ev = conn.receive(pack({"op": "open_batch", "id": 3, "paths": ["a", None]}), [4, 5])
+    assert ev == p.OpenBatch(id=3, fds=(4, 5), labels=("a", None))
+    with pytest.raises(p.BadFds):
+        conn.receive(pack({"op": "open_batch", "id": 4}), [4, 5, 6])
+
+
+def test_unknown_keys_ignored() -> None:
+    conn = ready_server()
+    ev = conn.receive(pack({"op": "stats", "id": 9, "future": [1, 2]}))
+    assert ev == p.StatsRequest(id=9)
+
+
+def test_non_string_keys_are_malformed() -> None:
+    conn = ready_server()
+    with pytest.raises(p.MalformedMessage) as info:
+        conn.receive(pack({"op": "stats", "id": 9, 7: "x"}), [4])
+    assert info.value.fatal and info.value.fds == (4,)
+
+
+def test_client_round_trip() -> None:
+    client = p.ClientConnection()
+    server = p.ServerConnection()
+    hello = p.Hello(id=client.next_id(), client="t")
+    data, fds = client.send(hello)
+    assert server.receive(data, fds) == hello
+    data, fds = server.send(
+        p.HelloReply(id=hello.id, version=1, server="shadowd/x", limits={"max_batch": 8})
+    )
+    reply = client.receive(data, fds)
+    assert isinstance(reply, p.HelloReply) and client.server_limits == {"max_batch": 8}
+
+    req = p.OpenBatch(id=client.next_id(), fds=(10, 11, 12), labels=("a", "b", "c"))
+    data, fds = client.send(req)
+    assert server.receive(data, fds) == req
+    answer = p.BatchOpened(
+        id=req.id,
+        results=(
+            p.OpenedItem(fd=20, size=3, hit=True),
+            p.Refusal(code="not-regular", message="a FIFO"),
+            p.OpenedItem(fd=21, size=0, hit=False),
+        ),
+    )
+    data, fds = server.send(answer)
+    assert fds == [20, 21]
+    assert client.receive(data, fds) == answer
+    assert client.pending == 0
+
+
+def test_client_refuses_wrong_fd_counts() -> None:
+    client = p.ClientConnection()
+    client.send(p.Open(id=5, fd=3))
+    bad = pack({"id": 5, "ok": True, "size": 1, "hit": False})
+    with pytest.raises(p.BadFds) as info:
+        client.receive(bad, [])
+    assert info.value.fds == ()
+    client.send(p.StatsRequest(id=6))
+    with pytest.raises(p.BadFds) as info2:
+        client.receive(pack({"id": 6, "ok": True, "stats": {}}), [8])
+    assert info2.value.fds == (8,)
+    with pytest.raises(p.MalformedMessage) as info3:
+        client.receive(pack({"id": 77, "ok": True}), [9])
+    assert info3.value.fds == (9,)
+
+
+def test_error_reply_without_id() -> None:
+    client = p.ClientConnection()
+    reply = client.receive(pack({"id": None, "ok": False, "code": "bad-request", "message": "x"}))
+    assert reply == p.ErrorReply(id=None, code="bad-request", message="x")
+
+
+# -- property tests: anything in gives an event or a ProtocolError -----------
+
+fd_lists = st.lists(st.integers(min_value=3, max_value=1 << 20), max_size=8)
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(-100, 100), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+request_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "op": st.sampled_from(["hello", "open", "open_batch", "stats", "x"]) | msgpack_values,
+        "id": st.integers(min_value=-2, max_value=2**64 - 1) | msgpack_values,
+        "version": st.integers(min_value=0, max_value=3) | msgpack_values,
+        "path": st.text(max_size=10) | msgpack_values,
+        "paths": st.lists(st.text(max_size=5) | st.none(), max_size=4) | msgpack_values,
+        "client": msgpack_values,
+    },
+)
+
+
+def _feed_server(data: bytes, fds: list[int], hello_first: bool, dt: bool, ft: bool) -> None:
+    conn = p.ServerConnection(p.WireLimits(max_request=4096, max_batch=4))
+    if hello_first:
+        conn.receive(pack({"op": "hello", "id": 0, "version": 1}))
+    try:
+        ev = conn.receive(data, fds, data_truncated=dt, fds_truncated=ft)
+    except p.ProtocolError as exc:
+        assert sorted(exc.fds) == sorted(fds), "a refused datagram must hand back every fd"
+        assert exc.code in set(p.ErrorCode)
+        conn.send(conn.error_for(exc))
+        return
+    got: tuple[int, ...]
+    if isinstance(ev, p.Open):
+        got = (ev.fd,)
+    elif isinstance(ev, p.OpenBatch):
+        got = ev.fds
+    else:
+        got = ()
+    assert sorted(got) == sorted(fds), "an event must carry exactly the fds that came with it"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200), fd_lists, st.booleans(), st.booleans(), st.booleans())
+def test_server_any_bytes(data: bytes, fds: list[int], hello: bool, dt: bool, ft: bool) -> None:
+    _feed_server(data, fds, hello, dt, ft)
+
+
+@settings(max_examples=400, deadline=None)
+@given(request_like, fd_lists, st.booleans(), st.booleans())
+def test_server_request_shaped(msg: dict, fds: list[int], hello: bool, ft: bool) -> None:
+    _feed_server(pack(msg), fds, hello, False, ft)
+
+
+reply_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.integers(min_value=0, max_value=3) | msgpack_values,
+        "ok": st.booleans() | msgpack_values,
+        "size": st.integers(min_value=-1, max_value=10) | msgpack_values,
+        "hit": st.booleans() | msgpack_values,
+        "code": st.text(max_size=5) | msgpack_values,
+        "message": st.text(max_size=5) | msgpack_values,
+        "stats": msgpack_values,
+        "results": st.lists(
+            st.fixed_dictionaries(
+                {"ok": st.booleans()},
+                optional={
+                    "size": st.integers(0, 5),
+                    "hit": st.booleans(),
+                    "code": st.text(max_size=3),
+                    "message": st.text(max_size=3),
+                },
+            )
+            | msgpack_values,
+            max_size=4,
+        )
+        | msgpack_values,
+        "version": msgpack_values,
+        "server": msgpack_values,
+        "limits": msgpack_values,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(reply_like, fd_lists, st.sampled_from(["hello", "open", "open_batch", "stats"]))
+def test_client_any_reply(msg: dict, fds: list[int], kind: str) -> None:
+    client = p.ClientConnection()
+    requests = {
+        "hello": p.Hello(id=0),
+        "open": p.Open(id=0, fd=3),
+        "open_batch": p.OpenBatch(id=0, fds=(3, 4)),
+        "stats": p.StatsRequest(id=0),
+    }
+    client.send(requests[kind])
+    try:
+        reply = client.receive(pack(msg), fds)
+    except p.ProtocolError as exc:
+        assert sorted(exc.fds) == sorted(fds)
+        return
+    if isinstance(reply, p.Opened):
+        got: tuple[int, ...] = (reply.fd,)
+    elif isinstance(reply, p.BatchOpened):
+        got = reply.fds
+    else:
+        got = ()
+    assert sorted(got) == sorted(fds)
