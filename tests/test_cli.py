@@ -1,0 +1,147 @@
+# The `shadowd` command as users run it: real subprocesses, real sockets.
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from shadowd.cli import parse_size
+
+from .conftest import REPO, Daemon, make_file, settle
+
+
+def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    return subprocess.run(
+        [sys.executable, "-m", "shadowd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(lambda: shadowd(*args))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("64K", 65536),
+        ("256M", 256 << 20),
+        ("1G", 1 << 30),
+        ("1.5g", 3 << 29),
+        ("2MiB", 2 << 20),
+        ("10kb", 10240),
+    ],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_bad_size_is_a_usage_error() -> None:
+    proc = shadowd("serve", "--max-bytes", "lots")
+    assert proc.returncode == 2
+    assert "not a size" in proc.stderr
+
+
+async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
+    from shadowd_client import Client
+
+    f = make_file(tmp_path / "f", b"x" * 1000)
+    settle(f)
+
+    def opens() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:
+            for _ in range(4):
+                os.close(c.open(f))
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(opens)
+        table = await run("stats", "--socket", str(daemon.socket_path))
+        assert table.returncode == 0, table.stderr
+        assert "hit rate" in table.stdout and "75.0%" in table.stdout
+        assert str(daemon.socket_path) in table.stdout
+        assert str(f) in table.stdout  # among the files that gain most
+        js = await run("stats", "--socket", str(daemon.socket_path), "--json")
+        assert js.returncode == 0
+        data = json.loads(js.stdout)
+        assert (data["hits"], data["misses"], data["entries"]) == (3, 1, 1)
+        assert data["hit_rate"] == 0.75
+
+
+async def test_stats_without_daemon_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "none.sock"
+    with trio.fail_after(30):
+        proc = await run("stats", "--socket", str(path))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+async def test_socket_created_owner_only_by_default(daemon: Daemon) -> None:
+    st = os.stat(daemon.socket_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+async def test_socket_mode_flag(start_daemon: Any) -> None:
+    d = await start_daemon("--socket-mode", "0660")
+    assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o660
+
+
+async def test_second_daemon_on_live_socket_refused(daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        proc = await run("serve", "--socket", str(daemon.socket_path))
+    assert proc.returncode != 0
+    assert str(daemon.socket_path) in proc.stderr
+    assert "already serving" in proc.stderr or "answering" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert daemon.answers()  # the first one keeps serving
+
+
+async def test_live_socket_of_another_server_refused(shared_dir: Path) -> None:
+    path = shared_dir / "other.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other.bind(str(path))
+    other.listen()
+    try:
+        with trio.fail_after(30):
+            proc = await run("serve", "--socket", str(path))
+        assert proc.returncode != 0
+        assert "answering" in proc.stderr and str(path) in proc.stderr
+        assert path.exists()
+    finally:
+        other.close()
+
+
+async def test_stale_socket_is_replaced(start_daemon: Any, shared_dir: Path) -> None:
+    path = shared_dir / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    assert path.exists()
+    d = await start_daemon(socket_name="stale.sock")
+    assert d.answers()
+
+
+async def test_path_that_is_not_a_socket_is_never_replaced(shared_dir: Path) -> None:
+    path = shared_dir / "precious"
+    path.write_text("do not delete")
+    with trio.fail_after(30):
+        proc = await run("serve", "--socket", str(path))
+    assert proc.returncode != 0 and "not a socket" in proc.stderr
+    assert path.read_text() == "do not delete"

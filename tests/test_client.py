@@ -1,0 +1,235 @@
+# The client library: its error family, reconnection across a daemon restart,
+# the trio client's pipelining, the local fallback, and refusing bad fds.
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from shadowd_client import (
+    AsyncClient,
+    Client,
+    DaemonUnavailable,
+    NotRegularFile,
+    Opener,
+    ShadowdError,
+    SourceError,
+    UnsealedDescriptor,
+    local_copy,
+)
+
+from shadowd.memfd import REQUIRED_SEALS
+
+from .conftest import Daemon, make_file, read_fd, settle
+
+
+async def call(fn: Any, *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+def test_errors_are_one_family(tmp_path: Path) -> None:
+    with Client(tmp_path / "nobody-home.sock", timeout=2) as c:
+        with pytest.raises(DaemonUnavailable) as info:
+            c.stats()
+        assert str(tmp_path / "nobody-home.sock") in str(info.value)
+        with pytest.raises(SourceError) as info2:
+            c.open(tmp_path / "missing")
+        assert info2.value.errno == 2
+    for exc in (DaemonUnavailable, SourceError, NotRegularFile, UnsealedDescriptor):
+        assert issubclass(exc, ShadowdError)
+
+
+def test_client_needs_a_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHADOWD_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    if os.geteuid() == 0:
+        assert Client().socket_path == "/run/shadowd/shadowd.sock"
+    else:
+        with pytest.raises(DaemonUnavailable, match="XDG_RUNTIME_DIR"):
+            Client()
+    monkeypatch.setenv("SHADOWD_SOCKET", "/somewhere/s.sock")
+    assert Client().socket_path == "/somewhere/s.sock"
+
+
+async def test_client_survives_a_daemon_restart(start_daemon: Any, tmp_path: Path) -> None:
+    first = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+    f = make_file(tmp_path / "f", b"before and after")
+    settle(f)
+    client = Client(first.socket_path, timeout=10)
+    try:
+        with trio.fail_after(60):
+            before = await call(client.open, f)
+            assert await first.terminate() == 0
+            await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+            after = await call(client.open, f)  # same Client object, new connection
+            assert read_fd(before) == read_fd(after) == b"before and after"
+            os.close(before)
+            os.close(after)
+    finally:
+        client.close()
+
+
+async def test_async_client_survives_a_daemon_restart(start_daemon: Any, tmp_path: Path) -> None:
+    first = await start_daemon("--racy-window", "0.05", socket_name="ra.sock")
+    f = make_file(tmp_path / "f", b"async")
+    settle(f)
+    with trio.fail_after(60):
+        async with AsyncClient(first.socket_path, timeout=10) as client:
+            os.close(await client.open(f))
+            assert await first.terminate() == 0
+            await start_daemon("--racy-window", "0.05", socket_name="ra.sock")
+            fd = await client.open(f)
+            assert read_fd(fd) == b"async"
+            os.close(fd)
+
+
+async def test_async_client_pipelines_many_tasks(daemon: Daemon, tmp_path: Path) -> None:
+    files = [make_file(tmp_path / f"f{i}", os.urandom(1000 + i)) for i in range(20)]
+    settle(*files)
+    with trio.fail_after(60):
+        async with AsyncClient(daemon.socket_path, timeout=30) as client:
+
+            async def worker(i: int) -> None:
+                for j in range(25):
+                    f = files[(i + j) % len(files)]
+                    fd = await client.open(f)
+                    try:
+                        assert read_fd(fd) == f.read_bytes()
+                    finally:
+                        os.close(fd)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(worker, i)
+            s = await client.stats()
+            assert s["hits"] + s["misses"] == 500 and s["copies"] == 20
+            batch = await client.open_many(files[:3])
+            for fd, f in zip(batch, files, strict=False):
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+
+
+async def test_async_client_cancelled_request_leaks_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    big = make_file(tmp_path / "big", os.urandom(20 * 1024 * 1024))
+    settle(big)
+    with trio.fail_after(60):
+        async with AsyncClient(daemon.socket_path, timeout=30) as client:
+            await client.connect()
+            before = len(os.listdir("/proc/self/fd"))
+            with trio.move_on_after(0.001):
+                await client.open(big)  # a miss: the copy takes longer than this
+            small = make_file(tmp_path / "small", b"ok")
+            fd = await client.open(small)  # the cancelled reply is read and closed
+            os.close(fd)
+            await trio.sleep(0.5)
+            fd = await client.open(small)
+            os.close(fd)
+            assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_local_copy_is_the_same_kind_of_fd(tmp_path: Path) -> None:
+    f = make_file(tmp_path / "tool", b"#!/bin/sh\necho hi\n", mode=0o755)
+    fd = local_copy(f)
+    try:
+        assert read_fd(fd) == f.read_bytes()
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert os.fstat(fd).st_mode & 0o111
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    finally:
+        os.close(fd)
+    with pytest.raises(SourceError):
+        local_copy("/dev/null")
+
+
+async def test_opener_falls_back_when_the_daemon_is_down(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--racy-window", "0.05", socket_name="o.sock")
+    f = make_file(tmp_path / "f", b"either way")
+    settle(f)
+    opener = Opener(d.socket_path, retry_after=0.2)
+    try:
+        with trio.fail_after(60):
+            fd = await call(opener.open, f)
+            os.close(fd)
+            assert opener.daemon_opens == 1
+            assert await d.terminate() == 0
+            fd = await call(opener.open, f)  # no daemon: a local copy
+            assert read_fd(fd) == b"either way"
+            os.close(fd)
+            assert opener.local_opens == 1
+            await start_daemon("--racy-window", "0.05", socket_name="o.sock")
+            await trio.sleep(0.3)
+            fd = await call(opener.open, f)  # back to the daemon
+            os.close(fd)
+            assert opener.daemon_opens == 2
+            with pytest.raises(NotRegularFile):
+                await call(opener.open, "/dev/zero")
+    finally:
+        opener.close()
+
+
+def test_opener_copies_small_files_locally(tmp_path: Path) -> None:
+    f = make_file(tmp_path / "small", b"tiny")
+    with Opener(tmp_path / "no.sock", local_below=4096) as opener:
+        fd = opener.open(f)
+        os.close(fd)
+        assert (opener.local_opens, opener.daemon_opens) == (1, 0)
+
+
+async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -> None:
+    """A fake daemon that answers with a plain, unsealed memfd."""
+    path = shared_dir / "fake.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    f = make_file(tmp_path / "f", b"data")
+
+    def fake_daemon() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for _ in range(2):
+                data, anc, _flags, _ = conn.recvmsg(4096, 256)
+                for _level, _kind, raw in anc:
+                    for fd in array.array("i", raw):
+                        os.close(fd)
+                msg = msgpack.unpackb(data)
+                if msg["op"] == "hello":
+                    conn.send(
+                        msgpack.packb(
+                            {
+                                "id": msg["id"],
+                                "ok": True,
+                                "version": 1,
+                                "server": "fake",
+                                "limits": {},
+                            }
+                        )
+                    )
+                else:
+                    bad = os.memfd_create("unsealed")
+                    os.write(bad, b"evil")
+                    conn.sendmsg(
+                        [msgpack.packb({"id": msg["id"], "ok": True, "size": 4, "hit": True})],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [bad]))],
+                    )
+                    os.close(bad)
+
+    def client_side() -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        with Client(path, timeout=10) as c, pytest.raises(UnsealedDescriptor):
+            c.open(f)
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, fake_daemon)
+                await call(client_side)
+    finally:
+        listener.close()
