@@ -19,6 +19,8 @@ from typing import NamedTuple, Protocol
 
 import attrs
 
+from .stats import TopEntry
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -94,17 +96,6 @@ class Entry:
     @property
     def size(self) -> int:
         return self.file.size
-
-
-@attrs.frozen
-class TopFile:
-    label: str
-    hits: int
-    size: int
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.hits * self.size
 
 
 @attrs.define
@@ -254,14 +245,14 @@ class Cache:
         """Keys from least to most recently used (for tests and debugging)."""
         return list(self._entries)
 
-    def top(self, n: int, *, by: str = "hits") -> list[TopFile]:
+    def top(self, n: int, *, by: str = "hits") -> list[TopEntry]:
         """The *n* labelled entries that saved most, by hits or by bytes not copied."""
         rank = _RANKINGS.get(by)
         if rank is None:
             raise ValueError(f"unknown ranking {by!r}")
         labelled = (e for e in self._entries.values() if e.label is not None and e.hits > 0)
         return [
-            TopFile(label=e.label or "", hits=e.hits, size=e.size)
+            TopEntry(label=e.label or "", hits=e.hits, size=e.size)
             for e in heapq.nlargest(n, labelled, key=rank)
         ]
 

@@ -6,8 +6,10 @@
 # instead of touching whatever file later reuses the number.
 from __future__ import annotations
 
+import array
 import os
-from collections.abc import Iterable
+import socket
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 import attrs
@@ -68,3 +70,21 @@ def close_all(fds: Iterable[int]) -> None:
         except OSError:
             pass
         i = j + 1
+
+
+def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of every SCM_RIGHTS message in *ancdata*, from recvmsg."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data for sendmsg that passes *fds* (none: no ancillary data)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]

@@ -11,7 +11,6 @@
 # are inspected, copied and closed in worker threads, see source.py).
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -28,7 +27,7 @@ from . import __version__
 from .cache import Admission, Cache, CacheLimits, HostKey
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors
-from .fds import FdHolder, close_all
+from .fds import FdHolder, close_all, fds_from_ancdata, scm_rights
 from .memfd import SealedFile
 from .protocol import (
     BatchOpened,
@@ -54,7 +53,6 @@ from .stats import Stats, TopEntry
 
 logger = logging.getLogger(__name__)
 
-_SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
 # Plain ints: socket.MSG_* are IntFlag members, and `int & IntFlag` goes
 # through enum machinery that costs a microsecond per request.
@@ -124,16 +122,6 @@ class Served:
     fd: FdHolder
     size: int
     hit: bool
-
-
-def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 def count_open_fds() -> int:
@@ -611,7 +599,7 @@ class Server:
     async def _send(self, conn: Connection, reply: Reply) -> None:
         """Send one reply datagram; the fds in it stay the caller's to close."""
         data, fds = conn.proto.send(reply)
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = scm_rights(fds)
         sock = conn.sock
         if not conn.send_lock.locked():
             try:
@@ -639,7 +627,7 @@ class Server:
         n = self.config.top_files
 
         def top(by: str) -> tuple[TopEntry, ...]:
-            return tuple(TopEntry(t.label, t.hits, t.size) for t in cache.top(n, by=by))
+            return tuple(cache.top(n, by=by))
 
         return Stats(
             server=f"shadowd/{__version__}",

@@ -6,11 +6,9 @@
 # came with a reply unclosed when the reply is not handed to the caller.
 from __future__ import annotations
 
-import array
 import fcntl
 import os
 import socket
-from collections.abc import Sequence
 from typing import Any
 
 from shadowd import __version__
@@ -23,6 +21,7 @@ from shadowd.protocol import (
     ErrorReply,
     Hello,
     HelloReply,
+    OpenBatch,
     Opened,
     OpenedItem,
     ProtocolError,
@@ -30,7 +29,15 @@ from shadowd.protocol import (
     StatsReply,
 )
 
-from .errors import ProtocolViolation, ShadowdError, UnsealedDescriptor, refused, source_error
+from .errors import (
+    DaemonUnavailable,
+    ProtocolViolation,
+    ShadowdError,
+    UnsealedDescriptor,
+    refused,
+    source_error,
+    unavailable,
+)
 
 CLIENT_NAME = f"shadowd_client/{__version__}"
 SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
@@ -72,20 +79,26 @@ def check_served(fd: int) -> None:
         )
 
 
-def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
+class Broken(Exception):
+    """The connection broke mid-request; the request may be retried once."""
+
+    def __init__(self, cause: OSError | None, doing: str) -> None:
+        super().__init__(doing)
+        self.cause = cause
+        self.doing = doing
+
+    def error(self, socket_path: str) -> DaemonUnavailable:
+        """What the caller sees when the request cannot be retried."""
+        if self.cause is None:
+            return DaemonUnavailable(
+                f"shadowd at {socket_path} closed the connection ({self.doing})",
+                socket_path=socket_path,
+            )
+        return unavailable(self.cause, socket_path, self.doing)
 
 
-def ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
-    if not fds:
-        return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+def batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
+    return OpenBatch(id=id, fds=fds, labels=labels)
 
 
 class Session:

@@ -16,33 +16,26 @@ from typing import Any
 
 import trio
 
-from shadowd.fds import close_all
+from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Open, OpenBatch, Reply, Request, StatsRequest
+from shadowd.protocol import Open, Reply, Request, StatsRequest
 
 from ._session import (
     ANC_SPACE,
     RECV_FLAGS,
     REPLY_BUFFER,
     SEND_FLAGS,
+    Broken,
     Session,
-    ancillary,
+    batch_request,
     batch_results,
     close_reply,
-    fds_from_ancdata,
     label_for,
     open_source,
     opened_fd,
     stats_of,
 )
 from .errors import DaemonTimeout, DaemonUnavailable, ShadowdError, unavailable
-
-
-class _Broken(Exception):
-    def __init__(self, cause: OSError | None, doing: str) -> None:
-        super().__init__(doing)
-        self.cause = cause
-        self.doing = doing
 
 
 class _Conn:
@@ -55,7 +48,7 @@ class _Conn:
         self.recv_lock = trio.Lock()
         self.replies: dict[int, Reply] = {}
         self.abandoned: set[int] = set()
-        self.broken: _Broken | None = None
+        self.broken: Broken | None = None
         self.buf = bytearray(REPLY_BUFFER)
 
     def close(self) -> None:
@@ -63,10 +56,6 @@ class _Conn:
         for reply in self.replies.values():
             close_reply(reply)
         self.replies.clear()
-
-
-def _batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
-    return OpenBatch(id=id, fds=fds, labels=labels)
 
 
 def _hello_pending(conn: _Conn) -> bool:
@@ -132,7 +121,7 @@ class AsyncClient:
                 chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
                 fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
                 chunk_labels = tuple(labels[i] for i in chunk)
-                reply = await self._call(functools.partial(_batch_request, fds, chunk_labels))
+                reply = await self._call(functools.partial(batch_request, fds, chunk_labels))
                 for i, r in zip(chunk, batch_results(reply), strict=True):
                     results[i] = r
         except BaseException:
@@ -175,21 +164,13 @@ class AsyncClient:
         fresh = self._conn is None
         try:
             return await self._attempt(make)
-        except _Broken as broken:
+        except Broken as broken:
             if fresh or isinstance(broken.cause, TimeoutError):
-                raise self._unavailable(broken) from None
+                raise broken.error(self.socket_path) from None
         try:
             return await self._attempt(make)
-        except _Broken as broken:
-            raise self._unavailable(broken) from None
-
-    def _unavailable(self, broken: _Broken) -> DaemonUnavailable:
-        if broken.cause is None:
-            return DaemonUnavailable(
-                f"shadowd at {self.socket_path} closed the connection ({broken.doing})",
-                socket_path=self.socket_path,
-            )
-        return unavailable(broken.cause, self.socket_path, broken.doing)
+        except Broken as broken:
+            raise broken.error(self.socket_path) from None
 
     async def _attempt(self, make: Callable[[int], Request]) -> Reply:
         conn = await self._connection()
@@ -200,12 +181,12 @@ class AsyncClient:
                 async with conn.send_lock:
                     await self._io(
                         conn,
-                        conn.sock.sendmsg([data], ancillary(fds), SEND_FLAGS),
+                        conn.sock.sendmsg([data], scm_rights(fds), SEND_FLAGS),
                         "sending a request",
                     )
                 return await self._wait_reply(conn, request.id)
         except trio.TooSlowError:
-            self._drop(conn, _Broken(TimeoutError(), "waiting for a reply"))
+            self._drop(conn, Broken(TimeoutError(), "waiting for a reply"))
             raise DaemonTimeout(
                 f"shadowd at {self.socket_path} did not answer in time",
                 socket_path=self.socket_path,
@@ -213,11 +194,11 @@ class AsyncClient:
         except trio.Cancelled:
             conn.abandoned.add(request.id)
             raise
-        except _Broken as broken:
+        except Broken as broken:
             self._drop(conn, broken)
             raise
         except ShadowdError:
-            self._drop(conn, _Broken(None, "a bad reply"))
+            self._drop(conn, Broken(None, "a bad reply"))
             raise
 
     async def _io(self, conn: _Conn, coro: Any, doing: str) -> Any:
@@ -226,7 +207,7 @@ class AsyncClient:
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             if conn.broken is not None:
                 raise conn.broken from None
-            raise _Broken(exc if isinstance(exc, OSError) else None, doing) from None
+            raise Broken(exc if isinstance(exc, OSError) else None, doing) from None
 
     async def _wait_reply(self, conn: _Conn, id: int) -> Reply:
         while True:
@@ -257,7 +238,7 @@ class AsyncClient:
         )
         fds = fds_from_ancdata(ancdata)
         if n == 0 and not fds:
-            raise _Broken(None, "waiting for a reply")
+            raise Broken(None, "waiting for a reply")
         return conn.session.receive(memoryview(conn.buf)[:n], fds, flags)
 
     async def _connection(self) -> _Conn:
@@ -287,9 +268,9 @@ class AsyncClient:
             data, _ = conn.session.hello()
             try:
                 await self._io(conn, sock.sendmsg([data], [], SEND_FLAGS), "saying hello")
-            except _Broken as broken:
+            except Broken as broken:
                 conn.close()
-                raise self._unavailable(broken) from None
+                raise broken.error(self.socket_path) from None
             self._conn = conn
             return conn
 
@@ -309,12 +290,12 @@ class AsyncClient:
                     if reply is not None and reply.id is not None:
                         conn.replies[reply.id] = reply
             return conn
-        except _Broken as broken:
+        except Broken as broken:
             if self._conn is not None:
                 self._drop(self._conn, broken)
-            raise self._unavailable(broken) from None
+            raise broken.error(self.socket_path) from None
 
-    def _drop(self, conn: _Conn, broken: _Broken) -> None:
+    def _drop(self, conn: _Conn, broken: Broken) -> None:
         conn.broken = broken
         if self._conn is conn:
             self._conn = None

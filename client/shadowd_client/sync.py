@@ -13,39 +13,26 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from shadowd.fds import close_all
+from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Open, OpenBatch, Reply, Request, StatsRequest
+from shadowd.protocol import Open, Reply, Request, StatsRequest
 
 from ._session import (
     ANC_SPACE,
     RECV_FLAGS,
     REPLY_BUFFER,
     SEND_FLAGS,
+    Broken,
     Session,
-    ancillary,
+    batch_request,
     batch_results,
     close_reply,
-    fds_from_ancdata,
     label_for,
     open_source,
     opened_fd,
     stats_of,
 )
-from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to, unavailable
-
-
-def _batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
-    return OpenBatch(id=id, fds=fds, labels=labels)
-
-
-class _Broken(Exception):
-    """The connection broke mid-request; the request may be retried once."""
-
-    def __init__(self, cause: OSError | None, doing: str) -> None:
-        super().__init__(doing)
-        self.cause = cause
-        self.doing = doing
+from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to
 
 
 class Client:
@@ -168,7 +155,7 @@ class Client:
             todo = todo[len(chunk) :]
             fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
             chunk_labels = tuple(labels[i] for i in chunk)
-            reply = self._call(functools.partial(_batch_request, fds, chunk_labels))
+            reply = self._call(functools.partial(batch_request, fds, chunk_labels))
             for i, r in zip(chunk, batch_results(reply), strict=True):
                 results[i] = r
         return results
@@ -180,24 +167,16 @@ class Client:
             fresh = self._sock is None
             try:
                 return self._attempt(make)
-            except _Broken as broken:
+            except Broken as broken:
                 self._drop()
                 if fresh or isinstance(broken.cause, TimeoutError):
-                    raise self._unavailable(broken) from None
+                    raise broken.error(self.socket_path) from None
             # The connection we had broke (the daemon restarted?): one retry.
             try:
                 return self._attempt(make)
-            except _Broken as broken:
+            except Broken as broken:
                 self._drop()
-                raise self._unavailable(broken) from None
-
-    def _unavailable(self, broken: _Broken) -> DaemonUnavailable:
-        if broken.cause is None:
-            return DaemonUnavailable(
-                f"shadowd at {self.socket_path} closed the connection ({broken.doing})",
-                socket_path=self.socket_path,
-            )
-        return unavailable(broken.cause, self.socket_path, broken.doing)
+                raise broken.error(self.socket_path) from None
 
     def _attempt(self, make: Callable[[int], Request]) -> Reply:
         if self._sock is None:
@@ -222,9 +201,9 @@ class Client:
             if self._sock is None:
                 self._connect()
             self._finish_hello()
-        except _Broken as broken:
+        except Broken as broken:
             self._drop()
-            raise self._unavailable(broken) from None
+            raise broken.error(self.socket_path) from None
         except ShadowdError:
             self._drop()
             raise
@@ -255,19 +234,19 @@ class Client:
     def _sendmsg(self, data: bytes, fds: list[int]) -> None:
         assert self._sock is not None
         try:
-            self._sock.sendmsg([data], ancillary(fds), SEND_FLAGS)
+            self._sock.sendmsg([data], scm_rights(fds), SEND_FLAGS)
         except OSError as exc:
-            raise _Broken(exc, "sending a request") from None
+            raise Broken(exc, "sending a request") from None
 
     def _recv(self) -> Reply | None:
         assert self._sock is not None and self._session is not None
         try:
             n, ancdata, flags, _ = self._sock.recvmsg_into([self._buf], ANC_SPACE, RECV_FLAGS)
         except OSError as exc:
-            raise _Broken(exc, "waiting for a reply") from None
+            raise Broken(exc, "waiting for a reply") from None
         fds = fds_from_ancdata(ancdata)
         if n == 0 and not fds:
-            raise _Broken(None, "waiting for a reply")
+            raise Broken(None, "waiting for a reply")
         return self._session.receive(memoryview(self._buf)[:n], fds, flags)
 
     def _wait_reply(self, id: int) -> Reply:
