@@ -428,6 +428,15 @@ class ServerConnection:
         data_truncated: bool = False,
         fds_truncated: bool = False,
     ) -> Request:
+        if (
+            len(fds) == 1
+            and self.state is ConnectionState.READY
+            and not data_truncated
+            and not fds_truncated
+        ):
+            fast = self._parse_open(data, fds[0])
+            if fast is not None:
+                return fast
         fds = tuple(fds)
         try:
             event = self._parse(data, fds, data_truncated, fds_truncated)
@@ -439,6 +448,30 @@ class ServerConnection:
             self.state = ConnectionState.READY
             self.version = event.version
         return event
+
+    def _parse_open(self, data: bytes | memoryview, fd: int) -> Open | None:
+        """The common case, a well-formed `open`, with the fewest steps.
+
+        None means "not that case": the full parser then decides, so both
+        paths accept and refuse exactly the same datagrams.
+        """
+        if len(data) > self.limits.max_request:
+            return None
+        try:
+            msg = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, ext_hook=_reject_ext, timestamp=0
+            )
+        except Exception:
+            return None
+        if type(msg) is not dict or msg.get("op") != "open":
+            return None
+        id = msg.get("id")
+        if type(id) is not int or not 0 <= id <= MAX_ID:
+            return None
+        label = msg.get("path")
+        if label is not None and (type(label) is not str or len(label) * 4 > MAX_LABEL_BYTES):
+            return None
+        return Open(id=id, fd=fd, label=label)
 
     def _parse(
         self,
@@ -520,6 +553,13 @@ class ServerConnection:
     def send(self, event: Reply) -> tuple[bytes, list[int]]:
         """Bytes and fds for a reply; the caller still owns the fds."""
         return encode_reply(event, self._pack)
+
+    def send_opened(self, id: int, size: int, hit: bool) -> bytes:
+        """The bytes of ``send(Opened(id, fd, size, hit))`` (the fd goes alongside).
+
+        The hit path's shortcut: no event object, the same bytes.
+        """
+        return self._pack({"id": id, "ok": True, "size": size, "hit": hit})
 
     def error_for(self, exc: ProtocolError) -> ErrorReply:
         """The reply that answers a protocol error."""

@@ -26,7 +26,7 @@ import trio
 from . import __version__
 from .cache import Admission, Cache, CacheLimits, HostKey
 from .copier import Copier, Flight
-from .errors import RequestError, refusing_os_errors
+from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, fds_from_ancdata, scm_rights
 from .memfd import SealedFile
 from .protocol import (
@@ -154,6 +154,7 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._outer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._max_file_size = config.cache.max_file_size
         self._hello_limits = {
             "max_request": config.wire.max_request,
             "max_batch": config.wire.max_batch,
@@ -316,34 +317,63 @@ class Server:
         self, conn: Connection, data: memoryview, fds: list[int], flags: int
     ) -> bool:
         """Answer one datagram; False when the connection must end."""
+        try:
+            event = conn.proto.receive(
+                data,
+                fds,
+                data_truncated=bool(flags & _MSG_TRUNC),
+                fds_truncated=bool(flags & _MSG_CTRUNC),
+            )
+        except ProtocolError as exc:
+            close_all(fds)
+            self._count_refusal(exc.code)
+            await self._send(conn, conn.proto.error_for(exc))
+            return not exc.fatal
+        except BaseException:
+            close_all(fds)
+            raise
+        if type(event) is Open:
+            # The hot path: a hit is answered here without any other
+            # coroutine, wrapper object or await (unless the socket is full).
+            fd = event.fd
+            try:
+                outcome = self._serve_now(fd, event.label)
+            except RequestError as exc:
+                os.close(fd)
+                await self._refuse(conn, event.id, exc)
+                return True
+            except Exception:
+                os.close(fd)
+                await self._internal_error(conn, event.id)
+                return True
+            except BaseException:
+                os.close(fd)
+                raise
+            if isinstance(outcome, tuple):
+                served = outcome[0]
+                try:
+                    reply = conn.proto.send_opened(event.id, outcome[1], True)
+                    if not self._send_now(conn, reply, (served,)):
+                        await self._send_bytes(conn, reply, (served,))
+                finally:
+                    # Usually adjacent numbers: one close_range for both.
+                    close_all((fd, served))
+                return True
+            await self._on_open_later(conn, event, outcome)
+            return True
         holders = [FdHolder(fd) for fd in fds]
         try:
-            try:
-                event = conn.proto.receive(
-                    data,
-                    fds,
-                    data_truncated=bool(flags & _MSG_TRUNC),
-                    fds_truncated=bool(flags & _MSG_CTRUNC),
-                )
-            except ProtocolError as exc:
-                self._count_refusal(exc.code)
-                _close_holders(holders)
-                await self._send(conn, conn.proto.error_for(exc))
-                return not exc.fatal
-            try:
-                await self._dispatch(conn, event, holders)
-            except (PeerGone, trio.Cancelled):
-                raise
-            except Exception:
-                await self._internal_error(conn, event.id)
-            return True
+            await self._dispatch(conn, event, holders)
+        except (PeerGone, trio.Cancelled):
+            raise
+        except Exception:
+            await self._internal_error(conn, event.id)
         finally:
             _close_holders(holders)
+        return True
 
     async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
-        if isinstance(event, Open):
-            await self._on_open(conn, event, holders[0])
-        elif isinstance(event, OpenBatch):
+        if isinstance(event, OpenBatch):
             await self._on_open_batch(conn, event, holders)
         elif isinstance(event, StatsRequest):
             await self._send(conn, StatsReply(id=event.id, stats=self.stats().to_wire()))
@@ -368,47 +398,48 @@ class Server:
 
     # -- open ------------------------------------------------------------
 
-    def _serve_now(self, src: FdHolder, label: str | None) -> Served | Flight | None:
+    def _serve_now(self, fd: int, label: str | None) -> tuple[int, int] | Flight | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
-        Returns None for an fd of an untrusted filesystem, which a worker must
-        inspect. Raises RequestError for an fd that is refused. *src* stays the
-        caller's unless a new copy took it (then it is detached).
+        Returns (served fd, size) on a hit, the Flight to wait for on a miss,
+        or None for an fd of an untrusted filesystem, which a worker must
+        inspect. Raises RequestError for an fd that is refused. *fd* stays the
+        caller's in every case.
         """
-        fd = src.fd
         st = stat_nosync(fd)
         if st is None or not self.mounts.is_local(st.dev):
             return None
         check_readable(fd)
-        check_regular(st)
-        self._check_size(st)
-        return self._lookup_or_fly(src, st, label, remote=False)
+        if not st.is_regular:
+            check_regular(st)  # raises, naming what it is
+        if st.size > self._max_file_size:
+            self._check_size(st)  # raises
+        return self._lookup_or_fly(fd, st, label, remote=False)
 
     def _lookup_or_fly(
-        self, src: FdHolder, st: SourceStat, label: str | None, *, remote: bool
-    ) -> Served | Flight:
+        self, fd: int, st: SourceStat, label: str | None, *, remote: bool
+    ) -> tuple[int, int] | Flight:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
         Synchronous on purpose: between the miss and joining the flight
-        nothing else runs, so two requests for one version make one copy.
+        nothing else runs, so two requests for one version make one copy. A
+        new flight copies from a dup of *fd*, so *fd* stays the caller's.
         """
         key = HostKey(st.dev, st.ino)
         entry = self.cache.lookup(key, st.version)
         if entry is not None:
-            with refusing_os_errors("cannot open a served descriptor"):
-                served = entry.file.share()
-            return Served(fd=FdHolder(served), size=entry.size, hit=True)
+            try:
+                return entry.file.share(), entry.size
+            except OSError as exc:
+                raise request_error_from_os(exc, "cannot open a served descriptor") from exc
         assert self._nursery is not None
         flight_key = (key, st.version)
         flight = self.copier.flight(flight_key)
         if flight is None:
+            with refusing_os_errors("cannot keep the passed fd"):
+                source = FdHolder(os.dup(fd))
             flight = self.copier.start(
-                self._nursery,
-                flight_key,
-                FdHolder(src.detach()),
-                st,
-                self._on_copied(label),
-                remote=remote,
+                self._nursery, flight_key, source, st, self._on_copied(label), remote=remote
             )
         flight.join()
         return flight
@@ -422,23 +453,11 @@ class Server:
                 "copy it locally",
             )
 
-    async def _on_open(self, conn: Connection, event: Open, src: FdHolder) -> None:
-        try:
-            outcome = self._serve_now(src, event.label)
-        except RequestError as exc:
-            await self._refuse(conn, event.id, exc)
-            return
-        if isinstance(outcome, Served):
-            try:
-                await self._send(
-                    conn, Opened(id=event.id, fd=outcome.fd.fd, size=outcome.size, hit=True)
-                )
-            finally:
-                _close_holders([src, outcome.fd])
-            return
-        # A flight to wait for, or an untrusted fd that a worker must look at
-        # (and close: never on the loop).
-        pending = outcome if outcome is not None else FdHolder(src.detach())
+    async def _on_open_later(self, conn: Connection, event: Open, outcome: Flight | None) -> None:
+        """A miss (wait for its flight) or an untrusted fd (a worker inspects it)."""
+        pending: Flight | FdHolder = FdHolder(event.fd) if outcome is None else outcome
+        if outcome is not None:
+            os.close(event.fd)  # the flight copies from its own dup
         self._start_deferred(conn, event.id, self._finish_open, event, pending)
 
     async def _finish_open(self, conn: Connection, event: Open, pending: Flight | FdHolder) -> None:
@@ -468,15 +487,18 @@ class Server:
         later: list[tuple[int, Flight | FdHolder]] = []
         for i, src in enumerate(holders):
             try:
-                outcome = self._serve_now(src, labels[i])
+                outcome = self._serve_now(src.fd, labels[i])
             except RequestError as exc:
                 self._count_refusal(exc.code)
                 results[i] = Refusal(code=exc.code, message=exc.message)
                 continue
-            if isinstance(outcome, Served):
-                results[i] = outcome
+            if type(outcome) is tuple:
+                results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
+            elif outcome is None:
+                later.append((i, FdHolder(src.detach())))  # a worker closes it
             else:
-                later.append((i, outcome if outcome is not None else FdHolder(src.detach())))
+                assert isinstance(outcome, Flight)
+                later.append((i, outcome))
         if not later:
             await self._send_batch(conn, event.id, results)
             return
@@ -567,12 +589,12 @@ class Server:
             raise
         try:
             self._check_size(st)
-            outcome = self._lookup_or_fly(src, st, label, remote=True)
+            outcome = self._lookup_or_fly(src.fd, st, label, remote=True)
         finally:
-            # Unless a new flight took it, the fd is closed by a worker.
-            self.copier.close_later(self._nursery, src)
-        if isinstance(outcome, Served):
-            return outcome
+            self.copier.close_later(self._nursery, src)  # in a worker, never here
+        if type(outcome) is tuple:
+            return Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
+        assert isinstance(outcome, Flight)
         return await self._await_flight(outcome)
 
     def _on_copied(self, label: str | None) -> Callable[[Flight, SealedFile, SourceStat], None]:
@@ -597,25 +619,33 @@ class Server:
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
 
     async def _send(self, conn: Connection, reply: Reply) -> None:
-        """Send one reply datagram; the fds in it stay the caller's to close."""
+        """Send one reply; the fds in it stay the caller's to close."""
         data, fds = conn.proto.send(reply)
+        if not self._send_now(conn, data, fds):
+            await self._send_bytes(conn, data, fds)
+
+    def _send_now(self, conn: Connection, data: bytes, fds: Sequence[int]) -> bool:
+        """Send without waiting; False when the socket is full or others queue."""
+        if conn.send_lock.locked():
+            return False  # keep the order of replies already waiting
+        try:
+            conn.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise PeerGone() from exc
+        return True
+
+    async def _send_bytes(self, conn: Connection, data: bytes, fds: Sequence[int]) -> None:
+        """Send one datagram, waiting for room in the socket."""
         anc = scm_rights(fds)
-        sock = conn.sock
-        if not conn.send_lock.locked():
-            try:
-                sock.sendmsg([data], anc, _SEND_FLAGS)
-                return
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise PeerGone() from exc
         async with conn.send_lock:
             while True:
                 try:
-                    sock.sendmsg([data], anc, _SEND_FLAGS)
+                    conn.sock.sendmsg([data], anc, _SEND_FLAGS)
                     return
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+                    await trio.lowlevel.wait_writable(conn.sock)
                 except OSError as exc:
                     raise PeerGone() from exc
 

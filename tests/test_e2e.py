@@ -487,6 +487,9 @@ async def test_garbage_clients_leak_nothing(daemon: Daemon, tmp_path: Path) -> N
                 await trio.sleep(0.05)
             assert s["refused"] > 0
             assert await call(open_bytes, daemon, f) == b"still good"
+            with trio.move_on_after(5):
+                while daemon.open_fds() != baseline:
+                    await trio.sleep(0.05)
             assert daemon.open_fds() == baseline, daemon.fd_targets()
     finally:
         for fd in extra:
