@@ -127,6 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default %(default)s)",
     )
 
+    bench = sub.add_parser(
+        "bench",
+        help="measure on this host what the cache saves (about half a minute)",
+        description="Measure, side by side in one run, the status-quo copy into a fresh memfd "
+        "against a cache hit, per file size and for this host's ld.so and libc; the "
+        "transport floor; hits per second with several client processes; the daemon's CPU "
+        "time per hit; and the memory that N processes holding one file take.",
+    )
+    bench.add_argument(
+        "--socket", help="measure a running daemon (default: start a private one for the run)"
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    bench.add_argument(
+        "--rounds", type=_positive_int, default=150, help="latency samples per size (default 150)"
+    )
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="length of each throughput run (default %(default)s)",
+    )
+    bench.add_argument(
+        "--procs",
+        default="1,4,8",
+        help="client process counts for throughput, comma separated (default %(default)s)",
+    )
+    bench.add_argument(
+        "--memory-procs",
+        type=int,
+        default=50,
+        help="processes holding one 16 MiB file in the memory test; 0 skips it (default 50)",
+    )
+
     stats = sub.add_parser("stats", help="show the daemon's statistics")
     stats.add_argument("--socket", help=socket_help)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
@@ -141,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "bench":
+            return _bench(args)
     except ConfigError as exc:
         print(f"shadowd: {exc}", file=sys.stderr)
         return 2
@@ -202,4 +237,33 @@ def _stats(args: argparse.Namespace) -> int:
         )
         return 1
     print(format_json(stats) if args.json else format_table(stats, path))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import Bench, format_json, format_result
+
+    try:
+        procs = tuple(int(p) for p in args.procs.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--procs takes numbers separated by commas, not {args.procs!r}"
+        ) from None
+    if not procs or min(procs) < 1:
+        raise ConfigError("--procs needs at least one process count of 1 or more")
+    socket_path = resolve_socket_path(args.socket) if args.socket else None
+    bench = Bench(
+        socket_path=socket_path,
+        rounds=args.rounds,
+        procs=procs,
+        seconds=args.seconds,
+        memory_procs=args.memory_procs,
+        progress=sys.stderr,
+    )
+    try:
+        result = bench.run()
+    except RuntimeError as exc:
+        print(f"shadowd bench: {exc}", file=sys.stderr)
+        return 1
+    print(format_json(result) if args.json else format_result(result))
     return 0

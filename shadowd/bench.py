@@ -1,0 +1,522 @@
+# `shadowd bench`: what the cache saves on this host, measured side by side.
+#
+# Every comparison is made in one run, interleaved sample by sample (status
+# quo, cache hit, transport floor, then again), because these machines are
+# noisy: only ratios measured together mean anything.
+#
+# Must never: report a figure it did not measure in this run, or leave a
+# daemon, floor server, worker process or temporary file behind.
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection as Pipe
+from typing import Any, TextIO
+
+import attrs
+
+from . import memfd
+from .fds import FdHolder
+
+KiB = 1024
+MiB = 1024 * KiB
+DEFAULT_SIZES = (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 2 * MiB, 16 * MiB)
+THROUGHPUT_SIZE = 2 * MiB
+
+
+def human_size(n: int) -> str:
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    if n >= KiB and n % KiB == 0:
+        return f"{n // KiB} KiB"
+    return f"{n} B"
+
+
+@attrs.frozen
+class Summary:
+    """Percentiles of one series of latencies, in microseconds."""
+
+    p50: float
+    p99: float
+    n: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Summary:
+        ordered = sorted(seconds)
+        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        return cls(p50=statistics.median(ordered) * 1e6, p99=p99 * 1e6, n=len(ordered))
+
+
+@attrs.frozen
+class SizeResult:
+    name: str
+    size: int
+    copy: Summary
+    hit: Summary
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster a hit is than the status-quo copy (p50)."""
+        return self.copy.p50 / self.hit.p50
+
+
+@attrs.frozen
+class Throughput:
+    procs: int
+    hits_per_s: float
+    copies_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.hits_per_s / self.copies_per_s if self.copies_per_s else float("inf")
+
+
+@attrs.frozen
+class Memory:
+    procs: int
+    size: int
+    shadowd_bytes: int
+    private_bytes: int
+
+
+@attrs.frozen
+class BenchResult:
+    sizes: tuple[SizeResult, ...]
+    floor: Summary
+    floor_hit: Summary
+    crossover: str
+    throughput: tuple[Throughput, ...]
+    cpu_us_per_hit: float | None
+    memory: Memory | None
+    seconds: float
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.floor_hit.p50 / self.floor.p50
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["floor_ratio"] = self.floor_ratio
+        for s, raw in zip(self.sizes, out["sizes"], strict=True):
+            raw["speedup"] = s.speedup
+        for t, raw in zip(self.throughput, out["throughput"], strict=True):
+            raw["ratio"] = t.ratio
+        return out
+
+
+def status_quo(path: str) -> int:
+    """What a supervisor does today on each open: a fresh sealed memfd copy."""
+    with FdHolder(os.open(path, os.O_RDONLY | os.O_CLOEXEC)) as src:
+        st = os.fstat(src.fd)
+        executable = bool(st.st_mode & 0o111)
+        fd = memfd.create(executable=executable)
+        try:
+            memfd.copy_into(fd, src.fd, st.st_size)
+            memfd.seal(fd, executable=executable)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def host_dsos() -> list[tuple[str, str]]:
+    """The dynamic loader and libc this process runs on, from its own mappings."""
+    found: dict[str, str] = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6:
+                continue
+            path = parts[5].strip()
+            base = os.path.basename(path)
+            if base.startswith("ld-linux") or base.startswith("ld-musl"):
+                found.setdefault("ld.so", path)
+            elif base.startswith("libc.so") or base.startswith("libc-"):
+                found.setdefault("libc", path)
+    return [(name, path) for name, path in sorted(found.items()) if os.path.isfile(path)]
+
+
+def _time(fn: Callable[[], int]) -> float:
+    t0 = time.perf_counter()
+    fd = fn()
+    elapsed = time.perf_counter() - t0
+    os.close(fd)
+    return elapsed
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise RuntimeError(f"{what} did not start listening on {path}")
+
+
+def _peer_pid(path: str) -> int:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        return int.from_bytes(raw[:4], sys.byteorder)
+    finally:
+        s.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _shmem_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Shmem line in /proc/meminfo")
+
+
+def _worker(mode: str, socket_path: str, path: str, seconds: float, pipe: Pipe) -> None:
+    """One client process of the throughput test: as many opens as it can."""
+    from shadowd_client import Client
+
+    client = Client(socket_path, timeout=30) if mode == "hit" else None
+    if client is not None:
+        os.close(client.open(path))
+    pipe.send("ready")
+    pipe.recv()  # start together
+    count = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        fd = client.open(path) if client is not None else status_quo(path)
+        os.close(fd)
+        count += 1
+    pipe.send(count)
+    if client is not None:
+        client.close()
+
+
+def _holder(mode: str, socket_path: str, path: str, pipe: Pipe) -> None:
+    """One process of the memory test: hold an fd of *path*, map and read it."""
+    import mmap
+
+    from shadowd_client import Client
+
+    if mode == "hit":
+        with Client(socket_path, timeout=30) as client:
+            fd = client.open(path)
+    else:
+        fd = status_quo(path)
+    size = os.fstat(fd).st_size
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        for off in range(0, size, 4096):
+            m[off]  # fault every page in, as a loader would
+        pipe.send("holding")
+        pipe.recv()
+    os.close(fd)
+
+
+class Bench:
+    """One benchmark run; see ``shadowd bench --help``."""
+
+    def __init__(
+        self,
+        *,
+        socket_path: str | None = None,
+        rounds: int = 150,
+        procs: tuple[int, ...] = (1, 4, 8),
+        seconds: float = 2.0,
+        memory_procs: int = 50,
+        sizes: tuple[int, ...] = DEFAULT_SIZES,
+        progress: TextIO | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.rounds = rounds
+        self.procs = procs
+        self.seconds = seconds
+        self.memory_procs = memory_procs
+        self.sizes = sizes
+        self.progress = progress
+        self._ctx = multiprocessing.get_context("fork")
+
+    def _say(self, text: str) -> None:
+        if self.progress is not None:
+            end = "\r" if self.progress.isatty() else "\n"
+            self.progress.write(f"shadowd bench: {text}".ljust(72) + end)
+            self.progress.flush()
+
+    @contextlib.contextmanager
+    def _servers(self, workdir: str) -> Iterator[tuple[str, str, int]]:
+        """The daemon (ours unless --socket) and the floor; yields their sockets and pid."""
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            socket_path = self.socket_path
+            if socket_path is None:
+                socket_path = os.path.join(workdir, "shadowd.sock")
+                daemon = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "shadowd",
+                        "serve",
+                        "--socket",
+                        socket_path,
+                        "--racy-window",
+                        "0",
+                        "--log-level",
+                        "warning",
+                    ],
+                )
+                procs.append(daemon)
+                _wait_for_socket(socket_path, daemon, "the daemon")
+            floor_path = os.path.join(workdir, "floor.sock")
+            floor = subprocess.Popen([sys.executable, "-m", "shadowd.floor", floor_path])
+            procs.append(floor)
+            _wait_for_socket(floor_path, floor, "the floor server")
+            yield socket_path, floor_path, _peer_pid(socket_path)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def run(self) -> BenchResult:
+        from shadowd_client import Client
+
+        started = time.monotonic()
+        workdir = tempfile.mkdtemp(prefix="shadowd-bench-")
+        try:
+            targets: list[tuple[str, str, int]] = []
+            for size in self.sizes:
+                path = os.path.join(workdir, f"file-{size}")
+                with open(path, "wb") as f:
+                    f.write(os.urandom(size))
+                targets.append((human_size(size), path, size))
+            for name, path in host_dsos():
+                targets.append((f"{name} ({os.path.basename(path)})", path, os.path.getsize(path)))
+            with (
+                self._servers(workdir) as (socket_path, floor_path, daemon_pid),
+                Client(socket_path, timeout=30) as client,
+                Client(floor_path, timeout=30) as floor,
+            ):
+                sizes, floor_s, floor_hit = self._latency(client, floor, targets)
+                big = os.path.join(workdir, "file-2MiB")
+                with open(big, "wb") as f:
+                    f.write(os.urandom(THROUGHPUT_SIZE))
+                throughput, cpu = self._throughput(socket_path, big, daemon_pid)
+                memory = self._memory(socket_path, workdir) if self.memory_procs else None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self._say("done")
+        return BenchResult(
+            sizes=tuple(sizes),
+            floor=floor_s,
+            floor_hit=floor_hit,
+            crossover=_crossover(sizes),
+            throughput=tuple(throughput),
+            cpu_us_per_hit=cpu,
+            memory=memory,
+            seconds=time.monotonic() - started,
+        )
+
+    def _latency(
+        self, client: Any, floor: Any, targets: list[tuple[str, str, int]]
+    ) -> tuple[list[SizeResult], Summary, Summary]:
+        copies: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+        hits: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+        floor_samples: list[float] = []
+        floor_hits: list[float] = []
+        small = targets[0][1]
+        for _, path, _ in targets:  # warm: the first open of each is the miss
+            os.close(client.open(path))
+        os.close(floor.open(small))
+        for r in range(self.rounds):
+            if r % 10 == 0:
+                self._say(f"latency, round {r + 1} of {self.rounds}")
+            for name, path, size in targets:
+                # The biggest copies take milliseconds: fewer rounds of them.
+                if size >= 8 * MiB and r >= max(20, self.rounds // 5):
+                    continue
+                copies[name].append(_time(lambda p=path: status_quo(p)))  # type: ignore[misc]
+                hits[name].append(_time(lambda p=path: client.open(p)))  # type: ignore[misc]
+            floor_samples.append(_time(lambda: floor.open(small)))
+            floor_hits.append(_time(lambda: client.open(small)))
+        results = [
+            SizeResult(
+                name=name, size=size, copy=Summary.of(copies[name]), hit=Summary.of(hits[name])
+            )
+            for name, _, size in targets
+        ]
+        return results, Summary.of(floor_samples), Summary.of(floor_hits)
+
+    def _run_workers(self, target: Callable[..., None], n: int, *args: Any) -> list[Any]:
+        pipes = []
+        workers = []
+        for _ in range(n):
+            ours, theirs = self._ctx.Pipe()
+            proc = self._ctx.Process(target=target, args=(*args, theirs), daemon=True)
+            proc.start()
+            pipes.append(ours)
+            workers.append(proc)
+        try:
+            for p in pipes:
+                if not p.poll(30):
+                    raise RuntimeError("a worker process did not start")
+                p.recv()
+            for p in pipes:
+                p.send("go")
+            results = []
+            for p in pipes:
+                if not p.poll(60):
+                    raise RuntimeError("a worker process did not finish")
+                results.append(p.recv())
+            return results
+        finally:
+            for proc in workers:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+
+    def _throughput(
+        self, socket_path: str, path: str, daemon_pid: int
+    ) -> tuple[list[Throughput], float | None]:
+        out = []
+        cpu_per_hit: float | None = None
+        for n in self.procs:
+            self._say(f"throughput, {n} client process{'es' if n > 1 else ''}")
+            cpu0 = _cpu_seconds(daemon_pid)
+            hits = sum(self._run_workers(_worker, n, "hit", socket_path, path, self.seconds))
+            cpu1 = _cpu_seconds(daemon_pid)
+            copies = sum(self._run_workers(_worker, n, "copy", socket_path, path, self.seconds))
+            out.append(Throughput(n, hits / self.seconds, copies / self.seconds))
+            if n == max(self.procs) and hits:
+                cpu_per_hit = (cpu1 - cpu0) / hits * 1e6
+        return out, cpu_per_hit
+
+    def _memory(self, socket_path: str, workdir: str) -> Memory:
+        size = 16 * MiB
+        path = os.path.join(workdir, "held-16MiB")
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+
+        def held(mode: str) -> int:
+            self._say(f"memory, {self.memory_procs} processes holding 16 MiB ({mode})")
+            before = _shmem_bytes()
+            pipes = []
+            procs = []
+            try:
+                for _ in range(self.memory_procs):
+                    ours, theirs = self._ctx.Pipe()
+                    p = self._ctx.Process(
+                        target=_holder, args=(mode, socket_path, path, theirs), daemon=True
+                    )
+                    p.start()
+                    pipes.append(ours)
+                    procs.append(p)
+                for pipe in pipes:
+                    if not pipe.poll(60):
+                        raise RuntimeError("a holder process did not start")
+                    pipe.recv()
+                during = _shmem_bytes()
+                for pipe in pipes:
+                    pipe.send("release")
+            finally:
+                for p in procs:
+                    p.join(timeout=10)
+                    if p.is_alive():
+                        p.kill()
+                        p.join()
+            return max(0, during - before)
+
+        return Memory(
+            procs=self.memory_procs,
+            size=size,
+            shadowd_bytes=held("hit"),
+            private_bytes=held("copy"),
+        )
+
+
+def _crossover(sizes: list[SizeResult]) -> str:
+    """The smallest measured size from which a hit beats the copy (p50)."""
+    plain = sorted((s for s in sizes if s.name == human_size(s.size)), key=lambda s: s.size)
+    winning = [s for s in plain if s.speedup > 1.0]
+    if not winning:
+        return "hits did not beat the copy at any measured size"
+    first = winning[0]
+    below = [s for s in plain if s.size < first.size]
+    if not below:
+        return f"hits win at every measured size (from {human_size(first.size)})"
+    return f"hits win from between {human_size(below[-1].size)} and {human_size(first.size)}"
+
+
+def format_result(r: BenchResult) -> str:
+    lines = [
+        "status quo (open + memfd_create + sendfile + seals) against a shadowd cache hit",
+        "(Client.open through the socket); microseconds, measured interleaved in one run",
+        "",
+        f"{'file':<28} {'copy p50':>9} {'copy p99':>9} {'hit p50':>9} {'hit p99':>9}"
+        f" {'copy/hit':>9}",
+    ]
+    for s in r.sizes:
+        lines.append(
+            f"{s.name:<28} {s.copy.p50:>9.1f} {s.copy.p99:>9.1f} {s.hit.p50:>9.1f}"
+            f" {s.hit.p99:>9.1f} {s.speedup:>8.2f}x"
+        )
+    lines += [
+        "",
+        f"crossover: {r.crossover}",
+        f"transport floor (same client, a server that only reopens and sends):"
+        f" p50 {r.floor.p50:.1f} us, p99 {r.floor.p99:.1f} us",
+        f"shadowd hit of the smallest file, alongside: p50 {r.floor_hit.p50:.1f} us"
+        f" = {r.floor_ratio:.2f}x the floor",
+        "",
+        f"throughput, {human_size(THROUGHPUT_SIZE)} file, whole seconds of back-to-back opens:",
+        f"{'client processes':>16} {'hits/s':>10} {'copies/s':>10} {'hits/copies':>12}",
+    ]
+    for t in r.throughput:
+        lines.append(
+            f"{t.procs:>16} {t.hits_per_s:>10.0f} {t.copies_per_s:>10.0f} {t.ratio:>11.2f}x"
+        )
+    if r.cpu_us_per_hit is not None:
+        lines.append(f"daemon CPU time per hit (busiest run): {r.cpu_us_per_hit:.1f} us")
+    if r.memory is not None:
+        m = r.memory
+        lines += [
+            "",
+            f"memory: {m.procs} processes each mapping a {human_size(m.size)} file (Shmem growth):",
+            f"  through shadowd   {m.shadowd_bytes / MiB:8.1f} MiB",
+            f"  private copies    {m.private_bytes / MiB:8.1f} MiB",
+        ]
+    lines.append(f"\n(run took {r.seconds:.0f} s)")
+    return "\n".join(lines)
+
+
+def format_json(r: BenchResult) -> str:
+    return json.dumps(r.to_json(), sort_keys=True)
