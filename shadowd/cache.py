@@ -147,7 +147,7 @@ class Cache:
         An entry of another version is dropped and counted as an invalidation.
         """
         entry = self._entries.get(key)
-        counters = self._counters(private)
+        counters = self.private if private else self.host
         if entry is not None:
             if entry.version == version:
                 self._entries.move_to_end(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 
@@ -46,6 +47,26 @@ class FdHolder:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def close_pair(a: int, b: int) -> None:
+    """Close two distinct fds: one close_range when their numbers are adjacent.
+
+    The hit path's case (the client's fd and the served one are usually
+    allocated one after the other).
+    """
+    low, high = (a, b) if a < b else (b, a)
+    try:
+        if high == low + 1:
+            os.closerange(low, high + 1)
+            return
+        os.close(low)
+    except OSError:
+        pass
+    try:
+        os.close(high)
+    except OSError:
+        pass
 
 
 def close_all(fds: Iterable[int]) -> None:
@@ -87,4 +108,11 @@ def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     """Ancillary data for sendmsg that passes *fds* (none: no ancillary data)."""
     if not fds:
         return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    if len(fds) == 1:
+        return [(_SOL_SOCKET, _SCM_RIGHTS, _INT.pack(fds[0]))]
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_INT = struct.Struct("i")

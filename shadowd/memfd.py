@@ -159,6 +159,7 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
 
 
 _PROC_FD: dict[str, int] = {}
+_REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 
 def _proc_fd_dir() -> int:
@@ -187,9 +188,11 @@ class SealedFile:
     executable: bool
     refs: int = 1
     _name: str = attrs.field(init=False)
+    _dir: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._name = str(self.holder.fd)
+        self._dir = _proc_fd_dir()
 
     @property
     def fd(self) -> int:
@@ -203,7 +206,7 @@ class SealedFile:
         """A fresh read-only open of the memfd, for one client: the caller owns it."""
         if self.holder.fd < 0:
             raise ValueError("sealed file is closed")
-        return os.open(self._name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=_proc_fd_dir())
+        return os.open(self._name, _REOPEN_FLAGS, dir_fd=self._dir)
 
     def retain(self) -> SealedFile:
         if self.refs <= 0:

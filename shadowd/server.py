@@ -27,7 +27,7 @@ from . import __version__
 from .cache import Admission, Cache, CacheLimits, HostKey
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
-from .fds import FdHolder, close_all, fds_from_ancdata, scm_rights
+from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, scm_rights
 from .memfd import SealedFile
 from .protocol import (
     BatchOpened,
@@ -356,8 +356,7 @@ class Server:
                     if not self._send_now(conn, reply, (served,)):
                         await self._send_bytes(conn, reply, (served,))
                 finally:
-                    # Usually adjacent numbers: one close_range for both.
-                    close_all((fd, served))
+                    close_pair(fd, served)
                 return True
             await self._on_open_later(conn, event, outcome)
             return True

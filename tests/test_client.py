@@ -6,6 +6,7 @@ import array
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,27 @@ async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -
         except OSError:
             pass
     assert not [link for link in links if "unsealed" in link]
+
+
+async def test_client_times_out_on_a_silent_daemon(shared_dir: Path, tmp_path: Path) -> None:
+    """A daemon that accepts and never answers: the timeout, not a hang."""
+    from shadowd_client import DaemonTimeout
+
+    path = shared_dir / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    f = make_file(tmp_path / "f", b"x")
+
+    def client_side() -> float:
+        t0 = time.monotonic()
+        with Client(path, timeout=0.3) as c, pytest.raises(DaemonTimeout):
+            c.open(f)
+        return time.monotonic() - t0
+
+    try:
+        with trio.fail_after(10):
+            elapsed = await call(client_side)
+        assert elapsed < 3
+    finally:
+        listener.close()

@@ -2,14 +2,15 @@
 # building requests, reading replies into results, checking every received
 # fd. No I/O on the daemon's socket here; Client and AsyncClient do that.
 #
-# Must never: return an fd that is not sealed and read-only; leave an fd that
+# Must never: return an fd that is not sealed; leave an fd that
 # came with a reply unclosed when the reply is not handed to the caller.
 from __future__ import annotations
 
 import fcntl
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 from shadowd import __version__
 from shadowd.fds import close_all
@@ -26,6 +27,7 @@ from shadowd.protocol import (
     OpenedItem,
     ProtocolError,
     Reply,
+    Request,
     StatsReply,
 )
 
@@ -61,22 +63,28 @@ def open_source(path: str | os.PathLike[str]) -> int:
 
 def label_for(path: str | os.PathLike[str]) -> str:
     """The path label sent for stats: absolute, valid UTF-8, never used for access."""
+    if type(path) is str and path[:1] == "/" and path.isascii():
+        return path  # the common case, already what we would make of it
     raw = os.path.abspath(os.fsencode(path))
     return raw.decode("utf-8", "replace")
 
 
 def check_served(fd: int) -> None:
-    """Accept *fd* only if it carries the four seals and is open read-only."""
+    """Accept *fd* only if it carries the four seals (then nobody can change its bytes).
+
+    One fcntl: with F_SEAL_WRITE set even a read-write descriptor cannot
+    write, so the seals are what makes the fd safe to hand to a tracee.
+    """
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        seals = fcntl.fcntl(fd, _F_GET_SEALS)
     except OSError:
-        seals = flags = -1
-    if seals < 0 or seals & REQUIRED_SEALS != REQUIRED_SEALS or flags & os.O_ACCMODE != os.O_RDONLY:
+        seals = 0
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         os.close(fd)
-        raise UnsealedDescriptor(
-            "the daemon sent a descriptor that is not sealed and read-only; refused it"
-        )
+        raise UnsealedDescriptor("the daemon sent a descriptor that is not sealed; refused it")
+
+
+_F_GET_SEALS = fcntl.F_GET_SEALS
 
 
 class Broken(Exception):
@@ -99,6 +107,21 @@ class Broken(Exception):
 
 def batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
     return OpenBatch(id=id, fds=fds, labels=labels)
+
+
+#: Numbers and encodes one request: returns its id, bytes and fds.
+Make: TypeAlias = Callable[[ClientConnection], tuple[int, bytes, list[int]]]
+
+
+def request_of(factory: Callable[[int], Request]) -> Make:
+    """A Make for any request event built from its id."""
+
+    def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
+        event = factory(proto.next_id())
+        data, fds = proto.send(event)
+        return event.id, data, fds
+
+    return make
 
 
 class Session:

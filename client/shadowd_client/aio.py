@@ -4,13 +4,13 @@
 #
 # Must never: raise anything but a ShadowdError (trio.Cancelled excepted);
 # lose an fd when a waiting task is cancelled (its reply is closed when it
-# arrives); return an fd that is not sealed and read-only.
+# arrives); return an fd that is not sealed.
 from __future__ import annotations
 
 import functools
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,7 +18,7 @@ import trio
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Open, Reply, Request, StatsRequest
+from shadowd.protocol import Reply, StatsRequest
 
 from ._session import (
     ANC_SPACE,
@@ -26,6 +26,7 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Make,
     Session,
     batch_request,
     batch_results,
@@ -33,6 +34,7 @@ from ._session import (
     label_for,
     open_source,
     opened_fd,
+    request_of,
     stats_of,
 )
 from .errors import DaemonTimeout, DaemonUnavailable, ShadowdError, unavailable
@@ -100,7 +102,7 @@ class AsyncClient:
 
     async def open_fd(self, fd: int, *, label: str | None = None) -> int:
         """Like :meth:`open` for a file the caller already opened; *fd* stays theirs."""
-        return opened_fd(await self._call(lambda id: Open(id=id, fd=fd, label=label)))
+        return opened_fd(await self._call(lambda proto: proto.send_open(fd, label)))
 
     async def open_many(
         self, paths: Sequence[str | os.PathLike[str]], *, return_exceptions: bool = False
@@ -121,7 +123,9 @@ class AsyncClient:
                 chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
                 fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
                 chunk_labels = tuple(labels[i] for i in chunk)
-                reply = await self._call(functools.partial(batch_request, fds, chunk_labels))
+                reply = await self._call(
+                    request_of(functools.partial(batch_request, fds, chunk_labels))
+                )
                 for i, r in zip(chunk, batch_results(reply), strict=True):
                     results[i] = r
         except BaseException:
@@ -137,7 +141,7 @@ class AsyncClient:
         return results
 
     async def stats(self) -> dict[str, Any]:
-        return stats_of(await self._call(lambda id: StatsRequest(id=id)))
+        return stats_of(await self._call(request_of(StatsRequest)))
 
     async def aclose(self) -> None:
         """Close the connection. Fds already returned stay valid."""
@@ -160,7 +164,7 @@ class AsyncClient:
 
     # -- internals -------------------------------------------------------
 
-    async def _call(self, make: Callable[[int], Request]) -> Reply:
+    async def _call(self, make: Make) -> Reply:
         fresh = self._conn is None
         try:
             return await self._attempt(make)
@@ -172,10 +176,9 @@ class AsyncClient:
         except Broken as broken:
             raise broken.error(self.socket_path) from None
 
-    async def _attempt(self, make: Callable[[int], Request]) -> Reply:
+    async def _attempt(self, make: Make) -> Reply:
         conn = await self._connection()
-        request = make(conn.session.proto.next_id())
-        data, fds = conn.session.proto.send(request)
+        id, data, fds = make(conn.session.proto)
         try:
             with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
                 async with conn.send_lock:
@@ -184,7 +187,7 @@ class AsyncClient:
                         conn.sock.sendmsg([data], scm_rights(fds), SEND_FLAGS),
                         "sending a request",
                     )
-                return await self._wait_reply(conn, request.id)
+                return await self._wait_reply(conn, id)
         except trio.TooSlowError:
             self._drop(conn, Broken(TimeoutError(), "waiting for a reply"))
             raise DaemonTimeout(
@@ -192,7 +195,7 @@ class AsyncClient:
                 socket_path=self.socket_path,
             ) from None
         except trio.Cancelled:
-            conn.abandoned.add(request.id)
+            conn.abandoned.add(id)
             raise
         except Broken as broken:
             self._drop(conn, broken)

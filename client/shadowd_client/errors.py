@@ -31,7 +31,7 @@ class ProtocolViolation(ShadowdError):
 
 
 class UnsealedDescriptor(ProtocolViolation):
-    """The daemon sent an fd that is not sealed and read-only; it was closed, not returned."""
+    """The daemon sent an fd without the four seals; it was closed, not returned."""
 
 
 class SourceError(ShadowdError):

@@ -2,20 +2,21 @@
 # threads (one request at a time), reconnected once when the daemon restarts.
 #
 # Must never: raise anything but a ShadowdError; return an fd that is not
-# sealed and read-only; keep an fd the caller was not given.
+# sealed; keep an fd the caller was not given.
 from __future__ import annotations
 
 import functools
 import os
 import socket
+import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Open, Reply, Request, StatsRequest
+from shadowd.protocol import Reply, StatsRequest
 
 from ._session import (
     ANC_SPACE,
@@ -23,6 +24,7 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Make,
     Session,
     batch_request,
     batch_results,
@@ -30,9 +32,15 @@ from ._session import (
     label_for,
     open_source,
     opened_fd,
+    request_of,
     stats_of,
 )
 from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 class Client:
@@ -85,7 +93,7 @@ class Client:
 
         *fd* stays the caller's; *label* names the file in the daemon's stats.
         """
-        reply = self._call(lambda id: Open(id=id, fd=fd, label=label))
+        reply = self._call(lambda proto: proto.send_open(fd, label))
         return opened_fd(reply)
 
     def open_many(
@@ -121,7 +129,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
-        return stats_of(self._call(lambda id: StatsRequest(id=id)))
+        return stats_of(self._call(request_of(StatsRequest)))
 
     def close(self) -> None:
         """Close the connection. Fds already returned stay valid."""
@@ -155,12 +163,12 @@ class Client:
             todo = todo[len(chunk) :]
             fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
             chunk_labels = tuple(labels[i] for i in chunk)
-            reply = self._call(functools.partial(batch_request, fds, chunk_labels))
+            reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
             for i, r in zip(chunk, batch_results(reply), strict=True):
                 results[i] = r
         return results
 
-    def _call(self, make: Callable[[int], Request]) -> Reply:
+    def _call(self, make: Make) -> Reply:
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
@@ -178,15 +186,14 @@ class Client:
                 self._drop()
                 raise broken.error(self.socket_path) from None
 
-    def _attempt(self, make: Callable[[int], Request]) -> Reply:
+    def _attempt(self, make: Make) -> Reply:
         if self._sock is None:
             self._connect()
         assert self._session is not None
-        request = make(self._session.proto.next_id())
-        data, fds = self._session.proto.send(request)
+        id, data, fds = make(self._session.proto)
         self._sendmsg(data, fds)
         try:
-            return self._wait_reply(request.id)
+            return self._wait_reply(id)
         except ShadowdError:
             self._drop()
             raise
@@ -214,6 +221,14 @@ class Client:
             try:
                 sock.settimeout(self.timeout)
                 sock.connect(self.socket_path)
+                # From here on the kernel keeps the timeout (SO_RCVTIMEO and
+                # SO_SNDTIMEO): a Python-level timeout would cost a poll()
+                # before every send and every receive.
+                sock.settimeout(None)
+                if self.timeout is not None:
+                    tv = _timeval(self.timeout)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
             except BaseException:
                 sock.close()
                 raise
@@ -235,6 +250,8 @@ class Client:
         assert self._sock is not None
         try:
             self._sock.sendmsg([data], scm_rights(fds), SEND_FLAGS)
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            raise Broken(TimeoutError(), "sending a request") from None
         except OSError as exc:
             raise Broken(exc, "sending a request") from None
 
@@ -242,6 +259,8 @@ class Client:
         assert self._sock is not None and self._session is not None
         try:
             n, ancdata, flags, _ = self._sock.recvmsg_into([self._buf], ANC_SPACE, RECV_FLAGS)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise Broken(TimeoutError(), "waiting for a reply") from None
         except OSError as exc:
             raise Broken(exc, "waiting for a reply") from None
         fds = fds_from_ancdata(ancdata)
