@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
@@ -356,17 +358,27 @@ class Bench:
         for _, path, _ in targets:  # warm: the first open of each is the miss
             os.close(client.open(path))
         os.close(floor.open(small))
+        rng = random.Random(0)
         for r in range(self.rounds):
             if r % 10 == 0:
                 self._say(f"latency, round {r + 1} of {self.rounds}")
+            # Every measurement once per round, in a new random order each
+            # round: what runs just before (a 16 MiB copy leaves the caches
+            # cold) must not favour one series over another.
+            # The floor is asked as often as the daemon, so that neither
+            # server process is left idle (and cold) longer than the other.
+            jobs: list[tuple[list[float], Callable[[], int]]] = []
             for name, path, size in targets:
+                jobs.append((floor_samples, functools.partial(floor.open, small)))
+                jobs.append((floor_hits, functools.partial(client.open, small)))
                 # The biggest copies take milliseconds: fewer rounds of them.
                 if size >= 8 * MiB and r >= max(20, self.rounds // 5):
                     continue
-                copies[name].append(_time(lambda p=path: status_quo(p)))  # type: ignore[misc]
-                hits[name].append(_time(lambda p=path: client.open(p)))  # type: ignore[misc]
-            floor_samples.append(_time(lambda: floor.open(small)))
-            floor_hits.append(_time(lambda: client.open(small)))
+                jobs.append((copies[name], functools.partial(status_quo, path)))
+                jobs.append((hits[name], functools.partial(client.open, path)))
+            rng.shuffle(jobs)
+            for samples, job in jobs:
+                samples.append(_time(job))
         results = [
             SizeResult(
                 name=name, size=size, copy=Summary.of(copies[name]), hit=Summary.of(hits[name])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
 import struct
@@ -47,6 +48,26 @@ class FdHolder:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: Long-lived descriptors (connections, cached memfds) are renumbered to at
+#: least this, so that the low numbers stay free for the two a hit uses (the
+#: client's fd and the served one): the kernel then hands those out side by
+#: side, and one close_range closes both.
+LONG_LIVED_BASE = 256
+
+
+def move_high(fd: int) -> int:
+    """*fd* renumbered to LONG_LIVED_BASE or above, the old number closed.
+
+    Returns *fd* unchanged when no such number is free (a low fd limit).
+    """
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LONG_LIVED_BASE)
+    except OSError:
+        return fd
+    os.close(fd)
+    return high
 
 
 def close_pair(a: int, b: int) -> None:

@@ -14,7 +14,7 @@ import os
 import attrs
 
 from .errors import SourceChanged
-from .fds import FdHolder
+from .fds import FdHolder, move_high
 from .source import SourceStat, stat_sync
 
 MFD_EXEC = getattr(os, "MFD_EXEC", 0x0010)
@@ -140,7 +140,7 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(fd), size=expected.size, executable=expected.executable)
+    return SealedFile(FdHolder(move_high(fd)), size=expected.size, executable=expected.executable)
 
 
 def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
@@ -155,7 +155,7 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(fd), size=len(data), executable=executable)
+    return SealedFile(FdHolder(move_high(fd)), size=len(data), executable=executable)
 
 
 _PROC_FD: dict[str, int] = {}
@@ -170,7 +170,7 @@ def _proc_fd_dir() -> int:
     """
     fd = _PROC_FD.get("fd")
     if fd is None:
-        fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = move_high(os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         _PROC_FD["fd"] = fd
     return fd
 

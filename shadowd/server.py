@@ -27,7 +27,7 @@ from . import __version__
 from .cache import Admission, Cache, CacheLimits, HostKey
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
-from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, scm_rights
+from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, move_high, scm_rights
 from .memfd import SealedFile
 from .protocol import (
     BatchOpened,
@@ -122,6 +122,12 @@ class Served:
     fd: FdHolder
     size: int
     hit: bool
+
+
+def _renumbered(sock: socket.socket) -> socket.socket:
+    """The same connection on a high fd number (see fds.LONG_LIVED_BASE)."""
+    fd = move_high(sock.detach())
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
 
 
 def count_open_fds() -> int:
@@ -234,6 +240,7 @@ class Server:
                 raise
             backoff = 0.01
             try:
+                sock = _renumbered(sock)
                 sock.setblocking(False)
                 peer = Peer.from_socket(sock)
             except OSError:
