@@ -95,6 +95,15 @@ class Memory:
 
 
 @attrs.frozen
+class Crowd:
+    """Hit latency alone and with many other connections held open."""
+
+    connections: int
+    alone: Summary
+    crowded: Summary
+
+
+@attrs.frozen
 class BenchResult:
     sizes: tuple[SizeResult, ...]
     floor: Summary
@@ -103,6 +112,7 @@ class BenchResult:
     throughput: tuple[Throughput, ...]
     cpu_us_per_hit: float | None
     memory: Memory | None
+    crowd: Crowd | None
     seconds: float
 
     @property
@@ -250,6 +260,7 @@ class Bench:
         procs: tuple[int, ...] = (1, 4, 8),
         seconds: float = 2.0,
         memory_procs: int = 50,
+        connections: int = 300,
         sizes: tuple[int, ...] = DEFAULT_SIZES,
         progress: TextIO | None = None,
     ) -> None:
@@ -258,6 +269,7 @@ class Bench:
         self.procs = procs
         self.seconds = seconds
         self.memory_procs = memory_procs
+        self.connections = connections
         self.sizes = sizes
         self.progress = progress
         self._ctx = multiprocessing.get_context("fork")
@@ -328,6 +340,9 @@ class Bench:
                 Client(floor_path, timeout=30) as floor,
             ):
                 sizes, floor_s, floor_hit = self._latency(client, floor, targets)
+                crowd = (
+                    self._crowd(client, socket_path, targets[0][1]) if self.connections else None
+                )
                 big = os.path.join(workdir, "file-2MiB")
                 with open(big, "wb") as f:
                     f.write(os.urandom(THROUGHPUT_SIZE))
@@ -344,6 +359,7 @@ class Bench:
             throughput=tuple(throughput),
             cpu_us_per_hit=cpu,
             memory=memory,
+            crowd=crowd,
             seconds=time.monotonic() - started,
         )
 
@@ -386,6 +402,32 @@ class Bench:
             for name, _, size in targets
         ]
         return results, Summary.of(floor_samples), Summary.of(floor_hits)
+
+    def _crowd(self, client: Any, socket_path: str, path: str) -> Crowd:
+        """Hit latency with self.connections other clients connected (and idle)."""
+        from shadowd.protocol import Hello, encode_request
+
+        def sample(n: int) -> list[float]:
+            return [_time(functools.partial(client.open, path)) for _ in range(n)]
+
+        self._say(f"latency with {self.connections} other connections open")
+        alone = sample(100)
+        held: list[socket.socket] = []
+        try:
+            hello, _ = encode_request(Hello(id=0, client="shadowd-bench-idle"))
+            for _ in range(self.connections):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                held.append(s)
+                s.settimeout(30)
+                s.connect(socket_path)
+                s.send(hello)
+                s.recv(65536)
+            crowded = sample(200)
+        finally:
+            for s in held:
+                s.close()
+        alone += sample(100)  # before and after, against drift
+        return Crowd(self.connections, Summary.of(alone), Summary.of(crowded))
 
     def _run_workers(self, target: Callable[..., None], n: int, *args: Any) -> list[Any]:
         pipes = []
@@ -525,6 +567,14 @@ def format_result(r: BenchResult) -> str:
             f"memory: {m.procs} processes each mapping a {human_size(m.size)} file (Shmem growth):",
             f"  through shadowd   {m.shadowd_bytes / MiB:8.1f} MiB",
             f"  private copies    {m.private_bytes / MiB:8.1f} MiB",
+        ]
+    if r.crowd is not None:
+        c = r.crowd
+        lines += [
+            "",
+            f"hit latency with {c.connections} other connections open:"
+            f" p50 {c.crowded.p50:.1f} us, p99 {c.crowded.p99:.1f} us"
+            f" (alone: p50 {c.alone.p50:.1f} us, p99 {c.alone.p99:.1f} us)",
         ]
     lines.append(f"\n(run took {r.seconds:.0f} s)")
     return "\n".join(lines)

@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes holding one 16 MiB file in the memory test; 0 skips it (default 50)",
     )
 
+    bench.add_argument(
+        "--connections",
+        type=int,
+        default=300,
+        help="other connections held open while hit latency is measured again; 0 skips it "
+        "(default %(default)s)",
+    )
+
     stats = sub.add_parser("stats", help="show the daemon's statistics")
     stats.add_argument("--socket", help=socket_help)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
@@ -258,6 +266,7 @@ def _bench(args: argparse.Namespace) -> int:
         procs=procs,
         seconds=args.seconds,
         memory_procs=args.memory_procs,
+        connections=args.connections,
         progress=sys.stderr,
     )
     try:

@@ -153,7 +153,7 @@ async def test_opener_falls_back_when_the_daemon_is_down(start_daemon: Any, tmp_
     d = await start_daemon("--racy-window", "0.05", socket_name="o.sock")
     f = make_file(tmp_path / "f", b"either way")
     settle(f)
-    opener = Opener(d.socket_path, retry_after=0.2)
+    opener = Opener(d.socket_path, retry_after=0.2, local_below=0)
     try:
         with trio.fail_after(60):
             fd = await call(opener.open, f)
@@ -175,12 +175,23 @@ async def test_opener_falls_back_when_the_daemon_is_down(start_daemon: Any, tmp_
         opener.close()
 
 
-def test_opener_copies_small_files_locally(tmp_path: Path) -> None:
-    f = make_file(tmp_path / "small", b"tiny")
-    with Opener(tmp_path / "no.sock", local_below=4096) as opener:
-        fd = opener.open(f)
-        os.close(fd)
-        assert (opener.local_opens, opener.daemon_opens) == (1, 0)
+async def test_opener_routes_by_size(daemon: Daemon, tmp_path: Path) -> None:
+    small = make_file(tmp_path / "small", b"tiny")
+    large = make_file(tmp_path / "large", os.urandom(8192))
+    settle(small, large)
+
+    def work() -> None:
+        with Opener(daemon.socket_path, local_below=4096) as opener:
+            for f in (small, large, small):
+                fd = opener.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+            assert (opener.local_opens, opener.daemon_opens) == (2, 1)
+        with Client(daemon.socket_path, timeout=10) as c:
+            assert c.stats()["misses"] == 1  # the small file never reached the daemon
+
+    with trio.fail_after(30):
+        await call(work)
 
 
 async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -> None:

@@ -272,7 +272,7 @@ async def test_file_over_max_file_size_is_never_cached(start_daemon: Any, tmp_pa
             s = c.stats()
             assert s["entries"] == 1 and s["bytes"] == 1024 and s["copies"] == 1
         # The supervisor helper copies it locally instead.
-        with Opener(d.socket_path) as opener:
+        with Opener(d.socket_path, local_below=0) as opener:
             fd = opener.open(big)
             try:
                 assert read_fd(fd) == big.read_bytes()

@@ -71,6 +71,13 @@ def local_copy(path: str | os.PathLike[str]) -> int:
         return local_copy_fd(src.fd, name=os.fsdecode(path))
 
 
+#: Below this size Opener copies locally instead of asking the daemon: the
+#: crossover `shadowd bench` measured on the 2-vCPU machines this project is
+#: developed on (a hit costs about the same as copying 256 KiB; see
+#: docs/performance.md). Re-measure on your hosts and pass local_below.
+DEFAULT_LOCAL_BELOW = 256 * 1024
+
+
 class Opener:
     """What a supervisor calls on its open path; never fails because of shadowd.
 
@@ -85,7 +92,7 @@ class Opener:
         self,
         socket_path: str | os.PathLike[str] | None = None,
         *,
-        local_below: int = 0,
+        local_below: int = DEFAULT_LOCAL_BELOW,
         retry_after: float = 1.0,
         timeout: float | None = 5.0,
     ) -> None:
