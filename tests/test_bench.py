@@ -1,0 +1,85 @@
+# `shadowd bench` end to end with tiny settings: it must run, clean up, and
+# report figures that hang together. Speed itself is not asserted here:
+# timings on a shared machine belong in benchmarks, not tests.
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import trio
+
+from .conftest import REPO
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    return subprocess.run(
+        [sys.executable, "-m", "shadowd", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+async def test_bench_json_hangs_together() -> None:
+    with trio.fail_after(150):
+        proc = await trio.to_thread.run_sync(
+            lambda: run_bench(
+                "--json",
+                "--rounds",
+                "3",
+                "--procs",
+                "1,2",
+                "--seconds",
+                "0.3",
+                "--memory-procs",
+                "3",
+                "--connections",
+                "10",
+            )
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "shadowd bench:" in proc.stderr  # progress went to stderr
+    data = json.loads(proc.stdout)
+    names = [s["name"] for s in data["sizes"]]
+    assert names[:6] == ["4 KiB", "64 KiB", "256 KiB", "1 MiB", "2 MiB", "16 MiB"]
+    assert any(n.startswith("libc") for n in names)
+    for s in data["sizes"]:
+        assert s["copy"]["n"] >= 3 and s["hit"]["n"] >= 3
+        assert 0 < s["hit"]["p50"] <= s["hit"]["p99"]
+        assert s["speedup"] == s["copy"]["p50"] / s["hit"]["p50"]
+    assert [t["procs"] for t in data["throughput"]] == [1, 2]
+    assert all(t["hits_per_s"] > 0 and t["copies_per_s"] > 0 for t in data["throughput"])
+    mem = data["memory"]
+    # Three holders of one 16 MiB file: one copy through shadowd, three private.
+    assert mem["private_bytes"] > mem["shadowd_bytes"] + 16 * 1024 * 1024
+    assert data["crowd"]["connections"] == 10
+    assert data["cpu_us_per_hit"] > 0
+
+
+async def test_bench_table_and_bad_flags() -> None:
+    with trio.fail_after(150):
+        proc = await trio.to_thread.run_sync(
+            lambda: run_bench(
+                "--rounds",
+                "2",
+                "--procs",
+                "1",
+                "--seconds",
+                "0.2",
+                "--memory-procs",
+                "0",
+                "--connections",
+                "0",
+            )
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "copy/hit" in proc.stdout and "crossover" in proc.stdout
+        assert "transport floor" in proc.stdout
+        bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))
+    assert bad.returncode == 2 and "--procs" in bad.stderr
+    assert "Traceback" not in bad.stderr
