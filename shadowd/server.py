@@ -586,6 +586,7 @@ class Server:
         # This call owns the fd from here on; the caller's holder is empty, so
         # its cleanup cannot race the worker thread that closes the fd.
         src = FdHolder(taken.detach())
+        logger.debug("fd of a filesystem the loop does not trust: a worker inspects it")
         try:
             st = await self.copier.inspect(src)
         except trio.Cancelled:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -566,3 +568,73 @@ async def test_not_readable_fd_refused_in_process(daemon: Daemon, tmp_path: Path
             await call(_open_fd_once, daemon, fd)
     finally:
         os.close(fd)
+
+
+async def test_pseudo_file_is_refused_off_the_loop(daemon: Daemon) -> None:
+    """/proc files claim size 0 and hold more: never served, never cached.
+
+    procfs is not a filesystem the loop trusts, so this also drives the
+    worker-thread path (stat, copy and close in a worker).
+    """
+
+    def work() -> None:
+        from shadowd_client import FileUnstable
+
+        with Client(daemon.socket_path, timeout=10) as c:
+            with pytest.raises(FileUnstable):
+                c.open("/proc/self/status")
+            assert c.stats()["entries"] == 0
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+@requires_root
+async def test_file_on_a_mount_the_daemon_cannot_see_is_served_by_workers(
+    daemon: Daemon, shared_dir: Path
+) -> None:
+    """A client in its own mount namespace, on a tmpfs the daemon cannot see.
+
+    The daemon does not know that filesystem, so it must not touch the fd on
+    its event loop: a worker stats, copies and closes it. The bytes must be
+    exact and the second open a hit.
+    """
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    code = f"""
+import os, sys, subprocess, json
+sys.path[:0] = {[str(p) for p in (Path(__file__).parent.parent, Path(__file__).parent.parent / "client")]!r}
+from shadowd_client import Client
+mnt = {str(shared_dir / "mnt")!r}
+os.makedirs(mnt, exist_ok=True)
+subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)
+path = os.path.join(mnt, "private")
+data = os.urandom(50000)
+with open(path, "wb") as f:
+    f.write(data)
+import time; time.sleep(0.1)
+out = []
+with Client({str(daemon.socket_path)!r}, timeout=10) as c:
+    for _ in range(2):
+        fd = c.open(path)
+        out.append(os.pread(fd, 60000, 0) == data)
+        os.close(fd)
+    s = c.stats()
+print(json.dumps([out, s["hits"], s["misses"], os.major(os.stat(path).st_dev)]))
+"""
+    with trio.fail_after(60):
+        proc = await call(
+            lambda: subprocess.run(
+                ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=50,
+                check=False,
+            )
+        )
+    assert proc.returncode == 0, proc.stderr
+    (same, hits, misses, major) = json.loads(proc.stdout.splitlines()[-1])
+    assert major == 0  # an anonymous-device filesystem, unknown to the daemon
+    assert same == [True, True]
+    assert (hits, misses) == (1, 1)
+    assert daemon.log().count("a worker inspects it") == 2
