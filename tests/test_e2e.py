@@ -30,7 +30,7 @@ from shadowd_client import (
 
 from shadowd.memfd import REQUIRED_SEALS
 
-from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
+from .conftest import NOBODY, REPO, Daemon, make_file, read_fd, requires_root, run_as, settle
 
 LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
 
@@ -601,9 +601,10 @@ async def test_file_on_a_mount_the_daemon_cannot_see_is_served_by_workers(
     """
     if shutil.which("unshare") is None:
         pytest.skip("unshare is not installed")
+    paths = [str(REPO), str(REPO / "client")]
     code = f"""
 import os, sys, subprocess, json
-sys.path[:0] = {[str(p) for p in (Path(__file__).parent.parent, Path(__file__).parent.parent / "client")]!r}
+sys.path[:0] = {paths!r}
 from shadowd_client import Client
 mnt = {str(shared_dir / "mnt")!r}
 os.makedirs(mnt, exist_ok=True)
