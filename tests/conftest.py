@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,10 +28,17 @@ requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to swit
 class Daemon:
     """`shadowd serve` in a subprocess, on a socket of its own."""
 
-    def __init__(self, socket_path: Path, args: list[str], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        socket_path: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
+    ):
         self.socket_path = socket_path
         self.args = args
         self.env = env
+        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = socket_path.parent / f"{socket_path.name}.log"
 
@@ -56,8 +64,18 @@ class Daemon:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "client")])
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         self.proc = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=limit if nofile is not None else None,
         )
         with trio.fail_after(timeout):
             while not self.answers():
@@ -130,10 +148,13 @@ async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
     daemons: list[Daemon] = []
 
     async def start(
-        *args: str, socket_name: str | None = None, env: dict[str, str] | None = None
+        *args: str,
+        socket_name: str | None = None,
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> Daemon:
         name = socket_name or f"d{len(daemons)}.sock"
-        d = Daemon(shared_dir / name, list(args), env)
+        d = Daemon(shared_dir / name, list(args), env, nofile)
         daemons.append(d)
         await d.start()
         return d

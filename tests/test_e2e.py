@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -639,3 +640,52 @@ print(json.dumps([out, s["hits"], s["misses"], os.major(os.stat(path).st_dev)]))
     assert same == [True, True]
     assert (hits, misses) == (1, 1)
     assert daemon.log().count("a worker inspects it") == 2
+
+
+async def test_fd_limit_raised_to_hard_limit(start_daemon: Any) -> None:
+    d = await start_daemon(nofile=(256, 2048))
+    with trio.fail_after(30):
+        s = await call(stats, d)
+    assert s["fd_limit"] == 2048
+    assert 0 < s["open_fds"] < 2048
+
+
+async def test_emfile_at_accept_is_logged_and_survived(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--racy-window", "0.05", nofile=(48, 48))
+    f = make_file(tmp_path / "f", b"after the storm")
+    settle(f)
+
+    def storm() -> None:
+        held = []
+        try:
+            for _ in range(80):  # more connections than the daemon has fds
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(str(d.socket_path))  # queued in the backlog even if not accepted
+                held.append(s)
+            deadline = time.monotonic() + 10
+            while "accept failed" not in d.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            for s in held:
+                s.close()
+
+    with trio.fail_after(60):
+        await call(storm)
+        assert "accept failed (Too many open files)" in d.log()
+        assert await call(open_bytes, d, f) == b"after the storm"
+
+
+@requires_root
+async def test_other_users_cannot_connect_by_default(daemon: Daemon) -> None:
+    code = f"""
+    from shadowd_client import Client, DaemonUnavailable
+    try:
+        with Client({str(daemon.socket_path)!r}, timeout=5) as c:
+            c.stats()
+        out("connected")
+    except DaemonUnavailable as e:
+        out(str(e))
+    """
+    with trio.fail_after(30):
+        res = await call(run_as, NOBODY, code)
+    assert "Permission denied" in res and str(daemon.socket_path) in res
