@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -64,19 +63,20 @@ class Daemon:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "client")])
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        nofile = self.nofile
-
-        def limit() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=limit if nofile is not None else None,
-        )
+        command = self.command()
+        if self.nofile is not None:
+            # Set the limit in a tiny wrapper that then becomes the daemon
+            # (exec keeps the pid): no preexec_fn in a threaded test process.
+            soft, hard = self.nofile
+            command = [
+                sys.executable,
+                "-c",
+                "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+                "os.execv(sys.argv[1], sys.argv[1:])",
+                *command,
+            ]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         with trio.fail_after(timeout):
             while not self.answers():
                 if self.proc.poll() is not None:
