@@ -116,6 +116,10 @@ def close_all(fds: Iterable[int]) -> None:
 
 def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
     """The fds of every SCM_RIGHTS message in *ancdata*, from recvmsg."""
+    if len(ancdata) == 1:
+        level, kind, data = ancdata[0]
+        if len(data) == 4 and level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            return [_INT.unpack(data)[0]]  # one fd: the common case
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
