@@ -1,9 +1,15 @@
 """Count the daemon's syscalls per hit with `strace -c -f`.
 
-Starts a daemon, warms one file into its cache, attaches strace to the
-daemon and makes N hits, once from one client (request, reply, request...)
-and once from 8 client processes at the same time; prints each syscall's
-count per hit. Needs strace. Run: `.venv/bin/python benchmarks/syscalls.py`.
+Starts a daemon, warms files into its cache, attaches strace to the daemon
+and makes N hits three ways: one client (request, reply, request...), 8
+client processes at once, and one client asking for 8 files per batch open;
+prints each syscall's count per hit. Needs strace.
+Run: `.venv/bin/python benchmarks/syscalls.py`.
+
+Note that strace slows the daemon down so much that a lone client's next
+request is often already queued when the daemon looks for it; without
+strace, a strictly request-reply client adds an epoll_ctl and an
+epoll_wait per hit (the daemon waits for its next request).
 """
 
 from __future__ import annotations
@@ -24,19 +30,33 @@ from shadowd.bench import _wait_for_socket
 HITS = 5000
 
 
+BATCH = 8
+
+
 def _client(socket_path: str, path: str, n: int) -> None:
     with Client(socket_path, timeout=30) as c:
         for _ in range(n):
             os.close(c.open(path))
 
 
-def count(socket_path: str, pid: int, path: str, procs: int) -> dict[str, float]:
-    out = os.path.join(os.path.dirname(socket_path), f"strace-{procs}.txt")
+def _batch_client(socket_path: str, path: str, n: int) -> None:
+    paths = [f"{path}.{i}" for i in range(BATCH)]
+    with Client(socket_path, timeout=30) as c:
+        for _ in range(n // BATCH):
+            for fd in c.open_many(paths):
+                os.close(fd)
+
+
+def count(
+    socket_path: str, pid: int, path: str, procs: int, batch: bool = False
+) -> dict[str, float]:
+    out = os.path.join(os.path.dirname(socket_path), f"strace-{procs}-{batch}.txt")
     strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out])
     time.sleep(1.0)  # let strace attach to every thread
     ctx = multiprocessing.get_context("fork")
+    target = _batch_client if batch else _client
     workers = [
-        ctx.Process(target=_client, args=(socket_path, path, HITS // procs)) for _ in range(procs)
+        ctx.Process(target=target, args=(socket_path, path, HITS // procs)) for _ in range(procs)
     ]
     for w in workers:
         w.start()
@@ -60,8 +80,9 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="shadowd-syscalls-")
     socket_path = os.path.join(workdir, "s.sock")
     path = os.path.join(workdir, "file")
-    with open(path, "wb") as f:
-        f.write(os.urandom(65536))
+    for name in [path, *(f"{path}.{i}" for i in range(BATCH))]:
+        with open(name, "wb") as f:
+            f.write(os.urandom(65536))
     daemon = subprocess.Popen(
         [
             sys.executable,
@@ -79,22 +100,26 @@ def main() -> None:
     try:
         _wait_for_socket(socket_path, daemon, "the daemon")
         _client(socket_path, path, 10)  # the miss, then warm hits
-        results = {procs: count(socket_path, daemon.pid, path, procs) for procs in (1, 8)}
+        _batch_client(socket_path, path, BATCH)
+        results = {
+            "1 client": count(socket_path, daemon.pid, path, 1),
+            "8 clients": count(socket_path, daemon.pid, path, 8),
+            f"batches of {BATCH}": count(socket_path, daemon.pid, path, 1, batch=True),
+        }
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+    first = results["1 client"]
     names = sorted(
         {n for r in results.values() for n, v in r.items() if v >= 0.01},
-        key=lambda n: -results[1].get(n, 0),
+        key=lambda n: -first.get(n, 0),
     )
     print(f"daemon syscalls per hit ({HITS} hits each)")
-    print(f"{'syscall':<14} {'1 client':>9} {'8 clients':>10}")
+    print(f"{'syscall':<14}" + "".join(f"{k:>15}" for k in results))
     for name in names:
-        print(f"{name:<14} {results[1].get(name, 0):>9.2f} {results[8].get(name, 0):>10.2f}")
-    total1 = sum(v for v in results[1].values())
-    total8 = sum(v for v in results[8].values())
-    print(f"{'total':<14} {total1:>9.2f} {total8:>10.2f}")
+        print(f"{name:<14}" + "".join(f"{r.get(name, 0):>15.2f}" for r in results.values()))
+    print(f"{'total':<14}" + "".join(f"{sum(r.values()):>15.2f}" for r in results.values()))
 
 
 if __name__ == "__main__":
