@@ -226,15 +226,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_socket(flag: str | None) -> str:
-    """The socket path to create; "" when none is known and the service manager passes one."""
+    """The socket path to create; "" when the service manager passes the socket."""
     from .systemd import activated
 
-    try:
-        return resolve_socket_path(flag)
-    except ConfigError:
-        if flag is None and activated():
-            return ""
-        raise
+    if flag is None and activated():
+        return ""  # the passed socket, wherever it is
+    return resolve_socket_path(flag)
 
 
 def _stats(args: argparse.Namespace) -> int:

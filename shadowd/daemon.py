@@ -171,7 +171,7 @@ async def run(
                     "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s)",
                     __version__,
                     listener.path,
-                    "" if listener.created else " (passed by the service manager)",
+                    "" if listener.created else ", passed by the service manager",
                     config.cache.max_entries,
                     config.cache.max_bytes,
                     fd_limit,
