@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or /run/shadowd/shadowd.sock for root)"
     )
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--socket", help=socket_help)
+    serve.add_argument(
+        "--socket", help=socket_help[:-1] + "; a socket passed by the service manager wins)"
+    )
     defaults = CacheLimits()
     serve.add_argument(
         "--max-entries",
