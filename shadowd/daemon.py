@@ -22,9 +22,9 @@ from .errors import ConfigError
 from .fds import close_all
 from .fdstore import FdStore
 from .listener import Listener
+from .paths import resolve_socket_path
 from .report import human_bytes
 from .server import Server, ServerConfig
-from .stats import Stats
 from .systemd import PassedFd
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,18 @@ def _entry_name(entry: Entry) -> str:
     return repr(entry.label) if entry.label is not None else f"{entry.key}"
 
 
-def status_line(stats: Stats) -> str:
-    """One line for the service manager's STATUS=."""
-    rate = f"{100.0 * stats.hit_rate:.1f}%" if stats.lookups else "-"
+def status_line(server: Server) -> str:
+    """One line for the service manager's STATUS=.
+
+    From the counters alone: the full stats list /proc/self/fd and rank the
+    top files, which is too much work for the loop every few seconds.
+    """
+    cache = server.cache
+    hits, misses = cache.hits, cache.misses
+    rate = f"{100.0 * hits / (hits + misses):.1f}%" if hits + misses else "-"
     return (
-        f"{stats.entries} files, {human_bytes(stats.bytes)} cached; "
-        f"{stats.hits} hits, {stats.misses} misses (hit rate {rate}); "
-        f"{stats.clients} clients"
+        f"{len(cache)} files, {human_bytes(cache.bytes)} cached; "
+        f"{hits} hits, {misses} misses (hit rate {rate}); {server.clients} clients"
     )
 
 
@@ -153,7 +158,9 @@ async def run(
     server = Server(config)
     server.cache.add_observer(CacheLog())
     try:
-        store = FdStore(notifier, max_entries=config.fd_store_max)
+        # Without a manager to keep them, stored descriptors passed at start
+        # are still taken back; nothing new is stored.
+        store = FdStore(notifier, max_entries=config.fd_store_max if notifier else 0)
         store.restore(server.cache, stored)
         server.fd_store = store
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -179,7 +186,7 @@ async def run(
                 )
                 if notifier is not None:
                     nursery.start_soon(notifier.run)
-                    notifier.send(f"READY=1\nSTATUS={status_line(server.stats())}")
+                    notifier.send(f"READY=1\nSTATUS={status_line(server)}")
                     nursery.start_soon(_report_status, server, notifier)
                 task_status.started(server)
     finally:
@@ -219,11 +226,10 @@ def _listener(config: ServerConfig, passed: list[PassedFd]) -> tuple[Listener, l
                     config.socket_path,
                 )
             return listener, others
-        if not config.socket_path:
-            raise ConfigError("no socket: pass --socket, or start shadowd by socket activation")
-        listener = Listener.bind(
-            config.socket_path, mode=config.socket_mode, group=config.socket_group
-        )
+        # Only stored descriptors were passed (a service without a socket
+        # unit): the socket is ours to create, where it goes by default.
+        path = config.socket_path or resolve_socket_path(None)
+        listener = Listener.bind(path, mode=config.socket_mode, group=config.socket_group)
         return listener, others
     except BaseException:
         close_all(p.fd for p in passed)
@@ -234,7 +240,7 @@ async def _report_status(server: Server, notifier: systemd.Notifier) -> None:
     while not server.draining:
         await trio.sleep(STATUS_INTERVAL)
         if not server.draining:
-            notifier.send(f"STATUS={status_line(server.stats())}")
+            notifier.send(f"STATUS={status_line(server)}")
 
 
 async def _watch_signals(

@@ -26,16 +26,18 @@ from .conftest import REPO
 # it), then become the daemon.
 LAUNCHER = """
 import fcntl, os, sys
-passed = [int(x) for x in os.environ.pop("MANAGER_FDS").split(",")]
+passed = [int(x) for x in os.environ.pop("MANAGER_FDS").split(",") if x]
+names = os.environ.pop("MANAGER_NAMES")
 n = len(passed)
 high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in passed]
 for fd in passed:
     os.close(fd)
 for i, fd in enumerate(high):
     os.dup2(fd, 3 + i)  # inheritable, like systemd's
-os.environ["LISTEN_FDS"] = str(n)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDNAMES"] = os.environ.pop("MANAGER_NAMES")
+if n:  # systemd sets the variables only when it passes something
+    os.environ["LISTEN_FDS"] = str(n)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDNAMES"] = names
 os.execv(sys.argv[1], sys.argv[1:])
 """
 
@@ -109,12 +111,16 @@ class ServiceManager:
 
     # -- the daemon ------------------------------------------------------
 
-    def start(self, *args: str, extra: list[tuple[str, int]] | None = None) -> int:
+    def start(
+        self, *args: str, extra: list[tuple[str, int]] | None = None, with_socket: bool = True
+    ) -> int:
         """Start a daemon with the socket and the stored descriptors; returns the message index.
 
         *extra* adds (name, fd) pairs to what is passed, as if they were stored.
+        Without *with_socket*, only the store is passed (a service with no
+        socket unit).
         """
-        passed = [(SOCKET_NAME, self.listener.fileno())]
+        passed = [(SOCKET_NAME, self.listener.fileno())] if with_socket else []
         passed += [(name, fd) for name, fds in self.store.items() for fd in fds]
         passed += extra or []
         env = dict(os.environ)

@@ -116,6 +116,31 @@ async def test_restart_keeps_the_cache_warm_and_the_client_working(
     assert "warm restart: 2 of 2 stored descriptors back in the cache" in manager.log()
 
 
+async def test_a_service_without_a_socket_unit_binds_its_own_and_restores(
+    manager: ServiceManager, shared_dir: Path, tmp_path: Path
+) -> None:
+    f = make_file(tmp_path / "f", os.urandom(1000))
+    settle(f)
+    own = shared_dir / "own.sock"
+    with trio.fail_after(60):
+        await manager.start_ready("--racy-window", "0.05", "--socket", str(own), with_socket=False)
+        assert own.exists()  # not passed: created by the daemon
+        with Client(own, timeout=10) as c:
+            os.close(await call(c.open, f))
+        await manager.wait_until(lambda: len(manager.store) == 1)
+        assert await manager.stop() == 0
+        assert not own.exists()  # created by the daemon: removed by it
+
+        await manager.start_ready("--racy-window", "0.05", "--socket", str(own), with_socket=False)
+        with Client(own, timeout=10) as c:
+            fd = await call(c.open, f)
+            assert read_fd(fd) == f.read_bytes()
+            os.close(fd)
+            stats = await call(c.stats)
+        assert (stats["hits"], stats["misses"], stats["restored_entries"]) == (1, 0, 1)
+        assert await manager.stop() == 0
+
+
 async def test_a_file_changed_during_the_restart_is_served_fresh(
     manager: ServiceManager, tmp_path: Path
 ) -> None:

@@ -12,9 +12,12 @@ from typing import Any
 import attrs
 import pytest
 
+from shadowd.cache import HostKey
 from shadowd.daemon import configure_logging, status_line, stream_is_journal
+from shadowd.memfd import sealed_from_bytes
 from shadowd.protocol import ErrorCode
 from shadowd.report import format_prometheus, format_rates, format_table
+from shadowd.server import Server, ServerConfig
 from shadowd.stats import Stats, TopEntry
 
 from . import promtext
@@ -141,9 +144,18 @@ def test_rates_between_two_snapshots() -> None:
 
 
 def test_status_line_is_one_line() -> None:
-    line = status_line(sample_stats())
+    server = Server(ServerConfig(socket_path=""))
+    assert status_line(server) == "0 files, 0 B cached; 0 hits, 0 misses (hit rate -); 0 clients"
+    f = sealed_from_bytes(b"x" * 3000)
+    server.cache.insert(HostKey(1, 1), (3000, 1, 1), f, ctime_ns=1)
+    f.release()
+    for _ in range(9):
+        server.cache.lookup(HostKey(1, 1), (3000, 1, 1))
+    server.cache.lookup(HostKey(1, 2), (5, 1, 1))
+    line = status_line(server)
     assert "\n" not in line
-    assert line == "3 files, 2.9 KiB cached; 90 hits, 10 misses (hit rate 90.0%); 2 clients"
+    assert line == "1 files, 2.9 KiB cached; 9 hits, 1 misses (hit rate 90.0%); 0 clients"
+    server.cache.clear()
 
 
 # -- logging ------------------------------------------------------------------
