@@ -195,9 +195,6 @@ class _Exposition:
             else:
                 self.lines.append(f"{name} {_number(value)}")
 
-    def one(self, name: str, kind: str, help: str, value: float) -> None:
-        self.family(name, kind, help, [({}, value)])
-
 
 def _by_path(values: Iterable[tuple[str, int]]) -> list[Sample]:
     """One sample per path: two entries can carry one label (a file replaced by rename)."""
@@ -207,14 +204,92 @@ def _by_path(values: Iterable[tuple[str, int]]) -> list[Sample]:
     return [({"path": label}, value) for label, value in sums.items()]
 
 
+#: Metrics that are one Stats field each: (name, type, help, field). A field
+#: below zero means "could not measure", and its metric is left out.
+_SCALARS: tuple[tuple[str, str, str, str], ...] = (
+    ("shadowd_uptime_seconds", "gauge", "Seconds since the daemon started.", "uptime_seconds"),
+    (
+        "shadowd_evictions_total",
+        "counter",
+        "Entries dropped to stay within the budgets.",
+        "evictions",
+    ),
+    (
+        "shadowd_invalidations_total",
+        "counter",
+        "Entries dropped because their file changed.",
+        "invalidations",
+    ),
+    (
+        "shadowd_served_uncached_total",
+        "counter",
+        "Copies served but not cached (too new, too large, over budget).",
+        "uncached",
+    ),
+    ("shadowd_copies_total", "counter", "Files copied into memfds.", "copies"),
+    ("shadowd_copied_bytes_total", "counter", "Bytes copied into memfds.", "bytes_copied"),
+    ("shadowd_clients", "gauge", "Clients connected now.", "clients"),
+    ("shadowd_connections_total", "counter", "Client connections accepted.", "clients_total"),
+    ("shadowd_cache_entries", "gauge", "Files in the cache.", "entries"),
+    ("shadowd_cache_max_entries", "gauge", "Most files the cache keeps.", "max_entries"),
+    ("shadowd_cache_bytes", "gauge", "Bytes of file content in the cache.", "bytes"),
+    (
+        "shadowd_cache_max_bytes",
+        "gauge",
+        "Most bytes of file content the cache keeps.",
+        "max_bytes",
+    ),
+    (
+        "shadowd_cache_memory_bytes",
+        "gauge",
+        "Memory the cached memfds hold, in whole pages. Memory of evicted files that "
+        "clients still hold descriptors of is not counted: no one here can see it.",
+        "memory_bytes",
+    ),
+    (
+        "shadowd_max_file_size_bytes",
+        "gauge",
+        "Files larger than this are never cached.",
+        "max_file_size",
+    ),
+    (
+        "shadowd_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the daemon process (without memfd pages it does not map).",
+        "rss_bytes",
+    ),
+    ("shadowd_open_fds", "gauge", "Descriptors the daemon has open.", "open_fds"),
+    ("shadowd_max_fds", "gauge", "The daemon's descriptor limit.", "fd_limit"),
+    (
+        "shadowd_fdstore_entries",
+        "gauge",
+        "Entries kept in the service manager's fd store for warm restarts.",
+        "fdstore_entries",
+    ),
+    (
+        "shadowd_fdstore_max_entries",
+        "gauge",
+        "Most entries the fd store keeps; 0 when warm restarts are off.",
+        "fdstore_max",
+    ),
+    (
+        "shadowd_fdstore_restored_entries",
+        "gauge",
+        "Entries taken back from the fd store when the daemon started.",
+        "restored_entries",
+    ),
+)
+
+
 def format_prometheus(stats: Stats) -> str:
     """The stats in the Prometheus text exposition format: base units, _total counters."""
     out = _Exposition()
     version = stats.server.partition("/")[2] or stats.server
     out.family("shadowd_info", "gauge", "The daemon's version.", [({"version": version}, 1)])
-    out.one(
-        "shadowd_uptime_seconds", "gauge", "Seconds since the daemon started.", stats.uptime_seconds
-    )
+    for name, kind, help, field in _SCALARS:
+        value = getattr(stats, field)
+        if value >= 0:
+            out.family(name, kind, help, [({}, value)])
     kinds = {
         "host": (stats.hits - stats.private_hits, stats.misses - stats.private_misses),
         "private": (stats.private_hits, stats.private_misses),
@@ -231,91 +306,12 @@ def format_prometheus(stats: Stats) -> str:
         "Opens that had to copy the file (or join a copy in progress).",
         [({"kind": k}, m) for k, (_, m) in kinds.items()],
     )
-    out.one(
-        "shadowd_evictions_total",
-        "counter",
-        "Entries dropped to stay within the budgets.",
-        stats.evictions,
-    )
-    out.one(
-        "shadowd_invalidations_total",
-        "counter",
-        "Entries dropped because their file changed.",
-        stats.invalidations,
-    )
-    out.one(
-        "shadowd_served_uncached_total",
-        "counter",
-        "Copies served but not cached (too new, too large, over budget).",
-        stats.uncached,
-    )
-    out.one("shadowd_copies_total", "counter", "Files copied into memfds.", stats.copies)
-    out.one(
-        "shadowd_copied_bytes_total", "counter", "Bytes copied into memfds.", stats.bytes_copied
-    )
     codes = dict.fromkeys((str(c) for c in ErrorCode), 0) | dict(stats.refused_by_code)
     out.family(
         "shadowd_refusals_total",
         "counter",
         "Requests refused, by error code.",
         [({"code": code}, n) for code, n in sorted(codes.items())],
-    )
-    out.one("shadowd_clients", "gauge", "Clients connected now.", stats.clients)
-    out.one(
-        "shadowd_connections_total",
-        "counter",
-        "Client connections accepted.",
-        stats.clients_total,
-    )
-    out.one("shadowd_cache_entries", "gauge", "Files in the cache.", stats.entries)
-    out.one("shadowd_cache_max_entries", "gauge", "Most files the cache keeps.", stats.max_entries)
-    out.one("shadowd_cache_bytes", "gauge", "Bytes of file content in the cache.", stats.bytes)
-    out.one(
-        "shadowd_cache_max_bytes",
-        "gauge",
-        "Most bytes of file content the cache keeps.",
-        stats.max_bytes,
-    )
-    out.one(
-        "shadowd_cache_memory_bytes",
-        "gauge",
-        "Memory the cached memfds hold, in whole pages. Memory of evicted files that "
-        "clients still hold descriptors of is not counted: no one here can see it.",
-        stats.memory_bytes,
-    )
-    out.one(
-        "shadowd_max_file_size_bytes",
-        "gauge",
-        "Files larger than this are never cached.",
-        stats.max_file_size,
-    )
-    if stats.rss_bytes >= 0:
-        out.one(
-            "shadowd_resident_memory_bytes",
-            "gauge",
-            "Resident memory of the daemon process (without memfd pages it does not map).",
-            stats.rss_bytes,
-        )
-    if stats.open_fds >= 0:
-        out.one("shadowd_open_fds", "gauge", "Descriptors the daemon has open.", stats.open_fds)
-        out.one("shadowd_max_fds", "gauge", "The daemon's descriptor limit.", stats.fd_limit)
-    out.one(
-        "shadowd_fdstore_entries",
-        "gauge",
-        "Entries kept in the service manager's fd store for warm restarts.",
-        stats.fdstore_entries,
-    )
-    out.one(
-        "shadowd_fdstore_max_entries",
-        "gauge",
-        "Most entries the fd store keeps; 0 when warm restarts are off.",
-        stats.fdstore_max,
-    )
-    out.one(
-        "shadowd_fdstore_restored_entries",
-        "gauge",
-        "Entries taken back from the fd store when the daemon started.",
-        stats.restored_entries,
     )
     out.family(
         "shadowd_top_file_hits",

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import trio
 
 from shadowd.fds import close_all, fds_from_ancdata
+from shadowd.systemd import Notifier
 
 from .conftest import REPO
 
@@ -42,6 +44,8 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 SOCKET_NAME = "shadowd.socket"
+#: The daemon as the tests start it.
+SERVE = [sys.executable, "-m", "shadowd", "serve", "--log-level", "debug"]
 
 
 class ServiceManager:
@@ -135,18 +139,7 @@ class ServiceManager:
         log = open(self.log_path, "ab")  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    LAUNCHER,
-                    sys.executable,
-                    "-m",
-                    "shadowd",
-                    "serve",
-                    "--log-level",
-                    "debug",
-                    *args,
-                ],
+                [sys.executable, "-c", LAUNCHER, *SERVE, *args],
                 pass_fds=[fd for _, fd in passed],
                 env=env,
                 stdout=log,
@@ -192,3 +185,42 @@ class ServiceManager:
         self.store.clear()
         self.listener.close()
         self.notify.close()
+
+
+class NotifyReceiver:
+    """The manager's end of NOTIFY_SOCKET alone, for tests in process: an abstract address."""
+
+    def __init__(self) -> None:
+        self.name = f"shadowd-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+        self.sock.bind(b"\0" + self.name.encode())
+
+    def notifier(self, **kwargs: Any) -> Notifier:
+        """A notifier made the daemon's way, from NOTIFY_SOCKET=@name (then unset)."""
+        env = {"NOTIFY_SOCKET": "@" + self.name}
+        notifier = Notifier.from_environment(env, **kwargs)
+        assert notifier is not None and env == {}
+        return notifier
+
+    def receive_all(self) -> list[tuple[str, list[int]]]:
+        """Every message waiting, with the descriptors that came with it (now the caller's)."""
+        out = []
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+            except BlockingIOError:
+                return out
+            out.append((data.decode(), fds_from_ancdata(anc)))
+
+    def fields(self) -> list[tuple[dict[str, str], int]]:
+        """Every message waiting as (fields, number of descriptors); the descriptors are closed."""
+        out = []
+        for text, fds in self.receive_all():
+            close_all(fds)
+            out.append((dict(line.split("=", 1) for line in text.splitlines()), len(fds)))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()

@@ -57,19 +57,23 @@ def test_bad_size_is_a_usage_error() -> None:
     assert "not a size" in proc.stderr
 
 
-async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
+async def open_times(daemon: Daemon, path: Path, times: int) -> None:
+    """Open *path* through *daemon* *times* times, on one connection."""
     from shadowd_client import Client
-
-    f = make_file(tmp_path / "f", b"x" * 1000)
-    settle(f)
 
     def opens() -> None:
         with Client(daemon.socket_path, timeout=10) as c:
-            for _ in range(4):
-                os.close(c.open(f))
+            for _ in range(times):
+                os.close(c.open(path))
 
+    await trio.to_thread.run_sync(opens)
+
+
+async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "f", b"x" * 1000)
+    settle(f)
     with trio.fail_after(30):
-        await trio.to_thread.run_sync(opens)
+        await open_times(daemon, f, 4)
         table = await run("stats", "--socket", str(daemon.socket_path))
         assert table.returncode == 0, table.stderr
         assert "hit rate" in table.stdout and "75.0%" in table.stdout
@@ -159,18 +163,10 @@ async def test_path_that_is_not_a_socket_is_never_replaced(shared_dir: Path) -> 
 
 
 async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_path: Path) -> None:
-    from shadowd_client import Client
-
     f = make_file(tmp_path / 'odd "name"\\', b"y" * 5000)
     settle(f)
-
-    def opens() -> None:
-        with Client(daemon.socket_path, timeout=10) as c:
-            for _ in range(3):
-                os.close(c.open(f))
-
     with trio.fail_after(30):
-        await trio.to_thread.run_sync(opens)
+        await open_times(daemon, f, 3)
         proc = await run("stats", "--socket", str(daemon.socket_path), "--prometheus")
     assert proc.returncode == 0, proc.stderr
     families = promtext.parse(proc.stdout)

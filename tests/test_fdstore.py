@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import string
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,9 +14,10 @@ from hypothesis import strategies as st
 
 from shadowd import memfd
 from shadowd.cache import Cache, CacheLimits, HostKey
-from shadowd.fds import close_all, fds_from_ancdata
 from shadowd.fdstore import MAX_NAME, FdStore, StoredName
-from shadowd.systemd import Notifier, PassedFd
+from shadowd.systemd import PassedFd
+
+from .manager import NotifyReceiver
 
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
@@ -75,34 +74,18 @@ def test_names_this_format_does_not_write_are_not_parsed(name: str) -> None:
 
 
 class Manager:
-    """A datagram socket standing for the service manager's NOTIFY_SOCKET."""
+    """The service manager's end of NOTIFY_SOCKET, and the daemon's notifier for it."""
 
     def __init__(self) -> None:
-        name = f"shadowd-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(
-            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-        )
-        self.sock.bind(b"\0" + name.encode())
-        notifier = Notifier.from_environment({"NOTIFY_SOCKET": "@" + name})
-        assert notifier is not None
-        self.notifier = notifier
+        self.receiver = NotifyReceiver()
+        self.notifier = self.receiver.notifier()
 
     def messages(self) -> list[tuple[dict[str, str], int]]:
-        """(fields, number of descriptors) of each message since the last call."""
-        out = []
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
-            except BlockingIOError:
-                return out
-            fds = fds_from_ancdata(anc)
-            close_all(fds)
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            out.append((fields, len(fds)))
+        return self.receiver.fields()
 
     def close(self) -> None:
         self.notifier.close()
-        self.sock.close()
+        self.receiver.close()
 
 
 @pytest.fixture

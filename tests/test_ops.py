@@ -25,7 +25,7 @@ from shadowd.fdstore import StoredName
 from shadowd.memfd import REQUIRED_SEALS
 
 from .conftest import REPO, make_file, read_fd, settle
-from .manager import ServiceManager
+from .manager import SERVE, ServiceManager
 
 
 async def call(fn: Any, *args: Any) -> Any:
@@ -300,12 +300,7 @@ async def test_under_systemd_socket_activate(shared_dir: Path, tmp_path: Path) -
                 f"NOTIFY_SOCKET=@{abstract}",
                 "-E",
                 "PYTHONPATH=" + os.pathsep.join([str(REPO), str(REPO / "client")]),
-                sys.executable,
-                "-m",
-                "shadowd",
-                "serve",
-                "--log-level",
-                "debug",
+                *SERVE,
                 "--racy-window",
                 "0.05",
             ],

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from shadowd.errors import ConfigError
-from shadowd.fds import close_all, fds_from_ancdata
+from shadowd.fds import close_all
 from shadowd.systemd import (
     LISTEN_VARIABLES,
     Notifier,
@@ -26,6 +26,8 @@ from shadowd.systemd import (
     notify_address,
     socket_name,
 )
+
+from .manager import NotifyReceiver
 
 
 def listening(kind: int = socket.SOCK_SEQPACKET, path: str | None = None) -> socket.socket:
@@ -155,32 +157,6 @@ def test_fd_store_limit() -> None:
     assert fd_store_limit(0, {"FDSTORE": "128"}) == 0
 
 
-class Receiver:
-    """The manager's end: a datagram socket at an abstract address."""
-
-    def __init__(self) -> None:
-        self.name = f"shadowd-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(
-            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-        )
-        self.sock.bind(b"\0" + self.name.encode())
-
-    def notifier(self, **kwargs: Any) -> Notifier:
-        env = {"NOTIFY_SOCKET": "@" + self.name}
-        notifier = Notifier.from_environment(env, **kwargs)
-        assert notifier is not None and env == {}
-        return notifier
-
-    def receive_all(self) -> list[tuple[str, list[int]]]:
-        out = []
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-            except BlockingIOError:
-                return out
-            out.append((data.decode(), fds_from_ancdata(anc)))
-
-
 class Held:
     """Stands for a SealedFile: counts the references the notifier takes."""
 
@@ -206,7 +182,7 @@ class Held:
 
 
 def test_notifier_sends_messages_and_descriptors_to_an_abstract_address() -> None:
-    rx = Receiver()
+    rx = NotifyReceiver()
     notifier = rx.notifier()
     fd = os.memfd_create("shadowd", os.MFD_CLOEXEC)
     try:
@@ -231,7 +207,7 @@ def test_no_notify_socket_no_notifier(caplog: Any) -> None:
 
 
 async def test_notifier_queues_in_order_while_the_manager_is_full() -> None:
-    rx = Receiver()
+    rx = NotifyReceiver()
     notifier = rx.notifier(max_queue=10_000)
     files = []
     try:
@@ -269,7 +245,7 @@ async def test_notifier_queues_in_order_while_the_manager_is_full() -> None:
 
 
 def test_notifier_queue_is_bounded_and_releases_what_it_drops(caplog: Any) -> None:
-    rx = Receiver()
+    rx = NotifyReceiver()
     notifier = rx.notifier(max_queue=2)
     try:
         while notifier.queued < 2:
