@@ -143,6 +143,8 @@ async def run(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and clean up."""
     fd_limit = raise_fd_limit()
+    server = Server(config)
+    server.cache.add_observer(CacheLog())
     passed = systemd.listen_fds()
     try:
         notifier = systemd.Notifier.from_environment()
@@ -155,8 +157,6 @@ async def run(
         if notifier is not None:
             notifier.close()
         raise
-    server = Server(config)
-    server.cache.add_observer(CacheLog())
     try:
         # Without a manager to keep them, stored descriptors passed at start
         # are still taken back; nothing new is stored.
@@ -192,8 +192,7 @@ async def run(
     finally:
         listener.close()
         if notifier is not None:
-            if not server.draining:
-                notifier.send("STOPPING=1")
+            notifier.stopping()
             notifier.flush()
             notifier.close()
     if listener.created:
@@ -251,7 +250,7 @@ async def _watch_signals(
         if not server.draining:
             logger.info("%s: finishing in-flight requests, then exiting", name)
             if notifier is not None:
-                notifier.send("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
+                notifier.stopping("stopping: finishing in-flight requests")
             server.shutdown()
         else:
             logger.info("%s again: stopping now", name)

@@ -208,6 +208,7 @@ class Notifier:
     broken: bool = False
     sent: int = 0
     dropped: int = 0
+    said_stopping: bool = False
 
     @classmethod
     def from_environment(
@@ -257,6 +258,12 @@ class Notifier:
         self._queue.append(attrs.evolve(msg, keep=keep))
         self._wakeup.set()
         return True
+
+    def stopping(self, status: str | None = None) -> None:
+        """Tell the manager the service is stopping (once, however often called)."""
+        if not self.said_stopping:
+            self.said_stopping = True
+            self.send("STOPPING=1" + (f"\nSTATUS={status}" if status else ""))
 
     def describe(self) -> str:
         address = self.address
