@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .cache import CacheLimits
-from .errors import ConfigError
+from .errors import ConfigError, DaemonError
 from .paths import resolve_socket_path
 from .protocol import MAX_BATCH_LIMIT, WireLimits
 
@@ -251,7 +251,7 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
 
 
-class _StatsUnavailable(Exception):
+class _StatsUnavailable(DaemonError):
     """No stats to show: no daemon, or a reply this version cannot read."""
 
 

@@ -22,6 +22,7 @@ import attrs
 
 from . import memfd
 from .cache import Admission, Cache, DropReason, Entry, HostKey, Version
+from .errors import DaemonError
 from .fds import FdHolder, close_all
 from .memfd import SealedFile
 from .systemd import UNNAMED, Notifier, PassedFd
@@ -84,7 +85,7 @@ def name_for(entry: Entry) -> str | None:
     return StoredName(key=entry.key, version=entry.version, label=entry.label).format()
 
 
-class Rejected(Exception):
+class Rejected(DaemonError):
     """A stored descriptor that cannot go back into the cache (the reason says why)."""
 
 

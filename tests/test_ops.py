@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,22 +25,11 @@ from shadowd.memfd import REQUIRED_SEALS
 
 from .conftest import REPO, make_file, read_fd, settle
 from .manager import SERVE, ServiceManager
+from .test_cli import run as run_shadowd
 
 
 async def call(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
-
-
-def shadowd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
-    return subprocess.run(
-        [sys.executable, "-m", "shadowd", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -327,7 +315,7 @@ async def test_under_systemd_socket_activate(shared_dir: Path, tmp_path: Path) -
             assert any(m.startswith("STATUS=") for m in messages)
 
             # A second daemon on the live socket is refused; the first keeps serving.
-            second = await trio.to_thread.run_sync(shadowd, "serve", "--socket", str(path))
+            second = await run_shadowd("serve", "--socket", str(path))
             assert second.returncode != 0
             assert str(path) in second.stderr and "answering" in second.stderr
             assert len(second.stderr.strip().splitlines()) == 1
