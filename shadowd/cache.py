@@ -3,7 +3,9 @@
 #
 # Plain synchronous code, owned by the event-loop thread: no await, no locks,
 # no I/O except releasing memfds it drops. Every operation is O(1) (a dict in
-# LRU order) except `top`, which reports and is O(n log k).
+# LRU order) except `top`, which reports and is O(n log k). Observers hear of
+# every entry added and dropped (the fd store, the log), synchronously and
+# never on a hit.
 #
 # Must never: return an entry whose version differs from the one asked for;
 # hold more than max_entries entries or max_bytes bytes; cache a file larger
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import mmap
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -77,6 +80,15 @@ class PrivateKey(NamedTuple):
 Version = tuple[int, int, int | None]
 
 
+class DropReason(enum.Enum):
+    """Why an entry left the cache; observers act on some and not others."""
+
+    EVICTED = "evicted"  # made room under the budgets
+    INVALIDATED = "invalidated"  # its file changed, or an entry of a newer version replaced it
+    REMOVED = "removed"  # asked for by name
+    CLEARED = "cleared"  # the daemon is stopping: the entry is not wrong, only let go
+
+
 class Admission(enum.Enum):
     CACHED = "cached"
     TOO_LARGE = "too-large"  # above max_file_size
@@ -96,6 +108,26 @@ class Entry:
     @property
     def size(self) -> int:
         return self.file.size
+
+
+class CacheObserver(Protocol):
+    """Told of each entry added to and dropped from a :class:`Cache`.
+
+    Called synchronously on the loop, inside the cache operation: it must not
+    block, await or change the cache.
+    """
+
+    def inserted(self, entry: Entry) -> None: ...
+
+    def dropped(self, entry: Entry, reason: DropReason) -> None: ...
+
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+def page_rounded(size: int) -> int:
+    """The memory a memfd of *size* bytes holds: whole pages (at least)."""
+    return -(-size // PAGE_SIZE) * PAGE_SIZE
 
 
 @attrs.define
@@ -119,10 +151,17 @@ class Cache:
         # iteration skip ever more deleted slots.
         self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
         self.bytes = 0
+        #: Memory the entries hold, counted in whole pages.
+        self.memory_bytes = 0
         self.evictions = 0
         self.invalidations = 0
         self.host = KindCounters()
         self.private = KindCounters()
+        self.observers: tuple[CacheObserver, ...] = ()
+
+    def add_observer(self, observer: CacheObserver) -> None:
+        """Tell *observer* of every entry added and dropped from now on."""
+        self.observers = (*self.observers, observer)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -154,7 +193,7 @@ class Cache:
                 entry.hits += 1
                 counters.hits += 1
                 return entry
-            self._drop(key, entry)
+            self._drop(key, entry, DropReason.INVALIDATED)
             self.invalidations += 1
         counters.misses += 1
         return None
@@ -199,7 +238,7 @@ class Cache:
         if existing is not None:
             if existing.version == version:
                 return Admission.CACHED, existing
-            self._drop(key, existing)
+            self._drop(key, existing, DropReason.INVALIDATED)
             self.invalidations += 1
         limits = self.limits
         while self._entries and (
@@ -209,14 +248,17 @@ class Cache:
         entry = Entry(key=key, version=version, file=file.retain(), label=label, private=private)
         self._entries[key] = entry
         self.bytes += entry.size
+        self.memory_bytes += page_rounded(entry.size)
         counters = self._counters(private)
         counters.entries += 1
         counters.bytes += entry.size
+        for observer in self.observers:
+            observer.inserted(entry)
         return Admission.CACHED, entry
 
     def evict_oldest(self) -> Entry:
         key, entry = next(iter(self._entries.items()))
-        self._drop(key, entry)
+        self._drop(key, entry, DropReason.EVICTED)
         self.evictions += 1
         return entry
 
@@ -224,22 +266,28 @@ class Cache:
         entry = self._entries.get(key)
         if entry is None:
             return False
-        self._drop(key, entry)
+        self._drop(key, entry, DropReason.REMOVED)
         return True
 
-    def _drop(self, key: Hashable, entry: Entry) -> None:
+    def _drop(self, key: Hashable, entry: Entry, reason: DropReason) -> None:
         del self._entries[key]
         self.bytes -= entry.size
+        self.memory_bytes -= page_rounded(entry.size)
         counters = self._counters(entry.private)
         counters.entries -= 1
         counters.bytes -= entry.size
-        entry.file.release()
+        try:
+            # Before the release: an observer may still need the file's fd.
+            for observer in self.observers:
+                observer.dropped(entry, reason)
+        finally:
+            entry.file.release()
 
     def clear(self) -> None:
         """Drop every entry (and the cache's reference to its file)."""
         while self._entries:
             key, entry = next(iter(self._entries.items()))
-            self._drop(key, entry)
+            self._drop(key, entry, DropReason.CLEARED)
 
     def lru_keys(self) -> list[Hashable]:
         """Keys from least to most recently used (for tests and debugging)."""

@@ -1,4 +1,4 @@
-# The `shadowd` command: serve, stats.
+# The `shadowd` command: serve, stats (once or --watch).
 #
 # Must never: print a traceback for a condition a user can cause (a daemon
 # that is not running, a socket in use, a bad flag): one line naming what is
@@ -9,13 +9,19 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .cache import CacheLimits
-from .errors import ConfigError
+from .errors import ConfigError, DaemonError
 from .paths import resolve_socket_path
 from .protocol import MAX_BATCH_LIMIT, WireLimits
+
+if TYPE_CHECKING:
+    from shadowd_client import Client
+
+    from .stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +47,29 @@ def parse_mode(text: str) -> int:
     return mode
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+def _whole_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than *minimum*."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_at_least(1)
+_whole = _whole_at_least(0)
+
+
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value < 0.1:
+        raise argparse.ArgumentTypeError(f"refresh at most ten times a second: {text!r}")
     return value
 
 
@@ -74,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or /run/shadowd/shadowd.sock for root)"
     )
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--socket", help=socket_help)
+    serve.add_argument(
+        "--socket", help=socket_help[:-1] + "; a socket passed by the service manager wins)"
+    )
     defaults = CacheLimits()
     serve.add_argument(
         "--max-entries",
@@ -119,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=WireLimits().max_batch,
         help=f"most files in one batch open, up to {MAX_BATCH_LIMIT} (default %(default)s)",
+    )
+    serve.add_argument(
+        "--fd-store-max",
+        type=_whole,
+        default=None,
+        metavar="N",
+        help="cached files to keep in the service manager's fd store for warm restarts: "
+        "set it to the unit's FileDescriptorStoreMax= (default: $FDSTORE, which systemd 254 "
+        "and later set, else 0: none)",
     )
     serve.add_argument(
         "--log-level",
@@ -170,7 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="show the daemon's statistics")
     stats.add_argument("--socket", help=socket_help)
-    stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    form = stats.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    form.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="the Prometheus text exposition format, for monitoring",
+    )
+    stats.add_argument(
+        "--watch",
+        type=_interval,
+        metavar="SECONDS",
+        help="refresh every SECONDS until interrupted (the table in place, on a terminal)",
+    )
     return parser
 
 
@@ -197,6 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .daemon import configure_logging, run
     from .server import ServerConfig
+    from .systemd import fd_store_limit
 
     configure_logging(args.log_level)
     if args.max_batch > MAX_BATCH_LIMIT:
@@ -211,41 +257,113 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     config = ServerConfig(
-        socket_path=resolve_socket_path(args.socket),
+        socket_path=_serve_socket(args.socket),
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         cache=cache,
         wire=WireLimits(max_batch=args.max_batch),
         copy_workers=args.copy_workers,
+        fd_store_max=fd_store_limit(args.fd_store_max),
     )
     trio.run(run, config)
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
-    from shadowd_client import Client, ShadowdError
+def _serve_socket(flag: str | None) -> str:
+    """The socket path to create; "" when the service manager passes the socket."""
+    from .systemd import activated
 
-    from .report import format_json, format_table
-    from .stats import Stats
+    if flag is None and activated():
+        return ""  # the passed socket, wherever it is
+    return resolve_socket_path(flag)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shadowd_client import Client
 
     path = resolve_socket_path(args.socket)
+    with Client(path, timeout=10.0) as client:
+        if args.watch is not None:
+            return _watch(client, args)
+        try:
+            stats = _fetch(client)
+        except _StatsUnavailable as exc:
+            print(f"shadowd: {exc}", file=sys.stderr)
+            return 1
+        print(_render(stats, args, path), end="")
+        return 0
+
+
+class _StatsUnavailable(DaemonError):
+    """No stats to show: no daemon, or a reply this version cannot read."""
+
+
+def _fetch(client: Client) -> Stats:
+    from shadowd_client import ShadowdError
+
+    from .stats import Stats
+
     try:
-        with Client(path, timeout=10.0) as client:
-            raw = client.stats()
+        raw = client.stats()
     except ShadowdError as exc:
-        # The message names the socket path.
-        print(f"shadowd: {exc}", file=sys.stderr)
-        return 1
+        raise _StatsUnavailable(str(exc)) from None  # the message names the socket
     try:
-        stats = Stats.from_wire(raw)
+        return Stats.from_wire(raw)
     except (ValueError, TypeError, KeyError, IndexError) as exc:
-        print(
-            f"shadowd: the daemon at {path} sent stats this version cannot read: {exc}",
-            file=sys.stderr,
-        )
-        return 1
-    print(format_json(stats) if args.json else format_table(stats, path))
-    return 0
+        raise _StatsUnavailable(
+            f"the daemon at {client.socket_path} sent stats this version cannot read: {exc}"
+        ) from None
+
+
+def _render(stats: Stats, args: argparse.Namespace, path: str, rates: str = "") -> str:
+    from .report import format_json, format_prometheus, format_table
+
+    if args.json:
+        return format_json(stats) + "\n"
+    if args.prometheus:
+        return format_prometheus(stats)
+    table = format_table(stats, path)
+    return f"{table}\n{rates}\n" if rates else f"{table}\n"
+
+
+# Cursor to the top left, then clear the screen: the table is redrawn in place.
+_REDRAW = "\x1b[H\x1b[2J"
+
+
+def _watch(client: Client, args: argparse.Namespace) -> int:
+    """Show the stats every args.watch seconds until interrupted; a daemon restart is shown."""
+    import time
+
+    from .report import format_rates
+
+    in_place = sys.stdout.isatty() and not (args.json or args.prometheus)
+    before: tuple[Stats, float] | None = None
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                stats = _fetch(client)
+            except _StatsUnavailable as exc:
+                text = f"shadowd: {exc} (retrying every {args.watch:g}s)\n"
+                before = None
+            else:
+                rates = ""
+                if not (args.json or args.prometheus):
+                    rates = (
+                        format_rates(before[0], stats, started - before[1])
+                        if before is not None
+                        else "  (rates after the next refresh)"
+                    )
+                text = _render(stats, args, client.socket_path, rates)
+                before = (stats, started)
+            if in_place:
+                sys.stdout.write(_REDRAW + text)
+            else:
+                sys.stdout.write(text if args.json else text + "\n")
+            sys.stdout.flush()
+            time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

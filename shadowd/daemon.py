@@ -1,8 +1,10 @@
 # The daemon process around the server: logging, the fd limit, the listening
-# socket, signals, and a clean exit.
+# socket (created, or passed by the service manager), the service manager's
+# notifications and fd store, signals, and a clean exit.
 #
 # Must never: exit without removing the socket it created; remove one it did
-# not create; turn SIGTERM into anything but a drain and exit status 0.
+# not create; turn SIGTERM into anything but a drain and exit status 0; tell
+# the service manager READY=1 before it serves.
 from __future__ import annotations
 
 import logging
@@ -10,29 +12,72 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import trio
 
-from . import __version__
+from . import __version__, systemd
+from .cache import DropReason, Entry
+from .errors import ConfigError
+from .fds import close_all
+from .fdstore import FdStore
 from .listener import Listener
+from .paths import resolve_socket_path
+from .report import human_bytes
 from .server import Server, ServerConfig
+from .systemd import PassedFd
 
 logger = logging.getLogger(__name__)
+
+
+#: syslog priorities of logging's levels: journald reads a "<N>" line prefix.
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamp (the journal adds its own); the level as a syslog prefix."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < 30 else 3)
+        return f"<{priority}>{super().format(record)}"
+
+
+def stream_is_journal(stream: object, environ: Mapping[str, str] | None = None) -> bool:
+    """True when *stream* is the journal's stream: JOURNAL_STREAM names its device and inode.
+
+    The variable alone is not enough: a child inherits it even when its
+    stderr goes somewhere else.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def configure_logging(level: str | int = "info", *, stream: object = None) -> None:
     """Plain lines on stderr; no timestamps when stderr is the journal (it adds its own)."""
     if isinstance(level, str):
         level = level.upper()
-    journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = (
-        "%(levelname)s %(name)s: %(message)s"
-        if journal
-        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(fmt))
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    if stream_is_journal(stream):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -56,6 +101,41 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class CacheLog:
+    """Logs what enters and leaves the cache, at debug level."""
+
+    def inserted(self, entry: Entry) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("cached %s (%d bytes)", _entry_name(entry), entry.size)
+
+    def dropped(self, entry: Entry, reason: DropReason) -> None:
+        if reason is not DropReason.CLEARED and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s (%d bytes)", reason.value, _entry_name(entry), entry.size)
+
+
+def _entry_name(entry: Entry) -> str:
+    return repr(entry.label) if entry.label is not None else f"{entry.key}"
+
+
+def status_line(server: Server) -> str:
+    """One line for the service manager's STATUS=.
+
+    From the counters alone: the full stats list /proc/self/fd and rank the
+    top files, which is too much work for the loop every few seconds.
+    """
+    cache = server.cache
+    hits, misses = cache.hits, cache.misses
+    rate = f"{100.0 * hits / (hits + misses):.1f}%" if hits + misses else "-"
+    return (
+        f"{len(cache)} files, {human_bytes(cache.bytes)} cached; "
+        f"{hits} hits, {misses} misses (hit rate {rate}); {server.clients} clients"
+    )
+
+
+#: Seconds between STATUS= updates to the service manager.
+STATUS_INTERVAL = 10.0
+
+
 async def run(
     config: ServerConfig,
     *,
@@ -63,9 +143,26 @@ async def run(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and clean up."""
     fd_limit = raise_fd_limit()
-    listener = Listener.bind(config.socket_path, mode=config.socket_mode, group=config.socket_group)
     server = Server(config)
+    server.cache.add_observer(CacheLog())
+    passed = systemd.listen_fds()
     try:
+        notifier = systemd.Notifier.from_environment()
+    except BaseException:
+        close_all(p.fd for p in passed)
+        raise
+    try:
+        listener, stored = _listener(config, passed)
+    except BaseException:
+        if notifier is not None:
+            notifier.close()
+        raise
+    try:
+        # Without a manager to keep them, stored descriptors passed at start
+        # are still taken back; nothing new is stored.
+        store = FdStore(notifier, max_entries=config.fd_store_max if notifier else 0)
+        store.restore(server.cache, stored)
+        server.fd_store = store
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
 
@@ -75,28 +172,85 @@ async def run(
                     finally:
                         nursery.cancel_scope.cancel()
 
-                nursery.start_soon(_watch_signals, signals, server)
+                nursery.start_soon(_watch_signals, signals, server, notifier)
                 await nursery.start(serve)
                 logger.info(
-                    "shadowd %s serving on %s (mode %o, %d entries / %d bytes max, fd limit %d)",
+                    "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s)",
                     __version__,
                     listener.path,
-                    config.socket_mode,
+                    "" if listener.created else ", passed by the service manager",
                     config.cache.max_entries,
                     config.cache.max_bytes,
                     fd_limit,
+                    f", fd store {config.fd_store_max}" if notifier is not None else "",
                 )
+                if notifier is not None:
+                    nursery.start_soon(notifier.run)
+                    notifier.send(f"READY=1\nSTATUS={status_line(server)}")
+                    nursery.start_soon(_report_status, server, notifier)
                 task_status.started(server)
     finally:
         listener.close()
-    logger.info("socket %s removed; exiting", listener.path)
+        if notifier is not None:
+            notifier.stopping()
+            notifier.flush()
+            notifier.close()
+    if listener.created:
+        logger.info("socket %s removed; exiting", listener.path)
+    else:
+        logger.info("exiting; the service manager keeps socket %s", listener.path)
 
 
-async def _watch_signals(signals: AsyncIterator[int], server: Server) -> None:
+def _listener(config: ServerConfig, passed: list[PassedFd]) -> tuple[Listener, list[PassedFd]]:
+    """The listening socket (passed or created) and the other passed descriptors.
+
+    Every descriptor in *passed* ends up closed, in the listener, or in the
+    list returned.
+    """
+    try:
+        sockets = [p for p in passed if p.is_socket]
+        others = [p for p in passed if p not in sockets]
+        if len(sockets) > 1:
+            raise ConfigError(
+                f"socket activation passed {len(sockets)} sockets "
+                f"({', '.join(p.name for p in sockets)}); shadowd listens on one"
+            )
+        if sockets:
+            sock = systemd.adopt_listening_socket(sockets[0])
+            listener = Listener.adopt(sock, systemd.socket_name(sock))
+            if config.socket_path and config.socket_path != listener.path:
+                logger.warning(
+                    "serving on %s, the socket passed by the service manager, not on %s",
+                    listener.path,
+                    config.socket_path,
+                )
+            return listener, others
+        # Only stored descriptors were passed (a service without a socket
+        # unit): the socket is ours to create, where it goes by default.
+        path = config.socket_path or resolve_socket_path(None)
+        listener = Listener.bind(path, mode=config.socket_mode, group=config.socket_group)
+        return listener, others
+    except BaseException:
+        close_all(p.fd for p in passed)
+        raise
+
+
+async def _report_status(server: Server, notifier: systemd.Notifier) -> None:
+    while not server.draining:
+        await trio.sleep(STATUS_INTERVAL)
+        if not server.draining:
+            notifier.send(f"STATUS={status_line(server)}")
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], server: Server, notifier: systemd.Notifier | None
+) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if not server.draining:
             logger.info("%s: finishing in-flight requests, then exiting", name)
+            if notifier is not None:
+                notifier.stopping("stopping: finishing in-flight requests")
             server.shutdown()
         else:
             logger.info("%s again: stopping now", name)

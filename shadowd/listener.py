@@ -1,5 +1,6 @@
 # The listening socket: created safely, found again at shutdown, removed only
-# if it is still the one we created.
+# if it is still the one we created; or adopted from the service manager
+# (socket activation), and then never removed.
 #
 # Must never: exist for an instant with a wider mode than asked (the mode is
 # set on the socket before bind, and the file appears by an atomic rename);
@@ -113,6 +114,12 @@ class Listener:
             lock.close()
             raise
         return cls(sock=sock, path=path, created=True, identity=(st.st_dev, st.st_ino), lock=lock)
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, path: str) -> Listener:
+        """A socket the service manager created and passed: ours to close, never to unlink."""
+        sock.setblocking(False)
+        return cls(sock=sock, path=path, created=False)
 
     @staticmethod
     def _take_lock(path: str) -> FdHolder:

@@ -1,11 +1,16 @@
-# Rendering of statistics for people (a table) and for scripts (JSON).
+# Rendering of statistics for people (a table), for scripts (JSON) and for
+# monitoring (the Prometheus text exposition format).
 #
 # Must never: do I/O or change the numbers it renders; each figure printed is
-# the one in the Stats value.
+# the one in the Stats value; print a client's path label raw (a label is any
+# string a client chose, and a terminal would obey the escape sequences in it).
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable, Mapping
 
+from .protocol import ErrorCode
 from .stats import Stats, TopEntry
 
 
@@ -67,18 +72,69 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
                 f"{stats.private_hits} hits, {stats.private_misses} misses",
             )
         )
+    rows.append(("memory", _memory(stats)))
     if stats.open_fds >= 0:
-        rows.append(("open fds", f"{stats.open_fds} of {stats.fd_limit}"))
+        rows.append(
+            (
+                "open fds",
+                f"{stats.open_fds} of {stats.fd_limit} ({_pct(stats.open_fds, stats.fd_limit)})",
+            )
+        )
+    rows.append(("fd store", _fd_store(stats)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{stats.server}{where}, up {human_duration(stats.uptime_seconds)}"]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    lines.append("  (cached bytes count the cache's own memfds; an evicted file stays in memory")
-    lines.append("   while clients still hold descriptors of it)")
+    lines.append("  (memory counts the cache's own memfds; an evicted file stays in memory")
+    lines.append("   while clients still hold descriptors of it, and no one can count those here)")
     if stats.top_by_bytes:
         lines.append("")
-        lines.append("files that gain most (copies avoided):")
+        lines.append("files that gain most, by bytes not copied:")
         lines += _top_table(stats.top_by_bytes)
+    if stats.top_by_hits:
+        lines.append("")
+        lines.append("files that gain most, by hits:")
+        lines += _top_table(stats.top_by_hits)
     return "\n".join(lines)
+
+
+def _memory(stats: Stats) -> str:
+    text = f"{human_bytes(stats.memory_bytes)} in cached memfds (whole pages)"
+    if stats.rss_bytes >= 0:
+        text += f"; daemon resident {human_bytes(stats.rss_bytes)}"
+    return text
+
+
+def _fd_store(stats: Stats) -> str:
+    if not stats.fdstore_max and not stats.fdstore_entries:
+        text = "off (the cache starts cold after a restart)"
+    else:
+        text = f"{stats.fdstore_entries} of {stats.fdstore_max} entries kept for warm restarts"
+    if stats.restored_entries:
+        text += f"; {stats.restored_entries} restored at start"
+    return text
+
+
+def format_rates(before: Stats, after: Stats, seconds: float) -> str:
+    """What changed between two snapshots, per second (for --watch)."""
+    if seconds <= 0 or after.uptime_seconds < before.uptime_seconds:
+        return "  (rates after the next refresh)"
+    hits = after.hits - before.hits
+    misses = after.misses - before.misses
+    lookups = hits + misses
+    rate = f"{100.0 * hits / lookups:.1f}%" if lookups else "-"
+    copied = after.bytes_copied - before.bytes_copied
+    return (
+        f"  last {seconds:.1f}s: {lookups / seconds:.1f} opens/s, hit rate {rate}, "
+        f"{human_bytes(copied / seconds)}/s copied, "
+        f"{(after.evictions - before.evictions) / seconds:.1f} evictions/s"
+    )
+
+
+def printable(label: str) -> str:
+    """*label* with every non-printable character written as an escape."""
+    if label.isprintable():
+        return label
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in label)
 
 
 def _refused(stats: Stats) -> str:
@@ -92,7 +148,8 @@ def _top_table(entries: tuple[TopEntry, ...]) -> list[str]:
     lines = [f"  {'hits':>8}  {'size':>10}  {'saved':>10}  path"]
     for t in entries:
         lines.append(
-            f"  {t.hits:>8}  {human_bytes(t.size):>10}  {human_bytes(t.bytes_saved):>10}  {t.label}"
+            f"  {t.hits:>8}  {human_bytes(t.size):>10}  {human_bytes(t.bytes_saved):>10}"
+            f"  {printable(t.label)}"
         )
     return lines
 
@@ -100,3 +157,172 @@ def _top_table(entries: tuple[TopEntry, ...]) -> list[str]:
 def format_json(stats: Stats) -> str:
     """One JSON object, keys as in the wire form plus hit_rate."""
     return json.dumps(stats.to_wire(), sort_keys=True)
+
+
+Sample = tuple[Mapping[str, str], float]
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Exposition:
+    """Metric families in the Prometheus text format (version 0.0.4)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help: str, samples: Iterable[Sample]) -> None:
+        assert kind in ("counter", "gauge")
+        assert name.startswith("shadowd_") and (kind != "counter" or name.endswith("_total"))
+        help = help.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+                self.lines.append(f"{name}{{{inner}}} {_number(value)}")
+            else:
+                self.lines.append(f"{name} {_number(value)}")
+
+
+def _by_path(values: Iterable[tuple[str, int]]) -> list[Sample]:
+    """One sample per path: two entries can carry one label (a file replaced by rename)."""
+    sums: dict[str, int] = {}
+    for label, value in values:
+        sums[label] = sums.get(label, 0) + value
+    return [({"path": label}, value) for label, value in sums.items()]
+
+
+#: Metrics that are one Stats field each: (name, type, help, field). A field
+#: below zero means "could not measure", and its metric is left out.
+_SCALARS: tuple[tuple[str, str, str, str], ...] = (
+    ("shadowd_uptime_seconds", "gauge", "Seconds since the daemon started.", "uptime_seconds"),
+    (
+        "shadowd_evictions_total",
+        "counter",
+        "Entries dropped to stay within the budgets.",
+        "evictions",
+    ),
+    (
+        "shadowd_invalidations_total",
+        "counter",
+        "Entries dropped because their file changed.",
+        "invalidations",
+    ),
+    (
+        "shadowd_served_uncached_total",
+        "counter",
+        "Copies served but not cached (too new, too large, over budget).",
+        "uncached",
+    ),
+    ("shadowd_copies_total", "counter", "Files copied into memfds.", "copies"),
+    ("shadowd_copied_bytes_total", "counter", "Bytes copied into memfds.", "bytes_copied"),
+    ("shadowd_clients", "gauge", "Clients connected now.", "clients"),
+    ("shadowd_connections_total", "counter", "Client connections accepted.", "clients_total"),
+    ("shadowd_cache_entries", "gauge", "Files in the cache.", "entries"),
+    ("shadowd_cache_max_entries", "gauge", "Most files the cache keeps.", "max_entries"),
+    ("shadowd_cache_bytes", "gauge", "Bytes of file content in the cache.", "bytes"),
+    (
+        "shadowd_cache_max_bytes",
+        "gauge",
+        "Most bytes of file content the cache keeps.",
+        "max_bytes",
+    ),
+    (
+        "shadowd_cache_memory_bytes",
+        "gauge",
+        "Memory the cached memfds hold, in whole pages. Memory of evicted files that "
+        "clients still hold descriptors of is not counted: no one here can see it.",
+        "memory_bytes",
+    ),
+    (
+        "shadowd_max_file_size_bytes",
+        "gauge",
+        "Files larger than this are never cached.",
+        "max_file_size",
+    ),
+    (
+        "shadowd_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the daemon process (without memfd pages it does not map).",
+        "rss_bytes",
+    ),
+    ("shadowd_open_fds", "gauge", "Descriptors the daemon has open.", "open_fds"),
+    ("shadowd_max_fds", "gauge", "The daemon's descriptor limit.", "fd_limit"),
+    (
+        "shadowd_fdstore_entries",
+        "gauge",
+        "Entries kept in the service manager's fd store for warm restarts.",
+        "fdstore_entries",
+    ),
+    (
+        "shadowd_fdstore_max_entries",
+        "gauge",
+        "Most entries the fd store keeps; 0 when warm restarts are off.",
+        "fdstore_max",
+    ),
+    (
+        "shadowd_fdstore_restored_entries",
+        "gauge",
+        "Entries taken back from the fd store when the daemon started.",
+        "restored_entries",
+    ),
+)
+
+
+def format_prometheus(stats: Stats) -> str:
+    """The stats in the Prometheus text exposition format: base units, _total counters."""
+    out = _Exposition()
+    version = stats.server.partition("/")[2] or stats.server
+    out.family("shadowd_info", "gauge", "The daemon's version.", [({"version": version}, 1)])
+    for name, kind, help, field in _SCALARS:
+        value = getattr(stats, field)
+        if value >= 0:
+            out.family(name, kind, help, [({}, value)])
+    kinds = {
+        "host": (stats.hits - stats.private_hits, stats.misses - stats.private_misses),
+        "private": (stats.private_hits, stats.private_misses),
+    }
+    out.family(
+        "shadowd_hits_total",
+        "counter",
+        "Opens answered from the cache.",
+        [({"kind": k}, h) for k, (h, _) in kinds.items()],
+    )
+    out.family(
+        "shadowd_misses_total",
+        "counter",
+        "Opens that had to copy the file (or join a copy in progress).",
+        [({"kind": k}, m) for k, (_, m) in kinds.items()],
+    )
+    codes = dict.fromkeys((str(c) for c in ErrorCode), 0) | dict(stats.refused_by_code)
+    out.family(
+        "shadowd_refusals_total",
+        "counter",
+        "Requests refused, by error code.",
+        [({"code": code}, n) for code, n in sorted(codes.items())],
+    )
+    out.family(
+        "shadowd_top_file_hits",
+        "gauge",
+        "Hits of the files with most hits, by the path label clients sent.",
+        _by_path((t.label, t.hits) for t in stats.top_by_hits),
+    )
+    out.family(
+        "shadowd_top_file_saved_bytes",
+        "gauge",
+        "Bytes not copied thanks to the cache, for the files that saved most.",
+        _by_path((t.label, t.bytes_saved) for t in stats.top_by_bytes),
+    )
+    return "\n".join(out.lines) + "\n"

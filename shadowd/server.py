@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -51,6 +52,9 @@ from .protocol import (
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
 from .stats import Stats, TopEntry
 
+if TYPE_CHECKING:
+    from .fdstore import FdStore
+
 logger = logging.getLogger(__name__)
 
 _SOL_SOCKET = socket.SOL_SOCKET
@@ -73,6 +77,7 @@ _PROBE_EVERY = 8
 class ServerConfig:
     """Everything the server needs to know; see ``shadowd serve --help``."""
 
+    #: Where to create the socket; "" when the service manager passes it.
     socket_path: str
     socket_mode: int = 0o600
     socket_group: str | int | None = None
@@ -83,6 +88,9 @@ class ServerConfig:
     max_inflight: int = 32
     shutdown_grace: float = 10.0
     top_files: int = 10
+    #: Descriptors the service manager keeps for warm restarts (its
+    #: FileDescriptorStoreMax=); 0 keeps none.
+    fd_store_max: int = 0
 
 
 @attrs.frozen
@@ -137,6 +145,36 @@ def count_open_fds() -> int:
         return -1
 
 
+def resident_bytes() -> int:
+    """The daemon's resident memory (memfd pages it has not mapped are not in it)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+@attrs.define
+class LogBudget:
+    """At most *per_minute* lines of one kind a minute, so a client cannot flood the log."""
+
+    per_minute: int = 20
+    window_start: float = -60.0
+    used: int = 0
+    suppressed: int = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """(may log now, lines suppressed since the last one that was logged)."""
+        if now - self.window_start >= 60.0:
+            self.window_start, self.used = now, 0
+        if self.used >= self.per_minute:
+            self.suppressed += 1
+            return False, 0
+        self.used += 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return True, suppressed
+
+
 class Server:
     """The shadowd request server. Run :meth:`serve`; stop with :meth:`shutdown`."""
 
@@ -152,6 +190,9 @@ class Server:
         self.clients_total = 0
         self.refused = 0
         self.refused_by_code: dict[str, int] = {}
+        self._refusal_log = LogBudget()
+        #: The warm-restart store, when the daemon runs with one.
+        self.fd_store: FdStore | None = None
         self.uncached = 0
         self.internal_errors = 0
         self._connections: set[Connection] = set()
@@ -333,7 +374,7 @@ class Server:
             )
         except ProtocolError as exc:
             close_all(fds)
-            self._count_refusal(exc.code)
+            self._count_refusal(conn, exc.code, exc.message)
             await self._send(conn, conn.proto.error_for(exc))
             return not exc.fatal
         except BaseException:
@@ -495,7 +536,7 @@ class Server:
             try:
                 outcome = self._serve_now(src.fd, labels[i])
             except RequestError as exc:
-                self._count_refusal(exc.code)
+                self._count_refusal(conn, exc.code, exc.message)
                 results[i] = Refusal(code=exc.code, message=exc.message)
                 continue
             if type(outcome) is tuple:
@@ -522,7 +563,7 @@ class Server:
             try:
                 results[i] = await self._finish(pending, labels[i])
             except RequestError as exc:
-                self._count_refusal(exc.code)
+                self._count_refusal(conn, exc.code, exc.message)
                 results[i] = Refusal(code=exc.code, message=exc.message)
 
         try:
@@ -618,12 +659,23 @@ class Server:
     # -- replies ---------------------------------------------------------
 
     async def _refuse(self, conn: Connection, id: int, exc: RequestError) -> None:
-        self._count_refusal(exc.code)
+        self._count_refusal(conn, exc.code, exc.message)
         await self._send(conn, ErrorReply(id=id, code=exc.code, message=exc.message))
 
-    def _count_refusal(self, code: str) -> None:
+    def _count_refusal(self, conn: Connection, code: str, message: str) -> None:
         self.refused += 1
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
+        allowed, suppressed = self._refusal_log.allow(time.monotonic())
+        if allowed:
+            peer = conn.peer
+            logger.info(
+                "refused pid %d uid %d: %s: %s%s",
+                peer.pid,
+                peer.uid,
+                code,
+                message,
+                f" ({suppressed} more refusals not logged)" if suppressed else "",
+            )
 
     async def _send(self, conn: Connection, reply: Reply) -> None:
         """Send one reply; the fds in it stay the caller's to close."""
@@ -662,6 +714,7 @@ class Server:
         cache = self.cache
         limits = self.config.cache
         n = self.config.top_files
+        store = self.fd_store
 
         def top(by: str) -> tuple[TopEntry, ...]:
             return tuple(cache.top(n, by=by))
@@ -673,6 +726,8 @@ class Server:
             misses=cache.misses,
             entries=len(cache),
             bytes=cache.bytes,
+            memory_bytes=cache.memory_bytes,
+            rss_bytes=resident_bytes(),
             evictions=cache.evictions,
             invalidations=cache.invalidations,
             uncached=self.uncached,
@@ -693,6 +748,9 @@ class Server:
             top_by_hits=top("hits"),
             top_by_bytes=top("bytes"),
             refused_by_code=dict(self.refused_by_code),
+            fdstore_entries=store.entries if store is not None else 0,
+            fdstore_max=store.max_entries if store is not None else 0,
+            restored_entries=store.restored if store is not None else 0,
         )
 
 

@@ -52,6 +52,16 @@ class Stats:
     top_by_hits: tuple[TopEntry, ...] = ()
     top_by_bytes: tuple[TopEntry, ...] = ()
     refused_by_code: Mapping[str, int] = attrs.field(factory=dict)
+    #: Memory the cached memfds hold, in whole pages (``bytes`` is their content).
+    memory_bytes: int = 0
+    #: The daemon process's resident memory; memfd pages are not in it.
+    rss_bytes: int = -1
+    #: Entries kept in the service manager's fd store for warm restarts.
+    fdstore_entries: int = 0
+    #: How many the store may keep; 0 when the daemon keeps none there.
+    fdstore_max: int = 0
+    #: Entries taken back from the fd store when this daemon started.
+    restored_entries: int = 0
 
     @property
     def lookups(self) -> int:

@@ -6,7 +6,16 @@ import random
 
 import pytest
 
-from shadowd.cache import Admission, Cache, CacheLimits, HostKey, PrivateKey
+from shadowd.cache import (
+    PAGE_SIZE,
+    Admission,
+    Cache,
+    CacheLimits,
+    DropReason,
+    Entry,
+    HostKey,
+    PrivateKey,
+)
 from shadowd.memfd import sealed_from_bytes
 
 NOW = 10_000_000_000_000
@@ -148,3 +157,56 @@ def test_top_files() -> None:
     assert [t.label for t in c.top(2, by="bytes")] == ["/big", "/small"]
     with pytest.raises(ValueError, match="ranking"):
         c.top(1, by="nonsense")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object, int]] = []
+
+    def inserted(self, entry: Entry) -> None:
+        self.events.append(("inserted", entry.key, entry.file.refs))  # type: ignore[attr-defined]
+
+    def dropped(self, entry: Entry, reason: DropReason) -> None:
+        # Called before the cache lets go: the file is still held.
+        self.events.append((reason.value, entry.key, entry.file.refs))  # type: ignore[attr-defined]
+
+
+def test_observers_hear_every_insert_and_drop_with_its_reason() -> None:
+    c = cache(max_entries=2)
+    rec = Recorder()
+    c.add_observer(rec)
+    put(c, 1, 10)
+    put(c, 2, 10)
+    assert c.lookup(HostKey(1, 2), (10, 1, 1)) is not None  # a hit says nothing
+    put(c, 3, 10)  # evicts 1
+    assert c.lookup(HostKey(1, 2), (10, 2, 2)) is None  # changed: invalidated
+    put(c, 3, 10, version=2)  # a newer version replaces the entry
+    c.remove(HostKey(1, 3))
+    put(c, 4, 10)
+    c.clear()
+    k = [HostKey(1, i) for i in range(5)]
+    assert rec.events == [
+        ("inserted", k[1], 2),
+        ("inserted", k[2], 2),
+        ("evicted", k[1], 2),
+        ("inserted", k[3], 2),
+        ("invalidated", k[2], 2),
+        ("invalidated", k[3], 2),
+        ("inserted", k[3], 2),
+        ("removed", k[3], 2),
+        ("inserted", k[4], 2),
+        ("cleared", k[4], 2),
+    ]
+
+
+def test_memory_is_counted_in_whole_pages() -> None:
+    c = cache()
+    put(c, 1, 1)
+    put(c, 2, PAGE_SIZE)
+    put(c, 3, PAGE_SIZE + 1)
+    assert c.bytes == 2 * PAGE_SIZE + 2
+    assert c.memory_bytes == 4 * PAGE_SIZE
+    c.remove(HostKey(1, 3))
+    assert c.memory_bytes == 2 * PAGE_SIZE
+    c.clear()
+    assert c.memory_bytes == 0

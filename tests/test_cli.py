@@ -15,6 +15,7 @@ import trio
 
 from shadowd.cli import parse_size
 
+from . import promtext
 from .conftest import REPO, Daemon, make_file, settle
 
 
@@ -56,19 +57,23 @@ def test_bad_size_is_a_usage_error() -> None:
     assert "not a size" in proc.stderr
 
 
-async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
+async def open_times(daemon: Daemon, path: Path, times: int) -> None:
+    """Open *path* through *daemon* *times* times, on one connection."""
     from shadowd_client import Client
-
-    f = make_file(tmp_path / "f", b"x" * 1000)
-    settle(f)
 
     def opens() -> None:
         with Client(daemon.socket_path, timeout=10) as c:
-            for _ in range(4):
-                os.close(c.open(f))
+            for _ in range(times):
+                os.close(c.open(path))
 
+    await trio.to_thread.run_sync(opens)
+
+
+async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / "f", b"x" * 1000)
+    settle(f)
     with trio.fail_after(30):
-        await trio.to_thread.run_sync(opens)
+        await open_times(daemon, f, 4)
         table = await run("stats", "--socket", str(daemon.socket_path))
         assert table.returncode == 0, table.stderr
         assert "hit rate" in table.stdout and "75.0%" in table.stdout
@@ -81,10 +86,11 @@ async def test_stats_table_and_json(daemon: Daemon, tmp_path: Path) -> None:
         assert data["hit_rate"] == 0.75
 
 
-async def test_stats_without_daemon_is_one_clear_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", [[], ["--json"], ["--prometheus"]])
+async def test_stats_without_daemon_is_one_clear_line(tmp_path: Path, form: list[str]) -> None:
     path = tmp_path / "none.sock"
     with trio.fail_after(30):
-        proc = await run("stats", "--socket", str(path))
+        proc = await run("stats", "--socket", str(path), *form)
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -103,14 +109,23 @@ async def test_socket_mode_flag(start_daemon: Any) -> None:
     assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o660
 
 
-async def test_second_daemon_on_live_socket_refused(daemon: Daemon) -> None:
+async def test_second_daemon_on_live_socket_refused(daemon: Daemon, tmp_path: Path) -> None:
+    from shadowd_client import Client
+
+    f = make_file(tmp_path / "f", b"still served")
     with trio.fail_after(30):
         proc = await run("serve", "--socket", str(daemon.socket_path))
     assert proc.returncode != 0
     assert str(daemon.socket_path) in proc.stderr
     assert "already serving" in proc.stderr or "answering" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
-    assert daemon.answers()  # the first one keeps serving
+    # The first one keeps serving, on the same socket file.
+    assert stat.S_ISSOCK(os.lstat(daemon.socket_path).st_mode)
+    with Client(daemon.socket_path, timeout=10) as c:
+        fd = c.open(f)
+        assert os.pread(fd, 100, 0) == b"still served"
+        os.close(fd)
 
 
 async def test_live_socket_of_another_server_refused(shared_dir: Path) -> None:
@@ -145,3 +160,69 @@ async def test_path_that_is_not_a_socket_is_never_replaced(shared_dir: Path) -> 
         proc = await run("serve", "--socket", str(path))
     assert proc.returncode != 0 and "not a socket" in proc.stderr
     assert path.read_text() == "do not delete"
+
+
+async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_path: Path) -> None:
+    f = make_file(tmp_path / 'odd "name"\\', b"y" * 5000)
+    settle(f)
+    with trio.fail_after(30):
+        await open_times(daemon, f, 3)
+        proc = await run("stats", "--socket", str(daemon.socket_path), "--prometheus")
+    assert proc.returncode == 0, proc.stderr
+    families = promtext.parse(proc.stdout)
+    assert families["shadowd_hits_total"].value(kind="host") == 2
+    assert families["shadowd_misses_total"].value(kind="host") == 1
+    assert families["shadowd_cache_bytes"].value() == 5000
+    assert families["shadowd_top_file_hits"].value(path=str(f)) == 2
+    assert families["shadowd_open_fds"].value() > 0
+    assert families["shadowd_fdstore_max_entries"].value() == 0  # not under a manager
+
+
+def _watch(socket_path: Path, *, tty: bool) -> tuple[int, str]:
+    """Run `stats --watch 0.2` until it drew three times; interrupt it like Ctrl-C."""
+    import pty
+    import select
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    argv = [sys.executable, "-m", "shadowd", "stats", "--socket", str(socket_path)]
+    argv += ["--watch", "0.2"]
+    if tty:
+        reader, writer = pty.openpty()
+    else:
+        reader, writer = os.pipe()
+    proc = subprocess.Popen(argv, stdout=writer, stderr=subprocess.STDOUT, env=env)
+    os.close(writer)
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while out.count(b"  misses ") < 3 and time.monotonic() < deadline:
+            if select.select([reader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(reader, 65536)
+                except OSError:  # the pty closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(reader)
+    return code, out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("tty", [False, True])
+async def test_stats_watch_refreshes_until_interrupted(daemon: Daemon, tty: bool) -> None:
+    with trio.fail_after(60):
+        code, out = await trio.to_thread.run_sync(lambda: _watch(daemon.socket_path, tty=tty))
+    assert code == 0, out
+    assert "Traceback" not in out
+    assert out.count("  misses ") >= 3
+    assert "opens/s" in out  # rates from the second refresh on
+    # On a terminal the table is redrawn in place; in a pipe it is appended.
+    assert (out.count("\x1b[H\x1b[2J") >= 3) == tty

@@ -1,0 +1,247 @@
+# The fd store in process: names that survive the service manager's rules,
+# what comes back checked like a stranger's descriptor, and the store kept
+# equal to the cache (stored on insert, removed on eviction and invalidation,
+# kept at shutdown). Real memfds and a real datagram socket as the manager.
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shadowd import memfd
+from shadowd.cache import Cache, CacheLimits, HostKey
+from shadowd.fdstore import MAX_NAME, FdStore, StoredName
+from shadowd.systemd import PassedFd
+
+from .manager import NotifyReceiver
+
+u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+
+
+@given(
+    st.tuples(u64, u64),
+    st.tuples(st.integers(min_value=0, max_value=(1 << 63) - 1), i64, i64),
+    st.text(),
+)
+def test_names_round_trip_within_the_managers_rules(
+    key: tuple[int, int], version: tuple[int, int, int], label: str
+) -> None:
+    stored = StoredName(HostKey(*key), version, label or None)
+    name = stored.format()
+    assert len(name) <= MAX_NAME
+    assert name.isascii() and ":" not in name
+    assert all(c.isprintable() for c in name)
+    back = StoredName.parse(name)
+    assert back is not None
+    assert (back.key, back.version) == (stored.key, stored.version)
+    # The label comes back when it fit (it is only for stats).
+    assert back.label in (stored.label, None)
+
+
+def test_a_path_label_stays_readable() -> None:
+    name = StoredName(HostKey(2049, 7), (10, 1, 2), "/usr/lib/x86_64-linux-gnu/libc.so.6").format()
+    assert name == "shadowd/v1/2049/7/10/1/2//usr/lib/x86_64-linux-gnu/libc.so.6"
+    odd = StoredName(HostKey(1, 1), (1, 1, 1), "/a:b/100%/\n").format()
+    assert odd.endswith("/a%3Ab/100%25/%0A")
+    assert StoredName.parse(odd).label == "/a:b/100%/\n"  # type: ignore[union-attr]
+    long = StoredName(HostKey(1, 1), (1, 1, 1), "/" + "x" * 300).format()
+    assert long == "shadowd/v1/1/1/1/1/1/"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "stored",
+        "unknown",
+        "shadowd/v2/1/1/1/1/1/",
+        "shadowd/v1/1/1/1/1/",
+        "shadowd/v1/1/1/1/1/x/",
+        "shadowd/v1/-1/1/1/1/1/",
+        "shadowd/v1/1/1/-1/1/1/",
+        f"shadowd/v1/{1 << 64}/1/1/1/1/",
+        "shadowd/v1/1/1/1/1/1 /",
+        "shadowd/v1/1/1/1/1/1/" + "x" * 300,
+        "shadowd/v1/\u0661/1/1/1/1/",  # a digit, but not an ASCII one
+    ],
+)
+def test_names_this_format_does_not_write_are_not_parsed(name: str) -> None:
+    assert StoredName.parse(name) is None
+
+
+class Manager:
+    """The service manager's end of NOTIFY_SOCKET, and the daemon's notifier for it."""
+
+    def __init__(self) -> None:
+        self.receiver = NotifyReceiver()
+        self.notifier = self.receiver.notifier()
+
+    def messages(self) -> list[tuple[dict[str, str], int]]:
+        return self.receiver.fields()
+
+    def close(self) -> None:
+        self.notifier.close()
+        self.receiver.close()
+
+
+@pytest.fixture
+def manager() -> Iterator[Manager]:
+    m = Manager()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def sealed_fd(data: bytes, *, executable: bool = False) -> int:
+    return memfd.sealed_from_bytes(data, executable=executable).holder.detach()
+
+
+def name_of(ino: int, size: int, label: str | None = None) -> str:
+    return StoredName(HostKey(1, ino), (size, 100, 200), label).format()
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_restore_puts_sealed_memfds_back_and_observes_the_cache(manager: Manager) -> None:
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    a = sealed_fd(b"hello", executable=True)
+    b = sealed_fd(b"world!")
+    store.restore(cache, [PassedFd(a, name_of(1, 5, "/bin/hello")), PassedFd(b, name_of(2, 6))])
+    assert (store.restored, store.entries, len(cache)) == (2, 2, 2)
+    assert manager.messages() == []  # nothing to say: the store has them already
+    entry = cache.lookup(HostKey(1, 1), (5, 100, 200))
+    assert entry is not None and entry.label == "/bin/hello"
+    served = entry.file.share()
+    try:
+        assert os.pread(served, 10, 0) == b"hello"
+        assert os.fstat(served).st_mode & 0o111
+    finally:
+        os.close(served)
+
+    # From now on the store follows the cache.
+    c = memfd.sealed_from_bytes(b"third")
+    cache.insert(HostKey(1, 3), (5, 100, 200), c, ctime_ns=200)
+    c.release()
+    ((fields, nfds),) = manager.messages()
+    assert fields == {"FDSTORE": "1", "FDNAME": name_of(3, 5), "FDPOLL": "0"} and nfds == 1
+    assert cache.lookup(HostKey(1, 2), (6, 100, 999)) is None  # changed: invalidated
+    cache.remove(HostKey(1, 3))
+    assert [f for f, _ in manager.messages()] == [
+        {"FDSTOREREMOVE": "1", "FDNAME": name_of(2, 6)},
+        {"FDSTOREREMOVE": "1", "FDNAME": name_of(3, 5)},
+    ]
+    # Stopping lets go of the entries, but the store keeps them for the next start.
+    cache.clear()
+    assert manager.messages() == [] and store.entries == 0
+    assert not is_open(a)
+
+
+def test_what_comes_back_is_checked_like_a_strangers_descriptor(manager: Manager) -> None:
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    unsealed = os.memfd_create("shadowd", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(unsealed, b"12345")
+    foreign = os.memfd_create("other", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(foreign, b"12345")
+    memfd.seal(foreign, executable=False)
+    wrong_size = sealed_fd(b"1234")
+    r, w = os.pipe()
+    unnamed = os.memfd_create("shadowd", os.MFD_CLOEXEC)
+    passed = [
+        PassedFd(unsealed, name_of(1, 5)),
+        PassedFd(foreign, name_of(2, 5)),
+        PassedFd(wrong_size, name_of(3, 5)),
+        PassedFd(r, name_of(4, 0)),
+        PassedFd(w, "junk"),
+        PassedFd(unnamed, "unknown"),
+    ]
+    store.restore(cache, passed)
+    assert (store.restored, store.rejected, len(cache)) == (0, 4, 0)
+    assert not any(is_open(p.fd) for p in passed)
+    removed = [f["FDNAME"] for f, _ in manager.messages()]
+    assert sorted(removed) == sorted([name_of(i, 5) for i in (1, 2, 3)] + [name_of(4, 0), "junk"])
+
+
+def test_restore_keeps_to_the_budgets_and_forgets_the_rest(manager: Manager) -> None:
+    cache = Cache(CacheLimits(max_entries=2, max_file_size=100, racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    passed = [PassedFd(sealed_fd(bytes([i]) * 10), name_of(i, 10)) for i in range(3)]
+    big = PassedFd(sealed_fd(b"x" * 200), name_of(9, 200))  # above --max-file-size now
+    store.restore(cache, [*passed, big])
+    assert (store.restored, len(cache)) == (2, 2)
+    removed = {f["FDNAME"] for f, _ in manager.messages()}
+    assert removed == {name_of(0, 10), name_of(9, 200)}  # the oldest, and the too large
+    assert not is_open(passed[0].fd) and not is_open(big.fd)
+
+
+def test_a_second_descriptor_of_one_version_is_closed_but_not_removed(manager: Manager) -> None:
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    one, two = sealed_fd(b"same"), sealed_fd(b"same")
+    store.restore(cache, [PassedFd(one, name_of(1, 4)), PassedFd(two, name_of(1, 4))])
+    assert (store.restored, len(cache)) == (1, 1)
+    assert is_open(one) and not is_open(two)
+    # Removing by name would take the kept one out of the store too.
+    assert manager.messages() == []
+    cache.clear()
+
+
+def test_a_bad_descriptor_under_a_good_name_does_not_cost_the_good_one(
+    manager: Manager,
+) -> None:
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    good = sealed_fd(b"good")
+    bad = os.memfd_create("shadowd", os.MFD_CLOEXEC)
+    os.write(bad, b"evil")
+    store.restore(cache, [PassedFd(good, name_of(1, 4)), PassedFd(bad, name_of(1, 4))])
+    # The removal takes both out of the store; the good one goes back in.
+    assert [(f.get("FDSTOREREMOVE"), f.get("FDSTORE"), n) for f, n in manager.messages()] == [
+        ("1", None, 0),
+        (None, "1", 1),
+    ]
+    assert store.entries == 1
+    cache.clear()
+
+
+def test_the_store_holds_no_more_than_the_manager_keeps(manager: Manager) -> None:
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=2)
+    store.restore(cache, [])
+    for i in range(4):
+        f = memfd.sealed_from_bytes(string.ascii_letters.encode()[i : i + 1])
+        cache.insert(HostKey(1, i), (1, 100, 200), f, ctime_ns=200)
+        f.release()
+    assert store.entries == 2 and len(manager.messages()) == 2
+    cache.remove(HostKey(1, 0))  # a stored one leaves: room for the next insert
+    f = memfd.sealed_from_bytes(b"z")
+    cache.insert(HostKey(1, 9), (1, 100, 200), f, ctime_ns=200)
+    f.release()
+    assert store.entries == 2
+    assert [f.get("FDNAME") for f, _ in manager.messages()] == [name_of(0, 1), name_of(9, 1)]
+    cache.clear()
+
+
+def test_private_entries_are_never_stored(manager: Manager) -> None:
+    from shadowd.cache import PrivateKey
+
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    store.restore(cache, [])
+    f = memfd.sealed_from_bytes(b"image")
+    cache.insert(PrivateKey(1000, "lkl:abc", 5), (5, 1, 2), f, private=True, ctime_ns=2)
+    f.release()
+    assert store.entries == 0 and manager.messages() == []
+    cache.clear()

@@ -1,0 +1,67 @@
+# docs/operations.md and contrib/systemd/ kept honest: every stats key and
+# metric is documented, and the units agree with what the daemon needs.
+from __future__ import annotations
+
+import configparser
+import re
+
+import attrs
+import pytest
+
+from shadowd.report import format_prometheus
+from shadowd.stats import Stats
+
+from . import promtext
+from .conftest import REPO
+from .test_report import sample_stats
+
+DOC = (REPO / "docs" / "operations.md").read_text()
+UNITS = REPO / "contrib" / "systemd"
+
+
+def unit(path: str) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((UNITS / path).read_text())
+    return parser
+
+
+def test_every_stats_key_is_documented() -> None:
+    keys = [f.name for f in attrs.fields(Stats)] + ["hit_rate"]
+    missing = [k for k in keys if f"`{k}`" not in DOC]
+    assert not missing
+
+
+def test_every_metric_is_documented() -> None:
+    names = promtext.parse(format_prometheus(sample_stats()))
+    missing = [n for n in names if n not in DOC]
+    assert not missing
+
+
+@pytest.mark.parametrize("variant", ["", "user/"])
+def test_units_are_socket_activated_notify_services_with_an_fd_store(variant: str) -> None:
+    socket_unit = unit(variant + "shadowd.socket")
+    service = unit(variant + "shadowd.service")
+    assert socket_unit.get("Socket", "ListenSequentialPacket")
+    assert service.get("Service", "Type") == "notify"
+    assert service.get("Service", "NotifyAccess") == "main"
+    assert service.get("Service", "NoNewPrivileges") == "yes"
+    # The store and the flag must agree (systemd before 254 does not tell the daemon).
+    store_max = service.get("Service", "FileDescriptorStoreMax")
+    exec_start = service.get("Service", "ExecStart")
+    assert re.search(rf"--fd-store-max {store_max}\b", exec_start)
+    assert " serve " in exec_start
+
+
+def test_system_unit_is_hardened() -> None:
+    service = unit("shadowd.service")["Service"]
+    assert service["ProtectSystem"] == "strict"
+    assert service["RuntimeDirectory"] == "shadowd"
+    assert service["CapabilityBoundingSet"] == ""
+    assert service["RestrictAddressFamilies"] == "AF_UNIX"
+    assert service["User"] == "shadowd"
+    socket_unit = unit("shadowd.socket")["Socket"]
+    assert socket_unit["ListenSequentialPacket"] == "/run/shadowd/shadowd.sock"
+    assert socket_unit["SocketGroup"] == service["Group"]
+    # The store keeps every entry the default budget allows.
+    assert int(service["FileDescriptorStoreMax"]) >= 10_000

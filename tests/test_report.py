@@ -1,0 +1,211 @@
+# report.py: the Prometheus exposition parsed strictly, the table's new rows,
+# labels that cannot reach a terminal raw, the --watch rates; and the daemon's
+# log lines when stderr is the journal.
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+
+from shadowd.cache import HostKey
+from shadowd.daemon import configure_logging, status_line, stream_is_journal
+from shadowd.memfd import sealed_from_bytes
+from shadowd.protocol import ErrorCode
+from shadowd.report import format_prometheus, format_rates, format_table
+from shadowd.server import Server, ServerConfig
+from shadowd.stats import Stats, TopEntry
+
+from . import promtext
+
+TRICKY = 'C:\\dir\\"quoted"\nnext line \x1b[2J'
+
+
+def sample_stats(**changes: Any) -> Stats:
+    base = Stats(
+        server="shadowd/0.1.0",
+        uptime_seconds=12.5,
+        hits=90,
+        misses=10,
+        entries=3,
+        bytes=3000,
+        evictions=2,
+        invalidations=1,
+        uncached=4,
+        refused=3,
+        copies=9,
+        bytes_copied=123456,
+        clients=2,
+        clients_total=7,
+        max_entries=100,
+        max_bytes=1 << 30,
+        max_file_size=256 << 20,
+        private_hits=5,
+        private_misses=1,
+        private_entries=1,
+        private_bytes=100,
+        open_fds=40,
+        fd_limit=1024,
+        top_by_hits=(TopEntry("/lib/libc.so.6", 50, 2000), TopEntry(TRICKY, 5, 1)),
+        top_by_bytes=(TopEntry("/lib/libc.so.6", 50, 2000), TopEntry("/lib/libc.so.6", 1, 10)),
+        refused_by_code={"not-regular": 2, "file-too-large": 1},
+        memory_bytes=12288,
+        rss_bytes=30_000_000,
+        fdstore_entries=3,
+        fdstore_max=64,
+        restored_entries=2,
+    )
+    return attrs.evolve(base, **changes)
+
+
+def test_prometheus_output_parses_strictly_with_our_rules() -> None:
+    text = format_prometheus(sample_stats())
+    families = promtext.parse(text)
+    for name, fam in families.items():
+        assert name.startswith("shadowd_"), name
+        assert fam.help and fam.type in ("counter", "gauge"), name
+        assert (fam.type == "counter") == name.endswith("_total"), name
+        # Base units: no kilo-, mega- or milli- anything.
+        assert not any(u in name for u in ("_kb", "_mb", "_kib", "_ms", "_millis")), name
+    f = families
+    assert f["shadowd_hits_total"].value(kind="host") == 85
+    assert f["shadowd_hits_total"].value(kind="private") == 5
+    assert f["shadowd_misses_total"].value(kind="host") == 9
+    assert f["shadowd_uptime_seconds"].value() == 12.5
+    assert f["shadowd_cache_bytes"].value() == 3000
+    assert f["shadowd_cache_memory_bytes"].value() == 12288
+    assert f["shadowd_copied_bytes_total"].value() == 123456
+    assert f["shadowd_open_fds"].value() == 40 and f["shadowd_max_fds"].value() == 1024
+    assert f["shadowd_fdstore_entries"].value() == 3
+    assert f["shadowd_fdstore_restored_entries"].value() == 2
+    assert f["shadowd_info"].value(version="0.1.0") == 1
+    refusals = f["shadowd_refusals_total"]
+    assert refusals.value(code="not-regular") == 2
+    assert refusals.value(code="busy") == 0  # every code, so rate() works from the start
+    assert len(refusals.samples) == len(ErrorCode)
+    # A label with quotes, backslashes and a newline comes back exactly.
+    assert f["shadowd_top_file_hits"].value(path=TRICKY) == 5
+    # Two entries with one label are one series.
+    assert f["shadowd_top_file_saved_bytes"].value(path="/lib/libc.so.6") == 100_010
+
+
+def test_prometheus_leaves_out_what_the_daemon_could_not_measure() -> None:
+    families = promtext.parse(format_prometheus(sample_stats(open_fds=-1, rss_bytes=-1)))
+    assert "shadowd_open_fds" not in families
+    assert "shadowd_resident_memory_bytes" not in families
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "shadowd_x 1",  # no final newline
+        "shadowd_x{a=1} 1\n",  # unquoted
+        'shadowd_x{a="\\q"} 1\n',  # unknown escape
+        'shadowd_x 1\nshadowd_y 1\nshadowd_x{a="b"} 2\n',  # not together
+        "shadowd_x 1\nshadowd_x 2\n",  # duplicate series
+        "shadowd_x 1\n# TYPE shadowd_x gauge\n",  # TYPE after samples
+        "# TYPE shadowd_x gauge\n# TYPE shadowd_x counter\n",
+        "shadowd_x one\n",
+        "9x 1\n",
+    ],
+)
+def test_the_strict_reader_is_strict(bad: str) -> None:
+    with pytest.raises(promtext.FormatError):
+        promtext.parse(bad)
+
+
+def test_table_shows_memory_fd_store_fds_and_both_top_lists() -> None:
+    table = format_table(sample_stats(), "/run/shadowd/shadowd.sock")
+    assert "12.0 KiB in cached memfds (whole pages); daemon resident 28.6 MiB" in table
+    assert "open fds" in table and "40 of 1024 (3.9%)" in table
+    assert "3 of 64 entries kept for warm restarts; 2 restored at start" in table
+    assert "by bytes not copied" in table and "by hits" in table
+    assert "evicted file stays in memory" in table
+    # A label is printed with its control characters escaped, never raw.
+    assert "\x1b" not in table and "\\x1b[2J" in table
+    off = format_table(sample_stats(fdstore_entries=0, fdstore_max=0, restored_entries=0))
+    assert "off (the cache starts cold after a restart)" in off
+
+
+def test_rates_between_two_snapshots() -> None:
+    before = sample_stats()
+    after = sample_stats(
+        hits=190, misses=10, bytes_copied=123456 + 2048, evictions=4, uptime_seconds=14.5
+    )
+    line = format_rates(before, after, 2.0)
+    assert "50.0 opens/s" in line and "hit rate 100.0%" in line
+    assert "1.0 KiB/s copied" in line and "1.0 evictions/s" in line
+    # A restarted daemon (uptime went back): no rates from two daemons.
+    assert "next refresh" in format_rates(after, before, 2.0)
+
+
+def test_status_line_is_one_line() -> None:
+    server = Server(ServerConfig(socket_path=""))
+    assert status_line(server) == "0 files, 0 B cached; 0 hits, 0 misses (hit rate -); 0 clients"
+    f = sealed_from_bytes(b"x" * 3000)
+    server.cache.insert(HostKey(1, 1), (3000, 1, 1), f, ctime_ns=1)
+    f.release()
+    for _ in range(9):
+        server.cache.lookup(HostKey(1, 1), (3000, 1, 1))
+    server.cache.lookup(HostKey(1, 2), (5, 1, 1))
+    line = status_line(server)
+    assert "\n" not in line
+    assert line == "1 files, 2.9 KiB cached; 9 hits, 1 misses (hit rate 90.0%); 0 clients"
+    server.cache.clear()
+
+
+# -- logging ------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+
+
+def log_through(journal: bool, monkeypatch: pytest.MonkeyPatch) -> str:
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as stream, os.fdopen(r) as reader:
+        st = os.fstat(w)
+        value = f"{st.st_dev}:{st.st_ino}" if journal else f"{st.st_dev}:{st.st_ino + 1}"
+        monkeypatch.setenv("JOURNAL_STREAM", value)
+        configure_logging("debug", stream=stream)
+        logging.getLogger("shadowd.test").info("started")
+        logging.getLogger("shadowd.test").warning("refused")
+        stream.flush()
+        stream.close()
+        return reader.read()
+
+
+def test_journal_lines_have_no_timestamp_and_carry_the_level(
+    root_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert log_through(True, monkeypatch) == (
+        "<6>INFO shadowd.test: started\n<4>WARNING shadowd.test: refused\n"
+    )
+
+
+def test_an_inherited_journal_stream_does_not_count(
+    root_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JOURNAL_STREAM names another stream: stderr was redirected, keep timestamps.
+    lines = log_through(False, monkeypatch).splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("INFO shadowd.test: started") and lines[0][:4].isdigit()
+
+
+def test_stream_is_journal_needs_a_real_descriptor() -> None:
+    assert not stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+    assert not stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "garbage"})
