@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .access import AccessPolicy, PeerLimits
 from .cache import CacheLimits
 from .errors import ConfigError
 from .paths import resolve_socket_path
@@ -49,6 +50,30 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _uid(text: str) -> int:
+    """A uid, or the name of a user."""
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None
+
+
+def _gid(text: str) -> int:
+    """A gid, or the name of a group."""
+    if text.isdigit():
+        return int(text)
+    import grp
+
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {text!r}") from None
 
 
 def _seconds(text: str) -> float:
@@ -107,7 +132,64 @@ def build_parser() -> argparse.ArgumentParser:
         default=0o600,
         help="octal mode of the socket (default 0600: only the daemon's user may connect)",
     )
-    serve.add_argument("--socket-group", help="group owning the socket (name or gid)")
+    serve.add_argument(
+        "--socket-group",
+        help="group owning the socket (name or gid); with --socket-mode 0660, its members "
+        "may connect",
+    )
+    serve.add_argument(
+        "--allow-uid",
+        type=_uid,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="admit only peers of this uid or user name (repeatable; checked with "
+        "SO_PEERCRED at accept; others get not-permitted). The daemon's own uid is always "
+        "admitted. Without --allow-uid and --allow-gid, everyone who can connect is admitted",
+    )
+    serve.add_argument(
+        "--allow-gid",
+        type=_gid,
+        action="append",
+        default=[],
+        metavar="GID",
+        help="admit peers whose primary or supplementary group is this gid or group name "
+        "(repeatable)",
+    )
+    peer_defaults = PeerLimits()
+    serve.add_argument(
+        "--max-clients",
+        type=_positive_int,
+        default=peer_defaults.max_clients,
+        help="most connections at once; more are refused with busy (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-clients-per-uid",
+        type=_positive_int,
+        default=peer_defaults.max_clients_per_uid,
+        help="most connections of one uid at once (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-copies-per-uid",
+        type=_positive_int,
+        default=peer_defaults.max_copies_per_uid,
+        help="most copies and inspections of one uid's files running at once; a file on a "
+        "hung mount ties up only its uid's share (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=32,
+        help="most slow requests (misses) in flight on one connection before the daemon "
+        "stops reading from it (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request",
+        type=parse_size,
+        default=WireLimits().max_request,
+        help="largest request datagram in bytes, at least 512; a larger one is refused with "
+        "request-too-large and its connection closed (default 64K)",
+    )
     serve.add_argument(
         "--copy-workers",
         type=_positive_int,
@@ -118,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch",
         type=_positive_int,
         default=WireLimits().max_batch,
-        help=f"most files in one batch open, up to {MAX_BATCH_LIMIT} (default %(default)s)",
+        help=f"most files in one batch open, up to {MAX_BATCH_LIMIT}, and so most fds one "
+        "request may carry; the kernel closes the fds beyond it (default %(default)s)",
     )
     serve.add_argument(
         "--log-level",
@@ -165,16 +248,25 @@ def _serve(args: argparse.Namespace) -> int:
             max_file_size=args.max_file_size,
             racy_window_ns=int(args.racy_window * 1e9),
         )
+        config = ServerConfig(
+            socket_path=resolve_socket_path(args.socket),
+            socket_mode=args.socket_mode,
+            socket_group=args.socket_group,
+            cache=cache,
+            wire=WireLimits(max_request=args.max_request, max_batch=args.max_batch),
+            copy_workers=args.copy_workers,
+            max_inflight=args.max_inflight,
+            access=AccessPolicy(
+                allow_uids=frozenset(args.allow_uid), allow_gids=frozenset(args.allow_gid)
+            ),
+            peers=PeerLimits(
+                max_clients=args.max_clients,
+                max_clients_per_uid=args.max_clients_per_uid,
+                max_copies_per_uid=args.max_copies_per_uid,
+            ),
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    config = ServerConfig(
-        socket_path=resolve_socket_path(args.socket),
-        socket_mode=args.socket_mode,
-        socket_group=args.socket_group,
-        cache=cache,
-        wire=WireLimits(max_batch=args.max_batch),
-        copy_workers=args.copy_workers,
-    )
     trio.run(run, config)
     return 0
 

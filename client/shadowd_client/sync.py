@@ -15,7 +15,7 @@ from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Open, Reply, Request, StatsRequest
+from shadowd.protocol import FileKey, Lookup, Open, Publish, Reply, Request, StatsRequest
 
 from ._session import (
     ANC_SPACE,
@@ -27,9 +27,12 @@ from ._session import (
     batch_request,
     batch_results,
     close_reply,
+    filled_memfd,
     label_for,
+    lookup_result,
     open_source,
     opened_fd,
+    queued_refusal,
     stats_of,
 )
 from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to
@@ -118,6 +121,30 @@ class Client:
                     close_all(x for x in results if isinstance(x, int))
                     raise r
         return results
+
+    def open_private(
+        self,
+        namespace: str,
+        key: FileKey,
+        fill: Callable[[int], object],
+        *,
+        executable: bool = False,
+    ) -> int:
+        """A sealed, read-only fd of a private file (one the host cannot see).
+
+        Asks the daemon for the file of this uid, *namespace* (say, a digest
+        of the disk image it comes from) and *key* (what the caller's own
+        fstat of it says). On a miss, ``fill(fd)`` must write the file's
+        ``key.size`` bytes into the fresh memfd *fd*; the daemon seals it and
+        serves it to later callers of the same uid and namespace. Exceptions
+        of *fill* reach the caller unchanged.
+        """
+        found = lookup_result(self._call(lambda id: Lookup(id=id, namespace=namespace, key=key)))
+        if found is not None:
+            return found
+        with filled_memfd(key, fill, executable=executable) as memfd:
+            reply = self._call(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
+        return opened_fd(reply)
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
@@ -236,6 +263,10 @@ class Client:
         try:
             self._sock.sendmsg([data], scm_rights(fds), SEND_FLAGS)
         except OSError as exc:
+            assert self._session is not None
+            refusal = queued_refusal(self._sock.fileno(), self._session)
+            if refusal is not None:
+                raise refusal from None
             raise Broken(exc, "sending a request") from None
 
     def _recv(self) -> Reply | None:
