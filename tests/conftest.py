@@ -2,6 +2,7 @@
 # ctimes, fd counting, and running code as another user.
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,25 @@ def run_as(
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return json.loads(lines[-1])
+
+
+def in_thread(
+    timeout: float = 30,
+) -> Callable[[Callable[..., None]], Callable[..., Coroutine[Any, Any, None]]]:
+    """Run a blocking test body in a worker thread, as a trio test under fail_after.
+
+    The daemon fixtures are trio fixtures; blocking client code must not run
+    on the trio thread.
+    """
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., Coroutine[Any, Any, None]]:
+        @functools.wraps(fn)
+        async def test(*args: Any, **kwargs: Any) -> None:
+            with trio.fail_after(timeout):
+                await trio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), abandon_on_cancel=True
+                )
+
+        return test
+
+    return wrap
