@@ -327,7 +327,7 @@ def test_executable_private_file(daemon: Daemon) -> None:
 
 async def test_async_client_open_private(daemon: Daemon) -> None:
     async def fill(fd: int) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         os.write(fd, b"async bytes")
 
     with trio.fail_after(30):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import array
 import os
 import socket
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
