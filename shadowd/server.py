@@ -76,6 +76,8 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Requests a connection may have answered back to back before it yields to
 # the others: pipelining clients must not starve the rest.
 _FAIRNESS_BURST = 16
+# Datagrams read and dropped from a peer that is turned away.
+_DRAIN_AT_REFUSAL = 8
 # After this many requests that had to be waited for, try reading before
 # waiting once more.
 _PROBE_EVERY = 8
@@ -302,6 +304,15 @@ class Server:
             sock.sendmsg([data], [], _SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
+        # Drop what it sent already (a hello, say): closing with unread data
+        # makes its next read fail with ECONNRESET before it sees our answer.
+        # recv without room for control data: the kernel drops any fds itself.
+        for _ in range(_DRAIN_AT_REFUSAL):
+            try:
+                if not sock.recv(1):
+                    break
+            except OSError:
+                break
         sock.close()
 
     # -- one connection --------------------------------------------------

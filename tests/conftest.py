@@ -178,7 +178,7 @@ PRELUDE = textwrap.dedent(
     import json, os, sys
     sys.path[:0] = {paths!r}
     {imports}
-    os.setgroups([])
+    os.setgroups({groups!r})
     os.setresgid({gid}, {gid}, {gid})
     os.setresuid({uid}, {uid}, {uid})
     def out(obj):
@@ -188,11 +188,18 @@ PRELUDE = textwrap.dedent(
 
 
 def run_as(
-    uid: int, code: str, *, gid: int | None = None, imports: str = "", timeout: float = 30
+    uid: int,
+    code: str,
+    *,
+    gid: int | None = None,
+    groups: tuple[int, ...] = (),
+    imports: str = "",
+    timeout: float = 30,
 ) -> Any:
     """Run *code* in a child that drops to *uid* after its imports; return its JSON line.
 
-    Top-level import lines of *code* run before the drop.
+    Top-level import lines of *code* run before the drop. The child has
+    primary group *gid* (default: *uid*) and supplementary *groups*.
     """
     gid = uid if gid is None else gid
     # Everything is imported before the drop: the interpreter's own files may
@@ -205,6 +212,7 @@ def run_as(
         imports="\n".join([imports, *hoisted]),
         uid=uid,
         gid=gid,
+        groups=list(groups),
     )
     proc = subprocess.run(
         [sys.executable, "-c", prelude + "\n".join(body)],

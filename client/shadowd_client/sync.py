@@ -263,22 +263,29 @@ class Client:
         try:
             self._sock.sendmsg([data], scm_rights(fds), SEND_FLAGS)
         except OSError as exc:
-            assert self._session is not None
-            refusal = queued_refusal(self._sock.fileno(), self._session)
-            if refusal is not None:
-                raise refusal from None
-            raise Broken(exc, "sending a request") from None
+            raise self._broken(exc, "sending a request") from None
 
     def _recv(self) -> Reply | None:
         assert self._sock is not None and self._session is not None
         try:
             n, ancdata, flags, _ = self._sock.recvmsg_into([self._buf], ANC_SPACE, RECV_FLAGS)
         except OSError as exc:
-            raise Broken(exc, "waiting for a reply") from None
+            raise self._broken(exc, "waiting for a reply") from None
         fds = fds_from_ancdata(ancdata)
         if n == 0 and not fds:
             raise Broken(None, "waiting for a reply")
         return self._session.receive(memoryview(self._buf)[:n], fds, flags)
+
+    def _broken(self, exc: OSError, doing: str) -> Exception:
+        """What to raise for a failed send or receive: the daemon's refusal if it sent one.
+
+        A daemon that turns a peer away answers and closes at once; the
+        peer's send then fails with EPIPE, or its receive with ECONNRESET,
+        while the answer still waits to be read.
+        """
+        assert self._sock is not None and self._session is not None
+        refusal = queued_refusal(self._sock.fileno(), self._session)
+        return refusal if refusal is not None else Broken(exc, doing)
 
     def _wait_reply(self, id: int) -> Reply:
         while True:
