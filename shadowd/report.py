@@ -67,6 +67,22 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
                 f"{stats.private_hits} hits, {stats.private_misses} misses",
             )
         )
+    if stats.private_publishes:
+        rows.append(
+            (
+                "private publishes",
+                f"{stats.private_publishes} ({stats.private_sealed_in_place} sealed in place, "
+                f"{stats.private_copied} copied, {stats.private_races_lost} races lost)",
+            )
+        )
+    if stats.peers_refused:
+        rows.append(("peers refused", f"{stats.peers_refused}"))
+    if stats.limit_hits:
+        hits = ", ".join(
+            f"{name} ({stats.limits.get(name, '?')}) {n}"
+            for name, n in sorted(stats.limit_hits.items())
+        )
+        rows.append(("limits reached", hits))
     if stats.open_fds >= 0:
         rows.append(("open fds", f"{stats.open_fds} of {stats.fd_limit}"))
     width = max(len(k) for k, _ in rows)
