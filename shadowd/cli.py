@@ -9,7 +9,7 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .access import AccessPolicy, PeerLimits
@@ -52,28 +52,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _uid(text: str) -> int:
-    """A uid, or the name of a user."""
+def _id_or_name(text: str, lookup: Callable[[str], int], what: str) -> int:
     if text.isdigit():
         return int(text)
+    try:
+        return lookup(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such {what}: {text!r}") from None
+
+
+def _uid(text: str) -> int:
+    """A uid, or the name of a user."""
     import pwd
 
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None
+    return _id_or_name(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(text: str) -> int:
     """A gid, or the name of a group."""
-    if text.isdigit():
-        return int(text)
     import grp
 
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {text!r}") from None
+    return _id_or_name(text, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def _seconds(text: str) -> float:
@@ -157,32 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     peer_defaults = PeerLimits()
-    serve.add_argument(
-        "--max-clients",
-        type=_positive_int,
-        default=peer_defaults.max_clients,
-        help="most connections at once; more are refused with busy (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-clients-per-uid",
-        type=_positive_int,
-        default=peer_defaults.max_clients_per_uid,
-        help="most connections of one uid at once (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-copies-per-uid",
-        type=_positive_int,
-        default=peer_defaults.max_copies_per_uid,
-        help="most copies and inspections of one uid's files running at once; a file on a "
-        "hung mount ties up only its uid's share (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-inflight",
-        type=_positive_int,
-        default=32,
-        help="most slow requests (misses) in flight on one connection before the daemon "
-        "stops reading from it (default %(default)s)",
-    )
+    for flag, default, text in (
+        (
+            "--max-clients",
+            peer_defaults.max_clients,
+            "most connections at once; more are refused with busy",
+        ),
+        (
+            "--max-clients-per-uid",
+            peer_defaults.max_clients_per_uid,
+            "most connections of one uid at once; more are refused with busy",
+        ),
+        (
+            "--max-copies-per-uid",
+            peer_defaults.max_copies_per_uid,
+            "most worker jobs (copies, inspections) for one uid's files at once; a file on "
+            "a hung mount ties up only its uid's share",
+        ),
+        (
+            "--max-inflight",
+            32,
+            "most slow requests (misses) in flight on one connection before the daemon stops "
+            "reading from it",
+        ),
+    ):
+        serve.add_argument(
+            flag, type=_positive_int, default=default, help=f"{text} (default %(default)s)"
+        )
     serve.add_argument(
         "--max-request",
         type=parse_size,

@@ -3,10 +3,12 @@
 # counter). Each test would fail if the defence it names broke.
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,23 +219,30 @@ async def test_max_fds_extras_closed_and_counted(start_daemon: Any, tmp_path: Pa
         await call(work)
 
 
+@contextlib.contextmanager
+def connected(d: Daemon, n: int) -> Iterator[list[Client]]:
+    """*n* clients connected (hello answered), closed on the way out."""
+    held = [Client(d.socket_path, timeout=5) for _ in range(n)]
+    try:
+        for c in held:
+            c.connect()
+        yield held
+    finally:
+        for c in held:
+            c.close()
+
+
 async def test_max_clients(start_daemon: Any) -> None:
     d = await start_daemon("--max-clients", "3")
 
     def work() -> None:
-        held = [Client(d.socket_path, timeout=5) for _ in range(3)]
-        try:
-            for c in held:
-                c.connect()
+        with connected(d, 3) as held:
             with pytest.raises(Busy, match="3 clients"), Client(d.socket_path) as extra:
                 extra.stats()
             held.pop().close()
             time.sleep(0.2)  # the daemon notices the close
             with Client(d.socket_path, timeout=5) as again:
                 s = again.stats()
-        finally:
-            for c in held:
-                c.close()
         assert s["limit_hits"]["max_clients"] == 1 and s["refused_by_code"]["busy"] == 1
 
     with trio.fail_after(30):
@@ -245,18 +254,12 @@ async def test_max_clients_per_uid(start_daemon: Any) -> None:
     d = await start_daemon("--max-clients-per-uid", "2", "--socket-mode", "0666")
 
     def work() -> None:
-        held = [Client(d.socket_path, timeout=5) for _ in range(2)]
-        try:
-            for c in held:
-                c.connect()
+        with connected(d, 2) as held:
             with pytest.raises(Busy, match="uid 0 has 2"), Client(d.socket_path) as extra:
                 extra.stats()
             # Another uid has its own share.
             assert try_connect(d, NOBODY)["sync"] == "shadowd"
             assert held[0].stats()["limit_hits"]["max_clients_per_uid"] == 1
-        finally:
-            for c in held:
-                c.close()
 
     with trio.fail_after(30):
         await call(work)

@@ -52,6 +52,8 @@ SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 REPLY_BUFFER = 256 * 1024
 ANC_SPACE = socket.CMSG_SPACE(MAX_BATCH_LIMIT * 4)
 REFUSAL_BUFFER = 4096
+#: What open_private calls on a miss: write the file into the memfd it is given.
+Fill = Callable[[int], object]
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
@@ -208,7 +210,7 @@ def check_filled(memfd: FdHolder, key: FileKey) -> None:
         raise SizeMismatch(f"fill wrote {size} bytes; the key says {key.size}")
 
 
-def filled_memfd(key: FileKey, fill: Callable[[int], object], *, executable: bool) -> FdHolder:
+def filled_memfd(key: FileKey, fill: Fill, *, executable: bool) -> FdHolder:
     """A new memfd that *fill* wrote the file into, checked for its size.
 
     Whatever *fill* raises goes to the caller unchanged.

@@ -27,6 +27,7 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Fill,
     Session,
     batch_request,
     batch_results,
@@ -142,12 +143,7 @@ class AsyncClient:
         return results
 
     async def open_private(
-        self,
-        namespace: str,
-        key: FileKey,
-        fill: Callable[[int], object],
-        *,
-        executable: bool = False,
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
     ) -> int:
         """Like :meth:`Client.open_private`; *fill* may be a plain or an async function."""
         reply = await self._call(lambda id: Lookup(id=id, namespace=namespace, key=key))

@@ -18,7 +18,7 @@ from shadowd.memfd import reopen_readonly, seal, sealed_copy
 from shadowd.protocol import FileKey
 from shadowd.source import SourceStat
 
-from ._session import filled_memfd, label_for, open_source
+from ._session import Fill, filled_memfd, label_for, open_source
 from .errors import (
     Busy,
     DaemonUnavailable,
@@ -73,7 +73,7 @@ def local_copy(path: str | os.PathLike[str]) -> int:
         return local_copy_fd(src.fd, name=os.fsdecode(path))
 
 
-def local_private(key: FileKey, fill: Callable[[int], object], *, executable: bool = False) -> int:
+def local_private(key: FileKey, fill: Fill, *, executable: bool = False) -> int:
     """A private file made here without the daemon: *fill* writes it, we seal it.
 
     The same kind of fd as :meth:`Client.open_private` returns (sealed,
@@ -140,12 +140,7 @@ class Opener:
         return copy
 
     def open_private(
-        self,
-        namespace: str,
-        key: FileKey,
-        fill: Callable[[int], object],
-        *,
-        executable: bool = False,
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
     ) -> int:
         """:meth:`Client.open_private`, or the same kind of fd made here when the daemon
         cannot help (then *fill* may run a second time, into a memfd of our own)."""

@@ -23,6 +23,7 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Fill,
     Session,
     batch_request,
     batch_results,
@@ -123,12 +124,7 @@ class Client:
         return results
 
     def open_private(
-        self,
-        namespace: str,
-        key: FileKey,
-        fill: Callable[[int], object],
-        *,
-        executable: bool = False,
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
     ) -> int:
         """A sealed, read-only fd of a private file (one the host cannot see).
 
