@@ -26,8 +26,11 @@ GROUP = 4242
 
 TRY_CONNECT = """
 import trio
-from shadowd_client import AsyncClient, Client, ShadowdError
+from shadowd_client import AsyncClient, Client, Opener, ShadowdError
 res = {{}}
+with Opener({path!r}, timeout=5) as opener:  # a supervisor never breaks: it copies itself
+    fd = opener.open("/bin/sh")
+    res["opener"] = [opener.daemon_opens, opener.local_opens]
 try:
     with Client({path!r}, timeout=5) as c:
         res["sync"] = c.stats()["server"][:7]
@@ -78,6 +81,7 @@ async def test_allow_uid_turns_other_users_away_with_not_permitted(start_daemon:
         for side in ("sync", "async"):
             name, message = res[side]
             assert name == "NotPermitted" and f"uid {NOBODY}" in message
+        assert res["opener"] == [0, 1]
         # On the wire: an error reply with the stable code, then the close.
         code = f"""
         import socket, msgpack
@@ -90,7 +94,7 @@ async def test_allow_uid_turns_other_users_away_with_not_permitted(start_daemon:
         assert first["id"] is None and first["ok"] is False
         assert first["code"] == "not-permitted" and after == ""
         s = await call(stats, d)  # root is allowed
-    assert s["peers_refused"] == 3 and s["refused_by_code"]["not-permitted"] == 3
+    assert s["peers_refused"] == 4 and s["refused_by_code"]["not-permitted"] == 4
 
 
 @requires_root

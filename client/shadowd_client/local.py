@@ -24,6 +24,7 @@ from .errors import (
     DaemonUnavailable,
     FileTooLarge,
     FileUnstable,
+    NotPermitted,
     SourceError,
     source_error,
 )
@@ -163,7 +164,8 @@ class Opener:
         assert self._client is not None
         try:
             served = request(self._client)
-        except DaemonUnavailable as exc:
+        except (DaemonUnavailable, NotPermitted) as exc:
+            # Down, or it will not serve this uid: ask again only after a while.
             with self._lock:
                 self._down_until = time.monotonic() + self.retry_after
             logger.warning("shadowd unavailable (%s); copying locally", exc)

@@ -281,7 +281,10 @@ class Client:
         """
         assert self._sock is not None and self._session is not None
         refusal = queued_refusal(self._sock.fileno(), self._session)
-        return refusal if refusal is not None else Broken(exc, doing)
+        if refusal is None:
+            return Broken(exc, doing)
+        self._drop()  # the daemon closed this connection
+        return refusal
 
     def _wait_reply(self, id: int) -> Reply:
         while True:
