@@ -198,6 +198,10 @@ class Cache:
         counters.misses += 1
         return None
 
+    def uncount_miss(self, *, private: bool = False) -> None:
+        """Take back the miss of a lookup that will be made again (and counted then)."""
+        self._counters(private).misses -= 1
+
     def peek(self, key: Hashable) -> Entry | None:
         """The entry for *key*, if any, without counting or reordering."""
         return self._entries.get(key)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .access import AccessPolicy, PeerLimits
 from .cache import CacheLimits
 from .errors import ConfigError, DaemonError
 from .paths import resolve_socket_path
@@ -73,6 +74,29 @@ def _interval(text: str) -> float:
     return value
 
 
+def _id_or_name(text: str, lookup: Callable[[str], int], what: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return lookup(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such {what}: {text!r}") from None
+
+
+def _uid(text: str) -> int:
+    """A uid, or the name of a user."""
+    import pwd
+
+    return _id_or_name(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
+
+
+def _gid(text: str) -> int:
+    """A gid, or the name of a group."""
+    import grp
+
+    return _id_or_name(text, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -131,7 +155,65 @@ def build_parser() -> argparse.ArgumentParser:
         default=0o600,
         help="octal mode of the socket (default 0600: only the daemon's user may connect)",
     )
-    serve.add_argument("--socket-group", help="group owning the socket (name or gid)")
+    serve.add_argument(
+        "--socket-group",
+        help="group owning the socket (name or gid); with --socket-mode 0660, its members "
+        "may connect",
+    )
+    serve.add_argument(
+        "--allow-uid",
+        type=_uid,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="admit only peers of this uid or user name (repeatable; checked with "
+        "SO_PEERCRED at accept; others get not-permitted). The daemon's own uid is always "
+        "admitted. Without --allow-uid and --allow-gid, everyone who can connect is admitted",
+    )
+    serve.add_argument(
+        "--allow-gid",
+        type=_gid,
+        action="append",
+        default=[],
+        metavar="GID",
+        help="admit peers whose primary or supplementary group is this gid or group name "
+        "(repeatable)",
+    )
+    peer_defaults = PeerLimits()
+    for flag, default, text in (
+        (
+            "--max-clients",
+            peer_defaults.max_clients,
+            "most connections at once; more are refused with busy",
+        ),
+        (
+            "--max-clients-per-uid",
+            peer_defaults.max_clients_per_uid,
+            "most connections of one uid at once; more are refused with busy",
+        ),
+        (
+            "--max-copies-per-uid",
+            peer_defaults.max_copies_per_uid,
+            "most worker jobs (copies, inspections) for one uid's files at once; a file on "
+            "a hung mount ties up only its uid's share",
+        ),
+        (
+            "--max-inflight",
+            32,
+            "most slow requests (misses) in flight on one connection before the daemon stops "
+            "reading from it",
+        ),
+    ):
+        serve.add_argument(
+            flag, type=_positive_int, default=default, help=f"{text} (default %(default)s)"
+        )
+    serve.add_argument(
+        "--max-request",
+        type=parse_size,
+        default=WireLimits().max_request,
+        help="largest request datagram in bytes, at least 512; a larger one is refused with "
+        "request-too-large and its connection closed (default 64K)",
+    )
     serve.add_argument(
         "--copy-workers",
         type=_positive_int,
@@ -142,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch",
         type=_positive_int,
         default=WireLimits().max_batch,
-        help=f"most files in one batch open, up to {MAX_BATCH_LIMIT} (default %(default)s)",
+        help=f"most files in one batch open, up to {MAX_BATCH_LIMIT}, and so most fds one "
+        "request may carry; the kernel closes the fds beyond it (default %(default)s)",
     )
     serve.add_argument(
         "--fd-store-max",
@@ -254,17 +337,26 @@ def _serve(args: argparse.Namespace) -> int:
             max_file_size=args.max_file_size,
             racy_window_ns=int(args.racy_window * 1e9),
         )
+        config = ServerConfig(
+            socket_path=_serve_socket(args.socket),
+            socket_mode=args.socket_mode,
+            socket_group=args.socket_group,
+            cache=cache,
+            wire=WireLimits(max_request=args.max_request, max_batch=args.max_batch),
+            copy_workers=args.copy_workers,
+            max_inflight=args.max_inflight,
+            access=AccessPolicy(
+                allow_uids=frozenset(args.allow_uid), allow_gids=frozenset(args.allow_gid)
+            ),
+            peers=PeerLimits(
+                max_clients=args.max_clients,
+                max_clients_per_uid=args.max_clients_per_uid,
+                max_copies_per_uid=args.max_copies_per_uid,
+            ),
+            fd_store_max=fd_store_limit(args.fd_store_max),
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    config = ServerConfig(
-        socket_path=_serve_socket(args.socket),
-        socket_mode=args.socket_mode,
-        socket_group=args.socket_group,
-        cache=cache,
-        wire=WireLimits(max_batch=args.max_batch),
-        copy_workers=args.copy_workers,
-        fd_store_max=fd_store_limit(args.fd_store_max),
-    )
     trio.run(run, config)
     return 0
 

@@ -83,19 +83,79 @@ class ThreadJob:
                 self._cleanup(result)
 
 
+@attrs.define(eq=False)
+class Quota:
+    """How many worker jobs one peer (a uid) may have at once.
+
+    A plain counter, used only on the event loop. A job that would exceed it
+    waits for one of the same peer's jobs to end, so a peer whose files hang
+    ties up at most ``limit`` workers, never anyone else's.
+    """
+
+    limit: int
+    #: Shared counters of the server; ``key`` is counted there once per wait.
+    hits: dict[str, int] = attrs.field(factory=dict)
+    key: str = "max_copies_per_uid"
+    used: int = 0
+    _freed: trio.Event = attrs.field(factory=trio.Event)
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free, without waiting."""
+        if self.used < self.limit:
+            self.used += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting for one of this peer's jobs to end if needed."""
+        if self.try_acquire():
+            await trio.lowlevel.checkpoint()
+            return
+        self.count_wait()
+        while not self.try_acquire():
+            await self.wait_freed()
+
+    def count_wait(self) -> None:
+        self.hits[self.key] = self.hits.get(self.key, 0) + 1
+
+    async def wait_freed(self) -> None:
+        """Wait until a slot is released (it may be taken again by then)."""
+        await self._freed.wait()
+
+    def release(self) -> None:
+        self.used -= 1
+        self._freed.set()
+        self._freed = trio.Event()
+
+    @property
+    def idle(self) -> bool:
+        return self.used == 0 and not self._freed.statistics().tasks_waiting
+
+
 async def run_job(
     fn: Callable[[], T],
     cleanup: Callable[[T], None],
     limiter: trio.CapacityLimiter,
     *,
     unstarted: Callable[[], None] = lambda: None,
+    quota: Quota | None = None,
 ) -> T:
-    """Run *fn* in a worker thread; on cancellation nothing it owns is leaked."""
+    """Run *fn* in a worker thread; on cancellation nothing it owns is leaked.
+
+    With a *quota*, a slot of it is held from before the thread starts until
+    it ends (or is abandoned at shutdown).
+    """
     job = ThreadJob(fn, cleanup, unstarted)
     try:
-        result = await trio.to_thread.run_sync(
-            job.run_in_thread, limiter=limiter, abandon_on_cancel=True
-        )
+        if quota is not None:
+            await quota.acquire()
+        try:
+            result = await trio.to_thread.run_sync(
+                job.run_in_thread, limiter=limiter, abandon_on_cancel=True
+            )
+        finally:
+            if quota is not None:
+                quota.release()
     except trio.Cancelled:
         job.abandon()
         raise
@@ -159,6 +219,8 @@ class Flight:
     error: RequestError | None = None
     cached: bool = False
     waiters: int = 0
+    #: The slot of its starter's quota that this copy holds until it ends.
+    quota: Quota | None = None
 
     def join(self) -> None:
         """Count one more request that will :meth:`wait` (call without awaiting first)."""
@@ -213,9 +275,16 @@ class Copier:
         on_copied: Callable[[Flight, SealedFile, SourceStat], None],
         *,
         remote: bool,
+        quota: Quota | None = None,
     ) -> Flight:
-        """Start copying *src* (whose ownership moves here) as flight *key*."""
-        flight = Flight(key=key)
+        """Start copying *src* (whose ownership moves here) as flight *key*.
+
+        *quota* is a slot the caller already took for this copy; it is
+        released when the copy ends. It is taken before the flight exists so
+        that nobody can join a flight that is still queued behind its
+        starter's quota.
+        """
+        flight = Flight(key=key, quota=quota)
         self._flights[key] = flight
         nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
         return flight
@@ -247,11 +316,13 @@ class Copier:
             flight.stat = st
             on_copied(flight, sealed, st)
         finally:
+            if flight.quota is not None:
+                flight.quota.release()
             self._flights.pop(flight.key, None)
             flight.done.set()
             flight.drop_if_unwanted()
 
-    async def inspect(self, src: FdHolder) -> SourceStat:
+    async def inspect(self, src: FdHolder, quota: Quota | None = None) -> SourceStat:
         """Stat an fd of an untrusted filesystem in a worker thread.
 
         The caller keeps *src* unless this is cancelled; then the job closes it.
@@ -261,13 +332,29 @@ class Copier:
             lambda _st: src.close(),
             self.remote_limiter,
             unstarted=src.close,
+            quota=quota,
         )
 
-    def close_later(self, nursery: trio.Nursery, src: FdHolder) -> None:
+    async def run(
+        self,
+        fn: Callable[[], T],
+        src: FdHolder,
+        *,
+        remote: bool,
+        quota: Quota | None = None,
+    ) -> T:
+        """Run blocking *fn*, which owns and closes *src*, in a worker thread.
+
+        A SealedFile in its result is released if nobody is left to take it.
+        """
+        limiter = self.remote_limiter if remote else self.local_limiter
+        return await run_job(fn, _release, limiter, unstarted=src.close, quota=quota)
+
+    def close_later(self, nursery: trio.Nursery, src: FdHolder, quota: Quota | None = None) -> None:
         """Close an fd of an untrusted filesystem in a worker thread."""
         if src.closed:
             return
-        nursery.start_soon(self._close, src)
+        nursery.start_soon(self._close, src, quota)
 
-    async def _close(self, src: FdHolder) -> None:
-        await run_job(src.close, _ignore, self.remote_limiter, unstarted=src.close)
+    async def _close(self, src: FdHolder, quota: Quota | None) -> None:
+        await run_job(src.close, _ignore, self.remote_limiter, unstarted=src.close, quota=quota)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
 import socket
@@ -28,10 +29,19 @@ class FdHolder:
         return self.fd < 0
 
     def close(self) -> None:
-        """Close the fd. Idempotent: a second call does nothing."""
+        """Close the fd. Idempotent: a second call does nothing.
+
+        An error a file system reports from its flush at close (EIO, or
+        ENOTCONN from an aborted FUSE mount) is ignored: the fd is released
+        either way, and nothing we close was written to. EBADF is a bug.
+        """
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise
 
     def detach(self) -> int:
         """Give up ownership and return the fd; the caller must close it."""

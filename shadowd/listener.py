@@ -89,9 +89,11 @@ class Listener:
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
             )
             try:
-                # The socket file takes the socket inode's mode at bind: set it
-                # first, so the file is never wider than asked.
-                os.fchmod(sock.fileno(), mode & 0o777 & ~0o111)
+                # The socket file takes the socket inode's mode at bind: owner
+                # only until its group is right, so it is never wider than
+                # asked (not even for the daemon's own group), and it appears
+                # at its real path only by the rename, complete.
+                os.fchmod(sock.fileno(), mode & 0o600)
                 sock.bind(tmp)
                 try:
                     if gid is not None:

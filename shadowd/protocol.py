@@ -28,6 +28,10 @@ MAX_LABEL_BYTES = 4096
 MAX_CLIENT_NAME = 256
 # Largest batch the format allows; a server may advertise a smaller one.
 MAX_BATCH_LIMIT = 250
+# A private namespace names an image (a digest, say), not its contents.
+MAX_NAMESPACE_BYTES = 255
+MIN_INT64 = -(2**63)
+MAX_INT64 = 2**63 - 1
 
 
 class ErrorCode(enum.StrEnum):
@@ -45,6 +49,7 @@ class ErrorCode(enum.StrEnum):
     UNSTABLE = "unstable"
     IO_ERROR = "io-error"
     NOT_PERMITTED = "not-permitted"
+    SIZE_MISMATCH = "size-mismatch"
     BUSY = "busy"
     SHUTTING_DOWN = "shutting-down"
     INTERNAL = "internal"
@@ -145,7 +150,44 @@ class StatsRequest:
     id: int
 
 
-Request: TypeAlias = Hello | Open | OpenBatch | StatsRequest
+@attrs.frozen
+class FileKey:
+    """What a private file's owner read from its own fstat: identity and version.
+
+    ``ctime_ns`` is None when the owner's filesystem has no ctime it trusts;
+    the version is then (size, mtime_ns) alone.
+    """
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int | None = None
+
+    @property
+    def version(self) -> tuple[int, int, int | None]:
+        return (self.size, self.mtime_ns, self.ctime_ns)
+
+
+@attrs.frozen
+class Lookup:
+    """Ask for a private file by namespace and key; a miss carries no fd."""
+
+    id: int
+    namespace: str
+    key: FileKey
+
+
+@attrs.frozen
+class Publish:
+    """Offer the bytes of a private file as ``fd`` (a memfd) after a miss."""
+
+    id: int
+    namespace: str
+    key: FileKey
+    fd: int
+
+
+Request: TypeAlias = Hello | Open | OpenBatch | StatsRequest | Lookup | Publish
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +247,13 @@ class StatsReply:
 
 
 @attrs.frozen
+class LookupMiss:
+    """A `Lookup` found nothing: publish the file to share it."""
+
+    id: int
+
+
+@attrs.frozen
 class ErrorReply:
     """A refused request. ``id`` is None when the request's id was unreadable."""
 
@@ -213,7 +262,7 @@ class ErrorReply:
     message: str
 
 
-Reply: TypeAlias = HelloReply | Opened | BatchOpened | StatsReply | ErrorReply
+Reply: TypeAlias = HelloReply | Opened | BatchOpened | StatsReply | LookupMiss | ErrorReply
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +351,43 @@ def _label(value: Any, *, id: int | None, fds: Sequence[int]) -> str | None:
     return value
 
 
+def _int64(msg: Mapping[str, Any], key: str, *, id: int | None, fds: Sequence[int]) -> int:
+    value: int = _field(msg, key, int, id=id, fds=fds)
+    if not MIN_INT64 <= value <= MAX_INT64:
+        raise MalformedMessage(f"field {key!r} out of range", id=id, fds=fds)
+    return value
+
+
+def _namespace(msg: Mapping[str, Any], *, id: int, fds: Sequence[int]) -> str:
+    value: str = _field(msg, "namespace", str, id=id, fds=fds)
+    # As with labels: most namespaces need no encoding to be measured.
+    if not value or (
+        len(value) * 4 > MAX_NAMESPACE_BYTES
+        and len(value.encode("utf-8", "surrogatepass")) > MAX_NAMESPACE_BYTES
+    ):
+        raise MalformedMessage(
+            f"'namespace' must be 1 to {MAX_NAMESPACE_BYTES} bytes", id=id, fds=fds
+        )
+    return value
+
+
+def _file_key(msg: Mapping[str, Any], *, id: int, fds: Sequence[int]) -> FileKey:
+    raw = _field(msg, "key", dict, id=id, fds=fds)
+    ctime_ns = None
+    if raw.get("ctime_ns") is not None:
+        ctime_ns = _int64(raw, "ctime_ns", id=id, fds=fds)
+    return FileKey(
+        ino=_uint(raw, "ino", id=id, fds=fds),
+        size=_uint(raw, "size", id=id, fds=fds),
+        mtime_ns=_int64(raw, "mtime_ns", id=id, fds=fds),
+        ctime_ns=ctime_ns,
+    )
+
+
+def _key_map(key: FileKey) -> dict[str, Any]:
+    return {"ino": key.ino, "size": key.size, "mtime_ns": key.mtime_ns, "ctime_ns": key.ctime_ns}
+
+
 def _text(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
@@ -341,6 +427,14 @@ def encode_request(
         return _pack(msg), list(event.fds)
     if isinstance(event, StatsRequest):
         return _pack({"op": "stats", "id": event.id}), []
+    if isinstance(event, Lookup):
+        msg = {"op": "lookup", "id": event.id, "namespace": event.namespace}
+        msg["key"] = _key_map(event.key)
+        return _pack(msg), []
+    if isinstance(event, Publish):
+        msg = {"op": "publish", "id": event.id, "namespace": event.namespace}
+        msg["key"] = _key_map(event.key)
+        return _pack(msg), [event.fd]
     raise TypeError(f"not a request event: {event!r}")
 
 
@@ -374,6 +468,8 @@ def encode_reply(
         ), []
     if isinstance(event, StatsReply):
         return _pack({"id": event.id, "ok": True, "stats": dict(event.stats)}), []
+    if isinstance(event, LookupMiss):
+        return _pack({"id": event.id, "ok": True, "hit": False}), []
     raise TypeError(f"not a reply event: {event!r}")
 
 
@@ -505,6 +601,19 @@ class ServerConnection:
         if op == "stats":
             self._expect_fds(op, fds, 0, id)
             return StatsRequest(id=id)
+        if op == "lookup":
+            self._expect_fds(op, fds, 0, id)
+            return Lookup(
+                id=id, namespace=_namespace(msg, id=id, fds=fds), key=_file_key(msg, id=id, fds=fds)
+            )
+        if op == "publish":
+            self._expect_fds(op, fds, 1, id)
+            return Publish(
+                id=id,
+                namespace=_namespace(msg, id=id, fds=fds),
+                key=_file_key(msg, id=id, fds=fds),
+                fd=fds[0],
+            )
         if op == "hello":
             self._expect_fds(op, fds, 0, id)
             if self.state is not ConnectionState.AWAIT_HELLO:
@@ -576,6 +685,8 @@ _REQUEST_KINDS: dict[type, str] = {
     Open: "open",
     OpenBatch: "open_batch",
     StatsRequest: "stats",
+    Lookup: "lookup",
+    Publish: "publish",
 }
 
 
@@ -657,9 +768,13 @@ class ClientConnection:
             code = _field(msg, "code", str, id=id, fds=fds)
             message = _field(msg, "message", str, id=id, fds=fds)
             return ErrorReply(id=id, code=code, message=message)
-        if kind == "open":
+        if kind == "lookup" and msg.get("hit") is False:
+            if fds:
+                raise BadFds("a lookup miss carried fds", id=id, fds=fds)
+            return LookupMiss(id=id)
+        if kind in ("open", "lookup", "publish"):
             if len(fds) != 1:
-                raise BadFds(f"'open' reply carried {len(fds)} fds", id=id, fds=fds)
+                raise BadFds(f"{kind!r} reply carried {len(fds)} fds", id=id, fds=fds)
             size = _uint(msg, "size", id=id, fds=fds)
             hit = _field(msg, "hit", bool, id=id, fds=fds)
             return Opened(id=id, fd=fds[0], size=size, hit=hit)

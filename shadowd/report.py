@@ -73,6 +73,22 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
             )
         )
     rows.append(("memory", _memory(stats)))
+    if stats.private_publishes:
+        rows.append(
+            (
+                "private publishes",
+                f"{stats.private_publishes} ({stats.private_sealed_in_place} sealed in place, "
+                f"{stats.private_copied} copied, {stats.private_races_lost} races lost)",
+            )
+        )
+    if stats.peers_refused:
+        rows.append(("peers refused", f"{stats.peers_refused}"))
+    if stats.limit_hits:
+        hits = ", ".join(
+            f"{name} ({stats.limits.get(name, '?')}) {n}"
+            for name, n in sorted(stats.limit_hits.items())
+        )
+        rows.append(("limits reached", hits))
     if stats.open_fds >= 0:
         rows.append(
             (
@@ -278,6 +294,42 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
         "Entries taken back from the fd store when the daemon started.",
         "restored_entries",
     ),
+    (
+        "shadowd_private_publishes_total",
+        "counter",
+        "Private files published by clients.",
+        "private_publishes",
+    ),
+    (
+        "shadowd_private_sealed_in_place_total",
+        "counter",
+        "Published memfds sealed as they were (no copy).",
+        "private_sealed_in_place",
+    ),
+    (
+        "shadowd_private_copied_total",
+        "counter",
+        "Published files copied because they could not be sealed in place.",
+        "private_copied",
+    ),
+    (
+        "shadowd_private_races_lost_total",
+        "counter",
+        "Publishes answered with another publisher's copy of the same version.",
+        "private_races_lost",
+    ),
+    (
+        "shadowd_peers_refused_total",
+        "counter",
+        "Peers turned away at accept (--allow-uid, --allow-gid, connection limits).",
+        "peers_refused",
+    ),
+    (
+        "shadowd_fds_refused_total",
+        "counter",
+        "Received descriptors closed unused because their request was refused.",
+        "fds_refused",
+    ),
 )
 
 
@@ -312,6 +364,18 @@ def format_prometheus(stats: Stats) -> str:
         "counter",
         "Requests refused, by error code.",
         [({"code": code}, n) for code, n in sorted(codes.items())],
+    )
+    out.family(
+        "shadowd_limit",
+        "gauge",
+        "The configured bounds on peers, by flag name.",
+        [({"limit": name}, n) for name, n in sorted(stats.limits.items())],
+    )
+    out.family(
+        "shadowd_limit_reached_total",
+        "counter",
+        "How often a peer ran into a bound, by flag name.",
+        [({"limit": name}, n) for name, n in sorted(stats.limit_hits.items())],
     )
     out.family(
         "shadowd_top_file_hits",

@@ -16,7 +16,6 @@ import logging
 import os
 import resource
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -25,22 +24,35 @@ import attrs
 import trio
 
 from . import __version__
-from .cache import Admission, Cache, CacheLimits, HostKey
+from .access import AccessPolicy, Gate, Peer, PeerLimits, UidShare
+from .cache import Admission, Cache, CacheLimits, HostKey, PrivateKey
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, move_high, scm_rights
 from .memfd import SealedFile
+from .private import (
+    PrivateCounters,
+    adopt,
+    copy_published,
+    memfd_seals,
+    private_key,
+    seal_in_place,
+)
 from .protocol import (
+    MAX_NAMESPACE_BYTES,
     BatchOpened,
     ErrorCode,
     ErrorReply,
     Hello,
     HelloReply,
+    Lookup,
+    LookupMiss,
     Open,
     OpenBatch,
     Opened,
     OpenedItem,
     ProtocolError,
+    Publish,
     Refusal,
     Reply,
     Request,
@@ -48,6 +60,7 @@ from .protocol import (
     StatsReply,
     StatsRequest,
     WireLimits,
+    encode_reply,
 )
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
 from .stats import Stats, TopEntry
@@ -64,10 +77,11 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_UCRED = struct.Struct("3i")
 # Requests a connection may have answered back to back before it yields to
 # the others: pipelining clients must not starve the rest.
 _FAIRNESS_BURST = 16
+# Datagrams read and dropped from a peer that is turned away.
+_DRAIN_AT_REFUSAL = 8
 # After this many requests that had to be waited for, try reading before
 # waiting once more.
 _PROBE_EVERY = 8
@@ -84,27 +98,29 @@ class ServerConfig:
     cache: CacheLimits = attrs.field(factory=CacheLimits)
     wire: WireLimits = attrs.field(factory=WireLimits)
     copy_workers: int = 4
-    remote_workers: int = 4
+    # Workers for files of filesystems that may hang (FUSE, NFS): each uid
+    # holds at most peers.max_copies_per_uid of them, so this many take
+    # that many hostile uids to use up.
+    remote_workers: int = 64
     max_inflight: int = 32
     shutdown_grace: float = 10.0
     top_files: int = 10
     #: Descriptors the service manager keeps for warm restarts (its
     #: FileDescriptorStoreMax=); 0 keeps none.
     fd_store_max: int = 0
+    access: AccessPolicy = attrs.field(factory=AccessPolicy)
+    peers: PeerLimits = attrs.field(factory=PeerLimits)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_inflight < 1 or self.copy_workers < 1 or self.remote_workers < 1:
+            raise ValueError("max_inflight and the worker counts must be at least 1")
 
 
-@attrs.frozen
-class Peer:
-    """Who is on the other end, from SO_PEERCRED at accept time."""
+class _Throttled:
+    """A copy must wait: its uid's quota of worker jobs is in use."""
 
-    pid: int
-    uid: int
-    gid: int
 
-    @classmethod
-    def from_socket(cls, sock: socket.socket) -> Peer:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(_SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        return cls(pid=pid, uid=uid, gid=gid)
+THROTTLED = _Throttled()
 
 
 class PeerGone(Exception):
@@ -115,6 +131,7 @@ class PeerGone(Exception):
 class Connection:
     sock: socket.socket
     peer: Peer
+    share: UidShare
     proto: ServerConnection
     read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     send_lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -136,6 +153,18 @@ def _renumbered(sock: socket.socket) -> socket.socket:
     """The same connection on a high fd number (see fds.LONG_LIVED_BASE)."""
     fd = move_high(sock.detach())
     return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+
+
+@attrs.frozen
+class Waiting:
+    """A local source fd whose copy waits for a slot of its uid's quota."""
+
+    holder: FdHolder
+
+
+# What an open that cannot be answered at once waits for: a flight, an fd of
+# an untrusted filesystem (a worker inspects it), or a slot of the quota.
+Pending = Flight | FdHolder | Waiting
 
 
 def count_open_fds() -> int:
@@ -186,7 +215,9 @@ class Server:
             remote_limiter=trio.CapacityLimiter(config.remote_workers),
         )
         self.mounts = MountTrust()
-        self.clients = 0
+        self.gate = Gate(config.access, config.peers)
+        self.private = PrivateCounters()
+        self.fds_refused = 0
         self.clients_total = 0
         self.refused = 0
         self.refused_by_code: dict[str, int] = {}
@@ -206,7 +237,24 @@ class Server:
             "max_request": config.wire.max_request,
             "max_batch": config.wire.max_batch,
             "max_file_size": config.cache.max_file_size,
+            "max_inflight": config.max_inflight,
+            "max_namespace": MAX_NAMESPACE_BYTES,
         }
+
+        peers = config.peers
+        self._limits = {
+            "max_request": config.wire.max_request,
+            "max_batch": config.wire.max_batch,
+            "max_fds": config.wire.max_fds,
+            "max_clients": peers.max_clients,
+            "max_clients_per_uid": peers.max_clients_per_uid,
+            "max_inflight": config.max_inflight,
+            "max_copies_per_uid": peers.max_copies_per_uid,
+        }
+
+    @property
+    def clients(self) -> int:
+        return self.gate.clients
 
     # -- lifecycle -------------------------------------------------------
 
@@ -287,15 +335,40 @@ class Server:
             except OSError:
                 sock.close()
                 continue
-            nursery.start_soon(self._run_connection, sock, peer)
+            try:
+                share = self.gate.admit(peer, sock)
+            except RequestError as exc:
+                self._turn_away(sock, peer, exc)
+                continue
+            self.clients_total += 1
+            nursery.start_soon(self._run_connection, sock, peer, share)
+
+    def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
+        """Tell a refused peer why (without waiting), then close its connection."""
+        self._count_refusal(peer, exc.code, exc.message)
+        data, _ = encode_reply(ErrorReply(id=None, code=exc.code, message=exc.message))
+        try:
+            sock.sendmsg([data], [], _SEND_FLAGS)
+        except OSError:
+            pass  # it left already, or its buffer is full: the close tells it enough
+        # Drop what it sent already (a hello, say): closing with unread data
+        # makes its next read fail with ECONNRESET before it sees our answer.
+        # recv without room for control data: the kernel drops any fds itself.
+        for _ in range(_DRAIN_AT_REFUSAL):
+            try:
+                if not sock.recv(1):
+                    break
+            except OSError:
+                break
+        sock.close()
 
     # -- one connection --------------------------------------------------
 
-    async def _run_connection(self, sock: socket.socket, peer: Peer) -> None:
-        conn = Connection(sock=sock, peer=peer, proto=ServerConnection(self.config.wire))
+    async def _run_connection(self, sock: socket.socket, peer: Peer, share: UidShare) -> None:
+        conn = Connection(
+            sock=sock, peer=peer, share=share, proto=ServerConnection(self.config.wire)
+        )
         self._connections.add(conn)
-        self.clients += 1
-        self.clients_total += 1
         logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
         try:
             async with trio.open_nursery() as inflight:
@@ -313,7 +386,7 @@ class Server:
             logger.exception("error serving pid %d; connection closed", peer.pid)
         finally:
             self._connections.discard(conn)
-            self.clients -= 1
+            self.gate.leave(share)
             sock.close()
             logger.debug("client gone: pid %d", peer.pid)
 
@@ -331,6 +404,7 @@ class Server:
         while True:
             if conn.inflight >= self.config.max_inflight:
                 # Back-pressure: read nothing more until a slow request finishes.
+                self.gate.hit("max_inflight")
                 conn.slot_freed = trio.Event()
                 await conn.slot_freed.wait()
                 continue
@@ -373,8 +447,8 @@ class Server:
                 fds_truncated=bool(flags & _MSG_CTRUNC),
             )
         except ProtocolError as exc:
-            close_all(fds)
-            self._count_refusal(conn, exc.code, exc.message)
+            self._refused_fds(conn, fds, flags)
+            self._count_refusal(conn.peer, exc.code, exc.message)
             await self._send(conn, conn.proto.error_for(exc))
             return not exc.fatal
         except BaseException:
@@ -385,7 +459,7 @@ class Server:
             # coroutine, wrapper object or await (unless the socket is full).
             fd = event.fd
             try:
-                outcome = self._serve_now(fd, event.label)
+                outcome = self._serve_now(fd, event.label, conn.share)
             except RequestError as exc:
                 os.close(fd)
                 await self._refuse(conn, event.id, exc)
@@ -413,15 +487,57 @@ class Server:
             await self._dispatch(conn, event, holders)
         except (PeerGone, trio.Cancelled):
             raise
+        except RequestError as exc:
+            await self._refuse(conn, event.id, exc)
         except Exception:
             await self._internal_error(conn, event.id)
         finally:
             _close_holders(holders)
         return True
 
+    def _refused_fds(self, conn: Connection, fds: list[int], flags: int) -> None:
+        """Account for and get rid of the fds of a datagram the protocol refused."""
+        if flags & _MSG_TRUNC:
+            self.gate.hit("max_request")
+        if flags & _MSG_CTRUNC:
+            self.gate.hit("max_fds")  # the kernel closed the fds that did not fit
+        self.fds_refused += len(fds)
+        self._discard(fds, conn.share)
+
+    def _discard(self, fds: Sequence[int], share: UidShare) -> None:
+        """Close fds a client sent that we will not use, never blocking the loop.
+
+        Only fds of filesystems the loop may touch (and memfds) are closed
+        here; the rest (a file of a hung FUSE mount, a socket that lingers)
+        are closed in a worker thread, on the sender's quota.
+        """
+        later: list[int] = []
+        now: list[int] = []
+        for fd in fds:
+            (now if self._closes_quickly(fd) else later).append(fd)
+        close_all(now)
+        for fd in later:
+            if self._nursery is None:
+                os.close(fd)
+            else:
+                self.copier.close_later(self._nursery, FdHolder(fd), share.quota)
+
+    def _closes_quickly(self, fd: int) -> bool:
+        if memfd_seals(fd) is not None:
+            return True
+        try:
+            st = stat_nosync(fd)
+        except RequestError:
+            return False
+        return st is not None and self.mounts.is_local(st.dev)
+
     async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
         if isinstance(event, OpenBatch):
             await self._on_open_batch(conn, event, holders)
+        elif isinstance(event, Lookup):
+            await self._on_lookup(conn, event)
+        elif isinstance(event, Publish):
+            await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
             await self._send(conn, StatsReply(id=event.id, stats=self.stats().to_wire()))
         elif isinstance(event, Hello):
@@ -445,13 +561,16 @@ class Server:
 
     # -- open ------------------------------------------------------------
 
-    def _serve_now(self, fd: int, label: str | None) -> tuple[int, int] | Flight | None:
+    def _serve_now(
+        self, fd: int, label: str | None, share: UidShare
+    ) -> tuple[int, int] | Flight | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
         Returns (served fd, size) on a hit, the Flight to wait for on a miss,
-        or None for an fd of an untrusted filesystem, which a worker must
-        inspect. Raises RequestError for an fd that is refused. *fd* stays the
-        caller's in every case.
+        THROTTLED when a new copy must wait for the uid's quota, or None for
+        an fd of an untrusted filesystem, which a worker must inspect. Raises
+        RequestError for an fd that is refused. *fd* stays the caller's in
+        every case.
         """
         st = stat_nosync(fd)
         if st is None or not self.mounts.is_local(st.dev):
@@ -460,17 +579,20 @@ class Server:
         if not st.is_regular:
             check_regular(st)  # raises, naming what it is
         if st.size > self._max_file_size:
-            self._check_size(st)  # raises
-        return self._lookup_or_fly(fd, st, label, remote=False)
+            self._check_size(st.size)  # raises
+        return self._lookup_or_fly(fd, st, label, share, remote=False)
 
     def _lookup_or_fly(
-        self, fd: int, st: SourceStat, label: str | None, *, remote: bool
-    ) -> tuple[int, int] | Flight:
+        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
+    ) -> tuple[int, int] | Flight | _Throttled:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
         Synchronous on purpose: between the miss and joining the flight
         nothing else runs, so two requests for one version make one copy. A
-        new flight copies from a dup of *fd*, so *fd* stays the caller's.
+        new flight copies from a dup of *fd*, so *fd* stays the caller's. It
+        takes a slot of the uid's quota first (THROTTLED when there is none):
+        a flight that exists is always copying, never queued behind a quota,
+        so no other uid can be made to wait on a hostile uid's share.
         """
         key = HostKey(st.dev, st.ino)
         entry = self.cache.lookup(key, st.version)
@@ -483,69 +605,125 @@ class Server:
         flight_key = (key, st.version)
         flight = self.copier.flight(flight_key)
         if flight is None:
-            with refusing_os_errors("cannot keep the passed fd"):
-                source = FdHolder(os.dup(fd))
+            quota = share.quota
+            if not quota.try_acquire():
+                self.cache.uncount_miss()  # the retry counts it
+                return THROTTLED
+            try:
+                with refusing_os_errors("cannot keep the passed fd"):
+                    source = FdHolder(os.dup(fd))
+            except BaseException:
+                quota.release()
+                raise
             flight = self.copier.start(
-                self._nursery, flight_key, source, st, self._on_copied(label), remote=remote
+                self._nursery,
+                flight_key,
+                source,
+                st,
+                self._on_copied(label),
+                remote=remote,
+                quota=quota,
             )
         flight.join()
         return flight
 
-    def _check_size(self, st: SourceStat) -> None:
+    def _check_size(self, size: int) -> None:
         limit = self.config.cache.max_file_size
-        if st.size > limit:
+        if size > limit:
             raise RequestError(
                 ErrorCode.FILE_TOO_LARGE,
-                f"file is {st.size} bytes, above the daemon's --max-file-size of {limit}; "
+                f"file is {size} bytes, above the daemon's --max-file-size of {limit}; "
                 "copy it locally",
             )
 
-    async def _on_open_later(self, conn: Connection, event: Open, outcome: Flight | None) -> None:
-        """A miss (wait for its flight) or an untrusted fd (a worker inspects it)."""
-        pending: Flight | FdHolder = FdHolder(event.fd) if outcome is None else outcome
-        if outcome is not None:
+    async def _on_open_later(
+        self, conn: Connection, event: Open, outcome: Flight | _Throttled | None
+    ) -> None:
+        """A miss (wait for its flight), a copy that waits for the quota, or an untrusted fd."""
+        pending: Pending
+        if isinstance(outcome, Flight):
             os.close(event.fd)  # the flight copies from its own dup
+            pending = outcome
+        elif outcome is None:
+            pending = FdHolder(event.fd)
+        else:
+            pending = Waiting(FdHolder(event.fd))
         self._start_deferred(conn, event.id, self._finish_open, event, pending)
 
-    async def _finish_open(self, conn: Connection, event: Open, pending: Flight | FdHolder) -> None:
+    async def _finish_open(self, conn: Connection, event: Open, pending: Pending) -> None:
         try:
-            served = await self._finish(pending, event.label)
+            served = await self._finish(pending, event.label, conn.share)
         except RequestError as exc:
             await self._refuse(conn, event.id, exc)
             return
+        await self._send_served(conn, event.id, served)
+
+    async def _send_served(self, conn: Connection, id: int, served: Served) -> None:
         try:
-            await self._send(
-                conn, Opened(id=event.id, fd=served.fd.fd, size=served.size, hit=served.hit)
-            )
+            await self._send(conn, Opened(id=id, fd=served.fd.fd, size=served.size, hit=served.hit))
         finally:
             served.fd.close()
 
-    async def _finish(self, pending: Flight | FdHolder, label: str | None) -> Served:
-        """Wait for a flight, or inspect an untrusted fd and then serve it."""
+    async def _finish(self, pending: Pending, label: str | None, share: UidShare) -> Served:
+        """Wait for a flight or a slot of the quota, or inspect an untrusted fd, then serve."""
         if isinstance(pending, Flight):
             return await self._await_flight(pending)
-        return await self._serve_untrusted(pending, label)
+        if isinstance(pending, Waiting):
+            return await self._serve_waiting(pending.holder, label, share)
+        return await self._serve_untrusted(pending, label, share)
+
+    async def _serve_waiting(self, holder: FdHolder, label: str | None, share: UidShare) -> Served:
+        """Serve a local fd once its uid may start another copy."""
+        try:
+            outcome = await self._when_allowed(
+                share, lambda: self._serve_now(holder.fd, label, share)
+            )
+            if outcome is None:  # the mount table changed its mind meanwhile
+                return await self._serve_untrusted(holder, label, share)
+            return await self._served(outcome)
+        finally:
+            holder.close()  # a local fd (an untrusted one was detached above)
+
+    async def _when_allowed(
+        self, share: UidShare, attempt: Callable[[], tuple[int, int] | Flight | _Throttled | None]
+    ) -> tuple[int, int] | Flight | None:
+        """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
+        counted = False
+        while True:
+            outcome = attempt()
+            if not isinstance(outcome, _Throttled):
+                return outcome
+            if not counted:
+                counted = True
+                share.quota.count_wait()
+            await share.quota.wait_freed()
+
+    async def _served(self, outcome: tuple[int, int] | Flight) -> Served:
+        if isinstance(outcome, Flight):
+            return await self._await_flight(outcome)
+        return Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
 
     async def _on_open_batch(
         self, conn: Connection, event: OpenBatch, holders: list[FdHolder]
     ) -> None:
         labels = event.labels or (None,) * len(holders)
         results: list[Served | Refusal | None] = [None] * len(holders)
-        later: list[tuple[int, Flight | FdHolder]] = []
+        later: list[tuple[int, Pending]] = []
         for i, src in enumerate(holders):
             try:
-                outcome = self._serve_now(src.fd, labels[i])
+                outcome = self._serve_now(src.fd, labels[i], conn.share)
             except RequestError as exc:
-                self._count_refusal(conn, exc.code, exc.message)
+                self._count_refusal(conn.peer, exc.code, exc.message)
                 results[i] = Refusal(code=exc.code, message=exc.message)
                 continue
             if type(outcome) is tuple:
                 results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
             elif outcome is None:
                 later.append((i, FdHolder(src.detach())))  # a worker closes it
-            else:
-                assert isinstance(outcome, Flight)
+            elif isinstance(outcome, Flight):
                 later.append((i, outcome))
+            else:
+                later.append((i, Waiting(FdHolder(src.detach()))))
         if not later:
             await self._send_batch(conn, event.id, results)
             return
@@ -556,14 +734,14 @@ class Server:
         conn: Connection,
         event: OpenBatch,
         results: list[Served | Refusal | None],
-        later: list[tuple[int, Flight | FdHolder]],
+        later: list[tuple[int, Pending]],
         labels: Sequence[str | None],
     ) -> None:
-        async def one(i: int, pending: Flight | FdHolder) -> None:
+        async def one(i: int, pending: Pending) -> None:
             try:
-                results[i] = await self._finish(pending, labels[i])
+                results[i] = await self._finish(pending, labels[i], conn.share)
             except RequestError as exc:
-                self._count_refusal(conn, exc.code, exc.message)
+                self._count_refusal(conn.peer, exc.code, exc.message)
                 results[i] = Refusal(code=exc.code, message=exc.message)
 
         try:
@@ -621,29 +799,117 @@ class Server:
             self.uncached += 1
         return Served(fd=FdHolder(fd), size=sealed.size, hit=False)
 
-    async def _serve_untrusted(self, taken: FdHolder, label: str | None) -> Served:
-        """Serve an fd of an untrusted filesystem: stat, copy and close it off the loop."""
+    async def _serve_untrusted(self, taken: FdHolder, label: str | None, share: UidShare) -> Served:
+        """Serve an fd of an untrusted filesystem: stat, copy and close it off the loop.
+
+        Every worker job for it runs on the uid's quota: a file of a hung
+        mount ties up only its own uid's share of the workers.
+        """
         assert self._nursery is not None
         # This call owns the fd from here on; the caller's holder is empty, so
         # its cleanup cannot race the worker thread that closes the fd.
         src = FdHolder(taken.detach())
         logger.debug("fd of a filesystem the loop does not trust: a worker inspects it")
         try:
-            st = await self.copier.inspect(src)
+            st = await self.copier.inspect(src, share.quota)
         except trio.Cancelled:
             raise  # the inspecting job closes the fd
         except BaseException:
-            self.copier.close_later(self._nursery, src)
+            self.copier.close_later(self._nursery, src, share.quota)
             raise
         try:
-            self._check_size(st)
-            outcome = self._lookup_or_fly(src.fd, st, label, remote=True)
+            self._check_size(st.size)
+
+            outcome = await self._when_allowed(
+                share, lambda: self._lookup_or_fly(src.fd, st, label, share, remote=True)
+            )
         finally:
-            self.copier.close_later(self._nursery, src)  # in a worker, never here
-        if type(outcome) is tuple:
-            return Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
-        assert isinstance(outcome, Flight)
-        return await self._await_flight(outcome)
+            self.copier.close_later(self._nursery, src, share.quota)  # in a worker, never here
+        assert outcome is not None
+        return await self._served(outcome)
+
+    # -- private files ---------------------------------------------------
+
+    async def _on_lookup(self, conn: Connection, event: Lookup) -> None:
+        """A private file of this uid and namespace, or a miss."""
+        key = private_key(conn.peer.uid, event)
+        entry = self.cache.lookup(key, event.key.version, private=True)
+        if entry is None:
+            await self._send(conn, LookupMiss(id=event.id))
+            return
+        with refusing_os_errors("cannot open a served descriptor"):
+            fd = entry.file.share()
+        await self._send_served(conn, event.id, Served(fd=FdHolder(fd), size=entry.size, hit=True))
+
+    async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
+        """Take a published file: seal it in place, or copy it in a worker."""
+        share = conn.share
+        try:
+            served = self._publish_now(conn.peer.uid, event, src)
+        except RequestError:
+            self._discard([src.detach()], share)
+            raise
+        if served is not None:
+            if not src.closed:
+                self._discard([src.detach()], share)  # it was not needed
+            await self._send_served(conn, event.id, served)
+            return
+        # A copy in a worker thread, which owns the fd from here on.
+        shmem = memfd_seals(src.fd) is not None
+        self._start_deferred(
+            conn, event.id, self._finish_publish, event, FdHolder(src.detach()), shmem
+        )
+
+    def _publish_now(self, uid: int, event: Publish, src: FdHolder) -> Served | None:
+        """A published file served at once (an entry of this version, or sealed in place).
+
+        None when the file must be copied. The received fd stays *src*'s.
+        """
+        self._check_size(event.key.size)
+        key = private_key(uid, event)
+        entry = self.cache.peek(key)
+        if entry is not None and entry.version == event.key.version:
+            # Another publisher of this uid and namespace was first.
+            self.private.races_lost += 1
+            with refusing_os_errors("cannot open a served descriptor"):
+                return Served(fd=FdHolder(entry.file.share()), size=entry.size, hit=True)
+        check_readable(src.fd)
+        with refusing_os_errors("cannot inspect the published fd"):
+            sealed = seal_in_place(src.fd, event.key)
+        if sealed is None:
+            return None
+        self.private.publishes += 1
+        self.private.sealed_in_place += 1
+        return self._adopt(key, event, sealed)
+
+    def _adopt(self, key: PrivateKey, event: Publish, sealed: SealedFile) -> Served:
+        """Cache *sealed* (taking over our reference) and serve it or the winner's copy."""
+        fd, size, lost, cached = adopt(self.cache, key, event.key, sealed, self.private)
+        if not cached:
+            self.uncached += 1
+        return Served(fd=FdHolder(fd), size=size, hit=lost)
+
+    async def _finish_publish(
+        self, conn: Connection, event: Publish, src: FdHolder, shmem: bool
+    ) -> None:
+        key = event.key
+        try:
+            sealed = await self.copier.run(
+                lambda: copy_published(src, key), src, remote=not shmem, quota=conn.share.quota
+            )
+        except RequestError as exc:
+            await self._refuse(conn, event.id, exc)
+            return
+        self.copier.copies += 1
+        self.copier.bytes_copied += sealed.size
+        self.private.publishes += 1
+        self.private.copied += 1
+        try:
+            served = self._adopt(private_key(conn.peer.uid, event), event, sealed)
+        except RequestError as exc:
+            await self._refuse(conn, event.id, exc)
+            return
+        await self._send_served(conn, event.id, served)
 
     def _on_copied(self, label: str | None) -> Callable[[Flight, SealedFile, SourceStat], None]:
         def apply(flight: Flight, sealed: SealedFile, st: SourceStat) -> None:
@@ -659,15 +925,14 @@ class Server:
     # -- replies ---------------------------------------------------------
 
     async def _refuse(self, conn: Connection, id: int, exc: RequestError) -> None:
-        self._count_refusal(conn, exc.code, exc.message)
+        self._count_refusal(conn.peer, exc.code, exc.message)
         await self._send(conn, ErrorReply(id=id, code=exc.code, message=exc.message))
 
-    def _count_refusal(self, conn: Connection, code: str, message: str) -> None:
+    def _count_refusal(self, peer: Peer, code: str, message: str) -> None:
         self.refused += 1
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
         allowed, suppressed = self._refusal_log.allow(time.monotonic())
         if allowed:
-            peer = conn.peer
             logger.info(
                 "refused pid %d uid %d: %s: %s%s",
                 peer.pid,
@@ -751,6 +1016,14 @@ class Server:
             fdstore_entries=store.entries if store is not None else 0,
             fdstore_max=store.max_entries if store is not None else 0,
             restored_entries=store.restored if store is not None else 0,
+            private_publishes=self.private.publishes,
+            private_sealed_in_place=self.private.sealed_in_place,
+            private_copied=self.private.copied,
+            private_races_lost=self.private.races_lost,
+            peers_refused=self.gate.refused_peers,
+            fds_refused=self.fds_refused,
+            limits=self._limits,
+            limit_hits=dict(self.gate.hits),
         )
 
 

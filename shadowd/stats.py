@@ -22,6 +22,10 @@ class TopEntry:
         return self.hits * self.size
 
 
+# Fields that are maps of name to count.
+_COUNTER_MAPS = frozenset({"refused_by_code", "limits", "limit_hits"})
+
+
 @attrs.frozen
 class Stats:
     """A snapshot of the daemon's counters; ``from_wire``/``to_wire`` for the wire."""
@@ -62,6 +66,18 @@ class Stats:
     fdstore_max: int = 0
     #: Entries taken back from the fd store when this daemon started.
     restored_entries: int = 0
+    private_publishes: int = 0
+    private_sealed_in_place: int = 0
+    private_copied: int = 0
+    private_races_lost: int = 0
+    #: Peers turned away at accept by --allow-uid/--allow-gid.
+    peers_refused: int = 0
+    #: Received fds closed unused because their request was refused.
+    fds_refused: int = 0
+    #: The configured bounds on peers, by flag name (max_clients, ...).
+    limits: Mapping[str, int] = attrs.field(factory=dict)
+    #: How often a peer ran into each bound.
+    limit_hits: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def lookups(self) -> int:
@@ -78,7 +94,7 @@ class Stats:
             value = getattr(self, field.name)
             if field.name.startswith("top_"):
                 value = [[t.label, t.hits, t.size] for t in value]
-            elif field.name == "refused_by_code":
+            elif field.name in _COUNTER_MAPS:
                 value = dict(value)
             out[field.name] = value
         out["hit_rate"] = self.hit_rate
@@ -96,7 +112,7 @@ class Stats:
             value = data[field.name]
             if field.name.startswith("top_"):
                 value = tuple(TopEntry(str(t[0]), int(t[1]), int(t[2])) for t in value)
-            elif field.name == "refused_by_code":
+            elif field.name in _COUNTER_MAPS:
                 value = {str(k): int(v) for k, v in dict(value).items()}
             kwargs[field.name] = value
         return cls(**kwargs)

@@ -2,6 +2,7 @@
 # ctimes, fd counting, and running code as another user.
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ PRELUDE = textwrap.dedent(
     import json, os, sys
     sys.path[:0] = {paths!r}
     {imports}
-    os.setgroups([])
+    os.setgroups({groups!r})
     os.setresgid({gid}, {gid}, {gid})
     os.setresuid({uid}, {uid}, {uid})
     def out(obj):
@@ -208,11 +209,18 @@ PRELUDE = textwrap.dedent(
 
 
 def run_as(
-    uid: int, code: str, *, gid: int | None = None, imports: str = "", timeout: float = 30
+    uid: int,
+    code: str,
+    *,
+    gid: int | None = None,
+    groups: tuple[int, ...] = (),
+    imports: str = "",
+    timeout: float = 30,
 ) -> Any:
     """Run *code* in a child that drops to *uid* after its imports; return its JSON line.
 
-    Top-level import lines of *code* run before the drop.
+    Top-level import lines of *code* run before the drop. The child has
+    primary group *gid* (default: *uid*) and supplementary *groups*.
     """
     gid = uid if gid is None else gid
     # Everything is imported before the drop: the interpreter's own files may
@@ -225,6 +233,7 @@ def run_as(
         imports="\n".join([imports, *hoisted]),
         uid=uid,
         gid=gid,
+        groups=list(groups),
     )
     proc = subprocess.run(
         [sys.executable, "-c", prelude + "\n".join(body)],
@@ -237,3 +246,25 @@ def run_as(
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return json.loads(lines[-1])
+
+
+def in_thread(
+    timeout: float = 30,
+) -> Callable[[Callable[..., None]], Callable[..., Coroutine[Any, Any, None]]]:
+    """Run a blocking test body in a worker thread, as a trio test under fail_after.
+
+    The daemon fixtures are trio fixtures; blocking client code must not run
+    on the trio thread.
+    """
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., Coroutine[Any, Any, None]]:
+        @functools.wraps(fn)
+        async def test(*args: Any, **kwargs: Any) -> None:
+            with trio.fail_after(timeout):
+                await trio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), abandon_on_cancel=True
+                )
+
+        return test
+
+    return wrap

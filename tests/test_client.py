@@ -145,7 +145,7 @@ def test_local_copy_is_the_same_kind_of_fd(tmp_path: Path) -> None:
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
     finally:
         os.close(fd)
-    with pytest.raises(SourceError):
+    with pytest.raises(NotRegularFile):
         local_copy("/dev/null")
 
 

@@ -209,10 +209,23 @@ msgpack_values = st.recursive(
     ),
     max_leaves=12,
 )
+key_like = st.fixed_dictionaries(
+    {},
+    optional={
+        # Anything msgpack can carry, in and out of each field's range.
+        "ino": st.integers(min_value=-(2**63), max_value=2**64 - 1) | msgpack_values,
+        "size": st.integers(min_value=-(2**63), max_value=2**64 - 1) | msgpack_values,
+        "mtime_ns": st.integers(min_value=-(2**63), max_value=2**64 - 1) | msgpack_values,
+        "ctime_ns": st.none() | st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    },
+)
 request_like = st.fixed_dictionaries(
     {},
     optional={
-        "op": st.sampled_from(["hello", "open", "open_batch", "stats", "x"]) | msgpack_values,
+        "op": st.sampled_from(["hello", "open", "open_batch", "stats", "lookup", "publish", "x"])
+        | msgpack_values,
+        "namespace": st.text(max_size=70) | msgpack_values,
+        "key": key_like | msgpack_values,
         "id": st.integers(min_value=-2, max_value=2**64 - 1) | msgpack_values,
         "version": st.integers(min_value=0, max_value=3) | msgpack_values,
         "path": st.text(max_size=10) | msgpack_values,
@@ -234,7 +247,7 @@ def _feed_server(data: bytes, fds: list[int], hello_first: bool, dt: bool, ft: b
         conn.send(conn.error_for(exc))
         return
     got: tuple[int, ...]
-    if isinstance(ev, p.Open):
+    if isinstance(ev, (p.Open, p.Publish)):
         got = (ev.fd,)
     elif isinstance(ev, p.OpenBatch):
         got = ev.fds
@@ -286,16 +299,22 @@ reply_like = st.fixed_dictionaries(
 )
 
 
+KEY = p.FileKey(ino=1, size=2, mtime_ns=3, ctime_ns=None)
+REQUESTS = {
+    "hello": p.Hello(id=0),
+    "open": p.Open(id=0, fd=3),
+    "open_batch": p.OpenBatch(id=0, fds=(3, 4)),
+    "stats": p.StatsRequest(id=0),
+    "lookup": p.Lookup(id=0, namespace="n", key=KEY),
+    "publish": p.Publish(id=0, namespace="n", key=KEY, fd=3),
+}
+
+
 @settings(max_examples=400, deadline=None)
-@given(reply_like, fd_lists, st.sampled_from(["hello", "open", "open_batch", "stats"]))
+@given(reply_like, fd_lists, st.sampled_from(sorted(REQUESTS)))
 def test_client_any_reply(msg: dict, fds: list[int], kind: str) -> None:
     client = p.ClientConnection()
-    requests = {
-        "hello": p.Hello(id=0),
-        "open": p.Open(id=0, fd=3),
-        "open_batch": p.OpenBatch(id=0, fds=(3, 4)),
-        "stats": p.StatsRequest(id=0),
-    }
+    requests = REQUESTS
     client.send(requests[kind])
     try:
         reply = client.receive(pack(msg), fds)
@@ -309,3 +328,94 @@ def test_client_any_reply(msg: dict, fds: list[int], kind: str) -> None:
     else:
         got = ()
     assert sorted(got) == sorted(fds)
+
+
+# -- private files: the new ops keep the same promises --------------------------
+
+keys = st.builds(
+    p.FileKey,
+    ino=st.integers(0, p.MAX_ID),
+    size=st.integers(0, p.MAX_ID),
+    mtime_ns=st.integers(p.MIN_INT64, p.MAX_INT64),
+    ctime_ns=st.none() | st.integers(p.MIN_INT64, p.MAX_INT64),
+)
+namespaces = st.text(min_size=1, max_size=60).filter(
+    lambda ns: 0 < len(ns.encode("utf-8", "surrogatepass")) <= p.MAX_NAMESPACE_BYTES
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, p.MAX_ID), namespaces, keys, st.booleans())
+def test_private_requests_round_trip(id: int, ns: str, key: p.FileKey, publish: bool) -> None:
+    event: p.Request = (
+        p.Publish(id=id, namespace=ns, key=key, fd=7)
+        if publish
+        else p.Lookup(id=id, namespace=ns, key=key)
+    )
+    data, fds = p.encode_request(event)
+    assert fds == ([7] if publish else [])
+    assert ready_server().receive(data, fds) == event
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, p.MAX_ID), st.booleans(), st.integers(0, p.MAX_ID))
+def test_private_replies_round_trip(id: int, hit: bool, size: int) -> None:
+    client = p.ClientConnection()
+    client.send(p.Lookup(id=id, namespace="n", key=KEY))
+    reply: p.Reply = p.Opened(id=id, fd=9, size=size, hit=True) if hit else p.LookupMiss(id=id)
+    data, fds = p.encode_reply(reply)
+    assert client.receive(data, fds) == reply and client.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("msg", "fds"),
+    [
+        ({"op": "lookup", "id": 1, "namespace": "n", "key": {"ino": 1, "size": 1}}, []),
+        ({"op": "lookup", "id": 1, "namespace": "", "key": dict(ino=1, size=1, mtime_ns=1)}, []),
+        ({"op": "lookup", "id": 1, "namespace": "x" * 256, "key": {}}, []),
+        ({"op": "lookup", "id": 1, "namespace": "n", "key": [1, 2, 3]}, []),
+        ({"op": "lookup", "id": 1, "namespace": "n", "key": dict(ino=-1, size=1, mtime_ns=1)}, []),
+        (
+            {"op": "lookup", "id": 1, "namespace": "n", "key": dict(ino=1, size=1, mtime_ns=2**63)},
+            [],
+        ),
+        ({"op": "lookup", "id": 1, "namespace": 5, "key": dict(ino=1, size=1, mtime_ns=1)}, []),
+        ({"op": "lookup", "id": 1, "namespace": "n", "key": dict(ino=1, size=1, mtime_ns=1)}, [4]),
+        ({"op": "publish", "id": 1, "namespace": "n", "key": dict(ino=1, size=1, mtime_ns=1)}, []),
+        (
+            {"op": "publish", "id": 1, "namespace": "n", "key": dict(ino=1, size=1, mtime_ns=1)},
+            [4, 5],
+        ),
+    ],
+)
+def test_private_refusals_keep_fds_and_id(msg: dict, fds: list[int]) -> None:
+    conn = ready_server()
+    with pytest.raises(p.ProtocolError) as info:
+        conn.receive(pack(msg), fds)
+    assert info.value.fds == tuple(fds) and info.value.id == 1 and not info.value.fatal
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(request_like, fd_lists, st.booleans()), min_size=1, max_size=8))
+def test_a_connection_accounts_for_every_fd_of_a_sequence(
+    datagrams: list[tuple[dict, list[int], bool]],
+) -> None:
+    """One connection, many datagrams: every fd in comes out exactly once."""
+    conn = p.ServerConnection(p.WireLimits(max_request=4096, max_batch=4))
+    fd_in: list[int] = []
+    fd_out: list[int] = []
+    next_fd = 3
+    for msg, drawn, ft in datagrams:
+        fds = list(range(next_fd, next_fd + len(drawn)))  # distinct numbers, to count them
+        next_fd += len(fds)
+        fd_in += fds
+        try:
+            ev = conn.receive(pack(msg), fds, fds_truncated=ft)
+        except p.ProtocolError as exc:
+            fd_out += exc.fds
+            continue
+        if isinstance(ev, (p.Open, p.Publish)):
+            fd_out.append(ev.fd)
+        elif isinstance(ev, p.OpenBatch):
+            fd_out += ev.fds
+    assert sorted(fd_out) == fd_in

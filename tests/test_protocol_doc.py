@@ -37,6 +37,8 @@ REQUESTS_FOR = {
     "open": p.Open(id=0, fd=3),
     "open_batch": p.OpenBatch(id=0, fds=(3,)),
     "stats": p.StatsRequest(id=0),
+    "lookup": p.Lookup(id=0, namespace="n", key=p.FileKey(ino=1, size=1, mtime_ns=1)),
+    "publish": p.Publish(id=0, namespace="n", key=p.FileKey(ino=1, size=1, mtime_ns=1), fd=3),
 }
 
 
@@ -44,7 +46,16 @@ def test_the_document_has_examples_of_every_op_and_reply() -> None:
     titles = [e["title"] for e in EXAMPLES]
     assert len(titles) >= 9
     directions = {e["direction"] for e in EXAMPLES}
-    assert {"request", "reply to hello", "reply to open", "reply to open_batch"} <= directions
+    assert {
+        "request",
+        "reply to hello",
+        "reply to open",
+        "reply to open_batch",
+        "reply to lookup",
+        "reply to publish",
+    } <= directions
+    ops = {json.loads(e["map"]).get("op") for e in EXAMPLES if e["direction"] == "request"}
+    assert ops == {"hello", "open", "open_batch", "stats", "lookup", "publish"}
 
 
 @pytest.mark.parametrize("ex", EXAMPLES, ids=[e["title"] for e in EXAMPLES])

@@ -11,12 +11,15 @@
 ``Client`` is blocking and thread-safe, ``AsyncClient`` is for trio, and
 ``Opener`` is the helper for a supervisor's open path: it asks the daemon and
 falls back to a local sealed copy (``local_copy``) whenever the daemon cannot
-help. Every error is a :class:`ShadowdError`.
+help. ``open_private`` (on all three) serves files the host cannot see, such
+as those of an in-process kernel's disk image, shared between processes of
+the same uid. Every error is a :class:`ShadowdError`.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from shadowd.paths import default_socket_path
+from shadowd.protocol import FileKey
 
 from .errors import (
     BadRequest,
@@ -34,10 +37,11 @@ from .errors import (
     Refused,
     ShadowdError,
     ShuttingDown,
+    SizeMismatch,
     SourceError,
     UnsealedDescriptor,
 )
-from .local import Opener, local_copy, local_copy_fd
+from .local import Opener, local_copy, local_copy_fd, local_private
 from .sync import Client
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "DaemonIOError",
     "DaemonTimeout",
     "DaemonUnavailable",
+    "FileKey",
     "FileTooLarge",
     "FileUnstable",
     "InternalError",
@@ -59,11 +64,13 @@ __all__ = [
     "Refused",
     "ShadowdError",
     "ShuttingDown",
+    "SizeMismatch",
     "SourceError",
     "UnsealedDescriptor",
     "default_socket_path",
     "local_copy",
     "local_copy_fd",
+    "local_private",
 ]
 
 if TYPE_CHECKING:

@@ -13,15 +13,17 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from shadowd import __version__
-from shadowd.fds import close_all
-from shadowd.memfd import REQUIRED_SEALS
+from shadowd.fds import FdHolder, close_all, fds_from_ancdata
+from shadowd.memfd import REQUIRED_SEALS, create
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
     BatchOpened,
     ClientConnection,
     ErrorReply,
+    FileKey,
     Hello,
     HelloReply,
+    LookupMiss,
     OpenBatch,
     Opened,
     OpenedItem,
@@ -34,7 +36,10 @@ from shadowd.protocol import (
 from .errors import (
     DaemonUnavailable,
     ProtocolViolation,
+    Refused,
     ShadowdError,
+    SizeMismatch,
+    SourceError,
     UnsealedDescriptor,
     refused,
     source_error,
@@ -47,6 +52,9 @@ SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 # 208 KiB by default), so this holds any reply.
 REPLY_BUFFER = 256 * 1024
 ANC_SPACE = socket.CMSG_SPACE(MAX_BATCH_LIMIT * 4)
+REFUSAL_BUFFER = 4096
+#: What open_private calls on a miss: write the file into the memfd it is given.
+Fill = Callable[[int], object]
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
@@ -200,6 +208,75 @@ def batch_results(reply: Reply) -> list[int | ShadowdError]:
         else:
             out.append(refused(item.code, item.message))
     return out
+
+
+def lookup_result(reply: Reply) -> int | None:
+    """The checked fd of a lookup hit; None on a miss."""
+    if isinstance(reply, LookupMiss):
+        return None
+    return opened_fd(reply)
+
+
+def new_memfd(*, executable: bool) -> FdHolder:
+    """A fresh memfd for a private file: sealable, executable iff *executable*."""
+    try:
+        return FdHolder(create(executable=executable, name="shadowd-private"))
+    except OSError as exc:
+        raise SourceError(f"cannot create a memfd: {os.strerror(exc.errno or 0)}") from None
+
+
+def check_filled(memfd: FdHolder, key: FileKey) -> None:
+    """Raise SizeMismatch when the memfd does not hold ``key.size`` bytes."""
+    size = os.fstat(memfd.fd).st_size
+    if size != key.size:
+        raise SizeMismatch(f"fill wrote {size} bytes; the key says {key.size}")
+
+
+def filled_memfd(key: FileKey, fill: Fill, *, executable: bool) -> FdHolder:
+    """A new memfd that *fill* wrote the file into, checked for its size.
+
+    Whatever *fill* raises goes to the caller unchanged.
+    """
+    memfd = new_memfd(executable=executable)
+    try:
+        fill(memfd.fd)
+        check_filled(memfd, key)
+    except BaseException:
+        memfd.close()
+        raise
+    return memfd
+
+
+def queued_refusal(fd: int, session: Session) -> ShadowdError | None:
+    """The error reply a daemon sent before it closed the connection, if one is queued.
+
+    A daemon that turns a peer away answers at once and closes; the peer's
+    next send then fails (EPIPE), but the answer still waits to be read.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    with sock:
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(
+                REFUSAL_BUFFER, ANC_SPACE, RECV_FLAGS | socket.MSG_DONTWAIT
+            )
+        except OSError:
+            return None
+    fds = fds_from_ancdata(ancdata)
+    if not data:
+        close_all(fds)
+        return None
+    try:
+        reply = session.receive(data, fds, flags)
+    except Refused as exc:
+        return exc
+    except ShadowdError:
+        return None
+    if reply is not None:
+        close_reply(reply)
+    return None
 
 
 def stats_of(reply: Reply) -> dict[str, Any]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import socket
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import trio
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Reply, StatsRequest
+from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
 
 from ._session import (
     ANC_SPACE,
@@ -26,14 +27,19 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Fill,
     Make,
     Session,
     batch_request,
     batch_results,
+    check_filled,
     close_reply,
     label_for,
+    lookup_result,
+    new_memfd,
     open_source,
     opened_fd,
+    queued_refusal,
     request_of,
     stats_of,
 )
@@ -140,6 +146,24 @@ class AsyncClient:
                     raise r
         return results
 
+    async def open_private(
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
+    ) -> int:
+        """Like :meth:`Client.open_private`; *fill* may be a plain or an async function."""
+        reply = await self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
+        found = lookup_result(reply)
+        if found is not None:
+            return found
+        with new_memfd(executable=executable) as memfd:
+            result = fill(memfd.fd)
+            if inspect.isawaitable(result):
+                await result
+            check_filled(memfd, key)
+            reply = await self._call(
+                request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
+            )
+        return opened_fd(reply)
+
     async def stats(self) -> dict[str, Any]:
         return stats_of(await self._call(request_of(StatsRequest)))
 
@@ -210,6 +234,10 @@ class AsyncClient:
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             if conn.broken is not None:
                 raise conn.broken from None
+            if isinstance(exc, OSError):
+                refusal = queued_refusal(conn.sock.fileno(), conn.session)
+                if refusal is not None:
+                    raise refusal from None
             raise Broken(exc if isinstance(exc, OSError) else None, doing) from None
 
     async def _wait_reply(self, conn: _Conn, id: int) -> Reply:
@@ -274,6 +302,9 @@ class AsyncClient:
             except Broken as broken:
                 conn.close()
                 raise broken.error(self.socket_path) from None
+            except ShadowdError:
+                conn.close()  # turned away: the daemon said why
+                raise
             self._conn = conn
             return conn
 

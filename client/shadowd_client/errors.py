@@ -92,9 +92,15 @@ class DaemonIOError(Refused):
 
 
 class NotPermitted(Refused):
-    """This peer (uid/gid) is not allowed to use the daemon."""
+    """This peer (uid/gid) is not allowed to use the daemon (its --allow-uid/--allow-gid)."""
 
     code = "not-permitted"
+
+
+class SizeMismatch(Refused):
+    """A published private file does not hold the number of bytes its key says."""
+
+    code = "size-mismatch"
 
 
 class Busy(Refused):
@@ -125,6 +131,7 @@ _BY_CODE: dict[str, type[Refused]] = {
         FileUnstable,
         DaemonIOError,
         NotPermitted,
+        SizeMismatch,
         Busy,
         ShuttingDown,
         InternalError,

@@ -10,18 +10,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from shadowd.errors import RequestError, SourceChanged
 from shadowd.fds import FdHolder
-from shadowd.memfd import sealed_copy
+from shadowd.memfd import reopen_readonly, seal, sealed_copy
+from shadowd.protocol import FileKey
 from shadowd.source import SourceStat
 
-from ._session import label_for, open_source
+from ._session import Fill, filled_memfd, label_for, open_source
 from .errors import (
+    Busy,
     DaemonUnavailable,
     FileTooLarge,
     FileUnstable,
-    ShadowdError,
+    NotPermitted,
+    NotRegularFile,
     SourceError,
     source_error,
 )
@@ -37,7 +41,8 @@ def local_copy_fd(fd: int, *, name: str = "<fd>") -> int:
     except OSError as exc:
         raise source_error(exc, name) from None
     if not st.is_regular:
-        raise SourceError(f"{name} is not a regular file", filename=name)
+        # The same refusal the daemon gives, so callers handle one exception.
+        raise NotRegularFile(f"only regular files are served; {name} is not one")
     for _attempt in range(3):
         try:
             sealed = sealed_copy(fd, st)
@@ -69,6 +74,20 @@ def local_copy(path: str | os.PathLike[str]) -> int:
     """
     with FdHolder(open_source(path)) as src:
         return local_copy_fd(src.fd, name=os.fsdecode(path))
+
+
+def local_private(key: FileKey, fill: Fill, *, executable: bool = False) -> int:
+    """A private file made here without the daemon: *fill* writes it, we seal it.
+
+    The same kind of fd as :meth:`Client.open_private` returns (sealed,
+    read-only, its own offset), for when the daemon cannot help.
+    """
+    with filled_memfd(key, fill, executable=executable) as memfd:
+        try:
+            seal(memfd.fd, executable=executable)
+            return reopen_readonly(memfd.fd)
+        except OSError as exc:
+            raise source_error(exc, "<private file>") from None
 
 
 #: Below this size Opener copies locally instead of asking the daemon: the
@@ -116,31 +135,55 @@ class Opener:
 
     def open_fd(self, fd: int, *, label: str | None = None, name: str = "<fd>") -> int:
         """Like :meth:`open` for a file the caller already opened (it stays theirs)."""
-        client = self._client
-        if client is not None and time.monotonic() >= self._down_until:
+        if self._daemon_usable():
             try:
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 raise source_error(exc, name) from None
             if size >= self.local_below:
-                try:
-                    served = client.open_fd(fd, label=label)
-                except DaemonUnavailable as exc:
-                    with self._lock:
-                        self._down_until = time.monotonic() + self.retry_after
-                    logger.warning("shadowd unavailable (%s); copying locally", exc)
-                except (FileTooLarge, FileUnstable):
-                    pass
-                except ShadowdError:
-                    raise
-                else:
-                    with self._lock:
-                        self.daemon_opens += 1
+                served = self._ask(lambda client: client.open_fd(fd, label=label))
+                if served is not None:
                     return served
         copy = local_copy_fd(fd, name=name)
         with self._lock:
             self.local_opens += 1
         return copy
+
+    def open_private(
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
+    ) -> int:
+        """:meth:`Client.open_private`, or the same kind of fd made here when the daemon
+        cannot help (then *fill* may run a second time, into a memfd of our own)."""
+        if self._daemon_usable():
+            served = self._ask(
+                lambda client: client.open_private(namespace, key, fill, executable=executable)
+            )
+            if served is not None:
+                return served
+        fd = local_private(key, fill, executable=executable)
+        with self._lock:
+            self.local_opens += 1
+        return fd
+
+    def _daemon_usable(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def _ask(self, request: Callable[[Client], int]) -> int | None:
+        """The daemon's answer, or None when the caller should make the fd itself."""
+        assert self._client is not None
+        try:
+            served = request(self._client)
+        except (DaemonUnavailable, NotPermitted) as exc:
+            # Down, or it will not serve this uid: ask again only after a while.
+            with self._lock:
+                self._down_until = time.monotonic() + self.retry_after
+            logger.warning("shadowd unavailable (%s); copying locally", exc)
+            return None
+        except (FileTooLarge, FileUnstable, Busy):
+            return None
+        with self._lock:
+            self.daemon_opens += 1
+        return served
 
     def close(self) -> None:
         if self._client is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.paths import resolve_socket_path
-from shadowd.protocol import Reply, StatsRequest
+from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
 
 from ._session import (
     ANC_SPACE,
@@ -24,14 +24,18 @@ from ._session import (
     REPLY_BUFFER,
     SEND_FLAGS,
     Broken,
+    Fill,
     Make,
     Session,
     batch_request,
     batch_results,
     close_reply,
+    filled_memfd,
     label_for,
+    lookup_result,
     open_source,
     opened_fd,
+    queued_refusal,
     request_of,
     stats_of,
 )
@@ -126,6 +130,29 @@ class Client:
                     close_all(x for x in results if isinstance(x, int))
                     raise r
         return results
+
+    def open_private(
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
+    ) -> int:
+        """A sealed, read-only fd of a private file (one the host cannot see).
+
+        Asks the daemon for the file of this uid, *namespace* (say, a digest
+        of the disk image it comes from) and *key* (what the caller's own
+        fstat of it says). On a miss, ``fill(fd)`` must write the file's
+        ``key.size`` bytes into the fresh memfd *fd*; the daemon seals it and
+        serves it to later callers of the same uid and namespace. Exceptions
+        of *fill* reach the caller unchanged.
+        """
+        found = lookup_result(
+            self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
+        )
+        if found is not None:
+            return found
+        with filled_memfd(key, fill, executable=executable) as memfd:
+            reply = self._call(
+                request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
+            )
+        return opened_fd(reply)
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
@@ -253,7 +280,7 @@ class Client:
         except BlockingIOError:  # SO_SNDTIMEO ran out
             raise Broken(TimeoutError(), "sending a request") from None
         except OSError as exc:
-            raise Broken(exc, "sending a request") from None
+            raise self._broken(exc, "sending a request") from None
 
     def _recv(self) -> Reply | None:
         assert self._sock is not None and self._session is not None
@@ -262,11 +289,25 @@ class Client:
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise Broken(TimeoutError(), "waiting for a reply") from None
         except OSError as exc:
-            raise Broken(exc, "waiting for a reply") from None
+            raise self._broken(exc, "waiting for a reply") from None
         fds = fds_from_ancdata(ancdata)
         if n == 0 and not fds:
             raise Broken(None, "waiting for a reply")
         return self._session.receive(memoryview(self._buf)[:n], fds, flags)
+
+    def _broken(self, exc: OSError, doing: str) -> Exception:
+        """What to raise for a failed send or receive: the daemon's refusal if it sent one.
+
+        A daemon that turns a peer away answers and closes at once; the
+        peer's send then fails with EPIPE, or its receive with ECONNRESET,
+        while the answer still waits to be read.
+        """
+        assert self._sock is not None and self._session is not None
+        refusal = queued_refusal(self._sock.fileno(), self._session)
+        if refusal is None:
+            return Broken(exc, doing)
+        self._drop()  # the daemon closed this connection
+        return refusal
 
     def _wait_reply(self, id: int) -> Reply:
         while True:

@@ -1,0 +1,164 @@
+# Private files: bytes a client supplies itself (a file of an in-process
+# kernel's disk image, which the host cannot see), shared only with clients of
+# the same uid that name the same namespace.
+#
+# A published descriptor is never trusted. It must be open for reading; a
+# memfd the publisher may write to is sealed in place (all four seals) and
+# then checked for the size its key claims; one that cannot be sealed (the
+# publisher keeps a writable shared mapping: F_ADD_SEALS fails with EBUSY; or
+# it is no memfd at all) is copied into a memfd of our own in a worker
+# thread, where a file of a hung mount can only tie up its uid's quota.
+#
+# Must never: serve one uid's private bytes to another uid (the uid from
+# SO_PEERCRED is part of every key); cache bytes whose length differs from the
+# key's size; cache a memfd its publisher can still change; block the event
+# loop on a descriptor that is not a memfd (only fcntl and fstat of shmem
+# files run on the loop; everything else, close included, runs in workers).
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+import attrs
+
+from .cache import Admission, Cache, PrivateKey
+from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
+from .fds import FdHolder
+from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, sealed_copy
+from .protocol import ErrorCode, FileKey, Lookup, Publish
+from .source import check_readable, check_regular, stat_sync
+
+#: Errors of F_ADD_SEALS that mean "this file cannot be sealed by us": a
+#: writable shared mapping (EBUSY), F_SEAL_SEAL already set or an fd not open
+#: for writing (EPERM), not a memfd (EINVAL).
+_UNSEALABLE = (errno.EBUSY, errno.EPERM, errno.EINVAL)
+
+
+def private_key(uid: int, event: Lookup | Publish) -> PrivateKey:
+    return PrivateKey(uid, event.namespace, event.key.ino)
+
+
+def size_mismatch(size: int, key: FileKey) -> RequestError:
+    return RequestError(
+        ErrorCode.SIZE_MISMATCH,
+        f"the published file holds {size} bytes; its key says {key.size}",
+    )
+
+
+def memfd_seals(fd: int) -> int | None:
+    """The seals of *fd* when it is a shmem file (a memfd); None otherwise.
+
+    F_GET_SEALS never reaches a filesystem's code, so it is safe on any fd.
+    """
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return None
+
+
+def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
+    """Seal a published memfd as it is, when we can; None when it must be copied.
+
+    Runs on the event loop: *fd* must be a shmem file (``memfd_seals`` is not
+    None), whose fcntl and fstat never wait on anyone. On success the returned
+    SealedFile owns a dup of *fd*; *fd* stays the caller's either way.
+    """
+    seals = memfd_seals(fd)
+    if seals is None:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return None  # the worker refuses it with a message naming the kind
+    if st.st_size != key.size:
+        raise size_mismatch(st.st_size, key)
+    executable = bool(st.st_mode & 0o111)
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        if seals & fcntl.F_SEAL_SEAL or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+            return None
+        try:
+            # Freeze the exec bits too where the kernel knows F_SEAL_EXEC.
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | F_SEAL_EXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+        except OSError as exc:
+            if exc.errno in _UNSEALABLE:
+                return None
+            raise request_error_from_os(exc, "cannot seal the published memfd") from exc
+        # The publisher may have resized it between our fstat and the seals.
+        size = os.fstat(fd).st_size
+        if size != key.size:
+            raise size_mismatch(size, key)
+    try:
+        # Defence in depth: a read-only mode makes an O_RDWR reopen fail for
+        # anyone but root. Not possible when the memfd is another uid's.
+        os.fchmod(fd, 0o555 if executable else 0o444)
+    except OSError:
+        pass
+    return SealedFile(FdHolder(os.dup(fd)), size=key.size, executable=executable)
+
+
+def copy_published(src: FdHolder, key: FileKey) -> SealedFile:
+    """Blocking: a sealed copy of a published file that we could not seal.
+
+    Takes ownership of *src* and closes it, in this thread (it may be a file
+    of a hung mount). The publisher may still write to it while we copy;
+    what it gets is its own uid's business, and once copied, nothing it does
+    changes our bytes.
+    """
+    try:
+        st = stat_sync(src.fd)
+        check_readable(src.fd)
+        check_regular(st)
+        if st.size != key.size:
+            raise size_mismatch(st.size, key)
+        try:
+            return sealed_copy(src.fd, st)
+        except SourceChanged as exc:
+            raise RequestError(
+                ErrorCode.UNSTABLE, f"the published file changed while it was copied: {exc}"
+            ) from None
+        except OSError as exc:
+            raise request_error_from_os(exc, "cannot copy the published file") from exc
+    finally:
+        src.close()
+
+
+@attrs.define
+class PrivateCounters:
+    """What happened to published files, for stats."""
+
+    publishes: int = 0
+    sealed_in_place: int = 0
+    copied: int = 0
+    races_lost: int = 0
+
+
+def adopt(
+    cache: Cache, key: PrivateKey, file_key: FileKey, sealed: SealedFile, counters: PrivateCounters
+) -> tuple[int, int, bool, bool]:
+    """Cache a published file, or keep a concurrent publisher's; serve one of them.
+
+    Returns a served fd, its size, whether it is another publisher's copy
+    (that one won the race) and whether the file is cached. Takes over the
+    caller's reference to *sealed*.
+    """
+    try:
+        # A descriptor of it first: a file we cannot serve is never cached.
+        with refusing_os_errors("cannot open a served descriptor"):
+            fd = sealed.share()
+        admission, entry = cache.insert(
+            key, file_key.version, sealed, private=True, ctime_ns=file_key.ctime_ns
+        )
+        if entry is None or entry.file is sealed:
+            return fd, sealed.size, False, admission is Admission.CACHED
+        os.close(fd)
+        counters.races_lost += 1
+        with refusing_os_errors("cannot open a served descriptor"):
+            return entry.file.share(), entry.size, True, True
+    finally:
+        sealed.release()

@@ -1,0 +1,352 @@
+# Hostile and buggy clients against the daemon as a real subprocess: who may
+# connect, what may be passed, and every bound (its flag, its default, its
+# counter). Each test would fail if the defence it names broke.
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from shadowd_client import AsyncClient, Busy, Client, NotRegularFile, Opener
+
+from shadowd.access import PeerLimits
+from shadowd.protocol import WireLimits
+
+from .conftest import NOBODY, Daemon, in_thread, make_file, read_fd, requires_root, run_as, settle
+from .wire import Raw
+
+GROUP = 4242
+
+TRY_CONNECT = """
+import trio
+from shadowd_client import AsyncClient, Client, Opener, ShadowdError
+res = {{}}
+with Opener({path!r}, timeout=5, local_below=0) as opener:  # it copies itself when refused
+    fd = opener.open("/bin/sh")
+    res["opener"] = [opener.daemon_opens, opener.local_opens]
+try:
+    with Client({path!r}, timeout=5) as c:
+        res["sync"] = c.stats()["server"][:7]
+except ShadowdError as e:
+    res["sync"] = [type(e).__name__, str(e)]
+async def aio():
+    try:
+        async with AsyncClient({path!r}, timeout=5) as c:
+            return (await c.stats())["server"][:7]
+    except ShadowdError as e:
+        return [type(e).__name__, str(e)]
+res["async"] = trio.run(aio)
+out(res)
+"""
+
+
+def try_connect(d: Daemon, uid: int, **kwargs: Any) -> dict[str, Any]:
+    return run_as(uid, TRY_CONNECT.format(path=str(d.socket_path)), **kwargs)  # type: ignore[no-any-return]
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True)
+
+
+# -- who may connect -----------------------------------------------------------
+
+
+@requires_root
+async def test_by_default_another_user_cannot_connect(daemon: Daemon) -> None:
+    assert stat.S_IMODE(daemon.socket_path.stat().st_mode) == 0o600
+    with trio.fail_after(30):
+        res = await call(try_connect, daemon, NOBODY)
+    for side in ("sync", "async"):
+        name, message = res[side]
+        assert name == "DaemonUnavailable" and "Permission denied" in message
+
+
+@requires_root
+async def test_allow_uid_turns_other_users_away_with_not_permitted(start_daemon: Any) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--allow-uid", "0")
+    with trio.fail_after(30):
+        res = await call(try_connect, d, NOBODY)
+        for side in ("sync", "async"):
+            name, message = res[side]
+            assert name == "NotPermitted" and f"uid {NOBODY}" in message
+        assert res["opener"] == [0, 1]
+        # On the wire: an error reply with the stable code, then the close.
+        code = f"""
+        import socket, msgpack
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect({str(d.socket_path)!r})
+        first = msgpack.unpackb(s.recv(4096))
+        out([first, s.recv(4096).decode()])
+        """
+        first, after = await call(run_as, NOBODY, code)
+        assert first["id"] is None and first["ok"] is False
+        assert first["code"] == "not-permitted" and after == ""
+        s = await call(stats, d)  # root is allowed
+    assert s["peers_refused"] == 4 and s["refused_by_code"]["not-permitted"] == 4
+
+
+@requires_root
+async def test_allow_gid_admits_primary_and_supplementary_members(start_daemon: Any) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--allow-gid", str(GROUP))
+    with trio.fail_after(60):
+        assert (await call(try_connect, d, 1000, gid=GROUP))["sync"] == "shadowd"
+        assert (await call(try_connect, d, 1000, groups=(GROUP,)))["sync"] == "shadowd"
+        assert (await call(try_connect, d, 1000))["sync"][0] == "NotPermitted"
+
+
+@requires_root
+async def test_socket_group_and_mode(start_daemon: Any) -> None:
+    d = await start_daemon("--socket-mode", "0660", "--socket-group", str(GROUP))
+    st = d.socket_path.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, GROUP)
+    with trio.fail_after(60):
+        assert (await call(try_connect, d, 1000, gid=GROUP))["sync"] == "shadowd"
+        name, message = (await call(try_connect, d, 1000))["sync"]
+        assert name == "DaemonUnavailable" and "Permission denied" in message
+
+
+# -- what may be passed --------------------------------------------------------
+
+
+@in_thread()
+def test_fifo_directory_socket_and_dev_zero_refused_within_a_second_each(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ok = make_file(tmp_path / "ok", b"still serving")
+    try:
+        with Client(daemon.socket_path, timeout=5) as c:
+            for what in (fifo, tmp_path, "/dev/zero", listener):
+                started = time.monotonic()
+                with pytest.raises(NotRegularFile):
+                    if isinstance(what, socket.socket):
+                        c.open_fd(what.fileno())  # a socket cannot be open()ed
+                    else:
+                        c.open(what)  # a FIFO with no writer: the client must not hang
+                assert time.monotonic() - started < 1, what
+                fd = c.open(ok)  # and the daemon keeps serving
+                assert read_fd(fd) == b"still serving"
+                os.close(fd)
+        # The supervisor helper does not hang on a FIFO either.
+        with Opener(daemon.socket_path, timeout=5) as opener:
+            started = time.monotonic()
+            with pytest.raises(NotRegularFile):
+                opener.open(fifo)
+            assert time.monotonic() - started < 1
+    finally:
+        listener.close()
+
+
+# -- bounds: each has a flag, a default, a counter, and a test ---------------
+
+
+@in_thread()
+def test_default_limits_are_reported(daemon: Daemon) -> None:
+    s = stats(daemon)
+    peers, wire = PeerLimits(), WireLimits()
+    assert s["limits"] == {
+        "max_request": wire.max_request,
+        "max_batch": wire.max_batch,
+        "max_fds": wire.max_fds,
+        "max_clients": peers.max_clients,
+        "max_clients_per_uid": peers.max_clients_per_uid,
+        "max_inflight": 32,
+        "max_copies_per_uid": peers.max_copies_per_uid,
+    }
+    assert s["limit_hits"] == {}
+
+
+async def test_max_request(start_daemon: Any) -> None:
+    d = await start_daemon("--max-request", "1024")
+
+    def work() -> None:
+        with Raw(d.socket_path) as raw:
+            reply, _ = raw.call({"op": "stats", "id": 1, "pad": "x" * 900})
+            assert reply["ok"]
+            reply, _ = raw.call({"op": "stats", "id": 2, "pad": "x" * 2000})
+            assert reply["code"] == "request-too-large"
+            with pytest.raises(EOFError):
+                raw.recv()  # and the connection is closed
+        s = stats(d)
+        assert s["limit_hits"]["max_request"] == 1 and s["limits"]["max_request"] == 1024
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def test_max_fds_extras_closed_and_counted(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--max-batch", "4")
+    f = make_file(tmp_path / "f", b"x")
+
+    def work() -> None:
+        with Client(d.socket_path) as c:
+            os.close(c.open(f))  # warm up the daemon's own fds
+        time.sleep(0.2)
+        baseline = d.open_fds()
+        fds = [os.open(f, os.O_RDONLY) for _ in range(10)]
+        try:
+            with Raw(d.socket_path) as raw:
+                reply, got = raw.call({"op": "open_batch", "id": 1}, fds)
+                assert (reply["code"], got) == ("bad-fds", [])
+                reply, got = raw.call({"op": "open_batch", "id": 2}, fds[:4])
+                assert reply["ok"] and len(got) == 4
+                for fd in got:
+                    os.close(fd)
+                reply, got = raw.call({"op": "stats", "id": 3}, fds[:3])  # wrong count
+                assert (reply["code"], got) == ("bad-fds", [])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        s = stats(d)
+        assert s["limit_hits"]["max_fds"] == 1
+        assert s["fds_refused"] == 4 + 3  # what fit the buffer, and the wrong count
+        deadline = time.monotonic() + 5
+        while d.open_fds() != baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.open_fds() == baseline, d.fd_targets()
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+@contextlib.contextmanager
+def connected(d: Daemon, n: int) -> Iterator[list[Client]]:
+    """*n* clients connected (hello answered), closed on the way out."""
+    held = [Client(d.socket_path, timeout=5) for _ in range(n)]
+    try:
+        for c in held:
+            c.connect()
+        yield held
+    finally:
+        for c in held:
+            c.close()
+
+
+async def test_max_clients(start_daemon: Any) -> None:
+    d = await start_daemon("--max-clients", "3")
+
+    def work() -> None:
+        with connected(d, 3) as held:
+            with pytest.raises(Busy, match="3 clients"), Client(d.socket_path) as extra:
+                extra.stats()
+            held.pop().close()
+            time.sleep(0.2)  # the daemon notices the close
+            with Client(d.socket_path, timeout=5) as again:
+                s = again.stats()
+        assert s["limit_hits"]["max_clients"] == 1 and s["refused_by_code"]["busy"] == 1
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+@requires_root
+async def test_max_clients_per_uid(start_daemon: Any) -> None:
+    d = await start_daemon("--max-clients-per-uid", "2", "--socket-mode", "0666")
+
+    def work() -> None:
+        with connected(d, 2) as held:
+            with pytest.raises(Busy, match="uid 0 has 2"), Client(d.socket_path) as extra:
+                extra.stats()
+            # Another uid has its own share.
+            assert try_connect(d, NOBODY)["sync"] == "shadowd"
+            assert held[0].stats()["limit_hits"]["max_clients_per_uid"] == 1
+
+    with trio.fail_after(30):
+        await call(work)
+
+
+async def _many_misses(d: Daemon, files: list[Path]) -> dict[str, Any]:
+    """Open every file at once, pipelined on one connection; check every byte."""
+    contents = {f: f.read_bytes() for f in files}
+    async with AsyncClient(d.socket_path, timeout=30) as client:
+
+        async def one(f: Path) -> None:
+            fd = await client.open(f)
+            try:
+                assert read_fd(fd) == contents[f]
+            finally:
+                os.close(fd)
+
+        async with trio.open_nursery() as nursery:
+            for f in files:
+                nursery.start_soon(one, f)
+        return await client.stats()
+
+
+async def test_max_inflight(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--max-inflight", "2", "--copy-workers", "1", "--racy-window", "0")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(256 * 1024)) for i in range(12)]
+    with trio.fail_after(60):
+        s = await _many_misses(d, files)
+    assert s["limit_hits"]["max_inflight"] >= 1 and s["copies"] == 12
+
+
+async def test_max_copies_per_uid(start_daemon: Any, tmp_path: Path) -> None:
+    d = await start_daemon("--max-copies-per-uid", "1", "--racy-window", "0.05")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(64 * 1024)) for i in range(12)]
+    settle(*files)
+    with trio.fail_after(60):
+        s = await _many_misses(d, files)
+    assert s["limit_hits"]["max_copies_per_uid"] >= 1
+    assert (s["copies"], s["misses"], s["hits"]) == (12, 12, 0)
+
+
+def test_limit_flags_reject_nonsense() -> None:
+    from shadowd.cli import main
+
+    for flag in (
+        "--max-clients",
+        "--max-clients-per-uid",
+        "--max-copies-per-uid",
+        "--max-inflight",
+    ):
+        with pytest.raises(SystemExit):
+            main(["serve", flag, "0"])
+    assert main(["serve", "--socket", "/nonexistent/x.sock", "--max-request", "100"]) == 2
+
+
+def test_stats_table_shows_limits_reached_and_refused_peers() -> None:
+    from shadowd.report import format_table
+    from shadowd.stats import Stats
+
+    counts = dict.fromkeys(
+        ["hits", "misses", "entries", "bytes", "evictions", "invalidations", "uncached"], 0
+    )
+    s = Stats(
+        server="shadowd/x",
+        uptime_seconds=1.0,
+        refused=3,
+        copies=0,
+        bytes_copied=0,
+        clients=1,
+        clients_total=4,
+        max_entries=10,
+        max_bytes=100,
+        max_file_size=10,
+        peers_refused=2,
+        private_publishes=3,
+        private_sealed_in_place=2,
+        private_copied=1,
+        limits={"max_clients": 3},
+        limit_hits={"max_clients": 1},
+        **counts,
+    )
+    assert Stats.from_wire(s.to_wire()) == s
+    table = format_table(s)
+    assert "peers refused      2" in table
+    assert "max_clients (3) 1" in table
+    assert "3 (2 sealed in place, 1 copied, 0 races lost)" in table
