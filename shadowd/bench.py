@@ -35,6 +35,8 @@ KiB = 1024
 MiB = 1024 * KiB
 DEFAULT_SIZES = (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 2 * MiB, 16 * MiB)
 THROUGHPUT_SIZE = 2 * MiB
+#: Files per request in the batch-open throughput run (an exec's DSOs).
+BATCH = 8
 
 
 def human_size(n: int) -> str:
@@ -80,6 +82,10 @@ class Throughput:
     procs: int
     hits_per_s: float
     copies_per_s: float
+    #: Hits per second when each request is a batch open of BATCH files.
+    batch_hits_per_s: float = 0.0
+    #: Opens per second the transport floor answers, with the same client.
+    floor_per_s: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -213,17 +219,25 @@ def _worker(mode: str, socket_path: str, path: str, seconds: float, pipe: Pipe) 
     """One client process of the throughput test: as many opens as it can."""
     from shadowd_client import Client
 
-    client = Client(socket_path, timeout=30) if mode == "hit" else None
+    client = Client(socket_path, timeout=30) if mode != "copy" else None
     if client is not None:
         os.close(client.open(path))
+    batch = [path] * BATCH
     pipe.send("ready")
     pipe.recv()  # start together
     count = 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        fd = client.open(path) if client is not None else status_quo(path)
-        os.close(fd)
-        count += 1
+        if client is None:
+            os.close(status_quo(path))
+            count += 1
+        elif mode == "batch":
+            for fd in client.open_many(batch):
+                os.close(fd)
+            count += BATCH
+        else:
+            os.close(client.open(path))
+            count += 1
     pipe.send(count)
     if client is not None:
         client.close()
@@ -346,7 +360,7 @@ class Bench:
                 big = os.path.join(workdir, "file-2MiB")
                 with open(big, "wb") as f:
                     f.write(os.urandom(THROUGHPUT_SIZE))
-                throughput, cpu = self._throughput(socket_path, big, daemon_pid)
+                throughput, cpu = self._throughput(socket_path, floor_path, big, daemon_pid)
                 memory = self._memory(socket_path, workdir) if self.memory_procs else None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -459,7 +473,7 @@ class Bench:
                     proc.join()
 
     def _throughput(
-        self, socket_path: str, path: str, daemon_pid: int
+        self, socket_path: str, floor_path: str, path: str, daemon_pid: int
     ) -> tuple[list[Throughput], float | None]:
         out = []
         cpu_per_hit: float | None = None
@@ -469,7 +483,17 @@ class Bench:
             hits = sum(self._run_workers(_worker, n, "hit", socket_path, path, self.seconds))
             cpu1 = _cpu_seconds(daemon_pid)
             copies = sum(self._run_workers(_worker, n, "copy", socket_path, path, self.seconds))
-            out.append(Throughput(n, hits / self.seconds, copies / self.seconds))
+            batched = sum(self._run_workers(_worker, n, "batch", socket_path, path, self.seconds))
+            floor = sum(self._run_workers(_worker, n, "hit", floor_path, path, self.seconds))
+            out.append(
+                Throughput(
+                    n,
+                    hits / self.seconds,
+                    copies / self.seconds,
+                    batch_hits_per_s=batched / self.seconds,
+                    floor_per_s=floor / self.seconds,
+                )
+            )
             if n == max(self.procs) and hits:
                 cpu_per_hit = (cpu1 - cpu0) / hits * 1e6
         return out, cpu_per_hit
@@ -552,11 +576,13 @@ def format_result(r: BenchResult) -> str:
         f" = {r.floor_ratio:.2f}x the floor",
         "",
         f"throughput, {human_size(THROUGHPUT_SIZE)} file, whole seconds of back-to-back opens:",
-        f"{'client processes':>16} {'hits/s':>10} {'copies/s':>10} {'hits/copies':>12}",
+        f"{'client processes':>16} {'hits/s':>10} {'copies/s':>10} {'hits/copies':>12}"
+        f" {f'batched {BATCH}/s':>12} {'floor/s':>10}",
     ]
     for t in r.throughput:
         lines.append(
             f"{t.procs:>16} {t.hits_per_s:>10.0f} {t.copies_per_s:>10.0f} {t.ratio:>11.2f}x"
+            f" {t.batch_hits_per_s:>12.0f} {t.floor_per_s:>10.0f}"
         )
     if r.cpu_us_per_hit is not None:
         lines.append(f"daemon CPU time per hit (busiest run): {r.cpu_us_per_hit:.1f} us")
