@@ -37,7 +37,8 @@ def human_duration(seconds: float) -> str:
 
 
 def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+    """part/whole as a percentage; "-" when either is unknown (negative) or whole is 0."""
+    return f"{100.0 * part / whole:.1f}%" if whole > 0 and part >= 0 else "-"
 
 
 def format_table(stats: Stats, socket_path: str | None = None) -> str:
@@ -90,11 +91,9 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         )
         rows.append(("limits reached", hits))
     if stats.open_fds >= 0:
+        limit = f"{stats.fd_limit}" if stats.fd_limit >= 0 else "an unknown limit"
         rows.append(
-            (
-                "open fds",
-                f"{stats.open_fds} of {stats.fd_limit} ({_pct(stats.open_fds, stats.fd_limit)})",
-            )
+            ("open fds", f"{stats.open_fds} of {limit} ({_pct(stats.open_fds, stats.fd_limit)})")
         )
     rows.append(("fd store", _fd_store(stats)))
     width = max(len(k) for k, _ in rows)

@@ -209,3 +209,10 @@ def test_an_inherited_journal_stream_does_not_count(
 def test_stream_is_journal_needs_a_real_descriptor() -> None:
     assert not stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
     assert not stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "garbage"})
+
+
+def test_unknown_fd_limit_is_not_a_negative_percentage() -> None:
+    from shadowd.report import _pct
+
+    assert _pct(10, -1) == "-" and _pct(-1, 100) == "-" and _pct(5, 0) == "-"
+    assert _pct(25, 100) == "25.0%"
