@@ -25,7 +25,7 @@ import time
 
 from shadowd_client import Client
 
-from shadowd.bench import _wait_for_socket
+from shadowd.bench import _wait_for_socket, daemon_command
 
 HITS = 5000
 
@@ -83,20 +83,7 @@ def main() -> None:
     for name in [path, *(f"{path}.{i}" for i in range(BATCH))]:
         with open(name, "wb") as f:
             f.write(os.urandom(65536))
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shadowd",
-            "serve",
-            "--socket",
-            socket_path,
-            "--racy-window",
-            "0",
-            "--log-level",
-            "warning",
-        ]
-    )
+    daemon = subprocess.Popen(daemon_command(socket_path))
     try:
         _wait_for_socket(socket_path, daemon, "the daemon")
         _client(socket_path, path, 10)  # the miss, then warm hits

@@ -191,6 +191,22 @@ def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], what: str) -> Non
     raise RuntimeError(f"{what} did not start listening on {path}")
 
 
+def daemon_command(socket_path: str) -> list[str]:
+    """A private daemon for measurements: it caches new files at once, logs only warnings."""
+    return [
+        sys.executable,
+        "-m",
+        "shadowd",
+        "serve",
+        "--socket",
+        socket_path,
+        "--racy-window",
+        "0",
+        "--log-level",
+        "warning",
+    ]
+
+
 def _peer_pid(path: str) -> int:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -302,20 +318,7 @@ class Bench:
             socket_path = self.socket_path
             if socket_path is None:
                 socket_path = os.path.join(workdir, "shadowd.sock")
-                daemon = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "shadowd",
-                        "serve",
-                        "--socket",
-                        socket_path,
-                        "--racy-window",
-                        "0",
-                        "--log-level",
-                        "warning",
-                    ],
-                )
+                daemon = subprocess.Popen(daemon_command(socket_path))
                 procs.append(daemon)
                 _wait_for_socket(socket_path, daemon, "the daemon")
             floor_path = os.path.join(workdir, "floor.sock")
@@ -443,20 +446,38 @@ class Bench:
         alone += sample(100)  # before and after, against drift
         return Crowd(self.connections, Summary.of(alone), Summary.of(crowded))
 
-    def _run_workers(self, target: Callable[..., None], n: int, *args: Any) -> list[Any]:
+    @contextlib.contextmanager
+    def _processes(
+        self, target: Callable[..., None], n: int, *args: Any, start_timeout: float = 60
+    ) -> Iterator[list[Pipe]]:
+        """*n* forked processes running target(*args, pipe); yields our ends of the pipes.
+
+        Each must first send one message when it is ready; that is awaited
+        here. On the way out every process is joined, or killed.
+        """
         pipes = []
-        workers = []
-        for _ in range(n):
-            ours, theirs = self._ctx.Pipe()
-            proc = self._ctx.Process(target=target, args=(*args, theirs), daemon=True)
-            proc.start()
-            pipes.append(ours)
-            workers.append(proc)
+        procs = []
         try:
+            for _ in range(n):
+                ours, theirs = self._ctx.Pipe()
+                proc = self._ctx.Process(target=target, args=(*args, theirs), daemon=True)
+                proc.start()
+                pipes.append(ours)
+                procs.append(proc)
             for p in pipes:
-                if not p.poll(30):
-                    raise RuntimeError("a worker process did not start")
+                if not p.poll(start_timeout):
+                    raise RuntimeError("a benchmark process did not start")
                 p.recv()
+            yield pipes
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+
+    def _run_workers(self, target: Callable[..., None], n: int, *args: Any) -> list[Any]:
+        with self._processes(target, n, *args, start_timeout=30) as pipes:
             for p in pipes:
                 p.send("go")
             results = []
@@ -465,12 +486,6 @@ class Bench:
                     raise RuntimeError("a worker process did not finish")
                 results.append(p.recv())
             return results
-        finally:
-            for proc in workers:
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
 
     def _throughput(
         self, socket_path: str, floor_path: str, path: str, daemon_pid: int
@@ -507,30 +522,10 @@ class Bench:
         def held(mode: str) -> int:
             self._say(f"memory, {self.memory_procs} processes holding 16 MiB ({mode})")
             before = _shmem_bytes()
-            pipes = []
-            procs = []
-            try:
-                for _ in range(self.memory_procs):
-                    ours, theirs = self._ctx.Pipe()
-                    p = self._ctx.Process(
-                        target=_holder, args=(mode, socket_path, path, theirs), daemon=True
-                    )
-                    p.start()
-                    pipes.append(ours)
-                    procs.append(p)
-                for pipe in pipes:
-                    if not pipe.poll(60):
-                        raise RuntimeError("a holder process did not start")
-                    pipe.recv()
-                during = _shmem_bytes()
+            with self._processes(_holder, self.memory_procs, mode, socket_path, path) as pipes:
+                during = _shmem_bytes()  # every holder has faulted its pages in
                 for pipe in pipes:
                     pipe.send("release")
-            finally:
-                for p in procs:
-                    p.join(timeout=10)
-                    if p.is_alive():
-                        p.kill()
-                        p.join()
             return max(0, during - before)
 
         return Memory(
