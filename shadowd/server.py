@@ -819,7 +819,6 @@ class Server:
             raise
         try:
             self._check_size(st.size)
-
             outcome = await self._when_allowed(
                 share, lambda: self._lookup_or_fly(src.fd, st, label, share, remote=True)
             )
