@@ -229,7 +229,8 @@ class Flight:
     async def wait(self) -> tuple[int, SealedFile]:
         """Wait for the copy; return a fresh served fd of it and the file.
 
-        Every :meth:`join` must be followed by exactly one call of this.
+        Every :meth:`join` must be followed by exactly one call of this (or
+        of :meth:`leave`).
         """
         try:
             await self.done.wait()
@@ -239,8 +240,12 @@ class Flight:
             with refusing_os_errors("cannot open a served descriptor"):
                 return self.result.share(), self.result
         finally:
-            self.waiters -= 1
-            self.drop_if_unwanted()
+            self.leave()
+
+    def leave(self) -> None:
+        """Count out a request that joined and will not :meth:`wait` after all."""
+        self.waiters -= 1
+        self.drop_if_unwanted()
 
     def drop_if_unwanted(self) -> None:
         if self.done.is_set() and self.waiters == 0 and self.result is not None:

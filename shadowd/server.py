@@ -1,9 +1,12 @@
 # The I/O loop: accepts connections, reads datagrams, answers requests.
 #
-# One trio thread owns the cache. A hit is answered without any await between
-# lookup and reply (recvmsg, statx, fcntl, open of /proc/self/fd/N, sendmsg,
-# close_range); a miss becomes a flight copied in a worker thread, and the
-# connection goes on reading meanwhile.
+# One trio thread owns the cache. Connections waiting for a request are parked
+# in the poller (poller.py), which answers a hit right there, without any
+# await between lookup and reply (recvmsg, statx, fcntl, open of
+# /proc/self/fd/N, sendmsg; the round's fds closed together at its end).
+# Anything else is handed to the connection's own task: a miss becomes a
+# flight copied in a worker thread, and the connection goes on reading
+# meanwhile.
 #
 # Must never: await between a cache lookup and the use of what it returned;
 # leave a received fd unclosed on any path (errors, truncation, disconnects,
@@ -30,6 +33,7 @@ from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, move_high, scm_rights
 from .memfd import SealedFile
+from .poller import Poller
 from .private import (
     PrivateCounters,
     adopt,
@@ -77,14 +81,8 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-# Requests a connection may have answered back to back before it yields to
-# the others: pipelining clients must not starve the rest.
-_FAIRNESS_BURST = 16
 # Datagrams read and dropped from a peer that is turned away.
 _DRAIN_AT_REFUSAL = 8
-# After this many requests that had to be waited for, try reading before
-# waiting once more.
-_PROBE_EVERY = 8
 
 
 @attrs.frozen
@@ -127,6 +125,62 @@ class PeerGone(Exception):
     """The client went away while we were answering it."""
 
 
+# What the poller hands to a connection's task: whatever it read that cannot
+# be answered without waiting. Each owns the fds it names until answered.
+
+
+@attrs.frozen
+class _Gone:
+    """The peer closed the connection, or reading it failed."""
+
+
+GONE = _Gone()
+
+
+@attrs.frozen
+class _Bug:
+    """An exception of ours escaped while the poller answered."""
+
+    exc: Exception
+
+
+@attrs.frozen
+class _Malformed:
+    """A datagram the protocol refused, with the fds that came with it."""
+
+    exc: ProtocolError
+    fds: list[int]
+    flags: int
+
+
+@attrs.frozen
+class _Received:
+    """A request to answer in the connection's task, with its fds."""
+
+    event: Request
+    fds: list[int]
+
+
+@attrs.frozen
+class _OpenLater:
+    """An `open` the cache could not answer at once: what _serve_now said."""
+
+    event: Open
+    outcome: Flight | _Throttled | Exception | None
+
+
+@attrs.frozen
+class _SendLater:
+    """A hit whose reply did not fit in the socket (or others queue before it)."""
+
+    event: Open
+    reply: bytes
+    served: int
+
+
+Job = _Gone | _Bug | _Malformed | _Received | _OpenLater | _SendLater
+
+
 @attrs.define(eq=False)
 class Connection:
     sock: socket.socket
@@ -138,6 +192,9 @@ class Connection:
     inflight: int = 0
     slot_freed: trio.Event = attrs.field(factory=trio.Event)
     nursery: trio.Nursery | None = None
+    #: Set by the poller, with :attr:`job`, when the task must take over.
+    wakeup: trio.Event = attrs.field(factory=trio.Event)
+    job: Job | None = None
 
 
 @attrs.frozen
@@ -227,6 +284,14 @@ class Server:
         self.uncached = 0
         self.internal_errors = 0
         self._connections: set[Connection] = set()
+        self._poller: Poller[Connection] = Poller()
+        self._poller_scope = trio.CancelScope()
+        # One receive buffer for every parked connection: the poller reads
+        # and parses a datagram before it reads the next.
+        self._buf = bytearray(config.wire.max_request)
+        self._view = memoryview(self._buf)
+        self._ancsize = socket.CMSG_SPACE(config.wire.max_fds * 4)
+        self._max_inflight = config.max_inflight
         self._started = time.monotonic()
         self._draining = False
         self._accept_scope = trio.CancelScope()
@@ -270,11 +335,13 @@ class Server:
             with self._outer_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._run_poller)
                     with self._accept_scope:
                         task_status.started()
                         await self._accept_loop(listen_sock, nursery)
         finally:
             self._nursery = None
+            self._poller.close()
             self.cache.clear()
             logger.info(
                 "stopped after %.1fs: %d hits, %d misses",
@@ -294,6 +361,8 @@ class Server:
             return
         self._draining = True
         self._accept_scope.cancel()
+        # Nobody reads any more: every connection's read scope goes too.
+        self._poller_scope.cancel()
         for conn in list(self._connections):
             conn.read_scope.cancel()
         self._outer_scope.deadline = trio.current_time() + self.config.shutdown_grace
@@ -385,115 +454,177 @@ class Server:
             self.internal_errors += 1
             logger.exception("error serving pid %d; connection closed", peer.pid)
         finally:
+            self._poller.unpark(sock.fileno())
+            if conn.job is not None:
+                self._drop_job(conn, conn.job)
+                conn.job = None
             self._connections.discard(conn)
             self.gate.leave(share)
             sock.close()
             logger.debug("client gone: pid %d", peer.pid)
 
     async def _read_loop(self, conn: Connection) -> None:
-        sock = conn.sock
-        buf = bytearray(self.config.wire.max_request)
-        view = memoryview(buf)
-        ancsize = socket.CMSG_SPACE(self.config.wire.max_fds * 4)
-        burst = 0
-        # Try recvmsg before waiting only while the peer keeps requests queued
-        # (pipelining). A request-reply client has nothing queued right after
-        # a reply; trying first would cost it a failing recvmsg every time.
-        try_first = True
-        waited = 0
+        """Park the connection in the poller; answer what it hands back."""
+        fd = conn.sock.fileno()
         while True:
-            if conn.inflight >= self.config.max_inflight:
+            if conn.inflight >= self._max_inflight:
                 # Back-pressure: read nothing more until a slow request finishes.
                 self.gate.hit("max_inflight")
                 conn.slot_freed = trio.Event()
                 await conn.slot_freed.wait()
                 continue
-            if not try_first:
-                burst = 0
-                await trio.lowlevel.wait_readable(sock)
-            try:
-                n, ancdata, flags, _ = sock.recvmsg_into([buf], ancsize, _RECV_FLAGS)
-            except BlockingIOError:
-                try_first = False
-                continue
-            except OSError:
+            if conn.job is None:
+                conn.wakeup = trio.Event()
+                self._poller.park(fd, conn)
+                try:
+                    await conn.wakeup.wait()
+                finally:
+                    self._poller.unpark(fd)  # nothing to do when the poller did it
+            job, conn.job = conn.job, None
+            if job is not None and not await self._answer(conn, job):
                 return
-            fds = fds_from_ancdata(ancdata)
-            if n == 0 and not fds and not flags & _MSG_TRUNC:
-                return  # orderly shutdown by the peer
-            if not await self._handle_datagram(conn, view[:n], fds, flags):
-                return
-            if try_first:
-                burst += 1
-                if burst >= _FAIRNESS_BURST:
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
-            else:
-                waited += 1
-                if waited >= _PROBE_EVERY:
-                    # Now and then, see whether the peer has started pipelining.
-                    waited = 0
-                    try_first = True
 
-    async def _handle_datagram(
-        self, conn: Connection, data: memoryview, fds: list[int], flags: int
-    ) -> bool:
-        """Answer one datagram; False when the connection must end."""
+    async def _run_poller(self) -> None:
+        with self._poller_scope:
+            await self._poller.run(self._answer_ready)
+
+    # -- the poller's side: answer at once, or hand over -----------------
+
+    def _answer_ready(self, conn: Connection) -> bool:
+        """Read and answer one datagram of a parked connection, without waiting.
+
+        False hands the connection to its task, with what it must do in
+        ``conn.job``. Never raises an Exception: a bug becomes that task's.
+        """
+        try:
+            return self._answer_datagram(conn)
+        except Exception as exc:
+            return self._hand_over(conn, _Bug(exc))
+
+    def _hand_over(self, conn: Connection, job: Job | None) -> bool:
+        conn.job = job
+        conn.wakeup.set()
+        return False
+
+    def _answer_datagram(self, conn: Connection) -> bool:
+        if conn.inflight >= self._max_inflight:
+            return self._hand_over(conn, None)  # its task waits for a slot
+        try:
+            n, ancdata, flags, _ = conn.sock.recvmsg_into([self._buf], self._ancsize, _RECV_FLAGS)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return self._hand_over(conn, GONE)
+        fds = fds_from_ancdata(ancdata)
+        if n == 0 and not fds and not flags & _MSG_TRUNC:
+            return self._hand_over(conn, GONE)  # orderly shutdown by the peer
         try:
             event = conn.proto.receive(
-                data,
+                self._view[:n],
                 fds,
                 data_truncated=bool(flags & _MSG_TRUNC),
                 fds_truncated=bool(flags & _MSG_CTRUNC),
             )
         except ProtocolError as exc:
-            self._refused_fds(conn, fds, flags)
-            self._count_refusal(conn.peer, exc.code, exc.message)
-            await self._send(conn, conn.proto.error_for(exc))
-            return not exc.fatal
+            return self._hand_over(conn, _Malformed(exc, fds, flags))
         except BaseException:
             close_all(fds)
             raise
         if type(event) is Open:
-            # The hot path: a hit is answered here without any other
-            # coroutine, wrapper object or await (unless the socket is full).
-            fd = event.fd
-            try:
-                outcome = self._serve_now(fd, event.label, conn.share)
-            except RequestError as exc:
-                os.close(fd)
-                await self._refuse(conn, event.id, exc)
-                return True
-            except Exception:
-                os.close(fd)
-                await self._internal_error(conn, event.id)
-                return True
-            except BaseException:
-                os.close(fd)
-                raise
-            if isinstance(outcome, tuple):
-                served = outcome[0]
-                try:
-                    reply = conn.proto.send_opened(event.id, outcome[1], True)
-                    if not self._send_now(conn, reply, (served,)):
-                        await self._send_bytes(conn, reply, (served,))
-                finally:
-                    close_pair(fd, served)
-                return True
-            await self._on_open_later(conn, event, outcome)
-            return True
-        holders = [FdHolder(fd) for fd in fds]
+            return self._answer_open(conn, event)
+        return self._hand_over(conn, _Received(event, fds))
+
+    def _answer_open(self, conn: Connection, event: Open) -> bool:
+        """The hot path: a hit is answered here, with no coroutine and no await."""
+        fd = event.fd
         try:
-            await self._dispatch(conn, event, holders)
-        except (PeerGone, trio.Cancelled):
+            outcome = self._serve_now(fd, event.label, conn.share)
+        except Exception as exc:  # a refusal, or a bug: the task answers either
+            return self._hand_over(conn, _OpenLater(event, exc))
+        except BaseException:
+            os.close(fd)
             raise
-        except RequestError as exc:
-            await self._refuse(conn, event.id, exc)
-        except Exception:
-            await self._internal_error(conn, event.id)
-        finally:
-            _close_holders(holders)
+        if type(outcome) is not tuple:
+            return self._hand_over(conn, _OpenLater(event, outcome))  # type: ignore[arg-type]
+        served = outcome[0]
+        try:
+            reply = conn.proto.send_opened(event.id, outcome[1], True)
+            if not conn.send_lock.locked():  # else replies queue: keep their order
+                conn.sock.sendmsg([reply], scm_rights((served,)), _SEND_FLAGS)
+                self._poller.close_later(fd)
+                self._poller.close_later(served)
+                return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            close_pair(fd, served)
+            return self._hand_over(conn, GONE)
+        except BaseException:
+            close_pair(fd, served)
+            raise
+        return self._hand_over(conn, _SendLater(event, reply, served))
+
+    # -- the connection's task: what had to wait -------------------------
+
+    async def _answer(self, conn: Connection, job: Job) -> bool:
+        """Answer what the poller handed over; False when the connection must end."""
+        if isinstance(job, _SendLater):
+            try:
+                await self._send_bytes(conn, job.reply, (job.served,))
+            finally:
+                close_pair(job.event.fd, job.served)
+            return True
+        if isinstance(job, _OpenLater):
+            return await self._open_later(conn, job.event, job.outcome)
+        if isinstance(job, _Received):
+            holders = [FdHolder(fd) for fd in job.fds]
+            event = job.event
+            try:
+                await self._dispatch(conn, event, holders)
+            except (PeerGone, trio.Cancelled):
+                raise
+            except RequestError as exc:
+                await self._refuse(conn, event.id, exc)
+            except Exception as exc:
+                await self._internal_error(conn, event.id, exc)
+            finally:
+                _close_holders(holders)
+            return True
+        if isinstance(job, _Malformed):
+            error = job.exc
+            self._refused_fds(conn, job.fds, job.flags)
+            self._count_refusal(conn.peer, error.code, error.message)
+            await self._send(conn, conn.proto.error_for(error))
+            return not error.fatal
+        if isinstance(job, _Bug):
+            raise job.exc
+        return False  # GONE
+
+    async def _open_later(
+        self, conn: Connection, event: Open, outcome: Flight | _Throttled | Exception | None
+    ) -> bool:
+        if isinstance(outcome, Exception):
+            os.close(event.fd)
+            if isinstance(outcome, RequestError):
+                await self._refuse(conn, event.id, outcome)
+            else:
+                await self._internal_error(conn, event.id, outcome)
+            return True
+        await self._on_open_later(conn, event, outcome)
         return True
+
+    def _drop_job(self, conn: Connection, job: Job) -> None:
+        """Get rid of a job its task never answered (it was cancelled first)."""
+        fds: list[int] = []
+        if isinstance(job, (_Malformed, _Received)):
+            fds = job.fds
+        elif isinstance(job, _OpenLater):
+            fds = [job.event.fd]
+            if isinstance(job.outcome, Flight):
+                job.outcome.leave()
+        elif isinstance(job, _SendLater):
+            fds = [job.event.fd, job.served]
+        self._discard(fds, conn.share)
 
     def _refused_fds(self, conn: Connection, fds: list[int], flags: int) -> None:
         """Account for and get rid of the fds of a datagram the protocol refused."""
@@ -551,10 +682,17 @@ class Server:
                 ),
             )
 
-    async def _internal_error(self, conn: Connection, id: int) -> None:
-        """Answer a request that hit a bug of ours, and log the bug."""
+    async def _internal_error(
+        self, conn: Connection, id: int, exc: BaseException | None = None
+    ) -> None:
+        """Answer a request that hit a bug of ours (*exc*, or the one being handled); log it."""
         self.internal_errors += 1
-        logger.exception("internal error answering request %d of pid %d", id, conn.peer.pid)
+        logger.error(
+            "internal error answering request %d of pid %d",
+            id,
+            conn.peer.pid,
+            exc_info=exc if exc is not None else True,
+        )
         await self._refuse(
             conn, id, RequestError(ErrorCode.INTERNAL, "internal error in shadowd; see its log")
         )

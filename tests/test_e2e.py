@@ -404,6 +404,67 @@ async def test_16_clients_at_once(daemon: Daemon, tmp_path: Path) -> None:
     assert s["copies"] == 30  # one copy per file, however many clients raced
 
 
+async def test_pipelining_client_that_stops_reading_holds_up_nobody(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """One connection queues hits until its socket is full and reads nothing.
+
+    Its replies wait (the daemon holds their fds), the other clients are
+    answered meanwhile, every reply arrives once it reads, and the daemon's
+    fds return to their baseline.
+    """
+    from .wire import Raw
+
+    f = make_file(tmp_path / "lib.so", os.urandom(5000))
+    settle(f)
+    data = f.read_bytes()
+    assert open_bytes(daemon, f) == data  # cached from here on
+    await trio.sleep(0.2)
+    baseline = daemon.open_fds()
+    flood = Raw(daemon.socket_path)
+    flood.sock.setblocking(False)
+    sent = 0
+    src = os.open(f, os.O_RDONLY)
+    try:
+        with trio.fail_after(60):
+            # Until the daemon stops reading us: our receive buffer is full
+            # of its replies, so it holds one and reads nothing more.
+            idle = 0
+            while idle < 20:
+                try:
+                    flood.send({"op": "open", "id": sent + 1}, [src])
+                    sent += 1
+                    idle = 0
+                except BlockingIOError:
+                    idle += 1
+                    await trio.sleep(0.02)
+            assert sent > 10
+
+            def others() -> None:
+                for _ in range(50):
+                    assert open_bytes(daemon, f) == data
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(call, others)
+            flood.sock.setblocking(True)
+            flood.sock.settimeout(10)
+            got = set()
+            for _ in range(sent):
+                reply, fds = await call(flood.recv)
+                assert reply["ok"] and len(fds) == 1, reply
+                assert os.pread(fds[0], len(data) + 1, 0) == data
+                os.close(fds[0])
+                got.add(reply["id"])
+            assert got == set(range(1, sent + 1))
+            flood.sock.close()
+            while daemon.open_fds() != baseline:
+                await trio.sleep(0.05)
+    finally:
+        os.close(src)
+        flood.sock.close()
+
+
 def _garbage(d: Daemon, rng: random.Random, extra: list[int]) -> None:
     """One hostile connection of a random kind."""
     kind = rng.randrange(8)

@@ -1,0 +1,117 @@
+# The readiness multiplexer of the I/O loop: one epoll set holding every
+# connection that waits for its next request, drained by one trio task.
+#
+# A trio task per connection would pay for a wake-up, an epoll re-arm and a
+# scheduler pass on every request; here one wake-up answers every connection
+# that is ready, each with one datagram per round (so a pipelining client
+# cannot starve the rest), and the fds a round used are closed together at its
+# end, usually with one close_range.
+#
+# Must never: await while a round is being answered (the callback runs on the
+# loop, with the cache, and must stay synchronous); keep an fd registered
+# after its owner took it back; let a callback's fd outlive the round.
+from __future__ import annotations
+
+import fcntl
+import select
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import trio
+
+from .fds import LONG_LIVED_BASE, close_all
+
+T = TypeVar("T")
+
+#: Connections answered before the task yields to the rest of the loop
+#: (accepts, finished copies, signals) even when more are ready.
+ROUND_BUDGET = 64
+#: Ready connections taken from the kernel per epoll_wait.
+MAX_EVENTS = 64
+
+
+class Poller(Generic[T]):
+    """Connections parked until readable, answered in rounds by :meth:`run`.
+
+    ``park(fd, owner)`` puts a connection in the set; :meth:`run` calls
+    ``answer(owner)`` when it has a datagram (or an error) to read. ``answer``
+    reads and answers at most one datagram, synchronously, and returns False
+    to take the connection out of the set (to hand it to its own task, which
+    parks it again when done).
+    """
+
+    def __init__(self) -> None:
+        first = select.epoll()
+        try:
+            # Long-lived: kept above the low numbers a round's fds use, so
+            # that those stay consecutive (see fds.LONG_LIVED_BASE).
+            high = fcntl.fcntl(first.fileno(), fcntl.F_DUPFD_CLOEXEC, LONG_LIVED_BASE)
+            self._epoll = select.epoll.fromfd(high)
+        except OSError:
+            self._epoll, first = first, None  # type: ignore[assignment]
+        finally:
+            if first is not None:
+                first.close()
+        self._owners: dict[int, T] = {}
+        self._closing: list[int] = []
+        #: Rounds answered, and datagrams in them (for stats: how much a
+        #: wake-up carries).
+        self.rounds = 0
+        self.answered = 0
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def park(self, fd: int, owner: T) -> None:
+        """Watch *fd* until it is readable; then ``answer(owner)`` runs."""
+        self._epoll.register(fd, select.EPOLLIN)
+        self._owners[fd] = owner
+
+    def unpark(self, fd: int) -> None:
+        """Stop watching *fd* (nothing happens if it is not watched)."""
+        if self._owners.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the set
+
+    def close_later(self, fd: int) -> None:
+        """Close *fd* at the end of the current round (with the round's other fds)."""
+        self._closing.append(fd)
+
+    def close(self) -> None:
+        self._owners.clear()
+        self._epoll.close()
+
+    async def run(self, answer: Callable[[T], bool]) -> None:
+        """Answer ready connections until cancelled.
+
+        *answer* must not raise: an exception escaping it ends the poller, and
+        with it the server.
+        """
+        epoll = self._epoll
+        owners = self._owners
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            budget = ROUND_BUDGET
+            while budget > 0:
+                events = epoll.poll(0, MAX_EVENTS)
+                if not events:
+                    break
+                try:
+                    for fd, _mask in events:
+                        owner = owners.get(fd)
+                        # None: taken out earlier in this round.
+                        if owner is not None and not answer(owner):
+                            self.unpark(fd)
+                finally:
+                    if self._closing:
+                        close_all(self._closing)
+                        self._closing.clear()
+                self.rounds += 1
+                self.answered += len(events)
+                budget -= len(events)
+                if len(events) == 1:
+                    # A lone request-reply client: its next request cannot be
+                    # here yet, and asking would cost an epoll_wait per hit.
+                    break

@@ -1,0 +1,168 @@
+# The poller on real socketpairs: one datagram per ready connection per round,
+# the round's fds closed at its end, owners taken out mid-round skipped, and
+# the rest of the loop kept running while connections stay ready.
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from shadowd.fds import LONG_LIVED_BASE
+from shadowd.poller import ROUND_BUDGET, Poller
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+    for ours, _ in made:
+        ours.setblocking(False)
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+def _park_all_ready(poller: Poller[int], pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    """Park each pair's first end, owned by its index, with one datagram waiting."""
+    for i, (ours, theirs) in enumerate(pairs):
+        theirs.send(b"x")
+        poller.park(ours.fileno(), i)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
+async def test_each_ready_connection_gets_one_datagram_per_round(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """A connection with many datagrams queued does not go before the others' first."""
+    poller: Poller[str] = Poller()
+    names = {"a": pairs[0][0], "b": pairs[1][0], "c": pairs[2][0]}
+    order: list[str] = []
+    done = trio.Event()
+
+    def answer(name: str) -> bool:
+        order.append(names[name].recv(64).decode())
+        if len(order) == 7:
+            done.set()
+        return True
+
+    for i in range(5):
+        pairs[0][1].send(f"a{i}".encode())
+    pairs[1][1].send(b"b0")
+    pairs[2][1].send(b"c0")
+    for name, sock in names.items():
+        poller.park(sock.fileno(), name)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run, answer)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    poller.close()
+    assert sorted(order[:3]) == ["a0", "b0", "c0"]
+    assert order[3:] == ["a1", "a2", "a3", "a4"]
+
+
+async def test_fds_given_to_close_later_live_through_the_round_then_close(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    poller: Poller[int] = Poller()
+    made: list[int] = []
+    open_during: list[bool] = []
+    done = trio.Event()
+
+    def answer(i: int) -> bool:
+        pairs[i][0].recv(64)
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        made.append(fd)
+        poller.close_later(fd)
+        open_during.append(all(_is_open(f) for f in made))
+        if len(made) == 2:
+            done.set()
+        return True
+
+    _park_all_ready(poller, pairs[:2])
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run, answer)
+            await done.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    poller.close()
+    assert open_during == [True, True]
+    assert not any(_is_open(fd) for fd in made)
+
+
+async def test_false_takes_the_connection_out_and_unpark_mid_round_skips_it(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    poller: Poller[int] = Poller()
+    seen: list[int] = []
+
+    def answer(i: int) -> bool:
+        seen.append(i)
+        pairs[i][0].recv(64)
+        for other in (0, 1, 2):
+            if other != i:
+                poller.unpark(pairs[other][0].fileno())  # whoever is first wins
+        return False
+
+    _park_all_ready(poller, pairs)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run, answer)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 1
+    assert len(poller) == 0
+    # Out of the set: more data does not call answer again.
+    pairs[seen[0]][1].send(b"y")
+    poller.close()
+
+
+async def test_connections_that_stay_ready_do_not_starve_the_loop(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """answer() that never drains: the poller still yields after each budget."""
+    poller: Poller[int] = Poller()
+    calls = 0
+    calls_at_tick = 0
+    ticks = 0
+
+    def answer(i: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls - calls_at_tick > 10 * ROUND_BUDGET:
+            raise AssertionError("the poller did not let the other task run")
+        return True  # reads nothing: stays readable forever
+
+    _park_all_ready(poller, pairs)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run, answer)
+            for _ in range(20):
+                await trio.lowlevel.checkpoint()
+                ticks += 1
+                calls_at_tick = calls
+            nursery.cancel_scope.cancel()
+    poller.close()
+    assert ticks == 20
+    assert calls >= 20 * ROUND_BUDGET // 2  # it went on answering meanwhile
+
+
+def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:
+    poller: Poller[int] = Poller()
+    try:
+        assert poller._epoll.fileno() >= LONG_LIVED_BASE
+    finally:
+        poller.close()
