@@ -1,19 +1,25 @@
 # The poller on real socketpairs: one datagram per ready connection per round,
 # the round's fds closed at its end, owners taken out mid-round skipped, and
-# the rest of the loop kept running while connections stay ready.
+# the rest of the loop kept running while connections stay ready; and the
+# server's hand-over of a request to a connection's task.
 from __future__ import annotations
 
 import fcntl
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 import trio.testing
 
-from shadowd.fds import LONG_LIVED_BASE
+from shadowd.copier import Flight
+from shadowd.fds import LONG_LIVED_BASE, scm_rights
+from shadowd.memfd import _proc_fd_dir
 from shadowd.poller import ROUND_BUDGET, Poller
+from shadowd.server import Server, ServerConfig, _OpenLater, count_open_fds
 
 
 @pytest.fixture
@@ -166,3 +172,62 @@ def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:
         assert poller._epoll.fileno() >= LONG_LIVED_BASE
     finally:
         poller.close()
+
+
+async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) -> bytes:
+    """The poller hands a miss to its connection's task, around a shutdown.
+
+    Returns what the client got before the connection closed; checks that
+    the flight was left, and that the daemon side leaked no fd.
+    """
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(3000))
+    _proc_fd_dir()  # opened once per process, on first use: not ours to count
+    before = count_open_fds()
+    server = Server(ServerConfig(socket_path=""))
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(str(tmp_path / "s.sock"))
+    lsock.listen()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    raw.setblocking(False)
+    client = trio.socket.from_stdlib_socket(raw)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, lsock)
+            await client.connect(str(tmp_path / "s.sock"))
+            await client.send(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
+            assert msgpack.unpackb(await client.recv(4096))["ok"]
+            src = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+            # Sent without a checkpoint: the poller task cannot take it first.
+            raw.sendmsg([msgpack.packb({"op": "open", "id": 1})], scm_rights([src]))
+            os.close(src)
+            (conn,) = server._connections
+            if shutdown_first:
+                server.shutdown()
+            # What the poller does in a round, synchronously.
+            assert server._answer_ready(conn) is False
+            job = conn.job
+            assert isinstance(job, _OpenLater) and isinstance(job.outcome, Flight)
+            flight = job.outcome
+            if not shutdown_first:
+                server.shutdown()
+        got = await client.recv(4096)
+        if got:
+            assert await client.recv(4096) == b""
+    assert flight.waiters == 0 and flight.result is None
+    client.close()
+    lsock.close()
+    assert count_open_fds() == before
+    return got
+
+
+async def test_request_handed_over_before_shutdown_is_answered(tmp_path: Path) -> None:
+    reply = msgpack.unpackb(await _handed_over_around_shutdown(tmp_path, shutdown_first=False))
+    assert reply["id"] == 1 and reply["ok"], reply
+
+
+async def test_request_handed_over_after_shutdown_is_dropped_leaking_nothing(
+    tmp_path: Path,
+) -> None:
+    """The task was cancelled before the poller's round: the fd is closed, the flight left."""
+    assert await _handed_over_around_shutdown(tmp_path, shutdown_first=True) == b""
