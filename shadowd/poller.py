@@ -54,10 +54,6 @@ class Poller(Generic[T]):
                 first.close()
         self._owners: dict[int, T] = {}
         self._closing: list[int] = []
-        #: Rounds answered, and datagrams in them (for stats: how much a
-        #: wake-up carries).
-        self.rounds = 0
-        self.answered = 0
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -93,25 +89,33 @@ class Poller(Generic[T]):
         owners = self._owners
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
+            if len(owners) == 1:
+                # A lone connection: the set can only be ready for it, and
+                # asking the kernel which would cost an epoll_wait a request.
+                self._round(answer, list(owners))
+                continue
             budget = ROUND_BUDGET
             while budget > 0:
                 events = epoll.poll(0, MAX_EVENTS)
                 if not events:
                     break
-                try:
-                    for fd, _mask in events:
-                        owner = owners.get(fd)
-                        # None: taken out earlier in this round.
-                        if owner is not None and not answer(owner):
-                            self.unpark(fd)
-                finally:
-                    if self._closing:
-                        close_all(self._closing)
-                        self._closing.clear()
-                self.rounds += 1
-                self.answered += len(events)
+                self._round(answer, [fd for fd, _mask in events])
                 budget -= len(events)
                 if len(events) == 1:
                     # A lone request-reply client: its next request cannot be
                     # here yet, and asking would cost an epoll_wait per hit.
                     break
+
+    def _round(self, answer: Callable[[T], bool], fds: list[int]) -> None:
+        """One datagram for each of *fds*; then the fds the answers used are closed."""
+        owners = self._owners
+        try:
+            for fd in fds:
+                owner = owners.get(fd)
+                # None: taken out earlier in this round.
+                if owner is not None and not answer(owner):
+                    self.unpark(fd)
+        finally:
+            if self._closing:
+                close_all(self._closing)
+                self._closing.clear()

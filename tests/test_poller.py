@@ -79,6 +79,35 @@ async def test_each_ready_connection_gets_one_datagram_per_round(
     assert order[3:] == ["a1", "a2", "a3", "a4"]
 
 
+async def test_a_lone_connection_is_answered_datagram_by_datagram(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """With one connection parked the poller answers it without asking epoll which."""
+    poller: Poller[int] = Poller()
+    got: list[bytes] = []
+    done = trio.Event()
+    ours, theirs = pairs[0]
+
+    def answer(i: int) -> bool:
+        got.append(ours.recv(64))
+        if len(got) == 3:
+            done.set()
+        return True
+
+    poller.park(ours.fileno(), 0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run, answer)
+            for i in range(3):
+                theirs.send(b"%d" % i)
+                await trio.sleep(0.01)
+            await done.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    poller.close()
+    assert got == [b"0", b"1", b"2"]  # and answer() was never called with nothing to read
+
+
 async def test_fds_given_to_close_later_live_through_the_round_then_close(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
