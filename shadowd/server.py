@@ -103,6 +103,11 @@ class ServerConfig:
     max_inflight: int = 32
     shutdown_grace: float = 10.0
     top_files: int = 10
+    #: Seconds for which the costly parts of stats (the fd count, resident
+    #: memory, the top files: milliseconds of the loop's time with thousands
+    #: of entries) are reused, so that asking for stats in a loop cannot keep
+    #: the loop from answering hits.
+    stats_refresh: float = 1.0
     #: Descriptors the service manager keeps for warm restarts (its
     #: FileDescriptorStoreMax=); 0 keeps none.
     fd_store_max: int = 0
@@ -195,6 +200,17 @@ class Connection:
     #: Set by the poller, with :attr:`job`, when the task must take over.
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     job: Job | None = None
+
+
+@attrs.frozen
+class _CostlyStats:
+    """The parts of stats that take a scan (of fds, of entries) to compute."""
+
+    at: float
+    open_fds: int
+    rss_bytes: int
+    top_by_hits: tuple[TopEntry, ...]
+    top_by_bytes: tuple[TopEntry, ...]
 
 
 @attrs.frozen
@@ -292,6 +308,7 @@ class Server:
         self._view = memoryview(self._buf)
         self._ancsize = socket.CMSG_SPACE(config.wire.max_fds * 4)
         self._max_inflight = config.max_inflight
+        self._costly_stats: _CostlyStats | None = None
         self._started = time.monotonic()
         self._draining = False
         self._accept_scope = trio.CancelScope()
@@ -1115,12 +1132,8 @@ class Server:
     def stats(self) -> Stats:
         cache = self.cache
         limits = self.config.cache
-        n = self.config.top_files
         store = self.fd_store
-
-        def top(by: str) -> tuple[TopEntry, ...]:
-            return tuple(cache.top(n, by=by))
-
+        costly = self._costly()
         return Stats(
             server=f"shadowd/{__version__}",
             uptime_seconds=round(time.monotonic() - self._started, 3),
@@ -1129,7 +1142,7 @@ class Server:
             entries=len(cache),
             bytes=cache.bytes,
             memory_bytes=cache.memory_bytes,
-            rss_bytes=resident_bytes(),
+            rss_bytes=costly.rss_bytes,
             evictions=cache.evictions,
             invalidations=cache.invalidations,
             uncached=self.uncached,
@@ -1145,10 +1158,10 @@ class Server:
             private_misses=cache.private.misses,
             private_entries=cache.private.entries,
             private_bytes=cache.private.bytes,
-            open_fds=count_open_fds(),
+            open_fds=costly.open_fds,
             fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            top_by_hits=top("hits"),
-            top_by_bytes=top("bytes"),
+            top_by_hits=costly.top_by_hits,
+            top_by_bytes=costly.top_by_bytes,
             refused_by_code=dict(self.refused_by_code),
             fdstore_entries=store.entries if store is not None else 0,
             fdstore_max=store.max_entries if store is not None else 0,
@@ -1162,6 +1175,21 @@ class Server:
             limits=self._limits,
             limit_hits=dict(self.gate.hits),
         )
+
+    def _costly(self) -> _CostlyStats:
+        """The costly parts of stats: computed at most once per ``stats_refresh``."""
+        now = time.monotonic()
+        costly = self._costly_stats
+        if costly is None or now - costly.at >= self.config.stats_refresh:
+            n = self.config.top_files
+            costly = self._costly_stats = _CostlyStats(
+                at=now,
+                open_fds=count_open_fds(),
+                rss_bytes=resident_bytes(),
+                top_by_hits=tuple(self.cache.top(n, by="hits")),
+                top_by_bytes=tuple(self.cache.top(n, by="bytes")),
+            )
+        return costly
 
 
 def _close_holders(holders: Sequence[FdHolder]) -> None:

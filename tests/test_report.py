@@ -158,6 +158,33 @@ def test_status_line_is_one_line() -> None:
     server.cache.clear()
 
 
+@pytest.mark.parametrize("refresh", [3600.0, 0.0])
+def test_costly_stats_are_reused_within_the_refresh_interval(refresh: float) -> None:
+    """The fd count and the top files (scans) are not redone on every stats request.
+
+    The counters stay live either way.
+    """
+    server = Server(ServerConfig(socket_path="", stats_refresh=refresh))
+    f = sealed_from_bytes(b"x" * 3000)
+    server.cache.insert(HostKey(1, 1), (3000, 1, 1), f, label="/lib/a.so", ctime_ns=1)
+    f.release()
+    first = server.stats()
+    assert first.top_by_hits == ()
+    server.cache.lookup(HostKey(1, 1), (3000, 1, 1))
+    extra = os.open("/dev/null", os.O_RDONLY)
+    try:
+        second = server.stats()
+    finally:
+        os.close(extra)
+        server.cache.clear()
+    assert second.hits == first.hits + 1
+    if refresh:
+        assert second.top_by_hits == () and second.open_fds == first.open_fds
+    else:
+        assert second.top_by_hits == (TopEntry("/lib/a.so", 1, 3000),)
+        assert second.open_fds == first.open_fds + 1
+
+
 # -- logging ------------------------------------------------------------------
 
 
