@@ -536,12 +536,15 @@ class Server:
         if n == 0 and not fds and not flags & _MSG_TRUNC:
             return self._hand_over(conn, GONE)  # orderly shutdown by the peer
         try:
-            event = conn.proto.receive(
-                self._view[:n],
-                fds,
-                data_truncated=bool(flags & _MSG_TRUNC),
-                fds_truncated=bool(flags & _MSG_CTRUNC),
-            )
+            if flags:
+                event = conn.proto.receive(
+                    self._view[:n],
+                    fds,
+                    data_truncated=bool(flags & _MSG_TRUNC),
+                    fds_truncated=bool(flags & _MSG_CTRUNC),
+                )
+            else:  # the usual case, without the keywords' cost
+                event = conn.proto.receive(self._view[:n], fds)
         except ProtocolError as exc:
             return self._hand_over(conn, _Malformed(exc, fds, flags))
         except BaseException:

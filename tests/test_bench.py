@@ -83,3 +83,22 @@ async def test_bench_table_and_bad_flags() -> None:
         bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))
     assert bad.returncode == 2 and "--procs" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_hit_path_benchmark_runs_and_answers_every_request_as_a_hit() -> None:
+    """benchmarks/hit_path.py drives the server's internals: it must keep working."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    with trio.fail_after(60):
+        proc = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, str(REPO / "benchmarks" / "hit_path.py"), "140"],
+                capture_output=True,
+                text=True,
+                timeout=50,
+                env=env,
+                check=False,
+            )
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "the daemon's hit path (Server._answer_datagram):" in proc.stdout
+    assert "statx (ctypes)" in proc.stdout
