@@ -167,11 +167,11 @@ class _Received:
 
 
 @attrs.frozen
-class _OpenLater:
-    """An `open` the cache could not answer at once: what _serve_now said."""
+class _Refused:
+    """An `open` refused (or failed by a bug of ours): the reply must wait its turn."""
 
     event: Open
-    outcome: Flight | _Throttled | Exception | None
+    exc: Exception
 
 
 @attrs.frozen
@@ -183,7 +183,15 @@ class _SendLater:
     served: int
 
 
-Job = _Gone | _Bug | _Malformed | _Received | _OpenLater | _SendLater
+@attrs.frozen
+class _SendBatchLater:
+    """A batch answered at once whose reply did not fit in the socket."""
+
+    id: int
+    results: list[Served | Refusal | None]
+
+
+Job = _Gone | _Bug | _Malformed | _Received | _Refused | _SendLater | _SendBatchLater
 
 
 @attrs.define(eq=False)
@@ -552,20 +560,27 @@ class Server:
             raise
         if type(event) is Open:
             return self._answer_open(conn, event)
+        if type(event) is OpenBatch:
+            return self._answer_batch(conn, event, fds)
         return self._hand_over(conn, _Received(event, fds))
 
     def _answer_open(self, conn: Connection, event: Open) -> bool:
-        """The hot path: a hit is answered here, with no coroutine and no await."""
+        """The hot path: a hit is answered here, with no coroutine and no await.
+
+        A miss starts its wait in the connection's nursery, from here too;
+        only a refusal (its reply must be sent in turn) goes to the task.
+        """
         fd = event.fd
         try:
             outcome = self._serve_now(fd, event.label, conn.share)
         except Exception as exc:  # a refusal, or a bug: the task answers either
-            return self._hand_over(conn, _OpenLater(event, exc))
+            return self._hand_over(conn, _Refused(event, exc))
         except BaseException:
             os.close(fd)
             raise
         if type(outcome) is not tuple:
-            return self._hand_over(conn, _OpenLater(event, outcome))  # type: ignore[arg-type]
+            self._open_deferred(conn, event, outcome)  # type: ignore[arg-type]
+            return True
         served = outcome[0]
         try:
             reply = conn.proto.send_opened(event.id, outcome[1], True)
@@ -584,6 +599,35 @@ class Server:
             raise
         return self._hand_over(conn, _SendLater(event, reply, served))
 
+    def _answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
+        """A batch: every item served now or deferred, the reply sent now if all were."""
+        holders = [FdHolder(fd) for fd in fds]
+        try:
+            results = self._batch_now(conn, event, holders)
+        finally:
+            for h in holders:  # the ones a deferred item did not take
+                if not h.closed:
+                    self._poller.close_later(h.detach())
+        if results is None:
+            return True  # deferred: the reply goes when the last item is in
+        served = [r.fd for r in results if isinstance(r, Served)]
+        try:
+            data, out = conn.proto.send(BatchOpened(id=event.id, results=_batch_items(results)))
+            if not conn.send_lock.locked():
+                conn.sock.sendmsg([data], scm_rights(out), _SEND_FLAGS)
+                for h in served:
+                    self._poller.close_later(h.detach())
+                return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            _close_holders(served)
+            return self._hand_over(conn, GONE)
+        except BaseException:
+            _close_holders(served)
+            raise
+        return self._hand_over(conn, _SendBatchLater(event.id, results))
+
     # -- the connection's task: what had to wait -------------------------
 
     async def _answer(self, conn: Connection, job: Job) -> bool:
@@ -594,8 +638,16 @@ class Server:
             finally:
                 close_pair(job.event.fd, job.served)
             return True
-        if isinstance(job, _OpenLater):
-            return await self._open_later(conn, job.event, job.outcome)
+        if isinstance(job, _SendBatchLater):
+            await self._send_batch(conn, job.id, job.results)
+            return True
+        if isinstance(job, _Refused):
+            os.close(job.event.fd)
+            if isinstance(job.exc, RequestError):
+                await self._refuse(conn, job.event.id, job.exc)
+            else:
+                await self._internal_error(conn, job.event.id, job.exc)
+            return True
         if isinstance(job, _Received):
             holders = [FdHolder(fd) for fd in job.fds]
             event = job.event
@@ -620,30 +672,17 @@ class Server:
             raise job.exc
         return False  # GONE
 
-    async def _open_later(
-        self, conn: Connection, event: Open, outcome: Flight | _Throttled | Exception | None
-    ) -> bool:
-        if isinstance(outcome, Exception):
-            os.close(event.fd)
-            if isinstance(outcome, RequestError):
-                await self._refuse(conn, event.id, outcome)
-            else:
-                await self._internal_error(conn, event.id, outcome)
-            return True
-        await self._on_open_later(conn, event, outcome)
-        return True
-
     def _drop_job(self, conn: Connection, job: Job) -> None:
         """Get rid of a job its task never answered (it was cancelled first)."""
         fds: list[int] = []
         if isinstance(job, (_Malformed, _Received)):
             fds = job.fds
-        elif isinstance(job, _OpenLater):
+        elif isinstance(job, _Refused):
             fds = [job.event.fd]
-            if isinstance(job.outcome, Flight):
-                job.outcome.leave()
         elif isinstance(job, _SendLater):
             fds = [job.event.fd, job.served]
+        elif isinstance(job, _SendBatchLater):
+            fds = [r.fd.detach() for r in job.results if isinstance(r, Served)]
         self._discard(fds, conn.share)
 
     def _refused_fds(self, conn: Connection, fds: list[int], flags: int) -> None:
@@ -683,9 +722,7 @@ class Server:
         return st is not None and self.mounts.is_local(st.dev)
 
     async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
-        if isinstance(event, OpenBatch):
-            await self._on_open_batch(conn, event, holders)
-        elif isinstance(event, Lookup):
+        if isinstance(event, Lookup):
             await self._on_lookup(conn, event)
         elif isinstance(event, Publish):
             await self._on_publish(conn, event, holders[0])
@@ -794,7 +831,7 @@ class Server:
                 "copy it locally",
             )
 
-    async def _on_open_later(
+    def _open_deferred(
         self, conn: Connection, event: Open, outcome: Flight | _Throttled | None
     ) -> None:
         """A miss (wait for its flight), a copy that waits for the quota, or an untrusted fd."""
@@ -861,9 +898,14 @@ class Server:
             return await self._await_flight(outcome)
         return Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
 
-    async def _on_open_batch(
+    def _batch_now(
         self, conn: Connection, event: OpenBatch, holders: list[FdHolder]
-    ) -> None:
+    ) -> list[Served | Refusal | None] | None:
+        """Serve every item that can be now; None when some must wait (then deferred).
+
+        An item that must wait detaches the holder it needs; the caller
+        closes the rest.
+        """
         labels = event.labels or (None,) * len(holders)
         results: list[Served | Refusal | None] = [None] * len(holders)
         later: list[tuple[int, Pending]] = []
@@ -883,9 +925,9 @@ class Server:
             else:
                 later.append((i, Waiting(FdHolder(src.detach()))))
         if not later:
-            await self._send_batch(conn, event.id, results)
-            return
+            return results
         self._start_deferred(conn, event.id, self._finish_batch, event, results, later, labels)
+        return None
 
     async def _finish_batch(
         self,
@@ -914,19 +956,10 @@ class Server:
     async def _send_batch(
         self, conn: Connection, id: int, results: list[Served | Refusal | None]
     ) -> None:
-        items: list[OpenedItem | Refusal] = []
-        served = [r for r in results if isinstance(r, Served)]
         try:
-            for r in results:
-                if isinstance(r, Served):
-                    items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
-                elif isinstance(r, Refusal):
-                    items.append(r)
-                else:  # pragma: no cover - every slot is filled before sending
-                    items.append(Refusal(code=ErrorCode.INTERNAL, message="no result"))
-            await self._send(conn, BatchOpened(id=id, results=tuple(items)))
+            await self._send(conn, BatchOpened(id=id, results=_batch_items(results)))
         finally:
-            _close_holders([s.fd for s in served])
+            _close_holders([r.fd for r in results if isinstance(r, Served)])
 
     def _start_deferred(
         self, conn: Connection, id: int, fn: Callable[..., Awaitable[None]], *args: object
@@ -1193,6 +1226,19 @@ class Server:
                 top_by_bytes=tuple(self.cache.top(n, by="bytes")),
             )
         return costly
+
+
+def _batch_items(results: list[Served | Refusal | None]) -> tuple[OpenedItem | Refusal, ...]:
+    """The items of a batch reply, in order (every slot is filled before sending)."""
+    items: list[OpenedItem | Refusal] = []
+    for r in results:
+        if isinstance(r, Served):
+            items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
+        elif isinstance(r, Refusal):
+            items.append(r)
+        else:  # pragma: no cover - every slot is filled before sending
+            items.append(Refusal(code=ErrorCode.INTERNAL, message="no result"))
+    return tuple(items)
 
 
 def _close_holders(holders: Sequence[FdHolder]) -> None:

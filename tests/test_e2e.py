@@ -404,8 +404,9 @@ async def test_16_clients_at_once(daemon: Daemon, tmp_path: Path) -> None:
     assert s["copies"] == 30  # one copy per file, however many clients raced
 
 
+@pytest.mark.parametrize("op", ["open", "open_batch"])
 async def test_pipelining_client_that_stops_reading_holds_up_nobody(
-    daemon: Daemon, tmp_path: Path
+    daemon: Daemon, tmp_path: Path, op: str
 ) -> None:
     """One connection queues hits until its socket is full and reads nothing.
 
@@ -431,8 +432,9 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
             # of its replies, so it holds one and reads nothing more.
             idle = 0
             while idle < 20:
+                request: dict[str, Any] = {"op": op, "id": sent + 1}
                 try:
-                    flood.send({"op": "open", "id": sent + 1}, [src])
+                    flood.send(request, [src] if op == "open" else [src, src])
                     sent += 1
                     idle = 0
                 except BlockingIOError:
@@ -452,9 +454,10 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
             got = set()
             for _ in range(sent):
                 reply, fds = await call(flood.recv)
-                assert reply["ok"] and len(fds) == 1, reply
-                assert os.pread(fds[0], len(data) + 1, 0) == data
-                os.close(fds[0])
+                assert reply["ok"] and len(fds) == (1 if op == "open" else 2), reply
+                for fd in fds:
+                    assert os.pread(fd, len(data) + 1, 0) == data
+                    os.close(fd)
                 got.add(reply["id"])
             assert got == set(range(1, sent + 1))
             flood.sock.close()

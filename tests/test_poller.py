@@ -15,11 +15,10 @@ import pytest
 import trio
 import trio.testing
 
-from shadowd.copier import Flight
 from shadowd.fds import LONG_LIVED_BASE, scm_rights
 from shadowd.memfd import _proc_fd_dir
 from shadowd.poller import ROUND_BUDGET, Poller
-from shadowd.server import Server, ServerConfig, _OpenLater, count_open_fds
+from shadowd.server import Server, ServerConfig, _Refused, count_open_fds
 
 
 @pytest.fixture
@@ -204,10 +203,10 @@ def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:
 
 
 async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) -> bytes:
-    """The poller hands a miss to its connection's task, around a shutdown.
+    """The poller hands a refused open to its connection's task, around a shutdown.
 
-    Returns what the client got before the connection closed; checks that
-    the flight was left, and that the daemon side leaked no fd.
+    Returns what the client got before the connection closed, and checks
+    that the daemon side leaked no fd.
     """
     f = tmp_path / "lib.so"
     f.write_bytes(os.urandom(3000))
@@ -226,7 +225,8 @@ async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) 
             await client.connect(str(tmp_path / "s.sock"))
             await client.send(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
             assert msgpack.unpackb(await client.recv(4096))["ok"]
-            src = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+            # Write-only: no proof of reading, so the open is refused.
+            src = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
             # Sent without a checkpoint: the poller task cannot take it first.
             raw.sendmsg([msgpack.packb({"op": "open", "id": 1})], scm_rights([src]))
             os.close(src)
@@ -235,15 +235,12 @@ async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) 
                 server.shutdown()
             # What the poller does in a round, synchronously.
             assert server._answer_ready(conn) is False
-            job = conn.job
-            assert isinstance(job, _OpenLater) and isinstance(job.outcome, Flight)
-            flight = job.outcome
+            assert isinstance(conn.job, _Refused)
             if not shutdown_first:
                 server.shutdown()
         got = await client.recv(4096)
         if got:
             assert await client.recv(4096) == b""
-    assert flight.waiters == 0 and flight.result is None
     client.close()
     lsock.close()
     assert count_open_fds() == before
@@ -252,11 +249,11 @@ async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) 
 
 async def test_request_handed_over_before_shutdown_is_answered(tmp_path: Path) -> None:
     reply = msgpack.unpackb(await _handed_over_around_shutdown(tmp_path, shutdown_first=False))
-    assert reply["id"] == 1 and reply["ok"], reply
+    assert reply["id"] == 1 and reply["code"] == "not-readable", reply
 
 
 async def test_request_handed_over_after_shutdown_is_dropped_leaking_nothing(
     tmp_path: Path,
 ) -> None:
-    """The task was cancelled before the poller's round: the fd is closed, the flight left."""
+    """The task was cancelled before the poller's round: the fd is closed, nothing sent."""
     assert await _handed_over_around_shutdown(tmp_path, shutdown_first=True) == b""
