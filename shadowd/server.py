@@ -168,30 +168,26 @@ class _Received:
 
 @attrs.frozen
 class _Refused:
-    """An `open` refused (or failed by a bug of ours): the reply must wait its turn."""
+    """A request refused (or failed by a bug of ours): the reply must wait its turn."""
 
-    event: Open
+    id: int
     exc: Exception
+    #: The client's fd that came with it, closed first.
+    fd: int | None
 
 
 @attrs.frozen
 class _SendLater:
-    """A hit whose reply did not fit in the socket (or others queue before it)."""
+    """A reply made at once that did not fit in the socket (or others queue before it)."""
 
-    event: Open
     reply: bytes
-    served: int
+    #: Sent with the reply.
+    fds: tuple[int, ...]
+    #: Closed once it is sent (or dropped): the served fds and the client's.
+    owned: tuple[int, ...]
 
 
-@attrs.frozen
-class _SendBatchLater:
-    """A batch answered at once whose reply did not fit in the socket."""
-
-    id: int
-    results: list[Served | Refusal | None]
-
-
-Job = _Gone | _Bug | _Malformed | _Received | _Refused | _SendLater | _SendBatchLater
+Job = _Gone | _Bug | _Malformed | _Received | _Refused | _SendLater
 
 
 @attrs.define(eq=False)
@@ -562,6 +558,8 @@ class Server:
             return self._answer_open(conn, event)
         if type(event) is OpenBatch:
             return self._answer_batch(conn, event, fds)
+        if type(event) is Lookup:  # it carries no fds: the protocol saw to that
+            return self._answer_lookup(conn, event)
         return self._hand_over(conn, _Received(event, fds))
 
     def _answer_open(self, conn: Connection, event: Open) -> bool:
@@ -574,7 +572,7 @@ class Server:
         try:
             outcome = self._serve_now(fd, event.label, conn.share)
         except Exception as exc:  # a refusal, or a bug: the task answers either
-            return self._hand_over(conn, _Refused(event, exc))
+            return self._hand_over(conn, _Refused(event.id, exc, fd))
         except BaseException:
             os.close(fd)
             raise
@@ -584,20 +582,10 @@ class Server:
         served = outcome[0]
         try:
             reply = conn.proto.send_opened(event.id, outcome[1], True)
-            if not conn.send_lock.locked():  # else replies queue: keep their order
-                conn.sock.sendmsg([reply], scm_rights((served,)), _SEND_FLAGS)
-                self._poller.close_later(fd)
-                self._poller.close_later(served)
-                return True
-        except BlockingIOError:
-            pass
-        except OSError:
-            close_pair(fd, served)
-            return self._hand_over(conn, GONE)
         except BaseException:
             close_pair(fd, served)
             raise
-        return self._hand_over(conn, _SendLater(event, reply, served))
+        return self._reply_now(conn, reply, (served,), (fd, served))
 
     def _answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
         """A batch: every item served now or deferred, the reply sent now if all were."""
@@ -613,20 +601,55 @@ class Server:
         served = [r.fd for r in results if isinstance(r, Served)]
         try:
             data, out = conn.proto.send(BatchOpened(id=event.id, results=_batch_items(results)))
-            if not conn.send_lock.locked():
-                conn.sock.sendmsg([data], scm_rights(out), _SEND_FLAGS)
-                for h in served:
-                    self._poller.close_later(h.detach())
+        except BaseException:
+            _close_holders(served)
+            raise
+        for holder in served:
+            holder.detach()  # now in *out*
+        return self._reply_now(conn, data, tuple(out), tuple(out))
+
+    def _answer_lookup(self, conn: Connection, event: Lookup) -> bool:
+        """A private file of this uid and namespace, or a miss: answered at once."""
+        entry = self.cache.lookup(
+            private_key(conn.peer.uid, event), event.key.version, private=True
+        )
+        if entry is None:
+            data, _ = conn.proto.send(LookupMiss(id=event.id))
+            return self._reply_now(conn, data, (), ())
+        try:
+            served = entry.file.share()
+        except OSError as exc:
+            error = request_error_from_os(exc, "cannot open a served descriptor")
+            return self._hand_over(conn, _Refused(event.id, error, None))
+        try:
+            data = conn.proto.send_opened(event.id, entry.size, True)
+        except BaseException:
+            os.close(served)
+            raise
+        return self._reply_now(conn, data, (served,), (served,))
+
+    def _reply_now(
+        self, conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
+    ) -> bool:
+        """Send a reply made at once, or hand it to the task when it must wait its turn.
+
+        The *owned* fds are closed at the end of the round once it is sent.
+        """
+        try:
+            if not conn.send_lock.locked():  # else replies queue: keep their order
+                conn.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+                for fd in owned:
+                    self._poller.close_later(fd)
                 return True
         except BlockingIOError:
             pass
         except OSError:
-            _close_holders(served)
+            close_all(owned)
             return self._hand_over(conn, GONE)
         except BaseException:
-            _close_holders(served)
+            close_all(owned)
             raise
-        return self._hand_over(conn, _SendBatchLater(event.id, results))
+        return self._hand_over(conn, _SendLater(data, fds, owned))
 
     # -- the connection's task: what had to wait -------------------------
 
@@ -634,19 +657,17 @@ class Server:
         """Answer what the poller handed over; False when the connection must end."""
         if isinstance(job, _SendLater):
             try:
-                await self._send_bytes(conn, job.reply, (job.served,))
+                await self._send_bytes(conn, job.reply, job.fds)
             finally:
-                close_pair(job.event.fd, job.served)
-            return True
-        if isinstance(job, _SendBatchLater):
-            await self._send_batch(conn, job.id, job.results)
+                close_all(job.owned)
             return True
         if isinstance(job, _Refused):
-            os.close(job.event.fd)
+            if job.fd is not None:
+                os.close(job.fd)
             if isinstance(job.exc, RequestError):
-                await self._refuse(conn, job.event.id, job.exc)
+                await self._refuse(conn, job.id, job.exc)
             else:
-                await self._internal_error(conn, job.event.id, job.exc)
+                await self._internal_error(conn, job.id, job.exc)
             return True
         if isinstance(job, _Received):
             holders = [FdHolder(fd) for fd in job.fds]
@@ -678,11 +699,9 @@ class Server:
         if isinstance(job, (_Malformed, _Received)):
             fds = job.fds
         elif isinstance(job, _Refused):
-            fds = [job.event.fd]
+            fds = [] if job.fd is None else [job.fd]
         elif isinstance(job, _SendLater):
-            fds = [job.event.fd, job.served]
-        elif isinstance(job, _SendBatchLater):
-            fds = [r.fd.detach() for r in job.results if isinstance(r, Served)]
+            fds = list(job.owned)
         self._discard(fds, conn.share)
 
     def _refused_fds(self, conn: Connection, fds: list[int], flags: int) -> None:
@@ -722,9 +741,7 @@ class Server:
         return st is not None and self.mounts.is_local(st.dev)
 
     async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
-        if isinstance(event, Lookup):
-            await self._on_lookup(conn, event)
-        elif isinstance(event, Publish):
+        if isinstance(event, Publish):
             await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
             await self._send(conn, StatsReply(id=event.id, stats=self.stats().to_wire()))
@@ -909,21 +926,32 @@ class Server:
         labels = event.labels or (None,) * len(holders)
         results: list[Served | Refusal | None] = [None] * len(holders)
         later: list[tuple[int, Pending]] = []
-        for i, src in enumerate(holders):
-            try:
-                outcome = self._serve_now(src.fd, labels[i], conn.share)
-            except RequestError as exc:
-                self._count_refusal(conn.peer, exc.code, exc.message)
-                results[i] = Refusal(code=exc.code, message=exc.message)
-                continue
-            if type(outcome) is tuple:
-                results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
-            elif outcome is None:
-                later.append((i, FdHolder(src.detach())))  # a worker closes it
-            elif isinstance(outcome, Flight):
-                later.append((i, outcome))
-            else:
-                later.append((i, Waiting(FdHolder(src.detach()))))
+        try:
+            for i, src in enumerate(holders):
+                try:
+                    outcome = self._serve_now(src.fd, labels[i], conn.share)
+                except RequestError as exc:
+                    self._count_refusal(conn.peer, exc.code, exc.message)
+                    results[i] = Refusal(code=exc.code, message=exc.message)
+                    continue
+                if type(outcome) is tuple:
+                    results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
+                elif outcome is None:
+                    later.append((i, FdHolder(src.detach())))  # a worker closes it
+                elif isinstance(outcome, Flight):
+                    later.append((i, outcome))
+                else:
+                    later.append((i, Waiting(FdHolder(src.detach()))))
+        except BaseException:
+            # A bug of ours part way: give back what the items before it took.
+            _close_holders([r.fd for r in results if isinstance(r, Served)])
+            for _, pending in later:
+                if isinstance(pending, Flight):
+                    pending.leave()
+                else:
+                    holder = pending if isinstance(pending, FdHolder) else pending.holder
+                    self._discard([holder.detach()], conn.share)
+            raise
         if not later:
             return results
         self._start_deferred(conn, event.id, self._finish_batch, event, results, later, labels)
@@ -1019,17 +1047,6 @@ class Server:
         return await self._served(outcome)
 
     # -- private files ---------------------------------------------------
-
-    async def _on_lookup(self, conn: Connection, event: Lookup) -> None:
-        """A private file of this uid and namespace, or a miss."""
-        key = private_key(conn.peer.uid, event)
-        entry = self.cache.lookup(key, event.key.version, private=True)
-        if entry is None:
-            await self._send(conn, LookupMiss(id=event.id))
-            return
-        with refusing_os_errors("cannot open a served descriptor"):
-            fd = entry.file.share()
-        await self._send_served(conn, event.id, Served(fd=FdHolder(fd), size=entry.size, hit=True))
 
     async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
         """Take a published file: seal it in place, or copy it in a worker."""
