@@ -81,6 +81,9 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+# recvmsg hands MSG_CMSG_CLOEXEC back in the flags; only these two matter.
+_TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
+_INTERNAL_MESSAGE = "internal error in shadowd; see its log"
 # Datagrams read and dropped from a peer that is turned away.
 _DRAIN_AT_REFUSAL = 8
 
@@ -528,6 +531,10 @@ class Server:
         return False
 
     def _answer_datagram(self, conn: Connection) -> bool:
+        if self._draining:
+            # A round that was due as shutdown() ran: read nothing more, as
+            # a connection's own task would not have either.
+            return True
         if conn.inflight >= self._max_inflight:
             return self._hand_over(conn, None)  # its task waits for a slot
         try:
@@ -540,7 +547,7 @@ class Server:
         if n == 0 and not fds and not flags & _MSG_TRUNC:
             return self._hand_over(conn, GONE)  # orderly shutdown by the peer
         try:
-            if flags:
+            if flags & _TRUNCATED:
                 event = conn.proto.receive(
                     self._view[:n],
                     fds,
@@ -695,8 +702,14 @@ class Server:
 
     def _drop_job(self, conn: Connection, job: Job) -> None:
         """Get rid of a job its task never answered (it was cancelled first)."""
+        if isinstance(job, _Malformed):
+            self._refused_fds(conn, job.fds, job.flags)
+            return
+        if isinstance(job, _Bug):
+            self._log_internal_error(conn, None, job.exc)
+            return
         fds: list[int] = []
-        if isinstance(job, (_Malformed, _Received)):
+        if isinstance(job, _Received):
             fds = job.fds
         elif isinstance(job, _Refused):
             fds = [] if job.fd is None else [job.fd]
@@ -760,15 +773,18 @@ class Server:
         self, conn: Connection, id: int, exc: BaseException | None = None
     ) -> None:
         """Answer a request that hit a bug of ours (*exc*, or the one being handled); log it."""
+        self._log_internal_error(conn, id, exc)
+        await self._refuse(conn, id, RequestError(ErrorCode.INTERNAL, _INTERNAL_MESSAGE))
+
+    def _log_internal_error(
+        self, conn: Connection, id: int | None, exc: BaseException | None
+    ) -> None:
         self.internal_errors += 1
         logger.error(
-            "internal error answering request %d of pid %d",
-            id,
+            "internal error answering request %s of pid %d",
+            "?" if id is None else id,
             conn.peer.pid,
             exc_info=exc if exc is not None else True,
-        )
-        await self._refuse(
-            conn, id, RequestError(ErrorCode.INTERNAL, "internal error in shadowd; see its log")
         )
 
     # -- open ------------------------------------------------------------
@@ -933,6 +949,10 @@ class Server:
                 except RequestError as exc:
                     self._count_refusal(conn.peer, exc.code, exc.message)
                     results[i] = Refusal(code=exc.code, message=exc.message)
+                    continue
+                except Exception as exc:  # a bug of ours: this item fails, not the batch
+                    self._log_internal_error(conn, event.id, exc)
+                    results[i] = Refusal(code=ErrorCode.INTERNAL, message=_INTERNAL_MESSAGE)
                     continue
                 if type(outcome) is tuple:
                     results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)

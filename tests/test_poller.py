@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from shadowd.fds import LONG_LIVED_BASE, scm_rights
+from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import _proc_fd_dir
 from shadowd.poller import ROUND_BUDGET, Poller
 from shadowd.server import Server, ServerConfig, _Refused, count_open_fds
@@ -202,45 +202,66 @@ def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:
         poller.close()
 
 
-async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) -> bytes:
-    """The poller hands a refused open to its connection's task, around a shutdown.
+async def _serve_and_greet(
+    nursery: trio.Nursery, server: Server, client: trio.socket.SocketType, path: Path
+) -> socket.socket:
+    """Serve on a new listening socket at *path*, connect *client*, say hello.
 
-    Returns what the client got before the connection closed, and checks
-    that the daemon side leaked no fd.
+    Returns the listening socket, for the caller to close once serving ended.
+    """
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(str(path))
+    lsock.listen()
+    await nursery.start(server.serve, lsock)
+    await client.connect(str(path))
+    await client.send(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
+    assert msgpack.unpackb(await client.recv(4096))["ok"]
+    return lsock
+
+
+async def _handed_over_around_a_stop(tmp_path: Path, *, stop: str) -> bytes:
+    """The poller's round reads a refused open, with the server stopping around it.
+
+    *stop* is "after" (shutdown once the job is handed over), "shutdown" (a
+    round that was due as shutdown() ran) or "cancel" (the server's scope
+    cancelled without a shutdown, then the round). Returns what the client
+    got before the connection closed, and checks that no fd leaked.
     """
     f = tmp_path / "lib.so"
     f.write_bytes(os.urandom(3000))
     _proc_fd_dir()  # opened once per process, on first use: not ours to count
     before = count_open_fds()
     server = Server(ServerConfig(socket_path=""))
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    lsock.bind(str(tmp_path / "s.sock"))
-    lsock.listen()
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     raw.setblocking(False)
     client = trio.socket.from_stdlib_socket(raw)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, lsock)
-            await client.connect(str(tmp_path / "s.sock"))
-            await client.send(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
-            assert msgpack.unpackb(await client.recv(4096))["ok"]
+            lsock = await _serve_and_greet(nursery, server, client, tmp_path / "s.sock")
             # Write-only: no proof of reading, so the open is refused.
             src = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
             # Sent without a checkpoint: the poller task cannot take it first.
             raw.sendmsg([msgpack.packb({"op": "open", "id": 1})], scm_rights([src]))
             os.close(src)
             (conn,) = server._connections
-            if shutdown_first:
+            if stop == "shutdown":
                 server.shutdown()
+            elif stop == "cancel":
+                nursery.cancel_scope.cancel()
             # What the poller does in a round, synchronously.
-            assert server._answer_ready(conn) is False
-            assert isinstance(conn.job, _Refused)
-            if not shutdown_first:
+            answered = server._answer_ready(conn)
+            if stop == "shutdown":
+                assert answered is True and conn.job is None  # nothing read
+            else:
+                assert answered is False and isinstance(conn.job, _Refused)
+            if stop == "after":
                 server.shutdown()
-        got = await client.recv(4096)
-        if got:
-            assert await client.recv(4096) == b""
+        try:
+            got = await client.recv(4096)
+            if got:
+                assert await client.recv(4096) == b""
+        except ConnectionResetError:  # closed with our request unread
+            got = b""
     client.close()
     lsock.close()
     assert count_open_fds() == before
@@ -248,12 +269,67 @@ async def _handed_over_around_shutdown(tmp_path: Path, *, shutdown_first: bool) 
 
 
 async def test_request_handed_over_before_shutdown_is_answered(tmp_path: Path) -> None:
-    reply = msgpack.unpackb(await _handed_over_around_shutdown(tmp_path, shutdown_first=False))
+    reply = msgpack.unpackb(await _handed_over_around_a_stop(tmp_path, stop="after"))
     assert reply["id"] == 1 and reply["code"] == "not-readable", reply
 
 
-async def test_request_handed_over_after_shutdown_is_dropped_leaking_nothing(
+async def test_no_request_is_read_once_shutdown_began(tmp_path: Path) -> None:
+    assert await _handed_over_around_a_stop(tmp_path, stop="shutdown") == b""
+
+
+async def test_request_handed_over_to_a_cancelled_task_is_dropped_leaking_nothing(
     tmp_path: Path,
 ) -> None:
     """The task was cancelled before the poller's round: the fd is closed, nothing sent."""
-    assert await _handed_over_around_shutdown(tmp_path, shutdown_first=True) == b""
+    assert await _handed_over_around_a_stop(tmp_path, stop="cancel") == b""
+
+
+async def test_a_bug_on_one_batch_item_fails_that_item_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [tmp_path / f"lib{i}.so" for i in range(3)]
+    for f in files:
+        f.write_bytes(os.urandom(2000))
+    _proc_fd_dir()
+    before = count_open_fds()
+    server = Server(ServerConfig(socket_path=""))
+    serve_now = server._serve_now
+    calls = 0
+
+    def buggy(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug of ours")
+        return serve_now(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "_serve_now", buggy)
+    client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srcs = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+    lsock = None
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                lsock = await _serve_and_greet(nursery, server, client, tmp_path / "s.sock")
+                batch = msgpack.packb({"op": "open_batch", "id": 1})
+                await client.sendmsg([batch], scm_rights(srcs))
+                data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(16))
+                served = fds_from_ancdata(anc)
+                reply = msgpack.unpackb(data)
+                close_all(served)
+                items = reply["results"]
+                assert [item["ok"] for item in items] == [True, False, True], reply
+                assert items[1]["code"] == "internal" and len(served) == 2
+                assert server.internal_errors == 1
+                # The connection goes on.
+                await client.sendmsg([msgpack.packb({"op": "open", "id": 2})], scm_rights(srcs[:1]))
+                data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
+                close_all(fds_from_ancdata(anc))
+                assert msgpack.unpackb(data)["ok"]
+                server.shutdown()
+    finally:
+        close_all(srcs)
+        client.close()
+        if lsock is not None:
+            lsock.close()
+    assert count_open_fds() == before
