@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "--max-inflight",
             32,
-            "most slow requests (misses) in flight on one connection before the daemon stops "
-            "reading from it",
+            "most requests waiting on one connection (misses, and replies waiting for room "
+            "in its socket) before the daemon stops reading from it",
         ),
     ):
         serve.add_argument(

@@ -3,10 +3,11 @@
 # One trio thread owns the cache. Connections waiting for a request are parked
 # in the poller (poller.py), which answers a hit right there, without any
 # await between lookup and reply (recvmsg, statx, fcntl, open of
-# /proc/self/fd/N, sendmsg; the round's fds closed together at its end).
-# Anything else is handed to the connection's own task: a miss becomes a
-# flight copied in a worker thread, and the connection goes on reading
-# meanwhile.
+# /proc/self/fd/N, sendmsg; the round's fds closed together at its end). What
+# must wait goes on in the connection's nursery, counted in flight: a miss
+# becomes a flight copied in a worker thread, a reply that does not fit waits
+# for room, and the connection goes on reading meanwhile. The rare requests
+# (hello, stats, publish) are handed to the connection's own task.
 #
 # Must never: await between a cache lookup and the use of what it returned;
 # leave a received fd unclosed on any path (errors, truncation, disconnects,
@@ -84,8 +85,10 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # recvmsg hands MSG_CMSG_CLOEXEC back in the flags; only these two matter.
 _TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
 _INTERNAL_MESSAGE = "internal error in shadowd; see its log"
-# Datagrams read and dropped from a peer that is turned away.
+# Datagrams read and dropped from a peer that is turned away, and from a
+# connection that ends with requests unread (say, at shutdown).
 _DRAIN_AT_REFUSAL = 8
+_DRAIN_AT_CLOSE = 1024
 
 
 @attrs.frozen
@@ -169,28 +172,7 @@ class _Received:
     fds: list[int]
 
 
-@attrs.frozen
-class _Refused:
-    """A request refused (or failed by a bug of ours): the reply must wait its turn."""
-
-    id: int
-    exc: Exception
-    #: The client's fd that came with it, closed first.
-    fd: int | None
-
-
-@attrs.frozen
-class _SendLater:
-    """A reply made at once that did not fit in the socket (or others queue before it)."""
-
-    reply: bytes
-    #: Sent with the reply.
-    fds: tuple[int, ...]
-    #: Closed once it is sent (or dropped): the served fds and the client's.
-    owned: tuple[int, ...]
-
-
-Job = _Gone | _Bug | _Malformed | _Received | _Refused | _SendLater
+Job = _Gone | _Bug | _Malformed | _Received
 
 
 @attrs.define(eq=False)
@@ -444,15 +426,7 @@ class Server:
             sock.sendmsg([data], [], _SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
-        # Drop what it sent already (a hello, say): closing with unread data
-        # makes its next read fail with ECONNRESET before it sees our answer.
-        # recv without room for control data: the kernel drops any fds itself.
-        for _ in range(_DRAIN_AT_REFUSAL):
-            try:
-                if not sock.recv(1):
-                    break
-            except OSError:
-                break
+        _drop_unread(sock, _DRAIN_AT_REFUSAL)
         sock.close()
 
     # -- one connection --------------------------------------------------
@@ -484,6 +458,7 @@ class Server:
                 conn.job = None
             self._connections.discard(conn)
             self.gate.leave(share)
+            _drop_unread(sock, _DRAIN_AT_CLOSE)
             sock.close()
             logger.debug("client gone: pid %d", peer.pid)
 
@@ -572,14 +547,16 @@ class Server:
     def _answer_open(self, conn: Connection, event: Open) -> bool:
         """The hot path: a hit is answered here, with no coroutine and no await.
 
-        A miss starts its wait in the connection's nursery, from here too;
-        only a refusal (its reply must be sent in turn) goes to the task.
+        A miss starts its wait in the connection's nursery, from here too,
+        as does a refusal (its reply is sent in turn).
         """
         fd = event.fd
         try:
             outcome = self._serve_now(fd, event.label, conn.share)
-        except Exception as exc:  # a refusal, or a bug: the task answers either
-            return self._hand_over(conn, _Refused(event.id, exc, fd))
+        except Exception as exc:  # a refusal, or a bug of ours
+            self._discard([fd], conn.share)
+            self._refuse_later(conn, event.id, exc)
+            return True
         except BaseException:
             os.close(fd)
             raise
@@ -592,7 +569,7 @@ class Server:
         except BaseException:
             close_pair(fd, served)
             raise
-        return self._reply_now(conn, reply, (served,), (fd, served))
+        return self._reply_now(conn, event.id, reply, (served,), (fd, served))
 
     def _answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
         """A batch: every item served now or deferred, the reply sent now if all were."""
@@ -613,34 +590,36 @@ class Server:
             raise
         for holder in served:
             holder.detach()  # now in *out*
-        return self._reply_now(conn, data, tuple(out), tuple(out))
+        return self._reply_now(conn, event.id, data, tuple(out), tuple(out))
 
     def _answer_lookup(self, conn: Connection, event: Lookup) -> bool:
         """A private file of this uid and namespace, or a miss: answered at once."""
-        entry = self.cache.lookup(
-            private_key(conn.peer.uid, event), event.key.version, private=True
-        )
-        if entry is None:
-            data, _ = conn.proto.send(LookupMiss(id=event.id))
-            return self._reply_now(conn, data, (), ())
         try:
-            served = entry.file.share()
-        except OSError as exc:
-            error = request_error_from_os(exc, "cannot open a served descriptor")
-            return self._hand_over(conn, _Refused(event.id, error, None))
+            entry = self.cache.lookup(
+                private_key(conn.peer.uid, event), event.key.version, private=True
+            )
+            if entry is None:
+                data, _ = conn.proto.send(LookupMiss(id=event.id))
+                return self._reply_now(conn, event.id, data, (), ())
+            with refusing_os_errors("cannot open a served descriptor"):
+                served = entry.file.share()
+        except Exception as exc:  # a refusal, or a bug of ours
+            self._refuse_later(conn, event.id, exc)
+            return True
         try:
             data = conn.proto.send_opened(event.id, entry.size, True)
         except BaseException:
             os.close(served)
             raise
-        return self._reply_now(conn, data, (served,), (served,))
+        return self._reply_now(conn, event.id, data, (served,), (served,))
 
     def _reply_now(
-        self, conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
+        self, conn: Connection, id: int, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
     ) -> bool:
-        """Send a reply made at once, or hand it to the task when it must wait its turn.
+        """Send the reply to request *id* now, or from the connection's nursery in turn.
 
-        The *owned* fds are closed at the end of the round once it is sent.
+        The *owned* fds (those sent among them) are closed once it is sent:
+        at the end of the round, or by the task that sends it later.
         """
         try:
             if not conn.send_lock.locked():  # else replies queue: keep their order
@@ -656,26 +635,37 @@ class Server:
         except BaseException:
             close_all(owned)
             raise
-        return self._hand_over(conn, _SendLater(data, fds, owned))
+        try:
+            # Counted in flight: a client that does not read its replies
+            # meets --max-inflight, then the daemon stops reading it.
+            self._start_deferred(conn, id, self._send_later, data, fds, owned)
+        except BaseException:
+            close_all(owned)
+            raise
+        return True
+
+    def _refuse_later(self, conn: Connection, id: int, exc: Exception) -> None:
+        """Refuse request *id* from the connection's nursery: the reply is sent in turn."""
+        self._start_deferred(conn, id, self._send_refusal, id, exc)
+
+    async def _send_later(
+        self, conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
+    ) -> None:
+        try:
+            await self._send_bytes(conn, data, fds)
+        finally:
+            close_all(owned)
+
+    async def _send_refusal(self, conn: Connection, id: int, exc: Exception) -> None:
+        if isinstance(exc, RequestError):
+            await self._refuse(conn, id, exc)
+        else:
+            await self._internal_error(conn, id, exc)
 
     # -- the connection's task: what had to wait -------------------------
 
     async def _answer(self, conn: Connection, job: Job) -> bool:
         """Answer what the poller handed over; False when the connection must end."""
-        if isinstance(job, _SendLater):
-            try:
-                await self._send_bytes(conn, job.reply, job.fds)
-            finally:
-                close_all(job.owned)
-            return True
-        if isinstance(job, _Refused):
-            if job.fd is not None:
-                os.close(job.fd)
-            if isinstance(job.exc, RequestError):
-                await self._refuse(conn, job.id, job.exc)
-            else:
-                await self._internal_error(conn, job.id, job.exc)
-            return True
         if isinstance(job, _Received):
             holders = [FdHolder(fd) for fd in job.fds]
             event = job.event
@@ -708,14 +698,8 @@ class Server:
         if isinstance(job, _Bug):
             self._log_internal_error(conn, None, job.exc)
             return
-        fds: list[int] = []
         if isinstance(job, _Received):
-            fds = job.fds
-        elif isinstance(job, _Refused):
-            fds = [] if job.fd is None else [job.fd]
-        elif isinstance(job, _SendLater):
-            fds = list(job.owned)
-        self._discard(fds, conn.share)
+            self._discard(job.fds, conn.share)
 
     def _refused_fds(self, conn: Connection, fds: list[int], flags: int) -> None:
         """Account for and get rid of the fds of a datagram the protocol refused."""
@@ -1013,7 +997,6 @@ class Server:
         self, conn: Connection, id: int, fn: Callable[..., Awaitable[None]], *args: object
     ) -> None:
         """Run *fn* for request *id* in the connection's nursery, counted in flight."""
-        conn.inflight += 1
 
         async def run() -> None:
             try:
@@ -1031,6 +1014,7 @@ class Server:
 
         assert conn.nursery is not None
         conn.nursery.start_soon(run)
+        conn.inflight += 1  # once it is sure to run (and to count itself out)
 
     async def _await_flight(self, flight: Flight) -> Served:
         fd, sealed = await flight.wait()
@@ -1263,6 +1247,21 @@ class Server:
                 top_by_bytes=tuple(self.cache.top(n, by="bytes")),
             )
         return costly
+
+
+def _drop_unread(sock: socket.socket, limit: int) -> None:
+    """Read and drop up to *limit* datagrams the peer sent that we will not answer.
+
+    Closing with unread data makes the peer's next read fail with
+    ECONNRESET before it sees the replies already queued for it. A recv
+    without room for control data: the kernel drops any fds itself.
+    """
+    for _ in range(limit):
+        try:
+            if not sock.recv(1, socket.MSG_DONTWAIT):
+                break
+        except OSError:
+            break
 
 
 def _batch_items(results: list[Served | Refusal | None]) -> tuple[OpenedItem | Refusal, ...]:

@@ -9,16 +9,18 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 import trio
 import trio.testing
 
+from shadowd.cache import CacheLimits
 from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import _proc_fd_dir
 from shadowd.poller import ROUND_BUDGET, Poller
-from shadowd.server import Server, ServerConfig, _Refused, count_open_fds
+from shadowd.server import Server, ServerConfig, _Received, count_open_fds
 
 
 @pytest.fixture
@@ -219,30 +221,32 @@ async def _serve_and_greet(
     return lsock
 
 
-async def _handed_over_around_a_stop(tmp_path: Path, *, stop: str) -> bytes:
-    """The poller's round reads a refused open, with the server stopping around it.
+async def _handed_over_around_a_stop(tmp_path: Path, *, stop: str) -> list[Any]:
+    """The poller's round reads a publish (handed to the connection's task), around a stop.
 
     *stop* is "after" (shutdown once the job is handed over), "shutdown" (a
     round that was due as shutdown() ran) or "cancel" (the server's scope
-    cancelled without a shutdown, then the round). Returns what the client
-    got before the connection closed, and checks that no fd leaked.
+    cancelled without a shutdown, then the round). Returns the replies the
+    client got before the connection closed (their fds closed), and checks
+    that no fd leaked.
     """
-    f = tmp_path / "lib.so"
-    f.write_bytes(os.urandom(3000))
     _proc_fd_dir()  # opened once per process, on first use: not ours to count
     before = count_open_fds()
     server = Server(ServerConfig(socket_path=""))
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     raw.setblocking(False)
     client = trio.socket.from_stdlib_socket(raw)
+    replies: list[Any] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             lsock = await _serve_and_greet(nursery, server, client, tmp_path / "s.sock")
-            # Write-only: no proof of reading, so the open is refused.
-            src = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
+            memfd = os.memfd_create("published", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.write(memfd, b"private bytes")
+            key = {"ino": 1, "size": 13, "mtime_ns": 1, "ctime_ns": 1}
+            publish = {"op": "publish", "id": 1, "namespace": "ns", "key": key}
             # Sent without a checkpoint: the poller task cannot take it first.
-            raw.sendmsg([msgpack.packb({"op": "open", "id": 1})], scm_rights([src]))
-            os.close(src)
+            raw.sendmsg([msgpack.packb(publish)], scm_rights([memfd]))
+            os.close(memfd)
             (conn,) = server._connections
             if stop == "shutdown":
                 server.shutdown()
@@ -253,35 +257,39 @@ async def _handed_over_around_a_stop(tmp_path: Path, *, stop: str) -> bytes:
             if stop == "shutdown":
                 assert answered is True and conn.job is None  # nothing read
             else:
-                assert answered is False and isinstance(conn.job, _Refused)
+                assert answered is False and isinstance(conn.job, _Received)
             if stop == "after":
                 server.shutdown()
         try:
-            got = await client.recv(4096)
-            if got:
-                assert await client.recv(4096) == b""
+            while True:
+                data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
+                close_all(fds_from_ancdata(anc))
+                if not data:
+                    break
+                replies.append(msgpack.unpackb(data))
         except ConnectionResetError:  # closed with our request unread
-            got = b""
+            pass
     client.close()
     lsock.close()
+    server.cache.clear()
     assert count_open_fds() == before
-    return got
+    return replies
 
 
 async def test_request_handed_over_before_shutdown_is_answered(tmp_path: Path) -> None:
-    reply = msgpack.unpackb(await _handed_over_around_a_stop(tmp_path, stop="after"))
-    assert reply["id"] == 1 and reply["code"] == "not-readable", reply
+    (reply,) = await _handed_over_around_a_stop(tmp_path, stop="after")
+    assert reply["id"] == 1 and reply["ok"], reply
 
 
 async def test_no_request_is_read_once_shutdown_began(tmp_path: Path) -> None:
-    assert await _handed_over_around_a_stop(tmp_path, stop="shutdown") == b""
+    assert await _handed_over_around_a_stop(tmp_path, stop="shutdown") == []
 
 
 async def test_request_handed_over_to_a_cancelled_task_is_dropped_leaking_nothing(
     tmp_path: Path,
 ) -> None:
     """The task was cancelled before the poller's round: the fd is closed, nothing sent."""
-    assert await _handed_over_around_a_stop(tmp_path, stop="cancel") == b""
+    assert await _handed_over_around_a_stop(tmp_path, stop="cancel") == []
 
 
 async def test_a_bug_on_one_batch_item_fails_that_item_only(
@@ -332,4 +340,53 @@ async def test_a_bug_on_one_batch_item_fails_that_item_only(
         client.close()
         if lsock is not None:
             lsock.close()
+    assert count_open_fds() == before
+
+
+async def test_replies_waiting_for_room_are_still_sent_after_shutdown(tmp_path: Path) -> None:
+    """A client stops reading; its replies wait; shutdown comes; it reads: nothing is lost."""
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(3000))
+    _proc_fd_dir()
+    before = count_open_fds()
+    server = Server(ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0)))
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client = trio.socket.from_stdlib_socket(raw)
+    src = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    got: set[int] = set()
+    sent = 0
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                lsock = await _serve_and_greet(nursery, server, client, tmp_path / "s.sock")
+                # Until the daemon stops reading us (max_inflight replies wait).
+                idle = 0
+                while idle < 10:
+                    try:
+                        raw.sendmsg([msgpack.packb({"op": "open", "id": sent})], scm_rights([src]))
+                        sent += 1
+                        idle = 0
+                    except BlockingIOError:
+                        idle += 1
+                        await trio.sleep(0.01)
+                assert sent > server.config.max_inflight
+                server.shutdown()
+                # Read what comes: every request the daemon read gets its reply.
+                while True:
+                    data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
+                    close_all(fds_from_ancdata(anc))
+                    if not data:
+                        break
+                    reply = msgpack.unpackb(data)
+                    assert reply["ok"], reply
+                    got.add(reply["id"])
+    finally:
+        os.close(src)
+        client.close()
+    lsock.close()
+    # Every request the daemon read was answered (the rest were never read:
+    # the daemon stopped reading at shutdown).
+    read = server.cache.hits + server.cache.misses
+    assert got == set(range(read)) and read > server.config.max_inflight, (sent, read)
+    server.cache.clear()
     assert count_open_fds() == before
