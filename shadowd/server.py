@@ -284,6 +284,7 @@ class Server:
         self.refused = 0
         self.refused_by_code: dict[str, int] = {}
         self._refusal_log = LogBudget()
+        self._internal_log = LogBudget()
         #: The warm-restart store, when the daemon runs with one.
         self.fd_store: FdStore | None = None
         self.uncached = 0
@@ -764,12 +765,16 @@ class Server:
         self, conn: Connection, id: int | None, exc: BaseException | None
     ) -> None:
         self.internal_errors += 1
-        logger.error(
-            "internal error answering request %s of pid %d",
-            "?" if id is None else id,
-            conn.peer.pid,
-            exc_info=exc if exc is not None else True,
-        )
+        # Rate-limited like refusals: input that trips a bug must not flood the log.
+        allowed, suppressed = self._internal_log.allow(time.monotonic())
+        if allowed:
+            logger.error(
+                "internal error answering request %s of pid %d%s",
+                "?" if id is None else id,
+                conn.peer.pid,
+                f" ({suppressed} more internal errors not logged)" if suppressed else "",
+                exc_info=exc if exc is not None else True,
+            )
 
     # -- open ------------------------------------------------------------
 
@@ -936,6 +941,7 @@ class Server:
                     continue
                 except Exception as exc:  # a bug of ours: this item fails, not the batch
                     self._log_internal_error(conn, event.id, exc)
+                    self._count_refusal(conn.peer, ErrorCode.INTERNAL, _INTERNAL_MESSAGE)
                     results[i] = Refusal(code=ErrorCode.INTERNAL, message=_INTERNAL_MESSAGE)
                     continue
                 if type(outcome) is tuple:

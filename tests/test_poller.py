@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ import pytest
 import trio
 import trio.testing
 
+from shadowd.access import Peer
 from shadowd.cache import CacheLimits
 from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import _proc_fd_dir
 from shadowd.poller import ROUND_BUDGET, Poller
-from shadowd.server import Server, ServerConfig, _Received, count_open_fds
+from shadowd.protocol import ServerConnection
+from shadowd.server import Connection, Server, ServerConfig, _Received, count_open_fds
 
 
 @pytest.fixture
@@ -329,6 +332,7 @@ async def test_a_bug_on_one_batch_item_fails_that_item_only(
                 assert [item["ok"] for item in items] == [True, False, True], reply
                 assert items[1]["code"] == "internal" and len(served) == 2
                 assert server.internal_errors == 1
+                assert server.refused_by_code == {"internal": 1}
                 # The connection goes on.
                 await client.sendmsg([msgpack.packb({"op": "open", "id": 2})], scm_rights(srcs[:1]))
                 data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
@@ -390,3 +394,25 @@ async def test_replies_waiting_for_room_are_still_sent_after_shutdown(tmp_path: 
     assert got == set(range(read)) and read > server.config.max_inflight, (sent, read)
     server.cache.clear()
     assert count_open_fds() == before
+
+
+def test_internal_errors_are_all_counted_but_logged_at_most_20_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Input that trips a bug (say, in every item of a batch) must not flood the log."""
+    server = Server(ServerConfig(socket_path=""))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        peer = Peer.from_socket(ours)
+        conn = Connection(
+            sock=ours, peer=peer, share=server.gate.admit(peer, ours), proto=ServerConnection()
+        )
+        with caplog.at_level(logging.ERROR, logger="shadowd.server"):
+            for i in range(50):
+                server._log_internal_error(conn, i, RuntimeError("a bug of ours"))
+    finally:
+        ours.close()
+        theirs.close()
+    assert server.internal_errors == 50
+    logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(logged) == 20
