@@ -290,7 +290,8 @@ class Server:
         self.uncached = 0
         self.internal_errors = 0
         self._connections: set[Connection] = set()
-        self._poller: Poller[Connection] = Poller()
+        # Made by serve(): a Server that never serves holds no epoll fd.
+        self._poller: Poller[Connection]
         self._poller_scope = trio.CancelScope()
         # One receive buffer for every parked connection: the poller reads
         # and parses a datagram before it reads the next.
@@ -338,6 +339,7 @@ class Server:
     ) -> None:
         """Serve on *listen_sock* (listening, non-blocking) until :meth:`shutdown`."""
         listen_sock.setblocking(False)
+        self._poller = Poller()
         try:
             with self._outer_scope:
                 async with trio.open_nursery() as nursery:

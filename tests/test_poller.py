@@ -416,3 +416,10 @@ def test_internal_errors_are_all_counted_but_logged_at_most_20_a_minute(
     assert server.internal_errors == 50
     logged = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(logged) == 20
+
+
+def test_a_server_that_never_serves_holds_no_fd() -> None:
+    before = count_open_fds()
+    server = Server(ServerConfig(socket_path=""))
+    assert count_open_fds() == before
+    assert server.stats().clients == 0
