@@ -134,7 +134,7 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
     try:
         copy_into(fd, src, expected.size)
         after = stat_sync(src)
-        if after != expected:
+        if not after.same_file_as(expected):
             raise SourceChanged("source changed during the copy")
         seal(fd, executable=expected.executable)
     except BaseException:

@@ -738,7 +738,7 @@ class Server:
             st = stat_nosync(fd)
         except RequestError:
             return False
-        return st is not None and self.mounts.is_local(st.dev)
+        return st is not None and self.mounts.is_local(st.dev, st.mnt)
 
     async def _dispatch(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
         if isinstance(event, Publish):
@@ -792,7 +792,7 @@ class Server:
         every case.
         """
         st = stat_nosync(fd)
-        if st is None or not self.mounts.is_local(st.dev):
+        if st is None or not self.mounts.is_local(st.dev, st.mnt):
             return None
         check_readable(fd)
         if not st.is_regular:

@@ -32,10 +32,13 @@ _AT_EMPTY_PATH = 0x1000
 _AT_STATX_DONT_SYNC = 0x4000
 # TYPE | MODE | MTIME | CTIME | INO | SIZE
 _STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x80 | 0x100 | 0x200
-_STATX_BASIC_STATS = 0x7FF
+# Linux 6.8+: a mount ID that is never reused while the system runs.
+_STATX_MNT_ID_UNIQUE = 0x4000
+_STATX_ASKED = 0x7FF | _STATX_MNT_ID_UNIQUE  # STATX_BASIC_STATS and the mount
 # struct statx: mask at 0, mode at 28, ino at 32, size at 40, ctime at 96,
-# mtime at 112, dev major/minor at 136 (include/uapi/linux/stat.h).
-_STATX_LAYOUT = struct.Struct("<I24xH2xQQ48xqI4xqI4x8xII")
+# mtime at 112, dev major/minor at 136, mnt_id at 144
+# (include/uapi/linux/stat.h).
+_STATX_LAYOUT = struct.Struct("<I24xH2xQQ48xqI4xqI4x8xIIQ")
 _STATX_SIZE = 256
 
 # Filesystems without a backing block device whose inspection and close never
@@ -56,6 +59,8 @@ class SourceStat(NamedTuple):
     size: int
     mtime_ns: int
     ctime_ns: int
+    #: The mount's unique ID (Linux 6.8+), 0 when the kernel gave none.
+    mnt: int = 0
 
     @property
     def is_regular(self) -> bool:
@@ -72,6 +77,10 @@ class SourceStat(NamedTuple):
     @property
     def version(self) -> tuple[int, int, int]:
         return (self.size, self.mtime_ns, self.ctime_ns)
+
+    def same_file_as(self, other: SourceStat) -> bool:
+        """The same identity, mode and version; the mount ID is left out (fstat has none)."""
+        return self[:6] == other[:6]
 
     @classmethod
     def from_stat_result(cls, st: os.stat_result) -> SourceStat:
@@ -95,7 +104,7 @@ def _load_statx() -> Callable[..., int] | None:
     # buffer, which ctypes passes right by default, and declaring them
     # doubles the cost of each call.
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    rc = fn(0, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf)
+    rc = fn(0, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf)
     if rc != 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL):
         return None
     return cast(Callable[..., int], fn)
@@ -122,11 +131,11 @@ def stat_nosync(fd: int) -> SourceStat | None:
     if _statx is None:
         return None
     buf = _statx_buffer()
-    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf) != 0:
+    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf) != 0:
         err = ctypes.get_errno()
         raise RequestError(ErrorCode.BAD_FDS, f"cannot stat the passed fd: {os.strerror(err)}")
-    mask, mode, ino, size, c_sec, c_nsec, m_sec, m_nsec, major, minor = _STATX_LAYOUT.unpack_from(
-        buf
+    (mask, mode, ino, size, c_sec, c_nsec, m_sec, m_nsec, major, minor, mnt) = (
+        _STATX_LAYOUT.unpack_from(buf)
     )
     if mask & _STATX_WANTED != _STATX_WANTED:
         return None
@@ -141,6 +150,7 @@ def stat_nosync(fd: int) -> SourceStat | None:
             size,
             m_sec * 1_000_000_000 + m_nsec,
             c_sec * 1_000_000_000 + c_nsec,
+            mnt if mask & _STATX_MNT_ID_UNIQUE else 0,
         ),
     )
 
@@ -205,24 +215,96 @@ def parse_mountinfo(text: str) -> dict[int, str]:
     return devs
 
 
+# Superblock magics (include/uapi/linux/magic.h) of the anonymous-device
+# filesystems in LOCAL_ANON_FSTYPES, and FUSE's, whose fuseblk variant sits
+# on a block device and may hang all the same.
+LOCAL_ANON_MAGICS = frozenset(
+    {
+        0x01021994,  # tmpfs
+        0x858458F6,  # ramfs
+        0x794C7630,  # overlay
+        0x9123683E,  # btrfs
+        0x958458F6,  # hugetlbfs
+    }
+)
+FUSE_MAGIC = 0x65735546
+_NR_STATMOUNT = 457  # the same on every architecture but alpha and mips
+_STATMOUNT_SB_BASIC = 0x1
+# struct mnt_id_req (version 0) and the head of struct statmount: size, mask,
+# sb_dev_major, sb_dev_minor, sb_magic (include/uapi/linux/mount.h).
+_MNT_ID_REQ = struct.Struct("<IIQQ")
+_STATMOUNT_HEAD = struct.Struct("<I4xQIIQ")
+_STATMOUNT_SIZE = 512
+#: Verdicts kept per unique mount ID; the table starts over when full, so
+#: a user who churns mounts cannot make it grow without bound.
+MAX_MOUNT_VERDICTS = 4096
+
+
+def _load_statmount() -> Callable[..., int] | None:
+    try:
+        return cast(Callable[..., int], ctypes.CDLL(None, use_errno=True).syscall)
+    except (OSError, AttributeError):
+        return None
+
+
+_syscall = _load_statmount()
+
+
+def statmount_magic(mnt: int) -> tuple[int, int] | None:
+    """(sb_dev_major, superblock magic) of the mount with unique ID *mnt*.
+
+    None when this kernel has no statmount (before 6.8). Raises OSError
+    for a mount this process cannot see (another mount namespace) or one
+    that is gone. Never waits on the filesystem: it reads the superblock
+    the kernel holds.
+    """
+    if _syscall is None:
+        return None
+    req = _MNT_ID_REQ.pack(_MNT_ID_REQ.size, 0, mnt, _STATMOUNT_SB_BASIC)
+    out = ctypes.create_string_buffer(_STATMOUNT_SIZE)
+    if _syscall(_NR_STATMOUNT, req, out, _STATMOUNT_SIZE, 0) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL):
+            return None
+        raise OSError(err, os.strerror(err))
+    _size, mask, major, _minor, magic = _STATMOUNT_HEAD.unpack_from(out)
+    if not mask & _STATMOUNT_SB_BASIC:
+        return None
+    return major, magic
+
+
 @attrs.define
 class MountTrust:
     """Which filesystems the event loop may inspect and close fds of.
 
-    Filesystems on a block device are local. Of the anonymous-device ones,
-    only the types in LOCAL_ANON_FSTYPES are, as seen in this process's
-    mount table; everything else (FUSE, NFS, CIFS, 9p, procfs, mounts of
-    other namespaces) goes to worker threads. The table is re-read when an
-    unknown device shows up and at least every ``ttl`` seconds, so a device
-    number freed by an unmount and reused by a new mount is re-classified.
+    Filesystems on a block device are local, but for fuseblk. Of the
+    anonymous-device ones, only the types in LOCAL_ANON_FSTYPES are;
+    everything else (FUSE, NFS, CIFS, 9p, procfs, mounts of other
+    namespaces) goes to worker threads.
+
+    On Linux 6.8+ a file's mount comes with a unique ID (statx) that is
+    never reused, and its superblock's magic (statmount) decides, once per
+    mount. Elsewhere this process's mount table decides by device number;
+    it is re-read when an unknown device shows up and at least every
+    ``ttl`` seconds, so a device number freed by an unmount and reused by a
+    new mount is re-classified within that time.
     """
 
     mountinfo_path: str = "/proc/self/mountinfo"
     ttl: float = 10.0
     _devs: dict[int, str] = attrs.field(factory=dict, init=False)
     _read_at: float = attrs.field(default=-1e9, init=False)
+    _mounts: dict[int, bool] = attrs.field(factory=dict, init=False)
+    _by_mount: bool = attrs.field(default=True, init=False)
 
-    def is_local(self, dev: int) -> bool:
+    def is_local(self, dev: int, mnt: int = 0) -> bool:
+        """Whether the loop may touch files of device *dev* on mount *mnt* (0: unknown)."""
+        if mnt and self._by_mount:
+            verdict = self._mounts.get(mnt)
+            if verdict is None:
+                verdict = self._classify_mount(mnt)
+            if verdict is not None:
+                return verdict
         if os.major(dev) != 0:
             return True
         now = time.monotonic()
@@ -233,6 +315,22 @@ class MountTrust:
             self.refresh(now)
             fstype = self._devs.get(dev)
         return fstype in LOCAL_ANON_FSTYPES
+
+    def _classify_mount(self, mnt: int) -> bool | None:
+        try:
+            found = statmount_magic(mnt)
+        except OSError:
+            verdict = False  # not in our mount namespace: workers handle it
+        else:
+            if found is None:
+                self._by_mount = False  # no statmount here: device numbers decide
+                return None
+            major, magic = found
+            verdict = magic != FUSE_MAGIC and (major != 0 or magic in LOCAL_ANON_MAGICS)
+        if len(self._mounts) >= MAX_MOUNT_VERDICTS:
+            self._mounts.clear()
+        self._mounts[mnt] = verdict
+        return verdict
 
     def refresh(self, now: float | None = None) -> None:
         self._read_at = time.monotonic() if now is None else now

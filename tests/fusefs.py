@@ -4,13 +4,17 @@
 # getattr, open, flush, release) is answered at once.
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import select
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 _IN = struct.Struct("<IIQQIIIHH")
 _OUT = struct.Struct("<IiQ")
@@ -124,3 +128,17 @@ class HangingFS:
         self._thread.join(timeout=5)
         os.close(self.fd)  # the last fd of the connection: the kernel aborts it
         self._libc.umount2(os.fsencode(self.mountpoint), 2)  # MNT_DETACH
+
+
+@contextlib.contextmanager
+def mounted(mountpoint: Path) -> Iterator[HangingFS]:
+    """A HangingFS on *mountpoint* (made here); the test is skipped where FUSE cannot mount."""
+    mountpoint.mkdir()
+    try:
+        fs = HangingFS(mountpoint)
+    except OSError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
+    try:
+        yield fs
+    finally:
+        fs.close()

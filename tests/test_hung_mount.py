@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from .conftest import NOBODY, Daemon, make_file, requires_root, run_as
-from .fusefs import HangingFS
+from .fusefs import HangingFS, mounted
 from .wire import Raw
 
 QUOTA = 2
@@ -31,16 +31,8 @@ with Client({path!r}, timeout=10) as c:
 
 @pytest.fixture
 def hanging_fs(shared_dir: Path) -> Any:
-    mnt = shared_dir / "fuse"
-    mnt.mkdir()
-    try:
-        fs = HangingFS(mnt)
-    except OSError as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
-    try:
+    with mounted(shared_dir / "fuse") as fs:
         yield fs
-    finally:
-        fs.close()
 
 
 @requires_root
