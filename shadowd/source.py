@@ -283,18 +283,22 @@ class MountTrust:
     namespaces) goes to worker threads.
 
     On Linux 6.8+ a file's mount comes with a unique ID (statx) that is
-    never reused, and its superblock's magic (statmount) decides, once per
-    mount. Elsewhere this process's mount table decides by device number;
-    it is re-read when an unknown device shows up and at least every
-    ``ttl`` seconds, so a device number freed by an unmount and reused by a
-    new mount is re-classified within that time.
+    never reused, and for a mount of this process's mount namespace its
+    superblock's magic (statmount) decides, once per mount. Otherwise (an
+    older kernel, a mount of another namespace) the device number decides,
+    with this process's mount table for anonymous devices; the table is
+    re-read when an unknown device shows up and at least every ``ttl``
+    seconds, so a device number freed by an unmount and reused by a new
+    mount is re-classified within that time.
     """
 
     mountinfo_path: str = "/proc/self/mountinfo"
     ttl: float = 10.0
     _devs: dict[int, str] = attrs.field(factory=dict, init=False)
     _read_at: float = attrs.field(default=-1e9, init=False)
-    _mounts: dict[int, bool] = attrs.field(factory=dict, init=False)
+    #: Per unique mount ID: 1 local, 0 not, -1 the device number decides
+    #: (a mount of another mount namespace, which statmount cannot see).
+    _mounts: dict[int, int] = attrs.field(factory=dict, init=False)
     _by_mount: bool = attrs.field(default=True, init=False)
 
     def is_local(self, dev: int, mnt: int = 0) -> bool:
@@ -303,8 +307,8 @@ class MountTrust:
             verdict = self._mounts.get(mnt)
             if verdict is None:
                 verdict = self._classify_mount(mnt)
-            if verdict is not None:
-                return verdict
+            if verdict >= 0:
+                return verdict == 1
         if os.major(dev) != 0:
             return True
         now = time.monotonic()
@@ -316,17 +320,22 @@ class MountTrust:
             fstype = self._devs.get(dev)
         return fstype in LOCAL_ANON_FSTYPES
 
-    def _classify_mount(self, mnt: int) -> bool | None:
+    def _classify_mount(self, mnt: int) -> int:
         try:
             found = statmount_magic(mnt)
         except OSError:
-            verdict = False  # not in our mount namespace: workers handle it
+            # Not in our mount namespace (a daemon with PrivateTmp= or
+            # ProtectSystem= has its own; a client may be in a container),
+            # or refused by a seccomp filter: the device number decides,
+            # as on kernels without unique mount IDs.
+            verdict = -1
         else:
             if found is None:
                 self._by_mount = False  # no statmount here: device numbers decide
-                return None
+                return -1
             major, magic = found
-            verdict = magic != FUSE_MAGIC and (major != 0 or magic in LOCAL_ANON_MAGICS)
+            local = magic != FUSE_MAGIC and (major != 0 or magic in LOCAL_ANON_MAGICS)
+            verdict = 1 if local else 0
         if len(self._mounts) >= MAX_MOUNT_VERDICTS:
             self._mounts.clear()
         self._mounts[mnt] = verdict

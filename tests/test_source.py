@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from shadowd.source import MountTrust, SourceStat, stat_nosync, statmount_magic
 
-from .conftest import requires_root
+from .conftest import REPO, requires_root
 from .fusefs import HangingFS, mounted
 
 
@@ -103,3 +105,32 @@ def test_a_tmpfs_mounted_here_is_local_by_its_mount_id(tmp_path: Path) -> None:
         assert MountTrust().is_local(st.dev, st.mnt)
     finally:
         libc.umount2(os.fsencode(mnt), 2)  # MNT_DETACH
+
+
+@requires_root
+def test_a_mount_of_another_namespace_falls_back_to_the_device_number(tmp_path: Path) -> None:
+    """The shipped unit gives the daemon its own mount namespace (PrivateTmp=...):
+    statmount cannot see the host's mounts there, and their files must stay local."""
+    f = tmp_path / "f"
+    f.write_bytes(b"host file")
+    code = f"""
+import ctypes, os
+from shadowd.source import MountTrust, stat_nosync
+fd = os.open({str(f)!r}, os.O_RDONLY)
+st = stat_nosync(fd)
+if ctypes.CDLL(None, use_errno=True).unshare(0x20000):  # CLONE_NEWNS
+    raise SystemExit("unshare: " + os.strerror(ctypes.get_errno()))
+print(MountTrust().is_local(st.dev, st.mnt), bool(st.mnt))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {proc.stderr.strip()}")
+    assert proc.stdout.split()[0] == "True", proc.stdout
