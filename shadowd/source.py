@@ -94,11 +94,17 @@ class SourceStat(NamedTuple):
         )
 
 
-def _load_statx() -> Callable[..., int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """*name* from the C library, errno kept for ctypes.get_errno; None if it has none."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.statx
+        return cast(Callable[..., int], getattr(ctypes.CDLL(None, use_errno=True), name))
     except (OSError, AttributeError):
+        return None
+
+
+def _load_statx() -> Callable[..., int] | None:
+    fn = _libc_function("statx")
+    if fn is None:
         return None
     # No argtypes on purpose: every argument is a small int, bytes or a
     # buffer, which ctypes passes right by default, and declaring them
@@ -107,7 +113,7 @@ def _load_statx() -> Callable[..., int] | None:
     rc = fn(0, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf)
     if rc != 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL):
         return None
-    return cast(Callable[..., int], fn)
+    return fn
 
 
 _statx = _load_statx()
@@ -240,14 +246,7 @@ _STATMOUNT_SIZE = 512
 MAX_MOUNT_VERDICTS = 4096
 
 
-def _load_statmount() -> Callable[..., int] | None:
-    try:
-        return cast(Callable[..., int], ctypes.CDLL(None, use_errno=True).syscall)
-    except (OSError, AttributeError):
-        return None
-
-
-_syscall = _load_statmount()
+_syscall = _libc_function("syscall")
 
 
 def statmount_magic(mnt: int) -> tuple[int, int] | None:
