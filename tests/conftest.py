@@ -20,6 +20,15 @@ import pytest
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
+#: PYTHONPATH for a subprocess that imports shadowd and shadowd_client from this tree.
+REPO_PATH = os.pathsep.join([str(REPO), str(REPO / "client")])
+
+
+def repo_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """*base* (default: our environment) with PYTHONPATH set to this tree."""
+    return dict(os.environ if base is None else base, PYTHONPATH=REPO_PATH)
+
+
 NOBODY = 65534
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
@@ -61,8 +70,7 @@ class Daemon:
         ]
 
     async def start(self, timeout: float = 15.0) -> None:
-        env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "client")])
+        env = repo_env(self.env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         command = self.command()
         if self.nofile is not None:

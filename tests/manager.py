@@ -6,7 +6,6 @@
 # daemon it starts. Everything is real: sockets, SCM_RIGHTS, the subprocess.
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import trio
 from shadowd.fds import close_all, fds_from_ancdata
 from shadowd.systemd import Notifier
 
-from .conftest import REPO
+from .conftest import repo_env
 
 # Run in the child between fork and the daemon: move the passed descriptors to
 # 3, 4, ... as systemd does, set the variables with our own pid (exec keeps
@@ -127,8 +126,7 @@ class ServiceManager:
         passed = [(SOCKET_NAME, self.listener.fileno())] if with_socket else []
         passed += [(name, fd) for name, fds in self.store.items() for fd in fds]
         passed += extra or []
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "client")])
+        env = repo_env()
         env["NOTIFY_SOCKET"] = str(self.notify_path)
         env["MANAGER_FDS"] = ",".join(str(fd) for _, fd in passed)
         env["MANAGER_NAMES"] = ":".join(name for name, _ in passed)

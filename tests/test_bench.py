@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import trio
 
-from .conftest import REPO
+from .conftest import REPO, repo_env
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    env = repo_env()
     return subprocess.run(
         [sys.executable, "-m", "shadowd", "bench", *args],
         capture_output=True,
@@ -87,7 +86,7 @@ async def test_bench_table_and_bad_flags() -> None:
 
 async def test_hit_path_benchmark_runs_and_answers_every_request_as_a_hit() -> None:
     """benchmarks/hit_path.py drives the server's internals: it must keep working."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    env = repo_env()
     with trio.fail_after(60):
         proc = await trio.to_thread.run_sync(
             lambda: subprocess.run(

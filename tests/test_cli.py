@@ -16,11 +16,11 @@ import trio
 from shadowd.cli import parse_size
 
 from . import promtext
-from .conftest import REPO, Daemon, make_file, settle
+from .conftest import Daemon, make_file, repo_env, settle
 
 
 def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    env = repo_env()
     return subprocess.run(
         [sys.executable, "-m", "shadowd", *args],
         capture_output=True,
@@ -185,7 +185,7 @@ def _watch(socket_path: Path, *, tty: bool) -> tuple[int, str]:
     import signal
     import time
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    env = repo_env()
     argv = [sys.executable, "-m", "shadowd", "stats", "--socket", str(socket_path)]
     argv += ["--watch", "0.2"]
     if tty:

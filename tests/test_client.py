@@ -194,12 +194,18 @@ async def test_opener_routes_by_size(daemon: Daemon, tmp_path: Path) -> None:
         await call(work)
 
 
-async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -> None:
-    """A fake daemon that answers with a plain, unsealed memfd."""
-    path = shared_dir / "fake.sock"
+def _fake_daemon_socket(path: Path) -> socket.socket:
+    """A listening SEQPACKET socket at *path*, for a stand-in daemon the test plays."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))
     listener.listen()
+    return listener
+
+
+async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -> None:
+    """A fake daemon that answers with a plain, unsealed memfd."""
+    path = shared_dir / "fake.sock"
+    listener = _fake_daemon_socket(path)
     f = make_file(tmp_path / "f", b"data")
 
     def fake_daemon() -> None:
@@ -258,9 +264,7 @@ async def test_client_times_out_on_a_silent_daemon(shared_dir: Path, tmp_path: P
     from shadowd_client import DaemonTimeout
 
     path = shared_dir / "silent.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen()
+    listener = _fake_daemon_socket(path)
     f = make_file(tmp_path / "f", b"x")
 
     def client_side() -> float:

@@ -23,7 +23,7 @@ from shadowd.cache import HostKey
 from shadowd.fdstore import StoredName
 from shadowd.memfd import REQUIRED_SEALS
 
-from .conftest import REPO, make_file, read_fd, settle
+from .conftest import REPO_PATH, make_file, read_fd, settle
 from .manager import SERVE, ServiceManager
 from .test_cli import run as run_shadowd
 
@@ -287,7 +287,7 @@ async def test_under_systemd_socket_activate(shared_dir: Path, tmp_path: Path) -
                 "-E",
                 f"NOTIFY_SOCKET=@{abstract}",
                 "-E",
-                "PYTHONPATH=" + os.pathsep.join([str(REPO), str(REPO / "client")]),
+                "PYTHONPATH=" + REPO_PATH,
                 *SERVE,
                 "--racy-window",
                 "0.05",

@@ -323,27 +323,15 @@ def test_stats_table_shows_limits_reached_and_refused_peers() -> None:
     from shadowd.report import format_table
     from shadowd.stats import Stats
 
-    counts = dict.fromkeys(
-        ["hits", "misses", "entries", "bytes", "evictions", "invalidations", "uncached"], 0
-    )
-    s = Stats(
-        server="shadowd/x",
-        uptime_seconds=1.0,
-        refused=3,
-        copies=0,
-        bytes_copied=0,
-        clients=1,
-        clients_total=4,
-        max_entries=10,
-        max_bytes=100,
-        max_file_size=10,
+    from .test_report import sample_stats
+
+    s = sample_stats(
         peers_refused=2,
         private_publishes=3,
         private_sealed_in_place=2,
         private_copied=1,
         limits={"max_clients": 3},
         limit_hits={"max_clients": 1},
-        **counts,
     )
     assert Stats.from_wire(s.to_wire()) == s
     table = format_table(s)

@@ -15,7 +15,7 @@ import pytest
 
 from shadowd.source import MountTrust, SourceStat, stat_nosync, statmount_magic
 
-from .conftest import REPO, requires_root
+from .conftest import repo_env, requires_root
 from .fusefs import HangingFS, mounted
 
 
@@ -122,7 +122,7 @@ if ctypes.CDLL(None, use_errno=True).unshare(0x20000):  # CLONE_NEWNS
     raise SystemExit("unshare: " + os.strerror(ctypes.get_errno()))
 print(MountTrust().is_local(st.dev, st.mnt), bool(st.mnt))
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+    env = repo_env()
     proc = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
