@@ -8,7 +8,8 @@ ARGS ?=
 
 .PHONY: run test lint typecheck pytest bench clean
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the hit path's C extension (shadowd/_hotcalls.c) in place.
+$(VENV)/.installed: pyproject.toml setup.py shadowd/_hotcalls.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@

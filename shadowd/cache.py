@@ -40,6 +40,14 @@ class Shareable(Protocol):
 
     def share(self) -> int: ...
 
+    # What the hit path reopens in one call (hotcalls.send_reopened):
+    # the daemon's own fd of the file, and its handle on /proc/self/fd.
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def dir_fd(self) -> int: ...
+
 
 @attrs.frozen
 class CacheLimits:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import trio
 
-from . import __version__, systemd
+from . import __version__, hotcalls, systemd
 from .cache import DropReason, Entry
 from .errors import ConfigError
 from .fds import close_all
@@ -175,7 +175,8 @@ async def run(
                 nursery.start_soon(_watch_signals, signals, server, notifier)
                 await nursery.start(serve)
                 logger.info(
-                    "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s)",
+                    "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s; "
+                    "hit path system calls in %s)",
                     __version__,
                     listener.path,
                     "" if listener.created else ", passed by the service manager",
@@ -183,6 +184,7 @@ async def run(
                     config.cache.max_bytes,
                     fd_limit,
                     f", fd store {config.fd_store_max}" if notifier is not None else "",
+                    hotcalls.DESCRIPTION,
                 )
                 if notifier is not None:
                     nursery.start_soon(notifier.run)

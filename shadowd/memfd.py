@@ -13,6 +13,7 @@ import os
 
 import attrs
 
+from . import hotcalls
 from .errors import SourceChanged
 from .fds import FdHolder, move_high
 from .source import SourceStat, stat_sync
@@ -159,7 +160,6 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
 
 
 _PROC_FD: dict[str, int] = {}
-_REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 
 def _proc_fd_dir() -> int:
@@ -175,6 +175,9 @@ def _proc_fd_dir() -> int:
     return fd
 
 
+_reopen = hotcalls.reopen
+
+
 @attrs.define(eq=False)
 class SealedFile:
     """A sealed memfd owned by the daemon, shared by the cache and copies in flight.
@@ -187,12 +190,11 @@ class SealedFile:
     size: int
     executable: bool
     refs: int = 1
-    _name: str = attrs.field(init=False)
-    _dir: int = attrs.field(init=False)
+    #: /proc/self/fd, for reopening (see hotcalls.send_reopened).
+    dir_fd: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._name = str(self.holder.fd)
-        self._dir = _proc_fd_dir()
+        self.dir_fd = _proc_fd_dir()
 
     @property
     def fd(self) -> int:
@@ -204,9 +206,10 @@ class SealedFile:
 
     def share(self) -> int:
         """A fresh read-only open of the memfd, for one client: the caller owns it."""
-        if self.holder.fd < 0:
+        fd = self.holder.fd
+        if fd < 0:
             raise ValueError("sealed file is closed")
-        return os.open(self._name, _REOPEN_FLAGS, dir_fd=self._dir)
+        return _reopen(self.dir_fd, fd)
 
     def retain(self) -> SealedFile:
         if self.refs <= 0:

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from . import __version__
+from . import __version__, hotcalls
 from .access import AccessPolicy, Gate, Peer, PeerLimits, UidShare
-from .cache import Admission, Cache, CacheLimits, HostKey, PrivateKey
+from .cache import Admission, Cache, CacheLimits, HostKey, PrivateKey, Shareable
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
-from .fds import FdHolder, close_all, close_pair, fds_from_ancdata, move_high, scm_rights
+from .fds import FdHolder, close_all, move_high, scm_rights
 from .memfd import SealedFile
 from .poller import Poller
 from .private import (
@@ -78,12 +78,14 @@ logger = logging.getLogger(__name__)
 _SOL_SOCKET = socket.SOL_SOCKET
 # Plain ints: socket.MSG_* are IntFlag members, and `int & IntFlag` goes
 # through enum machinery that costs a microsecond per request.
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # recvmsg hands MSG_CMSG_CLOEXEC back in the flags; only these two matter.
 _TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
+_recv = hotcalls.recv
+_send = hotcalls.send
+_send_reopened = hotcalls.send_reopened
 _INTERNAL_MESSAGE = "internal error in shadowd; see its log"
 # Datagrams read and dropped from a peer that is turned away, and from a
 # connection that ends with requests unread (say, at shutdown).
@@ -516,12 +518,11 @@ class Server:
         if conn.inflight >= self._max_inflight:
             return self._hand_over(conn, None)  # its task waits for a slot
         try:
-            n, ancdata, flags, _ = conn.sock.recvmsg_into([self._buf], self._ancsize, _RECV_FLAGS)
+            n, flags, fds = _recv(conn.sock, self._buf, self._ancsize)
         except BlockingIOError:
             return True
         except OSError:
             return self._hand_over(conn, GONE)
-        fds = fds_from_ancdata(ancdata)
         if n == 0 and not fds and not flags & _MSG_TRUNC:
             return self._hand_over(conn, GONE)  # orderly shutdown by the peer
         try:
@@ -566,13 +567,28 @@ class Server:
         if type(outcome) is not tuple:
             self._open_deferred(conn, event, outcome)  # type: ignore[arg-type]
             return True
-        served = outcome[0]
+        self._poller.close_later(fd)
+        file = outcome[0]
+        reply = conn.proto.send_opened(event.id, outcome[1], True)
+        if not conn.send_lock.locked():  # else replies queue: keep their order
+            try:
+                # The reopen, the send and the close of the new fd in one call.
+                err = _send_reopened(conn.sock, reply, file.dir_fd, file.fd)
+            except BlockingIOError:
+                pass  # no room: sent from the nursery below, in turn
+            except OSError:
+                return self._hand_over(conn, GONE)
+            else:
+                if not err:
+                    return True
+                self._refuse_later(conn, event.id, _share_error(OSError(err, os.strerror(err))))
+                return True
         try:
-            reply = conn.proto.send_opened(event.id, outcome[1], True)
-        except BaseException:
-            close_pair(fd, served)
-            raise
-        return self._reply_now(conn, event.id, reply, (served,), (fd, served))
+            served = _share(file)
+        except RequestError as exc:
+            self._refuse_later(conn, event.id, exc)
+            return True
+        return self._reply_now(conn, event.id, reply, (served,), (served,))
 
     def _answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
         """A batch: every item served now or deferred, the reply sent now if all were."""
@@ -626,7 +642,7 @@ class Server:
         """
         try:
             if not conn.send_lock.locked():  # else replies queue: keep their order
-                conn.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+                _send(conn.sock, data, fds)
                 for fd in owned:
                     self._poller.close_later(fd)
                 return True
@@ -782,7 +798,7 @@ class Server:
 
     def _serve_now(
         self, fd: int, label: str | None, share: UidShare
-    ) -> tuple[int, int] | Flight | _Throttled | None:
+    ) -> Hit | Flight | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
         Returns (served fd, size) on a hit, the Flight to wait for on a miss,
@@ -803,7 +819,7 @@ class Server:
 
     def _lookup_or_fly(
         self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
-    ) -> tuple[int, int] | Flight | _Throttled:
+    ) -> Hit | Flight | _Throttled:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
         Synchronous on purpose: between the miss and joining the flight
@@ -816,10 +832,7 @@ class Server:
         key = HostKey(st.dev, st.ino)
         entry = self.cache.lookup(key, st.version)
         if entry is not None:
-            try:
-                return entry.file.share(), entry.size
-            except OSError as exc:
-                raise request_error_from_os(exc, "cannot open a served descriptor") from exc
+            return entry.file, entry.size
         assert self._nursery is not None
         flight_key = (key, st.version)
         flight = self.copier.flight(flight_key)
@@ -904,8 +917,8 @@ class Server:
             holder.close()  # a local fd (an untrusted one was detached above)
 
     async def _when_allowed(
-        self, share: UidShare, attempt: Callable[[], tuple[int, int] | Flight | _Throttled | None]
-    ) -> tuple[int, int] | Flight | None:
+        self, share: UidShare, attempt: Callable[[], Hit | Flight | _Throttled | None]
+    ) -> Hit | Flight | None:
         """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
         counted = False
         while True:
@@ -917,10 +930,10 @@ class Server:
                 share.quota.count_wait()
             await share.quota.wait_freed()
 
-    async def _served(self, outcome: tuple[int, int] | Flight) -> Served:
+    async def _served(self, outcome: Hit | Flight) -> Served:
         if isinstance(outcome, Flight):
             return await self._await_flight(outcome)
-        return Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
+        return Served(fd=FdHolder(_share(outcome[0])), size=outcome[1], hit=True)
 
     def _batch_now(
         self, conn: Connection, event: OpenBatch, holders: list[FdHolder]
@@ -947,7 +960,13 @@ class Server:
                     results[i] = Refusal(code=ErrorCode.INTERNAL, message=_INTERNAL_MESSAGE)
                     continue
                 if type(outcome) is tuple:
-                    results[i] = Served(fd=FdHolder(outcome[0]), size=outcome[1], hit=True)
+                    try:
+                        served = FdHolder(_share(outcome[0]))
+                    except RequestError as exc:
+                        self._count_refusal(conn.peer, exc.code, exc.message)
+                        results[i] = Refusal(code=exc.code, message=exc.message)
+                        continue
+                    results[i] = Served(fd=served, size=outcome[1], hit=True)
                 elif outcome is None:
                     later.append((i, FdHolder(src.detach())))  # a worker closes it
                 elif isinstance(outcome, Flight):
@@ -1172,7 +1191,7 @@ class Server:
         if conn.send_lock.locked():
             return False  # keep the order of replies already waiting
         try:
-            conn.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+            _send(conn.sock, data, fds)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -1283,6 +1302,22 @@ def _batch_items(results: list[Served | Refusal | None]) -> tuple[OpenedItem | R
         else:  # pragma: no cover - every slot is filled before sending
             items.append(Refusal(code=ErrorCode.INTERNAL, message="no result"))
     return tuple(items)
+
+
+#: A cache hit: the file to reopen for the client, and its size.
+Hit = tuple[Shareable, int]
+
+
+def _share_error(exc: OSError) -> RequestError:
+    return request_error_from_os(exc, "cannot open a served descriptor")
+
+
+def _share(file: Shareable) -> int:
+    """A fresh read-only open of a cached file; RequestError when the daemon cannot make one."""
+    try:
+        return file.share()
+    except OSError as exc:
+        raise _share_error(exc) from exc
 
 
 def _close_holders(holders: Sequence[FdHolder]) -> None:

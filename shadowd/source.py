@@ -16,30 +16,16 @@ import logging
 import os
 import stat
 import struct
-import threading
 import time
-from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import attrs
 
+from . import hotcalls
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
-
-_AT_EMPTY_PATH = 0x1000
-_AT_STATX_DONT_SYNC = 0x4000
-# TYPE | MODE | MTIME | CTIME | INO | SIZE
-_STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x80 | 0x100 | 0x200
-# Linux 6.8+: a mount ID that is never reused while the system runs.
-_STATX_MNT_ID_UNIQUE = 0x4000
-_STATX_ASKED = 0x7FF | _STATX_MNT_ID_UNIQUE  # STATX_BASIC_STATS and the mount
-# struct statx: mask at 0, mode at 28, ino at 32, size at 40, ctime at 96,
-# mtime at 112, dev major/minor at 136, mnt_id at 144
-# (include/uapi/linux/stat.h).
-_STATX_LAYOUT = struct.Struct("<I24xH2xQQ48xqI4xqI4x8xIIQ")
-_STATX_SIZE = 256
 
 # Filesystems without a backing block device whose inspection and close never
 # wait on anyone but the local kernel.
@@ -94,38 +80,16 @@ class SourceStat(NamedTuple):
         )
 
 
-def _libc_function(name: str) -> Callable[..., int] | None:
-    """*name* from the C library, errno kept for ctypes.get_errno; None if it has none."""
+def _statx_usable() -> bool:
+    """Whether this kernel and C library have statx (Linux 4.11, glibc 2.28)."""
     try:
-        return cast(Callable[..., int], getattr(ctypes.CDLL(None, use_errno=True), name))
-    except (OSError, AttributeError):
-        return None
+        hotcalls.statx_nosync(-1)
+    except OSError as exc:
+        return exc.errno not in (errno.ENOSYS, errno.EINVAL)
+    return True
 
 
-def _load_statx() -> Callable[..., int] | None:
-    fn = _libc_function("statx")
-    if fn is None:
-        return None
-    # No argtypes on purpose: every argument is a small int, bytes or a
-    # buffer, which ctypes passes right by default, and declaring them
-    # doubles the cost of each call.
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    rc = fn(0, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf)
-    if rc != 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL):
-        return None
-    return fn
-
-
-_statx = _load_statx()
-_tls = threading.local()
-
-
-def _statx_buffer() -> ctypes.Array[ctypes.c_char]:
-    try:
-        buf: ctypes.Array[ctypes.c_char] = _tls.buf
-    except AttributeError:
-        buf = _tls.buf = ctypes.create_string_buffer(_STATX_SIZE)
-    return buf
+_HAVE_STATX = _statx_usable()
 
 
 def stat_nosync(fd: int) -> SourceStat | None:
@@ -134,33 +98,22 @@ def stat_nosync(fd: int) -> SourceStat | None:
     Returns None when statx is unavailable or the filesystem did not fill in
     every field; the caller then treats the fd as one to inspect off the loop.
     """
-    if _statx is None:
+    if not _HAVE_STATX:
         return None
-    buf = _statx_buffer()
-    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf) != 0:
-        err = ctypes.get_errno()
-        raise RequestError(ErrorCode.BAD_FDS, f"cannot stat the passed fd: {os.strerror(err)}")
-    (mask, mode, ino, size, c_sec, c_nsec, m_sec, m_nsec, major, minor, mnt) = (
-        _STATX_LAYOUT.unpack_from(buf)
-    )
-    if mask & _STATX_WANTED != _STATX_WANTED:
+    try:
+        fields = _statx_nosync(fd)
+    except OSError as exc:
+        raise RequestError(
+            ErrorCode.BAD_FDS, f"cannot stat the passed fd: {os.strerror(exc.errno or 0)}"
+        ) from None
+    if fields is None:
         return None
     # tuple.__new__ directly: the NamedTuple constructor's keyword handling
     # is a measurable part of the hit path.
-    return _new_tuple(
-        SourceStat,
-        (
-            os.makedev(major, minor),
-            ino,
-            mode,
-            size,
-            m_sec * 1_000_000_000 + m_nsec,
-            c_sec * 1_000_000_000 + c_nsec,
-            mnt if mask & _STATX_MNT_ID_UNIQUE else 0,
-        ),
-    )
+    return _new_tuple(SourceStat, fields)
 
 
+_statx_nosync = hotcalls.statx_nosync
 _new_tuple = tuple.__new__
 
 
@@ -246,7 +199,7 @@ _STATMOUNT_SIZE = 512
 MAX_MOUNT_VERDICTS = 4096
 
 
-_syscall = _libc_function("syscall")
+_syscall = hotcalls.libc_function("syscall")
 
 
 def statmount_magic(mnt: int) -> tuple[int, int] | None:

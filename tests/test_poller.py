@@ -17,6 +17,8 @@ import pytest
 import trio
 import trio.testing
 
+from shadowd import hotcalls
+from shadowd import server as server_module
 from shadowd.access import Peer
 from shadowd.cache import CacheLimits
 from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
@@ -423,3 +425,50 @@ def test_a_server_that_never_serves_holds_no_fd() -> None:
     server = Server(ServerConfig(socket_path=""))
     assert count_open_fds() == before
     assert server.stats().clients == 0
+
+
+@pytest.mark.parametrize("impl", ["default", "python"])
+async def test_a_hit_whose_reopen_fails_is_refused_and_the_connection_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    if impl == "python":
+        monkeypatch.setattr(server_module, "_send_reopened", hotcalls.py_send_reopened)
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(3000))
+    _proc_fd_dir()
+    before = count_open_fds()
+    server = Server(ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0)))
+    client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    src = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    lsock = None
+
+    async def open_once(id: int) -> dict[str, Any]:
+        await client.sendmsg([msgpack.packb({"op": "open", "id": id})], scm_rights([src]))
+        data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
+        fds = fds_from_ancdata(anc)
+        reply: dict[str, Any] = msgpack.unpackb(data)
+        assert len(fds) == (1 if reply["ok"] else 0)
+        if fds:
+            assert os.read(fds[0], 5000) == f.read_bytes()
+        close_all(fds)
+        return reply
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                lsock = await _serve_and_greet(nursery, server, client, tmp_path / "s.sock")
+                assert (await open_once(1))["hit"] is False
+                (entry,) = server.cache._entries.values()
+                proc_dir, entry.file.dir_fd = entry.file.dir_fd, -1  # openat(-1, "N"): EBADF
+                reply = await open_once(2)
+                assert reply["ok"] is False
+                assert "cannot open a served descriptor" in reply["message"]
+                entry.file.dir_fd = proc_dir
+                assert (await open_once(3))["hit"] is True
+                server.shutdown()
+    finally:
+        os.close(src)
+        client.close()
+        if lsock is not None:
+            lsock.close()
+    assert count_open_fds() == before

@@ -1,0 +1,170 @@
+# The system calls of the hit path (recvmsg with descriptors, statx without
+# sync, the reopen of a memfd, sendmsg with descriptors), from the C
+# extension shadowd/_hotcalls.c when it was built, else in Python. One hit
+# costs about 40 us of the loop in Python, a quarter of it the interpreter's
+# handling around these calls (docs/performance.md).
+#
+# Must never: differ between the two versions in anything but speed (the
+# same results, flags, fds and exceptions; tests/test_hotcalls.py runs both);
+# parse the wire format; close or keep an fd it was only shown.
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from .fds import fds_from_ancdata, scm_rights
+
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+_REOPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+# TYPE | MODE | MTIME | CTIME | INO | SIZE
+_STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x80 | 0x100 | 0x200
+# Linux 6.8+: a mount ID that is never reused while the system runs.
+_STATX_MNT_ID_UNIQUE = 0x4000
+_STATX_ASKED = 0x7FF | _STATX_MNT_ID_UNIQUE  # STATX_BASIC_STATS and the mount
+# struct statx: mask at 0, mode at 28, ino at 32, size at 40, ctime at 96,
+# mtime at 112, dev major/minor at 136, mnt_id at 144
+# (include/uapi/linux/stat.h).
+_STATX_LAYOUT = struct.Struct("<I24xH2xQQ48xqI4xqI4x8xIIQ")
+_STATX_SIZE = 256
+
+#: (dev, ino, mode, size, mtime_ns, ctime_ns, mnt): what statx_nosync returns.
+StatxFields = tuple[int, int, int, int, int, int, int]
+
+
+def libc_function(name: str) -> Callable[..., int] | None:
+    """*name* from the C library, errno kept for ctypes.get_errno; None if it has none."""
+    try:
+        return cast(Callable[..., int], getattr(ctypes.CDLL(None, use_errno=True), name))
+    except (OSError, AttributeError):
+        return None
+
+
+_libc_statx_fn = libc_function("statx")
+_tls = threading.local()  # one statx buffer per thread
+
+
+def py_statx_nosync(fd: int) -> StatxFields | None:
+    """statx(AT_EMPTY_PATH | AT_STATX_DONT_SYNC) of *fd*: the kernel's cached attributes.
+
+    None when the file system left out a field a key needs. Raises OSError.
+    """
+    if _libc_statx_fn is None:
+        raise OSError(38, os.strerror(38))  # ENOSYS: the C library has no statx
+    try:
+        buf = _tls.buf
+    except AttributeError:
+        buf = _tls.buf = ctypes.create_string_buffer(_STATX_SIZE)
+    # No argtypes on purpose: every argument is a small int, bytes or a
+    # buffer, which ctypes passes right by default.
+    if _libc_statx_fn(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_ASKED, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    (mask, mode, ino, size, c_sec, c_nsec, m_sec, m_nsec, major, minor, mnt) = (
+        _STATX_LAYOUT.unpack_from(buf)
+    )
+    if mask & _STATX_WANTED != _STATX_WANTED:
+        return None
+    return (
+        os.makedev(major, minor),
+        ino,
+        mode,
+        size,
+        m_sec * 1_000_000_000 + m_nsec,
+        c_sec * 1_000_000_000 + c_nsec,
+        mnt if mask & _STATX_MNT_ID_UNIQUE else 0,
+    )
+
+
+def py_recv(
+    sock: socket.socket, buffer: bytearray | memoryview, ancsize: int
+) -> tuple[int, int, list[int]]:
+    """One recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT) into *buffer*: (nbytes, flags, fds).
+
+    The fds of every SCM_RIGHTS message are the caller's. Raises OSError
+    (BlockingIOError when nothing is queued).
+    """
+    n, ancdata, flags, _ = sock.recvmsg_into([buffer], ancsize, _RECV_FLAGS)
+    return n, flags, fds_from_ancdata(ancdata)
+
+
+def py_send(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:
+    """One sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of *data* with *fds*; they stay the caller's."""
+    return sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+
+
+def py_reopen(dirfd: int, fd: int) -> int:
+    """A new read-only open file description of *fd*, *dirfd* being /proc/self/fd."""
+    if fd < 0:
+        raise OSError(9, os.strerror(9))  # EBADF, as openat would say for "-1"
+    return os.open(str(fd), _REOPEN_FLAGS, dir_fd=dirfd)
+
+
+def py_send_reopened(sock: socket.socket, data: bytes | memoryview, dirfd: int, fd: int) -> int:
+    """reopen(dirfd, fd), send *data* with that new fd, close it: a hit's reply in one call.
+
+    Returns 0 when sent, the errno when the reopen failed (nothing was
+    sent). Raises OSError when the send failed (BlockingIOError: no room);
+    the new fd is closed in every case.
+    """
+    try:
+        served = py_reopen(dirfd, fd)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        py_send(sock, data, (served,))
+    finally:
+        os.close(served)
+    return 0
+
+
+statx_nosync: Callable[[int], StatxFields | None]
+recv: Callable[[socket.socket, bytearray | memoryview, int], tuple[int, int, list[int]]]
+send: Callable[[socket.socket, bytes | memoryview, Sequence[int]], int]
+reopen: Callable[[int, int], int]
+send_reopened: Callable[[socket.socket, bytes | memoryview, int, int], int]
+
+#: Set (to anything but "" or "0") to use the Python versions even when the
+#: C extension is built: to compare the two, or to rule the C out.
+DISABLE_ENV = "SHADOWD_NO_C"
+
+
+def _load_c() -> object | None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from . import _hotcalls  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return cast(object, _hotcalls)
+
+
+_c = _load_c()
+#: Whether the C versions are in use.
+IN_C = _c is not None
+#: Which versions are in use, for the log and the benchmark: "C" or "Python (...why)".
+DESCRIPTION = (
+    "C"
+    if IN_C
+    else f"Python ({DISABLE_ENV} is set)"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0")
+    else "Python (the C extension is not built)"
+)
+if _c is None:
+    statx_nosync, recv, send, reopen = py_statx_nosync, py_recv, py_send, py_reopen
+    send_reopened = py_send_reopened
+else:
+    statx_nosync = _c.statx_nosync  # type: ignore[attr-defined]
+    recv = _c.recv  # type: ignore[attr-defined]
+    send = _c.send  # type: ignore[attr-defined]
+    reopen = _c.reopen  # type: ignore[attr-defined]
+    send_reopened = _c.send_reopened  # type: ignore[attr-defined]
