@@ -1,16 +1,18 @@
 /*
- * The system calls of the daemon's hit path, without the interpreter's
- * per-call overhead: recvmsg with its descriptors, statx without sync, the
- * reopen of a memfd through /proc/self/fd, and sendmsg with descriptors.
- * shadowd/hotcalls.py loads this module when it was built and offers the
- * same functions in Python otherwise; tests/test_hotcalls.py holds both to
- * the same behaviour.
+ * The daemon's hit path in C. The system calls it makes on every request
+ * (recvmsg with its descriptors, statx without sync, the reopen of a memfd
+ * through /proc/self/fd, sendmsg with descriptors) without the
+ * interpreter's overhead around each; and answer_hit, which answers a
+ * whole cache hit in one call. shadowd/hotcalls.py loads this module when
+ * it was built and offers the same functions in Python otherwise;
+ * tests/test_hotcalls.py holds both to the same behaviour.
  *
- * Must never: parse the wire format (that is shadowd/protocol.py); keep or
+ * Must never: read a request other than the canonical `open`, or read one
+ * differently from shadowd/protocol.py (anything else is declined and goes
+ * to protocol.py); change the cache (the caller counts the hit); keep or
  * close a descriptor it does not own; lose a received descriptor (every fd
- * the kernel installed is in the returned list, or closed when the list
- * cannot be made); wait (every call is MSG_DONTWAIT or cannot block on a
- * client's file system).
+ * the kernel installed is returned, or closed); wait (every call is
+ * MSG_DONTWAIT or cannot block on a client's file system).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -67,6 +69,16 @@ struct kstatx {
 #define K_STATX_MNT_ID_UNIQUE 0x4000
 #define K_STATX_ASKED (0x7FF | K_STATX_MNT_ID_UNIQUE)
 
+/* Python's os.makedev: glibc's encoding of a dev_t. */
+static unsigned long long
+makedev_glibc(uint32_t major, uint32_t minor)
+{
+    return (((unsigned long long)major & 0xfffff000ULL) << 32) |
+           (((unsigned long long)major & 0x00000fffULL) << 8) |
+           (((unsigned long long)minor & 0xffffff00ULL) << 12) |
+           ((unsigned long long)minor & 0x000000ffULL);
+}
+
 static int
 fd_arg(PyObject *obj, int *out)
 {
@@ -102,12 +114,7 @@ statx_nosync(PyObject *self, PyObject *arg)
         return PyErr_SetFromErrno(PyExc_OSError);
     if ((stx.mask & K_STATX_WANTED) != K_STATX_WANTED)
         Py_RETURN_NONE;
-    /* Python's os.makedev for glibc's encoding of dev_t. */
-    unsigned long long dev =
-        (((unsigned long long)stx.dev_major & 0xfffff000ULL) << 32) |
-        (((unsigned long long)stx.dev_major & 0x00000fffULL) << 8) |
-        (((unsigned long long)stx.dev_minor & 0xffffff00ULL) << 12) |
-        ((unsigned long long)stx.dev_minor & 0x000000ffULL);
+    unsigned long long dev = makedev_glibc(stx.dev_major, stx.dev_minor);
     return Py_BuildValue(
         "(KKIKLLK)", dev, (unsigned long long)stx.ino, (unsigned)stx.mode,
         (unsigned long long)stx.size,
@@ -123,67 +130,65 @@ close_fds(const int *fds, Py_ssize_t n)
         close(fds[i]);
 }
 
-PyDoc_STRVAR(recv_doc,
-"recv(sock, buffer, ancsize) -> (nbytes, flags, fds)\n\n"
-"One recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT) into *buffer*, with control\n"
-"space for *ancsize* bytes (as socket.CMSG_SPACE gives). *fds* are the\n"
-"descriptors of every SCM_RIGHTS message, now the caller's. OSError\n"
-"(BlockingIOError when nothing is queued) on failure.");
-
-static PyObject *
-recv_datagram(PyObject *self, PyObject *args)
+/* One recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT) into buf, with *ancsize*
+ * bytes of control space; the fds of every SCM_RIGHTS message into fds.
+ * -1 and errno on failure (then no fd was received). */
+static int
+recv_with_fds(int sockfd, void *buf, size_t len, size_t ancsize, ssize_t *n, int *flags,
+              int *fds, Py_ssize_t *nfds)
 {
-    PyObject *sock;
-    int sockfd;
-    Py_buffer buf;
-    Py_ssize_t ancsize;
     union {
         struct cmsghdr align;
         char bytes[CMSG_SPACE(sizeof(int) * MAX_FDS)];
     } control;
-    int fds[MAX_FDS];
-    Py_ssize_t nfds = 0;
-    ssize_t n;
-
-    if (!PyArg_ParseTuple(args, "Ow*n:recv", &sock, &buf, &ancsize))
-        return NULL;
-    sockfd = PyObject_AsFileDescriptor(sock);
-    if (sockfd < 0) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    if (ancsize < 0 || (size_t)ancsize > sizeof control.bytes) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "ancsize out of range");
-        return NULL;
-    }
-    struct iovec iov = {.iov_base = buf.buf, .iov_len = (size_t)buf.len};
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
     struct msghdr msg = {
         .msg_iov = &iov,
         .msg_iovlen = 1,
         .msg_control = ancsize ? control.bytes : NULL,
-        .msg_controllen = (size_t)ancsize,
+        .msg_controllen = ancsize,
     };
+
+    *nfds = 0;
     do {
-        n = recvmsg(sockfd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    PyBuffer_Release(&buf);
-    if (n < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        *n = recvmsg(sockfd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    } while (*n < 0 && errno == EINTR);
+    if (*n < 0)
+        return -1;
+    *flags = msg.msg_flags;
     if (msg.msg_controllen > 0) {
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
                 continue;
-            size_t len = c->cmsg_len - CMSG_LEN(0);
-            size_t count = len / sizeof(int);
+            size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
             /* The control space bounds count; the check keeps fds[] safe
              * whatever the kernel wrote. */
-            if (count > (size_t)(MAX_FDS - nfds))
-                count = (size_t)(MAX_FDS - nfds);
-            memcpy(fds + nfds, CMSG_DATA(c), count * sizeof(int));
-            nfds += (Py_ssize_t)count;
+            if (count > (size_t)(MAX_FDS - *nfds))
+                count = (size_t)(MAX_FDS - *nfds);
+            memcpy(fds + *nfds, CMSG_DATA(c), count * sizeof(int));
+            *nfds += (Py_ssize_t)count;
         }
     }
+    return 0;
+}
+
+/* The fd of *sock* for recv_with_fds, with *ancsize* checked; -1 with an
+ * exception set when either is wrong. */
+static int
+recv_args(PyObject *sock, Py_ssize_t ancsize)
+{
+    int sockfd = PyObject_AsFileDescriptor(sock);
+    if (sockfd >= 0 && (ancsize < 0 || (size_t)ancsize > CMSG_SPACE(sizeof(int) * MAX_FDS))) {
+        PyErr_SetString(PyExc_ValueError, "ancsize out of range");
+        return -1;
+    }
+    return sockfd;
+}
+
+/* (nbytes, flags, [fds]) for Python; the fds are closed if it cannot be made. */
+static PyObject *
+received(ssize_t n, int flags, const int *fds, Py_ssize_t nfds)
+{
     PyObject *list = PyList_New(nfds);
     if (list == NULL) {
         close_fds(fds, nfds);
@@ -198,10 +203,41 @@ recv_datagram(PyObject *self, PyObject *args)
         }
         PyList_SET_ITEM(list, i, item);
     }
-    PyObject *result = Py_BuildValue("(niN)", (Py_ssize_t)n, msg.msg_flags, list);
+    PyObject *result = Py_BuildValue("(niN)", (Py_ssize_t)n, flags, list);
     if (result == NULL)
         close_fds(fds, nfds); /* the list went with the failed tuple */
     return result;
+}
+
+PyDoc_STRVAR(recv_doc,
+"recv(sock, buffer, ancsize) -> (nbytes, flags, fds)\n\n"
+"One recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT) into *buffer*, with control\n"
+"space for *ancsize* bytes (as socket.CMSG_SPACE gives). *fds* are the\n"
+"descriptors of every SCM_RIGHTS message, now the caller's. OSError\n"
+"(BlockingIOError when nothing is queued) on failure.");
+
+static PyObject *
+recv_datagram(PyObject *self, PyObject *args)
+{
+    PyObject *sock;
+    Py_buffer buf;
+    Py_ssize_t ancsize, nfds;
+    int sockfd, flags, fds[MAX_FDS];
+    ssize_t n;
+
+    if (!PyArg_ParseTuple(args, "Ow*n:recv", &sock, &buf, &ancsize))
+        return NULL;
+    sockfd = recv_args(sock, ancsize);
+    if (sockfd < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    int rc = recv_with_fds(sockfd, buf.buf, (size_t)buf.len, (size_t)ancsize, &n, &flags, fds,
+                           &nfds);
+    PyBuffer_Release(&buf);
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return received(n, flags, fds, nfds);
 }
 
 /* sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of *data* with *nfds* fds; -1 and
@@ -361,7 +397,348 @@ send_reopened(PyObject *self, PyObject *args)
     return PyLong_FromLong(0);
 }
 
+/* -- a whole hit --------------------------------------------------------- */
+
+/* The canonical `open` request, read as shadowd/protocol.py reads it; any
+ * datagram this does not recognise is declined and goes to protocol.py, so
+ * it only has to agree with protocol.py on what it accepts. */
+
+struct rd {
+    const unsigned char *p, *end;
+};
+
+static int
+rd_be(struct rd *r, size_t n, uint64_t *v)
+{
+    if ((size_t)(r->end - r->p) < n)
+        return -1;
+    *v = 0;
+    for (size_t i = 0; i < n; i++)
+        *v = (*v << 8) | r->p[i];
+    r->p += n;
+    return 0;
+}
+
+/* A msgpack str of any width; -1 for anything else. */
+static int
+rd_str(struct rd *r, const unsigned char **s, uint64_t *len)
+{
+    if (r->p >= r->end)
+        return -1;
+    unsigned char b = *r->p++;
+    if ((b & 0xe0) == 0xa0)
+        *len = b & 0x1f;
+    else if (b < 0xd9 || b > 0xdb || rd_be(r, (size_t)1 << (b - 0xd9), len) < 0)
+        return -1;
+    if ((uint64_t)(r->end - r->p) < *len)
+        return -1;
+    *s = r->p;
+    r->p += *len;
+    return 0;
+}
+
+/* A msgpack integer, of any width, that is not negative; -1 otherwise. */
+static int
+rd_uint(struct rd *r, uint64_t *v)
+{
+    if (r->p >= r->end)
+        return -1;
+    unsigned char b = *r->p++;
+    if (b < 0x80) {
+        *v = b;
+        return 0;
+    }
+    if (b >= 0xcc && b <= 0xcf)
+        return rd_be(r, (size_t)1 << (b - 0xcc), v);
+    if (b >= 0xd0 && b <= 0xd3) {
+        size_t width = (size_t)1 << (b - 0xd0);
+        if (rd_be(r, width, v) < 0 || (*v >> (width * 8 - 1)) & 1)
+            return -1; /* negative */
+        return 0;
+    }
+    return -1;
+}
+
+/* Whether s is valid UTF-8 as Python's strict decoder has it: no overlong
+ * forms, no surrogates, nothing past U+10FFFF. */
+static int
+utf8_ok(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char b = s[i];
+        size_t k;
+        unsigned char lo = 0x80, hi = 0xbf; /* the bounds of the second byte */
+        if (b < 0x80)
+            k = 0;
+        else if (b >= 0xc2 && b <= 0xdf)
+            k = 1;
+        else if (b >= 0xe0 && b <= 0xef) {
+            k = 2;
+            if (b == 0xe0)
+                lo = 0xa0;
+            else if (b == 0xed)
+                hi = 0x9f;
+        } else if (b >= 0xf0 && b <= 0xf4) {
+            k = 3;
+            if (b == 0xf0)
+                lo = 0x90;
+            else if (b == 0xf4)
+                hi = 0x8f;
+        } else
+            return 0;
+        if (k > n - i - 1)
+            return 0;
+        if (k > 0 && (s[i + 1] < lo || s[i + 1] > hi))
+            return 0;
+        for (size_t j = 2; j <= k; j++)
+            if ((s[i + j] & 0xc0) != 0x80)
+                return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+/* protocol.MAX_LABEL_BYTES: a label of at most a quarter of it in bytes
+ * is short enough in characters, whatever they are. */
+#define LABEL_BYTES_OK (4096 / 4)
+
+static int
+key_is(const unsigned char *s, uint64_t n, const char *key)
+{
+    return n == strlen(key) && memcmp(s, key, n) == 0;
+}
+
+/* The id of {"op": "open", "id": N[, "path": str | nil]} in any order and
+ * any msgpack width, with nothing else in the map or after it; -1 for
+ * every other datagram. */
+static int
+parse_open(const unsigned char *data, size_t len, uint64_t *id)
+{
+    struct rd r = {data, data + len};
+    uint64_t count, v;
+    int seen_op = 0, seen_id = 0, seen_path = 0;
+
+    if (r.p >= r.end)
+        return -1;
+    unsigned char b = *r.p++;
+    if ((b & 0xf0) == 0x80)
+        count = b & 0x0f;
+    else if (b == 0xde || b == 0xdf) {
+        if (rd_be(&r, b == 0xde ? 2 : 4, &count) < 0)
+            return -1;
+    } else
+        return -1;
+    if (count > 3)
+        return -1;
+    for (uint64_t i = 0; i < count; i++) {
+        const unsigned char *key, *val;
+        uint64_t key_len, val_len;
+        if (rd_str(&r, &key, &key_len) < 0)
+            return -1;
+        if (key_is(key, key_len, "op") && !seen_op) {
+            seen_op = 1;
+            if (rd_str(&r, &val, &val_len) < 0 || !key_is(val, val_len, "open"))
+                return -1;
+        } else if (key_is(key, key_len, "id") && !seen_id) {
+            seen_id = 1;
+            if (rd_uint(&r, &v) < 0)
+                return -1;
+            *id = v;
+        } else if (key_is(key, key_len, "path") && !seen_path) {
+            seen_path = 1;
+            if (r.p < r.end && *r.p == 0xc0) {
+                r.p++; /* nil: no label */
+            } else if (rd_str(&r, &val, &val_len) < 0 || val_len > LABEL_BYTES_OK ||
+                       !utf8_ok(val, (size_t)val_len)) {
+                return -1;
+            }
+        } else {
+            return -1; /* another key, or one seen twice */
+        }
+    }
+    return seen_op && seen_id && r.p == r.end ? 0 : -1;
+}
+
+static size_t
+put_uint(unsigned char *o, uint64_t v)
+{
+    if (v < 0x80) {
+        o[0] = (unsigned char)v;
+        return 1;
+    }
+    size_t width = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffULL ? 4 : 8;
+    o[0] = (unsigned char)(width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf);
+    for (size_t i = 0; i < width; i++)
+        o[1 + i] = (unsigned char)(v >> (8 * (width - 1 - i)));
+    return 1 + width;
+}
+
+/* protocol.ServerConnection.send_opened(id, size, True), byte for byte. */
+static size_t
+opened_reply(unsigned char *o, uint64_t id, uint64_t size)
+{
+    size_t k = 0;
+    o[k++] = 0x84;
+    memcpy(o + k, "\xa2id", 3);
+    k += 3;
+    k += put_uint(o + k, id);
+    memcpy(o + k, "\xa2ok\xc3", 4);
+    k += 4;
+    memcpy(o + k, "\xa4size", 5);
+    k += 5;
+    k += put_uint(o + k, size);
+    memcpy(o + k, "\xa3hit\xc3", 5);
+    k += 5;
+    return k;
+}
+
+static int
+int_attr(PyObject *obj, const char *name, long *out)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+#define DECLINED ((PyObject *)1)
+
+/* The cache entry of the hit that was answered (a new reference); DECLINED
+ * when this is not a hit this function answers (nothing was sent); NULL
+ * with an exception set when Python code it called raised. */
+static PyObject *
+try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *entries,
+        PyObject *is_local, unsigned long long max_file_size)
+{
+    struct kstatx stx;
+    uint64_t id;
+    unsigned char reply[64];
+
+    if (parse_open(data, len, &id) < 0)
+        return DECLINED;
+    memset(&stx, 0, sizeof stx);
+    if (syscall(SYS_statx, src, "", K_AT_EMPTY_PATH | K_AT_STATX_DONT_SYNC,
+                (unsigned)K_STATX_ASKED, &stx) != 0 ||
+        (stx.mask & K_STATX_WANTED) != K_STATX_WANTED)
+        return DECLINED;
+    int fl = fcntl(src, F_GETFL);
+    if (fl < 0 || fl & O_PATH || (fl & O_ACCMODE) == O_WRONLY)
+        return DECLINED;
+    if ((stx.mode & 0170000) != 0100000 || stx.size > max_file_size)
+        return DECLINED; /* not a regular file, or too large: protocol.py says so */
+    unsigned long long dev = makedev_glibc(stx.dev_major, stx.dev_minor);
+    unsigned long long mnt = (stx.mask & K_STATX_MNT_ID_UNIQUE) ? stx.mnt_id : 0;
+
+    PyObject *local = PyObject_CallFunction(is_local, "KK", dev, mnt);
+    if (local == NULL)
+        return NULL;
+    int trusted = PyObject_IsTrue(local);
+    Py_DECREF(local);
+    if (trusted <= 0)
+        return trusted < 0 ? NULL : DECLINED;
+
+    PyObject *key = Py_BuildValue("(KK)", dev, (unsigned long long)stx.ino);
+    if (key == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(entries, key); /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? NULL : DECLINED;
+    Py_INCREF(entry);
+
+    PyObject *version = PyObject_GetAttrString(entry, "version");
+    PyObject *want = Py_BuildValue(
+        "(KLL)", (unsigned long long)stx.size,
+        (long long)stx.mtime.tv_sec * 1000000000LL + stx.mtime.tv_nsec,
+        (long long)stx.ctime.tv_sec * 1000000000LL + stx.ctime.tv_nsec);
+    int same = version && want ? PyObject_RichCompareBool(version, want, Py_EQ) : -1;
+    Py_XDECREF(version);
+    Py_XDECREF(want);
+    if (same <= 0) {
+        Py_DECREF(entry);
+        return same < 0 ? NULL : DECLINED; /* another version: protocol.py's path drops it */
+    }
+    PyObject *file = PyObject_GetAttrString(entry, "file");
+    long memfd, dirfd;
+    if (file == NULL || int_attr(file, "fd", &memfd) < 0 || int_attr(file, "dir_fd", &dirfd) < 0) {
+        Py_XDECREF(file);
+        Py_DECREF(entry);
+        return NULL;
+    }
+    Py_DECREF(file);
+    if (memfd < 0 || memfd > INT_MAX || dirfd < INT_MIN || dirfd > INT_MAX) {
+        Py_DECREF(entry);
+        return DECLINED;
+    }
+
+    size_t k = opened_reply(reply, id, stx.size);
+    int served = reopen_fd((int)dirfd, (int)memfd);
+    if (served < 0) {
+        Py_DECREF(entry);
+        return DECLINED; /* protocol.py's path tries again and refuses */
+    }
+    ssize_t n = send_with_fds(sockfd, reply, k, &served, 1);
+    close(served); /* the message in flight holds its own reference */
+    if (n < 0) {
+        Py_DECREF(entry);
+        return DECLINED; /* no room (it waits its turn) or the peer left: same path */
+    }
+    return entry;
+}
+
+PyDoc_STRVAR(answer_hit_doc,
+"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size) -> Entry | tuple\n\n"
+"Read one datagram as recv() does. When it is a canonical `open` of a\n"
+"regular, readable file of a trusted file system (is_local(dev, mnt)) whose\n"
+"version is cached in *entries* under (dev, ino), answer it: a fresh\n"
+"read-only open of the entry's file, sent with protocol.py's exact reply,\n"
+"and the passed fd closed; return the entry, whose hit the caller counts.\n"
+"Otherwise nothing is sent and it returns recv()'s (nbytes, flags, fds)\n"
+"for the ordinary path, which decides everything again.");
+
+static PyObject *
+answer_hit(PyObject *self, PyObject *args)
+{
+    PyObject *sock, *entries, *is_local;
+    Py_buffer buf;
+    Py_ssize_t ancsize, nfds;
+    unsigned long long max_file_size;
+    int sockfd, flags, fds[MAX_FDS];
+    ssize_t n;
+
+    if (!PyArg_ParseTuple(args, "Ow*nO!OK:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
+                          &entries, &is_local, &max_file_size))
+        return NULL;
+    sockfd = recv_args(sock, ancsize);
+    if (sockfd < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    if (recv_with_fds(sockfd, buf.buf, (size_t)buf.len, (size_t)ancsize, &n, &flags, fds,
+                      &nfds) < 0) {
+        PyBuffer_Release(&buf);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *entry = DECLINED;
+    if (nfds == 1 && !(flags & (MSG_TRUNC | MSG_CTRUNC)) && n > 0)
+        entry = try_hit(sockfd, buf.buf, (size_t)n, fds[0], entries, is_local, max_file_size);
+    PyBuffer_Release(&buf);
+    if (entry == NULL) {
+        close_fds(fds, nfds);
+        return NULL;
+    }
+    if (entry != DECLINED) {
+        close(fds[0]);
+        return entry;
+    }
+    return received(n, flags, fds, nfds);
+}
+
 static PyMethodDef methods[] = {
+    {"answer_hit", answer_hit, METH_VARARGS, answer_hit_doc},
     {"send_reopened", send_reopened, METH_VARARGS, send_reopened_doc},
     {"statx_nosync", statx_nosync, METH_O, statx_nosync_doc},
     {"recv", recv_datagram, METH_VARARGS, recv_doc},

@@ -17,7 +17,7 @@ import heapq
 import mmap
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import NamedTuple, Protocol
 
 import attrs
@@ -205,6 +205,18 @@ class Cache:
             self.invalidations += 1
         counters.misses += 1
         return None
+
+    @property
+    def index(self) -> Mapping[Hashable, Entry]:
+        """Every entry by key, read-only: for hotcalls.answer_hit, which finds
+        host entries under plain (dev, ino) tuples (HostKey hashes as one)."""
+        return self._entries
+
+    def count_host_hit(self, entry: Entry) -> None:
+        """What lookup() does on a hit, for a host-file hit answered without it."""
+        self._entries.move_to_end(entry.key)
+        entry.hits += 1
+        self.host.hits += 1
 
     def uncount_miss(self, *, private: bool = False) -> None:
         """Take back the miss of a lookup that will be made again (and counted then)."""

@@ -1,12 +1,13 @@
-# The system calls of the hit path (recvmsg with descriptors, statx without
-# sync, the reopen of a memfd, sendmsg with descriptors), from the C
-# extension shadowd/_hotcalls.c when it was built, else in Python. One hit
-# costs about 40 us of the loop in Python, a quarter of it the interpreter's
-# handling around these calls (docs/performance.md).
+# The hit path's system calls (recvmsg with descriptors, statx without
+# sync, the reopen of a memfd, sendmsg with descriptors) and a whole cache
+# hit in one call (answer_hit), from the C extension shadowd/_hotcalls.c
+# when it was built, else in Python. A hit costs the loop about 40 us in
+# Python and about 16 us with the extension (docs/performance.md).
 #
 # Must never: differ between the two versions in anything but speed (the
-# same results, flags, fds and exceptions; tests/test_hotcalls.py runs both);
-# parse the wire format; close or keep an fd it was only shown.
+# same results, flags, fds and exceptions; tests/test_hotcalls.py runs
+# both; the Python answer_hit answers nothing and leaves every hit to the
+# server's Python path); close or keep an fd it was only shown.
 from __future__ import annotations
 
 import ctypes
@@ -15,7 +16,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import cast
 
 from .fds import fds_from_ancdata, scm_rights
@@ -127,11 +128,39 @@ def py_send_reopened(sock: socket.socket, data: bytes | memoryview, dirfd: int, 
     return 0
 
 
+def py_answer_hit(  # noqa: PLR0917 (the C function's positional signature)
+    sock: socket.socket,
+    buffer: bytearray | memoryview,
+    ancsize: int,
+    entries: Mapping[Hashable, object],
+    is_local: Callable[[int, int], bool],
+    max_file_size: int,
+) -> tuple[int, int, list[int]]:
+    """Read one datagram; the C version answers a cache hit itself.
+
+    This one always declines: it returns recv()'s (nbytes, flags, fds) for
+    the server's ordinary path, which is the same work done in Python.
+    """
+    return py_recv(sock, buffer, ancsize)
+
+
 statx_nosync: Callable[[int], StatxFields | None]
 recv: Callable[[socket.socket, bytearray | memoryview, int], tuple[int, int, list[int]]]
 send: Callable[[socket.socket, bytes | memoryview, Sequence[int]], int]
 reopen: Callable[[int, int], int]
 send_reopened: Callable[[socket.socket, bytes | memoryview, int, int], int]
+#: Returns the answered hit's cache entry, or recv()'s tuple (see py_answer_hit).
+answer_hit: Callable[
+    [
+        socket.socket,
+        bytearray | memoryview,
+        int,
+        Mapping[Hashable, object],
+        Callable[[int, int], bool],
+        int,
+    ],
+    object,
+]
 
 #: Set (to anything but "" or "0") to use the Python versions even when the
 #: C extension is built: to compare the two, or to rule the C out.
@@ -161,10 +190,11 @@ DESCRIPTION = (
 )
 if _c is None:
     statx_nosync, recv, send, reopen = py_statx_nosync, py_recv, py_send, py_reopen
-    send_reopened = py_send_reopened
+    send_reopened, answer_hit = py_send_reopened, py_answer_hit
 else:
     statx_nosync = _c.statx_nosync  # type: ignore[attr-defined]
     recv = _c.recv  # type: ignore[attr-defined]
     send = _c.send  # type: ignore[attr-defined]
     reopen = _c.reopen  # type: ignore[attr-defined]
     send_reopened = _c.send_reopened  # type: ignore[attr-defined]
+    answer_hit = _c.answer_hit  # type: ignore[attr-defined]

@@ -22,14 +22,14 @@ import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import attrs
 import trio
 
 from . import __version__, hotcalls
 from .access import AccessPolicy, Gate, Peer, PeerLimits, UidShare
-from .cache import Admission, Cache, CacheLimits, HostKey, PrivateKey, Shareable
+from .cache import Admission, Cache, CacheLimits, Entry, HostKey, PrivateKey, Shareable
 from .copier import Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, move_high, scm_rights
@@ -46,6 +46,7 @@ from .private import (
 from .protocol import (
     MAX_NAMESPACE_BYTES,
     BatchOpened,
+    ConnectionState,
     ErrorCode,
     ErrorReply,
     Hello,
@@ -86,6 +87,8 @@ _TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
 _recv = hotcalls.recv
 _send = hotcalls.send
 _send_reopened = hotcalls.send_reopened
+_answer_hit = hotcalls.answer_hit
+_READY = ConnectionState.READY
 _INTERNAL_MESSAGE = "internal error in shadowd; see its log"
 # Datagrams read and dropped from a peer that is turned away, and from a
 # connection that ends with requests unread (say, at shutdown).
@@ -308,6 +311,10 @@ class Server:
         self._outer_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._max_file_size = config.cache.max_file_size
+        # Bound once: hotcalls.answer_hit gets them on every request.
+        self._index = self.cache.index
+        self._is_local = self.mounts.is_local
+        self._count_host_hit = self.cache.count_host_hit
         self._hello_limits = {
             "max_request": config.wire.max_request,
             "max_batch": config.wire.max_batch,
@@ -518,7 +525,24 @@ class Server:
         if conn.inflight >= self._max_inflight:
             return self._hand_over(conn, None)  # its task waits for a slot
         try:
-            n, flags, fds = _recv(conn.sock, self._buf, self._ancsize)
+            if conn.proto.state is _READY and not conn.send_lock.locked():
+                # With the C extension, a hit is answered whole in there:
+                # read, checked, looked up, reopened, replied to. Anything
+                # else comes back as a datagram for the path below.
+                got = _answer_hit(
+                    conn.sock,
+                    self._buf,
+                    self._ancsize,
+                    self._index,
+                    self._is_local,
+                    self._max_file_size,
+                )
+                if type(got) is not tuple:
+                    self._count_host_hit(cast(Entry, got))
+                    return True
+                n, flags, fds = got
+            else:
+                n, flags, fds = _recv(conn.sock, self._buf, self._ancsize)
         except BlockingIOError:
             return True
         except OSError:

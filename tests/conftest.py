@@ -177,10 +177,16 @@ async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
             print(f"--- log of the daemon on {d.socket_path} ---\n{d.log()}")
 
 
-@pytest.fixture
-async def daemon(start_daemon: Any) -> Daemon:
-    """One daemon that caches files as soon as they are 50 ms old."""
-    return await start_daemon("--racy-window", "0.05")
+@pytest.fixture(params=["c", "python"])
+async def daemon(start_daemon: Any, request: pytest.FixtureRequest) -> Daemon:
+    """One daemon that caches files as soon as they are 50 ms old.
+
+    Twice: with the hit path in the C extension, and all in Python
+    (SHADOWD_NO_C), as on a host where the extension could not be built.
+    """
+    env = None if request.param == "c" else dict(os.environ, SHADOWD_NO_C="1")
+    d: Daemon = await start_daemon("--racy-window", "0.05", env=env)
+    return d
 
 
 def settle(*paths: Path, window: float = 0.05) -> None:

@@ -29,6 +29,7 @@ from shadowd_client import (
     Opener,
 )
 
+from shadowd import hotcalls
 from shadowd.memfd import REQUIRED_SEALS
 
 from .conftest import NOBODY, REPO, Daemon, make_file, read_fd, requires_root, run_as, settle
@@ -87,6 +88,10 @@ async def test_bytes_exact_first_open_misses_then_hits(daemon: Daemon, tmp_path:
 
     with trio.fail_after(30):
         await call(work)
+    # The daemon says which hit path it ran, and it is the one asked for.
+    in_python = daemon.env is not None and daemon.env.get("SHADOWD_NO_C") == "1"
+    expected = "Python (SHADOWD_NO_C is set)" if in_python else hotcalls.DESCRIPTION
+    assert f"hit path system calls in {expected})" in daemon.log()
 
 
 async def test_served_fd_is_sealed_read_only_and_private(daemon: Daemon, tmp_path: Path) -> None:

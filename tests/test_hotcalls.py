@@ -14,10 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shadowd import hotcalls
+from shadowd.cache import Entry, HostKey
+from shadowd.fds import close_all
 from shadowd.memfd import sealed_from_bytes
+from shadowd.protocol import ConnectionState, Open, ProtocolError, ServerConnection
 
 from .conftest import REPO_PATH
 
@@ -28,6 +34,7 @@ PY = SimpleNamespace(
     reopen=hotcalls.py_reopen,
     send_reopened=hotcalls.py_send_reopened,
 )
+PY.answer_hit = hotcalls.py_answer_hit
 IMPLS = {"python": PY}
 if hotcalls._c is not None:
     IMPLS["c"] = hotcalls._c  # type: ignore[assignment]
@@ -259,3 +266,283 @@ def test_send_reopened_failures(
         assert _open_fds() == baseline - 1  # only b is gone: no fd kept
     finally:
         sealed.holder.close()
+
+
+# -- answer_hit: a whole hit in one call ----------------------------------
+
+
+class _HitRig:
+    """A cached file, its entry under its HostKey, and a socketpair to ask on."""
+
+    def __init__(self, tmp_path: Path, data: bytes = b"cached bytes " * 50) -> None:
+        self.path = tmp_path / "lib.so"
+        self.path.write_bytes(data)
+        self.data = data
+        self.file = sealed_from_bytes(data)
+        st = os.stat(self.path)
+        self.key = HostKey(st.st_dev, st.st_ino)
+        self.entry = Entry(
+            key=self.key,
+            version=(st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+            file=self.file,
+            label=None,
+            private=False,
+        )
+        self.entries: dict[object, Entry] = {self.key: self.entry}
+        self.trusted = True
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours.setblocking(False)
+        self.theirs.setblocking(False)
+        self.buf = bytearray(65536)
+
+    def is_local(self, dev: int, mnt: int) -> bool:
+        return self.trusted
+
+    def ask(
+        self, impl: SimpleNamespace, request: bytes, fds: list[int], max_file_size: int = 1 << 30
+    ) -> object:
+        hotcalls.py_send(self.theirs, request, fds)
+        return impl.answer_hit(
+            self.ours,
+            self.buf,
+            socket.CMSG_SPACE(64 * 4),
+            self.entries,
+            self.is_local,
+            max_file_size,
+        )
+
+    def reply(self) -> tuple[bytes, list[int]]:
+        return _received(self.theirs)
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+        self.file.holder.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[_HitRig]:
+    r = _HitRig(tmp_path)
+    yield r
+    r.close()
+
+
+def _ready_connection() -> ServerConnection:
+    proto = ServerConnection()
+    proto.receive(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
+    assert proto.state is ConnectionState.READY
+    return proto
+
+
+needs_c = pytest.mark.skipif("c" not in IMPLS, reason="the C extension is not built")
+
+
+@needs_c
+@pytest.mark.parametrize("id", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("label", ["absent", None, "/usr/lib/libc.so.6", "/é/ü"])
+def test_answer_hit_sends_protocol_bytes_and_a_fresh_fd(
+    rig: _HitRig, id: int, label: str | None
+) -> None:
+    msg: dict[str, object] = {"op": "open", "id": id}
+    if label != "absent":
+        msg["path"] = label
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    baseline = _open_fds()
+    cache_offset = os.lseek(rig.file.fd, 0, os.SEEK_CUR)
+    try:
+        got = rig.ask(IMPLS["c"], msgpack.packb(msg), [src])
+        assert got is rig.entry
+        assert _open_fds() == baseline  # the passed fd, received, is closed again
+        data, fds = rig.reply()
+        assert data == _ready_connection().send_opened(id, len(rig.data), True)
+        assert len(fds) == 1
+        try:
+            assert os.read(fds[0], len(rig.data) + 1) == rig.data
+            assert os.fstat(fds[0]).st_ino == os.fstat(rig.file.fd).st_ino
+            # Its own description: read from 0, the cache's offset untouched.
+            assert os.lseek(rig.file.fd, 0, os.SEEK_CUR) == cache_offset
+        finally:
+            os.close(fds[0])
+    finally:
+        os.close(src)
+
+
+def _declined(rig: _HitRig, got: object, request: bytes, nfds: int) -> None:
+    """*got* is recv()'s tuple for *request*: nothing was sent, the fds came back."""
+    assert type(got) is tuple
+    n, _flags, fds = got
+    try:
+        assert bytes(rig.buf[:n]) == request[: len(rig.buf)]
+        assert len(fds) == nfds
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with pytest.raises(BlockingIOError):
+        rig.reply()
+
+
+def test_answer_hit_declines_what_it_does_not_answer(
+    impl: SimpleNamespace, rig: _HitRig, tmp_path: Path
+) -> None:
+    canonical = msgpack.packb({"op": "open", "id": 7, "path": str(rig.path)})
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    other = tmp_path / "other"
+    other.write_bytes(b"not cached")
+    baseline = _open_fds()
+    try:
+        if impl is PY:  # the Python version leaves every hit to the server
+            _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        # Not cached; another version; an untrusted file system; too large.
+        with open(other, "rb") as f:
+            _declined(rig, rig.ask(impl, canonical, [f.fileno()]), canonical, 1)
+        rig.entry.version = (len(rig.data), 1, 2)
+        _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        rig.entry.version = (len(rig.data), *os.stat(rig.path)[8:10])  # whole seconds: not it
+        _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        st = os.stat(rig.path)
+        rig.entry.version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        rig.trusted = False
+        _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        rig.trusted = True
+        _declined(rig, rig.ask(impl, canonical, [src], max_file_size=10), canonical, 1)
+        # Not readable, not regular, not one fd, not this op.
+        opath = os.open(rig.path, os.O_PATH | os.O_CLOEXEC)
+        wronly = os.open(rig.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _declined(rig, rig.ask(impl, canonical, [opath]), canonical, 1)
+            _declined(rig, rig.ask(impl, canonical, [wronly]), canonical, 1)
+        finally:
+            os.close(opath)
+            os.close(wronly)
+        directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _declined(rig, rig.ask(impl, canonical, [directory]), canonical, 1)
+        finally:
+            os.close(directory)
+        _declined(rig, rig.ask(impl, canonical, [src, src]), canonical, 2)
+        _declined(rig, rig.ask(impl, canonical, []), canonical, 0)
+        batch = msgpack.packb({"op": "open_batch", "id": 7})
+        _declined(rig, rig.ask(impl, batch, [src]), batch, 1)
+        # A reply that does not fit: declined, to be sent in turn.
+        while True:
+            try:
+                hotcalls.py_send(rig.ours, b"x" * 4096, [])
+            except BlockingIOError:
+                break
+        got = rig.ask(impl, canonical, [src])
+        assert type(got) is tuple
+        for fd in got[2]:
+            os.close(fd)
+        assert _open_fds() == baseline
+    finally:
+        os.close(src)
+
+
+@needs_c
+def test_answer_hit_passes_on_what_is_local_raises_and_keeps_no_fd(rig: _HitRig) -> None:
+    def broken(dev: int, mnt: int) -> bool:
+        raise RuntimeError("a bug in the trust check")
+
+    rig.is_local = broken  # type: ignore[method-assign]
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    baseline = _open_fds()
+    try:
+        with pytest.raises(RuntimeError, match="trust check"):
+            rig.ask(IMPLS["c"], msgpack.packb({"op": "open", "id": 1}), [src])
+        assert _open_fds() == baseline
+    finally:
+        os.close(src)
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.sampled_from(["open", "open_batch", "stats", "/lib/x.so"]),
+    st.text(min_size=1020, max_size=1030),
+)
+_maps = st.dictionaries(
+    st.sampled_from(["op", "id", "path", "x", b"op", "Op"]), _values, max_size=4
+).map(lambda m: {**m, "op": "open"} if "op" in m and m["op"] is None else m)
+
+
+@needs_c
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    msg=st.one_of(_maps, st.fixed_dictionaries({"op": st.just("open"), "id": _values})),
+    mutate=st.one_of(st.none(), st.tuples(st.integers(0, 40), st.integers(0, 255))),
+    trailing=st.binary(max_size=2),
+)
+def test_answer_hit_answers_only_what_protocol_py_reads_as_that_open(
+    rig: _HitRig, msg: dict[object, object], mutate: tuple[int, int] | None, trailing: bytes
+) -> None:
+    request = bytearray(msgpack.packb(msg))
+    if mutate is not None and mutate[0] < len(request):
+        request[mutate[0]] = mutate[1]
+    request += trailing
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            event = _ready_connection().receive(bytes(request), [src])
+        except ProtocolError:
+            event = None
+        got = rig.ask(IMPLS["c"], bytes(request), [src])
+        if got is rig.entry:
+            # It answered: protocol.py reads the same datagram as that open.
+            assert isinstance(event, Open) and event.fd == src
+            data, fds = rig.reply()
+            close_all(fds)
+            assert data == _ready_connection().send_opened(event.id, len(rig.data), True)
+        else:
+            _declined(rig, got, bytes(request), 1)
+            # The plain request, in whatever msgpack form, is always answered.
+            assert not (
+                isinstance(event, Open)
+                and set(msg) <= {"op", "id", "path"}
+                and not trailing
+                and mutate is None
+                and (event.label is None or len(event.label.encode()) <= 1024)
+            )
+    finally:
+        os.close(src)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "label",
+    [
+        b"/lib/\xe2\x82\xac",  # valid: a 3-byte character
+        b"/lib/\xf0\x9f\x98\x80",  # valid: a 4-byte character
+        b"/lib/\xff",
+        b"/lib/\xc0\x80",  # overlong NUL
+        b"/lib/\xe0\x80\x80",  # overlong, 3 bytes
+        b"/lib/\xed\xa0\x80",  # a surrogate
+        b"/lib/\xf4\x90\x80\x80",  # past U+10FFFF
+        b"/lib/\xe2\x82",  # cut short
+        b"/lib/\x80",  # a lone continuation byte
+    ],
+)
+def test_answer_hit_reads_labels_as_strictly_as_protocol_py(rig: _HitRig, label: bytes) -> None:
+    # A label that is not UTF-8 makes the request malformed to protocol.py;
+    # the C path must not answer it as a hit.
+    request = b"\x83\xa2op\xa4open\xa2id\x05\xa4path" + bytes([0xA0 | len(label)]) + label
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            _ready_connection().receive(request, [src])
+            valid = True
+        except ProtocolError:
+            valid = False
+        got = rig.ask(IMPLS["c"], request, [src])
+        if valid:
+            assert got is rig.entry
+            close_all(rig.reply()[1])
+        else:
+            _declined(rig, got, request, 1)
+    finally:
+        os.close(src)
