@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from . import memfd
+from . import hotcalls, memfd
 from .fds import FdHolder
 
 KiB = 1024
@@ -86,10 +86,20 @@ class Throughput:
     batch_hits_per_s: float = 0.0
     #: Opens per second the transport floor answers, with the same client.
     floor_per_s: float = 0.0
+    #: The same with the C client (client/c) in each process: hits, and
+    #: status-quo copies made in C; None when it could not be built here.
+    c_hits_per_s: float | None = None
+    c_copies_per_s: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.hits_per_s / self.copies_per_s if self.copies_per_s else float("inf")
+
+    @property
+    def c_ratio(self) -> float | None:
+        if self.c_hits_per_s is None or not self.c_copies_per_s:
+            return None
+        return self.c_hits_per_s / self.c_copies_per_s
 
 
 @attrs.frozen
@@ -120,6 +130,12 @@ class BenchResult:
     memory: Memory | None
     crowd: Crowd | None
     seconds: float
+    #: The daemon's CPU time per hit in the busiest run with C clients.
+    c_cpu_us_per_hit: float | None = None
+    #: Why there are no C client figures ("" when there are).
+    c_client_missing: str = ""
+    #: Where the daemon's hit path ran: hotcalls.DESCRIPTION of this install.
+    hit_path: str = ""
 
     @property
     def floor_ratio(self) -> float:
@@ -132,6 +148,7 @@ class BenchResult:
             raw["speedup"] = s.speedup
         for t, raw in zip(self.throughput, out["throughput"], strict=True):
             raw["ratio"] = t.ratio
+            raw["c_ratio"] = t.c_ratio
         return out
 
 
@@ -279,6 +296,59 @@ def _holder(mode: str, socket_path: str, path: str, pipe: Pipe) -> None:
     os.close(fd)
 
 
+#: The C client's sources, next to the Python client's in the source tree.
+C_CLIENT_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "client", "c"
+)
+
+
+def build_c_client(workdir: str) -> tuple[str | None, str]:
+    """Compile client/c's shadowd-open into *workdir*: (its path, "") or (None, why not)."""
+    sources = [os.path.join(C_CLIENT_DIR, name) for name in ("shadowd-open.c", "shadowd.c")]
+    if not all(os.path.exists(src) for src in sources):
+        return None, f"no C client sources at {C_CLIENT_DIR} (not a source checkout)"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc, gcc or $CC)"
+    binary = os.path.join(workdir, "shadowd-open")
+    done = subprocess.run(
+        [cc, "-O2", "-o", binary, *sources], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return None, f"the C client did not compile: {done.stderr.strip()[:200]}"
+    return binary, ""
+
+
+def run_c_clients(binary: str, n: int, args: list[str], seconds: float) -> int:
+    """*n* shadowd-open processes looping for *seconds*, started together; total opens."""
+    command = [binary, "-g", "-l", str(seconds), *args]
+    procs = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a C client process did not start")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        total = 0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=seconds + 60)
+            if proc.returncode != 0:
+                raise RuntimeError(f"a C client process failed (status {proc.returncode})")
+            total += int(out)
+        return total
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 class Bench:
     """One benchmark run; see ``shadowd bench --help``."""
 
@@ -363,7 +433,10 @@ class Bench:
                 big = os.path.join(workdir, "file-2MiB")
                 with open(big, "wb") as f:
                     f.write(os.urandom(THROUGHPUT_SIZE))
-                throughput, cpu = self._throughput(socket_path, floor_path, big, daemon_pid)
+                c_client, c_missing = build_c_client(workdir)
+                throughput, cpu, c_cpu = self._throughput(
+                    socket_path, floor_path, big, daemon_pid, c_client
+                )
                 memory = self._memory(socket_path, workdir) if self.memory_procs else None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -378,6 +451,9 @@ class Bench:
             memory=memory,
             crowd=crowd,
             seconds=time.monotonic() - started,
+            c_cpu_us_per_hit=c_cpu,
+            c_client_missing=c_missing,
+            hit_path=hotcalls.DESCRIPTION,
         )
 
     def _latency(
@@ -488,10 +564,16 @@ class Bench:
             return results
 
     def _throughput(
-        self, socket_path: str, floor_path: str, path: str, daemon_pid: int
-    ) -> tuple[list[Throughput], float | None]:
+        self,
+        socket_path: str,
+        floor_path: str,
+        path: str,
+        daemon_pid: int,
+        c_client: str | None,
+    ) -> tuple[list[Throughput], float | None, float | None]:
         out = []
         cpu_per_hit: float | None = None
+        c_cpu_per_hit: float | None = None
         for n in self.procs:
             self._say(f"throughput, {n} client process{'es' if n > 1 else ''}")
             cpu0 = _cpu_seconds(daemon_pid)
@@ -500,6 +582,14 @@ class Bench:
             copies = sum(self._run_workers(_worker, n, "copy", socket_path, path, self.seconds))
             batched = sum(self._run_workers(_worker, n, "batch", socket_path, path, self.seconds))
             floor = sum(self._run_workers(_worker, n, "hit", floor_path, path, self.seconds))
+            c_hits = c_copies = None
+            if c_client is not None:
+                cpu2 = _cpu_seconds(daemon_pid)
+                c_hits = run_c_clients(c_client, n, ["-s", socket_path, path], self.seconds)
+                cpu3 = _cpu_seconds(daemon_pid)
+                c_copies = run_c_clients(c_client, n, ["-c", path], self.seconds)
+                if n == max(self.procs) and c_hits:
+                    c_cpu_per_hit = (cpu3 - cpu2) / c_hits * 1e6
             out.append(
                 Throughput(
                     n,
@@ -507,11 +597,13 @@ class Bench:
                     copies / self.seconds,
                     batch_hits_per_s=batched / self.seconds,
                     floor_per_s=floor / self.seconds,
+                    c_hits_per_s=None if c_hits is None else c_hits / self.seconds,
+                    c_copies_per_s=None if c_copies is None else c_copies / self.seconds,
                 )
             )
             if n == max(self.procs) and hits:
                 cpu_per_hit = (cpu1 - cpu0) / hits * 1e6
-        return out, cpu_per_hit
+        return out, cpu_per_hit, c_cpu_per_hit
 
     def _memory(self, socket_path: str, workdir: str) -> Memory:
         size = 16 * MiB
@@ -581,6 +673,22 @@ def format_result(r: BenchResult) -> str:
         )
     if r.cpu_us_per_hit is not None:
         lines.append(f"daemon CPU time per hit (busiest run): {r.cpu_us_per_hit:.1f} us")
+    if r.c_client_missing:
+        lines.append(f"C client: not measured ({r.c_client_missing})")
+    else:
+        lines += [
+            "",
+            "the same processes running the C client (client/c) instead, copies made in C:",
+            f"{'client processes':>16} {'hits/s':>10} {'copies/s':>10} {'hits/copies':>12}",
+        ]
+        for t in r.throughput:
+            lines.append(
+                f"{t.procs:>16} {t.c_hits_per_s or 0:>10.0f} {t.c_copies_per_s or 0:>10.0f}"
+                f" {t.c_ratio or 0:>11.2f}x"
+            )
+        if r.c_cpu_us_per_hit is not None:
+            lines.append(f"daemon CPU time per hit (busiest run): {r.c_cpu_us_per_hit:.1f} us")
+    lines.append(f"daemon hit path system calls in: {r.hit_path}")
     if r.memory is not None:
         m = r.memory
         lines += [

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import trio
+
+from shadowd import hotcalls
+from shadowd.bench import build_c_client
 
 from .conftest import REPO, repo_env
 
@@ -24,7 +28,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_bench_json_hangs_together() -> None:
+async def test_bench_json_hangs_together(tmp_path: Path) -> None:
     with trio.fail_after(150):
         proc = await trio.to_thread.run_sync(
             lambda: run_bench(
@@ -58,6 +62,13 @@ async def test_bench_json_hangs_together() -> None:
     assert mem["private_bytes"] > mem["shadowd_bytes"] + 16 * 1024 * 1024
     assert data["crowd"]["connections"] == 10
     assert data["cpu_us_per_hit"] > 0
+    assert data["hit_path"] == hotcalls.DESCRIPTION
+    if build_c_client(str(tmp_path))[0] is not None:  # a compiler here: C figures too
+        assert data["c_client_missing"] == ""
+        for t in data["throughput"]:
+            assert t["c_hits_per_s"] > 0 and t["c_copies_per_s"] > 0
+            assert t["c_ratio"] == t["c_hits_per_s"] / t["c_copies_per_s"]
+        assert data["c_cpu_us_per_hit"] > 0
 
 
 async def test_bench_table_and_bad_flags() -> None:
@@ -79,6 +90,7 @@ async def test_bench_table_and_bad_flags() -> None:
         assert proc.returncode == 0, proc.stderr
         assert "copy/hit" in proc.stdout and "crossover" in proc.stdout
         assert "transport floor" in proc.stdout
+        assert f"daemon hit path system calls in: {hotcalls.DESCRIPTION}" in proc.stdout
         bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))
     assert bad.returncode == 2 and "--procs" in bad.stderr
     assert "Traceback" not in bad.stderr
