@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 
 import attrs
 
@@ -66,7 +67,23 @@ def seal(fd: int, *, executable: bool) -> None:
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
+    for delay in _SEAL_RETRY_DELAYS:
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+            return
+        except OSError as exc:
+            # EBUSY: pages of the file are pinned for a moment (seen under
+            # load right after sendfile filled it), or something maps it
+            # writable; the kernel waited some tens of ms before saying so.
+            if exc.errno != errno.EBUSY:
+                raise
+        time.sleep(delay)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+
+
+#: Pauses between attempts to seal a file the kernel says is busy. seal()
+#: runs in worker threads and clients, never on the daemon's loop.
+_SEAL_RETRY_DELAYS = (0.01, 0.02, 0.04)
 
 
 def seals_of(fd: int) -> int:

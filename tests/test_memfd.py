@@ -5,6 +5,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,37 @@ def test_released_file_refuses_share() -> None:
         sealed.share()
     with pytest.raises(ValueError):
         sealed.release()
+
+
+def test_sealing_a_file_busy_for_a_moment_waits_for_it() -> None:
+    # A writable shared mapping makes F_ADD_SEALS fail with EBUSY, as pages
+    # pinned for a moment after a sendfile do under load. seal() tries again
+    # for a while; the mapping goes away part way.
+    fd = memfd.create(executable=False)
+    try:
+        os.write(fd, b"busy")
+        mapping = mmap.mmap(fd, 4, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        timer = threading.Timer(0.015, mapping.close)
+        timer.start()
+        memfd.seal(fd, executable=False)
+        timer.join()
+        assert memfd.is_sealed(fd)
+        with pytest.raises(OSError):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
+def test_sealing_a_file_that_stays_busy_fails() -> None:
+    fd = memfd.create(executable=False)
+    try:
+        os.write(fd, b"busy")
+        with (
+            mmap.mmap(fd, 4, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE),
+            pytest.raises(OSError) as info,
+        ):
+            memfd.seal(fd, executable=False)
+        assert info.value.errno == errno.EBUSY
+        assert not memfd.is_sealed(fd)
+    finally:
+        os.close(fd)
