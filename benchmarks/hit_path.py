@@ -197,8 +197,8 @@ def _timed(
         theirs.sendmsg([request], scm_rights([src]))
         t = time.perf_counter_ns()
         answered = answer(conn)
-        close_all(poller._closing)
-        poller._closing.clear()
+        close_all(poller.closing)
+        poller.closing.clear()
         spent += time.perf_counter_ns() - t
         if not answered:
             raise RuntimeError(f"not answered as a hit: {conn.job}")

@@ -611,7 +611,7 @@ int_attr(PyObject *obj, const char *name, long *out)
  * with an exception set when Python code it called raised. */
 static PyObject *
 try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *entries,
-        PyObject *is_local, unsigned long long max_file_size)
+        PyObject *is_local, unsigned long long max_file_size, int *served_out)
 {
     struct kstatx stx;
     uint64_t id;
@@ -681,36 +681,40 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         return DECLINED; /* protocol.py's path tries again and refuses */
     }
     ssize_t n = send_with_fds(sockfd, reply, k, &served, 1);
-    close(served); /* the message in flight holds its own reference */
     if (n < 0) {
+        close(served);
         Py_DECREF(entry);
         return DECLINED; /* no room (it waits its turn) or the peer left: same path */
     }
+    *served_out = served; /* the message in flight holds its own reference */
     return entry;
 }
 
 PyDoc_STRVAR(answer_hit_doc,
-"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size) -> Entry | tuple\n\n"
+"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size, closing)\n"
+"    -> Entry | tuple\n\n"
 "Read one datagram as recv() does. When it is a canonical `open` of a\n"
 "regular, readable file of a trusted file system (is_local(dev, mnt)) whose\n"
 "version is cached in *entries* under (dev, ino), answer it: a fresh\n"
 "read-only open of the entry's file, sent with protocol.py's exact reply,\n"
-"and the passed fd closed; return the entry, whose hit the caller counts.\n"
+"return the entry, whose hit the caller counts. The passed fd and the new\n"
+"one are appended to *closing*, for the caller to close (the poller closes\n"
+"a round's fds together, usually with one close_range).\n"
 "Otherwise nothing is sent and it returns recv()'s (nbytes, flags, fds)\n"
 "for the ordinary path, which decides everything again.");
 
 static PyObject *
 answer_hit(PyObject *self, PyObject *args)
 {
-    PyObject *sock, *entries, *is_local;
+    PyObject *sock, *entries, *is_local, *closing;
     Py_buffer buf;
     Py_ssize_t ancsize, nfds;
     unsigned long long max_file_size;
-    int sockfd, flags, fds[MAX_FDS];
+    int sockfd, flags, fds[MAX_FDS], served = -1;
     ssize_t n;
 
-    if (!PyArg_ParseTuple(args, "Ow*nO!OK:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
-                          &entries, &is_local, &max_file_size))
+    if (!PyArg_ParseTuple(args, "Ow*nO!OKO!:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
+                          &entries, &is_local, &max_file_size, &PyList_Type, &closing))
         return NULL;
     sockfd = recv_args(sock, ancsize);
     if (sockfd < 0) {
@@ -724,14 +728,25 @@ answer_hit(PyObject *self, PyObject *args)
     }
     PyObject *entry = DECLINED;
     if (nfds == 1 && !(flags & (MSG_TRUNC | MSG_CTRUNC)) && n > 0)
-        entry = try_hit(sockfd, buf.buf, (size_t)n, fds[0], entries, is_local, max_file_size);
+        entry = try_hit(sockfd, buf.buf, (size_t)n, fds[0], entries, is_local, max_file_size,
+                        &served);
     PyBuffer_Release(&buf);
     if (entry == NULL) {
         close_fds(fds, nfds);
         return NULL;
     }
     if (entry != DECLINED) {
-        close(fds[0]);
+        int pair[2] = {fds[0], served};
+        for (int i = 0; i < 2; i++) {
+            PyObject *fd = PyLong_FromLong(pair[i]);
+            if (fd == NULL || PyList_Append(closing, fd) < 0) {
+                Py_XDECREF(fd);
+                close_fds(pair + i, 2 - i); /* the rest, now */
+                Py_DECREF(entry);
+                return NULL;
+            }
+            Py_DECREF(fd);
+        }
         return entry;
     }
     return received(n, flags, fds, nfds);

@@ -135,6 +135,7 @@ def py_answer_hit(  # noqa: PLR0917 (the C function's positional signature)
     entries: Mapping[Hashable, object],
     is_local: Callable[[int, int], bool],
     max_file_size: int,
+    closing: list[int],
 ) -> tuple[int, int, list[int]]:
     """Read one datagram; the C version answers a cache hit itself.
 
@@ -149,7 +150,8 @@ recv: Callable[[socket.socket, bytearray | memoryview, int], tuple[int, int, lis
 send: Callable[[socket.socket, bytes | memoryview, Sequence[int]], int]
 reopen: Callable[[int, int], int]
 send_reopened: Callable[[socket.socket, bytes | memoryview, int, int], int]
-#: Returns the answered hit's cache entry, or recv()'s tuple (see py_answer_hit).
+#: Returns the answered hit's cache entry (its two fds appended to the last
+#: argument, to be closed), or recv()'s tuple (see py_answer_hit).
 answer_hit: Callable[
     [
         socket.socket,
@@ -158,6 +160,7 @@ answer_hit: Callable[
         Mapping[Hashable, object],
         Callable[[int, int], bool],
         int,
+        list[int],
     ],
     object,
 ]

@@ -53,7 +53,8 @@ class Poller(Generic[T]):
             if first is not None:
                 first.close()
         self._owners: dict[int, T] = {}
-        self._closing: list[int] = []
+        #: The fds to close at the end of this round (see close_later).
+        self.closing: list[int] = []
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -73,7 +74,7 @@ class Poller(Generic[T]):
 
     def close_later(self, fd: int) -> None:
         """Close *fd* at the end of the current round (with the round's other fds)."""
-        self._closing.append(fd)
+        self.closing.append(fd)
 
     def close(self) -> None:
         self._owners.clear()
@@ -116,6 +117,6 @@ class Poller(Generic[T]):
                 if owner is not None and not answer(owner):
                     self.unpark(fd)
         finally:
-            if self._closing:
-                close_all(self._closing)
-                self._closing.clear()
+            if self.closing:
+                close_all(self.closing)
+                self.closing.clear()

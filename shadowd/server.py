@@ -536,6 +536,7 @@ class Server:
                     self._index,
                     self._is_local,
                     self._max_file_size,
+                    self._poller.closing,
                 )
                 if type(got) is not tuple:
                     self._count_host_hit(cast(Entry, got))

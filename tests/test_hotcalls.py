@@ -294,6 +294,8 @@ class _HitRig:
         self.ours.setblocking(False)
         self.theirs.setblocking(False)
         self.buf = bytearray(65536)
+        #: The fds an answered hit leaves for its caller to close.
+        self.closing: list[int] = []
 
     def is_local(self, dev: int, mnt: int) -> bool:
         return self.trusted
@@ -309,7 +311,15 @@ class _HitRig:
             self.entries,
             self.is_local,
             max_file_size,
+            self.closing,
         )
+
+    def close_used(self) -> int:
+        """Close what an answered hit left to close; how many fds that was."""
+        used = len(self.closing)
+        close_all(self.closing)
+        self.closing.clear()
+        return used
 
     def reply(self) -> tuple[bytes, list[int]]:
         return _received(self.theirs)
@@ -352,7 +362,9 @@ def test_answer_hit_sends_protocol_bytes_and_a_fresh_fd(
     try:
         got = rig.ask(IMPLS["c"], msgpack.packb(msg), [src])
         assert got is rig.entry
-        assert _open_fds() == baseline  # the passed fd, received, is closed again
+        # The passed fd as received and the one sent, left for the round's end.
+        assert rig.close_used() == 2
+        assert _open_fds() == baseline
         data, fds = rig.reply()
         assert data == _ready_connection().send_opened(id, len(rig.data), True)
         assert len(fds) == 1
@@ -370,6 +382,7 @@ def test_answer_hit_sends_protocol_bytes_and_a_fresh_fd(
 def _declined(rig: _HitRig, got: object, request: bytes, nfds: int) -> None:
     """*got* is recv()'s tuple for *request*: nothing was sent, the fds came back."""
     assert type(got) is tuple
+    assert rig.closing == []
     n, _flags, fds = got
     try:
         assert bytes(rig.buf[:n]) == request[: len(rig.buf)]
@@ -450,6 +463,7 @@ def test_answer_hit_passes_on_what_is_local_raises_and_keeps_no_fd(rig: _HitRig)
         with pytest.raises(RuntimeError, match="trust check"):
             rig.ask(IMPLS["c"], msgpack.packb({"op": "open", "id": 1}), [src])
         assert _open_fds() == baseline
+        assert rig.closing == []
     finally:
         os.close(src)
 
@@ -494,6 +508,7 @@ def test_answer_hit_answers_only_what_protocol_py_reads_as_that_open(
         got = rig.ask(IMPLS["c"], bytes(request), [src])
         if got is rig.entry:
             # It answered: protocol.py reads the same datagram as that open.
+            assert rig.close_used() == 2
             assert isinstance(event, Open) and event.fd == src
             data, fds = rig.reply()
             close_all(fds)
@@ -541,6 +556,7 @@ def test_answer_hit_reads_labels_as_strictly_as_protocol_py(rig: _HitRig, label:
         got = rig.ask(IMPLS["c"], request, [src])
         if valid:
             assert got is rig.entry
+            assert rig.close_used() == 2
             close_all(rig.reply()[1])
         else:
             _declined(rig, got, request, 1)
