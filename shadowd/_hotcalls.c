@@ -98,6 +98,38 @@ PyDoc_STRVAR(statx_nosync_doc,
 "statx(AT_EMPTY_PATH | AT_STATX_DONT_SYNC): the kernel's cached attributes.\n"
 "None when the file system left a field of the key out; OSError on failure.");
 
+/* sec * 10^9 + nsec into *out; 0 when it does not fit in 64 bits (a
+ * timestamp before 1677 or after 2262, which a file may carry). */
+static int
+ns_of(const struct kstatx_timestamp *t, long long *out)
+{
+    long long ns;
+    if (__builtin_mul_overflow((long long)t->tv_sec, 1000000000LL, &ns) ||
+        __builtin_add_overflow(ns, (long long)t->tv_nsec, &ns))
+        return 0;
+    *out = ns;
+    return 1;
+}
+
+/* The same as a Python int, exact for any timestamp. */
+static PyObject *
+ns_object(const struct kstatx_timestamp *t)
+{
+    long long ns;
+    if (ns_of(t, &ns))
+        return PyLong_FromLongLong(ns);
+    PyObject *sec = PyLong_FromLongLong((long long)t->tv_sec);
+    PyObject *giga = PyLong_FromLong(1000000000L);
+    PyObject *nsec = PyLong_FromUnsignedLong(t->tv_nsec);
+    PyObject *scaled = sec && giga ? PyNumber_Multiply(sec, giga) : NULL;
+    PyObject *sum = scaled && nsec ? PyNumber_Add(scaled, nsec) : NULL;
+    Py_XDECREF(sec);
+    Py_XDECREF(giga);
+    Py_XDECREF(nsec);
+    Py_XDECREF(scaled);
+    return sum;
+}
+
 static PyObject *
 statx_nosync(PyObject *self, PyObject *arg)
 {
@@ -115,11 +147,15 @@ statx_nosync(PyObject *self, PyObject *arg)
     if ((stx.mask & K_STATX_WANTED) != K_STATX_WANTED)
         Py_RETURN_NONE;
     unsigned long long dev = makedev_glibc(stx.dev_major, stx.dev_minor);
+    PyObject *mtime = ns_object(&stx.mtime);
+    PyObject *ctime = mtime ? ns_object(&stx.ctime) : NULL;
+    if (ctime == NULL) {
+        Py_XDECREF(mtime);
+        return NULL;
+    }
     return Py_BuildValue(
-        "(KKIKLLK)", dev, (unsigned long long)stx.ino, (unsigned)stx.mode,
-        (unsigned long long)stx.size,
-        (long long)stx.mtime.tv_sec * 1000000000LL + stx.mtime.tv_nsec,
-        (long long)stx.ctime.tv_sec * 1000000000LL + stx.ctime.tv_nsec,
+        "(KKIKNNK)", dev, (unsigned long long)stx.ino, (unsigned)stx.mode,
+        (unsigned long long)stx.size, mtime, ctime,
         (unsigned long long)((stx.mask & K_STATX_MNT_ID_UNIQUE) ? stx.mnt_id : 0));
 }
 
@@ -291,12 +327,14 @@ send_datagram(PyObject *self, PyObject *args)
         PyBuffer_Release(&data);
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(seq, "fds must be a sequence of ints");
+    /* A tuple of our own: a list could change under us while an item's
+     * __index__ runs. */
+    PyObject *fast = PySequence_Tuple(seq);
     if (fast == NULL) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    Py_ssize_t nfds = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t nfds = PyTuple_GET_SIZE(fast);
     if (nfds > MAX_FDS) {
         Py_DECREF(fast);
         PyBuffer_Release(&data);
@@ -304,7 +342,14 @@ send_datagram(PyObject *self, PyObject *args)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < nfds; i++) {
-        if (!fd_arg(PySequence_Fast_GET_ITEM(fast, i), &fds[i])) {
+        PyObject *item = PyTuple_GET_ITEM(fast, i);
+        if (!PyLong_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "fds must be ints");
+            Py_DECREF(fast);
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        if (!fd_arg(item, &fds[i])) {
             Py_DECREF(fast);
             PyBuffer_Release(&data);
             return NULL;
@@ -614,7 +659,7 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         PyObject *is_local, unsigned long long max_file_size, int *served_out)
 {
     struct kstatx stx;
-    uint64_t id;
+    uint64_t id = 0;
     unsigned char reply[64];
 
     if (parse_open(data, len, &id) < 0)
@@ -629,6 +674,9 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         return DECLINED;
     if ((stx.mode & 0170000) != 0100000 || stx.size > max_file_size)
         return DECLINED; /* not a regular file, or too large: protocol.py says so */
+    long long mtime_ns, ctime_ns;
+    if (!ns_of(&stx.mtime, &mtime_ns) || !ns_of(&stx.ctime, &ctime_ns))
+        return DECLINED; /* a timestamp past 2262: Python's ints take it */
     unsigned long long dev = makedev_glibc(stx.dev_major, stx.dev_minor);
     unsigned long long mnt = (stx.mask & K_STATX_MNT_ID_UNIQUE) ? stx.mnt_id : 0;
 
@@ -650,10 +698,7 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
     Py_INCREF(entry);
 
     PyObject *version = PyObject_GetAttrString(entry, "version");
-    PyObject *want = Py_BuildValue(
-        "(KLL)", (unsigned long long)stx.size,
-        (long long)stx.mtime.tv_sec * 1000000000LL + stx.mtime.tv_nsec,
-        (long long)stx.ctime.tv_sec * 1000000000LL + stx.ctime.tv_nsec);
+    PyObject *want = Py_BuildValue("(KLL)", (unsigned long long)stx.size, mtime_ns, ctime_ns);
     int same = version && want ? PyObject_RichCompareBool(version, want, Py_EQ) : -1;
     Py_XDECREF(version);
     Py_XDECREF(want);
@@ -732,8 +777,14 @@ answer_hit(PyObject *self, PyObject *args)
                         &served);
     PyBuffer_Release(&buf);
     if (entry == NULL) {
-        close_fds(fds, nfds);
-        return NULL;
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            close_fds(fds, nfds); /* KeyboardInterrupt, SystemExit: not ours to keep */
+            return NULL;
+        }
+        /* Python code it called raised (the trust check, an attribute):
+         * the Python path meets the same error and answers the request. */
+        PyErr_Clear();
+        entry = DECLINED;
     }
     if (entry != DECLINED) {
         int pair[2] = {fds[0], served};

@@ -9,14 +9,16 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 import trio
 
-from shadowd.bench import build_c_client, run_c_clients
+from shadowd.bench import C_CLIENT_DIR, build_c_client, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import Daemon, make_file, settle
@@ -153,3 +155,169 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
     # What the C client writes is what the protocol documents.
     assert hello == {"op": "hello", "id": 0, "version": 1, "client": "shadowd.c/1"}
     assert open_ == {"op": "open", "id": 1, "path": "/etc/hostname"}
+
+
+@pytest.fixture(scope="module")
+def quick_c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The C client built to give up after 1 s instead of 30."""
+    out = tmp_path_factory.mktemp("cclient1") / "shadowd-open"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None
+    sources = [os.path.join(C_CLIENT_DIR, n) for n in ("shadowd-open.c", "shadowd.c")]
+    subprocess.run([cc, "-O2", "-DSHADOWD_TIMEOUT_SECONDS=1", "-o", str(out), *sources], check=True)
+    return str(out)
+
+
+async def test_a_daemon_restart_between_opens_is_survived(
+    c_client: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    first = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+    f1 = make_file(tmp_path / "one", b"first file")
+    f2 = make_file(tmp_path / "two", b"second file")
+    settle(f1, f2)
+    proc = subprocess.Popen(
+        [c_client, "-g", "-s", str(first.socket_path), str(f1), str(f2)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with trio.fail_after(30):
+            assert await trio.to_thread.run_sync(proc.stdout.readline) == b"ready\n"
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            assert await trio.to_thread.run_sync(proc.stdout.readline) == b"first fileready\n"
+            first.kill()
+            await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+            out, err = await trio.to_thread.run_sync(proc.communicate, b"go\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == b"second file"
+
+
+@pytest.fixture
+def slow_stand_in(tmp_path: Path) -> Iterator[Path]:
+    """A daemon whose first connection answers its open 1.5 s late; the next is prompt."""
+    path = tmp_path / "slow.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    listener.settimeout(10)
+
+    def answer(conn: socket.socket, delay: float) -> None:
+        conn.settimeout(10)
+        hello = msgpack.unpackb(conn.recv(4096))
+        reply = {"id": hello["id"], "ok": True, "version": 1, "server": "slow", "limits": {}}
+        conn.send(msgpack.packb(reply))
+        data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
+        src = int.from_bytes(anc[0][2][:4], "little")
+        time.sleep(delay)
+        served = os.open(f"/proc/self/fd/{src}", os.O_RDONLY | os.O_CLOEXEC)
+        os.close(src)
+        sealed = memfd_copy(served)
+        os.close(served)
+        msg = msgpack.unpackb(data)
+        size = os.fstat(sealed).st_size
+        try:
+            conn.sendmsg(
+                [msgpack.packb({"id": msg["id"], "ok": True, "size": size, "hit": False})],
+                scm_rights([sealed]),
+            )
+        except OSError:
+            pass  # the client gave up on this connection
+        os.close(sealed)
+
+    def handle(conn: socket.socket, delay: float) -> None:
+        with conn:
+            answer(conn, delay)
+            conn.recv(1)  # until the client goes
+
+    handlers: list[threading.Thread] = []
+
+    def serve() -> None:
+        for delay in (1.5, 0.0):  # in the order the client connects
+            conn, _ = listener.accept()
+            handlers.append(threading.Thread(target=handle, args=(conn, delay), daemon=True))
+            handlers[-1].start()
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    yield path
+    acceptor.join(timeout=10)
+    for thread in handlers:
+        thread.join(timeout=10)
+    listener.close()
+
+
+def memfd_copy(fd: int) -> int:
+    from shadowd.memfd import sealed_copy
+    from shadowd.source import SourceStat
+
+    sealed = sealed_copy(fd, SourceStat.from_stat_result(os.fstat(fd)))
+    try:
+        return sealed.share()  # its own offset, at 0
+    finally:
+        sealed.release()
+
+
+def test_a_late_reply_does_not_answer_the_next_open(
+    quick_c_client: str, slow_stand_in: Path, tmp_path: Path
+) -> None:
+    f = make_file(tmp_path / "f", b"prompt bytes")
+    done = run(quick_c_client, "-s", str(slow_stand_in), str(f), str(f), timeout=30)
+    # The first open times out and its connection goes; the second, on a
+    # new connection, gets its own reply, not the first one's late one.
+    assert done.returncode == 1
+    assert done.stderr.count(b"timed out") == 1, done.stderr
+    assert b"answered another request" not in done.stderr
+    assert done.stdout == b"prompt bytes", done.stderr
+
+
+def test_a_daemon_that_does_not_accept_does_not_hold_connect(
+    quick_c_client: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(0)
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    try:
+        for s in held:  # fill the backlog
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                pass
+        started = time.monotonic()
+        done = run(quick_c_client, "-s", str(path), "/etc/hostname", timeout=20)
+        assert time.monotonic() - started < 10
+        assert done.returncode == 1
+        assert b"connecting to shadowd at" in done.stderr or b"timed out" in done.stderr
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
+async def test_a_long_path_goes_without_its_label_under_a_small_max_request(
+    c_client: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0.05", "--max-request", "512")
+    deep = tmp_path
+    while len(str(deep)) < 600:
+        deep = deep / ("d" * 50)
+    deep.mkdir(parents=True)
+    f = make_file(deep / "lib.so", b"deep bytes")
+    settle(f)
+    with trio.fail_after(30):
+        done = await trio.to_thread.run_sync(
+            lambda: run(c_client, "-s", str(d.socket_path), str(f))
+        )
+    # With the label the request would pass 512 bytes, be refused and the
+    # connection closed; without it the file is served.
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"deep bytes"

@@ -159,6 +159,23 @@ async def test_same_size_rewrite_with_old_mtime_is_served_fresh(
         await call(work)
 
 
+async def test_a_file_dated_past_2262_is_cached_and_hit(daemon: Daemon, tmp_path: Path) -> None:
+    # Its mtime does not fit 64-bit nanoseconds; the key must still be exact.
+    f = make_file(tmp_path / "future", b"from the future")
+    settle(f)
+    os.utime(f, ns=(10**19 + 5, 10**19 + 5))
+    settle(f)
+
+    def work() -> None:
+        for _ in range(3):
+            assert open_bytes(daemon, f) == b"from the future"
+        s = stats(daemon)
+        assert (s["misses"], s["hits"], s["invalidations"]) == (1, 2, 0)
+
+    with trio.fail_after(30):
+        await call(work)
+
+
 async def test_200_rewrite_then_open_rounds_never_stale(start_daemon: Any, tmp_path: Path) -> None:
     # No racy window: every round is cached, so every round tests the key.
     d = await start_daemon("--racy-window", "0")

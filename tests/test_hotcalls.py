@@ -451,21 +451,61 @@ def test_answer_hit_declines_what_it_does_not_answer(
         os.close(src)
 
 
+class _Interrupt(BaseException):
+    pass
+
+
 @needs_c
-def test_answer_hit_passes_on_what_is_local_raises_and_keeps_no_fd(rig: _HitRig) -> None:
+def test_answer_hit_leaves_an_error_of_the_trust_check_to_the_python_path(rig: _HitRig) -> None:
     def broken(dev: int, mnt: int) -> bool:
         raise RuntimeError("a bug in the trust check")
 
     rig.is_local = broken  # type: ignore[method-assign]
+    request = msgpack.packb({"op": "open", "id": 1})
     src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
     baseline = _open_fds()
     try:
-        with pytest.raises(RuntimeError, match="trust check"):
+        # Declined, fd and all: the Python path meets the same error and
+        # answers the request with an internal error.
+        _declined(rig, rig.ask(IMPLS["c"], request, [src]), request, 1)
+        assert _open_fds() == baseline
+    finally:
+        os.close(src)
+
+
+@needs_c
+def test_answer_hit_passes_on_an_interrupt_and_keeps_no_fd(rig: _HitRig) -> None:
+    def interrupted(dev: int, mnt: int) -> bool:
+        raise _Interrupt()
+
+    rig.is_local = interrupted  # type: ignore[method-assign]
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    baseline = _open_fds()
+    try:
+        with pytest.raises(_Interrupt):
             rig.ask(IMPLS["c"], msgpack.packb({"op": "open", "id": 1}), [src])
         assert _open_fds() == baseline
         assert rig.closing == []
     finally:
         os.close(src)
+
+
+def test_timestamps_past_2262_are_exact_and_never_answered_from_c(
+    impl: SimpleNamespace, rig: _HitRig
+) -> None:
+    # 64-bit nanoseconds end in 2262; files may carry later times.
+    far = 10**19 + 5
+    os.utime(rig.path, ns=(far, far))
+    fd = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        assert st.st_mtime_ns == far
+        assert impl.statx_nosync(fd)[4] == far
+        rig.entry.version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        request = msgpack.packb({"op": "open", "id": 3})
+        _declined(rig, rig.ask(impl, request, [fd]), request, 1)
+    finally:
+        os.close(fd)
 
 
 _values = st.one_of(

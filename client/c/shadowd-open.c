@@ -2,17 +2,19 @@
  * shadowd-open: the C client on the command line, and the C side of
  * `shadowd bench`.
  *
- *   shadowd-open [-s SOCKET] PATH
- *       write PATH's bytes, read from the fd shadowd served, to stdout;
- *       "SIZE hit|miss" to stderr with -v.
+ *   shadowd-open [-s SOCKET] [-v] [-g] PATH...
+ *       write each PATH's bytes, read from the fd shadowd served, to stdout,
+ *       over one connection; "SIZE hit|miss" to stderr with -v. With -g,
+ *       print "ready" before each open and wait for a line on stdin. A
+ *       failed open is reported and the next one tried.
  *   shadowd-open [-s SOCKET] [-c] [-g] -l SECONDS PATH
  *       open and close PATH through shadowd (with -c: copy it into a
  *       fresh sealed memfd, as supervisors do without shadowd) as often as
  *       possible for SECONDS; print how many times. With -g, print "ready"
  *       once connected and wait for a line on stdin before starting.
  *
- * Exit status: 0, 1 when shadowd refused or failed (the reason on stderr),
- * 2 for a usage error.
+ * Exit status: 0, 1 when shadowd refused or failed an open (the reason on
+ * stderr), 2 for a usage error.
  *
  * Must never: exit 0 after a failed open.
  */
@@ -57,6 +59,8 @@ copy_sealed(const char *path)
     off_t off = 0;
     while (fd >= 0 && off < st.st_size) {
         ssize_t n = sendfile(fd, src, &off, (size_t)(st.st_size - off));
+        if (n == 0)
+            errno = ENODATA; /* the file shrank */
         if (n <= 0) {
             close(fd);
             fd = -1;
@@ -71,10 +75,43 @@ copy_sealed(const char *path)
     return fd;
 }
 
+/* Print "ready", then wait for a line on stdin; 0 at its end. */
+static int
+wait_for_go(void)
+{
+    char line[16];
+    printf("ready\n");
+    fflush(stdout);
+    return fgets(line, sizeof line, stdin) != NULL;
+}
+
+/* Open *path* through shadowd and copy its bytes to stdout; -1 on failure. */
+static int
+cat(struct shadowd *c, const char *path, int verbose)
+{
+    int fd = shadowd_open(c, path);
+    if (fd < 0) {
+        fprintf(stderr, "shadowd-open: %s\n", c->error);
+        return -1;
+    }
+    if (verbose)
+        fprintf(stderr, "%llu %s\n", (unsigned long long)c->size, c->hit ? "hit" : "miss");
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) {
+        if (fwrite(buf, 1, (size_t)n, stdout) != (size_t)n) {
+            n = -1;
+            break;
+        }
+    }
+    close(fd);
+    return n < 0 ? -1 : 0;
+}
+
 static int
 usage(void)
 {
-    fprintf(stderr, "usage: shadowd-open [-s SOCKET] [-v] PATH\n"
+    fprintf(stderr, "usage: shadowd-open [-s SOCKET] [-v] [-g] PATH...\n"
                     "       shadowd-open [-s SOCKET] [-c] [-g] -l SECONDS PATH\n");
     return 2;
 }
@@ -97,7 +134,7 @@ main(int argc, char **argv)
         default: return usage();
         }
     }
-    if (optind != argc - 1)
+    if (optind >= argc || (seconds >= 0 && optind != argc - 1))
         return usage();
     const char *path = argv[optind];
 
@@ -106,30 +143,18 @@ main(int argc, char **argv)
         return 1;
     }
     if (seconds < 0) {
-        int fd = shadowd_open(&c, path);
-        if (fd < 0) {
-            fprintf(stderr, "shadowd-open: %s\n", c.error);
-            return 1;
-        }
-        if (verbose)
-            fprintf(stderr, "%llu %s\n", (unsigned long long)c.size, c.hit ? "hit" : "miss");
-        char buf[65536];
-        ssize_t n;
-        while ((n = read(fd, buf, sizeof buf)) > 0) {
-            if (fwrite(buf, 1, (size_t)n, stdout) != (size_t)n)
+        int status = 0;
+        for (int i = optind; i < argc; i++) {
+            if (gate && !wait_for_go())
                 return 1;
+            if (cat(&c, argv[i], verbose) < 0)
+                status = 1;
         }
-        close(fd);
         shadowd_close(&c);
-        return n < 0 || fflush(stdout) != 0 ? 1 : 0;
+        return fflush(stdout) != 0 ? 1 : status;
     }
-    if (gate) {
-        char line[16];
-        printf("ready\n");
-        fflush(stdout);
-        if (!fgets(line, sizeof line, stdin))
-            return 1;
-    }
+    if (gate && !wait_for_go())
+        return 1;
     unsigned long count = 0;
     double deadline = now() + seconds;
     while (now() < deadline) {

@@ -8,7 +8,7 @@
  *
  * Must never: return an fd without the four seals; leave an fd that came
  * with a reply open when the reply is not handed to the caller; block
- * forever (the socket has 30 s send and receive timeouts).
+ * forever (every call gives up after 30 s, signals or not).
  */
 #define _GNU_SOURCE
 #include "shadowd.h"
@@ -22,6 +22,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef F_GET_SEALS
@@ -32,7 +33,10 @@
 #define LABEL_MAX 4000     /* longer paths go without a label */
 #define MAX_FDS 64
 #define MAX_DEPTH 16
-#define TIMEOUT_SECONDS 30
+#ifndef SHADOWD_TIMEOUT_SECONDS
+#define SHADOWD_TIMEOUT_SECONDS 30 /* the tests build it with 1 */
+#endif
+#define TIMEOUT_SECONDS SHADOWD_TIMEOUT_SECONDS
 
 static void fail(struct shadowd *c, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -233,7 +237,7 @@ skip_body(struct in *r, enum kind k, uint64_t v, int depth)
 
 struct reply {
     int has_id, ok, hit;
-    uint64_t id, size, version;
+    uint64_t id, size, version, max_request;
     const char *code, *message;
     size_t code_len, message_len;
 };
@@ -275,6 +279,22 @@ parse_reply(const uint8_t *data, size_t len, struct reply *out)
             out->size = v;
         } else if (key_is(key, key_len, "version") && k == K_UINT) {
             out->version = v;
+        } else if (key_is(key, key_len, "limits") && k == K_MAP) {
+            for (uint64_t j = 0; j < v; j++) {
+                enum kind k2;
+                uint64_t v2;
+                if (get_head(&r, &k2, &v2) || k2 != K_STR || (uint64_t)(r.end - r.p) < v2)
+                    return -1;
+                const uint8_t *name = r.p;
+                uint64_t name_len = v2;
+                r.p += v2;
+                if (get_head(&r, &k2, &v2))
+                    return -1;
+                if (key_is(name, name_len, "max_request") && k2 == K_UINT)
+                    out->max_request = v2;
+                else if (skip_body(&r, k2, v2, 2))
+                    return -1;
+            }
         } else if ((key_is(key, key_len, "code") || key_is(key, key_len, "message")) &&
                    k == K_STR) {
             if ((uint64_t)(r.end - r.p) < v)
@@ -303,8 +323,44 @@ close_fds(const int *fds, int n)
         close(fds[i]);
 }
 
+static void
+set_timeouts(int sock, long long us)
+{
+    struct timeval tv = {.tv_sec = us / 1000000, .tv_usec = us % 1000000};
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static long long
+now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000LL + t.tv_nsec / 1000;
+}
+
+/* After EINTR: 1 to try again with the socket's timeouts cut to what is
+ * left until *deadline* (the kernel would start the whole timeout anew, so
+ * signals arriving faster than it could make a call wait for ever); 0 when
+ * no time is left. */
+static int
+again_until(struct shadowd *c, long long deadline)
+{
+    long long left = deadline - now_us();
+    if (left <= 0)
+        return 0;
+    set_timeouts(c->sock, left);
+    c->shortened = 1;
+    return 1;
+}
+
+/* How an exchange failed: the connection broke (worth one retry on a new
+ * one), or anything else. */
+enum failure { BROKEN = 1, OTHER = 2 };
+
 /* Send one request with *src* (or none when src < 0); read its reply and
- * the fds that came with it. 0, or -1 with the error set. */
+ * the fds that came with it. 0, or a failure with the error set and the
+ * connection closed (a late reply would answer the next request). */
 static int
 exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct reply *rep,
          int *fds, int *nfds)
@@ -315,12 +371,13 @@ exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct
     } control;
     struct iovec iov = {.iov_base = (void *)req->buf, .iov_len = req->len};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    long long deadline = now_us() + TIMEOUT_SECONDS * 1000000LL;
     ssize_t n;
 
     *nfds = 0;
-    if (c->sock < 0) {
-        fail(c, "", "not connected");
-        return -1;
+    if (c->shortened) {
+        set_timeouts(c->sock, TIMEOUT_SECONDS * 1000000LL);
+        c->shortened = 0;
     }
     if (src >= 0) {
         memset(control.bytes, 0, sizeof control.bytes);
@@ -334,10 +391,13 @@ exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct
     }
     do {
         n = sendmsg(c->sock, &msg, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
+    } while (n < 0 && errno == EINTR && again_until(c, deadline));
     if (n < 0) {
-        fail(c, "", "sending a request to shadowd: %s", strerror(errno));
-        return -1;
+        int err = errno == EINTR ? ETIMEDOUT : errno;
+        fail(c, "", "sending a request to shadowd: %s",
+             err == EAGAIN ? "timed out" : strerror(err));
+        shadowd_close(c);
+        return err == EPIPE || err == ECONNRESET || err == ENOTCONN ? BROKEN : OTHER;
     }
     struct iovec riov = {.iov_base = buf, .iov_len = REPLY_MAX};
     struct msghdr rmsg = {
@@ -348,10 +408,13 @@ exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct
     };
     do {
         n = recvmsg(c->sock, &rmsg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
+    } while (n < 0 && errno == EINTR && again_until(c, deadline));
     if (n < 0) {
-        fail(c, "", "waiting for shadowd's reply: %s", strerror(errno));
-        return -1;
+        int err = errno == EINTR ? ETIMEDOUT : errno;
+        fail(c, "", "waiting for shadowd's reply: %s",
+             err == EAGAIN ? "timed out" : strerror(err));
+        shadowd_close(c);
+        return err == ECONNRESET ? BROKEN : OTHER;
     }
     if (rmsg.msg_controllen > 0) {
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&rmsg); cm; cm = CMSG_NXTHDR(&rmsg, cm)) {
@@ -366,13 +429,15 @@ exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct
     }
     if (n == 0 && *nfds == 0) {
         fail(c, "", "shadowd closed the connection");
-        return -1;
+        shadowd_close(c);
+        return BROKEN;
     }
     if (rmsg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || parse_reply(buf, (size_t)n, rep)) {
         close_fds(fds, *nfds);
         *nfds = 0;
         fail(c, "", "bad reply from shadowd");
-        return -1;
+        shadowd_close(c);
+        return OTHER;
     }
     return 0;
 }
@@ -406,17 +471,18 @@ shadowd_default_socket(char *buf, size_t len)
 int
 shadowd_connect(struct shadowd *c, const char *socket_path)
 {
-    char pathbuf[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    char pathbuf[sizeof c->socket_path];
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    struct timeval tv = {.tv_sec = TIMEOUT_SECONDS};
     uint8_t buf[REPLY_MAX];
     struct reply rep;
     int fds[MAX_FDS], nfds;
 
-    memset(c, 0, sizeof *c);
-    c->sock = -1;
     if (socket_path == NULL)
         socket_path = shadowd_default_socket(pathbuf, sizeof pathbuf);
+    else if (strlen(socket_path) < sizeof pathbuf)
+        socket_path = strcpy(pathbuf, socket_path); /* it may be c->socket_path */
+    memset(c, 0, sizeof *c);
+    c->sock = -1;
     if (socket_path == NULL) {
         fail(c, "", "no socket path: set $SHADOWD_SOCKET or $XDG_RUNTIME_DIR");
         return -1;
@@ -426,18 +492,20 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
         return -1;
     }
     strcpy(addr.sun_path, socket_path);
+    strcpy(c->socket_path, socket_path);
     c->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (c->sock < 0) {
         fail(c, "", "socket: %s", strerror(errno));
         return -1;
     }
+    /* Before connect: a daemon that does not accept must not hold us. */
+    set_timeouts(c->sock, TIMEOUT_SECONDS * 1000000LL);
     if (connect(c->sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
-        fail(c, "", "connecting to shadowd at %s: %s", socket_path, strerror(errno));
+        fail(c, "", "connecting to shadowd at %s: %s", socket_path,
+             errno == EAGAIN ? "timed out" : strerror(errno));
         shadowd_close(c);
         return -1;
     }
-    setsockopt(c->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(c->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 
     struct out req = {.len = 0};
     put_u8(&req, 0x84);
@@ -449,10 +517,8 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
     put_uint(&req, 1);
     put_str(&req, "client", 6);
     put_str(&req, "shadowd.c/1", 11);
-    if (exchange(c, &req, -1, buf, &rep, fds, &nfds) < 0) {
-        shadowd_close(c);
+    if (exchange(c, &req, -1, buf, &rep, fds, &nfds))
         return -1;
-    }
     if (rep.ok != 1 || nfds != 0 || !rep.has_id || rep.id != 0 || rep.version != 1) {
         if (rep.ok == 1) {
             close_fds(fds, nfds);
@@ -464,22 +530,26 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
         return -1;
     }
     c->next_id = 1;
+    c->max_request = rep.max_request ? rep.max_request : 65536;
     return 0;
 }
 
-int
-shadowd_open_fd(struct shadowd *c, int src, const char *label)
+/* One open request on the connection there is; a failure's kind in *failed. */
+static int
+open_once(struct shadowd *c, int src, const char *label, int *failed)
 {
     uint8_t buf[REPLY_MAX];
     struct reply rep;
     int fds[MAX_FDS], nfds;
     struct out req = {.len = 0};
     size_t label_len = label ? strlen(label) : 0;
+    /* A label goes only if the request stays within the daemon's limit
+     * (the rest of the map takes at most 20 bytes). */
     int with_label = label && label[0] == '/' && label_len <= LABEL_MAX &&
+                     label_len + 3 + 20 <= c->max_request &&
                      utf8_ok((const unsigned char *)label, label_len);
     uint32_t id = c->next_id;
 
-    c->code[0] = c->error[0] = '\0';
     c->next_id = (id + 1) & 0x7fffffff;
     put_u8(&req, with_label ? 0x83 : 0x82);
     put_str(&req, "op", 2);
@@ -490,12 +560,22 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
         put_str(&req, "path", 4);
         put_str(&req, label, label_len);
     }
-    if (exchange(c, &req, src, buf, &rep, fds, &nfds) < 0)
+    *failed = exchange(c, &req, src, buf, &rep, fds, &nfds);
+    if (*failed)
         return -1;
+    *failed = OTHER;
+    if (rep.ok == 0 && !rep.has_id) {
+        /* Refused before its id could be read; the daemon closes the
+         * connection after such a refusal. */
+        refused(c, &rep, fds, nfds);
+        shadowd_close(c);
+        return -1;
+    }
     if (!rep.has_id || rep.id != id) {
         close_fds(fds, nfds);
         fail(c, "", "shadowd answered another request (%llu, not %u)",
              (unsigned long long)rep.id, id);
+        shadowd_close(c);
         return -1;
     }
     if (rep.ok != 1)
@@ -511,9 +591,31 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
         fail(c, "", "shadowd sent a descriptor that is not sealed; refused it");
         return -1;
     }
+    *failed = 0;
     c->size = rep.size;
     c->hit = rep.hit;
     return fds[0];
+}
+
+int
+shadowd_open_fd(struct shadowd *c, int src, const char *label)
+{
+    int failed = 0;
+
+    c->code[0] = c->error[0] = '\0';
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fresh = c->sock < 0;
+        if (fresh && (c->socket_path[0] == '\0' || shadowd_connect(c, c->socket_path) < 0)) {
+            if (c->error[0] == '\0')
+                fail(c, "", "not connected");
+            return -1;
+        }
+        int fd = open_once(c, src, label, &failed);
+        if (fd >= 0 || failed != BROKEN || fresh)
+            return fd;
+        /* The connection we had broke (the daemon restarted?): once more. */
+    }
+    return -1;
 }
 
 int
