@@ -25,6 +25,8 @@ SUPPORTED_VERSIONS = (1,)
 
 MAX_ID = 2**64 - 1
 MAX_LABEL_BYTES = 4096
+#: The smallest max_request a daemon may set (its hello reply says its own).
+MIN_MAX_REQUEST = 512
 MAX_CLIENT_NAME = 256
 # Largest batch the format allows; a server may advertise a smaller one.
 MAX_BATCH_LIMIT = 250
@@ -488,8 +490,8 @@ class WireLimits:
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
             raise ValueError(f"max_batch must be between 1 and {MAX_BATCH_LIMIT}")
-        if self.max_request < 512:
-            raise ValueError("max_request must be at least 512 bytes")
+        if self.max_request < MIN_MAX_REQUEST:
+            raise ValueError(f"max_request must be at least {MIN_MAX_REQUEST} bytes")
 
     @property
     def max_fds(self) -> int:
@@ -710,12 +712,26 @@ class ClientConnection:
         return len(self._pending)
 
     def send(self, event: Request) -> tuple[bytes, list[int]]:
-        """Bytes and fds of a request; the reply is then expected."""
+        """Bytes and fds of a request; the reply is then expected.
+
+        Path labels that would take the request past the daemon's
+        ``max_request`` are left out: they only name files in its stats.
+        """
         if event.id in self._pending:
             raise ValueError(f"request id {event.id} is already in flight")
         data, fds = encode_request(event, self._pack)
+        if len(data) > self._max_request:
+            if isinstance(event, Open) and event.label is not None:
+                data, fds = encode_request(attrs.evolve(event, label=None), self._pack)
+            elif isinstance(event, OpenBatch) and event.labels:
+                data, fds = encode_request(attrs.evolve(event, labels=()), self._pack)
         self._pending[event.id] = _REQUEST_KINDS[type(event)]
         return data, fds
+
+    @property
+    def _max_request(self) -> int:
+        # Until the hello reply says, the least any daemon accepts.
+        return self.server_limits.get("max_request", MIN_MAX_REQUEST)
 
     def send_open(self, fd: int, label: str | None = None) -> tuple[int, bytes, list[int]]:
         """Number and encode an `open` request: the bytes of ``send(Open(...))``.
@@ -728,6 +744,8 @@ class ClientConnection:
         if label is not None:
             msg["path"] = label
         data = self._pack(msg)
+        if len(data) > self._max_request:  # as send() does
+            data = self._pack({"op": "open", "id": id})
         self._pending[id] = "open"
         return id, data, [fd]
 

@@ -176,6 +176,31 @@ async def test_a_file_dated_past_2262_is_cached_and_hit(daemon: Daemon, tmp_path
         await call(work)
 
 
+async def test_a_long_path_is_served_by_a_daemon_with_a_small_max_request(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0.05", "--max-request", "512")
+    deep = tmp_path
+    while len(str(deep)) < 600:
+        deep = deep / ("d" * 50)
+    deep.mkdir(parents=True)
+    f = make_file(deep / "lib.so", b"deep bytes")
+    settle(f)
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):  # the first request goes before the hello reply
+                fd = c.open(f)
+                try:
+                    assert read_fd(fd) == b"deep bytes"
+                finally:
+                    os.close(fd)
+            assert c.stats()["hits"] == 1
+
+    with trio.fail_after(30):
+        await call(work)
+
+
 async def test_200_rewrite_then_open_rounds_never_stale(start_daemon: Any, tmp_path: Path) -> None:
     # No racy window: every round is cached, so every round tests the key.
     d = await start_daemon("--racy-window", "0")

@@ -419,3 +419,25 @@ def test_a_connection_accounts_for_every_fd_of_a_sequence(
         elif isinstance(ev, p.OpenBatch):
             fd_out += ev.fds
     assert sorted(fd_out) == fd_in
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_request": 2048}])
+def test_client_leaves_out_labels_that_would_pass_max_request(limits: dict[str, int]) -> None:
+    c = p.ClientConnection()
+    c.server_limits = limits
+    limit = limits.get("max_request", p.MIN_MAX_REQUEST)
+    short, long = "/lib/" + "s" * 100, "/lib/" + "l" * limit
+    data, _ = c.send(p.Open(id=1, fd=3, label=short))
+    assert msgpack.unpackb(data)["path"] == short
+    data, fds = c.send(p.Open(id=2, fd=3, label=long))
+    assert len(data) <= limit and "path" not in msgpack.unpackb(data) and fds == [3]
+    _, data, fds = c.send_open(4, long)
+    assert len(data) <= limit and "path" not in msgpack.unpackb(data) and fds == [4]
+    _, data, _ = c.send_open(4, short)
+    assert msgpack.unpackb(data)["path"] == short
+    data, fds = c.send(p.OpenBatch(id=9, fds=(3, 4), labels=(short, long)))
+    assert len(data) <= limit and "paths" not in msgpack.unpackb(data) and fds == [3, 4]
+    # What the daemon's parser makes of them: the same requests, unlabelled.
+    s = p.ServerConnection(p.WireLimits(max_request=limit))
+    s.receive(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
+    assert s.receive(data, [3, 4]) == p.OpenBatch(id=9, fds=(3, 4), labels=())
