@@ -203,6 +203,17 @@ def make_file(path: Path, data: bytes, mode: int = 0o644) -> Path:
     return path
 
 
+def deep_file(base: Path, length: int, data: bytes) -> Path:
+    """A settled file under *base* whose path is at least *length* bytes long."""
+    deep = base
+    while len(str(deep)) < length:
+        deep = deep / ("d" * 50)
+    deep.mkdir(parents=True)
+    f = make_file(deep / "lib.so", data)
+    settle(f)
+    return f
+
+
 def read_fd(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""

@@ -21,7 +21,7 @@ import trio
 from shadowd.bench import C_CLIENT_DIR, build_c_client, run_c_clients
 from shadowd.fds import scm_rights
 
-from .conftest import Daemon, make_file, settle
+from .conftest import Daemon, deep_file, make_file, settle
 
 pytestmark = pytest.mark.skipif(
     not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
@@ -307,12 +307,7 @@ async def test_a_long_path_goes_without_its_label_under_a_small_max_request(
     c_client: str, start_daemon: Any, tmp_path: Path
 ) -> None:
     d = await start_daemon("--racy-window", "0.05", "--max-request", "512")
-    deep = tmp_path
-    while len(str(deep)) < 600:
-        deep = deep / ("d" * 50)
-    deep.mkdir(parents=True)
-    f = make_file(deep / "lib.so", b"deep bytes")
-    settle(f)
+    f = deep_file(tmp_path, 600, b"deep bytes")
     with trio.fail_after(30):
         done = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(d.socket_path), str(f))

@@ -32,7 +32,17 @@ from shadowd_client import (
 from shadowd import hotcalls
 from shadowd.memfd import REQUIRED_SEALS
 
-from .conftest import NOBODY, REPO, Daemon, make_file, read_fd, requires_root, run_as, settle
+from .conftest import (
+    NOBODY,
+    REPO,
+    Daemon,
+    deep_file,
+    make_file,
+    read_fd,
+    requires_root,
+    run_as,
+    settle,
+)
 
 LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
 
@@ -180,12 +190,7 @@ async def test_a_long_path_is_served_by_a_daemon_with_a_small_max_request(
     start_daemon: Any, tmp_path: Path
 ) -> None:
     d = await start_daemon("--racy-window", "0.05", "--max-request", "512")
-    deep = tmp_path
-    while len(str(deep)) < 600:
-        deep = deep / ("d" * 50)
-    deep.mkdir(parents=True)
-    f = make_file(deep / "lib.so", b"deep bytes")
-    settle(f)
+    f = deep_file(tmp_path, 600, b"deep bytes")
 
     def work() -> None:
         with Client(d.socket_path, timeout=10) as c:
