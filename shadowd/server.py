@@ -3,7 +3,8 @@
 # One trio thread owns the cache. Connections waiting for a request are parked
 # in the poller (poller.py), which answers a hit right there, without any
 # await between lookup and reply (recvmsg, statx, fcntl, open of
-# /proc/self/fd/N, sendmsg; the round's fds closed together at its end). What
+# /proc/self/fd/N, sendmsg; the round's fds closed together at its end), in
+# one call into the C extension when it is built (hotcalls.answer_hit). What
 # must wait goes on in the connection's nursery, counted in flight: a miss
 # becomes a flight copied in a worker thread, a reply that does not fit waits
 # for room, and the connection goes on reading meanwhile. The rare requests
@@ -826,9 +827,10 @@ class Server:
     ) -> Hit | Flight | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
-        Returns (served fd, size) on a hit, the Flight to wait for on a miss,
-        THROTTLED when a new copy must wait for the uid's quota, or None for
-        an fd of an untrusted filesystem, which a worker must inspect. Raises
+        Returns (cached file, size) on a hit (the caller reopens it for the
+        client), the Flight to wait for on a miss, THROTTLED when a new copy
+        must wait for the uid's quota, or None for an fd of an untrusted
+        filesystem, which a worker must inspect. Raises
         RequestError for an fd that is refused. *fd* stays the caller's in
         every case.
         """
