@@ -1,8 +1,9 @@
 # The hit path's system calls (recvmsg with descriptors, statx without
 # sync, the reopen of a memfd, sendmsg with descriptors) and a whole cache
 # hit in one call (answer_hit), from the C extension shadowd/_hotcalls.c
-# when it was built, else in Python. A hit costs the loop about 40 us in
-# Python and about 16 us with the extension (docs/performance.md).
+# when it was built, else in Python. Measured in one process, a hit took the
+# daemon about 37 us in Python and 16-24 us with the extension; under load
+# its CPU per hit fell from 45-66 us to 27-37 us (docs/performance.md).
 #
 # Must never: differ between the two versions in anything but speed (the
 # same results, flags, fds and exceptions; tests/test_hotcalls.py runs
