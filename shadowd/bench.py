@@ -302,17 +302,25 @@ C_CLIENT_DIR = os.path.join(
 )
 
 
-def build_c_client(workdir: str) -> tuple[str | None, str]:
-    """Compile client/c's shadowd-open into *workdir*: (its path, "") or (None, why not)."""
+def c_compiler() -> str | None:
+    """$CC, else cc or gcc from $PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_c_client(workdir: str, *flags: str) -> tuple[str | None, str]:
+    """Compile client/c's shadowd-open into *workdir*: (its path, "") or (None, why not).
+
+    *flags* go to the compiler (the tests shorten the client's timeout).
+    """
     sources = [os.path.join(C_CLIENT_DIR, name) for name in ("shadowd-open.c", "shadowd.c")]
     if not all(os.path.exists(src) for src in sources):
         return None, f"no C client sources at {C_CLIENT_DIR} (not a source checkout)"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     if cc is None:
         return None, "no C compiler (cc, gcc or $CC)"
     binary = os.path.join(workdir, "shadowd-open")
     done = subprocess.run(
-        [cc, "-O2", "-o", binary, *sources], capture_output=True, text=True, check=False
+        [cc, "-O2", *flags, "-o", binary, *sources], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         return None, f"the C client did not compile: {done.stderr.strip()[:200]}"

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -18,15 +17,12 @@ import msgpack
 import pytest
 import trio
 
-from shadowd.bench import C_CLIENT_DIR, build_c_client, run_c_clients
+from shadowd.bench import build_c_client, c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import Daemon, deep_file, make_file, settle
 
-pytestmark = pytest.mark.skipif(
-    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
-    reason="no C compiler here",
-)
+pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +156,11 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
 @pytest.fixture(scope="module")
 def quick_c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The C client built to give up after 1 s instead of 30."""
-    out = tmp_path_factory.mktemp("cclient1") / "shadowd-open"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    assert cc is not None
-    sources = [os.path.join(C_CLIENT_DIR, n) for n in ("shadowd-open.c", "shadowd.c")]
-    subprocess.run([cc, "-O2", "-DSHADOWD_TIMEOUT_SECONDS=1", "-o", str(out), *sources], check=True)
-    return str(out)
+    binary, why = build_c_client(
+        str(tmp_path_factory.mktemp("cclient1")), "-DSHADOWD_TIMEOUT_SECONDS=1"
+    )
+    assert binary is not None, why
+    return binary
 
 
 async def test_a_daemon_restart_between_opens_is_survived(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shadowd import hotcalls
+from shadowd.bench import c_compiler
 from shadowd.cache import Entry, HostKey
 from shadowd.fds import close_all
 from shadowd.memfd import sealed_from_bytes
@@ -67,9 +67,7 @@ def proc_dir() -> Iterator[int]:
 
 def _c_toolchain() -> bool:
     include = sysconfig.get_paths()["include"]
-    return bool(shutil.which("cc") or shutil.which("gcc")) and os.path.exists(
-        os.path.join(include, "Python.h")
-    )
+    return c_compiler() is not None and os.path.exists(os.path.join(include, "Python.h"))
 
 
 @pytest.mark.skipif(not _c_toolchain(), reason="no C compiler or Python headers here")
