@@ -171,27 +171,21 @@ answer_hit: Callable[
 DISABLE_ENV = "SHADOWD_NO_C"
 
 
-def _load_c() -> object | None:
+def _load_c() -> tuple[object | None, str]:
+    """The C extension (or None) and what the log calls the versions in use."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None
+        return None, f"Python ({DISABLE_ENV} is set)"
     try:
         from . import _hotcalls  # type: ignore[attr-defined]
     except ImportError:
-        return None
-    return cast(object, _hotcalls)
+        return None, "Python (the C extension is not built)"
+    return cast(object, _hotcalls), "C"
 
 
-_c = _load_c()
+#: Which versions are in use, for the log and the benchmark: "C" or "Python (why)".
+_c, DESCRIPTION = _load_c()
 #: Whether the C versions are in use.
 IN_C = _c is not None
-#: Which versions are in use, for the log and the benchmark: "C" or "Python (...why)".
-DESCRIPTION = (
-    "C"
-    if IN_C
-    else f"Python ({DISABLE_ENV} is set)"
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0")
-    else "Python (the C extension is not built)"
-)
 if _c is None:
     statx_nosync, recv, send, reopen = py_statx_nosync, py_recv, py_send, py_reopen
     send_reopened, answer_hit = py_send_reopened, py_answer_hit
