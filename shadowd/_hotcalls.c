@@ -638,10 +638,14 @@ opened_reply(unsigned char *o, uint64_t id, uint64_t size)
     return k;
 }
 
+/* The attribute names answer_hit reads on every hit, made once (interned)
+ * instead of a new string per lookup. */
+static PyObject *name_version, *name_file, *name_fd, *name_dir_fd;
+
 static int
-int_attr(PyObject *obj, const char *name, long *out)
+int_attr(PyObject *obj, PyObject *name, long *out)
 {
-    PyObject *v = PyObject_GetAttrString(obj, name);
+    PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
         return -1;
     *out = PyLong_AsLong(v);
@@ -697,7 +701,7 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         return PyErr_Occurred() ? NULL : DECLINED;
     Py_INCREF(entry);
 
-    PyObject *version = PyObject_GetAttrString(entry, "version");
+    PyObject *version = PyObject_GetAttr(entry, name_version);
     PyObject *want = Py_BuildValue("(KLL)", (unsigned long long)stx.size, mtime_ns, ctime_ns);
     int same = version && want ? PyObject_RichCompareBool(version, want, Py_EQ) : -1;
     Py_XDECREF(version);
@@ -706,9 +710,9 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         Py_DECREF(entry);
         return same < 0 ? NULL : DECLINED; /* another version: protocol.py's path drops it */
     }
-    PyObject *file = PyObject_GetAttrString(entry, "file");
+    PyObject *file = PyObject_GetAttr(entry, name_file);
     long memfd, dirfd;
-    if (file == NULL || int_attr(file, "fd", &memfd) < 0 || int_attr(file, "dir_fd", &dirfd) < 0) {
+    if (file == NULL || int_attr(file, name_fd, &memfd) < 0 || int_attr(file, name_dir_fd, &dirfd) < 0) {
         Py_XDECREF(file);
         Py_DECREF(entry);
         return NULL;
@@ -824,5 +828,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__hotcalls(void)
 {
+    if (name_version == NULL) {
+        name_version = PyUnicode_InternFromString("version");
+        name_file = PyUnicode_InternFromString("file");
+        name_fd = PyUnicode_InternFromString("fd");
+        name_dir_fd = PyUnicode_InternFromString("dir_fd");
+        if (!name_version || !name_file || !name_fd || !name_dir_fd) {
+            Py_CLEAR(name_version);
+            Py_CLEAR(name_file);
+            Py_CLEAR(name_fd);
+            Py_CLEAR(name_dir_fd);
+            return NULL;
+        }
+    }
     return PyModule_Create(&module);
 }
