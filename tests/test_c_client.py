@@ -103,6 +103,14 @@ async def test_loops_for_the_benchmark_through_shadowd_and_by_copying(
     assert s["misses"] in (1, 2) and s["hits"] + s["misses"] == hits
 
 
+def _greet(conn: socket.socket, server: str) -> dict[str, Any]:
+    """Read a client's hello on a stand-in daemon's *conn* and answer it; the hello."""
+    hello: dict[str, Any] = msgpack.unpackb(conn.recv(4096))
+    reply = {"id": hello["id"], "ok": True, "version": 1, "server": server, "limits": {}}
+    conn.send(msgpack.packb(reply))
+    return hello
+
+
 @pytest.fixture
 def stand_in(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
     """A daemon that answers hello, then every open with an unsealed memfd."""
@@ -116,10 +124,7 @@ def stand_in(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(10)
-            hello = msgpack.unpackb(conn.recv(4096))
-            requests.append(msgpack.packb(hello))
-            reply = {"id": hello["id"], "ok": True, "version": 1, "server": "fake", "limits": {}}
-            conn.send(msgpack.packb(reply))
+            requests.append(msgpack.packb(_greet(conn, "fake")))
             data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
             requests.append(data)
             for _, _, fds in anc:
@@ -205,9 +210,7 @@ def slow_stand_in(tmp_path: Path) -> Iterator[Path]:
 
     def answer(conn: socket.socket, delay: float) -> None:
         conn.settimeout(10)
-        hello = msgpack.unpackb(conn.recv(4096))
-        reply = {"id": hello["id"], "ok": True, "version": 1, "server": "slow", "limits": {}}
-        conn.send(msgpack.packb(reply))
+        _greet(conn, "slow")
         data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
         src = int.from_bytes(anc[0][2][:4], "little")
         time.sleep(delay)
