@@ -60,10 +60,10 @@ class FdHolder:
         self.close()
 
 
-#: Long-lived descriptors (connections, cached memfds) are renumbered to at
-#: least this, so that the low numbers stay free for the two a hit uses (the
-#: client's fd and the served one): the kernel then hands those out side by
-#: side, and one close_range closes both.
+#: Long-lived descriptors (connections, cached memfds, the poller's epoll
+#: set) are renumbered to at least this, so that the low numbers stay free
+#: for the two each hit uses (the client's fd and the served one): the kernel
+#: then hands a round's out side by side, and one close_range closes them.
 LONG_LIVED_BASE = 256
 
 
@@ -78,26 +78,6 @@ def move_high(fd: int) -> int:
         return fd
     os.close(fd)
     return high
-
-
-def close_pair(a: int, b: int) -> None:
-    """Close two distinct fds: one close_range when their numbers are adjacent.
-
-    The hit path's case (the client's fd and the served one are usually
-    allocated one after the other).
-    """
-    low, high = (a, b) if a < b else (b, a)
-    try:
-        if high == low + 1:
-            os.closerange(low, high + 1)
-            return
-        os.close(low)
-    except OSError:
-        pass
-    try:
-        os.close(high)
-    except OSError:
-        pass
 
 
 def close_all(fds: Iterable[int]) -> None:

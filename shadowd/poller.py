@@ -12,14 +12,14 @@
 # after its owner took it back; let a callback's fd outlive the round.
 from __future__ import annotations
 
-import fcntl
+import os
 import select
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import trio
 
-from .fds import LONG_LIVED_BASE, close_all
+from .fds import close_all, move_high
 
 T = TypeVar("T")
 
@@ -45,13 +45,9 @@ class Poller(Generic[T]):
         try:
             # Long-lived: kept above the low numbers a round's fds use, so
             # that those stay consecutive (see fds.LONG_LIVED_BASE).
-            high = fcntl.fcntl(first.fileno(), fcntl.F_DUPFD_CLOEXEC, LONG_LIVED_BASE)
-            self._epoll = select.epoll.fromfd(high)
-        except OSError:
-            self._epoll, first = first, None  # type: ignore[assignment]
+            self._epoll = select.epoll.fromfd(move_high(os.dup(first.fileno())))
         finally:
-            if first is not None:
-                first.close()
+            first.close()
         self._owners: dict[int, T] = {}
         #: The fds to close at the end of this round (see close_later).
         self.closing: list[int] = []
