@@ -24,6 +24,7 @@ from shadowd.cache import Entry, HostKey
 from shadowd.fds import close_all
 from shadowd.memfd import sealed_from_bytes
 from shadowd.protocol import ConnectionState, Open, ProtocolError, ServerConnection
+from shadowd.server import count_open_fds
 
 from .conftest import REPO_PATH
 
@@ -43,10 +44,6 @@ if hotcalls._c is not None:
 @pytest.fixture(params=sorted(IMPLS))
 def impl(request: pytest.FixtureRequest) -> SimpleNamespace:
     return IMPLS[request.param]
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -146,14 +143,14 @@ def test_recv_reports_truncation_and_returns_the_fds_that_came(
         hotcalls.py_send(a, b"x" * 100, [fd] * 4)
     finally:
         os.close(fd)
-    baseline = _open_fds()
+    baseline = count_open_fds()
     buf = bytearray(10)
     n, flags, fds = impl.recv(b, buf, socket.CMSG_LEN(4))
     assert n == 10
     assert flags & socket.MSG_TRUNC
     assert flags & socket.MSG_CTRUNC
     assert len(fds) == 1  # the kernel closed the ones without room
-    assert _open_fds() == baseline + 1
+    assert count_open_fds() == baseline + 1
     os.close(fds[0])
 
 
@@ -225,9 +222,9 @@ def test_send_reopened_sends_a_fresh_fd_and_keeps_none(
     sealed = sealed_from_bytes(b"abcdef")
     try:
         os.lseek(sealed.fd, 3, os.SEEK_SET)
-        baseline = _open_fds()
+        baseline = count_open_fds()
         assert impl.send_reopened(a, b"reply", proc_dir, sealed.fd) == 0
-        assert _open_fds() == baseline  # the new fd went with the message only
+        assert count_open_fds() == baseline  # the new fd went with the message only
         data, fds = _received(b)
         assert data == b"reply" and len(fds) == 1
         try:
@@ -244,7 +241,7 @@ def test_send_reopened_failures(
     a, b = pair
     sealed = sealed_from_bytes(b"abcdef")
     try:
-        baseline = _open_fds()
+        baseline = count_open_fds()
         # A reopen that fails sends nothing and says why.
         assert impl.send_reopened(a, b"reply", proc_dir, -1) == errno.EBADF
         with pytest.raises(BlockingIOError):
@@ -256,12 +253,12 @@ def test_send_reopened_failures(
         with pytest.raises(BlockingIOError):
             while True:
                 send()
-        assert _open_fds() == baseline
+        assert count_open_fds() == baseline
         b.close()
         with pytest.raises(OSError) as info:
             send()
         assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
-        assert _open_fds() == baseline - 1  # only b is gone: no fd kept
+        assert count_open_fds() == baseline - 1  # only b is gone: no fd kept
     finally:
         sealed.holder.close()
 
@@ -355,14 +352,14 @@ def test_answer_hit_sends_protocol_bytes_and_a_fresh_fd(
     if label != "absent":
         msg["path"] = label
     src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
-    baseline = _open_fds()
+    baseline = count_open_fds()
     cache_offset = os.lseek(rig.file.fd, 0, os.SEEK_CUR)
     try:
         got = rig.ask(IMPLS["c"], msgpack.packb(msg), [src])
         assert got is rig.entry
         # The passed fd as received and the one sent, left for the round's end.
         assert rig.close_used() == 2
-        assert _open_fds() == baseline
+        assert count_open_fds() == baseline
         data, fds = rig.reply()
         assert data == _ready_connection().send_opened(id, len(rig.data), True)
         assert len(fds) == 1
@@ -399,7 +396,7 @@ def test_answer_hit_declines_what_it_does_not_answer(
     src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
     other = tmp_path / "other"
     other.write_bytes(b"not cached")
-    baseline = _open_fds()
+    baseline = count_open_fds()
     try:
         if impl is PY:  # the Python version leaves every hit to the server
             _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
@@ -444,7 +441,7 @@ def test_answer_hit_declines_what_it_does_not_answer(
         assert type(got) is tuple
         for fd in got[2]:
             os.close(fd)
-        assert _open_fds() == baseline
+        assert count_open_fds() == baseline
     finally:
         os.close(src)
 
@@ -461,12 +458,12 @@ def test_answer_hit_leaves_an_error_of_the_trust_check_to_the_python_path(rig: _
     rig.is_local = broken  # type: ignore[method-assign]
     request = msgpack.packb({"op": "open", "id": 1})
     src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
-    baseline = _open_fds()
+    baseline = count_open_fds()
     try:
         # Declined, fd and all: the Python path meets the same error and
         # answers the request with an internal error.
         _declined(rig, rig.ask(IMPLS["c"], request, [src]), request, 1)
-        assert _open_fds() == baseline
+        assert count_open_fds() == baseline
     finally:
         os.close(src)
 
@@ -478,11 +475,11 @@ def test_answer_hit_passes_on_an_interrupt_and_keeps_no_fd(rig: _HitRig) -> None
 
     rig.is_local = interrupted  # type: ignore[method-assign]
     src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
-    baseline = _open_fds()
+    baseline = count_open_fds()
     try:
         with pytest.raises(_Interrupt):
             rig.ask(IMPLS["c"], msgpack.packb({"op": "open", "id": 1}), [src])
-        assert _open_fds() == baseline
+        assert count_open_fds() == baseline
         assert rig.closing == []
     finally:
         os.close(src)
