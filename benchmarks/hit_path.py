@@ -34,11 +34,12 @@ import trio
 from shadowd import hotcalls
 from shadowd.access import Peer
 from shadowd.cache import CacheLimits
+from shadowd.connection import Connection
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.hotcalls import py_reopen, py_statx_nosync
 from shadowd.memfd import sealed_from_bytes
 from shadowd.protocol import ServerConnection
-from shadowd.server import Connection, Server, ServerConfig
+from shadowd.server import Server, ServerConfig
 from shadowd.source import check_readable
 
 SIZE = 4096
@@ -159,6 +160,7 @@ async def _daemon_hits(path: str, hits: int) -> float:
                 peer=peer,
                 share=server.gate.admit(peer, ours),
                 proto=ServerConnection(server.config.wire),
+                services=server._services,
             )
             conn.nursery = nursery
 
@@ -167,7 +169,7 @@ async def _daemon_hits(path: str, hits: int) -> float:
                 if not server._answer_datagram(conn):
                     job, conn.job = conn.job, None
                     assert job is not None
-                    await server._answer(conn, job)
+                    await conn.answer(job)
 
             await ask({"op": "hello", "id": 0, "version": 1}, [])
             await _reply(theirs)

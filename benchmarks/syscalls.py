@@ -27,7 +27,7 @@ import time
 
 from shadowd_client import Client
 
-from shadowd.bench import _wait_for_socket, daemon_command
+from shadowd.bench import daemon_command, wait_for_socket
 
 HITS = 5000
 
@@ -87,7 +87,7 @@ def main() -> None:
             f.write(os.urandom(65536))
     daemon = subprocess.Popen(daemon_command(socket_path))
     try:
-        _wait_for_socket(socket_path, daemon, "the daemon")
+        wait_for_socket(socket_path, daemon, "the daemon")
         _client(socket_path, path, 10)  # the miss, then warm hits
         _batch_client(socket_path, path, BATCH)
         results = {

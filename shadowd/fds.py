@@ -104,6 +104,11 @@ def close_all(fds: Iterable[int]) -> None:
         i = j + 1
 
 
+def close_holders(holders: Sequence[FdHolder]) -> None:
+    """Close every still-owned holder, with as few syscalls as is safe."""
+    close_all([h.detach() for h in holders if h.fd >= 0])
+
+
 def fds_from_ancdata(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
     """The fds of every SCM_RIGHTS message in *ancdata*, from recvmsg."""
     if len(ancdata) == 1:

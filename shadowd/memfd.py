@@ -90,6 +90,17 @@ def seals_of(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
 
 
+def memfd_seals(fd: int) -> int | None:
+    """The seals of *fd* when it is a shmem file (a memfd); None otherwise.
+
+    F_GET_SEALS never reaches a filesystem's code, so it is safe on any fd.
+    """
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return None
+
+
 def is_sealed(fd: int) -> bool:
     """True when *fd* carries all of REQUIRED_SEALS."""
     try:

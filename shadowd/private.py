@@ -1,6 +1,7 @@
 # Private files: bytes a client supplies itself (a file of an in-process
 # kernel's disk image, which the host cannot see), shared only with clients of
-# the same uid that name the same namespace.
+# the same uid that name the same namespace. PrivateFiles answers their
+# lookups and publishes (no sockets here; dispatch.py sends the replies).
 #
 # A published descriptor is never trusted. It must be open for reading; a
 # memfd the publisher may write to is sealed in place (all four seals) and
@@ -23,10 +24,12 @@ import stat
 
 import attrs
 
-from .cache import Admission, Cache, PrivateKey
+from .cache import Admission, Cache, CacheLimits, PrivateKey
+from .copier import Copier, Quota
 from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
 from .fds import FdHolder
-from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, sealed_copy
+from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, memfd_seals, sealed_copy
+from .opens import Served, check_size
 from .protocol import ErrorCode, FileKey, Lookup, Publish
 from .source import check_readable, check_regular, stat_sync
 
@@ -45,17 +48,6 @@ def size_mismatch(size: int, key: FileKey) -> RequestError:
         ErrorCode.SIZE_MISMATCH,
         f"the published file holds {size} bytes; its key says {key.size}",
     )
-
-
-def memfd_seals(fd: int) -> int | None:
-    """The seals of *fd* when it is a shmem file (a memfd); None otherwise.
-
-    F_GET_SEALS never reaches a filesystem's code, so it is safe on any fd.
-    """
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        return None
 
 
 def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
@@ -162,3 +154,70 @@ def adopt(
             return entry.file.share(), entry.size, True, True
     finally:
         sealed.release()
+
+
+@attrs.define(eq=False)
+class PrivateFiles:
+    """Answers lookups and publishes of private files; no sockets here.
+
+    A lookup is answered at once; a publish is sealed in place on the loop
+    when it is a memfd we can seal, and copied in a worker otherwise.
+    """
+
+    cache: Cache
+    copier: Copier
+    limits: CacheLimits
+    counters: PrivateCounters = attrs.field(factory=PrivateCounters)
+    #: Descriptors served of published files that were not cached.
+    uncached: int = 0
+
+    def lookup(self, uid: int, event: Lookup) -> Served | None:
+        """A served fd of this uid's entry for the key, or None on a miss."""
+        entry = self.cache.lookup(private_key(uid, event), event.key.version, private=True)
+        if entry is None:
+            return None
+        with refusing_os_errors("cannot open a served descriptor"):
+            return Served(fd=FdHolder(entry.file.share()), size=entry.size, hit=True)
+
+    def publish_now(self, uid: int, event: Publish, src: FdHolder) -> Served | None:
+        """A published file served at once (an entry of this version, or sealed in place).
+
+        None when the file must be copied (:meth:`finish_publish`). The
+        received fd stays *src*'s.
+        """
+        check_size(event.key.size, self.limits.max_file_size)
+        key = private_key(uid, event)
+        entry = self.cache.peek(key)
+        if entry is not None and entry.version == event.key.version:
+            # Another publisher of this uid and namespace was first.
+            self.counters.races_lost += 1
+            with refusing_os_errors("cannot open a served descriptor"):
+                return Served(fd=FdHolder(entry.file.share()), size=entry.size, hit=True)
+        check_readable(src.fd)
+        with refusing_os_errors("cannot inspect the published fd"):
+            sealed = seal_in_place(src.fd, event.key)
+        if sealed is None:
+            return None
+        self.counters.publishes += 1
+        self.counters.sealed_in_place += 1
+        return self._adopt(key, event, sealed)
+
+    async def finish_publish(self, uid: int, event: Publish, src: FdHolder, quota: Quota) -> Served:
+        """Copy a published file in a worker (which owns and closes *src*), then serve it."""
+        shmem = memfd_seals(src.fd) is not None
+        key = event.key
+        sealed = await self.copier.run(
+            lambda: copy_published(src, key), src, remote=not shmem, quota=quota
+        )
+        self.copier.copies += 1
+        self.copier.bytes_copied += sealed.size
+        self.counters.publishes += 1
+        self.counters.copied += 1
+        return self._adopt(private_key(uid, event), event, sealed)
+
+    def _adopt(self, key: PrivateKey, event: Publish, sealed: SealedFile) -> Served:
+        """Cache *sealed* (taking over our reference) and serve it or the winner's copy."""
+        fd, size, lost, cached = adopt(self.cache, key, event.key, sealed, self.counters)
+        if not cached:
+            self.uncached += 1
+        return Served(fd=FdHolder(fd), size=size, hit=lost)

@@ -17,15 +17,18 @@ import pytest
 import trio
 import trio.testing
 
+from shadowd import dispatch as dispatch_module
 from shadowd import hotcalls
-from shadowd import server as server_module
 from shadowd.access import Peer
 from shadowd.cache import CacheLimits
+from shadowd.connection import Received
 from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import _proc_fd_dir
+from shadowd.metrics import count_open_fds
+from shadowd.opens import HostOpens
 from shadowd.poller import ROUND_BUDGET, Poller
-from shadowd.protocol import ServerConnection
-from shadowd.server import Connection, Server, ServerConfig, _Received, count_open_fds
+from shadowd.refusals import Refusals
+from shadowd.server import Server, ServerConfig
 
 
 @pytest.fixture
@@ -262,7 +265,7 @@ async def _handed_over_around_a_stop(tmp_path: Path, *, stop: str) -> list[Any]:
             if stop == "shutdown":
                 assert answered is True and conn.job is None  # nothing read
             else:
-                assert answered is False and isinstance(conn.job, _Received)
+                assert answered is False and isinstance(conn.job, Received)
             if stop == "after":
                 server.shutdown()
         try:
@@ -306,7 +309,7 @@ async def test_a_bug_on_one_batch_item_fails_that_item_only(
     _proc_fd_dir()
     before = count_open_fds()
     server = Server(ServerConfig(socket_path=""))
-    serve_now = server._serve_now
+    serve_now = HostOpens.serve_now
     calls = 0
 
     def buggy(*args: object, **kwargs: object) -> object:
@@ -316,7 +319,7 @@ async def test_a_bug_on_one_batch_item_fails_that_item_only(
             raise RuntimeError("a bug of ours")
         return serve_now(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(server, "_serve_now", buggy)
+    monkeypatch.setattr(HostOpens, "serve_now", buggy)
     client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srcs = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
     lsock = None
@@ -333,8 +336,8 @@ async def test_a_bug_on_one_batch_item_fails_that_item_only(
                 items = reply["results"]
                 assert [item["ok"] for item in items] == [True, False, True], reply
                 assert items[1]["code"] == "internal" and len(served) == 2
-                assert server.internal_errors == 1
-                assert server.refused_by_code == {"internal": 1}
+                assert server.refusals.internal_errors == 1
+                assert server.refusals.refused_by_code == {"internal": 1}
                 # The connection goes on.
                 await client.sendmsg([msgpack.packb({"op": "open", "id": 2})], scm_rights(srcs[:1]))
                 data, anc, _, _ = await client.recvmsg(4096, socket.CMSG_SPACE(4))
@@ -402,20 +405,12 @@ def test_internal_errors_are_all_counted_but_logged_at_most_20_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Input that trips a bug (say, in every item of a batch) must not flood the log."""
-    server = Server(ServerConfig(socket_path=""))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        peer = Peer.from_socket(ours)
-        conn = Connection(
-            sock=ours, peer=peer, share=server.gate.admit(peer, ours), proto=ServerConnection()
-        )
-        with caplog.at_level(logging.ERROR, logger="shadowd.server"):
-            for i in range(50):
-                server._log_internal_error(conn, i, RuntimeError("a bug of ours"))
-    finally:
-        ours.close()
-        theirs.close()
-    assert server.internal_errors == 50
+    refusals = Refusals()
+    peer = Peer(pid=1, uid=2, gid=3)
+    with caplog.at_level(logging.ERROR, logger="shadowd.refusals"):
+        for i in range(50):
+            refusals.internal(peer, i, RuntimeError("a bug of ours"))
+    assert refusals.internal_errors == 50
     logged = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(logged) == 20
 
@@ -432,7 +427,7 @@ async def test_a_hit_whose_reopen_fails_is_refused_and_the_connection_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
 ) -> None:
     if impl == "python":
-        monkeypatch.setattr(server_module, "_send_reopened", hotcalls.py_send_reopened)
+        monkeypatch.setattr(dispatch_module, "_send_reopened", hotcalls.py_send_reopened)
     f = tmp_path / "lib.so"
     f.write_bytes(os.urandom(3000))
     _proc_fd_dir()

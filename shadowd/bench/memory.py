@@ -1,0 +1,60 @@
+# Memory: many processes holding and mapping one file, through shadowd (one
+# copy for all) against private copies (one each), as Shmem growth.
+#
+# Must never: measure before every holder has faulted its pages in, or leave
+# a holder running.
+from __future__ import annotations
+
+import mmap
+import os
+from multiprocessing.connection import Connection as Pipe
+
+import attrs
+
+from .common import Forks, MiB, Progress, shmem_bytes, status_quo
+
+
+@attrs.frozen
+class Memory:
+    procs: int
+    size: int
+    shadowd_bytes: int
+    private_bytes: int
+
+
+def _holder(mode: str, socket_path: str, path: str, pipe: Pipe) -> None:
+    """One process of the memory test: hold an fd of *path*, map and read it."""
+    from shadowd_client import Client
+
+    if mode == "hit":
+        with Client(socket_path, timeout=30) as client:
+            fd = client.open(path)
+    else:
+        fd = status_quo(path)
+    size = os.fstat(fd).st_size
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        for off in range(0, size, 4096):
+            m[off]  # fault every page in, as a loader would
+        pipe.send("holding")
+        pipe.recv()
+    os.close(fd)
+
+
+def measure_memory(
+    forks: Forks, progress: Progress, socket_path: str, workdir: str, procs: int
+) -> Memory:
+    size = 16 * MiB
+    path = os.path.join(workdir, "held-16MiB")
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+
+    def held(mode: str) -> int:
+        progress.say(f"memory, {procs} processes holding 16 MiB ({mode})")
+        before = shmem_bytes()
+        with forks.processes(_holder, procs, mode, socket_path, path) as pipes:
+            during = shmem_bytes()  # every holder has faulted its pages in
+            for pipe in pipes:
+                pipe.send("release")
+        return max(0, during - before)
+
+    return Memory(procs=procs, size=size, shadowd_bytes=held("hit"), private_bytes=held("copy"))

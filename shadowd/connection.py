@@ -1,0 +1,343 @@
+# One client connection: its task, what the poller hands it, and sending its
+# replies in order, at once or waiting for room.
+#
+# A connection spends its life parked in the poller (poller.py), which reads
+# and answers what it can without waiting (dispatch.py). What must wait (a
+# miss, a refusal or a reply that finds the socket full) runs in the
+# connection's nursery, counted in flight; at --max-inflight the connection
+# stops being read until one finishes (back-pressure). The rare requests
+# (hello, stats, publish) are handed to the connection's own task.
+#
+# Must never: reorder replies (a reply waits behind those already waiting);
+# leave a received fd unclosed on any path (a job that is never answered is
+# dropped with its fds); let one client's bug end anyone else's connection.
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from . import hotcalls
+from .access import Gate, Peer, UidShare
+from .errors import RequestError
+from .fds import FdHolder, close_all, close_holders, scm_rights
+from .poller import Poller
+from .protocol import ErrorCode, ErrorReply, ProtocolError, Reply, Request, ServerConnection
+from .refusals import INTERNAL_MESSAGE, Refusals
+
+logger = logging.getLogger(__name__)
+
+# Plain ints: socket.MSG_* are IntFlag members, and `int & IntFlag` goes
+# through enum machinery that costs a microsecond per request.
+SEND_FLAGS = int(socket.MSG_NOSIGNAL)
+MSG_TRUNC = int(socket.MSG_TRUNC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_send = hotcalls.send
+# Datagrams read and dropped from a connection that ends with requests
+# unread (say, at shutdown).
+DRAIN_AT_CLOSE = 1024
+
+
+class PeerGone(Exception):
+    """The client went away while we were answering it."""
+
+
+# What the poller hands to a connection's task: whatever it read that cannot
+# be answered without waiting. Each owns the fds it names until answered.
+
+
+@attrs.frozen
+class Gone:
+    """The peer closed the connection, or reading it failed."""
+
+
+GONE = Gone()
+
+
+@attrs.frozen
+class Bug:
+    """An exception of ours escaped while the poller answered."""
+
+    exc: Exception
+
+
+@attrs.frozen
+class Malformed:
+    """A datagram the protocol refused, with the fds that came with it."""
+
+    exc: ProtocolError
+    fds: list[int]
+    flags: int
+
+
+@attrs.frozen
+class Received:
+    """A request to answer in the connection's task, with its fds."""
+
+    event: Request
+    fds: list[int]
+
+
+Job = Gone | Bug | Malformed | Received
+
+
+@attrs.frozen
+class Services:
+    """What every connection uses of the server."""
+
+    poller: Poller[Connection]
+    refusals: Refusals
+    gate: Gate
+    #: Closes fds a client sent that will not be used, never blocking the loop.
+    discard: Callable[[Sequence[int], UidShare], None]
+    #: Answers a request handed to the connection's task (hello, stats, publish).
+    handle: Callable[[Connection, Request, list[FdHolder]], Awaitable[None]]
+    max_inflight: int
+
+
+def drop_unread(sock: socket.socket, limit: int) -> None:
+    """Read and drop up to *limit* datagrams the peer sent that we will not answer.
+
+    Closing with unread data makes the peer's next read fail with
+    ECONNRESET before it sees the replies already queued for it. A recv
+    without room for control data: the kernel drops any fds itself.
+    """
+    for _ in range(limit):
+        try:
+            if not sock.recv(1, socket.MSG_DONTWAIT):
+                break
+        except OSError:
+            break
+
+
+@attrs.define(eq=False)
+class Connection:
+    sock: socket.socket
+    peer: Peer
+    share: UidShare
+    proto: ServerConnection
+    services: Services
+    read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    inflight: int = 0
+    slot_freed: trio.Event = attrs.field(factory=trio.Event)
+    nursery: trio.Nursery | None = None
+    #: Set by the poller, with :attr:`job`, when the task must take over.
+    wakeup: trio.Event = attrs.field(factory=trio.Event)
+    job: Job | None = None
+
+    # -- the connection's task -------------------------------------------
+
+    async def run(self) -> None:
+        """Serve this connection until it ends; the caller closes it (:meth:`close`)."""
+        async with trio.open_nursery() as inflight:
+            self.nursery = inflight
+            with self.read_scope:
+                try:
+                    await self._read_loop()
+                except PeerGone:
+                    pass
+
+    async def _read_loop(self) -> None:
+        """Park the connection in the poller; answer what it hands back."""
+        fd = self.sock.fileno()
+        poller = self.services.poller
+        max_inflight = self.services.max_inflight
+        while True:
+            if self.inflight >= max_inflight:
+                # Back-pressure: read nothing more until a slow request finishes.
+                self.services.gate.hit("max_inflight")
+                self.slot_freed = trio.Event()
+                await self.slot_freed.wait()
+                continue
+            if self.job is None:
+                self.wakeup = trio.Event()
+                poller.park(fd, self)
+                try:
+                    await self.wakeup.wait()
+                finally:
+                    poller.unpark(fd)  # nothing to do when the poller did it
+            job, self.job = self.job, None
+            if job is not None and not await self.answer(job):
+                return
+
+    def hand_over(self, job: Job | None) -> bool:
+        """Wake the task to do *job* (None: wait for a slot); False for the poller."""
+        self.job = job
+        self.wakeup.set()
+        return False
+
+    async def answer(self, job: Job) -> bool:
+        """Answer what the poller handed over; False when the connection must end."""
+        if isinstance(job, Received):
+            holders = [FdHolder(fd) for fd in job.fds]
+            event = job.event
+            try:
+                await self.services.handle(self, event, holders)
+            except (PeerGone, trio.Cancelled):
+                raise
+            except RequestError as exc:
+                await self.refuse(event.id, exc)
+            except Exception as exc:
+                await self.internal_error(event.id, exc)
+            finally:
+                close_holders(holders)
+            return True
+        if isinstance(job, Malformed):
+            error = job.exc
+            self._refused_fds(job.fds, job.flags)
+            self.services.refusals.count(self.peer, error.code, error.message)
+            await self.send(self.proto.error_for(error))
+            return not error.fatal
+        if isinstance(job, Bug):
+            raise job.exc
+        return False  # GONE
+
+    def close(self) -> None:
+        """After the task ended: give back what it held, then close the socket."""
+        self.services.poller.unpark(self.sock.fileno())
+        if self.job is not None:
+            self._drop_job(self.job)
+            self.job = None
+        drop_unread(self.sock, DRAIN_AT_CLOSE)
+        self.sock.close()
+
+    def _drop_job(self, job: Job) -> None:
+        """Get rid of a job its task never answered (it was cancelled first)."""
+        if isinstance(job, Malformed):
+            self._refused_fds(job.fds, job.flags)
+            return
+        if isinstance(job, Bug):
+            self.services.refusals.internal(self.peer, None, job.exc)
+            return
+        if isinstance(job, Received):
+            self.services.discard(job.fds, self.share)
+
+    def _refused_fds(self, fds: list[int], flags: int) -> None:
+        """Account for and get rid of the fds of a datagram the protocol refused."""
+        gate = self.services.gate
+        if flags & MSG_TRUNC:
+            gate.hit("max_request")
+        if flags & MSG_CTRUNC:
+            gate.hit("max_fds")  # the kernel closed the fds that did not fit
+        self.services.refusals.fds_refused += len(fds)
+        self.services.discard(fds, self.share)
+
+    # -- what waits, in the connection's nursery -------------------------
+
+    def start_deferred(self, id: int, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run *fn* for request *id* in the connection's nursery, counted in flight."""
+
+        async def run() -> None:
+            try:
+                await fn(self, *args)
+            except PeerGone:
+                pass
+            except Exception:
+                try:
+                    await self.internal_error(id)
+                except PeerGone:
+                    pass
+            finally:
+                self.inflight -= 1
+                self.slot_freed.set()
+
+        assert self.nursery is not None
+        self.nursery.start_soon(run)
+        self.inflight += 1  # once it is sure to run (and to count itself out)
+
+    def refuse_later(self, id: int, exc: Exception) -> None:
+        """Refuse request *id* from the connection's nursery: the reply is sent in turn."""
+        self.start_deferred(id, _send_refusal, id, exc)
+
+    async def refuse(self, id: int, exc: RequestError) -> None:
+        self.services.refusals.count(self.peer, exc.code, exc.message)
+        await self.send(ErrorReply(id=id, code=exc.code, message=exc.message))
+
+    async def internal_error(self, id: int, exc: BaseException | None = None) -> None:
+        """Answer a request that hit a bug of ours (*exc*, or the one being handled); log it."""
+        self.services.refusals.internal(self.peer, id, exc)
+        await self.refuse(id, RequestError(ErrorCode.INTERNAL, INTERNAL_MESSAGE))
+
+    # -- sending ---------------------------------------------------------
+
+    async def send(self, reply: Reply) -> None:
+        """Send one reply; the fds in it stay the caller's to close."""
+        data, fds = self.proto.send(reply)
+        if not self.send_now(data, fds):
+            await self.send_bytes(data, fds)
+
+    def send_now(self, data: bytes, fds: Sequence[int]) -> bool:
+        """Send without waiting; False when the socket is full or others queue."""
+        if self.send_lock.locked():
+            return False  # keep the order of replies already waiting
+        try:
+            _send(self.sock, data, fds)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise PeerGone() from exc
+        return True
+
+    async def send_bytes(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send one datagram, waiting for room in the socket."""
+        anc = scm_rights(fds)
+        async with self.send_lock:
+            while True:
+                try:
+                    self.sock.sendmsg([data], anc, SEND_FLAGS)
+                    return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                except OSError as exc:
+                    raise PeerGone() from exc
+
+    def reply_now(self, id: int, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]) -> bool:
+        """Send the reply to request *id* now, or from the connection's nursery in turn.
+
+        For the poller's round. The *owned* fds (those sent among them) are
+        closed once it is sent: at the end of the round, or by the task that
+        sends it later. False when the peer is gone (the task takes over).
+        """
+        try:
+            if not self.send_lock.locked():  # else replies queue: keep their order
+                _send(self.sock, data, fds)
+                closing = self.services.poller.close_later
+                for fd in owned:
+                    closing(fd)
+                return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            close_all(owned)
+            return self.hand_over(GONE)
+        except BaseException:
+            close_all(owned)
+            raise
+        try:
+            # Counted in flight: a client that does not read its replies
+            # meets --max-inflight, then the daemon stops reading it.
+            self.start_deferred(id, _send_later, data, fds, owned)
+        except BaseException:
+            close_all(owned)
+            raise
+        return True
+
+
+async def _send_later(
+    conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
+) -> None:
+    try:
+        await conn.send_bytes(data, fds)
+    finally:
+        close_all(owned)
+
+
+async def _send_refusal(conn: Connection, id: int, exc: Exception) -> None:
+    if isinstance(exc, RequestError):
+        await conn.refuse(id, exc)
+    else:
+        await conn.internal_error(id, exc)

@@ -1,0 +1,223 @@
+# Answering each request a connection sent, by kind. The poller's round calls
+# the `answer_*` methods with a parsed request: a hit, a batch of hits and a
+# private lookup are answered right there, with no await between the lookup
+# and the reply; what must wait (a miss, a copy, a reply that finds the
+# socket full, a refusal) goes on in the connection's nursery. hello, stats
+# and publish are handed to the connection's task, which calls `handle`.
+#
+# Must never: await between a cache lookup and the use of what it returned;
+# leave a received or served fd unclosed on any path; send replies of one
+# connection out of order (connection.py keeps them in order).
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from . import __version__, hotcalls
+from .connection import GONE, Connection
+from .errors import RequestError
+from .fds import FdHolder, close_holders
+from .opens import HostOpens, Pending, Served, batch_items, served_fd, share_error
+from .poller import Poller
+from .private import PrivateFiles
+from .protocol import (
+    BatchOpened,
+    Hello,
+    HelloReply,
+    Lookup,
+    LookupMiss,
+    Open,
+    OpenBatch,
+    Opened,
+    Publish,
+    Refusal,
+    Request,
+    StatsReply,
+    StatsRequest,
+)
+from .stats import Stats
+
+_send_reopened = hotcalls.send_reopened
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    """Answers every kind of request; see the module comment."""
+
+    opens: HostOpens
+    private: PrivateFiles
+    stats: Callable[[], Stats]
+    #: What a hello reply says of this daemon's limits.
+    hello_limits: dict[str, int]
+    #: The poller whose round closes the fds a hit used (set when serving).
+    poller: Poller[Connection] | None = None
+
+    # -- on the poller's round --------------------------------------------
+
+    def answer_open(self, conn: Connection, event: Open) -> bool:
+        """The hot path: a hit is answered here, with no coroutine and no await.
+
+        A miss starts its wait in the connection's nursery, from here too,
+        as does a refusal (its reply is sent in turn). False when the
+        connection's task must take over.
+        """
+        fd = event.fd
+        try:
+            outcome = self.opens.serve_now(fd, event.label, conn.share)
+        except Exception as exc:  # a refusal, or a bug of ours
+            self.opens.discard([fd], conn.share)
+            conn.refuse_later(event.id, exc)
+            return True
+        except BaseException:
+            os.close(fd)
+            raise
+        if type(outcome) is not tuple:
+            pending = self.opens.pending(fd, outcome)  # type: ignore[arg-type]
+            conn.start_deferred(event.id, self._finish_open, event, pending)
+            return True
+        assert self.poller is not None
+        self.poller.close_later(fd)
+        file = outcome[0]
+        reply = conn.proto.send_opened(event.id, outcome[1], True)
+        if not conn.send_lock.locked():  # else replies queue: keep their order
+            try:
+                # The reopen, the send and the close of the new fd in one call.
+                err = _send_reopened(conn.sock, reply, file.dir_fd, file.fd)
+            except BlockingIOError:
+                pass  # no room: sent from the nursery below, in turn
+            except OSError:
+                return conn.hand_over(GONE)
+            else:
+                if not err:
+                    return True
+                conn.refuse_later(event.id, share_error(OSError(err, os.strerror(err))))
+                return True
+        try:
+            served = served_fd(file)
+        except RequestError as exc:
+            conn.refuse_later(event.id, exc)
+            return True
+        return conn.reply_now(event.id, reply, (served,), (served,))
+
+    def answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
+        """A batch: every item served now or deferred, the reply sent now if all were."""
+        holders = [FdHolder(fd) for fd in fds]
+        labels = event.labels or (None,) * len(holders)
+        assert self.poller is not None
+        try:
+            results, later = self.opens.batch_now(holders, labels, conn.share, conn.peer, event.id)
+            if later:
+                try:
+                    conn.start_deferred(event.id, self._finish_batch, event, results, later, labels)
+                except BaseException:
+                    close_holders([r.fd for r in results if isinstance(r, Served)])
+                    self.opens.abandon(later, conn.share)
+                    raise
+                return True  # the reply goes when the last item is in
+        finally:
+            for h in holders:  # the ones a deferred item did not take
+                if not h.closed:
+                    self.poller.close_later(h.detach())
+        served = [r.fd for r in results if isinstance(r, Served)]
+        try:
+            data, out = conn.proto.send(BatchOpened(id=event.id, results=batch_items(results)))
+        except BaseException:
+            close_holders(served)
+            raise
+        for holder in served:
+            holder.detach()  # now in *out*
+        return conn.reply_now(event.id, data, tuple(out), tuple(out))
+
+    def answer_lookup(self, conn: Connection, event: Lookup) -> bool:
+        """A private file of this uid and namespace, or a miss: answered at once."""
+        try:
+            served = self.private.lookup(conn.peer.uid, event)
+        except Exception as exc:  # a refusal, or a bug of ours
+            conn.refuse_later(event.id, exc)
+            return True
+        if served is None:
+            data, _ = conn.proto.send(LookupMiss(id=event.id))
+            return conn.reply_now(event.id, data, (), ())
+        fd = served.fd.detach()
+        try:
+            data = conn.proto.send_opened(event.id, served.size, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return conn.reply_now(event.id, data, (fd,), (fd,))
+
+    # -- in the connection's nursery: what waits -------------------------
+
+    async def _finish_open(self, conn: Connection, event: Open, pending: Pending) -> None:
+        try:
+            served = await self.opens.finish(pending, event.label, conn.share)
+        except RequestError as exc:
+            await conn.refuse(event.id, exc)
+            return
+        await _send_served(conn, event.id, served)
+
+    async def _finish_batch(
+        self,
+        conn: Connection,
+        event: OpenBatch,
+        results: list[Served | Refusal | None],
+        later: list[tuple[int, Pending]],
+        labels: Sequence[str | None],
+    ) -> None:
+        try:
+            await self.opens.finish_batch(results, later, labels, conn.share, conn.peer)
+            await conn.send(BatchOpened(id=event.id, results=batch_items(results)))
+        finally:
+            # Descriptors served but not sent (on cancellation) are still ours.
+            close_holders([r.fd for r in results if isinstance(r, Served)])
+
+    # -- in the connection's task: the rare requests ---------------------
+
+    async def handle(self, conn: Connection, event: Request, holders: list[FdHolder]) -> None:
+        """Answer a request the poller handed to the connection's task."""
+        if isinstance(event, Publish):
+            await self._on_publish(conn, event, holders[0])
+        elif isinstance(event, StatsRequest):
+            await conn.send(StatsReply(id=event.id, stats=self.stats().to_wire()))
+        elif isinstance(event, Hello):
+            await conn.send(
+                HelloReply(
+                    id=event.id,
+                    version=event.version,
+                    server=f"shadowd/{__version__}",
+                    limits=self.hello_limits,
+                )
+            )
+
+    async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
+        """Take a published file: seal it in place, or copy it in a worker."""
+        share = conn.share
+        try:
+            served = self.private.publish_now(conn.peer.uid, event, src)
+        except RequestError:
+            self.opens.discard([src.detach()], share)
+            raise
+        if served is not None:
+            if not src.closed:
+                self.opens.discard([src.detach()], share)  # it was not needed
+            await _send_served(conn, event.id, served)
+            return
+        # A copy in a worker thread, which owns the fd from here on.
+        conn.start_deferred(event.id, self._finish_publish, event, FdHolder(src.detach()))
+
+    async def _finish_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
+        try:
+            served = await self.private.finish_publish(conn.peer.uid, event, src, conn.share.quota)
+        except RequestError as exc:
+            await conn.refuse(event.id, exc)
+            return
+        await _send_served(conn, event.id, served)
+
+
+async def _send_served(conn: Connection, id: int, served: Served) -> None:
+    try:
+        await conn.send(Opened(id=id, fd=served.fd.fd, size=served.size, hit=served.hit))
+    finally:
+        served.fd.close()

@@ -1,0 +1,138 @@
+# Gathering the daemon's statistics from its parts into one Stats value
+# (stats.py), for the stats request, `shadowd stats` and the service manager.
+#
+# Must never: make the loop pay for a costly part (the fd count, resident
+# memory, the ranking of entries) more than once per `stats_refresh` seconds,
+# whoever asks and however often; change anything it reads.
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+from . import __version__
+from .access import Gate
+from .cache import Cache, CacheLimits
+from .copier import Copier
+from .opens import HostOpens
+from .private import PrivateFiles
+from .refusals import Refusals
+from .stats import Stats, TopEntry
+
+if TYPE_CHECKING:
+    from .fdstore import FdStore
+
+
+def count_open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
+    except OSError:
+        return -1
+
+
+def resident_bytes() -> int:
+    """The daemon's resident memory (memfd pages it has not mapped are not in it)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+@attrs.frozen
+class _CostlyStats:
+    """The parts of stats that take a scan (of fds, of entries) to compute."""
+
+    at: float
+    open_fds: int
+    rss_bytes: int
+    top_by_hits: tuple[TopEntry, ...]
+    top_by_bytes: tuple[TopEntry, ...]
+
+
+@attrs.define(eq=False)
+class StatsCollector:
+    """Builds :class:`Stats` from the server's parts; see the module comment."""
+
+    cache: Cache
+    limits: CacheLimits
+    copier: Copier
+    gate: Gate
+    refusals: Refusals
+    opens: HostOpens
+    private: PrivateFiles
+    #: What the configuration allows (`limits` in the stats).
+    configured: dict[str, int]
+    top_files: int = 10
+    refresh: float = 1.0
+    #: The warm-restart store, when the daemon runs with one.
+    fd_store: FdStore | None = None
+    clients_total: int = 0
+    started: float = attrs.field(factory=time.monotonic)
+    _costly_stats: _CostlyStats | None = None
+
+    def stats(self) -> Stats:
+        cache = self.cache
+        limits = self.limits
+        store = self.fd_store
+        costly = self._costly()
+        private = self.private.counters
+        return Stats(
+            server=f"shadowd/{__version__}",
+            uptime_seconds=round(time.monotonic() - self.started, 3),
+            hits=cache.hits,
+            misses=cache.misses,
+            entries=len(cache),
+            bytes=cache.bytes,
+            memory_bytes=cache.memory_bytes,
+            rss_bytes=costly.rss_bytes,
+            evictions=cache.evictions,
+            invalidations=cache.invalidations,
+            uncached=self.opens.uncached + self.private.uncached,
+            refused=self.refusals.refused,
+            copies=self.copier.copies,
+            bytes_copied=self.copier.bytes_copied,
+            clients=self.gate.clients,
+            clients_total=self.clients_total,
+            max_entries=limits.max_entries,
+            max_bytes=limits.max_bytes,
+            max_file_size=limits.max_file_size,
+            private_hits=cache.private.hits,
+            private_misses=cache.private.misses,
+            private_entries=cache.private.entries,
+            private_bytes=cache.private.bytes,
+            open_fds=costly.open_fds,
+            fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            top_by_hits=costly.top_by_hits,
+            top_by_bytes=costly.top_by_bytes,
+            refused_by_code=dict(self.refusals.refused_by_code),
+            fdstore_entries=store.entries if store is not None else 0,
+            fdstore_max=store.max_entries if store is not None else 0,
+            restored_entries=store.restored if store is not None else 0,
+            private_publishes=private.publishes,
+            private_sealed_in_place=private.sealed_in_place,
+            private_copied=private.copied,
+            private_races_lost=private.races_lost,
+            peers_refused=self.gate.refused_peers,
+            fds_refused=self.refusals.fds_refused,
+            limits=self.configured,
+            limit_hits=dict(self.gate.hits),
+        )
+
+    def _costly(self) -> _CostlyStats:
+        """The costly parts of stats: computed at most once per ``refresh`` seconds."""
+        now = time.monotonic()
+        costly = self._costly_stats
+        if costly is None or now - costly.at >= self.refresh:
+            n = self.top_files
+            costly = self._costly_stats = _CostlyStats(
+                at=now,
+                open_fds=count_open_fds(),
+                rss_bytes=resident_bytes(),
+                top_by_hits=tuple(self.cache.top(n, by="hits")),
+                top_by_bytes=tuple(self.cache.top(n, by="bytes")),
+            )
+        return costly

@@ -1,0 +1,383 @@
+# Opens of host files: what the daemon answers for a descriptor a client
+# passed. A hit comes from the cache at once; a miss becomes a flight, copied
+# in a worker thread (copier.py); an fd of a file system the loop does not
+# trust is inspected, copied and closed in workers; a copy that its uid's
+# quota cannot start yet waits for a slot. No sockets here: descriptors in,
+# Served values and refusals out (dispatch.py sends them).
+#
+# Must never: await between a cache lookup and the use of what it returned;
+# touch an fd of an untrusted file system on the loop (close included); let a
+# uid's copies wait behind another uid's quota; lose a received fd on any
+# path.
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from .access import Peer, UidShare
+from .cache import Admission, Cache, CacheLimits, HostKey, Shareable
+from .copier import Copier, Flight
+from .errors import RequestError, refusing_os_errors, request_error_from_os
+from .fds import FdHolder, close_all, close_holders
+from .memfd import SealedFile, memfd_seals
+from .protocol import ErrorCode, OpenedItem, Refusal
+from .refusals import INTERNAL_MESSAGE, Refusals
+from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
+
+logger = logging.getLogger(__name__)
+
+
+class _Throttled:
+    """A copy must wait: its uid's quota of worker jobs is in use."""
+
+
+THROTTLED = _Throttled()
+
+#: A cache hit: the file to reopen for the client, and its size.
+Hit = tuple[Shareable, int]
+
+
+@attrs.frozen
+class Served:
+    """A descriptor ready to send, and what to say about it."""
+
+    fd: FdHolder
+    size: int
+    hit: bool
+
+
+@attrs.frozen
+class Waiting:
+    """A local source fd whose copy waits for a slot of its uid's quota."""
+
+    holder: FdHolder
+
+
+# What an open that cannot be answered at once waits for: a flight, an fd of
+# an untrusted filesystem (a worker inspects it), or a slot of the quota.
+Pending = Flight | FdHolder | Waiting
+
+
+def share_error(exc: OSError) -> RequestError:
+    return request_error_from_os(exc, "cannot open a served descriptor")
+
+
+def served_fd(file: Shareable) -> int:
+    """A fresh read-only open of a cached file; RequestError when the daemon cannot make one."""
+    try:
+        return file.share()
+    except OSError as exc:
+        raise share_error(exc) from exc
+
+
+def check_size(size: int, limit: int) -> None:
+    """Refuse a file above the daemon's --max-file-size of *limit* bytes."""
+    if size > limit:
+        raise RequestError(
+            ErrorCode.FILE_TOO_LARGE,
+            f"file is {size} bytes, above the daemon's --max-file-size of {limit}; copy it locally",
+        )
+
+
+def batch_items(results: list[Served | Refusal | None]) -> tuple[OpenedItem | Refusal, ...]:
+    """The items of a batch reply, in order (every slot is filled before sending)."""
+    items: list[OpenedItem | Refusal] = []
+    for r in results:
+        if isinstance(r, Served):
+            items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
+        elif isinstance(r, Refusal):
+            items.append(r)
+        else:  # pragma: no cover - every slot is filled before sending
+            items.append(Refusal(code=ErrorCode.INTERNAL, message="no result"))
+    return tuple(items)
+
+
+@attrs.define(eq=False)
+class HostOpens:
+    """Answers opens of host files from the cache, or by copying them in workers."""
+
+    cache: Cache
+    copier: Copier
+    mounts: MountTrust
+    refusals: Refusals
+    limits: CacheLimits
+    #: The server's nursery while it serves: flights and closes run in it.
+    nursery: trio.Nursery | None = None
+    #: Descriptors served of copies that were not cached (racy, over budget).
+    uncached: int = 0
+
+    # -- at once, on the loop -------------------------------------------
+
+    def serve_now(
+        self, fd: int, label: str | None, share: UidShare
+    ) -> Hit | Flight | _Throttled | None:
+        """Answer from the cache, or join the copy of this version, without waiting.
+
+        Returns (cached file, size) on a hit (the caller reopens it for the
+        client), the Flight to wait for on a miss, THROTTLED when a new copy
+        must wait for the uid's quota, or None for an fd of an untrusted
+        filesystem, which a worker must inspect. Raises RequestError for an
+        fd that is refused. *fd* stays the caller's in every case.
+        """
+        st = stat_nosync(fd)
+        if st is None or not self.mounts.is_local(st.dev, st.mnt):
+            return None
+        check_readable(fd)
+        if not st.is_regular:
+            check_regular(st)  # raises, naming what it is
+        if st.size > self.limits.max_file_size:
+            self.check_size(st.size)  # raises
+        return self.lookup_or_fly(fd, st, label, share, remote=False)
+
+    def lookup_or_fly(
+        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
+    ) -> Hit | Flight | _Throttled:
+        """A hit, or the flight that will copy this version (joined as a waiter).
+
+        Synchronous on purpose: between the miss and joining the flight
+        nothing else runs, so two requests for one version make one copy. A
+        new flight copies from a dup of *fd*, so *fd* stays the caller's. It
+        takes a slot of the uid's quota first (THROTTLED when there is none):
+        a flight that exists is always copying, never queued behind a quota,
+        so no other uid can be made to wait on a hostile uid's share.
+        """
+        key = HostKey(st.dev, st.ino)
+        entry = self.cache.lookup(key, st.version)
+        if entry is not None:
+            return entry.file, entry.size
+        assert self.nursery is not None
+        flight_key = (key, st.version)
+        flight = self.copier.flight(flight_key)
+        if flight is None:
+            quota = share.quota
+            if not quota.try_acquire():
+                self.cache.uncount_miss()  # the retry counts it
+                return THROTTLED
+            try:
+                with refusing_os_errors("cannot keep the passed fd"):
+                    source = FdHolder(os.dup(fd))
+            except BaseException:
+                quota.release()
+                raise
+            flight = self.copier.start(
+                self.nursery,
+                flight_key,
+                source,
+                st,
+                self._on_copied(label),
+                remote=remote,
+                quota=quota,
+            )
+        flight.join()
+        return flight
+
+    def check_size(self, size: int) -> None:
+        check_size(size, self.limits.max_file_size)
+
+    def pending(self, fd: int, outcome: Flight | _Throttled | None) -> Pending:
+        """What a request whose serve_now gave *outcome* waits for; takes over *fd*."""
+        if isinstance(outcome, Flight):
+            os.close(fd)  # the flight copies from its own dup
+            return outcome
+        if outcome is None:
+            return FdHolder(fd)  # a worker inspects and closes it
+        return Waiting(FdHolder(fd))
+
+    def batch_now(
+        self,
+        holders: list[FdHolder],
+        labels: Sequence[str | None],
+        share: UidShare,
+        peer: Peer,
+        id: int,
+    ) -> tuple[list[Served | Refusal | None], list[tuple[int, Pending]]]:
+        """Serve every item of a batch that can be now; the rest wait.
+
+        Returns the results (None where an item waits) and the items that
+        wait. An item that must wait detaches the holder it needs; the caller
+        closes the rest.
+        """
+        results: list[Served | Refusal | None] = [None] * len(holders)
+        later: list[tuple[int, Pending]] = []
+        try:
+            for i, src in enumerate(holders):
+                try:
+                    outcome = self.serve_now(src.fd, labels[i], share)
+                except RequestError as exc:
+                    self.refusals.count(peer, exc.code, exc.message)
+                    results[i] = Refusal(code=exc.code, message=exc.message)
+                    continue
+                except Exception as exc:  # a bug of ours: this item fails, not the batch
+                    self.refusals.internal(peer, id, exc)
+                    self.refusals.count(peer, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+                    results[i] = Refusal(code=ErrorCode.INTERNAL, message=INTERNAL_MESSAGE)
+                    continue
+                if type(outcome) is tuple:
+                    try:
+                        served = FdHolder(served_fd(outcome[0]))
+                    except RequestError as exc:
+                        self.refusals.count(peer, exc.code, exc.message)
+                        results[i] = Refusal(code=exc.code, message=exc.message)
+                        continue
+                    results[i] = Served(fd=served, size=outcome[1], hit=True)
+                elif outcome is None:
+                    later.append((i, FdHolder(src.detach())))  # a worker closes it
+                elif isinstance(outcome, Flight):
+                    later.append((i, outcome))
+                else:
+                    later.append((i, Waiting(FdHolder(src.detach()))))
+        except BaseException:
+            # A bug of ours part way: give back what the items before it took.
+            close_holders([r.fd for r in results if isinstance(r, Served)])
+            self.abandon(later, share)
+            raise
+        return results, later
+
+    def abandon(self, later: list[tuple[int, Pending]], share: UidShare) -> None:
+        """Give back what waiting items hold (they will never be served)."""
+        for _, pending in later:
+            if isinstance(pending, Flight):
+                pending.leave()
+            else:
+                holder = pending if isinstance(pending, FdHolder) else pending.holder
+                self.discard([holder.detach()], share)
+
+    def _on_copied(self, label: str | None) -> Callable[[Flight, SealedFile, SourceStat], None]:
+        def apply(flight: Flight, sealed: SealedFile, st: SourceStat) -> None:
+            admission, _entry = self.cache.insert(
+                HostKey(st.dev, st.ino), st.version, sealed, label=label, ctime_ns=st.ctime_ns
+            )
+            flight.cached = admission is Admission.CACHED
+            if not flight.cached:
+                logger.debug("served uncached (%s): %s", admission.value, label or "?")
+
+        return apply
+
+    # -- what waits ------------------------------------------------------
+
+    async def finish(self, pending: Pending, label: str | None, share: UidShare) -> Served:
+        """Wait for a flight or a slot of the quota, or inspect an untrusted fd, then serve."""
+        if isinstance(pending, Flight):
+            return await self._await_flight(pending)
+        if isinstance(pending, Waiting):
+            return await self._serve_waiting(pending.holder, label, share)
+        return await self._serve_untrusted(pending, label, share)
+
+    async def finish_batch(
+        self,
+        results: list[Served | Refusal | None],
+        later: list[tuple[int, Pending]],
+        labels: Sequence[str | None],
+        share: UidShare,
+        peer: Peer,
+    ) -> None:
+        """Fill in the items of a batch that had to wait, each as it comes."""
+
+        async def one(i: int, pending: Pending) -> None:
+            try:
+                results[i] = await self.finish(pending, labels[i], share)
+            except RequestError as exc:
+                self.refusals.count(peer, exc.code, exc.message)
+                results[i] = Refusal(code=exc.code, message=exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for i, pending in later:
+                nursery.start_soon(one, i, pending)
+
+    async def _await_flight(self, flight: Flight) -> Served:
+        fd, sealed = await flight.wait()
+        if not flight.cached:
+            self.uncached += 1
+        return Served(fd=FdHolder(fd), size=sealed.size, hit=False)
+
+    async def _serve_untrusted(self, taken: FdHolder, label: str | None, share: UidShare) -> Served:
+        """Serve an fd of an untrusted filesystem: stat, copy and close it off the loop.
+
+        Every worker job for it runs on the uid's quota: a file of a hung
+        mount ties up only its own uid's share of the workers.
+        """
+        assert self.nursery is not None
+        # This call owns the fd from here on; the caller's holder is empty, so
+        # its cleanup cannot race the worker thread that closes the fd.
+        src = FdHolder(taken.detach())
+        logger.debug("fd of a filesystem the loop does not trust: a worker inspects it")
+        try:
+            st = await self.copier.inspect(src, share.quota)
+        except trio.Cancelled:
+            raise  # the inspecting job closes the fd
+        except BaseException:
+            self.copier.close_later(self.nursery, src, share.quota)
+            raise
+        try:
+            self.check_size(st.size)
+            outcome = await self._when_allowed(
+                share, lambda: self.lookup_or_fly(src.fd, st, label, share, remote=True)
+            )
+        finally:
+            self.copier.close_later(self.nursery, src, share.quota)  # in a worker, never here
+        assert outcome is not None
+        return await self._served(outcome)
+
+    async def _serve_waiting(self, holder: FdHolder, label: str | None, share: UidShare) -> Served:
+        """Serve a local fd once its uid may start another copy."""
+        try:
+            outcome = await self._when_allowed(
+                share, lambda: self.serve_now(holder.fd, label, share)
+            )
+            if outcome is None:  # the mount table changed its mind meanwhile
+                return await self._serve_untrusted(holder, label, share)
+            return await self._served(outcome)
+        finally:
+            holder.close()  # a local fd (an untrusted one was detached above)
+
+    async def _when_allowed(
+        self, share: UidShare, attempt: Callable[[], Hit | Flight | _Throttled | None]
+    ) -> Hit | Flight | None:
+        """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
+        counted = False
+        while True:
+            outcome = attempt()
+            if not isinstance(outcome, _Throttled):
+                return outcome
+            if not counted:
+                counted = True
+                share.quota.count_wait()
+            await share.quota.wait_freed()
+
+    async def _served(self, outcome: Hit | Flight) -> Served:
+        if isinstance(outcome, Flight):
+            return await self._await_flight(outcome)
+        return Served(fd=FdHolder(served_fd(outcome[0])), size=outcome[1], hit=True)
+
+    # -- descriptors we will not use -------------------------------------
+
+    def discard(self, fds: Sequence[int], share: UidShare) -> None:
+        """Close fds a client sent that we will not use, never blocking the loop.
+
+        Only fds of filesystems the loop may touch (and memfds) are closed
+        here; the rest (a file of a hung FUSE mount, a socket that lingers)
+        are closed in a worker thread, on the sender's quota.
+        """
+        later: list[int] = []
+        now: list[int] = []
+        for fd in fds:
+            (now if self._closes_quickly(fd) else later).append(fd)
+        close_all(now)
+        for fd in later:
+            if self.nursery is None:
+                os.close(fd)
+            else:
+                self.copier.close_later(self.nursery, FdHolder(fd), share.quota)
+
+    def _closes_quickly(self, fd: int) -> bool:
+        if memfd_seals(fd) is not None:
+            return True
+        try:
+            st = stat_nosync(fd)
+        except RequestError:
+            return False
+        return st is not None and self.mounts.is_local(st.dev, st.mnt)
