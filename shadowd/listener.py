@@ -5,7 +5,9 @@
 # Must never: exist for an instant with a wider mode than asked (the mode is
 # set on the socket before bind, and the file appears by an atomic rename);
 # replace a socket another server is answering on, or a path that is not a
-# socket; unlink a socket it did not create.
+# socket; unlink a socket it did not create; follow a link someone else
+# planted next to it (the lock file), or create anything in a directory
+# others may write to unless it is sticky.
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +36,31 @@ def resolve_group(group: str | int | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"unknown group {group!r}") from None
+
+
+def check_directory(directory: str) -> None:
+    """Refuse a directory where others could plant or swap what we create in it.
+
+    It must belong to this user or root, and no one else may write to it
+    unless it is sticky (as /tmp is: then no one can remove or rename what
+    we created there, and the lock file is opened without following links).
+    """
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot inspect {directory}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{directory} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"{directory} belongs to uid {st.st_uid}, not to this user or root; "
+            "choose a socket path in a directory of your own"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"{directory} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}) and not "
+            "sticky: anyone could replace the socket; choose a directory of your own"
+        )
 
 
 def _probe(path: str) -> bool:
@@ -79,6 +106,7 @@ class Listener:
             os.makedirs(directory, mode=0o755, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+        check_directory(directory)
         lock = cls._take_lock(path)
         try:
             cls._check_existing(path)
@@ -127,10 +155,30 @@ class Listener:
     def _take_lock(path: str) -> FdHolder:
         lock_path = path + ".lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Never through a link someone planted: O_NOFOLLOW refuses a
+            # symlink, and the checks below a hard link or another's file.
+            fd = os.open(
+                lock_path,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
+                0o600,
+            )
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(
+                    f"lock file {lock_path} is a symbolic link; refusing to follow it"
+                ) from None
             raise ConfigError(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
         holder = FdHolder(fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise ConfigError(
+                    f"lock file {lock_path} is not a file of this user's with one link; "
+                    "refusing to use it"
+                )
+        except BaseException:
+            holder.close()
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
