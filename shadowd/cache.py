@@ -112,6 +112,9 @@ class Entry:
     label: str | None
     private: bool
     hits: int = 0
+    #: The uid whose request named the file *label*; None when unknown (an
+    #: entry restored at start): only privileged viewers see such labels.
+    label_uid: int | None = None
 
     @property
     def size(self) -> int:
@@ -248,6 +251,7 @@ class Cache:
         label: str | None = None,
         private: bool = False,
         ctime_ns: int | None = None,
+        label_uid: int | None = None,
     ) -> tuple[Admission, Entry | None]:
         """Cache *file* as *key* at *version*, evicting LRU entries to make room.
 
@@ -269,7 +273,14 @@ class Cache:
             len(self._entries) >= limits.max_entries or self.bytes + file.size > limits.max_bytes
         ):
             self.evict_oldest()
-        entry = Entry(key=key, version=version, file=file.retain(), label=label, private=private)
+        entry = Entry(
+            key=key,
+            version=version,
+            file=file.retain(),
+            label=label,
+            private=private,
+            label_uid=label_uid,
+        )
         self._entries[key] = entry
         self.bytes += entry.size
         self.memory_bytes += page_rounded(entry.size)
@@ -317,12 +328,20 @@ class Cache:
         """Keys from least to most recently used (for tests and debugging)."""
         return list(self._entries)
 
-    def top(self, n: int, *, by: str = "hits") -> list[TopEntry]:
-        """The *n* labelled entries that saved most, by hits or by bytes not copied."""
+    def top(self, n: int, *, by: str = "hits", uid: int | None = None) -> list[TopEntry]:
+        """The *n* labelled entries that saved most, by hits or by bytes not copied.
+
+        With *uid*, only the entries whose label that uid gave: a path says
+        something about its owner, and other users need not learn it.
+        """
         rank = _RANKINGS.get(by)
         if rank is None:
             raise ValueError(f"unknown ranking {by!r}")
-        labelled = (e for e in self._entries.values() if e.label is not None and e.hits > 0)
+        labelled = (
+            e
+            for e in self._entries.values()
+            if e.label is not None and e.hits > 0 and (uid is None or e.label_uid == uid)
+        )
         return [
             TopEntry(label=e.label or "", hits=e.hits, size=e.size)
             for e in heapq.nlargest(n, labelled, key=rank)

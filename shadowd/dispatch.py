@@ -48,7 +48,8 @@ class Dispatcher:
 
     opens: HostOpens
     private: PrivateFiles
-    stats: Callable[[], Stats]
+    #: The stats as the given uid may see them.
+    stats: Callable[[int], Stats]
     #: What a hello reply says of this daemon's limits.
     hello_limits: dict[str, int]
     #: The poller whose round closes the fds a hit used (set when serving).
@@ -180,7 +181,7 @@ class Dispatcher:
         if isinstance(event, Publish):
             await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
-            await conn.send(StatsReply(id=event.id, stats=self.stats().to_wire()))
+            await conn.send(StatsReply(id=event.id, stats=self.stats(conn.peer.uid).to_wire()))
         elif isinstance(event, Hello):
             await conn.send(
                 HelloReply(

@@ -2,8 +2,9 @@
 # (stats.py), for the stats request, `shadowd stats` and the service manager.
 #
 # Must never: make the loop pay for a costly part (the fd count, resident
-# memory, the ranking of entries) more than once per `stats_refresh` seconds,
-# whoever asks and however often; change anything it reads.
+# memory, the ranking of entries) more than once per `stats_refresh` seconds
+# (once per viewer for the top files), whoever asks and however often; change
+# anything it reads; show a user a path label another user sent.
 from __future__ import annotations
 
 import os
@@ -24,6 +25,9 @@ from .stats import Stats, TopEntry
 
 if TYPE_CHECKING:
     from .fdstore import FdStore
+
+#: Viewers whose top files are kept per refresh.
+_MAX_VIEWERS = 256
 
 
 def count_open_fds() -> int:
@@ -51,6 +55,8 @@ class _CostlyStats:
     rss_bytes: int
     top_by_hits: tuple[TopEntry, ...]
     top_by_bytes: tuple[TopEntry, ...]
+    #: The top files of each unprivileged viewer asked for so far.
+    by_uid: dict[int, tuple[tuple[TopEntry, ...], tuple[TopEntry, ...]]] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -71,14 +77,25 @@ class StatsCollector:
     #: The warm-restart store, when the daemon runs with one.
     fd_store: FdStore | None = None
     clients_total: int = 0
+    #: The daemon's own uid: it sees every label, as root does.
+    owner_uid: int = attrs.field(factory=os.geteuid)
     started: float = attrs.field(factory=time.monotonic)
     _costly_stats: _CostlyStats | None = None
 
-    def stats(self) -> Stats:
+    def stats(self, viewer: int | None = None) -> Stats:
+        """The stats as uid *viewer* may see them (None: everything, for the daemon itself).
+
+        The top files name host files by the paths clients sent: a viewer
+        other than root and the daemon's own uid sees only those its own uid
+        named.
+        """
         cache = self.cache
         limits = self.limits
         store = self.fd_store
         costly = self._costly()
+        top_by_hits, top_by_bytes = costly.top_by_hits, costly.top_by_bytes
+        if viewer is not None and viewer not in (0, self.owner_uid):
+            top_by_hits, top_by_bytes = self._top_for(viewer, costly)
         private = self.private.counters
         return Stats(
             server=f"shadowd/{__version__}",
@@ -106,8 +123,8 @@ class StatsCollector:
             private_bytes=cache.private.bytes,
             open_fds=costly.open_fds,
             fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            top_by_hits=costly.top_by_hits,
-            top_by_bytes=costly.top_by_bytes,
+            top_by_hits=top_by_hits,
+            top_by_bytes=top_by_bytes,
             refused_by_code=dict(self.refusals.refused_by_code),
             fdstore_entries=store.entries if store is not None else 0,
             fdstore_max=store.max_entries if store is not None else 0,
@@ -121,6 +138,21 @@ class StatsCollector:
             limits=self.configured,
             limit_hits=dict(self.gate.hits),
         )
+
+    def _top_for(
+        self, uid: int, costly: _CostlyStats
+    ) -> tuple[tuple[TopEntry, ...], tuple[TopEntry, ...]]:
+        """The top files *uid* named, reused like the rest of the costly parts."""
+        found = costly.by_uid.get(uid)
+        if found is None:
+            if len(costly.by_uid) >= _MAX_VIEWERS:
+                costly.by_uid.clear()  # a flood of uids must not grow it without bound
+            n = self.top_files
+            found = costly.by_uid[uid] = (
+                tuple(self.cache.top(n, by="hits", uid=uid)),
+                tuple(self.cache.top(n, by="bytes", uid=uid)),
+            )
+        return found
 
     def _costly(self) -> _CostlyStats:
         """The costly parts of stats: computed at most once per ``refresh`` seconds."""

@@ -168,7 +168,7 @@ class HostOpens:
                 flight_key,
                 source,
                 st,
-                self._on_copied(label),
+                self._on_copied(label, share.uid),
                 remote=remote,
                 quota=quota,
             )
@@ -246,10 +246,17 @@ class HostOpens:
                 holder = pending if isinstance(pending, FdHolder) else pending.holder
                 self.discard([holder.detach()], share)
 
-    def _on_copied(self, label: str | None) -> Callable[[Flight, SealedFile, SourceStat], None]:
+    def _on_copied(
+        self, label: str | None, uid: int
+    ) -> Callable[[Flight, SealedFile, SourceStat], None]:
         def apply(flight: Flight, sealed: SealedFile, st: SourceStat) -> None:
             admission, _entry = self.cache.insert(
-                HostKey(st.dev, st.ino), st.version, sealed, label=label, ctime_ns=st.ctime_ns
+                HostKey(st.dev, st.ino),
+                st.version,
+                sealed,
+                label=label,
+                ctime_ns=st.ctime_ns,
+                label_uid=uid,
             )
             flight.cached = admission is Admission.CACHED
             if not flight.cached:

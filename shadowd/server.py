@@ -209,8 +209,9 @@ class Server:
     def fd_store(self, store: FdStore | None) -> None:
         self.collector.fd_store = store
 
-    def stats(self) -> Stats:
-        return self.collector.stats()
+    def stats(self, viewer: int | None = None) -> Stats:
+        """The stats as uid *viewer* may see them (None: everything)."""
+        return self.collector.stats(viewer)
 
     # -- lifecycle -------------------------------------------------------
 

@@ -243,3 +243,28 @@ def test_unknown_fd_limit_is_not_a_negative_percentage() -> None:
 
     assert _pct(10, -1) == "-" and _pct(-1, 100) == "-" and _pct(5, 0) == "-"
     assert _pct(25, 100) == "25.0%"
+
+
+def test_a_user_sees_only_the_labels_its_own_uid_sent() -> None:
+    """Paths in the top files say something about their owner: others are not shown them."""
+    server = Server(ServerConfig(socket_path="", stats_refresh=0.0))
+    for ino, (label, uid) in enumerate([("/home/alice/payroll.xlsx", 1000), ("/lib/b.so", 1001)]):
+        f = sealed_from_bytes(b"x" * 3000)
+        server.cache.insert(
+            HostKey(1, ino), (3000, 1, 1), f, label=label, ctime_ns=1, label_uid=uid
+        )
+        f.release()
+        server.cache.lookup(HostKey(1, ino), (3000, 1, 1))
+    try:
+        both = {"/home/alice/payroll.xlsx", "/lib/b.so"}
+        for viewer in (None, 0, os.geteuid()):
+            seen = server.stats(viewer)
+            assert {t.label for t in seen.top_by_hits} == both
+            assert {t.label for t in seen.top_by_bytes} == both
+        for viewer, own in ((1000, "/home/alice/payroll.xlsx"), (1001, "/lib/b.so")):
+            seen = server.stats(viewer)
+            assert [t.label for t in seen.top_by_hits] == [own]
+            assert [t.label for t in seen.top_by_bytes] == [own]
+        assert server.stats(1002).top_by_hits == ()
+    finally:
+        server.cache.clear()
