@@ -115,27 +115,81 @@ def reopen_readonly(fd: int) -> int:
 
 
 def copy_into(dst: int, src: int, size: int) -> None:
-    """Copy exactly *size* bytes from offset 0 of *src* to *dst*.
+    """Copy exactly *size* bytes from offset 0 of *src* to *dst* (empty, at offset 0).
 
     Uses sendfile (the fastest path measured here into a memfd) and falls back
-    to pread/write where the source filesystem cannot splice. Raises
+    to pread/write where the source filesystem cannot splice. The holes of a
+    sparse source stay holes: they cost the copy no memory. Raises
     SourceChanged when the source has fewer or more than *size* bytes.
     """
-    copied = 0
-    try:
-        while copied < size:
-            n = os.sendfile(dst, src, copied, min(size - copied, _SENDFILE_CHUNK))
-            if n == 0:
-                raise SourceChanged(f"source ended at {copied} of {size} bytes")
-            copied += n
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-        _copy_pread(dst, src, copied, size)
+    ranges = _data_ranges(src, size)
+    if ranges != [(0, size)]:
+        os.ftruncate(dst, size)  # holes, at the start, between and at the end
+    for start, end in ranges:
+        _copy_range(dst, src, start, end)
     # One more byte means the file is longer than its stat said (a pseudo
     # file, or a writer racing us): not an exact copy.
     if os.pread(src, 1, size):
         raise SourceChanged(f"source holds more than the {size} bytes its stat reports")
+
+
+def _copy_range(dst: int, src: int, start: int, end: int) -> None:
+    """Copy bytes [start, end) of *src* to the same offsets of *dst*."""
+    copied = start
+    try:
+        if start:
+            os.lseek(dst, start, os.SEEK_SET)  # sendfile writes at dst's position
+        while copied < end:
+            n = os.sendfile(dst, src, copied, min(end - copied, _SENDFILE_CHUNK))
+            if n == 0:
+                raise SourceChanged(f"source ended at {copied} of {end} bytes")
+            copied += n
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        _copy_pread(dst, src, copied, end)
+
+
+def _data_ranges(src: int, size: int) -> list[tuple[int, int]]:
+    """Where *src*'s bytes are: the whole file, or, for a sparse one, its data.
+
+    A file whose blocks cover its size has no holes to skip (most files:
+    no lseek then). Otherwise SEEK_DATA and SEEK_HOLE find the data; they
+    move the file offset, which a passed fd shares with its sender, so it
+    is put back.
+    """
+    if size == 0:
+        return []
+    st = os.fstat(src)
+    if st.st_blocks * 512 >= size:
+        return [(0, size)]
+    try:
+        saved = os.lseek(src, 0, os.SEEK_CUR)
+    except OSError:
+        return [(0, size)]
+    ranges: list[tuple[int, int]] = []
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # a hole up to the end
+                return [(0, size)]  # no hole support: copy it all
+            if start >= size:
+                break
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            offset = end
+    except OSError:
+        return [(0, size)]
+    finally:
+        try:
+            os.lseek(src, saved, os.SEEK_SET)
+        except OSError:
+            pass
+    return ranges
 
 
 def _copy_pread(dst: int, src: int, offset: int, size: int) -> None:

@@ -208,3 +208,41 @@ def test_sealing_a_file_that_stays_busy_fails() -> None:
         assert not memfd.is_sealed(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("layout", ["hole-data-hole", "data-hole", "hole-only", "dense"])
+def test_holes_of_a_sparse_file_stay_holes_in_the_copy(tmp_path: Path, layout: str) -> None:
+    """A sparse file's holes cost the copy no memory, and its bytes are exact."""
+    size = 64 * 1024 * 1024
+    path = tmp_path / "sparse"
+    chunk = os.urandom(8192)
+    with open(path, "wb") as f:
+        if layout == "dense":
+            size = 256 * 1024
+            f.write(os.urandom(size))
+        else:
+            f.truncate(size)
+            if layout == "hole-data-hole":
+                f.seek(size // 2)
+                f.write(chunk)
+            elif layout == "data-hole":
+                f.write(chunk)
+    src = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(src, 123, os.SEEK_SET)  # the sender's offset, shared with a passed fd
+        sealed = memfd.sealed_copy(src, SourceStat.from_stat_result(os.fstat(src)))
+        assert os.lseek(src, 0, os.SEEK_CUR) == 123  # put back
+    finally:
+        os.close(src)
+    try:
+        st = os.fstat(sealed.fd)
+        assert st.st_size == size
+        if layout == "dense":
+            assert st.st_blocks * 512 >= size
+        else:
+            assert st.st_blocks * 512 <= 64 * 1024  # the data, not the holes
+        with open(path, "rb") as f:
+            want = f.read()
+        assert os.pread(sealed.fd, size + 1, 0) == want
+    finally:
+        sealed.release()
