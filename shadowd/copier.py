@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar, cast
@@ -27,6 +28,26 @@ T = TypeVar("T")
 
 #: How often a copy is retried when the source changes under it.
 COPY_ATTEMPTS = 3
+
+
+#: The nice value of worker threads: under load the event loop's thread (nice
+#: 0) gets the CPU first, so one uid's copies cannot slow everyone's hits.
+WORKER_NICE = 10
+_worker_state = threading.local()
+
+
+def _yield_to_the_loop() -> None:
+    """Lower this worker thread's CPU priority, once per thread (never the loop's)."""
+    if getattr(_worker_state, "niced", False):
+        return
+    _worker_state.niced = True
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < WORKER_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
+    except OSError:
+        pass  # a seccomp filter or an old kernel: the workers keep the loop's priority
 
 
 class ThreadJob:
@@ -56,6 +77,7 @@ class ThreadJob:
         self._result: object = None
 
     def run_in_thread(self) -> object:
+        _yield_to_the_loop()
         with self._lock:
             if self._abandoned:
                 return None
