@@ -72,7 +72,7 @@ class Dispatcher:
             conn.refuse_later(event.id, exc)
             return True
         except BaseException:
-            os.close(fd)
+            self.opens.discard([fd], conn.share)
             raise
         if type(outcome) is not tuple:
             pending = self.opens.pending(fd, outcome)  # type: ignore[arg-type]

@@ -181,7 +181,9 @@ class HostOpens:
     def pending(self, fd: int, outcome: Flight | _Throttled | None) -> Pending:
         """What a request whose serve_now gave *outcome* waits for; takes over *fd*."""
         if isinstance(outcome, Flight):
-            os.close(fd)  # the flight copies from its own dup
+            # The flight copies from its own dup. A file system's error at
+            # close (an aborted FUSE connection) is no error of the request.
+            FdHolder(fd).close()
             return outcome
         if outcome is None:
             return FdHolder(fd)  # a worker inspects and closes it
@@ -376,7 +378,7 @@ class HostOpens:
         close_all(now)
         for fd in later:
             if self.nursery is None:
-                os.close(fd)
+                FdHolder(fd).close()  # not serving any more: nobody is left to wait
             else:
                 self.copier.close_later(self.nursery, FdHolder(fd), share.quota)
 

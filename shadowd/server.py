@@ -244,6 +244,7 @@ class Server:
         finally:
             self.opens.nursery = None
             self._poller.close()
+            self.mounts.close()
             self.cache.clear()
             logger.info(
                 "stopped after %.1fs: %d hits, %d misses",

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import stat
 import struct
 import time
@@ -23,6 +24,7 @@ import attrs
 
 from . import hotcalls
 from .errors import RequestError, refusing_os_errors, request_error_from_os
+from .fds import move_high
 from .protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -232,68 +234,101 @@ class MountTrust:
     Filesystems on a block device are local, but for fuseblk. Of the
     anonymous-device ones, only the types in LOCAL_ANON_FSTYPES are;
     everything else (FUSE, NFS, CIFS, 9p, procfs, mounts of other
-    namespaces) goes to worker threads.
+    namespaces the daemon cannot see) goes to worker threads.
 
     On Linux 6.8+ a file's mount comes with a unique ID (statx) that is
-    never reused, and for a mount of this process's mount namespace its
-    superblock's magic (statmount) decides, once per mount. Otherwise (an
-    older kernel, a mount of another namespace) the device number decides,
-    with this process's mount table for anonymous devices; the table is
-    re-read when an unknown device shows up and at least every ``ttl``
-    seconds, so a device number freed by an unmount and reused by a new
-    mount is re-classified within that time.
+    never reused, and a verdict is made once per mount: for a mount of this
+    process's mount namespace by its superblock's magic (statmount), for
+    another's by its device number and this namespace's mount table. The
+    table is re-read whenever the kernel says it changed (mountinfo is
+    pollable) before it decides anything, so a device number freed by an
+    unmount and taken by a FUSE mount is never classed by the old mount.
+    A verdict holds for the mount's life: the client's fd pins the mount,
+    and a mount's superblock never changes. On older kernels (no mount ID)
+    the device number decides every time, from a table as fresh.
     """
 
     mountinfo_path: str = "/proc/self/mountinfo"
+    #: Seconds after which the table is re-read even without a change
+    #: event (only where mountinfo cannot be polled).
     ttl: float = 10.0
     _devs: dict[int, str] = attrs.field(factory=dict, init=False)
     _read_at: float = attrs.field(default=-1e9, init=False)
-    #: Per unique mount ID: 1 local, 0 not, -1 the device number decides
-    #: (a mount of another mount namespace, which statmount cannot see).
-    _mounts: dict[int, int] = attrs.field(factory=dict, init=False)
+    #: Per unique mount ID, whether the loop may touch its files.
+    _mounts: dict[int, bool] = attrs.field(factory=dict, init=False)
     _by_mount: bool = attrs.field(default=True, init=False)
+    #: The open mountinfo, polled for changes; None until first needed.
+    _watch: select.poll | None = attrs.field(default=None, init=False)
+    _watch_fd: int = attrs.field(default=-1, init=False)
 
     def is_local(self, dev: int, mnt: int = 0) -> bool:
         """Whether the loop may touch files of device *dev* on mount *mnt* (0: unknown)."""
         if mnt and self._by_mount:
             verdict = self._mounts.get(mnt)
             if verdict is None:
-                verdict = self._classify_mount(mnt)
-            if verdict >= 0:
-                return verdict == 1
+                verdict = self._classify_mount(mnt, dev)
+            return verdict
+        return self._by_device(dev)
+
+    def _by_device(self, dev: int) -> bool:
         if os.major(dev) != 0:
             return True
-        now = time.monotonic()
-        if now - self._read_at > self.ttl:
-            self.refresh(now)
-        fstype = self._devs.get(dev)
-        if fstype is None and now - self._read_at > 1.0:
-            self.refresh(now)
-            fstype = self._devs.get(dev)
-        return fstype in LOCAL_ANON_FSTYPES
+        self._refresh_if_changed()
+        return self._devs.get(dev) in LOCAL_ANON_FSTYPES
 
-    def _classify_mount(self, mnt: int) -> int:
+    def _classify_mount(self, mnt: int, dev: int) -> bool:
         try:
             found = statmount_magic(mnt)
         except OSError:
             # Not in our mount namespace (a daemon with PrivateTmp= or
             # ProtectSystem= has its own; a client may be in a container),
             # or refused by a seccomp filter: the device number decides,
-            # as on kernels without unique mount IDs.
-            verdict = -1
+            # by a table that is fresh now.
+            verdict = self._by_device(dev)
         else:
             if found is None:
                 self._by_mount = False  # no statmount here: device numbers decide
-                return -1
+                return self._by_device(dev)
             major, magic = found
-            local = magic != FUSE_MAGIC and (major != 0 or magic in LOCAL_ANON_MAGICS)
-            verdict = 1 if local else 0
+            verdict = magic != FUSE_MAGIC and (major != 0 or magic in LOCAL_ANON_MAGICS)
         if len(self._mounts) >= MAX_MOUNT_VERDICTS:
             self._mounts.clear()
         self._mounts[mnt] = verdict
         return verdict
 
+    def _refresh_if_changed(self) -> None:
+        """Re-read the mount table if the kernel says it changed since the last read."""
+        watch = self._open_watch()
+        if watch is None:
+            now = time.monotonic()
+            if now - self._read_at > self.ttl:
+                self.refresh(now)
+            return
+        if watch.poll(0) or self._read_at < 0:
+            self.refresh()
+
+    def _open_watch(self) -> select.poll | None:
+        if self._watch is not None or self._watch_fd == -2:
+            return self._watch
+        try:
+            fd = move_high(os.open(self.mountinfo_path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            self._watch_fd = -2  # not pollable here: re-read by age
+            return None
+        watch = select.poll()
+        watch.register(fd, select.POLLPRI | select.POLLERR)
+        self._watch, self._watch_fd = watch, fd
+        return watch
+
+    def close(self) -> None:
+        """Let go of the mount table's fd (a new one is opened if needed again)."""
+        if self._watch_fd >= 0:
+            os.close(self._watch_fd)
+        self._watch, self._watch_fd = None, -1
+
     def refresh(self, now: float | None = None) -> None:
+        if self._watch is not None:
+            self._watch.poll(0)  # take the pending change event: this read covers it
         self._read_at = time.monotonic() if now is None else now
         try:
             with open(self.mountinfo_path, encoding="utf-8", errors="replace") as f:

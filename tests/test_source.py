@@ -134,3 +134,33 @@ print(MountTrust().is_local(st.dev, st.mnt), bool(st.mnt))
     if proc.returncode != 0:
         pytest.skip(f"cannot make a mount namespace here: {proc.stderr.strip()}")
     assert proc.stdout.split()[0] == "True", proc.stdout
+
+
+@requires_root
+def test_a_device_number_reused_by_fuse_right_after_an_unmount_is_never_trusted(
+    tmp_path: Path,
+) -> None:
+    """The mount table is re-read as soon as the kernel says it changed: no window
+    in which a freed anonymous device number still counts as the old tmpfs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    trust = MountTrust()
+    try:
+        for attempt in range(5):
+            mnt = tmp_path / f"tmpfs{attempt}"
+            mnt.mkdir()
+            if libc.mount(b"shadowd-test", os.fsencode(mnt), b"tmpfs", 0, b"size=1m"):
+                pytest.skip(f"cannot mount a tmpfs here: {os.strerror(ctypes.get_errno())}")
+            (mnt / "f").write_bytes(b"x")
+            dev = _stat(mnt / "f").dev
+            assert trust.is_local(dev)  # by the device number, as an old kernel does
+            libc.umount2(os.fsencode(mnt), 2)
+            with mounted(tmp_path / f"fuse{attempt}") as fs:
+                st = _stat(fs.mountpoint / "ok")
+                if st.dev != dev:
+                    continue  # the number went elsewhere this time: try again
+                assert not trust.is_local(st.dev)
+                assert not trust.is_local(st.dev, st.mnt)
+                return
+        pytest.skip("the freed device number was never reused by the FUSE mount")
+    finally:
+        trust.close()
