@@ -12,7 +12,9 @@
  * to protocol.py); change the cache (the caller counts the hit); keep or
  * close a descriptor it does not own; lose a received descriptor (every fd
  * the kernel installed is returned, or closed); wait (every call is
- * MSG_DONTWAIT or cannot block on a client's file system).
+ * MSG_DONTWAIT or cannot block on a client's file system); serve an entry
+ * that is not watched (wd < 0) or whose memfd is not as it was sealed (its
+ * stamp): those go to the Python path, which decides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -640,7 +642,7 @@ opened_reply(unsigned char *o, uint64_t id, uint64_t size)
 
 /* The attribute names answer_hit reads on every hit, made once (interned)
  * instead of a new string per lookup. */
-static PyObject *name_version, *name_file, *name_fd, *name_dir_fd;
+static PyObject *name_version, *name_file, *name_fd, *name_dir_fd, *name_wd, *name_stamp;
 
 static int
 int_attr(PyObject *obj, PyObject *name, long *out)
@@ -651,6 +653,24 @@ int_attr(PyObject *obj, PyObject *name, long *out)
     *out = PyLong_AsLong(v);
     Py_DECREF(v);
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* file.stamp, the (mode, ctime_ns) a cached memfd was sealed with. */
+static int
+stamp_of(PyObject *file, long long *mode, long long *ctime_ns)
+{
+    PyObject *stamp = PyObject_GetAttr(file, name_stamp);
+    if (stamp == NULL)
+        return -1;
+    if (!PyTuple_Check(stamp) || PyTuple_GET_SIZE(stamp) != 2) {
+        Py_DECREF(stamp);
+        PyErr_SetString(PyExc_TypeError, "stamp must be a (mode, ctime_ns) tuple");
+        return -1;
+    }
+    *mode = PyLong_AsLongLong(PyTuple_GET_ITEM(stamp, 0));
+    *ctime_ns = PyLong_AsLongLong(PyTuple_GET_ITEM(stamp, 1));
+    Py_DECREF(stamp);
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 #define DECLINED ((PyObject *)1)
@@ -710,6 +730,15 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         Py_DECREF(entry);
         return same < 0 ? NULL : DECLINED; /* another version: protocol.py's path drops it */
     }
+    long wd;
+    if (int_attr(entry, name_wd, &wd) < 0) {
+        Py_DECREF(entry);
+        return NULL;
+    }
+    if (wd < 0) {
+        Py_DECREF(entry);
+        return DECLINED; /* not watched yet (restored at start): Python vouches for it */
+    }
     PyObject *file = PyObject_GetAttr(entry, name_file);
     long memfd, dirfd;
     if (file == NULL || int_attr(file, name_fd, &memfd) < 0 || int_attr(file, name_dir_fd, &dirfd) < 0) {
@@ -717,8 +746,25 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         Py_DECREF(entry);
         return NULL;
     }
+    long long stamp_mode, stamp_ctime;
+    int stamped = stamp_of(file, &stamp_mode, &stamp_ctime);
     Py_DECREF(file);
+    if (stamped < 0) {
+        Py_DECREF(entry);
+        return NULL;
+    }
     if (memfd < 0 || memfd > INT_MAX || dirfd < INT_MIN || dirfd > INT_MAX) {
+        Py_DECREF(entry);
+        return DECLINED;
+    }
+    /* The memfd as it was sealed? A holder of its uid can change its mode,
+     * ACL or times through a served fd; then Python replaces the entry. */
+    struct kstatx mstx;
+    long long mctime;
+    memset(&mstx, 0, sizeof mstx);
+    if (syscall(SYS_statx, (int)memfd, "", K_AT_EMPTY_PATH, (unsigned)(0x2 | 0x80), &mstx) != 0 ||
+        !ns_of(&mstx.ctime, &mctime) || (long long)mstx.mode != stamp_mode ||
+        mctime != stamp_ctime) {
         Py_DECREF(entry);
         return DECLINED;
     }
@@ -833,11 +879,15 @@ PyInit__hotcalls(void)
         name_file = PyUnicode_InternFromString("file");
         name_fd = PyUnicode_InternFromString("fd");
         name_dir_fd = PyUnicode_InternFromString("dir_fd");
-        if (!name_version || !name_file || !name_fd || !name_dir_fd) {
+        name_wd = PyUnicode_InternFromString("wd");
+        name_stamp = PyUnicode_InternFromString("stamp");
+        if (!name_version || !name_file || !name_fd || !name_dir_fd || !name_wd || !name_stamp) {
             Py_CLEAR(name_version);
             Py_CLEAR(name_file);
             Py_CLEAR(name_fd);
             Py_CLEAR(name_dir_fd);
+            Py_CLEAR(name_wd);
+            Py_CLEAR(name_stamp);
             return NULL;
         }
     }

@@ -48,6 +48,13 @@ class Shareable(Protocol):
     @property
     def dir_fd(self) -> int: ...
 
+    # What the hit path checks before every hand-out (memfd.SealedFile.intact):
+    # (mode, ctime_ns) as sealed.
+    @property
+    def stamp(self) -> tuple[int, int]: ...
+
+    def intact(self, *, times: bool = True) -> bool: ...
+
 
 @attrs.frozen
 class CacheLimits:
@@ -115,6 +122,11 @@ class Entry:
     #: The uid whose request named the file *label*; None when unknown (an
     #: entry restored at start): only privileged viewers see such labels.
     label_uid: int | None = None
+    #: The inotify watch on a host file's inode (watches.py); -1 for none:
+    #: a private entry, or one restored at start and not yet verified.
+    wd: int = -1
+    #: The unique ID of the mount the file was copied through; 0 unknown.
+    mnt: int = 0
 
     @property
     def size(self) -> int:
@@ -252,6 +264,8 @@ class Cache:
         private: bool = False,
         ctime_ns: int | None = None,
         label_uid: int | None = None,
+        wd: int = -1,
+        mnt: int = 0,
     ) -> tuple[Admission, Entry | None]:
         """Cache *file* as *key* at *version*, evicting LRU entries to make room.
 
@@ -280,6 +294,8 @@ class Cache:
             label=label,
             private=private,
             label_uid=label_uid,
+            wd=wd,
+            mnt=mnt,
         )
         self._entries[key] = entry
         self.bytes += entry.size
@@ -296,6 +312,24 @@ class Cache:
         self._drop(key, entry, DropReason.EVICTED)
         self.evictions += 1
         return entry
+
+    def reject(self, entry: Entry) -> None:
+        """A hit that turned out unusable (its memfd was changed, its source cannot be
+        vouched for): counted as the miss it is now, and the entry dropped."""
+        counters = self._counters(entry.private)
+        counters.hits -= 1
+        counters.misses += 1
+        entry.hits -= 1
+        self.invalidate(entry.key)
+
+    def invalidate(self, key: Hashable) -> bool:
+        """Drop *key*'s entry because its file changed in a way its version may not show."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        self._drop(key, entry, DropReason.INVALIDATED)
+        self.invalidations += 1
+        return True
 
     def remove(self, key: Hashable) -> bool:
         entry = self._entries.get(key)

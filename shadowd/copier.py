@@ -16,11 +16,14 @@ from typing import Any, TypeVar, cast
 import attrs
 import trio
 
+from . import leases
 from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
 from .fds import FdHolder
+from .leases import Writers
 from .memfd import SealedFile, sealed_copy
 from .protocol import ErrorCode
 from .source import SourceStat, check_readable, check_regular, stat_sync
+from .watches import Watches
 
 logger = logging.getLogger(__name__)
 
@@ -194,30 +197,64 @@ def _release(result: object) -> None:
             _release(item)
     elif isinstance(result, SealedFile):
         result.release()
+    elif isinstance(result, Copied):
+        result.sealed.release()
 
 
-def copy_source(src: FdHolder, expected: SourceStat | None) -> tuple[SealedFile, SourceStat]:
+@attrs.frozen
+class Copied:
+    """A copy made by a flight, and what tells whether it may be cached."""
+
+    sealed: SealedFile
+    stat: SourceStat
+    #: The inotify watch on the source's inode, added before the copy; -1
+    #: when none could be added (then the copy is not cached).
+    wd: int
+    #: Whether a writer had the file open, or opened it, during the copy.
+    writers: Writers
+
+
+def copy_source(
+    src: FdHolder, expected: SourceStat | None, watches: Watches | None = None
+) -> Copied:
     """Blocking: a sealed copy of *src*, retried while the file keeps changing.
 
     Takes ownership of *src* and closes it, in this thread. *expected* is the
-    stat the request was made with (None for an fd not yet inspected).
+    stat the request was made with (None for an fd not yet inspected). The
+    source's inode is watched first, and a read lease is held around each
+    attempt, so that a change the stat cannot show is seen either way.
     """
+    wd = -1
     try:
+        if watches is not None:
+            try:
+                wd = watches.add(src.fd)
+            except OSError:
+                wd = -1
         st = expected
         for _attempt in range(COPY_ATTEMPTS):
             if st is None:
                 st = stat_sync(src.fd)
                 check_readable(src.fd)
                 check_regular(st)
+            refused = leases.take(src.fd)
             try:
-                return sealed_copy(src.fd, st), st
+                sealed = sealed_copy(src.fd, st)
             except SourceChanged:
                 st = None
+                continue
             except OSError as exc:
                 raise request_error_from_os(exc, "cannot copy the file") from exc
+            finally:
+                writers = leases.give_back(src.fd) if refused is None else refused
+            return Copied(sealed=sealed, stat=st, wd=wd, writers=writers)
         raise RequestError(
             ErrorCode.UNSTABLE, f"the file kept changing during {COPY_ATTEMPTS} copies"
         )
+    except BaseException:
+        if wd >= 0 and watches is not None:
+            watches.forget(wd)
+        raise
     finally:
         src.close()
 
@@ -236,6 +273,8 @@ class Flight:
 
     key: Hashable
     done: trio.Event = attrs.field(factory=trio.Event)
+    #: Watches.seq when the copy began (-1: no watches).
+    start: int = -1
     result: SealedFile | None = None
     stat: SourceStat | None = None
     error: RequestError | None = None
@@ -281,6 +320,8 @@ class Copier:
 
     local_limiter: trio.CapacityLimiter
     remote_limiter: trio.CapacityLimiter
+    #: The watches a flight's source is added to (while the server serves).
+    watches: Watches | None = None
     _flights: dict[Hashable, Flight] = attrs.field(factory=dict)
     copies: int = 0
     bytes_copied: int = 0
@@ -299,7 +340,7 @@ class Copier:
         key: Hashable,
         src: FdHolder,
         expected: SourceStat | None,
-        on_copied: Callable[[Flight, SealedFile, SourceStat], None],
+        on_copied: Callable[[Flight, Copied], None],
         *,
         remote: bool,
         quota: Quota | None = None,
@@ -311,7 +352,8 @@ class Copier:
         that nobody can join a flight that is still queued behind its
         starter's quota.
         """
-        flight = Flight(key=key, quota=quota)
+        watches = self.watches
+        flight = Flight(key=key, quota=quota, start=-1 if watches is None else watches.begin())
         self._flights[key] = flight
         nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
         return flight
@@ -321,13 +363,14 @@ class Copier:
         flight: Flight,
         src: FdHolder,
         expected: SourceStat | None,
-        on_copied: Callable[[Flight, SealedFile, SourceStat], None],
+        on_copied: Callable[[Flight, Copied], None],
         remote: bool,
     ) -> None:
         limiter = self.remote_limiter if remote else self.local_limiter
+        watches = self.watches
         try:
-            sealed, st = await run_job(
-                lambda: copy_source(src, expected), _release, limiter, unstarted=src.close
+            copied = await run_job(
+                lambda: copy_source(src, expected, watches), _release, limiter, unstarted=src.close
             )
         except RequestError as exc:
             self.copy_failures += 1
@@ -338,11 +381,13 @@ class Copier:
             flight.error = RequestError(ErrorCode.INTERNAL, f"copy failed: {exc!r}")
         else:
             self.copies += 1
-            self.bytes_copied += st.size
-            flight.result = sealed
-            flight.stat = st
-            on_copied(flight, sealed, st)
+            self.bytes_copied += copied.stat.size
+            flight.result = copied.sealed
+            flight.stat = copied.stat
+            on_copied(flight, copied)
         finally:
+            if watches is not None and flight.start >= 0:
+                watches.end(flight.start)
             if flight.quota is not None:
                 flight.quota.release()
             self._flights.pop(flight.key, None)

@@ -7,7 +7,9 @@
 # size its name says (whatever comes back is checked as if a stranger sent
 # it); trust a restored entry beyond its key: the normal lookup compares the
 # version with the client's fresh stat, so an entry that went stale during the
-# restart is invalidated on its next lookup, never served; remove stored
+# restart is invalidated on its next lookup, never served, and it is served
+# only through the mount it was copied from (whose file system it then is,
+# mount IDs being never reused), which watches it from then on; remove stored
 # descriptors when the daemon merely stops (a restart must find them).
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: Every name this daemon gives a stored descriptor starts with this; the
 #: version number changes whenever the format after it does.
-NAME_PREFIX = "shadowd/v1/"
+NAME_PREFIX = "shadowd/v2/"
 #: The service manager ignores longer names (and names with control
 #: characters or ':').
 MAX_NAME = 255
@@ -45,16 +47,24 @@ _LABEL_SAFE = "/"
 
 @attrs.frozen
 class StoredName:
-    """What a stored descriptor's name says: the cache key, the version, the label."""
+    """What a stored descriptor's name says: the cache key, the mount, the version, the label.
+
+    The mount's unique ID (0: the kernel had none) is what lets the next
+    daemon vouch for the entry: it is served again only to a request
+    through that very mount (see opens.HostOpens).
+    """
 
     key: HostKey
     version: Version
     label: str | None
+    mnt: int = 0
 
     def format(self) -> str:
         """The FDNAME for this entry; the label is left out when it would not fit."""
         size, mtime_ns, ctime_ns = self.version
-        head = f"{NAME_PREFIX}{self.key.dev}/{self.key.ino}/{size}/{mtime_ns}/{ctime_ns}/"
+        head = (
+            f"{NAME_PREFIX}{self.key.dev}/{self.key.ino}/{self.mnt}/{size}/{mtime_ns}/{ctime_ns}/"
+        )
         if self.label:
             named = head + quote(self.label, safe=_LABEL_SAFE, errors="replace")
             if len(named) <= MAX_NAME:
@@ -66,23 +76,27 @@ class StoredName:
         """The key in *name*, or None when it is not a name this format writes."""
         if not name.startswith(NAME_PREFIX) or len(name) > MAX_NAME:
             return None
-        parts = name[len(NAME_PREFIX) :].split("/", 5)
-        if len(parts) != 6 or not all(_NUMBER.match(p) for p in parts[:5]):
+        parts = name[len(NAME_PREFIX) :].split("/", 6)
+        if len(parts) != 7 or not all(_NUMBER.match(p) for p in parts[:6]):
             return None
-        dev, ino, size, mtime_ns, ctime_ns = (int(p) for p in parts[:5])
+        dev, ino, mnt, size, mtime_ns, ctime_ns = (int(p) for p in parts[:6])
         if not (0 <= dev < _UINT64 and 0 <= ino < _UINT64 and 0 <= size < _INT64):
+            return None
+        if not (0 <= mnt < _UINT64):
             return None
         if not (-_INT64 <= mtime_ns < _INT64 and -_INT64 <= ctime_ns < _INT64):
             return None
-        label = unquote(parts[5], errors="replace") or None
-        return cls(key=HostKey(dev, ino), version=(size, mtime_ns, ctime_ns), label=label)
+        label = unquote(parts[6], errors="replace") or None
+        return cls(key=HostKey(dev, ino), version=(size, mtime_ns, ctime_ns), label=label, mnt=mnt)
 
 
 def name_for(entry: Entry) -> str | None:
     """The FDNAME of a cache entry, or None for entries that are never stored."""
     if entry.private or not isinstance(entry.key, HostKey) or entry.version[2] is None:
         return None
-    return StoredName(key=entry.key, version=entry.version, label=entry.label).format()
+    return StoredName(
+        key=entry.key, version=entry.version, label=entry.label, mnt=entry.mnt
+    ).format()
 
 
 class Rejected(DaemonError):
@@ -185,8 +199,14 @@ class FdStore:
             unwanted.add(item.name)
             return
         try:
+            # Not watched (wd -1) until a request through its mount vouches for it.
             admission, entry = cache.insert(
-                stored.key, stored.version, sealed, label=stored.label, ctime_ns=stored.version[2]
+                stored.key,
+                stored.version,
+                sealed,
+                label=stored.label,
+                ctime_ns=stored.version[2],
+                mnt=stored.mnt,
             )
         finally:
             sealed.release()  # the cache took its own reference, if it kept it

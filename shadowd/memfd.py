@@ -274,9 +274,30 @@ class SealedFile:
     refs: int = 1
     #: /proc/self/fd, for reopening (see hotcalls.send_reopened).
     dir_fd: int = attrs.field(init=False)
+    #: (mode, ctime_ns) of the memfd once sealed: any change to its mode,
+    #: owner, ACL, times or flags (which a holder of its own uid can make
+    #: through a served fd) moves its ctime. See :meth:`intact`.
+    stamp: tuple[int, int] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.dir_fd = _proc_fd_dir()
+        st = os.fstat(self.holder.fd)
+        self.stamp = (st.st_mode, st.st_ctime_ns)
+
+    def intact(self, *, times: bool = True) -> bool:
+        """Whether the memfd's inode is as it was sealed (nobody changed its attributes).
+
+        With *times* False only its mode counts: a publisher that keeps a
+        writable fd of its sealed memfd moves its times with every write,
+        refused or not, and its private entries are its own uid's business.
+        """
+        try:
+            st = os.fstat(self.holder.fd)
+        except OSError:
+            return False
+        if not times:
+            return st.st_mode == self.stamp[0]
+        return (st.st_mode, st.st_ctime_ns) == self.stamp
 
     @property
     def fd(self) -> int:

@@ -19,14 +19,16 @@ import attrs
 import trio
 
 from .access import Peer, UidShare
-from .cache import Admission, Cache, CacheLimits, HostKey, Shareable
-from .copier import Copier, Flight
+from .cache import Admission, Cache, CacheLimits, DropReason, Entry, HostKey, Shareable
+from .copier import Copied, Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_holders
-from .memfd import SealedFile, memfd_seals
+from .leases import Writers
+from .memfd import memfd_seals
 from .protocol import ErrorCode, OpenedItem, Refusal
 from .refusals import INTERNAL_MESSAGE, Refusals
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
+from .watches import Watches
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +109,66 @@ class HostOpens:
     limits: CacheLimits
     #: The server's nursery while it serves: flights and closes run in it.
     nursery: trio.Nursery | None = None
-    #: Descriptors served of copies that were not cached (racy, over budget).
+    #: Descriptors served of copies that were not cached (racy, over budget,
+    #: a writer at work, no watch).
     uncached: int = 0
+    #: Copies not cached because a writer had the file open during them.
+    uncached_writers: int = 0
+    #: Cached memfds found changed by a holder (mode, ACL, times) and replaced.
+    tampered: int = 0
+    watches: Watches = attrs.field(init=False)
+    #: Which entry each inotify watch belongs to.
+    _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.watches = Watches(on_event=self._changed, on_overflow=self._lost_events)
+        self.cache.add_observer(self)
+
+    # -- the watches' side ------------------------------------------------
+
+    def _changed(self, wd: int) -> None:
+        """An event on a cached file's inode: the entry goes (watches.py says why)."""
+        key = self._by_wd.get(wd)
+        if key is not None:
+            self.cache.invalidate(key)
+
+    def _lost_events(self) -> None:
+        for key in list(self._by_wd.values()):
+            self.cache.invalidate(key)
+
+    def inserted(self, entry: Entry) -> None:
+        if entry.wd >= 0 and not entry.private:
+            self._by_wd[entry.wd] = entry.key  # type: ignore[assignment]
+
+    def dropped(self, entry: Entry, reason: DropReason) -> None:
+        if entry.wd >= 0 and self._by_wd.get(entry.wd) == entry.key:
+            del self._by_wd[entry.wd]
+            self.watches.release(entry.wd)
+
+    def _usable(self, entry: Entry, fd: int, st: SourceStat, *, remote: bool) -> bool:
+        """Whether a hit may be served: its memfd untouched, its source vouched for.
+
+        An entry restored at start has no watch yet: it is kept only for a
+        request through the very mount it was copied from (unique mount IDs
+        are never reused, so that is its file system), which lends the fd to
+        watch it from now on.
+        """
+        if not entry.file.intact():
+            self.tampered += 1
+            logger.warning("a cached memfd was changed by one of its holders; replacing it")
+            return False
+        if entry.wd >= 0:
+            return True
+        if remote or not st.mnt or st.mnt != entry.mnt:
+            return False
+        try:
+            wd = self.watches.add(fd)
+        except OSError:
+            return False
+        self.watches.hold(wd)
+        entry.wd = wd
+        self._by_wd[wd] = entry.key  # type: ignore[assignment]
+        return True
 
     # -- at once, on the loop -------------------------------------------
 
@@ -148,7 +208,9 @@ class HostOpens:
         key = HostKey(st.dev, st.ino)
         entry = self.cache.lookup(key, st.version)
         if entry is not None:
-            return entry.file, entry.size
+            if self._usable(entry, fd, st, remote=remote):
+                return entry.file, entry.size
+            self.cache.reject(entry)
         assert self.nursery is not None
         flight_key = (key, st.version)
         flight = self.copier.flight(flight_key)
@@ -248,19 +310,38 @@ class HostOpens:
                 holder = pending if isinstance(pending, FdHolder) else pending.holder
                 self.discard([holder.detach()], share)
 
-    def _on_copied(
-        self, label: str | None, uid: int
-    ) -> Callable[[Flight, SealedFile, SourceStat], None]:
-        def apply(flight: Flight, sealed: SealedFile, st: SourceStat) -> None:
-            admission, _entry = self.cache.insert(
+    def _on_copied(self, label: str | None, uid: int) -> Callable[[Flight, Copied], None]:
+        def apply(flight: Flight, copied: Copied) -> None:
+            st, wd, watches = copied.stat, copied.wd, self.watches
+            watches.drain()  # an event of this inode since the flight began?
+            why = ""
+            if wd < 0:
+                why = "no watch on its inode"
+            elif copied.writers is Writers.PRESENT:
+                why = "a writer had it open"
+                self.uncached_writers += 1
+            elif watches.changed_since(wd, flight.start):
+                why = "it changed during the copy"
+            if why:
+                if wd >= 0:
+                    watches.forget(wd)
+                flight.cached = False
+                logger.debug("served uncached (%s): %s", why, label or "?")
+                return
+            watches.hold(wd)  # before the insert, which may drop an entry of the same inode
+            admission, entry = self.cache.insert(
                 HostKey(st.dev, st.ino),
                 st.version,
-                sealed,
+                copied.sealed,
                 label=label,
                 ctime_ns=st.ctime_ns,
                 label_uid=uid,
+                wd=wd,
+                mnt=st.mnt,
             )
             flight.cached = admission is Admission.CACHED
+            if entry is None or entry.file is not copied.sealed:
+                watches.release(wd)  # not ours that was kept
             if not flight.cached:
                 logger.debug("served uncached (%s): %s", admission.value, label or "?")
 

@@ -128,6 +128,8 @@ class PrivateCounters:
     sealed_in_place: int = 0
     copied: int = 0
     races_lost: int = 0
+    #: Entries dropped because a holder changed their memfd's attributes.
+    tampered: int = 0
 
 
 def adopt(
@@ -175,6 +177,12 @@ class PrivateFiles:
         """A served fd of this uid's entry for the key, or None on a miss."""
         entry = self.cache.lookup(private_key(uid, event), event.key.version, private=True)
         if entry is None:
+            return None
+        if not entry.file.intact(times=False):
+            # A holder of the memfd's own uid changed its mode or ACL through
+            # a served fd: the next publish replaces it.
+            self.counters.tampered += 1
+            self.cache.reject(entry)
             return None
         with refusing_os_errors("cannot open a served descriptor"):
             return Served(fd=FdHolder(entry.file.share()), size=entry.size, hit=True)

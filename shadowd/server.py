@@ -43,6 +43,7 @@ from .copier import Copier
 from .dispatch import Dispatcher
 from .errors import RequestError
 from .fds import close_all, move_high
+from .leases import ignore_sigio
 from .metrics import StatsCollector, count_open_fds
 from .opens import HostOpens
 from .poller import Poller
@@ -223,7 +224,13 @@ class Server:
     ) -> None:
         """Serve on *listen_sock* (listening, non-blocking) until :meth:`shutdown`."""
         listen_sock.setblocking(False)
+        ignore_sigio()  # a broken read lease (leases.py) signals its holder
+        watches = self.opens.watches
+        watches.open()
+        self.mounts.open()
         self._poller = Poller()
+        self._poller.first(watches.fd, watches.drain)
+        self.copier.watches = watches
         self.dispatcher.poller = self._poller
         self._services = Services(
             poller=self._poller,
@@ -243,9 +250,11 @@ class Server:
                         await self._accept_loop(listen_sock, nursery)
         finally:
             self.opens.nursery = None
+            self.copier.watches = None
             self._poller.close()
             self.mounts.close()
             self.cache.clear()
+            watches.close()
             logger.info(
                 "stopped after %.1fs: %d hits, %d misses",
                 time.monotonic() - self.collector.started,

@@ -307,6 +307,10 @@ class MountTrust:
         if watch.poll(0) or self._read_at < 0:
             self.refresh()
 
+    def open(self) -> None:
+        """Open the mount table's fd now (a server does at start, not on first use)."""
+        self._open_watch()
+
     def _open_watch(self) -> select.poll | None:
         if self._watch is not None or self._watch_fd == -2:
             return self._watch

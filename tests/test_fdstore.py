@@ -27,30 +27,33 @@ i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
     st.tuples(u64, u64),
     st.tuples(st.integers(min_value=0, max_value=(1 << 63) - 1), i64, i64),
     st.text(),
+    u64,
 )
 def test_names_round_trip_within_the_managers_rules(
-    key: tuple[int, int], version: tuple[int, int, int], label: str
+    key: tuple[int, int], version: tuple[int, int, int], label: str, mnt: int
 ) -> None:
-    stored = StoredName(HostKey(*key), version, label or None)
+    stored = StoredName(HostKey(*key), version, label or None, mnt)
     name = stored.format()
     assert len(name) <= MAX_NAME
     assert name.isascii() and ":" not in name
     assert all(c.isprintable() for c in name)
     back = StoredName.parse(name)
     assert back is not None
-    assert (back.key, back.version) == (stored.key, stored.version)
+    assert (back.key, back.version, back.mnt) == (stored.key, stored.version, stored.mnt)
     # The label comes back when it fit (it is only for stats).
     assert back.label in (stored.label, None)
 
 
 def test_a_path_label_stays_readable() -> None:
-    name = StoredName(HostKey(2049, 7), (10, 1, 2), "/usr/lib/x86_64-linux-gnu/libc.so.6").format()
-    assert name == "shadowd/v1/2049/7/10/1/2//usr/lib/x86_64-linux-gnu/libc.so.6"
+    name = StoredName(
+        HostKey(2049, 7), (10, 1, 2), "/usr/lib/x86_64-linux-gnu/libc.so.6", mnt=5
+    ).format()
+    assert name == "shadowd/v2/2049/7/5/10/1/2//usr/lib/x86_64-linux-gnu/libc.so.6"
     odd = StoredName(HostKey(1, 1), (1, 1, 1), "/a:b/100%/\n").format()
     assert odd.endswith("/a%3Ab/100%25/%0A")
     assert StoredName.parse(odd).label == "/a:b/100%/\n"  # type: ignore[union-attr]
     long = StoredName(HostKey(1, 1), (1, 1, 1), "/" + "x" * 300).format()
-    assert long == "shadowd/v1/1/1/1/1/1/"
+    assert long == "shadowd/v2/1/1/0/1/1/1/"
 
 
 @pytest.mark.parametrize(
@@ -58,15 +61,18 @@ def test_a_path_label_stays_readable() -> None:
     [
         "stored",
         "unknown",
+        "shadowd/v3/1/1/1/1/1/1/",
+        "shadowd/v1/1/1/1/1/1/",  # the format before mount IDs: not vouched for, dropped
         "shadowd/v2/1/1/1/1/1/",
-        "shadowd/v1/1/1/1/1/",
-        "shadowd/v1/1/1/1/1/x/",
-        "shadowd/v1/-1/1/1/1/1/",
-        "shadowd/v1/1/1/-1/1/1/",
-        f"shadowd/v1/{1 << 64}/1/1/1/1/",
-        "shadowd/v1/1/1/1/1/1 /",
-        "shadowd/v1/1/1/1/1/1/" + "x" * 300,
-        "shadowd/v1/\u0661/1/1/1/1/",  # a digit, but not an ASCII one
+        "shadowd/v2/1/1/1/1/1/x/",
+        "shadowd/v2/-1/1/1/1/1/1/",
+        "shadowd/v2/1/1/-1/1/1/1/",
+        "shadowd/v2/1/1/1/-1/1/1/",
+        f"shadowd/v2/{1 << 64}/1/1/1/1/1/",
+        f"shadowd/v2/1/1/{1 << 64}/1/1/1/",
+        "shadowd/v2/1/1/1/1/1/1 /",
+        "shadowd/v2/1/1/1/1/1/1/" + "x" * 300,
+        "shadowd/v2/\u0661/1/1/1/1/1/",  # a digit, but not an ASCII one
     ],
 )
 def test_names_this_format_does_not_write_are_not_parsed(name: str) -> None:

@@ -282,6 +282,7 @@ class _HitRig:
             file=self.file,
             label=None,
             private=False,
+            wd=1,  # watched, as every host entry the server keeps is
         )
         self.entries: dict[object, Entry] = {self.key: self.entry}
         self.trusted = True
@@ -413,6 +414,22 @@ def test_answer_hit_declines_what_it_does_not_answer(
         _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
         rig.trusted = True
         _declined(rig, rig.ask(impl, canonical, [src], max_file_size=10), canonical, 1)
+        # Not watched (an entry restored at start): Python vouches for it first.
+        rig.entry.wd = -1
+        _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        rig.entry.wd = 1
+        # Its memfd changed by a holder (mode, ACL, times): Python replaces it.
+        stamp = rig.file.stamp
+        held = os.open(f"/proc/self/fd/{rig.file.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.utime(held, ns=(1, 1))
+            _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+            os.fchmod(held, 0o400)  # the exec bits are sealed; these are not
+            _declined(rig, rig.ask(impl, canonical, [src]), canonical, 1)
+        finally:
+            os.close(held)
+        assert rig.file.stamp == stamp and not rig.file.intact()
+        rig.file.stamp = (os.fstat(rig.file.fd).st_mode, os.fstat(rig.file.fd).st_ctime_ns)
         # Not readable, not regular, not one fd, not this op.
         opath = os.open(rig.path, os.O_PATH | os.O_CLOEXEC)
         wronly = os.open(rig.path, os.O_WRONLY | os.O_CLOEXEC)

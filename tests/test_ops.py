@@ -22,6 +22,7 @@ from shadowd_client import Client
 from shadowd.cache import HostKey
 from shadowd.fdstore import StoredName
 from shadowd.memfd import REQUIRED_SEALS
+from shadowd.source import stat_nosync
 
 from .conftest import REPO_PATH, make_file, read_fd, settle
 from .manager import SERVE, ServiceManager
@@ -47,11 +48,17 @@ async def manager(shared_dir: Path) -> AsyncIterator[ServiceManager]:
 
 def stored_name(path: Path, *, labelled: bool = True) -> str:
     """The FDNAME the daemon gives *path*'s current version (labelled as the client does)."""
-    st = path.stat()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = stat_nosync(fd)
+    finally:
+        os.close(fd)
+    assert st is not None
     return StoredName(
-        key=HostKey(st.st_dev, st.st_ino),
-        version=(st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+        key=HostKey(st.dev, st.ino),
+        version=st.version,
         label=str(path) if labelled else None,
+        mnt=st.mnt,
     ).format()
 
 
