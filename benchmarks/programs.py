@@ -102,7 +102,9 @@ def _git_repo(path: str, commits: int, env: dict[str, str]) -> None:
         check=True,
         env=env,
     )
-    subprocess.run(["git", "symbolic-ref", "HEAD", "refs/heads/main"], cwd=path, check=True, env=env)
+    subprocess.run(
+        ["git", "symbolic-ref", "HEAD", "refs/heads/main"], cwd=path, check=True, env=env
+    )
 
 
 def find_programs(workdir: str, *, quick: bool = False) -> tuple[list[Program], list[Skipped]]:
@@ -151,7 +153,9 @@ def find_programs(workdir: str, *, quick: bool = False) -> tuple[list[Program], 
     loops = 3 if quick else 30
     add(
         "sh-ls-loop",
-        [sh, "-c", f"for i in $(seq {loops}); do ls /; done"] if sh and shutil.which("ls") else None,
+        [sh, "-c", f"for i in $(seq {loops}); do ls /; done"]
+        if sh and shutil.which("ls")
+        else None,
         "no sh or ls",
     )
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -291,11 +295,11 @@ def check(program: Program, reference: Run, run: Run) -> None:
 def run_all(
     binary: str,
     programs: list[Program],
+    *,
     rounds: int,
     socket_path: str,
     daemon: OwnDaemon | None,
     cold: bool,
-    progress: bool,
 ) -> list[Results]:
     """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked."""
     results = [Results(p) for p in programs]
@@ -325,8 +329,7 @@ def run_all(
         random.shuffle(order)
         for r, mode in order:
             r.runs[mode].append(one(r, mode))
-        if progress:
-            print(f"programs: round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
+        print(f"programs: round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
 
 
@@ -378,7 +381,9 @@ def machine() -> dict[str, Any]:
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release()}
@@ -401,16 +406,21 @@ def table(report: dict[str, Any]) -> str:
     ]
     for p in report["programs"]:
         m, q = p["modes"], p["ratios"]
-        lines.append(
-            f"{p['name']:<17}{_fmt(m['copy']['shadowed'], '.0f'):>6}"
-            f"  {_fmt(m['passthrough']['wall_ms'], '.1f'):>8}{_fmt(m['copy']['wall_ms'], '.1f'):>8}"
-            f"{_fmt(m['shadowd']['wall_ms'], '.1f'):>8}"
-            f"  {_fmt(m['copy']['us_per_file'], '.1f'):>9}{_fmt(m['shadowd']['us_per_file'], '.1f'):>9}"
-            f"  {_fmt(m['shadowd']['hits'], '.0f'):>5}{_fmt(m['shadowd']['misses'], '.0f'):>5}"
-            f"{_fmt(m['shadowd']['fallbacks'], '.0f'):>5}"
-            f"  {_fmt(q['shadowd/copy wall'], '.2f'):>8}{_fmt(q['shadowd/copy per file'], '.2f'):>11}"
-            f"{_fmt(q['copy/passthrough wall'], '.2f'):>10}{_fmt(q['shadowd/passthrough wall'], '.2f'):>9}"
-        )
+        cells = [
+            f"{p['name']:<17}",
+            f"{_fmt(m['copy']['shadowed'], '.0f'):>6}  ",
+            *(f"{_fmt(m[mode]['wall_ms'], '.1f'):>8}" for mode in MODES),
+            "  ",
+            *(f"{_fmt(m[mode]['us_per_file'], '.1f'):>9}" for mode in ("copy", "shadowd")),
+            "  ",
+            *(f"{_fmt(m['shadowd'][k], '.0f'):>5}" for k in ("hits", "misses", "fallbacks")),
+            "  ",
+            f"{_fmt(q['shadowd/copy wall'], '.2f'):>8}",
+            f"{_fmt(q['shadowd/copy per file'], '.2f'):>11}",
+            f"{_fmt(q['copy/passthrough wall'], '.2f'):>10}",
+            f"{_fmt(q['shadowd/passthrough wall'], '.2f'):>9}",
+        ]
+        lines.append("".join(cells))
     for s in report["skipped"]:
         lines.append(f"skipped {s['name']}: {s['why']}")
     lines += [
@@ -472,13 +482,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for s in skipped:
             say(f"skipping {s.name}: {s.why}")
-        say(
-            f"{len(programs)} programs x {len(MODES)} modes, a warm-up and {args.rounds} rounds"
-        )
+        say(f"{len(programs)} programs x {len(MODES)} modes, a warm-up and {args.rounds} rounds")
         try:
             with daemon_for(args, workdir) as (socket_path, daemon):
                 results = run_all(
-                    binary, programs, args.rounds, socket_path, daemon, args.cold, True
+                    binary,
+                    programs,
+                    rounds=args.rounds,
+                    socket_path=socket_path,
+                    daemon=daemon,
+                    cold=args.cold,
                 )
         except Mismatch as exc:
             say(f"FAILED: {exc}")

@@ -102,7 +102,13 @@ def run_supervised(
         command = supervised_command(binary, mode, argv, socket=socket, stats=stats_path)
         start = time.perf_counter()
         done = subprocess.run(
-            command, cwd=cwd, env=env, capture_output=True, timeout=timeout, stdin=stdin, check=False
+            command,
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            timeout=timeout,
+            stdin=stdin,
+            check=False,
         )
         seconds = time.perf_counter() - start
         with open(stats_path, encoding="utf-8") as f:
