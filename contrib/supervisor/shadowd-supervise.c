@@ -111,7 +111,7 @@ enum reason {
     R_PASSTHROUGH,  /* passthrough mode */
     R_FLAGS,        /* not a plain read-only open */
     R_PATH,         /* the path could not be read from the tracee */
-    R_ROOT,         /* the tracee has another root or mount namespace */
+    R_ROOT,         /* a relative path with "..", and the tracee has another root */
     R_OPEN,         /* the supervisor's own open failed: the tracee gets its errno */
     R_NOT_REGULAR,  /* a directory, FIFO, socket or device */
     R_PSEUDO_FS,    /* procfs, sysfs and the like: contents depend on the reader */
@@ -141,7 +141,7 @@ static struct {
     struct shadowd client;
     int connected;       /* the first connect to the daemon worked */
     char last_error[256];
-    struct stat root, mntns; /* ours, to compare a tracee's with */
+    struct stat root;    /* ours, to compare a tracee's with */
     uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks;
     uint64_t reasons[N_REASONS];
     uint64_t shadow_ns, shadow_bytes;
@@ -309,7 +309,7 @@ read_bytes(pid_t pid, uint64_t addr, void *buf, size_t len)
     return process_vm_readv(pid, &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
 }
 
-/* Whether /proc/PID/<name> is the same object as ours (root, mount ns). */
+/* Whether /proc/PID/<name> is the same object as ours (the root). */
 static int
 same_as_ours(pid_t pid, const char *name, const struct stat *ours)
 {
@@ -981,7 +981,7 @@ main(int argc, char **argv)
         }
     }
     int fds_before = count_open_fds();
-    if (stat("/", &S.root) < 0 || stat("/proc/self/ns/mnt", &S.mntns) < 0) {
+    if (stat("/", &S.root) < 0 || fds_before < 0) {
         say("/proc is needed: %s", strerror(errno));
         return 125;
     }
