@@ -1,0 +1,1065 @@
+/*
+ * shadowd-supervise: a small seccomp user-notification supervisor that runs
+ * a program with its read-only opens of regular files shadowed: it traps
+ * open, openat and openat2, opens the file itself, and injects a sealed,
+ * read-only memfd in place of the host file (SECCOMP_IOCTL_NOTIF_ADDFD).
+ * Three ways to make that fd: "copy" (a fresh sealed memfd per open, the
+ * status quo of sandbox supervisors), "shadowd" (ask the daemon through
+ * client/c, a local copy whenever it cannot answer) and "passthrough" (trap,
+ * then let every open go on: the cost of the trap alone). It counts what it
+ * did and writes one JSON object to --stats at the end.
+ *
+ * A demonstration and a measuring instrument, NOT a sandbox: continuing a
+ * syscall is racy (the tracee may change the path after we read it), and
+ * files are opened with the supervisor's rights. See README.md.
+ *
+ * Must never: hand the tracee a shadow for anything but a read-only open of
+ * a regular file on a real file system; open a path through a /proc magic
+ * link (it would name the supervisor's fds, not the tracee's); keep an fd it
+ * made after the notification it was made for is answered; write anything
+ * to stdout; leave the tracee without an answer (every notification is
+ * answered, or was withdrawn by the kernel).
+ *
+ * Build: cc -O2 -Iclient/c -o shadowd-supervise \
+ *            contrib/supervisor/shadowd-supervise.c client/c/shadowd.c
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/magic.h>
+#include <linux/openat2.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/sendfile.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shadowd.h"
+
+/* -- the architecture ------------------------------------------------------ */
+
+/* The filter traps only this architecture's native calls: a tracee's calls
+ * under another ABI (i386 int 0x80, x32) are not trapped and open host
+ * files. */
+#if defined(__x86_64__)
+#define NATIVE_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define NATIVE_ARCH AUDIT_ARCH_AARCH64
+#elif defined(__riscv) && __riscv_xlen == 64
+#define NATIVE_ARCH AUDIT_ARCH_RISCV64
+#else
+#error "shadowd-supervise: add this architecture's AUDIT_ARCH_ constant"
+#endif
+
+#ifndef __NR_openat2
+#define __NR_openat2 437 /* the same on every architecture */
+#endif
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008U
+#endif
+#ifndef MFD_EXEC
+#define MFD_EXEC 0x0010U
+#endif
+#ifndef F_SEAL_EXEC
+#define F_SEAL_EXEC 0x0020
+#endif
+#ifndef SECCOMP_ADDFD_FLAG_SEND
+#error "shadowd-supervise needs the headers of Linux 5.14 or later (SECCOMP_ADDFD_FLAG_SEND)"
+#endif
+
+#define REQUIRED_SEALS (F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL)
+/* Files above this are not shadowed in any mode (a copy would pin that
+ * much memory per open); the tracee opens them itself. */
+#define SHADOW_MAX ((off_t)256 << 20)
+/* Per-file records kept for --stats; the rest are only counted. */
+#define MAX_RECORDS 200000
+/* The open flags the kernel knows; openat2 refuses others, so a request
+ * with others is left to the kernel to refuse. */
+#define KNOWN_OPEN_FLAGS                                                                   \
+    (O_ACCMODE | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_NONBLOCK | O_DSYNC | \
+     FASYNC | O_DIRECT | O_LARGEFILE | O_DIRECTORY | O_NOFOLLOW | O_NOATIME | O_CLOEXEC |  \
+     O_SYNC | O_PATH | O_TMPFILE)
+
+/* -- state --------------------------------------------------------------- */
+
+enum mode { PASSTHROUGH, COPY, SHADOWD };
+static const char *const mode_names[] = {"passthrough", "copy", "shadowd"};
+
+/* Why a notification was continued (the tracee made the call itself). */
+enum reason {
+    R_PASSTHROUGH,  /* passthrough mode */
+    R_FLAGS,        /* not a plain read-only open */
+    R_PATH,         /* the path could not be read from the tracee */
+    R_ROOT,         /* a relative path with "..", and the tracee has another root */
+    R_OPEN,         /* the supervisor's own open failed: the tracee gets its errno */
+    R_NOT_REGULAR,  /* a directory, FIFO, socket or device */
+    R_PSEUDO_FS,    /* procfs, sysfs and the like: contents depend on the reader */
+    R_TOO_LARGE,    /* above SHADOW_MAX */
+    R_SHADOW,       /* making the shadow fd failed */
+    R_INJECT,       /* ADDFD failed (say EMFILE in the tracee) */
+    N_REASONS
+};
+static const char *const reason_names[] = {
+    "passthrough", "flags", "path", "root", "open", "not_regular",
+    "pseudo_fs", "too_large", "shadow", "inject",
+};
+
+enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK };
+static const char *const how_names[] = {"copy", "hit", "miss", "fallback"};
+
+struct record {
+    char *path;
+    uint64_t ns, size;
+    enum how how;
+};
+
+static struct {
+    enum mode mode;
+    int listener;
+    int verbose;
+    struct shadowd client;
+    int connected;       /* the first connect to the daemon worked */
+    char last_error[256];
+    struct stat root;    /* ours, to compare a tracee's with */
+    uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks;
+    uint64_t reasons[N_REASONS];
+    uint64_t shadow_ns, shadow_bytes;
+    struct record *records;
+    size_t nrecords, cap_records;
+    uint64_t records_dropped;
+    int memfd_exec_flags; /* -1 unknown, 0 the kernel has no MFD_EXEC, 1 it has */
+} S = {.listener = -1, .memfd_exec_flags = -1};
+
+static pid_t child_pid = -1;
+
+static void
+say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void
+say(const char *fmt, ...)
+{
+    va_list ap;
+    char line[512];
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "shadowd-supervise: %s\n", line);
+}
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+static int
+count_open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    if (d == NULL)
+        return -1;
+    while (readdir(d) != NULL)
+        n++;
+    closedir(d);
+    return n - 3; /* ".", ".." and the directory's own fd */
+}
+
+/* -- the child: filter, listener, exec ----------------------------------- */
+
+static int
+install_filter(void)
+{
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NATIVE_ARCH, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+#ifdef __NR_open
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_open, 3, 0),
+#else
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 3, 0), /* keeps the offsets */
+#endif
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat2, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+    };
+    struct sock_fprog prog = {.len = sizeof code / sizeof code[0], .filter = code};
+
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return (int)syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                        &prog);
+}
+
+static int
+send_fd(int sock, int fd)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int))];
+    } control;
+    char byte = 'L';
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control.bytes, .msg_controllen = sizeof control.bytes,
+    };
+    memset(control.bytes, 0, sizeof control.bytes);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) == 1 ? 0 : -1;
+}
+
+/* -1, or the fd that came with one byte on *sock* (EOF: the child failed). */
+static int
+recv_fd(int sock)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int) * 4)];
+    } control;
+    char byte;
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control.bytes, .msg_controllen = sizeof control.bytes,
+    };
+    ssize_t n;
+    int fd = -1;
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof got);
+            if (fd < 0)
+                fd = got;
+            else
+                close(got);
+        }
+    }
+    return fd;
+}
+
+/* -- reading the tracee --------------------------------------------------- */
+
+/* The NUL-terminated string at *addr* in *pid*, read a page at a time (a
+ * read across into an unmapped page would fail as a whole). 0 or -1. */
+static int
+read_string(pid_t pid, uint64_t addr, char *buf, size_t len)
+{
+    size_t got = 0;
+    long page = sysconf(_SC_PAGESIZE);
+    while (got < len) {
+        uint64_t at = addr + got;
+        size_t chunk = (size_t)page - (size_t)(at % (uint64_t)page);
+        if (chunk > len - got)
+            chunk = len - got;
+        struct iovec local = {.iov_base = buf + got, .iov_len = chunk};
+        struct iovec remote = {.iov_base = (void *)(uintptr_t)at, .iov_len = chunk};
+        ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (n <= 0)
+            return -1;
+        if (memchr(buf + got, '\0', (size_t)n) != NULL)
+            return 0;
+        got += (size_t)n;
+    }
+    return -1; /* longer than PATH_MAX: the kernel says ENAMETOOLONG */
+}
+
+static int
+read_bytes(pid_t pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec local = {.iov_base = buf, .iov_len = len};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)addr, .iov_len = len};
+    return process_vm_readv(pid, &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
+}
+
+/* Whether /proc/PID/<name> is the same object as ours (the root). */
+static int
+same_as_ours(pid_t pid, const char *name, const struct stat *ours)
+{
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/proc/%d/%s", pid, name);
+    return stat(path, &st) == 0 && st.st_dev == ours->st_dev && st.st_ino == ours->st_ino;
+}
+
+/* An O_PATH fd of the tracee's directory *dirfd* (AT_FDCWD: its cwd), -1. */
+static int
+open_tracee_dir(pid_t pid, int dirfd)
+{
+    char path[64];
+    if (dirfd == AT_FDCWD)
+        snprintf(path, sizeof path, "/proc/%d/cwd", pid);
+    else
+        snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, dirfd);
+    return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+}
+
+/* openat2: there on every kernel with SECCOMP_ADDFD_FLAG_SEND (5.14). */
+static int
+open_source(int dirfd, const char *path, int flags, uint64_t resolve)
+{
+    struct open_how how = {.flags = (uint64_t)flags, .resolve = resolve};
+    return (int)syscall(__NR_openat2, dirfd, path, &how, sizeof how);
+}
+
+/* File systems whose files are made up per reader or per read: never
+ * shadowed (and /proc/self would name the supervisor, not the tracee). */
+static int
+pseudo_fs(long type)
+{
+    switch ((unsigned long)type) {
+    case 0x9fa0:     /* proc */
+    case 0x62656572: /* sysfs */
+    case 0x64626720: /* debugfs */
+    case 0x74726163: /* tracefs */
+    case 0x27e0eb:   /* cgroup */
+    case 0x63677270: /* cgroup2 */
+    case 0x73636673: /* securityfs */
+    case 0xcafe4a11: /* bpf */
+    case 0x6165676c: /* pstore */
+    case 0xde5e81e4: /* efivarfs */
+    case 0x62656570: /* configfs */
+    case 0xf97cff8c: /* selinuxfs */
+    case 0x43415d53: /* smackfs */
+    case 0x1cd1:     /* devpts */
+    case 0x65735543: /* fusectl */
+    case 0x6e736673: /* nsfs */
+    case 0x42494e4d: /* binfmt_misc */
+    case 0x7655821:  /* resctrl */
+        return 1;
+    }
+    return 0;
+}
+
+/* -- making a shadow fd ---------------------------------------------------- */
+
+static int
+new_memfd(int executable)
+{
+    unsigned base = MFD_CLOEXEC | MFD_ALLOW_SEALING;
+    /* Named like the daemon's, never after the host path (the tracee can
+     * readlink it), so a tracee cannot tell a copy from a hit. */
+    if (S.memfd_exec_flags != 0) {
+        int fd = memfd_create("shadowd", base | (executable ? MFD_EXEC : MFD_NOEXEC_SEAL));
+        if (fd >= 0) {
+            S.memfd_exec_flags = 1;
+            return fd;
+        }
+        if (errno != EINVAL || S.memfd_exec_flags == 1)
+            return -1;
+        S.memfd_exec_flags = 0; /* before Linux 6.3 */
+    }
+    return memfd_create("shadowd", base);
+}
+
+static int
+copy_bytes(int dst, int src)
+{
+    off_t total = 0;
+    int use_read = 0;
+    char buf[65536];
+    for (;;) {
+        ssize_t n;
+        if (!use_read) {
+            n = sendfile(dst, src, NULL, 1 << 30);
+            if (n < 0 && (errno == EINVAL || errno == ENOSYS) && total == 0) {
+                use_read = 1; /* a file system without splice */
+                continue;
+            }
+        } else {
+            n = read(src, buf, sizeof buf);
+            if (n > 0) {
+                for (ssize_t done = 0; done < n;) {
+                    ssize_t w = write(dst, buf + done, (size_t)(n - done));
+                    if (w < 0 && errno == EINTR)
+                        continue;
+                    if (w <= 0)
+                        return -1;
+                    done += w;
+                }
+            }
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            return 0;
+        total += n;
+        if (total > SHADOW_MAX)
+            return -1; /* it grew while we copied */
+    }
+}
+
+/* A fresh sealed memfd with the bytes of *src*, reopened read-only: the
+ * status quo of sandbox supervisors. -1 with errno. */
+static int
+local_copy(int src, const struct stat *st)
+{
+    int executable = (st->st_mode & 0111) != 0;
+    int fd = new_memfd(executable);
+    int ro = -1;
+    char path[64];
+    if (fd < 0)
+        return -1;
+    if (copy_bytes(fd, src) < 0 || fchmod(fd, executable ? 0555 : 0444) < 0)
+        goto out;
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_EXEC) < 0 && errno != EINVAL)
+        goto out;
+    for (int attempt = 0;; attempt++) {
+        if (fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS) == 0)
+            break;
+        /* EBUSY: pages still pinned right after the copy; it passes. */
+        if (errno != EBUSY || attempt == 3)
+            goto out;
+        struct timespec pause = {.tv_nsec = 10000000L << attempt};
+        nanosleep(&pause, NULL);
+    }
+    /* A new open file description, read-only, as the daemon hands out. */
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    ro = open(path, O_RDONLY | O_CLOEXEC);
+out:
+    {
+        int err = errno;
+        close(fd);
+        errno = err;
+    }
+    return ro;
+}
+
+static void
+note_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Keep the last thing that went wrong for the stats; say it with -v. */
+static void
+note_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(S.last_error, sizeof S.last_error, fmt, ap);
+    va_end(ap);
+    if (S.verbose)
+        say("%s", S.last_error);
+}
+
+/* The shadow of *src* by the mode's means; -1 with errno. */
+static int
+make_shadow(int src, const struct stat *st, const char *label, enum how *how)
+{
+    if (S.mode == COPY) {
+        *how = H_COPY;
+        return local_copy(src, st);
+    }
+    int fd = shadowd_open_fd(&S.client, src, label);
+    if (fd >= 0) {
+        *how = S.client.hit ? H_HIT : H_MISS;
+        return fd;
+    }
+    /* The daemon could not answer (down, refused, timed out): the program
+     * must run all the same, with a copy of our own. */
+    note_error("shadowd: %s", S.client.error);
+    *how = H_FALLBACK;
+    return local_copy(src, st);
+}
+
+static void
+keep_record(const char *path, uint64_t ns, uint64_t size, enum how how)
+{
+    if (S.nrecords == MAX_RECORDS) {
+        S.records_dropped++;
+        return;
+    }
+    if (S.nrecords == S.cap_records) {
+        size_t cap = S.cap_records ? 2 * S.cap_records : 256;
+        struct record *r = realloc(S.records, cap * sizeof *r);
+        if (r == NULL) {
+            S.records_dropped++;
+            return;
+        }
+        S.records = r;
+        S.cap_records = cap;
+    }
+    char *copy = strdup(path);
+    if (copy == NULL) {
+        S.records_dropped++;
+        return;
+    }
+    S.records[S.nrecords++] = (struct record){copy, ns, size, how};
+}
+
+/* -- answering a notification --------------------------------------------- */
+
+static void
+respond_continue(uint64_t id, enum reason why)
+{
+    struct seccomp_notif_resp resp = {
+        .id = id, .val = 0, .error = 0, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE,
+    };
+    if (ioctl(S.listener, SECCOMP_IOCTL_NOTIF_SEND, &resp) < 0) {
+        if (errno == ENOENT) { /* the call was interrupted or the tracee died */
+            S.gone++;
+            return;
+        }
+        say("SECCOMP_IOCTL_NOTIF_SEND: %s", strerror(errno));
+    }
+    S.continued++;
+    S.reasons[why]++;
+}
+
+/* Whether *path* has a ".." component (which could climb above a
+ * chrooted tracee's root when we resolve it from its cwd). */
+static int
+has_dotdot(const char *path)
+{
+    for (const char *p = path; (p = strstr(p, "..")) != NULL; p += 2) {
+        if ((p == path || p[-1] == '/') && (p[2] == '\0' || p[2] == '/'))
+            return 1;
+    }
+    return 0;
+}
+
+static void
+handle(const struct seccomp_notif *req)
+{
+    const pid_t pid = (pid_t)req->pid; /* the thread's id: its own cwd and fd table */
+    uint64_t id = req->id, path_addr, resolve = 0;
+    int dirfd = AT_FDCWD, flags;
+    char path[PATH_MAX];
+    int dir = -1, src = -1, shadow = -1;
+    enum reason why;
+
+    S.notifications++;
+    if (S.mode == PASSTHROUGH) {
+        respond_continue(id, R_PASSTHROUGH);
+        return;
+    }
+#ifdef __NR_open
+    if (req->data.nr == __NR_open) {
+        path_addr = req->data.args[0];
+        flags = (int)req->data.args[1];
+    } else
+#endif
+    if (req->data.nr == __NR_openat) {
+        dirfd = (int)req->data.args[0];
+        path_addr = req->data.args[1];
+        flags = (int)req->data.args[2];
+    } else { /* openat2(dirfd, path, how, size) */
+        struct open_how how;
+        dirfd = (int)req->data.args[0];
+        path_addr = req->data.args[1];
+        /* Only the struct's first version; a larger one is the kernel's to
+         * check, and so are unknown flags and a mode without O_CREAT. */
+        if (req->data.args[3] != sizeof how) {
+            respond_continue(id, R_FLAGS);
+            return;
+        }
+        if (read_bytes(pid, req->data.args[2], &how, sizeof how) < 0) {
+            respond_continue(id, R_PATH);
+            return;
+        }
+        if (how.mode != 0 || (how.flags & ~(uint64_t)KNOWN_OPEN_FLAGS) != 0) {
+            respond_continue(id, R_FLAGS);
+            return;
+        }
+        flags = (int)how.flags;
+        resolve = how.resolve;
+    }
+    if ((flags & O_ACCMODE) != O_RDONLY ||
+        (flags & (O_CREAT | O_TRUNC | O_TMPFILE | O_PATH | O_DIRECTORY)) != 0) {
+        respond_continue(id, R_FLAGS);
+        return;
+    }
+    if (read_string(pid, path_addr, path, sizeof path) < 0) {
+        respond_continue(id, R_PATH); /* the tracee gets EFAULT or ENAMETOOLONG */
+        return;
+    }
+    /* What we read belongs to the task that is waiting only if the
+     * notification still is: otherwise the tid may be another's by now. */
+    if (ioctl(S.listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
+        S.gone++;
+        return;
+    }
+
+    /* Resolve as the tracee would: from its cwd or dirfd, or for an
+     * absolute path from its root (RESOLVE_IN_ROOT on /proc/TID/root keeps
+     * a chroot and its mount namespace). Never through a magic link:
+     * /proc/self/fd/N here would be the supervisor's fd N. */
+    int scoped = (resolve & (RESOLVE_IN_ROOT | RESOLVE_BENEATH)) != 0;
+    char proc_path[64];
+    if (path[0] == '/' && !scoped) {
+        snprintf(proc_path, sizeof proc_path, "/proc/%d/root", pid);
+        dir = open(proc_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        resolve |= RESOLVE_IN_ROOT;
+    } else {
+        dir = open_tracee_dir(pid, dirfd);
+        if (dir >= 0 && !scoped && has_dotdot(path) && !same_as_ours(pid, "root", &S.root)) {
+            why = R_ROOT;
+            goto cont;
+        }
+    }
+    if (dir < 0) {
+        why = R_OPEN; /* say EBADF or ENOTDIR: the tracee's own call will tell */
+        goto cont;
+    }
+
+    uint64_t start = now_ns();
+    src = open_source(dir, path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC | (flags & O_NOFOLLOW),
+                      resolve | RESOLVE_NO_MAGICLINKS);
+    if (src < 0) {
+        why = R_OPEN;
+        goto cont;
+    }
+    struct stat st;
+    struct statfs sfs;
+    if (fstat(src, &st) < 0 || !S_ISREG(st.st_mode)) {
+        why = R_NOT_REGULAR;
+        goto cont;
+    }
+    if (fstatfs(src, &sfs) < 0 || pseudo_fs((long)sfs.f_type)) {
+        why = R_PSEUDO_FS;
+        goto cont;
+    }
+    if (st.st_size > SHADOW_MAX) {
+        why = R_TOO_LARGE;
+        goto cont;
+    }
+    enum how how;
+    shadow = make_shadow(src, &st, path[0] == '/' ? path : NULL, &how);
+    if (shadow < 0) {
+        note_error("making a shadow of %s: %s", path, strerror(errno));
+        why = R_SHADOW;
+        goto cont;
+    }
+    if ((flags & O_NONBLOCK) && fcntl(shadow, F_SETFL, O_NONBLOCK) < 0) {
+        why = R_SHADOW;
+        goto cont;
+    }
+    struct seccomp_notif_addfd addfd = {
+        .id = id,
+        .flags = SECCOMP_ADDFD_FLAG_SEND, /* install and answer at once */
+        .srcfd = (uint32_t)shadow,
+        .newfd = 0,
+        .newfd_flags = (flags & O_CLOEXEC) ? O_CLOEXEC : 0,
+    };
+    if (ioctl(S.listener, SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) < 0) {
+        if (errno == ENOENT) { /* interrupted: the tracee will call again */
+            S.gone++;
+            goto done;
+        }
+        why = R_INJECT;
+        goto cont;
+    }
+    uint64_t ns = now_ns() - start;
+    S.shadowed++;
+    S.shadow_ns += ns;
+    S.shadow_bytes += (uint64_t)st.st_size;
+    S.hits += how == H_HIT;
+    S.misses += how == H_MISS;
+    S.fallbacks += how == H_FALLBACK;
+    keep_record(path, ns, (uint64_t)st.st_size, how);
+    goto done;
+cont:
+    respond_continue(id, why);
+done:
+    if (shadow >= 0)
+        close(shadow);
+    if (src >= 0)
+        close(src);
+    if (dir >= 0)
+        close(dir);
+}
+
+/* -- the stats ------------------------------------------------------------ */
+
+/* The length of the valid UTF-8 sequence at *p*, 0 when it is not one. */
+static size_t
+utf8_len(const unsigned char *p)
+{
+    unsigned char b = p[0], lo = 0x80, hi = 0xbf;
+    size_t k;
+    if (b >= 0xc2 && b <= 0xdf)
+        k = 1;
+    else if (b >= 0xe0 && b <= 0xef) {
+        k = 2;
+        lo = b == 0xe0 ? 0xa0 : 0x80;
+        hi = b == 0xed ? 0x9f : 0xbf;
+    } else if (b >= 0xf0 && b <= 0xf4) {
+        k = 3;
+        lo = b == 0xf0 ? 0x90 : 0x80;
+        hi = b == 0xf4 ? 0x8f : 0xbf;
+    } else
+        return 0;
+    if (p[1] < lo || p[1] > hi)
+        return 0;
+    for (size_t j = 2; j <= k; j++)
+        if ((p[j] & 0xc0) != 0x80)
+            return 0;
+    return k + 1;
+}
+
+/* *s* as a JSON string; bytes that are not UTF-8 become U+FFFD. */
+static void
+json_string(FILE *f, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    fputc('"', f);
+    while (*p) {
+        if (*p == '"' || *p == '\\') {
+            fputc('\\', f);
+            fputc(*p++, f);
+        } else if (*p < 0x20 || *p == 0x7f) {
+            fprintf(f, "\\u%04x", *p++);
+        } else if (*p < 0x80) {
+            fputc(*p++, f);
+        } else {
+            size_t k = utf8_len(p);
+            if (k) {
+                fwrite(p, 1, k, f);
+                p += k;
+            } else {
+                fputs("\\ufffd", f);
+                p++;
+            }
+        }
+    }
+    fputc('"', f);
+}
+
+static void
+write_stats(int fd, int exit_status, int fds_before, int fds_after)
+{
+    FILE *f = fdopen(fd, "w");
+    if (f == NULL) {
+        close(fd);
+        return;
+    }
+    fprintf(f, "{\"mode\": \"%s\", \"exit_status\": %d", mode_names[S.mode], exit_status);
+    fprintf(f, ", \"notifications\": %llu, \"shadowed\": %llu, \"continued\": %llu",
+            (unsigned long long)S.notifications, (unsigned long long)S.shadowed,
+            (unsigned long long)S.continued);
+    fprintf(f, ", \"gone\": %llu, \"hits\": %llu, \"misses\": %llu, \"fallbacks\": %llu",
+            (unsigned long long)S.gone, (unsigned long long)S.hits,
+            (unsigned long long)S.misses, (unsigned long long)S.fallbacks);
+    fprintf(f, ", \"shadow_ns\": %llu, \"shadow_bytes\": %llu",
+            (unsigned long long)S.shadow_ns, (unsigned long long)S.shadow_bytes);
+    fprintf(f, ", \"fds_before\": %d, \"fds_after\": %d", fds_before, fds_after);
+    fprintf(f, ", \"shadowd_connected\": %s, \"last_error\": ",
+            S.connected ? "true" : "false");
+    json_string(f, S.last_error);
+    fputs(", \"continued_by_reason\": {", f);
+    for (int r = 0; r < N_REASONS; r++)
+        fprintf(f, "%s\"%s\": %llu", r ? ", " : "", reason_names[r],
+                (unsigned long long)S.reasons[r]);
+    fprintf(f, "}, \"files_dropped\": %llu, \"files\": [", (unsigned long long)S.records_dropped);
+    for (size_t i = 0; i < S.nrecords; i++) {
+        fputs(i ? ",\n  {\"path\": " : "\n  {\"path\": ", f);
+        json_string(f, S.records[i].path);
+        fprintf(f, ", \"ns\": %llu, \"size\": %llu, \"how\": \"%s\"}",
+                (unsigned long long)S.records[i].ns, (unsigned long long)S.records[i].size,
+                how_names[S.records[i].how]);
+    }
+    fputs("]}\n", f);
+    if (fclose(f) != 0)
+        say("writing the stats: %s", strerror(errno));
+}
+
+/* -- main ---------------------------------------------------------------- */
+
+static void
+usage(FILE *f)
+{
+    fputs("usage: shadowd-supervise [--mode passthrough|copy|shadowd] [--socket PATH]\n"
+          "                         [--stats FILE] [--verbose] [--] PROGRAM [ARGS...]\n"
+          "\n"
+          "Runs PROGRAM with its read-only opens of regular files shadowed by sealed,\n"
+          "read-only memfds (seccomp user notification). A measuring instrument, not a\n"
+          "sandbox.\n"
+          "\n"
+          "  --mode shadowd      ask shadowd for each file, a local copy when it cannot\n"
+          "                      answer (the default)\n"
+          "  --mode copy         a fresh sealed memfd per open (the status quo)\n"
+          "  --mode passthrough  trap every open, then let the program make it\n"
+          "  --socket PATH       shadowd's socket (default: as shadowd serve picks it)\n"
+          "  --stats FILE        write the counters there as one JSON object at the end\n"
+          "  --verbose           say on stderr why the daemon could not answer\n"
+          "\n"
+          "Exits with PROGRAM's status (128+N when a signal N ended it); 125 when the\n"
+          "supervisor itself failed, 126/127 when PROGRAM could not be run.\n",
+          f);
+}
+
+static void
+forward(int sig)
+{
+    if (child_pid > 0)
+        kill(child_pid, sig);
+}
+
+/* Reap every child that has ended: the tracee's status in *status* when it
+ * was one; whether children remain in *others*. */
+static void
+reap(int *status, int *main_done, int *others)
+{
+    for (;;) {
+        int st;
+        pid_t r = waitpid(-1, &st, WNOHANG);
+        if (r > 0) {
+            if (r == child_pid) {
+                *status = st;
+                *main_done = 1;
+            }
+            continue;
+        }
+        *others = !(r < 0 && errno == ECHILD);
+        return;
+    }
+}
+
+static int
+serve(int *status)
+{
+    struct seccomp_notif_sizes sizes;
+    sigset_t chld;
+    int main_done = 0, others = 1, failed = 0;
+
+    if (syscall(__NR_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) < 0) {
+        say("SECCOMP_GET_NOTIF_SIZES: %s", strerror(errno));
+        return -1;
+    }
+    size_t req_size = sizes.seccomp_notif > sizeof(struct seccomp_notif)
+                          ? sizes.seccomp_notif
+                          : sizeof(struct seccomp_notif);
+    struct seccomp_notif *req = malloc(req_size);
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (req == NULL || sfd < 0) {
+        say("setting up: %s", strerror(errno));
+        free(req);
+        if (sfd >= 0)
+            close(sfd);
+        return -1;
+    }
+    struct pollfd p[2] = {{.fd = S.listener, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+    /* Until the tracee and every process it left behind (they come to us:
+     * we are their subreaper) have ended, as strace -f does. */
+    while (!(main_done && !others)) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            say("poll: %s", strerror(errno));
+            failed = 1;
+            break;
+        }
+        if (p[1].revents) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+            }
+            reap(status, &main_done, &others);
+        }
+        if (p[0].revents & POLLIN) {
+            memset(req, 0, req_size);
+            if (ioctl(S.listener, SECCOMP_IOCTL_NOTIF_RECV, req) == 0)
+                handle(req);
+            else if (errno != EINTR && errno != ENOENT) {
+                say("SECCOMP_IOCTL_NOTIF_RECV: %s", strerror(errno));
+                failed = 1;
+                break;
+            }
+        } else if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            p[0].fd = -1; /* no task uses the filter any more */
+        }
+    }
+    free(req);
+    close(sfd);
+    return failed ? -1 : 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *socket_path = NULL, *stats_path = NULL;
+    int i, sv[2], stats_fd = -1, status = 0;
+    sigset_t chld, old_mask;
+
+    S.mode = SHADOWD;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *value = NULL;
+        if (strcmp(a, "--") == 0) {
+            i++;
+            break;
+        }
+        if (a[0] != '-')
+            break;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) {
+            S.verbose = 1;
+            continue;
+        }
+        const char *names[] = {"--mode", "--socket", "--stats"};
+        int which = -1;
+        for (int n = 0; n < 3; n++) {
+            size_t len = strlen(names[n]);
+            if (strncmp(a, names[n], len) == 0 && (a[len] == '\0' || a[len] == '=')) {
+                which = n;
+                value = a[len] == '=' ? a + len + 1 : (i + 1 < argc ? argv[++i] : NULL);
+            }
+        }
+        if (which < 0 || value == NULL) {
+            fprintf(stderr, "shadowd-supervise: %s: %s\n", a,
+                    which < 0 ? "unknown option" : "needs a value");
+            usage(stderr);
+            return 2;
+        }
+        if (which == 0) {
+            int m;
+            for (m = 0; m < 3 && strcmp(value, mode_names[m]) != 0; m++) {
+            }
+            if (m == 3) {
+                fprintf(stderr, "shadowd-supervise: --mode %s: not passthrough, copy or shadowd\n",
+                        value);
+                return 2;
+            }
+            S.mode = (enum mode)m;
+        } else if (which == 1) {
+            socket_path = value;
+        } else {
+            stats_path = value;
+        }
+    }
+    if (i >= argc) {
+        usage(stderr);
+        return 2;
+    }
+    char **program = argv + i;
+
+    if (stats_path) {
+        stats_fd = open(stats_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (stats_fd < 0) {
+            say("%s: %s", stats_path, strerror(errno));
+            return 125;
+        }
+    }
+    int fds_before = count_open_fds();
+    if (stat("/", &S.root) < 0 || fds_before < 0) {
+        say("/proc is needed: %s", strerror(errno));
+        return 125;
+    }
+    if (S.mode == SHADOWD) {
+        /* Before the tracee starts, so no open pays for the hello. A daemon
+         * that is not there is no reason not to run the program. */
+        if (shadowd_connect(&S.client, socket_path) == 0) {
+            S.connected = 1;
+        } else {
+            note_error("shadowd: %s", S.client.error);
+        }
+    }
+
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, &old_mask);
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        say("socketpair: %s", strerror(errno));
+        return 125;
+    }
+    /* Processes the tracee leaves behind come to us, so we see them end. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    child_pid = fork();
+    if (child_pid < 0) {
+        say("fork: %s", strerror(errno));
+        return 125;
+    }
+    if (child_pid == 0) {
+        close(sv[0]);
+        sigprocmask(SIG_SETMASK, &old_mask, NULL);
+        int listener = install_filter();
+        if (listener < 0) {
+            say("installing the seccomp filter: %s", strerror(errno));
+            _exit(125);
+        }
+        if (send_fd(sv[1], listener) < 0)
+            _exit(125);
+        close(listener);
+        close(sv[1]);
+        execvp(program[0], program);
+        int err = errno;
+        say("%s: %s", program[0], strerror(err));
+        _exit(err == ENOENT ? 127 : 126);
+    }
+    close(sv[1]);
+    S.listener = recv_fd(sv[0]);
+    close(sv[0]);
+
+    /* A terminal's ^C and ^\ reach the tracee itself; we stay to answer
+     * its opens until it ends. SIGTERM and SIGHUP sent to us go on to it. */
+    signal(SIGINT, SIG_IGN);
+    signal(SIGQUIT, SIG_IGN);
+    struct sigaction fwd = {.sa_handler = forward};
+    sigemptyset(&fwd.sa_mask);
+    sigaction(SIGTERM, &fwd, NULL);
+    sigaction(SIGHUP, &fwd, NULL);
+
+    int failed = S.listener < 0 || serve(&status) < 0;
+    if (S.listener >= 0)
+        close(S.listener);
+    S.listener = -1;
+    if (failed) {
+        /* The tracee's opens fail with ENOSYS once the listener is gone. */
+        while (waitpid(child_pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        while (waitpid(-1, NULL, WNOHANG) > 0) {
+        }
+    }
+    if (S.mode == SHADOWD)
+        shadowd_close(&S.client);
+    int exit_status = WIFEXITED(status) ? WEXITSTATUS(status)
+                      : WIFSIGNALED(status) ? 128 + WTERMSIG(status)
+                                            : 125;
+    int fds_after = count_open_fds();
+    if (stats_fd >= 0)
+        write_stats(stats_fd, exit_status, fds_before, fds_after);
+    for (size_t r = 0; r < S.nrecords; r++)
+        free(S.records[r].path);
+    free(S.records);
+    return exit_status;
+}
