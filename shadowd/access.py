@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import struct
+from typing import Any
 
 import attrs
 
@@ -95,19 +96,38 @@ class PeerLimits:
     max_clients: int = 4096
     max_clients_per_uid: int = 1024
     max_copies_per_uid: int = 4
+    #: Descriptors one uid may have in replies it has not read and in
+    #: replies the daemon holds for it (inflight.py).
+    max_fds_per_uid: int = 4096
 
     def __attrs_post_init__(self) -> None:
-        if min(self.max_clients, self.max_clients_per_uid, self.max_copies_per_uid) < 1:
+        if (
+            min(
+                self.max_clients,
+                self.max_clients_per_uid,
+                self.max_copies_per_uid,
+                self.max_fds_per_uid,
+            )
+            < 1
+        ):
             raise ValueError("peer limits must be at least 1")
 
 
 @attrs.define(eq=False)
 class UidShare:
-    """What one uid holds: its connections and its quota of worker jobs."""
+    """What one uid holds: its connections, its quota of worker jobs, and the
+    descriptors it has the daemon send or hold for it (see inflight.py)."""
 
     uid: int
     quota: Quota
     connections: int = 0
+    #: Descriptors in replies to this uid not known to be read, and held by
+    #: the daemon for its replies that wait.
+    fds: int = 0
+    #: Its connections (for asking each what its peer has read).
+    members: set[Any] = attrs.field(factory=set)
+    #: When its connections were last asked (monotonic seconds).
+    refreshed_at: float = -1e9
 
 
 @attrs.define
@@ -162,7 +182,12 @@ class Gate:
     def forget_if_idle(self, share: UidShare) -> None:
         # A share whose jobs still run stays, so that the uid cannot get a
         # fresh quota by reconnecting while its old jobs hang.
-        if share.connections == 0 and share.quota.idle and self._shares.get(share.uid) is share:
+        if (
+            share.connections == 0
+            and share.quota.idle
+            and share.fds <= 0
+            and self._shares.get(share.uid) is share
+        ):
             del self._shares[share.uid]
 
     def hit(self, limit: str) -> None:

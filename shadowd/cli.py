@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
             "a hung mount ties up only its uid's share",
         ),
         (
+            "--max-fds-per-uid",
+            peer_defaults.max_fds_per_uid,
+            "most descriptors one uid may have in replies it has not read yet and in replies "
+            "waiting to be sent; past it its requests are refused with busy (the daemon "
+            "allows half its fd limit in all)",
+        ),
+        (
             "--max-inflight",
             32,
             "most requests waiting on one connection (misses, and replies waiting for room "
@@ -352,6 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_clients=args.max_clients,
                 max_clients_per_uid=args.max_clients_per_uid,
                 max_copies_per_uid=args.max_copies_per_uid,
+                max_fds_per_uid=args.max_fds_per_uid,
             ),
             fd_store_max=fd_store_limit(args.fd_store_max),
         )

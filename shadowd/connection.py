@@ -13,8 +13,10 @@
 # dropped with its fds); let one client's bug end anyone else's connection.
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -24,6 +26,7 @@ from . import hotcalls
 from .access import Gate, Peer, UidShare
 from .errors import RequestError
 from .fds import FdHolder, close_all, close_holders, scm_rights
+from .inflight import FdBudget, Outbox
 from .poller import Poller
 from .protocol import ErrorCode, ErrorReply, ProtocolError, Reply, Request, ServerConnection
 from .refusals import INTERNAL_MESSAGE, Refusals
@@ -39,6 +42,12 @@ _send = hotcalls.send
 # Datagrams read and dropped from a connection that ends with requests
 # unread (say, at shutdown).
 DRAIN_AT_CLOSE = 1024
+#: Seconds between asking the kernel what all of a uid's peers have read,
+#: when the uid is at its bound of fds (see Connection.room).
+REFRESH_EVERY = 0.01
+#: A stand-in length for a hit's reply sent by the C path: every reply
+#: shorter than about 190 bytes is charged the same by the kernel.
+HIT_REPLY_LENGTH = 64
 
 
 class PeerGone(Exception):
@@ -91,6 +100,8 @@ class Services:
     poller: Poller[Connection]
     refusals: Refusals
     gate: Gate
+    #: The descriptors peers may have the daemon send or hold (inflight.py).
+    budget: FdBudget
     #: Closes fds a client sent that will not be used, never blocking the loop.
     discard: Callable[[Sequence[int], UidShare], None]
     #: Answers a request handed to the connection's task (hello, stats, publish).
@@ -128,6 +139,58 @@ class Connection:
     #: Set by the poller, with :attr:`job`, when the task must take over.
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     job: Job | None = None
+    #: What was sent that the peer may not have read (inflight.py).
+    outbox: Outbox = attrs.field(factory=Outbox)
+
+    # -- descriptors sent and held for the peer (inflight.py) ------------
+
+    def sent(self, length: int, nfds: int) -> None:
+        """Count a reply of *length* bytes carrying *nfds* fds, just sent."""
+        self.outbox.sent(length, nfds)
+        if nfds:
+            self._use(nfds)
+
+    def _use(self, n: int) -> None:
+        share = self.share
+        self.services.budget.add(share.fds, n)
+        share.fds += n
+
+    def room(self, want: int) -> bool:
+        """Whether this peer's uid may have *want* more fds sent or held for it.
+
+        When it seems not, what its peers read since is asked of the kernel
+        first: this connection always, all of the uid's at most every
+        REFRESH_EVERY seconds (a hostile uid's flood costs it, not the loop).
+        """
+        share = self.share
+        budget = self.services.budget
+        if budget.allows(share.fds, want):
+            return True
+        now = time.monotonic()
+        if now - share.refreshed_at >= REFRESH_EVERY:
+            share.refreshed_at = now
+            for conn in list(share.members):
+                conn.refresh()
+        else:
+            self.refresh()
+        return budget.allows(share.fds, want)
+
+    def refresh(self) -> None:
+        """Forget the fds of the replies the peer has read."""
+        if self.outbox.fds:
+            freed = self.outbox.refresh(self.sock)
+            if freed:
+                self._use(-freed)
+
+    def over_budget(self, want: int) -> RequestError:
+        """The refusal for a request that would take the uid past its bound."""
+        self.services.gate.hit("max_fds_per_uid")
+        return RequestError(
+            ErrorCode.BUSY,
+            f"uid {self.peer.uid} has {self.share.fds} descriptors in replies not read yet "
+            f"or waiting to be sent (at most {self.services.budget.per_uid}, and the daemon "
+            f"{self.services.budget.total} in all); read the replies, then ask again",
+        )
 
     # -- the connection's task -------------------------------------------
 
@@ -196,13 +259,31 @@ class Connection:
             raise job.exc
         return False  # GONE
 
-    def close(self) -> None:
-        """After the task ended: give back what it held, then close the socket."""
+    def close(self) -> bool:
+        """After the task ended: give back what it held, then close the socket.
+
+        False when the peer has not read every fd sent to it yet: closing
+        our end would not take them out of its queue (they would stay in
+        flight, counted against the daemon's user, out of our sight), so
+        the socket stays open until they are read (see :meth:`release`).
+        """
         self.services.poller.unpark(self.sock.fileno())
         if self.job is not None:
             self._drop_job(self.job)
             self.job = None
         drop_unread(self.sock, DRAIN_AT_CLOSE)
+        self.refresh()
+        if self.outbox.fds:
+            return False
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Close the socket for good; what it sent no longer counts."""
+        if self.outbox.fds:
+            self._use(-self.outbox.fds)
+            self.outbox = Outbox()
+        self.share.members.discard(self)
         self.sock.close()
 
     def _drop_job(self, job: Job) -> None:
@@ -228,8 +309,14 @@ class Connection:
 
     # -- what waits, in the connection's nursery -------------------------
 
-    def start_deferred(self, id: int, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run *fn* for request *id* in the connection's nursery, counted in flight."""
+    def start_deferred(
+        self, id: int, fn: Callable[..., Awaitable[None]], *args: object, holds: int = 0
+    ) -> None:
+        """Run *fn* for request *id* in the connection's nursery, counted in flight.
+
+        *holds* is the most fds it holds for the peer meanwhile (its received
+        fds, the served ones waiting to be sent), counted in the uid's budget.
+        """
 
         async def run() -> None:
             try:
@@ -244,10 +331,14 @@ class Connection:
             finally:
                 self.inflight -= 1
                 self.slot_freed.set()
+                if holds:
+                    self._use(-holds)
 
         assert self.nursery is not None
         self.nursery.start_soon(run)
         self.inflight += 1  # once it is sure to run (and to count itself out)
+        if holds:
+            self._use(holds)
 
     def refuse_later(self, id: int, exc: Exception) -> None:
         """Refuse request *id* from the connection's nursery: the reply is sent in turn."""
@@ -265,10 +356,19 @@ class Connection:
     # -- sending ---------------------------------------------------------
 
     async def send(self, reply: Reply) -> None:
-        """Send one reply; the fds in it stay the caller's to close."""
+        """Send one reply; the fds in it stay the caller's to close.
+
+        When the kernel refuses its fds (ETOOMANYREFS: the daemon's user
+        has its limit of fds in flight), the peer is told `busy` instead.
+        """
         data, fds = self.proto.send(reply)
-        if not self.send_now(data, fds):
-            await self.send_bytes(data, fds)
+        try:
+            if not self.send_now(data, fds):
+                await self.send_bytes(data, fds)
+        except TooManyInFlight:
+            if reply.id is None:
+                raise PeerGone() from None
+            await self.refuse(reply.id, too_many_in_flight())
 
     def send_now(self, data: bytes, fds: Sequence[int]) -> bool:
         """Send without waiting; False when the socket is full or others queue."""
@@ -279,7 +379,10 @@ class Connection:
         except BlockingIOError:
             return False
         except OSError as exc:
+            if exc.errno == errno.ETOOMANYREFS:
+                raise TooManyInFlight() from exc
             raise PeerGone() from exc
+        self.sent(len(data), len(fds))
         return True
 
     async def send_bytes(self, data: bytes, fds: Sequence[int]) -> None:
@@ -289,11 +392,14 @@ class Connection:
             while True:
                 try:
                     self.sock.sendmsg([data], anc, SEND_FLAGS)
-                    return
+                    break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
                 except OSError as exc:
+                    if exc.errno == errno.ETOOMANYREFS:
+                        raise TooManyInFlight() from exc
                     raise PeerGone() from exc
+        self.sent(len(data), len(fds))
 
     def reply_now(self, id: int, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]) -> bool:
         """Send the reply to request *id* now, or from the connection's nursery in turn.
@@ -305,14 +411,18 @@ class Connection:
         try:
             if not self.send_lock.locked():  # else replies queue: keep their order
                 _send(self.sock, data, fds)
+                self.sent(len(data), len(fds))
                 closing = self.services.poller.close_later
                 for fd in owned:
                     closing(fd)
                 return True
         except BlockingIOError:
             pass
-        except OSError:
+        except OSError as exc:
             close_all(owned)
+            if exc.errno == errno.ETOOMANYREFS:
+                self.refuse_later(id, too_many_in_flight())
+                return True
             return self.hand_over(GONE)
         except BaseException:
             close_all(owned)
@@ -320,7 +430,7 @@ class Connection:
         try:
             # Counted in flight: a client that does not read its replies
             # meets --max-inflight, then the daemon stops reading it.
-            self.start_deferred(id, _send_later, data, fds, owned)
+            self.start_deferred(id, _send_later, data, fds, owned, id, holds=len(owned))
         except BaseException:
             close_all(owned)
             raise
@@ -328,12 +438,26 @@ class Connection:
 
 
 async def _send_later(
-    conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]
+    conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...], id: int
 ) -> None:
     try:
-        await conn.send_bytes(data, fds)
-    finally:
-        close_all(owned)
+        try:
+            await conn.send_bytes(data, fds)
+        finally:
+            close_all(owned)
+    except TooManyInFlight:
+        await conn.refuse(id, too_many_in_flight())
+
+
+class TooManyInFlight(Exception):
+    """The kernel refused a reply's fds: the daemon's user has its limit in flight."""
+
+
+def too_many_in_flight() -> RequestError:
+    return RequestError(
+        ErrorCode.BUSY,
+        "the daemon has its limit of descriptors in flight to its clients; ask again shortly",
+    )
 
 
 async def _send_refusal(conn: Connection, id: int, exc: Exception) -> None:

@@ -10,13 +10,14 @@
 # connection out of order (connection.py keeps them in order).
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 
 import attrs
 
 from . import __version__, hotcalls
-from .connection import GONE, Connection
+from .connection import GONE, Connection, too_many_in_flight
 from .errors import RequestError
 from .fds import FdHolder, close_holders
 from .opens import HostOpens, Pending, Served, batch_items, served_fd, share_error
@@ -65,6 +66,10 @@ class Dispatcher:
         connection's task must take over.
         """
         fd = event.fd
+        if not conn.room(1):
+            self.opens.discard([fd], conn.share)
+            conn.refuse_later(event.id, conn.over_budget(1))
+            return True
         try:
             outcome = self.opens.serve_now(fd, event.label, conn.share)
         except Exception as exc:  # a refusal, or a bug of ours
@@ -76,7 +81,7 @@ class Dispatcher:
             raise
         if type(outcome) is not tuple:
             pending = self.opens.pending(fd, outcome)  # type: ignore[arg-type]
-            conn.start_deferred(event.id, self._finish_open, event, pending)
+            conn.start_deferred(event.id, self._finish_open, event, pending, holds=1)
             return True
         assert self.poller is not None
         self.poller.close_later(fd)
@@ -88,10 +93,14 @@ class Dispatcher:
                 err = _send_reopened(conn.sock, reply, file.dir_fd, file.fd)
             except BlockingIOError:
                 pass  # no room: sent from the nursery below, in turn
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS:
+                    conn.refuse_later(event.id, too_many_in_flight())
+                    return True
                 return conn.hand_over(GONE)
             else:
                 if not err:
+                    conn.sent(len(reply), 1)
                     return True
                 conn.refuse_later(event.id, share_error(OSError(err, os.strerror(err))))
                 return True
@@ -107,11 +116,23 @@ class Dispatcher:
         holders = [FdHolder(fd) for fd in fds]
         labels = event.labels or (None,) * len(holders)
         assert self.poller is not None
+        if not conn.room(len(fds)):
+            self.opens.discard([h.detach() for h in holders], conn.share)
+            conn.refuse_later(event.id, conn.over_budget(len(fds)))
+            return True
         try:
             results, later = self.opens.batch_now(holders, labels, conn.share, conn.peer, event.id)
             if later:
                 try:
-                    conn.start_deferred(event.id, self._finish_batch, event, results, later, labels)
+                    conn.start_deferred(
+                        event.id,
+                        self._finish_batch,
+                        event,
+                        results,
+                        later,
+                        labels,
+                        holds=len(fds),
+                    )
                 except BaseException:
                     close_holders([r.fd for r in results if isinstance(r, Served)])
                     self.opens.abandon(later, conn.share)
@@ -133,6 +154,9 @@ class Dispatcher:
 
     def answer_lookup(self, conn: Connection, event: Lookup) -> bool:
         """A private file of this uid and namespace, or a miss: answered at once."""
+        if not conn.room(1):
+            conn.refuse_later(event.id, conn.over_budget(1))
+            return True
         try:
             served = self.private.lookup(conn.peer.uid, event)
         except Exception as exc:  # a refusal, or a bug of ours
@@ -195,6 +219,9 @@ class Dispatcher:
     async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
         """Take a published file: seal it in place, or copy it in a worker."""
         share = conn.share
+        if not conn.room(1):
+            self.opens.discard([src.detach()], share)
+            raise conn.over_budget(1)
         try:
             served = self.private.publish_now(conn.peer.uid, event, src)
         except RequestError:
@@ -206,7 +233,7 @@ class Dispatcher:
             await _send_served(conn, event.id, served)
             return
         # A copy in a worker thread, which owns the fd from here on.
-        conn.start_deferred(event.id, self._finish_publish, event, FdHolder(src.detach()))
+        conn.start_deferred(event.id, self._finish_publish, event, FdHolder(src.detach()), holds=1)
 
     async def _finish_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import time
 from typing import TYPE_CHECKING, cast
@@ -29,6 +30,7 @@ from .access import AccessPolicy, Gate, Peer, PeerLimits, UidShare
 from .cache import Cache, CacheLimits, Entry
 from .connection import (
     GONE,
+    HIT_REPLY_LENGTH,
     MSG_CTRUNC,
     MSG_TRUNC,
     SEND_FLAGS,
@@ -43,6 +45,7 @@ from .copier import Copier
 from .dispatch import Dispatcher
 from .errors import RequestError
 from .fds import close_all, move_high
+from .inflight import FdBudget
 from .leases import ignore_sigio
 from .metrics import StatsCollector, count_open_fds
 from .opens import HostOpens
@@ -158,6 +161,7 @@ class Server:
                 "max_clients_per_uid": peers.max_clients_per_uid,
                 "max_inflight": config.max_inflight,
                 "max_copies_per_uid": peers.max_copies_per_uid,
+                "max_fds_per_uid": peers.max_fds_per_uid,
             },
             top_files=config.top_files,
             refresh=config.stats_refresh,
@@ -174,6 +178,11 @@ class Server:
                 "max_namespace": MAX_NAMESPACE_BYTES,
             },
         )
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        #: Half the fd limit for fds in flight and held for replies: the
+        #: kernel's limit on fds in flight is the same number, and the other
+        #: half is left for cached memfds, connections and received fds.
+        self.budget = FdBudget(per_uid=config.peers.max_fds_per_uid, total=max(64, fd_limit // 2))
         self._connections: set[Connection] = set()
         # Made by serve(): a Server that never serves holds no epoll fd.
         self._poller: Poller[Connection]
@@ -236,6 +245,7 @@ class Server:
             poller=self._poller,
             refusals=self.refusals,
             gate=self.gate,
+            budget=self.budget,
             discard=self.opens.discard,
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
@@ -346,7 +356,9 @@ class Server:
             services=self._services,
         )
         self._connections.add(conn)
+        share.members.add(conn)
         logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
+        lingers = False
         try:
             if self._draining:
                 conn.read_scope.cancel()
@@ -357,9 +369,33 @@ class Server:
             logger.exception("error serving pid %d; connection closed", peer.pid)
         finally:
             self._connections.discard(conn)
-            conn.close()
-            self.gate.leave(share)
+            nursery = self.opens.nursery
+            if not conn.close():
+                if nursery is not None and not self._draining:
+                    lingers = True
+                    nursery.start_soon(self._linger, conn)
+                else:
+                    conn.release()  # no longer serving: let it all go
+            if not lingers:
+                self.gate.leave(share)
             logger.debug("client gone: pid %d", peer.pid)
+
+    async def _linger(self, conn: Connection) -> None:
+        """Keep a finished connection's socket until its peer read every fd sent.
+
+        Closing our end would leave them in the peer's queue, in flight and
+        counted against the daemon's user for as long as the peer likes; open,
+        they stay counted against the peer's uid (and its connections).
+        """
+        try:
+            delay = 0.05
+            while conn.outbox.fds:
+                await trio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                conn.refresh()
+        finally:
+            conn.release()
+            self.gate.leave(conn.share)
 
     # -- the poller's rounds: one datagram per ready connection -----------
 
@@ -385,8 +421,14 @@ class Server:
             return True
         if conn.inflight >= self._max_inflight:
             return conn.hand_over(None)  # its task waits for a slot
+        budget = self.budget
         try:
-            if conn.proto.state is _READY and not conn.send_lock.locked():
+            if (
+                conn.proto.state is _READY
+                and not conn.send_lock.locked()
+                and conn.share.fds < budget.per_uid
+                and budget.used < budget.total
+            ):
                 # With the C extension, a hit is answered whole in there:
                 # read, checked, looked up, reopened, replied to. Anything
                 # else comes back as a datagram for the path below.
@@ -401,6 +443,7 @@ class Server:
                 )
                 if type(got) is not tuple:
                     self._count_host_hit(cast(Entry, got))
+                    conn.sent(HIT_REPLY_LENGTH, 1)
                     return True
                 n, flags, fds = got
             else:

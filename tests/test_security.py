@@ -166,6 +166,7 @@ def test_default_limits_are_reported(daemon: Daemon) -> None:
         "max_clients_per_uid": peers.max_clients_per_uid,
         "max_inflight": 32,
         "max_copies_per_uid": peers.max_copies_per_uid,
+        "max_fds_per_uid": peers.max_fds_per_uid,
     }
     assert s["limit_hits"] == {}
 
