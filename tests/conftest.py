@@ -39,7 +39,8 @@ _DROP_AND_SERVE = textwrap.dedent(
     import importlib, os, pkgutil, sys
     import shadowd, shadowd.cli
     for _m in pkgutil.iter_modules(shadowd.__path__):
-        importlib.import_module("shadowd." + _m.name)
+        if _m.name != "__main__":  # that one would serve at once
+            importlib.import_module("shadowd." + _m.name)
     import concurrent.futures, grp, pwd, traceback, linecache, encodings.idna
     uid, gid = int(sys.argv[1]), int(sys.argv[2])
     os.setgroups([])

@@ -210,3 +210,282 @@ async def test_12_labels_of_one_uid_are_not_listed_to_another(
     seen_by_root = await call(child, 0, LABEL_STATS.format(sock=sock))
     require(str(f) in seen_by_root, f"the label never reached the top lists: {seen_by_root}")
     assert str(f) not in seen_by_bob
+
+
+# -- 6: a per-user daemon's shared memfd changed through a served fd ----------
+
+
+def posix_acl(user: int, group: int, other: int) -> bytes:
+    """A minimal system.posix_acl_access value (the same as a mode)."""
+    undefined = 0xFFFFFFFF
+    return struct.pack(
+        "<I" + "HHI" * 3, 2, 0x01, user, undefined, 0x04, group, undefined, 0x20, other, undefined
+    )
+
+
+TAMPER = """
+import stat
+from shadowd_client import Client
+res = {{}}
+with Client({sock!r}, timeout=10) as c:
+    for name, how in {how!r}.items():
+        fd = c.open({base!r} + "/" + name)
+        try:
+            if how == "chmod0":
+                os.fchmod(fd, 0)
+            else:
+                os.setxattr(fd, "system.posix_acl_access", bytes.fromhex(how))
+            res[name] = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+        except OSError as e:
+            res[name] = "failed: " + e.strerror
+        finally:
+            os.close(fd)
+out(res)
+"""
+
+VICTIM_OPENS = """
+import hashlib, stat
+from shadowd_client import Client, ShadowdError
+res = {{}}
+with Client({sock!r}, timeout=10) as c:
+    for name in {names!r}:
+        try:
+            fd = c.open({base!r} + "/" + name)
+        except ShadowdError as e:
+            res[name] = type(e).__name__
+            continue
+        data = os.pread(fd, 1 << 20, 0)
+        res[name] = [hashlib.sha256(data).hexdigest(), oct(stat.S_IMODE(os.fstat(fd).st_mode))]
+        os.close(fd)
+out(res)
+"""
+
+
+@attack("a holder of a served fd of the daemon's own uid changes the shared memfd's mode")
+async def test_06_a_served_fd_cannot_change_what_others_are_served(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    run = mkdir_owned(shared_dir / "run", ALICE)
+    d = await start_daemon("--racy-window", "0", user=(ALICE, ALICE), directory=run)
+    files = {
+        "data": make_file(shared_dir / "data", b"plain data\n" * 300, 0o644),
+        "script": make_file(shared_dir / "script", b"#!/bin/sh\necho tampered\n", 0o644),
+        "binary": make_file(shared_dir / "binary", Path("/bin/true").read_bytes(), 0o755),
+    }
+    how = {
+        "data": "chmod0",  # the daemon's own reopen of the memfd is refused
+        "script": posix_acl(7, 4, 4).hex(),  # 0744 on a non-executable copy
+        "binary": posix_acl(6, 6, 4).hex(),  # 0664 on an executable one
+    }
+    sock, base = str(d.socket_path), str(shared_dir)
+    tampered = await call(child, ALICE, TAMPER.format(sock=sock, base=base, how=how))
+    require(
+        tampered == {"data": "0o0", "script": "0o744", "binary": "0o664"},
+        f"the tampering did not take: {tampered}",
+    )
+    got = await call(child, ALICE, VICTIM_OPENS.format(sock=sock, base=base, names=list(files)))
+    want = {
+        name: [hashlib.sha256(f.read_bytes()).hexdigest(), "0o555" if name == "binary" else "0o444"]
+        for name, f in files.items()
+    }
+    assert got == want
+
+
+# -- 3, 4, 5: writes the daemon cannot see in stat -----------------------------
+
+
+def torn_then_later(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 3 in a worker thread: a write stalled half way while the daemon copies."""
+    old, new = b"o" * (4 * PAGE), b"n" * (4 * PAGE)
+    f.write_bytes(old)
+    wfd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        writer = StalledWrite(wfd, new, stall_at=2 * PAGE)
+        try:
+            writer.wait_stalled()
+            during = f.read_bytes()
+            require(during not in (old, new), "the write did not stall half way")
+            _reply, copied = open_once(d, f)  # the daemon copies the half-written file
+            require(copied == during, "the copy did not see the half-written file")
+            require(writer.finish() == len(new), "the stalled write did not complete")
+        finally:
+            writer.close()
+    finally:
+        os.close(wfd)
+    require(f.read_bytes() == new, "the file does not hold the new bytes after the write")
+    later = [open_once(d, f) for _ in range(5)]
+    return {
+        "torn_served_after_the_write": sum(data != new for _, data in later),
+        "hits": sum(bool(reply.get("hit")) for reply, _ in later),
+    }
+
+
+@attack("a copy made during a write() stalled half way is cached and served torn afterwards")
+async def test_03_a_write_stalled_half_way_is_never_cached(start_daemon: Any, fs_dir: Path) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(20):
+        outcome = await call(torn_then_later, d, fs_dir / "lib.so")
+    assert outcome["torn_served_after_the_write"] == 0, outcome
+
+
+def racing_a_writer(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 4 in a worker thread: opens while another fd holds the file open for writing."""
+    size = 64 * 1024
+    contents = [bytes([65 + i]) * size for i in range(6)]
+    f.write_bytes(contents[0])
+    hits_with_writer = stale = torn = served = 0
+    wfd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with Raw(d.socket_path) as raw:
+            ids = iter(range(1, 1 << 30))
+            # Writes between opens: every copy is exact, none may be cached.
+            for content in contents[1:]:
+                os.pwrite(wfd, content, 0)
+                for _ in range(2):
+                    reply, data = open_raw(raw, f, next(ids))
+                    require(reply.get("ok"), f"open refused: {reply}")
+                    hits_with_writer += bool(reply.get("hit"))
+                    stale += data != content
+            # Whole-file writes racing the opens: torn copies may be served
+            # (a read() racing them is torn too), never cached.
+            stop = threading.Event()
+
+            def write_all_the_time() -> None:
+                i = 0
+                while not stop.is_set():
+                    os.pwrite(wfd, contents[i % 2], 0)
+                    i += 1
+
+            thread = threading.Thread(target=write_all_the_time)
+            thread.start()
+            try:
+                for _ in range(100):
+                    reply, data = open_raw(raw, f, next(ids))
+                    if not reply.get("ok"):
+                        continue  # "unstable" is a fine answer to a file that keeps changing
+                    served += 1
+                    hits_with_writer += bool(reply.get("hit"))
+                    torn += data not in contents[:2]
+            finally:
+                stop.set()
+                thread.join()
+    finally:
+        os.close(wfd)
+    final = f.read_bytes()
+    _reply, after = open_once(d, f)
+    return {
+        "hits_while_a_writer_held_it_open": hits_with_writer,
+        "stale_served_between_writes": stale,
+        "correct_after_the_writer_closed": after == final,
+        "torn_served_while_racing": torn,
+        "served_while_racing": served,
+    }
+
+
+@attack("copies made while another fd holds the file open for writing are cached")
+async def test_04_nothing_is_cached_while_a_writer_holds_the_file(
+    start_daemon: Any, fs_dir: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(30):
+        outcome = await call(racing_a_writer, d, fs_dir / "lib.so")
+    print(outcome)
+    assert (
+        outcome["hits_while_a_writer_held_it_open"],
+        outcome["stale_served_between_writes"],
+        outcome["correct_after_the_writer_closed"],
+    ) == (0, 0, True), outcome
+
+
+def through_a_mapping(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 5 in a worker thread: changes through a MAP_SHARED writable mapping."""
+    size = 2 * PAGE
+    f.write_bytes(b"a" * size)
+    cache(d, f)
+    wfd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        m = mmap.mmap(wfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            m[:PAGE] = b"b" * PAGE  # the first write fault (ext4 stamps the times here)
+            for _ in range(2):
+                open_once(d, f)  # served, and maybe cached, in between
+            m[:PAGE] = b"c" * PAGE  # no fault: the page is writable already
+        finally:
+            m.close()
+    finally:
+        os.close(wfd)
+    now = f.read_bytes()
+    require(now[:PAGE] == b"c" * PAGE, "the mapping did not write the file")
+    later = [open_once(d, f)[1] for _ in range(3)]
+    return {"stale_served_after_the_writer_left": sum(data != now for data in later)}
+
+
+@attack("changes made through a MAP_SHARED writable mapping are served stale")
+async def test_05_changes_through_a_shared_mapping_are_served(
+    start_daemon: Any, fs_dir: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(20):
+        outcome = await call(through_a_mapping, d, fs_dir / "lib.so")
+    assert outcome["stale_served_after_the_writer_left"] == 0, outcome
+
+
+# -- 9, 10: sparse files ----------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def shmem_bytes() -> int:
+    """Shmem of /proc/meminfo: every memfd and tmpfs page on the host."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise SetupError("no Shmem line in /proc/meminfo")
+
+
+def sparse_files(directory: Path, n: int, size: int) -> list[Path]:
+    """*n* files of *size* bytes that hold no data (one hole each), readable by all."""
+    files = []
+    for i in range(n):
+        f = directory / f"sparse{i}"
+        with open(f, "wb") as out:
+            out.truncate(size)
+        f.chmod(0o644)
+        files.append(f)
+    return files
+
+
+HOLD = """
+from shadowd_client import Client, ShadowdError
+with Client({sock!r}, timeout=30) as c:
+    got = c.open_many({paths!r}, return_exceptions=True)  # one batch: copies in parallel
+held = [fd for fd in got if isinstance(fd, int)]
+refused = [type(e).__name__ for e in got if not isinstance(e, int)]
+out({{"held": len(held), "refused": refused}})
+recv()  # keep every served fd until the test has measured
+"""
+
+MAX_BYTES = 256 * MiB
+#: What the docs will have to state: a client holding served fds of sparse
+#: files makes the daemon hold at most --max-bytes (holes copied as holes,
+#: and a per-uid bound on pinned bytes), plus this much for everyone else's
+#: memfds and tmpfs files on a shared host.
+SHMEM_MARGIN = 64 * MiB
+
+
+@attack("holes are copied as pages and served fds pin them: shmem grows 16 x 200 MiB")
+async def test_09_sparse_files_cannot_pin_memory_beyond_max_bytes(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0", "--max-bytes", "256M")
+    files = sparse_files(shared_dir, 16, 200 * MiB)
+    before = shmem_bytes()
+    code = HOLD.format(sock=str(d.socket_path), paths=[str(f) for f in files])
+    with trio.fail_after(60), spawn_as(NOBODY, code) as holder:
+        held = await call(holder.recv, 60)
+        grown = shmem_bytes() - before
+        s = await call(stats, d)
+    print(f"shmem grew {grown / MiB:.0f} MiB; {held}; stats say {s['bytes'] / MiB:.0f} MiB")
+    require(held["held"] + len(held["refused"]) == 16, f"the client did not finish: {held}")
+    assert grown <= MAX_BYTES + SHMEM_MARGIN, f"shmem grew {grown / MiB:.0f} MiB"
