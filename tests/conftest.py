@@ -360,7 +360,7 @@ class Child:
                 line = self.proc.stdout.readline()
                 if not line:
                     self.proc.wait(5)
-                    raise AssertionError(f"child exited ({self.proc.returncode}):\n{self.stderr()}")
+                    raise RuntimeError(f"child exited ({self.proc.returncode}):\n{self.stderr()}")
                 if line.strip():
                     return json.loads(line)
 
