@@ -90,6 +90,7 @@ class HangingFS:
         self.content = b"k" * size
         self.hung_reads: set[int] = set()  # nodeids whose read is left unanswered
         self.hung_flushes = 0  # flushes left unanswered (a close that waits)
+        self.seen: list[tuple[int, int]] = []  # (opcode, nodeid) of every request, in order
         self.lock = threading.Lock()
         self._stop = False
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -148,6 +149,8 @@ class HangingFS:
     def _handle(self, msg: bytes) -> None:
         _len, opcode, unique, nodeid, *_ = _IN.unpack_from(msg)
         body = msg[_IN.size :]
+        with self.lock:
+            self.seen.append((opcode, nodeid))
         if opcode == INIT:
             _major, minor, readahead, _flags = struct.unpack_from("<IIII", body)
             out = _INIT_OUT.pack(7, min(minor, 31), readahead, 0, 16, 12, 131072, 1, 32, 0, 0, 0, 0)

@@ -280,6 +280,8 @@ async def test_06_a_served_fd_cannot_change_what_others_are_served(
     }
     sock, base = str(d.socket_path), str(shared_dir)
     tampered = await call(child, ALICE, TAMPER.format(sock=sock, base=base, how=how))
+    if "Operation not supported" in str(tampered):
+        pytest.skip(f"no POSIX ACLs on memfds in this kernel: {tampered}")
     require(
         tampered == {"data": "0o0", "script": "0o744", "binary": "0o664"},
         f"the tampering did not take: {tampered}",
