@@ -460,11 +460,22 @@ def sparse_files(directory: Path, n: int, size: int) -> list[Path]:
 
 
 HOLD = """
+import mmap
 from shadowd_client import Client, ShadowdError
 with Client({sock!r}, timeout=30) as c:
     got = c.open_many({paths!r}, return_exceptions=True)  # one batch: copies in parallel
 held = [fd for fd in got if isinstance(fd, int)]
 refused = [type(e).__name__ for e in got if not isinstance(e, int)]
+maps = []
+if {touch!r}:
+    # A shared read-only mapping's faults fill a memfd's holes with real
+    # pages (a private one maps the zero page): copying holes as holes is
+    # not enough, what a uid is handed must count at its full size.
+    for fd in held:
+        size = os.fstat(fd).st_size
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        sum(m[i] for i in range(0, size, mmap.PAGESIZE))
+        maps.append(m)
 out({{"held": len(held), "refused": refused}})
 recv()  # keep every served fd until the test has measured
 """
@@ -477,14 +488,15 @@ MAX_BYTES = 256 * MiB
 SHMEM_MARGIN = 64 * MiB
 
 
+@pytest.mark.parametrize("touch", [False, True], ids=["held", "held-and-mapped"])
 @attack("holes are copied as pages and served fds pin them: shmem grows 16 x 200 MiB")
 async def test_09_sparse_files_cannot_pin_memory_beyond_max_bytes(
-    start_daemon: Any, shared_dir: Path
+    start_daemon: Any, shared_dir: Path, touch: bool
 ) -> None:
     d = await start_daemon("--socket-mode", "0666", "--racy-window", "0", "--max-bytes", "256M")
     files = sparse_files(shared_dir, 16, 200 * MiB)
     before = shmem_bytes()
-    code = HOLD.format(sock=str(d.socket_path), paths=[str(f) for f in files])
+    code = HOLD.format(sock=str(d.socket_path), paths=[str(f) for f in files], touch=touch)
     with trio.fail_after(60), spawn_as(NOBODY, code) as holder:
         held = await call(holder.recv, 60)
         grown = shmem_bytes() - before

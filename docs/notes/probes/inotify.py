@@ -240,6 +240,10 @@ def probe_memfd() -> None:
     show(f"memfd: fsetxattr(system.posix_acl_access) through it ({res})", w.events())
     os.utime(ro, (5, 5))
     show("memfd: futimens through it", w.events())
+    import fcntl
+
+    res = attempt(fcntl.ioctl, ro, 0x40086602, struct.pack("l", 0x80))  # FS_IOC_SETFLAGS NOATIME
+    show(f"memfd: FS_IOC_SETFLAGS(NOATIME) through it ({res[:2]})", w.events())
     os.pread(ro, 10, 0)
     show("memfd: pread", w.events())
     os.close(ro)
