@@ -31,6 +31,25 @@ def repo_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 NOBODY = 65534
 
+# `shadowd serve` as another user: import every module of shadowd while still
+# root, drop to argv[1]:argv[2] (no groups, no capabilities), then serve with
+# the rest of argv, in this same process (its pid is the daemon's).
+_DROP_AND_SERVE = textwrap.dedent(
+    """
+    import importlib, os, pkgutil, sys
+    import shadowd, shadowd.cli
+    for _m in pkgutil.iter_modules(shadowd.__path__):
+        if _m.name != "__main__":  # that one would serve at once
+            importlib.import_module("shadowd." + _m.name)
+    import concurrent.futures, grp, pwd, traceback, linecache, encodings.idna
+    uid, gid = int(sys.argv[1]), int(sys.argv[2])
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    sys.exit(shadowd.cli.main(sys.argv[3:]))
+    """
+)
+
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 
 
@@ -43,11 +62,14 @@ class Daemon:
         args: list[str],
         env: dict[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None,
     ):
         self.socket_path = socket_path
         self.args = args
         self.env = env
         self.nofile = nofile
+        #: (uid, gid) the daemon drops to before it serves, when not None.
+        self.user = user
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = socket_path.parent / f"{socket_path.name}.log"
 
@@ -57,10 +79,15 @@ class Daemon:
         return self.proc.pid
 
     def command(self) -> list[str]:
+        if self.user is not None:
+            # The interpreter and its library may not be readable by that
+            # user: everything is imported first, then the uid is dropped
+            # (with every capability) in the process that then serves.
+            start = [sys.executable, "-c", _DROP_AND_SERVE, *map(str, self.user)]
+        else:
+            start = [sys.executable, "-m", "shadowd"]
         return [
-            sys.executable,
-            "-m",
-            "shadowd",
+            *start,
             "serve",
             "--socket",
             str(self.socket_path),
@@ -161,9 +188,12 @@ async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
         socket_name: str | None = None,
         env: dict[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
+        user: tuple[int, int] | None = None,
+        directory: Path | None = None,
     ) -> Daemon:
+        """*user*: (uid, gid) to serve as; *directory*: where the socket goes (shared_dir)."""
         name = socket_name or f"d{len(daemons)}.sock"
-        d = Daemon(shared_dir / name, list(args), env, nofile)
+        d = Daemon((directory or shared_dir) / name, list(args), env, nofile, user)
         daemons.append(d)
         await d.start()
         return d
@@ -271,6 +301,113 @@ def run_as(
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return json.loads(lines[-1])
+
+
+def _child_command(uid: int, code: str, gid: int | None, groups: tuple[int, ...]) -> list[str]:
+    gid = uid if gid is None else gid
+    lines = textwrap.dedent(code).splitlines()
+    hoisted = [ln for ln in lines if ln.startswith(("import ", "from "))]
+    body = [ln for ln in lines if not ln.startswith(("import ", "from "))]
+    prelude = PRELUDE.format(
+        paths=[str(REPO), str(REPO / "client")],
+        imports="\n".join(hoisted),
+        uid=uid,
+        gid=gid,
+        groups=list(groups),
+    )
+    return [sys.executable, "-c", prelude + _CHILD_IO + "\n".join(body)]
+
+
+# What a spawned child adds to PRELUDE: flushed output, and recv() for input.
+_CHILD_IO = textwrap.dedent(
+    """
+    def out(obj):
+        print(json.dumps(obj), flush=True)
+    def recv():
+        line = sys.stdin.readline()
+        return json.loads(line) if line else None
+    """
+)
+
+
+class Child:
+    """A long-lived child running as another user, spoken to in JSON lines.
+
+    The child's code gets ``out(obj)`` (one line to the test) and ``recv()``
+    (the next object the test sent, None once the test closed its input).
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], stderr_path: Path) -> None:
+        self.proc = proc
+        self._stderr_path = stderr_path
+
+    def send(self, obj: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout: float = 30) -> Any:
+        """The child's next JSON line (blocking; call from a worker thread)."""
+        import select
+
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no word from the child in {timeout}s:\n{self.stderr()}")
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                line = self.proc.stdout.readline()
+                if not line:
+                    self.proc.wait(5)
+                    raise RuntimeError(f"child exited ({self.proc.returncode}):\n{self.stderr()}")
+                if line.strip():
+                    return json.loads(line)
+
+    def stderr(self) -> str:
+        try:
+            return self._stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self, timeout: float = 10) -> int:
+        """Close its input (recv() gets None), wait for it to exit; kill it if it does not."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr_path.unlink(missing_ok=True)
+        return self.proc.returncode
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spawn_as(uid: int, code: str, *, gid: int | None = None, groups: tuple[int, ...] = ()) -> Child:
+    """Start *code* in a child that drops to *uid* as run_as does, and keep talking to it."""
+    fd, name = tempfile.mkstemp(prefix="shadowd-child-", suffix=".err")
+    try:
+        proc = subprocess.Popen(
+            _child_command(uid, code, gid, groups),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=fd,
+            text=True,
+        )
+    finally:
+        os.close(fd)
+    return Child(proc, Path(name))
 
 
 def in_thread(

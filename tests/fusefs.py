@@ -2,6 +2,13 @@
 # root): a few read-only regular files, where reading any file named hang*
 # never gets an answer, as on a hung network mount. Everything else (lookup,
 # getattr, open, flush, release) is answered at once.
+#
+# Attack tests add files of their own (FuseFile): any inode number, size,
+# times, mode, owner and bytes the kernel will report as stat of that file,
+# and a flush (the close of each descriptor) that is never answered.
+#
+# Must never: answer for files it was not given; leave the mount behind
+# (close() aborts the connection, so nothing waiting on it hangs for good).
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +18,10 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import attrs
 import pytest
 
 _IN = struct.Struct("<IIQQIIIHH")
@@ -38,15 +46,51 @@ ROOT = 1
 VALID = 3600  # seconds the kernel may trust our attributes: no getattr while we hang
 
 
-class HangingFS:
-    """Mount at *mountpoint*; files ``ok`` (answered) and ``hang0``..``hangN`` (never)."""
+@attrs.frozen
+class FuseFile:
+    """A file the test chooses every stat field and byte of."""
 
-    def __init__(self, mountpoint: Path, *, hanging: int = 8, size: int = 4096) -> None:
+    data: bytes
+    ino: int
+    mtime_ns: int = 1_000_000_000
+    ctime_ns: int = 1_000_000_000
+    mode: int = 0o444
+    uid: int = 0
+    gid: int = 0
+    #: Never answer a flush of it: closing any descriptor of it waits until
+    #: the connection is aborted.
+    hang_flush: bool = False
+
+
+#: Node ids of FuseFiles start here (the built-in files use 2..99).
+_FILE_NODES = 100
+
+
+class HangingFS:
+    """Mount at *mountpoint*; files ``ok`` (answered) and ``hang0``..``hangN`` (never).
+
+    *files* adds files by name, each reported and read as its FuseFile says.
+    """
+
+    def __init__(
+        self,
+        mountpoint: Path,
+        *,
+        hanging: int = 8,
+        size: int = 4096,
+        files: Mapping[str, FuseFile] | None = None,
+    ) -> None:
         self.mountpoint = mountpoint
         self.size = size
         self.names = {"ok": 2, **{f"hang{i}": 10 + i for i in range(hanging)}}
+        self.files: dict[int, FuseFile] = {}
+        for i, (name, file) in enumerate((files or {}).items()):
+            self.names[name] = _FILE_NODES + i
+            self.files[_FILE_NODES + i] = file
         self.content = b"k" * size
         self.hung_reads: set[int] = set()  # nodeids whose read is left unanswered
+        self.hung_flushes = 0  # flushes left unanswered (a close that waits)
+        self.seen: list[tuple[int, int]] = []  # (opcode, nodeid) of every request, in order
         self.lock = threading.Lock()
         self._stop = False
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -64,9 +108,24 @@ class HangingFS:
         with self.lock:
             return len(self.hung_reads)
 
+    @property
+    def st_dev(self) -> int:
+        """The device number the kernel gave this mount."""
+        return os.stat(self.mountpoint).st_dev
+
     def _attr(self, nodeid: int) -> bytes:
         if nodeid == ROOT:
             return _ATTR.pack(ROOT, 0, 0, 1, 1, 1, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
+        f = self.files.get(nodeid)
+        if f is not None:
+            m_sec, m_nsec = divmod(f.mtime_ns, 1_000_000_000)
+            c_sec, c_nsec = divmod(f.ctime_ns, 1_000_000_000)
+            blocks = -(-len(f.data) // 512)
+            mode = 0o100000 | f.mode
+            return _ATTR.pack(
+                f.ino, len(f.data), blocks, m_sec, m_sec, c_sec, m_nsec, m_nsec, c_nsec,
+                mode, 1, f.uid, f.gid, 0, 4096, 0,
+            )  # fmt: skip
         return _ATTR.pack(nodeid, self.size, 8, 1, 1, 1, 0, 0, 0, 0o100444, 1, 0, 0, 0, 4096, 0)
 
     def _reply(self, unique: int, payload: bytes = b"", error: int = 0) -> None:
@@ -90,6 +149,8 @@ class HangingFS:
     def _handle(self, msg: bytes) -> None:
         _len, opcode, unique, nodeid, *_ = _IN.unpack_from(msg)
         body = msg[_IN.size :]
+        with self.lock:
+            self.seen.append((opcode, nodeid))
         if opcode == INIT:
             _major, minor, readahead, _flags = struct.unpack_from("<IIII", body)
             out = _INIT_OUT.pack(7, min(minor, 31), readahead, 0, 16, 12, 131072, 1, 32, 0, 0, 0, 0)
@@ -108,11 +169,17 @@ class HangingFS:
             self._reply(unique, struct.pack("<QII", nodeid, 0, 0))
         elif opcode == READ:
             _fh, offset, size = _READ_IN.unpack_from(body)
-            if nodeid == self.names["ok"]:
+            f = self.files.get(nodeid)
+            if f is not None:
+                self._reply(unique, f.data[offset : offset + size])
+            elif nodeid == self.names["ok"]:
                 self._reply(unique, self.content[offset : offset + size])
             else:
                 with self.lock:
                     self.hung_reads.add(nodeid)  # and never answered
+        elif opcode == FLUSH and nodeid in self.files and self.files[nodeid].hang_flush:
+            with self.lock:
+                self.hung_flushes += 1  # and never answered
         elif opcode in (FLUSH, RELEASE):
             self._reply(unique)
         elif opcode in (FORGET, BATCH_FORGET, INTERRUPT):
@@ -131,11 +198,13 @@ class HangingFS:
 
 
 @contextlib.contextmanager
-def mounted(mountpoint: Path) -> Iterator[HangingFS]:
+def mounted(
+    mountpoint: Path, *, files: Mapping[str, FuseFile] | None = None
+) -> Iterator[HangingFS]:
     """A HangingFS on *mountpoint* (made here); the test is skipped where FUSE cannot mount."""
     mountpoint.mkdir()
     try:
-        fs = HangingFS(mountpoint)
+        fs = HangingFS(mountpoint, files=files)
     except OSError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"cannot mount a FUSE file system here: {exc}")
     try:

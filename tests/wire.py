@@ -20,11 +20,15 @@ class Raw:
     def __init__(self, path: Path | str, *, hello: bool = True, timeout: float = 5) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        if hello:
-            self.send({"op": "hello", "id": 0, "version": 1})
-            reply, fds = self.recv()
-            assert reply["ok"] and not fds, reply
+        try:
+            self.sock.connect(str(path))
+            if hello:
+                self.send({"op": "hello", "id": 0, "version": 1})
+                reply, fds = self.recv()
+                assert reply["ok"] and not fds, reply
+        except BaseException:
+            self.sock.close()  # a daemon that never answers must not leak our socket
+            raise
 
     def send(self, msg: dict[str, Any] | bytes, fds: Sequence[int] = ()) -> None:
         data = msg if isinstance(msg, bytes) else msgpack.packb(msg, use_bin_type=True)

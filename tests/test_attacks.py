@@ -1,0 +1,921 @@
+# The twelve attacks of issue 14, each reproduced end to end against the
+# daemon as a real subprocess, each asserting the safe outcome the issue
+# demands. Today's daemon loses every one of them, so each is marked
+# xfail(strict): the fix that makes one pass turns it into an XPASS, which
+# fails the suite until its marker is removed.
+#
+# Only the attack's own outcome may fail with AssertionError (xfail is told
+# raises=AssertionError): a setup that goes wrong raises SetupError, so the
+# test fails loudly instead of passing as an expected failure.
+#
+# Must never: leave a mount, a userfaultfd stall or a child process behind;
+# wait on a hung mount without a deadline; pass for a reason other than the
+# defence it names.
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import stat
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from .conftest import (
+    NOBODY,
+    Daemon,
+    make_file,
+    requires_root,
+    run_as,
+    spawn_as,
+)
+from .fusefs import FuseFile, HangingFS
+from .mounts import ext4, mount_tmpfs, tmpfs, umount
+from .uffd import PAGE, StalledWrite
+from .wire import Raw, read_all
+
+pytestmark = requires_root
+
+#: Users of the attacks (need not exist in /etc/passwd).
+ALICE, BOB, CAROL = 1000, 1001, 1002
+
+
+# pytest-trio hands a test's exception on inside an ExceptionGroup.
+_ATTACK_LOST: Any = (
+    pytest.RaisesGroup(AssertionError, allow_unwrapped=True, flatten_subgroups=True)
+    if hasattr(pytest, "RaisesGroup")
+    else (AssertionError, BaseExceptionGroup)  # pytest < 8.4: any group will do
+)
+
+
+def attack(reason: str) -> pytest.MarkDecorator:
+    """The marker of a test that today's daemon fails: an expected AssertionError."""
+    return pytest.mark.xfail(strict=True, raises=_ATTACK_LOST, reason=f"issue 14: {reason}")
+
+
+class SetupError(Exception):
+    """The test could not set its attack up: a failure, never an expected one."""
+
+
+def require(condition: object, message: str) -> None:
+    if not condition:
+        raise SetupError(message)
+
+
+def child(uid: int, code: str, **kwargs: Any) -> Any:
+    """run_as, with a crashed child reported as a SetupError (not an AssertionError)."""
+    try:
+        return run_as(uid, code, **kwargs)
+    except AssertionError as exc:
+        raise SetupError(str(exc)) from None
+
+
+async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True)
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    from shadowd_client import Client
+
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()
+
+
+def open_raw(raw: Raw, path: Path, id: int = 1) -> tuple[dict[str, Any], bytes | None]:
+    """One open on the wire: the reply and the served bytes (None when refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        reply, fds = raw.call({"op": "open", "id": id, "path": str(path)}, [fd])
+    finally:
+        os.close(fd)
+    if not fds:
+        return reply, None
+    try:
+        return reply, read_all(fds[0])
+    finally:
+        for got in fds:
+            os.close(got)
+
+
+def open_once(d: Daemon, path: Path) -> tuple[dict[str, Any], bytes | None]:
+    with Raw(d.socket_path) as raw:
+        return open_raw(raw, path)
+
+
+def cache(d: Daemon, path: Path) -> None:
+    """Have *path* cached: opened until an open is a hit (a SetupError if it never is)."""
+    with Raw(d.socket_path) as raw:
+        for i in range(20):
+            reply, _data = open_raw(raw, path, i + 1)
+            require(reply.get("ok"), f"cannot open {path}: {reply}")
+            if reply.get("hit"):
+                return
+            time.sleep(0.02)
+    raise SetupError(f"{path} never became a hit")
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def mkdir_owned(path: Path, uid: int, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture(params=["tmpfs", "ext4"])
+def fs_dir(request: pytest.FixtureRequest, shared_dir: Path) -> Iterator[Path]:
+    """A directory on a fresh tmpfs, or on an ext4 loop image."""
+    mount = tmpfs if request.param == "tmpfs" else ext4
+    with mount(shared_dir / request.param) as path:
+        yield path
+
+
+# -- 11: the lock file -------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["sticky", "group-writable"])
+@attack("the lock file is opened with O_CREAT through a planted symlink: target truncated")
+async def test_11_lock_file_never_follows_a_symlink(
+    start_daemon: Any, shared_dir: Path, where: str
+) -> None:
+    pub = shared_dir / "pub"
+    pub.mkdir()
+    group = 4242
+    if where == "sticky":
+        if read_text("/proc/sys/fs/protected_symlinks").strip() != "0":
+            pytest.skip("fs.protected_symlinks: the kernel refuses to follow it in a sticky dir")
+        pub.chmod(0o1777)
+    else:  # a directory shared by a group (no sticky bit: protected_symlinks does not apply)
+        os.chown(pub, 0, group)
+        pub.chmod(0o2775)
+    secret = b"root's secret, mode 0600\n"
+    target = make_file(shared_dir / "secret", secret, 0o600)
+    lock = pub / "s.sock.lock"
+    child(NOBODY, f"os.symlink({str(target)!r}, {str(lock)!r})\nout(1)", groups=(group,))
+    require(lock.is_symlink(), "the planted symlink is not there")
+    with contextlib.suppress(RuntimeError):  # refusing to start is a fine answer
+        await start_daemon("--racy-window", "0", socket_name="s.sock", directory=pub)
+    after = target.read_bytes(), stat.S_IMODE(target.stat().st_mode)
+    assert after == (secret, 0o600)
+
+
+# -- 12: labels ----------------------------------------------------------------
+
+LABEL_OPEN = """
+from shadowd_client import Client
+with Client({sock!r}, timeout=10) as c:
+    for _ in range(3):
+        os.close(c.open({path!r}))
+out(1)
+"""
+
+LABEL_STATS = """
+from shadowd_client import Client
+with Client({sock!r}, timeout=10) as c:
+    s = c.stats()
+top = list(s["top_by_hits"]) + list(s["top_by_bytes"])
+out(sorted({{e["label"] if isinstance(e, dict) else e[0] for e in top}}))
+"""
+
+
+@attack("every admitted uid reads every other uid's path labels in the stats top lists")
+async def test_12_labels_of_one_uid_are_not_listed_to_another(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    home = mkdir_owned(shared_dir / "home", 0)
+    alice = mkdir_owned(home / "alice", ALICE, 0o755)
+    private = mkdir_owned(alice / "private", ALICE, 0o700)
+    f = make_file(private / "payroll-2026.xlsx", b"salaries\n" * 1000, 0o600)
+    os.chown(f, ALICE, ALICE)
+    sock = str(d.socket_path)
+    await call(child, ALICE, LABEL_OPEN.format(sock=sock, path=str(f)))
+    seen_by_bob = await call(child, BOB, LABEL_STATS.format(sock=sock))
+    seen_by_root = await call(child, 0, LABEL_STATS.format(sock=sock))
+    require(str(f) in seen_by_root, f"the label never reached the top lists: {seen_by_root}")
+    assert str(f) not in seen_by_bob
+
+
+# -- 6: a per-user daemon's shared memfd changed through a served fd ----------
+
+
+def posix_acl(user: int, group: int, other: int) -> bytes:
+    """A minimal system.posix_acl_access value (the same as a mode)."""
+    undefined = 0xFFFFFFFF
+    return struct.pack(
+        "<I" + "HHI" * 3, 2, 0x01, user, undefined, 0x04, group, undefined, 0x20, other, undefined
+    )
+
+
+TAMPER = """
+import stat
+from shadowd_client import Client
+res = {{}}
+with Client({sock!r}, timeout=10) as c:
+    for name, how in {how!r}.items():
+        fd = c.open({base!r} + "/" + name)
+        try:
+            if how == "chmod0":
+                os.fchmod(fd, 0)
+            else:
+                os.setxattr(fd, "system.posix_acl_access", bytes.fromhex(how))
+            res[name] = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+        except OSError as e:
+            res[name] = "failed: " + e.strerror
+        finally:
+            os.close(fd)
+out(res)
+"""
+
+VICTIM_OPENS = """
+import hashlib, stat
+from shadowd_client import Client, ShadowdError
+res = {{}}
+with Client({sock!r}, timeout=10) as c:
+    for name in {names!r}:
+        try:
+            fd = c.open({base!r} + "/" + name)
+        except ShadowdError as e:
+            res[name] = type(e).__name__
+            continue
+        data = os.pread(fd, 1 << 20, 0)
+        res[name] = [hashlib.sha256(data).hexdigest(), oct(stat.S_IMODE(os.fstat(fd).st_mode))]
+        os.close(fd)
+out(res)
+"""
+
+
+@attack("a holder of a served fd of the daemon's own uid changes the shared memfd's mode")
+async def test_06_a_served_fd_cannot_change_what_others_are_served(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    run = mkdir_owned(shared_dir / "run", ALICE)
+    d = await start_daemon("--racy-window", "0", user=(ALICE, ALICE), directory=run)
+    files = {
+        "data": make_file(shared_dir / "data", b"plain data\n" * 300, 0o644),
+        "script": make_file(shared_dir / "script", b"#!/bin/sh\necho tampered\n", 0o644),
+        "binary": make_file(shared_dir / "binary", read_bytes("/bin/true"), 0o755),
+    }
+    how = {
+        "data": "chmod0",  # the daemon's own reopen of the memfd is refused
+        "script": posix_acl(7, 4, 4).hex(),  # 0744 on a non-executable copy
+        "binary": posix_acl(6, 6, 4).hex(),  # 0664 on an executable one
+    }
+    sock, base = str(d.socket_path), str(shared_dir)
+    tampered = await call(child, ALICE, TAMPER.format(sock=sock, base=base, how=how))
+    if "Operation not supported" in str(tampered):
+        pytest.skip(f"no POSIX ACLs on memfds in this kernel: {tampered}")
+    require(
+        tampered == {"data": "0o0", "script": "0o744", "binary": "0o664"},
+        f"the tampering did not take: {tampered}",
+    )
+    got = await call(child, ALICE, VICTIM_OPENS.format(sock=sock, base=base, names=list(files)))
+    want = {
+        name: [hashlib.sha256(f.read_bytes()).hexdigest(), "0o555" if name == "binary" else "0o444"]
+        for name, f in files.items()
+    }
+    assert got == want
+
+
+# -- 3, 4, 5: writes the daemon cannot see in stat -----------------------------
+
+
+def torn_then_later(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 3 in a worker thread: a write stalled half way while the daemon copies."""
+    old, new = b"o" * (4 * PAGE), b"n" * (4 * PAGE)
+    f.write_bytes(old)
+    wfd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        writer = StalledWrite(wfd, new, stall_at=2 * PAGE)
+        try:
+            writer.wait_stalled()
+            during = f.read_bytes()
+            require(during not in (old, new), "the write did not stall half way")
+            _reply, copied = open_once(d, f)  # the daemon copies the half-written file
+            require(copied == during, "the copy did not see the half-written file")
+            require(writer.finish() == len(new), "the stalled write did not complete")
+        finally:
+            writer.close()
+    finally:
+        os.close(wfd)
+    require(f.read_bytes() == new, "the file does not hold the new bytes after the write")
+    later = [open_once(d, f) for _ in range(5)]
+    return {
+        "torn_served_after_the_write": sum(data != new for _, data in later),
+        "hits": sum(bool(reply.get("hit")) for reply, _ in later),
+    }
+
+
+@attack("a copy made during a write() stalled half way is cached and served torn afterwards")
+async def test_03_a_write_stalled_half_way_is_never_cached(start_daemon: Any, fs_dir: Path) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(20):
+        outcome = await call(torn_then_later, d, fs_dir / "lib.so")
+    assert outcome["torn_served_after_the_write"] == 0, outcome
+
+
+def racing_a_writer(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 4 in a worker thread: opens while another fd holds the file open for writing."""
+    size = 64 * 1024
+    contents = [bytes([65 + i]) * size for i in range(6)]
+    f.write_bytes(contents[0])
+    hits_with_writer = stale = torn = served = 0
+    wfd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with Raw(d.socket_path) as raw:
+            ids = iter(range(1, 1 << 30))
+            # Writes between opens: every copy is exact, none may be cached.
+            for content in contents[1:]:
+                os.pwrite(wfd, content, 0)
+                for _ in range(2):
+                    reply, data = open_raw(raw, f, next(ids))
+                    require(reply.get("ok"), f"open refused: {reply}")
+                    hits_with_writer += bool(reply.get("hit"))
+                    stale += data != content
+            # Whole-file writes racing the opens: torn copies may be served
+            # (a read() racing them is torn too), never cached.
+            stop = threading.Event()
+
+            def write_all_the_time() -> None:
+                i = 0
+                while not stop.is_set():
+                    os.pwrite(wfd, contents[i % 2], 0)
+                    i += 1
+
+            thread = threading.Thread(target=write_all_the_time)
+            thread.start()
+            try:
+                for _ in range(100):
+                    reply, data = open_raw(raw, f, next(ids))
+                    if not reply.get("ok"):
+                        continue  # "unstable" is a fine answer to a file that keeps changing
+                    served += 1
+                    hits_with_writer += bool(reply.get("hit"))
+                    torn += data not in contents[:2]
+            finally:
+                stop.set()
+                thread.join()
+    finally:
+        os.close(wfd)
+    final = f.read_bytes()
+    _reply, after = open_once(d, f)
+    return {
+        "hits_while_a_writer_held_it_open": hits_with_writer,
+        "stale_served_between_writes": stale,
+        "correct_after_the_writer_closed": after == final,
+        "torn_served_while_racing": torn,
+        "served_while_racing": served,
+    }
+
+
+@attack("copies made while another fd holds the file open for writing are cached")
+async def test_04_nothing_is_cached_while_a_writer_holds_the_file(
+    start_daemon: Any, fs_dir: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(30):
+        outcome = await call(racing_a_writer, d, fs_dir / "lib.so")
+    print(outcome)
+    assert (
+        outcome["hits_while_a_writer_held_it_open"],
+        outcome["stale_served_between_writes"],
+        outcome["correct_after_the_writer_closed"],
+    ) == (0, 0, True), outcome
+
+
+def through_a_mapping(d: Daemon, f: Path) -> dict[str, Any]:
+    """Attack 5 in a worker thread: changes through a MAP_SHARED writable mapping."""
+    size = 2 * PAGE
+    f.write_bytes(b"a" * size)
+    cache(d, f)
+    wfd = os.open(f, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        m = mmap.mmap(wfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            m[:PAGE] = b"b" * PAGE  # the first write fault (ext4 stamps the times here)
+            for _ in range(2):
+                open_once(d, f)  # served, and maybe cached, in between
+            m[:PAGE] = b"c" * PAGE  # no fault: the page is writable already
+        finally:
+            m.close()
+    finally:
+        os.close(wfd)
+    now = f.read_bytes()
+    require(now[:PAGE] == b"c" * PAGE, "the mapping did not write the file")
+    later = [open_once(d, f)[1] for _ in range(3)]
+    return {"stale_served_after_the_writer_left": sum(data != now for data in later)}
+
+
+@attack("changes made through a MAP_SHARED writable mapping are served stale")
+async def test_05_changes_through_a_shared_mapping_are_served(
+    start_daemon: Any, fs_dir: Path
+) -> None:
+    d = await start_daemon("--racy-window", "0")
+    with trio.fail_after(20):
+        outcome = await call(through_a_mapping, d, fs_dir / "lib.so")
+    assert outcome["stale_served_after_the_writer_left"] == 0, outcome
+
+
+# -- 9, 10: sparse files ----------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def shmem_bytes() -> int:
+    """Shmem of /proc/meminfo: every memfd and tmpfs page on the host."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise SetupError("no Shmem line in /proc/meminfo")
+
+
+def sparse_files(directory: Path, n: int, size: int) -> list[Path]:
+    """*n* files of *size* bytes that hold no data (one hole each), readable by all."""
+    files = []
+    for i in range(n):
+        f = directory / f"sparse{i}"
+        with open(f, "wb") as out:
+            out.truncate(size)
+        f.chmod(0o644)
+        files.append(f)
+    return files
+
+
+HOLD = """
+import mmap
+from shadowd_client import Client, ShadowdError
+with Client({sock!r}, timeout=30) as c:
+    got = c.open_many({paths!r}, return_exceptions=True)  # one batch: copies in parallel
+held = [fd for fd in got if isinstance(fd, int)]
+refused = [type(e).__name__ for e in got if not isinstance(e, int)]
+maps = []
+if {touch!r}:
+    # A shared read-only mapping's faults fill a memfd's holes with real
+    # pages (a private one maps the zero page): copying holes as holes is
+    # not enough, what a uid is handed must count at its full size.
+    for fd in held:
+        size = os.fstat(fd).st_size
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        sum(m[i] for i in range(0, size, mmap.PAGESIZE))
+        maps.append(m)
+out({{"held": len(held), "refused": refused}})
+recv()  # keep every served fd until the test has measured
+"""
+
+MAX_BYTES = 256 * MiB
+#: What the docs will have to state: a client holding served fds of sparse
+#: files makes the daemon hold at most --max-bytes (holes copied as holes,
+#: and a per-uid bound on pinned bytes), plus this much for everyone else's
+#: memfds and tmpfs files on a shared host.
+SHMEM_MARGIN = 64 * MiB
+
+
+@pytest.mark.parametrize("touch", [False, True], ids=["held", "held-and-mapped"])
+@attack("holes are copied as pages and served fds pin them: shmem grows 16 x 200 MiB")
+async def test_09_sparse_files_cannot_pin_memory_beyond_max_bytes(
+    start_daemon: Any, shared_dir: Path, touch: bool
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0", "--max-bytes", "256M")
+    files = sparse_files(shared_dir, 16, 200 * MiB)
+    before = shmem_bytes()
+    code = HOLD.format(sock=str(d.socket_path), paths=[str(f) for f in files], touch=touch)
+    with trio.fail_after(60), spawn_as(NOBODY, code) as holder:
+        held = await call(holder.recv, 60)
+        grown = shmem_bytes() - before
+        s = await call(stats, d)
+    print(f"shmem grew {grown / MiB:.0f} MiB; {held}; stats say {s['bytes'] / MiB:.0f} MiB")
+    require(held["held"] + len(held["refused"]) == 16, f"the client did not finish: {held}")
+    assert grown <= MAX_BYTES + SHMEM_MARGIN, f"shmem grew {grown / MiB:.0f} MiB"
+
+
+FLOOD = """
+import threading
+from shadowd_client import Client, ShadowdError
+paths = {paths!r}
+stop = threading.Event()
+done = []
+def flood(k):
+    with Client({sock!r}, timeout=60) as c:
+        for path in paths[k::8]:
+            if stop.is_set():
+                return
+            try:
+                os.close(c.open(path))
+                done.append(path)
+            except ShadowdError:
+                pass
+threads = [threading.Thread(target=flood, args=(k,)) for k in range(8)]
+for t in threads:
+    t.start()
+out("flooding")
+recv()
+stop.set()
+for t in threads:
+    t.join()
+out(len(done))
+"""
+
+MEASURE = """
+import time
+from shadowd_client import Client
+def measure(hit, misses):
+    with Client({sock!r}, timeout=30) as c:
+        os.close(c.open(hit))
+        hits, miss = [], []
+        for _ in range({n_hits}):
+            t = time.perf_counter()
+            os.close(c.open(hit))
+            hits.append(time.perf_counter() - t)
+        for path in misses:
+            t = time.perf_counter()
+            os.close(c.open(path))
+            miss.append(time.perf_counter() - t)
+    return sorted(hits), sorted(miss)
+out(measure({hit!r}, {quiet!r}))
+recv()
+out(measure({hit!r}, {busy!r}))
+"""
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+@attack("one uid's copies of big sparse files slow every other uid's hits and misses")
+async def test_10_one_uids_copies_do_not_slow_another_uid(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    big = sparse_files(shared_dir, 160, 256 * MiB)
+    small = shared_dir / "small"
+    small.mkdir(mode=0o755)
+    hit = make_file(small / "hit", os.urandom(16 * 1024))
+    misses = [make_file(small / f"m{i}", os.urandom(64 * 1024)) for i in range(30)]
+    sock = str(d.socket_path)
+    victim_code = MEASURE.format(
+        sock=sock,
+        hit=str(hit),
+        n_hits=300,
+        quiet=[str(m) for m in misses[:20]],
+        busy=[str(m) for m in misses[20:]],  # ten: each takes 0.2-2 s today
+    )
+    flood_code = FLOOD.format(sock=sock, paths=[str(f) for f in big])
+    with trio.fail_after(60), spawn_as(NOBODY, victim_code) as victim:
+        quiet_hits, quiet_misses = await call(victim.recv, 30)
+        with spawn_as(ALICE, flood_code) as flood:
+            require(await call(flood.recv, 30) == "flooding", "the flood did not start")
+            await trio.sleep(0.5)  # its copies are under way
+            victim.send("go")
+            busy_hits, busy_misses = await call(victim.recv, 30)
+            flood.send("stop")
+            copied = await call(flood.recv, 60)
+    figures = {
+        "hit_p50_ms": (round(p50(quiet_hits) * 1e3, 2), round(p50(busy_hits) * 1e3, 2)),
+        "miss_p50_ms": (round(p50(quiet_misses) * 1e3, 2), round(p50(busy_misses) * 1e3, 2)),
+        "miss_max_ms": (round(quiet_misses[-1] * 1e3, 2), round(busy_misses[-1] * 1e3, 2)),
+        "flood_copies": copied,
+    }
+    print(figures)
+    require(copied >= 8, f"the flood made too few copies to matter: {figures}")
+    # Generous bounds (a quiet daemon answers both in well under 1 ms; today
+    # the misses wait 0.2-2 s for copy workers): another uid's hits at most
+    # 2 ms at the median, its misses 50 ms at the median and 500 ms at most.
+    bounds = (p50(busy_hits) <= 0.002, p50(busy_misses) <= 0.05, busy_misses[-1] <= 0.5)
+    assert bounds == (True, True, True), figures
+
+
+# -- 7, 8: descriptors a peer makes the daemon hold ---------------------------
+
+NEVER_READ = """
+import array, socket
+import msgpack
+def connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect({sock!r})
+    s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+    s.recv(65536)
+    s.setblocking(False)
+    return s
+fds = [os.open(p, os.O_RDONLY) for p in {paths!r}]
+conns, sent = [], 0
+for _ in range({connections}):
+    s = connect()
+    conns.append(s)
+    for i in range({requests}):
+        op = {{"op": "open", "id": i + 1}} if len(fds) == 1 else {{"op": "open_batch", "id": i + 1}}
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            s.sendmsg([msgpack.packb(op)], anc)
+        except (BlockingIOError, OSError):
+            break  # the daemon stopped reading us, or our own fds in flight are at their limit
+        sent += 1
+for _ in range({idle}):  # and connections that only take a slot of the daemon's fd table
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect({sock!r})
+    conns.append(s)
+out(sent)
+recv()  # hold every connection, never reading a reply, until the test is done
+"""
+
+CANARY = """
+from shadowd_client import Client, ShadowdError
+ok, failed = 0, []
+for _ in range({rounds}):
+    try:
+        with Client({sock!r}, timeout={timeout}) as c:
+            for _ in range(10):
+                fd = c.open({path!r})
+                ok += os.pread(fd, 1 << 16, 0) == {data!r}
+                os.close(fd)
+    except ShadowdError as e:
+        failed.append(type(e).__name__ + ": " + str(e)[:80])
+out([ok, failed])
+"""
+
+
+@attack("replies a uid never reads exhaust the daemon user's in-flight fd limit (ETOOMANYREFS)")
+async def test_07_unread_replies_do_not_fail_another_uids_requests(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    run = mkdir_owned(shared_dir / "run", ALICE)
+    # Not root: no CAP_SYS_RESOURCE, so what it has in flight in SCM_RIGHTS
+    # messages is bounded by its RLIMIT_NOFILE, as for the shipped unit.
+    d = await start_daemon(
+        "--socket-mode",
+        "0666",
+        "--racy-window",
+        "0",
+        user=(ALICE, ALICE),
+        directory=run,
+        nofile=(256, 256),
+    )
+    data = b"canary\n" * 100
+    f = make_file(shared_dir / "f", data)
+    await call(cache, d, f)
+    sock = str(d.socket_path)
+    flood = NEVER_READ.format(sock=sock, paths=[str(f)], connections=2, requests=200, idle=0)
+    with trio.fail_after(60), spawn_as(BOB, flood) as attacker:
+        sent = await call(attacker.recv, 30)
+        require(sent >= 300, f"the attacker got only {sent} requests out")
+        await trio.sleep(0.3)  # the daemon answers what it can
+        ok, failed = await call(
+            child, CAROL, CANARY.format(sock=sock, path=str(f), data=data, rounds=5, timeout=5)
+        )
+    print(f"attacker sent {sent}; canary: {ok} ok, {len(failed)} failed {failed[:3]}")
+    assert (ok, failed) == (50, [])
+
+
+@attack("batch replies a uid never reads keep their fds in the daemon: its fd table fills")
+async def test_08_pending_batch_replies_do_not_exhaust_the_daemons_fds(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0", nofile=(4096, 4096))
+    data = b"canary\n" * 100
+    f = make_file(shared_dir / "f", data)
+    await call(cache, d, f)
+    sock = str(d.socket_path)
+    # 40 connections of pipelined 64-fd batches, then 100 idle ones: the
+    # replies that do not fit their sockets hold up to --max-inflight x 64
+    # fds each, and the idle connections take what is left.
+    flood = NEVER_READ.format(
+        sock=sock, paths=[str(f)] * 64, connections=40, requests=300, idle=100
+    )
+    with trio.fail_after(60), spawn_as(ALICE, flood) as attacker:
+        sent = await call(attacker.recv, 30)
+        require(sent >= 40 * 20, f"the attacker got only {sent} batches out")
+        await trio.sleep(0.5)  # the daemon answers what it can
+        held = d.open_fds()
+        ok, failed = await call(
+            child, NOBODY, CANARY.format(sock=sock, path=str(f), data=data, rounds=2, timeout=2)
+        )
+    accept_failed = d.log().count("accept failed")
+    print(
+        f"{sent} batches sent; daemon held {held} fds; canary {ok} ok, {failed[:3]}; "
+        f"{accept_failed} accept failures logged"
+    )
+    assert (ok, failed, accept_failed) == (20, [], 0)
+
+
+# -- 1, 2: a device number freed by one mount and given to a FUSE mount -------
+
+ATTEMPTS = 5  # another mount on the host may take the freed number first
+
+READ_AS_ANOTHER = """
+import hashlib
+from shadowd_client import Client, ShadowdError
+try:
+    with Client({sock!r}, timeout=10) as c:
+        fd = c.open({path!r})
+    data = os.pread(fd, 1 << 20, 0)
+    out({{"sha256": hashlib.sha256(data).hexdigest(), "head": data[:24].decode("latin-1")}})
+except ShadowdError as e:
+    out({{"error": type(e).__name__}})
+"""
+
+
+def mimic(st: os.stat_result, data: bytes, **kwargs: Any) -> FuseFile:
+    """A FUSE file that reports *st*'s inode number, size and times, with bytes of its own."""
+    require(len(data) == st.st_size, "the mimic must have the same size")
+    return FuseFile(
+        data=data, ino=st.st_ino, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, **kwargs
+    )
+
+
+def mount_fuse(mountpoint: Path, files: dict[str, FuseFile]) -> HangingFS:
+    """A HangingFS with *files* on *mountpoint* (made here); skips where FUSE cannot mount."""
+    mountpoint.mkdir()
+    try:
+        return HangingFS(mountpoint, files=files)
+    except OSError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
+
+
+def fuse_on_freed_number(
+    d: Daemon, base: Path, secret: bytes, own: bytes
+) -> tuple[HangingFS, os.stat_result]:
+    """Root's 0600 file cached from a tmpfs, the tmpfs unmounted, its number given to FUSE."""
+    for attempt in range(ATTEMPTS):
+        t = base / f"tmpfs{attempt}"
+        dev = mount_tmpfs(t)
+        try:
+            f = make_file(t / "secret", secret, 0o600)
+            st = f.stat()
+            cache(d, f)
+        finally:
+            umount(t)
+        fs = mount_fuse(
+            base / f"fuse{attempt}",
+            {"mine": mimic(st, own, mode=0o444, uid=NOBODY, gid=NOBODY)},
+        )
+        if fs.st_dev == dev:
+            mine = os.stat(fs.mountpoint / "mine")
+            require(
+                (mine.st_dev, mine.st_ino, mine.st_size, mine.st_mtime_ns, mine.st_ctime_ns)
+                == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                "the FUSE file does not report the tmpfs file's stat",
+            )
+            return fs, st
+        fs.close()
+    pytest.skip(f"no FUSE mount got a freed device number back in {ATTEMPTS} attempts")
+
+
+@attack("a FUSE file on a reused device number, with the same ino/size/times, is served root's")
+async def test_01_a_reused_device_number_never_serves_another_files_bytes(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    secret = b"ROOT ONLY " * 42_000
+    own = b"nobody's own file ".ljust(len(secret), b".")
+    fs, _st = await call(fuse_on_freed_number, d, shared_dir, secret, own)
+    try:
+        code = READ_AS_ANOTHER.format(sock=str(d.socket_path), path=str(fs.mountpoint / "mine"))
+        got = await call(child, NOBODY, code)
+    finally:
+        fs.close()
+    print(got)
+    require("error" not in got, f"the open was refused: {got}")
+    assert got["sha256"] == hashlib.sha256(own).hexdigest(), got["head"]
+
+
+# Root in a mount namespace of its own (as a container's runtime would be):
+# a tmpfs there first, so that the number the test frees next is the lowest.
+ELSEWHERE = """
+import ctypes, time
+from pathlib import Path
+from tests.fusefs import FuseFile, HangingFS
+from tests.mounts import mount_tmpfs
+from tests.wire import Raw
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x20000) != 0 or libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0:
+    raise OSError(ctypes.get_errno(), "unshare the mount namespace")
+base = Path({base!r})
+own = base / "own"
+mount_tmpfs(own)
+(own / "f").write_bytes(b"x" * 100)
+out("ready")
+raw = Raw({sock!r})
+recv()
+fd = os.open(own / "f", os.O_RDONLY)
+reply, fds = raw.call({{"op": "open", "id": 1}}, [fd])  # the daemon reads its mount table
+out(bool(reply.get("ok")))
+mimic = recv()
+(base / "fuse").mkdir()
+fs = HangingFS(base / "fuse", files={{"hang": FuseFile(bytes.fromhex(mimic.pop("data")), **mimic)}})
+out(fs.st_dev)
+recv()
+hang = os.open(base / "fuse" / "hang", os.O_RDONLY | os.O_NONBLOCK)  # kept: our close would hang
+raw.send({{"op": "open", "id": 2}}, [hang])
+deadline = time.monotonic() + 2
+while fs.hung_flushes == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+out(fs.hung_flushes)
+recv()
+fs.close()  # abort the connection: every flush waiting on it fails at once
+out("aborted")
+recv()
+"""
+
+
+def canary_latencies(d: Daemon, f: Path, n: int = 5, timeout: float = 2.0) -> list[float]:
+    """Seconds each of *n* fresh connections took to open *f* (*timeout* when it never did)."""
+    took = []
+    for _ in range(n):
+        started = time.monotonic()
+        try:
+            with Raw(d.socket_path, timeout=timeout, hello=False) as raw:
+                raw.call({"op": "hello", "id": 0, "version": 1})
+                reply, data = open_raw(raw, f)
+        except (TimeoutError, OSError, EOFError):
+            took.append(timeout)
+            break  # the loop is stuck: one is enough
+        require(reply.get("ok") and data == f.read_bytes(), f"canary refused: {reply}")
+        took.append(time.monotonic() - started)
+    return took
+
+
+def main_thread_stack(d: Daemon) -> list[str]:
+    """The kernel functions the daemon's main thread (its event loop) is in, innermost first."""
+    try:
+        text = Path(f"/proc/{d.pid}/task/{d.pid}/stack").read_text()
+    except OSError:
+        return []
+    return [line.split()[1].split("+")[0] for line in text.splitlines() if len(line.split()) > 1]
+
+
+def hang_the_loop(d: Daemon, base: Path, local: Path) -> dict[str, Any]:
+    """Attack 2 in a worker thread; returns what the canary saw."""
+    for attempt in range(ATTEMPTS):
+        where = base / f"ns{attempt}"
+        where.mkdir()
+        with spawn_as(0, ELSEWHERE.format(base=str(where), sock=str(d.socket_path))) as other:
+            require(other.recv() == "ready", "the other namespace is not ready")
+            t = base / f"tmpfs{attempt}"
+            dev = mount_tmpfs(t)
+            try:
+                f = make_file(t / "lib.so", b"tmpfs bytes\n" * 100)
+                st = f.stat()
+                cache(d, f)
+                other.send("go")
+                require(other.recv() is True, "the other namespace's own file was refused")
+            finally:
+                umount(t)
+            other.send(
+                {
+                    "data": b"fuse bytes!\n".ljust(st.st_size, b".").hex(),
+                    "ino": st.st_ino,
+                    "mtime_ns": st.st_mtime_ns,
+                    "ctime_ns": st.st_ctime_ns,
+                    "hang_flush": True,
+                }
+            )
+            if other.recv() != dev:
+                continue  # another mount took the number first: start over
+            other.send("go")
+            flushes = other.recv()
+            took = canary_latencies(d, local)
+            loop_stack = main_thread_stack(d)
+            other.send("abort")
+            require(other.recv() == "aborted", "the FUSE connection was not aborted")
+        time.sleep(0.5)  # let the daemon go on, and log whatever it does
+        _reply, data = open_once(d, local)
+        require(data == local.read_bytes(), "the daemon no longer serves after the abort")
+        return {
+            "canary_seconds": took,
+            "flushes_waiting": flushes,
+            "loop_stack": loop_stack,
+            "log": d.log(),
+        }
+    pytest.skip(f"no FUSE mount got a freed device number back in {ATTEMPTS} attempts")
+
+
+@attack("the loop closes an fd of a FUSE mount on a reused device number: blocked in fuse_flush")
+async def test_02_a_hung_fuse_file_in_another_namespace_never_blocks_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    local = make_file(shared_dir / "local", b"served to everyone\n" * 50)
+    await call(cache, d, local)
+    with trio.fail_after(60):
+        outcome = await call(hang_the_loop, d, shared_dir, local)
+    took = outcome["canary_seconds"]
+    print(f"canary: {took}; flushes waiting: {outcome['flushes_waiting']}")
+    print(f"the loop's thread in the kernel: {outcome['loop_stack'][:6]}")
+    assert (max(took) < 1.0, "Traceback" not in outcome["log"]) == (True, True), took
