@@ -215,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
             flag, type=_positive_int, default=default, help=f"{text} (default %(default)s)"
         )
     serve.add_argument(
+        "--max-pinned-bytes-per-uid",
+        type=parse_size,
+        default=peer_defaults.max_pinned_bytes_per_uid,
+        help="most bytes of copies under way for one uid and of memfds made for it that left "
+        "the cache while still held (at full size); past it its misses are refused with busy "
+        "(default 256M)",
+    )
+    serve.add_argument(
         "--max-request",
         type=parse_size,
         default=WireLimits().max_request,
@@ -360,6 +368,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_clients_per_uid=args.max_clients_per_uid,
                 max_copies_per_uid=args.max_copies_per_uid,
                 max_fds_per_uid=args.max_fds_per_uid,
+                max_pinned_bytes_per_uid=args.max_pinned_bytes_per_uid,
             ),
             fd_store_max=fd_store_limit(args.fd_store_max),
         )

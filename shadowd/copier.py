@@ -187,6 +187,12 @@ async def run_job(
     return cast(T, result)
 
 
+def _failed(flight: Flight) -> None:
+    on_failed, flight.on_failed = flight.on_failed, None
+    if on_failed is not None:
+        on_failed()
+
+
 def _ignore(result: object) -> None:
     pass
 
@@ -282,6 +288,8 @@ class Flight:
     waiters: int = 0
     #: The slot of its starter's quota that this copy holds until it ends.
     quota: Quota | None = None
+    #: Called once when the copy ends without a result (pins.py's reservation).
+    on_failed: Callable[[], None] | None = None
 
     def join(self) -> None:
         """Count one more request that will :meth:`wait` (call without awaiting first)."""
@@ -344,6 +352,7 @@ class Copier:
         *,
         remote: bool,
         quota: Quota | None = None,
+        on_failed: Callable[[], None] | None = None,
     ) -> Flight:
         """Start copying *src* (whose ownership moves here) as flight *key*.
 
@@ -353,7 +362,12 @@ class Copier:
         starter's quota.
         """
         watches = self.watches
-        flight = Flight(key=key, quota=quota, start=-1 if watches is None else watches.begin())
+        flight = Flight(
+            key=key,
+            quota=quota,
+            start=-1 if watches is None else watches.begin(),
+            on_failed=on_failed,
+        )
         self._flights[key] = flight
         nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
         return flight
@@ -375,10 +389,15 @@ class Copier:
         except RequestError as exc:
             self.copy_failures += 1
             flight.error = exc
+            _failed(flight)
         except Exception as exc:
             logger.exception("copy failed")
             self.copy_failures += 1
             flight.error = RequestError(ErrorCode.INTERNAL, f"copy failed: {exc!r}")
+            _failed(flight)
+        except BaseException:
+            _failed(flight)
+            raise
         else:
             self.copies += 1
             self.bytes_copied += copied.stat.size

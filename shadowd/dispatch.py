@@ -239,6 +239,8 @@ class Dispatcher:
         try:
             served = await self.private.finish_publish(conn.peer.uid, event, src, conn.share.quota)
         except RequestError as exc:
+            if not src.closed:  # refused before a worker took it
+                self.opens.discard([src.detach()], conn.share)
             await conn.refuse(event.id, exc)
             return
         await _send_served(conn, event.id, served)

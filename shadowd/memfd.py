@@ -278,6 +278,8 @@ class SealedFile:
     #: owner, ACL, times or flags (which a holder of its own uid can make
     #: through a served fd) moves its ctime. See :meth:`intact`.
     stamp: tuple[int, int] = attrs.field(init=False)
+    #: The inotify watch that tells when the memfd is freed (pins.py); -1 none.
+    pin_wd: int = attrs.field(default=-1, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.dir_fd = _proc_fd_dir()

@@ -24,7 +24,8 @@ from .copier import Copied, Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_holders
 from .leases import Writers
-from .memfd import memfd_seals
+from .memfd import SealedFile, memfd_seals
+from .pins import Pins
 from .protocol import ErrorCode, OpenedItem, Refusal
 from .refusals import INTERNAL_MESSAGE, Refusals
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
@@ -107,6 +108,7 @@ class HostOpens:
     mounts: MountTrust
     refusals: Refusals
     limits: CacheLimits
+    pins: Pins
     #: The server's nursery while it serves: flights and closes run in it.
     nursery: trio.Nursery | None = None
     #: Descriptors served of copies that were not cached (racy, over budget,
@@ -121,8 +123,31 @@ class HostOpens:
     _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.watches = Watches(on_event=self._changed, on_overflow=self._lost_events)
+        self.watches = Watches(
+            on_event=self._changed, on_overflow=self._lost_events, on_freed=self.pins.freed
+        )
         self.cache.add_observer(self)
+
+    def track(
+        self, sealed: SealedFile, uid: int | None, *, cached: bool, reserved: int = 0
+    ) -> None:
+        """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation."""
+        try:
+            wd = self.watches.add_memfd(sealed.fd)
+        except OSError:
+            # Nothing would tell when it is freed: it is not charged.
+            if uid is not None:
+                self.pins.unreserve(uid, reserved)
+            return
+        sealed.pin_wd = wd
+        self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved)
+
+    def track_unwatched_entries(self) -> None:
+        """Track the memfds the cache holds that no one tracks yet (restored at start)."""
+        for entry in list(self.cache.index.values()):
+            file = entry.file
+            if isinstance(file, SealedFile) and file.pin_wd < 0:
+                self.track(file, None, cached=True)
 
     # -- the watches' side ------------------------------------------------
 
@@ -144,6 +169,9 @@ class HostOpens:
         if entry.wd >= 0 and self._by_wd.get(entry.wd) == entry.key:
             del self._by_wd[entry.wd]
             self.watches.release(entry.wd)
+        file = entry.file
+        if isinstance(file, SealedFile) and file.pin_wd >= 0:
+            self.pins.left_cache(file.pin_wd)
 
     def _usable(self, entry: Entry, fd: int, st: SourceStat, *, remote: bool) -> bool:
         """Whether a hit may be served: its memfd untouched, its source vouched for.
@@ -219,20 +247,28 @@ class HostOpens:
             if not quota.try_acquire():
                 self.cache.uncount_miss()  # the retry counts it
                 return THROTTLED
+            uid, size = share.uid, st.size
+            try:
+                self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+            except BaseException:
+                quota.release()
+                raise
             try:
                 with refusing_os_errors("cannot keep the passed fd"):
                     source = FdHolder(os.dup(fd))
             except BaseException:
                 quota.release()
+                self.pins.unreserve(uid, size)
                 raise
             flight = self.copier.start(
                 self.nursery,
                 flight_key,
                 source,
                 st,
-                self._on_copied(label, share.uid),
+                self._on_copied(label, uid, size),
                 remote=remote,
                 quota=quota,
+                on_failed=lambda: self.pins.unreserve(uid, size),
             )
         flight.join()
         return flight
@@ -310,7 +346,9 @@ class HostOpens:
                 holder = pending if isinstance(pending, FdHolder) else pending.holder
                 self.discard([holder.detach()], share)
 
-    def _on_copied(self, label: str | None, uid: int) -> Callable[[Flight, Copied], None]:
+    def _on_copied(
+        self, label: str | None, uid: int, reserved: int
+    ) -> Callable[[Flight, Copied], None]:
         def apply(flight: Flight, copied: Copied) -> None:
             st, wd, watches = copied.stat, copied.wd, self.watches
             watches.drain()  # an event of this inode since the flight began?
@@ -326,6 +364,7 @@ class HostOpens:
                 if wd >= 0:
                     watches.forget(wd)
                 flight.cached = False
+                self.track(copied.sealed, uid, cached=False, reserved=reserved)
                 logger.debug("served uncached (%s): %s", why, label or "?")
                 return
             watches.hold(wd)  # before the insert, which may drop an entry of the same inode
@@ -340,8 +379,10 @@ class HostOpens:
                 mnt=st.mnt,
             )
             flight.cached = admission is Admission.CACHED
-            if entry is None or entry.file is not copied.sealed:
+            ours = entry is not None and entry.file is copied.sealed
+            if not ours:
                 watches.release(wd)  # not ours that was kept
+            self.track(copied.sealed, uid, cached=ours, reserved=reserved)
             if not flight.cached:
                 logger.debug("served uncached (%s): %s", admission.value, label or "?")
 

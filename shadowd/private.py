@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 import attrs
 
@@ -30,6 +31,7 @@ from .errors import RequestError, SourceChanged, refusing_os_errors, request_err
 from .fds import FdHolder
 from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, memfd_seals, sealed_copy
 from .opens import Served, check_size
+from .pins import Pins
 from .protocol import ErrorCode, FileKey, Lookup, Publish
 from .source import check_readable, check_regular, stat_sync
 
@@ -133,13 +135,20 @@ class PrivateCounters:
 
 
 def adopt(
-    cache: Cache, key: PrivateKey, file_key: FileKey, sealed: SealedFile, counters: PrivateCounters
+    cache: Cache,
+    key: PrivateKey,
+    file_key: FileKey,
+    sealed: SealedFile,
+    counters: PrivateCounters,
+    *,
+    track: Callable[[SealedFile, bool], None] | None = None,
 ) -> tuple[int, int, bool, bool]:
     """Cache a published file, or keep a concurrent publisher's; serve one of them.
 
     Returns a served fd, its size, whether it is another publisher's copy
     (that one won the race) and whether the file is cached. Takes over the
-    caller's reference to *sealed*.
+    caller's reference to *sealed*. *track(sealed, cached)* is told of
+    *sealed* when it is served (pins.py), before our reference goes.
     """
     try:
         # A descriptor of it first: a file we cannot serve is never cached.
@@ -149,6 +158,8 @@ def adopt(
             key, file_key.version, sealed, private=True, ctime_ns=file_key.ctime_ns
         )
         if entry is None or entry.file is sealed:
+            if track is not None:
+                track(sealed, entry is not None)
             return fd, sealed.size, False, admission is Admission.CACHED
         os.close(fd)
         counters.races_lost += 1
@@ -169,6 +180,9 @@ class PrivateFiles:
     cache: Cache
     copier: Copier
     limits: CacheLimits
+    pins: Pins
+    #: Watches a memfd the daemon made until it is freed (HostOpens.track).
+    track: Callable[..., None]
     counters: PrivateCounters = attrs.field(factory=PrivateCounters)
     #: Descriptors served of published files that were not cached.
     uncached: int = 0
@@ -211,21 +225,50 @@ class PrivateFiles:
         return self._adopt(key, event, sealed)
 
     async def finish_publish(self, uid: int, event: Publish, src: FdHolder, quota: Quota) -> Served:
-        """Copy a published file in a worker (which owns and closes *src*), then serve it."""
+        """Copy a published file in a worker (which owns and closes *src*), then serve it.
+
+        When the uid may not have another copy under way, RequestError is
+        raised before the worker takes *src*: it is still the caller's.
+        """
         shmem = memfd_seals(src.fd) is not None
         key = event.key
-        sealed = await self.copier.run(
-            lambda: copy_published(src, key), src, remote=not shmem, quota=quota
-        )
+        reserved = key.size
+        # Refused (busy) past the uid's bound; *src* is then still the caller's.
+        self.pins.reserve(uid, reserved)
+        try:
+            sealed = await self.copier.run(
+                lambda: copy_published(src, key), src, remote=not shmem, quota=quota
+            )
+        except BaseException:
+            self.pins.unreserve(uid, reserved)
+            raise
         self.copier.copies += 1
         self.copier.bytes_copied += sealed.size
         self.counters.publishes += 1
         self.counters.copied += 1
-        return self._adopt(private_key(uid, event), event, sealed)
 
-    def _adopt(self, key: PrivateKey, event: Publish, sealed: SealedFile) -> Served:
+        def track(copy: SealedFile, cached: bool) -> None:
+            nonlocal reserved
+            self.track(copy, uid, cached=cached, reserved=reserved)
+            reserved = 0
+
+        try:
+            return self._adopt(private_key(uid, event), event, sealed, track)
+        finally:
+            if reserved:
+                self.pins.unreserve(uid, reserved)  # not served: lost the race, or refused
+
+    def _adopt(
+        self,
+        key: PrivateKey,
+        event: Publish,
+        sealed: SealedFile,
+        track: Callable[[SealedFile, bool], None] | None = None,
+    ) -> Served:
         """Cache *sealed* (taking over our reference) and serve it or the winner's copy."""
-        fd, size, lost, cached = adopt(self.cache, key, event.key, sealed, self.counters)
+        fd, size, lost, cached = adopt(
+            self.cache, key, event.key, sealed, self.counters, track=track
+        )
         if not cached:
             self.uncached += 1
         return Served(fd=FdHolder(fd), size=size, hit=lost)

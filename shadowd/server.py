@@ -49,6 +49,7 @@ from .inflight import FdBudget
 from .leases import ignore_sigio
 from .metrics import StatsCollector, count_open_fds
 from .opens import HostOpens
+from .pins import Pins
 from .poller import Poller
 from .private import PrivateFiles
 from .protocol import (
@@ -136,14 +137,22 @@ class Server:
         self.mounts = MountTrust()
         self.gate = Gate(config.access, config.peers)
         self.refusals = Refusals()
+        self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid)
         self.opens = HostOpens(
             cache=self.cache,
             copier=self.copier,
             mounts=self.mounts,
             refusals=self.refusals,
             limits=config.cache,
+            pins=self.pins,
         )
-        self.private = PrivateFiles(cache=self.cache, copier=self.copier, limits=config.cache)
+        self.private = PrivateFiles(
+            cache=self.cache,
+            copier=self.copier,
+            limits=config.cache,
+            pins=self.pins,
+            track=self.opens.track,
+        )
         peers = config.peers
         self.collector = StatsCollector(
             cache=self.cache,
@@ -162,6 +171,7 @@ class Server:
                 "max_inflight": config.max_inflight,
                 "max_copies_per_uid": peers.max_copies_per_uid,
                 "max_fds_per_uid": peers.max_fds_per_uid,
+                "max_pinned_bytes_per_uid": peers.max_pinned_bytes_per_uid,
             },
             top_files=config.top_files,
             refresh=config.stats_refresh,
@@ -237,6 +247,7 @@ class Server:
         watches = self.opens.watches
         watches.open()
         self.mounts.open()
+        self.opens.track_unwatched_entries()  # restored from the fd store
         self._poller = Poller()
         self._poller.first(watches.fd, watches.drain)
         self.copier.watches = watches

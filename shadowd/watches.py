@@ -31,6 +31,7 @@ from .fds import move_high
 logger = logging.getLogger(__name__)
 
 IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_DELETE_SELF = 0x00000400
 IN_UNMOUNT = 0x00002000
@@ -64,6 +65,9 @@ class Watches:
 
     on_event: Callable[[int], None]
     on_overflow: Callable[[], None]
+    #: Called for every watch the kernel removed (IN_IGNORED): for a memfd's
+    #: watch (add_memfd), that its inode is freed (pins.py).
+    on_freed: Callable[[int], None] = lambda wd: None
     fd: int = -1
     #: Events read so far; a flight records it when it starts.
     seq: int = 0
@@ -121,6 +125,16 @@ class Watches:
             self._active[start] = left
         else:
             self._active.pop(start, None)
+
+    def add_memfd(self, fd: int) -> int:
+        """Watch a memfd of ours until its inode is freed (then on_freed is called).
+
+        Its mode, ACL and times changing come as IN_ATTRIB (nothing to do:
+        every hit checks the memfd's stamp); the watch does not keep the memfd.
+        """
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "the daemon is not watching files")
+        return _call(_libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), IN_ATTRIB))
 
     def changed_since(self, wd: int, start: int) -> bool:
         """Whether an event of watch *wd* was read after *start* (its removal included)."""
@@ -193,6 +207,7 @@ class Watches:
                 # unmounted, or we removed it): nothing of it holds any more.
                 if self._refs.pop(wd, None) is not None:
                     self.on_event(wd)
+                self.on_freed(wd)
                 continue
             if wd in self._refs:
                 self.on_event(wd)

@@ -167,6 +167,7 @@ def test_default_limits_are_reported(daemon: Daemon) -> None:
         "max_inflight": 32,
         "max_copies_per_uid": peers.max_copies_per_uid,
         "max_fds_per_uid": peers.max_fds_per_uid,
+        "max_pinned_bytes_per_uid": peers.max_pinned_bytes_per_uid,
     }
     assert s["limit_hits"] == {}
 

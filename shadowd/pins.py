@@ -1,0 +1,106 @@
+# Memory clients pin: a memfd the daemon made stays in memory as long as
+# anyone holds a descriptor or a mapping of it, cached or not. While it is in
+# the cache --max-bytes counts it; once out (evicted, replaced, never cached)
+# it is charged, at its full size, to the uid whose request made the copy,
+# until the kernel says the last holder let go (an inotify watch on the memfd
+# is removed, with IN_IGNORED, when its inode is freed). Copies under way are
+# charged the same. A uid at --max-pinned-bytes-per-uid gets no new copy:
+# its request is refused with busy, and its clients copy for themselves.
+#
+# So the memfds the daemon made hold at most --max-bytes in the cache plus,
+# per uid, --max-pinned-bytes-per-uid (and the one copy that evicts an entry
+# it holds); sparse holes are never copied, and a holder that fills them by
+# mapping the file pays for those pages itself.
+#
+# Must never: let a uid start a copy past its bound; forget a charge while
+# the memfd may still be held; keep a watch that pins anything (an inotify
+# watch does not keep a memfd's pages).
+from __future__ import annotations
+
+import logging
+
+import attrs
+
+from .errors import RequestError
+from .protocol import ErrorCode
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class Pin:
+    """One memfd the daemon made, watched until it is freed."""
+
+    wd: int
+    size: int
+    #: The uid charged while it is out of the cache (None: nobody's, e.g. restored).
+    uid: int | None
+    cached: bool
+
+
+@attrs.define
+class Pins:
+    """Per uid, the bytes of copies under way and of memfds out of the cache still held."""
+
+    per_uid: int
+    #: Charged bytes per uid.
+    charged: dict[int, int] = attrs.field(factory=dict)
+    #: Bytes of memfds out of the cache that someone still holds (every uid).
+    pinned: int = 0
+    _pins: dict[int, Pin] = attrs.field(factory=dict)
+
+    def _charge(self, uid: int | None, n: int) -> None:
+        if uid is None:
+            return
+        left = self.charged.get(uid, 0) + n
+        if left > 0:
+            self.charged[uid] = left
+        else:
+            self.charged.pop(uid, None)
+
+    def reserve(self, uid: int, size: int) -> None:
+        """A copy of *size* bytes starts for *uid*: refused (busy) past its bound."""
+        used = self.charged.get(uid, 0)
+        if used + size > self.per_uid:
+            raise RequestError(
+                ErrorCode.BUSY,
+                f"uid {uid} has {used} bytes of copies under way or held out of the cache "
+                f"(at most {self.per_uid}, --max-pinned-bytes-per-uid); copy this "
+                f"{size}-byte file locally",
+            )
+        self._charge(uid, size)
+
+    def unreserve(self, uid: int, size: int) -> None:
+        """A copy reserved with :meth:`reserve` ended without a memfd to track."""
+        self._charge(uid, -size)
+
+    def track(self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int) -> None:
+        """A memfd of *size* bytes, watched as *wd*: in the cache, or charged to *uid*.
+
+        Takes over the *reserved* bytes :meth:`reserve` charged *uid* for it.
+        """
+        self._charge(uid, -reserved)
+        if not cached:
+            self.pinned += size
+            self._charge(uid, size)
+        self._pins[wd] = Pin(wd=wd, size=size, uid=uid, cached=cached)
+
+    def is_pin(self, wd: int) -> bool:
+        return wd in self._pins
+
+    def left_cache(self, wd: int) -> None:
+        """The cache let go of the memfd watched as *wd*: charged until it is freed."""
+        pin = self._pins.get(wd)
+        if pin is None or not pin.cached:
+            return
+        pin.cached = False
+        self.pinned += pin.size
+        self._charge(pin.uid, pin.size)
+
+    def freed(self, wd: int) -> None:
+        """The kernel removed watch *wd*: its memfd is gone, nobody holds it any more."""
+        pin = self._pins.pop(wd, None)
+        if pin is None or pin.cached:
+            return
+        self.pinned -= pin.size
+        self._charge(pin.uid, -pin.size)
