@@ -1146,6 +1146,8 @@ static int
 start(struct shadowd *c, int blocking)
 {
     after_fork(c);
+    /* A caller that submits without collecting still learns of a hung daemon. */
+    check_deadlines(c, mono_us());
     if (gate(c))
         return -1;
     if (!P(c)->live && conn_open(c, blocking))

@@ -219,7 +219,8 @@ void shadowd_set_timeouts(struct shadowd *c, int connect_ms, int reply_ms, int r
 void shadowd_set_backoff(struct shadowd *c, int first_ms, int max_ms);
 
 /* Where the breaker's two log lines go: fn(arg, line); fn NULL: nowhere.
- * Never called: stderr, as "shadowd: ..." lines. */
+ * Never called: stderr, as "shadowd: ..." lines. fn runs inside a call on
+ * *c* and must not call shadowd functions on *c* itself. */
 void shadowd_set_log(struct shadowd *c, shadowd_log_fn fn, void *arg);
 
 /* 1 when a call would try the daemon now, 0 while the breaker is open. */
