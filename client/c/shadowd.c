@@ -126,6 +126,8 @@ clear(struct shadowd *c)
 {
     c->code[0] = c->error[0] = '\0';
     c->errnum = 0;
+    c->hit = 0;
+    c->route = SHADOWD_ROUTE_NONE;
 }
 
 static void
