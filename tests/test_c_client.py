@@ -867,13 +867,17 @@ async def test_pipelined_fds_nobody_collects_are_closed(
     driver: Any, daemon: Daemon, tmp_path: Path
 ) -> None:
     files = [big(tmp_path / f"f{i}") for i in range(4)]
+    settle(*(f for f, _ in files))
     d = driver()
     with trio.fail_after(30):
         await ask(d, "socket", daemon.socket_path)
+        for f, _ in files:  # cached first: the replies below come at once
+            await ask(d, "openfd", f)
+        await ask(d, "close")
         base = (await ask(d, "fds"))["fds"]
         ids = [(await ask(d, "submit", f, i))["id"] for i, (f, _) in enumerate(files)]
         one = await ask(d, "collect", 1, 5000)
-        await trio.sleep(0.3)  # the other replies arrive
+        await trio.sleep(0.5)  # the other replies (hits) arrive
         two = await ask(d, "collect", 1, 5000)  # reads them all; hands out one
         held = await ask(d, "fds")  # the socket and two uncollected replies
         left = [i for i in ids if i not in (one["results"][0]["id"], two["results"][0]["id"])]
