@@ -1,15 +1,24 @@
-# The C client (client/c) against the real daemon: exact bytes, misses then
-# hits, refusals with the daemon's code, no daemon, and a stand-in daemon
-# that sends an unsealed fd (which it must refuse). Built with the host's C
-# compiler; skipped where there is none.
+# The C client (client/c) against the real daemon and against stand-in
+# daemons in Python: exact bytes, refusals, timeouts set at run time, the
+# circuit breaker, a stopped, killed and restarted daemon, batches, private
+# files, the pipelined interface, openat, local copies, the process-local
+# tier and the socket rule. Most tests talk to tests/c_driver.c, a program
+# that runs one API call per line it reads and answers in JSON; some run
+# shadowd-open. Built with the host's C compiler; skipped where there is none.
 from __future__ import annotations
 
+import json
 import os
+import select
+import shutil
+import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,13 @@ import trio
 from shadowd.bench import build_c_client, c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
-from .conftest import Daemon, deep_file, make_file, settle
+from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
+
+C_DIR = REPO / "client" / "c"
+ALL_SEALS = 0xF  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+OLD_NS = 1_700_000_000_123_456_789  # a ctime far outside any racy window
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +45,247 @@ def c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
     return binary
 
 
+@pytest.fixture(scope="module")
+def driver_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/c_driver.c built with client/c/shadowd.c, warnings as errors."""
+    out = tmp_path_factory.mktemp("cdriver") / "c_driver"
+    cc = c_compiler()
+    assert cc is not None
+    done = subprocess.run(
+        [cc, "-std=gnu99", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR), "-o", str(out),
+         str(REPO / "tests" / "c_driver.c"), str(C_DIR / "shadowd.c")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return str(out)
+
+
 def run(binary: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([binary, *args], capture_output=True, timeout=timeout, check=False)
+
+
+def fnv(data: bytes) -> str:
+    """FNV-1a 64, as the driver hashes what an fd holds."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+class Driver:
+    """tests/c_driver.c in a subprocess: one command a line, one JSON answer a line."""
+
+    def __init__(
+        self, binary: str, log: Path, env: dict[str, str] | None = None, user: int | None = None
+    ) -> None:
+        self.log = log
+        self._err = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [binary],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env=env,
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+        )
+        self._buf = b""
+
+    def __call__(self, *words: object, timeout: float = 20) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(str(w) for w in words).encode() + b"\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the driver did not answer {words!r}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    raise EOFError(f"the driver exited: {self.stderr()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def stderr(self) -> str:
+        self._err.flush()
+        return self.log.read_text(errors="replace")
+
+    def finish(self) -> str:
+        """Let the driver exit; what it wrote on stderr."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=20) == 0
+        return self.stderr()
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._err.close()
+
+
+@pytest.fixture
+def driver(driver_bin: str, tmp_path: Path) -> Iterator[Callable[..., Driver]]:
+    """A factory of drivers, all killed at the end of the test."""
+    made: list[Driver] = []
+
+    def make(env: dict[str, str] | None = None, user: int | None = None) -> Driver:
+        d = Driver(driver_bin, tmp_path / f"driver{len(made)}.err", env, user)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.__exit__()
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    from shadowd_client import Client
+
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()
+
+
+async def ask(d: Driver, *words: object) -> Any:
+    """One driver command from a trio test."""
+    return await trio.to_thread.run_sync(lambda: d(*words))
+
+
+def big(path: Path, size: int = 200_000, mode: int = 0o644) -> tuple[Path, str]:
+    """A file above the routed open's crossover, and the hash of its bytes."""
+    data = os.urandom(size)
+    return make_file(path, data, mode), fnv(data)
+
+
+# -- stand-in daemons ------------------------------------------------------
+
+
+def _greet(
+    conn: socket.socket, server: str, limits: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Read a client's hello on a stand-in daemon's *conn* and answer it; the hello."""
+    hello: dict[str, Any] = msgpack.unpackb(conn.recv(4096))
+    reply = {"id": hello["id"], "ok": True, "version": 1, "server": server, "limits": limits or {}}
+    conn.send(msgpack.packb(reply))
+    return hello
+
+
+def _drop_fds(anc: list[tuple[int, int, bytes]]) -> None:
+    for _, _, data in anc:
+        for i in range(0, len(data) - len(data) % 4, 4):
+            os.close(int.from_bytes(data[i : i + 4], "little"))
+
+
+def sealed_fd(data: bytes) -> int:
+    from shadowd.memfd import sealed_from_bytes
+
+    sealed = sealed_from_bytes(data)
+    try:
+        return sealed.share()
+    finally:
+        sealed.release()
+
+
+@contextmanager
+def stand_in_daemon(path: Path, handle: Callable[[socket.socket], None]) -> Iterator[None]:
+    """A SOCK_SEQPACKET listener at *path* running *handle* on every connection."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    handlers: list[threading.Thread] = []
+    conns: list[socket.socket] = []
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                handle(conn)
+            except OSError:
+                pass  # the client went away
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            handlers.append(threading.Thread(target=serve_one, args=(conn,), daemon=True))
+            handlers[-1].start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        acceptor.join(timeout=10)
+        listener.close()
+        for conn in conns:  # wake handlers waiting on a client that stays
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in handlers:
+            t.join(timeout=10)
+
+
+def until_closed(conn: socket.socket) -> None:
+    while True:
+        data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+        _drop_fds(anc)
+        if not data:
+            return
+
+
+def mute(conn: socket.socket) -> None:
+    """A daemon that reads everything and answers nothing, not even hello."""
+    until_closed(conn)
+
+
+def greets_only(conn: socket.socket) -> None:
+    """A daemon that answers hello, then nothing."""
+    _greet(conn, "greets-only")
+    until_closed(conn)
+
+
+# -- the tool and the build --------------------------------------------------
+
+
+def test_compiles_as_c99_without_warnings(tmp_path: Path) -> None:
+    cc = c_compiler()
+    assert cc is not None
+    for source in ("shadowd.c", "shadowd-open.c"):
+        done = subprocess.run(
+            [cc, "-std=gnu99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-c",
+             "-o", str(tmp_path / "x.o"), str(C_DIR / source)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+
+def test_help_and_usage(c_client: str) -> None:
+    for flag in ("-h", "--help"):
+        done = run(c_client, flag)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(b"usage: shadowd-open")
+        for option in (b"--routed", b"--timeout", b"--batch", b"--backoff", b"--crossover"):
+            assert option in done.stdout
+    bad = run(c_client, "--no-such-option", "/etc/hostname")
+    assert bad.returncode == 2 and b"usage:" in bad.stderr
+    assert run(c_client, "--timeout", "soon", "/etc/hostname").returncode == 2
 
 
 async def test_exact_bytes_a_miss_then_a_hit(c_client: str, daemon: Daemon, tmp_path: Path) -> None:
@@ -103,14 +355,6 @@ async def test_loops_for_the_benchmark_through_shadowd_and_by_copying(
     assert s["misses"] in (1, 2) and s["hits"] + s["misses"] == hits
 
 
-def _greet(conn: socket.socket, server: str) -> dict[str, Any]:
-    """Read a client's hello on a stand-in daemon's *conn* and answer it; the hello."""
-    hello: dict[str, Any] = msgpack.unpackb(conn.recv(4096))
-    reply = {"id": hello["id"], "ok": True, "version": 1, "server": server, "limits": {}}
-    conn.send(msgpack.packb(reply))
-    return hello
-
-
 @pytest.fixture
 def stand_in(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
     """A daemon that answers hello, then every open with an unsealed memfd."""
@@ -160,7 +404,7 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
 
 @pytest.fixture(scope="module")
 def quick_c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The C client built to give up after 1 s instead of 30."""
+    """The C client built with a ceiling of 1 s on every wait instead of 30."""
     binary, why = build_c_client(
         str(tmp_path_factory.mktemp("cclient1")), "-DSHADOWD_TIMEOUT_SECONDS=1"
     )
@@ -263,12 +507,13 @@ def memfd_copy(fd: int) -> int:
 
 
 def test_a_late_reply_does_not_answer_the_next_open(
-    quick_c_client: str, slow_stand_in: Path, tmp_path: Path
+    c_client: str, slow_stand_in: Path, tmp_path: Path
 ) -> None:
     f = make_file(tmp_path / "f", b"prompt bytes")
-    done = run(quick_c_client, "-s", str(slow_stand_in), str(f), str(f), timeout=30)
-    # The first open times out and its connection goes; the second, on a
-    # new connection, gets its own reply, not the first one's late one.
+    # No backoff: the second open tries the daemon again at once.
+    done = run(c_client, "-q", "--backoff", "0", "-s", str(slow_stand_in), str(f), str(f))
+    # The first open times out (250 ms) and its connection goes; the second,
+    # on a new connection, gets its own reply, not the first one's late one.
     assert done.returncode == 1
     assert done.stderr.count(b"timed out") == 1, done.stderr
     assert b"answered another request" not in done.stderr
@@ -291,8 +536,9 @@ def test_a_daemon_that_does_not_accept_does_not_hold_connect(
             except BlockingIOError:
                 pass
         started = time.monotonic()
-        done = run(quick_c_client, "-s", str(path), "/etc/hostname", timeout=20)
-        assert time.monotonic() - started < 10
+        # 5 s asked for; the ceiling compiled in (1 s) wins.
+        done = run(quick_c_client, "-t", "5000", "-s", str(path), "/etc/hostname", timeout=20)
+        assert time.monotonic() - started < 4.5
         assert done.returncode == 1
         assert b"connecting to shadowd at" in done.stderr or b"timed out" in done.stderr
     finally:
@@ -314,3 +560,605 @@ async def test_a_long_path_goes_without_its_label_under_a_small_max_request(
     # connection closed; without it the file is served.
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"deep bytes"
+
+
+# -- timeouts and the breaker ------------------------------------------------
+
+
+def test_timeouts_are_set_at_run_time(driver: Any, tmp_path: Path) -> None:
+    f, _ = big(tmp_path / "f")
+    five_mib, _ = big(tmp_path / "five", 5 << 20)
+    silent, greeting = tmp_path / "silent.sock", tmp_path / "greets.sock"
+    with stand_in_daemon(silent, mute), stand_in_daemon(greeting, greets_only):
+        d = driver()
+        d("backoff", 0, 0)  # every call tries the daemon: each waits its timeout
+        waits = {}
+        for connect_ms in (100, 600):
+            d("timeouts", connect_ms, 100, 0)
+            r = d("connect", silent)
+            assert r["rc"] == -1 and r["code"] == "unavailable", r
+            assert "no hello reply" in r["error"] and "timed out" in r["error"]
+            waits[connect_ms] = r["us"] / 1000
+        d("socket", greeting)
+        for reply_ms in (150, 500):
+            d("timeouts", 1000, reply_ms, 0)
+            r = d("openfd", f)
+            assert r["fd"] == -1 and r["code"] == "unavailable", r
+            assert "timed out" in r["error"]
+            waits[reply_ms] = r["us"] / 1000
+        # A reply may wait longer for a larger file: 100 ms + 100 ms per MiB.
+        d("timeouts", 1000, 100, 100)
+        waits[5] = d("openfd", five_mib)["us"] / 1000
+    for asked in (100, 600, 150, 500):
+        assert asked <= waits[asked] < asked + 700, waits
+    assert 600 <= waits[5] < 1300, waits
+
+
+async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twice(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        d_ = await start_daemon("--racy-window", "0.05")
+        f, digest = big(tmp_path / "f")
+        settle(f)
+        d = driver()
+        for cmd in ("socket", d_.socket_path), ("routing", 0, 50), ("held", 0, 0), (
+            "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"):  # fmt: skip
+            await ask(d, *cmd)
+        assert (await ask(d, "routed", f))["route"] == "daemon"
+        os.kill(d_.pid, signal.SIGSTOP)
+        try:
+            first = await ask(d, "routed", f)  # waits for the reply, then copies
+            fast = [await ask(d, "routed", f) for _ in range(3)]
+            plain = await ask(d, "open", f)
+            counts = await ask(d, "counts")
+            await trio.sleep(0.45)  # the first window (400 ms) is over
+            probe = await ask(d, "routed", f)  # tries the daemon: one hello timeout
+            after_probe = await ask(d, "routed", f)  # the next window: 800 ms
+        finally:
+            os.kill(d_.pid, signal.SIGCONT)
+        await trio.sleep(0.85)
+        back = await ask(d, "routed", f)
+        log = await trio.to_thread.run_sync(d.finish)
+
+        for r in (first, *fast, probe, after_probe):
+            assert r["route"] == "copy" and r["hash"] == digest and r["seals"] & ALL_SEALS == 15
+        assert first["us"] >= 150_000 and probe["us"] >= 150_000
+        for r in (*fast, after_probe):
+            assert r["us"] < 50_000, r  # no waiting while the breaker is open
+        assert plain["fd"] == -1 and plain["code"] == "unavailable" and plain["us"] < 50_000
+        assert counts["fast"] >= 4 and counts["available"] == 0
+        assert back["route"] == "daemon" and back["hash"] == digest
+        lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+        assert len(lines) == 2, log
+        assert "unavailable" in lines[0] and "timed out" in lines[0]
+        assert lines[1].startswith(f"LOG daemon at {d_.socket_path} is back")
+
+    with trio.fail_after(60):
+        await body()
+
+
+async def test_a_stopped_daemon_costs_five_fresh_processes_less_than_3_s(
+    c_client: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        d = await start_daemon("--racy-window", "0.05")
+        files = [big(tmp_path / "one", 300_000)[0], big(tmp_path / "two", 500_000)[0]]
+        files.append(make_file(tmp_path / "small", b"a small file"))
+        settle(*files)
+        expected = b"".join(p.read_bytes() for p in files)
+        args = ["-r", "--young", "50", "-s", str(d.socket_path), *map(str, files)]
+        # Cached first, so that a working daemon would have served them all.
+        assert (await trio.to_thread.run_sync(lambda: run(c_client, *args))).stdout == expected
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            runs = [await trio.to_thread.run_sync(lambda: run(c_client, *args)) for _ in range(5)]
+            took = time.monotonic() - started
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        for done in runs:
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == expected
+            assert done.stderr.count(b"unavailable") == 1  # one log line per process
+        assert took < 3.0
+
+    with trio.fail_after(60):
+        await body()
+
+
+async def test_a_daemon_killed_and_restarted_in_a_loop_of_opens(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    first = await start_daemon("--racy-window", "0.05", socket_name="k.sock")
+    files = [big(tmp_path / f"f{i}") for i in range(3)]
+    settle(*(f for f, _ in files))
+    d = driver()
+    for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("held", 0, 0), (
+        "backoff", 100, 400), ("log", "capture"):  # fmt: skip
+        await ask(d, *cmd)
+    routes = []
+    with trio.fail_after(60):
+        for i in range(60):
+            if i == 10:
+                first.kill()
+            if i == 20:
+                second = await start_daemon("--racy-window", "0.05", socket_name="k.sock")
+            f, digest = files[i % 3]
+            r = await ask(d, "routed", f)
+            assert r["fd"] >= 0 and r["hash"] == digest, r
+            routes.append(r["route"])
+            await trio.sleep(0.02)
+        log = await trio.to_thread.run_sync(d.finish)
+    assert set(routes[:10]) == {"daemon"}
+    assert set(routes[10:20]) == {"copy"}
+    # Back on the daemon within a backoff window or two, and for good.
+    assert "daemon" in routes[20:40] and set(routes[40:]) == {"daemon"}, routes
+    s = await trio.to_thread.run_sync(stats, second)
+    assert s["hits"] + s["misses"] >= 20
+    lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+    assert len(lines) == 2 and "is back" in lines[1], log
+
+
+def test_a_zero_filled_struct_is_safe(driver: Any, tmp_path: Path) -> None:
+    f, digest = big(tmp_path / "f")
+    nobody_there = driver(env={"SHADOWD_SOCKET": str(tmp_path / "none.sock")})
+    r = nobody_there("zero")
+    assert r["stdin_open"] and r["stdin_still_open"] and r["pollfd"] == -1
+    r = nobody_there("zero", f)  # fails cleanly: nothing to connect to
+    assert r["fd"] == -1 and r["code"] == "unavailable" and "none.sock" in r["error"]
+    assert r["stdin_still_open"]
+    r = nobody_there("zero", "routed", f)  # never fails because of the daemon
+    assert r["hash"] == digest and r["stdin_still_open"]
+
+
+async def test_a_zero_filled_struct_connects_by_the_socket_rule(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    f, digest = big(tmp_path / "f")
+    d = driver(env={"SHADOWD_SOCKET": str(daemon.socket_path)})
+    with trio.fail_after(30):
+        r = await ask(d, "zero", f)
+    assert r["hash"] == digest and r["socket_path"] == str(daemon.socket_path)
+    assert r["stdin_still_open"] and r["seals"] & ALL_SEALS == ALL_SEALS
+
+
+# -- batches ------------------------------------------------------------------
+
+
+async def test_a_batch_respects_max_batch_and_says_why_per_item(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    # With more fds in one request than --max-batch, the daemon would refuse it.
+    dm = await start_daemon("--racy-window", "0.05", "--max-batch", "2")
+    files = [big(tmp_path / f"f{i}", 150_000 + i) for i in range(4)]
+    small = make_file(tmp_path / "small", b"tiny")
+    settle(small, *(f for f, _ in files))
+    paths = [files[0][0], files[1][0], "/dev/null", files[2][0], tmp_path / "missing",
+             small, files[3][0]]  # fmt: skip
+    d = driver()
+    await ask(d, "socket", dm.socket_path)
+    await ask(d, "routing", -1, 50)  # the default crossover; young: the daemon's window
+    with trio.fail_after(30):
+        r = await ask(d, "batch", *paths)
+        counts = await ask(d, "counts")
+        again = await ask(d, "rbatch", *paths)
+    assert counts["max_batch"] == 2
+    assert r["served"] == 5
+    items = r["items"]
+    for i, (_, digest) in zip((0, 1, 3, 6), files, strict=True):
+        assert items[i]["hash"] == digest and items[i]["route"] == "daemon"
+        assert items[i]["seals"] & ALL_SEALS == ALL_SEALS
+    assert items[5]["hash"] == fnv(b"tiny")
+    assert items[2]["fd"] == -1 and items[2]["code"] == "not-regular"
+    assert items[4]["fd"] == -1 and items[4]["errnum"] == 9  # EBADF: it could not be opened
+    s = await trio.to_thread.run_sync(stats, dm)
+    assert s["misses"] == 5
+    # Routed: the small file copied here, the others hits (kept in the tier).
+    items = again["items"]
+    assert again["served"] == 5
+    assert [items[i]["route"] for i in (0, 1, 3, 5, 6)] == ["daemon"] * 3 + ["copy", "daemon"]
+    assert all(items[i]["hit"] for i in (0, 1, 3, 6))
+    assert items[2]["code"] == "not-regular"
+    third = await ask(d, "rbatch", *paths)
+    assert [third["items"][i]["route"] for i in (0, 1, 3, 6)] == ["held"] * 4
+
+
+# -- private files ----------------------------------------------------------------
+
+
+def private(ns: str, data: bytes, ino: int = 131074) -> list[object]:
+    return ["private", ns, ino, len(data), OLD_NS, OLD_NS, 0, data.decode()]
+
+
+async def test_private_files_are_shared_by_one_uid(driver: Any, daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        one, two = driver(), driver()
+        for d in (one, two):
+            await ask(d, "socket", daemon.socket_path)
+        first = await ask(one, *private("image-sha256:ab12", b"first-bytes"))
+        second = await ask(two, *private("image-sha256:ab12", b"never-used!"))
+        found = await ask(two, "lookup", "image-sha256:ab12", 131074, 11, OLD_NS, OLD_NS)
+        other_ns = await ask(two, "lookup", "image-sha256:cd34", 131074, 11, OLD_NS, OLD_NS)
+        other_version = await ask(two, "lookup", "image-sha256:ab12", 131074, 11, OLD_NS, "none")
+    assert first["filled"] == 1 and first["hash"] == fnv(b"first-bytes")
+    assert second["filled"] == 0 and second["hash"] == fnv(b"first-bytes")
+    assert second["hit"] and second["route"] == "daemon"
+    for r in (first, second):
+        assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
+    assert found["hash"] == fnv(b"first-bytes") and not found["miss"]
+    assert other_ns["miss"] and other_ns["fd"] == -1 and other_version["miss"]
+
+
+@requires_root
+async def test_another_uid_misses_a_private_file(
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    d = await start_daemon("--socket-mode", "0666")
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    with trio.fail_after(30):
+        root = Driver(str(binary), tmp_path / "root.err")
+        nobody = Driver(str(binary), tmp_path / "nobody.err", user=NOBODY)
+        with root, nobody:
+            for drv in (root, nobody):
+                await ask(drv, "socket", d.socket_path)
+            mine = await ask(root, *private("ns", b"root-bytes"))
+            looked = await ask(nobody, "lookup", "ns", 131074, 10, OLD_NS, OLD_NS)
+            theirs = await ask(nobody, *private("ns", b"nobody-own"))
+    assert mine["filled"] == 1 and mine["hash"] == fnv(b"root-bytes")
+    assert looked["miss"] and looked["fd"] == -1
+    assert theirs["filled"] == 1 and theirs["hash"] == fnv(b"nobody-own")
+    s = await trio.to_thread.run_sync(stats, d)
+    assert s["private_entries"] == 2 and s["private_hits"] == 0
+
+
+def test_a_private_file_without_the_daemon_is_sealed_here(driver: Any, tmp_path: Path) -> None:
+    d = driver()
+    d("socket", tmp_path / "none.sock")
+    d("log", "quiet")
+    r = d(*private("ns", b"made-here"))
+    assert r["filled"] == 1 and r["hash"] == fnv(b"made-here") and r["route"] == "copy"
+    assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
+    wrong = d("private", "ns", 1, 99, OLD_NS, OLD_NS, 0, "short")
+    assert wrong["fd"] == -1 and wrong["code"] == "size-mismatch"
+
+
+# -- pipelined ----------------------------------------------------------------
+
+
+def test_pipelined_replies_are_matched_by_id(driver: Any, tmp_path: Path) -> None:
+    """A stand-in that answers three requests in reverse order."""
+
+    def reverse(conn: socket.socket) -> None:
+        _greet(conn, "reverse")
+        ids = []
+        for _ in range(3):
+            data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
+            _drop_fds(anc)
+            ids.append(msgpack.unpackb(data)["id"])
+        for id in reversed(ids):
+            fd = sealed_fd(f"reply to {id}".encode())
+            reply = {"id": id, "ok": True, "size": len(f"reply to {id}"), "hit": True}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+            os.close(fd)
+        until_closed(conn)
+
+    f = make_file(tmp_path / "f", b"x")
+    path = tmp_path / "rev.sock"
+    with stand_in_daemon(path, reverse):
+        d = driver()
+        d("socket", path)
+        base = d("fds")["fds"]
+        subs = [d("submit", f, tag) for tag in (10, 11, 12)]
+        pending = d("pending")
+        got = d("collect", 3, 5000)
+        assert d("close")["fds"] == base
+    assert [s["id"] for s in subs] == [1, 2, 3] and pending["pending"] == 3
+    assert 0 < pending["poll_timeout"] <= 250 and subs[0]["pollfd"] >= 0
+    assert len(got["results"]) == 3 and got["pending"] == 0
+    for r in got["results"]:
+        assert r["hash"] == fnv(f"reply to {r['id']}".encode())
+        assert r["tag"] == 9 + r["id"]
+
+
+async def test_pipelined_fds_nobody_collects_are_closed(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    files = [big(tmp_path / f"f{i}") for i in range(4)]
+    settle(*(f for f, _ in files))
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        for f, _ in files:  # cached first: the replies below come at once
+            await ask(d, "openfd", f)
+        await ask(d, "close")
+        base = (await ask(d, "fds"))["fds"]
+        ids = [(await ask(d, "submit", f, i))["id"] for i, (f, _) in enumerate(files)]
+        one = await ask(d, "collect", 1, 5000)
+        await trio.sleep(0.5)  # the other replies (hits) arrive
+        two = await ask(d, "collect", 1, 5000)  # reads them all; hands out one
+        held = await ask(d, "fds")  # the socket and two uncollected replies
+        left = [i for i in ids if i not in (one["results"][0]["id"], two["results"][0]["id"])]
+        assert (await ask(d, "cancel", left[0]))["rc"] == 0
+        after_cancel = await ask(d, "fds")
+        closed = await ask(d, "close")  # the last uncollected reply goes too
+        # A request cancelled before its reply: the reply is closed when it comes.
+        late = await ask(d, "submit", files[0][0], 9)
+        await ask(d, "cancel", late["id"])
+        await trio.sleep(0.3)
+        nothing = await ask(d, "collect", 1, 300)
+        after_late = await ask(d, "fds")
+        pending = await ask(d, "pending")
+    for r in (one, two):  # replies come in any order; matched by id
+        (got,) = r["results"]
+        assert got["hash"] == files[ids.index(got["id"])][1] and got["tag"] == ids.index(got["id"])
+    assert held["fds"] == base + 3
+    assert after_cancel["fds"] == base + 2
+    assert closed["fds"] == base
+    assert nothing["results"] == [] and pending["pending"] == 0
+    assert after_late["fds"] == base + 1  # the connection alone
+
+
+def test_a_pipelined_request_times_out_and_a_routed_one_is_copied(
+    driver: Any, tmp_path: Path
+) -> None:
+    f, digest = big(tmp_path / "f")
+    os.utime(f, ns=(OLD_NS, OLD_NS))
+    time.sleep(0.06)
+    path = tmp_path / "greets.sock"
+    with stand_in_daemon(path, greets_only):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 200, 0), ("backoff", 0, 0), (
+            "routing", 0, 50), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        plain = d("submit", f, 1)
+        waited = d("collect", 1, 3000)
+        routed = d("rsubmit", f, 2)
+        copied = d("collect", 1, 3000)
+        d("backoff", 60000, 60000)
+        d("rsubmit", f, 3)
+        d("collect", 1, 3000)  # the breaker opens
+        fast = d("rsubmit", f, 4)
+    assert plain["id"] > 0 and 0 < plain["poll_timeout"] <= 200
+    (r,) = waited["results"]
+    assert r["fd"] == -1 and r["code"] == "unavailable" and "timed out" in r["error"]
+    assert routed["id"] > 0 and routed["now_fd"] == -1
+    (r,) = copied["results"]
+    assert r["route"] == "copy" and r["hash"] == digest and r["tag"] == 2
+    # While the breaker is open, a routed submit is served at once.
+    assert fast["id"] == 0 and fast["now_hash"] == digest and fast["route"] == "copy"
+
+
+# -- openat and local copies ----------------------------------------------------
+
+
+async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) -> None:
+    sub = tmp_path / "lib"
+    sub.mkdir()
+    f, digest = big(sub / "libx.so")
+    (sub / "link.so").symlink_to("libx.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        await ask(d, "routing", 0, 50)
+        rel = await ask(d, "openat", tmp_path, "lib/libx.so")
+        via_link = await ask(d, "openat", sub, "link.so")
+        nofollow = await ask(d, "openat", sub, "link.so", "nofollow")
+        writing = await ask(d, "openat", sub, "libx.so", "write")
+        missing = await ask(d, "openat", sub, "nope.so")
+        directory = await ask(d, "openat", tmp_path, "lib")
+    assert rel["hash"] == digest and rel["route"] == "daemon"
+    assert via_link["hash"] == digest
+    assert nofollow["fd"] == -1 and nofollow["errnum"] == 40  # ELOOP
+    assert writing["fd"] == -1 and writing["errnum"] == 22  # EINVAL
+    assert missing["fd"] == -1 and missing["errnum"] == 2  # ENOENT
+    assert directory["fd"] == -1 and directory["code"] == "not-regular"
+    # The label the daemon got for the relative path is the file's own path.
+    s = await trio.to_thread.run_sync(stats, daemon)
+    assert str(f) in [t[0] for t in s["top_by_hits"]] + [t[0] for t in s["top_by_bytes"]]
+
+
+def test_local_copies_are_sealed_private_and_executable_iff_the_source(
+    driver: Any, tmp_path: Path
+) -> None:
+    exe = make_file(tmp_path / "tool", b"#!/bin/sh\necho copied\n", 0o755)
+    plain = make_file(tmp_path / "data", b"plain bytes", 0o640)
+    d = driver()
+    r_exe = d("copy", exe)
+    r_plain = d("copy", plain)
+    r_dev = d("copy", "/dev/null")
+    r_nostruct = d("copy", plain, "nostruct")  # shadowd_copy_fd(NULL, src)
+    for r, data in ((r_exe, exe.read_bytes()), (r_plain, b"plain bytes")):
+        assert r["hash"] == fnv(data) and r["fsize"] == len(data)
+        assert r["seals"] & ALL_SEALS == ALL_SEALS
+        assert r["accmode"] == os.O_RDONLY and r["memfd"]
+        assert r["other_offset"] == 0  # reading one copy moved no other's offset
+        assert r["rw_write"] == -1  # even a read-write reopen cannot write
+    assert stat.S_IMODE(r_exe["mode"]) == 0o555
+    assert stat.S_IMODE(r_plain["mode"]) == 0o444
+    assert r_dev["fd"] == -1 and r_dev["code"] == "not-regular"
+    assert r_nostruct["hash"] == fnv(b"plain bytes")
+
+
+def test_a_local_copy_runs_exactly_when_the_source_may(driver: Any, tmp_path: Path) -> None:
+    """The copy's exec bit is real: the kernel executes the memfd (fexecve)."""
+    true = shutil.which("true")
+    assert true is not None
+    runnable = make_file(tmp_path / "true", Path(true).read_bytes(), 0o755)
+    not_runnable = make_file(tmp_path / "true-x", Path(true).read_bytes(), 0o644)
+    d = driver()
+    assert d("exec", runnable)["status"] == 0
+    assert d("exec", not_runnable)["errno"] == 13  # EACCES
+
+
+# -- the process-local tier ----------------------------------------------------
+
+
+async def test_the_tier_reopens_hits_without_asking_the_daemon(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50):
+            await ask(d, *cmd)
+        miss = await ask(d, "routed", f)
+        hit = await ask(d, "routed", f)
+        before = await trio.to_thread.run_sync(stats, daemon)
+        held = [await ask(d, "routed", f) for _ in range(3)]
+        twice = await ask(d, "twice", f)
+        after = await trio.to_thread.run_sync(stats, daemon)
+        counts = await ask(d, "counts")
+    assert (miss["route"], miss["hit"]) == ("daemon", False)  # a miss is not kept
+    assert (hit["route"], hit["hit"]) == ("daemon", True)
+    for r in held:
+        assert r["route"] == "held" and r["hash"] == digest and r["hit"]
+        assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
+    assert twice["routes"] == ["held", "held"] and twice["read"] == 3
+    assert twice["a_offset"] == 3 and twice["b_offset"] == 0  # each its own offset
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    assert counts["held"] == 5
+
+
+@pytest.mark.parametrize("young_ms", [0, 50])
+async def test_a_file_rewritten_in_place_is_never_served_stale(
+    driver: Any, daemon: Daemon, tmp_path: Path, young_ms: int
+) -> None:
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms):
+            await ask(d, *cmd)
+        for _ in range(3):
+            await ask(d, "routed", f)
+        assert (await ask(d, "routed", f))["route"] == "held"
+        old = f.stat()
+        new = os.urandom(old.st_size)
+        with open(f, "r+b") as fh:  # same inode, same size
+            fh.write(new)
+        os.utime(f, ns=(old.st_atime_ns, old.st_mtime_ns))  # the old mtime put back
+        now = f.stat()
+        assert (now.st_ino, now.st_size, now.st_mtime_ns) == (
+            old.st_ino,
+            old.st_size,
+            old.st_mtime_ns,
+        )
+        fresh = [await ask(d, "routed", f) for _ in range(2)]
+        await trio.to_thread.run_sync(settle, f)
+        later = [await ask(d, "routed", f) for _ in range(3)]
+    for r in fresh + later:
+        assert r["hash"] == fnv(new) != digest, r
+    assert all(r["route"] != "held" for r in fresh)
+    assert later[-1]["route"] == "held"  # the new version, once the daemon cached it
+
+
+def test_a_hit_whose_file_changed_during_the_request_is_not_kept(
+    driver: Any, tmp_path: Path
+) -> None:
+    """The caller's fstat after the reply must equal the one before it."""
+    f, digest = big(tmp_path / "lib.so")
+    data = f.read_bytes()
+
+    def changes_it(conn: socket.socket) -> None:
+        _greet(conn, "changes-it")
+        while True:
+            msg, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
+            if not msg:
+                return
+            _drop_fds(anc)
+            f.chmod(0o600 if f.stat().st_mode & 0o044 else 0o644)  # a new ctime
+            fd = sealed_fd(data)
+            reply = {"id": msgpack.unpackb(msg)["id"], "ok": True, "size": len(data), "hit": True}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+            os.close(fd)
+
+    path = tmp_path / "changes.sock"
+    with stand_in_daemon(path, changes_it):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0):
+            d(*cmd)
+        base = d("fds")["fds"]
+        served = [d("routed", f) for _ in range(3)]
+        after = d("fds")
+        counts = d("counts")
+    assert all(r["route"] == "daemon" and r["hash"] == digest and r["hit"] for r in served)
+    assert after["fds"] == base + 1  # the connection; nothing held
+    assert counts["held"] == 0 and counts["daemon"] == 3
+
+
+async def test_the_tier_is_bounded_by_entries_and_bytes(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    files = [big(tmp_path / f"f{i}", 200_000) for i in range(3)]
+    settle(*(f for f, _ in files))
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9):
+            await ask(d, *cmd)
+        base = (await ask(d, "fds"))["fds"]
+        for f, _ in files:  # a miss, then a hit that is kept
+            await ask(d, "routed", f)
+            await ask(d, "routed", f)
+        two = await ask(d, "fds")
+        first_again = await ask(d, "routed", files[0][0])  # evicted: asked again
+        last_again = await ask(d, "routed", files[2][0])  # still held
+        await ask(d, "held", 10, 300_000)  # room for one 200 kB file
+        one = await ask(d, "fds")
+        closed = await ask(d, "close")
+    assert two["fds"] == base + 1 + 2  # the connection and two held memfds
+    assert first_again["route"] == "daemon" and first_again["hash"] == files[0][1]
+    assert last_again["route"] == "held"
+    assert one["fds"] == base + 1 + 1
+    assert closed["fds"] == base
+
+
+# -- the socket rule -------------------------------------------------------------
+
+
+HOST_SOCKET = Path("/run/shadowd/shadowd.sock")
+
+
+@requires_root
+def test_the_socket_rule(driver_bin: str, shared_dir: Path, tmp_path: Path) -> None:
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    xdg = shared_dir / "xdg"
+    (xdg / "shadowd").mkdir(parents=True)
+    user_socket = xdg / "shadowd" / "shadowd.sock"
+    host_there = HOST_SOCKET.exists()
+
+    def default(env: dict[str, str], user: int | None = 1000, connect: bool = False) -> Any:
+        with Driver(str(binary), tmp_path / "rule.err", env, user) as d:
+            d("log", "quiet")
+            return d("connect") if connect else d("default")
+
+    assert (
+        default({"SHADOWD_SOCKET": "/x/y.sock", "XDG_RUNTIME_DIR": str(xdg)})["path"] == "/x/y.sock"
+    )
+    if not host_there:
+        # No socket anywhere: the first candidate, and the error names both.
+        r = default({"SHADOWD_SOCKET": "", "XDG_RUNTIME_DIR": str(xdg)})
+        assert r["path"] == str(user_socket)
+        assert default({})["path"] == "/run/user/1000/shadowd/shadowd.sock"
+        r = default({"XDG_RUNTIME_DIR": str(xdg)}, connect=True)
+        assert r["code"] == "unavailable"
+        assert f"looked at {user_socket}, {HOST_SOCKET}" in r["error"]
+    # Root never looks at a user's runtime dir.
+    assert default({"XDG_RUNTIME_DIR": str(xdg)}, user=None)["path"] == str(HOST_SOCKET)
+    # A socket in the user's place is found, a plain file there is not one.
+    user_socket.touch()
+    if not host_there:
+        assert default({"XDG_RUNTIME_DIR": str(xdg)})["path"] == str(user_socket)
+    user_socket.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(user_socket))
+    try:
+        assert default({"XDG_RUNTIME_DIR": str(xdg)})["path"] == str(user_socket)
+    finally:
+        listener.close()

@@ -1,41 +1,65 @@
 /*
- * shadowd-open: the C client on the command line, and the C side of
- * `shadowd bench`.
+ * shadowd-open: the C client on the command line, the C side of
+ * `shadowd bench`, and the tool that measures the routed open's crossover.
+ * `shadowd-open --help` says how to use it.
  *
- *   shadowd-open [-s SOCKET] [-v] [-g] PATH...
- *       write each PATH's bytes, read from the fd shadowd served, to stdout,
- *       over one connection; "SIZE hit|miss" to stderr with -v. With -g,
- *       print "ready" before each open and wait for a line on stdin. A
- *       failed open is reported and the next one tried.
- *   shadowd-open [-s SOCKET] [-c] [-g] -l SECONDS PATH
- *       open and close PATH through shadowd (with -c: copy it into a
- *       fresh sealed memfd, as supervisors do without shadowd) as often as
- *       possible for SECONDS; print how many times. With -g, print "ready"
- *       once connected and wait for a line on stdin before starting.
+ * Exit status: 0; 1 when an open failed (the reason on stderr); 2 for a
+ * usage error.
  *
- * Exit status: 0, 1 when shadowd refused or failed an open (the reason on
- * stderr), 2 for a usage error.
- *
- * Must never: exit 0 after a failed open.
+ * Must never: exit 0 after a failed open; write anything to stdout but the
+ * files' bytes (or the counts and tables its modes print).
  */
 #define _GNU_SOURCE
 #include "shadowd.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef F_ADD_SEALS
-#define F_ADD_SEALS 1033
-#endif
-#define SEALS 0xF /* F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE */
+static const char USAGE[] =
+    "usage: shadowd-open [OPTIONS] PATH...\n"
+    "       shadowd-open [OPTIONS] -l SECONDS PATH\n"
+    "       shadowd-open [OPTIONS] --crossover DIR\n"
+    "\n"
+    "Write each PATH's bytes, read from the sealed fd shadowd served, to stdout,\n"
+    "over one connection. A failed open is reported and the next one tried.\n"
+    "\n"
+    "  -s, --socket PATH      the daemon's socket (default: the socket rule:\n"
+    "                         $SHADOWD_SOCKET, the user's, the host's)\n"
+    "  -r, --routed           the routed open: the process-local tier, local copies\n"
+    "                         of small, young and large files, the daemon, and a\n"
+    "                         local copy whenever the daemon fails; never fails\n"
+    "                         because of the daemon\n"
+    "  -b, --batch            open all PATHs in one batch call (with -r: routed)\n"
+    "  -n, --repeat N         open each PATH N times (shows the tier with -r)\n"
+    "  -v, --verbose          \"SIZE hit|miss ROUTE\" to stderr for every open\n"
+    "  -g, --gate             print \"ready\" before each open (with -l: once) and\n"
+    "                         wait for a line on stdin\n"
+    "  -l, --loop SECONDS     open and close PATH as often as possible for SECONDS\n"
+    "                         and print how many times\n"
+    "  -c, --copy             with -l: copy locally (shadowd_copy_fd), as\n"
+    "                         supervisors do without shadowd\n"
+    "  -t, --timeout MS       connect+hello and reply timeout (default 250)\n"
+    "      --reply-timeout MS the reply timeout alone\n"
+    "      --per-mib MS       reply time allowed per MiB of the file (default 4)\n"
+    "      --backoff MS[,MAX] the breaker's first window and cap (default 1000,30000;\n"
+    "                         0: never fail fast)\n"
+    "      --local-below N    with -r: copy files below N bytes locally\n"
+    "      --young MS         with -r: copy files whose ctime is younger locally\n"
+    "      --held N[,BYTES]   with -r: bounds of the process-local tier\n"
+    "  -q, --quiet            no log lines when the daemon goes away or comes back\n"
+    "      --crossover DIR    measure a hit through the daemon against a local copy\n"
+    "                         per file size (files written in DIR) and print the\n"
+    "                         size from which the daemon is faster\n"
+    "  -h, --help             this text\n"
+    "\n"
+    "Exit status: 0; 1 when an open failed; 2 for a usage error.\n";
 
 static double
 now(void)
@@ -43,36 +67,6 @@ now(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-/* The status quo: a fresh memfd holding a copy of *path*, sealed. */
-static int
-copy_sealed(const char *path)
-{
-    struct stat st;
-    int src = open(path, O_RDONLY | O_CLOEXEC);
-    if (src < 0)
-        return -1;
-    int fd = -1;
-    if (fstat(src, &st) == 0)
-        fd = memfd_create("shadowd-bench", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    off_t off = 0;
-    while (fd >= 0 && off < st.st_size) {
-        ssize_t n = sendfile(fd, src, &off, (size_t)(st.st_size - off));
-        if (n == 0)
-            errno = ENODATA; /* the file shrank */
-        if (n <= 0) {
-            close(fd);
-            fd = -1;
-        }
-    }
-    if (fd >= 0 && (fchmod(fd, st.st_mode & 0111 ? 0555 : 0444) < 0 ||
-                    fcntl(fd, F_ADD_SEALS, SEALS) < 0)) {
-        close(fd);
-        fd = -1;
-    }
-    close(src);
-    return fd;
 }
 
 /* Print "ready", then wait for a line on stdin; 0 at its end. */
@@ -85,17 +79,21 @@ wait_for_go(void)
     return fgets(line, sizeof line, stdin) != NULL;
 }
 
-/* Open *path* through shadowd and copy its bytes to stdout; -1 on failure. */
-static int
-cat(struct shadowd *c, const char *path, int verbose)
+static const char *
+route_name(int route)
 {
-    int fd = shadowd_open(c, path);
-    if (fd < 0) {
-        fprintf(stderr, "shadowd-open: %s\n", c->error);
-        return -1;
+    switch (route) {
+    case SHADOWD_ROUTE_DAEMON: return "daemon";
+    case SHADOWD_ROUTE_HELD: return "held";
+    case SHADOWD_ROUTE_COPY: return "copy";
+    default: return "none";
     }
-    if (verbose)
-        fprintf(stderr, "%llu %s\n", (unsigned long long)c->size, c->hit ? "hit" : "miss");
+}
+
+/* Copy the bytes of *fd* to stdout and close it; -1 on failure. */
+static int
+cat_fd(int fd)
+{
     char buf[65536];
     ssize_t n;
     while ((n = read(fd, buf, sizeof buf)) > 0) {
@@ -109,58 +107,338 @@ cat(struct shadowd *c, const char *path, int verbose)
 }
 
 static int
+cat(struct shadowd *c, const char *path, int routed, int verbose)
+{
+    int fd = routed ? shadowd_open_routed(c, path) : shadowd_open(c, path);
+    if (fd < 0) {
+        fprintf(stderr, "shadowd-open: %s\n", c->error);
+        return -1;
+    }
+    if (verbose)
+        fprintf(stderr, "%llu %s%s%s\n", (unsigned long long)c->size, c->hit ? "hit" : "miss",
+                routed ? " " : "", routed ? route_name(c->route) : "");
+    return cat_fd(fd);
+}
+
+static int
+cat_batch(struct shadowd *c, char **paths, int n, int routed, int verbose)
+{
+    int srcs[256];
+    struct shadowd_item items[256];
+    int status = 0;
+    if (n > 256) {
+        fprintf(stderr, "shadowd-open: at most 256 paths with --batch\n");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        srcs[i] = open(paths[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (srcs[i] < 0)
+            fprintf(stderr, "shadowd-open: %s: %s\n", paths[i], strerror(errno));
+    }
+    if (routed)
+        shadowd_open_batch_routed(c, srcs, (const char *const *)paths, n, items);
+    else
+        shadowd_open_batch(c, srcs, (const char *const *)paths, n, items);
+    for (int i = 0; i < n; i++) {
+        if (srcs[i] >= 0)
+            close(srcs[i]);
+        if (items[i].fd < 0) {
+            if (srcs[i] >= 0)
+                fprintf(stderr, "shadowd-open: %s: not served (%s%s%s)\n", paths[i],
+                        items[i].code[0] ? items[i].code : "",
+                        items[i].code[0] && items[i].errnum ? ", " : "",
+                        items[i].errnum ? strerror(items[i].errnum) : "");
+            status = -1;
+            continue;
+        }
+        if (verbose)
+            fprintf(stderr, "%llu %s %s\n", (unsigned long long)items[i].size,
+                    items[i].hit ? "hit" : "miss", route_name(items[i].route));
+        if (cat_fd(items[i].fd) < 0)
+            status = -1;
+    }
+    return status;
+}
+
+/* -- the crossover ------------------------------------------------------- */
+
+static int
+cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Time of one open+close of *src*, the mean over at least 3 and about 2 ms. */
+static double
+per_open(struct shadowd *c, int src, int through_daemon)
+{
+    int count = 0;
+    double start = now(), t;
+    do {
+        int fd = through_daemon ? shadowd_open_fd(c, src, NULL) : shadowd_copy_fd(c, src);
+        if (fd < 0) {
+            fprintf(stderr, "shadowd-open: %s\n", c->error);
+            exit(1);
+        }
+        close(fd);
+        count++;
+        t = now() - start;
+    } while (count < 3 || t < 0.002);
+    return t / count;
+}
+
+static int
+crossover(struct shadowd *c, const char *dir, int rounds)
+{
+    enum { NSIZES = 15 };
+    static const long sizes[NSIZES] = {1 << 10,   4 << 10,   16 << 10,  32 << 10,  64 << 10,
+                                       96 << 10,  128 << 10, 160 << 10, 192 << 10, 256 << 10,
+                                       384 << 10, 512 << 10, 1 << 20,   2 << 20,   4 << 20};
+    static double daemon[NSIZES][101], copy[NSIZES][101];
+    int srcs[NSIZES];
+    char path[4096];
+    char *data = malloc((size_t)sizes[NSIZES - 1]);
+    if (data == NULL)
+        return 1;
+    if (rounds > 101)
+        rounds = 101;
+    unsigned seed = 12345;
+    for (long i = 0; i < sizes[NSIZES - 1]; i++)
+        data[i] = (char)((seed = seed * 1103515245u + 12345u) >> 16);
+    for (int s = 0; s < NSIZES; s++) {
+        snprintf(path, sizeof path, "%s/crossover-%ld", dir, sizes[s]);
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || write(fd, data, (size_t)sizes[s]) != sizes[s]) {
+            fprintf(stderr, "shadowd-open: writing %s: %s\n", path, strerror(errno));
+            return 1;
+        }
+        close(fd);
+        srcs[s] = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    }
+    free(data);
+    /* The daemon caches a file once its ctime is older than its racy
+     * window (1 s by default): wait, then warm every file into it. */
+    for (int tries = 0;; tries++) {
+        struct timespec pause = {1, 100000000L};
+        nanosleep(&pause, NULL);
+        int cold = 0;
+        for (int s = 0; s < NSIZES; s++) {
+            for (int k = 0; k < 2; k++) {
+                int fd = shadowd_open_fd(c, srcs[s], NULL);
+                if (fd < 0) {
+                    fprintf(stderr, "shadowd-open: %s\n", c->error);
+                    return 1;
+                }
+                close(fd);
+            }
+            cold += !c->hit;
+        }
+        if (!cold)
+            break;
+        if (tries == 5) {
+            fprintf(stderr, "shadowd-open: the daemon does not cache the test files\n");
+            return 1;
+        }
+    }
+    for (int r = 0; r < rounds; r++) {
+        for (int s = 0; s < NSIZES; s++) {
+            /* Interleaved, each method first in every other round. */
+            if (r % 2) {
+                copy[s][r] = per_open(c, srcs[s], 0);
+                daemon[s][r] = per_open(c, srcs[s], 1);
+            } else {
+                daemon[s][r] = per_open(c, srcs[s], 1);
+                copy[s][r] = per_open(c, srcs[s], 0);
+            }
+        }
+    }
+    long cross = -1;
+    printf("%10s %12s %12s %8s\n", "size", "daemon_us", "copy_us", "ratio");
+    for (int s = 0; s < NSIZES; s++) {
+        qsort(daemon[s], (size_t)rounds, sizeof(double), cmp_double);
+        qsort(copy[s], (size_t)rounds, sizeof(double), cmp_double);
+        double d = daemon[s][rounds / 2] * 1e6, k = copy[s][rounds / 2] * 1e6;
+        printf("%10ld %12.2f %12.2f %8.2f\n", sizes[s], d, k, d / k);
+        if (d < k && cross < 0)
+            cross = sizes[s];
+        else if (d >= k)
+            cross = -1;
+        close(srcs[s]);
+        snprintf(path, sizeof path, "%s/crossover-%ld", dir, sizes[s]);
+        unlink(path);
+    }
+    if (cross < 0)
+        printf("crossover: none (a local copy was as fast at every size)\n");
+    else
+        printf("crossover: %ld (medians of %d rounds; pass it as --local-below)\n", cross, rounds);
+    return 0;
+}
+
+/* -- main ----------------------------------------------------------------- */
+
+enum {
+    OPT_REPLY = 256,
+    OPT_PER_MIB,
+    OPT_BACKOFF,
+    OPT_LOCAL_BELOW,
+    OPT_YOUNG,
+    OPT_HELD,
+    OPT_CROSSOVER,
+    OPT_ROUNDS,
+};
+
+static const struct option LONG_OPTIONS[] = {
+    {"socket", required_argument, NULL, 's'},
+    {"routed", no_argument, NULL, 'r'},
+    {"batch", no_argument, NULL, 'b'},
+    {"repeat", required_argument, NULL, 'n'},
+    {"verbose", no_argument, NULL, 'v'},
+    {"gate", no_argument, NULL, 'g'},
+    {"loop", required_argument, NULL, 'l'},
+    {"copy", no_argument, NULL, 'c'},
+    {"timeout", required_argument, NULL, 't'},
+    {"reply-timeout", required_argument, NULL, OPT_REPLY},
+    {"per-mib", required_argument, NULL, OPT_PER_MIB},
+    {"backoff", required_argument, NULL, OPT_BACKOFF},
+    {"local-below", required_argument, NULL, OPT_LOCAL_BELOW},
+    {"young", required_argument, NULL, OPT_YOUNG},
+    {"held", required_argument, NULL, OPT_HELD},
+    {"quiet", no_argument, NULL, 'q'},
+    {"crossover", required_argument, NULL, OPT_CROSSOVER},
+    {"rounds", required_argument, NULL, OPT_ROUNDS},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+/* A whole non-negative number, or -2 (a usage error). */
+static long long
+number(const char *s)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    return errno || end == s || *end || v < 0 ? -2 : v;
+}
+
+static int
 usage(void)
 {
-    fprintf(stderr, "usage: shadowd-open [-s SOCKET] [-v] [-g] PATH...\n"
-                    "       shadowd-open [-s SOCKET] [-c] [-g] -l SECONDS PATH\n");
+    fprintf(stderr, "%s", USAGE);
     return 2;
 }
 
 int
 main(int argc, char **argv)
 {
-    const char *socket_path = NULL;
+    static struct shadowd c = {.sock = -1};
+    const char *socket_path = NULL, *cross_dir = NULL;
     double seconds = -1;
-    int copy = 0, gate = 0, verbose = 0, opt;
-    struct shadowd c = {.sock = -1};
+    int copy = 0, gate = 0, verbose = 0, routed = 0, batch = 0, opt;
+    long long repeat = 1, connect_ms = -1, reply_ms = -1, per_mib = -1, first = -1, cap = -1;
+    long long local_below = -1, young = -1, held = -1, held_bytes = -1, rounds = 31;
+    char *comma;
 
-    while ((opt = getopt(argc, argv, "s:l:cgv")) != -1) {
+    while ((opt = getopt_long(argc, argv, "s:rbn:vgl:ct:qh", LONG_OPTIONS, NULL)) != -1) {
         switch (opt) {
         case 's': socket_path = optarg; break;
+        case 'r': routed = 1; break;
+        case 'b': batch = 1; break;
+        case 'n': repeat = number(optarg); break;
+        case 'v': verbose = 1; break;
+        case 'g': gate = 1; break;
         case 'l': seconds = atof(optarg); break;
         case 'c': copy = 1; break;
-        case 'g': gate = 1; break;
-        case 'v': verbose = 1; break;
+        case 't': connect_ms = reply_ms = number(optarg); break;
+        case OPT_REPLY: reply_ms = number(optarg); break;
+        case OPT_PER_MIB: per_mib = number(optarg); break;
+        case OPT_BACKOFF:
+            if ((comma = strchr(optarg, ',')) != NULL) {
+                *comma = '\0';
+                cap = number(comma + 1);
+            }
+            first = number(optarg);
+            break;
+        case OPT_LOCAL_BELOW: local_below = number(optarg); break;
+        case OPT_YOUNG: young = number(optarg); break;
+        case OPT_HELD:
+            if ((comma = strchr(optarg, ',')) != NULL) {
+                *comma = '\0';
+                held_bytes = number(comma + 1);
+            }
+            held = number(optarg);
+            break;
+        case 'q': shadowd_set_log(&c, NULL, NULL); break;
+        case OPT_CROSSOVER: cross_dir = optarg; break;
+        case OPT_ROUNDS: rounds = number(optarg); break;
+        case 'h': printf("%s", USAGE); return 0;
         default: return usage();
         }
     }
-    if (optind >= argc || (seconds >= 0 && optind != argc - 1))
+    if (repeat < 1 || connect_ms == -2 || reply_ms == -2 || per_mib == -2 || first == -2 ||
+        cap == -2 || local_below == -2 || young == -2 || held == -2 || held_bytes == -2 ||
+        rounds < 1)
         return usage();
-    const char *path = argv[optind];
+    if (cross_dir == NULL &&
+        (optind >= argc || (seconds >= 0 && (optind != argc - 1 || batch))))
+        return usage();
+    shadowd_set_timeouts(&c, (int)connect_ms, (int)reply_ms, (int)per_mib);
+    shadowd_set_backoff(&c, (int)first, (int)cap);
+    shadowd_set_routing(&c, local_below, (int)young);
+    shadowd_set_held(&c, (int)held, held_bytes);
 
-    if (!copy && shadowd_connect(&c, socket_path) < 0) {
+    /* The routed open connects when it needs the daemon; the others now. */
+    if (!copy && !routed && shadowd_connect(&c, socket_path) < 0) {
         fprintf(stderr, "shadowd-open: %s\n", c.error);
         return 1;
     }
+    /* The routed open connects when it first needs the daemon. */
+    if (routed && shadowd_set_socket(&c, socket_path) < 0) {
+        fprintf(stderr, "shadowd-open: %s\n", c.error);
+        return 2;
+    }
+    if (cross_dir)
+        return crossover(&c, cross_dir, (int)rounds);
     if (seconds < 0) {
         int status = 0;
-        for (int i = optind; i < argc; i++) {
-            if (gate && !wait_for_go())
-                return 1;
-            if (cat(&c, argv[i], verbose) < 0)
-                status = 1;
+        for (long long r = 0; r < repeat; r++) {
+            if (batch) {
+                if (gate && !wait_for_go())
+                    return 1;
+                if (cat_batch(&c, argv + optind, argc - optind, routed, verbose) < 0)
+                    status = 1;
+                continue;
+            }
+            for (int i = optind; i < argc; i++) {
+                if (gate && !wait_for_go())
+                    return 1;
+                if (cat(&c, argv[i], routed, verbose) < 0)
+                    status = 1;
+            }
         }
         shadowd_close(&c);
         return fflush(stdout) != 0 ? 1 : status;
     }
+    const char *path = argv[optind];
     if (gate && !wait_for_go())
         return 1;
     unsigned long count = 0;
     double deadline = now() + seconds;
     while (now() < deadline) {
-        int fd = copy ? copy_sealed(path) : shadowd_open(&c, path);
+        int fd;
+        if (copy) {
+            /* As a supervisor does: open the file, copy it, close it. */
+            int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+            fd = src < 0 ? -1 : shadowd_copy_fd(&c, src);
+            if (src < 0)
+                snprintf(c.error, sizeof c.error, "%s: %s", path, strerror(errno));
+            else
+                close(src);
+        } else {
+            fd = routed ? shadowd_open_routed(&c, path) : shadowd_open(&c, path);
+        }
         if (fd < 0) {
-            fprintf(stderr, "shadowd-open: %s\n", copy ? strerror(errno) : c.error);
+            fprintf(stderr, "shadowd-open: %s\n", c.error);
             return 1;
         }
         close(fd);

@@ -1,98 +1,406 @@
 /*
- * shadowd's wire protocol from C: see shadowd.h for the API and
- * docs/protocol.md for the messages. Only what a supervisor needs on its
- * open path: hello and open. msgpack is written and read by hand (maps,
- * strings, unsigned integers, booleans and nil are all that occur); the
- * reader checks every length against the datagram, skips what it does not
- * know, and never follows a reply further than 16 levels deep.
+ * shadowd's wire protocol from C, and the routed open around it: see
+ * shadowd.h for the API and its rules, docs/protocol.md for the messages,
+ * client/c/README.md for the whole. msgpack is written and read by hand
+ * (maps, arrays, strings, integers, booleans and nil are all that occur);
+ * the reader checks every length against the datagram, skips what it does
+ * not know, and never follows a reply further than 16 levels deep.
  *
- * Must never: return an fd without the four seals; leave an fd that came
- * with a reply open when the reply is not handed to the caller; block
- * forever (every call gives up after 30 s, signals or not).
+ * One connection per struct, non-blocking; every request has a slot (a
+ * bounded table) that its reply fills, matched by id, so the blocking calls
+ * and the pipelined ones share one reader. Waits are poll() up to a
+ * deadline, never a blocking read.
+ *
+ * Must never: return an fd without the four seals; return an fd that is not
+ * a memfd of the right bytes (the routed calls' local copies check the
+ * source's fstat around the copy; the process-local tier checks the
+ * caller's fstat against the version it holds); leave an fd that came with
+ * a reply open when the reply is not handed to the caller; wait for the
+ * daemon past a deadline; allocate memory.
  */
 #define _GNU_SOURCE
 #include "shadowd.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef F_GET_SEALS
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS 1033
 #define F_GET_SEALS 1034
 #endif
-#define REQUIRED_SEALS 0xF /* F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE */
-#define REPLY_MAX 16384    /* hello and open replies are far smaller */
-#define LABEL_MAX 4000     /* longer paths go without a label */
-#define MAX_FDS 64
-#define MAX_DEPTH 16
-#ifndef SHADOWD_TIMEOUT_SECONDS
-#define SHADOWD_TIMEOUT_SECONDS 30 /* the tests build it with 1 */
+#ifndef F_SEAL_EXEC
+#define F_SEAL_EXEC 0x0020
 #endif
-#define TIMEOUT_SECONDS SHADOWD_TIMEOUT_SECONDS
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008U
+#endif
+#ifndef MFD_EXEC
+#define MFD_EXEC 0x0010U
+#endif
+#ifndef SHADOWD_TIMEOUT_SECONDS
+#define SHADOWD_TIMEOUT_SECONDS 30 /* the ceiling of every wait (tests build it with 1) */
+#endif
 
-static void fail(struct shadowd *c, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+#define MAGIC 0x7368616430776431ULL
+#define REQUIRED_SEALS 0xF /* F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE */
+#define LABEL_MAX 4000     /* longer paths go without a label */
+#define MAX_FDS 250        /* the most fds a reply may carry (the daemon's max_batch cap) */
+#define MAX_DEPTH 16
+#define MIN_MAX_REQUEST 512 /* what every daemon accepts, until its hello says */
+#define CEILING_MS (SHADOWD_TIMEOUT_SECONDS * 1000)
+#define ROUTED_CHUNK 64     /* daemon-bound files a routed batch gathers at once */
 
+#define DEFAULT_CONNECT_MS 250
+#define DEFAULT_REPLY_MS 250
+#define DEFAULT_REPLY_MS_PER_MIB 4
+#define DEFAULT_BACKOFF_FIRST_MS 1000
+#define DEFAULT_BACKOFF_MAX_MS 30000
+#define DEFAULT_YOUNG_MS 1000 /* the daemon's default --racy-window */
+/* Below this a local copy is cheaper than a hit through the daemon:
+ * measured with `shadowd-open --crossover` (client/c/README.md). */
+#define DEFAULT_LOCAL_BELOW (128 * 1024)
+#define DEFAULT_HELD_MAX 128
+#define DEFAULT_HELD_MAX_BYTES (64LL << 20)
+
+/* Slot states and kinds. */
+enum { FREE = 0, SENT, READY, CANCELLED };
+enum { K_OPEN = 1, K_LOOKUP, K_PUBLISH, K_BATCH };
+/* How a request or connection failed. BROKEN: the daemon closed or reset a
+ * connection that worked (a restart: worth one retry on a new one). */
+enum { F_NONE = 0, F_BROKEN, F_TIMEOUT, F_CONNECT, F_BAD, F_REFUSED, F_REQUEST };
+/* The connection's hello: none sent, sent, answered. */
+enum { H_NONE = 0, H_SENT, H_DONE };
+
+#define P(c) (&(c)->priv_)
+
+static long long
+mono_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000LL + t.tv_nsec / 1000;
+}
+
+static long long
+real_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void fail(struct shadowd *c, const char *code, int errnum, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Say what went wrong in *c* (NULL: errno only). */
 static void
-fail(struct shadowd *c, const char *code, const char *fmt, ...)
+fail(struct shadowd *c, const char *code, int errnum, const char *fmt, ...)
 {
     va_list ap;
+    if (c == NULL) {
+        errno = errnum ? errnum : EIO;
+        return;
+    }
     snprintf(c->code, sizeof c->code, "%s", code);
+    c->errnum = errnum;
     va_start(ap, fmt);
     vsnprintf(c->error, sizeof c->error, fmt, ap);
     va_end(ap);
 }
 
+static void
+clear(struct shadowd *c)
+{
+    c->code[0] = c->error[0] = '\0';
+    c->errnum = 0;
+    c->hit = 0;
+    c->route = SHADOWD_ROUTE_NONE;
+}
+
+static void
+close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+/* -- setting up ---------------------------------------------------------- */
+
+static void
+setup(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    memset(c, 0, sizeof *c);
+    c->sock = -1;
+    c->next_id = 1;
+    p->magic = MAGIC;
+    p->pid = (int)getpid();
+    p->connect_ms = DEFAULT_CONNECT_MS;
+    p->reply_ms = DEFAULT_REPLY_MS;
+    p->reply_ms_per_mib = DEFAULT_REPLY_MS_PER_MIB;
+    p->backoff_first_ms = DEFAULT_BACKOFF_FIRST_MS;
+    p->backoff_max_ms = DEFAULT_BACKOFF_MAX_MS;
+    p->young_ms = DEFAULT_YOUNG_MS;
+    p->local_below = DEFAULT_LOCAL_BELOW;
+    p->held_max = DEFAULT_HELD_MAX;
+    p->held_max_bytes = DEFAULT_HELD_MAX_BYTES;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
+        p->slots[i].fd = p->slots[i].src = -1;
+}
+
+/* Every entry point starts here: a struct without our mark (zero-filled,
+ * or of unknown contents) is set up; nothing in it is closed. */
+static inline void
+ready(struct shadowd *c)
+{
+    if (P(c)->magic != MAGIC)
+        setup(c);
+}
+
+void
+shadowd_init(struct shadowd *c)
+{
+    setup(c);
+}
+
+static int
+clamp_ms(int ms, int dflt)
+{
+    if (ms < 0)
+        ms = dflt;
+    return ms > CEILING_MS ? CEILING_MS : ms;
+}
+
+void
+shadowd_set_timeouts(struct shadowd *c, int connect_ms, int reply_ms, int reply_ms_per_mib)
+{
+    ready(c);
+    P(c)->connect_ms = clamp_ms(connect_ms, DEFAULT_CONNECT_MS);
+    P(c)->reply_ms = clamp_ms(reply_ms, DEFAULT_REPLY_MS);
+    P(c)->reply_ms_per_mib = clamp_ms(reply_ms_per_mib, DEFAULT_REPLY_MS_PER_MIB);
+}
+
+void
+shadowd_set_backoff(struct shadowd *c, int first_ms, int max_ms)
+{
+    ready(c);
+    P(c)->backoff_first_ms = first_ms < 0 ? DEFAULT_BACKOFF_FIRST_MS : first_ms;
+    P(c)->backoff_max_ms = max_ms < 0 ? DEFAULT_BACKOFF_MAX_MS : max_ms;
+    if (P(c)->backoff_max_ms < P(c)->backoff_first_ms)
+        P(c)->backoff_max_ms = P(c)->backoff_first_ms;
+}
+
+void
+shadowd_set_log(struct shadowd *c, shadowd_log_fn fn, void *arg)
+{
+    ready(c);
+    P(c)->log_set = 1;
+    P(c)->log = fn;
+    P(c)->log_arg = arg;
+}
+
+void
+shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms)
+{
+    ready(c);
+    P(c)->local_below = local_below < 0 ? DEFAULT_LOCAL_BELOW : local_below;
+    P(c)->young_ms = young_ms < 0 ? DEFAULT_YOUNG_MS : young_ms;
+}
+
+static void held_trim(struct shadowd *c, uint64_t room);
+
+void
+shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes)
+{
+    ready(c);
+    if (max_entries < 0)
+        max_entries = DEFAULT_HELD_MAX;
+    P(c)->held_max = max_entries > SHADOWD_HELD_SLOTS ? SHADOWD_HELD_SLOTS : max_entries;
+    P(c)->held_max_bytes = max_bytes < 0 ? DEFAULT_HELD_MAX_BYTES : max_bytes;
+    held_trim(c, 0);
+}
+
+/* -- the breaker --------------------------------------------------------- */
+
+static void log_line(struct shadowd *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+log_line(struct shadowd *c, const char *fmt, ...)
+{
+    struct shadowd_private_ *p = P(c);
+    char line[512];
+    va_list ap;
+    int n = snprintf(line, sizeof line, "shadowd: ");
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (p->log_set) {
+        if (p->log)
+            p->log(p->log_arg, line + n);
+        return;
+    }
+    size_t len = strlen(line);
+    line[len++] = '\n';
+    /* One write: lines of several processes do not interleave. */
+    ssize_t w = write(STDERR_FILENO, line, len);
+    (void)w;
+}
+
+/* The daemon failed us: fail fast until the window ends. */
+static void
+trip(struct shadowd *c, const char *why)
+{
+    struct shadowd_private_ *p = P(c);
+    long long now = mono_us();
+    snprintf(p->down_why, sizeof p->down_why, "%s", why);
+    if (!p->down) {
+        p->down = 1;
+        p->down_since = now;
+        p->backoff_ms = p->backoff_first_ms;
+        log_line(c, "daemon at %s unavailable (%s); trying it again in %d ms", c->socket_path,
+                 why, p->backoff_ms);
+    } else if (now < p->down_until) {
+        return; /* this window's failure is known already */
+    } else if (p->backoff_ms < p->backoff_max_ms) {
+        long long next = 2LL * p->backoff_ms;
+        p->backoff_ms = next > p->backoff_max_ms ? p->backoff_max_ms : (int)next;
+    }
+    p->down_until = now + 1000LL * p->backoff_ms;
+}
+
+static void
+recovered(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->down)
+        return;
+    p->down = 0;
+    log_line(c, "daemon at %s is back (unavailable for %.1f s)", c->socket_path,
+             (double)(mono_us() - p->down_since) / 1e6);
+}
+
+int
+shadowd_available(struct shadowd *c)
+{
+    ready(c);
+    return !P(c)->down || mono_us() >= P(c)->down_until;
+}
+
+/* 0: go ahead and talk to the daemon; -1: the breaker says no (error set). */
+static int
+gate(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->down)
+        return 0;
+    long long left = p->down_until - mono_us();
+    if (left <= 0)
+        return 0; /* the window is over: this call tries again */
+    c->counts.fast++;
+    fail(c, SHADOWD_UNAVAILABLE, 0, "shadowd at %s is unavailable (%s); not trying it again for %lld ms",
+         c->socket_path, p->down_why, (left + 999) / 1000);
+    return -1;
+}
+
 /* -- writing ------------------------------------------------------------ */
 
 struct out {
-    uint8_t buf[LABEL_MAX + 64];
-    size_t len;
+    uint8_t *buf;
+    size_t len, cap;
+    int over;
 };
+
+static void
+put_raw(struct out *o, const void *p, size_t n)
+{
+    if (o->over || n > o->cap - o->len) {
+        o->over = 1;
+        return;
+    }
+    memcpy(o->buf + o->len, p, n);
+    o->len += n;
+}
 
 static void
 put_u8(struct out *o, uint8_t b)
 {
-    o->buf[o->len++] = b;
+    put_raw(o, &b, 1);
 }
 
 static void
-put_uint(struct out *o, uint32_t v)
+put_be(struct out *o, uint8_t tag, uint64_t v, int bytes)
 {
-    if (v < 0x80) {
+    uint8_t b[9];
+    b[0] = tag;
+    for (int i = 0; i < bytes; i++)
+        b[1 + i] = (uint8_t)(v >> (8 * (bytes - 1 - i)));
+    put_raw(o, b, (size_t)bytes + 1);
+}
+
+static void
+put_uint(struct out *o, uint64_t v)
+{
+    if (v < 0x80)
         put_u8(o, (uint8_t)v);
-    } else {
-        put_u8(o, 0xce);
-        put_u8(o, (uint8_t)(v >> 24));
-        put_u8(o, (uint8_t)(v >> 16));
-        put_u8(o, (uint8_t)(v >> 8));
-        put_u8(o, (uint8_t)v);
-    }
+    else if (v <= 0xff)
+        put_be(o, 0xcc, v, 1);
+    else if (v <= 0xffff)
+        put_be(o, 0xcd, v, 2);
+    else if (v <= 0xffffffffULL)
+        put_be(o, 0xce, v, 4);
+    else
+        put_be(o, 0xcf, v, 8);
+}
+
+static void
+put_int(struct out *o, int64_t v)
+{
+    if (v >= 0)
+        put_uint(o, (uint64_t)v);
+    else if (v >= -32)
+        put_u8(o, (uint8_t)(int8_t)v);
+    else
+        put_be(o, 0xd3, (uint64_t)v, 8);
 }
 
 static void
 put_str(struct out *o, const char *s, size_t n)
 {
-    if (n < 32) {
+    if (n < 32)
         put_u8(o, (uint8_t)(0xa0 | n));
-    } else if (n < 256) {
-        put_u8(o, 0xd9);
-        put_u8(o, (uint8_t)n);
-    } else {
-        put_u8(o, 0xda);
-        put_u8(o, (uint8_t)(n >> 8));
-        put_u8(o, (uint8_t)n);
-    }
-    memcpy(o->buf + o->len, s, n);
-    o->len += n;
+    else if (n < 256)
+        put_be(o, 0xd9, n, 1);
+    else if (n < 65536)
+        put_be(o, 0xda, n, 2);
+    else
+        put_be(o, 0xdb, n, 4);
+    put_raw(o, s, n);
+}
+
+static void
+put_cstr(struct out *o, const char *s)
+{
+    put_str(o, s, strlen(s));
+}
+
+/* Bytes a string of n bytes takes. */
+static size_t
+str_size(size_t n)
+{
+    return n + (n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5);
 }
 
 /* Whether *s* is valid UTF-8 (msgpack strings must be, and the daemon
@@ -133,6 +441,31 @@ utf8_ok(const unsigned char *s, size_t n)
         i += k + 1;
     }
     return 1;
+}
+
+static uint64_t
+max_request(const struct shadowd *c)
+{
+    uint64_t m = c->max_request ? c->max_request : MIN_MAX_REQUEST;
+    return m < SHADOWD_REQUEST_BUF ? m : SHADOWD_REQUEST_BUF;
+}
+
+/* Whether *label* may go with a request that takes *rest* bytes besides. */
+static int
+label_fits(const struct shadowd *c, const char *label, size_t rest)
+{
+    if (label == NULL || label[0] != '/')
+        return 0;
+    size_t n = strlen(label);
+    return n <= LABEL_MAX && rest + str_size(n) <= max_request(c) &&
+           utf8_ok((const unsigned char *)label, n);
+}
+
+static struct out
+out_of(struct shadowd *c)
+{
+    struct out o = {.buf = P(c)->wbuf, .len = 0, .cap = sizeof P(c)->wbuf, .over = 0};
+    return o;
 }
 
 /* -- reading ------------------------------------------------------------ */
@@ -225,6 +558,9 @@ skip_body(struct in *r, enum kind k, uint64_t v, int depth)
     case K_ARRAY: case K_MAP:
         if (depth >= MAX_DEPTH)
             return -1;
+        /* Every element takes at least a byte: a count beyond the datagram is a lie. */
+        if ((k == K_MAP ? 2 * v : v) > (uint64_t)(r->end - r->p))
+            return -1;
         for (uint64_t i = 0; i < (k == K_MAP ? 2 * v : v); i++) {
             if (get_head(r, &k2, &v2) || skip_body(r, k2, v2, depth + 1))
                 return -1;
@@ -235,17 +571,95 @@ skip_body(struct in *r, enum kind k, uint64_t v, int depth)
     }
 }
 
-struct reply {
-    int has_id, ok, hit;
-    uint64_t id, size, version, max_request;
-    const char *code, *message;
-    size_t code_len, message_len;
-};
+/* A map key: its bytes, checked to lie within the datagram. */
+static int
+get_key(struct in *r, const uint8_t **key, uint64_t *len)
+{
+    enum kind k;
+    if (get_head(r, &k, len) || k != K_STR || (uint64_t)(r->end - r->p) < *len)
+        return -1;
+    *key = r->p;
+    r->p += *len;
+    return 0;
+}
 
 static int
 key_is(const uint8_t *s, uint64_t n, const char *key)
 {
     return n == strlen(key) && memcmp(s, key, n) == 0;
+}
+
+/* The fields a reply, or an item of a batch reply, may hold. */
+struct fields {
+    int has_id, ok, hit;
+    uint64_t id, size;
+    const char *code, *message;
+    size_t code_len, message_len;
+};
+
+struct reply {
+    struct fields f;
+    uint64_t version, max_request, max_batch, max_file_size, max_inflight, max_namespace;
+    struct in results; /* the items of a batch reply */
+    uint64_t nresults;
+    int has_results;
+};
+
+/* A field every reply map may have; 1 when *key* was one, 0 when not, -1 bad. */
+static int
+common_field(struct in *r, const uint8_t *key, uint64_t key_len, enum kind k, uint64_t v,
+             struct fields *f)
+{
+    if (key_is(key, key_len, "ok") && k == K_BOOL)
+        f->ok = (int)v;
+    else if (key_is(key, key_len, "hit") && k == K_BOOL)
+        f->hit = (int)v;
+    else if (key_is(key, key_len, "size") && k == K_UINT)
+        f->size = v;
+    else if ((key_is(key, key_len, "code") || key_is(key, key_len, "message")) && k == K_STR) {
+        if ((uint64_t)(r->end - r->p) < v)
+            return -1;
+        if (key[0] == 'c') {
+            f->code = (const char *)r->p;
+            f->code_len = (size_t)v;
+        } else {
+            f->message = (const char *)r->p;
+            f->message_len = (size_t)v;
+        }
+        r->p += v;
+    } else
+        return 0;
+    return 1;
+}
+
+static int
+parse_limits(struct in *r, uint64_t n, struct reply *out)
+{
+    for (uint64_t j = 0; j < n; j++) {
+        const uint8_t *name;
+        uint64_t name_len, v;
+        enum kind k;
+        if (get_key(r, &name, &name_len) || get_head(r, &k, &v))
+            return -1;
+        uint64_t *slot = NULL;
+        if (k == K_UINT) {
+            if (key_is(name, name_len, "max_request"))
+                slot = &out->max_request;
+            else if (key_is(name, name_len, "max_batch"))
+                slot = &out->max_batch;
+            else if (key_is(name, name_len, "max_file_size"))
+                slot = &out->max_file_size;
+            else if (key_is(name, name_len, "max_inflight"))
+                slot = &out->max_inflight;
+            else if (key_is(name, name_len, "max_namespace"))
+                slot = &out->max_namespace;
+        }
+        if (slot)
+            *slot = v;
+        else if (skip_body(r, k, v, 2))
+            return -1;
+    }
+    return 0;
 }
 
 /* The fields of a reply map that these requests can get. */
@@ -257,373 +671,922 @@ parse_reply(const uint8_t *data, size_t len, struct reply *out)
     uint64_t n, v;
 
     memset(out, 0, sizeof *out);
-    out->ok = -1;
+    out->f.ok = -1;
     if (get_head(&r, &k, &n) || k != K_MAP)
         return -1;
     for (uint64_t i = 0; i < n; i++) {
-        if (get_head(&r, &k, &v) || k != K_STR || (uint64_t)(r.end - r.p) < v)
+        const uint8_t *key;
+        uint64_t key_len;
+        if (get_key(&r, &key, &key_len) || get_head(&r, &k, &v))
             return -1;
-        const uint8_t *key = r.p;
-        uint64_t key_len = v;
-        r.p += v;
-        if (get_head(&r, &k, &v))
+        int known = common_field(&r, key, key_len, k, v, &out->f);
+        if (known < 0)
             return -1;
+        if (known)
+            continue;
         if (key_is(key, key_len, "id") && k == K_UINT) {
-            out->has_id = 1;
-            out->id = v;
-        } else if (key_is(key, key_len, "ok") && k == K_BOOL) {
-            out->ok = (int)v;
-        } else if (key_is(key, key_len, "hit") && k == K_BOOL) {
-            out->hit = (int)v;
-        } else if (key_is(key, key_len, "size") && k == K_UINT) {
-            out->size = v;
+            out->f.has_id = 1;
+            out->f.id = v;
         } else if (key_is(key, key_len, "version") && k == K_UINT) {
             out->version = v;
         } else if (key_is(key, key_len, "limits") && k == K_MAP) {
-            for (uint64_t j = 0; j < v; j++) {
-                enum kind k2;
-                uint64_t v2;
-                if (get_head(&r, &k2, &v2) || k2 != K_STR || (uint64_t)(r.end - r.p) < v2)
-                    return -1;
-                const uint8_t *name = r.p;
-                uint64_t name_len = v2;
-                r.p += v2;
-                if (get_head(&r, &k2, &v2))
-                    return -1;
-                if (key_is(name, name_len, "max_request") && k2 == K_UINT)
-                    out->max_request = v2;
-                else if (skip_body(&r, k2, v2, 2))
-                    return -1;
-            }
-        } else if ((key_is(key, key_len, "code") || key_is(key, key_len, "message")) &&
-                   k == K_STR) {
-            if ((uint64_t)(r.end - r.p) < v)
+            if (parse_limits(&r, v, out))
                 return -1;
-            if (key[0] == 'c') {
-                out->code = (const char *)r.p;
-                out->code_len = (size_t)v;
-            } else {
-                out->message = (const char *)r.p;
-                out->message_len = (size_t)v;
-            }
-            r.p += v;
+        } else if (key_is(key, key_len, "results") && k == K_ARRAY) {
+            out->has_results = 1;
+            out->nresults = v;
+            out->results.p = r.p;
+            if (skip_body(&r, k, v, 1))
+                return -1;
+            out->results.end = r.p;
         } else if (skip_body(&r, k, v, 1)) {
             return -1;
         }
     }
-    return r.p == r.end && out->ok >= 0 ? 0 : -1;
+    return r.p == r.end && out->f.ok >= 0 ? 0 : -1;
 }
 
-/* -- the connection ----------------------------------------------------- */
+/* One item of a batch reply's results (already known to be well formed
+ * as msgpack, since parse_reply skipped over it). */
+static int
+parse_item(struct in *r, struct fields *f)
+{
+    enum kind k;
+    uint64_t n, v;
+    memset(f, 0, sizeof *f);
+    f->ok = -1;
+    if (get_head(r, &k, &n) || k != K_MAP)
+        return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        const uint8_t *key;
+        uint64_t key_len;
+        if (get_key(r, &key, &key_len) || get_head(r, &k, &v))
+            return -1;
+        int known = common_field(r, key, key_len, k, v, f);
+        if (known < 0 || (!known && skip_body(r, k, v, 2)))
+            return -1;
+    }
+    return f->ok >= 0 ? 0 : -1;
+}
 
 static void
-close_fds(const int *fds, int n)
+refusal_text(char *buf, size_t len, const struct fields *f)
 {
-    for (int i = 0; i < n; i++)
-        close(fds[i]);
+    snprintf(buf, len, "shadowd refused: %.*s (%.*s)", (int)f->message_len,
+             f->message ? f->message : "", (int)f->code_len, f->code ? f->code : "");
 }
 
 static void
-set_timeouts(int sock, long long us)
+code_text(char *buf, size_t len, const struct fields *f)
 {
-    struct timeval tv = {.tv_sec = us / 1000000, .tv_usec = us % 1000000};
-    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    snprintf(buf, len, "%.*s", (int)f->code_len, f->code ? f->code : "");
 }
 
-static long long
-now_us(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)t.tv_sec * 1000000LL + t.tv_nsec / 1000;
-}
+/* -- the socket rule ----------------------------------------------------- */
 
-/* After EINTR: 1 to try again with the socket's timeouts cut to what is
- * left until *deadline* (the kernel would start the whole timeout anew, so
- * signals arriving faster than it could make a call wait for ever); 0 when
- * no time is left. */
 static int
-again_until(struct shadowd *c, long long deadline)
+is_socket(const char *path)
 {
-    long long left = deadline - now_us();
-    if (left <= 0)
-        return 0;
-    set_timeouts(c->sock, left);
-    c->shortened = 1;
-    return 1;
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
-/* How an exchange failed: the connection broke (worth one retry on a new
- * one), or anything else. */
-enum failure { BROKEN = 1, OTHER = 2 };
-
-/* Send one request with *src* (or none when src < 0); read its reply and
- * the fds that came with it. 0, or a failure with the error set and the
- * connection closed (a late reply would answer the next request). */
-static int
-exchange(struct shadowd *c, const struct out *req, int src, uint8_t *buf, struct reply *rep,
-         int *fds, int *nfds)
+/* The one rule (see shadowd.h); *looked* gets the places looked at. */
+static const char *
+pick_socket(char *buf, size_t len, char *looked, size_t looked_len)
 {
-    union {
-        struct cmsghdr align;
-        char bytes[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-    } control;
-    struct iovec iov = {.iov_base = (void *)req->buf, .iov_len = req->len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    long long deadline = now_us() + TIMEOUT_SECONDS * 1000000LL;
-    ssize_t n;
+    char cand[2][256];
+    int n = 0;
+    const char *explicit = getenv("SHADOWD_SOCKET");
 
-    *nfds = 0;
-    if (c->shortened) {
-        set_timeouts(c->sock, TIMEOUT_SECONDS * 1000000LL);
-        c->shortened = 0;
+    if (looked_len)
+        looked[0] = '\0';
+    if (explicit && *explicit) {
+        snprintf(looked, looked_len, "$SHADOWD_SOCKET");
+        return explicit;
     }
-    if (src >= 0) {
-        memset(control.bytes, 0, sizeof control.bytes);
-        msg.msg_control = control.bytes;
-        msg.msg_controllen = CMSG_SPACE(sizeof(int));
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &src, sizeof(int));
+    if (geteuid() != 0) {
+        const char *runtime = getenv("XDG_RUNTIME_DIR");
+        int w = runtime && *runtime
+                    ? snprintf(cand[n], sizeof cand[n], "%s/shadowd/shadowd.sock", runtime)
+                    : snprintf(cand[n], sizeof cand[n], "/run/user/%u/shadowd/shadowd.sock",
+                               (unsigned)geteuid());
+        if (w > 0 && (size_t)w < sizeof cand[n])
+            n++;
     }
-    do {
-        n = sendmsg(c->sock, &msg, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR && again_until(c, deadline));
-    if (n < 0) {
-        int err = errno == EINTR ? ETIMEDOUT : errno;
-        fail(c, "", "sending a request to shadowd: %s",
-             err == EAGAIN ? "timed out" : strerror(err));
-        shadowd_close(c);
-        return err == EPIPE || err == ECONNRESET || err == ENOTCONN ? BROKEN : OTHER;
-    }
-    struct iovec riov = {.iov_base = buf, .iov_len = REPLY_MAX};
-    struct msghdr rmsg = {
-        .msg_iov = &riov,
-        .msg_iovlen = 1,
-        .msg_control = control.bytes,
-        .msg_controllen = sizeof control.bytes,
-    };
-    do {
-        n = recvmsg(c->sock, &rmsg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR && again_until(c, deadline));
-    if (n < 0) {
-        int err = errno == EINTR ? ETIMEDOUT : errno;
-        fail(c, "", "waiting for shadowd's reply: %s",
-             err == EAGAIN ? "timed out" : strerror(err));
-        shadowd_close(c);
-        return err == ECONNRESET ? BROKEN : OTHER;
-    }
-    if (rmsg.msg_controllen > 0) {
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&rmsg); cm; cm = CMSG_NXTHDR(&rmsg, cm)) {
-            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-                continue;
-            int count = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            if (count > MAX_FDS - *nfds)
-                count = MAX_FDS - *nfds;
-            memcpy(fds + *nfds, CMSG_DATA(cm), sizeof(int) * (size_t)count);
-            *nfds += count;
+    snprintf(cand[n++], sizeof cand[0], "/run/shadowd/shadowd.sock");
+    int pick = 0;
+    for (int i = 0; i < n; i++) {
+        if (is_socket(cand[i])) {
+            pick = i;
+            break;
         }
     }
-    if (n == 0 && *nfds == 0) {
-        fail(c, "", "shadowd closed the connection");
-        shadowd_close(c);
-        return BROKEN;
-    }
-    if (rmsg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || parse_reply(buf, (size_t)n, rep)) {
-        close_fds(fds, *nfds);
-        *nfds = 0;
-        fail(c, "", "bad reply from shadowd");
-        shadowd_close(c);
-        return OTHER;
-    }
-    return 0;
-}
-
-/* The error of a refusal, from the reply; its fds (there should be none) closed. */
-static int
-refused(struct shadowd *c, const struct reply *rep, const int *fds, int nfds)
-{
-    close_fds(fds, nfds);
-    snprintf(c->code, sizeof c->code, "%.*s", (int)rep->code_len, rep->code ? rep->code : "");
-    snprintf(c->error, sizeof c->error, "shadowd refused: %.*s (%.*s)", (int)rep->message_len,
-             rep->message ? rep->message : "", (int)rep->code_len, rep->code ? rep->code : "");
-    return -1;
+    if (looked_len)
+        snprintf(looked, looked_len, "%.140s%s%.140s", cand[0], n > 1 ? ", " : "",
+                 n > 1 ? cand[1] : "");
+    if (strlen(cand[pick]) >= len)
+        return NULL;
+    return strcpy(buf, cand[pick]);
 }
 
 const char *
 shadowd_default_socket(char *buf, size_t len)
 {
-    const char *explicit = getenv("SHADOWD_SOCKET");
-    if (explicit && *explicit)
-        return explicit;
-    if (geteuid() == 0)
-        return "/run/shadowd/shadowd.sock";
-    const char *runtime = getenv("XDG_RUNTIME_DIR");
-    if (!runtime || !*runtime)
-        return NULL;
-    int n = snprintf(buf, len, "%s/shadowd/shadowd.sock", runtime);
-    return n > 0 && (size_t)n < len ? buf : NULL;
+    char looked[8];
+    return pick_socket(buf, len, looked, 0);
 }
 
-int
-shadowd_connect(struct shadowd *c, const char *socket_path)
+/* -- slots ---------------------------------------------------------------- */
+
+static void
+slot_free(struct shadowd_slot_ *s)
 {
-    char pathbuf[sizeof c->socket_path];
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    uint8_t buf[REPLY_MAX];
-    struct reply rep;
-    int fds[MAX_FDS], nfds;
+    if (s->fd >= 0)
+        close(s->fd);
+    if (s->src >= 0)
+        close(s->src);
+    memset(s, 0, sizeof *s);
+    s->fd = s->src = -1;
+}
 
-    if (socket_path == NULL)
-        socket_path = shadowd_default_socket(pathbuf, sizeof pathbuf);
-    else if (strlen(socket_path) < sizeof pathbuf)
-        socket_path = strcpy(pathbuf, socket_path); /* it may be c->socket_path */
-    memset(c, 0, sizeof *c);
+static struct shadowd_slot_ *
+slot_find(struct shadowd *c, uint64_t id)
+{
+    if (id == 0 || id > 0xffffffffULL)
+        return NULL;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
+        if (P(c)->slots[i].id == (uint32_t)id)
+            return &P(c)->slots[i];
+    return NULL;
+}
+
+static struct shadowd_slot_ *
+slot_new(struct shadowd *c, int kind, int owned)
+{
+    struct shadowd_slot_ *s = NULL;
+    for (int i = 0; i < SHADOWD_MAX_PENDING && !s; i++)
+        if (P(c)->slots[i].id == 0)
+            s = &P(c)->slots[i];
+    if (s == NULL) {
+        fail(c, "", EAGAIN, "%d requests are pending already", SHADOWD_MAX_PENDING);
+        return NULL;
+    }
+    uint32_t id;
+    do { /* ids in 1..2^31-1, never one still pending */
+        id = c->next_id ? c->next_id : 1;
+        c->next_id = (id + 1) & 0x7fffffff;
+    } while (slot_find(c, id));
+    memset(s, 0, sizeof *s);
+    s->id = id;
+    s->kind = (uint8_t)kind;
+    s->owned = (uint8_t)owned;
+    s->fd = s->src = -1;
+    s->seq = ++P(c)->seq;
+    return s;
+}
+
+/* -- the connection ------------------------------------------------------- */
+
+/* Drop the connection; every request waiting on it fails with *code* (or
+ * "unavailable"). The breaker opens unless the connection merely broke
+ * after a good hello (a daemon restart: the next call connects again), or
+ * *failure* is F_NONE (we dropped it ourselves). */
+static void fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+{
+    struct shadowd_private_ *p = P(c);
+    char msg[sizeof c->error];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (code == NULL || code[0] == '\0')
+        code = SHADOWD_UNAVAILABLE;
+    int was_working = p->hello == H_DONE;
+    if (p->live)
+        close(c->sock);
     c->sock = -1;
-    if (socket_path == NULL) {
-        fail(c, "", "no socket path: set $SHADOWD_SOCKET or $XDG_RUNTIME_DIR");
-        return -1;
-    }
-    if (strlen(socket_path) >= sizeof addr.sun_path) {
-        fail(c, "", "socket path too long: %s", socket_path);
-        return -1;
-    }
-    strcpy(addr.sun_path, socket_path);
-    strcpy(c->socket_path, socket_path);
-    c->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (c->sock < 0) {
-        fail(c, "", "socket: %s", strerror(errno));
-        return -1;
-    }
-    /* Before connect: a daemon that does not accept must not hold us. */
-    set_timeouts(c->sock, TIMEOUT_SECONDS * 1000000LL);
-    if (connect(c->sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
-        fail(c, "", "connecting to shadowd at %s: %s", socket_path,
-             errno == EAGAIN ? "timed out" : strerror(errno));
-        shadowd_close(c);
-        return -1;
-    }
-
-    struct out req = {.len = 0};
-    put_u8(&req, 0x84);
-    put_str(&req, "op", 2);
-    put_str(&req, "hello", 5);
-    put_str(&req, "id", 2);
-    put_uint(&req, 0);
-    put_str(&req, "version", 7);
-    put_uint(&req, 1);
-    put_str(&req, "client", 6);
-    put_str(&req, "shadowd.c/1", 11);
-    if (exchange(c, &req, -1, buf, &rep, fds, &nfds))
-        return -1;
-    if (rep.ok != 1 || nfds != 0 || !rep.has_id || rep.id != 0 || rep.version != 1) {
-        if (rep.ok == 1) {
-            close_fds(fds, nfds);
-            fail(c, "", "unexpected hello reply from shadowd");
-        } else {
-            refused(c, &rep, fds, nfds);
+    p->live = 0;
+    p->hello = H_NONE;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        struct shadowd_slot_ *s = &p->slots[i];
+        if (s->state == CANCELLED) {
+            slot_free(s);
+        } else if (s->state == SENT) {
+            s->state = READY;
+            s->failure = failure;
+            snprintf(s->code, sizeof s->code, "%s", code);
+            snprintf(s->error, sizeof s->error, "%.159s", msg);
         }
-        shadowd_close(c);
+    }
+    fail(c, code, 0, "%s", msg);
+    p->last_failure = failure;
+    if (failure != F_NONE && (failure != F_BROKEN || !was_working))
+        trip(c, msg);
+}
+
+/* The connection of a process we forked from is not ours to use: its
+ * replies would go to whichever process reads first. */
+static void
+after_fork(struct shadowd *c)
+{
+    int pid = (int)getpid();
+    if (pid == P(c)->pid)
+        return;
+    P(c)->pid = pid;
+    if (P(c)->live) {
+        close(c->sock); /* this process's copy; the parent's stays open */
+        P(c)->live = 0;
+        c->sock = -1;
+        P(c)->hello = H_NONE;
+        for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+            struct shadowd_slot_ *s = &P(c)->slots[i];
+            if (s->state == SENT || s->state == CANCELLED) {
+                s->state = s->state == SENT ? READY : FREE;
+                s->failure = F_BROKEN;
+                snprintf(s->code, sizeof s->code, "%s", SHADOWD_UNAVAILABLE);
+                snprintf(s->error, sizeof s->error, "sent by the parent process");
+                if (s->state == FREE)
+                    slot_free(s);
+            }
+        }
+    }
+}
+
+static int recv_one(struct shadowd *c);
+
+/* Read every reply that has arrived. */
+static void
+drain(struct shadowd *c)
+{
+    while (P(c)->live && recv_one(c) > 0) {
+    }
+}
+
+/* Send one datagram with *fds*. 0 sent; -1 the connection failed (pending
+ * requests failed with it); -2 this request alone failed (errnum set:
+ * EAGAIN when the socket is full and *deadline* is 0, EBADF for a bad fd). */
+static int
+send_request(struct shadowd *c, const struct out *req, const int *fds, int nfds, long long deadline)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+    } control;
+    struct iovec iov = {.iov_base = req->buf, .iov_len = req->len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+
+    if (req->over) {
+        fail(c, "", EMSGSIZE, "request too large for this client's buffer");
+        return -2;
+    }
+    if (nfds > 0) {
+        memset(control.bytes, 0, sizeof control.bytes);
+        msg.msg_control = control.bytes;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+    }
+    for (;;) {
+        if (sendmsg(c->sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0)
+            return 0;
+        int err = errno;
+        if (err == EINTR)
+            continue;
+        if (err == EAGAIN && deadline > 0) {
+            long long left = deadline - mono_us();
+            struct pollfd pfd = {.fd = c->sock, .events = POLLOUT};
+            if (left > 0 && (poll(&pfd, 1, (int)((left + 999) / 1000)) >= 0 || errno == EINTR))
+                continue;
+            fail_connection(c, F_TIMEOUT, NULL, "sending a request to shadowd: timed out");
+            return -1;
+        }
+        if (err == EPIPE || err == ECONNRESET || err == ENOTCONN || err == ECONNREFUSED) {
+            /* A daemon that turns us away answers, then closes: read it. */
+            drain(c);
+            if (P(c)->live)
+                fail_connection(c, F_BROKEN, NULL, "sending a request to shadowd: %s",
+                                strerror(err));
+            return -1;
+        }
+        /* Nothing was sent (a datagram goes whole or not at all). */
+        fail(c, "", err, "sending a request to shadowd: %s", strerror(err));
+        return -2;
+    }
+}
+
+static int
+send_hello(struct shadowd *c)
+{
+    struct out req = out_of(c);
+    put_u8(&req, 0x84);
+    put_cstr(&req, "op");
+    put_cstr(&req, "hello");
+    put_cstr(&req, "id");
+    put_uint(&req, 0);
+    put_cstr(&req, "version");
+    put_uint(&req, 1);
+    put_cstr(&req, "client");
+    put_cstr(&req, "shadowd.c/1");
+    P(c)->hello = H_SENT;
+    int r = send_request(c, &req, NULL, 0, 0);
+    if (r == -2)
+        fail_connection(c, F_CONNECT, NULL, "sending hello to shadowd: %s", c->error);
+    return r ? -1 : 0;
+}
+
+/* Connect and send hello; with *blocking*, wait for connect() up to the
+ * connect timeout (the hello reply is waited for by the caller). */
+static int
+conn_open(struct shadowd *c, int blocking)
+{
+    struct shadowd_private_ *p = P(c);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    char pathbuf[sizeof c->socket_path];
+    const char *path = c->socket_path;
+
+    if (!p->explicit_path) {
+        path = pick_socket(pathbuf, sizeof pathbuf, p->looked, sizeof p->looked);
+        if (path == NULL || strlen(path) >= sizeof c->socket_path) {
+            fail_connection(c, F_CONNECT, NULL, "socket path too long (%s)", p->looked);
+            return -1;
+        }
+        snprintf(c->socket_path, sizeof c->socket_path, "%s", path);
+    }
+    if (strlen(c->socket_path) >= sizeof addr.sun_path) {
+        fail_connection(c, F_CONNECT, NULL, "socket path too long: %s", c->socket_path);
         return -1;
     }
-    c->next_id = 1;
-    c->max_request = rep.max_request ? rep.max_request : 65536;
+    strcpy(addr.sun_path, c->socket_path);
+    long long start = mono_us();
+    long long deadline = start + 1000LL * p->connect_ms;
+    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (blocking ? 0 : SOCK_NONBLOCK), 0);
+    if (s < 0) {
+        int err = errno;
+        fail_connection(c, F_CONNECT, NULL, "socket: %s", strerror(err));
+        c->errnum = err;
+        return -1;
+    }
+    int rc;
+    for (;;) {
+        if (blocking) {
+            /* The kernel waits in connect() while the daemon's backlog is full. */
+            long long left = deadline - mono_us();
+            struct timeval tv = {.tv_sec = left > 0 ? left / 1000000 : 0,
+                                 .tv_usec = left > 0 ? left % 1000000 : 1};
+            setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        }
+        rc = connect(s, (struct sockaddr *)&addr, sizeof addr);
+        if (rc == 0 || errno != EINTR || mono_us() >= deadline)
+            break;
+    }
+    if (rc < 0) {
+        int err = errno;
+        close(s);
+        const char *why = err == EAGAIN || err == EINPROGRESS || err == EINTR
+                              ? (blocking ? "timed out" : "its backlog is full")
+                              : strerror(err);
+        if (p->explicit_path || p->looked[0] == '\0' || strcmp(p->looked, "$SHADOWD_SOCKET") == 0)
+            fail_connection(c, F_CONNECT, NULL, "connecting to shadowd at %s: %s", c->socket_path,
+                            why);
+        else
+            fail_connection(c, F_CONNECT, NULL, "connecting to shadowd at %s: %s (looked at %s)",
+                            c->socket_path, why, p->looked);
+        c->errnum = err;
+        return -1;
+    }
+    if (blocking) {
+        int fl = fcntl(s, F_GETFL);
+        fcntl(s, F_SETFL, fl | O_NONBLOCK);
+    }
+    c->sock = s;
+    p->live = 1;
+    p->hello_deadline = deadline;
+    c->max_request = c->max_batch = c->max_file_size = c->max_inflight = c->max_namespace = 0;
+    return send_hello(c);
+}
+
+/* The earliest deadline anyone waits for (0: none). */
+static long long
+earliest_deadline(struct shadowd *c)
+{
+    long long until = P(c)->hello == H_SENT ? P(c)->hello_deadline : 0;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        const struct shadowd_slot_ *s = &P(c)->slots[i];
+        if ((s->state == SENT || s->state == CANCELLED) && (until == 0 || s->deadline < until))
+            until = s->deadline;
+    }
+    return until;
+}
+
+/* Fail the connection when anything on it is overdue: 1 when it did. */
+static int
+check_deadlines(struct shadowd *c, long long now)
+{
+    if (!P(c)->live)
+        return 0;
+    if (P(c)->hello == H_SENT && now >= P(c)->hello_deadline) {
+        fail_connection(c, F_TIMEOUT, NULL, "no hello reply from shadowd: timed out after %d ms",
+                        P(c)->connect_ms);
+        return 1;
+    }
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        const struct shadowd_slot_ *s = &P(c)->slots[i];
+        if ((s->state == SENT || s->state == CANCELLED) && now >= s->deadline) {
+            fail_connection(c, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
+            return 1;
+        }
+    }
     return 0;
 }
 
-/* One open request on the connection there is; a failure's kind in *failed. */
-static int
-open_once(struct shadowd *c, int src, const char *label, int *failed)
+/* Wait until *done*(c, arg) or the connection fails; deadlines enforced. */
+static void
+wait_until(struct shadowd *c, int (*done)(struct shadowd *, const void *), const void *arg)
 {
-    uint8_t buf[REPLY_MAX];
-    struct reply rep;
-    int fds[MAX_FDS], nfds;
-    struct out req = {.len = 0};
-    size_t label_len = label ? strlen(label) : 0;
-    /* A label goes only if the request stays within the daemon's limit
-     * (the rest of the map takes at most 20 bytes). */
-    int with_label = label && label[0] == '/' && label_len <= LABEL_MAX &&
-                     label_len + 3 + 20 <= c->max_request &&
-                     utf8_ok((const unsigned char *)label, label_len);
-    uint32_t id = c->next_id;
-
-    c->next_id = (id + 1) & 0x7fffffff;
-    put_u8(&req, with_label ? 0x83 : 0x82);
-    put_str(&req, "op", 2);
-    put_str(&req, "open", 4);
-    put_str(&req, "id", 2);
-    put_uint(&req, id);
-    if (with_label) {
-        put_str(&req, "path", 4);
-        put_str(&req, label, label_len);
+    while (P(c)->live && !done(c, arg)) {
+        long long now = mono_us();
+        if (check_deadlines(c, now))
+            break;
+        long long until = earliest_deadline(c);
+        int ms = until ? (int)((until - now + 999) / 1000) : CEILING_MS;
+        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
+        int r = poll(&pfd, 1, ms < 0 ? 0 : ms);
+        if (r < 0 && errno != EINTR) {
+            fail_connection(c, F_BROKEN, NULL, "poll: %s", strerror(errno));
+            break;
+        }
+        if (r > 0)
+            drain(c);
     }
-    *failed = exchange(c, &req, src, buf, &rep, fds, &nfds);
-    if (*failed)
-        return -1;
-    *failed = OTHER;
-    if (rep.ok == 0 && !rep.has_id) {
-        /* Refused before its id could be read; the daemon closes the
-         * connection after such a refusal. */
-        refused(c, &rep, fds, nfds);
-        shadowd_close(c);
-        return -1;
-    }
-    if (!rep.has_id || rep.id != id) {
-        close_fds(fds, nfds);
-        fail(c, "", "shadowd answered another request (%llu, not %u)",
-             (unsigned long long)rep.id, id);
-        shadowd_close(c);
-        return -1;
-    }
-    if (rep.ok != 1)
-        return refused(c, &rep, fds, nfds);
-    if (nfds != 1) {
-        close_fds(fds, nfds);
-        fail(c, "", "shadowd's reply carried %d fds, not 1", nfds);
-        return -1;
-    }
-    int seals = fcntl(fds[0], F_GET_SEALS);
-    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS) {
-        close(fds[0]);
-        fail(c, "", "shadowd sent a descriptor that is not sealed; refused it");
-        return -1;
-    }
-    *failed = 0;
-    c->size = rep.size;
-    c->hit = rep.hit;
-    return fds[0];
 }
 
-int
-shadowd_open_fd(struct shadowd *c, int src, const char *label)
+static int
+hello_done(struct shadowd *c, const void *arg)
 {
-    int failed = 0;
+    (void)arg;
+    return P(c)->hello == H_DONE;
+}
 
-    c->code[0] = c->error[0] = '\0';
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int fresh = c->sock < 0;
-        if (fresh && (c->socket_path[0] == '\0' || shadowd_connect(c, c->socket_path) < 0)) {
-            if (c->error[0] == '\0')
-                fail(c, "", "not connected");
+static int
+slot_done(struct shadowd *c, const void *arg)
+{
+    (void)c;
+    return ((const struct shadowd_slot_ *)arg)->state != SENT;
+}
+
+/* Ready to send a request: the breaker allows it, connected, and (when
+ * *blocking*) the hello answered. 0, or -1 with the error set. */
+static int
+start(struct shadowd *c, int blocking)
+{
+    after_fork(c);
+    /* A caller that submits without collecting still learns of a hung daemon. */
+    check_deadlines(c, mono_us());
+    if (gate(c))
+        return -1;
+    if (!P(c)->live && conn_open(c, blocking))
+        return -1;
+    if (blocking && P(c)->hello != H_DONE) {
+        wait_until(c, hello_done, NULL);
+        if (P(c)->hello != H_DONE)
+            return -1;
+    }
+    return 0;
+}
+
+/* -- replies -------------------------------------------------------------- */
+
+static int
+sealed(int fd)
+{
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & REQUIRED_SEALS) == REQUIRED_SEALS;
+}
+
+static int
+batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds,
+            int nfds)
+{
+    struct fields f;
+    struct in r = rep->results;
+    int oks = 0;
+    for (uint64_t i = 0; i < rep->nresults; i++) {
+        if (parse_item(&r, &f))
+            goto bad;
+        oks += f.ok == 1;
+    }
+    if (rep->nresults != (uint64_t)s->nitems || oks != nfds)
+        goto bad;
+    r = rep->results;
+    int next = 0;
+    for (int i = 0; i < s->nitems; i++) {
+        struct shadowd_item *it = &s->items[s->map ? s->map[i] : i];
+        parse_item(&r, &f);
+        it->size = f.size;
+        it->hit = f.hit;
+        if (f.ok != 1) {
+            code_text(it->code, sizeof it->code, &f);
+            refusal_text(s->error, sizeof s->error, &f);
+            continue;
+        }
+        int fd = fds[next++];
+        if (!sealed(fd)) {
+            close(fd);
+            it->code[0] = '\0';
+            snprintf(s->error, sizeof s->error,
+                     "shadowd sent a descriptor that is not sealed; refused it");
+            continue;
+        }
+        it->fd = fd;
+        it->route = SHADOWD_ROUTE_DAEMON;
+        it->code[0] = '\0';
+    }
+    return 0;
+bad:
+    close_fds(fds, nfds);
+    s->failure = F_BAD;
+    snprintf(s->code, sizeof s->code, "%s", SHADOWD_UNAVAILABLE);
+    snprintf(s->error, sizeof s->error, "bad batch reply from shadowd");
+    return -1;
+}
+
+/* Put one reply where it belongs. -1 when it failed the connection. */
+static int
+dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
+{
+    struct shadowd_private_ *p = P(c);
+    const struct fields *f = &rep->f;
+    char text[200], code[32];
+
+    if (!f->has_id) {
+        close_fds(fds, nfds);
+        code_text(code, sizeof code, f);
+        refusal_text(text, sizeof text, f);
+        /* Refused before any id could be read (at accept, or a datagram
+         * the daemon could not read): it closes the connection. */
+        fail_connection(c, f->ok == 0 ? F_REFUSED : F_BAD, f->ok == 0 ? code : NULL, "%s",
+                        f->ok == 0 ? text : "reply without an id from shadowd");
+        return -1;
+    }
+    if (p->hello == H_SENT && f->id == 0) {
+        if (f->ok == 1 && nfds == 0 && rep->version == 1) {
+            c->max_request = rep->max_request ? rep->max_request : 65536;
+            c->max_batch = rep->max_batch ? rep->max_batch : 1;
+            if (c->max_batch > MAX_FDS)
+                c->max_batch = MAX_FDS;
+            c->max_file_size = rep->max_file_size;
+            c->max_inflight = rep->max_inflight;
+            c->max_namespace = rep->max_namespace ? rep->max_namespace : 255;
+            p->hello = H_DONE;
+            recovered(c);
+            return 0;
+        }
+        close_fds(fds, nfds);
+        if (f->ok == 0) {
+            code_text(code, sizeof code, f);
+            refusal_text(text, sizeof text, f);
+            fail_connection(c, F_REFUSED, code, "%s", text);
+        } else {
+            fail_connection(c, F_BAD, NULL, "unexpected hello reply from shadowd");
+        }
+        return -1;
+    }
+    struct shadowd_slot_ *s = slot_find(c, f->id);
+    if (s == NULL || (s->state != SENT && s->state != CANCELLED)) {
+        close_fds(fds, nfds);
+        fail_connection(c, F_BAD, NULL, "shadowd answered another request (%llu, not pending)",
+                        (unsigned long long)f->id);
+        return -1;
+    }
+    if (s->state == CANCELLED) {
+        close_fds(fds, nfds); /* nobody will collect it */
+        slot_free(s);
+        return 0;
+    }
+    s->state = READY;
+    s->hit = f->hit;
+    s->size = f->size;
+    if (f->ok != 1) {
+        close_fds(fds, nfds);
+        s->failure = F_REQUEST;
+        code_text(s->code, sizeof s->code, f);
+        refusal_text(s->error, sizeof s->error, f);
+    } else if (s->kind == K_BATCH) {
+        if (batch_reply(s, rep, fds, nfds) < 0) {
+            fail_connection(c, F_BAD, NULL, "bad batch reply from shadowd");
             return -1;
         }
-        int fd = open_once(c, src, label, &failed);
-        if (fd >= 0 || failed != BROKEN || fresh)
-            return fd;
+    } else if (s->kind == K_LOOKUP && !f->hit && nfds == 0) {
+        s->fd = -1; /* a miss */
+    } else if (nfds != 1) {
+        close_fds(fds, nfds);
+        s->failure = F_REQUEST;
+        snprintf(s->error, sizeof s->error, "shadowd's reply carried %d fds, not 1", nfds);
+    } else if (!sealed(fds[0])) {
+        close(fds[0]);
+        s->failure = F_REQUEST;
+        snprintf(s->error, sizeof s->error,
+                 "shadowd sent a descriptor that is not sealed; refused it");
+    } else {
+        s->fd = fds[0];
+    }
+    return 0;
+}
+
+/* Read one datagram without waiting: 1 handled, 0 nothing there, -1 the
+ * connection is gone. */
+static int
+recv_one(struct shadowd *c)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+    } control;
+    struct iovec iov = {.iov_base = P(c)->rbuf, .iov_len = sizeof P(c)->rbuf};
+    struct msghdr msg = {
+        .msg_iov = &iov,
+        .msg_iovlen = 1,
+        .msg_control = control.bytes,
+        .msg_controllen = sizeof control.bytes,
+    };
+    int fds[MAX_FDS], nfds = 0;
+    struct reply rep;
+    ssize_t n;
+
+    do {
+        n = recvmsg(c->sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN)
+            return 0;
+        fail_connection(c, F_BROKEN, NULL, "waiting for shadowd's reply: %s", strerror(errno));
+        return -1;
+    }
+    if (msg.msg_controllen > 0) {
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+                continue;
+            int count = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            if (count > MAX_FDS - nfds)
+                count = MAX_FDS - nfds;
+            memcpy(fds + nfds, CMSG_DATA(cm), sizeof(int) * (size_t)count);
+            nfds += count;
+        }
+    }
+    if (n == 0 && nfds == 0) {
+        fail_connection(c, F_BROKEN, NULL, "shadowd closed the connection");
+        return -1;
+    }
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || parse_reply(P(c)->rbuf, (size_t)n, &rep)) {
+        close_fds(fds, nfds);
+        fail_connection(c, F_BAD, NULL, "bad reply from shadowd");
+        return -1;
+    }
+    return dispatch(c, &rep, fds, nfds) < 0 ? -1 : 1;
+}
+
+/* -- requests ------------------------------------------------------------- */
+
+static long long
+reply_deadline(struct shadowd *c, uint64_t size)
+{
+    long long ms = P(c)->reply_ms + (long long)((size >> 20) * (uint64_t)P(c)->reply_ms_per_mib);
+    if (ms > CEILING_MS)
+        ms = CEILING_MS;
+    return mono_us() + 1000LL * ms;
+}
+
+/* What a request is: built into *o* with its id; its fds; the bytes its
+ * reply may wait for (for the timeout). */
+struct request {
+    int kind;
+    int (*build)(struct shadowd *c, struct out *o, uint32_t id, const struct request *rq);
+    const int *fds;
+    int nfds;
+    uint64_t size;
+    const char *label;                  /* open */
+    const char *const *labels;          /* batch, indexed through map */
+    const int *map;                     /* batch: item index of each fd */
+    struct shadowd_item *items;         /* batch */
+    const char *ns;                     /* lookup, publish */
+    const struct shadowd_key *key;      /* lookup, publish */
+};
+
+static int
+build_open(struct shadowd *c, struct out *o, uint32_t id, const struct request *rq)
+{
+    /* Without the label the map takes at most 15 bytes; "path" 5 more. */
+    int with_label = label_fits(c, rq->label, 20);
+    put_u8(o, with_label ? 0x83 : 0x82);
+    put_cstr(o, "op");
+    put_cstr(o, "open");
+    put_cstr(o, "id");
+    put_uint(o, id);
+    if (with_label) {
+        put_cstr(o, "path");
+        put_cstr(o, rq->label);
+    }
+    return 0;
+}
+
+static int
+build_batch(struct shadowd *c, struct out *o, uint32_t id, const struct request *rq)
+{
+    /* Labels go while the request stays within max_request; the others nil. */
+    size_t used = 40 + (size_t)rq->nfds;
+    put_u8(o, 0x83);
+    put_cstr(o, "op");
+    put_cstr(o, "open_batch");
+    put_cstr(o, "id");
+    put_uint(o, id);
+    put_cstr(o, "paths");
+    if (rq->nfds < 16)
+        put_u8(o, (uint8_t)(0x90 | rq->nfds));
+    else
+        put_be(o, 0xdc, (uint64_t)rq->nfds, 2);
+    for (int i = 0; i < rq->nfds; i++) {
+        const char *label = rq->labels ? rq->labels[rq->map[i]] : NULL;
+        if (label_fits(c, label, used)) {
+            put_cstr(o, label);
+            used += str_size(strlen(label)) - 1;
+        } else {
+            put_u8(o, 0xc0);
+        }
+    }
+    return 0;
+}
+
+static int
+build_private(struct shadowd *c, struct out *o, uint32_t id, const struct request *rq)
+{
+    (void)c;
+    put_u8(o, 0x84);
+    put_cstr(o, "op");
+    put_cstr(o, rq->kind == K_LOOKUP ? "lookup" : "publish");
+    put_cstr(o, "id");
+    put_uint(o, id);
+    put_cstr(o, "namespace");
+    put_cstr(o, rq->ns);
+    put_cstr(o, "key");
+    put_u8(o, 0x84);
+    put_cstr(o, "ino");
+    put_uint(o, rq->key->ino);
+    put_cstr(o, "size");
+    put_uint(o, rq->key->size);
+    put_cstr(o, "mtime_ns");
+    put_int(o, rq->key->mtime_ns);
+    put_cstr(o, "ctime_ns");
+    if (rq->key->has_ctime)
+        put_int(o, rq->key->ctime_ns);
+    else
+        put_u8(o, 0xc0);
+    return 0;
+}
+
+/* Send *rq* on the connection there is (the caller called start). The slot,
+ * or NULL: then *failure* says how it failed (error set). */
+static struct shadowd_slot_ *
+submit(struct shadowd *c, const struct request *rq, int owned, int *failure)
+{
+    struct shadowd_slot_ *s = slot_new(c, rq->kind, owned);
+    *failure = F_REQUEST;
+    if (s == NULL)
+        return NULL;
+    struct out o = out_of(c);
+    rq->build(c, &o, s->id, rq);
+    s->items = rq->items;
+    s->map = rq->map;
+    s->nitems = rq->nfds;
+    s->deadline = reply_deadline(c, rq->size);
+    /* Owned requests never wait in send: a full socket fails them now. */
+    int r = send_request(c, &o, rq->fds, rq->nfds, owned ? 0 : s->deadline);
+    if (r == 0) {
+        s->state = SENT;
+        return s;
+    }
+    *failure = r == -1 ? P(c)->last_failure : F_REQUEST;
+    slot_free(s);
+    return NULL;
+}
+
+/* One request and its reply, blocking: a connection that broke is made
+ * again once. 0 with *res* the reply's slot (copied; its fd is now the
+ * caller's), or -1 with the error set when there was no reply. */
+static int
+call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
+{
+    clear(c);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fresh = !P(c)->live;
+        int failure;
+        if (start(c, 1))
+            return -1;
+        struct shadowd_slot_ *s = submit(c, rq, 0, &failure);
+        if (s != NULL) {
+            wait_until(c, slot_done, s);
+            *res = *s;
+            s->fd = -1; /* handed over in *res */
+            slot_free(s);
+            failure = res->failure;
+            if (failure == F_NONE || failure == F_REQUEST) {
+                snprintf(c->code, sizeof c->code, "%s", res->code);
+                snprintf(c->error, sizeof c->error, "%s", res->error);
+                return 0;
+            }
+            snprintf(c->code, sizeof c->code, "%s", res->code);
+            snprintf(c->error, sizeof c->error, "%s", res->error);
+        }
+        if (failure != F_BROKEN)
+            return -1;
+        if (fresh || attempt == 1) {
+            /* Even a new connection broke: the daemon is not usable. */
+            trip(c, c->error);
+            return -1;
+        }
         /* The connection we had broke (the daemon restarted?): once more. */
     }
     return -1;
 }
 
+static uint64_t
+size_of_fd(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && st.st_size > 0 ? (uint64_t)st.st_size : 0;
+}
+
+/* The daemon's fd for *src*, or -1 (error set). */
+static int
+open_through_daemon(struct shadowd *c, int src, const char *label, uint64_t size)
+{
+    struct shadowd_slot_ res;
+    struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
+                         .size = size, .label = label};
+    if (call(c, &rq, &res))
+        return -1;
+    if (res.fd < 0) {
+        if (res.error[0] == '\0')
+            fail(c, "", 0, "shadowd sent no descriptor");
+        return -1;
+    }
+    c->size = res.size;
+    c->hit = res.hit;
+    c->route = SHADOWD_ROUTE_DAEMON;
+    c->counts.daemon++;
+    return res.fd;
+}
+
+int
+shadowd_set_socket(struct shadowd *c, const char *socket_path)
+{
+    ready(c);
+    clear(c);
+    if (socket_path != NULL) {
+        if (strlen(socket_path) >= sizeof c->socket_path) {
+            fail(c, "", ENAMETOOLONG, "socket path too long: %s", socket_path);
+            return -1;
+        }
+        memmove(c->socket_path, socket_path, strlen(socket_path) + 1);
+        P(c)->explicit_path = 1;
+    } else {
+        P(c)->explicit_path = 0;
+    }
+    return 0;
+}
+
+int
+shadowd_connect(struct shadowd *c, const char *socket_path)
+{
+    if (shadowd_set_socket(c, socket_path) < 0)
+        return -1;
+    if (P(c)->live)
+        fail_connection(c, F_NONE, NULL, "shadowd_connect replaced the connection");
+    clear(c);
+    return start(c, 1);
+}
+
+int
+shadowd_open_fd(struct shadowd *c, int src, const char *label)
+{
+    ready(c);
+    return open_through_daemon(c, src, label, size_of_fd(src));
+}
+
 int
 shadowd_open(struct shadowd *c, const char *path)
 {
+    ready(c);
     int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (src < 0) {
-        fail(c, "", "%s: %s", path, strerror(errno));
+        fail(c, "", errno, "%s: %s", path, strerror(errno));
         return -1;
     }
     int fd = shadowd_open_fd(c, src, path);
@@ -631,10 +1594,918 @@ shadowd_open(struct shadowd *c, const char *path)
     return fd;
 }
 
+/* One batch request of n <= max_batch fds; items[map[i]] filled. */
+static void
+batch_once(struct shadowd *c, const int *fds, const char *const *labels, const int *map, int n,
+           uint64_t size, struct shadowd_item *items)
+{
+    struct shadowd_slot_ res;
+    struct request rq = {.kind = K_BATCH, .build = build_batch, .fds = fds, .nfds = n,
+                         .size = size, .labels = labels, .map = map, .items = items};
+    memset(&res, 0, sizeof res);
+    if (call(c, &rq, &res) == 0 && res.failure == F_NONE)
+        return;
+    /* No reply, or the whole request refused: every item says why. */
+    for (int i = 0; i < n; i++) {
+        struct shadowd_item *it = &items[map[i]];
+        if (it->fd < 0 && it->code[0] == '\0')
+            snprintf(it->code, sizeof it->code, "%s", c->code[0] ? c->code : SHADOWD_UNAVAILABLE);
+    }
+}
+
+static void
+item_init(struct shadowd_item *it)
+{
+    memset(it, 0, sizeof *it);
+    it->fd = -1;
+}
+
+/* Send the daemon-bound items (fds[k] for items[map[k]]) in batches. */
+static void
+batch_send(struct shadowd *c, const int *fds, const char *const *labels, const int *map, int n,
+           const uint64_t *sizes, struct shadowd_item *items)
+{
+    int done = 0;
+    while (done < n) {
+        if (start(c, 1)) {
+            for (int k = done; k < n; k++)
+                snprintf(items[map[k]].code, sizeof items[map[k]].code, "%s", c->code);
+            return;
+        }
+        int chunk = n - done;
+        if ((uint64_t)chunk > c->max_batch)
+            chunk = (int)c->max_batch;
+        uint64_t size = 0;
+        for (int k = done; k < done + chunk; k++)
+            size += sizes[k];
+        batch_once(c, fds + done, labels, map + done, chunk, size, items);
+        done += chunk;
+    }
+}
+
+int
+shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels, int n,
+                   struct shadowd_item *items)
+{
+    int fds[MAX_FDS], map[MAX_FDS];
+    uint64_t sizes[MAX_FDS];
+    int served = 0, k = 0;
+
+    ready(c);
+    clear(c);
+    if (n < 0) {
+        fail(c, "", EINVAL, "a batch of %d files", n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        item_init(&items[i]);
+        if (srcs[i] < 0) {
+            items[i].errnum = EBADF;
+            continue;
+        }
+        fds[k] = srcs[i];
+        map[k] = i;
+        sizes[k] = size_of_fd(srcs[i]);
+        if (++k == MAX_FDS || i == n - 1) {
+            batch_send(c, fds, labels, map, k, sizes, items);
+            k = 0;
+        }
+    }
+    if (k > 0)
+        batch_send(c, fds, labels, map, k, sizes, items);
+    for (int i = 0; i < n; i++) {
+        served += items[i].fd >= 0;
+        c->counts.daemon += items[i].fd >= 0;
+    }
+    return served;
+}
+
+/* -- private files -------------------------------------------------------- */
+
+static int
+check_ns(struct shadowd *c, const char *ns)
+{
+    size_t n = ns ? strlen(ns) : 0;
+    uint64_t most = c->max_namespace ? c->max_namespace : 255;
+    if (n == 0 || n > most || !utf8_ok((const unsigned char *)ns, n)) {
+        fail(c, "", EINVAL, "a namespace is 1 to %llu bytes of UTF-8", (unsigned long long)most);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+private_call(struct shadowd *c, int kind, const char *ns, const struct shadowd_key *key, int memfd,
+             int *miss)
+{
+    struct shadowd_slot_ res;
+    struct request rq = {.kind = kind, .build = build_private, .fds = &memfd,
+                         .nfds = kind == K_PUBLISH ? 1 : 0, .size = key->size, .ns = ns,
+                         .key = key};
+    *miss = 0;
+    if (check_ns(c, ns) || call(c, &rq, &res))
+        return -1;
+    if (res.fd < 0) {
+        *miss = kind == K_LOOKUP && res.failure == F_NONE;
+        if (!*miss && res.error[0] == '\0')
+            fail(c, "", 0, "shadowd sent no descriptor");
+        return -1;
+    }
+    c->size = res.size;
+    c->hit = res.hit;
+    c->route = SHADOWD_ROUTE_DAEMON;
+    c->counts.daemon++;
+    return res.fd;
+}
+
+int
+shadowd_lookup(struct shadowd *c, const char *ns, const struct shadowd_key *key)
+{
+    int miss;
+    ready(c);
+    int fd = private_call(c, K_LOOKUP, ns, key, -1, &miss);
+    if (miss) {
+        c->hit = 0;
+        return SHADOWD_MISS;
+    }
+    return fd;
+}
+
+int
+shadowd_publish(struct shadowd *c, const char *ns, const struct shadowd_key *key, int memfd)
+{
+    int miss;
+    ready(c);
+    return private_call(c, K_PUBLISH, ns, key, memfd, &miss);
+}
+
+/* -- local copies ---------------------------------------------------------- */
+
+/* A new memfd that allows sealing, executable iff *executable*. */
+static int
+new_memfd(int executable)
+{
+    /* Whether the kernel knows MFD_EXEC/MFD_NOEXEC_SEAL (6.3+): 0 unknown. */
+    static int exec_flags = 0;
+    unsigned base = MFD_CLOEXEC | MFD_ALLOW_SEALING;
+    if (exec_flags >= 0) {
+        int fd = memfd_create("shadowd", base | (executable ? MFD_EXEC : MFD_NOEXEC_SEAL));
+        if (fd >= 0) {
+            exec_flags = 1;
+            return fd;
+        }
+        if (errno != EINVAL || exec_flags == 1)
+            return -1;
+        exec_flags = -1;
+    }
+    /* An old kernel: the memfd starts as mode 0777; seal_memfd narrows it. */
+    return memfd_create("shadowd", base);
+}
+
+/* Mode r-x or r--, then the four seals (F_SEAL_EXEC first where known).
+ * EBUSY (pages pinned for a moment right after the copy, or a writable
+ * mapping) is tried again over 70 ms. */
+static int
+seal_memfd(int fd, int executable)
+{
+    static const long delays_ms[] = {10, 20, 40};
+    if (fchmod(fd, executable ? 0555 : 0444) < 0)
+        return -1;
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_EXEC) < 0 && errno != EINVAL)
+        return -1;
+    for (size_t i = 0;; i++) {
+        if (fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS) == 0)
+            return 0;
+        if (errno != EBUSY || i == sizeof delays_ms / sizeof delays_ms[0])
+            return -1;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = delays_ms[i] * 1000000L};
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+    }
+}
+
+/* A new read-only open file description of *fd*'s file (its own offset). */
+static int
+reopen_readonly(int fd)
+{
+    char path[32];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+/* Copy exactly *size* bytes of *src* from offset 0 into *dst*. 0; 1 when
+ * the source holds fewer or more bytes (it changed); -1 error. */
+static int
+copy_bytes(int dst, int src, uint64_t size)
+{
+    off_t off = 0;
+    int use_pread = 0;
+    char buf[65536];
+    while ((uint64_t)off < size) {
+        size_t want = size - (uint64_t)off > 0x7ffff000 ? 0x7ffff000 : (size_t)(size - (uint64_t)off);
+        ssize_t n;
+        if (!use_pread) {
+            n = sendfile(dst, src, &off, want);
+            if (n < 0 && (errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+                use_pread = 1; /* a file system that cannot splice */
+                continue;
+            }
+        } else {
+            n = pread(src, buf, want < sizeof buf ? want : sizeof buf, off);
+            if (n > 0) {
+                for (ssize_t done = 0; done < n;) {
+                    ssize_t w = pwrite(dst, buf + done, (size_t)(n - done), off + done);
+                    if (w < 0 && errno == EINTR)
+                        continue;
+                    if (w < 0)
+                        return -1;
+                    done += w;
+                }
+                off += n;
+            }
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            return 1; /* ended early */
+    }
+    /* One more byte means the file is longer than its stat said. */
+    char extra;
+    ssize_t more;
+    do {
+        more = pread(src, &extra, 1, (off_t)size);
+    } while (more < 0 && errno == EINTR);
+    return more < 0 ? -1 : more > 0;
+}
+
+static int
+same_stat(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+/* Seal *memfd* (filled, read-write) and return a read-only reopen of it;
+ * *memfd* is closed either way. */
+static int
+finish_copy(struct shadowd *c, int memfd, int executable, const char *what)
+{
+    int fd = -1;
+    if (seal_memfd(memfd, executable) == 0)
+        fd = reopen_readonly(memfd);
+    if (fd < 0)
+        fail(c, "", errno, "%s: %s", what, strerror(errno));
+    close(memfd);
+    return fd;
+}
+
+int
+shadowd_copy_fd(struct shadowd *c, int src)
+{
+    struct stat st, after;
+    if (c)
+        ready(c);
+    if (fstat(src, &st) < 0) {
+        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        /* The refusal the daemon gives, so callers handle one code. */
+        fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
+        return -1;
+    }
+    for (int attempt = 0; attempt < 3; attempt++) {
+        int executable = (st.st_mode & 0111) != 0;
+        int memfd = new_memfd(executable);
+        if (memfd < 0) {
+            fail(c, "", errno, "memfd_create: %s", strerror(errno));
+            return -1;
+        }
+        int r = copy_bytes(memfd, src, (uint64_t)st.st_size);
+        if (r < 0) {
+            int err = errno;
+            close(memfd);
+            fail(c, "", err, "copying the file: %s", strerror(err));
+            return -1;
+        }
+        if (r == 0 && fstat(src, &after) == 0 && same_stat(&st, &after))
+            return finish_copy(c, memfd, executable, "sealing the copy");
+        /* It changed under the copy: look again, copy again. */
+        close(memfd);
+        if (fstat(src, &st) < 0) {
+            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+            return -1;
+        }
+    }
+    fail(c, "", EAGAIN, "the file kept changing while it was copied");
+    return -1;
+}
+
+/* -- private files, routed ------------------------------------------------ */
+
+int
+shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd_key *key,
+                     int executable, shadowd_fill_fn fill, void *arg)
+{
+    int miss = 0, fd = -1, asked = 0;
+    struct stat st;
+
+    ready(c);
+    clear(c);
+    if (check_ns(c, ns))
+        return -1;
+    if (shadowd_available(c)) {
+        asked = 1;
+        fd = private_call(c, K_LOOKUP, ns, key, -1, &miss);
+        if (fd >= 0)
+            return fd;
+    } else {
+        c->counts.fast++;
+    }
+    int memfd = new_memfd(executable);
+    if (memfd < 0) {
+        fail(c, "", errno, "memfd_create: %s", strerror(errno));
+        return -1;
+    }
+    if (fill(arg, memfd) != 0) {
+        int err = errno;
+        close(memfd);
+        fail(c, "", err, "the fill callback failed: %s", strerror(err));
+        return -1;
+    }
+    if (fstat(memfd, &st) < 0) {
+        int err = errno;
+        close(memfd);
+        fail(c, "", err, "fstat of the filled memfd: %s", strerror(err));
+        return -1;
+    }
+    if ((uint64_t)st.st_size != key->size) {
+        close(memfd);
+        fail(c, "size-mismatch", 0, "fill wrote %lld bytes; the key says %llu",
+             (long long)st.st_size, (unsigned long long)key->size);
+        return -1;
+    }
+    if (asked && miss) {
+        fd = private_call(c, K_PUBLISH, ns, key, memfd, &miss);
+        if (fd >= 0) {
+            close(memfd);
+            return fd;
+        }
+    }
+    /* The daemon cannot help: seal it here. A memfd that cannot be sealed
+     * (fill kept a writable mapping) is copied first, as the daemon would. */
+    clear(c);
+    c->route = SHADOWD_ROUTE_COPY;
+    c->hit = 0;
+    c->size = key->size;
+    c->counts.copied++;
+    if (seal_memfd(memfd, executable) == 0) {
+        fd = reopen_readonly(memfd);
+        close(memfd);
+        if (fd < 0)
+            fail(c, "", errno, "reopening the sealed file: %s", strerror(errno));
+        return fd;
+    }
+    int copy = new_memfd(executable);
+    if (copy < 0 || copy_bytes(copy, memfd, key->size) != 0) {
+        int err = errno;
+        if (copy >= 0)
+            close(copy);
+        close(memfd);
+        fail(c, "", err, "copying the private file: %s", strerror(err));
+        return -1;
+    }
+    close(memfd);
+    return finish_copy(c, copy, executable, "sealing the private file");
+}
+
+/* -- the process-local tier ------------------------------------------------ */
+
+static void
+version_of(const struct stat *st, struct shadowd_version_ *v)
+{
+    v->dev = (uint64_t)st->st_dev;
+    v->ino = (uint64_t)st->st_ino;
+    v->size = (uint64_t)st->st_size;
+    v->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    v->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec;
+}
+
+static void
+held_drop(struct shadowd *c, int i)
+{
+    struct shadowd_private_ *p = P(c);
+    close(p->held[i].fd);
+    p->held_bytes -= p->held[i].size;
+    p->held[i] = p->held[--p->nheld];
+}
+
+/* Evict least recently used entries until one more of *room* bytes fits. */
+static void
+held_trim(struct shadowd *c, uint64_t room)
+{
+    struct shadowd_private_ *p = P(c);
+    int extra = room > 0;
+    while (p->nheld > 0 && (p->nheld + extra > p->held_max ||
+                            p->held_bytes + room > (uint64_t)p->held_max_bytes)) {
+        int oldest = 0;
+        for (int i = 1; i < p->nheld; i++)
+            if (p->held[i].used < p->held[oldest].used)
+                oldest = i;
+        held_drop(c, oldest);
+    }
+}
+
+/* A reopen of the held memfd of exactly version *v*, or -1. An entry of
+ * the same file in another version is dropped: it will never be right. */
+static int
+held_take(struct shadowd *c, const struct shadowd_version_ *v)
+{
+    struct shadowd_private_ *p = P(c);
+    for (int i = 0; i < p->nheld; i++) {
+        struct shadowd_held_ *h = &p->held[i];
+        if (h->ino != v->ino || h->dev != v->dev)
+            continue;
+        if (h->size != v->size || h->mtime_ns != v->mtime_ns || h->ctime_ns != v->ctime_ns) {
+            held_drop(c, i);
+            return -1;
+        }
+        int fd = reopen_readonly(h->fd);
+        if (fd >= 0 && !sealed(fd)) {
+            close(fd);
+            fd = -1;
+        }
+        if (fd < 0) {
+            held_drop(c, i);
+            return -1;
+        }
+        h->used = ++p->clock;
+        return fd;
+    }
+    return -1;
+}
+
+/* Keep the daemon's *served* fd of version *v* (a duplicate of it: the
+ * tier only ever reopens it, so the shared offset does not matter). */
+static void
+held_put(struct shadowd *c, int served, const struct shadowd_version_ *v)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->held_max <= 0 || v->size > (uint64_t)p->held_max_bytes)
+        return;
+    held_trim(c, v->size ? v->size : 1);
+    if (p->nheld >= p->held_max)
+        return;
+    int fd = fcntl(served, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    struct shadowd_held_ *h = &p->held[p->nheld++];
+    h->dev = v->dev;
+    h->ino = v->ino;
+    h->size = v->size;
+    h->mtime_ns = v->mtime_ns;
+    h->ctime_ns = v->ctime_ns;
+    h->fd = fd;
+    h->used = ++p->clock;
+    p->held_bytes += v->size;
+}
+
+/* After the daemon served *fd* as a hit of the file open at *src*, whose
+ * version before the request was *before*: keep it when the caller's fstat
+ * after the reply is the same. The file's ctime cannot go back, so nothing
+ * changed in between and the daemon's cached version is exactly *before*.
+ * (When a later protocol version says in the reply which version it served,
+ * compare with that here instead.) */
+static void
+keep_if_same(struct shadowd *c, int src, const struct shadowd_version_ *before, int fd,
+             uint64_t served_size)
+{
+    struct stat st;
+    struct shadowd_version_ after;
+    if (src < 0 || fstat(src, &st) < 0)
+        return;
+    version_of(&st, &after);
+    if (memcmp(&after, before, sizeof after) == 0 && served_size == before->size)
+        held_put(c, fd, before);
+}
+
+/* -- routed --------------------------------------------------------------- */
+
+/* Whether to copy here without asking the daemon. */
+static int
+go_local(struct shadowd *c, const struct stat *st)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!shadowd_available(c)) {
+        c->counts.fast++;
+        return 1;
+    }
+    if (st->st_size < p->local_below)
+        return 1;
+    if (c->max_file_size && (uint64_t)st->st_size > c->max_file_size)
+        return 1;
+    long long ctime_ns = (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec;
+    if (p->young_ms > 0 && real_ns() - ctime_ns < (long long)p->young_ms * 1000000LL)
+        return 1;
+    return 0;
+}
+
+/* The fd the routed calls make here: a local copy, counted. */
+static int
+copy_here(struct shadowd *c, int src, uint64_t size)
+{
+    int fd = shadowd_copy_fd(c, src);
+    if (fd < 0)
+        return -1;
+    clear(c);
+    c->route = SHADOWD_ROUTE_COPY;
+    c->hit = 0;
+    c->size = size;
+    c->counts.copied++;
+    return fd;
+}
+
+/* The label of *src* when the caller gave none that is absolute. */
+static const char *
+label_of(int src, const char *label, char *buf, size_t len)
+{
+    if (label && label[0] == '/')
+        return label;
+    char path[32];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", src);
+    ssize_t n = readlink(path, buf, len - 1);
+    if (n <= 0 || buf[0] != '/')
+        return NULL;
+    buf[n] = '\0';
+    return buf;
+}
+
+/* The routed open of *src*: tier, local rules, daemon, local copy. With
+ * *want_label*, a missing label is read from /proc/self/fd (only when the
+ * daemon is asked). */
+static int
+routed(struct shadowd *c, int src, const char *label, int want_label)
+{
+    struct stat st;
+    struct shadowd_version_ v;
+
+    clear(c);
+    c->route = SHADOWD_ROUTE_NONE;
+    c->hit = 0;
+    if (fstat(src, &st) < 0) {
+        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
+        return -1;
+    }
+    version_of(&st, &v);
+    int fd = held_take(c, &v);
+    if (fd >= 0) {
+        c->route = SHADOWD_ROUTE_HELD;
+        c->hit = 1;
+        c->size = v.size;
+        c->counts.held++;
+        return fd;
+    }
+    if (!go_local(c, &st)) {
+        char buf[LABEL_MAX + 1];
+        if (want_label)
+            label = label_of(src, label, buf, sizeof buf);
+        fd = open_through_daemon(c, src, label, v.size);
+        if (fd >= 0) {
+            if (c->hit)
+                keep_if_same(c, src, &v, fd, c->size);
+            return fd;
+        }
+    }
+    return copy_here(c, src, v.size);
+}
+
+int
+shadowd_open_routed_fd(struct shadowd *c, int src, const char *label)
+{
+    ready(c);
+    return routed(c, src, label, 0);
+}
+
+int
+shadowd_open_routed(struct shadowd *c, const char *path)
+{
+    ready(c);
+    int src = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (src < 0) {
+        fail(c, "", errno, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    int fd = routed(c, src, path, path[0] != '/');
+    close(src);
+    return fd;
+}
+
+int
+shadowd_openat(struct shadowd *c, int dirfd, const char *path, int flags)
+{
+    ready(c);
+    clear(c);
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_PATH | O_TMPFILE))) {
+        fail(c, "", EINVAL, "%s: shadowd serves read-only opens only", path);
+        return -1;
+    }
+    int src = openat(dirfd, path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC | (flags & O_NOFOLLOW));
+    if (src < 0) {
+        fail(c, "", errno, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    int fd = routed(c, src, path, path[0] != '/');
+    close(src);
+    return fd;
+}
+
+int
+shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const *labels, int n,
+                          struct shadowd_item *items)
+{
+    int fds[ROUTED_CHUNK], map[ROUTED_CHUNK];
+    uint64_t sizes[ROUTED_CHUNK];
+    struct shadowd_version_ vs[ROUTED_CHUNK];
+    int k = 0, served = 0;
+
+    ready(c);
+    clear(c);
+    if (n < 0) {
+        fail(c, "", EINVAL, "a batch of %d files", n);
+        return -1;
+    }
+    for (int i = 0; i <= n; i++) {
+        if (i < n) {
+            struct stat st;
+            struct shadowd_item *it = &items[i];
+            item_init(it);
+            if (srcs[i] < 0 || fstat(srcs[i], &st) < 0) {
+                it->errnum = srcs[i] < 0 ? EBADF : errno;
+                continue;
+            }
+            if (!S_ISREG(st.st_mode)) {
+                snprintf(it->code, sizeof it->code, "not-regular");
+                it->errnum = EINVAL;
+                continue;
+            }
+            version_of(&st, &vs[k]);
+            it->size = vs[k].size;
+            if ((it->fd = held_take(c, &vs[k])) >= 0) {
+                it->route = SHADOWD_ROUTE_HELD;
+                it->hit = 1;
+                c->counts.held++;
+                continue;
+            }
+            if (go_local(c, &st)) {
+                it->fd = copy_here(c, srcs[i], it->size);
+                it->route = it->fd >= 0 ? SHADOWD_ROUTE_COPY : SHADOWD_ROUTE_NONE;
+                if (it->fd < 0) {
+                    it->errnum = c->errnum;
+                    snprintf(it->code, sizeof it->code, "%s", c->code);
+                }
+                continue;
+            }
+            fds[k] = srcs[i];
+            map[k] = i;
+            sizes[k] = vs[k].size;
+            if (++k < ROUTED_CHUNK && i < n - 1)
+                continue;
+        }
+        if (k == 0)
+            continue;
+        batch_send(c, fds, labels, map, k, sizes, items);
+        for (int j = 0; j < k; j++) {
+            struct shadowd_item *it = &items[map[j]];
+            if (it->fd >= 0) {
+                c->counts.daemon++;
+                if (it->hit)
+                    keep_if_same(c, fds[j], &vs[j], it->fd, it->size);
+                continue;
+            }
+            it->fd = copy_here(c, fds[j], sizes[j]);
+            it->hit = 0;
+            it->route = it->fd >= 0 ? SHADOWD_ROUTE_COPY : SHADOWD_ROUTE_NONE;
+            it->errnum = it->fd >= 0 ? 0 : c->errnum;
+            snprintf(it->code, sizeof it->code, "%s", it->fd >= 0 ? "" : c->code);
+        }
+        k = 0;
+    }
+    for (int i = 0; i < n; i++)
+        served += items[i].fd >= 0;
+    clear(c);
+    return served;
+}
+
+/* -- pipelined ------------------------------------------------------------ */
+
+/* Send an open of *src* as an owned request; a connection that broke is
+ * made again once. The slot, or NULL (error set). */
+static struct shadowd_slot_ *
+submit_open(struct shadowd *c, int src, const char *label, uint64_t size)
+{
+    struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
+                         .size = size, .label = label};
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fresh = !P(c)->live, failure;
+        if (start(c, 0))
+            return NULL;
+        struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
+        if (s != NULL)
+            return s;
+        if (failure != F_BROKEN)
+            return NULL;
+        if (fresh || attempt == 1) {
+            trip(c, c->error);
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+long long
+shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag)
+{
+    ready(c);
+    clear(c);
+    struct shadowd_slot_ *s = submit_open(c, src, label, size_of_fd(src));
+    if (s == NULL)
+        return -1;
+    s->tag = tag;
+    return s->id;
+}
+
+long long
+shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, int *fd_now)
+{
+    struct stat st;
+    struct shadowd_version_ v;
+
+    ready(c);
+    clear(c);
+    *fd_now = -1;
+    c->route = SHADOWD_ROUTE_NONE;
+    c->hit = 0;
+    if (fstat(src, &st) < 0) {
+        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
+        return -1;
+    }
+    version_of(&st, &v);
+    if ((*fd_now = held_take(c, &v)) >= 0) {
+        c->route = SHADOWD_ROUTE_HELD;
+        c->hit = 1;
+        c->size = v.size;
+        c->counts.held++;
+        return 0;
+    }
+    if (!go_local(c, &st)) {
+        /* A duplicate of src, to check its fstat (or copy it) at collect. */
+        int keep = fcntl(src, F_DUPFD_CLOEXEC, 0);
+        if (keep >= 0) {
+            char buf[LABEL_MAX + 1];
+            struct shadowd_slot_ *s = submit_open(c, src, label_of(src, label, buf, sizeof buf),
+                                                  v.size);
+            if (s != NULL) {
+                s->tag = tag;
+                s->routed = 1;
+                s->src = keep;
+                s->before = v;
+                return s->id;
+            }
+            close(keep);
+        }
+    }
+    *fd_now = copy_here(c, src, v.size);
+    return *fd_now >= 0 ? 0 : -1;
+}
+
+int
+shadowd_fd(struct shadowd *c)
+{
+    ready(c);
+    return P(c)->live ? c->sock : -1;
+}
+
+int
+shadowd_poll_timeout(struct shadowd *c)
+{
+    ready(c);
+    long long until = 0;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        const struct shadowd_slot_ *s = &P(c)->slots[i];
+        if (s->owned && s->state == READY)
+            return 0;
+    }
+    if (P(c)->live)
+        until = earliest_deadline(c);
+    if (until == 0)
+        return -1;
+    long long left = until - mono_us();
+    return left <= 0 ? 0 : (int)((left + 999) / 1000);
+}
+
+int
+shadowd_collect(struct shadowd *c, struct shadowd_result *out)
+{
+    ready(c);
+    after_fork(c);
+    if (P(c)->live) {
+        drain(c);
+        check_deadlines(c, mono_us());
+    }
+    struct shadowd_slot_ *s = NULL;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        struct shadowd_slot_ *t = &P(c)->slots[i];
+        if (t->owned && t->state == READY && (s == NULL || t->seq < s->seq))
+            s = t;
+    }
+    if (s == NULL)
+        return 0;
+    memset(out, 0, sizeof *out);
+    out->id = s->id;
+    out->tag = s->tag;
+    out->fd = s->fd;
+    out->hit = s->hit;
+    out->size = s->size;
+    out->errnum = s->errnum;
+    out->route = s->fd >= 0 ? SHADOWD_ROUTE_DAEMON : SHADOWD_ROUTE_NONE;
+    snprintf(out->code, sizeof out->code, "%s", s->code);
+    snprintf(out->error, sizeof out->error, "%s", s->error);
+    if (s->fd >= 0) {
+        c->counts.daemon++;
+        if (s->routed && s->hit)
+            keep_if_same(c, s->src, &s->before, s->fd, s->size);
+    } else if (s->routed) {
+        /* The daemon did not serve it: copied here, as the routed open does. */
+        out->fd = copy_here(c, s->src, s->before.size);
+        out->route = out->fd >= 0 ? SHADOWD_ROUTE_COPY : SHADOWD_ROUTE_NONE;
+        out->hit = 0;
+        out->size = s->before.size;
+        out->errnum = out->fd >= 0 ? 0 : c->errnum;
+        snprintf(out->code, sizeof out->code, "%s", out->fd >= 0 ? "" : c->code);
+        snprintf(out->error, sizeof out->error, "%.159s", out->fd >= 0 ? "" : c->error);
+    }
+    s->fd = -1; /* the caller's now */
+    slot_free(s);
+    return 1;
+}
+
+int
+shadowd_cancel(struct shadowd *c, long long id)
+{
+    ready(c);
+    struct shadowd_slot_ *s = id > 0 ? slot_find(c, (uint64_t)id) : NULL;
+    if (s == NULL || !s->owned || s->state == CANCELLED) {
+        fail(c, "", ENOENT, "no pending request %lld", id);
+        return -1;
+    }
+    if (s->state == READY) {
+        slot_free(s); /* closes its fd */
+        return 0;
+    }
+    s->state = CANCELLED; /* its reply's fds are closed when it comes */
+    if (s->src >= 0)
+        close(s->src);
+    s->src = -1;
+    return 0;
+}
+
+int
+shadowd_pending(struct shadowd *c)
+{
+    ready(c);
+    int n = 0;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        const struct shadowd_slot_ *s = &P(c)->slots[i];
+        n += s->owned && (s->state == SENT || s->state == READY);
+    }
+    return n;
+}
+
 void
 shadowd_close(struct shadowd *c)
 {
-    if (c->sock >= 0)
-        close(c->sock);
+    struct shadowd_private_ *p = P(c);
+    if (p->magic != MAGIC)
+        return; /* zero-filled or never used: nothing here is ours */
+    if (p->live)
+        close(c->sock); /* (in a forked child: its own copy) */
     c->sock = -1;
+    p->live = 0;
+    p->hello = H_NONE;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
+        if (p->slots[i].id != 0)
+            slot_free(&p->slots[i]);
+    while (p->nheld > 0)
+        held_drop(c, p->nheld - 1);
 }

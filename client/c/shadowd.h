@@ -1,10 +1,46 @@
 /*
- * shadowd's wire protocol (docs/protocol.md, version 1) from C: connect, say
- * hello, open files. For supervisors written in C; two files, no
- * dependencies, no allocation. Build: cc -O2 -c shadowd.c
+ * shadowd's wire protocol (docs/protocol.md, version 1) from C, and the open
+ * path a supervisor needs around it. Two files, no dependencies, C99 with
+ * GNU extensions, Linux. Build: cc -O2 -c shadowd.c. See client/c/README.md.
  *
- * Every fd it returns carries the four seals (checked here) and is the
- * caller's to close. It never keeps an fd the caller was not given.
+ * Every fd it returns is a sealed (the four seals, checked here), read-only
+ * memfd with its own file offset, and is the caller's to close. It never
+ * keeps an fd the caller was not given, except the ones it says it keeps:
+ * its connection, the memfds of the process-local tier (shadowd_open_routed)
+ * and the replies of pipelined requests not yet collected. Nothing here
+ * allocates memory: every table is a bounded array inside struct shadowd
+ * (about 120 KiB: keep it static or on the heap rather than on a small
+ * thread stack). Not thread-safe: one struct per thread, or a lock around it.
+ *
+ * Never stalled by the daemon. Each call waits for the daemon at most:
+ *   - connect + hello: 250 ms by default. A healthy daemon answers a hello
+ *     in well under a millisecond; 250 ms covers a loaded host, and a daemon
+ *     slower than that is better left alone for a while (local copies are
+ *     the status quo, not an error).
+ *   - a reply: 250 ms plus 4 ms per MiB of the file by default. A hit takes
+ *     well under a millisecond, but in protocol v1 a miss waits while the
+ *     daemon copies the file: 4 ms per MiB allows a read at 250 MB/s (a
+ *     cold SSD; a copy from the page cache runs at several GB/s here), so a
+ *     legitimate miss of a 256 MiB file is not taken for a hung daemon.
+ * Both settable at run time (shadowd_set_timeouts); SHADOWD_TIMEOUT_SECONDS
+ * (30 unless defined when compiling shadowd.c) is the ceiling of all.
+ * Signals do not stretch a wait: it ends at its deadline.
+ *
+ * Circuit breaker: a timeout, a refused or broken connection (once a new one
+ * also failed), a daemon that is gone or turns this client away opens it.
+ * Then every call that would talk to the daemon fails at once with code
+ * "unavailable" (the routed calls copy locally instead) until the backoff
+ * window ends: 1 s at first, doubled after every failed retry, at most
+ * 30 s (shadowd_set_backoff). The first call after the window tries the
+ * daemon again. One log line when the daemon goes away, one when it is
+ * back (stderr; shadowd_set_log redirects or silences them).
+ *
+ * Codes in `code`: the daemon's error codes (docs/protocol.md: "not-regular",
+ * "file-too-large", ...), and the client's own, which the daemon never
+ * sends: "unavailable" (the daemon could not be reached, did not answer in
+ * time, broke the connection, or the breaker is open) and "" (anything else
+ * that went wrong here: then `errnum` holds the errno when a system call
+ * failed, say opening the source, and `error` says what happened).
  */
 #ifndef SHADOWD_H
 #define SHADOWD_H
@@ -16,40 +52,322 @@
 extern "C" {
 #endif
 
-struct shadowd {
-    int sock;               /* the connection; -1 when closed */
-    uint32_t next_id;       /* the next request's id */
-    uint64_t max_request;   /* the daemon's limit on a request, from its hello */
-    int shortened;          /* the socket's timeouts were cut short (see shadowd.c) */
-    uint64_t size;          /* of the last file opened */
-    int hit;                /* whether it came from the cache */
-    char code[32];          /* the daemon's error code of the last refusal, or "" */
-    char error[256];        /* what went wrong, for a person */
-    char socket_path[108];  /* where it connected, to connect again */
+#define SHADOWD_HELD_SLOTS 256    /* most files the process-local tier can hold */
+#define SHADOWD_MAX_PENDING 64    /* most requests in flight (and replies uncollected) */
+#define SHADOWD_REQUEST_BUF 16384 /* largest request this client writes */
+#define SHADOWD_REPLY_BUF 65536   /* largest reply it reads (a batch of 250 errors fits) */
+#define SHADOWD_MISS (-2)         /* shadowd_lookup: the daemon does not have the file */
+#define SHADOWD_UNAVAILABLE "unavailable" /* the client's own code (see above) */
+
+/* How a routed open was served (the `route` field). */
+enum shadowd_route {
+    SHADOWD_ROUTE_NONE = 0,
+    SHADOWD_ROUTE_DAEMON = 1, /* the daemon's reply */
+    SHADOWD_ROUTE_HELD = 2,   /* reopened from the process-local tier, no request */
+    SHADOWD_ROUTE_COPY = 3,   /* copied here (shadowd_copy_fd) */
 };
 
-/* The socket path the daemon uses by default: $SHADOWD_SOCKET, else
- * $XDG_RUNTIME_DIR/shadowd/shadowd.sock (a user), /run/shadowd/shadowd.sock
- * (root). NULL when there is none (error in *out untouched). */
+/* A private file's key: what the caller's own fstat of it says. */
+struct shadowd_key {
+    uint64_t ino, size;
+    int64_t mtime_ns, ctime_ns;
+    int has_ctime; /* 0: the file system has no ctime (sent as nil) */
+};
+
+/* One item of a batch: an fd, or -1 and why not. */
+struct shadowd_item {
+    int fd;         /* the caller's; -1 when not served */
+    int hit;        /* from the cache (or the process-local tier) */
+    int route;      /* enum shadowd_route */
+    int errnum;     /* errno when a system call failed for this item, else 0 */
+    uint64_t size;
+    char code[32];  /* as c->code, "" when served */
+};
+
+/* A collected pipelined request. */
+struct shadowd_result {
+    long long id;   /* what the submit returned */
+    void *tag;      /* what the caller passed to the submit */
+    int fd;         /* the caller's; -1 when not served */
+    int hit, route, errnum;
+    uint64_t size;
+    char code[32];
+    char error[160];
+};
+
+/* Write one log line (no newline) somewhere; see shadowd_set_log. */
+typedef void (*shadowd_log_fn)(void *arg, const char *line);
+
+/* Write a private file's key->size bytes into *memfd* (offset 0 onwards;
+ * write, ftruncate+mmap, whatever); 0, or -1 to give up (errno kept). */
+typedef int (*shadowd_fill_fn)(void *arg, int memfd);
+
+/* -- internals: use the functions below, never these fields ---------------- */
+struct shadowd_held_ {
+    uint64_t dev, ino, size, used;
+    int64_t mtime_ns, ctime_ns;
+    int fd;
+};
+
+struct shadowd_version_ {
+    uint64_t dev, ino, size;
+    int64_t mtime_ns, ctime_ns;
+};
+
+struct shadowd_slot_ {
+    uint32_t id;               /* 0: free */
+    uint8_t state, kind, routed, owned;
+    int fd, src, hit, route, errnum, failure;
+    uint64_t size, seq;
+    long long deadline;
+    void *tag;
+    struct shadowd_item *items;
+    const int *map;
+    int nitems;
+    struct shadowd_version_ before;
+    char code[32];
+    char error[160];
+};
+
+struct shadowd_private_ {
+    uint64_t magic;
+    int live, hello, explicit_path, log_set, pid, last_failure;
+    long long hello_deadline;
+    int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
+    long long local_below, held_max_bytes;
+    int held_max;
+    shadowd_log_fn log;
+    void *log_arg;
+    int down, backoff_ms;
+    long long down_until, down_since;
+    char down_why[200];
+    char looked[300];
+    int nheld;
+    uint64_t held_bytes, clock, seq;
+    struct shadowd_held_ held[SHADOWD_HELD_SLOTS];
+    struct shadowd_slot_ slots[SHADOWD_MAX_PENDING];
+    uint8_t wbuf[SHADOWD_REQUEST_BUF];
+    uint8_t rbuf[SHADOWD_REPLY_BUF];
+};
+/* -------------------------------------------------------------------------- */
+
+/*
+ * One per thread. Start it zero-filled (`struct shadowd c = {0};`, or
+ * `{.sock = -1}` as before) or with shadowd_init; any call sets it up on
+ * first use. The fields below are for reading; they describe the last call.
+ */
+struct shadowd {
+    int sock;               /* the connection; -1 when there is none */
+    uint32_t next_id;       /* the next request's id */
+    uint64_t max_request;   /* the daemon's limits, from its hello (0: not known yet) */
+    uint64_t max_batch, max_file_size, max_inflight, max_namespace;
+    uint64_t size;          /* of the last file opened */
+    int hit;                /* whether it came from the cache (daemon or tier) */
+    int route;              /* enum shadowd_route, for the routed calls */
+    int errnum;             /* errno of the system call that failed, or 0 */
+    char code[32];          /* the daemon's code, the client's own, or "" (above) */
+    char error[256];        /* what went wrong, for a person */
+    char socket_path[108];  /* where it connects */
+    struct {
+        uint64_t daemon;    /* fds the daemon served */
+        uint64_t held;      /* fds reopened from the process-local tier */
+        uint64_t copied;    /* fds copied here by the routed calls */
+        uint64_t fast;      /* calls failed (or routed local) at once by the breaker */
+    } counts;
+    struct shadowd_private_ priv_;
+};
+
+/* ---- setting up --------------------------------------------------------- */
+
+/* Zero-fill *c* and set the defaults: for a struct of unknown contents
+ * (malloc, the stack). Never closes anything: not for a struct in use. */
+void shadowd_init(struct shadowd *c);
+
+/* The socket path of the one rule every client follows: $SHADOWD_SOCKET
+ * when set and not empty; else the first of these that is a socket
+ * (lstat): $XDG_RUNTIME_DIR/shadowd/shadowd.sock, or without it
+ * /run/user/<euid>/shadowd/shadowd.sock (not for root), then
+ * /run/shadowd/shadowd.sock; else the first of them. Written to *buf*
+ * unless it is $SHADOWD_SOCKET itself; NULL when *buf* is too small. */
 const char *shadowd_default_socket(char *buf, size_t len);
 
-/* Connect to *socket_path* (NULL: the default) and say hello. 0, or -1 with
- * c->error set. Every call waits at most 30 s for the daemon, signals or
- * not. Not thread-safe: one struct per thread, or a lock around it. */
+/* Connect to *socket_path* (NULL: shadowd_default_socket, looked up again
+ * at every reconnection) and say hello. 0, or -1 with code and error set
+ * (the error names the places looked at). Drops a connection *c* had (its
+ * pipelined requests fail); keeps the settings and the process-local tier.
+ * Calling it is optional: every call below connects when it needs to. */
 int shadowd_connect(struct shadowd *c, const char *socket_path);
 
-/* A sealed, read-only fd with the bytes of *path*, opened here and passed
- * as the proof that we may read it. -1 on failure: c->code holds the
- * daemon's code when it refused (say "not-regular"), "" otherwise. A
- * connection that broke (the daemon restarted) is made again, once; one
- * that failed otherwise is closed, and the next call connects again. */
+/* Where to connect, without connecting now: *socket_path*, or NULL for
+ * the socket rule (looked up at every connection). 0, or -1 when the path
+ * does not fit in a socket address. */
+int shadowd_set_socket(struct shadowd *c, const char *socket_path);
+
+/* Close the connection, every fd of an uncollected pipelined reply and of
+ * the process-local tier. Fds already returned stay valid. Safe on a
+ * zero-filled struct (it closes nothing) and twice; *c* can be used again
+ * (settings and breaker kept). */
+void shadowd_close(struct shadowd *c);
+
+/* Timeouts in ms (see the top of this file); a negative value keeps the
+ * default. Clamped to SHADOWD_TIMEOUT_SECONDS. */
+void shadowd_set_timeouts(struct shadowd *c, int connect_ms, int reply_ms, int reply_ms_per_mib);
+
+/* The breaker's first window and its cap, in ms; negative: the default
+ * (1000, 30000). first_ms 0: never fail fast (every call tries the daemon;
+ * the log lines still come). */
+void shadowd_set_backoff(struct shadowd *c, int first_ms, int max_ms);
+
+/* Where the breaker's two log lines go: fn(arg, line); fn NULL: nowhere.
+ * Never called: stderr, as "shadowd: ..." lines. fn runs inside a call on
+ * *c* and must not call shadowd functions on *c* itself. */
+void shadowd_set_log(struct shadowd *c, shadowd_log_fn fn, void *arg);
+
+/* 1 when a call would try the daemon now, 0 while the breaker is open. */
+int shadowd_available(struct shadowd *c);
+
+/* ---- through the daemon ------------------------------------------------- */
+
+/* A sealed, read-only fd with the bytes of *path*, opened here
+ * (O_RDONLY|O_NONBLOCK|O_CLOEXEC) and passed as the proof that we may read
+ * it. -1 on failure: code holds the daemon's code when it refused (say
+ * "not-regular"), "unavailable" when the daemon was not reached or did not
+ * answer in time, "" otherwise. A connection that broke (the daemon
+ * restarted) is made again, once; one that failed otherwise is closed, and
+ * a later call connects again (after the breaker's window). */
 int shadowd_open(struct shadowd *c, const char *path);
 
 /* Like shadowd_open for an fd the caller opened for reading (it stays the
- * caller's); *label* (may be NULL) names the file in the daemon's stats. */
+ * caller's); *label* (may be NULL) names the file in the daemon's stats:
+ * it is sent only when absolute, valid UTF-8 and within max_request. */
 int shadowd_open_fd(struct shadowd *c, int src, const char *label);
 
-void shadowd_close(struct shadowd *c);
+/* Open n files: items[i] for srcs[i] (labels may be NULL, or hold NULLs).
+ * One round trip per max_batch files. Returns how many were served (each
+ * item says why not: the daemon's code, or "unavailable"; a src < 0 gets
+ * errnum EBADF); -1 only for n < 0. */
+int shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels, int n,
+                       struct shadowd_item *items);
+
+/* ---- private files (no host fd: say, a disk image's) -------------------- */
+
+/* The daemon's copy of the file of this uid, *ns* (1 to 255 bytes of UTF-8,
+ * say a digest of the image) and *key*: an fd, SHADOWD_MISS, or -1. */
+int shadowd_lookup(struct shadowd *c, const char *ns, const struct shadowd_key *key);
+
+/* Hand *memfd* (holding exactly key->size bytes; best a memfd made with
+ * MFD_ALLOW_SEALING, read-write) to the daemon, which seals it in place or
+ * copies it; returns a sealed read-only fd of what it keeps (another
+ * publisher's copy when one was first: then hit is 1), or -1. *memfd*
+ * stays the caller's. */
+int shadowd_publish(struct shadowd *c, const char *ns, const struct shadowd_key *key, int memfd);
+
+/* lookup; on a miss, fill(arg, memfd) into a fresh memfd made here
+ * (executable iff *executable*), checked to hold key->size bytes, then
+ * publish. Never fails because of the daemon: when it cannot help, the
+ * filled memfd is sealed here (fill runs at most once per call). -1 when
+ * fill fails (errnum) or writes the wrong size (code "size-mismatch"). */
+int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd_key *key,
+                         int executable, shadowd_fill_fn fill, void *arg);
+
+/* ---- routed: what a supervisor calls on its open path --------------------
+ *
+ * Never fails because of the daemon; -1 only when the file itself cannot
+ * be opened or read (errnum), or is not a regular file (code
+ * "not-regular"). Cheapest first:
+ *   1. the process-local tier: a version of this file (st_dev, st_ino) this
+ *      process got from the daemon as a cache hit, whose (size, mtime_ns,
+ *      ctime_ns) equal the caller's fstat now, is reopened through
+ *      /proc/self/fd/N (a new open file description; seals checked): no
+ *      request at all;
+ *   2. copied here (shadowd_copy_fd) without asking: while the breaker is
+ *      open; files below `local_below` bytes (cheaper to copy than to ask);
+ *      files above the daemon's max_file_size; files whose ctime is younger
+ *      than `young_ms` (the daemon serves them but would not cache them);
+ *   3. the daemon; and when it fails for any reason, copied here.
+ * A daemon reply with hit true goes into the tier when the caller's fstat
+ * after the reply equals the one before it (ctime never goes back, so the
+ * daemon served exactly that version). The tier is bounded by entries and
+ * bytes (least recently used goes first) and holds only memfds. */
+int shadowd_open_routed(struct shadowd *c, const char *path);
+int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
+
+/* The routed open of *path* relative to *dirfd* (AT_FDCWD, or a directory
+ * fd), as openat would: the source is opened with
+ * O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC plus the caller's O_NOFOLLOW.
+ * *flags* must ask for reading only (no O_WRONLY/O_RDWR, O_CREAT, O_TRUNC,
+ * O_PATH, O_TMPFILE): EINVAL otherwise. */
+int shadowd_openat(struct shadowd *c, int dirfd, const char *path, int flags);
+
+/* The routed calls of n files at once: items[i] for srcs[i]; those that go
+ * to the daemon go in batches. Returns how many were served. */
+int shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const *labels,
+                              int n, struct shadowd_item *items);
+
+/* Routing settings: files below *local_below* bytes are copied here
+ * (negative: the default, measured on the project's machines; 0: never by
+ * size); files whose ctime is younger than *young_ms* are copied here
+ * (negative: the daemon's default racy window, 1000; 0: never by age). */
+void shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms);
+
+/* The process-local tier's bounds: at most *max_entries* files (up to
+ * SHADOWD_HELD_SLOTS; 0 turns it off) and *max_bytes* bytes of them;
+ * negative: the defaults (128 files, 64 MiB). Shrinking evicts. */
+void shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes);
+
+/* The local copy: the same kind of fd the daemon serves, made here from the
+ * regular file open at *src* (kept the caller's): a memfd created with
+ * MFD_EXEC or MFD_NOEXEC_SEAL (plain on kernels without them), mode 0555
+ * when the source has an execute bit else 0444, the four seals (EBUSY
+ * retried for 70 ms), reopened read-only. A copy during which the source's
+ * fstat changed is made again (three tries). *c* may be NULL (errno then
+ * says what failed). */
+int shadowd_copy_fd(struct shadowd *c, int src);
+
+/* ---- pipelined, for poll loops ------------------------------------------
+ *
+ * Submit now, poll shadowd_fd(c) for POLLIN with shadowd_poll_timeout(c),
+ * then shadowd_collect until it returns 0. Replies are matched by id, in
+ * any order. Nothing here waits on the daemon: connecting is non-blocking
+ * and the hello goes out with the first request. A request not answered
+ * within its timeout fails (and opens the breaker) when shadowd_collect
+ * runs after its deadline. The fd of a reply nobody collects is closed:
+ * at its arrival when the request was cancelled, by shadowd_cancel when it
+ * had arrived, by shadowd_close otherwise. The sync calls above may be
+ * mixed in; replies to pipelined requests that arrive meanwhile wait.
+ */
+
+/* Send an open of *src* (the caller may close it once this returns);
+ * *tag* comes back with the result. The id (> 0), or -1 (code, error:
+ * "unavailable" from the breaker, errnum EAGAIN when SHADOWD_MAX_PENDING
+ * requests are pending or the socket is full). */
+long long shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag);
+
+/* The routed open, pipelined: 0 with *fd_now set when the file is served
+ * at once (tier or local copy, `route` says which); an id (> 0) when a
+ * request went to the daemon (its result always has an fd unless the file
+ * cannot be read: a failed request is copied here when collected, from a
+ * duplicate of *src* kept until then); -1 on failure as the routed open. */
+long long shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag,
+                                int *fd_now);
+
+/* The fd to poll for POLLIN, or -1 when there is no connection. It may
+ * change after any call (a reconnection): ask again before each poll. */
+int shadowd_fd(struct shadowd *c);
+
+/* How long a poll may sleep, in ms: 0 when a result is ready to collect,
+ * the time to the earliest deadline of a pending request, -1 when none. */
+int shadowd_poll_timeout(struct shadowd *c);
+
+/* Read what has arrived (never waits) and hand out one finished request:
+ * 1 with *out filled, 0 when none is finished. */
+int shadowd_collect(struct shadowd *c, struct shadowd_result *out);
+
+/* Forget a pending request: 0, or -1 when *id* is not pending. */
+int shadowd_cancel(struct shadowd *c, long long id);
+
+/* How many submitted requests are not collected yet. */
+int shadowd_pending(struct shadowd *c);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,459 @@
+/*
+ * The test driver of client/c (tests/test_c_client.py compiles it with
+ * client/c/shadowd.c): reads one command per line on stdin, runs it through
+ * the C client's API, and answers with one JSON object per line on stdout.
+ * Every fd a command gets is described (seals, mode, access mode, whether
+ * it is a memfd, its size, an FNV-1a hash of its bytes) and closed, unless
+ * the command keeps it.
+ *
+ * Must never: keep an fd the command did not say it keeps (the tests count
+ * this process's fds); print anything on stdout but the answers.
+ */
+#define _GNU_SOURCE
+#include "shadowd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <dirent.h>
+
+#ifndef F_GET_SEALS
+#define F_GET_SEALS 1034
+#endif
+
+static struct shadowd c; /* zero-filled: the client sets it up on first use */
+static char out[1 << 16];
+static size_t used;
+
+static void
+emit(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void
+emit(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out + used, sizeof out - used, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        used += (size_t)n < sizeof out - used ? (size_t)n : sizeof out - used - 1;
+}
+
+static void
+emit_str(const char *key, const char *s)
+{
+    emit("\"%s\": \"", key);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            emit("\\%c", ch);
+        else if (ch < 0x20 || ch >= 0x7f)
+            emit("\\u%04x", ch);
+        else
+            emit("%c", ch);
+    }
+    emit("\", ");
+}
+
+static void
+done(void)
+{
+    /* Drop the trailing ", " of the last field. */
+    if (used >= 2 && out[used - 2] == ',')
+        used -= 2;
+    printf("{%.*s}\n", (int)used, out);
+    fflush(stdout);
+    used = 0;
+}
+
+static double
+now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec / 1e3;
+}
+
+static int
+count_fds(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n - 1; /* opendir's own */
+}
+
+/* Describe *fd* and, unless *keep*, close it. */
+static void
+describe(const char *prefix, int fd, int keep)
+{
+    struct stat st;
+    char link[64], target[256];
+    emit("\"%sfd\": %d, ", prefix, fd);
+    if (fd < 0)
+        return;
+    fstat(fd, &st);
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    target[n > 0 ? n : 0] = '\0';
+    uint64_t hash = 14695981039346656037ULL;
+    char buf[65536];
+    off_t off = 0;
+    ssize_t got;
+    while ((got = pread(fd, buf, sizeof buf, off)) > 0) {
+        for (ssize_t i = 0; i < got; i++)
+            hash = (hash ^ (unsigned char)buf[i]) * 1099511628211ULL;
+        off += got;
+    }
+    emit("\"%sseals\": %d, \"%smode\": %d, \"%saccmode\": %d, \"%smemfd\": %s, "
+         "\"%sfsize\": %lld, \"%shash\": \"%016llx\", \"%soffset\": %lld, ",
+         prefix, fcntl(fd, F_GET_SEALS), prefix, (int)(st.st_mode & 07777), prefix,
+         fcntl(fd, F_GETFL) & O_ACCMODE, prefix, strncmp(target, "/memfd:", 7) == 0 ? "true" : "false",
+         prefix, (long long)st.st_size, prefix, (unsigned long long)hash, prefix,
+         (long long)lseek(fd, 0, SEEK_CUR));
+    if (!keep)
+        close(fd);
+}
+
+static const char *
+route_name(int route)
+{
+    switch (route) {
+    case SHADOWD_ROUTE_DAEMON: return "daemon";
+    case SHADOWD_ROUTE_HELD: return "held";
+    case SHADOWD_ROUTE_COPY: return "copy";
+    default: return "none";
+    }
+}
+
+static void
+status(double started)
+{
+    emit("\"us\": %.1f, \"hit\": %s, \"size\": %llu, \"route\": \"%s\", \"errnum\": %d, ",
+         now_us() - started, c.hit ? "true" : "false", (unsigned long long)c.size,
+         route_name(c.route), c.errnum);
+    emit_str("code", c.code);
+    emit_str("error", c.error);
+}
+
+static void
+item(const struct shadowd_item *it)
+{
+    emit("{");
+    describe("", it->fd, 0);
+    emit("\"hit\": %s, \"route\": \"%s\", \"errnum\": %d, ", it->hit ? "true" : "false",
+         route_name(it->route), it->errnum);
+    emit_str("code", it->code);
+    if (used >= 2 && out[used - 2] == ',')
+        used -= 2;
+    emit("}, ");
+}
+
+struct fill_arg {
+    const char *data;
+    int ran;
+};
+
+static int
+fill(void *arg, int memfd)
+{
+    struct fill_arg *a = arg;
+    a->ran++;
+    size_t n = strlen(a->data);
+    return write(memfd, a->data, n) == (ssize_t)n ? 0 : -1;
+}
+
+static void
+logged(void *arg, const char *line)
+{
+    (void)arg;
+    fprintf(stderr, "LOG %s\n", line);
+}
+
+static int
+open_src(const char *path)
+{
+    return open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+}
+
+static void
+result(const struct shadowd_result *r)
+{
+    emit("{\"id\": %lld, \"tag\": %ld, ", r->id, (long)(intptr_t)r->tag);
+    describe("", r->fd, 0);
+    emit("\"hit\": %s, \"route\": \"%s\", ", r->hit ? "true" : "false", route_name(r->route));
+    emit_str("code", r->code);
+    emit_str("error", r->error);
+    if (used >= 2 && out[used - 2] == ',')
+        used -= 2;
+    emit("}, ");
+}
+
+int
+main(void)
+{
+    char line[8192];
+    char *argv[300];
+    while (fgets(line, sizeof line, stdin) != NULL) {
+        int argc = 0;
+        for (char *tok = strtok(line, " \n"); tok && argc < 300; tok = strtok(NULL, " \n"))
+            argv[argc++] = tok;
+        if (argc == 0)
+            continue;
+        const char *cmd = argv[0];
+        double t = now_us();
+        if (strcmp(cmd, "socket") == 0) {
+            emit("\"rc\": %d, ", shadowd_set_socket(&c, argc > 1 ? argv[1] : NULL));
+        } else if (strcmp(cmd, "connect") == 0) {
+            emit("\"rc\": %d, ", shadowd_connect(&c, argc > 1 ? argv[1] : NULL));
+            status(t);
+            emit_str("socket_path", c.socket_path);
+        } else if (strcmp(cmd, "timeouts") == 0) {
+            shadowd_set_timeouts(&c, atoi(argv[1]), atoi(argv[2]), atoi(argv[3]));
+        } else if (strcmp(cmd, "backoff") == 0) {
+            shadowd_set_backoff(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "routing") == 0) {
+            shadowd_set_routing(&c, atoll(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "held") == 0) {
+            shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
+        } else if (strcmp(cmd, "log") == 0) {
+            /* "log quiet": nowhere; "log capture": LOG lines; "log": stderr again is not possible */
+            if (argc > 1 && strcmp(argv[1], "quiet") == 0)
+                shadowd_set_log(&c, NULL, NULL);
+            else
+                shadowd_set_log(&c, logged, NULL);
+        } else if (strcmp(cmd, "open") == 0 || strcmp(cmd, "routed") == 0) {
+            int fd = cmd[0] == 'o' ? shadowd_open(&c, argv[1]) : shadowd_open_routed(&c, argv[1]);
+            status(t);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "openfd") == 0) {
+            int src = open_src(argv[1]);
+            int fd = shadowd_open_fd(&c, src, argc > 2 ? argv[2] : NULL);
+            status(t);
+            close(src);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "openat") == 0) {
+            /* openat DIR PATH [nofollow|write] */
+            int dirfd = open(argv[1], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            int flags = O_RDONLY;
+            if (argc > 3 && strcmp(argv[3], "nofollow") == 0)
+                flags |= O_NOFOLLOW;
+            if (argc > 3 && strcmp(argv[3], "write") == 0)
+                flags = O_RDWR;
+            int fd = shadowd_openat(&c, dirfd, argv[2], flags);
+            status(t);
+            close(dirfd);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "copy") == 0) {
+            int src = open_src(argv[1]);
+            int fd = shadowd_copy_fd(argc > 2 ? NULL : &c, src);
+            int err = errno;
+            status(t);
+            emit("\"errno\": %d, ", fd < 0 ? err : 0);
+            /* Two copies of one file: each its own offset. */
+            int other = fd >= 0 ? shadowd_copy_fd(&c, src) : -1;
+            char b[3];
+            if (other >= 0 && read(fd, b, sizeof b) >= 0)
+                emit("\"other_offset\": %lld, ", (long long)lseek(other, 0, SEEK_CUR));
+            if (other >= 0)
+                close(other);
+            /* A write must fail even through a read-write reopen (root may reopen it so). */
+            if (fd >= 0) {
+                char link[64];
+                snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+                int rw = open(link, O_RDWR | O_CLOEXEC);
+                emit("\"rw_write\": %d, ", rw >= 0 ? (int)write(rw, "x", 1) : -2);
+                if (rw >= 0)
+                    close(rw);
+            }
+            close(src);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "exec") == 0) {
+            /* exec PATH: run a local copy of PATH (fexecve) and wait for it */
+            int src = open_src(argv[1]);
+            int fd = shadowd_copy_fd(&c, src);
+            close(src);
+            int pipefd[2];
+            if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return 1;
+            pid_t pid = fork();
+            if (pid == 0) {
+                char *args[] = {argv[1], NULL};
+                char *env[] = {NULL};
+                fexecve(fd, args, env);
+                int err = errno;
+                ssize_t w = write(pipefd[1], &err, sizeof err);
+                (void)w;
+                _exit(127);
+            }
+            close(pipefd[1]);
+            int err = 0, wstatus = 0;
+            ssize_t got = read(pipefd[0], &err, sizeof err);
+            close(pipefd[0]);
+            waitpid(pid, &wstatus, 0);
+            close(fd);
+            emit("\"errno\": %d, \"status\": %d, ", got == sizeof err ? err : 0,
+                 WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
+        } else if (strcmp(cmd, "twice") == 0) {
+            /* Two routed opens of one file; read from the first, the second's offset. */
+            int a = shadowd_open_routed(&c, argv[1]);
+            int ra = c.route;
+            int b = shadowd_open_routed(&c, argv[1]);
+            char buf[3];
+            ssize_t n = read(a, buf, sizeof buf);
+            emit("\"read\": %zd, \"routes\": [\"%s\", \"%s\"], ", n, route_name(ra), route_name(c.route));
+            describe("a_", a, 0);
+            describe("b_", b, 0);
+        } else if (strcmp(cmd, "batch") == 0 || strcmp(cmd, "rbatch") == 0) {
+            int n = argc - 1, srcs[300];
+            static struct shadowd_item items[300];
+            for (int i = 0; i < n; i++)
+                srcs[i] = open_src(argv[1 + i]);
+            int served = cmd[0] == 'b'
+                             ? shadowd_open_batch(&c, srcs, (const char *const *)argv + 1, n, items)
+                             : shadowd_open_batch_routed(&c, srcs, (const char *const *)argv + 1, n,
+                                                         items);
+            for (int i = 0; i < n; i++)
+                if (srcs[i] >= 0)
+                    close(srcs[i]);
+            emit("\"served\": %d, ", served);
+            status(t);
+            emit("\"items\": [");
+            for (int i = 0; i < n; i++)
+                item(&items[i]);
+            if (used >= 2 && out[used - 2] == ',')
+                used -= 2;
+            emit("], ");
+        } else if (strcmp(cmd, "private") == 0 || strcmp(cmd, "lookup") == 0) {
+            /* private NS INO SIZE MTIME CTIME|none EXEC DATA ; lookup NS INO SIZE MTIME CTIME|none */
+            struct shadowd_key key = {
+                .ino = strtoull(argv[2], NULL, 10),
+                .size = strtoull(argv[3], NULL, 10),
+                .mtime_ns = strtoll(argv[4], NULL, 10),
+                .ctime_ns = strcmp(argv[5], "none") ? strtoll(argv[5], NULL, 10) : 0,
+                .has_ctime = strcmp(argv[5], "none") != 0,
+            };
+            int fd;
+            if (cmd[0] == 'p') {
+                struct fill_arg a = {.data = argv[7], .ran = 0};
+                fd = shadowd_open_private(&c, argv[1], &key, atoi(argv[6]), fill, &a);
+                emit("\"filled\": %d, ", a.ran);
+            } else {
+                fd = shadowd_lookup(&c, argv[1], &key);
+                emit("\"miss\": %s, ", fd == SHADOWD_MISS ? "true" : "false");
+                if (fd == SHADOWD_MISS)
+                    fd = -1;
+            }
+            status(t);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "submit") == 0 || strcmp(cmd, "rsubmit") == 0) {
+            /* submit PATH TAG */
+            int src = open_src(argv[1]), now = -1;
+            long long id = cmd[0] == 's'
+                               ? shadowd_submit_open(&c, src, argv[1], (void *)(intptr_t)atol(argv[2]))
+                               : shadowd_submit_routed(&c, src, argv[1],
+                                                       (void *)(intptr_t)atol(argv[2]), &now);
+            close(src); /* the request holds its own reference */
+            emit("\"id\": %lld, \"pollfd\": %d, \"poll_timeout\": %d, ", id, shadowd_fd(&c),
+                 shadowd_poll_timeout(&c));
+            status(t);
+            describe("now_", now, 0);
+        } else if (strcmp(cmd, "collect") == 0) {
+            /* collect N TIMEOUT_MS: poll and collect until N results or the time is up */
+            int want = atoi(argv[1]), got = 0;
+            double until = t + 1000.0 * atoi(argv[2]);
+            struct shadowd_result r;
+            emit("\"results\": [");
+            while (got < want) {
+                while (got < want && shadowd_collect(&c, &r) == 1) {
+                    result(&r);
+                    got++;
+                }
+                if (got >= want || now_us() >= until)
+                    break;
+                int ms = shadowd_poll_timeout(&c), left = (int)((until - now_us()) / 1000) + 1;
+                struct pollfd p = {.fd = shadowd_fd(&c), .events = POLLIN};
+                poll(&p, p.fd >= 0 ? 1 : 0, ms < 0 || ms > left ? left : ms);
+            }
+            if (used >= 2 && out[used - 2] == ',')
+                used -= 2;
+            emit("], \"pending\": %d, ", shadowd_pending(&c));
+        } else if (strcmp(cmd, "cancel") == 0) {
+            emit("\"rc\": %d, ", shadowd_cancel(&c, atoll(argv[1])));
+        } else if (strcmp(cmd, "pending") == 0) {
+            emit("\"pending\": %d, \"poll_timeout\": %d, ", shadowd_pending(&c),
+                 shadowd_poll_timeout(&c));
+        } else if (strcmp(cmd, "fds") == 0) {
+            emit("\"fds\": %d, ", count_fds());
+            if (argc > 1) { /* fds list: what each is */
+                DIR *d = opendir("/proc/self/fd");
+                struct dirent *e;
+                char link[300], target[256];
+                emit("\"targets\": [");
+                while ((e = readdir(d)) != NULL) {
+                    if (e->d_name[0] == '.')
+                        continue;
+                    snprintf(link, sizeof link, "/proc/self/fd/%s", e->d_name);
+                    ssize_t n = readlink(link, target, sizeof target - 1);
+                    target[n > 0 ? n : 0] = '\0';
+                    emit("\"%s=", e->d_name);
+                    emit("%s\", ", target);
+                }
+                closedir(d);
+                used -= 2;
+                emit("], ");
+            }
+        } else if (strcmp(cmd, "close") == 0) {
+            shadowd_close(&c);
+            emit("\"fds\": %d, ", count_fds());
+        } else if (strcmp(cmd, "counts") == 0) {
+            emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
+                 "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, ",
+                 (unsigned long long)c.counts.daemon, (unsigned long long)c.counts.held,
+                 (unsigned long long)c.counts.copied, (unsigned long long)c.counts.fast,
+                 shadowd_available(&c), (unsigned long long)c.max_batch,
+                 (unsigned long long)c.max_file_size);
+        } else if (strcmp(cmd, "zero") == 0) {
+            /* A zero-filled struct: close it, twice, then (with a PATH) use it. */
+            static struct shadowd z;
+            memset(&z, 0, sizeof z);
+            shadowd_close(&z);
+            shadowd_close(&z);
+            emit("\"stdin_open\": %s, ", fcntl(0, F_GETFD) >= 0 ? "true" : "false");
+            if (argc > 1) {
+                int fd = strcmp(argv[1], "routed") == 0 ? shadowd_open_routed(&z, argv[2])
+                                                        : shadowd_open(&z, argv[1]);
+                emit_str("code", z.code);
+                emit_str("error", z.error);
+                emit_str("socket_path", z.socket_path);
+                describe("", fd, 0);
+            }
+            emit("\"pollfd\": %d, \"pending\": %d, ", shadowd_fd(&z), shadowd_pending(&z));
+            shadowd_close(&z);
+            shadowd_close(&z);
+            emit("\"stdin_still_open\": %s, ", fcntl(0, F_GETFD) >= 0 ? "true" : "false");
+        } else if (strcmp(cmd, "default") == 0) {
+            char buf[108];
+            const char *p = shadowd_default_socket(buf, sizeof buf);
+            emit_str("path", p ? p : "");
+        } else if (strcmp(cmd, "sleep") == 0) {
+            usleep((useconds_t)atoi(argv[1]) * 1000);
+        } else {
+            emit_str("unknown", cmd);
+        }
+        done();
+    }
+    shadowd_close(&c);
+    return 0;
+}
