@@ -132,6 +132,15 @@ def status_line(server: Server) -> str:
     )
 
 
+def budgets(config: ServerConfig) -> str:
+    """The cache's bounds for the start line, as people write them."""
+    limits = config.cache
+    return (
+        f"at most {limits.max_entries} files and {human_bytes(limits.max_bytes)}, "
+        f"files up to {human_bytes(limits.max_file_size)}"
+    )
+
+
 #: Seconds between STATUS= updates to the service manager.
 STATUS_INTERVAL = 10.0
 
@@ -175,13 +184,12 @@ async def run(
                 nursery.start_soon(_watch_signals, signals, server, notifier)
                 await nursery.start(serve)
                 logger.info(
-                    "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s; "
+                    "shadowd %s serving on %s%s (%s; fd limit %d%s; "
                     "hit path system calls in %s)",
                     __version__,
                     listener.path,
                     "" if listener.created else ", passed by the service manager",
-                    config.cache.max_entries,
-                    config.cache.max_bytes,
+                    budgets(config),
                     fd_limit,
                     f", fd store {config.fd_store_max}" if notifier is not None else "",
                     hotcalls.DESCRIPTION,
