@@ -834,8 +834,8 @@ def run_interruptible(name: str, body: Callable[[], int], *, tty: bool = False) 
         raise BrokenPipeError
     if interrupted:
         line = f"{name}: interrupted"
-        # On a terminal the last progress line ends in a carriage return: overwrite it.
-        print(line.ljust(72) if tty else line, file=sys.stderr)
+        # On a terminal: over the last progress line and the echoed ^C.
+        print("\r" + line.ljust(72) if tty else line, file=sys.stderr)
         return 130
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code

@@ -82,7 +82,9 @@ class Listener:
         lock = cls._take_lock(path)
         try:
             cls._check_existing(path)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            # Short: a socket address holds 107 bytes, and this name must fit
+            # wherever the final one does (".PID~" is at most 9 bytes).
+            tmp = os.path.join(directory, f".{os.getpid()}~")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             sock = socket.socket(
