@@ -89,7 +89,7 @@ def _check_histogram(fam: Family) -> None:
         where = f"{fam.name}{dict(labels)}"
         series = fam.buckets_of.get(labels)
         if not series or series[-1][0] != math.inf:
-            raise FormatError(f"{where} has no le=\"+Inf\" bucket")
+            raise FormatError(f'{where} has no le="+Inf" bucket')
         for suffix in ("_sum", "_count"):
             if (suffix, labels) not in fam.totals:
                 raise FormatError(f"{where} has no {suffix}")
