@@ -181,7 +181,7 @@ async def run(
                     finally:
                         nursery.cancel_scope.cancel()
 
-                nursery.start_soon(_watch_signals, signals, server, notifier)
+                nursery.start_soon(_watch_signals, signals, server, notifier, listener)
                 await nursery.start(serve)
                 logger.info(
                     "shadowd %s serving on %s%s (%s; fd limit %d%s; "
@@ -253,7 +253,10 @@ async def _report_status(server: Server, notifier: systemd.Notifier) -> None:
 
 
 async def _watch_signals(
-    signals: AsyncIterator[int], server: Server, notifier: systemd.Notifier | None
+    signals: AsyncIterator[int],
+    server: Server,
+    notifier: systemd.Notifier | None,
+    listener: Listener,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -261,6 +264,9 @@ async def _watch_signals(
             logger.info("%s: finishing in-flight requests, then exiting", name)
             if notifier is not None:
                 notifier.stopping("stopping: finishing in-flight requests")
+            # New clients fail at once (and copy locally) instead of waiting
+            # in a backlog nobody accepts from while the drain lasts.
+            listener.withdraw()
             server.shutdown()
         else:
             logger.info("%s again: stopping now", name)

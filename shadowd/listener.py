@@ -158,9 +158,25 @@ class Listener:
             raise ConfigError(f"another server is answering on {path}; refusing to replace it")
         logger.info("replacing stale socket %s", path)
 
+    def withdraw(self) -> None:
+        """Remove the socket file now, if it is still ours; keep listening on what is queued.
+
+        At SIGTERM: from then on a new client's connect fails at once (and
+        it copies locally) instead of waiting in a backlog that nobody will
+        accept from while in-flight requests drain. A socket the service
+        manager passed stays: it holds new connections for the next start.
+        """
+        self._unlink()
+
     def close(self) -> None:
         """Stop listening; remove the socket file if it is still ours."""
         self.sock.close()
+        self._unlink()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _unlink(self) -> None:
         if self.created and self.identity is not None:
             try:
                 st = os.lstat(self.path)
@@ -171,6 +187,3 @@ class Listener:
             except OSError as exc:
                 logger.warning("cannot remove %s: %s", self.path, exc)
             self.identity = None
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
