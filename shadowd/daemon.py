@@ -184,8 +184,7 @@ async def run(
                 nursery.start_soon(_watch_signals, signals, server, notifier, listener)
                 await nursery.start(serve)
                 logger.info(
-                    "shadowd %s serving on %s%s (%s; fd limit %d%s; "
-                    "hit path system calls in %s)",
+                    "shadowd %s serving on %s%s (%s; fd limit %d%s; hit path system calls in %s)",
                     __version__,
                     listener.path,
                     "" if listener.created else ", passed by the service manager",

@@ -370,7 +370,8 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
     (
         "shadowd_peers_refused_total",
         "counter",
-        "Peers turned away at accept (--allow-uid, --allow-gid, connection limits).",
+        "Peers turned away at accept by --allow-uid and --allow-gid (connection limits count "
+        "in shadowd_limit_reached_total).",
         "peers_refused",
     ),
     (
