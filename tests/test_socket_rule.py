@@ -1,7 +1,8 @@
 # The one socket rule (shadowd/paths.py): which places a client looks at, in
 # which order, and where `shadowd serve` creates its socket; then, as root, a
 # real host daemon on /run/shadowd/shadowd.sock reached by a member of its
-# group from `shadowd stats`, Client and Opener without setting anything.
+# group from `shadowd stats`, Client, AsyncClient and Opener without setting
+# anything.
 from __future__ import annotations
 
 import contextlib
@@ -142,12 +143,20 @@ async def wait_for_socket(proc: subprocess.Popen[bytes], path: str) -> None:
 #: As the user: a Client, an Opener and `shadowd stats` with nothing set.
 AS_USER = """
 import contextlib, io, json, os
+import trio
 import shadowd.cli, shadowd.report, shadowd.stats
 from shadowd_client import Client, Opener, DaemonUnavailable
+from shadowd_client.aio import AsyncClient
 with Client(timeout=10) as c:
     fd = c.open({path!r})
     client = {{"socket": c.socket_path, "size": os.fstat(fd).st_size}}
     os.close(fd)
+async def aio():
+    async with AsyncClient(timeout=10) as ac:
+        fd = await ac.open({path!r})
+        os.close(fd)
+        return ac.socket_path
+client["async_socket"] = trio.run(aio)
 with Opener(timeout=10) as o:
     os.close(o.open({path!r}))
     opener = {{"daemon_opens": o.daemon_opens, "local_opens": o.local_opens}}
@@ -182,7 +191,11 @@ async def test_a_member_of_the_socket_group_reaches_the_host_daemon(shared_dir: 
                     env=user_env(xdg),
                 )
             )
-            assert got["client"] == {"socket": ROOT_SOCKET, "size": 300 * 1024}, xdg
+            assert got["client"] == {
+                "socket": ROOT_SOCKET,
+                "size": 300 * 1024,
+                "async_socket": ROOT_SOCKET,
+            }, xdg
             assert got["opener"] == {"daemon_opens": 1, "local_opens": 0}, xdg
             assert got["stats_code"] == 0 and got["stats"]["clients_total"] >= 2, xdg
     # The daemon is gone: the user's error names every place looked at.
