@@ -22,6 +22,8 @@ ROOT_SOCKET = "/run/shadowd/shadowd.sock"
 USER_SOCKET = os.path.join("shadowd", "shadowd.sock")
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+#: SocketChoice.source of a path taken from $SHADOWD_SOCKET.
+ENV_SOCKET_SOURCE = f"${ENV_SOCKET}"
 
 
 class SocketChoice(NamedTuple):
@@ -41,9 +43,6 @@ class SocketChoice(NamedTuple):
         if self.source == ENV_SOCKET_SOURCE:
             return f"from ${ENV_SOCKET}"
         return ""
-
-
-ENV_SOCKET_SOURCE = f"${ENV_SOCKET}"
 
 
 def _env_and_uid(env: Mapping[str, str] | None, uid: int | None) -> tuple[Mapping[str, str], int]:
