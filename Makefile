@@ -8,10 +8,18 @@ ARGS ?=
 
 .PHONY: run test lint typecheck pytest bench clean
 
-# setup.py builds the hit path's C extension (shadowd/_hotcalls.c) in place.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+# What running needs: the package and its three dependencies. setup.py
+# builds the hit path's C extension (shadowd/_hotcalls.c) in place.
 $(VENV)/.installed: pyproject.toml setup.py shadowd/_hotcalls.c
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) -e .
+	touch $@
+
+# What testing adds: pytest, hypothesis, ruff, mypy, build.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -19,14 +27,14 @@ run: $(VENV)/.installed
 
 test: lint typecheck pytest
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check shadowd client tests
 	$(BIN)/ruff format --check shadowd client tests
 
-typecheck: $(VENV)/.installed
+typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed
+pytest: $(VENV)/.installed-test
 	$(BIN)/pytest $(ARGS)
 
 clean:

@@ -10,6 +10,7 @@ algorithm: no operation walks more than one dict slot and one list node.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 
@@ -69,7 +70,10 @@ def per_op(n: int, ops: int = 200_000) -> tuple[float, float, float, float]:
     return hot_hit, uniform_hit, miss, insert
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     print(f"{'entries':>8} {'hot hit':>8} {'any hit':>8} {'miss':>8} {'insert+evict':>13}  (ns)")
     for n in (1_000, 10_000, 100_000):
         # The best of five runs: noise on a shared machine only adds time.

@@ -20,10 +20,10 @@ A plain timing benchmark (not a test):
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -208,8 +208,16 @@ def _timed(
     return spent / len(requests) / 1000
 
 
-def main() -> None:
-    hits = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "hits", nargs="?", type=int, default=20000, help="hits per measurement (default 20000)"
+    )
+    hits = parser.parse_args(argv).hits
+    if hits < ROUNDS:
+        parser.error(f"HITS must be at least {ROUNDS}")
     with tempfile.TemporaryDirectory() as workdir:
         path = _file(workdir)
         bare_steps(path, min(hits, 2000))  # warm up

@@ -16,6 +16,7 @@ clients share it.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import shutil
@@ -76,7 +77,10 @@ def count(
     return per_hit
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     if shutil.which("strace") is None:
         sys.exit("strace is not installed")
     workdir = tempfile.mkdtemp(prefix="shadowd-syscalls-")

@@ -132,6 +132,15 @@ def status_line(server: Server) -> str:
     )
 
 
+def budgets(config: ServerConfig) -> str:
+    """The cache's bounds for the start line, as people write them."""
+    limits = config.cache
+    return (
+        f"at most {limits.max_entries} files and {human_bytes(limits.max_bytes)}, "
+        f"files up to {human_bytes(limits.max_file_size)}"
+    )
+
+
 #: Seconds between STATUS= updates to the service manager.
 STATUS_INTERVAL = 10.0
 
@@ -172,16 +181,14 @@ async def run(
                     finally:
                         nursery.cancel_scope.cancel()
 
-                nursery.start_soon(_watch_signals, signals, server, notifier)
+                nursery.start_soon(_watch_signals, signals, server, notifier, listener)
                 await nursery.start(serve)
                 logger.info(
-                    "shadowd %s serving on %s%s (%d entries / %d bytes max, fd limit %d%s; "
-                    "hit path system calls in %s)",
+                    "shadowd %s serving on %s%s (%s; fd limit %d%s; hit path system calls in %s)",
                     __version__,
                     listener.path,
                     "" if listener.created else ", passed by the service manager",
-                    config.cache.max_entries,
-                    config.cache.max_bytes,
+                    budgets(config),
                     fd_limit,
                     f", fd store {config.fd_store_max}" if notifier is not None else "",
                     hotcalls.DESCRIPTION,
@@ -245,7 +252,10 @@ async def _report_status(server: Server, notifier: systemd.Notifier) -> None:
 
 
 async def _watch_signals(
-    signals: AsyncIterator[int], server: Server, notifier: systemd.Notifier | None
+    signals: AsyncIterator[int],
+    server: Server,
+    notifier: systemd.Notifier | None,
+    listener: Listener,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -253,6 +263,9 @@ async def _watch_signals(
             logger.info("%s: finishing in-flight requests, then exiting", name)
             if notifier is not None:
                 notifier.stopping("stopping: finishing in-flight requests")
+            # New clients fail at once (and copy locally) instead of waiting
+            # in a backlog nobody accepts from while the drain lasts.
+            listener.withdraw()
             server.shutdown()
         else:
             logger.info("%s again: stopping now", name)

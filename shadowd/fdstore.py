@@ -115,8 +115,10 @@ def adopt_memfd(fd: int, expected_size: int) -> SealedFile:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as exc:
         raise Rejected(f"cannot read its link: {exc.strerror}") from None
-    if not target.startswith(f"/memfd:{memfd.MEMFD_NAME} "):
-        raise Rejected(f"not a shadowd memfd ({target!r})")
+    # Named after the file it copies (memfd.name_for), so any memfd name; a
+    # memfd has no link to any directory.
+    if not (target.startswith("/memfd:") and target.endswith(" (deleted)") and st.st_nlink == 0):
+        raise Rejected(f"not a memfd ({target!r})")
     if not memfd.is_sealed(fd):
         raise Rejected("not sealed")
     if st.st_size != expected_size:

@@ -110,7 +110,9 @@ class Listener:
         lock = cls._take_lock(path)
         try:
             cls._check_existing(path)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            # Short: a socket address holds 107 bytes, and this name must fit
+            # wherever the final one does (".PID~" is at most 9 bytes).
+            tmp = os.path.join(directory, f".{os.getpid()}~")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             sock = socket.socket(
@@ -204,9 +206,25 @@ class Listener:
             raise ConfigError(f"another server is answering on {path}; refusing to replace it")
         logger.info("replacing stale socket %s", path)
 
+    def withdraw(self) -> None:
+        """Remove the socket file now, if it is still ours; keep listening on what is queued.
+
+        At SIGTERM: from then on a new client's connect fails at once (and
+        it copies locally) instead of waiting in a backlog that nobody will
+        accept from while in-flight requests drain. A socket the service
+        manager passed stays: it holds new connections for the next start.
+        """
+        self._unlink()
+
     def close(self) -> None:
         """Stop listening; remove the socket file if it is still ours."""
         self.sock.close()
+        self._unlink()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _unlink(self) -> None:
         if self.created and self.identity is not None:
             try:
                 st = os.lstat(self.path)
@@ -217,6 +235,3 @@ class Listener:
             except OSError as exc:
                 logger.warning("cannot remove %s: %s", self.path, exc)
             self.identity = None
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None

@@ -4,7 +4,10 @@
 # Must never: hand out the daemon's own fd or a dup of it (dup and SCM_RIGHTS
 # share one file offset between all holders); hand out a memfd before all four
 # seals are set; make a copy executable when its source was not, or the other
-# way round; name a memfd after a host path (a tracee can readlink it).
+# way round; name a memfd after anything but the basename the kernel reports
+# for the copied file's own fd (never its full path: a tracee can readlink
+# the memfd, and the directories are the host's; never a label a client
+# chose: the name shows in /proc/PID/maps, perf and gdb as the file's).
 from __future__ import annotations
 
 import errno
@@ -26,7 +29,11 @@ F_SEAL_EXEC = getattr(fcntl, "F_SEAL_EXEC", 0x0020)
 #: The seals every served memfd carries before its first hand-out.
 REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
+#: The name of memfds that copy no host file (private files, tests).
 MEMFD_NAME = "shadowd"
+#: The longest name memfd_create takes: NAME_MAX less the "memfd:" prefix.
+MAX_MEMFD_NAME = 255 - len("memfd:")
+_DELETED = " (deleted)"
 _SENDFILE_CHUNK = 0x7FFFF000
 _PREAD_CHUNK = 1 << 20
 
@@ -52,6 +59,47 @@ def create(*, executable: bool, name: str = MEMFD_NAME) -> int:
             return fd
     # Old kernel: a memfd starts as mode 0777; seal() narrows it.
     return os.memfd_create(name, base)
+
+
+def name_for(fd: int) -> str:
+    """The name for a memfd copy of the file open at *fd*: its basename.
+
+    As the kernel reports it (``readlink /proc/self/fd/N``): the name it was
+    opened by, or renamed to since. ``MEMFD_NAME`` for what has no file name
+    of its own: another memfd (a published private file), a pipe, an
+    anonymous inode. Cut to what memfd_create takes, at a character boundary.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return MEMFD_NAME
+    if not target.startswith("/") or target.startswith("/memfd:"):
+        return MEMFD_NAME
+    if target.endswith(_DELETED):
+        try:
+            unlinked = os.fstat(fd).st_nlink == 0
+        except OSError:
+            unlinked = True
+        if unlinked:  # else " (deleted)" is part of the name itself
+            target = target[: -len(_DELETED)]
+    base = target.rpartition("/")[2]
+    if not base:
+        return MEMFD_NAME
+    raw = os.fsencode(base)
+    if len(raw) > MAX_MEMFD_NAME:
+        raw = _cut_utf8(raw, MAX_MEMFD_NAME)
+    return os.fsdecode(raw)
+
+
+def _cut_utf8(raw: bytes, limit: int) -> bytes:
+    """At most *limit* bytes of *raw*, without splitting a UTF-8 character."""
+    for end in range(limit, max(limit - 4, 0), -1):
+        try:
+            raw[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return raw[:end]
+    return raw[:limit]  # not UTF-8 at all: bytes are bytes
 
 
 def seal(fd: int, *, executable: bool) -> None:
@@ -211,9 +259,10 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
 
     Blocking: call it from a worker thread. Raises SourceChanged when the
     source's stat after the copy differs from *expected* or its length does
-    not match, so a torn copy is never returned.
+    not match, so a torn copy is never returned. The memfd is named after
+    the source's basename (:func:`name_for`).
     """
-    fd = create(executable=expected.executable)
+    fd = create(executable=expected.executable, name=name_for(src))
     try:
         copy_into(fd, src, expected.size)
         after = stat_sync(src)

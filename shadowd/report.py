@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from .protocol import ErrorCode
-from .stats import Stats, TopEntry
+from .stats import BYTE_LIMITS, Histogram, Stats, TopEntry
 
 
 def human_bytes(n: float) -> str:
@@ -47,7 +47,7 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
     rows: list[tuple[str, str]] = [
         ("hits", f"{stats.hits}"),
         ("misses", f"{stats.misses}"),
-        ("hit rate", f"{100.0 * stats.hit_rate:.1f}%" if stats.lookups else "- (no lookups yet)"),
+        ("hit rate", _hit_rate(stats)),
         (
             "entries",
             f"{stats.entries} of {stats.max_entries} ({_pct(stats.entries, stats.max_entries)})",
@@ -73,6 +73,9 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
                 f"{stats.private_hits} hits, {stats.private_misses} misses",
             )
         )
+    latency = _latency(stats)
+    if latency:
+        rows.append(("latency", latency))
     rows.append(("memory", _memory(stats)))
     if stats.private_publishes:
         rows.append(
@@ -110,6 +113,35 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         lines.append("files that gain most, by hits:")
         lines += _top_table(stats.top_by_hits)
     return "\n".join(lines)
+
+
+def _hit_rate(stats: Stats) -> str:
+    rate = stats.hit_rate
+    return "- (no lookups yet)" if rate is None else f"{100.0 * rate:.1f}%"
+
+
+def human_seconds(seconds: float) -> str:
+    """A duration from microseconds to seconds, in the unit that reads best."""
+    if math.isinf(seconds):
+        return "above the largest bucket"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.0f} s"
+
+
+def _latency(stats: Stats) -> str:
+    """Per kind: p50 and p99 (the upper bounds of their buckets), and the count."""
+    parts = []
+    for kind, hist in stats.latency.by_kind().items():
+        p50, p99 = hist.quantile(0.5), hist.quantile(0.99)
+        if p50 is None or p99 is None:
+            continue
+        parts.append(
+            f"{kind} p50 <= {human_seconds(p50)}, p99 <= {human_seconds(p99)} ({hist.count})"
+        )
+    return "; ".join(parts)
 
 
 def _memory(stats: Stats) -> str:
@@ -170,8 +202,8 @@ def _top_table(entries: tuple[TopEntry, ...]) -> list[str]:
 
 
 def format_json(stats: Stats) -> str:
-    """One JSON object, keys as in the wire form plus hit_rate."""
-    return json.dumps(stats.to_wire(), sort_keys=True)
+    """One JSON object, keys as in the wire form plus hit_rate (null before any lookup)."""
+    return json.dumps(stats.to_wire(), sort_keys=True, allow_nan=False)
 
 
 Sample = tuple[Mapping[str, str], float]
@@ -200,15 +232,33 @@ class _Exposition:
     def family(self, name: str, kind: str, help: str, samples: Iterable[Sample]) -> None:
         assert kind in ("counter", "gauge")
         assert name.startswith("shadowd_") and (kind != "counter" or name.endswith("_total"))
+        self._head(name, kind, help)
+        for labels, value in samples:
+            self._sample(name, labels, value)
+
+    def histogram(
+        self, name: str, help: str, series: Iterable[tuple[Mapping[str, str], Histogram]]
+    ) -> None:
+        """One histogram family: per series, cumulative _bucket{le}, then _sum and _count."""
+        assert name.startswith("shadowd_") and name.endswith("_seconds")
+        self._head(name, "histogram", help)
+        for labels, hist in series:
+            for le, total in hist.cumulative():
+                self._sample(f"{name}_bucket", {**labels, "le": _number(float(le))}, total)
+            self._sample(f"{name}_sum", labels, hist.sum)
+            self._sample(f"{name}_count", labels, hist.count)
+
+    def _head(self, name: str, kind: str, help: str) -> None:
         help = help.replace("\\", "\\\\").replace("\n", "\\n")
         self.lines.append(f"# HELP {name} {help}")
         self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            if labels:
-                inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-                self.lines.append(f"{name}{{{inner}}} {_number(value)}")
-            else:
-                self.lines.append(f"{name} {_number(value)}")
+
+    def _sample(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {_number(value)}")
+        else:
+            self.lines.append(f"{name} {_number(value)}")
 
 
 def _by_path(values: Iterable[tuple[str, int]]) -> list[Sample]:
@@ -320,7 +370,8 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
     (
         "shadowd_peers_refused_total",
         "counter",
-        "Peers turned away at accept (--allow-uid, --allow-gid, connection limits).",
+        "Peers turned away at accept by --allow-uid and --allow-gid (connection limits count "
+        "in shadowd_limit_reached_total).",
         "peers_refused",
     ),
     (
@@ -332,9 +383,34 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def format_prometheus(stats: Stats) -> str:
-    """The stats in the Prometheus text exposition format: base units, _total counters."""
+_UP_HELP = (
+    "1 when these metrics come from a daemon that answered, 0 when none did (then "
+    "only this and the timestamp are written)."
+)
+_TIMESTAMP_HELP = "Unix time at which these metrics were read from the daemon."
+
+
+def _freshness(out: _Exposition, up: int, now: float | None) -> None:
+    out.family("shadowd_up", "gauge", _UP_HELP, [({}, up)])
+    if now is not None:
+        out.family("shadowd_scrape_timestamp_seconds", "gauge", _TIMESTAMP_HELP, [({}, now)])
+
+
+def format_prometheus_down(now: float | None = None) -> str:
+    """What to export when no daemon answered: ``shadowd_up 0`` (and the time)."""
     out = _Exposition()
+    _freshness(out, 0, now)
+    return "\n".join(out.lines) + "\n"
+
+
+def format_prometheus(stats: Stats, now: float | None = None) -> str:
+    """The stats in the Prometheus text exposition format: base units, _total counters.
+
+    *now* (Unix time) adds ``shadowd_scrape_timestamp_seconds``, so that a
+    consumer of a file written earlier can tell how old its numbers are.
+    """
+    out = _Exposition()
+    _freshness(out, 1, now)
     version = stats.server.partition("/")[2] or stats.server
     out.family("shadowd_info", "gauge", "The daemon's version.", [({"version": version}, 1)])
     for name, kind, help, field in _SCALARS:
@@ -364,17 +440,32 @@ def format_prometheus(stats: Stats) -> str:
         "Requests refused, by error code.",
         [({"code": code}, n) for code, n in sorted(codes.items())],
     )
+    limits = sorted(stats.limits.items())
     out.family(
         "shadowd_limit",
         "gauge",
-        "The configured bounds on peers, by flag name.",
-        [({"limit": name}, n) for name, n in sorted(stats.limits.items())],
+        "The configured bounds on peers that are counts (clients, requests, fds), by name.",
+        [({"limit": name}, n) for name, n in limits if name not in BYTE_LIMITS],
     )
+    out.family(
+        "shadowd_limit_bytes",
+        "gauge",
+        "The configured bounds on peers that are sizes, in bytes, by name.",
+        [({"limit": name}, n) for name, n in limits if name in BYTE_LIMITS],
+    )
+    # Every bound from the start (0 until first reached), so that rate() works.
+    reached = dict.fromkeys(stats.limits, 0) | dict(stats.limit_hits)
     out.family(
         "shadowd_limit_reached_total",
         "counter",
-        "How often a peer ran into a bound, by flag name.",
-        [({"limit": name}, n) for name, n in sorted(stats.limit_hits.items())],
+        "How often a peer ran into a bound, by name.",
+        [({"limit": name}, n) for name, n in sorted(reached.items())],
+    )
+    out.histogram(
+        "shadowd_latency_seconds",
+        "How long the daemon took: kind=hit and kind=miss from reading an open request to "
+        "sending its reply, kind=copy to copy a file into a memfd.",
+        [({"kind": kind}, hist) for kind, hist in stats.latency.by_kind().items()],
     )
     out.family(
         "shadowd_top_file_hits",

@@ -5,7 +5,9 @@
 # eviction is outside the daemon's view and the stats say so.
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -13,6 +15,8 @@ import attrs
 
 @attrs.frozen
 class TopEntry:
+    """One of the files that gain most: the label its client sent, hits, size."""
+
     label: str
     hits: int
     size: int
@@ -21,9 +25,164 @@ class TopEntry:
     def bytes_saved(self) -> int:
         return self.hits * self.size
 
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "path": self.label,
+            "hits": self.hits,
+            "size": self.size,
+            "bytes_saved": self.bytes_saved,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> TopEntry:
+        """From ``{"path", "hits", "size"}``, or the ``[path, hits, size]`` of older daemons."""
+        if isinstance(data, Mapping):
+            return cls(str(data["path"]), int(data["hits"]), int(data["size"]))
+        label, hits, size = data
+        return cls(str(label), int(hits), int(size))
+
+
+#: Upper bounds (seconds) of the latency buckets: 1-2-5 steps from 5 us to
+#: 10 s, so one set fits a hit (tens of us), a miss and a copy (up to seconds).
+#: Fixed, so that histograms of any two daemons or snapshots can be merged.
+LATENCY_BOUNDS: tuple[float, ...] = (
+    5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3,
+    1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+
+
+@attrs.define
+class Histogram:
+    """Observations counted in fixed buckets, with their sum (a Prometheus histogram).
+
+    ``counts[i]`` counts the observations above ``bounds[i-1]`` and at most
+    ``bounds[i]``; the last, ``counts[len(bounds)]``, those above every bound.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BOUNDS
+    counts: list[int] = attrs.field()
+    sum: float = 0.0
+
+    @counts.default
+    def _zeros(self) -> list[int]:
+        return [0] * (len(self.bounds) + 1)
+
+    def __attrs_post_init__(self) -> None:
+        if list(self.bounds) != sorted(set(self.bounds)) or not all(
+            math.isfinite(b) for b in self.bounds
+        ):
+            raise ValueError("histogram bounds must be finite and strictly increasing")
+        if len(self.counts) != len(self.bounds) + 1 or min(self.counts, default=0) < 0:
+            raise ValueError(
+                f"a histogram of {len(self.bounds)} bounds has "
+                f"{len(self.bounds) + 1} counts, none negative"
+            )
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation of *seconds*."""
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(le, observations at most le)`` per bucket, ending with ``(inf, count)``."""
+        out, total = [], 0
+        for le, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append((le, total))
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """The bound of the bucket holding the *q*-quantile (an upper estimate);
+        inf when it lies above every bound; None without observations."""
+        count = self.count
+        if not count:
+            return None
+        rank = q * count
+        for le, total in self.cumulative():
+            if total >= rank and total > 0:
+                return le
+        return math.inf  # pragma: no cover - the last total is count
+
+    def merge(self, other: Histogram) -> Histogram:
+        """A new histogram holding the observations of both (same bounds only)."""
+        if self.bounds != other.bounds:
+            raise ValueError("cannot merge histograms with different buckets")
+        return Histogram(
+            self.bounds,
+            [a + b for a, b in zip(self.counts, other.counts, strict=True)],
+            self.sum + other.sum,
+        )
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.sum)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Histogram:
+        return cls(
+            tuple(float(b) for b in data["bounds"]),
+            [int(n) for n in data["counts"]],
+            float(data["sum"]),
+        )
+
+
+#: What the latency histograms time, by kind: a hit answered from the
+#: cache (the request read to its reply sent), a miss (the same, for a
+#: request the cache could not answer at once) and a copy of a file into a
+#: memfd (in a worker thread).
+LATENCY_KINDS = ("hit", "miss", "copy")
+
+
+@attrs.define
+class Latencies:
+    """One latency histogram per kind of :data:`LATENCY_KINDS`.
+
+    The daemon keeps one and calls :meth:`observe` per request (and per
+    copy); ``Stats.latency`` holds a :meth:`copy` of it.
+    """
+
+    hit: Histogram = attrs.field(factory=Histogram)
+    miss: Histogram = attrs.field(factory=Histogram)
+    copy_: Histogram = attrs.field(factory=Histogram, alias="copy")
+
+    def by_kind(self) -> dict[str, Histogram]:
+        return {"hit": self.hit, "miss": self.miss, "copy": self.copy_}
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Count one *kind* ("hit", "miss" or "copy") that took *seconds*."""
+        self.by_kind()[kind].observe(seconds)
+
+    def merge(self, other: Latencies) -> Latencies:
+        return Latencies(*(a.merge(b) for a, b in zip(self._all(), other._all(), strict=True)))
+
+    def copy(self) -> Latencies:
+        return Latencies(*(h.copy() for h in self._all()))
+
+    def _all(self) -> Iterable[Histogram]:
+        return (self.hit, self.miss, self.copy_)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {kind: h.to_wire() for kind, h in self.by_kind().items()}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Latencies:
+        """Kinds this version does not know are ignored; missing ones are empty."""
+        return cls(
+            *(Histogram.from_wire(data[k]) if k in data else Histogram() for k in LATENCY_KINDS)
+        )
+
 
 # Fields that are maps of name to count.
 _COUNTER_MAPS = frozenset({"refused_by_code", "limits", "limit_hits"})
+
+#: The limits (in ``Stats.limits``) measured in bytes; the others are counts.
+BYTE_LIMITS = frozenset({"max_request"})
 
 
 @attrs.frozen
@@ -78,24 +237,30 @@ class Stats:
     limits: Mapping[str, int] = attrs.field(factory=dict)
     #: How often a peer ran into each bound.
     limit_hits: Mapping[str, int] = attrs.field(factory=dict)
+    #: How long hits, misses and copies took (empty from a daemon that does
+    #: not time them).
+    latency: Latencies = attrs.field(factory=Latencies)
 
     @property
     def lookups(self) -> int:
         return self.hits + self.misses
 
     @property
-    def hit_rate(self) -> float:
-        """Hits over lookups, 0.0 before the first lookup."""
-        return self.hits / self.lookups if self.lookups else 0.0
+    def hit_rate(self) -> float | None:
+        """Hits over lookups; None before the first lookup (there is no rate yet)."""
+        return self.hits / self.lookups if self.lookups else None
 
     def to_wire(self) -> dict[str, Any]:
+        """The map a stats reply carries (and ``shadowd stats --json`` prints), plus hit_rate."""
         out: dict[str, Any] = {}
         for field in attrs.fields(Stats):
             value = getattr(self, field.name)
             if field.name.startswith("top_"):
-                value = [[t.label, t.hits, t.size] for t in value]
+                value = [t.to_wire() for t in value]
             elif field.name in _COUNTER_MAPS:
                 value = dict(value)
+            elif field.name == "latency":
+                value = value.to_wire()
             out[field.name] = value
         out["hit_rate"] = self.hit_rate
         return out
@@ -111,8 +276,10 @@ class Stats:
                 continue
             value = data[field.name]
             if field.name.startswith("top_"):
-                value = tuple(TopEntry(str(t[0]), int(t[1]), int(t[2])) for t in value)
+                value = tuple(TopEntry.from_wire(t) for t in value)
             elif field.name in _COUNTER_MAPS:
                 value = {str(k): int(v) for k, v in dict(value).items()}
+            elif field.name == "latency":
+                value = Latencies.from_wire(value)
             kwargs[field.name] = value
         return cls(**kwargs)

@@ -271,11 +271,13 @@ def run_as(
     groups: tuple[int, ...] = (),
     imports: str = "",
     timeout: float = 30,
+    env: dict[str, str] | None = None,
 ) -> Any:
     """Run *code* in a child that drops to *uid* after its imports; return its JSON line.
 
     Top-level import lines of *code* run before the drop. The child has
-    primary group *gid* (default: *uid*) and supplementary *groups*.
+    primary group *gid* (default: *uid*) and supplementary *groups*, and the
+    environment *env* (default: ours).
     """
     gid = uid if gid is None else gid
     # Everything is imported before the drop: the interpreter's own files may
@@ -296,6 +298,7 @@ def run_as(
         timeout=timeout,
         text=True,
         check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}")

@@ -1,6 +1,9 @@
 # A strict reader of the Prometheus text exposition format (version 0.0.4),
 # written for the tests from the format's description: anything the format
 # does not allow is an error here, so output that passes parses anywhere.
+# Histograms too: their _bucket/_sum/_count samples belong to the family,
+# every series has increasing `le` bounds ending in +Inf, cumulative counts,
+# and a _count equal to its +Inf bucket.
 from __future__ import annotations
 
 import math
@@ -22,9 +25,76 @@ class Family:
     type: str = "untyped"
     help: str | None = None
     samples: dict[frozenset[tuple[str, str]], float] = field(default_factory=dict)
+    #: Histograms only: per series (labels without le), its buckets in order.
+    buckets_of: dict[frozenset[tuple[str, str]], list[tuple[float, float]]] = field(
+        default_factory=dict
+    )
+    #: Histograms only: (suffix, labels) -> value, for _sum and _count.
+    totals: dict[tuple[str, frozenset[tuple[str, str]]], float] = field(default_factory=dict)
 
     def value(self, **labels: str) -> float:
         return self.samples[frozenset(labels.items())]
+
+    def buckets(self, **labels: str) -> list[tuple[float, float]]:
+        """A histogram series' (le, cumulative count) pairs, in order."""
+        return self.buckets_of[frozenset(labels.items())]
+
+    def sum(self, **labels: str) -> float:
+        return self.totals[("_sum", frozenset(labels.items()))]
+
+    def count(self, **labels: str) -> float:
+        return self.totals[("_count", frozenset(labels.items()))]
+
+
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _family_of(name: str, families: dict[str, Family]) -> tuple[Family, str]:
+    """The family a sample belongs to, and its histogram suffix ("" for others)."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and base in families and families[base].type == "histogram":
+            return families[base], suffix
+    fam = families.setdefault(name, Family(name))
+    if fam.type == "histogram":
+        raise FormatError(f"a sample of histogram {name} without _bucket, _sum or _count")
+    return fam, ""
+
+
+def _histogram_sample(fam: Family, suffix: str, labels: dict[str, str], value: float) -> None:
+    if suffix != "_bucket":
+        if "le" in labels:
+            raise FormatError(f"{fam.name}{suffix} has an le label")
+        key = (suffix, frozenset(labels.items()))
+        if key in fam.totals:
+            raise FormatError(f"series {fam.name}{suffix}{labels} twice")
+        fam.totals[key] = value
+        return
+    if "le" not in labels:
+        raise FormatError(f"{fam.name}_bucket without an le label")
+    le = _value(labels.pop("le"), f"le of {fam.name}")
+    if math.isnan(le):
+        raise FormatError(f"{fam.name}_bucket with le NaN")
+    series = fam.buckets_of.setdefault(frozenset(labels.items()), [])
+    if series and le <= series[-1][0]:
+        raise FormatError(f"{fam.name}_bucket{labels}: le {le} not above {series[-1][0]}")
+    if series and value < series[-1][1]:
+        raise FormatError(f"{fam.name}_bucket{labels}: counts are not cumulative")
+    series.append((le, value))
+
+
+def _check_histogram(fam: Family) -> None:
+    keys = set(fam.buckets_of) | {labels for _, labels in fam.totals}
+    for labels in keys:
+        where = f"{fam.name}{dict(labels)}"
+        series = fam.buckets_of.get(labels)
+        if not series or series[-1][0] != math.inf:
+            raise FormatError(f'{where} has no le="+Inf" bucket')
+        for suffix in ("_sum", "_count"):
+            if (suffix, labels) not in fam.totals:
+                raise FormatError(f"{where} has no {suffix}")
+        if fam.totals[("_count", labels)] != series[-1][1]:
+            raise FormatError(f"{where}: _count differs from the +Inf bucket")
 
 
 def _unescape(text: str, allowed: str, where: str) -> str:
@@ -158,13 +228,19 @@ def parse(text: str) -> dict[str, Family]:
                     fam.type = kind
             continue
         name, labels, value = _sample(line)
-        fam = families.setdefault(name, Family(name))
-        if name not in order:
-            order.append(name)
-        elif order[-1] != name:
-            raise FormatError(f"samples of {name} are not together")
+        fam, suffix = _family_of(name, families)
+        if fam.name not in order:
+            order.append(fam.name)
+        elif order[-1] != fam.name:
+            raise FormatError(f"samples of {fam.name} are not together")
+        if suffix:
+            _histogram_sample(fam, suffix, labels, value)
+            continue
         key = frozenset(labels.items())
         if key in fam.samples:
             raise FormatError(f"series {name}{labels} twice")
         fam.samples[key] = value
+    for fam in families.values():
+        if fam.type == "histogram":
+            _check_histogram(fam)
     return families

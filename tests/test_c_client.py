@@ -308,7 +308,7 @@ async def test_exact_bytes_a_miss_then_a_hit(c_client: str, daemon: Daemon, tmp_
 
     with Client(daemon.socket_path, timeout=10) as c:
         top = c.stats()["top_by_hits"]
-    assert [t[0] for t in top] == [str(f)]  # TopEntry: label, hits, size
+    assert [t["path"] for t in top] == [str(f)]
 
 
 async def test_refusals_and_no_daemon_are_clear(

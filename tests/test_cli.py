@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -16,7 +18,7 @@ import trio
 from shadowd.cli import parse_size
 
 from . import promtext
-from .conftest import Daemon, make_file, repo_env, settle
+from .conftest import REPO, Daemon, make_file, repo_env, settle
 
 
 def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -178,10 +180,41 @@ async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_pa
     assert families["shadowd_fdstore_max_entries"].value() == 0  # not under a manager
 
 
+COLUMNS, ROWS = 80, 24
+
+
+def _pty(columns: int = COLUMNS, rows: int = ROWS) -> tuple[int, int]:
+    """A pseudo-terminal of *columns* x *rows*: (master, slave)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    return master, slave
+
+
+def _read_until(reader: int, done: Any, deadline: float) -> bytes:
+    """Read *reader* until done(output) or the deadline or its end."""
+    import select
+    import time
+
+    out = b""
+    while not done(out) and time.monotonic() < deadline:
+        if select.select([reader], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(reader, 65536)
+            except OSError:  # the pty closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
 def _watch(socket_path: Path, *, tty: bool) -> tuple[int, str]:
     """Run `stats --watch 0.2` until it drew three times; interrupt it like Ctrl-C."""
-    import pty
-    import select
     import signal
     import time
 
@@ -189,31 +222,25 @@ def _watch(socket_path: Path, *, tty: bool) -> tuple[int, str]:
     argv = [sys.executable, "-m", "shadowd", "stats", "--socket", str(socket_path)]
     argv += ["--watch", "0.2"]
     if tty:
-        reader, writer = pty.openpty()
+        reader, writer = _pty()
     else:
         reader, writer = os.pipe()
     proc = subprocess.Popen(argv, stdout=writer, stderr=subprocess.STDOUT, env=env)
     os.close(writer)
-    out = b""
-    deadline = time.monotonic() + 30
     try:
-        while out.count(b"  misses ") < 3 and time.monotonic() < deadline:
-            if select.select([reader], [], [], 1.0)[0]:
-                try:
-                    chunk = os.read(reader, 65536)
-                except OSError:  # the pty closed
-                    break
-                if not chunk:
-                    break
-                out += chunk
+        out = _read_until(reader, lambda o: o.count(b"  misses ") >= 3, time.monotonic() + 30)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
+        out += _read_until(reader, lambda o: False, time.monotonic() + 1)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(reader)
     return code, out.decode(errors="replace")
+
+
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.mark.parametrize("tty", [False, True])
@@ -224,5 +251,262 @@ async def test_stats_watch_refreshes_until_interrupted(daemon: Daemon, tty: bool
     assert "Traceback" not in out
     assert out.count("  misses ") >= 3
     assert "opens/s" in out  # rates from the second refresh on
-    # On a terminal the table is redrawn in place; in a pipe it is appended.
-    assert (out.count("\x1b[H\x1b[2J") >= 3) == tty
+    # On a terminal the table is redrawn in place, on the alternate screen
+    # (left on exit); in a pipe it is appended, without escapes.
+    assert (out.count("\x1b[H") >= 3) == tty
+    assert ("\x1b[?1049h" in out and out.rstrip("\r\n").endswith("\x1b[?1049l")) == tty
+    assert "\x1b[2J" not in out  # clearing the screen would pile frames up in scrollback
+    if tty:
+        frames = [ESCAPE.sub("", f) for f in out.split("\x1b[H")[1:]]
+        for frame in frames:
+            lines = frame.replace("\r\n", "\n").split("\n")
+            assert len(lines) <= ROWS, frame
+            assert max(len(line) for line in lines) < COLUMNS, frame
+            assert "hit rate" in frame
+        assert "opens/s" in frames[-1].split("\n")[1]  # the rates come second, always in view
+
+
+def test_a_frame_fits_any_terminal() -> None:
+    from shadowd.cli import fit_frame
+
+    lines = [f"line {i} " + "x" * 100 for i in range(30)]
+    fitted = fit_frame(lines, 40, 10)
+    assert len(fitted) == 10 and all(len(ln) <= 39 for ln in fitted)
+    assert fitted[0].endswith("…") and fitted[-1] == "  (21 more lines in a larger terminal)"
+    assert fit_frame(["short"], 40, 10) == ["short"]
+
+
+async def test_stats_watch_into_a_closed_pipe_is_quiet(daemon: Daemon) -> None:
+    script = (
+        f"{sys.executable} -m shadowd stats --socket {daemon.socket_path} --watch 0.2 | head -3;"
+        ' echo "status ${PIPESTATUS[0]}" >&2'
+    )
+    with trio.fail_after(60):
+        proc = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                ["bash", "-c", script],
+                capture_output=True,
+                text=True,
+                env=repo_env(),
+                timeout=30,
+                check=False,
+            )
+        )
+    assert len(proc.stdout.splitlines()) == 3
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    assert proc.stderr.strip() == "status 141"  # non-zero, like any writer into a closed pipe
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """Assert *proc* failed with *code* and one stderr line holding each needle; return it."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["serve", "--socket", ""], ["--socket", "empty"]),
+        (["stats", "--socket", ""], ["--socket", "empty"]),
+        (["bench", "--socket", ""], ["--socket", "empty"]),
+        (["--socket", "", "stats"], ["--socket", "empty"]),
+        (["serve", "--max-bytes", "0"], ["--max-bytes", "at least 1", "cache nothing"]),
+        (["serve", "--max-entries", "0"], ["--max-entries", "at least 1", "cache nothing"]),
+        (["serve", "--max-entries", "-5"], ["--max-entries", "at least 1"]),
+        (["serve", "--max-request", "100"], ["--max-request", "at least 512"]),
+        (["serve", "--max-batch", "100000"], ["--max-batch", "at most"]),
+        (["serve", "--max-clients", "-1"], ["--max-clients", "at least 1"]),
+        (["serve", "--racy-window", "-1"], ["--racy-window", "negative"]),
+        (["serve", "--max-file-size", "0"], ["--max-file-size", "at least 1"]),
+        (
+            ["serve", "--max-file-size", "2G", "--max-bytes", "1G"],
+            ["--max-file-size 2.0 GiB", "--max-bytes 1.0 GiB"],
+        ),
+        (["serve", "--log-level", "loud"], ["--log-level", "invalid choice"]),
+        (["bench", "--seconds", "-1"], ["--seconds"]),
+        (["bench", "--memory-procs", "-2"], ["--memory-procs", "at least 0"]),
+        (["stats", "--json", "--textfile", "x.prom"], ["--textfile", "--json"]),
+        ([], ["COMMAND"]),
+    ],
+)
+def test_bad_flags_are_one_line_naming_the_flag(args: list[str], needles: list[str]) -> None:
+    one_line_error(shadowd(*args), 2, *needles)
+
+
+async def test_log_level_in_upper_case_and_budgets_people_can_read(start_daemon: Any) -> None:
+    d = await start_daemon("--log-level", "DEBUG", "--max-bytes", "1G")
+    with trio.fail_after(30):
+        await run("stats", "--socket", str(d.socket_path))
+    log = d.log()
+    assert "DEBUG shadowd.server: client connected" in log
+    assert "at most 10000 files and 1.0 GiB, files up to 256.0 MiB" in log
+    assert "1073741824" not in log
+
+
+async def test_max_file_size_follows_a_smaller_budget(start_daemon: Any) -> None:
+    d = await start_daemon("--max-bytes", "100M")
+    with trio.fail_after(30):
+        proc = await run("stats", "--socket", str(d.socket_path), "--json")
+    assert json.loads(proc.stdout)["max_file_size"] == 100 << 20
+
+
+async def test_stats_on_what_is_no_shadowd_socket(shared_dir: Path) -> None:
+    plain = shared_dir / "plain"
+    plain.write_text("not a socket")
+    stream_path = shared_dir / "stream.sock"
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream.bind(str(stream_path))
+    stream.listen()
+    try:
+        with trio.fail_after(30):
+            on_file = await run("stats", "--socket", str(plain))
+            on_stream = await run("stats", "--socket", str(stream_path))
+    finally:
+        stream.close()
+    line = one_line_error(on_file, 1, str(plain), "not a socket")
+    assert "refused" not in line.lower()
+    one_line_error(on_stream, 1, str(stream_path), "not a shadowd socket")
+
+
+async def test_socket_before_the_command(daemon: Daemon) -> None:
+    with trio.fail_after(30):
+        proc = await run("--socket", str(daemon.socket_path), "stats", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["entries"] == 0
+    assert json.loads(proc.stdout)["hit_rate"] is None  # no lookups: no rate, not 0
+
+
+@pytest.mark.parametrize("name", ["hit_path", "syscalls", "cache_scale"])
+def test_benchmarks_have_help(name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=repo_env(),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and proc.stderr == ""
+
+
+# -- --textfile ---------------------------------------------------------------
+
+
+async def test_textfile_is_replaced_whole_and_says_when_the_daemon_is_down(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d = await start_daemon()
+    target = tmp_path / "shadowd.prom"
+    target.write_text("old\n")
+    before = target.stat().st_ino
+    with trio.fail_after(60):
+        proc = await run("stats", "--socket", str(d.socket_path), "--textfile", str(target))
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+        families = promtext.parse(target.read_text())
+        assert families["shadowd_up"].value() == 1
+        assert families["shadowd_cache_entries"].value() == 0
+        # A new file took the old one's name: a reader never sees half of either.
+        assert target.stat().st_ino != before
+        assert stat.S_IMODE(target.stat().st_mode) & 0o044 == 0o044  # the collector reads it
+        await d.terminate()
+        proc = await run("stats", "--socket", str(d.socket_path), "--textfile", str(target))
+    one_line_error(proc, 1, str(d.socket_path))
+    down = promtext.parse(target.read_text())
+    assert down["shadowd_up"].value() == 0
+    assert down["shadowd_scrape_timestamp_seconds"].value() > 1.7e9
+    assert "shadowd_cache_entries" not in down  # no stale numbers left
+    assert os.listdir(tmp_path) == ["shadowd.prom"]  # no temporaries
+
+
+async def test_textfile_with_watch_follows_the_daemon(start_daemon: Any, tmp_path: Path) -> None:
+    import time
+
+    d = await start_daemon()
+    target = tmp_path / "shadowd.prom"
+    argv = [sys.executable, "-m", "shadowd", "stats", "--socket", str(d.socket_path)]
+    argv += ["--watch", "0.2", "--textfile", str(target)]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=repo_env()
+    )
+
+    def up() -> float | None:
+        try:
+            return promtext.parse(target.read_text())["shadowd_up"].value()
+        except (OSError, KeyError):
+            return None
+
+    try:
+        with trio.fail_after(60):
+            while up() != 1:
+                await trio.sleep(0.05)
+            stamp = promtext.parse(target.read_text())["shadowd_scrape_timestamp_seconds"]
+            assert abs(stamp.value() - time.time()) < 30
+            await d.terminate()
+            while up() != 0:
+                await trio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and str(d.socket_path) in err  # once, not per try
+
+
+# -- bench, interrupted ---------------------------------------------------------
+
+IN_TERMINAL = """
+import fcntl, os, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+os.execv(sys.executable, [sys.executable, "-m", "shadowd", *sys.argv[1:]])
+"""
+
+
+QUICK = ("--seconds", "5", "--memory-procs", "0", "--connections", "0")
+
+
+def _bench_interrupted(tmp: Path) -> tuple[int, str, str]:
+    """`shadowd bench` on a terminal of its own, Ctrl-C typed once it measures in parallel."""
+    import time
+
+    master, slave = _pty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IN_TERMINAL, "bench", "--rounds", "2", "--procs", "2", *QUICK],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=dict(repo_env(), TMPDIR=str(tmp)),
+    )
+    os.close(slave)
+    try:
+        before = _read_until(master, lambda o: b"throughput, 2 client" in o, time.monotonic() + 90)
+        assert b"throughput, 2 client" in before, before
+        time.sleep(1.0)  # the workers are at it
+        os.write(master, b"\x03")
+        after = _read_until(master, lambda o: False, time.monotonic() + 60)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, before.decode(errors="replace"), after.decode(errors="replace")
+
+
+@pytest.mark.slow
+async def test_bench_interrupted_is_one_line_and_leaves_nothing(shared_dir: Path) -> None:
+    with trio.fail_after(180):
+        code, before, after = await trio.to_thread.run_sync(lambda: _bench_interrupted(shared_dir))
+    assert code == 130, (before, after)
+    lines = [ln.strip() for ln in after.replace("\r", "\n").split("\n") if ln.strip()]
+    lines = [ln.removeprefix("^C") for ln in lines if ln != "^C"]  # the terminal's echo
+    assert lines == ["shadowd bench: interrupted"], after
+    assert "Traceback" not in before + after
+    assert os.listdir(shared_dir) == []  # its files, daemon socket included, are gone

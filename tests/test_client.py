@@ -46,16 +46,23 @@ def test_errors_are_one_family(tmp_path: Path) -> None:
         assert issubclass(exc, ShadowdError)
 
 
-def test_client_needs_a_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_finds_a_socket_path_without_being_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shadowd.paths import ROOT_SOCKET, is_socket
+
     monkeypatch.delenv("SHADOWD_SOCKET", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    if os.geteuid() == 0:
-        assert Client().socket_path == "/run/shadowd/shadowd.sock"
+    uid = os.geteuid()
+    user = f"/run/user/{uid}/shadowd/shadowd.sock"
+    if uid == 0:
+        assert Client().socket_path == ROOT_SOCKET
     else:
-        with pytest.raises(DaemonUnavailable, match="XDG_RUNTIME_DIR"):
-            Client()
+        assert Client().socket_path == (
+            ROOT_SOCKET if is_socket(ROOT_SOCKET) and not is_socket(user) else user
+        )
     monkeypatch.setenv("SHADOWD_SOCKET", "/somewhere/s.sock")
     assert Client().socket_path == "/somewhere/s.sock"
+    monkeypatch.setenv("SHADOWD_SOCKET", "")  # empty: as if unset
+    assert Client().socket_path in (user, ROOT_SOCKET)
 
 
 async def test_client_survives_a_daemon_restart(start_daemon: Any, tmp_path: Path) -> None:

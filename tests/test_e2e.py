@@ -372,6 +372,57 @@ async def test_served_dso_loads_and_served_binary_runs(daemon: Daemon) -> None:
         await call(work)
 
 
+MAPS_OF_A_DSO = """
+import ctypes, sys
+lib = ctypes.CDLL(f"/proc/self/fd/{sys.argv[1]}")
+print("".join(line for line in open("/proc/self/maps") if "memfd:" in line))
+"""
+
+
+async def test_a_program_that_maps_a_served_dso_sees_its_name(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """perf, gdb and pmap tell libraries apart: each memfd has its file's basename."""
+    lib = tmp_path / "libnamed.so.1"
+    shutil.copyfile(LIBZ, lib)
+    settle(lib)
+
+    def work() -> list[str]:
+        maps = []
+        with Client(daemon.socket_path, timeout=10) as c:
+            for _ in range(2):  # the miss, then the hit (the cached memfd)
+                src = os.open(lib, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    # The label a client chooses names nothing.
+                    fd = c.open_fd(src, label="/some/label/chosen-by-client.so")
+                finally:
+                    os.close(src)
+                try:
+                    maps.append(
+                        subprocess.run(
+                            [sys.executable, "-c", MAPS_OF_A_DSO, str(fd)],
+                            pass_fds=[fd],
+                            capture_output=True,
+                            text=True,
+                            timeout=10,
+                            check=True,
+                        ).stdout
+                    )
+                finally:
+                    os.close(fd)
+        return maps
+
+    with trio.fail_after(30):
+        maps = await call(work)
+    for text in maps:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        assert lines, text
+        assert all(ln.endswith("/memfd:libnamed.so.1 (deleted)") for ln in lines), text
+    targets = daemon.fd_targets()
+    assert "/memfd:libnamed.so.1 (deleted)" in targets
+    assert not any("chosen-by-client" in t or str(tmp_path) in t for t in targets)
+
+
 async def test_non_regular_files_refused_quickly(daemon: Daemon, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from shadowd import memfd
 from shadowd.cache import Cache, CacheLimits, HostKey
 from shadowd.fdstore import MAX_NAME, FdStore, StoredName
+from shadowd.source import SourceStat
 from shadowd.systemd import PassedFd
 
 from .manager import NotifyReceiver
@@ -154,14 +156,15 @@ def test_restore_puts_sealed_memfds_back_and_observes_the_cache(manager: Manager
     assert not is_open(a)
 
 
-def test_what_comes_back_is_checked_like_a_strangers_descriptor(manager: Manager) -> None:
+def test_what_comes_back_is_checked_like_a_strangers_descriptor(
+    manager: Manager, tmp_path: Path
+) -> None:
     cache = Cache(CacheLimits(racy_window_ns=0))
     store = FdStore(manager.notifier, max_entries=10)
     unsealed = os.memfd_create("shadowd", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(unsealed, b"12345")
-    foreign = os.memfd_create("other", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(foreign, b"12345")
-    memfd.seal(foreign, executable=False)
+    (tmp_path / "plain").write_bytes(b"12345")
+    foreign = os.open(tmp_path / "plain", os.O_RDONLY | os.O_CLOEXEC)  # right size, no memfd
     wrong_size = sealed_fd(b"1234")
     r, w = os.pipe()
     unnamed = os.memfd_create("shadowd", os.MFD_CLOEXEC)
@@ -178,6 +181,24 @@ def test_what_comes_back_is_checked_like_a_strangers_descriptor(manager: Manager
     assert not any(is_open(p.fd) for p in passed)
     removed = [f["FDNAME"] for f, _ in manager.messages()]
     assert sorted(removed) == sorted([name_of(i, 5) for i in (1, 2, 3)] + [name_of(4, 0), "junk"])
+
+
+def test_a_memfd_named_after_its_file_comes_back(manager: Manager, tmp_path: Path) -> None:
+    # What the daemon stores: copies named after their file (memfd.name_for).
+    lib = tmp_path / "libfoo.so.1"
+    lib.write_bytes(b"12345")
+    src = os.open(lib, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        copy = memfd.sealed_copy(src, SourceStat.from_stat_result(os.fstat(src)))
+    finally:
+        os.close(src)
+    fd = copy.holder.detach()
+    assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:libfoo.so.1 (deleted)"
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    store.restore(cache, [PassedFd(fd, name_of(1, 5))])
+    assert (store.restored, store.rejected, len(cache)) == (1, 0, 1)
+    cache.clear()
 
 
 def test_restore_keeps_to_the_budgets_and_forgets_the_rest(manager: Manager) -> None:

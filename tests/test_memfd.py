@@ -38,7 +38,7 @@ def test_copy_is_exact_and_sealed(tmp_path: Path) -> None:
         seals = memfd.seals_of(fd)
         assert seals & memfd.REQUIRED_SEALS == memfd.REQUIRED_SEALS
         assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:shadowd")
+        assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:blob (deleted)"
     finally:
         os.close(fd)
         sealed.release()
@@ -246,3 +246,63 @@ def test_holes_of_a_sparse_file_stay_holes_in_the_copy(tmp_path: Path, layout: s
         assert os.pread(sealed.fd, size + 1, 0) == want
     finally:
         sealed.release()
+
+
+def test_a_copy_is_named_after_its_files_basename(tmp_path: Path) -> None:
+    def name_of_copy(path: Path) -> str:
+        sealed = copy_of(path)
+        try:
+            return os.readlink(f"/proc/self/fd/{sealed.fd}")
+        finally:
+            sealed.release()
+
+    (tmp_path / "libssl.so.3").write_bytes(b"ssl")
+    assert name_of_copy(tmp_path / "libssl.so.3") == "/memfd:libssl.so.3 (deleted)"
+    # The longest name a memfd takes, cut between characters, never inside one.
+    long = tmp_path / ("é" * 127)  # 254 bytes of UTF-8
+    long.write_bytes(b"x")
+    name = memfd.name_for(os.open(long, os.O_RDONLY | os.O_CLOEXEC))
+    assert name == "é" * 124 and len(name.encode()) == 248 <= memfd.MAX_MEMFD_NAME
+
+
+def test_names_come_from_the_kernel_not_from_the_path_used(tmp_path: Path) -> None:
+    a = tmp_path / "old-name.so"
+    a.write_bytes(b"x")
+    fd = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        a.rename(tmp_path / "new-name.so")
+        assert memfd.name_for(fd) == "new-name.so"
+        (tmp_path / "new-name.so").unlink()
+        assert memfd.name_for(fd) == "new-name.so"  # without the kernel's " (deleted)"
+    finally:
+        os.close(fd)
+    odd = tmp_path / "really (deleted)"
+    odd.write_bytes(b"x")
+    fd = os.open(odd, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert memfd.name_for(fd) == "really (deleted)"  # still linked: its real name
+    finally:
+        os.close(fd)
+
+
+def test_what_has_no_file_name_is_named_shadowd() -> None:
+    other = os.memfd_create("chosen-by-a-client", os.MFD_CLOEXEC)
+    r, w = os.pipe()
+    try:
+        assert memfd.name_for(other) == "shadowd"  # a published private file
+        assert memfd.name_for(r) == "shadowd"
+        assert memfd.name_for(12345) == "shadowd"  # not even open
+    finally:
+        for fd in (other, r, w):
+            os.close(fd)
+
+
+def test_a_local_copy_is_named_after_its_file(tmp_path: Path) -> None:
+    from shadowd_client import local_copy
+
+    (tmp_path / "libcrypto.so.3").write_bytes(b"crypto")
+    fd = local_copy(tmp_path / "libcrypto.so.3")
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:libcrypto.so.3 (deleted)"
+    finally:
+        os.close(fd)

@@ -65,3 +65,32 @@ def test_system_unit_is_hardened() -> None:
     assert socket_unit["SocketGroup"] == service["Group"]
     # The store keeps every entry the default budget allows.
     assert int(service["FileDescriptorStoreMax"]) >= 10_000
+
+
+def test_performance_is_a_report_not_a_log() -> None:
+    perf = (REPO / "docs" / "performance.md").read_text()
+    for phrase in (
+        "this round",
+        "commits earlier",
+        "performance issue",
+        "the issue's",
+        "earlier round",
+    ):
+        assert phrase not in perf, phrase
+    for section in ("## The machine", "## Reproducing", "## What is measured", "## Real programs"):
+        assert section in perf, section
+    assert "<!-- REAL-PROGRAMS:" in perf  # where the real-program table goes
+
+
+def test_the_bench_takes_one_duration_everywhere() -> None:
+    from shadowd.cli import build_parser
+
+    def folded(text: str) -> str:
+        return " ".join(text.split())
+
+    readme = folded((REPO / "README.md").read_text())
+    perf = folded((REPO / "docs" / "performance.md").read_text())
+    usage = folded(build_parser().format_help())  # lists each command with its help
+    for text in (readme, perf, usage):
+        assert "about 45 seconds" in text
+        assert "half a minute" not in text and "~45 s" not in text

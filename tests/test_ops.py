@@ -102,7 +102,7 @@ async def test_restart_keeps_the_cache_warm_and_the_client_working(
             assert stats["restored_entries"] == 2 and stats["fdstore_entries"] == 2
             assert stats["entries"] == 2
             # The label came back with the entry: it counts among the top files.
-            assert [t[0] for t in stats["top_by_hits"]] == [str(lib)]
+            assert [t["path"] for t in stats["top_by_hits"]] == [str(lib)]
             os.close(before)
             os.close(after)
             assert await manager.stop() == 0

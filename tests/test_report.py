@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -16,9 +18,15 @@ from shadowd.cache import HostKey
 from shadowd.daemon import configure_logging, status_line, stream_is_journal
 from shadowd.memfd import sealed_from_bytes
 from shadowd.protocol import ErrorCode
-from shadowd.report import format_prometheus, format_rates, format_table
+from shadowd.report import (
+    format_json,
+    format_prometheus,
+    format_prometheus_down,
+    format_rates,
+    format_table,
+)
 from shadowd.server import Server, ServerConfig
-from shadowd.stats import Stats, TopEntry
+from shadowd.stats import LATENCY_BOUNDS, Histogram, Latencies, Stats, TopEntry
 
 from . import promtext
 
@@ -58,8 +66,22 @@ def sample_stats(**changes: Any) -> Stats:
         fdstore_entries=3,
         fdstore_max=64,
         restored_entries=2,
+        limits={"max_request": 65536, "max_clients": 4096, "max_inflight": 32},
+        limit_hits={"max_inflight": 3},
+        latency=sample_latency(),
     )
     return attrs.evolve(base, **changes)
+
+
+def sample_latency() -> Latencies:
+    """90 hits of 30 us and 10 of 400 us; 10 misses of 3 ms; no copies."""
+    latency = Latencies()
+    for _ in range(90):
+        latency.observe("hit", 30e-6)
+    for _ in range(10):
+        latency.observe("hit", 400e-6)
+        latency.observe("miss", 3e-3)
+    return latency
 
 
 def test_prometheus_output_parses_strictly_with_our_rules() -> None:
@@ -67,8 +89,9 @@ def test_prometheus_output_parses_strictly_with_our_rules() -> None:
     families = promtext.parse(text)
     for name, fam in families.items():
         assert name.startswith("shadowd_"), name
-        assert fam.help and fam.type in ("counter", "gauge"), name
+        assert fam.help and fam.type in ("counter", "gauge", "histogram"), name
         assert (fam.type == "counter") == name.endswith("_total"), name
+        assert fam.type != "histogram" or name.endswith("_seconds"), name
         # Base units: no kilo-, mega- or milli- anything.
         assert not any(u in name for u in ("_kb", "_mb", "_kib", "_ms", "_millis")), name
     f = families
@@ -91,6 +114,93 @@ def test_prometheus_output_parses_strictly_with_our_rules() -> None:
     assert f["shadowd_top_file_hits"].value(path=TRICKY) == 5
     # Two entries with one label are one series.
     assert f["shadowd_top_file_saved_bytes"].value(path="/lib/libc.so.6") == 100_010
+    assert f["shadowd_up"].value() == 1
+
+
+def test_limits_are_split_by_unit_and_every_limit_has_a_reached_counter() -> None:
+    f = promtext.parse(format_prometheus(sample_stats()))
+    # Bytes and counts in families of their own: one unit per family.
+    assert f["shadowd_limit_bytes"].samples == {frozenset({("limit", "max_request")}): 65536}
+    assert f["shadowd_limit"].value(limit="max_clients") == 4096
+    assert frozenset({("limit", "max_request")}) not in f["shadowd_limit"].samples
+    # Every limit has a series from the start, 0 until a peer first runs into it.
+    reached = f["shadowd_limit_reached_total"]
+    assert reached.value(limit="max_inflight") == 3
+    assert reached.value(limit="max_clients") == 0
+    assert reached.value(limit="max_request") == 0
+
+
+def test_latency_is_a_proper_prometheus_histogram() -> None:
+    f = promtext.parse(format_prometheus(sample_stats()))
+    hist = f["shadowd_latency_seconds"]
+    assert hist.type == "histogram"
+    hits = dict(hist.buckets(kind="hit"))
+    assert hits[2e-5] == 0 and hits[5e-5] == 90 and hits[5e-4] == 100
+    assert hits[math.inf] == 100 == hist.count(kind="hit")
+    assert hist.sum(kind="hit") == pytest.approx(90 * 30e-6 + 10 * 400e-6)
+    assert hist.count(kind="miss") == 10 and hist.count(kind="copy") == 0
+    assert [le for le, _ in hist.buckets(kind="copy")] == [*LATENCY_BOUNDS, math.inf]
+
+
+def test_a_textfile_without_a_daemon_says_so_and_when() -> None:
+    f = promtext.parse(format_prometheus_down(now=1700000000.5))
+    assert f["shadowd_up"].value() == 0
+    assert f["shadowd_scrape_timestamp_seconds"].value() == 1700000000.5
+    assert set(f) == {"shadowd_up", "shadowd_scrape_timestamp_seconds"}
+    up = promtext.parse(format_prometheus(sample_stats(), now=1700000001.0))
+    assert up["shadowd_scrape_timestamp_seconds"].value() == 1700000001.0
+
+
+def test_json_hit_rate_is_null_before_any_lookup_and_top_files_are_objects() -> None:
+    data = json.loads(format_json(sample_stats(hits=0, misses=0)))
+    assert data["hit_rate"] is None
+    assert json.loads(format_json(sample_stats()))["hit_rate"] == 0.9
+    assert data["top_by_hits"][0] == {
+        "path": "/lib/libc.so.6",
+        "hits": 50,
+        "size": 2000,
+        "bytes_saved": 100_000,
+    }
+    assert data["latency"]["hit"]["counts"][LATENCY_BOUNDS.index(5e-5)] == 90
+    # What the CLI reads back is what was written.
+    assert Stats.from_wire(data) == sample_stats(hits=0, misses=0)
+
+
+def test_stats_from_an_older_daemon_still_read() -> None:
+    wire = sample_stats().to_wire()
+    wire["top_by_hits"] = [["/lib/libc.so.6", 50, 2000]]  # positional, as before
+    del wire["latency"]
+    old = Stats.from_wire(wire)
+    assert old.top_by_hits == (TopEntry("/lib/libc.so.6", 50, 2000),)
+    assert old.latency == Latencies()
+
+
+def test_histogram_buckets_merge_and_wire() -> None:
+    a, b = Histogram(), Histogram()
+    a.observe(1e-5)  # exactly on a bound: in that bucket (le means at most)
+    a.observe(11.0)  # above every bound
+    b.observe(0.003)
+    assert a.cumulative()[1] == (1e-5, 1) and a.cumulative()[-1] == (math.inf, 2)
+    merged = a.merge(b)
+    assert merged.count == 3 and merged.sum == pytest.approx(11.00301)
+    assert (a.count, b.count) == (2, 1)  # merging changes neither
+    assert Histogram.from_wire(merged.to_wire()) == merged
+    assert merged.quantile(0.5) == 5e-3 and merged.quantile(1.0) == math.inf
+    assert Histogram().quantile(0.5) is None
+    with pytest.raises(ValueError):
+        a.merge(Histogram(bounds=(1.0, 2.0)))
+    with pytest.raises(ValueError):
+        Histogram(bounds=(2.0, 1.0))
+    both = Latencies()
+    both.observe("copy", 0.25)
+    assert both.merge(sample_latency()).copy_.count == 1
+    assert Latencies.from_wire(both.to_wire()) == both
+
+
+def test_a_server_of_today_builds_stats_with_empty_latency() -> None:
+    server = Server(ServerConfig(socket_path=""))
+    assert server.stats().latency.hit.count >= 0
+    assert Stats.from_wire(server.stats().to_wire()).latency == server.stats().latency
 
 
 def test_prometheus_leaves_out_what_the_daemon_could_not_measure() -> None:
@@ -99,9 +209,27 @@ def test_prometheus_leaves_out_what_the_daemon_could_not_measure() -> None:
     assert "shadowd_resident_memory_bytes" not in families
 
 
+HIST = "# TYPE shadowd_h_seconds histogram\n"
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        HIST + 'shadowd_h_seconds_bucket{le="1"} 1\nshadowd_h_seconds_sum 1\n'
+        "shadowd_h_seconds_count 1\n",  # no +Inf bucket
+        HIST + 'shadowd_h_seconds_bucket{le="1"} 2\nshadowd_h_seconds_bucket{le="+Inf"} 1\n'
+        "shadowd_h_seconds_sum 1\nshadowd_h_seconds_count 1\n",  # not cumulative
+        HIST + 'shadowd_h_seconds_bucket{le="+Inf"} 1\nshadowd_h_seconds_bucket{le="1"} 1\n'
+        "shadowd_h_seconds_sum 1\nshadowd_h_seconds_count 1\n",  # le not increasing
+        HIST + 'shadowd_h_seconds_bucket{le="+Inf"} 2\nshadowd_h_seconds_sum 1\n'
+        "shadowd_h_seconds_count 1\n",  # _count is not the +Inf bucket
+        HIST + 'shadowd_h_seconds_bucket{le="+Inf"} 1\nshadowd_h_seconds_count 1\n',  # no _sum
+        HIST + "shadowd_h_seconds_bucket 1\n",  # a bucket without le
+        HIST + 'shadowd_h_seconds_bucket{le="+Inf"} 1\nshadowd_h_seconds_sum{le="1"} 1\n'
+        "shadowd_h_seconds_count 1\n",  # le on _sum
+        HIST + "shadowd_h_seconds 1\n",  # a sample without a suffix
+        HIST + 'shadowd_h_seconds_bucket{le="+Inf"} 1\nshadowd_x 1\n'
+        "shadowd_h_seconds_sum 1\nshadowd_h_seconds_count 1\n",  # not together
         "shadowd_x 1",  # no final newline
         "shadowd_x{a=1} 1\n",  # unquoted
         'shadowd_x{a="\\q"} 1\n',  # unknown escape
@@ -120,6 +248,9 @@ def test_the_strict_reader_is_strict(bad: str) -> None:
 
 def test_table_shows_memory_fd_store_fds_and_both_top_lists() -> None:
     table = format_table(sample_stats(), "/run/shadowd/shadowd.sock")
+    assert "latency" in table
+    assert "hit p50 <= 50 us, p99 <= 500 us (100); miss p50 <= 5 ms, p99 <= 5 ms (10)" in table
+    assert "copy p50" not in table  # no copies timed: nothing to say
     assert "12.0 KiB in cached memfds (whole pages); daemon resident 28.6 MiB" in table
     assert "open fds" in table and "40 of 1024 (3.9%)" in table
     assert "3 of 64 entries kept for warm restarts; 2 restored at start" in table

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 from shadowd import __version__
 from shadowd.fds import FdHolder, close_all, fds_from_ancdata
 from shadowd.memfd import REQUIRED_SEALS, create
+from shadowd.paths import SocketChoice, find_socket
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
     BatchOpened,
@@ -67,6 +68,17 @@ def open_source(path: str | os.PathLike[str]) -> int:
         return os.open(path, SOURCE_FLAGS)
     except OSError as exc:
         raise source_error(exc, os.fsdecode(path)) from None
+
+
+def choose_socket(socket_path: str | os.PathLike[str] | None) -> SocketChoice:
+    """The socket to connect to, by the one rule (``shadowd.paths.find_socket``).
+
+    Raises DaemonUnavailable for a path no socket can have (empty, too long).
+    """
+    try:
+        return find_socket(socket_path)
+    except Exception as exc:  # ConfigError of the daemon's family
+        raise DaemonUnavailable(str(exc)) from None
 
 
 def label_for(path: str | os.PathLike[str]) -> str:
@@ -220,7 +232,7 @@ def lookup_result(reply: Reply) -> int | None:
 def new_memfd(*, executable: bool) -> FdHolder:
     """A fresh memfd for a private file: sealable, executable iff *executable*."""
     try:
-        return FdHolder(create(executable=executable, name="shadowd-private"))
+        return FdHolder(create(executable=executable))
     except OSError as exc:
         raise SourceError(f"cannot create a memfd: {os.strerror(exc.errno or 0)}") from None
 

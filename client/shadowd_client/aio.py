@@ -18,7 +18,6 @@ from typing import Any
 import trio
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
-from shadowd.paths import resolve_socket_path
 from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
 
 from ._session import (
@@ -33,6 +32,7 @@ from ._session import (
     batch_request,
     batch_results,
     check_filled,
+    choose_socket,
     close_reply,
     label_for,
     lookup_result,
@@ -74,7 +74,8 @@ class AsyncClient:
     """A trio connection to shadowd; the same API as :class:`Client`, awaited.
 
     Several tasks may use one AsyncClient at once: their requests are in
-    flight together and each gets its own reply.
+    flight together and each gets its own reply. It finds the socket as
+    :class:`Client` does.
     """
 
     def __init__(
@@ -83,10 +84,9 @@ class AsyncClient:
         *,
         timeout: float | None = 30.0,
     ) -> None:
-        try:
-            self.socket_path = resolve_socket_path(socket_path)
-        except Exception as exc:  # ConfigError of the daemon's family
-            raise DaemonUnavailable(str(exc)) from None
+        self._choice = choose_socket(socket_path)
+        self.socket_path = self._choice.path
+        self._given = socket_path
         self.timeout = timeout
         self._conn: _Conn | None = None
         self._connect_lock = trio.Lock()
@@ -282,19 +282,27 @@ class AsyncClient:
             current = self._current()
             if current is not None:
                 return current
+            if self._choice.source == "searched":
+                # Look again: the daemon may have come up on another candidate.
+                self._choice = choose_socket(self._given)
+                self.socket_path = self._choice.path
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
                     await sock.connect(self.socket_path)
             except trio.TooSlowError:
                 sock.close()
+                where = self._choice.describe()
                 raise DaemonTimeout(
-                    f"shadowd at {self.socket_path} did not accept in time",
+                    f"shadowd at {self.socket_path} did not accept in time"
+                    + (f" ({where})" if where else ""),
                     socket_path=self.socket_path,
                 ) from None
             except OSError as exc:
                 sock.close()
-                raise unavailable(exc, self.socket_path, "connecting") from None
+                raise unavailable(
+                    exc, self.socket_path, "connecting", self._choice.describe()
+                ) from None
             conn = _Conn(sock)
             data, _ = conn.session.hello()
             try:

@@ -5,7 +5,9 @@
 # exception reach the caller. Everything raised is a ShadowdError.
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -157,22 +159,46 @@ def source_error(exc: OSError, path: str) -> SourceError:
     return SourceError(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
 
 
-def unavailable(exc: OSError, socket_path: str, doing: str) -> DaemonUnavailable:
-    """The error for an OSError met while *doing* something with the daemon's socket."""
+def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> DaemonUnavailable:
+    """The error for an OSError met while *doing* something with the daemon's socket.
+
+    *where* says how the path was found (``SocketChoice.describe``), so that a
+    client that found no daemon says which places it looked at.
+    """
+    context = f"{doing}; {where}" if where else doing
     if isinstance(exc, TimeoutError):
         return DaemonTimeout(
-            f"shadowd at {socket_path} did not answer in time ({doing})", socket_path=socket_path
+            f"shadowd at {socket_path} did not answer in time ({context})",
+            socket_path=socket_path,
         )
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return DaemonUnavailable(
-        f"cannot reach shadowd at {socket_path}: {reason} ({doing})", socket_path=socket_path
+        f"cannot reach shadowd at {socket_path}: {_reason(exc, socket_path)} ({context})",
+        socket_path=socket_path,
     )
 
 
+def _reason(exc: OSError, socket_path: str) -> str:
+    """Why connecting failed, in the words of what is at *socket_path*."""
+    if exc.errno == errno.EPROTOTYPE:
+        # Something listens there, with another socket type (stream, datagram).
+        return "not a shadowd socket (a socket of another type; shadowd speaks SOCK_SEQPACKET)"
+    if exc.errno == errno.ECONNREFUSED:
+        # connect() says "refused" for a path that is no socket at all, too.
+        try:
+            mode = os.lstat(socket_path).st_mode
+        except OSError:
+            pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                return "not a socket"
+            return "no daemon is listening on this socket (Connection refused)"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 @contextmanager
-def talking_to(socket_path: str, doing: str) -> Iterator[None]:
+def talking_to(socket_path: str, doing: str, where: str = "") -> Iterator[None]:
     """Turn an OSError in the block into :class:`DaemonUnavailable`."""
     try:
         yield
     except OSError as exc:
-        raise unavailable(exc, socket_path, doing) from exc
+        raise unavailable(exc, socket_path, doing, where) from exc

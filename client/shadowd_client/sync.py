@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
-from shadowd.paths import resolve_socket_path
 from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
 
 from ._session import (
@@ -29,6 +28,7 @@ from ._session import (
     Session,
     batch_request,
     batch_results,
+    choose_socket,
     close_reply,
     filled_memfd,
     label_for,
@@ -50,9 +50,11 @@ def _timeval(seconds: float) -> bytes:
 class Client:
     """A blocking connection to shadowd.
 
-    ``Client()`` finds the socket as the daemon does (``$SHADOWD_SOCKET``, the
-    user's runtime dir, or /run for root). Connecting happens on first use.
-    Every method raises only :class:`~shadowd_client.ShadowdError` subclasses.
+    ``Client()`` finds the socket by the one rule (``shadowd.paths.find_socket``):
+    ``$SHADOWD_SOCKET``, else the user's own socket, else the host daemon's
+    ``/run/shadowd/shadowd.sock``, whichever is there when it connects.
+    Connecting happens on first use. Every method raises only
+    :class:`~shadowd_client.ShadowdError` subclasses.
     """
 
     def __init__(
@@ -61,10 +63,9 @@ class Client:
         *,
         timeout: float | None = 30.0,
     ) -> None:
-        try:
-            self.socket_path = resolve_socket_path(socket_path)
-        except Exception as exc:  # ConfigError of the daemon's family
-            raise DaemonUnavailable(str(exc)) from None
+        self._choice = choose_socket(socket_path)
+        self.socket_path = self._choice.path
+        self._given = socket_path
         self.timeout = timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -243,7 +244,11 @@ class Client:
             raise
 
     def _connect(self) -> None:
-        with talking_to(self.socket_path, "connecting"):
+        if self._choice.source == "searched":
+            # Look again: the daemon may have come up on another candidate.
+            self._choice = choose_socket(self._given)
+            self.socket_path = self._choice.path
+        with talking_to(self.socket_path, "connecting", self._choice.describe()):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 sock.settimeout(self.timeout)
