@@ -191,7 +191,7 @@ from shadowd_client import Client
 with Client({sock!r}, timeout=10) as c:
     s = c.stats()
 top = list(s["top_by_hits"]) + list(s["top_by_bytes"])
-out(sorted({{e["label"] if isinstance(e, dict) else e[0] for e in top}}))
+out(sorted({{e["path"] if isinstance(e, dict) else e[0] for e in top}}))
 """
 
 

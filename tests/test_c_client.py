@@ -958,7 +958,7 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
     assert directory["fd"] == -1 and directory["code"] == "not-regular"
     # The label the daemon got for the relative path is the file's own path.
     s = await trio.to_thread.run_sync(stats, daemon)
-    assert str(f) in [t[0] for t in s["top_by_hits"]] + [t[0] for t in s["top_by_bytes"]]
+    assert str(f) in [t["path"] for t in s["top_by_hits"]] + [t["path"] for t in s["top_by_bytes"]]
 
 
 def test_local_copies_are_sealed_private_and_executable_iff_the_source(

@@ -467,6 +467,14 @@ out:
 static void
 note_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* shadowd_set_log's sink: the client's breaker lines, kept like our errors. */
+static void
+client_log(void *arg, const char *line)
+{
+    (void)arg;
+    note_error("%s", line);
+}
+
 /* Keep the last thing that went wrong for the stats; say it with -v. */
 static void
 note_error(const char *fmt, ...)
@@ -986,6 +994,10 @@ main(int argc, char **argv)
         return 125;
     }
     if (S.mode == SHADOWD) {
+        /* The client's "daemon gone / back" lines: in the stats always,
+         * on stderr with -v (never mixed with the program's stderr else). */
+        shadowd_init(&S.client);
+        shadowd_set_log(&S.client, client_log, NULL);
         /* Before the tracee starts, so no open pays for the hello. A daemon
          * that is not there is no reason not to run the program. */
         if (shadowd_connect(&S.client, socket_path) == 0) {
