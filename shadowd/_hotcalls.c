@@ -564,7 +564,7 @@ parse_open(const unsigned char *data, size_t len, uint64_t *id)
 {
     struct rd r = {data, data + len};
     uint64_t count, v;
-    int seen_op = 0, seen_id = 0, seen_path = 0;
+    int seen_op = 0, seen_id = 0, seen_path = 0, seen_wait = 0;
 
     if (r.p >= r.end)
         return -1;
@@ -576,7 +576,7 @@ parse_open(const unsigned char *data, size_t len, uint64_t *id)
             return -1;
     } else
         return -1;
-    if (count > 3)
+    if (count > 4)
         return -1;
     for (uint64_t i = 0; i < count; i++) {
         const unsigned char *key, *val;
@@ -592,6 +592,11 @@ parse_open(const unsigned char *data, size_t len, uint64_t *id)
             if (rd_uint(&r, &v) < 0)
                 return -1;
             *id = v;
+        } else if (key_is(key, key_len, "wait") && !seen_wait) {
+            seen_wait = 1; /* version 2: a hit is answered at once either way */
+            if (r.p >= r.end || (*r.p != 0xc2 && *r.p != 0xc3))
+                return -1;
+            r.p++;
         } else if (key_is(key, key_len, "path") && !seen_path) {
             seen_path = 1;
             if (r.p < r.end && *r.p == 0xc0) {
@@ -621,12 +626,32 @@ put_uint(unsigned char *o, uint64_t v)
     return 1 + width;
 }
 
-/* protocol.ServerConnection.send_opened(id, size, True), byte for byte. */
+/* A signed integer as msgpack-python packs it: the narrowest form. */
 static size_t
-opened_reply(unsigned char *o, uint64_t id, uint64_t size)
+put_int(unsigned char *o, int64_t v)
+{
+    if (v >= 0)
+        return put_uint(o, (uint64_t)v);
+    if (v >= -32) {
+        o[0] = (unsigned char)(0xe0 | (v & 0x1f));
+        return 1;
+    }
+    size_t width = v >= -128 ? 1 : v >= -32768 ? 2 : v >= -2147483648LL ? 4 : 8;
+    o[0] = (unsigned char)(width == 1 ? 0xd0 : width == 2 ? 0xd1 : width == 4 ? 0xd2 : 0xd3);
+    uint64_t u = (uint64_t)v;
+    for (size_t i = 0; i < width; i++)
+        o[1 + i] = (unsigned char)(u >> (8 * (width - 1 - i)));
+    return 1 + width;
+}
+
+/* protocol.ServerConnection.send_opened(id, size, True[, version]), byte for
+ * byte: with *v2*, the version served and "cached" (protocol version 2). */
+static size_t
+opened_reply(unsigned char *o, uint64_t id, uint64_t size, int v2, long long mtime_ns,
+             long long ctime_ns)
 {
     size_t k = 0;
-    o[k++] = 0x84;
+    o[k++] = v2 ? 0x86 : 0x84;
     memcpy(o + k, "\xa2id", 3);
     k += 3;
     k += put_uint(o + k, id);
@@ -637,6 +662,15 @@ opened_reply(unsigned char *o, uint64_t id, uint64_t size)
     k += put_uint(o + k, size);
     memcpy(o + k, "\xa3hit\xc3", 5);
     k += 5;
+    if (v2) {
+        memcpy(o + k, "\xa7version\x93", 9);
+        k += 9;
+        k += put_uint(o + k, size);
+        k += put_int(o + k, mtime_ns);
+        k += put_int(o + k, ctime_ns);
+        memcpy(o + k, "\xa6" "cached\xc3", 8); /* split: "\xa6c" would be one escape */
+        k += 8;
+    }
     return k;
 }
 
@@ -680,11 +714,11 @@ stamp_of(PyObject *file, long long *mode, long long *ctime_ns)
  * with an exception set when Python code it called raised. */
 static PyObject *
 try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *entries,
-        PyObject *is_local, unsigned long long max_file_size, int *served_out)
+        PyObject *is_local, unsigned long long max_file_size, int v2, int *served_out)
 {
     struct kstatx stx;
     uint64_t id = 0;
-    unsigned char reply[64];
+    unsigned char reply[128];
 
     if (parse_open(data, len, &id) < 0)
         return DECLINED;
@@ -769,7 +803,7 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
         return DECLINED;
     }
 
-    size_t k = opened_reply(reply, id, stx.size);
+    size_t k = opened_reply(reply, id, stx.size, v2, mtime_ns, ctime_ns);
     int served = reopen_fd((int)dirfd, (int)memfd);
     if (served < 0) {
         Py_DECREF(entry);
@@ -786,12 +820,13 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
 }
 
 PyDoc_STRVAR(answer_hit_doc,
-"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size, closing)\n"
+"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size, closing, v2=False)\n"
 "    -> Entry | tuple\n\n"
 "Read one datagram as recv() does. When it is a canonical `open` of a\n"
 "regular, readable file of a trusted file system (is_local(dev, mnt)) whose\n"
 "version is cached in *entries* under (dev, ino), answer it: a fresh\n"
-"read-only open of the entry's file, sent with protocol.py's exact reply,\n"
+"read-only open of the entry's file, sent with protocol.py's exact reply\n"
+"(with the version served when *v2*: a protocol version 2 connection),\n"
 "return the entry, whose hit the caller counts. The passed fd and the new\n"
 "one are appended to *closing*, for the caller to close (the poller closes\n"
 "a round's fds together, usually with one close_range).\n"
@@ -805,11 +840,11 @@ answer_hit(PyObject *self, PyObject *args)
     Py_buffer buf;
     Py_ssize_t ancsize, nfds;
     unsigned long long max_file_size;
-    int sockfd, flags, fds[MAX_FDS], served = -1;
+    int sockfd, flags, fds[MAX_FDS], served = -1, v2 = 0;
     ssize_t n;
 
-    if (!PyArg_ParseTuple(args, "Ow*nO!OKO!:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
-                          &entries, &is_local, &max_file_size, &PyList_Type, &closing))
+    if (!PyArg_ParseTuple(args, "Ow*nO!OKO!|p:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
+                          &entries, &is_local, &max_file_size, &PyList_Type, &closing, &v2))
         return NULL;
     sockfd = recv_args(sock, ancsize);
     if (sockfd < 0) {
@@ -824,7 +859,7 @@ answer_hit(PyObject *self, PyObject *args)
     PyObject *entry = DECLINED;
     if (nfds == 1 && !(flags & (MSG_TRUNC | MSG_CTRUNC)) && n > 0)
         entry = try_hit(sockfd, buf.buf, (size_t)n, fds[0], entries, is_local, max_file_size,
-                        &served);
+                        v2, &served);
     PyBuffer_Release(&buf);
     if (entry == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) {

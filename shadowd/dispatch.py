@@ -20,7 +20,7 @@ from . import __version__, hotcalls
 from .connection import GONE, Connection, too_many_in_flight
 from .errors import RequestError
 from .fds import FdHolder, close_holders
-from .opens import HostOpens, Pending, Served, batch_items, served_fd, share_error
+from .opens import HostOpens, Miss, Pending, Served, batch_items, served_fd, share_error
 from .poller import Poller
 from .private import PrivateFiles
 from .protocol import (
@@ -29,6 +29,7 @@ from .protocol import (
     HelloReply,
     Lookup,
     LookupMiss,
+    Missed,
     Open,
     OpenBatch,
     Opened,
@@ -71,7 +72,7 @@ class Dispatcher:
             conn.refuse_later(event.id, conn.over_budget(1))
             return True
         try:
-            outcome = self.opens.serve_now(fd, event.label, conn.share)
+            outcome = self.opens.serve_now(fd, event.label, conn.share, wait=event.wait)
         except Exception as exc:  # a refusal, or a bug of ours
             self.opens.discard([fd], conn.share)
             conn.refuse_later(event.id, exc)
@@ -79,14 +80,22 @@ class Dispatcher:
         except BaseException:
             self.opens.discard([fd], conn.share)
             raise
+        assert self.poller is not None
+        if type(outcome) is Miss:
+            # Answered now, without an fd; a flight, if any, copies from its own dup.
+            if outcome.untrusted:
+                self.opens.discard([fd], conn.share)  # in a worker
+            else:
+                self.poller.close_later(fd)
+            data, _ = conn.proto.send(Missed(id=event.id, filling=outcome.filling))
+            return conn.reply_now(event.id, data, (), ())
         if type(outcome) is not tuple:
             pending = self.opens.pending(fd, outcome)  # type: ignore[arg-type]
             conn.start_deferred(event.id, self._finish_open, event, pending, holds=1)
             return True
-        assert self.poller is not None
         self.poller.close_later(fd)
         file = outcome[0]
-        reply = conn.proto.send_opened(event.id, outcome[1], True)
+        reply = conn.proto.send_opened(event.id, outcome[1], True, outcome[2])
         if not conn.send_lock.locked():  # else replies queue: keep their order
             try:
                 # The reopen, the send and the close of the new fd in one call.
@@ -121,7 +130,9 @@ class Dispatcher:
             conn.refuse_later(event.id, conn.over_budget(len(fds)))
             return True
         try:
-            results, later = self.opens.batch_now(holders, labels, conn.share, conn.peer, event.id)
+            results, later = self.opens.batch_now(
+                holders, labels, conn.share, conn.peer, event.id, wait=event.wait
+            )
             if later:
                 try:
                     conn.start_deferred(
@@ -144,7 +155,9 @@ class Dispatcher:
                     self.poller.close_later(h.detach())
         served = [r.fd for r in results if isinstance(r, Served)]
         try:
-            data, out = conn.proto.send(BatchOpened(id=event.id, results=batch_items(results)))
+            data, out = conn.proto.send(
+                BatchOpened(id=event.id, results=batch_items(results, versions=_v2(conn)))
+            )
         except BaseException:
             close_holders(served)
             raise
@@ -187,13 +200,15 @@ class Dispatcher:
         self,
         conn: Connection,
         event: OpenBatch,
-        results: list[Served | Refusal | None],
+        results: list[Served | Miss | Refusal | None],
         later: list[tuple[int, Pending]],
         labels: Sequence[str | None],
     ) -> None:
         try:
             await self.opens.finish_batch(results, later, labels, conn.share, conn.peer)
-            await conn.send(BatchOpened(id=event.id, results=batch_items(results)))
+            await conn.send(
+                BatchOpened(id=event.id, results=batch_items(results, versions=_v2(conn)))
+            )
         finally:
             # Descriptors served but not sent (on cancellation) are still ours.
             close_holders([r.fd for r in results if isinstance(r, Served)])
@@ -207,12 +222,15 @@ class Dispatcher:
         elif isinstance(event, StatsRequest):
             await conn.send(StatsReply(id=event.id, stats=self.stats(conn.peer.uid).to_wire()))
         elif isinstance(event, Hello):
+            limits = self.hello_limits
+            if event.version >= 2:
+                limits = {**limits, "racy_window_ns": self.opens.limits.racy_window_ns}
             await conn.send(
                 HelloReply(
                     id=event.id,
                     version=event.version,
                     server=f"shadowd/{__version__}",
-                    limits=self.hello_limits,
+                    limits=limits,
                 )
             )
 
@@ -248,6 +266,22 @@ class Dispatcher:
 
 async def _send_served(conn: Connection, id: int, served: Served) -> None:
     try:
-        await conn.send(Opened(id=id, fd=served.fd.fd, size=served.size, hit=served.hit))
+        if _v2(conn) and served.version is not None:
+            reply = Opened(
+                id=id,
+                fd=served.fd.fd,
+                size=served.size,
+                hit=served.hit,
+                version=served.version,
+                cached=served.cached,
+            )
+        else:
+            reply = Opened(id=id, fd=served.fd.fd, size=served.size, hit=served.hit)
+        await conn.send(reply)
     finally:
         served.fd.close()
+
+
+def _v2(conn: Connection) -> bool:
+    """Whether the connection speaks protocol version 2 (replies say versions)."""
+    return conn.proto.version == 2

@@ -137,6 +137,7 @@ def py_answer_hit(  # noqa: PLR0917 (the C function's positional signature)
     is_local: Callable[[int, int], bool],
     max_file_size: int,
     closing: list[int],
+    v2: bool = False,
 ) -> tuple[int, int, list[int]]:
     """Read one datagram; the C version answers a cache hit itself.
 
@@ -162,6 +163,7 @@ answer_hit: Callable[
         Callable[[int, int], bool],
         int,
         list[int],
+        bool,
     ],
     object,
 ]

@@ -26,7 +26,7 @@ from .fds import FdHolder, close_all, close_holders
 from .leases import Writers
 from .memfd import SealedFile, memfd_seals
 from .pins import Pins
-from .protocol import ErrorCode, OpenedItem, Refusal
+from .protocol import ErrorCode, MissedItem, OpenedItem, Refusal, Version
 from .refusals import INTERNAL_MESSAGE, Refusals
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
 from .watches import Watches
@@ -40,8 +40,26 @@ class _Throttled:
 
 THROTTLED = _Throttled()
 
-#: A cache hit: the file to reopen for the client, and its size.
-Hit = tuple[Shareable, int]
+
+@attrs.frozen
+class Miss:
+    """A miss answered without waiting (protocol version 2, ``wait`` False).
+
+    ``filling``: a copy of that version into the cache is under way.
+    ``untrusted``: the fd is of a file system the loop may not touch (a
+    worker must close it).
+    """
+
+    filling: bool
+    untrusted: bool = False
+
+
+FILLING = Miss(True)
+NOT_FILLING = Miss(False)
+UNTRUSTED = Miss(False, untrusted=True)
+
+#: A cache hit: the file to reopen for the client, its size, its version.
+Hit = tuple[Shareable, int, Version]
 
 
 @attrs.frozen
@@ -51,6 +69,9 @@ class Served:
     fd: FdHolder
     size: int
     hit: bool
+    #: Whose bytes the fd holds, and whether that version is cached now.
+    version: Version | None = None
+    cached: bool = False
 
 
 @attrs.frozen
@@ -86,12 +107,27 @@ def check_size(size: int, limit: int) -> None:
         )
 
 
-def batch_items(results: list[Served | Refusal | None]) -> tuple[OpenedItem | Refusal, ...]:
-    """The items of a batch reply, in order (every slot is filled before sending)."""
-    items: list[OpenedItem | Refusal] = []
+def batch_items(
+    results: list[Served | Miss | Refusal | None], *, versions: bool = False
+) -> tuple[OpenedItem | MissedItem | Refusal, ...]:
+    """The items of a batch reply, in order (every slot is filled before sending).
+
+    *versions*: say each served item's version and whether it is cached
+    (protocol version 2).
+    """
+    items: list[OpenedItem | MissedItem | Refusal] = []
     for r in results:
         if isinstance(r, Served):
-            items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
+            if versions:
+                items.append(
+                    OpenedItem(
+                        fd=r.fd.fd, size=r.size, hit=r.hit, version=r.version, cached=r.cached
+                    )
+                )
+            else:
+                items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
+        elif isinstance(r, Miss):
+            items.append(MissedItem(filling=r.filling))
         elif isinstance(r, Refusal):
             items.append(r)
         else:  # pragma: no cover - every slot is filled before sending
@@ -201,29 +237,38 @@ class HostOpens:
     # -- at once, on the loop -------------------------------------------
 
     def serve_now(
-        self, fd: int, label: str | None, share: UidShare
-    ) -> Hit | Flight | _Throttled | None:
+        self, fd: int, label: str | None, share: UidShare, *, wait: bool = True
+    ) -> Hit | Flight | Miss | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
-        Returns (cached file, size) on a hit (the caller reopens it for the
-        client), the Flight to wait for on a miss, THROTTLED when a new copy
-        must wait for the uid's quota, or None for an fd of an untrusted
-        filesystem, which a worker must inspect. Raises RequestError for an
-        fd that is refused. *fd* stays the caller's in every case.
+        Returns (cached file, size, version) on a hit (the caller reopens it
+        for the client), the Flight to wait for on a miss, THROTTLED when a
+        new copy must wait for the uid's quota, or None for an fd of an
+        untrusted filesystem, which a worker must inspect. With *wait* False
+        a miss is a Miss instead: a copy is started in the background when
+        it would be cached, and nothing waits. Raises RequestError for an fd
+        that is refused. *fd* stays the caller's in every case.
         """
         st = stat_nosync(fd)
         if st is None or not self.mounts.is_local(st.dev, st.mnt):
-            return None
+            return None if wait else UNTRUSTED
         check_readable(fd)
         if not st.is_regular:
             check_regular(st)  # raises, naming what it is
         if st.size > self.limits.max_file_size:
             self.check_size(st.size)  # raises
-        return self.lookup_or_fly(fd, st, label, share, remote=False)
+        return self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait)
 
     def lookup_or_fly(
-        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
-    ) -> Hit | Flight | _Throttled:
+        self,
+        fd: int,
+        st: SourceStat,
+        label: str | None,
+        share: UidShare,
+        *,
+        remote: bool,
+        wait: bool = True,
+    ) -> Hit | Flight | Miss | _Throttled:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
         Synchronous on purpose: between the miss and joining the flight
@@ -231,25 +276,39 @@ class HostOpens:
         new flight copies from a dup of *fd*, so *fd* stays the caller's. It
         takes a slot of the uid's quota first (THROTTLED when there is none):
         a flight that exists is always copying, never queued behind a quota,
-        so no other uid can be made to wait on a hostile uid's share.
+        so no other uid can be made to wait on a hostile uid's share. With
+        *wait* False nothing is joined and nothing waits: a Miss says whether
+        a copy into the cache is under way.
         """
         key = HostKey(st.dev, st.ino)
-        entry = self.cache.lookup(key, st.version)
+        version = st.version
+        entry = self.cache.lookup(key, version)
         if entry is not None:
             if self._usable(entry, fd, st, remote=remote):
-                return entry.file, entry.size
+                return entry.file, entry.size, version
             self.cache.reject(entry)
         assert self.nursery is not None
-        flight_key = (key, st.version)
+        flight_key = (key, version)
         flight = self.copier.flight(flight_key)
+        if flight is not None and not wait:
+            return FILLING
         if flight is None:
+            if not wait and self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED:
+                return NOT_FILLING  # it would not be cached: copying it helps nobody
             quota = share.quota
             if not quota.try_acquire():
+                if not wait:
+                    return NOT_FILLING
                 self.cache.uncount_miss()  # the retry counts it
                 return THROTTLED
             uid, size = share.uid, st.size
             try:
                 self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+            except RequestError:
+                quota.release()
+                if not wait:
+                    return NOT_FILLING
+                raise
             except BaseException:
                 quota.release()
                 raise
@@ -270,13 +329,15 @@ class HostOpens:
                 quota=quota,
                 on_failed=lambda: self.pins.unreserve(uid, size),
             )
+            if not wait:
+                return FILLING
         flight.join()
         return flight
 
     def check_size(self, size: int) -> None:
         check_size(size, self.limits.max_file_size)
 
-    def pending(self, fd: int, outcome: Flight | _Throttled | None) -> Pending:
+    def pending(self, fd: int, outcome: Flight | Miss | _Throttled | None) -> Pending:
         """What a request whose serve_now gave *outcome* waits for; takes over *fd*."""
         if isinstance(outcome, Flight):
             # The flight copies from its own dup. A file system's error at
@@ -294,19 +355,21 @@ class HostOpens:
         share: UidShare,
         peer: Peer,
         id: int,
-    ) -> tuple[list[Served | Refusal | None], list[tuple[int, Pending]]]:
+        *,
+        wait: bool = True,
+    ) -> tuple[list[Served | Miss | Refusal | None], list[tuple[int, Pending]]]:
         """Serve every item of a batch that can be now; the rest wait.
 
         Returns the results (None where an item waits) and the items that
         wait. An item that must wait detaches the holder it needs; the caller
-        closes the rest.
+        closes the rest. With *wait* False no item waits: a miss is a Miss.
         """
-        results: list[Served | Refusal | None] = [None] * len(holders)
+        results: list[Served | Miss | Refusal | None] = [None] * len(holders)
         later: list[tuple[int, Pending]] = []
         try:
             for i, src in enumerate(holders):
                 try:
-                    outcome = self.serve_now(src.fd, labels[i], share)
+                    outcome = self.serve_now(src.fd, labels[i], share, wait=wait)
                 except RequestError as exc:
                     self.refusals.count(peer, exc.code, exc.message)
                     results[i] = Refusal(code=exc.code, message=exc.message)
@@ -323,7 +386,13 @@ class HostOpens:
                         self.refusals.count(peer, exc.code, exc.message)
                         results[i] = Refusal(code=exc.code, message=exc.message)
                         continue
-                    results[i] = Served(fd=served, size=outcome[1], hit=True)
+                    results[i] = Served(
+                        fd=served, size=outcome[1], hit=True, version=outcome[2], cached=True
+                    )
+                elif isinstance(outcome, Miss):
+                    results[i] = outcome
+                    if outcome.untrusted:
+                        self.discard([src.detach()], share)  # in a worker
                 elif outcome is None:
                     later.append((i, FdHolder(src.detach())))  # a worker closes it
                 elif isinstance(outcome, Flight):
@@ -400,7 +469,7 @@ class HostOpens:
 
     async def finish_batch(
         self,
-        results: list[Served | Refusal | None],
+        results: list[Served | Miss | Refusal | None],
         later: list[tuple[int, Pending]],
         labels: Sequence[str | None],
         share: UidShare,
@@ -423,7 +492,14 @@ class HostOpens:
         fd, sealed = await flight.wait()
         if not flight.cached:
             self.uncached += 1
-        return Served(fd=FdHolder(fd), size=sealed.size, hit=False)
+        st = flight.stat
+        return Served(
+            fd=FdHolder(fd),
+            size=sealed.size,
+            hit=False,
+            version=None if st is None else st.version,
+            cached=flight.cached,
+        )
 
     async def _serve_untrusted(self, taken: FdHolder, label: str | None, share: UidShare) -> Served:
         """Serve an fd of an untrusted filesystem: stat, copy and close it off the loop.
@@ -466,12 +542,13 @@ class HostOpens:
             holder.close()  # a local fd (an untrusted one was detached above)
 
     async def _when_allowed(
-        self, share: UidShare, attempt: Callable[[], Hit | Flight | _Throttled | None]
+        self, share: UidShare, attempt: Callable[[], Hit | Flight | Miss | _Throttled | None]
     ) -> Hit | Flight | None:
         """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
         counted = False
         while True:
             outcome = attempt()
+            assert not isinstance(outcome, Miss)  # only asked for with wait
             if not isinstance(outcome, _Throttled):
                 return outcome
             if not counted:
@@ -482,7 +559,13 @@ class HostOpens:
     async def _served(self, outcome: Hit | Flight) -> Served:
         if isinstance(outcome, Flight):
             return await self._await_flight(outcome)
-        return Served(fd=FdHolder(served_fd(outcome[0])), size=outcome[1], hit=True)
+        return Served(
+            fd=FdHolder(served_fd(outcome[0])),
+            size=outcome[1],
+            hit=True,
+            version=outcome[2],
+            cached=True,
+        )
 
     # -- descriptors we will not use -------------------------------------
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, TypeAlias
 import attrs
 import msgpack
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 MAX_ID = 2**64 - 1
 MAX_LABEL_BYTES = 4096
@@ -131,11 +131,16 @@ class Hello:
 
 @attrs.frozen
 class Open:
-    """Serve the file behind ``fd``. ``label`` names it in stats, never for access."""
+    """Serve the file behind ``fd``. ``label`` names it in stats, never for access.
+
+    ``wait`` False (version 2): a miss is answered at once, without an fd
+    (:class:`Missed`), while the daemon copies in the background.
+    """
 
     id: int
     fd: int
     label: str | None = None
+    wait: bool = True
 
 
 @attrs.frozen
@@ -145,6 +150,7 @@ class OpenBatch:
     id: int
     fds: tuple[int, ...]
     labels: tuple[str | None, ...] = ()
+    wait: bool = True
 
 
 @attrs.frozen
@@ -205,14 +211,24 @@ class HelloReply:
     limits: Mapping[str, int] = attrs.field(factory=dict)
 
 
+#: (size, mtime_ns, ctime_ns): the version of a host file whose bytes were served.
+Version: TypeAlias = tuple[int, int, int]
+
+
 @attrs.frozen
 class Opened:
-    """A served descriptor (attached) for an `Open` request."""
+    """A served descriptor (attached) for an `Open` request.
+
+    Version 2 adds ``version`` (whose bytes the fd holds) and ``cached``
+    (whether that version is in the daemon's cache now).
+    """
 
     id: int
     fd: int
     size: int
     hit: bool
+    version: Version | None = None
+    cached: bool | None = None
 
 
 @attrs.frozen
@@ -222,6 +238,26 @@ class OpenedItem:
     fd: int
     size: int
     hit: bool
+    version: Version | None = None
+    cached: bool | None = None
+
+
+@attrs.frozen
+class Missed:
+    """Version 2: a miss of an ``Open`` with ``wait`` False, answered without an fd.
+
+    ``filling``: the daemon is copying that version into its cache now.
+    """
+
+    id: int
+    filling: bool
+
+
+@attrs.frozen
+class MissedItem:
+    """Version 2: an item of a batch with ``wait`` False that missed; no fd."""
+
+    filling: bool
 
 
 @attrs.frozen
@@ -235,7 +271,7 @@ class Refusal:
 @attrs.frozen
 class BatchOpened:
     id: int
-    results: tuple[OpenedItem | Refusal, ...]
+    results: tuple[OpenedItem | MissedItem | Refusal, ...]
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -264,7 +300,7 @@ class ErrorReply:
     message: str
 
 
-Reply: TypeAlias = HelloReply | Opened | BatchOpened | StatsReply | LookupMiss | ErrorReply
+Reply: TypeAlias = HelloReply | Opened | Missed | BatchOpened | StatsReply | LookupMiss | ErrorReply
 
 
 # ---------------------------------------------------------------------------
@@ -386,6 +422,30 @@ def _file_key(msg: Mapping[str, Any], *, id: int, fds: Sequence[int]) -> FileKey
     )
 
 
+def _sayable(version: Version | None) -> bool:
+    """Whether a reply can say *version*: its times must fit the wire's int64
+    (a file dated past 2262 has none; its fd is served without a version)."""
+    return version is not None and all(MIN_INT64 <= v <= MAX_INT64 for v in version)
+
+
+def _served_version(
+    msg: Mapping[str, Any], id: int | None, fds: Sequence[int]
+) -> tuple[Version | None, bool | None]:
+    """A served reply's ``version`` and ``cached`` (version 2), or (None, None)."""
+    raw = msg.get("version")
+    if raw is None:
+        return None, None
+    if type(raw) is not list or len(raw) != 3:
+        raise MalformedMessage("'version' must be [size, mtime_ns, ctime_ns]", id=id, fds=fds)
+    parts = {"size": raw[0], "mtime_ns": raw[1], "ctime_ns": raw[2]}
+    version = (
+        _uint(parts, "size", id=id, fds=fds),
+        _int64(parts, "mtime_ns", id=id, fds=fds),
+        _int64(parts, "ctime_ns", id=id, fds=fds),
+    )
+    return version, _field(msg, "cached", bool, id=id, fds=fds)
+
+
 def _key_map(key: FileKey) -> dict[str, Any]:
     return {"ino": key.ino, "size": key.size, "mtime_ns": key.mtime_ns, "ctime_ns": key.ctime_ns}
 
@@ -421,11 +481,15 @@ def encode_request(
         msg = {"op": "open", "id": event.id}
         if event.label is not None:
             msg["path"] = event.label
+        if not event.wait:
+            msg["wait"] = False
         return _pack(msg), [event.fd]
     if isinstance(event, OpenBatch):
         msg = {"op": "open_batch", "id": event.id}
         if event.labels:
             msg["paths"] = list(event.labels)
+        if not event.wait:
+            msg["wait"] = False
         return _pack(msg), list(event.fds)
     if isinstance(event, StatsRequest):
         return _pack({"op": "stats", "id": event.id}), []
@@ -445,7 +509,15 @@ def encode_reply(
 ) -> tuple[bytes, list[int]]:
     """Bytes and fds of a reply datagram."""
     if isinstance(event, Opened):
-        return _pack({"id": event.id, "ok": True, "size": event.size, "hit": event.hit}), [event.fd]
+        msg: dict[str, Any] = {"id": event.id, "ok": True, "size": event.size, "hit": event.hit}
+        if _sayable(event.version):
+            msg["version"] = list(event.version)  # type: ignore[arg-type]
+            msg["cached"] = bool(event.cached)
+        return _pack(msg), [event.fd]
+    if isinstance(event, Missed):
+        return _pack(
+            {"id": event.id, "ok": True, "hit": False, "miss": True, "filling": event.filling}
+        ), []
     if isinstance(event, ErrorReply):
         return _pack(
             {"id": event.id, "ok": False, "code": str(event.code), "message": event.message}
@@ -454,7 +526,13 @@ def encode_reply(
         results: list[dict[str, Any]] = []
         for item in event.results:
             if isinstance(item, OpenedItem):
-                results.append({"ok": True, "size": item.size, "hit": item.hit})
+                served: dict[str, Any] = {"ok": True, "size": item.size, "hit": item.hit}
+                if _sayable(item.version):
+                    served["version"] = list(item.version)  # type: ignore[arg-type]
+                    served["cached"] = bool(item.cached)
+                results.append(served)
+            elif isinstance(item, MissedItem):
+                results.append({"ok": True, "hit": False, "miss": True, "filling": item.filling})
             else:
                 results.append({"ok": False, "code": str(item.code), "message": item.message})
         return _pack({"id": event.id, "ok": True, "results": results}), list(event.fds)
@@ -570,7 +648,10 @@ class ServerConnection:
         label = msg.get("path")
         if label is not None and (type(label) is not str or len(label) * 4 > MAX_LABEL_BYTES):
             return None
-        return Open(id=id, fd=fd, label=label)
+        wait = msg.get("wait", True)
+        if type(wait) is not bool:
+            return None
+        return Open(id=id, fd=fd, label=label, wait=wait or self.version != 2)
 
     def _parse(
         self,
@@ -597,7 +678,7 @@ class ServerConnection:
         if op == "open":
             self._expect_fds(op, fds, 1, id)
             label = _label(msg.get("path"), id=id, fds=fds)
-            return Open(id=id, fd=fds[0], label=label)
+            return Open(id=id, fd=fds[0], label=label, wait=self._wait(msg, id, fds))
         if op == "open_batch":
             return self._parse_batch(msg, fds, id)
         if op == "stats":
@@ -660,18 +741,42 @@ class ServerConnection:
                     f"'paths' has {len(raw)} entries for {len(fds)} fds", id=id, fds=fds
                 )
             labels = tuple(_label(v, id=id, fds=fds) for v in raw)
-        return OpenBatch(id=id, fds=fds, labels=labels)
+        return OpenBatch(id=id, fds=fds, labels=labels, wait=self._wait(msg, id, fds))
+
+    def _wait(self, msg: Mapping[str, Any], id: int, fds: tuple[int, ...]) -> bool:
+        """A request's ``wait`` (version 2; version 1 ignores the key, as any unknown one)."""
+        wait = _field(msg, "wait", bool, id=id, fds=fds, required=False)
+        return wait is not False or self.version != 2
 
     def send(self, event: Reply) -> tuple[bytes, list[int]]:
         """Bytes and fds for a reply; the caller still owns the fds."""
         return encode_reply(event, self._pack)
 
-    def send_opened(self, id: int, size: int, hit: bool) -> bytes:
-        """The bytes of ``send(Opened(id, fd, size, hit))`` (the fd goes alongside).
+    def send_opened(
+        self,
+        id: int,
+        size: int,
+        hit: bool,
+        version: Version | None = None,
+        cached: bool = True,
+    ) -> bytes:
+        """The bytes of ``send(Opened(id, fd, size, hit, version, cached))`` (the fd
+        goes alongside); *version* and *cached* only on a version 2 connection.
 
         The hit path's shortcut: no event object, the same bytes.
         """
-        return self._pack({"id": id, "ok": True, "size": size, "hit": hit})
+        if self.version != 2 or not _sayable(version):
+            return self._pack({"id": id, "ok": True, "size": size, "hit": hit})
+        return self._pack(
+            {
+                "id": id,
+                "ok": True,
+                "size": size,
+                "hit": hit,
+                "version": list(version),  # type: ignore[arg-type]
+                "cached": cached,
+            }
+        )
 
     def error_for(self, exc: ProtocolError) -> ErrorReply:
         """The reply that answers a protocol error."""
@@ -733,7 +838,9 @@ class ClientConnection:
         # Until the hello reply says, the least any daemon accepts.
         return self.server_limits.get("max_request", MIN_MAX_REQUEST)
 
-    def send_open(self, fd: int, label: str | None = None) -> tuple[int, bytes, list[int]]:
+    def send_open(
+        self, fd: int, label: str | None = None, *, wait: bool = True
+    ) -> tuple[int, bytes, list[int]]:
         """Number and encode an `open` request: the bytes of ``send(Open(...))``.
 
         The client's hot path, without an event object. Returns the id, the
@@ -743,9 +850,12 @@ class ClientConnection:
         msg: dict[str, Any] = {"op": "open", "id": id}
         if label is not None:
             msg["path"] = label
+        if not wait:
+            msg["wait"] = False
         data = self._pack(msg)
         if len(data) > self._max_request:  # as send() does
-            data = self._pack({"op": "open", "id": id})
+            msg.pop("path", None)
+            data = self._pack(msg)
         self._pending[id] = "open"
         return id, data, [fd]
 
@@ -790,12 +900,17 @@ class ClientConnection:
             if fds:
                 raise BadFds("a lookup miss carried fds", id=id, fds=fds)
             return LookupMiss(id=id)
+        if kind == "open" and msg.get("miss") is True:
+            if fds:
+                raise BadFds("a miss carried fds", id=id, fds=fds)
+            return Missed(id=id, filling=_field(msg, "filling", bool, id=id, fds=fds))
         if kind in ("open", "lookup", "publish"):
             if len(fds) != 1:
                 raise BadFds(f"{kind!r} reply carried {len(fds)} fds", id=id, fds=fds)
             size = _uint(msg, "size", id=id, fds=fds)
             hit = _field(msg, "hit", bool, id=id, fds=fds)
-            return Opened(id=id, fd=fds[0], size=size, hit=hit)
+            version, cached = _served_version(msg, id, fds)
+            return Opened(id=id, fd=fds[0], size=size, hit=hit, version=version, cached=cached)
         if kind == "open_batch":
             return self._parse_batch(msg, fds, id)
         if kind == "stats":
@@ -832,22 +947,39 @@ class ClientConnection:
         hit = msg.get("hit")
         if type(size) is not int or not 0 <= size <= MAX_ID or type(hit) is not bool:
             return None
+        version = msg.get("version")
+        cached = msg.get("cached")
+        if version is not None:
+            if (
+                type(version) is not list
+                or len(version) != 3
+                or not all(type(v) is int and MIN_INT64 <= v <= MAX_INT64 for v in version)
+                or version[0] < 0
+                or type(cached) is not bool
+            ):
+                return None  # the full parser says what is wrong
+            version = (version[0], version[1], version[2])
         del self._pending[id]
-        return Opened(id=id, fd=fd, size=size, hit=hit)
+        return Opened(id=id, fd=fd, size=size, hit=hit, version=version, cached=cached)
 
     def _parse_batch(self, msg: Mapping[str, Any], fds: tuple[int, ...], id: int) -> BatchOpened:
         raw = _field(msg, "results", list, id=id, fds=fds)
-        results: list[OpenedItem | Refusal] = []
+        results: list[OpenedItem | MissedItem | Refusal] = []
         next_fd = 0
         for item in raw:
             if not isinstance(item, dict) or type(item.get("ok")) is not bool:
                 raise MalformedMessage("malformed batch result", id=id, fds=fds)
-            if item["ok"]:
+            if item["ok"] and item.get("miss") is True:
+                results.append(MissedItem(filling=_field(item, "filling", bool, id=id, fds=fds)))
+            elif item["ok"]:
                 if next_fd >= len(fds):
                     raise BadFds("batch reply carried too few fds", id=id, fds=fds)
                 size = _uint(item, "size", id=id, fds=fds)
                 hit = _field(item, "hit", bool, id=id, fds=fds)
-                results.append(OpenedItem(fd=fds[next_fd], size=size, hit=hit))
+                version, cached = _served_version(item, id, fds)
+                results.append(
+                    OpenedItem(fd=fds[next_fd], size=size, hit=hit, version=version, cached=cached)
+                )
                 next_fd += 1
             else:
                 code = _field(item, "code", str, id=id, fds=fds)

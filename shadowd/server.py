@@ -451,6 +451,7 @@ class Server:
                     self._is_local,
                     self._max_file_size,
                     self._poller.closing,
+                    conn.proto.version == 2,
                 )
                 if type(got) is not tuple:
                     self._count_host_hit(cast(Entry, got))

@@ -297,7 +297,12 @@ class _HitRig:
         return self.trusted
 
     def ask(
-        self, impl: SimpleNamespace, request: bytes, fds: list[int], max_file_size: int = 1 << 30
+        self,
+        impl: SimpleNamespace,
+        request: bytes,
+        fds: list[int],
+        max_file_size: int = 1 << 30,
+        v2: bool = False,
     ) -> object:
         hotcalls.py_send(self.theirs, request, fds)
         return impl.answer_hit(
@@ -308,6 +313,7 @@ class _HitRig:
             self.is_local,
             max_file_size,
             self.closing,
+            v2,
         )
 
     def close_used(self) -> int:
@@ -371,6 +377,42 @@ def test_answer_hit_sends_protocol_bytes_and_a_fresh_fd(
             assert os.lseek(rig.file.fd, 0, os.SEEK_CUR) == cache_offset
         finally:
             os.close(fds[0])
+    finally:
+        os.close(src)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "mtime_ns", [0, 5, -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**62)]
+)
+@pytest.mark.parametrize("wait", ["absent", True, False])
+def test_answer_hit_says_the_version_to_a_version_2_connection(
+    rig: _HitRig, mtime_ns: int, wait: object
+) -> None:
+    """A version 2 reply, byte for byte protocol.py's, with any mtime (signed) and ``wait``."""
+    os.utime(rig.path, ns=(0, mtime_ns))
+    st = os.stat(rig.path)
+    version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    rig.entry.version = version
+    msg: dict[str, object] = {"op": "open", "id": 300, "path": str(rig.path)}
+    if wait != "absent":
+        msg["wait"] = wait
+    src = os.open(rig.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert rig.ask(IMPLS["c"], msgpack.packb(msg), [src], v2=True) is rig.entry
+        rig.close_used()
+        data, fds = rig.reply()
+        close_all(fds)
+        proto = ServerConnection()
+        proto.receive(msgpack.packb({"op": "hello", "id": 0, "version": 2}))
+        assert data == proto.send_opened(300, len(rig.data), True, version)
+        assert msgpack.unpackb(data)["version"] == list(version)
+        # And to a version 1 connection, the reply of version 1 (wait is a key it ignores).
+        assert rig.ask(IMPLS["c"], msgpack.packb(msg), [src]) is rig.entry
+        rig.close_used()
+        data, fds = rig.reply()
+        close_all(fds)
+        assert data == _ready_connection().send_opened(300, len(rig.data), True)
     finally:
         os.close(src)
 

@@ -87,7 +87,8 @@ def test_example(ex: dict[str, str]) -> None:
     if direction == "request":
         server = p.ServerConnection()
         if not data.startswith(bytes.fromhex("84 a2 6f 70 a5 68 65 6c 6c 6f")):
-            server.receive(msgpack.packb({"op": "hello", "id": 99, "version": 1}))
+            version = int(ex.get("version", "1"))
+            server.receive(msgpack.packb({"op": "hello", "id": 99, "version": version}))
         event = server.receive(data, fds)
         again, out_fds = p.encode_request(event)
     else:

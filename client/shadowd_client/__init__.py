@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from shadowd.paths import default_socket_path
 from shadowd.protocol import FileKey
 
+from ._session import Answer
 from .errors import (
     BadRequest,
     Busy,
@@ -41,10 +42,12 @@ from .errors import (
     SourceError,
     UnsealedDescriptor,
 )
-from .local import Opener, local_copy, local_copy_fd, local_private
+from .local import local_copy, local_copy_fd, local_private
+from .opener import HeldFiles, Opener
 from .sync import Client
 
 __all__ = [
+    "Answer",
     "AsyncClient",
     "BadRequest",
     "Busy",
@@ -55,6 +58,7 @@ __all__ = [
     "FileKey",
     "FileTooLarge",
     "FileUnstable",
+    "HeldFiles",
     "InternalError",
     "NotPermitted",
     "NotReadable",

@@ -12,12 +12,15 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
+import attrs
+
 from shadowd import __version__
 from shadowd.fds import FdHolder, close_all, fds_from_ancdata
 from shadowd.memfd import REQUIRED_SEALS, create
 from shadowd.paths import SocketChoice, find_socket
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
+    PROTOCOL_VERSION,
     BatchOpened,
     ClientConnection,
     ErrorReply,
@@ -25,6 +28,8 @@ from shadowd.protocol import (
     Hello,
     HelloReply,
     LookupMiss,
+    Missed,
+    MissedItem,
     OpenBatch,
     Opened,
     OpenedItem,
@@ -125,8 +130,10 @@ class Broken(Exception):
         return unavailable(self.cause, socket_path, self.doing)
 
 
-def batch_request(fds: tuple[int, ...], labels: tuple[str, ...], id: int) -> OpenBatch:
-    return OpenBatch(id=id, fds=fds, labels=labels)
+def batch_request(
+    fds: tuple[int, ...], labels: tuple[str | None, ...], id: int, *, wait: bool = True
+) -> OpenBatch:
+    return OpenBatch(id=id, fds=fds, labels=labels, wait=wait)
 
 
 #: Numbers and encodes one request: returns its id, bytes and fds.
@@ -147,13 +154,14 @@ def request_of(factory: Callable[[int], Request]) -> Make:
 class Session:
     """The protocol state of one connection, seen from the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = PROTOCOL_VERSION) -> None:
         self.proto = ClientConnection()
+        self.version = version
         self.hello_id: int | None = None
         self.server: str | None = None
 
     def hello(self) -> tuple[bytes, list[int]]:
-        event = Hello(id=self.proto.next_id(), client=CLIENT_NAME)
+        event = Hello(id=self.proto.next_id(), version=self.version, client=CLIENT_NAME)
         self.hello_id = event.id
         return self.proto.send(event)
 
@@ -217,6 +225,62 @@ def batch_results(reply: Reply) -> list[int | ShadowdError]:
                 close_all(fd for fd in out if isinstance(fd, int))
                 raise
             out.append(item.fd)
+        elif isinstance(item, MissedItem):  # only when asked not to wait
+            close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
+            close_all(fd for fd in out if isinstance(fd, int))
+            raise ProtocolViolation("the daemon answered a miss without an fd to a waiting batch")
+        else:
+            out.append(refused(item.code, item.message))
+    return out
+
+
+@attrs.frozen
+class Answer:
+    """The daemon's answer to one open that may not wait (protocol version 2).
+
+    ``fd`` is a checked, sealed fd (the caller's), or None on a miss the
+    daemon did not wait for (then ``filling`` says whether it is copying that
+    version into its cache now). ``version`` is whose bytes ``fd`` holds
+    (size, mtime_ns, ctime_ns) and ``cached`` whether that version is in the
+    daemon's cache; both None from a version 1 daemon.
+    """
+
+    fd: int | None
+    size: int = 0
+    hit: bool = False
+    version: tuple[int, int, int] | None = None
+    cached: bool | None = None
+    filling: bool = False
+
+
+def answer_of(reply: Reply) -> Answer:
+    """The Answer in an open reply; raises the refusal of an error reply."""
+    if isinstance(reply, Missed):
+        return Answer(fd=None, filling=reply.filling)
+    fd = opened_fd(reply)
+    assert isinstance(reply, Opened)
+    return Answer(fd, reply.size, reply.hit, reply.version, reply.cached)
+
+
+def answers_of(reply: Reply) -> list[Answer | ShadowdError]:
+    """Per item of a batch that may not wait: an Answer, or the refusal of that item."""
+    if isinstance(reply, ErrorReply):
+        raise refused(reply.code, reply.message)
+    if not isinstance(reply, BatchOpened):
+        close_reply(reply)
+        raise ProtocolViolation(f"expected a batch reply, got {type(reply).__name__}")
+    out: list[Answer | ShadowdError] = []
+    for i, item in enumerate(reply.results):
+        if isinstance(item, OpenedItem):
+            try:
+                check_served(item.fd)
+            except UnsealedDescriptor:
+                close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
+                close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
+                raise
+            out.append(Answer(item.fd, item.size, item.hit, item.version, item.cached))
+        elif isinstance(item, MissedItem):
+            out.append(Answer(fd=None, filling=item.filling))
         else:
             out.append(refused(item.code, item.message))
     return out

@@ -18,17 +18,27 @@ from typing import Any
 import trio
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
-from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
+from shadowd.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FileKey,
+    Lookup,
+    Publish,
+    Reply,
+    StatsRequest,
+)
 
 from ._session import (
     ANC_SPACE,
     RECV_FLAGS,
     REPLY_BUFFER,
     SEND_FLAGS,
+    Answer,
     Broken,
     Fill,
     Make,
     Session,
+    answer_of,
     batch_request,
     batch_results,
     check_filled,
@@ -43,15 +53,15 @@ from ._session import (
     request_of,
     stats_of,
 )
-from .errors import DaemonTimeout, DaemonUnavailable, ShadowdError, unavailable
+from .errors import DaemonTimeout, DaemonUnavailable, Refused, ShadowdError, unavailable
 
 
 class _Conn:
     """One connection and the replies that arrived for tasks not yet reading."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, version: int = PROTOCOL_VERSION) -> None:
         self.sock = sock
-        self.session = Session()
+        self.session = Session(version)
         self.send_lock = trio.Lock()
         self.recv_lock = trio.Lock()
         self.replies: dict[int, Reply] = {}
@@ -88,6 +98,8 @@ class AsyncClient:
         self.socket_path = self._choice.path
         self._given = socket_path
         self.timeout = timeout
+        #: The protocol version said at hello: 1 once a daemon refused 2.
+        self.version = PROTOCOL_VERSION
         self._conn: _Conn | None = None
         self._connect_lock = trio.Lock()
         self._closed = False
@@ -109,6 +121,10 @@ class AsyncClient:
     async def open_fd(self, fd: int, *, label: str | None = None) -> int:
         """Like :meth:`open` for a file the caller already opened; *fd* stays theirs."""
         return opened_fd(await self._call(lambda proto: proto.send_open(fd, label)))
+
+    async def ask(self, fd: int, *, label: str | None = None, wait: bool = False) -> Answer:
+        """:meth:`Client.ask`: a miss need not wait for the daemon's copy."""
+        return answer_of(await self._call(lambda proto: proto.send_open(fd, label, wait=wait)))
 
     async def open_many(
         self, paths: Sequence[str | os.PathLike[str]], *, return_exceptions: bool = False
@@ -189,6 +205,15 @@ class AsyncClient:
     # -- internals -------------------------------------------------------
 
     async def _call(self, make: Make) -> Reply:
+        try:
+            return await self._call_once(make)
+        except Refused as exc:
+            if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
+                raise
+            self.version = 1  # a daemon older than version 2: speak 1 from now on
+            return await self._call_once(make)
+
+    async def _call_once(self, make: Make) -> Reply:
         fresh = self._conn is None
         try:
             return await self._attempt(make)
@@ -303,7 +328,7 @@ class AsyncClient:
                 raise unavailable(
                     exc, self.socket_path, "connecting", self._choice.describe()
                 ) from None
-            conn = _Conn(sock)
+            conn = _Conn(sock, self.version)
             data, _ = conn.session.hello()
             try:
                 await self._io(conn, sock.sendmsg([data], [], SEND_FLAGS), "saying hello")

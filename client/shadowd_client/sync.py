@@ -15,17 +15,28 @@ from types import TracebackType
 from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
-from shadowd.protocol import FileKey, Lookup, Publish, Reply, StatsRequest
+from shadowd.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FileKey,
+    Lookup,
+    Publish,
+    Reply,
+    StatsRequest,
+)
 
 from ._session import (
     ANC_SPACE,
     RECV_FLAGS,
     REPLY_BUFFER,
     SEND_FLAGS,
+    Answer,
     Broken,
     Fill,
     Make,
     Session,
+    answer_of,
+    answers_of,
     batch_request,
     batch_results,
     choose_socket,
@@ -39,7 +50,7 @@ from ._session import (
     request_of,
     stats_of,
 )
-from .errors import DaemonUnavailable, ProtocolViolation, ShadowdError, talking_to
+from .errors import DaemonUnavailable, ProtocolViolation, Refused, ShadowdError, talking_to
 
 
 def _timeval(seconds: float) -> bytes:
@@ -67,6 +78,8 @@ class Client:
         self.socket_path = self._choice.path
         self._given = socket_path
         self.timeout = timeout
+        #: The protocol version said at hello: 1 once a daemon refused 2.
+        self.version = PROTOCOL_VERSION
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._session: Session | None = None
@@ -100,6 +113,42 @@ class Client:
         """
         reply = self._call(lambda proto: proto.send_open(fd, label))
         return opened_fd(reply)
+
+    def ask(self, fd: int, *, label: str | None = None, wait: bool = False) -> Answer:
+        """The daemon's answer for the file open at *fd* (which stays the caller's).
+
+        Unlike :meth:`open_fd`, a miss need not wait for the daemon's copy:
+        with *wait* False (protocol version 2) the answer comes at once,
+        without an fd on a miss, while the daemon fills its cache; the answer
+        says which version was served and whether it is cached. A version 1
+        daemon always waits.
+        """
+        reply = self._call(lambda proto: proto.send_open(fd, label, wait=wait))
+        return answer_of(reply)
+
+    def ask_many(
+        self, fds: Sequence[int], labels: Sequence[str | None] | None = None, *, wait: bool = False
+    ) -> list[Answer | ShadowdError]:
+        """:meth:`ask` for several open files, in as few round trips as batches allow."""
+        out: list[Answer | ShadowdError] = []
+        names = list(labels) if labels is not None else [None] * len(fds)
+        todo = list(range(len(fds)))
+        while todo:
+            with self._lock:
+                self._ensure_connected()
+                assert self._session is not None
+                chunk, todo = todo[: self._session.max_batch], todo[self._session.max_batch :]
+            batch_fds = tuple(fds[i] for i in chunk)
+            batch_labels = tuple(names[i] for i in chunk) if labels is not None else ()
+            try:
+                reply = self._call(
+                    request_of(functools.partial(batch_request, batch_fds, batch_labels, wait=wait))
+                )
+                out.extend(answers_of(reply))
+            except BaseException:
+                close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
+                raise
+        return out
 
     def open_many(
         self, paths: Sequence[str | os.PathLike[str]], *, return_exceptions: bool = False
@@ -197,6 +246,15 @@ class Client:
         return results
 
     def _call(self, make: Make) -> Reply:
+        try:
+            return self._call_once(make)
+        except Refused as exc:
+            if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
+                raise
+            self.version = 1  # a daemon older than version 2: speak 1 from now on
+            return self._call_once(make)
+
+    def _call_once(self, make: Make) -> Reply:
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
@@ -228,6 +286,15 @@ class Client:
 
     def _ensure_connected(self) -> None:
         """Connected, hello answered; lock held. Raises only ShadowdError."""
+        try:
+            self._ensure_connected_once()
+        except Refused as exc:
+            if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
+                raise
+            self.version = 1  # a daemon older than version 2: speak 1 from now on
+            self._ensure_connected_once()
+
+    def _ensure_connected_once(self) -> None:
         if self._closed:
             raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
         if self._sock is not None and self._session is not None and self._session.server:
@@ -265,7 +332,7 @@ class Client:
                 sock.close()
                 raise
         self._sock = sock
-        self._session = Session()
+        self._session = Session(self.version)
         # Hello goes out now; its reply is read along with the first request's.
         data, _ = self._session.hello()
         self._sendmsg(data, [])

@@ -1,0 +1,368 @@
+# The supervisor's open path, cheapest tier first (docs/protocol.md, "The
+# open path"): a version this process already holds is reopened here; files
+# the daemon would not cache, or that are cheaper to copy than to ask for, are
+# copied here; the rest are asked of the daemon without waiting for its copy
+# (a miss is copied here while the daemon fills its cache). A daemon that is
+# down, slow or restarting costs at most one short timeout per backoff window
+# (a circuit breaker), never seconds per open.
+#
+# Must never: hand out a version other than the one the caller's own fstat
+# sees; keep an fd of a version the daemon did not cache; let shadowd being
+# down, slow, restarting or full break or stall a supervisor's open path.
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+
+import attrs
+
+from shadowd.fds import FdHolder, close_all
+from shadowd.memfd import reopen_readonly
+from shadowd.protocol import FileKey
+
+from ._session import Answer, Fill, check_served, label_for, open_source
+from .errors import (
+    Busy,
+    DaemonUnavailable,
+    FileTooLarge,
+    FileUnstable,
+    NotPermitted,
+    ProtocolViolation,
+    ShadowdError,
+    UnsealedDescriptor,
+    source_error,
+)
+from .local import local_copy_fd, local_private
+from .sync import Client
+
+logger = logging.getLogger(__name__)
+
+#: Below this size Opener copies locally instead of asking the daemon: the
+#: crossover `shadowd bench` measured for the Python client on the 2-vCPU
+#: machines this project is developed on (a round trip costs about what
+#: copying 256 KiB does; see docs/performance.md). Re-measure and pass
+#: local_below.
+DEFAULT_LOCAL_BELOW = 256 * 1024
+#: How long the daemon may take to accept, greet and answer. A hit takes well
+#: under a millisecond; a miss is answered at once (version 2): a daemon that
+#: needs longer is better left alone for a while.
+DEFAULT_TIMEOUT = 0.25
+#: The first backoff window after a failure, doubled after each failed retry.
+DEFAULT_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+#: The daemon's racy window until its hello says (version 2 says it).
+DEFAULT_RACY_NS = 1_000_000_000
+
+
+@attrs.define(eq=False)
+class _Held:
+    fd: FdHolder
+    version: tuple[int, int, int]
+    size: int
+
+
+@attrs.define
+class HeldFiles:
+    """The process-local tier: sealed memfds of versions the daemon cached.
+
+    Keyed by (st_dev, st_ino); a hit needs the caller's own fstat of the
+    source to show the very version kept. Bounded by entries and bytes, least
+    recently used first out. Not thread-safe by itself (Opener locks).
+    """
+
+    max_files: int = 128
+    max_bytes: int = 64 * 1024 * 1024
+    _held: collections.OrderedDict[tuple[int, int], _Held] = attrs.field(
+        factory=collections.OrderedDict
+    )
+    bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def reopen(self, key: tuple[int, int], version: tuple[int, int, int]) -> int | None:
+        """A fresh read-only fd of the kept *version*, or None (not kept, or changed)."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        if held.version != version:
+            self._drop(key)  # the file changed: never served stale
+            return None
+        try:
+            fd = reopen_readonly(held.fd.fd)
+        except OSError:
+            self._drop(key)
+            return None
+        try:
+            check_served(fd)  # closes fd when it is not sealed
+        except UnsealedDescriptor:
+            self._drop(key)
+            return None
+        self._held.move_to_end(key)
+        return fd
+
+    def keep(self, key: tuple[int, int], version: tuple[int, int, int], fd: int, size: int) -> bool:
+        """Keep a reopen of the served *fd* (which stays the caller's)."""
+        if size > self.max_bytes or self.max_files <= 0:
+            return False
+        try:
+            own = FdHolder(reopen_readonly(fd))
+        except OSError:
+            return False
+        self._drop(key)
+        while self._held and (
+            len(self._held) >= self.max_files or self.bytes + size > self.max_bytes
+        ):
+            self._drop(next(iter(self._held)))
+        self._held[key] = _Held(fd=own, version=version, size=size)
+        self.bytes += size
+        return True
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self.bytes -= held.size
+            held.fd.close()
+
+    def clear(self) -> None:
+        while self._held:
+            self._drop(next(iter(self._held)))
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Opener:
+    """What a supervisor calls on its open path; never fails or stalls because of shadowd.
+
+    For each open, cheapest first: a version this process holds (kept from an
+    earlier hit) is reopened here; a file below *local_below* bytes, above the
+    daemon's --max-file-size, or whose ctime is younger than the daemon's
+    racy window (it would not cache it) is copied here; otherwise the daemon
+    is asked without waiting for its copy (protocol version 2): a hit is
+    served (and kept), a miss is copied here while the daemon fills its
+    cache. After a timeout, a refused connection or a broken one the daemon
+    is left alone for a backoff window (1 s, doubled after each failed retry,
+    at most 30 s) and every open is copied here; one log line says it is
+    gone, one that it is back. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        local_below: int = DEFAULT_LOCAL_BELOW,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry_after: float = DEFAULT_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+        held_files: int = 128,
+        held_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.local_below = local_below
+        self.retry_after = retry_after
+        self.max_backoff = max_backoff
+        self._client: Client | None
+        try:
+            self._client = Client(socket_path, timeout=timeout)
+        except DaemonUnavailable as exc:
+            logger.warning("shadowd not usable (%s); copying locally", exc)
+            self._client = None
+        self._lock = threading.Lock()
+        self._held = HeldFiles(max_files=held_files, max_bytes=held_bytes)
+        self._down_until = 0.0
+        self._backoff = retry_after
+        self._down = False
+        #: Opens served by the daemon (hits), copied here, reopened from this process.
+        self.daemon_opens = 0
+        self.local_opens = 0
+        self.held_opens = 0
+        #: Seconds spent waiting on the daemon (requests that failed included).
+        self.waited = 0.0
+
+    # -- the open path ---------------------------------------------------
+
+    def open(self, path: str | os.PathLike[str]) -> int:
+        """A sealed, read-only fd with the bytes of *path*; the caller owns it."""
+        with FdHolder(open_source(path)) as src:
+            return self.open_fd(src.fd, label=label_for(path), name=os.fsdecode(path))
+
+    def open_fd(self, fd: int, *, label: str | None = None, name: str = "<fd>") -> int:
+        """Like :meth:`open` for a file the caller already opened (it stays theirs)."""
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise source_error(exc, name) from None
+        key, version = (st.st_dev, st.st_ino), _version(st)
+        with self._lock:
+            held = self._held.reopen(key, version)
+            if held is not None:
+                self.held_opens += 1
+                return held
+        if self._worth_asking(st):
+            answer = self._ask(fd, label)
+            if answer is not None and answer.fd is not None:
+                self._keep(key, version, answer)
+                with self._lock:
+                    self.daemon_opens += 1
+                return answer.fd
+        copy = local_copy_fd(fd, name=name)
+        with self._lock:
+            self.local_opens += 1
+        return copy
+
+    def preload(self, paths: list[str | os.PathLike[str]]) -> int:
+        """Ask for many files in one round trip and keep the versions the daemon has.
+
+        For the files a program is about to open (the DSOs the loader will
+        map, what a previous run opened): their later opens are then
+        reopened here. Misses are not waited for (the daemon fills its cache
+        meanwhile). Returns how many files are now held. Never raises
+        because of the daemon; unreadable paths are skipped.
+        """
+        sources: list[tuple[FdHolder, os.stat_result, str]] = []
+        try:
+            for path in paths:
+                try:
+                    src = FdHolder(open_source(path))
+                except ShadowdError:
+                    continue
+                try:
+                    st = os.fstat(src.fd)
+                except OSError:
+                    src.close()
+                    continue
+                sources.append((src, st, label_for(path)))
+            wanted = [(src, st, label) for src, st, label in sources if self._worth_asking(st)]
+            if not wanted or not self._usable():
+                return len(self._held)
+            answers = self._ask_many(
+                [s.fd for s, _, _ in wanted], [label for _, _, label in wanted]
+            )
+            for (_, st, _), answer in zip(wanted, answers, strict=True):
+                if isinstance(answer, Answer) and answer.fd is not None:
+                    self._keep((st.st_dev, st.st_ino), _version(st), answer)
+                    os.close(answer.fd)
+        finally:
+            close_all(src.detach() for src, _, _ in sources)
+        with self._lock:
+            return len(self._held)
+
+    def open_private(
+        self, namespace: str, key: FileKey, fill: Fill, *, executable: bool = False
+    ) -> int:
+        """:meth:`Client.open_private`, or the same kind of fd made here when the daemon
+        cannot help (then *fill* may run a second time, into a memfd of our own)."""
+        client = self._client
+        if client is not None and self._usable():
+            started = time.monotonic()
+            try:
+                served = client.open_private(namespace, key, fill, executable=executable)
+            except (FileTooLarge, FileUnstable, Busy):
+                pass
+            except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
+                self._failed(exc)
+            else:
+                self._worked()
+                with self._lock:
+                    self.daemon_opens += 1
+                return served
+            finally:
+                self.waited += time.monotonic() - started
+        fd = local_private(key, fill, executable=executable)
+        with self._lock:
+            self.local_opens += 1
+        return fd
+
+    # -- routing ---------------------------------------------------------
+
+    def _worth_asking(self, st: os.stat_result) -> bool:
+        """Whether the daemon might serve this file cheaper than a copy here."""
+        if st.st_size < self.local_below or not self._usable():
+            return False
+        limits = self._limits()
+        if st.st_size > limits.get("max_file_size", 1 << 62):
+            return False  # it would refuse it
+        racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
+        # Younger than the daemon's racy window: it would not cache it.
+        return time.time_ns() - st.st_ctime_ns >= racy
+
+    def _limits(self) -> dict[str, int]:
+        client = self._client
+        session = None if client is None else client._session
+        return dict(session.proto.server_limits) if session is not None else {}
+
+    def _keep(self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer) -> None:
+        # Only a version the daemon cached, and the one the caller's fstat saw:
+        # then a later open of the same version gets these very bytes.
+        if answer.cached and answer.version == version and answer.fd is not None:
+            with self._lock:
+                self._held.keep(key, version, answer.fd, answer.size)
+
+    # -- the daemon, behind a breaker -------------------------------------
+
+    def _usable(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def _ask(self, fd: int, label: str | None) -> Answer | None:
+        """The daemon's answer, or None when the caller should copy itself."""
+        assert self._client is not None
+        started = time.monotonic()
+        try:
+            answer = self._client.ask(fd, label=label, wait=False)
+        except (FileTooLarge, FileUnstable, Busy):
+            return None
+        except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
+            self._failed(exc)
+            return None
+        finally:
+            self.waited += time.monotonic() - started
+        self._worked()
+        return answer
+
+    def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
+        assert self._client is not None
+        started = time.monotonic()
+        try:
+            answers = self._client.ask_many(fds, labels, wait=False)
+        except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
+            self._failed(exc)
+            return [exc] * len(fds)
+        except ShadowdError as exc:
+            return [exc] * len(fds)
+        finally:
+            self.waited += time.monotonic() - started
+        self._worked()
+        return answers
+
+    def _failed(self, exc: ShadowdError) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self._backoff
+            window, self._backoff = self._backoff, min(2 * self._backoff, self.max_backoff)
+            first, self._down = not self._down, True
+        if first:
+            logger.warning(
+                "shadowd unavailable (%s); copying locally, retrying in %gs", exc, window
+            )
+
+    def _worked(self) -> None:
+        with self._lock:
+            back, self._down = self._down, False
+            self._backoff = self.retry_after
+        if back:
+            logger.warning("shadowd is back; asking it again")
+
+    def close(self) -> None:
+        with self._lock:
+            self._held.clear()
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

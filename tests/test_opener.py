@@ -1,0 +1,212 @@
+# The supervisor's open path in Python (shadowd_client.Opener), end to end
+# against the daemon as a real subprocess: a miss is copied here while the
+# daemon fills its cache, a hit is kept in the process-local tier and reopened
+# from it, a changed file is never served from it, a stopped daemon costs one
+# short timeout per backoff window, and preload fills the tier in one batch.
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from shadowd_client import Client, Opener
+
+from shadowd.fds import close_all, fds_from_ancdata
+from shadowd.memfd import REQUIRED_SEALS
+from shadowd.protocol import (
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    ServerConnection,
+    StatsReply,
+    StatsRequest,
+)
+
+from .conftest import Daemon, make_file, read_fd, settle
+
+RACY = "0.05"
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def _until_hit(opener: Opener, path: Path) -> None:
+    """Open *path* until the daemon serves it (the first opens are misses it fills)."""
+    deadline = time.monotonic() + 10
+    before = opener.daemon_opens
+    while opener.daemon_opens == before:
+        assert time.monotonic() < deadline, "the daemon never served it"
+        fd = opener.open(path)
+        assert read_fd(fd) == path.read_bytes()
+        os.close(fd)
+        time.sleep(0.01)
+
+
+async def test_a_miss_is_copied_here_then_a_hit_is_kept_and_reopened_here(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000), 0o755)
+    settle(f)
+
+    def work() -> None:
+        with Opener(d.socket_path, local_below=0) as opener:
+            fd = opener.open(f)  # a miss: copied here, the daemon fills meanwhile
+            assert read_fd(fd) == f.read_bytes()
+            os.close(fd)
+            assert (opener.local_opens, opener.daemon_opens) == (1, 0)
+            _until_hit(opener, f)
+            with Client(d.socket_path, timeout=10) as c:
+                hits = c.stats()["hits"]
+                for _ in range(3):  # the tier: no request reaches the daemon
+                    fd = opener.open(f)
+                    assert read_fd(fd) == f.read_bytes()
+                    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+                    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                    assert os.fstat(fd).st_mode & 0o777 == 0o555  # executable, as the source
+                    other = opener.open(f)
+                    os.lseek(fd, 100, os.SEEK_SET)  # its own offset
+                    assert os.lseek(other, 0, os.SEEK_CUR) == 0
+                    os.close(other)
+                    os.close(fd)
+                assert opener.held_opens == 6
+                assert c.stats()["hits"] == hits
+
+    with trio.fail_after(60):
+        await in_thread(work)
+
+
+async def test_a_rewrite_in_place_with_the_old_mtime_is_never_served_from_the_tier(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "conf", b"old contents: " + os.urandom(300_000))
+    settle(f)
+
+    def work() -> None:
+        with Opener(d.socket_path, local_below=0) as opener:
+            _until_hit(opener, f)
+            fd = opener.open(f)
+            os.close(fd)
+            assert opener.held_opens == 1
+            st = f.stat()
+            new = b"new contents: " + os.urandom(300_000)
+            with open(f, "r+b") as w:  # same size, in place
+                w.write(new)
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime put back
+            assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+            fd = opener.open(f)
+            assert read_fd(fd) == new
+            os.close(fd)
+            assert opener.held_opens == 1  # not from the tier
+
+    with trio.fail_after(60):
+        await in_thread(work)
+
+
+async def test_a_stopped_daemon_costs_one_short_timeout_not_seconds_per_open(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+
+        def work() -> tuple[float, float, int]:
+            started = time.monotonic()
+            with Opener(d.socket_path, local_below=0) as opener:
+                for _ in range(100):
+                    fd = opener.open(f)
+                    assert read_fd(fd) == f.read_bytes()
+                    os.close(fd)
+                return opener.waited, time.monotonic() - started, opener.local_opens
+
+        with trio.fail_after(60):
+            waited, elapsed, local = await in_thread(work)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    assert local == 100
+    assert waited < 1.0, f"waited {waited:.2f}s on the stopped daemon ({elapsed:.2f}s in all)"
+
+
+async def test_preload_fills_the_tier_in_one_round_trip(start_daemon: Any, tmp_path: Path) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(5)]
+    small = make_file(tmp_path / "small", b"below local_below: never asked")
+    settle(*files, small)
+
+    def work() -> None:
+        with Opener(d.socket_path) as opener:
+            assert opener.preload([*files, small, tmp_path / "missing"]) == 0  # cold: misses
+            deadline = time.monotonic() + 10
+            while opener.preload(files) < len(files):  # filled meanwhile
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            with Client(d.socket_path, timeout=10) as c:
+                hits = c.stats()["hits"]
+                for f in files:
+                    fd = opener.open(f)
+                    assert read_fd(fd) == f.read_bytes()
+                    os.close(fd)
+                assert opener.held_opens == len(files) and c.stats()["hits"] == hits
+
+    with trio.fail_after(60):
+        await in_thread(work)
+
+
+def test_a_daemon_that_speaks_only_version_1_is_spoken_to_in_version_1(tmp_path: Path) -> None:
+    """A stand-in daemon of protocol version 1: the client says 2, is refused, says 1."""
+    path = tmp_path / "v1.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    said: list[int] = []
+
+    def daemon() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                proto = ServerConnection()
+                while True:
+                    data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 8))
+                    close_all(fds_from_ancdata(anc))
+                    if not data:
+                        break
+                    msg = msgpack.unpackb(data)
+                    if msg.get("op") == "hello":
+                        said.append(msg["version"])
+                        if msg["version"] != 1:
+                            reply: Any = ErrorReply(
+                                id=msg["id"], code=ErrorCode.UNSUPPORTED_VERSION, message="1 only"
+                            )
+                            conn.send(proto.send(reply)[0])
+                            break
+                        event = proto.receive(data)
+                        assert isinstance(event, Hello)
+                        conn.send(proto.send(HelloReply(id=event.id, version=1, server="v1"))[0])
+                    else:
+                        event = proto.receive(data)
+                        assert isinstance(event, StatsRequest)
+                        conn.send(proto.send(StatsReply(id=event.id, stats={"hits": 7}))[0])
+                        return
+
+    thread = threading.Thread(target=daemon, daemon=True)
+    thread.start()
+    try:
+        with Client(path, timeout=5) as c:
+            assert c.stats() == {"hits": 7}
+            assert c.version == 1
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert said == [2, 1]
