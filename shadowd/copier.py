@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar, cast
 
@@ -218,6 +219,8 @@ class Copied:
     wd: int
     #: Whether a writer had the file open, or opened it, during the copy.
     writers: Writers
+    #: How long the copy took, in its worker thread.
+    seconds: float = 0.0
 
 
 def copy_source(
@@ -244,6 +247,7 @@ def copy_source(
                 check_readable(src.fd)
                 check_regular(st)
             refused = leases.take(src.fd)
+            started = time.perf_counter()
             try:
                 sealed = sealed_copy(src.fd, st)
             except SourceChanged:
@@ -253,7 +257,13 @@ def copy_source(
                 raise request_error_from_os(exc, "cannot copy the file") from exc
             finally:
                 writers = leases.give_back(src.fd) if refused is None else refused
-            return Copied(sealed=sealed, stat=st, wd=wd, writers=writers)
+            return Copied(
+                sealed=sealed,
+                stat=st,
+                wd=wd,
+                writers=writers,
+                seconds=time.perf_counter() - started,
+            )
         raise RequestError(
             ErrorCode.UNSTABLE, f"the file kept changing during {COPY_ATTEMPTS} copies"
         )

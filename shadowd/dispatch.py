@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -39,9 +40,10 @@ from .protocol import (
     StatsReply,
     StatsRequest,
 )
-from .stats import Stats
+from .stats import Latencies, Stats
 
 _send_reopened = hotcalls.send_reopened
+_now = time.perf_counter
 
 
 @attrs.define(eq=False)
@@ -54,8 +56,12 @@ class Dispatcher:
     stats: Callable[[int], Stats]
     #: What a hello reply says of this daemon's limits.
     hello_limits: dict[str, int]
+    #: How long requests take (the server's; in the stats).
+    latency: Latencies = attrs.field(factory=Latencies)
     #: The poller whose round closes the fds a hit used (set when serving).
     poller: Poller[Connection] | None = None
+    #: When the request being answered was read (perf_counter), set per datagram.
+    started: float = 0.0
 
     # -- on the poller's round --------------------------------------------
 
@@ -88,10 +94,11 @@ class Dispatcher:
             else:
                 self.poller.close_later(fd)
             data, _ = conn.proto.send(Missed(id=event.id, filling=outcome.filling))
+            self.latency.miss.observe(_now() - self.started)
             return conn.reply_now(event.id, data, (), ())
         if type(outcome) is not tuple:
             pending = self.opens.pending(fd, outcome)  # type: ignore[arg-type]
-            conn.start_deferred(event.id, self._finish_open, event, pending, holds=1)
+            conn.start_deferred(event.id, self._finish_open, event, pending, self.started, holds=1)
             return True
         self.poller.close_later(fd)
         file = outcome[0]
@@ -110,6 +117,7 @@ class Dispatcher:
             else:
                 if not err:
                     conn.sent(len(reply), 1)
+                    self.latency.hit.observe(_now() - self.started)
                     return True
                 conn.refuse_later(event.id, share_error(OSError(err, os.strerror(err))))
                 return True
@@ -163,6 +171,12 @@ class Dispatcher:
             raise
         for holder in served:
             holder.detach()  # now in *out*
+        elapsed = _now() - self.started
+        for r in results:
+            if isinstance(r, Served):
+                self.latency.hit.observe(elapsed)
+            elif isinstance(r, Miss):
+                self.latency.miss.observe(elapsed)
         return conn.reply_now(event.id, data, tuple(out), tuple(out))
 
     def answer_lookup(self, conn: Connection, event: Lookup) -> bool:
@@ -188,13 +202,16 @@ class Dispatcher:
 
     # -- in the connection's nursery: what waits -------------------------
 
-    async def _finish_open(self, conn: Connection, event: Open, pending: Pending) -> None:
+    async def _finish_open(
+        self, conn: Connection, event: Open, pending: Pending, started: float
+    ) -> None:
         try:
             served = await self.opens.finish(pending, event.label, conn.share)
         except RequestError as exc:
             await conn.refuse(event.id, exc)
             return
         await _send_served(conn, event.id, served)
+        self.latency.miss.observe(_now() - started)
 
     async def _finish_batch(
         self,

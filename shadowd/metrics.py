@@ -18,10 +18,12 @@ from . import __version__
 from .access import Gate
 from .cache import Cache, CacheLimits
 from .copier import Copier
+from .inflight import FdBudget
 from .opens import HostOpens
+from .pins import Pins
 from .private import PrivateFiles
 from .refusals import Refusals
-from .stats import Stats, TopEntry
+from .stats import Latencies, Stats, TopEntry
 
 if TYPE_CHECKING:
     from .fdstore import FdStore
@@ -70,6 +72,9 @@ class StatsCollector:
     refusals: Refusals
     opens: HostOpens
     private: PrivateFiles
+    pins: Pins
+    budget: FdBudget
+    latency: Latencies
     #: What the configuration allows (`limits` in the stats).
     configured: dict[str, int]
     top_files: int = 10
@@ -137,6 +142,12 @@ class StatsCollector:
             fds_refused=self.refusals.fds_refused,
             limits=self.configured,
             limit_hits=dict(self.gate.hits),
+            latency=self.latency.copy(),
+            pinned_bytes=self.pins.pinned,
+            tampered=self.opens.tampered + private.tampered,
+            uncached_writers=self.opens.uncached_writers,
+            watched_files=self.opens.watches.watched,
+            fds_in_flight=self.budget.used,
         )
 
     def _top_for(

@@ -29,6 +29,7 @@ from .pins import Pins
 from .protocol import ErrorCode, MissedItem, OpenedItem, Refusal, Version
 from .refusals import INTERNAL_MESSAGE, Refusals
 from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
+from .stats import Latencies
 from .watches import Watches
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class HostOpens:
     watches: Watches = attrs.field(init=False)
     #: Which entry each inotify watch belongs to.
     _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
+    #: Where copies are timed (the server's; in the stats).
+    latency: Latencies = attrs.field(factory=Latencies)
 
     def __attrs_post_init__(self) -> None:
         self.watches = Watches(
@@ -420,6 +423,7 @@ class HostOpens:
     ) -> Callable[[Flight, Copied], None]:
         def apply(flight: Flight, copied: Copied) -> None:
             st, wd, watches = copied.stat, copied.wd, self.watches
+            self.latency.copy_.observe(copied.seconds)
             watches.drain()  # an event of this inode since the flight began?
             why = ""
             if wd < 0:

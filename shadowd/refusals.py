@@ -58,13 +58,26 @@ class Refusals:
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
         allowed, suppressed = self._refusal_log.allow(time.monotonic())
         if allowed:
-            logger.info(
+            logger.warning(
                 "refused pid %d uid %d: %s: %s%s",
                 peer.pid,
                 peer.uid,
                 code,
                 message,
                 f" ({suppressed} more refusals not logged)" if suppressed else "",
+            )
+
+    def flush_log(self) -> None:
+        """Say how many lines the budgets kept out of the log since the last one (at exit)."""
+        refusals, internal = self._refusal_log.suppressed, self._internal_log.suppressed
+        self._refusal_log.suppressed = self._internal_log.suppressed = 0
+        if refusals or internal:
+            logger.warning(
+                "%d refusal and %d internal error lines were not logged (at most %d a minute "
+                "of each; all are counted in the stats)",
+                refusals,
+                internal,
+                self._refusal_log.per_minute,
             )
 
     def internal(self, peer: Peer, id: int | None, exc: BaseException | None) -> None:

@@ -60,7 +60,7 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         ("max file size", human_bytes(stats.max_file_size)),
         ("evictions", f"{stats.evictions}"),
         ("invalidations", f"{stats.invalidations}"),
-        ("served uncached", f"{stats.uncached}"),
+        ("served uncached", _uncached(stats)),
         ("copies made", f"{stats.copies} ({human_bytes(stats.bytes_copied)})"),
         ("refused", _refused(stats)),
         ("clients", f"{stats.clients} now, {stats.clients_total} since start"),
@@ -77,6 +77,10 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
     if latency:
         rows.append(("latency", latency))
     rows.append(("memory", _memory(stats)))
+    if stats.tampered:
+        rows.append(("memfds replaced", f"{stats.tampered} (changed by one of their holders)"))
+    if stats.fds_in_flight:
+        rows.append(("fds in flight", f"{stats.fds_in_flight} (unread or waiting replies)"))
     if stats.private_publishes:
         rows.append(
             (
@@ -102,8 +106,8 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{stats.server}{where}, up {human_duration(stats.uptime_seconds)}"]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    lines.append("  (memory counts the cache's own memfds; an evicted file stays in memory")
-    lines.append("   while clients still hold descriptors of it, and no one can count those here)")
+    lines.append("  (memory: an evicted file stays in memory while clients still hold it;")
+    lines.append("   the daemon counts those until the last holder lets go)")
     if stats.top_by_bytes:
         lines.append("")
         lines.append("files that gain most, by bytes not copied:")
@@ -113,6 +117,12 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         lines.append("files that gain most, by hits:")
         lines += _top_table(stats.top_by_hits)
     return "\n".join(lines)
+
+
+def _uncached(stats: Stats) -> str:
+    if stats.uncached_writers:
+        return f"{stats.uncached} ({stats.uncached_writers} while a writer had the file open)"
+    return f"{stats.uncached}"
 
 
 def _hit_rate(stats: Stats) -> str:
@@ -146,6 +156,8 @@ def _latency(stats: Stats) -> str:
 
 def _memory(stats: Stats) -> str:
     text = f"{human_bytes(stats.memory_bytes)} in cached memfds (whole pages)"
+    if stats.pinned_bytes:
+        text += f"; {human_bytes(stats.pinned_bytes)} evicted but held by clients"
     if stats.rss_bytes >= 0:
         text += f"; daemon resident {human_bytes(stats.rss_bytes)}"
     return text
@@ -307,9 +319,39 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
     (
         "shadowd_cache_memory_bytes",
         "gauge",
-        "Memory the cached memfds hold, in whole pages. Memory of evicted files that "
-        "clients still hold descriptors of is not counted: no one here can see it.",
+        "Memory the cached memfds hold, in whole pages (see shadowd_pinned_bytes for "
+        "those that left the cache).",
         "memory_bytes",
+    ),
+    (
+        "shadowd_pinned_bytes",
+        "gauge",
+        "Bytes of memfds the daemon made that left the cache while clients still hold them.",
+        "pinned_bytes",
+    ),
+    (
+        "shadowd_memfds_replaced_total",
+        "counter",
+        "Cached memfds a holder changed (mode, ACL, times), dropped and replaced.",
+        "tampered",
+    ),
+    (
+        "shadowd_uncached_writers_total",
+        "counter",
+        "Copies not cached because a writer had the file open during them.",
+        "uncached_writers",
+    ),
+    (
+        "shadowd_watched_files",
+        "gauge",
+        "Cached host files whose inodes the daemon watches for changes stat cannot show.",
+        "watched_files",
+    ),
+    (
+        "shadowd_fds_in_flight",
+        "gauge",
+        "Descriptors in replies clients have not read, and held for replies that wait.",
+        "fds_in_flight",
     ),
     (
         "shadowd_max_file_size_bytes",

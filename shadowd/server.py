@@ -66,7 +66,7 @@ from .protocol import (
 )
 from .refusals import Refusals
 from .source import MountTrust
-from .stats import Stats
+from .stats import Latencies, Stats
 
 if TYPE_CHECKING:
     from .fdstore import FdStore
@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 _TRUNCATED = MSG_TRUNC | MSG_CTRUNC
 _recv = hotcalls.recv
 _answer_hit = hotcalls.answer_hit
+_now = time.perf_counter
 _READY = ConnectionState.READY
 # Datagrams read and dropped from a peer that is turned away.
 _DRAIN_AT_REFUSAL = 8
@@ -154,6 +155,14 @@ class Server:
             track=self.opens.track,
         )
         peers = config.peers
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        #: Half the fd limit for fds in flight and held for replies: the
+        #: kernel's limit on fds in flight is the same number, and the other
+        #: half is left for cached memfds, connections and received fds.
+        self.budget = FdBudget(per_uid=config.peers.max_fds_per_uid, total=max(64, fd_limit // 2))
+        #: How long hits, misses and copies take (in the stats).
+        self.latency = Latencies()
+        self.opens.latency = self.latency
         self.collector = StatsCollector(
             cache=self.cache,
             limits=config.cache,
@@ -162,6 +171,9 @@ class Server:
             refusals=self.refusals,
             opens=self.opens,
             private=self.private,
+            pins=self.pins,
+            budget=self.budget,
+            latency=self.latency,
             configured={
                 "max_request": config.wire.max_request,
                 "max_batch": config.wire.max_batch,
@@ -180,6 +192,7 @@ class Server:
             opens=self.opens,
             private=self.private,
             stats=self.stats,
+            latency=self.latency,
             hello_limits={
                 "max_request": config.wire.max_request,
                 "max_batch": config.wire.max_batch,
@@ -188,11 +201,6 @@ class Server:
                 "max_namespace": MAX_NAMESPACE_BYTES,
             },
         )
-        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        #: Half the fd limit for fds in flight and held for replies: the
-        #: kernel's limit on fds in flight is the same number, and the other
-        #: half is left for cached memfds, connections and received fds.
-        self.budget = FdBudget(per_uid=config.peers.max_fds_per_uid, total=max(64, fd_limit // 2))
         self._connections: set[Connection] = set()
         # Made by serve(): a Server that never serves holds no epoll fd.
         self._poller: Poller[Connection]
@@ -213,6 +221,7 @@ class Server:
         self._is_local = self.mounts.is_local
         self._count_host_hit = self.cache.count_host_hit
         self._answer_open = self.dispatcher.answer_open
+        self._hit_latency = self.latency.hit.observe
         self._answer_batch = self.dispatcher.answer_batch
         self._answer_lookup = self.dispatcher.answer_lookup
 
@@ -276,6 +285,7 @@ class Server:
             self.mounts.close()
             self.cache.clear()
             watches.close()
+            self.refusals.flush_log()
             logger.info(
                 "stopped after %.1fs: %d hits, %d misses",
                 time.monotonic() - self.collector.started,
@@ -433,6 +443,7 @@ class Server:
         if conn.inflight >= self._max_inflight:
             return conn.hand_over(None)  # its task waits for a slot
         budget = self.budget
+        self.dispatcher.started = started = _now()
         try:
             if (
                 conn.proto.state is _READY
@@ -456,6 +467,7 @@ class Server:
                 if type(got) is not tuple:
                     self._count_host_hit(cast(Entry, got))
                     conn.sent(HIT_REPLY_LENGTH, 1)
+                    self._hit_latency(_now() - started)
                     return True
                 n, flags, fds = got
             else:

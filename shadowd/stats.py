@@ -182,7 +182,7 @@ class Latencies:
 _COUNTER_MAPS = frozenset({"refused_by_code", "limits", "limit_hits"})
 
 #: The limits (in ``Stats.limits``) measured in bytes; the others are counts.
-BYTE_LIMITS = frozenset({"max_request"})
+BYTE_LIMITS = frozenset({"max_request", "max_pinned_bytes_per_uid"})
 
 
 @attrs.frozen
@@ -240,6 +240,18 @@ class Stats:
     #: How long hits, misses and copies took (empty from a daemon that does
     #: not time them).
     latency: Latencies = attrs.field(factory=Latencies)
+    #: Bytes of memfds the daemon made that left the cache while clients
+    #: still hold them (they stay in memory until the last holder lets go).
+    pinned_bytes: int = 0
+    #: Cached memfds a holder changed (mode, ACL, times), dropped and replaced.
+    tampered: int = 0
+    #: Copies not cached because a writer had the file open during them.
+    uncached_writers: int = 0
+    #: Cached host files whose inodes the daemon watches (inotify).
+    watched_files: int = 0
+    #: Descriptors in replies clients have not read and held for replies
+    #: that wait, of every uid (at most half the fd limit).
+    fds_in_flight: int = 0
 
     @property
     def lookups(self) -> int:

@@ -467,3 +467,19 @@ async def test_a_hit_whose_reopen_fails_is_refused_and_the_connection_goes_on(
         if lsock is not None:
             lsock.close()
     assert count_open_fds() == before
+
+
+def test_refusals_log_as_warnings_and_what_was_kept_out_is_said_at_exit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """journalctl -p warning shows refusals; the lines the budget dropped are counted."""
+    refusals = Refusals()
+    peer = Peer(pid=1, uid=2, gid=3)
+    with caplog.at_level(logging.WARNING, logger="shadowd.refusals"):
+        for _ in range(25):
+            refusals.count(peer, "not-regular", "only regular files are served")
+        refusals.flush_log()
+    logged = [r for r in caplog.records if "refused pid 1" in r.getMessage()]
+    assert len(logged) == 20 and all(r.levelno == logging.WARNING for r in logged)
+    assert refusals.refused == 25
+    assert "5 refusal and 0 internal error lines were not logged" in caplog.text
