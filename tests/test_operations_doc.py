@@ -57,7 +57,9 @@ def test_system_unit_is_hardened() -> None:
     service = unit("shadowd.service")["Service"]
     assert service["ProtectSystem"] == "strict"
     assert service["RuntimeDirectory"] == "shadowd"
-    assert service["CapabilityBoundingSet"] == ""
+    # One capability: read leases on other users' files (docs/security.md).
+    assert service["CapabilityBoundingSet"] == "CAP_LEASE"
+    assert service["AmbientCapabilities"] == "CAP_LEASE"
     assert service["RestrictAddressFamilies"] == "AF_UNIX"
     assert service["User"] == "shadowd"
     socket_unit = unit("shadowd.socket")["Socket"]
