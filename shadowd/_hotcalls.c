@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -714,7 +715,8 @@ stamp_of(PyObject *file, long long *mode, long long *ctime_ns)
  * with an exception set when Python code it called raised. */
 static PyObject *
 try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *entries,
-        PyObject *is_local, unsigned long long max_file_size, int v2, int *served_out)
+        PyObject *is_local, unsigned long long max_file_size, int v2, int watch_fd,
+        int *served_out)
 {
     struct kstatx stx;
     uint64_t id = 0;
@@ -722,6 +724,15 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
 
     if (parse_open(data, len, &id) < 0)
         return DECLINED;
+    /* An inotify event not yet read may end the entry this hit would use
+     * (a write, a writer letting go, an unmount): the Python path reads the
+     * events first. Checked after the request was read, so every event of a
+     * change made before the request was sent is seen. */
+    if (watch_fd >= 0) {
+        int pending = 0;
+        if (ioctl(watch_fd, FIONREAD, &pending) != 0 || pending > 0)
+            return DECLINED;
+    }
     memset(&stx, 0, sizeof stx);
     if (syscall(SYS_statx, src, "", K_AT_EMPTY_PATH | K_AT_STATX_DONT_SYNC,
                 (unsigned)K_STATX_ASKED, &stx) != 0 ||
@@ -820,13 +831,15 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
 }
 
 PyDoc_STRVAR(answer_hit_doc,
-"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size, closing, v2=False)\n"
+"answer_hit(sock, buffer, ancsize, entries, is_local, max_file_size, closing, v2=False,\n"
+"           watch_fd=-1)\n"
 "    -> Entry | tuple\n\n"
 "Read one datagram as recv() does. When it is a canonical `open` of a\n"
 "regular, readable file of a trusted file system (is_local(dev, mnt)) whose\n"
 "version is cached in *entries* under (dev, ino), answer it: a fresh\n"
 "read-only open of the entry's file, sent with protocol.py's exact reply\n"
 "(with the version served when *v2*: a protocol version 2 connection),\n"
+"declined while the inotify fd *watch_fd* has events unread,\n"
 "return the entry, whose hit the caller counts. The passed fd and the new\n"
 "one are appended to *closing*, for the caller to close (the poller closes\n"
 "a round's fds together, usually with one close_range).\n"
@@ -840,11 +853,12 @@ answer_hit(PyObject *self, PyObject *args)
     Py_buffer buf;
     Py_ssize_t ancsize, nfds;
     unsigned long long max_file_size;
-    int sockfd, flags, fds[MAX_FDS], served = -1, v2 = 0;
+    int sockfd, flags, fds[MAX_FDS], served = -1, v2 = 0, watch_fd = -1;
     ssize_t n;
 
-    if (!PyArg_ParseTuple(args, "Ow*nO!OKO!|p:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
-                          &entries, &is_local, &max_file_size, &PyList_Type, &closing, &v2))
+    if (!PyArg_ParseTuple(args, "Ow*nO!OKO!|pi:answer_hit", &sock, &buf, &ancsize, &PyDict_Type,
+                          &entries, &is_local, &max_file_size, &PyList_Type, &closing, &v2,
+                          &watch_fd))
         return NULL;
     sockfd = recv_args(sock, ancsize);
     if (sockfd < 0) {
@@ -859,7 +873,7 @@ answer_hit(PyObject *self, PyObject *args)
     PyObject *entry = DECLINED;
     if (nfds == 1 && !(flags & (MSG_TRUNC | MSG_CTRUNC)) && n > 0)
         entry = try_hit(sockfd, buf.buf, (size_t)n, fds[0], entries, is_local, max_file_size,
-                        v2, &served);
+                        v2, watch_fd, &served);
     PyBuffer_Release(&buf);
     if (entry == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) {

@@ -95,7 +95,8 @@ class PeerLimits:
 
     max_clients: int = 4096
     max_clients_per_uid: int = 1024
-    max_copies_per_uid: int = 4
+    #: Below --copy-workers (4): one uid's copies cannot hold every worker.
+    max_copies_per_uid: int = 2
     #: Descriptors one uid may have in replies it has not read and in
     #: replies the daemon holds for it (inflight.py).
     max_fds_per_uid: int = 4096

@@ -40,6 +40,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def positive_size(text: str) -> int:
+    """A size of at least one byte (see parse_size)."""
+    size = parse_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return size
+
+
 def parse_mode(text: str) -> int:
     try:
         mode = int(text, 8)
@@ -270,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     serve.add_argument(
         "--max-pinned-bytes-per-uid",
-        type=parse_size,
+        type=positive_size,
         default=peer_defaults.max_pinned_bytes_per_uid,
         help="most bytes of copies under way for one uid and of memfds made for it that left "
         "the cache while still held (at full size); past it its misses are refused with busy "

@@ -45,6 +45,8 @@ DRAIN_AT_CLOSE = 1024
 #: Seconds between asking the kernel what all of a uid's peers have read,
 #: when the uid is at its bound of fds (see Connection.room).
 REFRESH_EVERY = 0.01
+#: How long a connection of a uid at its bound of fds waits before looking again.
+OVER_BUDGET_PAUSE = 0.05
 #: A stand-in length for a hit's reply sent by the C path: every reply
 #: shorter than about 190 bytes is charged the same by the kernel.
 HIT_REPLY_LENGTH = 64
@@ -151,9 +153,7 @@ class Connection:
             self._use(nfds)
 
     def _use(self, n: int) -> None:
-        share = self.share
-        self.services.budget.add(share.fds, n)
-        share.fds += n
+        self.services.budget.use(self.share, n)
 
     def room(self, want: int) -> bool:
         """Whether this peer's uid may have *want* more fds sent or held for it.
@@ -166,6 +166,13 @@ class Connection:
         budget = self.services.budget
         if budget.allows(share.fds, want):
             return True
+        self.refresh_share()
+        return budget.allows(share.fds, want)
+
+    def refresh_share(self) -> None:
+        """Ask what this uid's peers have read: this connection always, all of the uid's
+        at most every REFRESH_EVERY seconds (a hostile uid's flood costs it, not the loop)."""
+        share = self.share
         now = time.monotonic()
         if now - share.refreshed_at >= REFRESH_EVERY:
             share.refreshed_at = now
@@ -173,7 +180,6 @@ class Connection:
                 conn.refresh()
         else:
             self.refresh()
-        return budget.allows(share.fds, want)
 
     def refresh(self) -> None:
         """Forget the fds of the replies the peer has read."""
@@ -209,6 +215,7 @@ class Connection:
         fd = self.sock.fileno()
         poller = self.services.poller
         max_inflight = self.services.max_inflight
+        budget = self.services.budget
         while True:
             if self.inflight >= max_inflight:
                 # Back-pressure: read nothing more until a slow request finishes.
@@ -216,6 +223,15 @@ class Connection:
                 self.slot_freed = trio.Event()
                 await self.slot_freed.wait()
                 continue
+            if self.share.fds >= budget.per_uid:
+                # The uid holds all the fds it may (unread replies, replies
+                # waiting, fds of a hung file system waiting to be closed):
+                # read nothing more from it, so no more fds come in, until
+                # that drains. What its peers read shows only when asked.
+                self.refresh_share()
+                if self.share.fds >= budget.per_uid:
+                    await trio.sleep(OVER_BUDGET_PAUSE)
+                    continue
             if self.job is None:
                 self.wakeup = trio.Event()
                 poller.park(fd, self)

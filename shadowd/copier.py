@@ -451,11 +451,28 @@ class Copier:
         limiter = self.remote_limiter if remote else self.local_limiter
         return await run_job(fn, _release, limiter, unstarted=src.close, quota=quota)
 
-    def close_later(self, nursery: trio.Nursery, src: FdHolder, quota: Quota | None = None) -> None:
-        """Close an fd of an untrusted filesystem in a worker thread."""
-        if src.closed:
-            return
-        nursery.start_soon(self._close, src, quota)
+    def close_later(
+        self,
+        nursery: trio.Nursery,
+        src: FdHolder,
+        quota: Quota | None = None,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        """Close an fd of an untrusted filesystem in a worker thread.
 
-    async def _close(self, src: FdHolder, quota: Quota | None) -> None:
-        await run_job(src.close, _ignore, self.remote_limiter, unstarted=src.close, quota=quota)
+        *on_closed* is called on the loop once it is closed (or abandoned).
+        """
+        if src.closed:
+            if on_closed is not None:
+                on_closed()
+            return
+        nursery.start_soon(self._close, src, quota, on_closed)
+
+    async def _close(
+        self, src: FdHolder, quota: Quota | None, on_closed: Callable[[], None] | None
+    ) -> None:
+        try:
+            await run_job(src.close, _ignore, self.remote_limiter, unstarted=src.close, quota=quota)
+        finally:
+            if on_closed is not None:
+                on_closed()

@@ -138,6 +138,7 @@ def py_answer_hit(  # noqa: PLR0917 (the C function's positional signature)
     max_file_size: int,
     closing: list[int],
     v2: bool = False,
+    watch_fd: int = -1,
 ) -> tuple[int, int, list[int]]:
     """Read one datagram; the C version answers a cache hit itself.
 
@@ -164,6 +165,7 @@ answer_hit: Callable[
         int,
         list[int],
         bool,
+        int,
     ],
     object,
 ]

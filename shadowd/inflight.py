@@ -20,6 +20,7 @@ import collections
 import fcntl
 import socket
 import termios
+from typing import Protocol
 
 import attrs
 
@@ -88,16 +89,33 @@ class Outbox:
         return freed
 
 
+class Holder(Protocol):
+    """What the budget counts per uid (access.UidShare)."""
+
+    fds: int
+
+
 @attrs.define
 class FdBudget:
-    """Per uid and in all, the descriptors peers may have the daemon send or hold."""
+    """Per uid and in all, the descriptors peers may have the daemon send or hold.
+
+    ``total`` is what all uids together may use; a uid below its fair share
+    of it may still go on when it is full (so the uid that filled it cannot
+    starve the others), but never past ``hard``, which keeps a margin below
+    the daemon's fd limit whatever the number of uids.
+    """
 
     per_uid: int
     total: int
+    hard: int = 0
     #: Descriptors in unread replies and held for waiting replies, of every uid.
     used: int = 0
     #: Uids with any in use (for a fair share when the total is tight).
     active: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.hard < self.total:
+            self.hard = self.total + self.total // 2
 
     def allows(self, used_by_uid: int, want: int) -> bool:
         """Whether a uid that has *used_by_uid* may have *want* more."""
@@ -106,12 +124,15 @@ class FdBudget:
         if self.used + want <= self.total:
             return True
         # The daemon's whole budget is tight: only a uid below its fair share
-        # may have more, so the one that filled it cannot starve the others.
-        return used_by_uid + want <= self.total // max(1, self.active)
+        # may have more, and never past the hard limit.
+        return self.used + want <= self.hard and used_by_uid + want <= self.total // max(
+            1, self.active
+        )
 
-    def add(self, before: int, n: int) -> None:
-        """A uid that had *before* in use now has *n* more (n may be negative)."""
-        after = before + n
+    def use(self, holder: Holder, n: int) -> None:
+        """*holder*'s uid has *n* more in use (n may be negative)."""
+        before = holder.fds
+        holder.fds = after = before + n
         self.used += n
         if before <= 0 < after:
             self.active += 1

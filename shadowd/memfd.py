@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 
 import attrs
@@ -334,6 +335,11 @@ class SealedFile:
         self.dir_fd = _proc_fd_dir()
         st = os.fstat(self.holder.fd)
         self.stamp = (st.st_mode, st.st_ctime_ns)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) not in (0o444, 0o555):
+            # One of ours, not as sealed (0444, 0555 for executables): someone
+            # changed it between the seal and now. Never served as intact.
+            # (A published memfd of another uid keeps its publisher's mode.)
+            self.stamp = (-1, -1)
 
     def intact(self, *, times: bool = True) -> bool:
         """Whether the memfd's inode is as it was sealed (nobody changed its attributes).

@@ -23,6 +23,7 @@ from .cache import Admission, Cache, CacheLimits, DropReason, Entry, HostKey, Sh
 from .copier import Copied, Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_holders
+from .inflight import FdBudget
 from .leases import Writers
 from .memfd import SealedFile, memfd_seals
 from .pins import Pins
@@ -160,6 +161,8 @@ class HostOpens:
     _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
     #: Where copies are timed (the server's; in the stats).
     latency: Latencies = attrs.field(factory=Latencies)
+    #: The fd budget (inflight.py): fds waiting to be closed count in it.
+    budget: FdBudget | None = None
 
     def __attrs_post_init__(self) -> None:
         self.watches = Watches(
@@ -521,7 +524,7 @@ class HostOpens:
         except trio.Cancelled:
             raise  # the inspecting job closes the fd
         except BaseException:
-            self.copier.close_later(self.nursery, src, share.quota)
+            self._close_later(src, share)
             raise
         try:
             self.check_size(st.size)
@@ -529,7 +532,7 @@ class HostOpens:
                 share, lambda: self.lookup_or_fly(src.fd, st, label, share, remote=True)
             )
         finally:
-            self.copier.close_later(self.nursery, src, share.quota)  # in a worker, never here
+            self._close_later(src, share)  # in a worker, never here
         assert outcome is not None
         return await self._served(outcome)
 
@@ -589,7 +592,20 @@ class HostOpens:
             if self.nursery is None:
                 FdHolder(fd).close()  # not serving any more: nobody is left to wait
             else:
-                self.copier.close_later(self.nursery, FdHolder(fd), share.quota)
+                self._close_later(FdHolder(fd), share)
+
+    def _close_later(self, src: FdHolder, share: UidShare) -> None:
+        """Close *src* in a worker, counted in its uid's fd budget until it is closed:
+        a uid whose file system hangs cannot pile up fds in the daemon's table."""
+        assert self.nursery is not None
+        budget = self.budget
+        if budget is None or src.closed:
+            self.copier.close_later(self.nursery, src, share.quota)
+            return
+        budget.use(share, 1)
+        self.copier.close_later(
+            self.nursery, src, share.quota, on_closed=lambda: budget.use(share, -1)
+        )
 
     def _closes_quickly(self, fd: int) -> bool:
         if memfd_seals(fd) is not None:

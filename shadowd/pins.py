@@ -43,6 +43,8 @@ class Pins:
     """Per uid, the bytes of copies under way and of memfds out of the cache still held."""
 
     per_uid: int
+    #: How often a bound was reached, by name (the server's limit_hits).
+    hits: dict[str, int] = attrs.field(factory=dict)
     #: Charged bytes per uid.
     charged: dict[int, int] = attrs.field(factory=dict)
     #: Bytes of memfds out of the cache that someone still holds (every uid).
@@ -62,6 +64,7 @@ class Pins:
         """A copy of *size* bytes starts for *uid*: refused (busy) past its bound."""
         used = self.charged.get(uid, 0)
         if used + size > self.per_uid:
+            self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
             raise RequestError(
                 ErrorCode.BUSY,
                 f"uid {uid} has {used} bytes of copies under way or held out of the cache "

@@ -20,6 +20,7 @@ import logging
 import resource
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import attrs
@@ -138,7 +139,7 @@ class Server:
         self.mounts = MountTrust()
         self.gate = Gate(config.access, config.peers)
         self.refusals = Refusals()
-        self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid)
+        self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid, hits=self.gate.hits)
         self.opens = HostOpens(
             cache=self.cache,
             copier=self.copier,
@@ -163,6 +164,7 @@ class Server:
         #: How long hits, misses and copies take (in the stats).
         self.latency = Latencies()
         self.opens.latency = self.latency
+        self.opens.budget = self.budget
         self.collector = StatsCollector(
             cache=self.cache,
             limits=config.cache,
@@ -222,6 +224,9 @@ class Server:
         self._count_host_hit = self.cache.count_host_hit
         self._answer_open = self.dispatcher.answer_open
         self._hit_latency = self.latency.hit.observe
+        # Set by serve(): the cache's inotify fd, and what reads its events.
+        self._watch_fd = -1
+        self._drain: Callable[[], None] = lambda: None
         self._answer_batch = self.dispatcher.answer_batch
         self._answer_lookup = self.dispatcher.answer_lookup
 
@@ -255,6 +260,8 @@ class Server:
         ignore_sigio()  # a broken read lease (leases.py) signals its holder
         watches = self.opens.watches
         watches.open()
+        self._watch_fd = watches.fd
+        self._drain = watches.drain
         self.mounts.open()
         self.opens.track_unwatched_entries()  # restored from the fd store
         self._poller = Poller()
@@ -281,6 +288,7 @@ class Server:
         finally:
             self.opens.nursery = None
             self.copier.watches = None
+            self._watch_fd, self._drain = -1, lambda: None
             self._poller.close()
             self.mounts.close()
             self.cache.clear()
@@ -440,8 +448,8 @@ class Server:
             # A round that was due as shutdown() ran: read nothing more, as
             # a connection's own task would not have either.
             return True
-        if conn.inflight >= self._max_inflight:
-            return conn.hand_over(None)  # its task waits for a slot
+        if conn.inflight >= self._max_inflight or conn.share.fds >= self.budget.per_uid:
+            return conn.hand_over(None)  # its task waits for a slot, or for fds to drain
         budget = self.budget
         self.dispatcher.started = started = _now()
         try:
@@ -463,6 +471,7 @@ class Server:
                     self._max_file_size,
                     self._poller.closing,
                     conn.proto.version == 2,
+                    self._watch_fd,
                 )
                 if type(got) is not tuple:
                     self._count_host_hit(cast(Entry, got))
@@ -476,6 +485,9 @@ class Server:
             return True
         except OSError:
             return conn.hand_over(GONE)
+        # Every inotify event of a change made before this request was sent
+        # is read before it is answered (the C path declines while any wait).
+        self._drain()
         if n == 0 and not fds and not flags & MSG_TRUNC:
             return conn.hand_over(GONE)  # orderly shutdown by the peer
         try:

@@ -62,16 +62,28 @@ def test_an_outbox_knows_exactly_the_fds_its_peer_has_not_read(
         theirs.close()
 
 
+class _Uid:
+    def __init__(self) -> None:
+        self.fds = 0
+
+
 def test_the_budget_bounds_each_uid_and_leaves_the_others_a_fair_share() -> None:
     budget = FdBudget(per_uid=100, total=150)
+    hostile, other, third = _Uid(), _Uid(), _Uid()
     assert budget.allows(0, 100) and not budget.allows(0, 101)
-    budget.add(0, 100)  # a hostile uid at its own bound
-    assert not budget.allows(100, 1)
-    assert budget.allows(0, 50)  # another uid still fits in all
-    budget.add(0, 50)
+    budget.use(hostile, 100)  # a hostile uid at its own bound
+    assert not budget.allows(hostile.fds, 1)
+    assert budget.allows(other.fds, 50)  # another uid still fits in all
+    budget.use(other, 50)
     assert budget.used == 150 and budget.active == 2
     # Full: a uid below its fair share (150 / 2) may still have a little more;
     # the one that filled it may not.
-    assert budget.allows(50, 1) and not budget.allows(100, 1)
-    budget.add(100, -100)
-    assert budget.active == 1 and budget.allows(50, 50)
+    assert budget.allows(other.fds, 1) and not budget.allows(hostile.fds, 1)
+    # However many uids there are, never past the hard limit (a margin below
+    # the daemon's fd limit).
+    assert budget.hard == 225
+    budget.use(third, 40)
+    budget.use(other, 25)
+    assert budget.used == 215 and not budget.allows(0, 11) and budget.allows(0, 10)
+    budget.use(hostile, -100)
+    assert budget.active == 2 and budget.allows(other.fds, 25)

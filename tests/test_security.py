@@ -315,6 +315,8 @@ def test_limit_flags_reject_nonsense() -> None:
         "--max-clients-per-uid",
         "--max-copies-per-uid",
         "--max-inflight",
+        "--max-fds-per-uid",
+        "--max-pinned-bytes-per-uid",
     ):
         with pytest.raises(SystemExit) as info:
             main(["serve", flag, "0"])

@@ -1,0 +1,202 @@
+# The pieces behind "never stale, never torn, bounded" on their own: inotify
+# watches on sources and memfds (watches.py), read leases around copies
+# (leases.py), the per-uid charge of pinned memory (pins.py), and an entry
+# restored at start vouched for only by its own mount (opens.py).
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from shadowd import leases
+from shadowd.access import Peer
+from shadowd.cache import HostKey
+from shadowd.errors import RequestError
+from shadowd.memfd import sealed_from_bytes
+from shadowd.opens import Miss
+from shadowd.pins import Pins
+from shadowd.server import Server, ServerConfig
+from shadowd.source import stat_nosync
+from shadowd.watches import Watches
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.events: list[int] = []
+        self.freed: list[int] = []
+        self.overflows = 0
+
+
+def _watches(seen: _Seen) -> Watches:
+    w = Watches(
+        on_event=seen.events.append,
+        on_overflow=lambda: setattr(seen, "overflows", seen.overflows + 1),
+        on_freed=seen.freed.append,
+    )
+    w.open()
+    return w
+
+
+def test_a_write_and_a_writer_letting_go_of_a_mapping_are_seen(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 8192)
+    seen = _Seen()
+    w = _watches(seen)
+    try:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            wd = w.add(fd)
+        finally:
+            os.close(fd)
+        w.hold(wd)
+        start = w.begin()
+        w.drain()
+        assert seen.events == [] and not w.changed_since(wd, start)
+        out = os.open(f, os.O_WRONLY)
+        os.write(out, b"y")  # a write(): IN_MODIFY once it returns
+        w.drain()
+        assert seen.events == [wd] and w.changed_since(wd, start)
+        os.close(out)  # and IN_CLOSE_WRITE as the writer lets go
+        w.drain()
+        assert seen.events == [wd, wd]
+        seen.events.clear()
+        rw = os.open(f, os.O_RDWR)
+        m = mmap.mmap(rw, 8192)
+        os.close(rw)
+        m[0:1] = b"z"  # no event for a write through a mapping...
+        w.drain()
+        assert seen.events == []
+        m.close()  # ...until its writer lets go of the file
+        w.drain()
+        assert seen.events == [wd]
+        w.end(start)
+    finally:
+        w.close()
+
+
+def test_a_removed_watch_and_a_freed_memfd_are_told(tmp_path: Path) -> None:
+    seen = _Seen()
+    w = _watches(seen)
+    try:
+        sealed = sealed_from_bytes(b"memfd bytes")
+        wd = w.add_memfd(sealed.fd)
+        held = os.open(f"/proc/self/fd/{sealed.fd}", os.O_RDONLY)
+        sealed.release()  # the daemon lets go; a client still holds it
+        w.drain()
+        assert seen.freed == []
+        os.close(held)  # the last holder: the inode is freed, the watch goes
+        deadline = time.monotonic() + 5
+        while wd not in seen.freed:
+            assert time.monotonic() < deadline
+            w.drain()
+            time.sleep(0.01)
+        # A source watch its holders release is removed, and that is said too.
+        f = tmp_path / "f"
+        f.write_bytes(b"x")
+        fd = os.open(f, os.O_RDONLY)
+        src_wd = w.add(fd)
+        os.close(fd)
+        w.hold(src_wd)
+        w.hold(src_wd)
+        w.release(src_wd)  # one holder left: kept
+        f.write_bytes(b"y")
+        w.drain()
+        assert src_wd in seen.events
+        w.release(src_wd)
+        w.drain()
+        assert w.watched == 0
+    finally:
+        w.close()
+
+
+def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
+    leases.ignore_sigio()
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 4096)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert leases.take(fd) is None
+        assert leases.give_back(fd) is leases.Writers.NONE
+        writer = os.open(f, os.O_WRONLY)
+        assert leases.take(fd) is leases.Writers.PRESENT  # open for writing right now
+        os.close(writer)
+        assert leases.take(fd) is None
+
+        def open_for_writing() -> None:  # waits until the lease is let go
+            os.close(os.open(f, os.O_WRONLY))
+
+        t = threading.Thread(target=open_for_writing)
+        t.start()
+        time.sleep(0.1)  # the writer's open broke the lease and waits
+        assert leases.give_back(fd) is leases.Writers.PRESENT
+        t.join(timeout=5)
+        assert not t.is_alive()
+    finally:
+        os.close(fd)
+
+
+def test_pins_charge_copies_under_way_and_memfds_held_out_of_the_cache() -> None:
+    hits: dict[str, int] = {}
+    pins = Pins(per_uid=100, hits=hits)
+    pins.reserve(1000, 60)
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(1000, 50)  # 60 under way + 50 > 100
+    assert refused.value.code == "busy" and hits == {"max_pinned_bytes_per_uid": 1}
+    pins.reserve(1001, 90)  # another uid has its own bound
+    pins.track(7, 60, 1000, cached=True, reserved=60)  # in the cache: not charged
+    assert pins.charged.get(1000, 0) == 0 and pins.pinned == 0
+    pins.left_cache(7)  # evicted while someone holds it: charged until freed
+    assert pins.charged[1000] == 60 and pins.pinned == 60
+    pins.track(8, 90, 1001, cached=False, reserved=90)  # served uncached: charged
+    assert pins.charged[1001] == 90 and pins.pinned == 150
+    pins.freed(7)
+    pins.freed(8)
+    assert pins.charged == {} and pins.pinned == 0
+    pins.reserve(1000, 100)  # the whole bound again
+    pins.unreserve(1000, 100)
+    assert pins.charged == {}
+
+
+async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(5000))
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    st = stat_nosync(fd)
+    assert st is not None
+    if not st.mnt:
+        os.close(fd)
+        pytest.skip("no unique mount IDs here: restored entries are never kept")
+    server = Server(ServerConfig(socket_path=""))
+    peer = Peer(pid=os.getpid(), uid=os.geteuid(), gid=os.getegid())
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                server.opens.nursery = nursery
+                server.opens.watches.open()
+                share = server.gate.admit(peer, None)  # type: ignore[arg-type]
+                for mnt, served in ((st.mnt + 1, False), (st.mnt, True)):
+                    sealed = sealed_from_bytes(f.read_bytes())
+                    server.cache.insert(
+                        HostKey(st.dev, st.ino), st.version, sealed, ctime_ns=1, mnt=mnt
+                    )  # as the fd store restores it: no watch yet
+                    sealed.release()
+                    out = server.opens.serve_now(fd, None, share, wait=False)
+                    assert (type(out) is tuple) is served, (mnt, out)
+                    if served:
+                        (entry,) = server.cache.index.values()
+                        assert entry.wd >= 0  # watched from now on
+                    else:
+                        assert isinstance(out, Miss)
+                        assert HostKey(st.dev, st.ino) not in server.cache.index
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+        server.cache.clear()
+        server.opens.watches.close()
