@@ -186,6 +186,9 @@ class Cache:
         """Tell *observer* of every entry added and dropped from now on."""
         self.observers = (*self.observers, observer)
 
+    def remove_observer(self, observer: CacheObserver) -> None:
+        self.observers = tuple(o for o in self.observers if o is not observer)
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -227,11 +230,17 @@ class Cache:
         host entries under plain (dev, ino) tuples (HostKey hashes as one)."""
         return self._entries
 
-    def count_host_hit(self, entry: Entry) -> None:
-        """What lookup() does on a hit, for a host-file hit answered without it."""
+    def count_host_hit(self, entry: Entry, n: int = 1) -> None:
+        """What lookup() does on a hit, for *n* host-file hits answered without it."""
         self._entries.move_to_end(entry.key)
-        entry.hits += 1
-        self.host.hits += 1
+        entry.hits += n
+        self.host.hits += n
+
+    def touch(self, entry: Entry, n: int) -> None:
+        """*n* hits served outside the cache's lookups (the index): most recently used
+        now, and counted for the top files (not in ``hits``: the stats count them apart)."""
+        self._entries.move_to_end(entry.key)
+        entry.hits += n
 
     def uncount_miss(self, *, private: bool = False) -> None:
         """Take back the miss of a lookup that will be made again (and counted then)."""

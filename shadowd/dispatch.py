@@ -18,16 +18,21 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from . import __version__, hotcalls
+from .cache import HostKey
 from .connection import GONE, Connection, too_many_in_flight
-from .errors import RequestError
+from .errors import RequestError, refusing_os_errors
 from .fds import FdHolder, close_holders
+from .index import Index
 from .opens import HostOpens, Miss, Pending, Served, batch_items, served_fd, share_error
 from .poller import Poller
 from .private import PrivateFiles
 from .protocol import (
     BatchOpened,
+    ErrorCode,
     Hello,
     HelloReply,
+    IndexReply,
+    IndexRequest,
     Lookup,
     LookupMiss,
     Missed,
@@ -36,6 +41,8 @@ from .protocol import (
     Opened,
     Publish,
     Refusal,
+    Report,
+    Reported,
     Request,
     StatsReply,
     StatsRequest,
@@ -62,6 +69,11 @@ class Dispatcher:
     poller: Poller[Connection] | None = None
     #: When the request being answered was read (perf_counter), set per datagram.
     started: float = 0.0
+    #: The index of the cache while the daemon publishes one (index.py).
+    index: Index | None = None
+    #: Hits clients reported having served through the index.
+    index_hits: int = 0
+    owner_uid: int = attrs.field(factory=os.geteuid)
 
     # -- on the poller's round --------------------------------------------
 
@@ -238,6 +250,11 @@ class Dispatcher:
             await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
             await conn.send(StatsReply(id=event.id, stats=self.stats(conn.peer.uid).to_wire()))
+        elif isinstance(event, IndexRequest):
+            await self._send_index(conn, event)
+        elif isinstance(event, Report):
+            self._count_reported(conn, event)
+            await conn.send(Reported(id=event.id))
         elif isinstance(event, Hello):
             limits = self.hello_limits
             if event.version >= 2:
@@ -250,6 +267,42 @@ class Dispatcher:
                     limits=limits,
                 )
             )
+
+    def _may_read_index(self, conn: Connection) -> None:
+        """Only a peer that may read the daemon's fds anyway (its uid, or root) gets the
+        index: the kernel lets exactly those open /proc/PID/fd/N of the daemon."""
+        uid = conn.peer.uid
+        if uid not in (0, self.owner_uid):
+            raise RequestError(
+                ErrorCode.NOT_PERMITTED,
+                f"the index is for root and uid {self.owner_uid} (the daemon's); uid {uid} "
+                "asks through the socket",
+            )
+
+    async def _send_index(self, conn: Connection, event: IndexRequest) -> None:
+        self._may_read_index(conn)
+        index = self.index
+        if index is None:
+            raise RequestError(ErrorCode.NO_INDEX, "this daemon publishes no index")
+        with refusing_os_errors("cannot open the index"):
+            fd = index.reader_fd()
+        try:
+            await conn.send(IndexReply(id=event.id, fd=fd, pid=os.getpid(), slots=index.slots))
+        finally:
+            os.close(fd)
+
+    def _count_reported(self, conn: Connection, event: Report) -> None:
+        """Hits a client served itself through the index: counted, and in the LRU order."""
+        self._may_read_index(conn)
+        cache = self.opens.cache
+        index = cache.index
+        reported = 0
+        for dev, ino, n in event.hits:
+            reported += n  # counted even if the entry is gone since
+            entry = index.get(HostKey(dev, ino))
+            if entry is not None and not entry.private and n > 0:
+                cache.touch(entry, n)  # its place in the LRU order and its top-file count
+        self.index_hits += reported
 
     async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
         """Take a published file: seal it in place, or copy it in a worker."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -18,6 +19,7 @@ from . import __version__
 from .access import Gate
 from .cache import Cache, CacheLimits
 from .copier import Copier
+from .index import Index
 from .inflight import FdBudget
 from .opens import HostOpens
 from .pins import Pins
@@ -75,6 +77,9 @@ class StatsCollector:
     pins: Pins
     budget: FdBudget
     latency: Latencies
+    #: The index while published, and the hits reported through it.
+    index: Callable[[], Index | None]
+    index_hits: Callable[[], int]
     #: What the configuration allows (`limits` in the stats).
     configured: dict[str, int]
     top_files: int = 10
@@ -98,6 +103,7 @@ class StatsCollector:
         limits = self.limits
         store = self.fd_store
         costly = self._costly()
+        index = self.index()
         top_by_hits, top_by_bytes = costly.top_by_hits, costly.top_by_bytes
         if viewer is not None and viewer not in (0, self.owner_uid):
             top_by_hits, top_by_bytes = self._top_for(viewer, costly)
@@ -148,6 +154,9 @@ class StatsCollector:
             uncached_writers=self.opens.uncached_writers,
             watched_files=self.opens.watches.watched,
             fds_in_flight=self.budget.used,
+            index_hits=self.index_hits(),
+            index_entries=index.entries if index is not None else 0,
+            index_slots=index.slots if index is not None else 0,
         )
 
     def _top_for(

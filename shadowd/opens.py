@@ -23,6 +23,7 @@ from .cache import Admission, Cache, CacheLimits, DropReason, Entry, HostKey, Sh
 from .copier import Copied, Copier, Flight
 from .errors import RequestError, refusing_os_errors, request_error_from_os
 from .fds import FdHolder, close_all, close_holders
+from .index import Index
 from .inflight import FdBudget
 from .leases import Writers
 from .memfd import SealedFile, memfd_seals
@@ -163,6 +164,8 @@ class HostOpens:
     latency: Latencies = attrs.field(factory=Latencies)
     #: The fd budget (inflight.py): fds waiting to be closed count in it.
     budget: FdBudget | None = None
+    #: The index of the cache, while the daemon publishes one.
+    index: Index | None = None
 
     def __attrs_post_init__(self) -> None:
         self.watches = Watches(
@@ -238,6 +241,8 @@ class HostOpens:
         self.watches.hold(wd)
         entry.wd = wd
         self._by_wd[wd] = entry.key  # type: ignore[assignment]
+        if self.index is not None:
+            self.index.put(entry)  # watched now: it may be published
         return True
 
     # -- at once, on the loop -------------------------------------------

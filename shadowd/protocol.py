@@ -55,6 +55,7 @@ class ErrorCode(enum.StrEnum):
     BUSY = "busy"
     SHUTTING_DOWN = "shutting-down"
     INTERNAL = "internal"
+    NO_INDEX = "no-index"
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +196,28 @@ class Publish:
     fd: int
 
 
-Request: TypeAlias = Hello | Open | OpenBatch | StatsRequest | Lookup | Publish
+@attrs.frozen
+class IndexRequest:
+    """Ask for the index of the cache (a read-only memfd; docs/protocol.md, "The index")."""
+
+    id: int
+
+
+#: Most (dev, ino, hits) triples one report may carry.
+MAX_REPORT = 4096
+
+
+@attrs.frozen
+class Report:
+    """Hits a client served itself through the index, per file: (dev, ino, hits)."""
+
+    id: int
+    hits: tuple[tuple[int, int, int], ...]
+
+
+Request: TypeAlias = (
+    Hello | Open | OpenBatch | StatsRequest | Lookup | Publish | IndexRequest | Report
+)
 
 
 # ---------------------------------------------------------------------------
@@ -285,6 +307,23 @@ class StatsReply:
 
 
 @attrs.frozen
+class IndexReply:
+    """The index (attached, read-only), and what the client needs to read it."""
+
+    id: int
+    fd: int
+    pid: int
+    slots: int
+
+
+@attrs.frozen
+class Reported:
+    """A report was counted."""
+
+    id: int
+
+
+@attrs.frozen
 class LookupMiss:
     """A `Lookup` found nothing: publish the file to share it."""
 
@@ -300,7 +339,17 @@ class ErrorReply:
     message: str
 
 
-Reply: TypeAlias = HelloReply | Opened | Missed | BatchOpened | StatsReply | LookupMiss | ErrorReply
+Reply: TypeAlias = (
+    HelloReply
+    | Opened
+    | Missed
+    | BatchOpened
+    | StatsReply
+    | LookupMiss
+    | ErrorReply
+    | IndexReply
+    | Reported
+)
 
 
 # ---------------------------------------------------------------------------
@@ -422,6 +471,27 @@ def _file_key(msg: Mapping[str, Any], *, id: int, fds: Sequence[int]) -> FileKey
     )
 
 
+def _report_hits(
+    msg: Mapping[str, Any], id: int, fds: Sequence[int]
+) -> tuple[tuple[int, int, int], ...]:
+    raw = _field(msg, "hits", list, id=id, fds=fds)
+    if len(raw) > MAX_REPORT:
+        raise MalformedMessage(f"'hits' has more than {MAX_REPORT} files", id=id, fds=fds)
+    out = []
+    for item in raw:
+        if type(item) is not list or len(item) != 3:
+            raise MalformedMessage("each of 'hits' must be [dev, ino, hits]", id=id, fds=fds)
+        parts = {"dev": item[0], "ino": item[1], "hits": item[2]}
+        out.append(
+            (
+                _uint(parts, "dev", id=id, fds=fds),
+                _uint(parts, "ino", id=id, fds=fds),
+                _uint(parts, "hits", id=id, fds=fds),
+            )
+        )
+    return tuple(out)
+
+
 def _sayable(version: Version | None) -> bool:
     """Whether a reply can say *version*: its times must fit the wire's int64
     (a file dated past 2262 has none; its fd is served without a version)."""
@@ -501,6 +571,10 @@ def encode_request(
         msg = {"op": "publish", "id": event.id, "namespace": event.namespace}
         msg["key"] = _key_map(event.key)
         return _pack(msg), [event.fd]
+    if isinstance(event, IndexRequest):
+        return _pack({"op": "index", "id": event.id}), []
+    if isinstance(event, Report):
+        return _pack({"op": "report", "id": event.id, "hits": [list(h) for h in event.hits]}), []
     raise TypeError(f"not a request event: {event!r}")
 
 
@@ -550,6 +624,12 @@ def encode_reply(
         return _pack({"id": event.id, "ok": True, "stats": dict(event.stats)}), []
     if isinstance(event, LookupMiss):
         return _pack({"id": event.id, "ok": True, "hit": False}), []
+    if isinstance(event, IndexReply):
+        return _pack({"id": event.id, "ok": True, "pid": event.pid, "slots": event.slots}), [
+            event.fd
+        ]
+    if isinstance(event, Reported):
+        return _pack({"id": event.id, "ok": True}), []
     raise TypeError(f"not a reply event: {event!r}")
 
 
@@ -697,6 +777,12 @@ class ServerConnection:
                 key=_file_key(msg, id=id, fds=fds),
                 fd=fds[0],
             )
+        if op == "index":
+            self._expect_fds(op, fds, 0, id)
+            return IndexRequest(id=id)
+        if op == "report":
+            self._expect_fds(op, fds, 0, id)
+            return Report(id=id, hits=_report_hits(msg, id, fds))
         if op == "hello":
             self._expect_fds(op, fds, 0, id)
             if self.state is not ConnectionState.AWAIT_HELLO:
@@ -794,6 +880,8 @@ _REQUEST_KINDS: dict[type, str] = {
     StatsRequest: "stats",
     Lookup: "lookup",
     Publish: "publish",
+    IndexRequest: "index",
+    Report: "report",
 }
 
 
@@ -918,6 +1006,19 @@ class ClientConnection:
                 raise BadFds("'stats' reply carried fds", id=id, fds=fds)
             stats = _field(msg, "stats", dict, id=id, fds=fds)
             return StatsReply(id=id, stats=stats)
+        if kind == "index":
+            if len(fds) != 1:
+                raise BadFds(f"'index' reply carried {len(fds)} fds", id=id, fds=fds)
+            return IndexReply(
+                id=id,
+                fd=fds[0],
+                pid=_uint(msg, "pid", id=id, fds=fds),
+                slots=_uint(msg, "slots", id=id, fds=fds),
+            )
+        if kind == "report":
+            if fds:
+                raise BadFds("'report' reply carried fds", id=id, fds=fds)
+            return Reported(id=id)
         # kind == "hello"
         if fds:
             raise BadFds("'hello' reply carried fds", id=id, fds=fds)

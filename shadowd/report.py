@@ -81,6 +81,14 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         rows.append(("memfds replaced", f"{stats.tampered} (changed by one of their holders)"))
     if stats.fds_in_flight:
         rows.append(("fds in flight", f"{stats.fds_in_flight} (unread or waiting replies)"))
+    if stats.index_slots:
+        rows.append(
+            (
+                "index",
+                f"{stats.index_entries} files in {stats.index_slots} slots, "
+                f"{stats.index_hits} hits reported",
+            )
+        )
     if stats.private_publishes:
         rows.append(
             (
@@ -346,6 +354,19 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
         "gauge",
         "Cached host files whose inodes the daemon watches for changes stat cannot show.",
         "watched_files",
+    ),
+    (
+        "shadowd_index_hits_total",
+        "counter",
+        "Hits clients served themselves through the index, as they reported them.",
+        "index_hits",
+    ),
+    ("shadowd_index_entries", "gauge", "Files in the index of the cache.", "index_entries"),
+    (
+        "shadowd_index_slots",
+        "gauge",
+        "Slots of the index of the cache (0: none is published).",
+        "index_slots",
     ),
     (
         "shadowd_fds_in_flight",

@@ -46,6 +46,7 @@ from .copier import Copier
 from .dispatch import Dispatcher
 from .errors import RequestError
 from .fds import close_all, move_high
+from .index import ORDERED_STORES, Index, slots_for
 from .inflight import FdBudget
 from .leases import ignore_sigio
 from .metrics import StatsCollector, count_open_fds
@@ -114,6 +115,8 @@ class ServerConfig:
     fd_store_max: int = 0
     access: AccessPolicy = attrs.field(factory=AccessPolicy)
     peers: PeerLimits = attrs.field(factory=PeerLimits)
+    #: Publish the index of the cache to peers that may read it (index.py).
+    index: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.max_inflight < 1 or self.copy_workers < 1 or self.remote_workers < 1:
@@ -176,6 +179,8 @@ class Server:
             pins=self.pins,
             budget=self.budget,
             latency=self.latency,
+            index=lambda: self.index,
+            index_hits=lambda: self.dispatcher.index_hits,
             configured={
                 "max_request": config.wire.max_request,
                 "max_batch": config.wire.max_batch,
@@ -203,6 +208,8 @@ class Server:
                 "max_namespace": MAX_NAMESPACE_BYTES,
             },
         )
+        #: The index of the cache, while serving (index.py).
+        self.index: Index | None = None
         self._connections: set[Connection] = set()
         # Made by serve(): a Server that never serves holds no epoll fd.
         self._poller: Poller[Connection]
@@ -264,6 +271,10 @@ class Server:
         self._drain = watches.drain
         self.mounts.open()
         self.opens.track_unwatched_entries()  # restored from the fd store
+        if ORDERED_STORES and self.config.index:
+            self.index = Index(slots_for(self.config.cache.max_entries))
+            self.cache.add_observer(self.index)
+            self.dispatcher.index = self.opens.index = self.index
         self._poller = Poller()
         self._poller.first(watches.fd, watches.drain)
         self.copier.watches = watches
@@ -293,6 +304,11 @@ class Server:
             self.mounts.close()
             self.cache.clear()
             watches.close()
+            if self.index is not None:
+                self.dispatcher.index = self.opens.index = None
+                self.cache.remove_observer(self.index)
+                self.index.close()
+                self.index = None
             self.refusals.flush_log()
             logger.info(
                 "stopped after %.1fs: %d hits, %d misses",

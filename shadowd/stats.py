@@ -252,6 +252,11 @@ class Stats:
     #: Descriptors in replies clients have not read and held for replies
     #: that wait, of every uid (at most half the fd limit).
     fds_in_flight: int = 0
+    #: Hits clients served themselves through the index, as they reported them.
+    index_hits: int = 0
+    #: Files in the index, and its slots (0: the daemon publishes none).
+    index_entries: int = 0
+    index_slots: int = 0
 
     @property
     def lookups(self) -> int:

@@ -161,7 +161,7 @@ async def test_opener_falls_back_when_the_daemon_is_down(start_daemon: Any, tmp_
     f = make_file(tmp_path / "f", b"either way")
     settle(f)
     # No process-local tier: every open asks the daemon (when it is up).
-    opener = Opener(d.socket_path, retry_after=0.2, local_below=0, held_files=0)
+    opener = Opener(d.socket_path, retry_after=0.2, local_below=0, held_files=0, use_index=False)
 
     async def until_served(count: int) -> None:
         # A miss is copied here while the daemon fills its cache; then it hits.
@@ -195,7 +195,7 @@ async def test_opener_routes_by_size(daemon: Daemon, tmp_path: Path) -> None:
     settle(small, large, window=1.0)  # older than the daemon's racy window
 
     def work() -> None:
-        with Opener(daemon.socket_path, local_below=4096, held_files=0) as opener:
+        with Opener(daemon.socket_path, local_below=4096, held_files=0, use_index=False) as opener:
             for f in (small, large, small):
                 fd = opener.open(f)
                 assert read_fd(fd) == f.read_bytes()

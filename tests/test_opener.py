@@ -59,7 +59,7 @@ async def test_a_miss_is_copied_here_then_a_hit_is_kept_and_reopened_here(
     settle(f)
 
     def work() -> None:
-        with Opener(d.socket_path, local_below=0) as opener:
+        with Opener(d.socket_path, local_below=0, use_index=False) as opener:
             fd = opener.open(f)  # a miss: copied here, the daemon fills meanwhile
             assert read_fd(fd) == f.read_bytes()
             os.close(fd)
@@ -93,7 +93,7 @@ async def test_a_rewrite_in_place_with_the_old_mtime_is_never_served_from_the_ti
     settle(f)
 
     def work() -> None:
-        with Opener(d.socket_path, local_below=0) as opener:
+        with Opener(d.socket_path, local_below=0, use_index=False) as opener:
             _until_hit(opener, f)
             fd = opener.open(f)
             os.close(fd)
@@ -146,7 +146,7 @@ async def test_preload_fills_the_tier_in_one_round_trip(start_daemon: Any, tmp_p
     settle(*files, small)
 
     def work() -> None:
-        with Opener(d.socket_path) as opener:
+        with Opener(d.socket_path, use_index=False) as opener:
             assert opener.preload([*files, small, tmp_path / "missing"]) == 0  # cold: misses
             deadline = time.monotonic() + 10
             while opener.preload(files) < len(files):  # filled meanwhile

@@ -27,6 +27,7 @@ from shadowd.protocol import (
     FileKey,
     Hello,
     HelloReply,
+    IndexReply,
     LookupMiss,
     Missed,
     MissedItem,
@@ -366,7 +367,7 @@ def stats_of(reply: Reply) -> dict[str, Any]:
 
 def close_reply(reply: Reply) -> None:
     """Close whatever fds a reply carries (a reply nobody will take)."""
-    if isinstance(reply, Opened):
+    if isinstance(reply, (Opened, IndexReply)):
         os.close(reply.fd)
     elif isinstance(reply, BatchOpened):
         close_all(reply.fds)

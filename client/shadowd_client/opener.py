@@ -1,5 +1,7 @@
 # The supervisor's open path, cheapest tier first (docs/protocol.md, "The
-# open path"): a version this process already holds is reopened here; files
+# open path"): a version this process already holds is reopened here; a
+# version the daemon holds is reopened from its index (no round trip) where
+# this peer may read the daemon's descriptors anyway; files
 # the daemon would not cache, or that are cheaper to copy than to ask for, are
 # copied here; the rest are asked of the daemon without waiting for its copy
 # (a miss is copied here while the daemon fills its cache). A daemon that is
@@ -35,6 +37,7 @@ from .errors import (
     UnsealedDescriptor,
     source_error,
 )
+from .index import IndexView
 from .local import local_copy_fd, local_private
 from .sync import Client
 
@@ -55,6 +58,9 @@ DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 #: The daemon's racy window until its hello says (version 2 says it).
 DEFAULT_RACY_NS = 1_000_000_000
+#: Index hits are reported to the daemon this often, or after this many.
+REPORT_EVERY_SECONDS = 1.0
+REPORT_EVERY_HITS = 256
 
 
 @attrs.define(eq=False)
@@ -161,6 +167,7 @@ class Opener:
         max_backoff: float = MAX_BACKOFF,
         held_files: int = 128,
         held_bytes: int = 64 * 1024 * 1024,
+        use_index: bool = True,
     ) -> None:
         self.local_below = local_below
         self.retry_after = retry_after
@@ -182,6 +189,13 @@ class Opener:
         self.held_opens = 0
         #: Seconds spent waiting on the daemon (requests that failed included).
         self.waited = 0.0
+        #: Hits served through the daemon's index (no round trip).
+        self.index_opens = 0
+        self.use_index = use_index
+        self._index: IndexView | None = None
+        self._index_for = -1  # the client's connection the index came with
+        self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._reported_at = time.monotonic()
 
     # -- the open path ---------------------------------------------------
 
@@ -202,6 +216,12 @@ class Opener:
             if held is not None:
                 self.held_opens += 1
                 return held
+        index = self._current_index()
+        if index is not None:
+            served = index.open(st)
+            if served is not None:
+                self._count_index_hit(key)
+                return served
         if self._worth_asking(st):
             answer = self._ask(fd, label)
             if answer is not None and answer.fd is not None:
@@ -302,6 +322,57 @@ class Opener:
             with self._lock:
                 self._held.keep(key, version, answer.fd, answer.size)
 
+    # -- the index: hits without a round trip ----------------------------
+
+    def _current_index(self) -> IndexView | None:
+        """The daemon's index, fetched once per connection (a new one may be another daemon's)."""
+        client = self._client
+        if not self.use_index or client is None or not self._usable():
+            return None
+        if self._index_for == client.connections and client.connections > 0:
+            return self._index
+        started = time.monotonic()
+        try:
+            index = client.index()
+        except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
+            self._failed(exc)
+            return None
+        except ShadowdError:
+            index = None
+        finally:
+            self.waited += time.monotonic() - started
+        with self._lock:
+            old, self._index, self._index_for = self._index, index, client.connections
+        if old is not None:
+            old.close()
+        return index
+
+    def _count_index_hit(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self.index_opens += 1
+            self._unreported[key] += 1
+            due = (
+                self._unreported.total() >= REPORT_EVERY_HITS
+                or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
+            )
+        if due:
+            self._report()
+
+    def _report(self) -> None:
+        """Tell the daemon the hits served through its index (for its stats and LRU order).
+
+        A report that fails costs nothing but those numbers.
+        """
+        with self._lock:
+            hits = [(dev, ino, n) for (dev, ino), n in self._unreported.items()]
+            self._unreported.clear()
+            self._reported_at = time.monotonic()
+        if hits and self._client is not None:
+            try:
+                self._client.report(hits)
+            except ShadowdError:
+                pass
+
     # -- the daemon, behind a breaker -------------------------------------
 
     def _usable(self) -> bool:
@@ -356,8 +427,13 @@ class Opener:
             logger.warning("shadowd is back; asking it again")
 
     def close(self) -> None:
+        if self._unreported and self._usable():
+            self._report()
         with self._lock:
             self._held.clear()
+            if self._index is not None:
+                self._index.close()
+                self._index = None
         if self._client is not None:
             self._client.close()
 

@@ -16,12 +16,17 @@ from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.protocol import (
+    MAX_REPORT,
     PROTOCOL_VERSION,
     ErrorCode,
+    ErrorReply,
     FileKey,
+    IndexReply,
+    IndexRequest,
     Lookup,
     Publish,
     Reply,
+    Report,
     StatsRequest,
 )
 
@@ -50,7 +55,19 @@ from ._session import (
     request_of,
     stats_of,
 )
-from .errors import DaemonUnavailable, ProtocolViolation, Refused, ShadowdError, talking_to
+from .errors import (
+    DaemonUnavailable,
+    ProtocolViolation,
+    Refused,
+    ShadowdError,
+    refused,
+    talking_to,
+)
+from .index import BadIndex, IndexView
+
+
+def _report(hits: tuple[tuple[int, int, int], ...], id: int) -> Report:
+    return Report(id=id, hits=hits)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -80,6 +97,8 @@ class Client:
         self.timeout = timeout
         #: The protocol version said at hello: 1 once a daemon refused 2.
         self.version = PROTOCOL_VERSION
+        #: Connections made so far (a new one may be to another daemon).
+        self.connections = 0
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._session: Session | None = None
@@ -203,6 +222,38 @@ class Client:
                 request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
             )
         return opened_fd(reply)
+
+    def index(self) -> IndexView | None:
+        """The daemon's index of its cache, mapped read-only; None where it gives none.
+
+        Only peers that may read the daemon's descriptors anyway (its uid, or
+        root) get one, from a daemon that publishes one. A view serves hits
+        without a round trip (:meth:`IndexView.open`); it belongs to the
+        daemon that gave it (a new connection may be to another one: see
+        :attr:`connections`).
+        """
+        reply = self._call(request_of(IndexRequest))
+        if isinstance(reply, ErrorReply):
+            if reply.code in (ErrorCode.NOT_PERMITTED, ErrorCode.NO_INDEX, ErrorCode.UNKNOWN_OP):
+                return None
+            raise refused(reply.code, reply.message)
+        if not isinstance(reply, IndexReply):
+            close_reply(reply)
+            raise ProtocolViolation(f"expected the index, got {type(reply).__name__}")
+        try:
+            return IndexView(reply.fd, reply.pid, reply.slots)
+        except (OSError, BadIndex):
+            return None
+        finally:
+            os.close(reply.fd)
+
+    def report(self, hits: Sequence[tuple[int, int, int]]) -> None:
+        """Tell the daemon of hits served through its index: (dev, ino, hits) per file."""
+        for start in range(0, len(hits), MAX_REPORT):
+            chunk = tuple(hits[start : start + MAX_REPORT])
+            reply = self._call(request_of(functools.partial(_report, chunk)))
+            if isinstance(reply, ErrorReply):
+                raise refused(reply.code, reply.message)
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
@@ -333,6 +384,7 @@ class Client:
                 raise
         self._sock = sock
         self._session = Session(self.version)
+        self.connections += 1
         # Hello goes out now; its reply is read along with the first request's.
         data, _ = self._session.hello()
         self._sendmsg(data, [])

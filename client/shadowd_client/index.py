@@ -1,0 +1,110 @@
+# A hit without a round trip: the daemon's index of its cache, mapped
+# read-only, and the checks that make a reopen of the daemon's memfd through
+# /proc/PID/fd/N exactly the file the slot promises (docs/protocol.md, "The
+# index"; shadowd/index.py writes it).
+#
+# Must never: return an fd that is not a sealed, read-only memfd of the slot's
+# identity, size, mode and stamp; trust a slot that changed while it was read
+# (its seq); open a descriptor of the daemon in a way that has side effects
+# (the first open is O_PATH, which runs no driver's open, and its inode is
+# checked before a real open of that very inode).
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+import struct
+
+from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
+from shadowd.memfd import REQUIRED_SEALS
+
+_HEADER = struct.Struct("<8sIIIIQII Q")
+_SLOT = struct.Struct("<IIQQQqqiIQq")
+_SEQ = struct.Struct("<I")
+_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_F_GET_SEALS = fcntl.F_GET_SEALS
+
+
+class BadIndex(Exception):
+    """The index is not one this client can read (wrong magic, layout, sizes)."""
+
+
+class IndexView:
+    """A read-only mapping of the daemon's index; :meth:`open` serves a hit from it."""
+
+    def __init__(self, fd: int, pid: int, slots: int) -> None:
+        size = os.fstat(fd).st_size
+        if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
+            raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation = (
+            _HEADER.unpack_from(self._map, 0)
+        )
+        if (magic, layout, slot_size, n, header_pid) != (MAGIC, LAYOUT_VERSION, SLOT, slots, pid):
+            self._map.close()
+            raise BadIndex("not an index this client reads (magic, layout or sizes differ)")
+        self.pid = pid
+        self.slots = slots
+        self.memfd_dev = memfd_dev
+        self.probes = probes
+        self.generation = generation
+        self._fd_dir = f"/proc/{pid}/fd/"
+
+    def close(self) -> None:
+        self._map.close()
+
+    def open(self, st: os.stat_result) -> int | None:
+        """A fresh read-only fd of the cached version *st* (the caller's own fstat of
+        the source) says, or None: not indexed, another version, or any check failed."""
+        view = self._map
+        dev, ino = st.st_dev, st.st_ino
+        start = slot_of(dev, ino, self.slots)
+        mask = self.slots - 1
+        for i in range(self.probes):
+            offset = HEADER + ((start + i) & mask) * SLOT
+            seq, state, s_dev, s_ino, size, mtime, ctime, fd, mode, m_ino, m_ctime = (
+                _SLOT.unpack_from(view, offset)
+            )
+            if seq == 0:
+                return None  # never used: the file is not further on
+            if seq & 1 or state != LIVE or s_dev != dev or s_ino != ino:
+                continue
+            if (size, mtime, ctime) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                return None  # another version is cached: ask the daemon
+            return self._reopen(offset, seq, (fd, size, mode, m_ino, m_ctime))
+        return None
+
+    def _reopen(self, offset: int, seq: int, memfd: tuple[int, int, int, int, int]) -> int | None:
+        """The memfd slot *offset* names (its fd, size, mode, inode, ctime), checked."""
+        fd, size, mode, m_ino, m_ctime = memfd
+        # O_PATH first: no driver's open runs, whatever fd N is now.
+        try:
+            path = os.open(f"{self._fd_dir}{fd}", _PATH_FLAGS)
+        except OSError:
+            return None  # the daemon is gone, or N was closed meanwhile
+        try:
+            pst = os.fstat(path)
+            if (
+                not stat.S_ISREG(pst.st_mode)
+                or pst.st_dev != self.memfd_dev
+                or pst.st_ino != m_ino
+                or pst.st_size != size
+                or pst.st_mode != mode
+                or pst.st_ctime_ns != m_ctime
+            ):
+                return None  # N is something else now, or a holder changed the memfd
+            served = os.open(f"/proc/self/fd/{path}", _OPEN_FLAGS)
+        except OSError:
+            return None
+        finally:
+            os.close(path)
+        try:
+            sealed = fcntl.fcntl(served, _F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+        except OSError:
+            sealed = False
+        if not sealed or _SEQ.unpack_from(self._map, offset)[0] != seq:
+            os.close(served)  # not sealed, or the slot changed while we looked
+            return None
+        return served

@@ -1,0 +1,238 @@
+# The index of the cache: a memfd the daemon writes and every peer that may
+# read the daemon's descriptors anyway (its own uid, or root) maps read-only,
+# so that a hit needs no round trip: the client finds the slot of the file it
+# opened, reopens the daemon's memfd through /proc/PID/fd/N and checks it is
+# exactly what the slot says (docs/protocol.md, "The index").
+#
+# Layout (little-endian), fixed for the index's life:
+#   header, HEADER bytes: magic b"SHDWIDX1", u32 layout version (1), u32
+#     slot size (SLOT), u32 slots (a power of two), u32 the daemon's pid,
+#     u64 st_dev of the daemon's memfds, u32 most probes (MAX_PROBE), u32 0,
+#     u64 a random generation (another daemon, another index).
+#   slots, SLOT bytes each: u32 seq (0 never used; odd while being written;
+#     even once written), u32 state (1 live, 2 removed), u64 dev, u64 ino,
+#     u64 size, i64 mtime_ns, i64 ctime_ns, i32 the daemon's fd of the memfd,
+#     u32 the memfd's st_mode, u64 its st_ino, i64 its st_ctime_ns, zeros.
+#   A file's slot is probed from slot_of(dev, ino) on, at most MAX_PROBE
+#   slots, stopping at one never used.
+#
+# Must never: let a reader trust a slot being written (seq is odd from before
+# the first field is written until after the last); keep a slot of an entry
+# the cache dropped (it is removed before the memfd can be closed); index a
+# private entry, or one whose inode is not watched; be writable or growable
+# by anyone but the daemon's own mapping (F_SEAL_FUTURE_WRITE, GROW, SHRINK).
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import secrets
+import struct
+import sys
+
+import attrs
+
+from .cache import DropReason, Entry, HostKey
+from .fds import FdHolder, move_high
+from .memfd import SealedFile, reopen_readonly
+
+MAGIC = b"SHDWIDX1"
+LAYOUT_VERSION = 1
+HEADER = 4096
+SLOT = 128
+MAX_PROBE = 16
+_HEADER = struct.Struct("<8sIIIIQII Q")
+# seq, state, dev, ino, size, mtime_ns, ctime_ns, fd, mode, memfd ino, memfd ctime
+_SLOT = struct.Struct("<IIQQQqqiIQq")
+_SEQ = struct.Struct("<I")
+_BODY_OFFSET = 4  # the fields after seq
+_BODY = struct.Struct("<IQQQqqiIQq")
+LIVE, REMOVED = 1, 2
+_MASK64 = (1 << 64) - 1
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+#: Every slot write happens in program order on x86 (TSO) without fences;
+#: elsewhere the index is not published without the C writer.
+ORDERED_STORES = sys.byteorder == "little" and os.uname().machine in ("x86_64", "i686", "amd64")
+
+
+def slot_of(dev: int, ino: int, slots: int) -> int:
+    """Where a file's probe starts: a 64-bit mix of (dev, ino), masked to *slots*."""
+    h = (dev * 0x9E3779B97F4A7C15 + ino) & _MASK64
+    h ^= h >> 29
+    h = (h * 0xBF58476D1CE4E5B9) & _MASK64
+    h ^= h >> 32
+    return h & (slots - 1)
+
+
+def slots_for(max_entries: int) -> int:
+    """Twice the entries, rounded up to a power of two (at least 64)."""
+    n = 64
+    while n < 2 * max_entries:
+        n *= 2
+    return n
+
+
+@attrs.frozen
+class Slot:
+    """What one slot says (for readers and tests)."""
+
+    seq: int
+    state: int
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    fd: int
+    mode: int
+    memfd_ino: int
+    memfd_ctime_ns: int
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        return (self.size, self.mtime_ns, self.ctime_ns)
+
+
+def read_slot(view: mmap.mmap | memoryview | bytes, n: int) -> Slot:
+    return Slot(*_SLOT.unpack_from(view, HEADER + n * SLOT))
+
+
+@attrs.define(eq=False)
+class Index:
+    """The daemon's side: a sealed memfd it alone writes, kept in step with the cache.
+
+    A cache observer: an entry is put in its slot once it is watched (host
+    entries only), and removed when the cache drops it, before its memfd can
+    be closed. Entries that do not fit within MAX_PROBE slots are simply
+    not in the index (served through the socket).
+    """
+
+    slots: int
+    holder: FdHolder = attrs.field(init=False)
+    _map: mmap.mmap = attrs.field(init=False)
+    #: Where each indexed entry's slot is.
+    _where: dict[HostKey, int] = attrs.field(factory=dict, init=False)
+    memfd_dev: int = attrs.field(default=0, init=False)
+    generation: int = attrs.field(factory=lambda: secrets.randbits(63), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        size = HEADER + self.slots * SLOT
+        fd = os.memfd_create("shadowd-index", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Our mapping stays writable; nobody else can write, grow or
+            # shrink it, or map it writable, from now on.
+            fcntl.fcntl(
+                fd,
+                fcntl.F_ADD_SEALS,
+                F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,
+            )
+            os.fchmod(fd, 0o444)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.holder = FdHolder(move_high(fd))
+        probe = os.memfd_create("shadowd-probe", os.MFD_CLOEXEC)
+        try:
+            self.memfd_dev = os.fstat(probe).st_dev
+        finally:
+            os.close(probe)
+        _HEADER.pack_into(
+            self._map,
+            0,
+            MAGIC,
+            LAYOUT_VERSION,
+            SLOT,
+            self.slots,
+            os.getpid(),
+            self.memfd_dev,
+            MAX_PROBE,
+            0,
+            self.generation,
+        )
+
+    @property
+    def entries(self) -> int:
+        return len(self._where)
+
+    def reader_fd(self) -> int:
+        """A fresh read-only fd of the index, for a peer that may read it."""
+        return reopen_readonly(self.holder.fd)
+
+    def close(self) -> None:
+        self._map.close()
+        self.holder.close()
+
+    # -- cache observer --------------------------------------------------
+
+    def inserted(self, entry: Entry) -> None:
+        self.put(entry)
+
+    def dropped(self, entry: Entry, reason: DropReason) -> None:
+        self.remove(entry)
+
+    # -- slots -----------------------------------------------------------
+
+    def put(self, entry: Entry) -> bool:
+        """Publish *entry* if it may be (a watched host entry of a sealed memfd)."""
+        file = entry.file
+        if entry.private or entry.wd < 0 or not isinstance(file, SealedFile) or file.closed:
+            return False
+        mode, memfd_ctime = file.stamp
+        if mode < 0:
+            return False
+        key = HostKey(*entry.key)  # type: ignore[misc]
+        size, mtime_ns, ctime_ns = entry.version
+        if ctime_ns is None or not _fits(mtime_ns) or not _fits(ctime_ns):
+            return False
+        n = self._where.get(key)
+        if n is None:
+            n = self._free_slot(key)
+            if n is None:
+                return False
+        memfd_ino = os.fstat(file.fd).st_ino
+        self._write(
+            n, LIVE, key.dev, key.ino, size, mtime_ns, ctime_ns, file.fd, mode, memfd_ino,
+            memfd_ctime,
+        )  # fmt: skip
+        self._where[key] = n
+        return True
+
+    def remove(self, entry: Entry) -> None:
+        """Take *entry* out (before its memfd may be closed)."""
+        key = HostKey(*entry.key) if not entry.private else None  # type: ignore[misc]
+        if key is None:
+            return
+        n = self._where.get(key)
+        if n is None:
+            return
+        slot = read_slot(self._map, n)
+        if slot.fd != entry.file.fd:
+            return  # the slot holds a newer entry of the same file
+        del self._where[key]
+        self._write(n, REMOVED, 0, 0, 0, 0, 0, -1, 0, 0, 0)
+
+    def _free_slot(self, key: HostKey) -> int | None:
+        start = slot_of(key.dev, key.ino, self.slots)
+        mask = self.slots - 1
+        for i in range(MAX_PROBE):
+            n = (start + i) & mask
+            seq, state = struct.unpack_from("<II", self._map, HEADER + n * SLOT)
+            if seq == 0 or state != LIVE:
+                return n
+        return None
+
+    def _write(self, n: int, *fields: int) -> None:
+        """Seqlock write: seq odd, the fields, seq even (stores stay in order)."""
+        offset = HEADER + n * SLOT
+        seq = _SEQ.unpack_from(self._map, offset)[0]
+        odd = ((seq + 1) | 1) & 0xFFFFFFFF
+        done = (odd + 1) & 0xFFFFFFFF or 2  # never 0, which means "never used"
+        _SEQ.pack_into(self._map, offset, odd)  # being written
+        _BODY.pack_into(self._map, offset + _BODY_OFFSET, *fields)
+        _SEQ.pack_into(self._map, offset, done)
+
+
+def _fits(ns: int) -> bool:
+    return -(1 << 63) <= ns < (1 << 63)

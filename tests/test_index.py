@@ -1,0 +1,288 @@
+# Hits without a round trip: the index of the cache. A peer of the daemon's
+# uid (or root) maps it read-only and reopens the daemon's memfds itself; any
+# doubt (a slot changing, a descriptor number reused, a memfd a holder
+# changed) sends it back to the socket. Other uids get no index. The daemon
+# counts the hits clients report.
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from shadowd_client import Client, Opener
+from shadowd_client.index import IndexView
+
+from shadowd.cache import Cache, CacheLimits, HostKey
+from shadowd.index import HEADER, SLOT, Index, read_slot, slot_of
+from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
+
+from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
+
+RACY = "0.05"
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def _content(size: int, mtime_ns: int) -> bytes:
+    """What a file of this size and mtime holds in these tests: its version decides it."""
+    seed = hashlib.sha256(f"{size}:{mtime_ns}".encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class _Rig:
+    """An in-process index over a cache of real files, and a view of it."""
+
+    def __init__(self, tmp_path: Path, n: int = 4) -> None:
+        self.cache = Cache(CacheLimits(racy_window_ns=0))
+        self.index = Index(64)
+        self.cache.add_observer(self.index)
+        self.files: list[tuple[Path, os.stat_result]] = []
+        for i in range(n):
+            f = tmp_path / f"f{i}"
+            f.write_bytes(os.urandom(3000 + i))
+            st = f.stat()
+            sealed = sealed_from_bytes(f.read_bytes())
+            self.cache.insert(
+                HostKey(st.st_dev, st.st_ino),
+                (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                sealed,
+                ctime_ns=1,
+                wd=1,  # as if watched: only watched entries are published
+            )
+            sealed.release()
+            self.files.append((f, st))
+        fd = self.index.reader_fd()
+        try:
+            self.view = IndexView(fd, os.getpid(), self.index.slots)
+        finally:
+            os.close(fd)
+
+    def entry(self, i: int) -> Any:
+        _, st = self.files[i]
+        return self.cache.peek(HostKey(st.st_dev, st.st_ino))
+
+    def close(self) -> None:
+        self.view.close()
+        self.cache.clear()
+        self.index.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Any:
+    r = _Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_a_view_serves_each_indexed_file_sealed_read_only_with_its_own_offset(rig: _Rig) -> None:
+    for f, st in rig.files:
+        fd = rig.view.open(st)
+        assert fd is not None
+        try:
+            assert read_fd(fd) == f.read_bytes()
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            other = rig.view.open(st)
+            assert other is not None
+            os.lseek(fd, 10, os.SEEK_SET)
+            assert os.lseek(other, 0, os.SEEK_CUR) == 0  # its own open file description
+            os.close(other)
+        finally:
+            os.close(fd)
+
+
+def test_another_version_a_removed_entry_and_a_changed_slot_are_not_served(rig: _Rig) -> None:
+    _, st = rig.files[0]
+    newer = os.stat_result((*st[:8], st.st_mtime + 1, st.st_ctime))  # another mtime
+    assert rig.view.open(newer) is None
+    rig.cache.remove(HostKey(st.st_dev, st.st_ino))  # the slot goes before the memfd
+    assert rig.view.open(st) is None
+    # A slot that changes between the reads (its seq) is never trusted.
+    f1, st1 = rig.files[1]
+    start = slot_of(st1.st_dev, st1.st_ino, rig.index.slots)
+    probes = [(start + i) % rig.index.slots for i in range(16)]
+    n = next(k for k in probes if read_slot(rig.index._map, k).ino == st1.st_ino)
+    seq = read_slot(rig.index._map, n).seq
+    rig.index._map[HEADER + n * SLOT : HEADER + n * SLOT + 4] = (seq + 1).to_bytes(4, "little")
+    assert rig.view.open(st1) is None  # odd: being written
+    rig.index._map[HEADER + n * SLOT : HEADER + n * SLOT + 4] = (seq + 2).to_bytes(4, "little")
+    fd = rig.view.open(st1)  # written again: trusted again
+    assert fd is not None and read_fd(fd) == f1.read_bytes()
+    os.close(fd)
+
+
+def test_a_reused_descriptor_number_is_detected_every_time(rig: _Rig, tmp_path: Path) -> None:
+    """The daemon's fd N closed and N reused by something else: never served, no side effect."""
+    others: list[int] = []
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = make_file(tmp_path / "plain", b"x" * 3001)
+    look_alike = sealed_from_bytes(rig.files[1][0].read_bytes())  # same bytes, size, mode
+    try:
+        others = [
+            os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),  # opening it for real would block
+            os.open(plain, os.O_RDONLY),
+            look_alike.fd,
+            os.open("/dev/null", os.O_RDONLY),
+        ]
+        for i, other in enumerate(others[:4]):
+            _, st = rig.files[i]
+            memfd = rig.entry(i).file.fd
+            saved = os.dup(memfd)
+            try:
+                os.dup2(other, memfd)  # what the slot names is now something else
+                assert rig.view.open(st) is None, i
+            finally:
+                os.dup2(saved, memfd)
+                os.close(saved)
+            fd = rig.view.open(st)  # and the right one again
+            assert fd is not None
+            os.close(fd)
+    finally:
+        for fd in (others[0], others[1], others[3]) if others else ():
+            os.close(fd)
+        look_alike.release()
+
+
+def test_a_memfd_a_holder_changed_is_not_served_from_the_index(rig: _Rig) -> None:
+    _, st = rig.files[2]
+    held = rig.view.open(st)
+    assert held is not None
+    os.utime(held, ns=(1, 1))  # a holder of the memfd's uid changes its times
+    os.close(held)
+    assert rig.view.open(st) is None  # its stamp moved: the socket decides
+
+
+def test_nobody_can_write_or_grow_the_index(rig: _Rig) -> None:
+    fd = rig.index.reader_fd()
+    try:
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # root may open it for writing...
+        try:
+            with pytest.raises(PermissionError):
+                os.write(rw, b"x")  # ...but not write,
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, 1 << 20)  # grow
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, 10)  # or shrink it
+            with pytest.raises(PermissionError):
+                mmap.mmap(rw, HEADER, mmap.MAP_SHARED, mmap.PROT_WRITE)  # or map it writable
+        finally:
+            os.close(rw)
+    finally:
+        os.close(fd)
+
+
+async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Another client replaces files (new inodes) while a small cache evicts and refills."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-entries", "3")
+    names = [tmp_path / f"lib{i}.so" for i in range(10)]
+    stop = threading.Event()
+    changes = 0
+
+    def write(path: Path, size: int, mtime_ns: int) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(_content(size, mtime_ns))
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.rename(tmp, path)  # a new inode, whole, with its version's bytes
+
+    for i, name in enumerate(names):
+        write(name, 20_000 + i, 1_000_000_000 * (i + 1))
+    settle(*names)
+
+    def rewriter() -> None:
+        nonlocal changes
+        rng = random.Random(1)
+        while not stop.is_set():
+            name = rng.choice(names)
+            write(name, 20_000 + rng.randrange(64), time.time_ns())
+            changes += 1
+            time.sleep(0.002)
+
+    def reader() -> tuple[int, int, int]:
+        opener = Opener(d.socket_path, local_below=0, held_files=0)
+        served = wrong = 0
+        rng = random.Random(2)
+        deadline = time.monotonic() + 60
+        try:
+            while opener.index_opens < 10_000 and time.monotonic() < deadline:
+                name = rng.choice(names)
+                try:
+                    src = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    st = os.fstat(src)
+                    fd = opener.open_fd(src, label=str(name))
+                finally:
+                    os.close(src)
+                data = read_fd(fd)
+                os.close(fd)
+                served += 1
+                if data != _content(st.st_size, st.st_mtime_ns):
+                    wrong += 1
+            return served, wrong, opener.index_opens
+        finally:
+            opener.close()
+
+    thread = threading.Thread(target=rewriter, daemon=True)
+    thread.start()
+    try:
+        with trio.fail_after(120):
+            served, wrong, index_hits = await in_thread(reader)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert wrong == 0, (served, wrong, index_hits, changes)
+    assert index_hits >= 10_000 and changes > 100, (served, index_hits, changes)
+    with Client(d.socket_path, timeout=10) as c:
+        s = c.stats()
+    assert s["index_hits"] >= index_hits - 256  # reported within a batch
+    assert s["evictions"] > 0 and s["invalidations"] > 0 and s["index_slots"] > 0, s
+
+
+@requires_root
+async def test_the_index_serves_the_daemons_own_uid_and_root_only(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY, "--socket-mode", "0666")
+    f = make_file(shared_dir / "lib.so", os.urandom(40_000))
+    settle(f)
+
+    def warm() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))  # cached (the first open waits for the copy)
+            view = c.index()
+            assert view is not None
+            fd = view.open(f.stat())
+            assert fd is not None and read_fd(fd) == f.read_bytes()
+            os.close(fd)
+            view.close()
+            c.report([(f.stat().st_dev, f.stat().st_ino, 5)])
+            return int(c.stats()["index_hits"])
+
+    with trio.fail_after(60):
+        assert await in_thread(warm) == 5
+        code = f"""
+from shadowd_client import Client
+with Client({str(d.socket_path)!r}, timeout=10) as c:
+    view = c.index()
+    fd = c.open({str(f)!r})  # the socket still serves it
+    out([view is None, len(os.pread(fd, 1 << 20, 0))])
+"""
+        got = await in_thread(lambda: run_as(NOBODY, code))
+    assert got == [True, 40_000]
