@@ -55,6 +55,10 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
         assert s["copy"]["n"] >= 3 and s["hit"]["n"] >= 3
         assert 0 < s["hit"]["p50"] <= s["hit"]["p99"]
         assert s["speedup"] == s["copy"]["p50"] / s["hit"]["p50"]
+        # The bench's daemon runs as this uid: hits through its index are measured too.
+        assert s["index"]["n"] >= 3 and 0 < s["index"]["p50"] <= s["index"]["p99"]
+        assert s["index_speedup"] == s["copy"]["p50"] / s["index"]["p50"]
+    assert data["index_crossover"]
     assert [t["procs"] for t in data["throughput"]] == [1, 2]
     assert all(t["hits_per_s"] > 0 and t["copies_per_s"] > 0 for t in data["throughput"])
     mem = data["memory"]

@@ -24,6 +24,7 @@ _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
 _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _F_GET_SEALS = fcntl.F_GET_SEALS
 
 
@@ -50,10 +51,19 @@ class IndexView:
         self.memfd_dev = memfd_dev
         self.probes = probes
         self.generation = generation
-        self._fd_dir = f"/proc/{pid}/fd/"
+        # The daemon's /proc/PID/fd and ours, opened once: a reopen then walks
+        # one component instead of three.
+        try:
+            self._daemon_fds = os.open(f"/proc/{pid}/fd", _DIR_FLAGS)
+        except OSError as exc:
+            self._map.close()
+            raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
+        self._own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
 
     def close(self) -> None:
         self._map.close()
+        os.close(self._daemon_fds)
+        os.close(self._own_fds)
 
     def open(self, st: os.stat_result) -> int | None:
         """A fresh read-only fd of the cached version *st* (the caller's own fstat of
@@ -81,7 +91,7 @@ class IndexView:
         fd, size, mode, m_ino, m_ctime = memfd
         # O_PATH first: no driver's open runs, whatever fd N is now.
         try:
-            path = os.open(f"{self._fd_dir}{fd}", _PATH_FLAGS)
+            path = os.open(str(fd), _PATH_FLAGS, dir_fd=self._daemon_fds)
         except OSError:
             return None  # the daemon is gone, or N was closed meanwhile
         try:
@@ -95,7 +105,7 @@ class IndexView:
                 or pst.st_ctime_ns != m_ctime
             ):
                 return None  # N is something else now, or a holder changed the memfd
-            served = os.open(f"/proc/self/fd/{path}", _OPEN_FLAGS)
+            served = os.open(str(path), _OPEN_FLAGS, dir_fd=self._own_fds)
         except OSError:
             return None
         finally:

@@ -86,6 +86,8 @@ class BenchResult:
     c_client_missing: str = ""
     #: Where the daemon's hit path ran: hotcalls.DESCRIPTION of this install.
     hit_path: str = ""
+    #: From which size an index hit beats the copy ("" without an index).
+    index_crossover: str = ""
 
     @property
     def floor_ratio(self) -> float:
@@ -96,6 +98,7 @@ class BenchResult:
         out["floor_ratio"] = self.floor_ratio
         for s, raw in zip(self.sizes, out["sizes"], strict=True):
             raw["speedup"] = s.speedup
+            raw["index_speedup"] = s.index_speedup
         for t, raw in zip(self.throughput, out["throughput"], strict=True):
             raw["ratio"] = t.ratio
             raw["c_ratio"] = t.c_ratio
@@ -174,9 +177,14 @@ class Bench:
                 Client(socket_path, timeout=30) as client,
                 Client(floor_path, timeout=30) as floor,
             ):
-                sizes, floor_s, floor_hit = measure_latency(
-                    client, floor, targets, self.rounds, progress
-                )
+                index = client.index()
+                try:
+                    sizes, floor_s, floor_hit = measure_latency(
+                        client, floor, targets, self.rounds, progress, index=index
+                    )
+                finally:
+                    if index is not None:
+                        index.close()
                 crowd = (
                     measure_crowd(client, socket_path, targets[0][1], self.connections, progress)
                     if self.connections
@@ -210,6 +218,7 @@ class Bench:
             floor=floor_s,
             floor_hit=floor_hit,
             crossover=crossover(sizes),
+            index_crossover=crossover(sizes, index=True) if sizes and sizes[0].index else "",
             throughput=tuple(throughput),
             cpu_us_per_hit=cpu,
             memory=memory,
@@ -222,21 +231,28 @@ class Bench:
 
 
 def format_result(r: BenchResult) -> str:
+    indexed = bool(r.sizes) and r.sizes[0].index is not None
     lines = [
         "status quo (open + memfd_create + sendfile + seals) against a shadowd cache hit",
-        "(Client.open through the socket); microseconds, measured interleaved in one run",
+        "(Client.open through the socket)"
+        + (" and an index hit (IndexView.open, no round trip)" if indexed else "")
+        + "; microseconds, measured interleaved in one run",
         "",
         f"{'file':<28} {'copy p50':>9} {'copy p99':>9} {'hit p50':>9} {'hit p99':>9}"
-        f" {'copy/hit':>9}",
+        f" {'copy/hit':>9}" + (f" {'index p50':>9} {'copy/idx':>9}" if indexed else ""),
     ]
     for s in r.sizes:
-        lines.append(
+        line = (
             f"{s.name:<28} {s.copy.p50:>9.1f} {s.copy.p99:>9.1f} {s.hit.p50:>9.1f}"
             f" {s.hit.p99:>9.1f} {s.speedup:>8.2f}x"
         )
+        if s.index is not None:
+            line += f" {s.index.p50:>9.1f} {s.index_speedup or 0:>8.2f}x"
+        lines.append(line)
     lines += [
         "",
         f"crossover: {r.crossover}",
+        *([f"index crossover: {r.index_crossover}"] if r.index_crossover else []),
         f"transport floor (same client, a server that only reopens and sends):"
         f" p50 {r.floor.p50:.1f} us, p99 {r.floor.p99:.1f} us",
         f"shadowd hit of the smallest file, alongside: p50 {r.floor_hit.p50:.1f} us"

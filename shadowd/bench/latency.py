@@ -1,6 +1,7 @@
 # Latency of one open, per file size: the status-quo copy against a cache hit
-# through the socket, and against the transport floor (a server that only
-# reopens and sends); and a hit's latency with many idle connections open.
+# through the socket and through the index (no round trip), and against the
+# transport floor (a server that only reopens and sends); and a hit's latency
+# with many idle connections open.
 #
 # Must never: let the order of samples favour one series (every series is
 # sampled once per round, in a new random order each round).
@@ -10,6 +11,7 @@ import functools
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +29,18 @@ class SizeResult:
     size: int
     copy: Summary
     hit: Summary
+    #: A hit through the index (no round trip), when the daemon gave one.
+    index: Summary | None = None
 
     @property
     def speedup(self) -> float:
         """How many times faster a hit is than the status-quo copy (p50)."""
         return self.copy.p50 / self.hit.p50
+
+    @property
+    def index_speedup(self) -> float | None:
+        """How many times faster an index hit is than the status-quo copy (p50)."""
+        return None if self.index is None else self.copy.p50 / self.index.p50
 
 
 @attrs.frozen
@@ -43,22 +52,49 @@ class Crowd:
     crowded: Summary
 
 
+def index_open(view: Any, path: str) -> int:
+    """What a client does for a hit through the index: open, fstat, the view's open."""
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = view.open(os.fstat(src))
+    finally:
+        os.close(src)
+    if fd is None:
+        raise RuntimeError(f"{path} is not in the index")
+    return int(fd)
+
+
 def measure_latency(
     client: Any,
     floor: Any,
     targets: list[tuple[str, str, int]],
     rounds: int,
     progress: Progress,
+    *,
+    index: Any = None,
 ) -> tuple[list[SizeResult], Summary, Summary]:
-    """Copy and hit per target, and the floor against a hit of the smallest file."""
+    """Copy, hit (and index hit) per target, and the floor against a hit of the smallest file."""
     copies: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     hits: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    indexed: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     floor_samples: list[float] = []
     floor_hits: list[float] = []
     small = targets[0][1]
     for _, path, _ in targets:  # warm: the first open of each is the miss
         os.close(client.open(path))
     os.close(floor.open(small))
+    if index is not None:
+        for _, path, _ in targets:  # in the index once the daemon watches them
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    os.close(index_open(index, path))
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    os.close(client.open(path))
+                    time.sleep(0.01)
     rng = random.Random(0)
     for r in range(rounds):
         if r % 10 == 0:
@@ -77,11 +113,19 @@ def measure_latency(
                 continue
             jobs.append((copies[name], functools.partial(status_quo, path)))
             jobs.append((hits[name], functools.partial(client.open, path)))
+            if index is not None:
+                jobs.append((indexed[name], functools.partial(index_open, index, path)))
         rng.shuffle(jobs)
         for samples, job in jobs:
             samples.append(time_open(job))
     results = [
-        SizeResult(name=name, size=size, copy=Summary.of(copies[name]), hit=Summary.of(hits[name]))
+        SizeResult(
+            name=name,
+            size=size,
+            copy=Summary.of(copies[name]),
+            hit=Summary.of(hits[name]),
+            index=Summary.of(indexed[name]) if index is not None else None,
+        )
         for name, _, size in targets
     ]
     return results, Summary.of(floor_samples), Summary.of(floor_hits)
@@ -116,10 +160,13 @@ def measure_crowd(
     return Crowd(connections, Summary.of(alone), Summary.of(crowded))
 
 
-def crossover(sizes: list[SizeResult]) -> str:
-    """The smallest measured size from which a hit beats the copy (p50)."""
+def crossover(sizes: list[SizeResult], *, index: bool = False) -> str:
+    """The smallest measured size from which a hit (or an index hit) beats the copy (p50)."""
     plain = sorted((s for s in sizes if s.name == human_size(s.size)), key=lambda s: s.size)
-    winning = [s for s in plain if s.speedup > 1.0]
+    if index:
+        winning = [s for s in plain if (s.index_speedup or 0.0) > 1.0]
+    else:
+        winning = [s for s in plain if s.speedup > 1.0]
     if not winning:
         return "hits did not beat the copy at any measured size"
     first = winning[0]
