@@ -58,6 +58,8 @@ REQUESTS_FOR = {
     "stats": p.StatsRequest(id=0),
     "lookup": p.Lookup(id=0, namespace="n", key=p.FileKey(ino=1, size=1, mtime_ns=1)),
     "publish": p.Publish(id=0, namespace="n", key=p.FileKey(ino=1, size=1, mtime_ns=1), fd=3),
+    "index": p.IndexRequest(id=0),
+    "report": p.Report(id=0, hits=()),
 }
 
 
@@ -74,7 +76,7 @@ def test_the_document_has_examples_of_every_op_and_reply() -> None:
         "reply to publish",
     } <= directions
     ops = {json.loads(e["map"]).get("op") for e in EXAMPLES if e["direction"] == "request"}
-    assert ops == {"hello", "open", "open_batch", "stats", "lookup", "publish"}
+    assert ops == {"hello", "open", "open_batch", "stats", "lookup", "publish", "index", "report"}
 
 
 @pytest.mark.parametrize("ex", EXAMPLES, ids=[e["title"] for e in EXAMPLES])
