@@ -211,27 +211,18 @@ def opened_fd(reply: Reply) -> int:
 
 def batch_results(reply: Reply) -> list[int | ShadowdError]:
     """Per-item results of a batch reply: checked fds, or the refusal of each item."""
-    if isinstance(reply, ErrorReply):
-        raise refused(reply.code, reply.message)
-    if not isinstance(reply, BatchOpened):
-        close_reply(reply)
-        raise ProtocolViolation(f"expected a batch reply, got {type(reply).__name__}")
+    answers = answers_of(reply)
+    if any(isinstance(a, Answer) and a.fd is None for a in answers):
+        # A miss without an fd answers only a batch that asked not to wait.
+        close_all(a.fd for a in answers if isinstance(a, Answer) and a.fd is not None)
+        raise ProtocolViolation("the daemon answered a miss without an fd to a waiting batch")
     out: list[int | ShadowdError] = []
-    for i, item in enumerate(reply.results):
-        if isinstance(item, OpenedItem):
-            try:
-                check_served(item.fd)
-            except UnsealedDescriptor:
-                close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
-                close_all(fd for fd in out if isinstance(fd, int))
-                raise
-            out.append(item.fd)
-        elif isinstance(item, MissedItem):  # only when asked not to wait
-            close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
-            close_all(fd for fd in out if isinstance(fd, int))
-            raise ProtocolViolation("the daemon answered a miss without an fd to a waiting batch")
+    for a in answers:
+        if isinstance(a, Answer):
+            assert a.fd is not None
+            out.append(a.fd)
         else:
-            out.append(refused(item.code, item.message))
+            out.append(a)
     return out
 
 
