@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 
+from shadowd.bench import build_c_client
 from shadowd.errors import ConfigError
 from shadowd.paths import (
     ROOT_SOCKET,
@@ -163,8 +164,14 @@ with Opener(timeout=10) as o:
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     code = shadowd.cli.main(["stats", "--json"])
+c_client = None
+if {c_client!r}:
+    import subprocess
+    run = subprocess.run([{c_client!r}, "-v", {path!r}], capture_output=True, env=os.environ)
+    c_client = {{"status": run.returncode, "size": len(run.stdout),
+                "said": run.stderr.decode().split()}}
 out({{"client": client, "opener": opener, "stats_code": code,
-      "stats": json.loads(buf.getvalue())}})
+      "stats": json.loads(buf.getvalue()), "c_client": c_client}})
 """
 
 
@@ -181,13 +188,16 @@ async def test_a_member_of_the_socket_group_reaches_the_host_daemon(shared_dir: 
     settle(lib, window=1.0)  # older than the daemon's racy window: the Client's open caches it
     empty_runtime = shared_dir / "xdg"  # set, but holds no socket
     empty_runtime.mkdir(mode=0o755)
+    c_client, _why = build_c_client(str(shared_dir))  # the C client follows the same rule
+    if c_client is not None:
+        os.chmod(c_client, 0o755)
     with host_daemon("--socket-mode", "0660", "--socket-group", str(SOCKET_GROUP)) as proc:
         await wait_for_socket(proc, ROOT_SOCKET)
         for xdg in (None, str(empty_runtime)):
             got = await trio.to_thread.run_sync(
                 lambda xdg=xdg: run_as(
                     NOBODY,
-                    AS_USER.format(path=str(lib)),
+                    AS_USER.format(path=str(lib), c_client=c_client or ""),
                     groups=(SOCKET_GROUP,),
                     env=user_env(xdg),
                 )
@@ -199,6 +209,9 @@ async def test_a_member_of_the_socket_group_reaches_the_host_daemon(shared_dir: 
             }, xdg
             assert got["opener"] == {"daemon_opens": 1, "local_opens": 0}, xdg
             assert got["stats_code"] == 0 and got["stats"]["clients_total"] >= 2, xdg
+            if c_client is not None:
+                assert got["c_client"]["status"] == 0 and got["c_client"]["size"] == 300 * 1024
+                assert got["c_client"]["said"][-1] in ("hit", "miss"), got["c_client"]
     # The daemon is gone: the user's error names every place looked at.
     looked = await trio.to_thread.run_sync(
         lambda: run_as(
