@@ -231,7 +231,17 @@ def connected(d: Daemon, n: int) -> Iterator[list[Client]]:
     held = [Client(d.socket_path, timeout=5) for _ in range(n)]
     try:
         for c in held:
-            c.connect()
+            # The fixture's probes (connect, close) may still count for a
+            # moment: the daemon sees them go on its next round.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    c.connect()
+                    break
+                except Busy:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         yield held
     finally:
         for c in held:
