@@ -286,3 +286,50 @@ with Client({str(d.socket_path)!r}, timeout=10) as c:
 """
         got = await in_thread(lambda: run_as(NOBODY, code))
     assert got == [True, 40_000]
+
+
+def test_private_and_unwatched_entries_are_never_indexed(rig: _Rig, tmp_path: Path) -> None:
+    from shadowd.cache import PrivateKey
+
+    sealed = sealed_from_bytes(b"private bytes")
+    try:
+        _, private = rig.cache.insert(PrivateKey(0, "ns", 1), (13, 1, 1), sealed, private=True)
+        assert private is not None and not rig.index.put(private)
+        f = make_file(tmp_path / "unwatched", b"u" * 100)
+        st = f.stat()
+        _, unwatched = rig.cache.insert(
+            HostKey(st.st_dev, st.st_ino), (100, st.st_mtime_ns, st.st_ctime_ns), sealed, ctime_ns=1
+        )  # restored at start: no watch yet
+        assert unwatched is not None and not rig.index.put(unwatched)
+        assert rig.view.open(st) is None
+        assert rig.index.entries == len(rig.files)
+    finally:
+        sealed.release()
+
+
+async def test_after_a_restart_the_opener_takes_the_new_daemons_index(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    d: Daemon = await start_daemon("--racy-window", RACY, socket_name="r.sock")
+    f = make_file(tmp_path / "lib.so", os.urandom(50_000))
+    settle(f)
+    opener = Opener(d.socket_path, local_below=0, held_files=0, retry_after=0.1)
+
+    def until_index_hit() -> None:
+        before, deadline = opener.index_opens, time.monotonic() + 10
+        while opener.index_opens == before:
+            assert time.monotonic() < deadline
+            fd = opener.open(f)
+            assert read_fd(fd) == f.read_bytes()
+            os.close(fd)
+            time.sleep(0.02)
+
+    try:
+        with trio.fail_after(60):
+            await in_thread(until_index_hit)
+            assert await d.terminate() == 0
+            await start_daemon("--racy-window", RACY, socket_name="r.sock")
+            await trio.sleep(0.2)
+            await in_thread(until_index_hit)  # the new daemon's index, its own slots
+    finally:
+        opener.close()
