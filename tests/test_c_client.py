@@ -161,6 +161,18 @@ async def ask(d: Driver, *words: object) -> Any:
     return await trio.to_thread.run_sync(lambda: d(*words))
 
 
+async def until_route(d: Driver, f: Path, route: str, timeout: float = 10) -> list[Any]:
+    """Routed opens of *f* until one takes *route* (a miss is filled meanwhile); all of them."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not got or got[-1]["route"] != route:
+        assert time.monotonic() < deadline, got[-3:]
+        if got:
+            await trio.sleep(0.01)
+        got.append(await ask(d, "routed", f))
+    return got
+
+
 def big(path: Path, size: int = 200_000, mode: int = 0o644) -> tuple[Path, str]:
     """A file above the routed open's crossover, and the hash of its bytes."""
     data = os.urandom(size)
@@ -397,8 +409,10 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
     assert b"not sealed; refused it" in done.stderr
     assert done.stdout == b""
     hello, open_ = (msgpack.unpackb(r) for r in requests)
-    # What the C client writes is what the protocol documents.
-    assert hello == {"op": "hello", "id": 0, "version": 1, "client": "shadowd.c/1"}
+    # What the C client writes is what the protocol documents: it says
+    # version 2; this stand-in answers 1, and is then spoken to in 1 (an
+    # open without "wait").
+    assert hello == {"op": "hello", "id": 0, "version": 2, "client": "shadowd.c/2"}
     assert open_ == {"op": "open", "id": 1, "path": "/etc/hostname"}
 
 
@@ -605,6 +619,7 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         for cmd in ("socket", d_.socket_path), ("routing", 0, 50), ("held", 0, 0), (
             "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"):  # fmt: skip
             await ask(d, *cmd)
+        await ask(d, "openfd", f)  # cached: the routed opens below are hits
         assert (await ask(d, "routed", f))["route"] == "daemon"
         os.kill(d_.pid, signal.SIGSTOP)
         try:
@@ -677,6 +692,8 @@ async def test_a_daemon_killed_and_restarted_in_a_loop_of_opens(
     for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("held", 0, 0), (
         "backoff", 100, 400), ("log", "capture"):  # fmt: skip
         await ask(d, *cmd)
+    for f, _ in files:  # cached, so the first routed opens are hits
+        await ask(d, "openfd", f)
     routes = []
     with trio.fail_after(60):
         for i in range(60):
@@ -944,13 +961,17 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
     with trio.fail_after(30):
         await ask(d, "socket", daemon.socket_path)
         await ask(d, "routing", 0, 50)
-        rel = await ask(d, "openat", tmp_path, "lib/libx.so")
+        rel = await ask(d, "openat", tmp_path, "lib/libx.so")  # a miss: copied here
+        deadline = time.monotonic() + 10
+        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] != "daemon":
+            assert time.monotonic() < deadline  # until the daemon filled it: a hit
+            await trio.sleep(0.01)
         via_link = await ask(d, "openat", sub, "link.so")
         nofollow = await ask(d, "openat", sub, "link.so", "nofollow")
         writing = await ask(d, "openat", sub, "libx.so", "write")
         missing = await ask(d, "openat", sub, "nope.so")
         directory = await ask(d, "openat", tmp_path, "lib")
-    assert rel["hash"] == digest and rel["route"] == "daemon"
+    assert rel["hash"] == digest and (rel["route"], rel["copied_why"]) == ("copy", "miss")
     assert via_link["hash"] == digest
     assert nofollow["fd"] == -1 and nofollow["errnum"] == 40  # ELOOP
     assert writing["fd"] == -1 and writing["errnum"] == 22  # EINVAL
@@ -1007,21 +1028,31 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
         for cmd in ("socket", daemon.socket_path), ("routing", 0, 50):
             await ask(d, *cmd)
         miss = await ask(d, "routed", f)
-        hit = await ask(d, "routed", f)
+        # Copied here while the daemon fills its cache; then a hit, kept.
+        filled = await until_route(d, f, "daemon")
         before = await trio.to_thread.run_sync(stats, daemon)
         held = [await ask(d, "routed", f) for _ in range(3)]
         twice = await ask(d, "twice", f)
         after = await trio.to_thread.run_sync(stats, daemon)
         counts = await ask(d, "counts")
-    assert (miss["route"], miss["hit"]) == ("daemon", False)  # a miss is not kept
-    assert (hit["route"], hit["hit"]) == ("daemon", True)
+    # Version 2: the miss was answered at once, without an fd, and copied here.
+    assert (miss["route"], miss["hit"], miss["copied_why"]) == ("copy", False, "miss")
+    assert miss["v2_miss"] and miss["filling"] and miss["hash"] == digest
+    assert miss["seals"] & ALL_SEALS == ALL_SEALS and miss["accmode"] == os.O_RDONLY
+    hit = filled[-1]
+    assert (hit["route"], hit["hit"], hit["cached"]) == ("daemon", True, True)
+    st = f.stat()
+    assert hit["version"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    for r in filled[:-1]:  # misses while the daemon was still copying
+        assert r["route"] == "copy" and r["copied_why"] == "miss" and r["hash"] == digest
     for r in held:
         assert r["route"] == "held" and r["hash"] == digest and r["hit"]
         assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
     assert twice["routes"] == ["held", "held"] and twice["read"] == 3
     assert twice["a_offset"] == 3 and twice["b_offset"] == 0  # each its own offset
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
-    assert counts["held"] == 5
+    assert counts["held"] == 5 and counts["protocol"] == 2
+    assert counts["missed"] == len(filled)  # the first miss and those while filling
 
 
 @pytest.mark.parametrize("young_ms", [0, 50])
@@ -1034,9 +1065,7 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
     with trio.fail_after(30):
         for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms):
             await ask(d, *cmd)
-        for _ in range(3):
-            await ask(d, "routed", f)
-        assert (await ask(d, "routed", f))["route"] == "held"
+        await until_route(d, f, "held")
         old = f.stat()
         new = os.urandom(old.st_size)
         with open(f, "r+b") as fh:  # same inode, same size
@@ -1050,11 +1079,10 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
         )
         fresh = [await ask(d, "routed", f) for _ in range(2)]
         await trio.to_thread.run_sync(settle, f)
-        later = [await ask(d, "routed", f) for _ in range(3)]
+        later = await until_route(d, f, "held")  # the new version, once the daemon cached it
     for r in fresh + later:
         assert r["hash"] == fnv(new) != digest, r
     assert all(r["route"] != "held" for r in fresh)
-    assert later[-1]["route"] == "held"  # the new version, once the daemon cached it
 
 
 def test_a_hit_whose_file_changed_during_the_request_is_not_kept(
@@ -1102,8 +1130,7 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
             await ask(d, *cmd)
         base = (await ask(d, "fds"))["fds"]
         for f, _ in files:  # a miss, then a hit that is kept
-            await ask(d, "routed", f)
-            await ask(d, "routed", f)
+            await until_route(d, f, "daemon")
         two = await ask(d, "fds")
         first_again = await ask(d, "routed", files[0][0])  # evicted: asked again
         last_again = await ask(d, "routed", files[2][0])  # still held
