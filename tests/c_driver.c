@@ -145,6 +145,8 @@ why_name(int why)
     case SHADOWD_COPIED_MISS: return "miss";
     case SHADOWD_COPIED_BREAKER: return "breaker";
     case SHADOWD_COPIED_FAILED: return "failed";
+    case SHADOWD_COPIED_FIRST: return "first";
+    case SHADOWD_COPIED_COLD: return "cold";
     default: return "";
     }
 }
@@ -255,6 +257,10 @@ main(void)
             shadowd_set_backoff(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "routing") == 0) {
             shadowd_set_routing(&c, atoll(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "cold") == 0) {
+            shadowd_set_cold(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "race") == 0) {
+            shadowd_set_race(&c, atoi(argv[1]));
         } else if (strcmp(cmd, "held") == 0) {
             shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
         } else if (strcmp(cmd, "log") == 0) {

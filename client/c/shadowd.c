@@ -74,8 +74,13 @@
 #define DEFAULT_LOCAL_BELOW (128 * 1024)
 #define DEFAULT_HELD_MAX 128
 #define DEFAULT_HELD_MAX_BYTES (64LL << 20)
+#define DEFAULT_COLD_MISSES 3
+#define DEFAULT_COLD_MS 1000
 #define PROTOCOL 2          /* the version this client says first */
 #define PRELOAD_GROUP 256   /* files shadowd_preload handles at once (sources open, items) */
+/* A routed open copies in chunks of this while it waits for the daemon's
+ * answer, and looks for it after each: about 15-25 us of copying here. */
+#define RACE_CHUNK (64 * 1024)
 
 /* Slot states and kinds. */
 enum { FREE = 0, SENT, READY, CANCELLED };
@@ -160,6 +165,9 @@ setup(struct shadowd *c)
     p->backoff_max_ms = DEFAULT_BACKOFF_MAX_MS;
     p->young_ms = -1; /* the daemon's racy window */
     p->want_version = PROTOCOL;
+    p->race = 0;
+    p->cold_misses = DEFAULT_COLD_MISSES;
+    p->cold_ms = DEFAULT_COLD_MS;
     p->local_below = DEFAULT_LOCAL_BELOW;
     p->held_max = DEFAULT_HELD_MAX;
     p->held_max_bytes = DEFAULT_HELD_MAX_BYTES;
@@ -227,6 +235,22 @@ shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms)
 }
 
 static void held_trim(struct shadowd *c, uint64_t room);
+
+void
+shadowd_set_race(struct shadowd *c, int on)
+{
+    ready(c);
+    P(c)->race = on != 0;
+}
+
+void
+shadowd_set_cold(struct shadowd *c, int misses, int window_ms)
+{
+    ready(c);
+    P(c)->cold_misses = misses < 0 ? DEFAULT_COLD_MISSES : misses;
+    P(c)->cold_ms = window_ms < 0 ? DEFAULT_COLD_MS : clamp_ms(window_ms, DEFAULT_COLD_MS);
+    P(c)->cold_streak = 0;
+}
 
 void
 shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes)
@@ -986,7 +1010,7 @@ fail_connection(struct shadowd *c, int failure, const char *code, const char *fm
     p->hello = H_NONE;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         struct shadowd_slot_ *s = &p->slots[i];
-        if (s->state == CANCELLED) {
+        if (s->state == CANCELLED || (s->state == SENT && s->late)) {
             slot_free(s);
         } else if (s->state == SENT) {
             s->state = READY;
@@ -1022,7 +1046,7 @@ after_fork(struct shadowd *c)
         for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
             struct shadowd_slot_ *s = &P(c)->slots[i];
             if (s->state == SENT || s->state == CANCELLED) {
-                s->state = s->state == SENT ? READY : FREE;
+                s->state = s->state == SENT && !s->late ? READY : FREE;
                 s->failure = F_BROKEN;
                 snprintf(s->code, sizeof s->code, "%s", SHADOWD_UNAVAILABLE);
                 snprintf(s->error, sizeof s->error, "sent by the parent process");
@@ -1392,6 +1416,10 @@ bad:
     return -1;
 }
 
+static int may_keep(int src, const struct shadowd_version_ *before,
+                    const struct shadowd_served_ *sv, int hit, uint64_t served_size);
+static int held_put(struct shadowd *c, int served, const struct shadowd_version_ *v);
+
 /* Put one reply where it belongs. -1 when it failed the connection. */
 static int
 dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
@@ -1468,6 +1496,18 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
                                  : "its version is not [size, mtime_ns, ctime_ns] with cached");
             return -1;
         }
+    }
+    if (s->late) {
+        /* A routed open copied the file before this answer came: a served
+         * version the daemon cached fills the tier for the next open. */
+        struct shadowd_served_ sv;
+        served_of(f, c->protocol, &sv);
+        if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 && sealed(fds[0]) &&
+            may_keep(s->src, &s->before, &sv, f->hit, f->size))
+            held_put(c, fds[0], &s->before);
+        close_fds(fds, nfds);
+        slot_free(s);
+        return 0;
     }
     s->state = READY;
     s->hit = f->hit;
@@ -2023,15 +2063,18 @@ reopen_readonly(int fd)
 }
 
 /* Copy exactly *size* bytes of *src* from offset 0 into *dst*. 0; 1 when
- * the source holds fewer or more bytes (it changed); -1 error. */
+ * the source holds fewer or more bytes (it changed); -1 error. With *stop*,
+ * the bytes go in chunks of RACE_CHUNK and stop(arg) is asked after each:
+ * when it says so, the copy ends there with 2. */
 static int
-copy_bytes(int dst, int src, uint64_t size)
+copy_bytes(int dst, int src, uint64_t size, int (*stop)(void *), void *arg)
 {
     off_t off = 0;
     int use_pread = 0;
     char buf[65536];
     while ((uint64_t)off < size) {
-        size_t want = size - (uint64_t)off > 0x7ffff000 ? 0x7ffff000 : (size_t)(size - (uint64_t)off);
+        size_t most = stop ? RACE_CHUNK : 0x7ffff000;
+        size_t want = size - (uint64_t)off > most ? most : (size_t)(size - (uint64_t)off);
         ssize_t n;
         if (!use_pread) {
             n = sendfile(dst, src, &off, want);
@@ -2059,6 +2102,8 @@ copy_bytes(int dst, int src, uint64_t size)
             return -1;
         if (n == 0)
             return 1; /* ended early */
+        if (stop && stop(arg))
+            return 2;
     }
     /* One more byte means the file is longer than its stat said. */
     char extra;
@@ -2091,10 +2136,39 @@ finish_copy(struct shadowd *c, int memfd, int executable, const char *what)
     return fd;
 }
 
+/* One local copy of the regular file open at *src*, whose fstat is *st*:
+ * 0 with *out* a sealed read-only fd; 1 when the source changed under the
+ * copy (look again); 2 when *stop* ended it; -1 on failure (error set). */
+static int
+copy_attempt(struct shadowd *c, int src, const struct stat *st, int (*stop)(void *), void *arg,
+             int *out)
+{
+    struct stat after;
+    int executable = (st->st_mode & 0111) != 0;
+    int memfd = new_memfd(executable);
+    if (memfd < 0) {
+        fail(c, "", errno, "memfd_create: %s", strerror(errno));
+        return -1;
+    }
+    int r = copy_bytes(memfd, src, (uint64_t)st->st_size, stop, arg);
+    if (r < 0) {
+        int err = errno;
+        close(memfd);
+        fail(c, "", err, "copying the file: %s", strerror(err));
+        return -1;
+    }
+    if (r == 0 && fstat(src, &after) == 0 && same_stat(st, &after)) {
+        *out = finish_copy(c, memfd, executable, "sealing the copy");
+        return *out >= 0 ? 0 : -1;
+    }
+    close(memfd);
+    return r == 2 ? 2 : 1;
+}
+
 int
 shadowd_copy_fd(struct shadowd *c, int src)
 {
-    struct stat st, after;
+    struct stat st;
     if (c)
         ready(c);
     if (fstat(src, &st) < 0) {
@@ -2107,23 +2181,11 @@ shadowd_copy_fd(struct shadowd *c, int src)
         return -1;
     }
     for (int attempt = 0; attempt < 3; attempt++) {
-        int executable = (st.st_mode & 0111) != 0;
-        int memfd = new_memfd(executable);
-        if (memfd < 0) {
-            fail(c, "", errno, "memfd_create: %s", strerror(errno));
-            return -1;
-        }
-        int r = copy_bytes(memfd, src, (uint64_t)st.st_size);
-        if (r < 0) {
-            int err = errno;
-            close(memfd);
-            fail(c, "", err, "copying the file: %s", strerror(err));
-            return -1;
-        }
-        if (r == 0 && fstat(src, &after) == 0 && same_stat(&st, &after))
-            return finish_copy(c, memfd, executable, "sealing the copy");
+        int fd = -1;
+        int r = copy_attempt(c, src, &st, NULL, NULL, &fd);
+        if (r <= 0)
+            return r == 0 ? fd : -1;
         /* It changed under the copy: look again, copy again. */
-        close(memfd);
         if (fstat(src, &st) < 0) {
             fail(c, "", errno, "fstat of the file: %s", strerror(errno));
             return -1;
@@ -2199,7 +2261,7 @@ shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd_key
         return fd;
     }
     int copy = new_memfd(executable);
-    if (copy < 0 || copy_bytes(copy, memfd, key->size) != 0) {
+    if (copy < 0 || copy_bytes(copy, memfd, key->size, NULL, NULL) != 0) {
         int err = errno;
         if (copy >= 0)
             close(copy);
@@ -2502,9 +2564,257 @@ label_of(int src, const char *label, char *buf, size_t len)
     return buf;
 }
 
-/* The routed open of *src*: tier, local rules, daemon (not waiting for its
- * copy), local copy. With *want_label*, a missing label is read from
- * /proc/self/fd (only when the daemon is asked). */
+/* -- a cold daemon -------------------------------------------------------- */
+
+static int
+cold_now(struct shadowd *c)
+{
+    return P(c)->cold_misses > 0 && P(c)->cold_until > 0 && mono_us() < P(c)->cold_until;
+}
+
+/* The daemon answered a routed open of *v*: a miss it is filling, or not
+ * (a hit, or a miss it will not fill: no sign of a cold cache). */
+static void
+cold_saw(struct shadowd *c, const struct shadowd_version_ *v, int filling_miss)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!filling_miss) {
+        p->cold_streak = 0;
+        return;
+    }
+    if (p->cold_streak > 0 && p->cold_dev == v->dev && p->cold_ino == v->ino)
+        return; /* the same file again, still being filled */
+    p->cold_dev = v->dev;
+    p->cold_ino = v->ino;
+    if (p->cold_misses > 0 && ++p->cold_streak >= p->cold_misses) {
+        p->cold_until = mono_us() + 1000LL * p->cold_ms;
+        p->cold_streak = 0;
+    }
+}
+
+/* Tell the daemon of the files copied here while it was cold: one batch
+ * request per max_batch files with "wait": false, not waited for (its
+ * reply is read and dropped when it comes, as a cancelled request's; with
+ * *leaving*, the connection goes right after and nothing is kept). The
+ * daemon fills its cache with them, one cheap item each. */
+static void
+hint_flush(struct shadowd *c, int leaving)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->nhint == 0)
+        return;
+    if (p->live && p->hello == H_DONE && c->protocol >= 2 && !p->down) {
+        const char *labels[SHADOWD_HINTS];
+        int map[SHADOWD_HINTS];
+        for (int i = 0; i < p->nhint; i++) {
+            labels[i] = p->hint_label[i] >= 0 ? p->hint_labels + p->hint_label[i] : NULL;
+            map[i] = i;
+        }
+        for (int done = 0; done < p->nhint && p->live;) {
+            int chunk = p->nhint - done, failure;
+            if ((uint64_t)chunk > c->max_batch)
+                chunk = (int)c->max_batch;
+            struct request rq = {.kind = K_BATCH, .build = build_batch,
+                                 .fds = p->hint_fd + done, .nfds = chunk, .labels = labels,
+                                 .map = map + done, .nowait = 1};
+            if (leaving) {
+                struct out o = out_of(c);
+                uint32_t id = c->next_id ? c->next_id : 1;
+                c->next_id = (id + 1) & 0x7fffffff;
+                build_batch(c, &o, id, &rq);
+                if (send_request(c, &o, rq.fds, chunk, 0) != 0)
+                    break;
+            } else {
+                struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
+                if (s == NULL)
+                    break;
+                s->owned = 0;
+                s->state = CANCELLED; /* its reply's fds are closed when it comes */
+            }
+            done += chunk;
+        }
+    }
+    for (int i = 0; i < p->nhint; i++)
+        close(p->hint_fd[i]);
+    p->nhint = 0;
+    p->hint_used = 0;
+}
+
+/* Keep *src* (a duplicate) and its label for the daemon, for later. */
+static void
+hint_add(struct shadowd *c, int src, const char *label)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->nhint == SHADOWD_HINTS)
+        hint_flush(c, 0);
+    int fd = fcntl(src, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    int i = p->nhint++;
+    p->hint_fd[i] = fd;
+    p->hint_label[i] = -1;
+    size_t n = label && label[0] == '/' ? strlen(label) + 1 : 0;
+    if (n > 0 && n <= sizeof p->hint_labels - (size_t)p->hint_used) {
+        memcpy(p->hint_labels + p->hint_used, label, n);
+        p->hint_label[i] = p->hint_used;
+        p->hint_used += (int)n;
+    }
+}
+
+/* The routing rules need the daemon's limits (its racy window above all):
+ * until a hello said them, connect without waiting and read the answer
+ * when it has come, so that a file the 1 s default calls young does not
+ * keep the routed open from ever asking (and learning). */
+static void
+know_the_daemon(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->hello == H_DONE || !shadowd_available(c))
+        return;
+    if (!p->live) {
+        start(c, 0);
+        clear(c); /* a failure here is the breaker's business, not this open's */
+    } else {
+        drain(c);
+    }
+}
+
+/* Read the answers that came for routed opens that were copied first: they
+ * may fill the tier for this very open. Nothing when none is awaited. */
+static void
+late_answers(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->late_pending)
+        return;
+    if (p->live)
+        drain(c);
+    p->late_pending = 0;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
+        if (p->slots[i].state == SENT && p->slots[i].late)
+            p->late_pending = 1;
+}
+
+/* Send a routed open of *src* that nobody will wait for: the connection is
+ * made without waiting (the hello goes with it), the request sent without
+ * waiting for room (a full socket fails it); a connection that broke is
+ * made again once. Its slot, or NULL (error set). */
+static struct shadowd_slot_ *
+race_submit(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *v)
+{
+    struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
+                         .size = v->size, .label = label, .nowait = 1};
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fresh = !P(c)->live, failure;
+        if (start(c, 0))
+            return NULL;
+        struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
+        if (s != NULL) {
+            s->owned = 0; /* ours: shadowd_collect never hands it out */
+            s->routed = 1;
+            s->before = *v;
+            /* A version 1 reply says no version: keeping it takes the
+             * caller's fstat after it, so keep the source until then. */
+            if (!(P(c)->hello == H_DONE && c->protocol >= 2))
+                s->src = fcntl(src, F_DUPFD_CLOEXEC, 0);
+            return s;
+        }
+        if (failure != F_BROKEN && failure != F_VERSION)
+            return NULL;
+        if (failure == F_BROKEN && (fresh || attempt == 1)) {
+            trip(c, c->error);
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+struct race {
+    struct shadowd *c;
+    struct shadowd_slot_ *s;
+};
+
+/* Between two chunks of the local copy: read what the daemon sent; stop
+ * copying once it served the file. */
+static int
+race_stop(void *arg)
+{
+    struct race *r = arg;
+    if (r->s->state != SENT)
+        return 0; /* answered already without an fd (a miss), or failed: copy on */
+    drain(r->c);
+    return r->s->state == READY && r->s->fd >= 0;
+}
+
+/* The routed open's race: the request *s* is out; copy the file here
+ * meanwhile, in chunks, and take whichever is done first: the daemon's fd
+ * (the copy is dropped) or the copy (the daemon's answer, when it comes,
+ * goes into the tier if it may). Nothing here waits on the daemon. */
+static int
+race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_version_ *v,
+     struct shadowd_slot_ *s)
+{
+    struct race r = {c, s};
+    int fd = -1;
+    int rc = copy_attempt(c, src, st, race_stop, &r, &fd);
+    if (rc == 2) { /* the daemon served it first */
+        cold_saw(c, v, 0);
+        fd = s->fd;
+        s->fd = -1;
+        say_served(c, &s->served);
+        c->size = s->size;
+        c->hit = s->hit;
+        c->route = SHADOWD_ROUTE_DAEMON;
+        c->counts.daemon++;
+        if (may_keep(src, v, &s->served, s->hit, s->size))
+            held_put(c, fd, v);
+        slot_free(s);
+        return fd;
+    }
+    int why = SHADOWD_COPIED_FIRST;
+    char error[sizeof c->error];
+    error[0] = '\0';
+    if (s->state == SENT) {
+        s->late = 1; /* its answer goes to the tier when it comes */
+        P(c)->late_pending = 1;
+    } else {
+        if (s->fd >= 0 && may_keep(src, v, &s->served, s->hit, s->size))
+            held_put(c, s->fd, v); /* served just as the copy was done */
+        why = s->fd < 0 && s->served.miss && s->failure == F_NONE ? SHADOWD_COPIED_MISS
+                                                                 : SHADOWD_COPIED_FAILED;
+        if (why == SHADOWD_COPIED_MISS)
+            cold_saw(c, v, s->served.filling);
+        if (s->fd >= 0)
+            why = SHADOWD_COPIED_FIRST;
+        snprintf(error, sizeof error, "%s", why == SHADOWD_COPIED_FAILED ? s->error : "");
+        c->miss = s->served.miss;
+        c->filling = s->served.filling;
+        slot_free(s);
+    }
+    if (rc != 0) {
+        /* The source changed under the copy (copy_fd tries again), or the
+         * copy failed (it will say why). */
+        snprintf(c->error, sizeof c->error, "%s", error);
+        return copy_here(c, src, v->size, why);
+    }
+    int miss = c->miss, filling = c->filling;
+    clear(c);
+    c->route = SHADOWD_ROUTE_COPY;
+    c->copied_why = why;
+    c->size = v->size;
+    c->counts.copied++;
+    if (why == SHADOWD_COPIED_MISS) {
+        c->miss = miss;
+        c->filling = filling;
+        c->counts.missed++;
+    }
+    snprintf(c->error, sizeof c->error, "%s", error);
+    return fd;
+}
+
+/* The routed open of *src*: tier, local rules, the daemon raced against a
+ * local copy. With *want_label*, a missing label is read from /proc/self/fd
+ * (only when the daemon is asked). */
 static int
 routed(struct shadowd *c, int src, const char *label, int want_label)
 {
@@ -2521,6 +2831,8 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         return -1;
     }
     version_of(&st, &v);
+    late_answers(c);
+    know_the_daemon(c);
     int fd = held_take(c, &v);
     if (fd >= 0) {
         c->route = SHADOWD_ROUTE_HELD;
@@ -2530,20 +2842,40 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         return fd;
     }
     int why = copy_without_asking(c, &st, 1);
-    if (why == SHADOWD_COPIED_NOT) {
-        char buf[LABEL_MAX + 1];
-        struct shadowd_served_ sv;
+    char buf[LABEL_MAX + 1];
+    if (why == SHADOWD_COPIED_NOT && cold_now(c)) {
+        why = SHADOWD_COPIED_COLD;
         if (want_label)
             label = label_of(src, label, buf, sizeof buf);
-        fd = ask_daemon(c, src, label, v.size, 1, &sv);
-        if (fd >= 0) {
-            if (may_keep(src, &v, &sv, c->hit, c->size))
-                held_put(c, fd, &v);
-            return fd;
+    } else if (why == SHADOWD_COPIED_NOT) {
+        hint_flush(c, 0); /* the cold window is over: tell the daemon of what it missed */
+        if (want_label)
+            label = label_of(src, label, buf, sizeof buf);
+        if (P(c)->race) {
+            struct shadowd_slot_ *s = race_submit(c, src, label, &v);
+            if (s != NULL)
+                return race(c, src, &st, &v, s);
+        } else {
+            struct shadowd_served_ sv;
+            fd = ask_daemon(c, src, label, v.size, 1, &sv);
+            if (fd >= 0) {
+                cold_saw(c, &v, 0);
+                if (may_keep(src, &v, &sv, c->hit, c->size))
+                    held_put(c, fd, &v);
+                return fd;
+            }
+            if (c->miss && c->error[0] == '\0') {
+                why = SHADOWD_COPIED_MISS;
+                cold_saw(c, &v, c->filling);
+            }
         }
-        why = c->miss && c->error[0] == '\0' ? SHADOWD_COPIED_MISS : SHADOWD_COPIED_FAILED;
+        if (why == SHADOWD_COPIED_NOT)
+            why = SHADOWD_COPIED_FAILED;
     }
-    return copy_here(c, src, v.size, why);
+    fd = copy_here(c, src, v.size, why);
+    if (fd >= 0 && why == SHADOWD_COPIED_COLD)
+        hint_add(c, src, label);
+    return fd;
 }
 
 int
@@ -3025,6 +3357,11 @@ shadowd_close(struct shadowd *c)
     struct shadowd_private_ *p = P(c);
     if (p->magic != MAGIC)
         return; /* zero-filled or never used: nothing here is ours */
+    if (p->pid == (int)getpid())
+        hint_flush(c, 1);
+    for (int i = 0; i < p->nhint; i++)
+        close(p->hint_fd[i]);
+    p->nhint = p->hint_used = 0;
     if (p->live)
         close(c->sock); /* (in a forked child: its own copy) */
     c->sock = -1;

@@ -72,6 +72,7 @@ extern "C" {
 
 #define SHADOWD_HELD_SLOTS 1024   /* most files the process-local tier can hold */
 #define SHADOWD_MAX_PENDING 64    /* most requests in flight (and replies uncollected) */
+#define SHADOWD_HINTS 128         /* most files copied while the daemon was cold, to tell it of */
 #define SHADOWD_REQUEST_BUF 16384 /* largest request this client writes */
 #define SHADOWD_REPLY_BUF 65536   /* largest reply it reads (a batch of 250 errors fits) */
 #define SHADOWD_MISS (-2)         /* shadowd_lookup: the daemon does not have the file */
@@ -92,6 +93,8 @@ enum shadowd_copied_why {
     SHADOWD_COPIED_MISS = 2,    /* the daemon answered a miss (version 2): it fills its cache */
     SHADOWD_COPIED_BREAKER = 3, /* without asking: the breaker is open */
     SHADOWD_COPIED_FAILED = 4,  /* the daemon failed or refused (`error` says why) */
+    SHADOWD_COPIED_FIRST = 5,   /* the copy was done before the daemon answered (race) */
+    SHADOWD_COPIED_COLD = 6,    /* without asking: the daemon is filling (shadowd_set_cold) */
 };
 
 /* A file version as a served reply says it (version 2): whose bytes an fd holds. */
@@ -163,7 +166,7 @@ struct shadowd_version_ {
 
 struct shadowd_slot_ {
     uint32_t id;               /* 0: free */
-    uint8_t state, kind, routed, owned, nowait;
+    uint8_t state, kind, routed, owned, nowait, late;
     int fd, src, hit, route, errnum, failure;
     uint64_t size, seq, src_size;
     long long deadline;
@@ -180,6 +183,14 @@ struct shadowd_slot_ {
 struct shadowd_private_ {
     uint64_t magic;
     int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
+    int race, late_pending;
+    int cold_misses, cold_ms, cold_streak, nhint;
+    uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
+    long long cold_until;
+    int hint_fd[SHADOWD_HINTS];
+    int hint_label[SHADOWD_HINTS]; /* offset in hint_labels, or -1 */
+    int hint_used;
+    char hint_labels[16384];
     long long hello_deadline;
     int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
     long long local_below, held_max_bytes;
@@ -380,6 +391,25 @@ int shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *co
  * (negative: the daemon's racy window, from its version 2 hello, 1000 ms
  * until it says; 0: never by age). */
 void shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms);
+
+/* Whether the routed open copies the file while it waits for the daemon's
+ * answer and takes whichever is done first (1), or waits for the answer (up
+ * to the reply timeout) and copies only when the daemon does not serve the
+ * file (0, the default). On a host with idle cores the race makes an open
+ * cost the lesser of a copy and a hit; on the 2-vCPU machines this project
+ * is measured on the copy competes with the daemon for the CPU and delays
+ * its answer, so the race did not pay (client/c/README.md). */
+void shadowd_set_race(struct shadowd *c, int on);
+
+/* A cold daemon: after misses of *misses* files in a row that the daemon is
+ * filling (version 2), the routed open copies here without asking for *window_ms*
+ * (copied_why SHADOWD_COPIED_COLD), then asks again. Each miss costs the
+ * daemon far more than an item of a batch, so the files copied meanwhile
+ * are told to it later in one batch that does not wait ("wait": false; at
+ * most SHADOWD_HINTS files, each an fd kept until then): when the list is
+ * full, when the window is over, and at shadowd_close. Negative: the
+ * defaults (3 misses, 1000 ms); misses 0: never. */
+void shadowd_set_cold(struct shadowd *c, int misses, int window_ms);
 
 /* The process-local tier's bounds: at most *max_entries* files (up to
  * SHADOWD_HELD_SLOTS; 0 turns it off) and *max_bytes* bytes of them;

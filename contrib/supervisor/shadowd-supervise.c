@@ -132,10 +132,14 @@ static const char *const reason_names[] = {
 
 /* How a shadow was made: copy mode's copy; in shadowd mode the daemon's hit
  * or miss (a miss it served after its copy, with --open-fd; one it answered
- * without an fd and we copied, routed), the tier, a local copy by the
- * routing rules (small, young), a local copy because the daemon failed. */
-enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK, H_HELD, H_LOCAL, N_HOWS };
-static const char *const how_names[] = {"copy", "hit", "miss", "fallback", "held", "local"};
+ * without an fd while we copied, routed), the tier, a local copy by the
+ * routing rules (small, young), a local copy done before the daemon's
+ * answer came (routed, --race), a local copy without asking while the
+ * daemon was cold (it missed several times in a row; routed), a local copy
+ * because the daemon failed. */
+enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK, H_HELD, H_LOCAL, H_RACED, H_COLD, N_HOWS };
+static const char *const how_names[] = {"copy", "hit", "miss", "fallback", "held", "local",
+                                        "raced", "cold"};
 
 struct record {
     char *path;
@@ -148,11 +152,13 @@ static struct {
     int listener;
     int verbose;
     int open_fd;         /* shadowd mode: shadowd_open_fd instead of the routed open */
+    int race;            /* routed: copy while waiting for the daemon's answer */
     struct shadowd client;
     int connected;       /* the first connect to the daemon worked */
     char last_error[256];
     struct stat root;    /* ours, to compare a tracee's with */
-    uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks, held, local;
+    uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks, held, local, raced;
+    uint64_t cold;
     uint64_t preload_files, preload_held, preload_ns;
     uint64_t reasons[N_REASONS];
     uint64_t shadow_ns, shadow_wall_ns, shadow_bytes;
@@ -545,6 +551,10 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
             *how = H_MISS;
         } else if (S.client.copied_why == SHADOWD_COPIED_RULE) {
             *how = H_LOCAL;
+        } else if (S.client.copied_why == SHADOWD_COPIED_FIRST) {
+            *how = H_RACED;
+        } else if (S.client.copied_why == SHADOWD_COPIED_COLD) {
+            *how = H_COLD;
         } else {
             if (S.client.error[0])
                 note_error("shadowd: %s", S.client.error);
@@ -758,6 +768,8 @@ handle(const struct seccomp_notif *req)
     S.fallbacks += how == H_FALLBACK;
     S.held += how == H_HELD;
     S.local += how == H_LOCAL;
+    S.raced += how == H_RACED;
+    S.cold += how == H_COLD;
     keep_record(path, ns, wall, (uint64_t)st.st_size, how);
     goto done;
 cont:
@@ -844,8 +856,9 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     fprintf(f, ", \"gone\": %llu, \"hits\": %llu, \"misses\": %llu, \"fallbacks\": %llu",
             (unsigned long long)S.gone, (unsigned long long)S.hits,
             (unsigned long long)S.misses, (unsigned long long)S.fallbacks);
-    fprintf(f, ", \"held\": %llu, \"local\": %llu", (unsigned long long)S.held,
-            (unsigned long long)S.local);
+    fprintf(f, ", \"held\": %llu, \"local\": %llu, \"raced\": %llu, \"cold\": %llu",
+            (unsigned long long)S.held, (unsigned long long)S.local, (unsigned long long)S.raced,
+            (unsigned long long)S.cold);
     fprintf(f, ", \"preload_files\": %llu, \"preload_held\": %llu, \"preload_ns\": %llu",
             (unsigned long long)S.preload_files, (unsigned long long)S.preload_held,
             (unsigned long long)S.preload_ns);
@@ -886,8 +899,9 @@ static void
 usage(FILE *f)
 {
     fputs("usage: shadowd-supervise [--mode passthrough|copy|shadowd] [--socket PATH]\n"
-          "                         [--open-fd] [--preload FILE] [--backoff MS[,MAX]]\n"
-          "                         [--held N[,BYTES]] [--stats FILE] [--verbose]\n"
+          "                         [--open-fd | --race] [--preload FILE] [--backoff MS[,MAX]]\n"
+          "                         [--held N[,BYTES]] [--cold N[,MS]] [--stats FILE]\n"
+          "                         [--verbose]\n"
           "                         [--] PROGRAM [ARGS...]\n"
           "\n"
           "Runs PROGRAM with its read-only opens of regular files shadowed by sealed,\n"
@@ -901,6 +915,8 @@ usage(FILE *f)
           "  --mode copy         a fresh sealed memfd per open (the status quo)\n"
           "  --mode passthrough  trap every open, then let the program make it\n"
           "  --socket PATH       shadowd's socket (default: as shadowd serve picks it)\n"
+          "  --race              shadowd mode: the routed open copies while it waits for\n"
+          "                      shadowd's answer and takes whichever is done first\n"
           "  --open-fd           shadowd mode: ask shadowd for every file with\n"
           "                      shadowd_open_fd (a miss waits for its copy), a local\n"
           "                      copy when it cannot answer\n"
@@ -909,6 +925,8 @@ usage(FILE *f)
           "  --backoff MS[,MAX]  the client's breaker: first window and cap (1000,30000)\n"
           "  --held N[,BYTES]    bounds of the files held (default 1024 or half the fd\n"
           "                      limit, and 512 MiB)\n"
+          "  --cold N[,MS]       after misses of N files in a row, copy without asking\n"
+          "                      for MS (default 3,1000; 0: never)\n"
           "  --stats FILE        write the counters there as one JSON object at the end\n"
           "  --verbose           say on stderr why the daemon could not answer\n"
           "\n"
@@ -1088,6 +1106,7 @@ main(int argc, char **argv)
     const char *socket_path = NULL, *stats_path = NULL, *preload_path = NULL;
     int i, sv[2], stats_fd = -1, status = 0;
     long long backoff = -1, backoff_max = -1, held = -1, held_bytes = 512LL << 20;
+    long long cold = -1, cold_ms = -1;
     sigset_t chld, old_mask;
     struct rlimit nofile = {0, 0};
 
@@ -1112,9 +1131,14 @@ main(int argc, char **argv)
             S.open_fd = 1;
             continue;
         }
-        const char *names[] = {"--mode", "--socket", "--stats", "--preload", "--backoff", "--held"};
+        if (strcmp(a, "--race") == 0) {
+            S.race = 1;
+            continue;
+        }
+        const char *names[] = {"--mode",    "--socket", "--stats", "--preload",
+                               "--backoff", "--held",   "--cold"};
         int which = -1;
-        for (int n = 0; n < 6; n++) {
+        for (int n = 0; n < 7; n++) {
             size_t len = strlen(names[n]);
             if (strncmp(a, names[n], len) == 0 && (a[len] == '\0' || a[len] == '=')) {
                 which = n;
@@ -1143,9 +1167,11 @@ main(int argc, char **argv)
             stats_path = value;
         } else if (which == 3) {
             preload_path = value;
-        } else if ((which == 4 ? pair(value, &backoff, &backoff_max)
-                               : pair(value, &held, &held_bytes)) < 0 ||
-                   backoff > INT32_MAX || backoff_max > INT32_MAX || held > INT32_MAX) {
+        } else if ((which == 4   ? pair(value, &backoff, &backoff_max)
+                    : which == 5 ? pair(value, &held, &held_bytes)
+                                 : pair(value, &cold, &cold_ms)) < 0 ||
+                   backoff > INT32_MAX || backoff_max > INT32_MAX || held > INT32_MAX ||
+                   cold > INT32_MAX || cold_ms > INT32_MAX) {
             fprintf(stderr, "shadowd-supervise: %s %s: not a number (or two, with a comma)\n",
                     names[which], value);
             return 2;
@@ -1180,6 +1206,8 @@ main(int argc, char **argv)
         shadowd_init(&S.client);
         shadowd_set_log(&S.client, client_log, NULL);
         shadowd_set_backoff(&S.client, (int)backoff, (int)backoff_max);
+        shadowd_set_race(&S.client, S.race);
+        shadowd_set_cold(&S.client, (int)cold, (int)cold_ms);
         /* The tier: every file of a program run (pip opens about 500) and
          * then some, each an fd of ours: at most half our fd limit. */
         if (held < 0) {
