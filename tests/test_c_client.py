@@ -962,6 +962,7 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
     with trio.fail_after(30):
         await ask(d, "socket", daemon.socket_path)
         await ask(d, "routing", 0, 50)
+        await ask(d, "cold", 0, 0)
         rel = await ask(d, "openat", tmp_path, "lib/libx.so")  # a miss: copied here
         deadline = time.monotonic() + 10
         while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] != "daemon":
@@ -1026,7 +1027,7 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0):
             await ask(d, *cmd)
         miss = await ask(d, "routed", f)
         # Copied here while the daemon fills its cache; then a hit, kept.
@@ -1064,7 +1065,7 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0):
             await ask(d, *cmd)
         await until_route(d, f, "held")
         old = f.stat()
@@ -1127,7 +1128,8 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
     settle(*(f for f, _ in files))
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9), (
+                "cold", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         base = (await ask(d, "fds"))["fds"]
         for f, _ in files:  # a miss, then a hit that is kept
@@ -1334,7 +1336,8 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
     path = tmp_path / "v2.sock"
     with stand_in_daemon(path, v2):
         d = driver()
-        for cmd in ("socket", path), ("routing", 0, -1), ("backoff", 0, 0), ("log", "quiet"):
+        for cmd in ("socket", path), ("routing", 0, -1), ("backoff", 0, 0), ("cold", 0, 0), (
+                "log", "quiet"):  # fmt: skip
             d(*cmd)
         first = d("routed", files["good"][0])  # connects; the 1 s default: not asked
         got = {n: [d("routed", f) for _ in range(2)] for n, (f, _) in files.items()}
@@ -1456,3 +1459,75 @@ def test_preload_without_a_daemon_fails_nothing(driver: Any, tmp_path: Path) -> 
     assert r["held"] == 0 and r["code"] == "" and r["us"] < 250_000
     again = d("preload", f)  # the breaker is open: not even a connect
     assert again["held"] == 0 and d("counts")["fast"] >= 1
+
+
+async def test_a_cold_daemon_is_left_alone_for_a_window_and_told_later(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05")
+    files = [big(tmp_path / f"lib{i}.so") for i in range(5)]
+    settle(*(f for f, _ in files))
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400):
+            await ask(d, *cmd)
+        first = [await ask(d, "routed", f) for f, _ in files[:4]]
+        s = await trio.to_thread.run_sync(stats, daemon)
+        again = await ask(d, "routed", files[0][0])  # in the window: not asked either
+        await ask(d, "close")  # the files copied meanwhile are told to the daemon
+        deadline = time.monotonic() + 10
+        while (await trio.to_thread.run_sync(stats, daemon))["entries"] < 4:
+            assert time.monotonic() < deadline
+            await trio.sleep(0.02)
+        await trio.sleep(0.45)  # the window is over
+        later = await ask(d, "routed", files[3][0])
+        fresh = await ask(d, "routed", files[4][0])
+    for r, (_, digest) in zip(first, files[:4], strict=True):
+        assert r["hash"] == digest and r["route"] == "copy"
+    # Three misses of three files it fills; then the fourth is not asked for.
+    assert [r["copied_why"] for r in first] == ["miss", "miss", "miss", "cold"]
+    assert (s["misses"], s["hits"]) == (3, 0)
+    assert (again["copied_why"], again["hash"]) == ("cold", files[0][1])
+    # Told in one batch at close: cached, so served once the window is over.
+    assert (later["route"], later["hit"], later["hash"]) == ("daemon", True, files[3][1])
+    assert (fresh["copied_why"], fresh["hash"]) == ("miss", files[4][1])
+
+
+async def test_the_race_takes_the_first_done_and_never_waits(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        daemon = await start_daemon("--racy-window", "0.05")
+        cached, cached_digest = big(tmp_path / "cached.so", 16 << 20)
+        cold, cold_digest = big(tmp_path / "cold.so", 16 << 20)
+        small, _ = big(tmp_path / "new.so", 300_000)
+        settle(cached, cold, small)
+        d = driver()
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("race", 1), (
+            "cold", 0, 0), ("timeouts", 200, 200, 0), ("backoff", 5000, 5000), (
+            "log", "capture"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "openfd", cached)  # cached, waiting for the daemon's copy
+        hit = await ask(d, "routed", cached)  # the daemon answers long before 16 MiB are copied
+        miss = await ask(d, "routed", cold)  # a miss: answered at once, copied on here
+        held = await until_route(d, cold, "held")  # the daemon filled it; kept
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            stopped = [await ask(d, "routed", small) for _ in range(3)]
+            await trio.sleep(0.3)  # the requests sent are overdue now
+            noticed = await ask(d, "routed", small)
+            counts = await ask(d, "counts")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        log = await trio.to_thread.run_sync(d.finish)
+        assert (hit["route"], hit["hash"]) == ("daemon", cached_digest)
+        assert miss["route"] == "copy" and miss["copied_why"] in ("miss", "first")
+        assert miss["hash"] == cold_digest and held[-1]["hash"] == cold_digest
+        for r in stopped:  # no routed open waits on the stopped daemon
+            assert r["route"] == "copy" and r["us"] < 100_000, r
+        assert noticed["copied_why"] in ("failed", "breaker") and counts["fast"] >= 1
+        lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+        assert len(lines) == 1 and "timed out" in lines[0], log
+
+    with trio.fail_after(60):
+        await body()

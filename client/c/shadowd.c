@@ -74,7 +74,7 @@
 #define DEFAULT_LOCAL_BELOW (128 * 1024)
 #define DEFAULT_HELD_MAX 128
 #define DEFAULT_HELD_MAX_BYTES (64LL << 20)
-#define DEFAULT_COLD_MISSES 3
+#define DEFAULT_COLD_MISSES 1
 #define DEFAULT_COLD_MS 1000
 #define PROTOCOL 2          /* the version this client says first */
 #define PRELOAD_GROUP 256   /* files shadowd_preload handles at once (sources open, items) */
@@ -2406,11 +2406,9 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v)
     if (!held_has(c, v))
         return -1;
     int i = held_find(p, v->dev, v->ino);
+    /* No seal check: seals belong to the inode, this one's were checked
+     * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
     int fd = reopen_readonly(p->held[i].fd);
-    if (fd >= 0 && !sealed(fd)) {
-        close(fd);
-        fd = -1;
-    }
     if (fd < 0)
         held_drop(c, i);
     return fd;

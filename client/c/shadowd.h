@@ -22,10 +22,22 @@
  * answered at once without an fd ("miss", "filling") and copied here while
  * the daemon fills its cache, so no reply of theirs waits on a copy. A
  * served reply says the version its fd holds and whether the daemon cached
- * it; the hello gives the daemon's racy window. shadowd_open,
+ * it (only such an fd, of the version the caller's fstat saw, goes into the
+ * process-local tier); the hello gives the daemon's racy window, which the
+ * routed open then uses to copy young files without asking. shadowd_open,
  * shadowd_open_fd, shadowd_open_batch and shadowd_submit_open keep version
  * 1's meaning: they ask the daemon and wait for its copy on a miss.
  *
+ * The routed open, cheapest first (see "routed" below): the process-local
+ * tier; local copies of small, young and too large files; the daemon,
+ * without waiting for its copy; a local copy whenever the daemon does not
+ * serve the file. Two refinements, both measured on the project's 2-vCPU
+ * machines (client/c/README.md): a daemon that answers with a miss it is
+ * filling is cold, and gets no routed request for a second (what a miss
+ * costs it is paid by the program; the files are told to it later in one
+ * cheap batch: shadowd_set_cold); and, off by default, a race that copies
+ * while the answer is on its way (shadowd_set_race).
+
  * Never stalled by the daemon. Each call waits for the daemon at most:
  *   - connect + hello: 250 ms by default. A healthy daemon answers a hello
  *     in well under a millisecond; 250 ms covers a loaded host, and a daemon
@@ -402,13 +414,14 @@ void shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms)
 void shadowd_set_race(struct shadowd *c, int on);
 
 /* A cold daemon: after misses of *misses* files in a row that the daemon is
- * filling (version 2), the routed open copies here without asking for *window_ms*
- * (copied_why SHADOWD_COPIED_COLD), then asks again. Each miss costs the
- * daemon far more than an item of a batch, so the files copied meanwhile
- * are told to it later in one batch that does not wait ("wait": false; at
- * most SHADOWD_HINTS files, each an fd kept until then): when the list is
- * full, when the window is over, and at shadowd_close. Negative: the
- * defaults (3 misses, 1000 ms); misses 0: never. */
+ * filling (version 2), the routed open copies here without asking for
+ * *window_ms* (copied_why SHADOWD_COPIED_COLD; the tier still serves what
+ * it holds), then asks again. A miss costs the program a round trip to a
+ * daemon that does far more for it than for an item of a batch, so the
+ * files copied meanwhile are told to the daemon later in one batch that
+ * does not wait ("wait": false; at most SHADOWD_HINTS files, each an fd kept
+ * until then): when the list is full, when the window is over, and at
+ * shadowd_close. Negative: the defaults (1 miss, 1000 ms); misses 0: never. */
 void shadowd_set_cold(struct shadowd *c, int misses, int window_ms);
 
 /* The process-local tier's bounds: at most *max_entries* files (up to

@@ -926,7 +926,7 @@ usage(FILE *f)
           "  --held N[,BYTES]    bounds of the files held (default 1024 or half the fd\n"
           "                      limit, and 512 MiB)\n"
           "  --cold N[,MS]       after misses of N files in a row, copy without asking\n"
-          "                      for MS (default 3,1000; 0: never)\n"
+          "                      for MS (default 1,1000; 0: never)\n"
           "  --stats FILE        write the counters there as one JSON object at the end\n"
           "  --verbose           say on stderr why the daemon could not answer\n"
           "\n"
