@@ -1140,10 +1140,11 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
         await ask(d, "held", 10, 300_000)  # room for one 200 kB file
         one = await ask(d, "fds")
         closed = await ask(d, "close")
-    assert two["fds"] == base + 1 + 2  # the connection and two held memfds
+    # The connection, /proc/self/fd (for the reopens) and two held memfds.
+    assert two["fds"] == base + 1 + 1 + 2
     assert first_again["route"] == "daemon" and first_again["hash"] == files[0][1]
     assert last_again["route"] == "held"
-    assert one["fds"] == base + 1 + 1
+    assert one["fds"] == base + 1 + 1 + 1
     assert closed["fds"] == base
 
 
@@ -1379,7 +1380,8 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
     # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
     assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
     assert len(requests) == unasked + 1 and asked["route"] == "daemon"
-    assert base - closed == 1 + 6  # the connection, and the held good and neg- files
+    # The connection, /proc/self/fd, and the held good and neg- files.
+    assert base - closed == 1 + 1 + 6
     # What the client writes: a routed open does not wait; shadowd_open_fd does.
     routed_opens = [r for r in requests if r.get("path", "").endswith("/good")]
     assert routed_opens[0] == {"op": "open", "id": routed_opens[0]["id"],

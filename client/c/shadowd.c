@@ -173,6 +173,7 @@ setup(struct shadowd *c)
     p->held_max_bytes = DEFAULT_HELD_MAX_BYTES;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         p->slots[i].fd = p->slots[i].src = -1;
+    p->procfd = -1;
 }
 
 /* Every entry point starts here: a struct without our mark (zero-filled,
@@ -2053,11 +2054,30 @@ seal_memfd(int fd, int executable)
     }
 }
 
-/* A new read-only open file description of *fd*'s file (its own offset). */
+/* A new read-only open file description of *fd*'s file (its own offset).
+ * With *c*, relative to its O_PATH fd of /proc/self/fd: no walk through
+ * /proc and self (0.7 us of 2.6 here). That fd names the directory of the
+ * process that opened it, so a forked child opens its own. */
 static int
-reopen_readonly(int fd)
+reopen_readonly(struct shadowd *c, int fd)
 {
     char path[32];
+    if (c != NULL) {
+        struct shadowd_private_ *p = P(c);
+        int pid = (int)getpid();
+        if (p->procfd >= 0 && p->procfd_pid != pid) {
+            close(p->procfd); /* a forked child's copy of its parent's */
+            p->procfd = -1;
+        }
+        if (p->procfd < 0) {
+            p->procfd = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+            p->procfd_pid = pid;
+        }
+        if (p->procfd >= 0) {
+            snprintf(path, sizeof path, "%d", fd);
+            return openat(p->procfd, path, O_RDONLY | O_CLOEXEC);
+        }
+    }
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     return open(path, O_RDONLY | O_CLOEXEC);
 }
@@ -2129,7 +2149,7 @@ finish_copy(struct shadowd *c, int memfd, int executable, const char *what)
 {
     int fd = -1;
     if (seal_memfd(memfd, executable) == 0)
-        fd = reopen_readonly(memfd);
+        fd = reopen_readonly(c, memfd);
     if (fd < 0)
         fail(c, "", errno, "%s: %s", what, strerror(errno));
     close(memfd);
@@ -2254,7 +2274,7 @@ shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd_key
     c->size = key->size;
     c->counts.copied++;
     if (seal_memfd(memfd, executable) == 0) {
-        fd = reopen_readonly(memfd);
+        fd = reopen_readonly(c, memfd);
         close(memfd);
         if (fd < 0)
             fail(c, "", errno, "reopening the sealed file: %s", strerror(errno));
@@ -2408,7 +2428,7 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v)
     int i = held_find(p, v->dev, v->ino);
     /* No seal check: seals belong to the inode, this one's were checked
      * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
-    int fd = reopen_readonly(p->held[i].fd);
+    int fd = reopen_readonly(c, p->held[i].fd);
     if (fd < 0)
         held_drop(c, i);
     return fd;
@@ -3370,4 +3390,7 @@ shadowd_close(struct shadowd *c)
             slot_free(&p->slots[i]);
     while (p->nheld > 0)
         held_drop(c, p->nheld - 1);
+    if (p->procfd >= 0)
+        close(p->procfd); /* (in a forked child: its copy of the parent's) */
+    p->procfd = -1;
 }

@@ -8,8 +8,10 @@
  * memfd with its own file offset, and is the caller's to close. It never
  * keeps an fd the caller was not given, except the ones it says it keeps:
  * its connection, the memfds of the process-local tier (the routed calls
- * and shadowd_preload) and the replies of pipelined requests not yet
- * collected. Nothing here allocates memory: every table is a bounded array
+ * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
+ * reopened: the tier's reopens then skip the walk through /proc and self),
+ * sources kept for a cold daemon (shadowd_set_cold) and the replies of
+ * pipelined requests not yet collected; shadowd_close closes them all. Nothing here allocates memory: every table is a bounded array
  * inside struct shadowd (about 180 KiB: keep it static or on the heap
  * rather than on a small thread stack). Not thread-safe: one struct per
  * thread, or a lock around it.
@@ -196,6 +198,7 @@ struct shadowd_private_ {
     uint64_t magic;
     int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
     int race, late_pending;
+    int procfd, procfd_pid; /* an O_PATH fd of /proc/self/fd, and whose self it is */
     int cold_misses, cold_ms, cold_streak, nhint;
     uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
     long long cold_until;
