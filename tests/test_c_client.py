@@ -1353,7 +1353,7 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
         base = d("fds")["fds"]
         d("close")
         closed = d("fds")["fds"]
-    for n, (f, digest) in files.items():
+    for n, (_, digest) in files.items():
         for r in got[n]:
             assert r["fd"] >= 0 and r["hash"] == digest, (n, r)
     routes = {n: [r["route"] for r in rs] for n, rs in got.items()}

@@ -166,7 +166,8 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             if run.mode == "shadowd":
                 assert s["shadowd_connected"] and s["fallbacks"] == 0, s["last_error"]
                 assert s["protocol"] == 2
-                assert s["open"] == ("shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_fd")
+                call = "shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_fd"
+                assert s["open"] == call
 
 
 # A tracee that opens one regular file in every way there is and says what it got.
@@ -465,7 +466,9 @@ def _misses_then_hits(supervisor: str, socket_path: str, tmp_path: Path, call: s
         return [r["how"] for r in checked(run)["files"] if r["path"] == str(f)]
 
     def cat_it() -> Run:
-        run = run_supervised(supervisor, "shadowd", [cat, str(f)], socket=socket_path, options=options)
+        run = run_supervised(
+            supervisor, "shadowd", [cat, str(f)], socket=socket_path, options=options
+        )
         assert run.returncode == 0 and run.stdout == f.read_bytes(), run.stderr
         return run
 
@@ -663,7 +666,9 @@ def test_options_that_do_not_go_together_are_usage_errors(supervisor: str, tmp_p
     listing = make_file(tmp_path / "list", b"/etc/hostname\n")
 
     def status(*args: str) -> int:
-        done = subprocess.run([supervisor, *args, "true"], capture_output=True, timeout=20)
+        done = subprocess.run(
+            [supervisor, *args, "true"], capture_output=True, timeout=20, check=False
+        )
         return done.returncode
 
     assert status("--mode", "copy", "--preload", str(listing)) == 2
