@@ -4,15 +4,20 @@ Finds real programs on this host (python3 importing a few modules, pip, a
 shell loop of `ls`, `cc -c`, `git log --stat`, perl with a few modules, gdb
 running Python), builds contrib/supervisor/shadowd-supervise, starts its own
 daemon (unless --socket names one) and runs every program under the
-supervisor in each mode (passthrough, copy, shadowd): a warm-up first, then
---rounds rounds, each a shuffled order of every (program, mode). It checks
-that each program's stdout and exit status are the same in every run, and
-that the supervisor's fd count is back to its start after each; then it
-reports per program the wall-time medians per mode, the files shadowed, the
-supervisor's time per shadowed file (from its own open of the source to the
-injected fd), the daemon's hits and misses, and the ratios.
+supervisor in each mode: passthrough (trap and continue), copy (a copy per
+open), shadowd-fd (shadowd_open_fd for every file), shadowd (the routed,
+tiered open) and shadowd-preload (the same, with --preload of the files the
+warm-up's shadowd run opened). A warm-up first, then --rounds rounds, each a
+shuffled order of every (program, mode). It checks that each program's
+stdout and exit status are the same in every run, and that the supervisor's
+fd count is back to its start after each; then it reports per program and
+mode the wall time and the supervisor's time per shadowed file (medians over
+the rounds, and their quartiles), which tier served the files (the daemon's
+hits and misses, the supervisor's own tier, local copies), and the ratios
+against copy.
 
-    .venv/bin/python benchmarks/programs.py [--rounds N] [--cold] [--json] [--socket PATH]
+    .venv/bin/python benchmarks/programs.py [--rounds N] [--cold] [--json | --markdown]
+                                            [--modes M,...] [--only P,...] [--socket PATH]
 
 A plain timing benchmark, not a test. Must never: report figures from runs
 whose outputs differ (it fails instead); leave its daemon, files or
@@ -43,7 +48,23 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.supervisor import MODES, REPO, Run, build_supervisor, real_python3, run_supervised
+from benchmarks.supervisor import REPO, Run, build_supervisor, real_python3, run_supervised
+
+#: The benchmark's modes: the supervisor's mode and options of each.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "passthrough": ("passthrough", ()),
+    "copy": ("copy", ()),
+    "shadowd-fd": ("shadowd", ("--open-fd",)),
+    "shadowd": ("shadowd", ()),
+    "shadowd-preload": ("shadowd", ()),  # --preload FILE, made after the warm-up
+    # Not measured unless asked for (--modes): the routed open that copies
+    # while it waits for the daemon's answer and takes the first done.
+    "shadowd-race": ("shadowd", ("--race",)),
+}
+DEFAULT_VARIANTS = ("passthrough", "copy", "shadowd-fd", "shadowd", "shadowd-preload")
+SHADOWD_VARIANTS = ("shadowd-fd", "shadowd", "shadowd-preload", "shadowd-race")
+#: How the supervisor made each shadow (its --stats "how").
+HOWS = ("copy", "hit", "held", "miss", "raced", "cold", "local", "fallback")
 
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
 PERL = (
@@ -189,10 +210,16 @@ def find_programs(workdir: str, *, quick: bool = False) -> tuple[list[Program], 
 class OwnDaemon:
     """`python -m shadowd serve` in a subprocess, on a socket of its own."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, prime: bool = False):
         self.socket_path = os.path.join(workdir, "shadowd.sock")
         self.log_path = os.path.join(workdir, "shadowd.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        #: A file of our own that a restarted daemon is asked for first, so that
+        #: its first miss (worker threads, code paths) is not a program's.
+        self.prime_path = os.path.join(workdir, "prime.bin") if prime else None
+        if self.prime_path:
+            with open(self.prime_path, "wb") as f:
+                f.write(os.urandom(1 << 20))
 
     def start(self, timeout: float = 30) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
@@ -210,6 +237,12 @@ class OwnDaemon:
                 self.stop()
                 raise RuntimeError(f"the daemon did not start; its log:\n{self.log()}")
             time.sleep(0.02)
+        if self.prime_path:
+            from shadowd_client import Client
+
+            with Client(self.socket_path, timeout=30) as client:
+                for _ in range(2):  # a miss (its copy waited for), then a hit
+                    os.close(client.open(self.prime_path))
 
     def _answers(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -251,7 +284,7 @@ def daemon_for(args: argparse.Namespace, workdir: str) -> Iterator[tuple[str, Ow
     if args.socket:
         yield args.socket, None
         return
-    own = OwnDaemon(workdir)
+    own = OwnDaemon(workdir, prime=args.prime)
     own.start()
     try:
         yield own.socket_path, own
@@ -269,45 +302,66 @@ class Mismatch(Exception):
 @dataclass
 class Results:
     program: Program
-    runs: dict[str, list[Run]] = field(default_factory=lambda: {m: [] for m in MODES})
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    preload: str | None = None  # the --preload file of shadowd-preload
 
 
-def check(program: Program, reference: Run, run: Run) -> None:
+def check(program: Program, variant: str, reference: Run, run: Run) -> None:
     """Fail loudly when *run* differs from *reference* or its supervisor leaked fds."""
     where = f"{program.name} ({' '.join(program.argv)})"
     if (run.returncode, run.stdout) != (reference.returncode, reference.stdout):
         raise Mismatch(
-            f"{where}: {run.mode} gave exit {run.returncode} and {len(run.stdout)} bytes of"
-            f" stdout, {reference.mode} gave exit {reference.returncode} and"
-            f" {len(reference.stdout)} bytes\n--- {reference.mode} stdout:\n"
-            f"{reference.stdout[-2000:].decode(errors='replace')}\n--- {run.mode} stdout:\n"
-            f"{run.stdout[-2000:].decode(errors='replace')}\n--- {run.mode} stderr:\n"
+            f"{where}: {variant} gave exit {run.returncode} and {len(run.stdout)} bytes of"
+            f" stdout, the first run gave exit {reference.returncode} and"
+            f" {len(reference.stdout)} bytes\n--- first stdout:\n"
+            f"{reference.stdout[-2000:].decode(errors='replace')}\n--- {variant} stdout:\n"
+            f"{run.stdout[-2000:].decode(errors='replace')}\n--- {variant} stderr:\n"
             f"{run.stderr[-2000:].decode(errors='replace')}"
         )
     s = run.stats
     if not s or s.get("fds_before") != s.get("fds_after"):
         raise Mismatch(
             f"{where}: the supervisor's fd count went from {s.get('fds_before')} to"
-            f" {s.get('fds_after')} in {run.mode} mode (or it wrote no stats)"
+            f" {s.get('fds_after')} in {variant} mode (or it wrote no stats)"
         )
+    ways = ("hits", "misses", "held", "local", "raced", "cold", "fallbacks")
+    if sum(s.get(k, 0) for k in ways) != (s["shadowed"] if run.mode == "shadowd" else 0):
+        raise Mismatch(f"{where}: {variant}: the ways files were served do not add up: {s}")
+
+
+def preload_list(program: Program, run: Run) -> list[str]:
+    """The files *run* shadowed, as absolute paths (relative ones from the
+    program's directory), each once, in the order first opened."""
+    seen: dict[str, None] = {}
+    for f in run.stats.get("files", []):
+        path = os.path.normpath(os.path.join(program.cwd, f["path"]))
+        if path not in seen and os.path.isfile(path):
+            seen[path] = None
+    return list(seen)
 
 
 def run_all(
     binary: str,
     programs: list[Program],
     *,
+    variants: list[str],
     rounds: int,
     socket_path: str,
     daemon: OwnDaemon | None,
     cold: bool,
+    workdir: str,
 ) -> list[Results]:
     """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked."""
-    results = [Results(p) for p in programs]
+    results = [Results(p, {v: [] for v in variants}) for p in programs]
     reference: dict[str, Run] = {}
 
-    def one(r: Results, mode: str) -> Run:
-        if cold and mode == "shadowd" and daemon is not None:
+    def one(r: Results, variant: str) -> Run:
+        if cold and variant in SHADOWD_VARIANTS and daemon is not None:
             daemon.restart()
+        mode, options = VARIANTS[variant]
+        if variant == "shadowd-preload":
+            assert r.preload is not None
+            options = ("--preload", r.preload)
         run = run_supervised(
             binary,
             mode,
@@ -316,19 +370,30 @@ def run_all(
             cwd=r.program.cwd,
             env=r.program.env,
             timeout=300,
+            options=options,
         )
         ref = reference.setdefault(r.program.name, run)
-        check(r.program, ref, run)
+        check(r.program, variant, ref, run)
         return run
 
-    for r in results:  # the warm-up: caches, page cache, pyc files; not counted
-        for mode in MODES:
-            one(r, mode)
+    # The warm-up: caches, page cache, pyc files; not counted. The preload
+    # list is what the warm-up's run in shadowd mode (a previous run) opened.
+    for r in results:
+        source = None
+        for variant in variants:
+            if variant == "shadowd-preload":
+                first = source or one(r, "shadowd")
+                r.preload = os.path.join(workdir, f"preload-{r.program.name}.txt")
+                with open(r.preload, "w") as f:
+                    f.writelines(f"{path}\n" for path in preload_list(r.program, first))
+            run = one(r, variant)
+            if variant == "shadowd":
+                source = run
     for i in range(rounds):
-        order = [(r, mode) for r in results for mode in MODES]
+        order = [(r, v) for r in results for v in variants]
         random.shuffle(order)
-        for r, mode in order:
-            r.runs[mode].append(one(r, mode))
+        for r, v in order:
+            r.runs[v].append(one(r, v))
         print(f"programs: round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
 
@@ -340,40 +405,84 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _quartiles(values: list[float]) -> tuple[float | None, float | None]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (None, None)
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
 def summarize(r: Results) -> dict[str, Any]:
-    """The figures of one program: medians over its rounds, per mode."""
+    """The figures of one program: medians (and quartiles) over its rounds, per mode."""
     out: dict[str, Any] = {"name": r.program.name, "argv": r.program.argv, "modes": {}}
-    for mode in MODES:
-        runs = r.runs[mode]
-        per_run_us = [
+    for variant, runs in r.runs.items():
+        wall = [run.seconds * 1000 for run in runs]
+        # The supervisor's time per file: each run's mean (what it paid in
+        # all, per file), then the median over the rounds.
+        per_file = [
             run.stats["shadow_ns"] / run.stats["shadowed"] / 1000
             for run in runs
             if run.stats.get("shadowed")
         ]
-        all_files_us = [f["ns"] / 1000 for run in runs for f in run.stats.get("files", [])]
-        out["modes"][mode] = {
-            "wall_ms": _median([run.seconds * 1000 for run in runs]),
+        per_file_wall = [
+            run.stats["shadow_wall_ns"] / run.stats["shadowed"] / 1000
+            for run in runs
+            if run.stats.get("shadowed")
+        ]
+        by_how: dict[str, dict[str, float | None]] = {}
+        for how in HOWS:
+            files = [f["ns"] / 1000 for run in runs for f in run.stats["files"] if f["how"] == how]
+            if files:
+                by_how[how] = {
+                    "files_per_run": len(files) / len(runs),
+                    "us_mean": statistics.fmean(files),
+                    "us_median": statistics.median(files),
+                }
+        out["modes"][variant] = {
+            "wall_ms": _median(wall),
+            "wall_ms_quartiles": _quartiles(wall),
             "notifications": _median([run.stats["notifications"] for run in runs]),
             "shadowed": _median([run.stats["shadowed"] for run in runs]),
-            # The mean of each run (what the supervisor paid in all, per file),
-            # then the median over the rounds; and the median single file.
-            "us_per_file": _median(per_run_us),
-            "us_median_file": _median(all_files_us),
-            "hits": _median([run.stats["hits"] for run in runs]),
-            "misses": _median([run.stats["misses"] for run in runs]),
-            "fallbacks": _median([run.stats["fallbacks"] for run in runs]),
+            "us_per_file": _median(per_file),
+            "us_per_file_quartiles": _quartiles(per_file),
+            "us_per_file_wall": _median(per_file_wall),
+            "us_median_file": _median(
+                [f["ns"] / 1000 for run in runs for f in run.stats.get("files", [])]
+            ),
+            **{
+                k: _median([run.stats.get(k, 0) for run in runs])
+                for k in (
+                    "hits",
+                    "misses",
+                    "held",
+                    "local",
+                    "raced",
+                    "cold",
+                    "fallbacks",
+                    "preload_held",
+                )
+            },
+            "preload_files": _median([run.stats.get("preload_files", 0) for run in runs]),
+            "preload_ms": _median([run.stats.get("preload_ns", 0) / 1e6 for run in runs]),
+            "by_how": by_how,
         }
     m = out["modes"]
-    out["ratios"] = {
-        "shadowd/copy wall": _ratio(m["shadowd"]["wall_ms"], m["copy"]["wall_ms"]),
-        "shadowd/copy per file": _ratio(m["shadowd"]["us_per_file"], m["copy"]["us_per_file"]),
-        "copy/passthrough wall": _ratio(m["copy"]["wall_ms"], m["passthrough"]["wall_ms"]),
-        "shadowd/passthrough wall": _ratio(m["shadowd"]["wall_ms"], m["passthrough"]["wall_ms"]),
-    }
+    ratios: dict[str, float | None] = {}
+    if "copy" in m:
+        for v in (v for v in m if v in SHADOWD_VARIANTS):
+            ratios[f"{v}/copy wall"] = _ratio(m[v]["wall_ms"], m["copy"]["wall_ms"])
+            ratios[f"{v}/copy per file"] = _ratio(m[v]["us_per_file"], m["copy"]["us_per_file"])
+            ratios[f"{v}/copy per file (wall)"] = _ratio(
+                m[v]["us_per_file_wall"], m["copy"]["us_per_file_wall"]
+            )
+    if "passthrough" in m:
+        for v in (v for v in m if v != "passthrough"):
+            ratios[f"{v}/passthrough wall"] = _ratio(m[v]["wall_ms"], m["passthrough"]["wall_ms"])
+    out["ratios"] = ratios
     return out
 
 
@@ -386,50 +495,121 @@ def machine() -> dict[str, Any]:
             )
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _spread(q: tuple[float | None, float | None], spec: str) -> str:
+    return f"{_fmt(q[0], spec)}-{_fmt(q[1], spec)}"
+
+
 def table(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (readable as text too)."""
+    variants = report["modes"]
+    shadowd = [v for v in variants if v in SHADOWD_VARIANTS]
+    m0 = report["machine"]
+    cache = "cold: a fresh daemon before every shadowd-mode run" if report["cold"] else "warm cache"
+    if report["cold"] and report.get("prime"):
+        cache += ", asked for a file of the benchmark's own first"
     lines = [
-        f"real programs under shadowd-supervise: medians of {report['rounds']} rounds"
-        f" ({'cold: a fresh daemon per shadowd run' if report['cold'] else 'warm cache'});"
-        f" {report['machine']['cpus']} CPUs, {report['machine']['cpu'] or 'unknown CPU'},"
-        f" Linux {report['machine']['kernel']}",
+        f"real programs under shadowd-supervise: medians of {report['rounds']} rounds ({cache});"
+        f" {m0['cpus']} CPUs, {m0['cpu'] or 'unknown CPU'}, Linux {m0['kernel']};"
+        f" load average {', '.join(f'{x:.2f}' for x in report['load_before'])} before,"
+        f" {', '.join(f'{x:.2f}' for x in m0['loadavg'])} after",
         "",
-        f"{'program':<17}{'files':>6}  {'pass ms':>8}{'copy ms':>8}{'shd ms':>8}"
-        f"  {'copy us/f':>9}{'shd us/f':>9}  {'hits':>5}{'miss':>5}{'fall':>5}"
-        f"  {'shd/copy':>8}{'f shd/copy':>11}{'copy/pass':>10}{'shd/pass':>9}",
+        "Wall time, ms (median; quartiles in brackets):",
+        "",
+        "| program | files | " + " | ".join(variants) + " |",
+        "|---|---:|" + "---:|" * len(variants),
     ]
     for p in report["programs"]:
-        m, q = p["modes"], p["ratios"]
+        m = p["modes"]
+        files = m.get("copy", m[variants[-1]])["shadowed"]
         cells = [
-            f"{p['name']:<17}",
-            f"{_fmt(m['copy']['shadowed'], '.0f'):>6}  ",
-            *(f"{_fmt(m[mode]['wall_ms'], '.1f'):>8}" for mode in MODES),
-            "  ",
-            *(f"{_fmt(m[mode]['us_per_file'], '.1f'):>9}" for mode in ("copy", "shadowd")),
-            "  ",
-            *(f"{_fmt(m['shadowd'][k], '.0f'):>5}" for k in ("hits", "misses", "fallbacks")),
-            "  ",
-            f"{_fmt(q['shadowd/copy wall'], '.2f'):>8}",
-            f"{_fmt(q['shadowd/copy per file'], '.2f'):>11}",
-            f"{_fmt(q['copy/passthrough wall'], '.2f'):>10}",
-            f"{_fmt(q['shadowd/passthrough wall'], '.2f'):>9}",
+            f"{_fmt(m[v]['wall_ms'], '.1f')} ({_spread(m[v]['wall_ms_quartiles'], '.1f')})"
+            for v in variants
         ]
-        lines.append("".join(cells))
+        lines.append(f"| {p['name']} | {_fmt(files, '.0f')} | " + " | ".join(cells) + " |")
+    filed = [v for v in variants if v != "passthrough"]
+    lines += [
+        "",
+        "The supervisor's time per shadowed file, us (median of each run's mean; quartiles):",
+        "",
+        "| program | " + " | ".join(filed) + " |",
+        "|---|" + "---:|" * len(filed),
+    ]
+    for p in report["programs"]:
+        m = p["modes"]
+        cells = [
+            f"{_fmt(m[v]['us_per_file'], '.1f')} ({_spread(m[v]['us_per_file_quartiles'], '.1f')})"
+            for v in filed
+        ]
+        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    if "copy" in variants and shadowd:
+        lines += [
+            "",
+            "Against copy (wall; per file; per file with the wall-clock measure):",
+            "",
+            "| program | " + " | ".join(shadowd) + " |",
+            "|---|" + "---:|" * len(shadowd),
+        ]
+        for p in report["programs"]:
+            q = p["ratios"]
+            cells = [
+                f"{_fmt(q[f'{v}/copy wall'], '.2f')}; {_fmt(q[f'{v}/copy per file'], '.2f')};"
+                f" {_fmt(q[f'{v}/copy per file (wall)'], '.2f')}"
+                for v in shadowd
+            ]
+            lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    if shadowd:
+        lines += [
+            "",
+            "Which tier served the files, per run (files, and the supervisor's mean us per file):",
+            "",
+            "| program | mode | hit | held | miss | raced | cold | local | fallback | preload |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in report["programs"]:
+            for v in shadowd:
+                mv = p["modes"][v]
+                cells = []
+                for how in ("hit", "held", "miss", "raced", "cold", "local", "fallback"):
+                    b = mv["by_how"].get(how)
+                    cells.append(
+                        "-"
+                        if b is None
+                        else f"{b['files_per_run']:.0f} ({_fmt(b['us_mean'], '.0f')})"
+                    )
+                pre = (
+                    f"{_fmt(mv['preload_held'], '.0f')}/{_fmt(mv['preload_files'], '.0f')}"
+                    f" in {_fmt(mv['preload_ms'], '.1f')} ms"
+                    if mv["preload_files"]
+                    else "-"
+                )
+                lines.append(f"| {p['name']} | {v} | " + " | ".join(cells) + f" | {pre} |")
     for s in report["skipped"]:
         lines.append(f"skipped {s['name']}: {s['why']}")
     lines += [
         "",
-        "files: shadowed per run; us/f: the supervisor's time per shadowed file (its own open",
-        "of the source to the injected fd; each run's mean, median over rounds); hits, miss,",
-        "fall: the daemon's hits and misses and the local copies made when it could not answer",
-        "(per run); shd/copy, copy/pass, shd/pass: ratios of wall-time medians; f shd/copy:",
-        "of the time per file.",
+        "files: shadowed per run (copy mode). Per file: from the supervisor's own open of",
+        "the source to its injection of the shadow, counting the injection's CPU time (the",
+        "tracee it wakes may run on the supervisor's CPU before the call returns); 'wall'",
+        "counts the whole wall time to the call's return. hit: served by the daemon from",
+        "its cache; held: reopened from the supervisor's tier; miss: the daemon had not",
+        "cached it (shadowd-fd: served after its copy; routed: copied here while it fills);",
+        "raced: copied here before the daemon's answer came (--race); cold: copied here",
+        "without asking for a second after a miss the daemon was filling, told to it",
+        "afterwards in one batch; local: copied here by the routing rules (small,",
+        "young); fallback: copied here because the daemon could not answer. preload:",
+        "files held / listed, and its time.",
     ]
     return "\n".join(lines)
 
@@ -438,19 +618,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/programs.py",
         description="Real programs under the reference supervisor (contrib/supervisor), "
-        "in modes passthrough, copy and shadowd: wall times, time per shadowed file, "
-        "hits and misses, checked for identical outputs.",
+        "in modes passthrough, copy, shadowd-fd, shadowd and shadowd-preload: wall times, "
+        "time per shadowed file, which tier served the files, checked for identical outputs.",
     )
     parser.add_argument("--rounds", type=int, default=10, help="measured rounds (default 10)")
     parser.add_argument(
-        "--cold", action="store_true", help="restart the daemon before each shadowd-mode run"
+        "--cold",
+        action="store_true",
+        help="restart the daemon before each run in a shadowd mode (a cold cache)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    out = parser.add_mutually_exclusive_group()
+    parser.add_argument(
+        "--prime",
+        action="store_true",
+        help="with --cold: ask each new daemon for a file of our own first, so that the"
+        " programs' files are its first misses but not its first requests",
+    )
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument(
+        "--markdown", action="store_true", help="the tables only (the default adds nothing else)"
+    )
     parser.add_argument(
         "--socket", help="use the daemon on this socket instead of starting one of our own"
     )
     parser.add_argument(
         "--only", help="comma-separated program names (python3-imports, pip-version, ...)"
+    )
+    parser.add_argument(
+        "--modes",
+        help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also shadowd-race)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="shorter loops (3 ls, 5 commits): for a test"
@@ -460,10 +656,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.cold and args.socket:
         parser.error("--cold restarts our own daemon: it cannot go with --socket")
+    variants = list(DEFAULT_VARIANTS)
+    if args.modes:
+        wanted_modes = [v.strip() for v in args.modes.split(",") if v.strip()]
+        unknown_modes = [v for v in wanted_modes if v not in VARIANTS]
+        if unknown_modes or not wanted_modes:
+            parser.error(f"--modes: not a mode: {', '.join(unknown_modes) or '(none)'}")
+        variants = [v for v in VARIANTS if v in wanted_modes]
 
     def say(msg: str) -> None:
         print(f"programs: {msg}", file=sys.stderr, flush=True)
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="shadowd-programs-") as workdir:
         binary, why = build_supervisor(workdir)
         if binary is None:
@@ -482,24 +686,29 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for s in skipped:
             say(f"skipping {s.name}: {s.why}")
-        say(f"{len(programs)} programs x {len(MODES)} modes, a warm-up and {args.rounds} rounds")
+        say(f"{len(programs)} programs x {len(variants)} modes, a warm-up and {args.rounds} rounds")
         try:
             with daemon_for(args, workdir) as (socket_path, daemon):
                 results = run_all(
                     binary,
                     programs,
+                    variants=variants,
                     rounds=args.rounds,
                     socket_path=socket_path,
                     daemon=daemon,
                     cold=args.cold,
+                    workdir=workdir,
                 )
         except Mismatch as exc:
             say(f"FAILED: {exc}")
             return 1
     report = {
+        "prime": args.prime,
         "machine": machine(),
+        "load_before": load_before,
         "rounds": args.rounds,
         "cold": args.cold,
+        "modes": variants,
         "programs": [summarize(r) for r in results],
         "skipped": [{"name": s.name, "why": s.why} for s in skipped],
     }

@@ -73,10 +73,19 @@ class Run:
 
 
 def supervised_command(
-    binary: str, mode: str, argv: list[str], *, socket: str | None = None, stats: str | None = None
+    binary: str,
+    mode: str,
+    argv: list[str],
+    *,
+    socket: str | None = None,
+    stats: str | None = None,
+    options: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
-    """The command line that runs *argv* under the supervisor in *mode*."""
-    command = [binary, "--mode", mode]
+    """The command line that runs *argv* under the supervisor in *mode*.
+
+    *options* go to the supervisor (say ``--open-fd``, ``--preload FILE``).
+    """
+    command = [binary, "--mode", mode, *options]
     if socket is not None:
         command += ["--socket", socket]
     if stats is not None:
@@ -94,12 +103,15 @@ def run_supervised(
     env: dict[str, str] | None = None,
     timeout: float = 60,
     stdin: int | None = subprocess.DEVNULL,
+    options: list[str] | tuple[str, ...] = (),
 ) -> Run:
     """Run *argv* under the supervisor in *mode*; its output, status, time and counters."""
     fd, stats_path = tempfile.mkstemp(prefix="shadowd-supervise-", suffix=".json")
     os.close(fd)
     try:
-        command = supervised_command(binary, mode, argv, socket=socket, stats=stats_path)
+        command = supervised_command(
+            binary, mode, argv, socket=socket, stats=stats_path, options=options
+        )
         start = time.perf_counter()
         done = subprocess.run(
             command,

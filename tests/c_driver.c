@@ -137,12 +137,42 @@ route_name(int route)
     }
 }
 
+static const char *
+why_name(int why)
+{
+    switch (why) {
+    case SHADOWD_COPIED_RULE: return "rule";
+    case SHADOWD_COPIED_MISS: return "miss";
+    case SHADOWD_COPIED_BREAKER: return "breaker";
+    case SHADOWD_COPIED_FAILED: return "failed";
+    case SHADOWD_COPIED_FIRST: return "first";
+    case SHADOWD_COPIED_COLD: return "cold";
+    default: return "";
+    }
+}
+
+/* What a reply said in version 2 (the same fields in struct shadowd, items, results). */
+static void
+served(int copied_why, int miss, int filling, int cached, int has_version,
+       const struct shadowd_version *v)
+{
+    emit("\"copied_why\": \"%s\", \"v2_miss\": %s, \"filling\": %s, \"cached\": %s, ",
+         why_name(copied_why), miss ? "true" : "false", filling ? "true" : "false",
+         cached ? "true" : "false");
+    if (has_version)
+        emit("\"version\": [%llu, %lld, %lld], ", (unsigned long long)v->size,
+             (long long)v->mtime_ns, (long long)v->ctime_ns);
+    else
+        emit("\"version\": null, ");
+}
+
 static void
 status(double started)
 {
     emit("\"us\": %.1f, \"hit\": %s, \"size\": %llu, \"route\": \"%s\", \"errnum\": %d, ",
          now_us() - started, c.hit ? "true" : "false", (unsigned long long)c.size,
          route_name(c.route), c.errnum);
+    served(c.copied_why, c.miss, c.filling, c.cached, c.has_version, &c.version);
     emit_str("code", c.code);
     emit_str("error", c.error);
 }
@@ -154,6 +184,7 @@ item(const struct shadowd_item *it)
     describe("", it->fd, 0);
     emit("\"hit\": %s, \"route\": \"%s\", \"errnum\": %d, ", it->hit ? "true" : "false",
          route_name(it->route), it->errnum);
+    served(it->copied_why, it->miss, it->filling, it->cached, it->has_version, &it->version);
     emit_str("code", it->code);
     if (used >= 2 && out[used - 2] == ',')
         used -= 2;
@@ -193,6 +224,7 @@ result(const struct shadowd_result *r)
     emit("{\"id\": %lld, \"tag\": %ld, ", r->id, (long)(intptr_t)r->tag);
     describe("", r->fd, 0);
     emit("\"hit\": %s, \"route\": \"%s\", ", r->hit ? "true" : "false", route_name(r->route));
+    served(r->copied_why, r->miss, r->filling, r->cached, r->has_version, &r->version);
     emit_str("code", r->code);
     emit_str("error", r->error);
     if (used >= 2 && out[used - 2] == ',')
@@ -225,6 +257,10 @@ main(void)
             shadowd_set_backoff(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "routing") == 0) {
             shadowd_set_routing(&c, atoll(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "cold") == 0) {
+            shadowd_set_cold(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "race") == 0) {
+            shadowd_set_race(&c, atoi(argv[1]));
         } else if (strcmp(cmd, "held") == 0) {
             shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
         } else if (strcmp(cmd, "log") == 0) {
@@ -389,6 +425,22 @@ main(void)
             if (used >= 2 && out[used - 2] == ',')
                 used -= 2;
             emit("], \"pending\": %d, ", shadowd_pending(&c));
+        } else if (strcmp(cmd, "preload") == 0 || strcmp(cmd, "preloadfds") == 0) {
+            /* preload PATH...: shadowd_preload; preloadfds PATH...: the fds variant */
+            int n = argc - 1, held;
+            if (cmd[7] == '\0') {
+                held = shadowd_preload(&c, (const char *const *)argv + 1, n);
+            } else {
+                int srcs[300];
+                for (int i = 0; i < n; i++)
+                    srcs[i] = open_src(argv[1 + i]);
+                held = shadowd_preload_fds(&c, srcs, (const char *const *)argv + 1, n);
+                for (int i = 0; i < n; i++)
+                    if (srcs[i] >= 0)
+                        close(srcs[i]);
+            }
+            emit("\"held\": %d, ", held);
+            status(t);
         } else if (strcmp(cmd, "cancel") == 0) {
             emit("\"rc\": %d, ", shadowd_cancel(&c, atoll(argv[1])));
         } else if (strcmp(cmd, "pending") == 0) {
@@ -419,11 +471,15 @@ main(void)
             emit("\"fds\": %d, ", count_fds());
         } else if (strcmp(cmd, "counts") == 0) {
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
-                 "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, ",
+                 "\"missed\": %llu, \"preloaded\": %llu, "
+                 "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "
+                 "\"protocol\": %d, \"racy_window_ns\": %llu, ",
                  (unsigned long long)c.counts.daemon, (unsigned long long)c.counts.held,
                  (unsigned long long)c.counts.copied, (unsigned long long)c.counts.fast,
+                 (unsigned long long)c.counts.missed, (unsigned long long)c.counts.preloaded,
                  shadowd_available(&c), (unsigned long long)c.max_batch,
-                 (unsigned long long)c.max_file_size);
+                 (unsigned long long)c.max_file_size, c.protocol,
+                 (unsigned long long)c.racy_window_ns);
         } else if (strcmp(cmd, "zero") == 0) {
             /* A zero-filled struct: close it, twice, then (with a PATH) use it. */
             static struct shadowd z;

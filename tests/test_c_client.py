@@ -161,6 +161,18 @@ async def ask(d: Driver, *words: object) -> Any:
     return await trio.to_thread.run_sync(lambda: d(*words))
 
 
+async def until_route(d: Driver, f: Path, route: str, timeout: float = 10) -> list[Any]:
+    """Routed opens of *f* until one takes *route* (a miss is filled meanwhile); all of them."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not got or got[-1]["route"] != route:
+        assert time.monotonic() < deadline, got[-3:]
+        if got:
+            await trio.sleep(0.01)
+        got.append(await ask(d, "routed", f))
+    return got
+
+
 def big(path: Path, size: int = 200_000, mode: int = 0o644) -> tuple[Path, str]:
     """A file above the routed open's crossover, and the hash of its bytes."""
     data = os.urandom(size)
@@ -397,8 +409,10 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
     assert b"not sealed; refused it" in done.stderr
     assert done.stdout == b""
     hello, open_ = (msgpack.unpackb(r) for r in requests)
-    # What the C client writes is what the protocol documents.
-    assert hello == {"op": "hello", "id": 0, "version": 1, "client": "shadowd.c/1"}
+    # What the C client writes is what the protocol documents: it says
+    # version 2; this stand-in answers 1, and is then spoken to in 1 (an
+    # open without "wait").
+    assert hello == {"op": "hello", "id": 0, "version": 2, "client": "shadowd.c/2"}
     assert open_ == {"op": "open", "id": 1, "path": "/etc/hostname"}
 
 
@@ -605,6 +619,7 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         for cmd in ("socket", d_.socket_path), ("routing", 0, 50), ("held", 0, 0), (
             "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"):  # fmt: skip
             await ask(d, *cmd)
+        await ask(d, "openfd", f)  # cached: the routed opens below are hits
         assert (await ask(d, "routed", f))["route"] == "daemon"
         os.kill(d_.pid, signal.SIGSTOP)
         try:
@@ -674,9 +689,12 @@ async def test_a_daemon_killed_and_restarted_in_a_loop_of_opens(
     files = [big(tmp_path / f"f{i}") for i in range(3)]
     settle(*(f for f, _ in files))
     d = driver()
+    # No cold window: the restarted daemon's three misses would start one.
     for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("held", 0, 0), (
-        "backoff", 100, 400), ("log", "capture"):  # fmt: skip
+        "backoff", 100, 400), ("cold", 0, 0), ("log", "capture"):  # fmt: skip
         await ask(d, *cmd)
+    for f, _ in files:  # cached, so the first routed opens are hits
+        await ask(d, "openfd", f)
     routes = []
     with trio.fail_after(60):
         for i in range(60):
@@ -944,13 +962,18 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
     with trio.fail_after(30):
         await ask(d, "socket", daemon.socket_path)
         await ask(d, "routing", 0, 50)
-        rel = await ask(d, "openat", tmp_path, "lib/libx.so")
+        await ask(d, "cold", 0, 0)
+        rel = await ask(d, "openat", tmp_path, "lib/libx.so")  # a miss: copied here
+        deadline = time.monotonic() + 10
+        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] != "daemon":
+            assert time.monotonic() < deadline  # until the daemon filled it: a hit
+            await trio.sleep(0.01)
         via_link = await ask(d, "openat", sub, "link.so")
         nofollow = await ask(d, "openat", sub, "link.so", "nofollow")
         writing = await ask(d, "openat", sub, "libx.so", "write")
         missing = await ask(d, "openat", sub, "nope.so")
         directory = await ask(d, "openat", tmp_path, "lib")
-    assert rel["hash"] == digest and rel["route"] == "daemon"
+    assert rel["hash"] == digest and (rel["route"], rel["copied_why"]) == ("copy", "miss")
     assert via_link["hash"] == digest
     assert nofollow["fd"] == -1 and nofollow["errnum"] == 40  # ELOOP
     assert writing["fd"] == -1 and writing["errnum"] == 22  # EINVAL
@@ -1004,24 +1027,34 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0):
             await ask(d, *cmd)
         miss = await ask(d, "routed", f)
-        hit = await ask(d, "routed", f)
+        # Copied here while the daemon fills its cache; then a hit, kept.
+        filled = await until_route(d, f, "daemon")
         before = await trio.to_thread.run_sync(stats, daemon)
         held = [await ask(d, "routed", f) for _ in range(3)]
         twice = await ask(d, "twice", f)
         after = await trio.to_thread.run_sync(stats, daemon)
         counts = await ask(d, "counts")
-    assert (miss["route"], miss["hit"]) == ("daemon", False)  # a miss is not kept
-    assert (hit["route"], hit["hit"]) == ("daemon", True)
+    # Version 2: the miss was answered at once, without an fd, and copied here.
+    assert (miss["route"], miss["hit"], miss["copied_why"]) == ("copy", False, "miss")
+    assert miss["v2_miss"] and miss["filling"] and miss["hash"] == digest
+    assert miss["seals"] & ALL_SEALS == ALL_SEALS and miss["accmode"] == os.O_RDONLY
+    hit = filled[-1]
+    assert (hit["route"], hit["hit"], hit["cached"]) == ("daemon", True, True)
+    st = f.stat()
+    assert hit["version"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    for r in filled[:-1]:  # misses while the daemon was still copying
+        assert r["route"] == "copy" and r["copied_why"] == "miss" and r["hash"] == digest
     for r in held:
         assert r["route"] == "held" and r["hash"] == digest and r["hit"]
         assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
     assert twice["routes"] == ["held", "held"] and twice["read"] == 3
     assert twice["a_offset"] == 3 and twice["b_offset"] == 0  # each its own offset
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
-    assert counts["held"] == 5
+    assert counts["held"] == 5 and counts["protocol"] == 2
+    assert counts["missed"] == len(filled)  # the first miss and those while filling
 
 
 @pytest.mark.parametrize("young_ms", [0, 50])
@@ -1032,11 +1065,9 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0):
             await ask(d, *cmd)
-        for _ in range(3):
-            await ask(d, "routed", f)
-        assert (await ask(d, "routed", f))["route"] == "held"
+        await until_route(d, f, "held")
         old = f.stat()
         new = os.urandom(old.st_size)
         with open(f, "r+b") as fh:  # same inode, same size
@@ -1050,11 +1081,10 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
         )
         fresh = [await ask(d, "routed", f) for _ in range(2)]
         await trio.to_thread.run_sync(settle, f)
-        later = [await ask(d, "routed", f) for _ in range(3)]
+        later = await until_route(d, f, "held")  # the new version, once the daemon cached it
     for r in fresh + later:
         assert r["hash"] == fnv(new) != digest, r
     assert all(r["route"] != "held" for r in fresh)
-    assert later[-1]["route"] == "held"  # the new version, once the daemon cached it
 
 
 def test_a_hit_whose_file_changed_during_the_request_is_not_kept(
@@ -1098,22 +1128,23 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
     settle(*(f for f, _ in files))
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9), (
+                "cold", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         base = (await ask(d, "fds"))["fds"]
         for f, _ in files:  # a miss, then a hit that is kept
-            await ask(d, "routed", f)
-            await ask(d, "routed", f)
+            await until_route(d, f, "daemon")
         two = await ask(d, "fds")
         first_again = await ask(d, "routed", files[0][0])  # evicted: asked again
         last_again = await ask(d, "routed", files[2][0])  # still held
         await ask(d, "held", 10, 300_000)  # room for one 200 kB file
         one = await ask(d, "fds")
         closed = await ask(d, "close")
-    assert two["fds"] == base + 1 + 2  # the connection and two held memfds
+    # The connection, /proc/self/fd (for the reopens) and two held memfds.
+    assert two["fds"] == base + 1 + 1 + 2
     assert first_again["route"] == "daemon" and first_again["hash"] == files[0][1]
     assert last_again["route"] == "held"
-    assert one["fds"] == base + 1 + 1
+    assert one["fds"] == base + 1 + 1 + 1
     assert closed["fds"] == base
 
 
@@ -1162,3 +1193,343 @@ def test_the_socket_rule(driver_bin: str, shared_dir: Path, tmp_path: Path) -> N
         assert default({"XDG_RUNTIME_DIR": str(xdg)})["path"] == str(user_socket)
     finally:
         listener.close()
+
+
+# -- protocol version 2 ----------------------------------------------------------
+
+
+def _served(conn: socket.socket, msg: dict[str, Any], src: int, extra: dict[str, Any]) -> None:
+    """Answer open *msg* with a sealed copy of *src* and the reply keys *extra*."""
+    served = os.open(f"/proc/self/fd/{src}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sealed = memfd_copy(served)
+    finally:
+        os.close(served)
+    try:
+        reply = {"id": msg["id"], "ok": True, "size": os.fstat(sealed).st_size, **extra}
+        conn.sendmsg([msgpack.packb(reply)], scm_rights([sealed]))
+    finally:
+        os.close(sealed)
+
+
+def _requests(conn: socket.socket) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """The requests on *conn* with their fds (the caller closes them), until it ends."""
+    while True:
+        data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+        if not data:
+            return
+        fds = [
+            int.from_bytes(d[i : i + 4], "little")
+            for _, _, d in anc
+            for i in range(0, len(d) - len(d) % 4, 4)
+        ]
+        yield msgpack.unpackb(data), fds
+
+
+def test_a_daemon_that_refuses_version_2_is_greeted_in_version_1(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A stand-in daemon of protocol version 1: refused, the client says 1 and keeps v1's rules."""
+    f, digest = big(tmp_path / "lib.so")
+    g, g_digest = big(tmp_path / "other.so")
+    time.sleep(1.05)  # older than the 1 s the client assumes without a racy window
+    young = make_file(tmp_path / "young", b"just written" * 20_000)
+    hellos: list[int] = []
+    opens: list[dict[str, Any]] = []
+
+    def v1(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        hellos.append(hello["version"])
+        if hello["version"] != 1:
+            refusal = {"id": hello["id"], "ok": False, "code": "unsupported-version",
+                       "message": "this server speaks 1"}  # fmt: skip
+            conn.send(msgpack.packb(refusal))
+            return  # and closes the connection, as a daemon of version 1 does
+        conn.send(msgpack.packb({"id": 0, "ok": True, "version": 1, "server": "v1", "limits": {}}))
+        for n, (msg, fds) in enumerate(_requests(conn)):
+            opens.append(msg)
+            _served(conn, msg, fds[0], {"hit": True})
+            close_fds(fds)
+            if n == 1:
+                return  # a restart, say: the client connects again
+
+    path = tmp_path / "v1.sock"
+    with stand_in_daemon(path, v1):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, -1), ("log", "capture"):
+            d(*cmd)
+        got = [d("routed", f) for _ in range(3)]
+        counts = d("counts")
+        plain = d("openfd", f)
+        young_one = d("routed", young)
+        other = d("routed", g)  # the stand-in closed: a new connection, greeted 2 then 1
+        log = d.finish()
+    assert [r["hash"] for r in got] == [digest] * 3
+    # Version 1 says no version: a hit is kept when the caller's fstat did not change.
+    assert [r["route"] for r in got] == ["daemon", "held", "held"]
+    assert got[0]["version"] is None and not got[0]["cached"] and got[0]["hit"]
+    assert counts["protocol"] == 1 and counts["racy_window_ns"] == 0 and counts["held"] == 2
+    assert plain["hash"] == digest and plain["route"] == "daemon"
+    # Without the daemon's racy window, the 1 s default: copied here unasked.
+    assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
+    assert other["hash"] == g_digest and other["route"] == "daemon"
+    assert hellos == [2, 1, 2, 1]
+    assert all("wait" not in m for m in opens)  # v1 requests, as v1 defines them
+    assert len(opens) == 3
+    assert "LOG" not in log  # a refused version is not an outage: no breaker line
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _stat_version(fd: int) -> list[int]:
+    st = os.fstat(fd)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: Path) -> None:
+    """A stand-in of version 2 answering each file its own way; the client keeps in its
+    tier only what the protocol allows, and takes a malformed reply for a broken daemon."""
+    names = ["good", "other-version", "not-cached", "no-version", "bad-version",
+             "cached-missing", "miss", "miss-no-filling", "miss-with-fd", "neg-1", "neg-100",
+             "neg-30000", "neg-1500000000", "neg-1000000000000"]  # fmt: skip
+    files = {n: big(tmp_path / n) for n in names}
+    for n, (f, _) in files.items():
+        mtime = -int(n[4:]) if n.startswith("neg-") else OLD_NS
+        os.utime(f, ns=(OLD_NS, mtime))
+    time.sleep(0.25)  # older than the racy window the stand-in says (200 ms)
+    requests: list[dict[str, Any]] = []
+
+    def v2(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        assert hello["version"] == 2
+        limits = {"max_batch": 64, "racy_window_ns": 200_000_000}
+        reply = {"id": 0, "ok": True, "version": 2, "server": "v2", "limits": limits}
+        conn.send(msgpack.packb(reply))
+        for msg, fds in _requests(conn):
+            requests.append(msg)
+            name = Path(msg.get("path", "?")).name
+            version = _stat_version(fds[0])
+            if name == "good" or name.startswith("neg-"):
+                _served(conn, msg, fds[0], {"hit": True, "version": version, "cached": True})
+            elif name == "other-version":
+                v = [version[0], version[1] + 1, version[2]]
+                _served(conn, msg, fds[0], {"hit": True, "version": v, "cached": True})
+            elif name == "not-cached":
+                _served(conn, msg, fds[0], {"hit": False, "version": version, "cached": False})
+            elif name in ("no-version", "older"):  # say, dated past 2262
+                _served(conn, msg, fds[0], {"hit": True})
+            elif name == "bad-version":
+                _served(conn, msg, fds[0], {"hit": True, "version": version[:2], "cached": True})
+            elif name == "cached-missing":
+                _served(conn, msg, fds[0], {"hit": True, "version": version})
+            elif name == "miss-with-fd":
+                _served(conn, msg, fds[0], {"hit": False, "miss": True, "filling": True})
+            else:
+                miss: dict[str, Any] = {"id": msg["id"], "ok": True, "hit": False, "miss": True}
+                if name == "miss":
+                    miss["filling"] = True
+                conn.send(msgpack.packb(miss))
+            close_fds(fds)
+
+    path = tmp_path / "v2.sock"
+    with stand_in_daemon(path, v2):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, -1), ("backoff", 0, 0), ("cold", 0, 0), (
+                "log", "quiet"):  # fmt: skip
+            d(*cmd)
+        first = d("routed", files["good"][0])  # connects; the 1 s default: not asked
+        got = {n: [d("routed", f) for _ in range(2)] for n, (f, _) in files.items()}
+        plain = d("openfd", files["good"][0], files["good"][0])
+        counts = d("counts")
+        older = make_file(tmp_path / "older", b"o" * 200_000)
+        time.sleep(0.25)  # older than the stand-in's racy window, not than 1 s
+        fresh = make_file(tmp_path / "fresh", b"f" * 200_000)
+        unasked = len(requests)
+        young_one = d("routed", fresh)
+        asked = d("routed", older)
+        base = d("fds")["fds"]
+        d("close")
+        closed = d("fds")["fds"]
+    for n, (_, digest) in files.items():
+        for r in got[n]:
+            assert r["fd"] >= 0 and r["hash"] == digest, (n, r)
+    routes = {n: [r["route"] for r in rs] for n, rs in got.items()}
+    for n in ("good", *(n for n in names if n.startswith("neg-"))):
+        assert routes[n] == ["daemon", "held"], (n, got[n])  # signed times read right
+        st = files[n][0].stat()
+        assert got[n][0]["version"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        assert got[n][0]["cached"]
+    for n in ("other-version", "not-cached", "no-version"):
+        assert routes[n] == ["daemon", "daemon"], (n, got[n])  # served, never kept
+    assert got["no-version"][0]["version"] is None and got["not-cached"][0]["cached"] is False
+    # A miss answered at once: copied here, and said so.
+    for r in got["miss"]:
+        assert (r["route"], r["copied_why"], r["v2_miss"], r["filling"]) == (
+            "copy", "miss", True, True)  # fmt: skip
+    # Malformed: the daemon is taken for broken (copied here, the connection dropped).
+    for n in ("bad-version", "cached-missing", "miss-no-filling", "miss-with-fd"):
+        for r in got[n]:
+            assert (r["route"], r["copied_why"]) == ("copy", "failed"), (n, r)
+            assert "bad reply" in r["error"], (n, r)
+    assert counts["protocol"] == 2 and counts["racy_window_ns"] == 200_000_000
+    assert (first["route"], first["copied_why"]) == ("copy", "rule")
+    assert plain["route"] == "daemon" and plain["version"] is not None
+    # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
+    assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
+    assert len(requests) == unasked + 1 and asked["route"] == "daemon"
+    # The connection, /proc/self/fd, and the held good and neg- files.
+    assert base - closed == 1 + 1 + 6
+    # What the client writes: a routed open does not wait; shadowd_open_fd does.
+    routed_opens = [r for r in requests if r.get("path", "").endswith("/good")]
+    assert routed_opens[0] == {"op": "open", "id": routed_opens[0]["id"],
+                               "path": str(files["good"][0]), "wait": False}  # fmt: skip
+    assert list(routed_opens[0]) == ["op", "id", "path", "wait"]
+    assert "wait" not in routed_opens[-1] and routed_opens[-1]["op"] == "open"
+
+
+def greets_v2(conn: socket.socket) -> None:
+    """A daemon of version 2 that answers hello, then nothing."""
+    hello = msgpack.unpackb(conn.recv(4096))
+    reply = {"id": hello["id"], "ok": True, "version": 2, "server": "greets-v2", "limits": {}}
+    conn.send(msgpack.packb(reply))
+    until_closed(conn)
+
+
+def test_a_reply_that_does_not_wait_gets_no_time_per_mib(driver: Any, tmp_path: Path) -> None:
+    five_mib, digest = big(tmp_path / "five", 5 << 20)
+    path = tmp_path / "greets.sock"
+    with stand_in_daemon(path, greets_v2):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 100, 100), ("backoff", 0, 0), (
+                "routing", 0, 0), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        waits = d("openfd", five_mib)  # may wait for the daemon's copy: 100 + 5 x 100 ms
+        routed = d("routed", five_mib)  # never waits on a copy: 100 ms
+    assert waits["fd"] == -1 and "timed out" in waits["error"]
+    assert 600_000 <= waits["us"] < 1_300_000, waits
+    assert routed["hash"] == digest and routed["copied_why"] == "failed"
+    assert 100_000 <= routed["us"] < 500_000, routed
+
+
+async def test_preload_keeps_what_the_daemon_has_in_one_round_trip(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.5")
+    files = [big(tmp_path / f"lib{i}.so", 150_000 + i) for i in range(4)]
+    files.append((make_file(tmp_path / "small", b"a small file"), fnv(b"a small file")))
+    settle(*(f for f, _ in files), window=0.5)
+    paths = [f for f, _ in files]
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        cold = await ask(d, "preload", *paths, tmp_path / "missing", "/dev/null")
+        deadline = time.monotonic() + 10
+        warm = await ask(d, "preload", *paths)
+        while warm["held"] < len(paths):  # the daemon filled its cache meanwhile
+            assert time.monotonic() < deadline, warm
+            await trio.sleep(0.02)
+            warm = await ask(d, "preload", *paths)
+        before = await trio.to_thread.run_sync(stats, daemon)
+        again = await ask(d, "preloadfds", *paths)  # all held already: no request
+        opened = [await ask(d, "routed", p) for p in paths]
+        after = await trio.to_thread.run_sync(stats, daemon)
+        young = make_file(tmp_path / "young", b"young" * 40_000)
+        with_young = await ask(d, "preload", young)
+        after_young = await trio.to_thread.run_sync(stats, daemon)
+        counts = await ask(d, "counts")
+    assert cold["held"] == 0 and cold["code"] == ""  # misses are not waited for
+    assert again["held"] == len(paths)
+    # Every file, the small one too, is reopened here: no request reaches the daemon.
+    for r, (_, digest) in zip(opened, files, strict=True):
+        assert (r["route"], r["hash"]) == ("held", digest), r
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    assert with_young["held"] == 0  # younger than the racy window: not asked
+    assert (after_young["hits"], after_young["misses"]) == (after["hits"], after["misses"])
+    assert counts["preloaded"] == len(paths) and counts["held"] == len(paths)
+
+
+def test_preload_without_a_daemon_fails_nothing(driver: Any, tmp_path: Path) -> None:
+    f, _ = big(tmp_path / "f")
+    d = driver()
+    d("socket", tmp_path / "none.sock")
+    d("log", "quiet")
+    d("routing", -1, 0)  # no age rule: the file just written is asked for
+    r = d("preload", f, f)
+    assert r["held"] == 0 and r["code"] == "" and r["us"] < 250_000
+    again = d("preload", f)  # the breaker is open: not even a connect
+    assert again["held"] == 0 and d("counts")["fast"] >= 1
+
+
+async def test_a_cold_daemon_is_left_alone_for_a_window_and_told_later(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05")
+    files = [big(tmp_path / f"lib{i}.so") for i in range(5)]
+    settle(*(f for f, _ in files))
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400):
+            await ask(d, *cmd)
+        first = [await ask(d, "routed", f) for f, _ in files[:4]]
+        s = await trio.to_thread.run_sync(stats, daemon)
+        again = await ask(d, "routed", files[0][0])  # in the window: not asked either
+        await ask(d, "close")  # the files copied meanwhile are told to the daemon
+        deadline = time.monotonic() + 10
+        while (await trio.to_thread.run_sync(stats, daemon))["entries"] < 4:
+            assert time.monotonic() < deadline
+            await trio.sleep(0.02)
+        await trio.sleep(0.45)  # the window is over
+        later = await ask(d, "routed", files[3][0])
+        fresh = await ask(d, "routed", files[4][0])
+    for r, (_, digest) in zip(first, files[:4], strict=True):
+        assert r["hash"] == digest and r["route"] == "copy"
+    # Three misses of three files it fills; then the fourth is not asked for.
+    assert [r["copied_why"] for r in first] == ["miss", "miss", "miss", "cold"]
+    assert (s["misses"], s["hits"]) == (3, 0)
+    assert (again["copied_why"], again["hash"]) == ("cold", files[0][1])
+    # Told in one batch at close: cached, so served once the window is over.
+    assert (later["route"], later["hit"], later["hash"]) == ("daemon", True, files[3][1])
+    assert (fresh["copied_why"], fresh["hash"]) == ("miss", files[4][1])
+
+
+async def test_the_race_takes_the_first_done_and_never_waits(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        daemon = await start_daemon("--racy-window", "0.05")
+        cached, cached_digest = big(tmp_path / "cached.so", 16 << 20)
+        cold, cold_digest = big(tmp_path / "cold.so", 16 << 20)
+        small, _ = big(tmp_path / "new.so", 300_000)
+        settle(cached, cold, small)
+        d = driver()
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("race", 1), (
+            "cold", 0, 0), ("timeouts", 200, 200, 0), ("backoff", 5000, 5000), (
+            "log", "capture"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "openfd", cached)  # cached, waiting for the daemon's copy
+        hit = await ask(d, "routed", cached)  # the daemon answers long before 16 MiB are copied
+        miss = await ask(d, "routed", cold)  # a miss: answered at once, copied on here
+        held = await until_route(d, cold, "held")  # the daemon filled it; kept
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            stopped = [await ask(d, "routed", small) for _ in range(3)]
+            await trio.sleep(0.3)  # the requests sent are overdue now
+            noticed = await ask(d, "routed", small)
+            counts = await ask(d, "counts")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        log = await trio.to_thread.run_sync(d.finish)
+        assert (hit["route"], hit["hash"]) == ("daemon", cached_digest)
+        assert miss["route"] == "copy" and miss["copied_why"] in ("miss", "first")
+        assert miss["hash"] == cold_digest and held[-1]["hash"] == cold_digest
+        for r in stopped:  # no routed open waits on the stopped daemon
+            assert r["route"] == "copy" and r["us"] < 100_000, r
+        assert noticed["copied_why"] in ("failed", "breaker") and counts["fast"] >= 1
+        lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+        assert len(lines) == 1 and "timed out" in lines[0], log
+
+    with trio.fail_after(60):
+        await body()

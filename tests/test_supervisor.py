@@ -3,19 +3,27 @@
 # daemon as a subprocess: outputs identical to passthrough in every mode,
 # the shadow fds as promised (sealed, read-only, own offsets, O_CLOEXEC as
 # asked), what must pass through passing through, forks and relative paths
-# followed, no daemon no problem, and the real-program benchmark end to end.
-# Built with the host's C compiler; skipped where there is none.
+# followed, the routed open's tiers (a miss copied while the daemon fills,
+# then a hit, then the supervisor's own tier; a file rewritten in place never
+# served stale; preload), no daemon, a stopped daemon and a daemon killed and
+# restarted under a running supervisor no problem, and the real-program
+# benchmark end to end. Built with the host's C compiler; skipped where there
+# is none.
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from benchmarks.programs import find_programs
 from benchmarks.supervisor import (
@@ -70,9 +78,10 @@ def checked(run: Run) -> dict[str, Any]:
     assert s["exit_status"] == run.returncode
     assert s["notifications"] == s["shadowed"] + s["continued"] + s["gone"]
     assert s["shadowed"] == len(s["files"]) and s["files_dropped"] == 0
-    assert s["hits"] + s["misses"] + s["fallbacks"] == (
-        s["shadowed"] if run.mode == "shadowd" else 0
-    )
+    ways = ("hits", "misses", "held", "local", "raced", "cold", "fallbacks")
+    assert sum(s[k] for k in ways) == (s["shadowed"] if run.mode == "shadowd" else 0)
+    for how in ("held", "local", "raced", "cold"):
+        assert len([f for f in s["files"] if f["how"] == how]) == s[how]
     if run.mode == "passthrough":
         assert s["shadowed"] == 0 and s["continued_by_reason"]["passthrough"] == s["continued"]
     return s
@@ -127,6 +136,16 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             )
             for mode in MODES
         }
+        # shadowd_open_fd for every file, as before the routed open.
+        runs["open-fd"] = run_supervised(
+            supervisor,
+            "shadowd",
+            program.argv,
+            socket=socket_path,
+            cwd=program.cwd,
+            env=program.env,
+            options=["--open-fd"],
+        )
         reference = runs["passthrough"]
         assert (reference.returncode, reference.stdout, reference.stderr) == (
             direct.returncode,
@@ -144,8 +163,11 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             if mode != "passthrough":
                 assert s["shadowed"] > 0, (program.name, mode, s)
                 assert s["continued_by_reason"]["shadow"] == 0, s["last_error"]
-            if mode == "shadowd":
+            if run.mode == "shadowd":
                 assert s["shadowd_connected"] and s["fallbacks"] == 0, s["last_error"]
+                assert s["protocol"] == 2
+                call = "shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_fd"
+                assert s["open"] == call
 
 
 # A tracee that opens one regular file in every way there is and says what it got.
@@ -280,7 +302,9 @@ def _shadow_fds(supervisor: str, socket_path: str, tmp_path: Path, mode: str) ->
     assert {"data.bin", "../data.bin"} <= set(paths)
     assert paths.count(str(d / "data.bin")) >= 5
     if mode == "shadowd":
-        assert s["fallbacks"] == 0 and s["hits"] > 0, s["last_error"]
+        # A fresh daemon: misses (and maybe a cold window); never a fallback.
+        assert s["fallbacks"] == 0 and s["shadowd_connected"], s["last_error"]
+        assert s["hits"] + s["misses"] > 0, s
 
     # In passthrough mode the same probe gets the host files.
     plain = run_supervised(supervisor, "passthrough", argv)
@@ -422,29 +446,49 @@ def test_a_chrooted_tracee_gets_its_own_files(supervisor: str, tmp_path: Path) -
     checked(run)
 
 
+@pytest.mark.parametrize("call", ["routed", "open-fd"])
 async def test_shadowd_mode_misses_then_hits_on_a_second_run(
-    supervisor: str, start_daemon: Any, tmp_path: Path
+    supervisor: str, start_daemon: Any, tmp_path: Path, call: str
 ) -> None:
     daemon: Daemon = await start_daemon("--racy-window", "0.05")
-    await in_thread(60)(_misses_then_hits)(supervisor, str(daemon.socket_path), tmp_path)
+    await in_thread(60)(_misses_then_hits)(supervisor, str(daemon.socket_path), tmp_path, call)
 
 
-def _misses_then_hits(supervisor: str, socket_path: str, tmp_path: Path) -> None:
+def _misses_then_hits(supervisor: str, socket_path: str, tmp_path: Path, call: str) -> None:
     f = make_file(tmp_path / "data.bin", pattern(300_001))
     settle(f)
     cat = shutil.which("cat")
     assert cat is not None
+    # No cold window: libc's miss in the first run would start one.
+    options = ["--open-fd"] if call == "open-fd" else ["--cold", "0"]
 
     def hows(run: Run) -> list[str]:
         return [r["how"] for r in checked(run)["files"] if r["path"] == str(f)]
 
-    first = run_supervised(supervisor, "shadowd", [cat, str(f)], socket=socket_path)
-    second = run_supervised(supervisor, "shadowd", [cat, str(f)], socket=socket_path)
-    for run in (first, second):
+    def cat_it() -> Run:
+        run = run_supervised(
+            supervisor, "shadowd", [cat, str(f)], socket=socket_path, options=options
+        )
         assert run.returncode == 0 and run.stdout == f.read_bytes(), run.stderr
-    assert hows(first) == ["miss"] and hows(second) == ["hit"]
-    assert second.stats["hits"] == second.stats["shadowed"] > 1  # libc and the rest too
-    assert second.stats["misses"] == 0 and second.stats["shadowd_connected"] is True
+        return run
+
+    first = cat_it()
+    assert hows(first) == ["miss"]  # routed: answered at once, copied here while it fills
+    second = cat_it()
+    deadline = time.monotonic() + 10
+    while hows(second) != ["hit"]:  # the daemon fills in the background
+        assert call == "routed" and hows(second) == ["miss"] and time.monotonic() < deadline
+        time.sleep(0.02)
+        second = cat_it()
+    s = second.stats
+    assert s["misses"] == 0 and s["shadowd_connected"] is True and s["fallbacks"] == 0
+    if call == "open-fd":
+        assert s["hits"] == s["shadowed"] > 1  # libc and the rest too
+    else:
+        # ld.so.cache and the other small files are copied here without asking.
+        assert s["hits"] + s["local"] == s["shadowed"] and s["hits"] > 1 and s["local"] >= 1
+        small = [r for r in s["files"] if r["how"] == "local"]
+        assert all(r["size"] < 128 * 1024 for r in small), small
 
 
 @in_thread(60)
@@ -495,9 +539,14 @@ def _benchmark() -> None:
         m = p["modes"]
         assert m["passthrough"]["shadowed"] == 0 and m["passthrough"]["wall_ms"] > 0
         assert m["copy"]["shadowed"] > 0 and m["copy"]["us_per_file"] > 0, p
-        assert m["shadowd"]["hits"] + m["shadowd"]["misses"] == m["shadowd"]["shadowed"] > 0, p
-        assert m["shadowd"]["fallbacks"] == 0, p
-        assert p["ratios"]["shadowd/copy wall"] > 0
+        for mode in ("shadowd-fd", "shadowd", "shadowd-preload"):
+            mm = m[mode]
+            ways = ("hits", "misses", "held", "local", "raced", "cold", "fallbacks")
+            assert sum(mm[k] for k in ways) == mm["shadowed"] > 0, (mode, p)
+            assert mm["fallbacks"] == 0, (mode, p)
+            assert p["ratios"][f"{mode}/copy wall"] > 0
+        assert m["shadowd-fd"]["hits"] + m["shadowd-fd"]["misses"] == m["shadowd-fd"]["shadowed"]
+        assert m["shadowd-preload"]["preload_files"] > 0, p
     assert "programs: round 1/1 done" in done.stderr
     helped = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "programs.py"), "--help"],
@@ -508,3 +557,249 @@ def _benchmark() -> None:
         check=False,
     )
     assert helped.returncode == 0 and "--cold" in helped.stdout
+
+
+def _hows(run: Run, path: Path) -> list[str]:
+    return [r["how"] for r in checked(run)["files"] if r["path"] == str(path)]
+
+
+def _rewrite_program(path: Path, size: int, loops: int) -> str:
+    """Python: open *path* *loops* times (10 ms apart), rewrite it in place
+    (same size, its old mtime put back), open it *loops* times again; print
+    the first bytes of each read, one line per open."""
+    return f"""
+import os, time
+path = {str(path)!r}
+
+def opens(n):
+    for _ in range(n):
+        fd = os.open(path, os.O_RDONLY)
+        print(os.pread(fd, {size} + 1, 0)[:8].decode(), flush=True)
+        os.close(fd)
+        time.sleep(0.01)
+
+opens({loops})
+st = os.stat(path)
+with open(path, "r+b") as w:  # the same inode, the same size
+    w.write(b"NEWBYTES" + bytes({size} - 8))
+os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime put back
+assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+time.sleep(0.1)  # older than the daemon's racy window
+opens({loops})
+"""
+
+
+async def test_the_routed_open_misses_then_hits_then_holds_and_is_never_stale(
+    supervisor: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon: Daemon = await start_daemon("--racy-window", "0.05")
+    await in_thread(60)(_tiers)(supervisor, str(daemon.socket_path), tmp_path)
+
+
+def _tiers(supervisor: str, socket_path: str, tmp_path: Path) -> None:
+    size = 300_000
+    f = make_file(tmp_path / "conf.bin", b"OLDBYTES" + bytes(size - 8))
+    settle(f)
+    python = real_python3() or sys.executable
+    # No cold window: a fresh daemon's misses in a row would start one (the
+    # interpreter's files copied here without asking for a second).
+    run = run_supervised(
+        supervisor,
+        "shadowd",
+        [python, "-c", _rewrite_program(f, size, 30)],
+        socket=socket_path,
+        options=["--cold", "0"],
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    lines = run.stdout.decode().split()
+    assert lines == ["OLDBYTES"] * 30 + ["NEWBYTES"] * 30  # never stale
+    hows = _hows(run, f)
+    assert len(hows) == 60
+    for part in (hows[:30], hows[30:]):
+        # Version 2: a miss is copied here at once while the daemon fills its
+        # cache, then one hit (kept), then the supervisor's own tier.
+        first_hit = part.index("hit")
+        assert set(part[:first_hit]) == {"miss"} and first_hit >= 1, part
+        assert part[first_hit + 1 :] == ["held"] * (29 - first_hit), part
+    s = run.stats
+    assert s["client"]["held"] == s["held"] and s["fallbacks"] == 0
+
+
+async def test_preload_fills_the_tier_before_the_program_starts(
+    supervisor: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon: Daemon = await start_daemon("--racy-window", "0.05")
+    await in_thread(60)(_preload)(supervisor, str(daemon.socket_path), tmp_path)
+
+
+def _preload(supervisor: str, socket_path: str, tmp_path: Path) -> None:
+    files = [make_file(tmp_path / f"f{i}", pattern(1000 + 50_000 * i)) for i in range(5)]
+    settle(*files)
+    cat = shutil.which("cat")
+    assert cat is not None
+    argv = [cat, *map(str, files)]
+    expected = b"".join(p.read_bytes() for p in files)
+    first = run_supervised(supervisor, "shadowd", argv, socket=socket_path)
+    assert first.returncode == 0 and first.stdout == expected
+    listed = [r["path"] for r in checked(first)["files"]]  # what a previous run opened
+    preload = tmp_path / "preload.txt"
+    preload.write_text("".join(f"{p}\n" for p in [*listed, str(tmp_path / "missing"), ""]))
+    deadline = time.monotonic() + 10
+    while True:
+        run = run_supervised(
+            supervisor, "shadowd", argv, socket=socket_path, options=["--preload", str(preload)]
+        )
+        assert run.returncode == 0 and run.stdout == expected, run.stderr
+        s = checked(run)
+        if s["preload_held"] == len(listed) or time.monotonic() > deadline:
+            break  # the first runs' misses were filled meanwhile
+        time.sleep(0.05)
+    assert s["preload_files"] == len(listed) + 1 and s["preload_held"] == len(listed)
+    assert s["client"]["preloaded"] == len(listed) and s["preload_ns"] > 0
+    # Every file the program opens is reopened from the tier, small ones too.
+    assert s["held"] == s["shadowed"] == len(listed)
+    assert s["hits"] == s["misses"] == s["local"] == s["fallbacks"] == 0
+
+
+@in_thread(30)
+def test_options_that_do_not_go_together_are_usage_errors(supervisor: str, tmp_path: Path) -> None:
+    listing = make_file(tmp_path / "list", b"/etc/hostname\n")
+
+    def status(*args: str) -> int:
+        done = subprocess.run(
+            [supervisor, *args, "true"], capture_output=True, timeout=20, check=False
+        )
+        return done.returncode
+
+    assert status("--mode", "copy", "--preload", str(listing)) == 2
+    assert status("--open-fd", "--preload", str(listing)) == 2
+    assert status("--backoff", "soon") == 2
+    assert status("--held", "10,x") == 2
+    assert status("--preload", str(tmp_path / "nope"), "--socket", str(tmp_path / "s")) == 125
+    assert status("--backoff", "100,400", "--held", "10,1000000") == 0
+
+
+async def test_a_stopped_daemon_costs_five_runs_of_true_less_than_3_s(
+    supervisor: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon: Daemon = await start_daemon("--racy-window", "0.05")
+    true = shutil.which("true")
+    assert true is not None
+    with trio.fail_after(60):
+        warm = await trio.to_thread.run_sync(
+            lambda: run_supervised(supervisor, "shadowd", [true], socket=str(daemon.socket_path))
+        )
+        assert warm.returncode == 0 and checked(warm)["shadowd_connected"]
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            runs = [
+                await trio.to_thread.run_sync(
+                    lambda: run_supervised(
+                        supervisor, "shadowd", [true], socket=str(daemon.socket_path)
+                    )
+                )
+                for _ in range(5)
+            ]
+            took = time.monotonic() - started
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    for run in runs:
+        s = checked(run)
+        assert run.returncode == 0 and run.stderr == b""
+        # The hello timed out (250 ms): every file copied here at once after it.
+        assert not s["shadowd_connected"] and "timed out" in s["last_error"]
+        assert s["fallbacks"] == s["shadowed"] > 0 and s["hits"] == 0
+    assert took < 3.0, f"{took:.2f} s"
+
+
+LOOP = """
+for i in $(seq 200); do
+  case $i in
+    70) while [ ! -e {gates}/killed ]; do sleep 0.01; done ;;
+    140) while [ ! -e {gates}/restarted ]; do sleep 0.01; done ;;
+  esac
+  echo "run $i"
+  ls {listed}
+  cksum < {big}/f$(( (i - 1) / 2 ))
+done
+"""
+
+
+async def test_a_daemon_killed_in_a_loop_of_200_runs_under_one_supervisor(
+    supervisor: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    """Every run's output as without the supervisor; back on the restarted daemon."""
+    first = await start_daemon("--racy-window", "0.05", socket_name="k.sock")
+    listed, big, gates = tmp_path / "listed", tmp_path / "big", tmp_path / "gates"
+    for d in (listed, big, gates):
+        d.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        make_file(listed / name, name.encode())
+    files = [make_file(big / f"f{i}", os.urandom(140_000)) for i in range(100)]
+    settle(*files)
+    script = LOOP.format(gates=gates, listed=listed, big=big)
+    sh = shutil.which("sh")
+    assert sh is not None
+    (gates / "killed").touch()
+    (gates / "restarted").touch()
+    direct = subprocess.run([sh, "-c", script], capture_output=True, timeout=60, check=True)
+    (gates / "killed").unlink()
+    (gates / "restarted").unlink()
+    stats_path, err_path = tmp_path / "stats.json", tmp_path / "stderr"
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen(
+            [supervisor, "--socket", str(first.socket_path), "--backoff", "100,400",
+             "--cold", "0", "--stats", str(stats_path), "--", sh, "-c", script],
+            stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert proc.stdout is not None
+    out: list[bytes] = []
+    reached = {69: threading.Event(), 139: threading.Event()}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(b"run "):
+                n = int(line.split()[1])
+                if n in reached:
+                    reached[n].set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(reached[69].wait)
+            first.kill()  # SIGKILL, in the middle of the loop
+            (gates / "killed").touch()
+            await trio.to_thread.run_sync(reached[139].wait)
+            second = await start_daemon("--racy-window", "0.05", socket_name="k.sock")
+            await trio.sleep(0.5)  # past the breaker's longest window (400 ms)
+            (gates / "restarted").touch()
+            await trio.to_thread.run_sync(lambda: proc.wait(50))
+            reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+    assert proc.returncode == 0, err_path.read_text()
+    assert b"".join(out) == direct.stdout  # every run, the same output
+    s = json.loads(stats_path.read_text())
+    assert s["fds_before"] == s["fds_after"]
+    # While the daemon was gone: local copies (and the files it already held).
+    assert s["fallbacks"] > 0 and s["held"] > 0
+    # Back on the daemon without a restart of the supervisor: each file of
+    # the last runs is a miss (filled meanwhile), then a hit.
+    back = await trio.to_thread.run_sync(lambda: second_stats(second))
+    assert back["hits"] >= 10 and back["misses"] >= 10, back
+    assert "is back" in s["last_error"] or s["hits"] > 0
+
+
+def second_stats(d: Daemon) -> dict[str, Any]:
+    from shadowd_client import Client
+
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()

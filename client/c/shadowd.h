@@ -1,28 +1,60 @@
 /*
- * shadowd's wire protocol (docs/protocol.md, version 1) from C, and the open
- * path a supervisor needs around it. Two files, no dependencies, C99 with
- * GNU extensions, Linux. Build: cc -O2 -c shadowd.c. See client/c/README.md.
+ * shadowd's wire protocol (docs/protocol.md, versions 1 and 2) from C, and
+ * the open path a supervisor needs around it. Two files, no dependencies,
+ * C99 with GNU extensions, Linux. Build: cc -O2 -c shadowd.c. See
+ * client/c/README.md.
  *
  * Every fd it returns is a sealed (the four seals, checked here), read-only
  * memfd with its own file offset, and is the caller's to close. It never
  * keeps an fd the caller was not given, except the ones it says it keeps:
- * its connection, the memfds of the process-local tier (shadowd_open_routed)
- * and the replies of pipelined requests not yet collected. Nothing here
- * allocates memory: every table is a bounded array inside struct shadowd
- * (about 120 KiB: keep it static or on the heap rather than on a small
- * thread stack). Not thread-safe: one struct per thread, or a lock around it.
+ * its connection, the memfds of the process-local tier (the routed calls
+ * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
+ * reopened: the tier's reopens then skip the walk through /proc and self),
+ * sources kept for a cold daemon (shadowd_set_cold) and the replies of
+ * pipelined requests not yet collected; shadowd_close closes them all. Nothing here allocates memory: every table is a bounded array
+ * inside struct shadowd (about 180 KiB: keep it static or on the heap
+ * rather than on a small thread stack). Not thread-safe: one struct per
+ * thread, or a lock around it.
  *
+ * Protocol: the hello says version 2; a daemon that answers
+ * "unsupported-version" is greeted again with version 1 on a new
+ * connection, and spoken to in version 1 until that connection is lost (a
+ * restart may be an upgrade). In version 2 the routed calls, the routed
+ * pipelined submit and shadowd_preload send "wait": false: a miss is
+ * answered at once without an fd ("miss", "filling") and copied here while
+ * the daemon fills its cache, so no reply of theirs waits on a copy. A
+ * served reply says the version its fd holds and whether the daemon cached
+ * it (only such an fd, of the version the caller's fstat saw, goes into the
+ * process-local tier); the hello gives the daemon's racy window, which the
+ * routed open then uses to copy young files without asking. shadowd_open,
+ * shadowd_open_fd, shadowd_open_batch and shadowd_submit_open keep version
+ * 1's meaning: they ask the daemon and wait for its copy on a miss.
+ *
+ * The routed open, cheapest first (see "routed" below): the process-local
+ * tier; local copies of small, young and too large files; the daemon,
+ * without waiting for its copy; a local copy whenever the daemon does not
+ * serve the file. Two refinements, both measured on the project's 2-vCPU
+ * machines (client/c/README.md): a daemon that answers with a miss it is
+ * filling is cold, and gets no routed request for a second (what a miss
+ * costs it is paid by the program; the files are told to it later in one
+ * cheap batch: shadowd_set_cold); and, off by default, a race that copies
+ * while the answer is on its way (shadowd_set_race).
+
  * Never stalled by the daemon. Each call waits for the daemon at most:
  *   - connect + hello: 250 ms by default. A healthy daemon answers a hello
  *     in well under a millisecond; 250 ms covers a loaded host, and a daemon
  *     slower than that is better left alone for a while (local copies are
  *     the status quo, not an error).
- *   - a reply: 250 ms plus 4 ms per MiB of the file by default. A hit takes
- *     well under a millisecond, but in protocol v1 a miss waits while the
- *     daemon copies the file: 4 ms per MiB allows a read at 250 MB/s (a
- *     cold SSD; a copy from the page cache runs at several GB/s here), so a
- *     legitimate miss of a 256 MiB file is not taken for a hung daemon.
- * Both settable at run time (shadowd_set_timeouts); SHADOWD_TIMEOUT_SECONDS
+ *   - a reply that does not wait on a copy (the routed calls and preload on
+ *     a version 2 daemon): 250 ms, whatever the size. A hit or a miss is
+ *     answered in well under a millisecond.
+ *   - a reply that may wait while the daemon copies the file (the calls
+ *     above that keep version 1's meaning, every request to a version 1
+ *     daemon, a publish): 250 ms plus 4 ms per MiB of the file, a read at
+ *     250 MB/s (a cold SSD; a copy from the page cache runs at several GB/s
+ *     here), so that a legitimate miss of a 256 MiB file is not taken for a
+ *     hung daemon.
+ * All settable at run time (shadowd_set_timeouts); SHADOWD_TIMEOUT_SECONDS
  * (30 unless defined when compiling shadowd.c) is the ceiling of all.
  * Signals do not stretch a wait: it ends at its deadline.
  *
@@ -52,8 +84,9 @@
 extern "C" {
 #endif
 
-#define SHADOWD_HELD_SLOTS 256    /* most files the process-local tier can hold */
+#define SHADOWD_HELD_SLOTS 1024   /* most files the process-local tier can hold */
 #define SHADOWD_MAX_PENDING 64    /* most requests in flight (and replies uncollected) */
+#define SHADOWD_HINTS 128         /* most files copied while the daemon was cold, to tell it of */
 #define SHADOWD_REQUEST_BUF 16384 /* largest request this client writes */
 #define SHADOWD_REPLY_BUF 65536   /* largest reply it reads (a batch of 250 errors fits) */
 #define SHADOWD_MISS (-2)         /* shadowd_lookup: the daemon does not have the file */
@@ -65,6 +98,23 @@ enum shadowd_route {
     SHADOWD_ROUTE_DAEMON = 1, /* the daemon's reply */
     SHADOWD_ROUTE_HELD = 2,   /* reopened from the process-local tier, no request */
     SHADOWD_ROUTE_COPY = 3,   /* copied here (shadowd_copy_fd) */
+};
+
+/* Why a routed open copied the file here (the `copied_why` fields). */
+enum shadowd_copied_why {
+    SHADOWD_COPIED_NOT = 0,     /* not copied here */
+    SHADOWD_COPIED_RULE = 1,    /* without asking: small, young or too large (shadowd_set_routing) */
+    SHADOWD_COPIED_MISS = 2,    /* the daemon answered a miss (version 2): it fills its cache */
+    SHADOWD_COPIED_BREAKER = 3, /* without asking: the breaker is open */
+    SHADOWD_COPIED_FAILED = 4,  /* the daemon failed or refused (`error` says why) */
+    SHADOWD_COPIED_FIRST = 5,   /* the copy was done before the daemon answered (race) */
+    SHADOWD_COPIED_COLD = 6,    /* without asking: the daemon is filling (shadowd_set_cold) */
+};
+
+/* A file version as a served reply says it (version 2): whose bytes an fd holds. */
+struct shadowd_version {
+    uint64_t size;
+    int64_t mtime_ns, ctime_ns;
 };
 
 /* A private file's key: what the caller's own fstat of it says. */
@@ -82,6 +132,12 @@ struct shadowd_item {
     int errnum;     /* errno when a system call failed for this item, else 0 */
     uint64_t size;
     char code[32];  /* as c->code, "" when served */
+    int copied_why; /* enum shadowd_copied_why (routed calls) */
+    int miss;       /* v2: the daemon answered a miss without an fd */
+    int filling;    /* ... and is filling its cache with that version */
+    int cached;     /* v2: the served version is in the daemon's cache */
+    int has_version; /* v2: the reply said which version it served: */
+    struct shadowd_version version;
 };
 
 /* A collected pipelined request. */
@@ -93,6 +149,8 @@ struct shadowd_result {
     uint64_t size;
     char code[32];
     char error[160];
+    int copied_why, miss, filling, cached, has_version; /* as in shadowd_item */
+    struct shadowd_version version;
 };
 
 /* Write one log line (no newline) somewhere; see shadowd_set_log. */
@@ -109,6 +167,12 @@ struct shadowd_held_ {
     int fd;
 };
 
+/* What a reply said beyond fd, size and hit (version 2). */
+struct shadowd_served_ {
+    uint8_t miss, filling, cached, has_version, proto;
+    struct shadowd_version version;
+};
+
 struct shadowd_version_ {
     uint64_t dev, ino, size;
     int64_t mtime_ns, ctime_ns;
@@ -116,22 +180,32 @@ struct shadowd_version_ {
 
 struct shadowd_slot_ {
     uint32_t id;               /* 0: free */
-    uint8_t state, kind, routed, owned;
+    uint8_t state, kind, routed, owned, nowait, late;
     int fd, src, hit, route, errnum, failure;
-    uint64_t size, seq;
+    uint64_t size, seq, src_size;
     long long deadline;
     void *tag;
     struct shadowd_item *items;
     const int *map;
     int nitems;
     struct shadowd_version_ before;
+    struct shadowd_served_ served;
     char code[32];
     char error[160];
 };
 
 struct shadowd_private_ {
     uint64_t magic;
-    int live, hello, explicit_path, log_set, pid, last_failure;
+    int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
+    int race, late_pending;
+    int procfd, procfd_pid; /* an O_PATH fd of /proc/self/fd, and whose self it is */
+    int cold_misses, cold_ms, cold_streak, nhint;
+    uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
+    long long cold_until;
+    int hint_fd[SHADOWD_HINTS];
+    int hint_label[SHADOWD_HINTS]; /* offset in hint_labels, or -1 */
+    int hint_used;
+    char hint_labels[16384];
     long long hello_deadline;
     int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
     long long local_below, held_max_bytes;
@@ -145,6 +219,7 @@ struct shadowd_private_ {
     int nheld;
     uint64_t held_bytes, clock, seq;
     struct shadowd_held_ held[SHADOWD_HELD_SLOTS];
+    uint16_t held_index[2 * SHADOWD_HELD_SLOTS]; /* (dev, ino) -> held entry + 1 */
     struct shadowd_slot_ slots[SHADOWD_MAX_PENDING];
     uint8_t wbuf[SHADOWD_REQUEST_BUF];
     uint8_t rbuf[SHADOWD_REPLY_BUF];
@@ -161,9 +236,16 @@ struct shadowd {
     uint32_t next_id;       /* the next request's id */
     uint64_t max_request;   /* the daemon's limits, from its hello (0: not known yet) */
     uint64_t max_batch, max_file_size, max_inflight, max_namespace;
+    uint64_t racy_window_ns; /* from a version 2 hello (0: not said) */
+    int protocol;           /* the version the daemon answered the hello with (0: none yet) */
     uint64_t size;          /* of the last file opened */
     int hit;                /* whether it came from the cache (daemon or tier) */
     int route;              /* enum shadowd_route, for the routed calls */
+    int copied_why;         /* enum shadowd_copied_why, for the routed calls */
+    int miss, filling;      /* v2: the daemon answered a miss (and is filling its cache) */
+    int cached;             /* v2: the served version is in the daemon's cache */
+    int has_version;        /* v2: the reply said which version it served: */
+    struct shadowd_version version;
     int errnum;             /* errno of the system call that failed, or 0 */
     char code[32];          /* the daemon's code, the client's own, or "" (above) */
     char error[256];        /* what went wrong, for a person */
@@ -173,6 +255,8 @@ struct shadowd {
         uint64_t held;      /* fds reopened from the process-local tier */
         uint64_t copied;    /* fds copied here by the routed calls */
         uint64_t fast;      /* calls failed (or routed local) at once by the breaker */
+        uint64_t missed;    /* routed opens the daemon answered with a miss (copied here) */
+        uint64_t preloaded; /* files shadowd_preload put in the tier */
     } counts;
     struct shadowd_private_ priv_;
 };
@@ -209,8 +293,10 @@ int shadowd_set_socket(struct shadowd *c, const char *socket_path);
  * (settings and breaker kept). */
 void shadowd_close(struct shadowd *c);
 
-/* Timeouts in ms (see the top of this file); a negative value keeps the
- * default. Clamped to SHADOWD_TIMEOUT_SECONDS. */
+/* Timeouts in ms (see the top of this file): connect + hello, a reply, and
+ * what a reply that may wait on the daemon's copy gets per MiB of the file
+ * besides; a negative value keeps the default (250, 250, 4). Clamped to
+ * SHADOWD_TIMEOUT_SECONDS. */
 void shadowd_set_timeouts(struct shadowd *c, int connect_ms, int reply_ms, int reply_ms_per_mib);
 
 /* The breaker's first window and its cap, in ms; negative: the default
@@ -239,7 +325,13 @@ int shadowd_open(struct shadowd *c, const char *path);
 
 /* Like shadowd_open for an fd the caller opened for reading (it stays the
  * caller's); *label* (may be NULL) names the file in the daemon's stats:
- * it is sent only when absolute, valid UTF-8 and within max_request. */
+ * it is sent only when absolute, valid UTF-8 and within max_request.
+ * Always one request that the daemon answers (and counts): it never uses
+ * the process-local tier and never adds to it, so what it measures and
+ * what the daemon's stats say is the daemon (shadowd bench and the
+ * crossover time it so). A supervisor wants shadowd_open_routed_fd: the
+ * same fd, from the tier when this process holds that version. In version
+ * 2, `version` and `cached` say what the reply said. */
 int shadowd_open_fd(struct shadowd *c, int src, const char *label);
 
 /* Open n files: items[i] for srcs[i] (labels may be NULL, or hold NULLs).
@@ -276,19 +368,23 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  * be opened or read (errnum), or is not a regular file (code
  * "not-regular"). Cheapest first:
  *   1. the process-local tier: a version of this file (st_dev, st_ino) this
- *      process got from the daemon as a cache hit, whose (size, mtime_ns,
- *      ctime_ns) equal the caller's fstat now, is reopened through
- *      /proc/self/fd/N (a new open file description; seals checked): no
- *      request at all;
+ *      process got from the daemon, whose (size, mtime_ns, ctime_ns) equal
+ *      the caller's fstat now, is reopened through /proc/self/fd/N (a new
+ *      open file description; seals checked): no request at all;
  *   2. copied here (shadowd_copy_fd) without asking: while the breaker is
  *      open; files below `local_below` bytes (cheaper to copy than to ask);
  *      files above the daemon's max_file_size; files whose ctime is younger
- *      than `young_ms` (the daemon serves them but would not cache them);
- *   3. the daemon; and when it fails for any reason, copied here.
- * A daemon reply with hit true goes into the tier when the caller's fstat
- * after the reply equals the one before it (ctime never goes back, so the
- * daemon served exactly that version). The tier is bounded by entries and
- * bytes (least recently used goes first) and holds only memfds. */
+ *      than the daemon's racy window (it would not cache them);
+ *   3. the daemon, without waiting for its copy (version 2): a served fd is
+ *      returned, a miss is copied here while the daemon fills its cache;
+ *      and when the daemon fails for any reason, copied here.
+ * `copied_why` says why a file was copied. A served fd goes into the tier
+ * when the reply says `cached` and its `version` equals the caller's fstat
+ * before the request (ctime never goes back: a same-size rewrite with the
+ * old mtime put back has another version). From a version 1 daemon, which
+ * says neither, a hit goes into the tier when the caller's fstat after the
+ * reply equals the one before it. The tier is bounded by entries and bytes
+ * (least recently used goes first) and holds only memfds. */
 int shadowd_open_routed(struct shadowd *c, const char *path);
 int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
 
@@ -307,13 +403,53 @@ int shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *co
 /* Routing settings: files below *local_below* bytes are copied here
  * (negative: the default, measured on the project's machines; 0: never by
  * size); files whose ctime is younger than *young_ms* are copied here
- * (negative: the daemon's default racy window, 1000; 0: never by age). */
+ * (negative: the daemon's racy window, from its version 2 hello, 1000 ms
+ * until it says; 0: never by age). */
 void shadowd_set_routing(struct shadowd *c, long long local_below, int young_ms);
+
+/* Whether the routed open copies the file while it waits for the daemon's
+ * answer and takes whichever is done first (1), or waits for the answer (up
+ * to the reply timeout) and copies only when the daemon does not serve the
+ * file (0, the default). On a host with idle cores the race makes an open
+ * cost the lesser of a copy and a hit; on the 2-vCPU machines this project
+ * is measured on the copy competes with the daemon for the CPU and delays
+ * its answer, so the race did not pay (client/c/README.md). */
+void shadowd_set_race(struct shadowd *c, int on);
+
+/* A cold daemon: after misses of *misses* files in a row that the daemon is
+ * filling (version 2), the routed open copies here without asking for
+ * *window_ms* (copied_why SHADOWD_COPIED_COLD; the tier still serves what
+ * it holds), then asks again. A miss costs the program a round trip to a
+ * daemon that does far more for it than for an item of a batch, so the
+ * files copied meanwhile are told to the daemon later in one batch that
+ * does not wait ("wait": false; at most SHADOWD_HINTS files, each an fd kept
+ * until then): when the list is full, when the window is over, and at
+ * shadowd_close. Negative: the defaults (1 miss, 1000 ms); misses 0: never. */
+void shadowd_set_cold(struct shadowd *c, int misses, int window_ms);
 
 /* The process-local tier's bounds: at most *max_entries* files (up to
  * SHADOWD_HELD_SLOTS; 0 turns it off) and *max_bytes* bytes of them;
- * negative: the defaults (128 files, 64 MiB). Shrinking evicts. */
+ * negative: the defaults (128 files, 64 MiB). Shrinking evicts. Each held
+ * file is an open fd of this process: keep *max_entries* well below
+ * RLIMIT_NOFILE. */
 void shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes);
+
+/* Fill the process-local tier before the opens that will want it (the DSOs
+ * a loader will map, the files a previous run opened): the files the daemon
+ * has cached, in the version this process's fstat sees, are kept, so that
+ * their routed opens need no request. One open_batch request per max_batch
+ * files, all sent before any reply is read, with "wait": false: misses are
+ * not waited for (the daemon fills its cache meanwhile). Files below
+ * `local_below` are asked for too (a batch costs one round trip however
+ * many files it carries, and a tier hit is cheaper than any copy); files
+ * already held, young, too large, not regular or not readable are not.
+ * Returns how many of the files are in the tier now; -1 only for n < 0.
+ * Never fails because of the daemon (breaker open, a timeout: fewer kept).
+ * *paths* are opened here (O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC) and
+ * sent as their labels when absolute; the fds variant takes the caller's
+ * fds (they stay the caller's) and labels (NULL, or NULLs). */
+int shadowd_preload(struct shadowd *c, const char *const *paths, int n);
+int shadowd_preload_fds(struct shadowd *c, const int *srcs, const char *const *labels, int n);
 
 /* The local copy: the same kind of fd the daemon serves, made here from the
  * regular file open at *src* (kept the caller's): a memfd created with
@@ -345,9 +481,10 @@ long long shadowd_submit_open(struct shadowd *c, int src, const char *label, voi
 
 /* The routed open, pipelined: 0 with *fd_now set when the file is served
  * at once (tier or local copy, `route` says which); an id (> 0) when a
- * request went to the daemon (its result always has an fd unless the file
- * cannot be read: a failed request is copied here when collected, from a
- * duplicate of *src* kept until then); -1 on failure as the routed open. */
+ * request went to the daemon, without waiting for its copy (its result
+ * always has an fd unless the file cannot be read: a miss or a failed
+ * request is copied here when collected, from a duplicate of *src* kept
+ * until then); -1 on failure as the routed open. */
 long long shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag,
                                 int *fd_now);
 

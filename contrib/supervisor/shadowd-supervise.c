@@ -4,10 +4,14 @@
  * open, openat and openat2, opens the file itself, and injects a sealed,
  * read-only memfd in place of the host file (SECCOMP_IOCTL_NOTIF_ADDFD).
  * Three ways to make that fd: "copy" (a fresh sealed memfd per open, the
- * status quo of sandbox supervisors), "shadowd" (ask the daemon through
- * client/c, a local copy whenever it cannot answer) and "passthrough" (trap,
- * then let every open go on: the cost of the trap alone). It counts what it
- * did and writes one JSON object to --stats at the end.
+ * status quo of sandbox supervisors), "shadowd" (client/c's routed open:
+ * the process-local tier, local copies of small and young files, the daemon
+ * without waiting for its copy, a local copy whenever it cannot serve; or,
+ * with --open-fd, shadowd_open_fd for every file as before) and
+ * "passthrough" (trap, then let every open go on: the cost of the trap
+ * alone). --preload FILE fills the tier in one batch before the program
+ * starts. It counts what it did and writes one JSON object to --stats at
+ * the end.
  *
  * A demonstration and a measuring instrument, NOT a sandbox: continuing a
  * syscall is racy (the tracee may change the path after we read it), and
@@ -44,6 +48,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/sendfile.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -125,12 +130,20 @@ static const char *const reason_names[] = {
     "pseudo_fs", "too_large", "shadow", "inject",
 };
 
-enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK };
-static const char *const how_names[] = {"copy", "hit", "miss", "fallback"};
+/* How a shadow was made: copy mode's copy; in shadowd mode the daemon's hit
+ * or miss (a miss it served after its copy, with --open-fd; one it answered
+ * without an fd while we copied, routed), the tier, a local copy by the
+ * routing rules (small, young), a local copy done before the daemon's
+ * answer came (routed, --race), a local copy without asking while the
+ * daemon was cold (it missed several times in a row; routed), a local copy
+ * because the daemon failed. */
+enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK, H_HELD, H_LOCAL, H_RACED, H_COLD, N_HOWS };
+static const char *const how_names[] = {"copy", "hit", "miss", "fallback", "held", "local",
+                                        "raced", "cold"};
 
 struct record {
     char *path;
-    uint64_t ns, size;
+    uint64_t ns, wall_ns, size;
     enum how how;
 };
 
@@ -138,13 +151,17 @@ static struct {
     enum mode mode;
     int listener;
     int verbose;
+    int open_fd;         /* shadowd mode: shadowd_open_fd instead of the routed open */
+    int race;            /* routed: copy while waiting for the daemon's answer */
     struct shadowd client;
     int connected;       /* the first connect to the daemon worked */
     char last_error[256];
     struct stat root;    /* ours, to compare a tracee's with */
-    uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks;
+    uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks, held, local, raced;
+    uint64_t cold;
+    uint64_t preload_files, preload_held, preload_ns;
     uint64_t reasons[N_REASONS];
-    uint64_t shadow_ns, shadow_bytes;
+    uint64_t shadow_ns, shadow_wall_ns, shadow_bytes;
     struct record *records;
     size_t nrecords, cap_records;
     uint64_t records_dropped;
@@ -172,6 +189,14 @@ now_ns(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+static uint64_t
+thread_cpu_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
 }
 
@@ -495,20 +520,52 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
         *how = H_COPY;
         return local_copy(src, st);
     }
-    int fd = shadowd_open_fd(&S.client, src, label);
-    if (fd >= 0) {
-        *how = S.client.hit ? H_HIT : H_MISS;
-        return fd;
+    if (S.open_fd) {
+        int fd = shadowd_open_fd(&S.client, src, label);
+        if (fd >= 0) {
+            *how = S.client.hit ? H_HIT : H_MISS;
+            return fd;
+        }
+        /* The daemon could not answer (down, refused, timed out): the
+         * program must run all same, with a copy of our own. */
+        note_error("shadowd: %s", S.client.error);
+        *how = H_FALLBACK;
+        return local_copy(src, st);
     }
-    /* The daemon could not answer (down, refused, timed out): the program
-     * must run all the same, with a copy of our own. */
-    note_error("shadowd: %s", S.client.error);
-    *how = H_FALLBACK;
-    return local_copy(src, st);
+    /* The routed open never fails because of the daemon: -1 only when the
+     * file cannot be read (the tracee's own open will say why). */
+    int fd = shadowd_open_routed_fd(&S.client, src, label);
+    if (fd < 0) {
+        errno = S.client.errnum ? S.client.errnum : EIO;
+        return -1;
+    }
+    switch (S.client.route) {
+    case SHADOWD_ROUTE_HELD:
+        *how = H_HELD;
+        break;
+    case SHADOWD_ROUTE_DAEMON:
+        *how = S.client.hit ? H_HIT : H_MISS;
+        break;
+    default:
+        if (S.client.copied_why == SHADOWD_COPIED_MISS) {
+            *how = H_MISS;
+        } else if (S.client.copied_why == SHADOWD_COPIED_RULE) {
+            *how = H_LOCAL;
+        } else if (S.client.copied_why == SHADOWD_COPIED_FIRST) {
+            *how = H_RACED;
+        } else if (S.client.copied_why == SHADOWD_COPIED_COLD) {
+            *how = H_COLD;
+        } else {
+            if (S.client.error[0])
+                note_error("shadowd: %s", S.client.error);
+            *how = H_FALLBACK;
+        }
+    }
+    return fd;
 }
 
 static void
-keep_record(const char *path, uint64_t ns, uint64_t size, enum how how)
+keep_record(const char *path, uint64_t ns, uint64_t wall, uint64_t size, enum how how)
 {
     if (S.nrecords == MAX_RECORDS) {
         S.records_dropped++;
@@ -529,7 +586,7 @@ keep_record(const char *path, uint64_t ns, uint64_t size, enum how how)
         S.records_dropped++;
         return;
     }
-    S.records[S.nrecords++] = (struct record){copy, ns, size, how};
+    S.records[S.nrecords++] = (struct record){copy, ns, wall, size, how};
 }
 
 /* -- answering a notification --------------------------------------------- */
@@ -686,6 +743,11 @@ handle(const struct seccomp_notif *req)
         .newfd = 0,
         .newfd_flags = (flags & O_CLOEXEC) ? O_CLOEXEC : 0,
     };
+    /* The injection answers the tracee, which the kernel may run on this
+     * CPU before the call returns to us: that is the tracee's time. So our
+     * time is the wall time up to the call plus the call's CPU time; the
+     * wall time to its return is kept too. */
+    uint64_t before_inject = now_ns(), cpu = thread_cpu_ns();
     if (ioctl(S.listener, SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) < 0) {
         if (errno == ENOENT) { /* interrupted: the tracee will call again */
             S.gone++;
@@ -694,14 +756,21 @@ handle(const struct seccomp_notif *req)
         why = R_INJECT;
         goto cont;
     }
-    uint64_t ns = now_ns() - start;
+    cpu = thread_cpu_ns() - cpu;
+    uint64_t wall = now_ns() - start;
+    uint64_t ns = before_inject - start + cpu;
     S.shadowed++;
     S.shadow_ns += ns;
+    S.shadow_wall_ns += wall;
     S.shadow_bytes += (uint64_t)st.st_size;
     S.hits += how == H_HIT;
     S.misses += how == H_MISS;
     S.fallbacks += how == H_FALLBACK;
-    keep_record(path, ns, (uint64_t)st.st_size, how);
+    S.held += how == H_HELD;
+    S.local += how == H_LOCAL;
+    S.raced += how == H_RACED;
+    S.cold += how == H_COLD;
+    keep_record(path, ns, wall, (uint64_t)st.st_size, how);
     goto done;
 cont:
     respond_continue(id, why);
@@ -779,14 +848,30 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
         return;
     }
     fprintf(f, "{\"mode\": \"%s\", \"exit_status\": %d", mode_names[S.mode], exit_status);
+    fprintf(f, ", \"open\": \"%s\"",
+            S.mode != SHADOWD ? "" : S.open_fd ? "shadowd_open_fd" : "shadowd_open_routed_fd");
     fprintf(f, ", \"notifications\": %llu, \"shadowed\": %llu, \"continued\": %llu",
             (unsigned long long)S.notifications, (unsigned long long)S.shadowed,
             (unsigned long long)S.continued);
     fprintf(f, ", \"gone\": %llu, \"hits\": %llu, \"misses\": %llu, \"fallbacks\": %llu",
             (unsigned long long)S.gone, (unsigned long long)S.hits,
             (unsigned long long)S.misses, (unsigned long long)S.fallbacks);
-    fprintf(f, ", \"shadow_ns\": %llu, \"shadow_bytes\": %llu",
-            (unsigned long long)S.shadow_ns, (unsigned long long)S.shadow_bytes);
+    fprintf(f, ", \"held\": %llu, \"local\": %llu, \"raced\": %llu, \"cold\": %llu",
+            (unsigned long long)S.held, (unsigned long long)S.local, (unsigned long long)S.raced,
+            (unsigned long long)S.cold);
+    fprintf(f, ", \"preload_files\": %llu, \"preload_held\": %llu, \"preload_ns\": %llu",
+            (unsigned long long)S.preload_files, (unsigned long long)S.preload_held,
+            (unsigned long long)S.preload_ns);
+    fprintf(f, ", \"protocol\": %d", S.client.protocol);
+    fprintf(f, ", \"client\": {\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, "
+               "\"fast\": %llu, \"missed\": %llu, \"preloaded\": %llu}",
+            (unsigned long long)S.client.counts.daemon, (unsigned long long)S.client.counts.held,
+            (unsigned long long)S.client.counts.copied, (unsigned long long)S.client.counts.fast,
+            (unsigned long long)S.client.counts.missed,
+            (unsigned long long)S.client.counts.preloaded);
+    fprintf(f, ", \"shadow_ns\": %llu, \"shadow_wall_ns\": %llu, \"shadow_bytes\": %llu",
+            (unsigned long long)S.shadow_ns, (unsigned long long)S.shadow_wall_ns,
+            (unsigned long long)S.shadow_bytes);
     fprintf(f, ", \"fds_before\": %d, \"fds_after\": %d", fds_before, fds_after);
     fprintf(f, ", \"shadowd_connected\": %s, \"last_error\": ",
             S.connected ? "true" : "false");
@@ -799,9 +884,9 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     for (size_t i = 0; i < S.nrecords; i++) {
         fputs(i ? ",\n  {\"path\": " : "\n  {\"path\": ", f);
         json_string(f, S.records[i].path);
-        fprintf(f, ", \"ns\": %llu, \"size\": %llu, \"how\": \"%s\"}",
-                (unsigned long long)S.records[i].ns, (unsigned long long)S.records[i].size,
-                how_names[S.records[i].how]);
+        fprintf(f, ", \"ns\": %llu, \"wall_ns\": %llu, \"size\": %llu, \"how\": \"%s\"}",
+                (unsigned long long)S.records[i].ns, (unsigned long long)S.records[i].wall_ns,
+                (unsigned long long)S.records[i].size, how_names[S.records[i].how]);
     }
     fputs("]}\n", f);
     if (fclose(f) != 0)
@@ -814,17 +899,34 @@ static void
 usage(FILE *f)
 {
     fputs("usage: shadowd-supervise [--mode passthrough|copy|shadowd] [--socket PATH]\n"
-          "                         [--stats FILE] [--verbose] [--] PROGRAM [ARGS...]\n"
+          "                         [--open-fd | --race] [--preload FILE] [--backoff MS[,MAX]]\n"
+          "                         [--held N[,BYTES]] [--cold N[,MS]] [--stats FILE]\n"
+          "                         [--verbose]\n"
+          "                         [--] PROGRAM [ARGS...]\n"
           "\n"
           "Runs PROGRAM with its read-only opens of regular files shadowed by sealed,\n"
           "read-only memfds (seccomp user notification). A measuring instrument, not a\n"
           "sandbox.\n"
           "\n"
-          "  --mode shadowd      ask shadowd for each file, a local copy when it cannot\n"
-          "                      answer (the default)\n"
+          "  --mode shadowd      the routed open of client/c: the files this supervisor\n"
+          "                      holds, local copies of small and young files, shadowd\n"
+          "                      without waiting for its copy, a local copy whenever it\n"
+          "                      cannot serve (the default)\n"
           "  --mode copy         a fresh sealed memfd per open (the status quo)\n"
           "  --mode passthrough  trap every open, then let the program make it\n"
           "  --socket PATH       shadowd's socket (default: as shadowd serve picks it)\n"
+          "  --race              shadowd mode: the routed open copies while it waits for\n"
+          "                      shadowd's answer and takes whichever is done first\n"
+          "  --open-fd           shadowd mode: ask shadowd for every file with\n"
+          "                      shadowd_open_fd (a miss waits for its copy), a local\n"
+          "                      copy when it cannot answer\n"
+          "  --preload FILE      shadowd mode: paths, one per line, asked of shadowd in\n"
+          "                      one batch before PROGRAM starts; those it has are held\n"
+          "  --backoff MS[,MAX]  the client's breaker: first window and cap (1000,30000)\n"
+          "  --held N[,BYTES]    bounds of the files held (default 1024 or half the fd\n"
+          "                      limit, and 512 MiB)\n"
+          "  --cold N[,MS]       after misses of N files in a row, copy without asking\n"
+          "                      for MS (default 1,1000; 0: never)\n"
           "  --stats FILE        write the counters there as one JSON object at the end\n"
           "  --verbose           say on stderr why the daemon could not answer\n"
           "\n"
@@ -920,12 +1022,93 @@ serve(int *status)
     return failed ? -1 : 0;
 }
 
+/* A whole number, or -1 when *s* is not one. */
+static long long
+number(const char *s)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    return errno || end == s || *end || v < 0 ? -1 : v;
+}
+
+/* "A" or "A,B" into *a* and *b* (b untouched when absent): 0, or -1. */
+static int
+pair(const char *value, long long *a, long long *b)
+{
+    char first[32];
+    const char *comma = strchr(value, ',');
+    size_t n = comma ? (size_t)(comma - value) : strlen(value);
+    if (n >= sizeof first)
+        return -1;
+    memcpy(first, value, n);
+    first[n] = '\0';
+    *a = number(first);
+    if (comma)
+        *b = number(comma + 1);
+    return *a < 0 || (comma && *b < 0) ? -1 : 0;
+}
+
+/* Ask shadowd for the paths listed in *path* (one per line), in one batch. */
+static int
+preload(const char *path)
+{
+    FILE *f = fopen(path, "re");
+    if (f == NULL) {
+        say("--preload %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char **paths = NULL, *line = NULL;
+    size_t cap = 0, n = 0, len = 0;
+    ssize_t got;
+    int failed = 0;
+    while ((got = getline(&line, &len, f)) >= 0) {
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r'))
+            line[--got] = '\0';
+        if (got == 0)
+            continue;
+        if (n == cap) {
+            size_t more = cap ? 2 * cap : 256;
+            char **grown = realloc(paths, more * sizeof *paths);
+            if (grown == NULL) {
+                failed = 1;
+                break;
+            }
+            paths = grown;
+            cap = more;
+        }
+        if ((paths[n] = strdup(line)) == NULL) {
+            failed = 1;
+            break;
+        }
+        n++;
+    }
+    free(line);
+    fclose(f);
+    if (failed || n > INT32_MAX) {
+        say("--preload %s: out of memory", path);
+    } else {
+        uint64_t start = now_ns();
+        int held = shadowd_preload(&S.client, (const char *const *)paths, (int)n);
+        S.preload_ns = now_ns() - start;
+        S.preload_files = n;
+        S.preload_held = held > 0 ? (uint64_t)held : 0;
+    }
+    for (size_t k = 0; k < n; k++)
+        free(paths[k]);
+    free(paths);
+    return failed ? -1 : 0;
+}
+
 int
 main(int argc, char **argv)
 {
-    const char *socket_path = NULL, *stats_path = NULL;
+    const char *socket_path = NULL, *stats_path = NULL, *preload_path = NULL;
     int i, sv[2], stats_fd = -1, status = 0;
+    long long backoff = -1, backoff_max = -1, held = -1, held_bytes = 512LL << 20;
+    long long cold = -1, cold_ms = -1;
     sigset_t chld, old_mask;
+    struct rlimit nofile = {0, 0};
 
     S.mode = SHADOWD;
     for (i = 1; i < argc; i++) {
@@ -944,9 +1127,18 @@ main(int argc, char **argv)
             S.verbose = 1;
             continue;
         }
-        const char *names[] = {"--mode", "--socket", "--stats"};
+        if (strcmp(a, "--open-fd") == 0) {
+            S.open_fd = 1;
+            continue;
+        }
+        if (strcmp(a, "--race") == 0) {
+            S.race = 1;
+            continue;
+        }
+        const char *names[] = {"--mode",    "--socket", "--stats", "--preload",
+                               "--backoff", "--held",   "--cold"};
         int which = -1;
-        for (int n = 0; n < 3; n++) {
+        for (int n = 0; n < 7; n++) {
             size_t len = strlen(names[n]);
             if (strncmp(a, names[n], len) == 0 && (a[len] == '\0' || a[len] == '=')) {
                 which = n;
@@ -971,12 +1163,27 @@ main(int argc, char **argv)
             S.mode = (enum mode)m;
         } else if (which == 1) {
             socket_path = value;
-        } else {
+        } else if (which == 2) {
             stats_path = value;
+        } else if (which == 3) {
+            preload_path = value;
+        } else if ((which == 4   ? pair(value, &backoff, &backoff_max)
+                    : which == 5 ? pair(value, &held, &held_bytes)
+                                 : pair(value, &cold, &cold_ms)) < 0 ||
+                   backoff > INT32_MAX || backoff_max > INT32_MAX || held > INT32_MAX ||
+                   cold > INT32_MAX || cold_ms > INT32_MAX) {
+            fprintf(stderr, "shadowd-supervise: %s %s: not a number (or two, with a comma)\n",
+                    names[which], value);
+            return 2;
         }
     }
     if (i >= argc) {
         usage(stderr);
+        return 2;
+    }
+    if (preload_path && (S.mode != SHADOWD || S.open_fd)) {
+        fprintf(stderr, "shadowd-supervise: --preload fills the routed open's tier: shadowd mode"
+                        " without --open-fd\n");
         return 2;
     }
     char **program = argv + i;
@@ -998,6 +1205,18 @@ main(int argc, char **argv)
          * on stderr with -v (never mixed with the program's stderr else). */
         shadowd_init(&S.client);
         shadowd_set_log(&S.client, client_log, NULL);
+        shadowd_set_backoff(&S.client, (int)backoff, (int)backoff_max);
+        shadowd_set_race(&S.client, S.race);
+        shadowd_set_cold(&S.client, (int)cold, (int)cold_ms);
+        /* The tier: every file of a program run (pip opens about 500) and
+         * then some, each an fd of ours: at most half our fd limit. */
+        if (held < 0) {
+            held = SHADOWD_HELD_SLOTS;
+            if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY &&
+                (long long)nofile.rlim_cur / 2 - 32 < held)
+                held = (long long)nofile.rlim_cur / 2 - 32 > 0 ? (long long)nofile.rlim_cur / 2 - 32 : 0;
+        }
+        shadowd_set_held(&S.client, (int)held, held_bytes);
         /* Before the tracee starts, so no open pays for the hello. A daemon
          * that is not there is no reason not to run the program. */
         if (shadowd_connect(&S.client, socket_path) == 0) {
@@ -1005,6 +1224,8 @@ main(int argc, char **argv)
         } else {
             note_error("shadowd: %s", S.client.error);
         }
+        if (preload_path && preload(preload_path) < 0)
+            return 125;
     }
 
     sigemptyset(&chld);
