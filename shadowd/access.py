@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import os
 import socket
@@ -133,6 +134,9 @@ class UidShare:
     members: set[Any] = attrs.field(factory=set)
     #: When its connections were last asked (monotonic seconds).
     refreshed_at: float = -1e9
+    #: Misses that did not wait, queued for a copy slot (opens.HostOpens).
+    fills: collections.deque[Any] = attrs.field(factory=collections.deque)
+    filling: bool = False
 
 
 @attrs.define
@@ -191,6 +195,7 @@ class Gate:
             share.connections == 0
             and share.quota.idle
             and share.fds <= 0
+            and not share.filling
             and self._shares.get(share.uid) is share
         ):
             del self._shares[share.uid]

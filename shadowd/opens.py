@@ -61,6 +61,9 @@ FILLING = Miss(True)
 NOT_FILLING = Miss(False)
 UNTRUSTED = Miss(False, untrusted=True)
 
+#: Misses that did not wait, per uid, queued for a copy slot of its quota.
+FILL_QUEUE = 64
+
 #: A cache hit: the file to reopen for the client, its size, its version.
 Hit = tuple[Shareable, int, Version]
 
@@ -309,41 +312,112 @@ class HostOpens:
             quota = share.quota
             if not quota.try_acquire():
                 if not wait:
-                    return NOT_FILLING
+                    # Copied when one of the uid's copies ends (bounded).
+                    return (
+                        FILLING
+                        if self._queue_fill(fd, st, label, share, remote=remote)
+                        else NOT_FILLING
+                    )
                 self.cache.uncount_miss()  # the retry counts it
                 return THROTTLED
-            uid, size = share.uid, st.size
-            try:
-                self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
-            except RequestError:
-                quota.release()
-                if not wait:
-                    return NOT_FILLING
-                raise
-            except BaseException:
-                quota.release()
-                raise
             try:
                 with refusing_os_errors("cannot keep the passed fd"):
                     source = FdHolder(os.dup(fd))
             except BaseException:
                 quota.release()
-                self.pins.unreserve(uid, size)
                 raise
-            flight = self.copier.start(
-                self.nursery,
-                flight_key,
-                source,
-                st,
-                self._on_copied(label, uid, size),
-                remote=remote,
-                quota=quota,
-                on_failed=lambda: self.pins.unreserve(uid, size),
-            )
+            try:
+                flight = self._fly(flight_key, source, st, label, share, remote=remote)
+            except RequestError:
+                if not wait:
+                    return NOT_FILLING  # its uid's copy budget is used up
+                raise
             if not wait:
                 return FILLING
         flight.join()
         return flight
+
+    def _fly(
+        self,
+        key: tuple[HostKey, Version],
+        source: FdHolder,
+        st: SourceStat,
+        label: str | None,
+        share: UidShare,
+        *,
+        remote: bool,
+    ) -> Flight:
+        """Start copying *source* (ours now) as flight *key*, on a slot of the uid's
+        quota the caller took. Raises RequestError (busy) past the uid's copy budget;
+        then the slot is given back and *source* closed."""
+        quota, uid, size = share.quota, share.uid, st.size
+        try:
+            self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+        except BaseException:
+            quota.release()
+            self.discard([source.detach()], share)
+            raise
+        assert self.nursery is not None
+        return self.copier.start(
+            self.nursery,
+            key,
+            source,
+            st,
+            self._on_copied(label, uid, size),
+            remote=remote,
+            quota=quota,
+            on_failed=lambda: self.pins.unreserve(uid, size),
+        )
+
+    def _queue_fill(
+        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
+    ) -> bool:
+        """Copy this version once a copy of its uid ends (a miss that did not wait,
+        when the uid's copies are all under way). False when the queue is full."""
+        if len(share.fills) >= FILL_QUEUE or self.nursery is None:
+            return False
+        try:
+            source = FdHolder(os.dup(fd))
+        except OSError:
+            return False
+        if self.budget is not None:
+            self.budget.use(share, 1)  # held until its copy takes it
+        share.fills.append((source, st, label, remote))
+        if not share.filling:
+            share.filling = True
+            self.nursery.start_soon(self._pump_fills, share)
+        return True
+
+    async def _pump_fills(self, share: UidShare) -> None:
+        """Start the queued copies of *share*'s uid one by one, as its quota allows."""
+        try:
+            while share.fills:
+                await share.quota.acquire()
+                source, st, label, remote = share.fills.popleft()
+                if self.budget is not None:
+                    self.budget.use(share, -1)
+                key = HostKey(st.dev, st.ino)
+                flight_key = (key, st.version)
+                entry = self.cache.peek(key)
+                if (
+                    (entry is not None and entry.version == st.version)
+                    or self.copier.flight(flight_key) is not None
+                    or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
+                ):
+                    share.quota.release()  # filled meanwhile, or no longer worth it
+                    self.discard([source.detach()], share)
+                    continue
+                try:
+                    self._fly(flight_key, source, st, label, share, remote=remote)
+                except RequestError:
+                    pass  # over its copy budget: dropped (it was only a fill)
+        finally:
+            share.filling = False
+            while share.fills:  # cancelled (shutdown): let go of what is left
+                source, *_ = share.fills.popleft()
+                if self.budget is not None:
+                    self.budget.use(share, -1)
+                self.discard([source.detach()], share)
 
     def check_size(self, size: int) -> None:
         check_size(size, self.limits.max_file_size)

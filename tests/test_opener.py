@@ -210,3 +210,48 @@ def test_a_daemon_that_speaks_only_version_1_is_spoken_to_in_version_1(tmp_path:
         thread.join(timeout=10)
         listener.close()
     assert said == [2, 1]
+
+
+async def test_misses_that_do_not_wait_are_all_filled_past_the_copy_slots(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """One batch of misses that do not wait, more than the uid's copy slots: each is
+    told "filling" and each is cached, without being asked again; past the queue's
+    bound a miss says it is not filling, and nothing is held once the fills are done."""
+    from shadowd.opens import FILL_QUEUE
+
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-copies-per-uid", "2")
+    many = 2 + FILL_QUEUE + 6
+    files = [make_file(tmp_path / f"f{i}", os.urandom(20_000 + i)) for i in range(many)]
+    settle(*files)
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            baseline = c.stats()["fds_in_flight"]
+            fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+            try:
+                answers = c.ask_many(fds, wait=False)
+            finally:
+                close_all(fds)
+            assert all(not isinstance(a, Exception) and a.fd is None for a in answers)
+            filling = [a.filling for a in answers]  # type: ignore[union-attr]
+            # Two copy slots, the queue's bound after them; copies that end meanwhile
+            # may let a few more in, never fewer.
+            assert filling.count(True) >= 2 + FILL_QUEUE
+            assert filling.count(False) >= 1
+            deadline = time.monotonic() + 20
+            while c.stats()["entries"] < filling.count(True):
+                assert time.monotonic() < deadline, c.stats()
+                time.sleep(0.02)
+            assert c.stats()["fds_in_flight"] == baseline
+            for f, told in zip(files, filling, strict=True):
+                with open(f, "rb") as src:
+                    (a,) = c.ask_many([src.fileno()], wait=False)
+                assert not isinstance(a, Exception)
+                if told:
+                    assert a.hit and a.fd is not None and read_fd(a.fd) == f.read_bytes()
+                if a.fd is not None:
+                    os.close(a.fd)
+
+    with trio.fail_after(60):
+        await in_thread(work)
