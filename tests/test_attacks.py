@@ -62,6 +62,21 @@ def attack(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=_ATTACK_LOST, reason=f"issue 14: {reason}")
 
 
+@pytest.fixture(params=["c", "python"])
+def start_daemon(start_daemon: Any, request: pytest.FixtureRequest) -> Any:
+    """conftest's factory, once with the hit path in C and once all in Python
+    (SHADOWD_NO_C): every attack is fought on both paths."""
+    if request.param == "c":
+        return start_daemon
+
+    async def start(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> Daemon:
+        return await start_daemon(
+            *args, env=dict(env if env is not None else os.environ, SHADOWD_NO_C="1"), **kwargs
+        )
+
+    return start
+
+
 class SetupError(Exception):
     """The test could not set its attack up: a failure, never an expected one."""
 

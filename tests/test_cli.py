@@ -363,15 +363,33 @@ async def test_stats_on_what_is_no_shadowd_socket(shared_dir: Path) -> None:
     stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stream.bind(str(stream_path))
     stream.listen()
+    # A SOCK_SEQPACKET socket of some other program, answering in its own words.
+    other_path = shared_dir / "other.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other.bind(str(other_path))
+    other.listen()
+
+    def answer_in_other_words() -> None:
+        conn, _ = other.accept()
+        with conn:
+            conn.recv(4096)
+            conn.send(b"\x01\x02 HELLO, not msgpack of shadowd")
+            conn.recv(4096)  # until the client has gone
+
     try:
         with trio.fail_after(30):
             on_file = await run("stats", "--socket", str(plain))
             on_stream = await run("stats", "--socket", str(stream_path))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, answer_in_other_words)
+                on_other = await run("stats", "--socket", str(other_path))
     finally:
         stream.close()
+        other.close()
     line = one_line_error(on_file, 1, str(plain), "not a socket")
     assert "refused" not in line.lower()
     one_line_error(on_stream, 1, str(stream_path), "not a shadowd socket")
+    one_line_error(on_other, 1, str(other_path), "not a shadowd socket")
 
 
 async def test_socket_before_the_command(daemon: Daemon) -> None:

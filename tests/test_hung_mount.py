@@ -4,6 +4,7 @@
 # when the mount is aborted every fd the daemon received is closed.
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from .conftest import NOBODY, Daemon, make_file, requires_root, run_as
-from .fusefs import HangingFS, mounted
+from .fusefs import FuseFile, HangingFS, mounted
 from .wire import Raw
 
 QUOTA = 2
@@ -101,3 +102,61 @@ def _stats(d: Daemon) -> dict[str, Any]:
 
     with Client(d.socket_path, timeout=10) as c:
         return c.stats()
+
+
+@requires_root
+async def test_fds_of_a_hung_mount_sent_with_refused_requests_are_bounded(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Requests the daemon refuses, each carrying fds of a file whose close hangs
+    (a FUSE mount that never answers FLUSH): the daemon closes them in workers of
+    the sender's uid, counted in its --max-fds-per-uid until closed, and does not
+    read its connection past that bound, so the daemon's fd table stays bounded."""
+    bound, per_request = 64, 8
+    d: Daemon = await start_daemon(
+        "--racy-window", "0", "--max-copies-per-uid", str(QUOTA), "--max-fds-per-uid", str(bound)
+    )
+    baseline = d.open_fds()
+    stuck = FuseFile(b"s" * 100, ino=7, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"stuck": stuck}) as fs:
+        # Kept open until the mount is aborted: our own close would hang too.
+        fds = [
+            os.open(fs.mountpoint / "stuck", os.O_RDONLY | os.O_NONBLOCK)
+            for _ in range(per_request)
+        ]
+
+        def flood() -> tuple[Raw, int]:
+            raw = Raw(d.socket_path)
+            raw.sock.setblocking(False)
+            sent = 0
+            for i in range(200):  # 1,600 fds offered, as fast as the daemon reads
+                try:
+                    raw.send({"op": "open", "id": i + 1}, fds)  # 8 fds for an open: bad-fds
+                except BlockingIOError:
+                    break  # the daemon stopped reading us
+                sent += 1
+            return raw, sent
+
+        try:
+            with trio.fail_after(60):
+                raw, sent = await trio.to_thread.run_sync(flood)
+                try:
+                    assert sent >= bound // per_request  # enough to reach the bound
+                    await trio.sleep(1.0)  # what the daemon would still read, it reads now
+                    assert fs.hung_flushes == QUOTA  # closes hang in the uid's own slots
+                    held = d.open_fds() - baseline
+                    # The uid's bound, one request's fds past it (read before it
+                    # was reached), and the connection itself.
+                    assert held <= bound + per_request + 1, (sent, held)
+                    fs.close()  # the mount gives up: every waiting close ends
+                finally:
+                    raw.close()
+                with trio.move_on_after(20):
+                    while d.open_fds() > baseline:
+                        await trio.sleep(0.05)
+                assert d.open_fds() <= baseline, d.fd_targets()
+        finally:
+            fs.close()
+            for fd in fds:
+                with contextlib.suppress(OSError):  # ENOTCONN: the flush failed, the fd is gone
+                    os.close(fd)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from shadowd.bench import build_c_client
+from shadowd.bench import build_c_client, c_compiler
 from shadowd.errors import ConfigError
 from shadowd.paths import (
     ROOT_SOCKET,
@@ -188,7 +188,9 @@ async def test_a_member_of_the_socket_group_reaches_the_host_daemon(shared_dir: 
     settle(lib, window=1.0)  # older than the daemon's racy window: the Client's open caches it
     empty_runtime = shared_dir / "xdg"  # set, but holds no socket
     empty_runtime.mkdir(mode=0o755)
-    c_client, _why = build_c_client(str(shared_dir))  # the C client follows the same rule
+    c_client, why = build_c_client(str(shared_dir))  # the C client follows the same rule
+    # Without a compiler the C part cannot run; with one, it must (never silently skipped).
+    assert c_client is not None or c_compiler() is None, why
     if c_client is not None:
         os.chmod(c_client, 0o755)
     with host_daemon("--socket-mode", "0660", "--socket-group", str(SOCKET_GROUP)) as proc:

@@ -53,7 +53,15 @@ from ._session import (
     request_of,
     stats_of,
 )
-from .errors import DaemonTimeout, DaemonUnavailable, Refused, ShadowdError, unavailable
+from .errors import (
+    DaemonTimeout,
+    DaemonUnavailable,
+    ProtocolViolation,
+    Refused,
+    ShadowdError,
+    hello_violation,
+    unavailable,
+)
 
 
 class _Conn:
@@ -361,6 +369,10 @@ class AsyncClient:
             if self._conn is not None:
                 self._drop(self._conn, broken)
             raise broken.error(self.socket_path) from None
+        except ProtocolViolation as exc:
+            if self._conn is not None:
+                self._drop(self._conn, Broken(None, "saying hello"))
+            raise hello_violation(exc, self.socket_path) from None
 
     def _drop(self, conn: _Conn, broken: Broken) -> None:
         conn.broken = broken

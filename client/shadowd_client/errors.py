@@ -177,6 +177,12 @@ def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> 
     )
 
 
+def hello_violation(exc: ProtocolViolation, socket_path: str) -> ProtocolViolation:
+    """*exc*, raised before the hello was answered, naming the socket: what answered
+    there is most likely not a shadowd daemon."""
+    return type(exc)(f"{socket_path} is not a shadowd socket? its answer to hello: {exc}")
+
+
 def _reason(exc: OSError, socket_path: str) -> str:
     """Why connecting failed, in the words of what is at *socket_path*."""
     if exc.errno == errno.EPROTOTYPE:

@@ -60,6 +60,7 @@ from .errors import (
     ProtocolViolation,
     Refused,
     ShadowdError,
+    hello_violation,
     refused,
     talking_to,
 )
@@ -331,6 +332,12 @@ class Client:
         self._sendmsg(data, fds)
         try:
             return self._wait_reply(id)
+        except ProtocolViolation as exc:
+            before_hello = self._session is not None and self._session.hello_id is not None
+            self._drop()
+            if before_hello:  # the first words of what answered were not shadowd's
+                raise hello_violation(exc, self.socket_path) from None
+            raise
         except ShadowdError:
             self._drop()
             raise
@@ -357,6 +364,9 @@ class Client:
         except Broken as broken:
             self._drop()
             raise broken.error(self.socket_path) from None
+        except ProtocolViolation as exc:
+            self._drop()
+            raise hello_violation(exc, self.socket_path) from None
         except ShadowdError:
             self._drop()
             raise
