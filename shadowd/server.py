@@ -143,21 +143,6 @@ class Server:
         self.gate = Gate(config.access, config.peers)
         self.refusals = Refusals()
         self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid, hits=self.gate.hits)
-        self.opens = HostOpens(
-            cache=self.cache,
-            copier=self.copier,
-            mounts=self.mounts,
-            refusals=self.refusals,
-            limits=config.cache,
-            pins=self.pins,
-        )
-        self.private = PrivateFiles(
-            cache=self.cache,
-            copier=self.copier,
-            limits=config.cache,
-            pins=self.pins,
-            track=self.opens.track,
-        )
         peers = config.peers
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         #: Half the fd limit for fds in flight and held for replies: the
@@ -166,8 +151,23 @@ class Server:
         self.budget = FdBudget(per_uid=config.peers.max_fds_per_uid, total=max(64, fd_limit // 2))
         #: How long hits, misses and copies take (in the stats).
         self.latency = Latencies()
-        self.opens.latency = self.latency
-        self.opens.budget = self.budget
+        self.opens = HostOpens(
+            cache=self.cache,
+            copier=self.copier,
+            mounts=self.mounts,
+            refusals=self.refusals,
+            limits=config.cache,
+            pins=self.pins,
+            latency=self.latency,
+            budget=self.budget,
+        )
+        self.private = PrivateFiles(
+            cache=self.cache,
+            copier=self.copier,
+            limits=config.cache,
+            pins=self.pins,
+            track=self.opens.guard.track,
+        )
         self.collector = StatsCollector(
             cache=self.cache,
             limits=config.cache,
@@ -270,11 +270,11 @@ class Server:
         self._watch_fd = watches.fd
         self._drain = watches.drain
         self.mounts.open()
-        self.opens.track_unwatched_entries()  # restored from the fd store
+        self.opens.guard.track_unwatched_entries()  # restored from the fd store
         if ORDERED_STORES and self.config.index:
             self.index = Index(slots_for(self.config.cache.max_entries))
             self.cache.add_observer(self.index)
-            self.dispatcher.index = self.opens.index = self.index
+            self.dispatcher.index = self.opens.guard.index = self.index
         self._poller = Poller()
         self._poller.first(watches.fd, watches.drain)
         self.copier.watches = watches
@@ -305,7 +305,7 @@ class Server:
             self.cache.clear()
             watches.close()
             if self.index is not None:
-                self.dispatcher.index = self.opens.index = None
+                self.dispatcher.index = self.opens.guard.index = None
                 self.cache.remove_observer(self.index)
                 self.index.close()
                 self.index = None
