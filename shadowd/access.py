@@ -134,7 +134,7 @@ class UidShare:
     members: set[Any] = attrs.field(factory=set)
     #: When its connections were last asked (monotonic seconds).
     refreshed_at: float = -1e9
-    #: Misses that did not wait, queued for a copy slot (opens.HostOpens).
+    #: Misses that did not wait, queued for a copy slot (filling.Filler).
     fills: collections.deque[Any] = attrs.field(factory=collections.deque)
     filling: bool = False
 

@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from . import __version__, hotcalls
+from .batches import Batches, batch_items
 from .cache import HostKey
 from .connection import GONE, Connection, too_many_in_flight
 from .errors import RequestError, refusing_os_errors
 from .fds import FdHolder, close_holders
 from .index import Index
-from .opens import HostOpens, Miss, Pending, Served, batch_items, served_fd, share_error
+from .opens import HostOpens, Miss, Pending, Served, served_fd, share_error
 from .poller import Poller
 from .private import PrivateFiles
 from .protocol import (
@@ -74,6 +75,11 @@ class Dispatcher:
     #: Hits clients reported having served through the index.
     index_hits: int = 0
     owner_uid: int = attrs.field(factory=os.geteuid)
+    #: Answers the items of batches (batches.py).
+    batches: Batches = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.batches = Batches(self.opens)
 
     # -- on the poller's round --------------------------------------------
 
@@ -150,7 +156,7 @@ class Dispatcher:
             conn.refuse_later(event.id, conn.over_budget(len(fds)))
             return True
         try:
-            results, later = self.opens.batch_now(
+            results, later = self.batches.now(
                 holders, labels, conn.share, conn.peer, event.id, wait=event.wait
             )
             if later:
@@ -234,7 +240,7 @@ class Dispatcher:
         labels: Sequence[str | None],
     ) -> None:
         try:
-            await self.opens.finish_batch(results, later, labels, conn.share, conn.peer)
+            await self.batches.finish(results, later, labels, conn.share, conn.peer)
             await conn.send(
                 BatchOpened(id=event.id, results=batch_items(results, versions=_v2(conn)))
             )

@@ -51,7 +51,7 @@ class StoredName:
 
     The mount's unique ID (0: the kernel had none) is what lets the next
     daemon vouch for the entry: it is served again only to a request
-    through that very mount (see opens.HostOpens).
+    through that very mount (see guard.EntryGuard.usable).
     """
 
     key: HostKey

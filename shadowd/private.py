@@ -181,7 +181,7 @@ class PrivateFiles:
     copier: Copier
     limits: CacheLimits
     pins: Pins
-    #: Watches a memfd the daemon made until it is freed (HostOpens.track).
+    #: Watches a memfd the daemon made until it is freed (EntryGuard.track, guard.py).
     track: Callable[..., None]
     counters: PrivateCounters = attrs.field(factory=PrivateCounters)
     #: Descriptors served of published files that were not cached.

@@ -1,7 +1,9 @@
-# The I/O loop: accepts connections and answers them in the poller's rounds.
+# The I/O loop: serves on the listening socket and answers connections in
+# the poller's rounds.
 #
-# One trio thread owns the cache. Connections waiting for a request are parked
-# in the poller (poller.py); in each round, for each ready connection, one
+# One trio thread owns the cache. Connections are accepted, and each one's
+# life run, by accepting.py. Connections waiting for a request are parked in
+# the poller (poller.py); in each round, for each ready connection, one
 # datagram is read here and answered at once where it can be: a hit whole in
 # the C extension when it is built (hotcalls.answer_hit: recvmsg, statx,
 # lookup, reopen through /proc/self/fd, sendmsg), anything else parsed by
@@ -15,7 +17,6 @@
 # are inspected, copied and closed in worker threads, see source.py).
 from __future__ import annotations
 
-import errno
 import logging
 import resource
 import socket
@@ -27,25 +28,23 @@ import attrs
 import trio
 
 from . import hotcalls
-from .access import AccessPolicy, Gate, Peer, PeerLimits, UidShare
+from .accepting import Acceptor
+from .access import AccessPolicy, Gate, PeerLimits
 from .cache import Cache, CacheLimits, Entry
 from .connection import (
     GONE,
     HIT_REPLY_LENGTH,
     MSG_CTRUNC,
     MSG_TRUNC,
-    SEND_FLAGS,
     Bug,
     Connection,
     Malformed,
     Received,
     Services,
-    drop_unread,
 )
 from .copier import Copier
 from .dispatch import Dispatcher
-from .errors import RequestError
-from .fds import close_all, move_high
+from .fds import close_all
 from .index import ORDERED_STORES, Index, slots_for
 from .inflight import FdBudget
 from .leases import ignore_sigio
@@ -57,14 +56,11 @@ from .private import PrivateFiles
 from .protocol import (
     MAX_NAMESPACE_BYTES,
     ConnectionState,
-    ErrorReply,
     Lookup,
     Open,
     OpenBatch,
     ProtocolError,
-    ServerConnection,
     WireLimits,
-    encode_reply,
 )
 from .refusals import Refusals
 from .source import MountTrust
@@ -83,8 +79,6 @@ _recv = hotcalls.recv
 _answer_hit = hotcalls.answer_hit
 _now = time.perf_counter
 _READY = ConnectionState.READY
-# Datagrams read and dropped from a peer that is turned away.
-_DRAIN_AT_REFUSAL = 8
 
 
 @attrs.frozen
@@ -122,11 +116,30 @@ class ServerConfig:
         if self.max_inflight < 1 or self.copy_workers < 1 or self.remote_workers < 1:
             raise ValueError("max_inflight and the worker counts must be at least 1")
 
+    def configured_limits(self) -> dict[str, int]:
+        """What the configuration allows, as the stats' ``limits`` say it."""
+        wire, peers = self.wire, self.peers
+        return {
+            "max_request": wire.max_request,
+            "max_batch": wire.max_batch,
+            "max_fds": wire.max_fds,
+            "max_clients": peers.max_clients,
+            "max_clients_per_uid": peers.max_clients_per_uid,
+            "max_inflight": self.max_inflight,
+            "max_copies_per_uid": peers.max_copies_per_uid,
+            "max_fds_per_uid": peers.max_fds_per_uid,
+            "max_pinned_bytes_per_uid": peers.max_pinned_bytes_per_uid,
+        }
 
-def _renumbered(sock: socket.socket) -> socket.socket:
-    """The same connection on a high fd number (see fds.LONG_LIVED_BASE)."""
-    fd = move_high(sock.detach())
-    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+    def hello_limits(self) -> dict[str, int]:
+        """What a hello reply says of this daemon's limits."""
+        return {
+            "max_request": self.wire.max_request,
+            "max_batch": self.wire.max_batch,
+            "max_file_size": self.cache.max_file_size,
+            "max_inflight": self.max_inflight,
+            "max_namespace": MAX_NAMESPACE_BYTES,
+        }
 
 
 class Server:
@@ -143,22 +156,6 @@ class Server:
         self.gate = Gate(config.access, config.peers)
         self.refusals = Refusals()
         self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid, hits=self.gate.hits)
-        self.opens = HostOpens(
-            cache=self.cache,
-            copier=self.copier,
-            mounts=self.mounts,
-            refusals=self.refusals,
-            limits=config.cache,
-            pins=self.pins,
-        )
-        self.private = PrivateFiles(
-            cache=self.cache,
-            copier=self.copier,
-            limits=config.cache,
-            pins=self.pins,
-            track=self.opens.track,
-        )
-        peers = config.peers
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         #: Half the fd limit for fds in flight and held for replies: the
         #: kernel's limit on fds in flight is the same number, and the other
@@ -166,8 +163,23 @@ class Server:
         self.budget = FdBudget(per_uid=config.peers.max_fds_per_uid, total=max(64, fd_limit // 2))
         #: How long hits, misses and copies take (in the stats).
         self.latency = Latencies()
-        self.opens.latency = self.latency
-        self.opens.budget = self.budget
+        self.opens = HostOpens(
+            cache=self.cache,
+            copier=self.copier,
+            mounts=self.mounts,
+            refusals=self.refusals,
+            limits=config.cache,
+            pins=self.pins,
+            latency=self.latency,
+            budget=self.budget,
+        )
+        self.private = PrivateFiles(
+            cache=self.cache,
+            copier=self.copier,
+            limits=config.cache,
+            pins=self.pins,
+            track=self.opens.guard.track,
+        )
         self.collector = StatsCollector(
             cache=self.cache,
             limits=config.cache,
@@ -181,17 +193,7 @@ class Server:
             latency=self.latency,
             index=lambda: self.index,
             index_hits=lambda: self.dispatcher.index_hits,
-            configured={
-                "max_request": config.wire.max_request,
-                "max_batch": config.wire.max_batch,
-                "max_fds": config.wire.max_fds,
-                "max_clients": peers.max_clients,
-                "max_clients_per_uid": peers.max_clients_per_uid,
-                "max_inflight": config.max_inflight,
-                "max_copies_per_uid": peers.max_copies_per_uid,
-                "max_fds_per_uid": peers.max_fds_per_uid,
-                "max_pinned_bytes_per_uid": peers.max_pinned_bytes_per_uid,
-            },
+            configured=config.configured_limits(),
             top_files=config.top_files,
             refresh=config.stats_refresh,
         )
@@ -200,13 +202,7 @@ class Server:
             private=self.private,
             stats=self.stats,
             latency=self.latency,
-            hello_limits={
-                "max_request": config.wire.max_request,
-                "max_batch": config.wire.max_batch,
-                "max_file_size": config.cache.max_file_size,
-                "max_inflight": config.max_inflight,
-                "max_namespace": MAX_NAMESPACE_BYTES,
-            },
+            hello_limits=config.hello_limits(),
         )
         #: The index of the cache, while serving (index.py).
         self.index: Index | None = None
@@ -270,11 +266,11 @@ class Server:
         self._watch_fd = watches.fd
         self._drain = watches.drain
         self.mounts.open()
-        self.opens.track_unwatched_entries()  # restored from the fd store
+        self.opens.guard.track_unwatched_entries()  # restored from the fd store
         if ORDERED_STORES and self.config.index:
             self.index = Index(slots_for(self.config.cache.max_entries))
             self.cache.add_observer(self.index)
-            self.dispatcher.index = self.opens.index = self.index
+            self.dispatcher.index = self.opens.guard.index = self.index
         self._poller = Poller()
         self._poller.first(watches.fd, watches.drain)
         self.copier.watches = watches
@@ -288,6 +284,15 @@ class Server:
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
         )
+        acceptor = Acceptor(
+            gate=self.gate,
+            refusals=self.refusals,
+            collector=self.collector,
+            wire=self.config.wire,
+            services=self._services,
+            connections=self._connections,
+            draining=lambda: self._draining,
+        )
         try:
             with self._outer_scope:
                 async with trio.open_nursery() as nursery:
@@ -295,7 +300,7 @@ class Server:
                     nursery.start_soon(self._run_poller)
                     with self._accept_scope:
                         task_status.started()
-                        await self._accept_loop(listen_sock, nursery)
+                        await acceptor.run(listen_sock, nursery)
         finally:
             self.opens.nursery = None
             self.copier.watches = None
@@ -305,7 +310,7 @@ class Server:
             self.cache.clear()
             watches.close()
             if self.index is not None:
-                self.dispatcher.index = self.opens.index = None
+                self.dispatcher.index = self.opens.guard.index = None
                 self.cache.remove_observer(self.index)
                 self.index.close()
                 self.index = None
@@ -342,105 +347,6 @@ class Server:
     @property
     def draining(self) -> bool:
         return self._draining
-
-    # -- accepting -------------------------------------------------------
-
-    async def _accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
-        backoff = 0.01
-        while True:
-            try:
-                sock, _ = lsock.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(lsock)
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The pending connection stays queued; try again soon.
-                    logger.warning("accept failed (%s); retrying in %.2fs", exc.strerror, backoff)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                raise
-            backoff = 0.01
-            try:
-                sock = _renumbered(sock)
-                sock.setblocking(False)
-                peer = Peer.from_socket(sock)
-            except OSError:
-                sock.close()
-                continue
-            try:
-                share = self.gate.admit(peer, sock)
-            except RequestError as exc:
-                self._turn_away(sock, peer, exc)
-                continue
-            self.collector.clients_total += 1
-            nursery.start_soon(self._run_connection, sock, peer, share)
-
-    def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
-        """Tell a refused peer why (without waiting), then close its connection."""
-        self.refusals.count(peer, exc.code, exc.message)
-        data, _ = encode_reply(ErrorReply(id=None, code=exc.code, message=exc.message))
-        try:
-            sock.sendmsg([data], [], SEND_FLAGS)
-        except OSError:
-            pass  # it left already, or its buffer is full: the close tells it enough
-        drop_unread(sock, _DRAIN_AT_REFUSAL)
-        sock.close()
-
-    # -- one connection --------------------------------------------------
-
-    async def _run_connection(self, sock: socket.socket, peer: Peer, share: UidShare) -> None:
-        conn = Connection(
-            sock=sock,
-            peer=peer,
-            share=share,
-            proto=ServerConnection(self.config.wire),
-            services=self._services,
-        )
-        self._connections.add(conn)
-        share.members.add(conn)
-        logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
-        lingers = False
-        try:
-            if self._draining:
-                conn.read_scope.cancel()
-            await conn.run()
-        except Exception:
-            # A bug of ours: end this connection, keep serving everyone else.
-            self.refusals.internal_errors += 1
-            logger.exception("error serving pid %d; connection closed", peer.pid)
-        finally:
-            self._connections.discard(conn)
-            nursery = self.opens.nursery
-            if not conn.close():
-                if nursery is not None and not self._draining:
-                    lingers = True
-                    nursery.start_soon(self._linger, conn)
-                else:
-                    conn.release()  # no longer serving: let it all go
-            if not lingers:
-                self.gate.leave(share)
-            logger.debug("client gone: pid %d", peer.pid)
-
-    async def _linger(self, conn: Connection) -> None:
-        """Keep a finished connection's socket until its peer read every fd sent.
-
-        Closing our end would leave them in the peer's queue, in flight and
-        counted against the daemon's user for as long as the peer likes; open,
-        they stay counted against the peer's uid (and its connections).
-        """
-        try:
-            delay = 0.05
-            while conn.outbox.fds:
-                await trio.sleep(delay)
-                delay = min(2 * delay, 1.0)
-                conn.refresh()
-        finally:
-            conn.release()
-            self.gate.leave(conn.share)
 
     # -- the poller's rounds: one datagram per ready connection -----------
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from shadowd.cli import parse_size
+from shadowd.cli_flags import parse_size
 
 from . import promtext
 from .conftest import REPO, Daemon, make_file, repo_env, settle
@@ -267,7 +267,7 @@ async def test_stats_watch_refreshes_until_interrupted(daemon: Daemon, tty: bool
 
 
 def test_a_frame_fits_any_terminal() -> None:
-    from shadowd.cli import fit_frame
+    from shadowd.cli_stats import fit_frame
 
     lines = [f"line {i} " + "x" * 100 for i in range(30)]
     fitted = fit_frame(lines, 40, 10)

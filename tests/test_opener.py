@@ -218,7 +218,7 @@ async def test_misses_that_do_not_wait_are_all_filled_past_the_copy_slots(
     """One batch of misses that do not wait, more than the uid's copy slots: each is
     told "filling" and each is cached, without being asked again; past the queue's
     bound a miss says it is not filling, and nothing is held once the fills are done."""
-    from shadowd.opens import FILL_QUEUE
+    from shadowd.filling import FILL_QUEUE
 
     d: Daemon = await start_daemon("--racy-window", RACY, "--max-copies-per-uid", "2")
     many = 2 + FILL_QUEUE + 6

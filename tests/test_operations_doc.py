@@ -8,7 +8,7 @@ import re
 import attrs
 import pytest
 
-from shadowd.report import format_prometheus
+from shadowd.prometheus import format_prometheus
 from shadowd.stats import Stats
 
 from . import promtext

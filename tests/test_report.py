@@ -1,6 +1,6 @@
-# report.py: the Prometheus exposition parsed strictly, the table's new rows,
-# labels that cannot reach a terminal raw, the --watch rates; and the daemon's
-# log lines when stderr is the journal.
+# report.py and prometheus.py: the Prometheus exposition parsed strictly, the
+# table's new rows, labels that cannot reach a terminal raw, the --watch
+# rates; and the daemon's log lines when stderr is the journal.
 from __future__ import annotations
 
 import io
@@ -17,14 +17,9 @@ import pytest
 from shadowd.cache import HostKey
 from shadowd.daemon import configure_logging, status_line, stream_is_journal
 from shadowd.memfd import sealed_from_bytes
+from shadowd.prometheus import format_prometheus, format_prometheus_down
 from shadowd.protocol import ErrorCode
-from shadowd.report import (
-    format_json,
-    format_prometheus,
-    format_prometheus_down,
-    format_rates,
-    format_table,
-)
+from shadowd.report import format_json, format_rates, format_table
 from shadowd.server import Server, ServerConfig
 from shadowd.stats import LATENCY_BOUNDS, Histogram, Latencies, Stats, TopEntry
 

@@ -1,7 +1,7 @@
 # The pieces behind "never stale, never torn, bounded" on their own: inotify
 # watches on sources and memfds (watches.py), read leases around copies
 # (leases.py), the per-uid charge of pinned memory (pins.py), and an entry
-# restored at start vouched for only by its own mount (opens.py).
+# restored at start vouched for only by its own mount (guard.py).
 from __future__ import annotations
 
 import mmap

@@ -1,0 +1,157 @@
+# Accepting connections and seeing each through its life: a new peer is
+# admitted by the gate (access.py), or told why not without waiting and
+# turned away; an admitted one is served by its connection's task
+# (connection.py) until it ends; then its socket stays open, while its peer
+# has not read every fd sent to it, until it has.
+#
+# Must never: wait on a peer that is turned away (one reply tried without
+# waiting, a bounded drain, the close); let a bug serving one connection end
+# the server or anyone else's connection; close, while serving, the socket
+# of a finished connection whose peer has fds unread in it (they would stay
+# in flight, counted against the daemon's user); keep a uid's place at the
+# gate after its connection is gone.
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from .access import Gate, Peer, UidShare
+from .connection import SEND_FLAGS, Connection, Services, drop_unread
+from .errors import RequestError
+from .fds import move_high
+from .metrics import StatsCollector
+from .protocol import ErrorReply, ServerConnection, WireLimits, encode_reply
+from .refusals import Refusals
+
+# Logged as the server, as before these lines moved here from server.py: the
+# name operators (and tests/test_cli.py) know them by.
+logger = logging.getLogger("shadowd.server")
+
+# Datagrams read and dropped from a peer that is turned away.
+_DRAIN_AT_REFUSAL = 8
+
+
+def _renumbered(sock: socket.socket) -> socket.socket:
+    """The same connection on a high fd number (see fds.LONG_LIVED_BASE)."""
+    fd = move_high(sock.detach())
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+
+
+@attrs.define(eq=False)
+class Acceptor:
+    """Accepts connections on the listening socket and runs each one's life."""
+
+    gate: Gate
+    refusals: Refusals
+    #: Counts every connection admitted (clients_total in the stats).
+    collector: StatsCollector
+    wire: WireLimits
+    services: Services
+    #: The connections whose task runs (the server's set: shutdown stops their reading).
+    connections: set[Connection]
+    #: Whether the server is shutting down.
+    draining: Callable[[], bool]
+
+    async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
+        backoff = 0.01
+        while True:
+            try:
+                sock, _ = lsock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The pending connection stays queued; try again soon.
+                    logger.warning("accept failed (%s); retrying in %.2fs", exc.strerror, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            backoff = 0.01
+            try:
+                sock = _renumbered(sock)
+                sock.setblocking(False)
+                peer = Peer.from_socket(sock)
+            except OSError:
+                sock.close()
+                continue
+            try:
+                share = self.gate.admit(peer, sock)
+            except RequestError as exc:
+                self._turn_away(sock, peer, exc)
+                continue
+            self.collector.clients_total += 1
+            nursery.start_soon(self._run_connection, sock, peer, share, nursery)
+
+    def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
+        """Tell a refused peer why (without waiting), then close its connection."""
+        self.refusals.count(peer, exc.code, exc.message)
+        data, _ = encode_reply(ErrorReply(id=None, code=exc.code, message=exc.message))
+        try:
+            sock.sendmsg([data], [], SEND_FLAGS)
+        except OSError:
+            pass  # it left already, or its buffer is full: the close tells it enough
+        drop_unread(sock, _DRAIN_AT_REFUSAL)
+        sock.close()
+
+    # -- one connection --------------------------------------------------
+
+    async def _run_connection(
+        self, sock: socket.socket, peer: Peer, share: UidShare, nursery: trio.Nursery
+    ) -> None:
+        conn = Connection(
+            sock=sock,
+            peer=peer,
+            share=share,
+            proto=ServerConnection(self.wire),
+            services=self.services,
+        )
+        self.connections.add(conn)
+        share.members.add(conn)
+        logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
+        lingers = False
+        try:
+            if self.draining():
+                conn.read_scope.cancel()
+            await conn.run()
+        except Exception:
+            # A bug of ours: end this connection, keep serving everyone else.
+            self.refusals.internal_errors += 1
+            logger.exception("error serving pid %d; connection closed", peer.pid)
+        finally:
+            self.connections.discard(conn)
+            if not conn.close():
+                if not self.draining():
+                    lingers = True
+                    nursery.start_soon(self._linger, conn)
+                else:
+                    conn.release()  # no longer serving: let it all go
+            if not lingers:
+                self.gate.leave(share)
+            logger.debug("client gone: pid %d", peer.pid)
+
+    async def _linger(self, conn: Connection) -> None:
+        """Keep a finished connection's socket until its peer read every fd sent.
+
+        Closing our end would leave them in the peer's queue, in flight and
+        counted against the daemon's user for as long as the peer likes; open,
+        they stay counted against the peer's uid (and its connections).
+        """
+        try:
+            delay = 0.05
+            while conn.outbox.fds:
+                await trio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                conn.refresh()
+        finally:
+            conn.release()
+            self.gate.leave(conn.share)

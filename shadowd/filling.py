@@ -1,0 +1,184 @@
+# Filling the cache from host files: a copy started for a miss (a flight,
+# copier.py, on a slot of its uid's quota and within its uid's bound of
+# pinned bytes), the per-uid queue of misses that did not wait and found
+# every copy slot of their uid taken, and what becomes of a finished copy:
+# cached, or served uncached when it cannot be trusted to stay true (its
+# inode changed during the copy, a writer had it open, no watch on it).
+#
+# Must never: start a copy without a slot of its uid's quota (the slot comes
+# first, so a flight that exists is always copying and no uid waits behind
+# another's quota); queue more than FILL_QUEUE fills per uid, or hold their
+# fds uncounted in the uid's fd budget; cache a copy of an inode that had an
+# event since its flight began.
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from .access import UidShare
+from .cache import Admission, Cache, HostKey
+from .closing import Closer
+from .copier import Copied, Copier, Flight
+from .errors import RequestError
+from .fds import FdHolder
+from .guard import EntryGuard
+from .inflight import FdBudget
+from .leases import Writers
+from .pins import Pins
+from .protocol import Version
+from .source import SourceStat
+from .stats import Latencies
+
+# Logged as before these lines moved here from opens.py: the name operators know.
+logger = logging.getLogger("shadowd.opens")
+
+#: Misses that did not wait, per uid, queued for a copy slot of its quota.
+FILL_QUEUE = 64
+
+
+@attrs.define(eq=False)
+class Filler:
+    """Starts copies into the cache, queues the fills that wait for a slot, keeps the copies."""
+
+    cache: Cache
+    copier: Copier
+    pins: Pins
+    guard: EntryGuard
+    closer: Closer
+    #: Where copies are timed (the server's; in the stats).
+    latency: Latencies
+    #: The fd budget (inflight.py): queued fills hold an fd each, counted in it.
+    budget: FdBudget | None = None
+    #: The server's nursery while it serves: flights and the queues run in it.
+    nursery: trio.Nursery | None = None
+    #: Copies not cached because a writer had the file open during them.
+    uncached_writers: int = 0
+
+    def fly(
+        self,
+        key: tuple[HostKey, Version],
+        source: FdHolder,
+        st: SourceStat,
+        label: str | None,
+        share: UidShare,
+        *,
+        remote: bool,
+    ) -> Flight:
+        """Start copying *source* (ours now) as flight *key*, on a slot of the uid's
+        quota the caller took. Raises RequestError (busy) past the uid's copy budget;
+        then the slot is given back and *source* closed."""
+        quota, uid, size = share.quota, share.uid, st.size
+        try:
+            self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+        except BaseException:
+            quota.release()
+            self.closer.discard([source.detach()], share)
+            raise
+        assert self.nursery is not None
+        return self.copier.start(
+            self.nursery,
+            key,
+            source,
+            st,
+            self._on_copied(label, uid, size),
+            remote=remote,
+            quota=quota,
+            on_failed=lambda: self.pins.unreserve(uid, size),
+        )
+
+    def queue(
+        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
+    ) -> bool:
+        """Copy this version once a copy of its uid ends (a miss that did not wait,
+        when the uid's copies are all under way). False when the queue is full."""
+        if len(share.fills) >= FILL_QUEUE or self.nursery is None:
+            return False
+        try:
+            source = FdHolder(os.dup(fd))
+        except OSError:
+            return False
+        if self.budget is not None:
+            self.budget.use(share, 1)  # held until its copy takes it
+        share.fills.append((source, st, label, remote))
+        if not share.filling:
+            share.filling = True
+            self.nursery.start_soon(self._pump, share)
+        return True
+
+    async def _pump(self, share: UidShare) -> None:
+        """Start the queued copies of *share*'s uid one by one, as its quota allows."""
+        try:
+            while share.fills:
+                await share.quota.acquire()
+                source, st, label, remote = share.fills.popleft()
+                if self.budget is not None:
+                    self.budget.use(share, -1)
+                key = HostKey(st.dev, st.ino)
+                flight_key = (key, st.version)
+                entry = self.cache.peek(key)
+                if (
+                    (entry is not None and entry.version == st.version)
+                    or self.copier.flight(flight_key) is not None
+                    or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
+                ):
+                    share.quota.release()  # filled meanwhile, or no longer worth it
+                    self.closer.discard([source.detach()], share)
+                    continue
+                try:
+                    self.fly(flight_key, source, st, label, share, remote=remote)
+                except RequestError:
+                    pass  # over its copy budget: dropped (it was only a fill)
+        finally:
+            share.filling = False
+            while share.fills:  # cancelled (shutdown): let go of what is left
+                source, *_ = share.fills.popleft()
+                if self.budget is not None:
+                    self.budget.use(share, -1)
+                self.closer.discard([source.detach()], share)
+
+    def _on_copied(
+        self, label: str | None, uid: int, reserved: int
+    ) -> Callable[[Flight, Copied], None]:
+        def apply(flight: Flight, copied: Copied) -> None:
+            st, wd, watches = copied.stat, copied.wd, self.guard.watches
+            self.latency.copy_.observe(copied.seconds)
+            watches.drain()  # an event of this inode since the flight began?
+            why = ""
+            if wd < 0:
+                why = "no watch on its inode"
+            elif copied.writers is Writers.PRESENT:
+                why = "a writer had it open"
+                self.uncached_writers += 1
+            elif watches.changed_since(wd, flight.start):
+                why = "it changed during the copy"
+            if why:
+                if wd >= 0:
+                    watches.forget(wd)
+                flight.cached = False
+                self.guard.track(copied.sealed, uid, cached=False, reserved=reserved)
+                logger.debug("served uncached (%s): %s", why, label or "?")
+                return
+            watches.hold(wd)  # before the insert, which may drop an entry of the same inode
+            admission, entry = self.cache.insert(
+                HostKey(st.dev, st.ino),
+                st.version,
+                copied.sealed,
+                label=label,
+                ctime_ns=st.ctime_ns,
+                label_uid=uid,
+                wd=wd,
+                mnt=st.mnt,
+            )
+            flight.cached = admission is Admission.CACHED
+            ours = entry is not None and entry.file is copied.sealed
+            if not ours:
+                watches.release(wd)  # not ours that was kept
+            self.guard.track(copied.sealed, uid, cached=ours, reserved=reserved)
+            if not flight.cached:
+                logger.debug("served uncached (%s): %s", admission.value, label or "?")
+
+        return apply
