@@ -6,12 +6,12 @@ client processes at once, and one client asking for 8 files per batch open;
 prints each syscall's count per hit. Needs strace.
 Run: `.venv/bin/python benchmarks/syscalls.py`.
 
-A hit itself is five syscalls (recvmsg, statx, fcntl, openat, sendmsg); the
-rest is per round of the poller, shared by every connection answered in it
-(one close_range for the round's fds, an epoll_wait for the ready list) and
-per wake-up of the poller task (trio's epoll_ctl and epoll_wait). A lone
-strictly request-reply client pays all of that on every hit; several
-clients share it.
+A hit itself is six syscalls (recvmsg, ioctl FIONREAD on the inotify fd,
+statx, fcntl, openat, sendmsg); the rest is per round of the poller, shared
+by every connection answered in it (one close_range for the round's fds, an
+epoll_wait for the ready list) and per wake-up of the poller task (trio's
+epoll_ctl and epoll_wait). A lone strictly request-reply client pays all of
+that on every hit; several clients share it.
 """
 
 from __future__ import annotations

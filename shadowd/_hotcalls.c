@@ -677,7 +677,8 @@ opened_reply(unsigned char *o, uint64_t id, uint64_t size, int v2, long long mti
 
 /* The attribute names answer_hit reads on every hit, made once (interned)
  * instead of a new string per lookup. */
-static PyObject *name_version, *name_file, *name_fd, *name_dir_fd, *name_wd, *name_stamp;
+static PyObject *name_version, *name_file, *name_fd, *name_dir_fd, *name_wd, *name_stamp,
+    *name_pin_wd, *name_attr_changed;
 
 static int
 int_attr(PyObject *obj, PyObject *name, long *out)
@@ -793,8 +794,20 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
     }
     long long stamp_mode, stamp_ctime;
     int stamped = stamp_of(file, &stamp_mode, &stamp_ctime);
+    /* A memfd watched for IN_ATTRIB (pin_wd) with none read is as sealed:
+     * every change to its stamp comes as IN_ATTRIB, and none is pending
+     * (FIONREAD above). Else the inode is asked. */
+    long pin_wd = -1;
+    int changed = 1;
+    if (stamped == 0 && int_attr(file, name_pin_wd, &pin_wd) == 0) {
+        PyObject *flag = PyObject_GetAttr(file, name_attr_changed);
+        changed = flag == NULL ? -1 : PyObject_IsTrue(flag);
+        Py_XDECREF(flag);
+    } else {
+        stamped = -1;
+    }
     Py_DECREF(file);
-    if (stamped < 0) {
+    if (stamped < 0 || changed < 0) {
         Py_DECREF(entry);
         return NULL;
     }
@@ -804,14 +817,16 @@ try_hit(int sockfd, const unsigned char *data, size_t len, int src, PyObject *en
     }
     /* The memfd as it was sealed? A holder of its uid can change its mode,
      * ACL or times through a served fd; then Python replaces the entry. */
-    struct kstatx mstx;
-    long long mctime;
-    memset(&mstx, 0, sizeof mstx);
-    if (syscall(SYS_statx, (int)memfd, "", K_AT_EMPTY_PATH, (unsigned)(0x2 | 0x80), &mstx) != 0 ||
-        !ns_of(&mstx.ctime, &mctime) || (long long)mstx.mode != stamp_mode ||
-        mctime != stamp_ctime) {
-        Py_DECREF(entry);
-        return DECLINED;
+    if (pin_wd < 0 || changed || stamp_mode < 0 || watch_fd < 0) {
+        struct kstatx mstx;
+        long long mctime;
+        memset(&mstx, 0, sizeof mstx);
+        if (syscall(SYS_statx, (int)memfd, "", K_AT_EMPTY_PATH, (unsigned)(0x2 | 0x80), &mstx) != 0 ||
+            !ns_of(&mstx.ctime, &mctime) || (long long)mstx.mode != stamp_mode ||
+            mctime != stamp_ctime) {
+            Py_DECREF(entry);
+            return DECLINED;
+        }
     }
 
     size_t k = opened_reply(reply, id, stx.size, v2, mtime_ns, ctime_ns);
@@ -930,13 +945,18 @@ PyInit__hotcalls(void)
         name_dir_fd = PyUnicode_InternFromString("dir_fd");
         name_wd = PyUnicode_InternFromString("wd");
         name_stamp = PyUnicode_InternFromString("stamp");
-        if (!name_version || !name_file || !name_fd || !name_dir_fd || !name_wd || !name_stamp) {
+        name_pin_wd = PyUnicode_InternFromString("pin_wd");
+        name_attr_changed = PyUnicode_InternFromString("attr_changed");
+        if (!name_version || !name_file || !name_fd || !name_dir_fd || !name_wd || !name_stamp ||
+            !name_pin_wd || !name_attr_changed) {
             Py_CLEAR(name_version);
             Py_CLEAR(name_file);
             Py_CLEAR(name_fd);
             Py_CLEAR(name_dir_fd);
             Py_CLEAR(name_wd);
             Py_CLEAR(name_stamp);
+            Py_CLEAR(name_pin_wd);
+            Py_CLEAR(name_attr_changed);
             return NULL;
         }
     }

@@ -39,12 +39,17 @@ class EntryGuard:
     watches: Watches = attrs.field(init=False)
     #: Which entry each inotify watch belongs to.
     _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
+    #: The memfds tracked (by their watch), until the kernel frees them.
+    _memfds: dict[int, SealedFile] = attrs.field(factory=dict, init=False)
     #: The index of the cache, while the daemon publishes one.
     index: Index | None = None
 
     def __attrs_post_init__(self) -> None:
         self.watches = Watches(
-            on_event=self._changed, on_overflow=self._lost_events, on_freed=self.pins.freed
+            on_event=self._changed,
+            on_overflow=self._lost_events,
+            on_freed=self._freed,
+            on_attrib=self._attrib,
         )
         self.cache.add_observer(self)
 
@@ -60,6 +65,7 @@ class EntryGuard:
                 self.pins.unreserve(uid, reserved)
             return
         sealed.pin_wd = wd
+        self._memfds[wd] = sealed
         self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved)
 
     def track_unwatched_entries(self) -> None:
@@ -80,6 +86,18 @@ class EntryGuard:
     def _lost_events(self) -> None:
         for key in list(self._by_wd.values()):
             self.cache.invalidate(key)
+        for sealed in self._memfds.values():
+            sealed.attr_changed = True  # an IN_ATTRIB may be among the lost
+
+    def _attrib(self, wd: int) -> None:
+        """A memfd's mode, owner, ACL or times changed: its next hit checks its stamp."""
+        sealed = self._memfds.get(wd)
+        if sealed is not None:
+            sealed.attr_changed = True
+
+    def _freed(self, wd: int) -> None:
+        self._memfds.pop(wd, None)
+        self.pins.freed(wd)
 
     def inserted(self, entry: Entry) -> None:
         if entry.wd >= 0 and not entry.private:

@@ -23,6 +23,7 @@
 # by anyone but the daemon's own mapping (F_SEAL_FUTURE_WRITE, GROW, SHRINK).
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -93,6 +94,45 @@ class Slot:
         return (self.size, self.mtime_ns, self.ctime_ns)
 
 
+@attrs.define
+class _Mapping:
+    """A shared, writable mapping of a file, made without keeping an fd.
+
+    Python's ``mmap.mmap`` keeps a dup of the fd it maps, at the lowest free
+    number: a long-lived fd among the low numbers each hit's two fds take,
+    which would split a round's fds in two and cost a close_range (see
+    fds.LONG_LIVED_BASE). libc's mmap keeps none.
+    """
+
+    address: int
+    size: int
+    view: memoryview
+
+    @classmethod
+    def of(cls, fd: int, size: int) -> _Mapping:
+        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap the index: {os.strerror(err)}")
+        array = (ctypes.c_ubyte * size).from_address(address)
+        return cls(address, size, memoryview(array).cast("B"))
+
+    def close(self) -> None:
+        if self.address:
+            self.view.release()
+            _libc.munmap(self.address, self.size)
+            self.address = 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+)  # fmt: skip
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
 def read_slot(view: mmap.mmap | memoryview | bytes, n: int) -> Slot:
     return Slot(*_SLOT.unpack_from(view, HEADER + n * SLOT))
 
@@ -109,7 +149,8 @@ class Index:
 
     slots: int
     holder: FdHolder = attrs.field(init=False)
-    _map: mmap.mmap = attrs.field(init=False)
+    _mapping: _Mapping = attrs.field(init=False)
+    _map: memoryview = attrs.field(init=False)
     #: Where each indexed entry's slot is.
     _where: dict[HostKey, int] = attrs.field(factory=dict, init=False)
     memfd_dev: int = attrs.field(default=0, init=False)
@@ -120,7 +161,8 @@ class Index:
         fd = os.memfd_create("shadowd-index", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mapping = _Mapping.of(fd, size)
+            self._map = self._mapping.view
             # Our mapping stays writable; nobody else can write, grow or
             # shrink it, or map it writable, from now on.
             fcntl.fcntl(
@@ -161,7 +203,7 @@ class Index:
         return reopen_readonly(self.holder.fd)
 
     def close(self) -> None:
-        self._map.close()
+        self._mapping.close()
         self.holder.close()
 
     # -- cache observer --------------------------------------------------

@@ -329,7 +329,10 @@ class SealedFile:
     #: through a served fd) moves its ctime. See :meth:`intact`.
     stamp: tuple[int, int] = attrs.field(init=False)
     #: The inotify watch that tells when the memfd is freed (pins.py); -1 none.
+    #: It also says when its attributes change (IN_ATTRIB): see :meth:`intact`.
     pin_wd: int = attrs.field(default=-1, init=False)
+    #: An IN_ATTRIB of that watch was read: intact() asks the inode again.
+    attr_changed: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.dir_fd = _proc_fd_dir()
@@ -347,7 +350,13 @@ class SealedFile:
         With *times* False only its mode counts: a publisher that keeps a
         writable fd of its sealed memfd moves its times with every write,
         refused or not, and its private entries are its own uid's business.
+
+        A watched memfd (pin_wd) with no IN_ATTRIB read is intact without
+        asking the kernel: every change to its stamp comes as IN_ATTRIB, and
+        the caller reads the pending events first.
         """
+        if self.pin_wd >= 0 and not self.attr_changed and self.stamp[0] >= 0:
+            return True
         try:
             st = os.fstat(self.holder.fd)
         except OSError:

@@ -349,6 +349,9 @@ class HostOpens:
         """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
         counted = False
         while True:
+            # Not on the poller's path, which read the events after the
+            # request: read those of changes made meanwhile before a hit.
+            self.watches.drain()
             outcome = attempt()
             assert not isinstance(outcome, Miss)  # only asked for with wait
             if not isinstance(outcome, _Throttled):

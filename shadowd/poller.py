@@ -9,8 +9,7 @@
 #
 # Must never: await while a round is being answered (the callback runs on the
 # loop, with the cache, and must stay synchronous); keep an fd registered
-# after its owner took it back; let a callback's fd outlive the round; answer
-# a connection before reading what `first` watches.
+# after its owner took it back; let a callback's fd outlive the round.
 from __future__ import annotations
 
 import os
@@ -52,9 +51,6 @@ class Poller(Generic[T]):
         self._owners: dict[int, T] = {}
         #: The fds to close at the end of this round (see close_later).
         self.closing: list[int] = []
-        #: What must be read before any connection is answered (see first).
-        self._first_fd = -1
-        self._first: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -72,13 +68,6 @@ class Poller(Generic[T]):
             except OSError:
                 pass  # closed already: the kernel dropped it from the set
 
-    def first(self, fd: int, read: Callable[[], None]) -> None:
-        """Watch *fd* too, and run ``read()`` (which must not block or raise) whenever
-        the set wakes, before any connection is answered: what it reads (the cache's
-        inotify events) then counts for every request that came after it."""
-        self._epoll.register(fd, select.EPOLLIN)
-        self._first_fd, self._first = fd, read
-
     def close_later(self, fd: int) -> None:
         """Close *fd* at the end of the current round (with the round's other fds)."""
         self.closing.append(fd)
@@ -95,14 +84,8 @@ class Poller(Generic[T]):
         """
         epoll = self._epoll
         owners = self._owners
-        first_fd = self._first_fd
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
-            first = self._first
-            if first is not None:
-                # Whatever happened before a request arrived is read before
-                # it is answered (one read, usually EAGAIN).
-                first()
             if len(owners) == 1:
                 # A lone connection: the set can only be ready for it, and
                 # asking the kernel which would cost an epoll_wait a request.
@@ -111,9 +94,7 @@ class Poller(Generic[T]):
             budget = ROUND_BUDGET
             while budget > 0:
                 events = epoll.poll(0, MAX_EVENTS)
-                ready = [fd for fd, _mask in events if fd != first_fd]
-                if len(ready) != len(events) and first is not None:
-                    first()
+                ready = [fd for fd, _mask in events]
                 if not ready:
                     break
                 self._round(answer, ready)

@@ -65,6 +65,7 @@ from .protocol import (
 from .refusals import Refusals
 from .source import MountTrust
 from .stats import Latencies, Stats
+from .watches import Watches
 
 if TYPE_CHECKING:
     from .fdstore import FdStore
@@ -211,6 +212,7 @@ class Server:
         self._poller: Poller[Connection]
         self._services: Services
         self._poller_scope = trio.CancelScope()
+        self._watch_scope = trio.CancelScope()
         # One receive buffer for every parked connection: the poller reads
         # and parses a datagram before it reads the next.
         self._buf = bytearray(config.wire.max_request)
@@ -272,7 +274,6 @@ class Server:
             self.cache.add_observer(self.index)
             self.dispatcher.index = self.opens.guard.index = self.index
         self._poller = Poller()
-        self._poller.first(watches.fd, watches.drain)
         self.copier.watches = watches
         self.dispatcher.poller = self._poller
         self._services = Services(
@@ -298,6 +299,7 @@ class Server:
                 async with trio.open_nursery() as nursery:
                     self.opens.nursery = nursery
                     nursery.start_soon(self._run_poller)
+                    nursery.start_soon(self._read_watches, watches)
                     with self._accept_scope:
                         task_status.started()
                         await acceptor.run(listen_sock, nursery)
@@ -335,6 +337,7 @@ class Server:
         self._accept_scope.cancel()
         # Nobody reads any more: every connection's read scope goes too.
         self._poller_scope.cancel()
+        self._watch_scope.cancel()  # as before: the events count for hits only
         for conn in list(self._connections):
             conn.read_scope.cancel()
         self._outer_scope.deadline = trio.current_time() + self.config.shutdown_grace
@@ -349,6 +352,19 @@ class Server:
         return self._draining
 
     # -- the poller's rounds: one datagram per ready connection -----------
+
+    async def _read_watches(self, watches: Watches) -> None:
+        """Read the cache's inotify events as they come.
+
+        Not a member of the poller's set: a request is never answered from an
+        entry while events wait (the C hit path declines when FIONREAD says
+        any do, the Python path reads them after the request), so a wake-up
+        for a request need not read them first, which cost every hit a read.
+        """
+        with self._watch_scope:
+            while True:
+                await trio.lowlevel.wait_readable(watches.fd)
+                watches.drain()
 
     async def _run_poller(self) -> None:
         with self._poller_scope:

@@ -68,6 +68,9 @@ class Watches:
     #: Called for every watch the kernel removed (IN_IGNORED): for a memfd's
     #: watch (add_memfd), that its inode is freed (pins.py).
     on_freed: Callable[[int], None] = lambda wd: None
+    #: Called for IN_ATTRIB on a memfd's watch (add_memfd): its mode, owner,
+    #: ACL or times changed.
+    on_attrib: Callable[[int], None] = lambda wd: None
     fd: int = -1
     #: Events read so far; a flight records it when it starts.
     seq: int = 0
@@ -129,8 +132,8 @@ class Watches:
     def add_memfd(self, fd: int) -> int:
         """Watch a memfd of ours until its inode is freed (then on_freed is called).
 
-        Its mode, ACL and times changing come as IN_ATTRIB (nothing to do:
-        every hit checks the memfd's stamp); the watch does not keep the memfd.
+        Its mode, owner, ACL and times changing come as IN_ATTRIB (then
+        on_attrib is called); the watch does not keep the memfd.
         """
         if self.fd < 0:
             raise OSError(errno.EBADF, "the daemon is not watching files")
@@ -211,6 +214,8 @@ class Watches:
                 continue
             if wd in self._refs:
                 self.on_event(wd)
+            elif mask & IN_ATTRIB:
+                self.on_attrib(wd)
 
     @property
     def watched(self) -> int:

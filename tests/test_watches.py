@@ -114,6 +114,40 @@ def test_a_removed_watch_and_a_freed_memfd_are_told(tmp_path: Path) -> None:
         w.close()
 
 
+def test_a_change_to_a_watched_memfd_makes_its_hits_ask_the_inode_again() -> None:
+    """A tracked memfd is intact without a stat until an IN_ATTRIB of it is read;
+    then intact() asks the inode and sees the change (a holder's fchmod, utime)."""
+    server = Server(ServerConfig(socket_path=""))
+    guard = server.opens.guard
+    guard.watches.open()
+    sealed = sealed_from_bytes(b"memfd bytes")
+    try:
+        guard.track(sealed, None, cached=True)
+        assert sealed.pin_wd >= 0 and not sealed.attr_changed and sealed.intact()
+        held = os.open(f"/proc/self/fd/{sealed.fd}", os.O_RDONLY)
+        try:
+            os.fchmod(held, 0o644)  # what a holder of the daemon's uid may do
+            assert sealed.intact()  # not read yet: the hit path declines meanwhile (FIONREAD)
+            guard.watches.drain()
+            assert sealed.attr_changed and not sealed.intact()
+            # Put back as sealed: the stamp's ctime moved, so never intact again.
+            os.fchmod(held, 0o444)
+            assert not sealed.intact()
+            # A memfd whose watch could not be made is asked every time.
+            other = sealed_from_bytes(b"other bytes")
+            try:
+                assert other.pin_wd < 0 and other.intact()
+                os.utime(f"/proc/self/fd/{other.fd}", ns=(1, 1))
+                assert not other.intact()
+            finally:
+                other.release()
+        finally:
+            os.close(held)
+    finally:
+        sealed.release()
+        guard.watches.close()
+
+
 def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
     leases.ignore_sigio()
     f = tmp_path / "f"
