@@ -133,6 +133,7 @@ route_name(int route)
     case SHADOWD_ROUTE_DAEMON: return "daemon";
     case SHADOWD_ROUTE_HELD: return "held";
     case SHADOWD_ROUTE_COPY: return "copy";
+    case SHADOWD_ROUTE_INDEX: return "index";
     default: return "none";
     }
 }
@@ -261,6 +262,28 @@ main(void)
             shadowd_set_cold(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "race") == 0) {
             shadowd_set_race(&c, atoi(argv[1]));
+        } else if (strcmp(cmd, "index") == 0) {
+            /* index USE KEEP */
+            shadowd_set_index(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "indexready") == 0) {
+            emit("\"ready\": %d, ", shadowd_index_ready(&c));
+            status(t);
+        } else if (strcmp(cmd, "indexopen") == 0) {
+            /* indexopen PATH [N]: the plain index hit, N times (the last one described) */
+            int n = argc > 2 ? atoi(argv[2]) : 1, fd = -1, served = 0;
+            for (int i = 0; i < n; i++) {
+                if (fd >= 0)
+                    close(fd);
+                int src = open_src(argv[1]);
+                fd = shadowd_index_open(&c, src, NULL);
+                served += fd >= 0;
+                close(src);
+            }
+            emit("\"served\": %d, ", served);
+            status(t);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "report") == 0) {
+            shadowd_index_report(&c);
         } else if (strcmp(cmd, "held") == 0) {
             shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
         } else if (strcmp(cmd, "log") == 0) {
@@ -470,6 +493,9 @@ main(void)
             shadowd_close(&c);
             emit("\"fds\": %d, ", count_fds());
         } else if (strcmp(cmd, "counts") == 0) {
+            emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, ",
+                 (unsigned long long)c.counts.index, (unsigned long long)c.counts.index_refused,
+                 (unsigned long long)c.counts.reported);
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
                  "\"missed\": %llu, \"preloaded\": %llu, "
                  "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "
