@@ -60,11 +60,22 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     # Not measured unless asked for (--modes): the routed open that copies
     # while it waits for the daemon's answer and takes the first done.
     "shadowd-race": ("shadowd", ("--race",)),
+    # The routed open without the daemon's index (as before it had one).
+    "shadowd-noindex": ("shadowd", ("--no-index",)),
+    # The routed open that also keeps index hits in the supervisor's tier.
+    "shadowd-keep": ("shadowd", ("--keep-index-hits",)),
 }
 DEFAULT_VARIANTS = ("passthrough", "copy", "shadowd-fd", "shadowd", "shadowd-preload")
-SHADOWD_VARIANTS = ("shadowd-fd", "shadowd", "shadowd-preload", "shadowd-race")
+SHADOWD_VARIANTS = (
+    "shadowd-fd",
+    "shadowd",
+    "shadowd-preload",
+    "shadowd-race",
+    "shadowd-noindex",
+    "shadowd-keep",
+)
 #: How the supervisor made each shadow (its --stats "how").
-HOWS = ("copy", "hit", "held", "miss", "raced", "cold", "local", "fallback")
+HOWS = ("copy", "hit", "index", "held", "miss", "raced", "cold", "local", "fallback")
 
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
 PERL = (
@@ -324,7 +335,7 @@ def check(program: Program, variant: str, reference: Run, run: Run) -> None:
             f"{where}: the supervisor's fd count went from {s.get('fds_before')} to"
             f" {s.get('fds_after')} in {variant} mode (or it wrote no stats)"
         )
-    ways = ("hits", "misses", "held", "local", "raced", "cold", "fallbacks")
+    ways = ("hits", "index", "misses", "held", "local", "raced", "cold", "fallbacks")
     if sum(s.get(k, 0) for k in ways) != (s["shadowed"] if run.mode == "shadowd" else 0):
         raise Mismatch(f"{where}: {variant}: the ways files were served do not add up: {s}")
 
@@ -457,6 +468,7 @@ def summarize(r: Results) -> dict[str, Any]:
                 k: _median([run.stats.get(k, 0) for run in runs])
                 for k in (
                     "hits",
+                    "index",
                     "misses",
                     "held",
                     "local",
@@ -574,14 +586,15 @@ def table(report: dict[str, Any]) -> str:
             "",
             "Which tier served the files, per run (files, and the supervisor's mean us per file):",
             "",
-            "| program | mode | hit | held | miss | raced | cold | local | fallback | preload |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| program | mode | index | hit | held | miss | raced | cold | local | fallback"
+            " | preload |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in report["programs"]:
             for v in shadowd:
                 mv = p["modes"][v]
                 cells = []
-                for how in ("hit", "held", "miss", "raced", "cold", "local", "fallback"):
+                for how in ("index", "hit", "held", "miss", "raced", "cold", "local", "fallback"):
                     b = mv["by_how"].get(how)
                     cells.append(
                         "-"
@@ -602,7 +615,8 @@ def table(report: dict[str, Any]) -> str:
         "files: shadowed per run (copy mode). Per file: from the supervisor's own open of",
         "the source to its injection of the shadow, counting the injection's CPU time (the",
         "tracee it wakes may run on the supervisor's CPU before the call returns); 'wall'",
-        "counts the whole wall time to the call's return. hit: served by the daemon from",
+        "counts the whole wall time to the call's return. index: reopened from the",
+        "daemon's memfd through its index (no round trip); hit: served by the daemon from",
         "its cache; held: reopened from the supervisor's tier; miss: the daemon had not",
         "cached it (shadowd-fd: served after its copy; routed: copied here while it fills);",
         "raced: copied here before the daemon's answer came (--race); cold: copied here",
@@ -646,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--modes",
-        help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also shadowd-race)",
+        help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also"
+        " shadowd-race, shadowd-noindex, shadowd-keep)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="shorter loops (3 ls, 5 commits): for a test"
