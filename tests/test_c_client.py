@@ -616,8 +616,10 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         f, digest = big(tmp_path / "f")
         settle(f)
         d = driver()
+        # Without the index (its own tests below): a stopped daemon's index still serves.
         for cmd in ("socket", d_.socket_path), ("routing", 0, 50), ("held", 0, 0), (
-            "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"):  # fmt: skip
+            "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"), (
+            "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await ask(d, "openfd", f)  # cached: the routed opens below are hits
         assert (await ask(d, "routed", f))["route"] == "daemon"
@@ -689,9 +691,10 @@ async def test_a_daemon_killed_and_restarted_in_a_loop_of_opens(
     files = [big(tmp_path / f"f{i}") for i in range(3)]
     settle(*(f for f, _ in files))
     d = driver()
-    # No cold window: the restarted daemon's three misses would start one.
+    # No cold window: the restarted daemon's three misses would start one. The
+    # socket path: the index across a restart has its own test.
     for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("held", 0, 0), (
-        "backoff", 100, 400), ("cold", 0, 0), ("log", "capture"):  # fmt: skip
+        "backoff", 100, 400), ("cold", 0, 0), ("log", "capture"), ("index", 0, 0):  # fmt: skip
         await ask(d, *cmd)
     for f, _ in files:  # cached, so the first routed opens are hits
         await ask(d, "openfd", f)
@@ -757,6 +760,7 @@ async def test_a_batch_respects_max_batch_and_says_why_per_item(
     d = driver()
     await ask(d, "socket", dm.socket_path)
     await ask(d, "routing", -1, 50)  # the default crossover; young: the daemon's window
+    await ask(d, "index", 0, 0)  # the daemon's answers and the tier (the index: below)
     with trio.fail_after(30):
         r = await ask(d, "batch", *paths)
         counts = await ask(d, "counts")
@@ -965,7 +969,7 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
         await ask(d, "cold", 0, 0)
         rel = await ask(d, "openat", tmp_path, "lib/libx.so")  # a miss: copied here
         deadline = time.monotonic() + 10
-        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] != "daemon":
+        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] not in ("daemon", "index"):
             assert time.monotonic() < deadline  # until the daemon filled it: a hit
             await trio.sleep(0.01)
         via_link = await ask(d, "openat", sub, "link.so")
@@ -1027,7 +1031,8 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         miss = await ask(d, "routed", f)
         # Copied here while the daemon fills its cache; then a hit, kept.
@@ -1065,7 +1070,8 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await until_route(d, f, "held")
         old = f.stat()
@@ -1129,7 +1135,7 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
     d = driver()
     with trio.fail_after(30):
         for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9), (
-                "cold", 0, 0):  # fmt: skip
+                "cold", 0, 0), ("index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         base = (await ask(d, "fds"))["fds"]
         for f, _ in files:  # a miss, then a hit that is kept
@@ -1301,14 +1307,22 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
         os.utime(f, ns=(OLD_NS, mtime))
     time.sleep(0.25)  # older than the racy window the stand-in says (200 ms)
     requests: list[dict[str, Any]] = []
+    indexes: list[dict[str, Any]] = []
+    hellos: list[dict[str, Any]] = []
 
     def v2(conn: socket.socket) -> None:
         hello = msgpack.unpackb(conn.recv(4096))
         assert hello["version"] == 2
+        hellos.append(hello)
         limits = {"max_batch": 64, "racy_window_ns": 200_000_000}
         reply = {"id": 0, "ok": True, "version": 2, "server": "v2", "limits": limits}
         conn.send(msgpack.packb(reply))
         for msg, fds in _requests(conn):
+            if msg["op"] == "index":  # a daemon that gives none: the client goes on
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+                indexes.append(msg)
+                continue
             requests.append(msg)
             name = Path(msg.get("path", "?")).name
             version = _stat_version(fds[0])
@@ -1341,6 +1355,7 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
                 "log", "quiet"):  # fmt: skip
             d(*cmd)
         first = d("routed", files["good"][0])  # connects; the 1 s default: not asked
+        ready = d("indexready")  # the hello answered, and the index asked for: none
         got = {n: [d("routed", f) for _ in range(2)] for n, (f, _) in files.items()}
         plain = d("openfd", files["good"][0], files["good"][0])
         counts = d("counts")
@@ -1375,7 +1390,12 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
             assert (r["route"], r["copied_why"]) == ("copy", "failed"), (n, r)
             assert "bad reply" in r["error"], (n, r)
     assert counts["protocol"] == 2 and counts["racy_window_ns"] == 200_000_000
+    # The index was asked for at most once per connection, as docs/protocol.md writes it;
+    # "no-index" is no error: every file above was served or copied all the same.
+    assert 1 <= len(indexes) <= len(hellos), (indexes, hellos)
+    assert all(list(m) == ["op", "id"] and m["op"] == "index" for m in indexes), indexes
     assert (first["route"], first["copied_why"]) == ("copy", "rule")
+    assert ready["ready"] == 0 and ready["error"] == ""  # no index: no error either
     assert plain["route"] == "daemon" and plain["version"] is not None
     # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
     assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
@@ -1471,7 +1491,8 @@ async def test_a_cold_daemon_is_left_alone_for_a_window_and_told_later(
     settle(*(f for f, _ in files))
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         first = [await ask(d, "routed", f) for f, _ in files[:4]]
         s = await trio.to_thread.run_sync(stats, daemon)
@@ -1507,7 +1528,7 @@ async def test_the_race_takes_the_first_done_and_never_waits(
         d = driver()
         for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("race", 1), (
             "cold", 0, 0), ("timeouts", 200, 200, 0), ("backoff", 5000, 5000), (
-            "log", "capture"):  # fmt: skip
+            "log", "capture"), ("index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await ask(d, "openfd", cached)  # cached, waiting for the daemon's copy
         hit = await ask(d, "routed", cached)  # the daemon answers long before 16 MiB are copied
