@@ -1904,3 +1904,28 @@ def test_a_changed_slot_a_changed_memfd_and_another_version_are_not_served(
     # The inode checks refused the swapped slot and the changed memfd; the
     # version and the removed slot were never tried.
     assert counts["index_refused"] == 2 and counts["index"] == 2, counts
+
+
+async def test_after_a_daemon_restart_the_new_daemons_index_serves(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """The old index names a pid that is gone: dropped with its connection; the new one asked."""
+    first = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(60):
+        for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("cold", 0, 0), (
+                "held", 0, 0), ("log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        before = await until_route(d, f, "index")
+        assert await first.terminate() == 0
+        second = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+        after = await until_route(d, f, "index")  # a miss the new daemon fills, then its index
+        counts = await ask(d, "counts")
+        await ask(d, "close")
+        s = await trio.to_thread.run_sync(stats, second)
+    assert all(r["hash"] == digest for r in before + after)
+    assert after[0]["route"] == "copy" and after[0]["copied_why"] in ("miss", "failed")
+    assert counts["index_refused"] == 0  # the old daemon's slots led nowhere, not to a wrong file
+    assert s["index_hits"] == 1 and s["misses"] >= 1
