@@ -10,8 +10,11 @@
  * its connection, the memfds of the process-local tier (the routed calls
  * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
  * reopened: the tier's reopens then skip the walk through /proc and self),
- * sources kept for a cold daemon (shadowd_set_cold) and the replies of
- * pipelined requests not yet collected; shadowd_close closes them all. Nothing here allocates memory: every table is a bounded array
+ * while it holds the daemon's index an O_PATH fd of the daemon's
+ * /proc/PID/fd (and a read-only mapping of the index), sources kept for a
+ * cold daemon or for the daemon to cache (shadowd_set_cold, the index) and
+ * the replies of pipelined requests not yet collected; shadowd_close closes
+ * them all. Nothing here allocates memory: every table is a bounded array
  * inside struct shadowd (about 180 KiB: keep it static or on the heap
  * rather than on a small thread stack). Not thread-safe: one struct per
  * thread, or a lock around it.
@@ -31,9 +34,10 @@
  * 1's meaning: they ask the daemon and wait for its copy on a miss.
  *
  * The routed open, cheapest first (see "routed" below): the process-local
- * tier; local copies of small, young and too large files; the daemon,
- * without waiting for its copy; a local copy whenever the daemon does not
- * serve the file. Two refinements, both measured on the project's 2-vCPU
+ * tier; the daemon's index, where the daemon gives one (no round trip: see
+ * "the index" below); local copies of small, young and too large files;
+ * the daemon, without waiting for its copy; a local copy whenever the
+ * daemon does not serve the file. Two refinements, both measured on the project's 2-vCPU
  * machines (client/c/README.md): a daemon that answers with a miss it is
  * filling is cold, and gets no routed request for a second (what a miss
  * costs it is paid by the program; the files are told to it later in one
@@ -394,6 +398,9 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  *      process got from the daemon, whose (size, mtime_ns, ctime_ns) equal
  *      the caller's fstat now, is reopened through /proc/self/fd/N (a new
  *      open file description; seals checked): no request at all;
+ *   1b. the daemon's index (below): the daemon's memfd of that very
+ *      version, reopened through /proc/PID/fd/N: no request either, and
+ *      small files too (an index hit costs less than any copy);
  *   2. copied here (shadowd_copy_fd) without asking: while the breaker is
  *      open; files below `local_below` bytes (cheaper to copy than to ask);
  *      files above the daemon's max_file_size; files whose ctime is younger
@@ -407,7 +414,10 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  * old mtime put back has another version). From a version 1 daemon, which
  * says neither, a hit goes into the tier when the caller's fstat after the
  * reply equals the one before it. The tier is bounded by entries and bytes
- * (least recently used goes first) and holds only memfds. */
+ * (least recently used goes first) and holds only memfds. While the index
+ * is in use, a file that rule 2 copies because it is small is also told
+ * to the daemon (one batch later, as a cold daemon's files are) so that the
+ * next process finds it in the index. */
 int shadowd_open_routed(struct shadowd *c, const char *path);
 int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
 
