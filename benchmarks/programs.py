@@ -444,6 +444,18 @@ def summarize(r: Results) -> dict[str, Any]:
             for run in runs
             if run.stats.get("shadowed")
         ]
+        # Where it goes (each run's mean, then the median): the source opened
+        # and checked, the fd made by the mode's means, the injection.
+        parts = {
+            part: _median(
+                [
+                    run.stats[f"{part}_ns"] / run.stats["shadowed"] / 1000
+                    for run in runs
+                    if run.stats.get("shadowed") and f"{part}_ns" in run.stats
+                ]
+            )
+            for part in ("source", "make", "inject")
+        }
         by_how: dict[str, dict[str, float | None]] = {}
         for how in HOWS:
             files = [f["ns"] / 1000 for run in runs for f in run.stats["files"] if f["how"] == how]
@@ -461,6 +473,7 @@ def summarize(r: Results) -> dict[str, Any]:
             "us_per_file": _median(per_file),
             "us_per_file_quartiles": _quartiles(per_file),
             "us_per_file_wall": _median(per_file_wall),
+            "us_per_file_parts": parts,
             "us_median_file": _median(
                 [f["ns"] / 1000 for run in runs for f in run.stats.get("files", [])]
             ),
@@ -564,6 +577,21 @@ def table(report: dict[str, Any]) -> str:
             f"{_fmt(m[v]['us_per_file'], '.1f')} ({_spread(m[v]['us_per_file_quartiles'], '.1f')})"
             for v in filed
         ]
+        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Where the time per file goes, us (medians of each run's means): opening and",
+        "checking the source; making the fd by the mode's means; the injection:",
+        "",
+        "| program | " + " | ".join(filed) + " |",
+        "|---|" + "---:|" * len(filed),
+    ]
+    for p in report["programs"]:
+        m = p["modes"]
+        cells = []
+        for v in filed:
+            q = m[v].get("us_per_file_parts", {})
+            cells.append(" + ".join(_fmt(q.get(k), ".1f") for k in ("source", "make", "inject")))
         lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
     if "copy" in variants and shadowd:
         lines += [

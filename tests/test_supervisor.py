@@ -80,6 +80,7 @@ def checked(run: Run) -> dict[str, Any]:
     assert s["shadowed"] == len(s["files"]) and s["files_dropped"] == 0
     ways = ("hits", "index", "misses", "held", "local", "raced", "cold", "fallbacks")
     assert sum(s[k] for k in ways) == (s["shadowed"] if run.mode == "shadowd" else 0)
+    assert s["source_ns"] + s["make_ns"] + s["inject_ns"] == s["shadow_ns"]
     for how in ("held", "local", "raced", "cold", "index"):
         assert len([f for f in s["files"] if f["how"] == how]) == s[how]
     if run.mode == "passthrough":
