@@ -60,12 +60,12 @@ static const char USAGE[] =
     "      --crossover DIR    measure a hit through the daemon against a local copy\n"
     "                         per file size (files written in DIR) and print the\n"
     "                         size from which the daemon is faster\n"
-    "      --latency          time single opens of each PATH three ways, interleaved\n"
+    "      --latency          time single opens of each PATH four ways, interleaved\n"
     "                         in shuffled order, --rounds times (default 200): a local\n"
-    "                         copy, a hit through the socket, a hit through the index;\n"
-    "                         each from the open of the source to the close of both\n"
-    "                         fds. One JSON object per PATH: the medians (p50) and\n"
-    "                         p99, in microseconds\n"
+    "                         copy, a hit through the socket, a hit through the index,\n"
+    "                         a reopen from the process-local tier; each from the open\n"
+    "                         of the source to the close of both fds. One JSON object\n"
+    "                         per PATH: the medians (p50) and p99, in microseconds\n"
     "  -h, --help             this text\n"
     "\n"
     "Exit status: 0; 1 when an open failed; 2 for a usage error.\n";
@@ -287,8 +287,8 @@ crossover(struct shadowd *c, const char *dir, int rounds)
 
 /* -- latency per file: copy, socket hit, index hit --------------------------- */
 
-enum { BY_COPY, BY_SOCKET, BY_INDEX, NWAYS };
-static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index"};
+enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, NWAYS };
+static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held"};
 
 /* One open of *path* the *way* given, as a supervisor makes it, timed from
  * its own open of the source to the close of the source and of the fd it
@@ -304,6 +304,8 @@ one_open(struct shadowd *c, const char *path, int way)
             fd = shadowd_copy_fd(c, src);
         else if (way == BY_SOCKET)
             fd = shadowd_open_fd(c, src, NULL);
+        else if (way == BY_HELD)
+            fd = shadowd_open_routed_fd(c, src, NULL); /* held: the process-local tier */
         else if (fstat(src, &st) == 0)
             fd = shadowd_index_open(c, src, &st);
         close(src);
@@ -311,18 +313,32 @@ one_open(struct shadowd *c, const char *path, int way)
     if (fd >= 0)
         close(fd);
     double t = now() - t0;
+    if (fd >= 0 && way == BY_HELD && c->route != SHADOWD_ROUTE_HELD) {
+        snprintf(c->error, sizeof c->error, "%s: not in the process-local tier", path);
+        return -1;
+    }
     if (src < 0)
         snprintf(c->error, sizeof c->error, "%s: %s", path, strerror(errno));
     return fd >= 0 ? t : -1;
 }
 
-/* Wait (up to 10 s) until the daemon has *path* cached and in its index. */
+/* Wait (up to 10 s) until the daemon has *path* cached and in its index,
+ * and keep it in the process-local tier. */
 static int
 warm(struct shadowd *c, const char *path)
 {
     double deadline = now() + 10;
     while (now() < deadline) {
-        if (one_open(c, path, BY_SOCKET) >= 0 && one_open(c, path, BY_INDEX) >= 0)
+        shadowd_set_index(c, 1, 1); /* the routed open's index hit goes into the tier */
+        int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        int fd = src < 0 ? -1 : shadowd_open_routed_fd(c, src, NULL);
+        if (src >= 0)
+            close(src);
+        if (fd >= 0)
+            close(fd);
+        shadowd_set_index(c, 1, 0);
+        if (one_open(c, path, BY_SOCKET) >= 0 && one_open(c, path, BY_INDEX) >= 0 &&
+            one_open(c, path, BY_HELD) >= 0)
             return 0;
         struct timespec pause = {0, 10000000L};
         nanosleep(&pause, NULL);
