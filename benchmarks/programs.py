@@ -60,11 +60,22 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     # Not measured unless asked for (--modes): the routed open that copies
     # while it waits for the daemon's answer and takes the first done.
     "shadowd-race": ("shadowd", ("--race",)),
+    # The routed open without the daemon's index (as before it had one).
+    "shadowd-noindex": ("shadowd", ("--no-index",)),
+    # The routed open that also keeps index hits in the supervisor's tier.
+    "shadowd-keep": ("shadowd", ("--keep-index-hits",)),
 }
 DEFAULT_VARIANTS = ("passthrough", "copy", "shadowd-fd", "shadowd", "shadowd-preload")
-SHADOWD_VARIANTS = ("shadowd-fd", "shadowd", "shadowd-preload", "shadowd-race")
+SHADOWD_VARIANTS = (
+    "shadowd-fd",
+    "shadowd",
+    "shadowd-preload",
+    "shadowd-race",
+    "shadowd-noindex",
+    "shadowd-keep",
+)
 #: How the supervisor made each shadow (its --stats "how").
-HOWS = ("copy", "hit", "held", "miss", "raced", "cold", "local", "fallback")
+HOWS = ("copy", "hit", "index", "held", "miss", "raced", "cold", "local", "fallback")
 
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
 PERL = (
@@ -324,7 +335,7 @@ def check(program: Program, variant: str, reference: Run, run: Run) -> None:
             f"{where}: the supervisor's fd count went from {s.get('fds_before')} to"
             f" {s.get('fds_after')} in {variant} mode (or it wrote no stats)"
         )
-    ways = ("hits", "misses", "held", "local", "raced", "cold", "fallbacks")
+    ways = ("hits", "index", "misses", "held", "local", "raced", "cold", "fallbacks")
     if sum(s.get(k, 0) for k in ways) != (s["shadowed"] if run.mode == "shadowd" else 0):
         raise Mismatch(f"{where}: {variant}: the ways files were served do not add up: {s}")
 
@@ -433,6 +444,18 @@ def summarize(r: Results) -> dict[str, Any]:
             for run in runs
             if run.stats.get("shadowed")
         ]
+        # Where it goes (each run's mean, then the median): the source opened
+        # and checked, the fd made by the mode's means, the injection.
+        parts = {
+            part: _median(
+                [
+                    run.stats[f"{part}_ns"] / run.stats["shadowed"] / 1000
+                    for run in runs
+                    if run.stats.get("shadowed") and f"{part}_ns" in run.stats
+                ]
+            )
+            for part in ("source", "make", "inject")
+        }
         by_how: dict[str, dict[str, float | None]] = {}
         for how in HOWS:
             files = [f["ns"] / 1000 for run in runs for f in run.stats["files"] if f["how"] == how]
@@ -450,6 +473,7 @@ def summarize(r: Results) -> dict[str, Any]:
             "us_per_file": _median(per_file),
             "us_per_file_quartiles": _quartiles(per_file),
             "us_per_file_wall": _median(per_file_wall),
+            "us_per_file_parts": parts,
             "us_median_file": _median(
                 [f["ns"] / 1000 for run in runs for f in run.stats.get("files", [])]
             ),
@@ -457,6 +481,7 @@ def summarize(r: Results) -> dict[str, Any]:
                 k: _median([run.stats.get(k, 0) for run in runs])
                 for k in (
                     "hits",
+                    "index",
                     "misses",
                     "held",
                     "local",
@@ -553,6 +578,21 @@ def table(report: dict[str, Any]) -> str:
             for v in filed
         ]
         lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Where the time per file goes, us (medians of each run's means): opening and",
+        "checking the source; making the fd by the mode's means; the injection:",
+        "",
+        "| program | " + " | ".join(filed) + " |",
+        "|---|" + "---:|" * len(filed),
+    ]
+    for p in report["programs"]:
+        m = p["modes"]
+        cells = []
+        for v in filed:
+            q = m[v].get("us_per_file_parts", {})
+            cells.append(" + ".join(_fmt(q.get(k), ".1f") for k in ("source", "make", "inject")))
+        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
     if "copy" in variants and shadowd:
         lines += [
             "",
@@ -574,14 +614,15 @@ def table(report: dict[str, Any]) -> str:
             "",
             "Which tier served the files, per run (files, and the supervisor's mean us per file):",
             "",
-            "| program | mode | hit | held | miss | raced | cold | local | fallback | preload |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| program | mode | index | hit | held | miss | raced | cold | local | fallback"
+            " | preload |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in report["programs"]:
             for v in shadowd:
                 mv = p["modes"][v]
                 cells = []
-                for how in ("hit", "held", "miss", "raced", "cold", "local", "fallback"):
+                for how in ("index", "hit", "held", "miss", "raced", "cold", "local", "fallback"):
                     b = mv["by_how"].get(how)
                     cells.append(
                         "-"
@@ -602,7 +643,8 @@ def table(report: dict[str, Any]) -> str:
         "files: shadowed per run (copy mode). Per file: from the supervisor's own open of",
         "the source to its injection of the shadow, counting the injection's CPU time (the",
         "tracee it wakes may run on the supervisor's CPU before the call returns); 'wall'",
-        "counts the whole wall time to the call's return. hit: served by the daemon from",
+        "counts the whole wall time to the call's return. index: reopened from the",
+        "daemon's memfd through its index (no round trip); hit: served by the daemon from",
         "its cache; held: reopened from the supervisor's tier; miss: the daemon had not",
         "cached it (shadowd-fd: served after its copy; routed: copied here while it fills);",
         "raced: copied here before the daemon's answer came (--race); cold: copied here",
@@ -646,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--modes",
-        help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also shadowd-race)",
+        help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also"
+        " shadowd-race, shadowd-noindex, shadowd-keep)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="shorter loops (3 ls, 5 commits): for a test"

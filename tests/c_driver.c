@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -133,6 +134,7 @@ route_name(int route)
     case SHADOWD_ROUTE_DAEMON: return "daemon";
     case SHADOWD_ROUTE_HELD: return "held";
     case SHADOWD_ROUTE_COPY: return "copy";
+    case SHADOWD_ROUTE_INDEX: return "index";
     default: return "none";
     }
 }
@@ -218,6 +220,54 @@ open_src(const char *path)
     return open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
 }
 
+/* What the churn test's files hold: the 16 bytes (size, mtime_ns), little-endian,
+ * over and over (tests/test_c_client.py writes them so): the version decides
+ * every byte, so bytes of another version, or torn between two, show. */
+static int
+holds_version(int fd, const struct stat *st)
+{
+    unsigned char want[16], buf[65536];
+    uint64_t size = (uint64_t)st->st_size;
+    int64_t mtime = (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    for (int i = 0; i < 8; i++) {
+        want[i] = (unsigned char)(size >> (8 * i));
+        want[8 + i] = (unsigned char)((uint64_t)mtime >> (8 * i));
+    }
+    struct stat got;
+    if (fstat(fd, &got) < 0 || got.st_size != st->st_size)
+        return 0;
+    off_t off = 0;
+    ssize_t n;
+    while ((n = pread(fd, buf, sizeof buf, off)) > 0) {
+        for (ssize_t i = 0; i < n; i++)
+            if (buf[i] != want[(off + i) % 16])
+                return 0;
+        off += n;
+    }
+    return n == 0 && (uint64_t)off == size;
+}
+
+/* The daemon's descriptor of its index, as /proc/PID/fd shows it; -1. */
+static int
+daemon_index_fd(int pid)
+{
+    char dir[64], link[320], target[256];
+    snprintf(dir, sizeof dir, "/proc/%d/fd", pid);
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = -1;
+    while (d && (e = readdir(d)) != NULL) {
+        snprintf(link, sizeof link, "%s/%s", dir, e->d_name);
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        target[n > 0 ? n : 0] = '\0';
+        if (strncmp(target, "/memfd:shadowd-index", 20) == 0)
+            found = atoi(e->d_name);
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
+
 static void
 result(const struct shadowd_result *r)
 {
@@ -261,6 +311,98 @@ main(void)
             shadowd_set_cold(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "race") == 0) {
             shadowd_set_race(&c, atoi(argv[1]));
+        } else if (strcmp(cmd, "index") == 0) {
+            /* index USE KEEP */
+            shadowd_set_index(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "indexready") == 0) {
+            emit("\"ready\": %d, ", shadowd_index_ready(&c));
+            status(t);
+        } else if (strcmp(cmd, "indexopen") == 0) {
+            /* indexopen PATH [N]: the plain index hit, N times (the last one described) */
+            int n = argc > 2 ? atoi(argv[2]) : 1, fd = -1, served = 0;
+            for (int i = 0; i < n; i++) {
+                if (fd >= 0)
+                    close(fd);
+                int src = open_src(argv[1]);
+                fd = shadowd_index_open(&c, src, NULL);
+                served += fd >= 0;
+                close(src);
+            }
+            emit("\"served\": %d, ", served);
+            status(t);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "report") == 0) {
+            shadowd_index_report(&c);
+        } else if (strcmp(cmd, "indextamper") == 0) {
+            /* What a client of the daemon's uid can try on the index: make its
+             * own read-only mapping writable; open the daemon's index fd for
+             * writing (root may) and write, grow, shrink, map it writable. */
+            const struct shadowd_private_ *p = &c.priv_;
+            int rc = p->index_map ? mprotect((void *)(uintptr_t)p->index_map, p->index_len,
+                                              PROT_READ | PROT_WRITE)
+                                  : -2;
+            emit("\"mprotect\": %d, \"mprotect_errno\": %d, ", rc, rc == -1 ? errno : 0);
+            int ifd = p->index_map ? daemon_index_fd(p->index_pid) : -1;
+            char link[64];
+            snprintf(link, sizeof link, "/proc/%d/fd/%d", p->index_pid, ifd);
+            int rw = ifd >= 0 ? open(link, O_RDWR | O_CLOEXEC) : -1;
+            emit("\"opened_rw\": %s, ", rw >= 0 ? "true" : "false");
+            if (rw >= 0) {
+                struct stat st;
+                fstat(rw, &st);
+                ssize_t w = pwrite(rw, "x", 1, 4096);
+                emit("\"write\": %zd, \"write_errno\": %d, ", w, w < 0 ? errno : 0);
+                int g = ftruncate(rw, st.st_size + (1 << 20));
+                emit("\"grow\": %d, \"grow_errno\": %d, ", g, g < 0 ? errno : 0);
+                int k = ftruncate(rw, 4096);
+                emit("\"shrink\": %d, \"shrink_errno\": %d, ", k, k < 0 ? errno : 0);
+                void *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, rw, 0);
+                emit("\"mmap_rw\": %s, \"mmap_errno\": %d, ", m == MAP_FAILED ? "false" : "true",
+                     m == MAP_FAILED ? errno : 0);
+                if (m != MAP_FAILED)
+                    munmap(m, 4096);
+                struct stat after;
+                fstat(rw, &after);
+                emit("\"size_before\": %lld, \"size_after\": %lld, ", (long long)st.st_size,
+                     (long long)after.st_size);
+                close(rw);
+            }
+        } else if (strcmp(cmd, "churn") == 0) {
+            /* churn N SECONDS PATH...: routed opens of the PATHs at random until N
+             * came from the index or the time is up; every fd checked to hold the
+             * version the caller's fstat saw, sealed and read-only. */
+            long want = atol(argv[1]);
+            double until = t + 1e6 * atof(argv[2]);
+            unsigned seed = 12345u;
+            long served = 0, wrong = 0, unsealed = 0, failed = 0, routes[5] = {0};
+            uint64_t base = c.counts.index;
+            while ((long)(c.counts.index - base) < want && now_us() < until) {
+                seed = seed * 1103515245u + 12345u;
+                const char *path = argv[3 + (int)((seed >> 8) % (unsigned)(argc - 3))];
+                int src = open_src(path);
+                if (src < 0)
+                    continue; /* between the writer's unlink and rename: there is none */
+                struct stat st;
+                fstat(src, &st);
+                int fd = shadowd_open_routed_fd(&c, src, path);
+                close(src);
+                if (fd < 0) {
+                    failed++;
+                    continue;
+                }
+                served++;
+                routes[c.route >= 0 && c.route < 5 ? c.route : 0]++;
+                wrong += !holds_version(fd, &st);
+                unsealed += (fcntl(fd, F_GET_SEALS) & 15) != 15 ||
+                            (fcntl(fd, F_GETFL) & O_ACCMODE) != O_RDONLY;
+                close(fd);
+            }
+            emit("\"served\": %ld, \"wrong\": %ld, \"unsealed\": %ld, \"failed\": %ld, "
+                 "\"index\": %llu, \"refused\": %llu, \"routes\": {\"daemon\": %ld, "
+                 "\"held\": %ld, \"copy\": %ld, \"index\": %ld}, ",
+                 served, wrong, unsealed, failed, (unsigned long long)(c.counts.index - base),
+                 (unsigned long long)c.counts.index_refused, routes[SHADOWD_ROUTE_DAEMON],
+                 routes[SHADOWD_ROUTE_HELD], routes[SHADOWD_ROUTE_COPY], routes[SHADOWD_ROUTE_INDEX]);
         } else if (strcmp(cmd, "held") == 0) {
             shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
         } else if (strcmp(cmd, "log") == 0) {
@@ -470,6 +612,9 @@ main(void)
             shadowd_close(&c);
             emit("\"fds\": %d, ", count_fds());
         } else if (strcmp(cmd, "counts") == 0) {
+            emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, ",
+                 (unsigned long long)c.counts.index, (unsigned long long)c.counts.index_refused,
+                 (unsigned long long)c.counts.reported);
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
                  "\"missed\": %llu, \"preloaded\": %llu, "
                  "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from shadowd import hotcalls
-from shadowd.bench import build_c_client
+from shadowd.bench import build_c_client, c_compiler
 
 from .conftest import REPO, repo_env
 
@@ -49,7 +49,9 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
     assert "shadowd bench:" in proc.stderr  # progress went to stderr
     data = json.loads(proc.stdout)
     names = [s["name"] for s in data["sizes"]]
-    assert names[:6] == ["4 KiB", "64 KiB", "256 KiB", "1 MiB", "2 MiB", "16 MiB"]
+    assert names[:8] == [
+        "1 KiB", "4 KiB", "16 KiB", "64 KiB", "256 KiB", "1 MiB", "2 MiB", "16 MiB"
+    ]  # fmt: skip
     assert any(n.startswith("libc") for n in names)
     for s in data["sizes"]:
         assert s["copy"]["n"] >= 3 and s["hit"]["n"] >= 3
@@ -59,6 +61,13 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
         assert s["index"]["n"] >= 3 and 0 < s["index"]["p50"] <= s["index"]["p99"]
         assert s["index_speedup"] == s["copy"]["p50"] / s["index"]["p50"]
     assert data["index_crossover"]
+    if build_c_client(str(tmp_path))[0] is not None:  # a compiler here: the C client's too
+        for s in data["sizes"]:
+            c = s["c"]  # copy, socket hit and index hit timed in C, per file
+            for series in ("copy", "hit", "index"):
+                assert c[series]["n"] == 3 and 0 < c[series]["p50"] <= c[series]["p99"]
+            assert c["index_speedup"] == c["copy"]["p50"] / c["index"]["p50"]
+        assert data["c_index_crossover"].startswith("hits ")
     assert [t["procs"] for t in data["throughput"]] == [1, 2]
     assert all(t["hits_per_s"] > 0 and t["copies_per_s"] > 0 for t in data["throughput"])
     mem = data["memory"]
@@ -93,6 +102,8 @@ async def test_bench_table_and_bad_flags() -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert "copy/hit" in proc.stdout and "crossover" in proc.stdout
+        if c_compiler() is not None:  # the C client's index hits, in a table of their own
+            assert "index crossover in C:" in proc.stdout and "copy/idx" in proc.stdout
         assert "transport floor" in proc.stdout
         assert f"daemon hit path system calls in: {hotcalls.DESCRIPTION}" in proc.stdout
         bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))

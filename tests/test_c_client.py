@@ -616,8 +616,10 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         f, digest = big(tmp_path / "f")
         settle(f)
         d = driver()
+        # Without the index (its own tests below): a stopped daemon's index still serves.
         for cmd in ("socket", d_.socket_path), ("routing", 0, 50), ("held", 0, 0), (
-            "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"):  # fmt: skip
+            "timeouts", 150, 150, 0), ("backoff", 400, 1600), ("log", "capture"), (
+            "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await ask(d, "openfd", f)  # cached: the routed opens below are hits
         assert (await ask(d, "routed", f))["route"] == "daemon"
@@ -689,9 +691,10 @@ async def test_a_daemon_killed_and_restarted_in_a_loop_of_opens(
     files = [big(tmp_path / f"f{i}") for i in range(3)]
     settle(*(f for f, _ in files))
     d = driver()
-    # No cold window: the restarted daemon's three misses would start one.
+    # No cold window: the restarted daemon's three misses would start one. The
+    # socket path: the index across a restart has its own test.
     for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("held", 0, 0), (
-        "backoff", 100, 400), ("cold", 0, 0), ("log", "capture"):  # fmt: skip
+        "backoff", 100, 400), ("cold", 0, 0), ("log", "capture"), ("index", 0, 0):  # fmt: skip
         await ask(d, *cmd)
     for f, _ in files:  # cached, so the first routed opens are hits
         await ask(d, "openfd", f)
@@ -757,6 +760,7 @@ async def test_a_batch_respects_max_batch_and_says_why_per_item(
     d = driver()
     await ask(d, "socket", dm.socket_path)
     await ask(d, "routing", -1, 50)  # the default crossover; young: the daemon's window
+    await ask(d, "index", 0, 0)  # the daemon's answers and the tier (the index: below)
     with trio.fail_after(30):
         r = await ask(d, "batch", *paths)
         counts = await ask(d, "counts")
@@ -965,7 +969,7 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
         await ask(d, "cold", 0, 0)
         rel = await ask(d, "openat", tmp_path, "lib/libx.so")  # a miss: copied here
         deadline = time.monotonic() + 10
-        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] != "daemon":
+        while (await ask(d, "openat", tmp_path, "lib/libx.so"))["route"] not in ("daemon", "index"):
             assert time.monotonic() < deadline  # until the daemon filled it: a hit
             await trio.sleep(0.01)
         via_link = await ask(d, "openat", sub, "link.so")
@@ -1027,7 +1031,8 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 0, 0), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         miss = await ask(d, "routed", f)
         # Copied here while the daemon fills its cache; then a hit, kept.
@@ -1065,7 +1070,8 @@ async def test_a_file_rewritten_in_place_is_never_served_stale(
     settle(f)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, young_ms), ("cold", 0, 0), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await until_route(d, f, "held")
         old = f.stat()
@@ -1129,7 +1135,7 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
     d = driver()
     with trio.fail_after(30):
         for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("held", 2, 10**9), (
-                "cold", 0, 0):  # fmt: skip
+                "cold", 0, 0), ("index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         base = (await ask(d, "fds"))["fds"]
         for f, _ in files:  # a miss, then a hit that is kept
@@ -1301,14 +1307,22 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
         os.utime(f, ns=(OLD_NS, mtime))
     time.sleep(0.25)  # older than the racy window the stand-in says (200 ms)
     requests: list[dict[str, Any]] = []
+    indexes: list[dict[str, Any]] = []
+    hellos: list[dict[str, Any]] = []
 
     def v2(conn: socket.socket) -> None:
         hello = msgpack.unpackb(conn.recv(4096))
         assert hello["version"] == 2
+        hellos.append(hello)
         limits = {"max_batch": 64, "racy_window_ns": 200_000_000}
         reply = {"id": 0, "ok": True, "version": 2, "server": "v2", "limits": limits}
         conn.send(msgpack.packb(reply))
         for msg, fds in _requests(conn):
+            if msg["op"] == "index":  # a daemon that gives none: the client goes on
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+                indexes.append(msg)
+                continue
             requests.append(msg)
             name = Path(msg.get("path", "?")).name
             version = _stat_version(fds[0])
@@ -1341,6 +1355,7 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
                 "log", "quiet"):  # fmt: skip
             d(*cmd)
         first = d("routed", files["good"][0])  # connects; the 1 s default: not asked
+        ready = d("indexready")  # the hello answered, and the index asked for: none
         got = {n: [d("routed", f) for _ in range(2)] for n, (f, _) in files.items()}
         plain = d("openfd", files["good"][0], files["good"][0])
         counts = d("counts")
@@ -1375,7 +1390,12 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
             assert (r["route"], r["copied_why"]) == ("copy", "failed"), (n, r)
             assert "bad reply" in r["error"], (n, r)
     assert counts["protocol"] == 2 and counts["racy_window_ns"] == 200_000_000
+    # The index was asked for at most once per connection, as docs/protocol.md writes it;
+    # "no-index" is no error: every file above was served or copied all the same.
+    assert 1 <= len(indexes) <= len(hellos), (indexes, hellos)
+    assert all(list(m) == ["op", "id"] and m["op"] == "index" for m in indexes), indexes
     assert (first["route"], first["copied_why"]) == ("copy", "rule")
+    assert ready["ready"] == 0 and ready["error"] == ""  # no index: no error either
     assert plain["route"] == "daemon" and plain["version"] is not None
     # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
     assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
@@ -1471,7 +1491,8 @@ async def test_a_cold_daemon_is_left_alone_for_a_window_and_told_later(
     settle(*(f for f, _ in files))
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 3, 400), (
+                "index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         first = [await ask(d, "routed", f) for f, _ in files[:4]]
         s = await trio.to_thread.run_sync(stats, daemon)
@@ -1507,7 +1528,7 @@ async def test_the_race_takes_the_first_done_and_never_waits(
         d = driver()
         for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("race", 1), (
             "cold", 0, 0), ("timeouts", 200, 200, 0), ("backoff", 5000, 5000), (
-            "log", "capture"):  # fmt: skip
+            "log", "capture"), ("index", 0, 0):  # fmt: skip
             await ask(d, *cmd)
         await ask(d, "openfd", cached)  # cached, waiting for the daemon's copy
         hit = await ask(d, "routed", cached)  # the daemon answers long before 16 MiB are copied
@@ -1533,3 +1554,378 @@ async def test_the_race_takes_the_first_done_and_never_waits(
 
     with trio.fail_after(60):
         await body()
+
+
+# -- the index: hits without a round trip ----------------------------------------
+
+
+async def test_index_hits_serve_the_daemons_bytes_sealed_read_only_each_its_own_offset(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05")
+    small = make_file(tmp_path / "small.conf", os.urandom(3000))
+    f, digest = big(tmp_path / "lib.so", 200_000, mode=0o755)
+    settle(small, f)
+    d = driver()
+    with trio.fail_after(30):
+        base = (await ask(d, "fds"))["fds"]
+        await ask(d, "socket", daemon.socket_path)
+        for p in (small, f):
+            await ask(d, "openfd", p)  # cached: a miss waits for the daemon's copy
+        ready = await ask(d, "indexready")
+        before = await trio.to_thread.run_sync(stats, daemon)
+        got = [await ask(d, "routed", p) for p in (small, f, f)]
+        held = (await ask(d, "fds"))["fds"]
+        twice = await ask(d, "twice", f)
+        plain = await ask(d, "indexopen", f, 5)
+        counts = await ask(d, "counts")
+        between = await trio.to_thread.run_sync(stats, daemon)
+        closed = await ask(d, "close")
+        after = await trio.to_thread.run_sync(stats, daemon)
+    assert ready["ready"] == 1 and ready["error"] == ""
+    # The connection, /proc/self/fd and the daemon's /proc/PID/fd (O_PATH), nothing else.
+    assert held == base + 3 and closed["fds"] == base
+    # Small files too: an index hit costs less than any copy.
+    wants = (fnv(small.read_bytes()), digest, digest)
+    for r, want, mode in zip(got, wants, (0o444, 0o555, 0o555), strict=True):
+        assert (r["route"], r["hit"], r["hash"]) == ("index", True, want), r
+        assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
+        assert r["memfd"] and r["mode"] == mode and r["offset"] == 0
+    assert twice["routes"] == ["index", "index"] and twice["read"] == 3
+    assert twice["a_offset"] == 3 and twice["b_offset"] == 0  # each its own offset
+    assert plain["served"] == 5 and plain["route"] == "index" and plain["hash"] == digest
+    assert counts["index"] == 10 and counts["index_refused"] == 0 and counts["daemon"] == 2
+    # No round trip for any of them; the daemon learns of them from the reports.
+    for s in (between, after):
+        assert (s["hits"], s["misses"]) == (before["hits"], before["misses"])
+    assert after["index_hits"] - before["index_hits"] == 10  # reported at close at the latest
+
+
+async def test_the_daemon_counts_the_index_hits_reported_in_batches(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, _ = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        await ask(d, "openfd", f, f)  # cached, labelled
+        await ask(d, "indexopen", f, 600)  # reported at 256 and 512 hits
+        counts = await ask(d, "counts")
+        await trio.sleep(0.2)
+        mid = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "indexopen", f, 10)
+        await ask(d, "report")  # the rest, now
+        await trio.sleep(0.2)
+        reported = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "indexopen", f, 7)
+        await ask(d, "close")  # and at close
+        closed = await trio.to_thread.run_sync(stats, daemon)
+    assert counts["index"] == 600 and counts["reported"] == 512
+    assert mid["index_hits"] == 512
+    assert reported["index_hits"] == 610 and closed["index_hits"] == 617
+    assert closed["hits"] == 0  # (the openfd waited for the copy: a miss)
+    assert [t["path"] for t in closed["top_by_hits"]] == [str(f)]  # the LRU and top files too
+
+
+@requires_root
+async def test_a_peer_of_another_uid_gets_no_index_and_keeps_the_socket(
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05", "--socket-mode", "0666")
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    f, digest = big(shared_dir / "lib.so")
+    f.chmod(0o644)
+    settle(f)
+    with Driver(str(binary), tmp_path / "nobody.err", None, NOBODY) as d, trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        await ask(d, "routing", 0, 50)
+        await ask(d, "cold", 0, 0)
+        ready = await ask(d, "indexready")  # not-permitted: none, and no error
+        plain = await ask(d, "indexopen", f)
+        served = await until_route(d, f, "held")  # the socket: a miss, a hit (kept), the tier
+        counts = await ask(d, "counts")
+        nothing = await ask(d, "indextamper")
+    assert ready["ready"] == 0 and ready["error"] == "" and ready["code"] == ""
+    assert plain["fd"] == -1 and "no index" in plain["error"]
+    assert all(r["hash"] == digest for r in served)
+    assert "daemon" in [r["route"] for r in served] and "index" not in [r["route"] for r in served]
+    assert counts["index"] == 0 and counts["daemon"] >= 1
+    assert nothing["mprotect"] == -2 and nothing["opened_rw"] is False  # no index mapped
+
+
+async def test_a_c_client_cannot_write_or_grow_the_index(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    daemon = await start_daemon("--racy-window", "0.05")
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        assert (await ask(d, "indexready"))["ready"] == 1
+        r = await ask(d, "indextamper")
+    # Its mapping cannot be made writable (a read-only fd's shared mapping).
+    assert r["mprotect"] == -1 and r["mprotect_errno"] == 13  # EACCES
+    # Root may open the daemon's index read-write, but the seals hold.
+    assert r["opened_rw"] is True
+    assert r["write"] == -1 and r["write_errno"] == 1  # EPERM: F_SEAL_FUTURE_WRITE
+    assert r["grow"] == -1 and r["grow_errno"] == 1  # F_SEAL_GROW
+    assert r["shrink"] == -1 and r["shrink_errno"] == 1  # F_SEAL_SHRINK
+    assert r["mmap_rw"] is False and r["mmap_errno"] == 1
+    assert r["size_after"] == r["size_before"]
+
+
+def _churn_write(path: Path, size: int, mtime_ns: int) -> None:
+    """A new inode at *path*, whole: its bytes are (size, mtime_ns) over and over."""
+    block = size.to_bytes(8, "little") + mtime_ns.to_bytes(8, "little", signed=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes((block * (size // 16 + 1))[:size])
+    os.utime(tmp, ns=(mtime_ns, mtime_ns))
+    os.rename(tmp, path)
+
+
+async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """Another client replaces files (new inodes) while a cache of 3 entries evicts and refills."""
+    import random
+
+    daemon = await start_daemon("--racy-window", "0.05", "--max-entries", "3")
+    names = [tmp_path / f"lib{i}.so" for i in range(10)]
+    for i, name in enumerate(names):
+        _churn_write(name, 20_000 + i, 1_000_000_000 * (i + 1))
+    settle(*names)
+    stop = threading.Event()
+    changes = 0
+
+    def rewriter() -> None:
+        nonlocal changes
+        rng = random.Random(1)
+        while not stop.is_set():
+            _churn_write(rng.choice(names), 20_000 + rng.randrange(64), time.time_ns())
+            changes += 1
+            time.sleep(0.002)
+
+    d = driver()
+    for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("held", 0, 0), (
+            "cold", 0, 0), ("log", "quiet"):  # fmt: skip
+        d(*cmd)
+    thread = threading.Thread(target=rewriter, daemon=True)
+    thread.start()
+    try:
+        with trio.fail_after(60):
+            r = await trio.to_thread.run_sync(lambda: d("churn", 10_000, 40, *names, timeout=50))
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert r["wrong"] == 0 and r["unsealed"] == 0 and r["failed"] == 0, r
+    assert r["index"] >= 10_000 and changes > 100, (r, changes)
+    assert r["routes"]["daemon"] + r["routes"]["copy"] > 0, r  # the cache did change under it
+    with trio.fail_after(30):
+        await ask(d, "close")
+        s = await trio.to_thread.run_sync(stats, daemon)
+    assert s["index_hits"] >= r["index"]
+    assert s["evictions"] > 0 and s["invalidations"] > 0, s
+
+
+# A stand-in "daemon" in this very process: it answers hello (version 2), index
+# and report, and its index is shadowd/index.py's over a cache of real memfds,
+# so that a test can change what its descriptor numbers are, or a slot, under
+# the C client's feet (the C client opens /proc/<this process>/fd/N).
+
+
+class _Stand:
+    def __init__(self, tmp_path: Path, n: int = 4) -> None:
+        from shadowd.cache import Cache, CacheLimits, HostKey
+        from shadowd.index import Index
+        from shadowd.memfd import sealed_from_bytes
+
+        self.cache = Cache(CacheLimits(racy_window_ns=0))
+        self.index = Index(64)
+        self.cache.add_observer(self.index)
+        self.files: list[tuple[Path, os.stat_result]] = []
+        self.reports: list[list[list[int]]] = []
+        for i in range(n):
+            f = make_file(tmp_path / f"f{i}", os.urandom(3000 + i))
+            st = f.stat()
+            sealed = sealed_from_bytes(f.read_bytes())
+            self.cache.insert(
+                HostKey(st.st_dev, st.st_ino),
+                (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                sealed,
+                ctime_ns=1,
+                wd=1,  # as if watched: only watched entries are published
+            )
+            sealed.release()
+            self.files.append((f, st))
+
+    def entry(self, i: int) -> Any:
+        from shadowd.cache import HostKey
+
+        _, st = self.files[i]
+        return self.cache.peek(HostKey(st.st_dev, st.st_ino))
+
+    def slot(self, i: int) -> int:
+        from shadowd.index import read_slot, slot_of
+
+        _, st = self.files[i]
+        start = slot_of(st.st_dev, st.st_ino, self.index.slots)
+        return next(
+            k % self.index.slots
+            for k in range(start, start + 16)
+            if read_slot(self.index._map, k % self.index.slots).ino == st.st_ino
+        )
+
+    def poke(self, n: int, offset: int, value: int, width: int) -> None:
+        from shadowd.index import HEADER, SLOT
+
+        at = HEADER + n * SLOT + offset
+        self.index._map[at : at + width] = value.to_bytes(width, "little", signed=value < 0)
+
+    def serve(self, conn: socket.socket) -> None:
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "hello":
+                reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
+                         "limits": {"racy_window_ns": 0}}  # fmt: skip
+                conn.send(msgpack.packb(reply))
+            elif msg["op"] == "index":
+                fd = self.index.reader_fd()
+                reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
+                conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+                os.close(fd)
+            elif msg["op"] == "report":
+                self.reports.append(msg["hits"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.index.close()
+
+
+@pytest.fixture
+def stand(tmp_path: Path) -> Iterator[tuple[_Stand, Path]]:
+    s = _Stand(tmp_path)
+    path = tmp_path / "stand.sock"
+    try:
+        with stand_in_daemon(path, s.serve):
+            yield s, path
+    finally:
+        s.close()
+
+
+def test_a_reused_descriptor_number_is_detected_every_time(
+    driver: Any, stand: tuple[_Stand, Path], tmp_path: Path
+) -> None:
+    """The daemon's fd N closed and N reused by something else: never served, no side effect."""
+    from shadowd.memfd import sealed_from_bytes
+
+    s, path = stand
+    d = driver()
+    d("socket", path)
+    for f, _ in s.files:
+        r = d("indexopen", f)
+        assert r["route"] == "index" and r["hash"] == fnv(f.read_bytes()), r
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = make_file(tmp_path / "plain", b"x" * 3001)
+    look_alike = sealed_from_bytes(s.files[1][0].read_bytes())  # same bytes, size and mode
+    others = [
+        os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),  # a real open would block, or wake a writer
+        os.open(plain, os.O_RDONLY),
+        look_alike.fd,
+        os.open("/dev/null", os.O_RDONLY),
+    ]
+    try:
+        for i, other in enumerate(others):
+            f, _ = s.files[i]
+            memfd = s.entry(i).file.fd
+            saved = os.dup(memfd)
+            refused = d("counts")["index_refused"]
+            try:
+                os.dup2(other, memfd)  # what the slot names is now something else
+                r = d("indexopen", f, 50, timeout=10)
+                counts = d("counts")
+            finally:
+                os.dup2(saved, memfd)
+                os.close(saved)
+            assert r["served"] == 0 and r["fd"] == -1, (i, r)
+            assert counts["index_refused"] == refused + 50, (i, counts)  # every time
+            again = d("indexopen", f)  # and the right one again
+            assert again["served"] == 1 and again["hash"] == fnv(f.read_bytes())
+    finally:
+        for fd in (others[0], others[1], others[3]):
+            os.close(fd)
+        look_alike.release()
+    assert d("close")["fds"] >= 0
+    assert sum(n for hits in s.reports for _, _, n in hits) == 4 + 4  # reported at close
+
+
+def test_a_changed_slot_a_changed_memfd_and_another_version_are_not_served(
+    driver: Any, stand: tuple[_Stand, Path]
+) -> None:
+    from shadowd.cache import HostKey
+
+    s, path = stand
+    d = driver()
+    d("socket", path)
+    (f0, st0), (f1, _), (f2, _), (f3, st3) = s.files
+    assert d("indexopen", f1)["route"] == "index"
+    n = s.slot(1)
+    seq = int.from_bytes(s.index._map[4096 + n * 128 : 4096 + n * 128 + 4], "little")
+    s.poke(n, 0, seq + 1, 4)  # odd: being written
+    odd = d("indexopen", f1)
+    s.poke(n, 0, seq + 2, 4)  # written again: trusted again
+    even = d("indexopen", f1)
+    # The slot now names file 2's memfd (a slot changed behind our back).
+    s.poke(n, 48, s.entry(2).file.fd, 4)
+    swapped = d("indexopen", f1)
+    s.poke(n, 48, s.entry(1).file.fd, 4)
+    # A holder of file 2's memfd changed it (its times): its stamp moved.
+    held = os.open(f"/proc/self/fd/{s.entry(2).file.fd}", os.O_RDONLY)
+    os.utime(held, ns=(1, 1))
+    os.close(held)
+    changed = d("indexopen", f2)
+    # The caller sees another version (a new mtime) than the one cached.
+    os.utime(f3, ns=(st3.st_atime_ns, st3.st_mtime_ns + 1))
+    other_version = d("indexopen", f3)
+    # An entry the cache dropped: its slot went before its memfd could close.
+    s.cache.remove(HostKey(st0.st_dev, st0.st_ino))
+    removed = d("indexopen", f0)
+    counts = d("counts")
+    assert odd["fd"] == -1 and even["hash"] == fnv(f1.read_bytes())
+    for r in (swapped, changed, other_version, removed):
+        assert r["fd"] == -1 and r["served"] == 0, r
+    # The inode checks refused the swapped slot and the changed memfd; the
+    # version and the removed slot were never tried.
+    assert counts["index_refused"] == 2 and counts["index"] == 2, counts
+
+
+async def test_after_a_daemon_restart_the_new_daemons_index_serves(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """The old index names a pid that is gone: dropped with its connection; the new one asked."""
+    first = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(60):
+        for cmd in ("socket", first.socket_path), ("routing", 0, 50), ("cold", 0, 0), (
+                "held", 0, 0), ("log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        before = await until_route(d, f, "index")
+        assert await first.terminate() == 0
+        second = await start_daemon("--racy-window", "0.05", socket_name="r.sock")
+        after = await until_route(d, f, "index")  # a miss the new daemon fills, then its index
+        counts = await ask(d, "counts")
+        await ask(d, "close")
+        s = await trio.to_thread.run_sync(stats, second)
+    assert all(r["hash"] == digest for r in before + after)
+    assert after[0]["route"] == "copy" and after[0]["copied_why"] in ("miss", "failed")
+    assert counts["index_refused"] == 0  # the old daemon's slots led nowhere, not to a wrong file
+    assert s["index_hits"] == 1 and s["misses"] >= 1

@@ -26,6 +26,7 @@ static const char USAGE[] =
     "usage: shadowd-open [OPTIONS] PATH...\n"
     "       shadowd-open [OPTIONS] -l SECONDS PATH\n"
     "       shadowd-open [OPTIONS] --crossover DIR\n"
+    "       shadowd-open [OPTIONS] --latency [--rounds N] PATH...\n"
     "\n"
     "Write each PATH's bytes, read from the sealed fd shadowd served, to stdout,\n"
     "over one connection. A failed open is reported and the next one tried.\n"
@@ -45,6 +46,8 @@ static const char USAGE[] =
     "                         and print how many times\n"
     "  -c, --copy             with -l: copy locally (shadowd_copy_fd), as\n"
     "                         supervisors do without shadowd\n"
+    "  -i, --index            with -l: hits through the daemon's index\n"
+    "                         (shadowd_index_open, no round trip)\n"
     "  -t, --timeout MS       connect+hello and reply timeout (default 250)\n"
     "      --reply-timeout MS the reply timeout alone\n"
     "      --per-mib MS       reply time allowed per MiB of the file (default 4)\n"
@@ -57,6 +60,12 @@ static const char USAGE[] =
     "      --crossover DIR    measure a hit through the daemon against a local copy\n"
     "                         per file size (files written in DIR) and print the\n"
     "                         size from which the daemon is faster\n"
+    "      --latency          time single opens of each PATH four ways, interleaved\n"
+    "                         in shuffled order, --rounds times (default 200): a local\n"
+    "                         copy, a hit through the socket, a hit through the index,\n"
+    "                         a reopen from the process-local tier; each from the open\n"
+    "                         of the source to the close of both fds. One JSON object\n"
+    "                         per PATH: the medians (p50) and p99, in microseconds\n"
     "  -h, --help             this text\n"
     "\n"
     "Exit status: 0; 1 when an open failed; 2 for a usage error.\n";
@@ -86,6 +95,7 @@ route_name(int route)
     case SHADOWD_ROUTE_DAEMON: return "daemon";
     case SHADOWD_ROUTE_HELD: return "held";
     case SHADOWD_ROUTE_COPY: return "copy";
+    case SHADOWD_ROUTE_INDEX: return "index";
     default: return "none";
     }
 }
@@ -275,6 +285,122 @@ crossover(struct shadowd *c, const char *dir, int rounds)
     return 0;
 }
 
+/* -- latency per file: copy, socket hit, index hit --------------------------- */
+
+enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, NWAYS };
+static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held"};
+
+/* One open of *path* the *way* given, as a supervisor makes it, timed from
+ * its own open of the source to the close of the source and of the fd it
+ * got; seconds, or -1 when the open failed (error in c). */
+static double
+one_open(struct shadowd *c, const char *path, int way)
+{
+    struct stat st;
+    double t0 = now();
+    int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), fd = -1;
+    if (src >= 0) {
+        if (way == BY_COPY)
+            fd = shadowd_copy_fd(c, src);
+        else if (way == BY_SOCKET)
+            fd = shadowd_open_fd(c, src, NULL);
+        else if (way == BY_HELD)
+            fd = shadowd_open_routed_fd(c, src, NULL); /* held: the process-local tier */
+        else if (fstat(src, &st) == 0)
+            fd = shadowd_index_open(c, src, &st);
+        close(src);
+    }
+    if (fd >= 0)
+        close(fd);
+    double t = now() - t0;
+    if (fd >= 0 && way == BY_HELD && c->route != SHADOWD_ROUTE_HELD) {
+        snprintf(c->error, sizeof c->error, "%s: not in the process-local tier", path);
+        return -1;
+    }
+    if (src < 0)
+        snprintf(c->error, sizeof c->error, "%s: %s", path, strerror(errno));
+    return fd >= 0 ? t : -1;
+}
+
+/* Wait (up to 10 s) until the daemon has *path* cached and in its index,
+ * and keep it in the process-local tier. */
+static int
+warm(struct shadowd *c, const char *path)
+{
+    double deadline = now() + 10;
+    while (now() < deadline) {
+        shadowd_set_index(c, 1, 1); /* the routed open's index hit goes into the tier */
+        int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        int fd = src < 0 ? -1 : shadowd_open_routed_fd(c, src, NULL);
+        if (src >= 0)
+            close(src);
+        if (fd >= 0)
+            close(fd);
+        shadowd_set_index(c, 1, 0);
+        if (one_open(c, path, BY_SOCKET) >= 0 && one_open(c, path, BY_INDEX) >= 0 &&
+            one_open(c, path, BY_HELD) >= 0)
+            return 0;
+        struct timespec pause = {0, 10000000L};
+        nanosleep(&pause, NULL);
+    }
+    fprintf(stderr, "shadowd-open: %s is not in the daemon's index (%s)\n", path,
+            c->error[0] ? c->error : "not cached, or no index for this process");
+    return -1;
+}
+
+static int
+latency(struct shadowd *c, char **paths, int n, int rounds)
+{
+    double *samples = calloc((size_t)n * NWAYS * (size_t)rounds, sizeof(double));
+    int *jobs = calloc((size_t)n * NWAYS, sizeof(int));
+    if (samples == NULL || jobs == NULL)
+        return 1;
+    for (int i = 0; i < n; i++)
+        if (warm(c, paths[i]) < 0)
+            return 1;
+    unsigned seed = 2718281u;
+    for (int r = 0; r < rounds; r++) {
+        /* Every (file, way) once per round, in a new random order each
+         * round: what ran just before must not favour one series. */
+        for (int j = 0; j < n * NWAYS; j++)
+            jobs[j] = j;
+        for (int j = n * NWAYS - 1; j > 0; j--) {
+            seed = seed * 1103515245u + 12345u;
+            int k = (int)((seed >> 8) % (unsigned)(j + 1)), x = jobs[j];
+            jobs[j] = jobs[k];
+            jobs[k] = x;
+        }
+        for (int j = 0; j < n * NWAYS; j++) {
+            int file = jobs[j] / NWAYS, way = jobs[j] % NWAYS;
+            double t = one_open(c, paths[file], way);
+            if (t < 0) {
+                fprintf(stderr, "shadowd-open: %s: %s\n", paths[file], c->error);
+                return 1;
+            }
+            samples[((size_t)file * NWAYS + (size_t)way) * (size_t)rounds + (size_t)r] = t;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        struct stat st;
+        stat(paths[i], &st);
+        printf("{\"path\": \"");
+        for (const char *p = paths[i]; *p; p++)
+            printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
+        printf("\", \"size\": %lld, \"rounds\": %d", (long long)st.st_size, rounds);
+        for (int w = 0; w < NWAYS; w++) {
+            double *s = samples + ((size_t)i * NWAYS + (size_t)w) * (size_t)rounds;
+            qsort(s, (size_t)rounds, sizeof(double), cmp_double);
+            int p99 = (int)(0.99 * (rounds - 1) + 0.5);
+            double p50 = rounds % 2 ? s[rounds / 2] : (s[rounds / 2 - 1] + s[rounds / 2]) / 2;
+            printf(", \"%s\": [%.3f, %.3f]", WAY_NAMES[w], p50 * 1e6, s[p99] * 1e6);
+        }
+        printf("}\n");
+    }
+    free(samples);
+    free(jobs);
+    return fflush(stdout) != 0;
+}
+
 /* -- main ----------------------------------------------------------------- */
 
 enum {
@@ -286,6 +412,7 @@ enum {
     OPT_HELD,
     OPT_CROSSOVER,
     OPT_ROUNDS,
+    OPT_LATENCY,
 };
 
 static const struct option LONG_OPTIONS[] = {
@@ -297,6 +424,8 @@ static const struct option LONG_OPTIONS[] = {
     {"gate", no_argument, NULL, 'g'},
     {"loop", required_argument, NULL, 'l'},
     {"copy", no_argument, NULL, 'c'},
+    {"index", no_argument, NULL, 'i'},
+    {"latency", no_argument, NULL, OPT_LATENCY},
     {"timeout", required_argument, NULL, 't'},
     {"reply-timeout", required_argument, NULL, OPT_REPLY},
     {"per-mib", required_argument, NULL, OPT_PER_MIB},
@@ -334,12 +463,12 @@ main(int argc, char **argv)
     static struct shadowd c = {.sock = -1};
     const char *socket_path = NULL, *cross_dir = NULL;
     double seconds = -1;
-    int copy = 0, gate = 0, verbose = 0, routed = 0, batch = 0, opt;
+    int copy = 0, gate = 0, verbose = 0, routed = 0, batch = 0, by_index = 0, lat = 0, opt;
     long long repeat = 1, connect_ms = -1, reply_ms = -1, per_mib = -1, first = -1, cap = -1;
-    long long local_below = -1, young = -1, held = -1, held_bytes = -1, rounds = 31;
+    long long local_below = -1, young = -1, held = -1, held_bytes = -1, rounds = -1;
     char *comma;
 
-    while ((opt = getopt_long(argc, argv, "s:rbn:vgl:ct:qh", LONG_OPTIONS, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "s:rbn:vgl:cit:qh", LONG_OPTIONS, NULL)) != -1) {
         switch (opt) {
         case 's': socket_path = optarg; break;
         case 'r': routed = 1; break;
@@ -349,6 +478,8 @@ main(int argc, char **argv)
         case 'g': gate = 1; break;
         case 'l': seconds = atof(optarg); break;
         case 'c': copy = 1; break;
+        case 'i': by_index = 1; break;
+        case OPT_LATENCY: lat = 1; break;
         case 't': connect_ms = reply_ms = number(optarg); break;
         case OPT_REPLY: reply_ms = number(optarg); break;
         case OPT_PER_MIB: per_mib = number(optarg); break;
@@ -377,8 +508,10 @@ main(int argc, char **argv)
     }
     if (repeat < 1 || connect_ms == -2 || reply_ms == -2 || per_mib == -2 || first == -2 ||
         cap == -2 || local_below == -2 || young == -2 || held == -2 || held_bytes == -2 ||
-        rounds < 1)
+        rounds == -2 || rounds == 0 || (copy && by_index) || (lat && (cross_dir || seconds >= 0)))
         return usage();
+    if (rounds < 0)
+        rounds = lat ? 200 : 31;
     if (cross_dir == NULL &&
         (optind >= argc || (seconds >= 0 && (optind != argc - 1 || batch))))
         return usage();
@@ -399,6 +532,8 @@ main(int argc, char **argv)
     }
     if (cross_dir)
         return crossover(&c, cross_dir, (int)rounds);
+    if (lat)
+        return latency(&c, argv + optind, argc - optind, (int)rounds);
     if (seconds < 0) {
         int status = 0;
         for (long long r = 0; r < repeat; r++) {
@@ -434,6 +569,17 @@ main(int argc, char **argv)
                 snprintf(c.error, sizeof c.error, "%s: %s", path, strerror(errno));
             else
                 close(src);
+        } else if (by_index) {
+            /* As a supervisor does: open the file, fstat it, the index hit. */
+            struct stat st;
+            int src = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+            fd = src < 0 || fstat(src, &st) < 0 ? -1 : shadowd_index_open(&c, src, &st);
+            if (src < 0)
+                snprintf(c.error, sizeof c.error, "%s: %s", path, strerror(errno));
+            else
+                close(src);
+            if (fd < 0 && c.error[0] == '\0')
+                snprintf(c.error, sizeof c.error, "%s: not in the daemon's index", path);
         } else {
             fd = routed ? shadowd_open_routed(&c, path) : shadowd_open(&c, path);
         }

@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -76,6 +77,13 @@
 #define DEFAULT_HELD_MAX_BYTES (64LL << 20)
 #define DEFAULT_COLD_MISSES 1
 #define DEFAULT_COLD_MS 1000
+/* Whether an index hit also goes into the process-local tier (see
+ * client/c/README.md, "The index", for what was measured). */
+#define DEFAULT_INDEX_KEEP 0
+/* Index hits are reported after this many, or when one comes this long
+ * after the last report. */
+#define REPORT_EVERY_HITS 256
+#define REPORT_EVERY_US 1000000LL
 #define PROTOCOL 2          /* the version this client says first */
 #define PRELOAD_GROUP 256   /* files shadowd_preload handles at once (sources open, items) */
 /* A routed open copies in chunks of this while it waits for the daemon's
@@ -84,7 +92,7 @@
 
 /* Slot states and kinds. */
 enum { FREE = 0, SENT, READY, CANCELLED };
-enum { K_OPEN = 1, K_LOOKUP, K_PUBLISH, K_BATCH };
+enum { K_OPEN = 1, K_LOOKUP, K_PUBLISH, K_BATCH, K_INDEX, K_REPORT };
 /* How a request or connection failed. BROKEN: the daemon closed or reset a
  * connection that worked (a restart: worth one retry on a new one). */
 enum { F_NONE = 0, F_BROKEN, F_TIMEOUT, F_CONNECT, F_BAD, F_REFUSED, F_REQUEST, F_VERSION };
@@ -174,6 +182,9 @@ setup(struct shadowd *c)
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         p->slots[i].fd = p->slots[i].src = -1;
     p->procfd = -1;
+    p->index_use = 1;
+    p->index_keep = DEFAULT_INDEX_KEEP;
+    p->index_dirfd = -1;
 }
 
 /* Every entry point starts here: a struct without our mark (zero-filled,
@@ -643,6 +654,8 @@ struct reply {
     uint64_t racy_window_ns;
     int has_racy_window;
     int hello_version; /* "version" was an unsigned integer (a hello reply's) */
+    uint64_t pid, slots; /* an index reply's */
+    int has_pid, has_slots;
     struct in results; /* the items of a batch reply */
     uint64_t nresults;
     int has_results;
@@ -803,6 +816,12 @@ parse_reply(const uint8_t *data, size_t len, struct reply *out)
             out->hello_version = 1;
             /* Not a served reply's version: one that carries it is malformed. */
             out->f.has_version = out->f.version_bad = 1;
+        } else if (key_is(key, key_len, "pid") && k == K_UINT) {
+            out->pid = v;
+            out->has_pid = 1;
+        } else if (key_is(key, key_len, "slots") && k == K_UINT) {
+            out->slots = v;
+            out->has_slots = 1;
         } else if (key_is(key, key_len, "limits") && k == K_MAP) {
             if (parse_limits(&r, v, out))
                 return -1;
@@ -983,6 +1002,16 @@ slot_new(struct shadowd *c, int kind, int owned)
     return s;
 }
 
+/* Whether nobody waits for the reply to *s*: the index asked for without
+ * waiting, a report. Such a slot goes with its connection. */
+static int
+unwaited(const struct shadowd_slot_ *s)
+{
+    return s->kind == K_INDEX || s->kind == K_REPORT;
+}
+
+static void index_drop(struct shadowd *c);
+
 /* -- the connection ------------------------------------------------------- */
 
 /* Drop the connection; every request waiting on it fails with *code* (or
@@ -1009,9 +1038,10 @@ fail_connection(struct shadowd *c, int failure, const char *code, const char *fm
     c->sock = -1;
     p->live = 0;
     p->hello = H_NONE;
+    index_drop(c); /* the index is this connection's (another daemon may answer next) */
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         struct shadowd_slot_ *s = &p->slots[i];
-        if (s->state == CANCELLED || (s->state == SENT && s->late)) {
+        if (s->state == CANCELLED || (s->state == SENT && (s->late || unwaited(s)))) {
             slot_free(s);
         } else if (s->state == SENT) {
             s->state = READY;
@@ -1047,7 +1077,7 @@ after_fork(struct shadowd *c)
         for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
             struct shadowd_slot_ *s = &P(c)->slots[i];
             if (s->state == SENT || s->state == CANCELLED) {
-                s->state = s->state == SENT && !s->late ? READY : FREE;
+                s->state = s->state == SENT && !s->late && !unwaited(s) ? READY : FREE;
                 s->failure = F_BROKEN;
                 snprintf(s->code, sizeof s->code, "%s", SHADOWD_UNAVAILABLE);
                 snprintf(s->error, sizeof s->error, "sent by the parent process");
@@ -1056,6 +1086,9 @@ after_fork(struct shadowd *c)
             }
         }
     }
+    /* The parent's index and its counts: this process asks on its own
+     * connection (its mapping and descriptor copies go). */
+    index_drop(c);
 }
 
 static int recv_one(struct shadowd *c);
@@ -1223,18 +1256,38 @@ earliest_deadline(struct shadowd *c)
     long long until = P(c)->hello == H_SENT ? P(c)->hello_deadline : 0;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         const struct shadowd_slot_ *s = &P(c)->slots[i];
-        if ((s->state == SENT || s->state == CANCELLED) && (until == 0 || s->deadline < until))
+        if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 &&
+            (until == 0 || s->deadline < until))
             until = s->deadline;
     }
     return until;
+}
+
+/* Whether anything on the connection is overdue at *now*. */
+static int
+overdue(struct shadowd *c, long long now)
+{
+    if (P(c)->hello == H_SENT && now >= P(c)->hello_deadline)
+        return 1;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        const struct shadowd_slot_ *s = &P(c)->slots[i];
+        if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 && now >= s->deadline)
+            return 1;
+    }
+    return 0;
 }
 
 /* Fail the connection when anything on it is overdue: 1 when it did. */
 static int
 check_deadlines(struct shadowd *c, long long now)
 {
-    if (!P(c)->live)
+    if (!P(c)->live || !overdue(c, now))
         return 0;
+    /* A reply that came but was not read yet (nobody waited for it: a
+     * report, a told-later batch) is not late: read what is there first. */
+    drain(c);
+    if (!P(c)->live)
+        return 1;
     if (P(c)->hello == H_SENT && now >= P(c)->hello_deadline) {
         fail_connection(c, F_TIMEOUT, NULL, "no hello reply from shadowd: timed out after %d ms",
                         P(c)->connect_ms);
@@ -1242,7 +1295,7 @@ check_deadlines(struct shadowd *c, long long now)
     }
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         const struct shadowd_slot_ *s = &P(c)->slots[i];
-        if ((s->state == SENT || s->state == CANCELLED) && now >= s->deadline) {
+        if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 && now >= s->deadline) {
             fail_connection(c, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
             return 1;
         }
@@ -1419,6 +1472,7 @@ bad:
 
 static int may_keep(int src, const struct shadowd_version_ *before,
                     const struct shadowd_served_ *sv, int hit, uint64_t served_size);
+static void index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds);
 static int held_put(struct shadowd *c, int served, const struct shadowd_version_ *v);
 
 /* Put one reply where it belongs. -1 when it failed the connection. */
@@ -1482,7 +1536,12 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
                         (unsigned long long)f->id);
         return -1;
     }
-    if (s->state == CANCELLED) {
+    if (s->kind == K_INDEX && s->state == SENT) {
+        slot_free(s);
+        index_take(c, rep, fds, nfds); /* closes the fds */
+        return 0;
+    }
+    if (s->state == CANCELLED || s->kind == K_REPORT) {
         close_fds(fds, nfds); /* nobody will collect it */
         slot_free(s);
         return 0;
@@ -2058,13 +2117,31 @@ seal_memfd(int fd, int executable)
  * With *c*, relative to its O_PATH fd of /proc/self/fd: no walk through
  * /proc and self (0.7 us of 2.6 here). That fd names the directory of the
  * process that opened it, so a forked child opens its own. */
+/* *n* in decimal into *buf* (at least 12 bytes); the string. (snprintf
+ * costs a tenth of a hit's own time.) */
+static const char *
+decimal(char *buf, int n)
+{
+    char *p = buf + 11;
+    unsigned v = n < 0 ? 0u - (unsigned)n : (unsigned)n;
+    *p = '\0';
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (n < 0)
+        *--p = '-';
+    return p;
+}
+
+/* reopen_readonly for a process known to be *pid* (the caller just asked:
+ * a tier or index hit saves the second getpid). */
 static int
-reopen_readonly(struct shadowd *c, int fd)
+reopen_as(struct shadowd *c, int fd, int pid)
 {
     char path[32];
     if (c != NULL) {
         struct shadowd_private_ *p = P(c);
-        int pid = (int)getpid();
         if (p->procfd >= 0 && p->procfd_pid != pid) {
             close(p->procfd); /* a forked child's copy of its parent's */
             p->procfd = -1;
@@ -2073,13 +2150,17 @@ reopen_readonly(struct shadowd *c, int fd)
             p->procfd = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
             p->procfd_pid = pid;
         }
-        if (p->procfd >= 0) {
-            snprintf(path, sizeof path, "%d", fd);
-            return openat(p->procfd, path, O_RDONLY | O_CLOEXEC);
-        }
+        if (p->procfd >= 0)
+            return openat(p->procfd, decimal(path, fd), O_RDONLY | O_CLOEXEC);
     }
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+static int
+reopen_readonly(struct shadowd *c, int fd)
+{
+    return reopen_as(c, fd, (int)getpid());
 }
 
 /* Copy exactly *size* bytes of *src* from offset 0 into *dst*. 0; 1 when
@@ -2428,7 +2509,7 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v)
     int i = held_find(p, v->dev, v->ino);
     /* No seal check: seals belong to the inode, this one's were checked
      * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
-    int fd = reopen_readonly(c, p->held[i].fd);
+    int fd = reopen_as(c, p->held[i].fd, p->pid); /* (the routed calls ran after_fork) */
     if (fd < 0)
         held_drop(c, i);
     return fd;
@@ -2503,6 +2584,509 @@ served_of_item(const struct shadowd_item *it, int proto, struct shadowd_served_ 
     sv->cached = (uint8_t)it->cached;
     sv->has_version = (uint8_t)it->has_version;
     sv->version = it->version;
+}
+
+/* -- the index: hits without a round trip --------------------------------- */
+
+/* The layout of docs/protocol.md, "The index" (little-endian). */
+#define INDEX_MAGIC "SHDWIDX1"
+#define INDEX_LAYOUT 1
+#define INDEX_HEADER 4096
+#define INDEX_SLOT 128
+#define INDEX_LIVE 1
+#define INDEX_MAX_SLOTS (1u << 24) /* 2 GiB of slots: anything larger is not an index */
+#define INDEX_MAX_PROBES 64
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define INDEX_READABLE 1
+#else
+#define INDEX_READABLE 0 /* the slots' integers would read wrong: no index here */
+#endif
+
+/* This connection's index: not asked yet, asked (the answer not read),
+ * held, none (the daemon gave none on this connection). */
+enum { IX_NONE = 0, IX_ASKED, IX_HAVE, IX_NOT };
+
+struct index_slot {
+    uint32_t seq, state;
+    uint64_t dev, ino, size;
+    int64_t mtime_ns, ctime_ns;
+    int32_t fd;
+    uint32_t mode;
+    uint64_t memfd_ino;
+    int64_t memfd_ctime_ns;
+};
+typedef char index_slot_is_the_documented_layout
+    [offsetof(struct index_slot, dev) == 8 && offsetof(struct index_slot, mtime_ns) == 32 &&
+             offsetof(struct index_slot, fd) == 48 && offsetof(struct index_slot, memfd_ino) == 56 &&
+             offsetof(struct index_slot, memfd_ctime_ns) == 64 && sizeof(struct index_slot) <= INDEX_SLOT
+         ? 1
+         : -1];
+
+/* The daemon writes slots while we read them: every read of a slot is an
+ * atomic load (relaxed; seq's first with acquire, its second after a
+ * fence), so the compiler neither tears nor reorders them. */
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+/* Where a file's probe starts: the mix docs/protocol.md gives. */
+static uint32_t
+index_home(uint64_t dev, uint64_t ino, uint32_t slots)
+{
+    uint64_t h = dev * 0x9E3779B97F4A7C15ULL + ino;
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    h ^= h >> 32;
+    return (uint32_t)(h & (slots - 1));
+}
+
+static void
+report_clear(struct shadowd_private_ *p)
+{
+    p->nreport = 0;
+    p->report_hits = 0;
+    memset(p->report_index, 0, sizeof p->report_index);
+}
+
+/* Forget the index: unmapped, its fd of the daemon's /proc/PID/fd closed,
+ * its unreported hits dropped (they were that daemon's statistics). */
+static void
+index_drop(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->index_map != NULL)
+        munmap((void *)(uintptr_t)p->index_map, p->index_len);
+    if (p->index_dirfd >= 0)
+        close(p->index_dirfd);
+    p->index_map = NULL;
+    p->index_len = 0;
+    p->index_dirfd = -1;
+    p->index_state = IX_NONE;
+    report_clear(p);
+}
+
+/* Map the index *fd* the daemon *pid* sent, of *slots* slots, and check its
+ * header. 0, or -1 when it is not an index this client reads. */
+static int
+index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
+{
+    struct shadowd_private_ *p = P(c);
+    struct stat st;
+    uint8_t head[48];
+    uint32_t layout, slot_size, n, hpid, probes;
+    uint64_t memfd_dev;
+    char dir[48];
+
+    if (slots == 0 || slots > INDEX_MAX_SLOTS || (slots & (slots - 1)) != 0 || pid == 0 ||
+        pid > INT32_MAX || fstat(fd, &st) < 0 ||
+        (uint64_t)st.st_size != INDEX_HEADER + slots * INDEX_SLOT)
+        return -1;
+    size_t len = (size_t)st.st_size;
+    void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        return -1;
+    memcpy(head, map, sizeof head);
+    memcpy(&layout, head + 8, 4);
+    memcpy(&slot_size, head + 12, 4);
+    memcpy(&n, head + 16, 4);
+    memcpy(&hpid, head + 20, 4);
+    memcpy(&memfd_dev, head + 24, 8);
+    memcpy(&probes, head + 32, 4);
+    if (memcmp(head, INDEX_MAGIC, 8) != 0 || layout != INDEX_LAYOUT || slot_size != INDEX_SLOT ||
+        n != slots || hpid != pid || probes == 0) {
+        munmap(map, len);
+        return -1;
+    }
+    /* The daemon's fd directory, opened once: a reopen then walks one
+     * component, not three. The kernel lets us look into it only with
+     * the daemon's uid, or as root. */
+    snprintf(dir, sizeof dir, "/proc/%u/fd", (unsigned)pid);
+    int dirfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0) {
+        munmap(map, len);
+        return -1;
+    }
+    p->index_map = map;
+    p->index_len = len;
+    p->index_dirfd = dirfd;
+    p->index_pid = (int)pid;
+    p->index_slots = (uint32_t)slots;
+    p->index_probes = probes < INDEX_MAX_PROBES ? probes : INDEX_MAX_PROBES;
+    if (p->index_probes > p->index_slots)
+        p->index_probes = p->index_slots;
+    p->index_memfd_dev = memfd_dev;
+    p->report_at = mono_us();
+    report_clear(p);
+    return 0;
+}
+
+/* The daemon's answer to our index request. */
+static void
+index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
+{
+    struct shadowd_private_ *p = P(c);
+    index_drop(c); /* (there is none: one request per connection) */
+    p->index_state = IX_NOT;
+    /* not-permitted (another uid), no-index, unknown-op, or anything that
+     * is not an index: none on this connection, never an error. */
+    if (rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots &&
+        index_map(c, fds[0], rep->pid, rep->slots) == 0)
+        p->index_state = IX_HAVE;
+    close_fds(fds, nfds);
+}
+
+/* Ask for the index on this connection, without waiting for the answer. */
+static void
+index_ask(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!INDEX_READABLE) {
+        p->index_state = IX_NOT;
+        return;
+    }
+    struct shadowd_slot_ *s = slot_new(c, K_INDEX, 0);
+    if (s == NULL)
+        return; /* 64 requests pending: ask later */
+    struct out o = out_of(c);
+    put_u8(&o, 0x82);
+    put_cstr(&o, "op");
+    put_cstr(&o, "index");
+    put_cstr(&o, "id");
+    put_uint(&o, s->id);
+    int r = send_request(c, &o, NULL, 0, 0);
+    if (r == 0) {
+        s->state = SENT;
+        s->deadline = 0; /* nobody waits for it; a silent daemon is noticed elsewhere */
+        p->index_state = IX_ASKED;
+        return;
+    }
+    slot_free(s);
+    if (r == -2 && c->errnum != EAGAIN)
+        p->index_state = IX_NOT;
+}
+
+/* Ask for the index when this connection has none and may have one, and
+ * read the answer when it came. What fails here is not the caller's
+ * error: code and error are left as they were. */
+static void
+index_poll(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->index_use || p->index_state == IX_HAVE || p->index_state == IX_NOT || !p->live ||
+        p->hello != H_DONE || c->protocol < 2)
+        return;
+    char code[sizeof c->code], error[sizeof c->error];
+    int errnum = c->errnum;
+    memcpy(code, c->code, sizeof code);
+    memcpy(error, c->error, sizeof error);
+    if (p->index_state == IX_ASKED)
+        drain(c);
+    else
+        index_ask(c);
+    memcpy(c->code, code, sizeof code);
+    memcpy(c->error, error, sizeof error);
+    c->errnum = errnum;
+}
+
+/* Wait for the index up to the reply timeout: 1 when held. */
+static int
+index_wait(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->index_use)
+        return 0;
+    if (p->index_state == IX_HAVE)
+        return 1;
+    if (start(c, 1))
+        return 0;
+    index_poll(c);
+    long long deadline = mono_us() + 1000LL * p->reply_ms;
+    while (p->live && p->index_state == IX_ASKED) {
+        long long left = deadline - mono_us();
+        if (left <= 0)
+            break;
+        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
+        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0)
+            drain(c);
+    }
+    return p->index_state == IX_HAVE;
+}
+
+/* Tell the daemon of the index hits counted so far: report requests that
+ * fit in its max_request, not waited for (their answers are read and
+ * dropped when they come). Then the count starts again. */
+static void
+report_send(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->nreport > 0 && p->live && p->hello == H_DONE && p->index_state == IX_HAVE) {
+        char code[sizeof c->code], error[sizeof c->error];
+        int errnum = c->errnum;
+        memcpy(code, c->code, sizeof code);
+        memcpy(error, c->error, sizeof error);
+        /* A triple takes at most 24 bytes; the map around them 32. */
+        int most = (int)((max_request(c) - 32) / 24);
+        for (int done = 0; done < p->nreport && p->live;) {
+            int n = p->nreport - done < most ? p->nreport - done : most;
+            struct shadowd_slot_ *s = slot_new(c, K_REPORT, 0);
+            if (s == NULL)
+                break;
+            struct out o = out_of(c);
+            put_u8(&o, 0x83);
+            put_cstr(&o, "op");
+            put_cstr(&o, "report");
+            put_cstr(&o, "id");
+            put_uint(&o, s->id);
+            put_cstr(&o, "hits");
+            if (n < 16)
+                put_u8(&o, (uint8_t)(0x90 | n));
+            else
+                put_be(&o, 0xdc, (uint64_t)n, 2);
+            uint64_t hits = 0;
+            for (int i = done; i < done + n; i++) {
+                put_u8(&o, 0x93);
+                put_uint(&o, p->report[i].dev);
+                put_uint(&o, p->report[i].ino);
+                put_uint(&o, p->report[i].hits);
+                hits += p->report[i].hits;
+            }
+            if (send_request(c, &o, NULL, 0, 0) != 0) {
+                slot_free(s);
+                break;
+            }
+            s->state = SENT;
+            s->deadline = reply_deadline(c, 0, 0);
+            c->counts.reported += hits;
+            done += n;
+        }
+        memcpy(c->code, code, sizeof code);
+        memcpy(c->error, error, sizeof error);
+        c->errnum = errnum;
+    }
+    report_clear(p);
+    p->report_at = mono_us();
+}
+
+static int cold_now(struct shadowd *c);
+static void hint_flush(struct shadowd *c, int leaving);
+
+/* Count an index hit of (dev, ino); report when it is time. */
+static void
+report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
+{
+    struct shadowd_private_ *p = P(c);
+    const unsigned mask = 2 * SHADOWD_REPORTS - 1;
+    unsigned b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
+    for (;;) {
+        unsigned e = p->report_index[b];
+        if (e == 0) {
+            if (p->nreport == SHADOWD_REPORTS) {
+                report_send(c); /* full: send what is there, count afresh */
+                b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
+                continue;
+            }
+            int i = p->nreport++;
+            p->report[i].dev = dev;
+            p->report[i].ino = ino;
+            p->report[i].hits = 0;
+            p->report_index[b] = (uint16_t)(i + 1);
+            e = (unsigned)i + 1;
+        } else if (p->report[e - 1].dev != dev || p->report[e - 1].ino != ino) {
+            b = (b + 1) & mask;
+            continue;
+        }
+        p->report[e - 1].hits++;
+        break;
+    }
+    p->report_hits++;
+    if (p->report_hits >= REPORT_EVERY_HITS || mono_us() - p->report_at >= REPORT_EVERY_US) {
+        report_send(c);
+        /* Files copied here for the index's sake go with it (a cold
+         * window keeps its own until it ends). */
+        if (p->nhint > 0 && !cold_now(c))
+            hint_flush(c, 0);
+    }
+}
+
+/* At close: the last report, waited for (up to the reply timeout). A
+ * socket closed with a reply unread in it resets the connection, and the
+ * daemon would lose a report still in its queue. */
+static void
+report_last(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!p->live || p->nreport == 0)
+        return;
+    report_send(c);
+    long long deadline = mono_us() + 1000LL * p->reply_ms;
+    for (;;) {
+        int waiting = 0;
+        for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
+            waiting |= p->slots[i].kind == K_REPORT && p->slots[i].state == SENT;
+        long long left = deadline - mono_us();
+        if (!waiting || !p->live || left <= 0)
+            break;
+        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
+        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0)
+            drain(c);
+    }
+}
+
+void
+shadowd_index_report(struct shadowd *c)
+{
+    ready(c);
+    after_fork(c);
+    report_send(c);
+}
+
+/* The daemon's memfd slot *s* names, checked against it and reopened
+ * read-only; -1 when any check fails (*refused* set when it was the
+ * memfd's, not the daemon's being gone). */
+static int
+index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
+             const struct index_slot *got, int *refused)
+{
+    struct shadowd_private_ *p = P(c);
+    char name[16];
+    struct stat m;
+    /* O_PATH: no driver's open runs, whatever descriptor N is by now. */
+    int path = got->fd >= 0 ? openat(p->index_dirfd, decimal(name, got->fd), O_PATH | O_CLOEXEC) : -1;
+    if (path < 0)
+        return -1; /* N was closed meanwhile, or the daemon is gone */
+    if (fstat(path, &m) < 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != p->index_memfd_dev ||
+        (uint64_t)m.st_ino != got->memfd_ino || (uint64_t)m.st_size != got->size ||
+        (uint32_t)m.st_mode != got->mode ||
+        (int64_t)m.st_ctim.tv_sec * 1000000000LL + m.st_ctim.tv_nsec != got->memfd_ctime_ns) {
+        close(path); /* N is something else now, or a holder changed the memfd */
+        *refused = 1;
+        return -1;
+    }
+    int fd = reopen_as(c, path, p->pid); /* (every caller ran after_fork) */
+    close(path);
+    if (fd < 0) {
+        *refused = 1;
+        return -1;
+    }
+    /* The slot must have held still while it was used: the daemon changes
+     * it before it may close the memfd. */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (!sealed(fd) || LOAD(s->seq) != seq) {
+        close(fd);
+        *refused = 1;
+        return -1;
+    }
+    return fd;
+}
+
+/* A hit through the index for the file whose fstat is *st*, or -1. */
+static int
+index_lookup(struct shadowd *c, const struct stat *st)
+{
+    struct shadowd_private_ *p = P(c);
+    uint64_t dev = (uint64_t)st->st_dev, ino = (uint64_t)st->st_ino;
+    uint32_t mask = p->index_slots - 1, home = index_home(dev, ino, p->index_slots);
+    for (uint32_t i = 0; i < p->index_probes; i++) {
+        const struct index_slot *s =
+            (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);
+        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (seq == 0)
+            return -1; /* never used: the file is not further on */
+        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != dev || LOAD(s->ino) != ino)
+            continue;
+        struct index_slot got;
+        got.size = LOAD(s->size);
+        got.mtime_ns = LOAD(s->mtime_ns);
+        got.ctime_ns = LOAD(s->ctime_ns);
+        if (got.size != (uint64_t)st->st_size ||
+            got.mtime_ns != (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec ||
+            got.ctime_ns != (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec)
+            return -1; /* another version is cached: the daemon decides */
+        got.fd = LOAD(s->fd);
+        got.mode = LOAD(s->mode);
+        got.memfd_ino = LOAD(s->memfd_ino);
+        got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
+        int refused = 0;
+        int fd = index_reopen(c, s, seq, &got, &refused);
+        if (fd < 0 && refused)
+            c->counts.index_refused++;
+        if (fd < 0 && !refused && p->live)
+            drain(c); /* the daemon gone? its connection says so (and the index goes) */
+        return fd;
+    }
+    return -1;
+}
+
+/* The index's fd for the file open at *src* whose fstat is *st*, counted
+ * and reported, or -1 (nothing said in *c*: the caller goes on). */
+static int
+index_hit(struct shadowd *c, const struct stat *st)
+{
+    struct shadowd_private_ *p = P(c);
+    index_poll(c);
+    if (p->index_state != IX_HAVE)
+        return -1;
+    int fd = index_lookup(c, st);
+    if (fd < 0)
+        return -1;
+    c->counts.index++;
+    report_count(c, (uint64_t)st->st_dev, (uint64_t)st->st_ino);
+    return fd;
+}
+
+void
+shadowd_set_index(struct shadowd *c, int use, int keep)
+{
+    ready(c);
+    if (use >= 0)
+        P(c)->index_use = use != 0;
+    P(c)->index_keep = keep < 0 ? DEFAULT_INDEX_KEEP : keep != 0;
+    if (!P(c)->index_use) {
+        report_send(c);
+        index_drop(c);
+        P(c)->index_state = IX_NOT; /* (asked again on the next connection, if turned on) */
+    }
+}
+
+int
+shadowd_index_ready(struct shadowd *c)
+{
+    ready(c);
+    clear(c);
+    int held = index_wait(c);
+    clear(c);
+    return held;
+}
+
+int
+shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
+{
+    struct stat own;
+    ready(c);
+    clear(c);
+    after_fork(c);
+    if (st == NULL) {
+        if (fstat(src, &own) < 0) {
+            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+            return -1;
+        }
+        st = &own;
+    }
+    if (!S_ISREG(st->st_mode)) {
+        fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
+        return -1;
+    }
+    if (!index_wait(c)) {
+        if (c->error[0] == '\0')
+            fail(c, "", 0, "no index from shadowd on this connection");
+        return -1;
+    }
+    clear(c);
+    int fd = index_hit(c, st);
+    if (fd >= 0) {
+        c->route = SHADOWD_ROUTE_INDEX;
+        c->hit = 1;
+        c->size = (uint64_t)st->st_size;
+    }
+    return fd;
 }
 
 /* -- routed --------------------------------------------------------------- */
@@ -2830,6 +3414,31 @@ race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_ver
     return fd;
 }
 
+/* A routed open's index hit: the last-call fields set, kept in the tier
+ * when asked to; or -1. */
+static int
+index_served(struct shadowd *c, const struct stat *st, const struct shadowd_version_ *v)
+{
+    int fd = index_hit(c, st);
+    if (fd < 0)
+        return -1;
+    c->route = SHADOWD_ROUTE_INDEX;
+    c->hit = 1;
+    c->size = v->size;
+    if (P(c)->index_keep)
+        held_put(c, fd, v);
+    return fd;
+}
+
+/* Whether a file the size rule copies here should be told to the daemon:
+ * while an index is held, a file the daemon would cache (not young, not
+ * too large) is then an index hit for the next process that opens it. */
+static int
+index_wants(struct shadowd *c, const struct stat *st)
+{
+    return P(c)->index_state == IX_HAVE && copy_without_asking(c, st, 0) == SHADOWD_COPIED_NOT;
+}
+
 /* The routed open of *src*: tier, local rules, the daemon raced against a
  * local copy. With *want_label*, a missing label is read from /proc/self/fd
  * (only when the daemon is asked). */
@@ -2849,6 +3458,7 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         return -1;
     }
     version_of(&st, &v);
+    after_fork(c);
     late_answers(c);
     know_the_daemon(c);
     int fd = held_take(c, &v);
@@ -2859,6 +3469,8 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         c->counts.held++;
         return fd;
     }
+    if ((fd = index_served(c, &st, &v)) >= 0)
+        return fd;
     int why = copy_without_asking(c, &st, 1);
     char buf[LABEL_MAX + 1];
     if (why == SHADOWD_COPIED_NOT && cold_now(c)) {
@@ -2890,8 +3502,11 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         if (why == SHADOWD_COPIED_NOT)
             why = SHADOWD_COPIED_FAILED;
     }
+    int told = why == SHADOWD_COPIED_COLD || (why == SHADOWD_COPIED_RULE && index_wants(c, &st));
+    if (told && want_label && why == SHADOWD_COPIED_RULE)
+        label = label_of(src, label, buf, sizeof buf);
     fd = copy_here(c, src, v.size, why);
-    if (fd >= 0 && why == SHADOWD_COPIED_COLD)
+    if (fd >= 0 && told)
         hint_add(c, src, label);
     return fd;
 }
@@ -2962,6 +3577,7 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
 
     ready(c);
     clear(c);
+    after_fork(c);
     if (n < 0) {
         fail(c, "", EINVAL, "a batch of %d files", n);
         return -1;
@@ -2986,6 +3602,11 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
                 it->route = SHADOWD_ROUTE_HELD;
                 it->hit = 1;
                 c->counts.held++;
+                continue;
+            }
+            if ((it->fd = index_served(c, &st, &vs[k])) >= 0) {
+                it->route = SHADOWD_ROUTE_INDEX;
+                it->hit = 1;
                 continue;
             }
             int why = copy_without_asking(c, &st, 1);
@@ -3224,6 +3845,7 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
         return -1;
     }
     version_of(&st, &v);
+    after_fork(c);
     if ((*fd_now = held_take(c, &v)) >= 0) {
         c->route = SHADOWD_ROUTE_HELD;
         c->hit = 1;
@@ -3231,6 +3853,8 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
         c->counts.held++;
         return 0;
     }
+    if ((*fd_now = index_served(c, &st, &v)) >= 0)
+        return 0;
     int why = copy_without_asking(c, &st, 1);
     if (why == SHADOWD_COPIED_NOT) {
         /* A duplicate of src, to check its fstat (or copy it) at collect. */
@@ -3375,8 +3999,14 @@ shadowd_close(struct shadowd *c)
     struct shadowd_private_ *p = P(c);
     if (p->magic != MAGIC)
         return; /* zero-filled or never used: nothing here is ours */
-    if (p->pid == (int)getpid())
+    if (p->pid == (int)getpid() && p->live) {
+        /* Read what came first: a socket closed with a reply unread in it
+         * resets the connection, and the daemon would drop what we send now. */
+        drain(c);
+        report_last(c);
         hint_flush(c, 1);
+    }
+    index_drop(c); /* (in a forked child: its copies of the parent's) */
     for (int i = 0; i < p->nhint; i++)
         close(p->hint_fd[i]);
     p->nhint = p->hint_used = 0;

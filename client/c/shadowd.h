@@ -10,8 +10,11 @@
  * its connection, the memfds of the process-local tier (the routed calls
  * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
  * reopened: the tier's reopens then skip the walk through /proc and self),
- * sources kept for a cold daemon (shadowd_set_cold) and the replies of
- * pipelined requests not yet collected; shadowd_close closes them all. Nothing here allocates memory: every table is a bounded array
+ * while it holds the daemon's index an O_PATH fd of the daemon's
+ * /proc/PID/fd (and a read-only mapping of the index), sources kept for a
+ * cold daemon or for the daemon to cache (shadowd_set_cold, the index) and
+ * the replies of pipelined requests not yet collected; shadowd_close closes
+ * them all. Nothing here allocates memory: every table is a bounded array
  * inside struct shadowd (about 180 KiB: keep it static or on the heap
  * rather than on a small thread stack). Not thread-safe: one struct per
  * thread, or a lock around it.
@@ -31,9 +34,10 @@
  * 1's meaning: they ask the daemon and wait for its copy on a miss.
  *
  * The routed open, cheapest first (see "routed" below): the process-local
- * tier; local copies of small, young and too large files; the daemon,
- * without waiting for its copy; a local copy whenever the daemon does not
- * serve the file. Two refinements, both measured on the project's 2-vCPU
+ * tier; the daemon's index, where the daemon gives one (no round trip: see
+ * "the index" below); local copies of small, young and too large files;
+ * the daemon, without waiting for its copy; a local copy whenever the
+ * daemon does not serve the file. Two refinements, both measured on the project's 2-vCPU
  * machines (client/c/README.md): a daemon that answers with a miss it is
  * filling is cold, and gets no routed request for a second (what a miss
  * costs it is paid by the program; the files are told to it later in one
@@ -79,6 +83,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -89,6 +94,7 @@ extern "C" {
 #define SHADOWD_HINTS 128         /* most files copied while the daemon was cold, to tell it of */
 #define SHADOWD_REQUEST_BUF 16384 /* largest request this client writes */
 #define SHADOWD_REPLY_BUF 65536   /* largest reply it reads (a batch of 250 errors fits) */
+#define SHADOWD_REPORTS 256       /* most files whose index hits wait to be reported */
 #define SHADOWD_MISS (-2)         /* shadowd_lookup: the daemon does not have the file */
 #define SHADOWD_UNAVAILABLE "unavailable" /* the client's own code (see above) */
 
@@ -98,6 +104,7 @@ enum shadowd_route {
     SHADOWD_ROUTE_DAEMON = 1, /* the daemon's reply */
     SHADOWD_ROUTE_HELD = 2,   /* reopened from the process-local tier, no request */
     SHADOWD_ROUTE_COPY = 3,   /* copied here (shadowd_copy_fd) */
+    SHADOWD_ROUTE_INDEX = 4,  /* reopened from the daemon's memfd through its index, no request */
 };
 
 /* Why a routed open copied the file here (the `copied_why` fields). */
@@ -194,6 +201,12 @@ struct shadowd_slot_ {
     char error[160];
 };
 
+/* One file's index hits not reported yet. */
+struct shadowd_report_ {
+    uint64_t dev, ino;
+    uint32_t hits;
+};
+
 struct shadowd_private_ {
     uint64_t magic;
     int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
@@ -221,6 +234,17 @@ struct shadowd_private_ {
     struct shadowd_held_ held[SHADOWD_HELD_SLOTS];
     uint16_t held_index[2 * SHADOWD_HELD_SLOTS]; /* (dev, ino) -> held entry + 1 */
     struct shadowd_slot_ slots[SHADOWD_MAX_PENDING];
+    /* The daemon's index (docs/protocol.md, "The index"), this connection's. */
+    int index_use, index_keep, index_wanted, index_state, index_dirfd, index_pid, index_owner;
+    uint32_t index_slots, index_probes;
+    uint64_t index_memfd_dev;
+    const uint8_t *index_map;
+    size_t index_len;
+    int nreport;
+    uint32_t report_hits;
+    long long report_at;
+    struct shadowd_report_ report[SHADOWD_REPORTS];
+    uint16_t report_index[2 * SHADOWD_REPORTS]; /* (dev, ino) -> report entry + 1 */
     uint8_t wbuf[SHADOWD_REQUEST_BUF];
     uint8_t rbuf[SHADOWD_REPLY_BUF];
 };
@@ -257,6 +281,9 @@ struct shadowd {
         uint64_t fast;      /* calls failed (or routed local) at once by the breaker */
         uint64_t missed;    /* routed opens the daemon answered with a miss (copied here) */
         uint64_t preloaded; /* files shadowd_preload put in the tier */
+        uint64_t index;     /* fds reopened through the daemon's index (no request) */
+        uint64_t index_refused; /* index slots of the caller's version whose memfd failed a check */
+        uint64_t reported;  /* index hits told to the daemon (report requests sent) */
     } counts;
     struct shadowd_private_ priv_;
 };
@@ -371,6 +398,9 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  *      process got from the daemon, whose (size, mtime_ns, ctime_ns) equal
  *      the caller's fstat now, is reopened through /proc/self/fd/N (a new
  *      open file description; seals checked): no request at all;
+ *   1b. the daemon's index (below): the daemon's memfd of that very
+ *      version, reopened through /proc/PID/fd/N: no request either, and
+ *      small files too (an index hit costs less than any copy);
  *   2. copied here (shadowd_copy_fd) without asking: while the breaker is
  *      open; files below `local_below` bytes (cheaper to copy than to ask);
  *      files above the daemon's max_file_size; files whose ctime is younger
@@ -384,7 +414,10 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  * old mtime put back has another version). From a version 1 daemon, which
  * says neither, a hit goes into the tier when the caller's fstat after the
  * reply equals the one before it. The tier is bounded by entries and bytes
- * (least recently used goes first) and holds only memfds. */
+ * (least recently used goes first) and holds only memfds. While the index
+ * is in use, a file that rule 2 copies because it is small is also told
+ * to the daemon (one batch later, as a cold daemon's files are) so that the
+ * next process finds it in the index. */
 int shadowd_open_routed(struct shadowd *c, const char *path);
 int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
 
@@ -459,6 +492,77 @@ int shadowd_preload_fds(struct shadowd *c, const int *srcs, const char *const *l
  * fstat changed is made again (three tries). *c* may be NULL (errno then
  * says what failed). */
 int shadowd_copy_fd(struct shadowd *c, int src);
+
+/* ---- the index: hits without a round trip -------------------------------
+ *
+ * A daemon gives its index of its cache (docs/protocol.md, "The index") to
+ * peers that may read its descriptors anyway: its own uid, or root. The
+ * routed calls use it after their process-local tier and before any rule:
+ * the caller's own fstat of the source finds the file's slot, and the
+ * daemon's memfd is reopened through /proc/PID/fd/N, no request at all
+ * (route SHADOWD_ROUTE_INDEX). An fd comes from the index only when every
+ * check holds:
+ *   - the slot is live, names the source's (st_dev, st_ino), and its
+ *     version (size, mtime_ns, ctime_ns) is the caller's fstat; its seq is
+ *     even (no write under way) and the same after the reopen, so the slot
+ *     held still while it was used (the daemon changes it before it may
+ *     close that memfd: a descriptor number reused since cannot pass);
+ *   - /proc/PID/fd/N opened O_PATH (no driver's open runs, whatever N is
+ *     by then: a FIFO, a device) is a regular file whose st_dev is the
+ *     daemon's memfd device and whose inode, size, mode and ctime are the
+ *     slot's (a holder that changed the memfd moved its ctime);
+ *   - its read-only reopen (through /proc/self/fd: its own open file
+ *     description and offset) has the four seals.
+ * Anything else: the file goes on down the routed open (rules, the
+ * daemon, a local copy), and `counts.index_refused` counts a slot of the
+ * caller's version that failed a check.
+ *
+ * The index belongs to a connection: it is asked for once per connection
+ * ({"op": "index"}), after a hello of version 2, by the first routed call
+ * that finds none, without waiting for the answer (the calls until it
+ * comes go on without it); a daemon that answers "not-permitted" (another
+ * uid), "no-index" or anything but an index gives none on that
+ * connection, which is never an error to the caller. It is mapped
+ * read-only (the daemon sealed it: nobody else can write or grow it) and
+ * dropped with its connection: after a daemon restart the new connection
+ * asks the new daemon for its own. Index hits are counted per file and
+ * told to the daemon ({"op": "report"}, not waited for) after 256 hits or
+ * when a hit comes a second after the last report, and at shadowd_close,
+ * so that its stats (`index_hits`) and LRU order stay true; a report that
+ * fails loses nothing but those numbers. Files copied here by the size
+ * rule while the index is in use are told to the daemon (as a cold
+ * daemon's are, shadowd_set_cold) so that the next process finds them in
+ * the index. Only on little-endian hosts (the layout is). While it holds
+ * an index the client keeps one more fd (an O_PATH fd of the daemon's
+ * /proc/PID/fd) and a read-only mapping. */
+
+/* Whether the routed calls use the daemon's index (*use*: 1, the default;
+ * 0 never asks for it) and whether an index hit also goes into the
+ * process-local tier (*keep*: 1, or 0, the default; negative: the
+ * default), so that the next open of that version reopens the tier's fd
+ * instead (client/c/README.md says what each costs). Turning it off drops
+ * the index held. */
+void shadowd_set_index(struct shadowd *c, int use, int keep);
+
+/* Get the index now if this connection has none yet: connect and say
+ * hello if needed (the breaker allowing), ask, and wait for the answer up
+ * to the reply timeout. 1 when an index is held, 0 when not (the daemon
+ * gives none, is not reachable, or did not answer in time: then it may
+ * still come later). A supervisor calls it once before its tracee starts,
+ * so that no open pays the round trip. */
+int shadowd_index_ready(struct shadowd *c);
+
+/* The plain index hit: a sealed, read-only fd of the version *st* says
+ * (the caller's own fstat of *src*; NULL: fstat here) from the daemon's
+ * index, or -1: not there (code "", error empty), or no index (error says
+ * why). The index is fetched as shadowd_index_ready does when this
+ * connection has none; the hit is counted and reported like the routed
+ * calls' hits. Never uses or fills the process-local tier. */
+int shadowd_index_open(struct shadowd *c, int src, const struct stat *st);
+
+/* Tell the daemon of the index hits not reported yet, now (not waiting for
+ * its answer). The calls above do it by themselves. */
+void shadowd_index_report(struct shadowd *c);
 
 /* ---- pipelined, for poll loops ------------------------------------------
  *

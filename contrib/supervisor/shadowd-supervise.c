@@ -5,7 +5,8 @@
  * read-only memfd in place of the host file (SECCOMP_IOCTL_NOTIF_ADDFD).
  * Three ways to make that fd: "copy" (a fresh sealed memfd per open, the
  * status quo of sandbox supervisors), "shadowd" (client/c's routed open:
- * the process-local tier, local copies of small and young files, the daemon
+ * the process-local tier, the daemon's index (no round trip; fetched before
+ * the program starts), local copies of small and young files, the daemon
  * without waiting for its copy, a local copy whenever it cannot serve; or,
  * with --open-fd, shadowd_open_fd for every file as before) and
  * "passthrough" (trap, then let every open go on: the cost of the trap
@@ -137,9 +138,9 @@ static const char *const reason_names[] = {
  * answer came (routed, --race), a local copy without asking while the
  * daemon was cold (it missed several times in a row; routed), a local copy
  * because the daemon failed. */
-enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK, H_HELD, H_LOCAL, H_RACED, H_COLD, N_HOWS };
+enum how { H_COPY, H_HIT, H_MISS, H_FALLBACK, H_HELD, H_LOCAL, H_RACED, H_COLD, H_INDEX, N_HOWS };
 static const char *const how_names[] = {"copy", "hit", "miss", "fallback", "held", "local",
-                                        "raced", "cold"};
+                                        "raced", "cold", "index"};
 
 struct record {
     char *path;
@@ -158,15 +159,21 @@ static struct {
     char last_error[256];
     struct stat root;    /* ours, to compare a tracee's with */
     uint64_t notifications, shadowed, continued, gone, hits, misses, fallbacks, held, local, raced;
-    uint64_t cold;
+    uint64_t cold, indexed;
+    int index;           /* the routed open uses the daemon's index (--no-index: not) */
+    int index_keep;      /* index hits also go into the tier (--keep-index-hits) */
+    int index_ready;     /* it held one before the program started */
     uint64_t preload_files, preload_held, preload_ns;
     uint64_t reasons[N_REASONS];
     uint64_t shadow_ns, shadow_wall_ns, shadow_bytes;
+    /* Where shadow_ns goes: the source opened and checked; the fd made by
+     * the mode's means; the injection (its CPU time). */
+    uint64_t source_ns, make_ns, inject_ns;
     struct record *records;
     size_t nrecords, cap_records;
     uint64_t records_dropped;
     int memfd_exec_flags; /* -1 unknown, 0 the kernel has no MFD_EXEC, 1 it has */
-} S = {.listener = -1, .memfd_exec_flags = -1};
+} S = {.listener = -1, .memfd_exec_flags = -1, .index = 1};
 
 static pid_t child_pid = -1;
 
@@ -543,6 +550,9 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
     case SHADOWD_ROUTE_HELD:
         *how = H_HELD;
         break;
+    case SHADOWD_ROUTE_INDEX:
+        *how = H_INDEX;
+        break;
     case SHADOWD_ROUTE_DAEMON:
         *how = S.client.hit ? H_HIT : H_MISS;
         break;
@@ -726,6 +736,7 @@ handle(const struct seccomp_notif *req)
         goto cont;
     }
     enum how how;
+    uint64_t made = now_ns();
     shadow = make_shadow(src, &st, path[0] == '/' ? path : NULL, &how);
     if (shadow < 0) {
         note_error("making a shadow of %s: %s", path, strerror(errno));
@@ -761,6 +772,9 @@ handle(const struct seccomp_notif *req)
     uint64_t ns = before_inject - start + cpu;
     S.shadowed++;
     S.shadow_ns += ns;
+    S.source_ns += made - start;
+    S.make_ns += before_inject - made;
+    S.inject_ns += cpu;
     S.shadow_wall_ns += wall;
     S.shadow_bytes += (uint64_t)st.st_size;
     S.hits += how == H_HIT;
@@ -770,6 +784,7 @@ handle(const struct seccomp_notif *req)
     S.local += how == H_LOCAL;
     S.raced += how == H_RACED;
     S.cold += how == H_COLD;
+    S.indexed += how == H_INDEX;
     keep_record(path, ns, wall, (uint64_t)st.st_size, how);
     goto done;
 cont:
@@ -859,19 +874,28 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     fprintf(f, ", \"held\": %llu, \"local\": %llu, \"raced\": %llu, \"cold\": %llu",
             (unsigned long long)S.held, (unsigned long long)S.local, (unsigned long long)S.raced,
             (unsigned long long)S.cold);
+    fprintf(f, ", \"index\": %llu, \"index_ready\": %s", (unsigned long long)S.indexed,
+            S.index_ready ? "true" : "false");
     fprintf(f, ", \"preload_files\": %llu, \"preload_held\": %llu, \"preload_ns\": %llu",
             (unsigned long long)S.preload_files, (unsigned long long)S.preload_held,
             (unsigned long long)S.preload_ns);
     fprintf(f, ", \"protocol\": %d", S.client.protocol);
     fprintf(f, ", \"client\": {\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, "
-               "\"fast\": %llu, \"missed\": %llu, \"preloaded\": %llu}",
+               "\"fast\": %llu, \"missed\": %llu, \"preloaded\": %llu, \"index\": %llu, "
+               "\"index_refused\": %llu, \"reported\": %llu}",
             (unsigned long long)S.client.counts.daemon, (unsigned long long)S.client.counts.held,
             (unsigned long long)S.client.counts.copied, (unsigned long long)S.client.counts.fast,
             (unsigned long long)S.client.counts.missed,
-            (unsigned long long)S.client.counts.preloaded);
+            (unsigned long long)S.client.counts.preloaded,
+            (unsigned long long)S.client.counts.index,
+            (unsigned long long)S.client.counts.index_refused,
+            (unsigned long long)S.client.counts.reported);
     fprintf(f, ", \"shadow_ns\": %llu, \"shadow_wall_ns\": %llu, \"shadow_bytes\": %llu",
             (unsigned long long)S.shadow_ns, (unsigned long long)S.shadow_wall_ns,
             (unsigned long long)S.shadow_bytes);
+    fprintf(f, ", \"source_ns\": %llu, \"make_ns\": %llu, \"inject_ns\": %llu",
+            (unsigned long long)S.source_ns, (unsigned long long)S.make_ns,
+            (unsigned long long)S.inject_ns);
     fprintf(f, ", \"fds_before\": %d, \"fds_after\": %d", fds_before, fds_after);
     fprintf(f, ", \"shadowd_connected\": %s, \"last_error\": ",
             S.connected ? "true" : "false");
@@ -899,7 +923,9 @@ static void
 usage(FILE *f)
 {
     fputs("usage: shadowd-supervise [--mode passthrough|copy|shadowd] [--socket PATH]\n"
-          "                         [--open-fd | --race] [--preload FILE] [--backoff MS[,MAX]]\n"
+          "                         [--open-fd | --race] [--no-index | --keep-index-hits]\n"
+          "                         [--preload FILE]\n"
+          "                         [--backoff MS[,MAX]]\n"
           "                         [--held N[,BYTES]] [--cold N[,MS]] [--stats FILE]\n"
           "                         [--verbose]\n"
           "                         [--] PROGRAM [ARGS...]\n"
@@ -909,14 +935,17 @@ usage(FILE *f)
           "sandbox.\n"
           "\n"
           "  --mode shadowd      the routed open of client/c: the files this supervisor\n"
-          "                      holds, local copies of small and young files, shadowd\n"
-          "                      without waiting for its copy, a local copy whenever it\n"
-          "                      cannot serve (the default)\n"
+          "                      holds, shadowd's index (no round trip), local copies\n"
+          "                      of small and young files, shadowd without waiting for\n"
+          "                      its copy, a local copy whenever it cannot serve (the\n"
+          "                      default)\n"
           "  --mode copy         a fresh sealed memfd per open (the status quo)\n"
           "  --mode passthrough  trap every open, then let the program make it\n"
           "  --socket PATH       shadowd's socket (default: as shadowd serve picks it)\n"
           "  --race              shadowd mode: the routed open copies while it waits for\n"
           "                      shadowd's answer and takes whichever is done first\n"
+          "  --no-index          shadowd mode: the routed open without shadowd's index\n"
+          "  --keep-index-hits   shadowd mode: index hits also go into the files held\n"
           "  --open-fd           shadowd mode: ask shadowd for every file with\n"
           "                      shadowd_open_fd (a miss waits for its copy), a local\n"
           "                      copy when it cannot answer\n"
@@ -1135,6 +1164,14 @@ main(int argc, char **argv)
             S.race = 1;
             continue;
         }
+        if (strcmp(a, "--no-index") == 0) {
+            S.index = 0;
+            continue;
+        }
+        if (strcmp(a, "--keep-index-hits") == 0) {
+            S.index_keep = 1;
+            continue;
+        }
         const char *names[] = {"--mode",    "--socket", "--stats", "--preload",
                                "--backoff", "--held",   "--cold"};
         int which = -1;
@@ -1219,8 +1256,13 @@ main(int argc, char **argv)
         shadowd_set_held(&S.client, (int)held, held_bytes);
         /* Before the tracee starts, so no open pays for the hello. A daemon
          * that is not there is no reason not to run the program. */
+        shadowd_set_index(&S.client, S.index && !S.open_fd, S.index_keep ? 1 : -1);
         if (shadowd_connect(&S.client, socket_path) == 0) {
             S.connected = 1;
+            /* The index too (the daemon's uid or root only): then the
+             * program's first open needs no round trip either. */
+            if (S.index && !S.open_fd)
+                S.index_ready = shadowd_index_ready(&S.client);
         } else {
             note_error("shadowd: %s", S.client.error);
         }

@@ -6,7 +6,9 @@
 # measurement: latency.py (per file size, the floor, a crowd of
 # connections), throughput.py (many processes, Python and C clients),
 # memory.py (many holders of one file); common.py has what they share and
-# cclient.py builds and runs the C client. This module runs them and reports.
+# cclient.py builds and runs the C client (and times its single opens per
+# file: a copy, a socket hit and an index hit, in C). This module runs them
+# and reports.
 #
 # Must never: report a figure it did not measure in this run, or leave a
 # daemon, floor server, worker process or temporary file behind.
@@ -27,7 +29,14 @@ from typing import Any, TextIO
 import attrs
 
 from .. import hotcalls
-from .cclient import C_CLIENT_DIR, build_c_client, c_compiler, run_c_clients
+from .cclient import (
+    C_CLIENT_DIR,
+    CLatency,
+    build_c_client,
+    c_compiler,
+    measure_c_latency,
+    run_c_clients,
+)
 from .common import (
     Forks,
     MiB,
@@ -51,6 +60,7 @@ __all__ = [
     "THROUGHPUT_SIZE",
     "Bench",
     "BenchResult",
+    "CLatency",
     "Crowd",
     "Memory",
     "SizeResult",
@@ -88,6 +98,8 @@ class BenchResult:
     hit_path: str = ""
     #: From which size an index hit beats the copy ("" without an index).
     index_crossover: str = ""
+    #: The same for the C client's index hit against a copy made in C.
+    c_index_crossover: str = ""
 
     @property
     def floor_ratio(self) -> float:
@@ -99,6 +111,8 @@ class BenchResult:
         for s, raw in zip(self.sizes, out["sizes"], strict=True):
             raw["speedup"] = s.speedup
             raw["index_speedup"] = s.index_speedup
+            if s.c is not None:
+                raw["c"]["index_speedup"] = s.c.index_speedup
         for t, raw in zip(self.throughput, out["throughput"], strict=True):
             raw["ratio"] = t.ratio
             raw["c_ratio"] = t.c_ratio
@@ -177,6 +191,7 @@ class Bench:
                 Client(socket_path, timeout=30) as client,
                 Client(floor_path, timeout=30) as floor,
             ):
+                c_client, c_missing = build_c_client(workdir)
                 index = client.index()
                 try:
                     sizes, floor_s, floor_hit = measure_latency(
@@ -185,6 +200,17 @@ class Bench:
                 finally:
                     if index is not None:
                         index.close()
+                if c_client is not None and index is not None:
+                    # The same files in C, in the same run (its own three series
+                    # interleaved): what a supervisor in C pays.
+                    progress.say("latency in C: copy, socket hit, index hit")
+                    in_c = measure_c_latency(
+                        c_client, socket_path, [path for _, path, _ in targets], self.rounds
+                    )
+                    sizes = [
+                        attrs.evolve(s, c=in_c[path])
+                        for s, (_, path, _) in zip(sizes, targets, strict=True)
+                    ]
                 crowd = (
                     measure_crowd(client, socket_path, targets[0][1], self.connections, progress)
                     if self.connections
@@ -193,7 +219,6 @@ class Bench:
                 big = os.path.join(workdir, "file-2MiB")
                 with open(big, "wb") as f:
                     f.write(os.urandom(THROUGHPUT_SIZE))
-                c_client, c_missing = build_c_client(workdir)
                 throughput, cpu, c_cpu = measure_throughput(
                     self._forks,
                     progress,
@@ -219,6 +244,7 @@ class Bench:
             floor_hit=floor_hit,
             crossover=crossover(sizes),
             index_crossover=crossover(sizes, index=True) if sizes and sizes[0].index else "",
+            c_index_crossover=crossover(sizes, c=True) if sizes and sizes[0].c else "",
             throughput=tuple(throughput),
             cpu_us_per_hit=cpu,
             memory=memory,
@@ -249,10 +275,29 @@ def format_result(r: BenchResult) -> str:
         if s.index is not None:
             line += f" {s.index.p50:>9.1f} {s.index_speedup or 0:>8.2f}x"
         lines.append(line)
+    if r.sizes and r.sizes[0].c is not None:
+        lines += [
+            "",
+            "the same files with the C client (client/c), timed in C from the open of the",
+            "source to the close of both fds: a copy in C (shadowd_copy_fd), a hit through",
+            "the socket (shadowd_open_fd) and an index hit (fstat, shadowd_index_open);",
+            "the three interleaved, after the Python series; microseconds",
+            "",
+            f"{'file':<28} {'copy p50':>9} {'hit p50':>9} {'index p50':>9} {'index p99':>9}"
+            f" {'copy/idx':>9} {'hit/idx':>9}",
+        ]
+        for s in r.sizes:
+            assert s.c is not None
+            lines.append(
+                f"{s.name:<28} {s.c.copy.p50:>9.1f} {s.c.hit.p50:>9.1f} {s.c.index.p50:>9.1f}"
+                f" {s.c.index.p99:>9.1f} {s.c.index_speedup:>8.2f}x"
+                f" {s.c.hit.p50 / s.c.index.p50:>8.2f}x"
+            )
     lines += [
         "",
         f"crossover: {r.crossover}",
         *([f"index crossover: {r.index_crossover}"] if r.index_crossover else []),
+        *([f"index crossover in C: {r.c_index_crossover}"] if r.c_index_crossover else []),
         f"transport floor (same client, a server that only reopens and sends):"
         f" p50 {r.floor.p50:.1f} us, p99 {r.floor.p99:.1f} us",
         f"shadowd hit of the smallest file, alongside: p50 {r.floor_hit.p50:.1f} us"

@@ -1,13 +1,19 @@
 # The C client (client/c) as a benchmark and test instrument: finding a
-# compiler, building `shadowd-open`, and running many of them at once.
+# compiler, building `shadowd-open`, running many of them at once, and its
+# latency per file (a copy, a socket hit and an index hit, timed in C).
 #
-# Must never: leave a C client process running, or report a count it did
-# not read from every process.
+# Must never: leave a C client process running, or report a count or a
+# latency it did not read from the process.
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+
+import attrs
+
+from .common import Summary
 
 #: The C client's sources, next to the Python client's in the source tree.
 C_CLIENT_DIR = os.path.join(
@@ -68,3 +74,47 @@ def run_c_clients(binary: str, n: int, args: list[str], seconds: float) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@attrs.frozen
+class CLatency:
+    """One file's single opens timed in C by `shadowd-open --latency`, interleaved.
+
+    Each from the open of the source to the close of the source and of the
+    fd got: a local copy (shadowd_copy_fd), a hit through the socket
+    (shadowd_open_fd) and a hit through the index (fstat, shadowd_index_open).
+    """
+
+    copy: Summary
+    hit: Summary
+    index: Summary
+
+    @property
+    def index_speedup(self) -> float:
+        """How many times faster an index hit is than the copy in C (p50)."""
+        return self.copy.p50 / self.index.p50
+
+
+def measure_c_latency(
+    binary: str, socket_path: str, paths: list[str], rounds: int
+) -> dict[str, CLatency]:
+    """`shadowd-open --latency` on *paths* (cached by the daemon, as this uid): per path."""
+    done = subprocess.run(
+        [binary, "-s", socket_path, "--latency", "--rounds", str(rounds), *paths],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"shadowd-open --latency failed: {done.stderr.strip()[:300]}")
+    out: dict[str, CLatency] = {}
+    for line in done.stdout.splitlines():
+        row = json.loads(line)
+        n = int(row["rounds"])
+        out[row["path"]] = CLatency(
+            *(Summary(p50=row[k][0], p99=row[k][1], n=n) for k in ("copy", "socket", "index"))
+        )
+    if sorted(out) != sorted(paths):
+        raise RuntimeError("shadowd-open --latency did not report every file")
+    return out

@@ -17,10 +17,11 @@ from typing import Any
 
 import attrs
 
+from .cclient import CLatency
 from .common import MiB, Progress, Summary, human_size, status_quo, time_open
 
 KiB = 1024
-DEFAULT_SIZES = (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 2 * MiB, 16 * MiB)
+DEFAULT_SIZES = (1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 2 * MiB, 16 * MiB)
 
 
 @attrs.frozen
@@ -31,6 +32,8 @@ class SizeResult:
     hit: Summary
     #: A hit through the index (no round trip), when the daemon gave one.
     index: Summary | None = None
+    #: The same file timed in C (client/c): copy, socket hit, index hit.
+    c: CLatency | None = None
 
     @property
     def speedup(self) -> float:
@@ -160,10 +163,13 @@ def measure_crowd(
     return Crowd(connections, Summary.of(alone), Summary.of(crowded))
 
 
-def crossover(sizes: list[SizeResult], *, index: bool = False) -> str:
-    """The smallest measured size from which a hit (or an index hit) beats the copy (p50)."""
+def crossover(sizes: list[SizeResult], *, index: bool = False, c: bool = False) -> str:
+    """The smallest measured size from which a hit (or an index hit; *c*: an index hit
+    in C against a copy in C) beats the copy (p50)."""
     plain = sorted((s for s in sizes if s.name == human_size(s.size)), key=lambda s: s.size)
-    if index:
+    if c:
+        winning = [s for s in plain if s.c is not None and s.c.index_speedup > 1.0]
+    elif index:
         winning = [s for s in plain if (s.index_speedup or 0.0) > 1.0]
     else:
         winning = [s for s in plain if s.speedup > 1.0]
