@@ -415,9 +415,10 @@ main(void)
             int fd = cmd[0] == 'o' ? shadowd_open(&c, argv[1]) : shadowd_open_routed(&c, argv[1]);
             status(t);
             describe("", fd, 0);
-        } else if (strcmp(cmd, "openfd") == 0) {
+        } else if (strcmp(cmd, "openfd") == 0 || strcmp(cmd, "requestfd") == 0) {
             int src = open_src(argv[1]);
-            int fd = shadowd_open_fd(&c, src, argc > 2 ? argv[2] : NULL);
+            int fd = cmd[0] == 'o' ? shadowd_open_fd(&c, src, argc > 2 ? argv[2] : NULL)
+                                   : shadowd_request_fd(&c, src, argc > 2 ? argv[2] : NULL);
             status(t);
             close(src);
             describe("", fd, 0);

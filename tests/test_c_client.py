@@ -983,9 +983,16 @@ async def test_openat_with_a_dirfd(driver: Any, daemon: Daemon, tmp_path: Path) 
     assert writing["fd"] == -1 and writing["errnum"] == 22  # EINVAL
     assert missing["fd"] == -1 and missing["errnum"] == 2  # ENOENT
     assert directory["fd"] == -1 and directory["code"] == "not-regular"
-    # The label the daemon got for the relative path is the file's own path.
-    s = await trio.to_thread.run_sync(stats, daemon)
-    assert str(f) in [t["path"] for t in s["top_by_hits"]] + [t["path"] for t in s["top_by_bytes"]]
+    # The label the daemon got for the relative path is the file's own path
+    # (index hits count in its stats once reported: the report is not waited for).
+    with trio.fail_after(10):
+        await ask(d, "report")
+        while True:
+            s = await trio.to_thread.run_sync(stats, daemon)
+            tops = s["top_by_hits"] + s["top_by_bytes"]
+            if str(f) in [t["path"] for t in tops]:
+                break
+            await trio.sleep(0.01)
 
 
 def test_local_copies_are_sealed_private_and_executable_iff_the_source(
@@ -1351,10 +1358,12 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
     path = tmp_path / "v2.sock"
     with stand_in_daemon(path, v2):
         d = driver()
+        # Long timeouts: the stand-in is a thread of this (maybe loaded) process.
         for cmd in ("socket", path), ("routing", 0, -1), ("backoff", 0, 0), ("cold", 0, 0), (
-                "log", "quiet"):  # fmt: skip
+                "log", "quiet"), ("timeouts", 10000, 10000, 4):  # fmt: skip
             d(*cmd)
-        first = d("routed", files["good"][0])  # connects; the 1 s default: not asked
+        just_made = make_file(tmp_path / "just-made", b"j" * 200_000)
+        first = d("routed", just_made)  # connects; the 1 s default: not asked
         ready = d("indexready")  # the hello answered, and the index asked for: none
         got = {n: [d("routed", f) for _ in range(2)] for n, (f, _) in files.items()}
         plain = d("openfd", files["good"][0], files["good"][0])
@@ -1599,6 +1608,43 @@ async def test_index_hits_serve_the_daemons_bytes_sealed_read_only_each_its_own_
     for s in (between, after):
         assert (s["hits"], s["misses"]) == (before["hits"], before["misses"])
     assert after["index_hits"] - before["index_hits"] == 10  # reported at close at the latest
+
+
+async def test_shadowd_open_fd_takes_an_index_hit_and_shadowd_request_fd_always_asks(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A supervisor written before the index (shadowd_open_fd, shadowd_open) gets its
+    hits without a round trip; shadowd_request_fd is the round trip, always."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, digest = big(tmp_path / "lib.so", 200_000)
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        first = await ask(d, "openfd", f)  # a miss: waits for the daemon's copy
+        ready = await ask(d, "indexready")
+        before = await trio.to_thread.run_sync(stats, daemon)
+        by_index = [await ask(d, "openfd", f) for _ in range(3)]
+        by_path = await ask(d, "open", f)
+        asked = await ask(d, "requestfd", f)
+        mid = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "index", 0, 0)  # turned off: every open_fd asks again
+        unindexed = await ask(d, "openfd", f)
+        counts = await ask(d, "counts")
+        await ask(d, "close")
+        after = await trio.to_thread.run_sync(stats, daemon)
+    assert first["route"] == "daemon" and first["hit"] is False and first["hash"] == digest
+    assert ready["ready"] == 1
+    for r in (*by_index, by_path):
+        assert (r["route"], r["hit"], r["hash"]) == ("index", True, digest), r
+        assert r["seals"] & ALL_SEALS == ALL_SEALS and r["accmode"] == os.O_RDONLY
+    assert (asked["route"], asked["hit"], asked["hash"]) == ("daemon", True, digest)
+    assert (unindexed["route"], unindexed["hit"]) == ("daemon", True)
+    assert counts["index"] == 4 and counts["held"] == 0  # never the process-local tier
+    # The round trips are the daemon's hits; the index hits reach it as reports.
+    assert mid["hits"] - before["hits"] == 1
+    assert after["hits"] - before["hits"] == 2
+    assert after["index_hits"] - before["index_hits"] == 4
 
 
 async def test_the_daemon_counts_the_index_hits_reported_in_batches(

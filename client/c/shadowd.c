@@ -1897,15 +1897,47 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
     return start(c, 1);
 }
 
+static int index_hit(struct shadowd *c, const struct stat *st);
+static int ask_once(struct shadowd *c, int src, const char *label, uint64_t size);
+
 int
 shadowd_open_fd(struct shadowd *c, int src, const char *label)
 {
-    struct shadowd_served_ sv;
+    struct stat st;
     ready(c);
-    int fd = ask_daemon(c, src, label, size_of_fd(src), 0, &sv);
+    if (P(c)->index_use && fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+        /* A hit through the daemon's index: the same fd, no round trip. */
+        clear(c);
+        after_fork(c);
+        int fd = index_hit(c, &st);
+        if (fd >= 0) {
+            c->route = SHADOWD_ROUTE_INDEX;
+            c->hit = 1;
+            c->size = (uint64_t)st.st_size;
+            return fd;
+        }
+        return ask_once(c, src, label, (uint64_t)st.st_size);
+    }
+    return shadowd_request_fd(c, src, label);
+}
+
+/* The request of shadowd_open_fd and shadowd_request_fd, of a file of
+ * *size* bytes. */
+static int
+ask_once(struct shadowd *c, int src, const char *label, uint64_t size)
+{
+    struct shadowd_served_ sv;
+    int fd = ask_daemon(c, src, label, size, 0, &sv);
     if (fd < 0 && c->miss && c->error[0] == '\0')
         fail(c, "", 0, "shadowd answered a miss without a descriptor"); /* asked to wait */
     return fd;
+}
+
+int
+shadowd_request_fd(struct shadowd *c, int src, const char *label)
+{
+    ready(c);
+    return ask_once(c, src, label, size_of_fd(src));
 }
 
 int

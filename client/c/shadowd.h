@@ -30,8 +30,10 @@
  * it (only such an fd, of the version the caller's fstat saw, goes into the
  * process-local tier); the hello gives the daemon's racy window, which the
  * routed open then uses to copy young files without asking. shadowd_open,
- * shadowd_open_fd, shadowd_open_batch and shadowd_submit_open keep version
- * 1's meaning: they ask the daemon and wait for its copy on a miss.
+ * shadowd_open_fd, shadowd_request_fd, shadowd_open_batch and
+ * shadowd_submit_open keep version 1's meaning: they ask the daemon and
+ * wait for its copy on a miss (shadowd_open and shadowd_open_fd take an
+ * index hit first, where there is one).
  *
  * The routed open, cheapest first (see "routed" below): the process-local
  * tier; the daemon's index, where the daemon gives one (no round trip: see
@@ -353,13 +355,22 @@ int shadowd_open(struct shadowd *c, const char *path);
 /* Like shadowd_open for an fd the caller opened for reading (it stays the
  * caller's); *label* (may be NULL) names the file in the daemon's stats:
  * it is sent only when absolute, valid UTF-8 and within max_request.
- * Always one request that the daemon answers (and counts): it never uses
- * the process-local tier and never adds to it, so what it measures and
- * what the daemon's stats say is the daemon (shadowd bench and the
- * crossover time it so). A supervisor wants shadowd_open_routed_fd: the
- * same fd, from the tier when this process holds that version. In version
- * 2, `version` and `cached` say what the reply said. */
+ * Where this connection holds the daemon's index (a peer of the daemon's
+ * uid or root: "the index" below), a cached file of the version the
+ * caller's fstat of *src* sees is reopened from it, with no request (route
+ * SHADOWD_ROUTE_INDEX; the hit is counted and reported to the daemon like
+ * the routed calls' index hits); anything else is one request that the
+ * daemon answers, waiting for its copy on a miss. It never uses the
+ * process-local tier and never adds to it. A supervisor wants
+ * shadowd_open_routed_fd: the same fd, from the tier when this process
+ * holds that version, copied here where that is cheaper or the daemon
+ * misses. In version 2, `version` and `cached` say what a reply said. */
 int shadowd_open_fd(struct shadowd *c, int src, const char *label);
+
+/* shadowd_open_fd without the index: always one request that the daemon
+ * answers (and counts), so that what it measures and what the daemon's
+ * stats say is the daemon (shadowd bench and the crossover time it so). */
+int shadowd_request_fd(struct shadowd *c, int src, const char *label);
 
 /* Open n files: items[i] for srcs[i] (labels may be NULL, or hold NULLs).
  * One round trip per max_batch files. Returns how many were served (each
@@ -497,7 +508,8 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  *
  * A daemon gives its index of its cache (docs/protocol.md, "The index") to
  * peers that may read its descriptors anyway: its own uid, or root. The
- * routed calls use it after their process-local tier and before any rule:
+ * routed calls use it after their process-local tier and before any rule,
+ * shadowd_open_fd and shadowd_open before their request:
  * the caller's own fstat of the source finds the file's slot, and the
  * daemon's memfd is reopened through /proc/PID/fd/N, no request at all
  * (route SHADOWD_ROUTE_INDEX). An fd comes from the index only when every
@@ -536,7 +548,8 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  * an index the client keeps one more fd (an O_PATH fd of the daemon's
  * /proc/PID/fd) and a read-only mapping. */
 
-/* Whether the routed calls use the daemon's index (*use*: 1, the default;
+/* Whether the routed calls and shadowd_open_fd (shadowd_open) use the
+ * daemon's index (*use*: 1, the default;
  * 0 never asks for it) and whether an index hit also goes into the
  * process-local tier (*keep*: 1, or 0, the default; negative: the
  * default), so that the next open of that version reopens the tier's fd

@@ -8,7 +8,8 @@
  * the process-local tier, the daemon's index (no round trip; fetched before
  * the program starts), local copies of small and young files, the daemon
  * without waiting for its copy, a local copy whenever it cannot serve; or,
- * with --open-fd, shadowd_open_fd for every file as before) and
+ * with --open-fd, shadowd_open_fd for every file as before: an index hit
+ * where the index has the file, else a request) and
  * "passthrough" (trap, then let every open go on: the cost of the trap
  * alone). --preload FILE fills the tier in one batch before the program
  * starts. It counts what it did and writes one JSON object to --stats at
@@ -530,7 +531,9 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
     if (S.open_fd) {
         int fd = shadowd_open_fd(&S.client, src, label);
         if (fd >= 0) {
-            *how = S.client.hit ? H_HIT : H_MISS;
+            *how = S.client.route == SHADOWD_ROUTE_INDEX ? H_INDEX
+                   : S.client.hit                        ? H_HIT
+                                                         : H_MISS;
             return fd;
         }
         /* The daemon could not answer (down, refused, timed out): the
@@ -944,11 +947,12 @@ usage(FILE *f)
           "  --socket PATH       shadowd's socket (default: as shadowd serve picks it)\n"
           "  --race              shadowd mode: the routed open copies while it waits for\n"
           "                      shadowd's answer and takes whichever is done first\n"
-          "  --no-index          shadowd mode: the routed open without shadowd's index\n"
+          "  --no-index          shadowd mode: never use shadowd's index\n"
           "  --keep-index-hits   shadowd mode: index hits also go into the files held\n"
           "  --open-fd           shadowd mode: ask shadowd for every file with\n"
-          "                      shadowd_open_fd (a miss waits for its copy), a local\n"
-          "                      copy when it cannot answer\n"
+          "                      shadowd_open_fd (an index hit, else a request; a\n"
+          "                      miss waits for its copy), a local copy when it\n"
+          "                      cannot answer; the index is not fetched beforehand\n"
           "  --preload FILE      shadowd mode: paths, one per line, asked of shadowd in\n"
           "                      one batch before PROGRAM starts; those it has are held\n"
           "  --backoff MS[,MAX]  the client's breaker: first window and cap (1000,30000)\n"
@@ -1256,7 +1260,7 @@ main(int argc, char **argv)
         shadowd_set_held(&S.client, (int)held, held_bytes);
         /* Before the tracee starts, so no open pays for the hello. A daemon
          * that is not there is no reason not to run the program. */
-        shadowd_set_index(&S.client, S.index && !S.open_fd, S.index_keep ? 1 : -1);
+        shadowd_set_index(&S.client, S.index, S.index_keep ? 1 : -1);
         if (shadowd_connect(&S.client, socket_path) == 0) {
             S.connected = 1;
             /* The index too (the daemon's uid or root only): then the

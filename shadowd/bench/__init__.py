@@ -280,7 +280,7 @@ def format_result(r: BenchResult) -> str:
             "",
             "the same files with the C client (client/c), timed in C from the open of the",
             "source to the close of both fds: a copy in C (shadowd_copy_fd), a hit through",
-            "the socket (shadowd_open_fd) and an index hit (fstat, shadowd_index_open);",
+            "the socket (shadowd_request_fd) and an index hit (fstat, shadowd_index_open);",
             "the three interleaved, after the Python series; microseconds",
             "",
             f"{'file':<28} {'copy p50':>9} {'hit p50':>9} {'index p50':>9} {'index p99':>9}"

@@ -82,7 +82,7 @@ class CLatency:
 
     Each from the open of the source to the close of the source and of the
     fd got: a local copy (shadowd_copy_fd), a hit through the socket
-    (shadowd_open_fd) and a hit through the index (fstat, shadowd_index_open).
+    (shadowd_request_fd) and a hit through the index (fstat, shadowd_index_open).
     """
 
     copy: Summary

@@ -55,6 +55,10 @@ class Crowd:
     crowded: Summary
 
 
+class NotInIndex(RuntimeError):
+    """The file was not in the index at that moment (evicted, or its slot changing)."""
+
+
 def index_open(view: Any, path: str) -> int:
     """What a client does for a hit through the index: open, fstat, the view's open."""
     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -63,7 +67,7 @@ def index_open(view: Any, path: str) -> int:
     finally:
         os.close(src)
     if fd is None:
-        raise RuntimeError(f"{path} is not in the index")
+        raise NotInIndex(f"{path} is not in the index")
     return int(fd)
 
 
@@ -82,6 +86,7 @@ def measure_latency(
     indexed: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     floor_samples: list[float] = []
     floor_hits: list[float] = []
+    index_missed = 0
     small = targets[0][1]
     for _, path, _ in targets:  # warm: the first open of each is the miss
         os.close(client.open(path))
@@ -93,7 +98,7 @@ def measure_latency(
                 try:
                     os.close(index_open(index, path))
                     break
-                except RuntimeError:
+                except NotInIndex:
                     if time.monotonic() > deadline:
                         raise
                     os.close(client.open(path))
@@ -120,7 +125,16 @@ def measure_latency(
                 jobs.append((indexed[name], functools.partial(index_open, index, path)))
         rng.shuffle(jobs)
         for samples, job in jobs:
-            samples.append(time_open(job))
+            try:
+                samples.append(time_open(job))
+            except NotInIndex:
+                # The daemon may drop a slot for a moment (a change it saw,
+                # an eviction): a sample lost, not the run; many are a fault.
+                index_missed += 1
+                if index_missed > max(10, rounds * len(targets) // 10):
+                    raise
+    if index_missed:
+        progress.say(f"latency: {index_missed} index opens found no slot (not timed)")
     results = [
         SizeResult(
             name=name,
