@@ -5,9 +5,10 @@
  * read-only memfd in place of the host file (SECCOMP_IOCTL_NOTIF_ADDFD).
  * Three ways to make that fd: "copy" (a fresh sealed memfd per open, the
  * status quo of sandbox supervisors), "shadowd" (client/c's routed open:
- * the process-local tier, the daemon's index (no round trip; fetched before
- * the program starts), local copies of small and young files, the daemon
- * without waiting for its copy, a local copy whenever it cannot serve; or,
+ * the process-local tier, the daemon's index (no round trip; fetched while
+ * the program execs, before its first open), local copies of small and
+ * young files, the daemon without waiting for its copy, a local copy
+ * whenever it cannot serve; or,
  * with --open-fd, shadowd_open_fd for every file as before: an index hit
  * where the index has the file, else a request) and
  * "passthrough" (trap, then let every open go on: the cost of the trap
@@ -954,7 +955,7 @@ usage(FILE *f)
           "                      miss waits for its copy), a local copy when it\n"
           "                      cannot answer; the index is not fetched beforehand\n"
           "  --preload FILE      shadowd mode: paths, one per line, asked of shadowd in\n"
-          "                      one batch before PROGRAM starts; those it has are held\n"
+          "                      one batch before its first open; those it has are held\n"
           "  --backoff MS[,MAX]  the client's breaker: first window and cap (1000,30000)\n"
           "  --held N[,BYTES]    bounds of the files held (default 1024 or half the fd\n"
           "                      limit, and 512 MiB)\n"
@@ -1258,20 +1259,11 @@ main(int argc, char **argv)
                 held = (long long)nofile.rlim_cur / 2 - 32 > 0 ? (long long)nofile.rlim_cur / 2 - 32 : 0;
         }
         shadowd_set_held(&S.client, (int)held, held_bytes);
-        /* Before the tracee starts, so no open pays for the hello. A daemon
-         * that is not there is no reason not to run the program. */
         shadowd_set_index(&S.client, S.index, S.index_keep ? 1 : -1);
-        if (shadowd_connect(&S.client, socket_path) == 0) {
-            S.connected = 1;
-            /* The index too (the daemon's uid or root only): then the
-             * program's first open needs no round trip either. */
-            if (S.index && !S.open_fd)
-                S.index_ready = shadowd_index_ready(&S.client);
-        } else {
-            note_error("shadowd: %s", S.client.error);
-        }
-        if (preload_path && preload(preload_path) < 0)
+        if (preload_path && access(preload_path, R_OK) < 0) {
+            say("--preload %s: %s", preload_path, strerror(errno));
             return 125;
+        }
     }
 
     sigemptyset(&chld);
@@ -1308,6 +1300,22 @@ main(int argc, char **argv)
     close(sv[1]);
     S.listener = recv_fd(sv[0]);
     close(sv[0]);
+    if (S.mode == SHADOWD && S.listener >= 0) {
+        /* While the tracee execs (its first open waits for us), so that no
+         * open pays for the hello and the hello's wait overlaps the exec. A
+         * daemon that is not there is no reason not to run the program. */
+        if (shadowd_connect(&S.client, socket_path) == 0) {
+            S.connected = 1;
+            /* The index too (the daemon's uid or root only): then the
+             * program's first open needs no round trip either. */
+            if (S.index && !S.open_fd)
+                S.index_ready = shadowd_index_ready(&S.client);
+        } else {
+            note_error("shadowd: %s", S.client.error);
+        }
+        if (preload_path)
+            preload(preload_path); /* (unreadable since checked: said, and run without) */
+    }
 
     /* A terminal's ^C and ^\ reach the tracee itself; we stay to answer
      * its opens until it ends. SIGTERM and SIGHUP sent to us go on to it. */
