@@ -7,18 +7,21 @@
 # leave this process's descriptors as they were.
 from __future__ import annotations
 
+import ctypes
 import fcntl
-import functools
 import hashlib
 import mmap
 import os
 import random
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from struct import error as struct_error
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -443,6 +446,38 @@ def test_a_reused_descriptor_number_is_refused_with_no_fd_left(rig: _Rig, tmp_pa
             sock.close()
 
 
+def test_what_is_at_n_now_is_never_opened_for_real(rig: _Rig, tmp_path: Path) -> None:
+    """A reused N is looked at through O_PATH only: its file sees no open (inotify's
+    IN_OPEN, which an O_PATH open does not raise), whatever the answer."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_open = 0x20
+    plain = make_file(tmp_path / "plain", rig.files[0][0].read_bytes())
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    _, st = rig.files[0]
+    memfd = rig.entry(0).file.fd
+    saved = os.dup(memfd)
+    try:
+        for path in (plain, Path("/dev/null")):
+            assert libc.inotify_add_watch(watch, os.fsencode(path), in_open) >= 0
+            os.close(os.open(path, os.O_RDONLY))  # a real open is seen: the control
+            assert os.read(watch, 4096)
+            target = os.open(path, os.O_PATH)
+            try:
+                os.dup2(target, memfd)
+            finally:
+                os.close(target)
+            with pytest.raises(BlockingIOError):
+                os.read(watch, 4096)  # and an O_PATH open is not
+            assert _refused(rig.view, st), path
+            with pytest.raises(BlockingIOError):
+                os.read(watch, 4096)  # nothing at N was opened for real
+    finally:
+        os.dup2(saved, memfd)
+        os.close(saved)
+        os.close(watch)
+
+
 def test_a_slot_of_another_version_or_being_written_is_refused_with_no_fd_left(
     rig: _Rig, tmp_path: Path
 ) -> None:
@@ -514,25 +549,115 @@ def test_a_slot_that_lies_about_its_memfd_is_refused_with_no_fd_left(rig: _Rig) 
         os.close(half)
 
 
-def test_a_view_of_another_memfd_device_serves_nothing(rig: _Rig) -> None:
-    """memfd_dev is the header's: a view told another device refuses every memfd."""
+def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
+    """A view of an index whose header says the daemon's memfds are on *memfd_dev*."""
+    struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s
     fd = rig.index.reader_fd()
     try:
         view = IndexView(fd, os.getpid(), rig.index.slots)
     finally:
         os.close(fd)
+    assert view.memfd_dev == memfd_dev
+    return view
+
+
+def _fake_stat(slot: Slot) -> os.stat_result:
+    """What a caller's fstat would say of the file *slot* is for (the view reads these)."""
+    fields = {
+        "st_dev": slot.dev,
+        "st_ino": slot.ino,
+        "st_size": slot.size,
+        "st_mtime_ns": slot.mtime_ns,
+        "st_ctime_ns": slot.ctime_ns,
+    }
+    return cast(os.stat_result, SimpleNamespace(**fields))
+
+
+def test_a_view_of_another_memfd_device_serves_nothing(rig: _Rig) -> None:
+    """memfd_dev is the header's: a view told another device refuses every memfd."""
+    real = rig.index.memfd_dev
+    view = _view_with_memfd_dev(rig, real + 1)
     try:
-        view.memfd_dev += 1
-        if view.in_c:  # the C call took the device when the view was made
-            view._c_open = functools.partial(  # type: ignore[assignment]
-                view._c_open.func,  # type: ignore[union-attr]
-                *view._c_open.args[:5],  # type: ignore[union-attr]
-                view.memfd_dev,
-            )
         for _, st in rig.files:
             assert _refused(view, st)
     finally:
         view.close()
+        struct.pack_into("<Q", rig.index._map, 24, real)
+
+
+def test_a_slot_that_matches_all_but_one_of_the_descriptors_stat_is_refused(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    """Not a regular file, or another size, with every other field right (the slot's
+    file is a made-up one whose fstat the caller "took"): refused, no fd left."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    memfd = rig.entry(0).file.fd
+    try:
+        cases = []
+        for fd, size in ((fifo_fd, 0), (memfd, os.fstat(memfd).st_size + 1)):
+            st = os.fstat(fd)
+            slot = Slot(
+                0, LIVE, st.st_dev + 1000, 4242, size, 1, 2, fd, st.st_mode, st.st_ino,
+                st.st_ctime_ns,
+            )  # fmt: skip
+            cases.append((st.st_dev, slot))
+        # The size as the memfd's own: the control, served.
+        mst = os.fstat(memfd)
+        right = attrs.evolve(cases[1][1], size=mst.st_size)
+        cases.append((mst.st_dev, right))
+        answers = []
+        for dev, slot in cases:
+            n = slot_of(slot.dev, slot.ino, rig.index.slots)
+            assert n not in rig.index._where.values()
+            view = _view_with_memfd_dev(rig, dev)
+            try:
+                _write_slot(rig, n, slot)
+                answers.append(_refused(view, _fake_stat(slot)))
+                _write_slot(rig, n, Slot(0, REMOVED, 0, 0, 0, 0, 0, -1, 0, 0, 0))
+            finally:
+                view.close()
+        assert answers == [True, True, False]  # a FIFO, another size; the memfd itself
+    finally:
+        os.close(fifo_fd)
+        struct.pack_into("<Q", rig.index._map, 24, rig.index.memfd_dev)
+
+
+def test_a_slot_rewritten_during_the_reopen_is_refused(rig: _Rig) -> None:
+    """Its seq read again after the reopen: a slot the daemon rewrote meanwhile is never
+    trusted; nothing is left open. Here each rewrite is seen whole (seq from even to the
+    next even, the fields as they were), so only the second read of seq can tell."""
+    f, st = rig.files[0]
+    n = _slot_number(rig, st)
+    good = read_slot(rig.index._map, n)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        seq = good.seq
+        while not stop.is_set():
+            seq = (seq + 2) & 0xFFFF_FFFE or 2
+            _set_seq(rig, n, seq)
+
+    before = count_open_fds()
+    thread = threading.Thread(target=rewrite, daemon=True)
+    refused = served = 0
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while refused < 20 and time.monotonic() < deadline:
+            fd = rig.view.open(st)
+            if fd is None:
+                refused += 1
+            else:
+                served += 1
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert refused >= 20, (refused, served)  # the rewrites were seen
+    assert count_open_fds() == before
 
 
 def test_the_probe_goes_past_other_and_changing_slots_and_stops_at_a_never_used_one(
@@ -619,7 +744,7 @@ def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
             for changed in {value, value + 1, value - 1, 0, -1, 1 << 31}:
                 try:
                     _write_slot(rig, n, attrs.evolve(good, **{field.name: changed}))
-                except struct_error:
+                except struct.error:
                     continue  # does not fit the field
                 answers = []
                 for view in (py_view, c_view):
@@ -638,3 +763,29 @@ def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
     finally:
         py_view.close()
         rig.close()
+
+
+def test_the_client_takes_the_python_path_where_the_extension_is_missing_or_older() -> None:
+    """No extension, or one built before index_open (or for another layout): Python."""
+    code = """
+import sys, types
+if sys.argv[1] == "missing":
+    sys.modules["shadowd._hotcalls"] = None  # an import of it fails, as when it is not built
+else:
+    sys.modules["shadowd._hotcalls"] = types.ModuleType("shadowd._hotcalls")  # no index_open
+    from shadowd import _hotcalls
+    for name in ("statx_nosync", "recv", "send", "reopen", "send_reopened", "answer_hit"):
+        setattr(_hotcalls, name, lambda *args: None)
+import shadowd_client.index as m
+print(m.C_CALLS is None)
+"""
+    for how in ("missing", "older"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, how],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env=dict(os.environ, SHADOWD_NO_C=""),
+        )
+        assert out.stdout.split() == ["True"], (how, out.stdout, out.stderr)
