@@ -3,9 +3,13 @@
  * (recvmsg with its descriptors, statx without sync, the reopen of a memfd
  * through /proc/self/fd, sendmsg with descriptors) without the
  * interpreter's overhead around each; and answer_hit, which answers a
- * whole cache hit in one call. shadowd/hotcalls.py loads this module when
- * it was built and offers the same functions in Python otherwise;
- * tests/test_hotcalls.py holds both to the same behaviour.
+ * whole cache hit in one call. And the client's side of a hit through the
+ * index (index_open, index_open_fd): slot lookup, O_PATH open of the
+ * daemon's descriptor, its checks, the read-only reopen, seals and seq, in
+ * one call for client/shadowd_client/index.py. shadowd/hotcalls.py loads
+ * this module when it was built and offers the same functions in Python
+ * otherwise; tests/test_hotcalls.py holds both to the same behaviour, and
+ * tests/test_index.py the index's two paths.
  *
  * Must never: read a request other than the canonical `open`, or read one
  * differently from shadowd/protocol.py (anything else is declined and goes
@@ -14,7 +18,10 @@
  * the kernel installed is returned, or closed); wait (every call is
  * MSG_DONTWAIT or cannot block on a client's file system); serve an entry
  * that is not watched (wd < 0) or whose memfd is not as it was sealed (its
- * stamp): those go to the Python path, which decides.
+ * stamp): those go to the Python path, which decides. The index calls must
+ * never open the daemon's descriptor but O_PATH before its inode is
+ * checked, differ from IndexView's Python path in any check or its order,
+ * or leave an fd open on any refusal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,11 +29,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -917,6 +926,358 @@ answer_hit(PyObject *self, PyObject *args)
     return received(n, flags, fds, nfds);
 }
 
+/* -- a hit through the index --------------------------------------------- */
+
+/* The client's side of the daemon's index (shadowd/index.py writes it;
+ * client/shadowd_client/index.py's IndexView reads it, and its Python
+ * _open_py is the reference this follows check for check, in its order;
+ * client/c/shadowd.c's index_lookup and index_reopen do the same). */
+
+#define INDEX_LAYOUT 1
+#define INDEX_HEADER 4096
+#define INDEX_SLOT 128
+#define INDEX_LIVE 1
+/* F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL (shadowd/memfd.py). */
+#define INDEX_SEALS (0x0008 | 0x0004 | 0x0002 | 0x0001)
+#ifndef F_GET_SEALS
+#define F_GET_SEALS 1034
+#endif
+
+struct index_slot {
+    uint32_t seq, state;
+    uint64_t dev, ino, size;
+    int64_t mtime_ns, ctime_ns;
+    int32_t fd;
+    uint32_t mode;
+    uint64_t memfd_ino;
+    int64_t memfd_ctime_ns;
+};
+typedef char index_slot_is_the_documented_layout
+    [offsetof(struct index_slot, dev) == 8 && offsetof(struct index_slot, mtime_ns) == 32 &&
+             offsetof(struct index_slot, fd) == 48 && offsetof(struct index_slot, memfd_ino) == 56 &&
+             offsetof(struct index_slot, memfd_ctime_ns) == 64 &&
+             sizeof(struct index_slot) <= INDEX_SLOT
+         ? 1
+         : -1];
+
+/* The daemon writes slots while they are read: each field is one atomic
+ * load (relaxed; seq's first with acquire, its second after a fence), so
+ * the compiler neither tears nor reorders them. */
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+/* shadowd.index.slot_of: where a file's probe starts. */
+static uint32_t
+index_home(uint64_t dev, uint64_t ino, uint32_t slots)
+{
+    uint64_t h = dev * 0x9E3779B97F4A7C15ULL + ino;
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    h ^= h >> 32;
+    return (uint32_t)(h & (slots - 1));
+}
+
+/* A struct stat's timestamp in ns; 0 when it does not fit in 64 bits (then
+ * it equals no slot's, as Python's exact int would not). */
+static int
+timespec_ns(const struct timespec *t, long long *out)
+{
+    long long ns;
+    if (__builtin_mul_overflow((long long)t->tv_sec, 1000000000LL, &ns) ||
+        __builtin_add_overflow(ns, (long long)t->tv_nsec, &ns))
+        return 0;
+    *out = ns;
+    return 1;
+}
+
+/* What a view passes on every call, after the file's own arguments. */
+struct index_view {
+    const unsigned char *map;
+    int daemon_fds, own_fds; /* /proc/PID/fd of the daemon, /proc/self/fd */
+    uint32_t slots, probes;
+    uint64_t memfd_dev;
+};
+
+/* The version a caller's fstat says: (dev, ino, size, mtime_ns, ctime_ns). */
+struct index_want {
+    uint64_t dev, ino, size;
+    long long mtime_ns, ctime_ns;
+};
+
+static int
+openat_retry(int dirfd, const char *name, int flags)
+{
+    int out;
+    do {
+        out = openat(dirfd, name, flags);
+    } while (out < 0 && errno == EINTR);
+    return out;
+}
+
+/* IndexView._reopen: the memfd slot *s* names (copied into *got*),
+ * checked, reopened read-only; -1 when any check fails. Only this
+ * process's descriptors are closed, and every one it opened is closed or
+ * returned. Runs without the GIL: it touches no Python object. */
+static int
+index_reopen(const struct index_view *v, const struct index_slot *s, uint32_t seq,
+             const struct index_slot *got)
+{
+    char name[16];
+    struct stat m;
+    long long m_ctime;
+
+    /* O_PATH first: no driver's open runs, whatever descriptor N is now. */
+    if (got->fd < 0)
+        return -1; /* no such name in /proc/PID/fd: Python's open of "-1" fails */
+    snprintf(name, sizeof name, "%d", (int)got->fd);
+    int path = openat_retry(v->daemon_fds, name, O_PATH | O_CLOEXEC);
+    if (path < 0)
+        return -1; /* the daemon is gone, or N was closed meanwhile */
+    if (fstat(path, &m) != 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != v->memfd_dev ||
+        (uint64_t)m.st_ino != got->memfd_ino || (uint64_t)m.st_size != got->size ||
+        (uint32_t)m.st_mode != got->mode || !timespec_ns(&m.st_ctim, &m_ctime) ||
+        m_ctime != got->memfd_ctime_ns) {
+        close(path); /* N is something else now, or a holder changed the memfd */
+        return -1;
+    }
+    snprintf(name, sizeof name, "%d", path);
+    int served = openat_retry(v->own_fds, name, O_RDONLY | O_CLOEXEC);
+    close(path);
+    if (served < 0)
+        return -1;
+    /* The slot must have held still while it was used: the daemon changes
+     * it before it may close the memfd. */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    int seals = fcntl(served, F_GET_SEALS);
+    if (seals < 0 || (seals & INDEX_SEALS) != INDEX_SEALS ||
+        __atomic_load_n(&s->seq, __ATOMIC_RELAXED) != seq) {
+        close(served); /* not sealed, or the slot changed while we looked */
+        return -1;
+    }
+    return served;
+}
+
+/* IndexView.open: the slot of *w*'s file, found and reopened, or -1. */
+static int
+index_find(const struct index_view *v, const struct index_want *w)
+{
+    uint32_t mask = v->slots - 1, start = index_home(w->dev, w->ino, v->slots);
+    for (uint32_t i = 0; i < v->probes; i++) {
+        const struct index_slot *s =
+            (const void *)(v->map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);
+        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (seq == 0)
+            return -1; /* never used: the file is not further on */
+        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != w->dev ||
+            LOAD(s->ino) != w->ino)
+            continue;
+        struct index_slot got;
+        got.size = LOAD(s->size);
+        got.mtime_ns = LOAD(s->mtime_ns);
+        got.ctime_ns = LOAD(s->ctime_ns);
+        if (got.size != w->size || got.mtime_ns != w->mtime_ns || got.ctime_ns != w->ctime_ns)
+            return -1; /* another version is cached: ask the daemon */
+        got.fd = LOAD(s->fd);
+        got.mode = LOAD(s->mode);
+        got.memfd_ino = LOAD(s->memfd_ino);
+        got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
+        return index_reopen(v, s, seq, &got);
+    }
+    return -1;
+}
+
+/* An unsigned field of the caller's stat: 1 read, 0 out of range (equal to
+ * no slot's), -1 with an exception (not an int). */
+static int
+want_u64(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "a stat field must be an int, not %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLong(o);
+    if (*out == (uint64_t)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* A signed field: 1 read, 0 not an int in range (equal to no slot's: a
+ * stat_result made from a tuple has None for its _ns fields), -1 with an
+ * exception. */
+static int
+want_i64(PyObject *o, long long *out)
+{
+    if (!PyLong_Check(o))
+        return 0;
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (*out == -1 && PyErr_Occurred())
+        return -1;
+    return overflow ? 0 : 1;
+}
+
+static PyObject *name_st_dev, *name_st_ino, *name_st_size, *name_st_mtime_ns, *name_st_ctime_ns;
+
+/* The five fields of a stat result *st*: 1 read; 0 when one cannot equal a
+ * slot's (the answer is None, as in Python); -1 with an exception. dev and
+ * ino come first and must be ints, as shadowd.index.slot_of needs them. */
+static int
+want_of_stat(PyObject *st, struct index_want *w)
+{
+    PyObject *names[5] = {name_st_dev, name_st_ino, name_st_size, name_st_mtime_ns,
+                          name_st_ctime_ns};
+    int fits = 1;
+    for (int i = 0; i < 5; i++) {
+        PyObject *o = PyObject_GetAttr(st, names[i]);
+        if (o == NULL)
+            return -1;
+        int rc = i == 0   ? want_u64(o, &w->dev)
+                 : i == 1 ? want_u64(o, &w->ino)
+                 : i == 2 ? want_u64(o, &w->size)
+                 : i == 3 ? want_i64(o, &w->mtime_ns)
+                          : want_i64(o, &w->ctime_ns);
+        Py_DECREF(o);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            fits = 0;
+    }
+    return fits;
+}
+
+/* The view's arguments (map, daemon_fds, own_fds, slots, probes,
+ * memfd_dev); *buf* holds the map while it is read, to be released. */
+static int
+view_args(PyObject *const *args, struct index_view *v, Py_buffer *buf)
+{
+    int daemon_fds, own_fds;
+    unsigned long slots, probes;
+    unsigned long long memfd_dev;
+
+    if (!fd_arg(args[1], &daemon_fds) || !fd_arg(args[2], &own_fds))
+        return -1;
+    slots = PyLong_AsUnsignedLong(args[3]);
+    if (slots == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    probes = PyLong_AsUnsignedLong(args[4]);
+    if (probes == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    memfd_dev = PyLong_AsUnsignedLongLong(args[5]);
+    if (memfd_dev == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (slots < 1 || slots > UINT32_MAX || (slots & (slots - 1)) || probes > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "slots must be a power of two, probes a u32");
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], buf, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((size_t)buf->len < INDEX_HEADER + (size_t)slots * INDEX_SLOT) {
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_ValueError, "the map is smaller than its slots");
+        return -1;
+    }
+    v->map = buf->buf;
+    v->daemon_fds = daemon_fds;
+    v->own_fds = own_fds;
+    v->slots = (uint32_t)slots;
+    v->probes = (uint32_t)probes;
+    v->memfd_dev = memfd_dev;
+    return 0;
+}
+
+/* The fd found for *w*, or None; every fd opened on a failure is closed. */
+static PyObject *
+index_answer(struct index_view *v, Py_buffer *buf, const struct index_want *w)
+{
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = index_find(v, w);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(buf);
+    if (fd < 0)
+        Py_RETURN_NONE;
+    PyObject *result = PyLong_FromLong(fd);
+    if (result == NULL)
+        close(fd);
+    return result;
+}
+
+PyDoc_STRVAR(index_open_doc,
+"index_open(map, daemon_fds, own_fds, slots, probes, memfd_dev, st) -> int | None\n\n"
+"IndexView.open in one call: the slot of the file whose stat result is *st*\n"
+"in the index mapped at *map* (a buffer: the header, then *slots* slots),\n"
+"probed at most *probes* slots; the daemon's memfd it names, opened O_PATH\n"
+"through *daemon_fds* (its /proc/PID/fd), checked (a regular file of\n"
+"*memfd_dev* with the slot's inode, size, mode and ctime) and reopened\n"
+"read-only through *own_fds* (/proc/self/fd); all four seals and the slot\n"
+"unchanged after. A new fd, the caller's; None when any step fails.");
+
+static PyObject *
+index_open(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct index_view v;
+    struct index_want w;
+    Py_buffer buf;
+
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "index_open takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fits = want_of_stat(args[6], &w);
+    if (fits < 0)
+        return NULL;
+    if (view_args(args, &v, &buf) < 0)
+        return NULL;
+    if (!fits) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE; /* no slot holds such a version: nothing is opened */
+    }
+    return index_answer(&v, &buf, &w);
+}
+
+PyDoc_STRVAR(index_open_fd_doc,
+"index_open_fd(map, daemon_fds, own_fds, slots, probes, memfd_dev, src) -> int | None\n\n"
+"index_open for the file open at *src*, whose fstat it takes itself\n"
+"(OSError when that fails). *src* stays the caller's.");
+
+static PyObject *
+index_open_fd(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct index_view v;
+    struct index_want w;
+    struct stat st;
+    Py_buffer buf;
+    int src, rc;
+
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "index_open_fd takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!fd_arg(args[6], &src))
+        return NULL;
+    if (view_args(args, &v, &buf) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstat(src, &st);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyBuffer_Release(&buf);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    w.dev = (uint64_t)st.st_dev;
+    w.ino = (uint64_t)st.st_ino;
+    w.size = (uint64_t)st.st_size;
+    if (!timespec_ns(&st.st_mtim, &w.mtime_ns) || !timespec_ns(&st.st_ctim, &w.ctime_ns)) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE; /* a timestamp past 2262: no slot holds it */
+    }
+    return index_answer(&v, &buf, &w);
+}
+
 static PyMethodDef methods[] = {
     {"answer_hit", answer_hit, METH_VARARGS, answer_hit_doc},
     {"send_reopened", send_reopened, METH_VARARGS, send_reopened_doc},
@@ -924,6 +1285,8 @@ static PyMethodDef methods[] = {
     {"recv", recv_datagram, METH_VARARGS, recv_doc},
     {"send", send_datagram, METH_VARARGS, send_doc},
     {"reopen", reopen, METH_VARARGS, reopen_doc},
+    {"index_open", (PyCFunction)(void (*)(void))index_open, METH_FASTCALL, index_open_doc},
+    {"index_open_fd", (PyCFunction)(void (*)(void))index_open_fd, METH_FASTCALL, index_open_fd_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -960,5 +1323,32 @@ PyInit__hotcalls(void)
             return NULL;
         }
     }
-    return PyModule_Create(&module);
+    if (name_st_dev == NULL) {
+        name_st_dev = PyUnicode_InternFromString("st_dev");
+        name_st_ino = PyUnicode_InternFromString("st_ino");
+        name_st_size = PyUnicode_InternFromString("st_size");
+        name_st_mtime_ns = PyUnicode_InternFromString("st_mtime_ns");
+        name_st_ctime_ns = PyUnicode_InternFromString("st_ctime_ns");
+        if (!name_st_dev || !name_st_ino || !name_st_size || !name_st_mtime_ns ||
+            !name_st_ctime_ns) {
+            Py_CLEAR(name_st_dev);
+            Py_CLEAR(name_st_ino);
+            Py_CLEAR(name_st_size);
+            Py_CLEAR(name_st_mtime_ns);
+            Py_CLEAR(name_st_ctime_ns);
+            return NULL;
+        }
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* The index layout index_open reads: shadowd/hotcalls.py offers it only
+     * when this is the layout shadowd/index.py writes. */
+    PyObject *layout = Py_BuildValue("(iii)", INDEX_LAYOUT, INDEX_HEADER, INDEX_SLOT);
+    if (layout == NULL || PyModule_AddObject(m, "INDEX_LAYOUT", layout) < 0) {
+        Py_XDECREF(layout); /* (AddObject takes it only when it succeeds) */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

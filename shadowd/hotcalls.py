@@ -1,9 +1,11 @@
 # The hit path's system calls (recvmsg with descriptors, statx without
 # sync, the reopen of a memfd, sendmsg with descriptors) and a whole cache
 # hit in one call (answer_hit), from the C extension shadowd/_hotcalls.c
-# when it was built, else in Python. Measured in one process, a hit took the
-# daemon about 37 us in Python and 16-24 us with the extension; under load
-# its CPU per hit fell from 45-66 us to 27-37 us (docs/performance.md).
+# when it was built, else in Python; and the client's hit through the index
+# in one call (index_open, for client/shadowd_client/index.py). Measured in
+# one process, a hit took the daemon about 37 us in Python and 16-24 us with
+# the extension; under load its CPU per hit fell from 45-66 us to 27-37 us
+# (docs/performance.md).
 #
 # Must never: differ between the two versions in anything but speed (the
 # same results, flags, fds and exceptions; tests/test_hotcalls.py runs
@@ -170,6 +172,15 @@ answer_hit: Callable[
     object,
 ]
 
+#: IndexView.open and IndexView.open_fd, each in one call
+#: (client/shadowd_client/index.py, whose Python path is the reference), and
+#: the index layout (version, header, slot size) they read; None when the C
+#: extension is not in use (or was built before it had them): the view's
+#: Python path is used then.
+index_open: Callable[..., int | None] | None = None
+index_open_fd: Callable[..., int | None] | None = None
+INDEX_LAYOUT: tuple[int, int, int] | None = None
+
 #: Set (to anything but "" or "0") to use the Python versions even when the
 #: C extension is built: to compare the two, or to rule the C out.
 DISABLE_ENV = "SHADOWD_NO_C"
@@ -200,3 +211,6 @@ else:
     reopen = _c.reopen  # type: ignore[attr-defined]
     send_reopened = _c.send_reopened  # type: ignore[attr-defined]
     answer_hit = _c.answer_hit  # type: ignore[attr-defined]
+    index_open = getattr(_c, "index_open", None)
+    index_open_fd = getattr(_c, "index_open_fd", None)
+    INDEX_LAYOUT = getattr(_c, "INDEX_LAYOUT", None)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shadowd_client.index as index_module
 import trio
 
 from shadowd import hotcalls
@@ -61,6 +62,8 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
         assert s["index"]["n"] >= 3 and 0 < s["index"]["p50"] <= s["index"]["p99"]
         assert s["index_speedup"] == s["copy"]["p50"] / s["index"]["p50"]
     assert data["index_crossover"]
+    # The Python client's index hits ran where this install runs them.
+    assert data["index_path"] == ("C" if index_module.C_CALLS is not None else "Python")
     if build_c_client(str(tmp_path))[0] is not None:  # a compiler here: the C client's too
         for s in data["sizes"]:
             c = s["c"]  # copy, socket hit and index hit timed in C, per file

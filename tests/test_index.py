@@ -2,27 +2,38 @@
 # uid (or root) maps it read-only and reopens the daemon's memfds itself; any
 # doubt (a slot changing, a descriptor number reused, a memfd a holder
 # changed) sends it back to the socket. Other uids get no index. The daemon
-# counts the hits clients report.
+# counts the hits clients report. Every test of a view runs with its C path
+# (shadowd/_hotcalls.c, index_open) and its Python path, and a refusal must
+# leave this process's descriptors as they were.
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import mmap
 import os
 import random
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import attrs
 import pytest
+import shadowd_client.index as index_module
 import trio
 from shadowd_client import Client, Opener
 from shadowd_client.index import IndexView
 
 from shadowd.cache import Cache, CacheLimits, HostKey
-from shadowd.index import HEADER, SLOT, Index, read_slot, slot_of
+from shadowd.index import HEADER, LIVE, REMOVED, SLOT, Index, Slot, read_slot, slot_of
 from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
+from shadowd.metrics import count_open_fds
 
 from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
 
@@ -37,6 +48,20 @@ def _content(size: int, mtime_ns: int) -> bytes:
     """What a file of this size and mtime holds in these tests: its version decides it."""
     seed = hashlib.sha256(f"{size}:{mtime_ns}".encode()).digest()
     return (seed * (size // len(seed) + 1))[:size]
+
+
+#: The two ways a view serves a hit: "c" only where the extension is built
+#: and in use (tests/test_hotcalls.py says whether it is where it can be).
+PATHS = ["python"] + (["c"] if index_module.C_CALLS is not None else [])
+needs_c = pytest.mark.skipif("c" not in PATHS, reason="the C extension is not in use")
+
+
+@pytest.fixture(params=PATHS)
+def index_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Views made during the test take this path (a view takes it when it is made)."""
+    if request.param == "python":
+        monkeypatch.setattr(index_module, "C_CALLS", None)
+    return str(request.param)
 
 
 class _Rig:
@@ -78,8 +103,9 @@ class _Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Any:
+def rig(tmp_path: Path, index_path: str) -> Any:
     r = _Rig(tmp_path)
+    assert r.view.in_c == (index_path == "c")
     yield r
     r.close()
 
@@ -185,7 +211,7 @@ def test_nobody_can_write_or_grow_the_index(rig: _Rig) -> None:
 
 
 async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
-    start_daemon: Any, tmp_path: Path
+    start_daemon: Any, tmp_path: Path, index_path: str
 ) -> None:
     """Another client replaces files (new inodes) while a small cache evicts and refills."""
     d: Daemon = await start_daemon("--racy-window", RACY, "--max-entries", "3")
@@ -256,7 +282,7 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
 
 @requires_root
 async def test_the_index_serves_the_daemons_own_uid_and_root_only(
-    start_daemon: Any, shared_dir: Path
+    start_daemon: Any, shared_dir: Path, index_path: str
 ) -> None:
     d: Daemon = await start_daemon("--racy-window", RACY, "--socket-mode", "0666")
     f = make_file(shared_dir / "lib.so", os.urandom(40_000))
@@ -308,7 +334,7 @@ def test_private_and_unwatched_entries_are_never_indexed(rig: _Rig, tmp_path: Pa
 
 
 async def test_after_a_restart_the_opener_takes_the_new_daemons_index(
-    start_daemon: Any, tmp_path: Path
+    start_daemon: Any, tmp_path: Path, index_path: str
 ) -> None:
     d: Daemon = await start_daemon("--racy-window", RACY, socket_name="r.sock")
     f = make_file(tmp_path / "lib.so", os.urandom(50_000))
@@ -333,3 +359,441 @@ async def test_after_a_restart_the_opener_takes_the_new_daemons_index(
             await in_thread(until_index_hit)  # the new daemon's index, its own slots
     finally:
         opener.close()
+
+
+# -- every check, on both paths ------------------------------------------------
+
+
+def _slot_number(rig: _Rig, st: os.stat_result) -> int:
+    start = slot_of(st.st_dev, st.st_ino, rig.index.slots)
+    probes = [(start + i) % rig.index.slots for i in range(16)]
+    return next(k for k in probes if read_slot(rig.index._map, k).ino == st.st_ino)
+
+
+def _write_slot(rig: _Rig, n: int, slot: Slot) -> None:
+    """Write *slot*'s fields at *n* as the daemon does (seq odd, fields, seq even)."""
+    fields = attrs.astuple(slot)[1:]  # all but seq
+    rig.index._write(n, *fields)
+
+
+def _set_seq(rig: _Rig, n: int, seq: int) -> None:
+    rig.index._map[HEADER + n * SLOT : HEADER + n * SLOT + 4] = seq.to_bytes(4, "little")
+
+
+def _refused(view: IndexView, st: os.stat_result) -> bool:
+    """Whether *view* gives None for *st* with no descriptor left behind."""
+    before = count_open_fds()
+    fd = view.open(st)
+    if fd is not None:
+        os.close(fd)
+        return False
+    assert count_open_fds() == before
+    return True
+
+
+def test_a_memfd_changed_after_it_was_indexed_is_refused_with_no_fd_left(rig: _Rig) -> None:
+    """Its ctime moved (a holder changed its times, then its mode): the slot's stamp is stale."""
+    for i, change in enumerate(
+        [lambda fd: os.utime(fd, ns=(5, 5)), lambda fd: os.fchmod(fd, 0o400)]
+    ):
+        _, st = rig.files[i]
+        held = rig.view.open(st)
+        assert held is not None
+        change(held)
+        os.close(held)
+        assert _refused(rig.view, st), i
+        assert _refused(rig.view, st), i  # and every time after
+
+
+def test_a_reused_descriptor_number_is_refused_with_no_fd_left(rig: _Rig, tmp_path: Path) -> None:
+    """N closed by the daemon and reused: a FIFO (an open would block), /dev/null, a plain
+    file, a directory, a socket, an unsealed memfd of the same bytes: None, nothing kept."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = make_file(tmp_path / "plain", rig.files[0][0].read_bytes())  # same size
+    unsealed = os.memfd_create("look-alike", os.MFD_CLOEXEC)
+    os.write(unsealed, rig.files[0][0].read_bytes())
+    socket_pair = socket.socketpair()
+    left = socket_pair[0]
+    others = [
+        os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),
+        os.open("/dev/null", os.O_RDONLY),
+        os.open(plain, os.O_RDONLY),
+        os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY),
+        left.fileno(),
+        unsealed,
+    ]
+    _, st = rig.files[0]
+    memfd = rig.entry(0).file.fd
+    saved = os.dup(memfd)
+    try:
+        for other in others:
+            os.dup2(other, memfd)
+            assert _refused(rig.view, st), other
+            # Nothing was opened for real: the FIFO saw no reader come and go.
+            os.dup2(saved, memfd)
+            fd = rig.view.open(st)
+            assert fd is not None
+            os.close(fd)
+        os.close(memfd)  # N closed and not reused
+        assert _refused(rig.view, st)
+    finally:
+        os.dup2(saved, memfd)
+        os.close(saved)
+        for fd in others[:4] + others[5:]:
+            os.close(fd)
+        for sock in socket_pair:
+            sock.close()
+
+
+def test_what_is_at_n_now_is_never_opened_for_real(rig: _Rig, tmp_path: Path) -> None:
+    """A reused N is looked at through O_PATH only: its file sees no open (inotify's
+    IN_OPEN, which an O_PATH open does not raise), whatever the answer."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_open = 0x20
+    plain = make_file(tmp_path / "plain", rig.files[0][0].read_bytes())
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    _, st = rig.files[0]
+    memfd = rig.entry(0).file.fd
+    saved = os.dup(memfd)
+    try:
+        for path in (plain, Path("/dev/null")):
+            assert libc.inotify_add_watch(watch, os.fsencode(path), in_open) >= 0
+            os.close(os.open(path, os.O_RDONLY))  # a real open is seen: the control
+            assert os.read(watch, 4096)
+            target = os.open(path, os.O_PATH)
+            try:
+                os.dup2(target, memfd)
+            finally:
+                os.close(target)
+            with pytest.raises(BlockingIOError):
+                os.read(watch, 4096)  # and an O_PATH open is not
+            assert _refused(rig.view, st), path
+            with pytest.raises(BlockingIOError):
+                os.read(watch, 4096)  # nothing at N was opened for real
+    finally:
+        os.dup2(saved, memfd)
+        os.close(saved)
+        os.close(watch)
+
+
+def test_a_slot_of_another_version_or_being_written_is_refused_with_no_fd_left(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    f, st = rig.files[1]
+    n = _slot_number(rig, st)
+    good = read_slot(rig.index._map, n)
+    # The file changed since it was cached: the caller's fstat is another version.
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert _refused(rig.view, f.stat())
+    for field, value in [("size", good.size + 1), ("mtime_ns", 7), ("ctime_ns", 7)]:
+        _write_slot(rig, n, attrs.evolve(good, **{field: value}))
+        assert _refused(rig.view, st), field
+    _write_slot(rig, n, good)
+    for seq in (good.seq + 1, good.seq + 3):  # odd: being written
+        _set_seq(rig, n, seq)
+        assert _refused(rig.view, st), seq
+    _set_seq(rig, n, good.seq + 4)
+    fd = rig.view.open(st)  # written again: served again
+    assert fd is not None and read_fd(fd) == f.read_bytes()
+    os.close(fd)
+
+
+def test_a_slot_that_lies_about_its_memfd_is_refused_with_no_fd_left(rig: _Rig) -> None:
+    """Each field the reopen checks, wrong on its own in a slot otherwise right."""
+    f, st = rig.files[2]
+    n = _slot_number(rig, st)
+    good = read_slot(rig.index._map, n)
+    other_memfd = rig.entry(3).file.fd  # sealed, the daemon's, another inode
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.write(unsealed, f.read_bytes())
+    half = os.memfd_create("half-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(half, f.read_bytes())
+    fcntl.fcntl(half, fcntl.F_ADD_SEALS, REQUIRED_SEALS & ~fcntl.F_SEAL_SEAL)
+    try:
+        lies: list[tuple[str, Slot]] = [
+            ("state removed", attrs.evolve(good, state=REMOVED)),
+            ("state unknown", attrs.evolve(good, state=LIVE + 7)),
+            ("fd -1", attrs.evolve(good, fd=-1)),
+            ("fd not open", attrs.evolve(good, fd=1_000_000)),
+            ("fd another memfd", attrs.evolve(good, fd=other_memfd)),
+            ("mode", attrs.evolve(good, mode=good.mode ^ 0o200)),
+            ("memfd ino", attrs.evolve(good, memfd_ino=good.memfd_ino + 1)),
+            ("memfd ctime", attrs.evolve(good, memfd_ctime_ns=good.memfd_ctime_ns + 1)),
+        ]
+        # A memfd that is all the slot says but sealed: only the seals tell.
+        for name, fd in (("unsealed", unsealed), ("missing F_SEAL_SEAL", half)):
+            mst = os.fstat(fd)
+            lies.append(
+                (
+                    name,
+                    attrs.evolve(
+                        good,
+                        fd=fd,
+                        mode=mst.st_mode,
+                        memfd_ino=mst.st_ino,
+                        memfd_ctime_ns=mst.st_ctime_ns,
+                    ),
+                )
+            )
+        for name, lie in lies:
+            _write_slot(rig, n, lie)
+            assert _refused(rig.view, st), name
+        _write_slot(rig, n, good)
+        fd = rig.view.open(st)
+        assert fd is not None and read_fd(fd) == f.read_bytes()
+        os.close(fd)
+    finally:
+        os.close(unsealed)
+        os.close(half)
+
+
+def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
+    """A view of an index whose header says the daemon's memfds are on *memfd_dev*."""
+    struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s
+    fd = rig.index.reader_fd()
+    try:
+        view = IndexView(fd, os.getpid(), rig.index.slots)
+    finally:
+        os.close(fd)
+    assert view.memfd_dev == memfd_dev
+    return view
+
+
+def _fake_stat(slot: Slot) -> os.stat_result:
+    """What a caller's fstat would say of the file *slot* is for (the view reads these)."""
+    fields = {
+        "st_dev": slot.dev,
+        "st_ino": slot.ino,
+        "st_size": slot.size,
+        "st_mtime_ns": slot.mtime_ns,
+        "st_ctime_ns": slot.ctime_ns,
+    }
+    return cast(os.stat_result, SimpleNamespace(**fields))
+
+
+def test_a_view_of_another_memfd_device_serves_nothing(rig: _Rig) -> None:
+    """memfd_dev is the header's: a view told another device refuses every memfd."""
+    real = rig.index.memfd_dev
+    view = _view_with_memfd_dev(rig, real + 1)
+    try:
+        for _, st in rig.files:
+            assert _refused(view, st)
+    finally:
+        view.close()
+        struct.pack_into("<Q", rig.index._map, 24, real)
+
+
+def test_a_slot_that_matches_all_but_one_of_the_descriptors_stat_is_refused(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    """Not a regular file, or another size, with every other field right (the slot's
+    file is a made-up one whose fstat the caller "took"): refused, no fd left."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    memfd = rig.entry(0).file.fd
+    try:
+        cases = []
+        for fd, size in ((fifo_fd, 0), (memfd, os.fstat(memfd).st_size + 1)):
+            st = os.fstat(fd)
+            slot = Slot(
+                0, LIVE, st.st_dev + 1000, 4242, size, 1, 2, fd, st.st_mode, st.st_ino,
+                st.st_ctime_ns,
+            )  # fmt: skip
+            cases.append((st.st_dev, slot))
+        # The size as the memfd's own: the control, served.
+        mst = os.fstat(memfd)
+        right = attrs.evolve(cases[1][1], size=mst.st_size)
+        cases.append((mst.st_dev, right))
+        answers = []
+        taken = set(rig.index._where.values())
+        for dev, made_up in cases:
+            # A made-up inode whose first slot no real file holds: found there.
+            ino = next(
+                i
+                for i in range(4242, 5242)
+                if slot_of(made_up.dev, i, rig.index.slots) not in taken
+            )
+            slot = attrs.evolve(made_up, ino=ino)
+            n = slot_of(slot.dev, slot.ino, rig.index.slots)
+            view = _view_with_memfd_dev(rig, dev)
+            try:
+                _write_slot(rig, n, slot)
+                answers.append(_refused(view, _fake_stat(slot)))
+                _write_slot(rig, n, Slot(0, REMOVED, 0, 0, 0, 0, 0, -1, 0, 0, 0))
+            finally:
+                view.close()
+        assert answers == [True, True, False]  # a FIFO, another size; the memfd itself
+    finally:
+        os.close(fifo_fd)
+        struct.pack_into("<Q", rig.index._map, 24, rig.index.memfd_dev)
+
+
+def test_a_slot_rewritten_during_the_reopen_is_refused(rig: _Rig) -> None:
+    """Its seq read again after the reopen: a slot the daemon rewrote meanwhile is never
+    trusted; nothing is left open. Here each rewrite is seen whole (seq from even to the
+    next even, the fields as they were), so only the second read of seq can tell."""
+    f, st = rig.files[0]
+    n = _slot_number(rig, st)
+    good = read_slot(rig.index._map, n)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        seq = good.seq
+        while not stop.is_set():
+            seq = (seq + 2) & 0xFFFF_FFFE or 2
+            _set_seq(rig, n, seq)
+
+    before = count_open_fds()
+    thread = threading.Thread(target=rewrite, daemon=True)
+    refused = served = 0
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while refused < 20 and time.monotonic() < deadline:
+            fd = rig.view.open(st)
+            if fd is None:
+                refused += 1
+            else:
+                served += 1
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert refused >= 20, (refused, served)  # the rewrites were seen
+    assert count_open_fds() == before
+
+
+def test_the_probe_goes_past_other_and_changing_slots_and_stops_at_a_never_used_one(
+    rig: _Rig,
+) -> None:
+    f, st = rig.files[0]
+    n = _slot_number(rig, st)
+    good = read_slot(rig.index._map, n)
+    mask = rig.index.slots - 1
+    home = slot_of(st.st_dev, st.st_ino, rig.index.slots)
+    taken = set(rig.index._where.values()) - {n}
+    # Two free slots in a row from home on: the file's slot goes to the second.
+    k = next(k for k in range(14) if {(home + k) & mask, (home + k + 1) & mask}.isdisjoint(taken))
+    first, second = (home + k) & mask, (home + k + 1) & mask
+    blank = Slot(0, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0)
+    if n not in (first, second):
+        _write_slot(rig, n, attrs.evolve(blank, state=REMOVED))
+    _write_slot(rig, second, good)
+    for i in range(k):  # the slots before: other files', or removed ones, passed over
+        if read_slot(rig.index._map, (home + i) & mask).seq == 0:
+            _write_slot(rig, (home + i) & mask, attrs.evolve(blank, state=REMOVED))
+    before_first = [
+        ("another file's", attrs.evolve(good, ino=good.ino + 1)),
+        ("another device's", attrs.evolve(good, dev=good.dev + 1)),
+        ("removed", attrs.evolve(blank, state=REMOVED)),
+    ]
+    for name, slot in before_first:
+        _write_slot(rig, first, slot)
+        fd = rig.view.open(st)
+        assert fd is not None, name
+        assert read_fd(fd) == f.read_bytes()
+        os.close(fd)
+    _set_seq(rig, first, read_slot(rig.index._map, first).seq + 1)  # being written: passed
+    fd = rig.view.open(st)
+    assert fd is not None
+    os.close(fd)
+    _set_seq(rig, first, 0)  # never used: the file cannot be further on
+    assert _refused(rig.view, st)
+
+
+def test_open_fd_takes_the_fstat_itself(rig: _Rig, tmp_path: Path) -> None:
+    for f, _ in rig.files:
+        src = os.open(f, os.O_RDONLY)
+        try:
+            fd = rig.view.open_fd(src)
+            assert fd is not None and read_fd(fd) == f.read_bytes()
+            os.close(fd)
+        finally:
+            os.close(src)
+    other = make_file(tmp_path / "not-indexed", b"n" * 10)
+    src = os.open(other, os.O_RDONLY)
+    try:
+        before = count_open_fds()
+        assert rig.view.open_fd(src) is None
+        assert count_open_fds() == before
+    finally:
+        os.close(src)
+    with pytest.raises(OSError):
+        rig.view.open_fd(1_000_000)  # not open: fstat fails, as os.fstat does
+
+
+@needs_c
+def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
+    """Each field of a slot changed in turn: the same answer from both paths."""
+    rig = _Rig(tmp_path)
+    c_view = rig.view
+    fd = rig.index.reader_fd()
+    try:
+        saved = index_module.C_CALLS
+        index_module.C_CALLS = None
+        try:
+            py_view = IndexView(fd, os.getpid(), rig.index.slots)
+        finally:
+            index_module.C_CALLS = saved
+    finally:
+        os.close(fd)
+    assert c_view.in_c and not py_view.in_c
+    try:
+        f, st = rig.files[0]
+        n = _slot_number(rig, st)
+        good = read_slot(rig.index._map, n)
+        agreed = served = 0
+        for field in attrs.fields(Slot)[1:]:
+            value = getattr(good, field.name)
+            for changed in {value, value + 1, value - 1, 0, -1, 1 << 31}:
+                try:
+                    _write_slot(rig, n, attrs.evolve(good, **{field.name: changed}))
+                except struct.error:
+                    continue  # does not fit the field
+                answers = []
+                for view in (py_view, c_view):
+                    before = count_open_fds()
+                    got = view.open(st)
+                    if got is None:
+                        assert count_open_fds() == before
+                    else:
+                        assert read_fd(got) == f.read_bytes()
+                        os.close(got)
+                    answers.append(got is None)
+                assert answers[0] == answers[1], (field.name, changed)
+                agreed += 1
+                served += not answers[0]
+        assert agreed > 30 and served > 0
+    finally:
+        py_view.close()
+        rig.close()
+
+
+def test_the_client_takes_the_python_path_where_the_extension_is_missing_or_older() -> None:
+    """No extension, or one built before index_open (or for another layout): Python."""
+    code = """
+import sys, types
+if sys.argv[1] == "missing":
+    sys.modules["shadowd._hotcalls"] = None  # an import of it fails, as when it is not built
+else:
+    sys.modules["shadowd._hotcalls"] = types.ModuleType("shadowd._hotcalls")  # no index_open
+    from shadowd import _hotcalls
+    for name in ("statx_nosync", "recv", "send", "reopen", "send_reopened", "answer_hit"):
+        setattr(_hotcalls, name, lambda *args: None)
+import shadowd_client.index as m
+print(m.C_CALLS is None)
+"""
+    for how in ("missing", "older"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, how],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env=dict(os.environ, SHADOWD_NO_C=""),
+        )
+        assert out.stdout.split() == ["True"], (how, out.stdout, out.stderr)

@@ -8,14 +8,22 @@
 # (its seq); open a descriptor of the daemon in a way that has side effects
 # (the first open is O_PATH, which runs no driver's open, and its inode is
 # checked before a real open of that very inode).
+#
+# The whole lookup and reopen runs in one call of the C extension
+# (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
+# path here is the fallback (no extension, SHADOWD_NO_C=1) and the reference
+# the C follows check for check (tests/test_index.py runs both).
 from __future__ import annotations
 
 import fcntl
+import functools
 import mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 
+from shadowd import hotcalls
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
 from shadowd.memfd import REQUIRED_SEALS
 
@@ -26,6 +34,17 @@ _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _F_GET_SEALS = fcntl.F_GET_SEALS
+
+#: The C versions of IndexView.open and open_fd, when the extension is in use
+#: and reads this very layout; None: every view takes the Python path. A view
+#: takes what this is when it is made.
+C_CALLS: tuple[Callable[..., int | None], Callable[..., int | None]] | None = (
+    (hotcalls.index_open, hotcalls.index_open_fd)
+    if hotcalls.index_open is not None
+    and hotcalls.index_open_fd is not None
+    and hotcalls.INDEX_LAYOUT == (LAYOUT_VERSION, HEADER, SLOT)
+    else None
+)
 
 
 class BadIndex(Exception):
@@ -59,6 +78,17 @@ class IndexView:
             self._map.close()
             raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
         self._own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
+        self._c_open: Callable[[os.stat_result], int | None] | None = None
+        self._c_open_fd: Callable[[int], int | None] | None = None
+        if C_CALLS is not None:
+            state = (self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev)
+            self._c_open = functools.partial(C_CALLS[0], *state)
+            self._c_open_fd = functools.partial(C_CALLS[1], *state)
+
+    @property
+    def in_c(self) -> bool:
+        """Whether this view's hits run in the C extension (else in Python)."""
+        return self._c_open is not None
 
     def close(self) -> None:
         self._map.close()
@@ -68,6 +98,21 @@ class IndexView:
     def open(self, st: os.stat_result) -> int | None:
         """A fresh read-only fd of the cached version *st* (the caller's own fstat of
         the source) says, or None: not indexed, another version, or any check failed."""
+        c_open = self._c_open
+        if c_open is not None:
+            return c_open(st)
+        return self._open_py(st)
+
+    def open_fd(self, src: int) -> int | None:
+        """:meth:`open` for the file open at *src* (it stays the caller's), whose fstat
+        this takes itself (OSError when that fails)."""
+        c_open_fd = self._c_open_fd
+        if c_open_fd is not None:
+            return c_open_fd(src)
+        return self._open_py(os.fstat(src))
+
+    def _open_py(self, st: os.stat_result) -> int | None:
+        """:meth:`open` in Python: the reference the C version follows."""
         view = self._map
         dev, ino = st.st_dev, st.st_ino
         start = slot_of(dev, ino, self.slots)

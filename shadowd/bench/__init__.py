@@ -96,6 +96,9 @@ class BenchResult:
     c_client_missing: str = ""
     #: Where the daemon's hit path ran: hotcalls.DESCRIPTION of this install.
     hit_path: str = ""
+    #: Where the Python client's index hits ran: "C" (shadowd/_hotcalls.c),
+    #: "Python", or "" without an index.
+    index_path: str = ""
     #: From which size an index hit beats the copy ("" without an index).
     index_crossover: str = ""
     #: The same for the C client's index hit against a copy made in C.
@@ -193,6 +196,7 @@ class Bench:
             ):
                 c_client, c_missing = build_c_client(workdir)
                 index = client.index()
+                index_path = "" if index is None else "C" if index.in_c else "Python"
                 try:
                     sizes, floor_s, floor_hit = measure_latency(
                         client, floor, targets, self.rounds, progress, index=index
@@ -253,6 +257,7 @@ class Bench:
             c_cpu_us_per_hit=c_cpu,
             c_client_missing=c_missing,
             hit_path=hotcalls.DESCRIPTION,
+            index_path=index_path,
         )
 
 
@@ -261,7 +266,11 @@ def format_result(r: BenchResult) -> str:
     lines = [
         "status quo (open + memfd_create + sendfile + seals) against a shadowd cache hit",
         "(Client.open through the socket)"
-        + (" and an index hit (IndexView.open, no round trip)" if indexed else "")
+        + (
+            f" and an index hit (IndexView.open_fd, in {r.index_path or '?'}, no round trip)"
+            if indexed
+            else ""
+        )
         + "; microseconds, measured interleaved in one run",
         "",
         f"{'file':<28} {'copy p50':>9} {'copy p99':>9} {'hit p50':>9} {'hit p99':>9}"

@@ -60,10 +60,11 @@ class NotInIndex(RuntimeError):
 
 
 def index_open(view: Any, path: str) -> int:
-    """What a client does for a hit through the index: open, fstat, the view's open."""
+    """What a client does for a hit through the index: open, then the view's open_fd
+    (the source's fstat and the hit, in one call where the C extension is in use)."""
     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd = view.open(os.fstat(src))
+        fd = view.open_fd(src)
     finally:
         os.close(src)
     if fd is None:
