@@ -797,3 +797,38 @@ print(m.C_CALLS is None)
             env=dict(os.environ, SHADOWD_NO_C=""),
         )
         assert out.stdout.split() == ["True"], (how, out.stdout, out.stderr)
+
+
+def test_a_view_in_a_forked_child_reopens_through_the_childs_own_descriptors(
+    rig: _Rig,
+) -> None:
+    """The child inherits the parent's /proc/self/fd handle; were it used, the reopen of
+    the child's O_PATH fd N would open the parent's fd N: here a sealed decoy."""
+    f, st = rig.files[0]
+    want = f.read_bytes()
+    decoy = sealed_from_bytes(b"WRONG" * 700)
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first new fd is the number the parent fills below
+        verdict = b"bad"
+        try:
+            os.read(go_r, 1)
+            fd = rig.view.open(st)
+            got = b"" if fd is None else os.pread(fd, len(want) + 1, 0)
+            verdict = b"ok" if got == want else b"none" if fd is None else b"wrong"
+        finally:
+            os.write(res_w, verdict)
+            os._exit(0)
+    try:
+        n = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # the lowest free number
+        os.dup2(decoy.fd, n)  # the decoy, where the child's O_PATH fd will be
+        os.write(go_w, b"g")
+        verdict = os.read(res_r, 16)
+        os.close(n)
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (go_r, go_w, res_r, res_w):
+            os.close(fd)
+        decoy.release()
+    assert verdict == b"ok"

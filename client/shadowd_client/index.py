@@ -7,7 +7,9 @@
 # identity, size, mode and stamp; trust a slot that changed while it was read
 # (its seq); open a descriptor of the daemon in a way that has side effects
 # (the first open is O_PATH, which runs no driver's open, and its inode is
-# checked before a real open of that very inode).
+# checked before a real open of that very inode); reopen through another
+# process's descriptor table (after a fork, the child's view opens its own
+# /proc/self/fd again: the one it inherited names the parent's).
 #
 # The whole lookup and reopen runs in one call of the C extension
 # (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
@@ -21,6 +23,7 @@ import mmap
 import os
 import stat
 import struct
+import weakref
 from collections.abc import Callable
 
 from shadowd import hotcalls
@@ -45,6 +48,18 @@ C_CALLS: tuple[Callable[..., int | None], Callable[..., int | None]] | None = (
     and hotcalls.INDEX_LAYOUT == (LAYOUT_VERSION, HEADER, SLOT)
     else None
 )
+
+
+#: Every open view, so that a forked child can point each at its own fds.
+_VIEWS: weakref.WeakSet[IndexView] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for view in list(_VIEWS):
+        view._own_fds_again()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BadIndex(Exception):
@@ -84,6 +99,8 @@ class IndexView:
             state = (self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev)
             self._c_open = functools.partial(C_CALLS[0], *state)
             self._c_open_fd = functools.partial(C_CALLS[1], *state)
+        self._closed = False
+        _VIEWS.add(self)
 
     @property
     def in_c(self) -> bool:
@@ -91,9 +108,24 @@ class IndexView:
         return self._c_open is not None
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _VIEWS.discard(self)
         self._map.close()
         os.close(self._daemon_fds)
         os.close(self._own_fds)
+
+    def _own_fds_again(self) -> None:
+        """In a forked child: /proc/self/fd of this process, at the same number (the
+        C calls were bound to it), in place of the parent's, which it inherited."""
+        if self._closed:
+            return
+        fresh = os.open("/proc/self/fd", _DIR_FLAGS)
+        try:
+            os.dup2(fresh, self._own_fds, inheritable=False)
+        finally:
+            os.close(fresh)
 
     def open(self, st: os.stat_result) -> int | None:
         """A fresh read-only fd of the cached version *st* (the caller's own fstat of
