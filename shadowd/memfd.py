@@ -7,7 +7,9 @@
 # way round; name a memfd after anything but the basename the kernel reports
 # for the copied file's own fd (never its full path: a tracee can readlink
 # the memfd, and the directories are the host's; never a label a client
-# chose: the name shows in /proc/PID/maps, perf and gdb as the file's).
+# chose: the name shows in /proc/PID/maps, perf and gdb as the file's);
+# reopen through another process's /proc/PID/fd (a forked child reopens
+# through its own).
 from __future__ import annotations
 
 import errno
@@ -305,6 +307,23 @@ def _proc_fd_dir() -> int:
         fd = move_high(os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         _PROC_FD["fd"] = fd
     return fd
+
+
+def _proc_fd_dir_in_child() -> None:
+    # The fd a forked child inherits names its parent's /proc/PID/fd: a
+    # reopen of N through it would open the parent's fd N. The child's own,
+    # at the same number (SealedFiles keep the number).
+    fd = _PROC_FD.get("fd")
+    if fd is None:
+        return
+    fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.dup2(fresh, fd, inheritable=False)
+    finally:
+        os.close(fresh)
+
+
+os.register_at_fork(after_in_child=_proc_fd_dir_in_child)
 
 
 _reopen = hotcalls.reopen

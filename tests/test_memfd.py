@@ -306,3 +306,43 @@ def test_a_local_copy_is_named_after_its_file(tmp_path: Path) -> None:
         assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:libcrypto.so.3 (deleted)"
     finally:
         os.close(fd)
+
+
+def test_a_forked_child_reopens_its_own_memfds_not_its_parents(tmp_path: Path) -> None:
+    """A supervisor that forks: the child's copies are reopened through the child's
+    /proc/self/fd, not the one it inherited (the parent's, whose fd of the same number
+    is here a decoy)."""
+    from shadowd_client.local import local_copy_fd
+
+    from shadowd.fds import LONG_LIVED_BASE
+
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(5000))
+    want = f.read_bytes()
+    src = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    os.close(local_copy_fd(src))  # /proc/self/fd is opened once, before the fork
+    decoy = memfd.sealed_from_bytes(b"WRONG" * 1000)
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy lands on the number the parent fills below
+        verdict = b"bad"
+        try:
+            os.read(go_r, 1)
+            fd = local_copy_fd(src)
+            verdict = b"ok" if os.pread(fd, len(want) + 1, 0) == want else b"wrong"
+        finally:
+            os.write(res_w, verdict)
+            os._exit(0)
+    try:
+        high = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, LONG_LIVED_BASE)
+        os.dup2(decoy.fd, high)  # where the child's copy will be
+        os.write(go_w, b"g")
+        verdict = os.read(res_r, 16)
+        os.close(high)
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (src, go_r, go_w, res_r, res_w):
+            os.close(fd)
+        decoy.release()
+    assert verdict == b"ok"
