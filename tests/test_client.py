@@ -299,3 +299,57 @@ async def test_client_times_out_on_a_silent_daemon(shared_dir: Path, tmp_path: P
         assert elapsed < 3
     finally:
         listener.close()
+
+
+async def test_a_forked_child_talks_to_the_daemon_on_a_connection_of_its_own(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Parent and child open files at the same time through one Client object made
+    before the fork: each gets its own files' bytes (one shared connection would
+    hand each process some of the other's replies)."""
+    files = [make_file(tmp_path / f"f{i}", os.urandom(2000 + i)) for i in range(8)]
+    settle(*files)
+    want = {f: f.read_bytes() for f in files}
+    client = Client(daemon.socket_path, timeout=10)
+
+    def opens(offset: int) -> bytes:
+        try:
+            for k in range(300):
+                f = files[(k + offset) % len(files)]
+                fd = client.open(f)
+                try:
+                    if os.pread(fd, 1 << 16, 0) != want[f]:
+                        return b"wrong bytes"
+                finally:
+                    os.close(fd)
+        except Exception as exc:  # the child reports it through the pipe
+            return repr(exc).encode()[:300]
+        return b"ok"
+
+    def body() -> tuple[bytes, bytes, int]:
+        os.close(client.open(files[0]))  # connected before the fork
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            verdict = b"child died"
+            try:
+                verdict = opens(3)
+            finally:
+                os.write(w, verdict)
+                os._exit(0)
+        os.close(w)
+        try:
+            mine = opens(0)
+            theirs = os.read(r, 400)
+        finally:
+            os.close(r)
+            os.waitpid(pid, 0)
+        return mine, theirs, client.connections
+
+    try:
+        with trio.fail_after(60):
+            mine, theirs, connections = await trio.to_thread.run_sync(body)
+    finally:
+        client.close()
+    assert (mine, theirs) == (b"ok", b"ok")
+    assert connections == 1  # the parent kept its connection

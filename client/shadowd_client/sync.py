@@ -1,8 +1,10 @@
 # The blocking client: one connection to the daemon, safe to share between
 # threads (one request at a time), reconnected once when the daemon restarts.
+# A forked child drops the connection it inherited and makes its own.
 #
 # Must never: raise anything but a ShadowdError; return an fd that is not
-# sealed; keep an fd the caller was not given.
+# sealed; keep an fd the caller was not given; talk on a connection another
+# process also talks on (two processes would read each other's replies).
 from __future__ import annotations
 
 import functools
@@ -10,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -76,6 +79,18 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
+#: Every client, so that a forked child can drop the connections it inherited.
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Client:
     """A blocking connection to shadowd.
 
@@ -105,6 +120,7 @@ class Client:
         self._session: Session | None = None
         self._buf = bytearray(REPLY_BUFFER)
         self._closed = False
+        _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
 
@@ -265,6 +281,13 @@ class Client:
         with self._lock:
             self._closed = True
             self._drop()
+
+    def _forked(self) -> None:
+        # In the child of a fork: the socket is the parent's connection too,
+        # and the lock may have been held by a thread that is not here.
+        # Closing our copy of the fd leaves the parent's connection as it is.
+        self._lock = threading.Lock()
+        self._drop()
 
     def __enter__(self) -> Client:
         return self
