@@ -124,6 +124,11 @@ class Quota:
     key: str = "max_copies_per_uid"
     used: int = 0
     _freed: trio.Event = attrs.field(factory=trio.Event)
+    #: Tasks waiting in :meth:`acquire`, first come first served: a released
+    #: slot goes to one of them, not to a herd that all wake to retry (a
+    #: client that sent thousands of fds to close would make every release
+    #: wake thousands of tasks).
+    _queue: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free, without waiting."""
@@ -134,12 +139,11 @@ class Quota:
 
     async def acquire(self) -> None:
         """Take a slot, waiting for one of this peer's jobs to end if needed."""
-        if self.try_acquire():
+        if not self._queue and self.try_acquire():
             await trio.lowlevel.checkpoint()
             return
         self.count_wait()
-        while not self.try_acquire():
-            await self.wait_freed()
+        await self._queue.park()  # woken by release() with its slot ours
 
     def count_wait(self) -> None:
         self.hits[self.key] = self.hits.get(self.key, 0) + 1
@@ -149,13 +153,16 @@ class Quota:
         await self._freed.wait()
 
     def release(self) -> None:
-        self.used -= 1
+        if self._queue:
+            self._queue.unpark()  # the slot passes to the first waiter, still used
+        else:
+            self.used -= 1
         self._freed.set()
         self._freed = trio.Event()
 
     @property
     def idle(self) -> bool:
-        return self.used == 0 and not self._freed.statistics().tasks_waiting
+        return self.used == 0 and not self._queue and not self._freed.statistics().tasks_waiting
 
 
 async def run_job(

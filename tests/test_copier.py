@@ -6,8 +6,9 @@ import os
 import threading
 
 import trio
+import trio.testing
 
-from shadowd.copier import WORKER_NICE, run_job
+from shadowd.copier import WORKER_NICE, Quota, run_job
 
 
 async def test_worker_threads_run_below_the_loops_priority() -> None:
@@ -19,3 +20,62 @@ async def test_worker_threads_run_below_the_loops_priority() -> None:
         seen = await run_job(priority, lambda _: None, trio.CapacityLimiter(1))
     assert seen >= max(loop, WORKER_NICE)
     assert priority() == loop  # the loop's own thread is untouched
+
+
+async def test_a_released_quota_slot_goes_to_the_first_waiter_and_wakes_no_one_else() -> None:
+    """Thousands of fds to close in workers wait on one uid's quota: each release must
+    hand its slot to one waiter, in order, not wake them all to retry."""
+    quota = Quota(limit=2)
+    order: list[int] = []
+    woken = 0
+
+    async def job(i: int) -> None:
+        nonlocal woken
+        await quota.acquire()
+        woken += 1
+        order.append(i)
+
+    with trio.fail_after(10):
+        await quota.acquire()
+        await quota.acquire()
+        async with trio.open_nursery() as nursery:
+            for i in range(500):
+                nursery.start_soon(job, i)
+                await trio.testing.wait_all_tasks_blocked()  # parked, in this order
+            assert woken == 0 and quota.used == 2 and quota.hits["max_copies_per_uid"] == 500
+            quota.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [0] and quota.used == 2  # the slot passed on, still in use
+            for n in range(1, 500):
+                quota.release()  # the job ended: its slot to the next, and no one else
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(order) == n + 1 and woken == n + 1
+        assert order == list(range(500)) and quota.used == 2
+        quota.release()
+        quota.release()
+        assert quota.used == 0 and quota.idle
+
+
+async def test_a_waiter_cancelled_in_the_quota_queue_takes_no_slot() -> None:
+    quota = Quota(limit=1)
+    got: list[str] = []
+    scope_a = trio.CancelScope()
+
+    async def job(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            await quota.acquire()
+            got.append(name)
+
+    with trio.fail_after(10):
+        await quota.acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job, "a", scope_a)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(job, "b", trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()
+            scope_a.cancel()  # a leaves the queue while parked
+            await trio.testing.wait_all_tasks_blocked()
+            quota.release()
+        assert got == ["b"] and quota.used == 1
+        quota.release()
+        assert quota.used == 0 and quota.idle
