@@ -1910,13 +1910,7 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
         clear(c);
         after_fork(c);
         int fd = index_hit(c, &st);
-        if (fd >= 0) {
-            c->route = SHADOWD_ROUTE_INDEX;
-            c->hit = 1;
-            c->size = (uint64_t)st.st_size;
-            return fd;
-        }
-        return ask_once(c, src, label, (uint64_t)st.st_size);
+        return fd >= 0 ? fd : ask_once(c, src, label, (uint64_t)st.st_size);
     }
     return shadowd_request_fd(c, src, label);
 }
@@ -3047,8 +3041,9 @@ index_lookup(struct shadowd *c, const struct stat *st)
     return -1;
 }
 
-/* The index's fd for the file open at *src* whose fstat is *st*, counted
- * and reported, or -1 (nothing said in *c*: the caller goes on). */
+/* The index's fd for the file open at *src* whose fstat is *st*, counted,
+ * reported and said in the last-call fields (route, hit, size), or -1
+ * (nothing said in *c*: the caller goes on). */
 static int
 index_hit(struct shadowd *c, const struct stat *st)
 {
@@ -3061,6 +3056,9 @@ index_hit(struct shadowd *c, const struct stat *st)
         return -1;
     c->counts.index++;
     report_count(c, (uint64_t)st->st_dev, (uint64_t)st->st_ino);
+    c->route = SHADOWD_ROUTE_INDEX;
+    c->hit = 1;
+    c->size = (uint64_t)st->st_size;
     return fd;
 }
 
@@ -3112,13 +3110,7 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
         return -1;
     }
     clear(c);
-    int fd = index_hit(c, st);
-    if (fd >= 0) {
-        c->route = SHADOWD_ROUTE_INDEX;
-        c->hit = 1;
-        c->size = (uint64_t)st->st_size;
-    }
-    return fd;
+    return index_hit(c, st);
 }
 
 /* -- routed --------------------------------------------------------------- */
@@ -3329,6 +3321,9 @@ late_answers(struct shadowd *c)
             p->late_pending = 1;
 }
 
+static struct shadowd_slot_ *submit_open(struct shadowd *c, int src, const char *label,
+                                         uint64_t size, int nowait);
+
 /* Send a routed open of *src* that nobody will wait for: the connection is
  * made without waiting (the hello goes with it), the request sent without
  * waiting for room (a full socket fails it); a connection that broke is
@@ -3336,31 +3331,17 @@ late_answers(struct shadowd *c)
 static struct shadowd_slot_ *
 race_submit(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *v)
 {
-    struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = v->size, .label = label, .nowait = 1};
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int fresh = !P(c)->live, failure;
-        if (start(c, 0))
-            return NULL;
-        struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
-        if (s != NULL) {
-            s->owned = 0; /* ours: shadowd_collect never hands it out */
-            s->routed = 1;
-            s->before = *v;
-            /* A version 1 reply says no version: keeping it takes the
-             * caller's fstat after it, so keep the source until then. */
-            if (!(P(c)->hello == H_DONE && c->protocol >= 2))
-                s->src = fcntl(src, F_DUPFD_CLOEXEC, 0);
-            return s;
-        }
-        if (failure != F_BROKEN && failure != F_VERSION)
-            return NULL;
-        if (failure == F_BROKEN && (fresh || attempt == 1)) {
-            trip(c, c->error);
-            return NULL;
-        }
+    struct shadowd_slot_ *s = submit_open(c, src, label, v->size, 1);
+    if (s != NULL) {
+        s->owned = 0; /* ours: shadowd_collect never hands it out */
+        s->routed = 1;
+        s->before = *v;
+        /* A version 1 reply says no version: keeping it takes the
+         * caller's fstat after it, so keep the source until then. */
+        if (!(P(c)->hello == H_DONE && c->protocol >= 2))
+            s->src = fcntl(src, F_DUPFD_CLOEXEC, 0);
     }
-    return NULL;
+    return s;
 }
 
 struct race {
@@ -3452,12 +3433,7 @@ static int
 index_served(struct shadowd *c, const struct stat *st, const struct shadowd_version_ *v)
 {
     int fd = index_hit(c, st);
-    if (fd < 0)
-        return -1;
-    c->route = SHADOWD_ROUTE_INDEX;
-    c->hit = 1;
-    c->size = v->size;
-    if (P(c)->index_keep)
+    if (fd >= 0 && P(c)->index_keep)
         held_put(c, fd, v);
     return fd;
 }
