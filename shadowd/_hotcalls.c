@@ -113,14 +113,20 @@ PyDoc_STRVAR(statx_nosync_doc,
 /* sec * 10^9 + nsec into *out; 0 when it does not fit in 64 bits (a
  * timestamp before 1677 or after 2262, which a file may carry). */
 static int
-ns_of(const struct kstatx_timestamp *t, long long *out)
+sec_nsec_ns(long long sec, long long nsec, long long *out)
 {
     long long ns;
-    if (__builtin_mul_overflow((long long)t->tv_sec, 1000000000LL, &ns) ||
-        __builtin_add_overflow(ns, (long long)t->tv_nsec, &ns))
+    if (__builtin_mul_overflow(sec, 1000000000LL, &ns) || __builtin_add_overflow(ns, nsec, &ns))
         return 0;
     *out = ns;
     return 1;
+}
+
+/* A statx timestamp in ns (sec_nsec_ns). */
+static int
+ns_of(const struct kstatx_timestamp *t, long long *out)
+{
+    return sec_nsec_ns((long long)t->tv_sec, (long long)t->tv_nsec, out);
 }
 
 /* The same as a Python int, exact for any timestamp. */
@@ -976,17 +982,12 @@ index_home(uint64_t dev, uint64_t ino, uint32_t slots)
     return (uint32_t)(h & (slots - 1));
 }
 
-/* A struct stat's timestamp in ns; 0 when it does not fit in 64 bits (then
- * it equals no slot's, as Python's exact int would not). */
+/* A struct stat's timestamp in ns (sec_nsec_ns); 0 when it does not fit
+ * in 64 bits (then it equals no slot's, as Python's exact int would not). */
 static int
 timespec_ns(const struct timespec *t, long long *out)
 {
-    long long ns;
-    if (__builtin_mul_overflow((long long)t->tv_sec, 1000000000LL, &ns) ||
-        __builtin_add_overflow(ns, (long long)t->tv_nsec, &ns))
-        return 0;
-    *out = ns;
-    return 1;
+    return sec_nsec_ns((long long)t->tv_sec, (long long)t->tv_nsec, out);
 }
 
 /* What a view passes on every call, after the file's own arguments. */
