@@ -30,6 +30,7 @@ from shadowd.bench import build_c_client, c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
+from .indexed import IndexedCache
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
@@ -1782,47 +1783,15 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
 # the C client's feet (the C client opens /proc/<this process>/fd/N).
 
 
-class _Stand:
+class _Stand(IndexedCache):
+    """A version 2 stand-in daemon that gives out an in-process index."""
+
     def __init__(self, tmp_path: Path, n: int = 4) -> None:
-        from shadowd.cache import Cache, CacheLimits, HostKey
-        from shadowd.index import Index
-        from shadowd.memfd import sealed_from_bytes
-
-        self.cache = Cache(CacheLimits(racy_window_ns=0))
-        self.index = Index(64)
-        self.cache.add_observer(self.index)
-        self.files: list[tuple[Path, os.stat_result]] = []
+        super().__init__(tmp_path, n)
         self.reports: list[list[list[int]]] = []
-        for i in range(n):
-            f = make_file(tmp_path / f"f{i}", os.urandom(3000 + i))
-            st = f.stat()
-            sealed = sealed_from_bytes(f.read_bytes())
-            self.cache.insert(
-                HostKey(st.st_dev, st.st_ino),
-                (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-                sealed,
-                ctime_ns=1,
-                wd=1,  # as if watched: only watched entries are published
-            )
-            sealed.release()
-            self.files.append((f, st))
-
-    def entry(self, i: int) -> Any:
-        from shadowd.cache import HostKey
-
-        _, st = self.files[i]
-        return self.cache.peek(HostKey(st.st_dev, st.st_ino))
 
     def slot(self, i: int) -> int:
-        from shadowd.index import read_slot, slot_of
-
-        _, st = self.files[i]
-        start = slot_of(st.st_dev, st.st_ino, self.index.slots)
-        return next(
-            k % self.index.slots
-            for k in range(start, start + 16)
-            if read_slot(self.index._map, k % self.index.slots).ino == st.st_ino
-        )
+        return self.slot_number(self.files[i][1])
 
     def poke(self, n: int, offset: int, value: int, width: int) -> None:
         from shadowd.index import HEADER, SLOT
@@ -1848,10 +1817,6 @@ class _Stand:
             else:
                 no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
                 conn.send(msgpack.packb(no))
-
-    def close(self) -> None:
-        self.cache.clear()
-        self.index.close()
 
 
 @pytest.fixture

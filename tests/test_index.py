@@ -30,12 +30,13 @@ import trio
 from shadowd_client import Client, Opener
 from shadowd_client.index import IndexView
 
-from shadowd.cache import Cache, CacheLimits, HostKey
-from shadowd.index import HEADER, LIVE, REMOVED, SLOT, Index, Slot, read_slot, slot_of
+from shadowd.cache import HostKey
+from shadowd.index import HEADER, LIVE, REMOVED, SLOT, Slot, read_slot, slot_of
 from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
 from shadowd.metrics import count_open_fds
 
 from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
+from .indexed import IndexedCache
 
 RACY = "0.05"
 
@@ -64,42 +65,20 @@ def index_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return str(request.param)
 
 
-class _Rig:
+class _Rig(IndexedCache):
     """An in-process index over a cache of real files, and a view of it."""
 
     def __init__(self, tmp_path: Path, n: int = 4) -> None:
-        self.cache = Cache(CacheLimits(racy_window_ns=0))
-        self.index = Index(64)
-        self.cache.add_observer(self.index)
-        self.files: list[tuple[Path, os.stat_result]] = []
-        for i in range(n):
-            f = tmp_path / f"f{i}"
-            f.write_bytes(os.urandom(3000 + i))
-            st = f.stat()
-            sealed = sealed_from_bytes(f.read_bytes())
-            self.cache.insert(
-                HostKey(st.st_dev, st.st_ino),
-                (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-                sealed,
-                ctime_ns=1,
-                wd=1,  # as if watched: only watched entries are published
-            )
-            sealed.release()
-            self.files.append((f, st))
+        super().__init__(tmp_path, n)
         fd = self.index.reader_fd()
         try:
             self.view = IndexView(fd, os.getpid(), self.index.slots)
         finally:
             os.close(fd)
 
-    def entry(self, i: int) -> Any:
-        _, st = self.files[i]
-        return self.cache.peek(HostKey(st.st_dev, st.st_ino))
-
     def close(self) -> None:
         self.view.close()
-        self.cache.clear()
-        self.index.close()
+        super().close()
 
 
 @pytest.fixture
@@ -364,12 +343,6 @@ async def test_after_a_restart_the_opener_takes_the_new_daemons_index(
 # -- every check, on both paths ------------------------------------------------
 
 
-def _slot_number(rig: _Rig, st: os.stat_result) -> int:
-    start = slot_of(st.st_dev, st.st_ino, rig.index.slots)
-    probes = [(start + i) % rig.index.slots for i in range(16)]
-    return next(k for k in probes if read_slot(rig.index._map, k).ino == st.st_ino)
-
-
 def _write_slot(rig: _Rig, n: int, slot: Slot) -> None:
     """Write *slot*'s fields at *n* as the daemon does (seq odd, fields, seq even)."""
     fields = attrs.astuple(slot)[1:]  # all but seq
@@ -482,7 +455,7 @@ def test_a_slot_of_another_version_or_being_written_is_refused_with_no_fd_left(
     rig: _Rig, tmp_path: Path
 ) -> None:
     f, st = rig.files[1]
-    n = _slot_number(rig, st)
+    n = rig.slot_number(st)
     good = read_slot(rig.index._map, n)
     # The file changed since it was cached: the caller's fstat is another version.
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
@@ -503,7 +476,7 @@ def test_a_slot_of_another_version_or_being_written_is_refused_with_no_fd_left(
 def test_a_slot_that_lies_about_its_memfd_is_refused_with_no_fd_left(rig: _Rig) -> None:
     """Each field the reopen checks, wrong on its own in a slot otherwise right."""
     f, st = rig.files[2]
-    n = _slot_number(rig, st)
+    n = rig.slot_number(st)
     good = read_slot(rig.index._map, n)
     other_memfd = rig.entry(3).file.fd  # sealed, the daemon's, another inode
     unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
@@ -636,7 +609,7 @@ def test_a_slot_rewritten_during_the_reopen_is_refused(rig: _Rig) -> None:
     trusted; nothing is left open. Here each rewrite is seen whole (seq from even to the
     next even, the fields as they were), so only the second read of seq can tell."""
     f, st = rig.files[0]
-    n = _slot_number(rig, st)
+    n = rig.slot_number(st)
     good = read_slot(rig.index._map, n)
     stop = threading.Event()
 
@@ -671,7 +644,7 @@ def test_the_probe_goes_past_other_and_changing_slots_and_stops_at_a_never_used_
     rig: _Rig,
 ) -> None:
     f, st = rig.files[0]
-    n = _slot_number(rig, st)
+    n = rig.slot_number(st)
     good = read_slot(rig.index._map, n)
     mask = rig.index.slots - 1
     home = slot_of(st.st_dev, st.st_ino, rig.index.slots)
@@ -744,7 +717,7 @@ def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
     assert c_view.in_c and not py_view.in_c
     try:
         f, st = rig.files[0]
-        n = _slot_number(rig, st)
+        n = rig.slot_number(st)
         good = read_slot(rig.index._map, n)
         agreed = served = 0
         for field in attrs.fields(Slot)[1:]:

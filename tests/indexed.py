@@ -1,0 +1,51 @@
+# An in-process index over a cache of real files, with no daemon: what the
+# readers of the index (IndexView in tests/test_index.py, the C client in
+# tests/test_c_client.py) are tested against, slot by slot.
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from shadowd.cache import Cache, CacheLimits, HostKey
+from shadowd.index import Index, read_slot, slot_of
+from shadowd.memfd import sealed_from_bytes
+
+from .conftest import make_file
+
+
+class IndexedCache:
+    """*n* files of a directory, cached and published in an index of 64 slots."""
+
+    def __init__(self, tmp_path: Path, n: int = 4) -> None:
+        self.cache = Cache(CacheLimits(racy_window_ns=0))
+        self.index = Index(64)
+        self.cache.add_observer(self.index)
+        self.files: list[tuple[Path, os.stat_result]] = []
+        for i in range(n):
+            f = make_file(tmp_path / f"f{i}", os.urandom(3000 + i))
+            st = f.stat()
+            sealed = sealed_from_bytes(f.read_bytes())
+            self.cache.insert(
+                HostKey(st.st_dev, st.st_ino),
+                (st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                sealed,
+                ctime_ns=1,
+                wd=1,  # as if watched: only watched entries are published
+            )
+            sealed.release()
+            self.files.append((f, st))
+
+    def entry(self, i: int) -> Any:
+        _, st = self.files[i]
+        return self.cache.peek(HostKey(st.st_dev, st.st_ino))
+
+    def slot_number(self, st: os.stat_result) -> int:
+        """The slot that holds the file whose stat is *st*."""
+        start = slot_of(st.st_dev, st.st_ino, self.index.slots)
+        probes = [(start + i) % self.index.slots for i in range(16)]
+        return next(k for k in probes if read_slot(self.index._map, k).ino == st.st_ino)
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.index.close()
