@@ -309,18 +309,21 @@ def _proc_fd_dir() -> int:
     return fd
 
 
-def _proc_fd_dir_in_child() -> None:
-    # The fd a forked child inherits names its parent's /proc/PID/fd: a
-    # reopen of N through it would open the parent's fd N. The child's own,
-    # at the same number (SealedFiles keep the number).
-    fd = _PROC_FD.get("fd")
-    if fd is None:
-        return
+def proc_fd_dir_again(fd: int) -> None:
+    """In a forked child: this process's /proc/self/fd at *fd*, in place of the
+    parent's it inherited there (a reopen of N through that would open the
+    parent's fd N). The same number, so whatever holds it keeps it."""
     fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.dup2(fresh, fd, inheritable=False)
     finally:
         os.close(fresh)
+
+
+def _proc_fd_dir_in_child() -> None:
+    fd = _PROC_FD.get("fd")
+    if fd is not None:
+        proc_fd_dir_again(fd)  # (SealedFiles keep its number)
 
 
 os.register_at_fork(after_in_child=_proc_fd_dir_in_child)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from shadowd import hotcalls
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
-from shadowd.memfd import REQUIRED_SEALS
+from shadowd.memfd import REQUIRED_SEALS, proc_fd_dir_again
 
 _HEADER = struct.Struct("<8sIIIIQII Q")
 _SLOT = struct.Struct("<IIQQQqqiIQq")
@@ -119,13 +119,8 @@ class IndexView:
     def _own_fds_again(self) -> None:
         """In a forked child: /proc/self/fd of this process, at the same number (the
         C calls were bound to it), in place of the parent's, which it inherited."""
-        if self._closed:
-            return
-        fresh = os.open("/proc/self/fd", _DIR_FLAGS)
-        try:
-            os.dup2(fresh, self._own_fds, inheritable=False)
-        finally:
-            os.close(fresh)
+        if not self._closed:
+            proc_fd_dir_again(self._own_fds)
 
     def open(self, st: os.stat_result) -> int | None:
         """A fresh read-only fd of the cached version *st* (the caller's own fstat of
