@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -536,6 +536,20 @@ def _spread(q: tuple[float | None, float | None], spec: str) -> str:
     return f"{_fmt(q[0], spec)}-{_fmt(q[1], spec)}"
 
 
+def _section(
+    title: list[str],
+    columns: list[str],
+    programs: list[dict[str, Any]],
+    cells: Callable[[dict[str, Any]], list[str]],
+) -> list[str]:
+    """A titled table: a row per program, its *cells* under the numeric *columns*."""
+    lines = ["", *title, "", "| program | " + " | ".join(columns) + " |"]
+    lines.append("|---|" + "---:|" * len(columns))
+    for p in programs:
+        lines.append(f"| {p['name']} | " + " | ".join(cells(p)) + " |")
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as Markdown tables (readable as text too)."""
     variants = report["modes"]
@@ -549,66 +563,70 @@ def table(report: dict[str, Any]) -> str:
         f" {m0['cpus']} CPUs, {m0['cpu'] or 'unknown CPU'}, Linux {m0['kernel']};"
         f" load average {', '.join(f'{x:.2f}' for x in report['load_before'])} before,"
         f" {', '.join(f'{x:.2f}' for x in m0['loadavg'])} after",
-        "",
-        "Wall time, ms (median; quartiles in brackets):",
-        "",
-        "| program | files | " + " | ".join(variants) + " |",
-        "|---|---:|" + "---:|" * len(variants),
     ]
-    for p in report["programs"]:
+    programs = report["programs"]
+
+    def wall(p: dict[str, Any]) -> list[str]:
         m = p["modes"]
         files = m.get("copy", m[variants[-1]])["shadowed"]
-        cells = [
+        return [_fmt(files, ".0f")] + [
             f"{_fmt(m[v]['wall_ms'], '.1f')} ({_spread(m[v]['wall_ms_quartiles'], '.1f')})"
             for v in variants
         ]
-        lines.append(f"| {p['name']} | {_fmt(files, '.0f')} | " + " | ".join(cells) + " |")
+
+    lines += _section(
+        ["Wall time, ms (median; quartiles in brackets):"], ["files", *variants], programs, wall
+    )
     filed = [v for v in variants if v != "passthrough"]
-    lines += [
-        "",
-        "The supervisor's time per shadowed file, us (median of each run's mean; quartiles):",
-        "",
-        "| program | " + " | ".join(filed) + " |",
-        "|---|" + "---:|" * len(filed),
-    ]
-    for p in report["programs"]:
+
+    def per_file(p: dict[str, Any]) -> list[str]:
         m = p["modes"]
-        cells = [
+        return [
             f"{_fmt(m[v]['us_per_file'], '.1f')} ({_spread(m[v]['us_per_file_quartiles'], '.1f')})"
             for v in filed
         ]
-        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Where the time per file goes, us (medians of each run's means): opening and",
-        "checking the source; making the fd by the mode's means; the injection:",
-        "",
-        "| program | " + " | ".join(filed) + " |",
-        "|---|" + "---:|" * len(filed),
-    ]
-    for p in report["programs"]:
-        m = p["modes"]
-        cells = []
-        for v in filed:
-            q = m[v].get("us_per_file_parts", {})
-            cells.append(" + ".join(_fmt(q.get(k), ".1f") for k in ("source", "make", "inject")))
-        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
-    if "copy" in variants and shadowd:
-        lines += [
-            "",
-            "Against copy (wall; per file; per file with the wall-clock measure):",
-            "",
-            "| program | " + " | ".join(shadowd) + " |",
-            "|---|" + "---:|" * len(shadowd),
+
+    lines += _section(
+        ["The supervisor's time per shadowed file, us (median of each run's mean; quartiles):"],
+        filed,
+        programs,
+        per_file,
+    )
+
+    def parts(p: dict[str, Any]) -> list[str]:
+        return [
+            " + ".join(
+                _fmt(p["modes"][v].get("us_per_file_parts", {}).get(k), ".1f")
+                for k in ("source", "make", "inject")
+            )
+            for v in filed
         ]
-        for p in report["programs"]:
+
+    lines += _section(
+        [
+            "Where the time per file goes, us (medians of each run's means): opening and",
+            "checking the source; making the fd by the mode's means; the injection:",
+        ],
+        filed,
+        programs,
+        parts,
+    )
+    if "copy" in variants and shadowd:
+
+        def ratios(p: dict[str, Any]) -> list[str]:
             q = p["ratios"]
-            cells = [
+            return [
                 f"{_fmt(q[f'{v}/copy wall'], '.2f')}; {_fmt(q[f'{v}/copy per file'], '.2f')};"
                 f" {_fmt(q[f'{v}/copy per file (wall)'], '.2f')}"
                 for v in shadowd
             ]
-            lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+
+        lines += _section(
+            ["Against copy (wall; per file; per file with the wall-clock measure):"],
+            shadowd,
+            programs,
+            ratios,
+        )
     if shadowd:
         lines += [
             "",
