@@ -4,8 +4,9 @@
  * through /proc/self/fd, sendmsg with descriptors) without the
  * interpreter's overhead around each; and answer_hit, which answers a
  * whole cache hit in one call. And the client's side of a hit through the
- * index (index_open, index_open_fd): slot lookup, O_PATH open of the
- * daemon's descriptor, its checks, the read-only reopen, seals and seq, in
+ * index (index_open, index_open_fd): slot lookup, the open of the
+ * daemon's descriptor (read-only at once in its descriptor range, else
+ * O_PATH and a read-only reopen), its checks, seals and seq, in
  * one call for client/shadowd_client/index.py. shadowd/hotcalls.py loads
  * this module when it was built and offers the same functions in Python
  * otherwise; tests/test_hotcalls.py holds both to the same behaviour, and
@@ -19,7 +20,8 @@
  * MSG_DONTWAIT or cannot block on a client's file system); serve an entry
  * that is not watched (wd < 0) or whose memfd is not as it was sealed (its
  * stamp): those go to the Python path, which decides. The index calls must
- * never open the daemon's descriptor but O_PATH before its inode is
+ * never open a daemon's descriptor outside its descriptor range (where
+ * every number is a memfd at every instant) but O_PATH before its inode is
  * checked, differ from IndexView's Python path in any check or its order,
  * or leave an fd open on any refusal.
  */
@@ -941,6 +943,7 @@ answer_hit(PyObject *self, PyObject *args)
 
 #define INDEX_LAYOUT 1
 #define INDEX_HEADER 4096
+#define INDEX_RANGE_OFFSET 48 /* u32 first number, u32 count */
 #define INDEX_SLOT 128
 #define INDEX_LIVE 1
 /* F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL (shadowd/memfd.py). */
@@ -996,6 +999,9 @@ struct index_view {
     int daemon_fds, own_fds; /* /proc/PID/fd of the daemon, /proc/self/fd */
     uint32_t slots, probes;
     uint64_t memfd_dev;
+    /* The daemon's descriptor range (shadowd/fdrange.py), from the header:
+     * numbers that hold memfds at every instant. 0, 0: none. */
+    uint32_t range_base, range_count;
 };
 
 /* The version a caller's fstat says: (dev, ino, size, mtime_ns, ctime_ns). */
@@ -1026,25 +1032,32 @@ index_reopen(const struct index_view *v, const struct index_slot *s, uint32_t se
     struct stat m;
     long long m_ctime;
 
-    /* O_PATH first: no driver's open runs, whatever descriptor N is now. */
     if (got->fd < 0)
         return -1; /* no such name in /proc/PID/fd: Python's open of "-1" fails */
     snprintf(name, sizeof name, "%d", (int)got->fd);
-    int path = openat_retry(v->daemon_fds, name, O_PATH | O_CLOEXEC);
-    if (path < 0)
+    int in_range = (uint32_t)got->fd >= v->range_base &&
+                   (uint32_t)got->fd - v->range_base < v->range_count;
+    /* In the range, N is a memfd whatever it holds by now: open it at once.
+     * Elsewhere O_PATH first: no driver's open runs, whatever N is now. */
+    int first =
+        openat_retry(v->daemon_fds, name, in_range ? O_RDONLY | O_CLOEXEC : O_PATH | O_CLOEXEC);
+    if (first < 0)
         return -1; /* the daemon is gone, or N was closed meanwhile */
-    if (fstat(path, &m) != 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != v->memfd_dev ||
+    if (fstat(first, &m) != 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != v->memfd_dev ||
         (uint64_t)m.st_ino != got->memfd_ino || (uint64_t)m.st_size != got->size ||
         (uint32_t)m.st_mode != got->mode || !timespec_ns(&m.st_ctim, &m_ctime) ||
         m_ctime != got->memfd_ctime_ns) {
-        close(path); /* N is something else now, or a holder changed the memfd */
+        close(first); /* N is something else now, or a holder changed the memfd */
         return -1;
     }
-    snprintf(name, sizeof name, "%d", path);
-    int served = openat_retry(v->own_fds, name, O_RDONLY | O_CLOEXEC);
-    close(path);
-    if (served < 0)
-        return -1;
+    int served = first;
+    if (!in_range) {
+        snprintf(name, sizeof name, "%d", first);
+        served = openat_retry(v->own_fds, name, O_RDONLY | O_CLOEXEC);
+        close(first);
+        if (served < 0)
+            return -1;
+    }
     /* The slot must have held still while it was used: the daemon changes
      * it before it may close the memfd. */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -1187,6 +1200,12 @@ view_args(PyObject *const *args, struct index_view *v, Py_buffer *buf)
     v->slots = (uint32_t)slots;
     v->probes = (uint32_t)probes;
     v->memfd_dev = memfd_dev;
+    /* Written once, before the index is handed out; a range that does not
+     * fit the descriptor numbers is no range. */
+    memcpy(&v->range_base, v->map + INDEX_RANGE_OFFSET, 4);
+    memcpy(&v->range_count, v->map + INDEX_RANGE_OFFSET + 4, 4);
+    if (v->range_base == 0 || v->range_count > (uint32_t)INT_MAX - v->range_base)
+        v->range_base = v->range_count = 0;
     return 0;
 }
 
@@ -1211,10 +1230,11 @@ PyDoc_STRVAR(index_open_doc,
 "index_open(map, daemon_fds, own_fds, slots, probes, memfd_dev, st) -> int | None\n\n"
 "IndexView.open in one call: the slot of the file whose stat result is *st*\n"
 "in the index mapped at *map* (a buffer: the header, then *slots* slots),\n"
-"probed at most *probes* slots; the daemon's memfd it names, opened O_PATH\n"
-"through *daemon_fds* (its /proc/PID/fd), checked (a regular file of\n"
-"*memfd_dev* with the slot's inode, size, mode and ctime) and reopened\n"
-"read-only through *own_fds* (/proc/self/fd); all four seals and the slot\n"
+"probed at most *probes* slots; the daemon's memfd it names, opened\n"
+"through *daemon_fds* (its /proc/PID/fd: read-only at once when the number\n"
+"is in the header's descriptor range, else O_PATH), checked (a regular file\n"
+"of *memfd_dev* with the slot's inode, size, mode and ctime), reopened\n"
+"read-only through *own_fds* (/proc/self/fd) after an O_PATH; all four seals and the slot\n"
 "unchanged after. A new fd, the caller's; None when any step fails.");
 
 static PyObject *

@@ -8,7 +8,9 @@
 #   header, HEADER bytes: magic b"SHDWIDX1", u32 layout version (1), u32
 #     slot size (SLOT), u32 slots (a power of two), u32 the daemon's pid,
 #     u64 st_dev of the daemon's memfds, u32 most probes (MAX_PROBE), u32 0,
-#     u64 a random generation (another daemon, another index).
+#     u64 a random generation (another daemon, another index), u32 the
+#     first descriptor number of the range (fdrange.py), u32 its size (0:
+#     none; readers of the first layout ignore both).
 #   slots, SLOT bytes each: u32 seq (0 never used; odd while being written;
 #     even once written), u32 state (1 live, 2 removed), u64 dev, u64 ino,
 #     u64 size, i64 mtime_ns, i64 ctime_ns, i32 the daemon's fd of the memfd,
@@ -20,7 +22,9 @@
 # the first field is written until after the last); keep a slot of an entry
 # the cache dropped (it is removed before the memfd can be closed); index a
 # private entry, or one whose inode is not watched; be writable or growable
-# by anyone but the daemon's own mapping (F_SEAL_FUTURE_WRITE, GROW, SHRINK).
+# by anyone but the daemon's own mapping (F_SEAL_FUTURE_WRITE, GROW, SHRINK);
+# publish a range of descriptor numbers that are not all memfds at every
+# instant (readers open a number in it without the O_PATH step).
 from __future__ import annotations
 
 import ctypes
@@ -34,6 +38,7 @@ import sys
 import attrs
 
 from .cache import DropReason, Entry, HostKey
+from .fdrange import FdRange
 from .fds import FdHolder, move_high
 from .memfd import SealedFile, reopen_readonly
 
@@ -42,7 +47,7 @@ LAYOUT_VERSION = 1
 HEADER = 4096
 SLOT = 128
 MAX_PROBE = 16
-_HEADER = struct.Struct("<8sIIIIQII Q")
+_HEADER = struct.Struct("<8sIIIIQII Q II")
 # seq, state, dev, ino, size, mtime_ns, ctime_ns, fd, mode, memfd ino, memfd ctime
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
@@ -148,6 +153,9 @@ class Index:
     """
 
     slots: int
+    #: Where indexed memfds are renumbered to, so readers may skip the O_PATH
+    #: step (None: every reader takes it).
+    fd_range: FdRange | None = None
     holder: FdHolder = attrs.field(init=False)
     _mapping: _Mapping = attrs.field(init=False)
     _map: memoryview = attrs.field(init=False)
@@ -192,6 +200,8 @@ class Index:
             MAX_PROBE,
             0,
             self.generation,
+            self.fd_range.base if self.fd_range is not None else 0,
+            self.fd_range.size if self.fd_range is not None else 0,
         )
 
     @property
@@ -205,6 +215,8 @@ class Index:
     def close(self) -> None:
         self._mapping.close()
         self.holder.close()
+        if self.fd_range is not None:
+            self.fd_range.close()
 
     # -- cache observer --------------------------------------------------
 
@@ -233,6 +245,8 @@ class Index:
             n = self._free_slot(key)
             if n is None:
                 return False
+        if self.fd_range is not None and file.fd not in self.fd_range:
+            file.move_into(self.fd_range)  # (when full, it stays where it is)
         memfd_ino = os.fstat(file.fd).st_ino
         self._write(
             n, LIVE, key.dev, key.ino, size, mtime_ns, ctime_ns, file.fd, mode, memfd_ino,

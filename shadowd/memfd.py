@@ -17,6 +17,7 @@ import fcntl
 import os
 import stat
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -24,6 +25,9 @@ from . import hotcalls
 from .errors import SourceChanged
 from .fds import FdHolder, move_high
 from .source import SourceStat, stat_sync
+
+if TYPE_CHECKING:
+    from .fdrange import FdRange
 
 MFD_EXEC = getattr(os, "MFD_EXEC", 0x0010)
 MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
@@ -355,6 +359,9 @@ class SealedFile:
     pin_wd: int = attrs.field(default=-1, init=False)
     #: An IN_ATTRIB of that watch was read: intact() asks the inode again.
     attr_changed: bool = attrs.field(default=False, init=False)
+    #: The index's descriptor range, once the memfd was moved into it: its
+    #: number is then given back there, never closed (see fdrange.py).
+    fd_range: FdRange | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.dir_fd = _proc_fd_dir()
@@ -402,6 +409,24 @@ class SealedFile:
             raise ValueError("sealed file is closed")
         return _reopen(self.dir_fd, fd)
 
+    def move_into(self, fd_range: FdRange) -> bool:
+        """Renumber the memfd into *fd_range* (the holder keeps its identity, with
+        the new number); False when it is full, or the memfd is closed or in it.
+
+        Only on the loop, where every user of the number runs: the old number
+        is closed once the holder says the new one.
+        """
+        old = self.holder.fd
+        if old < 0 or self.fd_range is not None:
+            return False
+        n = fd_range.take(old)
+        if n < 0:
+            return False
+        self.holder.fd = n
+        self.fd_range = fd_range
+        os.close(old)
+        return True
+
     def retain(self) -> SealedFile:
         if self.refs <= 0:
             raise ValueError("retain of a released sealed file")
@@ -413,4 +438,7 @@ class SealedFile:
             raise ValueError("release of a released sealed file")
         self.refs -= 1
         if self.refs == 0:
-            self.holder.close()
+            if self.fd_range is not None:
+                self.fd_range.give_back(self.holder.detach())
+            else:
+                self.holder.close()

@@ -157,6 +157,8 @@ class StatsCollector:
             index_hits=self.index_hits(),
             index_entries=index.entries if index is not None else 0,
             index_slots=index.slots if index is not None else 0,
+            index_fd_range=index.fd_range.size if index is not None and index.fd_range else 0,
+            index_fd_range_used=index.fd_range.used if index is not None and index.fd_range else 0,
         )
 
     def _top_for(

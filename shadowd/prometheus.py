@@ -157,6 +157,18 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
         "index_slots",
     ),
     (
+        "shadowd_index_fd_range",
+        "gauge",
+        "Descriptor numbers reserved for the index's memfds (counted in open fds).",
+        "index_fd_range",
+    ),
+    (
+        "shadowd_index_fd_range_used",
+        "gauge",
+        "Of those, the numbers that hold a cached memfd.",
+        "index_fd_range_used",
+    ),
+    (
         "shadowd_fds_in_flight",
         "gauge",
         "Descriptors in replies clients have not read, and held for replies that wait.",

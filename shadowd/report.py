@@ -84,7 +84,9 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
             (
                 "index",
                 f"{stats.index_entries} files in {stats.index_slots} slots, "
-                f"{stats.index_hits} hits reported",
+                f"{stats.index_hits} hits reported, "
+                f"{stats.index_fd_range_used} of {stats.index_fd_range} fds reserved"
+                " for its memfds in use",
             )
         )
     if stats.private_publishes:

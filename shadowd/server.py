@@ -44,6 +44,7 @@ from .connection import (
 )
 from .copier import Copier
 from .dispatch import Dispatcher
+from .fdrange import FdRange
 from .fds import close_all
 from .index import ORDERED_STORES, Index, slots_for
 from .inflight import FdBudget
@@ -270,7 +271,8 @@ class Server:
         self.mounts.open()
         self.opens.guard.track_unwatched_entries()  # restored from the fd store
         if ORDERED_STORES and self.config.index:
-            self.index = Index(slots_for(self.config.cache.max_entries))
+            max_entries = self.config.cache.max_entries
+            self.index = Index(slots_for(max_entries), FdRange.reserve(max_entries))
             self.cache.add_observer(self.index)
             self.dispatcher.index = self.opens.guard.index = self.index
         self._poller = Poller()

@@ -257,6 +257,11 @@ class Stats:
     #: Files in the index, and its slots (0: the daemon publishes none).
     index_entries: int = 0
     index_slots: int = 0
+    #: Descriptor numbers reserved for indexed memfds (fdrange.py): each holds
+    #: one, or a stand-in; they count in open fds from the start. And how
+    #: many hold a cached memfd (those entries take no other descriptor).
+    index_fd_range: int = 0
+    index_fd_range_used: int = 0
 
     @property
     def lookups(self) -> int:

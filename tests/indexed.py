@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowd.cache import Cache, CacheLimits, HostKey
+from shadowd.fdrange import FdRange
 from shadowd.index import Index, read_slot, slot_of
 from shadowd.memfd import sealed_from_bytes
 
@@ -15,11 +16,16 @@ from .conftest import make_file
 
 
 class IndexedCache:
-    """*n* files of a directory, cached and published in an index of 64 slots."""
+    """*n* files of a directory, cached and published in an index of 64 slots.
 
-    def __init__(self, tmp_path: Path, n: int = 4) -> None:
+    *ranged*: the index keeps its memfds in a descriptor range of 8 numbers
+    (shadowd/fdrange.py), which readers open without the O_PATH step; else
+    none, and every reader takes it.
+    """
+
+    def __init__(self, tmp_path: Path, n: int = 4, *, ranged: bool = False) -> None:
         self.cache = Cache(CacheLimits(racy_window_ns=0))
-        self.index = Index(64)
+        self.index = Index(64, FdRange.reserve(8) if ranged else None)
         self.cache.add_observer(self.index)
         self.files: list[tuple[Path, os.stat_result]] = []
         for i in range(n):

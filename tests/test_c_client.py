@@ -1593,8 +1593,10 @@ async def test_index_hits_serve_the_daemons_bytes_sealed_read_only_each_its_own_
         closed = await ask(d, "close")
         after = await trio.to_thread.run_sync(stats, daemon)
     assert ready["ready"] == 1 and ready["error"] == ""
-    # The connection, /proc/self/fd and the daemon's /proc/PID/fd (O_PATH), nothing else.
-    assert held == base + 3 and closed["fds"] == base
+    # The connection and the daemon's /proc/PID/fd (O_PATH), nothing else: a memfd in
+    # the daemon's descriptor range is opened at once, never reopened through our own
+    # /proc/self/fd (which the O_PATH step outside the range would need).
+    assert held == base + 2 and closed["fds"] == base
     # Small files too: an index hit costs less than any copy.
     wants = (fnv(small.read_bytes()), digest, digest)
     for r, want, mode in zip(got, wants, (0o444, 0o555, 0o555), strict=True):
@@ -1786,8 +1788,8 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
 class _Stand(IndexedCache):
     """A version 2 stand-in daemon that gives out an in-process index."""
 
-    def __init__(self, tmp_path: Path, n: int = 4) -> None:
-        super().__init__(tmp_path, n)
+    def __init__(self, tmp_path: Path, n: int = 4, *, ranged: bool = False) -> None:
+        super().__init__(tmp_path, n, ranged=ranged)
         self.reports: list[list[list[int]]] = []
 
     def slot(self, i: int) -> int:
@@ -1875,6 +1877,55 @@ def test_a_reused_descriptor_number_is_detected_every_time(
         look_alike.release()
     assert d("close")["fds"] >= 0
     assert sum(n for hits in s.reports for _, _, n in hits) == 4 + 4  # reported at close
+
+
+def test_in_the_daemons_range_another_memfd_at_n_is_refused_every_time(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A number of the daemon's descriptor range is opened read-only at once (it holds a
+    memfd at every instant) and then checked: a memfd of the same bytes, size and mode
+    but another inode, or the range's stand-in, is refused every time, nothing kept; the
+    served fd needs no reopen through our own /proc/self/fd."""
+    from shadowd.memfd import sealed_from_bytes
+
+    s = _Stand(tmp_path, ranged=True)
+    path = tmp_path / "stand.sock"
+    fd_range = s.index.fd_range
+    assert fd_range is not None
+    look_alike = sealed_from_bytes(s.files[0][0].read_bytes())
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            base = d("fds")["fds"]
+            d("socket", path)
+            for f, _ in s.files:
+                r = d("indexopen", f)
+                assert r["route"] == "index" and r["hash"] == fnv(f.read_bytes()), r
+            # The connection and the daemon's /proc/PID/fd: no /proc/self/fd was needed.
+            assert d("fds")["fds"] == base + 2
+            f, _ = s.files[0]
+            memfd = s.entry(0).file.fd
+            assert memfd in fd_range
+            standin = fd_range.base + fd_range.size - 1  # (the 4 files take the lowest)
+            for other in (look_alike.fd, standin):
+                saved = os.dup(memfd)
+                refused = d("counts")["index_refused"]
+                try:
+                    os.dup2(other, memfd)
+                    r = d("indexopen", f, 50, timeout=10)
+                    counts = d("counts")
+                finally:
+                    os.dup2(saved, memfd)
+                    os.close(saved)
+                assert r["served"] == 0 and r["fd"] == -1, (other, r)
+                assert counts["index_refused"] == refused + 50, (other, counts)
+                assert d("fds")["fds"] == base + 2
+                again = d("indexopen", f)
+                assert again["served"] == 1 and again["hash"] == fnv(f.read_bytes())
+            assert d("close")["fds"] == base
+    finally:
+        look_alike.release()
+        s.close()
 
 
 def test_a_changed_slot_a_changed_memfd_and_another_version_are_not_served(

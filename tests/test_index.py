@@ -68,8 +68,8 @@ def index_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 class _Rig(IndexedCache):
     """An in-process index over a cache of real files, and a view of it."""
 
-    def __init__(self, tmp_path: Path, n: int = 4) -> None:
-        super().__init__(tmp_path, n)
+    def __init__(self, tmp_path: Path, n: int = 4, *, ranged: bool = False) -> None:
+        super().__init__(tmp_path, n, ranged=ranged)
         fd = self.index.reader_fd()
         try:
             self.view = IndexView(fd, os.getpid(), self.index.slots)
@@ -89,14 +89,18 @@ def rig(tmp_path: Path, index_path: str) -> Any:
     r.close()
 
 
-def test_a_view_serves_each_indexed_file_sealed_read_only_with_its_own_offset(rig: _Rig) -> None:
+def _serves_each_file_sealed_read_only_with_its_own_offset(rig: _Rig) -> None:
+    """Every file of *rig* through its view: its bytes, the four seals, read-only and
+    close-on-exec with no other flag, and an open file description of its own."""
     for f, st in rig.files:
         fd = rig.view.open(st)
         assert fd is not None
         try:
             assert read_fd(fd) == f.read_bytes()
             assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
-            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            assert flags & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND) == os.O_RDONLY
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
             other = rig.view.open(st)
             assert other is not None
             os.lseek(fd, 10, os.SEEK_SET)
@@ -104,6 +108,80 @@ def test_a_view_serves_each_indexed_file_sealed_read_only_with_its_own_offset(ri
             os.close(other)
         finally:
             os.close(fd)
+
+
+def test_a_view_serves_each_indexed_file_sealed_read_only_with_its_own_offset(rig: _Rig) -> None:
+    _serves_each_file_sealed_read_only_with_its_own_offset(rig)
+
+
+@pytest.fixture
+def ranged_rig(tmp_path: Path, index_path: str) -> Any:
+    """A rig whose index keeps its memfds in a descriptor range (shadowd/fdrange.py)."""
+    r = _Rig(tmp_path, ranged=True)
+    assert r.view.in_c == (index_path == "c")
+    yield r
+    r.close()
+
+
+def test_in_the_daemons_range_a_memfd_is_opened_at_once_and_served_as_anywhere(
+    ranged_rig: _Rig,
+) -> None:
+    """The range the header publishes holds every indexed memfd; what is served from it
+    is the same kind of fd as through O_PATH: sealed, read-only, its own offset, no
+    other flag."""
+    rig = ranged_rig
+    fd_range = rig.index.fd_range
+    assert fd_range is not None
+    assert rig.view.range == range(fd_range.base, fd_range.base + fd_range.size)
+    for i in range(len(rig.files)):
+        assert rig.entry(i).file.fd in fd_range
+    _serves_each_file_sealed_read_only_with_its_own_offset(rig)
+
+
+def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
+    ranged_rig: _Rig, tmp_path: Path
+) -> None:
+    """A number of the range holds a memfd at every instant, so the view opens it at once
+    (its file sees an open: IN_OPEN) and then checks it: a memfd of the same bytes, size
+    and mode but another inode, or the range's stand-in, is refused, nothing kept. Outside
+    a range the same memfd at N is only looked at through O_PATH (no IN_OPEN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_open = 0x20
+    (tmp_path / "plain-rig").mkdir()
+    plain = _Rig(tmp_path / "plain-rig")  # no range: the O_PATH step
+    look_alike = sealed_from_bytes(ranged_rig.files[0][0].read_bytes())
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    try:
+        path = os.fsencode(f"/proc/self/fd/{look_alike.fd}")
+        assert libc.inotify_add_watch(watch, path, in_open) >= 0
+        fd_range = ranged_rig.index.fd_range
+        assert fd_range is not None
+        standin = fd_range.base + fd_range.size - 1  # (the rig's 4 files take the lowest)
+        for rig, opened in ((ranged_rig, True), (plain, False)):
+            _, st = rig.files[0]
+            memfd = rig.entry(0).file.fd
+            saved = os.dup(memfd)
+            try:
+                for other in (look_alike.fd, standin) if opened else (look_alike.fd,):
+                    os.dup2(other, memfd)
+                    assert _refused(rig.view, st), other
+                    if other == look_alike.fd:
+                        try:
+                            seen = len(os.read(watch, 4096)) > 0
+                        except BlockingIOError:
+                            seen = False
+                        assert seen == opened
+            finally:
+                os.dup2(saved, memfd)
+                os.close(saved)
+            fd = rig.view.open(st)  # and the right one again
+            assert fd is not None
+            os.close(fd)
+    finally:
+        os.close(watch)
+        look_alike.release()
+        plain.close()
 
 
 def test_another_version_a_removed_entry_and_a_changed_slot_are_not_served(rig: _Rig) -> None:
@@ -257,6 +335,25 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
         s = c.stats()
     assert s["index_hits"] >= index_hits - 256  # reported within a batch
     assert s["evictions"] > 0 and s["invalidations"] > 0 and s["index_slots"] > 0, s
+    assert s["index_fd_range"] == 3, s  # one number per entry (--max-entries 3)
+    _range_holds_memfds_only(d)
+
+
+def _range_holds_memfds_only(d: Daemon) -> None:
+    """The daemon's descriptor range, as its index publishes it: every number a memfd
+    (after all the churn of evictions and rewrites), every live slot's memfd in it."""
+    with Client(d.socket_path, timeout=10) as c:
+        view = c.index()
+    assert view is not None
+    try:
+        assert len(view.range) == 3 and view.range.start >= 256  # --max-entries 3
+        for n in view.range:
+            assert os.readlink(f"/proc/{d.pid}/fd/{n}").startswith("/memfd:"), n
+        live = [read_slot(view._map, k) for k in range(view.slots)]
+        fds = [slot.fd for slot in live if slot.state == LIVE]
+        assert fds and all(fd in view.range for fd in fds), fds
+    finally:
+        view.close()
 
 
 @requires_root

@@ -37,6 +37,7 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#include <limits.h>
 
 #ifndef F_ADD_SEALS
 #define F_ADD_SEALS 1033
@@ -2696,8 +2697,8 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
 {
     struct shadowd_private_ *p = P(c);
     struct stat st;
-    uint8_t head[48];
-    uint32_t layout, slot_size, n, hpid, probes;
+    uint8_t head[56];
+    uint32_t layout, slot_size, n, hpid, probes, range_base, range_count;
     uint64_t memfd_dev;
     char dir[48];
 
@@ -2716,6 +2717,8 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     memcpy(&hpid, head + 20, 4);
     memcpy(&memfd_dev, head + 24, 8);
     memcpy(&probes, head + 32, 4);
+    memcpy(&range_base, head + 48, 4);
+    memcpy(&range_count, head + 52, 4);
     if (memcmp(head, INDEX_MAGIC, 8) != 0 || layout != INDEX_LAYOUT || slot_size != INDEX_SLOT ||
         n != slots || hpid != pid || probes == 0) {
         munmap(map, len);
@@ -2739,6 +2742,12 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     if (p->index_probes > p->index_slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
+    /* The daemon's descriptor range (shadowd/fdrange.py): 0, 0 from a
+     * daemon that keeps none, and none that does not fit the numbers. */
+    if (range_base == 0 || range_count > (uint32_t)INT_MAX - range_base)
+        range_base = range_count = 0;
+    p->index_range_base = range_base;
+    p->index_range_count = range_count;
     p->report_at = mono_us();
     report_clear(p);
     return 0;
@@ -2974,23 +2983,33 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
     struct shadowd_private_ *p = P(c);
     char name[16];
     struct stat m;
-    /* O_PATH: no driver's open runs, whatever descriptor N is by now. */
-    int path = got->fd >= 0 ? openat(p->index_dirfd, decimal(name, got->fd), O_PATH | O_CLOEXEC) : -1;
-    if (path < 0)
+    if (got->fd < 0)
+        return -1;
+    int in_range = (uint32_t)got->fd >= p->index_range_base &&
+                   (uint32_t)got->fd - p->index_range_base < p->index_range_count;
+    /* In the daemon's range, N is a memfd whatever it holds by now: opened
+     * read-only at once. Elsewhere O_PATH first: no driver's open runs,
+     * whatever descriptor N is by now. */
+    int first = openat(p->index_dirfd, decimal(name, got->fd),
+                       in_range ? O_RDONLY | O_CLOEXEC : O_PATH | O_CLOEXEC);
+    if (first < 0)
         return -1; /* N was closed meanwhile, or the daemon is gone */
-    if (fstat(path, &m) < 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != p->index_memfd_dev ||
+    if (fstat(first, &m) < 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != p->index_memfd_dev ||
         (uint64_t)m.st_ino != got->memfd_ino || (uint64_t)m.st_size != got->size ||
         (uint32_t)m.st_mode != got->mode ||
         (int64_t)m.st_ctim.tv_sec * 1000000000LL + m.st_ctim.tv_nsec != got->memfd_ctime_ns) {
-        close(path); /* N is something else now, or a holder changed the memfd */
+        close(first); /* N is something else now, or a holder changed the memfd */
         *refused = 1;
         return -1;
     }
-    int fd = reopen_as(c, path, p->pid); /* (every caller ran after_fork) */
-    close(path);
-    if (fd < 0) {
-        *refused = 1;
-        return -1;
+    int fd = first;
+    if (!in_range) {
+        fd = reopen_as(c, first, p->pid); /* (every caller ran after_fork) */
+        close(first);
+        if (fd < 0) {
+            *refused = 1;
+            return -1;
+        }
     }
     /* The slot must have held still while it was used: the daemon changes
      * it before it may close the memfd. */

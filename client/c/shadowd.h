@@ -239,6 +239,7 @@ struct shadowd_private_ {
     /* The daemon's index (docs/protocol.md, "The index"), this connection's. */
     int index_use, index_keep, index_wanted, index_state, index_dirfd, index_pid, index_owner;
     uint32_t index_slots, index_probes;
+    uint32_t index_range_base, index_range_count; /* memfds only, always: no O_PATH */
     uint64_t index_memfd_dev;
     const uint8_t *index_map;
     size_t index_len;
@@ -519,12 +520,15 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  *     even (no write under way) and the same after the reopen, so the slot
  *     held still while it was used (the daemon changes it before it may
  *     close that memfd: a descriptor number reused since cannot pass);
- *   - /proc/PID/fd/N opened O_PATH (no driver's open runs, whatever N is
- *     by then: a FIFO, a device) is a regular file whose st_dev is the
- *     daemon's memfd device and whose inode, size, mode and ctime are the
- *     slot's (a holder that changed the memfd moved its ctime);
- *   - its read-only reopen (through /proc/self/fd: its own open file
- *     description and offset) has the four seals.
+ *   - /proc/PID/fd/N, opened read-only at once when N is in the daemon's
+ *     descriptor range (every number there is a memfd at every instant),
+ *     else O_PATH (no driver's open runs, whatever N is by then: a FIFO,
+ *     a device), is a regular file whose st_dev is the daemon's memfd
+ *     device and whose inode, size, mode and ctime are the slot's (a
+ *     holder that changed the memfd moved its ctime);
+ *   - the read-only fd (outside the range, a reopen of the O_PATH one
+ *     through /proc/self/fd: its own open file description and offset)
+ *     has the four seals.
  * Anything else: the file goes on down the routed open (rules, the
  * daemon, a local copy), and `counts.index_refused` counts a slot of the
  * caller's version that failed a check.

@@ -6,8 +6,10 @@
 # Must never: return an fd that is not a sealed, read-only memfd of the slot's
 # identity, size, mode and stamp; trust a slot that changed while it was read
 # (its seq); open a descriptor of the daemon in a way that has side effects
-# (the first open is O_PATH, which runs no driver's open, and its inode is
-# checked before a real open of that very inode); reopen through another
+# (a number in the daemon's descriptor range, which holds memfds only at
+# every instant, is opened read-only at once; any other number O_PATH first,
+# which runs no driver's open, and its inode is checked before a real open
+# of that very inode); reopen through another
 # process's descriptor table (after a fork, the child's view opens its own
 # /proc/self/fd again: the one it inherited names the parent's).
 #
@@ -30,13 +32,14 @@ from shadowd import hotcalls
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
 from shadowd.memfd import REQUIRED_SEALS, proc_fd_dir_again
 
-_HEADER = struct.Struct("<8sIIIIQII Q")
+_HEADER = struct.Struct("<8sIIIIQII Q II")
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
 _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _F_GET_SEALS = fcntl.F_GET_SEALS
+_FD_MAX = 2**31 - 1
 
 #: The C versions of IndexView.open and open_fd, when the extension is in use
 #: and reads this very layout; None: every view takes the Python path. A view
@@ -74,7 +77,7 @@ class IndexView:
         if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
             raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation = (
+        magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation, base, count = (
             _HEADER.unpack_from(self._map, 0)
         )
         if (magic, layout, slot_size, n, header_pid) != (MAGIC, LAYOUT_VERSION, SLOT, slots, pid):
@@ -85,6 +88,9 @@ class IndexView:
         self.memfd_dev = memfd_dev
         self.probes = probes
         self.generation = generation
+        #: The daemon's descriptor range (shadowd/fdrange.py): numbers that
+        #: are memfds at every instant, opened without the O_PATH step.
+        self.range = range(base, base + count) if base > 0 and base + count <= _FD_MAX else range(0)
         # The daemon's /proc/PID/fd and ours, opened once: a reopen then walks
         # one component instead of three.
         try:
@@ -158,30 +164,49 @@ class IndexView:
             return self._reopen(offset, seq, (fd, size, mode, m_ino, m_ctime))
         return None
 
+    def _is_slots(self, fd: int, memfd: tuple[int, int, int, int, int]) -> bool:
+        """Whether *fd* is the memfd the slot names: a regular file of the daemon's
+        memfd device with the slot's inode, size, mode and ctime."""
+        _, size, mode, m_ino, m_ctime = memfd
+        try:
+            pst = os.fstat(fd)
+        except OSError:
+            return False
+        return (
+            stat.S_ISREG(pst.st_mode)
+            and pst.st_dev == self.memfd_dev
+            and pst.st_ino == m_ino
+            and pst.st_size == size
+            and pst.st_mode == mode
+            and pst.st_ctime_ns == m_ctime
+        )
+
     def _reopen(self, offset: int, seq: int, memfd: tuple[int, int, int, int, int]) -> int | None:
         """The memfd slot *offset* names (its fd, size, mode, inode, ctime), checked."""
-        fd, size, mode, m_ino, m_ctime = memfd
-        # O_PATH first: no driver's open runs, whatever fd N is now.
-        try:
-            path = os.open(str(fd), _PATH_FLAGS, dir_fd=self._daemon_fds)
-        except OSError:
-            return None  # the daemon is gone, or N was closed meanwhile
-        try:
-            pst = os.fstat(path)
-            if (
-                not stat.S_ISREG(pst.st_mode)
-                or pst.st_dev != self.memfd_dev
-                or pst.st_ino != m_ino
-                or pst.st_size != size
-                or pst.st_mode != mode
-                or pst.st_ctime_ns != m_ctime
-            ):
-                return None  # N is something else now, or a holder changed the memfd
-            served = os.open(str(path), _OPEN_FLAGS, dir_fd=self._own_fds)
-        except OSError:
-            return None
-        finally:
-            os.close(path)
+        fd = memfd[0]
+        if fd in self.range:
+            # A memfd, whatever N holds by now: its open has no side effects.
+            try:
+                served = os.open(str(fd), _OPEN_FLAGS, dir_fd=self._daemon_fds)
+            except OSError:
+                return None  # the daemon is gone
+            if not self._is_slots(served, memfd):
+                os.close(served)  # another memfd is at N now
+                return None
+        else:
+            # O_PATH first: no driver's open runs, whatever fd N is now.
+            try:
+                path = os.open(str(fd), _PATH_FLAGS, dir_fd=self._daemon_fds)
+            except OSError:
+                return None  # the daemon is gone, or N was closed meanwhile
+            try:
+                if not self._is_slots(path, memfd):
+                    return None  # N is something else now, or a holder changed the memfd
+                served = os.open(str(path), _OPEN_FLAGS, dir_fd=self._own_fds)
+            except OSError:
+                return None
+            finally:
+                os.close(path)
         try:
             sealed = fcntl.fcntl(served, _F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
         except OSError:
