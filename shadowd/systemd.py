@@ -189,6 +189,14 @@ class _Message:
     data: bytes
     fds: tuple[int, ...]
     keep: Shareable | None  # holds the fds open while the message waits
+    #: The fds are keep's own descriptor, whose number is read again when the
+    #: message goes: the index renumbers a cached memfd into its descriptor
+    #: range (fdrange.py) and closes the old number, which may be another
+    #: file's by then.
+    kept: bool = False
+
+    def descriptors(self) -> tuple[int, ...]:
+        return (self.keep.fd,) if self.kept and self.keep is not None else self.fds
 
 
 @attrs.define(eq=False)
@@ -235,8 +243,9 @@ class Notifier:
     def send(self, message: str, fds: Sequence[int] = (), keep: Shareable | None = None) -> bool:
         """Send *message* (``KEY=value`` lines) with *fds*, now or soon.
 
-        *keep* is what owns *fds*: retained while the message waits. Returns
-        False when the message was dropped (queue full, manager gone).
+        *keep* is what owns *fds*: retained while the message waits; when *fds*
+        is keep's own descriptor, it goes at the number keep has by then.
+        Returns False when the message was dropped (queue full, manager gone).
         """
         if self.broken:
             return False
@@ -255,7 +264,8 @@ class Notifier:
             return False
         if keep is not None:
             keep.retain()
-        self._queue.append(attrs.evolve(msg, keep=keep))
+        kept = keep is not None and msg.fds == (keep.fd,)
+        self._queue.append(attrs.evolve(msg, keep=keep, kept=kept))
         self._wakeup.set()
         return True
 
@@ -274,7 +284,9 @@ class Notifier:
     def _send_now(self, msg: _Message) -> _Outcome:
         """Send one message without waiting; an error other than a full queue breaks us."""
         try:
-            self.sock.sendmsg([msg.data], scm_rights(msg.fds), socket.MSG_NOSIGNAL, self.address)
+            self.sock.sendmsg(
+                [msg.data], scm_rights(msg.descriptors()), socket.MSG_NOSIGNAL, self.address
+            )
         except (BlockingIOError, InterruptedError):
             return _Outcome.FULL
         except OSError as exc:

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from shadowd import memfd
 from shadowd.cache import Cache, CacheLimits, HostKey
+from shadowd.fdrange import FdRange
+from shadowd.fds import close_all
 from shadowd.fdstore import MAX_NAME, FdStore, StoredName
+from shadowd.index import Index
 from shadowd.source import SourceStat
 from shadowd.systemd import PassedFd
 
@@ -272,3 +275,55 @@ def test_private_entries_are_never_stored(manager: Manager) -> None:
     f.release()
     assert store.entries == 0 and manager.messages() == []
     cache.clear()
+
+
+def test_a_store_that_waits_sends_the_memfd_the_index_renumbered_meanwhile(
+    manager: Manager,
+) -> None:
+    """The fd store observes the cache before the index does (its observer is added at
+    restore, the index's at serve), so a store that must wait (the manager's queue is
+    full) was queued with the memfd's number from before the index moved it into its
+    descriptor range and closed that number. What goes to the manager once there is
+    room must be that memfd, not whatever took the old number meanwhile."""
+    cache = Cache(CacheLimits(racy_window_ns=0))
+    store = FdStore(manager.notifier, max_entries=10)
+    store.restore(cache, [])
+    index = Index(64, FdRange.reserve(4))
+    cache.add_observer(index)
+    other = None
+    try:
+        assert index.fd_range is not None
+        sent = 0
+        while manager.notifier.queued == 0:  # the manager reads nothing for now
+            assert manager.notifier.send(f"STATUS={sent}")
+            sent += 1
+            assert sent < 100_000
+        sealed = memfd.sealed_from_bytes(b"stored while the manager was full")
+        old, ino = sealed.fd, os.fstat(sealed.fd).st_ino
+        cache.insert(HostKey(1, 7), (33, 100, 200), sealed, ctime_ns=200, wd=1)
+        sealed.release()
+        assert sealed.fd in index.fd_range and not is_open(old)  # moved, old number free
+        r, w = os.pipe()
+        os.dup2(r, old)  # what the kernel may give that number to next: a client's pipe
+        os.close(r)
+        os.close(w)
+        other = old
+        got: list[tuple[str, list[int]]] = []
+        for _ in range(100_000):
+            got += manager.receiver.receive_all()
+            manager.notifier.flush()
+            if manager.notifier.queued == 0:
+                break
+        got += manager.receiver.receive_all()
+        assert not manager.notifier.broken
+        stores = [fds for text, fds in got if text.startswith("FDSTORE=1")]
+        try:
+            assert len(stores) == 1 and len(stores[0]) == 1
+            assert os.fstat(stores[0][0]).st_ino == ino  # the memfd, not the pipe
+        finally:
+            close_all([fd for _, fds in got for fd in fds])
+    finally:
+        if other is not None:
+            os.close(other)
+        cache.clear()
+        index.close()
