@@ -10,7 +10,10 @@
 #     u64 st_dev of the daemon's memfds, u32 most probes (MAX_PROBE), u32 0,
 #     u64 a random generation (another daemon, another index), u32 the
 #     first descriptor number of the range (fdrange.py), u32 its size (0:
-#     none; readers of the first layout ignore both).
+#     none; readers of the first layout ignore both), u32 the daemon's own
+#     descriptor of this index (a reader that finds this very memfd there
+#     knows /proc/PID is the daemon, not another process of that pid in
+#     its pid namespace, before it trusts the range).
 #   slots, SLOT bytes each: u32 seq (0 never used; odd while being written;
 #     even once written), u32 state (1 live, 2 removed), u64 dev, u64 ino,
 #     u64 size, i64 mtime_ns, i64 ctime_ns, i32 the daemon's fd of the memfd,
@@ -47,7 +50,7 @@ LAYOUT_VERSION = 1
 HEADER = 4096
 SLOT = 128
 MAX_PROBE = 16
-_HEADER = struct.Struct("<8sIIIIQII Q II")
+_HEADER = struct.Struct("<8sIIIIQII Q II I")
 # seq, state, dev, ino, size, mtime_ns, ctime_ns, fd, mode, memfd ino, memfd ctime
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
@@ -202,6 +205,7 @@ class Index:
             self.generation,
             self.fd_range.base if self.fd_range is not None else 0,
             self.fd_range.size if self.fd_range is not None else 0,
+            self.holder.fd,
         )
 
     @property

@@ -7,6 +7,7 @@
 # shadowd-open. Built with the host's C compiler; skipped where there is none.
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -15,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -77,12 +79,17 @@ class Driver:
     """tests/c_driver.c in a subprocess: one command a line, one JSON answer a line."""
 
     def __init__(
-        self, binary: str, log: Path, env: dict[str, str] | None = None, user: int | None = None
+        self,
+        binary: str,
+        log: Path,
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+        argv: list[str] | None = None,
     ) -> None:
         self.log = log
         self._err = open(log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [binary],
+            argv or [binary],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._err,
@@ -1991,3 +1998,80 @@ async def test_after_a_daemon_restart_the_new_daemons_index_serves(
     assert after[0]["route"] == "copy" and after[0]["copied_why"] in ("miss", "failed")
     assert counts["index_refused"] == 0  # the old daemon's slots led nowhere, not to a wrong file
     assert s["index_hits"] == 1 and s["misses"] >= 1
+
+
+# Pid 1 of a new pid namespace: forks a process that gets the daemon's pid
+# number here and holds a FIFO (with a writer: nothing blocks) at number N,
+# then becomes the driver.
+_IMPOSTOR_THEN_DRIVER = """
+import os, sys
+driver, fifo, dpid, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(dpid - 1))
+ready_r, ready_w = os.pipe()
+hold_r, hold_w = os.pipe()
+if os.fork() == 0:
+    os.dup2(os.open(fifo, os.O_RDWR), n)
+    os.write(ready_w, b"x")
+    os.read(hold_r, 1)  # killed when pid 1 exits
+    os._exit(0)
+os.read(ready_r, 1)
+os.execv(driver, [driver])
+"""
+
+
+@requires_root
+async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_opened(
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    """The C client in another pid namespace, where the daemon's pid names another
+    process: a number of the daemon's range there may be a FIFO, never opened for real
+    (no IN_OPEN); the index is not taken (/proc/PID is not the daemon)."""
+    from shadowd_client import Client
+
+    from shadowd.index import LIVE, read_slot
+
+    daemon = await start_daemon("--racy-window", "0.05")
+    f = make_file(shared_dir / "lib.so", os.urandom(5000))
+    settle(f)
+    fifo = shared_dir / "fifo"
+    os.mkfifo(fifo)
+
+    def warm() -> int:
+        with Client(daemon.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))
+            view = c.index()
+            assert view is not None
+            try:
+                slots = [read_slot(view._map, k) for k in range(view.slots)]
+                fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
+                assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
+                return fds[0]
+            finally:
+                view.close()
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    try:
+        with trio.fail_after(60):
+            n = await trio.to_thread.run_sync(warm)
+            d = Driver(
+                "unshare",
+                tmp_path / "ns.err",
+                argv=["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                      _IMPOSTOR_THEN_DRIVER, driver_bin, str(fifo), str(daemon.pid), str(n)],
+            )  # fmt: skip
+            with d:
+                await ask(d, "socket", daemon.socket_path)  # the impostor is ready
+                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                await ask(d, "indexready")
+                got = await ask(d, "indexopen", f, 3)
+        try:
+            opens = len(os.read(watch, 4096))
+        except BlockingIOError:
+            opens = 0
+    finally:
+        os.close(watch)
+    assert opens == 0 and got["served"] == 0, (opens, got)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -35,7 +36,16 @@ from shadowd.index import HEADER, LIVE, REMOVED, SLOT, Slot, read_slot, slot_of
 from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
 from shadowd.metrics import count_open_fds
 
-from .conftest import NOBODY, Daemon, make_file, read_fd, requires_root, run_as, settle
+from .conftest import (
+    NOBODY,
+    Daemon,
+    make_file,
+    read_fd,
+    repo_env,
+    requires_root,
+    run_as,
+    settle,
+)
 from .indexed import IndexedCache
 
 RACY = "0.05"
@@ -388,6 +398,96 @@ with Client({str(d.socket_path)!r}, timeout=10) as c:
 """
         got = await in_thread(lambda: run_as(NOBODY, code))
     assert got == [True, 40_000]
+
+
+# Run as pid 1 of a new pid namespace with its own /proc: a process here gets
+# the daemon's pid number and holds a FIFO (with a writer: nothing blocks) at
+# the number a live slot names; then this namespace's root asks for the index
+# and opens the cached file through it.
+_IMPOSTOR = """
+import ctypes, os, sys, json
+import shadowd_client.index as index_module
+from shadowd_client import Client
+sock, path, fifo, dpid, n, path_kind = sys.argv[1:7]
+dpid, n = int(dpid), int(n)
+if path_kind == "python":
+    index_module.C_CALLS = None
+os.mkfifo(fifo)
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(dpid - 1))
+ready_r, ready_w = os.pipe()
+hold_r, hold_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(fifo, os.O_RDWR), n)
+    os.write(ready_w, b"x")
+    os.read(hold_r, 1)  # killed when pid 1 exits
+    os._exit(0)
+os.read(ready_r, 1)
+libc = ctypes.CDLL(None, use_errno=True)
+watch = libc.inotify_init1(os.O_NONBLOCK)
+assert libc.inotify_add_watch(watch, fifo.encode(), 0x20) >= 0  # IN_OPEN
+with Client(sock, timeout=10) as c:
+    view = c.index()
+    got = None
+    if view is not None:
+        src = os.open(path, os.O_RDONLY)
+        got = view.open(os.fstat(src))
+try:
+    opens = len(os.read(watch, 4096))
+except BlockingIOError:
+    opens = 0
+print(json.dumps([pid, view is not None, got, opens]))
+"""
+
+
+@requires_root
+async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_opened(
+    daemon: Daemon, shared_dir: Path, index_path: str
+) -> None:
+    """The index names the daemon by its pid, in the daemon's pid namespace. A client
+    in another one (a container's supervisor with the host's socket) reads
+    /proc/PID of its own namespace, where PID may be another process: a number of the
+    daemon's range there may be anything (a FIFO, a device), and must not be opened
+    for real (no IN_OPEN). Such a view is refused: /proc/PID there is not the daemon."""
+    f = make_file(shared_dir / "lib.so", os.urandom(5000))
+    settle(f)
+
+    def warm() -> int:
+        with Client(daemon.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))
+            view = c.index()
+            assert view is not None
+            try:
+                slots = [read_slot(view._map, k) for k in range(view.slots)]
+                fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
+                assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
+                return fds[0]
+            finally:
+                view.close()
+
+    with trio.fail_after(60):
+        n = await in_thread(warm)
+        done = await in_thread(
+            lambda: subprocess.run(
+                [
+                    *("unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"),
+                    *(_IMPOSTOR, str(daemon.socket_path), str(f), str(shared_dir / "fifo")),
+                    *(str(daemon.pid), str(n), index_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=repo_env(),
+                check=False,
+            )
+        )
+    assert done.returncode == 0, done.stderr
+    impostor, had_view, got, opens = json.loads(done.stdout.splitlines()[-1])
+    assert impostor == daemon.pid  # the daemon's pid names another process there
+    assert got is None and opens == 0, (had_view, got, opens)
+    assert not had_view
 
 
 def test_private_and_unwatched_entries_are_never_indexed(rig: _Rig, tmp_path: Path) -> None:

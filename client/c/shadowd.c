@@ -2697,8 +2697,8 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
 {
     struct shadowd_private_ *p = P(c);
     struct stat st;
-    uint8_t head[56];
-    uint32_t layout, slot_size, n, hpid, probes, range_base, range_count;
+    uint8_t head[60];
+    uint32_t layout, slot_size, n, hpid, probes, range_base, range_count, index_fd;
     uint64_t memfd_dev;
     char dir[48];
 
@@ -2719,6 +2719,7 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     memcpy(&probes, head + 32, 4);
     memcpy(&range_base, head + 48, 4);
     memcpy(&range_count, head + 52, 4);
+    memcpy(&index_fd, head + 56, 4);
     if (memcmp(head, INDEX_MAGIC, 8) != 0 || layout != INDEX_LAYOUT || slot_size != INDEX_SLOT ||
         n != slots || hpid != pid || probes == 0) {
         munmap(map, len);
@@ -2733,6 +2734,29 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
         munmap(map, len);
         return -1;
     }
+    /* The daemon's descriptor range (shadowd/fdrange.py): 0, 0 from a
+     * daemon that keeps none, and none that does not fit the numbers. */
+    if (range_base == 0 || range_count > (uint32_t)INT_MAX - range_base)
+        range_base = range_count = 0;
+    if (range_count > 0) {
+        /* The daemon's own descriptor of this index must be this very
+         * memfd: else /proc/PID is another process of that pid (in our pid
+         * namespace), whose numbers of the "range" may be anything. */
+        char name[16];
+        struct stat mine;
+        int at = index_fd <= (uint32_t)INT_MAX
+                     ? openat(dirfd, decimal(name, (int)index_fd), O_PATH | O_CLOEXEC)
+                     : -1;
+        int same = at >= 0 && fstat(at, &mine) == 0 && mine.st_dev == st.st_dev &&
+                   mine.st_ino == st.st_ino;
+        if (at >= 0)
+            close(at);
+        if (!same) {
+            close(dirfd);
+            munmap(map, len);
+            return -1;
+        }
+    }
     p->index_map = map;
     p->index_len = len;
     p->index_dirfd = dirfd;
@@ -2742,10 +2766,6 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     if (p->index_probes > p->index_slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
-    /* The daemon's descriptor range (shadowd/fdrange.py): 0, 0 from a
-     * daemon that keeps none, and none that does not fit the numbers. */
-    if (range_base == 0 || range_count > (uint32_t)INT_MAX - range_base)
-        range_base = range_count = 0;
     p->index_range_base = range_base;
     p->index_range_count = range_count;
     p->report_at = mono_us();

@@ -32,7 +32,7 @@ from shadowd import hotcalls
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
 from shadowd.memfd import REQUIRED_SEALS, proc_fd_dir_again
 
-_HEADER = struct.Struct("<8sIIIIQII Q II")
+_HEADER = struct.Struct("<8sIIIIQII Q II I")
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
 _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
@@ -65,6 +65,22 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _same_file(fds_dir: int, n: int, fd: int) -> bool:
+    """Whether descriptor *n* of the process whose /proc/PID/fd is *fds_dir* is the
+    file *fd* is (looked at through O_PATH: no side effect whatever it is)."""
+    try:
+        path = os.open(str(n), _PATH_FLAGS, dir_fd=fds_dir)
+    except OSError:
+        return False
+    try:
+        theirs, ours = os.fstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(path)
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 class BadIndex(Exception):
     """The index is not one this client can read (wrong magic, layout, sizes)."""
 
@@ -77,9 +93,8 @@ class IndexView:
         if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
             raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation, base, count = (
-            _HEADER.unpack_from(self._map, 0)
-        )
+        (magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation, base, count,
+         index_fd) = _HEADER.unpack_from(self._map, 0)  # fmt: skip
         if (magic, layout, slot_size, n, header_pid) != (MAGIC, LAYOUT_VERSION, SLOT, slots, pid):
             self._map.close()
             raise BadIndex("not an index this client reads (magic, layout or sizes differ)")
@@ -98,6 +113,12 @@ class IndexView:
         except OSError as exc:
             self._map.close()
             raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
+        if self.range and not _same_file(self._daemon_fds, index_fd, fd):
+            # /proc/PID is not the daemon (another process of that pid, in
+            # our pid namespace): a number of its "range" may be anything.
+            os.close(self._daemon_fds)
+            self._map.close()
+            raise BadIndex(f"/proc/{pid} is not the daemon that sent this index")
         self._own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
         self._c_open: Callable[[os.stat_result], int | None] | None = None
         self._c_open_fd: Callable[[int], int | None] | None = None
