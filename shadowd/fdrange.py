@@ -65,7 +65,11 @@ class FdRange:
         size = min(size, soft - base - soft // LIMIT_SHARE)
         if size < 1:
             return None
-        standin = _standin()
+        try:
+            standin = _standin()
+        except OSError as exc:  # ENFILE, ENOMEM, a memfd_noexec policy
+            log.warning("no descriptor range for the index (%s): index hits take O_PATH", exc)
+            return None
         taken: list[int] = []
         try:
             for n in range(base, base + size):
@@ -110,7 +114,13 @@ class FdRange:
         if self._closed:
             os.close(n)
             return
-        os.dup2(self._standin.fd, n, inheritable=False)
+        try:
+            os.dup2(self._standin.fd, n, inheritable=False)
+        except OSError as exc:
+            # (The soft fd limit lowered below n from outside.) n keeps its
+            # memfd, never freed: its memory stays, the range stays whole.
+            log.error("descriptor %d of the index's range kept its memfd: %s", n, exc)
+            return
         self._free.append(n)
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 
@@ -158,3 +159,36 @@ print(json.dumps([r.base, r.size] if r else None))
     base, size = json.loads(done.stdout)
     assert base >= 256 and 0 < size <= 1024 // LIMIT_SHARE
     assert base + size <= 1024 - 1024 // LIMIT_SHARE  # room left above it, too
+
+
+def test_a_give_back_the_fd_limit_now_forbids_keeps_the_memfd_and_the_range_whole(
+    fd_range: FdRange,
+) -> None:
+    """The soft fd limit lowered below the range from outside (prlimit): dup3 there fails,
+    and the number keeps its memfd rather than fall free for anything else."""
+    file = sealed_from_bytes(b"kept")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert file.move_into(fd_range)
+        n, ino = file.fd, os.fstat(file.fd).st_ino
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_range.base, hard))
+        try:
+            file.release()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert os.fstat(n).st_ino == ino and fd_range.used == 1
+        _all_memfds(fd_range)
+        other = sealed_from_bytes(b"other")
+        taken = [fd_range.take(other.fd) for _ in range(fd_range.size - 1)]
+        try:
+            assert n not in taken and -1 not in taken  # n is never handed out again
+            assert fd_range.take(other.fd) == -1
+        finally:
+            for m in taken:
+                fd_range.give_back(m)
+            other.release()
+            fd_range.close()
+            fd_range.give_back(n)  # (closed now: the test leaves no fd)
+    finally:
+        if not file.closed:
+            file.release()
