@@ -602,6 +602,33 @@ def test_connect_start_sends_the_hello_without_waiting(driver: Any, tmp_path: Pa
     assert r["rc"] == -1 and r["code"] == "unavailable" and "none.sock" in r["error"], r
 
 
+def test_connect_start_asks_for_the_index_behind_the_hello(driver: Any, tmp_path: Path) -> None:
+    """Both requests are sent before any answer: the index's comes while the caller forks."""
+    path = tmp_path / "order.sock"
+    seen: list[dict[str, Any]] = []
+
+    def in_order(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        seen.extend(msgpack.unpackb(conn.recv(4096)) for _ in range(2))  # before answering
+        hello, index = seen
+        reply = {"id": hello["id"], "ok": True, "version": 2, "server": "in-order", "limits": {}}
+        conn.send(msgpack.packb(reply))
+        refusal = {"id": index["id"], "ok": False, "code": "no-index", "message": "none here"}
+        conn.send(msgpack.packb(refusal))
+        while data := conn.recv(4096):  # and whatever comes after, until the client goes
+            seen.append(msgpack.unpackb(data))
+
+    with stand_in_daemon(path, in_order):
+        d = driver()
+        started = d("connect_start", path)
+        waited = d("connect_wait")
+        ready = d("indexready")
+        d("close")
+    assert started["rc"] == 0 and waited["rc"] == 0 and waited["protocol"] == 2, waited
+    assert [m["op"] for m in seen] == ["hello", "index"], seen
+    assert ready["ready"] == 0, ready  # refused: no index, and no second request for it
+
+
 async def test_connect_start_then_wait_greets_a_real_daemon(
     driver: Any, daemon: Daemon, tmp_path: Path
 ) -> None:
@@ -611,9 +638,11 @@ async def test_connect_start_then_wait_greets_a_real_daemon(
     with trio.fail_after(30):
         started = await ask(d, "connect_start", daemon.socket_path)
         waited = await ask(d, "connect_wait")
+        ready = await ask(d, "indexready")
         opened = await ask(d, "openfd", f)
         await ask(d, "close")
     assert started["rc"] == 0 and waited["rc"] == 0 and waited["protocol"] == 2, waited
+    assert ready["ready"] == 1, ready  # the index asked for with the hello, held
     assert opened["hash"] == digest
 
 

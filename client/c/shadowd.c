@@ -1902,18 +1902,6 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
 }
 
 int
-shadowd_connect_start(struct shadowd *c, const char *socket_path)
-{
-    ready(c);
-    if (shadowd_set_socket(c, socket_path) < 0)
-        return -1;
-    if (P(c)->live)
-        fail_connection(c, F_NONE, NULL, "shadowd_connect_start replaced the connection");
-    clear(c);
-    return start(c, 0);
-}
-
-int
 shadowd_connect_wait(struct shadowd *c)
 {
     ready(c);
@@ -3108,6 +3096,28 @@ shadowd_index_ready(struct shadowd *c)
     int held = index_wait(c);
     clear(c);
     return held;
+}
+
+/* Here, after the index's states: it asks for the index with the hello. */
+int
+shadowd_connect_start(struct shadowd *c, const char *socket_path)
+{
+    ready(c);
+    if (shadowd_set_socket(c, socket_path) < 0)
+        return -1;
+    if (P(c)->live)
+        fail_connection(c, F_NONE, NULL, "shadowd_connect_start replaced the connection");
+    clear(c);
+    if (start(c, 0))
+        return -1;
+    /* The index request right behind the hello (the daemon reads them in
+     * order): its answer comes while the caller forks too, not one round
+     * trip after the hello's. A daemon that turns the hello down (version
+     * 1) closes the connection, and the index is asked on the next. */
+    if (P(c)->index_use && P(c)->index_state == IX_NONE && P(c)->hello == H_SENT)
+        index_ask(c);
+    clear(c);
+    return 0;
 }
 
 int

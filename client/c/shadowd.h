@@ -314,11 +314,13 @@ const char *shadowd_default_socket(char *buf, size_t len);
 int shadowd_connect(struct shadowd *c, const char *socket_path);
 
 /* The same, without waiting for the hello's answer: connect (without
- * waiting for room in the daemon's backlog) and send the hello; the next
- * call that needs the answer reads it (shadowd_index_ready, an open). A
- * caller starts its connection early this way, say before it forks the
- * tracee, so that the daemon answers while it does. 0, or -1 with code and
- * error set (then the next call tries again, as every call does). */
+ * waiting for room in the daemon's backlog), send the hello and, while the
+ * index is in use (shadowd_set_index), the request for the index right
+ * behind it; the next call that needs the answers reads them
+ * (shadowd_connect_wait, shadowd_index_ready, an open). A caller starts
+ * its connection early this way, say before it forks the tracee, so that
+ * the daemon answers while it does. 0, or -1 with code and error set (then
+ * the next call tries again, as every call does). */
 int shadowd_connect_start(struct shadowd *c, const char *socket_path);
 
 /* Wait for the answer to the hello shadowd_connect_start sent (connecting

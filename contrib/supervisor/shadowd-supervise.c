@@ -1266,15 +1266,15 @@ main(int argc, char **argv)
         }
     }
 
-    /* The hello goes out before the fork: the daemon answers it while we
-     * fork and the tracee installs its filter (a fresh daemon's answer took
-     * as long as all of that). */
+    /* The routed open's hello and index request go out before the fork:
+     * the daemon answers them while we fork and the tracee installs its
+     * filter (a fresh daemon's answers took as long as all of that). The
+     * other modes connect after the fork, as a supervisor written before
+     * the routed open does. */
+    const int early_hello = S.mode == SHADOWD && S.index && !S.open_fd;
     int early = -1;
-    if (S.mode == SHADOWD) {
-        early = shadowd_connect_start(&S.client, socket_path);
-        if (early < 0)
-            note_error("shadowd: %s", S.client.error);
-    }
+    if (early_hello && (early = shadowd_connect_start(&S.client, socket_path)) < 0)
+        note_error("shadowd: %s", S.client.error);
 
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
@@ -1314,13 +1314,15 @@ main(int argc, char **argv)
         /* The hello's answer, and the index, while the tracee execs (its
          * first open waits for us), so that no open pays for them. A daemon
          * that is not there is no reason not to run the program. */
-        if (early == 0 && shadowd_connect_wait(&S.client) == 0) {
+        int connected = early_hello ? early == 0 && shadowd_connect_wait(&S.client) == 0
+                                    : shadowd_connect(&S.client, socket_path) == 0;
+        if (connected) {
             S.connected = 1;
             /* The index too (the daemon's uid or root only): then the
              * program's first open needs no round trip either. */
-            if (S.index && !S.open_fd)
+            if (early_hello)
                 S.index_ready = shadowd_index_ready(&S.client);
-        } else if (early == 0) {
+        } else if (!early_hello || early == 0) { /* (a failed start said why) */
             note_error("shadowd: %s", S.client.error);
         }
         if (preload_path)
