@@ -6,7 +6,10 @@
 # through /proc/self/fd), the first statmount through ctypes, the first
 # parse and encoding of each kind of message, and the kernel's charge for
 # each length of reply (inflight.truesize, measured on a socket pair the
-# first time a length is seen).
+# first time a length is seen). The worker threads stay in trio's thread
+# cache while they find work at least every 10 s (its idle timeout): a
+# daemon idle for longer starts them again on its next miss, as it did
+# before this warm-up existed.
 #
 # Must never: touch the cache, the index, a counter or anything else that
 # stats show (a warmed daemon's stats are a fresh one's); open a path a
