@@ -224,6 +224,8 @@ class OwnDaemon:
     def __init__(self, workdir: str, *, prime: bool = False):
         self.socket_path = os.path.join(workdir, "shadowd.sock")
         self.log_path = os.path.join(workdir, "shadowd.log")
+        self.notify_path = os.path.join(workdir, "notify.sock")
+        self.notify: socket.socket | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         #: A file of our own that a restarted daemon is asked for first, so that
         #: its first miss (worker threads, code paths) is not a program's.
@@ -233,7 +235,16 @@ class OwnDaemon:
                 f.write(os.urandom(1 << 20))
 
     def start(self, timeout: float = 30) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]))
+        # Ready is what the daemon tells a service manager (READY=1, after its
+        # warm-up), not a socket that takes connections: it listens before it
+        # serves, and a connection made then waits for the rest of its start.
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(self.notify_path)
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]),
+            NOTIFY_SOCKET=self.notify_path,
+        )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "shadowd", "serve", "--socket", self.socket_path],
@@ -243,11 +254,10 @@ class OwnDaemon:
                 env=env,
             )
         deadline = time.monotonic() + timeout
-        while not self._answers():
+        while not self._ready(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the daemon did not start; its log:\n{self.log()}")
-            time.sleep(0.02)
         if self.prime_path:
             from shadowd_client import Client
 
@@ -255,27 +265,30 @@ class OwnDaemon:
                 for _ in range(2):  # a miss (its copy waited for), then a hit
                     os.close(client.open(self.prime_path))
 
-    def _answers(self) -> bool:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def _ready(self, wait: float) -> bool:
+        """Whether the daemon said READY=1 (waiting up to *wait* seconds for it)."""
+        assert self.notify is not None
+        self.notify.settimeout(wait)
         try:
-            s.connect(self.socket_path)
-        except OSError:
+            message = self.notify.recv(4096)
+        except TimeoutError:
             return False
-        finally:
-            s.close()
-        return True
+        return b"READY=1" in message.split(b"\n")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+        if self.notify is not None:  # after the daemon's last word (STOPPING=1)
+            self.notify.close()
+            self.notify = None
+            os.unlink(self.notify_path)
 
     def restart(self) -> None:
         self.stop()

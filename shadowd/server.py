@@ -66,6 +66,7 @@ from .protocol import (
 from .refusals import Refusals
 from .source import MountTrust
 from .stats import Latencies, Stats
+from .warmup import warm_up
 from .watches import Watches
 
 if TYPE_CHECKING:
@@ -302,6 +303,14 @@ class Server:
                     self.opens.nursery = nursery
                     nursery.start_soon(self._run_poller)
                     nursery.start_soon(self._read_watches, watches)
+                    # Before saying started (and READY=1): what a fresh
+                    # daemon's first requests would pay for (warmup.py).
+                    await warm_up(
+                        workers=self.config.copy_workers,
+                        limiter=self.copier.local_limiter,
+                        wire=self.config.wire,
+                        hello_limits=self.config.hello_limits(),
+                    )
                     with self._accept_scope:
                         task_status.started()
                         await acceptor.run(listen_sock, nursery)

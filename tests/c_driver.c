@@ -301,6 +301,11 @@ main(void)
             emit("\"rc\": %d, ", shadowd_connect(&c, argc > 1 ? argv[1] : NULL));
             status(t);
             emit_str("socket_path", c.socket_path);
+        } else if (strcmp(cmd, "connect_start") == 0 || strcmp(cmd, "connect_wait") == 0) {
+            int rc = cmd[8] == 's' ? shadowd_connect_start(&c, argc > 1 ? argv[1] : NULL)
+                                   : shadowd_connect_wait(&c);
+            emit("\"rc\": %d, \"protocol\": %d, ", rc, c.protocol);
+            status(t);
         } else if (strcmp(cmd, "timeouts") == 0) {
             shadowd_set_timeouts(&c, atoi(argv[1]), atoi(argv[2]), atoi(argv[3]));
         } else if (strcmp(cmd, "backoff") == 0) {

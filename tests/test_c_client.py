@@ -584,6 +584,75 @@ async def test_a_long_path_goes_without_its_label_under_a_small_max_request(
     assert done.stdout == b"deep bytes"
 
 
+# -- connecting early -----------------------------------------------------------
+
+
+def test_connect_start_sends_the_hello_without_waiting(driver: Any, tmp_path: Path) -> None:
+    """shadowd_connect_start returns before any answer; shadowd_connect_wait reads it."""
+    silent = tmp_path / "silent.sock"
+    with stand_in_daemon(silent, mute):
+        d = driver()
+        d("backoff", 0, 0)
+        d("timeouts", 400, 100, 0)
+        started = d("connect_start", silent)
+        # A daemon that never answers: nothing waited for here...
+        assert started["rc"] == 0 and started["protocol"] == 0, started
+        assert started["us"] < 200_000, started
+        # ...and the wait for its hello ends at the connect timeout, as
+        # shadowd_connect's would.
+        waited = d("connect_wait")
+        assert waited["rc"] == -1 and waited["code"] == "unavailable", waited
+        assert "no hello reply" in waited["error"], waited
+        assert 0.3 <= (started["us"] + waited["us"]) / 1e6 < 5, (started, waited)
+    gone = driver()
+    r = gone("connect_start", tmp_path / "none.sock")
+    assert r["rc"] == -1 and r["code"] == "unavailable" and "none.sock" in r["error"], r
+
+
+def test_connect_start_asks_for_the_index_behind_the_hello(driver: Any, tmp_path: Path) -> None:
+    """Both requests are sent before any answer: the index's comes while the caller forks."""
+    path = tmp_path / "order.sock"
+    seen: list[dict[str, Any]] = []
+
+    def in_order(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        seen.extend(msgpack.unpackb(conn.recv(4096)) for _ in range(2))  # before answering
+        hello, index = seen
+        reply = {"id": hello["id"], "ok": True, "version": 2, "server": "in-order", "limits": {}}
+        conn.send(msgpack.packb(reply))
+        refusal = {"id": index["id"], "ok": False, "code": "no-index", "message": "none here"}
+        conn.send(msgpack.packb(refusal))
+        while data := conn.recv(4096):  # and whatever comes after, until the client goes
+            seen.append(msgpack.unpackb(data))
+
+    with stand_in_daemon(path, in_order):
+        d = driver()
+        started = d("connect_start", path)
+        waited = d("connect_wait")
+        ready = d("indexready")
+        d("close")
+    assert started["rc"] == 0 and waited["rc"] == 0 and waited["protocol"] == 2, waited
+    assert [m["op"] for m in seen] == ["hello", "index"], seen
+    assert ready["ready"] == 0, ready  # refused: no index, and no second request for it
+
+
+async def test_connect_start_then_wait_greets_a_real_daemon(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    f, digest = big(tmp_path / "f")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        started = await ask(d, "connect_start", daemon.socket_path)
+        waited = await ask(d, "connect_wait")
+        ready = await ask(d, "indexready")
+        opened = await ask(d, "openfd", f)
+        await ask(d, "close")
+    assert started["rc"] == 0 and waited["rc"] == 0 and waited["protocol"] == 2, waited
+    assert ready["ready"] == 1, ready  # the index asked for with the hello, held
+    assert opened["hash"] == digest
+
+
 # -- timeouts and the breaker ------------------------------------------------
 
 
@@ -1995,7 +2064,7 @@ async def test_after_a_daemon_restart_the_new_daemons_index_serves(
         await ask(d, "close")
         s = await trio.to_thread.run_sync(stats, second)
     assert all(r["hash"] == digest for r in before + after)
-    assert after[0]["route"] == "copy" and after[0]["copied_why"] in ("miss", "failed")
+    assert after[0]["route"] == "copy" and after[0]["copied_why"] in ("miss", "failed", "first")
     assert counts["index_refused"] == 0  # the old daemon's slots led nowhere, not to a wrong file
     assert s["index_hits"] == 1 and s["misses"] >= 1
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from shadowd.daemon import STATUS_INTERVAL, run
 from shadowd.server import ServerConfig
@@ -16,8 +17,19 @@ from shadowd.server import ServerConfig
 from .manager import NotifyReceiver
 
 
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps once the loop has been idle 50 ms of real time.
+
+    Not at once, as pytest-trio's autojump_clock does: the daemon's warm-up
+    waits for worker threads before READY=1, and a clock that jumped while it
+    waited would reach the test's deadline first.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
 async def test_ready_status_and_stopping(
-    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    idle_jump_clock: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     rx = NotifyReceiver()
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + rx.name)

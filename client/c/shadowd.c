@@ -1471,6 +1471,7 @@ bad:
     return -1;
 }
 
+static void cold_saw(struct shadowd *c, const struct shadowd_version_ *v, int filling_miss);
 static int may_keep(int src, const struct shadowd_version_ *before,
                     const struct shadowd_served_ *sv, int hit, uint64_t served_size);
 static void index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds);
@@ -1566,6 +1567,9 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
         if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 && sealed(fds[0]) &&
             may_keep(s->src, &s->before, &sv, f->hit, f->size))
             held_put(c, fds[0], &s->before);
+        /* A miss it is filling says the daemon is cold, whenever it comes. */
+        if (f->ok == 1 && s->kind == K_OPEN && s->routed)
+            cold_saw(c, &s->before, f->miss && f->filling == 1);
         close_fds(fds, nfds);
         slot_free(s);
         return 0;
@@ -1894,6 +1898,14 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
         return -1;
     if (P(c)->live)
         fail_connection(c, F_NONE, NULL, "shadowd_connect replaced the connection");
+    clear(c);
+    return start(c, 1);
+}
+
+int
+shadowd_connect_wait(struct shadowd *c)
+{
+    ready(c);
     clear(c);
     return start(c, 1);
 }
@@ -3125,6 +3137,28 @@ shadowd_index_ready(struct shadowd *c)
     return held;
 }
 
+/* Here, after the index's states: it asks for the index with the hello. */
+int
+shadowd_connect_start(struct shadowd *c, const char *socket_path)
+{
+    ready(c);
+    if (shadowd_set_socket(c, socket_path) < 0)
+        return -1;
+    if (P(c)->live)
+        fail_connection(c, F_NONE, NULL, "shadowd_connect_start replaced the connection");
+    clear(c);
+    if (start(c, 0))
+        return -1;
+    /* The index request right behind the hello (the daemon reads them in
+     * order): its answer comes while the caller forks too, not one round
+     * trip after the hello's. A daemon that turns the hello down (version
+     * 1) closes the connection, and the index is asked on the next. */
+    if (P(c)->index_use && P(c)->index_state == IX_NONE && P(c)->hello == H_SENT)
+        index_ask(c);
+    clear(c);
+    return 0;
+}
+
 int
 shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
 {
@@ -3528,7 +3562,13 @@ routed(struct shadowd *c, int src, const char *label, int want_label)
         hint_flush(c, 0); /* the cold window is over: tell the daemon of what it missed */
         if (want_label)
             label = label_of(src, label, buf, sizeof buf);
-        if (P(c)->race) {
+        /* The race when asked for, and whenever the daemon's index is held
+         * and lacks the file: the daemon then almost surely has no copy
+         * either (a file it has is in its index but for the few it could
+         * not place), so its answer would only say "miss" a round trip
+         * later; copy at once, and take its fd in the rare case it comes
+         * first. */
+        if (P(c)->race || P(c)->index_state == IX_HAVE) {
             struct shadowd_slot_ *s = race_submit(c, src, label, &v);
             if (s != NULL)
                 return race(c, src, &st, &v, s);

@@ -39,12 +39,14 @@
  * tier; the daemon's index, where the daemon gives one (no round trip: see
  * "the index" below); local copies of small, young and too large files;
  * the daemon, without waiting for its copy; a local copy whenever the
- * daemon does not serve the file. Two refinements, both measured on the project's 2-vCPU
+ * daemon does not serve the file. Three refinements, measured on the project's 2-vCPU
  * machines (client/c/README.md): a daemon that answers with a miss it is
  * filling is cold, and gets no routed request for a second (what a miss
  * costs it is paid by the program; the files are told to it later in one
- * cheap batch: shadowd_set_cold); and, off by default, a race that copies
- * while the answer is on its way (shadowd_set_race).
+ * cheap batch: shadowd_set_cold); a file that the daemon's index, when
+ * held, lacks is raced (the daemon almost surely has no copy: its answer
+ * is not waited for); and, off by default for the other files, a race that
+ * copies while the answer is on its way (shadowd_set_race).
 
  * Never stalled by the daemon. Each call waits for the daemon at most:
  *   - connect + hello: 250 ms by default. A healthy daemon answers a hello
@@ -311,6 +313,21 @@ const char *shadowd_default_socket(char *buf, size_t len);
  * pipelined requests fail); keeps the settings and the process-local tier.
  * Calling it is optional: every call below connects when it needs to. */
 int shadowd_connect(struct shadowd *c, const char *socket_path);
+
+/* The same, without waiting for the hello's answer: connect (without
+ * waiting for room in the daemon's backlog), send the hello and, while the
+ * index is in use (shadowd_set_index), the request for the index right
+ * behind it; the next call that needs the answers reads them
+ * (shadowd_connect_wait, shadowd_index_ready, an open). A caller starts
+ * its connection early this way, say before it forks the tracee, so that
+ * the daemon answers while it does. 0, or -1 with code and error set (then
+ * the next call tries again, as every call does). */
+int shadowd_connect_start(struct shadowd *c, const char *socket_path);
+
+/* Wait for the answer to the hello shadowd_connect_start sent (connecting
+ * first when there is no connection): 0, or -1 with code and error set, as
+ * shadowd_connect says. */
+int shadowd_connect_wait(struct shadowd *c);
 
 /* Where to connect, without connecting now: *socket_path*, or NULL for
  * the socket rule (looked up at every connection). 0, or -1 when the path

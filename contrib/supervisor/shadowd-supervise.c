@@ -1266,6 +1266,16 @@ main(int argc, char **argv)
         }
     }
 
+    /* The routed open's hello and index request go out before the fork:
+     * the daemon answers them while we fork and the tracee installs its
+     * filter (a fresh daemon's answers took as long as all of that). The
+     * other modes connect after the fork, as a supervisor written before
+     * the routed open does. */
+    const int early_hello = S.mode == SHADOWD && S.index && !S.open_fd;
+    int early = -1;
+    if (early_hello && (early = shadowd_connect_start(&S.client, socket_path)) < 0)
+        note_error("shadowd: %s", S.client.error);
+
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
     sigprocmask(SIG_BLOCK, &chld, &old_mask);
@@ -1301,16 +1311,18 @@ main(int argc, char **argv)
     S.listener = recv_fd(sv[0]);
     close(sv[0]);
     if (S.mode == SHADOWD && S.listener >= 0) {
-        /* While the tracee execs (its first open waits for us), so that no
-         * open pays for the hello and the hello's wait overlaps the exec. A
-         * daemon that is not there is no reason not to run the program. */
-        if (shadowd_connect(&S.client, socket_path) == 0) {
+        /* The hello's answer, and the index, while the tracee execs (its
+         * first open waits for us), so that no open pays for them. A daemon
+         * that is not there is no reason not to run the program. */
+        int connected = early_hello ? early == 0 && shadowd_connect_wait(&S.client) == 0
+                                    : shadowd_connect(&S.client, socket_path) == 0;
+        if (connected) {
             S.connected = 1;
             /* The index too (the daemon's uid or root only): then the
              * program's first open needs no round trip either. */
-            if (S.index && !S.open_fd)
+            if (early_hello)
                 S.index_ready = shadowd_index_ready(&S.client);
-        } else {
+        } else if (!early_hello || early == 0) { /* (a failed start said why) */
             note_error("shadowd: %s", S.client.error);
         }
         if (preload_path)
