@@ -167,7 +167,7 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             if run.mode == "shadowd":
                 assert s["shadowd_connected"] and s["fallbacks"] == 0, s["last_error"]
                 assert s["protocol"] == 2
-                call = "shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_fd"
+                call = "shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_stat"
                 assert s["open"] == call
 
 

@@ -3520,17 +3520,20 @@ index_wants(struct shadowd *c, const struct stat *st)
     return P(c)->index_state == IX_HAVE && copy_without_asking(c, st, 0) == SHADOWD_COPIED_NOT;
 }
 
-/* The routed open of *src*: tier, local rules, the daemon raced against a
- * local copy. With *want_label*, a missing label is read from /proc/self/fd
- * (only when the daemon is asked). */
+/* The routed open of *src*, whose fstat is *given* (NULL: taken here):
+ * tier, local rules, the daemon raced against a local copy. With
+ * *want_label*, a missing label is read from /proc/self/fd (only when the
+ * daemon is asked). */
 static int
-routed(struct shadowd *c, int src, const char *label, int want_label)
+routed(struct shadowd *c, int src, const struct stat *given, const char *label, int want_label)
 {
     struct stat st;
     struct shadowd_version_ v;
 
     clear(c);
-    if (fstat(src, &st) < 0) {
+    if (given != NULL) {
+        st = *given;
+    } else if (fstat(src, &st) < 0) {
         fail(c, "", errno, "fstat of the file: %s", strerror(errno));
         return -1;
     }
@@ -3602,7 +3605,14 @@ int
 shadowd_open_routed_fd(struct shadowd *c, int src, const char *label)
 {
     ready(c);
-    return routed(c, src, label, 0);
+    return routed(c, src, NULL, label, 0);
+}
+
+int
+shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st, const char *label)
+{
+    ready(c);
+    return routed(c, src, st, label, 0);
 }
 
 int
@@ -3614,7 +3624,7 @@ shadowd_open_routed(struct shadowd *c, const char *path)
         fail(c, "", errno, "%s: %s", path, strerror(errno));
         return -1;
     }
-    int fd = routed(c, src, path, path[0] != '/');
+    int fd = routed(c, src, NULL, path, path[0] != '/');
     close(src);
     return fd;
 }
@@ -3633,7 +3643,7 @@ shadowd_openat(struct shadowd *c, int dirfd, const char *path, int flags)
         fail(c, "", errno, "%s: %s", path, strerror(errno));
         return -1;
     }
-    int fd = routed(c, src, path, path[0] != '/');
+    int fd = routed(c, src, NULL, path, path[0] != '/');
     close(src);
     return fd;
 }

@@ -450,6 +450,14 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
 int shadowd_open_routed(struct shadowd *c, const char *path);
 int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
 
+/* shadowd_open_routed_fd with the caller's own fstat of *src*, *st*, as a
+ * supervisor has just made it to check the file is regular: one system
+ * call less per open. *st* must be fstat(src) made just before the call,
+ * as shadowd_index_open's: the tier and the index serve the version it
+ * says, exactly as they would the version of the call's own fstat. */
+int shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st,
+                             const char *label);
+
 /* The routed open of *path* relative to *dirfd* (AT_FDCWD, or a directory
  * fd), as openat would: the source is opened with
  * O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC plus the caller's O_NOFOLLOW.

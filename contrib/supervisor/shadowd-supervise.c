@@ -545,7 +545,7 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
     }
     /* The routed open never fails because of the daemon: -1 only when the
      * file cannot be read (the tracee's own open will say why). */
-    int fd = shadowd_open_routed_fd(&S.client, src, label);
+    int fd = shadowd_open_routed_stat(&S.client, src, st, label);
     if (fd < 0) {
         errno = S.client.errnum ? S.client.errnum : EIO;
         return -1;
@@ -868,7 +868,7 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     }
     fprintf(f, "{\"mode\": \"%s\", \"exit_status\": %d", mode_names[S.mode], exit_status);
     fprintf(f, ", \"open\": \"%s\"",
-            S.mode != SHADOWD ? "" : S.open_fd ? "shadowd_open_fd" : "shadowd_open_routed_fd");
+            S.mode != SHADOWD ? "" : S.open_fd ? "shadowd_open_fd" : "shadowd_open_routed_stat");
     fprintf(f, ", \"notifications\": %llu, \"shadowed\": %llu, \"continued\": %llu",
             (unsigned long long)S.notifications, (unsigned long long)S.shadowed,
             (unsigned long long)S.continued);
