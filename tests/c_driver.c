@@ -423,6 +423,19 @@ main(void)
             int fd = cmd[0] == 'o' ? shadowd_open(&c, argv[1]) : shadowd_open_routed(&c, argv[1]);
             status(t);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "routedstat") == 0) {
+            /* routedstat PATH [NS]: shadowd_open_routed_stat with our fstat of
+             * PATH, its mtime moved by NS nanoseconds (a version we claim) */
+            int src = open_src(argv[1]);
+            struct stat st;
+            fstat(src, &st);
+            long long ns = (long long)st.st_mtim.tv_nsec + (argc > 2 ? atoll(argv[2]) : 0);
+            st.st_mtim.tv_sec += ns / 1000000000LL;
+            st.st_mtim.tv_nsec = ns % 1000000000LL;
+            int fd = shadowd_open_routed_stat(&c, src, &st, argv[1]);
+            status(t);
+            close(src);
+            describe("", fd, 0);
         } else if (strcmp(cmd, "openfd") == 0 || strcmp(cmd, "requestfd") == 0) {
             int src = open_src(argv[1]);
             int fd = cmd[0] == 'o' ? shadowd_open_fd(&c, src, argc > 2 ? argv[2] : NULL)

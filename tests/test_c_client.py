@@ -1726,6 +1726,29 @@ async def test_shadowd_open_fd_takes_an_index_hit_and_shadowd_request_fd_always_
     assert after["index_hits"] - before["index_hits"] == 4
 
 
+async def test_the_routed_open_with_the_callers_fstat_serves_the_version_it_says(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """shadowd_open_routed_stat takes the caller's fstat instead of making one: the
+    cached version is an index hit as through shadowd_open_routed_fd, and a version
+    the caller says that is not the cached one (its mtime 1 ns off) is not served
+    from the index, while the bytes are still the file's."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, digest = big(tmp_path / "lib.so", 200_000)
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        await ask(d, "socket", daemon.socket_path)
+        await ask(d, "openfd", f)  # a miss: waits for the daemon's copy
+        assert (await ask(d, "indexready"))["ready"] == 1
+        same = await ask(d, "routedstat", f)
+        other = await ask(d, "routedstat", f, 1)
+        await ask(d, "close")
+    assert (same["route"], same["hit"], same["hash"]) == ("index", True, digest), same
+    assert same["seals"] & ALL_SEALS == ALL_SEALS and same["accmode"] == os.O_RDONLY
+    assert other["route"] != "index" and other["hash"] == digest, other
+
+
 async def test_the_daemon_counts_the_index_hits_reported_in_batches(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:
