@@ -90,22 +90,35 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
 
     def work(first: bool) -> None:
         _yield_to_the_loop()  # the priority copies run at, set once per thread
-        if first:
-            _copy_sample()
         try:
-            barrier.wait(THREAD_WAIT)
-        except threading.BrokenBarrierError:
-            pass  # a thread that did not start in time: fewer warm threads
+            if first:
+                _copy_sample()
+        finally:
+            # Even when the copy failed (no fd to spare, no memfd): the others
+            # wait here for this thread, and would until THREAD_WAIT.
+            try:
+                barrier.wait(THREAD_WAIT)
+            except threading.BrokenBarrierError:
+                pass  # a thread that did not start in time: fewer warm threads
 
     async with trio.open_nursery() as nursery:
         for i in range(count):
-            nursery.start_soon(_in_thread, work, i == 0, limiter)
+            nursery.start_soon(_in_thread, work, i == 0, limiter, barrier)
 
 
 async def _in_thread(
-    fn: Callable[[bool], None], first: bool, limiter: trio.CapacityLimiter
+    fn: Callable[[bool], None],
+    first: bool,
+    limiter: trio.CapacityLimiter,
+    barrier: threading.Barrier,
 ) -> None:
-    await trio.to_thread.run_sync(fn, first, limiter=limiter)
+    try:
+        await trio.to_thread.run_sync(fn, first, limiter=limiter)
+    except BaseException:
+        # This one never reached the barrier (no thread, or cancelled while
+        # waiting for one): the others stop waiting for it.
+        barrier.abort()
+        raise
 
 
 def _copy_sample() -> None:

@@ -636,6 +636,44 @@ def test_connect_start_asks_for_the_index_behind_the_hello(driver: Any, tmp_path
     assert ready["ready"] == 0, ready  # refused: no index, and no second request for it
 
 
+def test_connect_start_greets_a_daemon_of_version_1(driver: Any, tmp_path: Path) -> None:
+    """A daemon of version 1 refuses the hello and closes, the index request behind it unread.
+
+    Its refusal is still read (then the client greets it in 1, as
+    shadowd_connect does), not lost to the reset the kernel reports to a
+    peer that closes with a datagram unread.
+    """
+    hellos: list[int] = []
+    sent = threading.Event()
+
+    def v1(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        hellos.append(hello["version"])
+        if hello["version"] != 1:
+            sent.wait(10)  # the index request is in our queue too
+            refusal = {"id": hello["id"], "ok": False, "code": "unsupported-version",
+                       "message": "this server speaks 1"}  # fmt: skip
+            conn.send(msgpack.packb(refusal))
+            return  # and closes the connection, as a daemon of version 1 does
+        conn.send(msgpack.packb({"id": 0, "ok": True, "version": 1, "server": "v1", "limits": {}}))
+        until_closed(conn)
+
+    path = tmp_path / "v1-early.sock"
+    with stand_in_daemon(path, v1):
+        d = driver()
+        d("log", "capture")
+        started = d("connect_start", path)
+        sent.set()
+        waited = d("connect_wait")
+        counts = d("counts")
+        log = d.finish()
+    assert started["rc"] == 0, started
+    assert waited["rc"] == 0 and waited["protocol"] == 1, (waited["code"], waited["error"])
+    assert hellos == [2, 1]
+    assert counts["protocol"] == 1
+    assert "unavailable" not in log, log  # the breaker never opened
+
+
 async def test_connect_start_then_wait_greets_a_real_daemon(
     driver: Any, daemon: Daemon, tmp_path: Path
 ) -> None:

@@ -146,3 +146,57 @@ async def test_ready_comes_after_the_warm_up(start_daemon: Any, shared_dir: Path
                     break
         tasks = len(os.listdir(f"/proc/{d.pid}/task"))
     assert tasks >= 3  # the loop and two workers, already there at READY=1
+
+
+# A warm-up whose sealed copy cannot be made: no fd may be opened (the fd
+# limit is the highest fd in use + 1, the numbers below it all taken), so
+# memfd_create fails in the first worker. The other workers wait at the
+# barrier for that one; THREAD_WAIT is made far longer than the subprocess
+# may run, so a warm-up that leaves them waiting hangs here instead of
+# costing a daemon THREAD_WAIT before READY=1.
+_WARM_UP_WITHOUT_FDS = """
+import json, os, resource, trio
+import shadowd.warmup
+from shadowd.protocol import WireLimits
+from shadowd.warmup import warm_up
+
+shadowd.warmup.THREAD_WAIT = 600.0
+
+def fds():
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+async def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = fds()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + 1, hard))
+    holes = []  # the free numbers below the limit, taken
+    try:
+        while True:
+            try:
+                holes.append(os.dup(0))
+            except OSError:
+                break
+        await warm_up(workers=3, limiter=trio.CapacityLimiter(3), wire=WireLimits(),
+                      hello_limits={"max_request": 65536})
+    finally:
+        for fd in holes:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(json.dumps({"before": before, "after": fds()}))
+
+trio.run(main)
+"""
+
+
+def test_a_warm_up_that_cannot_copy_does_not_hold_up_the_start() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_WITHOUT_FDS],
+        env=repo_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    assert out["after"] == out["before"]  # and nothing was left open

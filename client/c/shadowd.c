@@ -1623,17 +1623,29 @@ recv_one(struct shadowd *c)
         .msg_control = control.bytes,
         .msg_controllen = sizeof control.bytes,
     };
-    int fds[MAX_FDS], nfds = 0;
+    int fds[MAX_FDS], nfds = 0, reset = 0;
     struct reply rep;
     ssize_t n;
 
-    do {
+    for (;;) {
         n = recvmsg(c->sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN)
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == ECONNRESET && !reset) {
+            /* A daemon that closed with a request of ours unread (one sent
+             * behind a hello it refused, as version 1 refuses ours) is
+             * reported as a reset before the answers it sent first, which
+             * are still here: read them (the refusal says what to do). */
+            reset = 1;
+            continue;
+        }
+        break;
+    }
+    if (n < 0 || (reset && n == 0 && msg.msg_controllen == 0)) {
+        int err = n < 0 && !(reset && errno == EAGAIN) ? errno : ECONNRESET;
+        if (err == EAGAIN)
             return 0;
-        fail_connection(c, F_BROKEN, NULL, "waiting for shadowd's reply: %s", strerror(errno));
+        fail_connection(c, F_BROKEN, NULL, "waiting for shadowd's reply: %s", strerror(err));
         return -1;
     }
     if (msg.msg_controllen > 0) {
