@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shadowd_client import Client
+
 from shadowd.cache import Cache, CacheLimits, HostKey
 from shadowd.fdrange import FdRange
-from shadowd.index import Index, read_slot, slot_of
+from shadowd.index import LIVE, Index, read_slot, slot_of
 from shadowd.memfd import sealed_from_bytes
 
 from .conftest import make_file
@@ -55,3 +59,34 @@ class IndexedCache:
     def close(self) -> None:
         self.cache.clear()
         self.index.close()
+
+
+@contextmanager
+def standing_in(number: int, other: int) -> Iterator[None]:
+    """*other*'s file at descriptor *number* for the block (what a slot names is then
+    something else), and *number*'s own file put back after."""
+    saved = os.dup(number)
+    try:
+        os.dup2(other, number)
+        yield
+    finally:
+        os.dup2(saved, number)
+        os.close(saved)
+
+
+def range_number_of(socket_path: Path, f: Path) -> int:
+    """*f* cached by the daemon at *socket_path* (opened twice: the first open waits for
+    the copy) and the descriptor number its live slot names, checked to be in the
+    daemon's descriptor range."""
+    with Client(socket_path, timeout=10) as c:
+        for _ in range(2):
+            os.close(c.open(f))
+        view = c.index()
+        assert view is not None
+        try:
+            slots = [read_slot(view._map, k) for k in range(view.slots)]
+            fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
+            assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
+            return fds[0]
+        finally:
+            view.close()

@@ -32,7 +32,7 @@ from shadowd.bench import build_c_client, c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
-from .indexed import IndexedCache
+from .indexed import IndexedCache, range_number_of, standing_in
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
@@ -1994,16 +1994,10 @@ def test_a_reused_descriptor_number_is_detected_every_time(
     try:
         for i, other in enumerate(others):
             f, _ = s.files[i]
-            memfd = s.entry(i).file.fd
-            saved = os.dup(memfd)
             refused = d("counts")["index_refused"]
-            try:
-                os.dup2(other, memfd)  # what the slot names is now something else
+            with standing_in(s.entry(i).file.fd, other):
                 r = d("indexopen", f, 50, timeout=10)
                 counts = d("counts")
-            finally:
-                os.dup2(saved, memfd)
-                os.close(saved)
             assert r["served"] == 0 and r["fd"] == -1, (i, r)
             assert counts["index_refused"] == refused + 50, (i, counts)  # every time
             again = d("indexopen", f)  # and the right one again
@@ -2045,15 +2039,10 @@ def test_in_the_daemons_range_another_memfd_at_n_is_refused_every_time(
             assert memfd in fd_range
             standin = fd_range.base + fd_range.size - 1  # (the 4 files take the lowest)
             for other in (look_alike.fd, standin):
-                saved = os.dup(memfd)
                 refused = d("counts")["index_refused"]
-                try:
-                    os.dup2(other, memfd)
+                with standing_in(memfd, other):
                     r = d("indexopen", f, 50, timeout=10)
                     counts = d("counts")
-                finally:
-                    os.dup2(saved, memfd)
-                    os.close(saved)
                 assert r["served"] == 0 and r["fd"] == -1, (other, r)
                 assert counts["index_refused"] == refused + 50, (other, counts)
                 assert d("fds")["fds"] == base + 2
@@ -2157,36 +2146,18 @@ async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_op
     """The C client in another pid namespace, where the daemon's pid names another
     process: a number of the daemon's range there may be a FIFO, never opened for real
     (no IN_OPEN); the index is not taken (/proc/PID is not the daemon)."""
-    from shadowd_client import Client
-
-    from shadowd.index import LIVE, read_slot
-
     daemon = await start_daemon("--racy-window", "0.05")
     f = make_file(shared_dir / "lib.so", os.urandom(5000))
     settle(f)
     fifo = shared_dir / "fifo"
     os.mkfifo(fifo)
 
-    def warm() -> int:
-        with Client(daemon.socket_path, timeout=10) as c:
-            for _ in range(2):
-                os.close(c.open(f))
-            view = c.index()
-            assert view is not None
-            try:
-                slots = [read_slot(view._map, k) for k in range(view.slots)]
-                fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
-                assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
-                return fds[0]
-            finally:
-                view.close()
-
     libc = ctypes.CDLL(None, use_errno=True)
     watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     assert watch >= 0
     try:
         with trio.fail_after(60):
-            n = await trio.to_thread.run_sync(warm)
+            n = await trio.to_thread.run_sync(range_number_of, daemon.socket_path, f)
             d = Driver(
                 "unshare",
                 tmp_path / "ns.err",

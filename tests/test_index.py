@@ -46,7 +46,7 @@ from .conftest import (
     run_as,
     settle,
 )
-from .indexed import IndexedCache
+from .indexed import IndexedCache, range_number_of, standing_in
 
 RACY = "0.05"
 
@@ -171,20 +171,15 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
         for rig, opened in ((ranged_rig, True), (plain, False)):
             _, st = rig.files[0]
             memfd = rig.entry(0).file.fd
-            saved = os.dup(memfd)
-            try:
-                for other in (look_alike.fd, standin) if opened else (look_alike.fd,):
-                    os.dup2(other, memfd)
+            for other in (look_alike.fd, standin) if opened else (look_alike.fd,):
+                with standing_in(memfd, other):
                     assert _refused(rig.view, st), other
-                    if other == look_alike.fd:
-                        try:
-                            seen = len(os.read(watch, 4096)) > 0
-                        except BlockingIOError:
-                            seen = False
-                        assert seen == opened
-            finally:
-                os.dup2(saved, memfd)
-                os.close(saved)
+                if other == look_alike.fd:
+                    try:
+                        seen = len(os.read(watch, 4096)) > 0
+                    except BlockingIOError:
+                        seen = False
+                    assert seen == opened
             fd = rig.view.open(st)  # and the right one again
             assert fd is not None
             os.close(fd)
@@ -230,14 +225,8 @@ def test_a_reused_descriptor_number_is_detected_every_time(rig: _Rig, tmp_path: 
         ]
         for i, other in enumerate(others[:4]):
             _, st = rig.files[i]
-            memfd = rig.entry(i).file.fd
-            saved = os.dup(memfd)
-            try:
-                os.dup2(other, memfd)  # what the slot names is now something else
+            with standing_in(rig.entry(i).file.fd, other):
                 assert rig.view.open(st) is None, i
-            finally:
-                os.dup2(saved, memfd)
-                os.close(saved)
             fd = rig.view.open(st)  # and the right one again
             assert fd is not None
             os.close(fd)
@@ -452,23 +441,8 @@ async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_op
     for real (no IN_OPEN). Such a view is refused: /proc/PID there is not the daemon."""
     f = make_file(shared_dir / "lib.so", os.urandom(5000))
     settle(f)
-
-    def warm() -> int:
-        with Client(daemon.socket_path, timeout=10) as c:
-            for _ in range(2):
-                os.close(c.open(f))
-            view = c.index()
-            assert view is not None
-            try:
-                slots = [read_slot(view._map, k) for k in range(view.slots)]
-                fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
-                assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
-                return fds[0]
-            finally:
-                view.close()
-
     with trio.fail_after(60):
-        n = await in_thread(warm)
+        n = await in_thread(range_number_of, daemon.socket_path, f)
         done = await in_thread(
             lambda: subprocess.run(
                 [
