@@ -56,17 +56,23 @@ trio.run(main)
 """
 
 
-def test_warm_up_starts_niced_workers_and_leaves_no_fd() -> None:
+def _run_fresh(code: str, timeout: float) -> dict[str, Any]:
+    """*code* run in a fresh Python process: the JSON object it printed."""
     done = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_TWICE],
+        [sys.executable, "-c", code],
         env=repo_env(),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr
     out: dict[str, Any] = json.loads(done.stdout)
+    return out
+
+
+def test_warm_up_starts_niced_workers_and_leaves_no_fd() -> None:
+    out = _run_fresh(_WARM_UP_TWICE, timeout=60)
     before, first, second = out["before"], out["first"], out["second"]
     # The only fd the first warm-up may add is the one the memfd module keeps
     # for the process's life (its /proc/self/fd, opened by the first reopen).
@@ -189,14 +195,5 @@ trio.run(main)
 
 
 def test_a_warm_up_that_cannot_copy_does_not_hold_up_the_start() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_WITHOUT_FDS],
-        env=repo_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    out: dict[str, Any] = json.loads(done.stdout)
+    out = _run_fresh(_WARM_UP_WITHOUT_FDS, timeout=30)
     assert out["after"] == out["before"]  # and nothing was left open
