@@ -388,6 +388,17 @@ PyDoc_STRVAR(reopen_doc,
 "openat(dirfd, str(fd), O_RDONLY | O_CLOEXEC): with *dirfd* a handle on\n"
 "/proc/self/fd, a new open file description of *fd*, with its own offset.");
 
+/* A descriptor this module opened, as the caller's int; closed when even
+ * that fails (NULL, MemoryError set), so it is never lost. */
+static PyObject *
+new_fd(int fd)
+{
+    PyObject *result = PyLong_FromLong(fd);
+    if (result == NULL)
+        close(fd);
+    return result;
+}
+
 /* openat(dirfd, "<fd>", O_RDONLY | O_CLOEXEC); -1 and errno on failure. */
 static int
 reopen_fd(int dirfd, int fd)
@@ -416,10 +427,7 @@ reopen(PyObject *self, PyObject *args)
     out = reopen_fd(dirfd, fd);
     if (out < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *result = PyLong_FromLong(out);
-    if (result == NULL)
-        close(out);
-    return result;
+    return new_fd(out);
 }
 
 PyDoc_STRVAR(send_reopened_doc,
@@ -1220,10 +1228,7 @@ index_answer(struct index_view *v, Py_buffer *buf, const struct index_want *w)
     PyBuffer_Release(buf);
     if (fd < 0)
         Py_RETURN_NONE;
-    PyObject *result = PyLong_FromLong(fd);
-    if (result == NULL)
-        close(fd);
-    return result;
+    return new_fd(fd);
 }
 
 PyDoc_STRVAR(index_open_doc,
