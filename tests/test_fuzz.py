@@ -185,15 +185,6 @@ def _fd_pool(tmp_path: Path, good: Path) -> list[int]:
     return fds
 
 
-def _settled_fds(d: Daemon) -> tuple[int, int]:
-    """The daemon's open fds less one per cache entry outside its index's descriptor
-    range (an entry in it takes no descriptor of its own), and its entry count."""
-    with Client(d.socket_path, timeout=10) as c:
-        s = c.stats()
-    time.sleep(0.05)  # let it notice that this connection closed
-    return d.open_fds() - s["entries"] + s["index_fd_range_used"], s["entries"]
-
-
 async def test_live_fuzz_leaves_the_daemon_serving_at_its_fd_baseline(
     start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -234,14 +225,14 @@ async def test_live_fuzz_leaves_the_daemon_serving_at_its_fd_baseline(
         with trio.fail_after(120):
             await trio.to_thread.run_sync(warm)
             await trio.sleep(0.2)
-            baseline, _ = await trio.to_thread.run_sync(_settled_fds, d)
+            baseline, _ = await trio.to_thread.run_sync(d.settled_fds)
             sent = await trio.to_thread.run_sync(storm)
             assert sent >= 1000, f"only {sent} datagrams sent in {TIME_BUDGET}s"
             # The daemon closes the last connections and fds shortly.
             with trio.move_on_after(15):
-                while (await trio.to_thread.run_sync(_settled_fds, d))[0] != baseline:
+                while (await trio.to_thread.run_sync(d.settled_fds))[0] != baseline:
                     await trio.sleep(0.1)
-            now, entries = await trio.to_thread.run_sync(_settled_fds, d)
+            now, entries = await trio.to_thread.run_sync(d.settled_fds)
             assert now == baseline, (now, baseline, entries, d.fd_targets())
             await trio.to_thread.run_sync(check_serving)
             with Client(d.socket_path, timeout=10) as c:

@@ -47,10 +47,7 @@ async def test_hung_mount_ties_up_only_its_uids_share(
     mnt = hanging_fs.mountpoint
 
     def settled_fds() -> int:
-        """The daemon's fds less one per cache entry outside the index's descriptor range."""
-        s = _stats(d)
-        time.sleep(0.05)  # let it notice that the stats connection closed
-        return d.open_fds() - s["entries"] + s["index_fd_range_used"]
+        return d.settled_fds()[0]
 
     def warm() -> None:  # the daemon opens a few fds of its own on its first hit
         from shadowd_client import Client
