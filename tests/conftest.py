@@ -120,13 +120,28 @@ class Daemon:
                 await trio.sleep(0.02)
 
     def answers(self) -> bool:
+        """Whether it answers a hello, or turns the connection away: either way its
+        accept loop runs. A connect alone is not enough: the daemon listens before it
+        serves, and its start (the index's descriptor range, the warm-up) must be
+        over before a test takes its fd count as a baseline."""
         import socket
 
+        import msgpack
+
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(5)
         try:
             s.connect(str(self.socket_path))
         except OSError:
+            s.close()
             return False
+        try:
+            s.send(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
+            s.recv(65536)  # a reply, or b"" when it closed the connection
+        except TimeoutError:
+            return False
+        except OSError:
+            pass  # reset: turned away
         finally:
             s.close()
         return True
