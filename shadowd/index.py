@@ -249,8 +249,8 @@ class Index:
             n = self._free_slot(key)
             if n is None:
                 return False
-        if self.fd_range is not None and file.fd not in self.fd_range:
-            file.move_into(self.fd_range)  # (when full, it stays where it is)
+        if self.fd_range is not None:
+            file.move_into(self.fd_range)  # (once; when full, it stays where it is)
         memfd_ino = os.fstat(file.fd).st_ino
         self._write(
             n, LIVE, key.dev, key.ino, size, mtime_ns, ctime_ns, file.fd, mode, memfd_ino,
