@@ -6,7 +6,7 @@
 # miss, a refusal or a reply that finds the socket full) runs in the
 # connection's nursery, counted in flight; at --max-inflight the connection
 # stops being read until one finishes (back-pressure). The rare requests
-# (hello, stats, publish) are handed to the connection's own task.
+# (stats, publish) are handed to the connection's own task.
 #
 # Must never: reorder replies (a reply waits behind those already waiting);
 # leave a received fd unclosed on any path (a job that is never answered is
@@ -47,6 +47,8 @@ DRAIN_AT_CLOSE = 1024
 REFRESH_EVERY = 0.01
 #: How long a connection of a uid at its bound of fds waits before looking again.
 OVER_BUDGET_PAUSE = 0.05
+#: Datagrams a new connection's task answers before it first parks.
+FIRST_ANSWERED = 2
 #: A stand-in length for a hit's reply sent by the C path: every reply
 #: shorter than about 190 bytes is charged the same by the kernel.
 HIT_REPLY_LENGTH = 64
@@ -106,9 +108,11 @@ class Services:
     budget: FdBudget
     #: Closes fds a client sent that will not be used, never blocking the loop.
     discard: Callable[[Sequence[int], UidShare], None]
-    #: Answers a request handed to the connection's task (hello, stats, publish).
+    #: Answers a request handed to the connection's task (stats, publish).
     handle: Callable[[Connection, Request, list[FdHolder]], Awaitable[None]]
     max_inflight: int
+    #: The poller's answer to one datagram of a connection (server.py).
+    answer: Callable[[Connection], bool]
 
 
 def drop_unread(sock: socket.socket, limit: int) -> None:
@@ -216,6 +220,13 @@ class Connection:
         poller = self.services.poller
         max_inflight = self.services.max_inflight
         budget = self.services.budget
+        # A new client's first requests are usually there already: its hello,
+        # and often an index request right behind it (client/c sends both
+        # before it waits). Answered before the connection is parked, they
+        # cost no round of the poller; anything more waits for one.
+        for _ in range(FIRST_ANSWERED):
+            if not poller.answer_unparked(self.services.answer, self) or self.job is not None:
+                break
         while True:
             if self.inflight >= max_inflight:
                 # Back-pressure: read nothing more until a slow request finishes.

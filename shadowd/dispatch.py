@@ -1,9 +1,10 @@
 # Answering each request a connection sent, by kind. The poller's round calls
-# the `answer_*` methods with a parsed request: a hit, a batch of hits and a
-# private lookup are answered right there, with no await between the lookup
-# and the reply; what must wait (a miss, a copy, a reply that finds the
-# socket full, a refusal) goes on in the connection's nursery. hello, stats
-# and publish are handed to the connection's task, which calls `handle`.
+# the `answer_*` methods with a parsed request: a hit, a batch of hits, a
+# private lookup, a hello, an index request and a report are answered right
+# there, with no await between the lookup and the reply; what must wait (a
+# miss, a copy, a reply that finds the socket full, a refusal) goes on in the
+# connection's nursery. stats and publish are handed to the connection's
+# task, which calls `handle`.
 #
 # Must never: await between a cache lookup and the use of what it returned;
 # leave a received or served fd unclosed on any path; send replies of one
@@ -218,6 +219,38 @@ class Dispatcher:
             raise
         return conn.reply_now(event.id, data, (fd,), (fd,))
 
+    def answer_hello(self, conn: Connection, event: Hello) -> bool:
+        """The hello: its reply says this daemon's version and limits, sent now."""
+        data, _ = conn.proto.send(self._hello_reply(event))
+        return conn.reply_now(event.id, data, (), ())
+
+    def answer_index(self, conn: Connection, event: IndexRequest) -> bool:
+        """The index (its uid or root only): a read-only fd of it, sent now."""
+        if not conn.room(1):
+            conn.refuse_later(event.id, conn.over_budget(1))
+            return True
+        try:
+            fd = self._index_fd(conn)
+        except Exception as exc:  # a refusal, or a bug of ours
+            conn.refuse_later(event.id, exc)
+            return True
+        try:
+            data, _ = conn.proto.send(self._index_reply(event, fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return conn.reply_now(event.id, data, (fd,), (fd,))
+
+    def answer_report(self, conn: Connection, event: Report) -> bool:
+        """Index hits a client served itself: counted, acknowledged now."""
+        try:
+            self._count_reported(conn, event)
+        except Exception as exc:  # a refusal, or a bug of ours
+            conn.refuse_later(event.id, exc)
+            return True
+        data, _ = conn.proto.send(Reported(id=event.id))
+        return conn.reply_now(event.id, data, (), ())
+
     # -- in the connection's nursery: what waits -------------------------
 
     async def _finish_open(
@@ -256,23 +289,14 @@ class Dispatcher:
             await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
             await conn.send(StatsReply(id=event.id, stats=self.stats(conn.peer.uid).to_wire()))
-        elif isinstance(event, IndexRequest):
-            await self._send_index(conn, event)
-        elif isinstance(event, Report):
-            self._count_reported(conn, event)
-            await conn.send(Reported(id=event.id))
-        elif isinstance(event, Hello):
-            limits = self.hello_limits
-            if event.version >= 2:
-                limits = {**limits, "racy_window_ns": self.opens.limits.racy_window_ns}
-            await conn.send(
-                HelloReply(
-                    id=event.id,
-                    version=event.version,
-                    server=f"shadowd/{__version__}",
-                    limits=limits,
-                )
-            )
+
+    def _hello_reply(self, event: Hello) -> HelloReply:
+        limits = self.hello_limits
+        if event.version >= 2:
+            limits = {**limits, "racy_window_ns": self.opens.limits.racy_window_ns}
+        return HelloReply(
+            id=event.id, version=event.version, server=f"shadowd/{__version__}", limits=limits
+        )
 
     def _may_read_index(self, conn: Connection) -> None:
         """Only a peer that may read the daemon's fds anyway (its uid, or root) gets the
@@ -285,17 +309,17 @@ class Dispatcher:
                 "asks through the socket",
             )
 
-    async def _send_index(self, conn: Connection, event: IndexRequest) -> None:
+    def _index_fd(self, conn: Connection) -> int:
+        """A new read-only fd of the index for *conn*'s peer, or a refusal."""
         self._may_read_index(conn)
-        index = self.index
-        if index is None:
+        if self.index is None:
             raise RequestError(ErrorCode.NO_INDEX, "this daemon publishes no index")
         with refusing_os_errors("cannot open the index"):
-            fd = index.reader_fd()
-        try:
-            await conn.send(IndexReply(id=event.id, fd=fd, pid=os.getpid(), slots=index.slots))
-        finally:
-            os.close(fd)
+            return self.index.reader_fd()
+
+    def _index_reply(self, event: IndexRequest, fd: int) -> IndexReply:
+        assert self.index is not None
+        return IndexReply(id=event.id, fd=fd, pid=os.getpid(), slots=self.index.slots)
 
     def _count_reported(self, conn: Connection, event: Report) -> None:
         """Hits a client served itself through the index: counted, and in the LRU order."""

@@ -104,6 +104,19 @@ class Poller(Generic[T]):
                     # here yet, and asking would cost an epoll_wait per hit.
                     break
 
+    def answer_unparked(self, answer: Callable[[T], bool], owner: T) -> bool:
+        """``answer(owner)`` for a connection not in the set, as a round of its own.
+
+        For a connection that has just come: what it sent already is answered
+        without waiting for the poller. Returns what *answer* did.
+        """
+        try:
+            return answer(owner)
+        finally:
+            if self.closing:
+                close_all(self.closing)
+                self.closing.clear()
+
     def _round(self, answer: Callable[[T], bool], fds: list[int]) -> None:
         """One datagram for each of *fds*; then the fds the answers used are closed."""
         owners = self._owners

@@ -57,10 +57,13 @@ from .private import PrivateFiles
 from .protocol import (
     MAX_NAMESPACE_BYTES,
     ConnectionState,
+    Hello,
+    IndexRequest,
     Lookup,
     Open,
     OpenBatch,
     ProtocolError,
+    Report,
     WireLimits,
 )
 from .refusals import Refusals
@@ -236,6 +239,9 @@ class Server:
         self._drain: Callable[[], None] = lambda: None
         self._answer_batch = self.dispatcher.answer_batch
         self._answer_lookup = self.dispatcher.answer_lookup
+        self._answer_hello = self.dispatcher.answer_hello
+        self._answer_index = self.dispatcher.answer_index
+        self._answer_report = self.dispatcher.answer_report
 
     @property
     def clients(self) -> int:
@@ -287,6 +293,7 @@ class Server:
             discard=self.opens.discard,
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
+            answer=self._answer_ready,
         )
         acceptor = Acceptor(
             gate=self.gate,
@@ -460,4 +467,13 @@ class Server:
             return self._answer_batch(conn, event, fds)
         if type(event) is Lookup:  # it carries no fds: the protocol saw to that
             return self._answer_lookup(conn, event)
+        # Neither carries fds either. Answered here, not in the connection's
+        # task: a new client's pipelined hello and index request then cost
+        # no wake-up of that task, and no leaving and rejoining the poller.
+        if type(event) is Hello:
+            return self._answer_hello(conn, event)
+        if type(event) is IndexRequest:
+            return self._answer_index(conn, event)
+        if type(event) is Report:
+            return self._answer_report(conn, event)
         return conn.hand_over(Received(event, fds))

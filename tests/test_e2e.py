@@ -507,7 +507,7 @@ async def test_16_clients_at_once(daemon: Daemon, tmp_path: Path) -> None:
     assert s["copies"] == 30  # one copy per file, however many clients raced
 
 
-@pytest.mark.parametrize("op", ["open", "open_batch", "lookup"])
+@pytest.mark.parametrize("op", ["open", "open_batch", "lookup", "index", "report"])
 async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     daemon: Daemon, tmp_path: Path, op: str
 ) -> None:
@@ -529,6 +529,7 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     flood.sock.setblocking(False)
     sent = 0
     src = os.open(f, os.O_RDONLY)
+    st = os.fstat(src)
     try:
         with trio.fail_after(60):
             # Until the daemon stops reading us: our receive buffer is full
@@ -539,6 +540,8 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
                 if op == "lookup":  # a private file nobody published: a miss each time
                     key = {"ino": 1, "size": 1, "mtime_ns": 1, "ctime_ns": 1}
                     request.update(namespace="flood", key=key)
+                elif op == "report":
+                    request["hits"] = [[st.st_dev, st.st_ino, 1]]
                 try:
                     flood.send(request, {"open": [src], "open_batch": [src, src]}.get(op, []))
                     sent += 1
@@ -560,9 +563,13 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
             got = set()
             for _ in range(sent):
                 reply, fds = await call(flood.recv)
-                assert reply["ok"] and len(fds) == {"open": 1, "open_batch": 2}.get(op, 0), reply
+                assert reply["ok"], reply
+                assert len(fds) == {"open": 1, "open_batch": 2, "index": 1}.get(op, 0), reply
                 for fd in fds:
-                    assert os.pread(fd, len(data) + 1, 0) == data
+                    if op == "index":
+                        assert reply["slots"] > 0 and os.fstat(fd).st_size > 0
+                    else:
+                        assert os.pread(fd, len(data) + 1, 0) == data
                     os.close(fd)
                 got.add(reply["id"])
             assert got == set(range(1, sent + 1))
@@ -572,6 +579,60 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     finally:
         os.close(src)
         flood.sock.close()
+
+
+async def test_a_new_clients_pipelined_requests_are_answered_in_order(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A client sends its hello, the index request and more before reading anything.
+
+    The first are answered before its connection first waits in the poller,
+    the rest by the poller's rounds and the connection's task (stats): every
+    reply comes once, in the order asked, with its fds, and the daemon's fds
+    return to their baseline when the client goes.
+    """
+    from .wire import Raw
+
+    f = make_file(tmp_path / "lib.so", os.urandom(3000))
+    settle(f)
+    data = f.read_bytes()
+    assert open_bytes(daemon, f) == data  # cached from here on
+    await trio.sleep(0.2)
+    baseline = daemon.open_fds()
+    st = f.stat()
+    src = os.open(f, os.O_RDONLY)
+    burst: list[tuple[dict[str, Any], list[int], int]] = [
+        ({"op": "hello", "id": 1, "version": 2}, [], 0),
+        ({"op": "index", "id": 2}, [], 1),
+        ({"op": "report", "id": 3, "hits": [[st.st_dev, st.st_ino, 2]]}, [], 0),
+        ({"op": "open", "id": 4}, [src], 1),
+        ({"op": "stats", "id": 5}, [], 0),
+        ({"op": "index", "id": 6}, [], 1),
+        ({"op": "open", "id": 7}, [src], 1),
+    ]
+    try:
+        for _ in range(20):
+            with Raw(daemon.socket_path, hello=False, timeout=10) as raw:
+                for msg, fds, _n in burst:
+                    raw.send(msg, fds)
+                for msg, _fds, nfds in burst:
+                    reply, got = await call(raw.recv)
+                    try:
+                        assert reply["id"] == msg["id"] and reply["ok"], (msg, reply)
+                        assert len(got) == nfds, (msg, reply)
+                        if msg["op"] == "open":
+                            assert os.pread(got[0], len(data) + 1, 0) == data
+                        elif msg["op"] == "index":
+                            assert reply["pid"] == daemon.pid and reply["slots"] > 0
+                    finally:
+                        for fd in got:
+                            os.close(fd)
+    finally:
+        os.close(src)
+    assert stats(daemon)["index_hits"] == 20 * 2
+    with trio.fail_after(10):
+        while daemon.open_fds() != baseline:
+            await trio.sleep(0.05)
 
 
 def _garbage(d: Daemon, rng: random.Random, extra: list[int]) -> None:
