@@ -301,11 +301,53 @@ def test_help_and_usage(c_client: str) -> None:
         done = run(c_client, flag)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(b"usage: shadowd-open")
-        for option in (b"--routed", b"--timeout", b"--batch", b"--backoff", b"--crossover"):
+        for option in (
+            b"--routed",
+            b"--timeout",
+            b"--batch",
+            b"--backoff",
+            b"--crossover",
+            b"--connects",
+        ):
             assert option in done.stdout
     bad = run(c_client, "--no-such-option", "/etc/hostname")
     assert bad.returncode == 2 and b"usage:" in bad.stderr
     assert run(c_client, "--timeout", "soon", "/etc/hostname").returncode == 2
+
+
+def stats_of(d: Daemon) -> dict[str, Any]:
+    from shadowd_client import Client
+
+    with Client(d.socket_path, timeout=10) as c:
+        return c.stats()
+
+
+async def test_connects_times_new_connections_that_each_get_the_index(
+    c_client: str, daemon: Daemon
+) -> None:
+    """`--connects N` makes N connections as a supervisor does, each given the index."""
+    with trio.fail_after(30):
+        done = await trio.to_thread.run_sync(
+            lambda: run(c_client, "-s", str(daemon.socket_path), "--connects", "6", "--pause", "2")
+        )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["connects"] == 6 and got["pause_ms"] == 2
+    assert got["indexed"] == 6  # this uid is the daemon's: every connection held its index
+    assert 0 < got["p50"] <= got["p99"]
+    before = stats_of(daemon)["clients_total"]
+    with trio.fail_after(30):
+        done = await trio.to_thread.run_sync(
+            lambda: run(c_client, "-s", str(daemon.socket_path), "--connects", "3")
+        )
+    assert done.returncode == 0, done.stderr
+    assert stats_of(daemon)["clients_total"] - before == 3 + 1  # 3, and our stats request
+    # Usage: a count of at least 1, no PATH, not with another mode.
+    for args in (["--connects", "0"], ["--connects", "2", "/etc/hostname"],
+                 ["--connects", "2", "--latency"], ["--pause", "5"]):  # fmt: skip
+        assert run(c_client, "-s", str(daemon.socket_path), *args).returncode == 2, args
+    gone = run(c_client, "-s", str(daemon.socket_path) + ".none", "--connects", "2")
+    assert gone.returncode == 1 and b"connection 1:" in gone.stderr
 
 
 async def test_exact_bytes_a_miss_then_a_hit(c_client: str, daemon: Daemon, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ static const char USAGE[] =
     "       shadowd-open [OPTIONS] -l SECONDS PATH\n"
     "       shadowd-open [OPTIONS] --crossover DIR\n"
     "       shadowd-open [OPTIONS] --latency [--rounds N] PATH...\n"
+    "       shadowd-open [OPTIONS] --connects N [--pause MS]\n"
     "\n"
     "Write each PATH's bytes, read from the sealed fd shadowd served, to stdout,\n"
     "over one connection. A failed open is reported and the next one tried.\n"
@@ -66,6 +67,13 @@ static const char USAGE[] =
     "                         a reopen from the process-local tier; each from the open\n"
     "                         of the source to the close of both fds. One JSON object\n"
     "                         per PATH: the medians (p50) and p99, in microseconds\n"
+    "      --connects N       time N new connections one after another, each as a\n"
+    "                         supervisor makes one (shadowd_connect_start, then\n"
+    "                         shadowd_connect_wait and shadowd_index_ready, then\n"
+    "                         shadowd_close); one JSON object: p50 and p99 in\n"
+    "                         microseconds, and how many got the index\n"
+    "      --pause MS         with --connects: wait MS between connections (a\n"
+    "                         supervisor's connection comes alone; default 0)\n"
     "  -h, --help             this text\n"
     "\n"
     "Exit status: 0; 1 when an open failed; 2 for a usage error.\n";
@@ -405,6 +413,49 @@ latency(struct shadowd *c, char **paths, int n, int rounds)
     return fflush(stdout) != 0;
 }
 
+/* -- a new connection's cost ---------------------------------------------- */
+
+/* *n* connections one after another, *pause_ms* apart, each timed from
+ * shadowd_connect_start to the index held (or not given), then closed. */
+static int
+connects(const char *socket_path, long long n, long long pause_ms, int connect_ms, int reply_ms)
+{
+    double *samples = calloc((size_t)n, sizeof(double));
+    long long indexed = 0;
+    if (samples == NULL)
+        return 1;
+    for (long long i = 0; i < n; i++) {
+        if (pause_ms > 0) {
+            struct timespec pause = {(time_t)(pause_ms / 1000), (long)(pause_ms % 1000) * 1000000L};
+            nanosleep(&pause, NULL);
+        }
+        struct shadowd one;
+        shadowd_init(&one);
+        shadowd_set_log(&one, NULL, NULL);
+        shadowd_set_timeouts(&one, connect_ms, reply_ms, -1);
+        double t0 = now();
+        int ok = shadowd_connect_start(&one, socket_path) == 0 && shadowd_connect_wait(&one) == 0;
+        int held = ok && shadowd_index_ready(&one);
+        samples[i] = now() - t0;
+        if (!ok) {
+            fprintf(stderr, "shadowd-open: connection %lld: %s\n", i + 1, one.error);
+            shadowd_close(&one);
+            free(samples);
+            return 1;
+        }
+        indexed += held;
+        shadowd_close(&one);
+    }
+    qsort(samples, (size_t)n, sizeof(double), cmp_double);
+    int p99 = (int)(0.99 * (double)(n - 1) + 0.5);
+    double p50 = n % 2 ? samples[n / 2] : (samples[n / 2 - 1] + samples[n / 2]) / 2;
+    printf("{\"connects\": %lld, \"pause_ms\": %lld, \"p50\": %.1f, \"p99\": %.1f, "
+           "\"indexed\": %lld}\n",
+           n, pause_ms, p50 * 1e6, samples[p99] * 1e6, indexed);
+    free(samples);
+    return fflush(stdout) != 0;
+}
+
 /* -- main ----------------------------------------------------------------- */
 
 enum {
@@ -417,6 +468,8 @@ enum {
     OPT_CROSSOVER,
     OPT_ROUNDS,
     OPT_LATENCY,
+    OPT_CONNECTS,
+    OPT_PAUSE,
 };
 
 static const struct option LONG_OPTIONS[] = {
@@ -440,6 +493,8 @@ static const struct option LONG_OPTIONS[] = {
     {"quiet", no_argument, NULL, 'q'},
     {"crossover", required_argument, NULL, OPT_CROSSOVER},
     {"rounds", required_argument, NULL, OPT_ROUNDS},
+    {"connects", required_argument, NULL, OPT_CONNECTS},
+    {"pause", required_argument, NULL, OPT_PAUSE},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -470,6 +525,7 @@ main(int argc, char **argv)
     int copy = 0, gate = 0, verbose = 0, routed = 0, batch = 0, by_index = 0, lat = 0, opt;
     long long repeat = 1, connect_ms = -1, reply_ms = -1, per_mib = -1, first = -1, cap = -1;
     long long local_below = -1, young = -1, held = -1, held_bytes = -1, rounds = -1;
+    long long n_connects = -1, pause_ms = -1;
     char *comma;
 
     while ((opt = getopt_long(argc, argv, "s:rbn:vgl:cit:qh", LONG_OPTIONS, NULL)) != -1) {
@@ -506,6 +562,8 @@ main(int argc, char **argv)
         case 'q': shadowd_set_log(&c, NULL, NULL); break;
         case OPT_CROSSOVER: cross_dir = optarg; break;
         case OPT_ROUNDS: rounds = number(optarg); break;
+        case OPT_CONNECTS: n_connects = number(optarg); break;
+        case OPT_PAUSE: pause_ms = number(optarg); break;
         case 'h': printf("%s", USAGE); return 0;
         default: return usage();
         }
@@ -514,6 +572,12 @@ main(int argc, char **argv)
         cap == -2 || local_below == -2 || young == -2 || held == -2 || held_bytes == -2 ||
         rounds == -2 || rounds == 0 || (copy && by_index) || (lat && (cross_dir || seconds >= 0)))
         return usage();
+    if (n_connects != -1 || pause_ms != -1) {
+        if (n_connects < 1 || pause_ms == -2 || lat || cross_dir || seconds >= 0 || optind != argc)
+            return usage();
+        return connects(socket_path, n_connects, pause_ms < 0 ? 0 : pause_ms, (int)connect_ms,
+                        (int)reply_ms);
+    }
     if (rounds < 0)
         rounds = lat ? 200 : 31;
     if (cross_dir == NULL &&
