@@ -505,6 +505,44 @@ main(void)
             close(fd);
             emit("\"errno\": %d, \"status\": %d, ", got == sizeof err ? err : 0,
                  WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
+        } else if (strcmp(cmd, "forkopen") == 0) {
+            /* forkopen PATH fork|_fork: a child, made by fork() or by _Fork()
+             * (no atfork handlers), opens PATH through the same struct; then
+             * the parent opens it again. */
+            int pipefd[2];
+            if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return 1;
+            pid_t pid = strcmp(argv[2], "_fork") == 0 ? _Fork() : fork();
+            if (pid == 0) {
+                close(pipefd[0]);
+                int fd = shadowd_open(&c, argv[1]);
+                unsigned long long got[3] = {fd >= 0, 14695981039346656037ULL, (unsigned)c.hit};
+                char buf[65536];
+                ssize_t n;
+                off_t off = 0;
+                while (fd >= 0 && (n = pread(fd, buf, sizeof buf, off)) > 0) {
+                    for (ssize_t i = 0; i < n; i++)
+                        got[1] = (got[1] ^ (unsigned char)buf[i]) * 1099511628211ULL;
+                    off += n;
+                }
+                shadowd_close(&c);
+                ssize_t w = write(pipefd[1], got, sizeof got);
+                _exit(w == (ssize_t)sizeof got ? 0 : 1);
+            }
+            close(pipefd[1]);
+            unsigned long long child[3] = {0, 0, 0};
+            ssize_t r = pid > 0 ? read(pipefd[0], child, sizeof child) : -1;
+            close(pipefd[0]);
+            int wstatus = 0;
+            if (pid > 0)
+                waitpid(pid, &wstatus, 0);
+            emit("\"child_ok\": %d, \"child_hash\": \"%016llx\", \"child_hit\": %d, "
+                 "\"child_status\": %d, ",
+                 r == (ssize_t)sizeof child && child[0] ? 1 : 0, child[1], (int)child[2],
+                 WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
+            int fd = shadowd_open(&c, argv[1]);
+            status(t);
+            describe("", fd, 0);
         } else if (strcmp(cmd, "twice") == 0) {
             /* Two routed opens of one file; read from the first, the second's offset. */
             int a = shadowd_open_routed(&c, argv[1]);

@@ -315,13 +315,6 @@ def test_help_and_usage(c_client: str) -> None:
     assert run(c_client, "--timeout", "soon", "/etc/hostname").returncode == 2
 
 
-def stats_of(d: Daemon) -> dict[str, Any]:
-    from shadowd_client import Client
-
-    with Client(d.socket_path, timeout=10) as c:
-        return c.stats()
-
-
 async def test_connects_times_new_connections_that_each_get_the_index(
     c_client: str, daemon: Daemon
 ) -> None:
@@ -335,13 +328,13 @@ async def test_connects_times_new_connections_that_each_get_the_index(
     assert got["connects"] == 6 and got["pause_ms"] == 2
     assert got["indexed"] == 6  # this uid is the daemon's: every connection held its index
     assert 0 < got["p50"] <= got["p99"]
-    before = stats_of(daemon)["clients_total"]
+    before = stats(daemon)["clients_total"]
     with trio.fail_after(30):
         done = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(daemon.socket_path), "--connects", "3")
         )
     assert done.returncode == 0, done.stderr
-    assert stats_of(daemon)["clients_total"] - before == 3 + 1  # 3, and our stats request
+    assert stats(daemon)["clients_total"] - before == 3 + 1  # 3, and our stats request
     # Usage: a count of at least 1, no PATH, not with another mode.
     for args in (["--connects", "0"], ["--connects", "2", "/etc/hostname"],
                  ["--connects", "2", "--latency"], ["--pause", "5"]):  # fmt: skip
@@ -731,6 +724,35 @@ async def test_connect_start_then_wait_greets_a_real_daemon(
     assert started["rc"] == 0 and waited["rc"] == 0 and waited["protocol"] == 2, waited
     assert ready["ready"] == 1, ready  # the index asked for with the hello, held
     assert opened["hash"] == digest
+
+
+@pytest.mark.parametrize("how", ["fork", "_fork"])
+async def test_a_forked_child_opens_on_a_connection_of_its_own(
+    driver: Any, daemon: Daemon, tmp_path: Path, how: str
+) -> None:
+    """A child given the parent's struct talks to the daemon on its own connection.
+
+    With _Fork() no atfork handler runs: the client tells a child from its
+    parent by what the kernel does at every fork. And the parent, who has not
+    forked, keeps its connection through 50 opens and after its child's.
+    """
+    f, digest = big(tmp_path / "f")
+    settle(f)
+    d = driver()
+    with trio.fail_after(60):
+        assert (await ask(d, "connect", daemon.socket_path))["rc"] == 0
+        assert (await ask(d, "open", f))["hash"] == digest
+        before = stats(daemon)["clients_total"]
+        for _ in range(50):
+            assert (await ask(d, "open", f))["hash"] == digest
+        assert stats(daemon)["clients_total"] == before + 1  # only our stats call's
+        got = await ask(d, "forkopen", f, how)
+        await ask(d, "close")
+    assert got["child_status"] == 0 and got["child_ok"] == 1, got
+    assert got["child_hash"] == digest and got["child_hit"] == 1, got
+    assert got["hash"] == digest, got  # the parent's connection still answers it
+    # Ours (2 stats calls) and the child's own: the parent made no new one.
+    assert stats(daemon)["clients_total"] == before + 1 + 1 + 1
 
 
 # -- timeouts and the breaker ------------------------------------------------
@@ -1983,21 +2005,24 @@ class _Stand(IndexedCache):
     def serve(self, conn: socket.socket) -> None:
         for msg, fds in _requests(conn):
             close_fds(fds)
-            if msg["op"] == "hello":
-                reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
-                         "limits": {"racy_window_ns": 0}}  # fmt: skip
-                conn.send(msgpack.packb(reply))
-            elif msg["op"] == "index":
-                fd = self.index.reader_fd()
-                reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
-                conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
-                os.close(fd)
-            elif msg["op"] == "report":
-                self.reports.append(msg["hits"])
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
-            else:
-                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-                conn.send(msgpack.packb(no))
+            self.serve_one(conn, msg)
+
+    def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        if msg["op"] == "hello":
+            reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
+                     "limits": {"racy_window_ns": 0}}  # fmt: skip
+            conn.send(msgpack.packb(reply))
+        elif msg["op"] == "index":
+            fd = self.index.reader_fd()
+            reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+            os.close(fd)
+        elif msg["op"] == "report":
+            self.reports.append(msg["hits"])
+            conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
+        else:
+            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+            conn.send(msgpack.packb(no))
 
 
 @pytest.fixture
@@ -2050,6 +2075,44 @@ def test_a_reused_descriptor_number_is_detected_every_time(
         look_alike.release()
     assert d("close")["fds"] >= 0
     assert sum(n for hits in s.reports for _, _, n in hits) == 4 + 4  # reported at close
+
+
+class _SilentOnOpens(_Stand):
+    """A stand-in that answers its hello, the index and reports, and no open ever."""
+
+    def serve(self, conn: socket.socket) -> None:
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] in ("hello", "index", "report"):
+                self.serve_one(conn, msg)
+
+
+def test_index_hits_are_reported_while_raced_opens_go_unanswered(
+    driver: Any, tmp_path: Path
+) -> None:
+    """Raced opens the daemon never answers do not take every request slot: the
+    index's hits counted meanwhile are still reported, to the last one."""
+    s = _SilentOnOpens(tmp_path)
+    path = tmp_path / "stand.sock"
+    other = make_file(tmp_path / "not-indexed", os.urandom(50_000))
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            for cmd in ("socket", path), ("timeouts", 10000, 10000, 0), ("routing", 0, -1), (
+                    "cold", 0, 0), ("log", "quiet"):  # fmt: skip
+                d(*cmd)
+            f, _ = s.files[0]
+            assert d("indexopen", f)["route"] == "index"
+            for _ in range(100):  # raced: sent, copied here, never answered
+                r = d("routed", other)
+                assert r["fd"] >= 0 and r["hash"] == fnv(other.read_bytes()), r
+            hits = d("indexopen", f, 300)
+            assert hits["served"] == 300, hits
+            assert d("counts")["index"] == 301
+            d("close")
+    finally:
+        s.close()
+    assert sum(n for hits in s.reports for _, _, n in hits) == 301
 
 
 def test_in_the_daemons_range_another_memfd_at_n_is_refused_every_time(
