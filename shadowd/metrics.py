@@ -47,10 +47,18 @@ _MAX_VIEWERS = 256
 def count_open_fds() -> int:
     """The descriptors this process has open; -1 when /proc cannot tell.
 
-    Blocking, and not for the daemon's loop (see :class:`FdCount`): it lists
-    /proc/self/fd (milliseconds with thousands of fds).
+    Blocking, and not for the daemon's loop (see :class:`FdCount`): where the
+    kernel gives no count, it lists /proc/self/fd (milliseconds with
+    thousands of fds).
     """
     try:
+        # Linux 6.2 and later give the count as the size of the directory
+        # (from the fd table's bitmap: about 3 us with 5,000 fds, against
+        # about 2 ms to list them); earlier ones give 0, and so does a
+        # process with no fd open, whose listing then says 0 as well.
+        size = os.stat("/proc/self/fd").st_size
+        if size > 0:
+            return size
         return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
     except OSError:
         return -1
