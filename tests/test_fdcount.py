@@ -36,8 +36,8 @@ def test_count_open_fds_is_the_number_of_descriptors_open() -> None:
 
 
 class Gate:
-    """A count that records its thread, and blocks (from the *free*-th call on)
-    until released."""
+    """A count that records its thread, fails on the loop's, and blocks every
+    call after the first *free* until released."""
 
     def __init__(self, free: int) -> None:
         self.free = free
@@ -55,8 +55,7 @@ class Gate:
             raise AssertionError("the fd count was made on the loop's thread")
         if self.calls > self.free:
             self.token.run_sync_soon(self.blocked.set)
-            # Not forever: a count made on the loop must fail the test, not hang it.
-            self.release.wait(20)
+            self.release.wait(20)  # not forever, whatever becomes of the test
         return count_open_fds()
 
 
