@@ -120,8 +120,8 @@ def _entry_name(entry: Entry) -> str:
 def status_line(server: Server) -> str:
     """One line for the service manager's STATUS=.
 
-    From the counters alone: the full stats list /proc/self/fd and rank the
-    top files, which is too much work for the loop every few seconds.
+    From the counters alone: the full stats rank the top files, which is too
+    much work for the loop every few seconds.
     """
     cache = server.cache
     hits, misses = cache.hits, cache.misses

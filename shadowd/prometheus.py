@@ -186,7 +186,18 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
         "Resident memory of the daemon process (without memfd pages it does not map).",
         "rss_bytes",
     ),
-    ("shadowd_open_fds", "gauge", "Descriptors the daemon has open.", "open_fds"),
+    (
+        "shadowd_open_fds",
+        "gauge",
+        "Descriptors the daemon had open at its last count.",
+        "open_fds",
+    ),
+    (
+        "shadowd_open_fds_age_seconds",
+        "gauge",
+        "Seconds since the daemon's last fd count began.",
+        "open_fds_age_seconds",
+    ),
     ("shadowd_max_fds", "gauge", "The daemon's descriptor limit.", "fd_limit"),
     (
         "shadowd_fdstore_entries",

@@ -107,9 +107,11 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         rows.append(("limits reached", hits))
     if stats.open_fds >= 0:
         limit = f"{stats.fd_limit}" if stats.fd_limit >= 0 else "an unknown limit"
-        rows.append(
-            ("open fds", f"{stats.open_fds} of {limit} ({_pct(stats.open_fds, stats.fd_limit)})")
-        )
+        fds = f"{stats.open_fds} of {limit} ({_pct(stats.open_fds, stats.fd_limit)})"
+        # The count is made in the background: an old one says how old it is.
+        if stats.open_fds_age_seconds >= 1:
+            fds += f", counted {human_duration(stats.open_fds_age_seconds)} ago"
+        rows.append(("open fds", fds))
     rows.append(("fd store", _fd_store(stats)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{stats.server}{where}, up {human_duration(stats.uptime_seconds)}"]

@@ -9,7 +9,8 @@
 # lookup, reopen through /proc/self/fd, sendmsg), anything else parsed by
 # protocol.py and answered by dispatch.py. What must wait goes on in the
 # connection's nursery (connection.py); opens of host files are decided in
-# opens.py, private files in private.py, stats gathered in metrics.py.
+# opens.py, private files in private.py, stats gathered in metrics.py (the
+# fd count in a worker thread).
 #
 # Must never: await between a cache lookup and the use of what it returned;
 # leave a received fd unclosed on any path (errors, truncation, disconnects,
@@ -105,10 +106,11 @@ class ServerConfig:
     max_inflight: int = 32
     shutdown_grace: float = 10.0
     top_files: int = 10
-    #: Seconds for which the costly parts of stats (the fd count, resident
-    #: memory, the top files: milliseconds of the loop's time with thousands
-    #: of entries) are reused, so that asking for stats in a loop cannot keep
-    #: the loop from answering hits.
+    #: Seconds for which the costly parts of stats (resident memory, the top
+    #: files: milliseconds of the loop's time with thousands of entries) are
+    #: reused, so that asking for stats in a loop cannot keep the loop from
+    #: answering hits; and the least time between the starts of two fd
+    #: counts (made in a worker thread, metrics.py).
     stats_refresh: float = 1.0
     #: Descriptors the service manager keeps for warm restarts (its
     #: FileDescriptorStoreMax=); 0 keeps none.
@@ -307,7 +309,7 @@ class Server:
         try:
             with self._outer_scope:
                 async with trio.open_nursery() as nursery:
-                    self.opens.nursery = nursery
+                    self.opens.nursery = self.collector.nursery = nursery
                     nursery.start_soon(self._run_poller)
                     nursery.start_soon(self._read_watches, watches)
                     # Before saying started (and READY=1): what a fresh
@@ -318,11 +320,14 @@ class Server:
                         wire=self.config.wire,
                         hello_limits=self.config.hello_limits(),
                     )
+                    # And a first fd count (in a worker thread), after the
+                    # warm-up let go of its fds: no stats answer lacks one.
+                    await self.collector.fds.since(time.monotonic())
                     with self._accept_scope:
                         task_status.started()
                         await acceptor.run(listen_sock, nursery)
         finally:
-            self.opens.nursery = None
+            self.opens.nursery = self.collector.nursery = None
             self.copier.watches = None
             self._watch_fd, self._drain = -1, lambda: None
             self._poller.close()

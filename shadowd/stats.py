@@ -210,7 +210,12 @@ class Stats:
     private_misses: int = 0
     private_entries: int = 0
     private_bytes: int = 0
+    #: The daemon's open descriptors at its last count (made in a worker
+    #: thread, at most once per stats refresh); -1: not known (yet).
     open_fds: int = -1
+    #: Seconds since the count in ``open_fds`` began (it holds every fd
+    #: opened, and none closed, before then); -1 when there is no count.
+    open_fds_age_seconds: float = -1.0
     fd_limit: int = -1
     top_by_hits: tuple[TopEntry, ...] = ()
     top_by_bytes: tuple[TopEntry, ...] = ()

@@ -8,11 +8,13 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import pytest
+import trio
 
 from shadowd.cache import HostKey
 from shadowd.daemon import configure_logging, status_line, stream_is_journal
@@ -52,6 +54,7 @@ def sample_stats(**changes: Any) -> Stats:
         private_entries=1,
         private_bytes=100,
         open_fds=40,
+        open_fds_age_seconds=0.25,
         fd_limit=1024,
         top_by_hits=(TopEntry("/lib/libc.so.6", 50, 2000), TopEntry(TRICKY, 5, 1)),
         top_by_bytes=(TopEntry("/lib/libc.so.6", 50, 2000), TopEntry("/lib/libc.so.6", 1, 10)),
@@ -98,6 +101,7 @@ def test_prometheus_output_parses_strictly_with_our_rules() -> None:
     assert f["shadowd_cache_memory_bytes"].value() == 12288
     assert f["shadowd_copied_bytes_total"].value() == 123456
     assert f["shadowd_open_fds"].value() == 40 and f["shadowd_max_fds"].value() == 1024
+    assert f["shadowd_open_fds_age_seconds"].value() == 0.25
     assert f["shadowd_fdstore_entries"].value() == 3
     assert f["shadowd_fdstore_restored_entries"].value() == 2
     assert f["shadowd_info"].value(version="0.1.0") == 1
@@ -199,8 +203,11 @@ def test_a_server_of_today_builds_stats_with_empty_latency() -> None:
 
 
 def test_prometheus_leaves_out_what_the_daemon_could_not_measure() -> None:
-    families = promtext.parse(format_prometheus(sample_stats(open_fds=-1, rss_bytes=-1)))
+    families = promtext.parse(
+        format_prometheus(sample_stats(open_fds=-1, open_fds_age_seconds=-1.0, rss_bytes=-1))
+    )
     assert "shadowd_open_fds" not in families
+    assert "shadowd_open_fds_age_seconds" not in families
     assert "shadowd_resident_memory_bytes" not in families
 
 
@@ -247,7 +254,9 @@ def test_table_shows_memory_fd_store_fds_and_both_top_lists() -> None:
     assert "hit p50 <= 50 us, p99 <= 500 us (100); miss p50 <= 5 ms, p99 <= 5 ms (10)" in table
     assert "copy p50" not in table  # no copies timed: nothing to say
     assert "12.0 KiB in cached memfds (whole pages); daemon resident 28.6 MiB" in table
-    assert "open fds" in table and "40 of 1024 (3.9%)" in table
+    assert "open fds" in table and "40 of 1024 (3.9%)\n" in table  # a fresh count: no age
+    old = format_table(sample_stats(open_fds_age_seconds=63.5))
+    assert "40 of 1024 (3.9%), counted 1m03s ago" in old
     assert "3 of 64 entries kept for warm restarts; 2 restored at start" in table
     assert "by bytes not copied" in table and "by hits" in table
     assert "evicted file stays in memory" in table
@@ -285,23 +294,41 @@ def test_status_line_is_one_line() -> None:
 
 
 @pytest.mark.parametrize("refresh", [3600.0, 0.0])
-def test_costly_stats_are_reused_within_the_refresh_interval(refresh: float) -> None:
+async def test_costly_stats_are_reused_within_the_refresh_interval(refresh: float) -> None:
     """The fd count and the top files (scans) are not redone on every stats request.
 
-    The counters stay live either way.
+    The counters stay live either way. A stats request starts an fd count
+    (in a worker thread) only when the last one began *refresh* seconds ago
+    or more; the stats answer with the last finished count until it is done.
     """
     server = Server(ServerConfig(socket_path="", stats_refresh=refresh))
     f = sealed_from_bytes(b"x" * 3000)
     server.cache.insert(HostKey(1, 1), (3000, 1, 1), f, label="/lib/a.so", ctime_ns=1)
     f.release()
-    first = server.stats()
-    assert first.top_by_hits == ()
-    server.cache.lookup(HostKey(1, 1), (3000, 1, 1))
-    extra = os.open("/dev/null", os.O_RDONLY)
+    fds = server.collector.fds
+    assert server.stats().open_fds == -1  # not counted yet, and not serving: nothing starts one
+    assert not fds.running
+    extra = -1
     try:
-        second = server.stats()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                server.collector.nursery = nursery  # as serve() does
+                await fds.since(time.monotonic())  # a first count, as serve() makes
+                first = server.stats()
+                assert first.top_by_hits == () and first.open_fds > 0
+                server.cache.lookup(HostKey(1, 1), (3000, 1, 1))
+                acted = time.monotonic()
+                extra = os.open("/dev/null", os.O_RDONLY)
+                answered = server.stats()  # starts a count at refresh 0, none at 3600
+                assert answered.open_fds == first.open_fds  # the last count, meanwhile
+                assert fds.running == (not refresh)
+                if fds.running:
+                    assert await fds.since(acted) == first.open_fds + 1
+                second = server.stats()
+                server.collector.nursery = None
     finally:
-        os.close(extra)
+        if extra >= 0:
+            os.close(extra)
         server.cache.clear()
     assert second.hits == first.hits + 1
     if refresh:
@@ -309,6 +336,7 @@ def test_costly_stats_are_reused_within_the_refresh_interval(refresh: float) -> 
     else:
         assert second.top_by_hits == (TopEntry("/lib/a.so", 1, 3000),)
         assert second.open_fds == first.open_fds + 1
+        assert 0 <= second.open_fds_age_seconds <= time.monotonic() - acted
 
 
 # -- logging ------------------------------------------------------------------
