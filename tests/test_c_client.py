@@ -755,6 +755,124 @@ async def test_a_forked_child_opens_on_a_connection_of_its_own(
     assert stats(daemon)["clients_total"] == before + 1 + 1 + 1
 
 
+def fill_backlog(path: Path) -> list[socket.socket]:
+    """Connections queued on the listener at *path* until its backlog is full."""
+    queued: list[socket.socket] = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:  # EAGAIN: AF_UNIX says "full" at once, never EINPROGRESS
+            s.close()
+            return queued
+        queued.append(s)
+
+
+def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_path: Path) -> None:
+    """A daemon whose backlog is full is busy, not down: connect_wait connects once there is room.
+
+    connect_start still returns at once, sends nothing and keeps the breaker
+    shut; connect_wait's connect waits until the listener accepts (room is
+    made only after it began), then sends the hello with the index request
+    behind it, as connect_start would have.
+    """
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(0)  # room for one connection, and nobody accepts it yet
+    seen: list[dict[str, Any]] = []
+    room = threading.Event()
+
+    def serve() -> None:
+        room.wait(10)  # (the driver is in connect_wait by then, or about to be)
+        time.sleep(0.2)
+        listener.settimeout(10)
+        try:
+            for conn in [listener.accept()[0] for _ in queued]:  # room for the client
+                conn.close()
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                seen.extend(msgpack.unpackb(conn.recv(4096)) for _ in range(2))
+                hello, index = seen
+                greeting = {"id": hello["id"], "ok": True, "version": 2, "limits": {}}
+                conn.send(msgpack.packb(greeting))
+                refusal = {"id": index["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(refusal))
+                until_closed(conn)
+        except OSError:
+            pass  # no client came (or it went): the assertions below say what went wrong
+
+    queued = fill_backlog(path)
+    server = threading.Thread(target=serve, daemon=True)
+    try:
+        assert queued, "the listener took no connection at all"
+        d = driver()
+        d("log", "capture")
+        d("backoff", 60_000, 60_000)  # an opened breaker would stay open
+        d("timeouts", 10_000, 10_000, 0)  # room is made well within the connect timeout
+        started = d("connect_start", path)
+        before = d("counts")
+        server.start()
+        room.set()
+        waited = d("connect_wait")
+        ready = d("indexready")
+        after = d("counts")
+        log = d.finish()
+    finally:
+        room.set()
+        server.join(15)
+        for s in queued:
+            s.close()
+        listener.close()
+    assert started["rc"] == 0 and started["code"] == "" and started["error"] == "", started
+    assert before["available"] == 1 and before["fast"] == 0, before
+    assert waited["rc"] == 0 and waited["protocol"] == 2, (waited["code"], waited["error"])
+    assert [m["op"] for m in seen] == ["hello", "index"], seen
+    assert ready["ready"] == 0, ready  # refused on that connection: not asked again
+    assert after["available"] == 1 and after["fast"] == 0 and after["protocol"] == 2, after
+    assert "unavailable" not in log, log  # the breaker never opened
+
+
+async def test_connect_start_waits_out_a_stopped_daemons_full_backlog(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A real daemon stopped with its backlog full: connected, greeted and indexed once it runs."""
+    # Its backlog (SOMAXCONN) holds thousands: the daemon accepts them all
+    # before the client's, faster than it sees them closed, and would count
+    # them against its per-uid limit (1024) and turn the client away.
+    many = ("--max-clients", "16384", "--max-clients-per-uid", "16384")
+    daemon = await start_daemon("--racy-window", "0.05", *many)
+    f, digest = big(tmp_path / "f")
+    settle(f)
+    d = driver()
+    queued: list[socket.socket] = []
+    with trio.fail_after(60):
+        await ask(d, "log", "capture")
+        await ask(d, "timeouts", 20_000, 20_000, 0)  # the daemon accepts thousands first
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            queued = fill_backlog(daemon.socket_path)
+            started = await ask(d, "connect_start", daemon.socket_path)
+        finally:
+            for s in queued:
+                s.close()  # (the daemon accepts them, and sees them gone)
+            os.kill(daemon.pid, signal.SIGCONT)
+        waited = await ask(d, "connect_wait")
+        ready = await ask(d, "indexready")
+        opened = await ask(d, "openfd", f)
+        counts = await ask(d, "counts")
+        log = await trio.to_thread.run_sync(d.finish)
+    assert len(queued) > 0
+    assert started["rc"] == 0 and started["error"] == "", started
+    assert waited["rc"] == 0 and waited["protocol"] == 2, (waited["code"], waited["error"])
+    assert ready["ready"] == 1, ready
+    assert opened["hash"] == digest
+    assert counts["fast"] == 0 and counts["available"] == 1, counts
+    assert "unavailable" not in log, log
+
+
 # -- timeouts and the breaker ------------------------------------------------
 
 

@@ -99,6 +99,13 @@ enum { K_OPEN = 1, K_LOOKUP, K_PUBLISH, K_BATCH, K_INDEX, K_REPORT };
 enum { F_NONE = 0, F_BROKEN, F_TIMEOUT, F_CONNECT, F_BAD, F_REFUSED, F_REQUEST, F_VERSION };
 /* The connection's hello: none sent, sent, answered. */
 enum { H_NONE = 0, H_SENT, H_DONE };
+/* How start and conn_open connect: NOWAIT, a non-blocking connect that
+ * fails (and opens the breaker) on a full backlog, as the pipelined calls
+ * always have; WAIT, a connect that waits for room in the backlog up to
+ * the connect timeout, then for the hello's answer; EARLY,
+ * shadowd_connect_start's, non-blocking, which leaves a full backlog to
+ * shadowd_connect_wait's WAIT instead of failing. */
+enum { CONNECT_NOWAIT = 0, CONNECT_WAIT = 1, CONNECT_EARLY = 2 };
 
 #define P(c) (&(c)->priv_)
 
@@ -1237,12 +1244,15 @@ send_hello(struct shadowd *c)
     return r ? -1 : 0;
 }
 
-/* Connect and send hello; with *blocking*, wait for connect() up to the
- * connect timeout (the hello reply is waited for by the caller). */
+/* Connect and send hello, as *how* says (CONNECT_*; the hello reply is
+ * waited for by the caller). 0 connected, -1 failed, 1 (CONNECT_EARLY
+ * only) not connected, nothing failed: the daemon's backlog is full. */
 static int
-conn_open(struct shadowd *c, int blocking)
+conn_open(struct shadowd *c, int how)
 {
     struct shadowd_private_ *p = P(c);
+    int blocking = how == CONNECT_WAIT;
+    p->connect_later = 0;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     char pathbuf[sizeof c->socket_path];
     const char *path = c->socket_path;
@@ -1281,6 +1291,23 @@ conn_open(struct shadowd *c, int blocking)
         rc = connect(s, (struct sockaddr *)&addr, sizeof addr);
         if (rc == 0 || errno != EINTR || mono_us() >= deadline)
             break;
+    }
+    if (rc < 0 && errno == EAGAIN && how == CONNECT_EARLY) {
+        /* A non-blocking connect on AF_UNIX has no EINPROGRESS: while the
+         * listener's backlog is full the kernel answers EAGAIN at once, and
+         * nothing completes later (unix(7), connect(2)): the socket is
+         * useless. That is a daemon busy for a moment, not one that is
+         * down: no failure, the breaker stays shut, and the connection is
+         * left to shadowd_connect_wait, whose blocking connect the kernel
+         * wakes as soon as the daemon accepts, bounded by the connect
+         * timeout (with the hello), as shadowd_connect's. Retrying here
+         * would stall a caller that asked not to wait (a supervisor about
+         * to fork) or, without waiting, most likely find the backlog full
+         * again; connect_wait is where the caller has chosen to wait. */
+        close(s);
+        p->connect_later = 1;
+        c->errnum = EAGAIN;
+        return 1;
     }
     if (rc < 0) {
         int err = errno;
@@ -1399,23 +1426,27 @@ slot_done(struct shadowd *c, const void *arg)
     return ((const struct shadowd_slot_ *)arg)->state != SENT;
 }
 
-/* Ready to send a request: the breaker allows it, connected, and (when
- * *blocking*) the hello answered. 0, or -1 with the error set. */
+/* Ready to send a request: the breaker allows it, connected (as *how*
+ * says: CONNECT_*), and (when CONNECT_WAIT) the hello answered. 0, or -1
+ * with the error set; 1 when CONNECT_EARLY found the backlog full. */
 static int
-start(struct shadowd *c, int blocking)
+start(struct shadowd *c, int how)
 {
     after_fork(c);
     /* A caller that submits without collecting still learns of a hung daemon. */
     check_deadlines(c, mono_us());
     if (gate(c))
         return -1;
-    if (!P(c)->live && conn_open(c, blocking))
-        return -1;
-    if (blocking && P(c)->hello != H_DONE) {
+    if (!P(c)->live) {
+        int r = conn_open(c, how);
+        if (r != 0)
+            return r;
+    }
+    if (how == CONNECT_WAIT && P(c)->hello != H_DONE) {
         wait_until(c, hello_done, NULL);
         /* A daemon of version 1 refused our version 2: greet it in 1. */
         if (P(c)->hello != H_DONE && !P(c)->live && P(c)->last_failure == F_VERSION) {
-            if (conn_open(c, blocking))
+            if (conn_open(c, CONNECT_WAIT))
                 return -1;
             wait_until(c, hello_done, NULL);
         }
@@ -1870,7 +1901,7 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live;
         int failure;
-        if (start(c, 1))
+        if (start(c, CONNECT_WAIT))
             return -1;
         struct shadowd_slot_ *s = submit(c, rq, 0, &failure);
         if (s != NULL) {
@@ -1971,15 +2002,7 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
     if (P(c)->live)
         fail_connection(c, F_NONE, NULL, "shadowd_connect replaced the connection");
     clear(c);
-    return start(c, 1);
-}
-
-int
-shadowd_connect_wait(struct shadowd *c)
-{
-    ready(c);
-    clear(c);
-    return start(c, 1);
+    return start(c, CONNECT_WAIT);
 }
 
 static int index_hit(struct shadowd *c, const struct stat *st);
@@ -2067,7 +2090,7 @@ batch_send(struct shadowd *c, const int *fds, const char *const *labels, const i
 {
     int done = 0;
     while (done < n) {
-        if (start(c, 1)) {
+        if (start(c, CONNECT_WAIT)) {
             for (int k = done; k < n; k++)
                 snprintf(items[map[k]].code, sizeof items[map[k]].code, "%s", c->code);
             return;
@@ -2934,7 +2957,7 @@ index_wait(struct shadowd *c)
         return 0;
     if (p->index_state == IX_HAVE)
         return 1;
-    if (start(c, 1))
+    if (start(c, CONNECT_WAIT))
         return 0;
     index_poll(c);
     long long deadline = mono_us() + 1000LL * p->reply_ms;
@@ -3214,7 +3237,18 @@ shadowd_index_ready(struct shadowd *c)
     return held;
 }
 
-/* Here, after the index's states: it asks for the index with the hello. */
+/* The index request right behind the hello just sent (the daemon reads
+ * them in order): its answer comes while the caller forks too, not one
+ * round trip after the hello's. A daemon that turns the hello down
+ * (version 1) closes the connection, and the index is asked on the next. */
+static void
+index_behind_hello(struct shadowd *c)
+{
+    if (P(c)->index_use && P(c)->index_state == IX_NONE && P(c)->hello == H_SENT)
+        index_ask(c);
+}
+
+/* Here, after the index's states: they ask for the index with the hello. */
 int
 shadowd_connect_start(struct shadowd *c, const char *socket_path)
 {
@@ -3224,16 +3258,34 @@ shadowd_connect_start(struct shadowd *c, const char *socket_path)
     if (P(c)->live)
         fail_connection(c, F_NONE, NULL, "shadowd_connect_start replaced the connection");
     clear(c);
-    if (start(c, 0))
+    int r = start(c, CONNECT_EARLY);
+    if (r < 0)
         return -1;
-    /* The index request right behind the hello (the daemon reads them in
-     * order): its answer comes while the caller forks too, not one round
-     * trip after the hello's. A daemon that turns the hello down (version
-     * 1) closes the connection, and the index is asked on the next. */
-    if (P(c)->index_use && P(c)->index_state == IX_NONE && P(c)->hello == H_SENT)
-        index_ask(c);
+    if (r == 0)
+        index_behind_hello(c);
+    /* (r == 1: the backlog is full; shadowd_connect_wait connects.) */
     clear(c);
     return 0;
+}
+
+int
+shadowd_connect_wait(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    ready(c);
+    clear(c);
+    if (p->connect_later && !p->live) {
+        /* shadowd_connect_start found the daemon's backlog full: connect
+         * now, waiting for room up to the connect timeout (which bounds the
+         * hello's answer too, as in shadowd_connect), with the index
+         * request behind the hello as shadowd_connect_start sends it. */
+        after_fork(c);
+        if (gate(c) || conn_open(c, CONNECT_WAIT))
+            return -1;
+        index_behind_hello(c);
+    }
+    p->connect_later = 0;
+    return start(c, CONNECT_WAIT);
 }
 
 int
@@ -3448,7 +3500,7 @@ know_the_daemon(struct shadowd *c)
     if (p->hello == H_DONE || !shadowd_available(c))
         return;
     if (!p->live) {
-        start(c, 0);
+        start(c, CONNECT_NOWAIT);
         clear(c); /* a failure here is the breaker's business, not this open's */
     } else {
         drain(c);
@@ -3867,7 +3919,7 @@ preload_send(struct shadowd *c, const int *fds, const char *const *labels, const
     struct shadowd_slot_ *sent[SHADOWD_MAX_PENDING];
     struct slot_set set = {sent, 0};
     int done = 0;
-    if (start(c, 1))
+    if (start(c, CONNECT_WAIT))
         return;
     while (done < n && set.n < SHADOWD_MAX_PENDING && P(c)->live) {
         int chunk = n - done, failure;
@@ -3995,7 +4047,7 @@ submit_open(struct shadowd *c, int src, const char *label, uint64_t size, int no
                          .size = size, .label = label, .nowait = nowait};
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live, failure;
-        if (start(c, 0))
+        if (start(c, CONNECT_NOWAIT))
             return NULL;
         struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
         if (s != NULL)
@@ -4210,6 +4262,7 @@ shadowd_close(struct shadowd *c)
     c->sock = -1;
     p->live = 0;
     p->hello = H_NONE;
+    p->connect_later = 0;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         if (p->slots[i].id != 0)
             slot_free(&p->slots[i]);

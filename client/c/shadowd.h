@@ -214,6 +214,7 @@ struct shadowd_report_ {
 struct shadowd_private_ {
     uint64_t magic;
     int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
+    int connect_later; /* shadowd_connect_start found the backlog full: connect_wait connects */
     int race, late_pending;
     int procfd, procfd_pid; /* an O_PATH fd of /proc/self/fd, and whose self it is */
     int cold_misses, cold_ms, cold_streak, nhint;
@@ -320,13 +321,18 @@ int shadowd_connect(struct shadowd *c, const char *socket_path);
  * behind it; the next call that needs the answers reads them
  * (shadowd_connect_wait, shadowd_index_ready, an open). A caller starts
  * its connection early this way, say before it forks the tracee, so that
- * the daemon answers while it does. 0, or -1 with code and error set (then
+ * the daemon answers while it does. A daemon whose backlog is full (busy
+ * accepting, not down) is no failure: then nothing is sent, and
+ * shadowd_connect_wait connects, waiting for room up to the connect
+ * timeout, and sends both requests. 0, or -1 with code and error set (then
  * the next call tries again, as every call does). */
 int shadowd_connect_start(struct shadowd *c, const char *socket_path);
 
 /* Wait for the answer to the hello shadowd_connect_start sent (connecting
- * first when there is no connection): 0, or -1 with code and error set, as
- * shadowd_connect says. */
+ * first when there is no connection, or when shadowd_connect_start found
+ * the backlog full: then the connect and the hello's answer together wait
+ * at most the connect timeout, as in shadowd_connect): 0, or -1 with code
+ * and error set, as shadowd_connect says. */
 int shadowd_connect_wait(struct shadowd *c);
 
 /* Where to connect, without connecting now: *socket_path*, or NULL for
