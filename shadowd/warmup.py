@@ -11,6 +11,11 @@
 # daemon idle for longer starts them again on its next miss, as it did
 # before this warm-up existed.
 #
+# For tests only, $SHADOWD_TEST_WARMUP_DELAY (seconds) makes the last worker
+# start that much late, as a thread the host is slow to run would: the
+# others wait for it at the barrier, and the daemon stays in its warm-up,
+# where a test can stop it. It is logged as a warning, never used otherwise.
+#
 # Must never: touch the cache, the index, a counter or anything else that
 # stats show (a warmed daemon's stats are a fresh one's); open a path a
 # client could name, or any file but memfds of its own; leave an fd open;
@@ -19,6 +24,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -59,6 +65,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_BYTES = 3 * 4096
 #: How long the worker threads wait for each other before giving up.
 THREAD_WAIT = 5.0
+#: For tests only: seconds the last worker starts late (see the top).
+DELAY_VARIABLE = "SHADOWD_TEST_WARMUP_DELAY"
 
 
 async def warm_up(
@@ -87,6 +95,7 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
     runs two of these), the first of them making a sealed copy."""
     count = max(1, min(workers, int(limiter.total_tokens)))
     barrier = threading.Barrier(count)
+    delay = _test_delay()
 
     def work(first: bool) -> None:
         _yield_to_the_loop()  # the priority copies run at, set once per thread
@@ -103,7 +112,29 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
 
     async with trio.open_nursery() as nursery:
         for i in range(count):
-            nursery.start_soon(_in_thread, work, i == 0, limiter, barrier)
+            late = delay if i == count - 1 else 0.0
+            nursery.start_soon(_in_thread, work, i == 0, limiter, barrier, late)
+
+
+def _test_delay() -> float:
+    """The seconds $SHADOWD_TEST_WARMUP_DELAY asks for (0 when unset or not a number)."""
+    text = os.environ.get(DELAY_VARIABLE, "")
+    if not text:
+        return 0.0
+    try:
+        delay = float(text)
+    except ValueError:
+        delay = math.nan
+    if not (math.isfinite(delay) and delay >= 0):
+        logger.warning("%s=%r is not a number of seconds; ignored", DELAY_VARIABLE, text)
+        return 0.0
+    logger.warning(
+        "%s=%s: the warm-up's last worker starts %gs late (a knob for tests)",
+        DELAY_VARIABLE,
+        text,
+        delay,
+    )
+    return delay
 
 
 async def _in_thread(
@@ -111,8 +142,11 @@ async def _in_thread(
     first: bool,
     limiter: trio.CapacityLimiter,
     barrier: threading.Barrier,
+    late: float = 0.0,
 ) -> None:
     try:
+        if late:
+            await trio.sleep(late)  # the test knob: a worker slow to start
         await trio.to_thread.run_sync(fn, first, limiter=limiter)
     except BaseException:
         # This one never reached the barrier (no thread, or cancelled while
