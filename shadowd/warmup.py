@@ -11,6 +11,12 @@
 # daemon idle for longer starts them again on its next miss, as it did
 # before this warm-up existed.
 #
+# A shutdown cancels it (server.py): a worker that has no thread yet gives
+# up and breaks the barrier, so the threads already started stop waiting for
+# it. A running thread is waited for (the sample copy, or at most THREAD_WAIT
+# at the barrier), never abandoned: it may hold a memfd. The daemon then
+# never says READY=1 (daemon.py).
+#
 # For tests only, $SHADOWD_TEST_WARMUP_DELAY (seconds) makes the last worker
 # start that much late, as a thread the host is slow to run would: the
 # others wait for it at the barrier, and the daemon stays in its warm-up,
@@ -78,6 +84,9 @@ async def warm_up(
 ) -> None:
     """Warm what a first request would pay for; never raises an Exception.
 
+    Cancelling it (a shutdown) ends it once the threads already started
+    return; those that have none yet give up at once (see the top).
+
     *workers* threads are started under *limiter* (the copier's limiter for
     local files) and left idle in trio's thread cache, where later copies
     find them. *wire* and *hello_limits* are the server's, so the messages
@@ -88,6 +97,10 @@ async def warm_up(
         _messages(wire, hello_limits)
     except Exception as exc:  # a daemon that could not warm up is still a daemon
         logger.debug("warm-up skipped: %s", exc, exc_info=True)
+    except BaseException:
+        # Cancelled (in a group, from the workers' nursery): a shutdown.
+        logger.debug("warm-up cut short: the daemon is stopping")
+        raise
 
 
 async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
