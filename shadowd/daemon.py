@@ -2,9 +2,14 @@
 # socket (created, or passed by the service manager), the service manager's
 # notifications and fd store, signals, and a clean exit.
 #
+# The order the service manager sees: READY=1 once the warm-up is over and
+# the server accepts, STATUS= every STATUS_INTERVAL, STOPPING=1 at the first
+# SIGTERM or SIGINT (or at exit). A signal during the warm-up cuts it short
+# (server.py), and the daemon exits without ever saying READY=1.
+#
 # Must never: exit without removing the socket it created; remove one it did
 # not create; turn SIGTERM into anything but a drain and exit status 0; tell
-# the service manager READY=1 before it serves.
+# the service manager READY=1 before it serves, or once it said STOPPING=1.
 from __future__ import annotations
 
 import logging
@@ -182,21 +187,32 @@ async def run(
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(_watch_signals, signals, server, notifier, listener)
+                # Returns once the server accepts, or once it stopped in its
+                # warm-up. No checkpoint between here and READY=1: a signal
+                # is handled (STOPPING=1, then shutdown) before the draining
+                # check below or after READY=1, never between the two.
                 await nursery.start(serve)
-                logger.info(
-                    "shadowd %s serving on %s%s (%s; fd limit %d%s; hit path system calls in %s)",
-                    __version__,
-                    listener.path,
-                    "" if listener.created else ", passed by the service manager",
-                    budgets(config),
-                    fd_limit,
-                    f", fd store {config.fd_store_max}" if notifier is not None else "",
-                    hotcalls.DESCRIPTION,
-                )
                 if notifier is not None:
                     nursery.start_soon(notifier.run)
-                    notifier.send(f"READY=1\nSTATUS={status_line(server)}")
-                    nursery.start_soon(_report_status, server, notifier)
+                if server.draining:
+                    # STOPPING=1 went already: READY=1 now would tell the
+                    # manager that a service it is stopping started after all.
+                    logger.info("stopped during the warm-up; never served on %s", listener.path)
+                else:
+                    logger.info(
+                        "shadowd %s serving on %s%s (%s; fd limit %d%s; "
+                        "hit path system calls in %s)",
+                        __version__,
+                        listener.path,
+                        "" if listener.created else ", passed by the service manager",
+                        budgets(config),
+                        fd_limit,
+                        f", fd store {config.fd_store_max}" if notifier is not None else "",
+                        hotcalls.DESCRIPTION,
+                    )
+                    if notifier is not None:
+                        notifier.ready(status_line(server))
+                        nursery.start_soon(_report_status, server, notifier)
                 task_status.started(server)
     finally:
         listener.close()

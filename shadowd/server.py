@@ -227,6 +227,9 @@ class Server:
         self._ancsize = socket.CMSG_SPACE(config.wire.max_fds * 4)
         self._max_inflight = config.max_inflight
         self._draining = False
+        # Made here, not in serve(): a shutdown() that comes before serve()
+        # enters them cancels them all the same.
+        self._warmup_scope = trio.CancelScope()
         self._accept_scope = trio.CancelScope()
         self._outer_scope = trio.CancelScope()
         self._max_file_size = config.cache.max_file_size
@@ -270,7 +273,13 @@ class Server:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on *listen_sock* (listening, non-blocking) until :meth:`shutdown`."""
+        """Serve on *listen_sock* (listening, non-blocking) until :meth:`shutdown`.
+
+        *task_status* is told started once the warm-up is over and connections
+        are accepted, or once the server stopped before that (:meth:`shutdown`
+        during the warm-up): then :attr:`draining` is already true, and it
+        never served.
+        """
         listen_sock.setblocking(False)
         ignore_sigio()  # a broken read lease (leases.py) signals its holder
         watches = self.opens.watches
@@ -306,6 +315,7 @@ class Server:
             connections=self._connections,
             draining=lambda: self._draining,
         )
+        started = False
         try:
             with self._outer_scope:
                 async with trio.open_nursery() as nursery:
@@ -314,18 +324,26 @@ class Server:
                     nursery.start_soon(self._read_watches, watches)
                     # Before saying started (and READY=1): what a fresh
                     # daemon's first requests would pay for (warmup.py).
-                    await warm_up(
-                        workers=self.config.copy_workers,
-                        limiter=self.copier.local_limiter,
-                        wire=self.config.wire,
-                        hello_limits=self.config.hello_limits(),
-                    )
-                    # And a first fd count (in a worker thread), after the
-                    # warm-up let go of its fds: no stats answer lacks one.
-                    await self.collector.fds.since(time.monotonic())
+                    # shutdown() cuts it short: a daemon that is stopping
+                    # has no first request to warm up for.
+                    with self._warmup_scope:
+                        await warm_up(
+                            workers=self.config.copy_workers,
+                            limiter=self.copier.local_limiter,
+                            wire=self.config.wire,
+                            hello_limits=self.config.hello_limits(),
+                        )
+                        # And a first fd count (in a worker thread), after the
+                        # warm-up let go of its fds: no stats answer lacks one.
+                        await self.collector.fds.since(time.monotonic())
                     with self._accept_scope:
+                        started = True
                         task_status.started()
-                        await acceptor.run(listen_sock, nursery)
+                        # Not even a connection already in the backlog is
+                        # accepted once shutdown() ran (accept() does not
+                        # wait, so a cancelled scope would not stop it).
+                        if not self._draining:
+                            await acceptor.run(listen_sock, nursery)
         finally:
             self.opens.nursery = self.collector.nursery = None
             self.copier.watches = None
@@ -346,17 +364,24 @@ class Server:
                 self.cache.hits,
                 self.cache.misses,
             )
+        if not started:
+            # The shutdown's grace ran out, or stop_now() came, during the
+            # warm-up: the caller's start() returns all the same, and
+            # draining tells it that this server never served.
+            task_status.started()
 
     def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish, then stop.
 
-        Connections stop reading at once; what they already received is
-        answered. After ``shutdown_grace`` seconds whatever remains (a copy
+        A warm-up still running is cut short, and then nothing is ever
+        accepted. Connections stop reading at once; what they already
+        received is answered. After ``shutdown_grace`` seconds whatever remains (a copy
         stuck on a hung mount) is cancelled.
         """
         if self._draining:
             return
         self._draining = True
+        self._warmup_scope.cancel()
         self._accept_scope.cancel()
         # Nobody reads any more: every connection's read scope goes too.
         self._poller_scope.cancel()

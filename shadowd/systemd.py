@@ -6,7 +6,9 @@
 # Must never: take descriptors meant for another process (LISTEN_PID decides);
 # leave the variables behind for a child to misread; keep a passed descriptor
 # inheritable; block the event loop on the manager's socket (every send is
-# non-blocking, and what cannot go now waits in a bounded queue).
+# non-blocking, and what cannot go now waits in a bounded queue); say
+# READY=1 after STOPPING=1 (the manager would take a service that said it is
+# stopping for one that started after all).
 from __future__ import annotations
 
 import enum
@@ -268,6 +270,16 @@ class Notifier:
         self._queue.append(attrs.evolve(msg, keep=keep, kept=kept))
         self._wakeup.set()
         return True
+
+    def ready(self, status: str | None = None) -> bool:
+        """Tell the manager the service is ready, unless it was told it is stopping.
+
+        Returns False when READY=1 did not go (STOPPING=1 went first, the
+        queue is full, the manager is gone).
+        """
+        if self.said_stopping:
+            return False
+        return self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def stopping(self, status: str | None = None) -> None:
         """Tell the manager the service is stopping (once, however often called)."""

@@ -11,6 +11,17 @@
 # daemon idle for longer starts them again on its next miss, as it did
 # before this warm-up existed.
 #
+# A shutdown cancels it (server.py): a worker that has no thread yet gives
+# up and breaks the barrier, so the threads already started stop waiting for
+# it. A running thread is waited for (the sample copy, or at most THREAD_WAIT
+# at the barrier), never abandoned: it may hold a memfd. The daemon then
+# never says READY=1 (daemon.py).
+#
+# For tests only, $SHADOWD_TEST_WARMUP_DELAY (seconds) makes the last worker
+# start that much late, as a thread the host is slow to run would: the
+# others wait for it at the barrier, and the daemon stays in its warm-up,
+# where a test can stop it. It is logged as a warning, never used otherwise.
+#
 # Must never: touch the cache, the index, a counter or anything else that
 # stats show (a warmed daemon's stats are a fresh one's); open a path a
 # client could name, or any file but memfds of its own; leave an fd open;
@@ -19,6 +30,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -59,6 +71,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_BYTES = 3 * 4096
 #: How long the worker threads wait for each other before giving up.
 THREAD_WAIT = 5.0
+#: For tests only: seconds the last worker starts late (see the top).
+DELAY_VARIABLE = "SHADOWD_TEST_WARMUP_DELAY"
 
 
 async def warm_up(
@@ -70,6 +84,9 @@ async def warm_up(
 ) -> None:
     """Warm what a first request would pay for; never raises an Exception.
 
+    Cancelling it (a shutdown) ends it once the threads already started
+    return; those that have none yet give up at once (see the top).
+
     *workers* threads are started under *limiter* (the copier's limiter for
     local files) and left idle in trio's thread cache, where later copies
     find them. *wire* and *hello_limits* are the server's, so the messages
@@ -80,6 +97,10 @@ async def warm_up(
         _messages(wire, hello_limits)
     except Exception as exc:  # a daemon that could not warm up is still a daemon
         logger.debug("warm-up skipped: %s", exc, exc_info=True)
+    except BaseException:
+        # Cancelled (in a group, from the workers' nursery): a shutdown.
+        logger.debug("warm-up cut short: the daemon is stopping")
+        raise
 
 
 async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
@@ -87,6 +108,7 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
     runs two of these), the first of them making a sealed copy."""
     count = max(1, min(workers, int(limiter.total_tokens)))
     barrier = threading.Barrier(count)
+    delay = _test_delay()
 
     def work(first: bool) -> None:
         _yield_to_the_loop()  # the priority copies run at, set once per thread
@@ -103,7 +125,29 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
 
     async with trio.open_nursery() as nursery:
         for i in range(count):
-            nursery.start_soon(_in_thread, work, i == 0, limiter, barrier)
+            late = delay if i == count - 1 else 0.0
+            nursery.start_soon(_in_thread, work, i == 0, limiter, barrier, late)
+
+
+def _test_delay() -> float:
+    """The seconds $SHADOWD_TEST_WARMUP_DELAY asks for (0 when unset or not a number)."""
+    text = os.environ.get(DELAY_VARIABLE, "")
+    if not text:
+        return 0.0
+    try:
+        delay = float(text)
+    except ValueError:
+        delay = math.nan
+    if not (math.isfinite(delay) and delay >= 0):
+        logger.warning("%s=%r is not a number of seconds; ignored", DELAY_VARIABLE, text)
+        return 0.0
+    logger.warning(
+        "%s=%s: the warm-up's last worker starts %gs late (a knob for tests)",
+        DELAY_VARIABLE,
+        text,
+        delay,
+    )
+    return delay
 
 
 async def _in_thread(
@@ -111,8 +155,11 @@ async def _in_thread(
     first: bool,
     limiter: trio.CapacityLimiter,
     barrier: threading.Barrier,
+    late: float = 0.0,
 ) -> None:
     try:
+        if late:
+            await trio.sleep(late)  # the test knob: a worker slow to start
         await trio.to_thread.run_sync(fn, first, limiter=limiter)
     except BaseException:
         # This one never reached the barrier (no thread, or cancelled while

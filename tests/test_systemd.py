@@ -1,6 +1,7 @@
 # The service-manager side in process: LISTEN_* parsing, the passed socket's
 # checks, and the notifier over real datagram sockets (paths and abstract
-# names), its queue when the manager is slow, and its end when it is gone.
+# names), its queue when the manager is slow, its end when it is gone, and
+# its refusal to say READY=1 once it said STOPPING=1.
 from __future__ import annotations
 
 import logging
@@ -195,6 +196,32 @@ def test_notifier_sends_messages_and_descriptors_to_an_abstract_address() -> Non
         close_all(f2)
     finally:
         os.close(fd)
+        notifier.close()
+        rx.sock.close()
+
+
+def test_ready_never_follows_stopping() -> None:
+    rx = NotifyReceiver()
+    notifier = rx.notifier()
+    try:
+        assert notifier.ready("serving")
+        notifier.stopping("draining")
+        assert not notifier.ready("serving")
+        assert not notifier.ready()
+        assert [m for m, _ in rx.receive_all()] == [
+            "READY=1\nSTATUS=serving",
+            "STOPPING=1\nSTATUS=draining",
+        ]
+    finally:
+        notifier.close()
+        rx.sock.close()
+    rx = NotifyReceiver()
+    notifier = rx.notifier()
+    try:
+        notifier.stopping()  # stopped before it was ever ready
+        assert not notifier.ready("serving")
+        assert [m for m, _ in rx.receive_all()] == ["STOPPING=1"]
+    finally:
         notifier.close()
         rx.sock.close()
 

@@ -1,20 +1,30 @@
 # The daemon's warm-up (shadowd/warmup.py): it starts the worker threads and
-# runs the first-request paths before the daemon says it is ready, and leaves
-# nothing behind that stats, the cache or the fd table would show.
+# runs the first-request paths before the daemon says it is ready, leaves
+# nothing behind that stats, the cache or the fd table would show, and is cut
+# short by a SIGTERM, after which the daemon never says READY=1.
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from shadowd_client import Client
 
+from shadowd.warmup import DELAY_VARIABLE
 from tests.conftest import Daemon, make_file, repo_env, settle
+from tests.manager import ServiceManager
+
+#: $SHADOWD_TEST_WARMUP_DELAY for a daemon held in its warm-up: far longer
+#: than a test may run, so that the daemon is still in it when it is stopped.
+HELD = "3600"
 
 # Warm up twice in a fresh process, reporting what each left behind: its fds
 # (by target), its threads and their nice values, and that nothing raised.
@@ -197,3 +207,59 @@ trio.run(main)
 def test_a_warm_up_that_cannot_copy_does_not_hold_up_the_start() -> None:
     out = _run_fresh(_WARM_UP_WITHOUT_FDS, timeout=30)
     assert out["after"] == out["before"]  # and nothing was left open
+
+
+@pytest.fixture
+async def manager(shared_dir: Path) -> AsyncIterator[ServiceManager]:
+    m = ServiceManager(shared_dir)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.pump)
+            yield m
+            nursery.cancel_scope.cancel()
+    finally:
+        print(f"--- daemon log ---\n{m.log()}")
+        m.close()
+
+
+@pytest.mark.parametrize("passed", [False, True], ids=["own-socket", "socket-activated"])
+async def test_sigterm_during_the_warm_up_stops_without_ever_saying_ready(
+    manager: ServiceManager, monkeypatch: pytest.MonkeyPatch, shared_dir: Path, passed: bool
+) -> None:
+    """Held in its warm-up, the daemon gets SIGTERM: the manager hears STOPPING=1 and
+    never READY=1, and the daemon exits 0 having removed the socket it created (and
+    kept the one the manager passed). That the warm-up is cut short rather than
+    ended by the shutdown's grace is tests/test_daemon.py's to show: the grace
+    can be set there."""
+    monkeypatch.setenv(DELAY_VARIABLE, HELD)
+    own = shared_dir / "own.sock"
+    # Passed: the manager's socket; else one the daemon creates (no socket unit).
+    args = () if passed else ("--socket", str(own))
+    index = manager.start(*args, with_socket=passed)
+    proc = manager.proc
+    assert proc is not None
+    with trio.fail_after(30):
+        # The knob's warning comes from inside the warm-up, so after the
+        # daemon handles SIGTERM itself; the last worker is held from then on.
+        while f"{DELAY_VARIABLE}={HELD}" not in manager.log():
+            assert proc.poll() is None, manager.log()
+            await trio.sleep(0.02)
+        if not passed:
+            assert own.is_socket()  # created before the warm-up, not served on yet
+    assert await manager.stop(signal.SIGTERM) == 0
+    with trio.fail_after(10):
+        # Everything the daemon sent is read once our own message is: a
+        # datagram socket keeps the order.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(b"TEST=end", str(manager.notify_path))
+        await manager.wait_for("TEST", "end", after=index)
+    got = manager.messages[index:-1]
+    assert got == [{"STOPPING": "1", "STATUS": "stopping: finishing in-flight requests"}]
+    assert not any("READY" in m for m in got)
+    if passed:
+        assert manager.socket_path.is_socket()  # the manager's, kept for the next start
+        assert manager.store == {}
+    else:
+        assert not own.exists()
+    log = manager.log()
+    assert "serving on" not in log and "Traceback" not in log
