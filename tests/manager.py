@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,18 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@asynccontextmanager
+async def running(shared_dir: Path, **kwargs: Any) -> AsyncIterator[ServiceManager]:
+    """A ServiceManager pumping its notify socket until the block ends; its daemon's
+    log printed (shown when a test fails), then closed."""
+    m = ServiceManager(shared_dir, **kwargs)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.pump)
+            yield m
+            nursery.cancel_scope.cancel()
+    finally:
+        print(f"--- daemon log ---\n{m.log()}")
+        m.close()

@@ -507,6 +507,17 @@ async def test_16_clients_at_once(daemon: Daemon, tmp_path: Path) -> None:
     assert s["copies"] == 30  # one copy per file, however many clients raced
 
 
+async def _cached_with_baseline(d: Daemon, path: Path, size: int) -> tuple[Path, bytes, int]:
+    """A file of *size* random bytes the daemon has cached, its bytes, and the
+    daemon's fd count once that settled."""
+    f = make_file(path, os.urandom(size))
+    settle(f)
+    data = f.read_bytes()
+    assert open_bytes(d, f) == data  # cached from here on
+    await trio.sleep(0.2)
+    return f, data, d.open_fds()
+
+
 @pytest.mark.parametrize("op", ["open", "open_batch", "lookup", "index", "report"])
 async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     daemon: Daemon, tmp_path: Path, op: str
@@ -519,12 +530,7 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     """
     from .wire import Raw
 
-    f = make_file(tmp_path / "lib.so", os.urandom(5000))
-    settle(f)
-    data = f.read_bytes()
-    assert open_bytes(daemon, f) == data  # cached from here on
-    await trio.sleep(0.2)
-    baseline = daemon.open_fds()
+    f, data, baseline = await _cached_with_baseline(daemon, tmp_path / "lib.so", 5000)
     flood = Raw(daemon.socket_path)
     flood.sock.setblocking(False)
     sent = 0
@@ -593,12 +599,7 @@ async def test_a_new_clients_pipelined_requests_are_answered_in_order(
     """
     from .wire import Raw
 
-    f = make_file(tmp_path / "lib.so", os.urandom(3000))
-    settle(f)
-    data = f.read_bytes()
-    assert open_bytes(daemon, f) == data  # cached from here on
-    await trio.sleep(0.2)
-    baseline = daemon.open_fds()
+    f, data, baseline = await _cached_with_baseline(daemon, tmp_path / "lib.so", 3000)
     st = f.stat()
     src = os.open(f, os.O_RDONLY)
     burst: list[tuple[dict[str, Any], list[int], int]] = [

@@ -25,7 +25,7 @@ from shadowd.memfd import REQUIRED_SEALS
 from shadowd.source import stat_nosync
 
 from .conftest import REPO_PATH, make_file, read_fd, settle
-from .manager import SERVE, ServiceManager
+from .manager import SERVE, ServiceManager, running
 from .test_cli import run as run_shadowd
 
 
@@ -35,15 +35,8 @@ async def call(fn: Any, *args: Any) -> Any:
 
 @pytest.fixture
 async def manager(shared_dir: Path) -> AsyncIterator[ServiceManager]:
-    m = ServiceManager(shared_dir)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(m.pump)
-            yield m
-            nursery.cancel_scope.cancel()
-    finally:
-        print(f"--- daemon log ---\n{m.log()}")
-        m.close()
+    async with running(shared_dir) as m:
+        yield m
 
 
 def stored_name(path: Path, *, labelled: bool = True) -> str:

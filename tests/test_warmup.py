@@ -20,7 +20,7 @@ from shadowd_client import Client
 
 from shadowd.warmup import DELAY_VARIABLE
 from tests.conftest import Daemon, make_file, repo_env, settle
-from tests.manager import ServiceManager
+from tests.manager import ServiceManager, running
 
 #: $SHADOWD_TEST_WARMUP_DELAY for a daemon held in its warm-up: far longer
 #: than a test may run, so that the daemon is still in it when it is stopped.
@@ -211,15 +211,8 @@ def test_a_warm_up_that_cannot_copy_does_not_hold_up_the_start() -> None:
 
 @pytest.fixture
 async def manager(shared_dir: Path) -> AsyncIterator[ServiceManager]:
-    m = ServiceManager(shared_dir)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(m.pump)
-            yield m
-            nursery.cancel_scope.cancel()
-    finally:
-        print(f"--- daemon log ---\n{m.log()}")
-        m.close()
+    async with running(shared_dir) as m:
+        yield m
 
 
 @pytest.mark.parametrize("passed", [False, True], ids=["own-socket", "socket-activated"])
