@@ -34,7 +34,6 @@ from shadowd.fds import scm_rights
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
 from .indexed import (
     IndexedCache,
-    answer_as_daemon,
     in_open_events,
     planting_daemon,
     range_number_of,
@@ -1947,7 +1946,23 @@ class _Stand(IndexedCache):
         self.index._map[at : at + width] = value.to_bytes(width, "little", signed=value < 0)
 
     def serve(self, conn: socket.socket) -> None:
-        answer_as_daemon(self, conn, self.reports)
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "hello":
+                reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
+                         "limits": {"racy_window_ns": 0}}  # fmt: skip
+                conn.send(msgpack.packb(reply))
+            elif msg["op"] == "index":
+                fd = self.index.reader_fd()
+                reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
+                conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+                os.close(fd)
+            elif msg["op"] == "report":
+                self.reports.append(msg["hits"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
 
 
 @pytest.fixture
