@@ -5,8 +5,9 @@
  * interpreter's overhead around each; and answer_hit, which answers a
  * whole cache hit in one call. And the client's side of a hit through the
  * index (index_open, index_open_fd): slot lookup, the open of the
- * daemon's descriptor (read-only at once in its descriptor range, else
- * O_PATH and a read-only reopen), its checks, seals and seq, in
+ * daemon's descriptor (read-only at once in its descriptor range when the
+ * view says the daemon is of our uid, else O_PATH and a read-only reopen),
+ * its checks, seals and seq, in
  * one call for client/shadowd_client/index.py. shadowd/hotcalls.py loads
  * this module when it was built and offers the same functions in Python
  * otherwise; tests/test_hotcalls.py holds both to the same behaviour, and
@@ -20,10 +21,11 @@
  * MSG_DONTWAIT or cannot block on a client's file system); serve an entry
  * that is not watched (wd < 0) or whose memfd is not as it was sealed (its
  * stamp): those go to the Python path, which decides. The index calls must
- * never open a daemon's descriptor outside its descriptor range (where
- * every number is a memfd at every instant) but O_PATH before its inode is
- * checked, differ from IndexView's Python path in any check or its order,
- * or leave an fd open on any refusal.
+ * never open a daemon's descriptor but O_PATH before its inode is checked,
+ * except in its descriptor range (where every number is a memfd at every
+ * instant) and then only when the view passed `direct` (the daemon is of
+ * our uid: IndexView decides); differ from IndexView's Python path in any
+ * check or its order; or leave an fd open on any refusal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -950,8 +952,20 @@ answer_hit(PyObject *self, PyObject *args)
  * client/c/shadowd.c's index_lookup and index_reopen do the same). */
 
 #define INDEX_LAYOUT 1
+/* The calls' arguments: 2, the view's `direct` before the file's
+ * (shadowd/hotcalls.py offers the calls only to a view that passes it). */
+#define INDEX_CALLS 2
 #define INDEX_HEADER 4096
 #define INDEX_RANGE_OFFSET 48 /* u32 first number, u32 count */
+/* The open of a number in the range: a memfd at every instant, by the
+ * daemon's promise. Should a daemon bug break it (a number closed, then
+ * given to a FIFO it received), O_NONBLOCK keeps a FIFO's open from waiting
+ * for a writer and O_NOCTTY a terminal's from becoming ours; the fstat then
+ * refuses either. O_NOCTTY is not kept in the open file description;
+ * O_NONBLOCK is (F_GETFL shows it, a tracee would too), so a served fd has
+ * it cleared (F_SETFL 0: one more system call, measured in
+ * docs/performance.md). */
+#define INDEX_RANGE_FLAGS (O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
 #define INDEX_SLOT 128
 #define INDEX_LIVE 1
 /* F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL (shadowd/memfd.py). */
@@ -1008,7 +1022,8 @@ struct index_view {
     uint32_t slots, probes;
     uint64_t memfd_dev;
     /* The daemon's descriptor range (shadowd/fdrange.py), from the header:
-     * numbers that hold memfds at every instant. 0, 0: none. */
+     * numbers that hold memfds at every instant, opened at once. 0, 0: none,
+     * also when the view is not `direct` (a daemon of another uid). */
     uint32_t range_base, range_count;
 };
 
@@ -1045,10 +1060,10 @@ index_reopen(const struct index_view *v, const struct index_slot *s, uint32_t se
     snprintf(name, sizeof name, "%d", (int)got->fd);
     int in_range = (uint32_t)got->fd >= v->range_base &&
                    (uint32_t)got->fd - v->range_base < v->range_count;
-    /* In the range, N is a memfd whatever it holds by now: open it at once.
-     * Elsewhere O_PATH first: no driver's open runs, whatever N is now. */
-    int first =
-        openat_retry(v->daemon_fds, name, in_range ? O_RDONLY | O_CLOEXEC : O_PATH | O_CLOEXEC);
+    /* In the range (of a daemon of our uid), N is a memfd whatever it holds
+     * by now: open it at once (INDEX_RANGE_FLAGS). Elsewhere O_PATH first:
+     * no driver's open runs, whatever N is now. */
+    int first = openat_retry(v->daemon_fds, name, in_range ? INDEX_RANGE_FLAGS : O_PATH | O_CLOEXEC);
     if (first < 0)
         return -1; /* the daemon is gone, or N was closed meanwhile */
     if (fstat(first, &m) != 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != v->memfd_dev ||
@@ -1059,7 +1074,12 @@ index_reopen(const struct index_view *v, const struct index_slot *s, uint32_t se
         return -1;
     }
     int served = first;
-    if (!in_range) {
+    if (in_range) {
+        if (fcntl(served, F_SETFL, 0) != 0) { /* served as a plain O_RDONLY open */
+            close(served);
+            return -1;
+        }
+    } else {
         snprintf(name, sizeof name, "%d", first);
         served = openat_retry(v->own_fds, name, O_RDONLY | O_CLOEXEC);
         close(first);
@@ -1172,11 +1192,11 @@ want_of_stat(PyObject *st, struct index_want *w)
 }
 
 /* The view's arguments (map, daemon_fds, own_fds, slots, probes,
- * memfd_dev); *buf* holds the map while it is read, to be released. */
+ * memfd_dev, direct); *buf* holds the map while it is read, to be released. */
 static int
 view_args(PyObject *const *args, struct index_view *v, Py_buffer *buf)
 {
-    int daemon_fds, own_fds;
+    int daemon_fds, own_fds, direct;
     unsigned long slots, probes;
     unsigned long long memfd_dev;
 
@@ -1190,6 +1210,9 @@ view_args(PyObject *const *args, struct index_view *v, Py_buffer *buf)
         return -1;
     memfd_dev = PyLong_AsUnsignedLongLong(args[5]);
     if (memfd_dev == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    direct = PyObject_IsTrue(args[6]);
+    if (direct < 0)
         return -1;
     if (slots < 1 || slots > UINT32_MAX || (slots & (slots - 1)) || probes > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "slots must be a power of two, probes a u32");
@@ -1209,10 +1232,11 @@ view_args(PyObject *const *args, struct index_view *v, Py_buffer *buf)
     v->probes = (uint32_t)probes;
     v->memfd_dev = memfd_dev;
     /* Written once, before the index is handed out; a range that does not
-     * fit the descriptor numbers is no range. */
+     * fit the descriptor numbers is no range, nor that of a daemon the view
+     * does not take at its word (IndexView.direct: another uid's). */
     memcpy(&v->range_base, v->map + INDEX_RANGE_OFFSET, 4);
     memcpy(&v->range_count, v->map + INDEX_RANGE_OFFSET + 4, 4);
-    if (v->range_base == 0 || v->range_count > (uint32_t)INT_MAX - v->range_base)
+    if (!direct || v->range_base == 0 || v->range_count > (uint32_t)INT_MAX - v->range_base)
         v->range_base = v->range_count = 0;
     return 0;
 }
@@ -1232,15 +1256,16 @@ index_answer(struct index_view *v, Py_buffer *buf, const struct index_want *w)
 }
 
 PyDoc_STRVAR(index_open_doc,
-"index_open(map, daemon_fds, own_fds, slots, probes, memfd_dev, st) -> int | None\n\n"
+"index_open(map, daemon_fds, own_fds, slots, probes, memfd_dev, direct, st) -> int | None\n\n"
 "IndexView.open in one call: the slot of the file whose stat result is *st*\n"
 "in the index mapped at *map* (a buffer: the header, then *slots* slots),\n"
 "probed at most *probes* slots; the daemon's memfd it names, opened\n"
-"through *daemon_fds* (its /proc/PID/fd: read-only at once when the number\n"
-"is in the header's descriptor range, else O_PATH), checked (a regular file\n"
-"of *memfd_dev* with the slot's inode, size, mode and ctime), reopened\n"
-"read-only through *own_fds* (/proc/self/fd) after an O_PATH; all four seals and the slot\n"
-"unchanged after. A new fd, the caller's; None when any step fails.");
+"through *daemon_fds* (its /proc/PID/fd: read-only at once when *direct* is\n"
+"true and the number is in the header's descriptor range, else O_PATH),\n"
+"checked (a regular file of *memfd_dev* with the slot's inode, size, mode\n"
+"and ctime), reopened read-only through *own_fds* (/proc/self/fd) after an\n"
+"O_PATH; all four seals and the slot unchanged after. A new fd, the\n"
+"caller's; None when any step fails.");
 
 static PyObject *
 index_open(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1249,11 +1274,11 @@ index_open(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     struct index_want w;
     Py_buffer buf;
 
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "index_open takes 7 arguments (%zd given)", nargs);
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "index_open takes 8 arguments (%zd given)", nargs);
         return NULL;
     }
-    int fits = want_of_stat(args[6], &w);
+    int fits = want_of_stat(args[7], &w);
     if (fits < 0)
         return NULL;
     if (view_args(args, &v, &buf) < 0)
@@ -1266,7 +1291,7 @@ index_open(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(index_open_fd_doc,
-"index_open_fd(map, daemon_fds, own_fds, slots, probes, memfd_dev, src) -> int | None\n\n"
+"index_open_fd(map, daemon_fds, own_fds, slots, probes, memfd_dev, direct, src) -> int | None\n\n"
 "index_open for the file open at *src*, whose fstat it takes itself\n"
 "(OSError when that fails). *src* stays the caller's.");
 
@@ -1279,11 +1304,11 @@ index_open_fd(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer buf;
     int src, rc;
 
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "index_open_fd takes 7 arguments (%zd given)", nargs);
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "index_open_fd takes 8 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!fd_arg(args[6], &src))
+    if (!fd_arg(args[7], &src))
         return NULL;
     if (view_args(args, &v, &buf) < 0)
         return NULL;
@@ -1373,6 +1398,10 @@ PyInit__hotcalls(void)
     PyObject *layout = Py_BuildValue("(iii)", INDEX_LAYOUT, INDEX_HEADER, INDEX_SLOT);
     if (layout == NULL || PyModule_AddObject(m, "INDEX_LAYOUT", layout) < 0) {
         Py_XDECREF(layout); /* (AddObject takes it only when it succeeds) */
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "INDEX_CALLS", INDEX_CALLS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

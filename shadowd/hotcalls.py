@@ -173,13 +173,15 @@ answer_hit: Callable[
 ]
 
 #: IndexView.open and IndexView.open_fd, each in one call
-#: (client/shadowd_client/index.py, whose Python path is the reference), and
-#: the index layout (version, header, slot size) they read; None when the C
-#: extension is not in use (or was built before it had them): the view's
-#: Python path is used then.
+#: (client/shadowd_client/index.py, whose Python path is the reference), the
+#: index layout (version, header, slot size) they read, and the version of
+#: their arguments (2: the view's `direct` flag before the file); None when
+#: the C extension is not in use (or was built before it had them): the
+#: view's Python path is used then.
 index_open: Callable[..., int | None] | None = None
 index_open_fd: Callable[..., int | None] | None = None
 INDEX_LAYOUT: tuple[int, int, int] | None = None
+INDEX_CALLS: int | None = None
 
 #: Set (to anything but "" or "0") to use the Python versions even when the
 #: C extension is built: to compare the two, or to rule the C out.
@@ -214,3 +216,4 @@ else:
     index_open = getattr(_c, "index_open", None)
     index_open_fd = getattr(_c, "index_open_fd", None)
     INDEX_LAYOUT = getattr(_c, "INDEX_LAYOUT", None)
+    INDEX_CALLS = getattr(_c, "INDEX_CALLS", None)

@@ -149,8 +149,26 @@ class Listener:
 
     @classmethod
     def adopt(cls, sock: socket.socket, path: str) -> Listener:
-        """A socket the service manager created and passed: ours to close, never to unlink."""
+        """A socket the service manager created and passed: ours to close, never to unlink.
+
+        It is listened on again here: a client's SO_PEERCRED gives the
+        credentials of whoever last called listen() on it, and a client of the
+        index takes the daemon's descriptor range at its word only when they are
+        the daemon's own (its pid and uid; client/shadowd_client/index.py,
+        trusts_range). Connections already waiting keep the manager's and are
+        served all the same (their index reopens through O_PATH). The backlog
+        asked is the most the kernel grants (it caps the manager's too).
+        """
         sock.setblocking(False)
+        try:
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            logger.warning(
+                "cannot listen again on the passed socket %s (%s): index clients will "
+                "reopen through O_PATH",
+                path,
+                exc.strerror,
+            )
         return cls(sock=sock, path=path, created=False)
 
     @staticmethod

@@ -3,8 +3,8 @@
  * client/c/shadowd.c): reads one command per line on stdin, runs it through
  * the C client's API, and answers with one JSON object per line on stdout.
  * Every fd a command gets is described (seals, mode, access mode, whether
- * it is a memfd, its size, an FNV-1a hash of its bytes) and closed, unless
- * the command keeps it.
+ * O_NONBLOCK is set, whether it is a memfd, its size, an FNV-1a hash of its
+ * bytes) and closed, unless the command keeps it.
  *
  * Must never: keep an fd the command did not say it keeps (the tests count
  * this process's fds); print anything on stdout but the answers.
@@ -117,10 +117,12 @@ describe(const char *prefix, int fd, int keep)
             hash = (hash ^ (unsigned char)buf[i]) * 1099511628211ULL;
         off += got;
     }
-    emit("\"%sseals\": %d, \"%smode\": %d, \"%saccmode\": %d, \"%smemfd\": %s, "
-         "\"%sfsize\": %lld, \"%shash\": \"%016llx\", \"%soffset\": %lld, ",
+    int fl = fcntl(fd, F_GETFL);
+    emit("\"%sseals\": %d, \"%smode\": %d, \"%saccmode\": %d, \"%snonblock\": %s, "
+         "\"%smemfd\": %s, \"%sfsize\": %lld, \"%shash\": \"%016llx\", \"%soffset\": %lld, ",
          prefix, fcntl(fd, F_GET_SEALS), prefix, (int)(st.st_mode & 07777), prefix,
-         fcntl(fd, F_GETFL) & O_ACCMODE, prefix, strncmp(target, "/memfd:", 7) == 0 ? "true" : "false",
+         fl & O_ACCMODE, prefix, fl & O_NONBLOCK ? "true" : "false", prefix,
+         strncmp(target, "/memfd:", 7) == 0 ? "true" : "false",
          prefix, (long long)st.st_size, prefix, (unsigned long long)hash, prefix,
          (long long)lseek(fd, 0, SEEK_CUR));
     if (!keep)
@@ -320,7 +322,9 @@ main(void)
             /* index USE KEEP */
             shadowd_set_index(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "indexready") == 0) {
+            /* and how many numbers of the daemon's range it opens at once */
             emit("\"ready\": %d, ", shadowd_index_ready(&c));
+            emit("\"direct\": %u, ", (unsigned)c.priv_.index_range_count);
             status(t);
         } else if (strcmp(cmd, "indexopen") == 0) {
             /* indexopen PATH [N]: the plain index hit, N times (the last one described) */

@@ -1,14 +1,21 @@
 # An in-process index over a cache of real files, with no daemon: what the
 # readers of the index (IndexView in tests/test_index.py, the C client in
-# tests/test_c_client.py) are tested against, slot by slot.
+# tests/test_c_client.py) are tested against, slot by slot. And the same as a
+# stand-in daemon of a given uid, in a process of its own, that holds
+# something else than a memfd at a number of its range (what a hostile
+# daemon can do).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import msgpack
+import trio
 from shadowd_client import Client
 
 from shadowd.cache import Cache, CacheLimits, HostKey
@@ -16,7 +23,9 @@ from shadowd.fdrange import FdRange
 from shadowd.index import LIVE, Index, read_slot, slot_of
 from shadowd.memfd import sealed_from_bytes
 
-from .conftest import make_file
+from .conftest import Child, make_file, spawn_as
+
+T = TypeVar("T")
 
 
 class IndexedCache:
@@ -90,3 +99,128 @@ def range_number_of(socket_path: Path, f: Path) -> int:
             return fds[0]
         finally:
             view.close()
+
+
+def answer_as_daemon(
+    cache: IndexedCache, conn: socket.socket, reports: list[Any] | None = None
+) -> None:
+    """Answer the client on *conn* as a version 2 daemon whose index is *cache*'s:
+    hello, index (its fd and our pid) and report (kept in *reports*); anything else
+    is answered `busy`. Returns when the client hangs up."""
+    while True:
+        data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+        if not data:
+            return
+        for _, _, fds in anc:
+            for i in range(0, len(fds) - len(fds) % 4, 4):
+                os.close(int.from_bytes(fds[i : i + 4], "little"))
+        msg = msgpack.unpackb(data)
+        if msg["op"] == "hello":
+            reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
+                     "limits": {"racy_window_ns": 0}}  # fmt: skip
+            conn.send(msgpack.packb(reply))
+        elif msg["op"] == "index":
+            fd = cache.index.reader_fd()
+            reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": cache.index.slots}
+            conn.sendmsg([msgpack.packb(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   fd.to_bytes(4, "little"))])  # fmt: skip
+            os.close(fd)
+        elif msg["op"] == "report":
+            if reports is not None:
+                reports.append(msg["hits"])
+            conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
+        else:
+            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+            conn.send(msgpack.packb(no))
+
+
+def serve_as_daemon(cache: IndexedCache, listener: socket.socket) -> None:
+    """answer_as_daemon on every connection *listener* takes, each in a thread of its own."""
+    while True:
+        conn, _ = listener.accept()
+
+        def answer(conn: socket.socket = conn) -> None:
+            with conn:
+                try:
+                    answer_as_daemon(cache, conn)
+                except OSError:
+                    pass  # the client went away
+
+        threading.Thread(target=answer, daemon=True).start()
+
+
+# The stand-in daemon's process (tests/conftest.py's spawn_as runs it as the
+# uid asked). It listens (so that SO_PEERCRED names it), or, as a service
+# manager would, its parent does before it forks it. Then two files cached in
+# a ranged index, what it is told to plant opened O_PATH (its user may name
+# it, not open it) and put at the number of file 0's memfd, in its range; it
+# serves until its input closes.
+_STAND_IN = """
+import os, socket, threading
+from pathlib import Path
+from tests.indexed import IndexedCache, serve_as_daemon
+args = recv()
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+listener.bind(args["socket"])
+listener.listen(16)
+if args["manager"] and os.fork() != 0:
+    os.wait()  # until the daemon's input closes
+    os._exit(0)
+cache = IndexedCache(Path(args["dir"]), 2, ranged=True)
+n = cache.entry(0).file.fd
+planted = os.open(args["plant"], os.O_PATH | os.O_CLOEXEC)
+os.dup2(planted, n, inheritable=False)
+os.close(planted)
+threading.Thread(target=serve_as_daemon, args=(cache, listener), daemon=True).start()
+fd_range = cache.index.fd_range
+out({"pid": os.getpid(), "n": n, "range": [fd_range.base, fd_range.size],
+     "files": [str(f) for f, _ in cache.files]})
+recv()
+"""
+
+
+@contextmanager
+def planting_daemon(
+    uid: int, directory: Path, plant: Path, *, manager: bool = False
+) -> Iterator[dict[str, Any]]:
+    """A stand-in daemon of *uid*, in a process of its own, serving an index of two
+    files (written in *directory*, which *uid* may write) on ``directory/stand.sock``,
+    with *plant* (opened O_PATH) at the number file 0's slot names, a number of its
+    range. *manager*: its socket was made and listened on by its parent, as a
+    service manager does (SO_PEERCRED then names the parent). Yields what it said:
+    pid, n, range (base, size), files, and socket."""
+    child: Child = spawn_as(uid, _STAND_IN)
+    try:
+        sock = directory / "stand.sock"
+        child.send(
+            {"dir": str(directory), "plant": str(plant), "socket": str(sock), "manager": manager}
+        )
+        said: dict[str, Any] = child.recv()
+        said["socket"] = str(sock)
+        base, size = said["range"]
+        assert base <= said["n"] < base + size, said
+        yield said
+    finally:
+        child.close()
+
+
+async def without_hanging(fifo: Path, call: Callable[[], T], timeout: float = 20) -> T:
+    """*call*() in a worker thread. Should it hang (a FIFO opened for real, with no
+    O_NONBLOCK, waits for a writer), it fails the test after *timeout* seconds, and
+    *fifo* gets a writer for a moment so that the thread can finish."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+    finally:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # ENXIO: nobody is opening it for reading
+
+
+def in_open_events(watch: int) -> int:
+    """How many bytes of inotify events (IN_OPEN here) *watch* has waiting: 0 for none."""
+    try:
+        return len(os.read(watch, 4096))
+    except BlockingIOError:
+        return 0

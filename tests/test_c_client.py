@@ -32,7 +32,14 @@ from shadowd.bench import build_c_client, c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
-from .indexed import IndexedCache, range_number_of, standing_in
+from .indexed import (
+    IndexedCache,
+    in_open_events,
+    planting_daemon,
+    range_number_of,
+    standing_in,
+    without_hanging,
+)
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
@@ -2255,6 +2262,7 @@ def test_in_the_daemons_range_another_memfd_at_n_is_refused_every_time(
             for f, _ in s.files:
                 r = d("indexopen", f)
                 assert r["route"] == "index" and r["hash"] == fnv(f.read_bytes()), r
+                assert not r["nonblock"], r  # opened O_NONBLOCK, served without it
             # The connection and the daemon's /proc/PID/fd: no /proc/self/fd was needed.
             assert d("fds")["fds"] == base + 2
             f, _ = s.files[0]
@@ -2399,3 +2407,58 @@ async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_op
     finally:
         os.close(watch)
     assert opens == 0 and got["served"] == 0, (opens, got)
+
+
+@requires_root
+@pytest.mark.parametrize(
+    ("uid", "manager"),
+    [(NOBODY, False), (0, False), (0, True)],
+    ids=["another-uid", "our-uid", "our-uid-a-managers-socket"],
+)
+async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_our_uid(
+    uid: int, manager: bool, driver: Any, shared_dir: Path
+) -> None:
+    """A daemon (a stand-in, in a process of its own) holds at a number of its range,
+    where file 0's slot points, an O_PATH descriptor of a FIFO that its user may name
+    but not open (root's, 0600). The C client, as root, takes its index:
+
+    - of another uid (the connection's SO_PEERCRED), the range is not taken at its
+      word: the FIFO is never opened (no IN_OPEN, nothing waits for a writer), file 0
+      is refused, file 1 served through O_PATH;
+    - of our uid, on a socket another process listened on (a service manager's:
+      SO_PEERCRED names that process, not the daemon): the same;
+    - of our own uid, listening itself (a daemon bug could put a FIFO there), the
+      number is opened at once (IN_OPEN: a real open), yet nonblocking: it does not
+      wait for a writer, and it is refused. File 1 is served, without O_NONBLOCK."""
+    fifo = shared_dir / "fifo"
+    os.mkfifo(fifo, 0o600)
+    work = shared_dir / "stand"
+    work.mkdir()
+    os.chown(work, uid, uid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    d = driver()
+    try:
+        with trio.fail_after(60):
+            with planting_daemon(uid, work, fifo, manager=manager) as said:
+                f0, f1 = (Path(x) for x in said["files"])
+                await ask(d, "socket", said["socket"])
+                ready = await ask(d, "indexready")
+                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                first = await without_hanging(fifo, lambda: d("indexopen", f0))
+                second = await ask(d, "indexopen", f1)
+                counts = await ask(d, "counts")
+                await ask(d, "close")
+        opens = in_open_events(watch)
+    finally:
+        os.close(watch)
+    assert ready["ready"] == 1, ready
+    assert first["served"] == 0 and first["fd"] == -1, first
+    assert second["served"] == 1 and second["hash"] == fnv(f1.read_bytes()), second
+    assert not second["nonblock"] and second["accmode"] == os.O_RDONLY, second
+    assert counts["index_refused"] == 1, counts
+    if uid == os.geteuid() and not manager:
+        assert ready["direct"] == said["range"][1] and opens > 0  # a real open, no wait
+    else:
+        assert ready["direct"] == 0 and opens == 0  # never opened for real

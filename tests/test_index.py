@@ -46,7 +46,14 @@ from .conftest import (
     run_as,
     settle,
 )
-from .indexed import IndexedCache, range_number_of, standing_in
+from .indexed import (
+    IndexedCache,
+    in_open_events,
+    planting_daemon,
+    range_number_of,
+    standing_in,
+    without_hanging,
+)
 
 RACY = "0.05"
 
@@ -75,14 +82,24 @@ def index_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return str(request.param)
 
 
+def _ourselves() -> tuple[int, int]:
+    """What SO_PEERCRED would say of a daemon that is this very process: a rig's."""
+    return os.getpid(), os.geteuid()
+
+
 class _Rig(IndexedCache):
     """An in-process index over a cache of real files, and a view of it."""
 
-    def __init__(self, tmp_path: Path, n: int = 4, *, ranged: bool = False) -> None:
+    def __init__(
+        self, tmp_path: Path, n: int = 4, *, ranged: bool = False, ours: bool = True
+    ) -> None:
+        """*ours*: the view is told SO_PEERCRED names this process (a daemon of our uid);
+        else nothing (every number through O_PATH)."""
         super().__init__(tmp_path, n, ranged=ranged)
+        self.peer = _ourselves() if ours else None
         fd = self.index.reader_fd()
         try:
-            self.view = IndexView(fd, os.getpid(), self.index.slots)
+            self.view = IndexView(fd, os.getpid(), self.index.slots, peer=self.peer)
         finally:
             os.close(fd)
 
@@ -154,11 +171,15 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
     """A number of the range holds a memfd at every instant, so the view opens it at once
     (its file sees an open: IN_OPEN) and then checks it: a memfd of the same bytes, size
     and mode but another inode, or the range's stand-in, is refused, nothing kept. Outside
-    a range the same memfd at N is only looked at through O_PATH (no IN_OPEN)."""
+    a range, or in the range of a daemon not known to be of our uid, the same memfd at N
+    is only looked at through O_PATH (no IN_OPEN)."""
     libc = ctypes.CDLL(None, use_errno=True)
     in_open = 0x20
     (tmp_path / "plain-rig").mkdir()
     plain = _Rig(tmp_path / "plain-rig")  # no range: the O_PATH step
+    (tmp_path / "untrusted-rig").mkdir()
+    untrusted = _Rig(tmp_path / "untrusted-rig", ranged=True, ours=False)  # the same
+    assert untrusted.view.in_c == ranged_rig.view.in_c and not untrusted.view.range
     look_alike = sealed_from_bytes(ranged_rig.files[0][0].read_bytes())
     watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     assert watch >= 0
@@ -168,7 +189,7 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
         fd_range = ranged_rig.index.fd_range
         assert fd_range is not None
         standin = fd_range.base + fd_range.size - 1  # (the rig's 4 files take the lowest)
-        for rig, opened in ((ranged_rig, True), (plain, False)):
+        for rig, opened in ((ranged_rig, True), (plain, False), (untrusted, False)):
             _, st = rig.files[0]
             memfd = rig.entry(0).file.fd
             for other in (look_alike.fd, standin) if opened else (look_alike.fd,):
@@ -187,6 +208,7 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
         os.close(watch)
         look_alike.release()
         plain.close()
+        untrusted.close()
 
 
 def test_another_version_a_removed_entry_and_a_changed_slot_are_not_served(rig: _Rig) -> None:
@@ -387,6 +409,105 @@ with Client({str(d.socket_path)!r}, timeout=10) as c:
 """
         got = await in_thread(lambda: run_as(NOBODY, code))
     assert got == [True, 40_000]
+
+
+@requires_root
+async def test_root_takes_the_index_of_a_daemon_of_another_uid_through_o_path_only(
+    start_daemon: Any, shared_dir: Path, index_path: str
+) -> None:
+    """Root may read any process's descriptors, so a daemon of another uid gives it its
+    index; its hits are served, but its range is not taken at its word (the connection's
+    SO_PEERCRED names another uid): every number is looked at through O_PATH first."""
+    run = shared_dir / "run"
+    run.mkdir()
+    os.chown(run, NOBODY, NOBODY)  # where it may make its socket
+    d: Daemon = await start_daemon("--racy-window", RACY, user=(NOBODY, NOBODY), directory=run)
+    f = make_file(shared_dir / "lib.so", os.urandom(20_000))
+    settle(f)
+
+    def hits() -> tuple[bool, bool, int, bool]:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))  # cached (the first open waits for the copy)
+            view = c.index()
+            assert view is not None
+            try:
+                fd = view.open(f.stat())
+                assert fd is not None and read_fd(fd) == f.read_bytes()
+                os.close(fd)
+                slots = [read_slot(view._map, k) for k in range(view.slots)]
+                (n,) = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
+                return view.direct, view.in_c, len(view.range), n in view.header_range
+            finally:
+                view.close()
+
+    with trio.fail_after(60):
+        direct, in_c, opened_at_once, in_its_range = await in_thread(hits)
+    assert in_c == (index_path == "c")
+    assert not direct and opened_at_once == 0 and in_its_range
+
+
+@requires_root
+@pytest.mark.parametrize(
+    ("uid", "manager"),
+    [(NOBODY, False), (0, False), (0, True)],
+    ids=["another-uid", "our-uid", "our-uid-a-managers-socket"],
+)
+async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_our_uid(
+    uid: int, manager: bool, shared_dir: Path, index_path: str
+) -> None:
+    """A daemon (a stand-in, in a process of its own) holds at a number of its range,
+    where file 0's slot points, an O_PATH descriptor of a FIFO that its user may name
+    but not open (root's, 0600). Root takes its index:
+
+    - of another uid (the connection's SO_PEERCRED), the range is not taken at its
+      word: the FIFO is never opened (no IN_OPEN, nothing waits for a writer), file 0
+      is refused, file 1 served through O_PATH;
+    - of our uid, on a socket another process listened on (a service manager's:
+      SO_PEERCRED names that process, not the daemon): the same;
+    - of our own uid, listening itself (a daemon bug could put a FIFO there), the
+      number is opened at once (IN_OPEN: a real open), yet nonblocking: it does not
+      wait for a writer, and it is refused. File 1 is served, nothing is left open."""
+    fifo = shared_dir / "fifo"
+    os.mkfifo(fifo, 0o600)
+    work = shared_dir / "stand"
+    work.mkdir()
+    os.chown(work, uid, uid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+
+    def take(said: dict[str, Any]) -> tuple[bool, list[bool], int]:
+        files = [Path(x) for x in said["files"]]
+        with Client(said["socket"], timeout=10) as c:
+            view = c.index()
+            assert view is not None
+            assert view.in_c == (index_path == "c")
+            before = count_open_fds()
+            try:
+                served = []
+                for f in files:
+                    fd = view.open(f.stat())
+                    served.append(fd is not None and read_fd(fd) == f.read_bytes())
+                    if fd is not None:
+                        os.close(fd)
+                return view.direct, served, count_open_fds() - before
+            finally:
+                view.close()
+
+    try:
+        with trio.fail_after(60):
+            with planting_daemon(uid, work, fifo, manager=manager) as said:
+                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                direct, served, left = await without_hanging(fifo, lambda: take(said))
+        opens = in_open_events(watch)
+    finally:
+        os.close(watch)
+    assert served == [False, True] and left == 0, (served, left)
+    if uid == os.geteuid() and not manager:
+        assert direct and opens > 0  # the range's open is a real one, and did not wait
+    else:
+        assert not direct and opens == 0  # never opened for real
 
 
 # Run as pid 1 of a new pid namespace with its own /proc: a process here gets
@@ -698,7 +819,7 @@ def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
     struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s
     fd = rig.index.reader_fd()
     try:
-        view = IndexView(fd, os.getpid(), rig.index.slots)
+        view = IndexView(fd, os.getpid(), rig.index.slots, peer=_ourselves())
     finally:
         os.close(fd)
     assert view.memfd_dev == memfd_dev
@@ -871,16 +992,25 @@ def test_open_fd_takes_the_fstat_itself(rig: _Rig, tmp_path: Path) -> None:
 
 
 @needs_c
-def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
-    """Each field of a slot changed in turn: the same answer from both paths."""
-    rig = _Rig(tmp_path)
+@pytest.mark.parametrize(
+    ("ranged", "ours"),
+    [(False, True), (True, True), (True, False)],
+    ids=["no-range", "range-of-our-uid", "range-not-trusted"],
+)
+def test_the_c_and_python_paths_agree_on_every_slot(
+    tmp_path: Path, ranged: bool, ours: bool
+) -> None:
+    """Each field of a slot changed in turn: the same answer from both paths, with no
+    range, a range opened at once, and a range not taken at its word."""
+    rig = _Rig(tmp_path, ranged=ranged, ours=ours)
+    assert bool(rig.view.range) == (ranged and ours)
     c_view = rig.view
     fd = rig.index.reader_fd()
     try:
         saved = index_module.C_CALLS
         index_module.C_CALLS = None
         try:
-            py_view = IndexView(fd, os.getpid(), rig.index.slots)
+            py_view = IndexView(fd, os.getpid(), rig.index.slots, peer=rig.peer)
         finally:
             index_module.C_CALLS = saved
     finally:
@@ -918,7 +1048,8 @@ def test_the_c_and_python_paths_agree_on_every_slot(tmp_path: Path) -> None:
 
 
 def test_the_client_takes_the_python_path_where_the_extension_is_missing_or_older() -> None:
-    """No extension, or one built before index_open (or for another layout): Python."""
+    """No extension, or one built before index_open (or for another layout), or before
+    its calls took the view's `direct` flag (INDEX_CALLS 2): Python."""
     code = """
 import sys, types
 if sys.argv[1] == "missing":
@@ -928,17 +1059,20 @@ else:
     from shadowd import _hotcalls
     for name in ("statx_nosync", "recv", "send", "reopen", "send_reopened", "answer_hit"):
         setattr(_hotcalls, name, lambda *args: None)
+    if sys.argv[1] == "before-direct":  # index_open of 7 arguments, no INDEX_CALLS
+        _hotcalls.index_open = _hotcalls.index_open_fd = lambda *args: None
+        _hotcalls.INDEX_LAYOUT = (1, 4096, 128)
 import shadowd_client.index as m
 print(m.C_CALLS is None)
 """
-    for how in ("missing", "older"):
+    for how in ("missing", "older", "before-direct"):
         out = subprocess.run(
             [sys.executable, "-c", code, how],
             capture_output=True,
             text=True,
             check=True,
             timeout=60,
-            env=dict(os.environ, SHADOWD_NO_C=""),
+            env=repo_env(dict(os.environ, SHADOWD_NO_C="")),  # this tree's shadowd_client
         )
         assert out.stdout.split() == ["True"], (how, out.stdout, out.stderr)
 

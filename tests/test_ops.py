@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -238,6 +239,44 @@ async def test_without_fdstore_from_the_manager_nothing_is_stored(
             nursery.cancel_scope.cancel()
     finally:
         m.close()
+
+
+async def test_clients_of_a_daemon_on_a_passed_socket_see_the_daemon_itself(
+    manager: ServiceManager, tmp_path: Path
+) -> None:
+    """SO_PEERCRED gives the credentials of whoever last called listen() on a socket.
+    The manager made this one; the daemon listens on it again, so a client sees the
+    daemon (its pid and uid), and takes its index's descriptor range at its word."""
+    f = make_file(tmp_path / "f", os.urandom(5000))
+    settle(f)
+
+    def look() -> tuple[tuple[int, int], bool, int, bool]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+            raw.connect(str(manager.socket_path))
+            pid, uid, _ = struct.unpack(
+                "3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        with Client(manager.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))  # cached (the first open waits for the copy)
+            view = c.index()
+            assert view is not None
+            try:
+                fd = view.open(f.stat())
+                served = fd is not None and read_fd(fd) == f.read_bytes()
+                if fd is not None:
+                    os.close(fd)
+                return (pid, uid), view.direct, len(view.range), served
+            finally:
+                view.close()
+
+    with trio.fail_after(60):
+        await manager.start_ready("--racy-window", "0.05")
+        peer, direct, opened_at_once, served = await call(look)
+        assert await manager.stop() == 0
+    assert manager.proc is not None
+    assert peer == (manager.proc.pid, os.geteuid()) != (os.getpid(), os.geteuid())
+    assert direct and opened_at_once > 0 and served
 
 
 async def test_a_passed_stream_socket_is_a_clear_error(shared_dir: Path) -> None:

@@ -2730,6 +2730,15 @@ served_of_item(const struct shadowd_item *it, int proto, struct shadowd_served_ 
 #define INDEX_LIVE 1
 #define INDEX_MAX_SLOTS (1u << 24) /* 2 GiB of slots: anything larger is not an index */
 #define INDEX_MAX_PROBES 64
+/* The open of a number in the range: a memfd at every instant, by the
+ * daemon's promise. Should a daemon bug break it (a number closed, then
+ * given to a FIFO it received), O_NONBLOCK keeps a FIFO's open from waiting
+ * for a writer and O_NOCTTY a terminal's from becoming ours; the fstat then
+ * refuses either. O_NOCTTY is not kept in the open file description;
+ * O_NONBLOCK is (F_GETFL shows it, a tracee would too), so a served fd has
+ * it cleared (F_SETFL 0: one more system call, measured in
+ * docs/performance.md). */
+#define INDEX_RANGE_FLAGS (O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define INDEX_READABLE 1
 #else
@@ -2795,6 +2804,24 @@ index_drop(struct shadowd *c)
     p->index_dirfd = -1;
     p->index_state = IX_NONE;
     report_clear(p);
+}
+
+/* Whether the index of the daemon *pid* may be taken at its word about its
+ * descriptor range: the credentials SO_PEERCRED gives for our connection
+ * are that very process's (it called listen() itself, not a service
+ * manager for it) and its uid is our effective uid. A daemon of another
+ * uid could hold at a number of its "range" an O_PATH descriptor of a FIFO
+ * or a device its user may name but not open: root's direct open would
+ * open it for real (a FIFO blocks, a driver's open runs). Of our own uid,
+ * it could open that itself. */
+static int
+index_direct(const struct shadowd *c, uint64_t pid)
+{
+    struct ucred peer;
+    socklen_t len = sizeof peer;
+    return getsockopt(c->sock, SOL_SOCKET, SO_PEERCRED, &peer, &len) == 0 &&
+           len == sizeof peer && peer.pid > 0 && (uint64_t)peer.pid == pid &&
+           peer.uid == geteuid();
 }
 
 /* Map the index *fd* the daemon *pid* sent, of *slots* slots, and check its
@@ -2873,6 +2900,9 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     if (p->index_probes > p->index_slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
+    /* Another uid's range is looked at through O_PATH, as any number. */
+    if (!index_direct(c, pid))
+        range_base = range_count = 0;
     p->index_range_base = range_base;
     p->index_range_count = range_count;
     p->report_at = mono_us();
@@ -3119,11 +3149,11 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
         return -1;
     int in_range = (uint32_t)got->fd >= p->index_range_base &&
                    (uint32_t)got->fd - p->index_range_base < p->index_range_count;
-    /* In the daemon's range, N is a memfd whatever it holds by now: opened
-     * read-only at once. Elsewhere O_PATH first: no driver's open runs,
-     * whatever descriptor N is by now. */
+    /* In the range of a daemon of our uid, N is a memfd whatever it holds by
+     * now: opened read-only at once (INDEX_RANGE_FLAGS). Elsewhere O_PATH
+     * first: no driver's open runs, whatever descriptor N is by now. */
     int first = openat(p->index_dirfd, decimal(name, got->fd),
-                       in_range ? O_RDONLY | O_CLOEXEC : O_PATH | O_CLOEXEC);
+                       in_range ? INDEX_RANGE_FLAGS : O_PATH | O_CLOEXEC);
     if (first < 0)
         return -1; /* N was closed meanwhile, or the daemon is gone */
     if (fstat(first, &m) < 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != p->index_memfd_dev ||
@@ -3135,7 +3165,13 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
         return -1;
     }
     int fd = first;
-    if (!in_range) {
+    if (in_range) {
+        if (fcntl(fd, F_SETFL, 0) != 0) { /* served as a plain O_RDONLY open */
+            close(fd);
+            *refused = 1;
+            return -1;
+        }
+    } else {
         fd = reopen_as(c, first, p->pid); /* (every caller ran after_fork) */
         close(first);
         if (fd < 0) {

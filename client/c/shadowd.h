@@ -242,7 +242,9 @@ struct shadowd_private_ {
     /* The daemon's index (docs/protocol.md, "The index"), this connection's. */
     int index_use, index_keep, index_wanted, index_state, index_dirfd, index_pid, index_owner;
     uint32_t index_slots, index_probes;
-    uint32_t index_range_base, index_range_count; /* memfds only, always: no O_PATH */
+    /* The daemon's range (memfds only, always: no O_PATH); 0, 0 unless the
+     * daemon is of our effective uid (its SO_PEERCRED). */
+    uint32_t index_range_base, index_range_count;
     uint64_t index_memfd_dev;
     const uint8_t *index_map;
     size_t index_len;

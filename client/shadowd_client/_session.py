@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -85,6 +86,21 @@ def choose_socket(socket_path: str | os.PathLike[str] | None) -> SocketChoice:
         return find_socket(socket_path)
     except Exception as exc:  # ConfigError of the daemon's family
         raise DaemonUnavailable(str(exc)) from None
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_of(sock: socket.socket) -> tuple[int, int] | None:
+    """(pid, uid) of the other end of the connected *sock* as SO_PEERCRED says (that
+    of whoever called listen() on the socket it connected to); None if unknown."""
+    try:
+        pid, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except (OSError, struct.error):
+        return None
+    return pid, uid
 
 
 def label_for(path: str | os.PathLike[str]) -> str:

@@ -7,9 +7,11 @@
 # identity, size, mode and stamp; trust a slot that changed while it was read
 # (its seq); open a descriptor of the daemon in a way that has side effects
 # (a number in the daemon's descriptor range, which holds memfds only at
-# every instant, is opened read-only at once; any other number O_PATH first,
-# which runs no driver's open, and its inode is checked before a real open
-# of that very inode); reopen through another
+# every instant, is opened read-only at once, and only when the daemon runs
+# as our own uid; any other number O_PATH first, which runs no driver's
+# open, and its inode is checked before a real open of that very inode);
+# take a daemon of another uid at its word about its range (what it holds
+# there, root would open for real: a FIFO, a device); reopen through another
 # process's descriptor table (after a fork, the child's view opens its own
 # /proc/self/fd again: the one it inherited names the parent's).
 #
@@ -37,18 +39,32 @@ _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
 _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+# In the range: a memfd at every instant, by the daemon's promise. Should a
+# daemon bug break it (a number closed, then given to a FIFO it received),
+# O_NONBLOCK keeps a FIFO's open from waiting for a writer and O_NOCTTY a
+# terminal's from becoming ours; the fstat then refuses either. O_NOCTTY is
+# not kept in the open file description; O_NONBLOCK is (F_GETFL shows it,
+# a tracee would too), so a served fd has it cleared (_CLEAR_FLAGS).
+_RANGE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CLEAR_FLAGS = 0  # F_SETFL: no O_NONBLOCK, O_APPEND, O_ASYNC, O_DIRECT or O_NOATIME
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _F_GET_SEALS = fcntl.F_GET_SEALS
+_F_SETFL = fcntl.F_SETFL
 _FD_MAX = 2**31 - 1
 
-#: The C versions of IndexView.open and open_fd, when the extension is in use
-#: and reads this very layout; None: every view takes the Python path. A view
-#: takes what this is when it is made.
+#: The arguments of the C calls this module passes (shadowd/_hotcalls.c's
+#: INDEX_CALLS): 2, the view's `direct` before the file's.
+_C_CALLS_VERSION = 2
+
+#: The C versions of IndexView.open and open_fd, when the extension is in use,
+#: reads this very layout and takes these arguments; None: every view takes
+#: the Python path. A view takes what this is when it is made.
 C_CALLS: tuple[Callable[..., int | None], Callable[..., int | None]] | None = (
     (hotcalls.index_open, hotcalls.index_open_fd)
     if hotcalls.index_open is not None
     and hotcalls.index_open_fd is not None
     and hotcalls.INDEX_LAYOUT == (LAYOUT_VERSION, HEADER, SLOT)
+    and hotcalls.INDEX_CALLS == _C_CALLS_VERSION
     else None
 )
 
@@ -85,10 +101,33 @@ class BadIndex(Exception):
     """The index is not one this client can read (wrong magic, layout, sizes)."""
 
 
-class IndexView:
-    """A read-only mapping of the daemon's index; :meth:`open` serves a hit from it."""
+def trusts_range(peer: tuple[int, int] | None, pid: int) -> bool:
+    """Whether a view may open the daemon's descriptor range at once: *peer*, the
+    (pid, uid) SO_PEERCRED gave for the connection the index came on, is the daemon
+    of pid *pid* itself, running as our effective uid.
 
-    def __init__(self, fd: int, pid: int, slots: int) -> None:
+    The kernel lets root open /proc/PID/fd/N of a process of any uid. A daemon of
+    another uid could hold at a number of its "range" an O_PATH descriptor of a
+    FIFO or a device its user may name but not open; a direct open would open it
+    with our credentials (a FIFO blocks, a driver's open runs). Of our own uid,
+    it could open that itself. SO_PEERCRED gives the credentials of the process
+    that called listen(): the daemon's own only when that is the daemon (its pid),
+    not a service manager that made the socket for it.
+    """
+    return peer is not None and peer == (pid, os.geteuid())
+
+
+class IndexView:
+    """A read-only mapping of the daemon's index; :meth:`open` serves a hit from it.
+
+    *peer*: the (pid, uid) SO_PEERCRED gave for the connection the index came
+    on (:func:`trusts_range`); None, or any other process or uid: every
+    descriptor of the daemon is looked at through O_PATH first.
+    """
+
+    def __init__(
+        self, fd: int, pid: int, slots: int, *, peer: tuple[int, int] | None = None
+    ) -> None:
         size = os.fstat(fd).st_size
         if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
             raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
@@ -103,9 +142,16 @@ class IndexView:
         self.memfd_dev = memfd_dev
         self.probes = probes
         self.generation = generation
-        #: The daemon's descriptor range (shadowd/fdrange.py): numbers that
-        #: are memfds at every instant, opened without the O_PATH step.
-        self.range = range(base, base + count) if base > 0 and base + count <= _FD_MAX else range(0)
+        #: The daemon's descriptor range as the header says (shadowd/fdrange.py):
+        #: numbers it keeps memfds at, at every instant.
+        self.header_range = (
+            range(base, base + count) if base > 0 and base + count <= _FD_MAX else range(0)
+        )
+        #: Whether the header's range is taken at its word (:func:`trusts_range`).
+        self.direct = trusts_range(peer, pid)
+        #: The numbers opened without the O_PATH step: the header's range, when
+        #: the daemon is of our uid; else none.
+        self.range = self.header_range if self.direct else range(0)
         # The daemon's /proc/PID/fd and ours, opened once: a reopen then walks
         # one component instead of three.
         try:
@@ -113,7 +159,7 @@ class IndexView:
         except OSError as exc:
             self._map.close()
             raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
-        if self.range and not _same_file(self._daemon_fds, index_fd, fd):
+        if self.header_range and not _same_file(self._daemon_fds, index_fd, fd):
             # /proc/PID is not the daemon (another process of that pid, in
             # our pid namespace): a number of its "range" may be anything.
             os.close(self._daemon_fds)
@@ -123,7 +169,9 @@ class IndexView:
         self._c_open: Callable[[os.stat_result], int | None] | None = None
         self._c_open_fd: Callable[[int], int | None] | None = None
         if C_CALLS is not None:
-            state = (self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev)
+            state = (
+                self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev, self.direct
+            )  # fmt: skip
             self._c_open = functools.partial(C_CALLS[0], *state)
             self._c_open_fd = functools.partial(C_CALLS[1], *state)
         self._closed = False
@@ -206,13 +254,19 @@ class IndexView:
         """The memfd slot *offset* names (its fd, size, mode, inode, ctime), checked."""
         fd = memfd[0]
         if fd in self.range:
-            # A memfd, whatever N holds by now: its open has no side effects.
+            # The range of a daemon of our uid: a memfd, whatever N holds by
+            # now, whose open has no side effects.
             try:
-                served = os.open(str(fd), _OPEN_FLAGS, dir_fd=self._daemon_fds)
+                served = os.open(str(fd), _RANGE_FLAGS, dir_fd=self._daemon_fds)
             except OSError:
                 return None  # the daemon is gone
             if not self._is_slots(served, memfd):
                 os.close(served)  # another memfd is at N now
+                return None
+            try:
+                fcntl.fcntl(served, _F_SETFL, _CLEAR_FLAGS)  # as a plain O_RDONLY open
+            except OSError:
+                os.close(served)
                 return None
         else:
             # O_PATH first: no driver's open runs, whatever fd N is now.

@@ -21,6 +21,7 @@ from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.protocol import (
     MAX_REPORT,
     PROTOCOL_VERSION,
+    ClientConnection,
     ErrorCode,
     ErrorReply,
     FileKey,
@@ -54,6 +55,7 @@ from ._session import (
     lookup_result,
     open_source,
     opened_fd,
+    peer_of,
     queued_refusal,
     request_of,
     stats_of,
@@ -247,9 +249,20 @@ class Client:
         root) get one, from a daemon that publishes one. A view serves hits
         without a round trip (:meth:`IndexView.open`); it belongs to the
         daemon that gave it (a new connection may be to another one: see
-        :attr:`connections`).
+        :attr:`connections`). It opens the daemon's descriptor range at once
+        only when the daemon runs as this process's effective uid (the
+        connection's SO_PEERCRED; :func:`~shadowd_client.index.trusts_range`).
         """
-        reply = self._call(request_of(IndexRequest))
+        ask = request_of(IndexRequest)
+        peer: list[tuple[int, int] | None] = [None]
+
+        def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
+            # Under the lock, on the connection the reply will come on.
+            assert self._sock is not None
+            peer[0] = peer_of(self._sock)
+            return ask(proto)
+
+        reply = self._call(make)
         if isinstance(reply, ErrorReply):
             if reply.code in (ErrorCode.NOT_PERMITTED, ErrorCode.NO_INDEX, ErrorCode.UNKNOWN_OP):
                 return None
@@ -258,7 +271,7 @@ class Client:
             close_reply(reply)
             raise ProtocolViolation(f"expected the index, got {type(reply).__name__}")
         try:
-            return IndexView(reply.fd, reply.pid, reply.slots)
+            return IndexView(reply.fd, reply.pid, reply.slots, peer=peer[0])
         except (OSError, BadIndex):
             return None
         finally:
