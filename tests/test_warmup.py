@@ -114,6 +114,11 @@ async def test_a_warmed_daemon_shows_nothing_and_holds_no_warm_up_fd(
     d: Daemon = await start_daemon("--racy-window", "0.05", "--copy-workers", "3")
     with trio.fail_after(30):
         s = await trio.to_thread.run_sync(_stats, d)
+        # The fixture's readiness probe (a hello, then a close) counts until
+        # the daemon's next round sees it gone: only then is ours alone.
+        while s["clients"] > 1:
+            await trio.sleep(0.02)
+            s = await trio.to_thread.run_sync(_stats, d)
         targets = d.fd_targets()
         tasks = len(os.listdir(f"/proc/{d.pid}/task"))
     counters = (
