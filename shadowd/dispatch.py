@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 
@@ -65,6 +65,9 @@ class Dispatcher:
     stats: Callable[[int], Stats]
     #: What a hello reply says of this daemon's limits.
     hello_limits: dict[str, int]
+    #: Awaited before a stats answer: brings its costly parts up to date
+    #: without holding the loop (metrics.StatsCollector.fresh).
+    fresh_stats: Callable[[], Awaitable[None]] | None = None
     #: How long requests take (the server's; in the stats).
     latency: Latencies = attrs.field(factory=Latencies)
     #: The poller whose round closes the fds a hit used (set when serving).
@@ -288,6 +291,8 @@ class Dispatcher:
         if isinstance(event, Publish):
             await self._on_publish(conn, event, holders[0])
         elif isinstance(event, StatsRequest):
+            if self.fresh_stats is not None:
+                await self.fresh_stats()
             await conn.send(StatsReply(id=event.id, stats=self.stats(conn.peer.uid).to_wire()))
 
     def _hello_reply(self, event: Hello) -> HelloReply:

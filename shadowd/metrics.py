@@ -5,7 +5,9 @@
 # descriptor range, thousands of fds are always open, and listing
 # /proc/self/fd took milliseconds of the loop. A stats answer carries the
 # last finished count and its age; a stats request starts the next count
-# when the last one began at least `stats_refresh` seconds ago.
+# when the last one began at least `stats_refresh` seconds ago, and waits
+# for it (in its connection's task, at most FRESH_PATIENCE seconds), so
+# that a daemon asked once in a while does not answer with an old count.
 #
 # Must never: count fds on the loop, or run two counts at once; make the
 # loop pay for a costly part (resident memory, the ranking of entries) more
@@ -40,6 +42,9 @@ from .stats import Latencies, Stats, TopEntry
 if TYPE_CHECKING:
     from .fdstore import FdStore
 
+#: How long a stats request waits for the fd count it started; a count that
+#: takes longer is answered with the last one (and the next request's).
+FRESH_PATIENCE = 0.5
 #: Viewers whose top files are kept per refresh.
 _MAX_VIEWERS = 256
 
@@ -95,6 +100,11 @@ class FdCount:
         if self._done is None:
             self._done = trio.Event()
             nursery.start_soon(self._run)
+
+    async def finished(self) -> None:
+        """Until the count in flight, if any, has finished."""
+        if self._done is not None:
+            await self._done.wait()
 
     async def since(self, when: float) -> int:
         """The value of a count that began at *when* (monotonic) or later.
@@ -175,6 +185,17 @@ class StatsCollector:
     #: one (a server not serving) the stats keep the last count.
     nursery: trio.Nursery | None = None
     _costly_stats: _CostlyStats | None = None
+
+    async def fresh(self, patience: float = FRESH_PATIENCE) -> None:
+        """Before a stats answer, in the asking connection's task: when the last fd
+        count began ``refresh`` seconds ago or more and none runs, start one and wait
+        for it, at most *patience* seconds (the loop goes on meanwhile)."""
+        fds = self.fds
+        if self.nursery is None or fds.running or time.monotonic() - fds.started < self.refresh:
+            return
+        fds.start(self.nursery)
+        with trio.move_on_after(patience):
+            await fds.finished()
 
     def stats(self, viewer: int | None = None) -> Stats:
         """The stats as uid *viewer* may see them (None: everything, for the daemon itself).

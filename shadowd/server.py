@@ -211,6 +211,7 @@ class Server:
             stats=self.stats,
             latency=self.latency,
             hello_limits=config.hello_limits(),
+            fresh_stats=self.collector.fresh,
         )
         #: The index of the cache, while serving (index.py).
         self.index: Index | None = None

@@ -175,3 +175,23 @@ async def test_a_stats_answer_says_how_old_its_fd_count_is(daemon: Daemon) -> No
     with trio.fail_after(30):
         s, listed = await trio.to_thread.run_sync(count_after_connecting)
     assert s["open_fds"] == listed
+
+
+async def test_a_stats_request_after_a_quiet_while_gets_a_count_made_for_it(
+    daemon: Daemon,
+) -> None:
+    """Asked once in a while, the daemon answers with a count begun for the request
+    (waited for in the connection's task), not the one the previous request started."""
+
+    def ask_after_a_while() -> tuple[dict[str, Any], float, int]:
+        with Client(daemon.socket_path, timeout=10) as c:
+            c.stats()
+            time.sleep(1.2)  # longer than stats_refresh (1 s): the last count is old
+            sent = time.monotonic()
+            s = c.stats()
+            return s, time.monotonic() - sent, daemon.open_fds()
+
+    with trio.fail_after(30):
+        s, took, listed = await trio.to_thread.run_sync(ask_after_a_while)
+    assert 0 <= s["open_fds_age_seconds"] <= took  # begun after the request was sent
+    assert s["open_fds"] == listed
