@@ -367,9 +367,20 @@ class Connection:
         if holds:
             self._use(holds)
 
-    def refuse_later(self, id: int, exc: Exception) -> None:
-        """Refuse request *id* from the connection's nursery: the reply is sent in turn."""
-        self.start_deferred(id, _send_refusal, id, exc)
+    def refuse_now(self, id: int, exc: Exception) -> bool:
+        """Refuse request *id* from the poller's round: a refusal (a RequestError) or
+        a bug of ours (anything else, logged), its reply sent now, in turn with the
+        replies before it (reply_now). False when the peer is gone.
+
+        Not from the nursery: a task started there sends only when it first runs,
+        and the next round could answer this connection's next request first.
+        """
+        if not isinstance(exc, RequestError):
+            self.services.refusals.internal(self.peer, id, exc)
+            exc = RequestError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)  # as internal_error
+        self.services.refusals.count(self.peer, exc.code, exc.message)
+        data, _ = self.proto.send(ErrorReply(id=id, code=exc.code, message=exc.message))
+        return self.reply_now(id, data, (), ())
 
     async def refuse(self, id: int, exc: RequestError) -> None:
         self.services.refusals.count(self.peer, exc.code, exc.message)
@@ -448,8 +459,7 @@ class Connection:
         except OSError as exc:
             close_all(owned)
             if exc.errno == errno.ETOOMANYREFS:
-                self.refuse_later(id, too_many_in_flight())
-                return True
+                return self.refuse_now(id, too_many_in_flight())
             return self.hand_over(GONE)
         except BaseException:
             close_all(owned)
@@ -485,10 +495,3 @@ def too_many_in_flight() -> RequestError:
         ErrorCode.BUSY,
         "the daemon has its limit of descriptors in flight to its clients; ask again shortly",
     )
-
-
-async def _send_refusal(conn: Connection, id: int, exc: Exception) -> None:
-    if isinstance(exc, RequestError):
-        await conn.refuse(id, exc)
-    else:
-        await conn.internal_error(id, exc)

@@ -97,14 +97,12 @@ class Dispatcher:
         fd = event.fd
         if not conn.room(1):
             self.opens.discard([fd], conn.share)
-            conn.refuse_later(event.id, conn.over_budget(1))
-            return True
+            return conn.refuse_now(event.id, conn.over_budget(1))
         try:
             outcome = self.opens.serve_now(fd, event.label, conn.share, wait=event.wait)
         except Exception as exc:  # a refusal, or a bug of ours
             self.opens.discard([fd], conn.share)
-            conn.refuse_later(event.id, exc)
-            return True
+            return conn.refuse_now(event.id, exc)
         except BaseException:
             self.opens.discard([fd], conn.share)
             raise
@@ -133,21 +131,18 @@ class Dispatcher:
                 pass  # no room: sent from the nursery below, in turn
             except OSError as exc:
                 if exc.errno == errno.ETOOMANYREFS:
-                    conn.refuse_later(event.id, too_many_in_flight())
-                    return True
+                    return conn.refuse_now(event.id, too_many_in_flight())
                 return conn.hand_over(GONE)
             else:
                 if not err:
                     conn.sent(len(reply), 1)
                     self.latency.hit.observe(_now() - self.started)
                     return True
-                conn.refuse_later(event.id, share_error(OSError(err, os.strerror(err))))
-                return True
+                return conn.refuse_now(event.id, share_error(OSError(err, os.strerror(err))))
         try:
             served = served_fd(file)
         except RequestError as exc:
-            conn.refuse_later(event.id, exc)
-            return True
+            return conn.refuse_now(event.id, exc)
         return conn.reply_now(event.id, reply, (served,), (served,))
 
     def answer_batch(self, conn: Connection, event: OpenBatch, fds: list[int]) -> bool:
@@ -157,8 +152,7 @@ class Dispatcher:
         assert self.poller is not None
         if not conn.room(len(fds)):
             self.opens.discard([h.detach() for h in holders], conn.share)
-            conn.refuse_later(event.id, conn.over_budget(len(fds)))
-            return True
+            return conn.refuse_now(event.id, conn.over_budget(len(fds)))
         try:
             results, later = self.batches.now(
                 holders, labels, conn.share, conn.peer, event.id, wait=event.wait
@@ -204,13 +198,11 @@ class Dispatcher:
     def answer_lookup(self, conn: Connection, event: Lookup) -> bool:
         """A private file of this uid and namespace, or a miss: answered at once."""
         if not conn.room(1):
-            conn.refuse_later(event.id, conn.over_budget(1))
-            return True
+            return conn.refuse_now(event.id, conn.over_budget(1))
         try:
             served = self.private.lookup(conn.peer.uid, event)
         except Exception as exc:  # a refusal, or a bug of ours
-            conn.refuse_later(event.id, exc)
-            return True
+            return conn.refuse_now(event.id, exc)
         if served is None:
             data, _ = conn.proto.send(LookupMiss(id=event.id))
             return conn.reply_now(event.id, data, (), ())
@@ -230,13 +222,11 @@ class Dispatcher:
     def answer_index(self, conn: Connection, event: IndexRequest) -> bool:
         """The index (its uid or root only): a read-only fd of it, sent now."""
         if not conn.room(1):
-            conn.refuse_later(event.id, conn.over_budget(1))
-            return True
+            return conn.refuse_now(event.id, conn.over_budget(1))
         try:
             fd = self._index_fd(conn)
         except Exception as exc:  # a refusal, or a bug of ours
-            conn.refuse_later(event.id, exc)
-            return True
+            return conn.refuse_now(event.id, exc)
         try:
             data, _ = conn.proto.send(self._index_reply(event, fd))
         except BaseException:
@@ -249,8 +239,7 @@ class Dispatcher:
         try:
             self._count_reported(conn, event)
         except Exception as exc:  # a refusal, or a bug of ours
-            conn.refuse_later(event.id, exc)
-            return True
+            return conn.refuse_now(event.id, exc)
         data, _ = conn.proto.send(Reported(id=event.id))
         return conn.reply_now(event.id, data, (), ())
 

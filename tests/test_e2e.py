@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
+import itertools
 import json
 import os
 import random
@@ -43,6 +45,7 @@ from .conftest import (
     run_as,
     settle,
 )
+from .wire import Raw
 
 LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
 
@@ -528,8 +531,6 @@ async def test_pipelining_client_that_stops_reading_holds_up_nobody(
     answered meanwhile, every reply arrives once it reads, and the daemon's
     fds return to their baseline.
     """
-    from .wire import Raw
-
     f, data, baseline = await _cached_with_baseline(daemon, tmp_path / "lib.so", 5000)
     flood = Raw(daemon.socket_path)
     flood.sock.setblocking(False)
@@ -597,8 +598,6 @@ async def test_a_new_clients_pipelined_requests_are_answered_in_order(
     reply comes once, in the order asked, with its fds, and the daemon's fds
     return to their baseline when the client goes.
     """
-    from .wire import Raw
-
     f, data, baseline = await _cached_with_baseline(daemon, tmp_path / "lib.so", 3000)
     st = f.stat()
     src = os.open(f, os.O_RDONLY)
@@ -634,6 +633,136 @@ async def test_a_new_clients_pipelined_requests_are_answered_in_order(
     with trio.fail_after(10):
         while daemon.open_fds() != baseline:
             await trio.sleep(0.05)
+
+
+# -- refusals in turn ----------------------------------------------------------
+
+REFUSED_PAIRS = 200
+
+
+def _reply_order_as(uid: int, socket_path: Path, op: str) -> Any:
+    """In a child of *uid*: a hello, then REFUSED_PAIRS of (*op*, lookup) pipelined;
+    the ids of the replies, as they came."""
+    code = f"""
+import socket, msgpack
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(20)
+s.connect({str(socket_path)!r})
+key = {{"ino": 1, "size": 1, "mtime_ns": 1, "ctime_ns": 1}}
+msgs = [{{"op": "hello", "id": 0, "version": 2}}]
+for i in range({REFUSED_PAIRS}):
+    msgs.append({{"op": {op!r}, "id": 2 * i + 1, "hits": [[1, 1, 1]]}})
+    msgs.append({{"op": "lookup", "id": 2 * i + 2, "namespace": "n", "key": key}})
+ids = []
+# A few at a time: below the bound of datagrams queued on each side.
+for at in range(0, len(msgs), 4):
+    chunk = msgs[at:at + 4]
+    for m in chunk:
+        s.send(msgpack.packb(m))
+    for m in chunk:
+        reply = msgpack.unpackb(s.recv(1 << 16))
+        ids.append([reply["id"], reply.get("code")])
+out(ids)
+"""
+    return run_as(uid, code, timeout=60)
+
+
+@requires_root
+@pytest.mark.parametrize("op", ["index", "report"])
+async def test_a_refused_index_is_answered_before_the_next_request(
+    start_daemon: Any, op: str
+) -> None:
+    """A peer of another uid pipelines index or report requests (refused: not its
+    uid) and lookups: each refusal is sent before the next request's reply."""
+    daemon = await start_daemon("--racy-window", "0.05", "--socket-mode", "0666")
+    with trio.fail_after(90):
+        got = await trio.to_thread.run_sync(
+            functools.partial(_reply_order_as, NOBODY, daemon.socket_path, op)
+        )
+    ids = [i for i, _code in got]
+    codes = {i: code for i, code in got}
+    assert codes[1] == "not-permitted", got[:4]
+    out_of_order = [(a, b) for a, b in itertools.pairwise(ids) if b < a]
+    assert ids == sorted(ids), (
+        f"{len(out_of_order)} replies overtook an earlier one: {out_of_order[:5]}"
+    )
+
+
+async def test_a_refused_open_is_answered_before_the_next_request(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The same with an open of a FIFO (refused) before each lookup, as the daemon's uid."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    src = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    key = {"ino": 1, "size": 1, "mtime_ns": 1, "ctime_ns": 1}
+    try:
+        with Raw(daemon.socket_path, hello=False, timeout=20) as raw:
+            msgs: list[tuple[dict[str, Any], list[int]]] = [
+                ({"op": "hello", "id": 0, "version": 2}, [])
+            ]
+            for i in range(REFUSED_PAIRS):
+                msgs.append(({"op": "open", "id": 2 * i + 1}, [src]))
+                lookup = {"op": "lookup", "id": 2 * i + 2, "namespace": "n", "key": key}
+                msgs.append((lookup, []))
+            ids = []
+            with trio.fail_after(60):
+                # A few at a time: below the bound of datagrams queued on each side.
+                for at in range(0, len(msgs), 4):
+                    chunk = msgs[at : at + 4]
+                    for msg, fds in chunk:
+                        raw.send(msg, fds)
+                    for _ in chunk:
+                        reply, got = await trio.to_thread.run_sync(raw.recv)
+                        for fd in got:
+                            os.close(fd)
+                        ids.append(reply["id"])
+    finally:
+        os.close(src)
+    out_of_order = [(a, b) for a, b in itertools.pairwise(ids) if b < a]
+    assert ids == sorted(ids), (
+        f"{len(out_of_order)} replies overtook an earlier one: {out_of_order[:5]}"
+    )
+
+
+async def test_index_requests_of_peers_that_leave_unread_leak_no_fd(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Peers that ask for the index (the first two datagrams answered before the
+    connection parks, the rest by the poller) and leave without reading: the
+    daemon's fds return to their baseline."""
+    from shadowd_client import Client
+
+    daemon = await start_daemon("--racy-window", "0.05", "--max-inflight", "4")
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(5000))
+    os.utime(f, ns=(1, 1))
+    with Client(daemon.socket_path, timeout=10) as c:
+        os.close(c.open(str(f)))
+    await trio.sleep(0.3)
+    baseline = daemon.open_fds()
+
+    def leave(n: int) -> None:
+        raw = Raw(daemon.socket_path, hello=False, timeout=10)
+        raw.sock.setblocking(False)
+        try:
+            raw.send({"op": "hello", "id": 0, "version": 2})
+            for i in range(n):
+                try:
+                    raw.send({"op": "index", "id": i + 1})
+                except BlockingIOError:
+                    break
+        finally:
+            raw.close()
+
+    with trio.fail_after(60):
+        for n in (1, 2, 3, 50, 1000):
+            for _ in range(20):
+                await trio.to_thread.run_sync(leave, n)
+        while daemon.open_fds() != baseline:
+            await trio.sleep(0.05)
+    assert daemon.open_fds() == baseline
 
 
 def _garbage(d: Daemon, rng: random.Random, extra: list[int]) -> None:
