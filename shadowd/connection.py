@@ -2,9 +2,9 @@
 # replies in order, at once or waiting for room.
 #
 # A connection spends its life parked in the poller (poller.py), which reads
-# and answers what it can without waiting (dispatch.py). What must wait (a
-# miss, a refusal or a reply that finds the socket full) runs in the
-# connection's nursery, counted in flight; at --max-inflight the connection
+# and answers what it can without waiting (dispatch.py), refusals included
+# (refuse_now). What must wait (a miss, or a reply that finds the socket
+# full) runs in the connection's nursery, counted in flight; at --max-inflight the connection
 # stops being read until one finishes (back-pressure). The rare requests
 # (stats, publish) are handed to the connection's own task.
 #

@@ -1,9 +1,9 @@
 # Answering each request a connection sent, by kind. The poller's round calls
 # the `answer_*` methods with a parsed request: a hit, a batch of hits, a
-# private lookup, a hello, an index request and a report are answered right
-# there, with no await between the lookup and the reply; what must wait (a
-# miss, a copy, a reply that finds the socket full, a refusal) goes on in the
-# connection's nursery. stats and publish are handed to the connection's
+# private lookup, a hello, an index request, a report and any refusal are
+# answered right there, with no await between the lookup and the reply; what
+# must wait (a miss, a copy, a reply that finds the socket full) goes on in
+# the connection's nursery. stats and publish are handed to the connection's
 # task, which calls `handle`.
 #
 # Must never: await between a cache lookup and the use of what it returned;
