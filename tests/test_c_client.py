@@ -776,6 +776,69 @@ def fill_backlog(path: Path) -> list[socket.socket]:
         queued.append(s)
 
 
+def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_shut(
+    driver: Any, tmp_path: Path
+) -> None:
+    """The routed open's first connect finds the daemon's backlog full: this open is
+    copied here without asking, the breaker stays shut, and once there is room the
+    next routed open connects and greets the daemon."""
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(0)
+    f, digest = big(tmp_path / "f")
+    settle(f)
+    seen: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        listener.settimeout(10)
+        try:
+            for conn in [listener.accept()[0] for _ in queued]:  # room for the client
+                conn.close()
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                for msg, fds in _requests(conn):
+                    close_fds(fds)
+                    seen.append(msg)
+                    if msg["op"] == "hello":
+                        reply = {"id": msg["id"], "ok": True, "version": 2, "limits": {}}
+                    else:  # the index, opens: refused, so they are copied here
+                        reply = {"id": msg["id"], "ok": False, "code": "busy", "message": "no"}
+                    conn.send(msgpack.packb(reply))
+        except OSError:
+            pass  # no client came: the assertions below say what went wrong
+
+    queued = fill_backlog(path)
+    server = threading.Thread(target=serve, daemon=True)
+    try:
+        assert queued, "the listener took no connection at all"
+        d = driver()
+        d("log", "capture")
+        d("backoff", 60_000, 60_000)  # an opened breaker would stay open
+        d("socket", path)
+        d("routing", 0, 0)  # nothing copied here by the rules: the daemon is asked
+        busy = d("routed", f)
+        counts = d("counts")
+        server.start()
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            again = d("routed", f)
+            assert again["hash"] == digest, again
+            time.sleep(0.02)
+        log = d.finish()
+    finally:
+        server.join(timeout=10)
+        listener.close()
+        for s in queued:
+            s.close()
+    assert busy["hash"] == digest and busy["route"] == "copy", busy
+    assert busy["copied_why"] == "failed" and "backlog is full" in busy["error"], busy
+    assert counts["available"] == 1 and counts["fast"] == 0, counts
+    assert seen and seen[0]["op"] == "hello", seen  # connected once there was room
+    assert "unavailable" not in log, log  # the breaker never opened
+
+
 def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_path: Path) -> None:
     """A daemon whose backlog is full is busy, not down: connect_wait connects once there is room.
 

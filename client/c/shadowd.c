@@ -3536,7 +3536,10 @@ know_the_daemon(struct shadowd *c)
     if (p->hello == H_DONE || !shadowd_available(c))
         return;
     if (!p->live) {
-        start(c, CONNECT_NOWAIT);
+        /* As connect_start: a full backlog is a daemon busy for a moment, not
+         * one that is down (no failure, the breaker stays shut); this open is
+         * then copied here without asking, and the next one tries again. */
+        start(c, CONNECT_EARLY);
         clear(c); /* a failure here is the breaker's business, not this open's */
     } else {
         drain(c);
@@ -3743,6 +3746,11 @@ routed(struct shadowd *c, int src, const struct stat *given, const char *label, 
         return fd;
     int why = copy_without_asking(c, &st, 1);
     char buf[LABEL_MAX + 1];
+    if (why == SHADOWD_COPIED_NOT && !P(c)->live && P(c)->connect_later) {
+        /* The daemon's backlog was full just now (know_the_daemon). */
+        snprintf(c->error, sizeof c->error, "the daemon's backlog is full; copied here");
+        return copy_here(c, src, v.size, SHADOWD_COPIED_FAILED);
+    }
     if (why == SHADOWD_COPIED_NOT && cold_now(c)) {
         why = SHADOWD_COPIED_COLD;
         if (want_label)
