@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import select
@@ -836,6 +837,40 @@ def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_sh
     assert busy["copied_why"] == "failed" and "backlog is full" in busy["error"], busy
     assert counts["available"] == 1 and counts["fast"] == 0, counts
     assert seen and seen[0]["op"] == "hello", seen  # connected once there was room
+    assert "unavailable" not in log, log  # the breaker never opened
+
+
+def test_pipelined_calls_meet_a_full_backlog_as_busy_and_keep_the_breaker_shut(
+    driver: Any, tmp_path: Path
+) -> None:
+    """shadowd_submit_open refuses as busy (EAGAIN) and shadowd_submit_routed copies
+    here at once while the daemon's backlog is full; neither opens the breaker."""
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(0)
+    f, digest = big(tmp_path / "f")
+    settle(f)
+    queued = fill_backlog(path)
+    try:
+        assert queued, "the listener took no connection at all"
+        d = driver()
+        d("log", "capture")
+        d("backoff", 60_000, 60_000)  # an opened breaker would stay open
+        d("socket", path)
+        d("routing", 0, 0)  # nothing copied here by the rules: the daemon is asked
+        plain = d("submit", f, 1)
+        routed = d("rsubmit", f, 2)
+        counts = d("counts")
+        log = d.finish()
+    finally:
+        listener.close()
+        for s in queued:
+            s.close()
+    assert plain["id"] == -1 and plain["code"] == "busy" and plain["errnum"] == errno.EAGAIN
+    assert "backlog is full" in plain["error"], plain
+    assert routed["id"] == 0 and routed["now_hash"] == digest, routed  # copied here now
+    assert counts["available"] == 1 and counts["fast"] == 0, counts
     assert "unavailable" not in log, log  # the breaker never opened
 
 

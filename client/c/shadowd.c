@@ -4091,7 +4091,15 @@ submit_open(struct shadowd *c, int src, const char *label, uint64_t size, int no
                          .size = size, .label = label, .nowait = nowait};
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live, failure;
-        if (start(c, CONNECT_NOWAIT))
+        /* A full backlog is a daemon busy for a moment, not one that is
+         * down: refused here as busy (the routed calls copy), the breaker
+         * shut, and the next request tries to connect again. */
+        int r = start(c, CONNECT_EARLY);
+        if (r == 1) {
+            fail(c, "busy", EAGAIN, "the daemon's listen backlog is full; ask again shortly");
+            return NULL;
+        }
+        if (r != 0)
             return NULL;
         struct shadowd_slot_ *s = submit(c, &rq, 1, &failure);
         if (s != NULL)
