@@ -630,7 +630,8 @@ void shadowd_index_report(struct shadowd *c);
 /* Send an open of *src* (the caller may close it once this returns);
  * *tag* comes back with the result. The id (> 0), or -1 (code, error:
  * "unavailable" from the breaker, errnum EAGAIN when SHADOWD_MAX_PENDING
- * requests are pending or the socket is full). */
+ * requests are pending or the socket is full; "busy" with EAGAIN when the
+ * daemon's listen backlog is full, the breaker left shut). */
 long long shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag);
 
 /* The routed open, pipelined: 0 with *fd_now set when the file is served
