@@ -376,20 +376,26 @@ class Connection:
         and the next round could answer this connection's next request first.
         """
         if not isinstance(exc, RequestError):
-            self.services.refusals.internal(self.peer, id, exc)
-            exc = RequestError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)  # as internal_error
-        self.services.refusals.count(self.peer, exc.code, exc.message)
-        data, _ = self.proto.send(ErrorReply(id=id, code=exc.code, message=exc.message))
+            exc = self._bug(id, exc)
+        data, _ = self.proto.send(self._refusal(id, exc))
         return self.reply_now(id, data, (), ())
 
     async def refuse(self, id: int, exc: RequestError) -> None:
-        self.services.refusals.count(self.peer, exc.code, exc.message)
-        await self.send(ErrorReply(id=id, code=exc.code, message=exc.message))
+        await self.send(self._refusal(id, exc))
 
     async def internal_error(self, id: int, exc: BaseException | None = None) -> None:
         """Answer a request that hit a bug of ours (*exc*, or the one being handled); log it."""
+        await self.refuse(id, self._bug(id, exc))
+
+    def _refusal(self, id: int, exc: RequestError) -> ErrorReply:
+        """The reply refusing request *id* with *exc*, counted."""
+        self.services.refusals.count(self.peer, exc.code, exc.message)
+        return ErrorReply(id=id, code=exc.code, message=exc.message)
+
+    def _bug(self, id: int, exc: BaseException | None) -> RequestError:
+        """A bug of ours met answering request *id*, logged; the refusal it gets."""
         self.services.refusals.internal(self.peer, id, exc)
-        await self.refuse(id, RequestError(ErrorCode.INTERNAL, INTERNAL_MESSAGE))
+        return RequestError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
 
     # -- sending ---------------------------------------------------------
 
