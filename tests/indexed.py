@@ -6,6 +6,7 @@
 # daemon can do).
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import threading
@@ -15,15 +16,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
+import pytest
 import trio
 from shadowd_client import Client
+from shadowd_client.index import IndexView
 
 from shadowd.cache import Cache, CacheLimits, HostKey
 from shadowd.fdrange import FdRange
 from shadowd.index import LIVE, Index, read_slot, slot_of
 from shadowd.memfd import sealed_from_bytes
 
-from .conftest import Child, make_file, spawn_as
+from .conftest import NOBODY, Child, make_file, spawn_as
 
 T = TypeVar("T")
 
@@ -83,22 +86,34 @@ def standing_in(number: int, other: int) -> Iterator[None]:
         os.close(saved)
 
 
-def range_number_of(socket_path: Path, f: Path) -> int:
+@contextmanager
+def cached_view(socket_path: Path, f: Path) -> Iterator[IndexView]:
     """*f* cached by the daemon at *socket_path* (opened twice: the first open waits for
-    the copy) and the descriptor number its live slot names, checked to be in the
-    daemon's descriptor range."""
+    the copy), and the daemon's index as this process takes it; closed at the end."""
     with Client(socket_path, timeout=10) as c:
         for _ in range(2):
             os.close(c.open(f))
         view = c.index()
         assert view is not None
         try:
-            slots = [read_slot(view._map, k) for k in range(view.slots)]
-            fds = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
-            assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
-            return fds[0]
+            yield view
         finally:
             view.close()
+
+
+def live_slot_fds(view: IndexView, f: Path) -> list[int]:
+    """The descriptor numbers that *view*'s live slots of *f* name."""
+    slots = [read_slot(view._map, k) for k in range(view.slots)]
+    return [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
+
+
+def range_number_of(socket_path: Path, f: Path) -> int:
+    """*f* cached by the daemon at *socket_path* and the descriptor number its live slot
+    names, checked to be in the daemon's descriptor range."""
+    with cached_view(socket_path, f) as view:
+        fds = live_slot_fds(view, f)
+        assert len(fds) == 1 and fds[0] in view.range, (fds, view.range)
+        return fds[0]
 
 
 def answer_as_daemon(
@@ -114,24 +129,30 @@ def answer_as_daemon(
         for _, _, fds in anc:
             for i in range(0, len(fds) - len(fds) % 4, 4):
                 os.close(int.from_bytes(fds[i : i + 4], "little"))
-        msg = msgpack.unpackb(data)
-        if msg["op"] == "hello":
-            reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
-                     "limits": {"racy_window_ns": 0}}  # fmt: skip
-            conn.send(msgpack.packb(reply))
-        elif msg["op"] == "index":
-            fd = cache.index.reader_fd()
-            reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": cache.index.slots}
-            conn.sendmsg([msgpack.packb(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   fd.to_bytes(4, "little"))])  # fmt: skip
-            os.close(fd)
-        elif msg["op"] == "report":
-            if reports is not None:
-                reports.append(msg["hits"])
-            conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
-        else:
-            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-            conn.send(msgpack.packb(no))
+        answer_one(cache, conn, msgpack.unpackb(data), reports)
+
+
+def answer_one(
+    cache: IndexedCache, conn: socket.socket, msg: dict[str, Any], reports: list[Any] | None
+) -> None:
+    """Answer one request *msg* on *conn* as answer_as_daemon does."""
+    if msg["op"] == "hello":
+        reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
+                 "limits": {"racy_window_ns": 0}}  # fmt: skip
+        conn.send(msgpack.packb(reply))
+    elif msg["op"] == "index":
+        fd = cache.index.reader_fd()
+        reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": cache.index.slots}
+        conn.sendmsg([msgpack.packb(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               fd.to_bytes(4, "little"))])  # fmt: skip
+        os.close(fd)
+    elif msg["op"] == "report":
+        if reports is not None:
+            reports.append(msg["hits"])
+        conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
+    else:
+        no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+        conn.send(msgpack.packb(no))
 
 
 def serve_as_daemon(cache: IndexedCache, listener: socket.socket) -> None:
@@ -179,6 +200,15 @@ recv()
 """
 
 
+#: The cases of a planting daemon's tests (uid, manager): a daemon of another uid;
+#: of ours, listening itself; of ours, on a socket a service manager listened on.
+planting_cases = pytest.mark.parametrize(
+    ("uid", "manager"),
+    [(NOBODY, False), (0, False), (0, True)],
+    ids=["another-uid", "our-uid", "our-uid-a-managers-socket"],
+)
+
+
 @contextmanager
 def planting_daemon(
     uid: int, directory: Path, plant: Path, *, manager: bool = False
@@ -204,6 +234,17 @@ def planting_daemon(
         child.close()
 
 
+def fifo_to_plant(directory: Path, uid: int) -> tuple[Path, Path]:
+    """A FIFO of root's in *directory* (0600: *uid* may name it, not open it), and a
+    directory *uid* may write, for planting_daemon."""
+    fifo = directory / "fifo"
+    os.mkfifo(fifo, 0o600)
+    work = directory / "stand"
+    work.mkdir()
+    os.chown(work, uid, uid)
+    return fifo, work
+
+
 async def without_hanging(fifo: Path, call: Callable[[], T], timeout: float = 20) -> T:
     """*call*() in a worker thread. Should it hang (a FIFO opened for real, with no
     O_NONBLOCK, waits for a writer), it fails the test after *timeout* seconds, and
@@ -218,9 +259,33 @@ async def without_hanging(fifo: Path, call: Callable[[], T], timeout: float = 20
             pass  # ENXIO: nobody is opening it for reading
 
 
-def in_open_events(watch: int) -> int:
-    """How many bytes of inotify events (IN_OPEN here) *watch* has waiting: 0 for none."""
-    try:
-        return len(os.read(watch, 4096))
-    except BlockingIOError:
-        return 0
+class OpenWatch:
+    """An inotify instance that sees real opens of the files it watches (IN_OPEN,
+    which an O_PATH open does not raise)."""
+
+    IN_OPEN = 0x20
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+
+    def add(self, path: str | os.PathLike[str]) -> None:
+        """Watch *path* for opens from now on."""
+        assert self._libc.inotify_add_watch(self.fd, os.fsencode(path), self.IN_OPEN) >= 0
+
+    def events(self) -> int:
+        """How many bytes of events are waiting (and read): 0 for none."""
+        try:
+            return len(os.read(self.fd, 4096))
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> OpenWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -7,7 +7,6 @@
 # shadowd-open. Built with the host's C compiler; skipped where there is none.
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -35,7 +34,10 @@ from shadowd.fds import scm_rights
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
 from .indexed import (
     IndexedCache,
-    in_open_events,
+    OpenWatch,
+    answer_one,
+    fifo_to_plant,
+    planting_cases,
     planting_daemon,
     range_number_of,
     standing_in,
@@ -777,6 +779,37 @@ def fill_backlog(path: Path) -> list[socket.socket]:
         queued.append(s)
 
 
+class FullListener:
+    """A listener at *path* that accepts nothing yet, its backlog filled with
+    connections of ours: a client's connect fails with EAGAIN at once (unix(7))."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(str(path))
+        self.sock.listen(0)
+        self.queued = fill_backlog(path)
+        if not self.queued:
+            self.close()
+            raise AssertionError("the listener took no connection at all")
+
+    def make_room(self) -> None:
+        """Accept ours and close them: the next connection taken is the client's."""
+        self.sock.settimeout(10)
+        for conn in [self.sock.accept()[0] for _ in self.queued]:
+            conn.close()
+
+    def close(self) -> None:
+        for s in self.queued:
+            s.close()
+        self.sock.close()
+
+    def __enter__(self) -> FullListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_shut(
     driver: Any, tmp_path: Path
 ) -> None:
@@ -784,19 +817,14 @@ def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_sh
     copied here without asking, the breaker stays shut, and once there is room the
     next routed open connects and greets the daemon."""
     path = tmp_path / "busy.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(0)
     f, digest = big(tmp_path / "f")
     settle(f)
     seen: list[dict[str, Any]] = []
 
     def serve() -> None:
-        listener.settimeout(10)
         try:
-            for conn in [listener.accept()[0] for _ in queued]:  # room for the client
-                conn.close()
-            conn, _ = listener.accept()
+            listener.make_room()
+            conn, _ = listener.sock.accept()
             with conn:
                 conn.settimeout(10)
                 for msg, fds in _requests(conn):
@@ -810,10 +838,9 @@ def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_sh
         except OSError:
             pass  # no client came: the assertions below say what went wrong
 
-    queued = fill_backlog(path)
+    listener = FullListener(path)
     server = threading.Thread(target=serve, daemon=True)
     try:
-        assert queued, "the listener took no connection at all"
         d = driver()
         d("log", "capture")
         d("backoff", 60_000, 60_000)  # an opened breaker would stay open
@@ -831,8 +858,6 @@ def test_a_routed_open_copies_while_the_backlog_is_full_and_keeps_the_breaker_sh
     finally:
         server.join(timeout=10)
         listener.close()
-        for s in queued:
-            s.close()
     assert busy["hash"] == digest and busy["route"] == "copy", busy
     assert busy["copied_why"] == "failed" and "backlog is full" in busy["error"], busy
     assert counts["available"] == 1 and counts["fast"] == 0, counts
@@ -846,14 +871,9 @@ def test_pipelined_calls_meet_a_full_backlog_as_busy_and_keep_the_breaker_shut(
     """shadowd_submit_open refuses as busy (EAGAIN) and shadowd_submit_routed copies
     here at once while the daemon's backlog is full; neither opens the breaker."""
     path = tmp_path / "busy.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(0)
     f, digest = big(tmp_path / "f")
     settle(f)
-    queued = fill_backlog(path)
-    try:
-        assert queued, "the listener took no connection at all"
+    with FullListener(path):
         d = driver()
         d("log", "capture")
         d("backoff", 60_000, 60_000)  # an opened breaker would stay open
@@ -863,10 +883,6 @@ def test_pipelined_calls_meet_a_full_backlog_as_busy_and_keep_the_breaker_shut(
         routed = d("rsubmit", f, 2)
         counts = d("counts")
         log = d.finish()
-    finally:
-        listener.close()
-        for s in queued:
-            s.close()
     assert plain["id"] == -1 and plain["code"] == "busy" and plain["errnum"] == errno.EAGAIN
     assert "backlog is full" in plain["error"], plain
     assert routed["id"] == 0 and routed["now_hash"] == digest, routed  # copied here now
@@ -883,20 +899,15 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
     behind it, as connect_start would have.
     """
     path = tmp_path / "busy.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(0)  # room for one connection, and nobody accepts it yet
     seen: list[dict[str, Any]] = []
     room = threading.Event()
 
     def serve() -> None:
         room.wait(10)  # (the driver is in connect_wait by then, or about to be)
         time.sleep(0.2)
-        listener.settimeout(10)
         try:
-            for conn in [listener.accept()[0] for _ in queued]:  # room for the client
-                conn.close()
-            conn, _ = listener.accept()
+            listener.make_room()
+            conn, _ = listener.sock.accept()
             with conn:
                 conn.settimeout(10)
                 seen.extend(msgpack.unpackb(conn.recv(4096)) for _ in range(2))
@@ -909,10 +920,9 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
         except OSError:
             pass  # no client came (or it went): the assertions below say what went wrong
 
-    queued = fill_backlog(path)
+    listener = FullListener(path)
     server = threading.Thread(target=serve, daemon=True)
     try:
-        assert queued, "the listener took no connection at all"
         d = driver()
         d("log", "capture")
         d("backoff", 60_000, 60_000)  # an opened breaker would stay open
@@ -928,8 +938,6 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
     finally:
         room.set()
         server.join(15)
-        for s in queued:
-            s.close()
         listener.close()
     assert started["rc"] == 0 and started["code"] == "" and started["error"] == "", started
     assert before["available"] == 1 and before["fast"] == 0, before
@@ -2231,21 +2239,7 @@ class _Stand(IndexedCache):
             self.serve_one(conn, msg)
 
     def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
-        if msg["op"] == "hello":
-            reply = {"id": msg["id"], "ok": True, "version": 2, "server": "stand",
-                     "limits": {"racy_window_ns": 0}}  # fmt: skip
-            conn.send(msgpack.packb(reply))
-        elif msg["op"] == "index":
-            fd = self.index.reader_fd()
-            reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
-            conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
-            os.close(fd)
-        elif msg["op"] == "report":
-            self.reports.append(msg["hits"])
-            conn.send(msgpack.packb({"id": msg["id"], "ok": True}))
-        else:
-            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-            conn.send(msgpack.packb(no))
+        answer_one(self, conn, msg, self.reports)
 
 
 @pytest.fixture
@@ -2481,10 +2475,7 @@ async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_op
     fifo = shared_dir / "fifo"
     os.mkfifo(fifo)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert watch >= 0
-    try:
+    with OpenWatch() as watch:
         with trio.fail_after(60):
             n = await trio.to_thread.run_sync(range_number_of, daemon.socket_path, f)
             d = Driver(
@@ -2495,24 +2486,15 @@ async def test_a_process_of_another_pid_namespace_at_the_daemons_pid_is_never_op
             )  # fmt: skip
             with d:
                 await ask(d, "socket", daemon.socket_path)  # the impostor is ready
-                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                watch.add(fifo)
                 await ask(d, "indexready")
                 got = await ask(d, "indexopen", f, 3)
-        try:
-            opens = len(os.read(watch, 4096))
-        except BlockingIOError:
-            opens = 0
-    finally:
-        os.close(watch)
+        opens = watch.events()
     assert opens == 0 and got["served"] == 0, (opens, got)
 
 
 @requires_root
-@pytest.mark.parametrize(
-    ("uid", "manager"),
-    [(NOBODY, False), (0, False), (0, True)],
-    ids=["another-uid", "our-uid", "our-uid-a-managers-socket"],
-)
+@planting_cases
 async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_our_uid(
     uid: int, manager: bool, driver: Any, shared_dir: Path
 ) -> None:
@@ -2528,29 +2510,20 @@ async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_o
     - of our own uid, listening itself (a daemon bug could put a FIFO there), the
       number is opened at once (IN_OPEN: a real open), yet nonblocking: it does not
       wait for a writer, and it is refused. File 1 is served, without O_NONBLOCK."""
-    fifo = shared_dir / "fifo"
-    os.mkfifo(fifo, 0o600)
-    work = shared_dir / "stand"
-    work.mkdir()
-    os.chown(work, uid, uid)
-    libc = ctypes.CDLL(None, use_errno=True)
-    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert watch >= 0
+    fifo, work = fifo_to_plant(shared_dir, uid)
     d = driver()
-    try:
+    with OpenWatch() as watch:
         with trio.fail_after(60):
             with planting_daemon(uid, work, fifo, manager=manager) as said:
                 f0, f1 = (Path(x) for x in said["files"])
                 await ask(d, "socket", said["socket"])
                 ready = await ask(d, "indexready")
-                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                watch.add(fifo)
                 first = await without_hanging(fifo, lambda: d("indexopen", f0))
                 second = await ask(d, "indexopen", f1)
                 counts = await ask(d, "counts")
                 await ask(d, "close")
-        opens = in_open_events(watch)
-    finally:
-        os.close(watch)
+        opens = watch.events()
     assert ready["ready"] == 1, ready
     assert first["served"] == 0 and first["fd"] == -1, first
     assert second["served"] == 1 and second["hash"] == fnv(f1.read_bytes()), second

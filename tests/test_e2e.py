@@ -640,6 +640,14 @@ async def test_a_new_clients_pipelined_requests_are_answered_in_order(
 REFUSED_PAIRS = 200
 
 
+def _assert_in_asked_order(ids: list[int]) -> None:
+    """Reply ids as they came, the requests' ids rising: none overtook an earlier one."""
+    out_of_order = [(a, b) for a, b in itertools.pairwise(ids) if b < a]
+    assert ids == sorted(ids), (
+        f"{len(out_of_order)} replies overtook an earlier one: {out_of_order[:5]}"
+    )
+
+
 def _reply_order_as(uid: int, socket_path: Path, op: str) -> Any:
     """In a child of *uid*: a hello, then REFUSED_PAIRS of (*op*, lookup) pipelined;
     the ids of the replies, as they came."""
@@ -682,10 +690,7 @@ async def test_a_refused_index_is_answered_before_the_next_request(
     ids = [i for i, _code in got]
     codes = {i: code for i, code in got}
     assert codes[1] == "not-permitted", got[:4]
-    out_of_order = [(a, b) for a, b in itertools.pairwise(ids) if b < a]
-    assert ids == sorted(ids), (
-        f"{len(out_of_order)} replies overtook an earlier one: {out_of_order[:5]}"
-    )
+    _assert_in_asked_order(ids)
 
 
 async def test_a_refused_open_is_answered_before_the_next_request(
@@ -720,10 +725,7 @@ async def test_a_refused_open_is_answered_before_the_next_request(
                         ids.append(reply["id"])
     finally:
         os.close(src)
-    out_of_order = [(a, b) for a, b in itertools.pairwise(ids) if b < a]
-    assert ids == sorted(ids), (
-        f"{len(out_of_order)} replies overtook an earlier one: {out_of_order[:5]}"
-    )
+    _assert_in_asked_order(ids)
 
 
 async def test_index_requests_of_peers_that_leave_unread_leak_no_fd(

@@ -7,7 +7,6 @@
 # leave this process's descriptors as they were.
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -48,7 +47,11 @@ from .conftest import (
 )
 from .indexed import (
     IndexedCache,
-    in_open_events,
+    OpenWatch,
+    cached_view,
+    fifo_to_plant,
+    live_slot_fds,
+    planting_cases,
     planting_daemon,
     range_number_of,
     standing_in,
@@ -173,19 +176,15 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
     and mode but another inode, or the range's stand-in, is refused, nothing kept. Outside
     a range, or in the range of a daemon not known to be of our uid, the same memfd at N
     is only looked at through O_PATH (no IN_OPEN)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    in_open = 0x20
     (tmp_path / "plain-rig").mkdir()
     plain = _Rig(tmp_path / "plain-rig")  # no range: the O_PATH step
     (tmp_path / "untrusted-rig").mkdir()
     untrusted = _Rig(tmp_path / "untrusted-rig", ranged=True, ours=False)  # the same
     assert untrusted.view.in_c == ranged_rig.view.in_c and not untrusted.view.range
     look_alike = sealed_from_bytes(ranged_rig.files[0][0].read_bytes())
-    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert watch >= 0
+    watch = OpenWatch()
     try:
-        path = os.fsencode(f"/proc/self/fd/{look_alike.fd}")
-        assert libc.inotify_add_watch(watch, path, in_open) >= 0
+        watch.add(f"/proc/self/fd/{look_alike.fd}")
         fd_range = ranged_rig.index.fd_range
         assert fd_range is not None
         standin = fd_range.base + fd_range.size - 1  # (the rig's 4 files take the lowest)
@@ -196,16 +195,12 @@ def test_in_the_range_another_memfd_at_n_is_opened_then_refused_with_no_fd_left(
                 with standing_in(memfd, other):
                     assert _refused(rig.view, st), other
                 if other == look_alike.fd:
-                    try:
-                        seen = len(os.read(watch, 4096)) > 0
-                    except BlockingIOError:
-                        seen = False
-                    assert seen == opened
+                    assert (watch.events() > 0) == opened
             fd = rig.view.open(st)  # and the right one again
             assert fd is not None
             os.close(fd)
     finally:
-        os.close(watch)
+        watch.close()
         look_alike.release()
         plain.close()
         untrusted.close()
@@ -436,20 +431,12 @@ async def test_root_takes_the_index_of_a_daemon_of_another_uid_through_o_path_on
     settle(f)
 
     def hits() -> tuple[bool, bool, int, bool]:
-        with Client(d.socket_path, timeout=10) as c:
-            for _ in range(2):
-                os.close(c.open(f))  # cached (the first open waits for the copy)
-            view = c.index()
-            assert view is not None
-            try:
-                fd = view.open(f.stat())
-                assert fd is not None and read_fd(fd) == f.read_bytes()
-                os.close(fd)
-                slots = [read_slot(view._map, k) for k in range(view.slots)]
-                (n,) = [s.fd for s in slots if s.state == LIVE and s.ino == f.stat().st_ino]
-                return view.direct, view.in_c, len(view.range), n in view.header_range
-            finally:
-                view.close()
+        with cached_view(d.socket_path, f) as view:
+            fd = view.open(f.stat())
+            assert fd is not None and read_fd(fd) == f.read_bytes()
+            os.close(fd)
+            (n,) = live_slot_fds(view, f)
+            return view.direct, view.in_c, len(view.range), n in view.header_range
 
     with trio.fail_after(60):
         direct, in_c, opened_at_once, in_its_range = await in_thread(hits)
@@ -458,11 +445,7 @@ async def test_root_takes_the_index_of_a_daemon_of_another_uid_through_o_path_on
 
 
 @requires_root
-@pytest.mark.parametrize(
-    ("uid", "manager"),
-    [(NOBODY, False), (0, False), (0, True)],
-    ids=["another-uid", "our-uid", "our-uid-a-managers-socket"],
-)
+@planting_cases
 async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_our_uid(
     uid: int, manager: bool, shared_dir: Path, index_path: str
 ) -> None:
@@ -478,14 +461,7 @@ async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_o
     - of our own uid, listening itself (a daemon bug could put a FIFO there), the
       number is opened at once (IN_OPEN: a real open), yet nonblocking: it does not
       wait for a writer, and it is refused. File 1 is served, nothing is left open."""
-    fifo = shared_dir / "fifo"
-    os.mkfifo(fifo, 0o600)
-    work = shared_dir / "stand"
-    work.mkdir()
-    os.chown(work, uid, uid)
-    libc = ctypes.CDLL(None, use_errno=True)
-    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert watch >= 0
+    fifo, work = fifo_to_plant(shared_dir, uid)
 
     def take(said: dict[str, Any]) -> tuple[bool, list[bool], int]:
         files = [Path(x) for x in said["files"]]
@@ -505,14 +481,12 @@ async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_o
             finally:
                 view.close()
 
-    try:
+    with OpenWatch() as watch:
         with trio.fail_after(60):
             with planting_daemon(uid, work, fifo, manager=manager) as said:
-                assert libc.inotify_add_watch(watch, os.fsencode(fifo), 0x20) >= 0  # IN_OPEN
+                watch.add(fifo)
                 direct, served, left = await without_hanging(fifo, lambda: take(said))
-        opens = in_open_events(watch)
-    finally:
-        os.close(watch)
+        opens = watch.events()
     assert served == [False, True] and left == 0, (served, left)
     if uid == os.geteuid() and not manager:
         assert direct and opens > 0  # the range's open is a real one, and did not wait
@@ -724,33 +698,28 @@ def test_a_reused_descriptor_number_is_refused_with_no_fd_left(rig: _Rig, tmp_pa
 def test_what_is_at_n_now_is_never_opened_for_real(rig: _Rig, tmp_path: Path) -> None:
     """A reused N is looked at through O_PATH only: its file sees no open (inotify's
     IN_OPEN, which an O_PATH open does not raise), whatever the answer."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    in_open = 0x20
     plain = make_file(tmp_path / "plain", rig.files[0][0].read_bytes())
-    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    assert watch >= 0
+    watch = OpenWatch()
     _, st = rig.files[0]
     memfd = rig.entry(0).file.fd
     saved = os.dup(memfd)
     try:
         for path in (plain, Path("/dev/null")):
-            assert libc.inotify_add_watch(watch, os.fsencode(path), in_open) >= 0
+            watch.add(path)
             os.close(os.open(path, os.O_RDONLY))  # a real open is seen: the control
-            assert os.read(watch, 4096)
+            assert watch.events() > 0
             target = os.open(path, os.O_PATH)
             try:
                 os.dup2(target, memfd)
             finally:
                 os.close(target)
-            with pytest.raises(BlockingIOError):
-                os.read(watch, 4096)  # and an O_PATH open is not
+            assert watch.events() == 0  # and an O_PATH open is not
             assert _refused(rig.view, st), path
-            with pytest.raises(BlockingIOError):
-                os.read(watch, 4096)  # nothing at N was opened for real
+            assert watch.events() == 0  # nothing at N was opened for real
     finally:
         os.dup2(saved, memfd)
         os.close(saved)
-        os.close(watch)
+        watch.close()
 
 
 def test_a_slot_of_another_version_or_being_written_is_refused_with_no_fd_left(

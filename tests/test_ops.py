@@ -26,6 +26,7 @@ from shadowd.memfd import REQUIRED_SEALS
 from shadowd.source import stat_nosync
 
 from .conftest import REPO_PATH, make_file, read_fd, settle
+from .indexed import cached_view
 from .manager import SERVE, ServiceManager, running
 from .test_cli import run as run_shadowd
 
@@ -256,19 +257,12 @@ async def test_clients_of_a_daemon_on_a_passed_socket_see_the_daemon_itself(
             pid, uid, _ = struct.unpack(
                 "3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             )
-        with Client(manager.socket_path, timeout=10) as c:
-            for _ in range(2):
-                os.close(c.open(f))  # cached (the first open waits for the copy)
-            view = c.index()
-            assert view is not None
-            try:
-                fd = view.open(f.stat())
-                served = fd is not None and read_fd(fd) == f.read_bytes()
-                if fd is not None:
-                    os.close(fd)
-                return (pid, uid), view.direct, len(view.range), served
-            finally:
-                view.close()
+        with cached_view(manager.socket_path, f) as view:
+            fd = view.open(f.stat())
+            served = fd is not None and read_fd(fd) == f.read_bytes()
+            if fd is not None:
+                os.close(fd)
+            return (pid, uid), view.direct, len(view.range), served
 
     with trio.fail_after(60):
         await manager.start_ready("--racy-window", "0.05")
