@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -81,10 +82,13 @@ def _check_serve_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from .daemon import configure_logging, run
+    from .daemon import STOP_SIGNALS, configure_logging, run
     from .server import ServerConfig
     from .systemd import fd_store_limit
 
+    # Held until run() handles them, and after it returns: a stop signal
+    # then is a clean stop (run's receiver) or nothing, never a kill.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     configure_logging(args.log_level)
     try:
         cache = CacheLimits(

@@ -149,13 +149,53 @@ def budgets(config: ServerConfig) -> str:
 #: Seconds between STATUS= updates to the service manager.
 STATUS_INTERVAL = 10.0
 
+#: The signals that stop the daemon. Blocked from the start (cli.py) until
+#: the daemon's own receiver is there, and again once it is gone: one that
+#: comes while the daemon sets up (the fd store's restore can take a while)
+#: or while it cleans up would otherwise kill it before it removes its
+#: socket, with no drain and a non-zero exit.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+#: For tests only: seconds to pause once the socket exists, before the stop
+#: signals are handled (where the fd store is restored), so that a test can
+#: send one in that window. The pause ends early at a stop signal, which is
+#: then held again for the receiver, as one that came during a long restore.
+START_DELAY_VARIABLE = "SHADOWD_TEST_START_DELAY"
+
+
+def _test_start_delay() -> None:
+    try:
+        delay = float(os.environ.get(START_DELAY_VARIABLE, "0"))
+    except ValueError:
+        return
+    if delay > 0:
+        logger.warning(
+            "%s=%s: pausing before the stop signals are handled", START_DELAY_VARIABLE, delay
+        )
+        got = signal.sigtimedwait(STOP_SIGNALS, delay)
+        if got is not None:
+            os.kill(os.getpid(), got.si_signo)  # pending again: blocked until the receiver
+
 
 async def run(
     config: ServerConfig,
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and clean up."""
+    """Serve until SIGTERM or SIGINT, then drain and clean up.
+
+    SIGTERM and SIGINT are held (blocked) until the daemon handles them
+    itself, and from when it no longer does; the caller's signal mask is
+    restored on return.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        await _run(config, task_status)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+async def _run(config: ServerConfig, task_status: trio.TaskStatus[Server]) -> None:
     fd_limit = raise_fd_limit()
     server = Server(config)
     server.cache.add_observer(CacheLog())
@@ -174,46 +214,53 @@ async def run(
     try:
         # Without a manager to keep them, stored descriptors passed at start
         # are still taken back; nothing new is stored.
+        _test_start_delay()
         store = FdStore(notifier, max_entries=config.fd_store_max if notifier else 0)
         store.restore(server.cache, stored)
         server.fd_store = store
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            # Ours from here: one that came while we set up is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            try:
+                async with trio.open_nursery() as nursery:
 
-                async def serve(task_status: trio.TaskStatus[None]) -> None:
-                    try:
-                        await server.serve(listener.sock, task_status=task_status)
-                    finally:
-                        nursery.cancel_scope.cancel()
+                    async def serve(task_status: trio.TaskStatus[None]) -> None:
+                        try:
+                            await server.serve(listener.sock, task_status=task_status)
+                        finally:
+                            nursery.cancel_scope.cancel()
 
-                nursery.start_soon(_watch_signals, signals, server, notifier, listener)
-                # Returns once the server accepts, or once it stopped in its
-                # warm-up. No checkpoint between here and READY=1: a signal
-                # is handled (STOPPING=1, then shutdown) before the draining
-                # check below or after READY=1, never between the two.
-                await nursery.start(serve)
-                if notifier is not None:
-                    nursery.start_soon(notifier.run)
-                if server.draining:
-                    # STOPPING=1 went already: READY=1 now would tell the
-                    # manager that a service it is stopping started after all.
-                    logger.info("stopped during the warm-up; never served on %s", listener.path)
-                else:
-                    logger.info(
-                        "shadowd %s serving on %s%s (%s; fd limit %d%s; "
-                        "hit path system calls in %s)",
-                        __version__,
-                        listener.path,
-                        "" if listener.created else ", passed by the service manager",
-                        budgets(config),
-                        fd_limit,
-                        f", fd store {config.fd_store_max}" if notifier is not None else "",
-                        hotcalls.DESCRIPTION,
-                    )
+                    nursery.start_soon(_watch_signals, signals, server, notifier, listener)
+                    # Returns once the server accepts, or once it stopped in its
+                    # warm-up. No checkpoint between here and READY=1: a signal
+                    # is handled (STOPPING=1, then shutdown) before the draining
+                    # check below or after READY=1, never between the two.
+                    await nursery.start(serve)
                     if notifier is not None:
-                        notifier.ready(status_line(server))
-                        nursery.start_soon(_report_status, server, notifier)
-                task_status.started(server)
+                        nursery.start_soon(notifier.run)
+                    if server.draining:
+                        # STOPPING=1 went already: READY=1 now would tell the
+                        # manager that a service it is stopping started after all.
+                        logger.info("stopped during the warm-up; never served on %s", listener.path)
+                    else:
+                        logger.info(
+                            "shadowd %s serving on %s%s (%s; fd limit %d%s; "
+                            "hit path system calls in %s)",
+                            __version__,
+                            listener.path,
+                            "" if listener.created else ", passed by the service manager",
+                            budgets(config),
+                            fd_limit,
+                            f", fd store {config.fd_store_max}" if notifier is not None else "",
+                            hotcalls.DESCRIPTION,
+                        )
+                        if notifier is not None:
+                            notifier.ready(status_line(server))
+                            nursery.start_soon(_report_status, server, notifier)
+                    task_status.started(server)
+            finally:
+                # Past the receiver, one would kill us before the socket is removed.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     finally:
         listener.close()
         if notifier is not None:

@@ -175,6 +175,24 @@ class ServiceManager:
         except OSError:
             return ""
 
+    async def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Until the daemon's log holds *text*; fails if the daemon exits first."""
+        assert self.proc is not None
+        with trio.fail_after(timeout):
+            while text not in self.log():
+                assert self.proc.poll() is None, self.log()
+                await trio.sleep(0.02)
+
+    async def said_since(self, index: int) -> list[dict[str, str]]:
+        """Every message from *index* on, once all the daemon sent is read: a
+        message of ours sent now comes after them (a datagram socket keeps the
+        order), and is left out."""
+        with trio.fail_after(10):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(b"TEST=end", str(self.notify_path))
+            await self.wait_for("TEST", "end", after=index)
+        return self.messages[index:-1]
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

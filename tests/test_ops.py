@@ -21,6 +21,7 @@ import trio
 from shadowd_client import Client
 
 from shadowd.cache import HostKey
+from shadowd.daemon import START_DELAY_VARIABLE
 from shadowd.fdstore import StoredName
 from shadowd.memfd import REQUIRED_SEALS
 from shadowd.source import stat_nosync
@@ -104,6 +105,37 @@ async def test_restart_keeps_the_cache_warm_and_the_client_working(
     finally:
         client.close()
     assert "warm restart: 2 of 2 stored descriptors back in the cache" in manager.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("passed", [False, True], ids=["own-socket", "socket-activated"])
+async def test_a_stop_signal_while_the_daemon_starts_is_a_clean_stop(
+    manager: ServiceManager,
+    monkeypatch: pytest.MonkeyPatch,
+    shared_dir: Path,
+    sig: signal.Signals,
+    passed: bool,
+) -> None:
+    """A stop signal that comes before the daemon handles signals itself (its
+    socket made, its fd store being restored) is held until it does: STOPPING=1,
+    never READY=1, the socket it created removed, exit 0. Before, SIGTERM killed
+    it there (leaving its socket file) and SIGINT ended it with a traceback."""
+    monkeypatch.setenv(START_DELAY_VARIABLE, "3600")
+    own = shared_dir / "own.sock"
+    args = () if passed else ("--socket", str(own))
+    index = manager.start(*args, with_socket=passed)
+    await manager.wait_for_log(f"{START_DELAY_VARIABLE}=3600")
+    if not passed:
+        assert own.is_socket()
+    assert await manager.stop(sig) == 0, manager.log()
+    got = await manager.said_since(index)
+    assert got == [{"STOPPING": "1", "STATUS": "stopping: finishing in-flight requests"}]
+    if passed:
+        assert manager.socket_path.is_socket()  # the manager's, kept for the next start
+    else:
+        assert not own.exists()
+    log = manager.log()
+    assert "never served" in log and "Traceback" not in log, log
 
 
 async def test_a_service_without_a_socket_unit_binds_its_own_and_restores(
