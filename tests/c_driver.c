@@ -20,7 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -547,6 +550,66 @@ main(void)
             int fd = shadowd_open(&c, argv[1]);
             status(t);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "nsfork") == 0) {
+            /* nsfork copy|ask PATH DECOY: a child made by clone(CLONE_NEWPID),
+             * so pid 1 in a pid namespace of its own (the pid this driver has
+             * when it is the init of its namespace), serves PATH through the
+             * same struct: "copy" with shadowd_copy_fd, after the parent
+             * opened DECOY at the numbers the child's descriptors get next;
+             * "ask" with shadowd_request_fd, after the parent submitted an
+             * open of DECOY on its connection. */
+            int ask = strcmp(argv[1], "ask") == 0;
+            const char *path = argv[2], *decoy = argv[3];
+            int go[2], res[2];
+            if (pipe2(go, O_CLOEXEC) < 0 || pipe2(res, O_CLOEXEC) < 0)
+                return 1;
+            pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWPID | SIGCHLD, 0, 0, 0, 0);
+            if (pid == 0) {
+                char b;
+                unsigned long long got[3] = {0, 14695981039346656037ULL, 0};
+                if (read(go[0], &b, 1) == 1) {
+                    int src = open(path, O_RDONLY | O_CLOEXEC);
+                    int fd = ask ? shadowd_request_fd(&c, src, NULL) : shadowd_copy_fd(&c, src);
+                    char buf[65536];
+                    ssize_t n;
+                    off_t off = 0;
+                    got[0] = fd >= 0;
+                    got[2] = (unsigned long long)getpid();
+                    while (fd >= 0 && (n = pread(fd, buf, sizeof buf, off)) > 0) {
+                        for (ssize_t i = 0; i < n; i++)
+                            got[1] = (got[1] ^ (unsigned char)buf[i]) * 1099511628211ULL;
+                        off += n;
+                    }
+                }
+                ssize_t w = write(res[1], got, sizeof got);
+                _exit(w == (ssize_t)sizeof got ? 0 : 1);
+            }
+            int decoys[8];
+            long long asked = -1;
+            for (int i = 0; i < 8; i++)
+                decoys[i] = pid > 0 && (!ask || i == 0) ? open(decoy, O_RDONLY | O_CLOEXEC) : -1;
+            if (ask && decoys[0] >= 0)
+                asked = shadowd_submit_open(&c, decoys[0], NULL, NULL);
+            unsigned long long child[3] = {0, 0, 0};
+            ssize_t r = -1;
+            if (pid > 0 && write(go[1], "x", 1) == 1)
+                r = read(res[0], child, sizeof child);
+            int wstatus = 0;
+            if (pid > 0)
+                waitpid(pid, &wstatus, 0);
+            if (asked > 0)
+                shadowd_cancel(&c, asked);
+            for (int i = 0; i < 8; i++)
+                if (decoys[i] >= 0)
+                    close(decoys[i]);
+            close(go[0]);
+            close(go[1]);
+            close(res[0]);
+            close(res[1]);
+            emit("\"pid\": %d, \"asked\": %lld, \"child_ok\": %d, \"child_hash\": \"%016llx\", "
+                 "\"child_pid\": %llu, \"child_status\": %d, ",
+                 (int)getpid(), asked, r == (ssize_t)sizeof child && child[0] ? 1 : 0, child[1],
+                 child[2], WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
         } else if (strcmp(cmd, "twice") == 0) {
             /* Two routed opens of one file; read from the first, the second's offset. */
             int a = shadowd_open_routed(&c, argv[1]);

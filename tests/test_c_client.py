@@ -765,6 +765,41 @@ async def test_a_forked_child_opens_on_a_connection_of_its_own(
     assert stats(daemon)["clients_total"] == before + 1 + 1 + 1
 
 
+@requires_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1) here")
+@pytest.mark.parametrize("how", ["copy", "ask"])
+async def test_review19_a_child_given_its_parents_pid_in_a_new_pid_namespace_gets_its_own_file(
+    driver_bin: str, daemon: Daemon, tmp_path: Path, how: str
+) -> None:
+    """A child made with clone(CLONE_NEWPID) is pid 1 in its namespace: the pid
+    its parent has when that parent is the init of its own (a container's
+    entry point, `unshare -pf`, bwrap's `--as-pid-1`). Such a child is still a
+    child: it copies through its own /proc/self/fd and asks the daemon on its
+    own connection, and is served exactly the file it opened.
+
+    Review 19: the client told a child from its parent by getpid() alone, so
+    this child took itself for its parent: "copy" reopened its memfd's number
+    through the parent's /proc/PID/fd (the parent's file at that number, not
+    sealed, not a copy); "ask" sent its request on the parent's connection
+    with the parent's next id and took the reply to the parent's request (a
+    sealed memfd of another file)."""
+    f, digest = big(tmp_path / "f")
+    decoy, decoy_digest = big(tmp_path / "decoy")
+    settle(f, decoy)
+    argv = ["unshare", "--pid", "--fork", "--kill-child", driver_bin]
+    with Driver(driver_bin, tmp_path / "driver.err", argv=argv) as d, trio.fail_after(60):
+        assert (await ask(d, "connect", daemon.socket_path))["rc"] == 0
+        # Both cached, and this process's /proc/self/fd opened (a local copy).
+        for path in (f, decoy):
+            assert (await ask(d, "requestfd", path))["fd"] >= 0
+        assert (await ask(d, "copy", f))["hash"] == digest
+        got = await ask(d, "nsfork", how, f, decoy)
+    assert got["pid"] == 1 and got["child_pid"] == 1, got  # the same pid, in two namespaces
+    assert got["child_status"] == 0 and got["child_ok"] == 1, got
+    assert got["child_hash"] != decoy_digest, "the child was served its parent's other file"
+    assert got["child_hash"] == digest, got
+
+
 def fill_backlog(path: Path) -> list[socket.socket]:
     """Connections queued on the listener at *path* until its backlog is full."""
     queued: list[socket.socket] = []

@@ -171,35 +171,44 @@ close_fds(const int *fds, int n)
 
 /* One page that the kernel zeroes in every child it forks
  * (MADV_WIPEONFORK, Linux 4.14; any fork, also one made without glibc's
- * atfork handlers: _Fork, a raw clone). It holds 0 or the pid of the
- * process that wrote it, so a process that finds a pid there has not forked
- * since, and every open is spared a getpid() (a system call: 0.2 us on
- * these VMs, 5% of an index hit). NULL where the kernel cannot: then
- * getpid() every time, as before. A child made with CLONE_VM and no
+ * atfork handlers: _Fork, a raw clone). It holds 0 or this process's mark,
+ * so a process that finds a mark there has not forked since, and every open
+ * is spared a getpid() (a system call: 0.2 us on these VMs, 5% of an index
+ * hit). A mark, not the pid: a child in a pid namespace of its own may have
+ * the very pid its parent has in its own (pid 1 for both, when the parent
+ * is the init of its namespace: a container's entry point, `unshare -pf`),
+ * and would take a struct its parent set up for its own, using the
+ * parent's connection and its /proc/PID/fd. A process's mark is one more
+ * than the last one handed out before (last_mark, which a child inherits
+ * with the rest of memory), so it is above every mark any struct it
+ * inherited can hold. NULL where the kernel cannot: then the pid, asked
+ * every time, as before (and a child in a new pid namespace with its
+ * parent's pid is taken for its parent). A child made with CLONE_VM and no
  * CLONE_THREAD (vfork, posix_spawn) shares the page and is taken for its
  * parent: such a child may only exec or _exit, and never calls us. */
-static int *pid_page;
-static int pid_page_failed;
+static int *self_page;
+static int self_page_failed;
+static int last_mark;
 
 static int *
-pid_cell(void)
+self_cell(void)
 {
-    int *cell = __atomic_load_n(&pid_page, __ATOMIC_ACQUIRE);
-    if (cell != NULL || __atomic_load_n(&pid_page_failed, __ATOMIC_RELAXED))
+    int *cell = __atomic_load_n(&self_page, __ATOMIC_ACQUIRE);
+    if (cell != NULL || __atomic_load_n(&self_page_failed, __ATOMIC_RELAXED))
         return cell;
     size_t len = (size_t)sysconf(_SC_PAGESIZE);
     void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) {
-        __atomic_store_n(&pid_page_failed, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&self_page_failed, 1, __ATOMIC_RELAXED);
         return NULL;
     }
     if (madvise(m, len, MADV_WIPEONFORK) != 0) {
         munmap(m, len);
-        __atomic_store_n(&pid_page_failed, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&self_page_failed, 1, __ATOMIC_RELAXED);
         return NULL;
     }
     int *none = NULL;
-    if (!__atomic_compare_exchange_n(&pid_page, &none, (int *)m, 0, __ATOMIC_ACQ_REL,
+    if (!__atomic_compare_exchange_n(&self_page, &none, (int *)m, 0, __ATOMIC_ACQ_REL,
                                      __ATOMIC_ACQUIRE)) {
         munmap(m, len); /* another thread's page came first */
         return none;
@@ -207,20 +216,21 @@ pid_cell(void)
     return m;
 }
 
-/* This process's pid; a system call only in a process that has not asked yet. */
+/* Which process this is: its mark (see self_page), or its pid where there
+ * is no such page; a system call only in a process that has not asked yet. */
 static int
-current_pid(void)
+current_self(void)
 {
-    int *cell = pid_cell();
-    if (cell != NULL) {
-        int pid = __atomic_load_n(cell, __ATOMIC_RELAXED);
-        if (pid != 0)
-            return pid;
-    }
-    int pid = (int)getpid();
-    if (cell != NULL)
-        __atomic_store_n(cell, pid, __ATOMIC_RELAXED);
-    return pid;
+    int *cell = self_cell();
+    if (cell == NULL)
+        return (int)getpid();
+    int mark = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    if (mark != 0)
+        return mark;
+    int fresh = __atomic_add_fetch(&last_mark, 1, __ATOMIC_RELAXED);
+    if (!__atomic_compare_exchange_n(cell, &mark, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return mark; /* another thread of this process marked it first: its mark */
+    return fresh;
 }
 
 /* -- setting up ---------------------------------------------------------- */
@@ -233,7 +243,7 @@ setup(struct shadowd *c)
     c->sock = -1;
     c->next_id = 1;
     p->magic = MAGIC;
-    p->pid = current_pid();
+    p->self = current_self();
     p->connect_ms = DEFAULT_CONNECT_MS;
     p->reply_ms = DEFAULT_REPLY_MS;
     p->reply_ms_per_mib = DEFAULT_REPLY_MS_PER_MIB;
@@ -1133,10 +1143,10 @@ fail_connection(struct shadowd *c, int failure, const char *code, const char *fm
 static void
 after_fork(struct shadowd *c)
 {
-    int pid = current_pid();
-    if (pid == P(c)->pid)
+    int self = current_self();
+    if (self == P(c)->self)
         return;
-    P(c)->pid = pid;
+    P(c)->self = self;
     if (P(c)->live) {
         close(c->sock); /* this process's copy; the parent's stays open */
         P(c)->live = 0;
@@ -2268,21 +2278,21 @@ decimal(char *buf, int n)
     return p;
 }
 
-/* reopen_readonly for a process known to be *pid* (the caller just asked:
- * a tier or index hit saves the second getpid). */
+/* reopen_readonly for the process whose current_self() is *self* (the
+ * caller just asked). */
 static int
-reopen_as(struct shadowd *c, int fd, int pid)
+reopen_as(struct shadowd *c, int fd, int self)
 {
     char path[32];
     if (c != NULL) {
         struct shadowd_private_ *p = P(c);
-        if (p->procfd >= 0 && p->procfd_pid != pid) {
+        if (p->procfd >= 0 && p->procfd_self != self) {
             close(p->procfd); /* a forked child's copy of its parent's */
             p->procfd = -1;
         }
         if (p->procfd < 0) {
             p->procfd = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
-            p->procfd_pid = pid;
+            p->procfd_self = self;
         }
         if (p->procfd >= 0)
             return openat(p->procfd, decimal(path, fd), O_RDONLY | O_CLOEXEC);
@@ -2294,7 +2304,7 @@ reopen_as(struct shadowd *c, int fd, int pid)
 static int
 reopen_readonly(struct shadowd *c, int fd)
 {
-    return reopen_as(c, fd, current_pid());
+    return reopen_as(c, fd, current_self());
 }
 
 /* Copy exactly *size* bytes of *src* from offset 0 into *dst*. 0; 1 when
@@ -2643,7 +2653,7 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v)
     int i = held_find(p, v->dev, v->ino);
     /* No seal check: seals belong to the inode, this one's were checked
      * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
-    int fd = reopen_as(c, p->held[i].fd, p->pid); /* (the routed calls ran after_fork) */
+    int fd = reopen_as(c, p->held[i].fd, p->self); /* (the routed calls ran after_fork) */
     if (fd < 0)
         held_drop(c, i);
     return fd;
@@ -3172,7 +3182,7 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
             return -1;
         }
     } else {
-        fd = reopen_as(c, first, p->pid); /* (every caller ran after_fork) */
+        fd = reopen_as(c, first, p->self); /* (every caller ran after_fork) */
         close(first);
         if (fd < 0) {
             *refused = 1;
@@ -4298,7 +4308,7 @@ shadowd_close(struct shadowd *c)
     struct shadowd_private_ *p = P(c);
     if (p->magic != MAGIC)
         return; /* zero-filled or never used: nothing here is ours */
-    if (p->pid == current_pid() && p->live) {
+    if (p->self == current_self() && p->live) {
         /* Read what came first: a socket closed with a reply unread in it
          * resets the connection, and the daemon would drop what we send now. */
         drain(c);

@@ -213,10 +213,11 @@ struct shadowd_report_ {
 
 struct shadowd_private_ {
     uint64_t magic;
-    int live, hello, explicit_path, log_set, pid, last_failure, want_version, racy_known;
+    int live, hello, explicit_path, log_set, last_failure, want_version, racy_known;
+    int self; /* the process that set this up or last used it (shadowd.c, current_self) */
     int connect_later; /* shadowd_connect_start found the backlog full: connect_wait connects */
     int race, late_pending;
-    int procfd, procfd_pid; /* an O_PATH fd of /proc/self/fd, and whose self it is */
+    int procfd, procfd_self; /* an O_PATH fd of /proc/self/fd, and whose (current_self) */
     int cold_misses, cold_ms, cold_streak, nhint;
     uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
     long long cold_until;
