@@ -768,7 +768,7 @@ async def test_a_forked_child_opens_on_a_connection_of_its_own(
 @requires_root
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1) here")
 @pytest.mark.parametrize("how", ["copy", "ask"])
-async def test_review19_a_child_given_its_parents_pid_in_a_new_pid_namespace_gets_its_own_file(
+async def test_a_child_given_its_parents_pid_in_a_new_pid_namespace_gets_its_own_file(
     driver_bin: str, daemon: Daemon, tmp_path: Path, how: str
 ) -> None:
     """A child made with clone(CLONE_NEWPID) is pid 1 in its namespace: the pid
