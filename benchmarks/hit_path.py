@@ -158,7 +158,7 @@ async def _daemon_hits(path: str, hits: int) -> float:
             conn = Connection(
                 sock=ours,
                 peer=peer,
-                share=server.gate.admit(peer, ours),
+                share=server.gate.admit(peer, ours).share,
                 proto=ServerConnection(server.config.wire),
                 services=server._services,
             )

@@ -9,7 +9,9 @@
 # the server or anyone else's connection; close, while serving, the socket
 # of a finished connection whose peer has fds unread in it (they would stay
 # in flight, counted against the daemon's user); keep a uid's place at the
-# gate after its connection is gone.
+# gate after its connection is gone, or give it back twice (its seat leaves
+# the gate once, when the socket is closed, whether or not the gate stopped
+# counting it earlier for a peer that hung up).
 from __future__ import annotations
 
 import errno
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .access import Gate, Peer, UidShare
+from .access import Gate, Peer, Seat
 from .connection import SEND_FLAGS, Connection, Services, drop_unread
 from .errors import RequestError
 from .fds import move_high
@@ -85,12 +87,12 @@ class Acceptor:
                 sock.close()
                 continue
             try:
-                share = self.gate.admit(peer, sock)
+                seat = self.gate.admit(peer, sock)
             except RequestError as exc:
                 self._turn_away(sock, peer, exc)
                 continue
             self.collector.clients_total += 1
-            nursery.start_soon(self._run_connection, sock, peer, share, nursery)
+            nursery.start_soon(self._run_connection, sock, peer, seat, nursery)
 
     def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
         """Tell a refused peer why (without waiting), then close its connection."""
@@ -106,17 +108,18 @@ class Acceptor:
     # -- one connection --------------------------------------------------
 
     async def _run_connection(
-        self, sock: socket.socket, peer: Peer, share: UidShare, nursery: trio.Nursery
+        self, sock: socket.socket, peer: Peer, seat: Seat, nursery: trio.Nursery
     ) -> None:
         conn = Connection(
             sock=sock,
             peer=peer,
-            share=share,
+            share=seat.share,
             proto=ServerConnection(self.wire),
             services=self.services,
         )
+        seat.idle = conn.waits_holding_nothing
         self.connections.add(conn)
-        share.members.add(conn)
+        seat.share.members.add(conn)
         logger.debug("client connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
         lingers = False
         try:
@@ -132,14 +135,14 @@ class Acceptor:
             if not conn.close():
                 if not self.draining():
                     lingers = True
-                    nursery.start_soon(self._linger, conn)
+                    nursery.start_soon(self._linger, conn, seat)
                 else:
                     conn.release()  # no longer serving: let it all go
             if not lingers:
-                self.gate.leave(share)
+                self.gate.leave(seat)
             logger.debug("client gone: pid %d", peer.pid)
 
-    async def _linger(self, conn: Connection) -> None:
+    async def _linger(self, conn: Connection, seat: Seat) -> None:
         """Keep a finished connection's socket until its peer read every fd sent.
 
         Closing our end would leave them in the peer's queue, in flight and
@@ -154,4 +157,4 @@ class Acceptor:
                 conn.refresh()
         finally:
             conn.release()
-            self.gate.leave(conn.share)
+            self.gate.leave(seat)

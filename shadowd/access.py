@@ -6,17 +6,30 @@
 # a share: its connections and a quota of worker jobs, so a user whose files
 # hang or who floods requests ties up only its own share.
 #
+# Every admitted connection has a seat at the gate until it leaves. At a
+# connection limit, before a peer is refused, the seats whose peers have hung
+# up and whose connections can only end stop counting (a burst of short-lived
+# connections, accepted before their tasks could see them go, must not turn a
+# live client away); the seat stays, uncounted, until its connection leaves.
+#
 # Must never: admit a peer that the allow lists exclude; count a connection
-# twice or forget one (the per-uid record would leak or go negative); block
-# (this runs on the event loop, at every accept).
+# twice or forget one (the per-uid record would leak or go negative); stop
+# counting a connection that may still serve its peer or hold anything for it;
+# block (this runs on the event loop, at every accept); look for gone peers
+# before a limit is reached (an accept below the limits costs what it did).
 from __future__ import annotations
 
 import array
 import collections
 import errno
+import fcntl
 import os
+import select
 import socket
 import struct
+import termios
+import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -137,6 +150,73 @@ class UidShare:
     #: Misses that did not wait, queued for a copy slot (filling.Filler).
     fills: collections.deque[Any] = attrs.field(factory=collections.deque)
     filling: bool = False
+    #: Its connections' seats, counted or not, until each leaves.
+    seats: set[Seat] = attrs.field(factory=set)
+    #: What looking for its gone peers may still cost (made at its first limit).
+    sweeps: SweepBudget | None = None
+
+
+#: Seats that looking for gone peers may poll, per uid and for all uids
+#: together: this many at once, and this many more a second (at least twice
+#: the limit at hand). A uid flooding the daemon with connections at its
+#: limit costs a sweep of its seats a few times a second, not at every accept.
+SWEEP_SEATS = 8192
+
+
+@attrs.define
+class SweepBudget:
+    """How many seats sweeps may poll: ``size`` at once, ``size`` more a second."""
+
+    size: int
+    #: When it was last spent (seconds on the gate's clock); full then.
+    at: float
+    tokens: float = attrs.field(default=attrs.Factory(lambda self: self.size, takes_self=True))
+
+    def take(self, n: int, now: float) -> bool:
+        """Spend *n* at *now*, if there are that many."""
+        self.tokens = min(self.size, self.tokens + (now - self.at) * self.size)
+        self.at = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
+@attrs.define(eq=False)
+class Seat:
+    """One admitted connection's place at the gate, from its accept until it leaves."""
+
+    share: UidShare
+    sock: socket.socket
+    #: Whether it counts against the connection limits: until it leaves, or
+    #: until its peer is found gone (see :meth:`Gate.admit`).
+    counted: bool = True
+    #: Set when its connection's task first runs: whether the connection holds
+    #: nothing for its peer and answers nothing (Connection.waits_holding_nothing).
+    #: Before that, it has read nothing and sent nothing.
+    idle: Callable[[], bool] | None = None
+
+
+def _hung_up(seats: list[Seat]) -> list[Seat]:
+    """The *seats* whose peers have hung up (one poll, without waiting)."""
+    by_fd: dict[int, Seat] = {}
+    poll = select.poll()
+    for seat in seats:
+        fd = seat.sock.fileno()
+        if fd >= 0:
+            by_fd[fd] = seat
+            poll.register(fd, 0)  # POLLHUP is reported whatever is asked for
+    return [by_fd[fd] for fd, events in poll.poll(0) if events & select.POLLHUP]
+
+
+def _queued_bytes(sock: socket.socket) -> int:
+    """Bytes of the datagrams waiting to be read on *sock* (all of them: SOCK_SEQPACKET)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf, True)
+    except OSError:
+        return 1  # not known: as if something waited
+    return buf[0]
 
 
 @attrs.define
@@ -151,11 +231,21 @@ class Gate:
     limits: PeerLimits = attrs.field(factory=PeerLimits)
     hits: dict[str, int] = attrs.field(factory=dict)
     refused_peers: int = 0
+    #: Seats that count (every uid's).
     clients: int = 0
     _shares: dict[int, UidShare] = attrs.field(factory=dict)
+    _sweeps: SweepBudget | None = None
+    #: Seconds, for the sweeps' budgets.
+    clock: Callable[[], float] = time.monotonic
 
-    def admit(self, peer: Peer, sock: socket.socket) -> UidShare:
-        """Count a new connection of *peer*, or raise the refusal to send it."""
+    def admit(self, peer: Peer, sock: socket.socket) -> Seat:
+        """Seat a new connection of *peer*, or raise the refusal to send it.
+
+        At a connection limit, the seats of the peers that have hung up (of
+        every uid, or of *peer*'s) are given back first, when their
+        connections can only end (:meth:`_make_room`); *peer* is refused only
+        if that leaves no room.
+        """
         if not self.policy.permits(peer, sock):
             self.refused_peers += 1
             raise RequestError(
@@ -163,13 +253,17 @@ class Gate:
                 f"uid {peer.uid} (gid {peer.gid}) is not allowed to use this shadowd",
             )
         limits = self.limits
-        if self.clients >= limits.max_clients:
+        if self.clients >= limits.max_clients and not self._make_room(None):
             self.hit("max_clients")
             raise RequestError(
                 ErrorCode.BUSY, f"the daemon serves {limits.max_clients} clients already"
             )
         share = self._shares.get(peer.uid)
-        if share is not None and share.connections >= limits.max_clients_per_uid:
+        if (
+            share is not None
+            and share.connections >= limits.max_clients_per_uid
+            and not self._make_room(share)
+        ):
             self.hit("max_clients_per_uid")
             raise RequestError(
                 ErrorCode.BUSY,
@@ -178,21 +272,62 @@ class Gate:
         if share is None:
             share = UidShare(peer.uid, Quota(limits.max_copies_per_uid, self.hits))
             self._shares[peer.uid] = share
+        seat = Seat(share, sock)
+        share.seats.add(seat)
         share.connections += 1
         self.clients += 1
-        return share
+        return seat
 
-    def leave(self, share: UidShare) -> None:
-        """A connection of *share*'s uid ended."""
-        share.connections -= 1
-        self.clients -= 1
+    def _make_room(self, share: UidShare | None) -> bool:
+        """Give back the seats, of *share*'s uid or of every uid (None), whose peers
+        have hung up and whose connections can only end; whether that made room.
+
+        Such a connection has nothing left to read (its next read is the end),
+        and its task has not run yet, or waits for a datagram holding nothing
+        for its peer (no request in flight, no fd its peer may not have read:
+        a peer that only shut its socket down may still read them). It ends
+        at its task's next step, and leaves (:meth:`leave`) without counting
+        out twice. A connection still answering, or that would, keeps its seat.
+        """
+        limits = self.limits
+        now = self.clock()
+        if share is None:
+            seats = [s for each in self._shares.values() for s in each.seats if s.counted]
+            if self._sweeps is None:
+                self._sweeps = SweepBudget(max(SWEEP_SEATS, 2 * limits.max_clients), now)
+            budget = self._sweeps
+        else:
+            seats = [s for s in share.seats if s.counted]
+            if share.sweeps is None:
+                share.sweeps = SweepBudget(max(SWEEP_SEATS, 2 * limits.max_clients_per_uid), now)
+            budget = share.sweeps
+        if not budget.take(len(seats), now):
+            return False
+        for seat in _hung_up(seats):
+            if (seat.idle is None or seat.idle()) and _queued_bytes(seat.sock) == 0:
+                seat.counted = False
+                seat.share.connections -= 1
+                self.clients -= 1
+        if share is None:
+            return self.clients < limits.max_clients
+        return share.connections < limits.max_clients_per_uid
+
+    def leave(self, seat: Seat) -> None:
+        """*seat*'s connection ended (its socket closed): it no longer counts."""
+        share = seat.share
+        share.seats.discard(seat)
+        if seat.counted:
+            seat.counted = False
+            share.connections -= 1
+            self.clients -= 1
         self.forget_if_idle(share)
 
     def forget_if_idle(self, share: UidShare) -> None:
         # A share whose jobs still run stays, so that the uid cannot get a
-        # fresh quota by reconnecting while its old jobs hang.
+        # fresh quota by reconnecting while its old jobs hang; so does one
+        # with a seat given back whose connection has not left yet.
         if (
-            share.connections == 0
+            not share.seats
             and share.quota.idle
             and share.fds <= 0
             and not share.filling

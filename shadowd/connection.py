@@ -147,6 +147,8 @@ class Connection:
     job: Job | None = None
     #: What was sent that the peer may not have read (inflight.py).
     outbox: Outbox = attrs.field(factory=Outbox)
+    #: Whether its task answers a job the poller handed over.
+    answering: bool = False
 
     # -- descriptors sent and held for the peer (inflight.py) ------------
 
@@ -191,6 +193,17 @@ class Connection:
             freed = self.outbox.refresh(self.sock)
             if freed:
                 self._use(-freed)
+
+    def waits_holding_nothing(self) -> bool:
+        """Whether it holds nothing for its peer and answers nothing: no request in
+        flight, none handed to its task (but its end) or being answered there, no fd
+        sent that the peer may not have read (asked of the kernel). The gate asks, for a peer
+        that hung up: such a connection ends at its next read (or, lingering, at its
+        next look)."""
+        if self.answering or self.inflight or not isinstance(self.job, Gone | None):
+            return False
+        self.refresh()
+        return not self.outbox.fds
 
     def over_budget(self, want: int) -> RequestError:
         """The refusal for a request that would take the uid past its bound."""
@@ -251,8 +264,14 @@ class Connection:
                 finally:
                     poller.unpark(fd)  # nothing to do when the poller did it
             job, self.job = self.job, None
-            if job is not None and not await self.answer(job):
-                return
+            if job is not None:
+                self.answering = True
+                try:
+                    more = await self.answer(job)
+                finally:
+                    self.answering = False
+                if not more:
+                    return
 
     def hand_over(self, job: Job | None) -> bool:
         """Wake the task to do *job* (None: wait for a slot); False for the poller."""

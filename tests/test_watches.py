@@ -214,7 +214,7 @@ async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
             async with trio.open_nursery() as nursery:
                 server.opens.nursery = nursery
                 server.opens.watches.open()
-                share = server.gate.admit(peer, None)  # type: ignore[arg-type]
+                share = server.gate.admit(peer, None).share  # type: ignore[arg-type]
                 for mnt, served in ((st.mnt + 1, False), (st.mnt, True)):
                     sealed = sealed_from_bytes(f.read_bytes())
                     server.cache.insert(
