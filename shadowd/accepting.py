@@ -5,8 +5,9 @@
 # has not read every fd sent to it, until it has.
 #
 # Must never: wait on a peer that is turned away (one reply tried without
-# waiting, a bounded drain, the close); let a bug serving one connection end
-# the server or anyone else's connection; close, while serving, the socket
+# waiting, a bounded drain, the close); accept two connections without
+# letting the rest of the loop run in between; let a bug serving one
+# connection end the server or anyone else's connection; close, while serving, the socket
 # of a finished connection whose peer has fds unread in it (they would stay
 # in flight, counted against the daemon's user); keep a uid's place at the
 # gate after its connection is gone, or give it back twice (its seat leaves
@@ -79,20 +80,28 @@ class Acceptor:
                     continue
                 raise
             backoff = 0.01
-            try:
-                sock = _renumbered(sock)
-                sock.setblocking(False)
-                peer = Peer.from_socket(sock)
-            except OSError:
-                sock.close()
-                continue
-            try:
-                seat = self.gate.admit(peer, sock)
-            except RequestError as exc:
-                self._turn_away(sock, peer, exc)
-                continue
-            self.collector.clients_total += 1
-            nursery.start_soon(self._run_connection, sock, peer, seat, nursery)
+            self._take(sock, nursery)
+            # One connection per turn of the loop: peers that connect faster
+            # than we accept (a flood, hostile or not) must not keep every
+            # other connection waiting until the backlog is empty.
+            await trio.lowlevel.checkpoint()
+
+    def _take(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        """Admit the accepted *sock* (its task started in *nursery*) or turn it away."""
+        try:
+            sock = _renumbered(sock)
+            sock.setblocking(False)
+            peer = Peer.from_socket(sock)
+        except OSError:
+            sock.close()
+            return
+        try:
+            seat = self.gate.admit(peer, sock)
+        except RequestError as exc:
+            self._turn_away(sock, peer, exc)
+            return
+        self.collector.clients_total += 1
+        nursery.start_soon(self._run_connection, sock, peer, seat, nursery)
 
     def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
         """Tell a refused peer why (without waiting), then close its connection."""
