@@ -1,0 +1,204 @@
+# Attacks on the newer request paths (review 19b): misses that do not wait
+# (open_batch with "wait": false, which the daemon fills in the background from
+# the client's fds), the index and its reports. Each runs the daemon as a real
+# subprocess and clients of other uids as real processes.
+#
+# Must never: leave a mount or a child process behind; wait on a hung mount
+# without a deadline; pass for a reason other than the bound it names.
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from .conftest import NOBODY, Daemon, make_file, requires_root, run_as, spawn_as
+from .fusefs import HangingFS
+
+pytestmark = requires_root
+
+#: Uids of the attackers (need not exist in /etc/passwd).
+FIRST_ATTACKER = 2000
+
+
+@contextlib.contextmanager
+def hanging_mount(mountpoint: Path, hanging: int) -> Iterator[HangingFS]:
+    """A HangingFS with *hanging* files whose reads never end; skipped without FUSE."""
+    mountpoint.mkdir()
+    try:
+        fs = HangingFS(mountpoint, hanging=hanging)
+    except OSError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
+    try:
+        yield fs
+    finally:
+        fs.close()
+
+
+# An attacker: two opens of files whose reads hang take both copy slots of its
+# uid (a worker inspects each, on the uid's quota); then, once told, one batch
+# of misses that do not wait, of files no one cached: every one is queued for
+# a copy slot, holding a dup of its fd in the daemon.
+HINTER = """
+import os
+from tests.wire import Raw
+raw = Raw({path!r}, hello=False, timeout=20)
+raw.send({{"op": "hello", "id": 0, "version": 2}})
+assert raw.recv()[0]["ok"]
+for i, name in enumerate({hung!r}):
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    raw.send({{"op": "open", "id": 1 + i}}, [fd])
+    os.close(fd)
+out("hung")
+recv()
+fds = [os.open(name, os.O_RDONLY) for name in {files!r}]
+raw.send({{"op": "open_batch", "id": 9, "wait": False}}, fds)
+for fd in fds:
+    os.close(fd)
+reply, got = raw.recv()
+assert not got
+out([bool(r.get("filling")) for r in reply["results"]] if reply["ok"] else reply["code"])
+recv()
+raw.close()
+out("done")
+"""
+
+VICTIM = """
+from shadowd_client import Client
+with Client({path!r}, timeout=10) as c:
+    got = []
+    for _ in range(5):
+        fd = c.open({name!r})
+        got.append(len(os.pread(fd, 1 << 20, 0)))
+        os.close(fd)
+    out(got)
+"""
+
+
+async def test_hints_queued_for_copy_slots_stay_within_each_uids_fd_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Misses that do not wait, queued while the uid's copy slots are taken, hold a
+    dup of each fd in the daemon: they must stay within --max-fds-per-uid, so that
+    uids together cannot take the daemon past its fd limit. Eight uids, each with its
+    two copy slots hung on a FUSE file and one batch of 64 hints, against a daemon of
+    512 fds (256 for all uids, 384 at most) whose uids may hold 70 each: the batches
+    past the daemon's share are refused busy, another uid's opens still succeed, and
+    the daemon holds no more than the budget allows."""
+    uids, per_uid, batch = 8, 70, 64
+    d: Daemon = await start_daemon(
+        "--socket-mode",
+        "0666",
+        "--racy-window",
+        "0",
+        "--max-copies-per-uid",
+        "2",
+        "--max-fds-per-uid",
+        str(per_uid),
+        nofile=(512, 512),
+    )
+    local = make_file(shared_dir / "victim", b"v" * 1000)
+    names = [
+        [str(make_file(shared_dir / f"u{u}-f{i}", b"%d-%d" % (u, i))) for i in range(batch)]
+        for u in range(uids)
+    ]
+
+    def warm() -> None:  # the daemon opens a few fds of its own on its first hit
+        from shadowd_client import Client
+
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(local))
+
+    await trio.to_thread.run_sync(warm)
+    baseline = d.open_fds()
+    settled = (await trio.to_thread.run_sync(d.settled_fds))[0]
+    with hanging_mount(shared_dir / "fuse", hanging=2 * uids) as fs:
+        mnt = fs.mountpoint
+        children = []
+        answers: list[Any] = []
+        try:
+            with trio.fail_after(120):
+                for u in range(uids):
+                    hung = [str(mnt / f"hang{2 * u}"), str(mnt / f"hang{2 * u + 1}")]
+                    code = HINTER.format(path=str(d.socket_path), hung=hung, files=names[u])
+                    child = spawn_as(FIRST_ATTACKER + u, code)
+                    children.append(child)
+                    assert await trio.to_thread.run_sync(child.recv) == "hung"
+                    while fs.hung() < 2 * (u + 1):  # both its copy slots taken
+                        await trio.sleep(0.02)
+                    child.send("go")
+                    filling = await trio.to_thread.run_sync(child.recv)
+                    answers.append(filling)
+                held = d.open_fds() - baseline
+                # Victim first: its opens must succeed whatever the count says.
+                code = VICTIM.format(path=str(d.socket_path), name=str(local))
+                got = await trio.to_thread.run_sync(run_as, NOBODY, code)
+                assert got == [1000] * 5
+                # The hard bound (three quarters of 512) on what all uids hold,
+                # and their connections.
+                assert held <= 384 + uids, held
+                queued = [a.count(True) for a in answers if isinstance(a, list)]
+                assert "busy" in answers and sum(queued) >= 2 * batch, answers
+        finally:
+            fs.close()  # the hung reads fail: the slots free, the fills copy
+            for child in children:
+                with contextlib.suppress(Exception):
+                    child.send("bye")
+                child.close()
+    # Every fd queued is closed once its fill is done (or dropped).
+    with trio.fail_after(60):
+        while True:
+            fds, _ = await trio.to_thread.run_sync(d.settled_fds)
+            if fds <= settled:
+                break
+            await trio.sleep(0.1)
+
+
+STATS_AS = """
+from shadowd_client import Client
+with Client({path!r}, timeout=10) as c:
+    s = c.stats()
+out([s["index_hits"], s["entries"]])
+"""
+
+
+async def test_reports_of_huge_hit_counts_do_not_break_anyones_stats(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """A peer that may report index hits (root, or the daemon's uid: a buggy
+    supervisor will do) says it served 2**64 - 1 hits of a file, three times: the
+    counters are plain integers, so the stats' wire form (int64) could no longer
+    carry them and every later stats request, of every uid, failed `internal`.
+    They saturate instead."""
+    from shadowd_client import Client
+
+    from .wire import Raw
+
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(3):
+                os.close(c.open(f))
+        st = f.stat()
+        with Raw(d.socket_path, timeout=10) as raw:
+            for i in range(3):
+                reply, _ = raw.call(
+                    {"op": "report", "id": 1 + i, "hits": [[st.st_dev, st.st_ino, 2**64 - 1]]}
+                )
+                assert reply["ok"], reply
+        with Client(d.socket_path, timeout=10) as c:
+            s = c.stats()
+        assert s["index_hits"] >= 2**62, s["index_hits"]
+        (top,) = [t for t in s["top_by_hits"] if t["path"] == str(f)]
+        assert top["hits"] >= 2**62 and top["bytes_saved"] >= 2**62, top
+        assert run_as(NOBODY, STATS_AS.format(path=str(d.socket_path)))[1] == 1
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(work)
