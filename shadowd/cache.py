@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 
 import attrs
 
-from .stats import TopEntry
+from .stats import MAX_COUNT, TopEntry
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -238,9 +238,10 @@ class Cache:
 
     def touch(self, entry: Entry, n: int) -> None:
         """*n* hits served outside the cache's lookups (the index): most recently used
-        now, and counted for the top files (not in ``hits``: the stats count them apart)."""
+        now, and counted for the top files (not in ``hits``: the stats count them apart).
+        A client says what *n* is: the count saturates at MAX_COUNT."""
         self._entries.move_to_end(entry.key)
-        entry.hits += n
+        entry.hits = min(entry.hits + n, MAX_COUNT)
 
     def uncount_miss(self, *, private: bool = False) -> None:
         """Take back the miss of a lookup that will be made again (and counted then)."""

@@ -49,7 +49,7 @@ from .protocol import (
     StatsReply,
     StatsRequest,
 )
-from .stats import Latencies, Stats
+from .stats import MAX_COUNT, Latencies, Stats
 
 _send_reopened = hotcalls.send_reopened
 _now = time.perf_counter
@@ -326,7 +326,8 @@ class Dispatcher:
             entry = index.get(HostKey(dev, ino))
             if entry is not None and not entry.private and n > 0:
                 cache.touch(entry, n)  # its place in the LRU order and its top-file count
-        self.index_hits += reported
+        # The client says how many: saturated, so the stats can always be sent.
+        self.index_hits = min(self.index_hits + reported, MAX_COUNT)
 
     async def _on_publish(self, conn: Connection, event: Publish, src: FdHolder) -> None:
         """Take a published file: seal it in place, or copy it in a worker."""

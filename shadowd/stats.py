@@ -12,6 +12,10 @@ from typing import Any
 
 import attrs
 
+#: Where counters a client can move by any amount (the hits it reports having
+#: served through the index) stop: the stats' wire form carries int64 at most.
+MAX_COUNT = 2**63 - 1
+
 
 @attrs.frozen
 class TopEntry:
@@ -23,7 +27,7 @@ class TopEntry:
 
     @property
     def bytes_saved(self) -> int:
-        return self.hits * self.size
+        return min(self.hits * self.size, MAX_COUNT)
 
     def to_wire(self) -> dict[str, Any]:
         return {
