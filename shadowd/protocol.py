@@ -477,8 +477,24 @@ def _report_hits(
     raw = _field(msg, "hits", list, id=id, fds=fds)
     if len(raw) > MAX_REPORT:
         raise MalformedMessage(f"'hits' has more than {MAX_REPORT} files", id=id, fds=fds)
-    out = []
+    out: list[tuple[int, int, int]] = []
+    append = out.append
     for item in raw:
+        # Any peer may send 4096 of these, and they are parsed before the daemon
+        # knows whether it may report: the common case in the fewest steps (the
+        # checks below, which name what is wrong, accept exactly the same).
+        if type(item) is list and len(item) == 3:
+            dev, ino, n = item
+            if (
+                type(dev) is int
+                and type(ino) is int
+                and type(n) is int
+                and 0 <= dev <= MAX_ID
+                and 0 <= ino <= MAX_ID
+                and 0 <= n <= MAX_ID
+            ):
+                append((dev, ino, n))
+                continue
         if type(item) is not list or len(item) != 3:
             raise MalformedMessage("each of 'hits' must be [dev, ino, hits]", id=id, fds=fds)
         parts = {"dev": item[0], "ino": item[1], "hits": item[2]}

@@ -441,3 +441,57 @@ def test_client_leaves_out_labels_that_would_pass_max_request(limits: dict[str, 
     s = p.ServerConnection(p.WireLimits(max_request=limit))
     s.receive(msgpack.packb({"op": "hello", "id": 0, "version": 1}))
     assert s.receive(data, [3, 4]) == p.OpenBatch(id=9, fds=(3, 4), labels=())
+
+
+def test_a_reports_hits_are_taken_as_triples_of_uints() -> None:
+    conn = ready_server()
+    hits = [[0, 0, 0], [2049, 1048601, 37], [p.MAX_ID, p.MAX_ID, p.MAX_ID]]
+    ev = conn.receive(pack({"op": "report", "id": 4, "hits": hits}))
+    assert ev == p.Report(id=4, hits=tuple(tuple(h) for h in hits))
+    many = [[1, i, 1] for i in range(p.MAX_REPORT)]
+    assert len(conn.receive(pack({"op": "report", "id": 5, "hits": many})).hits) == p.MAX_REPORT
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2],
+        [1, 2, 3, 4],
+        (1, 2, 3),  # packed as an array: fine; see below
+        "abc",
+        {"dev": 1, "ino": 2, "hits": 3},
+        [True, 2, 3],
+        [1, False, 3],
+        [1, 2, True],
+        [-1, 2, 3],
+        [1, -2, 3],
+        [1, 2, -3],
+        [None, 2, 3],
+        [1, 2, None],
+        [1.0, 2, 3],
+        [1, 2, "3"],
+        [1, [2], 3],
+    ],
+)
+def test_a_report_with_one_bad_triple_among_good_ones_is_refused(bad: object) -> None:
+    """Each triple is checked wherever it is: one bad among 100 good ones refuses the
+    report (not fatally), whichever of its parts is wrong."""
+    conn = ready_server()
+    for at in (0, 50, 100):
+        hits: list[object] = [[1, i, 1] for i in range(100)]
+        hits.insert(at, bad)
+        data = pack({"op": "report", "id": 6, "hits": hits})
+        if isinstance(bad, tuple):  # msgpack makes a list of it: a good triple
+            assert len(conn.receive(data).hits) == 101
+            continue
+        with pytest.raises(p.MalformedMessage) as info:
+            conn.receive(data)
+        assert info.value.id == 6 and not info.value.fatal
+
+
+def test_a_report_of_more_than_max_report_files_is_refused() -> None:
+    conn = ready_server()
+    many = [[1, i, 1] for i in range(p.MAX_REPORT + 1)]
+    with pytest.raises(p.MalformedMessage) as info:
+        conn.receive(pack({"op": "report", "id": 7, "hits": many}))
+    assert info.value.id == 7 and not info.value.fatal
