@@ -123,7 +123,11 @@ class Acceptor:
             sock=sock,
             peer=peer,
             share=seat.share,
-            proto=ServerConnection(self.wire),
+            # Only root and the daemon's uid may report index hits (dispatch.py):
+            # another peer's reports are refused unread.
+            proto=ServerConnection(
+                self.wire, reports=peer.uid in (0, self.services.gate.policy.owner_uid)
+            ),
             services=self.services,
         )
         seat.idle = conn.waits_holding_nothing

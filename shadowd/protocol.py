@@ -686,8 +686,12 @@ class ServerConnection:
     raises :class:`ProtocolError`. Call :meth:`send` with each reply.
     """
 
-    def __init__(self, limits: WireLimits | None = None) -> None:
+    def __init__(self, limits: WireLimits | None = None, *, reports: bool = True) -> None:
+        """*reports*: whether the peer may report index hits. When it may not, a
+        report's hits are not read: the daemon refuses it whatever they say, and
+        checking 4096 of them would cost its loop more than any other datagram."""
         self.limits = limits or WireLimits()
+        self.reports = reports
         self.state = ConnectionState.AWAIT_HELLO
         self.version: int | None = None
         self._pack = new_packer()
@@ -798,7 +802,7 @@ class ServerConnection:
             return IndexRequest(id=id)
         if op == "report":
             self._expect_fds(op, fds, 0, id)
-            return Report(id=id, hits=_report_hits(msg, id, fds))
+            return Report(id=id, hits=_report_hits(msg, id, fds) if self.reports else ())
         if op == "hello":
             self._expect_fds(op, fds, 0, id)
             if self.state is not ConnectionState.AWAIT_HELLO:

@@ -495,3 +495,13 @@ def test_a_report_of_more_than_max_report_files_is_refused() -> None:
     with pytest.raises(p.MalformedMessage) as info:
         conn.receive(pack({"op": "report", "id": 7, "hits": many}))
     assert info.value.id == 7 and not info.value.fatal
+
+
+def test_a_peer_that_may_not_report_has_its_reports_hits_left_unread() -> None:
+    """The daemon refuses such a report whatever it says: its hits are not checked."""
+    conn = p.ServerConnection(reports=False)
+    conn.receive(pack({"op": "hello", "id": 0, "version": 2}))
+    bad = {"op": "report", "id": 3, "hits": [[1, 2, 3]] * 10 + ["x"]}
+    assert conn.receive(pack(bad)) == p.Report(id=3, hits=())
+    with pytest.raises(p.MalformedMessage):
+        ready_server().receive(pack(bad))
