@@ -204,6 +204,38 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def c_client_build() -> Iterator[Callable[..., tuple[str | None, str]]]:
+    """``c_client_build(*flags)``: shadowd.bench's build_c_client, run once per session
+    for each set of compiler flags: (the binary, "") or (None, why not).
+
+    Compiling client/c takes seconds; a test only runs the binary, never changes
+    it. The binary (0755) is in a directory every user may traverse, for tests
+    that run it as another user.
+    """
+    from shadowd.bench import build_c_client
+
+    top = Path(tempfile.mkdtemp(prefix="shadowd-cclient-"))
+    top.chmod(0o755)
+    built: dict[tuple[str, ...], tuple[str | None, str]] = {}
+
+    def build(*flags: str) -> tuple[str | None, str]:
+        if flags not in built:
+            where = top / str(len(built))
+            where.mkdir()
+            where.chmod(0o755)
+            binary, why = build_c_client(str(where), *flags)
+            if binary is not None:
+                os.chmod(binary, 0o755)
+            built[flags] = (binary, why)
+        return built[flags]
+
+    try:
+        yield build
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 @pytest.fixture
 async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
     """A factory: ``await start_daemon("--max-entries", "3")`` returns a running Daemon."""

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 import shadowd_client.index as index_module
 import trio
 
 from shadowd import hotcalls
-from shadowd.bench import build_c_client, c_compiler
+from shadowd.bench import c_compiler
 
 from .conftest import REPO, repo_env
 
@@ -29,7 +29,9 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_bench_json_hangs_together(tmp_path: Path) -> None:
+async def test_bench_json_hangs_together(
+    c_client_build: Callable[..., tuple[str | None, str]],
+) -> None:
     with trio.fail_after(150):
         proc = await trio.to_thread.run_sync(
             lambda: run_bench(
@@ -64,7 +66,7 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
     assert data["index_crossover"]
     # The Python client's index hits ran where this install runs them.
     assert data["index_path"] == ("C" if index_module.C_CALLS is not None else "Python")
-    if build_c_client(str(tmp_path))[0] is not None:  # a compiler here: the C client's too
+    if c_client_build()[0] is not None:  # a compiler here: the C client's too
         for s in data["sizes"]:
             c = s["c"]  # copy, socket hit and index hit timed in C, per file
             for series in ("copy", "hit", "index"):
@@ -79,7 +81,7 @@ async def test_bench_json_hangs_together(tmp_path: Path) -> None:
     assert data["crowd"]["connections"] == 10
     assert data["cpu_us_per_hit"] > 0
     assert data["hit_path"] == hotcalls.DESCRIPTION
-    if build_c_client(str(tmp_path))[0] is not None:  # a compiler here: C figures too
+    if c_client_build()[0] is not None:  # a compiler here: C figures too
         assert data["c_client_missing"] == ""
         for t in data["throughput"]:
             assert t["c_hits_per_s"] > 0 and t["c_copies_per_s"] > 0

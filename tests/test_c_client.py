@@ -31,7 +31,7 @@ import msgpack
 import pytest
 import trio
 
-from shadowd.bench import build_c_client, c_compiler, run_c_clients
+from shadowd.bench import c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
 from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
@@ -55,8 +55,8 @@ OLD_NS = 1_700_000_000_123_456_789  # a ctime far outside any racy window
 
 
 @pytest.fixture(scope="module")
-def c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
-    binary, why = build_c_client(str(tmp_path_factory.mktemp("cclient")))
+def c_client(c_client_build: Callable[..., tuple[str | None, str]]) -> str:
+    binary, why = c_client_build()
     assert binary is not None, why
     return binary
 
@@ -521,11 +521,9 @@ def test_an_unsealed_fd_is_refused(c_client: str, stand_in: tuple[Path, list[byt
 
 
 @pytest.fixture(scope="module")
-def quick_c_client(tmp_path_factory: pytest.TempPathFactory) -> str:
+def quick_c_client(c_client_build: Callable[..., tuple[str | None, str]]) -> str:
     """The C client built with a ceiling of 1 s on every wait instead of 30."""
-    binary, why = build_c_client(
-        str(tmp_path_factory.mktemp("cclient1")), "-DSHADOWD_TIMEOUT_SECONDS=1"
-    )
+    binary, why = c_client_build("-DSHADOWD_TIMEOUT_SECONDS=1")
     assert binary is not None, why
     return binary
 

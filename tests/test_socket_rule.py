@@ -11,14 +11,14 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from shadowd.bench import build_c_client, c_compiler
+from shadowd.bench import c_compiler
 from shadowd.errors import ConfigError
 from shadowd.paths import (
     ROOT_SOCKET,
@@ -183,16 +183,16 @@ def user_env(xdg: str | None) -> dict[str, str]:
 
 
 @requires_root
-async def test_a_member_of_the_socket_group_reaches_the_host_daemon(shared_dir: Path) -> None:
+async def test_a_member_of_the_socket_group_reaches_the_host_daemon(
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+) -> None:
     lib = make_file(shared_dir / "libbig.so", os.urandom(300 * 1024))  # above local_below
     settle(lib, window=1.0)  # older than the daemon's racy window: the Client's open caches it
     empty_runtime = shared_dir / "xdg"  # set, but holds no socket
     empty_runtime.mkdir(mode=0o755)
-    c_client, why = build_c_client(str(shared_dir))  # the C client follows the same rule
+    c_client, why = c_client_build()  # the C client follows the same rule (any user runs it)
     # Without a compiler the C part cannot run; with one, it must (never silently skipped).
     assert c_client is not None or c_compiler() is None, why
-    if c_client is not None:
-        os.chmod(c_client, 0o755)
     with host_daemon("--socket-mode", "0660", "--socket-group", str(SOCKET_GROUP)) as proc:
         await wait_for_socket(proc, ROOT_SOCKET)
         for xdg in (None, str(empty_runtime)):
