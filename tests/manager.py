@@ -21,7 +21,7 @@ import trio
 from shadowd.fds import close_all, fds_from_ancdata
 from shadowd.systemd import Notifier
 
-from .conftest import repo_env
+from .conftest import POLL, repo_env
 
 # Run in the child between fork and the daemon: move the passed descriptors to
 # 3, 4, ... as systemd does, set the variables with our own pid (exec keeps
@@ -166,7 +166,7 @@ class ServiceManager:
         self.proc.send_signal(sig)
         with trio.fail_after(30):
             while self.proc.poll() is None:
-                await trio.sleep(0.02)
+                await trio.sleep(POLL)
         return self.proc.returncode
 
     def log(self) -> str:
