@@ -447,6 +447,52 @@ def test_a_chrooted_tracee_gets_its_own_files(supervisor: str, tmp_path: Path) -
     checked(run)
 
 
+@requires_root
+def test_the_supervisor_never_opens_a_fifo_the_program_names(
+    supervisor: str, tmp_path: Path
+) -> None:
+    """The supervisor looks at what a path names without opening it (O_PATH), so
+    only the program's own open can be a FIFO's reader. Before, it opened the FIFO
+    for reading (O_NONBLOCK) to see what it was: a writer's open returned then,
+    before the program's, and the supervisor's close left that writer with no
+    reader (the pass-through FIFO test read nothing, now and then). Here the
+    program may not open the FIFO at all (it runs as nobody; the FIFO is root's,
+    0600): a writer's open must still be waiting when the program has ended."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    tmp_path.chmod(0o755)
+    code = (
+        "import os; os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        f"    os.open({str(fifo)!r}, os.O_RDONLY | os.O_NONBLOCK)\n"
+        "except PermissionError:\n"
+        "    print('refused')\n"
+    )
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # waits for a reader
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    # In its open (openat is 257 on x86-64, 56 on arm64) before the program runs.
+    syscall = Path(f"/proc/self/task/{thread.native_id}/syscall")
+    while syscall.read_text().split()[0] not in ("257", "56"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    try:
+        run = run_supervised(supervisor, "copy", [sys.executable, "-c", code])
+        assert (run.returncode, run.stdout) == (0, b"refused\n"), run.stderr
+        assert not opened.is_set()  # nobody read the FIFO: the writer still waits
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        thread.join(10)
+    checked(run)
+
+
 @pytest.mark.parametrize("call", ["routed", "no-index", "open-fd"])
 async def test_shadowd_mode_misses_then_hits_on_a_second_run(
     supervisor: str, start_daemon: Any, tmp_path: Path, call: str
