@@ -199,12 +199,13 @@ class HangingFS:
 
 @contextlib.contextmanager
 def mounted(
-    mountpoint: Path, *, files: Mapping[str, FuseFile] | None = None
+    mountpoint: Path, *, files: Mapping[str, FuseFile] | None = None, hanging: int = 8
 ) -> Iterator[HangingFS]:
-    """A HangingFS on *mountpoint* (made here); the test is skipped where FUSE cannot mount."""
+    """A HangingFS on *mountpoint* (made here), with *hanging* files whose reads never
+    end; the test is skipped where FUSE cannot mount."""
     mountpoint.mkdir()
     try:
-        fs = HangingFS(mountpoint, files=files)
+        fs = HangingFS(mountpoint, files=files, hanging=hanging)
     except OSError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"cannot mount a FUSE file system here: {exc}")
     try:

@@ -9,34 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from .conftest import NOBODY, Daemon, make_file, requires_root, run_as, spawn_as
-from .fusefs import HangingFS
+from .fusefs import mounted
 
 pytestmark = requires_root
 
 #: Uids of the attackers (need not exist in /etc/passwd).
 FIRST_ATTACKER = 2000
-
-
-@contextlib.contextmanager
-def hanging_mount(mountpoint: Path, hanging: int) -> Iterator[HangingFS]:
-    """A HangingFS with *hanging* files whose reads never end; skipped without FUSE."""
-    mountpoint.mkdir()
-    try:
-        fs = HangingFS(mountpoint, hanging=hanging)
-    except OSError as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
-    try:
-        yield fs
-    finally:
-        fs.close()
 
 
 # An attacker: two opens of files whose reads hang take both copy slots of its
@@ -117,7 +101,7 @@ async def test_hints_queued_for_copy_slots_stay_within_each_uids_fd_bound(
     await trio.to_thread.run_sync(warm)
     baseline = d.open_fds()
     settled = (await trio.to_thread.run_sync(d.settled_fds))[0]
-    with hanging_mount(shared_dir / "fuse", hanging=2 * uids) as fs:
+    with mounted(shared_dir / "fuse", hanging=2 * uids) as fs:
         mnt = fs.mountpoint
         children = []
         answers: list[Any] = []
