@@ -31,6 +31,7 @@ from .paths import resolve_socket_path
 from .report import human_bytes
 from .server import Server, ServerConfig
 from .systemd import PassedFd
+from .warmup import test_knob_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +165,8 @@ START_DELAY_VARIABLE = "SHADOWD_TEST_START_DELAY"
 
 
 def _test_start_delay() -> None:
-    try:
-        delay = float(os.environ.get(START_DELAY_VARIABLE, "0"))
-    except ValueError:
-        return
+    delay = test_knob_seconds(START_DELAY_VARIABLE, "pausing before the stop signals are handled")
     if delay > 0:
-        logger.warning(
-            "%s=%s: pausing before the stop signals are handled", START_DELAY_VARIABLE, delay
-        )
         got = signal.sigtimedwait(STOP_SIGNALS, delay)
         if got is not None:
             os.kill(os.getpid(), got.si_signo)  # pending again: blocked until the receiver

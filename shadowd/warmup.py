@@ -108,7 +108,7 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
     runs two of these), the first of them making a sealed copy."""
     count = max(1, min(workers, int(limiter.total_tokens)))
     barrier = threading.Barrier(count)
-    delay = _test_delay()
+    delay = test_knob_seconds(DELAY_VARIABLE, "the warm-up's last worker starts that late")
 
     def work(first: bool) -> None:
         _yield_to_the_loop()  # the priority copies run at, set once per thread
@@ -129,9 +129,10 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
             nursery.start_soon(_in_thread, work, i == 0, limiter, barrier, late)
 
 
-def _test_delay() -> float:
-    """The seconds $SHADOWD_TEST_WARMUP_DELAY asks for (0 when unset or not a number)."""
-    text = os.environ.get(DELAY_VARIABLE, "")
+def test_knob_seconds(variable: str, effect: str) -> float:
+    """The seconds the test-only knob $*variable* asks for (0 when unset or not a
+    number); one set is logged as a warning, with its *effect*."""
+    text = os.environ.get(variable, "")
     if not text:
         return 0.0
     try:
@@ -139,14 +140,9 @@ def _test_delay() -> float:
     except ValueError:
         delay = math.nan
     if not (math.isfinite(delay) and delay >= 0):
-        logger.warning("%s=%r is not a number of seconds; ignored", DELAY_VARIABLE, text)
+        logger.warning("%s=%r is not a number of seconds; ignored", variable, text)
         return 0.0
-    logger.warning(
-        "%s=%s: the warm-up's last worker starts %gs late (a knob for tests)",
-        DELAY_VARIABLE,
-        text,
-        delay,
-    )
+    logger.warning("%s=%s: %s (a knob for tests)", variable, text, effect)
     return delay
 
 
