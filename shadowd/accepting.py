@@ -23,7 +23,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .access import Gate, Peer, Seat
+from .access import Gate, Peer, Seat, reads_daemon_fds
 from .connection import SEND_FLAGS, Connection, Services, drop_unread
 from .errors import RequestError
 from .fds import move_high
@@ -126,7 +126,7 @@ class Acceptor:
             # Only root and the daemon's uid may report index hits (dispatch.py):
             # another peer's reports are refused unread.
             proto=ServerConnection(
-                self.wire, reports=peer.uid in (0, self.services.gate.policy.owner_uid)
+                self.wire, reports=reads_daemon_fds(peer.uid, self.services.gate.policy.owner_uid)
             ),
             services=self.services,
         )

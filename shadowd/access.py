@@ -163,6 +163,13 @@ class UidShare:
 SWEEP_SEATS = 8192
 
 
+def reads_daemon_fds(uid: int, owner_uid: int) -> bool:
+    """Whether a peer of *uid* may read the daemon's descriptors anyway: the kernel
+    lets the daemon's uid (*owner_uid*) and root open its /proc/PID/fd/N. The
+    index, and reports of hits served through it, are for those peers alone."""
+    return uid in (0, owner_uid)
+
+
 @attrs.define
 class SweepBudget:
     """How many seats sweeps may poll: ``size`` at once, ``size`` more a second."""

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 
 from . import __version__, hotcalls
+from .access import reads_daemon_fds
 from .batches import Batches, batch_items
 from .cache import HostKey
 from .connection import GONE, Connection, too_many_in_flight
@@ -296,7 +297,7 @@ class Dispatcher:
         """Only a peer that may read the daemon's fds anyway (its uid, or root) gets the
         index: the kernel lets exactly those open /proc/PID/fd/N of the daemon."""
         uid = conn.peer.uid
-        if uid not in (0, self.owner_uid):
+        if not reads_daemon_fds(uid, self.owner_uid):
             raise RequestError(
                 ErrorCode.NOT_PERMITTED,
                 f"the index is for root and uid {self.owner_uid} (the daemon's); uid {uid} "
