@@ -462,6 +462,16 @@ copy_bytes(int dst, int src)
     }
 }
 
+/* A new open file description of what our *fd* is, opened with *flags*
+ * (through /proc/self/fd: the very inode, not a path that may have changed). */
+static int
+reopen(int fd, int flags)
+{
+    char path[32];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return open(path, flags);
+}
+
 /* A fresh sealed memfd with the bytes of *src*, reopened read-only: the
  * status quo of sandbox supervisors. -1 with errno. */
 static int
@@ -470,7 +480,6 @@ local_copy(int src, const struct stat *st)
     int executable = (st->st_mode & 0111) != 0;
     int fd = new_memfd(executable);
     int ro = -1;
-    char path[64];
     if (fd < 0)
         return -1;
     if (copy_bytes(fd, src) < 0 || fchmod(fd, executable ? 0555 : 0444) < 0)
@@ -487,8 +496,7 @@ local_copy(int src, const struct stat *st)
         nanosleep(&pause, NULL);
     }
     /* A new open file description, read-only, as the daemon hands out. */
-    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    ro = open(path, O_RDONLY | O_CLOEXEC);
+    ro = reopen(fd, O_RDONLY | O_CLOEXEC);
 out:
     {
         int err = errno;
@@ -736,12 +744,8 @@ handle(const struct seccomp_notif *req)
         why = R_NOT_REGULAR;
         goto cont;
     }
-    {
-        char self[32];
-        snprintf(self, sizeof self, "/proc/self/fd/%d", at);
-        src = open(self, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-        close(at);
-    }
+    src = reopen(at, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    close(at);
     if (src < 0) {
         why = R_OPEN; /* (EACCES: the program's own open will say so) */
         goto cont;
