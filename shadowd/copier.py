@@ -123,12 +123,18 @@ class Quota:
     hits: dict[str, int] = attrs.field(factory=dict)
     key: str = "max_copies_per_uid"
     used: int = 0
-    _freed: trio.Event = attrs.field(factory=trio.Event)
     #: Tasks waiting in :meth:`acquire`, first come first served: a released
     #: slot goes to one of them, not to a herd that all wake to retry (a
     #: client that sent thousands of fds to close would make every release
     #: wake thousands of tasks).
     _queue: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    #: Tasks waiting in :meth:`wait_freed` to try again, first come first
+    #: served: a slot freed wakes one, which passes the turn on
+    #: (:meth:`pass_on`) when its try did not take the slot. Waking them all
+    #: cost the loop a retry per waiter per release: a uid with thousands of
+    #: requests waiting made every one of its copies' ends cost the whole
+    #: daemon tens of milliseconds and more.
+    _retries: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free, without waiting."""
@@ -149,20 +155,27 @@ class Quota:
         self.hits[self.key] = self.hits.get(self.key, 0) + 1
 
     async def wait_freed(self) -> None:
-        """Wait until a slot is released (it may be taken again by then)."""
-        await self._freed.wait()
+        """Wait for a turn to try again once a slot is free (it may be taken again by
+        then). The caller must call :meth:`pass_on` after its try, whatever came of it."""
+        await self._retries.park()
+
+    def pass_on(self) -> None:
+        """After the try of a task woken by :meth:`wait_freed`: the next waiter's turn,
+        if a slot is still free (the try did not need it, or failed)."""
+        if self._retries and not self._queue and self.used < self.limit:
+            self._retries.unpark()
 
     def release(self) -> None:
         if self._queue:
             self._queue.unpark()  # the slot passes to the first waiter, still used
         else:
             self.used -= 1
-        self._freed.set()
-        self._freed = trio.Event()
+            if self._retries:
+                self._retries.unpark()
 
     @property
     def idle(self) -> bool:
-        return self.used == 0 and not self._queue and not self._freed.statistics().tasks_waiting
+        return self.used == 0 and not self._queue and not self._retries
 
 
 async def run_job(

@@ -347,12 +347,16 @@ class HostOpens:
         self, share: UidShare, attempt: Callable[[], Hit | Flight | Miss | _Throttled | None]
     ) -> Hit | Flight | None:
         """*attempt* until it is not THROTTLED, waiting for the uid's jobs to end."""
-        counted = False
+        counted = woken = False
         while True:
-            # Not on the poller's path, which read the events after the
-            # request: read those of changes made meanwhile before a hit.
-            self.watches.drain()
-            outcome = attempt()
+            try:
+                # Not on the poller's path, which read the events after the
+                # request: read those of changes made meanwhile before a hit.
+                self.watches.drain()
+                outcome = attempt()
+            finally:
+                if woken:
+                    share.quota.pass_on()  # a slot it did not take: the next one's turn
             assert not isinstance(outcome, Miss)  # only asked for with wait
             if not isinstance(outcome, _Throttled):
                 return outcome
@@ -360,6 +364,7 @@ class HostOpens:
                 counted = True
                 share.quota.count_wait()
             await share.quota.wait_freed()
+            woken = True
 
     async def _served(self, outcome: Hit | Flight) -> Served:
         if isinstance(outcome, Flight):
