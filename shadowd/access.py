@@ -241,6 +241,9 @@ class Gate:
     #: Seats that count (every uid's).
     clients: int = 0
     _shares: dict[int, UidShare] = attrs.field(factory=dict)
+    #: Shares whose connections have all left while their jobs ran or their
+    #: replies were unread: forgotten once idle (see :meth:`_forget_lingering`).
+    _lingering: set[UidShare] = attrs.field(factory=set)
     _sweeps: SweepBudget | None = None
     #: Seconds, for the sweeps' budgets.
     clock: Callable[[], float] = time.monotonic
@@ -260,6 +263,8 @@ class Gate:
                 f"uid {peer.uid} (gid {peer.gid}) is not allowed to use this shadowd",
             )
         limits = self.limits
+        if self._lingering:
+            self._forget_lingering()
         if self.clients >= limits.max_clients and not self._make_room(None):
             self.hit("max_clients")
             raise RequestError(
@@ -327,24 +332,33 @@ class Gate:
             seat.counted = False
             share.connections -= 1
             self.clients -= 1
-        self.forget_if_idle(share)
+        if not share.seats and not self.forget_if_idle(share):
+            self._lingering.add(share)
 
-    def forget_if_idle(self, share: UidShare) -> None:
+    def forget_if_idle(self, share: UidShare) -> bool:
+        """Forget *share* if nothing of its uid is left (no seat, no job, no fd
+        counted, no fill); whether it is forgotten."""
         # A share whose jobs still run stays, so that the uid cannot get a
         # fresh quota by reconnecting while its old jobs hang; so does one
         # with a seat given back whose connection has not left yet.
-        if (
-            not share.seats
-            and share.quota.idle
-            and share.fds <= 0
-            and not share.filling
-            and self._shares.get(share.uid) is share
-        ):
-            del self._shares[share.uid]
+        if self._shares.get(share.uid) is not share:
+            return True  # forgotten already
+        if share.seats or not share.quota.idle or share.fds > 0 or share.filling:
+            return False
+        del self._shares[share.uid]
+        return True
+
+    def _forget_lingering(self) -> None:
+        # At most one share per uid: a uid whose last connection left with
+        # work under way, checked again at the next accept or stats.
+        self._lingering = {share for share in self._lingering if not self.forget_if_idle(share)}
 
     def hit(self, limit: str) -> None:
         self.hits[limit] = self.hits.get(limit, 0) + 1
 
     @property
     def uids(self) -> int:
+        """The uids with a connection, or with work of theirs still under way."""
+        if self._lingering:
+            self._forget_lingering()
         return len(self._shares)

@@ -142,3 +142,25 @@ def test_a_sweep_budget_refills_at_its_size_a_second_up_to_its_size() -> None:
     assert budget.take(10, 0.0) and not budget.take(1, 0.0)
     assert budget.take(5, 0.5) and not budget.take(1, 0.5)
     assert not budget.take(11, 100.0) and budget.take(10, 100.0)
+
+
+def test_a_uid_whose_last_connection_left_with_work_under_way_is_forgotten_once_it_ends(
+    pairs: Pairs,
+) -> None:
+    """Its share stays while its job runs (no fresh quota by reconnecting), and goes
+    when the job ends, though no connection of it leaves after that."""
+    gate = Gate()
+    seat, _, _ = pairs.seat(gate)
+    share = seat.share
+    assert share.quota.try_acquire()  # a copy of its runs
+    gate.leave(seat)
+    assert gate.uids == 1
+    again, _, _ = pairs.seat(gate)
+    assert again.share is share  # the same quota, one slot in use
+    gate.leave(again)
+    share.quota.release()  # the copy ended
+    assert gate.uids == 0
+    other, _, _ = pairs.seat(gate, OTHER)
+    assert gate.uids == 1
+    gate.leave(other)
+    assert gate.uids == 0
