@@ -1,16 +1,19 @@
 # The trio client: one connection shared by any number of tasks, whose
 # requests are pipelined and matched to replies by id; reconnected once when
-# the daemon restarts.
+# the daemon restarts. A forked child drops the connection it inherited and
+# makes its own.
 #
 # Must never: raise anything but a ShadowdError (trio.Cancelled excepted);
 # lose an fd when a waiting task is cancelled (its reply is closed when it
-# arrives); return an fd that is not sealed.
+# arrives); return an fd that is not sealed; talk on a connection another
+# process also talks on (two processes would read each other's replies).
 from __future__ import annotations
 
 import functools
 import inspect
 import os
 import socket
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -83,9 +86,34 @@ class _Conn:
             close_reply(reply)
         self.replies.clear()
 
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the connection's fds.
+
+        Without trio: no run may be going on, and a trio close would change the
+        epoll set the child shares with its parent (the parent's registration
+        of this very socket).
+        """
+        self.broken = Broken(None, "the connection belongs to the parent process")
+        os.close(self.sock.detach())
+        for reply in self.replies.values():
+            close_reply(reply)
+        self.replies.clear()
+
 
 def _hello_pending(conn: _Conn) -> bool:
     return conn.session.hello_id is not None
+
+
+#: Every client, so that a forked child can drop the connections it inherited.
+_CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AsyncClient:
@@ -93,7 +121,8 @@ class AsyncClient:
 
     Several tasks may use one AsyncClient at once: their requests are in
     flight together and each gets its own reply. It finds the socket as
-    :class:`Client` does.
+    :class:`Client` does. A forked child (in a ``trio.run`` of its own) makes
+    a connection of its own.
     """
 
     def __init__(
@@ -111,6 +140,7 @@ class AsyncClient:
         self._conn: _Conn | None = None
         self._connect_lock = trio.Lock()
         self._closed = False
+        _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
 
@@ -198,6 +228,14 @@ class AsyncClient:
         if conn is not None:
             conn.close()
         await trio.lowlevel.checkpoint()
+
+    def _forked(self) -> None:
+        # In the child of a fork: the socket is the parent's connection too,
+        # and the lock may be held by a task that is not running here.
+        conn, self._conn = self._conn, None
+        self._connect_lock = trio.Lock()
+        if conn is not None:
+            conn.forget()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -1,0 +1,70 @@
+# The adversarial review of the Python client (client/shadowd_client): what a
+# hostile or buggy world does to Client, AsyncClient and Opener, with real
+# parts: the daemon as a subprocess, or a stand-in daemon this test plays on a
+# real SOCK_SEQPACKET socket, real memfds, real SCM_RIGHTS, fork() and threads.
+# Each test says what it attacks; each would fail if its defence broke.
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import trio
+from shadowd_client import AsyncClient
+
+from .conftest import Daemon, make_file, settle
+
+
+async def test_a_forked_child_of_an_async_client_talks_on_a_connection_of_its_own(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """An AsyncClient connected before a fork, used by parent and child at once (each in
+    a trio.run of its own): each must get its own files' bytes. Sharing the inherited
+    connection, each process read some of the other's replies (same ids, other files)."""
+    files = [make_file(tmp_path / f"f{i}", os.urandom(2000 + i)) for i in range(8)]
+    settle(*files)
+    want = {f: f.read_bytes() for f in files}
+    client = AsyncClient(daemon.socket_path, timeout=10)
+
+    async def opens(offset: int) -> bytes:
+        try:
+            for k in range(300):
+                f = files[(k + offset) % len(files)]
+                fd = await client.open(f)
+                try:
+                    if os.pread(fd, 1 << 16, 0) != want[f]:
+                        return b"wrong bytes"
+                finally:
+                    os.close(fd)
+        except Exception as exc:  # the child reports it through the pipe
+            return repr(exc).encode()[:300]
+        return b"ok"
+
+    r, w = os.pipe()
+
+    def fork() -> int:
+        pid = os.fork()
+        if pid == 0:
+            verdict = b"child died"
+            try:
+                # The parent's trio run set the process's signal wakeup fd; a
+                # run in the child's (non-main) thread warns that it sees it.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                verdict = trio.run(opens, 3)
+            finally:
+                os.write(w, verdict)
+                os._exit(0)
+        return pid
+
+    with trio.fail_after(60):
+        async with client:
+            os.close(await client.open(files[0]))  # connected before the fork
+            pid = await trio.to_thread.run_sync(fork)
+            os.close(w)
+            try:
+                mine = await opens(0)
+                theirs = await trio.to_thread.run_sync(os.read, r, 400)
+            finally:
+                os.close(r)
+                await trio.to_thread.run_sync(os.waitpid, pid, 0)
+    assert (mine, theirs) == (b"ok", b"ok")
