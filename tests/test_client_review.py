@@ -6,13 +6,25 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
-from shadowd_client import AsyncClient
+from shadowd_client import AsyncClient, Client, Opener
+from shadowd_client import index as client_index
 
-from .conftest import Daemon, make_file, settle
+from shadowd.fds import close_all
+
+from .conftest import Daemon, make_file, read_fd, settle
+
+RACY = "0.05"
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_a_forked_child_of_an_async_client_talks_on_a_connection_of_its_own(
@@ -68,3 +80,58 @@ async def test_a_forked_child_of_an_async_client_talks_on_a_connection_of_its_ow
                 os.close(r)
                 await trio.to_thread.run_sync(os.waitpid, pid, 0)
     assert (mine, theirs) == (b"ok", b"ok")
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+async def test_threads_opening_through_one_opener_while_its_index_is_fetched_see_no_error(
+    start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Eight threads make the first opens of a fresh Opener at once, each fetching the
+    daemon's index: a view one thread is reading through must not be closed under it
+    by another that installs its own (before: BufferError or ValueError from
+    Opener.open, and the half-closed view's descriptors and mapping left open)."""
+    if path == "python":
+        monkeypatch.setattr(client_index, "C_CALLS", None)
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(8)]
+    settle(*files)
+    want = {f: f.read_bytes() for f in files}
+
+    def work() -> tuple[list[str], int, int]:
+        with Client(d.socket_path, timeout=10) as c:  # cached and indexed
+            close_all(c.open_many(files))
+        errors: list[str] = []
+        index_opens = 0
+        before = fd_count()
+        for _ in range(15):
+            opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=10)
+            start = threading.Barrier(8)
+
+            def opens(i: int, opener: Opener = opener, start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    for k in range(20):
+                        f = files[(i + k) % len(files)]
+                        fd = opener.open(f)
+                        try:
+                            if read_fd(fd) != want[f]:
+                                errors.append("wrong bytes")
+                        finally:
+                            os.close(fd)
+                except BaseException as exc:
+                    errors.append(repr(exc))
+
+            threads = [threading.Thread(target=opens, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            opener.close()
+            index_opens += opener.index_opens
+        return errors, index_opens, fd_count() - before
+
+    with trio.fail_after(120):
+        errors, index_opens, leaked = await trio.to_thread.run_sync(work)
+    assert errors == []
+    assert index_opens > 0  # the race was run: the index served
+    assert leaked == 0

@@ -138,6 +138,31 @@ class HeldFiles:
             self._drop(next(iter(self._held)))
 
 
+@attrs.define(eq=False)
+class _Index:
+    """The daemon's index as an Opener has it: the view (None: the daemon gives
+    none), the client's connection it came with, and how many opens are reading
+    through it now. A view that another replaced (a new connection, another
+    thread's fetch) or that close() let go of is closed when the last of them
+    is done with it, never under one. Changed only with the Opener's lock held.
+    """
+
+    view: IndexView | None
+    connection: int
+    users: int = 0
+    retired: bool = False
+
+    def retire(self) -> IndexView | None:
+        """No more users from now on; the view to close now, if nobody reads it."""
+        self.retired = True
+        return self.view if self.users == 0 else None
+
+    def done(self) -> IndexView | None:
+        """One user less; the view to close now, if it was the last of a retired one."""
+        self.users -= 1
+        return self.view if self.retired and self.users == 0 else None
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -192,8 +217,7 @@ class Opener:
         #: Hits served through the daemon's index (no round trip).
         self.index_opens = 0
         self.use_index = use_index
-        self._index: IndexView | None = None
-        self._index_for = -1  # the client's connection the index came with
+        self._index: _Index | None = None
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
         self._reported_at = time.monotonic()
 
@@ -216,11 +240,15 @@ class Opener:
             if held is not None:
                 self.held_opens += 1
                 return held
-        index = self._current_index()
+        index = self._current_index()  # in use until _index_done
         if index is not None:
-            served = index.open(st)
+            served = None
+            try:
+                assert index.view is not None
+                served = index.view.open(st)
+            finally:
+                self._index_done(index, key if served is not None else None)
             if served is not None:
-                self._count_index_hit(key)
                 return served
         if self._worth_asking(st):
             answer = self._ask(fd, label)
@@ -324,37 +352,61 @@ class Opener:
 
     # -- the index: hits without a round trip ----------------------------
 
-    def _current_index(self) -> IndexView | None:
-        """The daemon's index, fetched once per connection (a new one may be another daemon's)."""
+    def _current_index(self) -> _Index | None:
+        """The daemon's index, fetched once per connection (a new one may be another
+        daemon's), counted as in use: give it back with :meth:`_index_done`. None when
+        there is none to read through now."""
         client = self._client
         if not self.use_index or client is None or not self._usable():
             return None
-        if self._index_for == client.connections and client.connections > 0:
-            return self._index
+        with self._lock:
+            index = self._index
+            if index is not None and index.connection == client.connections > 0:
+                if index.view is None:
+                    return None
+                index.users += 1
+                return index
         started = time.monotonic()
         try:
-            index = client.index()
+            view = client.index()
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
         except ShadowdError:
-            index = None
+            view = None
         finally:
             self.waited += time.monotonic() - started
+        fetched = _Index(view, client.connections)
         with self._lock:
-            old, self._index, self._index_for = self._index, index, client.connections
-        if old is not None:
-            old.close()
-        return index
+            current = self._index
+            if current is not None and current.connection == fetched.connection:
+                # Another thread fetched this connection's index meanwhile: keep theirs.
+                fetched, unused, stale = current, view, None
+            else:
+                self._index, unused = fetched, None
+                stale = None if current is None else current.retire()
+            if fetched.view is not None:
+                fetched.users += 1
+        for old in (unused, stale):
+            if old is not None:
+                old.close()
+        return fetched if fetched.view is not None else None
 
-    def _count_index_hit(self, key: tuple[int, int]) -> None:
+    def _index_done(self, index: _Index, hit: tuple[int, int] | None) -> None:
+        """*index* no longer in use by this open; *hit*: the file it served, counted."""
         with self._lock:
-            self.index_opens += 1
-            self._unreported[key] += 1
-            due = (
-                self._unreported.total() >= REPORT_EVERY_HITS
-                or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
-            )
+            stale = index.done()
+            if hit is None:
+                due = False
+            else:
+                self.index_opens += 1
+                self._unreported[hit] += 1
+                due = (
+                    self._unreported.total() >= REPORT_EVERY_HITS
+                    or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
+                )
+        if stale is not None:
+            stale.close()
         if due:
             self._report()
 
@@ -431,9 +483,10 @@ class Opener:
             self._report()
         with self._lock:
             self._held.clear()
-            if self._index is not None:
-                self._index.close()
-                self._index = None
+            index, self._index = self._index, None
+            stale = None if index is None else index.retire()
+        if stale is not None:
+            stale.close()
         if self._client is not None:
             self._client.close()
 
