@@ -135,3 +135,61 @@ async def test_threads_opening_through_one_opener_while_its_index_is_fetched_see
     assert errors == []
     assert index_opens > 0  # the race was run: the index served
     assert leaked == 0
+
+
+def _non_utf8_tree(base: Path, data: bytes) -> bytes:
+    """A settled file whose path, 1.5 KB of bytes that are not UTF-8, is a path label of
+    4.5 KB (each byte becomes U+FFFD, 3 bytes): past what the daemon takes (4096)."""
+    deep = os.fsencode(base)
+    for _ in range(6):
+        deep += b"/" + b"\xff" * 250
+    os.makedirs(deep)
+    path = deep + b"/lib.so"
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+async def test_a_file_whose_path_label_is_too_long_to_send_is_served_without_one(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The daemon refuses a label over 4096 bytes (bad-request); the clients must leave
+    such a label out, as they do one that would not fit max_request (before: every open
+    but a connection's first, sent before the hello reply with no label, raised
+    BadRequest, and so did the Opener's)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    data = os.urandom(300_000)
+    path = _non_utf8_tree(tmp_path, data)
+    await trio.sleep(1.05)  # older than the default racy window the Opener assumes at first
+
+    def work() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(3):
+                fd = c.open(path)
+                assert read_fd(fd) == data
+                os.close(fd)
+            fds = c.open_many([path, path])
+            assert [read_fd(fd) for fd in fds] == [data, data]
+            close_all(fds)
+            src = os.open(path, os.O_RDONLY)
+            try:
+                fd = c.open_fd(src, label="/" + "x" * 5000)  # a caller's label, too long
+                os.close(fd)
+                fd = c.open_fd(src, label="/a\udcffb")  # not UTF-8 at all (surrogateescape)
+                os.close(fd)
+            finally:
+                os.close(src)
+        with Opener(d.socket_path, local_below=0, held_files=0, use_index=False) as opener:
+            for _ in range(3):
+                fd = opener.open(path)
+                assert read_fd(fd) == data
+                os.close(fd)
+            assert opener.daemon_opens == 3
+
+    async with AsyncClient(d.socket_path, timeout=10) as ac:
+        for _ in range(2):
+            fd = await ac.open(path)
+            assert read_fd(fd) == data
+            os.close(fd)
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(work)
