@@ -5,18 +5,24 @@
 # Each test says what it attacks; each would fail if its defence broke.
 from __future__ import annotations
 
+import collections
+import fcntl
 import os
+import socket
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
-from shadowd_client import AsyncClient, Client, Opener
+from shadowd_client import AsyncClient, Client, Opener, ProtocolViolation, local_copy
 from shadowd_client import index as client_index
 
-from shadowd.fds import close_all
+from shadowd.fds import close_all, fds_from_ancdata, scm_rights
+from shadowd.memfd import REQUIRED_SEALS, seal
 
 from .conftest import Daemon, make_file, read_fd, settle
 
@@ -193,3 +199,361 @@ async def test_a_file_whose_path_label_is_too_long_to_send_is_served_without_one
             os.close(fd)
     with trio.fail_after(60):
         await trio.to_thread.run_sync(work)
+
+
+# -- a stand-in daemon ----------------------------------------------------------
+
+
+def _sealed(data: bytes, name: str = "hostile") -> int:
+    """A sealed memfd holding *data*: the fd memfd_create gave (read-write)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    seal(fd, executable=False)
+    return fd
+
+
+def _send(conn: socket.socket, msg: dict[str, Any] | bytes, fds: Sequence[int] = ()) -> None:
+    data = msg if isinstance(msg, bytes) else msgpack.packb(msg)
+    conn.sendmsg([data], scm_rights(list(fds)))
+
+
+#: How a stand-in daemon answers one request: conn, the request, the fds it came with
+#: (closed after). False: close the connection instead.
+Answer = Callable[[socket.socket, dict[str, Any], list[int]], object]
+
+
+class FakeDaemon:
+    """A daemon this test plays on a real SOCK_SEQPACKET socket, in a thread: it says
+    hello itself (*version*, *limits*), answers index requests no-index, and hands
+    every other request to *answer*, one connection after another."""
+
+    def __init__(
+        self,
+        path: Path,
+        answer: Answer,
+        *,
+        version: int = 2,
+        limits: dict[str, int] | None = None,
+    ) -> None:
+        self.path = path
+        self.answer = answer
+        self.version = version
+        self.limits = {"max_batch": 64, "max_request": 65536, **(limits or {})}
+        self.requests: list[dict[str, Any]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # stopped
+            with conn:
+                self._talk(conn)
+
+    def _talk(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                data, anc, _flags, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(300 * 4))
+            except OSError:
+                return
+            fds = fds_from_ancdata(anc)
+            try:
+                if not data:
+                    return
+                msg = msgpack.unpackb(data)
+                if msg["op"] == "hello":
+                    reply = {"id": msg["id"], "ok": True, "version": self.version}
+                    _send(conn, {**reply, "server": "fake", "limits": self.limits})
+                elif msg["op"] == "index":
+                    _send(conn, {"id": msg["id"], "ok": False, "code": "no-index", "message": ""})
+                else:
+                    self.requests.append(msg)
+                    if self.answer(conn, msg, fds) is False:
+                        return
+            finally:
+                close_all(fds)
+
+    def stop(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def __enter__(self) -> FakeDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def fd_links() -> collections.Counter[str]:
+    """What every fd of this process is (readlink), counted."""
+    links: collections.Counter[str] = collections.Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            links[os.readlink(f"/proc/self/fd/{name}")] += 1
+        except OSError:
+            pass  # the listdir's own fd
+    return links
+
+
+GOOD = b"the daemon's good bytes"
+
+
+def _serve_good(conn: socket.socket, msg: dict[str, Any]) -> None:
+    fd = _sealed(GOOD, "good")
+    try:
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+    try:
+        _send(conn, {"id": msg["id"], "ok": True, "size": len(GOOD), "hit": True}, [ro])
+    finally:
+        os.close(ro)
+
+
+def _reply(
+    make: Callable[[], list[int]],
+    msg: Callable[[int], dict[str, Any] | bytes] = lambda id: {
+        "id": id,
+        "ok": True,
+        "size": 4,
+        "hit": True,
+    },
+) -> Callable[[socket.socket, int], None]:
+    """A reply to the open of *id*: *msg* (by default one that looks right) with the
+    fds *make* gives (the stand-in's copies closed once sent)."""
+
+    def reply(conn: socket.socket, id: int) -> None:
+        fds = make()
+        try:
+            _send(conn, msg(id), fds)
+        finally:
+            close_all(fds)
+
+    return reply
+
+
+def _reopened(flags: int) -> Callable[[], list[int]]:
+    """A maker of one fd: a sealed memfd opened with *flags*."""
+
+    def make() -> list[int]:
+        fd = _sealed(b"evil")
+        try:
+            return [os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)]
+        finally:
+            os.close(fd)
+
+    return make
+
+
+#: A sealed memfd open read-only: what a daemon serves (here with the wrong bytes).
+_one_sealed = _reopened(os.O_RDONLY)
+
+
+def _unsealed() -> list[int]:
+    fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, b"evil")
+    return [fd]
+
+
+def _three_seals() -> list[int]:
+    fd = _unsealed()[0]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS & ~fcntl.F_SEAL_SEAL)
+    return [fd]
+
+
+def _fifo() -> list[int]:
+    r, w = os.pipe()
+    os.close(w)
+    return [r]
+
+
+SO_SNDBUFFORCE = 32  # Linux; root may pass wmem_max with it
+
+
+def _huge(conn: socket.socket, id: int) -> None:
+    # Past the 256 KiB any client reads a reply into (the socket's buffer made larger).
+    conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)
+    pad = b"x" * 300_000
+    _reply(_one_sealed, lambda id: {"id": id, "ok": True, "size": 4, "hit": True, "pad": pad})(
+        conn, id
+    )
+
+
+#: Replies to an open that no client may take (each a ProtocolViolation).
+BAD_OPEN_REPLIES: dict[str, Callable[[socket.socket, int], None]] = {
+    "an unsealed memfd": _reply(_unsealed),
+    "three of the four seals": _reply(_three_seals),
+    "a FIFO": _reply(_fifo),
+    "a device": _reply(lambda: [os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)]),
+    "an O_PATH fd of a sealed memfd": _reply(_reopened(os.O_PATH)),
+    "a sealed memfd open read-write": _reply(_reopened(os.O_RDWR)),
+    "a sealed memfd open write-only": _reply(_reopened(os.O_WRONLY)),
+    "two fds": _reply(lambda: _one_sealed() + _one_sealed()),
+    "no fd": _reply(list),
+    "253 fds, more than a reply can carry (MSG_CTRUNC)": _reply(
+        lambda: _one_sealed() + [os.open("/dev/zero", os.O_RDONLY) for _ in range(252)]
+    ),
+    "a datagram past the largest reply (MSG_TRUNC)": _huge,
+    "a reply to another id": _reply(
+        _one_sealed, lambda id: {"id": id + 5, "ok": True, "size": 4, "hit": True}
+    ),
+    "an error reply with an fd": _reply(
+        _one_sealed, lambda id: {"id": id, "ok": False, "code": "internal", "message": "x"}
+    ),
+    "a stats reply with an fd": _reply(_one_sealed, lambda id: {"id": id, "ok": True, "stats": {}}),
+    "not msgpack": _reply(_one_sealed, lambda id: b"\xc1\xc1"),
+}
+
+
+def _first_open_bad(case: str) -> Answer:
+    """The stand-in's answers: its first open gets the bad reply *case*, later ones
+    a good sealed fd."""
+    opens = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        assert msg["op"] == "open"
+        opens[0] += 1
+        if opens[0] == 1:
+            BAD_OPEN_REPLIES[case](conn, msg["id"])
+        else:
+            _serve_good(conn, msg)
+        return None
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def old_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A file older than any racy window (an Opener asks a daemon about it even before
+    it knows that daemon's window): made once, for the stand-in daemons' tests."""
+    src = make_file(tmp_path_factory.mktemp("old") / "src", b"the file's own bytes")
+    settle(src, window=1.0)
+    yield src
+
+
+@pytest.mark.parametrize("case", list(BAD_OPEN_REPLIES))
+async def test_a_bad_open_reply_is_refused_with_every_fd_it_brought_closed(
+    shared_dir: Path, old_file: Path, case: str
+) -> None:
+    """Client, AsyncClient and Opener against a stand-in daemon whose first answer to an
+    open breaks the protocol: Client and AsyncClient raise ProtocolViolation, the Opener
+    copies the file here; every fd that came with the reply is closed (the process's
+    descriptors are as before, each by what it is), and the next open, on a new
+    connection, gets the daemon's good fd."""
+    src = old_file
+    os.close(local_copy(src))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", _first_open_bad(case))
+        with fake, Client(fake.path, timeout=10) as c:
+            with pytest.raises(ProtocolViolation):
+                c.open(src)
+            fd = c.open(src)
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+        fake = FakeDaemon(
+            shared_dir / "o.sock", _first_open_bad(case), limits={"racy_window_ns": 0}
+        )
+        with fake, Opener(fake.path, local_below=0, held_files=0, retry_after=0) as opener:
+            fd = opener.open(src)
+            assert read_fd(fd) == src.read_bytes()  # copied here
+            os.close(fd)
+            fd = opener.open(src)
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+            assert (opener.local_opens, opener.daemon_opens) == (1, 1)
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", _first_open_bad(case)) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(ProtocolViolation):
+                    await ac.open(src)
+                fd = await ac.open(src)
+                assert read_fd(fd) == GOOD
+                os.close(fd)
+    assert fd_links() == before
+
+
+def _batch_reply(
+    items: Callable[[int], list[dict[str, Any] | Callable[[], list[int]]]],
+) -> Answer:
+    """Answers to batches: *items*(n fds sent) gives each result, as a result map (a
+    refusal) or a maker of the fds of a served item ({"ok": true, ...} is added)."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        assert msg["op"] == "open_batch"
+        results: list[dict[str, Any]] = []
+        sent: list[int] = []
+        try:
+            for item in items(len(fds)):
+                if isinstance(item, dict):
+                    results.append(item)
+                else:
+                    sent.extend(item())
+                    results.append({"ok": True, "size": 4, "hit": True})
+            _send(conn, {"id": msg["id"], "ok": True, "results": results}, sent)
+        finally:
+            close_all(sent)
+        return None
+
+    return answer
+
+
+#: Batch replies no client may take: each item is served, but ...
+BAD_BATCH_REPLIES: dict[str, Callable[[int], list[Any]]] = {
+    "one result fewer than the fds sent": lambda n: [_one_sealed] * (n - 1),
+    "one result more than the fds sent": lambda n: [_one_sealed] * (n + 1),
+    "an unsealed fd among sealed ones": lambda n: (
+        [_one_sealed, _unsealed] + [_one_sealed] * (n - 2)
+    ),
+    "a writable fd among sealed ones": lambda n: (
+        [_one_sealed, _reopened(os.O_RDWR)] + [_one_sealed] * (n - 2)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCH_REPLIES))
+async def test_a_bad_batch_reply_is_refused_with_every_fd_it_brought_closed(
+    shared_dir: Path, old_file: Path, case: str
+) -> None:
+    """A batch reply whose results do not match the fds sent one for one, or with a bad
+    fd among good ones: ProtocolViolation from Client.open_many, Client.ask_many and
+    AsyncClient.open_many, nothing from Opener.preload; every fd closed (before, a
+    result too few or too many raised ValueError out of zip(strict=True), with the
+    reply's fds left open, and ask_many returned as many answers as the daemon said)."""
+    paths = [old_file] * 3
+    answer = _batch_reply(BAD_BATCH_REPLIES[case])
+    os.close(local_copy(old_file))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", answer, limits={"racy_window_ns": 0})
+        with fake, Client(fake.path, timeout=10) as c:
+            with pytest.raises(ProtocolViolation):
+                c.open_many(paths)
+            srcs = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+            try:
+                with pytest.raises(ProtocolViolation):
+                    c.ask_many(srcs)
+            finally:
+                close_all(srcs)
+        fake = FakeDaemon(shared_dir / "o.sock", answer, limits={"racy_window_ns": 0})
+        with fake, Opener(fake.path, local_below=0) as opener:
+            assert opener.preload(paths) == 0
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", answer) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(ProtocolViolation):
+                    await ac.open_many(paths)
+    assert fd_links() == before

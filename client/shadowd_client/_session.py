@@ -112,21 +112,28 @@ def label_for(path: str | os.PathLike[str]) -> str:
 
 
 def check_served(fd: int) -> None:
-    """Accept *fd* only if it carries the four seals (then nobody can change its bytes).
+    """Accept *fd* only if it carries the four seals (then nobody can change its bytes)
+    and is open read-only, as every served fd is (closed, and refused, otherwise).
 
-    One fcntl: with F_SEAL_WRITE set even a read-write descriptor cannot
-    write, so the seals are what makes the fd safe to hand to a tracee.
+    With F_SEAL_WRITE set even a read-write descriptor cannot write, so the
+    seals are what makes the fd safe to hand to a tracee; a write-only one
+    could not even be read, and a read-write one is not what was promised.
     """
     try:
         seals = fcntl.fcntl(fd, _F_GET_SEALS)
+        mode = fcntl.fcntl(fd, _F_GETFL) & os.O_ACCMODE
     except OSError:
-        seals = 0
+        seals = mode = 0
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         os.close(fd)
         raise UnsealedDescriptor("the daemon sent a descriptor that is not sealed; refused it")
+    if mode != os.O_RDONLY:
+        os.close(fd)
+        raise ProtocolViolation("the daemon sent a descriptor not open read-only; refused it")
 
 
 _F_GET_SEALS = fcntl.F_GET_SEALS
+_F_GETFL = fcntl.F_GETFL
 
 
 class Broken(Exception):
@@ -225,9 +232,10 @@ def opened_fd(reply: Reply) -> int:
     return reply.fd
 
 
-def batch_results(reply: Reply) -> list[int | ShadowdError]:
-    """Per-item results of a batch reply: checked fds, or the refusal of each item."""
-    answers = answers_of(reply)
+def batch_results(reply: Reply, sent: int) -> list[int | ShadowdError]:
+    """Per-item results of the reply to a batch of *sent* fds: checked fds, or the
+    refusal of each item."""
+    answers = answers_of(reply, sent)
     if any(isinstance(a, Answer) and a.fd is None for a in answers):
         # A miss without an fd answers only a batch that asked not to wait.
         close_all(a.fd for a in answers if isinstance(a, Answer) and a.fd is not None)
@@ -270,19 +278,23 @@ def answer_of(reply: Reply) -> Answer:
     return Answer(fd, reply.size, reply.hit, reply.version, reply.cached)
 
 
-def answers_of(reply: Reply) -> list[Answer | ShadowdError]:
-    """Per item of a batch that may not wait: an Answer, or the refusal of that item."""
+def answers_of(reply: Reply, sent: int) -> list[Answer | ShadowdError]:
+    """Per item of a batch of *sent* fds that may not wait: an Answer, or the refusal
+    of that item."""
     if isinstance(reply, ErrorReply):
         raise refused(reply.code, reply.message)
     if not isinstance(reply, BatchOpened):
         close_reply(reply)
         raise ProtocolViolation(f"expected a batch reply, got {type(reply).__name__}")
+    if len(reply.results) != sent:
+        close_reply(reply)
+        raise ProtocolViolation(f"{len(reply.results)} results to a batch of {sent} fds")
     out: list[Answer | ShadowdError] = []
     for i, item in enumerate(reply.results):
         if isinstance(item, OpenedItem):
             try:
                 check_served(item.fd)
-            except UnsealedDescriptor:
+            except ProtocolViolation:
                 close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
                 close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
                 raise

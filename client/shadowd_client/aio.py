@@ -186,7 +186,7 @@ class AsyncClient:
                 reply = await self._call(
                     request_of(functools.partial(batch_request, fds, chunk_labels))
                 )
-                for i, r in zip(chunk, batch_results(reply), strict=True):
+                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
                     results[i] = r
         except BaseException:
             close_all(r for i, r in enumerate(results) if isinstance(r, int) and r != sources[i])

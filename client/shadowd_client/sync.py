@@ -182,7 +182,7 @@ class Client:
                 reply = self._call(
                     request_of(functools.partial(batch_request, batch_fds, batch_labels, wait=wait))
                 )
-                out.extend(answers_of(reply))
+                out.extend(answers_of(reply, len(batch_fds)))
             except BaseException:
                 close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
                 raise
@@ -329,7 +329,7 @@ class Client:
             fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
             chunk_labels = tuple(labels[i] for i in chunk)
             reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
-            for i, r in zip(chunk, batch_results(reply), strict=True):
+            for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
                 results[i] = r
         return results
 
