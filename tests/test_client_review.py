@@ -18,7 +18,14 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from shadowd_client import AsyncClient, Client, Opener, ProtocolViolation, local_copy
+from shadowd_client import (
+    AsyncClient,
+    Client,
+    DaemonUnavailable,
+    Opener,
+    ProtocolViolation,
+    local_copy,
+)
 from shadowd_client import index as client_index
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
@@ -557,3 +564,70 @@ async def test_a_bad_batch_reply_is_refused_with_every_fd_it_brought_closed(
                 with pytest.raises(ProtocolViolation):
                     await ac.open_many(paths)
     assert fd_links() == before
+
+
+async def test_open_many_closes_the_fds_of_earlier_batches_when_a_later_one_fails(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """More paths than one batch holds (max_batch 1): the first batch is served, then
+    the daemon hangs up on every later one. open_many raises DaemonUnavailable and
+    must close the fd the first batch brought (before: Client.open_many leaked it)."""
+    batches = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        batches[0] += 1
+        if batches[0] > 1:
+            return False  # hang up
+        return _batch_reply(lambda n: [_one_sealed] * n)(conn, msg, fds)
+
+    os.close(local_copy(old_file))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", answer, limits={"max_batch": 1})
+        with fake, Client(fake.path, timeout=10) as c, pytest.raises(DaemonUnavailable):
+            c.open_many([old_file, old_file])
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        batches[0] = 0
+        with FakeDaemon(shared_dir / "a.sock", answer, limits={"max_batch": 1}) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(DaemonUnavailable):
+                    await ac.open_many([old_file, old_file])
+    assert fd_links() == before
+
+
+@pytest.mark.parametrize("max_batch", [0, -3, 1000])
+async def test_a_batch_limit_out_of_range_is_kept_in_range(
+    shared_dir: Path, old_file: Path, max_batch: int
+) -> None:
+    """A daemon whose hello says a batch limit below 1 or above the most fds a reply can
+    carry (250): batches of 1 to 250 fds go out all the same (before: batches of no fd,
+    which the daemon refuses, or of 260, which the kernel refuses to send)."""
+    sizes: list[int] = []
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        sizes.append(len(fds))
+        if not fds:
+            _send(conn, {"id": msg["id"], "ok": False, "code": "bad-fds", "message": "none"})
+            return None
+        return _batch_reply(lambda n: [_one_sealed] * n)(conn, msg, fds)
+
+    paths = [old_file] * 260
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", answer, limits={"max_batch": max_batch})
+        with fake, Client(fake.path, timeout=10) as c:
+            fds = c.open_many(paths)
+            close_all(fds)
+            assert len(fds) == len(paths)
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", answer, limits={"max_batch": max_batch}) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                fds = await ac.open_many(paths)
+                close_all(fds)
+                assert len(fds) == len(paths)
+    assert sizes and all(1 <= n <= 250 for n in sizes)

@@ -218,7 +218,9 @@ class Session:
 
     @property
     def max_batch(self) -> int:
-        return int(self.proto.server_limits.get("max_batch", 1))
+        """The most fds one batch carries: the daemon's limit, kept from 1 to what a
+        reply can carry back (MAX_BATCH_LIMIT) whatever its hello said."""
+        return min(max(self.proto.server_limits.get("max_batch", 1), 1), MAX_BATCH_LIMIT)
 
 
 def opened_fd(reply: Reply) -> int:

@@ -319,18 +319,25 @@ class Client:
         self, sources: list[int | ShadowdError], labels: list[str]
     ) -> list[int | ShadowdError]:
         results: list[int | ShadowdError] = list(sources)
+        received: list[int] = []  # closed should a later batch fail
         todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
-        while todo:
-            with self._lock:
-                self._ensure_connected()
-                assert self._session is not None
-                chunk = todo[: self._session.max_batch]
-            todo = todo[len(chunk) :]
-            fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
-            chunk_labels = tuple(labels[i] for i in chunk)
-            reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
-            for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
-                results[i] = r
+        try:
+            while todo:
+                with self._lock:
+                    self._ensure_connected()
+                    assert self._session is not None
+                    chunk = todo[: self._session.max_batch]
+                todo = todo[len(chunk) :]
+                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                chunk_labels = tuple(labels[i] for i in chunk)
+                reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
+                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
+                    results[i] = r
+                    if isinstance(r, int):
+                        received.append(r)
+        except BaseException:
+            close_all(received)
+            raise
         return results
 
     def _call(self, make: Make) -> Reply:
