@@ -20,8 +20,10 @@ import pytest
 import trio
 from shadowd_client import (
     AsyncClient,
+    BadRequest,
     Client,
     DaemonUnavailable,
+    FileKey,
     Opener,
     ProtocolViolation,
     local_copy,
@@ -631,3 +633,77 @@ async def test_a_batch_limit_out_of_range_is_kept_in_range(
                 close_all(fds)
                 assert len(fds) == len(paths)
     assert sizes and all(1 <= n <= 250 for n in sizes)
+
+
+@pytest.mark.parametrize(
+    "code", ["internal", "bad-request", "io-error", "not-readable", "shutting-down", "new-code"]
+)
+async def test_the_opener_copies_here_whatever_the_daemon_refuses(
+    shared_dir: Path, old_file: Path, code: str
+) -> None:
+    """A daemon that refuses an open or a private lookup with any code (its own bug, a
+    code newer than this client): the Opener's caller gets the file all the same,
+    copied here (before: InternalError, BadRequest, DaemonIOError, NotReadable or
+    Refused reached the supervisor's open path)."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        _send(conn, {"id": msg["id"], "ok": False, "code": code, "message": "no"})
+        return None
+
+    key = FileKey(ino=7, size=5, mtime_ns=1, ctime_ns=2)
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "o.sock", answer, limits={"racy_window_ns": 0})
+        with fake, Opener(fake.path, local_below=0) as opener:
+            fd = opener.open(old_file)
+            assert read_fd(fd) == old_file.read_bytes()
+            os.close(fd)
+            fd = opener.open_private("ns", key, lambda fd: os.write(fd, b"hello"))
+            assert read_fd(fd) == b"hello"
+            os.close(fd)
+            assert opener.local_opens == 2
+            assert [m["op"] for m in fake.requests] == ["open", "lookup"]
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(blocking)
+
+
+async def test_a_request_that_cannot_be_encoded_is_refused_with_a_shadowd_error(
+    start_daemon: Any,
+) -> None:
+    """Hostile namespaces and keys for open_private: what the daemon would refuse is
+    refused (BadRequest) by Client and AsyncClient, also when it cannot even be encoded
+    (before: UnicodeEncodeError for a namespace of lone surrogates, OverflowError for
+    an inode of 2**64); the Opener makes the file here instead."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    good = FileKey(ino=1, size=5, mtime_ns=1, ctime_ns=2)
+    cases = [
+        ("", good),
+        ("x" * 300, good),
+        ("\udcff", good),
+        ("ns", FileKey(ino=2**64, size=5, mtime_ns=1)),
+        ("ns", FileKey(ino=-1, size=5, mtime_ns=1)),
+        ("ns", FileKey(ino=1, size=5, mtime_ns=2**63)),
+    ]
+
+    def fill(fd: int) -> None:
+        os.write(fd, b"hello")
+
+    def blocking() -> None:
+        with Client(d.socket_path, timeout=10) as c, Opener(d.socket_path) as opener:
+            for namespace, key in cases:
+                with pytest.raises(BadRequest):
+                    c.open_private(namespace, key, fill)
+                fd = opener.open_private(namespace, key, fill)
+                assert read_fd(fd) == b"hello"
+                os.close(fd)
+            fd = c.open_private("ns", good, fill)  # the connection still serves
+            assert read_fd(fd) == b"hello"
+            os.close(fd)
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(blocking)
+        async with AsyncClient(d.socket_path, timeout=10) as ac:
+            for namespace, key in cases:
+                with pytest.raises(BadRequest):
+                    await ac.open_private(namespace, key, fill)

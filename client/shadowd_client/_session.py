@@ -42,6 +42,7 @@ from shadowd.protocol import (
 )
 
 from .errors import (
+    BadRequest,
     DaemonUnavailable,
     ProtocolViolation,
     Refused,
@@ -165,11 +166,18 @@ Make: TypeAlias = Callable[[ClientConnection], tuple[int, bytes, list[int]]]
 
 
 def request_of(factory: Callable[[int], Request]) -> Make:
-    """A Make for any request event built from its id."""
+    """A Make for any request event built from its id.
+
+    A request that cannot be encoded (a namespace that is no UTF-8, a key's
+    number past 64 bits) raises BadRequest, as the daemon would have.
+    """
 
     def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
         event = factory(proto.next_id())
-        data, fds = proto.send(event)
+        try:
+            data, fds = proto.send(event)
+        except (ValueError, OverflowError, TypeError) as exc:  # msgpack's, UnicodeEncodeError
+            raise BadRequest(f"cannot encode the request: {exc}") from None
         return event.id, data, fds
 
     return make

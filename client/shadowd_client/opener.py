@@ -27,12 +27,10 @@ from shadowd.protocol import FileKey
 
 from ._session import Answer, Fill, check_served, label_for, open_source
 from .errors import (
-    Busy,
     DaemonUnavailable,
-    FileTooLarge,
-    FileUnstable,
     NotPermitted,
     ProtocolViolation,
+    Refused,
     ShadowdError,
     UnsealedDescriptor,
     source_error,
@@ -171,15 +169,21 @@ class Opener:
     """What a supervisor calls on its open path; never fails or stalls because of shadowd.
 
     For each open, cheapest first: a version this process holds (kept from an
-    earlier hit) is reopened here; a file below *local_below* bytes, above the
-    daemon's --max-file-size, or whose ctime is younger than the daemon's
-    racy window (it would not cache it) is copied here; otherwise the daemon
-    is asked without waiting for its copy (protocol version 2): a hit is
-    served (and kept), a miss is copied here while the daemon fills its
-    cache. After a timeout, a refused connection or a broken one the daemon
-    is left alone for a backoff window (1 s, doubled after each failed retry,
-    at most 30 s) and every open is copied here; one log line says it is
-    gone, one that it is back. Thread-safe.
+    earlier hit) is reopened here; a version the daemon holds is reopened
+    from its index, without a round trip, where this process may read the
+    daemon's descriptors (*use_index*; its uid, or root); a file below
+    *local_below* bytes, above the daemon's --max-file-size, or whose ctime
+    is younger than the daemon's racy window (it would not cache it) is
+    copied here; otherwise the daemon is asked without waiting for its copy
+    (protocol version 2): a hit is served (and kept), a miss is copied here
+    while the daemon fills its cache, and so is a file the daemon refuses
+    for any reason (the copy here raises the errors that are the file's: not
+    a regular file, unreadable). After a timeout, a refused connection, a
+    broken one or a reply that breaks the protocol the daemon is left alone
+    for a backoff window (1 s, doubled after each failed retry, at most 30
+    s) and every open is copied here; one log line says it is gone, one that
+    it is back. Thread-safe; a forked child goes on with a connection of its
+    own.
     """
 
     def __init__(
@@ -309,10 +313,10 @@ class Opener:
             started = time.monotonic()
             try:
                 served = client.open_private(namespace, key, fill, executable=executable)
-            except (FileTooLarge, FileUnstable, Busy):
-                pass
             except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
                 self._failed(exc)
+            except Refused:
+                pass  # whatever the daemon will not do, the copy here does (or says why not)
             else:
                 self._worked()
                 with self._lock:
@@ -436,11 +440,11 @@ class Opener:
         started = time.monotonic()
         try:
             answer = self._client.ask(fd, label=label, wait=False)
-        except (FileTooLarge, FileUnstable, Busy):
-            return None
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
+        except Refused:
+            return None  # whatever the daemon will not do, the copy here does (or says why not)
         finally:
             self.waited += time.monotonic() - started
         self._worked()
