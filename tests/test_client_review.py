@@ -8,8 +8,10 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
+import signal
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -707,3 +709,99 @@ async def test_a_request_that_cannot_be_encoded_is_refused_with_a_shadowd_error(
             for namespace, key in cases:
                 with pytest.raises(BadRequest):
                     await ac.open_private(namespace, key, fill)
+
+
+def _wait_child(pid: int) -> int:
+    """The exit code of child *pid*, or minus the signal that killed it."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+async def test_a_child_forked_while_another_thread_opens_through_the_opener_can_open(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """One thread opens a held file through an Opener in a loop (its lock taken and
+    given back each time) while another forks: each child opens through the same
+    Opener. A child forked while the lock was held must not wait for a thread that
+    does not exist in it (before: it waited forever; here SIGALRM ends it)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+    want = f.read_bytes()
+
+    def work() -> list[int]:
+        opener = Opener(d.socket_path, local_below=0, use_index=False)
+        stop = threading.Event()
+        try:
+            deadline = time.monotonic() + 10
+            while opener.held_opens == 0:  # served by the daemon, then held
+                assert time.monotonic() < deadline
+                os.close(opener.open(f))
+                time.sleep(0.01)
+
+            def spin() -> None:
+                while not stop.is_set():
+                    os.close(opener.open(f))
+
+            spinner = threading.Thread(target=spin)
+            spinner.start()
+            codes = []
+            try:
+                for _ in range(40):
+                    pid = os.fork()
+                    if pid == 0:
+                        code = 1
+                        try:
+                            signal.alarm(5)
+                            fd = opener.open(f)
+                            code = 0 if read_fd(fd) == want else 2
+                        finally:
+                            os._exit(code)
+                    codes.append(_wait_child(pid))
+            finally:
+                stop.set()
+                spinner.join()
+            return codes
+        finally:
+            opener.close()
+
+    with trio.fail_after(120):
+        codes = await trio.to_thread.run_sync(work)
+    assert codes == [0] * len(codes)
+
+
+async def test_a_forked_child_does_not_report_its_parents_index_hits(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The index hits an Opener has not reported yet when its process forks are the
+    parent's to report; the child, closing its Opener, reported them again (the
+    daemon counted them twice)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+
+    def work() -> tuple[int, int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            os.close(c.open(f))  # cached, and indexed
+            before = c.stats()["index_hits"]
+        opener = Opener(d.socket_path, local_below=0, held_files=0)
+        try:
+            for _ in range(10):
+                os.close(opener.open(f))
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    opener.close()
+                finally:
+                    os._exit(0)
+            assert _wait_child(pid) == 0
+            hits = opener.index_opens
+        finally:
+            opener.close()
+        with Client(d.socket_path, timeout=10) as c:
+            return hits, before, c.stats()["index_hits"]
+
+    with trio.fail_after(60):
+        hits, before, after = await trio.to_thread.run_sync(work)
+    assert hits == 10
+    assert after - before == hits

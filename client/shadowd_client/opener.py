@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import attrs
 
@@ -161,6 +162,18 @@ class _Index:
         return self.view if self.retired and self.users == 0 else None
 
 
+#: Every Opener, so that a forked child can take over the ones it inherited.
+_OPENERS: weakref.WeakSet[Opener] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for opener in list(_OPENERS):
+        opener._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -224,6 +237,7 @@ class Opener:
         self._index: _Index | None = None
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
         self._reported_at = time.monotonic()
+        _OPENERS.add(self)
 
     # -- the open path ---------------------------------------------------
 
@@ -493,6 +507,19 @@ class Opener:
             stale.close()
         if self._client is not None:
             self._client.close()
+
+    def _forked(self) -> None:
+        # In the child of a fork: the lock may have been held by a thread that is
+        # not here, and so may the index (none reads it in the child); the hits
+        # not reported yet are the parent's to report. The held fds are the
+        # child's own copies of the same sealed memfds: they serve as well here.
+        # (The Client makes a connection of its own, the index view reopens
+        # through the child's own /proc/self/fd.)
+        self._lock = threading.Lock()
+        if self._index is not None:
+            self._index.users = 0
+        self._unreported.clear()
+        self._reported_at = time.monotonic()
 
     def __enter__(self) -> Opener:
         return self
