@@ -805,3 +805,43 @@ async def test_a_forked_child_does_not_report_its_parents_index_hits(
         hits, before, after = await trio.to_thread.run_sync(work)
     assert hits == 10
     assert after - before == hits
+
+
+async def test_a_stopped_daemon_costs_index_hits_one_timeout_per_backoff_window(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Index hits go on while the daemon is stopped (its descriptors are still there);
+    the reports of them are what waits on it. A report that times out must open the
+    backoff window like any other request, and count in the time waited (before: it
+    did neither, so a second report, then the index fetched again, each waited out
+    the timeout too: three timeouts before the window opened)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(4096))
+    settle(f)
+    timeout = 0.5
+
+    def work() -> tuple[float, float, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            os.close(c.open(f))  # cached, and indexed
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=timeout)
+        try:
+            os.close(opener.open(f))
+            assert opener.index_opens == 1
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                for _ in range(3 * 256):  # three reports' worth of hits
+                    os.close(opener.open(f))
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            return opener.waited, elapsed, opener.index_opens
+        finally:
+            opener.close()
+
+    with trio.fail_after(60):
+        waited, elapsed, index_opens = await trio.to_thread.run_sync(work)
+    assert index_opens >= 256  # a report was due while the daemon was stopped
+    # One timeout, then the backoff window; the rest are copies of 4 KiB here.
+    assert timeout <= waited < 2 * timeout
+    assert elapsed < 2 * timeout

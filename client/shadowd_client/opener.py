@@ -438,10 +438,15 @@ class Opener:
             self._unreported.clear()
             self._reported_at = time.monotonic()
         if hits and self._client is not None:
+            started = time.monotonic()
             try:
                 self._client.report(hits)
+            except (DaemonUnavailable, ProtocolViolation) as exc:
+                self._failed(exc)  # a stopped daemon: one timeout per window, as any request
             except ShadowdError:
                 pass
+            finally:
+                self.waited += time.monotonic() - started
 
     # -- the daemon, behind a breaker -------------------------------------
 
