@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -35,7 +37,7 @@ from shadowd_client import index as client_index
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import REQUIRED_SEALS, seal
 
-from .conftest import Daemon, make_file, read_fd, settle
+from .conftest import Daemon, make_file, read_fd, repo_env, settle
 
 RACY = "0.05"
 
@@ -845,3 +847,54 @@ async def test_a_stopped_daemon_costs_index_hits_one_timeout_per_backoff_window(
     # One timeout, then the backoff window; the rest are copies of 4 KiB here.
     assert timeout <= waited < 2 * timeout
     assert elapsed < 2 * timeout
+
+
+_CTTY_CHILD = """
+import json, os, sys
+from shadowd_client import Client, Opener, ShadowdError, local_copy
+
+master, slave = os.openpty()
+tty = os.ttyname(slave)
+
+
+def ctty():
+    # Field 7 of /proc/self/stat: the controlling terminal (0: none).
+    return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[4])
+
+
+out = {"before": ctty()}
+for name, call in (
+    ("local_copy", lambda: local_copy(tty)),
+    ("Client.open", lambda: Client(sys.argv[1]).open(tty)),
+    ("Opener.open", lambda: Opener(sys.argv[1], local_below=0).open(tty)),
+):
+    try:
+        call()
+    except ShadowdError:
+        pass
+    out[name] = ctty()
+print(json.dumps(out))
+"""
+
+
+async def test_opening_a_terminal_never_makes_it_the_callers_controlling_terminal(
+    start_daemon: Any,
+) -> None:
+    """A supervisor that runs as a session leader without a terminal (a service) and is
+    asked for a terminal's path: the client opens it to find out what it is, with
+    O_NOCTTY, as the C client does (before: the terminal became the supervisor's
+    controlling terminal at that open)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", _CTTY_CHILD, str(d.socket_path)],
+            env=repo_env(),
+            start_new_session=True,  # a session leader without a controlling terminal
+            capture_stdout=True,
+        )
+    assert json.loads(done.stdout) == {
+        "before": 0,
+        "local_copy": 0,
+        "Client.open": 0,
+        "Opener.open": 0,
+    }

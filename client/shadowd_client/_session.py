@@ -56,7 +56,9 @@ from .errors import (
 )
 
 CLIENT_NAME = f"shadowd_client/{__version__}"
-SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO's open does not wait for a writer; O_NOCTTY: a terminal's
+# does not become the controlling terminal of a session leader that has none.
+SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # A SOCK_SEQPACKET datagram cannot exceed the sender's socket buffer (about
 # 208 KiB by default), so this holds any reply.
 REPLY_BUFFER = 256 * 1024
