@@ -279,7 +279,7 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(move_high(fd)), size=expected.size, executable=expected.executable)
+    return _sealed_file(fd, size=expected.size, executable=expected.executable)
 
 
 def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
@@ -294,7 +294,18 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(move_high(fd)), size=len(data), executable=executable)
+    return _sealed_file(fd, size=len(data), executable=executable)
+
+
+def _sealed_file(fd: int, *, size: int, executable: bool) -> SealedFile:
+    """The SealedFile that owns the sealed memfd *fd*; *fd* is closed should making it
+    fail (its first use in a process opens /proc/self/fd: EMFILE at the fd limit)."""
+    holder = FdHolder(move_high(fd))
+    try:
+        return SealedFile(holder, size=size, executable=executable)
+    except BaseException:
+        holder.close()
+        raise
 
 
 _PROC_FD: dict[str, int] = {}

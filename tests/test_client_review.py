@@ -898,3 +898,163 @@ async def test_opening_a_terminal_never_makes_it_the_callers_controlling_termina
         "Client.open": 0,
         "Opener.open": 0,
     }
+
+
+_EXHAUSTED_CHILD = """
+import json, os, resource, sys, traceback
+import trio
+from shadowd.memfd import _PROC_FD
+from shadowd_client import AsyncClient, Client, FileKey, Opener, ShadowdError, local_copy
+
+sock, files = sys.argv[1], sys.argv[2:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+problems = []
+
+
+def fds():
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+class Exhausted:
+    # Every descriptor number taken or past the limit but the lowest *k* free ones.
+    def __init__(self, k):
+        self.k = k
+
+    def __enter__(self):
+        top = max(fds()) + 1
+        self.holes = []
+        while (n := os.open("/dev/null", os.O_RDONLY)) < top:
+            self.holes.append(n)
+        os.close(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + self.k, hard))
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for n in self.holes:
+            os.close(n)
+
+
+def close(out):
+    for fd in out if isinstance(out, list) else [out]:
+        if type(fd) is int:
+            os.close(fd)
+
+
+def check(name, k, base):
+    # The process's handle on /proc/self/fd (shadowd.memfd), opened once and kept.
+    extra = fds() - base - {_PROC_FD.get("fd")}
+    if extra:
+        problems.append([name, k, "left open", [os.readlink(f"/proc/self/fd/{n}") for n in extra]])
+
+
+def attempt(name, k, call):
+    try:
+        return call()
+    except ShadowdError:
+        return None
+    except BaseException as exc:
+        problems.append([name, k, traceback.format_exception_only(exc)[-1].strip()])
+        return None
+
+
+def key(i):
+    return FileKey(ino=1000 + i, size=5, mtime_ns=1, ctime_ns=2)
+
+
+def fill(fd):
+    os.write(fd, b"hello")
+
+
+def preload(opener):
+    opener.preload(files)
+
+
+# local_copy first: the process's first memfd copy is made while descriptors run out.
+for k in range(8):
+    base = fds()
+    with Exhausted(k):
+        out = attempt("local_copy", k, lambda: local_copy(files[0]))
+    close(out)
+    check("local_copy", k, base)
+
+makers = {
+    "Client.open": (lambda: Client(sock, timeout=5), lambda c, k: c.open(files[k % 2])),
+    "Client.open_many": (lambda: Client(sock, timeout=5), lambda c, k: c.open_many(files)),
+    "Client.open_private": (
+        lambda: Client(sock, timeout=5),
+        lambda c, k: c.open_private("ns", key(k), fill),
+    ),
+    "Opener.open": (
+        lambda: Opener(sock, local_below=0, timeout=5),
+        lambda c, k: c.open(files[k % 2]),
+    ),
+    "Opener.open, no index nor tier": (
+        lambda: Opener(sock, local_below=0, timeout=5, use_index=False, held_files=0),
+        lambda c, k: c.open(files[k % 2]),
+    ),
+    "Opener.preload": (lambda: Opener(sock, local_below=0, timeout=5), lambda c, k: preload(c)),
+    "Opener.open_private": (
+        lambda: Opener(sock, local_below=0, timeout=5),
+        lambda c, k: c.open_private("ns", key(k + 50), fill),
+    ),
+}
+for name, (make, call) in makers.items():
+    for k in range(16):
+        base = fds()
+        c = make()
+        close(call(c, 99))  # connected; the index and the tier taken where they are used
+        with Exhausted(k):
+            out = attempt(name, k, lambda: call(c, k))
+        close(out)
+        c.close()
+        check(name, k, base)
+
+
+async def async_opens():
+    for k in range(12):
+        base = fds()
+        c = AsyncClient(sock, timeout=5)
+        os.close(await c.open(files[0]))
+        out = None
+        with Exhausted(k):
+            try:
+                out = await c.open(files[k % 2])
+            except ShadowdError:
+                pass
+            except BaseException as exc:
+                problems.append(["AsyncClient.open", k, repr(exc)])
+        close(out)
+        await c.aclose()
+        check("AsyncClient.open", k, base)
+
+
+trio.run(async_opens)
+print(json.dumps(problems))
+"""
+
+
+async def test_descriptors_running_out_at_any_step_leak_nothing_and_raise_shadowd_errors(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """RLIMIT_NOFILE leaving 0 to 15 descriptor numbers free in the middle of each kind
+    of open (in a child process of its own): each returns an fd or raises a
+    ShadowdError, and once the caller closed what it got and its client, the process
+    holds the descriptors it held before (before: the first local copy of a process,
+    made at the limit, left its memfd open when /proc/self/fd could not be opened,
+    shadowd/memfd.py sealed_copy)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(2)]
+    settle(*files)
+
+    def warm() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            close_all(c.open_many(files))  # cached, and indexed
+
+    with trio.fail_after(120):
+        await trio.to_thread.run_sync(warm)
+        done = await trio.run_process(
+            [sys.executable, "-c", _EXHAUSTED_CHILD, str(d.socket_path), *map(str, files)],
+            env=repo_env(),
+            capture_stdout=True,
+        )
+    assert json.loads(done.stdout) == []
