@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import json
+import mmap
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from shadowd_client import (
     Opener,
     ProtocolViolation,
     local_copy,
+    local_private,
 )
 from shadowd_client import index as client_index
 
@@ -1058,3 +1060,44 @@ async def test_descriptors_running_out_at_any_step_leak_nothing_and_raise_shadow
             capture_stdout=True,
         )
     assert json.loads(done.stdout) == []
+
+
+async def test_a_private_file_whose_filler_keeps_writing_is_copied_here_as_the_daemon_does(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """A fill that keeps a writable shared mapping of the memfd it was given (and writes
+    on after): the daemon cannot seal it and copies it; the local fallback must do the
+    same, so that open_private serves what fill wrote whether the daemon is up or not,
+    and nothing written later (before: local_private raised SourceError, EBUSY)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    key = FileKey(ino=9, size=4096, mtime_ns=1, ctime_ns=2)
+    maps: list[mmap.mmap] = []
+
+    def fill(fd: int) -> None:
+        os.ftruncate(fd, key.size)
+        m = mmap.mmap(fd, key.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        m[:5] = b"hello"
+        maps.append(m)  # kept, writable
+
+    def sealed_and_read_only(fd: int) -> bytes:
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        return os.pread(fd, 5, 0)
+
+    def blocking() -> None:
+        served = [local_private(key, fill)]
+        with Opener(shared_dir / "nobody-home.sock") as opener:
+            served.append(opener.open_private("ns", key, fill))
+        with Client(d.socket_path, timeout=10) as c:
+            served.append(c.open_private("ns", key, fill))
+        for m in maps:
+            m[:5] = b"later"
+        try:
+            assert [sealed_and_read_only(fd) for fd in served] == [b"hello"] * 3
+        finally:
+            close_all(served)
+            for m in maps:
+                m.close()
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(blocking)
