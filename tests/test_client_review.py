@@ -10,6 +10,7 @@ import fcntl
 import json
 import mmap
 import os
+import random
 import signal
 import socket
 import sys
@@ -1101,3 +1102,45 @@ async def test_a_private_file_whose_filler_keeps_writing_is_copied_here_as_the_d
 
     with trio.fail_after(30):
         await trio.to_thread.run_sync(blocking)
+
+
+async def test_requests_cancelled_before_they_were_sent_leave_nothing_behind(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Twenty tasks whose opens are cancelled at random, most before their request went
+    out (waiting for the send lock): once every reply that was due came, the client
+    expects none and remembers no abandoned request (before: each request cancelled
+    before its send stayed in both for the connection's life, thousands here), and
+    no fd is left open."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(50_000 * (i + 1))) for i in range(6)]
+    want = {f: f.read_bytes() for f in files}
+    rng = random.Random(7)
+    wrong: list[Path] = []
+    with trio.fail_after(60):
+        async with AsyncClient(d.socket_path, timeout=10) as client:
+            await client.connect()
+            before = fd_count()
+
+            async def opens() -> None:
+                for _ in range(100):
+                    f = rng.choice(files)
+                    with trio.move_on_after(rng.random() * 0.002):
+                        fd = await client.open(f)
+                        if read_fd(fd) != want[f]:
+                            wrong.append(f)
+                        os.close(fd)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(opens)
+            conn = client._conn
+            assert conn is not None
+            for _ in range(40):  # replies still due: read them as they come
+                if not conn.session.proto.pending:
+                    break
+                os.close(await client.open(files[0]))
+                await trio.sleep(0.05)
+            assert wrong == []
+            assert (conn.session.proto.pending, len(conn.abandoned)) == (0, 0)
+            assert fd_count() == before

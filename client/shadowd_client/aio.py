@@ -274,6 +274,7 @@ class AsyncClient:
     async def _attempt(self, make: Make) -> Reply:
         conn = await self._connection()
         id, data, fds = make(conn.session.proto)
+        sent = False
         try:
             with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
                 async with conn.send_lock:
@@ -282,6 +283,7 @@ class AsyncClient:
                         conn.sock.sendmsg([data], scm_rights(fds), SEND_FLAGS),
                         "sending a request",
                     )
+                sent = True
                 return await self._wait_reply(conn, id)
         except trio.TooSlowError:
             self._drop(conn, Broken(TimeoutError(), "waiting for a reply"))
@@ -290,7 +292,10 @@ class AsyncClient:
                 socket_path=self.socket_path,
             ) from None
         except trio.Cancelled:
-            conn.abandoned.add(id)
+            if sent:
+                conn.abandoned.add(id)  # its reply is closed when it comes
+            else:
+                conn.session.proto.forget(id)  # never sent: no reply will come
             raise
         except Broken as broken:
             self._drop(conn, broken)
