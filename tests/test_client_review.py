@@ -1144,3 +1144,53 @@ async def test_requests_cancelled_before_they_were_sent_leave_nothing_behind(
             assert wrong == []
             assert (conn.session.proto.pending, len(conn.abandoned)) == (0, 0)
             assert fd_count() == before
+
+
+async def test_threads_opening_through_one_opener_across_daemon_restarts_see_no_error(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Six threads open through one Opener while the daemon is killed and started again
+    three times (a new index each time, fetched on the new connection while other
+    threads still read through the old one): every open returns the file's bytes,
+    none raises, and closing the Opener leaves no descriptor behind."""
+    d: Daemon = await start_daemon("--racy-window", "0", socket_name="r.sock")
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(6)]
+    want = {f: f.read_bytes() for f in files}
+    errors: list[str] = []
+    stop = threading.Event()
+    rng = random.Random(3)
+
+    def opens(opener: Opener) -> None:
+        while not stop.is_set():
+            f = rng.choice(files)
+            try:
+                fd = opener.open(f)
+                try:
+                    if read_fd(fd) != want[f]:
+                        errors.append("wrong bytes")
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                errors.append(repr(exc))
+
+    os.close(local_copy(files[0]))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_count()
+    opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=1, retry_after=0.05)
+    threads = [threading.Thread(target=opens, args=(opener,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        with trio.fail_after(60):
+            for _ in range(3):
+                await trio.sleep(0.5)
+                d.kill()
+                d = await start_daemon("--racy-window", "0", socket_name="r.sock")
+            await trio.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        opener.close()
+    assert errors == []
+    assert opener.index_opens > 0
+    assert fd_count() == before
