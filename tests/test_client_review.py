@@ -30,8 +30,10 @@ from shadowd_client import (
     Client,
     DaemonUnavailable,
     FileKey,
+    NotRegularFile,
     Opener,
     ProtocolViolation,
+    SourceError,
     local_copy,
     local_private,
 )
@@ -1194,3 +1196,44 @@ async def test_threads_opening_through_one_opener_across_daemon_restarts_see_no_
     assert errors == []
     assert opener.index_opens > 0
     assert fd_count() == before
+
+
+async def test_what_is_no_regular_file_is_refused_by_every_call_at_once(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """A FIFO without a writer, a directory, a character device and a socket, through
+    every call that takes a path: NotRegularFile (SourceError for the socket, which
+    cannot be opened), nothing waits, nothing stays open; preload skips them."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    sock_path = tmp_path / "sock"
+    expected = {fifo: NotRegularFile, directory: NotRegularFile, Path("/dev/zero"): NotRegularFile}
+    expected[sock_path] = SourceError
+    os.close(local_copy(make_file(tmp_path / "f", b"x")))  # /proc/self/fd's handle, kept
+    before = fd_links()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+
+    def blocking() -> None:
+        with Client(d.socket_path, timeout=10) as c, Opener(d.socket_path, local_below=0) as o:
+            for path, error in expected.items():
+                for call in (c.open, o.open, local_copy):
+                    with pytest.raises(error):
+                        call(path)
+                out = c.open_many(list(expected), return_exceptions=True)
+                assert [type(x) for x in out] == list(expected.values())
+            assert o.preload(list(expected)) == 0
+
+    try:
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(blocking)
+            async with AsyncClient(d.socket_path, timeout=10) as ac:
+                for path, error in expected.items():
+                    with pytest.raises(error):
+                        await ac.open(path)
+    finally:
+        listener.close()
+    assert fd_links() == before
