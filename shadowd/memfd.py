@@ -327,18 +327,39 @@ def _proc_fd_dir() -> int:
 def proc_fd_dir_again(fd: int) -> None:
     """In a forked child: this process's /proc/self/fd at *fd*, in place of the
     parent's it inherited there (a reopen of N through that would open the
-    parent's fd N). The same number, so whatever holds it keeps it."""
-    fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    parent's fd N). The same number, so whatever holds it keeps it.
+
+    A child of a parent at its fd limit has no number free: the parent's
+    handle goes first, which frees *fd* itself. Should the open fail all the
+    same, *fd* is left closed and OSError raised: the caller must forget the
+    number, never reopen through it.
+    """
     try:
-        os.dup2(fresh, fd, inheritable=False)
-    finally:
-        os.close(fresh)
+        try:
+            fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fresh != fd:
+            try:
+                os.dup2(fresh, fd, inheritable=False)
+            finally:
+                os.close(fresh)
+    except OSError:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed above already
+        raise
 
 
 def _proc_fd_dir_in_child() -> None:
     fd = _PROC_FD.get("fd")
     if fd is not None:
-        proc_fd_dir_again(fd)  # (SealedFiles keep its number)
+        try:
+            proc_fd_dir_again(fd)  # (SealedFiles keep its number)
+        except OSError:
+            del _PROC_FD["fd"]  # opened again when next needed
 
 
 os.register_at_fork(after_in_child=_proc_fd_dir_in_child)

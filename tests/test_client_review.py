@@ -1237,3 +1237,101 @@ async def test_what_is_no_regular_file_is_refused_by_every_call_at_once(
     finally:
         listener.close()
     assert fd_links() == before
+
+
+_FORKED_AT_THE_LIMIT_CHILD = """
+import json, os, resource, sys
+from shadowd_client import index as client_index, local_copy
+from shadowd_client.index import IndexView
+from tests.wire import Raw
+
+sock, path, decoy_path, python_path = sys.argv[1:5]
+if python_path == "1":
+    client_index.C_CALLS = None
+want = open(path, "rb").read()
+os.close(local_copy(path))  # the process's handle on /proc/self/fd, opened now
+with Raw(sock) as raw:  # the index, taken as from a daemon of another uid: O_PATH first
+    reply, fds = raw.call({"op": "index", "id": 1})
+view = IndexView(fds[0], reply["pid"], reply["slots"], peer=None)
+os.close(fds[0])
+st = os.stat(path)
+r, w = os.pipe()
+# Every number taken up to the limit, with a sealed copy of another file (the decoy)
+# at the highest but one.
+top = max(int(n) for n in os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (top + 16, hard))
+held = []
+while True:
+    try:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+low, decoy, high = held[-3:]
+for n in (low, decoy, high):
+    os.close(n)
+copy = local_copy(decoy_path)
+os.dup2(copy, decoy)
+for n in (low, high):
+    os.dup2(held[0], n)  # /dev/null, over the copy's own number among them
+pid = os.fork()  # at this moment the child can open nothing
+if pid == 0:
+    out = {}
+    # The numbers a call takes, lowest first: the source, then the copy or the O_PATH fd
+    # (at the parent's decoy), then the reopen.
+    calls = (("local_copy", lambda: local_copy(path), (low, decoy, high)),
+             ("index", lambda: view.open(st), (decoy, high)))
+    for what, call, free in calls:
+        for n in free:
+            os.close(n)
+        try:
+            fd = call()
+            if fd is None:
+                out[what] = "none"
+            else:
+                out[what] = "right" if os.pread(fd, len(want) + 1, 0) == want else "wrong"
+                os.close(fd)
+        except Exception as exc:
+            out[what] = repr(exc)
+        for n in free:
+            os.dup2(w, n)
+    os.write(w, json.dumps(out).encode())
+    os._exit(0)
+os.close(w)
+print(os.read(r, 4096).decode())
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+async def test_a_child_forked_at_the_fd_limit_never_reopens_through_its_parents_table(
+    start_daemon: Any, tmp_path: Path, path: str
+) -> None:
+    """A process forks with every descriptor number taken, so the child cannot open its
+    own /proc/self/fd at fork time (shadowd/memfd.py's handle, an index view's). It
+    must not go on reopening through the parent's: a local copy came back as the
+    parent's descriptor of the same number (here a sealed copy of another file; a host
+    file as well), and so did an index hit through the O_PATH step."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    decoy = make_file(tmp_path / "decoy", b"WRONG" * 1000)
+    settle(f)
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(_warm, d, f)
+        done = await trio.run_process(
+            [
+                *(sys.executable, "-c", _FORKED_AT_THE_LIMIT_CHILD, str(d.socket_path)),
+                *(str(f), str(decoy), "1" if path == "python" else "0"),
+            ],
+            env=repo_env(),
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    out = json.loads(done.stdout)
+    assert out["local_copy"] == "right"
+    assert out["index"] in ("right", "none")
+
+
+def _warm(d: Daemon, *files: Path) -> None:
+    with Client(d.socket_path, timeout=10) as c:
+        close_all(c.open_many(list(files)))  # cached, and indexed
