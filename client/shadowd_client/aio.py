@@ -117,7 +117,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AsyncClient:
-    """A trio connection to shadowd; the same API as :class:`Client`, awaited.
+    """A trio connection to shadowd; the API of :class:`Client`, awaited (``open``,
+    ``open_fd``, ``ask``, ``open_many``, ``open_private``, ``stats``; ``aclose``
+    for ``close``), without ``ask_many``, ``index`` and ``report``.
 
     Several tasks may use one AsyncClient at once: their requests are in
     flight together and each gets its own reply. It finds the socket as

@@ -99,8 +99,10 @@ class Client:
     ``Client()`` finds the socket by the one rule (``shadowd.paths.find_socket``):
     ``$SHADOWD_SOCKET``, else the user's own socket, else the host daemon's
     ``/run/shadowd/shadowd.sock``, whichever is there when it connects.
-    Connecting happens on first use. Every method raises only
-    :class:`~shadowd_client.ShadowdError` subclasses.
+    Connecting happens on first use. *timeout* bounds each wait on the daemon
+    (connecting, each send, each receive: a request on a new connection may
+    wait for the hello reply and its own), None for none. Every method raises
+    only :class:`~shadowd_client.ShadowdError` subclasses.
     """
 
     def __init__(
