@@ -28,6 +28,7 @@ from shadowd_client import (
     AsyncClient,
     BadRequest,
     Client,
+    DaemonTimeout,
     DaemonUnavailable,
     FileKey,
     NotRegularFile,
@@ -242,20 +243,21 @@ Answer = Callable[[socket.socket, dict[str, Any], list[int]], object]
 
 class FakeDaemon:
     """A daemon this test plays on a real SOCK_SEQPACKET socket, in a thread: it says
-    hello itself (*version*, *limits*), answers index requests no-index, and hands
-    every other request to *answer*, one connection after another."""
+    hello itself (the version asked, if it is one of *speaks*, else unsupported-version
+    and the connection closed; its *limits*), answers index requests no-index, and
+    hands every other request to *answer*, one connection after another."""
 
     def __init__(
         self,
         path: Path,
         answer: Answer,
         *,
-        version: int = 2,
+        speaks: tuple[int, ...] = (1, 2),
         limits: dict[str, int] | None = None,
     ) -> None:
         self.path = path
         self.answer = answer
-        self.version = version
+        self.speaks = speaks
         self.limits = {"max_batch": 64, "max_request": 65536, **(limits or {})}
         self.requests: list[dict[str, Any]] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -284,8 +286,12 @@ class FakeDaemon:
                 if not data:
                     return
                 msg = msgpack.unpackb(data)
+                if msg["op"] == "hello" and msg["version"] not in self.speaks:
+                    refusal = {"code": "unsupported-version", "message": "no"}
+                    _send(conn, {"id": msg["id"], "ok": False, **refusal})
+                    return
                 if msg["op"] == "hello":
-                    reply = {"id": msg["id"], "ok": True, "version": self.version}
+                    reply = {"id": msg["id"], "ok": True, "version": msg["version"]}
                     _send(conn, {**reply, "server": "fake", "limits": self.limits})
                 elif msg["op"] == "index":
                     _send(conn, {"id": msg["id"], "ok": False, "code": "no-index", "message": ""})
@@ -1335,3 +1341,53 @@ async def test_a_child_forked_at_the_fd_limit_never_reopens_through_its_parents_
 def _warm(d: Daemon, *files: Path) -> None:
     with Client(d.socket_path, timeout=10) as c:
         close_all(c.open_many(list(files)))  # cached, and indexed
+
+
+async def test_an_async_client_waits_for_a_silent_daemons_hello_no_longer_than_its_timeout(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """A daemon that never answers (stopped; here a socket nobody accepts on, whose
+    backlog takes the connection): AsyncClient.connect() and open_many() wait for its
+    hello reply, and must give up at the client's timeout as open() does (before: they
+    waited for ever)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(shared_dir / "silent.sock"))
+    listener.listen()
+    try:
+        with trio.fail_after(10):
+            for call in ("connect", "open_many", "open"):
+                async with AsyncClient(shared_dir / "silent.sock", timeout=0.3) as ac:
+                    with pytest.raises(DaemonTimeout):
+                        if call == "connect":
+                            await ac.connect()
+                        elif call == "open_many":
+                            await ac.open_many([old_file])
+                        else:
+                            await ac.open(old_file)
+    finally:
+        listener.close()
+
+
+async def test_an_async_client_speaks_version_1_to_a_daemon_that_speaks_only_that(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """A daemon of version 1 refuses a version 2 hello (unsupported-version) and closes:
+    every call says hello again in version 1, connect() and open_many() included, as
+    Client does (before: those two raised BadRequest; only open() spoke version 1)."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] == "open_batch":
+            return _batch_reply(lambda n: [_one_sealed] * n)(conn, msg, fds)
+        _serve_good(conn, msg)
+        return None
+
+    with trio.fail_after(30), FakeDaemon(shared_dir / "v1.sock", answer, speaks=(1,)) as fake:
+        for call in ("connect", "open_many", "open"):
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                if call == "connect":
+                    await ac.connect()
+                elif call == "open_many":
+                    close_all(await ac.open_many([old_file]))
+                else:
+                    os.close(await ac.open(old_file))
+                assert ac.version == 1

@@ -400,24 +400,46 @@ class AsyncClient:
     async def _ensure_hello(self) -> _Conn:
         """A connection whose hello was answered (so its limits are known)."""
         try:
-            conn = await self._connection()
-            while _hello_pending(conn):
-                async with conn.recv_lock:
-                    # Another task may have read the hello reply meanwhile.
-                    if not _hello_pending(conn):
-                        break
-                    reply = await self._recv(conn)
-                    if reply is not None and reply.id is not None:
-                        conn.replies[reply.id] = reply
+            return await self._ensure_hello_once()
+        except Refused as exc:
+            if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
+                raise
+            self.version = 1  # a daemon older than version 2: speak 1 from now on
+            return await self._ensure_hello_once()
+
+    async def _ensure_hello_once(self) -> _Conn:
+        conn = await self._connection()
+        try:
+            with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+                while _hello_pending(conn):
+                    async with conn.recv_lock:
+                        # Another task may have read the hello reply meanwhile.
+                        if not _hello_pending(conn):
+                            break
+                        reply = await self._recv(conn)
+                        if reply is None or reply.id is None:
+                            continue
+                        if reply.id in conn.abandoned:
+                            conn.abandoned.discard(reply.id)
+                            close_reply(reply)
+                        else:
+                            conn.replies[reply.id] = reply
             return conn
+        except trio.TooSlowError:
+            self._drop(conn, Broken(TimeoutError(), "waiting for the hello reply"))
+            raise DaemonTimeout(
+                f"shadowd at {self.socket_path} did not answer in time",
+                socket_path=self.socket_path,
+            ) from None
         except Broken as broken:
-            if self._conn is not None:
-                self._drop(self._conn, broken)
+            self._drop(conn, broken)
             raise broken.error(self.socket_path) from None
         except ProtocolViolation as exc:
-            if self._conn is not None:
-                self._drop(self._conn, Broken(None, "saying hello"))
+            self._drop(conn, Broken(None, "saying hello"))
             raise hello_violation(exc, self.socket_path) from None
+        except ShadowdError:
+            self._drop(conn, Broken(None, "saying hello"))  # turned away: it closes
+            raise
 
     def _drop(self, conn: _Conn, broken: Broken) -> None:
         conn.broken = broken
