@@ -156,11 +156,6 @@ class _Index:
         self.retired = True
         return self.view if self.users == 0 else None
 
-    def done(self) -> IndexView | None:
-        """One user less; the view to close now, if it was the last of a retired one."""
-        self.users -= 1
-        return self.view if self.retired and self.users == 0 else None
-
 
 #: Every Opener, so that a forked child can take over the ones it inherited.
 _OPENERS: weakref.WeakSet[Opener] = weakref.WeakSet()
@@ -236,6 +231,7 @@ class Opener:
         self.use_index = use_index
         self._index: _Index | None = None
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._unreported_hits = 0  # their total (Counter.total() sums every file's)
         self._reported_at = time.monotonic()
         _OPENERS.add(self)
 
@@ -258,7 +254,9 @@ class Opener:
             if held is not None:
                 self.held_opens += 1
                 return held
-        index = self._current_index()  # in use until _index_done
+            index = self._reading()  # in use until _index_done
+        if index is None:
+            index = self._current_index()  # fetched on a new connection (or None)
         if index is not None:
             served = None
             try:
@@ -379,11 +377,8 @@ class Opener:
             return None
         with self._lock:
             index = self._index
-            if index is not None and index.connection == client.connections > 0:
-                if index.view is None:
-                    return None
-                index.users += 1
-                return index
+            if index is not None and index.connection == client.connections:
+                return self._reading()  # None: the daemon gave none on this connection
         started = time.monotonic()
         try:
             view = client.index()
@@ -410,17 +405,35 @@ class Opener:
                 old.close()
         return fetched if fetched.view is not None else None
 
+    def _reading(self) -> _Index | None:
+        """The current connection's index, counted as in use, when there is one to read
+        through now (lock held); else None."""
+        index, client = self._index, self._client
+        if (
+            index is None
+            or index.view is None
+            or client is None
+            or index.connection != client.connections
+            or not self.use_index
+            or time.monotonic() < self._down_until
+        ):
+            return None
+        index.users += 1
+        return index
+
     def _index_done(self, index: _Index, hit: tuple[int, int] | None) -> None:
         """*index* no longer in use by this open; *hit*: the file it served, counted."""
         with self._lock:
-            stale = index.done()
+            index.users -= 1
+            stale = index.view if index.retired and index.users == 0 else None
             if hit is None:
                 due = False
             else:
                 self.index_opens += 1
                 self._unreported[hit] += 1
+                self._unreported_hits += 1
                 due = (
-                    self._unreported.total() >= REPORT_EVERY_HITS
+                    self._unreported_hits >= REPORT_EVERY_HITS
                     or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
                 )
         if stale is not None:
@@ -436,6 +449,7 @@ class Opener:
         with self._lock:
             hits = [(dev, ino, n) for (dev, ino), n in self._unreported.items()]
             self._unreported.clear()
+            self._unreported_hits = 0
             self._reported_at = time.monotonic()
         if hits and self._client is not None:
             started = time.monotonic()
@@ -524,6 +538,7 @@ class Opener:
         if self._index is not None:
             self._index.users = 0
         self._unreported.clear()
+        self._unreported_hits = 0
         self._reported_at = time.monotonic()
 
     def __enter__(self) -> Opener:
