@@ -724,6 +724,15 @@ async def test_a_request_that_cannot_be_encoded_is_refused_with_a_shadowd_error(
                     await ac.open_private(namespace, key, fill)
 
 
+def _until_index_hit(opener: Opener, f: Path) -> None:
+    """Open *f* until the daemon's index serves it (it is indexed once its copy is in)."""
+    before, deadline = opener.index_opens, time.monotonic() + 10
+    while opener.index_opens == before:
+        assert time.monotonic() < deadline, "never served from the index"
+        os.close(opener.open(f))
+        time.sleep(0.01)
+
+
 def _wait_child(pid: int) -> int:
     """The exit code of child *pid*, or minus the signal that killed it."""
     _, status = os.waitpid(pid, 0)
@@ -799,6 +808,7 @@ async def test_a_forked_child_does_not_report_its_parents_index_hits(
             before = c.stats()["index_hits"]
         opener = Opener(d.socket_path, local_below=0, held_files=0)
         try:
+            _until_index_hit(opener, f)
             for _ in range(10):
                 os.close(opener.open(f))
             pid = os.fork()
@@ -816,7 +826,7 @@ async def test_a_forked_child_does_not_report_its_parents_index_hits(
 
     with trio.fail_after(60):
         hits, before, after = await trio.to_thread.run_sync(work)
-    assert hits == 10
+    assert hits >= 10
     assert after - before == hits
 
 
@@ -838,8 +848,8 @@ async def test_a_stopped_daemon_costs_index_hits_one_timeout_per_backoff_window(
             os.close(c.open(f))  # cached, and indexed
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=timeout)
         try:
-            os.close(opener.open(f))
-            assert opener.index_opens == 1
+            _until_index_hit(opener, f)
+            before = opener.waited
             os.kill(d.pid, signal.SIGSTOP)
             try:
                 started = time.monotonic()
@@ -848,7 +858,7 @@ async def test_a_stopped_daemon_costs_index_hits_one_timeout_per_backoff_window(
                 elapsed = time.monotonic() - started
             finally:
                 os.kill(d.pid, signal.SIGCONT)
-            return opener.waited, elapsed, opener.index_opens
+            return opener.waited - before, elapsed, opener.index_opens
         finally:
             opener.close()
 

@@ -114,22 +114,33 @@ def label_for(path: str | os.PathLike[str]) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def check_served(fd: int) -> None:
-    """Accept *fd* only if it carries the four seals (then nobody can change its bytes)
-    and is open read-only, as every served fd is (closed, and refused, otherwise).
+def check_sealed(fd: int) -> None:
+    """Accept *fd* only if it carries the four seals (then nobody can change its bytes);
+    otherwise close it and raise UnsealedDescriptor.
 
-    With F_SEAL_WRITE set even a read-write descriptor cannot write, so the
-    seals are what makes the fd safe to hand to a tracee; a write-only one
-    could not even be read, and a read-write one is not what was promised.
+    One fcntl: with F_SEAL_WRITE set even a read-write descriptor cannot
+    write, so the seals are what makes the fd safe to hand to a tracee.
     """
     try:
         seals = fcntl.fcntl(fd, _F_GET_SEALS)
-        mode = fcntl.fcntl(fd, _F_GETFL) & os.O_ACCMODE
     except OSError:
-        seals = mode = 0
+        seals = 0
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         os.close(fd)
         raise UnsealedDescriptor("the daemon sent a descriptor that is not sealed; refused it")
+
+
+def check_served(fd: int) -> None:
+    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`) and open
+    read-only, as the protocol promises; otherwise close it and raise ProtocolViolation.
+
+    A write-only fd could not even be read; a read-write one is not what was promised.
+    """
+    check_sealed(fd)
+    try:
+        mode = fcntl.fcntl(fd, _F_GETFL) & os.O_ACCMODE
+    except OSError:
+        mode = -1
     if mode != os.O_RDONLY:
         os.close(fd)
         raise ProtocolViolation("the daemon sent a descriptor not open read-only; refused it")

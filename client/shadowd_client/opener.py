@@ -26,7 +26,7 @@ from shadowd.fds import FdHolder, close_all
 from shadowd.memfd import reopen_readonly
 from shadowd.protocol import FileKey
 
-from ._session import Answer, Fill, check_served, label_for, open_source
+from ._session import Answer, Fill, check_sealed, label_for, open_source
 from .errors import (
     DaemonUnavailable,
     NotPermitted,
@@ -102,7 +102,7 @@ class HeldFiles:
             self._drop(key)
             return None
         try:
-            check_served(fd)  # closes fd when it is not sealed
+            check_sealed(fd)  # closes fd when it is not sealed (our own reopen: read-only)
         except UnsealedDescriptor:
             self._drop(key)
             return None
