@@ -1401,3 +1401,60 @@ async def test_an_async_client_speaks_version_1_to_a_daemon_that_speaks_only_tha
                 else:
                     os.close(await ac.open(old_file))
                 assert ac.version == 1
+
+
+async def test_threads_sharing_one_client_each_get_their_own_replies(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Eight threads share one Client: opens, batches, private files and stats at once
+    on its one connection. Each gets the reply to its own request (the right bytes,
+    the right count), nothing raises, and nothing stays open (passes: Client takes
+    one request at a time)."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(3000 + i)) for i in range(8)]
+    want = {f: f.read_bytes() for f in files}
+    errors: list[str] = []
+    client = Client(d.socket_path, timeout=10)
+
+    def work(i: int) -> None:
+        try:
+            for k in range(60):
+                f = files[(i + k) % len(files)]
+                if k % 10 == 3:
+                    fds = client.open_many(files[:3])
+                    if [read_fd(fd) for fd in fds] != [want[g] for g in files[:3]]:
+                        errors.append("wrong batch")
+                    close_all(fds)
+                elif k % 10 == 6:
+                    data = f"private {i} {k}".encode()
+                    key = FileKey(ino=1000 * i + k, size=len(data), mtime_ns=1, ctime_ns=2)
+                    fd = client.open_private("ns", key, lambda fd, b=data: os.write(fd, b))
+                    if read_fd(fd) != data:
+                        errors.append("wrong private file")
+                    os.close(fd)
+                elif k % 10 == 9:
+                    if "hits" not in client.stats():
+                        errors.append("not the stats")
+                else:
+                    fd = client.open(f)
+                    if read_fd(fd) != want[f]:
+                        errors.append("wrong bytes")
+                    os.close(fd)
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    def run() -> None:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    before = fd_count()
+    try:
+        with trio.fail_after(60):
+            await trio.to_thread.run_sync(run)
+    finally:
+        client.close()
+    assert errors == []
+    assert fd_count() == before
