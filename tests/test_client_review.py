@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 from shadowd_client import (
     AsyncClient,
     BadRequest,
@@ -1458,3 +1459,50 @@ async def test_threads_sharing_one_client_each_get_their_own_replies(
         client.close()
     assert errors == []
     assert fd_count() == before
+
+
+async def test_a_reply_read_for_a_task_while_it_is_being_cancelled_is_closed(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """Task B reads the connection; task A waits for its turn. A's reply comes and A is
+    cancelled at that very moment: whichever of the two trio runs first, A's fd must
+    be closed (before: when B ran first it kept A's reply for A, then A, cancelled,
+    only marked its id abandoned: the fd stayed open for the connection's life). The
+    two orders are equally likely; 20 rounds."""
+    requests: list[tuple[socket.socket, dict[str, Any]]] = []
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        requests.append((conn, msg))  # answered by the test, when it says
+        return None
+
+    async def until_requests(n: int) -> None:
+        while len(requests) < n:
+            await trio.sleep(0.001)
+
+    with trio.fail_after(60), FakeDaemon(shared_dir / "c.sock", answer) as fake:
+        async with AsyncClient(fake.path, timeout=30) as ac:
+            await ac.connect()
+            for _ in range(20):
+                requests.clear()
+                before = fd_count()
+
+                async def task_b() -> None:
+                    os.close(await ac.open(old_file))
+
+                async def task_a(scope: trio.CancelScope) -> None:
+                    with scope:
+                        os.close(await ac.open(old_file))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(task_b)
+                    await until_requests(1)
+                    await trio.testing.wait_all_tasks_blocked()  # B reads, holding the lock
+                    scope = trio.CancelScope()
+                    nursery.start_soon(task_a, scope)
+                    await until_requests(2)
+                    await trio.testing.wait_all_tasks_blocked()  # A waits for the lock
+                    _serve_good(*requests[1])  # A's reply, then at once A cancelled
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    _serve_good(*requests[0])
+                assert fd_count() == before

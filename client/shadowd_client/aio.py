@@ -294,10 +294,12 @@ class AsyncClient:
                 socket_path=self.socket_path,
             ) from None
         except trio.Cancelled:
-            if sent:
-                conn.abandoned.add(id)  # its reply is closed when it comes
-            else:
+            if not sent:
                 conn.session.proto.forget(id)  # never sent: no reply will come
+            elif id in conn.replies:
+                close_reply(conn.replies.pop(id))  # another task read it as we were cancelled
+            else:
+                conn.abandoned.add(id)  # its reply is closed when it comes
             raise
         except Broken as broken:
             self._drop(conn, broken)
