@@ -279,7 +279,7 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(move_high(fd)), size=expected.size, executable=expected.executable)
+    return _sealed_file(fd, size=expected.size, executable=expected.executable)
 
 
 def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
@@ -294,7 +294,18 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return SealedFile(FdHolder(move_high(fd)), size=len(data), executable=executable)
+    return _sealed_file(fd, size=len(data), executable=executable)
+
+
+def _sealed_file(fd: int, *, size: int, executable: bool) -> SealedFile:
+    """The SealedFile that owns the sealed memfd *fd*; *fd* is closed should making it
+    fail (its first use in a process opens /proc/self/fd: EMFILE at the fd limit)."""
+    holder = FdHolder(move_high(fd))
+    try:
+        return SealedFile(holder, size=size, executable=executable)
+    except BaseException:
+        holder.close()
+        raise
 
 
 _PROC_FD: dict[str, int] = {}
@@ -316,18 +327,39 @@ def _proc_fd_dir() -> int:
 def proc_fd_dir_again(fd: int) -> None:
     """In a forked child: this process's /proc/self/fd at *fd*, in place of the
     parent's it inherited there (a reopen of N through that would open the
-    parent's fd N). The same number, so whatever holds it keeps it."""
-    fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    parent's fd N). The same number, so whatever holds it keeps it.
+
+    A child of a parent at its fd limit has no number free: the parent's
+    handle goes first, which frees *fd* itself. Should the open fail all the
+    same, *fd* is left closed and OSError raised: the caller must forget the
+    number, never reopen through it.
+    """
     try:
-        os.dup2(fresh, fd, inheritable=False)
-    finally:
-        os.close(fresh)
+        try:
+            fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            fresh = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fresh != fd:
+            try:
+                os.dup2(fresh, fd, inheritable=False)
+            finally:
+                os.close(fresh)
+    except OSError:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed above already
+        raise
 
 
 def _proc_fd_dir_in_child() -> None:
     fd = _PROC_FD.get("fd")
     if fd is not None:
-        proc_fd_dir_again(fd)  # (SealedFiles keep its number)
+        try:
+            proc_fd_dir_again(fd)  # (SealedFiles keep its number)
+        except OSError:
+            del _PROC_FD["fd"]  # opened again when next needed
 
 
 os.register_at_fork(after_in_child=_proc_fd_dir_in_child)

@@ -905,6 +905,20 @@ _REQUEST_KINDS: dict[type, str] = {
 }
 
 
+def sendable_label(label: str) -> bool:
+    """Whether the daemon takes *label* as a path label: at most MAX_LABEL_BYTES of UTF-8.
+
+    A path of bytes that are not UTF-8, decoded with ``surrogateescape``, is
+    no UTF-8 at all; one decoded with ``replace`` takes 3 bytes per bad byte.
+    """
+    if label.isascii():
+        return len(label) <= MAX_LABEL_BYTES
+    try:
+        return len(label.encode("utf-8")) <= MAX_LABEL_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
 class ClientConnection:
     """The client's side of one connection: numbers requests, checks replies."""
 
@@ -927,11 +941,19 @@ class ClientConnection:
     def send(self, event: Request) -> tuple[bytes, list[int]]:
         """Bytes and fds of a request; the reply is then expected.
 
-        Path labels that would take the request past the daemon's
+        Path labels the daemon would refuse (not UTF-8, longer than
+        ``MAX_LABEL_BYTES``) or that would take the request past its
         ``max_request`` are left out: they only name files in its stats.
         """
         if event.id in self._pending:
             raise ValueError(f"request id {event.id} is already in flight")
+        if isinstance(event, Open) and event.label is not None and not sendable_label(event.label):
+            event = attrs.evolve(event, label=None)
+        elif isinstance(event, OpenBatch) and not all(
+            label is None or sendable_label(label) for label in event.labels
+        ):
+            labels = tuple(x if x is None or sendable_label(x) else None for x in event.labels)
+            event = attrs.evolve(event, labels=labels)
         data, fds = encode_request(event, self._pack)
         if len(data) > self._max_request:
             if isinstance(event, Open) and event.label is not None:
@@ -956,7 +978,7 @@ class ClientConnection:
         """
         id = self.next_id()
         msg: dict[str, Any] = {"op": "open", "id": id}
-        if label is not None:
+        if label is not None and sendable_label(label):
             msg["path"] = label
         if not wait:
             msg["wait"] = False

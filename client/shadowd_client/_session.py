@@ -42,6 +42,7 @@ from shadowd.protocol import (
 )
 
 from .errors import (
+    BadRequest,
     DaemonUnavailable,
     ProtocolViolation,
     Refused,
@@ -55,7 +56,9 @@ from .errors import (
 )
 
 CLIENT_NAME = f"shadowd_client/{__version__}"
-SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO's open does not wait for a writer; O_NOCTTY: a terminal's
+# does not become the controlling terminal of a session leader that has none.
+SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # A SOCK_SEQPACKET datagram cannot exceed the sender's socket buffer (about
 # 208 KiB by default), so this holds any reply.
 REPLY_BUFFER = 256 * 1024
@@ -111,8 +114,9 @@ def label_for(path: str | os.PathLike[str]) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def check_served(fd: int) -> None:
-    """Accept *fd* only if it carries the four seals (then nobody can change its bytes).
+def check_sealed(fd: int) -> None:
+    """Accept *fd* only if it carries the four seals (then nobody can change its bytes);
+    otherwise close it and raise UnsealedDescriptor.
 
     One fcntl: with F_SEAL_WRITE set even a read-write descriptor cannot
     write, so the seals are what makes the fd safe to hand to a tracee.
@@ -126,7 +130,24 @@ def check_served(fd: int) -> None:
         raise UnsealedDescriptor("the daemon sent a descriptor that is not sealed; refused it")
 
 
+def check_served(fd: int) -> None:
+    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`) and open
+    read-only, as the protocol promises; otherwise close it and raise ProtocolViolation.
+
+    A write-only fd could not even be read; a read-write one is not what was promised.
+    """
+    check_sealed(fd)
+    try:
+        mode = fcntl.fcntl(fd, _F_GETFL) & os.O_ACCMODE
+    except OSError:
+        mode = -1
+    if mode != os.O_RDONLY:
+        os.close(fd)
+        raise ProtocolViolation("the daemon sent a descriptor not open read-only; refused it")
+
+
 _F_GET_SEALS = fcntl.F_GET_SEALS
+_F_GETFL = fcntl.F_GETFL
 
 
 class Broken(Exception):
@@ -158,11 +179,18 @@ Make: TypeAlias = Callable[[ClientConnection], tuple[int, bytes, list[int]]]
 
 
 def request_of(factory: Callable[[int], Request]) -> Make:
-    """A Make for any request event built from its id."""
+    """A Make for any request event built from its id.
+
+    A request that cannot be encoded (a namespace that is no UTF-8, a key's
+    number past 64 bits) raises BadRequest, as the daemon would have.
+    """
 
     def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
         event = factory(proto.next_id())
-        data, fds = proto.send(event)
+        try:
+            data, fds = proto.send(event)
+        except (ValueError, OverflowError, TypeError) as exc:  # msgpack's, UnicodeEncodeError
+            raise BadRequest(f"cannot encode the request: {exc}") from None
         return event.id, data, fds
 
     return make
@@ -211,7 +239,9 @@ class Session:
 
     @property
     def max_batch(self) -> int:
-        return int(self.proto.server_limits.get("max_batch", 1))
+        """The most fds one batch carries: the daemon's limit, kept from 1 to what a
+        reply can carry back (MAX_BATCH_LIMIT) whatever its hello said."""
+        return min(max(self.proto.server_limits.get("max_batch", 1), 1), MAX_BATCH_LIMIT)
 
 
 def opened_fd(reply: Reply) -> int:
@@ -225,9 +255,10 @@ def opened_fd(reply: Reply) -> int:
     return reply.fd
 
 
-def batch_results(reply: Reply) -> list[int | ShadowdError]:
-    """Per-item results of a batch reply: checked fds, or the refusal of each item."""
-    answers = answers_of(reply)
+def batch_results(reply: Reply, sent: int) -> list[int | ShadowdError]:
+    """Per-item results of the reply to a batch of *sent* fds: checked fds, or the
+    refusal of each item."""
+    answers = answers_of(reply, sent)
     if any(isinstance(a, Answer) and a.fd is None for a in answers):
         # A miss without an fd answers only a batch that asked not to wait.
         close_all(a.fd for a in answers if isinstance(a, Answer) and a.fd is not None)
@@ -270,19 +301,23 @@ def answer_of(reply: Reply) -> Answer:
     return Answer(fd, reply.size, reply.hit, reply.version, reply.cached)
 
 
-def answers_of(reply: Reply) -> list[Answer | ShadowdError]:
-    """Per item of a batch that may not wait: an Answer, or the refusal of that item."""
+def answers_of(reply: Reply, sent: int) -> list[Answer | ShadowdError]:
+    """Per item of a batch of *sent* fds that may not wait: an Answer, or the refusal
+    of that item."""
     if isinstance(reply, ErrorReply):
         raise refused(reply.code, reply.message)
     if not isinstance(reply, BatchOpened):
         close_reply(reply)
         raise ProtocolViolation(f"expected a batch reply, got {type(reply).__name__}")
+    if len(reply.results) != sent:
+        close_reply(reply)
+        raise ProtocolViolation(f"{len(reply.results)} results to a batch of {sent} fds")
     out: list[Answer | ShadowdError] = []
     for i, item in enumerate(reply.results):
         if isinstance(item, OpenedItem):
             try:
                 check_served(item.fd)
-            except UnsealedDescriptor:
+            except ProtocolViolation:
                 close_all(r.fd for r in reply.results[i + 1 :] if isinstance(r, OpenedItem))
                 close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
                 raise

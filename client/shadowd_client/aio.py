@@ -1,16 +1,19 @@
 # The trio client: one connection shared by any number of tasks, whose
 # requests are pipelined and matched to replies by id; reconnected once when
-# the daemon restarts.
+# the daemon restarts. A forked child drops the connection it inherited and
+# makes its own.
 #
 # Must never: raise anything but a ShadowdError (trio.Cancelled excepted);
 # lose an fd when a waiting task is cancelled (its reply is closed when it
-# arrives); return an fd that is not sealed.
+# arrives); return an fd that is not sealed; talk on a connection another
+# process also talks on (two processes would read each other's replies).
 from __future__ import annotations
 
 import functools
 import inspect
 import os
 import socket
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -83,17 +86,45 @@ class _Conn:
             close_reply(reply)
         self.replies.clear()
 
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the connection's fds.
+
+        Without trio: no run may be going on, and a trio close would change the
+        epoll set the child shares with its parent (the parent's registration
+        of this very socket).
+        """
+        self.broken = Broken(None, "the connection belongs to the parent process")
+        os.close(self.sock.detach())
+        for reply in self.replies.values():
+            close_reply(reply)
+        self.replies.clear()
+
 
 def _hello_pending(conn: _Conn) -> bool:
     return conn.session.hello_id is not None
 
 
+#: Every client, so that a forked child can drop the connections it inherited.
+_CLIENTS: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class AsyncClient:
-    """A trio connection to shadowd; the same API as :class:`Client`, awaited.
+    """A trio connection to shadowd; the API of :class:`Client`, awaited (``open``,
+    ``open_fd``, ``ask``, ``open_many``, ``open_private``, ``stats``; ``aclose``
+    for ``close``), without ``ask_many``, ``index`` and ``report``.
 
     Several tasks may use one AsyncClient at once: their requests are in
     flight together and each gets its own reply. It finds the socket as
-    :class:`Client` does.
+    :class:`Client` does. A forked child (in a ``trio.run`` of its own) makes
+    a connection of its own.
     """
 
     def __init__(
@@ -111,6 +142,7 @@ class AsyncClient:
         self._conn: _Conn | None = None
         self._connect_lock = trio.Lock()
         self._closed = False
+        _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
 
@@ -156,7 +188,7 @@ class AsyncClient:
                 reply = await self._call(
                     request_of(functools.partial(batch_request, fds, chunk_labels))
                 )
-                for i, r in zip(chunk, batch_results(reply), strict=True):
+                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
                     results[i] = r
         except BaseException:
             close_all(r for i, r in enumerate(results) if isinstance(r, int) and r != sources[i])
@@ -199,6 +231,14 @@ class AsyncClient:
             conn.close()
         await trio.lowlevel.checkpoint()
 
+    def _forked(self) -> None:
+        # In the child of a fork: the socket is the parent's connection too,
+        # and the lock may be held by a task that is not running here.
+        conn, self._conn = self._conn, None
+        self._connect_lock = trio.Lock()
+        if conn is not None:
+            conn.forget()
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -236,6 +276,7 @@ class AsyncClient:
     async def _attempt(self, make: Make) -> Reply:
         conn = await self._connection()
         id, data, fds = make(conn.session.proto)
+        sent = False
         try:
             with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
                 async with conn.send_lock:
@@ -244,6 +285,7 @@ class AsyncClient:
                         conn.sock.sendmsg([data], scm_rights(fds), SEND_FLAGS),
                         "sending a request",
                     )
+                sent = True
                 return await self._wait_reply(conn, id)
         except trio.TooSlowError:
             self._drop(conn, Broken(TimeoutError(), "waiting for a reply"))
@@ -252,7 +294,12 @@ class AsyncClient:
                 socket_path=self.socket_path,
             ) from None
         except trio.Cancelled:
-            conn.abandoned.add(id)
+            if not sent:
+                conn.session.proto.forget(id)  # never sent: no reply will come
+            elif id in conn.replies:
+                close_reply(conn.replies.pop(id))  # another task read it as we were cancelled
+            else:
+                conn.abandoned.add(id)  # its reply is closed when it comes
             raise
         except Broken as broken:
             self._drop(conn, broken)
@@ -355,24 +402,46 @@ class AsyncClient:
     async def _ensure_hello(self) -> _Conn:
         """A connection whose hello was answered (so its limits are known)."""
         try:
-            conn = await self._connection()
-            while _hello_pending(conn):
-                async with conn.recv_lock:
-                    # Another task may have read the hello reply meanwhile.
-                    if not _hello_pending(conn):
-                        break
-                    reply = await self._recv(conn)
-                    if reply is not None and reply.id is not None:
-                        conn.replies[reply.id] = reply
+            return await self._ensure_hello_once()
+        except Refused as exc:
+            if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
+                raise
+            self.version = 1  # a daemon older than version 2: speak 1 from now on
+            return await self._ensure_hello_once()
+
+    async def _ensure_hello_once(self) -> _Conn:
+        conn = await self._connection()
+        try:
+            with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+                while _hello_pending(conn):
+                    async with conn.recv_lock:
+                        # Another task may have read the hello reply meanwhile.
+                        if not _hello_pending(conn):
+                            break
+                        reply = await self._recv(conn)
+                        if reply is None or reply.id is None:
+                            continue
+                        if reply.id in conn.abandoned:
+                            conn.abandoned.discard(reply.id)
+                            close_reply(reply)
+                        else:
+                            conn.replies[reply.id] = reply
             return conn
+        except trio.TooSlowError:
+            self._drop(conn, Broken(TimeoutError(), "waiting for the hello reply"))
+            raise DaemonTimeout(
+                f"shadowd at {self.socket_path} did not answer in time",
+                socket_path=self.socket_path,
+            ) from None
         except Broken as broken:
-            if self._conn is not None:
-                self._drop(self._conn, broken)
+            self._drop(conn, broken)
             raise broken.error(self.socket_path) from None
         except ProtocolViolation as exc:
-            if self._conn is not None:
-                self._drop(self._conn, Broken(None, "saying hello"))
+            self._drop(conn, Broken(None, "saying hello"))
             raise hello_violation(exc, self.socket_path) from None
+        except ShadowdError:
+            self._drop(conn, Broken(None, "saying hello"))  # turned away: it closes
+            raise
 
     def _drop(self, conn: _Conn, broken: Broken) -> None:
         conn.broken = broken

@@ -29,7 +29,9 @@ class DaemonTimeout(DaemonUnavailable):
 
 
 class ProtocolViolation(ShadowdError):
-    """The daemon's reply broke the protocol; the connection is dropped."""
+    """The daemon's reply broke the protocol (what it says, or the fds it carries: each
+    was closed, none returned). A connection whose replies can no longer be matched
+    to its requests is dropped."""
 
 
 class UnsealedDescriptor(ProtocolViolation):

@@ -183,19 +183,28 @@ class IndexView:
         return self._c_open is not None
 
     def close(self) -> None:
+        """Unmap the index and close the view's descriptors; it serves nothing after."""
         if self._closed:
             return
         self._closed = True
+        self._c_open = self._c_open_fd = None  # to _open_py, which serves nothing now
         _VIEWS.discard(self)
         self._map.close()
         os.close(self._daemon_fds)
-        os.close(self._own_fds)
+        if self._own_fds >= 0:
+            os.close(self._own_fds)
 
     def _own_fds_again(self) -> None:
         """In a forked child: /proc/self/fd of this process, at the same number (the
-        C calls were bound to it), in place of the parent's, which it inherited."""
+        C calls were bound to it), in place of the parent's, which it inherited.
+        A child that cannot open it (its parent forked at the fd limit) closes the
+        view rather than reopen through its parent's descriptors."""
         if not self._closed:
-            proc_fd_dir_again(self._own_fds)
+            try:
+                proc_fd_dir_again(self._own_fds)
+            except OSError:
+                self._own_fds = -1  # closed already
+                self.close()
 
     def open(self, st: os.stat_result) -> int | None:
         """A fresh read-only fd of the cached version *st* (the caller's own fstat of
@@ -215,6 +224,8 @@ class IndexView:
 
     def _open_py(self, st: os.stat_result) -> int | None:
         """:meth:`open` in Python: the reference the C version follows."""
+        if self._closed:
+            return None
         view = self._map
         dev, ino = st.st_dev, st.st_ino
         start = slot_of(dev, ino, self.slots)

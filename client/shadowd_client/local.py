@@ -70,11 +70,15 @@ def local_private(key: FileKey, fill: Fill, *, executable: bool = False) -> int:
     """A private file made here without the daemon: *fill* writes it, we seal it.
 
     The same kind of fd as :meth:`Client.open_private` returns (sealed,
-    read-only, its own offset), for when the daemon cannot help.
+    read-only, its own offset), for when the daemon cannot help. A memfd that
+    cannot be sealed (*fill* kept a writable mapping of it, or sealed it
+    itself) is copied, as the daemon copies one: what *fill* writes later is
+    not served.
     """
     with filled_memfd(key, fill, executable=executable) as memfd:
         try:
             seal(memfd.fd, executable=executable)
             return reopen_readonly(memfd.fd)
-        except OSError as exc:
-            raise source_error(exc, "<private file>") from None
+        except OSError:
+            pass
+        return local_copy_fd(memfd.fd, name="<private file>")

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import attrs
 
@@ -25,14 +26,12 @@ from shadowd.fds import FdHolder, close_all
 from shadowd.memfd import reopen_readonly
 from shadowd.protocol import FileKey
 
-from ._session import Answer, Fill, check_served, label_for, open_source
+from ._session import Answer, Fill, check_sealed, label_for, open_source
 from .errors import (
-    Busy,
     DaemonUnavailable,
-    FileTooLarge,
-    FileUnstable,
     NotPermitted,
     ProtocolViolation,
+    Refused,
     ShadowdError,
     UnsealedDescriptor,
     source_error,
@@ -103,7 +102,7 @@ class HeldFiles:
             self._drop(key)
             return None
         try:
-            check_served(fd)  # closes fd when it is not sealed
+            check_sealed(fd)  # closes fd when it is not sealed (our own reopen: read-only)
         except UnsealedDescriptor:
             self._drop(key)
             return None
@@ -138,6 +137,38 @@ class HeldFiles:
             self._drop(next(iter(self._held)))
 
 
+@attrs.define(eq=False)
+class _Index:
+    """The daemon's index as an Opener has it: the view (None: the daemon gives
+    none), the client's connection it came with, and how many opens are reading
+    through it now. A view that another replaced (a new connection, another
+    thread's fetch) or that close() let go of is closed when the last of them
+    is done with it, never under one. Changed only with the Opener's lock held.
+    """
+
+    view: IndexView | None
+    connection: int
+    users: int = 0
+    retired: bool = False
+
+    def retire(self) -> IndexView | None:
+        """No more users from now on; the view to close now, if nobody reads it."""
+        self.retired = True
+        return self.view if self.users == 0 else None
+
+
+#: Every Opener, so that a forked child can take over the ones it inherited.
+_OPENERS: weakref.WeakSet[Opener] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for opener in list(_OPENERS):
+        opener._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -146,15 +177,21 @@ class Opener:
     """What a supervisor calls on its open path; never fails or stalls because of shadowd.
 
     For each open, cheapest first: a version this process holds (kept from an
-    earlier hit) is reopened here; a file below *local_below* bytes, above the
-    daemon's --max-file-size, or whose ctime is younger than the daemon's
-    racy window (it would not cache it) is copied here; otherwise the daemon
-    is asked without waiting for its copy (protocol version 2): a hit is
-    served (and kept), a miss is copied here while the daemon fills its
-    cache. After a timeout, a refused connection or a broken one the daemon
-    is left alone for a backoff window (1 s, doubled after each failed retry,
-    at most 30 s) and every open is copied here; one log line says it is
-    gone, one that it is back. Thread-safe.
+    earlier hit) is reopened here; a version the daemon holds is reopened
+    from its index, without a round trip, where this process may read the
+    daemon's descriptors (*use_index*; its uid, or root); a file below
+    *local_below* bytes, above the daemon's --max-file-size, or whose ctime
+    is younger than the daemon's racy window (it would not cache it) is
+    copied here; otherwise the daemon is asked without waiting for its copy
+    (protocol version 2): a hit is served (and kept), a miss is copied here
+    while the daemon fills its cache, and so is a file the daemon refuses
+    for any reason (the copy here raises the errors that are the file's: not
+    a regular file, unreadable). After a timeout, a refused connection, a
+    broken one or a reply that breaks the protocol the daemon is left alone
+    for a backoff window (1 s, doubled after each failed retry, at most 30
+    s) and every open is copied here; one log line says it is gone, one that
+    it is back. Thread-safe; a forked child goes on with a connection of its
+    own.
     """
 
     def __init__(
@@ -192,10 +229,11 @@ class Opener:
         #: Hits served through the daemon's index (no round trip).
         self.index_opens = 0
         self.use_index = use_index
-        self._index: IndexView | None = None
-        self._index_for = -1  # the client's connection the index came with
+        self._index: _Index | None = None
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._unreported_hits = 0  # their total (Counter.total() sums every file's)
         self._reported_at = time.monotonic()
+        _OPENERS.add(self)
 
     # -- the open path ---------------------------------------------------
 
@@ -216,11 +254,17 @@ class Opener:
             if held is not None:
                 self.held_opens += 1
                 return held
-        index = self._current_index()
+            index = self._reading()  # in use until _index_done
+        if index is None:
+            index = self._current_index()  # fetched on a new connection (or None)
         if index is not None:
-            served = index.open(st)
+            served = None
+            try:
+                assert index.view is not None
+                served = index.view.open(st)
+            finally:
+                self._index_done(index, key if served is not None else None)
             if served is not None:
-                self._count_index_hit(key)
                 return served
         if self._worth_asking(st):
             answer = self._ask(fd, label)
@@ -281,10 +325,10 @@ class Opener:
             started = time.monotonic()
             try:
                 served = client.open_private(namespace, key, fill, executable=executable)
-            except (FileTooLarge, FileUnstable, Busy):
-                pass
             except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
                 self._failed(exc)
+            except Refused:
+                pass  # whatever the daemon will not do, the copy here does (or says why not)
             else:
                 self._worked()
                 with self._lock:
@@ -324,37 +368,76 @@ class Opener:
 
     # -- the index: hits without a round trip ----------------------------
 
-    def _current_index(self) -> IndexView | None:
-        """The daemon's index, fetched once per connection (a new one may be another daemon's)."""
+    def _current_index(self) -> _Index | None:
+        """The daemon's index, fetched once per connection (a new one may be another
+        daemon's), counted as in use: give it back with :meth:`_index_done`. None when
+        there is none to read through now."""
         client = self._client
         if not self.use_index or client is None or not self._usable():
             return None
-        if self._index_for == client.connections and client.connections > 0:
-            return self._index
+        with self._lock:
+            index = self._index
+            if index is not None and index.connection == client.connections:
+                return self._reading()  # None: the daemon gave none on this connection
         started = time.monotonic()
         try:
-            index = client.index()
+            view = client.index()
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
         except ShadowdError:
-            index = None
+            view = None
         finally:
             self.waited += time.monotonic() - started
+        fetched = _Index(view, client.connections)
         with self._lock:
-            old, self._index, self._index_for = self._index, index, client.connections
-        if old is not None:
-            old.close()
+            current = self._index
+            if current is not None and current.connection == fetched.connection:
+                # Another thread fetched this connection's index meanwhile: keep theirs.
+                fetched, unused, stale = current, view, None
+            else:
+                self._index, unused = fetched, None
+                stale = None if current is None else current.retire()
+            if fetched.view is not None:
+                fetched.users += 1
+        for old in (unused, stale):
+            if old is not None:
+                old.close()
+        return fetched if fetched.view is not None else None
+
+    def _reading(self) -> _Index | None:
+        """The current connection's index, counted as in use, when there is one to read
+        through now (lock held); else None."""
+        index, client = self._index, self._client
+        if (
+            index is None
+            or index.view is None
+            or client is None
+            or index.connection != client.connections
+            or not self.use_index
+            or time.monotonic() < self._down_until
+        ):
+            return None
+        index.users += 1
         return index
 
-    def _count_index_hit(self, key: tuple[int, int]) -> None:
+    def _index_done(self, index: _Index, hit: tuple[int, int] | None) -> None:
+        """*index* no longer in use by this open; *hit*: the file it served, counted."""
         with self._lock:
-            self.index_opens += 1
-            self._unreported[key] += 1
-            due = (
-                self._unreported.total() >= REPORT_EVERY_HITS
-                or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
-            )
+            index.users -= 1
+            stale = index.view if index.retired and index.users == 0 else None
+            if hit is None:
+                due = False
+            else:
+                self.index_opens += 1
+                self._unreported[hit] += 1
+                self._unreported_hits += 1
+                due = (
+                    self._unreported_hits >= REPORT_EVERY_HITS
+                    or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
+                )
+        if stale is not None:
+            stale.close()
         if due:
             self._report()
 
@@ -366,12 +449,18 @@ class Opener:
         with self._lock:
             hits = [(dev, ino, n) for (dev, ino), n in self._unreported.items()]
             self._unreported.clear()
+            self._unreported_hits = 0
             self._reported_at = time.monotonic()
         if hits and self._client is not None:
+            started = time.monotonic()
             try:
                 self._client.report(hits)
+            except (DaemonUnavailable, ProtocolViolation) as exc:
+                self._failed(exc)  # a stopped daemon: one timeout per window, as any request
             except ShadowdError:
                 pass
+            finally:
+                self.waited += time.monotonic() - started
 
     # -- the daemon, behind a breaker -------------------------------------
 
@@ -384,11 +473,11 @@ class Opener:
         started = time.monotonic()
         try:
             answer = self._client.ask(fd, label=label, wait=False)
-        except (FileTooLarge, FileUnstable, Busy):
-            return None
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
+        except Refused:
+            return None  # whatever the daemon will not do, the copy here does (or says why not)
         finally:
             self.waited += time.monotonic() - started
         self._worked()
@@ -431,11 +520,26 @@ class Opener:
             self._report()
         with self._lock:
             self._held.clear()
-            if self._index is not None:
-                self._index.close()
-                self._index = None
+            index, self._index = self._index, None
+            stale = None if index is None else index.retire()
+        if stale is not None:
+            stale.close()
         if self._client is not None:
             self._client.close()
+
+    def _forked(self) -> None:
+        # In the child of a fork: the lock may have been held by a thread that is
+        # not here, and so may the index (none reads it in the child); the hits
+        # not reported yet are the parent's to report. The held fds are the
+        # child's own copies of the same sealed memfds: they serve as well here.
+        # (The Client makes a connection of its own, the index view reopens
+        # through the child's own /proc/self/fd.)
+        self._lock = threading.Lock()
+        if self._index is not None:
+            self._index.users = 0
+        self._unreported.clear()
+        self._unreported_hits = 0
+        self._reported_at = time.monotonic()
 
     def __enter__(self) -> Opener:
         return self

@@ -99,8 +99,10 @@ class Client:
     ``Client()`` finds the socket by the one rule (``shadowd.paths.find_socket``):
     ``$SHADOWD_SOCKET``, else the user's own socket, else the host daemon's
     ``/run/shadowd/shadowd.sock``, whichever is there when it connects.
-    Connecting happens on first use. Every method raises only
-    :class:`~shadowd_client.ShadowdError` subclasses.
+    Connecting happens on first use. *timeout* bounds each wait on the daemon
+    (connecting, each send, each receive: a request on a new connection may
+    wait for the hello reply and its own), None for none. Every method raises
+    only :class:`~shadowd_client.ShadowdError` subclasses.
     """
 
     def __init__(
@@ -182,7 +184,7 @@ class Client:
                 reply = self._call(
                     request_of(functools.partial(batch_request, batch_fds, batch_labels, wait=wait))
                 )
-                out.extend(answers_of(reply))
+                out.extend(answers_of(reply, len(batch_fds)))
             except BaseException:
                 close_all(a.fd for a in out if isinstance(a, Answer) and a.fd is not None)
                 raise
@@ -319,18 +321,25 @@ class Client:
         self, sources: list[int | ShadowdError], labels: list[str]
     ) -> list[int | ShadowdError]:
         results: list[int | ShadowdError] = list(sources)
+        received: list[int] = []  # closed should a later batch fail
         todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
-        while todo:
-            with self._lock:
-                self._ensure_connected()
-                assert self._session is not None
-                chunk = todo[: self._session.max_batch]
-            todo = todo[len(chunk) :]
-            fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
-            chunk_labels = tuple(labels[i] for i in chunk)
-            reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
-            for i, r in zip(chunk, batch_results(reply), strict=True):
-                results[i] = r
+        try:
+            while todo:
+                with self._lock:
+                    self._ensure_connected()
+                    assert self._session is not None
+                    chunk = todo[: self._session.max_batch]
+                todo = todo[len(chunk) :]
+                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                chunk_labels = tuple(labels[i] for i in chunk)
+                reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
+                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
+                    results[i] = r
+                    if isinstance(r, int):
+                        received.append(r)
+        except BaseException:
+            close_all(received)
+            raise
         return results
 
     def _call(self, make: Make) -> Reply:
