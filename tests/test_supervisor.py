@@ -533,17 +533,28 @@ def _misses_then_hits(supervisor: str, socket_path: str, tmp_path: Path, call: s
     # answer is waited for (a miss answered at once), and shadowd_open_fd
     # waits for the daemon's copy.
     assert hows(first) in ([["raced"], ["miss"]] if call == "routed" else [["miss"]])
+
+    def settled(run: Run) -> bool:
+        """Whether every file the run opened was served as a file the daemon holds is."""
+        s = run.stats
+        if hows(run)[0] not in served:
+            return False
+        if call == "routed":
+            return s["index"] + s["local"] == s["shadowed"]
+        if call == "no-index":
+            return s["hits"] + s["local"] == s["shadowed"]
+        return s["hits"] + s["index"] == s["shadowed"]
+
     second = cat_it()
     deadline = time.monotonic() + 10
     # The daemon fills in the background, at most a few files at once (its
-    # per-uid copy quota): a run's misses beyond that are filled by a later run.
-    # (A file whose fill ends during a run is a round trip's hit in it: the
-    # index had no slot for it yet when the routed open looked.)
-    while (
-        hows(second)[0] not in served
-        or second.stats["misses"]
-        or (call == "routed" and second.stats["hits"])
-    ):
+    # per-uid copy quota), the files the first run told it of queued with its
+    # misses: a file not filled yet is a miss again in a later run, or, routed
+    # with the index, "raced" when the daemon's "miss" came after the copy (as
+    # it may on a loaded machine). A file whose fill ends during a run is a
+    # round trip's hit in it: the index had no slot for it yet when the routed
+    # open looked. Run again until the daemon holds every file.
+    while not settled(second):
         assert call != "open-fd" and hows(second)[0] in ["miss", "raced", "hit", *served], hows(
             second
         )
