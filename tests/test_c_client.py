@@ -225,6 +225,14 @@ def stats(d: Daemon) -> dict[str, Any]:
         return c.stats()
 
 
+async def index_hits_once(d: Daemon, n: int) -> dict[str, Any]:
+    """*d*'s stats once it counts at least *n* index hits (reports come on other
+    connections than ours, so they may not have been read yet)."""
+    while (s := await trio.to_thread.run_sync(stats, d))["index_hits"] < n:
+        await trio.sleep(0.005)
+    return s
+
+
 async def ask(d: Driver, *words: object) -> Any:
     """One driver command from a trio test."""
     return await trio.to_thread.run_sync(lambda: d(*words))
@@ -2178,12 +2186,12 @@ async def test_the_daemon_counts_the_index_hits_reported_in_batches(
         await ask(d, "openfd", f, f)  # cached, labelled
         await ask(d, "indexopen", f, 600)  # reported at 256 and 512 hits
         counts = await ask(d, "counts")
-        await trio.sleep(0.2)
-        mid = await trio.to_thread.run_sync(stats, daemon)
+        # The reports went on the driver's connection, the stats come on ours:
+        # asked until the daemon has read them (a count past the reports fails).
+        mid = await index_hits_once(daemon, 512)
         await ask(d, "indexopen", f, 10)
         await ask(d, "report")  # the rest, now
-        await trio.sleep(0.2)
-        reported = await trio.to_thread.run_sync(stats, daemon)
+        reported = await index_hits_once(daemon, 610)
         await ask(d, "indexopen", f, 7)
         await ask(d, "close")  # and at close
         closed = await trio.to_thread.run_sync(stats, daemon)
