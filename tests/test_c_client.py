@@ -225,10 +225,11 @@ def stats(d: Daemon) -> dict[str, Any]:
         return c.stats()
 
 
-async def index_hits_once(d: Daemon, n: int) -> dict[str, Any]:
-    """*d*'s stats once it counts at least *n* index hits (reports come on other
-    connections than ours, so they may not have been read yet)."""
-    while (s := await trio.to_thread.run_sync(stats, d))["index_hits"] < n:
+async def counted_once(d: Daemon, key: str, n: int) -> dict[str, Any]:
+    """*d*'s stats once their *key* counts at least *n*: what a client does on its
+    own connection, the stats asked on ours may come before (a deadline is the
+    caller's fail_after)."""
+    while (s := await trio.to_thread.run_sync(stats, d))[key] < n:
         await trio.sleep(0.005)
     return s
 
@@ -1399,9 +1400,11 @@ async def test_pipelined_fds_nobody_collects_are_closed(
             await ask(d, "openfd", f)
         await ask(d, "close")
         base = (await ask(d, "fds"))["fds"]
+        hits = (await trio.to_thread.run_sync(stats, daemon))["hits"]
         ids = [(await ask(d, "submit", f, i))["id"] for i, (f, _) in enumerate(files)]
         one = await ask(d, "collect", 1, 5000)
-        await trio.sleep(0.5)  # the other replies (hits) arrive
+        # The daemon answered all four: the other replies (hits) are in our socket.
+        await counted_once(daemon, "hits", hits + len(files))
         two = await ask(d, "collect", 1, 5000)  # reads them all; hands out one
         held = await ask(d, "fds")  # the socket and two uncollected replies
         left = [i for i in ids if i not in (one["results"][0]["id"], two["results"][0]["id"])]
@@ -1411,7 +1414,7 @@ async def test_pipelined_fds_nobody_collects_are_closed(
         # A request cancelled before its reply: the reply is closed when it comes.
         late = await ask(d, "submit", files[0][0], 9)
         await ask(d, "cancel", late["id"])
-        await trio.sleep(0.3)
+        await counted_once(daemon, "hits", hits + len(files) + 1)  # its reply was sent
         nothing = await ask(d, "collect", 1, 300)
         after_late = await ask(d, "fds")
         pending = await ask(d, "pending")
@@ -2188,10 +2191,10 @@ async def test_the_daemon_counts_the_index_hits_reported_in_batches(
         counts = await ask(d, "counts")
         # The reports went on the driver's connection, the stats come on ours:
         # asked until the daemon has read them (a count past the reports fails).
-        mid = await index_hits_once(daemon, 512)
+        mid = await counted_once(daemon, "index_hits", 512)
         await ask(d, "indexopen", f, 10)
         await ask(d, "report")  # the rest, now
-        reported = await index_hits_once(daemon, 610)
+        reported = await counted_once(daemon, "index_hits", 610)
         await ask(d, "indexopen", f, 7)
         await ask(d, "close")  # and at close
         closed = await trio.to_thread.run_sync(stats, daemon)
