@@ -994,10 +994,20 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
     path = tmp_path / "busy.sock"
     seen: list[dict[str, Any]] = []
     room = threading.Event()
+    waiting: list[bool] = []
+    # connect(2): 42 on x86-64, 203 on arm64 (the machines this runs on).
+    connect = {"x86_64": "42", "aarch64": "203"}.get(os.uname().machine)
 
     def serve() -> None:
-        room.wait(10)  # (the driver is in connect_wait by then, or about to be)
-        time.sleep(0.2)
+        room.wait(10)  # the driver is in connect_wait by then, or about to be
+        # Room is made once the driver waits in its connect (the kernel says so).
+        syscall = Path(f"/proc/{d.proc.pid}/syscall")
+        deadline = time.monotonic() + 10
+        while connect is not None and syscall.read_text().split()[0] != connect:
+            if time.monotonic() > deadline:
+                return  # (the assertions below say so)
+            time.sleep(0.001)
+        waiting.append(True)
         try:
             listener.make_room()
             conn, _ = listener.sock.accept()
@@ -1034,6 +1044,7 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
         listener.close()
     assert started["rc"] == 0 and started["code"] == "" and started["error"] == "", started
     assert before["available"] == 1 and before["fast"] == 0, before
+    assert waiting == [True], "the driver never waited in connect(2)"
     assert waited["rc"] == 0 and waited["protocol"] == 2, (waited["code"], waited["error"])
     assert [m["op"] for m in seen] == ["hello", "index"], seen
     assert ready["ready"] == 0, ready  # refused on that connection: not asked again
