@@ -158,16 +158,44 @@ class Daemon:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def connections(self) -> int:
+        """The client connections it holds: its SOCK_SEQPACKET sockets that are not
+        listening (/proc/net/unix), whether their peers are there or gone."""
+        inodes = set()
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{name}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:[") : -1]))
+        with open("/proc/net/unix", encoding="ascii") as f:
+            next(f)  # Num RefCount Protocol Flags Type St Inode Path
+            rows = [line.split() for line in f]
+        return sum(
+            1
+            for row in rows
+            if int(row[6]) in inodes and row[4] == "0005" and not int(row[3], 16) & 0x10000
+        )  # SOCK_SEQPACKET, without __SO_ACCEPTCON
+
+    def quiet_fds(self, timeout: float = 10.0) -> int:
+        """Its open fds once it holds no client connection: a baseline to come back to
+        (it closes a connection soon after its peer left, not at once)."""
+        deadline = time.monotonic() + timeout
+        while self.connections():
+            assert time.monotonic() < deadline, f"connections still held: {self.fd_targets()}"
+            time.sleep(POLL)
+        return self.open_fds()
+
     def settled_fds(self) -> tuple[int, int]:
         """Its open fds less one per cache entry outside its index's descriptor range
         (an entry in it takes no descriptor of its own), and its entry count: asked
-        through a connection of our own, counted once it noticed that one closed."""
+        through a connection of our own, counted once it holds no client connection."""
         from shadowd_client import Client
 
         with Client(self.socket_path, timeout=10) as c:
             s = c.stats()
-        time.sleep(0.05)  # let it notice that this connection closed
-        return self.open_fds() - s["entries"] + s["index_fd_range_used"], s["entries"]
+        return self.quiet_fds() - s["entries"] + s["index_fd_range_used"], s["entries"]
 
     def fd_targets(self) -> list[str]:
         out = []

@@ -99,7 +99,7 @@ async def test_hints_queued_for_copy_slots_stay_within_each_uids_fd_bound(
                 os.close(c.open(local))
 
     await trio.to_thread.run_sync(warm)
-    baseline = d.open_fds()
+    baseline = await trio.to_thread.run_sync(d.quiet_fds)
     settled = (await trio.to_thread.run_sync(d.settled_fds))[0]
     with mounted(shared_dir / "fuse", hanging=2 * uids) as fs:
         mnt = fs.mountpoint

@@ -225,6 +225,15 @@ def stats(d: Daemon) -> dict[str, Any]:
         return c.stats()
 
 
+async def counted_once(d: Daemon, key: str, n: int) -> dict[str, Any]:
+    """*d*'s stats once their *key* counts at least *n*: what a client does on its
+    own connection, the stats asked on ours may come before (a deadline is the
+    caller's fail_after)."""
+    while (s := await trio.to_thread.run_sync(stats, d))[key] < n:
+        await trio.sleep(0.005)
+    return s
+
+
 async def ask(d: Driver, *words: object) -> Any:
     """One driver command from a trio test."""
     return await trio.to_thread.run_sync(lambda: d(*words))
@@ -985,10 +994,20 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
     path = tmp_path / "busy.sock"
     seen: list[dict[str, Any]] = []
     room = threading.Event()
+    waiting: list[bool] = []
+    # connect(2): 42 on x86-64, 203 on arm64 (the machines this runs on).
+    connect = {"x86_64": "42", "aarch64": "203"}.get(os.uname().machine)
 
     def serve() -> None:
-        room.wait(10)  # (the driver is in connect_wait by then, or about to be)
-        time.sleep(0.2)
+        room.wait(10)  # the driver is in connect_wait by then, or about to be
+        # Room is made once the driver waits in its connect (the kernel says so).
+        syscall = Path(f"/proc/{d.proc.pid}/syscall")
+        deadline = time.monotonic() + 10
+        while connect is not None and syscall.read_text().split()[0] != connect:
+            if time.monotonic() > deadline:
+                return  # (the assertions below say so)
+            time.sleep(0.001)
+        waiting.append(True)
         try:
             listener.make_room()
             conn, _ = listener.sock.accept()
@@ -1025,6 +1044,7 @@ def test_connect_start_leaves_a_full_backlog_to_connect_wait(driver: Any, tmp_pa
         listener.close()
     assert started["rc"] == 0 and started["code"] == "" and started["error"] == "", started
     assert before["available"] == 1 and before["fast"] == 0, before
+    assert waiting == [True], "the driver never waited in connect(2)"
     assert waited["rc"] == 0 and waited["protocol"] == 2, (waited["code"], waited["error"])
     assert [m["op"] for m in seen] == ["hello", "index"], seen
     assert ready["ready"] == 0, ready  # refused on that connection: not asked again
@@ -1391,9 +1411,11 @@ async def test_pipelined_fds_nobody_collects_are_closed(
             await ask(d, "openfd", f)
         await ask(d, "close")
         base = (await ask(d, "fds"))["fds"]
+        hits = (await trio.to_thread.run_sync(stats, daemon))["hits"]
         ids = [(await ask(d, "submit", f, i))["id"] for i, (f, _) in enumerate(files)]
         one = await ask(d, "collect", 1, 5000)
-        await trio.sleep(0.5)  # the other replies (hits) arrive
+        # The daemon answered all four: the other replies (hits) are in our socket.
+        await counted_once(daemon, "hits", hits + len(files))
         two = await ask(d, "collect", 1, 5000)  # reads them all; hands out one
         held = await ask(d, "fds")  # the socket and two uncollected replies
         left = [i for i in ids if i not in (one["results"][0]["id"], two["results"][0]["id"])]
@@ -1403,7 +1425,7 @@ async def test_pipelined_fds_nobody_collects_are_closed(
         # A request cancelled before its reply: the reply is closed when it comes.
         late = await ask(d, "submit", files[0][0], 9)
         await ask(d, "cancel", late["id"])
-        await trio.sleep(0.3)
+        await counted_once(daemon, "hits", hits + len(files) + 1)  # its reply was sent
         nothing = await ask(d, "collect", 1, 300)
         after_late = await ask(d, "fds")
         pending = await ask(d, "pending")
@@ -2178,12 +2200,12 @@ async def test_the_daemon_counts_the_index_hits_reported_in_batches(
         await ask(d, "openfd", f, f)  # cached, labelled
         await ask(d, "indexopen", f, 600)  # reported at 256 and 512 hits
         counts = await ask(d, "counts")
-        await trio.sleep(0.2)
-        mid = await trio.to_thread.run_sync(stats, daemon)
+        # The reports went on the driver's connection, the stats come on ours:
+        # asked until the daemon has read them (a count past the reports fails).
+        mid = await counted_once(daemon, "index_hits", 512)
         await ask(d, "indexopen", f, 10)
         await ask(d, "report")  # the rest, now
-        await trio.sleep(0.2)
-        reported = await trio.to_thread.run_sync(stats, daemon)
+        reported = await counted_once(daemon, "index_hits", 610)
         await ask(d, "indexopen", f, 7)
         await ask(d, "close")  # and at close
         closed = await trio.to_thread.run_sync(stats, daemon)

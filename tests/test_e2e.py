@@ -517,8 +517,7 @@ async def _cached_with_baseline(d: Daemon, path: Path, size: int) -> tuple[Path,
     settle(f)
     data = f.read_bytes()
     assert open_bytes(d, f) == data  # cached from here on
-    await trio.sleep(0.2)
-    return f, data, d.open_fds()
+    return f, data, await trio.to_thread.run_sync(d.quiet_fds)
 
 
 @pytest.mark.parametrize("op", ["open", "open_batch", "lookup", "index", "report"])
@@ -742,8 +741,7 @@ async def test_index_requests_of_peers_that_leave_unread_leak_no_fd(
     os.utime(f, ns=(1, 1))
     with Client(daemon.socket_path, timeout=10) as c:
         os.close(c.open(str(f)))
-    await trio.sleep(0.3)
-    baseline = daemon.open_fds()
+    baseline = await trio.to_thread.run_sync(daemon.quiet_fds)
 
     def leave(n: int) -> None:
         raw = Raw(daemon.socket_path, hello=False, timeout=10)
@@ -843,8 +841,7 @@ async def test_garbage_clients_leak_nothing(daemon: Daemon, tmp_path: Path) -> N
     try:
         with trio.fail_after(120):
             await call(warm)
-            await trio.sleep(0.2)
-            baseline = daemon.open_fds()
+            baseline = await call(daemon.quiet_fds)
             await call(storm)
             while True:  # the daemon closes the last connections shortly
                 s = await call(stats, daemon)

@@ -55,31 +55,38 @@ async def test_a_miss_is_copied_here_then_a_hit_is_kept_and_reopened_here(
     start_daemon: Any, tmp_path: Path
 ) -> None:
     d: Daemon = await start_daemon("--racy-window", RACY)
-    f = make_file(tmp_path / "lib.so", os.urandom(300_000), 0o755)
-    settle(f)
 
     def work() -> None:
-        with Opener(d.socket_path, local_below=0, use_index=False) as opener:
+        with (
+            Client(d.socket_path, timeout=10) as c,
+            Opener(d.socket_path, local_below=0, use_index=False) as opener,
+        ):
+            misses = c.stats()["misses"]
+            f = make_file(tmp_path / "lib.so", os.urandom(300_000), 0o755)
+            settle(f)
             fd = opener.open(f)  # a miss: copied here, the daemon fills meanwhile
+            # Younger than the 1 s the Opener assumes until a hello says the
+            # daemon's window (50 ms): it heard the hello first, then asked.
+            assert time.time_ns() - f.stat().st_ctime_ns < 1_000_000_000
             assert read_fd(fd) == f.read_bytes()
             os.close(fd)
             assert (opener.local_opens, opener.daemon_opens) == (1, 0)
+            assert c.stats()["misses"] == misses + 1  # asked, not copied by the age rule
             _until_hit(opener, f)
-            with Client(d.socket_path, timeout=10) as c:
-                hits = c.stats()["hits"]
-                for _ in range(3):  # the tier: no request reaches the daemon
-                    fd = opener.open(f)
-                    assert read_fd(fd) == f.read_bytes()
-                    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
-                    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-                    assert os.fstat(fd).st_mode & 0o777 == 0o555  # executable, as the source
-                    other = opener.open(f)
-                    os.lseek(fd, 100, os.SEEK_SET)  # its own offset
-                    assert os.lseek(other, 0, os.SEEK_CUR) == 0
-                    os.close(other)
-                    os.close(fd)
-                assert opener.held_opens == 6
-                assert c.stats()["hits"] == hits
+            hits = c.stats()["hits"]
+            for _ in range(3):  # the tier: no request reaches the daemon
+                fd = opener.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+                assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                assert os.fstat(fd).st_mode & 0o777 == 0o555  # executable, as the source
+                other = opener.open(f)
+                os.lseek(fd, 100, os.SEEK_SET)  # its own offset
+                assert os.lseek(other, 0, os.SEEK_CUR) == 0
+                os.close(other)
+                os.close(fd)
+            assert opener.held_opens == 6
+            assert c.stats()["hits"] == hits
 
     with trio.fail_after(60):
         await in_thread(work)

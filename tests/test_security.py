@@ -201,8 +201,7 @@ async def test_max_fds_extras_closed_and_counted(start_daemon: Any, tmp_path: Pa
     def work() -> None:
         with Client(d.socket_path) as c:
             os.close(c.open(f))  # warm up the daemon's own fds
-        time.sleep(0.2)
-        baseline = d.open_fds()
+        baseline = d.quiet_fds()
         fds = [os.open(f, os.O_RDONLY) for _ in range(10)]
         try:
             with Raw(d.socket_path) as raw:

@@ -166,7 +166,14 @@ def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
 
         t = threading.Thread(target=open_for_writing)
         t.start()
-        time.sleep(0.1)  # the writer's open broke the lease and waits
+        # The writer's open broke the lease and waits: the kernel says so.
+        ino, deadline = os.fstat(fd).st_ino, time.monotonic() + 10
+        while not any(
+            f":{ino} " in line and " BREAKING " in line
+            for line in Path("/proc/locks").read_text().splitlines()
+        ):
+            assert time.monotonic() < deadline, Path("/proc/locks").read_text()
+            time.sleep(0.001)
         assert leases.give_back(fd) is leases.Writers.PRESENT
         t.join(timeout=5)
         assert not t.is_alive()

@@ -181,17 +181,18 @@ class Opener:
     from its index, without a round trip, where this process may read the
     daemon's descriptors (*use_index*; its uid, or root); a file below
     *local_below* bytes, above the daemon's --max-file-size, or whose ctime
-    is younger than the daemon's racy window (it would not cache it) is
-    copied here; otherwise the daemon is asked without waiting for its copy
-    (protocol version 2): a hit is served (and kept), a miss is copied here
-    while the daemon fills its cache, and so is a file the daemon refuses
-    for any reason (the copy here raises the errors that are the file's: not
-    a regular file, unreadable). After a timeout, a refused connection, a
-    broken one or a reply that breaks the protocol the daemon is left alone
-    for a backoff window (1 s, doubled after each failed retry, at most 30
-    s) and every open is copied here; one log line says it is gone, one that
-    it is back. Thread-safe; a forked child goes on with a connection of its
-    own.
+    is younger than the daemon's racy window (it would not cache it; its
+    hello says the window, and the first open of a file younger than the 1 s
+    default connects to hear it) is copied here; otherwise the daemon is
+    asked without waiting for its copy (protocol version 2): a hit is served
+    (and kept), a miss is copied here while the daemon fills its cache, and
+    so is a file the daemon refuses for any reason (the copy here raises the
+    errors that are the file's: not a regular file, unreadable). After a
+    timeout, a refused connection, a broken one or a reply that breaks the
+    protocol the daemon is left alone for a backoff window (1 s, doubled
+    after each failed retry, at most 30 s) and every open is copied here; one
+    log line says it is gone, one that it is back. Thread-safe; a forked
+    child goes on with a connection of its own.
     """
 
     def __init__(
@@ -348,16 +349,45 @@ class Opener:
         if st.st_size < self.local_below or not self._usable():
             return False
         limits = self._limits()
+        if limits is None and time.time_ns() - st.st_ctime_ns < DEFAULT_RACY_NS:
+            # No hello heard on this connection, and the default window calls
+            # the file young: learn the daemon's own window first (one round
+            # trip per connection), or a file younger than 1 s would never be
+            # asked of a daemon that caches it sooner, and without the index
+            # nothing else would connect while every file is that young.
+            limits = self._hello()
+            if not self._usable():
+                return False
+        limits = limits or {}
         if st.st_size > limits.get("max_file_size", 1 << 62):
             return False  # it would refuse it
         racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
         # Younger than the daemon's racy window: it would not cache it.
         return time.time_ns() - st.st_ctime_ns >= racy
 
-    def _limits(self) -> dict[str, int]:
+    def _limits(self) -> dict[str, int] | None:
+        """The limits the daemon's hello said on this connection; None before one."""
         client = self._client
         session = None if client is None else client._session
-        return dict(session.proto.server_limits) if session is not None else {}
+        if session is None or session.server is None:
+            return None
+        return dict(session.proto.server_limits)
+
+    def _hello(self) -> dict[str, int] | None:
+        """Connect and hear the hello now, behind the breaker; its limits, or None."""
+        assert self._client is not None
+        started = time.monotonic()
+        try:
+            self._client.connect()
+        except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
+            self._failed(exc)
+            return None
+        except ShadowdError:
+            return None  # busy at the gate, say: the default window, this time
+        finally:
+            self.waited += time.monotonic() - started
+        self._worked()
+        return self._limits()
 
     def _keep(self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer) -> None:
         # Only a version the daemon cached, and the one the caller's fstat saw:
