@@ -107,9 +107,9 @@ class Poller(Generic[T]):
         #: Each key is its flow's vtime, except the top one's while it is alone.
         self._flows: list[tuple[float, int, Flow]] = []
         self._ties = itertools.count()
-        #: The virtual clock: the vtime of the flow answered last, or the
-        #: greatest of all when none waits. A flow that comes back from idle
-        #: starts there.
+        #: The virtual clock: the vtime of the flow answered last (after its
+        #: answer, when no other flow waits), or the greatest of all when none
+        #: waits. A flow that comes back from idle starts there.
         self._vnow = 0.0
         #: The greatest vtime of any flow.
         self._vmax = 0.0
@@ -284,6 +284,10 @@ class Poller(Generic[T]):
                     then = _now()
                     vtime = flow.vtime = flow.vtime + (then - now)
                     self._vmax = max(self._vmax, vtime)
+                    if len(flows) == 1:
+                        # Alone, it is ahead of nobody: its new connections
+                        # are answered at once as when nobody waits.
+                        self._vnow = vtime
                     now = then
                 if not ready:
                     flow.active = False
