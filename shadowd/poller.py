@@ -48,6 +48,10 @@ ROUND_TIME = 0.001
 #: Ready connections taken from the kernel per epoll_wait (a round asks
 #: again until it has them all).
 MAX_EVENTS = 64
+#: Seconds of a round per connection its look at the ready ones found, past
+#: LOOK_MANY of them.
+LOOK_COST = 0.000001
+LOOK_MANY = int(ROUND_TIME / LOOK_COST)
 #: Seconds of answers a uid may have ahead of the poller's clock answered at
 #: once, as a new connection's first datagrams (see Poller.answer_first).
 AHEAD = 0.001
@@ -57,29 +61,39 @@ _now = time.perf_counter
 
 class Flow:
     """One uid's place in the poller's order: its ready connections and the loop
-    time its answers have used (the same for every connection of the uid)."""
+    time its answers have used (the same for every connection of the uid).
+    Flows order by that time (then by age), as the poller's heap needs."""
 
-    __slots__ = ("active", "ready", "vtime")
+    __slots__ = ("active", "ready", "seq", "vtime")
 
     def __init__(self) -> None:
         #: Its connections the kernel said are readable, in the order it said so.
         self.ready: deque[_Parked] = deque()
         #: Loop seconds its answers used, on the poller's virtual clock.
         self.vtime = 0.0
-        #: Whether it is in the poller's queue of flows with ready connections.
+        #: Whether it is in the poller's heap of flows with ready connections.
         self.active = False
+        self.seq = next(_flows_made)
+
+    def __lt__(self, other: Flow) -> bool:
+        return self.vtime < other.vtime or (self.vtime == other.vtime and self.seq < other.seq)
+
+
+_flows_made = itertools.count()
 
 
 class _Parked:
-    """A connection in the epoll set: who owns it, its flow, whether it is queued."""
+    """A connection in the epoll set: who owns it, its flow, whether it is queued,
+    and whether it is still in the set."""
 
-    __slots__ = ("fd", "flow", "owner", "queued")
+    __slots__ = ("fd", "flow", "live", "owner", "queued")
 
     def __init__(self, fd: int, owner: object, flow: Flow) -> None:
         self.fd = fd
         self.owner = owner
         self.flow = flow
         self.queued = False
+        self.live = True
 
 
 class Poller(Generic[T]):
@@ -103,10 +117,8 @@ class Poller(Generic[T]):
         self._owners: dict[int, _Parked] = {}
         #: The parked connection while it is the only one.
         self._alone: _Parked | None = None
-        #: The flows with connections queued: (vtime, tie-breaker, flow), a heap.
-        #: Each key is its flow's vtime, except the top one's while it is alone.
-        self._flows: list[tuple[float, int, Flow]] = []
-        self._ties = itertools.count()
+        #: The flows with connections queued, a heap (the one that used least first).
+        self._flows: list[Flow] = []
         #: The virtual clock: the vtime of the flow answered last (after its
         #: answer, when no other flow waits), or the greatest of all when none
         #: waits. A flow that comes back from idle starts there.
@@ -136,8 +148,10 @@ class Poller(Generic[T]):
     def unpark(self, fd: int) -> None:
         """Stop watching *fd* (nothing happens if it is not watched)."""
         owners = self._owners
-        if owners.pop(fd, None) is not None:
+        parked = owners.pop(fd, None)
+        if parked is not None:
             # A queued record stays in its flow's queue, skipped when reached.
+            parked.live = False
             self._alone = next(iter(owners.values())) if len(owners) == 1 else None
             try:
                 self._epoll.unregister(fd)
@@ -149,6 +163,8 @@ class Poller(Generic[T]):
         self.closing.append(fd)
 
     def close(self) -> None:
+        for parked in self._owners.values():
+            parked.live = False
         self._owners.clear()
         self._alone = None
         self._flows.clear()
@@ -179,21 +195,29 @@ class Poller(Generic[T]):
                     self._answer_lone(answer, alone)
                     continue
             started = _now()
-            taken = self._take_ready()
-            # Connections left queued are shown again by every round's look
-            # (a fifth of a microsecond each): a round lasts long enough
-            # that looking takes at most a quarter of the loop's time.
-            now = _now()
-            deadline = now + max(ROUND_TIME, 3 * (now - started))
+            events = epoll.poll(0, MAX_EVENTS)
+            if len(events) == 1 and not self._flows:
+                # One ready, nothing queued: nobody to order it against.
+                parked = self._owners.get(events[0][0])
+                if parked is not None:
+                    self.last_round = self._answer_one(answer, parked, started) - started
+                continue
+            taken = self._take_ready(events)
+            # Connections left queued are shown again by every round's look (a
+            # fifth of a microsecond each): a round with many lasts long enough
+            # that looking takes at most a fifth of the loop's time.
+            deadline = started + ROUND_TIME
+            if taken > LOOK_MANY:
+                deadline = started + taken * LOOK_COST
             self._budget = ROUND_BUDGET
             while True:
-                now = self._serve(answer, deadline, now)
+                now = self._serve(answer, deadline)
                 if taken < 2 or self._flows or self._budget <= 0 or now >= deadline:
                     # A lone request-reply client (one ready): its next request
                     # cannot be here yet, and asking would cost an epoll_wait
                     # per hit. Otherwise more may have come meanwhile.
                     break
-                taken = self._take_ready()
+                taken = self._take_ready(epoll.poll(0, MAX_EVENTS))
             self.last_round = now - started
 
     def answer_first(self, answer: Callable[[T], bool], owner: T, flow: Flow) -> bool | None:
@@ -232,15 +256,34 @@ class Poller(Generic[T]):
                 close_all(self.closing)
                 self.closing.clear()
 
-    def _take_ready(self) -> int:
-        """Queue every connection the kernel says is readable under its flow; how many
-        it said (queued already or not)."""
+    def _answer_one(self, answer: Callable[[T], bool], parked: _Parked, started: float) -> float:
+        """One datagram of *parked*, the only one ready, as a round of its own that
+        began at *started*; its time is counted to its flow. Returns the time."""
+        try:
+            if not answer(parked.owner):  # type: ignore[arg-type]
+                self.unpark(parked.fd)
+        finally:
+            now = _now()
+            flow = parked.flow
+            vtime = flow.vtime
+            if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
+                vtime = self._vnow  # idle time banks no credit
+            self._vnow = flow.vtime = vtime = vtime + (now - started)
+            if vtime > self._vmax:  # noqa: PLR1730
+                self._vmax = vtime
+            if self.closing:
+                close_all(self.closing)
+                self.closing.clear()
+        return now
+
+    def _take_ready(self, events: list[tuple[int, int]]) -> int:
+        """Queue every connection the kernel says is readable under its flow, from
+        *events* (what it said first) on; how many it said (queued already or not)."""
         owners = self._owners
         flows = self._flows
         poll = self._epoll.poll
         taken = 0
         while True:
-            events = poll(0, MAX_EVENTS)
             for fd, _mask in events:
                 parked = owners.get(fd)
                 if parked is None or parked.queued:
@@ -250,55 +293,74 @@ class Poller(Generic[T]):
                 flow.ready.append(parked)
                 if not flow.active:
                     flow.active = True
-                    flow.vtime = max(flow.vtime, self._vnow)  # idle time banks no credit
-                    if len(flows) == 1:
-                        top = flows[0]
-                        flows[0] = (top[2].vtime, top[1], top[2])
-                    heapq.heappush(flows, (flow.vtime, next(self._ties), flow))
+                    if flow.vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
+                        flow.vtime = self._vnow  # idle time banks no credit
+                    heapq.heappush(flows, flow)
             taken += len(events)
             # Ready connections stay ready (level-triggered) and come round
             # again after the rest: as many events as there are connections
             # have shown every one of them.
             if len(events) < MAX_EVENTS or taken >= len(owners):
                 return taken
+            events = poll(0, MAX_EVENTS)
 
-    def _serve(self, answer: Callable[[T], bool], deadline: float, now: float) -> float:
+    def _serve(self, answer: Callable[[T], bool], deadline: float) -> float:
         """Answer queued connections, one datagram each, the flow that used least
         first, until none is left, *deadline* passed or the round's budget of
-        answers is spent; then close the fds the answers used. *now* is the
-        time; returns the time at the end."""
-        owners = self._owners
+        answers is spent; then close the fds the answers used. Returns the time."""
         flows = self._flows
         budget = self._budget
+        now = _now()
         try:
-            while flows and budget > 0:
-                flow = flows[0][2]
+            while len(flows) > 1 and budget > 0:
+                flow = flows[0]
                 ready = flow.ready
                 parked = ready.popleft()
                 parked.queued = False
-                if owners.get(parked.fd) is parked:  # else taken out since it was queued
+                if parked.live:  # else taken out since it was queued
                     self._vnow = flow.vtime
                     budget -= 1
                     if not answer(parked.owner):  # type: ignore[arg-type]
                         self.unpark(parked.fd)
                     then = _now()
-                    vtime = flow.vtime = flow.vtime + (then - now)
-                    self._vmax = max(self._vmax, vtime)
-                    if len(flows) == 1:
-                        # Alone, it is ahead of nobody: its new connections
-                        # are answered at once as when nobody waits.
-                        self._vnow = vtime
+                    flow.vtime += then - now
+                    self._vmax = max(self._vmax, flow.vtime)
                     now = then
-                if not ready:
+                if ready:
+                    heapq.heapreplace(flows, flow)
+                else:
                     flow.active = False
                     heapq.heappop(flows)
-                elif len(flows) > 1:
-                    heapq.heapreplace(flows, (flow.vtime, next(self._ties), flow))
                 if now >= deadline:
-                    break
+                    return now
+            if flows and budget > 0:
+                # One flow (one uid, as a rule): its turn, with no one to
+                # order it against; its time is counted once, at the end.
+                flow = flows[0]
+                ready = flow.ready
+                began = now
+                while ready:
+                    parked = ready.popleft()
+                    parked.queued = False
+                    if parked.live:
+                        budget -= 1
+                        if not answer(parked.owner):  # type: ignore[arg-type]
+                            self.unpark(parked.fd)
+                        now = _now()
+                        if now >= deadline or budget <= 0:
+                            break
+                # Alone, it is ahead of nobody: its new connections are
+                # answered at once, as when nobody waits (answer_first).
+                vtime = flow.vtime = flow.vtime + (now - began)
+                self._vnow = vtime
+                if vtime > self._vmax:  # noqa: PLR1730 (a call costs more)
+                    self._vmax = vtime
+                if not ready:
+                    flow.active = False
+                    flows.clear()
+            return now
         finally:
             self._budget = budget
             if self.closing:
                 close_all(self.closing)
                 self.closing.clear()
-        return now
