@@ -64,7 +64,7 @@ class Flow:
     time its answers have used (the same for every connection of the uid).
     Flows order by that time (then by age), as the poller's heap needs."""
 
-    __slots__ = ("active", "ready", "seq", "vtime")
+    __slots__ = ("active", "parked", "ready", "seq", "vtime")
 
     def __init__(self) -> None:
         #: Its connections the kernel said are readable, in the order it said so.
@@ -73,6 +73,8 @@ class Flow:
         self.vtime = 0.0
         #: Whether it is in the poller's heap of flows with ready connections.
         self.active = False
+        #: Its connections in the poller's set.
+        self.parked = 0
         self.seq = next(_flows_made)
 
     def __lt__(self, other: Flow) -> bool:
@@ -117,6 +119,8 @@ class Poller(Generic[T]):
         self._owners: dict[int, _Parked] = {}
         #: The parked connection while it is the only one.
         self._alone: _Parked | None = None
+        #: How many flows have connections in the set.
+        self._kinds = 0
         #: The flows with connections queued, a heap (the one that used least first).
         self._flows: list[Flow] = []
         #: The virtual clock: the vtime of the flow answered last (after its
@@ -140,10 +144,15 @@ class Poller(Generic[T]):
     def park(self, fd: int, owner: T, flow: Flow | None = None) -> None:
         """Watch *fd* until it is readable; then ``answer(owner)`` runs, in *flow*'s turn."""
         self._epoll.register(fd, select.EPOLLIN)
-        parked = _Parked(fd, owner, self._shared if flow is None else flow)
+        if flow is None:
+            flow = self._shared
+        parked = _Parked(fd, owner, flow)
         owners = self._owners
         owners[fd] = parked
         self._alone = parked if len(owners) == 1 else None
+        flow.parked += 1
+        if flow.parked == 1:
+            self._kinds += 1
 
     def unpark(self, fd: int) -> None:
         """Stop watching *fd* (nothing happens if it is not watched)."""
@@ -153,6 +162,10 @@ class Poller(Generic[T]):
             # A queued record stays in its flow's queue, skipped when reached.
             parked.live = False
             self._alone = next(iter(owners.values())) if len(owners) == 1 else None
+            flow = parked.flow
+            flow.parked -= 1
+            if flow.parked == 0:
+                self._kinds -= 1
             try:
                 self._epoll.unregister(fd)
             except OSError:
@@ -165,7 +178,9 @@ class Poller(Generic[T]):
     def close(self) -> None:
         for parked in self._owners.values():
             parked.live = False
+            parked.flow.parked -= 1
         self._owners.clear()
+        self._kinds = 0
         self._alone = None
         self._flows.clear()
         self._epoll.close()
@@ -195,29 +210,31 @@ class Poller(Generic[T]):
                     self._answer_lone(answer, alone)
                     continue
             started = _now()
-            events = epoll.poll(0, MAX_EVENTS)
-            if len(events) == 1 and not self._flows:
-                # One ready, nothing queued: nobody to order it against.
-                parked = self._owners.get(events[0][0])
-                if parked is not None:
-                    self.last_round = self._answer_one(answer, parked, started) - started
-                continue
-            taken = self._take_ready(events)
-            # Connections left queued are shown again by every round's look (a
-            # fifth of a microsecond each): a round with many lasts long enough
-            # that looking takes at most a fifth of the loop's time.
             deadline = started + ROUND_TIME
-            if taken > LOOK_MANY:
-                deadline = started + taken * LOOK_COST
             self._budget = ROUND_BUDGET
+            events = epoll.poll(0, MAX_EVENTS)
+            now = started
             while True:
-                now = self._serve(answer, deadline)
+                taken = len(events)
+                if not self._flows and (self._kinds == 1 or taken == 1):
+                    # Nothing queued, and one uid ready (as a rule, the only
+                    # one connected): nobody to order its answers against.
+                    now = self._answer_in_order(answer, events, deadline, now)
+                else:
+                    taken = self._take_ready(events)
+                    # Connections left queued are shown again by every round's
+                    # look (a fifth of a microsecond each): a round with many
+                    # lasts long enough that looking takes at most a fifth of it.
+                    now = _now()
+                    if taken > LOOK_MANY:
+                        deadline = max(deadline, now + taken * LOOK_COST)
+                    now = self._serve(answer, deadline, now)
                 if taken < 2 or self._flows or self._budget <= 0 or now >= deadline:
                     # A lone request-reply client (one ready): its next request
                     # cannot be here yet, and asking would cost an epoll_wait
                     # per hit. Otherwise more may have come meanwhile.
                     break
-                taken = self._take_ready(epoll.poll(0, MAX_EVENTS))
+                events = epoll.poll(0, MAX_EVENTS)
             self.last_round = now - started
 
     def answer_first(self, answer: Callable[[T], bool], owner: T, flow: Flow) -> bool | None:
@@ -256,21 +273,47 @@ class Poller(Generic[T]):
                 close_all(self.closing)
                 self.closing.clear()
 
-    def _answer_one(self, answer: Callable[[T], bool], parked: _Parked, started: float) -> float:
-        """One datagram of *parked*, the only one ready, as a round of its own that
-        began at *started*; its time is counted to its flow. Returns the time."""
+    def _answer_in_order(
+        self,
+        answer: Callable[[T], bool],
+        events: list[tuple[int, int]],
+        deadline: float,
+        now: float,
+    ) -> float:
+        """One datagram of each connection in *events*, in order, all of one flow
+        (or one alone), until *deadline* passed or the round's budget is spent
+        (what is left is queued); its time counted to that flow. *now* is the
+        time; returns the time at the end."""
+        owners = self._owners
+        budget = self._budget
+        began = now
+        flow = None
+        done = 0
         try:
-            if not answer(parked.owner):  # type: ignore[arg-type]
-                self.unpark(parked.fd)
+            for fd, _mask in events:
+                done += 1
+                parked = owners.get(fd)
+                if parked is not None:
+                    flow = parked.flow
+                    budget -= 1
+                    if not answer(parked.owner):  # type: ignore[arg-type]
+                        self.unpark(fd)
+                    now = _now()
+                    if now >= deadline or budget <= 0:
+                        if done < len(events):
+                            self._take_ready(events[done:])
+                        break
         finally:
-            now = _now()
-            flow = parked.flow
-            vtime = flow.vtime
-            if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
-                vtime = self._vnow  # idle time banks no credit
-            self._vnow = flow.vtime = vtime = vtime + (now - started)
-            if vtime > self._vmax:  # noqa: PLR1730
-                self._vmax = vtime
+            self._budget = budget
+            if flow is not None:
+                # Alone, it is ahead of nobody: its new connections are
+                # answered at once, as when nobody waits (answer_first).
+                vtime = flow.vtime
+                if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
+                    vtime = self._vnow  # idle time banks no credit
+                self._vnow = flow.vtime = vtime = vtime + (now - began)
+                if vtime > self._vmax:  # noqa: PLR1730
+                    self._vmax = vtime
             if self.closing:
                 close_all(self.closing)
                 self.closing.clear()
@@ -304,13 +347,13 @@ class Poller(Generic[T]):
                 return taken
             events = poll(0, MAX_EVENTS)
 
-    def _serve(self, answer: Callable[[T], bool], deadline: float) -> float:
+    def _serve(self, answer: Callable[[T], bool], deadline: float, now: float) -> float:
         """Answer queued connections, one datagram each, the flow that used least
         first, until none is left, *deadline* passed or the round's budget of
-        answers is spent; then close the fds the answers used. Returns the time."""
+        answers is spent; then close the fds the answers used. *now* is the time;
+        returns the time at the end."""
         flows = self._flows
         budget = self._budget
-        now = _now()
         try:
             while len(flows) > 1 and budget > 0:
                 flow = flows[0]
