@@ -4,15 +4,15 @@
 # (connection.py) until it ends; then its socket stays open, while its peer
 # has not read every fd sent to it, until it has.
 #
-# Connections are taken in slices: while a backlog waits, the acceptor takes
-# connections for as long as the poller's last round took (at least
-# ACCEPT_TIME, at most ACCEPT_MAX_TIME and ACCEPT_BUDGET connections), then
-# lets the loop run. The kernel's backlog is one queue for every uid, in the
-# order they connected: taken one per turn of the loop, a connection waited
-# behind every one queued before it, each costing a whole turn (a poller
-# round, which may be another uid's costly datagram). Paced by the rounds, a
-# backlog is taken about as fast as the rounds go, and a flood of connects
-# still costs a client that is already connected only a short slice a turn.
+# Connections are taken in slices, each as long as the poller's longest
+# round since the last slice (one connection at least; ACCEPT_MAX_TIME and
+# ACCEPT_BUDGET connections at most), then the rest of the loop runs. While
+# the rounds are quick, that is one connection per turn of the loop: a flood
+# of connects costs a client that is already connected almost nothing. While
+# they are long (another uid's costly datagrams), the backlog is taken about
+# as fast as the rounds go: the kernel's backlog is one queue for every uid,
+# in the order they connected, and taken one per turn, a connection waited a
+# whole round for each one queued before it.
 #
 # Must never: wait on a peer that is turned away (one reply tried without
 # waiting, a bounded drain, the close); take connections for longer than its
@@ -49,10 +49,9 @@ logger = logging.getLogger("shadowd.server")
 # Datagrams read and dropped from a peer that is turned away.
 _DRAIN_AT_REFUSAL = 8
 
-#: Seconds of accepting in one slice at least (an accept and its admission
-#: take tens of microseconds; the connection's task starting, as much again)...
-ACCEPT_TIME = 0.0005
-#: ... and at most, however long the poller's rounds take.
+#: Seconds of accepting in one slice at most, however long the poller's
+#: rounds take (an accept and its admission take tens of microseconds, the
+#: connection's task starting as much again).
 ACCEPT_MAX_TIME = 0.01
 #: Connections taken in one slice at most.
 ACCEPT_BUDGET = 256
@@ -80,22 +79,20 @@ class Acceptor:
     connections: set[Connection]
     #: Whether the server is shutting down.
     draining: Callable[[], bool]
-    #: Seconds the poller's last round took (0 while it waits): the length of
-    #: a slice of accepts.
+    #: Seconds of the poller's longest round since the last call (Poller.longest_round):
+    #: the length of a slice of accepts.
     pace: Callable[[], float] = lambda: 0.0
 
     async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
         backoff = 0.01
-        began = _now()
-        length = self._slice()
-        taken = 0
+        began, length, taken = _now(), self._first_slice(), 0
         while True:
             try:
                 sock, _ = lsock.accept()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(lsock)
-                began, length, taken = _now(), self._slice(), 0
+                began, length, taken = _now(), self._first_slice(), 0
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -121,7 +118,12 @@ class Acceptor:
 
     def _slice(self) -> float:
         """Seconds of accepting before the rest of the loop runs again."""
-        return min(ACCEPT_MAX_TIME, max(ACCEPT_TIME, self.pace()))
+        return min(ACCEPT_MAX_TIME, self.pace())
+
+    def _first_slice(self) -> float:
+        """The same after a wait: a round that long ago says nothing of now."""
+        self.pace()
+        return 0.0
 
     def _take(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         """Admit the accepted *sock* (its task started in *nursery*) or turn it away."""

@@ -315,7 +315,7 @@ class Server:
             services=self._services,
             connections=self._connections,
             draining=lambda: self._draining,
-            pace=lambda: self._poller.last_round,
+            pace=self._poller.longest_round,
         )
         started = False
         try:
