@@ -4,9 +4,19 @@
 # (connection.py) until it ends; then its socket stays open, while its peer
 # has not read every fd sent to it, until it has.
 #
+# Connections are taken in slices, each as long as the poller's longest
+# round since the last slice (one connection at least; ACCEPT_MAX_TIME and
+# ACCEPT_BUDGET connections at most), then the rest of the loop runs. While
+# the rounds are quick, that is one connection per turn of the loop: a flood
+# of connects costs a client that is already connected almost nothing. While
+# they are long (another uid's costly datagrams), the backlog is taken about
+# as fast as the rounds go: the kernel's backlog is one queue for every uid,
+# in the order they connected, and taken one per turn, a connection waited a
+# whole round for each one queued before it.
+#
 # Must never: wait on a peer that is turned away (one reply tried without
-# waiting, a bounded drain, the close); accept two connections without
-# letting the rest of the loop run in between; let a bug serving one
+# waiting, a bounded drain, the close); take connections for longer than its
+# slice without letting the rest of the loop run; let a bug serving one
 # connection end the server or anyone else's connection; close, while serving, the socket
 # of a finished connection whose peer has fds unread in it (they would stay
 # in flight, counted against the daemon's user); keep a uid's place at the
@@ -18,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 import attrs
@@ -37,6 +48,15 @@ logger = logging.getLogger("shadowd.server")
 
 # Datagrams read and dropped from a peer that is turned away.
 _DRAIN_AT_REFUSAL = 8
+
+#: Seconds of accepting in one slice at most, however long the poller's
+#: rounds take (an accept and its admission take tens of microseconds, the
+#: connection's task starting as much again).
+ACCEPT_MAX_TIME = 0.01
+#: Connections taken in one slice at most.
+ACCEPT_BUDGET = 256
+
+_now = time.perf_counter
 
 
 def _renumbered(sock: socket.socket) -> socket.socket:
@@ -59,15 +79,20 @@ class Acceptor:
     connections: set[Connection]
     #: Whether the server is shutting down.
     draining: Callable[[], bool]
+    #: Seconds of the poller's longest round since the last call (Poller.longest_round):
+    #: the length of a slice of accepts.
+    pace: Callable[[], float] = lambda: 0.0
 
     async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
         backoff = 0.01
+        began, length, taken = _now(), self._first_slice(), 0
         while True:
             try:
                 sock, _ = lsock.accept()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(lsock)
+                began, length, taken = _now(), self._first_slice(), 0
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -75,16 +100,30 @@ class Acceptor:
                     logger.warning("accept failed (%s); retrying in %.2fs", exc.strerror, backoff)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
+                    began, length, taken = _now(), self._slice(), 0
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
                 raise
             backoff = 0.01
             self._take(sock, nursery)
-            # One connection per turn of the loop: peers that connect faster
-            # than we accept (a flood, hostile or not) must not keep every
-            # other connection waiting until the backlog is empty.
-            await trio.lowlevel.checkpoint()
+            taken += 1
+            if taken >= ACCEPT_BUDGET or _now() - began >= length:
+                # Peers that connect faster than we accept (a flood, hostile
+                # or not) must not keep every other connection waiting until
+                # the backlog is empty; nor must the poller's rounds (another
+                # uid's costly datagrams) hold the backlog to one a turn.
+                await trio.lowlevel.checkpoint()
+                began, length, taken = _now(), self._slice(), 0
+
+    def _slice(self) -> float:
+        """Seconds of accepting before the rest of the loop runs again."""
+        return min(ACCEPT_MAX_TIME, self.pace())
+
+    def _first_slice(self) -> float:
+        """The same after a wait: a round that long ago says nothing of now."""
+        self.pace()
+        return 0.0
 
     def _take(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         """Admit the accepted *sock* (its task started in *nursery*) or turn it away."""

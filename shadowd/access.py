@@ -3,8 +3,9 @@
 # Peers are identified by SO_PEERCRED when they connect (and SO_PEERGROUPS
 # for their supplementary groups); the allow lists and the connection limits
 # are checked right there, before the peer may send anything. Each uid gets
-# a share: its connections and a quota of worker jobs, so a user whose files
-# hang or who floods requests ties up only its own share.
+# a share: its connections, a quota of worker jobs and its turn in the
+# poller (poller.Flow), so a user whose files hang, or who floods requests
+# over many connections, ties up only its own share.
 #
 # Every admitted connection has a seat at the gate until it leaves. At a
 # connection limit, before a peer is refused, the seats whose peers have hung
@@ -36,6 +37,7 @@ import attrs
 
 from .copier import Quota
 from .errors import RequestError
+from .poller import Flow
 from .protocol import ErrorCode
 
 _UCRED = struct.Struct("3i")
@@ -154,6 +156,8 @@ class UidShare:
     seats: set[Seat] = attrs.field(factory=set)
     #: What looking for its gone peers may still cost (made at its first limit).
     sweeps: SweepBudget | None = None
+    #: Its place in the poller's order: the loop's time is shared per uid.
+    flow: Flow = attrs.field(factory=Flow)
 
 
 #: Seats that looking for gone peers may poll, per uid and for all uids

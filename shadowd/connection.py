@@ -233,12 +233,15 @@ class Connection:
         poller = self.services.poller
         max_inflight = self.services.max_inflight
         budget = self.services.budget
+        flow = self.share.flow
         # A new client's first requests are usually there already: its hello,
         # and often an index request right behind it (client/c sends both
         # before it waits). Answered before the connection is parked, they
-        # cost no round of the poller; anything more waits for one.
+        # cost no round of the poller; anything more waits for one, and so
+        # does a uid that has had more than its share of the loop (a flood of
+        # new connections is answered in turn with everyone else).
         for _ in range(FIRST_ANSWERED):
-            if not poller.answer_unparked(self.services.answer, self) or self.job is not None:
+            if not poller.answer_first(self.services.answer, self, flow) or self.job is not None:
                 break
         while True:
             if self.inflight >= max_inflight:
@@ -258,7 +261,7 @@ class Connection:
                     continue
             if self.job is None:
                 self.wakeup = trio.Event()
-                poller.park(fd, self)
+                poller.park(fd, self, flow)
                 try:
                     await self.wakeup.wait()
                 finally:

@@ -315,6 +315,7 @@ class Server:
             services=self._services,
             connections=self._connections,
             draining=lambda: self._draining,
+            pace=self._poller.longest_round,
         )
         started = False
         try:

@@ -622,7 +622,7 @@ async def test_10_one_uids_copies_do_not_slow_another_uid(
 # -- 7, 8: descriptors a peer makes the daemon hold ---------------------------
 
 NEVER_READ = """
-import array, socket
+import array, errno, socket, time
 import msgpack
 def connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -636,13 +636,24 @@ conns, sent = [], 0
 for _ in range({connections}):
     s = connect()
     conns.append(s)
+    waits = 0
     for i in range({requests}):
         op = {{"op": "open", "id": i + 1}} if len(fds) == 1 else {{"op": "open_batch", "id": i + 1}}
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        try:
-            s.sendmsg([msgpack.packb(op)], anc)
-        except (BlockingIOError, OSError):
-            break  # the daemon stopped reading us, or our own fds in flight are at their limit
+        done = False
+        while not done:
+            try:
+                s.sendmsg([msgpack.packb(op)], anc)
+                done = True
+            except OSError as e:
+                # Our own fds in flight at their limit: wait a little for the daemon
+                # to take some in (however fast it answered our hello), then go on.
+                if e.errno != errno.ETOOMANYREFS or waits == 20:
+                    break
+                waits += 1
+                time.sleep(0.001)
+        if not done:
+            break  # the daemon stopped reading us, or our fds in flight stay at their limit
         sent += 1
 for _ in range({idle}):  # and connections that only take a slot of the daemon's fd table
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

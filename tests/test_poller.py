@@ -1,7 +1,8 @@
 # The poller on real socketpairs: one datagram per ready connection per round,
-# the round's fds closed at its end, owners taken out mid-round skipped, and
-# the rest of the loop kept running while connections stay ready; and the
-# server's hand-over of a request to a connection's task.
+# the loop's time shared per uid (not per connection), the round's fds closed
+# at its end, owners taken out mid-round skipped, and the rest of the loop kept
+# running while connections stay ready; and the server's hand-over of a
+# request to a connection's task.
 from __future__ import annotations
 
 import fcntl
@@ -19,6 +20,7 @@ import trio.testing
 
 from shadowd import dispatch as dispatch_module
 from shadowd import hotcalls
+from shadowd import poller as poller_module
 from shadowd.access import Peer
 from shadowd.cache import CacheLimits
 from shadowd.connection import Received
@@ -26,7 +28,7 @@ from shadowd.fds import LONG_LIVED_BASE, close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import _proc_fd_dir
 from shadowd.metrics import count_open_fds
 from shadowd.opens import HostOpens
-from shadowd.poller import ROUND_BUDGET, Poller
+from shadowd.poller import ROUND_BUDGET, Flow, Poller
 from shadowd.refusals import Refusals
 from shadowd.server import Server, ServerConfig
 
@@ -202,6 +204,182 @@ async def test_connections_that_stay_ready_do_not_starve_the_loop(
     poller.close()
     assert ticks == 20
     assert calls >= 20 * ROUND_BUDGET // 2  # it went on answering meanwhile
+
+
+class FakeClock:
+    """The poller's clock, moved only by the answers: what each answer costs is
+    then exactly what the test says, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+#: What an answer costs the loop, on the fake clock: a datagram of tens of
+#: thousands of empty arrays, and a hit.
+COSTLY, CHEAP = 0.005, 0.00002
+
+
+@pytest.mark.parametrize("a_connections", [8, 300])
+async def test_a_uid_is_answered_after_one_answer_of_another_whatever_its_connections(
+    monkeypatch: pytest.MonkeyPatch, a_connections: int
+) -> None:
+    """Uid A has many connections, each with two costly datagrams queued; uid B has
+    four connections, one cheap datagram each, sent after all of A's. B's are all
+    answered after at most one of A's, with 8 connections of A as with 300 (before:
+    after every one of A's connections had had one answer)."""
+    clock = FakeClock()
+    monkeypatch.setattr(poller_module, "_now", clock)
+    poller: Poller[tuple[str, socket.socket]] = Poller()
+    a, b = Flow(), Flow()
+    made = [
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(a_connections + 4)
+    ]
+    order: list[str] = []
+    done = trio.Event()
+
+    def answer(owner: tuple[str, socket.socket]) -> bool:
+        uid, sock = owner
+        sock.recv(64)
+        order.append(uid)
+        clock.now += COSTLY if uid == "a" else CHEAP
+        if order.count("b") == 4:
+            done.set()
+        return True
+
+    try:
+        for ours, theirs in made[:a_connections]:
+            ours.setblocking(False)
+            theirs.send(b"1")
+            theirs.send(b"2")
+            poller.park(ours.fileno(), ("a", ours), a)
+        for ours, theirs in made[a_connections:]:
+            ours.setblocking(False)
+            theirs.send(b"1")
+            poller.park(ours.fileno(), ("b", ours), b)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller.run, answer)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for ours, theirs in made:
+            ours.close()
+            theirs.close()
+    last_b = len(order) - 1 - order[::-1].index("b")
+    assert order[:last_b].count("a") <= 1, order[: last_b + 1]
+
+
+async def test_a_round_ends_when_its_time_is_spent_and_the_rest_waits_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Costly answers end a round after its time (the rest of the loop runs), and the
+    connections left are answered next round in the order they were queued."""
+    clock = FakeClock()
+    monkeypatch.setattr(poller_module, "_now", clock)
+    poller: Poller[int] = Poller()
+    flow = Flow()
+    made = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(6)]
+    order: list[int] = []
+    ticks: list[int] = []
+    done = trio.Event()
+
+    def answer(i: int) -> bool:
+        made[i][0].recv(64)
+        order.append(i)
+        clock.now += COSTLY
+        if len(order) == len(made):
+            done.set()
+        return True
+
+    async def tick() -> None:
+        while True:
+            ticks.append(len(order))
+            await trio.lowlevel.checkpoint()
+
+    try:
+        for i, (ours, theirs) in enumerate(made):
+            ours.setblocking(False)
+            theirs.send(b"x")
+            poller.park(ours.fileno(), i, flow)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                nursery.start_soon(poller.run, answer)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        poller.close()
+        for ours, theirs in made:
+            ours.close()
+            theirs.close()
+    assert order == list(range(len(made)))
+    # One costly answer a round: the other task ran while they went on (trio
+    # runs the tasks of a turn in either order, so it may see two at a time).
+    between = {n for n in ticks if 0 < n < len(made)}
+    assert len(between) >= (len(made) - 1) // 2, ticks
+
+
+def test_a_new_connection_is_answered_at_once_unless_its_uid_is_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new connection's first datagrams are answered at once (its hello and index
+    request cost no round), unless its uid has had more of the loop than the
+    poller's clock allows: then it is parked and answered in turn. Before, every new
+    connection of a uid was answered at once, so a uid that opened many connections
+    had each one's first datagrams answered ahead of everyone."""
+    clock = FakeClock()
+    monkeypatch.setattr(poller_module, "_now", clock)
+    poller: Poller[str] = Poller()
+    a, b = Flow(), Flow()
+    answered: list[str] = []
+
+    def answer(name: str) -> bool:
+        answered.append(name)
+        clock.now += COSTLY if name.startswith("a") else CHEAP
+        return True
+
+    try:
+        assert poller.answer_first(answer, "a1", a) is True
+        # A is ahead now: its next connections wait for their turn ...
+        assert poller.answer_first(answer, "a2", a) is None
+        assert poller.answer_first(answer, "a3", a) is None
+        # ... while B's hello and index request are answered at once.
+        assert poller.answer_first(answer, "b-hello", b) is True
+        assert poller.answer_first(answer, "b-index", b) is True
+    finally:
+        poller.close()
+    assert answered == ["a1", "b-hello", "b-index"]
+
+
+async def test_a_uid_alone_is_not_held_back_once_the_poller_is_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With nobody waiting, the poller's clock catches up: a uid that went ahead
+    alone has its next new connection answered at once again."""
+    clock = FakeClock()
+    monkeypatch.setattr(poller_module, "_now", clock)
+    poller: Poller[str] = Poller()
+    a = Flow()
+
+    def answer(name: str) -> bool:
+        clock.now += COSTLY
+        return True
+
+    try:
+        assert poller.answer_first(answer, "a1", a) is True
+        assert poller.answer_first(answer, "a2", a) is None
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller.run, answer)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        assert poller.answer_first(answer, "a2", a) is True
+    finally:
+        poller.close()
 
 
 def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:

@@ -1,0 +1,159 @@
+# Attacks on the event loop's time (review 19c): one uid's many connections,
+# each with datagrams that cost the loop milliseconds to unpack (a map with a
+# key of 65,000 empty arrays, the most --max-request allows), against another
+# uid's hit. Counted, not timed: how many of the attacker's datagrams the
+# daemon answers before the victim's hit. The daemon runs as a real
+# subprocess, the attacker as another uid, the victim as root.
+#
+# Must never: leave the daemon stopped or a child process behind; count
+# answers made after the victim's (the daemon is stopped the moment the
+# victim has its reply, and the attacker counts only then).
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from .conftest import Daemon, make_file, requires_root, spawn_as
+from .wire import Raw
+
+pytestmark = requires_root
+
+#: The attacker's uid (need not exist in /etc/passwd).
+ATTACKER = 2100
+#: The attacker's connections; each sends two costly datagrams.
+CONNECTIONS = 128
+
+# The attacker. "fresh": its connections are made and their datagrams sent
+# while the daemon is stopped, so all of them wait in the listening socket's
+# backlog ahead of the victim's. "parked": its connections said hello first
+# and wait in the poller, ahead of the victim's, when the datagrams come.
+ATTACK = """
+import msgpack, socket, struct
+def costly(op, **fields):
+    # About 64 KiB: 65,000 empty arrays under a key the daemon ignores.
+    return msgpack.packb({{"op": op, "id": 1, **fields, "x": [[]] * 65000}})
+hello, report = costly("hello", version=1), costly("report", hits=[])
+assert len(hello) <= 65536 and len(report) <= 65536
+socks = []
+recv()
+for _ in range({connections}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Timeouts the kernel keeps: with Python's own, each send would first wait
+    # for the socket to poll writable, which it does only while less than a
+    # quarter of its buffer is taken (one costly datagram takes more).
+    for opt in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+        s.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", 30, 0))
+    s.connect({path!r})
+    socks.append(s)
+if {style!r} == "parked":
+    for s in socks:
+        s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+    for s in socks:
+        assert msgpack.unpackb(s.recv(1 << 16))["ok"]
+    out("parked")
+    recv()
+    for s in socks:
+        s.send(report)
+        s.send(report)
+else:
+    for s in socks:
+        s.send(hello)
+        s.send(report)
+out("sent")
+recv()
+answered = 0
+for s in socks:
+    s.setblocking(False)
+    while True:
+        try:
+            if not s.recv(1 << 16):
+                break
+        except BlockingIOError:
+            break
+        answered += 1
+out(answered)
+recv()
+"""
+
+
+@contextlib.contextmanager
+def stopped(d: Daemon) -> Any:
+    """The daemon stopped (SIGSTOP) inside the block, running again after it."""
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("style", ["fresh", "parked"])
+async def test_another_uids_many_connections_do_not_hold_up_a_hit(
+    start_daemon: Any, shared_dir: Path, style: str
+) -> None:
+    """128 connections of another uid, each with two datagrams that cost the loop
+    milliseconds each, are ahead of a root client's hit. The daemon answers at
+    most a few of them before the hit, not all: before, every one ("fresh", the
+    victim connecting anew: 256 of 256, one connection accepted per turn of the
+    loop and each answering its two datagrams first) or one per attacker
+    connection ("parked", the victim already connected: one datagram per ready
+    connection per round, in the kernel's order)."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    code = ATTACK.format(path=str(d.socket_path), connections=CONNECTIONS, style=style)
+
+    def victim_hit(raw: Raw, fd: int, id: int) -> None:
+        raw.send({"op": "open", "id": id}, [fd])
+
+    def victim_reply(raw: Raw) -> dict[str, Any]:
+        reply, fds = raw.recv()
+        for got in fds:
+            os.close(got)
+        return reply
+
+    with trio.fail_after(90):
+        src = os.open(f, os.O_RDONLY)
+        child = spawn_as(ATTACKER, code)
+        try:
+            # Two opens after the hello: the second is answered by the poller, so
+            # this connection waits there now (a new connection's first datagrams
+            # are answered before it first waits, see connection.FIRST_ANSWERED).
+            # The file is cached: the victim's open is a hit.
+            parked = Raw(d.socket_path, timeout=60)
+            for i in range(2):
+                await trio.to_thread.run_sync(victim_hit, parked, src, 1 + i)
+                await trio.to_thread.run_sync(victim_reply, parked)
+            if style == "fresh":
+                parked.close()
+                with stopped(d):
+                    child.send("go")
+                    assert await trio.to_thread.run_sync(child.recv) == "sent"
+                    # Connected anew, hello and open sent at once, as the clients do.
+                    raw = Raw(d.socket_path, hello=False, timeout=60)
+                    raw.send({"op": "hello", "id": 0, "version": 1})
+                    victim_hit(raw, src, 3)
+                hello = await trio.to_thread.run_sync(victim_reply, raw)
+                assert hello["ok"], hello
+            else:
+                raw = parked
+                child.send("go")
+                assert await trio.to_thread.run_sync(child.recv) == "parked"
+                with stopped(d):
+                    child.send("go")
+                    assert await trio.to_thread.run_sync(child.recv) == "sent"
+                    victim_hit(raw, src, 3)
+            with raw:
+                reply = await trio.to_thread.run_sync(victim_reply, raw)
+                with stopped(d):
+                    child.send("count")
+                    answered = await trio.to_thread.run_sync(child.recv)
+            assert reply["ok"] and reply["hit"] and reply["id"] == 3, reply
+            assert answered <= 16, f"{answered} of the attacker's datagrams went first"
+        finally:
+            os.close(src)
+            child.close()
