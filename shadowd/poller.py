@@ -300,16 +300,20 @@ class Poller(Generic[T]):
             now = _now()
             if now - started > self._longest:  # noqa: PLR1730 (a call costs more)
                 self._longest = now - started
-            flow = parked.flow
-            vtime = flow.vtime
-            if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
-                vtime = self._vnow  # idle time banks no credit
-            self._vnow = flow.vtime = vtime = vtime + (now - started)
-            if vtime > self._vmax:  # noqa: PLR1730
-                self._vmax = vtime
+            self._charge(parked.flow, now - started)
             if self.closing:
                 close_all(self.closing)
                 self.closing.clear()
+
+    def _charge(self, flow: Flow, seconds: float) -> None:
+        """Count *seconds* of the loop's time to *flow*, which then stands at the
+        clock: one back from idle starts at the clock (idle time banks no credit)."""
+        vtime = flow.vtime
+        if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
+            vtime = self._vnow
+        self._vnow = flow.vtime = vtime = vtime + seconds
+        if vtime > self._vmax:  # noqa: PLR1730
+            self._vmax = vtime
 
     def _answer_in_order(
         self,
@@ -346,12 +350,7 @@ class Poller(Generic[T]):
             if flow is not None:
                 # Alone, it is ahead of nobody: its new connections are
                 # answered at once, as when nobody waits (answer_first).
-                vtime = flow.vtime
-                if vtime < self._vnow:  # noqa: PLR1730 (a call costs more)
-                    vtime = self._vnow  # idle time banks no credit
-                self._vnow = flow.vtime = vtime = vtime + (now - began)
-                if vtime > self._vmax:  # noqa: PLR1730
-                    self._vmax = vtime
+                self._charge(flow, now - began)
             if self.closing:
                 close_all(self.closing)
                 self.closing.clear()
