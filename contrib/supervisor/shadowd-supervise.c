@@ -462,14 +462,25 @@ copy_bytes(int dst, int src)
     }
 }
 
+/* Our /proc/self/fd, O_PATH, opened at the first reopen and closed before
+ * the last count of our fds: a reopen then walks one name, not /proc and
+ * self (about 0.7 us of a reopen in client/c's loop). */
+static int self_fd_dir = -1;
+
 /* A new open file description of what our *fd* is, opened with *flags*
  * (through /proc/self/fd: the very inode, not a path that may have changed). */
 static int
 reopen(int fd, int flags)
 {
-    char path[32];
-    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    return open(path, flags);
+    char name[32];
+    if (self_fd_dir < 0)
+        self_fd_dir = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (self_fd_dir >= 0) {
+        snprintf(name, sizeof name, "%d", fd);
+        return openat(self_fd_dir, name, flags);
+    }
+    snprintf(name, sizeof name, "/proc/self/fd/%d", fd);
+    return open(name, flags);
 }
 
 /* A fresh sealed memfd with the bytes of *src*, reopened read-only: the
@@ -1370,6 +1381,9 @@ main(int argc, char **argv)
     }
     if (S.mode == SHADOWD)
         shadowd_close(&S.client);
+    if (self_fd_dir >= 0)
+        close(self_fd_dir);
+    self_fd_dir = -1;
     int exit_status = WIFEXITED(status) ? WEXITSTATUS(status)
                       : WIFSIGNALED(status) ? 128 + WTERMSIG(status)
                                             : 125;
