@@ -288,11 +288,9 @@ class AsyncClient:
                 sent = True
                 return await self._wait_reply(conn, id)
         except trio.TooSlowError:
-            self._drop(conn, Broken(TimeoutError(), "waiting for a reply"))
-            raise DaemonTimeout(
-                f"shadowd at {self.socket_path} did not answer in time",
-                socket_path=self.socket_path,
-            ) from None
+            broken = Broken(TimeoutError(), "waiting for a reply")
+            self._drop(conn, broken)
+            raise broken.error(self.socket_path) from None  # a DaemonTimeout
         except trio.Cancelled:
             if not sent:
                 conn.session.proto.forget(id)  # never sent: no reply will come
@@ -428,11 +426,9 @@ class AsyncClient:
                             conn.replies[reply.id] = reply
             return conn
         except trio.TooSlowError:
-            self._drop(conn, Broken(TimeoutError(), "waiting for the hello reply"))
-            raise DaemonTimeout(
-                f"shadowd at {self.socket_path} did not answer in time",
-                socket_path=self.socket_path,
-            ) from None
+            broken = Broken(TimeoutError(), "waiting for the hello reply")
+            self._drop(conn, broken)
+            raise broken.error(self.socket_path) from None  # a DaemonTimeout
         except Broken as broken:
             self._drop(conn, broken)
             raise broken.error(self.socket_path) from None
