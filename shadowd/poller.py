@@ -176,6 +176,11 @@ class Poller(Generic[T]):
         """Close *fd* at the end of the current round (with the round's other fds)."""
         self.closing.append(fd)
 
+    def _close_round_fds(self) -> None:
+        """Close the fds the answers of this round gave to close_later, together."""
+        close_all(self.closing)
+        self.closing.clear()
+
     def close(self) -> None:
         for parked in self._owners.values():
             parked.live = False
@@ -277,8 +282,7 @@ class Poller(Generic[T]):
                 self._longest = cost
             self._vmax = max(self._vmax, vtime)
             if self.closing:
-                close_all(self.closing)
-                self.closing.clear()
+                self._close_round_fds()
 
     def _answer_lone(self, answer: Callable[[T], bool], parked: _Parked) -> None:
         """One datagram of the only parked connection: no epoll_wait, no clock."""
@@ -287,8 +291,7 @@ class Poller(Generic[T]):
                 self.unpark(parked.fd)
         finally:
             if self.closing:
-                close_all(self.closing)
-                self.closing.clear()
+                self._close_round_fds()
 
     def _answer_one(self, answer: Callable[[T], bool], parked: _Parked, started: float) -> None:
         """One datagram of *parked*, the only one ready, as a round of its own that
@@ -302,8 +305,7 @@ class Poller(Generic[T]):
                 self._longest = now - started
             self._charge(parked.flow, now - started)
             if self.closing:
-                close_all(self.closing)
-                self.closing.clear()
+                self._close_round_fds()
 
     def _charge(self, flow: Flow, seconds: float) -> None:
         """Count *seconds* of the loop's time to *flow*, which then stands at the
@@ -352,8 +354,7 @@ class Poller(Generic[T]):
                 # answered at once, as when nobody waits (answer_first).
                 self._charge(flow, now - began)
             if self.closing:
-                close_all(self.closing)
-                self.closing.clear()
+                self._close_round_fds()
         return now
 
     def _take_ready(self, events: list[tuple[int, int]]) -> int:
@@ -442,5 +443,4 @@ class Poller(Generic[T]):
         finally:
             self._budget = budget
             if self.closing:
-                close_all(self.closing)
-                self.closing.clear()
+                self._close_round_fds()
