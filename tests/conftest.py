@@ -30,6 +30,21 @@ def repo_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 NOBODY = 65534
+
+# Unprivileged uids of this run: the kernel counts descriptors in flight per
+# uid (ETOOMANYREFS past the sender's RLIMIT_NOFILE), so two suites on one
+# machine that both set up daemons and clients as uid 1000 failed each
+# other's tests. Each run takes 100 uids of its own, chosen by its pid.
+_UID_BASE = 10_000 + (os.getpid() % 500) * 100
+
+
+def test_uid(slot: int) -> int:
+    """The unprivileged uid *slot* (0-99) of this test run."""
+    assert 0 <= slot < 100
+    return _UID_BASE + slot
+
+
+test_uid.__test__ = False  # type: ignore[attr-defined]  # not a test for pytest
 #: How often a wait for a daemon to answer or to exit looks again: each of
 #: the suite's ~300 daemon starts waited half of it on average, for nothing.
 POLL = 0.005

@@ -37,6 +37,7 @@ from .conftest import (
     requires_root,
     run_as,
     spawn_as,
+    test_uid,
 )
 from .fusefs import FuseFile, HangingFS
 from .mounts import ext4, mount_tmpfs, tmpfs, umount
@@ -46,7 +47,7 @@ from .wire import Raw, read_all
 pytestmark = requires_root
 
 #: Users of the attacks (need not exist in /etc/passwd).
-ALICE, BOB, CAROL = 1000, 1001, 1002
+ALICE, BOB, CAROL = test_uid(0), test_uid(1), test_uid(2)
 
 
 # pytest-trio hands a test's exception on inside an ExceptionGroup.

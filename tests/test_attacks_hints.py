@@ -14,13 +14,13 @@ from typing import Any
 
 import trio
 
-from .conftest import NOBODY, Daemon, make_file, requires_root, run_as, spawn_as
+from .conftest import NOBODY, Daemon, make_file, requires_root, run_as, spawn_as, test_uid
 from .fusefs import mounted
 
 pytestmark = requires_root
 
 #: Uids of the attackers (need not exist in /etc/passwd).
-FIRST_ATTACKER = 2000
+FIRST_ATTACKER = test_uid(10)  # and the uids after it
 
 
 # An attacker: two opens of files whose reads hang take both copy slots of its

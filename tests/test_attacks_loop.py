@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import trio
 
-from .conftest import Daemon, make_file, requires_root, spawn_as
+from .conftest import Daemon, make_file, requires_root, spawn_as, test_uid
 from .wire import Raw
 
 pytestmark = requires_root
 
 #: The attacker's uid (need not exist in /etc/passwd).
-ATTACKER = 2100
+ATTACKER = test_uid(40)
 #: The attacker's connections; each sends two costly datagrams.
 CONNECTIONS = 128
 

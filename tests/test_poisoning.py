@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 
-from .conftest import Daemon, make_file, requires_root, run_as
+from .conftest import Daemon, make_file, requires_root, run_as, test_uid
 
-VICTIM, ATTACKER = 1000, 1001
+VICTIM, ATTACKER = test_uid(3), test_uid(4)
 NAMESPACES = ["sha256:victim-image", "sha256:attacker-image", "0", "/"]
 FD_KINDS = ["memfd", "mapped", "hostfile", "served", "sealed"]
 
