@@ -279,7 +279,7 @@ def sealed_copy(src: int, expected: SourceStat) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return _sealed_file(fd, size=expected.size, executable=expected.executable)
+    return own_sealed(fd, size=expected.size, executable=expected.executable)
 
 
 def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
@@ -294,12 +294,13 @@ def sealed_from_bytes(data: bytes, *, executable: bool = False) -> SealedFile:
     except BaseException:
         os.close(fd)
         raise
-    return _sealed_file(fd, size=len(data), executable=executable)
+    return own_sealed(fd, size=len(data), executable=executable)
 
 
-def _sealed_file(fd: int, *, size: int, executable: bool) -> SealedFile:
-    """The SealedFile that owns the sealed memfd *fd*; *fd* is closed should making it
-    fail (its first use in a process opens /proc/self/fd: EMFILE at the fd limit)."""
+def own_sealed(fd: int, *, size: int, executable: bool) -> SealedFile:
+    """The SealedFile that owns the sealed memfd *fd*, renumbered high; *fd* is closed
+    should making it fail (its first use in a process opens /proc/self/fd: EMFILE at
+    the fd limit)."""
     holder = FdHolder(move_high(fd))
     try:
         return SealedFile(holder, size=size, executable=executable)

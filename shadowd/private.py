@@ -29,7 +29,7 @@ from .cache import Admission, Cache, CacheLimits, PrivateKey
 from .copier import Copier, Quota
 from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
 from .fds import FdHolder
-from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, memfd_seals, sealed_copy
+from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, memfd_seals, own_sealed, sealed_copy
 from .opens import Served, check_size
 from .pins import Pins
 from .protocol import ErrorCode, FileKey, Lookup, Publish
@@ -93,7 +93,7 @@ def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
         os.fchmod(fd, 0o555 if executable else 0o444)
     except OSError:
         pass
-    return SealedFile(FdHolder(os.dup(fd)), size=key.size, executable=executable)
+    return own_sealed(os.dup(fd), size=key.size, executable=executable)
 
 
 def copy_published(src: FdHolder, key: FileKey) -> SealedFile:
