@@ -249,9 +249,10 @@ class Poller(Generic[T]):
             self._longest = max(self._longest, now - started)
 
     def longest_round(self) -> float:
-        """Seconds of the longest round, or of a new connection's first answers,
-        since the last call: the acceptor takes connections for as long
-        (accepting.py), so that what costs the loop a turn sets its pace."""
+        """Seconds of the longest round, of a new connection's first answers or
+        of a lone connection's answer, since the last call: the acceptor takes
+        connections for as long (accepting.py), so that what costs the loop a
+        turn sets its pace."""
         longest, self._longest = self._longest, 0.0
         return longest
 
@@ -285,13 +286,23 @@ class Poller(Generic[T]):
                 self._close_round_fds()
 
     def _answer_lone(self, answer: Callable[[T], bool], parked: _Parked) -> None:
-        """One datagram of the only parked connection: no epoll_wait, no clock."""
+        """One datagram of the only parked connection: no epoll_wait, no charge.
+
+        Its time (the round's fds closed included) still counts in
+        longest_round: a lone connection's costly datagrams make the loop's
+        turns as long as any round's, and the acceptor, taking one connection
+        a turn, would have let a new client wait one of them for each
+        connection queued ahead of it in the backlog."""
+        started = _now()
         try:
             if not answer(parked.owner):  # type: ignore[arg-type]
                 self.unpark(parked.fd)
         finally:
             if self.closing:
                 self._close_round_fds()
+            cost = _now() - started
+            if cost > self._longest:  # noqa: PLR1730 (a call costs more)
+                self._longest = cost
 
     def _answer_one(self, answer: Callable[[T], bool], parked: _Parked, started: float) -> None:
         """One datagram of *parked*, the only one ready, as a round of its own that

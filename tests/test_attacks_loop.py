@@ -1,9 +1,11 @@
 # Attacks on the event loop's time (review 19c): one uid's many connections,
 # each with datagrams that cost the loop milliseconds to unpack (a map with a
 # key of 65,000 empty arrays, the most --max-request allows), against another
-# uid's hit. Counted, not timed: how many of the attacker's datagrams the
-# daemon answers before the victim's hit. The daemon runs as a real
-# subprocess, the attacker as another uid, the victim as root.
+# uid's hit; and one connection alone in the poller, fed such datagrams
+# without pause, ahead of a backlog of connections (attack 18). Counted, not
+# timed: how many of the attacker's datagrams the daemon answers before the
+# victim's hit. The daemon runs as a real subprocess, the attacker as another
+# uid, the victim as root.
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
@@ -152,6 +154,100 @@ async def test_another_uids_many_connections_do_not_hold_up_a_hit(
                 with stopped(d):
                     child.send("count")
                     answered = await trio.to_thread.run_sync(child.recv)
+            assert reply["ok"] and reply["hit"] and reply["id"] == 3, reply
+            assert answered <= 16, f"{answered} of the attacker's datagrams went first"
+        finally:
+            os.close(src)
+            child.close()
+
+
+# The attacker of attack 18: one connection, the only one in the poller,
+# kept fed with costly datagrams (a thread sends while another counts the
+# replies), and BACKLOG connections made and closed at once, which wait in
+# the listening socket's backlog ahead of the victim's.
+LONE_ATTACK = """
+import msgpack, socket, struct, threading
+report = msgpack.packb({{"op": "report", "id": 1, "hits": [], "x": [[]] * 65000}})
+assert len(report) <= 65536
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+for opt in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+    c.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", 60, 0))
+c.connect({path!r})
+c.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(c.recv(1 << 16))["ok"]
+out("parked")
+recv()
+answered = [0]
+def feed():
+    try:
+        while True:
+            c.send(report)
+    except OSError:
+        pass
+def count():
+    try:
+        while c.recv(1 << 16):
+            answered[0] += 1
+    except OSError:
+        pass
+threading.Thread(target=feed, daemon=True).start()
+threading.Thread(target=count, daemon=True).start()
+for _ in range({backlog}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect({path!r})
+    s.close()
+out("sent")
+recv()
+out(answered[0])
+recv()
+"""
+#: Connections made and closed ahead of the victim's in the backlog.
+BACKLOG = 300
+
+
+async def test_a_lone_connections_costly_datagrams_do_not_hold_up_the_backlog(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 18: another uid's one connection, alone in the poller, sends costly
+    datagrams without pause, and 300 connections it made and closed wait in the
+    backlog ahead of a root client connecting anew. The victim's hello and hit come
+    after at most a few of the costly answers: before, a lone connection's answers
+    did not count in the poller's longest round, so the acceptor took one
+    connection a turn, each turn one costly answer (293-301 of them, 4.7-6.1 s)."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    code = LONE_ATTACK.format(path=str(d.socket_path), backlog=BACKLOG)
+
+    def reply_of(raw: Raw) -> dict[str, Any]:
+        reply, fds = raw.recv()
+        for got in fds:
+            os.close(got)
+        return reply
+
+    with trio.fail_after(120):
+        src = os.open(f, os.O_RDONLY)
+        child = spawn_as(ATTACKER, code)
+        try:
+            # The file cached (the victim's open is a hit), and no connection
+            # but the attacker's left in the poller.
+            with Raw(d.socket_path) as warm:
+                for i in range(2):
+                    warm.send({"op": "open", "id": 1 + i}, [src])
+                    await trio.to_thread.run_sync(reply_of, warm)
+            assert await trio.to_thread.run_sync(child.recv) == "parked"
+            with stopped(d):
+                child.send("go")
+                assert await trio.to_thread.run_sync(child.recv) == "sent"
+                raw = Raw(d.socket_path, hello=False, timeout=100)
+                raw.send({"op": "hello", "id": 0, "version": 1})
+                raw.send({"op": "open", "id": 3}, [src])
+            with raw:
+                hello = await trio.to_thread.run_sync(reply_of, raw)
+                reply = await trio.to_thread.run_sync(reply_of, raw)
+                with stopped(d):
+                    child.send("count")
+                    answered = await trio.to_thread.run_sync(child.recv)
+            assert hello["ok"], hello
             assert reply["ok"] and reply["hit"] and reply["id"] == 3, reply
             assert answered <= 16, f"{answered} of the attacker's datagrams went first"
         finally:

@@ -382,6 +382,40 @@ async def test_a_uid_alone_is_not_held_back_once_the_poller_is_idle(
         poller.close()
 
 
+async def test_a_lone_connections_answers_count_in_the_longest_round(
+    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only parked connection is answered without epoll_wait and without a
+    charge, but what its answers cost still counts in longest_round, the
+    acceptor's pace (attack 18): before, it did not, and a lone connection's
+    costly datagrams held the backlog to one connection a turn."""
+    clock = FakeClock()
+    monkeypatch.setattr(poller_module, "_now", clock)
+    poller: Poller[int] = Poller()
+    ours, theirs = pairs[0]
+    done = trio.Event()
+
+    def answer(i: int) -> bool:
+        ours.recv(64)
+        clock.now += COSTLY
+        done.set()
+        return True
+
+    poller.park(ours.fileno(), 0)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller.run, answer)
+                theirs.send(b"x")
+                await done.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        assert poller.longest_round() == pytest.approx(COSTLY)
+        assert poller.longest_round() == 0.0  # until the next answer
+    finally:
+        poller.close()
+
+
 def test_epoll_fd_is_kept_above_the_hit_path_numbers() -> None:
     poller: Poller[int] = Poller()
     try:
