@@ -14,6 +14,12 @@
 # in the order they connected, and taken one per turn, a connection waited a
 # whole round for each one queued before it.
 #
+# A peer turned away may have sent datagrams before it was accepted, with
+# descriptors: read or closed unread, they are closed by the kernel in the
+# thread that does it, and the last close of a large file a client unlinked
+# frees it (attack 19). So its socket is drained and closed in a worker
+# thread, REFUSED_OFF_LOOP of them at most waiting; past that, on the loop.
+#
 # Must never: wait on a peer that is turned away (one reply tried without
 # waiting, a bounded drain, the close); take connections for longer than its
 # slice without letting the rest of the loop run; let a bug serving one
@@ -35,7 +41,7 @@ import attrs
 import trio
 
 from .access import Gate, Peer, Seat, reads_daemon_fds
-from .connection import SEND_FLAGS, Connection, Services, drop_unread
+from .connection import SEND_FLAGS, Connection, Services
 from .errors import RequestError
 from .fds import move_high
 from .metrics import StatsCollector
@@ -55,6 +61,9 @@ _DRAIN_AT_REFUSAL = 8
 ACCEPT_MAX_TIME = 0.01
 #: Connections taken in one slice at most.
 ACCEPT_BUDGET = 256
+#: Sockets of peers turned away that wait for a worker to drain and close them,
+#: at most (each holds an fd meanwhile).
+REFUSED_OFF_LOOP = 64
 
 _now = time.perf_counter
 
@@ -82,6 +91,10 @@ class Acceptor:
     #: Seconds of the poller's longest round since the last call (Poller.longest_round):
     #: the length of a slice of accepts.
     pace: Callable[[], float] = lambda: 0.0
+    #: The worker threads that drain and close the sockets of peers turned away.
+    refused_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(2))
+    #: Those sockets handed to them and not closed yet.
+    refused_closing: int = 0
 
     async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
@@ -137,12 +150,14 @@ class Acceptor:
         try:
             seat = self.gate.admit(peer, sock)
         except RequestError as exc:
-            self._turn_away(sock, peer, exc)
+            self._turn_away(sock, peer, exc, nursery)
             return
         self.collector.clients_total += 1
         nursery.start_soon(self._run_connection, sock, peer, seat, nursery)
 
-    def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
+    def _turn_away(
+        self, sock: socket.socket, peer: Peer, exc: RequestError, nursery: trio.Nursery
+    ) -> None:
         """Tell a refused peer why (without waiting), then close its connection."""
         self.refusals.count(peer, exc.code, exc.message)
         data, _ = encode_reply(ErrorReply(id=None, code=exc.code, message=exc.message))
@@ -150,8 +165,19 @@ class Acceptor:
             sock.sendmsg([data], [], SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
-        drop_unread(sock, _DRAIN_AT_REFUSAL)
-        sock.close()
+        if self.refused_closing < REFUSED_OFF_LOOP:
+            self.refused_closing += 1
+            nursery.start_soon(self._close_refused, sock)
+        else:
+            _drain_and_close(sock)
+
+    async def _close_refused(self, sock: socket.socket) -> None:
+        try:
+            await trio.to_thread.run_sync(_drain_and_close, sock, limiter=self.refused_limiter)
+        finally:
+            self.refused_closing -= 1
+            if sock.fileno() >= 0:
+                sock.close()  # cancelled (shutdown) before a worker took it
 
     # -- one connection --------------------------------------------------
 
@@ -210,3 +236,19 @@ class Acceptor:
         finally:
             conn.release()
             self.gate.leave(seat)
+
+
+def _drain_and_close(sock: socket.socket) -> None:
+    """Drop up to _DRAIN_AT_REFUSAL datagrams of a peer turned away, then close its
+    socket. Received without room for descriptors: the kernel drops them as it
+    would at the close, with no flush (a close of ours would wait on a FUSE
+    server), in the thread that calls this."""
+    try:
+        for _ in range(_DRAIN_AT_REFUSAL):
+            try:
+                if not sock.recv(1, socket.MSG_DONTWAIT):
+                    break
+            except OSError:
+                break
+    finally:
+        sock.close()

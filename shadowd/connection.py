@@ -25,10 +25,18 @@ import trio
 from . import hotcalls
 from .access import Gate, Peer, UidShare
 from .errors import RequestError
-from .fds import FdHolder, close_all, close_holders, scm_rights
+from .fds import FdHolder, close_all, close_holders, fds_from_ancdata, scm_rights
 from .inflight import FdBudget, Outbox
 from .poller import Poller
-from .protocol import ErrorCode, ErrorReply, ProtocolError, Reply, Request, ServerConnection
+from .protocol import (
+    SCM_MAX_FD,
+    ErrorCode,
+    ErrorReply,
+    ProtocolError,
+    Reply,
+    Request,
+    ServerConnection,
+)
 from .refusals import INTERNAL_MESSAGE, Refusals
 
 logger = logging.getLogger(__name__)
@@ -115,19 +123,31 @@ class Services:
     answer: Callable[[Connection], bool]
 
 
-def drop_unread(sock: socket.socket, limit: int) -> None:
-    """Read and drop up to *limit* datagrams the peer sent that we will not answer.
+def drop_unread(sock: socket.socket, limit: int) -> list[int]:
+    """Read and drop up to *limit* datagrams the peer sent that we will not answer;
+    return the fds they carried, for the caller to close.
 
     Closing with unread data makes the peer's next read fail with
-    ECONNRESET before it sees the replies already queued for it. A recv
-    without room for control data: the kernel drops any fds itself.
+    ECONNRESET before it sees the replies already queued for it. The fds are
+    received rather than left to the kernel, which would close them in this
+    thread: the last close of a large file a client unlinked frees it, which
+    must not happen on the loop (attack 19; closing.Closer knows such fds).
     """
+    fds: list[int] = []
     for _ in range(limit):
         try:
-            if not sock.recv(1, socket.MSG_DONTWAIT):
-                break
+            n, anc, _flags, _ = sock.recvmsg(1, _DROP_ANCSIZE, _DROP_FLAGS)
         except OSError:
             break
+        if anc:
+            fds.extend(fds_from_ancdata(anc))
+        elif not n:
+            break
+    return fds
+
+
+_DROP_ANCSIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+_DROP_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 
 
 @attrs.define(eq=False)
@@ -320,7 +340,7 @@ class Connection:
         if self.job is not None:
             self._drop_job(self.job)
             self.job = None
-        drop_unread(self.sock, DRAIN_AT_CLOSE)
+        self._drop_unread()
         self.refresh()
         if self.outbox.fds:
             return False
@@ -333,7 +353,16 @@ class Connection:
             self._use(-self.outbox.fds)
             self.outbox = Outbox()
         self.share.members.discard(self)
+        # What the peer sent since close() (while it lingered) goes as the
+        # rest did, its fds through discard, before the close would leave
+        # them to the kernel here.
+        self._drop_unread()
         self.sock.close()
+
+    def _drop_unread(self) -> None:
+        fds = drop_unread(self.sock, DRAIN_AT_CLOSE)
+        if fds:
+            self.services.discard(fds, self.share)
 
     def _drop_job(self, job: Job) -> None:
         """Get rid of a job its task never answered (it was cancelled first)."""
@@ -351,8 +380,8 @@ class Connection:
         gate = self.services.gate
         if flags & MSG_TRUNC:
             gate.hit("max_request")
-        if flags & MSG_CTRUNC:
-            gate.hit("max_fds")  # the kernel closed the fds that did not fit
+        if flags & MSG_CTRUNC or len(fds) > self.proto.limits.max_fds:
+            gate.hit("max_fds")  # more than a request may carry
         self.services.refusals.fds_refused += len(fds)
         self.services.discard(fds, self.share)
 

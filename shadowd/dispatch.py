@@ -112,8 +112,8 @@ class Dispatcher:
             # Answered now, without an fd; a flight, if any, copies from its own dup.
             if outcome.untrusted:
                 self.opens.discard([fd], conn.share)  # in a worker
-            else:
-                self.poller.close_later(fd)
+            else:  # in a worker too should its close free a large file (attack 19)
+                self.opens.closer.discard_local(fd, conn.share, self.poller.close_later)
             data, _ = conn.proto.send(Missed(id=event.id, filling=outcome.filling))
             self.latency.miss.observe(_now() - self.started)
             return conn.reply_now(event.id, data, (), ())
@@ -154,6 +154,7 @@ class Dispatcher:
         if not conn.room(len(fds)):
             self.opens.discard([h.detach() for h in holders], conn.share)
             return conn.refuse_now(event.id, conn.over_budget(len(fds)))
+        results: list[Served | Miss | Refusal | None] | None = None
         try:
             results, later = self.batches.now(
                 holders, labels, conn.share, conn.peer, event.id, wait=event.wait
@@ -175,9 +176,22 @@ class Dispatcher:
                     raise
                 return True  # the reply goes when the last item is in
         finally:
-            for h in holders:  # the ones a deferred item did not take
+            # The ones a deferred item did not take: a hit's at the end of the
+            # round; a missed or refused item's as a lone open's (the Closer
+            # knows one whose close would free a large file, attack 19).
+            closing = self.poller.close_later
+            rest = []
+            for i, h in enumerate(holders):
                 if not h.closed:
-                    self.poller.close_later(h.detach())
+                    kind = None if results is None else type(results[i])
+                    if kind is Served:
+                        closing(h.detach())
+                    elif kind is Miss:
+                        self.opens.closer.discard_local(h.detach(), conn.share, closing)
+                    else:
+                        rest.append(h.detach())
+            if rest:
+                self.opens.discard(rest, conn.share)
         served = [r.fd for r in results if isinstance(r, Served)]
         try:
             data, out = conn.proto.send(

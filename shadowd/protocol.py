@@ -30,6 +30,11 @@ MIN_MAX_REQUEST = 512
 MAX_CLIENT_NAME = 256
 # Largest batch the format allows; a server may advertise a smaller one.
 MAX_BATCH_LIMIT = 250
+#: The most descriptors the kernel passes in one datagram (SCM_MAX_FD): a
+#: server receives them all, however many a request may carry, so that none
+#: is closed by the kernel in the receiving thread (the last close of a large
+#: file frees it, which can take the kernel milliseconds and more).
+SCM_MAX_FD = 253
 # A private namespace names an image (a digest, say), not its contents.
 MAX_NAMESPACE_BYTES = 255
 MIN_INT64 = -(2**63)
@@ -669,7 +674,8 @@ class WireLimits:
 
     @property
     def max_fds(self) -> int:
-        """Most fds one request may carry; the receive buffer is sized to this."""
+        """Most fds one request may carry (a server receives up to SCM_MAX_FD and
+        refuses a request with more than this)."""
         return self.max_batch
 
 
@@ -769,7 +775,7 @@ class ServerConnection:
         op = msg.get("op")
         if not isinstance(op, str):
             raise MalformedMessage("missing field 'op'", id=id, fds=fds)
-        if fds_truncated:
+        if fds_truncated or len(fds) > self.limits.max_fds:
             raise BadFds(
                 f"too many fds with one request (at most {self.limits.max_fds})", id=id, fds=fds
             )

@@ -57,6 +57,7 @@ from .poller import Poller
 from .private import PrivateFiles
 from .protocol import (
     MAX_NAMESPACE_BYTES,
+    SCM_MAX_FD,
     ConnectionState,
     Hello,
     IndexRequest,
@@ -225,7 +226,9 @@ class Server:
         # and parses a datagram before it reads the next.
         self._buf = bytearray(config.wire.max_request)
         self._view = memoryview(self._buf)
-        self._ancsize = socket.CMSG_SPACE(config.wire.max_fds * 4)
+        # Room for every fd a datagram may carry, not only for what a request
+        # may: the kernel closes what does not fit, here, on the loop (attack 19).
+        self._ancsize = socket.CMSG_SPACE(SCM_MAX_FD * 4)
         self._max_inflight = config.max_inflight
         self._draining = False
         # Made here, not in serve(): a shutdown() that comes before serve()
