@@ -31,6 +31,7 @@
 # counting it earlier for a peer that hung up).
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -251,4 +252,5 @@ def _drain_and_close(sock: socket.socket) -> None:
             except OSError:
                 break
     finally:
-        sock.close()
+        with contextlib.suppress(OSError):  # the number is released either way
+            sock.close()

@@ -8,12 +8,17 @@
 # stops being read until one finishes (back-pressure). The rare requests
 # (stats, publish) are handed to the connection's own task.
 #
-# Must never: reorder replies (a reply waits behind those already waiting);
+# Must never: reorder replies (a reply waits behind those already waiting,
+# in the order they were made: tasks started in one step of the loop run in
+# any order, so a reply's turn is taken when it is made, not when its task
+# first runs);
 # leave a received fd unclosed on any path (a job that is never answered is
 # dropped with its fds); let one client's bug end anyone else's connection.
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import logging
 import socket
 import time
@@ -158,7 +163,10 @@ class Connection:
     proto: ServerConnection
     services: Services
     read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    #: The replies waiting to be sent, in the order they were made: an Event
+    #: each, set when it is that reply's turn (the first one's at once). Empty
+    #: when none waits: then a reply may be sent at once.
+    sending: collections.deque[trio.Event] = attrs.field(factory=collections.deque)
     inflight: int = 0
     slot_freed: trio.Event = attrs.field(factory=trio.Event)
     nursery: trio.Nursery | None = None
@@ -467,7 +475,7 @@ class Connection:
 
     def send_now(self, data: bytes, fds: Sequence[int]) -> bool:
         """Send without waiting; False when the socket is full or others queue."""
-        if self.send_lock.locked():
+        if self.sending:
             return False  # keep the order of replies already waiting
         try:
             _send(self.sock, data, fds)
@@ -480,10 +488,17 @@ class Connection:
         self.sent(len(data), len(fds))
         return True
 
-    async def send_bytes(self, data: bytes, fds: Sequence[int]) -> None:
-        """Send one datagram, waiting for room in the socket."""
-        anc = scm_rights(fds)
-        async with self.send_lock:
+    async def send_bytes(
+        self, data: bytes, fds: Sequence[int], turn: trio.Event | None = None
+    ) -> None:
+        """Send one datagram once the replies made before it are sent, waiting for
+        room in the socket. *turn*: its place in that order, taken when the reply
+        was made (take_turn); else it is taken now."""
+        if turn is None:
+            turn = self.take_turn()
+        try:
+            await turn.wait()
+            anc = scm_rights(fds)
             while True:
                 try:
                     self.sock.sendmsg([data], anc, SEND_FLAGS)
@@ -494,7 +509,25 @@ class Connection:
                     if exc.errno == errno.ETOOMANYREFS:
                         raise TooManyInFlight() from exc
                     raise PeerGone() from exc
+        finally:
+            self._turn_done(turn)
         self.sent(len(data), len(fds))
+
+    def take_turn(self) -> trio.Event:
+        """A place behind the replies waiting now; set when it is this one's turn."""
+        turn = trio.Event()
+        self.sending.append(turn)
+        if len(self.sending) == 1:
+            turn.set()
+        return turn
+
+    def _turn_done(self, turn: trio.Event) -> None:
+        """*turn*'s reply is sent, or will not be: the next one's turn."""
+        sending = self.sending
+        first = sending[0] is turn
+        sending.remove(turn)
+        if first and sending:
+            sending[0].set()
 
     def reply_now(self, id: int, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...]) -> bool:
         """Send the reply to request *id* now, or from the connection's nursery in turn.
@@ -504,7 +537,7 @@ class Connection:
         sends it later. False when the peer is gone (the task takes over).
         """
         try:
-            if not self.send_lock.locked():  # else replies queue: keep their order
+            if not self.sending:  # else replies queue: keep their order
                 _send(self.sock, data, fds)
                 self.sent(len(data), len(fds))
                 closing = self.services.poller.close_later
@@ -521,22 +554,33 @@ class Connection:
         except BaseException:
             close_all(owned)
             raise
+        # Its turn is taken now, in the order the round made the replies: the
+        # tasks started in this step of the loop run in any order.
+        turn = self.take_turn()
         try:
             # Counted in flight: a client that does not read its replies
             # meets --max-inflight, then the daemon stops reading it.
-            self.start_deferred(id, _send_later, data, fds, owned, id, holds=len(owned))
+            send = functools.partial(_send_later, id=id, turn=turn)
+            self.start_deferred(id, send, data, fds, owned, holds=len(owned))
         except BaseException:
+            self._turn_done(turn)
             close_all(owned)
             raise
         return True
 
 
 async def _send_later(
-    conn: Connection, data: bytes, fds: tuple[int, ...], owned: tuple[int, ...], id: int
+    conn: Connection,
+    data: bytes,
+    fds: tuple[int, ...],
+    owned: tuple[int, ...],
+    *,
+    id: int,
+    turn: trio.Event,
 ) -> None:
     try:
         try:
-            await conn.send_bytes(data, fds)
+            await conn.send_bytes(data, fds, turn)
         finally:
             close_all(owned)
     except TooManyInFlight:

@@ -124,7 +124,7 @@ class Dispatcher:
         self.poller.close_later(fd)
         file = outcome[0]
         reply = conn.proto.send_opened(event.id, outcome[1], True, outcome[2])
-        if not conn.send_lock.locked():  # else replies queue: keep their order
+        if not conn.sending:  # else replies queue: keep their order
             try:
                 # The reopen, the send and the close of the new fd in one call.
                 err = _send_reopened(conn.sock, reply, file.dir_fd, file.fd)

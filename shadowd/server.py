@@ -446,7 +446,7 @@ class Server:
         try:
             if (
                 conn.proto.state is _READY
-                and not conn.send_lock.locked()
+                and not conn.sending
                 and conn.share.fds < budget.per_uid
                 and budget.used < budget.total
             ):

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import select
 import signal
 import struct
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -392,3 +395,95 @@ async def test_the_last_close_of_a_clients_large_unlinked_file_is_not_made_on_th
             assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 2}))[0]["ok"]
     finally:
         os.close(small)
+
+
+async def test_peers_turned_away_with_descriptors_queued_leave_no_fd_behind(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 19's peers turned away: 200 connections of a uid at its connection
+    limit, each with two datagrams carrying three descriptors queued before it is
+    accepted, are refused and drained and closed in worker threads (64 waiting at
+    most, the rest on the loop); the daemon's fd count comes back to its baseline
+    and it goes on serving."""
+    d: Daemon = await start_daemon("--max-clients-per-uid", "1")
+    f = make_file(shared_dir / "f", b"x" * 100)
+
+    def burst() -> None:
+        with Raw(d.socket_path, timeout=30) as seated:  # its uid's one seat
+            baseline = d.open_fds()
+            src = os.open(f, os.O_RDONLY)
+            others = []
+            try:
+                with stopped(d):
+                    for _ in range(200):
+                        other = Raw(d.socket_path, hello=False, timeout=30)
+                        others.append(other)
+                        for j in range(2):
+                            other.send({"op": "open", "id": j}, [src, src, src])
+                for other in others:
+                    reply, fds = other.recv()
+                    close_all(fds)
+                    assert reply["code"] == "busy", reply
+            finally:
+                os.close(src)
+                for other in others:
+                    other.close()
+            deadline = time.monotonic() + 10
+            while d.open_fds() != baseline and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert d.open_fds() == baseline, d.fd_targets()
+            assert seated.call({"op": "stats", "id": 1})[0]["ok"]
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(burst)
+
+
+#: Attack 20: requests each connection pipelines before it reads a reply.
+PIPELINED = 2000
+
+
+async def test_replies_that_wait_for_room_keep_the_order_of_their_requests(
+    daemon: Daemon,
+) -> None:
+    """Attack 20: three connections each pipeline 2,000 lookups and read nothing
+    for a while, so that the daemon's replies wait for room in their sockets.
+    Each connection's replies come in the order of its requests: before, the
+    replies a round deferred in one step of the loop were sent by tasks that run
+    in any order (trio reverses a step's new tasks half the time), and runs of
+    them came reversed (20 of 30 connections in a reproduction)."""
+    key = {"ino": 1, "size": 1, "mtime_ns": 1, "ctime_ns": 2}
+
+    def pipeline(raw: Raw) -> list[int]:
+        raw.sock.settimeout(None)  # a send waits for room without polling first
+
+        def send() -> None:
+            for i in range(1, PIPELINED + 1):
+                raw.send({"op": "lookup", "id": i, "namespace": "n", "key": key})
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.3)  # the daemon's replies fill the socket meanwhile
+        raw.sock.settimeout(30)
+        ids = [raw.recv()[0]["id"] for _ in range(PIPELINED)]
+        sender.join()
+        return ids
+
+    with trio.fail_after(120):
+        for _ in range(3):
+            conns = [Raw(daemon.socket_path, timeout=30) for _ in range(3)]
+            try:
+                got: list[list[int]] = []
+
+                async def run(raw: Raw, got: list[list[int]] = got) -> None:
+                    got.append(await trio.to_thread.run_sync(pipeline, raw))
+
+                async with trio.open_nursery() as nursery:
+                    for raw in conns:
+                        nursery.start_soon(run, raw)
+            finally:
+                for c in conns:
+                    c.close()
+            for ids in got:
+                assert ids == list(range(1, PIPELINED + 1)), [
+                    (a, b) for a, b in itertools.pairwise(ids) if b < a
+                ][:5]
