@@ -5,7 +5,10 @@
 # without pause, ahead of a backlog of connections (attack 18). Counted, not
 # timed: how many of the attacker's datagrams the daemon answers before the
 # victim's hit. The daemon runs as a real subprocess, the attacker as another
-# uid, the victim as root.
+# uid, the victim as root. Then what the loop did for a client besides
+# answering: the last close of a large file the client unlinked (attack 19:
+# which thread made it, as fanotify says), and the order of replies that
+# waited for room (attack 20).
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
