@@ -36,7 +36,7 @@ from .errors import (
     UnsealedDescriptor,
     source_error,
 )
-from .index import IndexView
+from .index import Held, IndexView
 from .local import local_copy_fd, local_private
 from .sync import Client
 
@@ -60,6 +60,13 @@ DEFAULT_RACY_NS = 1_000_000_000
 #: Index hits are reported to the daemon this often, or after this many.
 REPORT_EVERY_SECONDS = 1.0
 REPORT_EVERY_HITS = 256
+#: How long the process-local tier serves a kept version without the daemon
+#: vouching for it again, where no index of the daemon's can (another uid's
+#: daemon, the breaker open, a daemon gone): then the next open asks the
+#: daemon. The cost is one round trip per file and bound, whatever the
+#: opens (docs/performance.md, "The process-local tier's bound"). The daemon
+#: caches nothing younger than its racy window, 1 s by default, either.
+DEFAULT_HELD_RECHECK = 1.0
 
 
 @attrs.define(eq=False)
@@ -67,6 +74,12 @@ class _Held:
     fd: FdHolder
     version: tuple[int, int, int]
     size: int
+    #: The file's (dev, ino, size, mtime_ns, ctime_ns) and the kept memfd's
+    #: (st_dev, st_ino, st_ctime_ns): what the daemon's index must still say.
+    memfd: Held
+    #: When the daemon last vouched for this memfd in this version (monotonic):
+    #: the time before the request it answered, or the index seen to hold it.
+    vouched: float
 
 
 @attrs.define
@@ -74,12 +87,16 @@ class HeldFiles:
     """The process-local tier: sealed memfds of versions the daemon cached.
 
     Keyed by (st_dev, st_ino); a hit needs the caller's own fstat of the
-    source to show the very version kept. Bounded by entries and bytes, least
-    recently used first out. Not thread-safe by itself (Opener locks).
+    source to show the very version kept, and the daemon to still serve that
+    very memfd: its index must say so at the hit (where the caller passes a
+    view it may read), or else the daemon must have said so less than
+    *recheck* seconds ago. Bounded by entries and bytes, least recently used
+    first out. Not thread-safe by itself (Opener locks).
     """
 
     max_files: int = 128
     max_bytes: int = 64 * 1024 * 1024
+    recheck: float = DEFAULT_HELD_RECHECK
     _held: collections.OrderedDict[tuple[int, int], _Held] = attrs.field(
         factory=collections.OrderedDict
     )
@@ -88,13 +105,32 @@ class HeldFiles:
     def __len__(self) -> int:
         return len(self._held)
 
-    def reopen(self, key: tuple[int, int], version: tuple[int, int, int]) -> int | None:
-        """A fresh read-only fd of the kept *version*, or None (not kept, or changed)."""
+    def reopen(
+        self,
+        key: tuple[int, int],
+        version: tuple[int, int, int],
+        index: IndexView | None = None,
+    ) -> int | None:
+        """A fresh read-only fd of the kept *version*, or None: not kept, changed, or
+        no longer vouched for (then it is dropped, and the open goes on down the tiers).
+
+        *index*: a view of the daemon's index, alive, that this process may read
+        (Opener passes it): the kept memfd must be in it. None: the daemon must
+        have vouched for it less than :attr:`recheck` seconds ago.
+        """
         held = self._held.get(key)
         if held is None:
             return None
         if held.version != version:
             self._drop(key)  # the file changed: never served stale
+            return None
+        if index is not None:
+            if not index.holds(held.memfd):
+                self._drop(key)  # the daemon dropped or replaced it: so do we
+                return None
+            held.vouched = max(held.vouched, index.alive_at)
+        elif time.monotonic() - held.vouched >= self.recheck:
+            self._drop(key)  # ask the daemon again; what it serves is kept afresh
             return None
         try:
             fd = reopen_readonly(held.fd.fd)
@@ -109,10 +145,31 @@ class HeldFiles:
         self._held.move_to_end(key)
         return fd
 
-    def keep(self, key: tuple[int, int], version: tuple[int, int, int], fd: int, size: int) -> bool:
-        """Keep a reopen of the served *fd* (which stays the caller's)."""
+    def keep(
+        self,
+        key: tuple[int, int],
+        version: tuple[int, int, int],
+        fd: int,
+        size: int,
+        vouched: float | None = None,
+    ) -> bool:
+        """Keep a reopen of the served *fd* (which stays the caller's), which the daemon
+        vouched for at *vouched* (monotonic; None: now). The memfd kept already, served
+        again in the same version, is only vouched for afresh."""
         if size > self.max_bytes or self.max_files <= 0:
             return False
+        if vouched is None:
+            vouched = time.monotonic()
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        memfd = (*key, *version, st.st_dev, st.st_ino, st.st_ctime_ns)
+        kept = self._held.get(key)
+        if kept is not None and kept.memfd == memfd:
+            kept.vouched = max(kept.vouched, vouched)
+            self._held.move_to_end(key)
+            return True
         try:
             own = FdHolder(reopen_readonly(fd))
         except OSError:
@@ -122,7 +179,7 @@ class HeldFiles:
             len(self._held) >= self.max_files or self.bytes + size > self.max_bytes
         ):
             self._drop(next(iter(self._held)))
-        self._held[key] = _Held(fd=own, version=version, size=size)
+        self._held[key] = _Held(fd=own, version=version, size=size, memfd=memfd, vouched=vouched)
         self.bytes += size
         return True
 
@@ -193,6 +250,16 @@ class Opener:
     after each failed retry, at most 30 s) and every open is copied here; one
     log line says it is gone, one that it is back. Thread-safe; a forked
     child goes on with a connection of its own.
+
+    A kept version is served only while the daemon still serves that very
+    memfd: where this process reads the daemon's index, the index must name
+    it at each open (so a change the daemon saw, even one stat cannot show,
+    such as a write through a shared mapping, ends it at once); elsewhere
+    (another uid's daemon, or while the index is not usable) the daemon must
+    have vouched for it less than *held_recheck* seconds ago (1 s; settable
+    at run time as :attr:`held_recheck`), or the open asks the daemon again
+    and keeps what it serves. While the daemon is away nothing kept is
+    served past that bound: opens are copied here.
     """
 
     def __init__(
@@ -206,6 +273,7 @@ class Opener:
         held_files: int = 128,
         held_bytes: int = 64 * 1024 * 1024,
         use_index: bool = True,
+        held_recheck: float = DEFAULT_HELD_RECHECK,
     ) -> None:
         self.local_below = local_below
         self.retry_after = retry_after
@@ -218,6 +286,7 @@ class Opener:
             self._client = None
         self._lock = threading.Lock()
         self._held = HeldFiles(max_files=held_files, max_bytes=held_bytes)
+        self.held_recheck = held_recheck
         self._down_until = 0.0
         self._backoff = retry_after
         self._down = False
@@ -236,6 +305,18 @@ class Opener:
         self._reported_at = time.monotonic()
         _OPENERS.add(self)
 
+    @property
+    def held_recheck(self) -> float:
+        """Seconds a kept version is served without the daemon vouching for it again,
+        where its index cannot (see the class); settable at any time, 0 or more."""
+        return self._held.recheck
+
+    @held_recheck.setter
+    def held_recheck(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"held_recheck must be 0 or more seconds, not {seconds!r}")
+        self._held.recheck = float(seconds)
+
     # -- the open path ---------------------------------------------------
 
     def open(self, path: str | os.PathLike[str]) -> int:
@@ -251,7 +332,7 @@ class Opener:
             raise source_error(exc, name) from None
         key, version = (st.st_dev, st.st_ino), _version(st)
         with self._lock:
-            held = self._held.reopen(key, version)
+            held = self._held.reopen(key, version, self._vouching())
             if held is not None:
                 self.held_opens += 1
                 return held
@@ -268,9 +349,10 @@ class Opener:
             if served is not None:
                 return served
         if self._worth_asking(st):
+            asked = time.monotonic()
             answer = self._ask(fd, label)
             if answer is not None and answer.fd is not None:
-                self._keep(key, version, answer)
+                self._keep(key, version, answer, asked)
                 with self._lock:
                     self.daemon_opens += 1
                 return answer.fd
@@ -304,12 +386,20 @@ class Opener:
             wanted = [(src, st, label) for src, st, label in sources if self._worth_asking(st)]
             if not wanted or not self._usable():
                 return len(self._held)
+            # The daemon's index too, once per connection, where this process may
+            # read it: the entries kept now are checked against it at each open.
+            index = self._current_index()
+            if index is not None:
+                self._index_done(index, None)
+            if not self._usable():
+                return len(self._held)
+            asked = time.monotonic()
             answers = self._ask_many(
                 [s.fd for s, _, _ in wanted], [label for _, _, label in wanted]
             )
             for (_, st, _), answer in zip(wanted, answers, strict=True):
                 if isinstance(answer, Answer) and answer.fd is not None:
-                    self._keep((st.st_dev, st.st_ino), _version(st), answer)
+                    self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
                     os.close(answer.fd)
         finally:
             close_all(src.detach() for src, _, _ in sources)
@@ -389,12 +479,15 @@ class Opener:
         self._worked()
         return self._limits()
 
-    def _keep(self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer) -> None:
+    def _keep(
+        self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer, asked: float
+    ) -> None:
         # Only a version the daemon cached, and the one the caller's fstat saw:
-        # then a later open of the same version gets these very bytes.
+        # then a later open of the same version gets these very bytes. The
+        # daemon vouched for it no earlier than *asked*, when the request left.
         if answer.cached and answer.version == version and answer.fd is not None:
             with self._lock:
-                self._held.keep(key, version, answer.fd, answer.size)
+                self._held.keep(key, version, answer.fd, answer.size, asked)
 
     # -- the index: hits without a round trip ----------------------------
 
@@ -434,6 +527,28 @@ class Opener:
             if old is not None:
                 old.close()
         return fetched if fetched.view is not None else None
+
+    def _vouching(self) -> IndexView | None:
+        """The view the process-local tier checks a kept memfd against (lock held): the
+        current connection's, while the daemon is usable and seen alive within
+        :attr:`held_recheck` (else the daemon, not its index, must vouch); None when
+        there is none such."""
+        index, client = self._index, self._client
+        if (
+            index is None
+            or index.view is None
+            or client is None
+            or index.connection != client.connections
+            or not self.use_index
+        ):
+            return None
+        view = index.view
+        now = time.monotonic()
+        if view.closed or now < self._down_until:
+            return None
+        if now - view.alive_at >= self._held.recheck and not view.alive():
+            return None  # its daemon is gone: its index no longer changes
+        return view
 
     def _reading(self) -> _Index | None:
         """The current connection's index, counted as in use, when there is one to read
