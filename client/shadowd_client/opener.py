@@ -41,6 +41,7 @@ from .local import local_copy_fd, local_private
 from .sync import Client
 
 logger = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 #: Below this size Opener copies locally instead of asking the daemon: the
 #: crossover `shadowd bench` measured for the Python client on the 2-vCPU
@@ -533,18 +534,14 @@ class Opener:
         current connection's, while the daemon is usable and seen alive within
         :attr:`held_recheck` (else the daemon, not its index, must vouch); None when
         there is none such."""
-        index, client = self._index, self._client
-        if (
-            index is None
-            or index.view is None
-            or client is None
-            or index.connection != client.connections
-            or not self.use_index
-        ):
+        index = self._index
+        if index is None or (view := index.view) is None or not self.use_index:
             return None
-        view = index.view
-        now = time.monotonic()
-        if view.closed or now < self._down_until:
+        client = self._client
+        if client is None or index.connection != client.connections:
+            return None  # (a closed view holds nothing: no need to ask here)
+        now = _monotonic()
+        if now < self._down_until:
             return None
         if now - view.alive_at >= self._held.recheck and not view.alive():
             return None  # its daemon is gone: its index no longer changes
