@@ -13,7 +13,9 @@
 # take a daemon of another uid at its word about its range (what it holds
 # there, root would open for real: a FIFO, a device); reopen through another
 # process's descriptor table (after a fork, the child's view opens its own
-# /proc/self/fd again: the one it inherited names the parent's).
+# /proc/self/fd again: the one it inherited names the parent's); say it holds
+# a memfd a client keeps (holds) unless the file's slot names that memfd in
+# that version, read while the slot held still.
 #
 # The whole lookup and reopen runs in one call of the C extension
 # (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
