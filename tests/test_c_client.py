@@ -2087,6 +2087,27 @@ async def test_the_tier_of_another_uid_serves_a_change_stat_cannot_show_after_it
     assert again[-1]["hash"] == fnv(CHANGED)  # held again: the new memfd
 
 
+async def test_without_the_index_the_tier_asks_again_past_its_bound_and_keeps_the_same_memfd(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """Nothing changed: past the bound (200 ms) the first routed open is the daemon's,
+    which serves the memfd already held; the tier then serves it again."""
+    daemon = await start_daemon("--racy-window", "0")
+    f = make_file(tmp_path / "lib.so", MAPPED)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("index", 0, 0), (
+            "heldrecheck", 200):  # fmt: skip
+            await ask(d, *cmd)
+        await held_c(d, f)
+        await trio.sleep(0.25)
+        got = [await ask(d, "routed", f) for _ in range(3)]
+        counts = await ask(d, "counts")
+    assert [r["route"] for r in got] == ["daemon", "held", "held"], got
+    assert all(r["hash"] == fnv(MAPPED) for r in got)
+    assert counts["held"] == 3 and counts["daemon"] == 1
+
+
 @requires_root
 async def test_a_restarted_daemons_index_never_vouches_for_the_old_daemons_memfd(
     driver: Any, start_daemon: Any, shared_dir: Path

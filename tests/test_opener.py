@@ -312,6 +312,38 @@ async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
     assert (held, local) == (0, 1)  # copied here: the daemon is gone
 
 
+async def test_without_the_index_the_tier_asks_again_past_its_bound_and_keeps_the_same_memfd(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Nothing changed: past the bound (0.2 s) the first open is the daemon's, which
+    serves the memfd already held; the tier then serves it again, vouched for anew."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+
+    def work() -> list[tuple[str, int]]:
+        with Opener(d.socket_path, local_below=0, use_index=False) as opener:
+            opener.held_recheck = 0.2
+            _held(opener, f, f.read_bytes())
+            time.sleep(0.25)
+            routes = []
+            for _ in range(3):
+                held, daemon = opener.held_opens, opener.daemon_opens
+                fd = opener.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                ino = os.fstat(fd).st_ino
+                os.close(fd)
+                route = "held" if opener.held_opens > held else "daemon"
+                assert opener.daemon_opens == daemon + (route == "daemon")
+                routes.append((route, ino))
+            return routes
+
+    with trio.fail_after(30):
+        routes = await in_thread(work)
+    assert [r for r, _ in routes] == ["daemon", "held", "held"], routes
+    assert len({ino for _, ino in routes}) == 1  # the same memfd throughout
+
+
 HELD_ELSEWHERE = """
 import time
 from shadowd_client import Client, Opener
