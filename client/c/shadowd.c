@@ -78,7 +78,7 @@
 #define DEFAULT_HELD_MAX_BYTES (64LL << 20)
 /* How long the process-local tier serves a version the daemon's index does
  * not vouch for (no index here) after the daemon last did: one request per
- * held file and bound, 28 us each (docs/performance.md, "The process-local
+ * held file and bound, 26-28 us each (docs/performance.md, "The process-local
  * tier checks the daemon"). */
 #define DEFAULT_HELD_RECHECK_MS 1000
 #define DEFAULT_COLD_MISSES 1

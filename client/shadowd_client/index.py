@@ -191,6 +191,13 @@ class IndexView:
         self._c_holds: Callable[[Held], bool] | None = None
         if C_HOLDS is not None:
             self._c_holds = functools.partial(C_HOLDS, self._map, slots, probes, memfd_dev)
+        #: holds(held) -> bool: whether the index still has *held*'s file, in its
+        #: version, as the memfd *held* names (its device, inode and ctime): the
+        #: daemon still serves exactly that memfd for that version. Read with the
+        #: index hit's seq discipline (a slot being written is not the file's);
+        #: opens nothing. The C call itself where there is one (the process-local
+        #: tier asks it on every hit), else :meth:`_holds_py`.
+        self.holds: Callable[[Held], bool] = self._c_holds or self._holds_py
         if C_CALLS is not None:
             state = (
                 self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev, self.direct
@@ -212,7 +219,8 @@ class IndexView:
             return
         self._closed = True
         self._c_open = self._c_open_fd = None  # to _open_py, which serves nothing now
-        self._c_holds = None  # to _holds_py, which holds nothing now
+        self._c_holds = None
+        self.holds = self._holds_py  # which holds nothing now
         _VIEWS.discard(self)
         self._map.close()
         os.close(self._daemon_fds)
@@ -239,18 +247,8 @@ class IndexView:
         self.alive_at = time.monotonic()
         return True
 
-    def holds(self, held: Held) -> bool:
-        """Whether the index still has *held*'s file, in its version, as the memfd
-        *held* names (its device, inode and ctime): the daemon still serves exactly
-        that memfd for that version. Read with the index hit's seq discipline (a slot
-        being written is not the file's); opens nothing."""
-        c_holds = self._c_holds
-        if c_holds is not None:
-            return c_holds(held)
-        return self._holds_py(held)
-
     def _holds_py(self, held: Held) -> bool:
-        """:meth:`holds` in Python: the reference the C version follows."""
+        """:attr:`holds` in Python: the reference the C version follows."""
         if self._closed:
             return False
         dev, ino, size, mtime_ns, ctime_ns, memfd_dev, memfd_ino, memfd_ctime_ns = held

@@ -81,8 +81,14 @@ class _Held:
     #: (st_dev, st_ino, st_ctime_ns): what the daemon's index must still say.
     memfd: Held
     #: When the daemon last vouched for this memfd in this version (monotonic):
-    #: the time before the request it answered, or the index seen to hold it.
+    #: the time before the request it answered; and the index view that last
+    #: held it, which vouches as of the last time its daemon was seen alive.
     vouched: float
+    seen: IndexView | None = None
+
+    def vouched_at(self) -> float:
+        seen = self.seen
+        return self.vouched if seen is None else max(self.vouched, seen.alive_at)
 
 
 @attrs.define
@@ -131,8 +137,8 @@ class HeldFiles:
             if not index.holds(held.memfd):
                 self._drop(key)  # the daemon dropped or replaced it: so do we
                 return None
-            held.vouched = max(held.vouched, index.alive_at)
-        elif time.monotonic() - held.vouched >= self.recheck:
+            held.seen = index
+        elif _monotonic() - held.vouched_at() >= self.recheck:
             self._drop(key)  # ask the daemon again; what it serves is kept afresh
             return None
         try:
@@ -170,7 +176,7 @@ class HeldFiles:
         memfd = (*key, *version, st.st_dev, st.st_ino, st.st_ctime_ns)
         kept = self._held.get(key)
         if kept is not None and kept.memfd == memfd:
-            kept.vouched = max(kept.vouched, vouched)
+            kept.vouched = max(kept.vouched_at(), vouched)
             self._held.move_to_end(key)
             return True
         try:
