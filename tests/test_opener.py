@@ -226,6 +226,62 @@ async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_onc
 
 
 @requires_root
+async def test_a_forked_childs_tier_serves_a_change_stat_cannot_show_at_once_too(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """The tier an Opener's process forks with is the child's too (the same memfds):
+    the child's held hits are checked against the daemon's index as the parent's are
+    (the bound an hour: only the index can end it)."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+
+    def work(fs: Path) -> int:
+        old, new = b"a" * MAPPED_SIZE, b"b" * PAGE + b"a" * (MAPPED_SIZE - PAGE)
+        f = make_file(fs / "lib.so", old)
+        with Opener(d.socket_path, local_below=0) as opener:
+            opener.held_recheck = 3600.0
+            _held(opener, f, old)
+            child_reads, parent_writes = os.pipe()
+            parent_reads, child_writes = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(parent_writes)
+                    os.close(parent_reads)
+                    held = opener.held_opens
+                    fd = opener.open(f)
+                    first = read_fd(fd)
+                    os.close(fd)
+                    os.write(child_writes, b"1")
+                    os.read(child_reads, 1)  # changed, and the daemon dropped it
+                    fd = opener.open(f)
+                    after = read_fd(fd)
+                    os.close(fd)
+                    # 0: held with the old bytes, then the new ones not from the tier
+                    ok = (first, after, opener.held_opens) == (old, new, held + 1)
+                    code = 0 if ok else 3
+                finally:
+                    os._exit(code)
+            os.close(child_reads)
+            os.close(child_writes)
+            try:
+                if os.read(parent_reads, 1) == b"1":
+                    before = invalidations(d.socket_path)
+                    write_through_a_mapping(f, new[:PAGE])
+                    until_invalidated(d.socket_path, before)
+                os.write(parent_writes, b"1")
+            finally:
+                os.close(parent_writes)
+                os.close(parent_reads)
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        code = await in_thread(work, fs)
+    assert code == 0, "the child's tier served the bytes the daemon had dropped (3)"
+
+
+@requires_root
 async def test_a_restarted_daemons_index_never_vouches_for_the_old_daemons_memfd(
     start_daemon: Any, shared_dir: Path
 ) -> None:

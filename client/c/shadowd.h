@@ -535,13 +535,14 @@ void shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes);
  *     that is gone no longer changes its index, which then no longer
  *     vouches (its connection and index are dropped);
  *   - without an index (another uid's daemon, the index not come yet or
- *     turned off, the daemon gone), an entry the daemon vouched for (a
- *     reply that served it, an index that named it) more than *ms* ago is
- *     dropped and the open goes on down the tiers: the daemon is asked
- *     again, and what it serves in that version is kept again (the same
- *     memfd when the daemon still has it; a reply of a memfd still held
- *     only vouches for it again). While the breaker is open nothing is
- *     asked: such entries are dropped and their files copied here.
+ *     turned off, a forked child until its own connection has one, the
+ *     daemon gone), an entry the daemon vouched for (a reply that served
+ *     it, an index that named it) more than *ms* ago is dropped and the
+ *     open goes on down the tiers: the daemon is asked again, and what it
+ *     serves in that version is kept again (the same memfd when the
+ *     daemon still has it; a reply of a memfd still held only vouches for
+ *     it again). While the breaker is open nothing is asked: such entries
+ *     are dropped and their files copied here.
  * What it costs: one request per held file and bound, measured in
  * client/c/README.md. */
 void shadowd_set_held_recheck(struct shadowd *c, int ms);
