@@ -8,7 +8,8 @@
  * daemon's descriptor (read-only at once in its descriptor range when the
  * view says the daemon is of our uid, else O_PATH and a read-only reopen),
  * its checks, seals and seq, in
- * one call for client/shadowd_client/index.py. shadowd/hotcalls.py loads
+ * one call for client/shadowd_client/index.py; and index_holds, the
+ * process-local tier's check that a slot still names the memfd it keeps. shadowd/hotcalls.py loads
  * this module when it was built and offers the same functions in Python
  * otherwise; tests/test_hotcalls.py holds both to the same behaviour, and
  * tests/test_index.py the index's two paths.
@@ -1329,6 +1330,107 @@ index_open_fd(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return index_answer(&v, &buf, &w);
 }
 
+/* IndexView.holds: whether the slot of the file *w* names is live, of that
+ * version, and names the memfd of inode *memfd_ino* and ctime
+ * *memfd_ctime*: the process-local tier's check of a memfd it keeps. The
+ * slot is read as index_find reads it (seq even and unchanged after the
+ * fields: a slot being written is not the file's). Opens nothing. */
+static int
+index_holds_slot(const unsigned char *map, uint32_t slots, uint32_t probes,
+                 const struct index_want *w, uint64_t memfd_ino, long long memfd_ctime)
+{
+    uint32_t mask = slots - 1, start = index_home(w->dev, w->ino, slots);
+    for (uint32_t i = 0; i < probes; i++) {
+        const struct index_slot *s =
+            (const void *)(map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);
+        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (seq == 0)
+            return 0; /* never used: the file is not further on */
+        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != w->dev ||
+            LOAD(s->ino) != w->ino)
+            continue;
+        int same = LOAD(s->size) == w->size && LOAD(s->mtime_ns) == w->mtime_ns &&
+                   LOAD(s->ctime_ns) == w->ctime_ns && LOAD(s->memfd_ino) == memfd_ino &&
+                   LOAD(s->memfd_ctime_ns) == memfd_ctime;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        return same && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == seq;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(index_holds_doc,
+"index_holds(map, slots, probes, memfd_dev, what) -> bool\n\n"
+"IndexView.holds in one call: *what* is (dev, ino, size, mtime_ns,\n"
+"ctime_ns, memfd_dev, memfd_ino, memfd_ctime_ns), a file's version and the\n"
+"memfd a client keeps of it. True when *memfd_dev* (the index's) is the\n"
+"kept memfd's device and the file's slot in the index mapped at *map*\n"
+"(probed at most *probes* of its *slots* slots) is live, of that version,\n"
+"and names that memfd's inode and ctime, read while the slot held still.\n"
+"Opens nothing.");
+
+static PyObject *
+index_holds(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    struct index_want w;
+    uint64_t memfd_dev, held_dev = 0, memfd_ino = 0;
+    long long memfd_ctime = 0;
+    unsigned long slots, probes;
+
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "index_holds takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *what = args[4];
+    if (!PyTuple_Check(what) || PyTuple_GET_SIZE(what) != 8) {
+        PyErr_SetString(PyExc_TypeError, "what must be a tuple of 8 ints");
+        return NULL;
+    }
+    slots = PyLong_AsUnsignedLong(args[1]);
+    if (slots == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    probes = PyLong_AsUnsignedLong(args[2]);
+    if (probes == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    memfd_dev = PyLong_AsUnsignedLongLong(args[3]);
+    if (memfd_dev == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (slots < 1 || slots > UINT32_MAX || (slots & (slots - 1)) || probes > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "slots must be a power of two, probes a u32");
+        return NULL;
+    }
+    /* A field out of range equals no slot's: the answer is False, as in Python. */
+    int fits = 1;
+    for (int i = 0; i < 8; i++) {
+        PyObject *o = PyTuple_GET_ITEM(what, i);
+        int rc = i == 0   ? want_u64(o, &w.dev)
+                 : i == 1 ? want_u64(o, &w.ino)
+                 : i == 2 ? want_u64(o, &w.size)
+                 : i == 3 ? want_i64(o, &w.mtime_ns)
+                 : i == 4 ? want_i64(o, &w.ctime_ns)
+                 : i == 5 ? want_u64(o, &held_dev)
+                 : i == 6 ? want_u64(o, &memfd_ino)
+                          : want_i64(o, &memfd_ctime);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            fits = 0;
+    }
+    if (!fits || held_dev != memfd_dev)
+        Py_RETURN_FALSE;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if ((size_t)buf.len < INDEX_HEADER + (size_t)slots * INDEX_SLOT) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "the map is smaller than its slots");
+        return NULL;
+    }
+    int holds =
+        index_holds_slot(buf.buf, (uint32_t)slots, (uint32_t)probes, &w, memfd_ino, memfd_ctime);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(holds);
+}
+
 static PyMethodDef methods[] = {
     {"answer_hit", answer_hit, METH_VARARGS, answer_hit_doc},
     {"send_reopened", send_reopened, METH_VARARGS, send_reopened_doc},
@@ -1338,6 +1440,7 @@ static PyMethodDef methods[] = {
     {"reopen", reopen, METH_VARARGS, reopen_doc},
     {"index_open", (PyCFunction)(void (*)(void))index_open, METH_FASTCALL, index_open_doc},
     {"index_open_fd", (PyCFunction)(void (*)(void))index_open_fd, METH_FASTCALL, index_open_fd_doc},
+    {"index_holds", (PyCFunction)(void (*)(void))index_holds, METH_FASTCALL, index_holds_doc},
     {NULL, NULL, 0, NULL},
 };
 

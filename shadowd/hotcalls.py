@@ -180,6 +180,9 @@ answer_hit: Callable[
 #: view's Python path is used then.
 index_open: Callable[..., int | None] | None = None
 index_open_fd: Callable[..., int | None] | None = None
+#: IndexView.holds in one call (the process-local tier's check of a memfd it
+#: keeps); None as above, or from an extension built before it had it.
+index_holds: Callable[..., bool] | None = None
 INDEX_LAYOUT: tuple[int, int, int] | None = None
 INDEX_CALLS: int | None = None
 
@@ -215,5 +218,6 @@ else:
     answer_hit = _c.answer_hit  # type: ignore[attr-defined]
     index_open = getattr(_c, "index_open", None)
     index_open_fd = getattr(_c, "index_open_fd", None)
+    index_holds = getattr(_c, "index_holds", None)
     INDEX_LAYOUT = getattr(_c, "INDEX_LAYOUT", None)
     INDEX_CALLS = getattr(_c, "INDEX_CALLS", None)

@@ -325,9 +325,11 @@ main(void)
             /* index USE KEEP */
             shadowd_set_index(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "indexready") == 0) {
-            /* and how many numbers of the daemon's range it opens at once */
+            /* and how many numbers of the daemon's range it opens at once, and the
+             * daemon's pid the index came from */
             emit("\"ready\": %d, ", shadowd_index_ready(&c));
             emit("\"direct\": %u, ", (unsigned)c.priv_.index_range_count);
+            emit("\"pid\": %d, ", c.priv_.index_map ? c.priv_.index_pid : 0); /* whose index */
             status(t);
         } else if (strcmp(cmd, "indexopen") == 0) {
             /* indexopen PATH [N]: the plain index hit, N times (the last one described) */
@@ -420,6 +422,8 @@ main(void)
                  routes[SHADOWD_ROUTE_HELD], routes[SHADOWD_ROUTE_COPY], routes[SHADOWD_ROUTE_INDEX]);
         } else if (strcmp(cmd, "held") == 0) {
             shadowd_set_held(&c, atoi(argv[1]), atoll(argv[2]));
+        } else if (strcmp(cmd, "heldrecheck") == 0) {
+            shadowd_set_held_recheck(&c, atoi(argv[1]));
         } else if (strcmp(cmd, "log") == 0) {
             /* "log quiet": nowhere; "log capture": LOG lines; "log": stderr again is not possible */
             if (argc > 1 && strcmp(argv[1], "quiet") == 0)

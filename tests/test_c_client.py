@@ -2,7 +2,8 @@
 # daemons in Python: exact bytes, refusals, timeouts set at run time, the
 # circuit breaker, a stopped, killed and restarted daemon, batches, private
 # files, the pipelined interface, openat, local copies, the process-local
-# tier and the socket rule. Most tests talk to tests/c_driver.c, a program
+# tier (and what it serves after a change stat cannot show) and the socket
+# rule. Most tests talk to tests/c_driver.c, a program
 # that runs one API call per line it reads and answers in JSON; some run
 # shadowd-open. Built with the host's C compiler; skipped where there is none.
 from __future__ import annotations
@@ -34,7 +35,16 @@ import trio
 from shadowd.bench import c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
-from .conftest import NOBODY, REPO, Daemon, deep_file, make_file, requires_root, settle
+from .conftest import (
+    NOBODY,
+    REPO,
+    Daemon,
+    deep_file,
+    make_file,
+    requires_root,
+    settle,
+    test_uid,
+)
 from .indexed import (
     IndexedCache,
     OpenWatch,
@@ -46,6 +56,8 @@ from .indexed import (
     standing_in,
     without_hanging,
 )
+from .mapped import invalidations, until_invalidated, write_through_a_mapping
+from .mounts import tmpfs
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
@@ -1994,6 +2006,176 @@ async def test_preload_keeps_what_the_daemon_has_in_one_round_trip(
     assert with_young["held"] == 0  # younger than the racy window: not asked
     assert (after_young["hits"], after_young["misses"]) == (after["hits"], after["misses"])
     assert counts["preloaded"] == len(paths) and counts["held"] == len(paths)
+
+
+# -- the process-local tier after a change stat cannot show ------------------
+
+PAGE = 4096
+MAPPED = b"a" * (4 * PAGE)  # what the file holds before the mapping's write
+CHANGED = b"b" * PAGE + MAPPED[PAGE:]
+
+
+async def held_c(d: Driver, f: Path) -> dict[str, Any]:
+    """Preload *f* until the tier holds it (the daemon has it cached); then a routed
+    open of it, which must come from the tier with MAPPED's bytes: its answer."""
+    deadline = time.monotonic() + 10
+    while (await ask(d, "preload", f))["held"] < 1:
+        assert time.monotonic() < deadline, "the daemon never cached it"
+        await trio.sleep(0.01)
+    r = await ask(d, "routed", f)
+    assert (r["route"], r["hash"]) == ("held", fnv(MAPPED)), r
+    return dict(r)
+
+
+async def changed_unseen(d: Daemon, f: Path) -> None:
+    """The first page of *f* written through a mapping (stat unchanged); returns once
+    the daemon counted the invalidation."""
+    before = await trio.to_thread.run_sync(invalidations, d.socket_path)
+    await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
+    await trio.to_thread.run_sync(until_invalidated, d.socket_path, before)
+
+
+@requires_root
+async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
+    driver: Any, start_daemon: Any, shared_dir: Path
+) -> None:
+    """Written through a shared mapping on tmpfs (no time changes): once the daemon
+    counted the invalidation, the next routed open is not served from the tier. The
+    tier's bound is an hour here: only the daemon's index can have said so."""
+    daemon = await start_daemon("--racy-window", "0")
+    d = driver()
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        f = make_file(fs / "lib.so", MAPPED)
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 3600_000):
+            await ask(d, *cmd)
+        ready = await ask(d, "indexready")
+        await held_c(d, f)
+        await changed_unseen(daemon, f)
+        after = await ask(d, "routed", f)
+    assert ready["ready"] == 1  # root, as the daemon: a peer that reads its index
+    assert after["hash"] == fnv(CHANGED), f"the tier served the dropped bytes: {after}"
+    assert after["route"] != "held"
+
+
+@requires_root
+async def test_the_tier_of_another_uid_serves_a_change_stat_cannot_show_after_its_bound(
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    """As above for a client of another uid (no index): the first routed open past its
+    bound (0.3 s here) asks the daemon again; what the daemon caches anew is held again."""
+    daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    bound = 0.3
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        f = make_file(fs / "lib.so", MAPPED)
+        with Driver(str(binary), tmp_path / "other.err", user=test_uid(0)) as d:
+            for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), (
+                "heldrecheck", int(bound * 1000)):  # fmt: skip
+                await ask(d, *cmd)
+            ready = await ask(d, "indexready")
+            await held_c(d, f)
+            kept = time.monotonic()
+            await changed_unseen(daemon, f)
+            await trio.sleep(max(0.0, kept + bound - time.monotonic()))
+            after = await ask(d, "routed", f)
+            again = await until_route(d, f, "held")  # the daemon caches it anew
+    assert ready["ready"] == 0  # another uid: no index to check the tier against
+    assert after["hash"] == fnv(CHANGED), f"the tier served the dropped bytes: {after}"
+    assert after["route"] != "held"
+    assert again[-1]["hash"] == fnv(CHANGED)  # held again: the new memfd
+
+
+async def test_without_the_index_the_tier_asks_again_past_its_bound_and_keeps_the_same_memfd(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """Nothing changed: past the bound (200 ms) the first routed open is the daemon's,
+    which serves the memfd already held; the tier then serves it again."""
+    daemon = await start_daemon("--racy-window", "0")
+    f = make_file(tmp_path / "lib.so", MAPPED)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("index", 0, 0), (
+            "heldrecheck", 200):  # fmt: skip
+            await ask(d, *cmd)
+        await held_c(d, f)
+        await trio.sleep(0.25)
+        got = [await ask(d, "routed", f) for _ in range(3)]
+        counts = await ask(d, "counts")
+    assert [r["route"] for r in got] == ["daemon", "held", "held"], got
+    assert all(r["hash"] == fnv(MAPPED) for r in got)
+    assert counts["held"] == 3 and counts["daemon"] == 1
+
+
+@requires_root
+async def test_a_restarted_daemons_index_never_vouches_for_the_old_daemons_memfd(
+    driver: Any, start_daemon: Any, shared_dir: Path
+) -> None:
+    """Held from one daemon, which is killed; the file is changed through a mapping
+    meanwhile (nobody sees it) and the next daemon caches the new bytes, in the same
+    version by stat. Once the client reads the new daemon's index, that index names
+    another memfd: the tier's is dropped (its bound is an hour: only the index
+    decides)."""
+    first = await start_daemon("--racy-window", "0", socket_name="r.sock")
+    d = driver()
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        f = make_file(fs / "lib.so", MAPPED)
+        other = make_file(fs / "other.so", b"o" * len(MAPPED))
+        for cmd in ("socket", first.socket_path), ("routing", 0, -1), (
+            "heldrecheck", 3600_000), ("backoff", 50, 50), ("log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "indexready")
+        await held_c(d, f)
+        first.kill()
+        await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
+        second = await start_daemon("--racy-window", "0", socket_name="r.sock")
+        deadline = time.monotonic() + 10
+        while (await trio.to_thread.run_sync(stats, second))["hits"] == 0:
+            assert time.monotonic() < deadline  # the new daemon caches f anew
+            os.close(await trio.to_thread.run_sync(cached_fd, second, f))
+        # Another file, until the client is on the new daemon and holds its index (the
+        # old daemon's stays until the client talks to the socket).
+        while (await ask(d, "indexready"))["pid"] != second.pid:
+            assert time.monotonic() < deadline
+            await ask(d, "routed", other)
+            await trio.sleep(0.05)
+        after = await ask(d, "routed", f)
+    assert after["hash"] == fnv(CHANGED), f"the old daemon's memfd was served: {after}"
+    assert after["route"] == "index"  # the new daemon's own memfd, through its index
+
+
+def cached_fd(d: Daemon, f: Path) -> int:
+    """An open of *f* through *d* that waits for its copy (the daemon caches it)."""
+    from shadowd_client import Client
+
+    with Client(d.socket_path, timeout=10) as c:
+        return c.open(f)
+
+
+@requires_root
+async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
+    driver: Any, start_daemon: Any, shared_dir: Path
+) -> None:
+    """Held from a daemon that is then killed: its index stays mapped, but no longer
+    changes. A change through a mapping after that is seen by nobody; the tier serves
+    the memfd at most the bound (0.3 s) after it last saw the daemon alive, then the
+    open is copied here."""
+    daemon = await start_daemon("--racy-window", "0")
+    d = driver()
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        f = make_file(fs / "lib.so", MAPPED)
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 300), (
+            "log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        assert (await ask(d, "indexready"))["ready"] == 1
+        await held_c(d, f)
+        daemon.kill()
+        await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
+        await trio.sleep(0.35)
+        after = await ask(d, "routed", f)
+    assert after["hash"] == fnv(CHANGED), f"the tier served what the gone daemon had: {after}"
+    assert after["route"] == "copy"
 
 
 def test_preload_without_a_daemon_fails_nothing(driver: Any, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 # The supervisor's open path in Python (shadowd_client.Opener), end to end
 # against the daemon as a real subprocess: a miss is copied here while the
 # daemon fills its cache, a hit is kept in the process-local tier and reopened
-# from it, a changed file is never served from it, a stopped daemon costs one
+# from it, a changed file is never served from it (nor, once the daemon dropped
+# it, a file changed where stat cannot show it), a stopped daemon costs one
 # short timeout per backoff window, and preload fills the tier in one batch.
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from shadowd.protocol import (
     StatsRequest,
 )
 
-from .conftest import Daemon, make_file, read_fd, settle
+from .conftest import Daemon, make_file, read_fd, requires_root, settle, spawn_as, test_uid
+from .mapped import invalidations, until_invalidated, write_through_a_mapping
+from .mounts import tmpfs
 
 RACY = "0.05"
 
@@ -169,6 +172,290 @@ async def test_preload_fills_the_tier_in_one_round_trip(start_daemon: Any, tmp_p
 
     with trio.fail_after(60):
         await in_thread(work)
+
+
+PAGE = 4096
+MAPPED_SIZE = 4 * PAGE
+
+
+def _held(opener: Opener, f: Path, data: bytes) -> None:
+    """Preload *f* until the tier holds it (the daemon has it cached), then open it
+    once from the tier: *data*."""
+    deadline = time.monotonic() + 10
+    while opener.preload([f]) < 1:
+        assert time.monotonic() < deadline, "the daemon never cached it"
+        time.sleep(0.01)
+    held = opener.held_opens
+    fd = opener.open(f)
+    assert read_fd(fd) == data
+    os.close(fd)
+    assert opener.held_opens == held + 1  # from the tier
+
+
+@requires_root
+async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Written through a shared mapping on tmpfs (no time changes): once the daemon
+    counted the invalidation, the next open is not served from the tier. The tier's
+    bound is an hour here: only the daemon's index can have said so."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+
+    def work(fs: Path) -> None:
+        old, new = b"a" * MAPPED_SIZE, b"b" * PAGE + b"a" * (MAPPED_SIZE - PAGE)
+        f = make_file(fs / "lib.so", old)
+        with Client(d.socket_path, timeout=10) as c:
+            view = c.index()
+            assert view is not None  # root, as the daemon: a peer that reads its index
+            view.close()
+        with Opener(d.socket_path, local_below=0) as opener:
+            opener.held_recheck = 3600.0
+            _held(opener, f, old)
+            before = invalidations(d.socket_path)
+            write_through_a_mapping(f, new[:PAGE])
+            until_invalidated(d.socket_path, before)
+            held = opener.held_opens
+            fd = opener.open(f)
+            got = read_fd(fd)
+            os.close(fd)
+            assert got == new, "the tier served the bytes the daemon had dropped"
+            assert opener.held_opens == held
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        await in_thread(work, fs)
+
+
+@requires_root
+async def test_a_forked_childs_tier_serves_a_change_stat_cannot_show_at_once_too(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """The tier an Opener's process forks with is the child's too (the same memfds):
+    the child's held hits are checked against the daemon's index as the parent's are
+    (the bound an hour: only the index can end it)."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+
+    def work(fs: Path) -> int:
+        old, new = b"a" * MAPPED_SIZE, b"b" * PAGE + b"a" * (MAPPED_SIZE - PAGE)
+        f = make_file(fs / "lib.so", old)
+        with Opener(d.socket_path, local_below=0) as opener:
+            opener.held_recheck = 3600.0
+            _held(opener, f, old)
+            child_reads, parent_writes = os.pipe()
+            parent_reads, child_writes = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.close(parent_writes)
+                    os.close(parent_reads)
+                    held = opener.held_opens
+                    fd = opener.open(f)
+                    first = read_fd(fd)
+                    os.close(fd)
+                    os.write(child_writes, b"1")
+                    os.read(child_reads, 1)  # changed, and the daemon dropped it
+                    fd = opener.open(f)
+                    after = read_fd(fd)
+                    os.close(fd)
+                    # 0: held with the old bytes, then the new ones not from the tier
+                    ok = (first, after, opener.held_opens) == (old, new, held + 1)
+                    code = 0 if ok else 3
+                finally:
+                    os._exit(code)
+            os.close(child_reads)
+            os.close(child_writes)
+            try:
+                if os.read(parent_reads, 1) == b"1":
+                    before = invalidations(d.socket_path)
+                    write_through_a_mapping(f, new[:PAGE])
+                    until_invalidated(d.socket_path, before)
+                os.write(parent_writes, b"1")
+            finally:
+                os.close(parent_writes)
+                os.close(parent_reads)
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        code = await in_thread(work, fs)
+    assert code == 0, "the child's tier served the bytes the daemon had dropped (3)"
+
+
+@requires_root
+async def test_a_restarted_daemons_index_never_vouches_for_the_old_daemons_memfd(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Held from one daemon, which is killed; the file is changed through a mapping
+    meanwhile (nobody sees it) and the next daemon caches the new bytes, in the same
+    version by stat. Once the Opener reads the new daemon's index, that index names
+    another memfd: the tier's is dropped (its bound is an hour: only the index
+    decides)."""
+    first: Daemon = await start_daemon("--racy-window", "0", socket_name="r.sock")
+    old, new = b"a" * MAPPED_SIZE, b"b" * PAGE + b"a" * (MAPPED_SIZE - PAGE)
+
+    def hold(fs: Path, opener: Opener) -> tuple[Path, Path]:
+        f = make_file(fs / "lib.so", old)
+        other = make_file(fs / "other.so", b"o" * MAPPED_SIZE)
+        opener.held_recheck = 3600.0
+        _held(opener, f, old)
+        return f, other
+
+    def after_restart(opener: Opener, f: Path, other: Path) -> tuple[bytes, int]:
+        with Client(first.socket_path, timeout=10) as c:  # the new daemon caches f anew
+            deadline = time.monotonic() + 10
+            while True:
+                fd = c.open(f)
+                hit = c.stats()["hits"] > 0
+                assert read_fd(fd) == new
+                os.close(fd)
+                if hit:
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        for _ in range(3):  # another file: the Opener reconnects, then takes the new index
+            os.close(opener.open(other))
+        indexed = opener.index_opens
+        held = opener.held_opens
+        fd = opener.open(f)
+        got = read_fd(fd)
+        os.close(fd)
+        assert opener.held_opens == held, "served from the tier"
+        return got, opener.index_opens - indexed
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        opener = Opener(first.socket_path, local_below=0, retry_after=0.05)
+        try:
+            f, other = await in_thread(hold, fs, opener)
+            first.kill()
+            await in_thread(write_through_a_mapping, f, new[:PAGE])
+            await start_daemon("--racy-window", "0", socket_name="r.sock")
+            got, from_index = await in_thread(after_restart, opener, f, other)
+        finally:
+            opener.close()
+    assert got == new, "the old daemon's memfd was served after the new index named another"
+    assert from_index == 1  # the new daemon's own memfd, through its index
+
+
+@requires_root
+async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Held from a daemon that is then killed: its index stays mapped, but no longer
+    changes. A change through a mapping after that is seen by nobody; the tier serves
+    the memfd at most the bound (0.3 s) after it last saw the daemon alive, then the
+    open is copied here (the breaker is open)."""
+    d: Daemon = await start_daemon("--racy-window", "0")
+    bound = 0.3
+
+    def work(fs: Path) -> tuple[bytes, int, int]:
+        old = b"a" * MAPPED_SIZE
+        f = make_file(fs / "lib.so", old)
+        with Opener(d.socket_path, local_below=0) as opener:
+            opener.held_recheck = bound
+            _held(opener, f, old)
+            d.kill()
+            write_through_a_mapping(f, b"b" * PAGE)
+            time.sleep(bound + 0.05)
+            held, local = opener.held_opens, opener.local_opens
+            fd = opener.open(f)
+            got = read_fd(fd)
+            os.close(fd)
+            return got, opener.held_opens - held, opener.local_opens - local
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        got, held, local = await in_thread(work, fs)
+    assert got[:PAGE] == b"b" * PAGE, "the tier served what the gone daemon had"
+    assert (held, local) == (0, 1)  # copied here: the daemon is gone
+
+
+async def test_without_the_index_the_tier_asks_again_past_its_bound_and_keeps_the_same_memfd(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Nothing changed: past the bound (0.2 s) the first open is the daemon's, which
+    serves the memfd already held; the tier then serves it again, vouched for anew."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+
+    def work() -> list[tuple[str, int]]:
+        with Opener(d.socket_path, local_below=0, use_index=False) as opener:
+            opener.held_recheck = 0.2
+            _held(opener, f, f.read_bytes())
+            time.sleep(0.25)
+            routes = []
+            for _ in range(3):
+                held, daemon = opener.held_opens, opener.daemon_opens
+                fd = opener.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                ino = os.fstat(fd).st_ino
+                os.close(fd)
+                route = "held" if opener.held_opens > held else "daemon"
+                assert opener.daemon_opens == daemon + (route == "daemon")
+                routes.append((route, ino))
+            return routes
+
+    with trio.fail_after(30):
+        routes = await in_thread(work)
+    assert [r for r, _ in routes] == ["daemon", "held", "held"], routes
+    assert len({ino for _, ino in routes}) == 1  # the same memfd throughout
+
+
+HELD_ELSEWHERE = """
+import time
+from shadowd_client import Client, Opener
+opener = Opener({sock!r}, local_below=0)
+opener.held_recheck = {bound!r}
+with Client({sock!r}, timeout=10) as c:
+    given = c.index() is not None
+deadline = time.monotonic() + 10
+while opener.preload([{path!r}]) < 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+kept = time.monotonic()
+def one():
+    held = opener.held_opens
+    fd = opener.open({path!r})
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    os.close(fd)
+    return {{"first": data[:1].decode(), "held": opener.held_opens - held}}
+out({{"index": given, **one()}})
+recv()  # the file was changed, and the daemon dropped it
+time.sleep(max(0.0, kept + {bound!r} - time.monotonic()))
+after = one()
+deadline = time.monotonic() + 10
+again = one()
+while not again["held"] and time.monotonic() < deadline:  # the daemon caches it anew
+    time.sleep(0.01)
+    again = one()
+out({{"after": after, "again": again}})
+"""
+
+
+@requires_root
+async def test_the_tier_of_another_uid_serves_a_change_stat_cannot_show_after_its_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """As above for a peer of another uid (no index): the first open past its bound
+    (0.3 s here) asks the daemon again; what the daemon caches anew is held again."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    bound = 0.3
+
+    def work(fs: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        f = make_file(fs / "lib.so", b"a" * MAPPED_SIZE)
+        code = HELD_ELSEWHERE.format(sock=str(d.socket_path), path=str(f), bound=bound)
+        with spawn_as(test_uid(0), code) as child:
+            first = child.recv()
+            before = invalidations(d.socket_path)
+            write_through_a_mapping(f, b"b" * PAGE)
+            until_invalidated(d.socket_path, before)
+            child.send("changed")
+            return first, child.recv()
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        first, later = await in_thread(work, fs)
+    assert first == {"index": False, "first": "a", "held": 1}  # no index; held, the old bytes
+    assert later["after"] == {"first": "b", "held": 0}, "the tier served the dropped bytes"
+    assert later["again"] == {"first": "b", "held": 1}  # held again: the new memfd
 
 
 def test_a_daemon_that_speaks_only_version_1_is_spoken_to_in_version_1(tmp_path: Path) -> None:

@@ -76,6 +76,11 @@
 #define DEFAULT_LOCAL_BELOW (128 * 1024)
 #define DEFAULT_HELD_MAX 128
 #define DEFAULT_HELD_MAX_BYTES (64LL << 20)
+/* How long the process-local tier serves a version the daemon's index does
+ * not vouch for (no index here) after the daemon last did: one request per
+ * held file and bound, 26-28 us each (docs/performance.md, "The process-local
+ * tier checks the daemon"). */
+#define DEFAULT_HELD_RECHECK_MS 1000
 #define DEFAULT_COLD_MISSES 1
 #define DEFAULT_COLD_MS 1000
 /* Whether an index hit also goes into the process-local tier (see
@@ -257,12 +262,14 @@ setup(struct shadowd *c)
     p->local_below = DEFAULT_LOCAL_BELOW;
     p->held_max = DEFAULT_HELD_MAX;
     p->held_max_bytes = DEFAULT_HELD_MAX_BYTES;
+    p->held_recheck_us = 1000LL * DEFAULT_HELD_RECHECK_MS;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         p->slots[i].fd = p->slots[i].src = -1;
     p->procfd = -1;
     p->index_use = 1;
     p->index_keep = DEFAULT_INDEX_KEEP;
     p->index_dirfd = -1;
+    p->index_fd = -1;
 }
 
 /* Every entry point starts here: a struct without our mark (zero-filled,
@@ -351,6 +358,13 @@ shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes)
     P(c)->held_max = max_entries > SHADOWD_HELD_SLOTS ? SHADOWD_HELD_SLOTS : max_entries;
     P(c)->held_max_bytes = max_bytes < 0 ? DEFAULT_HELD_MAX_BYTES : max_bytes;
     held_trim(c, 0);
+}
+
+void
+shadowd_set_held_recheck(struct shadowd *c, int ms)
+{
+    ready(c);
+    P(c)->held_recheck_us = 1000LL * (ms < 0 ? DEFAULT_HELD_RECHECK_MS : ms);
 }
 
 /* -- the breaker --------------------------------------------------------- */
@@ -1077,6 +1091,7 @@ slot_new(struct shadowd *c, int kind, int owned)
     s->owned = (uint8_t)owned;
     s->fd = s->src = -1;
     s->seq = ++P(c)->seq;
+    s->asked_us = mono_us(); /* (sent right after: what its answer vouches from) */
     return s;
 }
 
@@ -1576,7 +1591,8 @@ static void cold_saw(struct shadowd *c, const struct shadowd_version_ *v, int fi
 static int may_keep(int src, const struct shadowd_version_ *before,
                     const struct shadowd_served_ *sv, int hit, uint64_t served_size);
 static void index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds);
-static int held_put(struct shadowd *c, int served, const struct shadowd_version_ *v);
+static int held_put(struct shadowd *c, int served, const struct shadowd_version_ *v,
+                    long long vouched_us);
 
 /* Put one reply where it belongs. -1 when it failed the connection. */
 static int
@@ -1667,7 +1683,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
         served_of(f, c->protocol, &sv);
         if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 && sealed(fds[0]) &&
             may_keep(s->src, &s->before, &sv, f->hit, f->size))
-            held_put(c, fds[0], &s->before);
+            held_put(c, fds[0], &s->before, s->asked_us);
         /* A miss it is filling says the daemon is cold, whenever it comes. */
         if (f->ok == 1 && s->kind == K_OPEN && s->routed)
             cold_saw(c, &s->before, f->miss && f->filling == 1);
@@ -2625,21 +2641,37 @@ same_version(const struct shadowd_held_ *h, const struct shadowd_version_ *v)
     return h->size == v->size && h->mtime_ns == v->mtime_ns && h->ctime_ns == v->ctime_ns;
 }
 
-/* Whether exactly version *v* is held (then it counts as just used). An
- * entry of the same file in another version is dropped: it will never be
- * right again. */
+static int held_index_usable(struct shadowd *c, long long now);
+static int index_names(const struct shadowd_private_ *p, const struct shadowd_held_ *h);
+
+/* Whether exactly version *v* is held, and the daemon still vouches for
+ * that memfd (then it counts as just used): its index, while one is held,
+ * must name it now; without one, the daemon must have served it (or its
+ * index named it) less than held_recheck_us ago. An entry of the same file
+ * in another version is dropped (it will never be right again), and so is
+ * one the daemon no longer vouches for (the open goes on down the tiers,
+ * and what the daemon serves is kept again). */
 static int
 held_has(struct shadowd *c, const struct shadowd_version_ *v)
 {
     struct shadowd_private_ *p = P(c);
+    if (p->nheld == 0)
+        return 0;
+    long long now = mono_us();
+    /* First: it may read replies, and late answers may change the tier. */
+    int by_index = held_index_usable(c, now);
     int i = held_find(p, v->dev, v->ino);
     if (i < 0)
         return 0;
-    if (!same_version(&p->held[i], v)) {
+    struct shadowd_held_ *h = &p->held[i];
+    if (!same_version(h, v) ||
+        (by_index ? !index_names(p, h) : now - h->vouched_us >= p->held_recheck_us)) {
         held_drop(c, i);
         return 0;
     }
-    p->held[i].used = ++p->clock;
+    if (by_index && p->index_alive_us > h->vouched_us)
+        h->vouched_us = p->index_alive_us;
+    h->used = ++p->clock;
     return 1;
 }
 
@@ -2660,17 +2692,30 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v)
 }
 
 /* Keep the daemon's *served* fd of version *v* (a duplicate of it: the
- * tier only ever reopens it, so the shared offset does not matter). 1 when
- * kept. */
+ * tier only ever reopens it, so the shared offset does not matter), which
+ * the daemon vouched for at *vouched_us* (mono_us: when the request left,
+ * or the index was read). The memfd held already, in this version, is only
+ * vouched for again. 1 when kept. */
 static int
-held_put(struct shadowd *c, int served, const struct shadowd_version_ *v)
+held_put(struct shadowd *c, int served, const struct shadowd_version_ *v, long long vouched_us)
 {
     struct shadowd_private_ *p = P(c);
-    if (p->held_max <= 0 || v->size > (uint64_t)p->held_max_bytes)
+    struct stat m;
+    if (p->held_max <= 0 || v->size > (uint64_t)p->held_max_bytes || fstat(served, &m) < 0)
         return 0;
+    int64_t m_ctime = (int64_t)m.st_ctim.tv_sec * 1000000000LL + m.st_ctim.tv_nsec;
     int old = held_find(p, v->dev, v->ino);
+    if (old >= 0 && same_version(&p->held[old], v) &&
+        p->held[old].memfd_dev == (uint64_t)m.st_dev &&
+        p->held[old].memfd_ino == (uint64_t)m.st_ino && p->held[old].memfd_ctime_ns == m_ctime) {
+        struct shadowd_held_ *h = &p->held[old];
+        if (vouched_us > h->vouched_us)
+            h->vouched_us = vouched_us;
+        h->used = ++p->clock;
+        return 1;
+    }
     if (old >= 0)
-        held_drop(c, old); /* another version, or this one again: the new fd */
+        held_drop(c, old); /* another version, or another memfd of it: the new fd */
     held_trim(c, v->size ? v->size : 1);
     if (p->nheld >= p->held_max)
         return 0;
@@ -2685,6 +2730,10 @@ held_put(struct shadowd *c, int served, const struct shadowd_version_ *v)
     h->mtime_ns = v->mtime_ns;
     h->ctime_ns = v->ctime_ns;
     h->fd = fd;
+    h->memfd_dev = (uint64_t)m.st_dev;
+    h->memfd_ino = (uint64_t)m.st_ino;
+    h->memfd_ctime_ns = m_ctime;
+    h->vouched_us = vouched_us;
     h->used = ++p->clock;
     p->held_bytes += v->size;
     p->held_index[held_bucket(p, v->dev, v->ino)] = (uint16_t)(i + 1);
@@ -2910,6 +2959,8 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     if (p->index_probes > p->index_slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
+    p->index_fd = index_fd <= (uint32_t)INT_MAX ? (int)index_fd : -1;
+    p->index_alive_us = mono_us(); /* it just answered */
     /* Another uid's range is looked at through O_PATH, as any number. */
     if (!index_direct(c, pid))
         range_base = range_count = 0;
@@ -3257,6 +3308,72 @@ index_hit(struct shadowd *c, const struct stat *st)
     c->hit = 1;
     c->size = (uint64_t)st->st_size;
     return fd;
+}
+
+/* Whether the index held names the memfd of held entry *h*: the file's
+ * slot is live, of *h*'s version, with that memfd's inode and ctime (and the
+ * index's memfd device is the memfd's). Read as index_lookup reads a slot:
+ * seq even, and the same after the fields (a slot being written is not the
+ * file's). Opens nothing. */
+static int
+index_names(const struct shadowd_private_ *p, const struct shadowd_held_ *h)
+{
+    if (h->memfd_dev != p->index_memfd_dev)
+        return 0;
+    uint32_t mask = p->index_slots - 1, home = index_home(h->dev, h->ino, p->index_slots);
+    for (uint32_t i = 0; i < p->index_probes; i++) {
+        const struct index_slot *s =
+            (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);
+        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (seq == 0)
+            return 0; /* never used: the file is not further on */
+        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != h->dev ||
+            LOAD(s->ino) != h->ino)
+            continue;
+        int same = LOAD(s->size) == h->size && LOAD(s->mtime_ns) == h->mtime_ns &&
+                   LOAD(s->ctime_ns) == h->ctime_ns && LOAD(s->memfd_ino) == h->memfd_ino &&
+                   LOAD(s->memfd_ctime_ns) == h->memfd_ctime_ns;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        return same && LOAD(s->seq) == seq;
+    }
+    return 0;
+}
+
+/* Whether the process-local tier checks its entries against the index:
+ * one is held (asked for now if this connection has none yet) and its
+ * daemon was seen alive within the bound (its own descriptor of the index
+ * still in its /proc/PID/fd: a daemon that is gone no longer changes its
+ * index). A gone daemon's connection and index are dropped. The caller's
+ * code and error stay as they were. */
+static int
+held_index_usable(struct shadowd *c, long long now)
+{
+    struct shadowd_private_ *p = P(c);
+    index_poll(c);
+    if (p->index_state != IX_HAVE)
+        return 0;
+    if (now - p->index_alive_us < p->held_recheck_us)
+        return 1;
+    char name[16];
+    struct stat st;
+    if (p->index_fd >= 0 &&
+        fstatat(p->index_dirfd, decimal(name, p->index_fd), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        p->index_alive_us = now;
+        return 1;
+    }
+    char code[sizeof c->code], error[sizeof c->error];
+    int errnum = c->errnum;
+    memcpy(code, c->code, sizeof code);
+    memcpy(error, c->error, sizeof error);
+    drain(c); /* its connection says so too, and drops the index */
+    if (p->index_state == IX_HAVE) {
+        index_drop(c);
+        p->index_state = IX_NOT; /* (none on this connection: the next one asks again) */
+    }
+    memcpy(c->code, code, sizeof code);
+    memcpy(c->error, error, sizeof error);
+    c->errnum = errnum;
+    return 0;
 }
 
 void
@@ -3654,7 +3771,7 @@ race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_ver
         c->route = SHADOWD_ROUTE_DAEMON;
         c->counts.daemon++;
         if (may_keep(src, v, &s->served, s->hit, s->size))
-            held_put(c, fd, v);
+            held_put(c, fd, v, s->asked_us);
         slot_free(s);
         return fd;
     }
@@ -3666,7 +3783,7 @@ race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_ver
         P(c)->late_pending = 1;
     } else {
         if (s->fd >= 0 && may_keep(src, v, &s->served, s->hit, s->size))
-            held_put(c, s->fd, v); /* served just as the copy was done */
+            held_put(c, s->fd, v, s->asked_us); /* served just as the copy was done */
         why = s->fd < 0 && s->served.miss && s->failure == F_NONE ? SHADOWD_COPIED_MISS
                                                                  : SHADOWD_COPIED_FAILED;
         if (why == SHADOWD_COPIED_MISS)
@@ -3704,9 +3821,10 @@ race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_ver
 static int
 index_served(struct shadowd *c, const struct stat *st, const struct shadowd_version_ *v)
 {
+    long long now = mono_us();
     int fd = index_hit(c, st);
     if (fd >= 0 && P(c)->index_keep)
-        held_put(c, fd, v);
+        held_put(c, fd, v, now);
     return fd;
 }
 
@@ -3781,11 +3899,12 @@ routed(struct shadowd *c, int src, const struct stat *given, const char *label, 
                 return race(c, src, &st, &v, s);
         } else {
             struct shadowd_served_ sv;
+            long long asked = mono_us();
             fd = ask_daemon(c, src, label, v.size, 1, &sv);
             if (fd >= 0) {
                 cold_saw(c, &v, 0);
                 if (may_keep(src, &v, &sv, c->hit, c->size))
-                    held_put(c, fd, &v);
+                    held_put(c, fd, &v, asked);
                 return fd;
             }
             if (c->miss && c->error[0] == '\0') {
@@ -3923,6 +4042,7 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
         }
         if (k == 0)
             continue;
+        long long asked = mono_us();
         batch_send(c, fds, labels, map, k, sizes, items, 1);
         for (int j = 0; j < k; j++) {
             struct shadowd_item *it = &items[map[j]];
@@ -3931,7 +4051,7 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
                 served_of_item(it, c->protocol, &sv);
                 c->counts.daemon++;
                 if (may_keep(fds[j], &vs[j], &sv, it->hit, it->size))
-                    held_put(c, it->fd, &vs[j]);
+                    held_put(c, it->fd, &vs[j], asked);
                 continue;
             }
             item_copy(c, it, fds[j], it->miss && it->code[0] == '\0' ? SHADOWD_COPIED_MISS
@@ -3975,6 +4095,9 @@ preload_send(struct shadowd *c, const int *fds, const char *const *labels, const
     int done = 0;
     if (start(c, CONNECT_WAIT))
         return;
+    /* The index too, where this connection has none yet: its answer comes
+     * with the batches', and the tier's entries are then checked against it. */
+    index_poll(c);
     while (done < n && set.n < SHADOWD_MAX_PENDING && P(c)->live) {
         int chunk = n - done, failure;
         if ((uint64_t)chunk > c->max_batch)
@@ -4025,6 +4148,7 @@ preload_group(struct shadowd *c, const int *srcs, const char *const *labels, int
     }
     if (k == 0)
         return held;
+    long long asked = mono_us();
     preload_send(c, fds, labels, map, k, sizes, items);
     for (int j = 0; j < k; j++) {
         struct shadowd_item *it = &items[map[j]];
@@ -4033,7 +4157,7 @@ preload_group(struct shadowd *c, const int *srcs, const char *const *labels, int
         struct shadowd_served_ sv;
         served_of_item(it, c->protocol, &sv);
         if (may_keep(fds[j], &vs[map[j]], &sv, it->hit, it->size) &&
-            held_put(c, it->fd, &vs[map[j]])) {
+            held_put(c, it->fd, &vs[map[j]], asked)) {
             held++;
             c->counts.preloaded++;
         }
@@ -4247,7 +4371,7 @@ shadowd_collect(struct shadowd *c, struct shadowd_result *out)
     if (s->fd >= 0) {
         c->counts.daemon++;
         if (s->routed && may_keep(s->src, &s->before, &s->served, s->hit, s->size))
-            held_put(c, s->fd, &s->before);
+            held_put(c, s->fd, &s->before, s->asked_us);
     } else if (s->routed) {
         /* The daemon did not serve it: copied here, as the routed open does. */
         int why = s->served.miss && s->failure == F_NONE ? SHADOWD_COPIED_MISS

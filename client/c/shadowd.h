@@ -176,6 +176,9 @@ struct shadowd_held_ {
     uint64_t dev, ino, size, used;
     int64_t mtime_ns, ctime_ns;
     int fd;
+    uint64_t memfd_dev, memfd_ino; /* the kept memfd: what the daemon's index must name */
+    int64_t memfd_ctime_ns;
+    long long vouched_us; /* when the daemon last vouched for it (CLOCK_MONOTONIC, us) */
 };
 
 /* What a reply said beyond fd, size and hit (version 2). */
@@ -194,7 +197,7 @@ struct shadowd_slot_ {
     uint8_t state, kind, routed, owned, nowait, late;
     int fd, src, hit, route, errnum, failure;
     uint64_t size, seq, src_size;
-    long long deadline;
+    long long deadline, asked_us; /* asked_us: when it was made, just before it was sent */
     void *tag;
     struct shadowd_item *items;
     const int *map;
@@ -227,7 +230,7 @@ struct shadowd_private_ {
     char hint_labels[16384];
     long long hello_deadline;
     int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
-    long long local_below, held_max_bytes;
+    long long local_below, held_max_bytes, held_recheck_us;
     int held_max;
     shadowd_log_fn log;
     void *log_arg;
@@ -247,6 +250,8 @@ struct shadowd_private_ {
      * daemon is of our effective uid (its SO_PEERCRED). */
     uint32_t index_range_base, index_range_count;
     uint64_t index_memfd_dev;
+    int index_fd;              /* the daemon's own fd of the index (-1: not known) */
+    long long index_alive_us;  /* when the daemon was last seen alive (its index_fd there) */
     const uint8_t *index_map;
     size_t index_len;
     int nreport;
@@ -434,8 +439,10 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  * "not-regular"). Cheapest first:
  *   1. the process-local tier: a version of this file (st_dev, st_ino) this
  *      process got from the daemon, whose (size, mtime_ns, ctime_ns) equal
- *      the caller's fstat now, is reopened through /proc/self/fd/N (a new
- *      open file description; seals checked): no request at all;
+ *      the caller's fstat now, and which the daemon still serves as that
+ *      very memfd (see shadowd_set_held_recheck), is reopened through
+ *      /proc/self/fd/N (a new open file description; seals checked): no
+ *      request at all;
  *   1b. the daemon's index (below): the daemon's memfd of that very
  *      version, reopened through /proc/PID/fd/N: no request either, and
  *      small files too (an index hit costs less than any copy);
@@ -512,6 +519,33 @@ void shadowd_set_cold(struct shadowd *c, int misses, int window_ms);
  * file is an open fd of this process: keep *max_entries* well below
  * RLIMIT_NOFILE. */
 void shadowd_set_held(struct shadowd *c, int max_entries, long long max_bytes);
+
+/* How long the process-local tier serves a version without the daemon
+ * vouching for it again, in ms (negative: the default, 1000; 0: never
+ * without it). A held memfd is served only while the daemon still serves
+ * that very memfd for that version, so that a change the daemon saw but
+ * stat cannot show (bytes written through a shared writable mapping on
+ * tmpfs, seen at the writer's last munmap or close) ends it:
+ *   - while the daemon's index is held (its uid, or root): at each open,
+ *     the file's slot must be live, of the caller's version, and name the
+ *     held memfd (its inode and ctime; read as an index hit reads a slot).
+ *     Otherwise the entry is dropped and the open goes on down the tiers:
+ *     no later than the daemon's own drop. The daemon is looked at once per
+ *     bound (its descriptor of the index in its /proc/PID/fd): a daemon
+ *     that is gone no longer changes its index, which then no longer
+ *     vouches (its connection and index are dropped);
+ *   - without an index (another uid's daemon, the index not come yet or
+ *     turned off, a forked child until its own connection has one, the
+ *     daemon gone), an entry the daemon vouched for (a reply that served
+ *     it, an index that named it) more than *ms* ago is dropped and the
+ *     open goes on down the tiers: the daemon is asked again, and what it
+ *     serves in that version is kept again (the same memfd when the
+ *     daemon still has it; a reply of a memfd still held only vouches for
+ *     it again). While the breaker is open nothing is asked: such entries
+ *     are dropped and their files copied here.
+ * What it costs: one request per held file and bound, measured in
+ * client/c/README.md. */
+void shadowd_set_held_recheck(struct shadowd *c, int ms);
 
 /* Fill the process-local tier before the opens that will want it (the DSOs
  * a loader will map, the files a previous run opened): the files the daemon

@@ -13,7 +13,9 @@
 # take a daemon of another uid at its word about its range (what it holds
 # there, root would open for real: a FIFO, a device); reopen through another
 # process's descriptor table (after a fork, the child's view opens its own
-# /proc/self/fd again: the one it inherited names the parent's).
+# /proc/self/fd again: the one it inherited names the parent's); say it holds
+# a memfd a client keeps (holds) unless the file's slot names that memfd in
+# that version, read while the slot held still.
 #
 # The whole lookup and reopen runs in one call of the C extension
 # (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
@@ -27,6 +29,7 @@ import mmap
 import os
 import stat
 import struct
+import time
 import weakref
 from collections.abc import Callable
 
@@ -67,6 +70,17 @@ C_CALLS: tuple[Callable[..., int | None], Callable[..., int | None]] | None = (
     and hotcalls.INDEX_CALLS == _C_CALLS_VERSION
     else None
 )
+#: IndexView.holds in C, under the same conditions (None: the Python path).
+C_HOLDS: Callable[..., bool] | None = (
+    hotcalls.index_holds
+    if hotcalls.index_holds is not None and hotcalls.INDEX_LAYOUT == (LAYOUT_VERSION, HEADER, SLOT)
+    else None
+)
+
+#: What the process-local tier asks a view about a memfd it keeps: the file's
+#: (dev, ino, size, mtime_ns, ctime_ns), then the kept memfd's (st_dev,
+#: st_ino, st_ctime_ns).
+Held = tuple[int, int, int, int, int, int, int, int]
 
 
 #: Every open view, so that a forked child can point each at its own fds.
@@ -138,6 +152,12 @@ class IndexView:
             self._map.close()
             raise BadIndex("not an index this client reads (magic, layout or sizes differ)")
         self.pid = pid
+        #: The daemon's own descriptor of this index (the header says it): while
+        #: /proc/PID/fd has it, the daemon that writes this index is alive.
+        self.index_fd = index_fd
+        #: When the daemon was last seen alive (monotonic): now, since it just
+        #: sent this index; :meth:`alive` looks again.
+        self.alive_at = time.monotonic()
         self.slots = slots
         self.memfd_dev = memfd_dev
         self.probes = probes
@@ -168,6 +188,16 @@ class IndexView:
         self._own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
         self._c_open: Callable[[os.stat_result], int | None] | None = None
         self._c_open_fd: Callable[[int], int | None] | None = None
+        self._c_holds: Callable[[Held], bool] | None = None
+        if C_HOLDS is not None:
+            self._c_holds = functools.partial(C_HOLDS, self._map, slots, probes, memfd_dev)
+        #: holds(held) -> bool: whether the index still has *held*'s file, in its
+        #: version, as the memfd *held* names (its device, inode and ctime): the
+        #: daemon still serves exactly that memfd for that version. Read with the
+        #: index hit's seq discipline (a slot being written is not the file's);
+        #: opens nothing. The C call itself where there is one (the process-local
+        #: tier asks it on every hit), else :meth:`_holds_py`.
+        self.holds: Callable[[Held], bool] = self._c_holds or self._holds_py
         if C_CALLS is not None:
             state = (
                 self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev, self.direct
@@ -175,6 +205,7 @@ class IndexView:
             self._c_open = functools.partial(C_CALLS[0], *state)
             self._c_open_fd = functools.partial(C_CALLS[1], *state)
         self._closed = False
+        self._gone = False
         _VIEWS.add(self)
 
     @property
@@ -188,11 +219,58 @@ class IndexView:
             return
         self._closed = True
         self._c_open = self._c_open_fd = None  # to _open_py, which serves nothing now
+        self._c_holds = None
+        self.holds = self._holds_py  # which holds nothing now
         _VIEWS.discard(self)
         self._map.close()
         os.close(self._daemon_fds)
         if self._own_fds >= 0:
             os.close(self._own_fds)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (then it serves and holds nothing)."""
+        return self._closed
+
+    def alive(self) -> bool:
+        """Whether the daemon that writes this index is still there: its descriptor of
+        the index is still in its /proc/PID/fd (looked at without following it). A
+        dead daemon's index stays mapped but no longer changes, so it would vouch for
+        entries the daemon can no longer drop. Sets :attr:`alive_at` when it is."""
+        if self._closed or self._gone:
+            return False
+        try:
+            os.stat(str(self.index_fd), dir_fd=self._daemon_fds, follow_symlinks=False)
+        except OSError:
+            self._gone = True  # (a process that exited never comes back)
+            return False
+        self.alive_at = time.monotonic()
+        return True
+
+    def _holds_py(self, held: Held) -> bool:
+        """:attr:`holds` in Python: the reference the C version follows."""
+        if self._closed:
+            return False
+        dev, ino, size, mtime_ns, ctime_ns, memfd_dev, memfd_ino, memfd_ctime_ns = held
+        if memfd_dev != self.memfd_dev:
+            return False
+        view = self._map
+        start = slot_of(dev, ino, self.slots)
+        mask = self.slots - 1
+        for i in range(self.probes):
+            offset = HEADER + ((start + i) & mask) * SLOT
+            seq, state, s_dev, s_ino, s_size, mtime, ctime, _fd, _mode, m_ino, m_ctime = (
+                _SLOT.unpack_from(view, offset)
+            )
+            if seq == 0:
+                return False  # never used: the file is not further on
+            if seq & 1 or state != LIVE or s_dev != dev or s_ino != ino:
+                continue
+            same = (s_size, mtime, ctime, m_ino, m_ctime) == (
+                size, mtime_ns, ctime_ns, memfd_ino, memfd_ctime_ns
+            )  # fmt: skip
+            return same and _SEQ.unpack_from(view, offset)[0] == seq
+        return False
 
     def _own_fds_again(self) -> None:
         """In a forked child: /proc/self/fd of this process, at the same number (the

@@ -9,7 +9,9 @@
 # (a circuit breaker), never seconds per open.
 #
 # Must never: hand out a version other than the one the caller's own fstat
-# sees; keep an fd of a version the daemon did not cache; let shadowd being
+# sees; keep an fd of a version the daemon did not cache; serve a kept memfd
+# the daemon no longer serves (its index, where readable, says so at each
+# open; elsewhere the daemon's word lasts held_recheck); let shadowd being
 # down, slow, restarting or full break or stall a supervisor's open path.
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ from .errors import (
     UnsealedDescriptor,
     source_error,
 )
-from .index import IndexView
+from .index import Held, IndexView
 from .local import local_copy_fd, local_private
 from .sync import Client
 
 logger = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 #: Below this size Opener copies locally instead of asking the daemon: the
 #: crossover `shadowd bench` measured for the Python client on the 2-vCPU
@@ -60,6 +63,13 @@ DEFAULT_RACY_NS = 1_000_000_000
 #: Index hits are reported to the daemon this often, or after this many.
 REPORT_EVERY_SECONDS = 1.0
 REPORT_EVERY_HITS = 256
+#: How long the process-local tier serves a kept version without the daemon
+#: vouching for it again, where no index of the daemon's can (another uid's
+#: daemon, the breaker open, a daemon gone): then the next open asks the
+#: daemon. The cost is one round trip per file and bound, whatever the
+#: opens: at 1 s, 10 ms a second for 128 held files all in use, measured
+#: (docs/performance.md, "The process-local tier checks the daemon").
+DEFAULT_HELD_RECHECK = 1.0
 
 
 @attrs.define(eq=False)
@@ -67,6 +77,18 @@ class _Held:
     fd: FdHolder
     version: tuple[int, int, int]
     size: int
+    #: The file's (dev, ino, size, mtime_ns, ctime_ns) and the kept memfd's
+    #: (st_dev, st_ino, st_ctime_ns): what the daemon's index must still say.
+    memfd: Held
+    #: When the daemon last vouched for this memfd in this version (monotonic):
+    #: the time before the request it answered; and the index view that last
+    #: held it, which vouches as of the last time its daemon was seen alive.
+    vouched: float
+    seen: IndexView | None = None
+
+    def vouched_at(self) -> float:
+        seen = self.seen
+        return self.vouched if seen is None else max(self.vouched, seen.alive_at)
 
 
 @attrs.define
@@ -74,12 +96,16 @@ class HeldFiles:
     """The process-local tier: sealed memfds of versions the daemon cached.
 
     Keyed by (st_dev, st_ino); a hit needs the caller's own fstat of the
-    source to show the very version kept. Bounded by entries and bytes, least
-    recently used first out. Not thread-safe by itself (Opener locks).
+    source to show the very version kept, and the daemon to still serve that
+    very memfd: its index must say so at the hit (where the caller passes a
+    view it may read), or else the daemon must have said so less than
+    *recheck* seconds ago. Bounded by entries and bytes, least recently used
+    first out. Not thread-safe by itself (Opener locks).
     """
 
     max_files: int = 128
     max_bytes: int = 64 * 1024 * 1024
+    recheck: float = DEFAULT_HELD_RECHECK
     _held: collections.OrderedDict[tuple[int, int], _Held] = attrs.field(
         factory=collections.OrderedDict
     )
@@ -88,13 +114,32 @@ class HeldFiles:
     def __len__(self) -> int:
         return len(self._held)
 
-    def reopen(self, key: tuple[int, int], version: tuple[int, int, int]) -> int | None:
-        """A fresh read-only fd of the kept *version*, or None (not kept, or changed)."""
+    def reopen(
+        self,
+        key: tuple[int, int],
+        version: tuple[int, int, int],
+        index: IndexView | None = None,
+    ) -> int | None:
+        """A fresh read-only fd of the kept *version*, or None: not kept, changed, or
+        no longer vouched for (then it is dropped, and the open goes on down the tiers).
+
+        *index*: a view of the daemon's index, alive, that this process may read
+        (Opener passes it): the kept memfd must be in it. None: the daemon must
+        have vouched for it less than :attr:`recheck` seconds ago.
+        """
         held = self._held.get(key)
         if held is None:
             return None
         if held.version != version:
             self._drop(key)  # the file changed: never served stale
+            return None
+        if index is not None:
+            if not index.holds(held.memfd):
+                self._drop(key)  # the daemon dropped or replaced it: so do we
+                return None
+            held.seen = index
+        elif _monotonic() - held.vouched_at() >= self.recheck:
+            self._drop(key)  # ask the daemon again; what it serves is kept afresh
             return None
         try:
             fd = reopen_readonly(held.fd.fd)
@@ -109,10 +154,31 @@ class HeldFiles:
         self._held.move_to_end(key)
         return fd
 
-    def keep(self, key: tuple[int, int], version: tuple[int, int, int], fd: int, size: int) -> bool:
-        """Keep a reopen of the served *fd* (which stays the caller's)."""
+    def keep(
+        self,
+        key: tuple[int, int],
+        version: tuple[int, int, int],
+        fd: int,
+        size: int,
+        vouched: float | None = None,
+    ) -> bool:
+        """Keep a reopen of the served *fd* (which stays the caller's), which the daemon
+        vouched for at *vouched* (monotonic; None: now). The memfd kept already, served
+        again in the same version, is only vouched for afresh."""
         if size > self.max_bytes or self.max_files <= 0:
             return False
+        if vouched is None:
+            vouched = time.monotonic()
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        memfd = (*key, *version, st.st_dev, st.st_ino, st.st_ctime_ns)
+        kept = self._held.get(key)
+        if kept is not None and kept.memfd == memfd:
+            kept.vouched = max(kept.vouched_at(), vouched)
+            self._held.move_to_end(key)
+            return True
         try:
             own = FdHolder(reopen_readonly(fd))
         except OSError:
@@ -122,7 +188,7 @@ class HeldFiles:
             len(self._held) >= self.max_files or self.bytes + size > self.max_bytes
         ):
             self._drop(next(iter(self._held)))
-        self._held[key] = _Held(fd=own, version=version, size=size)
+        self._held[key] = _Held(fd=own, version=version, size=size, memfd=memfd, vouched=vouched)
         self.bytes += size
         return True
 
@@ -193,6 +259,16 @@ class Opener:
     after each failed retry, at most 30 s) and every open is copied here; one
     log line says it is gone, one that it is back. Thread-safe; a forked
     child goes on with a connection of its own.
+
+    A kept version is served only while the daemon still serves that very
+    memfd: where this process reads the daemon's index, the index must name
+    it at each open (so a change the daemon saw, even one stat cannot show,
+    such as a write through a shared mapping, ends it at once); elsewhere
+    (another uid's daemon, or while the index is not usable) the daemon must
+    have vouched for it less than *held_recheck* seconds ago (1 s; settable
+    at run time as :attr:`held_recheck`), or the open asks the daemon again
+    and keeps what it serves. While the daemon is away nothing kept is
+    served past that bound: opens are copied here.
     """
 
     def __init__(
@@ -206,6 +282,7 @@ class Opener:
         held_files: int = 128,
         held_bytes: int = 64 * 1024 * 1024,
         use_index: bool = True,
+        held_recheck: float = DEFAULT_HELD_RECHECK,
     ) -> None:
         self.local_below = local_below
         self.retry_after = retry_after
@@ -218,6 +295,7 @@ class Opener:
             self._client = None
         self._lock = threading.Lock()
         self._held = HeldFiles(max_files=held_files, max_bytes=held_bytes)
+        self.held_recheck = held_recheck
         self._down_until = 0.0
         self._backoff = retry_after
         self._down = False
@@ -236,6 +314,18 @@ class Opener:
         self._reported_at = time.monotonic()
         _OPENERS.add(self)
 
+    @property
+    def held_recheck(self) -> float:
+        """Seconds a kept version is served without the daemon vouching for it again,
+        where its index cannot (see the class); settable at any time, 0 or more."""
+        return self._held.recheck
+
+    @held_recheck.setter
+    def held_recheck(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"held_recheck must be 0 or more seconds, not {seconds!r}")
+        self._held.recheck = float(seconds)
+
     # -- the open path ---------------------------------------------------
 
     def open(self, path: str | os.PathLike[str]) -> int:
@@ -251,7 +341,7 @@ class Opener:
             raise source_error(exc, name) from None
         key, version = (st.st_dev, st.st_ino), _version(st)
         with self._lock:
-            held = self._held.reopen(key, version)
+            held = self._held.reopen(key, version, self._vouching())
             if held is not None:
                 self.held_opens += 1
                 return held
@@ -268,9 +358,10 @@ class Opener:
             if served is not None:
                 return served
         if self._worth_asking(st):
+            asked = time.monotonic()
             answer = self._ask(fd, label)
             if answer is not None and answer.fd is not None:
-                self._keep(key, version, answer)
+                self._keep(key, version, answer, asked)
                 with self._lock:
                     self.daemon_opens += 1
                 return answer.fd
@@ -304,12 +395,20 @@ class Opener:
             wanted = [(src, st, label) for src, st, label in sources if self._worth_asking(st)]
             if not wanted or not self._usable():
                 return len(self._held)
+            # The daemon's index too, once per connection, where this process may
+            # read it: the entries kept now are checked against it at each open.
+            index = self._current_index()
+            if index is not None:
+                self._index_done(index, None)
+            if not self._usable():
+                return len(self._held)
+            asked = time.monotonic()
             answers = self._ask_many(
                 [s.fd for s, _, _ in wanted], [label for _, _, label in wanted]
             )
             for (_, st, _), answer in zip(wanted, answers, strict=True):
                 if isinstance(answer, Answer) and answer.fd is not None:
-                    self._keep((st.st_dev, st.st_ino), _version(st), answer)
+                    self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
                     os.close(answer.fd)
         finally:
             close_all(src.detach() for src, _, _ in sources)
@@ -389,12 +488,15 @@ class Opener:
         self._worked()
         return self._limits()
 
-    def _keep(self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer) -> None:
+    def _keep(
+        self, key: tuple[int, int], version: tuple[int, int, int], answer: Answer, asked: float
+    ) -> None:
         # Only a version the daemon cached, and the one the caller's fstat saw:
-        # then a later open of the same version gets these very bytes.
+        # then a later open of the same version gets these very bytes. The
+        # daemon vouched for it no earlier than *asked*, when the request left.
         if answer.cached and answer.version == version and answer.fd is not None:
             with self._lock:
-                self._held.keep(key, version, answer.fd, answer.size)
+                self._held.keep(key, version, answer.fd, answer.size, asked)
 
     # -- the index: hits without a round trip ----------------------------
 
@@ -434,6 +536,24 @@ class Opener:
             if old is not None:
                 old.close()
         return fetched if fetched.view is not None else None
+
+    def _vouching(self) -> IndexView | None:
+        """The view the process-local tier checks a kept memfd against (lock held): the
+        current connection's, while the daemon is usable and seen alive within
+        :attr:`held_recheck` (else the daemon, not its index, must vouch); None when
+        there is none such."""
+        index = self._index
+        if index is None or (view := index.view) is None or not self.use_index:
+            return None
+        client = self._client
+        if client is None or index.connection != client.connections:
+            return None  # (a closed view holds nothing: no need to ask here)
+        now = _monotonic()
+        if now < self._down_until:
+            return None
+        if now - view.alive_at >= self._held.recheck and not view.alive():
+            return None  # its daemon is gone: its index no longer changes
+        return view
 
     def _reading(self) -> _Index | None:
         """The current connection's index, counted as in use, when there is one to read
