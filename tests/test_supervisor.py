@@ -447,6 +447,136 @@ def test_a_chrooted_tracee_gets_its_own_files(supervisor: str, tmp_path: Path) -
     checked(run)
 
 
+# Mounts a tmpfs on a directory, opens a file there, unmounts it, mounts a procfs
+# there (whose anonymous st_dev is then most often the tmpfs's, freed just before)
+# and opens its "version"; until the st_dev was the same. Run in a mount namespace
+# of its own (unshare -m), so nothing is left mounted on the host.
+REMOUNT_PROBE = r"""
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+
+def mount(source, fstype):
+    if libc.mount(source.encode(), d.encode(), fstype.encode(), 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {fstype}")
+
+def umount():
+    if libc.umount2(d.encode(), 0) != 0:
+        raise OSError(ctypes.get_errno(), "umount")
+
+def opened(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"), os.read(fd, 64).decode()
+    finally:
+        os.close(fd)
+
+tries = []
+for _ in range(8):
+    mount("none", "tmpfs")
+    with open(os.path.join(d, "f"), "w") as f:
+        f.write("on the tmpfs")
+    tmpfs_dev = os.stat(d).st_dev
+    tmpfs = [opened(os.path.join(d, "f")) for _ in range(20)]
+    umount()
+    mount("proc", "proc")
+    proc_dev = os.stat(d).st_dev
+    proc = opened(os.path.join(d, "version"))
+    umount()
+    tries.append({"same_dev": tmpfs_dev == proc_dev, "tmpfs": tmpfs, "proc": proc})
+    if tmpfs_dev == proc_dev:
+        break
+print(json.dumps(tries))
+"""
+
+
+@requires_root
+@in_thread(60)
+def test_pseudo_file_systems_are_judged_per_mount_never_by_st_dev(
+    supervisor: str, tmp_path: Path
+) -> None:
+    """The supervisor judges a file system once per mount (by its unique mount id),
+    not by st_dev: a procfs mounted where a tmpfs was, with the tmpfs's st_dev used
+    again, still passes through. A judgement kept by st_dev would shadow /proc's
+    "version" as a tmpfs file here."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1)")
+    point = tmp_path / "point"
+    point.mkdir()
+    argv = [unshare, "-m", "--propagation", "private", "--"]
+    argv += [sys.executable, "-c", REMOUNT_PROBE, str(point)]
+    run = run_supervised(supervisor, "copy", argv)
+    assert run.returncode == 0, run.stderr.decode()
+    s = checked(run)
+    tries = json.loads(run.stdout)
+    assert tries[-1]["same_dev"], "the procfs never got the tmpfs's st_dev: nothing tested"
+    for t in tries:
+        assert t["tmpfs"] == [[True, "on the tmpfs"]] * 20  # shadowed
+        assert t["proc"][0] is False and t["proc"][1].startswith("Linux version")
+    assert s["continued_by_reason"]["pseudo_fs"] >= len(tries)
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8):
+        # Unique mount ids: the tmpfs judged once per mount, not once per file
+        # (each procfs, the program's own files' mounts, once each too).
+        assert s["statfs_calls"] < s["shadowed"] / 4, s
+
+
+# 100 times: mount a tmpfs, write a file there, open it read-only (shadowed),
+# read and close it, and unmount the tmpfs at once. Prints the failures.
+UNMOUNT_PROBE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+failed = []
+for i in range(100):
+    if libc.mount(b"none", d.encode(), b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+    with open(os.path.join(d, "f"), "w") as f:
+        f.write(str(i))
+    fd = os.open(os.path.join(d, "f"), os.O_RDONLY)
+    assert os.read(fd, 10) == str(i).encode()
+    os.close(fd)
+    while libc.umount2(d.encode(), 0) != 0:
+        failed.append(os.strerror(ctypes.get_errno()))
+print(len(failed), sorted(set(failed)))
+"""
+
+
+@requires_root
+@pytest.mark.parametrize("mode", ["copy", "shadowd"])
+@in_thread(60)
+def test_a_program_unmounts_a_file_system_right_after_closing_a_file_there(
+    supervisor: str, tmp_path: Path, mode: str
+) -> None:
+    """Every fd the supervisor opened on the program's file systems is closed
+    before the program has its answer, so the program's own unmount right after
+    its close never finds the file system busy. Before, the source's fd was
+    closed after the injection: with the supervisor and the program on one CPU
+    and the program of higher priority (so that the answer's wake-up runs the
+    program first), its umount failed with EBUSY thousands of times in 100
+    rounds. (Shadowd mode without a daemon: its local copies; a daemon that
+    fills its cache from the file holds its own fd of it while it copies.)"""
+    unshare, nice = shutil.which("unshare"), shutil.which("nice")
+    if unshare is None or nice is None:
+        pytest.skip("no unshare(1) or nice(1)")
+    point = tmp_path / "point"
+    point.mkdir()
+    argv = [nice, "-n", "-10", unshare, "-m", "--propagation", "private", "--"]
+    argv += [sys.executable, "-c", UNMOUNT_PROBE, str(point)]
+    # This thread's CPU and priority are what the supervisor starts with.
+    cpus, priority = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
+    os.sched_setaffinity(0, {min(cpus)})
+    os.setpriority(os.PRIO_PROCESS, 0, priority + 5)
+    try:
+        run = run_supervised(supervisor, mode, argv, socket=str(tmp_path / "no.sock"))
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, priority)
+        os.sched_setaffinity(0, cpus)
+    assert (run.returncode, run.stdout) == (0, b"0 []\n"), run.stderr.decode()
+    s = checked(run)
+    assert len([f for f in s["files"] if f["path"] == str(point / "f")]) == 100
+
+
 @requires_root
 def test_the_supervisor_never_opens_a_fifo_the_program_names(
     supervisor: str, tmp_path: Path
