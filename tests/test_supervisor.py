@@ -447,6 +447,93 @@ def test_a_chrooted_tracee_gets_its_own_files(supervisor: str, tmp_path: Path) -
     checked(run)
 
 
+# One path, a different file in the host's root and in a jail's: read by a
+# process before and after it chroots into the jail, by its parent meanwhile,
+# and by a new process given the chrooted one's pid after it ended (set with
+# ns_last_pid, tried until it comes). Each read: the bytes, and whether the fd
+# was a shadow (sealed: a memfd; the jail has no /proc to look at the fd in).
+ROOTS_PROBE = r"""
+import fcntl, json, os, sys
+path, jail = sys.argv[1], sys.argv[2]
+
+def read():
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return [str(e), False]
+    try:
+        try:
+            sealed = fcntl.fcntl(fd, 1034) & 15 == 15  # F_GET_SEALS: a memfd's
+        except OSError:
+            sealed = False
+        return [os.read(fd, 100).decode(), sealed]
+    finally:
+        os.close(fd)
+
+out = {"parent": [read()]}
+to_parent, from_child = os.pipe()
+from_parent, to_child = os.pipe()
+child = os.fork()
+if child == 0:
+    first = read()
+    os.chroot(jail)
+    reads = [first, read()]
+    os.write(from_child, json.dumps(reads).encode())
+    os.read(from_parent, 1)  # the parent has read meanwhile
+    os.write(from_child, json.dumps(read()).encode())
+    os._exit(0)
+out["child"] = json.loads(os.read(to_parent, 4096))
+out["parent"].append(read())
+os.write(to_child, b".")
+out["child"].append(json.loads(os.read(to_parent, 4096)))
+os.waitpid(child, 0)
+out["same_pid"] = None
+for _ in range(500):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(child - 1))
+    again = os.fork()
+    if again == 0:
+        if os.getpid() != child:
+            os._exit(3)
+        os.write(from_child, json.dumps(read()).encode())
+        os._exit(0)
+    if os.waitstatus_to_exitcode(os.waitpid(again, 0)[1]) == 0:
+        out["same_pid"] = json.loads(os.read(to_parent, 4096))
+        break
+out["parent"].append(read())
+print(json.dumps(out))
+"""
+
+
+@requires_root
+@in_thread(60)
+def test_each_open_is_resolved_in_the_callers_root_of_that_moment(
+    supervisor: str, tmp_path: Path
+) -> None:
+    """The supervisor keeps each thread's /proc directory, never its root: a
+    process's open after its chroot is resolved in the jail, its parent's at the
+    same time in the host's root, and a new process given the chrooted one's pid
+    after it ended in its own (the host's) root. A root kept per thread would give
+    the chrooted child the host's file after its chroot; one kept per pid and
+    followed through chroot, the new process the jail's."""
+    host = make_file(tmp_path / "same.txt", b"the host's file")
+    jail = tmp_path / "jail"
+    (jail / str(tmp_path).lstrip("/")).mkdir(parents=True)
+    make_file(jail / str(host).lstrip("/"), b"the jail's file")
+    argv = [sys.executable, "-c", ROOTS_PROBE, str(host), str(jail)]
+    run = run_supervised(supervisor, "copy", argv)
+    assert run.returncode == 0, run.stderr.decode()
+    s = checked(run)
+    out = json.loads(run.stdout)
+    hosts, jails = ["the host's file", True], ["the jail's file", True]
+    assert out["parent"] == [hosts] * 3
+    assert out["child"] == [hosts, jails, jails]
+    assert out["same_pid"] == hosts, "no process got the ended one's pid: nothing tested"
+    # The directories were kept: one per process (and python's own start),
+    # not one per open.
+    assert s["task_dirs_opened"] < s["notifications"] / 4, s
+
+
 # Mounts a tmpfs on a directory, opens a file there, unmounts it, mounts a procfs
 # there (whose anonymous st_dev is then most often the tmpfs's, freed just before)
 # and opens its "version"; until the st_dev was the same. Run in a mount namespace

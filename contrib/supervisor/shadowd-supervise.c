@@ -26,8 +26,8 @@
  * FIFO, device or pseudo file system's file for reading; hold an fd on the
  * tracee's file systems once the tracee has its answer (it may unmount one
  * at once), or keep one it made after the notification it was made for is
- * answered; write anything to stdout; leave the tracee without an answer (every notification is
- * answered, or was withdrawn by the kernel).
+ * answered; write anything to stdout; leave the tracee without an answer
+ * (every notification is answered, or was withdrawn by the kernel).
  *
  * Build: cc -O2 -Iclient/c -o shadowd-supervise \
  *            contrib/supervisor/shadowd-supervise.c client/c/shadowd.c
@@ -185,6 +185,7 @@ static struct {
     int sync_wakeup;     /* ask for synchronous wake-ups (--no-sync-wakeup: not) */
     int synced;          /* the kernel took that */
     uint64_t statfs_calls; /* fstatfs made to judge a file system */
+    uint64_t task_dirs_opened; /* /proc/TID directories opened (and kept) */
     int index;           /* the routed open uses the daemon's index (--no-index: not) */
     int index_keep;      /* index hits also go into the tier (--keep-index-hits) */
     int index_ready;     /* it held one before the program started */
@@ -373,26 +374,97 @@ read_bytes(pid_t pid, uint64_t addr, void *buf, size_t len)
     return process_vm_readv(pid, &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
 }
 
-/* Whether /proc/PID/<name> is the same object as ours (the root). */
+/* The /proc/TID directories of the threads that trapped last, O_PATH, kept
+ * open: a thread's root, cwd and fds are then looked up in its directory
+ * (one name) instead of through /proc and TID for every open (about 1 us of
+ * 2 with a program's worth of caches evicted: benchmarks/source_step.c).
+ * Such a directory stands for the thread itself (its struct pid), not for a
+ * number: once the thread has ended, every lookup in it fails, even when
+ * its number has been given to a new thread, and the entry is then made
+ * again. Nothing read through it is kept: the root, cwd or fd is looked up
+ * afresh for every open, so a chroot, setns, unshare or pivot_root is
+ * followed at once, and no thread is ever given another's. */
+#define TASK_DIRS 16
+static struct {
+    pid_t tid;
+    int fd;
+} task_dirs[TASK_DIRS];
+static unsigned task_dirs_used, task_dirs_next;
+
+/* The kept directory of *tid* (opened and kept when there is none, or when
+ * *fresh*: the kept one may be that of an ended thread of that number), or
+ * -1; *kept*: whether it was there already. */
 static int
-same_as_ours(pid_t pid, const char *name, const struct stat *ours)
+task_dir(pid_t tid, int fresh, int *kept)
 {
-    char path[64];
-    struct stat st;
-    snprintf(path, sizeof path, "/proc/%d/%s", pid, name);
-    return stat(path, &st) == 0 && st.st_dev == ours->st_dev && st.st_ino == ours->st_ino;
+    char path[32];
+    unsigned i;
+    for (i = 0; i < task_dirs_used && task_dirs[i].tid != tid; i++) {
+    }
+    *kept = i < task_dirs_used && !fresh;
+    if (*kept)
+        return task_dirs[i].fd;
+    snprintf(path, sizeof path, "/proc/%d", tid);
+    int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    S.task_dirs_opened++;
+    if (i < task_dirs_used) {               /* its entry, made again */
+        close(task_dirs[i].fd);
+    } else if (task_dirs_used < TASK_DIRS) { /* a free slot */
+        i = task_dirs_used++;
+    } else {                                 /* the slots in turn */
+        i = task_dirs_next++ % TASK_DIRS;
+        close(task_dirs[i].fd);
+    }
+    task_dirs[i].tid = tid;
+    task_dirs[i].fd = fd;
+    return fd;
 }
 
-/* An O_PATH fd of the tracee's directory *dirfd* (AT_FDCWD: its cwd), -1. */
-static int
-open_tracee_dir(pid_t pid, int dirfd)
+static void
+close_task_dirs(void)
 {
-    char path[64];
+    for (unsigned i = 0; i < task_dirs_used; i++)
+        close(task_dirs[i].fd);
+    task_dirs_used = task_dirs_next = 0;
+}
+
+/* openat or fstatat (*st* not NULL) of *name* in *tid*'s /proc directory:
+ * an O_PATH fd, 0, or -1 with errno. A failure in a kept directory is tried
+ * again in a fresh one (the kept one may be an ended thread's). */
+static int
+in_task_dir(pid_t tid, const char *name, struct stat *st)
+{
+    for (int fresh = 0;; fresh = 1) {
+        int kept;
+        int dir = task_dir(tid, fresh, &kept);
+        if (dir < 0)
+            return -1;
+        int r = st ? fstatat(dir, name, st, 0) : openat(dir, name, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (r >= 0 || !kept)
+            return r;
+    }
+}
+
+/* Whether the thread's root is the same object as ours. */
+static int
+same_root_as_ours(pid_t tid, const struct stat *ours)
+{
+    struct stat st;
+    return in_task_dir(tid, "root", &st) == 0 && st.st_dev == ours->st_dev &&
+           st.st_ino == ours->st_ino;
+}
+
+/* An O_PATH fd of the thread's directory *dirfd* (AT_FDCWD: its cwd), -1. */
+static int
+open_tracee_dir(pid_t tid, int dirfd)
+{
+    char name[32];
     if (dirfd == AT_FDCWD)
-        snprintf(path, sizeof path, "/proc/%d/cwd", pid);
-    else
-        snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, dirfd);
-    return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        return in_task_dir(tid, "cwd", NULL);
+    snprintf(name, sizeof name, "fd/%d", dirfd);
+    return in_task_dir(tid, name, NULL);
 }
 
 /* openat2: there on every kernel with SECCOMP_ADDFD_FLAG_SEND (5.14). */
@@ -551,7 +623,8 @@ copy_bytes(int dst, int src)
     }
 }
 
-/* Our /proc/self/fd, O_PATH, opened at the first reopen and closed before
+/* Our /proc/self/fd, O_PATH, opened before the program starts (a low fd
+ * then, not one between a notification's: close_sources) and closed before
  * the last count of our fds: a reopen then walks one name, not /proc and
  * self (about 0.7 us of a reopen in client/c's loop). */
 static int self_fd_dir = -1;
@@ -744,11 +817,24 @@ has_dotdot(const char *path)
 
 /* Close the fds a notification opened on the program's file systems (the
  * directory it resolves from, the file's O_PATH and O_RDONLY fds); each
- * set to -1. */
+ * set to -1. They were opened one after the other, so their numbers are
+ * most often consecutive: then one close_range closes them all. */
 static void
 close_sources(int *dir, int *at, int *src)
 {
-    int *fds[] = {src, at, dir};
+    int *fds[] = {dir, at, src};
+    int lo = -1, hi = -1, n = 0;
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] < 0)
+            continue;
+        lo = lo < 0 || *fds[i] < lo ? *fds[i] : lo;
+        hi = *fds[i] > hi ? *fds[i] : hi;
+        n++;
+    }
+    if (n > 1 && hi - lo + 1 == n && close_range((unsigned)lo, (unsigned)hi, 0) == 0) {
+        *dir = *at = *src = -1;
+        return;
+    }
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
@@ -823,14 +909,12 @@ handle(const struct seccomp_notif *req)
      * a chroot and its mount namespace). Never through a magic link:
      * /proc/self/fd/N here would be the supervisor's fd N. */
     int scoped = (resolve & (RESOLVE_IN_ROOT | RESOLVE_BENEATH)) != 0;
-    char proc_path[64];
     if (path[0] == '/' && !scoped) {
-        snprintf(proc_path, sizeof proc_path, "/proc/%d/root", pid);
-        dir = open(proc_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        dir = in_task_dir(pid, "root", NULL);
         resolve |= RESOLVE_IN_ROOT;
     } else {
         dir = open_tracee_dir(pid, dirfd);
-        if (dir >= 0 && !scoped && has_dotdot(path) && !same_as_ours(pid, "root", &S.root)) {
+        if (dir >= 0 && !scoped && has_dotdot(path) && !same_root_as_ours(pid, &S.root)) {
             why = R_ROOT;
             goto cont;
         }
@@ -1035,8 +1119,19 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     fprintf(f, ", \"source_ns\": %llu, \"make_ns\": %llu, \"inject_ns\": %llu",
             (unsigned long long)S.source_ns, (unsigned long long)S.make_ns,
             (unsigned long long)S.inject_ns);
-    fprintf(f, ", \"statfs_calls\": %llu, \"sync_wakeup\": %s",
-            (unsigned long long)S.statfs_calls, S.synced ? "true" : "false");
+    fprintf(f, ", \"statfs_calls\": %llu, \"task_dirs_opened\": %llu, \"sync_wakeup\": %s",
+            (unsigned long long)S.statfs_calls, (unsigned long long)S.task_dirs_opened,
+            S.synced ? "true" : "false");
+    /* All the CPU time the supervisor used (user and system), the time
+     * outside the per-file window too (reading the path, the program's
+     * root, continues, start-up): what it costs, not only what a file
+     * waits for; and, unlike a wall time, not grown by other processes
+     * taking the CPU. */
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(f, ", \"cpu_ns\": %llu",
+                (unsigned long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000ULL +
+                    (unsigned long long)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000ULL);
     fprintf(f, ", \"fds_before\": %d, \"fds_after\": %d", fds_before, fds_after);
     fprintf(f, ", \"shadowd_connected\": %s, \"last_error\": ",
             S.connected ? "true" : "false");
@@ -1489,6 +1584,8 @@ main(int argc, char **argv)
     sigaction(SIGTERM, &fwd, NULL);
     sigaction(SIGHUP, &fwd, NULL);
 
+    if (self_fd_dir < 0)
+        self_fd_dir = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
     int failed = S.listener < 0 || serve(&status) < 0;
     if (S.listener >= 0)
         close(S.listener);
@@ -1505,6 +1602,7 @@ main(int argc, char **argv)
     if (self_fd_dir >= 0)
         close(self_fd_dir);
     self_fd_dir = -1;
+    close_task_dirs();
     int exit_status = WIFEXITED(status) ? WEXITSTATUS(status)
                       : WIFSIGNALED(status) ? 128 + WTERMSIG(status)
                                             : 125;
