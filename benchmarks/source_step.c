@@ -10,7 +10,8 @@
  *   before  the supervisor until 2026-11-28: open /proc/PID/root; openat2
  *           O_PATH; fstat; reopen through /proc/self/fd; close the O_PATH fd;
  *           fstatfs; close the source; close the directory
- *   after   statx (STATX_MNT_ID_UNIQUE) instead of fstat, fstatfs once per
+ *   after   the root looked up in an O_PATH fd of /proc/PID kept open;
+ *           statx (STATX_MNT_ID_UNIQUE) instead of fstat, fstatfs once per
  *           mount, before the reopen; the three fds closed by one close_range
  *   root    ways to reach the program's root, each on its own: open
  *           /proc/PID/root (and close it); openat "root" in an O_PATH fd of
@@ -163,13 +164,13 @@ static struct {
 static unsigned mounts_used;
 
 static void
-after(struct steps *s, const char *root, const char *path)
+after(struct steps *s, int piddir, const char *path)
 {
     struct statx sx;
     struct statfs sfs;
     mark = now_ns();
-    int dir = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    step(s, 0, "open /proc/PID/root");
+    int dir = openat(piddir, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    step(s, 0, "openat(/proc/PID fd, root)");
     int at = openat2_path(dir, path);
     step(s, 1, "openat2 O_PATH");
     if (at < 0 || statx(at, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE, &sx) < 0 ||
@@ -294,7 +295,7 @@ main(int argc, char **argv)
             if ((i + round) % 2)
                 before(&b, root, paths[i]);
             thrash();
-            after(&a, root, paths[i]);
+            after(&a, piddir, paths[i]);
             thrash();
             if ((i + round) % 2 == 0)
                 before(&b, root, paths[i]);
