@@ -870,6 +870,67 @@ def _benchmark() -> None:
     assert helped.returncode == 0 and "--cold" in helped.stdout
 
 
+@pytest.mark.slow
+async def test_the_benchmark_runs_a_baseline_supervisor_beside_its_own(supervisor: str) -> None:
+    await in_thread(150)(_baseline_benchmark)()
+
+
+def _baseline_benchmark() -> None:
+    """--baseline TREE builds a second supervisor from TREE (here the tree itself)
+    and runs every mode with it too, each against its own supervisor's copy."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "programs.py"),
+            *("--rounds", "1", "--quick", "--json", "--only", "git-log,perl-modules"),
+            *("--modes", "copy,shadowd-preload", "--baseline", str(REPO)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        env=repo_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["modes"] == ["copy", "shadowd-preload", "copy@base", "shadowd-preload@base"]
+    assert report["baseline"] == str(REPO)
+    for p in report["programs"]:
+        m, q = p["modes"], p["ratios"]
+        for suffix in ("", "@base"):
+            copy, pre = m["copy" + suffix], m["shadowd-preload" + suffix]
+            assert copy["shadowed"] > 0 and pre["held"] > 0 and pre["preload_files"] > 0, p
+            assert copy["cpu_us_per_file"] > 0, p  # the supervisor says its CPU time
+            ratio = q[f"shadowd-preload{suffix}/copy per file"]
+            assert ratio == pre["us_per_file"] / copy["us_per_file"], p
+
+
+@pytest.mark.slow
+async def test_the_source_step_benchmark_runs(supervisor: str) -> None:
+    await in_thread(120)(_source_step)()
+
+
+def _source_step() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "source_step.py"),
+            *("--rounds", "1", "--thrash", "64", "--", sys.executable, "-c", "import json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=repo_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("before (") == out.count("after (") == out.count("root (") == 2, out
+    assert "64 KiB written between files" in out and "close_range (3 fds)" in out
+    files = [int(line.split("(")[1].split()[0]) for line in out.splitlines() if "files)" in line]
+    assert files and min(files) > 0, out
+
+
 def _hows(run: Run, path: Path) -> list[str]:
     return [r["how"] for r in checked(run)["files"] if r["path"] == str(path)]
 
