@@ -379,8 +379,9 @@ read_bytes(pid_t pid, uint64_t addr, void *buf, size_t len)
 
 /* The /proc/TID directories of the threads that trapped last, O_PATH, kept
  * open: a thread's root, cwd and fds are then looked up in its directory
- * (one name) instead of through /proc and TID for every open (about 1 us of
- * 2 with a program's worth of caches evicted: benchmarks/source_step.c).
+ * (one name) instead of through /proc and TID for every open (0.1-0.3 us of
+ * 0.9-2.7 in benchmarks/source_step.c's loop, 1.0 us of 4.8 under pip:
+ * docs/performance.md, "The source step").
  * Such a directory stands for the thread itself (its struct pid), not for a
  * number: once the thread has ended, every lookup in it fails, even when
  * its number has been given to a new thread, and the entry is then made
