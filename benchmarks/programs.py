@@ -14,10 +14,14 @@ fd count is back to its start after each; then it reports per program and
 mode the wall time and the supervisor's time per shadowed file (medians over
 the rounds, and their quartiles), which tier served the files (the daemon's
 hits and misses, the supervisor's own tier, local copies), and the ratios
-against copy.
+against copy. With --baseline TREE (another source tree of the project,
+say `git archive main` unpacked), a second supervisor is built from TREE
+and every mode runs with it too, as MODE@base, in the same shuffled rounds:
+an old supervisor and the new one measured side by side.
 
     .venv/bin/python benchmarks/programs.py [--rounds N] [--cold] [--json | --markdown]
                                             [--modes M,...] [--only P,...] [--socket PATH]
+                                            [--baseline TREE]
 
 A plain timing benchmark, not a test. Must never: report figures from runs
 whose outputs differ (it fails instead); leave its daemon, files or
@@ -74,6 +78,8 @@ SHADOWD_VARIANTS = (
     "shadowd-noindex",
     "shadowd-keep",
 )
+#: The suffix of a mode run with the --baseline supervisor.
+BASELINE = "@base"
 #: How the supervisor made each shadow (its --stats "how").
 HOWS = ("copy", "hit", "index", "held", "miss", "raced", "cold", "local", "fallback")
 
@@ -319,6 +325,16 @@ def daemon_for(args: argparse.Namespace, workdir: str) -> Iterator[tuple[str, Ow
 # -- running and checking ----------------------------------------------------------
 
 
+def base_variant(variant: str) -> str:
+    """The mode of *variant* without the baseline's suffix ("copy@base": "copy")."""
+    return variant.split("@", 1)[0]
+
+
+def suffix(variant: str) -> str:
+    """The baseline's suffix of *variant*, or ""."""
+    return variant[len(base_variant(variant)) :]
+
+
 class Mismatch(Exception):
     """Runs of one program disagreed (output, exit status) or leaked an fd."""
 
@@ -374,20 +390,26 @@ def run_all(
     daemon: OwnDaemon | None,
     cold: bool,
     workdir: str,
+    baseline: str | None = None,
 ) -> list[Results]:
-    """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked."""
+    """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked.
+
+    A mode named with the BASELINE suffix runs the *baseline* binary."""
     results = [Results(p, {v: [] for v in variants}) for p in programs]
     reference: dict[str, Run] = {}
 
     def one(r: Results, variant: str) -> Run:
-        if cold and variant in SHADOWD_VARIANTS and daemon is not None:
+        name = base_variant(variant)
+        if cold and name in SHADOWD_VARIANTS and daemon is not None:
             daemon.restart()
-        mode, options = VARIANTS[variant]
-        if variant == "shadowd-preload":
+        mode, options = VARIANTS[name]
+        if name == "shadowd-preload":
             assert r.preload is not None
             options = ("--preload", r.preload)
+        chosen = binary if not suffix(variant) else baseline
+        assert chosen is not None, variant
         run = run_supervised(
-            binary,
+            chosen,
             mode,
             r.program.argv,
             socket=socket_path,
@@ -402,10 +424,11 @@ def run_all(
 
     # The warm-up: caches, page cache, pyc files; not counted. The preload
     # list is what the warm-up's run in shadowd mode (a previous run) opened.
+    # Both supervisors (with --baseline) preload the same list.
     for r in results:
         source = None
         for variant in variants:
-            if variant == "shadowd-preload":
+            if base_variant(variant) == "shadowd-preload" and r.preload is None:
                 first = source or one(r, "shadowd")
                 r.preload = os.path.join(workdir, f"preload-{r.program.name}.txt")
                 with open(r.preload, "w") as f:
@@ -486,6 +509,16 @@ def summarize(r: Results) -> dict[str, Any]:
             "us_per_file": _median(per_file),
             "us_per_file_quartiles": _quartiles(per_file),
             "us_per_file_wall": _median(per_file_wall),
+            # All the supervisor's CPU time (its getrusage at the end: the
+            # untimed work per open and its start-up too) per shadowed file;
+            # None for a supervisor that does not say it.
+            "cpu_us_per_file": _median(
+                [
+                    run.stats["cpu_ns"] / run.stats["shadowed"] / 1000
+                    for run in runs
+                    if run.stats.get("shadowed") and "cpu_ns" in run.stats
+                ]
+            ),
             "us_per_file_parts": parts,
             "us_median_file": _median(
                 [f["ns"] / 1000 for run in runs for f in run.stats.get("files", [])]
@@ -509,17 +542,22 @@ def summarize(r: Results) -> dict[str, Any]:
             "by_how": by_how,
         }
     m = out["modes"]
+    # Against copy and passthrough of the same supervisor (a baseline mode
+    # against the baseline's copy).
     ratios: dict[str, float | None] = {}
-    if "copy" in m:
-        for v in (v for v in m if v in SHADOWD_VARIANTS):
-            ratios[f"{v}/copy wall"] = _ratio(m[v]["wall_ms"], m["copy"]["wall_ms"])
-            ratios[f"{v}/copy per file"] = _ratio(m[v]["us_per_file"], m["copy"]["us_per_file"])
-            ratios[f"{v}/copy per file (wall)"] = _ratio(
-                m[v]["us_per_file_wall"], m["copy"]["us_per_file_wall"]
-            )
-    if "passthrough" in m:
-        for v in (v for v in m if v != "passthrough"):
-            ratios[f"{v}/passthrough wall"] = _ratio(m[v]["wall_ms"], m["passthrough"]["wall_ms"])
+    for v in (v for v in m if base_variant(v) in SHADOWD_VARIANTS):
+        copy = m.get("copy" + suffix(v))
+        if copy is None:
+            continue
+        ratios[f"{v}/copy wall"] = _ratio(m[v]["wall_ms"], copy["wall_ms"])
+        ratios[f"{v}/copy per file"] = _ratio(m[v]["us_per_file"], copy["us_per_file"])
+        ratios[f"{v}/copy per file (wall)"] = _ratio(
+            m[v]["us_per_file_wall"], copy["us_per_file_wall"]
+        )
+    for v in (v for v in m if base_variant(v) != "passthrough"):
+        plain = m.get("passthrough" + suffix(v))
+        if plain is not None:
+            ratios[f"{v}/passthrough wall"] = _ratio(m[v]["wall_ms"], plain["wall_ms"])
     out["ratios"] = ratios
     return out
 
@@ -566,7 +604,7 @@ def _section(
 def table(report: dict[str, Any]) -> str:
     """The report as Markdown tables (readable as text too)."""
     variants = report["modes"]
-    shadowd = [v for v in variants if v in SHADOWD_VARIANTS]
+    shadowd = [v for v in variants if base_variant(v) in SHADOWD_VARIANTS]
     m0 = report["machine"]
     cache = "cold: a fresh daemon before every shadowd-mode run" if report["cold"] else "warm cache"
     if report["cold"] and report.get("prime"):
@@ -581,7 +619,7 @@ def table(report: dict[str, Any]) -> str:
 
     def wall(p: dict[str, Any]) -> list[str]:
         m = p["modes"]
-        files = m.get("copy", m[variants[-1]])["shadowed"]
+        files = m.get("copy", m.get("copy" + BASELINE, m[variants[-1]]))["shadowed"]
         return [_fmt(files, ".0f")] + [
             f"{_fmt(m[v]['wall_ms'], '.1f')} ({_spread(m[v]['wall_ms_quartiles'], '.1f')})"
             for v in variants
@@ -590,7 +628,7 @@ def table(report: dict[str, Any]) -> str:
     lines += _section(
         ["Wall time, ms (median; quartiles in brackets):"], ["files", *variants], programs, wall
     )
-    filed = [v for v in variants if v != "passthrough"]
+    filed = [v for v in variants if base_variant(v) != "passthrough"]
 
     def per_file(p: dict[str, Any]) -> list[str]:
         m = p["modes"]
@@ -624,19 +662,36 @@ def table(report: dict[str, Any]) -> str:
         programs,
         parts,
     )
-    if "copy" in variants and shadowd:
+
+    def cpu(p: dict[str, Any]) -> list[str]:
+        return [_fmt(p["modes"][v].get("cpu_us_per_file"), ".1f") for v in filed]
+
+    lines += _section(
+        [
+            "The supervisor's CPU time per shadowed file, us (all of its run's, start-up",
+            "and the work outside the per-file window included; median):",
+        ],
+        filed,
+        programs,
+        cpu,
+    )
+    against = [v for v in shadowd if "copy" + suffix(v) in variants]
+    if against:
 
         def ratios(p: dict[str, Any]) -> list[str]:
             q = p["ratios"]
             return [
                 f"{_fmt(q[f'{v}/copy wall'], '.2f')}; {_fmt(q[f'{v}/copy per file'], '.2f')};"
                 f" {_fmt(q[f'{v}/copy per file (wall)'], '.2f')}"
-                for v in shadowd
+                for v in against
             ]
 
         lines += _section(
-            ["Against copy (wall; per file; per file with the wall-clock measure):"],
-            shadowd,
+            [
+                "Against copy (wall; per file; per file with the wall-clock measure);"
+                f" a {BASELINE} mode against copy{BASELINE}:"
+            ],
+            against,
             programs,
             ratios,
         )
@@ -667,6 +722,8 @@ def table(report: dict[str, Any]) -> str:
                     else "-"
                 )
                 lines.append(f"| {p['name']} | {v} | " + " | ".join(cells) + f" | {pre} |")
+    if report.get("baseline"):
+        lines += ["", f"{BASELINE}: the supervisor built from {report['baseline']}"]
     for s in report["skipped"]:
         lines.append(f"skipped {s['name']}: {s['why']}")
     lines += [
@@ -725,6 +782,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="shorter loops (3 ls, 5 commits): for a test"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="another source tree of the project (say `git archive main` unpacked): its"
+        f" supervisor runs every mode too, as MODE{BASELINE}, in the same rounds",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -737,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown_modes or not wanted_modes:
             parser.error(f"--modes: not a mode: {', '.join(unknown_modes) or '(none)'}")
         variants = [v for v in VARIANTS if v in wanted_modes]
+    if args.baseline:
+        variants += [v + BASELINE for v in variants]
 
     def say(msg: str) -> None:
         print(f"programs: {msg}", file=sys.stderr, flush=True)
@@ -747,6 +812,14 @@ def main(argv: list[str] | None = None) -> int:
         if binary is None:
             say(f"cannot build the supervisor: {why}")
             return 1
+        baseline = None
+        if args.baseline:
+            baseline, why = build_supervisor(
+                workdir, tree=args.baseline, name="shadowd-supervise-baseline"
+            )
+            if baseline is None:
+                say(f"cannot build the baseline's supervisor: {why}")
+                return 1
         programs, skipped = find_programs(workdir, quick=args.quick)
         if args.only:
             wanted = {n.strip() for n in args.only.split(",") if n.strip()}
@@ -772,12 +845,14 @@ def main(argv: list[str] | None = None) -> int:
                     daemon=daemon,
                     cold=args.cold,
                     workdir=workdir,
+                    baseline=baseline,
                 )
         except Mismatch as exc:
             say(f"FAILED: {exc}")
             return 1
     report = {
         "prime": args.prime,
+        "baseline": args.baseline,
         "machine": machine(),
         "load_before": load_before,
         "rounds": args.rounds,

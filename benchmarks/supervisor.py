@@ -32,22 +32,31 @@ C_CLIENT = REPO / "client" / "c"
 MODES = ("passthrough", "copy", "shadowd")
 
 
-def build_supervisor(workdir: str | os.PathLike[str], *flags: str) -> tuple[str | None, str]:
+def build_supervisor(
+    workdir: str | os.PathLike[str],
+    *flags: str,
+    tree: str | os.PathLike[str] | None = None,
+    name: str = "shadowd-supervise",
+) -> tuple[str | None, str]:
     """Compile shadowd-supervise into *workdir*: (its path, warnings) or (None, why not).
 
     The second element is the compiler's output on success: empty when the
-    build was clean. *flags* go to the compiler.
+    build was clean. *flags* go to the compiler. *tree*: another source tree
+    of the project to build it from (say an export of an older commit), the
+    binary then called *name*.
     """
-    sources = [SOURCE, C_CLIENT / "shadowd.c"]
+    root = Path(tree) if tree is not None else REPO
+    c_client = root / C_CLIENT.relative_to(REPO)
+    sources = [root / SOURCE.relative_to(REPO), c_client / "shadowd.c"]
     missing = [str(s) for s in sources if not s.exists()]
     if missing:
         return None, f"no supervisor sources ({', '.join(missing)}): not a source checkout"
     cc = c_compiler()
     if cc is None:
         return None, "no C compiler (cc, gcc or $CC)"
-    binary = os.path.join(workdir, "shadowd-supervise")
+    binary = os.path.join(workdir, name)
     done = subprocess.run(
-        [cc, "-O2", "-Wall", "-Wextra", f"-I{C_CLIENT}", *flags, "-o", binary]
+        [cc, "-O2", "-Wall", "-Wextra", f"-I{c_client}", *flags, "-o", binary]
         + [str(s) for s in sources],
         capture_output=True,
         text=True,

@@ -447,6 +447,223 @@ def test_a_chrooted_tracee_gets_its_own_files(supervisor: str, tmp_path: Path) -
     checked(run)
 
 
+# One path, a different file in the host's root and in a jail's: read by a
+# process before and after it chroots into the jail, by its parent meanwhile,
+# and by a new process given the chrooted one's pid after it ended (set with
+# ns_last_pid, tried until it comes). Each read: the bytes, and whether the fd
+# was a shadow (sealed: a memfd; the jail has no /proc to look at the fd in).
+ROOTS_PROBE = r"""
+import fcntl, json, os, sys
+path, jail = sys.argv[1], sys.argv[2]
+
+def read():
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return [str(e), False]
+    try:
+        try:
+            sealed = fcntl.fcntl(fd, 1034) & 15 == 15  # F_GET_SEALS: a memfd's
+        except OSError:
+            sealed = False
+        return [os.read(fd, 100).decode(), sealed]
+    finally:
+        os.close(fd)
+
+out = {"parent": [read()]}
+to_parent, from_child = os.pipe()
+from_parent, to_child = os.pipe()
+child = os.fork()
+if child == 0:
+    first = read()
+    os.chroot(jail)
+    reads = [first, read()]
+    os.write(from_child, json.dumps(reads).encode())
+    os.read(from_parent, 1)  # the parent has read meanwhile
+    os.write(from_child, json.dumps(read()).encode())
+    os._exit(0)
+out["child"] = json.loads(os.read(to_parent, 4096))
+out["parent"].append(read())
+os.write(to_child, b".")
+out["child"].append(json.loads(os.read(to_parent, 4096)))
+os.waitpid(child, 0)
+out["same_pid"] = None
+for _ in range(500):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(child - 1))
+    again = os.fork()
+    if again == 0:
+        if os.getpid() != child:
+            os._exit(3)
+        os.write(from_child, json.dumps(read()).encode())
+        os._exit(0)
+    if os.waitstatus_to_exitcode(os.waitpid(again, 0)[1]) == 0:
+        out["same_pid"] = json.loads(os.read(to_parent, 4096))
+        break
+out["parent"].append(read())
+print(json.dumps(out))
+"""
+
+
+@requires_root
+@in_thread(60)
+def test_each_open_is_resolved_in_the_callers_root_of_that_moment(
+    supervisor: str, tmp_path: Path
+) -> None:
+    """The supervisor keeps each thread's /proc directory, never its root: a
+    process's open after its chroot is resolved in the jail, its parent's at the
+    same time in the host's root, and a new process given the chrooted one's pid
+    after it ended in its own (the host's) root. A root kept per thread would give
+    the chrooted child the host's file after its chroot; one kept per pid and
+    followed through chroot, the new process the jail's."""
+    host = make_file(tmp_path / "same.txt", b"the host's file")
+    jail = tmp_path / "jail"
+    (jail / str(tmp_path).lstrip("/")).mkdir(parents=True)
+    make_file(jail / str(host).lstrip("/"), b"the jail's file")
+    argv = [sys.executable, "-c", ROOTS_PROBE, str(host), str(jail)]
+    run = run_supervised(supervisor, "copy", argv)
+    assert run.returncode == 0, run.stderr.decode()
+    s = checked(run)
+    out = json.loads(run.stdout)
+    hosts, jails = ["the host's file", True], ["the jail's file", True]
+    assert out["parent"] == [hosts] * 3
+    assert out["child"] == [hosts, jails, jails]
+    assert out["same_pid"] == hosts, "no process got the ended one's pid: nothing tested"
+    # The directories were kept: one per process (and python's own start),
+    # not one per open.
+    assert s["task_dirs_opened"] < s["notifications"] / 4, s
+
+
+# Mounts a tmpfs on a directory, opens a file there, unmounts it, mounts a procfs
+# there (whose anonymous st_dev is then most often the tmpfs's, freed just before)
+# and opens its "version"; until the st_dev was the same. Run in a mount namespace
+# of its own (unshare -m), so nothing is left mounted on the host.
+REMOUNT_PROBE = r"""
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+
+def mount(source, fstype):
+    if libc.mount(source.encode(), d.encode(), fstype.encode(), 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {fstype}")
+
+def umount():
+    if libc.umount2(d.encode(), 0) != 0:
+        raise OSError(ctypes.get_errno(), "umount")
+
+def opened(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"), os.read(fd, 64).decode()
+    finally:
+        os.close(fd)
+
+tries = []
+for _ in range(8):
+    mount("none", "tmpfs")
+    with open(os.path.join(d, "f"), "w") as f:
+        f.write("on the tmpfs")
+    tmpfs_dev = os.stat(d).st_dev
+    tmpfs = [opened(os.path.join(d, "f")) for _ in range(20)]
+    umount()
+    mount("proc", "proc")
+    proc_dev = os.stat(d).st_dev
+    proc = opened(os.path.join(d, "version"))
+    umount()
+    tries.append({"same_dev": tmpfs_dev == proc_dev, "tmpfs": tmpfs, "proc": proc})
+    if tmpfs_dev == proc_dev:
+        break
+print(json.dumps(tries))
+"""
+
+
+@requires_root
+@in_thread(60)
+def test_pseudo_file_systems_are_judged_per_mount_never_by_st_dev(
+    supervisor: str, tmp_path: Path
+) -> None:
+    """The supervisor judges a file system once per mount (by its unique mount id),
+    not by st_dev: a procfs mounted where a tmpfs was, with the tmpfs's st_dev used
+    again, still passes through. A judgement kept by st_dev would shadow /proc's
+    "version" as a tmpfs file here."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1)")
+    point = tmp_path / "point"
+    point.mkdir()
+    argv = [unshare, "-m", "--propagation", "private", "--"]
+    argv += [sys.executable, "-c", REMOUNT_PROBE, str(point)]
+    run = run_supervised(supervisor, "copy", argv)
+    assert run.returncode == 0, run.stderr.decode()
+    s = checked(run)
+    tries = json.loads(run.stdout)
+    assert tries[-1]["same_dev"], "the procfs never got the tmpfs's st_dev: nothing tested"
+    for t in tries:
+        assert t["tmpfs"] == [[True, "on the tmpfs"]] * 20  # shadowed
+        assert t["proc"][0] is False and t["proc"][1].startswith("Linux version")
+    assert s["continued_by_reason"]["pseudo_fs"] >= len(tries)
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8):
+        # Unique mount ids: the tmpfs judged once per mount, not once per file
+        # (each procfs, the program's own files' mounts, once each too).
+        assert s["statfs_calls"] < s["shadowed"] / 4, s
+
+
+# 100 times: mount a tmpfs, write a file there, open it read-only (shadowed),
+# read and close it, and unmount the tmpfs at once. Prints the failures.
+UNMOUNT_PROBE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+failed = []
+for i in range(100):
+    if libc.mount(b"none", d.encode(), b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+    with open(os.path.join(d, "f"), "w") as f:
+        f.write(str(i))
+    fd = os.open(os.path.join(d, "f"), os.O_RDONLY)
+    assert os.read(fd, 10) == str(i).encode()
+    os.close(fd)
+    while libc.umount2(d.encode(), 0) != 0:
+        failed.append(os.strerror(ctypes.get_errno()))
+print(len(failed), sorted(set(failed)))
+"""
+
+
+@requires_root
+@pytest.mark.parametrize("mode", ["copy", "shadowd"])
+@in_thread(60)
+def test_a_program_unmounts_a_file_system_right_after_closing_a_file_there(
+    supervisor: str, tmp_path: Path, mode: str
+) -> None:
+    """Every fd the supervisor opened on the program's file systems is closed
+    before the program has its answer, so the program's own unmount right after
+    its close never finds the file system busy. Before, the source's fd was
+    closed after the injection: with the supervisor and the program on one CPU
+    and the program of higher priority (so that the answer's wake-up runs the
+    program first), its umount failed with EBUSY thousands of times in 100
+    rounds. (Shadowd mode without a daemon: its local copies; a daemon that
+    fills its cache from the file holds its own fd of it while it copies.)"""
+    unshare, nice = shutil.which("unshare"), shutil.which("nice")
+    if unshare is None or nice is None:
+        pytest.skip("no unshare(1) or nice(1)")
+    point = tmp_path / "point"
+    point.mkdir()
+    argv = [nice, "-n", "-10", unshare, "-m", "--propagation", "private", "--"]
+    argv += [sys.executable, "-c", UNMOUNT_PROBE, str(point)]
+    # This thread's CPU and priority are what the supervisor starts with.
+    cpus, priority = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
+    os.sched_setaffinity(0, {min(cpus)})
+    os.setpriority(os.PRIO_PROCESS, 0, priority + 5)
+    try:
+        run = run_supervised(supervisor, mode, argv, socket=str(tmp_path / "no.sock"))
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, priority)
+        os.sched_setaffinity(0, cpus)
+    assert (run.returncode, run.stdout) == (0, b"0 []\n"), run.stderr.decode()
+    s = checked(run)
+    assert len([f for f in s["files"] if f["path"] == str(point / "f")]) == 100
+
+
 @requires_root
 def test_the_supervisor_never_opens_a_fifo_the_program_names(
     supervisor: str, tmp_path: Path
@@ -651,6 +868,67 @@ def _benchmark() -> None:
         check=False,
     )
     assert helped.returncode == 0 and "--cold" in helped.stdout
+
+
+@pytest.mark.slow
+async def test_the_benchmark_runs_a_baseline_supervisor_beside_its_own(supervisor: str) -> None:
+    await in_thread(150)(_baseline_benchmark)()
+
+
+def _baseline_benchmark() -> None:
+    """--baseline TREE builds a second supervisor from TREE (here the tree itself)
+    and runs every mode with it too, each against its own supervisor's copy."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "programs.py"),
+            *("--rounds", "1", "--quick", "--json", "--only", "git-log,perl-modules"),
+            *("--modes", "copy,shadowd-preload", "--baseline", str(REPO)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        env=repo_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["modes"] == ["copy", "shadowd-preload", "copy@base", "shadowd-preload@base"]
+    assert report["baseline"] == str(REPO)
+    for p in report["programs"]:
+        m, q = p["modes"], p["ratios"]
+        for suffix in ("", "@base"):
+            copy, pre = m["copy" + suffix], m["shadowd-preload" + suffix]
+            assert copy["shadowed"] > 0 and pre["held"] > 0 and pre["preload_files"] > 0, p
+            assert copy["cpu_us_per_file"] > 0, p  # the supervisor says its CPU time
+            ratio = q[f"shadowd-preload{suffix}/copy per file"]
+            assert ratio == pre["us_per_file"] / copy["us_per_file"], p
+
+
+@pytest.mark.slow
+async def test_the_source_step_benchmark_runs(supervisor: str) -> None:
+    await in_thread(120)(_source_step)()
+
+
+def _source_step() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "source_step.py"),
+            *("--rounds", "1", "--thrash", "64", "--", sys.executable, "-c", "import json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=repo_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("before (") == out.count("after (") == out.count("root (") == 2, out
+    assert "64 KiB written between files" in out and "close_range (3 fds)" in out
+    files = [int(line.split("(")[1].split()[0]) for line in out.splitlines() if "files)" in line]
+    assert files and min(files) > 0, out
 
 
 def _hows(run: Run, path: Path) -> list[str]:
