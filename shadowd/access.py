@@ -150,9 +150,9 @@ class UidShare:
     #: When its connections were last asked (monotonic seconds).
     refreshed_at: float = -1e9
     #: Misses that did not wait, queued for a copy slot (filling.Filler), one
-    #: per file version: those of lone opens (``asked``, a program waits on
-    #: the file) are started before the items of batches (``told``: files a
-    #: client copied itself, or a preload's), each lane first in, first out.
+    #: per file version: those of lone opens (``asked``: a program is opening
+    #: the file now) are started before the items of batches (``told``: files
+    #: a client copied itself, or a preload's), each lane first in, first out.
     fills: dict[Any, Any] = attrs.field(factory=dict)
     asked: collections.deque[Any] = attrs.field(factory=collections.deque)
     told: collections.deque[Any] = attrs.field(factory=collections.deque)
