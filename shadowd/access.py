@@ -149,8 +149,14 @@ class UidShare:
     members: set[Any] = attrs.field(factory=set)
     #: When its connections were last asked (monotonic seconds).
     refreshed_at: float = -1e9
-    #: Misses that did not wait, queued for a copy slot (filling.Filler).
-    fills: collections.deque[Any] = attrs.field(factory=collections.deque)
+    #: Misses that did not wait, queued for a copy slot (filling.Filler), one
+    #: per file version: those of lone opens (``asked``: a program is opening
+    #: the file now) are started before the items of batches (``told``: files
+    #: a client copied itself, or a preload's), each lane first in, first out.
+    fills: dict[Any, Any] = attrs.field(factory=dict)
+    asked: collections.deque[Any] = attrs.field(factory=collections.deque)
+    told: collections.deque[Any] = attrs.field(factory=collections.deque)
+    #: Whether a task starts its queued fills (filling.Filler._pump).
     filling: bool = False
     #: Its connections' seats, counted or not, until each leaves.
     seats: set[Seat] = attrs.field(factory=set)

@@ -79,7 +79,9 @@ class Batches:
         try:
             for i, src in enumerate(holders):
                 try:
-                    outcome = opens.serve_now(src.fd, labels[i], share, wait=wait)
+                    # A batch that does not wait tells of files its client has (or
+                    # copies) already: their fills go after the uid's lone misses.
+                    outcome = opens.serve_now(src.fd, labels[i], share, wait=wait, told=not wait)
                 except RequestError as exc:
                     opens.refusals.count(peer, exc.code, exc.message)
                     results[i] = Refusal(code=exc.code, message=exc.message)

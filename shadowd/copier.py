@@ -115,7 +115,9 @@ class Quota:
 
     A plain counter, used only on the event loop. A job that would exceed it
     waits for one of the same peer's jobs to end, so a peer whose files hang
-    ties up at most ``limit`` workers, never anyone else's.
+    ties up at most ``limit`` workers, never anyone else's. A freed slot goes
+    to the first task waiting in :meth:`acquire`, else to a turn of those
+    waiting in :meth:`wait_freed`, else to the first in :meth:`acquire_last`.
     """
 
     limit: int
@@ -135,6 +137,11 @@ class Quota:
     #: requests waiting made every one of its copies' ends cost the whole
     #: daemon tens of milliseconds and more.
     _retries: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    #: Tasks waiting in :meth:`acquire_last` (the uid's fills of files it only
+    #: told of, filling.py): a freed slot goes to them only when nobody in
+    #: the two lots above wants it, so a request someone waits for, or the
+    #: miss a lone open asked for, never queues behind a batch of such fills.
+    _last: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free, without waiting."""
@@ -143,6 +150,12 @@ class Quota:
             return True
         return False
 
+    def try_acquire_last(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (see :meth:`acquire_last`)."""
+        if self._queue or self._retries or self._last:
+            return False
+        return self.try_acquire()
+
     async def acquire(self) -> None:
         """Take a slot, waiting for one of this peer's jobs to end if needed."""
         if not self._queue and self.try_acquire():
@@ -150,6 +163,24 @@ class Quota:
             return
         self.count_wait()
         await self._queue.park()  # woken by release() with its slot ours
+
+    async def acquire_last(self) -> None:
+        """Take a slot once none of this peer's other jobs and waiting requests
+        wants one, first come first served among those that wait here."""
+        if self.try_acquire_last():
+            await trio.lowlevel.checkpoint()
+            return
+        self.count_wait()
+        await self._last.park()  # woken by release() or pass_on() with its slot ours
+
+    def hurry(self) -> None:
+        """Those waiting in :meth:`acquire_last` wait in :meth:`acquire`'s turn from
+        now on (a fill someone asked for joined them)."""
+        # A slot is free while they wait only when release() woke a retry that
+        # has not tried yet: its pass_on() hands the slot to them if it does
+        # not take it.
+        if self._last:
+            self._last.repark_all(self._queue)
 
     def count_wait(self) -> None:
         self.hits[self.key] = self.hits.get(self.key, 0) + 1
@@ -162,20 +193,31 @@ class Quota:
     def pass_on(self) -> None:
         """After the try of a task woken by :meth:`wait_freed`: the next waiter's turn,
         if a slot is still free (the try did not need it, or failed)."""
-        if self._retries and not self._queue and self.used < self.limit:
+        if self.used >= self.limit:
+            return
+        if self._queue:
+            self.used += 1
+            self._queue.unpark()
+        elif self._retries:
             self._retries.unpark()
+        elif self._last:
+            self.used += 1
+            self._last.unpark()  # the slot passes to it, used
 
     def release(self) -> None:
         if self._queue:
             self._queue.unpark()  # the slot passes to the first waiter, still used
+        elif self._retries:
+            self.used -= 1
+            self._retries.unpark()  # it tries, then passes the turn on (pass_on)
+        elif self._last:
+            self._last.unpark()  # no one else wants it: the slot passes on, still used
         else:
             self.used -= 1
-            if self._retries:
-                self._retries.unpark()
 
     @property
     def idle(self) -> bool:
-        return self.used == 0 and not self._queue and not self._retries
+        return self.used == 0 and not self._queue and not self._retries and not self._last
 
 
 async def run_job(

@@ -5,11 +5,19 @@
 # cached, or served uncached when it cannot be trusted to stay true (its
 # inode changed during the copy, a writer had it open, no watch on it).
 #
+# The queue has two lanes. A lone open's miss is a file a program is opening
+# now (its client copies it meanwhile, and the program's next process will
+# look for it in the index); a batch's are files a client copied itself and
+# only tells of (a cold supervisor's, at the end of a run), or a preload's.
+# A freed slot goes to the first lane, then to opens that wait for a slot,
+# and only then to the second (copier.Quota.acquire_last).
+#
 # Must never: start a copy without a slot of its uid's quota (the slot comes
 # first, so a flight that exists is always copying and no uid waits behind
-# another's quota); queue more than FILL_QUEUE fills per uid, or hold their
-# fds uncounted in the uid's fd budget; cache a copy of an inode that had an
-# event since its flight began.
+# another's quota); queue more than FILL_QUEUE fills per uid, or one version
+# twice, or hold their fds uncounted in the uid's fd budget; let a told file
+# take a slot that an asked one or a waiting open wants; cache a copy of an
+# inode that had an event since its flight began.
 from __future__ import annotations
 
 import logging
@@ -38,6 +46,18 @@ logger = logging.getLogger("shadowd.opens")
 
 #: Misses that did not wait, per uid, queued for a copy slot of its quota.
 FILL_QUEUE = 64
+
+
+@attrs.define(eq=False)
+class Fill:
+    """A queued fill: a dup of the fd a client sent, and what its request said."""
+
+    source: FdHolder
+    st: SourceStat
+    label: str | None
+    remote: bool
+    #: An item of a batch (a file told of), not a lone open's miss.
+    told: bool
 
 
 @attrs.define(eq=False)
@@ -91,30 +111,74 @@ class Filler:
         )
 
     def queue(
-        self, fd: int, st: SourceStat, label: str | None, share: UidShare, *, remote: bool
+        self,
+        fd: int,
+        st: SourceStat,
+        label: str | None,
+        share: UidShare,
+        *,
+        remote: bool,
+        told: bool = False,
     ) -> bool:
-        """Copy this version once a copy of its uid ends (a miss that did not wait,
-        when the uid's copies are all under way). False when the queue is full."""
-        if len(share.fills) >= FILL_QUEUE or self.nursery is None:
+        """Copy this version once a slot of its uid's quota is free (a miss that did
+        not wait, when the uid's copies are all under way). *told*: an item of a batch,
+        started after every miss of a lone open (and after the opens that wait for a
+        slot). False when the queue is full; a lone open's miss then takes the place
+        of the last told file queued, if any."""
+        if self.nursery is None:
             return False
+        key = (HostKey(st.dev, st.ino), st.version)
+        fills: dict[tuple[HostKey, Version], Fill] = share.fills
+        queued = fills.get(key)
+        if queued is not None:  # one fill per version, from the first fd sent for it
+            if queued.told and not told:
+                share.told.remove(key)  # at most FILL_QUEUE long
+                queued.told = False
+                share.asked.append(key)
+                share.quota.hurry()
+            return True
+        if len(fills) >= FILL_QUEUE:
+            if told or not share.told:
+                return False
+            self._drop(share, fills.pop(share.told.pop()))  # the newest told file
         try:
             source = FdHolder(os.dup(fd))
         except OSError:
             return False
         if self.budget is not None:
             self.budget.use(share, 1)  # held until its copy takes it
-        share.fills.append((source, st, label, remote))
+        fills[key] = Fill(source, st, label, remote, told)
+        (share.told if told else share.asked).append(key)
         if not share.filling:
             share.filling = True
             self.nursery.start_soon(self._pump, share)
+        elif not told:
+            share.quota.hurry()  # the pump may wait in the told files' turn
         return True
+
+    def _drop(self, share: UidShare, fill: Fill) -> None:
+        """Let go of a queued fill that will not be copied: its fd, and its count."""
+        if self.budget is not None:
+            self.budget.use(share, -1)
+        self.closer.discard([fill.source.detach()], share)
 
     async def _pump(self, share: UidShare) -> None:
         """Start the queued copies of *share*'s uid one by one, as its quota allows."""
+        fills: dict[tuple[HostKey, Version], Fill] = share.fills
+        quota = share.quota
         try:
-            while share.fills:
-                await share.quota.acquire()
-                source, st, label, remote = share.fills.popleft()
+            while fills:
+                if share.asked:
+                    await quota.acquire()
+                else:
+                    await quota.acquire_last()  # moved up by quota.hurry() for an asked one
+                # Chosen once the slot is ours: a miss asked for meanwhile goes first.
+                lane = share.asked or share.told
+                if not lane:  # pragma: no cover - only this task takes fills out
+                    quota.release()
+                    continue
+                fill = fills.pop(lane.popleft())
+                st = fill.st
                 if self.budget is not None:
                     self.budget.use(share, -1)
                 key = HostKey(st.dev, st.ino)
@@ -125,20 +189,20 @@ class Filler:
                     or self.copier.flight(flight_key) is not None
                     or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
                 ):
-                    share.quota.release()  # filled meanwhile, or no longer worth it
-                    self.closer.discard([source.detach()], share)
+                    quota.release()  # filled meanwhile, or no longer worth it
+                    self.closer.discard([fill.source.detach()], share)
                     continue
                 try:
-                    self.fly(flight_key, source, st, label, share, remote=remote)
+                    self.fly(flight_key, fill.source, st, fill.label, share, remote=fill.remote)
                 except RequestError:
                     pass  # over its copy budget: dropped (it was only a fill)
         finally:
             share.filling = False
-            while share.fills:  # cancelled (shutdown): let go of what is left
-                source, *_ = share.fills.popleft()
-                if self.budget is not None:
-                    self.budget.use(share, -1)
-                self.closer.discard([source.detach()], share)
+            while fills:  # cancelled (shutdown): let go of what is left
+                _, fill = fills.popitem()
+                self._drop(share, fill)
+            share.asked.clear()
+            share.told.clear()
 
     def _on_copied(
         self, label: str | None, uid: int, reserved: int

@@ -171,7 +171,13 @@ class HostOpens:
     # -- at once, on the loop -------------------------------------------
 
     def serve_now(
-        self, fd: int, label: str | None, share: UidShare, *, wait: bool = True
+        self,
+        fd: int,
+        label: str | None,
+        share: UidShare,
+        *,
+        wait: bool = True,
+        told: bool = False,
     ) -> Hit | Flight | Miss | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
@@ -180,8 +186,10 @@ class HostOpens:
         new copy must wait for the uid's quota, or None for an fd of an
         untrusted filesystem, which a worker must inspect. With *wait* False
         a miss is a Miss instead: a copy is started in the background when
-        it would be cached, and nothing waits. Raises RequestError for an fd
-        that is refused. *fd* stays the caller's in every case.
+        it would be cached, and nothing waits; *told* (an item of a batch)
+        makes that copy wait for every other job of the uid (filling.py).
+        Raises RequestError for an fd that is refused. *fd* stays the
+        caller's in every case.
         """
         st = stat_nosync(fd)
         if st is None or not self.mounts.is_local(st.dev, st.mnt):
@@ -191,7 +199,7 @@ class HostOpens:
             check_regular(st)  # raises, naming what it is
         if st.size > self.limits.max_file_size:
             self.check_size(st.size)  # raises
-        return self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait)
+        return self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait, told=told)
 
     def lookup_or_fly(
         self,
@@ -202,6 +210,7 @@ class HostOpens:
         *,
         remote: bool,
         wait: bool = True,
+        told: bool = False,
     ) -> Hit | Flight | Miss | _Throttled:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
@@ -212,7 +221,9 @@ class HostOpens:
         a flight that exists is always copying, never queued behind a quota,
         so no other uid can be made to wait on a hostile uid's share. With
         *wait* False nothing is joined and nothing waits: a Miss says whether
-        a copy into the cache is under way.
+        a copy into the cache is under way; with *told* too, that copy takes
+        a slot only when none of the uid's other jobs and waiting opens wants
+        one (the files a client only tells of go last).
         """
         key = HostKey(st.dev, st.ino)
         version = st.version
@@ -230,12 +241,12 @@ class HostOpens:
             if not wait and self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED:
                 return NOT_FILLING  # it would not be cached: copying it helps nobody
             quota = share.quota
-            if not quota.try_acquire():
+            if not (quota.try_acquire_last() if told else quota.try_acquire()):
                 if not wait:
                     # Copied when one of the uid's copies ends (bounded).
                     return (
                         FILLING
-                        if self.filler.queue(fd, st, label, share, remote=remote)
+                        if self.filler.queue(fd, st, label, share, remote=remote, told=told)
                         else NOT_FILLING
                     )
                 self.cache.uncount_miss()  # the retry counts it

@@ -130,3 +130,68 @@ async def test_requests_waiting_to_retry_are_woken_one_at_a_time_not_all_at_each
                 await trio.testing.wait_all_tasks_blocked()
         assert len(served) == waiters and tries == 2 * waiters
         assert quota.used == 0 and quota.idle
+
+
+async def test_a_freed_slot_goes_to_told_fills_only_when_nobody_else_of_the_uid_wants_it() -> None:
+    """The fills of files a client only told of (filling.py) wait in acquire_last: a
+    freed slot goes first to a job waiting in acquire, then to a turn of the opens
+    waiting to retry (one woken at a time, attack 16), and only then to them, in the
+    order they came; hurry() moves them up to acquire's turn (an asked fill joined)."""
+    quota = Quota(limit=1)
+    order: list[str] = []
+    woken = 0
+
+    async def last(name: str) -> None:
+        await quota.acquire_last()
+        order.append(name)
+
+    async def first(name: str) -> None:
+        await quota.acquire()
+        order.append(name)
+
+    async def retry(name: str, takes: bool) -> None:
+        nonlocal woken
+        await quota.wait_freed()
+        woken += 1
+        try:
+            order.append(name if takes and quota.try_acquire() else f"{name} passed")
+        finally:
+            quota.pass_on()
+
+    async def settled() -> list[str]:
+        await trio.testing.wait_all_tasks_blocked()
+        return order
+
+    with trio.fail_after(10):
+        assert quota.try_acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(last, "told 1")
+            await settled()
+            nursery.start_soon(last, "told 2")
+            await settled()
+            for name, takes in (("hit 1", False), ("hit 2", False), ("open", True)):
+                nursery.start_soon(retry, name, takes)
+                await settled()
+            nursery.start_soon(first, "job")
+            await settled()
+            assert not quota.try_acquire_last() and quota.hits["max_copies_per_uid"] == 3
+            quota.release()
+            assert await settled() == ["job"] and woken == 0
+            quota.release()  # the retries' turn, one by one, until one takes it
+            assert await settled() == ["job", "hit 1 passed", "hit 2 passed", "open"]
+            quota.release()
+            assert (await settled())[4:] == ["told 1"] and quota.used == 1
+            nursery.start_soon(last, "told 3")
+            await settled()
+            nursery.start_soon(retry, "hit 3", False)
+            await settled()
+            quota.hurry()  # told 2 and 3 now wait in acquire's turn, in their order
+            nursery.start_soon(first, "job 2")
+            await settled()
+            for _ in range(3):
+                quota.release()
+                await settled()
+            assert order[5:] == ["told 2", "told 3", "job 2"] and woken == 3
+            quota.release()  # the retry's turn; it passes, and nobody is left
+            assert (await settled())[8:] == ["hit 3 passed"]
+        assert quota.used == 0 and quota.idle

@@ -1,0 +1,212 @@
+# The order in which a uid's misses that did not wait are filled (filling.py):
+# a lone open's miss (a file a program is opening now) before the items of a
+# batch that does not wait (files its client copied itself and only tells
+# of), with the real server classes, real files, real fds and real copies in
+# worker threads. Order is read from what was done, never from timing: one
+# copy slot is kept by the test, so the fills run one at a time and enter the
+# cache (its LRU order) in the order they were started.
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from shadowd.access import Peer, UidShare
+from shadowd.cache import CacheLimits, HostKey
+from shadowd.copier import Quota
+from shadowd.fds import FdHolder
+from shadowd.filling import FILL_QUEUE
+from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
+from shadowd.server import Server, ServerConfig
+
+from .conftest import make_file, read_fd
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[Server]:
+    """A server's opens as serve() sets them up (watches, mount table, a nursery),
+    without a socket; its racy window 0, so that new files are cached."""
+    server = Server(ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0)))
+    opens = server.opens
+    opens.watches.open()
+    server.mounts.open()
+    server.copier.watches = opens.watches
+    try:
+        async with trio.open_nursery() as nursery:
+            opens.nursery = nursery
+            yield server
+            nursery.cancel_scope.cancel()
+    finally:
+        opens.nursery = None
+        server.cache.clear()
+        opens.watches.close()
+        server.mounts.close()
+
+
+def files(tmp_path: Path, prefix: str, n: int) -> list[Path]:
+    return [make_file(tmp_path / f"{prefix}{i}", os.urandom(5000 + i)) for i in range(n)]
+
+
+def key_of(path: Path) -> HostKey:
+    st = path.stat()
+    return HostKey(st.st_dev, st.st_ino)
+
+
+def tell(server: Server, share: UidShare, paths: list[Path]) -> list[bool]:
+    """One batch that does not wait, answered as the dispatcher answers it: whether
+    each item is filling."""
+    holders = [FdHolder(os.open(p, os.O_RDONLY | os.O_CLOEXEC)) for p in paths]
+    try:
+        results, later = server.dispatcher.batches.now(
+            holders,
+            [str(p) for p in paths],
+            share,
+            Peer(pid=os.getpid(), uid=share.uid, gid=os.getgid()),
+            1,
+            wait=False,
+        )
+    finally:
+        for h in holders:
+            h.close()
+    assert not later
+    assert all(isinstance(r, Miss) for r in results), results
+    return [r.filling for r in results if isinstance(r, Miss)]
+
+
+def ask(server: Server, share: UidShare, path: Path) -> object:
+    """A lone open that does not wait, as the dispatcher makes it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return server.opens.serve_now(fd, str(path), share, wait=False)
+    finally:
+        os.close(fd)
+
+
+async def cached(server: Server, n: int) -> list[HostKey]:
+    """The cache's keys, least recently used first, once it holds *n* entries."""
+    while len(server.cache) < n:
+        await trio.sleep(0.01)  # the copies run in worker threads
+    await trio.testing.wait_all_tasks_blocked()
+    return [k for k in server.cache.lru_keys() if isinstance(k, HostKey)]
+
+
+async def test_a_lone_opens_miss_is_filled_before_the_files_a_batch_told_of(
+    tmp_path: Path,
+) -> None:
+    """A cold supervisor tells the daemon in one batch of the files it copied itself
+    and then asks for the file its program opens now: that file's fill must start at
+    the first free slot, not after every file told of before it. Another uid's miss
+    meanwhile starts at once, on its own slots."""
+    told = files(tmp_path, "told", 8)
+    asked = make_file(tmp_path / "asked", os.urandom(7000))
+    other = make_file(tmp_path / "other", os.urandom(6000))
+    with trio.fail_after(30):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert share.quota.try_acquire() and share.quota.try_acquire()  # two copies run
+            assert tell(server, share, told) == [True] * len(told)
+            assert ask(server, share, asked) is FILLING
+            assert len(share.fills) == len(told) + 1 and share.fds == len(told) + 1
+            stranger = UidShare(os.getuid() + 1, Quota(limit=2))
+            assert ask(server, stranger, other) is FILLING  # started now, not queued
+            assert not stranger.fills and stranger.quota.used == 1
+            share.quota.release()  # one copy ends; the test keeps the other slot
+            keys = await cached(server, len(told) + 2)
+            keys.remove(key_of(other))
+            assert keys == [key_of(asked)] + [key_of(p) for p in told]
+            assert not share.fills and share.fds == 0 and share.quota.used == 1
+            share.quota.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert share.quota.idle and not share.filling
+
+
+async def test_an_open_that_waits_for_a_slot_goes_before_the_files_told_of(
+    tmp_path: Path,
+) -> None:
+    """An open that asks to wait for the copy (protocol version 1, or wait true), made
+    while the uid's slots are taken and told files are queued, gets the first slot
+    freed: its reply waits on it, the told files wait for no one."""
+    told = files(tmp_path, "told", 6)
+    waited = make_file(tmp_path / "waited", os.urandom(9000))
+    got: list[bytes] = []
+    with trio.fail_after(30):
+        async with serving() as server:
+            opens = server.opens
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert share.quota.try_acquire() and share.quota.try_acquire()
+            assert tell(server, share, told) == [True] * len(told)
+            fd = os.open(waited, os.O_RDONLY | os.O_CLOEXEC)
+            outcome = opens.serve_now(fd, str(waited), share)
+            assert outcome is THROTTLED
+            pending = opens.pending(fd, outcome)
+
+            async def waiting_open() -> None:
+                served = await opens.finish(pending, str(waited), share)
+                assert isinstance(served, Served)
+                got.append(read_fd(served.fd.fd))
+                served.fd.close()
+
+            server.opens.nursery.start_soon(waiting_open)  # type: ignore[union-attr]
+            await trio.testing.wait_all_tasks_blocked()  # it waits for a slot
+            share.quota.release()
+            keys = await cached(server, len(told) + 1)
+            assert keys == [key_of(waited)] + [key_of(p) for p in told]
+            assert got == [waited.read_bytes()]
+            share.quota.release()
+
+
+async def test_a_lone_miss_takes_the_place_of_the_last_told_file_in_a_full_queue(
+    tmp_path: Path,
+) -> None:
+    """The queue is bounded (FILL_QUEUE per uid, each holding an fd): once told files
+    fill it, a lone open's miss is still filled, in place of the last told file
+    queued (whose fd is let go), and the bound holds."""
+    told = files(tmp_path, "told", FILL_QUEUE + 2)
+    asked = make_file(tmp_path / "asked", os.urandom(7000))
+    with trio.fail_after(60):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert share.quota.try_acquire() and share.quota.try_acquire()
+            assert tell(server, share, told) == [True] * FILL_QUEUE + [False] * 2
+            assert ask(server, share, asked) is FILLING
+            assert len(share.fills) == FILL_QUEUE and share.fds == FILL_QUEUE
+            # Each lone miss more takes a told file's place, the newest first; once
+            # the queue holds lone misses only, it takes no more, of either kind.
+            more = files(tmp_path, "more", FILL_QUEUE)
+            for path in more[: FILL_QUEUE - 1]:
+                assert ask(server, share, path) is FILLING
+            assert not share.told
+            assert ask(server, share, more[-1]) is NOT_FILLING
+            assert tell(server, share, told[:1]) == [False]
+            assert len(share.fills) == FILL_QUEUE and share.fds == FILL_QUEUE
+            share.quota.release()
+            keys = await cached(server, FILL_QUEUE)
+            assert keys == [key_of(asked)] + [key_of(p) for p in more[: FILL_QUEUE - 1]]
+            assert share.fds == 0
+            share.quota.release()
+
+
+async def test_a_told_file_a_lone_open_asks_for_moves_up_and_is_not_queued_twice(
+    tmp_path: Path,
+) -> None:
+    """A file told of and then opened by the program (another of its processes) is
+    queued once, in the lone opens' lane: one fd held, one copy."""
+    told = files(tmp_path, "told", 4)
+    with trio.fail_after(30):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert share.quota.try_acquire() and share.quota.try_acquire()
+            assert tell(server, share, told) == [True] * 4
+            assert ask(server, share, told[2]) is FILLING
+            assert ask(server, share, told[2]) is FILLING
+            assert tell(server, share, told[2:3]) == [True]
+            assert len(share.fills) == 4 and share.fds == 4
+            share.quota.release()
+            keys = await cached(server, 4)
+            assert keys == [key_of(told[i]) for i in (2, 0, 1, 3)]
+            assert server.copier.copies == 4
+            share.quota.release()
