@@ -298,6 +298,8 @@ struct shadowd {
         uint64_t index;     /* fds reopened through the daemon's index (no request) */
         uint64_t index_refused; /* index slots of the caller's version whose memfd failed a check */
         uint64_t reported;  /* index hits told to the daemon (report requests sent) */
+        uint64_t read_opens; /* shadowd_open_routed_opath: files it opened for reading */
+        uint64_t unopened;  /* ... and tier hits it served without that open (faccessat2) */
     } counts;
     struct shadowd_private_ priv_;
 };
@@ -473,6 +475,26 @@ int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
  * says, exactly as they would the version of the call's own fstat. */
 int shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st,
                              const char *label);
+
+/* shadowd_open_routed_stat for a caller that holds the file as an O_PATH
+ * descriptor, *at* (as a supervisor resolves a tracee's path: an O_PATH
+ * open looks without opening, so a FIFO or a device is never opened for
+ * reading), with its fstat *st* (NULL: fstat(at) here). A tier hit (the
+ * process-local tier, the daemon's index) needs the file's stat, not its
+ * bytes: it is served without opening the file for reading, once
+ *   faccessat2(at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS)
+ * says the caller may read it (Linux 5.8; the check open makes, with the
+ * credentials open uses). Only when that check says no or cannot be made,
+ * a tier does not serve the file, or the file must be copied here or
+ * passed to the daemon, is it opened for reading (O_RDONLY | O_NONBLOCK |
+ * O_NOCTTY, through /proc/self/fd/AT: the very inode *st* describes), and
+ * that open decides; it is closed before the call returns. What that check
+ * proves and what it does not (an LSM that decides at file_open, such as
+ * Landlock or AppArmor; fanotify permission events; a file system's own
+ * open): client/c/README.md, "The O_PATH source". -1 as the routed open
+ * (errnum EACCES when the caller may not read the file); counts.read_opens
+ * and counts.unopened say which way each file went. */
+int shadowd_open_routed_opath(struct shadowd *c, int at, const struct stat *st, const char *label);
 
 /* The routed open of *path* relative to *dirfd* (AT_FDCWD, or a directory
  * fd), as openat would: the source is opened with
