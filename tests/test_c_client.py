@@ -1681,11 +1681,12 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
         await ask(d, "held", 10, 300_000)  # room for one 200 kB file
         one = await ask(d, "fds")
         closed = await ask(d, "close")
-    # The connection, /proc/self/fd (for the reopens) and two held memfds.
+    # The connection, /proc/self/fd (for the reopens) and two held memfds; then,
+    # once the tier reopened one, the number it reopens through (held_reopen).
     assert two["fds"] == base + 1 + 1 + 2
     assert first_again["route"] == "daemon" and first_again["hash"] == files[0][1]
     assert last_again["route"] == "held"
-    assert one["fds"] == base + 1 + 1 + 1
+    assert one["fds"] == base + 1 + 1 + 1 + 1
     assert closed["fds"] == base
 
 
@@ -1937,8 +1938,9 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
     # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
     assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
     assert len(requests) == unasked + 1 and asked["route"] == "daemon"
-    # The connection, /proc/self/fd, and the held good and neg- files.
-    assert base - closed == 1 + 1 + 6
+    # The connection, /proc/self/fd, the tier's relay (held_reopen), and the held
+    # good and neg- files.
+    assert base - closed == 1 + 1 + 1 + 6
     # What the client writes: a routed open does not wait; shadowd_open_fd does.
     routed_opens = [r for r in requests if r.get("path", "").endswith("/good")]
     assert routed_opens[0] == {"op": "open", "id": routed_opens[0]["id"],
@@ -2377,32 +2379,38 @@ async def test_the_opath_call_gives_open_fds_bytes_and_opens_only_the_files_it_m
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:
     """shadowd_open_routed_opath, given an O_PATH fd: the same bytes as shadowd_open_fd
-    for an index hit, a tier hit, a miss (raced: copied here) and a small file copied
-    by rule; sealed, read-only, own offset. The file is opened for reading (IN_OPEN)
-    only when no tier serves it; the driver's fd count is what it was after many."""
+    for an index hit, tier hits (two files in turn, each reopened through the tier's
+    one relay number), a miss (raced: copied here) and a small file copied by rule;
+    sealed, read-only, own offset. The file is opened for reading (IN_OPEN) only when
+    no tier serves it; the driver's fd count is what it was after many."""
     daemon = await start_daemon("--racy-window", "0.05")
     indexed, indexed_hash = big(tmp_path / "indexed.so", 200_000)
     held, held_hash = big(tmp_path / "held.so", 150_000)
+    other, other_hash = big(tmp_path / "other.so", 160_000)
     missed, missed_hash = big(tmp_path / "missed.so", 300_000)
     small = make_file(tmp_path / "small.conf", b"small " * 100)
-    settle(indexed, held, missed, small)
+    settle(indexed, held, other, missed, small)
     d = driver()
     got: dict[str, list[Any]] = {}
     with trio.fail_after(60), OpenWatch() as watch:
         fds0 = (await ask(d, "fds"))["fds"]
         await ask(d, "socket", daemon.socket_path)
-        ref = {f: await ask(d, "openfd", f) for f in (indexed, held)}  # the daemon copies
+        ref = {f: await ask(d, "openfd", f) for f in (indexed, held, other)}  # the daemon copies
         assert (await ask(d, "indexready"))["ready"] == 1
-        assert (await ask(d, "preload", held))["held"] == 1
+        assert (await ask(d, "preload", held, other))["held"] == 2
         for f in (indexed, held):  # the client's own fds, opened once
             await ask(d, "routedopath", f)
         fds = (await ask(d, "fds"))["fds"]
         before = await ask(d, "counts")
-        for f in (indexed, held, missed, small):
+        for f in (indexed, held, other, missed, small):
             watch.add(f)
-        for name, f in (("indexed", indexed), ("held", held)):
-            got[name] = [await ask(d, "routedopath", f, how) for how in ("", "stat") * 5]
-            got[name + " opens"] = [watch.events()]
+        got["indexed"] = [await ask(d, "routedopath", indexed, how) for how in ("", "stat") * 5]
+        got["indexed opens"] = [watch.events()]
+        both = [
+            await ask(d, "routedopath", f, how) for how in ("", "stat") * 5 for f in (held, other)
+        ]
+        got["held"], got["other"] = both[::2], both[1::2]
+        got["held opens"] = [watch.events()]
         fds_after = (await ask(d, "fds"))["fds"]
         for name, f in (("missed", missed), ("small", small)):
             got[name] = [await ask(d, "routedopath", f)]
@@ -2414,6 +2422,7 @@ async def test_the_opath_call_gives_open_fds_bytes_and_opens_only_the_files_it_m
     for name, f, digest, route in (
         ("indexed", indexed, indexed_hash, "index"),
         ("held", held, held_hash, "held"),
+        ("other", other, other_hash, "held"),
         ("missed", missed, missed_hash, "copy"),
         ("small", small, fnv(small.read_bytes()), "copy"),
     ):
@@ -2428,7 +2437,7 @@ async def test_the_opath_call_gives_open_fds_bytes_and_opens_only_the_files_it_m
     assert got["indexed opens"] == [0] and got["held opens"] == [0], got
     assert got["missed opens"][0] > 0 and got["small opens"][0] > 0, got
     assert after["read_opens"] - before["read_opens"] == 2, (before, after)
-    assert after["unopened"] - before["unopened"] == 20, (before, after)
+    assert after["unopened"] - before["unopened"] == 30, (before, after)
     assert fds_after == fds and closed == fds0, (fds0, fds, fds_after, closed)
 
 

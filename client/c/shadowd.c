@@ -267,6 +267,7 @@ setup(struct shadowd *c)
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         p->slots[i].fd = p->slots[i].src = -1;
     p->procfd = -1;
+    p->relay = p->relay_of = -1;
     p->index_use = 1;
     p->index_keep = DEFAULT_INDEX_KEEP;
     p->index_dirfd = -1;
@@ -2613,11 +2614,15 @@ held_find(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino)
     return e == 0 ? -1 : (int)e - 1;
 }
 
+static void relay_release(struct shadowd *c);
+
 static void
 held_drop(struct shadowd *c, int i)
 {
     struct shadowd_private_ *p = P(c);
     index_remove(p, held_bucket(p, p->held[i].dev, p->held[i].ino));
+    if (p->relay_of == p->held[i].fd)
+        relay_release(c); /* nothing of ours pins a memfd the tier let go */
     close(p->held[i].fd);
     p->held_bytes -= p->held[i].size;
     int last = --p->nheld;
@@ -2757,6 +2762,58 @@ may_read(struct shadowd *c, struct proof *pr)
     return 0;
 }
 
+/* The tier's reopen of its memfd *memfd*, as reopen_as makes it, through
+ * one descriptor number of its own, always the same (p->relay): *memfd* is
+ * duplicated onto it (dup3), then /proc/self/fd/RELAY is opened. Opening
+ * /proc/self/fd/N for an N this process has not opened through yet makes
+ * the kernel build that name's dentry and inode; the tier's memfds have
+ * as many numbers as files, each reopened about once per process, so
+ * that cost came with nearly every hit: 7.4-7.9 us a reopen under `pip
+ * --version` with preload against 3.8 us through one number, and 3-10 us
+ * against 1.2 us for the first pass over 500 memfds in a loop
+ * (docs/performance.md, "The held tier's reopen"). The relay duplicates
+ * the memfd last reopened until the next reopen, or until the tier lets
+ * that memfd go (relay_release). */
+static int
+held_reopen(struct shadowd *c, int memfd)
+{
+    struct shadowd_private_ *p = P(c);
+    if (p->relay >= 0 && p->relay_self != p->self) {
+        close(p->relay); /* a forked child's copy of its parent's */
+        p->relay = p->relay_of = -1;
+    }
+    if (p->relay < 0) {
+        p->relay = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
+        p->relay_self = p->self;
+    } else if (dup3(memfd, p->relay, O_CLOEXEC) < 0) {
+        close(p->relay);
+        p->relay = -1;
+    }
+    if (p->relay < 0) {
+        p->relay_of = -1;
+        return reopen_as(c, memfd, p->self);
+    }
+    p->relay_of = memfd;
+    return reopen_as(c, p->relay, p->self);
+}
+
+/* The relay no longer duplicates a memfd of the tier: /proc/self/fd (the
+ * procfd) takes its number, which stays ours, so that its name in /proc
+ * stays built; closed when there is no procfd. */
+static void
+relay_release(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    p->relay_of = -1;
+    if (p->relay < 0)
+        return;
+    if (p->relay_self == p->self && p->procfd >= 0 && p->procfd_self == p->self &&
+        dup3(p->procfd, p->relay, O_CLOEXEC) >= 0)
+        return;
+    close(p->relay);
+    p->relay = -1;
+}
+
 /* A reopen of the held memfd of exactly version *v*, or -1; with *pr*,
  * only once may_read says the caller may read the file (pr->state -1
  * otherwise). */
@@ -2769,7 +2826,7 @@ held_take(struct shadowd *c, const struct shadowd_version_ *v, struct proof *pr)
     int i = held_find(p, v->dev, v->ino);
     /* No seal check: seals belong to the inode, this one's were checked
      * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
-    int fd = reopen_as(c, p->held[i].fd, p->self); /* (the routed calls ran after_fork) */
+    int fd = held_reopen(c, p->held[i].fd); /* (the routed calls ran after_fork) */
     if (fd < 0)
         held_drop(c, i);
     return fd;
@@ -4577,6 +4634,9 @@ shadowd_close(struct shadowd *c)
             slot_free(&p->slots[i]);
     while (p->nheld > 0)
         held_drop(c, p->nheld - 1);
+    if (p->relay >= 0)
+        close(p->relay); /* (in a forked child: its copy of the parent's) */
+    p->relay = p->relay_of = -1;
     if (p->procfd >= 0)
         close(p->procfd); /* (in a forked child: its copy of the parent's) */
     p->procfd = -1;

@@ -10,6 +10,8 @@
  * its connection, the memfds of the process-local tier (the routed calls
  * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
  * reopened: the tier's reopens then skip the walk through /proc and self),
+ * one more descriptor number the tier reopens its memfds through (once one
+ * was: a duplicate of the memfd last reopened while that one is held),
  * while it holds the daemon's index an O_PATH fd of the daemon's
  * /proc/PID/fd (and a read-only mapping of the index), sources kept for a
  * cold daemon or for the daemon to cache (shadowd_set_cold, the index) and
@@ -221,6 +223,8 @@ struct shadowd_private_ {
     int connect_later; /* shadowd_connect_start found the backlog full: connect_wait connects */
     int race, late_pending;
     int procfd, procfd_self; /* an O_PATH fd of /proc/self/fd, and whose (current_self) */
+    int relay, relay_self, relay_of; /* the tier's reopen number (held_reopen), whose, and what
+                                      * held fd it duplicates (-1: none) */
     int cold_misses, cold_ms, cold_streak, nhint;
     uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
     long long cold_until;
