@@ -487,17 +487,19 @@ int shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st,
  * process-local tier, the daemon's index) needs the file's stat, not its
  * bytes: it is served without opening the file for reading, once
  *   faccessat2(at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS)
- * says the caller may read it (Linux 5.8; the check open makes, with the
- * credentials open uses). Only when that check says no or cannot be made,
- * a tier does not serve the file, or the file must be copied here or
- * passed to the daemon, is it opened for reading (O_RDONLY | O_NONBLOCK |
- * O_NOCTTY, through /proc/self/fd/AT: the very inode *st* describes), and
- * that open decides; it is closed before the call returns. What that check
- * proves and what it does not (an LSM that decides at file_open, such as
- * Landlock or AppArmor; fanotify permission events; a file system's own
- * open): client/c/README.md, "The O_PATH source". -1 as the routed open
- * (errnum EACCES when the caller may not read the file); counts.read_opens
- * and counts.unopened say which way each file went. */
+ * says the caller may read it (Linux 5.8; the permission check open
+ * makes, with the credentials open uses). The file is opened for reading
+ * (O_RDONLY | O_NONBLOCK | O_NOCTTY, through /proc/self/fd/AT: the very
+ * inode *st* describes) only when no tier serves it (it is copied here or
+ * passed to the daemon) or that check says no or cannot be made; that open
+ * then decides, and it is closed before the call returns. The check is not
+ * all of open: an LSM that decides at file_open (Landlock, AppArmor), a
+ * fanotify permission listener and the file system's own open see nothing
+ * of a hit; a caller for whom they matter opens the file itself and calls
+ * shadowd_open_routed_stat (client/c/README.md, "The O_PATH source"). -1
+ * as the routed open (errnum EACCES when the caller may not read the
+ * file); counts.read_opens and counts.unopened say which way each file
+ * went. */
 int shadowd_open_routed_opath(struct shadowd *c, int at, const struct stat *st, const char *label);
 
 /* The routed open of *path* relative to *dirfd* (AT_FDCWD, or a directory

@@ -18,7 +18,9 @@
  *
  * A demonstration and a measuring instrument, NOT a sandbox: continuing a
  * syscall is racy (the tracee may change the path after we read it), and
- * files are opened with the supervisor's rights. See README.md.
+ * files are opened with the supervisor's rights (in the routed open, a file
+ * a tier serves is not opened at all: client/c proves the supervisor may
+ * read it with faccessat2, which is not all of open). See README.md.
  *
  * Must never: hand the tracee a shadow for anything but a read-only open of
  * a regular file on a real file system; open a path through a /proc magic
