@@ -945,8 +945,10 @@ def _source_step() -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.count("before (") == out.count("after (") == out.count("root (") == 2, out
+    counts = [out.count(f"{name} (") for name in ("before", "after", "opath", "root")]
+    assert counts == [2, 2, 2, 2], out
     assert "64 KiB written between files" in out and "close_range (3 fds)" in out
+    assert "faccessat2 (no reopen)" in out and "close_range (2 fds)" in out
     files = [int(line.split("(")[1].split()[0]) for line in out.splitlines() if "files)" in line]
     assert files and min(files) > 0, out
 

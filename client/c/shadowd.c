@@ -2769,11 +2769,12 @@ may_read(struct shadowd *c, struct proof *pr)
  * the kernel build that name's dentry and inode; the tier's memfds have
  * as many numbers as files, each reopened about once per process, so
  * that cost came with nearly every hit: 7.4-7.9 us a reopen under `pip
- * --version` with preload against 3.8 us through one number, and 3-10 us
- * against 1.2 us for the first pass over 500 memfds in a loop
- * (docs/performance.md, "The held tier's reopen"). The relay duplicates
- * the memfd last reopened until the next reopen, or until the tier lets
- * that memfd go (relay_release). */
+ * --version` with preload against 3.2-3.8 us through one number, and 3-10
+ * us against 1.2 us for the first pass over 500 memfds in a loop
+ * (docs/performance.md, "The O_PATH source and the held tier's reopen").
+ * The relay duplicates the memfd last reopened until the next reopen of
+ * another (the same one again needs no dup3), or until the tier lets that
+ * memfd go (relay_release). */
 static int
 held_reopen(struct shadowd *c, int memfd)
 {
@@ -2785,8 +2786,8 @@ held_reopen(struct shadowd *c, int memfd)
     if (p->relay < 0) {
         p->relay = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
         p->relay_self = p->self;
-    } else if (dup3(memfd, p->relay, O_CLOEXEC) < 0) {
-        close(p->relay);
+    } else if (p->relay_of != memfd && dup3(memfd, p->relay, O_CLOEXEC) < 0) {
+        close(p->relay); /* (already that memfd: the same file reopened again) */
         p->relay = -1;
     }
     if (p->relay < 0) {
