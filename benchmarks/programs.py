@@ -68,7 +68,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "shadowd-noindex": ("shadowd", ("--no-index",)),
     # The routed open that also keeps index hits in the supervisor's tier.
     "shadowd-keep": ("shadowd", ("--keep-index-hits",)),
+    # Preload with every source opened for reading first (--read-open), as
+    # before the routed open took the O_PATH fd: what skipping that open for
+    # tier hits saves, in the same supervisor.
+    "shadowd-preload-readopen": ("shadowd", ("--read-open",)),
 }
+#: Modes only this tree's supervisor knows: not run with --baseline's.
+NEW_ONLY = ("shadowd-preload-readopen",)
 DEFAULT_VARIANTS = ("passthrough", "copy", "shadowd-fd", "shadowd", "shadowd-preload")
 SHADOWD_VARIANTS = (
     "shadowd-fd",
@@ -77,6 +83,7 @@ SHADOWD_VARIANTS = (
     "shadowd-race",
     "shadowd-noindex",
     "shadowd-keep",
+    "shadowd-preload-readopen",
 )
 #: The suffix of a mode run with the --baseline supervisor.
 BASELINE = "@base"
@@ -403,9 +410,9 @@ def run_all(
         if cold and name in SHADOWD_VARIANTS and daemon is not None:
             daemon.restart()
         mode, options = VARIANTS[name]
-        if name == "shadowd-preload":
+        if name.startswith("shadowd-preload"):
             assert r.preload is not None
-            options = ("--preload", r.preload)
+            options = (*options, "--preload", r.preload)
         chosen = binary if not suffix(variant) else baseline
         assert chosen is not None, variant
         run = run_supervised(
@@ -428,7 +435,7 @@ def run_all(
     for r in results:
         source = None
         for variant in variants:
-            if base_variant(variant) == "shadowd-preload" and r.preload is None:
+            if base_variant(variant).startswith("shadowd-preload") and r.preload is None:
                 first = source or one(r, "shadowd")
                 r.preload = os.path.join(workdir, f"preload-{r.program.name}.txt")
                 with open(r.preload, "w") as f:
@@ -777,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         help=f"comma-separated modes (default: {', '.join(DEFAULT_VARIANTS)}; also"
-        " shadowd-race, shadowd-noindex, shadowd-keep)",
+        " shadowd-race, shadowd-noindex, shadowd-keep, shadowd-preload-readopen)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="shorter loops (3 ls, 5 commits): for a test"
@@ -801,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--modes: not a mode: {', '.join(unknown_modes) or '(none)'}")
         variants = [v for v in VARIANTS if v in wanted_modes]
     if args.baseline:
-        variants += [v + BASELINE for v in variants]
+        variants += [v + BASELINE for v in variants if v not in NEW_ONLY]
 
     def say(msg: str) -> None:
         print(f"programs: {msg}", file=sys.stderr, flush=True)

@@ -13,6 +13,11 @@
  *   after   the root looked up in an O_PATH fd of /proc/PID kept open;
  *           statx (STATX_MNT_ID_UNIQUE) instead of fstat, fstatfs once per
  *           mount, before the reopen; the three fds closed by one close_range
+ *   opath   "after" for a file a tier serves, as the routed open of the
+ *           O_PATH fd makes it (shadowd_open_routed_opath, 2026-11-29): no
+ *           reopen; faccessat2(R_OK, AT_EMPTY_PATH | AT_EACCESS) on the
+ *           O_PATH fd instead (the client's proof of access); two fds
+ *           closed by one close_range
  *   root    ways to reach the program's root, each on its own: open
  *           /proc/PID/root (and close it); openat "root" in an O_PATH fd of
  *           /proc/PID kept open (and close); statx of "root" in that fd (no
@@ -206,6 +211,42 @@ after(struct steps *s, int piddir, const char *path)
 }
 
 static void
+opath(struct steps *s, int piddir, const char *path)
+{
+    struct statx sx;
+    struct statfs sfs;
+    mark = now_ns();
+    int dir = openat(piddir, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    step(s, 0, "openat(/proc/PID fd, root)");
+    int at = openat2_path(dir, path);
+    step(s, 1, "openat2 O_PATH");
+    if (at < 0 || statx(at, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE, &sx) < 0 ||
+        !S_ISREG(sx.stx_mode)) {
+        if (at >= 0)
+            close(at);
+        close(dir);
+        return;
+    }
+    step(s, 2, "statx");
+    unsigned i = 0;
+    int known = (sx.stx_mask & STATX_MNT_ID_UNIQUE) != 0;
+    while (known && i < mounts_used && mounts[i].id != sx.stx_mnt_id)
+        i++;
+    if (!known || i == mounts_used)
+        fstatfs(at, &sfs); /* ("after" keeps the mounts it saw) */
+    step(s, 3, "fstatfs (once per mount)");
+    syscall(SYS_faccessat2, at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS);
+    step(s, 4, "faccessat2 (no reopen)");
+    int lo = dir < at ? dir : at, hi = dir > at ? dir : at;
+    if (hi - lo != 1 || close_range((unsigned)lo, (unsigned)hi, 0) < 0) {
+        close(at);
+        close(dir);
+    }
+    step(s, 5, "close_range (2 fds)");
+    done(s);
+}
+
+static void
 root_ways(struct steps *s, const char *root, int piddir)
 {
     struct statx sx;
@@ -285,7 +326,7 @@ main(int argc, char **argv)
     snprintf(pid_dir, sizeof pid_dir, "/proc/%d", child);
     int piddir = open(pid_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
     self_fd_dir = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    struct steps b = {0}, a = {0}, r = {0};
+    struct steps b = {0}, a = {0}, o = {0}, r = {0};
     /* Interleaved, file by file, so that both see the same caches; which
      * goes first alternates (the second walk of a path finds more of it in
      * the caches). */
@@ -295,7 +336,15 @@ main(int argc, char **argv)
             if ((i + round) % 2)
                 before(&b, root, paths[i]);
             thrash();
-            after(&a, piddir, paths[i]);
+            if ((i + round) % 2) {
+                after(&a, piddir, paths[i]);
+                thrash();
+                opath(&o, piddir, paths[i]);
+            } else {
+                opath(&o, piddir, paths[i]);
+                thrash();
+                after(&a, piddir, paths[i]);
+            }
             thrash();
             if ((i + round) % 2 == 0)
                 before(&b, root, paths[i]);
@@ -308,6 +357,7 @@ main(int argc, char **argv)
     printf("%d paths, %d rounds, %zu KiB written between files\n", n, rounds, thrash_len / 1024);
     report("before", &b);
     report("after", &a);
+    report("opath", &o);
     report("root", &r);
     return 0;
 }

@@ -22,8 +22,10 @@
 #include <sys/mman.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <grp.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -447,6 +449,28 @@ main(void)
             status(t);
             close(src);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "routedopath") == 0) {
+            /* routedopath PATH [stat]: shadowd_open_routed_opath with an O_PATH
+             * fd of PATH (and, with "stat", our fstat of it) */
+            int at = open(argv[1], O_PATH | O_CLOEXEC);
+            struct stat st;
+            int given = argc > 2 && strcmp(argv[2], "stat") == 0 && at >= 0 && fstat(at, &st) == 0;
+            int fd = shadowd_open_routed_opath(&c, at, given ? &st : NULL, argv[1]);
+            status(t);
+            if (at >= 0)
+                close(at);
+            describe("", fd, 0);
+        } else if (strcmp(cmd, "setfsuid") == 0) {
+            /* setfsuid UID: file access as UID (and its gid), the rest as before */
+            setfsgid((gid_t)atoi(argv[1]));
+            setfsuid((uid_t)atoi(argv[1]));
+            emit("\"fsuid\": %d, ", (int)setfsuid((uid_t)-1));
+        } else if (strcmp(cmd, "dropuid") == 0) {
+            /* dropuid UID: become UID (gid UID, no other groups) for good */
+            gid_t gid = (gid_t)atoi(argv[1]);
+            int rc = setgroups(0, NULL) | setresgid(gid, gid, gid) |
+                     setresuid((uid_t)atoi(argv[1]), (uid_t)atoi(argv[1]), (uid_t)atoi(argv[1]));
+            emit("\"rc\": %d, \"euid\": %d, ", rc, (int)geteuid());
         } else if (strcmp(cmd, "openfd") == 0 || strcmp(cmd, "requestfd") == 0) {
             int src = open_src(argv[1]);
             int fd = cmd[0] == 'o' ? shadowd_open_fd(&c, src, argc > 2 ? argv[2] : NULL)
@@ -743,9 +767,11 @@ main(void)
             shadowd_close(&c);
             emit("\"fds\": %d, ", count_fds());
         } else if (strcmp(cmd, "counts") == 0) {
-            emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, ",
+            emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, "
+                 "\"read_opens\": %llu, \"unopened\": %llu, ",
                  (unsigned long long)c.counts.index, (unsigned long long)c.counts.index_refused,
-                 (unsigned long long)c.counts.reported);
+                 (unsigned long long)c.counts.reported, (unsigned long long)c.counts.read_opens,
+                 (unsigned long long)c.counts.unopened);
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
                  "\"missed\": %llu, \"preloaded\": %llu, "
                  "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "

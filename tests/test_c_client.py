@@ -1681,11 +1681,12 @@ async def test_the_tier_is_bounded_by_entries_and_bytes(
         await ask(d, "held", 10, 300_000)  # room for one 200 kB file
         one = await ask(d, "fds")
         closed = await ask(d, "close")
-    # The connection, /proc/self/fd (for the reopens) and two held memfds.
+    # The connection, /proc/self/fd (for the reopens) and two held memfds; then,
+    # once the tier reopened one, the number it reopens through (held_reopen).
     assert two["fds"] == base + 1 + 1 + 2
     assert first_again["route"] == "daemon" and first_again["hash"] == files[0][1]
     assert last_again["route"] == "held"
-    assert one["fds"] == base + 1 + 1 + 1
+    assert one["fds"] == base + 1 + 1 + 1 + 1
     assert closed["fds"] == base
 
 
@@ -1937,8 +1938,9 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
     # The daemon's racy window (200 ms) decides what is young, not the 1 s default.
     assert (young_one["route"], young_one["copied_why"]) == ("copy", "rule")
     assert len(requests) == unasked + 1 and asked["route"] == "daemon"
-    # The connection, /proc/self/fd, and the held good and neg- files.
-    assert base - closed == 1 + 1 + 6
+    # The connection, /proc/self/fd, the tier's relay (held_reopen), and the held
+    # good and neg- files.
+    assert base - closed == 1 + 1 + 1 + 6
     # What the client writes: a routed open does not wait; shadowd_open_fd does.
     routed_opens = [r for r in requests if r.get("path", "").endswith("/good")]
     assert routed_opens[0] == {"op": "open", "id": routed_opens[0]["id"],
@@ -2368,6 +2370,258 @@ async def test_the_routed_open_with_the_callers_fstat_serves_the_version_it_says
     assert (same["route"], same["hit"], same["hash"]) == ("index", True, digest), same
     assert same["seals"] & ALL_SEALS == ALL_SEALS and same["accmode"] == os.O_RDONLY
     assert other["route"] != "index" and other["hash"] == digest, other
+
+
+# -- the O_PATH source: tier hits without opening the file for reading --------
+
+
+async def test_the_opath_call_gives_open_fds_bytes_and_opens_only_the_files_it_must_read(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """shadowd_open_routed_opath, given an O_PATH fd: the same bytes as shadowd_open_fd
+    for an index hit, tier hits (two files in turn, each reopened through the tier's
+    one relay number), a miss (raced: copied here) and a small file copied by rule;
+    sealed, read-only, own offset. The file is opened for reading (IN_OPEN) only when
+    no tier serves it; the driver's fd count is what it was after many."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    indexed, indexed_hash = big(tmp_path / "indexed.so", 200_000)
+    held, held_hash = big(tmp_path / "held.so", 150_000)
+    other, other_hash = big(tmp_path / "other.so", 160_000)
+    missed, missed_hash = big(tmp_path / "missed.so", 300_000)
+    small = make_file(tmp_path / "small.conf", b"small " * 100)
+    settle(indexed, held, other, missed, small)
+    d = driver()
+    got: dict[str, list[Any]] = {}
+    with trio.fail_after(60), OpenWatch() as watch:
+        fds0 = (await ask(d, "fds"))["fds"]
+        await ask(d, "socket", daemon.socket_path)
+        ref = {f: await ask(d, "openfd", f) for f in (indexed, held, other)}  # the daemon copies
+        assert (await ask(d, "indexready"))["ready"] == 1
+        assert (await ask(d, "preload", held, other))["held"] == 2
+        for f in (indexed, held):  # the client's own fds, opened once
+            await ask(d, "routedopath", f)
+        fds = (await ask(d, "fds"))["fds"]
+        before = await ask(d, "counts")
+        for f in (indexed, held, other, missed, small):
+            watch.add(f)
+        got["indexed"] = [await ask(d, "routedopath", indexed, how) for how in ("", "stat") * 5]
+        got["indexed opens"] = [watch.events()]
+        both = [
+            await ask(d, "routedopath", f, how) for how in ("", "stat") * 5 for f in (held, other)
+        ]
+        got["held"], got["other"] = both[::2], both[1::2]
+        got["held opens"] = [watch.events()]
+        fds_after = (await ask(d, "fds"))["fds"]
+        for name, f in (("missed", missed), ("small", small)):
+            got[name] = [await ask(d, "routedopath", f)]
+            got[name + " opens"] = [watch.events()]
+        after = await ask(d, "counts")
+        ref[missed] = await ask(d, "openfd", missed)
+        ref[small] = await ask(d, "openfd", small)
+        closed = (await ask(d, "close"))["fds"]
+    for name, f, digest, route in (
+        ("indexed", indexed, indexed_hash, "index"),
+        ("held", held, held_hash, "held"),
+        ("other", other, other_hash, "held"),
+        ("missed", missed, missed_hash, "copy"),
+        ("small", small, fnv(small.read_bytes()), "copy"),
+    ):
+        for r in got[name]:
+            assert (r["route"], r["hash"], r["fsize"]) == (route, digest, f.stat().st_size), r
+            assert r["hash"] == ref[f]["hash"], (r, ref[f])  # shadowd_open_fd's bytes
+            assert r["seals"] & ALL_SEALS == ALL_SEALS and r["memfd"], r
+            assert (r["accmode"], r["offset"], r["nonblock"]) == (os.O_RDONLY, 0, False), r
+    assert got["missed"][0]["copied_why"] in ("first", "miss"), got["missed"]
+    assert got["small"][0]["copied_why"] == "rule", got["small"]
+    # Tier hits never opened the file for reading; a miss and a copy did.
+    assert got["indexed opens"] == [0] and got["held opens"] == [0], got
+    assert got["missed opens"][0] > 0 and got["small opens"][0] > 0, got
+    assert after["read_opens"] - before["read_opens"] == 2, (before, after)
+    assert after["unopened"] - before["unopened"] == 30, (before, after)
+    assert fds_after == fds and closed == fds0, (fds0, fds, fds_after, closed)
+
+
+async def test_the_opath_call_never_opens_a_fifo(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A FIFO given as an O_PATH fd: refused as not regular before any open (no
+    IN_OPEN; a writer waiting for a reader is not let through)."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    d = driver()
+    with trio.fail_after(30), OpenWatch() as watch:
+        await ask(d, "socket", daemon.socket_path)
+        watch.add(fifo)
+        got = [
+            await without_hanging(fifo, lambda how=how: d("routedopath", fifo, how))
+            for how in ("", "stat")
+        ]
+        opens = watch.events()
+        await ask(d, "close")
+    assert opens == 0, opens
+    for r in got:
+        assert (r["fd"], r["code"], r["route"]) == (-1, "not-regular", "none"), r
+
+
+def _unreadable_and_readable(shared_dir: Path) -> tuple[Path, Path]:
+    """Root's file of mode 000 and a readable one, both above the copy crossover,
+    in a directory every user may traverse; settled."""
+    secret = make_file(shared_dir / "secret.so", os.urandom(200_000), mode=0o000)
+    public = make_file(shared_dir / "public.so", os.urandom(200_000))
+    settle(secret, public)
+    return secret, public
+
+
+@requires_root
+async def test_the_opath_call_serves_no_held_file_to_a_file_system_uid_that_may_not_read_it(
+    driver: Any, start_daemon: Any, shared_dir: Path
+) -> None:
+    """Root's mode-000 file and a readable one, held in the tier: with the caller's
+    file-system uid a test user's (setfsuid, as a supervisor may take its tracee's),
+    the O_PATH call refuses the first (EACCES, counted nowhere) and serves the second
+    from the tier; with uid 0 again, both. (faccessat2 without AT_EACCESS would ask
+    as the real uid, root, and let it through. No index here: /proc/PID/fd of the
+    daemon is closed to that fsuid anyway.)"""
+    daemon = await start_daemon("--racy-window", "0.05")
+    secret, public = _unreadable_and_readable(shared_dir)
+    user = test_uid(0)
+    d = driver()
+    with trio.fail_after(60):
+        for cmd in ("socket", daemon.socket_path), ("index", 0, 0), ("heldrecheck", 60_000):
+            await ask(d, *cmd)
+        deadline = time.monotonic() + 10
+        while (await ask(d, "preload", secret, public))["held"] < 2:
+            assert time.monotonic() < deadline, "the daemon never cached them"
+            await trio.sleep(0.01)
+        as_root = await ask(d, "routedopath", secret)
+        assert (await ask(d, "setfsuid", user))["fsuid"] == user
+        before = await ask(d, "counts")
+        denied = [await ask(d, "routedopath", secret, how) for how in ("", "stat")]
+        allowed = await ask(d, "routedopath", public)
+        counts = await ask(d, "counts")
+        await ask(d, "setfsuid", 0)
+        again = await ask(d, "routedopath", secret)
+        await ask(d, "close")
+    assert (as_root["route"], as_root["hash"]) == ("held", fnv(secret.read_bytes())), as_root
+    for r in denied:
+        assert (r["fd"], r["errnum"], r["route"], r["hit"]) == (-1, errno.EACCES, "none", False)
+    assert (allowed["route"], allowed["hash"]) == ("held", fnv(public.read_bytes())), allowed
+    assert counts["held"] - before["held"] == 1, (before, counts)  # the readable one
+    assert (again["route"], again["hash"]) == ("held", fnv(secret.read_bytes())), again
+
+
+# `shadowd serve` as another user that stays dumpable, as a daemon its user's own
+# service manager starts is: conftest's daemon drops from root in its own process,
+# which leaves it non-dumpable, its /proc/PID/fd root's, and its index unusable to
+# a client of its uid (the client cannot open its descriptors).
+_DROP_AND_SERVE_DUMPABLE = """
+import ctypes, importlib, os, pkgutil, sys
+import shadowd, shadowd.cli
+for _m in pkgutil.iter_modules(shadowd.__path__):
+    if _m.name != "__main__":
+        importlib.import_module("shadowd." + _m.name)
+import concurrent.futures, grp, pwd, traceback, linecache, encodings.idna
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), [int(g) for g in sys.argv[3].split(",")]
+os.setgroups(groups)
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+assert libc.prctl(4, 1, 0, 0, 0) == 0  # PR_SET_DUMPABLE
+sys.exit(shadowd.cli.main(sys.argv[4:]))
+"""
+
+
+class _DumpableDaemon(Daemon):
+    """With *groups*, the supplementary groups it keeps."""
+
+    groups: tuple[int, ...] = ()
+
+    def command(self) -> list[str]:
+        assert self.user is not None
+        return [sys.executable, "-c", _DROP_AND_SERVE_DUMPABLE, *map(str, self.user),
+                ",".join(map(str, self.groups)), "serve", "--socket", str(self.socket_path),
+                "--log-level", "debug", *self.args]  # fmt: skip
+
+
+@requires_root
+async def test_a_non_root_caller_gets_no_index_hit_of_a_file_it_may_not_read(
+    driver_bin: str, shared_dir: Path, tmp_path: Path
+) -> None:
+    """A daemon and a client of one test user; the daemon has a group the client has
+    not, and root's file readable by that group alone (0040: a daemon caches only
+    what its own uid and groups may read) is in its index. The client holds the
+    index, and the O_PATH call still refuses that file (EACCES) while it serves the
+    readable one beside it from the index."""
+    from shadowd_client import Client
+
+    user, group = test_uid(1), test_uid(3)
+    run = shared_dir / "run"
+    run.mkdir()
+    os.chown(run, user, user)  # where it may make its socket
+    daemon = _DumpableDaemon(run / "d.sock", ["--racy-window", "0.05"], user=(user, user))
+    daemon.groups = (group,)
+    await daemon.start()
+    secret, public = _unreadable_and_readable(shared_dir)
+    os.chown(secret, 0, group)
+    secret.chmod(0o040)
+    settle(secret)
+
+    def cache_as_root() -> dict[str, Any]:
+        with Client(daemon.socket_path, timeout=10) as c:
+            for f in (secret, public):
+                os.close(c.open(str(f)))
+            return c.stats()
+
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    try:
+        with trio.fail_after(60), Driver(str(binary), tmp_path / "user.err", user=user) as d:
+            cached = await trio.to_thread.run_sync(cache_as_root)
+            await ask(d, "socket", daemon.socket_path)
+            assert (await ask(d, "indexready"))["ready"] == 1  # the daemon's uid
+            denied = [await ask(d, "routedopath", secret, how) for how in ("", "stat")]
+            allowed = await ask(d, "routedopath", public)
+            counts = await ask(d, "counts")
+            await ask(d, "close")
+    finally:
+        daemon.kill()
+        print(f"--- log of the daemon ---\n{daemon.log()}")
+    assert cached["entries"] == 2, cached  # both in the daemon's index
+    for r in denied:
+        assert (r["fd"], r["errnum"], r["route"], r["hit"]) == (-1, errno.EACCES, "none", False), r
+    assert (allowed["route"], allowed["hash"]) == ("index", fnv(public.read_bytes())), allowed
+    assert counts["index"] == 1 and counts["unopened"] == 1, counts
+
+
+@requires_root
+async def test_a_process_that_became_another_user_gets_no_held_file_it_may_not_read(
+    driver: Any, start_daemon: Any, shared_dir: Path
+) -> None:
+    """Root holds its mode-000 file and a readable one in the tier (no index: the
+    tier alone), then becomes a test user for good: the O_PATH call refuses the first
+    (EACCES), serves the second from the tier."""
+    daemon = await start_daemon("--racy-window", "0.05", "--socket-mode", "0666")
+    secret, public = _unreadable_and_readable(shared_dir)
+    user = test_uid(2)
+    d = driver()
+    with trio.fail_after(60):
+        for cmd in ("socket", daemon.socket_path), ("index", 0, 0), ("heldrecheck", 60_000):
+            await ask(d, *cmd)
+        deadline = time.monotonic() + 10
+        while (await ask(d, "preload", secret, public))["held"] < 2:
+            assert time.monotonic() < deadline, "the daemon never cached them"
+            await trio.sleep(0.01)
+        as_root = await ask(d, "routedopath", secret)
+        dropped = await ask(d, "dropuid", user)
+        denied = await ask(d, "routedopath", secret)
+        allowed = await ask(d, "routedopath", public)
+        await ask(d, "close")
+    assert (as_root["route"], as_root["hash"]) == ("held", fnv(secret.read_bytes())), as_root
+    assert dropped == {"rc": 0, "euid": user}, dropped
+    assert (denied["fd"], denied["errnum"], denied["route"]) == (-1, errno.EACCES, "none"), denied
+    assert (allowed["route"], allowed["hash"]) == ("held", fnv(public.read_bytes())), allowed
 
 
 async def test_the_daemon_counts_the_index_hits_reported_in_batches(

@@ -36,7 +36,16 @@ from benchmarks.supervisor import (
 )
 from shadowd.bench import c_compiler
 
-from .conftest import REPO, Daemon, in_thread, make_file, repo_env, requires_root, settle
+from .conftest import (
+    REPO,
+    Daemon,
+    in_thread,
+    make_file,
+    repo_env,
+    requires_root,
+    settle,
+    test_uid,
+)
 
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
@@ -147,6 +156,17 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             env=program.env,
             options=["--open-fd"],
         )
+        # The routed open given a source opened for reading, as before it took
+        # the O_PATH descriptor.
+        runs["read-open"] = run_supervised(
+            supervisor,
+            "shadowd",
+            program.argv,
+            socket=socket_path,
+            cwd=program.cwd,
+            env=program.env,
+            options=["--read-open"],
+        )
         reference = runs["passthrough"]
         assert (reference.returncode, reference.stdout, reference.stderr) == (
             direct.returncode,
@@ -167,8 +187,8 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             if run.mode == "shadowd":
                 assert s["shadowd_connected"] and s["fallbacks"] == 0, s["last_error"]
                 assert s["protocol"] == 2
-                call = "shadowd_open_fd" if mode == "open-fd" else "shadowd_open_routed_stat"
-                assert s["open"] == call
+                call = {"open-fd": "shadowd_open_fd", "read-open": "shadowd_open_routed_stat"}
+                assert s["open"] == call.get(mode, "shadowd_open_routed_opath")
 
 
 # A tracee that opens one regular file in every way there is and says what it got.
@@ -925,8 +945,10 @@ def _source_step() -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.count("before (") == out.count("after (") == out.count("root (") == 2, out
+    counts = [out.count(f"{name} (") for name in ("before", "after", "opath", "root")]
+    assert counts == [2, 2, 2, 2], out
     assert "64 KiB written between files" in out and "close_range (3 fds)" in out
+    assert "faccessat2 (no reopen)" in out and "close_range (2 fds)" in out
     files = [int(line.split("(")[1].split()[0]) for line in out.splitlines() if "files)" in line]
     assert files and min(files) > 0, out
 
@@ -1253,3 +1275,66 @@ def second_stats(d: Daemon) -> dict[str, Any]:
 
     with Client(d.socket_path, timeout=10) as c:
         return c.stats()
+
+
+@requires_root
+async def test_a_file_the_supervisor_may_not_read_is_never_served_from_the_daemons_index(
+    supervisor: str, shared_dir: Path, tmp_path: Path
+) -> None:
+    """The supervisor and its daemon run as one test user; the daemon has a group the
+    supervisor has not, and root's file readable by that group alone is in the
+    daemon's index. `cat` of it under the supervisor (which hands the routed open
+    the file's O_PATH fd) gets what it gets without the supervisor: its own open
+    refused (the supervisor's proof of access said no and it continued the open),
+    while the readable file beside it comes from the index."""
+    from shadowd_client import Client
+
+    from .test_c_client import _DumpableDaemon
+
+    user, group = test_uid(7), test_uid(8)
+    run = shared_dir / "run"
+    run.mkdir()
+    os.chown(run, user, user)
+    daemon = _DumpableDaemon(run / "d.sock", ["--racy-window", "0.05"], user=(user, user))
+    daemon.groups = (group,)
+    await daemon.start()
+    secret = make_file(shared_dir / "secret.txt", b"not for the supervisor\n" * 9000, 0o040)
+    os.chown(secret, 0, group)
+    public = make_file(shared_dir / "public.txt", b"for everyone\n" * 20000)
+    settle(secret, public)
+    binary = shared_dir / "shadowd-supervise"
+    shutil.copy(supervisor, binary)
+    binary.chmod(0o755)
+    stats_path = run / "stats.json"
+
+    def cat(mode: str) -> tuple[int, bytes, bytes, dict[str, Any]]:
+        done = subprocess.run(
+            [str(binary), "--mode", mode, "--socket", str(daemon.socket_path), "--stats",
+             str(stats_path), "--", "cat", str(secret), str(public)],
+            capture_output=True, timeout=60, check=False, user=user, group=user,
+            extra_groups=[], cwd=shared_dir,
+        )  # fmt: skip
+        return done.returncode, done.stdout, done.stderr, json.loads(stats_path.read_text())
+
+    def supervised() -> None:
+        with Client(daemon.socket_path, timeout=10) as c:  # root has the daemon cache both
+            for f in (secret, public):
+                os.close(c.open(str(f)))
+            assert c.stats()["entries"] == 2
+        plain = cat("passthrough")
+        shadowed = cat("shadowd")
+        assert plain[:3] == shadowed[:3], (plain[:3], shadowed[:3])
+        assert plain[0] == 1 and plain[1] == public.read_bytes(), plain[:3]
+        assert b"Permission denied" in plain[2], plain[2]
+        s = shadowed[3]
+        assert s["index_ready"] and s["open"] == "shadowd_open_routed_opath", s
+        assert [(f["path"], f["how"]) for f in s["files"] if f["path"] in (str(secret),
+                str(public))] == [(str(public), "index")], s["files"]  # fmt: skip
+        assert s["continued_by_reason"]["open"] >= 1, s
+        assert s["fds_before"] == s["fds_after"], s
+
+    try:
+        await in_thread(90)(supervised)()
+    finally:
+        daemon.kill()
+        print(f"--- log of the daemon ---\n{daemon.log()}")

@@ -33,6 +33,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
@@ -266,6 +267,7 @@ setup(struct shadowd *c)
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
         p->slots[i].fd = p->slots[i].src = -1;
     p->procfd = -1;
+    p->relay = p->relay_of = -1;
     p->index_use = 1;
     p->index_keep = DEFAULT_INDEX_KEEP;
     p->index_dirfd = -1;
@@ -2031,7 +2033,8 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
     return start(c, CONNECT_WAIT);
 }
 
-static int index_hit(struct shadowd *c, const struct stat *st);
+struct proof;
+static int index_hit(struct shadowd *c, const struct stat *st, struct proof *pr);
 static int ask_once(struct shadowd *c, int src, const char *label, uint64_t size);
 
 int
@@ -2043,7 +2046,7 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
         /* A hit through the daemon's index: the same fd, no round trip. */
         clear(c);
         after_fork(c);
-        int fd = index_hit(c, &st);
+        int fd = index_hit(c, &st, NULL);
         return fd >= 0 ? fd : ask_once(c, src, label, (uint64_t)st.st_size);
     }
     return shadowd_request_fd(c, src, label);
@@ -2294,10 +2297,11 @@ decimal(char *buf, int n)
     return p;
 }
 
-/* reopen_readonly for the process whose current_self() is *self* (the
- * caller just asked). */
+/* A new open file description of what our *fd* is, opened with *flags*
+ * through /proc/self/fd (the very inode, not a path that may have changed),
+ * for the process whose current_self() is *self* (the caller just asked). */
 static int
-reopen_as(struct shadowd *c, int fd, int self)
+reopen_flags(struct shadowd *c, int fd, int self, int flags)
 {
     char path[32];
     if (c != NULL) {
@@ -2311,10 +2315,17 @@ reopen_as(struct shadowd *c, int fd, int self)
             p->procfd_self = self;
         }
         if (p->procfd >= 0)
-            return openat(p->procfd, decimal(path, fd), O_RDONLY | O_CLOEXEC);
+            return openat(p->procfd, decimal(path, fd), flags);
     }
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    return open(path, O_RDONLY | O_CLOEXEC);
+    return open(path, flags);
+}
+
+/* reopen_readonly for the process whose current_self() is *self*. */
+static int
+reopen_as(struct shadowd *c, int fd, int self)
+{
+    return reopen_flags(c, fd, self, O_RDONLY | O_CLOEXEC);
 }
 
 static int
@@ -2603,11 +2614,15 @@ held_find(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino)
     return e == 0 ? -1 : (int)e - 1;
 }
 
+static void relay_release(struct shadowd *c);
+
 static void
 held_drop(struct shadowd *c, int i)
 {
     struct shadowd_private_ *p = P(c);
     index_remove(p, held_bucket(p, p->held[i].dev, p->held[i].ino));
+    if (p->relay_of == p->held[i].fd)
+        relay_release(c); /* nothing of ours pins a memfd the tier let go */
     close(p->held[i].fd);
     p->held_bytes -= p->held[i].size;
     int last = --p->nheld;
@@ -2675,17 +2690,144 @@ held_has(struct shadowd *c, const struct shadowd_version_ *v)
     return 1;
 }
 
-/* A reopen of the held memfd of exactly version *v*, or -1. */
+/* -- the proof of access of an O_PATH source ------------------------------ */
+
+/* faccessat2 (Linux 5.8): its number where glibc's headers may lack it. */
+#if !defined(SYS_faccessat2) && (defined(__x86_64__) || defined(__aarch64__) || defined(__riscv))
+#define SYS_faccessat2 439
+#endif
+
+/* Set once faccessat2 said it cannot make the check (ENOSYS before Linux
+ * 5.8, EINVAL where AT_EMPTY_PATH or AT_EACCESS is not known, EPERM from a
+ * seccomp filter): the read-open proves every hit from then on. */
+static int access_check_missing;
+
+/* What a call given an O_PATH descriptor of the source knows of the
+ * caller's right to read it (shadowd_open_routed_opath). */
+struct proof {
+    int at;     /* the caller's fd of the file: O_PATH (or any fd that names it) */
+    int src;    /* our read-only open of it, once one was made; else -1 */
+    int state;  /* 0: not checked yet; 1: may read it; -1: may not (errnum) */
+    int errnum;
+};
+
+/* Open the file *pr* names for reading, as a supervisor would open it:
+ * through /proc/self/fd of the caller's descriptor (the very inode it
+ * statted, never a path), O_NONBLOCK and O_NOCTTY as for any source. The
+ * fd, kept in pr->src, or -1 with errno. */
 static int
-held_take(struct shadowd *c, const struct shadowd_version_ *v)
+proof_open(struct shadowd *c, struct proof *pr)
+{
+    if (pr->src >= 0)
+        return pr->src;
+    pr->src = reopen_flags(c, pr->at, P(c)->self, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (pr->src >= 0)
+        c->counts.read_opens++;
+    return pr->src;
+}
+
+/* Whether the caller may read the file: 1, or 0 (pr->errnum says why).
+ * With *pr* NULL the caller opened the file for reading itself: proved.
+ * Otherwise faccessat2(at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS) on the
+ * caller's descriptor: the permission check open makes (the file's mode,
+ * ACLs, the file system's own permission method, the LSMs' inode
+ * permission hook), with the credentials open uses (fsuid, fsgid, the
+ * effective capabilities: AT_EACCESS), and nothing else of open (no LSM
+ * file_open hook, no fanotify permission event, no file system open: see
+ * client/c/README.md). Whenever it says no, or cannot say, the file is
+ * opened for reading instead, and that open decides. */
+static int
+may_read(struct shadowd *c, struct proof *pr)
+{
+    if (pr == NULL)
+        return 1;
+    if (pr->state != 0)
+        return pr->state > 0;
+#ifdef SYS_faccessat2
+    if (!__atomic_load_n(&access_check_missing, __ATOMIC_RELAXED)) {
+        if (syscall(SYS_faccessat2, pr->at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS) == 0) {
+            pr->state = 1;
+            return 1;
+        }
+        if (errno == ENOSYS || errno == EINVAL || errno == EPERM)
+            __atomic_store_n(&access_check_missing, 1, __ATOMIC_RELAXED);
+    }
+#endif
+    if (proof_open(c, pr) >= 0) {
+        pr->state = 1;
+        return 1;
+    }
+    pr->state = -1;
+    pr->errnum = errno;
+    return 0;
+}
+
+/* The tier's reopen of its memfd *memfd*, as reopen_as makes it, through
+ * one descriptor number of its own, always the same (p->relay): *memfd* is
+ * duplicated onto it (dup3), then /proc/self/fd/RELAY is opened. Opening
+ * /proc/self/fd/N for an N this process has not opened through yet makes
+ * the kernel build that name's dentry and inode; the tier's memfds have
+ * as many numbers as files, each reopened about once per process, so
+ * that cost came with nearly every hit: 7.4-7.9 us a reopen under `pip
+ * --version` with preload against 3.2-3.8 us through one number, and 3-10
+ * us against 1.2 us for the first pass over 500 memfds in a loop
+ * (docs/performance.md, "The O_PATH source and the held tier's reopen").
+ * The relay duplicates the memfd last reopened until the next reopen of
+ * another (the same one again needs no dup3), or until the tier lets that
+ * memfd go (relay_release). */
+static int
+held_reopen(struct shadowd *c, int memfd)
 {
     struct shadowd_private_ *p = P(c);
-    if (!held_has(c, v))
+    if (p->relay >= 0 && p->relay_self != p->self) {
+        close(p->relay); /* a forked child's copy of its parent's */
+        p->relay = p->relay_of = -1;
+    }
+    if (p->relay < 0) {
+        p->relay = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
+        p->relay_self = p->self;
+    } else if (p->relay_of != memfd && dup3(memfd, p->relay, O_CLOEXEC) < 0) {
+        close(p->relay); /* (already that memfd: the same file reopened again) */
+        p->relay = -1;
+    }
+    if (p->relay < 0) {
+        p->relay_of = -1;
+        return reopen_as(c, memfd, p->self);
+    }
+    p->relay_of = memfd;
+    return reopen_as(c, p->relay, p->self);
+}
+
+/* The relay no longer duplicates a memfd of the tier: /proc/self/fd (the
+ * procfd) takes its number, which stays ours, so that its name in /proc
+ * stays built; closed when there is no procfd. */
+static void
+relay_release(struct shadowd *c)
+{
+    struct shadowd_private_ *p = P(c);
+    p->relay_of = -1;
+    if (p->relay < 0)
+        return;
+    if (p->relay_self == p->self && p->procfd >= 0 && p->procfd_self == p->self &&
+        dup3(p->procfd, p->relay, O_CLOEXEC) >= 0)
+        return;
+    close(p->relay);
+    p->relay = -1;
+}
+
+/* A reopen of the held memfd of exactly version *v*, or -1; with *pr*,
+ * only once may_read says the caller may read the file (pr->state -1
+ * otherwise). */
+static int
+held_take(struct shadowd *c, const struct shadowd_version_ *v, struct proof *pr)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!held_has(c, v) || !may_read(c, pr))
         return -1;
     int i = held_find(p, v->dev, v->ino);
     /* No seal check: seals belong to the inode, this one's were checked
      * when the daemon's fd came, and F_SEAL_SEAL lets nobody take one off. */
-    int fd = reopen_as(c, p->held[i].fd, p->self); /* (the routed calls ran after_fork) */
+    int fd = held_reopen(c, p->held[i].fd); /* (the routed calls ran after_fork) */
     if (fd < 0)
         held_drop(c, i);
     return fd;
@@ -3251,9 +3393,10 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
     return fd;
 }
 
-/* A hit through the index for the file whose fstat is *st*, or -1. */
+/* A hit through the index for the file whose fstat is *st*, or -1; with
+ * *pr*, only once may_read says the caller may read the file. */
 static int
-index_lookup(struct shadowd *c, const struct stat *st)
+index_lookup(struct shadowd *c, const struct stat *st, struct proof *pr)
 {
     struct shadowd_private_ *p = P(c);
     uint64_t dev = (uint64_t)st->st_dev, ino = (uint64_t)st->st_ino;
@@ -3274,6 +3417,8 @@ index_lookup(struct shadowd *c, const struct stat *st)
             got.mtime_ns != (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec ||
             got.ctime_ns != (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec)
             return -1; /* another version is cached: the daemon decides */
+        if (!may_read(c, pr))
+            return -1;
         got.fd = LOAD(s->fd);
         got.mode = LOAD(s->mode);
         got.memfd_ino = LOAD(s->memfd_ino);
@@ -3293,13 +3438,13 @@ index_lookup(struct shadowd *c, const struct stat *st)
  * reported and said in the last-call fields (route, hit, size), or -1
  * (nothing said in *c*: the caller goes on). */
 static int
-index_hit(struct shadowd *c, const struct stat *st)
+index_hit(struct shadowd *c, const struct stat *st, struct proof *pr)
 {
     struct shadowd_private_ *p = P(c);
     index_poll(c);
     if (p->index_state != IX_HAVE)
         return -1;
-    int fd = index_lookup(c, st);
+    int fd = index_lookup(c, st, pr);
     if (fd < 0)
         return -1;
     c->counts.index++;
@@ -3475,7 +3620,7 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
         return -1;
     }
     clear(c);
-    return index_hit(c, st);
+    return index_hit(c, st, NULL);
 }
 
 /* -- routed --------------------------------------------------------------- */
@@ -3819,10 +3964,11 @@ race(struct shadowd *c, int src, const struct stat *st, const struct shadowd_ver
 /* A routed open's index hit: the last-call fields set, kept in the tier
  * when asked to; or -1. */
 static int
-index_served(struct shadowd *c, const struct stat *st, const struct shadowd_version_ *v)
+index_served(struct shadowd *c, const struct stat *st, const struct shadowd_version_ *v,
+             struct proof *pr)
 {
     long long now = mono_us();
-    int fd = index_hit(c, st);
+    int fd = index_hit(c, st, pr);
     if (fd >= 0 && P(c)->index_keep)
         held_put(c, fd, v, now);
     return fd;
@@ -3840,9 +3986,13 @@ index_wants(struct shadowd *c, const struct stat *st)
 /* The routed open of *src*, whose fstat is *given* (NULL: taken here):
  * tier, local rules, the daemon raced against a local copy. With
  * *want_label*, a missing label is read from /proc/self/fd (only when the
- * daemon is asked). */
+ * daemon is asked). With *pr*, *src* is -1: the caller gave an O_PATH fd
+ * of the file (pr->at), which a tier hit needs only the fstat of and
+ * may_read's word on; the file is opened for reading (pr->src, the
+ * caller's to close) only when it must be read or passed to the daemon. */
 static int
-routed(struct shadowd *c, int src, const struct stat *given, const char *label, int want_label)
+routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, const char *label,
+       int want_label)
 {
     struct stat st;
     struct shadowd_version_ v;
@@ -3850,11 +4000,12 @@ routed(struct shadowd *c, int src, const struct stat *given, const char *label, 
     clear(c);
     if (given != NULL) {
         st = *given;
-    } else if (fstat(src, &st) < 0) {
+    } else if (fstat(pr ? pr->at : src, &st) < 0) {
         fail(c, "", errno, "fstat of the file: %s", strerror(errno));
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
+        /* (Before any open: a FIFO or a device is never opened here.) */
         fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
         return -1;
     }
@@ -3862,16 +4013,32 @@ routed(struct shadowd *c, int src, const struct stat *given, const char *label, 
     after_fork(c);
     late_answers(c);
     know_the_daemon(c);
-    int fd = held_take(c, &v);
+    int fd = held_take(c, &v, pr);
     if (fd >= 0) {
         c->route = SHADOWD_ROUTE_HELD;
         c->hit = 1;
         c->size = v.size;
         c->counts.held++;
+        if (pr != NULL && pr->src < 0)
+            c->counts.unopened++;
         return fd;
     }
-    if ((fd = index_served(c, &st, &v)) >= 0)
-        return fd;
+    if (pr == NULL || pr->state >= 0) {
+        if ((fd = index_served(c, &st, &v, pr)) >= 0) {
+            if (pr != NULL && pr->src < 0)
+                c->counts.unopened++;
+            return fd;
+        }
+    }
+    if (pr != NULL) {
+        /* No tier serves it: the file must be read, or passed to the daemon. */
+        if (pr->state < 0 || proof_open(c, pr) < 0) {
+            int err = pr->state < 0 ? pr->errnum : errno;
+            fail(c, "", err, "opening the file for reading: %s", strerror(err));
+            return -1;
+        }
+        src = pr->src;
+    }
     int why = copy_without_asking(c, &st, 1);
     char buf[LABEL_MAX + 1];
     if (why == SHADOWD_COPIED_NOT && !P(c)->live && P(c)->connect_later) {
@@ -3928,14 +4095,28 @@ int
 shadowd_open_routed_fd(struct shadowd *c, int src, const char *label)
 {
     ready(c);
-    return routed(c, src, NULL, label, 0);
+    return routed(c, src, NULL, NULL, label, 0);
 }
 
 int
 shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st, const char *label)
 {
     ready(c);
-    return routed(c, src, st, label, 0);
+    return routed(c, src, NULL, st, label, 0);
+}
+
+int
+shadowd_open_routed_opath(struct shadowd *c, int at, const struct stat *st, const char *label)
+{
+    ready(c);
+    struct proof pr = {.at = at, .src = -1, .state = 0, .errnum = 0};
+    int fd = routed(c, -1, &pr, st, label, 0);
+    if (pr.src >= 0) {
+        int err = errno;
+        close(pr.src);
+        errno = err;
+    }
+    return fd;
 }
 
 int
@@ -3947,7 +4128,7 @@ shadowd_open_routed(struct shadowd *c, const char *path)
         fail(c, "", errno, "%s: %s", path, strerror(errno));
         return -1;
     }
-    int fd = routed(c, src, NULL, path, path[0] != '/');
+    int fd = routed(c, src, NULL, NULL, path, path[0] != '/');
     close(src);
     return fd;
 }
@@ -3966,7 +4147,7 @@ shadowd_openat(struct shadowd *c, int dirfd, const char *path, int flags)
         fail(c, "", errno, "%s: %s", path, strerror(errno));
         return -1;
     }
-    int fd = routed(c, src, NULL, path, path[0] != '/');
+    int fd = routed(c, src, NULL, NULL, path, path[0] != '/');
     close(src);
     return fd;
 }
@@ -4018,13 +4199,13 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
             }
             version_of(&st, &vs[k]);
             it->size = vs[k].size;
-            if ((it->fd = held_take(c, &vs[k])) >= 0) {
+            if ((it->fd = held_take(c, &vs[k], NULL)) >= 0) {
                 it->route = SHADOWD_ROUTE_HELD;
                 it->hit = 1;
                 c->counts.held++;
                 continue;
             }
-            if ((it->fd = index_served(c, &st, &vs[k])) >= 0) {
+            if ((it->fd = index_served(c, &st, &vs[k], NULL)) >= 0) {
                 it->route = SHADOWD_ROUTE_INDEX;
                 it->hit = 1;
                 continue;
@@ -4279,14 +4460,14 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
     }
     version_of(&st, &v);
     after_fork(c);
-    if ((*fd_now = held_take(c, &v)) >= 0) {
+    if ((*fd_now = held_take(c, &v, NULL)) >= 0) {
         c->route = SHADOWD_ROUTE_HELD;
         c->hit = 1;
         c->size = v.size;
         c->counts.held++;
         return 0;
     }
-    if ((*fd_now = index_served(c, &st, &v)) >= 0)
+    if ((*fd_now = index_served(c, &st, &v, NULL)) >= 0)
         return 0;
     int why = copy_without_asking(c, &st, 1);
     if (why == SHADOWD_COPIED_NOT) {
@@ -4454,6 +4635,9 @@ shadowd_close(struct shadowd *c)
             slot_free(&p->slots[i]);
     while (p->nheld > 0)
         held_drop(c, p->nheld - 1);
+    if (p->relay >= 0)
+        close(p->relay); /* (in a forked child: its copy of the parent's) */
+    p->relay = p->relay_of = -1;
     if (p->procfd >= 0)
         close(p->procfd); /* (in a forked child: its copy of the parent's) */
     p->procfd = -1;

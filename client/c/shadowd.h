@@ -10,6 +10,8 @@
  * its connection, the memfds of the process-local tier (the routed calls
  * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
  * reopened: the tier's reopens then skip the walk through /proc and self),
+ * one more descriptor number the tier reopens its memfds through (once one
+ * was: a duplicate of the memfd last reopened while that one is held),
  * while it holds the daemon's index an O_PATH fd of the daemon's
  * /proc/PID/fd (and a read-only mapping of the index), sources kept for a
  * cold daemon or for the daemon to cache (shadowd_set_cold, the index) and
@@ -221,6 +223,8 @@ struct shadowd_private_ {
     int connect_later; /* shadowd_connect_start found the backlog full: connect_wait connects */
     int race, late_pending;
     int procfd, procfd_self; /* an O_PATH fd of /proc/self/fd, and whose (current_self) */
+    int relay, relay_self, relay_of; /* the tier's reopen number (held_reopen), whose, and what
+                                      * held fd it duplicates (-1: none) */
     int cold_misses, cold_ms, cold_streak, nhint;
     uint64_t cold_dev, cold_ino; /* the last file missed (a miss of it again is no news) */
     long long cold_until;
@@ -298,6 +302,8 @@ struct shadowd {
         uint64_t index;     /* fds reopened through the daemon's index (no request) */
         uint64_t index_refused; /* index slots of the caller's version whose memfd failed a check */
         uint64_t reported;  /* index hits told to the daemon (report requests sent) */
+        uint64_t read_opens; /* shadowd_open_routed_opath: files it opened for reading */
+        uint64_t unopened;  /* ... and tier hits it served without that open (faccessat2) */
     } counts;
     struct shadowd_private_ priv_;
 };
@@ -473,6 +479,28 @@ int shadowd_open_routed_fd(struct shadowd *c, int src, const char *label);
  * says, exactly as they would the version of the call's own fstat. */
 int shadowd_open_routed_stat(struct shadowd *c, int src, const struct stat *st,
                              const char *label);
+
+/* shadowd_open_routed_stat for a caller that holds the file as an O_PATH
+ * descriptor, *at* (as a supervisor resolves a tracee's path: an O_PATH
+ * open looks without opening, so a FIFO or a device is never opened for
+ * reading), with its fstat *st* (NULL: fstat(at) here). A tier hit (the
+ * process-local tier, the daemon's index) needs the file's stat, not its
+ * bytes: it is served without opening the file for reading, once
+ *   faccessat2(at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS)
+ * says the caller may read it (Linux 5.8; the permission check open
+ * makes, with the credentials open uses). The file is opened for reading
+ * (O_RDONLY | O_NONBLOCK | O_NOCTTY, through /proc/self/fd/AT: the very
+ * inode *st* describes) only when no tier serves it (it is copied here or
+ * passed to the daemon) or that check says no or cannot be made; that open
+ * then decides, and it is closed before the call returns. The check is not
+ * all of open: an LSM that decides at file_open (Landlock, AppArmor), a
+ * fanotify permission listener and the file system's own open see nothing
+ * of a hit; a caller for whom they matter opens the file itself and calls
+ * shadowd_open_routed_stat (client/c/README.md, "The O_PATH source"). -1
+ * as the routed open (errnum EACCES when the caller may not read the
+ * file); counts.read_opens and counts.unopened say which way each file
+ * went. */
+int shadowd_open_routed_opath(struct shadowd *c, int at, const struct stat *st, const char *label);
 
 /* The routed open of *path* relative to *dirfd* (AT_FDCWD, or a directory
  * fd), as openat would: the source is opened with

@@ -18,7 +18,9 @@
  *
  * A demonstration and a measuring instrument, NOT a sandbox: continuing a
  * syscall is racy (the tracee may change the path after we read it), and
- * files are opened with the supervisor's rights. See README.md.
+ * files are opened with the supervisor's rights (in the routed open, a file
+ * a tier serves is not opened at all: client/c proves the supervisor may
+ * read it with faccessat2, which is not all of open). See README.md.
  *
  * Must never: hand the tracee a shadow for anything but a read-only open of
  * a regular file on a real file system; open a path through a /proc magic
@@ -179,6 +181,7 @@ static struct {
     int verbose;
     int open_fd;         /* shadowd mode: shadowd_open_fd instead of the routed open */
     int race;            /* routed: copy while waiting for the daemon's answer */
+    int read_open;       /* routed: open every source for reading first (--read-open) */
     struct shadowd client;
     int connected;       /* the first connect to the daemon worked */
     char last_error[256];
@@ -706,9 +709,12 @@ note_error(const char *fmt, ...)
         say("%s", S.last_error);
 }
 
-/* The shadow of *src* by the mode's means; -1 with errno. */
+/* The shadow of the file by the mode's means; -1 with errno. *src* is our
+ * read-only fd of it, or -1 in the routed open of the O_PATH fd *at*
+ * (shadowd_open_routed_opath: the client opens it for reading only when
+ * no tier serves it). */
 static int
-make_shadow(int src, const struct stat *st, const char *label, enum how *how)
+make_shadow(int at, int src, const struct stat *st, const char *label, enum how *how)
 {
     if (S.mode == COPY) {
         *how = H_COPY;
@@ -730,7 +736,8 @@ make_shadow(int src, const struct stat *st, const char *label, enum how *how)
     }
     /* The routed open never fails because of the daemon: -1 only when the
      * file cannot be read (the tracee's own open will say why). */
-    int fd = shadowd_open_routed_stat(&S.client, src, st, label);
+    int fd = src >= 0 ? shadowd_open_routed_stat(&S.client, src, st, label)
+                      : shadowd_open_routed_opath(&S.client, at, st, label);
     if (fd < 0) {
         errno = S.client.errnum ? S.client.errnum : EIO;
         return -1;
@@ -954,15 +961,24 @@ handle(const struct seccomp_notif *req)
         why = R_TOO_LARGE;
         goto cont;
     }
-    src = reopen(at, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-    if (src < 0) {
-        why = R_OPEN; /* (EACCES: the program's own open will say so) */
-        goto cont;
+    /* The routed open takes the O_PATH fd: a file its tiers serve needs
+     * no read-open (client/c proves access with faccessat2 instead), and
+     * it opens the others through /proc/self/fd as we would. */
+    if (S.mode != SHADOWD || S.open_fd || S.read_open) {
+        src = reopen(at, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (src < 0) {
+            why = R_OPEN; /* (EACCES: the program's own open will say so) */
+            goto cont;
+        }
     }
     enum how how;
     uint64_t made = now_ns();
-    shadow = make_shadow(src, &st, path[0] == '/' ? path : NULL, &how);
+    shadow = make_shadow(at, src, &st, path[0] == '/' ? path : NULL, &how);
     if (shadow < 0) {
+        if (src < 0 && (errno == EACCES || errno == EPERM)) {
+            why = R_OPEN; /* the client's proof of access said no */
+            goto cont;
+        }
         note_error("making a shadow of %s: %s", path, strerror(errno));
         why = R_SHADOW;
         goto cont;
@@ -1091,7 +1107,10 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     }
     fprintf(f, "{\"mode\": \"%s\", \"exit_status\": %d", mode_names[S.mode], exit_status);
     fprintf(f, ", \"open\": \"%s\"",
-            S.mode != SHADOWD ? "" : S.open_fd ? "shadowd_open_fd" : "shadowd_open_routed_stat");
+            S.mode != SHADOWD ? ""
+            : S.open_fd       ? "shadowd_open_fd"
+            : S.read_open     ? "shadowd_open_routed_stat"
+                              : "shadowd_open_routed_opath");
     fprintf(f, ", \"notifications\": %llu, \"shadowed\": %llu, \"continued\": %llu",
             (unsigned long long)S.notifications, (unsigned long long)S.shadowed,
             (unsigned long long)S.continued);
@@ -1109,14 +1128,17 @@ write_stats(int fd, int exit_status, int fds_before, int fds_after)
     fprintf(f, ", \"protocol\": %d", S.client.protocol);
     fprintf(f, ", \"client\": {\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, "
                "\"fast\": %llu, \"missed\": %llu, \"preloaded\": %llu, \"index\": %llu, "
-               "\"index_refused\": %llu, \"reported\": %llu}",
+               "\"index_refused\": %llu, \"reported\": %llu, \"read_opens\": %llu, "
+               "\"unopened\": %llu}",
             (unsigned long long)S.client.counts.daemon, (unsigned long long)S.client.counts.held,
             (unsigned long long)S.client.counts.copied, (unsigned long long)S.client.counts.fast,
             (unsigned long long)S.client.counts.missed,
             (unsigned long long)S.client.counts.preloaded,
             (unsigned long long)S.client.counts.index,
             (unsigned long long)S.client.counts.index_refused,
-            (unsigned long long)S.client.counts.reported);
+            (unsigned long long)S.client.counts.reported,
+            (unsigned long long)S.client.counts.read_opens,
+            (unsigned long long)S.client.counts.unopened);
     fprintf(f, ", \"shadow_ns\": %llu, \"shadow_wall_ns\": %llu, \"shadow_bytes\": %llu",
             (unsigned long long)S.shadow_ns, (unsigned long long)S.shadow_wall_ns,
             (unsigned long long)S.shadow_bytes);
@@ -1164,6 +1186,7 @@ usage(FILE *f)
 {
     fputs("usage: shadowd-supervise [--mode passthrough|copy|shadowd] [--socket PATH]\n"
           "                         [--open-fd | --race] [--no-index | --keep-index-hits]\n"
+          "                         [--read-open]\n"
           "                         [--preload FILE]\n"
           "                         [--backoff MS[,MAX]]\n"
           "                         [--held N[,BYTES]] [--cold N[,MS]] [--stats FILE]\n"
@@ -1186,6 +1209,9 @@ usage(FILE *f)
           "                      shadowd's answer and takes whichever is done first\n"
           "  --no-index          shadowd mode: never use shadowd's index\n"
           "  --keep-index-hits   shadowd mode: index hits also go into the files held\n"
+          "  --read-open         shadowd mode: open every file for reading before the\n"
+          "                      routed open (as before shadowd_open_routed_opath, which\n"
+          "                      opens only the files no tier serves)\n"
           "  --open-fd           shadowd mode: ask shadowd for every file with\n"
           "                      shadowd_open_fd (an index hit, else a request; a\n"
           "                      miss waits for its copy), a local copy when it\n"
@@ -1406,6 +1432,10 @@ main(int argc, char **argv)
         }
         if (strcmp(a, "--race") == 0) {
             S.race = 1;
+            continue;
+        }
+        if (strcmp(a, "--read-open") == 0) {
+            S.read_open = 1;
             continue;
         }
         if (strcmp(a, "--no-index") == 0) {
