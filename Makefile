@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# pytest's worker processes (pytest-xdist): one per core; 0 runs the suite
+# in this one process (`make pytest PYTEST_WORKERS=0`).
+PYTEST_WORKERS ?= auto
 
 .PHONY: run test lint typecheck pytest bench clean
 
@@ -17,7 +20,8 @@ $(VENV)/.installed: pyproject.toml setup.py shadowd/_hotcalls.c
 	$(PIP) -e .
 	touch $@
 
-# What testing adds: pytest, hypothesis, ruff, mypy, build.
+# What testing adds: pytest (with pytest-trio and pytest-xdist), hypothesis,
+# ruff, mypy, build.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
@@ -35,7 +39,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 pytest: $(VENV)/.installed-test
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1684,7 +1684,9 @@ HOST_SOCKET = Path("/run/shadowd/shadowd.sock")
 
 
 @requires_root
-def test_the_socket_rule(driver_bin: str, shared_dir: Path, tmp_path: Path) -> None:
+def test_the_socket_rule(
+    driver_bin: str, shared_dir: Path, tmp_path: Path, host_sockets: None
+) -> None:
     binary = shared_dir / "c_driver"
     shutil.copy(driver_bin, binary)
     binary.chmod(0o755)
