@@ -362,6 +362,16 @@ async def daemon(start_daemon: Any, request: pytest.FixtureRequest) -> Daemon:
     return d
 
 
+@pytest.fixture
+async def one_daemon(start_daemon: Any) -> Daemon:
+    """The daemon fixture's daemon with the hit path in C, and not a second one
+    all in Python: for a test of what the hit path's system calls never touch
+    (the fd count, the CLI's own drawing and parsing, the socket's mode), where
+    the second would run the very same code again."""
+    d: Daemon = await start_daemon("--racy-window", "0.05")
+    return d
+
+
 def settle(*paths: Path, window: float = 0.05) -> None:
     """Wait until the ctimes of *paths* are older than the racy window."""
     newest = max(p.stat().st_ctime for p in paths)
