@@ -11,7 +11,10 @@ PYTEST_WORKERS ?= auto
 
 .PHONY: run test lint typecheck pytest bench clean
 
-PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# --no-compile: a module is byte-compiled when it is first imported, not
+# every module of every package at install (most of what the test tools
+# bring is never imported here).
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile
 
 # What running needs: the package and its three dependencies. setup.py
 # builds the hit path's C extension (shadowd/_hotcalls.c) in place.
@@ -21,10 +24,13 @@ $(VENV)/.installed: pyproject.toml setup.py shadowd/_hotcalls.c
 	touch $@
 
 # What testing adds: pytest (with pytest-trio and pytest-xdist), hypothesis,
-# ruff, mypy, build.
-$(VENV)/.installed-test: $(VENV)/.installed
+# ruff, mypy, build. One install of the package with them, which is also
+# all that running needs (so .installed is done too): not a second build of
+# the package after the first.
+$(VENV)/.installed-test: pyproject.toml setup.py shadowd/_hotcalls.c
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.[test]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
 	$(BIN)/shadowd serve $(ARGS)
