@@ -2319,8 +2319,17 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
     assert r["index"] >= 10_000 and changes > 100, (r, changes)
     assert r["routes"]["daemon"] + r["routes"]["copy"] > 0, r  # the cache did change under it
     with trio.fail_after(30):
-        await ask(d, "close")  # its last report: the daemon may read it after our stats
-        s = await counted_once(daemon, "index_hits", r["index"])
+        await ask(d, "close")  # its last report, its answer waited for
+        counts = await ask(d, "counts")
+        s = await counted_once(daemon, "index_hits", counts["reported"])
+    # The daemon counted every hit reported to it. The C client's reports are
+    # best effort: one is sent only when a request slot is free, and the index
+    # misses' requests, never waited for, leave them four (client/c/shadowd.c
+    # SLOTS_KEPT). On a quiet host all 10,000 are reported; once, in a run of the
+    # suite on two workers with a busy loop on each core, the daemon's count
+    # stayed short of 10,000 on one unbroken connection. Exact counts, at close
+    # too: test_the_daemon_counts_the_index_hits_reported_in_batches.
+    assert s["index_hits"] == counts["reported"] >= r["index"] // 2, (counts, s["index_hits"])
     assert s["evictions"] > 0 and s["invalidations"] > 0, s
 
 
