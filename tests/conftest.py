@@ -2,6 +2,8 @@
 # ctimes, fd counting, and running code as another user.
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -69,6 +71,43 @@ _DROP_AND_SERVE = textwrap.dedent(
 )
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow first, the others in their order: `make test` runs the
+    suite on every core (pytest-xdist), and a long test handed out last would keep
+    one worker busy on its own after the others ran out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@contextlib.contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """Hold the host-wide lock *name* (an flock in the temporary directory) for the block.
+
+    For tests that use a fixed place of the host: they must not overlap one
+    another, whichever pytest process runs them (the other xdist worker of
+    `make test`, or another suite run on the same host).
+    """
+    path = os.path.join(tempfile.gettempdir(), f"shadowd-tests-{name}.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Readable by all: flock needs no write access, so every user's suite can take it.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+@pytest.fixture
+def host_sockets() -> Iterator[None]:
+    """The host's own socket places to this test alone: /run/shadowd/shadowd.sock
+    (the host daemon's) and /run/user/UID/shadowd (a user's), for a test that serves
+    there, makes such a directory, or asserts what is (not) there."""
+    with host_lock("host-sockets"):
+        yield
 
 
 class Daemon:
@@ -320,6 +359,16 @@ async def daemon(start_daemon: Any, request: pytest.FixtureRequest) -> Daemon:
     """
     env = None if request.param == "c" else dict(os.environ, SHADOWD_NO_C="1")
     d: Daemon = await start_daemon("--racy-window", "0.05", env=env)
+    return d
+
+
+@pytest.fixture
+async def one_daemon(start_daemon: Any) -> Daemon:
+    """The daemon fixture's daemon with the hit path in C, and not a second one
+    all in Python: for a test of what the hit path's system calls never touch
+    (the fd count, the CLI's own drawing and parsing, the socket's mode), where
+    the second would run the very same code again."""
+    d: Daemon = await start_daemon("--racy-window", "0.05")
     return d
 
 

@@ -1697,7 +1697,9 @@ HOST_SOCKET = Path("/run/shadowd/shadowd.sock")
 
 
 @requires_root
-def test_the_socket_rule(driver_bin: str, shared_dir: Path, tmp_path: Path) -> None:
+def test_the_socket_rule(
+    driver_bin: str, shared_dir: Path, tmp_path: Path, host_sockets: None
+) -> None:
     binary = shared_dir / "c_driver"
     shutil.copy(driver_bin, binary)
     binary.chmod(0o755)
@@ -2732,14 +2734,20 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
             time.sleep(0.002)
 
     d = driver()
+    # Timeouts no loaded host reaches: a reply 250 ms late (the default) opens
+    # the breaker, whose reconnect drops the index hits not yet reported, and
+    # the daemon's count below must see every one.
     for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("held", 0, 0), (
-            "cold", 0, 0), ("log", "quiet"):  # fmt: skip
+            "cold", 0, 0), ("timeouts", 10_000, 10_000, 0), ("log", "quiet"):  # fmt: skip
         d(*cmd)
     thread = threading.Thread(target=rewriter, daemon=True)
     thread.start()
     try:
-        with trio.fail_after(60):
-            r = await trio.to_thread.run_sync(lambda: d("churn", 10_000, 40, *names, timeout=50))
+        # A few seconds on an idle host; the bound is for a loaded one, where the
+        # daemon caches each new version later and more opens are copies (with
+        # a busy loop on each of this host's two cores: 10-35 s).
+        with trio.fail_after(120):
+            r = await trio.to_thread.run_sync(lambda: d("churn", 10_000, 100, *names, timeout=110))
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -2747,9 +2755,17 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
     assert r["index"] >= 10_000 and changes > 100, (r, changes)
     assert r["routes"]["daemon"] + r["routes"]["copy"] > 0, r  # the cache did change under it
     with trio.fail_after(30):
-        await ask(d, "close")
-        s = await trio.to_thread.run_sync(stats, daemon)
-    assert s["index_hits"] >= r["index"]
+        await ask(d, "close")  # its last report, its answer waited for
+        counts = await ask(d, "counts")
+        s = await counted_once(daemon, "index_hits", counts["reported"])
+    # The daemon counted every hit reported to it. The C client's reports are
+    # best effort: one is sent only when a request slot is free, and the index
+    # misses' requests, never waited for, leave them four (client/c/shadowd.c
+    # SLOTS_KEPT). On a quiet host all 10,000 are reported; once, in a run of the
+    # suite on two workers with a busy loop on each core, the daemon's count
+    # stayed short of 10,000 on one unbroken connection. Exact counts, at close
+    # too: test_the_daemon_counts_the_index_hits_reported_in_batches.
+    assert s["index_hits"] == counts["reported"] >= r["index"] // 2, (counts, s["index_hits"])
     assert s["evictions"] > 0 and s["invalidations"] > 0, s
 
 

@@ -100,7 +100,8 @@ async def test_stats_without_daemon_is_one_clear_line(tmp_path: Path, form: list
     assert "Traceback" not in proc.stderr
 
 
-async def test_socket_created_owner_only_by_default(daemon: Daemon) -> None:
+async def test_socket_created_owner_only_by_default(one_daemon: Daemon) -> None:
+    daemon = one_daemon
     st = os.stat(daemon.socket_path)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
@@ -111,7 +112,8 @@ async def test_socket_mode_flag(start_daemon: Any) -> None:
     assert stat.S_IMODE(os.stat(d.socket_path).st_mode) == 0o660
 
 
-async def test_second_daemon_on_live_socket_refused(daemon: Daemon, tmp_path: Path) -> None:
+async def test_second_daemon_on_live_socket_refused(one_daemon: Daemon, tmp_path: Path) -> None:
+    daemon = one_daemon
     from shadowd_client import Client
 
     f = make_file(tmp_path / "f", b"still served")
@@ -244,7 +246,8 @@ ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.mark.parametrize("tty", [False, True])
-async def test_stats_watch_refreshes_until_interrupted(daemon: Daemon, tty: bool) -> None:
+async def test_stats_watch_refreshes_until_interrupted(one_daemon: Daemon, tty: bool) -> None:
+    daemon = one_daemon
     with trio.fail_after(60):
         code, out = await trio.to_thread.run_sync(lambda: _watch(daemon.socket_path, tty=tty))
     assert code == 0, out
@@ -276,7 +279,8 @@ def test_a_frame_fits_any_terminal() -> None:
     assert fit_frame(["short"], 40, 10) == ["short"]
 
 
-async def test_stats_watch_into_a_closed_pipe_is_quiet(daemon: Daemon) -> None:
+async def test_stats_watch_into_a_closed_pipe_is_quiet(one_daemon: Daemon) -> None:
+    daemon = one_daemon
     script = (
         f"{sys.executable} -m shadowd stats --socket {daemon.socket_path} --watch 0.2 | head -3;"
         ' echo "status ${PIPESTATUS[0]}" >&2'
@@ -392,7 +396,8 @@ async def test_stats_on_what_is_no_shadowd_socket(shared_dir: Path) -> None:
     one_line_error(on_other, 1, str(other_path), "not a shadowd socket")
 
 
-async def test_socket_before_the_command(daemon: Daemon) -> None:
+async def test_socket_before_the_command(one_daemon: Daemon) -> None:
+    daemon = one_daemon
     with trio.fail_after(30):
         proc = await run("--socket", str(daemon.socket_path), "stats", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -46,7 +46,9 @@ def test_errors_are_one_family(tmp_path: Path) -> None:
         assert issubclass(exc, ShadowdError)
 
 
-def test_client_finds_a_socket_path_without_being_told(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_finds_a_socket_path_without_being_told(
+    monkeypatch: pytest.MonkeyPatch, host_sockets: None
+) -> None:
     from shadowd.paths import ROOT_SOCKET, is_socket
 
     monkeypatch.delenv("SHADOWD_SOCKET", raising=False)

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -27,18 +26,20 @@ HELD = "3600"
 
 
 @pytest.fixture
-def idle_jump_clock() -> trio.testing.MockClock:
-    """Virtual time that jumps once the loop has been idle 50 ms of real time.
+def stepped_clock() -> trio.testing.MockClock:
+    """Virtual time that runs as real time until the test stops it (rate 0) and
+    moves it on by hand (jump).
 
-    Not at once, as pytest-trio's autojump_clock does: the daemon's warm-up
-    waits for worker threads before READY=1, and a clock that jumped while it
-    waited would reach the test's deadline first.
+    Never a clock that jumps by itself when the loop is idle (autojump): the
+    daemon's start and stop wait for worker threads, and a thread the host is
+    slow to run (a loaded machine, the suite on every core) left the loop idle
+    long enough for such a clock to jump to the test's deadline.
     """
-    return trio.testing.MockClock(autojump_threshold=0.05)
+    return trio.testing.MockClock(rate=1.0)
 
 
 async def test_ready_status_and_stopping(
-    idle_jump_clock: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    stepped_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     rx = NotifyReceiver()
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + rx.name)
@@ -52,9 +53,17 @@ async def test_ready_status_and_stopping(
                 assert not fds
                 assert ready.splitlines()[0] == "READY=1"
                 assert ready.splitlines()[1].startswith("STATUS=0 files, 0 B cached")
-                await trio.sleep(2.5 * STATUS_INTERVAL)
+                # Two intervals and a half, a step at a time (each sleep of the
+                # status task begins when it woke), from when every task of the
+                # daemon waits: STATUS= twice, not a third time.
+                stepped_clock.rate = 0
+                await trio.testing.wait_all_tasks_blocked()
+                for step in (1.0, 1.0, 0.5):
+                    stepped_clock.jump(step * STATUS_INTERVAL)
+                    await trio.testing.wait_all_tasks_blocked()
                 updates = [m for m, _ in rx.receive_all()]
                 assert len(updates) == 2 and all(m.startswith("STATUS=") for m in updates)
+                stepped_clock.rate = 1.0  # the stop in real time, as the start
                 server.shutdown()
         assert [m for m, _ in rx.receive_all()] == ["STOPPING=1"]
         assert not path.exists()

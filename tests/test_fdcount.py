@@ -153,12 +153,13 @@ async def _hits_and_stats_while_blocked(server: Server, gate: Gate, path: Path, 
         assert s["open_fds"] > 0
 
 
-async def test_a_stats_answer_says_how_old_its_fd_count_is(daemon: Daemon) -> None:
+async def test_a_stats_answer_says_how_old_its_fd_count_is(one_daemon: Daemon) -> None:
     """A count that began after a moment is the daemon's count from then on.
 
     A reply made at t holds a count begun at t - age; t is after the request
     was sent, so age <= sent - since proves the count began after *since*.
     """
+    daemon = one_daemon
 
     def count_after_connecting() -> tuple[dict[str, Any], int]:
         with Client(daemon.socket_path, timeout=10) as c:
@@ -178,10 +179,11 @@ async def test_a_stats_answer_says_how_old_its_fd_count_is(daemon: Daemon) -> No
 
 
 async def test_a_stats_request_after_a_quiet_while_gets_a_count_made_for_it(
-    daemon: Daemon,
+    one_daemon: Daemon,
 ) -> None:
     """Asked once in a while, the daemon answers with a count begun for the request
     (waited for in the connection's task), not the one the previous request started."""
+    daemon = one_daemon
 
     def ask_after_a_while() -> tuple[dict[str, Any], float, int]:
         with Client(daemon.socket_path, timeout=10) as c:

@@ -383,10 +383,12 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
             time.sleep(0.002)
 
     def reader() -> tuple[int, int, int]:
-        opener = Opener(d.socket_path, local_below=0, held_files=0)
+        # A timeout no loaded host reaches: a report 250 ms late (the default)
+        # would be dropped, with its index hits, and opens the breaker.
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=10)
         served = wrong = 0
         rng = random.Random(2)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 100  # seconds on an idle host, tens on a loaded one
         try:
             while opener.index_opens < 10_000 and time.monotonic() < deadline:
                 name = rng.choice(names)

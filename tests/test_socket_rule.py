@@ -61,7 +61,7 @@ def listening(tmp_path: Path) -> Iterator[Any]:
         s.close()
 
 
-def test_the_first_socket_found_wins(tmp_path: Path, listening: Any) -> None:
+def test_the_first_socket_found_wins(tmp_path: Path, listening: Any, host_sockets: None) -> None:
     env = {"XDG_RUNTIME_DIR": str(tmp_path)}
     mine = tmp_path / "shadowd" / "shadowd.sock"
     if not is_socket(ROOT_SOCKET):
@@ -184,7 +184,7 @@ def user_env(xdg: str | None) -> dict[str, str]:
 
 @requires_root
 async def test_a_member_of_the_socket_group_reaches_the_host_daemon(
-    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]], host_sockets: None
 ) -> None:
     lib = make_file(shared_dir / "libbig.so", os.urandom(300 * 1024))  # above local_below
     settle(lib, window=1.0)  # older than the daemon's racy window: the Client's open caches it
@@ -233,7 +233,7 @@ async def test_a_member_of_the_socket_group_reaches_the_host_daemon(
 
 
 @pytest.fixture
-def nobody_runtime() -> Iterator[str]:
+def nobody_runtime(host_sockets: None) -> Iterator[str]:
     """/run/user/NOBODY, made for the test as a login would, removed after."""
     runtime = f"/run/user/{NOBODY}"
     if os.path.lexists(runtime):
