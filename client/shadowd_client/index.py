@@ -254,23 +254,31 @@ class IndexView:
         dev, ino, size, mtime_ns, ctime_ns, memfd_dev, memfd_ino, memfd_ctime_ns = held
         if memfd_dev != self.memfd_dev:
             return False
+        found = self._live_slot(dev, ino)
+        if found is None:
+            return False
+        offset, (seq, _, _, _, s_size, mtime, ctime, _fd, _mode, m_ino, m_ctime) = found
+        same = (s_size, mtime, ctime, m_ino, m_ctime) == (
+            size, mtime_ns, ctime_ns, memfd_ino, memfd_ctime_ns
+        )  # fmt: skip
+        return same and _SEQ.unpack_from(self._map, offset)[0] == seq
+
+    def _live_slot(self, dev: int, ino: int) -> tuple[int, tuple[int, ...]] | None:
+        """The offset and fields of the live slot of (*dev*, *ino*) as read now, or
+        None: not in its probe run. The caller checks the seq again after its use."""
         view = self._map
         start = slot_of(dev, ino, self.slots)
         mask = self.slots - 1
         for i in range(self.probes):
             offset = HEADER + ((start + i) & mask) * SLOT
-            seq, state, s_dev, s_ino, s_size, mtime, ctime, _fd, _mode, m_ino, m_ctime = (
-                _SLOT.unpack_from(view, offset)
-            )
+            fields = _SLOT.unpack_from(view, offset)
+            seq, state, s_dev, s_ino = fields[:4]
             if seq == 0:
-                return False  # never used: the file is not further on
+                return None  # never used: the file is not further on
             if seq & 1 or state != LIVE or s_dev != dev or s_ino != ino:
                 continue
-            same = (s_size, mtime, ctime, m_ino, m_ctime) == (
-                size, mtime_ns, ctime_ns, memfd_ino, memfd_ctime_ns
-            )  # fmt: skip
-            return same and _SEQ.unpack_from(view, offset)[0] == seq
-        return False
+            return offset, fields
+        return None
 
     def _own_fds_again(self) -> None:
         """In a forked child: /proc/self/fd of this process, at the same number (the
@@ -304,23 +312,13 @@ class IndexView:
         """:meth:`open` in Python: the reference the C version follows."""
         if self._closed:
             return None
-        view = self._map
-        dev, ino = st.st_dev, st.st_ino
-        start = slot_of(dev, ino, self.slots)
-        mask = self.slots - 1
-        for i in range(self.probes):
-            offset = HEADER + ((start + i) & mask) * SLOT
-            seq, state, s_dev, s_ino, size, mtime, ctime, fd, mode, m_ino, m_ctime = (
-                _SLOT.unpack_from(view, offset)
-            )
-            if seq == 0:
-                return None  # never used: the file is not further on
-            if seq & 1 or state != LIVE or s_dev != dev or s_ino != ino:
-                continue
-            if (size, mtime, ctime) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                return None  # another version is cached: ask the daemon
-            return self._reopen(offset, seq, (fd, size, mode, m_ino, m_ctime))
-        return None
+        found = self._live_slot(st.st_dev, st.st_ino)
+        if found is None:
+            return None
+        offset, (seq, _, _, _, size, mtime, ctime, fd, mode, m_ino, m_ctime) = found
+        if (size, mtime, ctime) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return None  # another version is cached: ask the daemon
+        return self._reopen(offset, seq, (fd, size, mode, m_ino, m_ctime))
 
     def _is_slots(self, fd: int, memfd: tuple[int, int, int, int, int]) -> bool:
         """Whether *fd* is the memfd the slot names: a regular file of the daemon's
