@@ -168,22 +168,26 @@ static struct {
 } mounts[64];
 static unsigned mounts_used;
 
-static void
-after(struct steps *s, int piddir, const char *path)
+/* Steps 0-3 of both sequences: the tracee's root, the O_PATH look, its statx
+ * and the pseudo-fs judgement once per mount (kept only if *remember*: "after"
+ * keeps the mounts it saw, "opath" only reads them). The O_PATH fd, its root's
+ * in *dir*; -1 (nothing left open) when it is not a regular file. */
+static int
+look(struct steps *s, int piddir, const char *path, int remember, int *dir)
 {
     struct statx sx;
     struct statfs sfs;
     mark = now_ns();
-    int dir = openat(piddir, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    *dir = openat(piddir, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
     step(s, 0, "openat(/proc/PID fd, root)");
-    int at = openat2_path(dir, path);
+    int at = openat2_path(*dir, path);
     step(s, 1, "openat2 O_PATH");
     if (at < 0 || statx(at, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE, &sx) < 0 ||
         !S_ISREG(sx.stx_mode)) {
         if (at >= 0)
             close(at);
-        close(dir);
-        return;
+        close(*dir);
+        return -1;
     }
     step(s, 2, "statx");
     unsigned i = 0;
@@ -192,10 +196,20 @@ after(struct steps *s, int piddir, const char *path)
         i++;
     if (!known || i == mounts_used) {
         fstatfs(at, &sfs);
-        if (known && mounts_used < 64)
+        if (remember && known && mounts_used < 64)
             mounts[mounts_used++].id = sx.stx_mnt_id;
     }
     step(s, 3, "fstatfs (once per mount)");
+    return at;
+}
+
+static void
+after(struct steps *s, int piddir, const char *path)
+{
+    int dir;
+    int at = look(s, piddir, path, 1, &dir);
+    if (at < 0)
+        return;
     int src = reopen(at);
     step(s, 4, "reopen /proc/self/fd/N");
     int lo = dir < at ? dir : at, hi = dir > at ? dir : at;
@@ -213,28 +227,10 @@ after(struct steps *s, int piddir, const char *path)
 static void
 opath(struct steps *s, int piddir, const char *path)
 {
-    struct statx sx;
-    struct statfs sfs;
-    mark = now_ns();
-    int dir = openat(piddir, "root", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    step(s, 0, "openat(/proc/PID fd, root)");
-    int at = openat2_path(dir, path);
-    step(s, 1, "openat2 O_PATH");
-    if (at < 0 || statx(at, "", AT_EMPTY_PATH, STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE, &sx) < 0 ||
-        !S_ISREG(sx.stx_mode)) {
-        if (at >= 0)
-            close(at);
-        close(dir);
+    int dir;
+    int at = look(s, piddir, path, 0, &dir);
+    if (at < 0)
         return;
-    }
-    step(s, 2, "statx");
-    unsigned i = 0;
-    int known = (sx.stx_mask & STATX_MNT_ID_UNIQUE) != 0;
-    while (known && i < mounts_used && mounts[i].id != sx.stx_mnt_id)
-        i++;
-    if (!known || i == mounts_used)
-        fstatfs(at, &sfs); /* ("after" keeps the mounts it saw) */
-    step(s, 3, "fstatfs (once per mount)");
     syscall(SYS_faccessat2, at, "", R_OK, AT_EMPTY_PATH | AT_EACCESS);
     step(s, 4, "faccessat2 (no reopen)");
     int lo = dir < at ? dir : at, hi = dir > at ? dir : at;
