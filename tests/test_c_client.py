@@ -2466,6 +2466,17 @@ async def test_the_opath_call_never_opens_a_fifo(
         assert (r["fd"], r["code"], r["route"]) == (-1, "not-regular", "none"), r
 
 
+async def _hold_in_the_tier_alone(d: Any, socket_path: Path, *files: Path) -> None:
+    """The driver *d* on *socket_path*, without the index and with the tier's bound
+    a minute, preloads *files* until it holds them all."""
+    for cmd in ("socket", socket_path), ("index", 0, 0), ("heldrecheck", 60_000):
+        await ask(d, *cmd)
+    deadline = time.monotonic() + 10
+    while (await ask(d, "preload", *files))["held"] < len(files):
+        assert time.monotonic() < deadline, "the daemon never cached them"
+        await trio.sleep(0.01)
+
+
 def _unreadable_and_readable(shared_dir: Path) -> tuple[Path, Path]:
     """Root's file of mode 000 and a readable one, both above the copy crossover,
     in a directory every user may traverse; settled."""
@@ -2490,12 +2501,7 @@ async def test_the_opath_call_serves_no_held_file_to_a_file_system_uid_that_may_
     user = test_uid(0)
     d = driver()
     with trio.fail_after(60):
-        for cmd in ("socket", daemon.socket_path), ("index", 0, 0), ("heldrecheck", 60_000):
-            await ask(d, *cmd)
-        deadline = time.monotonic() + 10
-        while (await ask(d, "preload", secret, public))["held"] < 2:
-            assert time.monotonic() < deadline, "the daemon never cached them"
-            await trio.sleep(0.01)
+        await _hold_in_the_tier_alone(d, daemon.socket_path, secret, public)
         as_root = await ask(d, "routedopath", secret)
         assert (await ask(d, "setfsuid", user))["fsuid"] == user
         before = await ask(d, "counts")
@@ -2609,12 +2615,7 @@ async def test_a_process_that_became_another_user_gets_no_held_file_it_may_not_r
     user = test_uid(2)
     d = driver()
     with trio.fail_after(60):
-        for cmd in ("socket", daemon.socket_path), ("index", 0, 0), ("heldrecheck", 60_000):
-            await ask(d, *cmd)
-        deadline = time.monotonic() + 10
-        while (await ask(d, "preload", secret, public))["held"] < 2:
-            assert time.monotonic() < deadline, "the daemon never cached them"
-            await trio.sleep(0.01)
+        await _hold_in_the_tier_alone(d, daemon.socket_path, secret, public)
         as_root = await ask(d, "routedopath", secret)
         dropped = await ask(d, "dropuid", user)
         denied = await ask(d, "routedopath", secret)
