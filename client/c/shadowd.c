@@ -3393,45 +3393,56 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
     return fd;
 }
 
+/* The live slot of (*dev*, *ino*) in the index, its seq (as read, to be
+ * read again after the slot's use) in *seq*; NULL: not in its probe run. */
+static const struct index_slot *
+index_find(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino, uint32_t *seq)
+{
+    uint32_t mask = p->index_slots - 1, home = index_home(dev, ino, p->index_slots);
+    for (uint32_t i = 0; i < p->index_probes; i++) {
+        const struct index_slot *s =
+            (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);
+        *seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (*seq == 0)
+            return NULL; /* never used: the file is not further on */
+        if ((*seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != dev || LOAD(s->ino) != ino)
+            continue;
+        return s;
+    }
+    return NULL;
+}
+
 /* A hit through the index for the file whose fstat is *st*, or -1; with
  * *pr*, only once may_read says the caller may read the file. */
 static int
 index_lookup(struct shadowd *c, const struct stat *st, struct proof *pr)
 {
     struct shadowd_private_ *p = P(c);
-    uint64_t dev = (uint64_t)st->st_dev, ino = (uint64_t)st->st_ino;
-    uint32_t mask = p->index_slots - 1, home = index_home(dev, ino, p->index_slots);
-    for (uint32_t i = 0; i < p->index_probes; i++) {
-        const struct index_slot *s =
-            (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);
-        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
-        if (seq == 0)
-            return -1; /* never used: the file is not further on */
-        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != dev || LOAD(s->ino) != ino)
-            continue;
-        struct index_slot got;
-        got.size = LOAD(s->size);
-        got.mtime_ns = LOAD(s->mtime_ns);
-        got.ctime_ns = LOAD(s->ctime_ns);
-        if (got.size != (uint64_t)st->st_size ||
-            got.mtime_ns != (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec ||
-            got.ctime_ns != (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec)
-            return -1; /* another version is cached: the daemon decides */
-        if (!may_read(c, pr))
-            return -1;
-        got.fd = LOAD(s->fd);
-        got.mode = LOAD(s->mode);
-        got.memfd_ino = LOAD(s->memfd_ino);
-        got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
-        int refused = 0;
-        int fd = index_reopen(c, s, seq, &got, &refused);
-        if (fd < 0 && refused)
-            c->counts.index_refused++;
-        if (fd < 0 && !refused && p->live)
-            drain(c); /* the daemon gone? its connection says so (and the index goes) */
-        return fd;
-    }
-    return -1;
+    uint32_t seq;
+    const struct index_slot *s = index_find(p, (uint64_t)st->st_dev, (uint64_t)st->st_ino, &seq);
+    if (s == NULL)
+        return -1;
+    struct index_slot got;
+    got.size = LOAD(s->size);
+    got.mtime_ns = LOAD(s->mtime_ns);
+    got.ctime_ns = LOAD(s->ctime_ns);
+    if (got.size != (uint64_t)st->st_size ||
+        got.mtime_ns != (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec ||
+        got.ctime_ns != (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec)
+        return -1; /* another version is cached: the daemon decides */
+    if (!may_read(c, pr))
+        return -1;
+    got.fd = LOAD(s->fd);
+    got.mode = LOAD(s->mode);
+    got.memfd_ino = LOAD(s->memfd_ino);
+    got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
+    int refused = 0;
+    int fd = index_reopen(c, s, seq, &got, &refused);
+    if (fd < 0 && refused)
+        c->counts.index_refused++;
+    if (fd < 0 && !refused && p->live)
+        drain(c); /* the daemon gone? its connection says so (and the index goes) */
+    return fd;
 }
 
 /* The index's fd for the file open at *src* whose fstat is *st*, counted,
@@ -3465,23 +3476,15 @@ index_names(const struct shadowd_private_ *p, const struct shadowd_held_ *h)
 {
     if (h->memfd_dev != p->index_memfd_dev)
         return 0;
-    uint32_t mask = p->index_slots - 1, home = index_home(h->dev, h->ino, p->index_slots);
-    for (uint32_t i = 0; i < p->index_probes; i++) {
-        const struct index_slot *s =
-            (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);
-        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
-        if (seq == 0)
-            return 0; /* never used: the file is not further on */
-        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != h->dev ||
-            LOAD(s->ino) != h->ino)
-            continue;
-        int same = LOAD(s->size) == h->size && LOAD(s->mtime_ns) == h->mtime_ns &&
-                   LOAD(s->ctime_ns) == h->ctime_ns && LOAD(s->memfd_ino) == h->memfd_ino &&
-                   LOAD(s->memfd_ctime_ns) == h->memfd_ctime_ns;
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        return same && LOAD(s->seq) == seq;
-    }
-    return 0;
+    uint32_t seq;
+    const struct index_slot *s = index_find(p, h->dev, h->ino, &seq);
+    if (s == NULL)
+        return 0;
+    int same = LOAD(s->size) == h->size && LOAD(s->mtime_ns) == h->mtime_ns &&
+               LOAD(s->ctime_ns) == h->ctime_ns && LOAD(s->memfd_ino) == h->memfd_ino &&
+               LOAD(s->memfd_ctime_ns) == h->memfd_ctime_ns;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return same && LOAD(s->seq) == seq;
 }
 
 /* Whether the process-local tier checks its entries against the index:
