@@ -1099,33 +1099,47 @@ index_reopen(const struct index_view *v, const struct index_slot *s, uint32_t se
     return served;
 }
 
+/* The live slot of *w*'s (dev, ino) in the index *map*, its seq (as read,
+ * to be read again after the slot's use) in *seq*; NULL: not in its probe
+ * run. */
+static const struct index_slot *
+index_live_slot(const unsigned char *map, uint32_t slots, uint32_t probes,
+                const struct index_want *w, uint32_t *seq)
+{
+    uint32_t mask = slots - 1, start = index_home(w->dev, w->ino, slots);
+    for (uint32_t i = 0; i < probes; i++) {
+        const struct index_slot *s =
+            (const void *)(map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);
+        *seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (*seq == 0)
+            return NULL; /* never used: the file is not further on */
+        if ((*seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != w->dev ||
+            LOAD(s->ino) != w->ino)
+            continue;
+        return s;
+    }
+    return NULL;
+}
+
 /* IndexView.open: the slot of *w*'s file, found and reopened, or -1. */
 static int
 index_find(const struct index_view *v, const struct index_want *w)
 {
-    uint32_t mask = v->slots - 1, start = index_home(w->dev, w->ino, v->slots);
-    for (uint32_t i = 0; i < v->probes; i++) {
-        const struct index_slot *s =
-            (const void *)(v->map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);
-        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
-        if (seq == 0)
-            return -1; /* never used: the file is not further on */
-        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != w->dev ||
-            LOAD(s->ino) != w->ino)
-            continue;
-        struct index_slot got;
-        got.size = LOAD(s->size);
-        got.mtime_ns = LOAD(s->mtime_ns);
-        got.ctime_ns = LOAD(s->ctime_ns);
-        if (got.size != w->size || got.mtime_ns != w->mtime_ns || got.ctime_ns != w->ctime_ns)
-            return -1; /* another version is cached: ask the daemon */
-        got.fd = LOAD(s->fd);
-        got.mode = LOAD(s->mode);
-        got.memfd_ino = LOAD(s->memfd_ino);
-        got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
-        return index_reopen(v, s, seq, &got);
-    }
-    return -1;
+    uint32_t seq;
+    const struct index_slot *s = index_live_slot(v->map, v->slots, v->probes, w, &seq);
+    if (s == NULL)
+        return -1;
+    struct index_slot got;
+    got.size = LOAD(s->size);
+    got.mtime_ns = LOAD(s->mtime_ns);
+    got.ctime_ns = LOAD(s->ctime_ns);
+    if (got.size != w->size || got.mtime_ns != w->mtime_ns || got.ctime_ns != w->ctime_ns)
+        return -1; /* another version is cached: ask the daemon */
+    got.fd = LOAD(s->fd);
+    got.mode = LOAD(s->mode);
+    got.memfd_ino = LOAD(s->memfd_ino);
+    got.memfd_ctime_ns = LOAD(s->memfd_ctime_ns);
+    return index_reopen(v, s, seq, &got);
 }
 
 /* An unsigned field of the caller's stat: 1 read, 0 out of range (equal to
@@ -1339,23 +1353,15 @@ static int
 index_holds_slot(const unsigned char *map, uint32_t slots, uint32_t probes,
                  const struct index_want *w, uint64_t memfd_ino, long long memfd_ctime)
 {
-    uint32_t mask = slots - 1, start = index_home(w->dev, w->ino, slots);
-    for (uint32_t i = 0; i < probes; i++) {
-        const struct index_slot *s =
-            (const void *)(map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);
-        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
-        if (seq == 0)
-            return 0; /* never used: the file is not further on */
-        if ((seq & 1) || LOAD(s->state) != INDEX_LIVE || LOAD(s->dev) != w->dev ||
-            LOAD(s->ino) != w->ino)
-            continue;
-        int same = LOAD(s->size) == w->size && LOAD(s->mtime_ns) == w->mtime_ns &&
-                   LOAD(s->ctime_ns) == w->ctime_ns && LOAD(s->memfd_ino) == memfd_ino &&
-                   LOAD(s->memfd_ctime_ns) == memfd_ctime;
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        return same && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == seq;
-    }
-    return 0;
+    uint32_t seq;
+    const struct index_slot *s = index_live_slot(map, slots, probes, w, &seq);
+    if (s == NULL)
+        return 0;
+    int same = LOAD(s->size) == w->size && LOAD(s->mtime_ns) == w->mtime_ns &&
+               LOAD(s->ctime_ns) == w->ctime_ns && LOAD(s->memfd_ino) == memfd_ino &&
+               LOAD(s->memfd_ctime_ns) == memfd_ctime;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return same && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == seq;
 }
 
 PyDoc_STRVAR(index_holds_doc,
