@@ -15,10 +15,14 @@
 # whole round for each one queued before it.
 #
 # A peer turned away may have sent datagrams before it was accepted, with
-# descriptors: read or closed unread, they are closed by the kernel in the
-# thread that does it, and the last close of a large file a client unlinked
-# frees it (attack 19). So its socket is drained and closed in a worker
-# thread, REFUSED_OFF_LOOP of them at most waiting; past that, on the loop.
+# descriptors: read without room for them, or closed unread, they are closed
+# by the kernel in the thread that does it, and such a last close can wait
+# without bound (a TCP socket lingering over unsent data, attack 21; the free
+# of a large file a client unlinked, attack 19). So its reading is shut down
+# and what it queued received here (connection.drain_final), the descriptors
+# given to the Closer on its uid's quota; a socket with anything still queued
+# (more datagrams than a turn-away reads, or fds past its uid's bound) is
+# closed by a worker on that quota, never on the loop.
 #
 # Must never: wait on a peer that is turned away (one reply tried without
 # waiting, a bounded drain, the close); take connections for longer than its
@@ -31,7 +35,6 @@
 # counting it earlier for a peer that hung up).
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import socket
@@ -42,7 +45,7 @@ import attrs
 import trio
 
 from .access import Gate, Peer, Seat, reads_daemon_fds
-from .connection import SEND_FLAGS, Connection, Services
+from .connection import SEND_FLAGS, Connection, Services, drain_final
 from .errors import RequestError
 from .fds import move_high
 from .metrics import StatsCollector
@@ -53,7 +56,8 @@ from .refusals import Refusals
 # name operators (and tests/test_cli.py) know them by.
 logger = logging.getLogger("shadowd.server")
 
-# Datagrams read and dropped from a peer that is turned away.
+# Datagrams read from a peer that is turned away (the rest, if any, are the
+# Closer's, with its socket).
 _DRAIN_AT_REFUSAL = 8
 
 #: Seconds of accepting in one slice at most, however long the poller's
@@ -62,9 +66,6 @@ _DRAIN_AT_REFUSAL = 8
 ACCEPT_MAX_TIME = 0.01
 #: Connections taken in one slice at most.
 ACCEPT_BUDGET = 256
-#: Sockets of peers turned away that wait for a worker to drain and close them,
-#: at most (each holds an fd meanwhile).
-REFUSED_OFF_LOOP = 64
 
 _now = time.perf_counter
 
@@ -92,10 +93,6 @@ class Acceptor:
     #: Seconds of the poller's longest round since the last call (Poller.longest_round):
     #: the length of a slice of accepts.
     pace: Callable[[], float] = lambda: 0.0
-    #: The worker threads that drain and close the sockets of peers turned away.
-    refused_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(2))
-    #: Those sockets handed to them and not closed yet.
-    refused_closing: int = 0
 
     async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
@@ -151,14 +148,12 @@ class Acceptor:
         try:
             seat = self.gate.admit(peer, sock)
         except RequestError as exc:
-            self._turn_away(sock, peer, exc, nursery)
+            self._turn_away(sock, peer, exc)
             return
         self.collector.clients_total += 1
         nursery.start_soon(self._run_connection, sock, peer, seat, nursery)
 
-    def _turn_away(
-        self, sock: socket.socket, peer: Peer, exc: RequestError, nursery: trio.Nursery
-    ) -> None:
+    def _turn_away(self, sock: socket.socket, peer: Peer, exc: RequestError) -> None:
         """Tell a refused peer why (without waiting), then close its connection."""
         self.refusals.count(peer, exc.code, exc.message)
         data, _ = encode_reply(ErrorReply(id=None, code=exc.code, message=exc.message))
@@ -166,19 +161,17 @@ class Acceptor:
             sock.sendmsg([data], [], SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
-        if self.refused_closing < REFUSED_OFF_LOOP:
-            self.refused_closing += 1
-            nursery.start_soon(self._close_refused, sock)
+        # What a close here may wait on goes on the peer's uid (a share made
+        # for it if it has none, forgotten once idle), as an admitted peer's.
+        share = self.gate.share_of(peer.uid)
+        budget, discard = self.services.budget, self.services.discard
+        fds, empty = drain_final(sock, _DRAIN_AT_REFUSAL, lambda n: budget.allows(share.fds, n))
+        if fds:
+            discard(fds, share)
+        if empty:
+            sock.close()  # nothing of the peer's left in it to release
         else:
-            _drain_and_close(sock)
-
-    async def _close_refused(self, sock: socket.socket) -> None:
-        try:
-            await trio.to_thread.run_sync(_drain_and_close, sock, limiter=self.refused_limiter)
-        finally:
-            self.refused_closing -= 1
-            if sock.fileno() >= 0:
-                sock.close()  # cancelled (shutdown) before a worker took it
+            discard([sock.detach()], share)
 
     # -- one connection --------------------------------------------------
 
@@ -237,20 +230,3 @@ class Acceptor:
         finally:
             conn.release()
             self.gate.leave(seat)
-
-
-def _drain_and_close(sock: socket.socket) -> None:
-    """Drop up to _DRAIN_AT_REFUSAL datagrams of a peer turned away, then close its
-    socket. Received without room for descriptors: the kernel drops them as it
-    would at the close, with no flush (a close of ours would wait on a FUSE
-    server), in the thread that calls this."""
-    try:
-        for _ in range(_DRAIN_AT_REFUSAL):
-            try:
-                if not sock.recv(1, socket.MSG_DONTWAIT):
-                    break
-            except OSError:
-                break
-    finally:
-        with contextlib.suppress(OSError):  # the number is released either way
-            sock.close()

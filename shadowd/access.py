@@ -300,6 +300,17 @@ class Gate:
         self.clients += 1
         return seat
 
+    def share_of(self, uid: int) -> UidShare:
+        """*uid*'s share; for a peer turned away whose uid has none, one made now (its
+        quota and fd budget take what closing that peer's socket may cost), forgotten
+        once idle like the share of a uid whose last connection left."""
+        share = self._shares.get(uid)
+        if share is None:
+            share = UidShare(uid, Quota(self.limits.max_copies_per_uid, self.hits))
+            self._shares[uid] = share
+            self._lingering.add(share)
+        return share
+
     def _make_room(self, share: UidShare | None) -> bool:
         """Give back the seats, of *share*'s uid or of every uid (None), whose peers
         have hung up and whose connections can only end; whether that made room.

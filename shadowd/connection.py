@@ -13,7 +13,9 @@
 # any order, so a reply's turn is taken when it is made, not when its task
 # first runs);
 # leave a received fd unclosed on any path (a job that is never answered is
-# dropped with its fds); let one client's bug end anyone else's connection.
+# dropped with its fds); close on the loop a socket that still has a peer's
+# fds queued (the kernel would release them here: drain_final); let one
+# client's bug end anyone else's connection.
 from __future__ import annotations
 
 import collections
@@ -128,31 +130,66 @@ class Services:
     answer: Callable[[Connection], bool]
 
 
-def drop_unread(sock: socket.socket, limit: int) -> list[int]:
-    """Read and drop up to *limit* datagrams the peer sent that we will not answer;
-    return the fds they carried, for the caller to close.
+def drain_final(
+    sock: socket.socket, limit: int, room: Callable[[int], bool] = lambda _n: True
+) -> tuple[list[int], bool]:
+    """Make what the peer queued on *sock* final and read it, before *sock* is closed:
+    the fds its datagrams carried (for the caller to give to the Closer), and whether
+    nothing is left queued (then closing *sock* releases nothing of the peer's).
 
-    Closing with unread data makes the peer's next read fail with
-    ECONNRESET before it sees the replies already queued for it. The fds are
-    received rather than left to the kernel, which would close them in this
-    thread: the last close of a large file a client unlinked frees it, which
-    must not happen on the loop (attack 19; closing.Closer knows such fds).
+    Reading is shut down first (the peer's sends fail from then on), so the
+    queue only shrinks. Each datagram is received with room for every fd it
+    may carry, and with its sender's credentials (SO_PASSCRED), which tell a
+    datagram (even an empty one without fds) from the end of the queue. At
+    most *limit* datagrams are read; while *room(n)* says no to n more fds,
+    a datagram that carries fds is left queued (looked at with MSG_PEEK, whose
+    duplicates are closed at once: the queue still holds the file, so that is
+    never its last close) and the queue is not empty.
+
+    The kernel drops what a socket still has queued in the thread that closes
+    it (or that reads it without room for its fds), and the last close of a
+    file can wait without bound: a TCP socket set to linger over unsent data
+    (attack 21), a large file a client unlinked (attack 19). So a socket whose
+    queue is not empty must be closed where waiting costs only its peer's uid
+    (Closer.discard: a worker on its quota), never on the loop.
     """
     fds: list[int] = []
+    try:
+        sock.shutdown(socket.SHUT_RD)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    except OSError:
+        return fds, False  # not known: as if something were queued
     for _ in range(limit):
+        peek = not room(len(fds) + SCM_MAX_FD)
         try:
-            n, anc, _flags, _ = sock.recvmsg(1, _DROP_ANCSIZE, _DROP_FLAGS)
+            _n, anc, flags, _ = sock.recvmsg(
+                1, _FINAL_ANCSIZE, _DROP_FLAGS | (_PEEK if peek else 0)
+            )
         except OSError:
-            break
-        if anc:
-            fds.extend(fds_from_ancdata(anc))
-        elif not n:
-            break
-    return fds
+            return fds, False
+        if not anc:
+            return fds, True  # the end: a datagram comes with its sender's credentials
+        got = fds_from_ancdata(anc)
+        if flags & MSG_CTRUNC:
+            # No room in our fd table: the kernel dropped the rest, here.
+            logger.warning("fds of a closing connection dropped by the kernel (fd limit)")
+        if peek:
+            if got:
+                close_all(got)  # duplicates: the queued datagram still holds them
+                return fds, False
+            try:  # no fds: taken out of the queue, nothing to release
+                sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
+            except OSError:
+                return fds, False
+            continue
+        fds.extend(got)
+    return fds, False
 
 
-_DROP_ANCSIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 _DROP_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_PEEK = int(socket.MSG_PEEK)
+# Room for every fd a datagram may carry and for its sender's credentials.
+_FINAL_ANCSIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(12)
 
 
 @attrs.define(eq=False)
@@ -177,6 +214,8 @@ class Connection:
     outbox: Outbox = attrs.field(factory=Outbox)
     #: Whether its task answers a job the poller handed over.
     answering: bool = False
+    #: Whether nothing the peer sent is left queued (drain_final said so).
+    _drained: bool = attrs.field(default=False, init=False)
 
     # -- descriptors sent and held for the peer (inflight.py) ------------
 
@@ -348,7 +387,7 @@ class Connection:
         if self.job is not None:
             self._drop_job(self.job)
             self.job = None
-        self._drop_unread()
+        self._drain()
         self.refresh()
         if self.outbox.fds:
             return False
@@ -361,14 +400,21 @@ class Connection:
             self._use(-self.outbox.fds)
             self.outbox = Outbox()
         self.share.members.discard(self)
-        # What the peer sent since close() (while it lingered) goes as the
-        # rest did, its fds through discard, before the close would leave
-        # them to the kernel here.
-        self._drop_unread()
-        self.sock.close()
+        # What close() left queued (its uid had no room for more fds then)
+        # goes as the rest did, its fds through discard; a queue still not
+        # empty is closed by a worker on the uid's quota, never here.
+        if not self._drained:
+            self._drain()
+        if self._drained:
+            self.sock.close()
+        else:
+            self.services.discard([self.sock.detach()], self.share)
 
-    def _drop_unread(self) -> None:
-        fds = drop_unread(self.sock, DRAIN_AT_CLOSE)
+    def _drain(self) -> None:
+        budget, share = self.services.budget, self.share
+        fds, self._drained = drain_final(
+            self.sock, DRAIN_AT_CLOSE, lambda n: budget.allows(share.fds, n)
+        )
         if fds:
             self.services.discard(fds, self.share)
 

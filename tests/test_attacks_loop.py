@@ -7,8 +7,10 @@
 # victim's hit. The daemon runs as a real subprocess, the attacker as another
 # uid, the victim as root. Then what the loop did for a client besides
 # answering: the last close of a large file the client unlinked (attack 19:
-# which thread made it, as fanotify says), and the order of replies that
-# waited for room (attack 20).
+# which thread made it, as fanotify says), the order of replies that
+# waited for room (attack 20), and what a peer leaves queued on a socket the
+# daemon closes (attack 21: a lingering TCP socket's close, which thread
+# waits in it; descriptors queued past the uid's bound).
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
@@ -490,3 +492,185 @@ async def test_replies_that_wait_for_room_keep_the_order_of_their_requests(
                 assert ids == list(range(1, PIPELINED + 1)), [
                     (a, b) for a, b in itertools.pairwise(ids) if b < a
                 ][:5]
+
+
+# Attack 21: a TCP socket whose peer never reads, with SO_LINGER set: the last
+# close of it waits up to the linger time (here an hour) in whichever thread
+# makes it, and when its last reference is in a datagram queued on the daemon's
+# socket, the thread that drops that datagram (a read without room for the
+# descriptors, or the close of the socket) makes it.
+LINGERING = """
+import array, os, socket, struct
+path = {path!r}
+def lingering():
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(lst.getsockname())
+    peer, _ = lst.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lst.close()
+    c.setblocking(False)
+    try:
+        while True:
+            c.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    return c, peer
+peers, socks = [], []
+def connection(carry):
+    if carry:
+        c, peer = lingering()
+        peers.append(peer)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    socks.append(s)
+    if carry:
+        rights = array.array("i", [c.fileno()]).tobytes()
+        s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        c.close()  # the daemon's is the last reference
+    return s
+recv()
+for i in range({n}):
+    connection(i in (0, 1) or i == {n} - 1)
+out("sent")
+recv()
+for p in peers:
+    p.close()  # a reset: every lingering close ends
+for s in socks:
+    s.close()
+out("released")
+recv()
+"""
+
+
+def _lingering_closes(pid: int) -> list[int]:
+    """The threads of process *pid* that wait in the last close of a lingering socket."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "sk_stream_wait_close" in (task / "stack").read_text():
+                found.append(int(task.name))
+    return found
+
+
+async def test_a_peer_turned_away_cannot_hold_the_loop_with_a_lingering_socket(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 21: a peer the daemon turns away (another uid, not in --allow-uid)
+    sends, before it is accepted, a TCP socket set to linger an hour over unsent
+    data, and closes its own descriptor of it. Two such peers, 64 that send
+    nothing, and a third such peer: before, the two workers that drain and close
+    turned-away peers each waited in that last close, the next 64 waited for them,
+    and the loop drained and closed the third itself (past 64 waiting), waiting
+    the hour: no request of anyone was answered. Now the loop reads what a
+    turned-away peer queued (descriptors received, never dropped) and gives what
+    may wait to workers on the peer uid's quota: a root client's hit is answered
+    at once, and once the attacker lets the sockets go, the daemon's fd count
+    comes back to its baseline."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    src = os.open(f, os.O_RDONLY)
+    child = spawn_as(ATTACKER, LINGERING.format(path=str(d.socket_path), n=67))
+    try:
+        with trio.fail_after(120):
+            with Raw(d.socket_path, timeout=30) as raw:
+                for i in itertools.count():  # until it is cached
+                    reply, fds = await trio.to_thread.run_sync(
+                        raw.call, {"op": "open", "id": i, "wait": True}, [src]
+                    )
+                    close_all(fds)
+                    if reply.get("hit"):
+                        break
+                    await trio.sleep(0.02)
+            baseline = await trio.to_thread.run_sync(d.quiet_fds)
+            with stopped(d):  # every datagram queued before its peer is accepted
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv) == "sent"
+            # A new connection, after every one of the attacker's: each was
+            # turned away first. 10 s: far past what a hit takes, far short
+            # of the hour the loop waited before.
+            with Raw(d.socket_path, timeout=10) as victim:
+                reply, fds = await trio.to_thread.run_sync(
+                    victim.call, {"op": "open", "id": 2}, [src]
+                )
+                close_all(fds)
+                assert reply["ok"] and reply["hit"], reply
+            # The attack did bite: threads of the daemon wait in those closes,
+            # none of them the loop's.
+            deadline = time.monotonic() + 10
+            while not (waiting := _lingering_closes(d.pid)) and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert waiting and d.pid not in waiting, waiting
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv) == "released"
+            deadline = time.monotonic() + 20
+            while d.open_fds() > baseline and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert d.open_fds() <= baseline, d.fd_targets()
+            assert "Traceback" not in d.log()
+    finally:
+        child.close()
+        os.close(src)
+
+
+FLOODED = """
+import array, msgpack, os, resource, socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # fds in flight count against it
+r, w = os.pipe()
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r] * 253).tobytes())]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({path!r})
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 2}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+recv()
+sent = 0
+s.setblocking(False)
+try:
+    for i in range({datagrams}):
+        s.sendmsg([msgpack.packb({{"op": "open", "id": i + 1}})], rights)
+        sent += 1
+except BlockingIOError:
+    pass
+s.close()  # the connection ends with its datagrams unread
+out(sent)
+recv()
+"""
+
+
+async def test_a_connection_that_ends_with_descriptors_queued_is_held_to_its_uids_bound(
+    start_daemon: Any,
+) -> None:
+    """Attack 21's second way: a connection of another uid queues datagrams of 253
+    descriptors each (a pipe's, the same one: sending costs nothing) and ends.
+    Before, the daemon received every descriptor still queued at once, whatever
+    its uid's bound (13,000 and more into its fd table, each then closed in a
+    worker on the uid's quota, two at a time: seconds near the fd limit, when
+    another uid's hit fails for want of a descriptor). Now it receives them only
+    while the uid's bound has room, and a worker on the uid's quota closes the
+    socket with the rest: the daemon's fd count stays within the bound (and a
+    datagram's worth) of its baseline, and comes back to it."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--max-fds-per-uid", "512")
+    child = spawn_as(ATTACKER, FLOODED.format(path=str(d.socket_path), datagrams=60))
+    peak = 0
+    try:
+        with trio.fail_after(60):
+            baseline = await trio.to_thread.run_sync(d.quiet_fds)
+            child.send(1)
+            sent = await trio.to_thread.run_sync(child.recv)
+            assert sent >= 40, sent  # so many that the bound cannot take them
+            deadline = time.monotonic() + 20
+            while (now := d.open_fds()) > baseline and time.monotonic() < deadline:
+                peak = max(peak, now - baseline)
+                await trio.sleep(0.005)
+            assert d.open_fds() <= baseline, d.fd_targets()
+        # The uid's bound, a datagram's worth past it, and a few for the socket.
+        assert peak <= 512 + 2 * 253 + 16, peak
+    finally:
+        child.close()

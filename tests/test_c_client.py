@@ -2182,6 +2182,76 @@ async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
     assert after["route"] == "copy"
 
 
+# Run as pid 1 of a pid namespace of its own (unshare): a decoy made with the
+# daemon's pid there (ns_last_pid), holding a descriptor at the number the
+# index header gives for the daemon's own descriptor of it; then the driver.
+_DECOY_THEN_DRIVER = """
+import os, sys
+dpid, index_fd, binary = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(dpid - 1))
+ready_r, ready_w = os.pipe()
+hold_r, hold_w = os.pipe()
+if os.fork() == 0:
+    os.dup2(hold_r, index_fd)
+    for n in (0, 1):
+        os.close(n)
+    os.write(ready_w, b"x")
+    os.read(hold_r, 1)  # killed when pid 1 exits
+    os._exit(0)
+os.read(ready_r, 1)
+for n in (ready_r, ready_w, hold_r):
+    os.close(n)
+os.execv(binary, [binary])
+"""
+
+
+@requires_root
+async def test_a_killed_daemons_index_does_not_vouch_through_another_process_of_its_pid(
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
+) -> None:
+    """Review 22: a client in another pid namespace reads /proc/PID of its own for
+    the daemon's pid, where PID is another process. With no descriptor range in the
+    index (a daemon under a low fd limit keeps none) the index was taken without
+    looking whether /proc/PID is the daemon, and the daemon's life was a look at
+    whether that process had *some* descriptor at the index's number: a decoy
+    holding one kept a killed daemon's index vouching for the tier past the bound
+    (the old bytes after a change through a mapping), in the Python client
+    (tests/test_opener.py's namesake failed so). The C client was not served stale
+    here even so: it reads its socket before its tier and drops the index of a
+    connection that ended. Now /proc/PID must hold the index itself, when it is
+    taken and at each look, in both."""
+    from shadowd_client import Client
+
+    daemon = await start_daemon("--racy-window", "0", nofile=(300, 300))
+    with Client(daemon.socket_path, timeout=10) as c:
+        view = c.index()
+        assert view is not None and not view.header_range  # no range: the case
+        index_fd = view.index_fd
+        view.close()
+    argv = [
+        *("unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c"),
+        *(_DECOY_THEN_DRIVER, str(daemon.pid), str(index_fd), driver_bin),
+    ]
+    with (
+        Driver(driver_bin, tmp_path / "driver.err", argv=argv) as d,
+        trio.fail_after(60),
+        tmpfs(shared_dir / "tmpfs") as fs,
+    ):
+        f = make_file(fs / "lib.so", MAPPED)
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 300), (
+            "log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "indexready")  # held before, refused now: either way on
+        await held_c(d, f)
+        daemon.kill()
+        await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
+        await trio.sleep(0.35)
+        after = await ask(d, "routed", f)
+    assert after["hash"] == fnv(CHANGED), f"the tier served what the gone daemon had: {after}"
+    assert after["route"] == "copy"
+
+
 def test_preload_without_a_daemon_fails_nothing(driver: Any, tmp_path: Path) -> None:
     f, _ = big(tmp_path / "f")
     d = driver()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -366,6 +367,114 @@ async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
         got, held, local = await in_thread(work, fs)
     assert got[:PAGE] == b"b" * PAGE, "the tier served what the gone daemon had"
     assert (held, local) == (0, 1)  # copied here: the daemon is gone
+
+
+# In a pid namespace of its own (unshare), where the daemon's pid names another
+# process: a decoy made with that pid (ns_last_pid), holding a descriptor at
+# the number the index header gives for the daemon's own descriptor of it.
+_DECOY_AT_THE_DAEMONS_PID = """
+import json, os, sys, time
+from shadowd_client import Opener
+sock, path, dpid, index_fd, bound = sys.argv[1:6]
+dpid, index_fd, bound = int(dpid), int(index_fd), float(bound)
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(dpid - 1))
+ready_r, ready_w = os.pipe()
+hold_r, hold_w = os.pipe()
+decoy = os.fork()
+if decoy == 0:
+    os.dup2(hold_r, index_fd)
+    os.write(ready_w, b"x")
+    os.read(hold_r, 1)  # killed when pid 1 exits
+    os._exit(0)
+os.read(ready_r, 1)
+data = open(path, "rb").read()
+opener = Opener(sock, local_below=0)
+opener.held_recheck = bound
+deadline = time.monotonic() + 10
+while opener.preload([path]) < 1:
+    assert time.monotonic() < deadline, "the daemon never cached it"
+    time.sleep(0.01)
+fd = opener.open(path)
+assert os.pread(fd, len(data), 0) == data and opener.held_opens == 1
+os.close(fd)
+print(json.dumps([decoy, opener._index is not None and opener._index.view is not None]))
+sys.stdout.flush()
+sys.stdin.readline()  # the daemon killed, the file changed through a mapping
+time.sleep(bound + 0.05)
+fd = opener.open(path)
+got = os.pread(fd, 4096, 0)
+os.close(fd)
+print(json.dumps([got.decode(), opener.held_opens - 1, opener.local_opens]))
+"""
+
+
+@requires_root
+async def test_a_killed_daemons_index_does_not_vouch_through_another_process_of_its_pid(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Review 22: a client in another pid namespace (a container's supervisor with
+    the host's socket) reads /proc/PID of its own namespace for the daemon's pid,
+    where PID is another process. With no descriptor range in the index (a daemon
+    under a low fd limit keeps none) the view was made without looking whether
+    /proc/PID is the daemon, and its liveness was a look at whether that process had
+    *some* descriptor at the index's number: a decoy holding one kept a killed
+    daemon's index vouching for the tier past the bound, for good (the old bytes
+    after a change through a mapping). Now /proc/PID must hold the index itself,
+    at the view's making and at each look: the tier goes by the bound, and the
+    open after it is copied here."""
+    # 300 descriptors: too few for the index's descriptor range (fdrange.py).
+    d: Daemon = await start_daemon("--racy-window", "0", nofile=(300, 300))
+    bound = 0.3
+
+    def work(fs: Path) -> tuple[int, bool, str, int, int]:
+        import subprocess
+        import sys
+
+        from .conftest import repo_env
+
+        old = b"a" * MAPPED_SIZE
+        f = make_file(fs / "lib.so", old)
+        with Client(d.socket_path, timeout=10) as c:
+            view = c.index()
+            assert view is not None and not view.header_range  # no range: the case
+            index_fd = view.index_fd
+            view.close()
+        with subprocess.Popen(
+            [
+                *("unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"),
+                *(_DECOY_AT_THE_DAEMONS_PID, str(d.socket_path), str(f), str(d.pid)),
+                *(str(index_fd), str(bound)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=repo_env(),
+        ) as child:
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                line = child.stdout.readline()
+                assert line, child.communicate(timeout=10)
+                decoy, had_view = json.loads(line)
+                d.kill()
+                write_through_a_mapping(f, b"b" * PAGE)
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                line = child.stdout.readline()
+                assert line, child.communicate(timeout=10)
+                got, held, local = json.loads(line)
+                assert child.wait(10) == 0
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        return decoy, had_view, got, held, local
+
+    with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
+        decoy, had_view, got, held, local = await in_thread(work, fs)
+    assert decoy == d.pid  # the daemon's pid names the decoy there
+    assert got[:PAGE] == "b" * PAGE, "the tier served what the gone daemon had"
+    assert (held, local) == (0, 1), (had_view, held, local)
 
 
 async def test_without_the_index_the_tier_asks_again_past_its_bound_and_keeps_the_same_memfd(

@@ -3073,10 +3073,11 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
      * daemon that keeps none, and none that does not fit the numbers. */
     if (range_base == 0 || range_count > (uint32_t)INT_MAX - range_base)
         range_base = range_count = 0;
-    if (range_count > 0) {
+    {
         /* The daemon's own descriptor of this index must be this very
          * memfd: else /proc/PID is another process of that pid (in our pid
-         * namespace), whose numbers of the "range" may be anything. */
+         * namespace), whose numbers of the "range" may be anything, and
+         * whose life says nothing of the daemon's (held_index_usable). */
         char name[16];
         struct stat mine;
         int at = index_fd <= (uint32_t)INT_MAX
@@ -3102,6 +3103,8 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
     p->index_fd = index_fd <= (uint32_t)INT_MAX ? (int)index_fd : -1;
+    p->index_dev = (uint64_t)st.st_dev;
+    p->index_ino = (uint64_t)st.st_ino;
     p->index_alive_us = mono_us(); /* it just answered */
     /* Another uid's range is looked at through O_PATH, as any number. */
     if (!index_direct(c, pid))
@@ -3504,8 +3507,10 @@ held_index_usable(struct shadowd *c, long long now)
         return 1;
     char name[16];
     struct stat st;
-    if (p->index_fd >= 0 &&
-        fstatat(p->index_dirfd, decimal(name, p->index_fd), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    /* Through the link (a stat of the file, never an open of it): the
+     * number must still hold this very index, not merely something. */
+    if (p->index_fd >= 0 && fstatat(p->index_dirfd, decimal(name, p->index_fd), &st, 0) == 0 &&
+        (uint64_t)st.st_dev == p->index_dev && (uint64_t)st.st_ino == p->index_ino) {
         p->index_alive_us = now;
         return 1;
     }

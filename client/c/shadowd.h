@@ -255,6 +255,7 @@ struct shadowd_private_ {
     uint32_t index_range_base, index_range_count;
     uint64_t index_memfd_dev;
     int index_fd;              /* the daemon's own fd of the index (-1: not known) */
+    uint64_t index_dev, index_ino; /* the index memfd's: what the daemon's index_fd must be */
     long long index_alive_us;  /* when the daemon was last seen alive (its index_fd there) */
     const uint8_t *index_map;
     size_t index_len;

@@ -15,7 +15,9 @@
 # process's descriptor table (after a fork, the child's view opens its own
 # /proc/self/fd again: the one it inherited names the parent's); say it holds
 # a memfd a client keeps (holds) unless the file's slot names that memfd in
-# that version, read while the slot held still.
+# that version, read while the slot held still; take /proc/PID for the
+# daemon, or the daemon for alive, unless /proc/PID/fd/index_fd is the very
+# index it maps (another process of that pid, in our pid namespace, is not).
 #
 # The whole lookup and reopen runs in one call of the C extension
 # (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
@@ -142,7 +144,8 @@ class IndexView:
     def __init__(
         self, fd: int, pid: int, slots: int, *, peer: tuple[int, int] | None = None
     ) -> None:
-        size = os.fstat(fd).st_size
+        own = os.fstat(fd)
+        size = own.st_size
         if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
             raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -179,9 +182,12 @@ class IndexView:
         except OSError as exc:
             self._map.close()
             raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
-        if self.header_range and not _same_file(self._daemon_fds, index_fd, fd):
+        #: The index memfd's (st_dev, st_ino): what the daemon's own descriptor of it is.
+        self._index_file = (own.st_dev, own.st_ino)
+        if not _same_file(self._daemon_fds, index_fd, fd):
             # /proc/PID is not the daemon (another process of that pid, in
-            # our pid namespace): a number of its "range" may be anything.
+            # our pid namespace): a number of its "range" may be anything,
+            # and whether it is alive says nothing of the daemon's life.
             os.close(self._daemon_fds)
             self._map.close()
             raise BadIndex(f"/proc/{pid} is not the daemon that sent this index")
@@ -234,14 +240,18 @@ class IndexView:
 
     def alive(self) -> bool:
         """Whether the daemon that writes this index is still there: its descriptor of
-        the index is still in its /proc/PID/fd (looked at without following it). A
-        dead daemon's index stays mapped but no longer changes, so it would vouch for
-        entries the daemon can no longer drop. Sets :attr:`alive_at` when it is."""
+        the index is still in its /proc/PID/fd and is this very index (a stat through
+        the link: the file's inode, never an open of it; a number alone may have been
+        given to another file). A dead daemon's index stays mapped but no longer
+        changes, so it would vouch for entries the daemon can no longer drop. Sets
+        :attr:`alive_at` when it is."""
         if self._closed or self._gone:
             return False
         try:
-            os.stat(str(self.index_fd), dir_fd=self._daemon_fds, follow_symlinks=False)
+            st = os.stat(str(self.index_fd), dir_fd=self._daemon_fds)
         except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._index_file:
             self._gone = True  # (a process that exited never comes back)
             return False
         self.alive_at = time.monotonic()
