@@ -1823,6 +1823,39 @@ def test_a_daemon_that_refuses_version_2_is_greeted_in_version_1(
     assert "LOG" not in log  # a refused version is not an outage: no breaker line
 
 
+@pytest.mark.parametrize("version", [0, 3])
+def test_a_daemon_speaking_a_version_this_client_does_not_is_left_alone(
+    driver: Any, tmp_path: Path, version: int
+) -> None:
+    """A hello answered with protocol version 0, or 3 (a newer major version, to a
+    client that said 2): the call fails `unavailable` saying both versions, as the Python
+    client does, and the breaker opens: the routed open copies here without asking."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    hellos: list[int] = []
+
+    def newer(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        hellos.append(hello["version"])
+        reply = {"id": hello["id"], "ok": True, "version": version, "server": "newer"}
+        conn.send(msgpack.packb({**reply, "limits": {}}))
+        for _msg, fds in _requests(conn):
+            close_fds(fds)  # never answered
+
+    path = tmp_path / "newer.sock"
+    with stand_in_daemon(path, newer):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, -1), ("log", "quiet"):
+            d(*cmd)
+        plain = d("openfd", f)
+        routed = d("routed", f)
+    assert (plain["fd"], plain["code"]) == (-1, "unavailable"), plain
+    want = f"shadowd answered hello with protocol version {version}; this client speaks 1 to 2"
+    assert want in plain["error"], plain
+    assert (routed["route"], routed["copied_why"], routed["hash"]) == ("copy", "breaker", digest)
+    assert hellos == [2]
+
+
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)

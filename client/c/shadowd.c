@@ -1648,6 +1648,16 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
                 return -1;
             }
             fail_connection(c, F_REFUSED, code, "%s", text);
+        } else if (f->ok == 1 && nfds == 0 && rep->hello_version) {
+            /* A version we do not speak (0, or above the one we said: a
+             * daemon of a newer major version): nothing is asked of it. */
+            char spoken[24] = "1";
+            if (p->want_version > 1)
+                snprintf(spoken, sizeof spoken, "1 to %d", p->want_version);
+            fail_connection(c, F_BAD, NULL,
+                            "shadowd answered hello with protocol version %llu; "
+                            "this client speaks %s",
+                            (unsigned long long)rep->version, spoken);
         } else {
             fail_connection(c, F_BAD, NULL, "unexpected hello reply from shadowd");
         }

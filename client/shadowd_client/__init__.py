@@ -41,6 +41,7 @@ from .errors import (
     SizeMismatch,
     SourceError,
     UnsealedDescriptor,
+    UnsupportedProtocolVersion,
 )
 from .local import local_copy, local_copy_fd, local_private
 from .opener import HeldFiles, Opener
@@ -71,6 +72,7 @@ __all__ = [
     "SizeMismatch",
     "SourceError",
     "UnsealedDescriptor",
+    "UnsupportedProtocolVersion",
     "default_socket_path",
     "local_copy",
     "local_copy_fd",

@@ -50,6 +50,7 @@ from .errors import (
     SizeMismatch,
     SourceError,
     UnsealedDescriptor,
+    UnsupportedProtocolVersion,
     refused,
     source_error,
     unavailable,
@@ -229,10 +230,21 @@ class Session:
             assert isinstance(reply, ErrorReply)
             raise refused(reply.code, reply.message)
         if reply.id == self.hello_id:
-            self.hello_id = None
             if isinstance(reply, ErrorReply):
+                self.hello_id = None
                 raise refused(reply.code, reply.message)
             assert isinstance(reply, HelloReply)
+            if not 1 <= reply.version <= self.version:
+                # A daemon answers with the version the client said, or one below it
+                # that both speak (docs/protocol.md, "Versioning"); the hello stays
+                # unanswered, and the connection is dropped.
+                spoken = "1" if self.version == 1 else f"1 to {self.version}"
+                raise UnsupportedProtocolVersion(
+                    f"the daemon answered hello with protocol version {reply.version}; "
+                    f"this client speaks {spoken}",
+                    version=reply.version,
+                )
+            self.hello_id = None
             self.server = reply.server
             return None
         return reply

@@ -302,6 +302,12 @@ class AsyncClient:
         except Broken as broken:
             self._drop(conn, broken)
             raise
+        except ProtocolViolation as exc:
+            before_hello = _hello_pending(conn)
+            self._drop(conn, Broken(None, "a bad reply"))
+            if before_hello:  # the first words of what answered were not shadowd's
+                raise hello_violation(exc, self.socket_path) from None
+            raise
         except ShadowdError:
             self._drop(conn, Broken(None, "a bad reply"))
             raise

@@ -38,6 +38,17 @@ class UnsealedDescriptor(ProtocolViolation):
     """The daemon sent an fd without the four seals; it was closed, not returned."""
 
 
+class UnsupportedProtocolVersion(ProtocolViolation):
+    """The daemon answered hello with a protocol version this client does not speak
+    (0, or above the one it said: a daemon of a newer major version). The connection
+    is dropped and nothing is asked on it; an :class:`Opener` copies locally
+    meanwhile, as while the daemon is down. ``version`` is what the daemon said."""
+
+    def __init__(self, message: str, *, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class SourceError(ShadowdError):
     """The client could not open or read the file itself (before asking the daemon)."""
 
@@ -181,7 +192,10 @@ def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> 
 
 def hello_violation(exc: ProtocolViolation, socket_path: str) -> ProtocolViolation:
     """*exc*, raised before the hello was answered, naming the socket: what answered
-    there is most likely not a shadowd daemon."""
+    there is most likely not a shadowd daemon (unless it said a version we do not speak:
+    a shadowd of another version)."""
+    if isinstance(exc, UnsupportedProtocolVersion):
+        return UnsupportedProtocolVersion(f"shadowd at {socket_path}: {exc}", version=exc.version)
     return type(exc)(f"{socket_path} is not a shadowd socket? its answer to hello: {exc}")
 
 
