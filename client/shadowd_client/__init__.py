@@ -40,6 +40,7 @@ from .errors import (
     ShuttingDown,
     SizeMismatch,
     SourceError,
+    TooManyOpenFiles,
     UnsealedDescriptor,
     UnsupportedProtocolVersion,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ShuttingDown",
     "SizeMismatch",
     "SourceError",
+    "TooManyOpenFiles",
     "UnsealedDescriptor",
     "UnsupportedProtocolVersion",
     "default_socket_path",

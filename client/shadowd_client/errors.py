@@ -58,6 +58,20 @@ class SourceError(ShadowdError):
         self.filename = filename
 
 
+class TooManyOpenFiles(SourceError):
+    """This process has no descriptor number left (its RLIMIT_NOFILE, or the
+    system's limit): it could not open the source, make a socket to the daemon,
+    take in the descriptor a reply carried (the kernel dropped it: MSG_CTRUNC),
+    or make a local copy. The client's own trouble, not the daemon's: the
+    connection stays, and an :class:`Opener` keeps asking the daemon (no
+    breaker) and copies the file here when it can. ``errno`` is EMFILE (or
+    ENFILE), as an ``open`` at the limit would say."""
+
+
+#: What an OSError says when this process (or the system) is out of descriptors.
+FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
 class Refused(ShadowdError):
     """The daemon refused the request. ``code`` is the stable code from the protocol."""
 
@@ -169,7 +183,21 @@ def refused(code: str, message: str) -> Refused:
 
 def source_error(exc: OSError, path: str) -> SourceError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return SourceError(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+    kind = TooManyOpenFiles if exc.errno in FD_LIMIT_ERRNOS else SourceError
+    return kind(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+
+
+def no_socket(exc: OSError, socket_path: str, where: str = "") -> ShadowdError:
+    """The error for a socket to the daemon at *socket_path* that could not be made
+    or connected: this process's descriptor limit (not the daemon's fault), else
+    :func:`unavailable`."""
+    if exc.errno in FD_LIMIT_ERRNOS:
+        return TooManyOpenFiles(
+            f"no descriptor left for a socket to shadowd at {socket_path}: "
+            f"{os.strerror(exc.errno)}",
+            errno=exc.errno,
+        )
+    return unavailable(exc, socket_path, "connecting", where)
 
 
 def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> DaemonUnavailable:
@@ -218,9 +246,10 @@ def _reason(exc: OSError, socket_path: str) -> str:
 
 
 @contextmanager
-def talking_to(socket_path: str, doing: str, where: str = "") -> Iterator[None]:
-    """Turn an OSError in the block into :class:`DaemonUnavailable`."""
+def connecting(socket_path: str, where: str = "") -> Iterator[None]:
+    """Turn an OSError met making or connecting a socket in the block into
+    :func:`no_socket`'s error."""
     try:
         yield
     except OSError as exc:
-        raise unavailable(exc, socket_path, doing, where) from exc
+        raise no_socket(exc, socket_path, where) from exc
