@@ -303,6 +303,7 @@ class Opener:
         self.held_recheck = held_recheck
         self._down_until = 0.0
         self._backoff = retry_after
+        self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
@@ -470,12 +471,18 @@ class Opener:
         return time.time_ns() - st.st_ctime_ns >= racy
 
     def _limits(self) -> dict[str, int] | None:
-        """The limits the daemon's hello said on this connection; None before one."""
+        """The limits the daemon's last hello said; None before any.
+
+        Kept after its connection is dropped (a timeout, a bad reply) until a
+        new hello says otherwise: a daemon that comes back is most likely run
+        as it was, and the defaults would send it files it refuses (above its
+        --max-file-size) or will not cache (inside its racy window).
+        """
         client = self._client
         session = None if client is None else client._session
-        if session is None or session.server is None:
-            return None
-        return dict(session.proto.server_limits)
+        if session is not None and session.server is not None:
+            self._heard = dict(session.proto.server_limits)
+        return self._heard
 
     def _hello(self) -> dict[str, int] | None:
         """Connect and hear the hello now, behind the breaker; its limits, or None."""
