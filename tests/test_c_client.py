@@ -2552,42 +2552,9 @@ async def test_the_opath_call_serves_no_held_file_to_a_file_system_uid_that_may_
     assert (again["route"], again["hash"]) == ("held", fnv(secret.read_bytes())), again
 
 
-# `shadowd serve` as another user that stays dumpable, as a daemon its user's own
-# service manager starts is: conftest's daemon drops from root in its own process,
-# which leaves it non-dumpable, its /proc/PID/fd root's, and its index unusable to
-# a client of its uid (the client cannot open its descriptors).
-_DROP_AND_SERVE_DUMPABLE = """
-import ctypes, importlib, os, pkgutil, sys
-import shadowd, shadowd.cli
-for _m in pkgutil.iter_modules(shadowd.__path__):
-    if _m.name != "__main__":
-        importlib.import_module("shadowd." + _m.name)
-import concurrent.futures, grp, pwd, traceback, linecache, encodings.idna
-libc = ctypes.CDLL(None, use_errno=True)
-uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), [int(g) for g in sys.argv[3].split(",")]
-os.setgroups(groups)
-os.setresgid(gid, gid, gid)
-os.setresuid(uid, uid, uid)
-assert libc.prctl(4, 1, 0, 0, 0) == 0  # PR_SET_DUMPABLE
-sys.exit(shadowd.cli.main(sys.argv[4:]))
-"""
-
-
-class _DumpableDaemon(Daemon):
-    """With *groups*, the supplementary groups it keeps."""
-
-    groups: tuple[int, ...] = ()
-
-    def command(self) -> list[str]:
-        assert self.user is not None
-        return [sys.executable, "-c", _DROP_AND_SERVE_DUMPABLE, *map(str, self.user),
-                ",".join(map(str, self.groups)), "serve", "--socket", str(self.socket_path),
-                "--log-level", "debug", *self.args]  # fmt: skip
-
-
 @requires_root
 async def test_a_non_root_caller_gets_no_index_hit_of_a_file_it_may_not_read(
-    driver_bin: str, shared_dir: Path, tmp_path: Path
+    driver_bin: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
 ) -> None:
     """A daemon and a client of one test user; the daemon has a group the client has
     not, and root's file readable by that group alone (0040: a daemon caches only
@@ -2600,9 +2567,9 @@ async def test_a_non_root_caller_gets_no_index_hit_of_a_file_it_may_not_read(
     run = shared_dir / "run"
     run.mkdir()
     os.chown(run, user, user)  # where it may make its socket
-    daemon = _DumpableDaemon(run / "d.sock", ["--racy-window", "0.05"], user=(user, user))
-    daemon.groups = (group,)
-    await daemon.start()
+    daemon = await start_daemon(
+        "--racy-window", "0.05", user=(user, user), groups=(group,), directory=run
+    )
     secret, public = _unreadable_and_readable(shared_dir)
     os.chown(secret, 0, group)
     secret.chmod(0o040)
@@ -2617,18 +2584,14 @@ async def test_a_non_root_caller_gets_no_index_hit_of_a_file_it_may_not_read(
     binary = shared_dir / "c_driver"
     shutil.copy(driver_bin, binary)
     binary.chmod(0o755)
-    try:
-        with trio.fail_after(60), Driver(str(binary), tmp_path / "user.err", user=user) as d:
-            cached = await trio.to_thread.run_sync(cache_as_root)
-            await ask(d, "socket", daemon.socket_path)
-            assert (await ask(d, "indexready"))["ready"] == 1  # the daemon's uid
-            denied = [await ask(d, "routedopath", secret, how) for how in ("", "stat")]
-            allowed = await ask(d, "routedopath", public)
-            counts = await ask(d, "counts")
-            await ask(d, "close")
-    finally:
-        daemon.kill()
-        print(f"--- log of the daemon ---\n{daemon.log()}")
+    with trio.fail_after(60), Driver(str(binary), tmp_path / "user.err", user=user) as d:
+        cached = await trio.to_thread.run_sync(cache_as_root)
+        await ask(d, "socket", daemon.socket_path)
+        assert (await ask(d, "indexready"))["ready"] == 1  # the daemon's uid
+        denied = [await ask(d, "routedopath", secret, how) for how in ("", "stat")]
+        allowed = await ask(d, "routedopath", public)
+        counts = await ask(d, "counts")
+        await ask(d, "close")
     assert cached["entries"] == 2, cached  # both in the daemon's index
     for r in denied:
         assert (r["fd"], r["errnum"], r["route"], r["hit"]) == (-1, errno.EACCES, "none", False), r
