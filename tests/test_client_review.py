@@ -1064,22 +1064,29 @@ async def test_descriptors_running_out_at_any_step_leak_nothing_and_raise_shadow
     holds the descriptors it held before (before: the first local copy of a process,
     made at the limit, left its memfd open when /proc/self/fd could not be opened,
     shadowd/memfd.py sealed_copy)."""
+    assert await _child_of_a_warm_daemon(start_daemon, tmp_path, _EXHAUSTED_CHILD, 2) == []
+
+
+async def _child_of_a_warm_daemon(start_daemon: Any, tmp_path: Path, child: str, n: int) -> Any:
+    """*n* files cached (and indexed) by a daemon of its own, then the Python *child* run
+    in a process of its own with the daemon's socket and the files' paths as arguments:
+    what it printed, read as JSON."""
     d: Daemon = await start_daemon("--racy-window", RACY)
-    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(2)]
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(n)]
     settle(*files)
 
     def warm() -> None:
         with Client(d.socket_path, timeout=10) as c:
-            close_all(c.open_many(files))  # cached, and indexed
+            close_all(c.open_many(files))
 
     with trio.fail_after(120):
         await trio.to_thread.run_sync(warm)
         done = await trio.run_process(
-            [sys.executable, "-c", _EXHAUSTED_CHILD, str(d.socket_path), *map(str, files)],
+            [sys.executable, "-c", child, str(d.socket_path), *map(str, files)],
             env=repo_env(),
             capture_stdout=True,
         )
-    assert json.loads(done.stdout) == []
+    return json.loads(done.stdout)
 
 
 _ONE_FD_FREE_CHILD = """
@@ -1157,22 +1164,7 @@ async def test_running_out_of_descriptors_is_the_clients_own_error_not_a_daemon_
     its breaker shut: once descriptors are free again, the next open is the daemon's,
     not a copy, and nothing says the daemon is unavailable (before: the breaker opened,
     as for a daemon that is down)."""
-    d: Daemon = await start_daemon("--racy-window", RACY)
-    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(3)]
-    settle(*files)
-
-    def warm() -> None:
-        with Client(d.socket_path, timeout=10) as c:
-            close_all(c.open_many(files))  # cached, and indexed
-
-    with trio.fail_after(120):
-        await trio.to_thread.run_sync(warm)
-        done = await trio.run_process(
-            [sys.executable, "-c", _ONE_FD_FREE_CHILD, str(d.socket_path), *map(str, files)],
-            env=repo_env(),
-            capture_stdout=True,
-        )
-    out = json.loads(done.stdout)
+    out = await _child_of_a_warm_daemon(start_daemon, tmp_path, _ONE_FD_FREE_CHILD, 3)
     limit = ["TooManyOpenFiles", out["EMFILE"]]
     assert out["client"] == limit and out["client after"] == ["served", 1], out
     for name in ("opener", "new opener"):
