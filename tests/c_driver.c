@@ -347,6 +347,22 @@ main(void)
             emit("\"served\": %d, ", served);
             status(t);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "indexround") == 0) {
+            /* indexround N DIR K: N plain index hits of the files DIR/0 to
+             * DIR/K-1 in turn */
+            long n = atol(argv[1]), k = atol(argv[3]), served = 0;
+            for (long i = 0; i < n; i++) {
+                char path[4200];
+                snprintf(path, sizeof path, "%s/%ld", argv[2], i % k);
+                int src = open_src(path);
+                int fd = shadowd_index_open(&c, src, NULL);
+                served += fd >= 0;
+                if (fd >= 0)
+                    close(fd);
+                close(src);
+            }
+            emit("\"served\": %ld, ", served);
+            status(t);
         } else if (strcmp(cmd, "report") == 0) {
             shadowd_index_report(&c);
         } else if (strcmp(cmd, "indextamper") == 0) {

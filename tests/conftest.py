@@ -52,21 +52,28 @@ test_uid.__test__ = False  # type: ignore[attr-defined]  # not a test for pytest
 POLL = 0.005
 
 # `shadowd serve` as another user: import every module of shadowd while still
-# root, drop to argv[1]:argv[2] (no groups, no capabilities), then serve with
-# the rest of argv, in this same process (its pid is the daemon's).
+# root, drop to argv[1]:argv[2] with the supplementary groups of argv[3] (a
+# comma-separated list, maybe empty; no capabilities), then serve with the rest
+# of argv, in this same process (its pid is the daemon's). A process that
+# changed its uids is left non-dumpable by the kernel: its /proc/PID/fd
+# root's, so a client of its uid could not open its descriptors (its index
+# would be unusable). A daemon started as its user (by a service manager, by
+# hand) is dumpable: so is this one again.
 _DROP_AND_SERVE = textwrap.dedent(
     """
-    import importlib, os, pkgutil, sys
+    import ctypes, importlib, os, pkgutil, sys
     import shadowd, shadowd.cli
     for _m in pkgutil.iter_modules(shadowd.__path__):
         if _m.name != "__main__":  # that one would serve at once
             importlib.import_module("shadowd." + _m.name)
     import concurrent.futures, grp, pwd, traceback, linecache, encodings.idna
+    libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = int(sys.argv[1]), int(sys.argv[2])
-    os.setgroups([])
+    os.setgroups([int(g) for g in sys.argv[3].split(",") if g])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    sys.exit(shadowd.cli.main(sys.argv[3:]))
+    assert libc.prctl(4, 1, 0, 0, 0) == 0  # PR_SET_DUMPABLE
+    sys.exit(shadowd.cli.main(sys.argv[4:]))
     """
 )
 
@@ -120,13 +127,18 @@ class Daemon:
         env: dict[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
         user: tuple[int, int] | None = None,
+        *,
+        groups: tuple[int, ...] = (),
     ):
         self.socket_path = socket_path
         self.args = args
         self.env = env
         self.nofile = nofile
-        #: (uid, gid) the daemon drops to before it serves, when not None.
+        #: (uid, gid) the daemon drops to before it serves, when not None (it
+        #: stays dumpable, as a daemon started as that user is: _DROP_AND_SERVE),
+        #: with the supplementary *groups*.
         self.user = user
+        self.groups = groups
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = socket_path.parent / f"{socket_path.name}.log"
 
@@ -140,7 +152,8 @@ class Daemon:
             # The interpreter and its library may not be readable by that
             # user: everything is imported first, then the uid is dropped
             # (with every capability) in the process that then serves.
-            start = [sys.executable, "-c", _DROP_AND_SERVE, *map(str, self.user)]
+            groups = ",".join(map(str, self.groups))
+            start = [sys.executable, "-c", _DROP_AND_SERVE, *map(str, self.user), groups]
         else:
             start = [sys.executable, "-m", "shadowd"]
         return [
@@ -332,11 +345,13 @@ async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
         env: dict[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
         user: tuple[int, int] | None = None,
+        groups: tuple[int, ...] = (),
         directory: Path | None = None,
     ) -> Daemon:
-        """*user*: (uid, gid) to serve as; *directory*: where the socket goes (shared_dir)."""
+        """*user*: (uid, gid) to serve as, with the supplementary *groups*;
+        *directory*: where the socket goes (shared_dir)."""
         name = socket_name or f"d{len(daemons)}.sock"
-        d = Daemon((directory or shared_dir) / name, list(args), env, nofile, user)
+        d = Daemon((directory or shared_dir) / name, list(args), env, nofile, user, groups=groups)
         daemons.append(d)
         await d.start()
         return d

@@ -283,6 +283,77 @@ async def test_client_refuses_an_unsealed_fd(shared_dir: Path, tmp_path: Path) -
     assert not [link for link in links if "unsealed" in link]
 
 
+@pytest.mark.parametrize("version", [0, 3])
+async def test_a_daemon_speaking_a_version_this_client_does_not_is_refused(
+    shared_dir: Path, tmp_path: Path, version: int
+) -> None:
+    """A hello answered with protocol version 0, or 3 (a newer major version, to a
+    client that said 2): both clients raise UnsupportedProtocolVersion, which names the
+    socket and both versions; an Opener copies locally at once, as while the daemon is
+    down, and says hello again only after its breaker's window."""
+    from shadowd_client import ProtocolViolation, UnsupportedProtocolVersion
+
+    path = shared_dir / "newer.sock"
+    listener = _fake_daemon_socket(path)
+    listener.settimeout(0.1)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    hellos: list[int] = []
+    stop = False
+
+    def fake_daemon() -> None:
+        conns = []
+        while not stop:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            conn.settimeout(5)
+            data = conn.recv(4096)
+            msg = msgpack.unpackb(data)
+            hellos.append(msg["version"])
+            reply = {"id": msg["id"], "ok": True, "version": version, "server": "newer"}
+            conn.send(msgpack.packb({**reply, "limits": {}}))
+        for conn in conns:
+            conn.close()
+
+    def sync_side() -> None:
+        with Client(path, timeout=5) as c, pytest.raises(UnsupportedProtocolVersion) as info:
+            c.open(f)
+        err = info.value
+        assert isinstance(err, ProtocolViolation) and err.version == version
+        assert str(path) in str(err) and f"protocol version {version};" in str(err)
+        assert "this client speaks 1 to 2" in str(err), str(err)
+        with Opener(path, timeout=5, retry_after=30) as opener:
+            fds = [opener.open(f) for _ in range(3)]
+            try:
+                assert all(read_fd(fd) == f.read_bytes() for fd in fds)
+                assert opener.local_opens == 3 and opener.daemon_opens == 0
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    async def async_side() -> None:
+        async with AsyncClient(path, timeout=5) as client:
+            with pytest.raises(UnsupportedProtocolVersion) as info:
+                await client.stats()
+        assert info.value.version == version and str(path) in str(info.value)
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, fake_daemon)
+                try:
+                    await call(sync_side)
+                    await async_side()
+                finally:
+                    stop = True
+    finally:
+        listener.close()
+    # Each client said 2 once: the Opener's one hello opened its breaker for 30 s.
+    assert hellos == [2, 2, 2], hellos
+
+
 async def test_client_times_out_on_a_silent_daemon(shared_dir: Path, tmp_path: Path) -> None:
     """A daemon that accepts and never answers: the timeout, not a hang."""
     from shadowd_client import DaemonTimeout

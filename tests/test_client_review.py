@@ -1064,22 +1064,113 @@ async def test_descriptors_running_out_at_any_step_leak_nothing_and_raise_shadow
     holds the descriptors it held before (before: the first local copy of a process,
     made at the limit, left its memfd open when /proc/self/fd could not be opened,
     shadowd/memfd.py sealed_copy)."""
+    assert await _child_of_a_warm_daemon(start_daemon, tmp_path, _EXHAUSTED_CHILD, 2) == []
+
+
+async def _child_of_a_warm_daemon(start_daemon: Any, tmp_path: Path, child: str, n: int) -> Any:
+    """*n* files cached (and indexed) by a daemon of its own, then the Python *child* run
+    in a process of its own with the daemon's socket and the files' paths as arguments:
+    what it printed, read as JSON."""
     d: Daemon = await start_daemon("--racy-window", RACY)
-    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(2)]
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(n)]
     settle(*files)
 
     def warm() -> None:
         with Client(d.socket_path, timeout=10) as c:
-            close_all(c.open_many(files))  # cached, and indexed
+            close_all(c.open_many(files))
 
     with trio.fail_after(120):
         await trio.to_thread.run_sync(warm)
         done = await trio.run_process(
-            [sys.executable, "-c", _EXHAUSTED_CHILD, str(d.socket_path), *map(str, files)],
+            [sys.executable, "-c", child, str(d.socket_path), *map(str, files)],
             env=repo_env(),
             capture_stdout=True,
         )
-    assert json.loads(done.stdout) == []
+    return json.loads(done.stdout)
+
+
+_ONE_FD_FREE_CHILD = """
+import errno, json, logging, os, resource, sys
+from shadowd_client import Client, Opener, ShadowdError
+
+sock, files = sys.argv[1], sys.argv[2:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+logged = []
+
+
+class Logged(logging.Handler):
+    def emit(self, record):
+        logged.append(record.getMessage())
+
+
+logging.getLogger("shadowd_client").addHandler(Logged())
+
+
+class OneFree:
+    # Every number up to the highest in use taken, and RLIMIT_NOFILE one above it:
+    # the open of the source takes the last number, and nothing is left for the
+    # reply's descriptor (MSG_CTRUNC), a socket, or a local copy.
+    def __enter__(self):
+        top = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+        self.holes = []
+        while (n := os.open("/dev/null", os.O_RDONLY)) < top:
+            self.holes.append(n)
+        os.close(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for n in self.holes:
+            os.close(n)
+
+
+def attempt(call):
+    try:
+        fd = call()
+    except ShadowdError as exc:
+        return [type(exc).__name__, getattr(exc, "errno", None)]
+    os.close(fd)
+    return "served"
+
+
+out = {}
+with Client(sock, timeout=10) as c:
+    os.close(c.open(files[0]))
+    with OneFree():
+        out["client"] = attempt(lambda: c.open(files[1]))
+    out["client after"] = [attempt(lambda: c.open(files[1])), c.connections]
+for name, warm in (("opener", True), ("new opener", False)):
+    with Opener(sock, timeout=10) as o:
+        if warm:
+            os.close(o.open(files[0]))
+        with OneFree():
+            out[name] = attempt(lambda: o.open(files[1]))
+        copied = o.local_opens
+        out[name + " after"] = [attempt(lambda: o.open(files[2])), o.local_opens - copied]
+out["logged"] = logged
+out["EMFILE"] = errno.EMFILE
+print(json.dumps(out))
+"""
+
+
+async def test_running_out_of_descriptors_is_the_clients_own_error_not_a_daemon_down(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """RLIMIT_NOFILE reached in a child process of its own, one number free: the
+    source's open takes it, and the fd of the daemon's reply cannot be received
+    (MSG_CTRUNC), nor a socket made (an Opener's first connection). The daemon is not
+    at fault: the call fails with TooManyOpenFiles (errno EMFILE; the local copy
+    needs a descriptor too), the Client keeps its connection, and an Opener keeps
+    its breaker shut: once descriptors are free again, the next open is the daemon's,
+    not a copy, and nothing says the daemon is unavailable (before: the breaker opened,
+    as for a daemon that is down)."""
+    out = await _child_of_a_warm_daemon(start_daemon, tmp_path, _ONE_FD_FREE_CHILD, 3)
+    limit = ["TooManyOpenFiles", out["EMFILE"]]
+    assert out["client"] == limit and out["client after"] == ["served", 1], out
+    for name in ("opener", "new opener"):
+        assert out[name] == limit, out
+        assert out[name + " after"] == ["served", 0], out  # the daemon's (an index hit)
+    assert out["logged"] == [], out
 
 
 async def test_a_private_file_whose_filler_keeps_writing_is_copied_here_as_the_daemon_does(

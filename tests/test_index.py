@@ -333,6 +333,48 @@ def test_a_view_of_a_daemon_that_is_gone_is_not_alive(rig: _Rig) -> None:
         os.close(saved)
 
 
+def test_a_view_nobody_closes_gives_its_descriptors_back_once_collected(rig: _Rig) -> None:
+    """A view dropped without close() (its caller forgot it): once collected, this
+    process has exactly the descriptors it had before the view was made. Closed, a view
+    serves and holds nothing, its descriptor numbers are -1 (a use fails with EBADF,
+    never reaches a number reused since), and a second close does nothing."""
+    import gc
+    import weakref
+
+    _, st = rig.files[0]
+
+    def made() -> IndexView:
+        fd = rig.index.reader_fd()
+        try:
+            return IndexView(fd, os.getpid(), rig.index.slots, peer=rig.peer)
+        finally:
+            os.close(fd)
+
+    before = count_open_fds()
+    view = made()
+    served = view.open(st)
+    assert served is not None
+    os.close(served)
+    # The daemon's /proc/PID/fd, our own, and the mapping's (Python's mmap keeps a dup).
+    assert count_open_fds() == before + 3
+    gone = weakref.ref(view)
+    del view
+    gc.collect()
+    assert gone() is None
+    assert count_open_fds() == before
+
+    kept, held = _kept(rig, 0)
+    os.close(kept)
+    view = made()
+    assert view.holds(held)
+    view.close()
+    assert count_open_fds() == before
+    view.close()  # nothing more to close
+    assert count_open_fds() == before
+    assert view.closed and view.open(st) is None and not view.holds(held) and not view.alive()
+    assert (view._daemon_fds.fd, view._own_fds.fd) == (-1, -1)
+
+
 def test_nobody_can_write_or_grow_the_index(rig: _Rig) -> None:
     fd = rig.index.reader_fd()
     try:

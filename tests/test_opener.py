@@ -150,6 +150,51 @@ async def test_a_stopped_daemon_costs_one_short_timeout_not_seconds_per_open(
     assert waited < 1.0, f"waited {waited:.2f}s on the stopped daemon ({elapsed:.2f}s in all)"
 
 
+async def test_after_a_dropped_connection_the_opener_routes_by_the_daemons_last_limits(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """A reply too late drops the connection (the breaker opens for its window). After
+    the window, the first open still routes by what the daemon's hello said, not by the
+    defaults: a file above its --max-file-size is copied here without asking (before:
+    asked, on a new connection, and refused file-too-large)."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-file-size", "100000")
+    small = make_file(tmp_path / "small.so", os.urandom(50_000))
+    large = make_file(tmp_path / "large.so", os.urandom(150_000))
+    # Older than the 1 s window the Opener assumes before a hello (it would say
+    # hello first to learn the daemon's own).
+    await trio.sleep(1.05)
+
+    def refused() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["refused_by_code"].get("file-too-large", 0))
+
+    def opened(opener: Opener, f: Path) -> None:
+        fd = opener.open(f)
+        assert read_fd(fd) == f.read_bytes()
+        os.close(fd)
+
+    with trio.fail_after(60):
+        opener = Opener(d.socket_path, local_below=0, use_index=False, timeout=0.25)
+        opener.retry_after = 0.05
+        try:
+            await in_thread(opened, opener, small)  # a hello: the daemon's limits
+            await in_thread(opened, opener, large)  # copied here unasked
+            assert (opener.daemon_opens, opener.local_opens) == (0, 2)  # (a miss, then this)
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                await in_thread(opened, opener, small)  # no answer in time: dropped
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            await trio.sleep(0.1)  # past the breaker's window
+            before = await in_thread(refused)
+            await in_thread(opened, opener, large)
+            after = await in_thread(refused)
+        finally:
+            opener.close()
+    assert opener.local_opens == 4
+    assert after == before, "the daemon was asked for a file its hello said it refuses"
+
+
 async def test_preload_fills_the_tier_in_one_round_trip(start_daemon: Any, tmp_path: Path) -> None:
     d: Daemon = await start_daemon("--racy-window", RACY)
     files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(5)]

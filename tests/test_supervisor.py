@@ -1279,7 +1279,7 @@ def second_stats(d: Daemon) -> dict[str, Any]:
 
 @requires_root
 async def test_a_file_the_supervisor_may_not_read_is_never_served_from_the_daemons_index(
-    supervisor: str, shared_dir: Path, tmp_path: Path
+    supervisor: str, start_daemon: Any, shared_dir: Path, tmp_path: Path
 ) -> None:
     """The supervisor and its daemon run as one test user; the daemon has a group the
     supervisor has not, and root's file readable by that group alone is in the
@@ -1289,15 +1289,13 @@ async def test_a_file_the_supervisor_may_not_read_is_never_served_from_the_daemo
     while the readable file beside it comes from the index."""
     from shadowd_client import Client
 
-    from .test_c_client import _DumpableDaemon
-
     user, group = test_uid(7), test_uid(8)
     run = shared_dir / "run"
     run.mkdir()
     os.chown(run, user, user)
-    daemon = _DumpableDaemon(run / "d.sock", ["--racy-window", "0.05"], user=(user, user))
-    daemon.groups = (group,)
-    await daemon.start()
+    daemon = await start_daemon(
+        "--racy-window", "0.05", user=(user, user), groups=(group,), directory=run
+    )
     secret = make_file(shared_dir / "secret.txt", b"not for the supervisor\n" * 9000, 0o040)
     os.chown(secret, 0, group)
     public = make_file(shared_dir / "public.txt", b"for everyone\n" * 20000)
@@ -1333,8 +1331,4 @@ async def test_a_file_the_supervisor_may_not_read_is_never_served_from_the_daemo
         assert s["continued_by_reason"]["open"] >= 1, s
         assert s["fds_before"] == s["fds_after"], s
 
-    try:
-        await in_thread(90)(supervised)()
-    finally:
-        daemon.kill()
-        print(f"--- log of the daemon ---\n{daemon.log()}")
+    await in_thread(90)(supervised)()

@@ -1106,6 +1106,7 @@ unwaited(const struct shadowd_slot_ *s)
 }
 
 static void index_drop(struct shadowd *c);
+static void report_clear(struct shadowd_private_ *p);
 
 /* -- the connection ------------------------------------------------------- */
 
@@ -1181,9 +1182,11 @@ after_fork(struct shadowd *c)
             }
         }
     }
-    /* The parent's index and its counts: this process asks on its own
-     * connection (its mapping and descriptor copies go). */
+    /* The parent's index and its counts (the parent reports them): this
+     * process asks on its own connection (its mapping and descriptor
+     * copies go). */
     index_drop(c);
+    report_clear(P(c));
 }
 
 static int recv_one(struct shadowd *c);
@@ -1645,6 +1648,16 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
                 return -1;
             }
             fail_connection(c, F_REFUSED, code, "%s", text);
+        } else if (f->ok == 1 && nfds == 0 && rep->hello_version) {
+            /* A version we do not speak (0, or above the one we said: a
+             * daemon of a newer major version): nothing is asked of it. */
+            char spoken[24] = "1";
+            if (p->want_version > 1)
+                snprintf(spoken, sizeof spoken, "1 to %d", p->want_version);
+            fail_connection(c, F_BAD, NULL,
+                            "shadowd answered hello with protocol version %llu; "
+                            "this client speaks %s",
+                            (unsigned long long)rep->version, spoken);
         } else {
             fail_connection(c, F_BAD, NULL, "unexpected hello reply from shadowd");
         }
@@ -2987,11 +3000,14 @@ report_clear(struct shadowd_private_ *p)
 {
     p->nreport = 0;
     p->report_hits = 0;
+    p->report_spill = 0;
     memset(p->report_index, 0, sizeof p->report_index);
 }
 
-/* Forget the index: unmapped, its fd of the daemon's /proc/PID/fd closed,
- * its unreported hits dropped (they were that daemon's statistics). */
+/* Forget the index: unmapped, its fd of the daemon's /proc/PID/fd closed.
+ * Its unreported hits stay, for that daemon's next index: a connection
+ * lost while the daemon lives (a reply late, a reply we could not read)
+ * loses none of them (index_map). */
 static void
 index_drop(struct shadowd *c)
 {
@@ -3004,7 +3020,6 @@ index_drop(struct shadowd *c)
     p->index_len = 0;
     p->index_dirfd = -1;
     p->index_state = IX_NONE;
-    report_clear(p);
 }
 
 /* Whether the index of the daemon *pid* may be taken at its word about its
@@ -3034,7 +3049,7 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     struct stat st;
     uint8_t head[60];
     uint32_t layout, slot_size, n, hpid, probes, range_base, range_count, index_fd;
-    uint64_t memfd_dev;
+    uint64_t memfd_dev, generation;
     char dir[48];
 
     if (slots == 0 || slots > INDEX_MAX_SLOTS || (slots & (slots - 1)) != 0 || pid == 0 ||
@@ -3052,6 +3067,7 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     memcpy(&hpid, head + 20, 4);
     memcpy(&memfd_dev, head + 24, 8);
     memcpy(&probes, head + 32, 4);
+    memcpy(&generation, head + 40, 8);
     memcpy(&range_base, head + 48, 4);
     memcpy(&range_count, head + 52, 4);
     memcpy(&index_fd, head + 56, 4);
@@ -3111,8 +3127,14 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
         range_base = range_count = 0;
     p->index_range_base = range_base;
     p->index_range_count = range_count;
+    /* Hits counted through another daemon's index were its statistics: a
+     * daemon restarted meanwhile (another index generation) is not told. */
+    if (p->report_pid != (int)pid || p->report_generation != generation) {
+        report_clear(p);
+        p->report_pid = (int)pid;
+        p->report_generation = generation;
+    }
     p->report_at = mono_us();
-    report_clear(p);
     return 0;
 }
 
@@ -3208,64 +3230,114 @@ index_wait(struct shadowd *c)
     return p->index_state == IX_HAVE;
 }
 
+/* What report_send left unsent, and why. */
+enum { REPORT_SENT, REPORT_NO_SLOT, REPORT_SOCKET_FULL, REPORT_NO_INDEX };
+
+/* The bucket of report_index that holds (dev, ino), or the free one where
+ * it goes. */
+static unsigned
+report_bucket(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino)
+{
+    const unsigned mask = 2 * SHADOWD_REPORTS - 1;
+    unsigned b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
+    for (unsigned e; (e = p->report_index[b]) != 0; b = (b + 1) & mask)
+        if (p->report[e - 1].dev == dev && p->report[e - 1].ino == ino)
+            break;
+    return b;
+}
+
+/* Forget the first *n* of the report's files (and the spilled hits with
+ * the last): they were sent. */
+static void
+report_forget(struct shadowd_private_ *p, int n)
+{
+    if (n >= p->nreport + (p->report_spill > 0)) {
+        report_clear(p);
+        return;
+    }
+    if (n == 0)
+        return;
+    p->nreport -= n;
+    memmove(p->report, p->report + n, (size_t)p->nreport * sizeof p->report[0]);
+    memset(p->report_index, 0, sizeof p->report_index);
+    for (int i = 0; i < p->nreport; i++)
+        p->report_index[report_bucket(p, p->report[i].dev, p->report[i].ino)] = (uint16_t)(i + 1);
+}
+
 /* Tell the daemon of the index hits counted so far: report requests that
  * fit in its max_request, not waited for (their answers are read and
- * dropped when they come). Then the count starts again. */
-static void
+ * dropped when they come). What was sent is forgotten; what could not be
+ * (every request slot waiting for an answer, the socket full, no
+ * connection with the index) is kept and merged with the hits counted
+ * next, and goes with the next report: a daemon that reads late loses no
+ * hit, and no open waits on a report. Then the count towards the next
+ * report starts again. REPORT_SENT when nothing is left, else why. */
+static int
 report_send(struct shadowd *c)
 {
     struct shadowd_private_ *p = P(c);
-    if (p->nreport > 0 && p->live && p->hello == H_DONE && p->index_state == IX_HAVE) {
-        char code[sizeof c->code], error[sizeof c->error];
-        int errnum = c->errnum;
-        memcpy(code, c->code, sizeof code);
-        memcpy(error, c->error, sizeof error);
-        /* The answers to earlier reports are read only when something reads
-         * the socket, and index hits never do: read them now, or their slots
-         * (SHADOWD_MAX_PENDING) fill up and a report finds none (its hits
-         * were then lost). */
-        drain(c);
-        /* A triple takes at most 24 bytes; the map around them 32. */
-        int most = (int)((max_request(c) - 32) / 24);
-        for (int done = 0; done < p->nreport && p->live;) {
-            int n = p->nreport - done < most ? p->nreport - done : most;
-            struct shadowd_slot_ *s = slot_new(c, K_REPORT, 0);
-            if (s == NULL)
-                break;
-            struct out o = out_of(c);
-            put_u8(&o, 0x83);
-            put_cstr(&o, "op");
-            put_cstr(&o, "report");
-            put_cstr(&o, "id");
-            put_uint(&o, s->id);
-            put_cstr(&o, "hits");
-            if (n < 16)
-                put_u8(&o, (uint8_t)(0x90 | n));
-            else
-                put_be(&o, 0xdc, (uint64_t)n, 2);
-            uint64_t hits = 0;
-            for (int i = done; i < done + n; i++) {
-                put_u8(&o, 0x93);
-                put_uint(&o, p->report[i].dev);
-                put_uint(&o, p->report[i].ino);
-                put_uint(&o, p->report[i].hits);
-                hits += p->report[i].hits;
-            }
-            if (send_request(c, &o, NULL, 0, 0) != 0) {
-                slot_free(s);
-                break;
-            }
-            s->state = SENT;
-            s->deadline = reply_deadline(c, 0, 0);
-            c->counts.reported += hits;
-            done += n;
-        }
-        memcpy(c->code, code, sizeof code);
-        memcpy(c->error, error, sizeof error);
-        c->errnum = errnum;
-    }
-    report_clear(p);
+    int total = p->nreport + (p->report_spill > 0), done = 0, why = REPORT_NO_INDEX;
+    p->report_hits = 0;
     p->report_at = mono_us();
+    if (total == 0)
+        return REPORT_SENT;
+    if (!p->live || p->hello != H_DONE || p->index_state != IX_HAVE)
+        return REPORT_NO_INDEX;
+    char code[sizeof c->code], error[sizeof c->error];
+    int errnum = c->errnum;
+    memcpy(code, c->code, sizeof code);
+    memcpy(error, c->error, sizeof error);
+    /* The answers to earlier reports are read only when something reads
+     * the socket, and index hits never do: read them now, or their slots
+     * (SHADOWD_MAX_PENDING) fill up and a report finds none. */
+    drain(c);
+    /* A triple takes at most 28 bytes; the map around them 32. */
+    uint64_t room = max_request(c);
+    int most = room > 32 + 28 ? (int)((room - 32) / 28) : 1;
+    const struct shadowd_report_ spill = {.dev = 0, .ino = 0, .hits = p->report_spill};
+    while (done < total && p->live && p->index_state == IX_HAVE) {
+        int n = total - done < most ? total - done : most;
+        struct shadowd_slot_ *s = slot_new(c, K_REPORT, 0);
+        if (s == NULL) {
+            why = REPORT_NO_SLOT;
+            break;
+        }
+        struct out o = out_of(c);
+        put_u8(&o, 0x83);
+        put_cstr(&o, "op");
+        put_cstr(&o, "report");
+        put_cstr(&o, "id");
+        put_uint(&o, s->id);
+        put_cstr(&o, "hits");
+        if (n < 16)
+            put_u8(&o, (uint8_t)(0x90 | n));
+        else
+            put_be(&o, 0xdc, (uint64_t)n, 2);
+        uint64_t hits = 0;
+        for (int i = done; i < done + n; i++) {
+            const struct shadowd_report_ *r = i < p->nreport ? &p->report[i] : &spill;
+            put_u8(&o, 0x93);
+            put_uint(&o, r->dev);
+            put_uint(&o, r->ino);
+            put_uint(&o, r->hits);
+            hits += r->hits;
+        }
+        int sent = send_request(c, &o, NULL, 0, 0);
+        if (sent != 0) {
+            slot_free(s);
+            why = sent == -2 && c->errnum == EAGAIN ? REPORT_SOCKET_FULL : REPORT_NO_INDEX;
+            break;
+        }
+        s->state = SENT;
+        s->deadline = reply_deadline(c, 0, 0);
+        c->counts.reported += hits;
+        done += n;
+    }
+    memcpy(c->code, code, sizeof code);
+    memcpy(c->error, error, sizeof error);
+    c->errnum = errnum;
+    report_forget(p, done);
+    return done == total ? REPORT_SENT : why;
 }
 
 static int cold_now(struct shadowd *c);
@@ -3276,29 +3348,24 @@ static void
 report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
 {
     struct shadowd_private_ *p = P(c);
-    const unsigned mask = 2 * SHADOWD_REPORTS - 1;
-    unsigned b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
-    for (;;) {
-        unsigned e = p->report_index[b];
-        if (e == 0) {
-            if (p->nreport == SHADOWD_REPORTS) {
-                report_send(c); /* full: send what is there, count afresh */
-                b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
-                continue;
-            }
-            int i = p->nreport++;
-            p->report[i].dev = dev;
-            p->report[i].ino = ino;
-            p->report[i].hits = 0;
-            p->report_index[b] = (uint16_t)(i + 1);
-            e = (unsigned)i + 1;
-        } else if (p->report[e - 1].dev != dev || p->report[e - 1].ino != ino) {
-            b = (b + 1) & mask;
-            continue;
-        }
-        p->report[e - 1].hits++;
-        break;
+    unsigned b = report_bucket(p, dev, ino);
+    /* A full table is sent (not waited for) to make room, at most once a
+     * millisecond while that fails: a hit meanwhile is counted apart. */
+    if (p->report_index[b] == 0 && p->nreport == SHADOWD_REPORTS &&
+        mono_us() - p->report_at >= 1000) {
+        report_send(c);
+        b = report_bucket(p, dev, ino);
     }
+    unsigned e = p->report_index[b];
+    if (e == 0 && p->nreport < SHADOWD_REPORTS) {
+        e = (unsigned)++p->nreport;
+        p->report[e - 1] = (struct shadowd_report_){.dev = dev, .ino = ino, .hits = 0};
+        p->report_index[b] = (uint16_t)e;
+    }
+    if (e != 0)
+        p->report[e - 1].hits++;
+    else
+        p->report_spill++; /* the table still full: told as hits of no file */
     p->report_hits++;
     if (p->report_hits >= REPORT_EVERY_HITS || mono_us() - p->report_at >= REPORT_EVERY_US) {
         report_send(c);
@@ -3309,26 +3376,26 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
     }
 }
 
-/* At close: the last report, waited for (up to the reply timeout). A
- * socket closed with a reply unread in it resets the connection, and the
- * daemon would lose a report still in its queue. */
+/* At close: the last report, and the answers to every report, waited for
+ * (up to the reply timeout): a socket closed with a reply unread in it
+ * resets the connection, and the daemon would lose a report still in its
+ * queue. Hits that found no room are sent as room is made meanwhile. */
 static void
 report_last(struct shadowd *c)
 {
     struct shadowd_private_ *p = P(c);
-    if (!p->live || p->nreport == 0)
-        return;
-    report_send(c);
     long long deadline = mono_us() + 1000LL * p->reply_ms;
-    for (;;) {
+    while (p->live) {
+        int why = report_send(c);
         int waiting = 0;
         for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
             waiting |= p->slots[i].kind == K_REPORT && p->slots[i].state == SENT;
         long long left = deadline - mono_us();
-        if (!waiting || !p->live || left <= 0)
+        if ((why == REPORT_SENT && !waiting) || why == REPORT_NO_INDEX || left <= 0)
             break;
-        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
-        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0)
+        struct pollfd pfd = {.fd = c->sock,
+                             .events = POLLIN | (why == REPORT_SOCKET_FULL ? POLLOUT : 0)};
+        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0 && (pfd.revents & ~POLLOUT))
             drain(c);
     }
 }

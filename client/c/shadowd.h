@@ -213,7 +213,7 @@ struct shadowd_slot_ {
 /* One file's index hits not reported yet. */
 struct shadowd_report_ {
     uint64_t dev, ino;
-    uint32_t hits;
+    uint64_t hits;
 };
 
 struct shadowd_private_ {
@@ -259,8 +259,13 @@ struct shadowd_private_ {
     long long index_alive_us;  /* when the daemon was last seen alive (its index_fd there) */
     const uint8_t *index_map;
     size_t index_len;
-    int nreport;
+    /* Index hits not reported yet, per file, and of files that found the
+     * table full (reported as file 0, 0); kept until a report of them is
+     * sent, for the daemon whose index they came through (its pid and the
+     * index's generation). */
+    int nreport, report_pid;
     uint32_t report_hits;
+    uint64_t report_generation, report_spill;
     long long report_at;
     struct shadowd_report_ report[SHADOWD_REPORTS];
     uint16_t report_index[2 * SHADOWD_REPORTS]; /* (dev, ino) -> report entry + 1 */
@@ -641,11 +646,13 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  * asks the new daemon for its own. Index hits are counted per file and
  * told to the daemon ({"op": "report"}, not waited for) after 256 hits or
  * when a hit comes a second after the last report, and at shadowd_close,
- * so that its stats (`index_hits`) and LRU order stay true; a report that
- * fails loses nothing but those numbers. Files copied here by the size
- * rule while the index is in use are told to the daemon (as a cold
- * daemon's are, shadowd_set_cold) so that the next process finds them in
- * the index. Only on little-endian hosts (the layout is). While it holds
+ * so that its stats (`index_hits`) and LRU order stay true. A report is
+ * never waited for when sent; what one could not carry (no request slot
+ * free, the socket full) is kept, bounded, and goes with the next report
+ * to that same daemon (client/c/README.md, "Reports"). Files copied here
+ * by the size rule while the index is in use are told to the daemon (as a
+ * cold daemon's are, shadowd_set_cold) so that the next process finds them
+ * in the index. Only on little-endian hosts (the layout is). While it holds
  * an index the client keeps one more fd (an O_PATH fd of the daemon's
  * /proc/PID/fd) and a read-only mapping. */
 

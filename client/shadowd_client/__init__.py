@@ -40,7 +40,9 @@ from .errors import (
     ShuttingDown,
     SizeMismatch,
     SourceError,
+    TooManyOpenFiles,
     UnsealedDescriptor,
+    UnsupportedProtocolVersion,
 )
 from .local import local_copy, local_copy_fd, local_private
 from .opener import HeldFiles, Opener
@@ -70,7 +72,9 @@ __all__ = [
     "ShuttingDown",
     "SizeMismatch",
     "SourceError",
+    "TooManyOpenFiles",
     "UnsealedDescriptor",
+    "UnsupportedProtocolVersion",
     "default_socket_path",
     "local_copy",
     "local_copy_fd",

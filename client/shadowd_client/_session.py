@@ -6,6 +6,7 @@
 # came with a reply unclosed when the reply is not handed to the caller.
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -22,6 +23,7 @@ from shadowd.paths import SocketChoice, find_socket
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
     PROTOCOL_VERSION,
+    BadFds,
     BatchOpened,
     ClientConnection,
     ErrorReply,
@@ -49,7 +51,9 @@ from .errors import (
     ShadowdError,
     SizeMismatch,
     SourceError,
+    TooManyOpenFiles,
     UnsealedDescriptor,
+    UnsupportedProtocolVersion,
     refused,
     source_error,
     unavailable,
@@ -63,6 +67,10 @@ SOURCE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # 208 KiB by default), so this holds any reply.
 REPLY_BUFFER = 256 * 1024
 ANC_SPACE = socket.CMSG_SPACE(MAX_BATCH_LIMIT * 4)
+#: How many descriptors a reply read with ANC_SPACE can take in: the kernel
+#: truncates to this many when more came (MSG_CTRUNC). Fewer than this with
+#: MSG_CTRUNC set, it could not install the next one here (no number left).
+_FDS_ROOM = (ANC_SPACE - socket.CMSG_LEN(0)) // 4
 REFUSAL_BUFFER = 4096
 #: What open_private calls on a miss: write the file into the memfd it is given.
 Fill = Callable[[int], object]
@@ -224,15 +232,35 @@ class Session:
             )
         except ProtocolError as exc:
             close_all(exc.fds)
+            if flags & _MSG_CTRUNC and len(fds) < _FDS_ROOM and isinstance(exc, BadFds):
+                # Room for more, yet some were dropped: the kernel could not give
+                # this process a number (EMFILE). The reply was read and matched
+                # to its request all the same: the connection is in step.
+                raise TooManyOpenFiles(
+                    "the daemon's reply carried a descriptor this process had no number "
+                    f"left for (MSG_CTRUNC): {os.strerror(errno.EMFILE)}",
+                    errno=errno.EMFILE,
+                ) from None
             raise ProtocolViolation(f"bad reply from the daemon: {exc.message}") from None
         if reply.id is None:
             assert isinstance(reply, ErrorReply)
             raise refused(reply.code, reply.message)
         if reply.id == self.hello_id:
-            self.hello_id = None
             if isinstance(reply, ErrorReply):
+                self.hello_id = None
                 raise refused(reply.code, reply.message)
             assert isinstance(reply, HelloReply)
+            if not 1 <= reply.version <= self.version:
+                # A daemon answers with the version the client said, or one below it
+                # that both speak (docs/protocol.md, "Versioning"); the hello stays
+                # unanswered, and the connection is dropped.
+                spoken = "1" if self.version == 1 else f"1 to {self.version}"
+                raise UnsupportedProtocolVersion(
+                    f"the daemon answered hello with protocol version {reply.version}; "
+                    f"this client speaks {spoken}",
+                    version=reply.version,
+                )
+            self.hello_id = None
             self.server = reply.server
             return None
         return reply

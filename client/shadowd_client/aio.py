@@ -62,8 +62,9 @@ from .errors import (
     ProtocolViolation,
     Refused,
     ShadowdError,
+    TooManyOpenFiles,
     hello_violation,
-    unavailable,
+    no_socket,
 )
 
 
@@ -302,6 +303,14 @@ class AsyncClient:
         except Broken as broken:
             self._drop(conn, broken)
             raise
+        except ProtocolViolation as exc:
+            before_hello = _hello_pending(conn)
+            self._drop(conn, Broken(None, "a bad reply"))
+            if before_hello:  # the first words of what answered were not shadowd's
+                raise hello_violation(exc, self.socket_path) from None
+            raise
+        except TooManyOpenFiles:
+            raise  # ours, not the daemon's: the connection is as good as it was
         except ShadowdError:
             self._drop(conn, Broken(None, "a bad reply"))
             raise
@@ -364,7 +373,12 @@ class AsyncClient:
                 # Look again: the daemon may have come up on another candidate.
                 self._choice = choose_socket(self._given)
                 self.socket_path = self._choice.path
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock = trio.socket.socket(
+                    socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+                )
+            except OSError as exc:  # no descriptor left here, say
+                raise no_socket(exc, self.socket_path, self._choice.describe()) from None
             try:
                 with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
                     await sock.connect(self.socket_path)
@@ -378,9 +392,7 @@ class AsyncClient:
                 ) from None
             except OSError as exc:
                 sock.close()
-                raise unavailable(
-                    exc, self.socket_path, "connecting", self._choice.describe()
-                ) from None
+                raise no_socket(exc, self.socket_path, self._choice.describe()) from None
             conn = _Conn(sock, self.version)
             data, _ = conn.session.hello()
             try:

@@ -38,6 +38,17 @@ class UnsealedDescriptor(ProtocolViolation):
     """The daemon sent an fd without the four seals; it was closed, not returned."""
 
 
+class UnsupportedProtocolVersion(ProtocolViolation):
+    """The daemon answered hello with a protocol version this client does not speak
+    (0, or above the one it said: a daemon of a newer major version). The connection
+    is dropped and nothing is asked on it; an :class:`Opener` copies locally
+    meanwhile, as while the daemon is down. ``version`` is what the daemon said."""
+
+    def __init__(self, message: str, *, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class SourceError(ShadowdError):
     """The client could not open or read the file itself (before asking the daemon)."""
 
@@ -45,6 +56,20 @@ class SourceError(ShadowdError):
         super().__init__(message)
         self.errno = errno
         self.filename = filename
+
+
+class TooManyOpenFiles(SourceError):
+    """This process has no descriptor number left (its RLIMIT_NOFILE, or the
+    system's limit): it could not open the source, make a socket to the daemon,
+    take in the descriptor a reply carried (the kernel dropped it: MSG_CTRUNC),
+    or make a local copy. The client's own trouble, not the daemon's: the
+    connection stays, and an :class:`Opener` keeps asking the daemon (no
+    breaker) and copies the file here when it can. ``errno`` is EMFILE (or
+    ENFILE), as an ``open`` at the limit would say."""
+
+
+#: What an OSError says when this process (or the system) is out of descriptors.
+FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
 
 class Refused(ShadowdError):
@@ -158,7 +183,21 @@ def refused(code: str, message: str) -> Refused:
 
 def source_error(exc: OSError, path: str) -> SourceError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return SourceError(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+    kind = TooManyOpenFiles if exc.errno in FD_LIMIT_ERRNOS else SourceError
+    return kind(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+
+
+def no_socket(exc: OSError, socket_path: str, where: str = "") -> ShadowdError:
+    """The error for a socket to the daemon at *socket_path* that could not be made
+    or connected: this process's descriptor limit (not the daemon's fault), else
+    :func:`unavailable`."""
+    if exc.errno in FD_LIMIT_ERRNOS:
+        return TooManyOpenFiles(
+            f"no descriptor left for a socket to shadowd at {socket_path}: "
+            f"{os.strerror(exc.errno)}",
+            errno=exc.errno,
+        )
+    return unavailable(exc, socket_path, "connecting", where)
 
 
 def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> DaemonUnavailable:
@@ -181,7 +220,10 @@ def unavailable(exc: OSError, socket_path: str, doing: str, where: str = "") -> 
 
 def hello_violation(exc: ProtocolViolation, socket_path: str) -> ProtocolViolation:
     """*exc*, raised before the hello was answered, naming the socket: what answered
-    there is most likely not a shadowd daemon."""
+    there is most likely not a shadowd daemon (unless it said a version we do not speak:
+    a shadowd of another version)."""
+    if isinstance(exc, UnsupportedProtocolVersion):
+        return UnsupportedProtocolVersion(f"shadowd at {socket_path}: {exc}", version=exc.version)
     return type(exc)(f"{socket_path} is not a shadowd socket? its answer to hello: {exc}")
 
 
@@ -204,9 +246,10 @@ def _reason(exc: OSError, socket_path: str) -> str:
 
 
 @contextmanager
-def talking_to(socket_path: str, doing: str, where: str = "") -> Iterator[None]:
-    """Turn an OSError in the block into :class:`DaemonUnavailable`."""
+def connecting(socket_path: str, where: str = "") -> Iterator[None]:
+    """Turn an OSError met making or connecting a socket in the block into
+    :func:`no_socket`'s error."""
     try:
         yield
     except OSError as exc:
-        raise unavailable(exc, socket_path, doing, where) from exc
+        raise no_socket(exc, socket_path, where) from exc

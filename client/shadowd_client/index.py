@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable
 
 from shadowd import hotcalls
+from shadowd.fds import FdHolder
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
 from shadowd.memfd import REQUIRED_SEALS, proc_fd_dir_again
 
@@ -95,6 +96,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release(index: mmap.mmap, daemon_fds: FdHolder, own_fds: FdHolder) -> None:
+    """What a view holds, released: by :meth:`IndexView.close`, or when a view
+    nobody closed is collected (its finaliser; it must not refer to the view)."""
+    index.close()
+    daemon_fds.close()
+    own_fds.close()
 
 
 def _same_file(fds_dir: int, n: int, fd: int) -> bool:
@@ -178,20 +187,33 @@ class IndexView:
         # The daemon's /proc/PID/fd and ours, opened once: a reopen then walks
         # one component instead of three.
         try:
-            self._daemon_fds = os.open(f"/proc/{pid}/fd", _DIR_FLAGS)
+            daemon_fds = os.open(f"/proc/{pid}/fd", _DIR_FLAGS)
         except OSError as exc:
             self._map.close()
             raise BadIndex(f"cannot see the daemon's descriptors: {exc.strerror}") from None
         #: The index memfd's (st_dev, st_ino): what the daemon's own descriptor of it is.
         self._index_file = (own.st_dev, own.st_ino)
-        if not _same_file(self._daemon_fds, index_fd, fd):
+        if not _same_file(daemon_fds, index_fd, fd):
             # /proc/PID is not the daemon (another process of that pid, in
             # our pid namespace): a number of its "range" may be anything,
             # and whether it is alive says nothing of the daemon's life.
-            os.close(self._daemon_fds)
+            os.close(daemon_fds)
             self._map.close()
             raise BadIndex(f"/proc/{pid} is not the daemon that sent this index")
-        self._own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
+        try:
+            own_fds = os.open("/proc/self/fd", _DIR_FLAGS)
+        except OSError:
+            os.close(daemon_fds)
+            self._map.close()
+            raise
+        # Owned from here on: by close(), or, for a view nobody closes, by its
+        # finaliser when it is collected (a closed holder's fd is -1: a use
+        # after close fails with EBADF, never reaches a reused number).
+        self._daemon_fds = FdHolder(daemon_fds)
+        self._own_fds = FdHolder(own_fds)
+        self._finalizer = weakref.finalize(
+            self, _release, self._map, self._daemon_fds, self._own_fds
+        )
         self._c_open: Callable[[os.stat_result], int | None] | None = None
         self._c_open_fd: Callable[[int], int | None] | None = None
         self._c_holds: Callable[[Held], bool] | None = None
@@ -206,7 +228,7 @@ class IndexView:
         self.holds: Callable[[Held], bool] = self._c_holds or self._holds_py
         if C_CALLS is not None:
             state = (
-                self._map, self._daemon_fds, self._own_fds, slots, probes, memfd_dev, self.direct
+                self._map, daemon_fds, own_fds, slots, probes, memfd_dev, self.direct
             )  # fmt: skip
             self._c_open = functools.partial(C_CALLS[0], *state)
             self._c_open_fd = functools.partial(C_CALLS[1], *state)
@@ -228,10 +250,7 @@ class IndexView:
         self._c_holds = None
         self.holds = self._holds_py  # which holds nothing now
         _VIEWS.discard(self)
-        self._map.close()
-        os.close(self._daemon_fds)
-        if self._own_fds >= 0:
-            os.close(self._own_fds)
+        self._finalizer()
 
     @property
     def closed(self) -> bool:
@@ -248,7 +267,7 @@ class IndexView:
         if self._closed or self._gone:
             return False
         try:
-            st = os.stat(str(self.index_fd), dir_fd=self._daemon_fds)
+            st = os.stat(str(self.index_fd), dir_fd=self._daemon_fds.fd)
         except OSError:
             st = None
         if st is None or (st.st_dev, st.st_ino) != self._index_file:
@@ -297,9 +316,9 @@ class IndexView:
         view rather than reopen through its parent's descriptors."""
         if not self._closed:
             try:
-                proc_fd_dir_again(self._own_fds)
+                proc_fd_dir_again(self._own_fds.fd)
             except OSError:
-                self._own_fds = -1  # closed already
+                self._own_fds.detach()  # closed already
                 self.close()
 
     def open(self, st: os.stat_result) -> int | None:
@@ -354,7 +373,7 @@ class IndexView:
             # The range of a daemon of our uid: a memfd, whatever N holds by
             # now, whose open has no side effects.
             try:
-                served = os.open(str(fd), _RANGE_FLAGS, dir_fd=self._daemon_fds)
+                served = os.open(str(fd), _RANGE_FLAGS, dir_fd=self._daemon_fds.fd)
             except OSError:
                 return None  # the daemon is gone
             if not self._is_slots(served, memfd):
@@ -368,13 +387,13 @@ class IndexView:
         else:
             # O_PATH first: no driver's open runs, whatever fd N is now.
             try:
-                path = os.open(str(fd), _PATH_FLAGS, dir_fd=self._daemon_fds)
+                path = os.open(str(fd), _PATH_FLAGS, dir_fd=self._daemon_fds.fd)
             except OSError:
                 return None  # the daemon is gone, or N was closed meanwhile
             try:
                 if not self._is_slots(path, memfd):
                     return None  # N is something else now, or a holder changed the memfd
-                served = os.open(str(path), _OPEN_FLAGS, dir_fd=self._own_fds)
+                served = os.open(str(path), _OPEN_FLAGS, dir_fd=self._own_fds.fd)
             except OSError:
                 return None
             finally:

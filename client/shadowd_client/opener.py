@@ -35,6 +35,7 @@ from .errors import (
     ProtocolViolation,
     Refused,
     ShadowdError,
+    TooManyOpenFiles,
     UnsealedDescriptor,
     source_error,
 )
@@ -257,8 +258,12 @@ class Opener:
     timeout, a refused connection, a broken one or a reply that breaks the
     protocol the daemon is left alone for a backoff window (1 s, doubled
     after each failed retry, at most 30 s) and every open is copied here; one
-    log line says it is gone, one that it is back. Thread-safe; a forked
-    child goes on with a connection of its own.
+    log line says it is gone, one that it is back. This process out of
+    descriptors (its RLIMIT_NOFILE: a socket not made, a reply's descriptor the
+    kernel could not hand over) is no fault of the daemon's and opens no
+    window: the file is copied here, or, when that needs a number there is not
+    either, :class:`TooManyOpenFiles` is raised (errno EMFILE). Thread-safe; a
+    forked child goes on with a connection of its own.
 
     A kept version is served only while the daemon still serves that very
     memfd: where this process reads the daemon's index, the index must name
@@ -298,6 +303,7 @@ class Opener:
         self.held_recheck = held_recheck
         self._down_until = 0.0
         self._backoff = retry_after
+        self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
@@ -427,7 +433,7 @@ class Opener:
                 served = client.open_private(namespace, key, fill, executable=executable)
             except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
                 self._failed(exc)
-            except Refused:
+            except (Refused, TooManyOpenFiles):
                 pass  # whatever the daemon will not do, the copy here does (or says why not)
             else:
                 self._worked()
@@ -465,12 +471,18 @@ class Opener:
         return time.time_ns() - st.st_ctime_ns >= racy
 
     def _limits(self) -> dict[str, int] | None:
-        """The limits the daemon's hello said on this connection; None before one."""
+        """The limits the daemon's last hello said; None before any.
+
+        Kept after its connection is dropped (a timeout, a bad reply) until a
+        new hello says otherwise: a daemon that comes back is most likely run
+        as it was, and the defaults would send it files it refuses (above its
+        --max-file-size) or will not cache (inside its racy window).
+        """
         client = self._client
         session = None if client is None else client._session
-        if session is None or session.server is None:
-            return None
-        return dict(session.proto.server_limits)
+        if session is not None and session.server is not None:
+            self._heard = dict(session.proto.server_limits)
+        return self._heard
 
     def _hello(self) -> dict[str, int] | None:
         """Connect and hear the hello now, behind the breaker; its limits, or None."""
@@ -517,6 +529,8 @@ class Opener:
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
+        except TooManyOpenFiles:
+            return None  # none now, and asked again at the next open: the daemon has one
         except ShadowdError:
             view = None
         finally:
@@ -626,8 +640,10 @@ class Opener:
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
-        except Refused:
-            return None  # whatever the daemon will not do, the copy here does (or says why not)
+        except (Refused, TooManyOpenFiles):
+            # Whatever the daemon will not do, the copy here does (or says why not);
+            # out of descriptors here is no fault of the daemon's: no breaker.
+            return None
         finally:
             self.waited += time.monotonic() - started
         self._worked()

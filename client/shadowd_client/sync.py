@@ -61,13 +61,15 @@ from ._session import (
     stats_of,
 )
 from .errors import (
+    FD_LIMIT_ERRNOS,
     DaemonUnavailable,
     ProtocolViolation,
     Refused,
     ShadowdError,
+    TooManyOpenFiles,
+    connecting,
     hello_violation,
     refused,
-    talking_to,
 )
 from .index import BadIndex, IndexView
 
@@ -274,7 +276,13 @@ class Client:
             raise ProtocolViolation(f"expected the index, got {type(reply).__name__}")
         try:
             return IndexView(reply.fd, reply.pid, reply.slots, peer=peer[0])
-        except (OSError, BadIndex):
+        except OSError as exc:
+            if exc.errno in FD_LIMIT_ERRNOS:  # ours: the daemon does give one
+                raise TooManyOpenFiles(
+                    f"no descriptor left to read shadowd's index: {exc.strerror}", errno=exc.errno
+                ) from None
+            return None
+        except BadIndex:
             return None
         finally:
             os.close(reply.fd)
@@ -383,6 +391,8 @@ class Client:
             if before_hello:  # the first words of what answered were not shadowd's
                 raise hello_violation(exc, self.socket_path) from None
             raise
+        except TooManyOpenFiles:
+            raise  # ours, not the daemon's: the connection is as good as it was
         except ShadowdError:
             self._drop()
             raise
@@ -421,7 +431,7 @@ class Client:
             # Look again: the daemon may have come up on another candidate.
             self._choice = choose_socket(self._given)
             self.socket_path = self._choice.path
-        with talking_to(self.socket_path, "connecting", self._choice.describe()):
+        with connecting(self.socket_path, self._choice.describe()):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 sock.settimeout(self.timeout)
