@@ -798,6 +798,12 @@ main(void)
                  shadowd_available(&c), (unsigned long long)c.max_batch,
                  (unsigned long long)c.max_file_size, c.protocol,
                  (unsigned long long)c.racy_window_ns);
+        } else if (strcmp(cmd, "scribble") == 0) {
+            /* Memory of unknown contents: every byte of the struct 0xA5
+             * (its held connection, if any, left open: a test's own), then
+             * shadowd_init, which must make it as good as zero-filled. */
+            memset(&c, 0xA5, sizeof c);
+            shadowd_init(&c);
         } else if (strcmp(cmd, "zero") == 0) {
             /* A zero-filled struct: close it, twice, then (with a PATH) use it. */
             static struct shadowd z;

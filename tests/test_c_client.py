@@ -1259,6 +1259,47 @@ def test_a_zero_filled_struct_is_safe(driver: Any, tmp_path: Path) -> None:
     assert r["hash"] == digest and r["stdin_still_open"]
 
 
+async def test_shadowd_init_on_memory_of_unknown_contents_works_as_zero_filled(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    # shadowd_init zeroes all but the buffers and the arrays read only below
+    # a count (the tier's entries, unreported hits, told files): with every
+    # other byte 0xA5, each of those paths must still work and leak nothing.
+    daemon = await start_daemon("--racy-window", "0.05")
+    libs = [big(tmp_path / f"lib{i}.so") for i in range(3)]
+    conf = make_file(tmp_path / "small.conf", b"x" * 3000)
+    settle(conf, *(f for f, _ in libs))
+    d = driver()
+    with trio.fail_after(30):
+        base = (await ask(d, "fds"))["fds"]
+        await ask(d, "scribble")
+        for cmd in ("socket", daemon.socket_path), ("cold", 1, 300):
+            await ask(d, *cmd)
+        ready = await ask(d, "indexready")
+        cold = [await ask(d, "routed", f) for f in (libs[0][0], conf, libs[1][0])]
+        await ask(d, "close")  # the files copied in the cold window, told
+        while (await trio.to_thread.run_sync(stats, daemon))["entries"] < 3:
+            await trio.sleep(0.02)
+        await trio.sleep(0.35)  # past the cold window
+        again = await ask(d, "indexready")  # (a new connection's)
+        indexed = [await ask(d, "routed", f) for f in (libs[0][0], conf, libs[1][0])]
+        counts = await ask(d, "counts")
+        await ask(d, "close")  # the index hits, reported and waited for
+        closed = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "index", 0, 0)  # the tier: the daemon's hit kept, then reopened
+        held = await until_route(d, libs[2][0], "held")
+        await ask(d, "close")
+        after = (await ask(d, "fds"))["fds"]
+    assert ready["ready"] == 1 and again["ready"] == 1
+    digests = [libs[0][1], fnv(b"x" * 3000), libs[1][1]]
+    assert [r["hash"] for r in cold] == digests and [r["hash"] for r in indexed] == digests
+    assert [r["route"] for r in cold] == ["copy"] * 3
+    assert [r["route"] for r in indexed] == ["index"] * 3
+    assert counts["index"] == 3 and closed["index_hits"] == 3
+    assert held[-1]["hash"] == libs[2][1] and "daemon" in [r["route"] for r in held]
+    assert after == base
+
+
 async def test_a_zero_filled_struct_connects_by_the_socket_rule(
     driver: Any, daemon: Daemon, tmp_path: Path
 ) -> None:

@@ -316,8 +316,11 @@ struct shadowd {
 
 /* ---- setting up --------------------------------------------------------- */
 
-/* Zero-fill *c* and set the defaults: for a struct of unknown contents
- * (malloc, the stack). Never closes anything: not for a struct in use. */
+/* Set *c* up as if zero-filled, with the defaults: for a struct of unknown
+ * contents (malloc, the stack). The request and reply buffers and the
+ * arrays read only below a count are left as they are (150 KiB of the
+ * struct, never touched before they are used). Never closes anything: not
+ * for a struct in use. */
 void shadowd_init(struct shadowd *c);
 
 /* The socket path of the one rule every client follows: $SHADOWD_SOCKET
