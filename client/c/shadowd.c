@@ -241,8 +241,17 @@ current_self(void)
 
 /* -- setting up ---------------------------------------------------------- */
 
-/* Zero the struct from member *a* up to member *b* of the private part. */
-#define ZERO_SPAN(p, a, b) memset(&(p)->a, 0, (size_t)((char *)&(p)->b - (char *)&(p)->a))
+#define PRIV_AT(m) offsetof(struct shadowd_private_, m)
+#define PRIV_END(m) (PRIV_AT(m) + sizeof(((struct shadowd_private_ *)0)->m))
+
+typedef char skip_is_in_the_structs_order
+    [PRIV_AT(hint_fd) < PRIV_AT(hint_label) && PRIV_AT(hint_label) < PRIV_AT(hint_labels) &&
+             PRIV_AT(hint_labels) < PRIV_AT(held) && PRIV_AT(held) < PRIV_AT(report) &&
+             PRIV_AT(report) < PRIV_AT(wbuf) && PRIV_AT(wbuf) < PRIV_AT(rbuf) &&
+             offsetof(struct shadowd, priv_) + sizeof(struct shadowd_private_) ==
+                 sizeof(struct shadowd)
+         ? 1
+         : -1];
 
 /* Zero-fill everything but what is never read before it is written: the
  * request and reply buffers, and the arrays read only below a count that
@@ -252,17 +261,25 @@ current_self(void)
  * process's first setup of a static struct (a supervisor's) otherwise
  * writes, and so faults in, every page of it (0.2 ms measured on the
  * project's VM, paid before the tracee starts), and a fork then copies or
- * write-protects them all. */
+ * write-protects them all. Everything between and after those arrays is
+ * zeroed, padding included, so a member added anywhere is. */
 static void
 zero(struct shadowd *c)
 {
-    struct shadowd_private_ *p = P(c);
+    static const size_t skip[][2] = {
+        {PRIV_AT(hint_fd), PRIV_END(hint_fd)},   {PRIV_AT(hint_label), PRIV_END(hint_label)},
+        {PRIV_AT(hint_labels), PRIV_END(hint_labels)}, {PRIV_AT(held), PRIV_END(held)},
+        {PRIV_AT(report), PRIV_END(report)},     {PRIV_AT(wbuf), PRIV_END(wbuf)},
+        {PRIV_AT(rbuf), PRIV_END(rbuf)},
+    };
+    char *base = (char *)P(c);
+    size_t at = 0;
     memset(c, 0, offsetof(struct shadowd, priv_));
-    ZERO_SPAN(p, magic, hint_fd);
-    ZERO_SPAN(p, hint_used, hint_labels);
-    ZERO_SPAN(p, hello_deadline, held);
-    ZERO_SPAN(p, held_index, report);
-    ZERO_SPAN(p, report_index, wbuf);
+    for (size_t i = 0; i < sizeof skip / sizeof skip[0]; i++) {
+        memset(base + at, 0, skip[i][0] - at);
+        at = skip[i][1];
+    }
+    memset(base + at, 0, sizeof(struct shadowd_private_) - at);
 }
 
 static void
