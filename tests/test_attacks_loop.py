@@ -657,11 +657,13 @@ async def test_a_connection_that_ends_with_descriptors_queued_is_held_to_its_uid
     socket with the rest: the daemon's fd count stays within the bound (and a
     datagram's worth) of its baseline, and comes back to it."""
     d: Daemon = await start_daemon("--socket-mode", "0666", "--max-fds-per-uid", "512")
+    with trio.fail_after(20):
+        # Before the child connects: quiet_fds waits for no connection at all.
+        baseline = await trio.to_thread.run_sync(d.quiet_fds)
     child = spawn_as(ATTACKER, FLOODED.format(path=str(d.socket_path), datagrams=60))
     peak = 0
     try:
         with trio.fail_after(60):
-            baseline = await trio.to_thread.run_sync(d.quiet_fds)
             child.send(1)
             sent = await trio.to_thread.run_sync(child.recv)
             assert sent >= 40, sent  # so many that the bound cannot take them
