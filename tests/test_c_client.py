@@ -1181,6 +1181,47 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         await body()
 
 
+async def test_after_a_dropped_connection_routed_opens_keep_the_daemons_last_limits(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A reply too late drops the connection (the breaker opens for its window). After
+    the window the routed open connects without waiting for the hello, and until that
+    hello answers it routes by what the last one said, not by nothing: a file above the
+    daemon's --max-file-size is copied here without asking (before: the new connection
+    zeroed the limits, and the file was asked for and refused file-too-large)."""
+
+    def refused() -> int:
+        return int(stats(d_)["refused_by_code"].get("file-too-large", 0))
+
+    d_ = await start_daemon("--racy-window", "0.05", "--max-file-size", "100000")
+    small, _ = big(tmp_path / "small", 50_000)
+    large, digest = big(tmp_path / "large", 150_000)
+    settle(small, large)
+    d = driver()
+    for cmd in ("socket", d_.socket_path), ("routing", 0, -1), ("held", 0, 0), (
+        "timeouts", 1000, 150, 0), ("backoff", 50, 50), ("log", "quiet"), (
+        "index", 0, 0):  # fmt: skip
+        await ask(d, *cmd)
+    with trio.fail_after(60):
+        assert (await ask(d, "routed", small))["route"] in ("daemon", "copy")  # a hello
+        unasked = await ask(d, "routed", large)
+        assert (unasked["route"], unasked["copied_why"]) == ("copy", "rule")
+        os.kill(d_.pid, signal.SIGSTOP)
+        try:
+            late = await ask(d, "routed", small)  # no answer in time: dropped, breaker
+        finally:
+            os.kill(d_.pid, signal.SIGCONT)
+        await trio.sleep(0.1)  # past the breaker's window
+        before = await trio.to_thread.run_sync(refused)
+        got = await ask(d, "routed", large)
+        counts = await ask(d, "counts")
+        after = await trio.to_thread.run_sync(refused)
+    assert (late["route"], late["copied_why"]) == ("copy", "failed"), late
+    assert (got["route"], got["copied_why"], got["hash"]) == ("copy", "rule", digest), got
+    assert after == before, "asked the daemon for a file its last hello said it refuses"
+    assert counts["max_file_size"] == 100000 and counts["racy_window_ns"] == 50_000_000
+
+
 async def test_a_stopped_daemon_costs_five_fresh_processes_less_than_3_s(
     c_client: str, start_daemon: Any, tmp_path: Path
 ) -> None:

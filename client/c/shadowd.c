@@ -1361,9 +1361,14 @@ conn_open(struct shadowd *c, int how)
     c->sock = s;
     p->live = 1;
     p->hello_deadline = deadline;
-    c->max_request = c->max_batch = c->max_file_size = c->max_inflight = c->max_namespace = 0;
+    /* max_file_size and racy_window_ns (with racy_known) stay the last
+     * hello's until this one answers: a routed open made meanwhile (the
+     * first after a breaker's window connects without waiting) routes by
+     * them, not by nothing, which would ask the daemon for files it refuses
+     * or will not cache. A daemon that comes back is most likely run as it
+     * was; its hello says otherwise if not. */
+    c->max_request = c->max_batch = c->max_inflight = c->max_namespace = 0;
     c->protocol = 0;
-    c->racy_window_ns = 0;
     return send_hello(c);
 }
 
