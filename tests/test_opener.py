@@ -238,6 +238,53 @@ def _held(opener: Opener, f: Path, data: bytes) -> None:
     assert opener.held_opens == held + 1  # from the tier
 
 
+async def test_an_opener_nobody_closes_gives_its_tiers_descriptors_back_once_collected(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """An Opener dropped without close() (its caller forgot it): once collected, this
+    process has exactly the descriptors it had before the Opener was made. Its
+    process-local tier held one memfd per kept file as a bare number that nothing but
+    close() released: they stayed open for the life of the process. Closed, the tier's
+    holders are -1 (a use fails, never reaches a number reused since)."""
+    import gc
+    import weakref
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(3)]
+    settle(*files)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def filled() -> tuple[weakref.ref[Opener], list[Any]]:
+        opener = Opener(d.socket_path, use_index=False, timeout=10)
+        deadline = time.monotonic() + 10
+        while opener.preload(files) < len(files):  # the daemon fills its cache meanwhile
+            assert time.monotonic() < deadline, "the daemon never cached them"
+            time.sleep(0.01)
+        held = [h.fd for h in opener._held._held.values()]
+        assert len(held) == len(files) and all(h.fd >= 0 for h in held)
+        return weakref.ref(opener), held
+
+    def work() -> None:
+        before = fds()
+        gone, held = filled()
+        gc.collect()
+        assert gone() is None
+        assert fds() == before, "the tier's memfds outlived their Opener"
+        assert [h.fd for h in held] == [-1] * len(files)
+        # And close() gives the same back, once (a second close does nothing).
+        opener = Opener(d.socket_path, use_index=False, timeout=10)
+        _held(opener, files[0], files[0].read_bytes())
+        opener.close()
+        assert fds() == before
+        opener.close()
+        assert fds() == before
+
+    with trio.fail_after(60):
+        await in_thread(work)
+
+
 @requires_root
 async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
     start_daemon: Any, shared_dir: Path

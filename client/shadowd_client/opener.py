@@ -236,6 +236,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _release(held: HeldFiles, client: Client | None) -> None:
+    """What an Opener holds, released: by :meth:`Opener.close`, or when an Opener
+    nobody closed is collected (its finaliser; it must not refer to the Opener)."""
+    held.clear()
+    if client is not None:
+        client.close()
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -263,7 +271,9 @@ class Opener:
     kernel could not hand over) is no fault of the daemon's and opens no
     window: the file is copied here, or, when that needs a number there is not
     either, :class:`TooManyOpenFiles` is raised (errno EMFILE). Thread-safe; a
-    forked child goes on with a connection of its own.
+    forked child goes on with a connection of its own. :meth:`close` gives back
+    its descriptors (the kept memfds, the connection); an Opener nobody closes
+    gives them back when it is collected.
 
     A kept version is served only while the daemon still serves that very
     memfd: where this process reads the daemon's index, the index must name
@@ -318,6 +328,10 @@ class Opener:
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
         self._unreported_hits = 0  # their total (Counter.total() sums every file's)
         self._reported_at = time.monotonic()
+        # The tier's memfds and the connection are owned: by close(), or, for an
+        # Opener nobody closes, by its finaliser when it is collected (a closed
+        # holder's fd is -1: a use after close never reaches a reused number).
+        self._finalizer = weakref.finalize(self, _release, self._held, self._client)
         _OPENERS.add(self)
 
     @property
@@ -690,8 +704,7 @@ class Opener:
             stale = None if index is None else index.retire()
         if stale is not None:
             stale.close()
-        if self._client is not None:
-            self._client.close()
+        self._finalizer()  # the client closed (and the tier, emptied above)
 
     def _forked(self) -> None:
         # In the child of a fork: the lock may have been held by a thread that is
