@@ -26,6 +26,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <grp.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -827,6 +828,40 @@ main(void)
             char buf[108];
             const char *p = shadowd_default_socket(buf, sizeof buf);
             emit_str("path", p ? p : "");
+        } else if (strcmp(cmd, "fdlimit") == 0) {
+            /* fdlimit N: every number up to the highest in use taken (by
+             * /dev/null), and RLIMIT_NOFILE set so that exactly N are left
+             * (no command that counts fds works meanwhile); fdlimit off: the
+             * limit as it was, those numbers closed again. */
+            static struct rlimit was;
+            static int holes[4096], nholes, limited;
+            if (strcmp(argv[1], "off") == 0) {
+                if (limited)
+                    setrlimit(RLIMIT_NOFILE, &was);
+                for (int i = 0; i < nholes; i++)
+                    close(holes[i]);
+                nholes = limited = 0;
+            } else {
+                int top = 0, n = -1;
+                DIR *d = opendir("/proc/self/fd");
+                struct dirent *e;
+                while ((e = readdir(d)) != NULL)
+                    if (e->d_name[0] != '.' && atoi(e->d_name) > top)
+                        top = atoi(e->d_name);
+                closedir(d);
+                while (nholes < 4096 && (n = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0 &&
+                       n < top)
+                    holes[nholes++] = n;
+                if (n > top)
+                    close(n);
+                else if (n == top)
+                    holes[nholes++] = n; /* (top was opendir's own) */
+                getrlimit(RLIMIT_NOFILE, &was);
+                struct rlimit low = {.rlim_cur = (rlim_t)(top + 1 + atoi(argv[1])),
+                                     .rlim_max = was.rlim_max};
+                limited = setrlimit(RLIMIT_NOFILE, &low) == 0;
+                emit("\"limited\": %d, \"top\": %d, ", limited, top);
+            }
         } else if (strcmp(cmd, "sleep") == 0) {
             usleep((useconds_t)atoi(argv[1]) * 1000);
         } else {

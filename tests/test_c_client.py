@@ -1181,6 +1181,101 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         await body()
 
 
+async def test_after_a_dropped_connection_routed_opens_keep_the_daemons_last_limits(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A reply too late drops the connection (the breaker opens for its window). After
+    the window the routed open connects without waiting for the hello, and until that
+    hello answers it routes by what the last one said, not by nothing: a file above the
+    daemon's --max-file-size is copied here without asking (before: the new connection
+    zeroed the limits, and the file was asked for and refused file-too-large)."""
+
+    def refused() -> int:
+        return int(stats(d_)["refused_by_code"].get("file-too-large", 0))
+
+    d_ = await start_daemon("--racy-window", "0.05", "--max-file-size", "100000")
+    small, _ = big(tmp_path / "small", 50_000)
+    large, digest = big(tmp_path / "large", 150_000)
+    settle(small, large)
+    d = driver()
+    for cmd in ("socket", d_.socket_path), ("routing", 0, -1), ("held", 0, 0), (
+        "timeouts", 1000, 150, 0), ("backoff", 50, 50), ("log", "quiet"), (
+        "index", 0, 0):  # fmt: skip
+        await ask(d, *cmd)
+    with trio.fail_after(60):
+        assert (await ask(d, "routed", small))["route"] in ("daemon", "copy")  # a hello
+        unasked = await ask(d, "routed", large)
+        assert (unasked["route"], unasked["copied_why"]) == ("copy", "rule")
+        os.kill(d_.pid, signal.SIGSTOP)
+        try:
+            late = await ask(d, "routed", small)  # no answer in time: dropped, breaker
+        finally:
+            os.kill(d_.pid, signal.SIGCONT)
+        await trio.sleep(0.1)  # past the breaker's window
+        before = await trio.to_thread.run_sync(refused)
+        got = await ask(d, "routed", large)
+        counts = await ask(d, "counts")
+        after = await trio.to_thread.run_sync(refused)
+    assert (late["route"], late["copied_why"]) == ("copy", "failed"), late
+    assert (got["route"], got["copied_why"], got["hash"]) == ("copy", "rule", digest), got
+    assert after == before, "asked the daemon for a file its last hello said it refuses"
+    assert counts["max_file_size"] == 100000 and counts["racy_window_ns"] == 50_000_000
+
+
+async def test_a_reply_whose_descriptor_finds_no_number_here_is_the_callers_emfile(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """At the process's fd limit the kernel drops the descriptor a reply carries
+    (MSG_CTRUNC). That is the caller's own EMFILE, not a bad daemon: the call fails with
+    errno EMFILE and no code, the connection stays in step (no breaker, no new
+    connection, no log line), the routed open copies here when a copy finds the numbers
+    it needs and fails with EMFILE when not, and the descriptors of a batch reply that
+    did come are closed. Before, the reply was 'bad', the connection dropped and the
+    breaker opened: the next opens were copies."""
+    d_ = await start_daemon("--racy-window", "0.05")
+    files = [big(tmp_path / f"lib{i}", 200_000 + i) for i in range(3)]
+    settle(*(f for f, _ in files))
+    (a, digest), (b, _), (c, _) = files
+    d = driver()
+    for cmd in ("socket", d_.socket_path), ("routing", 0, -1), ("held", 0, 0), (
+        "timeouts", 1000, 1000, 0), ("log", "capture"), ("index", 0, 0):  # fmt: skip
+        await ask(d, *cmd)
+    with trio.fail_after(60):
+        for f, _ in files:  # cached: every open below is a hit with a descriptor
+            assert (await ask(d, "requestfd", f))["fd"] >= 0
+        await ask(d, "copy", a)  # (the client's own /proc/self/fd handle, opened once)
+        base = (await ask(d, "fds"))["fds"]
+        clients = (await trio.to_thread.run_sync(stats, d_))["clients_total"]
+        assert (await ask(d, "fdlimit", 1))["limited"] == 1  # the source takes the last
+        asked = await ask(d, "requestfd", a)
+        routed = await ask(d, "routed", a)  # the copy needs numbers too: EMFILE
+        await ask(d, "fdlimit", "off")
+        assert (await ask(d, "fdlimit", 5))["limited"] == 1  # 3 sources, 2 descriptors
+        batch = await ask(d, "rbatch", a, b, c)
+        await ask(d, "fdlimit", "off")
+        after = await ask(d, "fds")
+        again = await ask(d, "requestfd", a)
+        counts = await ask(d, "counts")
+        clients_after = (await trio.to_thread.run_sync(stats, d_))["clients_total"]
+        log = await trio.to_thread.run_sync(d.finish)
+    for r in (asked, routed):
+        assert (r["fd"], r["errnum"], r["code"]) == (-1, errno.EMFILE, ""), r
+    assert "MSG_CTRUNC" in asked["error"], asked
+    # The batch: its reply's two descriptors closed, the three copied here while
+    # numbers last (a copy needs two at once), then EMFILE.
+    items = batch["items"]
+    assert (items[0]["route"], items[0]["copied_why"], items[0]["hash"]) == (
+        "copy", "failed", digest)  # fmt: skip
+    assert [(i["fd"], i["errnum"], i["code"]) for i in items[1:]] == [
+        (-1, errno.EMFILE, "")] * 2, items  # fmt: skip
+    assert after["fds"] == base, "descriptors of the replies left open"
+    # The same connection, and the daemon still asked: no breaker, no log line.
+    assert (again["route"], again["hit"], again["hash"]) == ("daemon", True, digest), again
+    assert counts["available"] == 1 and counts["fast"] == 0, counts
+    assert clients_after == clients + 1, "a new connection (only the stats' own is new)"
+    assert "LOG" not in log, log
+
+
 async def test_a_stopped_daemon_costs_five_fresh_processes_less_than_3_s(
     c_client: str, start_daemon: Any, tmp_path: Path
 ) -> None:

@@ -238,6 +238,111 @@ def _held(opener: Opener, f: Path, data: bytes) -> None:
     assert opener.held_opens == held + 1  # from the tier
 
 
+async def test_an_opener_nobody_closes_gives_its_tiers_descriptors_back_once_collected(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """An Opener dropped without close() (its caller forgot it): once collected, this
+    process has exactly the descriptors it had before the Opener was made. Its
+    process-local tier held one memfd per kept file as a bare number that nothing but
+    close() released: they stayed open for the life of the process. Closed, the tier's
+    holders are -1 (a use fails, never reaches a number reused since)."""
+    import gc
+    import weakref
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000 + i)) for i in range(3)]
+    settle(*files)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def filled() -> tuple[weakref.ref[Opener], list[Any]]:
+        opener = Opener(d.socket_path, use_index=False, timeout=10)
+        deadline = time.monotonic() + 10
+        while opener.preload(files) < len(files):  # the daemon fills its cache meanwhile
+            assert time.monotonic() < deadline, "the daemon never cached them"
+            time.sleep(0.01)
+        held = [h.fd for h in opener._held._held.values()]
+        assert len(held) == len(files) and all(h.fd >= 0 for h in held)
+        return weakref.ref(opener), held
+
+    def work() -> None:
+        before = fds()
+        gone, held = filled()
+        gc.collect()
+        assert gone() is None
+        assert fds() == before, "the tier's memfds outlived their Opener"
+        assert [h.fd for h in held] == [-1] * len(files)
+        # And close() gives the same back, once (a second close does nothing).
+        opener = Opener(d.socket_path, use_index=False, timeout=10)
+        _held(opener, files[0], files[0].read_bytes())
+        opener.close()
+        assert fds() == before
+        opener.close()
+        assert fds() == before
+
+    with trio.fail_after(60):
+        await in_thread(work)
+
+
+async def test_index_hits_a_report_could_not_carry_are_kept_until_one_does(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The connection dropped (a reply too late) while the daemon is stopped: the report
+    due then cannot reach it (its new connection's hello is not answered), and its hits
+    are kept, not lost, and go with a later report to the same daemon once it answers.
+    Before, they were taken out of the count before the report was sent, and lost with
+    it: the daemon never counted them. Every index hit ends up in the daemon's
+    index_hits, none twice."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    g = make_file(tmp_path / "other.so", os.urandom(300_000))
+    settle(f, g)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def hits(opener: Opener, n: int) -> None:
+        for _ in range(n):
+            fd = opener.open(f)
+            os.close(fd)
+
+    def work() -> tuple[int, tuple[int, int], int]:
+        with Client(d.socket_path, timeout=10) as c:
+            os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.25, retry_after=0.05)
+        try:
+            hits(opener, 100)
+            assert opener.index_opens == 100
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                fd = opener.open(g)  # not in the index: asked, no answer in time: dropped
+                os.close(fd)
+                time.sleep(0.1)  # past the breaker's window
+                hits(opener, 300)  # a report due (256 hits): no daemon answers it
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            stopped = opener.index_opens, opener.local_opens
+            time.sleep(0.3)  # past the breaker's window again
+            hits(opener, 300)  # a report due: to the same daemon, on a new connection
+        finally:
+            opener.close()  # the last report
+        return base, stopped, opener.index_opens
+
+    with trio.fail_after(60):
+        base, stopped, served = await in_thread(work)
+        # Hits while the daemon was stopped, and the report due among them tried (its
+        # hello not answered, the breaker opened: the opens after it were copied).
+        assert stopped[0] >= 256 and stopped[1] > 1, stopped
+        deadline = time.monotonic() + 10
+        while (told := await in_thread(index_hits) - base) < served:
+            assert time.monotonic() < deadline, f"the daemon counted {told} of {served} hits"
+            await trio.sleep(0.02)
+    assert told == served
+
+
 @requires_root
 async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
     start_daemon: Any, shared_dir: Path

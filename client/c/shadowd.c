@@ -105,6 +105,9 @@ enum { K_OPEN = 1, K_LOOKUP, K_PUBLISH, K_BATCH, K_INDEX, K_REPORT };
 enum { F_NONE = 0, F_BROKEN, F_TIMEOUT, F_CONNECT, F_BAD, F_REFUSED, F_REQUEST, F_VERSION };
 /* The connection's hello: none sent, sent, answered. */
 enum { H_NONE = 0, H_SENT, H_DONE };
+/* This connection's index: not asked yet, asked (the answer not read),
+ * held, none (the daemon gave none on this connection). */
+enum { IX_NONE = 0, IX_ASKED, IX_HAVE, IX_NOT };
 /* How start and conn_open connect: NOWAIT, a non-blocking connect that
  * fails (and opens the breaker) on a full backlog, as the pipelined calls
  * always have; WAIT, a connect that waits for room in the backlog up to
@@ -1402,9 +1405,14 @@ conn_open(struct shadowd *c, int how)
     c->sock = s;
     p->live = 1;
     p->hello_deadline = deadline;
-    c->max_request = c->max_batch = c->max_file_size = c->max_inflight = c->max_namespace = 0;
+    /* max_file_size and racy_window_ns (with racy_known) stay the last
+     * hello's until this one answers: a routed open made meanwhile (the
+     * first after a breaker's window connects without waiting) routes by
+     * them, not by nothing, which would ask the daemon for files it refuses
+     * or will not cache. A daemon that comes back is most likely run as it
+     * was; its hello says otherwise if not. */
+    c->max_request = c->max_batch = c->max_inflight = c->max_namespace = 0;
     c->protocol = 0;
-    c->racy_window_ns = 0;
     return send_hello(c);
 }
 
@@ -1640,14 +1648,23 @@ static void index_take(struct shadowd *c, const struct reply *rep, int *fds, int
 static int held_put(struct shadowd *c, int served, const struct shadowd_version_ *v,
                     long long vouched_us);
 
-/* Put one reply where it belongs. -1 when it failed the connection. */
+/* Put one reply where it belongs. -1 when it failed the connection.
+ * *dropped*: the kernel dropped descriptors the reply carried, for want of
+ * a number in this process (EMFILE): the reply's request fails with that,
+ * the caller's own error, and the connection stays. */
 static int
-dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
+dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dropped)
 {
     struct shadowd_private_ *p = P(c);
     const struct fields *f = &rep->f;
     char text[200], code[32];
 
+    if (dropped && (!f->has_id || (p->hello == H_SENT && f->id == 0))) {
+        /* Neither a refusal nor a hello reply carries a descriptor. */
+        close_fds(fds, nfds);
+        fail_connection(c, F_BAD, NULL, "bad reply from shadowd (descriptors where none go)");
+        return -1;
+    }
     if (!f->has_id) {
         close_fds(fds, nfds);
         code_text(code, sizeof code, f);
@@ -1710,6 +1727,31 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
         fail_connection(c, F_BAD, NULL, "shadowd answered another request (%llu, not pending)",
                         (unsigned long long)f->id);
         return -1;
+    }
+    if (dropped) {
+        /* Read whole and matched to its request: the connection is in step.
+         * The descriptors that did come are closed (the reply is not handed
+         * out whole); nothing of it is the daemon's fault. */
+        close_fds(fds, nfds);
+        if (s->kind == K_INDEX && s->state == SENT) {
+            slot_free(s);
+            p->index_state = IX_NONE; /* asked again: the daemon has one for us */
+            return 0;
+        }
+        if (s->state == CANCELLED || s->kind == K_REPORT || s->late) {
+            slot_free(s); /* nobody waits for it */
+            return 0;
+        }
+        s->state = READY;
+        s->fd = -1;
+        s->failure = F_REQUEST;
+        s->errnum = EMFILE;
+        s->code[0] = '\0';
+        snprintf(s->error, sizeof s->error,
+                 "shadowd's reply carried a descriptor this process had no number left "
+                 "for (MSG_CTRUNC): %s",
+                 strerror(EMFILE));
+        return 0;
     }
     if (s->kind == K_INDEX && s->state == SENT) {
         slot_free(s);
@@ -1836,12 +1878,18 @@ recv_one(struct shadowd *c)
         fail_connection(c, F_BROKEN, NULL, "shadowd closed the connection");
         return -1;
     }
-    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || parse_reply(P(c)->rbuf, (size_t)n, &rep)) {
+    /* MSG_CTRUNC with room left for more descriptors than came: the kernel
+     * had no number to give this process for the next one (its
+     * RLIMIT_NOFILE) and dropped the rest, not the daemon sending too many
+     * (those would fill the buffer). */
+    int dropped = (msg.msg_flags & MSG_CTRUNC) && nfds < MAX_FDS;
+    if ((msg.msg_flags & MSG_TRUNC) || ((msg.msg_flags & MSG_CTRUNC) && !dropped) ||
+        parse_reply(P(c)->rbuf, (size_t)n, &rep)) {
         close_fds(fds, nfds);
         fail_connection(c, F_BAD, NULL, "bad reply from shadowd");
         return -1;
     }
-    return dispatch(c, &rep, fds, nfds) < 0 ? -1 : 1;
+    return dispatch(c, &rep, fds, nfds, dropped) < 0 ? -1 : 1;
 }
 
 /* -- requests ------------------------------------------------------------- */
@@ -1995,6 +2043,7 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
             if (failure == F_NONE || failure == F_REQUEST) {
                 snprintf(c->code, sizeof c->code, "%s", res->code);
                 snprintf(c->error, sizeof c->error, "%s", res->error);
+                c->errnum = res->errnum;
                 return 0;
             }
             snprintf(c->code, sizeof c->code, "%s", res->code);
@@ -2149,12 +2198,18 @@ batch_once(struct shadowd *c, const int *fds, const char *const *labels, const i
                          .size = size, .labels = labels, .map = map, .items = items,
                          .nowait = nowait};
     memset(&res, 0, sizeof res);
-    if (call(c, &rq, &res) == 0 && res.failure == F_NONE)
+    int rc = call(c, &rq, &res);
+    if (rc == 0 && res.failure == F_NONE)
         return;
-    /* No reply, or the whole request refused: every item says why. */
+    /* No reply, the whole request refused, or its descriptors dropped at
+     * our fd limit (errnum, no code): every item says why. */
     for (int i = 0; i < n; i++) {
         struct shadowd_item *it = &items[map[i]];
-        if (it->fd < 0 && it->code[0] == '\0')
+        if (it->fd >= 0 || it->code[0] != '\0')
+            continue;
+        if (rc == 0 && res.code[0] == '\0' && res.errnum)
+            it->errnum = res.errnum;
+        else
             snprintf(it->code, sizeof it->code, "%s", c->code[0] ? c->code : SHADOWD_UNAVAILABLE);
     }
 }
@@ -3000,9 +3055,6 @@ served_of_item(const struct shadowd_item *it, int proto, struct shadowd_served_ 
 #define INDEX_READABLE 0 /* the slots' integers would read wrong: no index here */
 #endif
 
-/* This connection's index: not asked yet, asked (the answer not read),
- * held, none (the daemon gave none on this connection). */
-enum { IX_NONE = 0, IX_ASKED, IX_HAVE, IX_NOT };
 
 struct index_slot {
     uint32_t seq, state;
@@ -3082,7 +3134,9 @@ index_direct(const struct shadowd *c, uint64_t pid)
 }
 
 /* Map the index *fd* the daemon *pid* sent, of *slots* slots, and check its
- * header. 0, or -1 when it is not an index this client reads. */
+ * header. 0; -1 when it is not an index this client reads; -2 when this
+ * process had no descriptor number left to look into the daemon's
+ * /proc/PID/fd (EMFILE: ours, not the daemon's). */
 static int
 index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
 {
@@ -3123,8 +3177,9 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     snprintf(dir, sizeof dir, "/proc/%u/fd", (unsigned)pid);
     int dirfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (dirfd < 0) {
+        int err = errno;
         munmap(map, len);
-        return -1;
+        return err == EMFILE || err == ENFILE ? -2 : -1;
     }
     /* The daemon's descriptor range (shadowd/fdrange.py): 0, 0 from a
      * daemon that keeps none, and none that does not fit the numbers. */
@@ -3137,9 +3192,11 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
          * whose life says nothing of the daemon's (held_index_usable). */
         char name[16];
         struct stat mine;
+        errno = 0;
         int at = index_fd <= (uint32_t)INT_MAX
                      ? openat(dirfd, decimal(name, (int)index_fd), O_PATH | O_CLOEXEC)
                      : -1;
+        int limit = at < 0 && (errno == EMFILE || errno == ENFILE);
         int same = at >= 0 && fstat(at, &mine) == 0 && mine.st_dev == st.st_dev &&
                    mine.st_ino == st.st_ino;
         if (at >= 0)
@@ -3147,7 +3204,7 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
         if (!same) {
             close(dirfd);
             munmap(map, len);
-            return -1;
+            return limit ? -2 : -1;
         }
     }
     p->index_map = map;
@@ -3188,9 +3245,11 @@ index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
     p->index_state = IX_NOT;
     /* not-permitted (another uid), no-index, unknown-op, or anything that
      * is not an index: none on this connection, never an error. */
-    if (rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots &&
-        index_map(c, fds[0], rep->pid, rep->slots) == 0)
-        p->index_state = IX_HAVE;
+    if (rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots) {
+        int r = index_map(c, fds[0], rep->pid, rep->slots);
+        /* Out of descriptors here: the daemon does have one; ask again. */
+        p->index_state = r == 0 ? IX_HAVE : r == -2 ? IX_NONE : IX_NOT;
+    }
     close_fds(fds, nfds);
 }
 

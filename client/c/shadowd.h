@@ -285,6 +285,8 @@ struct shadowd {
     uint64_t max_request;   /* the daemon's limits, from its hello (0: not known yet) */
     uint64_t max_batch, max_file_size, max_inflight, max_namespace;
     uint64_t racy_window_ns; /* from a version 2 hello (0: not said) */
+    /* (max_file_size and racy_window_ns stay the last hello's on a new
+     * connection until its own hello answers.) */
     int protocol;           /* the version the daemon answered the hello with (0: none yet) */
     uint64_t size;          /* of the last file opened */
     int hit;                /* whether it came from the cache (daemon or tier) */

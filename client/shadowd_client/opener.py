@@ -64,6 +64,12 @@ DEFAULT_RACY_NS = 1_000_000_000
 #: Index hits are reported to the daemon this often, or after this many.
 REPORT_EVERY_SECONDS = 1.0
 REPORT_EVERY_HITS = 256
+#: The most files whose hits are kept apart until reported (the C client's
+#: table); while it is full and cannot be sent, hits of other files are counted
+#: as the file (0, 0) (docs/protocol.md, "report"). A full table is tried at
+#: most this often.
+REPORT_FILES = 256
+REPORT_FULL_RETRY = 0.001
 #: How long the process-local tier serves a kept version without the daemon
 #: vouching for it again, where no index of the daemon's can (another uid's
 #: daemon, the breaker open, a daemon gone): then the next open asks the
@@ -236,6 +242,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _release(held: HeldFiles, client: Client | None) -> None:
+    """What an Opener holds, released: by :meth:`Opener.close`, or when an Opener
+    nobody closed is collected (its finaliser; it must not refer to the Opener)."""
+    held.clear()
+    if client is not None:
+        client.close()
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -263,7 +277,9 @@ class Opener:
     kernel could not hand over) is no fault of the daemon's and opens no
     window: the file is copied here, or, when that needs a number there is not
     either, :class:`TooManyOpenFiles` is raised (errno EMFILE). Thread-safe; a
-    forked child goes on with a connection of its own.
+    forked child goes on with a connection of its own. :meth:`close` gives back
+    its descriptors (the kept memfds, the connection); an Opener nobody closes
+    gives them back when it is collected.
 
     A kept version is served only while the daemon still serves that very
     memfd: where this process reads the daemon's index, the index must name
@@ -315,9 +331,18 @@ class Opener:
         self.index_opens = 0
         self.use_index = use_index
         self._index: _Index | None = None
+        # Index hits not told to the daemon yet, per file (at most REPORT_FILES),
+        # those of files past that, and of which daemon (its pid and index
+        # generation): kept until a report carries them to that very daemon.
         self._unreported: collections.Counter[tuple[int, int]] = collections.Counter()
-        self._unreported_hits = 0  # their total (Counter.total() sums every file's)
-        self._reported_at = time.monotonic()
+        self._spilled = 0
+        self._report_daemon: tuple[int, int] | None = None
+        self._unreported_hits = 0  # counted since the last report was tried
+        self._reported_at = time.monotonic()  # when it was
+        # The tier's memfds and the connection are owned: by close(), or, for an
+        # Opener nobody closes, by its finaliser when it is collected (a closed
+        # holder's fd is -1: a use after close never reaches a reused number).
+        self._finalizer = weakref.finalize(self, _release, self._held, self._client)
         _OPENERS.add(self)
 
     @property
@@ -590,41 +615,96 @@ class Opener:
         with self._lock:
             index.users -= 1
             stale = index.view if index.retired and index.users == 0 else None
-            if hit is None:
-                due = False
-            else:
+            due = False
+            if hit is not None:
                 self.index_opens += 1
-                self._unreported[hit] += 1
-                self._unreported_hits += 1
-                due = (
-                    self._unreported_hits >= REPORT_EVERY_HITS
-                    or time.monotonic() - self._reported_at >= REPORT_EVERY_SECONDS
-                )
+                assert index.view is not None
+                due = self._count(hit, (index.view.pid, index.view.generation))
         if stale is not None:
             stale.close()
         if due:
             self._report()
 
+    def _count(self, hit: tuple[int, int], daemon: tuple[int, int]) -> bool:
+        """Count an index hit of the file *hit* served through *daemon*'s index (lock
+        held); whether a report is due."""
+        if daemon != self._report_daemon:
+            self._unreported.clear()  # another daemon's (restarted since): not ours to tell
+            self._spilled = 0
+            self._report_daemon = daemon
+        self._unreported_hits += 1
+        since = time.monotonic() - self._reported_at
+        if hit in self._unreported or len(self._unreported) < REPORT_FILES:
+            self._unreported[hit] += 1
+        else:
+            self._spilled += 1  # the table full and not sent yet: a hit of no file
+            if since >= REPORT_FULL_RETRY:
+                return True
+        return self._unreported_hits >= REPORT_EVERY_HITS or since >= REPORT_EVERY_SECONDS
+
+    def _keep_unsent(self, hits: list[tuple[int, int, int]], daemon: tuple[int, int]) -> None:
+        """Hits a report could not carry, merged back with those counted meanwhile (lock
+        held), unless they were another daemon's by now."""
+        if daemon != self._report_daemon:
+            return
+        for dev, ino, n in hits:
+            key = (dev, ino)
+            if key != (0, 0) and (key in self._unreported or len(self._unreported) < REPORT_FILES):
+                self._unreported[key] += n
+            else:
+                self._spilled += n
+
     def _report(self) -> None:
         """Tell the daemon the hits served through its index (for its stats and LRU order).
 
-        A report that fails costs nothing but those numbers.
+        Only to the daemon they were counted of (the same pid and index generation),
+        on a connection that holds its index: one is made when the last was dropped
+        (behind the breaker). What cannot be sent now (no such connection, the send
+        failed) is kept for the next report; a daemon restarted meanwhile is not told
+        of the old one's hits. Once sent they count as told, whatever the answer.
         """
         with self._lock:
-            hits = [(dev, ino, n) for (dev, ino), n in self._unreported.items()]
-            self._unreported.clear()
             self._unreported_hits = 0
             self._reported_at = time.monotonic()
-        if hits and self._client is not None:
-            started = time.monotonic()
+            pending = bool(self._unreported or self._spilled)
+        client = self._client
+        if not pending or client is None or not self._usable():
+            return
+        started = time.monotonic()
+        try:
+            session = client._session
+            if (session is None or session.server is None) and self._hello() is None:
+                return  # no connection now: kept
+            index = self._current_index()  # this connection's (fetched once per connection)
+            if index is None:
+                return  # none to check the daemon by: kept
             try:
-                self._client.report(hits)
+                with self._lock:
+                    assert index.view is not None
+                    daemon = (index.view.pid, index.view.generation)
+                    hits = [(dev, ino, n) for (dev, ino), n in self._unreported.items()]
+                    if self._spilled:
+                        hits.append((0, 0, self._spilled))
+                    ours = daemon == self._report_daemon
+                    if ours:
+                        self._unreported.clear()
+                        self._spilled = 0
+            finally:
+                self._index_done(index, None)
+            if not ours or not hits:
+                return
+            try:
+                sent = client._report_here(hits)
             except (DaemonUnavailable, ProtocolViolation) as exc:
                 self._failed(exc)  # a stopped daemon: one timeout per window, as any request
+                return
             except ShadowdError:
-                pass
-            finally:
-                self.waited += time.monotonic() - started
+                return
+            if not sent:
+                with self._lock:
+                    self._keep_unsent(hits, daemon)
+        finally:
+            self.waited += time.monotonic() - started
 
     # -- the daemon, behind a breaker -------------------------------------
 
@@ -682,16 +762,15 @@ class Opener:
             logger.warning("shadowd is back; asking it again")
 
     def close(self) -> None:
-        if self._unreported and self._usable():
-            self._report()
+        if self._unreported or self._spilled:
+            self._report()  # what cannot be sent now goes with this Opener
         with self._lock:
             self._held.clear()
             index, self._index = self._index, None
             stale = None if index is None else index.retire()
         if stale is not None:
             stale.close()
-        if self._client is not None:
-            self._client.close()
+        self._finalizer()  # the client closed (and the tier, emptied above)
 
     def _forked(self) -> None:
         # In the child of a fork: the lock may have been held by a thread that is
@@ -704,6 +783,7 @@ class Opener:
         if self._index is not None:
             self._index.users = 0
         self._unreported.clear()
+        self._spilled = 0
         self._unreported_hits = 0
         self._reported_at = time.monotonic()
 

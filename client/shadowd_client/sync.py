@@ -295,6 +295,34 @@ class Client:
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
 
+    def _report_here(self, hits: Sequence[tuple[int, int, int]]) -> bool:
+        """:meth:`report` (at most MAX_REPORT files) on the connection there is, never
+        on a new one: the hits were counted of the daemon at its other end. False when
+        nothing was sent (no connection whose hello was answered, or the send failed):
+        the caller keeps them. Once sent they count as told: True, or raises as
+        :meth:`report` does when the answer fails (a daemon stopped reads it later)."""
+        with self._lock:
+            session = self._session
+            if self._closed or self._sock is None or session is None or not session.server:
+                return False
+            make = request_of(functools.partial(_report, tuple(hits[:MAX_REPORT])))
+            id, data, fds = make(session.proto)
+            try:
+                self._sendmsg(data, fds)
+            except Broken:
+                self._drop()
+                return False
+            except ShadowdError:
+                return False  # the daemon's refusal, queued before it closed (_broken)
+            try:
+                reply = self._reply_to(id)
+            except Broken as broken:
+                self._drop()
+                raise broken.error(self.socket_path) from None
+        if isinstance(reply, ErrorReply):
+            raise refused(reply.code, reply.message)
+        return True
+
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
         return stats_of(self._call(request_of(StatsRequest)))
@@ -383,6 +411,11 @@ class Client:
         assert self._session is not None
         id, data, fds = make(self._session.proto)
         self._sendmsg(data, fds)
+        return self._reply_to(id)
+
+    def _reply_to(self, id: int) -> Reply:
+        """The reply to request *id*, sent; a connection that can no longer be trusted
+        dropped (lock held)."""
         try:
             return self._wait_reply(id)
         except ProtocolViolation as exc:
