@@ -2857,6 +2857,37 @@ async def test_the_daemon_counts_the_index_hits_reported_in_batches(
     assert [t["path"] for t in closed["top_by_hits"]] == [str(f)]  # the LRU and top files too
 
 
+async def test_close_sends_the_last_report_without_waiting_for_its_answer(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A supervisor's exit costs no round trip for its statistics: with the daemon
+    stopped and a reply timeout of 20 s, shadowd_close returns at once after
+    sending the last report (nothing else waits for an answer), and the daemon,
+    continued, counts every hit of it (the report was queued before the close, and
+    the client's socket held no unread answer to reset the connection with)."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, _ = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("timeouts", 20_000, 20_000, 0):
+            await ask(d, *cmd)
+        await ask(d, "openfd", f, f)  # cached
+        assert (await ask(d, "indexready"))["ready"] == 1
+        await ask(d, "indexopen", f, 7)  # fewer than a report's 256: none sent yet
+        before = await trio.to_thread.run_sync(stats, daemon)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):  # the old close waited out the 20 s
+                await ask(d, "close")
+            counts = await ask(d, "counts")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 7)
+    assert counts["index"] == counts["reported"] == 7, counts
+    assert after["index_hits"] == before["index_hits"] + 7
+
+
 async def test_index_hits_while_the_daemon_reads_nothing_are_all_reported_later(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:

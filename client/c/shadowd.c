@@ -3476,22 +3476,32 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
     }
 }
 
-/* At close: the last report, and the answers to every report, waited for
+/* At close: the last report, and the answers to the reports, waited for
  * (up to the reply timeout): a socket closed with a reply unread in it
- * resets the connection, and the daemon would lose a report still in its
- * queue. Hits that found no room are sent as room is made meanwhile. */
+ * resets the connection, and the daemon would lose a request still in its
+ * queue. Hits that found no room are sent as room is made meanwhile. When
+ * nothing is sent after the reports (*last*), the answer to the last one is
+ * not waited for when no other request waits for its answer: the daemon
+ * reads a request before it answers it, and answers reports in order, so
+ * once every earlier answer is in, nothing the daemon has not read is
+ * behind the one answer that may still come (a warm supervisor's exit then
+ * costs no round trip). */
 static void
-report_last(struct shadowd *c)
+report_last(struct shadowd *c, int last)
 {
     struct shadowd_private_ *p = P(c);
     long long deadline = mono_us() + 1000LL * p->reply_ms;
     while (p->live) {
         int why = report_send(c);
-        int waiting = 0;
-        for (int i = 0; i < SHADOWD_MAX_PENDING; i++)
-            waiting |= p->slots[i].kind == K_REPORT && p->slots[i].state == SENT;
+        int waiting = 0, others = 0;
+        for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+            const struct shadowd_slot_ *t = &p->slots[i];
+            if (t->id != 0 && (t->state == SENT || t->state == CANCELLED))
+                *(t->kind == K_REPORT ? &waiting : &others) += 1;
+        }
         long long left = deadline - mono_us();
-        if ((why == REPORT_SENT && !waiting) || why == REPORT_NO_INDEX || left <= 0)
+        if ((why == REPORT_SENT && waiting <= (last && others == 0 ? 1 : 0)) ||
+            why == REPORT_NO_INDEX || left <= 0)
             break;
         struct pollfd pfd = {.fd = c->sock,
                              .events = POLLIN | (why == REPORT_SOCKET_FULL ? POLLOUT : 0)};
@@ -4792,7 +4802,7 @@ shadowd_close(struct shadowd *c)
         /* Read what came first: a socket closed with a reply unread in it
          * resets the connection, and the daemon would drop what we send now. */
         drain(c);
-        report_last(c);
+        report_last(c, p->nhint == 0);
         hint_flush(c, 1);
     }
     index_drop(c); /* (in a forked child: its copies of the parent's) */
