@@ -142,9 +142,13 @@ def drain_final(
     may carry, and with its sender's credentials (SO_PASSCRED), which tell a
     datagram (even an empty one without fds) from the end of the queue. At
     most *limit* datagrams are read; while *room(n)* says no to n more fds,
-    a datagram that carries fds is left queued (looked at with MSG_PEEK, whose
-    duplicates are closed at once: the queue still holds the file, so that is
-    never its last close) and the queue is not empty.
+    a datagram that carries fds is left queued and the queue is not empty. It
+    is looked at with MSG_PEEK and room for the credentials alone: the kernel
+    installs none of its fds (MSG_CTRUNC says it has some) and drops its
+    duplicate references without a close(2). Installed duplicates would have
+    to be closed here, and although the queue still holds each file (never
+    its last close), every close(2) flushes the file: a FUSE server that
+    never answers FLUSH would hold the loop (attack 23).
 
     The kernel drops what a socket still has queued in the thread that closes
     it (or that reads it without room for its fds), and the last close of a
@@ -160,29 +164,26 @@ def drain_final(
     except OSError:
         return fds, False  # not known: as if something were queued
     for _ in range(limit):
-        peek = not room(len(fds) + SCM_MAX_FD)
+        if not room(len(fds) + SCM_MAX_FD):
+            try:
+                _n, anc, flags, _ = sock.recvmsg(1, _CREDS_ANCSIZE, _DROP_FLAGS | _PEEK)
+            except OSError:
+                return fds, False
+            if not anc:
+                return fds, True  # the end (see below)
+            if flags & MSG_CTRUNC or fds_from_ancdata(anc):
+                return fds, False  # it carries fds: left queued, for a worker's close
+            # No fds: taken out of the queue below, with nothing to release.
         try:
-            _n, anc, flags, _ = sock.recvmsg(
-                1, _FINAL_ANCSIZE, _DROP_FLAGS | (_PEEK if peek else 0)
-            )
+            _n, anc, flags, _ = sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
         except OSError:
             return fds, False
         if not anc:
             return fds, True  # the end: a datagram comes with its sender's credentials
-        got = fds_from_ancdata(anc)
         if flags & MSG_CTRUNC:
             # No room in our fd table: the kernel dropped the rest, here.
             logger.warning("fds of a closing connection dropped by the kernel (fd limit)")
-        if peek:
-            if got:
-                close_all(got)  # duplicates: the queued datagram still holds them
-                return fds, False
-            try:  # no fds: taken out of the queue, nothing to release
-                sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
-            except OSError:
-                return fds, False
-            continue
-        fds.extend(got)
+        fds.extend(fds_from_ancdata(anc))
     return fds, False
 
 
@@ -190,6 +191,8 @@ _DROP_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 _PEEK = int(socket.MSG_PEEK)
 # Room for every fd a datagram may carry and for its sender's credentials.
 _FINAL_ANCSIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(12)
+# Room for the credentials alone: a peek installs no fd (attack 23).
+_CREDS_ANCSIZE = socket.CMSG_SPACE(12)
 
 
 @attrs.define(eq=False)

@@ -36,6 +36,7 @@ import trio
 from shadowd.fds import close_all
 
 from .conftest import Daemon, make_file, requires_root, spawn_as, test_uid
+from .fusefs import FuseFile, mounted
 from .wire import Raw
 
 pytestmark = requires_root
@@ -657,11 +658,12 @@ async def test_a_connection_that_ends_with_descriptors_queued_is_held_to_its_uid
     socket with the rest: the daemon's fd count stays within the bound (and a
     datagram's worth) of its baseline, and comes back to it."""
     d: Daemon = await start_daemon("--socket-mode", "0666", "--max-fds-per-uid", "512")
+    # Before the child connects: it holds its connection from its start.
+    baseline = await trio.to_thread.run_sync(d.quiet_fds)
     child = spawn_as(ATTACKER, FLOODED.format(path=str(d.socket_path), datagrams=60))
     peak = 0
     try:
         with trio.fail_after(60):
-            baseline = await trio.to_thread.run_sync(d.quiet_fds)
             child.send(1)
             sent = await trio.to_thread.run_sync(child.recv)
             assert sent >= 40, sent  # so many that the bound cannot take them
@@ -674,3 +676,93 @@ async def test_a_connection_that_ends_with_descriptors_queued_is_held_to_its_uid
         assert peak <= 512 + 2 * 253 + 16, peak
     finally:
         child.close()
+
+
+#: Worker jobs per uid (--max-copies-per-uid's default).
+QUOTA = 2
+
+# Attack 23: descriptors of a file whose every close waits (a FUSE file whose
+# server never answers FLUSH), 253 to a datagram, 8 datagrams on each of
+# several connections queued before the daemon accepts them.
+FLUSHING = """
+import array, os, resource, socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # fds in flight count against it
+fd = os.open({stuck!r}, os.O_RDONLY | os.O_NONBLOCK)  # never closed: its close would wait too
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 253).tobytes())]
+socks = []
+recv()
+for _ in range({peers}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect({path!r})
+    for _ in range(8):
+        s.sendmsg([b"x"], rights)
+    socks.append(s)
+out("sent")
+recv()
+"""
+
+
+async def test_a_peer_past_its_bound_cannot_make_the_loop_flush_a_hung_file(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 23: drain_final looked, past the uid's fd bound, at a queued datagram
+    with MSG_PEEK and closed the duplicates it installed on the loop. That close
+    is never the file's last, but every close(2) of a descriptor flushes it (FUSE
+    sends FLUSH and waits): a peer turned away (a uid not in --allow-uid, default
+    limits) whose earlier peers' descriptors of a FUSE file whose server never
+    answers FLUSH held its bound (4,048 closes waiting on its quota) made the loop
+    close the third peer's duplicates itself: no request of anyone was answered.
+    Now a datagram past the bound is looked at without room for its descriptors
+    (none is installed; the kernel says MSG_CTRUNC) and the socket goes to a
+    worker: a root client's hit is answered, only the uid's two workers wait in a
+    flush, and the fd count comes back to its baseline once the mount gives up."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    src = os.open(f, os.O_RDONLY)
+    stuck = FuseFile(b"s" * 100, ino=7, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"stuck": stuck}) as fs:
+        child = spawn_as(
+            ATTACKER,
+            FLUSHING.format(path=str(d.socket_path), stuck=str(fs.mountpoint / "stuck"), peers=3),
+        )
+        try:
+            with trio.fail_after(120):
+                with Raw(d.socket_path, timeout=30) as raw:
+                    for i in itertools.count():  # until it is cached
+                        reply, fds = await trio.to_thread.run_sync(
+                            raw.call, {"op": "open", "id": i, "wait": True}, [src]
+                        )
+                        close_all(fds)
+                        if reply.get("hit"):
+                            break
+                        await trio.sleep(0.02)
+                baseline = await trio.to_thread.run_sync(d.quiet_fds)
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv) == "sent"
+                # 10 s: far past what a hit takes; before, the loop waited for good.
+                with Raw(d.socket_path, timeout=10) as victim:
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": 2}, [src]
+                    )
+                    close_all(fds)
+                    assert reply["ok"] and reply["hit"], reply
+                # The attack did bite: the uid's own workers wait in flushes.
+                deadline = time.monotonic() + 10
+                while fs.hung_flushes < QUOTA and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.2)
+                assert fs.hung_flushes == QUOTA
+                fs.close()  # the mount gives up: every waiting close ends
+                deadline = time.monotonic() + 30
+                while d.open_fds() > baseline and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                assert d.open_fds() <= baseline, d.fd_targets()
+                assert "Traceback" not in d.log()
+        finally:
+            fs.close()
+            child.close()
+            os.close(src)
