@@ -161,8 +161,8 @@ class Acceptor:
             sock.sendmsg([data], [], SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
-        # What a close here may wait on goes on the peer's uid (a share made
-        # for it if it has none, forgotten once idle), as an admitted peer's.
+        # What a close here may wait on goes on the peer's uid's share, or on
+        # the one share of all turned-away peers whose uid has none (attack 24).
         share = self.gate.share_of(peer.uid)
         budget, discard = self.services.budget, self.services.discard
         fds, empty = drain_final(sock, _DRAIN_AT_REFUSAL, lambda n: budget.allows(share.fds, n))

@@ -766,3 +766,98 @@ async def test_a_peer_past_its_bound_cannot_make_the_loop_flush_a_hung_file(
             fs.close()
             child.close()
             os.close(src)
+
+
+# Attack 24: peers of many uids, none admitted, each with a few descriptors
+# of a file whose every close waits, queued before it is accepted. A root
+# child forks one process per uid (the FUSE descriptor inherited), which
+# drops to it, connects, sends, and waits to be let go.
+MANY_UIDS = """
+import array, os, socket
+fd = os.open({stuck!r}, os.O_RDONLY | os.O_NONBLOCK)
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 4).tobytes())]
+go_r, go_w = os.pipe()
+recv()
+kids = []
+for uid in {uids!r}:
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect({path!r})
+        s.sendmsg([b"x"], rights)
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)  # until the test lets go (the mount aborted first)
+        os._exit(0)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    kids.append(pid)
+out("sent")
+recv()
+os.write(go_w, b"x" * len(kids))
+for pid in kids:
+    os.waitpid(pid, 0)
+out("done")
+"""
+
+
+async def test_peers_of_uids_not_admitted_cannot_take_the_workers_of_admitted_ones(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 24: attack 21's fix closes what a turned-away peer queued in workers
+    on its uid's quota, and made a share for each such uid. The workers of file
+    systems that may hang are one pool of 64 for every uid, so 33 uids that may
+    not use the daemon at all (--allow-uid 0), each with one connection queuing
+    descriptors of a FUSE file whose server never answers FLUSH, held the whole
+    pool: an admitted client's open of a file on a FUSE mount (inspected and
+    copied in that pool) waited for good. Now every peer turned away whose uid
+    has no share of its own shares one (Gate.turned_away): together they hold at
+    most --max-copies-per-uid workers, and the admitted client is served."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    uids = [test_uid(50 + i) for i in range(33)]  # 64 workers / 2 a uid, and one more
+    stuck = FuseFile(b"s" * 100, ino=7, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"stuck": stuck}) as fs:
+        child = spawn_as(
+            0,
+            MANY_UIDS.format(
+                path=str(d.socket_path), stuck=str(fs.mountpoint / "stuck"), uids=uids
+            ),
+        )
+        ok = os.open(fs.mountpoint / "ok", os.O_RDONLY)
+        try:
+            with trio.fail_after(120):
+                baseline = await trio.to_thread.run_sync(d.quiet_fds)
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+                deadline = time.monotonic() + 10
+                while fs.hung_flushes < QUOTA and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                # 10 s: far past what a copy of 4 KiB takes; before, it waited for good.
+                with Raw(d.socket_path, timeout=10) as victim:
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": 2, "wait": True}, [ok]
+                    )
+                    close_all(fds)
+                    assert reply["ok"], reply
+                assert fs.hung_flushes == QUOTA  # the turned-away peers' share, all of them
+                fs.close()  # the mount gives up: every waiting close ends
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv, 60) == "done"
+                deadline = time.monotonic() + 30
+                while d.open_fds() > baseline and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                assert d.open_fds() <= baseline, d.fd_targets()
+                assert "Traceback" not in d.log()
+        finally:
+            fs.close()
+            child.close()
+            with contextlib.suppress(OSError):
+                os.close(ok)
