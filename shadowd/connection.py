@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import functools
 import logging
@@ -123,6 +124,9 @@ class Services:
     budget: FdBudget
     #: Closes fds a client sent that will not be used, never blocking the loop.
     discard: Callable[[Sequence[int], UidShare], None]
+    #: Takes a client's socket that drain_final left with datagrams to read
+    #: (Left.MORE): reads them on, a slice at a time, then closes it.
+    drain_later: Callable[[socket.socket, UidShare], None]
     #: Answers a request handed to the connection's task (stats, publish).
     handle: Callable[[Connection, Request, list[FdHolder]], Awaitable[None]]
     max_inflight: int
@@ -130,12 +134,25 @@ class Services:
     answer: Callable[[Connection], bool]
 
 
+class Left(enum.Enum):
+    """What drain_final left queued on a socket."""
+
+    #: Nothing: closing the socket releases nothing of its peer's.
+    EMPTY = "empty"
+    #: More datagrams than it read, none it could not take: read on, a slice at
+    #: a time (Closer.drain_later), never a reason to wait for a worker (attack 26).
+    MORE = "more"
+    #: A datagram with fds past the uid's bound, or not known: the socket is
+    #: closed by a worker on the uid's quota.
+    HELD = "held"
+
+
 def drain_final(
     sock: socket.socket, limit: int, room: Callable[[int], bool] = lambda _n: True
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], Left]:
     """Make what the peer queued on *sock* final and read it, before *sock* is closed:
-    the fds its datagrams carried (for the caller to give to the Closer), and whether
-    nothing is left queued (then closing *sock* releases nothing of the peer's).
+    the fds its datagrams carried (for the caller to give to the Closer), and what is
+    left queued (:class:`Left`; EMPTY: closing *sock* releases nothing of the peer's).
 
     Reading is shut down first (the peer's sends fail from then on), so the
     queue only shrinks. Each datagram is received with room for every fd it
@@ -162,29 +179,29 @@ def drain_final(
         sock.shutdown(socket.SHUT_RD)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     except OSError:
-        return fds, False  # not known: as if something were queued
+        return fds, Left.HELD  # not known: as if something were queued
     for _ in range(limit):
         if not room(len(fds) + SCM_MAX_FD):
             try:
                 _n, anc, flags, _ = sock.recvmsg(1, _CREDS_ANCSIZE, _DROP_FLAGS | _PEEK)
             except OSError:
-                return fds, False
+                return fds, Left.HELD
             if not anc:
-                return fds, True  # the end (see below)
+                return fds, Left.EMPTY  # the end (see below)
             if flags & MSG_CTRUNC or fds_from_ancdata(anc):
-                return fds, False  # it carries fds: left queued, for a worker's close
+                return fds, Left.HELD  # it carries fds: left queued, for a worker's close
             # No fds: taken out of the queue below, with nothing to release.
         try:
             _n, anc, flags, _ = sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
         except OSError:
-            return fds, False
+            return fds, Left.HELD
         if not anc:
-            return fds, True  # the end: a datagram comes with its sender's credentials
+            return fds, Left.EMPTY  # the end: a datagram comes with its sender's credentials
         if flags & MSG_CTRUNC:
             # No room in our fd table: the kernel dropped the rest, here.
             logger.warning("fds of a closing connection dropped by the kernel (fd limit)")
         fds.extend(fds_from_ancdata(anc))
-    return fds, False
+    return fds, Left.MORE
 
 
 _DROP_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
@@ -217,8 +234,8 @@ class Connection:
     outbox: Outbox = attrs.field(factory=Outbox)
     #: Whether its task answers a job the poller handed over.
     answering: bool = False
-    #: Whether nothing the peer sent is left queued (drain_final said so).
-    _drained: bool = attrs.field(default=False, init=False)
+    #: What the peer sent is left queued, as drain_final said (None: not drained yet).
+    _left: Left | None = attrs.field(default=None, init=False)
 
     # -- descriptors sent and held for the peer (inflight.py) ------------
 
@@ -404,18 +421,21 @@ class Connection:
             self.outbox = Outbox()
         self.share.members.discard(self)
         # What close() left queued (its uid had no room for more fds then)
-        # goes as the rest did, its fds through discard; a queue still not
-        # empty is closed by a worker on the uid's quota, never here.
-        if not self._drained:
+        # goes as the rest did, its fds through discard; more datagrams than a
+        # drain reads are read on, a slice at a time; a queue with fds past the
+        # uid's bound is closed by a worker on its quota, never here.
+        if self._left is not Left.EMPTY:
             self._drain()
-        if self._drained:
+        if self._left is Left.EMPTY:
             self.sock.close()
+        elif self._left is Left.MORE:
+            self.services.drain_later(self.sock, self.share)
         else:
             self.services.discard([self.sock.detach()], self.share)
 
     def _drain(self) -> None:
         budget, share = self.services.budget, self.share
-        fds, self._drained = drain_final(
+        fds, self._left = drain_final(
             self.sock, DRAIN_AT_CLOSE, lambda n: budget.allows(share.fds, n)
         )
         if fds:

@@ -861,3 +861,74 @@ async def test_peers_of_uids_not_admitted_cannot_take_the_workers_of_admitted_on
             child.close()
             with contextlib.suppress(OSError):
                 os.close(ok)
+
+
+# Attack 26: two peers whose lingering sockets hold the closing share's two
+# workers, then many peers that each queue one datagram more than a turn-away
+# reads, none with a descriptor, and leave.
+PILED = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """recv()
+for i in range(2):
+    connection(True)
+for i in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    for _ in range(9):
+        s.send(b"x")
+    s.close()  # the datagrams stay queued on the daemon's end
+out("sent")
+recv()
+for p in peers:
+    p.close()  # a reset: every lingering close ends
+for s in socks:
+    s.close()
+out("released")
+recv()
+"""
+)
+
+
+async def test_sockets_of_peers_turned_away_do_not_pile_up_behind_closes_that_wait(
+    start_daemon: Any,
+) -> None:
+    """Attack 26: a socket whose queue drain_final did not empty went to a worker on
+    its peer's share, whatever the reason: past a turn-away's 8 datagrams too, which
+    costs the peer nothing (no descriptor in flight). With that share's two workers
+    held by lingering sockets (attack 21), every such socket waited in the daemon's
+    fd table: 600 peers of a uid not admitted, each with 9 empty datagrams, took 600
+    more descriptors, and any number would have (the daemon's fd limit, then EMFILE
+    for everyone). Now a queue with no descriptor left to take is read to its end
+    on the loop, a slice at a time; only a queue holding descriptors past the
+    share's bound waits for a worker."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    baseline = await trio.to_thread.run_sync(d.quiet_fds)
+    child = spawn_as(ATTACKER, PILED.format(path=str(d.socket_path), n=600))
+    try:
+        with trio.fail_after(120):
+            with stopped(d):  # every datagram queued before its peer is accepted
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+            deadline = time.monotonic() + 10
+            while not _lingering_closes(d.pid) and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert _lingering_closes(d.pid)  # the share's workers wait
+            with Raw(d.socket_path, timeout=10) as victim:  # after all of them
+                assert (await trio.to_thread.run_sync(victim.call, {"op": "stats", "id": 1}))[0][
+                    "ok"
+                ]
+            # Two sockets carrying the lingering ones, and those two in the
+            # workers' hands; a few of the daemon's own besides.
+            held = d.open_fds() - baseline
+            assert held <= 16, held
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv) == "released"
+            deadline = time.monotonic() + 20
+            while d.open_fds() > baseline and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert d.open_fds() <= baseline, d.fd_targets()
+            assert "Traceback" not in d.log()
+    finally:
+        child.close()
