@@ -20,9 +20,10 @@
 # without bound (a TCP socket lingering over unsent data, attack 21; the free
 # of a large file a client unlinked, attack 19). So its reading is shut down
 # and what it queued received here (connection.drain_final), the descriptors
-# given to the Closer on its uid's quota; a socket with anything still queued
-# (more datagrams than a turn-away reads, or fds past its uid's bound) is
-# closed by a worker on that quota, never on the loop.
+# given to the Closer on its uid's quota; a socket with more datagrams than a
+# turn-away reads is read on a slice a turn (Closer.drain_later, attack 26),
+# and one with fds past its uid's bound is closed by a worker on that quota,
+# never on the loop.
 #
 # Must never: wait on a peer that is turned away (one reply tried without
 # waiting, a bounded drain, the close); take connections for longer than its
@@ -45,7 +46,7 @@ import attrs
 import trio
 
 from .access import Gate, Peer, Seat, reads_daemon_fds
-from .connection import SEND_FLAGS, Connection, Services, drain_final
+from .connection import SEND_FLAGS, Connection, Left, Services, drain_final
 from .errors import RequestError
 from .fds import move_high
 from .metrics import StatsCollector
@@ -161,15 +162,17 @@ class Acceptor:
             sock.sendmsg([data], [], SEND_FLAGS)
         except OSError:
             pass  # it left already, or its buffer is full: the close tells it enough
-        # What a close here may wait on goes on the peer's uid (a share made
-        # for it if it has none, forgotten once idle), as an admitted peer's.
+        # What a close here may wait on goes on the peer's uid's share, or on
+        # the one share of all turned-away peers whose uid has none (attack 24).
         share = self.gate.share_of(peer.uid)
         budget, discard = self.services.budget, self.services.discard
-        fds, empty = drain_final(sock, _DRAIN_AT_REFUSAL, lambda n: budget.allows(share.fds, n))
+        fds, left = drain_final(sock, _DRAIN_AT_REFUSAL, lambda n: budget.allows(share.fds, n))
         if fds:
             discard(fds, share)
-        if empty:
+        if left is Left.EMPTY:
             sock.close()  # nothing of the peer's left in it to release
+        elif left is Left.MORE:
+            self.services.drain_later(sock, share)  # read on, never a worker's wait
         else:
             discard([sock.detach()], share)
 

@@ -166,6 +166,10 @@ class UidShare:
     flow: Flow = attrs.field(factory=Flow)
 
 
+#: The uid of the share of peers turned away whose uid has none (Gate.share_of):
+#: no uid's, so it is never one in the gate's map.
+TURNED_AWAY_UID = -1
+
 #: Seats that looking for gone peers may poll, per uid and for all uids
 #: together: this many at once, and this many more a second (at least twice
 #: the limit at hand). A uid flooding the daemon with connections at its
@@ -255,6 +259,9 @@ class Gate:
     #: replies were unread: forgotten once idle (see :meth:`_forget_lingering`).
     _lingering: set[UidShare] = attrs.field(factory=set)
     _sweeps: SweepBudget | None = None
+    #: What closing the sockets of peers turned away whose uid has no share costs
+    #: (see :meth:`share_of`), made at the first.
+    _turned_away: UidShare | None = None
     #: Seconds, for the sweeps' budgets.
     clock: Callable[[], float] = time.monotonic
 
@@ -301,14 +308,22 @@ class Gate:
         return seat
 
     def share_of(self, uid: int) -> UidShare:
-        """*uid*'s share; for a peer turned away whose uid has none, one made now (its
-        quota and fd budget take what closing that peer's socket may cost), forgotten
-        once idle like the share of a uid whose last connection left."""
+        """The share that pays for closing a turned-away peer's socket: its uid's, or
+        for a uid with none (one not admitted, or with no connection), the one share
+        of all such peers (:attr:`turned_away`).
+
+        Not one made per uid (attack 24): the workers of file systems that may
+        hang are one pool for every uid, and peers of uids the daemon does not
+        admit, whatever their number, must not hold more of it, or more fds,
+        than one admitted uid may.
+        """
         share = self._shares.get(uid)
         if share is None:
-            share = UidShare(uid, Quota(self.limits.max_copies_per_uid, self.hits))
-            self._shares[uid] = share
-            self._lingering.add(share)
+            if self._turned_away is None:
+                self._turned_away = UidShare(
+                    TURNED_AWAY_UID, Quota(self.limits.max_copies_per_uid, self.hits)
+                )
+            share = self._turned_away
         return share
 
     def _make_room(self, share: UidShare | None) -> bool:

@@ -8,19 +8,26 @@
 # the kernel milliseconds a GiB (and on a file system mounted with discard,
 # waits for the disk: 25-250 ms for a 10 GiB file on the project's VM), and
 # a client may close its own descriptors before the daemon reads them.
+# A client's socket with datagrams still queued is read to its end here, a
+# slice a turn, and closed on the loop once empty (drain_later); only one
+# that holds fds past its uid's bound goes to a worker.
 #
 # Must never: close on the loop an fd whose close may wait on a client's file
-# system, or free a large file; let the fds waiting for a worker go uncounted
-# in their uid's budget; lose an fd it was given on any path.
+# system, or free a large file, or a socket with fds still queued; let the fds
+# waiting for a worker go uncounted in their uid's budget; make a socket wait
+# for a worker for datagrams without fds (attack 26); lose an fd it was given
+# on any path.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 
 from .access import UidShare
+from .connection import Left, drain_final
 from .copier import Copier
 from .errors import RequestError
 from .fds import FdHolder, close_all
@@ -80,6 +87,45 @@ class Closer:
             self.nursery, src, share.quota, on_closed=lambda: budget.use(share, -1)
         )
 
+    def drain_later(self, sock: socket.socket, share: UidShare) -> None:
+        """Read on what a client's socket still has queued (drain_final said Left.MORE),
+        DRAIN_SLICE datagrams a turn of the loop, then close it: on the loop once it
+        is empty, by a worker on *share*'s quota if it holds fds past the uid's bound.
+
+        Datagrams without fds release nothing when read, so they never wait for a
+        worker: a peer queues as many as its send buffer holds, for nothing, and
+        a worker's close behind closes that wait (attack 21) would keep each
+        such socket in the daemon's fd table meanwhile (attack 26). Counted in
+        the uid's fd budget until it is closed or handed on.
+        """
+        if self.nursery is None:
+            self.discard([sock.detach()], share)  # not serving any more
+            return
+        if self.budget is not None:
+            self.budget.use(share, 1)
+        self.nursery.start_soon(self._drain_on, sock, share)
+
+    async def _drain_on(self, sock: socket.socket, share: UidShare) -> None:
+        budget = self.budget
+        left = Left.HELD
+        try:
+            while True:
+                await trio.lowlevel.checkpoint()  # everyone else's turn between slices
+                fds, left = drain_final(
+                    sock, DRAIN_SLICE, lambda n: budget is None or budget.allows(share.fds, n)
+                )
+                if fds:
+                    self.discard(fds, share)
+                if left is not Left.MORE:
+                    break
+        finally:
+            if budget is not None:
+                budget.use(share, -1)
+            if left is Left.EMPTY:
+                sock.close()
+            else:
+                self.discard([sock.detach()], share)
+
     def _closes_quickly(self, fd: int) -> bool:
         if memfd_seals(fd) is None:
             try:
@@ -91,6 +137,9 @@ class Closer:
         # A memfd, or a file of a file system that never hangs: fstat is safe.
         return not _frees_much(fd)
 
+
+#: Datagrams a socket's drain reads per turn of the loop (Closer.drain_later).
+DRAIN_SLICE = 256
 
 #: Bytes (of size or of blocks) from which the last close of a file with no
 #: link left is made in a worker: freeing 16 MiB takes the kernel well under

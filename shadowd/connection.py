@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import functools
 import logging
@@ -123,6 +124,9 @@ class Services:
     budget: FdBudget
     #: Closes fds a client sent that will not be used, never blocking the loop.
     discard: Callable[[Sequence[int], UidShare], None]
+    #: Takes a client's socket that drain_final left with datagrams to read
+    #: (Left.MORE): reads them on, a slice at a time, then closes it.
+    drain_later: Callable[[socket.socket, UidShare], None]
     #: Answers a request handed to the connection's task (stats, publish).
     handle: Callable[[Connection, Request, list[FdHolder]], Awaitable[None]]
     max_inflight: int
@@ -130,21 +134,38 @@ class Services:
     answer: Callable[[Connection], bool]
 
 
+class Left(enum.Enum):
+    """What drain_final left queued on a socket."""
+
+    #: Nothing: closing the socket releases nothing of its peer's.
+    EMPTY = "empty"
+    #: More datagrams than it read, none it could not take: read on, a slice at
+    #: a time (Closer.drain_later), never a reason to wait for a worker (attack 26).
+    MORE = "more"
+    #: A datagram with fds past the uid's bound, or not known: the socket is
+    #: closed by a worker on the uid's quota.
+    HELD = "held"
+
+
 def drain_final(
     sock: socket.socket, limit: int, room: Callable[[int], bool] = lambda _n: True
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], Left]:
     """Make what the peer queued on *sock* final and read it, before *sock* is closed:
-    the fds its datagrams carried (for the caller to give to the Closer), and whether
-    nothing is left queued (then closing *sock* releases nothing of the peer's).
+    the fds its datagrams carried (for the caller to give to the Closer), and what is
+    left queued (:class:`Left`; EMPTY: closing *sock* releases nothing of the peer's).
 
     Reading is shut down first (the peer's sends fail from then on), so the
     queue only shrinks. Each datagram is received with room for every fd it
     may carry, and with its sender's credentials (SO_PASSCRED), which tell a
     datagram (even an empty one without fds) from the end of the queue. At
     most *limit* datagrams are read; while *room(n)* says no to n more fds,
-    a datagram that carries fds is left queued (looked at with MSG_PEEK, whose
-    duplicates are closed at once: the queue still holds the file, so that is
-    never its last close) and the queue is not empty.
+    a datagram that carries fds is left queued and the queue is not empty. It
+    is looked at with MSG_PEEK and room for the credentials alone: the kernel
+    installs none of its fds (MSG_CTRUNC says it has some) and drops its
+    duplicate references without a close(2). Installed duplicates would have
+    to be closed here, and although the queue still holds each file (never
+    its last close), every close(2) flushes the file: a FUSE server that
+    never answers FLUSH would hold the loop (attack 23).
 
     The kernel drops what a socket still has queued in the thread that closes
     it (or that reads it without room for its fds), and the last close of a
@@ -158,38 +179,37 @@ def drain_final(
         sock.shutdown(socket.SHUT_RD)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     except OSError:
-        return fds, False  # not known: as if something were queued
+        return fds, Left.HELD  # not known: as if something were queued
     for _ in range(limit):
-        peek = not room(len(fds) + SCM_MAX_FD)
+        if not room(len(fds) + SCM_MAX_FD):
+            try:
+                _n, anc, flags, _ = sock.recvmsg(1, _CREDS_ANCSIZE, _DROP_FLAGS | _PEEK)
+            except OSError:
+                return fds, Left.HELD
+            if not anc:
+                return fds, Left.EMPTY  # the end (see below)
+            if flags & MSG_CTRUNC or fds_from_ancdata(anc):
+                return fds, Left.HELD  # it carries fds: left queued, for a worker's close
+            # No fds: taken out of the queue below, with nothing to release.
         try:
-            _n, anc, flags, _ = sock.recvmsg(
-                1, _FINAL_ANCSIZE, _DROP_FLAGS | (_PEEK if peek else 0)
-            )
+            _n, anc, flags, _ = sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
         except OSError:
-            return fds, False
+            return fds, Left.HELD
         if not anc:
-            return fds, True  # the end: a datagram comes with its sender's credentials
-        got = fds_from_ancdata(anc)
+            return fds, Left.EMPTY  # the end: a datagram comes with its sender's credentials
         if flags & MSG_CTRUNC:
             # No room in our fd table: the kernel dropped the rest, here.
             logger.warning("fds of a closing connection dropped by the kernel (fd limit)")
-        if peek:
-            if got:
-                close_all(got)  # duplicates: the queued datagram still holds them
-                return fds, False
-            try:  # no fds: taken out of the queue, nothing to release
-                sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
-            except OSError:
-                return fds, False
-            continue
-        fds.extend(got)
-    return fds, False
+        fds.extend(fds_from_ancdata(anc))
+    return fds, Left.MORE
 
 
 _DROP_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 _PEEK = int(socket.MSG_PEEK)
 # Room for every fd a datagram may carry and for its sender's credentials.
 _FINAL_ANCSIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(12)
+# Room for the credentials alone: a peek installs no fd (attack 23).
+_CREDS_ANCSIZE = socket.CMSG_SPACE(12)
 
 
 @attrs.define(eq=False)
@@ -214,8 +234,8 @@ class Connection:
     outbox: Outbox = attrs.field(factory=Outbox)
     #: Whether its task answers a job the poller handed over.
     answering: bool = False
-    #: Whether nothing the peer sent is left queued (drain_final said so).
-    _drained: bool = attrs.field(default=False, init=False)
+    #: What the peer sent is left queued, as drain_final said (None: not drained yet).
+    _left: Left | None = attrs.field(default=None, init=False)
 
     # -- descriptors sent and held for the peer (inflight.py) ------------
 
@@ -401,18 +421,21 @@ class Connection:
             self.outbox = Outbox()
         self.share.members.discard(self)
         # What close() left queued (its uid had no room for more fds then)
-        # goes as the rest did, its fds through discard; a queue still not
-        # empty is closed by a worker on the uid's quota, never here.
-        if not self._drained:
+        # goes as the rest did, its fds through discard; more datagrams than a
+        # drain reads are read on, a slice at a time; a queue with fds past the
+        # uid's bound is closed by a worker on its quota, never here.
+        if self._left is not Left.EMPTY:
             self._drain()
-        if self._drained:
+        if self._left is Left.EMPTY:
             self.sock.close()
+        elif self._left is Left.MORE:
+            self.services.drain_later(self.sock, self.share)
         else:
             self.services.discard([self.sock.detach()], self.share)
 
     def _drain(self) -> None:
         budget, share = self.services.budget, self.share
-        fds, self._drained = drain_final(
+        fds, self._left = drain_final(
             self.sock, DRAIN_AT_CLOSE, lambda n: budget.allows(share.fds, n)
         )
         if fds:

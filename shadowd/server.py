@@ -306,6 +306,7 @@ class Server:
             gate=self.gate,
             budget=self.budget,
             discard=self.opens.discard,
+            drain_later=self.opens.closer.drain_later,
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
             answer=self._answer_ready,

@@ -36,6 +36,7 @@ import trio
 from shadowd.fds import close_all
 
 from .conftest import Daemon, make_file, requires_root, spawn_as, test_uid
+from .fusefs import FuseFile, mounted
 from .wire import Raw
 
 pytestmark = requires_root
@@ -674,5 +675,261 @@ async def test_a_connection_that_ends_with_descriptors_queued_is_held_to_its_uid
             assert d.open_fds() <= baseline, d.fd_targets()
         # The uid's bound, a datagram's worth past it, and a few for the socket.
         assert peak <= 512 + 2 * 253 + 16, peak
+    finally:
+        child.close()
+
+
+#: Worker jobs per uid (--max-copies-per-uid's default).
+QUOTA = 2
+
+# Attack 23: descriptors of a file whose every close waits (a FUSE file whose
+# server never answers FLUSH), 253 to a datagram, 8 datagrams on each of
+# several connections queued before the daemon accepts them.
+FLUSHING = """
+import array, os, resource, socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # fds in flight count against it
+fd = os.open({stuck!r}, os.O_RDONLY | os.O_NONBLOCK)  # never closed: its close would wait too
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 253).tobytes())]
+socks = []
+recv()
+for _ in range({peers}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect({path!r})
+    for _ in range(8):
+        s.sendmsg([b"x"], rights)
+    socks.append(s)
+out("sent")
+recv()
+"""
+
+
+async def test_a_peer_past_its_bound_cannot_make_the_loop_flush_a_hung_file(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 23: drain_final looked, past the uid's fd bound, at a queued datagram
+    with MSG_PEEK and closed the duplicates it installed on the loop. That close
+    is never the file's last, but every close(2) of a descriptor flushes it (FUSE
+    sends FLUSH and waits): a peer turned away (a uid not in --allow-uid, default
+    limits) whose earlier peers' descriptors of a FUSE file whose server never
+    answers FLUSH held its bound (4,048 closes waiting on its quota) made the loop
+    close the third peer's duplicates itself: no request of anyone was answered.
+    Now a datagram past the bound is looked at without room for its descriptors
+    (none is installed; the kernel says MSG_CTRUNC) and the socket goes to a
+    worker: a root client's hit is answered, only the uid's two workers wait in a
+    flush, and the fd count comes back to its baseline once the mount gives up."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    src = os.open(f, os.O_RDONLY)
+    stuck = FuseFile(b"s" * 100, ino=7, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"stuck": stuck}) as fs:
+        child = spawn_as(
+            ATTACKER,
+            FLUSHING.format(path=str(d.socket_path), stuck=str(fs.mountpoint / "stuck"), peers=3),
+        )
+        try:
+            with trio.fail_after(120):
+                with Raw(d.socket_path, timeout=30) as raw:
+                    for i in itertools.count():  # until it is cached
+                        reply, fds = await trio.to_thread.run_sync(
+                            raw.call, {"op": "open", "id": i, "wait": True}, [src]
+                        )
+                        close_all(fds)
+                        if reply.get("hit"):
+                            break
+                        await trio.sleep(0.02)
+                baseline = await trio.to_thread.run_sync(d.quiet_fds)
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv) == "sent"
+                # 10 s: far past what a hit takes; before, the loop waited for good.
+                with Raw(d.socket_path, timeout=10) as victim:
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": 2}, [src]
+                    )
+                    close_all(fds)
+                    assert reply["ok"] and reply["hit"], reply
+                # The attack did bite: the uid's own workers wait in flushes.
+                deadline = time.monotonic() + 10
+                while fs.hung_flushes < QUOTA and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.2)
+                assert fs.hung_flushes == QUOTA
+                fs.close()  # the mount gives up: every waiting close ends
+                deadline = time.monotonic() + 30
+                while d.open_fds() > baseline and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                assert d.open_fds() <= baseline, d.fd_targets()
+                assert "Traceback" not in d.log()
+        finally:
+            fs.close()
+            child.close()
+            os.close(src)
+
+
+# Attack 24: peers of many uids, none admitted, each with a few descriptors
+# of a file whose every close waits, queued before it is accepted. A root
+# child forks one process per uid (the FUSE descriptor inherited), which
+# drops to it, connects, sends, and waits to be let go.
+MANY_UIDS = """
+import array, os, socket
+fd = os.open({stuck!r}, os.O_RDONLY | os.O_NONBLOCK)
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 4).tobytes())]
+go_r, go_w = os.pipe()
+recv()
+kids = []
+for uid in {uids!r}:
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect({path!r})
+        s.sendmsg([b"x"], rights)
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)  # until the test lets go (the mount aborted first)
+        os._exit(0)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    kids.append(pid)
+out("sent")
+recv()
+os.write(go_w, b"x" * len(kids))
+for pid in kids:
+    os.waitpid(pid, 0)
+out("done")
+"""
+
+
+async def test_peers_of_uids_not_admitted_cannot_take_the_workers_of_admitted_ones(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 24: attack 21's fix closes what a turned-away peer queued in workers
+    on its uid's quota, and made a share for each such uid. The workers of file
+    systems that may hang are one pool of 64 for every uid, so 33 uids that may
+    not use the daemon at all (--allow-uid 0), each with one connection queuing
+    descriptors of a FUSE file whose server never answers FLUSH, held the whole
+    pool: an admitted client's open of a file on a FUSE mount (inspected and
+    copied in that pool) waited for good. Now every peer turned away whose uid
+    has no share of its own shares one (Gate.turned_away): together they hold at
+    most --max-copies-per-uid workers, and the admitted client is served."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    uids = [test_uid(50 + i) for i in range(33)]  # 64 workers / 2 a uid, and one more
+    stuck = FuseFile(b"s" * 100, ino=7, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"stuck": stuck}) as fs:
+        child = spawn_as(
+            0,
+            MANY_UIDS.format(
+                path=str(d.socket_path), stuck=str(fs.mountpoint / "stuck"), uids=uids
+            ),
+        )
+        ok = os.open(fs.mountpoint / "ok", os.O_RDONLY)
+        try:
+            with trio.fail_after(120):
+                baseline = await trio.to_thread.run_sync(d.quiet_fds)
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+                deadline = time.monotonic() + 10
+                while fs.hung_flushes < QUOTA and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                # 10 s: far past what a copy of 4 KiB takes; before, it waited for good.
+                with Raw(d.socket_path, timeout=10) as victim:
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": 2, "wait": True}, [ok]
+                    )
+                    close_all(fds)
+                    assert reply["ok"], reply
+                assert fs.hung_flushes == QUOTA  # the turned-away peers' share, all of them
+                fs.close()  # the mount gives up: every waiting close ends
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv, 60) == "done"
+                deadline = time.monotonic() + 30
+                while d.open_fds() > baseline and time.monotonic() < deadline:
+                    await trio.sleep(0.05)
+                assert d.open_fds() <= baseline, d.fd_targets()
+                assert "Traceback" not in d.log()
+        finally:
+            fs.close()
+            child.close()
+            with contextlib.suppress(OSError):
+                os.close(ok)
+
+
+# Attack 26: two peers whose lingering sockets hold the closing share's two
+# workers, then many peers that each queue one datagram more than a turn-away
+# reads, none with a descriptor, and leave.
+PILED = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """recv()
+for i in range(2):
+    connection(True)
+for i in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    for _ in range(9):
+        s.send(b"x")
+    s.close()  # the datagrams stay queued on the daemon's end
+out("sent")
+recv()
+for p in peers:
+    p.close()  # a reset: every lingering close ends
+for s in socks:
+    s.close()
+out("released")
+recv()
+"""
+)
+
+
+async def test_sockets_of_peers_turned_away_do_not_pile_up_behind_closes_that_wait(
+    start_daemon: Any,
+) -> None:
+    """Attack 26: a socket whose queue drain_final did not empty went to a worker on
+    its peer's share, whatever the reason: past a turn-away's 8 datagrams too, which
+    costs the peer nothing (no descriptor in flight). With that share's two workers
+    held by lingering sockets (attack 21), every such socket waited in the daemon's
+    fd table: 600 peers of a uid not admitted, each with 9 empty datagrams, took 600
+    more descriptors, and any number would have (the daemon's fd limit, then EMFILE
+    for everyone). Now a queue with no descriptor left to take is read to its end
+    on the loop, a slice at a time; only a queue holding descriptors past the
+    share's bound waits for a worker."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", "0", "--racy-window", "0"
+    )
+    baseline = await trio.to_thread.run_sync(d.quiet_fds)
+    child = spawn_as(ATTACKER, PILED.format(path=str(d.socket_path), n=600))
+    try:
+        with trio.fail_after(120):
+            with stopped(d):  # every datagram queued before its peer is accepted
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+            deadline = time.monotonic() + 10
+            while not _lingering_closes(d.pid) and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert _lingering_closes(d.pid)  # the share's workers wait
+            with Raw(d.socket_path, timeout=10) as victim:  # after all of them
+                assert (await trio.to_thread.run_sync(victim.call, {"op": "stats", "id": 1}))[0][
+                    "ok"
+                ]
+            # Two sockets carrying the lingering ones, and those two in the
+            # workers' hands; a few of the daemon's own besides.
+            held = d.open_fds() - baseline
+            assert held <= 16, held
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv) == "released"
+            deadline = time.monotonic() + 20
+            while d.open_fds() > baseline and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert d.open_fds() <= baseline, d.fd_targets()
+            assert "Traceback" not in d.log()
     finally:
         child.close()

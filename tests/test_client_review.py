@@ -44,7 +44,8 @@ from shadowd_client import index as client_index
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import REQUIRED_SEALS, seal
 
-from .conftest import Daemon, make_file, read_fd, repo_env, settle
+from .conftest import Daemon, make_file, read_fd, repo_env, requires_root, settle
+from .fusefs import mounted
 
 RACY = "0.05"
 
@@ -1597,3 +1598,95 @@ async def test_a_reply_read_for_a_task_while_it_is_being_cancelled_is_closed(
                     await trio.testing.wait_all_tasks_blocked()
                     _serve_good(*requests[0])
                 assert fd_count() == before
+
+
+_TRUNCATED_FOR_ANOTHER_TASK_CHILD = """
+import json, os, resource, sys
+import trio
+from shadowd_client import AsyncClient, ShadowdError
+
+sock, hang, hit = sys.argv[1:4]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+result = {}
+
+
+async def attempt(name, c, src):
+    try:
+        fd = await c.open_fd(src)
+    except ShadowdError as exc:
+        result[name] = type(exc).__name__
+    else:
+        os.close(fd)
+        result[name] = "served"
+
+
+async def main():
+    async with AsyncClient(sock, timeout=8) as c:
+        await c.stats()  # connected, hello answered
+        slow = os.open(hang, os.O_RDONLY | os.O_NONBLOCK)
+        quick = os.open(hit, os.O_RDONLY)
+        # Every number taken, RLIMIT_NOFILE right above: the hit's reply comes with
+        # a descriptor this process has no number for (MSG_CTRUNC).
+        top = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+        holes = []
+        while (n := os.open("/dev/null", os.O_RDONLY)) < top:
+            holes.append(n)
+        holes.append(n)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 1, hard))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "slow", c, slow)
+            await trio.sleep(0.5)  # its request is in and it reads: its reply waits
+            with trio.move_on_after(4):  # well before the client's timeout
+                await attempt("quick", c, quick)
+            result.setdefault("quick", "no answer")
+            await trio.sleep(0.2)
+            result.setdefault("slow", "waiting")
+            nursery.cancel_scope.cancel()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for n in holes:
+            os.close(n)
+        await attempt("after", c, quick)  # the connection is in step
+
+
+trio.run(main)
+print(json.dumps(result))
+"""
+
+
+@requires_root
+async def test_a_truncated_reply_is_the_error_of_its_own_request_not_of_the_task_reading(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """An AsyncClient whose process has no descriptor number left: the reply to one
+    task's open (a hit) comes with its descriptor dropped by the kernel (MSG_CTRUNC)
+    while another task, whose open's reply waits (a file on a FUSE mount whose reads
+    never end), is the one reading the socket. The error is the first task's:
+    TooManyOpenFiles for it at once, the reading task still waiting for its own reply.
+    Before, the reading task raised TooManyOpenFiles for the other's reply, whose task
+    then waited for a reply already read, until its timeout (DaemonTimeout, the
+    connection dropped)."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    hit = make_file(shared_dir / "hit.so", os.urandom(300_000))
+    settle(hit)
+
+    def warm() -> None:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(hit))
+
+    with mounted(shared_dir / "fuse") as fs, trio.fail_after(60):
+        await trio.to_thread.run_sync(warm)
+        done = await trio.run_process(
+            [
+                sys.executable,
+                "-c",
+                _TRUNCATED_FOR_ANOTHER_TASK_CHILD,
+                str(d.socket_path),
+                str(fs.mountpoint / "hang0"),
+                str(hit),
+            ],
+            env=repo_env(),
+            capture_stdout=True,
+        )
+        out = json.loads(done.stdout)
+        assert out == {"quick": "TooManyOpenFiles", "slow": "waiting", "after": "served"}, out

@@ -164,3 +164,18 @@ def test_a_uid_whose_last_connection_left_with_work_under_way_is_forgotten_once_
     assert gate.uids == 1
     gate.leave(other)
     assert gate.uids == 0
+
+
+def test_peers_turned_away_of_uids_without_a_share_share_one(pairs: Pairs) -> None:
+    """Attack 24: what closing a turned-away peer's socket costs goes on its uid's
+    share when it has one (an admitted uid at a limit), else on one share for all
+    such peers, whatever their number of uids: the gate keeps no share per uid it
+    does not admit (before, one each, kept until the next admitted accept)."""
+    gate = Gate(limits=PeerLimits(max_copies_per_uid=2))
+    seat, _, _ = pairs.seat(gate)
+    assert gate.share_of(PEER.uid) is seat.share
+    shares = {id(gate.share_of(uid)) for uid in range(100_000, 110_000)}
+    assert len(shares) == 1
+    assert gate.uids == 1  # PEER's alone
+    assert gate.share_of(100_000).quota.limit == 2
+    assert gate.share_of(100_000) is not seat.share

@@ -236,11 +236,14 @@ class Session:
                 # Room for more, yet some were dropped: the kernel could not give
                 # this process a number (EMFILE). The reply was read and matched
                 # to its request all the same: the connection is in step.
-                raise TooManyOpenFiles(
+                # The error is that request's, whoever reads (reply_id).
+                dropped = TooManyOpenFiles(
                     "the daemon's reply carried a descriptor this process had no number "
                     f"left for (MSG_CTRUNC): {os.strerror(errno.EMFILE)}",
                     errno=errno.EMFILE,
-                ) from None
+                )
+                dropped.reply_id = exc.id
+                raise dropped from None
             raise ProtocolViolation(f"bad reply from the daemon: {exc.message}") from None
         if reply.id is None:
             assert isinstance(reply, ErrorReply)

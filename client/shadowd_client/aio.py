@@ -77,6 +77,9 @@ class _Conn:
         self.send_lock = trio.Lock()
         self.recv_lock = trio.Lock()
         self.replies: dict[int, Reply] = {}
+        #: The errors of requests whose replies came with their descriptors
+        #: dropped (this process had no number left), read by another task.
+        self.dropped: dict[int, TooManyOpenFiles] = {}
         self.abandoned: set[int] = set()
         self.broken: Broken | None = None
         self.buf = bytearray(REPLY_BUFFER)
@@ -86,6 +89,7 @@ class _Conn:
         for reply in self.replies.values():
             close_reply(reply)
         self.replies.clear()
+        self.dropped.clear()
 
     def forget(self) -> None:
         """In a forked child: close this process's copies of the connection's fds.
@@ -99,6 +103,7 @@ class _Conn:
         for reply in self.replies.values():
             close_reply(reply)
         self.replies.clear()
+        self.dropped.clear()
 
 
 def _hello_pending(conn: _Conn) -> bool:
@@ -297,6 +302,8 @@ class AsyncClient:
                 conn.session.proto.forget(id)  # never sent: no reply will come
             elif id in conn.replies:
                 close_reply(conn.replies.pop(id))  # another task read it as we were cancelled
+            elif id in conn.dropped:
+                del conn.dropped[id]  # the same, its descriptors dropped by the kernel
             else:
                 conn.abandoned.add(id)  # its reply is closed when it comes
             raise
@@ -331,12 +338,16 @@ class AsyncClient:
         while True:
             if id in conn.replies:
                 return conn.replies.pop(id)
+            if id in conn.dropped:
+                raise conn.dropped.pop(id)
             if conn.broken is not None:
                 raise conn.broken
             async with conn.recv_lock:
                 if id in conn.replies:
                     return conn.replies.pop(id)
-                reply = await self._recv(conn)
+                if id in conn.dropped:
+                    raise conn.dropped.pop(id)
+                reply = await self._recv_for(conn, id)
                 if reply is None:
                     continue
                 if reply.id == id:
@@ -347,6 +358,22 @@ class AsyncClient:
                     close_reply(reply)
                 else:
                     conn.replies[reply.id] = reply
+
+    async def _recv_for(self, conn: _Conn, id: int | None) -> Reply | None:
+        """:meth:`_recv` by the task waiting for request *id*'s reply (None: the hello's):
+        a reply whose descriptors were dropped here is the error of the request it
+        answers, kept for that request's task (None is returned), not this one's."""
+        try:
+            return await self._recv(conn)
+        except TooManyOpenFiles as exc:
+            other = exc.reply_id
+            if other is None or other == id:
+                raise
+            if other in conn.abandoned:
+                conn.abandoned.discard(other)
+            else:
+                conn.dropped[other] = exc
+            return None
 
     async def _recv(self, conn: _Conn) -> Reply | None:
         n, ancdata, flags, _ = await self._io(
@@ -428,7 +455,7 @@ class AsyncClient:
                         # Another task may have read the hello reply meanwhile.
                         if not _hello_pending(conn):
                             break
-                        reply = await self._recv(conn)
+                        reply = await self._recv_for(conn, None)
                         if reply is None or reply.id is None:
                             continue
                         if reply.id in conn.abandoned:

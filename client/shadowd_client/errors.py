@@ -67,6 +67,10 @@ class TooManyOpenFiles(SourceError):
     breaker) and copies the file here when it can. ``errno`` is EMFILE (or
     ENFILE), as an ``open`` at the limit would say."""
 
+    #: For a reply whose descriptors were dropped: the id of the request it
+    #: answered (an AsyncClient hands the error to that request's task).
+    reply_id: int | None = None
+
 
 #: What an OSError says when this process (or the system) is out of descriptors.
 FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
