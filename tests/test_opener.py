@@ -343,6 +343,83 @@ async def test_index_hits_a_report_could_not_carry_are_kept_until_one_does(
     assert told == served
 
 
+async def test_close_sends_the_last_report_without_waiting_for_its_answer(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """An Opener's close costs no round trip for its statistics: with the daemon
+    stopped and a reply timeout of 20 s, close returns at once after sending the last
+    report, and the daemon, continued, counts every hit of it."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(300_000))
+    settle(f)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[int, float, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=20)
+        for _ in range(7):  # fewer than a report's 256: none sent yet
+            os.close(opener.open(f))
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            opener.close()
+            took = time.monotonic() - started
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        return base, took, opener.index_opens
+
+    with trio.fail_after(60):
+        base, took, served = await in_thread(work)
+        deadline = time.monotonic() + 10
+        while (told := await in_thread(index_hits) - base) < served:
+            assert time.monotonic() < deadline, f"the daemon counted {told} of {served} hits"
+            await trio.sleep(0.02)
+    assert served == 7 and told == 7
+    assert took < 10, took  # before: the 20 s timeout, waiting for the stopped daemon
+
+
+async def test_a_report_is_split_to_fit_the_daemons_max_request(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Hits of 256 files (the Opener's table) and more (counted together) do not fit
+    one request of a daemon whose --max-request is 1 KiB: the report goes in several,
+    and the daemon counts every hit. Before, the one request was refused and the hits
+    were lost."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    files = []
+    for i in range(300):
+        files.append(make_file(tmp_path / f"f{i}", os.urandom(100 + i)))
+    settle(*files)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for f in files:
+                os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        with Opener(d.socket_path, local_below=0, held_files=0, timeout=10) as opener:
+            for f in files:
+                os.close(opener.open(f))
+            served = opener.index_opens
+        return base, served
+
+    with trio.fail_after(60):
+        base, served = await in_thread(work)
+        deadline = time.monotonic() + 10
+        while (told := await in_thread(index_hits) - base) < served:
+            assert time.monotonic() < deadline, f"the daemon counted {told} of {served} hits"
+            await trio.sleep(0.02)
+    assert served == 300 and told == 300
+
+
 @requires_root
 async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
     start_daemon: Any, shared_dir: Path

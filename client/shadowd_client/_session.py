@@ -22,6 +22,7 @@ from shadowd.memfd import REQUIRED_SEALS, create
 from shadowd.paths import SocketChoice, find_socket
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
+    MAX_REPORT,
     PROTOCOL_VERSION,
     BadFds,
     BatchOpened,
@@ -267,6 +268,14 @@ class Session:
             self.server = reply.server
             return None
         return reply
+
+    @property
+    def max_report(self) -> int:
+        """The most files one report carries within the daemon's ``max_request``: a
+        file's triple takes at most 28 bytes, the map around them 32 (kept from 1 to
+        the protocol's MAX_REPORT)."""
+        room = self.proto.server_limits.get("max_request", 0)
+        return min(max((room - 32) // 28, 1), MAX_REPORT) if room else MAX_REPORT
 
     @property
     def max_batch(self) -> int:

@@ -654,7 +654,7 @@ class Opener:
             else:
                 self._spilled += n
 
-    def _report(self) -> None:
+    def _report(self, *, last: bool = False) -> None:
         """Tell the daemon the hits served through its index (for its stats and LRU order).
 
         Only to the daemon they were counted of (the same pid and index generation),
@@ -662,6 +662,8 @@ class Opener:
         (behind the breaker). What cannot be sent now (no such connection, the send
         failed) is kept for the next report; a daemon restarted meanwhile is not told
         of the old one's hits. Once sent they count as told, whatever the answer.
+        *last* (at close): the last request's answer is not waited for, and the
+        connection is closed after it (Client._report_here).
         """
         with self._lock:
             self._unreported_hits = 0
@@ -694,15 +696,15 @@ class Opener:
             if not ours or not hits:
                 return
             try:
-                sent = client._report_here(hits)
+                sent = client._report_here(hits, last=last)
             except (DaemonUnavailable, ProtocolViolation) as exc:
                 self._failed(exc)  # a stopped daemon: one timeout per window, as any request
                 return
             except ShadowdError:
                 return
-            if not sent:
+            if sent < len(hits):
                 with self._lock:
-                    self._keep_unsent(hits, daemon)
+                    self._keep_unsent(hits[sent:], daemon)
         finally:
             self.waited += time.monotonic() - started
 
@@ -763,7 +765,7 @@ class Opener:
 
     def close(self) -> None:
         if self._unreported or self._spilled:
-            self._report()  # what cannot be sent now goes with this Opener
+            self._report(last=True)  # what cannot be sent now goes with this Opener
         with self._lock:
             self._held.clear()
             index, self._index = self._index, None

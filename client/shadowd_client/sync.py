@@ -295,33 +295,53 @@ class Client:
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
 
-    def _report_here(self, hits: Sequence[tuple[int, int, int]]) -> bool:
-        """:meth:`report` (at most MAX_REPORT files) on the connection there is, never
-        on a new one: the hits were counted of the daemon at its other end. False when
-        nothing was sent (no connection whose hello was answered, or the send failed):
-        the caller keeps them. Once sent they count as told: True, or raises as
-        :meth:`report` does when the answer fails (a daemon stopped reads it later)."""
+    def _report_here(self, hits: Sequence[tuple[int, int, int]], *, last: bool = False) -> int:
+        """:meth:`report` on the connection there is, never on a new one (the hits were
+        counted of the daemon at its other end), in requests that fit the daemon's
+        ``max_request``; how many of *hits* were sent. The caller keeps the rest (no
+        connection whose hello was answered, or a send failed). Once sent they count
+        as told; raises as :meth:`report` does when an answer fails (a daemon stopped
+        reads them later).
+
+        *last*: the client is closed after the last request, whose answer is not
+        read. The daemon reads a request before it answers it, and every earlier
+        answer has been read, so closing with that one answer unread in the socket
+        (which resets the connection) loses nothing the daemon had not read: the
+        close of an Opener costs no round trip, and a stopped daemon does not hold it.
+        """
+        sent = 0
         with self._lock:
-            session = self._session
-            if self._closed or self._sock is None or session is None or not session.server:
-                return False
-            make = request_of(functools.partial(_report, tuple(hits[:MAX_REPORT])))
-            id, data, fds = make(session.proto)
             try:
-                self._sendmsg(data, fds)
-            except Broken:
-                self._drop()
-                return False
-            except ShadowdError:
-                return False  # the daemon's refusal, queued before it closed (_broken)
-            try:
-                reply = self._reply_to(id)
-            except Broken as broken:
-                self._drop()
-                raise broken.error(self.socket_path) from None
-        if isinstance(reply, ErrorReply):
-            raise refused(reply.code, reply.message)
-        return True
+                session = self._session
+                if self._closed or self._sock is None or session is None or not session.server:
+                    return 0
+                per = session.max_report
+                while sent < len(hits):
+                    chunk = tuple(hits[sent : sent + per])
+                    make = request_of(functools.partial(_report, chunk))
+                    id, data, fds = make(session.proto)
+                    try:
+                        self._sendmsg(data, fds)
+                    except Broken:
+                        self._drop()
+                        return sent
+                    except ShadowdError:
+                        return sent  # the daemon's refusal, queued before it closed (_broken)
+                    sent += len(chunk)
+                    if last and sent == len(hits):
+                        break
+                    try:
+                        reply = self._reply_to(id)
+                    except Broken as broken:
+                        self._drop()
+                        raise broken.error(self.socket_path) from None
+                    if isinstance(reply, ErrorReply):
+                        raise refused(reply.code, reply.message)
+            finally:
+                if last:
+                    self._closed = True
+                    self._drop()
+        return sent
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
