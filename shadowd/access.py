@@ -37,6 +37,7 @@ import attrs
 
 from .copier import Quota
 from .errors import RequestError
+from .peer_limits import PeerLimits
 from .poller import Flow
 from .protocol import ErrorCode
 
@@ -103,35 +104,6 @@ class AccessPolicy:
         if peer.gid in self.allow_gids:
             return True
         return not self.allow_gids.isdisjoint(peer_groups(sock))
-
-
-@attrs.frozen
-class PeerLimits:
-    """Bounds on what peers may hold at once; see ``shadowd serve --help``."""
-
-    max_clients: int = 4096
-    max_clients_per_uid: int = 1024
-    #: Below --copy-workers (4): one uid's copies cannot hold every worker.
-    max_copies_per_uid: int = 2
-    #: Descriptors one uid may have in replies it has not read and in
-    #: replies the daemon holds for it (inflight.py).
-    max_fds_per_uid: int = 4096
-    #: Bytes of copies under way for one uid and of the memfds made for it
-    #: that left the cache while still held (pins.py).
-    max_pinned_bytes_per_uid: int = 256 * 1024 * 1024
-
-    def __attrs_post_init__(self) -> None:
-        if (
-            min(
-                self.max_clients,
-                self.max_clients_per_uid,
-                self.max_copies_per_uid,
-                self.max_fds_per_uid,
-                self.max_pinned_bytes_per_uid,
-            )
-            < 1
-        ):
-            raise ValueError("peer limits must be at least 1")
 
 
 @attrs.define(eq=False)

@@ -13,11 +13,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .access import AccessPolicy, PeerLimits
 from .cache import CacheLimits
 from .cli_flags import build_parser
 from .errors import ConfigError
 from .paths import resolve_socket_path
+from .peer_limits import PeerLimits
 from .protocol import WireLimits
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def _check_serve_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
+    from .access import AccessPolicy
     from .daemon import STOP_SIGNALS, configure_logging, run
     from .server import ServerConfig
     from .systemd import fd_store_limit

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import __version__
-from .access import PeerLimits
 from .cache import CacheLimits
 from .errors import ConfigError
 from .paths import checked_socket_path
+from .peer_limits import PeerLimits
 from .protocol import MAX_BATCH_LIMIT, MIN_MAX_REQUEST, WireLimits
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)

@@ -30,7 +30,7 @@ import trio
 
 from . import hotcalls
 from .accepting import Acceptor
-from .access import AccessPolicy, Gate, PeerLimits
+from .access import AccessPolicy, Gate
 from .cache import Cache, CacheLimits, Entry
 from .connection import (
     GONE,
@@ -52,6 +52,7 @@ from .inflight import FdBudget
 from .leases import ignore_sigio
 from .metrics import StatsCollector, count_open_fds
 from .opens import HostOpens
+from .peer_limits import PeerLimits
 from .pins import Pins
 from .poller import Poller
 from .private import PrivateFiles

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shadowd.access import SWEEP_SEATS, Gate, Peer, PeerLimits, Seat, SweepBudget
+from shadowd.access import SWEEP_SEATS, Gate, Peer, Seat, SweepBudget
 from shadowd.errors import RequestError
+from shadowd.peer_limits import PeerLimits
 
 PEER = Peer(pid=os.getpid(), uid=1000, gid=1000)
 OTHER = Peer(pid=os.getpid(), uid=1001, gid=1001)

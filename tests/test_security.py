@@ -20,7 +20,7 @@ import pytest
 import trio
 from shadowd_client import AsyncClient, Busy, Client, NotRegularFile, Opener
 
-from shadowd.access import PeerLimits
+from shadowd.peer_limits import PeerLimits
 from shadowd.protocol import WireLimits
 
 from .conftest import NOBODY, Daemon, in_thread, make_file, read_fd, requires_root, run_as, settle
