@@ -933,3 +933,146 @@ async def test_sockets_of_peers_turned_away_do_not_pile_up_behind_closes_that_wa
             assert "Traceback" not in d.log()
     finally:
         child.close()
+
+
+# Attack 27: a uid not admitted holds its share's two workers with lingering
+# sockets (attack 21), then queues one descriptor (a pipe's) on each of many
+# peers and leaves: past the share's bound each such socket waits for a worker,
+# one descriptor of the daemon each, up to the daemon's fd limit.
+HELD = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1:] * 2)
+r, w = os.pipe()
+one = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+recv()
+for i in range(2):
+    connection(True)
+for i in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.sendmsg([b"x"], one)  # in flight, counted against this uid's fd limit
+    s.close()
+out("sent")
+recv()
+for p in peers:
+    p.close()  # a reset: every lingering close ends
+for s in socks:
+    s.close()
+out("released")
+recv()
+"""
+)
+
+# An admitted uid's one connection, which sends a lingering socket in an open
+# when told to: read by the daemon at its fd limit, the kernel would drop it,
+# its last reference, in the reading thread.
+CARRIER = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """import msgpack
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(path)
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+out("ready")
+recv()
+c, peer = lingering()
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [c.fileno()]).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open", "id": 1}})], rights)
+c.close()
+out("sent")
+recv()
+peer.close()
+s.close()
+out("released")
+recv()
+"""
+)
+
+
+async def test_sockets_waiting_for_a_worker_cannot_take_the_daemon_to_its_fd_limit(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 27: a socket whose peer queued descriptors past its share's bound is
+    closed by a worker on that share's quota, and waits for one in the daemon's fd
+    table. A uid not admitted held its share's two workers with lingering sockets,
+    then 1,100 peers each queued one pipe's descriptor and left: the daemon (here at
+    1,024 descriptors) took every one, then its table was full: a root client's open
+    came back with its descriptor dropped by the kernel, and a lingering socket that
+    another, admitted, uid sent then was dropped by the kernel on the loop, which
+    waited in its close. Now sockets waiting to be closed are bounded (a sixteenth
+    of the fd limit): past that the daemon stops accepting until one is closed."""
+    carrier_uid = test_uid(41)
+    d: Daemon = await start_daemon(
+        "--socket-mode",
+        "0666",
+        "--allow-uid",
+        "0",
+        "--allow-uid",
+        str(carrier_uid),
+        "--racy-window",
+        "0",
+        nofile=(1024, 1024),
+    )
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    src = os.open(f, os.O_RDONLY)
+    carrier = spawn_as(carrier_uid, CARRIER.format(path=str(d.socket_path), n=0))
+    child = spawn_as(ATTACKER, HELD.format(path=str(d.socket_path), n=1100))
+    peak = 0
+    try:
+        with trio.fail_after(180):
+            with Raw(d.socket_path, timeout=30) as victim:
+                for i in itertools.count():  # until it is cached
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": i, "wait": True}, [src]
+                    )
+                    close_all(fds)
+                    if reply.get("hit"):
+                        break
+                    await trio.sleep(0.02)
+                assert await trio.to_thread.run_sync(carrier.recv) == "ready"
+                baseline = d.open_fds()
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+                # Until the daemon took what it takes of the backlog.
+                last, since = -1, time.monotonic()
+                while time.monotonic() - since < 1.0:
+                    now = d.open_fds()
+                    peak = max(peak, now)
+                    if now != last:
+                        last, since = now, time.monotonic()
+                    await trio.sleep(0.05)
+                carrier.send(1)
+                assert await trio.to_thread.run_sync(carrier.recv) == "sent"
+                await trio.sleep(0.5)  # read by the daemon (or dropped, before)
+                # 10 s: far past what a hit takes, far short of the linger's hour.
+                victim.sock.settimeout(10)
+                reply, fds = await trio.to_thread.run_sync(
+                    victim.call, {"op": "open", "id": 10**6}, [src]
+                )
+                close_all(fds)
+                assert reply["ok"] and reply["hit"], reply
+                assert d.pid not in _lingering_closes(d.pid)
+                # The attack did bite: the acceptor waited for room.
+                stats = (await trio.to_thread.run_sync(victim.call, {"op": "stats", "id": 3}))[0]
+                assert stats["stats"]["limit_hits"].get("max_sockets_closing"), stats
+                print("peak above the baseline:", peak - baseline)
+                # A sixteenth of the limit, and the share's bound of descriptors
+                # waiting for its workers (half the limit), and the daemon's own.
+                assert peak - baseline <= 64 + 512 + 32, peak - baseline
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv, 60) == "released"
+            carrier.send(1)
+            assert await trio.to_thread.run_sync(carrier.recv) == "released"
+            deadline = time.monotonic() + 30
+            while d.open_fds() > baseline and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert d.open_fds() <= baseline, d.fd_targets()
+            with Raw(d.socket_path, timeout=10) as late:  # accepting again
+                assert (await trio.to_thread.run_sync(late.call, {"op": "stats", "id": 1}))[0]["ok"]
+            assert "Traceback" not in d.log()
+    finally:
+        child.close()
+        carrier.close()
+        os.close(src)
