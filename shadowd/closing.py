@@ -1,9 +1,10 @@
 # Closing the descriptors clients sent that the daemon will not use (refused
 # requests, misses that did not wait, sources done with), without ever
-# blocking the loop: fds of file systems the loop trusts (and memfds) are
-# closed at once; the rest (a file of a hung FUSE mount, a socket that
-# lingers) in a worker thread, on the sender's quota, each counted in its
-# uid's fd budget until it is closed. So is the last descriptor of a large
+# blocking the loop: regular files of file systems the loop trusts (and
+# memfds) are closed at once; the rest (a file of a hung FUSE mount, a socket
+# that lingers, a device whose driver's release takes its time) in a worker
+# thread, on the sender's quota, each counted in its uid's fd budget until it
+# is closed. So is the last descriptor of a large
 # file with no link left (attack 19): its close frees the file, which takes
 # the kernel milliseconds a GiB (and on a file system mounted with discard,
 # waits for the disk: 25-250 ms for a 10 GiB file on the project's VM), and
@@ -17,8 +18,9 @@
 # want of room (MSG_CTRUNC).
 #
 # Must never: close on the loop an fd whose close may wait on a client's file
-# system, or free a large file, or a socket with fds still queued; let the fds
-# waiting for a worker go uncounted in their uid's budget; make a socket wait
+# system or run a device's release (attack 28), or free a large file, or a
+# socket with fds still queued; let the fds waiting for a worker go uncounted
+# in their uid's budget; make a socket wait
 # for a worker for datagrams without fds (attack 26); hold client sockets
 # past max_sockets without the acceptor knowing (attack 27); lose an fd it
 # was given on any path.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -62,9 +65,9 @@ class Closer:
     def discard(self, fds: Sequence[int], share: UidShare) -> None:
         """Close fds a client sent that we will not use, never blocking the loop.
 
-        Only fds of filesystems the loop may touch (and memfds) are closed
-        here; the rest (a file of a hung FUSE mount, a socket that lingers)
-        are closed in a worker thread, on the sender's quota.
+        Only regular files of filesystems the loop may touch (and memfds) are
+        closed here; the rest (a file of a hung FUSE mount, a socket that
+        lingers, a device) are closed in a worker thread, on the sender's quota.
         """
         later: list[int] = []
         now: list[int] = []
@@ -202,7 +205,14 @@ class Closer:
                 return False
             if st is None or not self.mounts.is_local(st.dev, st.mnt):
                 return False
-        # A memfd, or a file of a file system that never hangs: fstat is safe.
+            if not stat.S_ISREG(st.mode):
+                # A device's release runs its driver (a tun device is unregistered
+                # at its last close: 15-30 ms; a serial port may drain its output
+                # for 30 s), whatever file system its node is on (attack 28); a
+                # directory, FIFO or socket of a local file system is no regular
+                # file either, and is rare enough to go the same way.
+                return False
+        # A memfd, or a regular file of a file system that never hangs: fstat is safe.
         return not _frees_much(fd)
 
 

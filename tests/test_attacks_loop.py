@@ -1076,3 +1076,87 @@ async def test_sockets_waiting_for_a_worker_cannot_take_the_daemon_to_its_fd_lim
         child.close()
         carrier.close()
         os.close(src)
+
+
+# Attack 28: descriptors of character devices whose release takes the kernel
+# long. A tun device (made by an unprivileged user in a user and network
+# namespace of its own, through a /dev/net/tun open to all, as systemd's udev
+# rules make it) is unregistered at its last close: 15-30 ms on this VM.
+TUNS = """
+import array, ctypes, fcntl, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: our /proc/self is ours again after the uid drop
+if libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
+    out("no user namespace: " + os.strerror(ctypes.get_errno()))
+    raise SystemExit(0)
+open("/proc/self/setgroups", "w").write("deny")
+open("/proc/self/uid_map", "w").write(f"0 {{uid}} 1")
+open("/proc/self/gid_map", "w").write(f"0 {{gid}} 1")
+tuns = []
+for i in range({n}):
+    fd = os.open({node!r}, os.O_RDWR)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"t%d" % i, 0x1001))  # TUNSETIFF, TUN|NO_PI
+    tuns.append(fd)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({path!r})
+out("ready")
+recv()
+s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", tuns).tobytes())])
+for fd in tuns:
+    os.close(fd)  # the daemon's descriptors are the last
+out("sent")
+recv()
+"""
+
+#: Tun devices the attacker sends in one datagram.
+TUN_DEVICES = 64
+
+
+def _releasing_tuns(pid: int) -> set[int]:
+    """The threads of process *pid* in a tun device's release, as their stacks say."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "tun_chr_close" in (task / "stack").read_text():
+                found.add(int(task.name))
+    return found
+
+
+async def test_the_release_of_a_clients_device_is_not_made_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 28: a device node on a file system the loop trusts (devtmpfs is a
+    tmpfs) counted as a file the loop may close, but a device's release runs its
+    driver: a tun device is unregistered at its last close (15-30 ms each here),
+    and any client may make them by the hundred in a network namespace of its own.
+    A datagram of 64 tun descriptors (refused: not a request) had the loop release
+    each, a second and more: before, the daemon's loop thread was seen in
+    tun_chr_close; now only workers on the uid's quota are, as for any file that
+    is not a regular one."""
+    if not Path("/dev/net/tun").exists():  # noqa: ASYNC240 (a look at /dev, never waits)
+        pytest.skip("no /dev/net/tun here")
+    d: Daemon = await start_daemon("--socket-mode", "0666")
+    node = shared_dir / "tun"
+    os.mknod(node, 0o666 | 0o020000, os.makedev(10, 200))  # /dev/net/tun, open to all
+    node.chmod(0o666)
+    child = spawn_as(ATTACKER, TUNS.format(path=str(d.socket_path), node=str(node), n=TUN_DEVICES))
+    try:
+        with trio.fail_after(120):
+            said = await trio.to_thread.run_sync(child.recv, 60)
+            if said != "ready":
+                pytest.skip(said)
+            with stopped(d):  # the attacker's descriptors closed before the daemon reads
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv) == "sent"
+            seen: set[int] = set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (seen and not _releasing_tuns(d.pid)):
+                seen |= _releasing_tuns(d.pid)
+                await trio.sleep(0.002)
+            assert seen, "nobody was seen releasing a tun device"  # the attack did bite
+            assert d.pid not in seen, "the daemon's loop thread released a device"
+            with Raw(d.socket_path, timeout=10) as raw:  # and it goes on serving
+                assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
+    finally:
+        child.close()
