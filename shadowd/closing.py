@@ -8,7 +8,9 @@
 # file with no link left (attack 19): its close frees the file, which takes
 # the kernel milliseconds a GiB (and on a file system mounted with discard,
 # waits for the disk: 25-250 ms for a 10 GiB file on the project's VM), and
-# a client may close its own descriptors before the daemon reads them.
+# a client may close its own descriptors before the daemon reads them; and
+# that of a large file changed in the last minute, whose release may write
+# it out (attack 29).
 # A client's socket with datagrams still queued is read to its end here, a
 # slice a turn, and closed on the loop once empty (drain_later); only one
 # that holds fds past its uid's bound goes to a worker. Such sockets are
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -82,8 +85,9 @@ class Closer:
 
     def discard_local(self, fd: int, share: UidShare, close: Callable[[int], None]) -> None:
         """Close *fd*, of a file system the loop trusts (as its stat said), with
-        *close* (the poller's close_later), or in a worker when its close may free a
-        large file (attack 19): one fstat, not discard's three system calls."""
+        *close* (the poller's close_later), or in a worker when its close may free or
+        write out a large file (attacks 19 and 29): one fstat, not discard's three
+        system calls."""
         if self.nursery is not None and _frees_much(fd):
             self.close_later(FdHolder(fd), share)
         else:
@@ -220,17 +224,30 @@ class Closer:
 DRAIN_SLICE = 256
 
 #: Bytes (of size or of blocks) from which the last close of a file with no
-#: link left is made in a worker: freeing 16 MiB takes the kernel well under
-#: a millisecond, freeing 256 MiB 5-12 ms on the project's VM.
+#: link left, or changed in the last DIRTY_FOR_NS, is made in a worker: freeing
+#: 16 MiB takes the kernel well under a millisecond, freeing 256 MiB 5-12 ms on
+#: the project's VM; writing out 64 MiB at a release 2.5-20 ms, 512 MiB 250 ms.
 FREES_MUCH = 16 << 20
 
 
+#: Seconds since a file's last change within which its pages may still be dirty:
+#: the kernel writes dirty pages out once they are 30 s old (dirty_expire_centisecs),
+#: its flusher looking every 5 s; twice that, for a disk that lags.
+DIRTY_FOR_NS = 70 * 10**9
+
+
 def _frees_much(fd: int) -> bool:
-    """Whether closing *fd* may free a large file: it has no link left, and a size
-    or blocks (fallocate may reserve blocks past the size) of FREES_MUCH or more.
+    """Whether the release of *fd* may take the kernel long for the file's sake: its
+    size or blocks (fallocate may reserve blocks past the size) are FREES_MUCH or
+    more, and it has no link left (the close may free it, attack 19) or changed in
+    the last DIRTY_FOR seconds (the close may write it out, attack 29: ext4, XFS
+    and btrfs write a file out at a release after it was truncated, so that
+    replacing a file by truncating and rewriting it does not lose it in a crash).
     Whether another descriptor of it is still open is not known: as if none were."""
     try:
         st = os.fstat(fd)
     except OSError:
         return False  # not ours to judge: closed as before
-    return st.st_nlink == 0 and max(st.st_size, st.st_blocks * 512) >= FREES_MUCH
+    if max(st.st_size, st.st_blocks * 512) < FREES_MUCH:
+        return False
+    return st.st_nlink == 0 or time.time_ns() - st.st_ctime_ns < DIRTY_FOR_NS

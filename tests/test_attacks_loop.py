@@ -1160,3 +1160,58 @@ async def test_the_release_of_a_clients_device_is_not_made_on_the_loop(
                 assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
     finally:
         child.close()
+
+
+# Attack 29: a file truncated, then rewritten (ext4 writes such a file out at
+# the next release of any of its descriptors, auto_da_alloc), over
+# --max-file-size; the writer stays open, a reader is sent and closed.
+REWRITTEN = """
+import msgpack, os, socket, array
+w = os.open({path!r}, os.O_RDWR)
+os.write(w, b"y" * 4096)
+os.fsync(w)
+os.ftruncate(w, 0)  # the next release writes the file out
+chunk = b"z" * (1 << 20)
+for _ in range({mib}):
+    os.write(w, chunk)
+r = os.open({path!r}, os.O_RDONLY)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock!r})
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open", "id": 1}})], rights)
+os.close(r)  # the daemon's descriptor is the last of that open file description
+out(msgpack.unpackb(s.recv(65536)))
+recv()
+os.close(w)
+"""
+
+
+async def test_the_write_out_of_a_clients_rewritten_file_is_not_made_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 29: ext4 (and XFS, btrfs) write a file out at the release of any of
+    its descriptors after it was truncated, so that a file replaced by truncating
+    and rewriting it survives a crash. A client truncates its file, writes 300 MiB
+    (120 ms of its time: page cache), and sends a read-only descriptor in an open,
+    refused file-too-large: the daemon's close of it wrote the file out (about
+    250 ms for 512 MiB here). Before, fanotify saw the loop thread make that
+    release; now a worker does: a large file changed in the last minute is
+    closed as one with no link left is (attack 19)."""
+    d: Daemon = await start_daemon("--socket-mode", "0666")
+    path = shared_dir / "rewritten"
+    path.write_bytes(b"")
+    os.chown(path, ATTACKER, ATTACKER)
+    closer = _closer_of(path)
+    child = spawn_as(ATTACKER, REWRITTEN.format(path=str(path), sock=str(d.socket_path), mib=300))
+    try:
+        with trio.fail_after(60):
+            reply = await trio.to_thread.run_sync(child.recv)
+            assert reply["code"] == "file-too-large", reply
+            tid = await trio.to_thread.run_sync(closer, 30.0)
+            assert tid != d.pid, "the daemon's loop thread wrote the file out"
+            child.send(1)
+    finally:
+        child.close()
+        path.unlink()
