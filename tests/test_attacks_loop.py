@@ -10,7 +10,9 @@
 # which thread made it, as fanotify says), the order of replies that
 # waited for room (attack 20), and what a peer leaves queued on a socket the
 # daemon closes (attack 21: a lingering TCP socket's close, which thread
-# waits in it; descriptors queued past the uid's bound).
+# waits in it; descriptors queued past the uid's bound), sockets waiting to
+# be closed up to the daemon's fd limit (attack 27), and releases that take
+# the kernel long: a device's (attack 28), a rewritten file's (attack 29).
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
