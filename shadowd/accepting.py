@@ -40,13 +40,13 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from .access import Gate, Peer, Seat, reads_daemon_fds
-from .connection import SEND_FLAGS, Connection, Left, Services, drain_final
+from .connection import SEND_FLAGS, Connection, Services, drain_final
 from .errors import RequestError
 from .fds import move_high
 from .metrics import StatsCollector
@@ -94,6 +94,12 @@ class Acceptor:
     #: Seconds of the poller's longest round since the last call (Poller.longest_round):
     #: the length of a slice of accepts.
     pace: Callable[[], float] = lambda: 0.0
+    #: Whether the Closer holds fewer client sockets than it may (Closer.has_room_for_sockets).
+    has_room_for_sockets: Callable[[], bool] = lambda: True
+    #: Waits until it does (Closer.socket_room).
+    socket_room: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
+    #: How many it holds (for the log).
+    sockets_closing: Callable[[], int] = lambda: 0
 
     async def run(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
@@ -119,6 +125,20 @@ class Acceptor:
                 raise
             backoff = 0.01
             self._take(sock, nursery)
+            if not self.has_room_for_sockets():
+                # Client sockets held to be closed are at their bound: each is a
+                # descriptor of the daemon's for as long as its peer's closes
+                # wait. Taking more would fill the fd table (and the kernel would
+                # drop what it cannot install, on the loop, attack 27); the
+                # connections wait in the kernel's backlog meanwhile.
+                self.gate.hit("max_sockets_closing")
+                logger.warning(
+                    "%d client sockets wait to be closed; not accepting until one is",
+                    self.sockets_closing(),
+                )
+                await self.socket_room()
+                began, length, taken = _now(), self._first_slice(), 0
+                continue
             taken += 1
             if taken >= ACCEPT_BUDGET or _now() - began >= length:
                 # Peers that connect faster than we accept (a flood, hostile
@@ -169,12 +189,9 @@ class Acceptor:
         fds, left = drain_final(sock, _DRAIN_AT_REFUSAL, lambda n: budget.allows(share.fds, n))
         if fds:
             discard(fds, share)
-        if left is Left.EMPTY:
-            sock.close()  # nothing of the peer's left in it to release
-        elif left is Left.MORE:
-            self.services.drain_later(sock, share)  # read on, never a worker's wait
-        else:
-            discard([sock.detach()], share)
+        # Closed now if nothing is left queued; else held, counted against
+        # the sockets the Closer may hold (run() waits for room, attack 27).
+        self.services.close_socket(sock, share, left)
 
     # -- one connection --------------------------------------------------
 

@@ -1,26 +1,37 @@
 # Closing the descriptors clients sent that the daemon will not use (refused
 # requests, misses that did not wait, sources done with), without ever
-# blocking the loop: fds of file systems the loop trusts (and memfds) are
-# closed at once; the rest (a file of a hung FUSE mount, a socket that
-# lingers) in a worker thread, on the sender's quota, each counted in its
-# uid's fd budget until it is closed. So is the last descriptor of a large
+# blocking the loop: regular files of file systems the loop trusts (and
+# memfds) are closed at once; the rest (a file of a hung FUSE mount, a socket
+# that lingers, a device whose driver's release takes its time) in a worker
+# thread, on the sender's quota, each counted in its uid's fd budget until it
+# is closed. So is the last descriptor of a large
 # file with no link left (attack 19): its close frees the file, which takes
 # the kernel milliseconds a GiB (and on a file system mounted with discard,
 # waits for the disk: 25-250 ms for a 10 GiB file on the project's VM), and
-# a client may close its own descriptors before the daemon reads them.
+# a client may close its own descriptors before the daemon reads them; and
+# that of a large file changed in the last minute, whose release may write
+# it out (attack 29).
 # A client's socket with datagrams still queued is read to its end here, a
 # slice a turn, and closed on the loop once empty (drain_later); only one
-# that holds fds past its uid's bound goes to a worker.
+# that holds fds past its uid's bound goes to a worker. Such sockets are
+# counted (sockets_closing): past max_sockets the acceptor takes no new
+# connection until one is closed (attack 27), so the daemon's fd table never
+# fills with them, and the kernel never drops a peer's fds on the loop for
+# want of room (MSG_CTRUNC).
 #
 # Must never: close on the loop an fd whose close may wait on a client's file
-# system, or free a large file, or a socket with fds still queued; let the fds
-# waiting for a worker go uncounted in their uid's budget; make a socket wait
-# for a worker for datagrams without fds (attack 26); lose an fd it was given
-# on any path.
+# system or run a device's release (attack 28), or free a large file, or a
+# socket with fds still queued; let the fds waiting for a worker go uncounted
+# in their uid's budget; make a socket wait
+# for a worker for datagrams without fds (attack 26); hold client sockets
+# past max_sockets without the acceptor knowing (attack 27); lose an fd it
+# was given on any path.
 from __future__ import annotations
 
 import os
 import socket
+import stat
+import time
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -46,13 +57,20 @@ class Closer:
     budget: FdBudget | None = None
     #: The server's nursery while it serves: closes in workers run in it.
     nursery: trio.Nursery | None = None
+    #: Client sockets it may hold at once (being read on, or waiting for a
+    #: worker's close) before the acceptor stops taking connections (attack 27).
+    max_sockets: int = 4096
+    #: Client sockets it holds now (close_socket), not closed yet.
+    sockets_closing: int = 0
+    #: Set when sockets_closing goes below max_sockets (see socket_room).
+    _room: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def discard(self, fds: Sequence[int], share: UidShare) -> None:
         """Close fds a client sent that we will not use, never blocking the loop.
 
-        Only fds of filesystems the loop may touch (and memfds) are closed
-        here; the rest (a file of a hung FUSE mount, a socket that lingers)
-        are closed in a worker thread, on the sender's quota.
+        Only regular files of filesystems the loop may touch (and memfds) are
+        closed here; the rest (a file of a hung FUSE mount, a socket that
+        lingers, a device) are closed in a worker thread, on the sender's quota.
         """
         later: list[int] = []
         now: list[int] = []
@@ -67,30 +85,85 @@ class Closer:
 
     def discard_local(self, fd: int, share: UidShare, close: Callable[[int], None]) -> None:
         """Close *fd*, of a file system the loop trusts (as its stat said), with
-        *close* (the poller's close_later), or in a worker when its close may free a
-        large file (attack 19): one fstat, not discard's three system calls."""
+        *close* (the poller's close_later), or in a worker when its close may free or
+        write out a large file (attacks 19 and 29): one fstat, not discard's three
+        system calls."""
         if self.nursery is not None and _frees_much(fd):
             self.close_later(FdHolder(fd), share)
         else:
             close(fd)
 
-    def close_later(self, src: FdHolder, share: UidShare) -> None:
+    def close_later(
+        self, src: FdHolder, share: UidShare, on_closed: Callable[[], None] | None = None
+    ) -> None:
         """Close *src* in a worker, counted in its uid's fd budget until it is closed:
-        a uid whose file system hangs cannot pile up fds in the daemon's table."""
+        a uid whose file system hangs cannot pile up fds in the daemon's table.
+        *on_closed* runs on the loop once it is closed."""
         assert self.nursery is not None
         budget = self.budget
         if budget is None or src.closed:
-            self.copier.close_later(self.nursery, src, share.quota)
+            self.copier.close_later(self.nursery, src, share.quota, on_closed)
             return
         budget.use(share, 1)
-        self.copier.close_later(
-            self.nursery, src, share.quota, on_closed=lambda: budget.use(share, -1)
-        )
+
+        def closed() -> None:
+            budget.use(share, -1)
+            if on_closed is not None:
+                on_closed()
+
+        self.copier.close_later(self.nursery, src, share.quota, on_closed=closed)
+
+    def close_socket(self, sock: socket.socket, share: UidShare, left: Left) -> None:
+        """Close a client's socket that drain_final left with *left* queued: at once
+        when nothing is (EMPTY); read on, then closed (MORE: drain_later); by a
+        worker on *share*'s quota when it holds fds past the uid's bound (HELD).
+
+        The last two are held meanwhile, counted in sockets_closing (the acceptor
+        takes no connection while that is at max_sockets, attack 27): each is one
+        descriptor of the daemon's for as long as the uid's closes wait, and a peer
+        needs only one descriptor in flight to make one.
+        """
+        if left is Left.EMPTY:
+            sock.close()  # nothing of the peer's left in it to release
+        elif self.nursery is None:
+            self.discard([sock.detach()], share)  # not serving any more
+        elif left is Left.MORE:
+            self._took_socket()
+            self.drain_later(sock, share)
+        else:
+            self._took_socket()
+            self._close_held(sock, share)
+
+    def _close_held(self, sock: socket.socket, share: UidShare) -> None:
+        """A counted socket with fds past its uid's bound: a worker's close."""
+        self.close_later(FdHolder(sock.detach()), share, on_closed=self._socket_closed)
+
+    def _took_socket(self) -> None:
+        self.sockets_closing += 1
+        if self.sockets_closing >= self.max_sockets and self._room.is_set():
+            self._room = trio.Event()
+
+    def _socket_closed(self) -> None:
+        self.sockets_closing -= 1
+        if self.sockets_closing < self.max_sockets:
+            self._room.set()
+
+    def has_room_for_sockets(self) -> bool:
+        """Whether it holds fewer client sockets than max_sockets."""
+        return self.sockets_closing < self.max_sockets
+
+    async def socket_room(self) -> None:
+        """Wait until it holds fewer client sockets than max_sockets."""
+        while self.sockets_closing >= self.max_sockets:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
 
     def drain_later(self, sock: socket.socket, share: UidShare) -> None:
         """Read on what a client's socket still has queued (drain_final said Left.MORE),
         DRAIN_SLICE datagrams a turn of the loop, then close it: on the loop once it
         is empty, by a worker on *share*'s quota if it holds fds past the uid's bound.
+        For close_socket, which counts it in sockets_closing until it is closed.
 
         Datagrams without fds release nothing when read, so they never wait for a
         worker: a peer queues as many as its send buffer holds, for nothing, and
@@ -98,9 +171,7 @@ class Closer:
         such socket in the daemon's fd table meanwhile (attack 26). Counted in
         the uid's fd budget until it is closed or handed on.
         """
-        if self.nursery is None:
-            self.discard([sock.detach()], share)  # not serving any more
-            return
+        assert self.nursery is not None
         if self.budget is not None:
             self.budget.use(share, 1)
         self.nursery.start_soon(self._drain_on, sock, share)
@@ -123,8 +194,12 @@ class Closer:
                 budget.use(share, -1)
             if left is Left.EMPTY:
                 sock.close()
-            else:
+                self._socket_closed()
+            elif self.nursery is None:
+                self._socket_closed()
                 self.discard([sock.detach()], share)
+            else:
+                self._close_held(sock, share)  # still counted, until the worker closed it
 
     def _closes_quickly(self, fd: int) -> bool:
         if memfd_seals(fd) is None:
@@ -134,7 +209,14 @@ class Closer:
                 return False
             if st is None or not self.mounts.is_local(st.dev, st.mnt):
                 return False
-        # A memfd, or a file of a file system that never hangs: fstat is safe.
+            if not stat.S_ISREG(st.mode):
+                # A device's release runs its driver (a tun device is unregistered
+                # at its last close: 15-30 ms; a serial port may drain its output
+                # for 30 s), whatever file system its node is on (attack 28); a
+                # directory, FIFO or socket of a local file system is no regular
+                # file either, and is rare enough to go the same way.
+                return False
+        # A memfd, or a regular file of a file system that never hangs: fstat is safe.
         return not _frees_much(fd)
 
 
@@ -142,17 +224,30 @@ class Closer:
 DRAIN_SLICE = 256
 
 #: Bytes (of size or of blocks) from which the last close of a file with no
-#: link left is made in a worker: freeing 16 MiB takes the kernel well under
-#: a millisecond, freeing 256 MiB 5-12 ms on the project's VM.
+#: link left, or changed in the last DIRTY_FOR_NS, is made in a worker: freeing
+#: 16 MiB takes the kernel well under a millisecond, freeing 256 MiB 5-12 ms on
+#: the project's VM; writing out 64 MiB at a release 2.5-20 ms, 512 MiB 250 ms.
 FREES_MUCH = 16 << 20
 
 
+#: Seconds since a file's last change within which its pages may still be dirty:
+#: the kernel writes dirty pages out once they are 30 s old (dirty_expire_centisecs),
+#: its flusher looking every 5 s; twice that, for a disk that lags.
+DIRTY_FOR_NS = 70 * 10**9
+
+
 def _frees_much(fd: int) -> bool:
-    """Whether closing *fd* may free a large file: it has no link left, and a size
-    or blocks (fallocate may reserve blocks past the size) of FREES_MUCH or more.
+    """Whether the release of *fd* may take the kernel long for the file's sake: its
+    size or blocks (fallocate may reserve blocks past the size) are FREES_MUCH or
+    more, and it has no link left (the close may free it, attack 19) or changed in
+    the last DIRTY_FOR seconds (the close may write it out, attack 29: ext4, XFS
+    and btrfs write a file out at a release after it was truncated, so that
+    replacing a file by truncating and rewriting it does not lose it in a crash).
     Whether another descriptor of it is still open is not known: as if none were."""
     try:
         st = os.fstat(fd)
     except OSError:
         return False  # not ours to judge: closed as before
-    return st.st_nlink == 0 and max(st.st_size, st.st_blocks * 512) >= FREES_MUCH
+    if max(st.st_size, st.st_blocks * 512) < FREES_MUCH:
+        return False
+    return st.st_nlink == 0 or time.time_ns() - st.st_ctime_ns < DIRTY_FOR_NS

@@ -124,9 +124,10 @@ class Services:
     budget: FdBudget
     #: Closes fds a client sent that will not be used, never blocking the loop.
     discard: Callable[[Sequence[int], UidShare], None]
-    #: Takes a client's socket that drain_final left with datagrams to read
-    #: (Left.MORE): reads them on, a slice at a time, then closes it.
-    drain_later: Callable[[socket.socket, UidShare], None]
+    #: Closes a client's socket as drain_final left it (Closer.close_socket): at
+    #: once when empty, else held (counted, attack 27) while it is read on, a slice
+    #: at a time (Left.MORE), or until a worker on the uid's quota closes it.
+    close_socket: Callable[[socket.socket, UidShare, Left], None]
     #: Answers a request handed to the connection's task (stats, publish).
     handle: Callable[[Connection, Request, list[FdHolder]], Awaitable[None]]
     max_inflight: int
@@ -426,12 +427,8 @@ class Connection:
         # uid's bound is closed by a worker on its quota, never here.
         if self._left is not Left.EMPTY:
             self._drain()
-        if self._left is Left.EMPTY:
-            self.sock.close()
-        elif self._left is Left.MORE:
-            self.services.drain_later(self.sock, self.share)
-        else:
-            self.services.discard([self.sock.detach()], self.share)
+        assert self._left is not None
+        self.services.close_socket(self.sock, self.share, self._left)
 
     def _drain(self) -> None:
         budget, share = self.services.budget, self.share

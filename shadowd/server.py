@@ -183,6 +183,10 @@ class Server:
             latency=self.latency,
             budget=self.budget,
         )
+        #: Client sockets held to be closed (their peers' fds queued past their
+        #: uid's bound, or datagrams left to read): a sixteenth of the fd limit
+        #: at most, then the acceptor waits (attack 27).
+        self.opens.closer.max_sockets = max(64, fd_limit // 16)
         self.private = PrivateFiles(
             cache=self.cache,
             copier=self.copier,
@@ -301,13 +305,14 @@ class Server:
         self._poller = Poller()
         self.copier.watches = watches
         self.dispatcher.poller = self._poller
+        closer = self.opens.closer
         self._services = Services(
             poller=self._poller,
             refusals=self.refusals,
             gate=self.gate,
             budget=self.budget,
             discard=self.opens.discard,
-            drain_later=self.opens.closer.drain_later,
+            close_socket=self.opens.closer.close_socket,
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
             answer=self._answer_ready,
@@ -321,6 +326,9 @@ class Server:
             connections=self._connections,
             draining=lambda: self._draining,
             pace=self._poller.longest_round,
+            has_room_for_sockets=closer.has_room_for_sockets,
+            socket_room=closer.socket_room,
+            sockets_closing=lambda: closer.sockets_closing,
         )
         started = False
         try:

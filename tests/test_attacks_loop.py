@@ -10,7 +10,9 @@
 # which thread made it, as fanotify says), the order of replies that
 # waited for room (attack 20), and what a peer leaves queued on a socket the
 # daemon closes (attack 21: a lingering TCP socket's close, which thread
-# waits in it; descriptors queued past the uid's bound).
+# waits in it; descriptors queued past the uid's bound), sockets waiting to
+# be closed up to the daemon's fd limit (attack 27), and releases that take
+# the kernel long: a device's (attack 28), a rewritten file's (attack 29).
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
@@ -933,3 +935,285 @@ async def test_sockets_of_peers_turned_away_do_not_pile_up_behind_closes_that_wa
             assert "Traceback" not in d.log()
     finally:
         child.close()
+
+
+# Attack 27: a uid not admitted holds its share's two workers with lingering
+# sockets (attack 21), then queues one descriptor (a pipe's) on each of many
+# peers and leaves: past the share's bound each such socket waits for a worker,
+# one descriptor of the daemon each, up to the daemon's fd limit.
+HELD = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1:] * 2)
+r, w = os.pipe()
+one = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+recv()
+for i in range(2):
+    connection(True)
+for i in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.sendmsg([b"x"], one)  # in flight, counted against this uid's fd limit
+    s.close()
+out("sent")
+recv()
+for p in peers:
+    p.close()  # a reset: every lingering close ends
+for s in socks:
+    s.close()
+out("released")
+recv()
+"""
+)
+
+# An admitted uid's one connection, which sends a lingering socket in an open
+# when told to: read by the daemon at its fd limit, the kernel would drop it,
+# its last reference, in the reading thread.
+CARRIER = (
+    LINGERING.split("recv()\n", maxsplit=1)[0]
+    + """import msgpack
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(path)
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+out("ready")
+recv()
+c, peer = lingering()
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [c.fileno()]).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open", "id": 1}})], rights)
+c.close()
+out("sent")
+recv()
+peer.close()
+s.close()
+out("released")
+recv()
+"""
+)
+
+
+async def test_sockets_waiting_for_a_worker_cannot_take_the_daemon_to_its_fd_limit(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 27: a socket whose peer queued descriptors past its share's bound is
+    closed by a worker on that share's quota, and waits for one in the daemon's fd
+    table. A uid not admitted held its share's two workers with lingering sockets,
+    then 1,100 peers each queued one pipe's descriptor and left: the daemon (here at
+    1,024 descriptors) took every one, then its table was full: a root client's open
+    came back with its descriptor dropped by the kernel, and a lingering socket that
+    another, admitted, uid sent then was dropped by the kernel on the loop, which
+    waited in its close. Now sockets waiting to be closed are bounded (a sixteenth
+    of the fd limit): past that the daemon stops accepting until one is closed."""
+    carrier_uid = test_uid(41)
+    d: Daemon = await start_daemon(
+        "--socket-mode",
+        "0666",
+        "--allow-uid",
+        "0",
+        "--allow-uid",
+        str(carrier_uid),
+        "--racy-window",
+        "0",
+        nofile=(1024, 1024),
+    )
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+    src = os.open(f, os.O_RDONLY)
+    carrier = spawn_as(carrier_uid, CARRIER.format(path=str(d.socket_path), n=0))
+    child = spawn_as(ATTACKER, HELD.format(path=str(d.socket_path), n=1100))
+    peak = 0
+    try:
+        with trio.fail_after(180):
+            with Raw(d.socket_path, timeout=30) as victim:
+                for i in itertools.count():  # until it is cached
+                    reply, fds = await trio.to_thread.run_sync(
+                        victim.call, {"op": "open", "id": i, "wait": True}, [src]
+                    )
+                    close_all(fds)
+                    if reply.get("hit"):
+                        break
+                    await trio.sleep(0.02)
+                assert await trio.to_thread.run_sync(carrier.recv) == "ready"
+                baseline = d.open_fds()
+                with stopped(d):  # every datagram queued before its peer is accepted
+                    child.send(1)
+                    assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+                # Until the daemon took what it takes of the backlog.
+                last, since = -1, time.monotonic()
+                while time.monotonic() - since < 1.0:
+                    now = d.open_fds()
+                    peak = max(peak, now)
+                    if now != last:
+                        last, since = now, time.monotonic()
+                    await trio.sleep(0.05)
+                carrier.send(1)
+                assert await trio.to_thread.run_sync(carrier.recv) == "sent"
+                await trio.sleep(0.5)  # read by the daemon (or dropped, before)
+                # 10 s: far past what a hit takes, far short of the linger's hour.
+                victim.sock.settimeout(10)
+                reply, fds = await trio.to_thread.run_sync(
+                    victim.call, {"op": "open", "id": 10**6}, [src]
+                )
+                close_all(fds)
+                assert reply["ok"] and reply["hit"], reply
+                assert d.pid not in _lingering_closes(d.pid)
+                # The attack did bite: the acceptor waited for room.
+                stats = (await trio.to_thread.run_sync(victim.call, {"op": "stats", "id": 3}))[0]
+                assert stats["stats"]["limit_hits"].get("max_sockets_closing"), stats
+                print("peak above the baseline:", peak - baseline)
+                # A sixteenth of the limit, and the share's bound of descriptors
+                # waiting for its workers (half the limit), and the daemon's own.
+                assert peak - baseline <= 64 + 512 + 32, peak - baseline
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv, 60) == "released"
+            carrier.send(1)
+            assert await trio.to_thread.run_sync(carrier.recv) == "released"
+            deadline = time.monotonic() + 30
+            while d.open_fds() > baseline and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+            assert d.open_fds() <= baseline, d.fd_targets()
+            with Raw(d.socket_path, timeout=10) as late:  # accepting again
+                assert (await trio.to_thread.run_sync(late.call, {"op": "stats", "id": 1}))[0]["ok"]
+            assert "Traceback" not in d.log()
+    finally:
+        child.close()
+        carrier.close()
+        os.close(src)
+
+
+# Attack 28: descriptors of character devices whose release takes the kernel
+# long. A tun device (made by an unprivileged user in a user and network
+# namespace of its own, through a /dev/net/tun open to all, as systemd's udev
+# rules make it) is unregistered at its last close: 15-30 ms on this VM.
+TUNS = """
+import array, ctypes, fcntl, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: our /proc/self is ours again after the uid drop
+if libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
+    out("no user namespace: " + os.strerror(ctypes.get_errno()))
+    raise SystemExit(0)
+open("/proc/self/setgroups", "w").write("deny")
+open("/proc/self/uid_map", "w").write(f"0 {{uid}} 1")
+open("/proc/self/gid_map", "w").write(f"0 {{gid}} 1")
+tuns = []
+for i in range({n}):
+    fd = os.open({node!r}, os.O_RDWR)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"t%d" % i, 0x1001))  # TUNSETIFF, TUN|NO_PI
+    tuns.append(fd)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({path!r})
+out("ready")
+recv()
+s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", tuns).tobytes())])
+for fd in tuns:
+    os.close(fd)  # the daemon's descriptors are the last
+out("sent")
+recv()
+"""
+
+#: Tun devices the attacker sends in one datagram.
+TUN_DEVICES = 64
+
+
+def _releasing_tuns(pid: int) -> set[int]:
+    """The threads of process *pid* in a tun device's release, as their stacks say."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if "tun_chr_close" in (task / "stack").read_text():
+                found.add(int(task.name))
+    return found
+
+
+async def test_the_release_of_a_clients_device_is_not_made_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 28: a device node on a file system the loop trusts (devtmpfs is a
+    tmpfs) counted as a file the loop may close, but a device's release runs its
+    driver: a tun device is unregistered at its last close (15-30 ms each here),
+    and any client may make them by the hundred in a network namespace of its own.
+    A datagram of 64 tun descriptors (refused: not a request) had the loop release
+    each, a second and more: before, the daemon's loop thread was seen in
+    tun_chr_close; now only workers on the uid's quota are, as for any file that
+    is not a regular one."""
+    if not Path("/dev/net/tun").exists():  # noqa: ASYNC240 (a look at /dev, never waits)
+        pytest.skip("no /dev/net/tun here")
+    d: Daemon = await start_daemon("--socket-mode", "0666")
+    node = shared_dir / "tun"
+    os.mknod(node, 0o666 | 0o020000, os.makedev(10, 200))  # /dev/net/tun, open to all
+    node.chmod(0o666)
+    child = spawn_as(ATTACKER, TUNS.format(path=str(d.socket_path), node=str(node), n=TUN_DEVICES))
+    try:
+        with trio.fail_after(120):
+            said = await trio.to_thread.run_sync(child.recv, 60)
+            if said != "ready":
+                pytest.skip(said)
+            with stopped(d):  # the attacker's descriptors closed before the daemon reads
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv) == "sent"
+            seen: set[int] = set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (seen and not _releasing_tuns(d.pid)):
+                seen |= _releasing_tuns(d.pid)
+                await trio.sleep(0.002)
+            assert seen, "nobody was seen releasing a tun device"  # the attack did bite
+            assert d.pid not in seen, "the daemon's loop thread released a device"
+            with Raw(d.socket_path, timeout=10) as raw:  # and it goes on serving
+                assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
+    finally:
+        child.close()
+
+
+# Attack 29: a file truncated, then rewritten (ext4 writes such a file out at
+# the next release of any of its descriptors, auto_da_alloc), over
+# --max-file-size; the writer stays open, a reader is sent and closed.
+REWRITTEN = """
+import msgpack, os, socket, array
+w = os.open({path!r}, os.O_RDWR)
+os.write(w, b"y" * 4096)
+os.fsync(w)
+os.ftruncate(w, 0)  # the next release writes the file out
+chunk = b"z" * (1 << 20)
+for _ in range({mib}):
+    os.write(w, chunk)
+r = os.open({path!r}, os.O_RDONLY)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock!r})
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open", "id": 1}})], rights)
+os.close(r)  # the daemon's descriptor is the last of that open file description
+out(msgpack.unpackb(s.recv(65536)))
+recv()
+os.close(w)
+"""
+
+
+async def test_the_write_out_of_a_clients_rewritten_file_is_not_made_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 29: ext4 (and XFS, btrfs) write a file out at the release of any of
+    its descriptors after it was truncated, so that a file replaced by truncating
+    and rewriting it survives a crash. A client truncates its file, writes 300 MiB
+    (120 ms of its time: page cache), and sends a read-only descriptor in an open,
+    refused file-too-large: the daemon's close of it wrote the file out (about
+    250 ms for 512 MiB here). Before, fanotify saw the loop thread make that
+    release; now a worker does: a large file changed in the last minute is
+    closed as one with no link left is (attack 19)."""
+    d: Daemon = await start_daemon("--socket-mode", "0666")
+    path = shared_dir / "rewritten"
+    path.write_bytes(b"")
+    os.chown(path, ATTACKER, ATTACKER)
+    closer = _closer_of(path)
+    child = spawn_as(ATTACKER, REWRITTEN.format(path=str(path), sock=str(d.socket_path), mib=300))
+    try:
+        with trio.fail_after(60):
+            reply = await trio.to_thread.run_sync(child.recv)
+            assert reply["code"] == "file-too-large", reply
+            tid = await trio.to_thread.run_sync(closer, 30.0)
+            assert tid != d.pid, "the daemon's loop thread wrote the file out"
+            child.send(1)
+    finally:
+        child.close()
+        path.unlink()
