@@ -258,7 +258,8 @@ else:
     reopen = _c.reopen  # type: ignore[attr-defined]
     send_reopened = _c.send_reopened  # type: ignore[attr-defined]
     answer_hit = _c.answer_hit  # type: ignore[attr-defined]
-    accept_peer = _c.accept_peer  # type: ignore[attr-defined]
+    # An extension built before accept_peer (an older build left in place).
+    accept_peer = getattr(_c, "accept_peer", py_accept_peer)
     index_open = getattr(_c, "index_open", None)
     index_open_fd = getattr(_c, "index_open_fd", None)
     index_holds = getattr(_c, "index_holds", None)
