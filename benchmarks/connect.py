@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for name in names:
             s = report["measures"][name].get(k)
-            cells.append("–" if s is None else f"{s['p50']:.1f} / {s['p90']:.1f}")
+            cells.append("-" if s is None else f"{s['p50']:.1f} / {s['p90']:.1f}")
         print(f"| {k} | " + " | ".join(cells) + " |")
     if args.baseline:
         print()
