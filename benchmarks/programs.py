@@ -17,11 +17,13 @@ hits and misses, the supervisor's own tier, local copies), and the ratios
 against copy. With --baseline TREE (another source tree of the project,
 say `git archive main` unpacked), a second supervisor is built from TREE
 and every mode runs with it too, as MODE@base, in the same shuffled rounds:
-an old supervisor and the new one measured side by side.
+an old supervisor and the new one measured side by side; with
+--baseline-daemon, against a daemon of TREE too (restarted for each cold
+run as this tree's is), so that a change to the daemon shows.
 
     .venv/bin/python benchmarks/programs.py [--rounds N] [--cold] [--json | --markdown]
                                             [--modes M,...] [--only P,...] [--socket PATH]
-                                            [--baseline TREE]
+                                            [--baseline TREE [--baseline-daemon]]
 
 A plain timing benchmark, not a test. Must never: report figures from runs
 whose outputs differ (it fails instead); leave its daemon, files or
@@ -234,15 +236,24 @@ def find_programs(workdir: str, *, quick: bool = False) -> tuple[list[Program], 
 class OwnDaemon:
     """`python -m shadowd serve` in a subprocess, on a socket of its own."""
 
-    def __init__(self, workdir: str, *, prime: bool = False):
-        self.socket_path = os.path.join(workdir, "shadowd.sock")
-        self.log_path = os.path.join(workdir, "shadowd.log")
-        self.notify_path = os.path.join(workdir, "notify.sock")
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        prime: bool = False,
+        tree: str | os.PathLike[str] | None = None,
+        name: str = "shadowd",
+    ):
+        #: The source tree whose daemon runs (another checkout, for a baseline).
+        self.tree = Path(tree) if tree is not None else REPO
+        self.socket_path = os.path.join(workdir, f"{name}.sock")
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.notify_path = os.path.join(workdir, f"{name}-notify.sock")
         self.notify: socket.socket | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         #: A file of our own that a restarted daemon is asked for first, so that
         #: its first miss (worker threads, code paths) is not a program's.
-        self.prime_path = os.path.join(workdir, "prime.bin") if prime else None
+        self.prime_path = os.path.join(workdir, f"{name}-prime.bin") if prime else None
         if self.prime_path:
             with open(self.prime_path, "wb") as f:
                 f.write(os.urandom(1 << 20))
@@ -255,7 +266,7 @@ class OwnDaemon:
         self.notify.bind(self.notify_path)
         env = dict(
             os.environ,
-            PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "client")]),
+            PYTHONPATH=os.pathsep.join([str(self.tree), str(self.tree / "client")]),
             NOTIFY_SOCKET=self.notify_path,
         )
         with open(self.log_path, "ab") as log:
@@ -272,7 +283,7 @@ class OwnDaemon:
                 self.stop()
                 raise RuntimeError(f"the daemon did not start; its log:\n{self.log()}")
         if self.prime_path:
-            from shadowd_client import Client
+            from shadowd_client import Client  # this tree's client, whichever daemon
 
             with Client(self.socket_path, timeout=30) as client:
                 for _ in range(2):  # a miss (its copy waited for), then a hit
@@ -313,6 +324,20 @@ class OwnDaemon:
                 return f.read()[-4000:]
         except OSError:
             return ""
+
+
+def build_extension(tree: str | os.PathLike[str]) -> str:
+    """Build *tree*'s C extension in place unless it is there: "" or why it failed."""
+    if list((Path(tree) / "shadowd").glob("_hotcalls*.so")):
+        return ""
+    done = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "" if done.returncode == 0 else (done.stderr.strip()[-2000:] or "failed")
 
 
 @contextmanager
@@ -398,17 +423,22 @@ def run_all(
     cold: bool,
     workdir: str,
     baseline: str | None = None,
+    base_daemon: OwnDaemon | None = None,
 ) -> list[Results]:
     """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked.
 
-    A mode named with the BASELINE suffix runs the *baseline* binary."""
+    A mode named with the BASELINE suffix runs the *baseline* binary, against
+    *base_daemon* when there is one (the baseline tree's daemon)."""
     results = [Results(p, {v: [] for v in variants}) for p in programs]
     reference: dict[str, Run] = {}
 
     def one(r: Results, variant: str) -> Run:
         name = base_variant(variant)
-        if cold and name in SHADOWD_VARIANTS and daemon is not None:
-            daemon.restart()
+        serving, path = daemon, socket_path
+        if suffix(variant) and base_daemon is not None:
+            serving, path = base_daemon, base_daemon.socket_path
+        if cold and name in SHADOWD_VARIANTS and serving is not None:
+            serving.restart()
         mode, options = VARIANTS[name]
         if name.startswith("shadowd-preload"):
             assert r.preload is not None
@@ -419,11 +449,11 @@ def run_all(
             chosen,
             mode,
             r.program.argv,
-            socket=socket_path,
             cwd=r.program.cwd,
             env=r.program.env,
             timeout=300,
             options=options,
+            socket=path,
         )
         ref = reference.setdefault(r.program.name, run)
         check(r.program, variant, ref, run)
@@ -731,6 +761,8 @@ def table(report: dict[str, Any]) -> str:
                 lines.append(f"| {p['name']} | {v} | " + " | ".join(cells) + f" | {pre} |")
     if report.get("baseline"):
         lines += ["", f"{BASELINE}: the supervisor built from {report['baseline']}"]
+        if report.get("baseline_daemon"):
+            lines[-1] += ", against a daemon of that tree"
     for s in report["skipped"]:
         lines.append(f"skipped {s['name']}: {s['why']}")
     lines += [
@@ -795,11 +827,19 @@ def main(argv: list[str] | None = None) -> int:
         help="another source tree of the project (say `git archive main` unpacked): its"
         f" supervisor runs every mode too, as MODE{BASELINE}, in the same rounds",
     )
+    parser.add_argument(
+        "--baseline-daemon",
+        action="store_true",
+        help="with --baseline: the baseline's modes talk to a daemon of that tree too (its"
+        " C extension built in place if it is not), not to this tree's",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.cold and args.socket:
         parser.error("--cold restarts our own daemon: it cannot go with --socket")
+    if args.baseline_daemon and (not args.baseline or args.socket):
+        parser.error("--baseline-daemon needs --baseline, and our own daemon (no --socket)")
     variants = list(DEFAULT_VARIANTS)
     if args.modes:
         wanted_modes = [v.strip() for v in args.modes.split(",") if v.strip()]
@@ -841,6 +881,14 @@ def main(argv: list[str] | None = None) -> int:
         for s in skipped:
             say(f"skipping {s.name}: {s.why}")
         say(f"{len(programs)} programs x {len(variants)} modes, a warm-up and {args.rounds} rounds")
+        base_daemon = None
+        if args.baseline_daemon:
+            why = build_extension(args.baseline)
+            if why:
+                say(f"cannot build the baseline's C extension: {why}")
+                return 1
+            base_daemon = OwnDaemon(workdir, prime=args.prime, tree=args.baseline, name="base")
+            base_daemon.start()
         try:
             with daemon_for(args, workdir) as (socket_path, daemon):
                 results = run_all(
@@ -853,13 +901,18 @@ def main(argv: list[str] | None = None) -> int:
                     cold=args.cold,
                     workdir=workdir,
                     baseline=baseline,
+                    base_daemon=base_daemon,
                 )
         except Mismatch as exc:
             say(f"FAILED: {exc}")
             return 1
+        finally:
+            if base_daemon is not None:
+                base_daemon.stop()
     report = {
         "prime": args.prime,
         "baseline": args.baseline,
+        "baseline_daemon": args.baseline_daemon,
         "machine": machine(),
         "load_before": load_before,
         "rounds": args.rounds,

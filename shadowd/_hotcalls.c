@@ -386,6 +386,47 @@ send_datagram(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t((Py_ssize_t)n);
 }
 
+PyDoc_STRVAR(accept_peer_doc,
+"accept_peer(fd, base) -> (fd, pid, uid, gid) or None\n\n"
+"accept4 on the listening socket *fd* (SOCK_NONBLOCK | SOCK_CLOEXEC):\n"
+"None when no connection waits. The new socket is renumbered to *base* or\n"
+"above (F_DUPFD_CLOEXEC, the old number closed; kept where it was when no\n"
+"such number is free) and its peer read with SO_PEERCRED. OSError for a\n"
+"failed accept; ECONNABORTED when SO_PEERCRED fails (the socket is closed).");
+
+static PyObject *
+accept_peer(PyObject *self, PyObject *args)
+{
+    int lfd, base, fd;
+    if (!PyArg_ParseTuple(args, "ii:accept_peer", &lfd, &base))
+        return NULL;
+    do
+        fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int high = fcntl(fd, F_DUPFD_CLOEXEC, base);
+    if (high >= 0) {
+        close(fd);
+        fd = high;
+    }
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof cred) {
+        close(fd);
+        errno = ECONNABORTED;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* Signed, as struct ucred's "3i" reads them in Python (access.Peer). */
+    PyObject *result = Py_BuildValue("(iiii)", fd, (int)cred.pid, (int)cred.uid, (int)cred.gid);
+    if (result == NULL)
+        close(fd); /* never lost */
+    return result;
+}
+
 PyDoc_STRVAR(reopen_doc,
 "reopen(dirfd, fd) -> int\n\n"
 "openat(dirfd, str(fd), O_RDONLY | O_CLOEXEC): with *dirfd* a handle on\n"
@@ -1444,6 +1485,7 @@ static PyMethodDef methods[] = {
     {"recv", recv_datagram, METH_VARARGS, recv_doc},
     {"send", send_datagram, METH_VARARGS, send_doc},
     {"reopen", reopen, METH_VARARGS, reopen_doc},
+    {"accept_peer", accept_peer, METH_VARARGS, accept_peer_doc},
     {"index_open", (PyCFunction)(void (*)(void))index_open, METH_FASTCALL, index_open_doc},
     {"index_open_fd", (PyCFunction)(void (*)(void))index_open_fd, METH_FASTCALL, index_open_fd_doc},
     {"index_holds", (PyCFunction)(void (*)(void))index_holds, METH_FASTCALL, index_holds_doc},

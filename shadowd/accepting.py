@@ -45,10 +45,11 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from . import hotcalls
 from .access import Gate, Peer, Seat, reads_daemon_fds
 from .connection import SEND_FLAGS, Connection, Services, drain_final
 from .errors import RequestError
-from .fds import move_high
+from .fds import LONG_LIVED_BASE
 from .metrics import StatsCollector
 from .protocol import ErrorReply, ServerConnection, WireLimits, encode_reply
 from .refusals import Refusals
@@ -71,10 +72,10 @@ ACCEPT_BUDGET = 256
 _now = time.perf_counter
 
 
-def _renumbered(sock: socket.socket) -> socket.socket:
-    """The same connection on a high fd number (see fds.LONG_LIVED_BASE)."""
-    fd = move_high(sock.detach())
-    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+_accept_peer = hotcalls.accept_peer
+# A connection's socket object, made from the fd accept_peer gives (non-blocking
+# already): with SOCK_NONBLOCK in its type the object says so without a system call.
+_CONN_TYPE = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
 
 
 @attrs.define(eq=False)
@@ -105,13 +106,12 @@ class Acceptor:
         """Accept on *lsock* until cancelled; each connection runs in *nursery*."""
         backoff = 0.01
         began, length, taken = _now(), self._first_slice(), 0
+        lfd = lsock.fileno()
         while True:
             try:
-                sock, _ = lsock.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(lsock)
-                began, length, taken = _now(), self._first_slice(), 0
-                continue
+                # In one call: no exception when none waits, the socket made
+                # once, on its high number, non-blocking from accept4 on.
+                accepted = _accept_peer(lfd, LONG_LIVED_BASE)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # The pending connection stays queued; try again soon.
@@ -123,8 +123,14 @@ class Acceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
                 raise
+            if accepted is None:
+                await trio.lowlevel.wait_readable(lsock)
+                began, length, taken = _now(), self._first_slice(), 0
+                continue
             backoff = 0.01
-            self._take(sock, nursery)
+            fd, pid, uid, gid = accepted
+            sock = socket.socket(socket.AF_UNIX, _CONN_TYPE, 0, fileno=fd)
+            self._take(sock, Peer(pid=pid, uid=uid, gid=gid), nursery)
             if not self.has_room_for_sockets():
                 # Client sockets held to be closed are at their bound: each is a
                 # descriptor of the daemon's for as long as its peer's closes
@@ -157,15 +163,9 @@ class Acceptor:
         self.pace()
         return 0.0
 
-    def _take(self, sock: socket.socket, nursery: trio.Nursery) -> None:
-        """Admit the accepted *sock* (its task started in *nursery*) or turn it away."""
-        try:
-            sock = _renumbered(sock)
-            sock.setblocking(False)
-            peer = Peer.from_socket(sock)
-        except OSError:
-            sock.close()
-            return
+    def _take(self, sock: socket.socket, peer: Peer, nursery: trio.Nursery) -> None:
+        """Admit the accepted *sock* of *peer* (its task started in *nursery*) or turn
+        it away."""
         try:
             seat = self.gate.admit(peer, sock)
         except RequestError as exc:

@@ -1,5 +1,6 @@
 # The hit path's system calls (recvmsg with descriptors, statx without
-# sync, the reopen of a memfd, sendmsg with descriptors) and a whole cache
+# sync, the reopen of a memfd, sendmsg with descriptors), a new connection's
+# (accept_peer: accept4, the renumbering, SO_PEERCRED) and a whole cache
 # hit in one call (answer_hit), from the C extension shadowd/_hotcalls.c
 # when it was built, else in Python; and the client's hit through the index
 # in one call (index_open, for client/shadowd_client/index.py). Measured in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -113,6 +115,45 @@ def py_reopen(dirfd: int, fd: int) -> int:
     return os.open(str(fd), _REOPEN_FLAGS, dir_fd=dirfd)
 
 
+_UCRED = struct.Struct("3i")
+_ACCEPT_TYPE = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
+
+
+def py_accept_peer(lfd: int, base: int) -> tuple[int, int, int, int] | None:
+    """accept4 on the listening socket *lfd*: (fd, pid, uid, gid), or None when no
+    connection waits. The new socket is non-blocking and close-on-exec, renumbered
+    to *base* or above (where a number is free), its peer read with SO_PEERCRED;
+    ECONNABORTED (the socket closed) when that fails."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=lfd)
+    try:
+        fd, _ = listener._accept()  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return None
+    finally:
+        listener.detach()
+    conn = socket.socket(socket.AF_UNIX, _ACCEPT_TYPE, 0, fileno=fd)
+    try:
+        conn.setblocking(False)
+        try:
+            high = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, base)
+        except OSError:
+            pass  # kept where it is
+        else:
+            conn.close()
+            conn = socket.socket(socket.AF_UNIX, _ACCEPT_TYPE, 0, fileno=high)
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            conn.close()
+            raise OSError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED)) from None
+        fd = conn.detach()
+    except BaseException:
+        conn.close()
+        raise
+    pid, uid, gid = _UCRED.unpack(raw)
+    return fd, pid, uid, gid
+
+
 def py_send_reopened(sock: socket.socket, data: bytes | memoryview, dirfd: int, fd: int) -> int:
     """reopen(dirfd, fd), send *data* with that new fd, close it: a hit's reply in one call.
 
@@ -209,6 +250,7 @@ IN_C = _c is not None
 if _c is None:
     statx_nosync, recv, send, reopen = py_statx_nosync, py_recv, py_send, py_reopen
     send_reopened, answer_hit = py_send_reopened, py_answer_hit
+    accept_peer = py_accept_peer
 else:
     statx_nosync = _c.statx_nosync  # type: ignore[attr-defined]
     recv = _c.recv  # type: ignore[attr-defined]
@@ -216,6 +258,8 @@ else:
     reopen = _c.reopen  # type: ignore[attr-defined]
     send_reopened = _c.send_reopened  # type: ignore[attr-defined]
     answer_hit = _c.answer_hit  # type: ignore[attr-defined]
+    # An extension built before accept_peer (an older build left in place).
+    accept_peer = getattr(_c, "accept_peer", py_accept_peer)
     index_open = getattr(_c, "index_open", None)
     index_open_fd = getattr(_c, "index_open_fd", None)
     index_holds = getattr(_c, "index_holds", None)

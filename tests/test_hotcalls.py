@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ PY = SimpleNamespace(
     send=hotcalls.py_send,
     reopen=hotcalls.py_reopen,
     send_reopened=hotcalls.py_send_reopened,
+    accept_peer=hotcalls.py_accept_peer,
 )
 PY.answer_hit = hotcalls.py_answer_hit
 IMPLS = {"python": PY}
@@ -207,6 +209,50 @@ def test_reopen_is_a_new_read_only_description(impl: SimpleNamespace, proc_dir: 
         assert info.value.errno == errno.EBADF
     finally:
         sealed.holder.close()
+
+
+def test_accept_peer_gives_a_high_nonblocking_socket_and_its_peer(
+    impl: SimpleNamespace, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "l.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK) as listener:
+        listener.bind(path)
+        listener.listen(4)
+        before = count_open_fds()
+        assert impl.accept_peer(listener.fileno(), 300) is None  # none waits: no exception
+        assert count_open_fds() == before
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(path)
+            fd, pid, uid, gid = impl.accept_peer(listener.fileno(), 300)
+            try:
+                assert fd >= 300
+                assert (pid, uid, gid) == (os.getpid(), os.geteuid(), os.getegid())
+                assert not os.get_blocking(fd)
+                assert not os.get_inheritable(fd)
+                # The client and the accepted socket: the low number it came on is closed.
+                assert count_open_fds() == before + 2
+                client.send(b"x")
+                assert os.read(fd, 10) == b"x"  # the connection itself
+            finally:
+                os.close(fd)
+        # No number free at or above the base: the socket stays where accept4 put it.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(path)
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fd, *_ = impl.accept_peer(listener.fileno(), soft)
+            os.close(fd)
+            assert fd < soft
+        assert count_open_fds() == before
+
+
+def test_accept_peer_of_a_socket_that_does_not_listen_raises(
+    impl: SimpleNamespace, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    before = count_open_fds()
+    with pytest.raises(OSError) as info:
+        impl.accept_peer(pair[0].fileno(), 300)
+    assert info.value.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+    assert count_open_fds() == before
 
 
 def _received(sock: socket.socket) -> tuple[bytes, list[int]]:
