@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -132,8 +133,15 @@ async def test_async_client_cancelled_request_leaks_nothing(daemon: Daemon, tmp_
         async with AsyncClient(daemon.socket_path, timeout=30) as client:
             await client.connect()
             before = len(os.listdir("/proc/self/fd"))
-            with trio.move_on_after(0.001):
-                await client.open(big)  # a miss: the copy takes longer than this
+            # The daemon stopped: the request is sent well within the half second
+            # (a timer of 1 ms could end before the send, under load), and its
+            # reply cannot come before the cancel.
+            os.kill(daemon.pid, signal.SIGSTOP)
+            try:
+                with trio.move_on_after(0.5):
+                    await client.open(big)
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
             small = make_file(tmp_path / "small", b"ok")
             conn = client._conn
             assert conn is not None and conn.abandoned
