@@ -420,6 +420,56 @@ async def test_a_report_is_split_to_fit_the_daemons_max_request(
     assert served == 300 and told == 300
 
 
+async def test_a_split_report_whose_first_answer_is_late_keeps_the_rest(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """A report of 200 files goes in several requests to a daemon whose --max-request
+    is 1 KiB; the daemon is stopped, so the first request's answer comes too late
+    (the breaker opens). The requests after it were never sent: their hits are kept
+    and go with a later report to the same daemon, which counts every hit. Before,
+    they were taken out of the count and dropped with the late answer: the daemon,
+    alive all along, never counted them."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(200)]
+    settle(*files)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[int, int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for f in files:
+                os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.25, retry_after=0.05)
+        try:
+            for f in files:  # 200 hits: fewer than a report's 256
+                os.close(opener.open(f))
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                time.sleep(1.05)  # a report is due at the next hit (a second since the last)
+                os.close(opener.open(files[0]))  # the report's first answer: too late
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            late = opener.index_opens
+            time.sleep(0.2)  # past the breaker's window
+            os.close(opener.open(files[1]))  # a new connection to the same daemon
+        finally:
+            opener.close()  # the last report
+        return base, late, opener.index_opens
+
+    with trio.fail_after(60):
+        base, late, served = await in_thread(work)
+        deadline = time.monotonic() + 10
+        while (told := await in_thread(index_hits) - base) < served:
+            if time.monotonic() > deadline:
+                break
+            await trio.sleep(0.02)
+    assert (late, served) == (201, 202)
+    assert told == served, f"the daemon counted {told} of {served} hits"
+
+
 @requires_root
 async def test_the_tier_of_an_index_peer_serves_a_change_stat_cannot_show_at_once(
     start_daemon: Any, shared_dir: Path

@@ -696,15 +696,14 @@ class Opener:
             if not ours or not hits:
                 return
             try:
-                sent = client._report_here(hits, last=last)
-            except (DaemonUnavailable, ProtocolViolation) as exc:
-                self._failed(exc)  # a stopped daemon: one timeout per window, as any request
-                return
-            except ShadowdError:
-                return
+                sent, failure = client._report_here(hits, last=last)
+            except ShadowdError as exc:  # (none is raised before a request is sent)
+                sent, failure = 0, exc
             if sent < len(hits):
                 with self._lock:
                     self._keep_unsent(hits[sent:], daemon)
+            if isinstance(failure, (DaemonUnavailable, ProtocolViolation)):
+                self._failed(failure)  # a stopped daemon: one timeout per window, as any request
         finally:
             self.waited += time.monotonic() - started
 

@@ -295,13 +295,15 @@ class Client:
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
 
-    def _report_here(self, hits: Sequence[tuple[int, int, int]], *, last: bool = False) -> int:
+    def _report_here(
+        self, hits: Sequence[tuple[int, int, int]], *, last: bool = False
+    ) -> tuple[int, ShadowdError | None]:
         """:meth:`report` on the connection there is, never on a new one (the hits were
         counted of the daemon at its other end), in requests that fit the daemon's
-        ``max_request``; how many of *hits* were sent. The caller keeps the rest (no
-        connection whose hello was answered, or a send failed). Once sent they count
-        as told; raises as :meth:`report` does when an answer fails (a daemon stopped
-        reads them later).
+        ``max_request``: how many of *hits* were sent, and what failed (None: nothing).
+        The caller keeps what was not sent (no connection whose hello was answered, a
+        send failed, or an answer failed before the next request went: a daemon
+        stopped, which reads what was sent later); once sent they count as told.
 
         *last*: the client is closed after the last request, whose answer is not
         read. The daemon reads a request before it answers it, and every earlier
@@ -314,7 +316,7 @@ class Client:
             try:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
-                    return 0
+                    return 0, None
                 per = session.max_report
                 while sent < len(hits):
                     chunk = tuple(hits[sent : sent + per])
@@ -324,24 +326,30 @@ class Client:
                         self._sendmsg(data, fds)
                     except Broken:
                         self._drop()
-                        return sent
+                        return sent, None
                     except ShadowdError:
-                        return sent  # the daemon's refusal, queued before it closed (_broken)
+                        # the daemon's refusal, queued before it closed (_broken)
+                        return sent, None
                     sent += len(chunk)
                     if last and sent == len(hits):
                         break
+                    # Each answer read before the next request goes: a daemon that
+                    # answers into a socket closed meanwhile (a late answer, the
+                    # connection dropped) drops what it had not read of it.
                     try:
                         reply = self._reply_to(id)
                     except Broken as broken:
                         self._drop()
-                        raise broken.error(self.socket_path) from None
+                        return sent, broken.error(self.socket_path)
+                    except ShadowdError as exc:
+                        return sent, exc
                     if isinstance(reply, ErrorReply):
-                        raise refused(reply.code, reply.message)
+                        return sent, refused(reply.code, reply.message)
             finally:
                 if last:
                     self._closed = True
                     self._drop()
-        return sent
+        return sent, None
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
