@@ -333,6 +333,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
             ["--max-file-size 2.0 GiB", "--max-bytes 1.0 GiB"],
         ),
         (["serve", "--log-level", "loud"], ["--log-level", "invalid choice"]),
+        (  # checked before the socket is made (/proc: never made there anyway)
+            ["serve", "--socket", "/proc/x.sock", "--socket-group", "no-such-group-x"],
+            ["--socket-group", "no such group", "no-such-group-x"],
+        ),
         (["bench", "--seconds", "-1"], ["--seconds"]),
         (["bench", "--memory-procs", "-2"], ["--memory-procs", "at least 0"]),
         (["stats", "--json", "--textfile", "x.prom"], ["--textfile", "--json"]),
