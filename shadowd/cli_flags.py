@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="in any case (default %(default)s)",
+        help="how much to log; upper or lower case (default %(default)s)",
     )
 
     bench = sub.add_parser(

@@ -4,8 +4,10 @@
 #
 # Must never: print a traceback for a daemon that is not running or a reply
 # this version cannot read (one line naming the socket, and a non-zero exit;
-# --watch says so and keeps asking); leave a half-written --textfile for a
-# collector to read; leave a terminal in the alternate screen.
+# --watch says so and keeps asking); put such a line into the --json or
+# --prometheus stream a program reads (it goes to stderr); leave a
+# half-written --textfile for a collector to read; leave a terminal in the
+# alternate screen.
 from __future__ import annotations
 
 import argparse
@@ -175,7 +177,10 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
     from .report import format_rates
 
     textfile = args.textfile
-    in_place = textfile is None and sys.stdout.isatty() and not (args.json or args.prometheus)
+    # JSON and Prometheus text are read by programs: a daemon that is down is
+    # said on stderr (once, and again when it answers), never in their stream.
+    machine = textfile is not None or args.json or args.prometheus
+    in_place = not machine and sys.stdout.isatty()
     before: tuple[Stats, float] | None = None
     down = False
     try:
@@ -191,6 +196,7 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
                 before = None
                 if textfile is not None:
                     _write_textfile(textfile, _down_text())
+                if machine:
                     if not down:
                         print(text, end="", file=sys.stderr, flush=True)
                     text = ""
@@ -203,10 +209,10 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
                         else "  (rates after the next refresh)"
                     )
                 before = (stats, started)
+                if machine and down:
+                    print(f"shadowd: {client.socket_path} answers again", file=sys.stderr)
                 if textfile is not None:
                     _write_textfile(textfile, _render(stats, args, client.socket_path))
-                    if down:
-                        print(f"shadowd: {client.socket_path} answers again", file=sys.stderr)
                     text = ""
                 else:
                     text = _render(stats, args, client.socket_path, "" if in_place else rates)

@@ -35,7 +35,7 @@ def resolve_group(group: str | int | None) -> int | None:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"unknown group {group!r}") from None
+        raise ConfigError(f"--socket-group: no such group: {group!r}") from None
 
 
 def check_directory(directory: str) -> None:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import shadowd_client.index as index_module
 import trio
@@ -114,6 +116,22 @@ async def test_bench_table_and_bad_flags() -> None:
         bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))
     assert bad.returncode == 2 and "--procs" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_bench_on_a_socket_nobody_answers_is_one_line(tmp_path: Path) -> None:
+    """`shadowd bench --socket PATH` with no daemon there: one line naming PATH, exit 1."""
+    (tmp_path / "file").write_text("not a socket\n")
+    for path in (tmp_path / "none.sock", tmp_path / "file"):
+        with trio.fail_after(60):
+            proc = await trio.to_thread.run_sync(run_bench, "--socket", str(path))
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"shadowd bench: cannot reach shadowd at {path}: "
+            + ("No such file or directory" if path.name == "none.sock" else "not a socket")
+            + " (connecting)"
+        ]
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 async def test_hit_path_benchmark_runs_and_answers_every_request_as_a_hit() -> None:

@@ -333,6 +333,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
             ["--max-file-size 2.0 GiB", "--max-bytes 1.0 GiB"],
         ),
         (["serve", "--log-level", "loud"], ["--log-level", "invalid choice"]),
+        (  # checked before the socket is made (/proc: never made there anyway)
+            ["serve", "--socket", "/proc/x.sock", "--socket-group", "no-such-group-x"],
+            ["--socket-group", "no such group", "no-such-group-x"],
+        ),
         (["bench", "--seconds", "-1"], ["--seconds"]),
         (["bench", "--memory-procs", "-2"], ["--memory-procs", "at least 0"]),
         (["stats", "--json", "--textfile", "x.prom"], ["--textfile", "--json"]),
@@ -480,6 +484,57 @@ async def test_textfile_with_watch_follows_the_daemon(start_daemon: Any, tmp_pat
     assert proc.returncode == 0
     assert out == ""
     assert len(err.strip().splitlines()) == 1 and str(d.socket_path) in err  # once, not per try
+
+
+@pytest.mark.parametrize("form", ["--json", "--prometheus"])
+async def test_watch_for_programs_keeps_a_daemon_down_out_of_stdout(
+    start_daemon: Any, form: str
+) -> None:
+    """`stats --watch --json | jq` must read JSON only: a daemon that stops is said on stderr
+    (once, not per try), and so is its return; stdout goes on with the numbers."""
+    d = await start_daemon(socket_name="w.sock")
+    argv = [sys.executable, "-m", "shadowd", "stats", "--socket", str(d.socket_path)]
+    argv += ["--watch", "0.1", form]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=repo_env()
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+
+    def is_up(ln: str) -> bool:
+        return ln.startswith("{") if form == "--json" else ln == "shadowd_up 1"
+
+    async def line(stream: Any) -> str:
+        # Abandoned at the deadline: the finally below ends the process, and the read.
+        return await trio.to_thread.run_sync(stream.readline, abandon_on_cancel=True)
+
+    try:
+        with trio.fail_after(20):
+            first = await line(proc.stdout)
+            await d.terminate()
+            gone = await line(proc.stderr)
+            await trio.sleep(0.5)  # several more tries while it is down: said once (below)
+            d2 = await start_daemon(socket_name="w.sock")
+            back = await line(proc.stderr)
+            assert d2.socket_path == d.socket_path
+            # Read on to the numbers after the return: a JSON line, or an exposition's up.
+            out = first
+            while sum(is_up(ln) for ln in out.splitlines()) < 2:
+                out += await line(proc.stdout)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        # Not communicate(): it would skip what readline() already buffered.
+        with proc:  # closes the pipes
+            rest, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 0
+    assert str(d.socket_path) in gone and "retrying" in gone
+    assert back.strip() == f"shadowd: {d.socket_path} answers again"
+    assert err == ""
+    lines = (out + rest).splitlines()
+    if form == "--json":
+        assert all(json.loads(ln)["server"] for ln in lines)  # every line is JSON
+    else:  # each refresh a whole exposition: comments and samples only
+        assert [ln for ln in lines if ln and not ln.startswith(("# ", "shadowd_"))] == []
 
 
 # -- bench, interrupted ---------------------------------------------------------

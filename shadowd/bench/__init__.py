@@ -46,6 +46,7 @@ from .common import (
     host_dsos,
     human_size,
     peer_pid,
+    reachable,
     status_quo,
     wait_for_socket,
 )
@@ -179,6 +180,8 @@ class Bench:
 
         started = time.monotonic()
         progress = self.progress
+        if self.socket_path is not None:
+            reachable(self.socket_path)  # one line, before any file is written
         workdir = tempfile.mkdtemp(prefix="shadowd-bench-")
         try:
             targets: list[tuple[str, str, int]] = []

@@ -124,6 +124,17 @@ def daemon_command(socket_path: str) -> list[str]:
     ]
 
 
+def reachable(path: str) -> None:
+    """Check that a daemon answers at *path* (--socket); else RuntimeError, the client's words."""
+    from shadowd_client import Client, ShadowdError
+
+    try:
+        with Client(path, timeout=5) as client:
+            client.connect()
+    except ShadowdError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
 def peer_pid(path: str) -> int:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
