@@ -1379,8 +1379,10 @@ async def test_shadowd_init_on_memory_of_unknown_contents_works_as_zero_filled(
         again = await ask(d, "indexready")  # (a new connection's)
         indexed = [await ask(d, "routed", f) for f in (libs[0][0], conf, libs[1][0])]
         counts = await ask(d, "counts")
-        await ask(d, "close")  # the index hits, reported and waited for
-        closed = await trio.to_thread.run_sync(stats, daemon)
+        # The index hits, reported at close (its last answer not waited for:
+        # asked until the daemon has read it; a count past it fails).
+        await ask(d, "close")
+        closed = await counted_once(daemon, "index_hits", 3)
         await ask(d, "index", 0, 0)  # the tier: the daemon's hit kept, then reopened
         held = await until_route(d, libs[2][0], "held")
         await ask(d, "close")
@@ -2848,8 +2850,8 @@ async def test_the_daemon_counts_the_index_hits_reported_in_batches(
         await ask(d, "report")  # the rest, now
         reported = await counted_once(daemon, "index_hits", 610)
         await ask(d, "indexopen", f, 7)
-        await ask(d, "close")  # and at close
-        closed = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "close")  # and at close (its answer not waited for)
+        closed = await counted_once(daemon, "index_hits", 617)
     assert counts["index"] == 600 and counts["reported"] == 512
     assert mid["index_hits"] == 512
     assert reported["index_hits"] == 610 and closed["index_hits"] == 617
@@ -2932,9 +2934,9 @@ async def test_index_hits_while_the_daemon_reads_nothing_are_all_reported_later(
             os.kill(daemon.pid, signal.SIGCONT)
         closed = []
         for d in one, many:
-            await ask(d, "close")  # the last reports, as room is made; their answers waited for
+            await ask(d, "close")  # the last reports, as room is made (the last not awaited)
             closed.append(await ask(d, "counts"))
-        after = await trio.to_thread.run_sync(stats, daemon)
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 256 * 70 + 300 * 80)
     assert [r["served"] for r in hits] == [256 * 70, 300 * 80], hits
     for mid, end in zip(counts, closed, strict=True):
         assert mid["reported"] < mid["index"], mid  # the stopped daemon did hold them up
@@ -2969,8 +2971,8 @@ async def test_index_hits_not_reported_when_the_breaker_opens_go_to_the_same_dae
         await trio.sleep(0.1)  # past the breaker's window
         again = await ask(d, "indexopen", f)  # a new connection, the daemon's index again
         counts = await ask(d, "counts")
-        await ask(d, "close")
-        after = await trio.to_thread.run_sync(stats, daemon)
+        await ask(d, "close")  # the last report's answer not waited for
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 101)
     assert hits["served"] == 100 and late["fd"] == -1 and late["code"] == "unavailable", late
     assert again["served"] == 1 and counts["index"] == 101, (again, counts)
     assert after["index_hits"] - before["index_hits"] == 101
@@ -3076,7 +3078,7 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
     assert r["index"] >= 10_000 and changes > 100, (r, changes)
     assert r["routes"]["daemon"] + r["routes"]["copy"] > 0, r  # the cache did change under it
     with trio.fail_after(30):
-        await ask(d, "close")  # its last report, its answer waited for
+        await ask(d, "close")  # its last report (its answer not waited for)
         counts = await ask(d, "counts")
         s = await counted_once(daemon, "index_hits", counts["reported"])
     # The daemon counted every hit: what a report could not carry (no request

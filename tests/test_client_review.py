@@ -822,9 +822,15 @@ async def test_a_forked_child_does_not_report_its_parents_index_hits(
             assert _wait_child(pid) == 0
             hits = opener.index_opens
         finally:
-            opener.close()
+            opener.close()  # its last report's answer not waited for
         with Client(d.socket_path, timeout=10) as c:
-            return hits, before, c.stats()["index_hits"]
+            # Asked until the daemon has read the parent's report (a child's
+            # report of the parent's hits, queued before it, would show too).
+            deadline = time.monotonic() + 10
+            while (after := c.stats()["index_hits"]) - before < hits:
+                assert time.monotonic() < deadline, (before, after, hits)
+                time.sleep(0.01)
+            return hits, before, after
 
     with trio.fail_after(60):
         hits, before, after = await trio.to_thread.run_sync(work)
