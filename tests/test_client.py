@@ -43,6 +43,10 @@ def test_errors_are_one_family(tmp_path: Path) -> None:
         with pytest.raises(SourceError) as info2:
             c.open(tmp_path / "missing")
         assert info2.value.errno == 2
+        assert str(info2.value) == f"cannot open {tmp_path / 'missing'}: No such file or directory"
+        with pytest.raises(SourceError) as info3:
+            c.open("")
+        assert str(info3.value) == "cannot open '': No such file or directory"  # not "open :"
     for exc in (DaemonUnavailable, SourceError, NotRegularFile, UnsealedDescriptor):
         assert issubclass(exc, ShadowdError)
 

@@ -188,7 +188,8 @@ def refused(code: str, message: str) -> Refused:
 def source_error(exc: OSError, path: str) -> SourceError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     kind = TooManyOpenFiles if exc.errno in FD_LIMIT_ERRNOS else SourceError
-    return kind(f"cannot open {path}: {reason}", errno=exc.errno, filename=path)
+    shown = path or repr(path)  # an empty path named as one, not as nothing
+    return kind(f"cannot open {shown}: {reason}", errno=exc.errno, filename=path)
 
 
 def no_socket(exc: OSError, socket_path: str, where: str = "") -> ShadowdError:
