@@ -550,6 +550,27 @@ recv()
 """
 
 
+async def _until_cached(raw: Raw, src: int) -> None:
+    """Open *src* on *raw* (waiting for the daemon's copy) until an open is a hit."""
+    for i in itertools.count():
+        reply, fds = await trio.to_thread.run_sync(
+            raw.call, {"op": "open", "id": i, "wait": True}, [src]
+        )
+        close_all(fds)
+        if reply.get("hit"):
+            return
+        await trio.sleep(0.02)
+
+
+async def _victims_hit(d: Daemon, src: int) -> None:
+    """A root client's open of *src*, on a connection of its own made now, is a hit
+    answered within 10 s (far past what a hit takes)."""
+    with Raw(d.socket_path, timeout=10) as victim:
+        reply, fds = await trio.to_thread.run_sync(victim.call, {"op": "open", "id": 2}, [src])
+        close_all(fds)
+        assert reply["ok"] and reply["hit"], reply
+
+
 def _lingering_closes(pid: int) -> list[int]:
     """The threads of process *pid* that wait in the last close of a lingering socket."""
     found = []
@@ -583,27 +604,14 @@ async def test_a_peer_turned_away_cannot_hold_the_loop_with_a_lingering_socket(
     try:
         with trio.fail_after(120):
             with Raw(d.socket_path, timeout=30) as raw:
-                for i in itertools.count():  # until it is cached
-                    reply, fds = await trio.to_thread.run_sync(
-                        raw.call, {"op": "open", "id": i, "wait": True}, [src]
-                    )
-                    close_all(fds)
-                    if reply.get("hit"):
-                        break
-                    await trio.sleep(0.02)
+                await _until_cached(raw, src)
             baseline = await trio.to_thread.run_sync(d.quiet_fds)
             with stopped(d):  # every datagram queued before its peer is accepted
                 child.send(1)
                 assert await trio.to_thread.run_sync(child.recv) == "sent"
             # A new connection, after every one of the attacker's: each was
-            # turned away first. 10 s: far past what a hit takes, far short
-            # of the hour the loop waited before.
-            with Raw(d.socket_path, timeout=10) as victim:
-                reply, fds = await trio.to_thread.run_sync(
-                    victim.call, {"op": "open", "id": 2}, [src]
-                )
-                close_all(fds)
-                assert reply["ok"] and reply["hit"], reply
+            # turned away first. 10 s: far short of the hour the loop waited before.
+            await _victims_hit(d, src)
             # The attack did bite: threads of the daemon wait in those closes,
             # none of them the loop's.
             deadline = time.monotonic() + 10
@@ -734,25 +742,13 @@ async def test_a_peer_past_its_bound_cannot_make_the_loop_flush_a_hung_file(
         try:
             with trio.fail_after(120):
                 with Raw(d.socket_path, timeout=30) as raw:
-                    for i in itertools.count():  # until it is cached
-                        reply, fds = await trio.to_thread.run_sync(
-                            raw.call, {"op": "open", "id": i, "wait": True}, [src]
-                        )
-                        close_all(fds)
-                        if reply.get("hit"):
-                            break
-                        await trio.sleep(0.02)
+                    await _until_cached(raw, src)
                 baseline = await trio.to_thread.run_sync(d.quiet_fds)
                 with stopped(d):  # every datagram queued before its peer is accepted
                     child.send(1)
                     assert await trio.to_thread.run_sync(child.recv) == "sent"
-                # 10 s: far past what a hit takes; before, the loop waited for good.
-                with Raw(d.socket_path, timeout=10) as victim:
-                    reply, fds = await trio.to_thread.run_sync(
-                        victim.call, {"op": "open", "id": 2}, [src]
-                    )
-                    close_all(fds)
-                    assert reply["ok"] and reply["hit"], reply
+                # Before, the loop waited for good.
+                await _victims_hit(d, src)
                 # The attack did bite: the uid's own workers wait in flushes.
                 deadline = time.monotonic() + 10
                 while fs.hung_flushes < QUOTA and time.monotonic() < deadline:
@@ -1024,14 +1020,7 @@ async def test_sockets_waiting_for_a_worker_cannot_take_the_daemon_to_its_fd_lim
     try:
         with trio.fail_after(180):
             with Raw(d.socket_path, timeout=30) as victim:
-                for i in itertools.count():  # until it is cached
-                    reply, fds = await trio.to_thread.run_sync(
-                        victim.call, {"op": "open", "id": i, "wait": True}, [src]
-                    )
-                    close_all(fds)
-                    if reply.get("hit"):
-                        break
-                    await trio.sleep(0.02)
+                await _until_cached(victim, src)
                 assert await trio.to_thread.run_sync(carrier.recv) == "ready"
                 baseline = d.open_fds()
                 with stopped(d):  # every datagram queued before its peer is accepted

@@ -146,27 +146,19 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
             )
             for mode in MODES
         }
-        # shadowd_open_fd for every file, as before the routed open.
-        runs["open-fd"] = run_supervised(
-            supervisor,
-            "shadowd",
-            program.argv,
-            socket=socket_path,
-            cwd=program.cwd,
-            env=program.env,
-            options=["--open-fd"],
-        )
-        # The routed open given a source opened for reading, as before it took
-        # the O_PATH descriptor.
-        runs["read-open"] = run_supervised(
-            supervisor,
-            "shadowd",
-            program.argv,
-            socket=socket_path,
-            cwd=program.cwd,
-            env=program.env,
-            options=["--read-open"],
-        )
+        # shadowd_open_fd for every file, as before the routed open; and the
+        # routed open given a source opened for reading, as before it took the
+        # O_PATH descriptor.
+        for name in ("open-fd", "read-open"):
+            runs[name] = run_supervised(
+                supervisor,
+                "shadowd",
+                program.argv,
+                socket=socket_path,
+                cwd=program.cwd,
+                env=program.env,
+                options=[f"--{name}"],
+            )
         reference = runs["passthrough"]
         assert (reference.returncode, reference.stdout, reference.stderr) == (
             direct.returncode,
