@@ -2342,17 +2342,29 @@ async def test_a_killed_daemons_index_vouches_for_nothing_past_the_bound(
     d = driver()
     with trio.fail_after(60), tmpfs(shared_dir / "tmpfs") as fs:
         f = make_file(fs / "lib.so", MAPPED)
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 300), (
-            "log", "quiet"):  # fmt: skip
-            await ask(d, *cmd)
+        await _tier_of(d, daemon)
         assert (await ask(d, "indexready"))["ready"] == 1
-        await held_c(d, f)
-        daemon.kill()
-        await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
-        await trio.sleep(0.35)
-        after = await ask(d, "routed", f)
+        after = await _held_past_the_daemons_death(d, daemon, f)
     assert after["hash"] == fnv(CHANGED), f"the tier served what the gone daemon had: {after}"
     assert after["route"] == "copy"
+
+
+async def _tier_of(d: Driver, daemon: Daemon) -> None:
+    """*d* on *daemon*, its tier's bound 0.3 s, every file asked for (no size or age
+    rule)."""
+    for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 300), (
+        "log", "quiet"):  # fmt: skip
+        await ask(d, *cmd)
+
+
+async def _held_past_the_daemons_death(d: Driver, daemon: Daemon, f: Path) -> Any:
+    """*f* held in *d*'s tier, *daemon* killed, *f* changed through a mapping (which
+    no stat shows), then opened again past the bound: that open."""
+    await held_c(d, f)
+    daemon.kill()
+    await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
+    await trio.sleep(0.35)
+    return await ask(d, "routed", f)
 
 
 # Run as pid 1 of a pid namespace of its own (unshare): a decoy made with the
@@ -2412,15 +2424,9 @@ async def test_a_killed_daemons_index_does_not_vouch_through_another_process_of_
         tmpfs(shared_dir / "tmpfs") as fs,
     ):
         f = make_file(fs / "lib.so", MAPPED)
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("heldrecheck", 300), (
-            "log", "quiet"):  # fmt: skip
-            await ask(d, *cmd)
+        await _tier_of(d, daemon)
         await ask(d, "indexready")  # held before, refused now: either way on
-        await held_c(d, f)
-        daemon.kill()
-        await trio.to_thread.run_sync(write_through_a_mapping, f, CHANGED[:PAGE])
-        await trio.sleep(0.35)
-        after = await ask(d, "routed", f)
+        after = await _held_past_the_daemons_death(d, daemon, f)
     assert after["hash"] == fnv(CHANGED), f"the tier served what the gone daemon had: {after}"
     assert after["route"] == "copy"
 
