@@ -935,3 +935,118 @@ async def test_misses_that_do_not_wait_are_all_filled_past_the_copy_slots(
 
     with trio.fail_after(60):
         await in_thread(work)
+
+
+def _entries(d: Daemon) -> int:
+    with Client(d.socket_path, timeout=10) as c:
+        return int(c.stats()["entries"])
+
+
+def _until_entries(d: Daemon, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while (got := _entries(d)) < n:
+        assert time.monotonic() < deadline, f"the daemon cached {got} files of {n}"
+        time.sleep(0.02)
+
+
+async def test_files_copied_here_are_told_to_the_daemon_and_hit_through_its_index_next(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Small files (below local_below) that the daemon's index lacks are copied here
+    without asking, and told to the daemon at close: the next process's opens of them
+    are hits through its index. Before, a daemon of Python supervisors never cached
+    them (nothing asked for them), and every process copied them again."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"mod{i}.py", os.urandom(4096 + i)) for i in range(5)]
+    young = make_file(tmp_path / "young.py", os.urandom(4096))
+    settle(*files)
+
+    def work() -> tuple[Opener, Opener]:
+        with Opener(d.socket_path) as first:
+            os.utime(young)  # a ctime inside the racy window: it would not cache it
+            for f in [*files, young]:
+                fd = first.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+            assert (first.local_opens, first.index_opens, first.told_files) == (6, 0, 0)
+        assert first.told_files == 5  # at close; not the young one
+        _until_entries(d, 5)
+        with Opener(d.socket_path) as second:
+            for f in files:
+                fd = second.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS == REQUIRED_SEALS
+                os.close(fd)
+        return first, second
+
+    with trio.fail_after(60):
+        _, second = await in_thread(work)
+    assert (second.index_opens, second.local_opens) == (5, 0)
+    assert await in_thread(_entries, d) == 5  # the young one was not told
+
+
+async def test_told_files_go_when_a_batch_is_full_and_not_without_an_index(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The sources kept to tell the daemon of are bounded (TELL_FILES): the daemon
+    hears of them while the Opener is open, a batch at a time. An Opener that reads
+    no index (another uid's daemon, or use_index=False) tells nothing."""
+    from shadowd_client.opener import TELL_FILES
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"f{i}", os.urandom(512)) for i in range(TELL_FILES + 3)]
+    settle(*files)
+
+    def work() -> tuple[int, int]:
+        with Opener(d.socket_path, use_index=False) as blind:
+            for f in files[:10]:
+                os.close(blind.open(f))
+        assert blind.told_files == 0
+        opener = Opener(d.socket_path)
+        try:
+            os.close(opener.open(files[0]))  # connected, the index mapped, one source kept
+            base = len(os.listdir("/proc/self/fd"))
+            for f in files[1:]:
+                os.close(opener.open(f))
+            # TELL_FILES told, three sources kept: not one per file opened.
+            held = len(os.listdir("/proc/self/fd")) - base + 1
+            told = opener.told_files
+            _until_entries(d, TELL_FILES)
+        finally:
+            opener.close()
+        return told, held
+
+    with trio.fail_after(60):
+        told, held = await in_thread(work)
+    assert told == TELL_FILES
+    assert held == 3
+    with trio.fail_after(30):
+        await in_thread(_until_entries, d, TELL_FILES + 3)
+
+
+async def test_close_tells_a_stopped_daemon_without_waiting_for_its_answer(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The files told at close go in a request whose answer is not waited for: with
+    the daemon stopped and a reply timeout of 20 s, close returns at once, and the
+    daemon, continued, reads the batch from the closed connection and caches them."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"f{i}", os.urandom(2048)) for i in range(4)]
+    settle(*files)
+
+    def work() -> float:
+        opener = Opener(d.socket_path, timeout=20)
+        for f in files:
+            os.close(opener.open(f))
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            opener.close()
+            return time.monotonic() - started
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+
+    with trio.fail_after(60):
+        took = await in_thread(work)
+        await in_thread(_until_entries, d, 4)
+    assert took < 10, took

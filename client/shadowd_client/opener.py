@@ -70,6 +70,11 @@ REPORT_EVERY_HITS = 256
 #: most this often.
 REPORT_FILES = 256
 REPORT_FULL_RETRY = 0.001
+#: The most files copied here that the daemon's index lacked kept to tell it of
+#: (their sources held open until told): told when this many wait, with each
+#: report, and at close. The daemon queues at most 64 fills per uid
+#: (shadowd/filling.py, FILL_QUEUE): what a batch brings past that is dropped.
+TELL_FILES = 64
 #: How long the process-local tier serves a kept version without the daemon
 #: vouching for it again, where no index of the daemon's can (another uid's
 #: daemon, the breaker open, a daemon gone): then the next open asks the
@@ -242,12 +247,23 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _release(held: HeldFiles, client: Client | None) -> None:
+def _release(
+    held: HeldFiles, told: list[tuple[FdHolder, str | None]], client: Client | None
+) -> None:
     """What an Opener holds, released: by :meth:`Opener.close`, or when an Opener
     nobody closed is collected (its finaliser; it must not refer to the Opener)."""
     held.clear()
+    _let_go(told)
     if client is not None:
         client.close()
+
+
+def _let_go(told: list[tuple[FdHolder, str | None]]) -> None:
+    """Close the sources kept to tell the daemon of, emptying *told* in place."""
+    kept = told[:]
+    told.clear()
+    for source, _ in kept:
+        source.close()
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int]:
@@ -264,7 +280,11 @@ class Opener:
     *local_below* bytes, above the daemon's --max-file-size, or whose ctime
     is younger than the daemon's racy window (it would not cache it; its
     hello says the window, and the first open of a file younger than the 1 s
-    default connects to hear it) is copied here; otherwise the daemon is
+    default connects to hear it) is copied here, and where the index is read
+    and lacks a file the daemon would cache, the daemon is told of it later
+    (in batches of at most TELL_FILES that do not wait: when full, with each
+    report of index hits, and at :meth:`close`; :attr:`told_files` counts
+    them), so that the next process's open of it is an index hit; otherwise the daemon is
     asked without waiting for its copy (protocol version 2): a hit is served
     (and kept), a miss is copied here while the daemon fills its cache, and
     so is a file the daemon refuses for any reason (the copy here raises the
@@ -339,10 +359,16 @@ class Opener:
         self._report_daemon: tuple[int, int] | None = None
         self._unreported_hits = 0  # counted since the last report was tried
         self._reported_at = time.monotonic()  # when it was
+        # Files copied here that the daemon's index lacked and that it would cache:
+        # a duplicate of each source and its label, until told (_tell).
+        self._told: list[tuple[FdHolder, str | None]] = []
+        #: Files told to the daemon after they were copied here (the next
+        #: process's opens of them are then hits through its index).
+        self.told_files = 0
         # The tier's memfds and the connection are owned: by close(), or, for an
         # Opener nobody closes, by its finaliser when it is collected (a closed
         # holder's fd is -1: a use after close never reaches a reused number).
-        self._finalizer = weakref.finalize(self, _release, self._held, self._client)
+        self._finalizer = weakref.finalize(self, _release, self._held, self._told, self._client)
         _OPENERS.add(self)
 
     @property
@@ -379,6 +405,7 @@ class Opener:
             index = self._reading()  # in use until _index_done
         if index is None:
             index = self._current_index()  # fetched on a new connection (or None)
+        indexed = index is not None
         if index is not None:
             served = None
             try:
@@ -399,6 +426,11 @@ class Opener:
         copy = local_copy_fd(fd, name=name)
         with self._lock:
             self.local_opens += 1
+        if indexed and self._would_cache(st):
+            # Its index lacked it, so the daemon almost surely has no copy: told
+            # (not asked: a round trip for a miss), the next process's open of it
+            # is an index hit.
+            self._tell_later(fd, label)
         return copy
 
     def preload(self, paths: list[str | os.PathLike[str]]) -> int:
@@ -493,6 +525,17 @@ class Opener:
             return False  # it would refuse it
         racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
         # Younger than the daemon's racy window: it would not cache it.
+        return time.time_ns() - st.st_ctime_ns >= racy
+
+    def _would_cache(self, st: os.stat_result) -> bool:
+        """Whether the daemon whose hello this connection heard would cache this file
+        now (not larger than its limit, not younger than its racy window)."""
+        limits = self._limits()
+        if limits is None or not self._usable():
+            return False
+        if st.st_size > limits.get("max_file_size", 1 << 62):
+            return False
+        racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
         return time.time_ns() - st.st_ctime_ns >= racy
 
     def _limits(self) -> dict[str, int] | None:
@@ -624,6 +667,8 @@ class Opener:
             stale.close()
         if due:
             self._report()
+            if self._told:
+                self._tell()  # the files copied here meanwhile go with it
 
     def _count(self, hit: tuple[int, int], daemon: tuple[int, int]) -> bool:
         """Count an index hit of the file *hit* served through *daemon*'s index (lock
@@ -707,6 +752,52 @@ class Opener:
         finally:
             self.waited += time.monotonic() - started
 
+    # -- files copied here, told to the daemon ----------------------------
+
+    def _tell_later(self, fd: int, label: str | None) -> None:
+        """Keep a duplicate of *fd* (the caller's) to tell the daemon of; told at once
+        when TELL_FILES wait."""
+        try:
+            source = FdHolder(os.dup(fd))
+        except OSError:
+            return  # out of descriptors: the daemon only misses hearing of it
+        with self._lock:
+            self._told.append((source, label))
+            full = len(self._told) >= TELL_FILES
+        if full:
+            self._tell()
+
+    def _tell(self, *, last: bool = False) -> None:
+        """Tell the daemon of the files copied here that its index lacked, in batches
+        that do not wait (it fills its cache with them); then let their sources go.
+        On the connection there is (whichever daemon is at its other end: the files
+        are what they are), behind the breaker; what cannot be sent is let go (only
+        the cache's warmth is lost). *last* (at close): the last batch's answer is not
+        waited for (Client._send_here)."""
+        with self._lock:
+            told = self._told[:]
+            self._told.clear()
+        if not told:
+            return
+        client = self._client
+        started = time.monotonic()
+        try:
+            if client is None or not self._usable():
+                return
+            try:
+                sent, failure = client._tell_here(
+                    [source.fd for source, _ in told], [label for _, label in told], last=last
+                )
+            except ShadowdError as exc:  # (none is raised before a request is sent)
+                sent, failure = 0, exc
+            with self._lock:
+                self.told_files += sent
+            if isinstance(failure, (DaemonUnavailable, ProtocolViolation)):
+                self._failed(failure)
+        finally:
+            self.waited += time.monotonic() - started
+            _let_go(told)
+
     # -- the daemon, behind a breaker -------------------------------------
 
     def _usable(self) -> bool:
@@ -763,8 +854,14 @@ class Opener:
             logger.warning("shadowd is back; asking it again")
 
     def close(self) -> None:
+        # What cannot be sent now goes with this Opener. The last request's answer
+        # is not waited for; one sent before it is (a daemon whose answer finds the
+        # socket closed stops reading it: what came after would be lost).
+        told = bool(self._told)
         if self._unreported or self._spilled:
-            self._report(last=True)  # what cannot be sent now goes with this Opener
+            self._report(last=not told)
+        if told:
+            self._tell(last=True)
         with self._lock:
             self._held.clear()
             index, self._index = self._index, None
@@ -787,6 +884,7 @@ class Opener:
         self._spilled = 0
         self._unreported_hits = 0
         self._reported_at = time.monotonic()
+        _let_go(self._told)  # the parent tells of its own
 
     def __enter__(self) -> Opener:
         return self

@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -300,10 +300,60 @@ class Client:
     ) -> tuple[int, ShadowdError | None]:
         """:meth:`report` on the connection there is, never on a new one (the hits were
         counted of the daemon at its other end), in requests that fit the daemon's
-        ``max_request``: how many of *hits* were sent, and what failed (None: nothing).
-        The caller keeps what was not sent (no connection whose hello was answered, a
-        send failed, or an answer failed before the next request went: a daemon
-        stopped, which reads what was sent later); once sent they count as told.
+        ``max_request``: how many of *hits* were sent, and what failed (see
+        :meth:`_send_here`, which *last* goes to)."""
+
+        def split(session: Session) -> list[tuple[Make, int]]:
+            per = session.max_report
+            return [
+                (
+                    request_of(functools.partial(_report, tuple(hits[i : i + per]))),
+                    len(hits[i : i + per]),
+                )
+                for i in range(0, len(hits), per)
+            ]
+
+        return self._send_here(split, last=last)
+
+    def _tell_here(
+        self, fds: Sequence[int], labels: Sequence[str | None], *, last: bool = False
+    ) -> tuple[int, ShadowdError | None]:
+        """Tell the daemon at the other end of the connection there is (never a new one)
+        of the open files *fds* (which stay the caller's), for it to fill its cache
+        with: ``open_batch`` requests of at most its ``max_batch`` items that do not
+        wait (any fd in their answers is closed). How many of *fds* were sent, and
+        what failed (see :meth:`_send_here`, which *last* goes to)."""
+
+        def split(session: Session) -> list[tuple[Make, int]]:
+            per = session.max_batch
+            return [
+                (
+                    request_of(
+                        functools.partial(
+                            batch_request,
+                            tuple(fds[i : i + per]),
+                            tuple(labels[i : i + per]),
+                            wait=False,
+                        )
+                    ),
+                    len(fds[i : i + per]),
+                )
+                for i in range(0, len(fds), per)
+            ]
+
+        return self._send_here(split, last=last)
+
+    def _send_here(
+        self, split: Callable[[Session], list[tuple[Make, int]]], *, last: bool = False
+    ) -> tuple[int, ShadowdError | None]:
+        """Send the requests *split* makes for this connection's session, in order, on
+        the connection there is, never on a new one: how many items they carry were
+        sent, and what failed (None: nothing). Each answer is read before the next
+        request goes: a daemon that answers into a socket closed meanwhile (a late
+        answer, the connection dropped) drops what it had not read of it. The caller
+        keeps what was not sent (no connection whose hello was answered, a send
+        failed, or an answer failed before the next request went: a daemon stopped,
+        which reads what was sent later); once sent they count as told.
 
         *last*: the client is closed after the last request, whose answer is not
         read. The daemon reads a request before it answers it, and every earlier
@@ -317,10 +367,8 @@ class Client:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
                     return 0, None
-                per = session.max_report
-                while sent < len(hits):
-                    chunk = tuple(hits[sent : sent + per])
-                    make = request_of(functools.partial(_report, chunk))
+                chunks = split(session)
+                for i, (make, count) in enumerate(chunks):
                     id, data, fds = make(session.proto)
                     try:
                         self._sendmsg(data, fds)
@@ -330,12 +378,9 @@ class Client:
                     except ShadowdError:
                         # the daemon's refusal, queued before it closed (_broken)
                         return sent, None
-                    sent += len(chunk)
-                    if last and sent == len(hits):
+                    sent += count
+                    if last and i == len(chunks) - 1:
                         break
-                    # Each answer read before the next request goes: a daemon that
-                    # answers into a socket closed meanwhile (a late answer, the
-                    # connection dropped) drops what it had not read of it.
                     try:
                         reply = self._reply_to(id)
                     except Broken as broken:
@@ -345,6 +390,7 @@ class Client:
                         return sent, exc
                     if isinstance(reply, ErrorReply):
                         return sent, refused(reply.code, reply.message)
+                    close_reply(reply)
             finally:
                 if last:
                     self._closed = True
