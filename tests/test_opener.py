@@ -1050,3 +1050,49 @@ async def test_close_tells_a_stopped_daemon_without_waiting_for_its_answer(
         took = await in_thread(work)
         await in_thread(_until_entries, d, 4)
     assert took < 10, took
+
+
+async def test_a_full_told_batch_is_not_waited_for_and_its_answer_is_dropped_later(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The batch sent when TELL_FILES wait goes without waiting for its answer (the
+    daemon looks at every item first): with the daemon stopped and a reply timeout
+    of 20 s the open that sends it returns at once. The answer, read ahead of the
+    next request's, is dropped: the requests after it are answered as usual (no
+    protocol violation, no breaker) and the daemon caches the batch."""
+    from shadowd_client.opener import TELL_FILES
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"f{i}", os.urandom(1024)) for i in range(TELL_FILES)]
+    big = [make_file(tmp_path / f"big{i}", os.urandom(300_000)) for i in range(2)]
+    settle(*files, *big)
+
+    def misses() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["misses"])
+
+    def work() -> tuple[float, int, int]:
+        with Opener(d.socket_path, timeout=20) as opener:
+            for f in files[:-1]:
+                os.close(opener.open(f))
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                os.close(opener.open(files[-1]))  # the batch goes
+                took = time.monotonic() - started
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            told = opener.told_files
+            before = misses()
+            for f in big:  # asked (the index lacks them): each answer read after the batch's
+                fd = opener.open(f)
+                assert read_fd(fd) == f.read_bytes()
+                os.close(fd)
+            return took, told, misses() - before
+
+    with trio.fail_after(60):
+        took, told, asked = await in_thread(work)
+        await in_thread(_until_entries, d, TELL_FILES)
+    assert took < 10, took
+    assert told == TELL_FILES
+    assert asked == 2  # both asked: no breaker opened by the batch's answer

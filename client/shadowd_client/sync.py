@@ -126,6 +126,9 @@ class Client:
         self._session: Session | None = None
         self._buf = bytearray(REPLY_BUFFER)
         self._closed = False
+        # Requests sent on this connection whose answers nobody waits for: dropped
+        # (their fds closed) when read, ahead of a later request's answer.
+        self._unawaited: set[int] = set()
         _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
@@ -321,8 +324,10 @@ class Client:
         """Tell the daemon at the other end of the connection there is (never a new one)
         of the open files *fds* (which stay the caller's), for it to fill its cache
         with: ``open_batch`` requests of at most its ``max_batch`` items that do not
-        wait (any fd in their answers is closed). How many of *fds* were sent, and
-        what failed (see :meth:`_send_here`, which *last* goes to)."""
+        wait, whose answers are not waited for (the daemon looks at every item before
+        it answers: a millisecond or more for a full batch); they are read and dropped
+        (any fd in them closed) ahead of a later request's answer. How many of *fds*
+        were sent, and what failed (see :meth:`_send_here`, which *last* goes to)."""
 
         def split(session: Session) -> list[tuple[Make, int]]:
             per = session.max_batch
@@ -341,10 +346,14 @@ class Client:
                 for i in range(0, len(fds), per)
             ]
 
-        return self._send_here(split, last=last)
+        return self._send_here(split, last=last, await_answers=False)
 
     def _send_here(
-        self, split: Callable[[Session], list[tuple[Make, int]]], *, last: bool = False
+        self,
+        split: Callable[[Session], list[tuple[Make, int]]],
+        *,
+        last: bool = False,
+        await_answers: bool = True,
     ) -> tuple[int, ShadowdError | None]:
         """Send the requests *split* makes for this connection's session, in order, on
         the connection there is, never on a new one: how many items they carry were
@@ -360,6 +369,9 @@ class Client:
         answer has been read, so closing with that one answer unread in the socket
         (which resets the connection) loses nothing the daemon had not read: the
         close of an Opener costs no round trip, and a stopped daemon does not hold it.
+
+        Without *await_answers* (and *last*) no answer is waited for: each is dropped
+        when a later request's is read, or with the connection.
         """
         sent = 0
         with self._lock:
@@ -369,6 +381,17 @@ class Client:
                     return 0, None
                 chunks = split(session)
                 for i, (make, count) in enumerate(chunks):
+                    if last and i == len(chunks) - 1 and self._unawaited:
+                        # An answer still owed when the connection closes may find
+                        # it closed, and then the daemon reads nothing more of it.
+                        try:
+                            self._read_unawaited()
+                        except Broken as broken:
+                            self._drop()
+                            return sent, broken.error(self.socket_path)
+                        except ShadowdError as exc:
+                            self._drop()
+                            return sent, exc
                     id, data, fds = make(session.proto)
                     try:
                         self._sendmsg(data, fds)
@@ -381,6 +404,9 @@ class Client:
                     sent += count
                     if last and i == len(chunks) - 1:
                         break
+                    if not await_answers and not last:
+                        self._unawaited.add(id)
+                        continue
                     try:
                         reply = self._reply_to(id)
                     except Broken as broken:
@@ -613,9 +639,24 @@ class Client:
             if reply.id == id:
                 return reply
             close_reply(reply)
+            if reply.id in self._unawaited:
+                self._unawaited.discard(reply.id)
+                continue
             raise ProtocolViolation(f"reply to request {reply.id} while waiting for {id}")
+
+    def _read_unawaited(self) -> None:
+        """Read (and drop) the answers nobody waits for; lock held."""
+        while self._unawaited:
+            reply = self._recv()
+            if reply is None:
+                continue
+            close_reply(reply)
+            if reply.id not in self._unawaited:
+                raise ProtocolViolation(f"reply to request {reply.id}, not one sent")
+            self._unawaited.discard(reply.id)
 
     def _drop(self) -> None:
         sock, self._sock, self._session = self._sock, None, None
+        self._unawaited.clear()
         if sock is not None:
             sock.close()
