@@ -223,7 +223,9 @@ class Filler:
                 if wd >= 0:
                     watches.forget(wd)
                 flight.cached = False
-                self.guard.track(copied.sealed, uid, cached=False, reserved=reserved)
+                self.guard.track(
+                    copied.sealed, uid, cached=False, reserved=reserved, wd=copied.memfd_wd
+                )
                 logger.debug("served uncached (%s): %s", why, label or "?")
                 return
             watches.hold(wd)  # before the insert, which may drop an entry of the same inode
@@ -241,7 +243,7 @@ class Filler:
             ours = entry is not None and entry.file is copied.sealed
             if not ours:
                 watches.release(wd)  # not ours that was kept
-            self.guard.track(copied.sealed, uid, cached=ours, reserved=reserved)
+            self.guard.track(copied.sealed, uid, cached=ours, reserved=reserved, wd=copied.memfd_wd)
             if not flight.cached:
                 logger.debug("served uncached (%s): %s", admission.value, label or "?")
 

@@ -54,11 +54,23 @@ class EntryGuard:
         self.cache.add_observer(self)
 
     def track(
-        self, sealed: SealedFile, uid: int | None, *, cached: bool, reserved: int = 0
+        self,
+        sealed: SealedFile,
+        uid: int | None,
+        *,
+        cached: bool,
+        reserved: int = 0,
+        wd: int = -1,
     ) -> None:
-        """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation."""
+        """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation.
+
+        *wd*: its watch, when a worker added it already (Copied.memfd_wd). Its events
+        can only have been the kernel's removal of it, which the memfd, held until
+        now, has not let happen; any other event needs a holder of the memfd, and
+        nobody else has had it yet."""
         try:
-            wd = self.watches.add_memfd(sealed.fd)
+            if wd < 0:
+                wd = self.watches.add_memfd(sealed.fd)
         except OSError:
             # Nothing would tell when it is freed: it is not charged.
             if uid is not None:

@@ -133,7 +133,8 @@ class Watches:
         """Watch a memfd of ours until its inode is freed (then on_freed is called).
 
         Its mode, owner, ACL and times changing come as IN_ATTRIB (then
-        on_attrib is called); the watch does not keep the memfd.
+        on_attrib is called); the watch does not keep the memfd. Safe in a worker
+        thread (a copy's worker adds the watch on the memfd it made).
         """
         if self.fd < 0:
             raise OSError(errno.EBADF, "the daemon is not watching files")

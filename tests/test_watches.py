@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -241,3 +242,40 @@ async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
         os.close(fd)
         server.cache.clear()
         server.opens.watches.close()
+
+
+def test_a_copy_watches_the_memfd_it_made_in_its_worker(tmp_path: Path) -> None:
+    """copy_source adds the watch on its memfd itself (in the copy's worker thread,
+    where its 30 us of /proc lookup costs the loop nothing): the watch is that
+    memfd's (its freeing is told), and the loop's track takes it as it is."""
+    from shadowd.copier import copy_source
+    from shadowd.fds import FdHolder
+
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(10_000))
+    seen = _Seen()
+    w = _watches(seen)
+    try:
+        box: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: box.append(
+                copy_source(FdHolder(os.open(f, os.O_RDONLY | os.O_CLOEXEC)), None, w)
+            )
+        )
+        worker.start()
+        worker.join()
+        (copied,) = box
+        assert copied.memfd_wd >= 0 and copied.memfd_wd != copied.wd
+        held = os.open(f"/proc/self/fd/{copied.sealed.fd}", os.O_RDONLY)
+        assert os.read(held, 20_000) == f.read_bytes()
+        copied.sealed.release()
+        w.drain()
+        assert seen.freed == []  # still held here
+        os.close(held)
+        deadline = time.monotonic() + 5
+        while copied.memfd_wd not in seen.freed:
+            assert time.monotonic() < deadline, "the memfd's watch never said it was freed"
+            w.drain()
+            time.sleep(0.01)
+    finally:
+        w.close()
