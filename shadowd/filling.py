@@ -44,8 +44,13 @@ from .stats import Latencies
 # Logged as before these lines moved here from opens.py: the name operators know.
 logger = logging.getLogger("shadowd.opens")
 
-#: Misses that did not wait, per uid, queued for a copy slot of its quota.
-FILL_QUEUE = 64
+#: Misses that did not wait, per uid, queued for a copy slot of its quota. Each
+#: holds a descriptor counted in the uid's fd budget (--max-fds-per-uid, 4096 by
+#: default), which bounds them too. 512: a cold supervisor tells of a program's
+#: files in batches of 64 (the clients' SHADOWD_HINTS and TELL_FILES) faster than
+#: two copy slots drain them; with 64, half of pip's 478 files told in one cold
+#: run were dropped (client/c/README.md, "A cold daemon").
+FILL_QUEUE = 512
 
 
 @attrs.define(eq=False)

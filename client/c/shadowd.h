@@ -97,7 +97,7 @@ extern "C" {
 
 #define SHADOWD_HELD_SLOTS 1024   /* most files the process-local tier can hold */
 #define SHADOWD_MAX_PENDING 64    /* most requests in flight (and replies uncollected) */
-#define SHADOWD_HINTS 64          /* most files copied here to tell the daemon of (its fill queue) */
+#define SHADOWD_HINTS 64          /* most files copied here to tell the daemon of (one batch) */
 #define SHADOWD_REQUEST_BUF 16384 /* largest request this client writes */
 #define SHADOWD_REPLY_BUF 65536   /* largest reply it reads (a batch of 250 errors fits) */
 #define SHADOWD_REPORTS 256       /* most files whose index hits wait to be reported */

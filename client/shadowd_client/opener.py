@@ -72,8 +72,9 @@ REPORT_FILES = 256
 REPORT_FULL_RETRY = 0.001
 #: The most files copied here that the daemon's index lacked kept to tell it of
 #: (their sources held open until told): told when this many wait, with each
-#: report, and at close. The daemon queues at most 64 fills per uid
-#: (shadowd/filling.py, FILL_QUEUE): what a batch brings past that is dropped.
+#: report, and at close; one batch of the daemon's default max_batch. (It
+#: queues at most 512 fills per uid, shadowd/filling.py FILL_QUEUE: items of
+#: batches past that are dropped.)
 TELL_FILES = 64
 #: How long the process-local tier serves a kept version without the daemon
 #: vouching for it again, where no index of the daemon's can (another uid's
