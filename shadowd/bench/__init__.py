@@ -346,7 +346,8 @@ def format_result(r: BenchResult) -> str:
         m = r.memory
         lines += [
             "",
-            f"memory: {m.procs} processes each mapping a {human_size(m.size)} file (Shmem growth):",
+            f"memory: {m.procs} processes each mapping a {human_size(m.size)} file"
+            " (the shmem they map, Pss):",
             f"  through shadowd   {m.shadowd_bytes / MiB:8.1f} MiB",
             f"  private copies    {m.private_bytes / MiB:8.1f} MiB",
         ]

@@ -151,14 +151,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def shmem_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Shmem:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no Shmem line in /proc/meminfo")
-
-
 @attrs.define
 class Progress:
     """One line of progress on *stream* (overwritten on a terminal); nothing without one."""

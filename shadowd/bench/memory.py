@@ -1,5 +1,9 @@
 # Memory: many processes holding and mapping one file, through shadowd (one
-# copy for all) against private copies (one each), as Shmem growth.
+# copy for all) against private copies (one each), as the shmem the holders
+# map: the sum of their proportional shares (Pss_Shmem), read once every
+# holder has faulted its pages in. Not the host's Shmem growth, which other
+# processes freeing or making shared memory meanwhile move either way (it read
+# 0 for three private copies during a test run beside other suites).
 #
 # Must never: measure before every holder has faulted its pages in, or leave
 # a holder running.
@@ -11,7 +15,7 @@ from multiprocessing.connection import Connection as Pipe
 
 import attrs
 
-from .common import Forks, MiB, Progress, shmem_bytes, status_quo
+from .common import Forks, MiB, Progress, status_quo
 
 
 @attrs.frozen
@@ -36,8 +40,19 @@ def _holder(mode: str, socket_path: str, path: str, pipe: Pipe) -> None:
         for off in range(0, size, 4096):
             m[off]  # fault every page in, as a loader would
         pipe.send("holding")
+        pipe.recv()  # every holder holds: its share of what they map now
+        pipe.send(pss_shmem())
         pipe.recv()
     os.close(fd)
+
+
+def pss_shmem() -> int:
+    """This process's proportional share of the shared memory it maps, in bytes."""
+    with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Pss_Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss_Shmem line in /proc/self/smaps_rollup")
 
 
 def measure_memory(
@@ -50,11 +65,16 @@ def measure_memory(
 
     def held(mode: str) -> int:
         progress.say(f"memory, {procs} processes holding 16 MiB ({mode})")
-        before = shmem_bytes()
         with forks.processes(_holder, procs, mode, socket_path, path) as pipes:
-            during = shmem_bytes()  # every holder has faulted its pages in
+            for pipe in pipes:  # every holder has faulted its pages in
+                pipe.send("share")
+            shares = []
+            for pipe in pipes:
+                if not pipe.poll(30):
+                    raise RuntimeError("a memory holder did not answer")
+                shares.append(pipe.recv())
             for pipe in pipes:
                 pipe.send("release")
-        return max(0, during - before)
+        return sum(shares)
 
     return Memory(procs=procs, size=size, shadowd_bytes=held("hit"), private_bytes=held("copy"))
