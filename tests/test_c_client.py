@@ -2898,6 +2898,54 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
     assert after["index_hits"] == before["index_hits"] + 7
 
 
+async def test_a_close_in_several_reports_while_the_daemon_is_stopped_loses_none(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """The last reports of a close fill three requests under a small --max-request (35
+    files each). The daemon is stopped: the close waits its reply timeout for their
+    answers, then closes its socket with all three queued. Continued, the daemon's
+    answer to the first fails (its client is gone), and it still counts every hit of
+    the three: the reports queued behind a failed answer are read at the connection's
+    end and counted (before, only the first was)."""
+    daemon = await start_daemon("--racy-window", "0.05", "--max-request", "1024")
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(100):
+        make_file(files / str(i), os.urandom(100 + i))
+    settle(*files.iterdir())
+
+    def cache_them() -> None:
+        from shadowd_client import Client
+
+        with Client(daemon.socket_path, timeout=10) as c:
+            for f in files.iterdir():
+                os.close(c.open(f))  # a miss waits for the daemon's copy
+
+    d = driver()
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(cache_them)
+        for cmd in ("socket", daemon.socket_path), ("timeouts", 10_000, 300, 0), ("log", "quiet"):
+            await ask(d, *cmd)
+        assert (await ask(d, "indexready"))["ready"] == 1
+        before = await trio.to_thread.run_sync(stats, daemon)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            # 100 files, one hit each: fewer than a report's 256 hits, none sent yet
+            hit = await ask(d, "indexround", 100, files, 100)
+            await ask(d, "close")  # three reports, their answers waited for 0.3 s
+            counts = await ask(d, "counts")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        want = before["index_hits"] + 100
+        deadline = time.monotonic() + 5
+        while (after := await trio.to_thread.run_sync(stats, daemon))["index_hits"] < want:
+            if time.monotonic() > deadline:
+                break
+            await trio.sleep(0.01)
+    assert hit["served"] == 100 and counts["reported"] == 100, (hit, counts)
+    assert after["index_hits"] == want, (after["index_hits"], want)
+
+
 async def test_index_hits_while_the_daemon_reads_nothing_are_all_reported_later(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:

@@ -383,6 +383,48 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
     assert took < 10, took  # before: the 20 s timeout, waiting for the stopped daemon
 
 
+async def test_a_last_report_in_several_requests_to_a_stopped_daemon_loses_none(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The last report of an Opener's close takes three requests under a 1 KiB
+    --max-request (35 files each), and the daemon is stopped. Every request is sent
+    before any answer is waited for; the wait (one reply timeout) ends, the Opener
+    closes, and the daemon, continued, counts every hit: the requests behind the answer
+    that fails (its client gone) are counted at the connection's end. Before, the
+    close sent the first, waited for its answer in vain, and never sent the others."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(100)]
+    settle(*files)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for f in files:
+                os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.5)
+        for f in files:  # fewer than a report's 256 hits: none sent yet
+            os.close(opener.open(f))
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            opener.close()
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        return base, opener.index_opens
+
+    with trio.fail_after(60):
+        base, served = await in_thread(work)
+        deadline = time.monotonic() + 5
+        while (told := await in_thread(index_hits) - base) < served:
+            if time.monotonic() > deadline:
+                break
+            await trio.sleep(0.02)
+    assert served == 100 and told == served, (served, told)
+
+
 async def test_a_report_is_split_to_fit_the_daemons_max_request(
     start_daemon: Any, tmp_path: Path
 ) -> None:

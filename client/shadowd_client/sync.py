@@ -305,11 +305,15 @@ class Client:
         send failed, or an answer failed before the next request went: a daemon
         stopped, which reads what was sent later); once sent they count as told.
 
-        *last*: the client is closed after the last request, whose answer is not
-        read. The daemon reads a request before it answers it, and every earlier
-        answer has been read, so closing with that one answer unread in the socket
-        (which resets the connection) loses nothing the daemon had not read: the
-        close of an Opener costs no round trip, and a stopped daemon does not hold it.
+        *last*: the client is closed after them. Every request is sent first, then
+        the answers to all but the last are read (up to the reply timeout each): a
+        socket closed with an answer unread in it resets the connection, and a
+        daemon whose answer fails (its client gone) reads no further, but counts
+        the reports it finds queued when the connection ends (docs/protocol.md,
+        "report"). The last answer is not waited for: every earlier one was read,
+        so nothing the daemon has not read is behind it (the close of an Opener
+        costs no round trip), and a stopped daemon holds the close one reply
+        timeout at most, losing nothing that was sent.
         """
         sent = 0
         with self._lock:
@@ -318,6 +322,7 @@ class Client:
                 if self._closed or self._sock is None or session is None or not session.server:
                     return 0, None
                 per = session.max_report
+                ids: list[int] = []
                 while sent < len(hits):
                     chunk = tuple(hits[sent : sent + per])
                     make = request_of(functools.partial(_report, chunk))
@@ -331,25 +336,35 @@ class Client:
                         # the daemon's refusal, queued before it closed (_broken)
                         return sent, None
                     sent += len(chunk)
-                    if last and sent == len(hits):
-                        break
+                    ids.append(id)
+                    if last and sent < len(hits):
+                        continue  # the answers after every request is sent
                     # Each answer read before the next request goes: a daemon that
                     # answers into a socket closed meanwhile (a late answer, the
-                    # connection dropped) drops what it had not read of it.
-                    try:
-                        reply = self._reply_to(id)
-                    except Broken as broken:
-                        self._drop()
-                        return sent, broken.error(self.socket_path)
-                    except ShadowdError as exc:
-                        return sent, exc
-                    if isinstance(reply, ErrorReply):
-                        return sent, refused(reply.code, reply.message)
+                    # connection dropped) may read none of the rest.
+                    failure = self._reported(ids[:-1] if last else ids)
+                    ids.clear()
+                    if failure is not None:
+                        return sent, failure
             finally:
                 if last:
                     self._closed = True
                     self._drop()
         return sent, None
+
+    def _reported(self, ids: list[int]) -> ShadowdError | None:
+        """Read the answers to the reports *ids*, in order: what failed (None: nothing)."""
+        for id in ids:
+            try:
+                reply = self._reply_to(id)
+            except Broken as broken:
+                self._drop()
+                return broken.error(self.socket_path)
+            except ShadowdError as exc:
+                return exc
+            if isinstance(reply, ErrorReply):
+                return refused(reply.code, reply.message)
+        return None
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""
