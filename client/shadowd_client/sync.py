@@ -19,7 +19,6 @@ from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.protocol import (
-    MAX_REPORT,
     PROTOCOL_VERSION,
     ClientConnection,
     ErrorCode,
@@ -53,6 +52,7 @@ from ._session import (
     filled_memfd,
     label_for,
     lookup_result,
+    max_report_of,
     open_source,
     opened_fd,
     peer_of,
@@ -76,6 +76,18 @@ from .index import BadIndex, IndexView
 
 def _report(hits: tuple[tuple[int, int, int], ...], id: int) -> Report:
     return Report(id=id, hits=hits)
+
+
+def _report_from(hits: Sequence[tuple[int, int, int]], start: int, took: list[int]) -> Make:
+    """A Make for a report of *hits* from *start* on, as many as fit the ``max_request`` of
+    the daemon it goes to; ``took[0]`` says how many did."""
+
+    def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
+        took[0] = max_report_of(proto)
+        chunk = tuple(hits[start : start + took[0]])
+        return request_of(functools.partial(_report, chunk))(proto)
+
+    return make
 
 
 def _timeval(seconds: float) -> bytes:
@@ -288,12 +300,17 @@ class Client:
             os.close(reply.fd)
 
     def report(self, hits: Sequence[tuple[int, int, int]]) -> None:
-        """Tell the daemon of hits served through its index: (dev, ino, hits) per file."""
-        for start in range(0, len(hits), MAX_REPORT):
-            chunk = tuple(hits[start : start + MAX_REPORT])
-            reply = self._call(request_of(functools.partial(_report, chunk)))
+        """Tell the daemon of hits served through its index: (dev, ino, hits) per file.
+
+        Sent in requests that fit the daemon's ``max_request`` (as its hello said;
+        until then, as small as any daemon takes), one answer awaited at a time."""
+        start = 0
+        while start < len(hits):
+            took = [0]
+            reply = self._call(_report_from(hits, start, took))
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
+            start += took[0]
 
     def _report_here(
         self, hits: Sequence[tuple[int, int, int]], *, last: bool = False
