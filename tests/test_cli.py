@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ import trio
 from shadowd.cli_flags import parse_size
 
 from . import promtext
-from .conftest import REPO, Daemon, make_file, repo_env, settle
+from .conftest import _DROP_AND_SERVE as DROP_AND_SERVE
+from .conftest import (
+    REPO,
+    Daemon,
+    make_file,
+    repo_env,
+    requires_root,
+    settle,
+    test_uid,
+)
 
 
 def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -164,6 +174,77 @@ async def test_path_that_is_not_a_socket_is_never_replaced(shared_dir: Path) -> 
         proc = await run("serve", "--socket", str(path))
     assert proc.returncode != 0 and "not a socket" in proc.stderr
     assert path.read_text() == "do not delete"
+
+
+@requires_root
+async def test_a_user_refused_the_sockets_directory_is_told_so_not_about_the_lock(
+    shared_dir: Path,
+) -> None:
+    """`shadowd serve --socket` as a user who may not write to the directory (root's,
+    0755, as /run/shadowd is): one line naming the directory and what to do, not the
+    lock file (the first thing the daemon made there); and as one who may not create
+    the missing directory either."""
+    run_dir = shared_dir / "run"
+    run_dir.mkdir(mode=0o755)
+    user = test_uid(60)
+
+    def serve_as(path: Path) -> subprocess.CompletedProcess[str]:
+        drop = [sys.executable, "-c", DROP_AND_SERVE, str(user), str(user), ""]
+        return subprocess.run(
+            [*drop, "serve", "--socket", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=repo_env(),
+            check=False,
+        )
+
+    with trio.fail_after(60):
+        there = await trio.to_thread.run_sync(serve_as, run_dir / "x.sock")
+        below = await trio.to_thread.run_sync(serve_as, run_dir / "sub" / "x.sock")
+    for proc, named in (there, run_dir), (below, run_dir / "sub"):
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert str(named) in lines[0] and ".lock" not in lines[0], lines
+        assert f"uid {user} may not write to {run_dir} (owner uid 0, mode 0755)" in lines[0]
+        assert "--socket" in lines[0] and "XDG_RUNTIME_DIR" in lines[0]
+    assert os.listdir(run_dir) == []
+
+
+async def test_missing_directories_of_the_socket_are_created_and_said(shared_dir: Path) -> None:
+    """`serve --socket A/B/C/x.sock` creates A/B/C (0755) as it always did, and says so
+    in one line of its log naming each, outermost first; a directory that was there is
+    not named (before, nothing was said)."""
+    (shared_dir / "a").mkdir()
+    path = shared_dir / "a" / "b" / "c" / "x.sock"
+    log = shared_dir / "serve.log"
+
+    def serve() -> str:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shadowd", "serve", "--socket", str(path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=repo_env(),
+            )
+            try:
+                deadline = time.monotonic() + 20
+                while not path.exists():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.01)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(20) == 0
+        return log.read_text()
+
+    with trio.fail_after(60):
+        text = await trio.to_thread.run_sync(serve)
+    said = [ln for ln in text.splitlines() if "created the socket's directory" in ln]
+    b, c = shared_dir / "a" / "b", shared_dir / "a" / "b" / "c"
+    assert len(said) == 1 and said[0].endswith(f"directory {b}, {c} (mode 0755)"), text
+    assert stat.S_IMODE(os.stat(c).st_mode) == 0o755
 
 
 async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_path: Path) -> None:
