@@ -247,6 +247,28 @@ async def test_missing_directories_of_the_socket_are_created_and_said(shared_dir
     assert stat.S_IMODE(os.stat(c).st_mode) == 0o755
 
 
+@pytest.mark.parametrize(
+    ("mode", "allow", "warned"),
+    [
+        ("0666", [], "every uid is served"),
+        ("0777", ["--allow-uid", "0"], "only the uids of --allow-uid"),
+        ("0660", [], None),
+    ],
+)
+async def test_a_socket_mode_open_to_every_user_is_warned_of_once(
+    start_daemon: Any, mode: str, allow: list[str], warned: str | None
+) -> None:
+    """--socket-mode with "other" write lets anyone on the host connect: one warning at
+    start, saying who is served then (before, none)."""
+    d: Daemon = await start_daemon("--socket-mode", mode, *allow)
+    said = [ln for ln in d.log().splitlines() if "lets every user on this host" in ln]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and "WARNING" in said[0] and warned in said[0], said
+        assert f"--socket-mode {mode}" in said[0] and str(d.socket_path) in said[0]
+
+
 async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_path: Path) -> None:
     f = make_file(tmp_path / 'odd "name"\\', b"y" * 5000)
     settle(f)
