@@ -147,6 +147,14 @@ class Client:
         with self._lock:
             self._ensure_connected()
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """The limits the daemon's hello answer said (``max_request``, ``max_batch``,
+        ``racy_window_ns``: docs/protocol.md, "hello"); empty until it is read
+        (:meth:`connect` reads it)."""
+        session = self._session
+        return {} if session is None else dict(session.proto.server_limits)
+
     def open(self, path: str | os.PathLike[str]) -> int:
         """A sealed, read-only fd with the bytes of *path*; the caller owns it.
 
