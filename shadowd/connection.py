@@ -69,8 +69,11 @@ OVER_BUDGET_PAUSE = 0.05
 #: The reports a closing connection left queued are counted up to this many
 #: files in all (FinalReports): about one report's work more, on the loop.
 FINAL_REPORT_FILES = MAX_REPORT
-#: ...and in at most this many of its first datagrams (each read whole).
+#: ...in at most this many of its first datagrams (each read whole)...
 FINAL_REPORT_DATAGRAMS = 64
+#: ...and this many bytes of them: unpacking a pathological datagram of 64 KiB
+#: takes a few milliseconds (docs/security.md, attack 14).
+FINAL_REPORT_BYTES = 128 * 1024
 #: Datagrams a new connection's task answers before it first parks.
 FIRST_ANSWERED = 2
 #: A stand-in length for a hit's reply sent by the C path: every reply
@@ -168,8 +171,8 @@ class FinalReports:
     made; its connection then ends with them unread. Statistics are no
     reason to answer anything, but what a client told should be counted:
     drain_final hands each datagram it reads whole to this, which counts the
-    reports among them, bounded (FINAL_REPORT_FILES, FINAL_REPORT_DATAGRAMS),
-    and ignores the rest (nothing else is answered or done).
+    reports among them, bounded (FINAL_REPORT_FILES, FINAL_REPORT_DATAGRAMS,
+    FINAL_REPORT_BYTES), and ignores the rest (nothing else is answered or done).
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -178,10 +181,12 @@ class FinalReports:
         self.size = conn.proto.limits.max_request
         self.files = 0
         self.datagrams = 0
+        self.bytes = 0
 
     def __call__(self, data: bytes, nfds: int) -> bool:
         """Count *data* if it is a report (none carries fds); False: take no more."""
         self.datagrams += 1
+        self.bytes += len(data)
         conn = self.conn
         if not nfds:
             try:
@@ -195,7 +200,11 @@ class FinalReports:
                     except RequestError:
                         return False  # a peer that may not report: none is read
                     self.files += len(event.hits)
-        return self.files < FINAL_REPORT_FILES and self.datagrams < FINAL_REPORT_DATAGRAMS
+        return (
+            self.files < FINAL_REPORT_FILES
+            and self.datagrams < FINAL_REPORT_DATAGRAMS
+            and self.bytes < FINAL_REPORT_BYTES
+        )
 
 
 def drain_final(
