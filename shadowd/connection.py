@@ -71,9 +71,9 @@ OVER_BUDGET_PAUSE = 0.05
 FINAL_REPORT_FILES = MAX_REPORT
 #: ...in at most this many of its first datagrams (each read whole)...
 FINAL_REPORT_DATAGRAMS = 64
-#: ...and this many bytes of them: unpacking a pathological datagram of 64 KiB
-#: takes a few milliseconds (docs/security.md, attack 14).
-FINAL_REPORT_BYTES = 128 * 1024
+#: ...until they took this many bytes: unpacking a pathological datagram of
+#: 64 KiB takes milliseconds (docs/security.md, attack 14), so at most two are.
+FINAL_REPORT_BYTES = 64 * 1024
 #: Datagrams a new connection's task answers before it first parks.
 FIRST_ANSWERED = 2
 #: A stand-in length for a hit's reply sent by the C path: every reply
