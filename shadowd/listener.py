@@ -98,12 +98,19 @@ def check_writable(directory: str) -> None:
     """Refuse a directory this user may not create the socket in, naming it (not the
     lock file, the first thing made there): a user's daemon asked for the host's
     socket (/run/shadowd) must be told to choose a socket of its own."""
-    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
-        error = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        raise ConfigError(
-            f"cannot create the socket in {directory}: {error.strerror}"
-            + _not_this_users(directory, error)
-        )
+    if os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        return
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:  # access(2) says no to root too there
+        raise ConfigError(f"cannot create the socket in {directory}: {os.strerror(errno.EROFS)}")
+    error = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    raise ConfigError(
+        f"cannot create the socket in {directory}: {error.strerror}"
+        + _not_this_users(directory, error)
+    )
 
 
 def _not_this_users(directory: str, exc: OSError) -> str:

@@ -29,6 +29,7 @@ from .conftest import (
     settle,
     test_uid,
 )
+from .mounts import detach, mount
 
 
 def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -210,6 +211,27 @@ async def test_a_user_refused_the_sockets_directory_is_told_so_not_about_the_loc
         assert f"uid {user} may not write to {run_dir} (owner uid 0, mode 0755)" in lines[0]
         assert "--socket" in lines[0] and "XDG_RUNTIME_DIR" in lines[0]
     assert os.listdir(run_dir) == []
+
+
+@requires_root
+async def test_a_socket_directory_on_a_read_only_file_system_is_named_as_such(
+    shared_dir: Path,
+) -> None:
+    """A directory on a read-only mount refuses root too: the one line says so, and
+    tells no one to run as another user."""
+    ro = shared_dir / "ro"
+    ro.mkdir()
+    try:
+        mount("tmpfs", ro, "tmpfs", os.ST_RDONLY, "size=1m,mode=755")  # MS_RDONLY
+    except OSError as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    try:
+        with trio.fail_after(30):
+            proc = await run("serve", "--socket", str(ro / "x.sock"))
+    finally:
+        detach(ro)
+    line = one_line_error(proc, 2, str(ro), "Read-only file system")
+    assert "may not write" not in line and ".lock" not in line, line
 
 
 async def test_missing_directories_of_the_socket_are_created_and_said(shared_dir: Path) -> None:
