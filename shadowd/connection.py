@@ -192,13 +192,19 @@ class FinalReports:
             try:
                 event = conn.proto.receive(data)
             except ProtocolError:
-                pass
+                pass  # not a request: nothing to count
+            except Exception as exc:  # a bug of ours: logged, the close goes on
+                conn.services.refusals.internal(conn.peer, None, exc)
+                return False
             else:
                 if type(event) is Report:
                     try:
                         conn.services.count_report(conn, event)
                     except RequestError:
                         return False  # a peer that may not report: none is read
+                    except Exception as exc:  # a bug of ours: logged, the close goes on
+                        conn.services.refusals.internal(conn.peer, event.id, exc)
+                        return False
                     self.files += len(event.hits)
         return (
             self.files < FINAL_REPORT_FILES
