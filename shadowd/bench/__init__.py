@@ -404,8 +404,8 @@ def racy_line(r: BenchResult) -> str:
     window = f"the daemon's racy window {r.racy_window_s:g} s"
     if r.aged_s is not None:
         return (
-            f"{window}: the bench's files were written first, and waited {r.aged_s:.1f} s"
-            " for, so that the daemon cached them (hits are hits)"
+            f"{window}: the bench waited {r.aged_s:.1f} s after writing its files, so that"
+            " the daemon cached them (its hits are hits)"
         )
     return (
         f"{window} is longer than the bench waits ({MAX_AGE_WAIT:g} s): the daemon served"
