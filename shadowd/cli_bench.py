@@ -15,19 +15,10 @@ import sys
 from collections.abc import Callable
 from typing import TextIO, cast
 
-from .errors import ConfigError
-
 
 def run_bench(args: argparse.Namespace) -> int:
     """`shadowd bench`, run in a child process group (see run_interruptible)."""
-    try:
-        procs = tuple(int(p) for p in args.procs.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--procs takes numbers separated by commas, not {args.procs!r}"
-        ) from None
-    if not procs or min(procs) < 1:
-        raise ConfigError("--procs needs at least one process count of 1 or more")
+    procs: tuple[int, ...] = args.procs  # checked by the parser (cli_flags._process_counts)
     progress_tty = sys.stderr.isatty()
 
     def body() -> int:

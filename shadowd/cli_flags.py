@@ -101,6 +101,26 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _process_counts(text: str) -> tuple[int, ...]:
+    """An argparse type: process counts of 1 or more, separated by commas (none empty:
+    '1,,2' is a typo, not 1,2)."""
+    counts = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(
+                f"process counts separated by commas, none of them empty, not {text!r}"
+            )
+        try:
+            count = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number (in {text!r})") from None
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"each count must be at least 1, not {item!r}")
+        counts.append(count)
+    return tuple(counts)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the flag, without the usage block."""
 
@@ -337,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--procs",
+        type=_process_counts,
         default="1,4,8",
         help="client process counts for throughput, comma separated (default %(default)s)",
     )

@@ -15,7 +15,8 @@
 # leave a received fd unclosed on any path (a job that is never answered is
 # dropped with its fds); close on the loop a socket that still has a peer's
 # fds queued (the kernel would release them here: drain_final); let one
-# client's bug end anyone else's connection.
+# client's bug end anyone else's connection; do more than a bounded amount of
+# work on what a closing connection left queued (FinalReports).
 from __future__ import annotations
 
 import collections
@@ -37,11 +38,13 @@ from .fds import FdHolder, close_all, close_holders, fds_from_ancdata, scm_right
 from .inflight import FdBudget, Outbox
 from .poller import Poller
 from .protocol import (
+    MAX_REPORT,
     SCM_MAX_FD,
     ErrorCode,
     ErrorReply,
     ProtocolError,
     Reply,
+    Report,
     Request,
     ServerConnection,
 )
@@ -63,6 +66,14 @@ DRAIN_AT_CLOSE = 1024
 REFRESH_EVERY = 0.01
 #: How long a connection of a uid at its bound of fds waits before looking again.
 OVER_BUDGET_PAUSE = 0.05
+#: The reports a closing connection left queued are counted up to this many
+#: files in all (FinalReports): about one report's work more, on the loop.
+FINAL_REPORT_FILES = MAX_REPORT
+#: ...in at most this many of its first datagrams (each read whole)...
+FINAL_REPORT_DATAGRAMS = 64
+#: ...until they took this many bytes: unpacking a pathological datagram of
+#: 64 KiB takes milliseconds (docs/security.md, attack 14), so at most two are.
+FINAL_REPORT_BYTES = 64 * 1024
 #: Datagrams a new connection's task answers before it first parks.
 FIRST_ANSWERED = 2
 #: A stand-in length for a hit's reply sent by the C path: every reply
@@ -133,6 +144,9 @@ class Services:
     max_inflight: int
     #: The poller's answer to one datagram of a connection (server.py).
     answer: Callable[[Connection], bool]
+    #: Counts a report read from a closing connection's queue, unanswered
+    #: (dispatch.py; raises the refusal of a peer that may not report).
+    count_report: Callable[[Connection, Report], None]
 
 
 class Left(enum.Enum):
@@ -148,8 +162,62 @@ class Left(enum.Enum):
     HELD = "held"
 
 
+class FinalReports:
+    """The `report` requests a closing connection left queued, counted unanswered.
+
+    A client that closes without waiting for the answers to its last reports
+    (client/c's shadowd_close, an Opener's close) has them queued behind an
+    answer that fails once it is gone (EPIPE), or behind the reset its close
+    made; its connection then ends with them unread. Statistics are no
+    reason to answer anything, but what a client told should be counted:
+    drain_final hands each datagram it reads whole to this, which counts the
+    reports among them, bounded (FINAL_REPORT_FILES, FINAL_REPORT_DATAGRAMS,
+    FINAL_REPORT_BYTES), and ignores the rest (nothing else is answered or done).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        #: The size drain_final reads each datagram with.
+        self.size = conn.proto.limits.max_request
+        self.files = 0
+        self.datagrams = 0
+        self.bytes = 0
+
+    def __call__(self, data: bytes, nfds: int) -> bool:
+        """Count *data* if it is a report (none carries fds); False: take no more."""
+        self.datagrams += 1
+        self.bytes += len(data)
+        conn = self.conn
+        if not nfds:
+            try:
+                event = conn.proto.receive(data)
+            except ProtocolError:
+                pass  # not a request: nothing to count
+            except Exception as exc:  # a bug of ours: logged, the close goes on
+                conn.services.refusals.internal(conn.peer, None, exc)
+                return False
+            else:
+                if type(event) is Report:
+                    try:
+                        conn.services.count_report(conn, event)
+                    except RequestError:
+                        return False  # a peer that may not report: none is read
+                    except Exception as exc:  # a bug of ours: logged, the close goes on
+                        conn.services.refusals.internal(conn.peer, event.id, exc)
+                        return False
+                    self.files += len(event.hits)
+        return (
+            self.files < FINAL_REPORT_FILES
+            and self.datagrams < FINAL_REPORT_DATAGRAMS
+            and self.bytes < FINAL_REPORT_BYTES
+        )
+
+
 def drain_final(
-    sock: socket.socket, limit: int, room: Callable[[int], bool] = lambda _n: True
+    sock: socket.socket,
+    limit: int,
+    room: Callable[[int], bool] = lambda _n: True,
+    take: FinalReports | None = None,
 ) -> tuple[list[int], Left]:
     """Make what the peer queued on *sock* final and read it, before *sock* is closed:
     the fds its datagrams carried (for the caller to give to the Closer), and what is
@@ -167,6 +235,10 @@ def drain_final(
     to be closed here, and although the queue still holds each file (never
     its last close), every close(2) flushes the file: a FUSE server that
     never answers FLUSH would hold the loop (attack 23).
+
+    *take*: each datagram read whole (at most take.size bytes), with how many
+    fds it carried, until it says no more (FinalReports); else one byte of
+    each is read.
 
     The kernel drops what a socket still has queued in the thread that closes
     it (or that reads it without room for its fds), and the last close of a
@@ -193,7 +265,9 @@ def drain_final(
                 return fds, Left.HELD  # it carries fds: left queued, for a worker's close
             # No fds: taken out of the queue below, with nothing to release.
         try:
-            _n, anc, flags, _ = sock.recvmsg(1, _FINAL_ANCSIZE, _DROP_FLAGS)
+            data, anc, flags, _ = sock.recvmsg(
+                1 if take is None else take.size, _FINAL_ANCSIZE, _DROP_FLAGS
+            )
         except OSError:
             return fds, Left.HELD
         if not anc:
@@ -201,7 +275,10 @@ def drain_final(
         if flags & MSG_CTRUNC:
             # No room in our fd table: the kernel dropped the rest, here.
             logger.warning("fds of a closing connection dropped by the kernel (fd limit)")
-        fds.extend(fds_from_ancdata(anc))
+        got = fds_from_ancdata(anc)
+        fds.extend(got)
+        if take is not None and not flags & MSG_TRUNC and not take(data, len(got)):
+            take = None
     return fds, Left.MORE
 
 
@@ -432,8 +509,10 @@ class Connection:
 
     def _drain(self) -> None:
         budget, share = self.services.budget, self.share
+        # Reports are counted from the first drain only: one bounded amount of work.
+        take = FinalReports(self) if self._left is None and self.proto.reports else None
         fds, self._left = drain_final(
-            self.sock, DRAIN_AT_CLOSE, lambda n: budget.allows(share.fds, n)
+            self.sock, DRAIN_AT_CLOSE, lambda n: budget.allows(share.fds, n), take
         )
         if fds:
             self.services.discard(fds, self.share)

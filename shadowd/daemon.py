@@ -296,10 +296,29 @@ def _listener(config: ServerConfig, passed: list[PassedFd]) -> tuple[Listener, l
         # unit): the socket is ours to create, where it goes by default.
         path = config.socket_path or resolve_socket_path(None)
         listener = Listener.bind(path, mode=config.socket_mode, group=config.socket_group)
+        _warn_if_open_to_others(config, path)
         return listener, others
     except BaseException:
         close_all(p.fd for p in passed)
         raise
+
+
+def _warn_if_open_to_others(config: ServerConfig, path: str) -> None:
+    """One warning at start when --socket-mode lets any user of the host connect."""
+    mode = config.socket_mode
+    if not mode & 0o002:
+        return
+    if config.access.open_to_all:
+        served = "every uid is served: name who may be with --allow-uid or --allow-gid"
+    else:
+        served = "only the uids of --allow-uid and --allow-gid (and the daemon's own) are served"
+    logger.warning(
+        "--socket-mode %04o lets every user on this host connect to %s (others may write "
+        "to it); %s",
+        mode,
+        path,
+        served,
+    )
 
 
 async def _report_status(server: Server, notifier: systemd.Notifier) -> None:

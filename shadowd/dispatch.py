@@ -252,7 +252,7 @@ class Dispatcher:
     def answer_report(self, conn: Connection, event: Report) -> bool:
         """Index hits a client served itself: counted, acknowledged now."""
         try:
-            self._count_reported(conn, event)
+            self.count_report(conn, event)
         except Exception as exc:  # a refusal, or a bug of ours
             return conn.refuse_now(event.id, exc)
         data, _ = conn.proto.send(Reported(id=event.id))
@@ -330,8 +330,9 @@ class Dispatcher:
         assert self.index is not None
         return IndexReply(id=event.id, fd=fd, pid=os.getpid(), slots=self.index.slots)
 
-    def _count_reported(self, conn: Connection, event: Report) -> None:
-        """Hits a client served itself through the index: counted, and in the LRU order."""
+    def count_report(self, conn: Connection, event: Report) -> None:
+        """Hits a client served itself through the index: counted, and in the LRU order.
+        Raises the refusal of a peer that may not report."""
         self._may_read_index(conn)
         cache = self.opens.cache
         index = cache.index

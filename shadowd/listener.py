@@ -63,6 +63,72 @@ def check_directory(directory: str) -> None:
         )
 
 
+def make_directories(directory: str) -> list[str]:
+    """Create *directory* and whichever of its parents are missing (0755, less the
+    umask), as `serve --socket` promises; log one line naming those it created, so an
+    operator who mistyped a path sees where the socket went. The ones created,
+    outermost first."""
+    missing = []
+    here = os.path.abspath(directory)
+    while not os.path.lexists(here):
+        missing.append(here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    if not missing:
+        return []
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the socket's directory {missing[0]}: {exc.strerror}"
+            + _not_this_users(os.path.dirname(missing[-1]), exc)
+        ) from exc
+    missing.reverse()
+    logger.info(
+        "created the socket's directory %s (mode %04o)",
+        ", ".join(missing),
+        stat.S_IMODE(os.stat(missing[-1]).st_mode),
+    )
+    return missing
+
+
+def check_writable(directory: str) -> None:
+    """Refuse a directory this user may not create the socket in, naming it (not the
+    lock file, the first thing made there): a user's daemon asked for the host's
+    socket (/run/shadowd) must be told to choose a socket of its own."""
+    if os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        return
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:  # access(2) says no to root too there
+        raise ConfigError(f"cannot create the socket in {directory}: {os.strerror(errno.EROFS)}")
+    error = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    raise ConfigError(
+        f"cannot create the socket in {directory}: {error.strerror}"
+        + _not_this_users(directory, error)
+    )
+
+
+def _not_this_users(directory: str, exc: OSError) -> str:
+    """What a user refused *directory* (EACCES) can do instead."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    try:
+        st = os.stat(directory)
+        whose = f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+    except OSError:
+        whose = ""
+    return (
+        f"; uid {os.geteuid()} may not write to {directory}{whose}: run shadowd as a user "
+        "who may, or give --socket a path in a directory of this user's (without "
+        "--socket, a user's daemon serves on $XDG_RUNTIME_DIR/shadowd/shadowd.sock)"
+    )
+
+
 def _probe(path: str) -> bool:
     """True when a server answers on the socket at *path*."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -102,11 +168,9 @@ class Listener:
         """Create, bind and listen on *path*, replacing a stale socket there."""
         gid = resolve_group(group)
         directory = os.path.dirname(path) or "."
-        try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+        make_directories(directory)
         check_directory(directory)
+        check_writable(directory)
         lock = cls._take_lock(path)
         try:
             cls._check_existing(path)

@@ -96,7 +96,8 @@ _SCALARS: tuple[tuple[str, str, str, str], ...] = (
     (
         "shadowd_served_uncached_total",
         "counter",
-        "Copies served but not cached (too new, too large, over budget).",
+        "Copies served but not cached (too new, too large, over budget, a writer had the "
+        "file open, it changed during the copy, its inode could not be watched).",
         "uncached",
     ),
     ("shadowd_copies_total", "counter", "Files copied into memfds.", "copies"),

@@ -316,6 +316,7 @@ class Server:
             handle=self.dispatcher.handle,
             max_inflight=self._max_inflight,
             answer=self._answer_ready,
+            count_report=self.dispatcher.count_report,
         )
         acceptor = Acceptor(
             gate=self.gate,

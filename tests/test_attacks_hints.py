@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,77 @@ async def test_reports_of_huge_hit_counts_do_not_break_anyones_stats(
 
     with trio.fail_after(60):
         await trio.to_thread.run_sync(work)
+
+
+REPORTS_THEN_GONE = """
+from tests.wire import Raw
+raw = Raw({path!r}, timeout=20)
+out("ready")
+recv()
+raw.sock.setblocking(False)
+sent = 0
+try:
+    for i in range({n}):
+        raw.send({{"op": "report", "id": 1 + i, "hits": [[{dev}, {ino}, {hits}]]}})
+        sent += 1
+except BlockingIOError:
+    pass  # the socket is full
+raw.close()
+out(sent)
+recv()
+"""
+
+
+async def test_reports_left_queued_by_a_closed_connection_are_counted_within_a_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Reports queued behind an answer that fails (the client closed) are read and
+    counted when the connection ends, but only a bounded number (FINAL_REPORT_DATAGRAMS,
+    64): 100 queued reports of one hit each, sent while the daemon is stopped, count
+    65 (the first answered, the rest read at the end), not 1 (before) nor 100; and
+    another uid's queued reports, which it may not send at all, count nothing."""
+    from shadowd_client import Client
+
+    from shadowd.connection import FINAL_REPORT_DATAGRAMS
+
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "lib.so", b"x" * 100_000)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[list[int], int]:
+        with Client(d.socket_path, timeout=10) as c:
+            os.close(c.open(f))
+        st = f.stat()
+        base = index_hits()
+        children = []
+        sent: list[int] = []
+        try:
+            for uid, hits in (FIRST_ATTACKER, 2**40), (0, 1):
+                code = REPORTS_THEN_GONE.format(
+                    path=str(d.socket_path), n=100, dev=st.st_dev, ino=st.st_ino, hits=hits
+                )
+                children.append(spawn_as(uid, code))
+                assert children[-1].recv() == "ready"  # its hello answered
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                for child in children:
+                    child.send("go")
+                    sent.append(child.recv())
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+        finally:
+            for child in children:
+                child.close()
+        deadline = time.monotonic() + 10
+        while index_hits() - base < FINAL_REPORT_DATAGRAMS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # anything more would be counted by now
+        return sent, index_hits() - base
+
+    with trio.fail_after(60):
+        sent, counted = await trio.to_thread.run_sync(work)
+    assert sent[1] > FINAL_REPORT_DATAGRAMS + 1, sent  # more than the bound queued
+    assert counted == FINAL_REPORT_DATAGRAMS + 1, (sent, counted)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import shadowd_client.index as index_module
 import trio
@@ -16,7 +17,7 @@ import trio
 from shadowd import hotcalls
 from shadowd.bench import c_compiler
 
-from .conftest import REPO, repo_env
+from .conftest import REPO, Daemon, repo_env
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -116,6 +117,29 @@ async def test_bench_table_and_bad_flags() -> None:
         bad = await trio.to_thread.run_sync(lambda: run_bench("--procs", "x"))
     assert bad.returncode == 2 and "--procs" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_bench_against_a_daemon_with_a_racy_window_measures_cached_files(
+    start_daemon: Any,
+) -> None:
+    """`shadowd bench --socket S` writes its files at the start, and a daemon run as
+    usual caches no file younger than its racy window (here 0.5 s): the bench waits
+    that long (the hello says how long) before it measures, and says so, so that its
+    "hit" columns are hits. Before, every serve of its files was a copy the daemon
+    did not keep (served uncached), and nothing said so."""
+    d: Daemon = await start_daemon("--racy-window", "0.5")
+    with trio.fail_after(150):
+        tiny = ["--rounds", "3", "--procs", "1", "--seconds", "0.2", "--memory-procs", "0"]
+        proc = await trio.to_thread.run_sync(
+            lambda: run_bench("--socket", str(d.socket_path), *tiny, "--connections", "0")
+        )
+        assert proc.returncode == 0, proc.stderr
+        from shadowd_client import Client
+
+        with Client(d.socket_path, timeout=10) as c:
+            s = c.stats()
+    assert s["uncached"] == 0 and s["hits"] > 0, (s["uncached"], s["hits"])
+    assert "racy window 0.5 s" in proc.stdout and "waited" in proc.stdout, proc.stdout
 
 
 async def test_bench_on_a_socket_nobody_answers_is_one_line(tmp_path: Path) -> None:

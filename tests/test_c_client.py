@@ -1278,6 +1278,48 @@ async def test_a_reply_whose_descriptor_finds_no_number_here_is_the_callers_emfi
     assert "LOG" not in log, log
 
 
+async def test_an_index_answer_whose_descriptor_finds_no_number_here_is_asked_again(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """At the process's fd limit the kernel drops the index's descriptor from the
+    daemon's answer (MSG_CTRUNC): the client holds no index then, and asks for it again
+    at the next call, on the same connection, without a breaker or a log line: once
+    numbers are free again, the next index open gets the index and hits."""
+    d_ = await start_daemon("--racy-window", "0.05")
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    d = driver()
+    for cmd in ("socket", d_.socket_path), ("timeouts", 2000, 2000, 0), ("log", "capture"):
+        await ask(d, *cmd)
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(cache_them, d_, [f])
+        clients = (await trio.to_thread.run_sync(stats, d_))["clients_total"]
+        # One number left: the connection's socket takes it, and the index's
+        # descriptor, in the answer to the request behind the hello, finds none.
+        assert (await ask(d, "fdlimit", 1))["limited"] == 1
+        starved = await ask(d, "indexready")
+        await ask(d, "fdlimit", "off")
+        hit = await ask(d, "indexopen", f)  # the next call asks again, and hits
+        again = await ask(d, "indexready")
+        counts = await ask(d, "counts")
+        clients_after = (await trio.to_thread.run_sync(stats, d_))["clients_total"]
+        log = await trio.to_thread.run_sync(d.finish)
+    assert starved["ready"] == 0 and again["ready"] == 1, (starved, again)
+    assert hit["served"] == 1 and hit["hash"] == digest, hit
+    assert counts["index"] == 1 and counts["available"] == 1, counts
+    assert clients_after == clients + 2, "one connection of the driver's, one of the stats'"
+    assert "LOG" not in log, log
+
+
+def cache_them(daemon: Daemon, files: list[Path]) -> None:
+    """Open *files* through *daemon* once each: cached (a miss waits for the copy)."""
+    from shadowd_client import Client
+
+    with Client(daemon.socket_path, timeout=10) as c:
+        for f in files:
+            os.close(c.open(f))
+
+
 async def test_a_stopped_daemon_costs_five_fresh_processes_less_than_3_s(
     c_client: str, start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -2896,6 +2938,54 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
         after = await counted_once(daemon, "index_hits", before["index_hits"] + 7)
     assert counts["index"] == counts["reported"] == 7, counts
     assert after["index_hits"] == before["index_hits"] + 7
+
+
+async def test_a_close_in_several_reports_while_the_daemon_is_stopped_loses_none(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """The last reports of a close fill three requests under a small --max-request (35
+    files each). The daemon is stopped: the close waits its reply timeout for their
+    answers, then closes its socket with all three queued. Continued, the daemon's
+    answer to the first fails (its client is gone), and it still counts every hit of
+    the three: the reports queued behind a failed answer are read at the connection's
+    end and counted (before, only the first was)."""
+    daemon = await start_daemon("--racy-window", "0.05", "--max-request", "1024")
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(100):
+        make_file(files / str(i), os.urandom(100 + i))
+    settle(*files.iterdir())
+
+    def cache_them() -> None:
+        from shadowd_client import Client
+
+        with Client(daemon.socket_path, timeout=10) as c:
+            for f in files.iterdir():
+                os.close(c.open(f))  # a miss waits for the daemon's copy
+
+    d = driver()
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(cache_them)
+        for cmd in ("socket", daemon.socket_path), ("timeouts", 10_000, 300, 0), ("log", "quiet"):
+            await ask(d, *cmd)
+        assert (await ask(d, "indexready"))["ready"] == 1
+        before = await trio.to_thread.run_sync(stats, daemon)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            # 100 files, one hit each: fewer than a report's 256 hits, none sent yet
+            hit = await ask(d, "indexround", 100, files, 100)
+            await ask(d, "close")  # three reports, their answers waited for 0.3 s
+            counts = await ask(d, "counts")
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        want = before["index_hits"] + 100
+        deadline = time.monotonic() + 5
+        while (after := await trio.to_thread.run_sync(stats, daemon))["index_hits"] < want:
+            if time.monotonic() > deadline:
+                break
+            await trio.sleep(0.01)
+    assert hit["served"] == 100 and counts["reported"] == 100, (hit, counts)
+    assert after["index_hits"] == want, (after["index_hits"], want)
 
 
 async def test_index_hits_while_the_daemon_reads_nothing_are_all_reported_later(

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,17 @@ import trio
 from shadowd.cli_flags import parse_size
 
 from . import promtext
-from .conftest import REPO, Daemon, make_file, repo_env, settle
+from .conftest import _DROP_AND_SERVE as DROP_AND_SERVE
+from .conftest import (
+    REPO,
+    Daemon,
+    make_file,
+    repo_env,
+    requires_root,
+    settle,
+    test_uid,
+)
+from .mounts import detach, mount
 
 
 def shadowd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -164,6 +175,120 @@ async def test_path_that_is_not_a_socket_is_never_replaced(shared_dir: Path) -> 
         proc = await run("serve", "--socket", str(path))
     assert proc.returncode != 0 and "not a socket" in proc.stderr
     assert path.read_text() == "do not delete"
+
+
+@requires_root
+async def test_a_user_refused_the_sockets_directory_is_told_so_not_about_the_lock(
+    shared_dir: Path,
+) -> None:
+    """`shadowd serve --socket` as a user who may not write to the directory (root's,
+    0755, as /run/shadowd is): one line naming the directory and what to do, not the
+    lock file (the first thing the daemon made there); and as one who may not create
+    the missing directory either."""
+    run_dir = shared_dir / "run"
+    run_dir.mkdir(mode=0o755)
+    user = test_uid(60)
+
+    def serve_as(path: Path) -> subprocess.CompletedProcess[str]:
+        drop = [sys.executable, "-c", DROP_AND_SERVE, str(user), str(user), ""]
+        return subprocess.run(
+            [*drop, "serve", "--socket", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=repo_env(),
+            check=False,
+        )
+
+    with trio.fail_after(60):
+        there = await trio.to_thread.run_sync(serve_as, run_dir / "x.sock")
+        below = await trio.to_thread.run_sync(serve_as, run_dir / "sub" / "x.sock")
+    for proc, named in (there, run_dir), (below, run_dir / "sub"):
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert str(named) in lines[0] and ".lock" not in lines[0], lines
+        assert f"uid {user} may not write to {run_dir} (owner uid 0, mode 0755)" in lines[0]
+        assert "--socket" in lines[0] and "XDG_RUNTIME_DIR" in lines[0]
+    assert os.listdir(run_dir) == []
+
+
+@requires_root
+async def test_a_socket_directory_on_a_read_only_file_system_is_named_as_such(
+    shared_dir: Path,
+) -> None:
+    """A directory on a read-only mount refuses root too: the one line says so, and
+    tells no one to run as another user."""
+    ro = shared_dir / "ro"
+    ro.mkdir()
+    try:
+        mount("tmpfs", ro, "tmpfs", os.ST_RDONLY, "size=1m,mode=755")  # MS_RDONLY
+    except OSError as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    try:
+        with trio.fail_after(30):
+            proc = await run("serve", "--socket", str(ro / "x.sock"))
+    finally:
+        detach(ro)
+    line = one_line_error(proc, 2, str(ro), "Read-only file system")
+    assert "may not write" not in line and ".lock" not in line, line
+
+
+async def test_missing_directories_of_the_socket_are_created_and_said(shared_dir: Path) -> None:
+    """`serve --socket A/B/C/x.sock` creates A/B/C (0755) as it always did, and says so
+    in one line of its log naming each, outermost first; a directory that was there is
+    not named (before, nothing was said)."""
+    (shared_dir / "a").mkdir()
+    path = shared_dir / "a" / "b" / "c" / "x.sock"
+    log = shared_dir / "serve.log"
+
+    def serve() -> str:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shadowd", "serve", "--socket", str(path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=repo_env(),
+            )
+            try:
+                deadline = time.monotonic() + 20
+                while not path.exists():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.01)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(20) == 0
+        return log.read_text()
+
+    with trio.fail_after(60):
+        text = await trio.to_thread.run_sync(serve)
+    said = [ln for ln in text.splitlines() if "created the socket's directory" in ln]
+    b, c = shared_dir / "a" / "b", shared_dir / "a" / "b" / "c"
+    assert len(said) == 1 and said[0].endswith(f"directory {b}, {c} (mode 0755)"), text
+    assert stat.S_IMODE(os.stat(c).st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    ("mode", "allow", "warned"),
+    [
+        ("0666", [], "every uid is served"),
+        ("0777", ["--allow-uid", "0"], "only the uids of --allow-uid"),
+        ("0660", [], None),
+    ],
+)
+async def test_a_socket_mode_open_to_every_user_is_warned_of_once(
+    start_daemon: Any, mode: str, allow: list[str], warned: str | None
+) -> None:
+    """--socket-mode with "other" write lets anyone on the host connect: one warning at
+    start, saying who is served then (before, none)."""
+    d: Daemon = await start_daemon("--socket-mode", mode, *allow)
+    said = [ln for ln in d.log().splitlines() if "lets every user on this host" in ln]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and "WARNING" in said[0] and warned in said[0], said
+        assert f"--socket-mode {mode}" in said[0] and str(d.socket_path) in said[0]
 
 
 async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_path: Path) -> None:
@@ -338,6 +463,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
             ["--socket-group", "no such group", "no-such-group-x"],
         ),
         (["bench", "--seconds", "-1"], ["--seconds"]),
+        (["bench", "--procs", "1,,2"], ["--procs", "'1,,2'", "empty"]),
+        (["bench", "--procs", "1,2,"], ["--procs", "'1,2,'", "empty"]),
+        (["bench", "--procs", "1,x"], ["--procs", "'x'", "not a number"]),
+        (["bench", "--procs", "4,0"], ["--procs", "at least 1", "'0'"]),
         (["bench", "--memory-procs", "-2"], ["--memory-procs", "at least 0"]),
         (["stats", "--json", "--textfile", "x.prom"], ["--textfile", "--json"]),
         ([], ["COMMAND"]),

@@ -531,6 +531,36 @@ with Client({str(d.socket_path)!r}, timeout=10) as c:
     assert got == [True, 40_000]
 
 
+async def test_client_report_splits_by_the_daemons_max_request(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Client.report of 300 files to a daemon run with --max-request 1024: as the
+    first request of a new connection (the hello's answer, and with it the daemon's
+    limit, not read yet) and on a greeted one, it goes in requests the daemon takes,
+    and every hit is counted. Before, it split by the protocol's 4096 files: one
+    request of 8 KiB, refused (request-too-large) and its connection closed."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    f = make_file(tmp_path / "lib.so", os.urandom(40_000))
+    settle(f)
+    st = f.stat()
+    hits = [(st.st_dev, st.st_ino, 1)] + [(st.st_dev, st.st_ino + 1 + i, 2) for i in range(299)]
+
+    def work() -> tuple[int, int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            base = int(c.stats()["index_hits"])
+        with Client(d.socket_path, timeout=10) as c:
+            c.report(hits)  # its first request: the limit is not known yet
+            first = int(c.stats()["index_hits"]) - base
+            c.report(hits)  # the hello's answer read: the daemon's own limit
+            second = int(c.stats()["index_hits"]) - base - first
+            return first, second, c.connections
+
+    with trio.fail_after(60):
+        first, second, connections = await in_thread(work)
+    assert first == second == 1 + 299 * 2
+    assert connections == 1  # none refused (a refusal closes the connection)
+
+
 @requires_root
 async def test_root_takes_the_index_of_a_daemon_of_another_uid_through_o_path_only(
     start_daemon: Any, shared_dir: Path, index_path: str

@@ -383,6 +383,113 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
     assert took < 10, took  # before: the 20 s timeout, waiting for the stopped daemon
 
 
+async def test_a_last_report_in_several_requests_to_a_stopped_daemon_loses_none(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The last report of an Opener's close takes three requests under a 1 KiB
+    --max-request (35 files each), and the daemon is stopped. Every request is sent
+    before any answer is waited for; the wait (one reply timeout) ends, the Opener
+    closes, and the daemon, continued, counts every hit: the requests behind the answer
+    that fails (its client gone) are counted at the connection's end. Before, the
+    close sent the first, waited for its answer in vain, and never sent the others."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(100)]
+    settle(*files)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def work() -> tuple[int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for f in files:
+                os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.5)
+        for f in files:  # fewer than a report's 256 hits: none sent yet
+            os.close(opener.open(f))
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            opener.close()
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        return base, opener.index_opens
+
+    with trio.fail_after(60):
+        base, served = await in_thread(work)
+        deadline = time.monotonic() + 5
+        while (told := await in_thread(index_hits) - base) < served:
+            if time.monotonic() > deadline:
+                break
+            await trio.sleep(0.02)
+    assert served == 100 and told == served, (served, told)
+
+
+async def test_hits_past_the_report_table_of_256_files_are_kept_as_hits_of_no_file(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The Opener keeps the hits of at most 256 files apart (REPORT_FILES) until a report
+    carries them. A report of 256 files (in requests of 35 under a 1 KiB --max-request)
+    waits for a stopped daemon's answer to its first request, in vain; meanwhile 255
+    index hits of other files fill the table again. What the report did not send is
+    merged back: the table keeps 256 files and the hits of the rest are kept as file
+    (0, 0). Once the daemon answers again, it is told every hit: its index_hits ends
+    equal to the Opener's index opens, those of no file included."""
+    from shadowd_client.opener import REPORT_FILES
+
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
+    files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(511)]
+    settle(*files)
+    per = (1024 - 32) // 28  # files in one report request (Session.max_report)
+
+    def index_hits() -> int:
+        with Client(d.socket_path, timeout=10) as c:
+            return int(c.stats()["index_hits"])
+
+    def hits(opener: Opener, some: list[Path]) -> None:
+        for f in some:
+            os.close(opener.open(f))
+
+    def work() -> tuple[int, int, int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for f in files:
+                os.close(c.open(f))  # cached: in the daemon's index
+        base = index_hits()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=2, retry_after=0.05)
+        try:
+            hits(opener, files[:1])  # its connection and the index, from the daemon
+            assert opener.index_opens == 1
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                # The 256th hit's report waits for the stopped daemon (up to 2 s).
+                first = threading.Thread(target=hits, args=(opener, files[1:256]))
+                first.start()
+                deadline = time.monotonic() + 10
+                while opener.index_opens < 256 or opener._unreported:  # sent, then taken
+                    assert time.monotonic() < deadline, opener.index_opens
+                    time.sleep(0.001)
+                hits(opener, files[256:])  # 255 more files while it waits
+                assert opener.index_opens == 511
+                first.join(30)
+                assert not first.is_alive()
+                table, spilled = len(opener._unreported), opener._spilled
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            time.sleep(0.2)  # past the breaker's window
+        finally:
+            opener.close()  # the last report: every hit kept
+        return base, opener.index_opens, table, spilled
+
+    with trio.fail_after(90):
+        base, served, table, spilled = await in_thread(work)
+        deadline = time.monotonic() + 10
+        while (told := await in_thread(index_hits) - base) < served:
+            assert time.monotonic() < deadline, f"the daemon counted {told} of {served} hits"
+            await trio.sleep(0.02)
+    assert table == REPORT_FILES and spilled == (256 - per) + 255 - REPORT_FILES, (table, spilled)
+    assert served == 511 and told == served, (served, told)
+
+
 async def test_a_report_is_split_to_fit_the_daemons_max_request(
     start_daemon: Any, tmp_path: Path
 ) -> None:

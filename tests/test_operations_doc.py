@@ -100,3 +100,22 @@ def test_the_bench_takes_one_duration_everywhere() -> None:
     for text in (readme, perf, usage):
         assert "about 45 seconds" in text
         assert "half a minute" not in text and "~45 s" not in text
+
+
+def test_the_reasons_a_copy_is_served_uncached_agree_with_the_docs() -> None:
+    """`shadowd_served_uncached_total`'s help and docs/operations.md's "served
+    uncached" row name the same reasons (before, the help named three of six)."""
+    help_line = next(
+        line
+        for line in format_prometheus(sample_stats()).splitlines()
+        if line.startswith("# HELP shadowd_served_uncached_total ")
+    )
+    row = next(line for line in DOC.splitlines() if line.startswith("| served uncached |"))
+
+    def reasons(text: str) -> list[str]:
+        inside = re.search(r"\(([^)]*)\)", text)
+        assert inside is not None, text
+        return [r.strip() for r in inside.group(1).split(",")]
+
+    assert reasons(help_line) == reasons(row)
+    assert "it changed during the copy" in reasons(row)  # filling.py's reasons, all six

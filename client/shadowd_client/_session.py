@@ -23,6 +23,7 @@ from shadowd.paths import SocketChoice, find_socket
 from shadowd.protocol import (
     MAX_BATCH_LIMIT,
     MAX_REPORT,
+    MIN_MAX_REQUEST,
     PROTOCOL_VERSION,
     BadFds,
     BatchOpened,
@@ -271,17 +272,24 @@ class Session:
 
     @property
     def max_report(self) -> int:
-        """The most files one report carries within the daemon's ``max_request``: a
-        file's triple takes at most 28 bytes, the map around them 32 (kept from 1 to
-        the protocol's MAX_REPORT)."""
-        room = self.proto.server_limits.get("max_request", 0)
-        return min(max((room - 32) // 28, 1), MAX_REPORT) if room else MAX_REPORT
+        """The most files one report carries within the daemon's ``max_request``
+        (:func:`max_report_of`)."""
+        return max_report_of(self.proto)
 
     @property
     def max_batch(self) -> int:
         """The most fds one batch carries: the daemon's limit, kept from 1 to what a
         reply can carry back (MAX_BATCH_LIMIT) whatever its hello said."""
         return min(max(self.proto.server_limits.get("max_batch", 1), 1), MAX_BATCH_LIMIT)
+
+
+def max_report_of(proto: ClientConnection) -> int:
+    """The most files one report carries within the daemon's ``max_request``: a
+    file's triple takes at most 28 bytes, the map around them 32 (kept from 1 to
+    the protocol's MAX_REPORT). Until the hello's answer says, the least any
+    daemon accepts (MIN_MAX_REQUEST)."""
+    room = proto.server_limits.get("max_request", MIN_MAX_REQUEST)
+    return min(max((room - 32) // 28, 1), MAX_REPORT)
 
 
 def opened_fd(reply: Reply) -> int:

@@ -19,7 +19,6 @@ from typing import Any
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.protocol import (
-    MAX_REPORT,
     PROTOCOL_VERSION,
     ClientConnection,
     ErrorCode,
@@ -53,6 +52,7 @@ from ._session import (
     filled_memfd,
     label_for,
     lookup_result,
+    max_report_of,
     open_source,
     opened_fd,
     peer_of,
@@ -76,6 +76,18 @@ from .index import BadIndex, IndexView
 
 def _report(hits: tuple[tuple[int, int, int], ...], id: int) -> Report:
     return Report(id=id, hits=hits)
+
+
+def _report_from(hits: Sequence[tuple[int, int, int]], start: int, took: list[int]) -> Make:
+    """A Make for a report of *hits* from *start* on, as many as fit the ``max_request`` of
+    the daemon it goes to; ``took[0]`` says how many did."""
+
+    def make(proto: ClientConnection) -> tuple[int, bytes, list[int]]:
+        took[0] = max_report_of(proto)
+        chunk = tuple(hits[start : start + took[0]])
+        return request_of(functools.partial(_report, chunk))(proto)
+
+    return make
 
 
 def _timeval(seconds: float) -> bytes:
@@ -137,6 +149,14 @@ class Client:
         """Connect now (and say hello) instead of on first use."""
         with self._lock:
             self._ensure_connected()
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The limits the daemon's hello answer said (``max_request``, ``max_batch``,
+        ``racy_window_ns``: docs/protocol.md, "hello"); empty until it is read
+        (:meth:`connect` reads it)."""
+        session = self._session
+        return {} if session is None else dict(session.proto.server_limits)
 
     def open(self, path: str | os.PathLike[str]) -> int:
         """A sealed, read-only fd with the bytes of *path*; the caller owns it.
@@ -291,12 +311,17 @@ class Client:
             os.close(reply.fd)
 
     def report(self, hits: Sequence[tuple[int, int, int]]) -> None:
-        """Tell the daemon of hits served through its index: (dev, ino, hits) per file."""
-        for start in range(0, len(hits), MAX_REPORT):
-            chunk = tuple(hits[start : start + MAX_REPORT])
-            reply = self._call(request_of(functools.partial(_report, chunk)))
+        """Tell the daemon of hits served through its index: (dev, ino, hits) per file.
+
+        Sent in requests that fit the daemon's ``max_request`` (as its hello said;
+        until then, as small as any daemon takes), one answer awaited at a time."""
+        start = 0
+        while start < len(hits):
+            took = [0]
+            reply = self._call(_report_from(hits, start, took))
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
+            start += took[0]
 
     def _report_here(
         self, hits: Sequence[tuple[int, int, int]], *, last: bool = False
@@ -359,19 +384,24 @@ class Client:
         the connection there is, never on a new one: how many items they carry were
         sent, and what failed (None: nothing). Each answer is read before the next
         request goes: a daemon that answers into a socket closed meanwhile (a late
-        answer, the connection dropped) drops what it had not read of it. The caller
-        keeps what was not sent (no connection whose hello was answered, a send
-        failed, or an answer failed before the next request went: a daemon stopped,
-        which reads what was sent later); once sent they count as told.
+        answer, the connection dropped) may read none of the rest. The caller keeps
+        what was not sent (no connection whose hello was answered, a send failed, or
+        an answer failed before the next request went: a daemon stopped, which reads
+        what was sent later); once sent they count as told.
 
-        *last*: the client is closed after the last request, whose answer is not
-        read. The daemon reads a request before it answers it, and every earlier
-        answer has been read, so closing with that one answer unread in the socket
-        (which resets the connection) loses nothing the daemon had not read: the
-        close of an Opener costs no round trip, and a stopped daemon does not hold it.
+        *last*: the client is closed after them. Every request is sent first, then
+        the answers to all but the last are read (and those nobody waited for,
+        which come before them), up to the reply timeout each: a socket closed with
+        an answer unread in it resets the connection, and a daemon whose answer
+        fails (its client gone) reads no further, but counts the reports it finds
+        queued when the connection ends (docs/protocol.md, "report"). The last
+        answer is not waited for: every earlier one was read, so nothing the daemon
+        has not read is behind it (the close of an Opener costs no round trip), and
+        a stopped daemon holds the close one reply timeout at most, losing nothing
+        that was sent.
 
-        Without *await_answers* (and *last*) no answer is waited for: each is dropped
-        when a later request's is read, or with the connection.
+        Without *await_answers* (and *last*) no answer is waited for: each is
+        dropped when a later request's is read, or with the connection.
         """
         sent = 0
         with self._lock:
@@ -379,19 +409,8 @@ class Client:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
                     return 0, None
-                chunks = split(session)
-                for i, (make, count) in enumerate(chunks):
-                    if last and i == len(chunks) - 1 and self._unawaited:
-                        # An answer still owed when the connection closes may find
-                        # it closed, and then the daemon reads nothing more of it.
-                        try:
-                            self._read_unawaited()
-                        except Broken as broken:
-                            self._drop()
-                            return sent, broken.error(self.socket_path)
-                        except ShadowdError as exc:
-                            self._drop()
-                            return sent, exc
+                ids: list[int] = []
+                for make, count in split(session):
                     id, data, fds = make(session.proto)
                     try:
                         self._sendmsg(data, fds)
@@ -402,26 +421,42 @@ class Client:
                         # the daemon's refusal, queued before it closed (_broken)
                         return sent, None
                     sent += count
-                    if last and i == len(chunks) - 1:
-                        break
-                    if not await_answers and not last:
+                    if last:
+                        ids.append(id)  # the answers once every request is sent
+                    elif not await_answers:
                         self._unawaited.add(id)
-                        continue
-                    try:
-                        reply = self._reply_to(id)
-                    except Broken as broken:
-                        self._drop()
-                        return sent, broken.error(self.socket_path)
-                    except ShadowdError as exc:
-                        return sent, exc
-                    if isinstance(reply, ErrorReply):
-                        return sent, refused(reply.code, reply.message)
-                    close_reply(reply)
+                    else:
+                        failure = self._answered([id])
+                        if failure is not None:
+                            return sent, failure
+                if last:
+                    failure = self._answered(ids[:-1], owed=True)
+                    if failure is not None:
+                        return sent, failure
             finally:
                 if last:
                     self._closed = True
                     self._drop()
         return sent, None
+
+    def _answered(self, ids: list[int], *, owed: bool = False) -> ShadowdError | None:
+        """Read the answers to the requests *ids*, in order (any fds in them closed);
+        with *owed*, also those nobody waited for, first. What failed (None: nothing);
+        lock held."""
+        try:
+            if owed:
+                self._read_unawaited()
+            for id in ids:
+                reply = self._reply_to(id)
+                if isinstance(reply, ErrorReply):
+                    return refused(reply.code, reply.message)
+                close_reply(reply)
+        except Broken as broken:
+            self._drop()
+            return broken.error(self.socket_path)
+        except ShadowdError as exc:
+            return exc
+        return None
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (see ``shadowd stats --json``)."""

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import attrs
 
 from .. import hotcalls
+from ..cache import CacheLimits
 from .cclient import (
     C_CLIENT_DIR,
     CLatency,
@@ -51,7 +52,7 @@ from .common import (
     wait_for_socket,
 )
 from .latency import DEFAULT_SIZES, Crowd, SizeResult, crossover, measure_crowd, measure_latency
-from .memory import Memory, measure_memory
+from .memory import Memory, measure_memory, memory_file
 from .throughput import BATCH, THROUGHPUT_SIZE, Throughput, measure_throughput
 
 __all__ = [
@@ -104,6 +105,11 @@ class BenchResult:
     index_crossover: str = ""
     #: The same for the C client's index hit against a copy made in C.
     c_index_crossover: str = ""
+    #: The daemon's racy window (its hello): it caches no file younger.
+    racy_window_s: float = 0.0
+    #: Seconds the bench waited for its files to age past it; None: it would
+    #: have been longer than MAX_AGE_WAIT, so its files were served uncached.
+    aged_s: float | None = 0.0
 
     @property
     def floor_ratio(self) -> float:
@@ -121,6 +127,24 @@ class BenchResult:
             raw["ratio"] = t.ratio
             raw["c_ratio"] = t.c_ratio
         return out
+
+
+#: The longest the bench waits for its files to age past the daemon's racy window.
+MAX_AGE_WAIT = 10.0
+
+
+def age_files(paths: list[str], window_s: float) -> float | None:
+    """Wait until every file of *paths* is older (by its ctime) than the daemon's racy
+    window *window_s*, which caches no younger file: seconds waited, or None (not
+    waited) when that would take longer than MAX_AGE_WAIT."""
+    if window_s <= 0:
+        return 0.0
+    newest = max(os.stat(p).st_ctime for p in paths)
+    wait = max(0.0, newest + window_s + 0.05 - time.time())
+    if wait > MAX_AGE_WAIT:
+        return None
+    time.sleep(wait)
+    return wait
 
 
 class Bench:
@@ -190,6 +214,13 @@ class Bench:
                 with open(path, "wb") as f:
                     f.write(os.urandom(size))
                 targets.append((human_size(size), path, size))
+            written = [path for _, path, _ in targets]
+            # Every file of the run written now: they age together (age_files).
+            big = os.path.join(workdir, "file-2MiB")
+            with open(big, "wb") as f:
+                f.write(os.urandom(THROUGHPUT_SIZE))
+            held = memory_file(workdir) if self.memory_procs else ""
+            written += [big, held] if held else [big]
             for name, path in host_dsos():
                 targets.append((f"{name} ({os.path.basename(path)})", path, os.path.getsize(path)))
             with (
@@ -197,6 +228,11 @@ class Bench:
                 Client(socket_path, timeout=30) as client,
                 Client(floor_path, timeout=30) as floor,
             ):
+                client.connect()
+                racy_ns = client.limits.get("racy_window_ns", CacheLimits().racy_window_ns)
+                if racy_ns:
+                    progress.say(f"files aging past the racy window ({racy_ns / 1e9:g} s)")
+                aged = age_files(written, racy_ns / 1e9)
                 c_client, c_missing = build_c_client(workdir)
                 index = client.index()
                 index_path = "" if index is None else "C" if index.in_c else "Python"
@@ -223,9 +259,6 @@ class Bench:
                     if self.connections
                     else None
                 )
-                big = os.path.join(workdir, "file-2MiB")
-                with open(big, "wb") as f:
-                    f.write(os.urandom(THROUGHPUT_SIZE))
                 throughput, cpu, c_cpu = measure_throughput(
                     self._forks,
                     progress,
@@ -238,7 +271,7 @@ class Bench:
                     seconds=self.seconds,
                 )
                 memory = (
-                    measure_memory(self._forks, progress, socket_path, workdir, self.memory_procs)
+                    measure_memory(self._forks, progress, socket_path, held, self.memory_procs)
                     if self.memory_procs
                     else None
                 )
@@ -261,6 +294,8 @@ class Bench:
             c_client_missing=c_missing,
             hit_path=hotcalls.DESCRIPTION,
             index_path=index_path,
+            racy_window_s=racy_ns / 1e9,
+            aged_s=aged,
         )
 
 
@@ -359,8 +394,25 @@ def format_result(r: BenchResult) -> str:
             f" p50 {c.crowded.p50:.1f} us, p99 {c.crowded.p99:.1f} us"
             f" (alone: p50 {c.alone.p50:.1f} us, p99 {c.alone.p99:.1f} us)",
         ]
+    if r.racy_window_s > 0:
+        lines += ["", racy_line(r)]
     lines.append(f"\n(run took {r.seconds:.0f} s)")
     return "\n".join(lines)
+
+
+def racy_line(r: BenchResult) -> str:
+    """What the daemon's racy window did to the run (it caches no younger file)."""
+    window = f"the daemon's racy window {r.racy_window_s:g} s"
+    if r.aged_s is not None:
+        return (
+            f"{window}: the bench waited {r.aged_s:.1f} s after writing its files, so that"
+            " the daemon cached them (its hits are hits)"
+        )
+    return (
+        f"{window} is longer than the bench waits ({MAX_AGE_WAIT:g} s): the daemon served"
+        " the bench's files uncached (a copy for each open), so the hit columns are no hits;"
+        " measure against a daemon with a shorter --racy-window, or without --socket"
+    )
 
 
 def format_json(r: BenchResult) -> str:

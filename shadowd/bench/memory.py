@@ -55,13 +55,23 @@ def pss_shmem() -> int:
     raise RuntimeError("no Pss_Shmem line in /proc/self/smaps_rollup")
 
 
-def measure_memory(
-    forks: Forks, progress: Progress, socket_path: str, workdir: str, procs: int
-) -> Memory:
-    size = 16 * MiB
+#: The size of the file the memory test's processes hold.
+MEMORY_SIZE = 16 * MiB
+
+
+def memory_file(workdir: str) -> str:
+    """Write the file the memory test's processes hold (at the start of the run, so
+    that it is as old as the others when the daemon is asked for it)."""
     path = os.path.join(workdir, "held-16MiB")
     with open(path, "wb") as f:
-        f.write(os.urandom(size))
+        f.write(os.urandom(MEMORY_SIZE))
+    return path
+
+
+def measure_memory(
+    forks: Forks, progress: Progress, socket_path: str, path: str, procs: int
+) -> Memory:
+    size = MEMORY_SIZE
 
     def held(mode: str) -> int:
         progress.say(f"memory, {procs} processes holding 16 MiB ({mode})")
