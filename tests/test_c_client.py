@@ -1866,6 +1866,17 @@ def test_the_socket_rule(
         assert f"looked at {user_socket}, {HOST_SOCKET}" in r["error"]
     # Root never looks at a user's runtime dir.
     assert default({"XDG_RUNTIME_DIR": str(xdg)}, user=None)["path"] == str(HOST_SOCKET)
+    # A relative XDG_RUNTIME_DIR is ignored (the XDG spec; shadowd/paths.py too),
+    # even where it names a socket from the client's cwd.
+    relative = os.path.relpath(xdg)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(user_socket))
+    try:
+        got = default({"XDG_RUNTIME_DIR": relative})["path"]
+    finally:
+        listener.close()
+        user_socket.unlink()
+    assert got == (str(HOST_SOCKET) if host_there else "/run/user/1000/shadowd/shadowd.sock")
     # A socket in the user's place is found, a plain file there is not one.
     user_socket.touch()
     if not host_there:

@@ -1060,8 +1060,10 @@ pick_socket(char *buf, size_t len, char *looked, size_t looked_len)
         return explicit;
     }
     if (geteuid() != 0) {
+        /* A relative XDG_RUNTIME_DIR is ignored, as the XDG spec says (and
+         * shadowd/paths.py does): it would name a place below the cwd. */
         const char *runtime = getenv("XDG_RUNTIME_DIR");
-        int w = runtime && *runtime
+        int w = runtime && runtime[0] == '/'
                     ? snprintf(cand[n], sizeof cand[n], "%s/shadowd/shadowd.sock", runtime)
                     : snprintf(cand[n], sizeof cand[n], "/run/user/%u/shadowd/shadowd.sock",
                                (unsigned)geteuid());
