@@ -293,7 +293,7 @@ crossover(struct shadowd *c, const char *dir, int rounds)
     return 0;
 }
 
-/* -- latency per file: copy, socket hit, index hit --------------------------- */
+/* -- latency per file: copy, socket hit, index hit, held tier --------------- */
 
 enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, NWAYS };
 static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held"};
