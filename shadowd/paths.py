@@ -150,7 +150,7 @@ def daemon_socket_path(env: Mapping[str, str] | None = None, uid: int | None = N
         )
         raise ConfigError(
             f"no socket path: {why} and {runtime} is not a directory "
-            f"of uid {uid}; pass --socket PATH or set ${ENV_SOCKET}"
+            f"of uid {uid}; set ${ENV_SOCKET} (clients read it too) or pass --socket PATH"
         )
     return checked_socket_path(os.path.join(runtime, USER_SOCKET), "the socket path")
 

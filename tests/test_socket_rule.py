@@ -116,6 +116,8 @@ def test_where_the_daemon_creates_its_socket(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--socket") as info:
         daemon_socket_path({}, uid)
     assert f"/run/user/{uid}" in str(info.value)
+    # The way that clients follow too comes first: --socket alone, they do not find.
+    assert "set $SHADOWD_SOCKET (clients read it too) or pass --socket PATH" in str(info.value)
 
 
 # -- as root: a real host daemon, and users who set nothing ---------------------
