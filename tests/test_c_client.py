@@ -1890,6 +1890,32 @@ def test_the_socket_rule(
         listener.close()
 
 
+@requires_root
+async def test_a_socket_that_refuses_this_user_says_whom_it_lets_in(
+    driver_bin: str, shared_dir: Path, tmp_path: Path, start_daemon: Any
+) -> None:
+    # A bare "Permission denied" before: a new user running the C client
+    # against the host daemon of `make run` as root could not tell why.
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    alone = await start_daemon()  # mode 0600
+    grouped = await start_daemon("--socket-mode", "0660", "--socket-group", "4242")
+    # Every driver call waits at most its own 20 s.
+    with Driver(str(binary), tmp_path / "denied.err", {}, 1000) as d:
+        d("log", "quiet")
+        d("backoff", 0, 0)  # no breaker: each connect tries the socket it names
+        r = d("connect", alone.socket_path)
+        assert r["rc"] == -1 and r["code"] == "unavailable", r
+        assert (
+            "Permission denied: the socket is 0:0, mode 0600: only uid 0 may connect"
+            in (r["error"])
+        )
+        r = d("connect", grouped.socket_path)
+        assert r["rc"] == -1, r
+        assert "mode 0660: only uid 0 and the members of gid 4242 may connect" in r["error"]
+
+
 # -- protocol version 2 ----------------------------------------------------------
 
 
