@@ -347,6 +347,16 @@ def test_bad_flags_are_one_line_naming_the_flag(args: list[str], needles: list[s
     one_line_error(shadowd(*args), 2, *needles)
 
 
+def test_textfile_with_json_is_refused_in_stats_words() -> None:
+    # It said "shadowd: ... (see shadowd --help)", where every other stats
+    # flag error names `shadowd stats` and its help.
+    line = one_line_error(shadowd("stats", "--json", "--textfile", "x.prom"), 2)
+    assert line == (
+        "shadowd stats: argument --textfile: writes the Prometheus format, not --json "
+        "(see shadowd stats --help)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
