@@ -455,6 +455,9 @@ async def test_refusals_and_no_daemon_are_clear(
         refused = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(daemon.socket_path), "/dev/null")
         )
+        routed = await trio.to_thread.run_sync(
+            lambda: run(c_client, "-r", "-s", str(daemon.socket_path), "/dev/null", str(tmp_path))
+        )
         missing = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(daemon.socket_path), str(tmp_path / "nope"))
         )
@@ -465,7 +468,17 @@ async def test_refusals_and_no_daemon_are_clear(
     assert refused.returncode == 1
     assert b"only regular files are served" in refused.stderr
     assert b"(not-regular)" in refused.stderr
-    assert missing.returncode == 1 and b"No such file or directory" in missing.stderr
+    # Each line names its file (a refusal's words do not: they did not, before).
+    assert refused.stderr.startswith(b"shadowd-open: /dev/null: shadowd refused: only regular")
+    assert routed.returncode == 1
+    assert routed.stderr.decode().splitlines() == [
+        f"shadowd-open: {path}: only regular files are served; this is not one"
+        for path in ("/dev/null", tmp_path)
+    ]
+    assert missing.returncode == 1
+    assert missing.stderr.decode() == (
+        f"shadowd-open: {tmp_path / 'nope'}: No such file or directory\n"  # named once
+    )
     assert nobody.returncode == 1
     assert b"connecting to shadowd at" in nobody.stderr and b"no.sock" in nobody.stderr
     assert usage.returncode == 2 and b"usage:" in usage.stderr
