@@ -54,7 +54,9 @@ def count(
     socket_path: str, pid: int, path: str, procs: int, batch: bool = False
 ) -> dict[str, float]:
     out = os.path.join(os.path.dirname(socket_path), f"strace-{procs}-{batch}.txt")
-    strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out])
+    # -q: strace's "Process N attached/detached" lines (13 per run) went to
+    # the terminal around the table.
+    strace = subprocess.Popen(["strace", "-q", "-c", "-f", "-p", str(pid), "-o", out])
     time.sleep(1.0)  # let strace attach to every thread
     ctx = multiprocessing.get_context("fork")
     target = _batch_client if batch else _client

@@ -32,7 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "stats":
             if args.textfile is not None and args.json:
-                parser.error("argument --textfile: writes the Prometheus format, not --json")
+                # In the words of stats' own flag errors (the top parser's
+                # error() would name `shadowd` and its help).
+                parser.exit(
+                    2,
+                    "shadowd stats: argument --textfile: writes the Prometheus format, "
+                    "not --json (see shadowd stats --help)\n",
+                )
             from .cli_stats import run_stats
 
             return run_stats(args)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from typing import NoReturn
@@ -128,6 +129,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+#: The longest --racy-window taken: a day. The hello tells clients the window
+#: in nanoseconds, a 64-bit integer on the wire: a window of 1e30 s failed
+#: every hello (the daemon could not pack it). A real window is a few seconds
+#: (the coarsest file timestamps, FAT's, are 2 s apart); a day is far past any.
+MAX_RACY_WINDOW_SECONDS = 86400
+
+
+def _racy_window(text: str) -> float:
+    value = _seconds(text)
+    if value > MAX_RACY_WINDOW_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_RACY_WINDOW_SECONDS} seconds (a day), not {text}"
+        )
+    return value
+
+
 def _interval(text: str) -> float:
     value = _seconds(text)
     if value < 0.1:
@@ -163,6 +180,10 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    # float() takes "nan" and "inf": a --watch of nan refreshed without pause,
+    # a --racy-window of inf ended serve in a traceback.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
@@ -216,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--racy-window",
-        type=_seconds,
+        type=_racy_window,
         default=defaults.racy_window_ns / 1e9,
-        help="files whose ctime is younger than this many seconds are served but not cached "
-        "(default %(default)s)",
+        help="files whose ctime is younger than this many seconds are served but not cached; "
+        "at most 86400 (default %(default)s)",
     )
     serve.add_argument(
         "--socket-mode",

@@ -49,12 +49,23 @@ def _env_and_uid(env: Mapping[str, str] | None, uid: int | None) -> tuple[Mappin
     return (os.environ if env is None else env), (os.geteuid() if uid is None else uid)
 
 
+def runtime_dir(env: Mapping[str, str]) -> str | None:
+    """``$XDG_RUNTIME_DIR`` when it is an absolute path; None when unset, empty or relative.
+
+    The XDG Base Directory spec says a relative path in these variables is invalid and
+    is ignored: taken as it was, it named a directory below whatever the current
+    directory was, so the daemon and its clients looked in different places.
+    """
+    runtime = env.get("XDG_RUNTIME_DIR")
+    return runtime if runtime and os.path.isabs(runtime) else None
+
+
 def user_socket_path(env: Mapping[str, str] | None = None, uid: int | None = None) -> str:
     """A user's own socket: ``$XDG_RUNTIME_DIR/shadowd/shadowd.sock``, else the one in
     ``/run/user/<uid>`` (what the per-user units use; su, sudo and cron leave the
-    variable unset)."""
+    variable unset; a relative one is ignored, see :func:`runtime_dir`)."""
     env, uid = _env_and_uid(env, uid)
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
+    runtime = runtime_dir(env) or f"/run/user/{uid}"
     return os.path.join(runtime, USER_SOCKET)
 
 
@@ -122,7 +133,7 @@ def daemon_socket_path(env: Mapping[str, str] | None = None, uid: int | None = N
         return checked_socket_path(explicit, f"${ENV_SOCKET}")
     if uid == 0:
         return ROOT_SOCKET
-    if env.get("XDG_RUNTIME_DIR"):
+    if runtime_dir(env):
         return checked_socket_path(user_socket_path(env, uid), "the socket path")
     runtime = f"/run/user/{uid}"
     try:
@@ -131,9 +142,15 @@ def daemon_socket_path(env: Mapping[str, str] | None = None, uid: int | None = N
     except OSError:
         owned = False
     if not owned:
+        xdg = env.get("XDG_RUNTIME_DIR")
+        why = (
+            f"$XDG_RUNTIME_DIR is not an absolute path ({xdg!r}, ignored)"
+            if xdg
+            else "$XDG_RUNTIME_DIR is not set"
+        )
         raise ConfigError(
-            f"no socket path: $XDG_RUNTIME_DIR is not set and {runtime} is not a directory "
-            f"of uid {uid}; pass --socket PATH or set ${ENV_SOCKET}"
+            f"no socket path: {why} and {runtime} is not a directory "
+            f"of uid {uid}; set ${ENV_SOCKET} (clients read it too) or pass --socket PATH"
         )
     return checked_socket_path(os.path.join(runtime, USER_SOCKET), "the socket path")
 

@@ -455,6 +455,9 @@ async def test_refusals_and_no_daemon_are_clear(
         refused = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(daemon.socket_path), "/dev/null")
         )
+        routed = await trio.to_thread.run_sync(
+            lambda: run(c_client, "-r", "-s", str(daemon.socket_path), "/dev/null", str(tmp_path))
+        )
         missing = await trio.to_thread.run_sync(
             lambda: run(c_client, "-s", str(daemon.socket_path), str(tmp_path / "nope"))
         )
@@ -465,7 +468,17 @@ async def test_refusals_and_no_daemon_are_clear(
     assert refused.returncode == 1
     assert b"only regular files are served" in refused.stderr
     assert b"(not-regular)" in refused.stderr
-    assert missing.returncode == 1 and b"No such file or directory" in missing.stderr
+    # Each line names its file (a refusal's words do not: they did not, before).
+    assert refused.stderr.startswith(b"shadowd-open: /dev/null: shadowd refused: only regular")
+    assert routed.returncode == 1
+    assert routed.stderr.decode().splitlines() == [
+        f"shadowd-open: {path}: only regular files are served; this is not one"
+        for path in ("/dev/null", tmp_path)
+    ]
+    assert missing.returncode == 1
+    assert missing.stderr.decode() == (
+        f"shadowd-open: {tmp_path / 'nope'}: No such file or directory\n"  # named once
+    )
     assert nobody.returncode == 1
     assert b"connecting to shadowd at" in nobody.stderr and b"no.sock" in nobody.stderr
     assert usage.returncode == 2 and b"usage:" in usage.stderr
@@ -1908,6 +1921,17 @@ def test_the_socket_rule(
         assert f"looked at {user_socket}, {HOST_SOCKET}" in r["error"]
     # Root never looks at a user's runtime dir.
     assert default({"XDG_RUNTIME_DIR": str(xdg)}, user=None)["path"] == str(HOST_SOCKET)
+    # A relative XDG_RUNTIME_DIR is ignored (the XDG spec; shadowd/paths.py too),
+    # even where it names a socket from the client's cwd.
+    relative = os.path.relpath(xdg)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(user_socket))
+    try:
+        got = default({"XDG_RUNTIME_DIR": relative})["path"]
+    finally:
+        listener.close()
+        user_socket.unlink()
+    assert got == (str(HOST_SOCKET) if host_there else "/run/user/1000/shadowd/shadowd.sock")
     # A socket in the user's place is found, a plain file there is not one.
     user_socket.touch()
     if not host_there:
@@ -1919,6 +1943,32 @@ def test_the_socket_rule(
         assert default({"XDG_RUNTIME_DIR": str(xdg)})["path"] == str(user_socket)
     finally:
         listener.close()
+
+
+@requires_root
+async def test_a_socket_that_refuses_this_user_says_whom_it_lets_in(
+    driver_bin: str, shared_dir: Path, tmp_path: Path, start_daemon: Any
+) -> None:
+    # A bare "Permission denied" before: a new user running the C client
+    # against the host daemon of `make run` as root could not tell why.
+    binary = shared_dir / "c_driver"
+    shutil.copy(driver_bin, binary)
+    binary.chmod(0o755)
+    alone = await start_daemon()  # mode 0600
+    grouped = await start_daemon("--socket-mode", "0660", "--socket-group", "4242")
+    # Every driver call waits at most its own 20 s.
+    with Driver(str(binary), tmp_path / "denied.err", {}, 1000) as d:
+        d("log", "quiet")
+        d("backoff", 0, 0)  # no breaker: each connect tries the socket it names
+        r = d("connect", alone.socket_path)
+        assert r["rc"] == -1 and r["code"] == "unavailable", r
+        assert (
+            "Permission denied: the socket is 0:0, mode 0600: only uid 0 may connect"
+            in (r["error"])
+        )
+        r = d("connect", grouped.socket_path)
+        assert r["rc"] == -1, r
+        assert "mode 0660: only uid 0 and the members of gid 4242 may connect" in r["error"]
 
 
 # -- protocol version 2 ----------------------------------------------------------

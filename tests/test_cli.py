@@ -476,6 +476,41 @@ def test_bad_flags_are_one_line_naming_the_flag(args: list[str], needles: list[s
     one_line_error(shadowd(*args), 2, *needles)
 
 
+def test_textfile_with_json_is_refused_in_stats_words() -> None:
+    # It said "shadowd: ... (see shadowd --help)", where every other stats
+    # flag error names `shadowd stats` and its help.
+    line = one_line_error(shadowd("stats", "--json", "--textfile", "x.prom"), 2)
+    assert line == (
+        "shadowd stats: argument --textfile: writes the Prometheus format, not --json "
+        "(see shadowd stats --help)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        # float() takes these: nan refreshed without pause (--watch), inf ended
+        # serve in an OverflowError traceback (--racy-window), nan in one line
+        # that named no flag.
+        (["stats", "--watch", "nan"], ["--watch", "finite"]),
+        (["stats", "--watch", "inf"], ["--watch", "finite"]),
+        (["serve", "--racy-window", "nan"], ["--racy-window", "finite"]),
+        (["serve", "--racy-window", "inf"], ["--racy-window", "finite"]),
+        (["serve", "--racy-window", "1e400"], ["--racy-window", "finite"]),
+        (["bench", "--seconds", "inf"], ["--seconds", "finite"]),
+        # A window the hello cannot carry (1e30 s failed every hello).
+        (["serve", "--racy-window", "1e30"], ["--racy-window", "at most 86400"]),
+    ],
+)
+def test_seconds_that_are_no_finite_number_are_refused(
+    args: list[str], needles: list[str], tmp_path: Path
+) -> None:
+    # A socket of this test's own: a flag taken by mistake serves there, not on the default.
+    if args[0] == "serve":
+        args = [*args, "--socket", str(tmp_path / "s.sock")]
+    one_line_error(shadowd(*args), 2, *needles)
+
+
 async def test_log_level_in_upper_case_and_budgets_people_can_read(start_daemon: Any) -> None:
     d = await start_daemon("--log-level", "DEBUG", "--max-bytes", "1G")
     with trio.fail_after(30):

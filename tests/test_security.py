@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import grp
 import os
 import signal
 import socket
@@ -75,6 +76,8 @@ async def test_by_default_another_user_cannot_connect(daemon: Daemon) -> None:
     for side in ("sync", "async"):
         name, message = res[side]
         assert name == "DaemonUnavailable" and "Permission denied" in message
+        # Who the socket lets in (a bare "Permission denied" before).
+        assert "the socket is root:root, mode 0600: only root may connect" in message
 
 
 @requires_root
@@ -119,6 +122,11 @@ async def test_socket_group_and_mode(start_daemon: Any) -> None:
         assert (await call(try_connect, d, 1000, gid=GROUP))["sync"] == "shadowd"
         name, message = (await call(try_connect, d, 1000))["sync"]
         assert name == "DaemonUnavailable" and "Permission denied" in message
+        try:
+            group = grp.getgrgid(GROUP).gr_name
+        except KeyError:
+            group = str(GROUP)
+        assert f"mode 0660: only root and the members of group {group} may connect" in message
 
 
 # -- what may be passed --------------------------------------------------------

@@ -43,6 +43,21 @@ def test_candidates_in_order() -> None:
     assert client_candidates(xdg, 0) == [ROOT_SOCKET]  # root: the host daemon only
 
 
+def test_a_relative_runtime_dir_is_ignored() -> None:
+    # The XDG spec: a relative path there is invalid and ignored. Taken as it was,
+    # `shadowd serve` made its socket below its cwd and a client in another
+    # directory looked below its own.
+    for relative in ("run", "./run", "relative/dir"):
+        env = {"XDG_RUNTIME_DIR": relative}
+        assert client_candidates(env, 1000) == ["/run/user/1000/shadowd/shadowd.sock", ROOT_SOCKET]
+        uid = 4_000_000  # no /run/user/UID: serve says why it has no path
+        with pytest.raises(ConfigError, match="--socket") as info:
+            daemon_socket_path(env, uid)
+        assert f"$XDG_RUNTIME_DIR is not an absolute path ({relative!r}, ignored)" in str(
+            info.value
+        )
+
+
 @pytest.fixture
 def listening(tmp_path: Path) -> Iterator[Any]:
     """A factory of SOCK_SEQPACKET sockets listening at a path."""
@@ -101,6 +116,8 @@ def test_where_the_daemon_creates_its_socket(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--socket") as info:
         daemon_socket_path({}, uid)
     assert f"/run/user/{uid}" in str(info.value)
+    # The way that clients follow too comes first: --socket alone, they do not find.
+    assert "set $SHADOWD_SOCKET (clients read it too) or pass --socket PATH" in str(info.value)
 
 
 # -- as root: a real host daemon, and users who set nothing ---------------------

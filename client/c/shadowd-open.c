@@ -129,7 +129,13 @@ cat(struct shadowd *c, const char *path, int routed, int verbose)
 {
     int fd = routed ? shadowd_open_routed(c, path) : shadowd_open(c, path);
     if (fd < 0) {
-        fprintf(stderr, "shadowd-open: %s\n", c->error);
+        /* Name the file: a refusal's words do not ("only regular files are
+         * served; ..."), the client's own failure to open it does. */
+        size_t n = strlen(path);
+        if (strncmp(c->error, path, n) == 0 && c->error[n] == ':')
+            fprintf(stderr, "shadowd-open: %s\n", c->error);
+        else
+            fprintf(stderr, "shadowd-open: %s: %s\n", path, c->error);
         return -1;
     }
     if (verbose)
@@ -293,7 +299,7 @@ crossover(struct shadowd *c, const char *dir, int rounds)
     return 0;
 }
 
-/* -- latency per file: copy, socket hit, index hit --------------------------- */
+/* -- latency per file: copy, socket hit, index hit, held tier --------------- */
 
 enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, NWAYS };
 static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held"};

@@ -1060,8 +1060,10 @@ pick_socket(char *buf, size_t len, char *looked, size_t looked_len)
         return explicit;
     }
     if (geteuid() != 0) {
+        /* A relative XDG_RUNTIME_DIR is ignored, as the XDG spec says (and
+         * shadowd/paths.py does): it would name a place below the cwd. */
         const char *runtime = getenv("XDG_RUNTIME_DIR");
-        int w = runtime && *runtime
+        int w = runtime && runtime[0] == '/'
                     ? snprintf(cand[n], sizeof cand[n], "%s/shadowd/shadowd.sock", runtime)
                     : snprintf(cand[n], sizeof cand[n], "/run/user/%u/shadowd/shadowd.sock",
                                (unsigned)geteuid());
@@ -1318,6 +1320,29 @@ send_hello(struct shadowd *c)
     return r ? -1 : 0;
 }
 
+/* EACCES at connect, with who the socket lets in when its mode is why: a
+ * bare "Permission denied" left a new user guessing (most often the host
+ * daemon's socket, which lets in root, or root and a group). Numbers, not
+ * names: a user or group lookup may load NSS modules into a supervisor. */
+static const char *
+access_denied(const char *path, char *buf, size_t len)
+{
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISSOCK(st.st_mode) || (st.st_mode & 0002))
+        return strerror(EACCES); /* a directory on the way, or not the socket's mode */
+    if (st.st_mode & 0020)
+        snprintf(buf, len,
+                 "%s: the socket is %u:%u, mode %04o: only uid %u and the members of gid %u "
+                 "may connect",
+                 strerror(EACCES), (unsigned)st.st_uid, (unsigned)st.st_gid,
+                 (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid, (unsigned)st.st_gid);
+    else
+        snprintf(buf, len, "%s: the socket is %u:%u, mode %04o: only uid %u may connect",
+                 strerror(EACCES), (unsigned)st.st_uid, (unsigned)st.st_gid,
+                 (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid);
+    return buf;
+}
+
 /* Connect and send hello, as *how* says (CONNECT_*; the hello reply is
  * waited for by the caller). 0 connected, -1 failed, 1 (CONNECT_EARLY
  * only) not connected, nothing failed: the daemon's backlog is full. */
@@ -1386,9 +1411,11 @@ conn_open(struct shadowd *c, int how)
     if (rc < 0) {
         int err = errno;
         close(s);
+        char denied[128];
         const char *why = err == EAGAIN || err == EINPROGRESS || err == EINTR
                               ? (blocking ? "timed out" : "its backlog is full")
-                              : strerror(err);
+                          : err == EACCES ? access_denied(c->socket_path, denied, sizeof denied)
+                                          : strerror(err);
         if (p->explicit_path || p->looked[0] == '\0' || strcmp(p->looked, "$SHADOWD_SOCKET") == 0)
             fail_connection(c, F_CONNECT, NULL, "connecting to shadowd at %s: %s", c->socket_path,
                             why);

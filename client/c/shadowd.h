@@ -327,8 +327,8 @@ void shadowd_init(struct shadowd *c);
 
 /* The socket path of the one rule every client follows: $SHADOWD_SOCKET
  * when set and not empty; else the first of these that is a socket
- * (lstat): $XDG_RUNTIME_DIR/shadowd/shadowd.sock, or without it
- * /run/user/<euid>/shadowd/shadowd.sock (not for root), then
+ * (lstat): $XDG_RUNTIME_DIR/shadowd/shadowd.sock, or without it (unset,
+ * empty or relative) /run/user/<euid>/shadowd/shadowd.sock (not for root), then
  * /run/shadowd/shadowd.sock; else the first of them. Written to *buf*
  * unless it is $SHADOWD_SOCKET itself; NULL when *buf* is too small. */
 const char *shadowd_default_socket(char *buf, size_t len);

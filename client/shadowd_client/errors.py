@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,7 +249,47 @@ def _reason(exc: OSError, socket_path: str) -> str:
             if not stat.S_ISSOCK(mode):
                 return "not a socket"
             return "no daemon is listening on this socket (Connection refused)"
+    if exc.errno == errno.EACCES:
+        return _access_denied(socket_path)
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _access_denied(socket_path: str) -> str:
+    """EACCES at connect, with who the socket lets in when that is why.
+
+    A bare "Permission denied" left a new user guessing: most often the socket
+    is the host daemon's, which lets in only root (``make run`` as root) or the
+    members of its group (the system units; docs/operations.md).
+    """
+    denied = os.strerror(errno.EACCES)
+    try:
+        st = os.stat(socket_path)
+    except OSError:
+        return denied  # a directory on the way refused us: the kernel's words say it
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISSOCK(st.st_mode) or mode & 0o002:
+        return denied  # not the socket's mode that refused us
+    owner, group = _user_name(st.st_uid), _group_name(st.st_gid)
+    who = (
+        f"only {owner} and the members of group {group} may connect"
+        if mode & 0o020
+        else f"only {owner} may connect"
+    )
+    return f"{denied}: the socket is {owner}:{group}, mode {mode:04o}: {who}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 @contextmanager
