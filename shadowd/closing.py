@@ -10,7 +10,10 @@
 # waits for the disk: 25-250 ms for a 10 GiB file on the project's VM), and
 # a client may close its own descriptors before the daemon reads them; and
 # that of a large file changed in the last minute, whose release may write
-# it out (attack 29).
+# it out (attack 29). Smaller such files are released on the loop only while
+# their bytes, summed over every close there, stay within FREES_MUCH at once
+# and FREES_MUCH more a second (LoopReleases): one datagram carries 253
+# (attack 30).
 # A client's socket with datagrams still queued is read to its end here, a
 # slice a turn, and closed on the loop once empty (drain_later); only one
 # that holds fds past its uid's bound goes to a worker. Such sockets are
@@ -20,12 +23,12 @@
 # want of room (MSG_CTRUNC).
 #
 # Must never: close on the loop an fd whose close may wait on a client's file
-# system or run a device's release (attack 28), or free a large file, or a
-# socket with fds still queued; let the fds waiting for a worker go uncounted
-# in their uid's budget; make a socket wait
-# for a worker for datagrams without fds (attack 26); hold client sockets
-# past max_sockets without the acceptor knowing (attack 27); lose an fd it
-# was given on any path.
+# system or run a device's release (attack 28), or free or write out more
+# than LoopReleases allows (attacks 19, 29, 30), or a socket with fds still
+# queued; let the fds waiting for a worker go uncounted in their uid's budget;
+# make a socket wait for a worker for datagrams without fds (attack 26); hold
+# client sockets past max_sockets without the acceptor knowing (attack 27);
+# lose an fd it was given on any path.
 from __future__ import annotations
 
 import os
@@ -46,6 +49,73 @@ from .inflight import FdBudget
 from .memfd import memfd_seals
 from .source import MountTrust, stat_nosync
 
+#: Bytes (of size or of blocks) from which the last close of a file with no
+#: link left, or changed in the last DIRTY_FOR_NS, is made in a worker: freeing
+#: 16 MiB takes the kernel well under a millisecond, freeing 256 MiB 5-12 ms on
+#: the project's VM; writing out 64 MiB at a release 2.5-20 ms, 512 MiB 250 ms.
+#: Also what the loop may release of smaller such files at once, and again each
+#: second (LoopReleases).
+FREES_MUCH = 16 << 20
+
+
+#: Seconds since a file's last change within which its pages may still be dirty:
+#: the kernel writes dirty pages out once they are 30 s old (dirty_expire_centisecs),
+#: its flusher looking every 5 s; twice that, for a disk that lags.
+DIRTY_FOR_NS = 70 * 10**9
+
+
+#: Bytes below which such a file's release is not counted: writing out a
+#: rewritten file of 64 KiB at its release took 20 us here (2,024 of them 41 ms),
+#: of 4 KiB 10 us, about what the loop's other work on a received fd costs; one
+#: of 256 KiB 170 us, of 1 MiB 540 us.
+RELEASES_QUICKLY = 64 << 10
+
+
+@attrs.define
+class LoopReleases:
+    """How many bytes of files whose release may free or write them out the loop
+    may still release: FREES_MUCH at once, FREES_MUCH more a second (files under
+    RELEASES_QUICKLY are not counted).
+
+    A release frees a file with no link left (attack 19) and may write out one
+    changed in the last DIRTY_FOR_NS (attack 29: ext4, XFS and btrfs write a file
+    out at a release after it was truncated, so that replacing a file by
+    truncating and rewriting it does not lose it in a crash). A file of
+    FREES_MUCH or more always goes to a worker; smaller ones are cheap one by
+    one, but a datagram carries 253 and a peer turned away 8 datagrams: 253
+    rewritten 8 MiB files released one after another took a second here
+    (attack 30). Whether another descriptor of the file is still open is not
+    known: as if none were.
+    """
+
+    #: Bytes it may release now.
+    room: float = FREES_MUCH
+    #: When room was last worked out (monotonic seconds).
+    at: float = attrs.field(factory=time.monotonic)
+
+    def slow(self, fd: int) -> bool:
+        """Whether *fd*'s release is for a worker: its file may be freed or written
+        out there, and is FREES_MUCH or more (size or blocks: fallocate may reserve
+        blocks past the size), or more than the loop may release now. One fstat;
+        what it lets the loop release is taken from its room."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False  # not ours to judge: closed as before
+        cost = max(st.st_size, st.st_blocks * 512)
+        if cost < RELEASES_QUICKLY or (
+            st.st_nlink and time.time_ns() - st.st_ctime_ns >= DIRTY_FOR_NS
+        ):
+            return False  # little or nothing to free or write out
+        now = time.monotonic()
+        room = min(FREES_MUCH, self.room + (now - self.at) * FREES_MUCH)
+        self.at = now
+        if cost >= FREES_MUCH or cost > room:
+            self.room = room
+            return True
+        self.room = room - cost
+        return False
+
 
 @attrs.define(eq=False)
 class Closer:
@@ -64,6 +134,8 @@ class Closer:
     sockets_closing: int = 0
     #: Set when sockets_closing goes below max_sockets (see socket_room).
     _room: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: What the loop may still free or write out at a release (attack 30).
+    releases: LoopReleases = attrs.field(factory=LoopReleases)
 
     def discard(self, fds: Sequence[int], share: UidShare) -> None:
         """Close fds a client sent that we will not use, never blocking the loop.
@@ -88,7 +160,7 @@ class Closer:
         *close* (the poller's close_later), or in a worker when its close may free or
         write out a large file (attacks 19 and 29): one fstat, not discard's three
         system calls."""
-        if self.nursery is not None and _frees_much(fd):
+        if self.nursery is not None and self.releases.slow(fd):
             self.close_later(FdHolder(fd), share)
         else:
             close(fd)
@@ -217,37 +289,8 @@ class Closer:
                 # file either, and is rare enough to go the same way.
                 return False
         # A memfd, or a regular file of a file system that never hangs: fstat is safe.
-        return not _frees_much(fd)
+        return not self.releases.slow(fd)
 
 
 #: Datagrams a socket's drain reads per turn of the loop (Closer.drain_later).
 DRAIN_SLICE = 256
-
-#: Bytes (of size or of blocks) from which the last close of a file with no
-#: link left, or changed in the last DIRTY_FOR_NS, is made in a worker: freeing
-#: 16 MiB takes the kernel well under a millisecond, freeing 256 MiB 5-12 ms on
-#: the project's VM; writing out 64 MiB at a release 2.5-20 ms, 512 MiB 250 ms.
-FREES_MUCH = 16 << 20
-
-
-#: Seconds since a file's last change within which its pages may still be dirty:
-#: the kernel writes dirty pages out once they are 30 s old (dirty_expire_centisecs),
-#: its flusher looking every 5 s; twice that, for a disk that lags.
-DIRTY_FOR_NS = 70 * 10**9
-
-
-def _frees_much(fd: int) -> bool:
-    """Whether the release of *fd* may take the kernel long for the file's sake: its
-    size or blocks (fallocate may reserve blocks past the size) are FREES_MUCH or
-    more, and it has no link left (the close may free it, attack 19) or changed in
-    the last DIRTY_FOR seconds (the close may write it out, attack 29: ext4, XFS
-    and btrfs write a file out at a release after it was truncated, so that
-    replacing a file by truncating and rewriting it does not lose it in a crash).
-    Whether another descriptor of it is still open is not known: as if none were."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False  # not ours to judge: closed as before
-    if max(st.st_size, st.st_blocks * 512) < FREES_MUCH:
-        return False
-    return st.st_nlink == 0 or time.time_ns() - st.st_ctime_ns < DIRTY_FOR_NS

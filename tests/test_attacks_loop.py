@@ -1206,3 +1206,100 @@ async def test_the_write_out_of_a_clients_rewritten_file_is_not_made_on_the_loop
     finally:
         child.close()
         path.unlink()
+
+
+# Attack 30: many files each below attack 29's threshold, each truncated and
+# rewritten through the one descriptor sent (O_RDWR: the daemon's close is the
+# release that writes it out), all in one datagram (refused: more than
+# --max-batch).
+REWRITTEN_MANY = """
+import msgpack, os, socket, array
+chunk = b"z" * (1 << 20)
+fds = []
+for path in {paths!r}:
+    w = os.open(path, os.O_RDWR)
+    os.write(w, b"y")
+    os.ftruncate(w, 0)  # the next release writes the file out
+    os.write(w, chunk)
+    fds.append(w)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock!r})
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+out("ready")
+recv()  # the daemon is stopped now
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open_batch", "id": 1}})], rights)
+for w in fds:
+    os.close(w)  # the daemon's descriptors are the last of these descriptions
+out("sent")
+out(msgpack.unpackb(s.recv(65536)))
+recv()
+"""
+
+#: Files in attack 30's datagram (the most one may carry), of 1 MiB each.
+REWRITTEN_FILES = 253
+FAN_CLOSE_WRITE = 0x8
+
+
+async def test_the_write_out_of_many_small_rewritten_files_is_not_made_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 30: attack 29's threshold is per file, and a datagram carries 253. A
+    client truncates and rewrites 253 files of 1 MiB through the descriptors it
+    sends (refused: more than --max-batch) and closes its own: each release wrote
+    its file out, all on the loop (253 files of 4 MiB held another client's hit
+    0.5 s here). Before, fanotify saw the loop thread make all 253 releases; now
+    the loop makes releases that may write out or free at most FREES_MUCH bytes,
+    and that again only as time passes, the rest go to workers on the sender's
+    quota."""
+    d: Daemon = await start_daemon("--socket-mode", "0666")
+    top = shared_dir / "rewritten"
+    top.mkdir()
+    paths = []
+    fan = _libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_TID, os.O_RDONLY)
+    if fan < 0:
+        pytest.skip(f"no fanotify here: {os.strerror(ctypes.get_errno())}")
+    child = None
+    try:
+        for i in range(REWRITTEN_FILES):
+            path = top / f"f{i}"
+            path.write_bytes(b"")
+            os.chown(path, ATTACKER, ATTACKER)
+            mask = FAN_CLOSE_WRITE | FAN_CLOSE_NOWRITE
+            assert _libc.fanotify_mark(fan, FAN_MARK_ADD, mask, AT_FDCWD, bytes(path)) == 0
+            paths.append(str(path))
+        child = spawn_as(ATTACKER, REWRITTEN_MANY.format(paths=paths, sock=str(d.socket_path)))
+        with trio.fail_after(60):
+            assert await trio.to_thread.run_sync(child.recv) == "ready"
+            with stopped(d):  # the attacker's descriptors closed before the daemon reads
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv) == "sent"
+            reply = await trio.to_thread.run_sync(child.recv)
+            assert reply["code"] == "bad-fds", reply
+            tids: list[int] = []
+            deadline = time.monotonic() + 30
+            while len(tids) < REWRITTEN_FILES and time.monotonic() < deadline:
+                if not select.select([fan], [], [], 0)[0]:
+                    await trio.sleep(0.01)
+                    continue
+                data = os.read(fan, 1 << 16)
+                at = 0
+                while at < len(data):
+                    size, _vers, _res, _mlen, _mask, fd, tid = _FAN_EVENT.unpack_from(data, at)
+                    if fd >= 0:
+                        os.close(fd)
+                    tids.append(tid)
+                    at += size
+            assert len(tids) == REWRITTEN_FILES, f"{len(tids)} releases seen"
+            on_loop = tids.count(d.pid)
+            # 16 MiB of releases at once, and 16 MiB more a second: the test's
+            # few seconds allow a few dozen; before, all 253.
+            assert on_loop <= 64, f"the loop thread released {on_loop} of the rewritten files"
+            child.send(1)
+            with Raw(d.socket_path, timeout=10) as raw:  # and it goes on serving
+                assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
+    finally:
+        os.close(fan)
+        if child is not None:
+            child.close()
