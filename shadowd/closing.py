@@ -14,8 +14,9 @@
 # their bytes, summed over every close there, stay within FREES_MUCH at once
 # and FREES_MUCH more a second (LoopReleases): one datagram carries 253
 # (attack 30).
-# A client's socket with datagrams still queued is read to its end here, a
-# slice a turn, and closed on the loop once empty (drain_later); only one
+# A client's socket with datagrams still queued is read to its end here, one
+# slice a turn for all such sockets (attack 31), and closed on the loop once
+# empty (drain_later); only one
 # that holds fds past its uid's bound goes to a worker. Such sockets are
 # counted (sockets_closing): past max_sockets the acceptor takes no new
 # connection until one is closed (attack 27), so the daemon's fd table never
@@ -31,6 +32,7 @@
 # lose an fd it was given on any path.
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import stat
@@ -136,6 +138,12 @@ class Closer:
     _room: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: What the loop may still free or write out at a release (attack 30).
     releases: LoopReleases = attrs.field(factory=LoopReleases)
+    #: The sockets read on (drain_later), in turn, by one task (_drain_all).
+    _draining: collections.deque[tuple[socket.socket, UidShare]] = attrs.field(
+        factory=collections.deque, init=False
+    )
+    #: Whether that task runs.
+    _drainer: bool = attrs.field(default=False, init=False)
 
     def discard(self, fds: Sequence[int], share: UidShare) -> None:
         """Close fds a client sent that we will not use, never blocking the loop.
@@ -233,8 +241,8 @@ class Closer:
 
     def drain_later(self, sock: socket.socket, share: UidShare) -> None:
         """Read on what a client's socket still has queued (drain_final said Left.MORE),
-        DRAIN_SLICE datagrams a turn of the loop, then close it: on the loop once it
-        is empty, by a worker on *share*'s quota if it holds fds past the uid's bound.
+        in turn with the other such sockets, then close it: on the loop once it is
+        empty, by a worker on *share*'s quota if it holds fds past the uid's bound.
         For close_socket, which counts it in sockets_closing until it is closed.
 
         Datagrams without fds release nothing when read, so they never wait for a
@@ -246,32 +254,58 @@ class Closer:
         assert self.nursery is not None
         if self.budget is not None:
             self.budget.use(share, 1)
-        self.nursery.start_soon(self._drain_on, sock, share)
+        self._draining.append((sock, share))
+        if not self._drainer:
+            self._drainer = True
+            self.nursery.start_soon(self._drain_all)
 
-    async def _drain_on(self, sock: socket.socket, share: UidShare) -> None:
-        budget = self.budget
-        left = Left.HELD
+    async def _drain_all(self) -> None:
+        """Read on the sockets of drain_later, DRAIN_PART datagrams of each in turn and
+        DRAIN_SLICE in all a turn of the loop: however many sockets are read on, a
+        turn reads no more (a task of each, reading DRAIN_SLICE a turn, made a turn
+        as long as their number, attack 31)."""
+        draining = self._draining
         try:
-            while True:
+            while draining:
                 await trio.lowlevel.checkpoint()  # everyone else's turn between slices
-                fds, left = drain_final(
-                    sock, DRAIN_SLICE, lambda n: budget is None or budget.allows(share.fds, n)
-                )
-                if fds:
-                    self.discard(fds, share)
-                if left is not Left.MORE:
-                    break
+                for _ in range(DRAIN_SLICE // DRAIN_PART):
+                    if not draining:
+                        break
+                    sock, share = draining.popleft()
+                    left = Left.HELD
+                    try:
+                        left = self._drain_part(sock, share)
+                    finally:
+                        if left is Left.MORE:
+                            draining.append((sock, share))
+                        else:
+                            self._drained(sock, share, left)
         finally:
-            if budget is not None:
-                budget.use(share, -1)
-            if left is Left.EMPTY:
-                sock.close()
-                self._socket_closed()
-            elif self.nursery is None:
-                self._socket_closed()
-                self.discard([sock.detach()], share)
-            else:
-                self._close_held(sock, share)  # still counted, until the worker closed it
+            self._drainer = False
+            while draining:
+                self._drained(*draining.popleft(), Left.HELD)
+
+    def _drain_part(self, sock: socket.socket, share: UidShare) -> Left:
+        budget = self.budget
+        fds, left = drain_final(
+            sock, DRAIN_PART, lambda n: budget is None or budget.allows(share.fds, n)
+        )
+        if fds:
+            self.discard(fds, share)
+        return left
+
+    def _drained(self, sock: socket.socket, share: UidShare, left: Left) -> None:
+        """*sock* is read on no more, with *left* queued: closed, or handed to a worker."""
+        if self.budget is not None:
+            self.budget.use(share, -1)
+        if left is Left.EMPTY:
+            sock.close()
+            self._socket_closed()
+        elif self.nursery is None:
+            self._socket_closed()
+            self.discard([sock.detach()], share)
+        else:
+            self._close_held(sock, share)  # still counted, until the worker closed it
 
     def _closes_quickly(self, fd: int) -> bool:
         if memfd_seals(fd) is None:
@@ -292,5 +326,8 @@ class Closer:
         return not self.releases.slow(fd)
 
 
-#: Datagrams a socket's drain reads per turn of the loop (Closer.drain_later).
+#: Datagrams the sockets read on after their end (Closer.drain_later) are read
+#: in all per turn of the loop (about a microsecond each), whatever their number;
+#: DRAIN_PART of one socket at a time.
 DRAIN_SLICE = 256
+DRAIN_PART = 32

@@ -1303,3 +1303,89 @@ async def test_the_write_out_of_many_small_rewritten_files_is_not_made_on_the_lo
         os.close(fan)
         if child is not None:
             child.close()
+
+
+# Attack 31: connections that end with as many empty datagrams queued as their
+# send buffers hold (the first one reads as the end: the connection ends and
+# the rest is read on); the attacker keeps its sockets and says how much of
+# what it queued is still unread (SIOCOUTQ, in datagrams).
+QUEUED_MANY = """
+import fcntl, msgpack, socket, struct, termios
+def unread(s):
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\\0" * 4))[0]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.send(b"")
+each = unread(a)  # what the kernel charges an empty datagram until it is read
+a.close(); b.close()
+socks = []
+for _ in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.connect({path!r})
+    s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+    assert msgpack.unpackb(s.recv(65536))["ok"]
+    socks.append(s)
+out("ready")
+recv()  # the daemon is stopped now
+for s in socks:
+    s.setblocking(False)
+    try:
+        while True:
+            s.send(b"")
+    except BlockingIOError:
+        pass
+while recv() is not None:
+    out(sum(unread(s) for s in socks) // each)
+"""
+
+#: Attack 31's connections (each queues about 10,900 empty datagrams, in 8 MiB
+#: of the kernel's memory).
+QUEUED_SOCKETS = 32
+
+
+async def test_sockets_read_on_after_their_end_take_a_bounded_slice_of_a_turn_in_all(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 31: a socket read on after its connection ended (Closer.drain_later)
+    had a task of its own, each reading 256 datagrams a turn of the loop, so a
+    turn read 256 for each such socket: 64 connections of another uid, each
+    ending with its send buffer full of empty datagrams (700,000 in all), held a
+    root client's hits for 0.1-0.6 s each, again and again for 5 s. Counted, not
+    timed: the datagrams the daemon reads between the victim's hit and its reply
+    (the daemon is stopped at both ends); before, 8,000 and more for 32 sockets;
+    now the sockets read on share one slice a turn."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "f", b"x" * 100)
+    src = os.open(f, os.O_RDONLY)
+    child = spawn_as(ATTACKER, QUEUED_MANY.format(path=str(d.socket_path), n=QUEUED_SOCKETS))
+    try:
+        with trio.fail_after(120), Raw(d.socket_path, timeout=30) as victim:
+            await _until_cached(victim, src)
+            assert await trio.to_thread.run_sync(child.recv, 60) == "ready"
+            with stopped(d):
+                child.send(1)
+                child.send(1)
+                queued = await trio.to_thread.run_sync(child.recv)
+            assert queued > QUEUED_SOCKETS * 5000, queued
+            # Wait until the connections have ended and their sockets are read on.
+            while True:
+                child.send(1)
+                now = await trio.to_thread.run_sync(child.recv)
+                if queued - now >= QUEUED_SOCKETS * 2048 + 10000:
+                    break
+                await trio.sleep(0.001)
+            assert now > queued // 4, "drained before the victim could ask"
+            with stopped(d):
+                child.send(1)
+                before = await trio.to_thread.run_sync(child.recv)
+                victim.send({"op": "open", "id": 1}, [src])
+            reply, fds = await trio.to_thread.run_sync(victim.recv)
+            with stopped(d):
+                child.send(1)
+                after = await trio.to_thread.run_sync(child.recv)
+            close_all(fds)
+            assert reply["ok"] and reply["hit"], reply
+            assert before - after <= 2048, f"{before - after} datagrams read before the hit"
+    finally:
+        child.close()
+        os.close(src)
