@@ -1389,3 +1389,87 @@ async def test_sockets_read_on_after_their_end_take_a_bounded_slice_of_a_turn_in
     finally:
         child.close()
         os.close(src)
+
+
+def _runtimes(pid: int) -> dict[int, int]:
+    """Nanoseconds each thread of process *pid* has run so far (schedstat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+    return out
+
+
+def _asleep(pid: int) -> bool:
+    """Whether every thread of process *pid* sleeps (waits for something to do)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] != "S":
+                return False
+    return True
+
+
+#: Attack 32's file: its memfd's pages take the kernel tens of milliseconds to free.
+FREED_MIB = 200
+#: The one inotify event asked for: IN_IGNORED comes anyway, when the inode goes.
+IN_IGNORED_ONLY = 0x00008000
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+
+
+@pytest.mark.parametrize("how", ["changed", "evicted"])
+async def test_the_daemon_frees_the_large_memfds_it_lets_go_of_off_the_loop(
+    start_daemon: Any, shared_dir: Path, how: str
+) -> None:
+    """Attack 32: when the cache lets go of an entry (evicted, or its file changed)
+    and nobody else holds its memfd, the daemon's close frees its pages: 30-115 ms
+    for 250 MiB here, made on the loop. A client that publishes 250 MiB memfds
+    one after another (each evicting an earlier one) held another client's hits
+    up to 70-96 ms, again and again. Which thread freed the pages of a 200 MiB
+    copy, from the file's change (or the other file's open) to the memfd's inode
+    going (IN_IGNORED): the loop thread must have run less than another thread of
+    the daemon meanwhile; before, it ran the free itself (and no other thread
+    ran as long)."""
+    d: Daemon = await start_daemon("--racy-window", "0", "--max-entries", "1")
+    big = make_file(shared_dir / "big", b"b" * (FREED_MIB << 20))
+    other = make_file(shared_dir / "other", b"o" * 100)
+    src = os.open(big, os.O_RDONLY)
+    ino = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert ino >= 0
+    try:
+        with trio.fail_after(60), Raw(d.socket_path, timeout=30) as raw:
+            await _until_cached(raw, src)
+            reply, fds = await trio.to_thread.run_sync(raw.call, {"op": "open", "id": 1}, [src])
+            assert reply["hit"], reply
+            # The served descriptor names the cached memfd: watch its inode go.
+            path = f"/proc/self/fd/{fds[0]}".encode()
+            assert _libc.inotify_add_watch(ino, path, IN_IGNORED_ONLY) >= 0
+            close_all(fds)
+            before = _runtimes(d.pid)
+            if how == "changed":
+                with open(big, "r+b") as f:
+                    f.write(b"c")  # IN_MODIFY: the entry goes at the daemon's next round
+                await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 2})
+            else:
+                probe = os.open(other, os.O_RDONLY)  # cached in its place
+                try:
+                    await _until_cached(raw, probe)
+                finally:
+                    os.close(probe)
+            deadline = time.monotonic() + 30
+            while not select.select([ino], [], [], 0)[0]:
+                assert time.monotonic() < deadline, "the memfd was not freed"
+                await trio.sleep(0.01)
+            # IN_IGNORED comes as the inode goes, before its pages are freed: wait
+            # until that is done, whichever thread does it.
+            while not _asleep(d.pid):
+                assert time.monotonic() < deadline, "the daemon never rested"
+                await trio.sleep(0.01)
+            after = _runtimes(d.pid)
+            ran = {tid: after[tid] - before.get(tid, 0) for tid in after}
+            loop = ran.pop(d.pid)
+            assert loop < max(ran.values()), (
+                f"the loop thread ran {loop / 1e6:.1f} ms, no other more: it freed the memfd"
+            )
+    finally:
+        os.close(src)
+        os.close(ino)
