@@ -25,6 +25,7 @@ import itertools
 import os
 import select
 import signal
+import socket
 import struct
 import threading
 import time
@@ -1310,7 +1311,7 @@ async def test_the_write_out_of_many_small_rewritten_files_is_not_made_on_the_lo
 # the rest is read on); the attacker keeps its sockets and says how much of
 # what it queued is still unread (SIOCOUTQ, in datagrams).
 QUEUED_MANY = """
-import fcntl, msgpack, socket, struct, termios
+import array, fcntl, msgpack, os, socket, struct, termios
 def unread(s):
     return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\\0" * 4))[0]
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -1325,22 +1326,22 @@ for _ in range({n}):
     s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
     assert msgpack.unpackb(s.recv(65536))["ok"]
     socks.append(s)
+r, w = os.pipe()
+last = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
 out("ready")
 recv()  # the daemon is stopped now
 for s in socks:
-    s.setblocking(False)
-    try:
-        while True:
-            s.send(b"")
-    except BlockingIOError:
-        pass
+    for _ in range({each}):
+        s.send(b"")
+    s.sendmsg([b""], last)  # one fd at the end: the queue is read on, not freed (attack 33)
 while recv() is not None:
     out(sum(unread(s) for s in socks) // each)
 """
 
-#: Attack 31's connections (each queues about 10,900 empty datagrams, in 8 MiB
-#: of the kernel's memory).
+#: Attack 31's connections, and the empty datagrams each queues (in 4 MiB of
+#: the kernel's memory).
 QUEUED_SOCKETS = 32
+QUEUED_EACH = 5000
 
 
 async def test_sockets_read_on_after_their_end_take_a_bounded_slice_of_a_turn_in_all(
@@ -1353,11 +1354,15 @@ async def test_sockets_read_on_after_their_end_take_a_bounded_slice_of_a_turn_in
     root client's hits for 0.1-0.6 s each, again and again for 5 s. Counted, not
     timed: the datagrams the daemon reads between the victim's hit and its reply
     (the daemon is stopped at both ends); before, 8,000 and more for 32 sockets;
-    now the sockets read on share one slice a turn."""
+    now the sockets read on share one slice a turn. (Each queue ends with a
+    datagram carrying an fd: one without is freed by a worker now, attack 33.)"""
     d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
     f = make_file(shared_dir / "f", b"x" * 100)
     src = os.open(f, os.O_RDONLY)
-    child = spawn_as(ATTACKER, QUEUED_MANY.format(path=str(d.socket_path), n=QUEUED_SOCKETS))
+    child = spawn_as(
+        ATTACKER,
+        QUEUED_MANY.format(path=str(d.socket_path), n=QUEUED_SOCKETS, each=QUEUED_EACH),
+    )
     try:
         with trio.fail_after(120), Raw(d.socket_path, timeout=30) as victim:
             await _until_cached(victim, src)
@@ -1366,7 +1371,7 @@ async def test_sockets_read_on_after_their_end_take_a_bounded_slice_of_a_turn_in
                 child.send(1)
                 child.send(1)
                 queued = await trio.to_thread.run_sync(child.recv)
-            assert queued > QUEUED_SOCKETS * 5000, queued
+            assert queued > QUEUED_SOCKETS * QUEUED_EACH, queued
             # Wait until the connections have ended and their sockets are read on.
             while True:
                 child.send(1)
@@ -1473,3 +1478,78 @@ async def test_the_daemon_frees_the_large_memfds_it_lets_go_of_off_the_loop(
     finally:
         os.close(src)
         os.close(ino)
+
+
+# Attack 33: connections of a uid not admitted, each with its send buffer full
+# of empty datagrams queued before the daemon accepts it; the attacker says how
+# much of what it queued is still unread (SIOCOUTQ, in datagrams).
+TURNED_AWAY_FULL = """
+import fcntl, socket, struct, termios
+def unread(s):
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\\0" * 4))[0]
+socks = []
+recv()  # the daemon is stopped now
+for _ in range({n}):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.connect({path!r})
+    s.setblocking(False)
+    try:
+        while True:
+            s.send(b"")
+    except BlockingIOError:
+        pass
+    socks.append(s)
+out("sent")
+while recv() is not None:
+    out(sum(unread(s) for s in socks))
+"""
+
+
+def _counts_queued_fds() -> bool:
+    """Whether the kernel says how many fds a datagram socket's queue carries."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        return b"scm_fds:" in Path(f"/proc/self/fdinfo/{probe.fileno()}").read_bytes()
+
+
+async def test_a_turned_away_peers_queue_without_descriptors_is_not_read_on_the_loop(
+    start_daemon: Any,
+) -> None:
+    """Attack 33: what is left queued on a client's socket past the drain at its
+    end was read on the loop, 5-9 us a datagram, the socket held (counted against
+    max_sockets) meanwhile: 80 peers of a uid not admitted, each with its send
+    buffer full of empty datagrams (874,000 in all), had the daemon pause
+    accepting until they were read, and a new root client's hello waited 7.6 s
+    (at a 1,024 fd limit). The kernel counts the fds a datagram socket's queue
+    carries (scm_fds): a queue with none is closed in the thread that frees
+    memfds, where its close only frees buffers. Which thread consumed 20 such
+    queues: the loop thread must have run less than another thread of the daemon
+    from their accept until they are all consumed and the daemon rests; before,
+    it read them all itself."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--allow-uid", "0")
+    if not _counts_queued_fds():
+        pytest.skip("this kernel does not count the fds a socket's queue carries")
+    child = spawn_as(ATTACKER, TURNED_AWAY_FULL.format(path=str(d.socket_path), n=20))
+    try:
+        with trio.fail_after(120):
+            with stopped(d):
+                child.send(1)
+                assert await trio.to_thread.run_sync(child.recv, 60) == "sent"
+                before = _runtimes(d.pid)
+            while True:
+                child.send(1)
+                if await trio.to_thread.run_sync(child.recv) == 0:
+                    break
+                await trio.sleep(0.01)
+            while not _asleep(d.pid):
+                await trio.sleep(0.01)
+            after = _runtimes(d.pid)
+            ran = {tid: after[tid] - before.get(tid, 0) for tid in after}
+            loop = ran.pop(d.pid)
+            assert loop < max(ran.values()), (
+                f"the loop thread ran {loop / 1e6:.1f} ms, no other more: it read the queues"
+            )
+            with Raw(d.socket_path, timeout=10) as raw:  # and it goes on serving
+                assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
+    finally:
+        child.close()
