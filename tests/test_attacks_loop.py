@@ -12,7 +12,12 @@
 # daemon closes (attack 21: a lingering TCP socket's close, which thread
 # waits in it; descriptors queued past the uid's bound), sockets waiting to
 # be closed up to the daemon's fd limit (attack 27), and releases that take
-# the kernel long: a device's (attack 28), a rewritten file's (attack 29).
+# the kernel long: a device's (attack 28), a rewritten file's (attack 29),
+# many smaller ones in one datagram (attack 30), the pages of a memfd the
+# cache let go of (attack 32); and queues read on after their end: in turn
+# (attack 31), or not at all when they carry no fd (attack 33). Where a count
+# of what the daemon did is not to be had, which thread did it: fanotify's
+# thread ids, or each thread's run time (schedstat) once the daemon rests.
 #
 # Must never: leave the daemon stopped or a child process behind; count
 # answers made after the victim's (the daemon is stopped the moment the
