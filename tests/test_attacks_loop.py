@@ -1419,6 +1419,23 @@ def _asleep(pid: int) -> bool:
     return True
 
 
+async def _until_asleep(pid: int, timeout: float = 30) -> None:
+    """Wait until every thread of process *pid* sleeps (see _asleep)."""
+    deadline = time.monotonic() + timeout
+    while not _asleep(pid):
+        assert time.monotonic() < deadline, f"the daemon's threads never all slept: {_states(pid)}"
+        await trio.sleep(0.01)
+
+
+def _states(pid: int) -> dict[str, str]:
+    """Each thread of process *pid*'s state letter (R, S, D...), by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[task.name] = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    return out
+
+
 #: Attack 32's file: its memfd's pages take the kernel tens of milliseconds to free.
 FREED_MIB = 200
 #: The one inotify event asked for: IN_IGNORED comes anyway, when the inode goes.
@@ -1556,5 +1573,73 @@ async def test_a_turned_away_peers_queue_without_descriptors_is_not_read_on_the_
             )
             with Raw(d.socket_path, timeout=10) as raw:  # and it goes on serving
                 assert (await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1}))[0]["ok"]
+    finally:
+        child.close()
+
+
+# Attack 34: an open of a file too young to be cached, sent by a client that
+# leaves before its reply: the copy is made, then its reply cannot be sent.
+LEAVES = """
+import array, msgpack, os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect({sock!r})
+s.send(msgpack.packb({{"op": "hello", "id": 0, "version": 1}}))
+assert msgpack.unpackb(s.recv(65536))["ok"]
+out("ready")
+recv()
+os.chmod({path!r}, 0o640)  # its ctime now: too young to cache
+fd = os.open({path!r}, os.O_RDONLY)
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+s.sendmsg([msgpack.packb({{"op": "open", "id": 1, "wait": True}})], rights)
+os.close(fd)
+s.close()  # gone before the copy is made
+out("sent")
+recv()
+"""
+
+#: Attack 34's file: its copy's pages take the kernel tens of milliseconds to free.
+LEFT_MIB = 512
+#: What the loop may run, in all, from the attacker's open until the daemon rests
+#: (answering it costs a millisecond or two); freeing the copy took it 45-65 ms.
+LEFT_LOOP_NS = 20_000_000
+
+
+async def test_a_copy_whose_client_left_is_not_freed_on_the_loop(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 34: a copy that is not cached (its file is too young) and whose client
+    went away before the reply: the reply cannot be sent, and the daemon's close of
+    the served descriptor was the memfd's last, freeing its pages on the loop (two
+    clients doing it with 200 MiB files held another's hits up to 56 ms). The loop
+    thread's run time from the open until the daemon rests: a millisecond or two
+    of answering; before, the free besides."""
+    d: Daemon = await start_daemon(
+        "--socket-mode",
+        "0666",
+        "--max-file-size",
+        "1G",
+        "--max-pinned-bytes-per-uid",
+        "2G",
+    )
+    path = make_file(shared_dir / "young", b"y" * (LEFT_MIB << 20))
+    os.chown(path, ATTACKER, ATTACKER)
+    copied = _closer_of(path)  # the last close of the attacker's open: its copy's end
+    child = spawn_as(ATTACKER, LEAVES.format(sock=str(d.socket_path), path=str(path)))
+    try:
+        with trio.fail_after(120):
+            assert await trio.to_thread.run_sync(child.recv, 60) == "ready"
+            await _until_asleep(d.pid)
+            before = _runtimes(d.pid)
+            child.send(1)
+            assert await trio.to_thread.run_sync(child.recv) == "sent"
+            await trio.to_thread.run_sync(copied, 60.0)
+            # Then the reply is tried, and the copy let go of.
+            await _until_asleep(d.pid)
+            after = _runtimes(d.pid)
+            with Raw(d.socket_path, timeout=30) as raw:  # it was so
+                reply, _ = await trio.to_thread.run_sync(raw.call, {"op": "stats", "id": 1})
+                assert reply["stats"]["uncached"] == 1, reply
+            loop = after[d.pid] - before[d.pid]
+            assert loop < LEFT_LOOP_NS, f"the loop thread ran {loop / 1e6:.1f} ms"
     finally:
         child.close()
