@@ -17,9 +17,9 @@
 # A client's socket with datagrams still queued is read to its end here, one
 # slice a turn for all such sockets (attack 31), and closed on the loop once
 # empty (drain_later); one whose queue is still long after a part and carries
-# no fd (the kernel counts them) is closed by a worker, where its close only
-# frees buffers (attack 33); only one
-# that holds fds past its uid's bound goes to a worker. Such sockets are
+# no fd (the kernel counts them) is closed by the thread that frees memfds,
+# where its close only frees buffers (attack 33); one that holds fds past its
+# uid's bound waits for a worker on that uid's quota. Such sockets are
 # counted (sockets_closing): past max_sockets the acceptor takes no new
 # connection until one is closed (attack 27), so the daemon's fd table never
 # fills with them, and the kernel never drops a peer's fds on the loop for
