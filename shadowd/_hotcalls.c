@@ -420,8 +420,10 @@ accept_peer(PyObject *self, PyObject *args)
         errno = ECONNABORTED;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    /* Signed, as struct ucred's "3i" reads them in Python (access.Peer). */
-    PyObject *result = Py_BuildValue("(iiii)", fd, (int)cred.pid, (int)cred.uid, (int)cred.gid);
+    /* The pid signed, the uid and gid not (uid_t: 3000000000 is a uid), as
+     * struct ucred's "iII" reads them in Python (access.Peer). */
+    PyObject *result = Py_BuildValue("(iiII)", fd, (int)cred.pid, (unsigned int)cred.uid,
+                                     (unsigned int)cred.gid);
     if (result == NULL)
         close(fd); /* never lost */
     return result;

@@ -41,7 +41,8 @@ from .peer_limits import PeerLimits
 from .poller import Flow
 from .protocol import ErrorCode
 
-_UCRED = struct.Struct("3i")
+# struct ucred: pid_t signed, uid_t and gid_t not (3000000000 is a uid).
+_UCRED = struct.Struct("iII")
 # socket.SO_PEERGROUPS is missing from some Pythons; Linux has it since 4.13.
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _NGROUPS_MAX = 65536

@@ -286,7 +286,7 @@ class Dispatcher:
             )
         finally:
             # Descriptors served but not sent (on cancellation) are still ours.
-            close_holders([r.fd for r in results if isinstance(r, Served)])
+            _let_go(conn, [r for r in results if isinstance(r, Served)])
 
     # -- in the connection's task: the rare requests ---------------------
 
@@ -390,7 +390,19 @@ async def _send_served(conn: Connection, id: int, served: Served) -> None:
             reply = Opened(id=id, fd=served.fd.fd, size=served.size, hit=served.hit)
         await conn.send(reply)
     finally:
-        served.fd.close()
+        _let_go(conn, [served])
+
+
+def _let_go(conn: Connection, served: Sequence[Served]) -> None:
+    """Close the descriptors of *served* after their reply. One of a copy the cache
+    did not keep may be its memfd's last (the client went away before the reply
+    could be sent): the Closer frees its pages, off the loop if they are many
+    (attack 34). A hit's or a cached copy's is never the last."""
+    kept = [s.fd for s in served if s.hit or s.cached]
+    close_holders(kept)
+    rest = [s.fd.detach() for s in served if not (s.hit or s.cached) and not s.fd.closed]
+    if rest:
+        conn.services.discard(rest, conn.share)
 
 
 def _v2(conn: Connection) -> bool:

@@ -115,7 +115,8 @@ def py_reopen(dirfd: int, fd: int) -> int:
     return os.open(str(fd), _REOPEN_FLAGS, dir_fd=dirfd)
 
 
-_UCRED = struct.Struct("3i")
+# struct ucred: pid_t signed, uid_t and gid_t not (3000000000 is a uid).
+_UCRED = struct.Struct("iII")
 _ACCEPT_TYPE = socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
 
 

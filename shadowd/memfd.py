@@ -17,13 +17,14 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 
 from . import hotcalls
 from .errors import SourceChanged
-from .fds import FdHolder, move_high
+from .fds import LONG_LIVED_BASE, FdHolder, move_high
 from .source import SourceStat, stat_sync
 
 if TYPE_CHECKING:
@@ -466,12 +467,27 @@ class SealedFile:
         self.refs += 1
         return self
 
-    def release(self) -> None:
+    def release(self, free: Callable[[int], None] | None = None) -> None:
+        """Let go of one reference; the last closes the memfd, or with *free*, hands
+        *free* a descriptor of it to close (off the loop: freeing a large memfd's
+        pages takes the kernel milliseconds, attack 32)."""
         if self.refs <= 0:
             raise ValueError("release of a released sealed file")
         self.refs -= 1
         if self.refs == 0:
+            fd = self.holder.detach()
+            out = -1
+            if free is not None and fd >= 0:
+                try:
+                    # A number of its own (a high one: the low ones are each
+                    # round's), so that the range's or the old one is not the
+                    # last; with no number left, closed here after all.
+                    out = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LONG_LIVED_BASE)
+                except OSError:
+                    pass
             if self.fd_range is not None:
-                self.fd_range.give_back(self.holder.detach())
+                self.fd_range.give_back(fd)
             else:
-                self.holder.close()
+                FdHolder(fd).close()
+            if free is not None and out >= 0:
+                free(out)

@@ -143,6 +143,7 @@ class HostOpens:
     def __attrs_post_init__(self) -> None:
         self.guard = EntryGuard(cache=self.cache, pins=self.pins)
         self.closer = Closer(mounts=self.mounts, copier=self.copier, budget=self.budget)
+        self.cache.release_file = self.closer.release_file
         self.filler = Filler(
             cache=self.cache,
             copier=self.copier,

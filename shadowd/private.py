@@ -271,4 +271,6 @@ class PrivateFiles:
         )
         if not cached:
             self.uncached += 1
-        return Served(fd=FdHolder(fd), size=size, hit=lost)
+        # cached: its descriptor's close after the reply is then never the memfd's
+        # last (dispatch.py closes such at once; the others go to the Closer).
+        return Served(fd=FdHolder(fd), size=size, hit=lost, cached=cached)

@@ -104,6 +104,29 @@ async def test_allow_uid_turns_other_users_away_with_not_permitted(start_daemon:
     assert s["peers_refused"] == 4 and s["refused_by_code"]["not-permitted"] == 4
 
 
+#: A uid and gid past 2**31 (uid_t is unsigned: container uid ranges reach there).
+BIG_ID = 3_000_000_000
+
+
+@requires_root
+@pytest.mark.parametrize("hit_path", ["c", "python"])
+async def test_allow_lists_admit_ids_past_2_to_the_31_as_themselves(
+    start_daemon: Any, hit_path: str
+) -> None:
+    """SO_PEERCRED's uid and gid were read as signed ints (the C accept_peer and its
+    Python twin alike): uid 3,000,000,000, listed in --allow-uid, was refused as
+    "uid -1294967296", and so was a member of such a gid."""
+    env = None if hit_path == "c" else dict(os.environ, SHADOWD_NO_C="1")
+    d = await start_daemon(
+        "--socket-mode", "0666", "--allow-uid", str(BIG_ID), "--allow-gid", str(BIG_ID + 7), env=env
+    )
+    with trio.fail_after(60):
+        assert (await call(try_connect, d, BIG_ID))["sync"] == "shadowd"
+        assert (await call(try_connect, d, BIG_ID + 1, gid=BIG_ID + 7))["sync"] == "shadowd"
+        name, message = (await call(try_connect, d, BIG_ID + 1))["sync"]
+        assert name == "NotPermitted" and f"uid {BIG_ID + 1} " in message, message
+
+
 @requires_root
 async def test_allow_gid_admits_primary_and_supplementary_members(start_daemon: Any) -> None:
     d = await start_daemon("--socket-mode", "0666", "--allow-gid", str(GROUP))

@@ -101,7 +101,8 @@ def choose_socket(socket_path: str | os.PathLike[str] | None) -> SocketChoice:
         raise DaemonUnavailable(str(exc)) from None
 
 
-_UCRED = struct.Struct("3i")
+# struct ucred: pid_t signed, uid_t and gid_t not (3000000000 is a uid).
+_UCRED = struct.Struct("iII")
 
 
 def peer_of(sock: socket.socket) -> tuple[int, int] | None:
