@@ -71,8 +71,10 @@ OVER_BUDGET_PAUSE = 0.05
 #: The reports a closing connection left queued are counted up to this many
 #: files in all (FinalReports): about one report's work more, on the loop.
 FINAL_REPORT_FILES = MAX_REPORT
-#: ...in at most this many of its first datagrams (each read whole)...
-FINAL_REPORT_DATAGRAMS = 64
+#: ...in at most this many of its first datagrams (each read whole): those the
+#: connection's own drain reads (DRAIN_AT_CLOSE); the rest are read on by the
+#: Closer with every other such socket, and not looked into (attack 31)...
+FINAL_REPORT_DATAGRAMS = DRAIN_AT_CLOSE
 #: ...until they took this many bytes: unpacking a pathological datagram of
 #: 64 KiB takes milliseconds (docs/security.md, attack 14), so at most two are.
 FINAL_REPORT_BYTES = 64 * 1024

@@ -214,8 +214,8 @@ async def test_reports_left_queued_by_a_closed_connection_are_counted_within_a_b
 ) -> None:
     """Reports queued behind an answer that fails (the client closed) are read and
     counted when the connection ends, but only a bounded number (FINAL_REPORT_DATAGRAMS,
-    64): 100 queued reports of one hit each, sent while the daemon is stopped, count
-    65 (the first answered, the rest read at the end), not 1 (before) nor 100; and
+    8): 100 queued reports of one hit each, sent while the daemon is stopped, count
+    9 (the first answered, the rest read at the end), not 1 (before) nor 100; and
     another uid's queued reports, which it may not send at all, count nothing."""
     from shadowd_client import Client
 
