@@ -440,3 +440,30 @@ async def test_a_forked_child_talks_to_the_daemon_on_a_connection_of_its_own(
         client.close()
     assert (mine, theirs) == (b"ok", b"ok")
     assert connections == 1  # the parent kept its connection
+
+
+async def test_a_refusal_of_open_path_names_the_path(daemon: Daemon, tmp_path: Path) -> None:
+    """The daemon sees only a descriptor, so its refusal names none; Client.open and
+    AsyncClient.open name the path they were asked for (they said only "only regular
+    files are served; the passed fd is a character device")."""
+    fifo = tmp_path / "a fifo"
+    os.mkfifo(fifo)
+
+    def sync() -> list[str]:
+        messages = []
+        with Client(daemon.socket_path, timeout=10) as c:
+            for path in ("/dev/null", fifo):
+                with pytest.raises(NotRegularFile) as caught:
+                    c.open(path)
+                messages.append(str(caught.value))
+        return messages
+
+    with trio.fail_after(30):
+        messages = await trio.to_thread.run_sync(sync)
+        async with AsyncClient(daemon.socket_path) as ac:
+            with pytest.raises(NotRegularFile) as caught:
+                await ac.open("/dev/null")
+    assert messages[0].startswith("/dev/null: only regular files are served"), messages
+    assert messages[1].startswith(f"{fifo}: "), messages
+    assert str(caught.value).startswith("/dev/null: "), caught.value
+    assert caught.value.code == "not-regular"

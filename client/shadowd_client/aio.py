@@ -161,6 +161,8 @@ class AsyncClient:
         src = open_source(path)
         try:
             return await self.open_fd(src, label=label_for(path))
+        except Refused as exc:
+            raise exc.naming(path) from None
         finally:
             os.close(src)
 

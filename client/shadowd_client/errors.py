@@ -89,6 +89,12 @@ class Refused(ShadowdError):
         if code is not None:
             self.code = code
 
+    def naming(self, path: str | os.PathLike[str]) -> Refused:
+        """The same refusal, its message naming the file the caller asked for (the
+        daemon saw only a descriptor)."""
+        shown = os.fsdecode(path) or repr("")
+        return type(self)(f"{shown}: {self.message}", code=self.code)
+
 
 class BadRequest(Refused):
     """The daemon did not understand the request (a bug in the client, or a version mismatch)."""

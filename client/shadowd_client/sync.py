@@ -168,6 +168,8 @@ class Client:
         src = open_source(path)
         try:
             return self.open_fd(src, label=label_for(path))
+        except Refused as exc:
+            raise exc.naming(path) from None
         finally:
             os.close(src)
 
