@@ -443,9 +443,9 @@ async def test_a_forked_child_talks_to_the_daemon_on_a_connection_of_its_own(
 
 
 async def test_a_refusal_of_open_path_names_the_path(daemon: Daemon, tmp_path: Path) -> None:
-    """The daemon sees only a descriptor, so its refusal names none; Client.open and
-    AsyncClient.open name the path they were asked for (they said only "only regular
-    files are served; the passed fd is a character device")."""
+    """The daemon sees only a descriptor, so its refusal names none; Client.open,
+    open_many and AsyncClient.open name the path they were asked for (they said only
+    "only regular files are served; the passed fd is a character device")."""
     fifo = tmp_path / "a fifo"
     os.mkfifo(fifo)
 
@@ -456,6 +456,8 @@ async def test_a_refusal_of_open_path_names_the_path(daemon: Daemon, tmp_path: P
                 with pytest.raises(NotRegularFile) as caught:
                     c.open(path)
                 messages.append(str(caught.value))
+            got = c.open_many(["/dev/null", fifo], return_exceptions=True)
+            messages += [str(e) for e in got]
         return messages
 
     with trio.fail_after(30):
@@ -465,5 +467,6 @@ async def test_a_refusal_of_open_path_names_the_path(daemon: Daemon, tmp_path: P
                 await ac.open("/dev/null")
     assert messages[0].startswith("/dev/null: only regular files are served"), messages
     assert messages[1].startswith(f"{fifo}: "), messages
+    assert messages[2].startswith("/dev/null: ") and messages[3].startswith(f"{fifo}: ")
     assert str(caught.value).startswith("/dev/null: "), caught.value
     assert caught.value.code == "not-regular"

@@ -203,6 +203,10 @@ class AsyncClient:
             raise
         finally:
             close_all(s for s in sources if isinstance(s, int))
+        results = [
+            r.naming(p) if isinstance(r, Refused) else r
+            for r, p in zip(results, paths, strict=True)
+        ]
         if not return_exceptions:
             for r in results:
                 if isinstance(r, ShadowdError):

@@ -241,6 +241,10 @@ class Client:
         except BaseException:
             close_all(r for r in results if isinstance(r, int))
             raise
+        results = [
+            r.naming(p) if isinstance(r, Refused) else r
+            for r, p in zip(results, paths, strict=True)
+        ]
         if not return_exceptions:
             for r in results:
                 if isinstance(r, ShadowdError):
