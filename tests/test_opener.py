@@ -1199,3 +1199,57 @@ async def test_a_full_told_batch_is_not_waited_for_and_its_answer_is_dropped_lat
     assert took < 10, took
     assert told == TELL_FILES
     assert asked == 2  # both asked: no breaker opened by the batch's answer
+
+
+#: Files told to a stopped daemon: its socket takes far fewer batches of 64.
+MANY = 8192
+
+
+async def test_told_batches_a_stopped_daemon_cannot_take_open_the_breaker(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Told batches are sent without waiting for answers, so a stopped daemon's
+    socket fills with them; the send that then waits out the reply timeout is the
+    daemon's one timeout of the backoff window: it opens the breaker, and the next
+    open that would ask the daemon copies here at once. Before, that timeout only
+    dropped the connection: the next ask connected again and waited out a second."""
+    timeout = 1.0
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    directory = tmp_path / "many"
+    directory.mkdir()
+    first = make_file(tmp_path / "first", os.urandom(512))
+    big = make_file(tmp_path / "big", os.urandom(300_000))  # above local_below: asked
+    files = [make_file(directory / f"f{i}", b"x" * 100) for i in range(MANY)]
+    settle(first, big, *files)
+
+    def work() -> tuple[int, list[float], bool, float]:
+        with Opener(d.socket_path, timeout=timeout, retry_after=60) as opener:
+            os.close(opener.open(first))  # connected, the index mapped
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                slow: list[float] = []
+                n = 0
+                while not slow and n < MANY:  # until a told batch's send waits
+                    f = files[n]
+                    n += 1
+                    started = time.monotonic()
+                    os.close(opener.open(f))
+                    took = time.monotonic() - started
+                    if took >= timeout / 2:
+                        slow.append(took)
+                down = opener._down
+                started = time.monotonic()
+                fd = opener.open(big)  # the daemon is left alone: copied here
+                assert read_fd(fd) == big.read_bytes()
+                os.close(fd)
+                asked = time.monotonic() - started
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+        return n, slow, down, asked
+
+    with trio.fail_after(120):
+        n, slow, down, asked = await in_thread(work)
+    print(f"{n} files told before a send waited {slow}; then the ask took {asked:.3f} s")
+    assert slow, "no send waited"
+    assert down, "the timeout of a told batch's send opened no breaker"
+    assert asked < timeout / 2, asked

@@ -382,7 +382,8 @@ class Client:
     ) -> tuple[int, ShadowdError | None]:
         """Send the requests *split* makes for this connection's session, in order, on
         the connection there is, never on a new one: how many items they carry were
-        sent, and what failed (None: nothing). Each answer is read before the next
+        sent, and what failed (None: nothing, or a connection found gone; a send that
+        waited out the timeout is a failure). Each answer is read before the next
         request goes: a daemon that answers into a socket closed meanwhile (a late
         answer, the connection dropped) may read none of the rest. The caller keeps
         what was not sent (no connection whose hello was answered, a send failed, or
@@ -414,9 +415,13 @@ class Client:
                     id, data, fds = make(session.proto)
                     try:
                         self._sendmsg(data, fds)
-                    except Broken:
+                    except Broken as broken:
                         self._drop()
-                        return sent, None
+                        if isinstance(broken.cause, TimeoutError):
+                            # A daemon that stopped reading (its socket full of
+                            # answers nobody waited for): this was its timeout.
+                            return sent, broken.error(self.socket_path)
+                        return sent, None  # gone (restarted?): the next request reconnects
                     except ShadowdError:
                         # the daemon's refusal, queued before it closed (_broken)
                         return sent, None
