@@ -184,7 +184,6 @@ class Filler:
     async def _pump(self, share: UidShare) -> None:
         """Start the queued copies of *share*'s uid one by one, as its quota allows."""
         fills: dict[tuple[HostKey, Version], Fill] = share.fills
-        quota = share.quota
         scope = trio.CancelScope()
         self._pumps.add(scope)
         try:
