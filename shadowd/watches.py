@@ -44,8 +44,9 @@ IN_CLOEXEC = os.O_CLOEXEC
 WATCHED = IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
 _READ_SIZE = 64 * 1024
-#: A watch in /proc/self/fdinfo/N of an inotify fd: "inotify wd:3 ino:... ".
-_FDINFO_WD = re.compile(rb"^inotify wd:(\d+) ", re.MULTILINE)
+#: A watch in /proc/self/fdinfo/N of an inotify fd: "inotify wd:1a ino:... ", its
+#: number in hexadecimal (fs/notify/fdinfo.c prints it with %x).
+_FDINFO_WD = re.compile(rb"^inotify wd:([0-9a-f]+) ", re.MULTILINE)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -154,7 +155,7 @@ class Watches:
                 text = f.read()
         except OSError:
             return None
-        return {int(m) for m in _FDINFO_WD.findall(text)}
+        return {int(m, 16) for m in _FDINFO_WD.findall(text)}
 
     def changed_since(self, wd: int, start: int) -> bool:
         """Whether an event of watch *wd* was read after *start* (its removal included)."""

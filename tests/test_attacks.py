@@ -551,8 +551,12 @@ async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever
     memory nobody held, for good. Here two cached memfds' mode changes (alternating,
     so that none merge) fill the daemon's queue while it is stopped, then the last
     holder of an uncached copy lets go of it: once the daemon reads on, its charge
-    must be given back (it asks the kernel which watches are left)."""
+    must be given back (it asks the kernel which watches are left), and only its:
+    the two memfds still held (out of the cache since the overflow) stay charged.
+    Twenty files cached first put the watches' numbers past 9 (the kernel lists
+    them in hexadecimal)."""
     d = await start_daemon("--racy-window", "2")
+    others = [make_file(shared_dir / f"o{i}", b"o%d" % i) for i in range(20)]
     a = make_file(shared_dir / "a", b"a" * 4096)
     b = make_file(shared_dir / "b", b"b" * 4096)
     young_size = 1 << 20
@@ -560,10 +564,12 @@ async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever
         max_queued = int(f.read())
     from shadowd_client import Client
 
-    def work() -> None:
+    def work() -> tuple[int, int]:
         time.sleep(max(0.0, a.stat().st_ctime + 2.1 - time.time()))  # old enough to cache
         young = make_file(shared_dir / "young", os.urandom(young_size))  # served uncached
         with Client(d.socket_path, timeout=10) as c:
+            for other in others:
+                os.close(c.open(other))
             fa, fb = c.open(a), c.open(b)
             fy = c.open(young)
             try:
@@ -578,19 +584,25 @@ async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever
                     for i in range(max_queued + 16):
                         os.fchmod((fa, fb)[i % 2], 0o444 if i % 4 < 2 else 0o440)
                     os.close(fy)  # its IN_IGNORED finds the queue full
-                    fy = -1
                 finally:
                     os.kill(d.pid, signal.SIGCONT)
-            finally:
+            except BaseException:
                 os.close(fa)
                 os.close(fb)
-                if fy >= 0:
-                    os.close(fy)
+                raise
+        return fa, fb
 
     with trio.fail_after(60):
-        await call(work)
-        while "inotify lost events" not in d.log():  # the daemon read on
-            await trio.sleep(0.02)
+        fa, fb = await call(work)
+        try:
+            while "inotify lost events" not in d.log():  # the daemon read on
+                await trio.sleep(0.02)
+            while (pinned := (await call(stats, d))["pinned_bytes"]) > 2 * 4096:
+                await trio.sleep(0.05)
+            assert pinned == 2 * 4096  # the two held: a live watch is never taken for gone
+        finally:
+            os.close(fa)
+            os.close(fb)
         while (await call(stats, d))["pinned_bytes"]:
             await trio.sleep(0.05)
 
