@@ -1253,3 +1253,55 @@ async def test_told_batches_a_stopped_daemon_cannot_take_open_the_breaker(
     assert slow, "no send waited"
     assert down, "the timeout of a told batch's send opened no breaker"
     assert asked < timeout / 2, asked
+
+
+async def test_an_open_that_a_close_overtakes_keeps_no_source_to_tell(
+    start_daemon: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An Opener closed by one thread while another's open copies a file its index
+    lacked: that open must not keep a duplicate of its source to tell of afterwards,
+    which nothing would ever close (close let go of the others, and the finaliser has
+    run). The close is made from within the open's local copy, where another thread's
+    close may come, so that it overtakes the open every time. Before, the process
+    held one descriptor more than before the Opener was made: that source's."""
+    import shadowd_client.opener as opener_module
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    first = make_file(tmp_path / "first", os.urandom(512))
+    second = make_file(tmp_path / "second", os.urandom(512))
+    settle(first, second)
+    copy = opener_module.local_copy_fd
+
+    def work() -> list[str]:
+        with open(first, "rb") as f:  # the local copy's own descriptors, kept per process
+            os.close(copy(f.fileno()))
+        before = _fd_targets()
+        opener = Opener(d.socket_path)
+        os.close(opener.open(first))  # connected, the index mapped
+
+        def copy_then_close(fd: int, **kwargs: Any) -> int:
+            served = copy(fd, **kwargs)
+            opener.close()  # another thread's, as it may come
+            return served
+
+        monkeypatch.setattr(opener_module, "local_copy_fd", copy_then_close)
+        fd = opener.open(second)
+        assert read_fd(fd) == second.read_bytes()
+        os.close(fd)
+        after = _fd_targets()
+        return sorted(t for n, t in after.items() if before.get(n) != t)
+
+    with trio.fail_after(30):
+        kept = await in_thread(work)
+    assert kept == [], kept
+
+
+def _fd_targets() -> dict[str, str]:
+    """This process's descriptors and what each names."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own
+    return targets
