@@ -209,6 +209,9 @@ class Filler:
                 await quota.acquire()
             else:
                 await quota.acquire_last()  # moved up by quota.hurry() for an asked one
+            if self.stopped:  # stop() came as the slot became ours: no copy starts
+                quota.release()
+                return
             # Chosen once the slot is ours: a miss asked for meanwhile goes first.
             lane = share.asked or share.told
             if not lane:  # pragma: no cover - only this task takes fills out
