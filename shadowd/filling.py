@@ -198,6 +198,10 @@ class Filler:
             share.asked.clear()
             share.told.clear()
 
+    def _stopping(self) -> bool:
+        """Whether stop() ran (read afresh after an await: it may have come meanwhile)."""
+        return self.stopped
+
     async def _pump_in(self, share: UidShare) -> None:
         """The pump's work: each queued fill in turn, once a slot of the quota is free."""
         fills: dict[tuple[HostKey, Version], Fill] = share.fills
@@ -209,7 +213,7 @@ class Filler:
                 await quota.acquire()
             else:
                 await quota.acquire_last()  # moved up by quota.hurry() for an asked one
-            if self.stopped:  # stop() came as the slot became ours: no copy starts
+            if self._stopping():  # stop() came as the slot became ours: no copy starts
                 quota.release()
                 return
             # Chosen once the slot is ours: a miss asked for meanwhile goes first.
