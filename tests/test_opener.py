@@ -1305,3 +1305,71 @@ def _fd_targets() -> dict[str, str]:
         except OSError:
             pass  # the listing's own
     return targets
+
+
+async def test_a_child_forked_while_another_thread_tells_keeps_none_of_its_sources(
+    start_daemon: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A process forked while another of its threads tells the daemon of files (their
+    sources out of the Opener's list, in that thread's hands): the child has no such
+    thread, so the Opener must let go of those descriptors in the child, as it does of
+    the ones still listed. Before, the child kept the whole batch (64 descriptors of
+    files it never opened) for its life."""
+    from shadowd_client.opener import TELL_FILES
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    first = make_file(tmp_path / "first", os.urandom(512))
+    files = [make_file(tmp_path / f"f{i}", os.urandom(512)) for i in range(TELL_FILES)]
+    settle(first, *files)
+    telling, go_on = threading.Event(), threading.Event()
+
+    def work() -> int:
+        with Opener(d.socket_path) as opener:
+            os.close(opener.open(first))  # connected, the index mapped, one source kept
+            client = opener._client
+            assert client is not None
+            tell = client._tell_here
+
+            def tell_slowly(*args: Any, **kwargs: Any) -> Any:
+                telling.set()
+                go_on.wait(20)
+                return tell(*args, **kwargs)
+
+            monkeypatch.setattr(client, "_tell_here", tell_slowly)
+
+            def opens() -> None:
+                for f in files[:-1]:  # the 64th source listed: the batch goes
+                    os.close(opener.open(f))
+
+            thread = threading.Thread(target=opens)
+            thread.start()
+            try:
+                assert telling.wait(20)
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        os.close(r)
+                        names = str(tmp_path)
+                        kept = sum(1 for t in _fd_targets().values() if t.startswith(names))
+                        os.write(w, b"%d" % kept)
+                        code = 0
+                    finally:
+                        os._exit(code)
+                os.close(w)
+                try:
+                    kept = int(os.read(r, 64) or b"-1")
+                finally:
+                    os.close(r)
+                os.waitpid(pid, 0)
+            finally:
+                go_on.set()
+                thread.join(20)
+            return kept
+
+    with trio.fail_after(60):
+        kept = await in_thread(work)
+    # One: the telling thread's open still holds the source it opened (whatever a
+    # thread holds at a fork is the child's too); none of the 64 told.
+    assert kept == 1, f"the child kept {kept} descriptors of the files told"

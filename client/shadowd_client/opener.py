@@ -364,6 +364,8 @@ class Opener:
         # a duplicate of each source and its label, until told (_tell).
         self._told: list[tuple[FdHolder, str | None]] = []
         self._closing = False  # close() began: no source is kept any more
+        # The lists _tell took and sends now (a thread's each), until let go of.
+        self._telling: list[list[tuple[FdHolder, str | None]]] = []
         #: Files told to the daemon after they were copied here (the next
         #: process's opens of them are then hits through its index).
         self.told_files = 0
@@ -783,6 +785,10 @@ class Opener:
         with self._lock:
             told = self._told[:]
             self._told.clear()
+            if told:
+                # In this thread's hands from here on: listed for a forked child,
+                # which has no such thread and lets go of them (_forked).
+                self._telling.append(told)
         if not told:
             return
         client = self._client
@@ -802,6 +808,8 @@ class Opener:
                 self._failed(failure)
         finally:
             self.waited += time.monotonic() - started
+            with self._lock:
+                self._telling.remove(told)
             _let_go(told)
 
     # -- the daemon, behind a breaker -------------------------------------
@@ -895,6 +903,9 @@ class Opener:
         self._unreported_hits = 0
         self._reported_at = time.monotonic()
         _let_go(self._told)  # the parent tells of its own
+        for told in self._telling:  # in the hands of threads the child does not have
+            _let_go(told)
+        self._telling = []
 
     def __enter__(self) -> Opener:
         return self
