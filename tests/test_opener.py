@@ -1373,3 +1373,47 @@ async def test_a_child_forked_while_another_thread_tells_keeps_none_of_its_sourc
     # One: the telling thread's open still holds the source it opened (whatever a
     # thread holds at a fork is the child's too); none of the 64 told.
     assert kept == 1, f"the child kept {kept} descriptors of the files told"
+
+
+async def test_a_stopped_daemon_costs_threads_opening_at_once_one_timeout_in_all(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Four threads of one Opener ask a stopped daemon at once: the first waits out the
+    reply timeout; the others, queued behind it for the connection, must not each wait
+    out one more when their turn comes (they passed the breaker before it opened).
+    Before, the last of them waited four timeouts."""
+    timeout, threads = 1.0, 4
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000)) for i in range(threads)]
+    settle(*files)
+
+    def work() -> list[float]:
+        with Opener(d.socket_path, timeout=timeout, retry_after=60) as opener:
+            opener._client.connect()  # type: ignore[union-attr]
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                start = threading.Barrier(threads)
+                took: list[float] = []
+
+                def one(f: Path) -> None:
+                    start.wait(10)
+                    started = time.monotonic()
+                    fd = opener.open(f)  # asked (above local_below), then copied here
+                    took.append(time.monotonic() - started)
+                    assert read_fd(fd) == f.read_bytes()
+                    os.close(fd)
+
+                running = [threading.Thread(target=one, args=(f,)) for f in files]
+                for t in running:
+                    t.start()
+                for t in running:
+                    t.join(30)
+                assert opener.local_opens == threads
+                return sorted(took)
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+
+    with trio.fail_after(60):
+        took = await in_thread(work)
+    assert len(took) == threads
+    assert took[-1] < 1.8 * timeout, f"the opens waited {took} s"
