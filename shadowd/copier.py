@@ -159,7 +159,9 @@ class Quota:
     async def acquire(self) -> None:
         """Take a slot, waiting for one of this peer's jobs to end if needed."""
         if not self._queue and self.try_acquire():
-            await trio.lowlevel.checkpoint()
+            # A schedule point, never a cancel point: the slot is ours, and a
+            # Cancelled raised here would leave it taken for good.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self.count_wait()
         await self._queue.park()  # woken by release() with its slot ours
@@ -168,7 +170,7 @@ class Quota:
         """Take a slot once none of this peer's other jobs and waiting requests
         wants one, first come first served among those that wait here."""
         if self.try_acquire_last():
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()  # as in acquire()
             return
         self.count_wait()
         await self._last.park()  # woken by release() or pass_on() with its slot ours

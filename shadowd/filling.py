@@ -17,7 +17,8 @@
 # another's quota); queue more than FILL_QUEUE fills per uid, or one version
 # twice, or hold their fds uncounted in the uid's fd budget; let a told file
 # take a slot that an asked one or a waiting open wants; cache a copy of an
-# inode that had an event since its flight began.
+# inode that had an event since its flight began; start a queued fill once the
+# daemon is stopping (stop(): the queue is let go of, attack 35).
 from __future__ import annotations
 
 import logging
@@ -82,6 +83,19 @@ class Filler:
     nursery: trio.Nursery | None = None
     #: Copies not cached because a writer had the file open during them.
     uncached_writers: int = 0
+    #: Set by stop() (shutdown): nothing more is queued, and no queued fill starts.
+    stopped: bool = False
+    #: The cancel scope of each uid's pump (_pump) while it runs.
+    _pumps: set[trio.CancelScope] = attrs.field(factory=set, init=False)
+
+    def stop(self) -> None:
+        """The daemon stops: let go of every queued fill now (their fds closed, their
+        counts given back) and queue no more. A fill only warms the cache, which goes
+        with the daemon; its copy would keep a stopping daemon copying files nobody
+        waits for, up to 512 a uid (attack 35). Copies already started finish."""
+        self.stopped = True
+        for scope in self._pumps:
+            scope.cancel()
 
     def fly(
         self,
@@ -130,7 +144,7 @@ class Filler:
         started after every miss of a lone open (and after the opens that wait for a
         slot). False when the queue is full; a lone open's miss then takes the place
         of the last told file queued, if any."""
-        if self.nursery is None:
+        if self.nursery is None or self.stopped:
             return False
         key = (HostKey(st.dev, st.ino), st.version)
         fills: dict[tuple[HostKey, Version], Fill] = share.fills
@@ -170,44 +184,62 @@ class Filler:
     async def _pump(self, share: UidShare) -> None:
         """Start the queued copies of *share*'s uid one by one, as its quota allows."""
         fills: dict[tuple[HostKey, Version], Fill] = share.fills
-        quota = share.quota
+        scope = trio.CancelScope()
+        self._pumps.add(scope)
         try:
-            while fills:
-                if share.asked:
-                    await quota.acquire()
-                else:
-                    await quota.acquire_last()  # moved up by quota.hurry() for an asked one
-                # Chosen once the slot is ours: a miss asked for meanwhile goes first.
-                lane = share.asked or share.told
-                if not lane:  # pragma: no cover - only this task takes fills out
-                    quota.release()
-                    continue
-                fill = fills.pop(lane.popleft())
-                st = fill.st
-                if self.budget is not None:
-                    self.budget.use(share, -1)
-                key = HostKey(st.dev, st.ino)
-                flight_key = (key, st.version)
-                entry = self.cache.peek(key)
-                if (
-                    (entry is not None and entry.version == st.version)
-                    or self.copier.flight(flight_key) is not None
-                    or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
-                ):
-                    quota.release()  # filled meanwhile, or no longer worth it
-                    self.closer.discard([fill.source.detach()], share)
-                    continue
-                try:
-                    self.fly(flight_key, fill.source, st, fill.label, share, remote=fill.remote)
-                except RequestError:
-                    pass  # over its copy budget: dropped (it was only a fill)
+            with scope:
+                await self._pump_in(share)
         finally:
+            self._pumps.discard(scope)
             share.filling = False
-            while fills:  # cancelled (shutdown): let go of what is left
+            while fills:  # stopped or cancelled (shutdown): let go of what is left
                 _, fill = fills.popitem()
                 self._drop(share, fill)
             share.asked.clear()
             share.told.clear()
+
+    def _stopping(self) -> bool:
+        """Whether stop() ran (read afresh after an await: it may have come meanwhile)."""
+        return self.stopped
+
+    async def _pump_in(self, share: UidShare) -> None:
+        """The pump's work: each queued fill in turn, once a slot of the quota is free."""
+        fills: dict[tuple[HostKey, Version], Fill] = share.fills
+        quota = share.quota
+        if self.stopped:
+            return  # started before stop(), which could not cancel it yet
+        while fills:
+            if share.asked:
+                await quota.acquire()
+            else:
+                await quota.acquire_last()  # moved up by quota.hurry() for an asked one
+            if self._stopping():  # stop() came as the slot became ours: no copy starts
+                quota.release()
+                return
+            # Chosen once the slot is ours: a miss asked for meanwhile goes first.
+            lane = share.asked or share.told
+            if not lane:  # pragma: no cover - only this task takes fills out
+                quota.release()
+                continue
+            fill = fills.pop(lane.popleft())
+            st = fill.st
+            if self.budget is not None:
+                self.budget.use(share, -1)
+            key = HostKey(st.dev, st.ino)
+            flight_key = (key, st.version)
+            entry = self.cache.peek(key)
+            if (
+                (entry is not None and entry.version == st.version)
+                or self.copier.flight(flight_key) is not None
+                or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
+            ):
+                quota.release()  # filled meanwhile, or no longer worth it
+                self.closer.discard([fill.source.detach()], share)
+                continue
+            try:
+                self.fly(flight_key, fill.source, st, fill.label, share, remote=fill.remote)
+            except RequestError:
+                pass  # over its copy budget: dropped (it was only a fill)
 
     def _on_copied(
         self, label: str | None, uid: int, reserved: int

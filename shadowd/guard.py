@@ -10,7 +10,8 @@
 # Must never: let a hit be served from an entry whose inode had an event or
 # whose memfd a holder changed; vouch for an unwatched entry through any
 # mount but its own; release a watch another entry still holds; leave a
-# memfd it made untracked while a uid is charged for it.
+# memfd it made untracked while a uid is charged for it; keep charging for a
+# memfd whose watch the kernel removed while events were lost (attack 36).
 from __future__ import annotations
 
 import logging
@@ -100,6 +101,12 @@ class EntryGuard:
             self.cache.invalidate(key)
         for sealed in self._memfds.values():
             sealed.attr_changed = True  # an IN_ATTRIB may be among the lost
+        # So may the IN_IGNORED of a memfd freed meanwhile: its uid would stay
+        # charged for it for good (attack 36). The kernel says which are left.
+        alive = self.watches.alive()
+        if alive is not None:
+            for wd in [wd for wd in self._memfds if wd not in alive]:
+                self._freed(wd)
 
     def _attrib(self, wd: int) -> None:
         """A memfd's mode, owner, ACL or times changed: its next hit checks its stamp."""

@@ -402,6 +402,8 @@ class Server:
         # Nobody reads any more: every connection's read scope goes too.
         self._poller_scope.cancel()
         self._watch_scope.cancel()  # as before: the events count for hits only
+        # Files queued only to fill the cache are let go of, not copied (attack 35).
+        self.opens.filler.stop()
         for conn in list(self._connections):
             conn.read_scope.cancel()
         self._outer_scope.deadline = trio.current_time() + self.config.shutdown_grace

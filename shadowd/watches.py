@@ -21,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import struct
 from collections.abc import Callable
 
@@ -43,6 +44,9 @@ IN_CLOEXEC = os.O_CLOEXEC
 WATCHED = IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
 _READ_SIZE = 64 * 1024
+#: A watch in /proc/self/fdinfo/N of an inotify fd: "inotify wd:1a ino:... ", its
+#: number in hexadecimal (fs/notify/fdinfo.c prints it with %x).
+_FDINFO_WD = re.compile(rb"^inotify wd:([0-9a-f]+) ", re.MULTILINE)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -139,6 +143,19 @@ class Watches:
         if self.fd < 0:
             raise OSError(errno.EBADF, "the daemon is not watching files")
         return _call(_libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), IN_ATTRIB))
+
+    def alive(self) -> set[int] | None:
+        """The watches the kernel still has on this inotify fd (/proc/self/fdinfo):
+        after lost events, what an IN_IGNORED among them would have said. None where
+        it cannot be read. One line a watch: read only at IN_Q_OVERFLOW."""
+        if self.fd < 0:
+            return None
+        try:
+            with open(f"/proc/self/fdinfo/{self.fd}", "rb") as f:
+                text = f.read()
+        except OSError:
+            return None
+        return {int(m, 16) for m in _FDINFO_WD.findall(text)}
 
     def changed_since(self, wd: int, start: int) -> bool:
         """Whether an event of watch *wd* was read after *start* (its removal included)."""

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import mmap
 import os
+import signal
 import stat
 import statistics
 import struct
@@ -527,6 +528,83 @@ async def test_09_sparse_files_cannot_pin_memory_beyond_max_bytes(
     assert grown <= MAX_BYTES + MAX_PINNED + SHMEM_MARGIN, f"shmem grew {grown / MiB:.0f} MiB"
     # Past the uid's bound, its copies are refused with busy: it copies for itself.
     assert set(held["refused"]) <= {"Busy"}, held
+
+
+def _holds_inode(pid: int, ino: int) -> bool:
+    """Whether process *pid* has a descriptor of a memfd whose inode is *ino*."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if st.st_ino == ino and os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:"):
+            return True
+    return False
+
+
+async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 36: a memfd out of the cache is charged to its uid until the kernel
+    removes its watch (IN_IGNORED). Events past fs.inotify.max_queued_events between
+    two of the daemon's reads are lost, that one included: the uid stayed charged for
+    memory nobody held, for good. Here two cached memfds' mode changes (alternating,
+    so that none merge) fill the daemon's queue while it is stopped, then the last
+    holder of an uncached copy lets go of it: once the daemon reads on, its charge
+    must be given back (it asks the kernel which watches are left), and only its:
+    the two memfds still held (out of the cache since the overflow) stay charged.
+    Twenty files cached first put the watches' numbers past 9 (the kernel lists
+    them in hexadecimal)."""
+    d = await start_daemon("--racy-window", "2")
+    others = [make_file(shared_dir / f"o{i}", b"o%d" % i) for i in range(20)]
+    a = make_file(shared_dir / "a", b"a" * 4096)
+    b = make_file(shared_dir / "b", b"b" * 4096)
+    young_size = 1 << 20
+    with open("/proc/sys/fs/inotify/max_queued_events", encoding="ascii") as f:
+        max_queued = int(f.read())
+    from shadowd_client import Client
+
+    def work() -> tuple[int, int]:
+        time.sleep(max(0.0, a.stat().st_ctime + 2.1 - time.time()))  # old enough to cache
+        young = make_file(shared_dir / "young", os.urandom(young_size))  # served uncached
+        with Client(d.socket_path, timeout=10) as c:
+            for other in others:
+                os.close(c.open(other))
+            fa, fb = c.open(a), c.open(b)
+            fy = c.open(young)
+            try:
+                assert c.stats()["pinned_bytes"] == young_size
+                ino = os.fstat(fy).st_ino
+                deadline = time.monotonic() + 10
+                while _holds_inode(d.pid, ino):  # the daemon let go of its own
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                os.kill(d.pid, signal.SIGSTOP)
+                try:
+                    for i in range(max_queued + 16):
+                        os.fchmod((fa, fb)[i % 2], 0o444 if i % 4 < 2 else 0o440)
+                    os.close(fy)  # its IN_IGNORED finds the queue full
+                finally:
+                    os.kill(d.pid, signal.SIGCONT)
+            except BaseException:
+                os.close(fa)
+                os.close(fb)
+                raise
+        return fa, fb
+
+    with trio.fail_after(60):
+        fa, fb = await call(work)
+        try:
+            while "inotify lost events" not in d.log():  # the daemon read on
+                await trio.sleep(0.02)
+            while (pinned := (await call(stats, d))["pinned_bytes"]) > 2 * 4096:
+                await trio.sleep(0.05)
+            assert pinned == 2 * 4096  # the two held: a live watch is never taken for gone
+        finally:
+            os.close(fa)
+            os.close(fb)
+        while (await call(stats, d))["pinned_bytes"]:
+            await trio.sleep(0.05)
 
 
 FLOOD = """

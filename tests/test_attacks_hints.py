@@ -18,6 +18,7 @@ import trio
 
 from .conftest import NOBODY, Daemon, make_file, requires_root, run_as, spawn_as, test_uid
 from .fusefs import mounted
+from .wire import Raw
 
 pytestmark = requires_root
 
@@ -262,3 +263,60 @@ async def test_reports_left_queued_by_a_closed_connection_are_counted_within_a_b
         sent, counted = await trio.to_thread.run_sync(work)
     assert sent[1] > FINAL_REPORT_DATAGRAMS + 1, sent  # more than the bound queued
     assert counted == FINAL_REPORT_DATAGRAMS + 1, (sent, counted)
+
+
+async def test_a_stopping_daemon_copies_no_told_file_still_queued(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 35: files a uid only told of, queued behind its copy slots (up to 512 a
+    uid), are not copied by a daemon that is stopping: SIGTERM lets go of them at once
+    (their fds closed), while the requests it had received are still answered; before,
+    the queue kept the daemon copying files nobody waits for, up to its shutdown's grace.
+    Both copy slots hang on a FUSE file, so the queue cannot move until the mount ends."""
+    n = 256
+    d: Daemon = await start_daemon("--racy-window", "0", "--max-copies-per-uid", "2")
+    names = [make_file(shared_dir / f"told{i}", b"told %d" % i) for i in range(n)]
+    with mounted(shared_dir / "fuse", hanging=2) as fs:
+        mnt = fs.mountpoint
+        with trio.fail_after(60):
+
+            def hang_and_tell() -> tuple[Raw, list[bool]]:
+                raw = Raw(d.socket_path, hello=False, timeout=30)
+                raw.send({"op": "hello", "id": 0, "version": 2})
+                assert raw.recv()[0]["ok"]
+                for i in range(2):
+                    fd = os.open(mnt / f"hang{i}", os.O_RDONLY | os.O_NONBLOCK)
+                    raw.send({"op": "open", "id": 1 + i}, [fd])
+                    os.close(fd)
+                while fs.hung() < 2:  # both copy slots taken
+                    time.sleep(0.01)
+                filling: list[bool] = []
+                for b in range(0, n, 64):
+                    fds = [os.open(p, os.O_RDONLY) for p in names[b : b + 64]]
+                    labels = [str(p) for p in names[b : b + 64]]
+                    batch = {"op": "open_batch", "id": 10 + b, "wait": False, "labels": labels}
+                    raw.send(batch, fds)
+                    for fd in fds:
+                        os.close(fd)
+                    reply, got = raw.recv()
+                    assert reply["ok"] and not got, reply
+                    filling += [bool(r.get("filling")) for r in reply["results"]]
+                return raw, filling
+
+            raw, filling = await trio.to_thread.run_sync(hang_and_tell)
+            try:
+                assert filling == [True] * n  # every one queued behind the hung slots
+                queued = d.open_fds()
+                d.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                # The queued fills' descriptors go at once, while the hung requests wait.
+                while d.open_fds() > queued - n:
+                    await trio.sleep(0.02)
+                assert fs.hung() == 2
+                fs.close()  # the hung reads fail: their requests are answered, in turn
+                codes = [(await trio.to_thread.run_sync(raw.recv))[0].get("code") for _ in "ab"]
+                assert codes == ["io-error"] * 2, codes
+            finally:
+                raw.close()
+            assert await d.terminate() == 0
+    cached = [line for line in d.log().splitlines() if "cached" in line and "told" in line]
+    assert not cached, cached[:3]

@@ -57,6 +57,25 @@ async def test_a_released_quota_slot_goes_to_the_first_waiter_and_wakes_no_one_e
         assert quota.used == 0 and quota.idle
 
 
+async def test_a_cancelled_acquire_of_a_free_slot_never_keeps_it() -> None:
+    """A job cancelled as it takes a free slot (a fill's pump stopped at shutdown, a
+    worker job cancelled past the grace) either has the slot, and its caller gives it
+    back, or raises Cancelled without it. Before, the slot was taken and then the
+    checkpoint raised: nobody gave it back, and the uid's requests waiting for one
+    waited for the grace."""
+    for acquire in (Quota.acquire, Quota.acquire_last):
+        quota = Quota(limit=1)
+        with trio.fail_after(10), trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await acquire(quota)
+            except trio.Cancelled:
+                assert quota.used == 0, acquire
+                raise
+            quota.release()  # returned with the slot: the caller's to give back
+        assert quota.used == 0 and quota.idle, acquire
+
+
 async def test_a_waiter_cancelled_in_the_quota_queue_takes_no_slot() -> None:
     quota = Quota(limit=1)
     got: list[str] = []

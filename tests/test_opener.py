@@ -1199,3 +1199,221 @@ async def test_a_full_told_batch_is_not_waited_for_and_its_answer_is_dropped_lat
     assert took < 10, took
     assert told == TELL_FILES
     assert asked == 2  # both asked: no breaker opened by the batch's answer
+
+
+#: Files told to a stopped daemon: its socket takes far fewer batches of 64.
+MANY = 8192
+
+
+async def test_told_batches_a_stopped_daemon_cannot_take_open_the_breaker(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Told batches are sent without waiting for answers, so a stopped daemon's
+    socket fills with them; the send that then waits out the reply timeout is the
+    daemon's one timeout of the backoff window: it opens the breaker, and the next
+    open that would ask the daemon copies here at once. Before, that timeout only
+    dropped the connection: the next ask connected again and waited out a second."""
+    timeout = 1.0
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    directory = tmp_path / "many"
+    directory.mkdir()
+    first = make_file(tmp_path / "first", os.urandom(512))
+    big = make_file(tmp_path / "big", os.urandom(300_000))  # above local_below: asked
+    files = [make_file(directory / f"f{i}", b"x" * 100) for i in range(MANY)]
+    settle(first, big, *files)
+
+    def work() -> tuple[int, list[float], bool, float]:
+        with Opener(d.socket_path, timeout=timeout, retry_after=60) as opener:
+            os.close(opener.open(first))  # connected, the index mapped
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                slow: list[float] = []
+                n = 0
+                while not slow and n < MANY:  # until a told batch's send waits
+                    f = files[n]
+                    n += 1
+                    started = time.monotonic()
+                    os.close(opener.open(f))
+                    took = time.monotonic() - started
+                    if took >= timeout / 2:
+                        slow.append(took)
+                down = opener._down
+                started = time.monotonic()
+                fd = opener.open(big)  # the daemon is left alone: copied here
+                assert read_fd(fd) == big.read_bytes()
+                os.close(fd)
+                asked = time.monotonic() - started
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+        return n, slow, down, asked
+
+    with trio.fail_after(120):
+        n, slow, down, asked = await in_thread(work)
+    print(f"{n} files told before a send waited {slow}; then the ask took {asked:.3f} s")
+    assert slow, "no send waited"
+    assert down, "the timeout of a told batch's send opened no breaker"
+    assert asked < timeout / 2, asked
+
+
+async def test_an_open_that_a_close_overtakes_keeps_no_source_to_tell(
+    start_daemon: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An Opener closed by one thread while another's open copies a file its index
+    lacked: that open must not keep a duplicate of its source to tell of afterwards,
+    which nothing would ever close (close let go of the others, and the finaliser has
+    run). The close is made from within the open's local copy, where another thread's
+    close may come, so that it overtakes the open every time. Before, the process
+    held one descriptor more than before the Opener was made: that source's."""
+    import shadowd_client.opener as opener_module
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    first = make_file(tmp_path / "first", os.urandom(512))
+    second = make_file(tmp_path / "second", os.urandom(512))
+    settle(first, second)
+    copy = opener_module.local_copy_fd
+
+    def work() -> list[str]:
+        with open(first, "rb") as f:  # the local copy's own descriptors, kept per process
+            os.close(copy(f.fileno()))
+        before = _fd_targets()
+        opener = Opener(d.socket_path)
+        os.close(opener.open(first))  # connected, the index mapped
+
+        def copy_then_close(fd: int, **kwargs: Any) -> int:
+            served = copy(fd, **kwargs)
+            opener.close()  # another thread's, as it may come
+            return served
+
+        monkeypatch.setattr(opener_module, "local_copy_fd", copy_then_close)
+        fd = opener.open(second)
+        assert read_fd(fd) == second.read_bytes()
+        os.close(fd)
+        after = _fd_targets()
+        return sorted(t for n, t in after.items() if before.get(n) != t)
+
+    with trio.fail_after(30):
+        kept = await in_thread(work)
+    assert kept == [], kept
+
+
+def _fd_targets() -> dict[str, str]:
+    """This process's descriptors and what each names."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own
+    return targets
+
+
+async def test_a_child_forked_while_another_thread_tells_keeps_none_of_its_sources(
+    start_daemon: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A process forked while another of its threads tells the daemon of files (their
+    sources out of the Opener's list, in that thread's hands): the child has no such
+    thread, so the Opener must let go of those descriptors in the child, as it does of
+    the ones still listed. Before, the child kept the whole batch (64 descriptors of
+    files it never opened) for its life."""
+    from shadowd_client.opener import TELL_FILES
+
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    first = make_file(tmp_path / "first", os.urandom(512))
+    files = [make_file(tmp_path / f"f{i}", os.urandom(512)) for i in range(TELL_FILES)]
+    settle(first, *files)
+    telling, go_on = threading.Event(), threading.Event()
+
+    def work() -> int:
+        with Opener(d.socket_path) as opener:
+            os.close(opener.open(first))  # connected, the index mapped, one source kept
+            client = opener._client
+            assert client is not None
+            tell = client._tell_here
+
+            def tell_slowly(*args: Any, **kwargs: Any) -> Any:
+                telling.set()
+                go_on.wait(20)
+                return tell(*args, **kwargs)
+
+            monkeypatch.setattr(client, "_tell_here", tell_slowly)
+
+            def opens() -> None:
+                for f in files[:-1]:  # the 64th source listed: the batch goes
+                    os.close(opener.open(f))
+
+            thread = threading.Thread(target=opens)
+            thread.start()
+            try:
+                assert telling.wait(20)
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        os.close(r)
+                        names = str(tmp_path)
+                        kept = sum(1 for t in _fd_targets().values() if t.startswith(names))
+                        os.write(w, b"%d" % kept)
+                        code = 0
+                    finally:
+                        os._exit(code)
+                os.close(w)
+                try:
+                    kept = int(os.read(r, 64) or b"-1")
+                finally:
+                    os.close(r)
+                os.waitpid(pid, 0)
+            finally:
+                go_on.set()
+                thread.join(20)
+            return kept
+
+    with trio.fail_after(60):
+        kept = await in_thread(work)
+    # One: the telling thread's open still holds the source it opened (whatever a
+    # thread holds at a fork is the child's too); none of the 64 told.
+    assert kept == 1, f"the child kept {kept} descriptors of the files told"
+
+
+async def test_a_stopped_daemon_costs_threads_opening_at_once_one_timeout_in_all(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """Four threads of one Opener ask a stopped daemon at once: the first waits out the
+    reply timeout; the others, queued behind it for the connection, must not each wait
+    out one more when their turn comes (they passed the breaker before it opened).
+    Before, the last of them waited four timeouts."""
+    timeout, threads = 1.0, 4
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    files = [make_file(tmp_path / f"lib{i}.so", os.urandom(300_000)) for i in range(threads)]
+    settle(*files)
+
+    def work() -> list[float]:
+        with Opener(d.socket_path, timeout=timeout, retry_after=60) as opener:
+            opener._client.connect()  # type: ignore[union-attr]
+            os.kill(d.pid, signal.SIGSTOP)
+            try:
+                start = threading.Barrier(threads)
+                took: list[float] = []
+
+                def one(f: Path) -> None:
+                    start.wait(10)
+                    started = time.monotonic()
+                    fd = opener.open(f)  # asked (above local_below), then copied here
+                    took.append(time.monotonic() - started)
+                    assert read_fd(fd) == f.read_bytes()
+                    os.close(fd)
+
+                running = [threading.Thread(target=one, args=(f,)) for f in files]
+                for t in running:
+                    t.start()
+                for t in running:
+                    t.join(30)
+                assert opener.local_opens == threads
+                return sorted(took)
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+
+    with trio.fail_after(60):
+        took = await in_thread(work)
+    assert len(took) == threads
+    assert took[-1] < 1.8 * timeout, f"the opens waited {took} s"

@@ -363,6 +363,9 @@ class Opener:
         # Files copied here that the daemon's index lacked and that it would cache:
         # a duplicate of each source and its label, until told (_tell).
         self._told: list[tuple[FdHolder, str | None]] = []
+        self._closing = False  # close() began: no source is kept any more
+        # The lists _tell took and sends now (a thread's each), until let go of.
+        self._telling: list[list[tuple[FdHolder, str | None]]] = []
         #: Files told to the daemon after they were copied here (the next
         #: process's opens of them are then hits through its index).
         self.told_files = 0
@@ -763,9 +766,13 @@ class Opener:
         except OSError:
             return  # out of descriptors: the daemon only misses hearing of it
         with self._lock:
-            self._told.append((source, label))
+            closed = self._closing  # close() came meanwhile (another thread)
+            if not closed:
+                self._told.append((source, label))
             full = len(self._told) >= TELL_FILES
-        if full:
+        if closed:
+            source.close()  # nothing would ever tell of it, or close it
+        elif full:
             self._tell()
 
     def _tell(self, *, last: bool = False) -> None:
@@ -778,6 +785,10 @@ class Opener:
         with self._lock:
             told = self._told[:]
             self._told.clear()
+            if told:
+                # In this thread's hands from here on: listed for a forked child,
+                # which has no such thread and lets go of them (_forked).
+                self._telling.append(told)
         if not told:
             return
         client = self._client
@@ -797,6 +808,8 @@ class Opener:
                 self._failed(failure)
         finally:
             self.waited += time.monotonic() - started
+            with self._lock:
+                self._telling.remove(told)
             _let_go(told)
 
     # -- the daemon, behind a breaker -------------------------------------
@@ -858,6 +871,10 @@ class Opener:
         # What cannot be sent now goes with this Opener. The last request's answer
         # is not waited for; one sent before it is (a daemon whose answer finds the
         # socket closed stops reading it: what came after would be lost).
+        with self._lock:
+            # From here on an open copied here keeps no source to tell of: nothing
+            # would tell of it, or close it (_tell_later).
+            self._closing = True
         told = bool(self._told)
         if self._unreported or self._spilled:
             self._report(last=not told)
@@ -886,6 +903,9 @@ class Opener:
         self._unreported_hits = 0
         self._reported_at = time.monotonic()
         _let_go(self._told)  # the parent tells of its own
+        for told in self._telling:  # in the hands of threads the child does not have
+            _let_go(told)
+        self._telling = []
 
     def __enter__(self) -> Opener:
         return self

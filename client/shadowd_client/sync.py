@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -70,6 +71,7 @@ from .errors import (
     connecting,
     hello_violation,
     refused,
+    unavailable,
 )
 from .index import BadIndex, IndexView
 
@@ -115,8 +117,10 @@ class Client:
     ``/run/shadowd/shadowd.sock``, whichever is there when it connects.
     Connecting happens on first use. *timeout* bounds each wait on the daemon
     (connecting, each send, each receive: a request on a new connection may
-    wait for the hello reply and its own), None for none. Every method raises
-    only :class:`~shadowd_client.ShadowdError` subclasses.
+    wait for the hello reply and its own), None for none; a request that waited
+    for another thread's, which waited out the timeout meanwhile, fails at once
+    (:class:`~shadowd_client.DaemonTimeout`) instead of waiting out another.
+    Every method raises only :class:`~shadowd_client.ShadowdError` subclasses.
     """
 
     def __init__(
@@ -141,6 +145,9 @@ class Client:
         # Requests sent on this connection whose answers nobody waits for: dropped
         # (their fds closed) when read, ahead of a later request's answer.
         self._unawaited: set[int] = set()
+        # When a send or receive last waited out the timeout (time.monotonic): a
+        # request that waited for the lock meanwhile does not wait out another.
+        self._timed_out_at = float("-inf")
         _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
@@ -388,7 +395,8 @@ class Client:
     ) -> tuple[int, ShadowdError | None]:
         """Send the requests *split* makes for this connection's session, in order, on
         the connection there is, never on a new one: how many items they carry were
-        sent, and what failed (None: nothing). Each answer is read before the next
+        sent, and what failed (None: nothing, or a connection found gone; a send that
+        waited out the timeout is a failure). Each answer is read before the next
         request goes: a daemon that answers into a socket closed meanwhile (a late
         answer, the connection dropped) may read none of the rest. The caller keeps
         what was not sent (no connection whose hello was answered, a send failed, or
@@ -410,19 +418,28 @@ class Client:
         dropped when a later request's is read, or with the connection.
         """
         sent = 0
+        entered = time.monotonic()
         with self._lock:
             try:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
                     return 0, None
+                try:
+                    self._not_just_timed_out(entered)
+                except DaemonUnavailable as exc:
+                    return 0, exc
                 ids: list[int] = []
                 for make, count in split(session):
                     id, data, fds = make(session.proto)
                     try:
                         self._sendmsg(data, fds)
-                    except Broken:
+                    except Broken as broken:
                         self._drop()
-                        return sent, None
+                        if isinstance(broken.cause, TimeoutError):
+                            # A daemon that stopped reading (its socket full of
+                            # answers nobody waited for): this was its timeout.
+                            return sent, broken.error(self.socket_path)
+                        return sent, None  # gone (restarted?): the next request reconnects
                     except ShadowdError:
                         # the daemon's refusal, queued before it closed (_broken)
                         return sent, None
@@ -529,9 +546,11 @@ class Client:
             return self._call_once(make)
 
     def _call_once(self, make: Make) -> Reply:
+        entered = time.monotonic()
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
+            self._not_just_timed_out(entered)
             fresh = self._sock is None
             try:
                 return self._attempt(make)
@@ -545,6 +564,13 @@ class Client:
             except Broken as broken:
                 self._drop()
                 raise broken.error(self.socket_path) from None
+
+    def _not_just_timed_out(self, entered: float) -> None:
+        """Raise DaemonTimeout when a request of another thread waited out the timeout
+        since *entered* (while this one waited for the lock): the daemon that did not
+        answer it costs this one no second wait (lock held)."""
+        if self._timed_out_at >= entered:
+            raise unavailable(TimeoutError(), self.socket_path, "a request just before this one")
 
     def _attempt(self, make: Make) -> Reply:
         if self._sock is None:
@@ -641,6 +667,7 @@ class Client:
         try:
             self._sock.sendmsg([data], scm_rights(fds), SEND_FLAGS)
         except BlockingIOError:  # SO_SNDTIMEO ran out
+            self._timed_out_at = time.monotonic()
             raise Broken(TimeoutError(), "sending a request") from None
         except OSError as exc:
             raise self._broken(exc, "sending a request") from None
@@ -650,6 +677,7 @@ class Client:
         try:
             n, ancdata, flags, _ = self._sock.recvmsg_into([self._buf], ANC_SPACE, RECV_FLAGS)
         except BlockingIOError:  # SO_RCVTIMEO ran out
+            self._timed_out_at = time.monotonic()
             raise Broken(TimeoutError(), "waiting for a reply") from None
         except OSError as exc:
             raise self._broken(exc, "waiting for a reply") from None
