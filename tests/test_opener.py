@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -41,6 +42,20 @@ RACY = "0.05"
 
 async def in_thread(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def _stat(d: Daemon, name: str) -> int:
+    """One figure of the daemon's stats, asked on a connection of our own."""
+    with Client(d.socket_path, timeout=10) as c:
+        return int(c.stats()[name])
+
+
+def _cached(d: Daemon, files: list[Path]) -> int:
+    """Have the daemon cache *files* (then they are in its index); its index hits so far."""
+    with Client(d.socket_path, timeout=10) as c:
+        for f in files:
+            os.close(c.open(f))
+    return _stat(d, "index_hits")
 
 
 def _until_hit(opener: Opener, path: Path) -> None:
@@ -299,9 +314,7 @@ async def test_index_hits_a_report_could_not_carry_are_kept_until_one_does(
     g = make_file(tmp_path / "other.so", os.urandom(300_000))
     settle(f, g)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def hits(opener: Opener, n: int) -> None:
         for _ in range(n):
@@ -309,9 +322,7 @@ async def test_index_hits_a_report_could_not_carry_are_kept_until_one_does(
             os.close(fd)
 
     def work() -> tuple[int, tuple[int, int], int]:
-        with Client(d.socket_path, timeout=10) as c:
-            os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, [f])  # in the daemon's index; its index hits so far
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.25, retry_after=0.05)
         try:
             hits(opener, 100)
@@ -353,14 +364,10 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
     f = make_file(tmp_path / "lib.so", os.urandom(300_000))
     settle(f)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def work() -> tuple[int, float, int]:
-        with Client(d.socket_path, timeout=10) as c:
-            os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, [f])  # in the daemon's index; its index hits so far
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=20)
         for _ in range(7):  # fewer than a report's 256: none sent yet
             os.close(opener.open(f))
@@ -396,15 +403,10 @@ async def test_a_last_report_in_several_requests_to_a_stopped_daemon_loses_none(
     files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(100)]
     settle(*files)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def work() -> tuple[int, int]:
-        with Client(d.socket_path, timeout=10) as c:
-            for f in files:
-                os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, files)  # in the daemon's index; its index hits so far
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.5)
         for f in files:  # fewer than a report's 256 hits: none sent yet
             os.close(opener.open(f))
@@ -442,19 +444,14 @@ async def test_hits_past_the_report_table_of_256_files_are_kept_as_hits_of_no_fi
     settle(*files)
     per = (1024 - 32) // 28  # files in one report request (Session.max_report)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def hits(opener: Opener, some: list[Path]) -> None:
         for f in some:
             os.close(opener.open(f))
 
     def work() -> tuple[int, int, int, int]:
-        with Client(d.socket_path, timeout=10) as c:
-            for f in files:
-                os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, files)  # in the daemon's index; its index hits so far
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=2, retry_after=0.05)
         try:
             hits(opener, files[:1])  # its connection and the index, from the daemon
@@ -503,15 +500,10 @@ async def test_a_report_is_split_to_fit_the_daemons_max_request(
         files.append(make_file(tmp_path / f"f{i}", os.urandom(100 + i)))
     settle(*files)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def work() -> tuple[int, int]:
-        with Client(d.socket_path, timeout=10) as c:
-            for f in files:
-                os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, files)  # in the daemon's index; its index hits so far
         with Opener(d.socket_path, local_below=0, held_files=0, timeout=10) as opener:
             for f in files:
                 os.close(opener.open(f))
@@ -540,15 +532,10 @@ async def test_a_split_report_whose_first_answer_is_late_keeps_the_rest(
     files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(200)]
     settle(*files)
 
-    def index_hits() -> int:
-        with Client(d.socket_path, timeout=10) as c:
-            return int(c.stats()["index_hits"])
+    index_hits = functools.partial(_stat, d, "index_hits")
 
     def work() -> tuple[int, int, int]:
-        with Client(d.socket_path, timeout=10) as c:
-            for f in files:
-                os.close(c.open(f))  # cached: in the daemon's index
-        base = index_hits()
+        base = _cached(d, files)  # in the daemon's index; its index hits so far
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=0.25, retry_after=0.05)
         try:
             for f in files:  # 200 hits: fewer than a report's 256
@@ -1041,8 +1028,7 @@ async def test_misses_that_do_not_wait_are_all_filled_past_the_copy_slots(
 
 
 def _entries(d: Daemon) -> int:
-    with Client(d.socket_path, timeout=10) as c:
-        return int(c.stats()["entries"])
+    return _stat(d, "entries")
 
 
 def _until_entries(d: Daemon, n: int) -> None:
