@@ -267,6 +267,14 @@ def _let_go(told: list[tuple[FdHolder, str | None]]) -> None:
         source.close()
 
 
+def _cacheable(st: os.stat_result, limits: dict[str, int]) -> bool:
+    """Whether a daemon whose hello said *limits* would cache this file now: not larger
+    than its --max-file-size (it would refuse it), not younger than its racy window."""
+    if st.st_size > limits.get("max_file_size", 1 << 62):
+        return False
+    return time.time_ns() - st.st_ctime_ns >= limits.get("racy_window_ns", DEFAULT_RACY_NS)
+
+
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -524,23 +532,13 @@ class Opener:
             limits = self._hello()
             if not self._usable():
                 return False
-        limits = limits or {}
-        if st.st_size > limits.get("max_file_size", 1 << 62):
-            return False  # it would refuse it
-        racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
-        # Younger than the daemon's racy window: it would not cache it.
-        return time.time_ns() - st.st_ctime_ns >= racy
+        return _cacheable(st, limits or {})
 
     def _would_cache(self, st: os.stat_result) -> bool:
         """Whether the daemon whose hello this connection heard would cache this file
         now (not larger than its limit, not younger than its racy window)."""
         limits = self._limits()
-        if limits is None or not self._usable():
-            return False
-        if st.st_size > limits.get("max_file_size", 1 << 62):
-            return False
-        racy = limits.get("racy_window_ns", DEFAULT_RACY_NS)
-        return time.time_ns() - st.st_ctime_ns >= racy
+        return limits is not None and self._usable() and _cacheable(st, limits)
 
     def _limits(self) -> dict[str, int] | None:
         """The limits the daemon's last hello said; None before any.
