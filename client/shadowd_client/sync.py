@@ -92,6 +92,12 @@ def _report_from(hits: Sequence[tuple[int, int, int]], start: int, took: list[in
     return make
 
 
+def _requests(n: int, per: int, make: Callable[[slice], Make]) -> list[tuple[Make, int]]:
+    """The requests that carry *n* items, at most *per* each: the Make of each part
+    (*make* of its slice of the items) and how many items it carries."""
+    return [(make(slice(i, i + per)), min(per, n - i)) for i in range(0, n, per)]
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
@@ -345,14 +351,11 @@ class Client:
         :meth:`_send_here`, which *last* goes to)."""
 
         def split(session: Session) -> list[tuple[Make, int]]:
-            per = session.max_report
-            return [
-                (
-                    request_of(functools.partial(_report, tuple(hits[i : i + per]))),
-                    len(hits[i : i + per]),
-                )
-                for i in range(0, len(hits), per)
-            ]
+            return _requests(
+                len(hits),
+                session.max_report,
+                lambda part: request_of(functools.partial(_report, tuple(hits[part]))),
+            )
 
         return self._send_here(split, last=last)
 
@@ -368,21 +371,15 @@ class Client:
         were sent, and what failed (see :meth:`_send_here`, which *last* goes to)."""
 
         def split(session: Session) -> list[tuple[Make, int]]:
-            per = session.max_batch
-            return [
-                (
-                    request_of(
-                        functools.partial(
-                            batch_request,
-                            tuple(fds[i : i + per]),
-                            tuple(labels[i : i + per]),
-                            wait=False,
-                        )
-                    ),
-                    len(fds[i : i + per]),
-                )
-                for i in range(0, len(fds), per)
-            ]
+            return _requests(
+                len(fds),
+                session.max_batch,
+                lambda part: request_of(
+                    functools.partial(
+                        batch_request, tuple(fds[part]), tuple(labels[part]), wait=False
+                    )
+                ),
+            )
 
         return self._send_here(split, last=last, await_answers=False)
 
