@@ -117,6 +117,14 @@ def stopped(d: Daemon) -> Any:
         os.kill(d.pid, signal.SIGCONT)
 
 
+async def _back_to(d: Daemon, baseline: int, seconds: float) -> None:
+    """Wait until the daemon's open fds are back to *baseline* (within *seconds*)."""
+    deadline = time.monotonic() + seconds
+    while d.open_fds() > baseline and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    assert d.open_fds() <= baseline, d.fd_targets()
+
+
 @pytest.mark.parametrize("style", ["fresh", "parked"])
 async def test_another_uids_many_connections_do_not_hold_up_a_hit(
     start_daemon: Any, shared_dir: Path, style: str
@@ -626,10 +634,7 @@ async def test_a_peer_turned_away_cannot_hold_the_loop_with_a_lingering_socket(
             assert waiting and d.pid not in waiting, waiting
             child.send(1)
             assert await trio.to_thread.run_sync(child.recv) == "released"
-            deadline = time.monotonic() + 20
-            while d.open_fds() > baseline and time.monotonic() < deadline:
-                await trio.sleep(0.05)
-            assert d.open_fds() <= baseline, d.fd_targets()
+            await _back_to(d, baseline, 20)
             assert "Traceback" not in d.log()
     finally:
         child.close()
@@ -762,10 +767,7 @@ async def test_a_peer_past_its_bound_cannot_make_the_loop_flush_a_hung_file(
                 await trio.sleep(0.2)
                 assert fs.hung_flushes == QUOTA
                 fs.close()  # the mount gives up: every waiting close ends
-                deadline = time.monotonic() + 30
-                while d.open_fds() > baseline and time.monotonic() < deadline:
-                    await trio.sleep(0.05)
-                assert d.open_fds() <= baseline, d.fd_targets()
+                await _back_to(d, baseline, 30)
                 assert "Traceback" not in d.log()
         finally:
             fs.close()
@@ -856,10 +858,7 @@ async def test_peers_of_uids_not_admitted_cannot_take_the_workers_of_admitted_on
                 fs.close()  # the mount gives up: every waiting close ends
                 child.send(1)
                 assert await trio.to_thread.run_sync(child.recv, 60) == "done"
-                deadline = time.monotonic() + 30
-                while d.open_fds() > baseline and time.monotonic() < deadline:
-                    await trio.sleep(0.05)
-                assert d.open_fds() <= baseline, d.fd_targets()
+                await _back_to(d, baseline, 30)
                 assert "Traceback" not in d.log()
         finally:
             fs.close()
@@ -930,10 +929,7 @@ async def test_sockets_of_peers_turned_away_do_not_pile_up_behind_closes_that_wa
             assert held <= 16, held
             child.send(1)
             assert await trio.to_thread.run_sync(child.recv) == "released"
-            deadline = time.monotonic() + 20
-            while d.open_fds() > baseline and time.monotonic() < deadline:
-                await trio.sleep(0.05)
-            assert d.open_fds() <= baseline, d.fd_targets()
+            await _back_to(d, baseline, 20)
             assert "Traceback" not in d.log()
     finally:
         child.close()
@@ -1062,10 +1058,7 @@ async def test_sockets_waiting_for_a_worker_cannot_take_the_daemon_to_its_fd_lim
             assert await trio.to_thread.run_sync(child.recv, 60) == "released"
             carrier.send(1)
             assert await trio.to_thread.run_sync(carrier.recv) == "released"
-            deadline = time.monotonic() + 30
-            while d.open_fds() > baseline and time.monotonic() < deadline:
-                await trio.sleep(0.05)
-            assert d.open_fds() <= baseline, d.fd_targets()
+            await _back_to(d, baseline, 30)
             with Raw(d.socket_path, timeout=10) as late:  # accepting again
                 assert (await trio.to_thread.run_sync(late.call, {"op": "stats", "id": 1}))[0]["ok"]
             assert "Traceback" not in d.log()
