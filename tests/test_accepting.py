@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,6 +31,22 @@ class _Holding(Acceptor):
         self, sock: socket.socket, peer: Peer, seat: Seat, nursery: trio.Nursery
     ) -> None:
         self.held.append(sock)
+
+    @classmethod
+    def at(cls, gate: Gate, **how: Any) -> _Holding:
+        """One at *gate*, with no server behind it: *how* sets its pace and room."""
+        acceptor = cls(
+            gate=gate,
+            refusals=Refusals(),
+            collector=types.SimpleNamespace(clients_total=0),  # type: ignore[arg-type]
+            wire=WireLimits(),
+            services=None,  # type: ignore[arg-type]
+            connections=set(),
+            draining=lambda: False,
+            **how,
+        )
+        acceptor.held = []
+        return acceptor
 
 
 class _Clock:
@@ -57,17 +74,7 @@ async def _taken_per_turn(
     )
     peers: list[socket.socket] = []
     gate = Gate()
-    acceptor = _Holding(
-        gate=gate,
-        refusals=Refusals(),
-        collector=types.SimpleNamespace(clients_total=0),  # type: ignore[arg-type]
-        wire=WireLimits(),
-        services=None,  # type: ignore[arg-type]
-        connections=set(),
-        draining=lambda: False,
-        pace=lambda: pace,
-    )
-    acceptor.held = []
+    acceptor = _Holding.at(gate, pace=lambda: pace)
     seen: list[int] = []
 
     async def watch() -> None:
@@ -138,18 +145,11 @@ async def test_pauses_of_accepting_are_logged_at_most_once_a_second(
     )
     peers: list[socket.socket] = []
     gate = Gate()
-    acceptor = _Holding(
-        gate=gate,
-        refusals=Refusals(),
-        collector=types.SimpleNamespace(clients_total=0),  # type: ignore[arg-type]
-        wire=WireLimits(),
-        services=None,  # type: ignore[arg-type]
-        connections=set(),
-        draining=lambda: False,
+    acceptor = _Holding.at(
+        gate,
         has_room_for_sockets=lambda: False,  # at the bound after every accept
         socket_room=trio.lowlevel.checkpoint,  # and room again at once
     )
-    acceptor.held = []
     try:
         lsock.bind(path)
         lsock.listen(QUEUED)
