@@ -94,7 +94,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .systemd import fd_store_limit
 
     # Held until run() handles them, and after it returns: a stop signal
-    # then is a clean stop (run's receiver) or nothing, never a kill.
+    # then is a clean stop (run's receiver) or nothing, never a kill. The mask
+    # is this thread's alone: copy workers started while run() listened have
+    # the signals open, and a second SIGTERM landing on one of them takes the
+    # action of whatever handler is in place. So the handler run()'s receiver
+    # puts back does nothing, and once run() returns the signals are ignored:
+    # the interpreter's exit resets Python handlers to the default (a kill)
+    # while those threads still live, but leaves SIG_IGN alone.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _late_stop_signal)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     configure_logging(args.log_level)
     try:
@@ -127,7 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     trio.run(run, config)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     return 0
+
+
+def _late_stop_signal(signum: int, frame: object) -> None:
+    """A stop signal outside run()'s receiver: the daemon is stopping already."""
 
 
 def _serve_socket(flag: str | None) -> str:
