@@ -123,9 +123,10 @@ def daemon_socket_path(env: Mapping[str, str] | None = None, uid: int | None = N
     """Where ``shadowd serve`` creates its socket when given no ``--socket``.
 
     ``$SHADOWD_SOCKET``; for root ``/run/shadowd/shadowd.sock``; for a user
-    ``$XDG_RUNTIME_DIR/shadowd/shadowd.sock``, else the same below
-    ``/run/user/<uid>`` when that directory exists and belongs to the user
-    (the clients look there first); else a ConfigError naming --socket.
+    ``$XDG_RUNTIME_DIR/shadowd/shadowd.sock`` when that directory exists (else a
+    ConfigError: the clients look there first), else the same below
+    ``/run/user/<uid>`` when that directory exists and belongs to the user; else a
+    ConfigError naming --socket.
     """
     env, uid = _env_and_uid(env, uid)
     explicit = env.get(ENV_SOCKET)
@@ -133,7 +134,17 @@ def daemon_socket_path(env: Mapping[str, str] | None = None, uid: int | None = N
         return checked_socket_path(explicit, f"${ENV_SOCKET}")
     if uid == 0:
         return ROOT_SOCKET
-    if runtime_dir(env):
+    xdg_runtime = runtime_dir(env)
+    if xdg_runtime:
+        if not os.path.isdir(xdg_runtime):
+            # Not made here: the login manager makes it, private to the user, and
+            # a 0755 directory of ours in its place would be neither.
+            raise ConfigError(
+                f"no socket path: $XDG_RUNTIME_DIR is {xdg_runtime}, which is not a "
+                "directory (the login manager makes it for a session; a shell without "
+                f"one may carry a stale value); set ${ENV_SOCKET} (clients read it too) "
+                "or pass --socket PATH"
+            )
         return checked_socket_path(user_socket_path(env, uid), "the socket path")
     runtime = f"/run/user/{uid}"
     try:

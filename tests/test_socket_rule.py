@@ -110,7 +110,16 @@ def test_an_explicit_socket_is_the_only_place_tried(tmp_path: Path) -> None:
 def test_where_the_daemon_creates_its_socket(tmp_path: Path) -> None:
     assert daemon_socket_path({"SHADOWD_SOCKET": "/s.sock"}, 1000) == "/s.sock"
     assert daemon_socket_path({"XDG_RUNTIME_DIR": "/x"}, 0) == ROOT_SOCKET
-    assert daemon_socket_path({"XDG_RUNTIME_DIR": "/x"}, 1000) == "/x/shadowd/shadowd.sock"
+    runtime = str(tmp_path)
+    expected = f"{runtime}/shadowd/shadowd.sock"
+    assert daemon_socket_path({"XDG_RUNTIME_DIR": runtime}, 1000) == expected
+    # One that does not exist is not made (the login manager makes it, private):
+    # the refusal names it, where creating its parents failed with "Permission
+    # denied" on /run/user.
+    for missing in ("/run/user/4000000", str(tmp_path / "gone")):
+        with pytest.raises(ConfigError, match="--socket") as info:
+            daemon_socket_path({"XDG_RUNTIME_DIR": missing}, 4_000_000)
+        assert f"$XDG_RUNTIME_DIR is {missing}, which is not a directory" in str(info.value)
     # No XDG_RUNTIME_DIR and no /run/user/UID of that user: say what to pass.
     uid = 4_000_000  # no such user, no such directory
     with pytest.raises(ConfigError, match="--socket") as info:
