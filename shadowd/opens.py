@@ -259,7 +259,9 @@ class HostOpens:
                 quota.release()
                 raise
             try:
-                flight = self.filler.fly(flight_key, source, st, label, share, remote=remote)
+                flight = self.filler.fly(
+                    flight_key, source, st, label, share, remote=remote, background=not wait
+                )
             except RequestError:
                 if not wait:
                     return NOT_FILLING  # its uid's copy budget is used up
