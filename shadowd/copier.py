@@ -7,12 +7,10 @@
 # filesystems be closed on the event loop (close() on FUSE can block).
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar, cast
 
@@ -56,68 +54,6 @@ def _yield_to_the_loop() -> None:
         pass  # a seccomp filter or an old kernel: the workers keep the loop's priority
 
 
-#: Fills nobody waits for (filling.py: the files a client told of, the misses of
-#: opens that did not wait) are copied by a worker under SCHED_IDLE, which takes
-#: only CPU no other task of the host wants (a weight of 3 against a nice-0
-#: task's 1024). For at most IDLE_BOUND seconds from the flight's start: then,
-#: or as soon as a request joins the flight or waits for a slot of its uid's
-#: quota, the worker is put back to the normal policy (Background.boost), so a
-#: fill that a loaded host starves holds its slot, its worker, its pinned bytes
-#: and its fd no longer than that before it copies as any other.
-IDLE_BOUND = 0.25
-_SCHED_ZERO = os.sched_param(0)
-
-
-class _IdlePolicy:
-    """Whether this process may run a thread under SCHED_IDLE and put it back
-    (None: not known yet; probed once, in a thread of its own, _idle_usable)."""
-
-    usable: bool | None = None
-    lock = threading.Lock()
-
-
-_idle = _IdlePolicy()
-
-
-def _probe_idle() -> None:
-    """In a throwaway thread niced as a worker is: enter SCHED_IDLE and leave it.
-    A thread of the daemon's own may not be able to leave it (an unprivileged
-    thread needs RLIMIT_NICE for its nice value), and must never be left there."""
-    _yield_to_the_loop()
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, _SCHED_ZERO)
-        os.sched_setscheduler(0, os.SCHED_OTHER, _SCHED_ZERO)
-    except (OSError, AttributeError) as exc:
-        _idle.usable = False
-        logger.debug("fills run at the workers' priority, not SCHED_IDLE: %s", exc)
-    else:
-        _idle.usable = True
-
-
-def _idle_usable() -> bool:
-    """Whether workers may copy fills under SCHED_IDLE (a probe, the first time)."""
-    if _idle.usable is None:
-        with _idle.lock:
-            if _idle.usable is None:
-                probe = threading.Thread(target=_probe_idle, name="shadowd-idle-probe")
-                probe.start()
-                probe.join()
-    return bool(_idle.usable)
-
-
-def _set_policy(tid: int, policy: int) -> bool:
-    """sched_setscheduler of thread *tid* (0: this one); False when refused."""
-    try:
-        os.sched_setscheduler(tid, policy, _SCHED_ZERO)
-    except OSError as exc:
-        if tid != 0 and exc.errno == errno.ESRCH:
-            return False  # pragma: no cover - the thread ended meanwhile
-        _idle.usable = False  # do not try again
-        logger.debug("fills run at the workers' priority, not SCHED_IDLE: %s", exc)
-        return False
-    return True
-
-
 class ThreadJob:
     """Work for one worker thread that owns fds and may outlive its waiter.
 
@@ -134,8 +70,6 @@ class ThreadJob:
         fn: Callable[[], T],
         cleanup: Callable[[T], None],
         unstarted: Callable[[], None],
-        *,
-        idle: bool = False,
     ) -> None:
         self._fn: Callable[[], object] = fn
         self._cleanup: Callable[[Any], None] = cleanup
@@ -145,24 +79,14 @@ class ThreadJob:
         self._abandoned = False
         self._finished = False
         self._result: object = None
-        #: Run under SCHED_IDLE until boost() (a fill nobody waits for).
-        self._idle = idle
-        #: The native id of the thread while it runs this job under SCHED_IDLE.
-        self._idle_tid = 0
 
     def run_in_thread(self) -> object:
         _yield_to_the_loop()
-        idle = self._idle and _idle_usable()
         with self._lock:
             if self._abandoned:
                 return None
             self._started = True
-            if idle and self._idle and _set_policy(0, os.SCHED_IDLE):
-                self._idle_tid = threading.get_native_id()
-        try:
-            result = self._fn()
-        finally:
-            self.boost()  # the thread goes back to trio's cache at the normal policy
+        result = self._fn()
         with self._lock:
             # Re-read: abandon() may have run while fn did.
             if self._was_abandoned():
@@ -175,15 +99,6 @@ class ThreadJob:
     def _was_abandoned(self) -> bool:
         return self._abandoned
 
-    def boost(self) -> None:
-        """Run at the normal policy from now on (from any thread): someone waits for
-        this job, or its time under SCHED_IDLE is up, or it ended."""
-        with self._lock:
-            self._idle = False
-            tid, self._idle_tid = self._idle_tid, 0
-            if tid:
-                _set_policy(tid, os.SCHED_OTHER)
-
     def abandon(self) -> None:
         with self._lock:
             self._abandoned = True
@@ -192,21 +107,6 @@ class ThreadJob:
             elif self._finished:
                 result, self._result = self._result, None
                 self._cleanup(result)
-
-
-@attrs.define(eq=False)
-class Background:
-    """A job nobody waits for: run under SCHED_IDLE until boost() (IDLE_BOUND)."""
-
-    #: Its job, once run_job made it.
-    job: ThreadJob | None = None
-    boosted: bool = False
-
-    def boost(self) -> None:
-        """Copy at the normal policy from now on (a no-op once the job ended)."""
-        self.boosted = True
-        if self.job is not None:
-            self.job.boost()
 
 
 @attrs.define(eq=False)
@@ -242,9 +142,6 @@ class Quota:
     #: the two lots above wants it, so a request someone waits for, or the
     #: miss a lone open asked for, never queues behind a batch of such fills.
     _last: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
-    #: This peer's jobs running under SCHED_IDLE (Background): boosted when a
-    #: request waits for a slot, so that it never waits on a fill nobody wants.
-    background: set[Background] = attrs.field(factory=set)
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free, without waiting."""
@@ -259,17 +156,13 @@ class Quota:
             return False
         return self.try_acquire()
 
-    async def acquire(self, *, boost: bool = True) -> None:
-        """Take a slot, waiting for one of this peer's jobs to end if needed. A wait
-        boosts the peer's jobs under SCHED_IDLE, unless *boost* is False (a fill
-        that waits is no more urgent than they are)."""
+    async def acquire(self) -> None:
+        """Take a slot, waiting for one of this peer's jobs to end if needed."""
         if not self._queue and self.try_acquire():
             # A schedule point, never a cancel point: the slot is ours, and a
             # Cancelled raised here would leave it taken for good.
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        if boost:
-            self.boost_background()
         self.count_wait()
         await self._queue.park()  # woken by release() with its slot ours
 
@@ -291,18 +184,12 @@ class Quota:
         if self._last:
             self._last.repark_all(self._queue)
 
-    def boost_background(self) -> None:
-        """Someone waits for a slot: this peer's fills copy at the normal policy."""
-        while self.background:
-            self.background.pop().boost()
-
     def count_wait(self) -> None:
         self.hits[self.key] = self.hits.get(self.key, 0) + 1
 
     async def wait_freed(self) -> None:
         """Wait for a turn to try again once a slot is free (it may be taken again by
         then). The caller must call :meth:`pass_on` after its try, whatever came of it."""
-        self.boost_background()
         await self._retries.park()
 
     def pass_on(self) -> None:
@@ -342,18 +229,13 @@ async def run_job(
     *,
     unstarted: Callable[[], None] = lambda: None,
     quota: Quota | None = None,
-    background: Background | None = None,
 ) -> T:
     """Run *fn* in a worker thread; on cancellation nothing it owns is leaked.
 
     With a *quota*, a slot of it is held from before the thread starts until
-    it ends (or is abandoned at shutdown). With *background*, under SCHED_IDLE
-    until it is boosted.
+    it ends (or is abandoned at shutdown).
     """
-    idle = background is not None and not background.boosted
-    job = ThreadJob(fn, cleanup, unstarted, idle=idle)
-    if background is not None:
-        background.job = job
+    job = ThreadJob(fn, cleanup, unstarted)
     try:
         if quota is not None:
             await quota.acquire()
@@ -494,14 +376,10 @@ class Flight:
     quota: Quota | None = None
     #: Called once when the copy ends without a result (pins.py's reservation).
     on_failed: Callable[[], None] | None = None
-    #: A fill nobody waited for when it started: copied under SCHED_IDLE until boosted.
-    background: Background | None = None
 
     def join(self) -> None:
         """Count one more request that will :meth:`wait` (call without awaiting first)."""
         self.waiters += 1
-        if self.background is not None:
-            self.background.boost()  # someone waits for it now
 
     async def wait(self) -> tuple[int, SealedFile]:
         """Wait for the copy; return a fresh served fd of it and the file.
@@ -542,8 +420,6 @@ class Copier:
     copies: int = 0
     bytes_copied: int = 0
     copy_failures: int = 0
-    #: Background fills by the time their IDLE_BOUND is up, oldest first (_bound_idle).
-    _idle_ends: deque[tuple[float, Background]] = attrs.field(factory=deque)
 
     @property
     def in_flight(self) -> int:
@@ -563,14 +439,13 @@ class Copier:
         remote: bool,
         quota: Quota | None = None,
         on_failed: Callable[[], None] | None = None,
-        background: bool = False,
     ) -> Flight:
         """Start copying *src* (whose ownership moves here) as flight *key*.
 
         *quota* is a slot the caller already took for this copy; it is
         released when the copy ends. It is taken before the flight exists so
         that nobody can join a flight that is still queued behind its
-        starter's quota. *background*: nobody waits for it (IDLE_BOUND).
+        starter's quota.
         """
         watches = self.watches
         flight = Flight(
@@ -578,16 +453,8 @@ class Copier:
             quota=quota,
             start=-1 if watches is None else watches.begin(),
             on_failed=on_failed,
-            background=Background() if background else None,
         )
         self._flights[key] = flight
-        if flight.background is not None:
-            if quota is not None:
-                quota.background.add(flight.background)
-            ends = self._idle_ends
-            ends.append((trio.current_time() + IDLE_BOUND, flight.background))
-            if len(ends) == 1:
-                nursery.start_soon(self._bound_idle)
         nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
         return flight
 
@@ -603,11 +470,7 @@ class Copier:
         watches = self.watches
         try:
             copied = await run_job(
-                lambda: copy_source(src, expected, watches),
-                _release,
-                limiter,
-                unstarted=src.close,
-                background=flight.background,
+                lambda: copy_source(src, expected, watches), _release, limiter, unstarted=src.close
             )
         except RequestError as exc:
             self.copy_failures += 1
@@ -631,22 +494,10 @@ class Copier:
             if watches is not None and flight.start >= 0:
                 watches.end(flight.start)
             if flight.quota is not None:
-                if flight.background is not None:
-                    flight.quota.background.discard(flight.background)
                 flight.quota.release()
             self._flights.pop(flight.key, None)
             flight.done.set()
             flight.drop_if_unwanted()
-
-    async def _bound_idle(self) -> None:
-        """Boost each background fill once its IDLE_BOUND is up (one task for them all,
-        running while any is bounded; a fill that ended meanwhile is a no-op)."""
-        ends = self._idle_ends
-        while ends:
-            await trio.sleep_until(ends[0][0])
-            now = trio.current_time()
-            while ends and ends[0][0] <= now:
-                ends.popleft()[1].boost()
 
     async def inspect(self, src: FdHolder, quota: Quota | None = None) -> SourceStat:
         """Stat an fd of an untrusted filesystem in a worker thread.

@@ -106,13 +106,10 @@ class Filler:
         share: UidShare,
         *,
         remote: bool,
-        background: bool = False,
     ) -> Flight:
         """Start copying *source* (ours now) as flight *key*, on a slot of the uid's
         quota the caller took. Raises RequestError (busy) past the uid's copy budget;
-        then the slot is given back and *source* closed. *background*: a fill nobody
-        waits for, copied under SCHED_IDLE until someone does or for at most
-        copier.IDLE_BOUND."""
+        then the slot is given back and *source* closed."""
         quota, uid, size = share.quota, share.uid, st.size
         try:
             self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
@@ -130,7 +127,6 @@ class Filler:
             remote=remote,
             quota=quota,
             on_failed=lambda: self.pins.unreserve(uid, size),
-            background=background,
         )
 
     def queue(
@@ -214,7 +210,7 @@ class Filler:
             return  # started before stop(), which could not cancel it yet
         while fills:
             if share.asked:
-                await quota.acquire(boost=False)  # a fill: no more urgent than those running
+                await quota.acquire()
             else:
                 await quota.acquire_last()  # moved up by quota.hurry() for an asked one
             if self._stopping():  # stop() came as the slot became ours: no copy starts
@@ -241,15 +237,7 @@ class Filler:
                 self.closer.discard([fill.source.detach()], share)
                 continue
             try:
-                self.fly(
-                    flight_key,
-                    fill.source,
-                    st,
-                    fill.label,
-                    share,
-                    remote=fill.remote,
-                    background=True,
-                )
+                self.fly(flight_key, fill.source, st, fill.label, share, remote=fill.remote)
             except RequestError:
                 pass  # over its copy budget: dropped (it was only a fill)
 

@@ -259,9 +259,7 @@ class HostOpens:
                 quota.release()
                 raise
             try:
-                flight = self.filler.fly(
-                    flight_key, source, st, label, share, remote=remote, background=not wait
-                )
+                flight = self.filler.fly(flight_key, source, st, label, share, remote=remote)
             except RequestError:
                 if not wait:
                     return NOT_FILLING  # its uid's copy budget is used up

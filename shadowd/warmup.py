@@ -38,7 +38,7 @@ from collections.abc import Callable
 import trio
 
 from . import __version__, hotcalls, inflight
-from .copier import _idle_usable, _yield_to_the_loop
+from .copier import _yield_to_the_loop
 from .memfd import sealed_copy
 from .protocol import (
     PROTOCOL_VERSION,
@@ -115,7 +115,6 @@ async def _start_workers(workers: int, limiter: trio.CapacityLimiter) -> None:
         try:
             if first:
                 _copy_sample()
-                _idle_usable()  # whether fills may run under SCHED_IDLE: probed once
         finally:
             # Even when the copy failed (no fd to spare, no memfd): the others
             # wait here for this thread, and would until THREAD_WAIT.
