@@ -79,6 +79,7 @@ class EntryGuard:
             return
         sealed.pin_wd = wd
         self._memfds[wd] = sealed
+        self.watches.memfds.add(wd)
         self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved)
 
     def track_unwatched_entries(self) -> None:
@@ -116,6 +117,7 @@ class EntryGuard:
 
     def _freed(self, wd: int) -> None:
         self._memfds.pop(wd, None)
+        self.watches.memfds.discard(wd)
         self.pins.freed(wd)
 
     def inserted(self, entry: Entry) -> None:

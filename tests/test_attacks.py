@@ -607,6 +607,51 @@ async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever
             await trio.sleep(0.05)
 
 
+# Attack 37: another uid sends each memfd it was served back as a host file.
+SEND_BACK = """
+from shadowd_client import Busy, Client
+held, busy = [], 0
+with Client({sock!r}, timeout=10) as c:
+    for path in {paths!r}:
+        try:
+            fd = c.open(path)  # young: served uncached, charged to this uid
+        except Busy:
+            busy += 1
+            continue
+        held.append(fd)
+        try:
+            os.close(c.open_fd(fd))  # its own memfd, as a host file
+        except Busy:
+            busy += 1
+    pinned = c.stats()["pinned_bytes"]
+out({{"held": len(held), "busy": busy, "pinned": pinned}})
+"""
+
+
+async def test_37_a_memfd_sent_back_as_a_host_file_does_not_lose_its_uids_charge(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 37: one inotify fd has one watch per inode. A memfd of the daemon's,
+    served to a client, comes back as that client's host file: its source watch was
+    the memfd's own watch, whose mask the daemon's add replaced, and which the
+    daemon removed once the copy of it was done with; the kernel's IN_IGNORED then
+    said the memfd was freed, and its uid's charge (--max-pinned-bytes-per-uid) was
+    given back while the uid held it. Each round of young 1 MiB file, open, send
+    back, keep the first fd pinned 1 MiB uncharged: twelve rounds against a bound
+    of 4 MiB must be refused busy from the fifth on, and the daemon's figure must
+    count what the uid holds."""
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "60", "--max-pinned-bytes-per-uid", "4M"
+    )
+    size = 1 << 20
+    paths = [str(make_file(shared_dir / f"young{i}", os.urandom(size))) for i in range(12)]
+    with trio.fail_after(60):
+        got = await call(child, ALICE, SEND_BACK.format(sock=str(d.socket_path), paths=paths))
+    print(got)
+    assert got["held"] <= 4, got  # before: all twelve, each uncharged after its round
+    assert got["pinned"] >= got["held"] * size, got  # before: 0 while twelve were held
+
+
 FLOOD = """
 import threading
 from shadowd_client import Client, ShadowdError

@@ -149,6 +149,44 @@ def test_a_change_to_a_watched_memfd_makes_its_hits_ask_the_inode_again() -> Non
         guard.watches.close()
 
 
+def test_a_memfd_watched_as_a_source_too_keeps_its_own_watch() -> None:
+    """Attack 37: a memfd of ours sent back as a host file gets its source watch on
+    the same inode, which one inotify fd watches once: the source's add must keep
+    the memfd's IN_ATTRIB, and the source's release must leave the memfd's watch,
+    which says when it is freed (before: the mask replaced, the watch removed, the
+    memfd taken for freed while held, and a holder's fchmod never seen)."""
+    server = Server(ServerConfig(socket_path=""))
+    guard = server.opens.guard
+    w = guard.watches
+    w.open()
+    sealed = sealed_from_bytes(b"memfd bytes")
+    try:
+        guard.track(sealed, 1000, cached=False)
+        wd = sealed.pin_wd
+        assert server.opens.pins.charged == {1000: sealed.size}
+        held = os.open(f"/proc/self/fd/{sealed.fd}", os.O_RDONLY)
+        try:
+            src_wd = w.add(held)  # the same inode: the same watch
+            assert src_wd == wd
+            w.hold(src_wd)
+            w.release(src_wd)  # the source's copy is done with
+            w.drain()
+            assert server.opens.pins.charged == {1000: sealed.size}  # still held
+            os.fchmod(held, 0o644)  # a holder of the daemon's uid
+            w.drain()
+            assert sealed.attr_changed and not sealed.intact()
+        finally:
+            sealed.release()
+            os.close(held)  # the last holder: now it is freed
+        deadline = time.monotonic() + 5
+        while server.opens.pins.charged:
+            assert time.monotonic() < deadline
+            w.drain()
+            time.sleep(0.01)
+    finally:
+        w.close()
+
+
 def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
     leases.ignore_sigio()
     f = tmp_path / "f"
