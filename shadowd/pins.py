@@ -12,6 +12,10 @@
 # it holds); sparse holes are never copied, and a holder that fills them by
 # mapping the file pays for those pages itself.
 #
+# Each memfd is charged PIN_FLOOR at least: besides its pages it takes an
+# inode and an inotify watch of the daemon's uid (fs.inotify.max_user_watches,
+# shared by every cached file), so the bound is on their number too (attack 38).
+#
 # Must never: let a uid start a copy past its bound; forget a charge while
 # the memfd may still be held; keep a watch that pins anything (an inotify
 # watch does not keep a memfd's pages).
@@ -25,6 +29,18 @@ from .errors import RequestError
 from .protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
+
+#: The least a memfd is charged, whatever its size: at the default bound (256 MiB)
+#: a uid holds at most 4,096 memfds out of the cache, as many as it may have
+#: descriptors in flight (--max-fds-per-uid). Charged by size alone, a uid held a
+#: million 1-byte copies in a megabyte, each with its watch: at the watch limit no
+#: file was cached any more, and no memfd the daemon could not watch was charged.
+PIN_FLOOR = 64 * 1024
+
+
+def cost(size: int) -> int:
+    """What a memfd of *size* bytes is charged."""
+    return size if size > PIN_FLOOR else PIN_FLOOR
 
 
 @attrs.define(eq=False)
@@ -63,29 +79,33 @@ class Pins:
     def reserve(self, uid: int, size: int) -> None:
         """A copy of *size* bytes starts for *uid*: refused (busy) past its bound."""
         used = self.charged.get(uid, 0)
-        if used + size > self.per_uid:
+        if used + cost(size) > self.per_uid:
             self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
             raise RequestError(
                 ErrorCode.BUSY,
                 f"uid {uid} has {used} bytes of copies under way or held out of the cache "
-                f"(at most {self.per_uid}, --max-pinned-bytes-per-uid); copy this "
-                f"{size}-byte file locally",
+                f"(at most {self.per_uid}, --max-pinned-bytes-per-uid; each memfd "
+                f"counts {PIN_FLOOR} at least); copy this {size}-byte file locally",
             )
-        self._charge(uid, size)
+        self._charge(uid, cost(size))
 
     def unreserve(self, uid: int, size: int) -> None:
         """A copy reserved with :meth:`reserve` ended without a memfd to track."""
-        self._charge(uid, -size)
+        self._charge(uid, -cost(size))
 
-    def track(self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int) -> None:
+    def track(
+        self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int | None
+    ) -> None:
         """A memfd of *size* bytes, watched as *wd*: in the cache, or charged to *uid*.
 
-        Takes over the *reserved* bytes :meth:`reserve` charged *uid* for it.
+        Takes over the reservation :meth:`reserve` made for *uid* of *reserved*
+        bytes (None: none was made).
         """
-        self._charge(uid, -reserved)
+        if reserved is not None:
+            self._charge(uid, -cost(reserved))
         if not cached:
             self.pinned += size
-            self._charge(uid, size)
+            self._charge(uid, cost(size))
         self._pins[wd] = Pin(wd=wd, size=size, uid=uid, cached=cached)
 
     def is_pin(self, wd: int) -> bool:
@@ -98,7 +118,7 @@ class Pins:
             return
         pin.cached = False
         self.pinned += pin.size
-        self._charge(pin.uid, pin.size)
+        self._charge(pin.uid, cost(pin.size))
 
     def freed(self, wd: int) -> None:
         """The kernel removed watch *wd*: its memfd is gone, nobody holds it any more."""
@@ -106,4 +126,4 @@ class Pins:
         if pin is None or pin.cached:
             return
         self.pinned -= pin.size
-        self._charge(pin.uid, -pin.size)
+        self._charge(pin.uid, -cost(pin.size))

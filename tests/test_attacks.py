@@ -652,6 +652,80 @@ async def test_37_a_memfd_sent_back_as_a_host_file_does_not_lose_its_uids_charge
     assert got["pinned"] >= got["held"] * size, got  # before: 0 while twelve were held
 
 
+# Attack 38: another uid holds many tiny copies the cache does not keep.
+TINY = """
+import time
+from shadowd_client import Busy, Client
+held, busy, big_held, big_busy = [], 0, [], 0
+with Client({sock!r}, timeout=10) as c:
+    for i in range({n}):
+        os.utime({tiny!r}, ns=(i, i))  # a new version, too young to cache
+        try:
+            held.append(c.open({tiny!r}))
+        except Busy:
+            busy += 1
+    for path in {big!r}:
+        os.utime(path)  # young: served uncached, charged (when its memfd is watched)
+        try:
+            big_held.append(c.open(path))
+        except Busy:
+            big_busy += 1
+    out({{"held": len(held), "busy": busy, "big_held": len(big_held), "big_busy": big_busy}})
+    recv()
+"""
+
+
+async def test_38_tiny_copies_held_cannot_take_the_daemons_inotify_watches(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 38: every memfd the daemon made that is alive has an inotify watch
+    (it says when the memfd is freed), and the watches of the daemon's uid are
+    bounded by fs.inotify.max_user_watches. A copy was charged to its uid at its
+    size, so a uid could hold as many 1-byte copies as it liked: at the limit no
+    file of anyone was cached any more, and no memfd the daemon could not watch was
+    charged, so the uid's large copies were held past its bound. Against a daemon
+    allowed 300 watches (a user namespace of its own), another uid holds 600 young
+    1-byte copies, then four young 4 MiB ones under --max-pinned-bytes-per-uid 8M:
+    it must be refused busy before it holds more than the bound over
+    pins.PIN_FLOOR (64 KiB) copies, none of the large ones past the bound, and another
+    client's file must still be cached."""
+    bound, floor = 8 << 20, 64 << 10  # floor: shadowd/pins.py PIN_FLOOR
+    d = await start_daemon(
+        "--socket-mode", "0666", "--max-pinned-bytes-per-uid", str(bound), watches=300
+    )
+    victim = make_file(shared_dir / "victim", b"v" * 4096)
+    tiny = make_file(shared_dir / "tiny", b"x")
+    big = [make_file(shared_dir / f"big{i}", os.urandom(4 << 20)) for i in range(4)]
+    for path in (tiny, *big):
+        os.chown(path, ALICE, ALICE)
+    code = TINY.format(sock=str(d.socket_path), n=600, tiny=str(tiny), big=[str(b) for b in big])
+
+    def victim_asks() -> list[bool]:
+        from shadowd_client import Client
+
+        time.sleep(max(0.0, victim.stat().st_ctime + 1.2 - time.time()))  # old enough
+        src = os.open(victim, os.O_RDONLY)
+        try:
+            with Client(d.socket_path, timeout=10) as c:
+                hits = []
+                for _ in range(2):
+                    answer = c.ask(src, wait=True)
+                    assert answer.fd is not None
+                    os.close(answer.fd)
+                    hits.append(answer.hit)
+                return hits
+        finally:
+            os.close(src)
+
+    with trio.fail_after(120), spawn_as(ALICE, code) as attacker:
+        got = await call(attacker.recv, 100)
+        hits = await call(victim_asks)
+    print(got, hits)
+    require(got["held"] + got["busy"] == 600, f"the attacker did not finish: {got}")
+    # Before: 600 held, the four large ones too (16 MiB, uncharged), no hit.
+    assert (got["held"] <= bound // floor, got["big_held"], hits[1]) == (True, 0, True), got
+
+
 FLOOD = """
 import threading
 from shadowd_client import Client, ShadowdError

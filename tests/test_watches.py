@@ -20,7 +20,7 @@ from shadowd.cache import HostKey
 from shadowd.errors import RequestError
 from shadowd.memfd import sealed_from_bytes
 from shadowd.opens import Miss
-from shadowd.pins import Pins
+from shadowd.pins import PIN_FLOOR, Pins, cost
 from shadowd.server import Server, ServerConfig
 from shadowd.source import stat_nosync
 from shadowd.watches import Watches
@@ -163,7 +163,7 @@ def test_a_memfd_watched_as_a_source_too_keeps_its_own_watch() -> None:
     try:
         guard.track(sealed, 1000, cached=False)
         wd = sealed.pin_wd
-        assert server.opens.pins.charged == {1000: sealed.size}
+        assert server.opens.pins.charged == {1000: cost(sealed.size)}
         held = os.open(f"/proc/self/fd/{sealed.fd}", os.O_RDONLY)
         try:
             src_wd = w.add(held)  # the same inode: the same watch
@@ -171,7 +171,7 @@ def test_a_memfd_watched_as_a_source_too_keeps_its_own_watch() -> None:
             w.hold(src_wd)
             w.release(src_wd)  # the source's copy is done with
             w.drain()
-            assert server.opens.pins.charged == {1000: sealed.size}  # still held
+            assert server.opens.pins.charged == {1000: cost(sealed.size)}  # still held
             os.fchmod(held, 0o644)  # a holder of the daemon's uid
             w.drain()
             assert sealed.attr_changed and not sealed.intact()
@@ -221,25 +221,45 @@ def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
 
 
 def test_pins_charge_copies_under_way_and_memfds_held_out_of_the_cache() -> None:
+    k = PIN_FLOOR  # sizes in its units: each is charged as it is
     hits: dict[str, int] = {}
-    pins = Pins(per_uid=100, hits=hits)
-    pins.reserve(1000, 60)
+    pins = Pins(per_uid=100 * k, hits=hits)
+    pins.reserve(1000, 60 * k)
     with pytest.raises(RequestError) as refused:
-        pins.reserve(1000, 50)  # 60 under way + 50 > 100
+        pins.reserve(1000, 50 * k)  # 60 under way + 50 > 100
     assert refused.value.code == "busy" and hits == {"max_pinned_bytes_per_uid": 1}
-    pins.reserve(1001, 90)  # another uid has its own bound
-    pins.track(7, 60, 1000, cached=True, reserved=60)  # in the cache: not charged
+    pins.reserve(1001, 90 * k)  # another uid has its own bound
+    pins.track(7, 60 * k, 1000, cached=True, reserved=60 * k)  # in the cache: not charged
     assert pins.charged.get(1000, 0) == 0 and pins.pinned == 0
     pins.left_cache(7)  # evicted while someone holds it: charged until freed
-    assert pins.charged[1000] == 60 and pins.pinned == 60
-    pins.track(8, 90, 1001, cached=False, reserved=90)  # served uncached: charged
-    assert pins.charged[1001] == 90 and pins.pinned == 150
+    assert pins.charged[1000] == 60 * k and pins.pinned == 60 * k
+    pins.track(8, 90 * k, 1001, cached=False, reserved=90 * k)  # served uncached: charged
+    assert pins.charged[1001] == 90 * k and pins.pinned == 150 * k
     pins.freed(7)
     pins.freed(8)
     assert pins.charged == {} and pins.pinned == 0
-    pins.reserve(1000, 100)  # the whole bound again
-    pins.unreserve(1000, 100)
+    pins.reserve(1000, 100 * k)  # the whole bound again
+    pins.unreserve(1000, 100 * k)
     assert pins.charged == {}
+
+
+def test_a_memfd_is_charged_pin_floor_at_least_whatever_its_size() -> None:
+    """Attack 38: a memfd takes an inotify watch whatever its size, so a uid's bound
+    is on their number too: 1-byte copies count PIN_FLOOR each (before: 1 byte, and a
+    uid held as many as it liked). The figure of bytes pinned stays their size."""
+    pins = Pins(per_uid=4 * PIN_FLOOR)
+    for wd in range(4):
+        pins.reserve(1000, 1)
+        pins.track(wd, 1, 1000, cached=False, reserved=1)
+    assert pins.charged == {1000: 4 * PIN_FLOOR} and pins.pinned == 4
+    with pytest.raises(RequestError):
+        pins.reserve(1000, 0)  # an empty file's copy too
+    pins.freed(0)
+    pins.reserve(1000, 0)  # room for one again
+    pins.unreserve(1000, 0)
+    pins.track(9, 0, None, cached=True, reserved=None)  # restored: nobody's
+    pins.left_cache(9)
+    assert pins.charged == {1000: 3 * PIN_FLOOR} and pins.pinned == 3
 
 
 async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
