@@ -7,10 +7,17 @@
 # charged the same. A uid at --max-pinned-bytes-per-uid gets no new copy:
 # its request is refused with busy, and its clients copy for themselves.
 #
+# All uids together are charged at most `total` (the server's --max-bytes, or
+# one uid's bound if that is more); past it, a uid below its fair share (total
+# over the uids charged) may go on, never past `hard`, half as much again:
+# whoever may use many uids (a subordinate uid range: thousands) no longer
+# pins one bound per uid (attack 40).
+#
 # So the memfds the daemon made hold at most --max-bytes in the cache plus,
-# per uid, --max-pinned-bytes-per-uid (and the one copy that evicts an entry
-# it holds); sparse holes are never copied, and a holder that fills them by
-# mapping the file pays for those pages itself.
+# out of it, the lesser of --max-pinned-bytes-per-uid per uid and 1.5 times
+# --max-bytes in all (and the copies that evict entries they hold); sparse
+# holes are never copied, and a holder that fills them by mapping the file
+# pays for those pages itself.
 #
 # Each memfd is charged PIN_FLOOR at least: besides its pages it takes an
 # inode and an inotify watch of the daemon's uid (fs.inotify.max_user_watches,
@@ -59,35 +66,59 @@ class Pins:
     """Per uid, the bytes of copies under way and of memfds out of the cache still held."""
 
     per_uid: int
+    #: What all uids together are charged before only a uid below its fair share
+    #: may have more (0: per_uid).
+    total: int = 0
+    #: What they are never charged past (0: total and half as much again).
+    hard: int = 0
     #: How often a bound was reached, by name (the server's limit_hits).
     hits: dict[str, int] = attrs.field(factory=dict)
     #: Charged bytes per uid.
     charged: dict[int, int] = attrs.field(factory=dict)
+    #: Charged bytes of every uid together.
+    used: int = 0
     #: Bytes of memfds out of the cache that someone still holds (every uid).
     pinned: int = 0
     _pins: dict[int, Pin] = attrs.field(factory=dict)
 
+    def __attrs_post_init__(self) -> None:
+        self.total = self.total or self.per_uid
+        self.hard = max(self.hard or self.total + self.total // 2, self.total)
+
     def _charge(self, uid: int | None, n: int) -> None:
         if uid is None:
             return
-        left = self.charged.get(uid, 0) + n
+        before = self.charged.get(uid, 0)
+        left = before + n
+        self.used += left - before if left > 0 else -before
         if left > 0:
             self.charged[uid] = left
         else:
             self.charged.pop(uid, None)
 
     def reserve(self, uid: int, size: int) -> None:
-        """A copy of *size* bytes starts for *uid*: refused (busy) past its bound."""
-        used = self.charged.get(uid, 0)
-        if used + cost(size) > self.per_uid:
-            self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
-            raise RequestError(
-                ErrorCode.BUSY,
+        """A copy of *size* bytes starts for *uid*: refused (busy) past its bound, or
+        past the bound of all uids unless it is below its fair share of it."""
+        used, want = self.charged.get(uid, 0), cost(size)
+        if used + want > self.per_uid:
+            self._refuse(
                 f"uid {uid} has {used} bytes of copies under way or held out of the cache "
                 f"(at most {self.per_uid}, --max-pinned-bytes-per-uid; each memfd "
-                f"counts {PIN_FLOOR} at least); copy this {size}-byte file locally",
+                f"counts {PIN_FLOOR} at least); copy this {size}-byte file locally"
             )
-        self._charge(uid, cost(size))
+        if self.used + want > self.total and not (
+            self.used + want <= self.hard and used + want <= self.total // max(1, len(self.charged))
+        ):
+            self._refuse(
+                f"all uids have {self.used} bytes of copies under way or held out of the "
+                f"cache (at most {self.total}, --max-bytes, and past it a uid's fair share, "
+                f"uid {uid} has {used}); copy this {size}-byte file locally"
+            )
+        self._charge(uid, want)
+
+    def _refuse(self, message: str) -> None:
+        self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
+        raise RequestError(ErrorCode.BUSY, message)
 
     def unreserve(self, uid: int, size: int) -> None:
         """A copy reserved with :meth:`reserve` ended without a memfd to track."""

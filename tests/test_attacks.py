@@ -726,6 +726,48 @@ async def test_38_tiny_copies_held_cannot_take_the_daemons_inotify_watches(
     assert (got["held"] <= bound // floor, got["big_held"], hits[1]) == (True, 0, True), got
 
 
+# Attack 40: the uids of a range each hold copies up to their own bound.
+HOLD_YOUNG = """
+from shadowd_client import Busy, Client
+held = []
+with Client({sock!r}, timeout=10) as c:
+    for path in {paths!r}:
+        try:
+            held.append(c.open(path))  # young: served uncached, charged to this uid
+        except Busy:
+            pass
+    out(len(held))
+    recv()
+"""
+
+
+async def test_40_many_uids_together_pin_no_more_than_the_daemon_wide_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 40: --max-pinned-bytes-per-uid bounded each uid, and nothing bounded all
+    uids together: whoever may use many uids (a container's or a user's subordinate
+    uid range: thousands) pinned that much memory once per uid. Eight uids, each
+    holding young 1 MiB copies under a bound of 8 MiB a uid: 64 MiB pinned beside a
+    cache of 16 MiB. All uids together may pin --max-bytes now, and past it only a uid
+    below its fair share more, never past half as much again: at most 24 MiB here."""
+    mib = 1 << 20
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "60",
+        "--max-bytes", "16M", "--max-pinned-bytes-per-uid", "8M",
+    )  # fmt: skip
+    paths = [str(make_file(shared_dir / f"young{i}", os.urandom(mib))) for i in range(10)]
+    code = HOLD_YOUNG.format(sock=str(d.socket_path), paths=paths)
+    with contextlib.ExitStack() as stack, trio.fail_after(120):
+        held = []
+        for k in range(8):
+            holder = stack.enter_context(spawn_as(test_uid(40 + k), code))
+            held.append(await call(holder.recv, 60))
+        pinned = (await call(stats, d))["pinned_bytes"]
+    print(f"held per uid: {held}; pinned {pinned / mib:.0f} MiB")
+    require(held[0] == 8, f"the first uid did not reach its own bound: {held}")
+    assert pinned <= 24 * mib, (held, pinned)  # before: 64 MiB, eight uids at 8 each
+
+
 FLOOD = """
 import threading
 from shadowd_client import Client, ShadowdError

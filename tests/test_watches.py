@@ -262,6 +262,32 @@ def test_a_memfd_is_charged_pin_floor_at_least_whatever_its_size() -> None:
     assert pins.charged == {1000: 3 * PIN_FLOOR} and pins.pinned == 3
 
 
+def test_pins_bound_all_uids_together_and_leave_each_a_fair_share() -> None:
+    """Attack 40: past `total`, only a uid below its fair share (total over the uids
+    charged) may reserve more, and nobody past `hard` (before: each uid its own bound
+    and no more, whatever the number of uids)."""
+    k = PIN_FLOOR
+    pins = Pins(per_uid=8 * k, total=16 * k)
+    assert pins.hard == 24 * k
+    for uid in (1, 2):
+        for _ in range(8):
+            pins.reserve(uid, k)
+    assert pins.used == 16 * k
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(1, k)  # its own bound
+    assert "--max-pinned-bytes-per-uid" in refused.value.message
+    pins.reserve(3, 5 * k)  # below its share of 16 over 3
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(3, k)  # 6 > 16 // 3
+    assert "all uids" in refused.value.message
+    pins.reserve(4, 3 * k)  # 24: the hard bound
+    with pytest.raises(RequestError):
+        pins.reserve(5, k)  # whatever its share
+    pins.unreserve(1, 8 * k)  # a uid lets go: room again, below the total
+    pins.reserve(5, k)
+    assert pins.used == 17 * k and sorted(pins.charged) == [2, 3, 4, 5]
+
+
 async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
     tmp_path: Path,
 ) -> None:
