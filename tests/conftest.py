@@ -110,6 +110,17 @@ _WATCH_LIMITED = textwrap.dedent(
     """
 )
 
+@functools.cache
+def watch_limits_work() -> bool:
+    """Whether a daemon can be given a watch limit of its own here (_WATCH_LIMITED:
+    user namespaces allowed, /proc/sys/user/max_inotify_watches writable in one)."""
+    true = shutil.which("true") or "/bin/true"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WATCH_LIMITED, "100", true], capture_output=True, check=False
+    )
+    return proc.returncode == 0
+
+
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 
 
