@@ -110,6 +110,7 @@ _WATCH_LIMITED = textwrap.dedent(
     """
 )
 
+
 @functools.cache
 def watch_limits_work() -> bool:
     """Whether a daemon can be given a watch limit of its own here (_WATCH_LIMITED:
