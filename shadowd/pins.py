@@ -39,9 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: The least a memfd is charged, whatever its size: at the default bound (256 MiB)
 #: a uid holds at most 4,096 memfds out of the cache, as many as it may have
-#: descriptors in flight (--max-fds-per-uid). Charged by size alone, a uid held a
-#: million 1-byte copies in a megabyte, each with its watch: at the watch limit no
-#: file was cached any more, and no memfd the daemon could not watch was charged.
+#: descriptors in flight (--max-fds-per-uid). Charged by size alone, a uid held
+#: 5,000 1-byte copies for 5,000 bytes of its bound, each with its watch, and as many
+#: more as it liked: at the watch limit no file was cached any more, and no memfd
+#: the daemon could not watch was charged (attack 38).
 PIN_FLOOR = 64 * 1024
 
 
