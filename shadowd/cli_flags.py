@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_size,
         default=peer_defaults.max_pinned_bytes_per_uid,
         help="most bytes of copies under way for one uid and of memfds made for it that left "
-        "the cache while still held (at full size); past it its misses are refused with busy "
-        "(default 256M)",
+        "the cache while still held (at full size, 64K at least each); past it its misses are "
+        "refused with busy; all uids together: --max-bytes, then a fair share (default 256M)",
     )
     serve.add_argument(
         "--max-request",

@@ -60,10 +60,11 @@ class EntryGuard:
         uid: int | None,
         *,
         cached: bool,
-        reserved: int = 0,
+        reserved: int | None = None,
         wd: int = -1,
     ) -> None:
-        """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation.
+        """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation
+        of *reserved* bytes (None: none was made).
 
         *wd*: its watch, when a worker added it already (Copied.memfd_wd). Its events
         can only have been the kernel's removal of it, which the memfd, held until
@@ -74,11 +75,12 @@ class EntryGuard:
                 wd = self.watches.add_memfd(sealed.fd)
         except OSError:
             # Nothing would tell when it is freed: it is not charged.
-            if uid is not None:
+            if uid is not None and reserved is not None:
                 self.pins.unreserve(uid, reserved)
             return
         sealed.pin_wd = wd
         self._memfds[wd] = sealed
+        self.watches.memfds.add(wd)
         self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved)
 
     def track_unwatched_entries(self) -> None:
@@ -116,6 +118,7 @@ class EntryGuard:
 
     def _freed(self, wd: int) -> None:
         self._memfds.pop(wd, None)
+        self.watches.memfds.discard(wd)
         self.pins.freed(wd)
 
     def inserted(self, entry: Entry) -> None:

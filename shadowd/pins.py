@@ -7,10 +7,21 @@
 # charged the same. A uid at --max-pinned-bytes-per-uid gets no new copy:
 # its request is refused with busy, and its clients copy for themselves.
 #
+# All uids together are charged at most `total` (the server's --max-bytes, or
+# one uid's bound if that is more); past it, a uid below its fair share (total
+# over the uids charged) may go on, never past `hard`, half as much again:
+# whoever may use many uids (a subordinate uid range: thousands) no longer
+# pins one bound per uid (attack 40).
+#
 # So the memfds the daemon made hold at most --max-bytes in the cache plus,
-# per uid, --max-pinned-bytes-per-uid (and the one copy that evicts an entry
-# it holds); sparse holes are never copied, and a holder that fills them by
-# mapping the file pays for those pages itself.
+# out of it, the lesser of --max-pinned-bytes-per-uid per uid and 1.5 times
+# --max-bytes in all (and the copies that evict entries they hold); sparse
+# holes are never copied, and a holder that fills them by mapping the file
+# pays for those pages itself.
+#
+# Each memfd is charged PIN_FLOOR at least: besides its pages it takes an
+# inode and an inotify watch of the daemon's uid (fs.inotify.max_user_watches,
+# shared by every cached file), so the bound is on their number too (attack 38).
 #
 # Must never: let a uid start a copy past its bound; forget a charge while
 # the memfd may still be held; keep a watch that pins anything (an inotify
@@ -25,6 +36,19 @@ from .errors import RequestError
 from .protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
+
+#: The least a memfd is charged, whatever its size: at the default bound (256 MiB)
+#: a uid holds at most 4,096 memfds out of the cache, as many as it may have
+#: descriptors in flight (--max-fds-per-uid). Charged by size alone, a uid held
+#: 5,000 1-byte copies for 5,000 bytes of its bound, each with its watch, and as many
+#: more as it liked: at the watch limit no file was cached any more, and no memfd
+#: the daemon could not watch was charged (attack 38).
+PIN_FLOOR = 64 * 1024
+
+
+def cost(size: int) -> int:
+    """What a memfd of *size* bytes is charged."""
+    return size if size > PIN_FLOOR else PIN_FLOOR
 
 
 @attrs.define(eq=False)
@@ -43,49 +67,77 @@ class Pins:
     """Per uid, the bytes of copies under way and of memfds out of the cache still held."""
 
     per_uid: int
+    #: What all uids together are charged before only a uid below its fair share
+    #: may have more (0: per_uid).
+    total: int = 0
+    #: What they are never charged past (0: total and half as much again).
+    hard: int = 0
     #: How often a bound was reached, by name (the server's limit_hits).
     hits: dict[str, int] = attrs.field(factory=dict)
     #: Charged bytes per uid.
     charged: dict[int, int] = attrs.field(factory=dict)
+    #: Charged bytes of every uid together.
+    used: int = 0
     #: Bytes of memfds out of the cache that someone still holds (every uid).
     pinned: int = 0
     _pins: dict[int, Pin] = attrs.field(factory=dict)
 
+    def __attrs_post_init__(self) -> None:
+        self.total = self.total or self.per_uid
+        self.hard = max(self.hard or self.total + self.total // 2, self.total)
+
     def _charge(self, uid: int | None, n: int) -> None:
         if uid is None:
             return
-        left = self.charged.get(uid, 0) + n
+        before = self.charged.get(uid, 0)
+        left = before + n
+        self.used += left - before if left > 0 else -before
         if left > 0:
             self.charged[uid] = left
         else:
             self.charged.pop(uid, None)
 
     def reserve(self, uid: int, size: int) -> None:
-        """A copy of *size* bytes starts for *uid*: refused (busy) past its bound."""
-        used = self.charged.get(uid, 0)
-        if used + size > self.per_uid:
-            self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
-            raise RequestError(
-                ErrorCode.BUSY,
+        """A copy of *size* bytes starts for *uid*: refused (busy) past its bound, or
+        past the bound of all uids unless it is below its fair share of it."""
+        used, want = self.charged.get(uid, 0), cost(size)
+        if used + want > self.per_uid:
+            self._refuse(
                 f"uid {uid} has {used} bytes of copies under way or held out of the cache "
-                f"(at most {self.per_uid}, --max-pinned-bytes-per-uid); copy this "
-                f"{size}-byte file locally",
+                f"(at most {self.per_uid}, --max-pinned-bytes-per-uid; each memfd "
+                f"counts {PIN_FLOOR} at least); copy this {size}-byte file locally"
             )
-        self._charge(uid, size)
+        if self.used + want > self.total and not (
+            self.used + want <= self.hard and used + want <= self.total // max(1, len(self.charged))
+        ):
+            self._refuse(
+                f"all uids have {self.used} bytes of copies under way or held out of the "
+                f"cache (at most {self.total}, --max-bytes, and past it a uid's fair share, "
+                f"uid {uid} has {used}); copy this {size}-byte file locally"
+            )
+        self._charge(uid, want)
+
+    def _refuse(self, message: str) -> None:
+        self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1
+        raise RequestError(ErrorCode.BUSY, message)
 
     def unreserve(self, uid: int, size: int) -> None:
         """A copy reserved with :meth:`reserve` ended without a memfd to track."""
-        self._charge(uid, -size)
+        self._charge(uid, -cost(size))
 
-    def track(self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int) -> None:
+    def track(
+        self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int | None
+    ) -> None:
         """A memfd of *size* bytes, watched as *wd*: in the cache, or charged to *uid*.
 
-        Takes over the *reserved* bytes :meth:`reserve` charged *uid* for it.
+        Takes over the reservation :meth:`reserve` made for *uid* of *reserved*
+        bytes (None: none was made).
         """
-        self._charge(uid, -reserved)
+        if reserved is not None:
+            self._charge(uid, -cost(reserved))
         if not cached:
             self.pinned += size
-            self._charge(uid, size)
+            self._charge(uid, cost(size))
         self._pins[wd] = Pin(wd=wd, size=size, uid=uid, cached=cached)
 
     def is_pin(self, wd: int) -> bool:
@@ -98,7 +150,7 @@ class Pins:
             return
         pin.cached = False
         self.pinned += pin.size
-        self._charge(pin.uid, pin.size)
+        self._charge(pin.uid, cost(pin.size))
 
     def freed(self, wd: int) -> None:
         """The kernel removed watch *wd*: its memfd is gone, nobody holds it any more."""
@@ -106,4 +158,4 @@ class Pins:
         if pin is None or pin.cached:
             return
         self.pinned -= pin.size
-        self._charge(pin.uid, -pin.size)
+        self._charge(pin.uid, -cost(pin.size))

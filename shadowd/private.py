@@ -247,16 +247,18 @@ class PrivateFiles:
         self.counters.publishes += 1
         self.counters.copied += 1
 
+        tracked = False
+
         def track(copy: SealedFile, cached: bool) -> None:
-            nonlocal reserved
+            nonlocal tracked
             self.track(copy, uid, cached=cached, reserved=reserved)
-            reserved = 0
+            tracked = True
 
         try:
             return self._adopt(private_key(uid, event), event, sealed, track)
         finally:
-            if reserved:
-                self.pins.unreserve(uid, reserved)  # not served: lost the race, or refused
+            if not tracked:  # not served: lost the race, or refused
+                self.pins.unreserve(uid, reserved)
 
     def _adopt(
         self,

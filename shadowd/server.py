@@ -165,7 +165,12 @@ class Server:
         self.mounts = MountTrust()
         self.gate = Gate(config.access, config.peers)
         self.refusals = Refusals()
-        self.pins = Pins(per_uid=config.peers.max_pinned_bytes_per_uid, hits=self.gate.hits)
+        self.pins = Pins(
+            per_uid=config.peers.max_pinned_bytes_per_uid,
+            # All uids together: as much again as the cache (attack 40).
+            total=max(config.cache.max_bytes, config.peers.max_pinned_bytes_per_uid),
+            hits=self.gate.hits,
+        )
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         #: Half the fd limit for fds in flight and held for replies: the
         #: kernel's limit on fds in flight is the same number, and the other

@@ -38,6 +38,9 @@ IN_DELETE_SELF = 0x00000400
 IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
+#: Add to the mask an inode's watch already has, never replace it: one inotify fd
+#: has one watch per inode, and a memfd of ours can come back as a client's source.
+IN_MASK_ADD = 0x20000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 #: What ends an entry. IN_UNMOUNT and IN_IGNORED come whatever is asked.
@@ -87,6 +90,11 @@ class Watches:
     _warned_full: bool = False
     #: The seq of the last lost-events notice.
     _overflow: int = -1
+    #: The watches of memfds of ours that are tracked until freed (add_memfd; kept by
+    #: guard.py on the loop). A client may send such a memfd back as a host file: its
+    #: source watch is then this very watch, which the kernel removes when the memfd
+    #: is freed, and which release() and forget() must never remove (attack 37).
+    memfds: set[int] = attrs.field(factory=set)
 
     def open(self) -> None:
         if self.fd < 0:
@@ -99,6 +107,7 @@ class Watches:
         self._last.clear()
         self._refs.clear()
         self._active.clear()
+        self.memfds.clear()
 
     def add(self, fd: int) -> int:
         """Watch the inode of *fd*; its watch descriptor. Safe in a worker thread.
@@ -110,7 +119,7 @@ class Watches:
             raise OSError(errno.EBADF, "the daemon is not watching files")
         path = f"/proc/self/fd/{fd}".encode()
         try:
-            return _call(_libc.inotify_add_watch(self.fd, path, WATCHED))
+            return _call(_libc.inotify_add_watch(self.fd, path, WATCHED | IN_MASK_ADD))
         except OSError as exc:
             if exc.errno == errno.ENOSPC and not self._warned_full:
                 self._warned_full = True
@@ -142,7 +151,8 @@ class Watches:
         """
         if self.fd < 0:
             raise OSError(errno.EBADF, "the daemon is not watching files")
-        return _call(_libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), IN_ATTRIB))
+        path = f"/proc/self/fd/{fd}".encode()
+        return _call(_libc.inotify_add_watch(self.fd, path, IN_ATTRIB | IN_MASK_ADD))
 
     def alive(self) -> set[int] | None:
         """The watches the kernel still has on this inotify fd (/proc/self/fdinfo):
@@ -174,7 +184,7 @@ class Watches:
             self._refs[wd] = refs - 1
             return
         del self._refs[wd]
-        if self.fd >= 0:
+        if self.fd >= 0 and wd not in self.memfds:
             try:
                 _call(_libc.inotify_rm_watch(self.fd, wd))
             except OSError:
@@ -182,7 +192,7 @@ class Watches:
 
     def forget(self, wd: int) -> None:
         """A watch added for a copy that is not kept: remove it unless an entry holds it."""
-        if wd not in self._refs and self.fd >= 0:
+        if wd not in self._refs and wd not in self.memfds and self.fd >= 0:
             try:
                 _call(_libc.inotify_rm_watch(self.fd, wd))
             except OSError:
@@ -232,7 +242,7 @@ class Watches:
                 continue
             if wd in self._refs:
                 self.on_event(wd)
-            elif mask & IN_ATTRIB:
+            if mask & IN_ATTRIB:  # a memfd of ours, perhaps also a client's source
                 self.on_attrib(wd)
 
     @property

@@ -77,6 +77,51 @@ _DROP_AND_SERVE = textwrap.dedent(
     """
 )
 
+# A daemon with a small inotify watch limit of its own, the host's untouched: it
+# runs in a user namespace that maps every uid and gid to itself (so peers and
+# files look as outside), whose /proc/sys/user/max_inotify_watches is argv[1]. The
+# map is written by a child left in the host's namespace (only a writer there may
+# map ids other than its own); the process then becomes the daemon (same pid).
+_WATCH_LIMITED = textwrap.dedent(
+    """
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    me = os.getpid()
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.read(r, 1)
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{me}/{name}", "w") as f:
+                f.write("0 0 4294967295\\n")
+        os.write(w2, b"x")
+        os._exit(0)
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    os.write(w, b"x")
+    os.read(r2, 1)
+    os.waitpid(helper, 0)
+    with open("/proc/sys/user/max_inotify_watches", "w") as f:
+        f.write(sys.argv[1])
+    for fd in (r, w, r2, w2):
+        os.close(fd)
+    os.execv(sys.argv[2], sys.argv[2:])
+    """
+)
+
+
+@functools.cache
+def watch_limits_work() -> bool:
+    """Whether a daemon can be given a watch limit of its own here (_WATCH_LIMITED:
+    user namespaces allowed, /proc/sys/user/max_inotify_watches writable in one)."""
+    true = shutil.which("true") or "/bin/true"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WATCH_LIMITED, "100", true], capture_output=True, check=False
+    )
+    return proc.returncode == 0
+
+
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids")
 
 
@@ -129,6 +174,7 @@ class Daemon:
         user: tuple[int, int] | None = None,
         *,
         groups: tuple[int, ...] = (),
+        watches: int | None = None,
     ):
         self.socket_path = socket_path
         self.args = args
@@ -139,6 +185,8 @@ class Daemon:
         #: with the supplementary *groups*.
         self.user = user
         self.groups = groups
+        #: The daemon's inotify watch limit (_WATCH_LIMITED), when not None.
+        self.watches = watches
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = socket_path.parent / f"{socket_path.name}.log"
 
@@ -182,6 +230,8 @@ class Daemon:
                 "os.execv(sys.argv[1], sys.argv[1:])",
                 *command,
             ]
+        if self.watches is not None:
+            command = [sys.executable, "-c", _WATCH_LIMITED, str(self.watches), *command]
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         with trio.fail_after(timeout):
             while not self.answers():
@@ -347,11 +397,21 @@ async def start_daemon(shared_dir: Path) -> AsyncIterator[Any]:
         user: tuple[int, int] | None = None,
         groups: tuple[int, ...] = (),
         directory: Path | None = None,
+        watches: int | None = None,
     ) -> Daemon:
         """*user*: (uid, gid) to serve as, with the supplementary *groups*;
-        *directory*: where the socket goes (shared_dir)."""
+        *directory*: where the socket goes (shared_dir); *watches*: the daemon's
+        own inotify watch limit (it then serves in a user namespace of its own)."""
         name = socket_name or f"d{len(daemons)}.sock"
-        d = Daemon((directory or shared_dir) / name, list(args), env, nofile, user, groups=groups)
+        d = Daemon(
+            (directory or shared_dir) / name,
+            list(args),
+            env,
+            nofile,
+            user,
+            groups=groups,
+            watches=watches,
+        )
         daemons.append(d)
         await d.start()
         return d

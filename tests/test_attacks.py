@@ -39,6 +39,7 @@ from .conftest import (
     run_as,
     spawn_as,
     test_uid,
+    watch_limits_work,
 )
 from .fusefs import FuseFile, HangingFS
 from .mounts import ext4, mount_tmpfs, tmpfs, umount
@@ -605,6 +606,169 @@ async def test_36_a_memfd_freed_while_inotify_lost_events_is_not_charged_forever
             os.close(fb)
         while (await call(stats, d))["pinned_bytes"]:
             await trio.sleep(0.05)
+
+
+# Attack 37: another uid sends each memfd it was served back as a host file.
+SEND_BACK = """
+from shadowd_client import Busy, Client
+held, busy = [], 0
+with Client({sock!r}, timeout=10) as c:
+    for path in {paths!r}:
+        try:
+            fd = c.open(path)  # young: served uncached, charged to this uid
+        except Busy:
+            busy += 1
+            continue
+        held.append(fd)
+        try:
+            os.close(c.open_fd(fd))  # its own memfd, as a host file
+        except Busy:
+            busy += 1
+    pinned = c.stats()["pinned_bytes"]
+out({{"held": len(held), "busy": busy, "pinned": pinned}})
+"""
+
+
+async def test_37_a_memfd_sent_back_as_a_host_file_does_not_lose_its_uids_charge(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 37: one inotify fd has one watch per inode. A memfd of the daemon's,
+    served to a client, comes back as that client's host file: its source watch was
+    the memfd's own watch, whose mask the daemon's add replaced, and which the
+    daemon removed once the copy of it was done with; the kernel's IN_IGNORED then
+    said the memfd was freed, and its uid's charge (--max-pinned-bytes-per-uid) was
+    given back while the uid held it. Each round of young 1 MiB file, open, send
+    back, keep the first fd pinned 1 MiB uncharged: twelve rounds against a bound
+    of 4 MiB must be refused busy from the fifth on, and the daemon's figure must
+    count what the uid holds."""
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "60", "--max-pinned-bytes-per-uid", "4M"
+    )
+    size = 1 << 20
+    paths = [str(make_file(shared_dir / f"young{i}", os.urandom(size))) for i in range(12)]
+    with trio.fail_after(60):
+        got = await call(child, ALICE, SEND_BACK.format(sock=str(d.socket_path), paths=paths))
+    print(got)
+    assert got["held"] <= 4, got  # before: all twelve, each uncharged after its round
+    assert got["pinned"] >= got["held"] * size, got  # before: 0 while twelve were held
+
+
+# Attack 38: another uid holds many tiny copies the cache does not keep.
+TINY = """
+import time
+from shadowd_client import Busy, Client
+held, busy, big_held, big_busy = [], 0, [], 0
+with Client({sock!r}, timeout=10) as c:
+    for i in range({n}):
+        os.utime({tiny!r}, ns=(i, i))  # a new version, too young to cache
+        try:
+            held.append(c.open({tiny!r}))
+        except Busy:
+            busy += 1
+    for path in {big!r}:
+        os.utime(path)  # young: served uncached, charged (when its memfd is watched)
+        try:
+            big_held.append(c.open(path))
+        except Busy:
+            big_busy += 1
+    out({{"held": len(held), "busy": busy, "big_held": len(big_held), "big_busy": big_busy}})
+    recv()
+"""
+
+
+async def test_38_tiny_copies_held_cannot_take_the_daemons_inotify_watches(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 38: every memfd the daemon made that is alive has an inotify watch
+    (it says when the memfd is freed), and the watches of the daemon's uid are
+    bounded by fs.inotify.max_user_watches. A copy was charged to its uid at its
+    size, so a uid could hold as many 1-byte copies as it liked: at the limit no
+    file of anyone was cached any more, and no memfd the daemon could not watch was
+    charged, so the uid's large copies were held past its bound. Against a daemon
+    allowed 300 watches (a user namespace of its own), another uid holds 600 young
+    1-byte copies, then four young 4 MiB ones under --max-pinned-bytes-per-uid 8M:
+    it must be refused busy before it holds more than the bound over
+    pins.PIN_FLOOR (64 KiB) copies, none of the large ones past the bound, and another
+    client's file must still be cached."""
+    if not watch_limits_work():
+        pytest.skip("no user namespace with a watch limit of its own here")
+    bound, floor = 8 << 20, 64 << 10  # floor: shadowd/pins.py PIN_FLOOR
+    d = await start_daemon(
+        "--socket-mode", "0666", "--max-pinned-bytes-per-uid", str(bound), watches=300
+    )
+    victim = make_file(shared_dir / "victim", b"v" * 4096)
+    tiny = make_file(shared_dir / "tiny", b"x")
+    big = [make_file(shared_dir / f"big{i}", os.urandom(4 << 20)) for i in range(4)]
+    for path in (tiny, *big):
+        os.chown(path, ALICE, ALICE)
+    code = TINY.format(sock=str(d.socket_path), n=600, tiny=str(tiny), big=[str(b) for b in big])
+
+    def victim_asks() -> list[bool]:
+        from shadowd_client import Client
+
+        time.sleep(max(0.0, victim.stat().st_ctime + 1.2 - time.time()))  # old enough
+        src = os.open(victim, os.O_RDONLY)
+        try:
+            with Client(d.socket_path, timeout=10) as c:
+                hits = []
+                for _ in range(2):
+                    answer = c.ask(src, wait=True)
+                    assert answer.fd is not None
+                    os.close(answer.fd)
+                    hits.append(answer.hit)
+                return hits
+        finally:
+            os.close(src)
+
+    with trio.fail_after(120), spawn_as(ALICE, code) as attacker:
+        got = await call(attacker.recv, 100)
+        hits = await call(victim_asks)
+    print(got, hits)
+    require(got["held"] + got["busy"] == 600, f"the attacker did not finish: {got}")
+    # Before: 600 held, the four large ones too (16 MiB, uncharged), no hit.
+    assert (got["held"] <= bound // floor, got["big_held"], hits[1]) == (True, 0, True), got
+
+
+# Attack 40: the uids of a range each hold copies up to their own bound.
+HOLD_YOUNG = """
+from shadowd_client import Busy, Client
+held = []
+with Client({sock!r}, timeout=10) as c:
+    for path in {paths!r}:
+        try:
+            held.append(c.open(path))  # young: served uncached, charged to this uid
+        except Busy:
+            pass
+    out(len(held))
+    recv()
+"""
+
+
+async def test_40_many_uids_together_pin_no_more_than_the_daemon_wide_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Attack 40: --max-pinned-bytes-per-uid bounded each uid, and nothing bounded all
+    uids together: whoever may use many uids (a container's or a user's subordinate
+    uid range: thousands) pinned that much memory once per uid. Eight uids, each
+    holding young 1 MiB copies under a bound of 8 MiB a uid: 64 MiB pinned beside a
+    cache of 16 MiB. All uids together may pin --max-bytes now, and past it only a uid
+    below its fair share more, never past half as much again: at most 24 MiB here."""
+    mib = 1 << 20
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "60",
+        "--max-bytes", "16M", "--max-pinned-bytes-per-uid", "8M",
+    )  # fmt: skip
+    paths = [str(make_file(shared_dir / f"young{i}", os.urandom(mib))) for i in range(10)]
+    code = HOLD_YOUNG.format(sock=str(d.socket_path), paths=paths)
+    with contextlib.ExitStack() as stack, trio.fail_after(120):
+        held = []
+        for k in range(8):
+            holder = stack.enter_context(spawn_as(test_uid(40 + k), code))
+            held.append(await call(holder.recv, 60))
+        pinned = (await call(stats, d))["pinned_bytes"]
+    print(f"held per uid: {held}; pinned {pinned / mib:.0f} MiB")
+    require(held[0] == 8, f"the first uid did not reach its own bound: {held}")
+    assert pinned <= 24 * mib, (held, pinned)  # before: 64 MiB, eight uids at 8 each
 
 
 FLOOD = """

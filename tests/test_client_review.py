@@ -652,6 +652,104 @@ async def test_a_batch_limit_out_of_range_is_kept_in_range(
     assert sizes and all(1 <= n <= 250 for n in sizes)
 
 
+def _dribbling(told: list[int], pause: float) -> Answer:
+    """A stand-in daemon that answers no told batch (open_batch, wait false) until a
+    request someone waits for comes, then each of them *pause* apart, and then that one:
+    every datagram within the client's timeout."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        try:
+            if msg["op"] == "open_batch" and msg.get("wait") is False:
+                told.append(msg["id"])
+                return None
+            for id in [*told, msg["id"]]:
+                time.sleep(pause)
+                miss = {"ok": True, "hit": False, "miss": True, "filling": True}
+                _send(conn, {"id": id, "ok": True, "results": [miss]})
+            told.clear()
+        except OSError:
+            return False  # the client gave up and hung up
+        return None
+
+    return answer
+
+
+def _slow(pause: float) -> Answer:
+    """A stand-in daemon that answers every request as a miss, *pause* after reading it."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        time.sleep(pause)
+        miss = {"ok": True, "hit": False, "miss": True, "filling": True}
+        try:
+            _send(conn, {"id": msg["id"], "ok": True, "results": [miss] * len(fds)})
+        except OSError:
+            return False  # the client gave up and hung up
+        return None
+
+    return answer
+
+
+async def test_answers_nobody_waited_for_hold_a_request_one_timeout_at_most(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """Told batches (Client._tell_here: the Opener's files copied here) are not waited
+    for; their answers are read ahead of the next request's. A daemon that sent each of
+    them 0.4 s apart, within a timeout of 0.5 s, held that request 0.4 s a batch: 4.0 s
+    for ten. The wait as a whole has the timeout: a DaemonTimeout after it."""
+    told: list[int] = []
+
+    def blocking() -> float:
+        with FakeDaemon(shared_dir / "d.sock", _dribbling(told, 0.4)) as fake:
+            c = Client(fake.path, timeout=0.5)
+            src = os.open(old_file, os.O_RDONLY)
+            try:
+                c.connect()
+                for _ in range(10):
+                    assert c._tell_here([src], [None]) == (1, None)
+                started = time.monotonic()
+                with pytest.raises(DaemonTimeout):
+                    c.ask(src, wait=False)
+                return time.monotonic() - started
+            finally:
+                os.close(src)
+                c.close()
+
+    with trio.fail_after(60):
+        took = await trio.to_thread.run_sync(blocking)
+    print(f"the request after ten told batches: {took:.2f} s")
+    assert took < 1.5  # before: 4.0 s, the last answer in time
+
+
+async def test_the_close_of_a_told_batch_waits_one_timeout_at_most(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """At close (`last`) every told request is sent, then the answers to all but the
+    last are read: up to the timeout each. A daemon whose hello says max_batch 1 makes
+    each file a request; answering each 0.4 s apart (timeout 0.5 s) it held the close
+    of ten files 3.6 s. Now the answers have one timeout together."""
+
+    def blocking() -> float:
+        fake = FakeDaemon(shared_dir / "e.sock", _slow(0.4), limits={"max_batch": 1})
+        with fake:
+            c = Client(fake.path, timeout=0.5)
+            src = os.open(old_file, os.O_RDONLY)
+            try:
+                c.connect()
+                started = time.monotonic()
+                sent, failure = c._tell_here([src] * 10, [None] * 10, last=True)
+                took = time.monotonic() - started
+                assert sent == 10 and isinstance(failure, DaemonTimeout), (sent, failure)
+                return took
+            finally:
+                os.close(src)
+                c.close()
+
+    with trio.fail_after(60):
+        took = await trio.to_thread.run_sync(blocking)
+    print(f"the close of ten told files: {took:.2f} s")
+    assert took < 1.5  # before: 3.6 s
+
+
 @pytest.mark.parametrize(
     "code", ["internal", "bad-request", "io-error", "not-readable", "shutting-down", "new-code"]
 )

@@ -20,7 +20,7 @@ from shadowd.cache import HostKey
 from shadowd.errors import RequestError
 from shadowd.memfd import sealed_from_bytes
 from shadowd.opens import Miss
-from shadowd.pins import Pins
+from shadowd.pins import PIN_FLOOR, Pins, cost
 from shadowd.server import Server, ServerConfig
 from shadowd.source import stat_nosync
 from shadowd.watches import Watches
@@ -149,6 +149,44 @@ def test_a_change_to_a_watched_memfd_makes_its_hits_ask_the_inode_again() -> Non
         guard.watches.close()
 
 
+def test_a_memfd_watched_as_a_source_too_keeps_its_own_watch() -> None:
+    """Attack 37: a memfd of ours sent back as a host file gets its source watch on
+    the same inode, which one inotify fd watches once: the source's add must keep
+    the memfd's IN_ATTRIB, and the source's release must leave the memfd's watch,
+    which says when it is freed (before: the mask replaced, the watch removed, the
+    memfd taken for freed while held, and a holder's fchmod never seen)."""
+    server = Server(ServerConfig(socket_path=""))
+    guard = server.opens.guard
+    w = guard.watches
+    w.open()
+    sealed = sealed_from_bytes(b"memfd bytes")
+    try:
+        guard.track(sealed, 1000, cached=False)
+        wd = sealed.pin_wd
+        assert server.opens.pins.charged == {1000: cost(sealed.size)}
+        held = os.open(f"/proc/self/fd/{sealed.fd}", os.O_RDONLY)
+        try:
+            src_wd = w.add(held)  # the same inode: the same watch
+            assert src_wd == wd
+            w.hold(src_wd)
+            w.release(src_wd)  # the source's copy is done with
+            w.drain()
+            assert server.opens.pins.charged == {1000: cost(sealed.size)}  # still held
+            os.fchmod(held, 0o644)  # a holder of the daemon's uid
+            w.drain()
+            assert sealed.attr_changed and not sealed.intact()
+        finally:
+            sealed.release()
+            os.close(held)  # the last holder: now it is freed
+        deadline = time.monotonic() + 5
+        while server.opens.pins.charged:
+            assert time.monotonic() < deadline
+            w.drain()
+            time.sleep(0.01)
+    finally:
+        w.close()
+
+
 def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
     leases.ignore_sigio()
     f = tmp_path / "f"
@@ -183,25 +221,71 @@ def test_a_read_lease_tells_whether_a_writer_was_there(tmp_path: Path) -> None:
 
 
 def test_pins_charge_copies_under_way_and_memfds_held_out_of_the_cache() -> None:
+    k = PIN_FLOOR  # sizes in its units: each is charged as it is
     hits: dict[str, int] = {}
-    pins = Pins(per_uid=100, hits=hits)
-    pins.reserve(1000, 60)
+    pins = Pins(per_uid=100 * k, hits=hits)
+    pins.reserve(1000, 60 * k)
     with pytest.raises(RequestError) as refused:
-        pins.reserve(1000, 50)  # 60 under way + 50 > 100
+        pins.reserve(1000, 50 * k)  # 60 under way + 50 > 100
     assert refused.value.code == "busy" and hits == {"max_pinned_bytes_per_uid": 1}
-    pins.reserve(1001, 90)  # another uid has its own bound
-    pins.track(7, 60, 1000, cached=True, reserved=60)  # in the cache: not charged
+    pins.reserve(1001, 90 * k)  # another uid has its own bound
+    pins.track(7, 60 * k, 1000, cached=True, reserved=60 * k)  # in the cache: not charged
     assert pins.charged.get(1000, 0) == 0 and pins.pinned == 0
     pins.left_cache(7)  # evicted while someone holds it: charged until freed
-    assert pins.charged[1000] == 60 and pins.pinned == 60
-    pins.track(8, 90, 1001, cached=False, reserved=90)  # served uncached: charged
-    assert pins.charged[1001] == 90 and pins.pinned == 150
+    assert pins.charged[1000] == 60 * k and pins.pinned == 60 * k
+    pins.track(8, 90 * k, 1001, cached=False, reserved=90 * k)  # served uncached: charged
+    assert pins.charged[1001] == 90 * k and pins.pinned == 150 * k
     pins.freed(7)
     pins.freed(8)
     assert pins.charged == {} and pins.pinned == 0
-    pins.reserve(1000, 100)  # the whole bound again
-    pins.unreserve(1000, 100)
+    pins.reserve(1000, 100 * k)  # the whole bound again
+    pins.unreserve(1000, 100 * k)
     assert pins.charged == {}
+
+
+def test_a_memfd_is_charged_pin_floor_at_least_whatever_its_size() -> None:
+    """Attack 38: a memfd takes an inotify watch whatever its size, so a uid's bound
+    is on their number too: 1-byte copies count PIN_FLOOR each (before: 1 byte, and a
+    uid held as many as it liked). The figure of bytes pinned stays their size."""
+    pins = Pins(per_uid=4 * PIN_FLOOR)
+    for wd in range(4):
+        pins.reserve(1000, 1)
+        pins.track(wd, 1, 1000, cached=False, reserved=1)
+    assert pins.charged == {1000: 4 * PIN_FLOOR} and pins.pinned == 4
+    with pytest.raises(RequestError):
+        pins.reserve(1000, 0)  # an empty file's copy too
+    pins.freed(0)
+    pins.reserve(1000, 0)  # room for one again
+    pins.unreserve(1000, 0)
+    pins.track(9, 0, None, cached=True, reserved=None)  # restored: nobody's
+    pins.left_cache(9)
+    assert pins.charged == {1000: 3 * PIN_FLOOR} and pins.pinned == 3
+
+
+def test_pins_bound_all_uids_together_and_leave_each_a_fair_share() -> None:
+    """Attack 40: past `total`, only a uid below its fair share (total over the uids
+    charged) may reserve more, and nobody past `hard` (before: each uid its own bound
+    and no more, whatever the number of uids)."""
+    k = PIN_FLOOR
+    pins = Pins(per_uid=8 * k, total=16 * k)
+    assert pins.hard == 24 * k
+    for uid in (1, 2):
+        for _ in range(8):
+            pins.reserve(uid, k)
+    assert pins.used == 16 * k
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(1, k)  # its own bound
+    assert "--max-pinned-bytes-per-uid" in refused.value.message
+    pins.reserve(3, 5 * k)  # below its share of 16 over 3
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(3, k)  # 6 > 16 // 3
+    assert "all uids" in refused.value.message
+    pins.reserve(4, 3 * k)  # 24: the hard bound
+    with pytest.raises(RequestError):
+        pins.reserve(5, k)  # whatever its share
+    pins.unreserve(1, 8 * k)  # a uid lets go: room again, below the total
+    pins.reserve(5, k)
+    assert pins.used == 17 * k and sorted(pins.charged) == [2, 3, 4, 5]
 
 
 async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(

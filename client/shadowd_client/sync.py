@@ -154,6 +154,8 @@ class Client:
         # When a send or receive last waited out the timeout (time.monotonic): a
         # request that waited for the lock meanwhile does not wait out another.
         self._timed_out_at = float("-inf")
+        # The socket's receive timeout is cut to what is left of a wait (_within).
+        self._cut = False
         _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
@@ -402,7 +404,7 @@ class Client:
 
         *last*: the client is closed after them. Every request is sent first, then
         the answers to all but the last are read (and those nobody waited for,
-        which come before them), up to the reply timeout each: a socket closed with
+        which come before them), within one reply timeout together: a socket closed with
         an answer unread in it resets the connection, and a daemon whose answer
         fails (its client gone) reads no further, but counts the reports it finds
         queued when the connection ends (docs/protocol.md, "report"). The last
@@ -463,11 +465,15 @@ class Client:
         """Read the answers to the requests *ids*, in order (any fds in them closed);
         with *owed*, also those nobody waited for, first. What failed (None: nothing);
         lock held."""
+        # One reply timeout for them all: a daemon that answered each just within it
+        # held the close of an Opener one timeout a request (its hello may make every
+        # file a request of its own: max_batch 1).
+        entered = time.monotonic()
         try:
             if owed:
-                self._read_unawaited()
+                self._read_unawaited(entered)
             for id in ids:
-                reply = self._reply_to(id)
+                reply = self._reply_to(id, entered)
                 if isinstance(reply, ErrorReply):
                     return refused(reply.code, reply.message)
                 close_reply(reply)
@@ -577,11 +583,11 @@ class Client:
         self._sendmsg(data, fds)
         return self._reply_to(id)
 
-    def _reply_to(self, id: int) -> Reply:
+    def _reply_to(self, id: int, entered: float | None = None) -> Reply:
         """The reply to request *id*, sent; a connection that can no longer be trusted
-        dropped (lock held)."""
+        dropped (lock held). *entered*: see _wait_reply."""
         try:
-            return self._wait_reply(id)
+            return self._wait_reply(id, entered)
         except ProtocolViolation as exc:
             before_hello = self._session is not None and self._session.hello_id is not None
             self._drop()
@@ -697,29 +703,70 @@ class Client:
         self._drop()  # the daemon closed this connection
         return refusal
 
-    def _wait_reply(self, id: int) -> Reply:
-        while True:
-            reply = self._recv()
-            if reply is None:
-                continue
-            if reply.id == id:
-                return reply
-            close_reply(reply)
-            if reply.id in self._unawaited:
-                self._unawaited.discard(reply.id)
-                continue
-            raise ProtocolViolation(f"reply to request {reply.id} while waiting for {id}")
+    def _wait_reply(self, id: int, entered: float | None = None) -> Reply:
+        """The reply to *id*, the answers nobody waits for before it dropped, all within
+        one reply timeout: from *entered* (a wait for several answers, _answered), else
+        from now; lock held."""
+        if entered is None:
+            entered = time.monotonic()
+        else:
+            self._within(entered)  # what is left of the wait for them all
+        try:
+            while True:
+                reply = self._recv()
+                if reply is None:
+                    continue
+                if reply.id == id:
+                    return reply
+                close_reply(reply)
+                if reply.id in self._unawaited:
+                    self._unawaited.discard(reply.id)
+                    self._within(entered)
+                    continue
+                raise ProtocolViolation(f"reply to request {reply.id} while waiting for {id}")
+        finally:
+            self._full_timeout()
 
-    def _read_unawaited(self) -> None:
-        """Read (and drop) the answers nobody waits for; lock held."""
-        while self._unawaited:
-            reply = self._recv()
-            if reply is None:
-                continue
-            close_reply(reply)
-            if reply.id not in self._unawaited:
-                raise ProtocolViolation(f"reply to request {reply.id}, not one sent")
-            self._unawaited.discard(reply.id)
+    def _read_unawaited(self, entered: float) -> None:
+        """Read (and drop) the answers nobody waits for, within the reply timeout from
+        *entered*; lock held."""
+        self._within(entered)
+        try:
+            while self._unawaited:
+                reply = self._recv()
+                if reply is None:
+                    continue
+                close_reply(reply)
+                if reply.id not in self._unawaited:
+                    raise ProtocolViolation(f"reply to request {reply.id}, not one sent")
+                self._unawaited.discard(reply.id)
+                self._within(entered)
+        finally:
+            self._full_timeout()
+
+    def _within(self, entered: float) -> None:
+        """An answer nobody waited for was read in a wait that began at *entered*: the
+        wait as a whole has the reply timeout, not each datagram (a daemon that answered
+        each of many told batches just within it held the next request one timeout a
+        batch: 4 s for 20 under a timeout of 0.25 s). The rest of it for the next
+        receive, or Broken (a timeout) when none is left; lock held."""
+        if self.timeout is None or self._sock is None:
+            return
+        now = time.monotonic()
+        left = entered + self.timeout - now
+        if left <= 0:
+            self._timed_out_at = now
+            raise Broken(TimeoutError(), "waiting for a reply")
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+        self._cut = True
+
+    def _full_timeout(self) -> None:
+        """The socket's receive timeout back to the whole reply timeout after _within."""
+        if self._cut:
+            self._cut = False
+            if self._sock is not None and self.timeout is not None:
+                tv = _timeval(self.timeout)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
     def _drop(self) -> None:
         sock, self._sock, self._session = self._sock, None, None
