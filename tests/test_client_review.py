@@ -25,6 +25,7 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+from shadowd_client import Answer as ClientAnswer
 from shadowd_client import (
     AsyncClient,
     BadRequest,
@@ -748,6 +749,77 @@ async def test_the_close_of_a_told_batch_waits_one_timeout_at_most(
         took = await trio.to_thread.run_sync(blocking)
     print(f"the close of ten told files: {took:.2f} s")
     assert took < 1.5  # before: 3.6 s
+
+
+def _late(pause: float) -> Answer:
+    """A stand-in daemon that answers every request well, *pause* after reading it:
+    batches with a sealed fd per item, reports counted."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        time.sleep(pause)
+        try:
+            if msg["op"] == "report":
+                _send(conn, {"id": msg["id"], "ok": True})
+                return None
+            return _batch_reply(lambda n: [_one_sealed] * n)(conn, msg, fds)
+        except OSError:
+            return False  # the client gave up and hung up
+
+    return answer
+
+
+#: A call made of ten requests, each answered 0.4 s after it came (timeout 0.5 s): the
+#: batches of open_many and ask_many (max_batch 1), the parts of a report (max_request
+#: 512 carries 17 files: 170 make ten).
+SPLIT_CALLS: dict[str, Callable[[Client, int], object]] = {
+    "open_many": lambda c, src: c.open_many([f"/proc/self/fd/{src}"] * 10),
+    "ask_many": lambda c, src: c.ask_many([src] * 10),
+    "report": lambda c, src: c.report([(1, i, 1) for i in range(170)]),
+    "report, Opener's": lambda c, src: c._report_here([(1, i, 1) for i in range(170)]),
+}
+
+
+@pytest.mark.parametrize("call", list(SPLIT_CALLS))
+async def test_a_call_split_into_requests_waits_one_timeout_at_most(
+    shared_dir: Path, old_file: Path, call: str
+) -> None:
+    """A daemon that answers each request just within the timeout (0.4 s of 0.5 s): a
+    call it takes ten requests for held the caller 4 s and succeeded, nothing counted as
+    slow (each request had a timeout of its own). Now the call's waits have one timeout
+    together: a DaemonTimeout after it, and every fd received meanwhile closed."""
+    os.close(local_copy(old_file))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> tuple[float, object]:
+        limits = {"max_batch": 1, "max_request": 512}
+        with FakeDaemon(shared_dir / "f.sock", _late(0.4), limits=limits) as fake:
+            c = Client(fake.path, timeout=0.5)
+            src = os.open(old_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                c.connect()
+                started = time.monotonic()
+                try:
+                    out = SPLIT_CALLS[call](c, src)
+                except DaemonTimeout as exc:
+                    out = exc
+                took = time.monotonic() - started
+                if isinstance(out, list):
+                    got = [x.fd if isinstance(x, ClientAnswer) else x for x in out]
+                    close_all(fd for fd in got if isinstance(fd, int))
+                return took, out
+            finally:
+                os.close(src)
+                c.close()
+
+    with trio.fail_after(60):
+        took, out = await trio.to_thread.run_sync(blocking)
+    print(f"{call} of ten requests: {took:.2f} s, {out!r:.80}")
+    if call == "report, Opener's":
+        assert isinstance(out, tuple) and isinstance(out[1], DaemonTimeout), out
+    else:
+        assert isinstance(out, DaemonTimeout), out
+    assert took < 1.5  # before: 4.0 s, and no failure
+    assert fd_links() == before
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,18 @@ def _requests(n: int, per: int, make: Callable[[slice], Make]) -> list[tuple[Mak
     return [(make(slice(i, i + per)), min(per, n - i)) for i in range(0, n, per)]
 
 
+class _Parts:
+    """The waits on the daemon of one call made of several requests (``open_many``'s and
+    ``ask_many``'s batches, ``report``'s parts): together they have one reply timeout,
+    as a close's answers do (attack 39). Only the time spent on this call's own sends
+    and receives counts, not a wait for the lock meanwhile (another thread's requests)."""
+
+    __slots__ = ("spent",)
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
@@ -125,7 +137,10 @@ class Client:
     (connecting, each send, each receive: a request on a new connection may
     wait for the hello reply and its own), None for none; a request that waited
     for another thread's, which waited out the timeout meanwhile, fails at once
-    (:class:`~shadowd_client.DaemonTimeout`) instead of waiting out another.
+    (:class:`~shadowd_client.DaemonTimeout`) instead of waiting out another. A call
+    that takes several requests (:meth:`open_many`, :meth:`ask_many` past the
+    daemon's ``max_batch``, :meth:`report` past its ``max_request``) has one timeout
+    for the waits of them all.
     Every method raises only :class:`~shadowd_client.ShadowdError` subclasses.
     """
 
@@ -215,6 +230,7 @@ class Client:
         out: list[Answer | ShadowdError] = []
         names = list(labels) if labels is not None else [None] * len(fds)
         todo = list(range(len(fds)))
+        parts = _Parts()
         while todo:
             with self._lock:
                 self._ensure_connected()
@@ -224,7 +240,10 @@ class Client:
             batch_labels = tuple(names[i] for i in chunk) if labels is not None else ()
             try:
                 reply = self._call(
-                    request_of(functools.partial(batch_request, batch_fds, batch_labels, wait=wait))
+                    request_of(
+                        functools.partial(batch_request, batch_fds, batch_labels, wait=wait)
+                    ),
+                    parts,
                 )
                 out.extend(answers_of(reply, len(batch_fds)))
             except BaseException:
@@ -335,11 +354,13 @@ class Client:
         """Tell the daemon of hits served through its index: (dev, ino, hits) per file.
 
         Sent in requests that fit the daemon's ``max_request`` (as its hello said;
-        until then, as small as any daemon takes), one answer awaited at a time."""
+        until then, as small as any daemon takes), one answer awaited at a time; the
+        waits for them all have one timeout together."""
         start = 0
+        parts = _Parts()
         while start < len(hits):
             took = [0]
-            reply = self._call(_report_from(hits, start, took))
+            reply = self._call(_report_from(hits, start, took), parts)
             if isinstance(reply, ErrorReply):
                 raise refused(reply.code, reply.message)
             start += took[0]
@@ -428,9 +449,14 @@ class Client:
                 except DaemonUnavailable as exc:
                     return 0, exc
                 ids: list[int] = []
+                # Every send and every answer awaited, within one reply timeout from
+                # here: a daemon that took each just within it held a report of
+                # several parts one timeout a part.
+                begun = time.monotonic()
                 for make, count in split(session):
                     id, data, fds = make(session.proto)
                     try:
+                        self._within(begun)
                         self._sendmsg(data, fds)
                     except Broken as broken:
                         self._drop()
@@ -448,27 +474,29 @@ class Client:
                     elif not await_answers:
                         self._unawaited.add(id)
                     else:
-                        failure = self._answered([id])
+                        failure = self._answered([id], begun)
                         if failure is not None:
                             return sent, failure
                 if last:
-                    failure = self._answered(ids[:-1], owed=True)
+                    failure = self._answered(ids[:-1], begun, owed=True)
                     if failure is not None:
                         return sent, failure
             finally:
+                self._full_timeout()
                 if last:
                     self._closed = True
                     self._drop()
         return sent, None
 
-    def _answered(self, ids: list[int], *, owed: bool = False) -> ShadowdError | None:
+    def _answered(
+        self, ids: list[int], entered: float, *, owed: bool = False
+    ) -> ShadowdError | None:
         """Read the answers to the requests *ids*, in order (any fds in them closed);
         with *owed*, also those nobody waited for, first. What failed (None: nothing);
         lock held."""
-        # One reply timeout for them all: a daemon that answered each just within it
-        # held the close of an Opener one timeout a request (its hello may make every
-        # file a request of its own: max_batch 1).
-        entered = time.monotonic()
+        # One reply timeout for them all, from *entered*: a daemon that answered each
+        # just within it held the close of an Opener one timeout a request (its hello
+        # may make every file a request of its own: max_batch 1).
         try:
             if owed:
                 self._read_unawaited(entered)
@@ -520,6 +548,7 @@ class Client:
         results: list[int | ShadowdError] = list(sources)
         received: list[int] = []  # closed should a later batch fail
         todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+        parts = _Parts()
         try:
             while todo:
                 with self._lock:
@@ -529,7 +558,9 @@ class Client:
                 todo = todo[len(chunk) :]
                 fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
                 chunk_labels = tuple(labels[i] for i in chunk)
-                reply = self._call(request_of(functools.partial(batch_request, fds, chunk_labels)))
+                reply = self._call(
+                    request_of(functools.partial(batch_request, fds, chunk_labels)), parts
+                )
                 for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
                     results[i] = r
                     if isinstance(r, int):
@@ -539,34 +570,43 @@ class Client:
             raise
         return results
 
-    def _call(self, make: Make) -> Reply:
+    def _call(self, make: Make, parts: _Parts | None = None) -> Reply:
+        """The reply to the request *make* makes; *parts*: the call it is a part of,
+        whose requests have one reply timeout together."""
         try:
-            return self._call_once(make)
+            return self._call_once(make, parts)
         except Refused as exc:
             if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
                 raise
             self.version = 1  # a daemon older than version 2: speak 1 from now on
-            return self._call_once(make)
+            return self._call_once(make, parts)
 
-    def _call_once(self, make: Make) -> Reply:
+    def _call_once(self, make: Make, parts: _Parts | None = None) -> Reply:
         entered = time.monotonic()
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("this client is closed", socket_path=self.socket_path)
             self._not_just_timed_out(entered)
-            fresh = self._sock is None
+            begun = time.monotonic()
+            # The parts before this one spent some of the timeout: what is left of it.
+            since = None if parts is None else begun - parts.spent
             try:
-                return self._attempt(make)
-            except Broken as broken:
-                self._drop()
-                if fresh or isinstance(broken.cause, TimeoutError):
+                fresh = self._sock is None
+                try:
+                    return self._attempt(make, since)
+                except Broken as broken:
+                    self._drop()
+                    if fresh or isinstance(broken.cause, TimeoutError):
+                        raise broken.error(self.socket_path) from None
+                # The connection we had broke (the daemon restarted?): one retry.
+                try:
+                    return self._attempt(make, since)
+                except Broken as broken:
+                    self._drop()
                     raise broken.error(self.socket_path) from None
-            # The connection we had broke (the daemon restarted?): one retry.
-            try:
-                return self._attempt(make)
-            except Broken as broken:
-                self._drop()
-                raise broken.error(self.socket_path) from None
+            finally:
+                if parts is not None:
+                    parts.spent += time.monotonic() - begun
 
     def _not_just_timed_out(self, entered: float) -> None:
         """Raise DaemonTimeout when a request of another thread waited out the timeout
@@ -575,13 +615,23 @@ class Client:
         if self._timed_out_at >= entered:
             raise unavailable(TimeoutError(), self.socket_path, "a request just before this one")
 
-    def _attempt(self, make: Make) -> Reply:
+    def _attempt(self, make: Make, since: float | None = None) -> Reply:
+        """Send the request *make* makes and read its reply (lock held); *since*: the
+        wait began then (a part of a call, _Parts), its send and receive within what is
+        left of the reply timeout."""
         if self._sock is None:
             self._connect()
         assert self._session is not None
         id, data, fds = make(self._session.proto)
-        self._sendmsg(data, fds)
-        return self._reply_to(id)
+        if since is None:
+            self._sendmsg(data, fds)
+        else:
+            try:
+                self._within(since)
+                self._sendmsg(data, fds)
+            finally:
+                self._full_timeout()
+        return self._reply_to(id, since)
 
     def _reply_to(self, id: int, entered: float | None = None) -> Reply:
         """The reply to request *id*, sent; a connection that can no longer be trusted
@@ -745,11 +795,12 @@ class Client:
             self._full_timeout()
 
     def _within(self, entered: float) -> None:
-        """An answer nobody waited for was read in a wait that began at *entered*: the
-        wait as a whole has the reply timeout, not each datagram (a daemon that answered
+        """An answer nobody waited for was read in a wait that began at *entered*, or a
+        part of a call made of several requests is sent or awaited: the wait as a whole
+        has the reply timeout, not each datagram (a daemon that answered
         each of many told batches just within it held the next request one timeout a
         batch: 4 s for 20 under a timeout of 0.25 s). The rest of it for the next
-        receive, or Broken (a timeout) when none is left; lock held."""
+        send and receive, or Broken (a timeout) when none is left; lock held."""
         if self.timeout is None or self._sock is None:
             return
         now = time.monotonic()
@@ -757,16 +808,19 @@ class Client:
         if left <= 0:
             self._timed_out_at = now
             raise Broken(TimeoutError(), "waiting for a reply")
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+        tv = _timeval(max(left, 1e-6))  # (0 would be no timeout at all)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._cut = True
 
     def _full_timeout(self) -> None:
-        """The socket's receive timeout back to the whole reply timeout after _within."""
+        """The socket's timeouts back to the whole reply timeout after _within."""
         if self._cut:
             self._cut = False
             if self._sock is not None and self.timeout is not None:
                 tv = _timeval(self.timeout)
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def _drop(self) -> None:
         sock, self._sock, self._session = self._sock, None, None
