@@ -822,6 +822,27 @@ async def test_a_call_split_into_requests_waits_one_timeout_at_most(
     assert fd_links() == before
 
 
+async def test_an_async_clients_open_many_waits_one_timeout_at_most(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The AsyncClient's open_many sends its batches one after another, each under a
+    timeout of its own: ten batches (max_batch 1) answered 0.4 s apart (timeout 0.5 s)
+    held the task 4 s and succeeded. Now they have one timeout together."""
+    os.close(local_copy(old_file))
+    before = fd_links()
+    with trio.fail_after(60):
+        with FakeDaemon(shared_dir / "g.sock", _late(0.4), limits={"max_batch": 1}) as fake:
+            async with AsyncClient(fake.path, timeout=0.5) as ac:
+                await ac.connect()
+                started = trio.current_time()
+                with pytest.raises(DaemonTimeout):
+                    close_all(await ac.open_many([old_file] * 10))
+                took = trio.current_time() - started
+    print(f"the AsyncClient's open_many of ten batches: {took:.2f} s")
+    assert took < 1.5  # before: 4.0 s, and no failure
+    assert fd_links() == before
+
+
 @pytest.mark.parametrize(
     "code", ["internal", "bad-request", "io-error", "not-readable", "shutting-down", "new-code"]
 )

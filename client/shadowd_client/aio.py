@@ -68,6 +68,17 @@ from .errors import (
 )
 
 
+class _Parts:
+    """The waits on the daemon of one call made of several requests (``open_many``'s
+    batches): together they have one reply timeout, not one each (a daemon that
+    answered each just within it held the caller one timeout a batch)."""
+
+    __slots__ = ("spent",)
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+
+
 class _Conn:
     """One connection and the replies that arrived for tasks not yet reading."""
 
@@ -128,7 +139,9 @@ class AsyncClient:
     for ``close``), without ``ask_many``, ``index`` and ``report``.
 
     Several tasks may use one AsyncClient at once: their requests are in
-    flight together and each gets its own reply. It finds the socket as
+    flight together and each gets its own reply. *timeout* bounds each request's
+    wait as a whole (its send and its reply), and the batches of one
+    :meth:`open_many` together. It finds the socket as
     :class:`Client` does. A forked child (in a ``trio.run`` of its own) makes
     a connection of its own.
     """
@@ -188,13 +201,14 @@ class AsyncClient:
         try:
             todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
             labels = [label_for(p) for p in paths]
+            parts = _Parts()
             while todo:
                 conn = await self._ensure_hello()
                 chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
                 fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
                 chunk_labels = tuple(labels[i] for i in chunk)
                 reply = await self._call(
-                    request_of(functools.partial(batch_request, fds, chunk_labels))
+                    request_of(functools.partial(batch_request, fds, chunk_labels)), parts
                 )
                 for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
                     results[i] = r
@@ -264,33 +278,39 @@ class AsyncClient:
 
     # -- internals -------------------------------------------------------
 
-    async def _call(self, make: Make) -> Reply:
+    async def _call(self, make: Make, parts: _Parts | None = None) -> Reply:
+        """The reply to the request *make* makes; *parts*: the call it is a part of,
+        whose requests have one reply timeout together."""
         try:
-            return await self._call_once(make)
+            return await self._call_once(make, parts)
         except Refused as exc:
             if exc.code != ErrorCode.UNSUPPORTED_VERSION or self.version == 1:
                 raise
             self.version = 1  # a daemon older than version 2: speak 1 from now on
-            return await self._call_once(make)
+            return await self._call_once(make, parts)
 
-    async def _call_once(self, make: Make) -> Reply:
+    async def _call_once(self, make: Make, parts: _Parts | None = None) -> Reply:
         fresh = self._conn is None
         try:
-            return await self._attempt(make)
+            return await self._attempt(make, parts)
         except Broken as broken:
             if fresh or isinstance(broken.cause, TimeoutError):
                 raise broken.error(self.socket_path) from None
         try:
-            return await self._attempt(make)
+            return await self._attempt(make, parts)
         except Broken as broken:
             raise broken.error(self.socket_path) from None
 
-    async def _attempt(self, make: Make) -> Reply:
+    async def _attempt(self, make: Make, parts: _Parts | None = None) -> Reply:
         conn = await self._connection()
         id, data, fds = make(conn.session.proto)
         sent = False
+        limit = self.timeout if self.timeout is not None else float("inf")
+        if parts is not None:
+            limit -= parts.spent  # what the call's earlier requests left of it
+        begun = trio.current_time()
         try:
-            with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+            with trio.fail_after(max(limit, 0.0)):
                 async with conn.send_lock:
                     await self._io(
                         conn,
@@ -327,6 +347,9 @@ class AsyncClient:
         except ShadowdError:
             self._drop(conn, Broken(None, "a bad reply"))
             raise
+        finally:
+            if parts is not None:
+                parts.spent += trio.current_time() - begun
 
     async def _io(self, conn: _Conn, coro: Any, doing: str) -> Any:
         try:
