@@ -18,7 +18,7 @@ from .access import Peer, UidShare
 from .copier import Flight
 from .errors import RequestError
 from .fds import FdHolder, close_holders
-from .opens import HostOpens, Miss, Pending, Served, Waiting, served_fd
+from .opens import HELD, HostOpens, Miss, Pending, Served, Waiting, served_fd
 from .protocol import ErrorCode, MissedItem, OpenedItem, Refusal
 from .refusals import INTERNAL_MESSAGE
 
@@ -43,7 +43,7 @@ def batch_items(
             else:
                 items.append(OpenedItem(fd=r.fd.fd, size=r.size, hit=r.hit))
         elif isinstance(r, Miss):
-            items.append(MissedItem(filling=r.filling))
+            items.append(MissedItem(filling=r.filling, hit=r.hit))
         elif isinstance(r, Refusal):
             items.append(r)
         else:  # pragma: no cover - every slot is filled before sending
@@ -66,12 +66,16 @@ class Batches:
         id: int,
         *,
         wait: bool = True,
+        serve: bool = True,
     ) -> tuple[list[Served | Miss | Refusal | None], list[tuple[int, Pending]]]:
         """Serve every item of a batch that can be now; the rest wait.
 
         Returns the results (None where an item waits) and the items that
         wait. An item that must wait detaches the holder it needs; the caller
         closes the rest. With *wait* False no item waits: a miss is a Miss.
+        With *serve* False (and *wait* False) no item is served an fd: a hit is
+        HELD (the client only tells of files it has, and an fd it reads only at
+        its next request would count in its uid's fd budget until then).
         """
         opens = self.opens
         results: list[Served | Miss | Refusal | None] = [None] * len(holders)
@@ -92,6 +96,9 @@ class Batches:
                     results[i] = Refusal(code=ErrorCode.INTERNAL, message=INTERNAL_MESSAGE)
                     continue
                 if type(outcome) is tuple:
+                    if not serve:
+                        results[i] = HELD
+                        continue
                     try:
                         served = FdHolder(served_fd(outcome[0]))
                     except RequestError as exc:

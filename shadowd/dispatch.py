@@ -157,7 +157,13 @@ class Dispatcher:
         results: list[Served | Miss | Refusal | None] | None = None
         try:
             results, later = self.batches.now(
-                holders, labels, conn.share, conn.peer, event.id, wait=event.wait
+                holders,
+                labels,
+                conn.share,
+                conn.peer,
+                event.id,
+                wait=event.wait,
+                serve=event.serve,
             )
             if later:
                 try:

@@ -52,16 +52,19 @@ class Miss:
 
     ``filling``: a copy of that version into the cache is under way.
     ``untrusted``: the fd is of a file system the loop may not touch (a
-    worker must close it).
+    worker must close it). ``hit``: not a miss, a version the cache holds, answered
+    without an fd all the same (a batch that does not want them: ``serve`` False).
     """
 
     filling: bool
     untrusted: bool = False
+    hit: bool = False
 
 
 FILLING = Miss(True)
 NOT_FILLING = Miss(False)
 UNTRUSTED = Miss(False, untrusted=True)
+HELD = Miss(False, hit=True)
 
 #: A cache hit: the file to reopen for the client, its size, its version.
 Hit = tuple[Shareable, int, Version]

@@ -151,12 +151,18 @@ class Open:
 
 @attrs.frozen
 class OpenBatch:
-    """Serve several files in one round trip; ``labels`` is empty or one per fd."""
+    """Serve several files in one round trip; ``labels`` is empty or one per fd.
+
+    ``serve`` False (version 2, implies ``wait`` False): the client only tells of
+    files it has; no item is answered with an fd (:class:`MissedItem`, ``hit``
+    saying whether the daemon holds that version).
+    """
 
     id: int
     fds: tuple[int, ...]
     labels: tuple[str | None, ...] = ()
     wait: bool = True
+    serve: bool = True
 
 
 @attrs.frozen
@@ -282,9 +288,11 @@ class Missed:
 
 @attrs.frozen
 class MissedItem:
-    """Version 2: an item of a batch with ``wait`` False that missed; no fd."""
+    """Version 2: an item of a batch with ``wait`` False answered without an fd: a
+    miss, or (``hit``) a version the daemon holds, in a batch with ``serve`` False."""
 
     filling: bool
+    hit: bool = False
 
 
 @attrs.frozen
@@ -581,6 +589,8 @@ def encode_request(
             msg["paths"] = list(event.labels)
         if not event.wait:
             msg["wait"] = False
+        if not event.serve:
+            msg["serve"] = False
         return _pack(msg), list(event.fds)
     if isinstance(event, StatsRequest):
         return _pack({"op": "stats", "id": event.id}), []
@@ -627,7 +637,7 @@ def encode_reply(
                     served["cached"] = bool(item.cached)
                 results.append(served)
             elif isinstance(item, MissedItem):
-                results.append({"ok": True, "hit": False, "miss": True, "filling": item.filling})
+                results.append({"ok": True, "hit": item.hit, "miss": True, "filling": item.filling})
             else:
                 results.append({"ok": False, "code": str(item.code), "message": item.message})
         return _pack({"id": event.id, "ok": True, "results": results}), list(event.fds)
@@ -853,7 +863,10 @@ class ServerConnection:
                     f"'paths' has {len(raw)} entries for {len(fds)} fds", id=id, fds=fds
                 )
             labels = tuple(_label(v, id=id, fds=fds) for v in raw)
-        return OpenBatch(id=id, fds=fds, labels=labels, wait=self._wait(msg, id, fds))
+        serve = _field(msg, "serve", bool, id=id, fds=fds, required=False)
+        serve = serve is not False or self.version != 2  # version 1 ignores the key
+        wait = self._wait(msg, id, fds) and serve
+        return OpenBatch(id=id, fds=fds, labels=labels, wait=wait, serve=serve)
 
     def _wait(self, msg: Mapping[str, Any], id: int, fds: tuple[int, ...]) -> bool:
         """A request's ``wait`` (version 2; version 1 ignores the key, as any unknown one)."""
@@ -1119,7 +1132,8 @@ class ClientConnection:
             if not isinstance(item, dict) or type(item.get("ok")) is not bool:
                 raise MalformedMessage("malformed batch result", id=id, fds=fds)
             if item["ok"] and item.get("miss") is True:
-                results.append(MissedItem(filling=_field(item, "filling", bool, id=id, fds=fds)))
+                filling = _field(item, "filling", bool, id=id, fds=fds)
+                results.append(MissedItem(filling=filling, hit=item.get("hit") is True))
             elif item["ok"]:
                 if next_fd >= len(fds):
                     raise BadFds("batch reply carried too few fds", id=id, fds=fds)

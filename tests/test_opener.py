@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -1403,3 +1404,45 @@ async def test_a_stopped_daemon_costs_threads_opening_at_once_one_timeout_in_all
         took = await in_thread(work)
     assert len(took) == threads
     assert took[-1] < 1.8 * timeout, f"the opens waited {took} s"
+
+
+async def test_told_files_the_daemon_holds_come_back_without_descriptors(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """The Opener tells the daemon of files it copied here (Client._tell_here: batches
+    that do not wait, whose answers nobody waits for). A told file the daemon holds
+    (another process asked for it meanwhile) was answered with an fd, which sat unread
+    in the socket until the client's next request, counted in the uid's fd budget
+    (--max-fds-per-uid) for as long as the client did nothing: three told hits left a
+    budget of four no room for a batch of two. Told batches now say serve false: the
+    answer says which items the daemon holds, with no descriptor."""
+    d: Daemon = await start_daemon("--racy-window", RACY, "--max-fds-per-uid", "4")
+    files = [make_file(tmp_path / f"t{i}", os.urandom(30_000 + i)) for i in range(3)]
+    settle(*files)
+
+    def work() -> None:
+        with (
+            Client(d.socket_path, timeout=10) as asker,
+            Client(d.socket_path, timeout=10) as teller,
+        ):
+            close_all(asker.open_many(files))  # cached now
+            teller.connect()
+            srcs = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+            try:
+                assert teller._tell_here(srcs, [str(f) for f in files]) == (3, None)
+            finally:
+                close_all(srcs)
+            sock = teller._sock
+            assert sock is not None
+            assert select.select([sock], [], [], 10)[0], "no answer to the told batch"
+            data, anc, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4), socket.MSG_PEEK)
+            peeked = fds_from_ancdata(anc)
+            close_all(peeked)  # (a peek installs them too; the datagram keeps its own)
+            told = msgpack.unpackb(data)
+            assert [r["hit"] for r in told["results"]] == [True] * 3, told
+            # The uid's budget has room for another client's batch of two.
+            close_all(asker.open_many(files[:2]))
+            assert peeked == [], f"{len(peeked)} descriptors came back for told files"
+
+    with trio.fail_after(60):
+        await in_thread(work)

@@ -180,9 +180,14 @@ class Broken(Exception):
 
 
 def batch_request(
-    fds: tuple[int, ...], labels: tuple[str | None, ...], id: int, *, wait: bool = True
+    fds: tuple[int, ...],
+    labels: tuple[str | None, ...],
+    id: int,
+    *,
+    wait: bool = True,
+    serve: bool = True,
 ) -> OpenBatch:
-    return OpenBatch(id=id, fds=fds, labels=labels, wait=wait)
+    return OpenBatch(id=id, fds=fds, labels=labels, wait=wait, serve=serve)
 
 
 #: Numbers and encodes one request: returns its id, bytes and fds.

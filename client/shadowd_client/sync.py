@@ -388,9 +388,11 @@ class Client:
         """Tell the daemon at the other end of the connection there is (never a new one)
         of the open files *fds* (which stay the caller's), for it to fill its cache
         with: ``open_batch`` requests of at most its ``max_batch`` items that do not
-        wait, whose answers are not waited for (the daemon looks at every item before
-        it answers: a millisecond or more for a full batch); they are read and dropped
-        (any fd in them closed) ahead of a later request's answer. How many of *fds*
+        wait and want no fd (``serve`` false: an fd would sit unread in the socket
+        until the next request, counted in the uid's fd budget), whose answers are not
+        waited for (the daemon looks at every item before it answers: a millisecond or
+        more for a full batch); they are read and dropped (any fd in them, from a
+        daemon older than ``serve``, closed) ahead of a later request's answer. How many of *fds*
         were sent, and what failed (see :meth:`_send_here`, which *last* goes to)."""
 
         def split(session: Session) -> list[tuple[Make, int]]:
@@ -399,7 +401,11 @@ class Client:
                 session.max_batch,
                 lambda part: request_of(
                     functools.partial(
-                        batch_request, tuple(fds[part]), tuple(labels[part]), wait=False
+                        batch_request,
+                        tuple(fds[part]),
+                        tuple(labels[part]),
+                        wait=False,
+                        serve=False,
                     )
                 ),
             )
