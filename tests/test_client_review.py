@@ -843,6 +843,54 @@ async def test_an_async_clients_open_many_waits_one_timeout_at_most(
     assert fd_links() == before
 
 
+#: How long a stand-in daemon takes to answer each open, in turn (timeout 1 s: late,
+#: 0.7 s, is past half of it with room to spare on a loaded machine), and how many of
+#: nine opens are then asked of it.
+SLOW_PATTERNS = {
+    "every answer 0.7 s late": ([0.7], 3),
+    "two late, one in time, and again": ([0.7, 0.7, 0.0], 9),
+}
+
+
+@pytest.mark.parametrize("pattern", list(SLOW_PATTERNS))
+async def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
+    shared_dir: Path, old_file: Path, pattern: str
+) -> None:
+    """A daemon that answers every open just within the timeout (0.7 s of 1 s) cost each
+    open nearly a timeout, for good: the breaker counted failures only (nine opens:
+    6.3 s, all asked). Three answers in a row in half the timeout or more open it now,
+    so the opens after them are copied here for the backoff window; a late answer now
+    and then does not."""
+    pauses, asked = SLOW_PATTERNS[pattern]
+    turn = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        time.sleep(pauses[turn[0] % len(pauses)])
+        turn[0] += 1
+        try:
+            _serve_good(conn, msg)
+        except OSError:
+            return False
+        return None
+
+    def blocking() -> tuple[Opener, float]:
+        with FakeDaemon(shared_dir / "h.sock", answer) as fake:
+            opener = Opener(fake.path, local_below=0, timeout=1.0, retry_after=30.0)
+            try:
+                started = time.monotonic()
+                for _ in range(9):
+                    os.close(opener.open(old_file))
+                return opener, time.monotonic() - started
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        opener, took = await trio.to_thread.run_sync(blocking)
+    print(f"{pattern}: nine opens in {took:.2f} s, {opener.daemon_opens} asked")
+    assert opener.daemon_opens == asked, (opener.daemon_opens, opener.local_opens)
+    assert opener.daemon_opens + opener.local_opens == 9
+
+
 @pytest.mark.parametrize(
     "code", ["internal", "bad-request", "io-error", "not-readable", "shutting-down", "new-code"]
 )

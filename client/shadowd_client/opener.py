@@ -30,6 +30,7 @@ from shadowd.protocol import FileKey
 
 from ._session import Answer, Fill, check_sealed, label_for, open_source
 from .errors import (
+    DaemonTimeout,
     DaemonUnavailable,
     NotPermitted,
     ProtocolViolation,
@@ -56,6 +57,17 @@ DEFAULT_LOCAL_BELOW = 256 * 1024
 #: under a millisecond; a miss is answered at once (version 2): a daemon that
 #: needs longer is better left alone for a while.
 DEFAULT_TIMEOUT = 0.25
+#: An answer that took this part of the timeout or more is slow; this many slow in a
+#: row open the breaker as a failure does (and after its window one more slow answer
+#: opens it again): a daemon that answers each request just within the timeout would
+#: otherwise cost every open nearly a timeout, for good. A hit takes 25-150 us; on
+#: this project's 2-vCPU VM at a load of 10-13, 446,768 hits asked one after another
+#: took over 125 ms three times, never twice in a row (docs/performance.md, "How
+#: late a hit comes on a loaded machine"). An
+#: Opener's requests never wait for a copy (misses are answered at once, version 2);
+#: a version 1 daemon's do, so its answers are not timed.
+SLOW_FRACTION = 0.5
+SLOW_IN_A_ROW = 3
 #: The first backoff window after a failure, doubled after each failed retry.
 DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -298,8 +310,9 @@ class Opener:
     (and kept), a miss is copied here while the daemon fills its cache, and
     so is a file the daemon refuses for any reason (the copy here raises the
     errors that are the file's: not a regular file, unreadable). After a
-    timeout, a refused connection, a broken one or a reply that breaks the
-    protocol the daemon is left alone for a backoff window (1 s, doubled
+    timeout, a refused connection, a broken one, a reply that breaks the
+    protocol, or three answers in a row that took half the timeout or more
+    (SLOW_IN_A_ROW, SLOW_FRACTION) the daemon is left alone for a backoff window (1 s, doubled
     after each failed retry, at most 30 s) and every open is copied here; one
     log line says it is gone, one that it is back. This process out of
     descriptors (its RLIMIT_NOFILE: a socket not made, a reply's descriptor the
@@ -350,6 +363,7 @@ class Opener:
         self._backoff = retry_after
         self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
+        self._slow = 0  # answers slower than SLOW_FRACTION of the timeout, in a row
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
         self.local_opens = 0
@@ -566,8 +580,9 @@ class Opener:
         except ShadowdError:
             return None  # busy at the gate, say: the default window, this time
         finally:
-            self.waited += time.monotonic() - started
-        self._worked()
+            took = time.monotonic() - started
+            self.waited += took
+        self._worked(took)
         return self._limits()
 
     def _keep(
@@ -829,8 +844,9 @@ class Opener:
             # out of descriptors here is no fault of the daemon's: no breaker.
             return None
         finally:
-            self.waited += time.monotonic() - started
-        self._worked()
+            took = time.monotonic() - started
+            self.waited += took
+        self._worked(took)
         return answer
 
     def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
@@ -844,8 +860,9 @@ class Opener:
         except ShadowdError as exc:
             return [exc] * len(fds)
         finally:
-            self.waited += time.monotonic() - started
-        self._worked()
+            took = time.monotonic() - started
+            self.waited += took
+        self._worked(took)
         return answers
 
     def _failed(self, exc: ShadowdError) -> None:
@@ -858,11 +875,34 @@ class Opener:
                 "shadowd unavailable (%s); copying locally, retrying in %gs", exc, window
             )
 
-    def _worked(self) -> None:
+    def _worked(self, took: float | None = None) -> None:
+        """The daemon answered; *took*: in so many seconds (None: not timed). The
+        SLOW_IN_A_ROW-th slow answer in a row opens the breaker instead (_failed)."""
+        client = self._client
+        limit = None if client is None or client.timeout is None else client.timeout
+        slow = (
+            took is not None
+            and limit is not None
+            and took >= SLOW_FRACTION * limit
+            and client is not None
+            and client.version != 1  # its misses wait for its copy
+        )
         with self._lock:
-            back, self._down = self._down, False
-            self._backoff = self.retry_after
-        if back:
+            self._slow = self._slow + 1 if slow else 0
+            tripped = self._slow >= SLOW_IN_A_ROW
+            if not tripped:
+                back, self._down = self._down, False
+                self._backoff = self.retry_after
+        if tripped:
+            assert client is not None and limit is not None
+            self._failed(
+                DaemonTimeout(
+                    f"shadowd at {client.socket_path} answered {SLOW_IN_A_ROW} requests in a "
+                    f"row in {SLOW_FRACTION:g} of the timeout ({limit:g} s) or more",
+                    socket_path=client.socket_path,
+                )
+            )
+        elif back:
             logger.warning("shadowd is back; asking it again")
 
     def close(self) -> None:
