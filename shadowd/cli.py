@@ -100,10 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
     # action of whatever handler is in place. So the handler run()'s receiver
     # puts back does nothing, and once run() returns the signals are ignored:
     # the interpreter's exit resets Python handlers to the default (a kill)
-    # while those threads still live, but leaves SIG_IGN alone.
+    # while those threads still live, but leaves SIG_IGN alone. Blocked before
+    # that handler goes in: one that came between the two would run it, and be
+    # lost (the daemon served on); before the block it is the default's, a kill.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _late_stop_signal)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     configure_logging(args.log_level)
     try:
         cache = CacheLimits(

@@ -729,6 +729,78 @@ async def test_38_tiny_copies_held_cannot_take_the_daemons_inotify_watches(
     assert (got["held"] <= bound // floor, got["big_held"], hits[1]) == (True, 0, True), got
 
 
+# Attack 38's floor, turned on another uid: B holds the entries A's requests made.
+MAKER_OPENS = """
+from shadowd_client import Busy, Client
+def young_opens():
+    ok = 0
+    with Client({sock!r}, timeout=10) as c:
+        for path in {young!r}:
+            os.utime(path)  # young: served uncached, a copy charged to this uid
+            try:
+                os.close(c.open(path))
+                ok += 1
+            except Busy:
+                pass
+    return ok
+with Client({sock!r}, timeout=10) as c:
+    for path in {small!r}:
+        os.close(c.open(path))  # cached: this uid's requests made them
+out(young_opens())
+recv()
+out(young_opens())
+"""
+
+HOLDER = """
+from shadowd_client import Client
+with Client({sock!r}, timeout=10) as c:
+    held = [c.open(path) for path in {small!r}]  # hits: A's copies
+    for path in {others!r}:
+        os.close(c.open(path))  # its own copies, cached: A's entries go while held
+    out(c.stats()["hits"])
+    recv()
+"""
+
+
+@attack(
+    "a memfd out of the cache is charged to the uid whose request made it, 64 KiB at "
+    "least (PIN_FLOOR): another uid holding a hundred 100-byte entries pushes it past "
+    "a 4 MiB bound"
+)
+async def test_41_held_entries_of_another_uids_copies_do_not_use_up_its_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Uid A's requests made a hundred 100-byte cached copies; uid B opens them (hits)
+    and holds them, then fills the cache (--max-entries 100) with its own, so that A's
+    leave it while held. Each is charged to A, the uid whose request made it, and since
+    attack 38 at 64 KiB at least: 6.25 MiB for 10,000 bytes, past A's bound of 4 MiB,
+    so every miss of A is refused busy while B holds them (before PIN_FLOOR: 10,000
+    bytes charged, A's five young files served). A must keep its copies."""
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0.05",
+        "--max-entries", "100", "--max-pinned-bytes-per-uid", "4M",
+    )  # fmt: skip
+    small = [str(make_file(shared_dir / f"hdr{i}", b"h" * 100)) for i in range(100)]
+    others = [str(make_file(shared_dir / f"other{i}", b"o" * 100)) for i in range(100)]
+    young = [str(make_file(shared_dir / f"young{i}", b"y" * 1024, 0o666)) for i in range(5)]
+    await trio.sleep(0.1)  # past the racy window
+    sock = str(d.socket_path)
+    with contextlib.ExitStack() as stack, trio.fail_after(120):
+        maker = stack.enter_context(
+            spawn_as(ALICE, MAKER_OPENS.format(sock=sock, small=small, young=young))
+        )
+        alone = await call(maker.recv, 60)
+        holder = stack.enter_context(
+            spawn_as(BOB, HOLDER.format(sock=sock, small=small, others=others))
+        )
+        hits = await call(holder.recv, 60)
+        maker.send(None)
+        held = await call(maker.recv, 60)
+    print(f"A's young files served: {alone} alone, {held} while B holds; B's hits {hits}")
+    require(alone == 5 and hits >= 100, f"setup: {alone} served alone, {hits} hits")
+    assert held == 5, held  # now: 0
+
+
 # Attack 40: the uids of a range each hold copies up to their own bound.
 HOLD_YOUNG = """
 from shadowd_client import Busy, Client

@@ -774,3 +774,67 @@ def test_stats_never_imports_the_daemons_io() -> None:
         capture_output=True, text=True, timeout=30, env=repo_env(), check=False,
     )  # fmt: skip
     assert done.stdout.strip().splitlines()[-1] == "[]", (done.stdout, done.stderr)
+
+
+# `shadowd serve` with a SIGTERM sent to itself at one moment of its start (*at*):
+# just before the first block of the stop signals, or just after serve put its own
+# handler in for SIGTERM. The moment is chosen here; the signal is the kernel's.
+_STOP_AT = """
+import os, signal, sys
+at, fired = sys.argv[1], []
+real_mask, real_signal = signal.pthread_sigmask, signal.signal
+def fire():
+    if not fired:
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+def pthread_sigmask(how, mask):
+    if at == "block" and how == signal.SIG_BLOCK and signal.SIGTERM in mask:
+        fire()
+    return real_mask(how, mask)
+def handler(signum, action):
+    old = real_signal(signum, action)
+    if at == "handler" and signum == signal.SIGTERM:
+        fire()
+    return old
+signal.pthread_sigmask, signal.signal = pthread_sigmask, handler
+from shadowd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("at", ["block", "handler"])
+async def test_a_stop_signal_at_any_moment_of_the_start_stops_serve(
+    shared_dir: Path, at: str
+) -> None:
+    """serve puts in a handler that does nothing for SIGTERM and SIGINT (a stop signal
+    that lands on a copy worker's thread once run() is over must not kill it), and
+    blocks them until run() handles them. It put the handler in first: a SIGTERM
+    between the two ran that handler, and the daemon served on as if never told
+    (before: still serving 10 s after the signal, whether it came just after the
+    handler went in or just before the block). Blocked first, a signal before the
+    block stops it as the default action does, and one after it is run()'s: a clean
+    stop."""
+    path = shared_dir / "s.sock"
+
+    def serve() -> int | None:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOP_AT, at, "serve", "--socket", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=repo_env(),
+        )
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    with trio.fail_after(30):
+        code = await trio.to_thread.run_sync(serve)
+    assert code is not None, "still serving 10 s after SIGTERM"
+    if at == "handler":
+        assert code == 0  # run()'s clean stop
+    assert not path.exists()

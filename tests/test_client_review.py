@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from shadowd_client import (
     local_private,
 )
 from shadowd_client import index as client_index
+from shadowd_client._session import Broken
 
 from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import REQUIRED_SEALS, seal
@@ -889,6 +891,50 @@ async def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
     print(f"{pattern}: nine opens in {took:.2f} s, {opener.daemon_opens} asked")
     assert opener.daemon_opens == asked, (opener.daemon_opens, opener.local_opens)
     assert opener.daemon_opens + opener.local_opens == 9
+
+
+async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
+    shared_dir: Path,
+) -> None:
+    """Client._within cuts the socket's receive timeout (SO_RCVTIMEO) to what is left
+    of a wait. A remainder under a microsecond was written as a timeval of 0, which the
+    kernel reads as no timeout at all: the next receive from a daemon that no longer
+    answers waited for ever. A wait is cut here with a few hundred remainders around
+    a microsecond: each is refused at once (none left) or leaves a timeout that ends,
+    and a receive with the shortest of them times out (before: a zero timeval, and a
+    receive that never returned)."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        return None  # never answers
+
+    def blocking() -> set[tuple[int, int]]:
+        seen: set[tuple[int, int]] = set()
+        with FakeDaemon(shared_dir / "w.sock", answer) as fake:
+            c = Client(fake.path, timeout=0.5)
+            try:
+                c.connect()
+                sock = c._sock
+                assert sock is not None and c.timeout is not None
+                for i in range(400):
+                    entered = time.monotonic() - c.timeout + (i % 40) * 1e-7
+                    try:
+                        c._within(entered)
+                    except Broken:  # nothing left of the wait
+                        continue
+                    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+                    seen.add(struct.unpack("ll", raw))
+                    if struct.unpack("ll", raw) != (0, 0):
+                        with pytest.raises(BlockingIOError):
+                            sock.recv(1)  # a real receive: it must end
+                c._full_timeout()
+            finally:
+                c.close()
+        return seen
+
+    with trio.fail_after(30):
+        seen = await trio.to_thread.run_sync(blocking)
+    print(f"receive timeouts set: {sorted(seen)[:5]}")
+    assert seen and (0, 0) not in seen, sorted(seen)[:5]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import struct
@@ -111,8 +112,11 @@ class _Parts:
 
 
 def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    """A socket timeout of *seconds* (> 0), rounded up to whole microseconds: a
+    timeval of 0 is no timeout at all to the kernel, and what is left of a wait
+    (Client._within) may be less than a microsecond."""
+    micros = max(1, math.ceil(seconds * 1e6))
+    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
 
 
 #: Every client, so that a forked child can drop the connections it inherited.
