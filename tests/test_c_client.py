@@ -3562,3 +3562,27 @@ async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_o
         assert ready["direct"] == said["range"][1] and opens > 0  # a real open, no wait
     else:
         assert ready["direct"] == 0 and opens == 0  # never opened for real
+
+
+def test_an_index_never_answered_opens_the_breaker_for_the_opens_after(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A daemon that answers the hello and then nothing (hung after it): the supervisor's
+    shadowd_index_ready waits out its reply timeout for the index, and that is the one
+    timeout of the breaker's window: the routed open right after copies at once
+    (copied_why breaker), where it waited out a second timeout of its own before."""
+    f, digest = big(tmp_path / "lib.so")
+    path = tmp_path / "greets.sock"
+    with stand_in_daemon(path, greets_v2):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 300, 0), ("backoff", 5000, 5000), (
+                "routing", 0, 0), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        assert d("connect", path)["rc"] == 0
+        ready = d("indexready")
+        routed = d("routed", f)
+        counts = d("counts")
+    assert ready["ready"] == 0 and 300_000 <= ready["us"], ready
+    assert routed["hash"] == digest and routed["copied_why"] == "breaker", routed
+    assert routed["us"] < 150_000, routed
+    assert counts["available"] == 0, counts

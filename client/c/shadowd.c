@@ -3333,7 +3333,18 @@ index_poll(struct shadowd *c)
     c->errnum = errnum;
 }
 
-/* Wait for the index up to the reply timeout: 1 when held. */
+static int
+index_asked(struct shadowd *c, const void *arg)
+{
+    (void)arg;
+    return P(c)->index_state != IX_ASKED;
+}
+
+/* Wait for the index up to the reply timeout: 1 when held. Waited for,
+ * the index request is a request like any other: unanswered at the reply
+ * timeout, it fails the connection and opens the breaker, so that the
+ * opens after it do not each wait out a timeout of their own on a daemon
+ * that answered the hello and then hung. */
 static int
 index_wait(struct shadowd *c)
 {
@@ -3345,15 +3356,14 @@ index_wait(struct shadowd *c)
     if (start(c, CONNECT_WAIT))
         return 0;
     index_poll(c);
-    long long deadline = mono_us() + 1000LL * p->reply_ms;
-    while (p->live && p->index_state == IX_ASKED) {
-        long long left = deadline - mono_us();
-        if (left <= 0)
-            break;
-        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
-        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0)
-            drain(c);
+    if (p->index_state != IX_ASKED)
+        return p->index_state == IX_HAVE;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        struct shadowd_slot_ *s = &p->slots[i];
+        if (s->kind == K_INDEX && s->state == SENT && s->deadline == 0)
+            s->deadline = reply_deadline(c, 0, 0);
     }
+    wait_until(c, index_asked, NULL);
     return p->index_state == IX_HAVE;
 }
 

@@ -673,9 +673,10 @@ void shadowd_set_index(struct shadowd *c, int use, int keep);
 /* Get the index now if this connection has none yet: connect and say
  * hello if needed (the breaker allowing), ask, and wait for the answer up
  * to the reply timeout. 1 when an index is held, 0 when not (the daemon
- * gives none, is not reachable, or did not answer in time: then it may
- * still come later). A supervisor calls it once before its tracee starts,
- * so that no open pays the round trip. */
+ * gives none or is not reachable; or it did not answer in time, which is
+ * a timeout as any request's: the connection is dropped and the breaker
+ * opens). A supervisor calls it once before its tracee starts, so that no
+ * open pays the round trip. */
 int shadowd_index_ready(struct shadowd *c);
 
 /* The plain index hit: a sealed, read-only fd of the version *st* says
