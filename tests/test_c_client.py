@@ -3586,3 +3586,52 @@ def test_an_index_never_answered_opens_the_breaker_for_the_opens_after(
     assert routed["hash"] == digest and routed["copied_why"] == "breaker", routed
     assert routed["us"] < 150_000, routed
     assert counts["available"] == 0, counts
+
+
+class _Shrinkable(_Stand):
+    """A stand-in whose index is a memfd it may still shrink: the bytes of its real
+    index (the header naming this memfd as the daemon's own descriptor of it), with no
+    seal at all."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.shrinkable = -1
+
+    def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        if msg["op"] != "index":
+            return super().serve_one(conn, msg)
+        data = bytearray(self.index._map)
+        fd = self.shrinkable = os.memfd_create("shadowd-index", os.MFD_CLOEXEC)
+        data[56:60] = fd.to_bytes(4, "little")  # "the daemon's own descriptor of it"
+        os.pwrite(fd, bytes(data), 0)
+        reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
+        conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+        return None
+
+
+def test_an_index_the_daemon_could_shrink_is_never_mapped(driver: Any, tmp_path: Path) -> None:
+    """An index memfd without F_SEAL_SHRINK (a hostile or broken daemon) is not
+    taken: once mapped, the daemon could cut it short, and the supervisor's next
+    read of a slot would die of SIGBUS (before: the driver was killed at its first
+    index hit after the stand-in truncated the memfd). The open goes on without it."""
+    s = _Shrinkable(tmp_path)
+    path = tmp_path / "shrink.sock"
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            d("socket", path)
+            ready = d("indexready")
+            if s.shrinkable >= 0:
+                os.ftruncate(s.shrinkable, 0)
+            f, _ = s.files[0]
+            try:
+                hit = d("indexopen", f)
+            except EOFError:
+                raise AssertionError(f"the driver died: {d.proc.wait()}") from None  # -7: SIGBUS
+            counts = d("counts")
+            if s.shrinkable >= 0:
+                os.close(s.shrinkable)
+    finally:
+        s.close()
+    assert ready["ready"] == 0, ready
+    assert hit["fd"] == -1 and counts["index"] == 0, (hit, counts)

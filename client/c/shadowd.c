@@ -44,6 +44,9 @@
 #define F_ADD_SEALS 1033
 #define F_GET_SEALS 1034
 #endif
+#ifndef F_SEAL_SHRINK
+#define F_SEAL_SHRINK 0x0002
+#endif
 #ifndef F_SEAL_EXEC
 #define F_SEAL_EXEC 0x0020
 #endif
@@ -3174,8 +3177,14 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     uint64_t memfd_dev, generation;
     char dir[48];
 
+    /* A memfd that can never shrink (F_SEAL_SHRINK, which no one can take
+     * back), checked before it is mapped: cut short under our mapping, its
+     * next read would kill this process with SIGBUS; and a file that is no
+     * memfd (F_GET_SEALS fails) could be one on a FUSE mount, whose page
+     * faults wait on its server for as long as it likes. */
+    int seals = fcntl(fd, F_GET_SEALS);
     if (slots == 0 || slots > INDEX_MAX_SLOTS || (slots & (slots - 1)) != 0 || pid == 0 ||
-        pid > INT32_MAX || fstat(fd, &st) < 0 ||
+        pid > INT32_MAX || seals < 0 || !(seals & F_SEAL_SHRINK) || fstat(fd, &st) < 0 ||
         (uint64_t)st.st_size != INDEX_HEADER + slots * INDEX_SLOT)
         return -1;
     size_t len = (size_t)st.st_size;

@@ -646,7 +646,9 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  * comes go on without it); a daemon that answers "not-permitted" (another
  * uid), "no-index" or anything but an index gives none on that
  * connection, which is never an error to the caller. It is mapped
- * read-only (the daemon sealed it: nobody else can write or grow it) and
+ * read-only, only when sealed against shrinking (F_SEAL_SHRINK: cut short
+ * under the mapping, it would kill this process with SIGBUS; the daemon
+ * sealed it: nobody else can write or grow it either) and
  * dropped with its connection: after a daemon restart the new connection
  * asks the new daemon for its own. Index hits are counted per file and
  * told to the daemon ({"op": "report"}, not waited for) after 256 hits or
