@@ -782,7 +782,7 @@ main(void)
             }
         } else if (strcmp(cmd, "close") == 0) {
             shadowd_close(&c);
-            emit("\"fds\": %d, ", count_fds());
+            emit("\"fds\": %d, \"us\": %.1f, ", count_fds(), now_us() - t);
         } else if (strcmp(cmd, "counts") == 0) {
             emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, "
                  "\"read_opens\": %llu, \"unopened\": %llu, ",

@@ -3635,3 +3635,37 @@ def test_an_index_the_daemon_could_shrink_is_never_mapped(driver: Any, tmp_path:
         s.close()
     assert ready["ready"] == 0, ready
     assert hit["fd"] == -1 and counts["index"] == 0, (hit, counts)
+
+
+async def test_a_close_that_waits_out_a_stopped_daemon_opens_the_breaker(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """shadowd_close with an index hit to report and a small file to tell the daemon
+    of waits for the report's answer (up to the reply timeout) before it sends the
+    told batch. The daemon is stopped: the close waits out that timeout, and that is
+    the one timeout of the breaker's window: the routed open after it copies at once
+    (copied_why breaker); before, it connected again and waited out a second timeout
+    on the hello."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, digest = big(tmp_path / "lib.so")
+    small = make_file(tmp_path / "small.conf", b"small" * 100)
+    settle(f, small)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("timeouts", 1000, 300, 0), (
+                "backoff", 5000, 5000), ("log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "openfd", f)  # cached
+        assert (await ask(d, "indexready"))["ready"] == 1
+        assert (await ask(d, "indexopen", f))["route"] == "index"  # a hit to report
+        told = await ask(d, "routed", small)  # not in the index: copied here, to be told
+        assert told["copied_why"] == "rule", told
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            closed = await ask(d, "close")
+            after = await ask(d, "routed", f)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert 250_000 <= closed["us"] < 1_000_000, closed  # the one timeout
+    assert after["hash"] == digest and after["copied_why"] == "breaker", after
+    assert after["us"] < 150_000, after

@@ -3523,7 +3523,7 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
 }
 
 /* At close: the last report, and the answers to the reports, waited for
- * (up to the reply timeout): a socket closed with a reply unread in it
+ * (up to the reply timeout, which then opens the breaker): a socket closed with a reply unread in it
  * resets the connection, and the daemon would lose a request still in its
  * queue. Hits that found no room are sent as room is made meanwhile. When
  * nothing is sent after the reports (*last*), the answer to the last one is
@@ -3547,8 +3547,18 @@ report_last(struct shadowd *c, int last)
         }
         long long left = deadline - mono_us();
         if ((why == REPORT_SENT && waiting <= (last && others == 0 ? 1 : 0)) ||
-            why == REPORT_NO_INDEX || left <= 0)
+            why == REPORT_NO_INDEX)
             break;
+        if (left <= 0) {
+            /* A daemon that did not answer within the reply timeout, as
+             * any request's: the breaker opens, so that a call after this
+             * close (the struct stays usable) does not wait out a second
+             * timeout on it in the same window. */
+            fail_connection(c, F_TIMEOUT, NULL,
+                            "waiting for shadowd's answers at close: timed out after %d ms",
+                            p->reply_ms);
+            break;
+        }
         struct pollfd pfd = {.fd = c->sock,
                              .events = POLLIN | (why == REPORT_SOCKET_FULL ? POLLOUT : 0)};
         if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0 && (pfd.revents & ~POLLOUT))
