@@ -3669,3 +3669,46 @@ async def test_a_close_that_waits_out_a_stopped_daemon_opens_the_breaker(
     assert 250_000 <= closed["us"] < 1_000_000, closed  # the one timeout
     assert after["hash"] == digest and after["copied_why"] == "breaker", after
     assert after["us"] < 150_000, after
+
+
+def test_a_send_that_finds_a_stopped_daemons_socket_full_waits_one_timeout_and_opens_the_breaker(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A daemon that answered the hello and then reads nothing (SIGSTOPped, say):
+    pipelined requests with long labels fill the connection's socket, and fail at
+    once (EAGAIN) when it is full, never waiting in sendmsg. The blocking open then
+    waits for room at most its reply timeout, and that timeout opens the breaker:
+    the routed open after it copies at once. (Review of the Python client's stall on
+    a full socket: the C client sends with MSG_DONTWAIT and polls to its deadline.)"""
+    f, digest = big(tmp_path / "lib.so")
+    deep = tmp_path
+    while len(str(deep)) < 3700:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    long_named = make_file(deep / "f", b"x" * 5000)
+    stop = threading.Event()
+
+    def greets_then_stops(conn: socket.socket) -> None:
+        _greet(conn, "stopped")
+        stop.wait(30)
+
+    path = tmp_path / "stopped.sock"
+    with stand_in_daemon(path, greets_then_stops):
+        try:
+            d = driver()
+            for cmd in ("socket", path), ("timeouts", 1000, 300, 0), ("backoff", 5000, 5000), (
+                    "routing", 0, 0), ("log", "quiet"):  # fmt: skip
+                d(*cmd)
+            assert d("connect", path)["rc"] == 0  # the hello's max_request lets labels go
+            submitted = [d("submit", long_named, i) for i in range(1, 64)]
+            blocking = d("openfd", f)
+            after = d("routed", f)
+        finally:
+            stop.set()
+    full = [s for s in submitted if s["id"] == -1]
+    assert full and all(s["errnum"] == errno.EAGAIN for s in full), submitted[-1]
+    assert max(s["us"] for s in submitted) < 100_000, submitted
+    assert blocking["fd"] == -1 and blocking["code"] == "unavailable", blocking
+    assert 250_000 <= blocking["us"] < 1_000_000, blocking
+    assert after["hash"] == digest and after["copied_why"] == "breaker", after
+    assert after["us"] < 150_000, after
