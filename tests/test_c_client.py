@@ -3712,3 +3712,71 @@ def test_a_send_that_finds_a_stopped_daemons_socket_full_waits_one_timeout_and_o
     assert 250_000 <= blocking["us"] < 1_000_000, blocking
     assert after["hash"] == digest and after["copied_why"] == "breaker", after
     assert after["us"] < 150_000, after
+
+
+def test_replies_with_descriptors_other_than_promised_leave_none_open(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A hostile daemon's replies, each with descriptors other than its request's
+    due: a served open with two memfds, with none, with a pipe; a refusal with a
+    memfd; a reply with an id nothing waits for carrying a memfd; a batch of two
+    with three. Each open fails (or the connection goes), and once closed the
+    client holds exactly the descriptors it held before it connected."""
+    f = make_file(tmp_path / "f", b"the file's bytes")
+    g = make_file(tmp_path / "g", b"another file")
+    script = ["two", "none", "pipe", "refused", "stranger", "batch"]
+    seen: list[tuple[str, str]] = []
+
+    def hostile(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 8}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            try:
+                if msg["op"] != "open" and msg["op"] != "open_batch":
+                    no = {"id": msg["id"], "ok": False, "code": "unknown-op", "message": "no"}
+                    conn.send(msgpack.packb(no))
+                    continue
+                how = script.pop(0)
+                seen.append((msg["op"], how))
+                sealed = [sealed_fd(b"the file's bytes") for _ in range(3)]
+                r, w = os.pipe()
+                try:
+                    served = {"id": msg["id"], "ok": True, "size": 16, "hit": True,
+                              "version": _stat_version(fds[0]), "cached": True}  # fmt: skip
+                    if how == "two":
+                        conn.sendmsg([msgpack.packb(served)], scm_rights(sealed[:2]))
+                    elif how == "none":
+                        conn.send(msgpack.packb(served))
+                    elif how == "pipe":
+                        conn.sendmsg([msgpack.packb(served)], scm_rights([r]))
+                    elif how == "refused":
+                        no = {"id": msg["id"], "ok": False, "code": "busy", "message": "no"}
+                        conn.sendmsg([msgpack.packb(no)], scm_rights(sealed[:1]))
+                    elif how == "stranger":
+                        served["id"] = msg["id"] + 1000
+                        conn.sendmsg([msgpack.packb(served)], scm_rights(sealed[:1]))
+                    else:
+                        item = {k: v for k, v in served.items() if k != "id"}
+                        reply = {"id": msg["id"], "ok": True, "results": [item, item]}
+                        conn.sendmsg([msgpack.packb(reply)], scm_rights(sealed))
+                finally:
+                    close_fds([*sealed, r, w])
+            finally:
+                close_fds(fds)
+
+    path = tmp_path / "hostile.sock"
+    with stand_in_daemon(path, hostile):
+        d = driver()
+        before = d("fds")["fds"]
+        for cmd in ("socket", path), ("timeouts", 1000, 1000, 0), ("backoff", 0, 0), (
+                "index", 0, 0), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        opens = [d("openfd", f) for _ in range(5)]
+        batch = d("batch", f, g)
+        closed = d("close")
+    assert [how for _, how in seen] == ["two", "none", "pipe", "refused", "stranger", "batch"]
+    assert [o["fd"] for o in opens] == [-1] * 5, opens
+    assert all(o["code"] in ("", "busy", "unavailable") and o["error"] for o in opens), opens
+    assert [i["fd"] for i in batch["items"]] == [-1, -1], batch
+    assert closed["fds"] == before, (closed, before)
