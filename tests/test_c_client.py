@@ -3780,3 +3780,50 @@ def test_replies_with_descriptors_other_than_promised_leave_none_open(
     assert all(o["code"] in ("", "busy", "unavailable") and o["error"] for o in opens), opens
     assert [i["fd"] for i in batch["items"]] == [-1, -1], batch
     assert closed["fds"] == before, (closed, before)
+
+
+def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
+    driver: Any, tmp_path: Path
+) -> None:
+    """Files copied here while the daemon was cold are told to it later, by the
+    process that copied them: a child forked meanwhile lets go of its copies of
+    those sources (as of the index hits its parent reports), so the daemon is told
+    of each once, by the parent. Before, the child's close told them too."""
+    f1, _ = big(tmp_path / "one")
+    f2, _ = big(tmp_path / "two")
+    f3 = make_file(tmp_path / "three", b"the child's own")
+    settle(f1, f2, f3)
+    told: list[str] = []
+
+    def cold(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is False:
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                         "filling": True}))  # fmt: skip
+            elif msg["op"] == "open_batch":
+                told.extend(str(label) for label in msg["paths"])
+                results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+
+    path = tmp_path / "cold.sock"
+    with stand_in_daemon(path, cold):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("cold", 1, 60_000), ("log", "quiet"):
+            d(*cmd)
+        assert d("routed", f1)["copied_why"] == "miss"  # cold from now on
+        assert d("routed", f2)["copied_why"] == "cold"  # to be told later
+        child = d("forkopen", f3, "fork")
+        d("close")  # the parent tells the daemon of f2
+        deadline = time.monotonic() + 10
+        while str(f2) not in told and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # and a second telling, had there been one
+    assert child["child_status"] == 0, child
+    assert told.count(str(f2)) == 1, told

@@ -1233,9 +1233,14 @@ after_fork(struct shadowd *c)
     }
     /* The parent's index and its counts (the parent reports them): this
      * process asks on its own connection (its mapping and descriptor
-     * copies go). */
+     * copies go). So with the files copied while the daemon was cold or
+     * the index lacked them: the parent tells the daemon of them; this
+     * process lets go of its copies of their sources. */
     index_drop(c);
     report_clear(P(c));
+    for (int i = 0; i < P(c)->nhint; i++)
+        close(P(c)->hint_fd[i]);
+    P(c)->nhint = P(c)->hint_used = 0;
 }
 
 static int recv_one(struct shadowd *c);
