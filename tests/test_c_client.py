@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -3827,3 +3828,54 @@ def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
         time.sleep(0.2)  # and a second telling, had there been one
     assert child["child_status"] == 0, child
     assert told.count(str(f2)) == 1, told
+
+
+def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path: Path) -> None:
+    """The protocol promises a read-only descriptor of its own (the Python client
+    refuses anything else, _session.check_served). A stand-in serves sealed memfds
+    through the memfd's own read-write descriptor (what a daemon that sent its cache's
+    own fd would send: one offset shared with it) and through a write-only one, which
+    a tracee could not even read. The C client refuses both (the plain open fails and
+    says why; the routed open copies here), where it handed them out before."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    modes = ["rdwr", "wronly", "rdwr", "wronly"]
+
+    def not_read_only(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": {}}))
+        for msg, fds in _requests(conn):
+            data = os.pread(fds[0], 1 << 20, 0) if fds else b""
+            close_fds(fds)
+            if msg["op"] != "open":
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+                continue
+            own = os.memfd_create("shadowd", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+            os.write(own, data)
+            fcntl.fcntl(own, fcntl.F_ADD_SEALS, 0xF)
+            served = own
+            if modes.pop(0) == "wronly":
+                served = os.open(f"/proc/self/fd/{own}", os.O_WRONLY | os.O_CLOEXEC)
+            st = os.stat(f)
+            reply = {"id": msg["id"], "ok": True, "size": len(data), "hit": True,
+                     "version": [st.st_size, st.st_mtime_ns, st.st_ctime_ns],
+                     "cached": True}  # fmt: skip
+            try:
+                conn.sendmsg([msgpack.packb(reply)], scm_rights([served]))
+            finally:
+                close_fds(list({own, served}))
+
+    path = tmp_path / "rw.sock"
+    with stand_in_daemon(path, not_read_only):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), ("log", "quiet"):
+            d(*cmd)
+        plain = [d("openfd", f) for _ in range(2)]
+        routed = [d("routed", f) for _ in range(2)]
+    assert modes == []
+    for r in plain:
+        assert r["fd"] == -1 and "read-only" in r["error"], r
+    for r in routed:
+        assert r["route"] == "copy" and r["copied_why"] == "failed", r
+        assert r["hash"] == digest and r["accmode"] == os.O_RDONLY, r

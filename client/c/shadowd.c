@@ -1615,6 +1615,22 @@ sealed(int fd)
     return seals >= 0 && (seals & REQUIRED_SEALS) == REQUIRED_SEALS;
 }
 
+/* Why a descriptor the daemon sent is refused, or NULL: it must be sealed
+ * and open read-only, as the protocol promises (and the Python client
+ * checks). A read-write one is what a daemon would send that handed out
+ * its cache's own memfd (memfd_create's descriptor), whose offset it and
+ * every holder share; a write-only one could not even be read. */
+static const char *
+served_refusal(int fd)
+{
+    if (!sealed(fd))
+        return "shadowd sent a descriptor that is not sealed; refused it";
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY)
+        return "shadowd sent a descriptor not open read-only; refused it";
+    return NULL;
+}
+
 static int
 batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds, int proto)
 {
@@ -1656,11 +1672,11 @@ batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds
             continue;
         }
         int fd = fds[next++];
-        if (!sealed(fd)) {
+        const char *refused = served_refusal(fd);
+        if (refused != NULL) {
             close(fd);
             it->code[0] = '\0';
-            snprintf(s->error, sizeof s->error,
-                     "shadowd sent a descriptor that is not sealed; refused it");
+            snprintf(s->error, sizeof s->error, "%s", refused);
             continue;
         }
         it->fd = fd;
@@ -1692,6 +1708,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
 {
     struct shadowd_private_ *p = P(c);
     const struct fields *f = &rep->f;
+    const char *refused;
     char text[200], code[32];
 
     if (dropped && (!f->has_id || (p->hello == H_SENT && f->id == 0))) {
@@ -1814,7 +1831,8 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
          * version the daemon cached fills the tier for the next open. */
         struct shadowd_served_ sv;
         served_of(f, c->protocol, &sv);
-        if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 && sealed(fds[0]) &&
+        if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 &&
+            served_refusal(fds[0]) == NULL &&
             may_keep(s->src, &s->before, &sv, f->hit, f->size))
             held_put(c, fds[0], &s->before, s->asked_us);
         /* A miss it is filling says the daemon is cold, whenever it comes. */
@@ -1846,11 +1864,10 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
         close_fds(fds, nfds);
         s->failure = F_REQUEST;
         snprintf(s->error, sizeof s->error, "shadowd's reply carried %d fds, not 1", nfds);
-    } else if (!sealed(fds[0])) {
+    } else if ((refused = served_refusal(fds[0])) != NULL) {
+        snprintf(s->error, sizeof s->error, "%s", refused);
         close(fds[0]);
         s->failure = F_REQUEST;
-        snprintf(s->error, sizeof s->error,
-                 "shadowd sent a descriptor that is not sealed; refused it");
     } else {
         s->fd = fds[0];
     }
