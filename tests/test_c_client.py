@@ -3879,3 +3879,27 @@ def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path
     for r in routed:
         assert r["route"] == "copy" and r["copied_why"] == "failed", r
         assert r["hash"] == digest and r["accmode"] == os.O_RDONLY, r
+
+
+async def test_the_index_turned_off_while_its_answer_is_on_the_way_is_not_taken(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    """shadowd_connect_start asks for the index behind the hello; the caller then
+    turns the index off (shadowd_set_index(c, 0, ...)) before the answer came. The
+    answer is read and let go of: no index is mapped, no open is an index hit, and
+    the client keeps no descriptor of the daemon's /proc/PID/fd (before, the late
+    answer was taken and used as if the index were on)."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    with trio.fail_after(30):
+        warm = driver()
+        await ask(warm, "socket", daemon.socket_path)
+        await ask(warm, "openfd", f)  # cached, so in the daemon's index
+        d = driver()
+        await ask(d, "connect_start", daemon.socket_path)
+        await ask(d, "index", 0, 0)
+        assert (await ask(d, "connect_wait"))["rc"] == 0
+        opened = await ask(d, "routed", f)
+        fds = await ask(d, "fds", "list")
+    assert opened["hash"] == digest and opened["route"] != "index", opened
+    assert not any(f"/proc/{daemon.pid}/fd" in t for t in fds["targets"]), fds

@@ -3302,8 +3302,10 @@ index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
     index_drop(c); /* (there is none: one request per connection) */
     p->index_state = IX_NOT;
     /* not-permitted (another uid), no-index, unknown-op, or anything that
-     * is not an index: none on this connection, never an error. */
-    if (rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots) {
+     * is not an index: none on this connection, never an error. Nor one
+     * that comes after the caller turned the index off (shadowd_set_index
+     * while the request sent behind the hello was on its way). */
+    if (p->index_use && rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots) {
         int r = index_map(c, fds[0], rep->pid, rep->slots);
         /* Out of descriptors here: the daemon does have one; ask again. */
         p->index_state = r == 0 ? IX_HAVE : r == -2 ? IX_NONE : IX_NOT;
