@@ -3903,3 +3903,36 @@ async def test_the_index_turned_off_while_its_answer_is_on_the_way_is_not_taken(
         fds = await ask(d, "fds", "list")
     assert opened["hash"] == digest and opened["route"] != "index", opened
     assert not any(f"/proc/{daemon.pid}/fd" in t for t in fds["targets"]), fds
+
+
+async def test_a_forked_child_turning_the_index_off_never_speaks_on_its_parents_connection(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A child whose first call is shadowd_set_index(c, 0, ...) sends the index hits
+    not reported yet before it drops the index: those are its parent's, on its
+    parent's connection. It must not: the daemon would count them twice, and its
+    answer, under the id the parent's next request takes too (the child has a copy
+    of the parent's next id), would answer that request. Before, the parent's next
+    request got the report's answer (no descriptor) and the daemon counted 10 hits
+    for 5."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, _ = big(tmp_path / "lib.so")
+    g, digest = big(tmp_path / "other.so")
+    settle(f, g)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("log", "quiet"):
+            await ask(d, *cmd)
+        for path in f, g:
+            await ask(d, "requestfd", path)  # cached
+        assert (await ask(d, "indexready"))["ready"] == 1
+        before = await trio.to_thread.run_sync(stats, daemon)
+        assert (await ask(d, "indexopen", f, 5))["served"] == 5  # not reported yet
+        assert (await ask(d, "forkindex", 0, 0))["child_status"] == 0
+        asked = await ask(d, "requestfd", g)
+        await ask(d, "close")  # the parent reports its 5
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 5)
+        await trio.sleep(0.2)  # and any hit counted twice
+        again = await trio.to_thread.run_sync(stats, daemon)
+    assert asked["fd"] >= 0 and asked["hash"] == digest, (asked["error"], asked)
+    assert after["index_hits"] == again["index_hits"] == before["index_hits"] + 5, (after, again)

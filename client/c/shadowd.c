@@ -3794,6 +3794,11 @@ shadowd_set_index(struct shadowd *c, int use, int keep)
         P(c)->index_use = use != 0;
     P(c)->index_keep = keep < 0 ? DEFAULT_INDEX_KEEP : keep != 0;
     if (!P(c)->index_use) {
+        /* In a forked child, the connection, index and hits are the
+         * parent's: let go of them first, or the report would go on the
+         * parent's connection (read there as the answer to the parent's
+         * next request, which takes the same id) and count them twice. */
+        after_fork(c);
         report_send(c);
         index_drop(c);
         P(c)->index_state = IX_NOT; /* (asked again on the next connection, if turned on) */
