@@ -3585,7 +3585,7 @@ def test_an_index_never_answered_opens_the_breaker_for_the_opens_after(
         ready = d("indexready")
         routed = d("routed", f)
         counts = d("counts")
-    assert ready["ready"] == 0 and 300_000 <= ready["us"], ready
+    assert ready["ready"] == 0 and ready["us"] >= 300_000, ready
     assert routed["hash"] == digest and routed["copied_why"] == "breaker", routed
     assert routed["us"] < 150_000, routed
     assert counts["available"] == 0, counts
