@@ -3938,3 +3938,62 @@ async def test_a_forked_child_turning_the_index_off_never_speaks_on_its_parents_
         again = await trio.to_thread.run_sync(stats, daemon)
     assert asked["fd"] >= 0 and asked["hash"] == digest, (asked["error"], asked)
     assert after["index_hits"] == again["index_hits"] == before["index_hits"] + 5, (after, again)
+
+
+def test_a_close_tells_the_daemon_of_files_only_once_no_answer_is_owed(
+    driver: Any, tmp_path: Path
+) -> None:
+    """The files copied in a cold window are told in the connection's last request,
+    at close. Sent while an answer is still owed (here a pipelined open not collected),
+    that answer may land in the socket just before it is closed: closed with a reply
+    unread, the socket resets the connection, and the daemon never reads the told
+    batch queued behind it (the daemon counts a closing connection's reports, never
+    its told batches). So the close reads every answer owed before it tells (up to the
+    reply timeout), as the Python client does: a stand-in that holds its answer to the
+    open for 0.5 s sees nothing more from the client meanwhile, then the told batch.
+    Before, the told batch came at once, with the answer still owed."""
+    f1, _ = big(tmp_path / "one")
+    f2, _ = big(tmp_path / "two")
+    f3, _ = big(tmp_path / "three")
+    settle(f1, f2, f3)
+    told: list[str] = []
+    early: list[bool] = []
+
+    def holds_an_answer(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is False:
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                         "filling": True}))  # fmt: skip
+            elif msg["op"] == "open":  # the pipelined open: held 0.5 s
+                readable, _, _ = select.select([conn], [], [], 0.5)
+                early.append(bool(readable))  # the client sent more meanwhile
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+            elif msg["op"] == "open_batch":
+                told.extend(str(label) for label in msg["paths"])
+                results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+
+    path = tmp_path / "holds.sock"
+    with stand_in_daemon(path, holds_an_answer):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 2000, 0), ("routing", 0, 0), (
+                "cold", 1, 60_000), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        assert d("routed", f1)["copied_why"] == "miss"  # cold from now on
+        assert d("routed", f2)["copied_why"] == "cold"  # told at close
+        assert d("submit", f3, 1)["id"] > 0  # its answer owed at close
+        closed = d("close")
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert early == [False], early
+    assert told == [str(f2)], told
+    assert 400_000 <= closed["us"] < 2_000_000, closed

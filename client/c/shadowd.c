@@ -3546,16 +3546,21 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
     }
 }
 
-/* At close: the last report, and the answers to the reports, waited for
- * (up to the reply timeout, which then opens the breaker): a socket closed with a reply unread in it
- * resets the connection, and the daemon would lose a request still in its
- * queue. Hits that found no room are sent as room is made meanwhile. When
- * nothing is sent after the reports (*last*), the answer to the last one is
- * not waited for when no other request waits for its answer: the daemon
- * reads a request before it answers it, and answers reports in order, so
- * once every earlier answer is in, nothing the daemon has not read is
- * behind the one answer that may still come (a warm supervisor's exit then
- * costs no round trip). */
+/* At close: the last report, and the answers the daemon owes, waited for
+ * (up to the reply timeout, which then opens the breaker): a socket closed
+ * with a reply unread in it resets the connection, and the daemon would
+ * lose a request still in its queue (it counts a closing connection's
+ * reports, nothing else). Hits that found no room are sent as room is made
+ * meanwhile. When a told batch goes after the reports (*last* 0), every
+ * answer owed is read first, whatever its request (a raced open, a
+ * pipelined one not collected, a told batch of before): one that came
+ * between the close's last read and the close would cost the daemon the
+ * told batch behind it. When nothing is sent after the reports (*last*),
+ * the answer to the last one is not waited for when no other request
+ * waits for its answer: the daemon reads a request before it answers it,
+ * and answers reports in order, so once every earlier answer is in,
+ * nothing the daemon has not read is behind the one answer that may still
+ * come (a warm supervisor's exit then costs no round trip). */
 static void
 report_last(struct shadowd *c, int last)
 {
@@ -3570,8 +3575,10 @@ report_last(struct shadowd *c, int last)
                 *(t->kind == K_REPORT ? &waiting : &others) += 1;
         }
         long long left = deadline - mono_us();
-        if ((why == REPORT_SENT && waiting <= (last && others == 0 ? 1 : 0)) ||
-            why == REPORT_NO_INDEX)
+        int sent = why == REPORT_SENT || why == REPORT_NO_INDEX; /* nothing more to send */
+        if (last ? (why == REPORT_SENT && waiting <= (others == 0 ? 1 : 0)) ||
+                       why == REPORT_NO_INDEX
+                 : sent && waiting + others == 0)
             break;
         if (left <= 0) {
             /* A daemon that did not answer within the reply timeout, as
@@ -4887,7 +4894,8 @@ shadowd_close(struct shadowd *c)
         /* Read what came first: a socket closed with a reply unread in it
          * resets the connection, and the daemon would drop what we send now. */
         drain(c);
-        report_last(c, p->nhint == 0);
+        /* (hint_flush sends only on a connection whose hello said 2.) */
+        report_last(c, p->nhint == 0 || p->hello != H_DONE || c->protocol < 2 || p->down);
         hint_flush(c, 1);
     }
     index_drop(c); /* (in a forked child: its copies of the parent's) */
