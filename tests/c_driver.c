@@ -595,6 +595,18 @@ main(void)
             int fd = shadowd_open(&c, argv[1]);
             status(t);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "forkindex") == 0) {
+            /* forkindex USE KEEP: a child's first call is shadowd_set_index(USE,
+             * KEEP); it exits then. */
+            pid_t pid = fork();
+            if (pid == 0) {
+                shadowd_set_index(&c, atoi(argv[1]), atoi(argv[2]));
+                _exit(0);
+            }
+            int wstatus = 0;
+            if (pid > 0)
+                waitpid(pid, &wstatus, 0);
+            emit("\"child_status\": %d, ", WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
         } else if (strcmp(cmd, "nsfork") == 0) {
             /* nsfork copy|ask PATH DECOY: a child made by clone(CLONE_NEWPID),
              * so pid 1 in a pid namespace of its own (the pid this driver has
@@ -782,7 +794,7 @@ main(void)
             }
         } else if (strcmp(cmd, "close") == 0) {
             shadowd_close(&c);
-            emit("\"fds\": %d, ", count_fds());
+            emit("\"fds\": %d, \"us\": %.1f, ", count_fds(), now_us() - t);
         } else if (strcmp(cmd, "counts") == 0) {
             emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, "
                  "\"read_opens\": %llu, \"unopened\": %llu, ",

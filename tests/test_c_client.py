@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -2633,7 +2634,9 @@ async def test_index_hits_serve_the_daemons_bytes_sealed_read_only_each_its_own_
         counts = await ask(d, "counts")
         between = await trio.to_thread.run_sync(stats, daemon)
         closed = await ask(d, "close")
-        after = await trio.to_thread.run_sync(stats, daemon)
+        # The last report's answer is not waited for: asked until the daemon
+        # has read it (a count past it fails below).
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 10)
     assert ready["ready"] == 1 and ready["error"] == ""
     # The connection and the daemon's /proc/PID/fd (O_PATH), nothing else: a memfd in
     # the daemon's descriptor range is opened at once, never reopened through our own
@@ -3562,3 +3565,435 @@ async def test_a_fifo_at_a_number_of_the_range_is_opened_only_from_a_daemon_of_o
         assert ready["direct"] == said["range"][1] and opens > 0  # a real open, no wait
     else:
         assert ready["direct"] == 0 and opens == 0  # never opened for real
+
+
+def test_an_index_never_answered_opens_the_breaker_for_the_opens_after(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A daemon that answers the hello and then nothing (hung after it): the supervisor's
+    shadowd_index_ready waits out its reply timeout for the index, and that is the one
+    timeout of the breaker's window: the routed open right after copies at once
+    (copied_why breaker), where it waited out a second timeout of its own before."""
+    f, digest = big(tmp_path / "lib.so")
+    path = tmp_path / "greets.sock"
+    with stand_in_daemon(path, greets_v2):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 300, 0), ("backoff", 5000, 5000), (
+                "routing", 0, 0), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        assert d("connect", path)["rc"] == 0
+        ready = d("indexready")
+        routed = d("routed", f)
+        counts = d("counts")
+    assert ready["ready"] == 0 and ready["us"] >= 300_000, ready
+    assert routed["hash"] == digest and routed["copied_why"] == "breaker", routed
+    assert routed["us"] < 150_000, routed
+    assert counts["available"] == 0, counts
+
+
+class _Shrinkable(_Stand):
+    """A stand-in whose index is a memfd it may still shrink: the bytes of its real
+    index (the header naming this memfd as the daemon's own descriptor of it), with no
+    seal at all."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.shrinkable = -1
+
+    def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        if msg["op"] != "index":
+            return super().serve_one(conn, msg)
+        data = bytearray(self.index._map)
+        fd = self.shrinkable = os.memfd_create("shadowd-index", os.MFD_CLOEXEC)
+        data[56:60] = fd.to_bytes(4, "little")  # "the daemon's own descriptor of it"
+        os.pwrite(fd, bytes(data), 0)
+        reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
+        conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
+        return None
+
+
+def test_an_index_the_daemon_could_shrink_is_never_mapped(driver: Any, tmp_path: Path) -> None:
+    """An index memfd without F_SEAL_SHRINK (a hostile or broken daemon) is not
+    taken: once mapped, the daemon could cut it short, and the supervisor's next
+    read of a slot would die of SIGBUS (before: the driver was killed at its first
+    index hit after the stand-in truncated the memfd). The open goes on without it."""
+    s = _Shrinkable(tmp_path)
+    path = tmp_path / "shrink.sock"
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            d("socket", path)
+            ready = d("indexready")
+            if s.shrinkable >= 0:
+                os.ftruncate(s.shrinkable, 0)
+            f, _ = s.files[0]
+            try:
+                hit = d("indexopen", f)
+            except EOFError:
+                raise AssertionError(f"the driver died: {d.proc.wait()}") from None  # -7: SIGBUS
+            counts = d("counts")
+            if s.shrinkable >= 0:
+                os.close(s.shrinkable)
+    finally:
+        s.close()
+    assert ready["ready"] == 0, ready
+    assert hit["fd"] == -1 and counts["index"] == 0, (hit, counts)
+
+
+async def test_a_close_that_waits_out_a_stopped_daemon_opens_the_breaker(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """shadowd_close with an index hit to report and a small file to tell the daemon
+    of waits for the report's answer (up to the reply timeout) before it sends the
+    told batch. The daemon is stopped: the close waits out that timeout, and that is
+    the one timeout of the breaker's window: the routed open after it copies at once
+    (copied_why breaker); before, it connected again and waited out a second timeout
+    on the hello."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, digest = big(tmp_path / "lib.so")
+    small = make_file(tmp_path / "small.conf", b"small" * 100)
+    settle(f, small)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("timeouts", 1000, 300, 0), (
+                "backoff", 5000, 5000), ("log", "quiet"):  # fmt: skip
+            await ask(d, *cmd)
+        await ask(d, "openfd", f)  # cached
+        assert (await ask(d, "indexready"))["ready"] == 1
+        assert (await ask(d, "indexopen", f))["route"] == "index"  # a hit to report
+        told = await ask(d, "routed", small)  # not in the index: copied here, to be told
+        assert told["copied_why"] == "rule", told
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            closed = await ask(d, "close")
+            after = await ask(d, "routed", f)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert 250_000 <= closed["us"] < 1_000_000, closed  # the one timeout
+    assert after["hash"] == digest and after["copied_why"] == "breaker", after
+    assert after["us"] < 150_000, after
+
+
+def test_a_send_that_finds_a_stopped_daemons_socket_full_waits_one_timeout_and_opens_the_breaker(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A daemon that answered the hello and then reads nothing (SIGSTOPped, say):
+    pipelined requests with long labels fill the connection's socket, and fail at
+    once (EAGAIN) when it is full, never waiting in sendmsg. The blocking open then
+    waits for room at most its reply timeout, and that timeout opens the breaker:
+    the routed open after it copies at once. (Review of the Python client's stall on
+    a full socket: the C client sends with MSG_DONTWAIT and polls to its deadline.)"""
+    f, digest = big(tmp_path / "lib.so")
+    deep = tmp_path
+    while len(str(deep)) < 3700:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    long_named = make_file(deep / "f", b"x" * 5000)
+    stop = threading.Event()
+
+    def greets_then_stops(conn: socket.socket) -> None:
+        _greet(conn, "stopped")
+        stop.wait(30)
+
+    path = tmp_path / "stopped.sock"
+    with stand_in_daemon(path, greets_then_stops):
+        try:
+            d = driver()
+            for cmd in ("socket", path), ("timeouts", 1000, 300, 0), ("backoff", 5000, 5000), (
+                    "routing", 0, 0), ("log", "quiet"):  # fmt: skip
+                d(*cmd)
+            assert d("connect", path)["rc"] == 0  # the hello's max_request lets labels go
+            submitted = [d("submit", long_named, i) for i in range(1, 64)]
+            blocking = d("openfd", f)
+            after = d("routed", f)
+        finally:
+            stop.set()
+    full = [s for s in submitted if s["id"] == -1]
+    assert full and all(s["errnum"] == errno.EAGAIN for s in full), submitted[-1]
+    assert max(s["us"] for s in submitted) < 100_000, submitted
+    assert blocking["fd"] == -1 and blocking["code"] == "unavailable", blocking
+    assert 250_000 <= blocking["us"] < 1_000_000, blocking
+    assert after["hash"] == digest and after["copied_why"] == "breaker", after
+    assert after["us"] < 150_000, after
+
+
+def test_replies_with_descriptors_other_than_promised_leave_none_open(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A hostile daemon's replies, each with descriptors other than its request's
+    due: a served open with two memfds, with none, with a pipe; a refusal with a
+    memfd; a reply with an id nothing waits for carrying a memfd; a batch of two
+    with three. Each open fails (or the connection goes), and once closed the
+    client holds exactly the descriptors it held before it connected."""
+    f = make_file(tmp_path / "f", b"the file's bytes")
+    g = make_file(tmp_path / "g", b"another file")
+    script = ["two", "none", "pipe", "refused", "stranger", "batch"]
+    seen: list[tuple[str, str]] = []
+
+    def hostile(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 8}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            try:
+                if msg["op"] != "open" and msg["op"] != "open_batch":
+                    no = {"id": msg["id"], "ok": False, "code": "unknown-op", "message": "no"}
+                    conn.send(msgpack.packb(no))
+                    continue
+                how = script.pop(0)
+                seen.append((msg["op"], how))
+                sealed = [sealed_fd(b"the file's bytes") for _ in range(3)]
+                r, w = os.pipe()
+                try:
+                    served = {"id": msg["id"], "ok": True, "size": 16, "hit": True,
+                              "version": _stat_version(fds[0]), "cached": True}  # fmt: skip
+                    if how == "two":
+                        conn.sendmsg([msgpack.packb(served)], scm_rights(sealed[:2]))
+                    elif how == "none":
+                        conn.send(msgpack.packb(served))
+                    elif how == "pipe":
+                        conn.sendmsg([msgpack.packb(served)], scm_rights([r]))
+                    elif how == "refused":
+                        no = {"id": msg["id"], "ok": False, "code": "busy", "message": "no"}
+                        conn.sendmsg([msgpack.packb(no)], scm_rights(sealed[:1]))
+                    elif how == "stranger":
+                        served["id"] = msg["id"] + 1000
+                        conn.sendmsg([msgpack.packb(served)], scm_rights(sealed[:1]))
+                    else:
+                        item = {k: v for k, v in served.items() if k != "id"}
+                        reply = {"id": msg["id"], "ok": True, "results": [item, item]}
+                        conn.sendmsg([msgpack.packb(reply)], scm_rights(sealed))
+                finally:
+                    close_fds([*sealed, r, w])
+            finally:
+                close_fds(fds)
+
+    path = tmp_path / "hostile.sock"
+    with stand_in_daemon(path, hostile):
+        d = driver()
+        before = d("fds")["fds"]
+        for cmd in ("socket", path), ("timeouts", 1000, 1000, 0), ("backoff", 0, 0), (
+                "index", 0, 0), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        opens = [d("openfd", f) for _ in range(5)]
+        batch = d("batch", f, g)
+        closed = d("close")
+    assert [how for _, how in seen] == ["two", "none", "pipe", "refused", "stranger", "batch"]
+    assert [o["fd"] for o in opens] == [-1] * 5, opens
+    assert all(o["code"] in ("", "busy", "unavailable") and o["error"] for o in opens), opens
+    assert [i["fd"] for i in batch["items"]] == [-1, -1], batch
+    assert closed["fds"] == before, (closed, before)
+
+
+def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
+    driver: Any, tmp_path: Path
+) -> None:
+    """Files copied here while the daemon was cold are told to it later, by the
+    process that copied them: a child forked meanwhile lets go of its copies of
+    those sources (as of the index hits its parent reports), so the daemon is told
+    of each once, by the parent. Before, the child's close told them too."""
+    f1, _ = big(tmp_path / "one")
+    f2, _ = big(tmp_path / "two")
+    f3 = make_file(tmp_path / "three", b"the child's own")
+    settle(f1, f2, f3)
+    told: list[str] = []
+
+    def cold(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is False:
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                         "filling": True}))  # fmt: skip
+            elif msg["op"] == "open_batch":
+                told.extend(str(label) for label in msg["paths"])
+                results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+
+    path = tmp_path / "cold.sock"
+    with stand_in_daemon(path, cold):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("cold", 1, 60_000), ("log", "quiet"):
+            d(*cmd)
+        assert d("routed", f1)["copied_why"] == "miss"  # cold from now on
+        assert d("routed", f2)["copied_why"] == "cold"  # to be told later
+        child = d("forkopen", f3, "fork")
+        d("close")  # the parent tells the daemon of f2
+        deadline = time.monotonic() + 10
+        while str(f2) not in told and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # and a second telling, had there been one
+    assert child["child_status"] == 0, child
+    assert told.count(str(f2)) == 1, told
+
+
+def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path: Path) -> None:
+    """The protocol promises a read-only descriptor of its own (the Python client
+    refuses anything else, _session.check_served). A stand-in serves sealed memfds
+    through the memfd's own read-write descriptor (what a daemon that sent its cache's
+    own fd would send: one offset shared with it) and through a write-only one, which
+    a tracee could not even read. The C client refuses both (the plain open fails and
+    says why; the routed open copies here), where it handed them out before."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    modes = ["rdwr", "wronly", "rdwr", "wronly"]
+
+    def not_read_only(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": {}}))
+        for msg, fds in _requests(conn):
+            data = os.pread(fds[0], 1 << 20, 0) if fds else b""
+            close_fds(fds)
+            if msg["op"] != "open":
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+                continue
+            own = os.memfd_create("shadowd", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+            os.write(own, data)
+            fcntl.fcntl(own, fcntl.F_ADD_SEALS, 0xF)
+            served = own
+            if modes.pop(0) == "wronly":
+                served = os.open(f"/proc/self/fd/{own}", os.O_WRONLY | os.O_CLOEXEC)
+            st = os.stat(f)
+            reply = {"id": msg["id"], "ok": True, "size": len(data), "hit": True,
+                     "version": [st.st_size, st.st_mtime_ns, st.st_ctime_ns],
+                     "cached": True}  # fmt: skip
+            try:
+                conn.sendmsg([msgpack.packb(reply)], scm_rights([served]))
+            finally:
+                close_fds(list({own, served}))
+
+    path = tmp_path / "rw.sock"
+    with stand_in_daemon(path, not_read_only):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), ("log", "quiet"):
+            d(*cmd)
+        plain = [d("openfd", f) for _ in range(2)]
+        routed = [d("routed", f) for _ in range(2)]
+    assert modes == []
+    for r in plain:
+        assert r["fd"] == -1 and "read-only" in r["error"], r
+    for r in routed:
+        assert r["route"] == "copy" and r["copied_why"] == "failed", r
+        assert r["hash"] == digest and r["accmode"] == os.O_RDONLY, r
+
+
+async def test_the_index_turned_off_while_its_answer_is_on_the_way_is_not_taken(
+    driver: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    """shadowd_connect_start asks for the index behind the hello; the caller then
+    turns the index off (shadowd_set_index(c, 0, ...)) before the answer came. The
+    answer is read and let go of: no index is mapped, no open is an index hit, and
+    the client keeps no descriptor of the daemon's /proc/PID/fd (before, the late
+    answer was taken and used as if the index were on)."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    with trio.fail_after(30):
+        warm = driver()
+        await ask(warm, "socket", daemon.socket_path)
+        await ask(warm, "openfd", f)  # cached, so in the daemon's index
+        d = driver()
+        await ask(d, "connect_start", daemon.socket_path)
+        await ask(d, "index", 0, 0)
+        assert (await ask(d, "connect_wait"))["rc"] == 0
+        opened = await ask(d, "routed", f)
+        fds = await ask(d, "fds", "list")
+    assert opened["hash"] == digest and opened["route"] != "index", opened
+    assert not any(f"/proc/{daemon.pid}/fd" in t for t in fds["targets"]), fds
+
+
+async def test_a_forked_child_turning_the_index_off_never_speaks_on_its_parents_connection(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A child whose first call is shadowd_set_index(c, 0, ...) sends the index hits
+    not reported yet before it drops the index: those are its parent's, on its
+    parent's connection. It must not: the daemon would count them twice, and its
+    answer, under the id the parent's next request takes too (the child has a copy
+    of the parent's next id), would answer that request. Before, the parent's next
+    request got the report's answer (no descriptor) and the daemon counted 10 hits
+    for 5."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    f, _ = big(tmp_path / "lib.so")
+    g, digest = big(tmp_path / "other.so")
+    settle(f, g)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("log", "quiet"):
+            await ask(d, *cmd)
+        for path in f, g:
+            await ask(d, "requestfd", path)  # cached
+        assert (await ask(d, "indexready"))["ready"] == 1
+        before = await trio.to_thread.run_sync(stats, daemon)
+        assert (await ask(d, "indexopen", f, 5))["served"] == 5  # not reported yet
+        assert (await ask(d, "forkindex", 0, 0))["child_status"] == 0
+        asked = await ask(d, "requestfd", g)
+        await ask(d, "close")  # the parent reports its 5
+        after = await counted_once(daemon, "index_hits", before["index_hits"] + 5)
+        await trio.sleep(0.2)  # and any hit counted twice
+        again = await trio.to_thread.run_sync(stats, daemon)
+    assert asked["fd"] >= 0 and asked["hash"] == digest, (asked["error"], asked)
+    assert after["index_hits"] == again["index_hits"] == before["index_hits"] + 5, (after, again)
+
+
+def test_a_close_tells_the_daemon_of_files_only_once_no_answer_is_owed(
+    driver: Any, tmp_path: Path
+) -> None:
+    """The files copied in a cold window are told in the connection's last request,
+    at close. Sent while an answer is still owed (here a pipelined open not collected),
+    that answer may land in the socket just before it is closed: closed with a reply
+    unread, the socket resets the connection, and the daemon never reads the told
+    batch queued behind it (the daemon counts a closing connection's reports, never
+    its told batches). So the close reads every answer owed before it tells (up to the
+    reply timeout), as the Python client does: a stand-in that holds its answer to the
+    open for 0.5 s sees nothing more from the client meanwhile, then the told batch.
+    Before, the told batch came at once, with the answer still owed."""
+    f1, _ = big(tmp_path / "one")
+    f2, _ = big(tmp_path / "two")
+    f3, _ = big(tmp_path / "three")
+    settle(f1, f2, f3)
+    told: list[str] = []
+    early: list[bool] = []
+
+    def holds_an_answer(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is False:
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                         "filling": True}))  # fmt: skip
+            elif msg["op"] == "open":  # the pipelined open: held 0.5 s
+                readable, _, _ = select.select([conn], [], [], 0.5)
+                early.append(bool(readable))  # the client sent more meanwhile
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+            elif msg["op"] == "open_batch":
+                told.extend(str(label) for label in msg["paths"])
+                results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+
+    path = tmp_path / "holds.sock"
+    with stand_in_daemon(path, holds_an_answer):
+        d = driver()
+        for cmd in ("socket", path), ("timeouts", 1000, 2000, 0), ("routing", 0, 0), (
+                "cold", 1, 60_000), ("log", "quiet"):  # fmt: skip
+            d(*cmd)
+        assert d("routed", f1)["copied_why"] == "miss"  # cold from now on
+        assert d("routed", f2)["copied_why"] == "cold"  # told at close
+        assert d("submit", f3, 1)["id"] > 0  # its answer owed at close
+        closed = d("close")
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert early == [False], early
+    assert told == [str(f2)], told
+    assert 400_000 <= closed["us"] < 2_000_000, closed

@@ -44,6 +44,9 @@
 #define F_ADD_SEALS 1033
 #define F_GET_SEALS 1034
 #endif
+#ifndef F_SEAL_SHRINK
+#define F_SEAL_SHRINK 0x0002
+#endif
 #ifndef F_SEAL_EXEC
 #define F_SEAL_EXEC 0x0020
 #endif
@@ -1230,9 +1233,14 @@ after_fork(struct shadowd *c)
     }
     /* The parent's index and its counts (the parent reports them): this
      * process asks on its own connection (its mapping and descriptor
-     * copies go). */
+     * copies go). So with the files copied while the daemon was cold or
+     * the index lacked them: the parent tells the daemon of them; this
+     * process lets go of its copies of their sources. */
     index_drop(c);
     report_clear(P(c));
+    for (int i = 0; i < P(c)->nhint; i++)
+        close(P(c)->hint_fd[i]);
+    P(c)->nhint = P(c)->hint_used = 0;
 }
 
 static int recv_one(struct shadowd *c);
@@ -1607,6 +1615,22 @@ sealed(int fd)
     return seals >= 0 && (seals & REQUIRED_SEALS) == REQUIRED_SEALS;
 }
 
+/* Why a descriptor the daemon sent is refused, or NULL: it must be sealed
+ * and open read-only, as the protocol promises (and the Python client
+ * checks). A read-write one is what a daemon would send that handed out
+ * its cache's own memfd (memfd_create's descriptor), whose offset it and
+ * every holder share; a write-only one could not even be read. */
+static const char *
+served_refusal(int fd)
+{
+    if (!sealed(fd))
+        return "shadowd sent a descriptor that is not sealed; refused it";
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY)
+        return "shadowd sent a descriptor not open read-only; refused it";
+    return NULL;
+}
+
 static int
 batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds, int proto)
 {
@@ -1648,11 +1672,11 @@ batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds
             continue;
         }
         int fd = fds[next++];
-        if (!sealed(fd)) {
+        const char *refused = served_refusal(fd);
+        if (refused != NULL) {
             close(fd);
             it->code[0] = '\0';
-            snprintf(s->error, sizeof s->error,
-                     "shadowd sent a descriptor that is not sealed; refused it");
+            snprintf(s->error, sizeof s->error, "%s", refused);
             continue;
         }
         it->fd = fd;
@@ -1684,6 +1708,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
 {
     struct shadowd_private_ *p = P(c);
     const struct fields *f = &rep->f;
+    const char *refused;
     char text[200], code[32];
 
     if (dropped && (!f->has_id || (p->hello == H_SENT && f->id == 0))) {
@@ -1806,7 +1831,8 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
          * version the daemon cached fills the tier for the next open. */
         struct shadowd_served_ sv;
         served_of(f, c->protocol, &sv);
-        if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 && sealed(fds[0]) &&
+        if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 &&
+            served_refusal(fds[0]) == NULL &&
             may_keep(s->src, &s->before, &sv, f->hit, f->size))
             held_put(c, fds[0], &s->before, s->asked_us);
         /* A miss it is filling says the daemon is cold, whenever it comes. */
@@ -1838,11 +1864,10 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
         close_fds(fds, nfds);
         s->failure = F_REQUEST;
         snprintf(s->error, sizeof s->error, "shadowd's reply carried %d fds, not 1", nfds);
-    } else if (!sealed(fds[0])) {
+    } else if ((refused = served_refusal(fds[0])) != NULL) {
+        snprintf(s->error, sizeof s->error, "%s", refused);
         close(fds[0]);
         s->failure = F_REQUEST;
-        snprintf(s->error, sizeof s->error,
-                 "shadowd sent a descriptor that is not sealed; refused it");
     } else {
         s->fd = fds[0];
     }
@@ -3174,8 +3199,14 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     uint64_t memfd_dev, generation;
     char dir[48];
 
+    /* A memfd that can never shrink (F_SEAL_SHRINK, which no one can take
+     * back), checked before it is mapped: cut short under our mapping, its
+     * next read would kill this process with SIGBUS; and a file that is no
+     * memfd (F_GET_SEALS fails) could be one on a FUSE mount, whose page
+     * faults wait on its server for as long as it likes. */
+    int seals = fcntl(fd, F_GET_SEALS);
     if (slots == 0 || slots > INDEX_MAX_SLOTS || (slots & (slots - 1)) != 0 || pid == 0 ||
-        pid > INT32_MAX || fstat(fd, &st) < 0 ||
+        pid > INT32_MAX || seals < 0 || !(seals & F_SEAL_SHRINK) || fstat(fd, &st) < 0 ||
         (uint64_t)st.st_size != INDEX_HEADER + slots * INDEX_SLOT)
         return -1;
     size_t len = (size_t)st.st_size;
@@ -3271,8 +3302,10 @@ index_take(struct shadowd *c, const struct reply *rep, int *fds, int nfds)
     index_drop(c); /* (there is none: one request per connection) */
     p->index_state = IX_NOT;
     /* not-permitted (another uid), no-index, unknown-op, or anything that
-     * is not an index: none on this connection, never an error. */
-    if (rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots) {
+     * is not an index: none on this connection, never an error. Nor one
+     * that comes after the caller turned the index off (shadowd_set_index
+     * while the request sent behind the hello was on its way). */
+    if (p->index_use && rep->f.ok == 1 && nfds == 1 && rep->has_pid && rep->has_slots) {
         int r = index_map(c, fds[0], rep->pid, rep->slots);
         /* Out of descriptors here: the daemon does have one; ask again. */
         p->index_state = r == 0 ? IX_HAVE : r == -2 ? IX_NONE : IX_NOT;
@@ -3333,7 +3366,18 @@ index_poll(struct shadowd *c)
     c->errnum = errnum;
 }
 
-/* Wait for the index up to the reply timeout: 1 when held. */
+static int
+index_asked(struct shadowd *c, const void *arg)
+{
+    (void)arg;
+    return P(c)->index_state != IX_ASKED;
+}
+
+/* Wait for the index up to the reply timeout: 1 when held. Waited for,
+ * the index request is a request like any other: unanswered at the reply
+ * timeout, it fails the connection and opens the breaker, so that the
+ * opens after it do not each wait out a timeout of their own on a daemon
+ * that answered the hello and then hung. */
 static int
 index_wait(struct shadowd *c)
 {
@@ -3345,15 +3389,14 @@ index_wait(struct shadowd *c)
     if (start(c, CONNECT_WAIT))
         return 0;
     index_poll(c);
-    long long deadline = mono_us() + 1000LL * p->reply_ms;
-    while (p->live && p->index_state == IX_ASKED) {
-        long long left = deadline - mono_us();
-        if (left <= 0)
-            break;
-        struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
-        if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0)
-            drain(c);
+    if (p->index_state != IX_ASKED)
+        return p->index_state == IX_HAVE;
+    for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
+        struct shadowd_slot_ *s = &p->slots[i];
+        if (s->kind == K_INDEX && s->state == SENT && s->deadline == 0)
+            s->deadline = reply_deadline(c, 0, 0);
     }
+    wait_until(c, index_asked, NULL);
     return p->index_state == IX_HAVE;
 }
 
@@ -3503,16 +3546,21 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
     }
 }
 
-/* At close: the last report, and the answers to the reports, waited for
- * (up to the reply timeout): a socket closed with a reply unread in it
- * resets the connection, and the daemon would lose a request still in its
- * queue. Hits that found no room are sent as room is made meanwhile. When
- * nothing is sent after the reports (*last*), the answer to the last one is
- * not waited for when no other request waits for its answer: the daemon
- * reads a request before it answers it, and answers reports in order, so
- * once every earlier answer is in, nothing the daemon has not read is
- * behind the one answer that may still come (a warm supervisor's exit then
- * costs no round trip). */
+/* At close: the last report, and the answers the daemon owes, waited for
+ * (up to the reply timeout, which then opens the breaker): a socket closed
+ * with a reply unread in it resets the connection, and the daemon would
+ * lose a request still in its queue (it counts a closing connection's
+ * reports, nothing else). Hits that found no room are sent as room is made
+ * meanwhile. When a told batch goes after the reports (*last* 0), every
+ * answer owed is read first, whatever its request (a raced open, a
+ * pipelined one not collected, a told batch of before): one that came
+ * between the close's last read and the close would cost the daemon the
+ * told batch behind it. When nothing is sent after the reports (*last*),
+ * the answer to the last one is not waited for when no other request
+ * waits for its answer: the daemon reads a request before it answers it,
+ * and answers reports in order, so once every earlier answer is in,
+ * nothing the daemon has not read is behind the one answer that may still
+ * come (a warm supervisor's exit then costs no round trip). */
 static void
 report_last(struct shadowd *c, int last)
 {
@@ -3527,9 +3575,21 @@ report_last(struct shadowd *c, int last)
                 *(t->kind == K_REPORT ? &waiting : &others) += 1;
         }
         long long left = deadline - mono_us();
-        if ((why == REPORT_SENT && waiting <= (last && others == 0 ? 1 : 0)) ||
-            why == REPORT_NO_INDEX || left <= 0)
+        int sent = why == REPORT_SENT || why == REPORT_NO_INDEX; /* nothing more to send */
+        if (last ? (why == REPORT_SENT && waiting <= (others == 0 ? 1 : 0)) ||
+                       why == REPORT_NO_INDEX
+                 : sent && waiting + others == 0)
             break;
+        if (left <= 0) {
+            /* A daemon that did not answer within the reply timeout, as
+             * any request's: the breaker opens, so that a call after this
+             * close (the struct stays usable) does not wait out a second
+             * timeout on it in the same window. */
+            fail_connection(c, F_TIMEOUT, NULL,
+                            "waiting for shadowd's answers at close: timed out after %d ms",
+                            p->reply_ms);
+            break;
+        }
         struct pollfd pfd = {.fd = c->sock,
                              .events = POLLIN | (why == REPORT_SOCKET_FULL ? POLLOUT : 0)};
         if (poll(&pfd, 1, (int)((left + 999) / 1000)) > 0 && (pfd.revents & ~POLLOUT))
@@ -3741,6 +3801,11 @@ shadowd_set_index(struct shadowd *c, int use, int keep)
         P(c)->index_use = use != 0;
     P(c)->index_keep = keep < 0 ? DEFAULT_INDEX_KEEP : keep != 0;
     if (!P(c)->index_use) {
+        /* In a forked child, the connection, index and hits are the
+         * parent's: let go of them first, or the report would go on the
+         * parent's connection (read there as the answer to the parent's
+         * next request, which takes the same id) and count them twice. */
+        after_fork(c);
         report_send(c);
         index_drop(c);
         P(c)->index_state = IX_NOT; /* (asked again on the next connection, if turned on) */
@@ -4829,7 +4894,8 @@ shadowd_close(struct shadowd *c)
         /* Read what came first: a socket closed with a reply unread in it
          * resets the connection, and the daemon would drop what we send now. */
         drain(c);
-        report_last(c, p->nhint == 0);
+        /* (hint_flush sends only on a connection whose hello said 2.) */
+        report_last(c, p->nhint == 0 || p->hello != H_DONE || c->protocol < 2 || p->down);
         hint_flush(c, 1);
     }
     index_drop(c); /* (in a forked child: its copies of the parent's) */

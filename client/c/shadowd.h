@@ -368,7 +368,9 @@ int shadowd_set_socket(struct shadowd *c, const char *socket_path);
 /* Close the connection, every fd of an uncollected pipelined reply and of
  * the process-local tier. Fds already returned stay valid. Safe on a
  * zero-filled struct (it closes nothing) and twice; *c* can be used again
- * (settings and breaker kept). */
+ * (settings and breaker kept). Waits for answers the daemon owes at most
+ * the reply timeout (client/c/README.md, "Reports"); reaching it opens the
+ * breaker. */
 void shadowd_close(struct shadowd *c);
 
 /* Timeouts in ms (see the top of this file): connect + hello, a reply, and
@@ -646,7 +648,9 @@ int shadowd_copy_fd(struct shadowd *c, int src);
  * comes go on without it); a daemon that answers "not-permitted" (another
  * uid), "no-index" or anything but an index gives none on that
  * connection, which is never an error to the caller. It is mapped
- * read-only (the daemon sealed it: nobody else can write or grow it) and
+ * read-only, only when sealed against shrinking (F_SEAL_SHRINK: cut short
+ * under the mapping, it would kill this process with SIGBUS; the daemon
+ * sealed it: nobody else can write or grow it either) and
  * dropped with its connection: after a daemon restart the new connection
  * asks the new daemon for its own. Index hits are counted per file and
  * told to the daemon ({"op": "report"}, not waited for) after 256 hits or
@@ -673,9 +677,10 @@ void shadowd_set_index(struct shadowd *c, int use, int keep);
 /* Get the index now if this connection has none yet: connect and say
  * hello if needed (the breaker allowing), ask, and wait for the answer up
  * to the reply timeout. 1 when an index is held, 0 when not (the daemon
- * gives none, is not reachable, or did not answer in time: then it may
- * still come later). A supervisor calls it once before its tracee starts,
- * so that no open pays the round trip. */
+ * gives none or is not reachable; or it did not answer in time, which is
+ * a timeout as any request's: the connection is dropped and the breaker
+ * opens). A supervisor calls it once before its tracee starts, so that no
+ * open pays the round trip. */
 int shadowd_index_ready(struct shadowd *c);
 
 /* The plain index hit: a sealed, read-only fd of the version *st* says
