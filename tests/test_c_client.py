@@ -3832,6 +3832,49 @@ def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
     assert told.count(str(f2)) == 1, told
 
 
+def test_files_told_to_the_daemon_ask_for_no_descriptor(driver: Any, tmp_path: Path) -> None:
+    """A told batch says "serve": false (docs/protocol.md, "Telling without being
+    served"): the client reads its answer only at a later request, so a descriptor for
+    a file the daemon holds would sit in its socket, counted in its uid's fd budget,
+    until then. Before, the C client's told batches had "wait": false alone."""
+    f1, _ = big(tmp_path / "one")
+    f2, _ = big(tmp_path / "two")
+    settle(f1, f2)
+    told: list[dict[str, Any]] = []
+
+    def cold(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is False:
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                         "filling": True}))  # fmt: skip
+            elif msg["op"] == "open_batch":
+                told.append({k: v for k, v in msg.items() if k != "paths"} | {"n": len(fds)})
+                results = [{"ok": True, "hit": True, "miss": True, "filling": False}] * len(fds)
+                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+            else:
+                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+                conn.send(msgpack.packb(no))
+
+    path = tmp_path / "cold.sock"
+    with stand_in_daemon(path, cold):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("cold", 1, 60_000), ("log", "quiet"):
+            d(*cmd)
+        assert d("routed", f1)["copied_why"] == "miss"  # cold from now on
+        assert d("routed", f2)["copied_why"] == "cold"  # to be told at close
+        d("close")
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(told) == 1, told
+    assert told[0]["wait"] is False and told[0].get("serve") is False, told
+    assert told[0]["n"] == 1, told
+
+
 def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path: Path) -> None:
     """The protocol promises a read-only descriptor of its own (the Python client
     refuses anything else, _session.check_served). A stand-in serves sealed memfds

@@ -1961,6 +1961,7 @@ struct request {
     const char *ns;                     /* lookup, publish */
     const struct shadowd_key *key;      /* lookup, publish */
     int nowait;                         /* open, batch: "wait": false in version 2 */
+    int noserve;                        /* batch with nowait: "serve": false too */
 };
 
 static int
@@ -1988,10 +1989,11 @@ build_open(struct shadowd *c, struct out *o, uint32_t id, const struct request *
 static int
 build_batch(struct shadowd *c, struct out *o, uint32_t id, const struct request *rq)
 {
-    /* Labels go while the request stays within max_request; the others nil. */
-    size_t used = 46 + (size_t)rq->nfds;
-    int nowait = says_nowait(c, rq->nowait);
-    put_u8(o, nowait ? 0x84 : 0x83);
+    /* Labels go while the request stays within max_request; the others nil
+     * ("serve": false is 7 bytes more). */
+    size_t used = 46 + (rq->noserve ? 7 : 0) + (size_t)rq->nfds;
+    int nowait = says_nowait(c, rq->nowait), noserve = nowait && rq->noserve;
+    put_u8(o, (uint8_t)(0x83 + nowait + noserve));
     put_cstr(o, "op");
     put_cstr(o, "open_batch");
     put_cstr(o, "id");
@@ -2012,6 +2014,10 @@ build_batch(struct shadowd *c, struct out *o, uint32_t id, const struct request 
     }
     if (nowait) {
         put_cstr(o, "wait");
+        put_u8(o, 0xc2);
+    }
+    if (noserve) { /* only telling: no fd for what the daemon holds */
+        put_cstr(o, "serve");
         put_u8(o, 0xc2);
     }
     return 0;
@@ -4006,10 +4012,13 @@ cold_saw(struct shadowd *c, const struct shadowd_version_ *v, int filling_miss)
 }
 
 /* Tell the daemon of the files copied here while it was cold: one batch
- * request per max_batch files with "wait": false, not waited for (its
- * reply is read and dropped when it comes, as a cancelled request's; with
- * *leaving*, the connection goes right after and nothing is kept). The
- * daemon fills its cache with them, one cheap item each. */
+ * request per max_batch files with "wait": false and "serve": false, not
+ * waited for (its reply is read and dropped when it comes, as a cancelled
+ * request's; with *leaving*, the connection goes right after and nothing is
+ * kept). The daemon fills its cache with them, one cheap item each, and
+ * sends no fd for those it holds already: one would sit in our socket,
+ * counted in our uid's fd budget, until the reply is read (a daemon older
+ * than "serve" sends them; they are closed with the reply). */
 static void
 hint_flush(struct shadowd *c, int leaving)
 {
@@ -4029,7 +4038,7 @@ hint_flush(struct shadowd *c, int leaving)
                 chunk = (int)c->max_batch;
             struct request rq = {.kind = K_BATCH, .build = build_batch,
                                  .fds = p->hint_fd + done, .nfds = chunk, .labels = labels,
-                                 .map = map + done, .nowait = 1};
+                                 .map = map + done, .nowait = 1, .noserve = 1};
             if (leaving) {
                 struct out o = out_of(c);
                 uint32_t id = c->next_id ? c->next_id : 1;
