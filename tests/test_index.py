@@ -938,6 +938,42 @@ def test_a_slot_that_lies_about_its_memfd_is_refused_with_no_fd_left(rig: _Rig) 
         os.close(half)
 
 
+def test_an_index_that_could_shrink_is_not_mapped(rig: _Rig, tmp_path: Path) -> None:
+    """The index is mapped only when it is a memfd sealed against shrinking: a
+    daemon (or whoever answers on its socket) that gave an unsealed one and cut it
+    short would kill the reader with SIGBUS at its next lookup, and a file that is
+    no memfd (one on a FUSE mount) would make each read of the mapping wait on that
+    mount's server. The same bytes as the rig's index, in a memfd that is otherwise
+    all a view checks (its size, header, and the daemon's own descriptor of it, here
+    this process's): refused, where it was mapped before."""
+    fd = rig.index.reader_fd()
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    for seals in (0, REQUIRED_SEALS & ~fcntl.F_SEAL_SHRINK):
+        copy = os.memfd_create("unsealed-index", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.write(copy, data)
+            os.pwrite(copy, struct.pack("<I", copy), 56)  # the header's index_fd
+            if seals:
+                fcntl.fcntl(copy, fcntl.F_ADD_SEALS, seals)
+            with pytest.raises(index_module.BadIndex, match="shrink"):
+                IndexView(copy, os.getpid(), rig.index.slots, peer=_ourselves()).close()
+        finally:
+            os.close(copy)
+    plain = tmp_path / "index-on-disk"
+    plain.write_bytes(data)
+    fd = os.open(plain, os.O_RDWR)
+    try:
+        os.pwrite(fd, struct.pack("<I", fd), 56)
+        with pytest.raises(index_module.BadIndex, match="shrink"):
+            IndexView(fd, os.getpid(), rig.index.slots, peer=_ourselves()).close()
+    finally:
+        os.close(fd)
+
+
 def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
     """A view of an index whose header says the daemon's memfds are on *memfd_dev*."""
     struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s
