@@ -1134,12 +1134,17 @@ async def test_a_stopped_daemon_costs_index_hits_one_timeout_per_backoff_window(
     d: Daemon = await start_daemon("--racy-window", RACY)
     f = make_file(tmp_path / "lib.so", os.urandom(4096))
     settle(f)
-    timeout = 0.5
+    # The 768 opens below take tens of milliseconds, on a busy machine hundreds: they
+    # get a timeout's length of slack (2 s) in the bounds below, and a backoff window
+    # far longer than they take (a window that ended among them was a second report
+    # due, and its timeout: with 0.5 s and the default 1 s window, a slow moment
+    # failed the test now and then).
+    timeout = 2.0
 
     def work() -> tuple[float, float, int]:
         with Client(d.socket_path, timeout=10) as c:
             os.close(c.open(f))  # cached, and indexed
-        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=timeout)
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=timeout, retry_after=60)
         try:
             _until_index_hit(opener, f)
             before = opener.waited

@@ -429,7 +429,7 @@ async def test_a_last_report_in_several_requests_to_a_stopped_daemon_loses_none(
 
 
 async def test_hits_past_the_report_table_of_256_files_are_kept_as_hits_of_no_file(
-    start_daemon: Any, tmp_path: Path
+    start_daemon: Any, tmp_path: Path, monkeypatch: Any
 ) -> None:
     """The Opener keeps the hits of at most 256 files apart (REPORT_FILES) until a report
     carries them. A report of 256 files (in requests of 35 under a 1 KiB --max-request)
@@ -438,8 +438,15 @@ async def test_hits_past_the_report_table_of_256_files_are_kept_as_hits_of_no_fi
     merged back: the table keeps 256 files and the hits of the rest are kept as file
     (0, 0). Once the daemon answers again, it is told every hit: its index_hits ends
     equal to the Opener's index opens, those of no file included."""
+    from shadowd_client import opener as opener_module
     from shadowd_client.opener import REPORT_FILES
 
+    # A report is due at the 256th hit, and at none before: not also a second after
+    # the last (the Opener's made, the report that waits begun), which a slow moment
+    # among the hits below reached now and then. A report due then, with the daemon
+    # stopped, waited too: the hits after it were copies (the breaker open), never
+    # index opens.
+    monkeypatch.setattr(opener_module, "REPORT_EVERY_SECONDS", 3600.0)
     d: Daemon = await start_daemon("--racy-window", RACY, "--max-request", "1024")
     files = [make_file(tmp_path / f"f{i}", os.urandom(100 + i)) for i in range(511)]
     settle(*files)
@@ -453,13 +460,14 @@ async def test_hits_past_the_report_table_of_256_files_are_kept_as_hits_of_no_fi
 
     def work() -> tuple[int, int, int, int]:
         base = _cached(d, files)  # in the daemon's index; its index hits so far
-        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=2, retry_after=0.05)
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=5, retry_after=0.05)
         try:
             hits(opener, files[:1])  # its connection and the index, from the daemon
             assert opener.index_opens == 1
             os.kill(d.pid, signal.SIGSTOP)
             try:
-                # The 256th hit's report waits for the stopped daemon (up to 2 s).
+                # The 256th hit's report waits for the stopped daemon (5 s: the 255
+                # hits below, a few milliseconds, come while it waits).
                 first = threading.Thread(target=hits, args=(opener, files[1:256]))
                 first.start()
                 deadline = time.monotonic() + 10
