@@ -3871,6 +3871,53 @@ def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
     assert told.count(str(f2)) == 1, told
 
 
+def test_a_close_reads_the_answer_to_a_raced_open_before_it_goes(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A routed open whose local copy won the race leaves its request with the
+    daemon, which fills its cache from it (a miss that does not wait). The close
+    reads that request's answer before the socket goes: closed with an answer
+    unread, or before the daemon answered, the daemon's reply fails on a connection
+    reset and it reads nothing more the client sent (a raced open behind it, never
+    filled). Before, a close that had no told batch to send left such answers owed:
+    under load, one file in four of a cold run of three was never cached
+    (test_shadowd_init_on_memory_of_unknown_contents_works_as_zero_filled)."""
+    f, digest = big(tmp_path / "lib.so", 4 << 20)
+    settle(f)
+    seen: list[str] = []
+
+    def late(conn: socket.socket) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] != "open":
+                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                conn.send(msgpack.packb(no))
+                continue
+            time.sleep(0.4)  # the local copy wins the race meanwhile
+            # Readable now: the client's end is closed (it sends nothing more).
+            gone = bool(select.select([conn], [], [], 0)[0])
+            seen.append("closed first" if gone else "answered")
+            conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
+                                     "filling": True}))  # fmt: skip
+
+    path = tmp_path / "late.sock"
+    with stand_in_daemon(path, late):
+        d = driver()
+        for cmd in (("socket", path), ("routing", 0, 0), ("race", 1), ("cold", 0, 0),
+                    ("timeouts", 2000, 2000, 0), ("index", 0, 0), ("log", "quiet")):  # fmt: skip
+            d(*cmd)
+        raced = d("routed", f)
+        closed = d("close")
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert (raced["route"], raced["copied_why"], raced["hash"]) == ("copy", "first", digest)
+    assert seen == ["answered"], (seen, closed)
+
+
 def test_files_told_to_the_daemon_ask_for_no_descriptor(driver: Any, tmp_path: Path) -> None:
     """A told batch says "serve": false (docs/protocol.md, "Telling without being
     served"): the client reads its answer only at a later request, so a descriptor for

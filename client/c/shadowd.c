@@ -3562,11 +3562,14 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
  * pipelined one not collected, a told batch of before): one that came
  * between the close's last read and the close would cost the daemon the
  * told batch behind it. When nothing is sent after the reports (*last*),
- * the answer to the last one is not waited for when no other request
- * waits for its answer: the daemon reads a request before it answers it,
- * and answers reports in order, so once every earlier answer is in,
- * nothing the daemon has not read is behind the one answer that may still
- * come (a warm supervisor's exit then costs no round trip). */
+ * every other answer owed is read too (a raced open's, a told batch's: the
+ * daemon's reply to one of them failing on our closed socket, it would
+ * not read the rest, and a file it was asked or told of would never be
+ * filled), and then the answer to the last report is not waited for: the
+ * daemon reads a request before it answers it, and answers reports in
+ * order, so once every earlier answer is in, nothing the daemon has not
+ * read is behind the one answer that may still come (a warm supervisor's
+ * exit, which owes nothing but reports, then costs no round trip). */
 static void
 report_last(struct shadowd *c, int last)
 {
@@ -3582,9 +3585,7 @@ report_last(struct shadowd *c, int last)
         }
         long long left = deadline - mono_us();
         int sent = why == REPORT_SENT || why == REPORT_NO_INDEX; /* nothing more to send */
-        if (last ? (why == REPORT_SENT && waiting <= (others == 0 ? 1 : 0)) ||
-                       why == REPORT_NO_INDEX
-                 : sent && waiting + others == 0)
+        if (sent && others == 0 && waiting <= (last && why == REPORT_SENT ? 1 : 0))
             break;
         if (left <= 0) {
             /* A daemon that did not answer within the reply timeout, as
