@@ -1989,6 +1989,12 @@ def _served(conn: socket.socket, msg: dict[str, Any], src: int, extra: dict[str,
         os.close(sealed)
 
 
+def _greet_v2(conn: socket.socket, limits: dict[str, Any]) -> None:
+    """A stand-in's answer to the client's hello: version 2, with *limits*."""
+    hello = msgpack.unpackb(conn.recv(4096))
+    conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+
+
 def _requests(conn: socket.socket) -> Iterator[tuple[dict[str, Any], list[int]]]:
     """The requests on *conn* with their fds (the caller closes them), until it ends."""
     while True:
@@ -3770,9 +3776,7 @@ def test_replies_with_descriptors_other_than_promised_leave_none_open(
     seen: list[tuple[str, str]] = []
 
     def hostile(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        limits = {"max_batch": 8}
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        _greet_v2(conn, {"max_batch": 8})
         for msg, fds in _requests(conn):
             try:
                 if msg["op"] != "open" and msg["op"] != "open_batch":
@@ -3838,9 +3842,7 @@ def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
     told: list[str] = []
 
     def cold(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        limits = {"max_batch": 64, "racy_window_ns": 0}
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
@@ -3887,9 +3889,7 @@ def test_a_close_reads_the_answer_to_a_raced_open_before_it_goes(
     seen: list[str] = []
 
     def late(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        limits = {"max_batch": 64, "racy_window_ns": 0}
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] != "open":
@@ -3929,9 +3929,7 @@ def test_files_told_to_the_daemon_ask_for_no_descriptor(driver: Any, tmp_path: P
     told: list[dict[str, Any]] = []
 
     def cold(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        limits = {"max_batch": 64, "racy_window_ns": 0}
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
@@ -3973,8 +3971,7 @@ def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path
     modes = ["rdwr", "wronly", "rdwr", "wronly"]
 
     def not_read_only(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": {}}))
+        _greet_v2(conn, {})
         for msg, fds in _requests(conn):
             data = os.pread(fds[0], 1 << 20, 0) if fds else b""
             close_fds(fds)
@@ -4089,9 +4086,7 @@ def test_a_close_tells_the_daemon_of_files_only_once_no_answer_is_owed(
     early: list[bool] = []
 
     def holds_an_answer(conn: socket.socket) -> None:
-        hello = msgpack.unpackb(conn.recv(4096))
-        limits = {"max_batch": 64, "racy_window_ns": 0}
-        conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
