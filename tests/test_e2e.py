@@ -928,7 +928,7 @@ async def test_stop_signals_sent_again_and_again_still_exit_zero(
     """A manager (or an impatient operator) that repeats the stop signal until
     the daemon is gone: the first drains, a second stops now, and none after
     kills it. Copy workers are alive then, and the interpreter's exit puts the
-    default action (a kill) back for Python handlers while they live: 13 of 13
+    default action (a kill) back for Python handlers while they live: 5 of 5
     such stops died of SIGTERM before."""
     files = [make_file(tmp_path / f"f{i}", b"w%d" % i) for i in range(4)]
     for f in files:
