@@ -893,6 +893,59 @@ async def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
     assert opener.daemon_opens + opener.local_opens == 9
 
 
+async def test_threads_waiting_behind_one_late_answer_do_not_open_the_breaker(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The latency breaker counts answers in half the timeout or more, three in a row.
+    Threads sharing an Opener ask one after another on its one connection: three that
+    asked while one late answer (0.7 s of 1 s) was owed waited behind it, each about as
+    long, though the daemon answered each of theirs at once. That one late answer is
+    one slow answer, not four: the breaker stays shut and the opens after it are asked
+    of the daemon. Before, each waiting thread's wait counted as a slow answer of its
+    own, the breaker opened, and the opens after it were copied here for 30 s."""
+    first = threading.Event()
+    turn = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg.get("op") == "open":
+            turn[0] += 1
+            if turn[0] == 1:
+                first.set()
+                time.sleep(0.7)
+        try:
+            _serve_good(conn, msg)
+        except OSError:
+            return False
+        return None
+
+    def blocking() -> Opener:
+        with FakeDaemon(shared_dir / "q.sock", answer) as fake:
+            opener = Opener(fake.path, local_below=0, timeout=1.0, retry_after=30.0)
+            try:
+                assert opener._client is not None
+                opener._client.connect()
+                threads = [threading.Thread(target=lambda: os.close(opener.open(old_file)))]
+                threads[0].start()
+                assert first.wait(10)
+                for _ in range(3):  # they wait behind the late answer
+                    threads.append(threading.Thread(target=lambda: os.close(opener.open(old_file))))
+                    threads[-1].start()
+                for t in threads:
+                    t.join(10)
+                for _ in range(3):
+                    os.close(opener.open(old_file))
+                return opener
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        opener = await trio.to_thread.run_sync(blocking)
+    assert (opener.daemon_opens, opener.local_opens) == (7, 0), (
+        opener.daemon_opens,
+        opener.local_opens,
+    )
+
+
 async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
     shared_dir: Path,
 ) -> None:

@@ -364,6 +364,7 @@ class Opener:
         self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
         self._slow = 0  # answers slower than SLOW_FRACTION of the timeout, in a row
+        self._slow_until = float("-inf")  # when the last one counted came (monotonic)
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
         self.local_opens = 0
@@ -887,8 +888,15 @@ class Opener:
             and client is not None
             and client.version != 1  # its misses wait for its copy
         )
+        now = time.monotonic()
         with self._lock:
-            self._slow = self._slow + 1 if slow else 0
+            if not slow:
+                self._slow = 0
+            elif took is not None and now - took >= self._slow_until:
+                self._slow += 1
+                self._slow_until = now
+            # else: asked while a slow answer already counted was owed (threads
+            # share the connection: it waited behind that one), not one more.
             tripped = self._slow >= SLOW_IN_A_ROW
             if not tripped:
                 back, self._down = self._down, False
