@@ -946,6 +946,46 @@ async def test_threads_waiting_behind_one_late_answer_do_not_open_the_breaker(
     )
 
 
+async def test_a_preload_of_many_batches_each_answered_in_time_keeps_the_breaker_shut(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    """Opener.preload asks for every file in batches of the daemon's max_batch. A call
+    of several requests has one reply timeout for all of them (attack 39), which bounds
+    how long a client waits, not how many files a healthy daemon may be asked of: one
+    of 6,000 cached files of 300 KB took 0.33-0.38 s of a real daemon at a load of 5
+    (the default 0.25 s timeout: DaemonTimeout, the breaker opened, nothing kept). The
+    Opener asks one batch a call, each with its own timeout, and a daemon slow at every
+    batch opens the latency breaker (SLOW_IN_A_ROW), which ends the preload. Here ten
+    batches answered 0.08 s each under a 0.25 s timeout: all ten asked, the breaker
+    shut (before: 0.25 s, DaemonTimeout, the breaker open)."""
+    files = [make_file(tmp_path / f"p{i}", os.urandom(300_000)) for i in range(40)]
+    settle(*files, window=1.0)
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] != "open_batch":
+            return False
+        time.sleep(0.08)
+        items = [{"ok": True, "hit": False, "miss": True, "filling": True}] * len(fds)
+        try:
+            _send(conn, {"id": msg["id"], "ok": True, "results": items})
+        except OSError:
+            return False
+        return None
+
+    def blocking() -> tuple[int, bool]:
+        with FakeDaemon(shared_dir / "p.sock", answer, limits={"max_batch": 4}) as fake:
+            opener = Opener(fake.path, timeout=0.25, retry_after=30.0)
+            try:
+                opener.preload(list(files))
+                return len(fake.requests), opener._down
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        asked, down = await trio.to_thread.run_sync(blocking)
+    assert (asked, down) == (10, False), (asked, down)
+
+
 async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
     shared_dir: Path,
 ) -> None:

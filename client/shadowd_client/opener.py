@@ -851,6 +851,21 @@ class Opener:
         return answer
 
     def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
+        """One call a batch (max_batch), each with its own timeout and timed for the
+        latency breaker: one call of many batches has one timeout for them all, which a
+        healthy daemon asked of thousands of files overran (the breaker opened); a daemon
+        slow at every batch opens the latency breaker, which ends the asking here."""
+        out: list[Answer | ShadowdError] = []
+        while len(out) < len(fds):
+            if not self._usable():
+                gone = DaemonUnavailable("shadowd is left alone for now (its breaker is open)")
+                return out + [gone] * (len(fds) - len(out))
+            # (Heard at the first call's hello: until then, the protocol's default.)
+            at, step = len(out), max(1, (self._limits() or {}).get("max_batch") or 64)
+            out += self._ask_batch(fds[at : at + step], labels[at : at + step])
+        return out
+
+    def _ask_batch(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
         assert self._client is not None
         started = time.monotonic()
         try:
