@@ -986,6 +986,44 @@ async def test_a_preload_of_many_batches_each_answered_in_time_keeps_the_breaker
     assert (asked, down) == (10, False), (asked, down)
 
 
+async def test_a_preload_asked_of_a_daemon_just_under_slow_ends_after_four_timeouts(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    """A preload asks one batch a call: a daemon that answers each batch just under
+    half the timeout (never slow to the latency breaker) would hold it one such answer
+    a batch, however many. The asking ends after ASK_MANY_TIMEOUTS timeouts in all
+    (the files not asked are opened later as any other), the breaker shut: forty
+    batches answered 0.1 s each under 0.25 s, about ten asked in about 1 s, not 4 s."""
+    files = [make_file(tmp_path / f"q{i}", os.urandom(300_000)) for i in range(40)]
+    settle(*files, window=1.0)
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] != "open_batch":
+            return False
+        time.sleep(0.1)
+        items = [{"ok": True, "hit": False, "miss": True, "filling": True}] * len(fds)
+        try:
+            _send(conn, {"id": msg["id"], "ok": True, "results": items})
+        except OSError:
+            return False
+        return None
+
+    def blocking() -> tuple[int, bool, float]:
+        with FakeDaemon(shared_dir / "q.sock", answer, limits={"max_batch": 1}) as fake:
+            opener = Opener(fake.path, timeout=0.25, retry_after=30.0)
+            try:
+                started = time.monotonic()
+                opener.preload(list(files))
+                return len(fake.requests), opener._down, time.monotonic() - started
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        asked, down, took = await trio.to_thread.run_sync(blocking)
+    assert 5 <= asked <= 12 and not down, (asked, down, took)
+    assert took < 2.0, (asked, took)
+
+
 async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
     shared_dir: Path,
 ) -> None:

@@ -68,6 +68,8 @@ DEFAULT_TIMEOUT = 0.25
 #: a version 1 daemon's do, so its answers are not timed.
 SLOW_FRACTION = 0.5
 SLOW_IN_A_ROW = 3
+#: Opener.preload asks one batch a call; all of them within so many reply timeouts.
+ASK_MANY_TIMEOUTS = 4
 #: The first backoff window after a failure, doubled after each failed retry.
 DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -854,11 +856,16 @@ class Opener:
         """One call a batch (max_batch), each with its own timeout and timed for the
         latency breaker: one call of many batches has one timeout for them all, which a
         healthy daemon asked of thousands of files overran (the breaker opened); a daemon
-        slow at every batch opens the latency breaker, which ends the asking here."""
+        slow at every batch opens the latency breaker, which ends the asking here, and one
+        just under that ends it after ASK_MANY_TIMEOUTS timeouts in all (the files not
+        asked are opened as any other, later)."""
         out: list[Answer | ShadowdError] = []
+        limit = None if self._client is None else self._client.timeout
+        until = None if limit is None else time.monotonic() + ASK_MANY_TIMEOUTS * limit
         while len(out) < len(fds):
-            if not self._usable():
-                gone = DaemonUnavailable("shadowd is left alone for now (its breaker is open)")
+            if not self._usable() or (until is not None and time.monotonic() >= until):
+                why = "its breaker is open" if not self._usable() else "the time to ask is up"
+                gone = DaemonUnavailable(f"shadowd not asked of these files ({why})")
                 return out + [gone] * (len(fds) - len(out))
             # (Heard at the first call's hello: until then, the protocol's default.)
             at, step = len(out), max(1, (self._limits() or {}).get("max_batch") or 64)
