@@ -210,7 +210,8 @@ class Dispatcher:
             holder.detach()  # now in *out*
         elapsed = _now() - self.started
         for r in results:
-            if isinstance(r, Served):
+            # A told file the cache holds (HELD: no fd, serve false) is a hit too.
+            if isinstance(r, Served) or (isinstance(r, Miss) and r.hit):
                 self.latency.hit.observe(elapsed)
             elif isinstance(r, Miss):
                 self.latency.miss.observe(elapsed)

@@ -4121,3 +4121,45 @@ def test_a_close_tells_the_daemon_of_files_only_once_no_answer_is_owed(
     assert early == [False], early
     assert told == [str(f2)], told
     assert 400_000 <= closed["us"] < 2_000_000, closed
+
+
+def test_a_close_waits_for_an_owed_answer_its_own_deadline_not_the_reply_timeout(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A pipelined open that may wait on the daemon's copy (submitted, not collected)
+    has the reply timeout plus time per MiB of its file (shadowd.h): a daemon still
+    copying a large file is not a hung one. The close that reads every answer owed
+    waits for that one up to the same deadline: a stand-in that answers after 0.6 s,
+    under a 300 ms reply timeout and a deadline of 300 ms + 8 x 200 ms, is read, and
+    the breaker stays shut (the routed open after the close asks the daemon again).
+    Before, the close gave up after the bare reply timeout, its socket closed with
+    the answer still owed, and took the healthy daemon for a hung one: the breaker
+    opened and the routed open after it copied ('breaker')."""
+    f, _ = big(tmp_path / "large.bin", 8 << 20)
+    g, _ = big(tmp_path / "next.bin")
+    settle(f, g)
+    seen: list[str] = []
+
+    def copies_slowly(conn: socket.socket) -> None:
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+        for msg, fds in _requests(conn):
+            close_fds(fds)
+            if msg["op"] == "open" and msg.get("wait") is not False:
+                time.sleep(0.6)  # copying the 8 MiB file
+                gone = bool(select.select([conn], [], [], 0)[0])
+                seen.append("closed first" if gone else "answered")
+            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
+            conn.send(msgpack.packb(no))
+
+    path = tmp_path / "slow.sock"
+    with stand_in_daemon(path, copies_slowly):
+        d = driver()
+        for cmd in (("socket", path), ("timeouts", 1000, 300, 200), ("backoff", 5000, 5000),
+                    ("routing", 0, 0), ("index", 0, 0), ("log", "quiet")):  # fmt: skip
+            d(*cmd)
+        assert d("submit", f, 1)["id"] > 0  # its answer owed at close
+        closed = d("close")
+        after = d("routed", g)
+    assert seen[:1] == ["answered"], (seen, closed)
+    assert 550_000 <= closed["us"] < 2_000_000, closed
+    assert after["copied_why"] != "breaker", after

@@ -974,6 +974,37 @@ def test_an_index_that_could_shrink_is_not_mapped(rig: _Rig, tmp_path: Path) -> 
         os.close(fd)
 
 
+def test_an_index_cut_short_between_its_size_and_its_seal_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The size a view maps is read once the index is sealed against shrinking, as the
+    C client's index_map reads it: read first, the sender could cut the memfd short and
+    only then seal it (an unsealed memfd can be truncated and sealed at any time), and
+    the view mapped a size the file no longer had. What the sender does between the two
+    reads is made to happen there, on a real memfd (os.fstat wrapped to truncate and
+    seal it right after the real fstat): refused as an index that could shrink. Before,
+    the fstat came first, the seal then passed, and mmap's own size check raised
+    ValueError, which Client.index let through to the caller (an Opener's open)."""
+    fd = os.memfd_create("shrinking-index", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    real_fstat = os.fstat
+
+    def fstat_then_shrink(f: Any) -> os.stat_result:
+        st = real_fstat(f)
+        if f == fd:  # the sender, between our size and our seal check
+            os.ftruncate(fd, 0)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return st
+
+    try:
+        os.ftruncate(fd, HEADER + SLOT)
+        monkeypatch.setattr(os, "fstat", fstat_then_shrink)
+        with pytest.raises(index_module.BadIndex):
+            IndexView(fd, os.getpid(), 1, peer=_ourselves()).close()
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+
+
 def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
     """A view of an index whose header says the daemon's memfds are on *memfd_dev*."""
     struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s

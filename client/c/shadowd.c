@@ -3553,7 +3553,8 @@ report_count(struct shadowd *c, uint64_t dev, uint64_t ino)
 }
 
 /* At close: the last report, and the answers the daemon owes, waited for
- * (up to the reply timeout, which then opens the breaker): a socket closed
+ * (up to the reply timeout, or an owed request's own later deadline, which
+ * then opens the breaker): a socket closed
  * with a reply unread in it resets the connection, and the daemon would
  * lose a request still in its queue (it counts a closing connection's
  * reports, nothing else). Hits that found no room are sent as room is made
@@ -3574,14 +3575,24 @@ static void
 report_last(struct shadowd *c, int last)
 {
     struct shadowd_private_ *p = P(c);
-    long long deadline = mono_us() + 1000LL * p->reply_ms;
+    long long base = mono_us() + 1000LL * p->reply_ms;
     while (p->live) {
         int why = report_send(c);
         int waiting = 0, others = 0;
+        /* An answer owed has its request's own deadline when that is later
+         * (one that may wait on the daemon's copy gets time per MiB, more
+         * once a version 1 hello makes a miss wait): a daemon still copying
+         * a large file is not a hung one, and is not to open the breaker. */
+        long long deadline = base;
+        if (p->hello == H_SENT && p->hello_deadline > deadline)
+            deadline = p->hello_deadline;
         for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
             const struct shadowd_slot_ *t = &p->slots[i];
-            if (t->id != 0 && (t->state == SENT || t->state == CANCELLED))
+            if (t->id != 0 && (t->state == SENT || t->state == CANCELLED)) {
                 *(t->kind == K_REPORT ? &waiting : &others) += 1;
+                if (t->deadline > deadline)
+                    deadline = t->deadline;
+            }
         }
         long long left = deadline - mono_us();
         int sent = why == REPORT_SENT || why == REPORT_NO_INDEX; /* nothing more to send */
@@ -3593,8 +3604,8 @@ report_last(struct shadowd *c, int last)
              * close (the struct stays usable) does not wait out a second
              * timeout on it in the same window. */
             fail_connection(c, F_TIMEOUT, NULL,
-                            "waiting for shadowd's answers at close: timed out after %d ms",
-                            p->reply_ms);
+                            "waiting for shadowd's answers at close: timed out after %lld ms",
+                            (deadline - base) / 1000 + p->reply_ms);
             break;
         }
         struct pollfd pfd = {.fd = c->sock,

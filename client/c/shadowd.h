@@ -369,8 +369,9 @@ int shadowd_set_socket(struct shadowd *c, const char *socket_path);
  * the process-local tier. Fds already returned stay valid. Safe on a
  * zero-filled struct (it closes nothing) and twice; *c* can be used again
  * (settings and breaker kept). Waits for answers the daemon owes at most
- * the reply timeout (client/c/README.md, "Reports"); reaching it opens the
- * breaker. */
+ * the reply timeout, or an owed request's own later deadline (one that may
+ * wait on the daemon's copy; client/c/README.md, "Reports"); reaching it
+ * opens the breaker. */
 void shadowd_close(struct shadowd *c);
 
 /* Timeouts in ms (see the top of this file): connect + hello, a reply, and

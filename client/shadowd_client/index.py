@@ -153,19 +153,20 @@ class IndexView:
     def __init__(
         self, fd: int, pid: int, slots: int, *, peer: tuple[int, int] | None = None
     ) -> None:
-        own = os.fstat(fd)
-        size = own.st_size
-        if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
-            raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         # Checked before it is mapped: cut short under our mapping, its next read
         # would kill this process with SIGBUS; a file that is no memfd (F_GET_SEALS
         # fails) could be one on a FUSE mount, whose page faults wait on its server.
+        # Its size is read after: until sealed it can be cut short at any time.
         try:
             seals = fcntl.fcntl(fd, _F_GET_SEALS)
         except OSError:
             seals = 0
         if not seals & fcntl.F_SEAL_SHRINK:
             raise BadIndex("the index is not a memfd sealed against shrinking")
+        own = os.fstat(fd)
+        size = own.st_size
+        if slots < 1 or slots & (slots - 1) or size != HEADER + slots * SLOT:
+            raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         (magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation, base, count,
          index_fd) = _HEADER.unpack_from(self._map, 0)  # fmt: skip

@@ -68,6 +68,8 @@ DEFAULT_TIMEOUT = 0.25
 #: a version 1 daemon's do, so its answers are not timed.
 SLOW_FRACTION = 0.5
 SLOW_IN_A_ROW = 3
+#: Opener.preload asks one batch a call; all of them within so many reply timeouts.
+ASK_MANY_TIMEOUTS = 4
 #: The first backoff window after a failure, doubled after each failed retry.
 DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -364,6 +366,7 @@ class Opener:
         self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
         self._slow = 0  # answers slower than SLOW_FRACTION of the timeout, in a row
+        self._slow_until = float("-inf")  # when the last one counted came (monotonic)
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
         self.local_opens = 0
@@ -850,6 +853,26 @@ class Opener:
         return answer
 
     def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
+        """One call a batch (max_batch), each with its own timeout and timed for the
+        latency breaker: one call of many batches has one timeout for them all, which a
+        healthy daemon asked of thousands of files overran (the breaker opened); a daemon
+        slow at every batch opens the latency breaker, which ends the asking here, and one
+        just under that ends it after ASK_MANY_TIMEOUTS timeouts in all (the files not
+        asked are opened as any other, later)."""
+        out: list[Answer | ShadowdError] = []
+        limit = None if self._client is None else self._client.timeout
+        until = None if limit is None else time.monotonic() + ASK_MANY_TIMEOUTS * limit
+        while len(out) < len(fds):
+            if not self._usable() or (until is not None and time.monotonic() >= until):
+                why = "its breaker is open" if not self._usable() else "the time to ask is up"
+                gone = DaemonUnavailable(f"shadowd not asked of these files ({why})")
+                return out + [gone] * (len(fds) - len(out))
+            # (Heard at the first call's hello: until then, the protocol's default.)
+            at, step = len(out), max(1, (self._limits() or {}).get("max_batch") or 64)
+            out += self._ask_batch(fds[at : at + step], labels[at : at + step])
+        return out
+
+    def _ask_batch(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
         assert self._client is not None
         started = time.monotonic()
         try:
@@ -887,8 +910,15 @@ class Opener:
             and client is not None
             and client.version != 1  # its misses wait for its copy
         )
+        now = time.monotonic()
         with self._lock:
-            self._slow = self._slow + 1 if slow else 0
+            if not slow:
+                self._slow = 0
+            elif took is not None and now - took >= self._slow_until:
+                self._slow += 1
+                self._slow_until = now
+            # else: asked while a slow answer already counted was owed (threads
+            # share the connection: it waited behind that one), not one more.
             tripped = self._slow >= SLOW_IN_A_ROW
             if not tripped:
                 back, self._down = self._down, False
