@@ -946,6 +946,34 @@ async def test_threads_waiting_behind_one_late_answer_do_not_open_the_breaker(
     )
 
 
+def _preload_answered_after(
+    sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
+) -> tuple[int, bool, float]:
+    """Opener.preload of *files* against a stand-in that answers every batch (of
+    *max_batch*) *pause* after reading it, all misses being filled: the batches asked,
+    whether the breaker opened, and how long the preload took."""
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] != "open_batch":
+            return False
+        time.sleep(pause)
+        items = [{"ok": True, "hit": False, "miss": True, "filling": True}] * len(fds)
+        try:
+            _send(conn, {"id": msg["id"], "ok": True, "results": items})
+        except OSError:
+            return False
+        return None
+
+    with FakeDaemon(sock, answer, limits={"max_batch": max_batch}) as fake:
+        opener = Opener(fake.path, timeout=timeout, retry_after=30.0)
+        try:
+            started = time.monotonic()
+            opener.preload(list(files))
+            return len(fake.requests), opener._down, time.monotonic() - started
+        finally:
+            opener.close()
+
+
 async def test_a_preload_of_many_batches_each_answered_in_time_keeps_the_breaker_shut(
     shared_dir: Path, tmp_path: Path
 ) -> None:
@@ -956,33 +984,14 @@ async def test_a_preload_of_many_batches_each_answered_in_time_keeps_the_breaker
     (the default 0.25 s timeout: DaemonTimeout, the breaker opened, nothing kept). The
     Opener asks one batch a call, each with its own timeout, and a daemon slow at every
     batch opens the latency breaker (SLOW_IN_A_ROW), which ends the preload. Here ten
-    batches answered 0.08 s each under a 0.25 s timeout: all ten asked, the breaker
-    shut (before: 0.25 s, DaemonTimeout, the breaker open)."""
+    batches answered 0.1 s each under a 0.5 s timeout (slow from 0.25 s): all ten
+    asked, the breaker shut (before: DaemonTimeout at 0.5 s, the breaker open)."""
     files = [make_file(tmp_path / f"p{i}", os.urandom(300_000)) for i in range(40)]
     settle(*files, window=1.0)
-
-    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
-        if msg["op"] != "open_batch":
-            return False
-        time.sleep(0.08)
-        items = [{"ok": True, "hit": False, "miss": True, "filling": True}] * len(fds)
-        try:
-            _send(conn, {"id": msg["id"], "ok": True, "results": items})
-        except OSError:
-            return False
-        return None
-
-    def blocking() -> tuple[int, bool]:
-        with FakeDaemon(shared_dir / "p.sock", answer, limits={"max_batch": 4}) as fake:
-            opener = Opener(fake.path, timeout=0.25, retry_after=30.0)
-            try:
-                opener.preload(list(files))
-                return len(fake.requests), opener._down
-            finally:
-                opener.close()
-
     with trio.fail_after(60):
-        asked, down = await trio.to_thread.run_sync(blocking)
+        asked, down, _ = await trio.to_thread.run_sync(
+            _preload_answered_after, shared_dir / "p.sock", files, 0.1, 4, 0.5
+        )
     assert (asked, down) == (10, False), (asked, down)
 
 
@@ -993,35 +1002,15 @@ async def test_a_preload_asked_of_a_daemon_just_under_slow_ends_after_four_timeo
     half the timeout (never slow to the latency breaker) would hold it one such answer
     a batch, however many. The asking ends after ASK_MANY_TIMEOUTS timeouts in all
     (the files not asked are opened later as any other), the breaker shut: forty
-    batches answered 0.1 s each under 0.25 s, about ten asked in about 1 s, not 4 s."""
+    batches answered 0.2 s each under 0.5 s, about ten asked in about 2 s, not 8 s."""
     files = [make_file(tmp_path / f"q{i}", os.urandom(300_000)) for i in range(40)]
     settle(*files, window=1.0)
-
-    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
-        if msg["op"] != "open_batch":
-            return False
-        time.sleep(0.1)
-        items = [{"ok": True, "hit": False, "miss": True, "filling": True}] * len(fds)
-        try:
-            _send(conn, {"id": msg["id"], "ok": True, "results": items})
-        except OSError:
-            return False
-        return None
-
-    def blocking() -> tuple[int, bool, float]:
-        with FakeDaemon(shared_dir / "q.sock", answer, limits={"max_batch": 1}) as fake:
-            opener = Opener(fake.path, timeout=0.25, retry_after=30.0)
-            try:
-                started = time.monotonic()
-                opener.preload(list(files))
-                return len(fake.requests), opener._down, time.monotonic() - started
-            finally:
-                opener.close()
-
     with trio.fail_after(60):
-        asked, down, took = await trio.to_thread.run_sync(blocking)
+        asked, down, took = await trio.to_thread.run_sync(
+            _preload_answered_after, shared_dir / "q.sock", files, 0.2, 1, 0.5
+        )
     assert 5 <= asked <= 12 and not down, (asked, down, took)
-    assert took < 2.0, (asked, took)
+    assert took < 4.0, (asked, took)
 
 
 async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
