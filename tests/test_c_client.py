@@ -3038,6 +3038,24 @@ async def test_close_sends_the_last_report_without_waiting_for_its_answer(
     assert after["index_hits"] == before["index_hits"] + 7
 
 
+def _small_files(directory: Path, n: int) -> Path:
+    """*directory* with *n* small files of their own bytes (100 + i), past the racy window."""
+    directory.mkdir()
+    for i in range(n):
+        make_file(directory / str(i), os.urandom(100 + i))
+    settle(*directory.iterdir())
+    return directory
+
+
+def _cache_all(daemon: Daemon, directory: Path) -> None:
+    """Every file of *directory* cached by *daemon* (a Python client's miss waits for its copy)."""
+    from shadowd_client import Client
+
+    with Client(daemon.socket_path, timeout=10) as c:
+        for f in directory.iterdir():
+            os.close(c.open(f))
+
+
 async def test_a_close_in_several_reports_while_the_daemon_is_stopped_loses_none(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -3048,22 +3066,11 @@ async def test_a_close_in_several_reports_while_the_daemon_is_stopped_loses_none
     the three: the reports queued behind a failed answer are read at the connection's
     end and counted (before, only the first was)."""
     daemon = await start_daemon("--racy-window", "0.05", "--max-request", "1024")
-    files = tmp_path / "files"
-    files.mkdir()
-    for i in range(100):
-        make_file(files / str(i), os.urandom(100 + i))
-    settle(*files.iterdir())
-
-    def cache_them() -> None:
-        from shadowd_client import Client
-
-        with Client(daemon.socket_path, timeout=10) as c:
-            for f in files.iterdir():
-                os.close(c.open(f))  # a miss waits for the daemon's copy
+    files = _small_files(tmp_path / "files", 100)
 
     d = driver()
     with trio.fail_after(60):
-        await trio.to_thread.run_sync(cache_them)
+        await trio.to_thread.run_sync(_cache_all, daemon, files)
         for cmd in ("socket", daemon.socket_path), ("timeouts", 10_000, 300, 0), ("log", "quiet"):
             await ask(d, *cmd)
         assert (await ask(d, "indexready"))["ready"] == 1
@@ -3096,22 +3103,11 @@ async def test_index_hits_while_the_daemon_reads_nothing_are_all_reported_later(
     once the daemon reads again, each close reports the rest, and the daemon counts
     exactly every hit."""
     daemon = await start_daemon("--racy-window", "0.05")
-    files = tmp_path / "files"
-    files.mkdir()
-    for i in range(300):
-        make_file(files / str(i), os.urandom(100 + i))
-    settle(*files.iterdir())
-
-    def cache_them() -> None:
-        from shadowd_client import Client
-
-        with Client(daemon.socket_path, timeout=10) as c:
-            for f in files.iterdir():
-                os.close(c.open(f))  # a miss waits for the daemon's copy
+    files = _small_files(tmp_path / "files", 300)
 
     one, many = driver(), driver()
     with trio.fail_after(60):
-        await trio.to_thread.run_sync(cache_them)
+        await trio.to_thread.run_sync(_cache_all, daemon, files)
         for d in one, many:
             # Timeouts no stop below reaches: a late answer would open the breaker.
             for cmd in ("socket", daemon.socket_path), ("timeouts", 10_000, 10_000, 0), (
