@@ -1451,15 +1451,16 @@ conn_open(struct shadowd *c, int how)
     return send_hello(c);
 }
 
-/* The earliest deadline anyone waits for (0: none). */
+/* The earliest deadline anyone waits for, or with *latest* the latest
+ * (0: none). */
 static long long
-earliest_deadline(struct shadowd *c)
+owed_deadline(struct shadowd *c, int latest)
 {
     long long until = P(c)->hello == H_SENT ? P(c)->hello_deadline : 0;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         const struct shadowd_slot_ *s = &P(c)->slots[i];
         if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 &&
-            (until == 0 || s->deadline < until))
+            (until == 0 || (latest ? s->deadline > until : s->deadline < until)))
             until = s->deadline;
     }
     return until;
@@ -1513,7 +1514,7 @@ wait_until(struct shadowd *c, int (*done)(struct shadowd *, const void *), const
         long long now = mono_us();
         if (check_deadlines(c, now))
             break;
-        long long until = earliest_deadline(c);
+        long long until = owed_deadline(c, 0);
         int ms = until ? (int)((until - now + 999) / 1000) : CEILING_MS;
         struct pollfd pfd = {.fd = c->sock, .events = POLLIN};
         int r = poll(&pfd, 1, ms < 0 ? 0 : ms);
@@ -3583,16 +3584,11 @@ report_last(struct shadowd *c, int last)
          * (one that may wait on the daemon's copy gets time per MiB, more
          * once a version 1 hello makes a miss wait): a daemon still copying
          * a large file is not a hung one, and is not to open the breaker. */
-        long long deadline = base;
-        if (p->hello == H_SENT && p->hello_deadline > deadline)
-            deadline = p->hello_deadline;
+        long long latest = owed_deadline(c, 1), deadline = latest > base ? latest : base;
         for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
             const struct shadowd_slot_ *t = &p->slots[i];
-            if (t->id != 0 && (t->state == SENT || t->state == CANCELLED)) {
+            if (t->id != 0 && (t->state == SENT || t->state == CANCELLED))
                 *(t->kind == K_REPORT ? &waiting : &others) += 1;
-                if (t->deadline > deadline)
-                    deadline = t->deadline;
-            }
         }
         long long left = deadline - mono_us();
         int sent = why == REPORT_SENT || why == REPORT_NO_INDEX; /* nothing more to send */
@@ -4808,7 +4804,7 @@ shadowd_poll_timeout(struct shadowd *c)
             return 0;
     }
     if (P(c)->live)
-        until = earliest_deadline(c);
+        until = owed_deadline(c, 0);
     if (until == 0)
         return -1;
     long long left = until - mono_us();
