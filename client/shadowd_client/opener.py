@@ -902,12 +902,12 @@ class Opener:
         """The daemon answered; *took*: in so many seconds (None: not timed). The
         SLOW_IN_A_ROW-th slow answer in a row opens the breaker instead (_failed)."""
         client = self._client
-        limit = None if client is None or client.timeout is None else client.timeout
+        limit = None if client is None else client.timeout
         slow = (
             took is not None
+            and client is not None
             and limit is not None
             and took >= SLOW_FRACTION * limit
-            and client is not None
             and client.version != 1  # its misses wait for its copy
         )
         now = time.monotonic()
