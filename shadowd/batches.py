@@ -85,7 +85,9 @@ class Batches:
                 try:
                     # A batch that does not wait tells of files its client has (or
                     # copies) already: their fills go after the uid's lone misses.
-                    outcome = opens.serve_now(src.fd, labels[i], share, wait=wait, told=not wait)
+                    outcome = opens.serve_now(
+                        src.fd, labels[i], share, wait=wait, told=not wait, serve=serve
+                    )
                 except RequestError as exc:
                     opens.refusals.count(peer, exc.code, exc.message)
                     results[i] = Refusal(code=exc.code, message=exc.message)

@@ -326,6 +326,15 @@ class Cache:
         self.evictions += 1
         return entry
 
+    def unserved(self, entry: Entry) -> None:
+        """A hit that serves nobody (a told file: its client copied it itself): the
+        entry stays most recently used, and the open counts as the miss it was for
+        the client, not as a hit or in the entry's savings."""
+        counters = self._counters(entry.private)
+        counters.hits -= 1
+        counters.misses += 1
+        entry.hits -= 1
+
     def reject(self, entry: Entry) -> None:
         """A hit that turned out unusable (its memfd was changed, its source cannot be
         vouched for): counted as the miss it is now, and the entry dropped."""

@@ -210,8 +210,9 @@ class Dispatcher:
             holder.detach()  # now in *out*
         elapsed = _now() - self.started
         for r in results:
-            # A told file the cache holds (HELD: no fd, serve false) is a hit too.
-            if isinstance(r, Served) or (isinstance(r, Miss) and r.hit):
+            # A told file the cache holds (HELD: no fd, serve false) was a miss to
+            # its client, which copied it: counted as one (HostOpens.serve_now).
+            if isinstance(r, Served):
                 self.latency.hit.observe(elapsed)
             elif isinstance(r, Miss):
                 self.latency.miss.observe(elapsed)

@@ -182,6 +182,7 @@ class HostOpens:
         *,
         wait: bool = True,
         told: bool = False,
+        serve: bool = True,
     ) -> Hit | Flight | Miss | _Throttled | None:
         """Answer from the cache, or join the copy of this version, without waiting.
 
@@ -191,7 +192,9 @@ class HostOpens:
         untrusted filesystem, which a worker must inspect. With *wait* False
         a miss is a Miss instead: a copy is started in the background when
         it would be cached, and nothing waits; *told* (an item of a batch)
-        makes that copy wait for every other job of the uid (filling.py).
+        makes that copy wait for every other job of the uid (filling.py); with
+        *serve* False too (a told file its client copied itself) a hit serves
+        nobody and counts as the miss it was for that client.
         Raises RequestError for an fd that is refused. *fd* stays the
         caller's in every case.
         """
@@ -203,7 +206,12 @@ class HostOpens:
             check_regular(st)  # raises, naming what it is
         if st.size > self.limits.max_file_size:
             self.check_size(st.size)  # raises
-        return self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait, told=told)
+        outcome = self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait, told=told)
+        if not serve and type(outcome) is tuple:
+            entry = self.cache.peek(HostKey(st.dev, st.ino))
+            assert entry is not None  # a hit, and nothing ran since
+            self.cache.unserved(entry)
+        return outcome
 
     def lookup_or_fly(
         self,
