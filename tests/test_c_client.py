@@ -3741,8 +3741,8 @@ def test_the_latency_breakers_window_takes_no_index_hit(driver: Any, tmp_path: P
     """Three preloads answered 0.3 s late under a reply timeout of 0.5 s open the
     latency breaker, which keeps the connection and its index: while its window runs
     the index serves no hit (the file the index holds is copied here, as after any
-    failure, docs/protocol.md), and after it, it does again. Before: no breaker, and
-    the index hit went on."""
+    failure, docs/protocol.md; shadowd_index_open says the breaker is open), and after
+    it, it does again. Before: no breaker, and the index hit went on."""
     s = _SlowBatches(tmp_path)
     g, _ = big(tmp_path / "g")
     settle(g)
@@ -3760,9 +3760,11 @@ def test_the_latency_breakers_window_takes_no_index_hit(driver: Any, tmp_path: P
             for _ in range(3):
                 d("preload", g)
             during = d("routed", f0)
+            plain_during = d("indexopen", f0)
             counts = d("counts")
             time.sleep(1.1)  # the window (1 s) is over
             after = d("routed", f0)
+            plain_after = d("indexopen", f0)
             log = d.finish()
     finally:
         s.close()
@@ -3771,8 +3773,9 @@ def test_the_latency_breakers_window_takes_no_index_hit(driver: Any, tmp_path: P
     if any("timed out" in ln for ln in lines):
         return  # a loaded machine made an answer late: the breaker opened all the same
     assert (during["route"], during["copied_why"]) == ("copy", "breaker"), during
+    assert plain_during["fd"] == -1 and plain_during["code"] == "unavailable", plain_during
     assert counts["slow"] == 3 and counts["index"] == 1, counts
-    assert after["route"] == "index", after
+    assert after["route"] == "index" and plain_after["route"] == "index", (after, plain_after)
     assert "answered 3 requests in a row" in lines[0], lines
 
 

@@ -4064,6 +4064,8 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
         return -1;
     }
     clear(c);
+    if (gate(c))
+        return -1; /* the latency breaker's window: its index is held, not used */
     return index_hit(c, st, NULL);
 }
 

@@ -719,8 +719,8 @@ int shadowd_index_ready(struct shadowd *c);
 
 /* The plain index hit: a sealed, read-only fd of the version *st* says
  * (the caller's own fstat of *src*; NULL: fstat here) from the daemon's
- * index, or -1: not there (code "", error empty), or no index (error says
- * why). The index is fetched as shadowd_index_ready does when this
+ * index, or -1: not there (code "", error empty), no index (error says
+ * why), or the breaker is open (code "unavailable"). The index is fetched as shadowd_index_ready does when this
  * connection has none; the hit is counted and reported like the routed
  * calls' hits. Never uses or fills the process-local tier. */
 int shadowd_index_open(struct shadowd *c, int src, const struct stat *st);
