@@ -318,6 +318,8 @@ main(void)
             shadowd_set_timeouts(&c, atoi(argv[1]), atoi(argv[2]), atoi(argv[3]));
         } else if (strcmp(cmd, "backoff") == 0) {
             shadowd_set_backoff(&c, atoi(argv[1]), atoi(argv[2]));
+        } else if (strcmp(cmd, "slow") == 0) {
+            shadowd_set_slow(&c, atoi(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "routing") == 0) {
             shadowd_set_routing(&c, atoll(argv[1]), atoi(argv[2]));
         } else if (strcmp(cmd, "cold") == 0) {
@@ -797,10 +799,12 @@ main(void)
             emit("\"fds\": %d, \"us\": %.1f, ", count_fds(), now_us() - t);
         } else if (strcmp(cmd, "counts") == 0) {
             emit("\"index\": %llu, \"index_refused\": %llu, \"reported\": %llu, "
-                 "\"read_opens\": %llu, \"unopened\": %llu, ",
+                 "\"read_opens\": %llu, \"unopened\": %llu, \"other_version\": %llu, "
+                 "\"slow\": %llu, ",
                  (unsigned long long)c.counts.index, (unsigned long long)c.counts.index_refused,
                  (unsigned long long)c.counts.reported, (unsigned long long)c.counts.read_opens,
-                 (unsigned long long)c.counts.unopened);
+                 (unsigned long long)c.counts.unopened, (unsigned long long)c.counts.other_version,
+                 (unsigned long long)c.counts.slow);
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
                  "\"missed\": %llu, \"preloaded\": %llu, "
                  "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "

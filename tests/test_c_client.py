@@ -1195,6 +1195,72 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         await body()
 
 
+def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
+    driver: Any, tmp_path: Path
+) -> None:
+    """The latency breaker (shadowd_set_slow; the Python Opener's SLOW_FRACTION and
+    SLOW_IN_A_ROW): a stand-in answers the hello and most opens 0.55 s late under a
+    reply timeout of 1 s, every answer in time. Three slow answers in a row open the
+    breaker for its window (the opens then are copied here at once); one in time
+    between them ends the streak; the slow hello is not timed (only the wait for the
+    request's own answer is); after the window an answer in time closes it ("is
+    back"). Before: every open asked, each waiting 0.55 s, and nothing opened."""
+    f, digest = big(tmp_path / "lib.so")
+    settle(f)
+    slow = 0.55
+    # The hello, then the opens in the order asked: slow, slow, in time, slow x 3
+    # (the breaker opens), and in time from then on.
+    delays = [slow, slow, 0.0, slow, slow, slow]
+    asked: list[float] = []
+
+    def late(conn: socket.socket) -> None:
+        time.sleep(slow)
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+        for msg, fds in _requests(conn):
+            try:
+                if msg["op"] != "open":
+                    no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+                    conn.send(msgpack.packb(no))
+                    continue
+                delay = delays[len(asked)] if len(asked) < len(delays) else 0.0
+                asked.append(delay)
+                time.sleep(delay)
+                version = _stat_version(fds[0])
+                _served(conn, msg, fds[0], {"hit": True, "version": version, "cached": True})
+            finally:
+                close_fds(fds)
+
+    path = tmp_path / "late.sock"
+    with stand_in_daemon(path, late):
+        d = driver()
+        for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), ("index", 0, 0), (
+                "cold", 0, 0), ("timeouts", 1000, 1000, 0), ("backoff", 1000, 1000), (
+                "log", "capture"):  # fmt: skip
+            d(*cmd)
+        opens = [d("routed", f) for _ in range(8)]
+        counts = d("counts")
+        time.sleep(1.1)  # the window (1 s) is over
+        back = d("routed", f)
+        log = d.finish()
+    assert all(r["hash"] == digest for r in (*opens, back)), opens
+    lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+    if any("timed out" in ln for ln in lines):
+        # A loaded machine made an answer later than the timeout: the breaker opened
+        # at that failure, no later than the rule would have.
+        assert len(asked) <= len(delays) + 1, asked
+        return
+    # Six asked (the sixth the third slow in a row), two copied by the breaker, then
+    # the window's end: asked again, answered in time.
+    assert len(asked) == 7, (asked, opens)
+    assert [r["route"] for r in opens] == ["daemon"] * 6 + ["copy"] * 2, opens
+    assert [r["copied_why"] for r in opens[6:]] == ["breaker", "breaker"], opens
+    assert counts["slow"] == 5 and counts["fast"] == 2 and counts["available"] == 0, counts
+    assert back["route"] == "daemon", back
+    assert len(lines) == 2, log
+    assert "answered 3 requests in a row in 50% of the reply timeout (1000 ms)" in lines[0]
+    assert lines[1].startswith(f"LOG daemon at {path} is back"), lines
+
+
 async def test_after_a_dropped_connection_routed_opens_keep_the_daemons_last_limits(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:
@@ -1589,7 +1655,7 @@ def test_pipelined_replies_are_matched_by_id(driver: Any, tmp_path: Path) -> Non
             os.close(fd)
         until_closed(conn)
 
-    f = make_file(tmp_path / "f", b"x")
+    f = make_file(tmp_path / "f", b"x" * 10)  # as many bytes as each reply serves
     path = tmp_path / "rev.sock"
     with stand_in_daemon(path, reverse):
         d = driver()
@@ -1791,6 +1857,7 @@ async def test_the_tier_reopens_hits_without_asking_the_daemon(
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
     assert counts["held"] == 5 and counts["protocol"] == 2
     assert counts["missed"] == len(filled)  # the first miss and those while filling
+    assert counts["other_version"] == 0 and counts["slow"] == 0  # the real daemon's answers
 
 
 @pytest.mark.parametrize("young_ms", [0, 50])
@@ -2189,9 +2256,13 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
         st = files[n][0].stat()
         assert got[n][0]["version"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         assert got[n][0]["cached"]
-    for n in ("other-version", "not-cached", "no-version"):
+    for n in ("not-cached", "no-version"):
         assert routes[n] == ["daemon", "daemon"], (n, got[n])  # served, never kept
     assert got["no-version"][0]["version"] is None and got["not-cached"][0]["cached"] is False
+    # Another version than the caller's fstat saw: never handed out, copied here.
+    for r in got["other-version"]:
+        assert (r["route"], r["copied_why"]) == ("copy", "failed"), r
+        assert "not the caller's" in r["error"], r
     # A miss answered at once: copied here, and said so.
     for r in got["miss"]:
         assert (r["route"], r["copied_why"], r["v2_miss"], r["filling"]) == (
@@ -3653,6 +3724,61 @@ class _Shrinkable(_Stand):
         return None
 
 
+class _SlowBatches(_Stand):
+    """A stand-in with an index that answers every open_batch 0.3 s late, all misses."""
+
+    def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        if msg["op"] != "open_batch":
+            return super().serve_one(conn, msg)
+        time.sleep(0.3)
+        miss = {"ok": True, "hit": False, "miss": True, "filling": False}
+        reply = {"id": msg["id"], "ok": True, "results": [miss] * len(msg["paths"])}
+        conn.send(msgpack.packb(reply))
+        return None
+
+
+def test_the_latency_breakers_window_takes_no_index_hit(driver: Any, tmp_path: Path) -> None:
+    """Three preloads answered 0.3 s late under a reply timeout of 0.5 s open the
+    latency breaker, which keeps the connection and its index: while its window runs
+    the index serves no hit (the file the index holds is copied here, as after any
+    failure, docs/protocol.md; shadowd_index_open says the breaker is open), and after
+    it, it does again. Before: no breaker, and the index hit went on."""
+    s = _SlowBatches(tmp_path)
+    g, _ = big(tmp_path / "g")
+    settle(g)
+    f0, _ = s.files[0]
+    path = tmp_path / "slow-batches.sock"
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), (
+                    "timeouts", 1000, 500, 0), ("backoff", 1000, 1000), (
+                    "log", "capture"):  # fmt: skip
+                d(*cmd)
+            assert d("indexready")["ready"] == 1
+            first = d("routed", f0)
+            for _ in range(3):
+                d("preload", g)
+            during = d("routed", f0)
+            plain_during = d("indexopen", f0)
+            counts = d("counts")
+            time.sleep(1.1)  # the window (1 s) is over
+            after = d("routed", f0)
+            plain_after = d("indexopen", f0)
+            log = d.finish()
+    finally:
+        s.close()
+    assert first["route"] == "index", first
+    lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+    if any("timed out" in ln for ln in lines):
+        return  # a loaded machine made an answer late: the breaker opened all the same
+    assert (during["route"], during["copied_why"]) == ("copy", "breaker"), during
+    assert plain_during["fd"] == -1 and plain_during["code"] == "unavailable", plain_during
+    assert counts["slow"] == 3 and counts["index"] == 1, counts
+    assert after["route"] == "index" and plain_after["route"] == "index", (after, plain_after)
+    assert "answered 3 requests in a row" in lines[0], lines
+
+
 def test_an_index_the_daemon_could_shrink_is_never_mapped(driver: Any, tmp_path: Path) -> None:
     """An index memfd without F_SEAL_SHRINK (a hostile or broken daemon) is not
     taken: once mapped, the daemon could cut it short, and the supervisor's next
@@ -4003,6 +4129,120 @@ def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path
     for r in routed:
         assert r["route"] == "copy" and r["copied_why"] == "failed", r
         assert r["hash"] == digest and r["accmode"] == os.O_RDONLY, r
+
+
+def _lying(conn: socket.socket) -> None:
+    """A stand-in of version 2 that serves each file as its name says: "good" its
+    bytes and version; "stale" other bytes of its size said to be an older version (its
+    ctime 1 ns earlier: a cache that missed a rewrite); "short" fewer bytes said to be
+    the caller's version; "unsaid" fewer bytes and no version (as version 1, or a file
+    dated past 2262); "moved" its bytes and version through a read-only description
+    whose offset another holder moved (a description it shares). A lookup gets 11 bytes
+    for any key."""
+
+    def fd_for(src: int) -> tuple[int, dict[str, Any]]:
+        name = Path(os.readlink(f"/proc/self/fd/{src}")).name  # (labels are optional)
+        data = os.pread(src, 1 << 20, 0)
+        version = _stat_version(src)
+        said: dict[str, Any] = {"version": version, "cached": True}
+        if name == "stale":
+            data = bytes(b ^ 0xFF for b in data)
+            said["version"] = [version[0], version[1], version[2] - 1]
+        elif name in ("short", "unsaid"):
+            data = data[:-100]
+            if name == "unsaid":
+                said = {}
+        fd = sealed_fd(data)
+        if name == "moved":
+            os.lseek(fd, 7, os.SEEK_SET)
+        return fd, {"ok": True, "size": len(data), "hit": True, **said}
+
+    _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+    for msg, fds in _requests(conn):
+        served: list[int] = []
+        try:
+            if msg["op"] == "open":
+                fd, item = fd_for(fds[0])
+                served.append(fd)
+                reply = {"id": msg["id"], **item}
+            elif msg["op"] == "open_batch":
+                items = []
+                for src in fds:
+                    fd, item = fd_for(src)
+                    served.append(fd)
+                    items.append(item)
+                reply = {"id": msg["id"], "ok": True, "results": items}
+            elif msg["op"] == "lookup":
+                served.append(sealed_fd(b"eleven byte"))
+                reply = {"id": msg["id"], "ok": True, "size": 11, "hit": True}
+            else:
+                reply = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights(served) if served else [])
+        finally:
+            close_fds([*fds, *served])
+
+
+def test_a_served_descriptor_of_another_version_is_never_handed_out(
+    driver: Any, tmp_path: Path
+) -> None:
+    """Every tier checks the version against the caller's own fstat (DESIGN.md, "The
+    open path"); the socket's now does too. A stand-in (_lying) serves stale bytes said
+    to be an older version, too few bytes said to be the caller's version or said to be
+    no version at all, and a description another holder moved. The routed calls copy
+    the file here instead (its bytes as they are now), the others fail "unstable" (the
+    moved description: refused as not its own); only the good file is served, and the
+    breaker stays shut. Before: each was handed out, stale and short bytes included."""
+    names = ["good", "stale", "short", "unsaid", "moved"]
+    files = {n: big(tmp_path / n) for n in names}
+    settle(*(f for f, _ in files.values()))
+    bad = names[1:]
+    path = tmp_path / "lying.sock"
+    with stand_in_daemon(path, _lying):
+        d = driver()
+        # Long timeouts: the stand-in is a thread of this (maybe loaded) process.
+        for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), ("index", 0, 0), (
+                "cold", 0, 0), ("timeouts", 10000, 10000, 4), ("log", "capture"):  # fmt: skip
+            d(*cmd)
+        routed = {n: d("routed", f) for n, (f, _) in files.items()}
+        plain = {n: d("openfd", f) for n, (f, _) in files.items()}
+        batch = d("batch", *(f for f, _ in files.values()))
+        rbatch = d("rbatch", *(f for f, _ in files.values()))
+        d("rsubmit", files["stale"][0], 1)
+        d("submit", files["short"][0], 2)
+        collected = d("collect", 2, 10000)
+        lookup = d("lookup", "ns", 5, 5, OLD_NS, OLD_NS)
+        counts = d("counts")
+        log = d.finish()
+    for n, (_, digest) in files.items():
+        r = routed[n]
+        assert r["hash"] == digest, (n, r)  # never the stand-in's wrong bytes
+        if n == "good":
+            assert r["route"] == "daemon", r
+            continue
+        assert (r["route"], r["copied_why"]) == ("copy", "failed"), (n, r)
+        want = "offset is not 0" if n == "moved" else "refused it"
+        assert want in r["error"], (n, r)
+    assert routed["stale"]["version"] is None  # a copy: no version said
+    for n, (_, digest) in files.items():
+        r = plain[n]
+        if n == "good":
+            assert (r["route"], r["hash"]) == ("daemon", digest), r
+        else:
+            assert r["fd"] == -1 and r["code"] == ("" if n == "moved" else "unstable"), (n, r)
+    assert "not the caller's [" in plain["stale"]["error"], plain["stale"]
+    assert "bytes for a file of 200000" in plain["unsaid"]["error"], plain["unsaid"]
+    assert [i["fd"] >= 0 for i in batch["items"]] == [True] + [False] * len(bad), batch
+    assert [i["code"] for i in batch["items"][1:]] == ["unstable"] * 3 + [""], batch
+    for i, (n, (_, digest)) in zip(rbatch["items"], files.items(), strict=True):
+        assert i["hash"] == digest, (n, i)
+        assert i["route"] == ("daemon" if n == "good" else "copy"), (n, i)
+    by_tag = {r["tag"]: r for r in collected["results"]}
+    assert (by_tag[1]["route"], by_tag[1]["hash"]) == ("copy", files["stale"][1]), by_tag
+    assert by_tag[2]["fd"] == -1 and by_tag[2]["code"] == "unstable", by_tag
+    assert lookup["fd"] == -1 and lookup["code"] == "unstable", lookup
+    # stale, short and unsaid: routed, plain, batch, routed batch; two submits; the lookup.
+    assert counts["other_version"] == 3 * 4 + 2 + 1, counts
+    assert "LOG" not in log  # nothing of the daemon's is broken: no breaker
 
 
 async def test_the_index_turned_off_while_its_answer_is_on_the_way_is_not_taken(

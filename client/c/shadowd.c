@@ -74,6 +74,16 @@
 #define DEFAULT_REPLY_MS_PER_MIB 4
 #define DEFAULT_BACKOFF_FIRST_MS 1000
 #define DEFAULT_BACKOFF_MAX_MS 30000
+/* The latency breaker: an answer that took this share of the reply timeout
+ * or more is slow, and so many slow answers in a row open the breaker as a
+ * failure does, so that a daemon answering every request just within the
+ * timeout cannot cost each open nearly a timeout for good. A hit takes
+ * 25-150 us; on the project's loaded 2-vCPU VM answers over half the
+ * Python client's 250 ms came singly, never two in a row (docs/performance.md,
+ * "How late a hit comes on a loaded machine"). The Python Opener's rule
+ * (SLOW_FRACTION, SLOW_IN_A_ROW). */
+#define DEFAULT_SLOW_PERCENT 50
+#define DEFAULT_SLOW_IN_A_ROW 3
 #define DEFAULT_RACY_NS 1000000000LL /* the daemon's default --racy-window, until its hello says */
 /* Below this a local copy is cheaper than a hit through the daemon:
  * measured with `shadowd-open --crossover` (client/c/README.md). */
@@ -302,6 +312,8 @@ setup(struct shadowd *c)
     p->reply_ms_per_mib = DEFAULT_REPLY_MS_PER_MIB;
     p->backoff_first_ms = DEFAULT_BACKOFF_FIRST_MS;
     p->backoff_max_ms = DEFAULT_BACKOFF_MAX_MS;
+    p->slow_percent = DEFAULT_SLOW_PERCENT;
+    p->slow_in_a_row = DEFAULT_SLOW_IN_A_ROW;
     p->young_ms = -1; /* the daemon's racy window */
     p->want_version = PROTOCOL;
     p->race = 0;
@@ -361,6 +373,15 @@ shadowd_set_backoff(struct shadowd *c, int first_ms, int max_ms)
     P(c)->backoff_max_ms = max_ms < 0 ? DEFAULT_BACKOFF_MAX_MS : max_ms;
     if (P(c)->backoff_max_ms < P(c)->backoff_first_ms)
         P(c)->backoff_max_ms = P(c)->backoff_first_ms;
+}
+
+void
+shadowd_set_slow(struct shadowd *c, int percent, int in_a_row)
+{
+    ready(c);
+    P(c)->slow_percent = percent < 0 ? DEFAULT_SLOW_PERCENT : percent;
+    P(c)->slow_in_a_row = in_a_row < 0 ? DEFAULT_SLOW_IN_A_ROW : in_a_row;
+    P(c)->slow_streak = 0;
 }
 
 void
@@ -496,6 +517,46 @@ gate(struct shadowd *c)
     fail(c, SHADOWD_UNAVAILABLE, 0, "shadowd at %s is unavailable (%s); not trying it again for %lld ms",
          c->socket_path, p->down_why, (left + 999) / 1000);
     return -1;
+}
+
+/* The answer to *s* came while this call waited for it: the latency
+ * breaker's part. Only a request that does not wait on the daemon's copy
+ * ("wait": false, in version 2) is timed, from just before it was sent to
+ * when its answer was read (not the connect, the hello, nor anything this
+ * client did after); a version 1 daemon's misses wait for its copy, so its
+ * answers are not. A slow one (slow_percent of the reply timeout or more)
+ * counts unless it was asked before the last slow one counted came (it
+ * waited behind that one: the same stall, once); slow_in_a_row of them
+ * open the breaker. The connection stays (nothing on it failed), unused
+ * while the window runs: no request, and neither its index's hits nor its
+ * index's word for the process-local tier (docs/protocol.md, of a breaker
+ * that is open). After the window the next slow answer opens it again,
+ * for a window twice as long; an answer in time ends the streak and
+ * closes it ("is back"). */
+static void
+timed(struct shadowd *c, const struct shadowd_slot_ *s)
+{
+    struct shadowd_private_ *p = P(c);
+    if (!s->nowait || s->answered_us == 0 || p->slow_in_a_row <= 0)
+        return;
+    long long took = s->answered_us - s->asked_us;
+    /* took (us) >= reply_ms * 1000 * slow_percent / 100 */
+    if (took * 100 < (long long)p->reply_ms * 1000LL * p->slow_percent) {
+        p->slow_streak = 0;
+        recovered(c);
+        return;
+    }
+    c->counts.slow++;
+    if (s->asked_us < p->slow_at)
+        return;
+    p->slow_at = s->answered_us;
+    if (++p->slow_streak < p->slow_in_a_row)
+        return;
+    char why[160];
+    snprintf(why, sizeof why,
+             "it answered %d requests in a row in %d%% of the reply timeout (%d ms) or more",
+             p->slow_in_a_row, p->slow_percent, p->reply_ms);
+    trip(c, why);
 }
 
 /* -- writing ------------------------------------------------------------ */
@@ -1629,11 +1690,57 @@ served_refusal(int fd)
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY)
         return "shadowd sent a descriptor not open read-only; refused it";
+    /* A new open file description starts at offset 0, and the daemon never
+     * reads through the one it sends. Elsewhere it is one that another
+     * holder moved: shared (a dup, or one description sent to several), so
+     * the tracee's reads would move under it. (A shared one nobody moved
+     * yet looks the same as a new one from here: see client/c/README.md.) */
+    if (lseek(fd, 0, SEEK_CUR) != 0)
+        return "shadowd sent a descriptor whose offset is not 0 (a description another "
+               "holder shares); refused it";
+    return NULL;
+}
+
+/* Why the daemon's *fd*, served for a source whose version before the
+ * request was *before* (the caller's own fstat, or this client's just
+ * before it asked), is not that version, or NULL (written to *buf*). A
+ * reply that says its version (*f*) must say *before*'s; and the fd itself
+ * must hold before's size, which is all a reply without a version can be
+ * checked by (version 1's, a file dated past 2262). With *size_only* the
+ * size alone (a private file: its key's). A version other than the
+ * caller's is never handed out as if it were that one: it is the bytes
+ * of another version (stale, when the daemon is wrong; newer, when the
+ * file changed between the two fstats), which the caller's own stat of
+ * the source does not describe. */
+static const char *
+served_other(int fd, const struct shadowd_version_ *before, int size_only, const struct fields *f,
+             char *buf, size_t len)
+{
+    struct stat st;
+    if (!size_only && f->has_version && !f->version_bad &&
+        (f->version.size != before->size || f->version.mtime_ns != before->mtime_ns ||
+         f->version.ctime_ns != before->ctime_ns)) {
+        snprintf(buf, len,
+                 "shadowd served version [%llu, %lld, %lld], not the caller's [%llu, %lld, "
+                 "%lld]; refused it",
+                 (unsigned long long)f->version.size, (long long)f->version.mtime_ns,
+                 (long long)f->version.ctime_ns, (unsigned long long)before->size,
+                 (long long)before->mtime_ns, (long long)before->ctime_ns);
+        return buf;
+    }
+    if (fstat(fd, &st) < 0)
+        st.st_size = -1;
+    if ((uint64_t)st.st_size != before->size) {
+        snprintf(buf, len, "shadowd served %lld bytes for a file of %llu; refused it",
+                 (long long)st.st_size, (unsigned long long)before->size);
+        return buf;
+    }
     return NULL;
 }
 
 static int
-batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds, int proto)
+batch_reply(struct shadowd *c, struct shadowd_slot_ *s, const struct reply *rep, int *fds,
+            int nfds, int proto)
 {
     struct fields f;
     struct in r = rep->results;
@@ -1678,6 +1785,13 @@ batch_reply(struct shadowd_slot_ *s, const struct reply *rep, int *fds, int nfds
             close(fd);
             it->code[0] = '\0';
             snprintf(s->error, sizeof s->error, "%s", refused);
+            continue;
+        }
+        if (s->befores != NULL &&
+            served_other(fd, &s->befores[i], 0, &f, s->error, sizeof s->error) != NULL) {
+            close(fd);
+            snprintf(it->code, sizeof it->code, "unstable");
+            c->counts.other_version++;
             continue;
         }
         it->fd = fd;
@@ -1781,6 +1895,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
                         (unsigned long long)f->id);
         return -1;
     }
+    s->answered_us = mono_us(); /* (timed, for the latency breaker, by whoever waited) */
     if (dropped) {
         /* Read whole and matched to its request: the connection is in step.
          * The descriptors that did come are closed (the reply is not handed
@@ -1834,6 +1949,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
         served_of(f, c->protocol, &sv);
         if (f->ok == 1 && s->kind == K_OPEN && !f->miss && nfds == 1 &&
             served_refusal(fds[0]) == NULL &&
+            served_other(fds[0], &s->before, 0, f, text, sizeof text) == NULL &&
             may_keep(s->src, &s->before, &sv, f->hit, f->size))
             held_put(c, fds[0], &s->before, s->asked_us);
         /* A miss it is filling says the daemon is cold, whenever it comes. */
@@ -1853,7 +1969,7 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
         code_text(s->code, sizeof s->code, f);
         refusal_text(s->error, sizeof s->error, f);
     } else if (s->kind == K_BATCH) {
-        if (batch_reply(s, rep, fds, nfds, c->protocol) < 0) {
+        if (batch_reply(c, s, rep, fds, nfds, c->protocol) < 0) {
             fail_connection(c, F_BAD, NULL, "bad batch reply from shadowd");
             return -1;
         }
@@ -1869,6 +1985,16 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
         snprintf(s->error, sizeof s->error, "%s", refused);
         close(fds[0]);
         s->failure = F_REQUEST;
+    } else if (s->check &&
+               served_other(fds[0], &s->before, s->check == 2, f, s->error, sizeof s->error)) {
+        /* Not the caller's version: the routed calls copy the file here
+         * (which reads it as it is now), the others fail. Nothing of the
+         * daemon's is broken (the file may have changed in between): the
+         * breaker stays shut. */
+        close(fds[0]);
+        s->failure = F_REQUEST;
+        snprintf(s->code, sizeof s->code, "unstable");
+        c->counts.other_version++;
     } else {
         s->fd = fds[0];
     }
@@ -1963,6 +2089,12 @@ struct request {
     const struct shadowd_key *key;      /* lookup, publish */
     int nowait;                         /* open, batch: "wait": false in version 2 */
     int noserve;                        /* batch with nowait: "serve": false too */
+    /* What a served fd must be (served_other): the source's version before
+     * the request (open; lookup and publish: its size alone, size_only),
+     * or each fd's (batch, in the order of fds). NULL: not checked. */
+    const struct shadowd_version_ *before;
+    const struct shadowd_version_ *befores;
+    int size_only;
 };
 
 static int
@@ -2064,6 +2196,11 @@ submit(struct shadowd *c, const struct request *rq, int owned, int *failure)
     rq->build(c, &o, s->id, rq);
     s->items = rq->items;
     s->map = rq->map;
+    s->befores = rq->befores;
+    if (rq->before != NULL) {
+        s->before = *rq->before;
+        s->check = rq->size_only ? 2 : 1;
+    }
     s->nitems = rq->nfds;
     s->src_size = rq->size;
     /* A publish may wait while the daemon copies a memfd it cannot seal. */
@@ -2095,6 +2232,7 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
         struct shadowd_slot_ *s = submit(c, rq, 0, &failure);
         if (s != NULL) {
             wait_until(c, slot_done, s);
+            timed(c, s);
             *res = *s;
             s->fd = -1; /* handed over in *res */
             slot_free(s);
@@ -2120,13 +2258,6 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
     return -1;
 }
 
-static uint64_t
-size_of_fd(int fd)
-{
-    struct stat st;
-    return fstat(fd, &st) == 0 && st.st_size > 0 ? (uint64_t)st.st_size : 0;
-}
-
 /* What a reply said beyond the fd, into the last-call fields of *c*. */
 static void
 say_served(struct shadowd *c, const struct shadowd_served_ *sv)
@@ -2138,15 +2269,18 @@ say_served(struct shadowd *c, const struct shadowd_served_ *sv)
     c->version = sv->version;
 }
 
-/* The daemon's fd for *src*, or -1 (error set); *sv* what the reply said.
- * With *nowait* (version 2), a miss is -1 with c->miss set and no error. */
+/* The daemon's fd for *src*, whose version before the request is *before*
+ * (NULL: not known; an fd of another version is refused), or -1 (error
+ * set); *sv* what the reply said. With *nowait* (version 2), a miss is -1
+ * with c->miss set and no error. */
 static int
-ask_daemon(struct shadowd *c, int src, const char *label, uint64_t size, int nowait,
-           struct shadowd_served_ *sv)
+ask_daemon(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
+           int nowait, struct shadowd_served_ *sv)
 {
     struct shadowd_slot_ res;
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = size, .label = label, .nowait = nowait};
+                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .before = before};
     memset(sv, 0, sizeof *sv);
     if (call(c, &rq, &res))
         return -1;
@@ -2197,7 +2331,8 @@ shadowd_connect(struct shadowd *c, const char *socket_path)
 
 struct proof;
 static int index_hit(struct shadowd *c, const struct stat *st, struct proof *pr);
-static int ask_once(struct shadowd *c, int src, const char *label, uint64_t size);
+static int ask_once(struct shadowd *c, int src, const char *label, const struct stat *st);
+static void version_of(const struct stat *st, struct shadowd_version_ *v);
 
 int
 shadowd_open_fd(struct shadowd *c, int src, const char *label)
@@ -2209,18 +2344,22 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
         clear(c);
         after_fork(c);
         int fd = index_hit(c, &st, NULL);
-        return fd >= 0 ? fd : ask_once(c, src, label, (uint64_t)st.st_size);
+        return fd >= 0 ? fd : ask_once(c, src, label, &st);
     }
     return shadowd_request_fd(c, src, label);
 }
 
-/* The request of shadowd_open_fd and shadowd_request_fd, of a file of
- * *size* bytes. */
+/* The request of shadowd_open_fd and shadowd_request_fd, of the file whose
+ * fstat just before it is *st* (NULL: none could be made): a served fd of
+ * another version is refused ("unstable"). */
 static int
-ask_once(struct shadowd *c, int src, const char *label, uint64_t size)
+ask_once(struct shadowd *c, int src, const char *label, const struct stat *st)
 {
     struct shadowd_served_ sv;
-    int fd = ask_daemon(c, src, label, size, 0, &sv);
+    struct shadowd_version_ v;
+    if (st != NULL)
+        version_of(st, &v);
+    int fd = ask_daemon(c, src, label, st ? &v : NULL, 0, &sv);
     if (fd < 0 && c->miss && c->error[0] == '\0')
         fail(c, "", 0, "shadowd answered a miss without a descriptor"); /* asked to wait */
     return fd;
@@ -2229,8 +2368,9 @@ ask_once(struct shadowd *c, int src, const char *label, uint64_t size)
 int
 shadowd_request_fd(struct shadowd *c, int src, const char *label)
 {
+    struct stat st;
     ready(c);
-    return ask_once(c, src, label, size_of_fd(src));
+    return ask_once(c, src, label, fstat(src, &st) == 0 ? &st : NULL);
 }
 
 int
@@ -2247,15 +2387,19 @@ shadowd_open(struct shadowd *c, const char *path)
     return fd;
 }
 
-/* One batch request of n <= max_batch fds; items[map[i]] filled. */
+/* One batch request of n <= max_batch fds, whose sources' versions before
+ * it are *befores*; items[map[i]] filled. */
 static void
 batch_once(struct shadowd *c, const int *fds, const char *const *labels, const int *map, int n,
-           uint64_t size, struct shadowd_item *items, int nowait)
+           const struct shadowd_version_ *befores, struct shadowd_item *items, int nowait)
 {
     struct shadowd_slot_ res;
+    uint64_t size = 0;
+    for (int k = 0; k < n; k++)
+        size += befores[k].size;
     struct request rq = {.kind = K_BATCH, .build = build_batch, .fds = fds, .nfds = n,
                          .size = size, .labels = labels, .map = map, .items = items,
-                         .nowait = nowait};
+                         .nowait = nowait, .befores = befores};
     memset(&res, 0, sizeof res);
     int rc = call(c, &rq, &res);
     if (rc == 0 && res.failure == F_NONE)
@@ -2280,10 +2424,11 @@ item_init(struct shadowd_item *it)
     it->fd = -1;
 }
 
-/* Send the daemon-bound items (fds[k] for items[map[k]]) in batches. */
+/* Send the daemon-bound items (fds[k] for items[map[k]], its source's
+ * version before the request befores[k]) in batches. */
 static void
 batch_send(struct shadowd *c, const int *fds, const char *const *labels, const int *map, int n,
-           const uint64_t *sizes, struct shadowd_item *items, int nowait)
+           const struct shadowd_version_ *befores, struct shadowd_item *items, int nowait)
 {
     int done = 0;
     while (done < n) {
@@ -2295,10 +2440,7 @@ batch_send(struct shadowd *c, const int *fds, const char *const *labels, const i
         int chunk = n - done;
         if ((uint64_t)chunk > c->max_batch)
             chunk = (int)c->max_batch;
-        uint64_t size = 0;
-        for (int k = done; k < done + chunk; k++)
-            size += sizes[k];
-        batch_once(c, fds + done, labels, map + done, chunk, size, items, nowait);
+        batch_once(c, fds + done, labels, map + done, chunk, befores + done, items, nowait);
         done += chunk;
     }
 }
@@ -2308,7 +2450,7 @@ shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels
                    struct shadowd_item *items)
 {
     int fds[MAX_FDS], map[MAX_FDS];
-    uint64_t sizes[MAX_FDS];
+    struct shadowd_version_ vs[MAX_FDS];
     int served = 0, k = 0;
 
     ready(c);
@@ -2323,16 +2465,20 @@ shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels
             items[i].errnum = EBADF;
             continue;
         }
+        struct stat st;
         fds[k] = srcs[i];
         map[k] = i;
-        sizes[k] = size_of_fd(srcs[i]);
+        if (fstat(srcs[i], &st) == 0)
+            version_of(&st, &vs[k]);
+        else
+            memset(&vs[k], 0, sizeof vs[k]); /* (the daemon will refuse it) */
         if (++k == MAX_FDS || i == n - 1) {
-            batch_send(c, fds, labels, map, k, sizes, items, 0);
+            batch_send(c, fds, labels, map, k, vs, items, 0);
             k = 0;
         }
     }
     if (k > 0)
-        batch_send(c, fds, labels, map, k, sizes, items, 0);
+        batch_send(c, fds, labels, map, k, vs, items, 0);
     for (int i = 0; i < n; i++) {
         served += items[i].fd >= 0;
         c->counts.daemon += items[i].fd >= 0;
@@ -2359,9 +2505,10 @@ private_call(struct shadowd *c, int kind, const char *ns, const struct shadowd_k
              int *miss)
 {
     struct shadowd_slot_ res;
+    struct shadowd_version_ want = {.size = key->size}; /* (its size alone is checked) */
     struct request rq = {.kind = kind, .build = build_private, .fds = &memfd,
                          .nfds = kind == K_PUBLISH ? 1 : 0, .size = key->size, .ns = ns,
-                         .key = key};
+                         .key = key, .before = &want, .size_only = 1};
     *miss = 0;
     if (check_ns(c, ns) || call(c, &rq, &res))
         return -1;
@@ -3733,6 +3880,10 @@ static int
 index_hit(struct shadowd *c, const struct stat *st, struct proof *pr)
 {
     struct shadowd_private_ *p = P(c);
+    /* Not while the breaker's window runs (the latency breaker keeps the
+     * connection, and with it the index): the daemon is left alone. */
+    if (p->down && !shadowd_available(c))
+        return -1;
     index_poll(c);
     if (p->index_state != IX_HAVE)
         return -1;
@@ -3778,6 +3929,8 @@ static int
 held_index_usable(struct shadowd *c, long long now)
 {
     struct shadowd_private_ *p = P(c);
+    if (p->down && now < p->down_until)
+        return 0; /* (as index_hit: nor its word while the breaker's window runs) */
     index_poll(c);
     if (p->index_state != IX_HAVE)
         return 0;
@@ -3911,6 +4064,8 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
         return -1;
     }
     clear(c);
+    if (gate(c))
+        return -1; /* the latency breaker's window: its index is held, not used */
     return index_hit(c, st, NULL);
 }
 
@@ -4129,7 +4284,7 @@ late_answers(struct shadowd *c)
 }
 
 static struct shadowd_slot_ *submit_open(struct shadowd *c, int src, const char *label,
-                                         uint64_t size, int nowait);
+                                         const struct shadowd_version_ *before, int nowait);
 
 /* Send a routed open of *src* that nobody will wait for: the connection is
  * made without waiting (the hello goes with it), the request sent without
@@ -4159,11 +4314,10 @@ race_submit(struct shadowd *c, int src, const char *label, const struct shadowd_
              SHADOWD_MAX_PENDING - SLOTS_KEPT);
         return NULL;
     }
-    struct shadowd_slot_ *s = submit_open(c, src, label, v->size, 1);
+    struct shadowd_slot_ *s = submit_open(c, src, label, v, 1);
     if (s != NULL) {
         s->owned = 0; /* ours: shadowd_collect never hands it out */
         s->routed = 1;
-        s->before = *v;
         /* A version 1 reply says no version: keeping it takes the
          * caller's fstat after it, so keep the source until then. */
         if (!(P(c)->hello == H_DONE && c->protocol >= 2))
@@ -4361,7 +4515,7 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
         } else {
             struct shadowd_served_ sv;
             long long asked = mono_us();
-            fd = ask_daemon(c, src, label, v.size, 1, &sv);
+            fd = ask_daemon(c, src, label, &v, 1, &sv);
             if (fd >= 0) {
                 cold_saw(c, &v, 0);
                 if (may_keep(src, &v, &sv, c->hit, c->size))
@@ -4466,7 +4620,6 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
                           struct shadowd_item *items)
 {
     int fds[ROUTED_CHUNK], map[ROUTED_CHUNK];
-    uint64_t sizes[ROUTED_CHUNK];
     struct shadowd_version_ vs[ROUTED_CHUNK];
     int k = 0, served = 0;
 
@@ -4511,14 +4664,13 @@ shadowd_open_batch_routed(struct shadowd *c, const int *srcs, const char *const 
             }
             fds[k] = srcs[i];
             map[k] = i;
-            sizes[k] = vs[k].size;
             if (++k < ROUTED_CHUNK && i < n - 1)
                 continue;
         }
         if (k == 0)
             continue;
         long long asked = mono_us();
-        batch_send(c, fds, labels, map, k, sizes, items, 1);
+        batch_send(c, fds, labels, map, k, vs, items, 1);
         for (int j = 0; j < k; j++) {
             struct shadowd_item *it = &items[map[j]];
             if (it->fd >= 0) {
@@ -4563,7 +4715,7 @@ all_done(struct shadowd *c, const void *arg)
  * stays without an fd. */
 static void
 preload_send(struct shadowd *c, const int *fds, const char *const *labels, const int *map, int n,
-             const uint64_t *sizes, struct shadowd_item *items)
+             const struct shadowd_version_ *befores, struct shadowd_item *items)
 {
     struct shadowd_slot_ *sent[SHADOWD_MAX_PENDING];
     struct slot_set set = {sent, 0};
@@ -4579,10 +4731,10 @@ preload_send(struct shadowd *c, const int *fds, const char *const *labels, const
             chunk = (int)c->max_batch;
         uint64_t size = 0;
         for (int k = done; k < done + chunk; k++)
-            size += sizes[k];
+            size += befores[k].size;
         struct request rq = {.kind = K_BATCH, .build = build_batch, .fds = fds + done,
                              .nfds = chunk, .size = size, .labels = labels, .map = map + done,
-                             .items = items, .nowait = 1};
+                             .items = items, .nowait = 1, .befores = befores + done};
         struct shadowd_slot_ *s = submit(c, &rq, 0, &failure);
         if (s == NULL)
             break;
@@ -4590,8 +4742,10 @@ preload_send(struct shadowd *c, const int *fds, const char *const *labels, const
         done += chunk;
     }
     wait_until(c, all_done, &set);
-    for (int i = 0; i < set.n; i++)
+    for (int i = 0; i < set.n; i++) {
+        timed(c, sent[i]);
         slot_free(sent[i]); /* the fds are in the items */
+    }
 }
 
 /* Preload up to PRELOAD_GROUP files; how many of them are held now. */
@@ -4599,9 +4753,8 @@ static int
 preload_group(struct shadowd *c, const int *srcs, const char *const *labels, int m)
 {
     struct shadowd_item items[PRELOAD_GROUP];
-    struct shadowd_version_ vs[PRELOAD_GROUP];
+    struct shadowd_version_ vs[PRELOAD_GROUP], asked_vs[PRELOAD_GROUP];
     int fds[PRELOAD_GROUP], map[PRELOAD_GROUP];
-    uint64_t sizes[PRELOAD_GROUP];
     int k = 0, held = 0;
 
     for (int i = 0; i < m; i++) {
@@ -4619,12 +4772,12 @@ preload_group(struct shadowd *c, const int *srcs, const char *const *labels, int
             continue;
         fds[k] = srcs[i];
         map[k] = i;
-        sizes[k++] = vs[i].size;
+        asked_vs[k++] = vs[i];
     }
     if (k == 0)
         return held;
     long long asked = mono_us();
-    preload_send(c, fds, labels, map, k, sizes, items);
+    preload_send(c, fds, labels, map, k, asked_vs, items);
     for (int j = 0; j < k; j++) {
         struct shadowd_item *it = &items[map[j]];
         if (it->fd < 0)
@@ -4691,13 +4844,16 @@ shadowd_preload(struct shadowd *c, const char *const *paths, int n)
 
 /* -- pipelined ------------------------------------------------------------ */
 
-/* Send an open of *src* as an owned request; a connection that broke is
- * made again once. The slot, or NULL (error set). */
+/* Send an open of *src* as an owned request, its version before it
+ * *before* (NULL: not known); a connection that broke is made again once.
+ * The slot, or NULL (error set). */
 static struct shadowd_slot_ *
-submit_open(struct shadowd *c, int src, const char *label, uint64_t size, int nowait)
+submit_open(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
+            int nowait)
 {
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = size, .label = label, .nowait = nowait};
+                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .before = before};
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live, failure;
         /* A full backlog is a daemon busy for a moment, not one that is
@@ -4726,9 +4882,14 @@ submit_open(struct shadowd *c, int src, const char *label, uint64_t size, int no
 long long
 shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag)
 {
+    struct stat st;
+    struct shadowd_version_ v;
     ready(c);
     clear(c);
-    struct shadowd_slot_ *s = submit_open(c, src, label, size_of_fd(src), 0);
+    int known = fstat(src, &st) == 0;
+    if (known)
+        version_of(&st, &v);
+    struct shadowd_slot_ *s = submit_open(c, src, label, known ? &v : NULL, 0);
     if (s == NULL)
         return -1;
     s->tag = tag;
@@ -4770,12 +4931,11 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
         if (keep >= 0) {
             char buf[LABEL_MAX + 1];
             struct shadowd_slot_ *s = submit_open(c, src, label_of(src, label, buf, sizeof buf),
-                                                  v.size, 1);
+                                                  &v, 1);
             if (s != NULL) {
                 s->tag = tag;
                 s->routed = 1;
                 s->src = keep;
-                s->before = v;
                 return s->id;
             }
             close(keep);

@@ -5,7 +5,10 @@
  * client/c/README.md.
  *
  * Every fd it returns is a sealed (the four seals, checked here), read-only
- * memfd with its own file offset, and is the caller's to close. It never
+ * memfd with its own file offset (a served one at offset 0, checked), of
+ * the version the caller's fstat of the source saw (a served one whose
+ * reply says another version, or whose size is another, is refused:
+ * client/c/README.md, "The version served"), and is the caller's to close. It never
  * keeps an fd the caller was not given, except the ones it says it keeps:
  * its connection, the memfds of the process-local tier (the routed calls
  * and shadowd_preload), an O_PATH fd of /proc/self/fd (once a memfd was
@@ -69,7 +72,9 @@
  * Signals do not stretch a wait: it ends at its deadline.
  *
  * Circuit breaker: a timeout, a refused or broken connection (once a new one
- * also failed), a daemon that is gone or turns this client away opens it.
+ * also failed), a daemon that is gone or turns this client away opens it,
+ * and so do three answers in a row that took half the reply timeout or
+ * more (shadowd_set_slow).
  * Then every call that would talk to the daemon fails at once with code
  * "unavailable" (the routed calls copy locally instead) until the backoff
  * window ends: 1 s at first, doubled after every failed retry, at most
@@ -197,12 +202,15 @@ struct shadowd_version_ {
 struct shadowd_slot_ {
     uint32_t id;               /* 0: free */
     uint8_t state, kind, routed, owned, nowait, late;
+    uint8_t check;             /* what a served fd must be: 0 anything, 1 `before`, 2 its size */
     int fd, src, hit, route, errnum, failure;
     uint64_t size, seq, src_size;
     long long deadline, asked_us; /* asked_us: when it was made, just before it was sent */
+    long long answered_us;     /* when its answer was read (0: none came) */
     void *tag;
     struct shadowd_item *items;
     const int *map;
+    const struct shadowd_version_ *befores; /* a batch's: each fd's source before the request */
     int nitems;
     struct shadowd_version_ before;
     struct shadowd_served_ served;
@@ -234,6 +242,8 @@ struct shadowd_private_ {
     char hint_labels[16384];
     long long hello_deadline;
     int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
+    int slow_percent, slow_in_a_row, slow_streak; /* the latency breaker (shadowd_set_slow) */
+    long long slow_at; /* when the last slow answer counted came (mono_us) */
     long long local_below, held_max_bytes, held_recheck_us;
     int held_max;
     shadowd_log_fn log;
@@ -312,6 +322,10 @@ struct shadowd {
         uint64_t reported;  /* index hits told to the daemon (report requests sent) */
         uint64_t read_opens; /* shadowd_open_routed_opath: files it opened for reading */
         uint64_t unopened;  /* ... and tier hits it served without that open (faccessat2) */
+        uint64_t other_version; /* fds the daemon served that were not the version the
+                                 * caller's fstat saw (refused: copied here, or the call
+                                 * failed "unstable") */
+        uint64_t slow;      /* answers that took the slow share of the reply timeout or more */
     } counts;
     struct shadowd_private_ priv_;
 };
@@ -385,6 +399,23 @@ void shadowd_set_timeouts(struct shadowd *c, int connect_ms, int reply_ms, int r
  * the log lines still come). */
 void shadowd_set_backoff(struct shadowd *c, int first_ms, int max_ms);
 
+/* The latency breaker: an answer that took *percent* of the reply timeout
+ * or more is slow, and *in_a_row* slow answers in a row open the breaker
+ * as a failure does (negative: the defaults, 50 and 3; in_a_row 0: never),
+ * so that a daemon answering every request just within the timeout costs
+ * a supervisor at most about that many slow answers per backoff window,
+ * not nearly a timeout per open. Timed: the routed calls' requests and
+ * shadowd_preload's batches to a version 2 daemon (the requests that do
+ * not wait on its copy), from just before each is sent to when its answer
+ * is read while the call waits for it; not the connect nor the hello, and
+ * not the pipelined calls' requests (when their answers are read is the
+ * caller's doing). An answer asked before the last slow one counted came
+ * (it waited behind it) is not counted again. The connection stays open;
+ * after the window one more slow answer opens the breaker again (the
+ * window doubled), an answer in time closes it. counts.slow counts the
+ * slow answers. */
+void shadowd_set_slow(struct shadowd *c, int percent, int in_a_row);
+
 /* Where the breaker's two log lines go: fn(arg, line); fn NULL: nowhere.
  * Never called: stderr, as "shadowd: ..." lines. fn runs inside a call on
  * *c* and must not call shadowd functions on *c* itself. */
@@ -399,7 +430,8 @@ int shadowd_available(struct shadowd *c);
  * (O_RDONLY|O_NONBLOCK|O_CLOEXEC) and passed as the proof that we may read
  * it. -1 on failure: code holds the daemon's code when it refused (say
  * "not-regular"), "unavailable" when the daemon was not reached or did not
- * answer in time, "" otherwise. A connection that broke (the daemon
+ * answer in time, "unstable" when it served another version than this
+ * client's fstat of the file just before the request saw, "" otherwise. A connection that broke (the daemon
  * restarted) is made again, once; one that failed otherwise is closed, and
  * a later call connects again (after the breaker's window). */
 int shadowd_open(struct shadowd *c, const char *path);
@@ -470,8 +502,9 @@ int shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd
  *      open; files below `local_below` bytes (cheaper to copy than to ask);
  *      files above the daemon's max_file_size; files whose ctime is younger
  *      than the daemon's racy window (it would not cache them);
- *   3. the daemon, without waiting for its copy (version 2): a served fd is
- *      returned, a miss is copied here while the daemon fills its cache;
+ *   3. the daemon, without waiting for its copy (version 2): a served fd of
+ *      the caller's version is returned (one of another version, or size,
+ *      is refused), a miss is copied here while the daemon fills its cache;
  *      and when the daemon fails for any reason, copied here.
  * `copied_why` says why a file was copied. A served fd goes into the tier
  * when the reply says `cached` and its `version` equals the caller's fstat
@@ -686,8 +719,8 @@ int shadowd_index_ready(struct shadowd *c);
 
 /* The plain index hit: a sealed, read-only fd of the version *st* says
  * (the caller's own fstat of *src*; NULL: fstat here) from the daemon's
- * index, or -1: not there (code "", error empty), or no index (error says
- * why). The index is fetched as shadowd_index_ready does when this
+ * index, or -1: not there (code "", error empty), no index (error says
+ * why), or the breaker is open (code "unavailable"). The index is fetched as shadowd_index_ready does when this
  * connection has none; the hit is counted and reported like the routed
  * calls' hits. Never uses or fills the process-local tier. */
 int shadowd_index_open(struct shadowd *c, int src, const struct stat *st);
