@@ -118,7 +118,7 @@ class Filler:
             self.closer.discard([source.detach()], share)
             raise
         assert self.nursery is not None
-        return self.copier.start(
+        flight = self.copier.start(
             self.nursery,
             key,
             source,
@@ -128,6 +128,8 @@ class Filler:
             quota=quota,
             on_failed=lambda: self.pins.unreserve(uid, size),
         )
+        flight.uid = uid
+        return flight
 
     def queue(
         self,
@@ -261,7 +263,12 @@ class Filler:
                     watches.forget(wd)
                 flight.cached = False
                 self.guard.track(
-                    copied.sealed, uid, cached=False, reserved=reserved, wd=copied.memfd_wd
+                    copied.sealed,
+                    uid,
+                    cached=False,
+                    reserved=reserved,
+                    wd=copied.memfd_wd,
+                    shared=flight.shared,
                 )
                 logger.debug("served uncached (%s): %s", why, label or "?")
                 return
@@ -280,7 +287,14 @@ class Filler:
             ours = entry is not None and entry.file is copied.sealed
             if not ours:
                 watches.release(wd)  # not ours that was kept
-            self.guard.track(copied.sealed, uid, cached=ours, reserved=reserved, wd=copied.memfd_wd)
+            self.guard.track(
+                copied.sealed,
+                uid,
+                cached=ours,
+                reserved=reserved,
+                wd=copied.memfd_wd,
+                shared=flight.shared,
+            )
             if not flight.cached:
                 logger.debug("served uncached (%s): %s", admission.value, label or "?")
 

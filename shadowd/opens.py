@@ -234,6 +234,7 @@ class HostOpens:
         entry = self.cache.lookup(key, version)
         if entry is not None:
             if self.guard.usable(entry, fd, st, remote=remote):
+                self.guard.found(entry.file, share.uid)
                 return entry.file, entry.size, version
             self.cache.reject(entry)
         assert self.nursery is not None
@@ -269,6 +270,8 @@ class HostOpens:
                 raise
             if not wait:
                 return FILLING
+        elif flight.uid != share.uid:
+            flight.shared = True  # its memfd is served to two uids (pins.py)
         flight.join()
         return flight
 
