@@ -4,8 +4,9 @@
 # it was served to; an entry restored at start is vouched for only through
 # the mount it was copied from, which lends the fd to watch it; every memfd
 # the daemon made is tracked until the kernel frees it (its bytes charged to
-# a uid, pins.py). The index of the cache (index.py) publishes an entry only
-# once it is watched.
+# a uid, or to all uids together once another uid's request found it,
+# pins.py). The index of the cache (index.py) publishes an entry only once
+# it is watched.
 #
 # Must never: let a hit be served from an entry whose inode had an event or
 # whose memfd a holder changed; vouch for an unwatched entry through any

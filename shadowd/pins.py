@@ -21,8 +21,9 @@
 # pins one bound per uid (attack 40).
 #
 # So the memfds the daemon made hold at most --max-bytes in the cache plus,
-# out of it, the lesser of --max-pinned-bytes-per-uid per uid and 1.5 times
-# --max-bytes in all (and the copies that evict entries they hold); sparse
+# out of it, 1.5 times --max-bytes in all (and what the copies that evict
+# entries someone holds add), of which a uid is charged at most
+# --max-pinned-bytes-per-uid for those only its own requests found; sparse
 # holes are never copied, and a holder that fills them by mapping the file
 # pays for those pages itself.
 #
@@ -169,8 +170,8 @@ class Pins:
         self._pins[wd] = pin
 
     def found(self, wd: int, uid: int) -> None:
-        """A request of *uid* found the memfd watched as *wd* (a hit, or its copy joined):
-        if another uid made it, no uid is charged for it from now on, all uids together are.
+        """A request of *uid* found the memfd watched as *wd* in the cache (a hit): if
+        another uid is charged for it, none is from now on, all uids together are.
 
         Whoever holds it out of the cache, the daemon cannot tell which of the uids
         it was served to still does; charged to its maker, it kept that uid at its
