@@ -311,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pinned-bytes-per-uid",
         type=positive_size,
         default=peer_defaults.max_pinned_bytes_per_uid,
-        help="most bytes of copies under way for one uid and of memfds made for it that left "
-        "the cache while still held (at full size, 64K at least each); past it its misses are "
-        "refused with busy; all uids together: --max-bytes, then a fair share (default 256M)",
+        help="most bytes of copies under way for one uid and of memfds made for it, found by "
+        "no other uid, that left the cache while still held (at full size, 64K at least each); "
+        "past it its misses are refused with busy; all uids together, and memfds other uids "
+        "found: --max-bytes, then a fair share (default 256M)",
     )
     serve.add_argument(
         "--max-request",

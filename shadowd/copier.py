@@ -376,6 +376,10 @@ class Flight:
     quota: Quota | None = None
     #: Called once when the copy ends without a result (pins.py's reservation).
     on_failed: Callable[[], None] | None = None
+    #: The uid whose request started it, and whether a request of another uid joined
+    #: it (its memfd is then charged to no uid, pins.py).
+    uid: int | None = None
+    shared: bool = False
 
     def join(self) -> None:
         """Count one more request that will :meth:`wait` (call without awaiting first)."""

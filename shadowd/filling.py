@@ -118,7 +118,7 @@ class Filler:
             self.closer.discard([source.detach()], share)
             raise
         assert self.nursery is not None
-        return self.copier.start(
+        flight = self.copier.start(
             self.nursery,
             key,
             source,
@@ -128,6 +128,8 @@ class Filler:
             quota=quota,
             on_failed=lambda: self.pins.unreserve(uid, size),
         )
+        flight.uid = uid
+        return flight
 
     def queue(
         self,
@@ -246,6 +248,18 @@ class Filler:
     ) -> Callable[[Flight, Copied], None]:
         def apply(flight: Flight, copied: Copied) -> None:
             st, wd, watches = copied.stat, copied.wd, self.guard.watches
+
+            def track(*, cached: bool) -> None:
+                # Charged to uid out of the cache, to nobody's when another uid joined.
+                self.guard.track(
+                    copied.sealed,
+                    uid,
+                    cached=cached,
+                    reserved=reserved,
+                    wd=copied.memfd_wd,
+                    shared=flight.shared,
+                )
+
             self.latency.copy_.observe(copied.seconds)
             watches.drain()  # an event of this inode since the flight began?
             why = ""
@@ -260,9 +274,7 @@ class Filler:
                 if wd >= 0:
                     watches.forget(wd)
                 flight.cached = False
-                self.guard.track(
-                    copied.sealed, uid, cached=False, reserved=reserved, wd=copied.memfd_wd
-                )
+                track(cached=False)
                 logger.debug("served uncached (%s): %s", why, label or "?")
                 return
             watches.hold(wd)  # before the insert, which may drop an entry of the same inode
@@ -280,7 +292,7 @@ class Filler:
             ours = entry is not None and entry.file is copied.sealed
             if not ours:
                 watches.release(wd)  # not ours that was kept
-            self.guard.track(copied.sealed, uid, cached=ours, reserved=reserved, wd=copied.memfd_wd)
+            track(cached=ours)
             if not flight.cached:
                 logger.debug("served uncached (%s): %s", admission.value, label or "?")
 

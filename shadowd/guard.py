@@ -4,8 +4,9 @@
 # it was served to; an entry restored at start is vouched for only through
 # the mount it was copied from, which lends the fd to watch it; every memfd
 # the daemon made is tracked until the kernel frees it (its bytes charged to
-# a uid, pins.py). The index of the cache (index.py) publishes an entry only
-# once it is watched.
+# a uid, or to all uids together once another uid's request found it,
+# pins.py). The index of the cache (index.py) publishes an entry only once
+# it is watched.
 #
 # Must never: let a hit be served from an entry whose inode had an event or
 # whose memfd a holder changed; vouch for an unwatched entry through any
@@ -18,7 +19,7 @@ import logging
 
 import attrs
 
-from .cache import Cache, DropReason, Entry, HostKey
+from .cache import Cache, DropReason, Entry, HostKey, Shareable
 from .index import Index
 from .memfd import SealedFile
 from .pins import Pins
@@ -62,9 +63,11 @@ class EntryGuard:
         cached: bool,
         reserved: int | None = None,
         wd: int = -1,
+        shared: bool = False,
     ) -> None:
         """Watch a memfd we made until it is freed (pins.py); takes over *uid*'s reservation
-        of *reserved* bytes (None: none was made).
+        of *reserved* bytes (None: none was made). *shared*: another uid's request
+        joined its copy (charged to no uid then, pins.py).
 
         *wd*: its watch, when a worker added it already (Copied.memfd_wd). Its events
         can only have been the kernel's removal of it, which the memfd, held until
@@ -81,7 +84,16 @@ class EntryGuard:
         sealed.pin_wd = wd
         self._memfds[wd] = sealed
         self.watches.memfds.add(wd)
-        self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved)
+        self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved, shared=shared)
+        sealed.sole_uid = None if shared else uid
+
+    def found(self, file: Shareable, uid: int) -> None:
+        """A request of *uid* found *file* in the cache (a hit, whether or not it asked
+        for a descriptor): if another uid is charged for it, none is from now on, all
+        uids together are (pins.py, attack 41)."""
+        if isinstance(file, SealedFile) and file.sole_uid is not None and file.sole_uid != uid:
+            file.sole_uid = None
+            self.pins.found(file.pin_wd, uid)
 
     def track_unwatched_entries(self) -> None:
         """Track the memfds the cache holds that no one tracks yet (restored at start)."""

@@ -393,6 +393,10 @@ class SealedFile:
     pin_wd: int = attrs.field(default=-1, init=False)
     #: An IN_ATTRIB of that watch was read: intact() asks the inode again.
     attr_changed: bool = attrs.field(default=False, init=False)
+    #: The uid charged for it out of the cache while only its requests found it
+    #: (pins.py); None once another uid's did, or when no uid is charged. Read on
+    #: every hit: a hit of another uid tells EntryGuard.found.
+    sole_uid: int | None = attrs.field(default=None, init=False)
     #: The index's descriptor range, once the memfd was moved into it: its
     #: number is then given back there, never closed (see fdrange.py).
     fd_range: FdRange | None = attrs.field(default=None, init=False)

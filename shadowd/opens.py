@@ -242,6 +242,7 @@ class HostOpens:
         entry = self.cache.lookup(key, version)
         if entry is not None:
             if self.guard.usable(entry, fd, st, remote=remote):
+                self.guard.found(entry.file, share.uid)
                 return entry.file, entry.size, version
             self.cache.reject(entry)
         assert self.nursery is not None
@@ -277,6 +278,8 @@ class HostOpens:
                 raise
             if not wait:
                 return FILLING
+        elif flight.uid != share.uid:
+            flight.shared = True  # its memfd is served to two uids (pins.py)
         flight.join()
         return flight
 

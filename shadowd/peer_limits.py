@@ -20,8 +20,8 @@ class PeerLimits:
     #: Descriptors one uid may have in replies it has not read and in
     #: replies the daemon holds for it (inflight.py).
     max_fds_per_uid: int = 4096
-    #: Bytes of copies under way for one uid and of the memfds made for it
-    #: that left the cache while still held (pins.py).
+    #: Bytes of copies under way for one uid and of the memfds made for it,
+    #: found by no other uid, that left the cache while still held (pins.py).
     max_pinned_bytes_per_uid: int = 256 * 1024 * 1024
 
     def __attrs_post_init__(self) -> None:

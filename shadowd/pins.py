@@ -7,6 +7,13 @@
 # charged the same. A uid at --max-pinned-bytes-per-uid gets no new copy:
 # its request is refused with busy, and its clients copy for themselves.
 #
+# A memfd that another uid's request found too (a hit, or a copy it joined)
+# is charged to no uid, only to all uids together: the daemon knows whom it
+# gave a descriptor, never who still holds one, and a charge on either uid
+# would let the other keep it up for as long as it likes (attack 41: a uid
+# that held a hundred tiny entries another uid's requests made put that uid
+# past its bound).
+#
 # All uids together are charged at most `total` (the server's --max-bytes, or
 # one uid's bound if that is more); past it, a uid below its fair share (total
 # over the uids charged) may go on, never past `hard`, half as much again:
@@ -14,8 +21,9 @@
 # pins one bound per uid (attack 40).
 #
 # So the memfds the daemon made hold at most --max-bytes in the cache plus,
-# out of it, the lesser of --max-pinned-bytes-per-uid per uid and 1.5 times
-# --max-bytes in all (and the copies that evict entries they hold); sparse
+# out of it, 1.5 times --max-bytes in all (and what the copies that evict
+# entries someone holds add), of which a uid is charged at most
+# --max-pinned-bytes-per-uid for those only its own requests found; sparse
 # holes are never copied, and a holder that fills them by mapping the file
 # pays for those pages itself.
 #
@@ -24,8 +32,9 @@
 # shared by every cached file), so the bound is on their number too (attack 38).
 #
 # Must never: let a uid start a copy past its bound; forget a charge while
-# the memfd may still be held; keep a watch that pins anything (an inotify
-# watch does not keep a memfd's pages).
+# the memfd may still be held (a shared one stays in all uids' charge); charge
+# a uid for a memfd another uid may hold; keep a watch that pins anything (an
+# inotify watch does not keep a memfd's pages).
 from __future__ import annotations
 
 import logging
@@ -60,6 +69,8 @@ class Pin:
     #: The uid charged while it is out of the cache (None: nobody's, e.g. restored).
     uid: int | None
     cached: bool
+    #: Found by another uid's request too: charged to all uids together only.
+    shared: bool = False
 
 
 @attrs.define
@@ -76,8 +87,10 @@ class Pins:
     hits: dict[str, int] = attrs.field(factory=dict)
     #: Charged bytes per uid.
     charged: dict[int, int] = attrs.field(factory=dict)
-    #: Charged bytes of every uid together.
+    #: Charged bytes of every uid together, shared memfds included.
     used: int = 0
+    #: Of those, the bytes of shared memfds, which no uid is charged.
+    shared: int = 0
     #: Bytes of memfds out of the cache that someone still holds (every uid).
     pinned: int = 0
     _pins: dict[int, Pin] = attrs.field(factory=dict)
@@ -96,6 +109,13 @@ class Pins:
             self.charged[uid] = left
         else:
             self.charged.pop(uid, None)
+
+    def _charge_pin(self, pin: Pin, n: int) -> None:
+        if pin.shared:
+            self.used += n
+            self.shared += n
+        else:
+            self._charge(pin.uid, n)
 
     def reserve(self, uid: int, size: int) -> None:
         """A copy of *size* bytes starts for *uid*: refused (busy) past its bound, or
@@ -126,19 +146,45 @@ class Pins:
         self._charge(uid, -cost(size))
 
     def track(
-        self, wd: int, size: int, uid: int | None, *, cached: bool, reserved: int | None
+        self,
+        wd: int,
+        size: int,
+        uid: int | None,
+        *,
+        cached: bool,
+        reserved: int | None,
+        shared: bool = False,
     ) -> None:
-        """A memfd of *size* bytes, watched as *wd*: in the cache, or charged to *uid*.
+        """A memfd of *size* bytes, watched as *wd*: in the cache, or charged to *uid*
+        (to all uids together only when *shared*: requests of other uids joined its copy).
 
         Takes over the reservation :meth:`reserve` made for *uid* of *reserved*
         bytes (None: none was made).
         """
         if reserved is not None:
             self._charge(uid, -cost(reserved))
+        pin = Pin(wd=wd, size=size, uid=uid, cached=cached, shared=shared and uid is not None)
         if not cached:
             self.pinned += size
-            self._charge(uid, cost(size))
-        self._pins[wd] = Pin(wd=wd, size=size, uid=uid, cached=cached)
+            self._charge_pin(pin, cost(size))
+        self._pins[wd] = pin
+
+    def found(self, wd: int, uid: int) -> None:
+        """A request of *uid* found the memfd watched as *wd* in the cache (a hit): if
+        another uid is charged for it, none is from now on, all uids together are.
+
+        Whoever holds it out of the cache, the daemon cannot tell which of the uids
+        it was served to still does; charged to its maker, it kept that uid at its
+        bound while another uid held it (attack 41)."""
+        pin = self._pins.get(wd)
+        if pin is None or pin.shared or pin.uid is None or pin.uid == uid:
+            return
+        if not pin.cached:
+            n = cost(pin.size)
+            self._charge(pin.uid, -n)
+            self.used += n
+            self.shared += n
+        pin.shared = True
 
     def is_pin(self, wd: int) -> bool:
         return wd in self._pins
@@ -150,7 +196,7 @@ class Pins:
             return
         pin.cached = False
         self.pinned += pin.size
-        self._charge(pin.uid, cost(pin.size))
+        self._charge_pin(pin, cost(pin.size))
 
     def freed(self, wd: int) -> None:
         """The kernel removed watch *wd*: its memfd is gone, nobody holds it any more."""
@@ -158,4 +204,4 @@ class Pins:
         if pin is None or pin.cached:
             return
         self.pinned -= pin.size
-        self._charge(pin.uid, -cost(pin.size))
+        self._charge_pin(pin, -cost(pin.size))

@@ -50,6 +50,7 @@ from .fds import close_all
 from .index import ORDERED_STORES, Index, slots_for
 from .inflight import FdBudget
 from .leases import ignore_sigio
+from .memfd import SealedFile
 from .metrics import StatsCollector, count_open_fds
 from .opens import HostOpens
 from .peer_limits import PeerLimits
@@ -251,6 +252,7 @@ class Server:
         self._index = self.cache.index
         self._is_local = self.mounts.is_local
         self._count_host_hit = self.cache.count_host_hit
+        self._found = self.opens.guard.found
         self._answer_open = self.dispatcher.answer_open
         self._hit_latency = self.latency.hit.observe
         # Set by serve(): the cache's inotify fd, and what reads its events.
@@ -483,7 +485,11 @@ class Server:
                     self._watch_fd,
                 )
                 if type(got) is not tuple:
-                    self._count_host_hit(cast(Entry, got))
+                    entry = cast(Entry, got)
+                    self._count_host_hit(entry)
+                    file = cast(SealedFile, entry.file)
+                    if file.sole_uid is not None and file.sole_uid != conn.share.uid:
+                        self._found(file, conn.share.uid)  # another uid's copy (pins.py)
                     conn.sent(HIT_REPLY_LENGTH, 1)
                     self._hit_latency(_now() - started)
                     return True

@@ -762,20 +762,15 @@ with Client({sock!r}, timeout=10) as c:
 """
 
 
-@attack(
-    "a memfd out of the cache is charged to the uid whose request made it, 64 KiB at "
-    "least (PIN_FLOOR): another uid holding a hundred 100-byte entries pushes it past "
-    "a 4 MiB bound"
-)
 async def test_41_held_entries_of_another_uids_copies_do_not_use_up_its_bound(
     start_daemon: Any, shared_dir: Path
 ) -> None:
-    """Uid A's requests made a hundred 100-byte cached copies; uid B opens them (hits)
-    and holds them, then fills the cache (--max-entries 100) with its own, so that A's
-    leave it while held. Each is charged to A, the uid whose request made it, and since
-    attack 38 at 64 KiB at least: 6.25 MiB for 10,000 bytes, past A's bound of 4 MiB,
-    so every miss of A is refused busy while B holds them (before PIN_FLOOR: 10,000
-    bytes charged, A's five young files served). A must keep its copies."""
+    """Attack 41: uid A's requests made a hundred 100-byte cached copies; uid B opens
+    them (hits) and holds them, then fills the cache (--max-entries 100) with its own,
+    so that A's leave it while held. Each was charged to A, the uid whose request made
+    it, at 64 KiB at least (attack 38): 6.25 MiB for 10,000 bytes, past A's bound of
+    4 MiB, so every miss of A was refused busy while B held them. A memfd another uid's
+    request found is charged to all uids together only now: A keeps its copies."""
     d = await start_daemon(
         "--socket-mode", "0666", "--racy-window", "0.05",
         "--max-entries", "100", "--max-pinned-bytes-per-uid", "4M",
@@ -798,7 +793,65 @@ async def test_41_held_entries_of_another_uids_copies_do_not_use_up_its_bound(
         held = await call(maker.recv, 60)
     print(f"A's young files served: {alone} alone, {held} while B holds; B's hits {hits}")
     require(alone == 5 and hits >= 100, f"setup: {alone} served alone, {hits} hits")
-    assert held == 5, held  # now: 0
+    assert held == 5, held  # before: 0
+
+
+# Attack 41's answer turned round: a uid gets a second uid of its own to find each
+# of its copies, so that none is charged to it, and holds them all.
+OPEN_AND_HOLD = """
+from shadowd_client import Busy, Client
+held = []
+with Client({sock!r}, timeout=10) as c:
+    while (path := recv()) is not None:
+        try:
+            held.append(c.open(path))  # a miss: its copy is cached, this uid's
+            out(True)
+        except Busy:
+            out(False)
+"""
+
+FIND = """
+from shadowd_client import Client
+with Client({sock!r}, timeout=10) as c:
+    while (path := recv()) is not None:
+        os.close(c.open(path))  # a hit: another uid found it
+        out(c.stats()["hits"])
+"""
+
+
+async def test_41_copies_another_uid_found_are_held_within_the_all_uids_bound(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """What attack 41's answer lets a uid do: a copy another uid's request found is
+    charged to no uid, so a uid whose second uid (a subordinate uid of its own) finds
+    each of its copies holds them out of the cache past its own bound. They are still
+    charged to all uids together, and no copy starts past half as much again over
+    --max-bytes (attack 40): under --max-bytes 8M (12 MiB at most) and 2 MiB a uid,
+    twenty-four cached 1 MiB copies, each found by the second uid, held and evicted
+    (--max-entries 4): at most 12 MiB pinned. Fails where a shared memfd is charged
+    to nobody at all (all twenty-four held, 20 MiB pinned)."""
+    mib = 1 << 20
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0.05", "--max-entries", "4",
+        "--max-bytes", "8M", "--max-pinned-bytes-per-uid", "2M",
+    )  # fmt: skip
+    paths = [str(make_file(shared_dir / f"file{i}", os.urandom(mib))) for i in range(24)]
+    await trio.sleep(0.1)  # past the racy window
+    sock = str(d.socket_path)
+    with contextlib.ExitStack() as stack, trio.fail_after(120):
+        holder = stack.enter_context(spawn_as(ALICE, OPEN_AND_HOLD.format(sock=sock)))
+        finder = stack.enter_context(spawn_as(BOB, FIND.format(sock=sock)))
+        served, hits = 0, 0
+        for path in paths:
+            holder.send(path)
+            if await call(holder.recv, 30):
+                served += 1
+                finder.send(path)
+                hits = await call(finder.recv, 30)
+        pinned = (await call(stats, d))["pinned_bytes"]
+    print(f"served {served} of {len(paths)}; {hits} found by the other uid; pinned {pinned}")
+    require(hits == served and served > 6, f"setup: {served} served, {hits} found")
+    assert pinned <= 12 * mib, (served, pinned)
 
 
 # Attack 40: the uids of a range each hold copies up to their own bound.

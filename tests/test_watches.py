@@ -17,6 +17,7 @@ import trio
 from shadowd import leases
 from shadowd.access import Peer
 from shadowd.cache import HostKey
+from shadowd.copier import Flight
 from shadowd.errors import RequestError
 from shadowd.memfd import sealed_from_bytes
 from shadowd.opens import Miss
@@ -286,6 +287,77 @@ def test_pins_bound_all_uids_together_and_leave_each_a_fair_share() -> None:
     pins.unreserve(1, 8 * k)  # a uid lets go: room again, below the total
     pins.reserve(5, k)
     assert pins.used == 17 * k and sorted(pins.charged) == [2, 3, 4, 5]
+
+
+def test_a_memfd_another_uid_found_is_charged_to_all_uids_together_only() -> None:
+    """Attack 41: a memfd out of the cache was charged to the uid whose request made
+    it, whoever held it, so another uid that held such memfds put that uid past its
+    bound. Once a request of another uid found it, no uid is charged for it; all uids
+    together still are, and past `hard` no copy of anyone's starts."""
+    k = PIN_FLOOR
+    pins = Pins(per_uid=4 * k, total=8 * k)  # hard: 12
+    pins.reserve(1, 2 * k)
+    pins.track(1, 2 * k, 1, cached=True, reserved=2 * k)
+    pins.found(1, 1)  # its own uid's hit: still its own
+    pins.track(2, k, 1, cached=False, reserved=None)  # served uncached: uid 1's
+    assert pins.charged == {1: k} and pins.used == k
+    pins.found(1, 2)  # another uid's hit, in the cache
+    pins.left_cache(1)
+    pins.found(2, 3)  # out of the cache already: its charge moves
+    pins.track(3, k, 1, cached=False, reserved=None, shared=True)  # a copy uid 2 joined
+    pins.track(4, k, None, cached=True, reserved=None)  # restored: nobody's, wherever
+    pins.found(4, 2)
+    pins.left_cache(4)
+    assert (pins.charged, pins.used, pins.shared, pins.pinned) == ({}, 4 * k, 4 * k, 5 * k)
+    pins.reserve(1, 4 * k)  # uid 1 has its whole bound again
+    pins.reserve(2, 4 * k)  # past the total, within its share (8 over 2) and the hard bound
+    with pytest.raises(RequestError) as refused:
+        pins.reserve(3, k)  # 13 > 12: the shared memfds count for all uids
+    assert "all uids" in refused.value.message
+    for wd in (1, 2, 3, 4):
+        pins.freed(wd)
+    pins.unreserve(1, 4 * k)
+    pins.unreserve(2, 4 * k)
+    assert (pins.charged, pins.used, pins.shared, pins.pinned) == ({}, 0, 0, 0)
+
+
+async def test_a_copy_a_request_of_another_uid_joined_is_charged_to_no_uid(
+    tmp_path: Path,
+) -> None:
+    """Attack 41 for a copy two uids' requests share (single flight): its memfd is
+    served to both, so once out of the cache it is charged to all uids together, not
+    to the uid that started it; a request of the same uid that joins changes nothing."""
+    f = tmp_path / "young"
+    f.write_bytes(os.urandom(100_000))  # too young to cache: served, charged
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    server = Server(ServerConfig(socket_path=""))
+    pins = server.opens.pins
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                server.opens.nursery = nursery
+                server.opens.watches.open()
+                for uids, charged in (((1000, 1000), {1000: 100_000}), ((1000, 1001), {})):
+                    peers = [Peer(pid=os.getpid(), uid=uid, gid=uid) for uid in uids]
+                    shares = [server.gate.admit(p, None).share for p in peers]  # type: ignore[arg-type]
+                    flight = server.opens.serve_now(fd, None, shares[0])
+                    assert isinstance(flight, Flight)
+                    assert server.opens.serve_now(fd, None, shares[1]) is flight  # joined
+                    served = [(await flight.wait())[0] for _ in shares]
+                    assert (pins.charged, pins.used) == (charged, 100_000), uids
+                    for held in served:
+                        os.close(held)
+                    deadline = time.monotonic() + 5
+                    while pins.used:  # freed: the kernel says so
+                        assert time.monotonic() < deadline
+                        server.opens.watches.drain()
+                        await trio.sleep(0.01)
+                    os.utime(fd)  # a new version, copied again
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+        server.cache.clear()
+        server.opens.watches.close()
 
 
 async def test_an_entry_restored_at_start_is_served_only_through_its_own_mount(
