@@ -47,6 +47,11 @@ IN_CLOEXEC = os.O_CLOEXEC
 WATCHED = IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
 _READ_SIZE = 64 * 1024
+#: Events of watches no entry holds, kept for the copies under way, past which the
+#: copies begun before are taken as changed (served uncached) and the events let go
+#: of: a copy stuck on a hung mount otherwise held back every event read since it
+#: began, and each round's prune went through them all (attack 43).
+MAX_UNDECIDED_EVENTS = 16384
 #: A watch in /proc/self/fdinfo/N of an inotify fd: "inotify wd:1a ino:... ", its
 #: number in hexadecimal (fs/notify/fdinfo.c prints it with %x).
 _FDINFO_WD = re.compile(rb"^inotify wd:([0-9a-f]+) ", re.MULTILINE)
@@ -88,8 +93,12 @@ class Watches:
     #: The seq at which each copy still undecided began (with counts).
     _active: dict[int, int] = attrs.field(factory=dict)
     _warned_full: bool = False
-    #: The seq of the last lost-events notice.
+    #: The seq of the last lost-events notice (or of the last time the events kept
+    #: for the copies under way were let go of, _prune).
     _overflow: int = -1
+    #: How many events _last may keep before the next prune (amortized: twice what
+    #: the last one kept).
+    _prune_at: int = 1024
     #: The watches of memfds of ours that are tracked until freed (add_memfd; kept by
     #: guard.py on the loop). A client may send such a memfd back as a host file: its
     #: source watch is then this very watch, which the kernel removes when the memfd
@@ -210,16 +219,29 @@ class Watches:
             except InterruptedError:
                 continue
             self._handle(data)
-            if len(self._last) > 2 * len(self._refs) + 1024:
+            if len(self._last) > self._prune_at:
                 self._prune()
             if len(data) < _READ_SIZE - 4096:
                 return  # a short read: nothing more was queued
 
     def _prune(self) -> None:
-        """Forget events no undecided copy began before; they can answer nothing."""
+        """Forget events no undecided copy began before; they can answer nothing.
+
+        A copy that never ends (a read on a hung mount) holds the floor where it
+        began: past MAX_UNDECIDED_EVENTS kept for such copies, every copy under way
+        is answered "changed" from then on (as after lost events: never cached),
+        and only the events of watches that entries hold are kept. The next prune
+        comes once as many again were read, so each event is gone through a
+        bounded number of times however long a copy hangs.
+        """
         floor = min(self._active, default=self.seq)
         refs = self._refs
-        self._last = {wd: s for wd, s in self._last.items() if s > floor or wd in refs}
+        kept = {wd: s for wd, s in self._last.items() if s > floor or wd in refs}
+        if len(kept) > len(refs) + MAX_UNDECIDED_EVENTS:
+            self._overflow = self.seq
+            kept = {wd: s for wd, s in kept.items() if wd in refs}
+        self._last = kept
+        self._prune_at = 2 * (len(kept) + len(refs)) + 1024
 
     def _handle(self, data: bytes) -> None:
         offset, end = 0, len(data)

@@ -1,0 +1,137 @@
+# Attacks of the red team's pass 25 on the newer parts of the daemon: the index
+# published to same-uid peers, told batches ("serve": false), the all-uids pin
+# bound, the watches, the fd store. Each runs the daemon as a real subprocess
+# and its attackers as real processes of other uids.
+#
+# Must never: leave a child process behind; pass for a reason other than the
+# bound it names.
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .conftest import Daemon, make_file, requires_root, run_as, test_uid
+from .test_attacks import attack
+
+pytestmark = requires_root
+
+#: The attackers' uids (need not exist in /etc/passwd).
+MALLORY = test_uid(90)
+
+# Another uid fills the probe run of a file it can name (a stat of its path
+# needs no read access) with files of its own: the slot a file's probe starts
+# at is a fixed function of (st_dev, st_ino) and the slot count, both of which
+# it knows (the count follows --max-entries). It makes files, keeps those whose
+# first slot is the victim's, unlinks the rest once it has enough (a number
+# unlinked at once would come back at its next file), and has the daemon cache
+# MAX_PROBE of the kept ones.
+INDEX_FLOOD = """
+import os
+from shadowd.index import MAX_PROBE, slot_of
+from shadowd_client import Client
+victim = os.stat({victim!r})
+target = slot_of(victim.st_dev, victim.st_ino, {slots})
+kept, rest = [], []
+while len(kept) < MAX_PROBE:
+    name = os.path.join({where!r}, f"m{{len(kept) + len(rest)}}")
+    with open(name, "wb") as f:
+        f.write(b"m" * 100)
+    st = os.stat(name)
+    (kept if slot_of(st.st_dev, st.st_ino, {slots}) == target else rest).append(name)
+for name in rest:
+    os.unlink(name)
+made = len(kept) + len(rest)
+with Client({path!r}, timeout=10) as c:
+    for name in kept:
+        os.close(c.open(name))
+out([made, len(kept)])
+"""
+
+
+@attack("42: another uid's files fill the probe run of a file it can name; it is never indexed")
+async def test_42_another_uid_cannot_keep_a_file_out_of_the_index(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """A file of the daemon's uid, cached after another uid filled its probe run
+    (MAX_PROBE slots from slot_of(dev, ino)) with 16 of its own cached files, must
+    still be found through the index: else every open of it by its own clients
+    costs a round trip, for as long as the attacker keeps its files cached."""
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0", "--max-entries", "64"
+    )
+    victim = make_file(shared_dir / "libvictim.so", b"v" * 5000)
+    where = shared_dir / "mallory"
+    where.mkdir()
+    os.chown(where, MALLORY, MALLORY)
+    code = INDEX_FLOOD.format(
+        victim=str(victim), slots=128, where=str(where), path=str(d.socket_path)
+    )
+    with trio.fail_after(120):
+        made, kept = await trio.to_thread.run_sync(run_as, MALLORY, code)
+
+        def victim_opens() -> tuple[bool, int, int]:
+            from shadowd_client import Client
+
+            with Client(d.socket_path, timeout=10) as c:
+                os.close(c.open(victim))  # a miss: copied and cached
+                os.close(c.open(victim))  # a hit through the socket
+                view = c.index()
+                assert view is not None
+                fd = view.open(os.stat(victim))
+                s = c.stats()
+            if fd is not None:
+                os.close(fd)
+            return fd is not None, s["entries"], s["index_entries"]
+
+        indexed, entries, index_entries = await trio.to_thread.run_sync(victim_opens)
+    print(f"made {made} files, kept {kept}; {entries} entries, {index_entries} indexed")
+    assert entries == kept + 1
+    assert indexed, f"the victim's file is not in the index ({index_entries} of {entries})"
+
+
+def test_43_a_copy_stuck_on_a_hung_mount_leaves_the_events_kept_bounded() -> None:
+    """The daemon's own Watches, on a real inotify fd: a copy begun and never ended
+    (its read hangs on a FUSE mount, and it holds the floor of what events are kept
+    for copies under way), then 40,000 memfds watched and freed, one round of the
+    loop (a drain) every 100: what the rounds' prunes go through, and what is kept,
+    stay bounded, where they grew with every event read since the copy began; the
+    stuck copy is then taken as changed (never cached), and a copy begun after it
+    that saw no event of its own is not."""
+    from shadowd.watches import MAX_UNDECIDED_EVENTS, Watches
+
+    w = Watches(on_event=lambda wd: None, on_overflow=lambda: None)
+    w.open()
+    scanned = [0]
+    prune = Watches._prune
+
+    def counted(self: Watches) -> None:
+        scanned[0] += len(self._last)
+        prune(self)
+
+    try:
+        Watches._prune = counted  # type: ignore[method-assign]
+        hung = w.begin()
+        fd = os.memfd_create("source")
+        source = w.add_memfd(fd)  # the stuck copy's own watch: no event of it comes
+        events = 40_000
+        for i in range(events):
+            m = os.memfd_create("m")
+            w.add_memfd(m)
+            os.close(m)  # freed: an IN_IGNORED of a watch number never seen before
+            if i % 100 == 99:
+                w.drain()
+        w.drain()
+        later = w.begin()
+        kept = len(w._last)
+        print(f"{events} events: prunes went through {scanned[0]}, {kept} kept")
+        assert scanned[0] <= 8 * events, scanned[0]
+        assert kept <= 3 * MAX_UNDECIDED_EVENTS, kept
+        assert w.changed_since(source, hung)
+        assert not w.changed_since(source, later)
+        os.close(fd)
+    finally:
+        Watches._prune = prune  # type: ignore[method-assign]
+        w.close()
