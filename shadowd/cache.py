@@ -17,7 +17,7 @@ import heapq
 import mmap
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import NamedTuple, Protocol
 
 import attrs
@@ -390,18 +390,37 @@ class Cache:
         With *uid*, only the entries whose label that uid gave: a path says
         something about its owner, and other users need not learn it.
         """
-        rank = _RANKINGS.get(by)
-        if rank is None:
-            raise ValueError(f"unknown ranking {by!r}")
         labelled = (
             e
             for e in self._entries.values()
             if e.label is not None and e.hits > 0 and (uid is None or e.label_uid == uid)
         )
-        return [
-            TopEntry(label=e.label or "", hits=e.hits, size=e.size)
-            for e in heapq.nlargest(n, labelled, key=rank)
-        ]
+        return top_of(labelled, n, by=by)
+
+    def labelled_by_uid(self) -> dict[int, list[Entry]]:
+        """The labelled entries with hits, by the uid whose label they carry, in one
+        pass: each viewer's top files are then ranked from its own entries alone,
+        never from a pass over the whole cache each (attack 44)."""
+        out: dict[int, list[Entry]] = {}
+        for e in self._entries.values():
+            if e.label is not None and e.hits > 0 and e.label_uid is not None:
+                own = out.get(e.label_uid)
+                if own is None:
+                    out[e.label_uid] = [e]
+                else:
+                    own.append(e)
+        return out
+
+
+def top_of(entries: Iterable[Entry], n: int, *, by: str = "hits") -> list[TopEntry]:
+    """The *n* of *entries* (labelled ones) that saved most, by hits or by bytes not copied."""
+    rank = _RANKINGS.get(by)
+    if rank is None:
+        raise ValueError(f"unknown ranking {by!r}")
+    return [
+        TopEntry(label=e.label or "", hits=e.hits, size=e.size)
+        for e in heapq.nlargest(n, entries, key=rank)
+    ]
 
 
 def _release_file(file: Shareable) -> None:

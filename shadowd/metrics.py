@@ -11,7 +11,8 @@
 #
 # Must never: count fds on the loop, or run two counts at once; make the
 # loop pay for a costly part (resident memory, the ranking of entries) more
-# than once per `stats_refresh` seconds (once per viewer for the top files),
+# than once per `stats_refresh` seconds (for the top files of unprivileged
+# viewers: one pass over the cache, then each viewer's own entries once),
 # or let stats requests start fd counts more often, whoever asks and however
 # often; change anything it reads; show a user a path label another user
 # sent.
@@ -29,7 +30,7 @@ import trio
 
 from . import __version__
 from .access import Gate
-from .cache import Cache, CacheLimits
+from .cache import Cache, CacheLimits, Entry, top_of
 from .copier import Copier
 from .index import Index
 from .inflight import FdBudget
@@ -140,7 +141,7 @@ def resident_bytes() -> int:
         return -1
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class _CostlyStats:
     """The parts of stats that take a scan (of entries) to compute on the loop."""
 
@@ -150,6 +151,10 @@ class _CostlyStats:
     top_by_bytes: tuple[TopEntry, ...]
     #: The top files of each unprivileged viewer asked for so far.
     by_uid: dict[int, tuple[tuple[TopEntry, ...], tuple[TopEntry, ...]]] = attrs.field(factory=dict)
+    #: The labelled entries by the uid that labelled them (Cache.labelled_by_uid),
+    #: made at the first unprivileged viewer: one pass over the cache a refresh,
+    #: however many uids ask (attack 44).
+    labelled: dict[int, list[Entry]] | None = None
 
 
 @attrs.define(eq=False)
@@ -284,9 +289,12 @@ class StatsCollector:
             if len(costly.by_uid) >= _MAX_VIEWERS:
                 costly.by_uid.clear()  # a flood of uids must not grow it without bound
             n = self.top_files
+            if costly.labelled is None:
+                costly.labelled = self.cache.labelled_by_uid()
+            own = costly.labelled.get(uid, ())
             found = costly.by_uid[uid] = (
-                tuple(self.cache.top(n, by="hits", uid=uid)),
-                tuple(self.cache.top(n, by="bytes", uid=uid)),
+                tuple(top_of(own, n, by="hits")),
+                tuple(top_of(own, n, by="bytes")),
             )
         return found
 

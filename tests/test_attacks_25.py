@@ -135,3 +135,51 @@ def test_43_a_copy_stuck_on_a_hung_mount_leaves_the_events_kept_bounded() -> Non
     finally:
         Watches._prune = prune  # type: ignore[method-assign]
         w.close()
+
+
+def test_44_stats_asked_by_many_uids_rank_the_cache_once_a_refresh() -> None:
+    """The stats each unprivileged uid is answered list the top files its own uid
+    named, ranked on the loop once a refresh (1 s) per viewer: every new viewer made
+    the loop go through every entry twice, so that whoever has many uids (a
+    subordinate range) freezes the loop by asking stats from each in turn. The
+    daemon's own Server, 10,000 labelled cached entries of 50 uids, then 300 other
+    uids asking stats within one refresh: the entries gone through must not grow with
+    the viewers (before: twice the cache a viewer, 6,000,000), and each viewer still
+    sees its own labels only."""
+    from collections import OrderedDict
+
+    from shadowd.cache import HostKey
+    from shadowd.memfd import sealed_from_bytes
+    from shadowd.server import Server, ServerConfig
+
+    class Counting(OrderedDict[Any, Any]):
+        visited = 0
+
+        def values(self) -> Any:
+            for value in super().values():
+                Counting.visited += 1
+                yield value
+
+    server = Server(ServerConfig(socket_path="", stats_refresh=3600.0))
+    entries = 10_000
+    sealed = sealed_from_bytes(b"x" * 100)
+    try:
+        for i in range(entries):
+            server.cache.insert(
+                HostKey(1, i), (100, 1, 1), sealed, label=f"/f{i}", ctime_ns=1, label_uid=i % 50
+            )
+            server.cache.lookup(HostKey(1, i), (100, 1, 1))
+        server.cache._entries = Counting(server.cache._entries)  # type: ignore[assignment]
+        assert server.stats(None).entries == entries
+        Counting.visited = 0
+        for viewer in range(1000, 1300):
+            assert server.stats(viewer).top_by_hits == ()
+        seen = server.stats(7)
+        visited = Counting.visited
+        print(f"300 viewers of no entries and one of 200: {visited} entries gone through")
+        assert {t.label for t in seen.top_by_hits} <= {f"/f{i}" for i in range(7, entries, 50)}
+        assert len(seen.top_by_hits) == len(seen.top_by_bytes) == 10
+        assert visited <= 2 * entries, visited
+    finally:
+        sealed.release()
+        server.cache.clear()
