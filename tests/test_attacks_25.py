@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from .conftest import Daemon, make_file, requires_root, run_as, test_uid
@@ -183,3 +184,98 @@ def test_44_stats_asked_by_many_uids_rank_the_cache_once_a_refresh() -> None:
     finally:
         sealed.release()
         server.cache.clear()
+
+
+# A hostile daemon of another uid (one that took the socket's name, attack 11's
+# remains): its index is a real one (IndexedCache), of one file of its own,
+# whose slot names a file of a FUSE mount where the memfd should be, held O_PATH
+# at that number; the header's memfd device is that mount's. Every field a root
+# client's checks compare (device, inode, size, mode, ctime) is the FUSE file's.
+HOSTILE_INDEX = """
+import os, socket, struct, threading
+from pathlib import Path
+from shadowd.index import LIVE
+from tests.indexed import IndexedCache, serve_as_daemon
+args = recv()
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+listener.bind(args["socket"])
+listener.listen(16)
+cache = IndexedCache(Path(args["dir"]), 1)
+f, st = cache.files[0]
+planted = os.open(args["plant"], os.O_PATH | os.O_CLOEXEC)
+fst = os.stat(planted)
+index = cache.index
+struct.pack_into("<Q", index._map, 24, fst.st_dev)  # the header's memfd device
+index._write(
+    cache.slot_number(st), LIVE, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+    st.st_ctime_ns, planted, fst.st_mode, fst.st_ino, fst.st_ctime_ns,
+)
+threading.Thread(target=serve_as_daemon, args=(cache, listener), daemon=True).start()
+out({"file": str(f), "size": st.st_size})
+recv()
+"""
+
+
+@attack("45: a hostile daemon's index names a FUSE file as a memfd; a root client waits on it")
+@pytest.mark.parametrize("path_kind", ["c", "python"])
+async def test_45_a_hostile_daemons_index_cannot_make_a_root_client_wait_on_its_mount(
+    shared_dir: Path, path_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root client (a supervisor) that takes the index of a daemon of another uid
+    reopens what a slot names O_PATH first and checks it against the slot, the
+    device against the header's memfd device: a header the daemon wrote. Naming a
+    file of its own FUSE mount (whose every stat field its server chooses) at the
+    device, inode, size, mode and ctime the slot says, it passes every check; the
+    client then opens it for real, finds it unsealed and closes it, and that close
+    waits for a flush the server never answers. The open must end, refused."""
+    import shadowd_client.index as index_module
+
+    from .conftest import NOBODY, spawn_as
+    from .fusefs import FuseFile, mounted
+
+    if path_kind == "python":
+        monkeypatch.setattr(index_module, "C_CALLS", None)
+    elif index_module.C_CALLS is None:
+        pytest.skip("the C extension is not built")
+
+    work = shared_dir / "hostile"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    size = 3000  # IndexedCache's first file
+    fake = FuseFile(data=b"f" * size, ino=4242, mode=0o444, hang_flush=True)
+    with mounted(shared_dir / "fuse", files={"fake": fake}, hanging=0) as fs:
+        child = spawn_as(NOBODY, HOSTILE_INDEX)
+        try:
+            sock = work / "stand.sock"
+            child.send(
+                {"dir": str(work), "plant": str(fs.mountpoint / "fake"), "socket": str(sock)}
+            )
+            said = await trio.to_thread.run_sync(child.recv)
+            assert said["size"] == size, said
+
+            def take() -> bool:
+                from shadowd_client import Client
+
+                with Client(sock, timeout=5) as c:
+                    view = c.index()
+                    assert view is not None and not view.direct
+                    try:
+                        fd = view.open(os.stat(said["file"]))
+                    finally:
+                        view.close()
+                if fd is not None:
+                    os.close(fd)
+                return fd is not None
+
+            try:
+                with trio.fail_after(20):
+                    served = await trio.to_thread.run_sync(take, abandon_on_cancel=True)
+            except trio.TooSlowError:
+                raise AssertionError(
+                    f"the client waited on the hostile daemon's FUSE file ({fs.hung_flushes} "
+                    "flushes unanswered)"
+                ) from None
+            assert not served
+        finally:
+            fs.close()  # the flush fails: a client thread left waiting ends
+            child.close()
