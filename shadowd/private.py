@@ -87,12 +87,18 @@ def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
         size = os.fstat(fd).st_size
         if size != key.size:
             raise size_mismatch(size, key)
-    try:
-        # Defence in depth: a read-only mode makes an O_RDWR reopen fail for
-        # anyone but root. Not possible when the memfd is another uid's.
-        os.fchmod(fd, 0o555 if executable else 0o444)
-    except OSError:
-        pass
+    mode = 0o555 if executable else 0o444
+    if stat.S_IMODE(st.st_mode) != mode:
+        try:
+            # Defence in depth: a read-only mode makes an O_RDWR reopen fail for
+            # anyone but root. Not possible when the memfd is another uid's. Never
+            # when it has that mode already: a chmod moves the ctime even then, and
+            # a memfd the daemon served (sent back as a publish by any uid that was
+            # served it) would be found changed at its entry's next hit, dropped and
+            # copied again (attack 46).
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
     return own_sealed(os.dup(fd), size=key.size, executable=executable)
 
 

@@ -287,3 +287,54 @@ async def test_45_a_hostile_daemons_index_cannot_make_a_root_client_wait_on_its_
         finally:
             fs.close()  # the flush fails: a client thread left waiting ends
             child.close()
+
+
+# Another uid that may read a cached file publishes the descriptor the daemon
+# served it, as a private file of its own: the daemon then sets the mode of its
+# own memfd (a chmod to the mode it has), which moves the memfd's ctime.
+REPUBLISH = """
+import os
+from shadowd_client import Client
+from tests.wire import Raw, key_map
+with Client({path!r}, timeout=10) as c:
+    served = c.open({name!r})
+st = os.fstat(served)
+key = key_map(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+with Raw({path!r}, timeout=10) as raw:
+    reply, fds = raw.call({{"op": "publish", "id": 1, "namespace": "n", "key": key}}, [served])
+for fd in fds:
+    os.close(fd)
+os.close(served)
+out(reply.get("ok"))
+"""
+
+
+async def test_46_a_served_descriptor_published_back_does_not_drop_the_entry(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """A file cached, its copy a hit; another uid (which may read it) publishes the fd
+    it was served as a private file of its own, each time it likes: the daemon seals it
+    in place (sealed already) and sets its mode, which moves the memfd's ctime, so the
+    entry's next hit finds its memfd "changed by a holder", drops it and copies the
+    file again. The owner's next open must still be a hit."""
+    d: Daemon = await start_daemon("--socket-mode", "0666", "--racy-window", "0")
+    f = make_file(shared_dir / "libshared.so", b"s" * 50_000)
+
+    def owner_opens() -> dict[str, int]:
+        from shadowd_client import Client
+
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))
+            s = c.stats()
+        return {k: s[k] for k in ("hits", "misses", "copies", "tampered")}
+
+    with trio.fail_after(60):
+        before = await trio.to_thread.run_sync(owner_opens)
+        code = REPUBLISH.format(path=str(d.socket_path), name=str(f))
+        rounds = 5
+        published = [await trio.to_thread.run_sync(run_as, MALLORY, code) for _ in range(rounds)]
+        after = await trio.to_thread.run_sync(owner_opens)
+    print(f"published {published}; before {before}; after {after}")
+    assert after["tampered"] == before["tampered"], (before, after)
+    assert after["copies"] == before["copies"], (before, after)
