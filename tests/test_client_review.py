@@ -946,6 +946,95 @@ async def test_threads_waiting_behind_one_late_answer_do_not_open_the_breaker(
     )
 
 
+def _threads_opening(
+    sock: Path, src: Path, pause: float, threads: int, opens: int
+) -> tuple[Opener, list[bool]]:
+    """*threads* threads sharing one Opener (timeout 1 s: slow from 0.5 s) open *src*
+    up to *opens* times each (a thread stops at its first copy made here), against a
+    stand-in daemon that answers each open *pause* after reading it: the Opener, and
+    whether its breaker was open as the stand-in sent each answer in turn (looked at
+    after the pause, long after the answer before it was timed)."""
+    seen: list[bool] = []
+    box: list[Opener] = []
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        time.sleep(pause)
+        seen.append(box[0]._down)
+        try:
+            _serve_good(conn, msg)
+        except OSError:
+            return False
+        return None
+
+    def work(opener: Opener) -> None:
+        for _ in range(opens):
+            before = opener.local_opens
+            os.close(opener.open(src))
+            if opener.local_opens != before:
+                return
+            time.sleep(0.01)  # its own work between opens: others take the lock
+
+    with FakeDaemon(sock, answer) as fake:
+        opener = Opener(fake.path, local_below=0, timeout=1.0, retry_after=30.0, held_files=0)
+        box.append(opener)
+        try:
+            assert opener._client is not None
+            opener._client.connect()
+            pool = [threading.Thread(target=work, args=(opener,)) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(30)
+            return opener, seen
+        finally:
+            opener.close()
+
+
+async def test_threads_sharing_an_opener_of_a_prompt_daemon_never_open_its_breaker(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The latency breaker times the daemon's answers: three in a row in half the
+    timeout or more open it. Threads sharing an Opener ask one at a time on its one
+    connection, each waiting for the client's lock behind the others' requests. Eight
+    threads against a daemon that answers every open in 0.1 s (of a 1 s timeout), each
+    doing a little work of its own between opens, waited up to 0.7 s for the lock:
+    that wait was timed as the daemon's, and the breaker opened after 20-23 of the 40
+    answers (21 of 28 in one run), on a daemon five times faster than the slow line
+    (c087c4f's rule, a slow answer counted only when asked after the last one counted
+    came, made it rarer, not right). Only the client's own send and the wait for its
+    own answer are timed now (Client._spent): every open asked of the daemon, the
+    breaker never open."""
+    with trio.fail_after(60):
+        opener, seen = await trio.to_thread.run_sync(
+            _threads_opening, shared_dir / "t.sock", old_file, 0.1, 8, 5
+        )
+    print(f"{len(seen)} answers, the breaker seen open from {True in seen and seen.index(True)}")
+    assert not any(seen), seen.index(True)
+    assert (opener.daemon_opens, opener.local_opens) == (40, 0), (
+        opener.daemon_opens,
+        opener.local_opens,
+    )
+
+
+async def test_threads_sharing_an_opener_of_a_slow_daemon_open_its_breaker_after_three(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The other way: four threads sharing an Opener against a daemon that answers
+    every open in 0.6 s (slow: half the 1 s timeout or more). The breaker opens on the
+    third slow answer, whatever the number of threads asking: the daemon sees it open
+    as it answers the fourth request (one asked before it opened). Before, only an
+    answer asked after the last one counted came was counted (c087c4f), one in about
+    as many as there were threads, and the breaker opened after the seventh to ninth.
+    """
+    with trio.fail_after(60):
+        opener, seen = await trio.to_thread.run_sync(
+            _threads_opening, shared_dir / "u.sock", old_file, 0.6, 4, 5
+        )
+    print(f"{len(seen)} answers, the breaker first seen open at {seen.index(True)}")
+    assert seen[:4] == [False, False, False, True], seen
+    assert opener.local_opens > 0
+
+
 def _preload_answered_after(
     sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
 ) -> tuple[int, bool, float]:

@@ -175,6 +175,8 @@ class Client:
         self._timed_out_at = float("-inf")
         # The socket's receive timeout is cut to what is left of a wait (_within).
         self._cut = False
+        # Per thread: seconds its calls held the connection (_spent).
+        self._own = threading.local()
         _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
@@ -182,7 +184,11 @@ class Client:
     def connect(self) -> None:
         """Connect now (and say hello) instead of on first use."""
         with self._lock:
-            self._ensure_connected()
+            begun = time.monotonic()
+            try:
+                self._ensure_connected()
+            finally:
+                self._spend(time.monotonic() - begun)
 
     @property
     def limits(self) -> dict[str, int]:
@@ -237,7 +243,11 @@ class Client:
         parts = _Parts()
         while todo:
             with self._lock:
-                self._ensure_connected()
+                begun = time.monotonic()
+                try:
+                    self._ensure_connected()
+                finally:
+                    self._spend(time.monotonic() - begun)
                 assert self._session is not None
                 chunk, todo = todo[: self._session.max_batch], todo[self._session.max_batch :]
             batch_fds = tuple(fds[i] for i in chunk)
@@ -450,6 +460,7 @@ class Client:
         sent = 0
         entered = time.monotonic()
         with self._lock:
+            held = time.monotonic()
             try:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
@@ -496,6 +507,7 @@ class Client:
                 if last:
                     self._closed = True
                     self._drop()
+                self._spend(time.monotonic() - held)
         return sent, None
 
     def _answered(
@@ -562,7 +574,11 @@ class Client:
         try:
             while todo:
                 with self._lock:
-                    self._ensure_connected()
+                    begun = time.monotonic()
+                    try:
+                        self._ensure_connected()
+                    finally:
+                        self._spend(time.monotonic() - begun)
                     assert self._session is not None
                     chunk = todo[: self._session.max_batch]
                 todo = todo[len(chunk) :]
@@ -615,8 +631,23 @@ class Client:
                     self._drop()
                     raise broken.error(self.socket_path) from None
             finally:
+                spent = time.monotonic() - begun
+                self._spend(spent)
                 if parts is not None:
-                    parts.spent += time.monotonic() - begun
+                    parts.spent += spent
+
+    def _spent(self) -> float:
+        """Seconds the calls of this thread have held the connection: connecting, saying
+        hello, sending their requests and waiting for the answers (those nobody waited
+        for, read ahead of theirs, included), never waiting for the lock while another
+        thread's request had it. What the Opener's latency breaker times: the daemon's
+        own slowness, whatever the number of threads sharing this client."""
+        spent: float = getattr(self._own, "spent", 0.0)
+        return spent
+
+    def _spend(self, seconds: float) -> None:
+        own = self._own
+        own.spent = getattr(own, "spent", 0.0) + seconds
 
     def _not_just_timed_out(self, entered: float) -> None:
         """Raise DaemonTimeout when a request of another thread waited out the timeout
