@@ -38,6 +38,7 @@ from shadowd_client import (
     Opener,
     ProtocolViolation,
     SourceError,
+    VersionMismatch,
     local_copy,
     local_private,
 )
@@ -331,7 +332,12 @@ def fd_links() -> collections.Counter[str]:
     return links
 
 
-GOOD = b"the daemon's good bytes"
+#: What the stand-ins serve: as long as old_file's bytes, whose size a client's own
+#: fstat sees (a served fd of another size is another version: refused), not the same.
+FILE_BYTES = b"the file's own bytes"
+GOOD = b"daemon's good bytes!"
+EVIL = b"evil" * 5
+assert len(GOOD) == len(EVIL) == len(FILE_BYTES)
 
 
 def _serve_good(conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -368,11 +374,11 @@ def _reply(
     return reply
 
 
-def _reopened(flags: int) -> Callable[[], list[int]]:
-    """A maker of one fd: a sealed memfd opened with *flags*."""
+def _reopened(flags: int, data: bytes = EVIL) -> Callable[[], list[int]]:
+    """A maker of one fd: a sealed memfd of *data* opened with *flags*."""
 
     def make() -> list[int]:
-        fd = _sealed(b"evil")
+        fd = _sealed(data)
         try:
             return [os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)]
         finally:
@@ -387,7 +393,7 @@ _one_sealed = _reopened(os.O_RDONLY)
 
 def _unsealed() -> list[int]:
     fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, b"evil")
+    os.write(fd, EVIL)
     return [fd]
 
 
@@ -462,7 +468,7 @@ def _first_open_bad(case: str) -> Answer:
 def old_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A file older than any racy window (an Opener asks a daemon about it even before
     it knows that daemon's window): made once, for the stand-in daemons' tests."""
-    src = make_file(tmp_path_factory.mktemp("old") / "src", b"the file's own bytes")
+    src = make_file(tmp_path_factory.mktemp("old") / "src", FILE_BYTES)
     settle(src, window=1.0)
     yield src
 
@@ -585,6 +591,122 @@ async def test_a_bad_batch_reply_is_refused_with_every_fd_it_brought_closed(
             async with AsyncClient(fake.path, timeout=10) as ac:
                 with pytest.raises(ProtocolViolation):
                     await ac.open_many(paths)
+    assert fd_links() == before
+
+
+#: Served fds a client must not take for the version its own fstat of the source saw.
+WRONG_VERSIONS = (
+    "another version said, of the same size",
+    "the version said, a memfd of another size",
+    "no version said, a memfd of another size",
+)
+
+
+def _served_item(case: str | None, st: os.stat_result) -> tuple[dict[str, Any], int]:
+    """A served item (its map without the id, and a read-only fd of a sealed memfd) for
+    a source whose fstat the stand-in saw as *st*: of that version, or wrong as *case*
+    says (None: right)."""
+    version: list[int] | None = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    data = GOOD
+    if case == WRONG_VERSIONS[0]:
+        version = [st.st_size, st.st_mtime_ns - 1, st.st_ctime_ns]  # (utimensat: not ctime)
+    elif case is not None:
+        data = GOOD[:4]
+        version = version if case == WRONG_VERSIONS[1] else None
+    item: dict[str, Any] = {"ok": True, "size": len(data), "hit": True}
+    if version is not None:
+        item |= {"version": version, "cached": True}
+    return item, _reopened(os.O_RDONLY, data)()[0]
+
+
+def _wrong_first(case: str, wrong: int) -> Answer:
+    """A stand-in that serves the first *wrong* files it is asked for (open or batch
+    items) wrong as *case* says, and the rest in the version it sees."""
+    served = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        items: list[dict[str, Any]] = []
+        sent: list[int] = []
+        try:
+            for src in fds:
+                served[0] += 1
+                item, fd = _served_item(case if served[0] <= wrong else None, os.fstat(src))
+                items.append(item)
+                sent.append(fd)
+            if msg["op"] == "open":
+                _send(conn, {"id": msg["id"], **items[0]}, sent)
+            else:
+                _send(conn, {"id": msg["id"], "ok": True, "results": items}, sent)
+        except OSError:
+            return False
+        finally:
+            close_all(sent)
+        return None
+
+    return answer
+
+
+@pytest.mark.parametrize("case", WRONG_VERSIONS)
+async def test_a_served_fd_of_another_version_than_the_callers_fstat_is_never_handed_out(
+    shared_dir: Path, old_file: Path, case: str
+) -> None:
+    """Every tier checks the version it serves against the caller's own fstat; the
+    socket did only to decide what the Opener keeps. A daemon whose reply says another
+    version than the caller's fstat of the source (the file changed between the two
+    fstats, or the daemon is wrong), or that sends a memfd of another size: Client and
+    AsyncClient take no such fd, ask once more (served right then, they return that)
+    and raise VersionMismatch when it comes again, open_many item by item; the Opener
+    copies the file here instead (the file as it is now), and neither it nor its
+    preload keeps the daemon's fd. Before, each returned the daemon's fd as the file,
+    and a preload kept a memfd of another size that the reply called the right version
+    and cached."""
+    os.close(local_copy(old_file))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", _wrong_first(case, 1))
+        with fake, Client(fake.path, timeout=10) as c:
+            fd = c.open(old_file)  # asked again: the right one
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+            assert len(fake.requests) == 2
+            fds = c.open_many([old_file, old_file])  # the first item asked again
+            assert [read_fd(fd) for fd in fds] == [GOOD, GOOD]
+            close_all(fds)
+        fake = FakeDaemon(shared_dir / "w.sock", _wrong_first(case, 1 << 30))
+        with fake, Client(fake.path, timeout=10) as c:
+            with pytest.raises(VersionMismatch):
+                c.open(old_file)
+            assert len(fake.requests) == 2
+            with pytest.raises(VersionMismatch):
+                c.open_many([old_file])
+            got = c.open_many([old_file] * 2, return_exceptions=True)
+            assert [type(x) for x in got] == [VersionMismatch] * 2, got
+        fake = FakeDaemon(shared_dir / "o.sock", _wrong_first(case, 1 << 30))
+        with fake, Opener(fake.path, local_below=0, retry_after=30.0) as opener:
+            fd = opener.open(old_file)
+            assert read_fd(fd) == FILE_BYTES  # copied here
+            os.close(fd)
+            assert (opener.daemon_opens, opener.local_opens) == (0, 1)
+            assert opener.preload([old_file]) == 0  # nothing kept
+            assert len(fake.requests) == 2 and not opener._down
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", _wrong_first(case, 1)) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                fd = await ac.open(old_file)
+                assert read_fd(fd) == GOOD
+                os.close(fd)
+                fds = await ac.open_many([old_file, old_file])
+                assert [read_fd(fd) for fd in fds] == [GOOD, GOOD]
+                close_all(fds)
+        with FakeDaemon(shared_dir / "b.sock", _wrong_first(case, 1 << 30)) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(VersionMismatch):
+                    await ac.open(old_file)
+                got = await ac.open_many([old_file] * 2, return_exceptions=True)
+                assert [type(x) for x in got] == [VersionMismatch] * 2, got
     assert fd_links() == before
 
 

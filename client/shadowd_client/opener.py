@@ -28,7 +28,7 @@ from shadowd.fds import FdHolder, close_all
 from shadowd.memfd import reopen_readonly
 from shadowd.protocol import FileKey
 
-from ._session import Answer, Fill, check_sealed, label_for, open_source
+from ._session import Answer, Fill, check_sealed, label_for, open_source, serves
 from .errors import (
     DaemonTimeout,
     DaemonUnavailable,
@@ -449,10 +449,15 @@ class Opener:
             asked = time.monotonic()
             answer = self._ask(fd, label)
             if answer is not None and answer.fd is not None:
-                self._keep(key, version, answer, asked)
-                with self._lock:
-                    self.daemon_opens += 1
-                return answer.fd
+                if serves(answer.fd, answer.version, st):
+                    self._keep(key, version, answer, asked)
+                    with self._lock:
+                        self.daemon_opens += 1
+                    return answer.fd
+                # Another version than the caller's fstat saw (the file changed since,
+                # or the daemon is wrong): never handed out as that one. The copy here
+                # reads the file as it is now.
+                os.close(answer.fd)
         copy = local_copy_fd(fd, name=name)
         with self._lock:
             self.local_opens += 1
@@ -501,7 +506,8 @@ class Opener:
             )
             for (_, st, _), answer in zip(wanted, answers, strict=True):
                 if isinstance(answer, Answer) and answer.fd is not None:
-                    self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
+                    if serves(answer.fd, answer.version, st):
+                        self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
                     os.close(answer.fd)
         finally:
             close_all(src.detach() for src, _, _ in sources)

@@ -57,10 +57,14 @@ from ._session import (
     max_report_of,
     open_source,
     opened_fd,
+    own_stat,
+    own_stats,
     peer_of,
     queued_refusal,
     request_of,
+    served_as,
     stats_of,
+    version_mismatch,
 )
 from .errors import (
     FD_LIMIT_ERRNOS,
@@ -69,6 +73,7 @@ from .errors import (
     Refused,
     ShadowdError,
     TooManyOpenFiles,
+    VersionMismatch,
     connecting,
     hello_violation,
     refused,
@@ -203,11 +208,14 @@ class Client:
 
         The file is opened here (read-only, non-blocking) and that fd goes to
         the daemon as the proof that we may read it; it is closed before
-        returning.
+        returning. The fd returned holds the version this client's own ``fstat``
+        of that source saw: one served in another (the file changed in between)
+        is closed and the file asked for once more, then
+        :class:`~shadowd_client.VersionMismatch` is raised.
         """
         src = open_source(path)
         try:
-            return self.open_fd(src, label=label_for(path))
+            return self._open_own(src, label_for(path), os.fsdecode(path))
         except Refused as exc:
             raise exc.naming(path) from None
         finally:
@@ -217,9 +225,18 @@ class Client:
         """Like :meth:`open` for a file the caller already opened for reading.
 
         *fd* stays the caller's; *label* names the file in the daemon's stats.
+        The version served is checked against this client's own ``fstat`` of
+        *fd*, made when it is called (as :meth:`open` says).
         """
-        reply = self._call(lambda proto: proto.send_open(fd, label))
-        return opened_fd(reply)
+        return self._open_own(fd, label, label or "<fd>")
+
+    def _open_own(self, fd: int, label: str | None, name: str) -> int:
+        for _ in range(2):  # once more for a file that changed under the first
+            st = own_stat(fd, name)
+            served = served_as(self._call(lambda proto: proto.send_open(fd, label)), st)
+            if served is not None:
+                return served
+        raise version_mismatch(name)
 
     def ask(self, fd: int, *, label: str | None = None, wait: bool = False) -> Answer:
         """The daemon's answer for the file open at *fd* (which stays the caller's).
@@ -272,7 +289,9 @@ class Client:
 
         Returns one fd per path, in order. When an item fails, every fd already
         received is closed and its error raised, unless *return_exceptions*:
-        then the error takes that item's place in the list.
+        then the error takes that item's place in the list. Each fd holds the
+        version this client's own ``fstat`` of its source saw; the items served
+        in another are asked for once more (:meth:`open`).
         """
         results: list[int | ShadowdError] = []
         try:
@@ -569,28 +588,33 @@ class Client:
     ) -> list[int | ShadowdError]:
         results: list[int | ShadowdError] = list(sources)
         received: list[int] = []  # closed should a later batch fail
-        todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+        again = [i for i, s in enumerate(sources) if isinstance(s, int)]
         parts = _Parts()
         try:
-            while todo:
-                with self._lock:
-                    begun = time.monotonic()
-                    try:
-                        self._ensure_connected()
-                    finally:
-                        self._spend(time.monotonic() - begun)
-                    assert self._session is not None
-                    chunk = todo[: self._session.max_batch]
-                todo = todo[len(chunk) :]
-                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
-                chunk_labels = tuple(labels[i] for i in chunk)
-                reply = self._call(
-                    request_of(functools.partial(batch_request, fds, chunk_labels)), parts
-                )
-                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
-                    results[i] = r
-                    if isinstance(r, int):
-                        received.append(r)
+            for _ in range(2):  # once more for the files served in another version
+                stats = own_stats(sources, again, labels, results)
+                todo = list(stats)
+                while todo:
+                    with self._lock:
+                        begun = time.monotonic()
+                        try:
+                            self._ensure_connected()
+                        finally:
+                            self._spend(time.monotonic() - begun)
+                        assert self._session is not None
+                        chunk = todo[: self._session.max_batch]
+                    todo = todo[len(chunk) :]
+                    fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                    chunk_labels = tuple(labels[i] for i in chunk)
+                    reply = self._call(
+                        request_of(functools.partial(batch_request, fds, chunk_labels)), parts
+                    )
+                    served = batch_results(reply, [stats[i] for i in chunk], chunk_labels)
+                    for i, r in zip(chunk, served, strict=True):
+                        results[i] = r
+                        if isinstance(r, int):
+                            received.append(r)
+                again = [i for i in stats if isinstance(results[i], VersionMismatch)]
         except BaseException:
             close_all(received)
             raise
