@@ -1157,6 +1157,48 @@ async def test_threads_sharing_an_opener_of_a_slow_daemon_open_its_breaker_after
     assert opener.local_opens > 0
 
 
+async def test_threads_failing_at_once_open_the_breaker_for_one_window(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The breaker's window is 1 s after a failure, doubled after each failed retry.
+    Four threads sharing an Opener ask a daemon that never answers, at once: the first
+    waits out the timeout, the three queued behind it fail at once (they passed the
+    breaker before it opened). Each of the four failures opened the window anew and
+    doubled it, as if each were a retry that failed: 8 s of copies here before the next
+    try, and 16 s after that, for one outage seen by four threads. A failure of a
+    request asked before the window opened opens nothing more now: 1 s, then 2 s."""
+    start = threading.Barrier(4)
+
+    def never(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        return None  # read, never answered
+
+    def blocking() -> tuple[float, float]:
+        with FakeDaemon(shared_dir / "n.sock", never) as fake:
+            opener = Opener(fake.path, local_below=0, timeout=0.5, retry_after=1.0)
+            try:
+                assert opener._client is not None
+                opener._client.connect()
+
+                def one() -> None:
+                    start.wait(10)
+                    os.close(opener.open(old_file))
+
+                pool = [threading.Thread(target=one) for _ in range(4)]
+                for t in pool:
+                    t.start()
+                for t in pool:
+                    t.join(30)
+                assert (opener.daemon_opens, opener.local_opens) == (0, 4)
+                return opener._down_until - time.monotonic(), opener._backoff
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        window, backoff = await trio.to_thread.run_sync(blocking)
+    print(f"the window open {window:.2f} s more, the next {backoff:g} s")
+    assert window <= 1.0 and backoff == 2.0, (window, backoff)
+
+
 def _preload_answered_after(
     sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
 ) -> tuple[int, bool, float]:

@@ -899,8 +899,15 @@ class Opener:
         return answers
 
     def _failed(self, exc: ShadowdError) -> None:
+        """The daemon failed a request: the breaker opens for a window (doubled after each
+        failed retry). A request that failed while it is open already was asked before
+        it opened (another thread's, queued on the connection meanwhile): the same
+        outage, not a retry that failed; it opens nothing more."""
         with self._lock:
-            self._down_until = time.monotonic() + self._backoff
+            now = time.monotonic()
+            if now < self._down_until:
+                return
+            self._down_until = now + self._backoff
             window, self._backoff = self._backoff, min(2 * self._backoff, self.max_backoff)
             first, self._down = not self._down, True
         if first:
