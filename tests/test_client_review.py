@@ -1310,6 +1310,50 @@ async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
     assert seen and (0, 0) not in seen, sorted(seen)[:5]
 
 
+@pytest.mark.parametrize("op", ["lookup", "publish"])
+async def test_a_private_file_served_of_another_size_than_its_key_is_refused(
+    shared_dir: Path, op: str
+) -> None:
+    """A private file's key is the caller's own fstat of it, and the daemon refuses a
+    publish of another size: a lookup hit, or the copy a publish is answered with, of
+    another size than ``key.size`` is not that file. Client and AsyncClient raise
+    ProtocolViolation with the fd closed; the Opener makes the file here. Before, each
+    returned the daemon's fd."""
+    key = FileKey(ino=7, size=len(GOOD), mtime_ns=1, ctime_ns=2)
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] == "lookup" and op == "publish":
+            _send(conn, {"id": msg["id"], "ok": True, "hit": False})
+        else:
+            _reply(_reopened(os.O_RDONLY, GOOD[:4]))(conn, msg["id"])
+        return None
+
+    def fill(fd: int) -> None:
+        os.write(fd, GOOD)
+
+    os.close(local_private(key, fill))  # the handle on /proc/self/fd, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", answer)
+        with fake, Client(fake.path, timeout=10) as c, pytest.raises(ProtocolViolation):
+            c.open_private("ns", key, fill)
+        fake = FakeDaemon(shared_dir / "o.sock", answer)
+        with fake, Opener(fake.path) as opener:
+            fd = opener.open_private("ns", key, fill)
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+            assert (opener.daemon_opens, opener.local_opens) == (0, 1)
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", answer) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(ProtocolViolation):
+                    await ac.open_private("ns", key, fill)
+    assert fd_links() == before
+
+
 @pytest.mark.parametrize(
     "code", ["internal", "bad-request", "io-error", "not-readable", "shutting-down", "new-code"]
 )

@@ -455,11 +455,29 @@ def answers_of(reply: Reply, sent: int) -> list[Answer | ShadowdError]:
     return out
 
 
-def lookup_result(reply: Reply) -> int | None:
-    """The checked fd of a lookup hit; None on a miss."""
+def lookup_result(reply: Reply, key: FileKey) -> int | None:
+    """The checked fd of a lookup hit of *key* (:func:`private_fd`); None on a miss."""
     if isinstance(reply, LookupMiss):
         return None
-    return opened_fd(reply)
+    return private_fd(reply, key)
+
+
+def private_fd(reply: Reply, key: FileKey) -> int:
+    """The fd of a reply to a lookup or publish of the private file *key*, checked
+    (:func:`opened_fd`) and holding ``key.size`` bytes: the key is the caller's own
+    fstat of the file, and the daemon refuses a publish of another size, so an entry
+    served in another is not that file (the fd is closed: ProtocolViolation)."""
+    fd = opened_fd(reply)
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        size = -1
+    if size != key.size:
+        os.close(fd)
+        raise ProtocolViolation(
+            f"the daemon served a private file of {size} bytes for a key of {key.size}; refused it"
+        )
+    return fd
 
 
 def new_memfd(*, executable: bool) -> FdHolder:

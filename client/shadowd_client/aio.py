@@ -51,9 +51,9 @@ from ._session import (
     lookup_result,
     new_memfd,
     open_source,
-    opened_fd,
     own_stat,
     own_stats,
+    private_fd,
     queued_refusal,
     request_of,
     served_as,
@@ -253,7 +253,7 @@ class AsyncClient:
     ) -> int:
         """Like :meth:`Client.open_private`; *fill* may be a plain or an async function."""
         reply = await self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
-        found = lookup_result(reply)
+        found = lookup_result(reply, key)
         if found is not None:
             return found
         with new_memfd(executable=executable) as memfd:
@@ -264,7 +264,7 @@ class AsyncClient:
             reply = await self._call(
                 request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
             )
-        return opened_fd(reply)
+        return private_fd(reply, key)
 
     async def stats(self) -> dict[str, Any]:
         return stats_of(await self._call(request_of(StatsRequest)))

@@ -56,10 +56,10 @@ from ._session import (
     lookup_result,
     max_report_of,
     open_source,
-    opened_fd,
     own_stat,
     own_stats,
     peer_of,
+    private_fd,
     queued_refusal,
     request_of,
     served_as,
@@ -329,10 +329,11 @@ class Client:
         fstat of it says). On a miss, ``fill(fd)`` must write the file's
         ``key.size`` bytes into the fresh memfd *fd*; the daemon seals it and
         serves it to later callers of the same uid and namespace. Exceptions
-        of *fill* reach the caller unchanged.
+        of *fill* reach the caller unchanged. A file served of another size
+        than ``key.size`` is refused (ProtocolViolation).
         """
         found = lookup_result(
-            self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
+            self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key))), key
         )
         if found is not None:
             return found
@@ -340,7 +341,7 @@ class Client:
             reply = self._call(
                 request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
             )
-        return opened_fd(reply)
+        return private_fd(reply, key)
 
     def index(self) -> IndexView | None:
         """The daemon's index of its cache, mapped read-only; None where it gives none.
