@@ -189,11 +189,7 @@ class Client:
     def connect(self) -> None:
         """Connect now (and say hello) instead of on first use."""
         with self._lock:
-            begun = time.monotonic()
-            try:
-                self._ensure_connected()
-            finally:
-                self._spend(time.monotonic() - begun)
+            self._connected()
 
     @property
     def limits(self) -> dict[str, int]:
@@ -260,13 +256,8 @@ class Client:
         parts = _Parts()
         while todo:
             with self._lock:
-                begun = time.monotonic()
-                try:
-                    self._ensure_connected()
-                finally:
-                    self._spend(time.monotonic() - begun)
-                assert self._session is not None
-                chunk, todo = todo[: self._session.max_batch], todo[self._session.max_batch :]
+                per = self._connected().max_batch
+            chunk, todo = todo[:per], todo[per:]
             batch_fds = tuple(fds[i] for i in chunk)
             batch_labels = tuple(names[i] for i in chunk) if labels is not None else ()
             try:
@@ -597,14 +588,8 @@ class Client:
                 todo = list(stats)
                 while todo:
                     with self._lock:
-                        begun = time.monotonic()
-                        try:
-                            self._ensure_connected()
-                        finally:
-                            self._spend(time.monotonic() - begun)
-                        assert self._session is not None
-                        chunk = todo[: self._session.max_batch]
-                    todo = todo[len(chunk) :]
+                        per = self._connected().max_batch
+                    chunk, todo = todo[:per], todo[per:]
                     fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
                     chunk_labels = tuple(labels[i] for i in chunk)
                     reply = self._call(
@@ -715,6 +700,17 @@ class Client:
         except ShadowdError:
             self._drop()
             raise
+
+    def _connected(self) -> Session:
+        """:meth:`_ensure_connected`, its time counted as this thread's (_spent); the
+        session. Lock held."""
+        begun = time.monotonic()
+        try:
+            self._ensure_connected()
+        finally:
+            self._spend(time.monotonic() - begun)
+        assert self._session is not None
+        return self._session
 
     def _ensure_connected(self) -> None:
         """Connected, hello answered; lock held. Raises only ShadowdError."""
