@@ -241,7 +241,9 @@ class Client:
         with *wait* False (protocol version 2) the answer comes at once,
         without an fd on a miss, while the daemon fills its cache; the answer
         says which version was served and whether it is cached. A version 1
-        daemon always waits.
+        daemon always waits. The answer is as the daemon gave it: unlike
+        :meth:`open_fd`, the version served is not checked against the
+        caller's fstat here (the caller does: the :class:`Opener` does).
         """
         reply = self._call(lambda proto: proto.send_open(fd, label, wait=wait))
         return answer_of(reply)
