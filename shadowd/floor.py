@@ -1,11 +1,13 @@
 # The transport floor for `shadowd bench`: the least a server can do to
 # answer an open. It speaks just enough of the protocol for the real client
-# (hello, open) and answers every open with a fresh read-only reopen of one
-# sealed memfd, with no stat, no checks, no cache. What shadowd takes above
-# this floor is what its cache logic costs.
+# (hello, open) and answers every open with a fresh read-only reopen of a
+# sealed memfd of zeros of the file's size, with no checks and no cache: one
+# fstat of the passed fd, as the client takes only an fd of the size its own
+# fstat of the source saw. What shadowd takes above this floor is what its
+# cache logic costs.
 #
-# Must never: be mistaken for a server: it serves the same bytes whatever
-# file is asked for. It exists only to be measured against.
+# Must never: be mistaken for a server: it serves zeros whatever file is
+# asked for. It exists only to be measured against.
 from __future__ import annotations
 
 import os
@@ -16,10 +18,18 @@ import msgpack
 import trio
 
 from .fds import close_all, fds_from_ancdata, scm_rights
-from .memfd import sealed_from_bytes
+from .memfd import SealedFile, sealed_from_bytes
 
 
-async def _connection(sock: socket.socket, name: str, size: int, procfd: int) -> None:
+def _zeros(size: int, made: dict[int, SealedFile]) -> str:
+    """The name in /proc/self/fd of a sealed memfd of *size* zeros (made once)."""
+    sealed = made.get(size)
+    if sealed is None:
+        sealed = made[size] = sealed_from_bytes(b"\0" * size)
+    return str(sealed.fd)
+
+
+async def _connection(sock: socket.socket, made: dict[int, SealedFile], procfd: int) -> None:
     buf = bytearray(65536)
     view = memoryview(buf)
     pack = msgpack.Packer().pack
@@ -41,7 +51,8 @@ async def _connection(sock: socket.socket, name: str, size: int, procfd: int) ->
                 sock.sendmsg([pack({**hello, "limits": {"max_batch": 1}})])
                 close_all(fds)
                 continue
-            served = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
+            size = os.fstat(fds[0]).st_size if fds else 0
+            served = os.open(_zeros(size, made), os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
             try:
                 reply = pack({"id": msg["id"], "ok": True, "size": size, "hit": True})
                 sock.sendmsg([reply], scm_rights([served]), socket.MSG_NOSIGNAL)
@@ -51,9 +62,9 @@ async def _connection(sock: socket.socket, name: str, size: int, procfd: int) ->
                 close_all([*fds, served])
 
 
-async def serve_floor(path: str, size: int = 4096) -> None:
+async def serve_floor(path: str) -> None:
     """Serve the floor on *path* until killed."""
-    sealed = sealed_from_bytes(b"\0" * size)
+    made: dict[int, SealedFile] = {}
     procfd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
     listener.bind(path)
@@ -66,7 +77,7 @@ async def serve_floor(path: str, size: int = 4096) -> None:
                 await trio.lowlevel.wait_readable(listener)
                 continue
             sock.setblocking(False)
-            nursery.start_soon(_connection, sock, str(sealed.fd), size, procfd)
+            nursery.start_soon(_connection, sock, made, procfd)
 
 
 if __name__ == "__main__":

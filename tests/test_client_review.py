@@ -38,6 +38,7 @@ from shadowd_client import (
     Opener,
     ProtocolViolation,
     SourceError,
+    VersionMismatch,
     local_copy,
     local_private,
 )
@@ -331,7 +332,12 @@ def fd_links() -> collections.Counter[str]:
     return links
 
 
-GOOD = b"the daemon's good bytes"
+#: What the stand-ins serve: as long as old_file's bytes, whose size a client's own
+#: fstat sees (a served fd of another size is another version: refused), not the same.
+FILE_BYTES = b"the file's own bytes"
+GOOD = b"daemon's good bytes!"
+EVIL = b"evil" * 5
+assert len(GOOD) == len(EVIL) == len(FILE_BYTES)
 
 
 def _serve_good(conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -368,11 +374,11 @@ def _reply(
     return reply
 
 
-def _reopened(flags: int) -> Callable[[], list[int]]:
-    """A maker of one fd: a sealed memfd opened with *flags*."""
+def _reopened(flags: int, data: bytes = EVIL) -> Callable[[], list[int]]:
+    """A maker of one fd: a sealed memfd of *data* opened with *flags*."""
 
     def make() -> list[int]:
-        fd = _sealed(b"evil")
+        fd = _sealed(data)
         try:
             return [os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)]
         finally:
@@ -387,7 +393,7 @@ _one_sealed = _reopened(os.O_RDONLY)
 
 def _unsealed() -> list[int]:
     fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, b"evil")
+    os.write(fd, EVIL)
     return [fd]
 
 
@@ -462,7 +468,7 @@ def _first_open_bad(case: str) -> Answer:
 def old_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A file older than any racy window (an Opener asks a daemon about it even before
     it knows that daemon's window): made once, for the stand-in daemons' tests."""
-    src = make_file(tmp_path_factory.mktemp("old") / "src", b"the file's own bytes")
+    src = make_file(tmp_path_factory.mktemp("old") / "src", FILE_BYTES)
     settle(src, window=1.0)
     yield src
 
@@ -585,6 +591,122 @@ async def test_a_bad_batch_reply_is_refused_with_every_fd_it_brought_closed(
             async with AsyncClient(fake.path, timeout=10) as ac:
                 with pytest.raises(ProtocolViolation):
                     await ac.open_many(paths)
+    assert fd_links() == before
+
+
+#: Served fds a client must not take for the version its own fstat of the source saw.
+WRONG_VERSIONS = (
+    "another version said, of the same size",
+    "the version said, a memfd of another size",
+    "no version said, a memfd of another size",
+)
+
+
+def _served_item(case: str | None, st: os.stat_result) -> tuple[dict[str, Any], int]:
+    """A served item (its map without the id, and a read-only fd of a sealed memfd) for
+    a source whose fstat the stand-in saw as *st*: of that version, or wrong as *case*
+    says (None: right)."""
+    version: list[int] | None = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    data = GOOD
+    if case == WRONG_VERSIONS[0]:
+        version = [st.st_size, st.st_mtime_ns - 1, st.st_ctime_ns]  # (utimensat: not ctime)
+    elif case is not None:
+        data = GOOD[:4]
+        version = version if case == WRONG_VERSIONS[1] else None
+    item: dict[str, Any] = {"ok": True, "size": len(data), "hit": True}
+    if version is not None:
+        item |= {"version": version, "cached": True}
+    return item, _reopened(os.O_RDONLY, data)()[0]
+
+
+def _wrong_first(case: str, wrong: int) -> Answer:
+    """A stand-in that serves the first *wrong* files it is asked for (open or batch
+    items) wrong as *case* says, and the rest in the version it sees."""
+    served = [0]
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        items: list[dict[str, Any]] = []
+        sent: list[int] = []
+        try:
+            for src in fds:
+                served[0] += 1
+                item, fd = _served_item(case if served[0] <= wrong else None, os.fstat(src))
+                items.append(item)
+                sent.append(fd)
+            if msg["op"] == "open":
+                _send(conn, {"id": msg["id"], **items[0]}, sent)
+            else:
+                _send(conn, {"id": msg["id"], "ok": True, "results": items}, sent)
+        except OSError:
+            return False
+        finally:
+            close_all(sent)
+        return None
+
+    return answer
+
+
+@pytest.mark.parametrize("case", WRONG_VERSIONS)
+async def test_a_served_fd_of_another_version_than_the_callers_fstat_is_never_handed_out(
+    shared_dir: Path, old_file: Path, case: str
+) -> None:
+    """Every tier checks the version it serves against the caller's own fstat; the
+    socket did only to decide what the Opener keeps. A daemon whose reply says another
+    version than the caller's fstat of the source (the file changed between the two
+    fstats, or the daemon is wrong), or that sends a memfd of another size: Client and
+    AsyncClient take no such fd, ask once more (served right then, they return that)
+    and raise VersionMismatch when it comes again, open_many item by item; the Opener
+    copies the file here instead (the file as it is now), and neither it nor its
+    preload keeps the daemon's fd. Before, each returned the daemon's fd as the file,
+    and a preload kept a memfd of another size that the reply called the right version
+    and cached."""
+    os.close(local_copy(old_file))  # its handle on /proc/self/fd, kept for good, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", _wrong_first(case, 1))
+        with fake, Client(fake.path, timeout=10) as c:
+            fd = c.open(old_file)  # asked again: the right one
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+            assert len(fake.requests) == 2
+            fds = c.open_many([old_file, old_file])  # the first item asked again
+            assert [read_fd(fd) for fd in fds] == [GOOD, GOOD]
+            close_all(fds)
+        fake = FakeDaemon(shared_dir / "w.sock", _wrong_first(case, 1 << 30))
+        with fake, Client(fake.path, timeout=10) as c:
+            with pytest.raises(VersionMismatch):
+                c.open(old_file)
+            assert len(fake.requests) == 2
+            with pytest.raises(VersionMismatch):
+                c.open_many([old_file])
+            got = c.open_many([old_file] * 2, return_exceptions=True)
+            assert [type(x) for x in got] == [VersionMismatch] * 2, got
+        fake = FakeDaemon(shared_dir / "o.sock", _wrong_first(case, 1 << 30))
+        with fake, Opener(fake.path, local_below=0, retry_after=30.0) as opener:
+            fd = opener.open(old_file)
+            assert read_fd(fd) == FILE_BYTES  # copied here
+            os.close(fd)
+            assert (opener.daemon_opens, opener.local_opens) == (0, 1)
+            assert opener.preload([old_file]) == 0  # nothing kept
+            assert len(fake.requests) == 2 and not opener._down
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", _wrong_first(case, 1)) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                fd = await ac.open(old_file)
+                assert read_fd(fd) == GOOD
+                os.close(fd)
+                fds = await ac.open_many([old_file, old_file])
+                assert [read_fd(fd) for fd in fds] == [GOOD, GOOD]
+                close_all(fds)
+        with FakeDaemon(shared_dir / "b.sock", _wrong_first(case, 1 << 30)) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(VersionMismatch):
+                    await ac.open(old_file)
+                got = await ac.open_many([old_file] * 2, return_exceptions=True)
+                assert [type(x) for x in got] == [VersionMismatch] * 2, got
     assert fd_links() == before
 
 
@@ -946,6 +1068,137 @@ async def test_threads_waiting_behind_one_late_answer_do_not_open_the_breaker(
     )
 
 
+def _threads_opening(
+    sock: Path, src: Path, pause: float, threads: int, opens: int
+) -> tuple[Opener, list[bool]]:
+    """*threads* threads sharing one Opener (timeout 1 s: slow from 0.5 s) open *src*
+    up to *opens* times each (a thread stops at its first copy made here), against a
+    stand-in daemon that answers each open *pause* after reading it: the Opener, and
+    whether its breaker was open as the stand-in sent each answer in turn (looked at
+    after the pause, long after the answer before it was timed)."""
+    seen: list[bool] = []
+    box: list[Opener] = []
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        time.sleep(pause)
+        seen.append(box[0]._down)
+        try:
+            _serve_good(conn, msg)
+        except OSError:
+            return False
+        return None
+
+    def work(opener: Opener) -> None:
+        for _ in range(opens):
+            before = opener.local_opens
+            os.close(opener.open(src))
+            if opener.local_opens != before:
+                return
+            time.sleep(0.01)  # its own work between opens: others take the lock
+
+    with FakeDaemon(sock, answer) as fake:
+        opener = Opener(fake.path, local_below=0, timeout=1.0, retry_after=30.0, held_files=0)
+        box.append(opener)
+        try:
+            assert opener._client is not None
+            opener._client.connect()
+            pool = [threading.Thread(target=work, args=(opener,)) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(30)
+            return opener, seen
+        finally:
+            opener.close()
+
+
+async def test_threads_sharing_an_opener_of_a_prompt_daemon_never_open_its_breaker(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The latency breaker times the daemon's answers: three in a row in half the
+    timeout or more open it. Threads sharing an Opener ask one at a time on its one
+    connection, each waiting for the client's lock behind the others' requests. Eight
+    threads against a daemon that answers every open in 0.1 s (of a 1 s timeout), each
+    doing a little work of its own between opens, waited up to 0.7 s for the lock:
+    that wait was timed as the daemon's, and the breaker opened after 20-23 of the 40
+    answers (21 of 28 in one run), on a daemon five times faster than the slow line
+    (c087c4f's rule, a slow answer counted only when asked after the last one counted
+    came, made it rarer, not right). Only the client's own send and the wait for its
+    own answer are timed now (Client._spent): every open asked of the daemon, the
+    breaker never open."""
+    with trio.fail_after(60):
+        opener, seen = await trio.to_thread.run_sync(
+            _threads_opening, shared_dir / "t.sock", old_file, 0.1, 8, 5
+        )
+    print(f"{len(seen)} answers, the breaker seen open from {True in seen and seen.index(True)}")
+    assert not any(seen), seen.index(True)
+    assert (opener.daemon_opens, opener.local_opens) == (40, 0), (
+        opener.daemon_opens,
+        opener.local_opens,
+    )
+
+
+async def test_threads_sharing_an_opener_of_a_slow_daemon_open_its_breaker_after_three(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The other way: four threads sharing an Opener against a daemon that answers
+    every open in 0.6 s (slow: half the 1 s timeout or more). The breaker opens on the
+    third slow answer, whatever the number of threads asking: the daemon sees it open
+    as it answers the fourth request (one asked before it opened). Before, only an
+    answer asked after the last one counted came was counted (c087c4f), one in about
+    as many as there were threads, and the breaker opened after the seventh to ninth.
+    """
+    with trio.fail_after(60):
+        opener, seen = await trio.to_thread.run_sync(
+            _threads_opening, shared_dir / "u.sock", old_file, 0.6, 4, 5
+        )
+    print(f"{len(seen)} answers, the breaker first seen open at {seen.index(True)}")
+    assert seen[:4] == [False, False, False, True], seen
+    assert opener.local_opens > 0
+
+
+async def test_threads_failing_at_once_open_the_breaker_for_one_window(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """The breaker's window is 1 s after a failure, doubled after each failed retry.
+    Four threads sharing an Opener ask a daemon that never answers, at once: the first
+    waits out the timeout, the three queued behind it fail at once (they passed the
+    breaker before it opened). Each of the four failures opened the window anew and
+    doubled it, as if each were a retry that failed: 8 s of copies here before the next
+    try, and 16 s after that, for one outage seen by four threads. A failure of a
+    request asked before the window opened opens nothing more now: 1 s, then 2 s."""
+    start = threading.Barrier(4)
+
+    def never(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        return None  # read, never answered
+
+    def blocking() -> tuple[float, float]:
+        with FakeDaemon(shared_dir / "n.sock", never) as fake:
+            opener = Opener(fake.path, local_below=0, timeout=0.5, retry_after=1.0)
+            try:
+                assert opener._client is not None
+                opener._client.connect()
+
+                def one() -> None:
+                    start.wait(10)
+                    os.close(opener.open(old_file))
+
+                pool = [threading.Thread(target=one) for _ in range(4)]
+                for t in pool:
+                    t.start()
+                for t in pool:
+                    t.join(30)
+                assert (opener.daemon_opens, opener.local_opens) == (0, 4)
+                return opener._down_until - time.monotonic(), opener._backoff
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        window, backoff = await trio.to_thread.run_sync(blocking)
+    print(f"the window open {window:.2f} s more, the next {backoff:g} s")
+    assert window <= 1.0 and backoff == 2.0, (window, backoff)
+
+
 def _preload_answered_after(
     sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
 ) -> tuple[int, bool, float]:
@@ -1055,6 +1308,50 @@ async def test_what_is_left_of_a_wait_never_becomes_a_wait_without_end(
         seen = await trio.to_thread.run_sync(blocking)
     print(f"receive timeouts set: {sorted(seen)[:5]}")
     assert seen and (0, 0) not in seen, sorted(seen)[:5]
+
+
+@pytest.mark.parametrize("op", ["lookup", "publish"])
+async def test_a_private_file_served_of_another_size_than_its_key_is_refused(
+    shared_dir: Path, op: str
+) -> None:
+    """A private file's key is the caller's own fstat of it, and the daemon refuses a
+    publish of another size: a lookup hit, or the copy a publish is answered with, of
+    another size than ``key.size`` is not that file. Client and AsyncClient raise
+    ProtocolViolation with the fd closed; the Opener makes the file here. Before, each
+    returned the daemon's fd."""
+    key = FileKey(ino=7, size=len(GOOD), mtime_ns=1, ctime_ns=2)
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] == "lookup" and op == "publish":
+            _send(conn, {"id": msg["id"], "ok": True, "hit": False})
+        else:
+            _reply(_reopened(os.O_RDONLY, GOOD[:4]))(conn, msg["id"])
+        return None
+
+    def fill(fd: int) -> None:
+        os.write(fd, GOOD)
+
+    os.close(local_private(key, fill))  # the handle on /proc/self/fd, opened now
+    before = fd_links()
+
+    def blocking() -> None:
+        fake = FakeDaemon(shared_dir / "c.sock", answer)
+        with fake, Client(fake.path, timeout=10) as c, pytest.raises(ProtocolViolation):
+            c.open_private("ns", key, fill)
+        fake = FakeDaemon(shared_dir / "o.sock", answer)
+        with fake, Opener(fake.path) as opener:
+            fd = opener.open_private("ns", key, fill)
+            assert read_fd(fd) == GOOD
+            os.close(fd)
+            assert (opener.daemon_opens, opener.local_opens) == (0, 1)
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(blocking)
+        with FakeDaemon(shared_dir / "a.sock", answer) as fake:
+            async with AsyncClient(fake.path, timeout=10) as ac:
+                with pytest.raises(ProtocolViolation):
+                    await ac.open_private("ns", key, fill)
+    assert fd_links() == before
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from .errors import (
     TooManyOpenFiles,
     UnsealedDescriptor,
     UnsupportedProtocolVersion,
+    VersionMismatch,
 )
 from .local import local_copy, local_copy_fd, local_private
 from .opener import HeldFiles, Opener
@@ -75,6 +76,7 @@ __all__ = [
     "TooManyOpenFiles",
     "UnsealedDescriptor",
     "UnsupportedProtocolVersion",
+    "VersionMismatch",
     "default_socket_path",
     "local_copy",
     "local_copy_fd",

@@ -11,7 +11,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import attrs
@@ -43,6 +43,7 @@ from shadowd.protocol import (
     Reply,
     Request,
     StatsReply,
+    Version,
 )
 
 from .errors import (
@@ -56,6 +57,7 @@ from .errors import (
     TooManyOpenFiles,
     UnsealedDescriptor,
     UnsupportedProtocolVersion,
+    VersionMismatch,
     refused,
     source_error,
     unavailable,
@@ -309,21 +311,91 @@ def opened_fd(reply: Reply) -> int:
     return reply.fd
 
 
-def batch_results(reply: Reply, sent: int) -> list[int | ShadowdError]:
-    """Per-item results of the reply to a batch of *sent* fds: checked fds, or the
-    refusal of each item."""
-    answers = answers_of(reply, sent)
+def serves(fd: int, version: Version | None, st: os.stat_result) -> bool:
+    """Whether the served *fd* holds the version of the file that the caller's own
+    ``fstat`` *st* of the source saw, as far as a client can tell: the *version* its
+    reply says (when it says one) is st's (size, mtime_ns, ctime_ns), and the fd's own
+    size st's. The daemon stats the source after the caller did: a change between the
+    two is served in its new version, which is not the one the caller saw."""
+    if version is not None and version != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        return False
+    try:
+        return os.fstat(fd).st_size == st.st_size
+    except OSError:
+        return False
+
+
+def served_as(reply: Reply, st: os.stat_result) -> int | None:
+    """The fd of an open reply (:func:`opened_fd`) when it holds the version the
+    caller's ``fstat`` *st* saw (:func:`serves`); otherwise it is closed: None."""
+    fd = opened_fd(reply)
+    assert isinstance(reply, Opened)
+    if serves(fd, reply.version, st):
+        return fd
+    os.close(fd)
+    return None
+
+
+def version_mismatch(name: str) -> VersionMismatch:
+    """The error of a file served twice in another version than the client's fstat."""
+    return VersionMismatch(
+        f"{name or repr(name)}: the daemon served another version of it than this "
+        "client's fstat of it saw, and again when asked once more (the file kept "
+        "changing, or the daemon serves what it should not); refused it"
+    )
+
+
+def own_stat(fd: int, name: str) -> os.stat_result:
+    """The client's own ``fstat`` of the source *fd* (the file *name*)."""
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        raise source_error(exc, name) from None
+
+
+def own_stats(
+    sources: Sequence[int | ShadowdError],
+    items: Sequence[int],
+    names: Sequence[str],
+    results: list[int | ShadowdError],
+) -> dict[int, os.stat_result]:
+    """The client's own ``fstat`` of the source of each of *items* (indices into
+    *sources*, each an open fd), by item: what the fd served for it must hold. An
+    item whose fstat failed has that error for its result in *results*, and none."""
+    stats: dict[int, os.stat_result] = {}
+    for i in items:
+        src = sources[i]
+        assert isinstance(src, int)
+        try:
+            stats[i] = own_stat(src, names[i])
+        except SourceError as exc:
+            results[i] = exc
+    return stats
+
+
+def batch_results(
+    reply: Reply, stats: Sequence[os.stat_result], names: Sequence[str]
+) -> list[int | ShadowdError]:
+    """Per-item results of the reply to a batch of fds whose sources the client's own
+    fstat saw as *stats* (one per fd sent, the files called *names*): checked fds, the
+    refusal of an item, or VersionMismatch for one served in another version (its fd
+    closed: :func:`serves`)."""
+    answers = answers_of(reply, len(stats))
     if any(isinstance(a, Answer) and a.fd is None for a in answers):
         # A miss without an fd answers only a batch that asked not to wait.
         close_all(a.fd for a in answers if isinstance(a, Answer) and a.fd is not None)
         raise ProtocolViolation("the daemon answered a miss without an fd to a waiting batch")
     out: list[int | ShadowdError] = []
-    for a in answers:
-        if isinstance(a, Answer):
-            assert a.fd is not None
+    for a, st, name in zip(answers, stats, names, strict=True):
+        if not isinstance(a, Answer):
+            out.append(a)
+            continue
+        assert a.fd is not None
+        if serves(a.fd, a.version, st):
             out.append(a.fd)
         else:
-            out.append(a)
+            os.close(a.fd)
+            out.append(version_mismatch(name))
     return out
 
 
@@ -383,11 +455,29 @@ def answers_of(reply: Reply, sent: int) -> list[Answer | ShadowdError]:
     return out
 
 
-def lookup_result(reply: Reply) -> int | None:
-    """The checked fd of a lookup hit; None on a miss."""
+def lookup_result(reply: Reply, key: FileKey) -> int | None:
+    """The checked fd of a lookup hit of *key* (:func:`private_fd`); None on a miss."""
     if isinstance(reply, LookupMiss):
         return None
-    return opened_fd(reply)
+    return private_fd(reply, key)
+
+
+def private_fd(reply: Reply, key: FileKey) -> int:
+    """The fd of a reply to a lookup or publish of the private file *key*, checked
+    (:func:`opened_fd`) and holding ``key.size`` bytes: the key is the caller's own
+    fstat of the file, and the daemon refuses a publish of another size, so an entry
+    served in another is not that file (the fd is closed: ProtocolViolation)."""
+    fd = opened_fd(reply)
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        size = -1
+    if size != key.size:
+        os.close(fd)
+        raise ProtocolViolation(
+            f"the daemon served a private file of {size} bytes for a key of {key.size}; refused it"
+        )
+    return fd
 
 
 def new_memfd(*, executable: bool) -> FdHolder:

@@ -51,10 +51,14 @@ from ._session import (
     lookup_result,
     new_memfd,
     open_source,
-    opened_fd,
+    own_stat,
+    own_stats,
+    private_fd,
     queued_refusal,
     request_of,
+    served_as,
     stats_of,
+    version_mismatch,
 )
 from .errors import (
     DaemonTimeout,
@@ -63,6 +67,7 @@ from .errors import (
     Refused,
     ShadowdError,
     TooManyOpenFiles,
+    VersionMismatch,
     hello_violation,
     no_socket,
 )
@@ -170,10 +175,11 @@ class AsyncClient:
         await self._ensure_hello()
 
     async def open(self, path: str | os.PathLike[str]) -> int:
-        """A sealed, read-only fd with the bytes of *path*; the caller owns it."""
+        """A sealed, read-only fd with the bytes of *path*; the caller owns it. It holds
+        the version this client's own ``fstat`` of the file saw (:meth:`Client.open`)."""
         src = open_source(path)
         try:
-            return await self.open_fd(src, label=label_for(path))
+            return await self._open_own(src, label_for(path), os.fsdecode(path))
         except Refused as exc:
             raise exc.naming(path) from None
         finally:
@@ -181,7 +187,16 @@ class AsyncClient:
 
     async def open_fd(self, fd: int, *, label: str | None = None) -> int:
         """Like :meth:`open` for a file the caller already opened; *fd* stays theirs."""
-        return opened_fd(await self._call(lambda proto: proto.send_open(fd, label)))
+        return await self._open_own(fd, label, label or "<fd>")
+
+    async def _open_own(self, fd: int, label: str | None, name: str) -> int:
+        for _ in range(2):  # once more for a file that changed under the first
+            st = own_stat(fd, name)
+            reply = await self._call(lambda proto: proto.send_open(fd, label))
+            served = served_as(reply, st)
+            if served is not None:
+                return served
+        raise version_mismatch(name)
 
     async def ask(self, fd: int, *, label: str | None = None, wait: bool = False) -> Answer:
         """:meth:`Client.ask`: a miss need not wait for the daemon's copy."""
@@ -199,19 +214,24 @@ class AsyncClient:
                 sources.append(exc)
         results: list[int | ShadowdError] = list(sources)
         try:
-            todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+            again = [i for i, s in enumerate(sources) if isinstance(s, int)]
             labels = [label_for(p) for p in paths]
             parts = _Parts()
-            while todo:
-                conn = await self._ensure_hello()
-                chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
-                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
-                chunk_labels = tuple(labels[i] for i in chunk)
-                reply = await self._call(
-                    request_of(functools.partial(batch_request, fds, chunk_labels)), parts
-                )
-                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
-                    results[i] = r
+            for _ in range(2):  # once more for the files served in another version
+                stats = own_stats(sources, again, labels, results)
+                todo = list(stats)
+                while todo:
+                    conn = await self._ensure_hello()
+                    chunk, todo = todo[: conn.session.max_batch], todo[conn.session.max_batch :]
+                    fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                    chunk_labels = tuple(labels[i] for i in chunk)
+                    reply = await self._call(
+                        request_of(functools.partial(batch_request, fds, chunk_labels)), parts
+                    )
+                    served = batch_results(reply, [stats[i] for i in chunk], chunk_labels)
+                    for i, r in zip(chunk, served, strict=True):
+                        results[i] = r
+                again = [i for i in stats if isinstance(results[i], VersionMismatch)]
         except BaseException:
             close_all(r for i, r in enumerate(results) if isinstance(r, int) and r != sources[i])
             raise
@@ -233,7 +253,7 @@ class AsyncClient:
     ) -> int:
         """Like :meth:`Client.open_private`; *fill* may be a plain or an async function."""
         reply = await self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
-        found = lookup_result(reply)
+        found = lookup_result(reply, key)
         if found is not None:
             return found
         with new_memfd(executable=executable) as memfd:
@@ -244,7 +264,7 @@ class AsyncClient:
             reply = await self._call(
                 request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
             )
-        return opened_fd(reply)
+        return private_fd(reply, key)
 
     async def stats(self) -> dict[str, Any]:
         return stats_of(await self._call(request_of(StatsRequest)))

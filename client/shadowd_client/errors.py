@@ -51,6 +51,14 @@ class UnsupportedProtocolVersion(ProtocolViolation):
         self.version = version
 
 
+class VersionMismatch(ShadowdError):
+    """The daemon served the file in another version than this client's own ``fstat``
+    of the source saw (the version its reply says, or the served descriptor's size),
+    and again when asked once more: the file kept changing, or the daemon serves what
+    it should not. Every such descriptor was closed, none returned. An :class:`Opener`
+    never raises it: it copies the file here instead."""
+
+
 class SourceError(ShadowdError):
     """The client could not open or read the file itself (before asking the daemon)."""
 

@@ -28,7 +28,7 @@ from shadowd.fds import FdHolder, close_all
 from shadowd.memfd import reopen_readonly
 from shadowd.protocol import FileKey
 
-from ._session import Answer, Fill, check_sealed, label_for, open_source
+from ._session import Answer, Fill, check_sealed, label_for, open_source, serves
 from .errors import (
     DaemonTimeout,
     DaemonUnavailable,
@@ -314,8 +314,10 @@ class Opener:
     errors that are the file's: not a regular file, unreadable). After a
     timeout, a refused connection, a broken one, a reply that breaks the
     protocol, or three answers in a row that took half the timeout or more
-    (SLOW_IN_A_ROW, SLOW_FRACTION) the daemon is left alone for a backoff window (1 s, doubled
-    after each failed retry, at most 30 s) and every open is copied here; one
+    (SLOW_IN_A_ROW, SLOW_FRACTION; the daemon's time alone, never a thread's
+    wait behind other threads' requests) the daemon is left alone for a backoff
+    window (1 s, doubled after each failed retry, at most 30 s) and every open
+    is copied here; one
     log line says it is gone, one that it is back. This process out of
     descriptors (its RLIMIT_NOFILE: a socket not made, a reply's descriptor the
     kernel could not hand over) is no fault of the daemon's and opens no
@@ -366,7 +368,6 @@ class Opener:
         self._heard: dict[str, int] | None = None  # the last hello's limits (_limits)
         self._down = False
         self._slow = 0  # answers slower than SLOW_FRACTION of the timeout, in a row
-        self._slow_until = float("-inf")  # when the last one counted came (monotonic)
         #: Opens served by the daemon (hits), copied here, reopened from this process.
         self.daemon_opens = 0
         self.local_opens = 0
@@ -448,10 +449,15 @@ class Opener:
             asked = time.monotonic()
             answer = self._ask(fd, label)
             if answer is not None and answer.fd is not None:
-                self._keep(key, version, answer, asked)
-                with self._lock:
-                    self.daemon_opens += 1
-                return answer.fd
+                if serves(answer.fd, answer.version, st):
+                    self._keep(key, version, answer, asked)
+                    with self._lock:
+                        self.daemon_opens += 1
+                    return answer.fd
+                # Another version than the caller's fstat saw (the file changed since,
+                # or the daemon is wrong): never handed out as that one. The copy here
+                # reads the file as it is now.
+                os.close(answer.fd)
         copy = local_copy_fd(fd, name=name)
         with self._lock:
             self.local_opens += 1
@@ -500,7 +506,8 @@ class Opener:
             )
             for (_, st, _), answer in zip(wanted, answers, strict=True):
                 if isinstance(answer, Answer) and answer.fd is not None:
-                    self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
+                    if serves(answer.fd, answer.version, st):
+                        self._keep((st.st_dev, st.st_ino), _version(st), answer, asked)
                     os.close(answer.fd)
         finally:
             close_all(src.detach() for src, _, _ in sources)
@@ -573,19 +580,20 @@ class Opener:
 
     def _hello(self) -> dict[str, int] | None:
         """Connect and hear the hello now, behind the breaker; its limits, or None."""
-        assert self._client is not None
+        client = self._client
+        assert client is not None
         started = time.monotonic()
+        held = client._spent()
         try:
-            self._client.connect()
+            client.connect()
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
         except ShadowdError:
             return None  # busy at the gate, say: the default window, this time
         finally:
-            took = time.monotonic() - started
-            self.waited += took
-        self._worked(took)
+            self.waited += time.monotonic() - started
+        self._worked(client._spent() - held)
         return self._limits()
 
     def _keep(
@@ -835,10 +843,12 @@ class Opener:
 
     def _ask(self, fd: int, label: str | None) -> Answer | None:
         """The daemon's answer, or None when the caller should copy itself."""
-        assert self._client is not None
+        client = self._client
+        assert client is not None
         started = time.monotonic()
+        held = client._spent()
         try:
-            answer = self._client.ask(fd, label=label, wait=False)
+            answer = client.ask(fd, label=label, wait=False)
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return None
@@ -847,9 +857,8 @@ class Opener:
             # out of descriptors here is no fault of the daemon's: no breaker.
             return None
         finally:
-            took = time.monotonic() - started
-            self.waited += took
-        self._worked(took)
+            self.waited += time.monotonic() - started
+        self._worked(client._spent() - held)
         return answer
 
     def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
@@ -873,24 +882,32 @@ class Opener:
         return out
 
     def _ask_batch(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
-        assert self._client is not None
+        client = self._client
+        assert client is not None
         started = time.monotonic()
+        held = client._spent()
         try:
-            answers = self._client.ask_many(fds, labels, wait=False)
+            answers = client.ask_many(fds, labels, wait=False)
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
             self._failed(exc)
             return [exc] * len(fds)
         except ShadowdError as exc:
             return [exc] * len(fds)
         finally:
-            took = time.monotonic() - started
-            self.waited += took
-        self._worked(took)
+            self.waited += time.monotonic() - started
+        self._worked(client._spent() - held)
         return answers
 
     def _failed(self, exc: ShadowdError) -> None:
+        """The daemon failed a request: the breaker opens for a window (doubled after each
+        failed retry). A request that failed while it is open already was asked before
+        it opened (another thread's, queued on the connection meanwhile): the same
+        outage, not a retry that failed; it opens nothing more."""
         with self._lock:
-            self._down_until = time.monotonic() + self._backoff
+            now = time.monotonic()
+            if now < self._down_until:
+                return
+            self._down_until = now + self._backoff
             window, self._backoff = self._backoff, min(2 * self._backoff, self.max_backoff)
             first, self._down = not self._down, True
         if first:
@@ -899,8 +916,10 @@ class Opener:
             )
 
     def _worked(self, took: float | None = None) -> None:
-        """The daemon answered; *took*: in so many seconds (None: not timed). The
-        SLOW_IN_A_ROW-th slow answer in a row opens the breaker instead (_failed)."""
+        """The daemon answered; *took*: in so many seconds (None: not timed), the
+        client's own send and wait for the answer alone (Client._spent), never a wait
+        for its lock behind other threads' requests. The SLOW_IN_A_ROW-th slow answer
+        in a row opens the breaker instead (_failed)."""
         client = self._client
         limit = None if client is None else client.timeout
         slow = (
@@ -910,15 +929,8 @@ class Opener:
             and took >= SLOW_FRACTION * limit
             and client.version != 1  # its misses wait for its copy
         )
-        now = time.monotonic()
         with self._lock:
-            if not slow:
-                self._slow = 0
-            elif took is not None and now - took >= self._slow_until:
-                self._slow += 1
-                self._slow_until = now
-            # else: asked while a slow answer already counted was owed (threads
-            # share the connection: it waited behind that one), not one more.
+            self._slow = self._slow + 1 if slow else 0
             tripped = self._slow >= SLOW_IN_A_ROW
             if not tripped:
                 back, self._down = self._down, False

@@ -56,11 +56,15 @@ from ._session import (
     lookup_result,
     max_report_of,
     open_source,
-    opened_fd,
+    own_stat,
+    own_stats,
     peer_of,
+    private_fd,
     queued_refusal,
     request_of,
+    served_as,
     stats_of,
+    version_mismatch,
 )
 from .errors import (
     FD_LIMIT_ERRNOS,
@@ -69,6 +73,7 @@ from .errors import (
     Refused,
     ShadowdError,
     TooManyOpenFiles,
+    VersionMismatch,
     connecting,
     hello_violation,
     refused,
@@ -175,6 +180,8 @@ class Client:
         self._timed_out_at = float("-inf")
         # The socket's receive timeout is cut to what is left of a wait (_within).
         self._cut = False
+        # Per thread: seconds its calls held the connection (_spent).
+        self._own = threading.local()
         _CLIENTS.add(self)
 
     # -- public API ------------------------------------------------------
@@ -182,7 +189,7 @@ class Client:
     def connect(self) -> None:
         """Connect now (and say hello) instead of on first use."""
         with self._lock:
-            self._ensure_connected()
+            self._connected()
 
     @property
     def limits(self) -> dict[str, int]:
@@ -197,11 +204,14 @@ class Client:
 
         The file is opened here (read-only, non-blocking) and that fd goes to
         the daemon as the proof that we may read it; it is closed before
-        returning.
+        returning. The fd returned holds the version this client's own ``fstat``
+        of that source saw: one served in another (the file changed in between)
+        is closed and the file asked for once more, then
+        :class:`~shadowd_client.VersionMismatch` is raised.
         """
         src = open_source(path)
         try:
-            return self.open_fd(src, label=label_for(path))
+            return self._open_own(src, label_for(path), os.fsdecode(path))
         except Refused as exc:
             raise exc.naming(path) from None
         finally:
@@ -211,9 +221,18 @@ class Client:
         """Like :meth:`open` for a file the caller already opened for reading.
 
         *fd* stays the caller's; *label* names the file in the daemon's stats.
+        The version served is checked against this client's own ``fstat`` of
+        *fd*, made when it is called (as :meth:`open` says).
         """
-        reply = self._call(lambda proto: proto.send_open(fd, label))
-        return opened_fd(reply)
+        return self._open_own(fd, label, label or "<fd>")
+
+    def _open_own(self, fd: int, label: str | None, name: str) -> int:
+        for _ in range(2):  # once more for a file that changed under the first
+            st = own_stat(fd, name)
+            served = served_as(self._call(lambda proto: proto.send_open(fd, label)), st)
+            if served is not None:
+                return served
+        raise version_mismatch(name)
 
     def ask(self, fd: int, *, label: str | None = None, wait: bool = False) -> Answer:
         """The daemon's answer for the file open at *fd* (which stays the caller's).
@@ -222,7 +241,9 @@ class Client:
         with *wait* False (protocol version 2) the answer comes at once,
         without an fd on a miss, while the daemon fills its cache; the answer
         says which version was served and whether it is cached. A version 1
-        daemon always waits.
+        daemon always waits. The answer is as the daemon gave it: unlike
+        :meth:`open_fd`, the version served is not checked against the
+        caller's fstat here (the caller does: the :class:`Opener` does).
         """
         reply = self._call(lambda proto: proto.send_open(fd, label, wait=wait))
         return answer_of(reply)
@@ -237,9 +258,8 @@ class Client:
         parts = _Parts()
         while todo:
             with self._lock:
-                self._ensure_connected()
-                assert self._session is not None
-                chunk, todo = todo[: self._session.max_batch], todo[self._session.max_batch :]
+                per = self._connected().max_batch
+            chunk, todo = todo[:per], todo[per:]
             batch_fds = tuple(fds[i] for i in chunk)
             batch_labels = tuple(names[i] for i in chunk) if labels is not None else ()
             try:
@@ -262,7 +282,9 @@ class Client:
 
         Returns one fd per path, in order. When an item fails, every fd already
         received is closed and its error raised, unless *return_exceptions*:
-        then the error takes that item's place in the list.
+        then the error takes that item's place in the list. Each fd holds the
+        version this client's own ``fstat`` of its source saw; the items served
+        in another are asked for once more (:meth:`open`).
         """
         results: list[int | ShadowdError] = []
         try:
@@ -300,10 +322,11 @@ class Client:
         fstat of it says). On a miss, ``fill(fd)`` must write the file's
         ``key.size`` bytes into the fresh memfd *fd*; the daemon seals it and
         serves it to later callers of the same uid and namespace. Exceptions
-        of *fill* reach the caller unchanged.
+        of *fill* reach the caller unchanged. A file served of another size
+        than ``key.size`` is refused (ProtocolViolation).
         """
         found = lookup_result(
-            self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key)))
+            self._call(request_of(lambda id: Lookup(id=id, namespace=namespace, key=key))), key
         )
         if found is not None:
             return found
@@ -311,7 +334,7 @@ class Client:
             reply = self._call(
                 request_of(lambda id: Publish(id=id, namespace=namespace, key=key, fd=memfd.fd))
             )
-        return opened_fd(reply)
+        return private_fd(reply, key)
 
     def index(self) -> IndexView | None:
         """The daemon's index of its cache, mapped read-only; None where it gives none.
@@ -450,6 +473,7 @@ class Client:
         sent = 0
         entered = time.monotonic()
         with self._lock:
+            held = time.monotonic()
             try:
                 session = self._session
                 if self._closed or self._sock is None or session is None or not session.server:
@@ -496,6 +520,7 @@ class Client:
                 if last:
                     self._closed = True
                     self._drop()
+                self._spend(time.monotonic() - held)
         return sent, None
 
     def _answered(
@@ -557,24 +582,27 @@ class Client:
     ) -> list[int | ShadowdError]:
         results: list[int | ShadowdError] = list(sources)
         received: list[int] = []  # closed should a later batch fail
-        todo = [i for i, s in enumerate(sources) if isinstance(s, int)]
+        again = [i for i, s in enumerate(sources) if isinstance(s, int)]
         parts = _Parts()
         try:
-            while todo:
-                with self._lock:
-                    self._ensure_connected()
-                    assert self._session is not None
-                    chunk = todo[: self._session.max_batch]
-                todo = todo[len(chunk) :]
-                fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
-                chunk_labels = tuple(labels[i] for i in chunk)
-                reply = self._call(
-                    request_of(functools.partial(batch_request, fds, chunk_labels)), parts
-                )
-                for i, r in zip(chunk, batch_results(reply, len(fds)), strict=True):
-                    results[i] = r
-                    if isinstance(r, int):
-                        received.append(r)
+            for _ in range(2):  # once more for the files served in another version
+                stats = own_stats(sources, again, labels, results)
+                todo = list(stats)
+                while todo:
+                    with self._lock:
+                        per = self._connected().max_batch
+                    chunk, todo = todo[:per], todo[per:]
+                    fds = tuple(s for i in chunk if isinstance(s := sources[i], int))
+                    chunk_labels = tuple(labels[i] for i in chunk)
+                    reply = self._call(
+                        request_of(functools.partial(batch_request, fds, chunk_labels)), parts
+                    )
+                    served = batch_results(reply, [stats[i] for i in chunk], chunk_labels)
+                    for i, r in zip(chunk, served, strict=True):
+                        results[i] = r
+                        if isinstance(r, int):
+                            received.append(r)
+                again = [i for i in stats if isinstance(results[i], VersionMismatch)]
         except BaseException:
             close_all(received)
             raise
@@ -615,8 +643,23 @@ class Client:
                     self._drop()
                     raise broken.error(self.socket_path) from None
             finally:
+                spent = time.monotonic() - begun
+                self._spend(spent)
                 if parts is not None:
-                    parts.spent += time.monotonic() - begun
+                    parts.spent += spent
+
+    def _spent(self) -> float:
+        """Seconds the calls of this thread have held the connection: connecting, saying
+        hello, sending their requests and waiting for the answers (those nobody waited
+        for, read ahead of theirs, included), never waiting for the lock while another
+        thread's request had it. What the Opener's latency breaker times: the daemon's
+        own slowness, whatever the number of threads sharing this client."""
+        spent: float = getattr(self._own, "spent", 0.0)
+        return spent
+
+    def _spend(self, seconds: float) -> None:
+        own = self._own
+        own.spent = getattr(own, "spent", 0.0) + seconds
 
     def _not_just_timed_out(self, entered: float) -> None:
         """Raise DaemonTimeout when a request of another thread waited out the timeout
@@ -659,6 +702,17 @@ class Client:
         except ShadowdError:
             self._drop()
             raise
+
+    def _connected(self) -> Session:
+        """:meth:`_ensure_connected`, its time counted as this thread's (_spent); the
+        session. Lock held."""
+        begun = time.monotonic()
+        try:
+            self._ensure_connected()
+        finally:
+            self._spend(time.monotonic() - begun)
+        assert self._session is not None
+        return self._session
 
     def _ensure_connected(self) -> None:
         """Connected, hello answered; lock held. Raises only ShadowdError."""
