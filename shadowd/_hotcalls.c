@@ -995,12 +995,13 @@ answer_hit(PyObject *self, PyObject *args)
  * _open_py is the reference this follows check for check, in its order;
  * client/c/shadowd.c's index_lookup and index_reopen do the same). */
 
-#define INDEX_LAYOUT 1
+#define INDEX_LAYOUT 2
 /* The calls' arguments: 2, the view's `direct` before the file's
  * (shadowd/hotcalls.py offers the calls only to a view that passes it). */
 #define INDEX_CALLS 2
 #define INDEX_HEADER 4096
 #define INDEX_RANGE_OFFSET 48 /* u32 first number, u32 count */
+#define INDEX_KEY_OFFSET 64   /* u64 the slot key */
 /* The open of a number in the range: a memfd at every instant, by the
  * daemon's promise. Should a daemon bug break it (a number closed, then
  * given to a FIFO it received), O_NONBLOCK keeps a FIFO's open from waiting
@@ -1040,15 +1041,31 @@ typedef char index_slot_is_the_documented_layout
  * the compiler neither tears nor reorders them. */
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
-/* shadowd.index.slot_of: where a file's probe starts. */
-static uint32_t
-index_home(uint64_t dev, uint64_t ino, uint32_t slots)
+/* shadowd.index._mix: splitmix64's finaliser. */
+static uint64_t
+index_mix(uint64_t x)
 {
-    uint64_t h = dev * 0x9E3779B97F4A7C15ULL + ino;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ULL;
-    h ^= h >> 32;
-    return (uint32_t)(h & (slots - 1));
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* shadowd.index.slot_of: where a file's probe starts, under the slot key. */
+static uint32_t
+index_home(uint64_t key, uint64_t dev, uint64_t ino, uint32_t slots)
+{
+    return (uint32_t)(index_mix(index_mix(key ^ dev) ^ ino) & (slots - 1));
+}
+
+/* The header's slot key (written once, before the index is handed out). */
+static uint64_t
+index_key(const unsigned char *map)
+{
+    uint64_t key;
+    memcpy(&key, map + INDEX_KEY_OFFSET, 8);
+    return key;
 }
 
 /* A struct stat's timestamp in ns (sec_nsec_ns); 0 when it does not fit
@@ -1149,7 +1166,7 @@ static const struct index_slot *
 index_live_slot(const unsigned char *map, uint32_t slots, uint32_t probes,
                 const struct index_want *w, uint32_t *seq)
 {
-    uint32_t mask = slots - 1, start = index_home(w->dev, w->ino, slots);
+    uint32_t mask = slots - 1, start = index_home(index_key(map), w->dev, w->ino, slots);
     for (uint32_t i = 0; i < probes; i++) {
         const struct index_slot *s =
             (const void *)(map + INDEX_HEADER + (size_t)((start + i) & mask) * INDEX_SLOT);

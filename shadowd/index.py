@@ -5,7 +5,7 @@
 # exactly what the slot says (docs/protocol.md, "The index").
 #
 # Layout (little-endian), fixed for the index's life:
-#   header, HEADER bytes: magic b"SHDWIDX1", u32 layout version (1), u32
+#   header, HEADER bytes: magic b"SHDWIDX1", u32 layout version (2), u32
 #     slot size (SLOT), u32 slots (a power of two), u32 the daemon's pid,
 #     u64 st_dev of the daemon's memfds, u32 most probes (MAX_PROBE), u32 0,
 #     u64 a random generation (another daemon, another index), u32 the
@@ -13,18 +13,23 @@
 #     none; readers of the first layout ignore both), u32 the daemon's own
 #     descriptor of this index (a reader that finds this very memfd there
 #     knows /proc/PID is the daemon, not another process of that pid in
-#     its pid namespace, before it trusts the range).
+#     its pid namespace, before it trusts the range), u32 0, u64 the slot
+#     key (random; keys slot_of, so that only a reader of the index knows
+#     which files share a probe run), zeros.
 #   slots, SLOT bytes each: u32 seq (0 never used; odd while being written;
 #     even once written), u32 state (1 live, 2 removed), u64 dev, u64 ino,
 #     u64 size, i64 mtime_ns, i64 ctime_ns, i32 the daemon's fd of the memfd,
 #     u32 the memfd's st_mode, u64 its st_ino, i64 its st_ctime_ns, zeros.
-#   A file's slot is probed from slot_of(dev, ino) on, at most MAX_PROBE
-#   slots, stopping at one never used.
+#   A file's slot is probed from slot_of(dev, ino, slots, key) on, at most
+#   MAX_PROBE slots, stopping at one never used.
 #
 # Must never: let a reader trust a slot being written (seq is odd from before
 # the first field is written until after the last); keep a slot of an entry
 # the cache dropped (it is removed before the memfd can be closed); index a
-# private entry, or one whose inode is not watched; be writable or growable
+# private entry, or one whose inode is not watched; place a file where
+# anyone who cannot read the index could tell (the slot key is secret: an
+# unkeyed placement let another uid fill a file's probe run with its own
+# files, docs/security.md attack 42); be writable or growable
 # by anyone but the daemon's own mapping (F_SEAL_FUTURE_WRITE, GROW, SHRINK);
 # publish a range of descriptor numbers that are not all memfds at every
 # instant (readers open a number in it without the O_PATH step).
@@ -46,11 +51,15 @@ from .fds import FdHolder, move_high
 from .memfd import SealedFile, reopen_readonly
 
 MAGIC = b"SHDWIDX1"
-LAYOUT_VERSION = 1
+#: 2: the slot key (header offset 64) keys slot_of; readers of layout 1
+#: placed files unkeyed, and refuse this index as any layout they do not know.
+LAYOUT_VERSION = 2
 HEADER = 4096
 SLOT = 128
 MAX_PROBE = 16
-_HEADER = struct.Struct("<8sIIIIQII Q II I")
+_HEADER = struct.Struct("<8sIIIIQII Q II I I Q")
+#: Where the header's slot key is (after the index fd and a u32 0).
+KEY_OFFSET = 64
 # seq, state, dev, ino, size, mtime_ns, ctime_ns, fd, mode, memfd ino, memfd ctime
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
@@ -64,13 +73,20 @@ F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 ORDERED_STORES = sys.byteorder == "little" and os.uname().machine in ("x86_64", "i686", "amd64")
 
 
-def slot_of(dev: int, ino: int, slots: int) -> int:
-    """Where a file's probe starts: a 64-bit mix of (dev, ino), masked to *slots*."""
-    h = (dev * 0x9E3779B97F4A7C15 + ino) & _MASK64
-    h ^= h >> 29
-    h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-    h ^= h >> 32
-    return h & (slots - 1)
+def _mix(x: int) -> int:
+    """A 64-bit bijection with full avalanche (splitmix64's finaliser)."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def slot_of(dev: int, ino: int, slots: int, key: int) -> int:
+    """Where a file's probe starts: (dev, ino) mixed under the index's slot *key*,
+    masked to *slots*. The key enters before the first mix, so without it nobody
+    can tell which files share a probe run (docs/protocol.md, "The index")."""
+    return _mix(_mix((key ^ dev) & _MASK64) ^ ino) & (slots - 1)
 
 
 def slots_for(max_entries: int) -> int:
@@ -166,6 +182,9 @@ class Index:
     _where: dict[HostKey, int] = attrs.field(factory=dict, init=False)
     memfd_dev: int = attrs.field(default=0, init=False)
     generation: int = attrs.field(factory=lambda: secrets.randbits(63), init=False)
+    #: What keys slot_of: known to the index's readers only (never in stats, logs
+    #: or replies), so no other uid can aim its files at a file's probe run.
+    key: int = attrs.field(factory=lambda: secrets.randbits(64), init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         size = HEADER + self.slots * SLOT
@@ -206,6 +225,8 @@ class Index:
             self.fd_range.base if self.fd_range is not None else 0,
             self.fd_range.size if self.fd_range is not None else 0,
             self.holder.fd,
+            0,
+            self.key,
         )
 
     @property
@@ -274,7 +295,7 @@ class Index:
         self._write(n, REMOVED, 0, 0, 0, 0, 0, -1, 0, 0, 0)
 
     def _free_slot(self, key: HostKey) -> int | None:
-        start = slot_of(key.dev, key.ino, self.slots)
+        start = slot_of(key.dev, key.ino, self.slots, self.key)
         mask = self.slots - 1
         for i in range(MAX_PROBE):
             n = (start + i) & mask

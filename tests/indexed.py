@@ -64,7 +64,7 @@ class IndexedCache:
 
     def slot_number(self, st: os.stat_result) -> int:
         """The slot that holds the file whose stat is *st*."""
-        start = slot_of(st.st_dev, st.st_ino, self.index.slots)
+        start = slot_of(st.st_dev, st.st_ino, self.index.slots, self.index.key)
         probes = [(start + i) % self.index.slots for i in range(16)]
         return next(k for k in probes if read_slot(self.index._map, k).ino == st.st_ino)
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3722,6 +3723,74 @@ class _Shrinkable(_Stand):
         reply = {"id": msg["id"], "ok": True, "pid": os.getpid(), "slots": self.index.slots}
         conn.sendmsg([msgpack.packb(reply)], scm_rights([fd]))
         return None
+
+
+class _Relabelled(_Stand):
+    """A stand-in whose index header says one field otherwise: *poke* is (offset,
+    struct format, value), or None for the header as it is. It keeps the ops it was
+    asked."""
+
+    def __init__(self, tmp_path: Path, poke: tuple[int, str, int] | None) -> None:
+        super().__init__(tmp_path)
+        self.ops: list[str] = []
+        if poke is not None:
+            offset, fmt, value = poke
+            struct.pack_into(fmt, self.index._map, offset, value)
+
+    def serve_one(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        self.ops.append(msg["op"])
+        super().serve_one(conn, msg)
+
+
+@pytest.mark.parametrize(
+    "header", ["as-is", "layout-1", "layout-next", "memfd-dev-of-a-disk", "memfd-dev-plus-one"]
+)
+def test_an_index_of_another_layout_or_memfd_device_is_not_used_and_the_socket_is(
+    driver: Any, tmp_path: Path, header: str
+) -> None:
+    """The C client maps an index only when its header's layout is the one it reads
+    (a client of layout 1 places files unkeyed: it refuses today's index the same way)
+    and its memfd device is the kernel's, as a memfd of the client's own says (a
+    hostile daemon's header may name its own FUSE mount's device: docs/security.md
+    attack 45). Refused, the index is not used, and the open goes to the socket (the
+    stand-in is asked, and answers busy: a local copy, right bytes). Before, the C
+    client took the header's memfd device at its word: that index was mapped."""
+    from shadowd.index import LAYOUT_VERSION
+
+    fd = os.memfd_create("probe", os.MFD_CLOEXEC)
+    memfd_dev = os.fstat(fd).st_dev
+    os.close(fd)
+    pokes: dict[str, tuple[int, str, int] | None] = {
+        "as-is": None,
+        "layout-1": (8, "<I", 1),
+        "layout-next": (8, "<I", LAYOUT_VERSION + 1),
+        "memfd-dev-of-a-disk": (24, "<Q", tmp_path.stat().st_dev),
+        "memfd-dev-plus-one": (24, "<Q", memfd_dev + 1),
+    }
+    s = _Relabelled(tmp_path, pokes[header])
+    f, _ = s.files[0]
+    path = tmp_path / "relabelled.sock"
+    try:
+        with stand_in_daemon(path, s.serve):
+            d = driver()
+            for cmd in ("socket", path), ("routing", 0, 0), ("held", 0, 0), ("log", "quiet"):
+                d(*cmd)
+            ready = d("indexready")
+            plain = d("indexopen", f)
+            asked = len(s.ops)
+            routed = d("routed", f)
+            counts = d("counts")
+            ops = s.ops[asked:]
+    finally:
+        s.close()
+    assert routed["hash"] == fnv(f.read_bytes()), routed
+    if header == "as-is":  # the control: the stand-in's index serves
+        assert ready["ready"] == 1 and plain["served"] == 1 and routed["route"] == "index"
+        assert counts["index"] == 2, counts
+        return
+    assert ready["ready"] == 0 and plain["fd"] == -1, (ready, plain)
+    assert routed["route"] != "index" and counts["index"] == 0, (routed, counts)
+    assert [op for op in ops if op not in ("hello", "index", "report")], ops  # the socket
 
 
 class _SlowBatches(_Stand):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
+from unittest import mock
 
 import attrs
 import pytest
@@ -31,7 +32,17 @@ from shadowd_client import Client, Opener
 from shadowd_client.index import IndexView
 
 from shadowd.cache import HostKey
-from shadowd.index import HEADER, LIVE, REMOVED, SLOT, Slot, read_slot, slot_of
+from shadowd.index import (
+    HEADER,
+    KEY_OFFSET,
+    LAYOUT_VERSION,
+    LIVE,
+    REMOVED,
+    SLOT,
+    Slot,
+    read_slot,
+    slot_of,
+)
 from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
 from shadowd.metrics import count_open_fds
 
@@ -216,7 +227,7 @@ def test_another_version_a_removed_entry_and_a_changed_slot_are_not_served(rig: 
     assert rig.view.open(st) is None
     # A slot that changes between the reads (its seq) is never trusted.
     f1, st1 = rig.files[1]
-    start = slot_of(st1.st_dev, st1.st_ino, rig.index.slots)
+    start = slot_of(st1.st_dev, st1.st_ino, rig.index.slots, rig.index.key)
     probes = [(start + i) % rig.index.slots for i in range(16)]
     n = next(k for k in probes if read_slot(rig.index._map, k).ino == st1.st_ino)
     seq = read_slot(rig.index._map, n).seq
@@ -1006,11 +1017,14 @@ def test_an_index_cut_short_between_its_size_and_its_seal_is_refused(
 
 
 def _view_with_memfd_dev(rig: _Rig, memfd_dev: int) -> IndexView:
-    """A view of an index whose header says the daemon's memfds are on *memfd_dev*."""
+    """A view of an index whose header says the daemon's memfds are on *memfd_dev*,
+    made as if that were this kernel's memfd device too (the view's own check of the
+    header's device is tested alone; here, the checks of each slot after it)."""
     struct.pack_into("<Q", rig.index._map, 24, memfd_dev)  # the header's u64 after 4 u32s
     fd = rig.index.reader_fd()
     try:
-        view = IndexView(fd, os.getpid(), rig.index.slots, peer=_ourselves())
+        with mock.patch.object(index_module, "own_memfd_dev", lambda: memfd_dev):
+            view = IndexView(fd, os.getpid(), rig.index.slots, peer=_ourselves())
     finally:
         os.close(fd)
     assert view.memfd_dev == memfd_dev
@@ -1029,16 +1043,111 @@ def _fake_stat(slot: Slot) -> os.stat_result:
     return cast(os.stat_result, SimpleNamespace(**fields))
 
 
-def test_a_view_of_another_memfd_device_serves_nothing(rig: _Rig) -> None:
-    """memfd_dev is the header's: a view told another device refuses every memfd."""
+def _refused_with_header(
+    rig: _Rig, fmt: str, offset: int, values: tuple[int, ...], match: str
+) -> None:
+    """A view of the rig's index with its header's field at *offset* (a *fmt*) set to
+    each of *values* in turn is refused (BadIndex matching *match*), nothing left open;
+    the field is put back after."""
+    real = struct.unpack_from(fmt, rig.index._map, offset)[0]
+    before = count_open_fds()
+    try:
+        for value in values:
+            struct.pack_into(fmt, rig.index._map, offset, value)
+            fd = rig.index.reader_fd()
+            try:
+                with pytest.raises(index_module.BadIndex, match=match):
+                    IndexView(fd, os.getpid(), rig.index.slots, peer=_ourselves()).close()
+            finally:
+                os.close(fd)
+        assert count_open_fds() == before
+    finally:
+        struct.pack_into(fmt, rig.index._map, offset, real)
+
+
+def test_an_index_whose_memfd_device_is_not_the_kernels_is_refused(rig: _Rig) -> None:
+    """The header's memfd_dev is the sender's word: a view compares it with the device of
+    a memfd of its own, and refuses an index that names any other (a hostile daemon's
+    FUSE mount, docs/security.md attack 45), with no descriptor left. Before, the view
+    was made and checked each slot's memfd against the header's device."""
     real = rig.index.memfd_dev
-    view = _view_with_memfd_dev(rig, real + 1)
+    assert index_module.own_memfd_dev() == real == os.fstat(rig.entry(0).file.fd).st_dev
+    _refused_with_header(rig, "<Q", 24, (real + 1, real - 1, 0), "memfd device")
+    view = _view_with_memfd_dev(rig, real + 1)  # past that check: every slot refused
     try:
         for _, st in rig.files:
             assert _refused(view, st)
     finally:
         view.close()
         struct.pack_into("<Q", rig.index._map, 24, real)
+
+
+def test_an_index_of_a_layout_this_client_does_not_know_is_refused(rig: _Rig) -> None:
+    """The header's layout version is the one this client reads, or the index is
+    refused (BadIndex, nothing left open): a reader of layout 1 places files unkeyed,
+    and would look for each in the wrong probe run of a layout 2 index."""
+    _refused_with_header(rig, "<I", 8, (LAYOUT_VERSION - 1, LAYOUT_VERSION + 1), "layout")
+
+
+def test_where_a_file_is_placed_depends_on_the_index_key(tmp_path: Path) -> None:
+    """slot_of is keyed: the same (dev, ino) starts its probe elsewhere under another
+    key (about one in 64 keys agrees, here for 64 slots), and two indexes draw their own
+    keys; each index's readers find every file under its key."""
+    st = make_file(tmp_path / "f", b"x").stat()
+    homes = {slot_of(st.st_dev, st.st_ino, 64, key) for key in range(1000)}
+    assert len(homes) == 64  # every slot is some key's
+    assert len({slot_of(st.st_dev, ino, 1 << 20, 7) for ino in range(1000)}) > 990
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    caches = [IndexedCache(tmp_path / "a")]
+    try:
+        caches.append(IndexedCache(tmp_path / "b"))
+        assert caches[0].index.key != caches[1].index.key
+        for cache in caches:
+            assert struct.unpack_from("<Q", cache.index._map, KEY_OFFSET)[0] == cache.index.key
+            assert str(cache.index.key) not in repr(cache.index)
+            for _, fst in cache.files:
+                cache.slot_number(fst)  # found in its probe run under its own key
+    finally:
+        for cache in caches:
+            cache.close()
+
+
+async def test_an_older_client_takes_no_index_of_this_layout_and_keeps_the_socket(
+    start_daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that knows layout 1 only (the layout it reads patched back), against
+    today's daemon: Client.index() gives none and every open is served through the
+    socket, right bytes; unpatched, the same opens are index hits."""
+    d: Daemon = await start_daemon("--racy-window", RACY)
+    f = make_file(tmp_path / "lib.so", os.urandom(20_000))
+    settle(f)
+
+    def opens() -> tuple[bool, int, int]:
+        with Client(d.socket_path, timeout=10) as c:
+            for _ in range(2):
+                os.close(c.open(f))  # cached
+            view = c.index()
+            if view is not None:
+                view.close()
+        opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=10)
+        try:
+            right = 0
+            for _ in range(3):
+                fd = opener.open(f)
+                right += read_fd(fd) == f.read_bytes()
+                os.close(fd)
+            return view is not None, right, opener.index_opens
+        finally:
+            opener.close()
+
+    with trio.fail_after(60):
+        monkeypatch.setattr(index_module, "LAYOUT_VERSION", 1)
+        old = await in_thread(opens)
+        monkeypatch.undo()
+        today = await in_thread(opens)
+    assert old == (False, 3, 0), old
+    assert today[0] and today[1] == 3 and today[2] >= 1, today
 
 
 def test_a_slot_that_matches_all_but_one_of_the_descriptors_stat_is_refused(
@@ -1070,10 +1179,10 @@ def test_a_slot_that_matches_all_but_one_of_the_descriptors_stat_is_refused(
             ino = next(
                 i
                 for i in range(4242, 5242)
-                if slot_of(made_up.dev, i, rig.index.slots) not in taken
+                if slot_of(made_up.dev, i, rig.index.slots, rig.index.key) not in taken
             )
             slot = attrs.evolve(made_up, ino=ino)
-            n = slot_of(slot.dev, slot.ino, rig.index.slots)
+            n = slot_of(slot.dev, slot.ino, rig.index.slots, rig.index.key)
             view = _view_with_memfd_dev(rig, dev)
             try:
                 _write_slot(rig, n, slot)
@@ -1130,7 +1239,7 @@ def test_the_probe_goes_past_other_and_changing_slots_and_stops_at_a_never_used_
     n = rig.slot_number(st)
     good = read_slot(rig.index._map, n)
     mask = rig.index.slots - 1
-    home = slot_of(st.st_dev, st.st_ino, rig.index.slots)
+    home = slot_of(st.st_dev, st.st_ino, rig.index.slots, rig.index.key)
     taken = set(rig.index._where.values()) - {n}
     # Two free slots in a row from home on: the file's slot goes to the second.
     k = next(k for k in range(14) if {(home + k) & mask, (home + k + 1) & mask}.isdisjoint(taken))
@@ -1245,8 +1354,9 @@ def test_the_c_and_python_paths_agree_on_every_slot(
 
 
 def test_the_client_takes_the_python_path_where_the_extension_is_missing_or_older() -> None:
-    """No extension, or one built before index_open (or for another layout), or before
-    its calls took the view's `direct` flag (INDEX_CALLS 2): Python."""
+    """No extension, or one built before index_open (or for another layout: one of
+    layout 1 places files unkeyed), or before its calls took the view's `direct` flag
+    (INDEX_CALLS 2): Python."""
     code = """
 import sys, types
 if sys.argv[1] == "missing":
@@ -1259,14 +1369,16 @@ else:
     if sys.argv[1] == "before-direct":  # index_open of 7 arguments, no INDEX_CALLS
         _hotcalls.index_open = _hotcalls.index_open_fd = lambda *args: None
         _hotcalls.INDEX_LAYOUT = (1, 4096, 128)
-    if sys.argv[1] == "before-holds":  # today's index calls, built before index_holds
+    if sys.argv[1] in ("before-holds", "layout-1"):  # today's calls, built before index_holds
         _hotcalls.index_open = _hotcalls.index_open_fd = lambda *args: None
-        _hotcalls.INDEX_LAYOUT = (1, 4096, 128)
+        _hotcalls.INDEX_LAYOUT = (1 if sys.argv[1] == "layout-1" else 2, 4096, 128)
         _hotcalls.INDEX_CALLS = 2
+    if sys.argv[1] == "layout-1":  # and with index_holds, all for the unkeyed layout
+        _hotcalls.index_holds = lambda *args: False
 import shadowd_client.index as m
 print(m.C_CALLS is None, m.C_HOLDS is None)
 """
-    for how in ("missing", "older", "before-direct", "before-holds"):
+    for how in ("missing", "older", "before-direct", "before-holds", "layout-1"):
         out = subprocess.run(
             [sys.executable, "-c", code, how],
             capture_output=True,

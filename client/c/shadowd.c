@@ -3240,7 +3240,7 @@ served_of_item(const struct shadowd_item *it, int proto, struct shadowd_served_ 
 
 /* The layout of docs/protocol.md, "The index" (little-endian). */
 #define INDEX_MAGIC "SHDWIDX1"
-#define INDEX_LAYOUT 1
+#define INDEX_LAYOUT 2 /* 2: the slot key keys index_home */
 #define INDEX_HEADER 4096
 #define INDEX_SLOT 128
 #define INDEX_LIVE 1
@@ -3283,15 +3283,49 @@ typedef char index_slot_is_the_documented_layout
  * fence), so the compiler neither tears nor reorders them. */
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
-/* Where a file's probe starts: the mix docs/protocol.md gives. */
-static uint32_t
-index_home(uint64_t dev, uint64_t ino, uint32_t slots)
+/* splitmix64's finaliser: a 64-bit bijection with full avalanche. */
+static uint64_t
+mix64(uint64_t x)
 {
-    uint64_t h = dev * 0x9E3779B97F4A7C15ULL + ino;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ULL;
-    h ^= h >> 32;
-    return (uint32_t)(h & (slots - 1));
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* Where a file's probe starts: the mix docs/protocol.md gives, under the
+ * index's slot *key* (which keeps its probe runs unknown to anyone who
+ * cannot read the index). The report table uses it too, with key 0. */
+static uint32_t
+index_home(uint64_t key, uint64_t dev, uint64_t ino, uint32_t slots)
+{
+    return (uint32_t)(mix64(mix64(key ^ dev) ^ ino) & (slots - 1));
+}
+
+/* The st_dev of this kernel's memfds, from a memfd of our own, made,
+ * fstat'd and closed once a process (a fork's child inherits it: the same
+ * kernel); 0 when it could not be made, *err* then its errno. */
+static uint64_t own_memfd_dev_known;
+
+static uint64_t
+own_memfd_dev(int *err)
+{
+    uint64_t dev = __atomic_load_n(&own_memfd_dev_known, __ATOMIC_RELAXED);
+    if (dev != 0)
+        return dev;
+    int fd = memfd_create("shadowd-probe", MFD_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        *err = errno;
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    close(fd);
+    dev = (uint64_t)st.st_dev;
+    __atomic_store_n(&own_memfd_dev_known, dev, __ATOMIC_RELAXED);
+    return dev;
 }
 
 static void
@@ -3348,9 +3382,9 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
 {
     struct shadowd_private_ *p = P(c);
     struct stat st;
-    uint8_t head[60];
+    uint8_t head[72];
     uint32_t layout, slot_size, n, hpid, probes, range_base, range_count, index_fd;
-    uint64_t memfd_dev, generation;
+    uint64_t memfd_dev, generation, key;
     char dir[48];
 
     /* A memfd that can never shrink (F_SEAL_SHRINK, which no one can take
@@ -3378,10 +3412,21 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     memcpy(&range_base, head + 48, 4);
     memcpy(&range_count, head + 52, 4);
     memcpy(&index_fd, head + 56, 4);
+    memcpy(&key, head + 64, 8);
     if (memcmp(head, INDEX_MAGIC, 8) != 0 || layout != INDEX_LAYOUT || slot_size != INDEX_SLOT ||
         n != slots || hpid != pid || probes == 0) {
         munmap(map, len);
         return -1;
+    }
+    /* The device the slots' memfds must be on is the kernel's, never the
+     * sender's word: a file of another device (its FUSE mount) could pass
+     * every other check of a slot, and its close wait on that mount's
+     * server (docs/security.md attack 45). */
+    int err = 0;
+    uint64_t ours = own_memfd_dev(&err);
+    if (ours == 0 || memfd_dev != ours) {
+        munmap(map, len);
+        return ours == 0 && (err == EMFILE || err == ENFILE) ? -2 : -1;
     }
     /* The daemon's fd directory, opened once: a reopen then walks one
      * component, not three. The kernel lets us look into it only with
@@ -3428,6 +3473,7 @@ index_map(struct shadowd *c, int fd, uint64_t pid, uint64_t slots)
     if (p->index_probes > p->index_slots)
         p->index_probes = p->index_slots;
     p->index_memfd_dev = memfd_dev;
+    p->index_key = key;
     p->index_fd = index_fd <= (uint32_t)INT_MAX ? (int)index_fd : -1;
     p->index_dev = (uint64_t)st.st_dev;
     p->index_ino = (uint64_t)st.st_ino;
@@ -3563,7 +3609,7 @@ static unsigned
 report_bucket(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino)
 {
     const unsigned mask = 2 * SHADOWD_REPORTS - 1;
-    unsigned b = index_home(dev, ino, 2 * SHADOWD_REPORTS) & mask;
+    unsigned b = index_home(0, dev, ino, 2 * SHADOWD_REPORTS) & mask;
     for (unsigned e; (e = p->report_index[b]) != 0; b = (b + 1) & mask)
         if (p->report[e - 1].dev == dev && p->report[e - 1].ino == ino)
             break;
@@ -3826,7 +3872,7 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
 static const struct index_slot *
 index_find(const struct shadowd_private_ *p, uint64_t dev, uint64_t ino, uint32_t *seq)
 {
-    uint32_t mask = p->index_slots - 1, home = index_home(dev, ino, p->index_slots);
+    uint32_t mask = p->index_slots - 1, home = index_home(p->index_key, dev, ino, p->index_slots);
     for (uint32_t i = 0; i < p->index_probes; i++) {
         const struct index_slot *s =
             (const void *)(p->index_map + INDEX_HEADER + (size_t)((home + i) & mask) * INDEX_SLOT);

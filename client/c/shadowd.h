@@ -263,7 +263,8 @@ struct shadowd_private_ {
     /* The daemon's range (memfds only, always: no O_PATH); 0, 0 unless the
      * daemon is of our effective uid (its SO_PEERCRED). */
     uint32_t index_range_base, index_range_count;
-    uint64_t index_memfd_dev;
+    uint64_t index_memfd_dev; /* the header's: the kernel's, as a memfd of ours says */
+    uint64_t index_key;       /* the header's slot key: keys where a file's probe starts */
     int index_fd;              /* the daemon's own fd of the index (-1: not known) */
     uint64_t index_dev, index_ino; /* the index memfd's: what the daemon's index_fd must be */
     long long index_alive_us;  /* when the daemon was last seen alive (its index_fd there) */

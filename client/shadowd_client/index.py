@@ -17,7 +17,10 @@
 # a memfd a client keeps (holds) unless the file's slot names that memfd in
 # that version, read while the slot held still; take /proc/PID for the
 # daemon, or the daemon for alive, unless /proc/PID/fd/index_fd is the very
-# index it maps (another process of that pid, in our pid namespace, is not).
+# index it maps (another process of that pid, in our pid namespace, is not);
+# take the header's memfd device at its word (a hostile daemon would name its
+# own FUSE mount's, whose file's close then waits on its server: it must be
+# the device of a memfd of our own, docs/security.md attack 45).
 #
 # The whole lookup and reopen runs in one call of the C extension
 # (shadowd/_hotcalls.c, index_open) when shadowd.hotcalls has it; the Python
@@ -40,7 +43,7 @@ from shadowd.fds import FdHolder
 from shadowd.index import HEADER, LAYOUT_VERSION, LIVE, MAGIC, SLOT, slot_of
 from shadowd.memfd import REQUIRED_SEALS, proc_fd_dir_again
 
-_HEADER = struct.Struct("<8sIIIIQII Q II I")
+_HEADER = struct.Struct("<8sIIIIQII Q II I I Q")
 _SLOT = struct.Struct("<IIQQQqqiIQq")
 _SEQ = struct.Struct("<I")
 _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
@@ -126,6 +129,18 @@ class BadIndex(Exception):
     """The index is not one this client can read (wrong magic, layout, sizes)."""
 
 
+@functools.cache
+def own_memfd_dev() -> int:
+    """The device every memfd of this kernel is on, from a memfd of our own (made,
+    fstat'd and closed once a process; OSError, and tried again next time, when it
+    cannot be made). A forked child keeps it: the same kernel."""
+    fd = os.memfd_create("shadowd-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+
+
 def trusts_range(peer: tuple[int, int] | None, pid: int) -> bool:
     """Whether a view may open the daemon's descriptor range at once: *peer*, the
     (pid, uid) SO_PEERCRED gave for the connection the index came on, is the daemon
@@ -169,10 +184,21 @@ class IndexView:
             raise BadIndex(f"an index of {slots} slots cannot be {size} bytes")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         (magic, layout, slot_size, n, header_pid, memfd_dev, probes, _, generation, base, count,
-         index_fd) = _HEADER.unpack_from(self._map, 0)  # fmt: skip
+         index_fd, _, key) = _HEADER.unpack_from(self._map, 0)  # fmt: skip
         if (magic, layout, slot_size, n, header_pid) != (MAGIC, LAYOUT_VERSION, SLOT, slots, pid):
             self._map.close()
             raise BadIndex("not an index this client reads (magic, layout or sizes differ)")
+        # The device the slots' memfds must be on is the kernel's, never the
+        # sender's word: a file of another device (its FUSE mount) could pass
+        # every other check of a slot, and its close wait on that mount.
+        try:
+            ours = own_memfd_dev()
+        except OSError as exc:
+            self._map.close()
+            raise BadIndex(f"cannot learn the memfd device: {exc.strerror}") from None
+        if memfd_dev != ours:
+            self._map.close()
+            raise BadIndex(f"the index's memfd device {memfd_dev} is not this kernel's ({ours})")
         self.pid = pid
         #: The daemon's own descriptor of this index (the header says it): while
         #: /proc/PID/fd has it, the daemon that writes this index is alive.
@@ -184,6 +210,8 @@ class IndexView:
         self.memfd_dev = memfd_dev
         self.probes = probes
         self.generation = generation
+        #: What keys slot_of in this index (the header's slot key).
+        self.key = key
         #: The daemon's descriptor range as the header says (shadowd/fdrange.py):
         #: numbers it keeps memfds at, at every instant.
         self.header_range = (
@@ -306,7 +334,7 @@ class IndexView:
         """The offset and fields of the live slot of (*dev*, *ino*) as read now, or
         None: not in its probe run. The caller checks the seq again after its use."""
         view = self._map
-        start = slot_of(dev, ino, self.slots)
+        start = slot_of(dev, ino, self.slots, self.key)
         mask = self.slots - 1
         for i in range(self.probes):
             offset = HEADER + ((start + i) & mask) * SLOT
