@@ -4468,3 +4468,66 @@ def test_a_close_waits_for_an_owed_answer_its_own_deadline_not_the_reply_timeout
     assert seen[:1] == ["answered"], (seen, closed)
     assert 550_000 <= closed["us"] < 2_000_000, closed
     assert after["copied_why"] != "breaker", after
+
+
+_DATED_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include "shadowd.h"
+
+int main(int argc, char **argv)
+{
+    struct shadowd c;
+    shadowd_init(&c);
+    shadowd_connect(&c, argv[2]); /* nobody listens: the calls below fail */
+    int src = open(argv[1], O_RDONLY | O_CLOEXEC);
+    if (src < 0)
+        return 2;
+    int a = shadowd_open_fd(&c, src, "dated");
+    int b = shadowd_request_fd(&c, src, "dated");
+    int items_src[1] = {src};
+    const char *labels[1] = {"dated"};
+    struct shadowd_item items[1];
+    shadowd_open_batch(&c, items_src, labels, 1, items);
+    printf("%d %d %d\n", a, b, items[0].fd);
+    close(src);
+    shadowd_close(&c);
+    return 0;
+}
+"""
+
+
+def test_a_file_dated_past_2262_is_asked_for_without_undefined_behaviour(
+    tmp_path: Path,
+) -> None:
+    # Its mtime in ns does not fit an int64: the client's version of it (what a
+    # served fd is checked against, before every request) was computed with a
+    # signed overflow, which the C standard leaves undefined (an optimiser may
+    # assume it never happens). Built with UBSan that aborts on it.
+    cc = c_compiler()
+    assert cc is not None
+    src = tmp_path / "dated.c"
+    src.write_text(_DATED_C)
+    binary = tmp_path / "dated"
+    done = subprocess.run(
+        [cc, "-std=gnu99", "-O1", "-fsanitize=signed-integer-overflow",
+         "-fno-sanitize-recover=all", "-I", str(C_DIR), "-o", str(binary), str(src),
+         str(C_DIR / "shadowd.c")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"no UBSan here: {done.stderr[-200:]}")
+    dated = tmp_path / "f"
+    dated.write_bytes(b"x" * 100)
+    year_2300_ns = 10_413_792_000 * 10**9
+    try:
+        os.utime(dated, ns=(year_2300_ns, year_2300_ns))
+    except OSError as exc:
+        pytest.skip(f"this file system cannot date a file in 2300: {exc}")
+    if dated.stat().st_mtime_ns != year_2300_ns:
+        pytest.skip("this file system cannot date a file in 2300")
+    ran = run(str(binary), str(dated), str(tmp_path / "nobody.sock"))
+    assert b"runtime error" not in ran.stderr, ran.stderr.decode(errors="replace")
+    assert ran.returncode == 0, ran.stderr.decode(errors="replace")
+    assert ran.stdout.split() == [b"-1", b"-1", b"-1"]

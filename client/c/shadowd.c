@@ -2862,14 +2862,27 @@ shadowd_open_private(struct shadowd *c, const char *ns, const struct shadowd_key
 
 /* -- the process-local tier ------------------------------------------------ */
 
+/* A timestamp in ns, as the version compares it: modulo 2^64 where it does
+ * not fit an int64 (a file dated past 2262, or before 1677, on a file system
+ * that keeps such times: an owner's utimensat, a FUSE server's answer).
+ * Computed unsigned, where a wrap is defined: signed, it was an overflow the
+ * C standard leaves undefined. Distinct times stay distinct (they would have
+ * to be 2^55 s apart to meet), and the daemon says no version for such a
+ * file, so only its size and this client's own fstats are compared. */
+static int64_t
+ts_ns(const struct timespec *t)
+{
+    return (int64_t)((uint64_t)t->tv_sec * 1000000000ULL + (uint64_t)t->tv_nsec);
+}
+
 static void
 version_of(const struct stat *st, struct shadowd_version_ *v)
 {
     v->dev = (uint64_t)st->st_dev;
     v->ino = (uint64_t)st->st_ino;
     v->size = (uint64_t)st->st_size;
-    v->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
-    v->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec;
+    v->mtime_ns = ts_ns(&st->st_mtim);
+    v->ctime_ns = ts_ns(&st->st_ctim);
 }
 
 /* The tier's index: open addressing over twice as many buckets as entries
@@ -3160,7 +3173,7 @@ held_put(struct shadowd *c, int served, const struct shadowd_version_ *v, long l
     struct stat m;
     if (p->held_max <= 0 || v->size > (uint64_t)p->held_max_bytes || fstat(served, &m) < 0)
         return 0;
-    int64_t m_ctime = (int64_t)m.st_ctim.tv_sec * 1000000000LL + m.st_ctim.tv_nsec;
+    int64_t m_ctime = ts_ns(&m.st_ctim);
     int old = held_find(p, v->dev, v->ino);
     if (old >= 0 && same_version(&p->held[old], v) &&
         p->held[old].memfd_dev == (uint64_t)m.st_dev &&
@@ -3836,7 +3849,7 @@ index_reopen(struct shadowd *c, const struct index_slot *s, uint32_t seq,
     if (fstat(first, &m) < 0 || !S_ISREG(m.st_mode) || (uint64_t)m.st_dev != p->index_memfd_dev ||
         (uint64_t)m.st_ino != got->memfd_ino || (uint64_t)m.st_size != got->size ||
         (uint32_t)m.st_mode != got->mode ||
-        (int64_t)m.st_ctim.tv_sec * 1000000000LL + m.st_ctim.tv_nsec != got->memfd_ctime_ns) {
+        ts_ns(&m.st_ctim) != got->memfd_ctime_ns) {
         close(first); /* N is something else now, or a holder changed the memfd */
         *refused = 1;
         return -1;
@@ -3901,8 +3914,8 @@ index_lookup(struct shadowd *c, const struct stat *st, struct proof *pr)
     got.mtime_ns = LOAD(s->mtime_ns);
     got.ctime_ns = LOAD(s->ctime_ns);
     if (got.size != (uint64_t)st->st_size ||
-        got.mtime_ns != (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec ||
-        got.ctime_ns != (int64_t)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec)
+        got.mtime_ns != ts_ns(&st->st_mtim) ||
+        got.ctime_ns != ts_ns(&st->st_ctim))
         return -1; /* another version is cached: the daemon decides */
     if (!may_read(c, pr))
         return -1;
@@ -4145,8 +4158,13 @@ copy_without_asking(struct shadowd *c, const struct stat *st, int by_size)
     if (c->max_file_size && (uint64_t)st->st_size > c->max_file_size)
         return SHADOWD_COPIED_RULE;
     long long young = young_ns(c);
-    long long ctime_ns = (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec;
-    if (young > 0 && real_ns() - ctime_ns < young)
+    /* A ctime past 2262 (a FUSE server's, say) is in the future: young. One
+     * before 1677 is old. Neither may overflow on the way (undefined). */
+    long long ctime_ns, age;
+    if (__builtin_mul_overflow((long long)st->st_ctim.tv_sec, 1000000000LL, &ctime_ns) ||
+        __builtin_add_overflow(ctime_ns, (long long)st->st_ctim.tv_nsec, &ctime_ns))
+        ctime_ns = st->st_ctim.tv_sec < 0 ? LLONG_MIN : LLONG_MAX;
+    if (young > 0 && !__builtin_sub_overflow(real_ns(), ctime_ns, &age) && age < young)
         return SHADOWD_COPIED_RULE;
     return SHADOWD_COPIED_NOT;
 }
