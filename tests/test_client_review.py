@@ -1199,6 +1199,70 @@ async def test_threads_failing_at_once_open_the_breaker_for_one_window(
     assert window <= 1.0 and backoff == 2.0, (window, backoff)
 
 
+async def test_an_answer_asked_before_the_breaker_opened_does_not_reset_its_backoff(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """Four threads share an Opener (timeout 1 s, first window 1 s); the stand-in
+    answers the first three opens 0.6 s late (slow), and the fourth, asked before the
+    breaker opened, at once but only once the third slow answer has opened it (and
+    doubled the next window: 2 s). That prompt answer, inside the window, reset the
+    backoff to 1 s and said the daemon was back while the window held, so the next
+    failed retry opened 1 s again, not 2. An answer that comes while the breaker is
+    open changes nothing now, as a failure does not."""
+    start = threading.Barrier(4)
+    answered = [0]
+    box: list[Opener] = []
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] == "open":
+            answered[0] += 1
+            if answered[0] <= 3:
+                time.sleep(0.6)
+            else:
+                deadline = time.monotonic() + 10
+                while not box[0]._down and time.monotonic() < deadline:
+                    time.sleep(0.005)
+        _serve_good(conn, msg)
+        return None
+
+    def blocking() -> tuple[int, float, bool]:
+        with FakeDaemon(shared_dir / "b.sock", answer) as fake:
+            # No index: every thread goes straight to its open's request (one that
+            # fetched the index first would queue behind the slow answers and ask
+            # only after the breaker opened).
+            opener = Opener(
+                fake.path,
+                local_below=0,
+                timeout=1.0,
+                retry_after=1.0,
+                held_files=0,
+                use_index=False,
+            )
+            box.append(opener)
+            try:
+                assert opener._client is not None
+                opener._client.connect()
+
+                def one() -> None:
+                    start.wait(10)
+                    os.close(opener.open(old_file))
+
+                pool = [threading.Thread(target=one) for _ in range(4)]
+                for t in pool:
+                    t.start()
+                for t in pool:
+                    t.join(30)
+                return answered[0], opener._backoff, opener._down
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        asked, backoff, down = await trio.to_thread.run_sync(blocking)
+    print(f"{asked} opens asked of the stand-in; the next window {backoff:g} s")
+    assert asked == 4, f"setup: {asked} opens asked, not 4"
+    assert backoff == 2.0 and down, (backoff, down)
+
+
 def _preload_answered_after(
     sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
 ) -> tuple[int, bool, float]:

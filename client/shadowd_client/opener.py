@@ -919,7 +919,8 @@ class Opener:
         """The daemon answered; *took*: in so many seconds (None: not timed), the
         client's own send and wait for the answer alone (Client._spent), never a wait
         for its lock behind other threads' requests. The SLOW_IN_A_ROW-th slow answer
-        in a row opens the breaker instead (_failed)."""
+        in a row opens the breaker instead (_failed). An answer that comes while the
+        breaker is open was asked before it opened: it changes nothing."""
         client = self._client
         limit = None if client is None else client.timeout
         slow = (
@@ -930,6 +931,10 @@ class Opener:
             and client.version != 1  # its misses wait for its copy
         )
         with self._lock:
+            if time.monotonic() < self._down_until:
+                # Asked before the breaker opened (nothing is asked while it is
+                # open): says nothing of the retry that ends the window (_failed).
+                return
             self._slow = self._slow + 1 if slow else 0
             tripped = self._slow >= SLOW_IN_A_ROW
             if not tripped:
