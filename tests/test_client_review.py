@@ -1157,6 +1157,24 @@ async def test_threads_sharing_an_opener_of_a_slow_daemon_open_its_breaker_after
     assert opener.local_opens > 0
 
 
+def _four_open_at_once(opener: Opener, src: Path) -> None:
+    """Four threads open *src* through *opener* once each, let go together (its client
+    connected first), and are waited for."""
+    assert opener._client is not None
+    opener._client.connect()
+    start = threading.Barrier(4)
+
+    def one() -> None:
+        start.wait(10)
+        os.close(opener.open(src))
+
+    pool = [threading.Thread(target=one) for _ in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(30)
+
+
 async def test_threads_failing_at_once_open_the_breaker_for_one_window(
     shared_dir: Path, old_file: Path
 ) -> None:
@@ -1167,7 +1185,6 @@ async def test_threads_failing_at_once_open_the_breaker_for_one_window(
     doubled it, as if each were a retry that failed: 8 s of copies here before the next
     try, and 16 s after that, for one outage seen by four threads. A failure of a
     request asked before the window opened opens nothing more now: 1 s, then 2 s."""
-    start = threading.Barrier(4)
 
     def never(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
         return None  # read, never answered
@@ -1176,18 +1193,7 @@ async def test_threads_failing_at_once_open_the_breaker_for_one_window(
         with FakeDaemon(shared_dir / "n.sock", never) as fake:
             opener = Opener(fake.path, local_below=0, timeout=0.5, retry_after=1.0)
             try:
-                assert opener._client is not None
-                opener._client.connect()
-
-                def one() -> None:
-                    start.wait(10)
-                    os.close(opener.open(old_file))
-
-                pool = [threading.Thread(target=one) for _ in range(4)]
-                for t in pool:
-                    t.start()
-                for t in pool:
-                    t.join(30)
+                _four_open_at_once(opener, old_file)
                 assert (opener.daemon_opens, opener.local_opens) == (0, 4)
                 return opener._down_until - time.monotonic(), opener._backoff
             finally:
@@ -1209,7 +1215,6 @@ async def test_an_answer_asked_before_the_breaker_opened_does_not_reset_its_back
     backoff to 1 s and said the daemon was back while the window held, so the next
     failed retry opened 1 s again, not 2. An answer that comes while the breaker is
     open changes nothing now, as a failure does not."""
-    start = threading.Barrier(4)
     answered = [0]
     box: list[Opener] = []
 
@@ -1240,18 +1245,7 @@ async def test_an_answer_asked_before_the_breaker_opened_does_not_reset_its_back
             )
             box.append(opener)
             try:
-                assert opener._client is not None
-                opener._client.connect()
-
-                def one() -> None:
-                    start.wait(10)
-                    os.close(opener.open(old_file))
-
-                pool = [threading.Thread(target=one) for _ in range(4)]
-                for t in pool:
-                    t.start()
-                for t in pool:
-                    t.join(30)
+                _four_open_at_once(opener, old_file)
                 return answered[0], opener._backoff, opener._down
             finally:
                 opener.close()
