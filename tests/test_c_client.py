@@ -1220,8 +1220,7 @@ def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
         for msg, fds in _requests(conn):
             try:
                 if msg["op"] != "open":
-                    no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
-                    conn.send(msgpack.packb(no))
+                    _answer(conn, msg, ok=False, code="no-index", message="none")
                     continue
                 delay = delays[len(asked)] if len(asked) < len(delays) else 0.0
                 asked.append(delay)
@@ -2063,6 +2062,11 @@ def _greet_v2(conn: socket.socket, limits: dict[str, Any]) -> None:
     conn.send(msgpack.packb({"id": hello["id"], "ok": True, "version": 2, "limits": limits}))
 
 
+def _answer(conn: socket.socket, msg: dict[str, Any], **reply: Any) -> None:
+    """A stand-in's answer to request *msg*: its id, then the keys of *reply*."""
+    conn.send(msgpack.packb({"id": msg["id"], **reply}))
+
+
 def _requests(conn: socket.socket) -> Iterator[tuple[dict[str, Any], list[int]]]:
     """The requests on *conn* with their fds (the caller closes them), until it ends."""
     while True:
@@ -2197,8 +2201,7 @@ def test_version_2_replies_are_read_as_the_protocol_says(driver: Any, tmp_path: 
         conn.send(msgpack.packb(reply))
         for msg, fds in _requests(conn):
             if msg["op"] == "index":  # a daemon that gives none: the client goes on
-                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="no-index", message="none")
                 indexes.append(msg)
                 continue
             requests.append(msg)
@@ -3971,8 +3974,7 @@ def test_replies_with_descriptors_other_than_promised_leave_none_open(
         for msg, fds in _requests(conn):
             try:
                 if msg["op"] != "open" and msg["op"] != "open_batch":
-                    no = {"id": msg["id"], "ok": False, "code": "unknown-op", "message": "no"}
-                    conn.send(msgpack.packb(no))
+                    _answer(conn, msg, ok=False, code="unknown-op", message="no")
                     continue
                 how = script.pop(0)
                 seen.append((msg["op"], how))
@@ -4037,15 +4039,13 @@ def test_a_forked_child_never_tells_the_daemon_of_its_parents_copied_files(
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
-                                         "filling": True}))  # fmt: skip
+                _answer(conn, msg, ok=True, miss=True, filling=True)
             elif msg["op"] == "open_batch":
                 told.extend(str(label) for label in msg["paths"])
                 results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+                _answer(conn, msg, ok=True, results=results)
             else:
-                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="busy", message="a stand-in")
 
     path = tmp_path / "cold.sock"
     with stand_in_daemon(path, cold):
@@ -4084,15 +4084,13 @@ def test_a_close_reads_the_answer_to_a_raced_open_before_it_goes(
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] != "open":
-                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="no-index", message="none")
                 continue
             time.sleep(0.4)  # the local copy wins the race meanwhile
             # Readable now: the client's end is closed (it sends nothing more).
             gone = bool(select.select([conn], [], [], 0)[0])
             seen.append("closed first" if gone else "answered")
-            conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
-                                     "filling": True}))  # fmt: skip
+            _answer(conn, msg, ok=True, miss=True, filling=True)
 
     path = tmp_path / "late.sock"
     with stand_in_daemon(path, late):
@@ -4124,15 +4122,13 @@ def test_files_told_to_the_daemon_ask_for_no_descriptor(driver: Any, tmp_path: P
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
-                                         "filling": True}))  # fmt: skip
+                _answer(conn, msg, ok=True, miss=True, filling=True)
             elif msg["op"] == "open_batch":
                 told.append({k: v for k, v in msg.items() if k != "paths"} | {"n": len(fds)})
                 results = [{"ok": True, "hit": True, "miss": True, "filling": False}] * len(fds)
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+                _answer(conn, msg, ok=True, results=results)
             else:
-                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="busy", message="a stand-in")
 
     path = tmp_path / "cold.sock"
     with stand_in_daemon(path, cold):
@@ -4167,8 +4163,7 @@ def test_a_served_descriptor_not_open_read_only_is_refused(driver: Any, tmp_path
             data = os.pread(fds[0], 1 << 20, 0) if fds else b""
             close_fds(fds)
             if msg["op"] != "open":
-                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="no-index", message="none")
                 continue
             own = os.memfd_create("shadowd", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
             os.write(own, data)
@@ -4395,20 +4390,17 @@ def test_a_close_tells_the_daemon_of_files_only_once_no_answer_is_owed(
         for msg, fds in _requests(conn):
             close_fds(fds)
             if msg["op"] == "open" and msg.get("wait") is False:
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "miss": True,
-                                         "filling": True}))  # fmt: skip
+                _answer(conn, msg, ok=True, miss=True, filling=True)
             elif msg["op"] == "open":  # the pipelined open: held 0.5 s
                 readable, _, _ = select.select([conn], [], [], 0.5)
                 early.append(bool(readable))  # the client sent more meanwhile
-                no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="busy", message="a stand-in")
             elif msg["op"] == "open_batch":
                 told.extend(str(label) for label in msg["paths"])
                 results = [{"ok": True, "miss": True, "filling": True}] * len(msg["paths"])
-                conn.send(msgpack.packb({"id": msg["id"], "ok": True, "results": results}))
+                _answer(conn, msg, ok=True, results=results)
             else:
-                no = {"id": msg["id"], "ok": False, "code": "no-index", "message": "none"}
-                conn.send(msgpack.packb(no))
+                _answer(conn, msg, ok=False, code="no-index", message="none")
 
     path = tmp_path / "holds.sock"
     with stand_in_daemon(path, holds_an_answer):
@@ -4453,8 +4445,7 @@ def test_a_close_waits_for_an_owed_answer_its_own_deadline_not_the_reply_timeout
                 time.sleep(0.6)  # copying the 8 MiB file
                 gone = bool(select.select([conn], [], [], 0)[0])
                 seen.append("closed first" if gone else "answered")
-            no = {"id": msg["id"], "ok": False, "code": "busy", "message": "a stand-in"}
-            conn.send(msgpack.packb(no))
+            _answer(conn, msg, ok=False, code="busy", message="a stand-in")
 
     path = tmp_path / "slow.sock"
     with stand_in_daemon(path, copies_slowly):
