@@ -206,12 +206,9 @@ class HostOpens:
             check_regular(st)  # raises, naming what it is
         if st.size > self.limits.max_file_size:
             self.check_size(st.size)  # raises
-        outcome = self.lookup_or_fly(fd, st, label, share, remote=False, wait=wait, told=told)
-        if not serve and type(outcome) is tuple:
-            entry = self.cache.peek(HostKey(st.dev, st.ino))
-            assert entry is not None  # a hit, and nothing ran since
-            self.cache.unserved(entry)
-        return outcome
+        return self.lookup_or_fly(
+            fd, st, label, share, remote=False, wait=wait, told=told, serve=serve
+        )
 
     def lookup_or_fly(
         self,
@@ -223,6 +220,7 @@ class HostOpens:
         remote: bool,
         wait: bool = True,
         told: bool = False,
+        serve: bool = True,
     ) -> Hit | Flight | Miss | _Throttled:
         """A hit, or the flight that will copy this version (joined as a waiter).
 
@@ -235,7 +233,8 @@ class HostOpens:
         *wait* False nothing is joined and nothing waits: a Miss says whether
         a copy into the cache is under way; with *told* too, that copy takes
         a slot only when none of the uid's other jobs and waiting opens wants
-        one (the files a client only tells of go last).
+        one (the files a client only tells of go last); with *serve* False a
+        hit serves nobody (serve_now).
         """
         key = HostKey(st.dev, st.ino)
         version = st.version
@@ -243,6 +242,8 @@ class HostOpens:
         if entry is not None:
             if self.guard.usable(entry, fd, st, remote=remote):
                 self.guard.found(entry.file, share.uid)
+                if not serve:
+                    self.cache.unserved(entry)  # its client copied it: a miss to it
                 return entry.file, entry.size, version
             self.cache.reject(entry)
         assert self.nursery is not None
