@@ -72,9 +72,10 @@ async def test_bench_json_hangs_together(
     if c_client_build()[0] is not None:  # a compiler here: the C client's too
         for s in data["sizes"]:
             c = s["c"]  # copy, socket hit and index hit timed in C, per file
-            for series in ("copy", "hit", "index"):
+            for series in ("copy", "hit", "index", "syscalls"):
                 assert c[series]["n"] == 3 and 0 < c[series]["p50"] <= c[series]["p99"]
             assert c["index_speedup"] == c["copy"]["p50"] / c["index"]["p50"]
+            assert c["index_over_syscalls"] == c["index"]["p50"] / c["syscalls"]["p50"]
         assert data["c_index_crossover"].startswith("hits ")
     assert [t["procs"] for t in data["throughput"]] == [1, 2]
     assert all(t["hits_per_s"] > 0 and t["copies_per_s"] > 0 for t in data["throughput"])

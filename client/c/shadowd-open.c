@@ -61,12 +61,14 @@ static const char USAGE[] =
     "      --crossover DIR    measure a hit through the daemon against a local copy\n"
     "                         per file size (files written in DIR) and print the\n"
     "                         size from which the daemon is faster\n"
-    "      --latency          time single opens of each PATH four ways, interleaved\n"
+    "      --latency          time single opens of each PATH five ways, interleaved\n"
     "                         in shuffled order, --rounds times (default 200): a local\n"
     "                         copy, a hit through the socket, a hit through the index,\n"
-    "                         a reopen from the process-local tier; each from the open\n"
-    "                         of the source to the close of both fds. One JSON object\n"
-    "                         per PATH: the medians (p50) and p99, in microseconds\n"
+    "                         a reopen from the process-local tier, and the system\n"
+    "                         calls an index hit cannot do without, made bare; each\n"
+    "                         from the open of the source to the close of both fds.\n"
+    "                         One JSON object per PATH: the medians (p50) and p99,\n"
+    "                         in microseconds\n"
     "      --connects N       time N new connections one after another, each as a\n"
     "                         supervisor makes one (shadowd_connect_start, then\n"
     "                         shadowd_connect_wait and shadowd_index_ready, then\n"
@@ -301,14 +303,43 @@ crossover(struct shadowd *c, const char *dir, int rounds)
 
 /* -- latency per file: copy, socket hit, index hit, held tier --------------- */
 
-enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, NWAYS };
-static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held"};
+enum { BY_COPY, BY_SOCKET, BY_INDEX, BY_HELD, BY_SYSCALLS, NWAYS };
+static const char *const WAY_NAMES[NWAYS] = {"copy", "socket", "index", "held", "syscalls"};
+
+/* For BY_SYSCALLS: this process's /proc/self/fd, and per path a sealed copy
+ * it holds, standing in for the daemon's memfd. */
+static int self_fds = -1;
+static int *own_copies;
+
+/* The system calls every hit through the index makes, and nothing else: open
+ * the source (the caller's proof of access), fstat it, reopen a sealed memfd
+ * by its /proc fd link (O_NONBLOCK | O_NOCTTY, as the index's range opens),
+ * fstat that, clear O_NONBLOCK, read its seals, and close both. What this
+ * host charges for them is the floor under any client's index hit. */
+static int
+bare_syscalls(int src, int held)
+{
+    struct stat st, m;
+    char name[16];
+    snprintf(name, sizeof name, "%d", held);
+    if (fstat(src, &st) < 0)
+        return -1;
+    int fd = openat(self_fds, name, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &m) < 0 || m.st_size != st.st_size || fcntl(fd, F_SETFL, 0) < 0 ||
+        fcntl(fd, F_GET_SEALS) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
 
 /* One open of *path* the *way* given, as a supervisor makes it, timed from
  * its own open of the source to the close of the source and of the fd it
  * got; seconds, or -1 when the open failed (error in c). */
 static double
-one_open(struct shadowd *c, const char *path, int way)
+one_open(struct shadowd *c, const char *path, int file, int way)
 {
     struct stat st;
     double t0 = now();
@@ -320,6 +351,8 @@ one_open(struct shadowd *c, const char *path, int way)
             fd = shadowd_request_fd(c, src, NULL);
         else if (way == BY_HELD)
             fd = shadowd_open_routed_fd(c, src, NULL); /* held: the process-local tier */
+        else if (way == BY_SYSCALLS)
+            fd = bare_syscalls(src, own_copies[file]);
         else if (fstat(src, &st) == 0)
             fd = shadowd_index_open(c, src, &st);
         close(src);
@@ -351,8 +384,8 @@ warm(struct shadowd *c, const char *path)
         if (fd >= 0)
             close(fd);
         shadowd_set_index(c, 1, 0);
-        if (one_open(c, path, BY_SOCKET) >= 0 && one_open(c, path, BY_INDEX) >= 0 &&
-            one_open(c, path, BY_HELD) >= 0)
+        if (one_open(c, path, -1, BY_SOCKET) >= 0 && one_open(c, path, -1, BY_INDEX) >= 0 &&
+            one_open(c, path, -1, BY_HELD) >= 0)
             return 0;
         struct timespec pause = {0, 10000000L};
         nanosleep(&pause, NULL);
@@ -369,9 +402,22 @@ latency(struct shadowd *c, char **paths, int n, int rounds)
     int *jobs = calloc((size_t)n * NWAYS, sizeof(int));
     if (samples == NULL || jobs == NULL)
         return 1;
-    for (int i = 0; i < n; i++)
+    own_copies = calloc((size_t)n, sizeof(int));
+    self_fds = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (own_copies == NULL || self_fds < 0)
+        return 1;
+    for (int i = 0; i < n; i++) {
         if (warm(c, paths[i]) < 0)
             return 1;
+        int src = open(paths[i], O_RDONLY | O_CLOEXEC);
+        own_copies[i] = src < 0 ? -1 : shadowd_copy_fd(c, src); /* sealed, as the daemon's */
+        if (src >= 0)
+            close(src);
+        if (own_copies[i] < 0) {
+            fprintf(stderr, "shadowd-open: %s: %s\n", paths[i], c->error);
+            return 1;
+        }
+    }
     unsigned seed = 2718281u;
     for (int r = 0; r < rounds; r++) {
         /* Every (file, way) once per round, in a new random order each
@@ -386,11 +432,11 @@ latency(struct shadowd *c, char **paths, int n, int rounds)
         }
         for (int j = 0; j < n * NWAYS; j++) {
             int file = jobs[j] / NWAYS, way = jobs[j] % NWAYS;
-            double t = one_open(c, paths[file], way);
+            double t = one_open(c, paths[file], file, way);
             /* The daemon may drop a slot for a moment (a change it saw, an
              * eviction): warm the file again and time it once more. */
             if (t < 0 && warm(c, paths[file]) == 0)
-                t = one_open(c, paths[file], way);
+                t = one_open(c, paths[file], file, way);
             if (t < 0) {
                 fprintf(stderr, "shadowd-open: %s: %s\n", paths[file], c->error);
                 return 1;
@@ -414,6 +460,10 @@ latency(struct shadowd *c, char **paths, int n, int rounds)
         }
         printf("}\n");
     }
+    for (int i = 0; i < n; i++)
+        close(own_copies[i]);
+    close(self_fds);
+    free(own_copies);
     free(samples);
     free(jobs);
     return fflush(stdout) != 0;

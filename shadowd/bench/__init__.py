@@ -123,6 +123,7 @@ class BenchResult:
             raw["index_speedup"] = s.index_speedup
             if s.c is not None:
                 raw["c"]["index_speedup"] = s.c.index_speedup
+                raw["c"]["index_over_syscalls"] = s.c.index_over_syscalls
         for t, raw in zip(self.throughput, out["throughput"], strict=True):
             raw["ratio"] = t.ratio
             raw["c_ratio"] = t.c_ratio
@@ -327,18 +328,20 @@ def format_result(r: BenchResult) -> str:
             "",
             "the same files with the C client (client/c), timed in C from the open of the",
             "source to the close of both fds: a copy in C (shadowd_copy_fd), a hit through",
-            "the socket (shadowd_request_fd) and an index hit (fstat, shadowd_index_open);",
-            "the three interleaved, after the Python series; microseconds",
+            "the socket (shadowd_request_fd), an index hit (fstat, shadowd_index_open),",
+            "and the system calls an index hit cannot do without, made bare (the floor",
+            "this host sets under it); interleaved, after the Python series; microseconds",
             "",
             f"{'file':<28} {'copy p50':>9} {'hit p50':>9} {'index p50':>9} {'index p99':>9}"
-            f" {'copy/idx':>9} {'hit/idx':>9}",
+            f" {'copy/idx':>9} {'hit/idx':>9} {'sys p50':>9} {'idx/sys':>9}",
         ]
         for s in r.sizes:
             assert s.c is not None
             lines.append(
                 f"{s.name:<28} {s.c.copy.p50:>9.1f} {s.c.hit.p50:>9.1f} {s.c.index.p50:>9.1f}"
                 f" {s.c.index.p99:>9.1f} {s.c.index_speedup:>8.2f}x"
-                f" {s.c.hit.p50 / s.c.index.p50:>8.2f}x"
+                f" {s.c.hit.p50 / s.c.index.p50:>8.2f}x {s.c.syscalls.p50:>9.1f}"
+                f" {s.c.index_over_syscalls:>8.2f}x"
             )
     lines += [
         "",

@@ -82,17 +82,25 @@ class CLatency:
 
     Each from the open of the source to the close of the source and of the
     fd got: a local copy (shadowd_copy_fd), a hit through the socket
-    (shadowd_request_fd) and a hit through the index (fstat, shadowd_index_open).
+    (shadowd_request_fd), a hit through the index (fstat, shadowd_index_open),
+    and the system calls an index hit cannot do without, made bare on a
+    sealed copy the process holds (*syscalls*: this host's floor under it).
     """
 
     copy: Summary
     hit: Summary
     index: Summary
+    syscalls: Summary
 
     @property
     def index_speedup(self) -> float:
         """How many times faster an index hit is than the copy in C (p50)."""
         return self.copy.p50 / self.index.p50
+
+    @property
+    def index_over_syscalls(self) -> float:
+        """An index hit's p50 over that of its bare system calls: the client's own share."""
+        return self.index.p50 / self.syscalls.p50
 
 
 def measure_c_latency(
@@ -113,7 +121,10 @@ def measure_c_latency(
         row = json.loads(line)
         n = int(row["rounds"])
         out[row["path"]] = CLatency(
-            *(Summary(p50=row[k][0], p99=row[k][1], n=n) for k in ("copy", "socket", "index"))
+            *(
+                Summary(p50=row[k][0], p99=row[k][1], n=n)
+                for k in ("copy", "socket", "index", "syscalls")
+            )
         )
     if sorted(out) != sorted(paths):
         raise RuntimeError("shadowd-open --latency did not report every file")
