@@ -166,6 +166,19 @@ fail(struct shadowd *c, const char *code, int errnum, const char *fmt, ...)
     va_end(ap);
 }
 
+/* The caller's own fstat of *src* into *st*: 0, or -1 with the error set
+ * (errnum its errno). Every fd served for *src* is checked against it: a
+ * source this fails for is refused before anything is asked or copied. */
+static int
+own_fstat(struct shadowd *c, int src, struct stat *st)
+{
+    if (fstat(src, st) == 0)
+        return 0;
+    int err = errno;
+    fail(c, "", err, "fstat of the file: %s", strerror(err));
+    return -1;
+}
+
 static void
 clear(struct shadowd *c)
 {
@@ -2270,8 +2283,8 @@ say_served(struct shadowd *c, const struct shadowd_served_ *sv)
 }
 
 /* The daemon's fd for *src*, whose version before the request is *before*
- * (NULL: not known; an fd of another version is refused), or -1 (error
- * set); *sv* what the reply said. With *nowait* (version 2), a miss is -1
+ * (the caller's own fstat: an fd of another version is refused), or -1
+ * (error set); *sv* what the reply said. With *nowait* (version 2), a miss is -1
  * with c->miss set and no error. */
 static int
 ask_daemon(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
@@ -2279,7 +2292,7 @@ ask_daemon(struct shadowd *c, int src, const char *label, const struct shadowd_v
 {
     struct shadowd_slot_ res;
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .size = before->size, .label = label, .nowait = nowait,
                          .before = before};
     memset(sv, 0, sizeof *sv);
     if (call(c, &rq, &res))
@@ -2339,27 +2352,29 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
 {
     struct stat st;
     ready(c);
-    if (P(c)->index_use && fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+    clear(c);
+    if (own_fstat(c, src, &st) < 0)
+        return -1;
+    if (P(c)->index_use && S_ISREG(st.st_mode)) {
         /* A hit through the daemon's index: the same fd, no round trip. */
-        clear(c);
         after_fork(c);
         int fd = index_hit(c, &st, NULL);
-        return fd >= 0 ? fd : ask_once(c, src, label, &st);
+        if (fd >= 0)
+            return fd;
     }
-    return shadowd_request_fd(c, src, label);
+    return ask_once(c, src, label, &st);
 }
 
 /* The request of shadowd_open_fd and shadowd_request_fd, of the file whose
- * fstat just before it is *st* (NULL: none could be made): a served fd of
- * another version is refused ("unstable"). */
+ * fstat just before it is *st*: a served fd of another version is refused
+ * ("unstable"). */
 static int
 ask_once(struct shadowd *c, int src, const char *label, const struct stat *st)
 {
     struct shadowd_served_ sv;
     struct shadowd_version_ v;
-    if (st != NULL)
-        version_of(st, &v);
-    int fd = ask_daemon(c, src, label, st ? &v : NULL, 0, &sv);
+    version_of(st, &v);
+    int fd = ask_daemon(c, src, label, &v, 0, &sv);
     if (fd < 0 && c->miss && c->error[0] == '\0')
         fail(c, "", 0, "shadowd answered a miss without a descriptor"); /* asked to wait */
     return fd;
@@ -2370,7 +2385,8 @@ shadowd_request_fd(struct shadowd *c, int src, const char *label)
 {
     struct stat st;
     ready(c);
-    return ask_once(c, src, label, fstat(src, &st) == 0 ? &st : NULL);
+    clear(c);
+    return own_fstat(c, src, &st) < 0 ? -1 : ask_once(c, src, label, &st);
 }
 
 int
@@ -2461,17 +2477,15 @@ shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels
     }
     for (int i = 0; i < n; i++) {
         item_init(&items[i]);
-        if (srcs[i] < 0) {
-            items[i].errnum = EBADF;
+        struct stat st;
+        /* No fstat of its own, nothing to check a served fd against: not asked. */
+        if (srcs[i] < 0 || fstat(srcs[i], &st) < 0) {
+            items[i].errnum = srcs[i] < 0 ? EBADF : errno;
             continue;
         }
-        struct stat st;
         fds[k] = srcs[i];
         map[k] = i;
-        if (fstat(srcs[i], &st) == 0)
-            version_of(&st, &vs[k]);
-        else
-            memset(&vs[k], 0, sizeof vs[k]); /* (the daemon will refuse it) */
+        version_of(&st, &vs[k]);
         if (++k == MAX_FDS || i == n - 1) {
             batch_send(c, fds, labels, map, k, vs, items, 0);
             k = 0;
@@ -2758,10 +2772,8 @@ shadowd_copy_fd(struct shadowd *c, int src)
     struct stat st;
     if (c)
         ready(c);
-    if (fstat(src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    if (own_fstat(c, src, &st) < 0)
         return -1;
-    }
     if (!S_ISREG(st.st_mode)) {
         /* The refusal the daemon gives, so callers handle one code. */
         fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
@@ -2773,10 +2785,8 @@ shadowd_copy_fd(struct shadowd *c, int src)
         if (r <= 0)
             return r == 0 ? fd : -1;
         /* It changed under the copy: look again, copy again. */
-        if (fstat(src, &st) < 0) {
-            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        if (own_fstat(c, src, &st) < 0)
             return -1;
-        }
     }
     fail(c, "", EAGAIN, "the file kept changing while it was copied");
     return -1;
@@ -4107,10 +4117,8 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
     clear(c);
     after_fork(c);
     if (st == NULL) {
-        if (fstat(src, &own) < 0) {
-            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        if (own_fstat(c, src, &own) < 0)
             return -1;
-        }
         st = &own;
     }
     if (!S_ISREG(st->st_mode)) {
@@ -4512,8 +4520,7 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
     clear(c);
     if (given != NULL) {
         st = *given;
-    } else if (fstat(pr ? pr->at : src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    } else if (own_fstat(c, pr ? pr->at : src, &st) < 0) {
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
@@ -4909,14 +4916,15 @@ shadowd_preload(struct shadowd *c, const char *const *paths, int n)
 /* -- pipelined ------------------------------------------------------------ */
 
 /* Send an open of *src* as an owned request, its version before it
- * *before* (NULL: not known); a connection that broke is made again once.
+ * *before* (the caller's own fstat); a connection that broke is made again
+ * once.
  * The slot, or NULL (error set). */
 static struct shadowd_slot_ *
 submit_open(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
             int nowait)
 {
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .size = before->size, .label = label, .nowait = nowait,
                          .before = before};
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live, failure;
@@ -4950,10 +4958,10 @@ shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag)
     struct shadowd_version_ v;
     ready(c);
     clear(c);
-    int known = fstat(src, &st) == 0;
-    if (known)
-        version_of(&st, &v);
-    struct shadowd_slot_ *s = submit_open(c, src, label, known ? &v : NULL, 0);
+    if (own_fstat(c, src, &st) < 0)
+        return -1;
+    version_of(&st, &v);
+    struct shadowd_slot_ *s = submit_open(c, src, label, &v, 0);
     if (s == NULL)
         return -1;
     s->tag = tag;
@@ -4969,10 +4977,8 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
     ready(c);
     clear(c);
     *fd_now = -1;
-    if (fstat(src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    if (own_fstat(c, src, &st) < 0)
         return -1;
-    }
     if (!S_ISREG(st.st_mode)) {
         fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
         return -1;
