@@ -1257,6 +1257,75 @@ async def test_an_answer_asked_before_the_breaker_opened_does_not_reset_its_back
     assert backoff == 2.0 and down, (backoff, down)
 
 
+async def test_a_failure_counts_against_the_window_its_request_was_asked_in(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """Two threads share an Opener whose reply timeout (2 s) is longer than its first
+    window (0.25 s). The first thread's open gets a bad reply (a protocol violation:
+    the breaker opens, the next window 0.5 s) once the second thread has asked (it
+    waits for the client's lock behind the first). The second's open then goes on a
+    new connection and is never answered: it fails 2 s after the breaker opened, long
+    after the window ended. It was asked before the window: that failure is the same
+    outage and opens nothing more, the next window still 0.5 s and none open now.
+    Before, it went by when the failure came, counted as a retry that failed after the
+    window: the breaker opened again, the next window doubled to 1 s."""
+    opens = [0]
+    asks = [0]
+    first_read, second_asked = threading.Event(), threading.Event()
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] != "open":
+            return False
+        opens[0] += 1
+        if opens[0] > 1:
+            return None  # read, never answered
+        first_read.set()
+        assert second_asked.wait(10)
+        _send(conn, b"\xc1")  # (msgpack's one byte that never starts anything)
+        return False
+
+    def blocking() -> tuple[float, float, int, int]:
+        with FakeDaemon(shared_dir / "w.sock", answer) as fake:
+            opener = Opener(
+                fake.path,
+                local_below=0,
+                timeout=2.0,
+                retry_after=0.25,
+                held_files=0,
+                use_index=False,
+            )
+            client = opener._client
+            assert client is not None
+            ask = client.ask
+
+            def counted(fd: int, **kwargs: Any) -> ClientAnswer:
+                asks[0] += 1
+                if asks[0] == 2:
+                    second_asked.set()  # asked (Opener._ask has begun): the lock next
+                return ask(fd, **kwargs)
+
+            client.ask = counted  # type: ignore[method-assign]
+            try:
+                client.connect()
+                first = threading.Thread(target=lambda: os.close(opener.open(old_file)))
+                first.start()
+                assert first_read.wait(10)
+                second = threading.Thread(target=lambda: os.close(opener.open(old_file)))
+                second.start()
+                for t in (first, second):
+                    t.join(30)
+                left = opener._down_until - time.monotonic()
+                return left, opener._backoff, opener.local_opens, opens[0]
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        left, backoff, copied, asked = await trio.to_thread.run_sync(blocking)
+    print(f"{asked} opens asked; the window open {left:.2f} s more, the next {backoff:g} s")
+    assert (asked, copied) == (2, 2), f"setup: {asked} opens asked, {copied} copied"
+    assert backoff == 0.5 and left < 0, (backoff, left)
+
+
 def _preload_answered_after(
     sock: Path, files: list[Path], pause: float, max_batch: int, timeout: float
 ) -> tuple[int, bool, float]:
