@@ -1197,6 +1197,60 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
         await body()
 
 
+def test_a_pipelined_open_asked_before_the_window_that_times_out_after_it_opens_nothing_more(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A failure counts against the window its request was asked in. A pipelined open
+    is submitted and never answered (its deadline: the 3 s reply timeout); a routed
+    open after it is answered 0.4 s late, slow (10% of the timeout, one in a row), so
+    the breaker opens for its first window (300 ms), the connection kept. The pipelined
+    open times out long after that window ended: asked before it, the same outage,
+    it opens nothing more (the breaker available again, this window still 300 ms).
+    Before, it went by when the timeout came, as a retry that failed after the window:
+    the breaker opened again for 600 ms."""
+    f, _ = big(tmp_path / "pending")
+    g, digest = big(tmp_path / "slow")
+    settle(f, g)
+
+    def late(conn: socket.socket) -> None:
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+        for msg, fds in _requests(conn):
+            try:
+                if msg["op"] != "open":
+                    _answer(conn, msg, ok=False, code="no-index", message="none")
+                elif Path(os.readlink(f"/proc/self/fd/{fds[0]}")).name == "slow":
+                    time.sleep(0.4)
+                    said = {"hit": True, "version": _stat_version(fds[0]), "cached": True}
+                    _served(conn, msg, fds[0], said)
+                # (the pending one: read, never answered)
+            finally:
+                close_fds(fds)
+
+    path = tmp_path / "late.sock"
+    with stand_in_daemon(path, late):
+        d = driver()
+        for cmd in (("socket", path), ("routing", 0, 0), ("held", 0, 0), ("index", 0, 0),
+                    ("cold", 0, 0), ("timeouts", 1000, 3000, 0), ("backoff", 300, 30000),
+                    ("slow", 10, 1), ("log", "capture")):  # fmt: skip
+            d(*cmd)
+        submitted = d("submit", f, 1)
+        slow = d("routed", g)
+        opened = d("counts")
+        collected = d("collect", 1, 10000)
+        after = d("counts")
+        log = d.finish()
+    print(f"window {opened['backoff_ms']} ms; after the timeout: {after['backoff_ms']} ms, "
+          f"available {after['available']}")  # fmt: skip
+    assert submitted["id"] > 0 and (slow["route"], slow["hash"]) == ("daemon", digest), slow
+    assert opened["available"] == 0 and opened["backoff_ms"] == 300, opened
+    (result,) = collected["results"]
+    assert result["fd"] == -1 and result["code"] == "unavailable", result
+    assert "timed out" in result["error"], result
+    assert after["available"] == 1 and after["backoff_ms"] == 300, after
+    lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+    assert len(lines) == 1 and "answered 1 requests in a row" in lines[0], log
+
+
 def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
     driver: Any, tmp_path: Path
 ) -> None:

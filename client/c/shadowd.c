@@ -476,12 +476,20 @@ log_line(struct shadowd *c, const char *fmt, ...)
     (void)w;
 }
 
-/* The daemon failed us: fail fast until the window ends. */
+/* The daemon failed a request asked at *asked_us* (mono_us; the failure of
+ * a connection as it is now: now): fail fast until the window ends. A
+ * failure counts against the window its request was asked in, whenever it
+ * comes: one asked before the last window ended (a pipelined request
+ * waiting out a deadline longer than the window the latency breaker
+ * opened) is the outage that window is for, not a retry that failed after
+ * it. */
 static void
-trip(struct shadowd *c, const char *why)
+trip(struct shadowd *c, const char *why, long long asked_us)
 {
     struct shadowd_private_ *p = P(c);
     long long now = mono_us();
+    if (asked_us < p->down_until)
+        return; /* this window's failure is known already */
     snprintf(p->down_why, sizeof p->down_why, "%s", why);
     if (!p->down) {
         p->down = 1;
@@ -489,8 +497,6 @@ trip(struct shadowd *c, const char *why)
         p->backoff_ms = p->backoff_first_ms;
         log_line(c, "daemon at %s unavailable (%s); trying it again in %d ms", c->socket_path,
                  why, p->backoff_ms);
-    } else if (now < p->down_until) {
-        return; /* this window's failure is known already */
     } else if (p->backoff_ms < p->backoff_max_ms) {
         long long next = 2LL * p->backoff_ms;
         p->backoff_ms = next > p->backoff_max_ms ? p->backoff_max_ms : (int)next;
@@ -569,7 +575,7 @@ timed(struct shadowd *c, const struct shadowd_slot_ *s)
     snprintf(why, sizeof why,
              "it answered %d requests in a row in %d%% of the reply timeout (%d ms) or more",
              p->slow_in_a_row, p->slow_percent, p->reply_ms);
-    trip(c, why);
+    trip(c, why, s->asked_us);
 }
 
 /* -- writing ------------------------------------------------------------ */
@@ -1234,21 +1240,15 @@ static void report_clear(struct shadowd_private_ *p);
 /* -- the connection ------------------------------------------------------- */
 
 /* Drop the connection; every request waiting on it fails with *code* (or
- * "unavailable"). The breaker opens unless the connection merely broke
- * after a good hello (a daemon restart: the next call connects again), or
- * *failure* is F_NONE (we dropped it ourselves). */
-static void fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
+ * "unavailable") and *msg*. The breaker opens (trip, as of *asked_us*)
+ * unless the connection merely broke after a good hello (a daemon restart:
+ * the next call connects again), or *failure* is F_NONE (we dropped it
+ * ourselves). */
 static void
-fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+drop_connection(struct shadowd *c, long long asked_us, int failure, const char *code,
+                const char *msg)
 {
     struct shadowd_private_ *p = P(c);
-    char msg[sizeof c->error];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     if (code == NULL || code[0] == '\0')
         code = SHADOWD_UNAVAILABLE;
     int was_working = p->hello == H_DONE;
@@ -1276,7 +1276,22 @@ fail_connection(struct shadowd *c, int failure, const char *code, const char *fm
     if (was_working)
         p->want_version = PROTOCOL;
     if (failure != F_NONE && failure != F_VERSION && (failure != F_BROKEN || !was_working))
-        trip(c, msg);
+        trip(c, msg, asked_us);
+}
+
+/* drop_connection, for a failure of the connection as it is now. */
+static void fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+{
+    char msg[sizeof c->error];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    drop_connection(c, mono_us(), failure, code, msg);
 }
 
 /* The connection of a process we forked from is not ours to use: its
@@ -1570,14 +1585,21 @@ check_deadlines(struct shadowd *c, long long now)
                         P(c)->connect_ms);
         return 1;
     }
+    /* The breaker goes by the latest of them asked: one asked after its
+     * window ended is a retry that failed. */
+    long long asked = 0;
+    int found = 0;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         const struct shadowd_slot_ *s = &P(c)->slots[i];
         if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 && now >= s->deadline) {
-            fail_connection(c, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
-            return 1;
+            asked = found && asked > s->asked_us ? asked : s->asked_us;
+            found = 1;
         }
     }
-    return 0;
+    if (!found)
+        return 0;
+    drop_connection(c, asked, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
+    return 1;
 }
 
 /* Wait until *done*(c, arg) or the connection fails; deadlines enforced. */
@@ -2263,7 +2285,7 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
             return -1;
         if (failure == F_BROKEN && (fresh || attempt == 1)) {
             /* Even a new connection broke: the daemon is not usable. */
-            trip(c, c->error);
+            trip(c, c->error, mono_us());
             return -1;
         }
         /* The connection we had broke (the daemon restarted?): once more. */
@@ -4944,7 +4966,7 @@ submit_open(struct shadowd *c, int src, const char *label, const struct shadowd_
         if (failure != F_BROKEN && failure != F_VERSION)
             return NULL;
         if (failure == F_BROKEN && (fresh || attempt == 1)) {
-            trip(c, c->error);
+            trip(c, c->error, mono_us());
             return NULL;
         }
     }
