@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import json
 import mmap
@@ -49,7 +50,7 @@ from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import REQUIRED_SEALS, seal
 
 from .conftest import Daemon, make_file, read_fd, repo_env, requires_root, settle
-from .fusefs import mounted
+from .fusefs import FuseFile, mounted
 
 RACY = "0.05"
 
@@ -1324,6 +1325,83 @@ async def test_a_failure_counts_against_the_window_its_request_was_asked_in(
     print(f"{asked} opens asked; the window open {left:.2f} s more, the next {backoff:g} s")
     assert (asked, copied) == (2, 2), f"setup: {asked} opens asked, {copied} copied"
     assert backoff == 0.5 and left < 0, (backoff, left)
+
+
+async def test_a_source_whose_own_fstat_fails_is_refused_before_asking(
+    shared_dir: Path,
+) -> None:
+    """Every fd the daemon serves is checked against the client's own fstat of the
+    source; without one there is nothing to check it by. A file on a FUSE mount that
+    opens but whose every getattr fails (EIO), against a stand-in that serves an empty
+    memfd to any open: Client, AsyncClient and Opener refuse it before asking
+    (SourceError, errno EIO), Opener.preload skips it, and the stand-in is asked
+    nothing. (The C client asked and handed out what it was served unchecked:
+    tests/test_c_client.py; this client never did, and must not start.)"""
+
+    def empty(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        served = []
+        for _ in fds:
+            fd = _sealed(b"", "empty")
+            try:
+                served.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+            finally:
+                os.close(fd)
+        item = {"ok": True, "size": 0, "hit": True}
+        try:
+            if msg["op"] == "open_batch":
+                _send(conn, {"id": msg["id"], "ok": True, "results": [item] * len(fds)}, served)
+            else:
+                _send(conn, {"id": msg["id"], **item}, served)
+        finally:
+            close_all(served)
+        return None
+
+    def said(result: object) -> int | None:
+        """A refusal's errno; None for an fd served (closed here)."""
+        if isinstance(result, int):
+            os.close(result)
+            return None
+        assert isinstance(result, SourceError), result
+        return result.errno
+
+    def refusal(call: Callable[[], Any]) -> int | None:
+        try:
+            return said(call())
+        except SourceError as exc:
+            return said(exc)
+
+    broken = FuseFile(b"b" * 200_000, ino=4243, getattr_errno=errno.EIO)
+    with mounted(shared_dir / "fuse", files={"broken": broken}, hanging=0) as fs:
+        f = fs.mountpoint / "broken"
+
+        def blocking() -> tuple[list[int | None], int, int]:
+            with FakeDaemon(shared_dir / "e.sock", empty) as fake, open(f, "rb") as src:
+                with Client(fake.path, timeout=5) as c:
+                    got = [
+                        refusal(lambda: c.open(f)),
+                        refusal(lambda: c.open_fd(src.fileno())),
+                        *map(said, c.open_many([f], return_exceptions=True)),
+                    ]
+                with Opener(fake.path, local_below=0, timeout=5, use_index=False) as o:
+                    got.append(refusal(lambda: o.open(f)))
+                    held = o.preload([f])
+                return got, held, len(fake.requests)
+
+        async def asynchronous() -> list[int | None]:
+            with FakeDaemon(shared_dir / "a.sock", empty) as fake:
+                async with AsyncClient(fake.path, timeout=5) as ac:
+                    try:
+                        opened = said(await ac.open(f))
+                    except SourceError as exc:
+                        opened = said(exc)
+                    (many,) = await ac.open_many([f], return_exceptions=True)
+                return [opened, said(many), len(fake.requests) or None]
+
+        with trio.fail_after(60):
+            got, held, asked = await trio.to_thread.run_sync(blocking)
+            got += await asynchronous()
+    assert got == [errno.EIO] * 6 + [None], got
+    assert (held, asked) == (0, 0), (held, asked)
 
 
 def _preload_answered_after(
