@@ -808,13 +808,13 @@ main(void)
             emit("\"daemon\": %llu, \"held\": %llu, \"copied\": %llu, \"fast\": %llu, "
                  "\"missed\": %llu, \"preloaded\": %llu, "
                  "\"available\": %d, \"max_batch\": %llu, \"max_file_size\": %llu, "
-                 "\"protocol\": %d, \"racy_window_ns\": %llu, ",
+                 "\"protocol\": %d, \"racy_window_ns\": %llu, \"backoff_ms\": %d, ",
                  (unsigned long long)c.counts.daemon, (unsigned long long)c.counts.held,
                  (unsigned long long)c.counts.copied, (unsigned long long)c.counts.fast,
                  (unsigned long long)c.counts.missed, (unsigned long long)c.counts.preloaded,
                  shadowd_available(&c), (unsigned long long)c.max_batch,
                  (unsigned long long)c.max_file_size, c.protocol,
-                 (unsigned long long)c.racy_window_ns);
+                 (unsigned long long)c.racy_window_ns, c.priv_.backoff_ms); /* (this window's) */
         } else if (strcmp(cmd, "scribble") == 0) {
             /* Memory of unknown contents: every byte of the struct 0xA5
              * (its held connection, if any, left open: a test's own), then

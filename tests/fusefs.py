@@ -60,6 +60,9 @@ class FuseFile:
     #: Never answer a flush of it: closing any descriptor of it waits until
     #: the connection is aborted.
     hang_flush: bool = False
+    #: Fail every getattr of it with this errno (0: answer it): its attributes
+    #: are never cached, so each fstat asks and fails, while open still works.
+    getattr_errno: int = 0
 
 
 #: Node ids of FuseFiles start here (the built-in files use 2..99).
@@ -161,8 +164,11 @@ class HangingFS:
             if node is None:
                 self._reply(unique, error=-errno.ENOENT)
             else:
-                head = struct.pack("<QQQQII", node, 0, VALID, VALID, 0, 0)
+                failing = node in self.files and self.files[node].getattr_errno
+                head = struct.pack("<QQQQII", node, 0, VALID, 0 if failing else VALID, 0, 0)
                 self._reply(unique, head + self._attr(node))
+        elif opcode == GETATTR and nodeid in self.files and self.files[nodeid].getattr_errno:
+            self._reply(unique, error=-self.files[nodeid].getattr_errno)
         elif opcode == GETATTR:
             self._reply(unique, struct.pack("<QII", VALID, 0, 0) + self._attr(nodeid))
         elif opcode == OPEN:

@@ -47,6 +47,7 @@ from .conftest import (
     settle,
     test_uid,
 )
+from .fusefs import FuseFile, mounted
 from .indexed import (
     IndexedCache,
     OpenWatch,
@@ -1194,6 +1195,60 @@ async def test_the_breaker_fails_fast_tries_again_after_its_window_and_logs_twic
 
     with trio.fail_after(60):
         await body()
+
+
+def test_a_pipelined_open_asked_before_the_window_that_times_out_after_it_opens_nothing_more(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A failure counts against the window its request was asked in. A pipelined open
+    is submitted and never answered (its deadline: the 4 s reply timeout); a routed
+    open after it is answered 0.5 s late, slow (10% of the timeout, one in a row), so
+    the breaker opens for its first window (300 ms), the connection kept. The pipelined
+    open times out long after that window ended: asked before it, the same outage,
+    it opens nothing more (the breaker available again, this window still 300 ms).
+    Before, it went by when the timeout came, as a retry that failed after the window:
+    the breaker opened again for 600 ms."""
+    f, _ = big(tmp_path / "pending")
+    g, digest = big(tmp_path / "slow")
+    settle(f, g)
+
+    def late(conn: socket.socket) -> None:
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+        for msg, fds in _requests(conn):
+            try:
+                if msg["op"] != "open":
+                    _answer(conn, msg, ok=False, code="no-index", message="none")
+                elif Path(os.readlink(f"/proc/self/fd/{fds[0]}")).name == "slow":
+                    time.sleep(0.5)
+                    said = {"hit": True, "version": _stat_version(fds[0]), "cached": True}
+                    _served(conn, msg, fds[0], said)
+                # (the pending one: read, never answered)
+            finally:
+                close_fds(fds)
+
+    path = tmp_path / "late.sock"
+    with stand_in_daemon(path, late):
+        d = driver()
+        for cmd in (("socket", path), ("routing", 0, 0), ("held", 0, 0), ("index", 0, 0),
+                    ("cold", 0, 0), ("timeouts", 1000, 4000, 0), ("backoff", 300, 30000),
+                    ("slow", 10, 1), ("log", "capture")):  # fmt: skip
+            d(*cmd)
+        submitted = d("submit", f, 1)
+        slow = d("routed", g)
+        opened = d("counts")
+        collected = d("collect", 1, 10000)
+        after = d("counts")
+        log = d.finish()
+    print(f"window {opened['backoff_ms']} ms; after the timeout: {after['backoff_ms']} ms, "
+          f"available {after['available']}")  # fmt: skip
+    assert submitted["id"] > 0 and (slow["route"], slow["hash"]) == ("daemon", digest), slow
+    assert opened["slow"] == 1 and opened["backoff_ms"] == 300, opened  # (the breaker opened)
+    (result,) = collected["results"]
+    assert result["fd"] == -1 and result["code"] == "unavailable", result
+    assert "timed out" in result["error"], result
+    assert after["available"] == 1 and after["backoff_ms"] == 300, after
+    lines = [ln for ln in log.splitlines() if ln.startswith("LOG ")]
+    assert len(lines) == 1 and "answered 1 requests in a row" in lines[0], log
 
 
 def test_a_daemon_that_answers_each_open_just_in_time_opens_the_breaker(
@@ -4306,6 +4361,71 @@ def test_a_served_descriptor_of_another_version_is_never_handed_out(
     assert lookup["fd"] == -1 and lookup["code"] == "unstable", lookup
     # stale, short and unsaid: routed, plain, batch, routed batch; two submits; the lookup.
     assert counts["other_version"] == 3 * 4 + 2 + 1, counts
+    assert "LOG" not in log  # nothing of the daemon's is broken: no breaker
+
+
+def test_a_source_whose_own_fstat_fails_is_refused_before_any_request(
+    driver: Any, tmp_path: Path
+) -> None:
+    """A served fd is checked against the caller's own fstat of the source; with no
+    fstat there is nothing to check it against, so it is never handed out unchecked.
+    A file on a FUSE mount that opens but whose every getattr fails (EIO), asked of a
+    stand-in that serves an empty sealed memfd, no version said, for anything: every
+    call refuses it before asking, as the routed calls did already (errnum EIO, "fstat
+    of the file"), and the stand-in is asked nothing. Before: shadowd_open_fd,
+    shadowd_request_fd and shadowd_submit_open asked and handed out the stand-in's
+    empty fd unchecked, and shadowd_open_batch checked it against a version of zeros
+    (an empty fd passed)."""
+    asked: list[str] = []
+
+    def serves_empty(conn: socket.socket) -> None:
+        _greet_v2(conn, {"max_batch": 64, "racy_window_ns": 0})
+        for msg, fds in _requests(conn):
+            asked.append(msg["op"])
+            served = [sealed_fd(b"") for _ in fds]
+            try:
+                item = {"ok": True, "size": 0, "hit": True}
+                reply = (
+                    {"id": msg["id"], "ok": True, "results": [item] * len(fds)}
+                    if msg["op"] == "open_batch"
+                    else {"id": msg["id"], **item}
+                )
+                conn.sendmsg([msgpack.packb(reply)], scm_rights(served) if served else [])
+            finally:
+                close_fds([*fds, *served])
+
+    broken = FuseFile(b"b" * 200_000, ino=4242, getattr_errno=errno.EIO)
+    with mounted(tmp_path / "mnt", files={"broken": broken}, hanging=0):
+        f = tmp_path / "mnt" / "broken"
+        with open(f, "rb") as probe, pytest.raises(OSError) as failed:
+            os.fstat(probe.fileno())
+        assert failed.value.errno == errno.EIO  # (the setup: it opens, its fstat fails)
+        path = tmp_path / "empty.sock"
+        with stand_in_daemon(path, serves_empty):
+            d = driver()
+            for cmd in (("socket", path), ("routing", 0, 0), ("held", 0, 0), ("cold", 0, 0),
+                        ("timeouts", 10000, 10000, 0), ("log", "capture")):  # fmt: skip
+                d(*cmd)
+            plain = {cmd: d(cmd, f) for cmd in ("openfd", "requestfd")}
+            d("index", 0, 0)  # shadowd_open_fd without the index goes as request_fd
+            plain["openfd without the index"] = d("openfd", f)
+            submitted = d("submit", f, 1)
+            collected = d("collect", 1, 10000) if submitted["id"] > 0 else {"results": []}
+            batch = d("batch", f)
+            routed = d("routed", f)
+            log = d.finish()
+    got = {**plain, "submit": submitted, "batch": batch["items"][0], "routed": routed}
+    print({n: (r.get("fd", r.get("id")), r["errnum"]) for n, r in got.items()}, "(fd or id, errno)")
+    print("collected", [r["fd"] for r in collected["results"]], "asked", asked)
+    for name, r in plain.items():
+        assert r["fd"] == -1 and r["errnum"] == errno.EIO, (name, r)
+        assert "fstat of the file" in r["error"], (name, r)
+    assert submitted["id"] == -1 and submitted["errnum"] == errno.EIO, (submitted, collected)
+    assert "fstat of the file" in submitted["error"], submitted
+    (item,) = batch["items"]
+    assert batch["served"] == 0 and item["fd"] == -1 and item["errnum"] == errno.EIO, batch
+    assert routed["fd"] == -1 and routed["errnum"] == errno.EIO, routed
+    assert [op for op in asked if op != "index"] == [], asked
     assert "LOG" not in log  # nothing of the daemon's is broken: no breaker
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import json
 import mmap
@@ -49,7 +50,7 @@ from shadowd.fds import close_all, fds_from_ancdata, scm_rights
 from shadowd.memfd import REQUIRED_SEALS, seal
 
 from .conftest import Daemon, make_file, read_fd, repo_env, requires_root, settle
-from .fusefs import mounted
+from .fusefs import FuseFile, mounted
 
 RACY = "0.05"
 
@@ -1255,6 +1256,152 @@ async def test_an_answer_asked_before_the_breaker_opened_does_not_reset_its_back
     print(f"{asked} opens asked of the stand-in; the next window {backoff:g} s")
     assert asked == 4, f"setup: {asked} opens asked, not 4"
     assert backoff == 2.0 and down, (backoff, down)
+
+
+async def test_a_failure_counts_against_the_window_its_request_was_asked_in(
+    shared_dir: Path, old_file: Path
+) -> None:
+    """Two threads share an Opener whose reply timeout (2 s) is longer than its first
+    window (0.25 s). The first thread's open gets a bad reply (a protocol violation:
+    the breaker opens, the next window 0.5 s) once the second thread has asked (it
+    waits for the client's lock behind the first). The second's open then goes on a
+    new connection and is never answered: it fails 2 s after the breaker opened, long
+    after the window ended. It was asked before the window: that failure is the same
+    outage and opens nothing more, the next window still 0.5 s and none open now.
+    Before, it went by when the failure came, counted as a retry that failed after the
+    window: the breaker opened again, the next window doubled to 1 s."""
+    opens = [0]
+    asks = [0]
+    first_read, second_asked = threading.Event(), threading.Event()
+
+    def answer(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        if msg["op"] != "open":
+            return False
+        opens[0] += 1
+        if opens[0] > 1:
+            return None  # read, never answered
+        first_read.set()
+        assert second_asked.wait(10)
+        _send(conn, b"\xc1")  # (msgpack's one byte that never starts anything)
+        return False
+
+    def blocking() -> tuple[float, float, int, int]:
+        with FakeDaemon(shared_dir / "w.sock", answer) as fake:
+            opener = Opener(
+                fake.path,
+                local_below=0,
+                timeout=2.0,
+                retry_after=0.25,
+                held_files=0,
+                use_index=False,
+            )
+            client = opener._client
+            assert client is not None
+            ask = client.ask
+
+            def counted(fd: int, **kwargs: Any) -> ClientAnswer:
+                asks[0] += 1
+                if asks[0] == 2:
+                    second_asked.set()  # asked (Opener._ask has begun): the lock next
+                return ask(fd, **kwargs)
+
+            client.ask = counted  # type: ignore[method-assign]
+            try:
+                client.connect()
+                first = threading.Thread(target=lambda: os.close(opener.open(old_file)))
+                first.start()
+                assert first_read.wait(10)
+                second = threading.Thread(target=lambda: os.close(opener.open(old_file)))
+                second.start()
+                for t in (first, second):
+                    t.join(30)
+                left = opener._down_until - time.monotonic()
+                return left, opener._backoff, opener.local_opens, opens[0]
+            finally:
+                opener.close()
+
+    with trio.fail_after(60):
+        left, backoff, copied, asked = await trio.to_thread.run_sync(blocking)
+    print(f"{asked} opens asked; the window open {left:.2f} s more, the next {backoff:g} s")
+    assert (asked, copied) == (2, 2), f"setup: {asked} opens asked, {copied} copied"
+    assert backoff == 0.5 and left < 0, (backoff, left)
+
+
+async def test_a_source_whose_own_fstat_fails_is_refused_before_asking(
+    shared_dir: Path,
+) -> None:
+    """Every fd the daemon serves is checked against the client's own fstat of the
+    source; without one there is nothing to check it by. A file on a FUSE mount that
+    opens but whose every getattr fails (EIO), against a stand-in that serves an empty
+    memfd to any open: Client, AsyncClient and Opener refuse it before asking
+    (SourceError, errno EIO), Opener.preload skips it, and the stand-in is asked
+    nothing. (The C client asked and handed out what it was served unchecked:
+    tests/test_c_client.py; this client never did, and must not start.)"""
+
+    def empty(conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> object:
+        served = []
+        for _ in fds:
+            fd = _sealed(b"", "empty")
+            try:
+                served.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+            finally:
+                os.close(fd)
+        item = {"ok": True, "size": 0, "hit": True}
+        try:
+            if msg["op"] == "open_batch":
+                _send(conn, {"id": msg["id"], "ok": True, "results": [item] * len(fds)}, served)
+            else:
+                _send(conn, {"id": msg["id"], **item}, served)
+        finally:
+            close_all(served)
+        return None
+
+    def said(result: object) -> int | None:
+        """A refusal's errno; None for an fd served (closed here)."""
+        if isinstance(result, int):
+            os.close(result)
+            return None
+        assert isinstance(result, SourceError), result
+        return result.errno
+
+    def refusal(call: Callable[[], Any]) -> int | None:
+        try:
+            return said(call())
+        except SourceError as exc:
+            return said(exc)
+
+    broken = FuseFile(b"b" * 200_000, ino=4243, getattr_errno=errno.EIO)
+    with mounted(shared_dir / "fuse", files={"broken": broken}, hanging=0) as fs:
+        f = fs.mountpoint / "broken"
+
+        def blocking() -> tuple[list[int | None], int, int]:
+            with FakeDaemon(shared_dir / "e.sock", empty) as fake, open(f, "rb") as src:
+                with Client(fake.path, timeout=5) as c:
+                    got = [
+                        refusal(lambda: c.open(f)),
+                        refusal(lambda: c.open_fd(src.fileno())),
+                        *map(said, c.open_many([f], return_exceptions=True)),
+                    ]
+                with Opener(fake.path, local_below=0, timeout=5, use_index=False) as o:
+                    got.append(refusal(lambda: o.open(f)))
+                    held = o.preload([f])
+                return got, held, len(fake.requests)
+
+        async def asynchronous() -> list[int | None]:
+            with FakeDaemon(shared_dir / "a.sock", empty) as fake:
+                async with AsyncClient(fake.path, timeout=5) as ac:
+                    try:
+                        opened = said(await ac.open(f))
+                    except SourceError as exc:
+                        opened = said(exc)
+                    (many,) = await ac.open_many([f], return_exceptions=True)
+                return [opened, said(many), len(fake.requests) or None]
+
+        with trio.fail_after(60):
+            got, held, asked = await trio.to_thread.run_sync(blocking)
+            got += await asynchronous()
+    assert got == [errno.EIO] * 6 + [None], got
+    assert (held, asked) == (0, 0), (held, asked)
 
 
 def _preload_answered_after(

@@ -166,6 +166,19 @@ fail(struct shadowd *c, const char *code, int errnum, const char *fmt, ...)
     va_end(ap);
 }
 
+/* The caller's own fstat of *src* into *st*: 0, or -1 with the error set
+ * (errnum its errno). Every fd served for *src* is checked against it: a
+ * source this fails for is refused before anything is asked or copied. */
+static int
+own_fstat(struct shadowd *c, int src, struct stat *st)
+{
+    if (fstat(src, st) == 0)
+        return 0;
+    int err = errno;
+    fail(c, "", err, "fstat of the file: %s", strerror(err));
+    return -1;
+}
+
 static void
 clear(struct shadowd *c)
 {
@@ -463,12 +476,20 @@ log_line(struct shadowd *c, const char *fmt, ...)
     (void)w;
 }
 
-/* The daemon failed us: fail fast until the window ends. */
+/* The daemon failed a request asked at *asked_us* (mono_us; the failure of
+ * a connection as it is now: now): fail fast until the window ends. A
+ * failure counts against the window its request was asked in, whenever it
+ * comes: one asked before the last window ended (a pipelined request
+ * waiting out a deadline longer than the window the latency breaker
+ * opened) is the outage that window is for, not a retry that failed after
+ * it. */
 static void
-trip(struct shadowd *c, const char *why)
+trip(struct shadowd *c, const char *why, long long asked_us)
 {
     struct shadowd_private_ *p = P(c);
     long long now = mono_us();
+    if (asked_us < p->down_until)
+        return; /* this window's failure is known already */
     snprintf(p->down_why, sizeof p->down_why, "%s", why);
     if (!p->down) {
         p->down = 1;
@@ -476,8 +497,6 @@ trip(struct shadowd *c, const char *why)
         p->backoff_ms = p->backoff_first_ms;
         log_line(c, "daemon at %s unavailable (%s); trying it again in %d ms", c->socket_path,
                  why, p->backoff_ms);
-    } else if (now < p->down_until) {
-        return; /* this window's failure is known already */
     } else if (p->backoff_ms < p->backoff_max_ms) {
         long long next = 2LL * p->backoff_ms;
         p->backoff_ms = next > p->backoff_max_ms ? p->backoff_max_ms : (int)next;
@@ -556,7 +575,7 @@ timed(struct shadowd *c, const struct shadowd_slot_ *s)
     snprintf(why, sizeof why,
              "it answered %d requests in a row in %d%% of the reply timeout (%d ms) or more",
              p->slow_in_a_row, p->slow_percent, p->reply_ms);
-    trip(c, why);
+    trip(c, why, s->asked_us);
 }
 
 /* -- writing ------------------------------------------------------------ */
@@ -1221,21 +1240,15 @@ static void report_clear(struct shadowd_private_ *p);
 /* -- the connection ------------------------------------------------------- */
 
 /* Drop the connection; every request waiting on it fails with *code* (or
- * "unavailable"). The breaker opens unless the connection merely broke
- * after a good hello (a daemon restart: the next call connects again), or
- * *failure* is F_NONE (we dropped it ourselves). */
-static void fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
+ * "unavailable") and *msg*. The breaker opens (trip, as of *asked_us*)
+ * unless the connection merely broke after a good hello (a daemon restart:
+ * the next call connects again), or *failure* is F_NONE (we dropped it
+ * ourselves). */
 static void
-fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+drop_connection(struct shadowd *c, long long asked_us, int failure, const char *code,
+                const char *msg)
 {
     struct shadowd_private_ *p = P(c);
-    char msg[sizeof c->error];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     if (code == NULL || code[0] == '\0')
         code = SHADOWD_UNAVAILABLE;
     int was_working = p->hello == H_DONE;
@@ -1263,7 +1276,22 @@ fail_connection(struct shadowd *c, int failure, const char *code, const char *fm
     if (was_working)
         p->want_version = PROTOCOL;
     if (failure != F_NONE && failure != F_VERSION && (failure != F_BROKEN || !was_working))
-        trip(c, msg);
+        trip(c, msg, asked_us);
+}
+
+/* drop_connection, for a failure of the connection as it is now. */
+static void fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+fail_connection(struct shadowd *c, int failure, const char *code, const char *fmt, ...)
+{
+    char msg[sizeof c->error];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    drop_connection(c, mono_us(), failure, code, msg);
 }
 
 /* The connection of a process we forked from is not ours to use: its
@@ -1557,14 +1585,21 @@ check_deadlines(struct shadowd *c, long long now)
                         P(c)->connect_ms);
         return 1;
     }
+    /* The breaker goes by the latest of them asked: one asked after its
+     * window ended is a retry that failed. */
+    long long asked = 0;
+    int found = 0;
     for (int i = 0; i < SHADOWD_MAX_PENDING; i++) {
         const struct shadowd_slot_ *s = &P(c)->slots[i];
         if ((s->state == SENT || s->state == CANCELLED) && s->deadline > 0 && now >= s->deadline) {
-            fail_connection(c, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
-            return 1;
+            asked = found && asked > s->asked_us ? asked : s->asked_us;
+            found = 1;
         }
     }
-    return 0;
+    if (!found)
+        return 0;
+    drop_connection(c, asked, F_TIMEOUT, NULL, "waiting for shadowd's reply: timed out");
+    return 1;
 }
 
 /* Wait until *done*(c, arg) or the connection fails; deadlines enforced. */
@@ -2250,7 +2285,7 @@ call(struct shadowd *c, const struct request *rq, struct shadowd_slot_ *res)
             return -1;
         if (failure == F_BROKEN && (fresh || attempt == 1)) {
             /* Even a new connection broke: the daemon is not usable. */
-            trip(c, c->error);
+            trip(c, c->error, mono_us());
             return -1;
         }
         /* The connection we had broke (the daemon restarted?): once more. */
@@ -2270,8 +2305,8 @@ say_served(struct shadowd *c, const struct shadowd_served_ *sv)
 }
 
 /* The daemon's fd for *src*, whose version before the request is *before*
- * (NULL: not known; an fd of another version is refused), or -1 (error
- * set); *sv* what the reply said. With *nowait* (version 2), a miss is -1
+ * (the caller's own fstat: an fd of another version is refused), or -1
+ * (error set); *sv* what the reply said. With *nowait* (version 2), a miss is -1
  * with c->miss set and no error. */
 static int
 ask_daemon(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
@@ -2279,7 +2314,7 @@ ask_daemon(struct shadowd *c, int src, const char *label, const struct shadowd_v
 {
     struct shadowd_slot_ res;
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .size = before->size, .label = label, .nowait = nowait,
                          .before = before};
     memset(sv, 0, sizeof *sv);
     if (call(c, &rq, &res))
@@ -2339,27 +2374,29 @@ shadowd_open_fd(struct shadowd *c, int src, const char *label)
 {
     struct stat st;
     ready(c);
-    if (P(c)->index_use && fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+    clear(c);
+    if (own_fstat(c, src, &st) < 0)
+        return -1;
+    if (P(c)->index_use && S_ISREG(st.st_mode)) {
         /* A hit through the daemon's index: the same fd, no round trip. */
-        clear(c);
         after_fork(c);
         int fd = index_hit(c, &st, NULL);
-        return fd >= 0 ? fd : ask_once(c, src, label, &st);
+        if (fd >= 0)
+            return fd;
     }
-    return shadowd_request_fd(c, src, label);
+    return ask_once(c, src, label, &st);
 }
 
 /* The request of shadowd_open_fd and shadowd_request_fd, of the file whose
- * fstat just before it is *st* (NULL: none could be made): a served fd of
- * another version is refused ("unstable"). */
+ * fstat just before it is *st*: a served fd of another version is refused
+ * ("unstable"). */
 static int
 ask_once(struct shadowd *c, int src, const char *label, const struct stat *st)
 {
     struct shadowd_served_ sv;
     struct shadowd_version_ v;
-    if (st != NULL)
-        version_of(st, &v);
-    int fd = ask_daemon(c, src, label, st ? &v : NULL, 0, &sv);
+    version_of(st, &v);
+    int fd = ask_daemon(c, src, label, &v, 0, &sv);
     if (fd < 0 && c->miss && c->error[0] == '\0')
         fail(c, "", 0, "shadowd answered a miss without a descriptor"); /* asked to wait */
     return fd;
@@ -2370,7 +2407,8 @@ shadowd_request_fd(struct shadowd *c, int src, const char *label)
 {
     struct stat st;
     ready(c);
-    return ask_once(c, src, label, fstat(src, &st) == 0 ? &st : NULL);
+    clear(c);
+    return own_fstat(c, src, &st) < 0 ? -1 : ask_once(c, src, label, &st);
 }
 
 int
@@ -2461,17 +2499,15 @@ shadowd_open_batch(struct shadowd *c, const int *srcs, const char *const *labels
     }
     for (int i = 0; i < n; i++) {
         item_init(&items[i]);
-        if (srcs[i] < 0) {
-            items[i].errnum = EBADF;
+        struct stat st;
+        /* No fstat of its own, nothing to check a served fd against: not asked. */
+        if (srcs[i] < 0 || fstat(srcs[i], &st) < 0) {
+            items[i].errnum = srcs[i] < 0 ? EBADF : errno;
             continue;
         }
-        struct stat st;
         fds[k] = srcs[i];
         map[k] = i;
-        if (fstat(srcs[i], &st) == 0)
-            version_of(&st, &vs[k]);
-        else
-            memset(&vs[k], 0, sizeof vs[k]); /* (the daemon will refuse it) */
+        version_of(&st, &vs[k]);
         if (++k == MAX_FDS || i == n - 1) {
             batch_send(c, fds, labels, map, k, vs, items, 0);
             k = 0;
@@ -2758,10 +2794,8 @@ shadowd_copy_fd(struct shadowd *c, int src)
     struct stat st;
     if (c)
         ready(c);
-    if (fstat(src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    if (own_fstat(c, src, &st) < 0)
         return -1;
-    }
     if (!S_ISREG(st.st_mode)) {
         /* The refusal the daemon gives, so callers handle one code. */
         fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
@@ -2773,10 +2807,8 @@ shadowd_copy_fd(struct shadowd *c, int src)
         if (r <= 0)
             return r == 0 ? fd : -1;
         /* It changed under the copy: look again, copy again. */
-        if (fstat(src, &st) < 0) {
-            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        if (own_fstat(c, src, &st) < 0)
             return -1;
-        }
     }
     fail(c, "", EAGAIN, "the file kept changing while it was copied");
     return -1;
@@ -4107,10 +4139,8 @@ shadowd_index_open(struct shadowd *c, int src, const struct stat *st)
     clear(c);
     after_fork(c);
     if (st == NULL) {
-        if (fstat(src, &own) < 0) {
-            fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+        if (own_fstat(c, src, &own) < 0)
             return -1;
-        }
         st = &own;
     }
     if (!S_ISREG(st->st_mode)) {
@@ -4512,8 +4542,7 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
     clear(c);
     if (given != NULL) {
         st = *given;
-    } else if (fstat(pr ? pr->at : src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    } else if (own_fstat(c, pr ? pr->at : src, &st) < 0) {
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
@@ -4909,14 +4938,15 @@ shadowd_preload(struct shadowd *c, const char *const *paths, int n)
 /* -- pipelined ------------------------------------------------------------ */
 
 /* Send an open of *src* as an owned request, its version before it
- * *before* (NULL: not known); a connection that broke is made again once.
+ * *before* (the caller's own fstat); a connection that broke is made again
+ * once.
  * The slot, or NULL (error set). */
 static struct shadowd_slot_ *
 submit_open(struct shadowd *c, int src, const char *label, const struct shadowd_version_ *before,
             int nowait)
 {
     struct request rq = {.kind = K_OPEN, .build = build_open, .fds = &src, .nfds = 1,
-                         .size = before ? before->size : 0, .label = label, .nowait = nowait,
+                         .size = before->size, .label = label, .nowait = nowait,
                          .before = before};
     for (int attempt = 0; attempt < 2; attempt++) {
         int fresh = !P(c)->live, failure;
@@ -4936,7 +4966,7 @@ submit_open(struct shadowd *c, int src, const char *label, const struct shadowd_
         if (failure != F_BROKEN && failure != F_VERSION)
             return NULL;
         if (failure == F_BROKEN && (fresh || attempt == 1)) {
-            trip(c, c->error);
+            trip(c, c->error, mono_us());
             return NULL;
         }
     }
@@ -4950,10 +4980,10 @@ shadowd_submit_open(struct shadowd *c, int src, const char *label, void *tag)
     struct shadowd_version_ v;
     ready(c);
     clear(c);
-    int known = fstat(src, &st) == 0;
-    if (known)
-        version_of(&st, &v);
-    struct shadowd_slot_ *s = submit_open(c, src, label, known ? &v : NULL, 0);
+    if (own_fstat(c, src, &st) < 0)
+        return -1;
+    version_of(&st, &v);
+    struct shadowd_slot_ *s = submit_open(c, src, label, &v, 0);
     if (s == NULL)
         return -1;
     s->tag = tag;
@@ -4969,10 +4999,8 @@ shadowd_submit_routed(struct shadowd *c, int src, const char *label, void *tag, 
     ready(c);
     clear(c);
     *fd_now = -1;
-    if (fstat(src, &st) < 0) {
-        fail(c, "", errno, "fstat of the file: %s", strerror(errno));
+    if (own_fstat(c, src, &st) < 0)
         return -1;
-    }
     if (!S_ISREG(st.st_mode)) {
         fail(c, "not-regular", EINVAL, "only regular files are served; this is not one");
         return -1;

@@ -449,7 +449,11 @@ int shadowd_open(struct shadowd *c, const char *path);
  * process-local tier and never adds to it. A supervisor wants
  * shadowd_open_routed_fd: the same fd, from the tier when this process
  * holds that version, copied here where that is cheaper or the daemon
- * misses. In version 2, `version` and `cached` say what a reply said. */
+ * misses. In version 2, `version` and `cached` say what a reply said.
+ * Every served fd is checked against the caller's own fstat of *src*, so
+ * a source whose fstat fails is refused before anything is asked (errnum
+ * its errno; as every call that takes a source, shadowd_open_batch's
+ * items included: client/c/README.md, "The version served"). */
 int shadowd_open_fd(struct shadowd *c, int src, const char *label);
 
 /* shadowd_open_fd without the index: always one request that the daemon

@@ -319,6 +319,9 @@ def serves(fd: int, version: Version | None, st: os.stat_result) -> bool:
     two is served in its new version, which is not the one the caller saw."""
     if version is not None and version != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
         return False
+    # The one other way to a memfd's size in one call is FIONREAD, an int: a sparse
+    # memfd 4 GiB larger reads as the right size. lseek to the end and back moves an
+    # offset that other holders of a shared description read by. Hence fstat.
     try:
         return os.fstat(fd).st_size == st.st_size
     except OSError:

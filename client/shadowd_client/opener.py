@@ -525,11 +525,11 @@ class Opener:
             try:
                 served = client.open_private(namespace, key, fill, executable=executable)
             except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
-                self._failed(exc)
+                self._failed(exc, started)
             except (Refused, TooManyOpenFiles):
                 pass  # whatever the daemon will not do, the copy here does (or says why not)
             else:
-                self._worked()
+                self._worked(started)
                 with self._lock:
                     self.daemon_opens += 1
                 return served
@@ -587,13 +587,13 @@ class Opener:
         try:
             client.connect()
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
-            self._failed(exc)
+            self._failed(exc, started)
             return None
         except ShadowdError:
             return None  # busy at the gate, say: the default window, this time
         finally:
             self.waited += time.monotonic() - started
-        self._worked(client._spent() - held)
+        self._worked(started, client._spent() - held)
         return self._limits()
 
     def _keep(
@@ -623,7 +623,7 @@ class Opener:
         try:
             view = client.index()
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
-            self._failed(exc)
+            self._failed(exc, started)
             return None
         except TooManyOpenFiles:
             return None  # none now, and asked again at the next open: the daemon has one
@@ -776,7 +776,7 @@ class Opener:
                 with self._lock:
                     self._keep_unsent(hits[sent:], daemon)
             if isinstance(failure, (DaemonUnavailable, ProtocolViolation)):
-                self._failed(failure)  # a stopped daemon: one timeout per window, as any request
+                self._failed(failure, started)  # a stopped daemon: one timeout a window
         finally:
             self.waited += time.monotonic() - started
 
@@ -820,6 +820,7 @@ class Opener:
         try:
             if client is None or not self._usable():
                 return
+            asked = time.monotonic()  # (after the breaker let it: a retry's, when one)
             try:
                 sent, failure = client._tell_here(
                     [source.fd for source, _ in told], [label for _, label in told], last=last
@@ -829,7 +830,7 @@ class Opener:
             with self._lock:
                 self.told_files += sent
             if isinstance(failure, (DaemonUnavailable, ProtocolViolation)):
-                self._failed(failure)
+                self._failed(failure, asked)
         finally:
             self.waited += time.monotonic() - started
             with self._lock:
@@ -850,7 +851,7 @@ class Opener:
         try:
             answer = client.ask(fd, label=label, wait=False)
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
-            self._failed(exc)
+            self._failed(exc, started)
             return None
         except (Refused, TooManyOpenFiles):
             # Whatever the daemon will not do, the copy here does (or says why not);
@@ -858,7 +859,7 @@ class Opener:
             return None
         finally:
             self.waited += time.monotonic() - started
-        self._worked(client._spent() - held)
+        self._worked(started, client._spent() - held)
         return answer
 
     def _ask_many(self, fds: list[int], labels: list[str]) -> list[Answer | ShadowdError]:
@@ -889,23 +890,26 @@ class Opener:
         try:
             answers = client.ask_many(fds, labels, wait=False)
         except (DaemonUnavailable, NotPermitted, ProtocolViolation) as exc:
-            self._failed(exc)
+            self._failed(exc, started)
             return [exc] * len(fds)
         except ShadowdError as exc:
             return [exc] * len(fds)
         finally:
             self.waited += time.monotonic() - started
-        self._worked(client._spent() - held)
+        self._worked(started, client._spent() - held)
         return answers
 
-    def _failed(self, exc: ShadowdError) -> None:
-        """The daemon failed a request: the breaker opens for a window (doubled after each
-        failed retry). A request that failed while it is open already was asked before
-        it opened (another thread's, queued on the connection meanwhile): the same
-        outage, not a retry that failed; it opens nothing more."""
+    def _failed(self, exc: ShadowdError, asked: float) -> None:
+        """The daemon failed a request asked at *asked* (time.monotonic()): the breaker
+        opens for a window from now (doubled after each failed retry). A failure counts
+        against the window its request was asked in, whenever it comes: one asked before
+        the last window ended (before it opened: another thread's, queued on the
+        connection meanwhile, or waiting out a timeout longer than the window) is the
+        outage that window is for, not a retry that failed after it; it opens nothing
+        more."""
         with self._lock:
             now = time.monotonic()
-            if now < self._down_until:
+            if asked < self._down_until:
                 return
             self._down_until = now + self._backoff
             window, self._backoff = self._backoff, min(2 * self._backoff, self.max_backoff)
@@ -915,12 +919,13 @@ class Opener:
                 "shadowd unavailable (%s); copying locally, retrying in %gs", exc, window
             )
 
-    def _worked(self, took: float | None = None) -> None:
-        """The daemon answered; *took*: in so many seconds (None: not timed), the
-        client's own send and wait for the answer alone (Client._spent), never a wait
-        for its lock behind other threads' requests. The SLOW_IN_A_ROW-th slow answer
-        in a row opens the breaker instead (_failed). An answer that comes while the
-        breaker is open was asked before it opened: it changes nothing."""
+    def _worked(self, asked: float, took: float | None = None) -> None:
+        """The daemon answered a request asked at *asked*; *took*: in so many seconds
+        (None: not timed), the client's own send and wait for the answer alone
+        (Client._spent), never a wait for its lock behind other threads' requests. The
+        SLOW_IN_A_ROW-th slow answer in a row opens the breaker instead (_failed, as of
+        *asked*). An answer that comes while the breaker is open was asked before it
+        opened: it changes nothing."""
         client = self._client
         limit = None if client is None else client.timeout
         slow = (
@@ -947,7 +952,8 @@ class Opener:
                     f"shadowd at {client.socket_path} answered {SLOW_IN_A_ROW} requests in a "
                     f"row in {SLOW_FRACTION:g} of the timeout ({limit:g} s) or more",
                     socket_path=client.socket_path,
-                )
+                ),
+                asked,
             )
         elif back:
             logger.warning("shadowd is back; asking it again")
