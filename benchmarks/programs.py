@@ -276,6 +276,9 @@ class OwnDaemon:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                # `-m` puts the working directory first on sys.path, before
+                # PYTHONPATH: from another checkout it would run that one's daemon.
+                cwd=self.tree,
             )
         deadline = time.monotonic() + timeout
         while not self._ready(0.05):

@@ -10,11 +10,15 @@
 # look for it in the index); a batch's are files a client copied itself and
 # only tells of (a cold supervisor's, at the end of a run), or a preload's.
 # A freed slot goes to the first lane, then to opens that wait for a slot,
-# and only then to the second (copier.Quota.acquire_last).
+# and only then to the second (copier.Quota.acquire_last). Every told file is
+# queued, even with a slot free, and the second lane's files are copied
+# several to one worker job on one slot (TOLD_GROUP_FILES, TOLD_GROUP_BYTES):
+# one hand-off to a worker and back for them all.
 #
-# Must never: start a copy without a slot of its uid's quota (the slot comes
-# first, so a flight that exists is always copying and no uid waits behind
-# another's quota); queue more than FILL_QUEUE fills per uid, or one version
+# Must never: start a copy, or a group of told files' copies, without a slot
+# of its uid's quota (the slot comes first, so a flight that exists is always
+# copying, or in a group whose job is, and no uid waits behind another's
+# quota); queue more than FILL_QUEUE fills per uid, or one version
 # twice, or hold their fds uncounted in the uid's fd budget; let a told file
 # take a slot that an asked one or a waiting open wants; cache a copy of an
 # inode that had an event since its flight began; start a queued fill once the
@@ -31,7 +35,7 @@ import trio
 from .access import UidShare
 from .cache import Admission, Cache, HostKey
 from .closing import Closer
-from .copier import Copied, Copier, Flight
+from .copier import Copied, Copier, Flight, GroupItem
 from .errors import RequestError
 from .fds import FdHolder
 from .guard import EntryGuard
@@ -52,6 +56,14 @@ logger = logging.getLogger("shadowd.opens")
 #: two copy slots drain them; with 64, half of pip's 478 files told in one cold
 #: run were dropped (client/c/README.md, "A cold daemon").
 FILL_QUEUE = 512
+
+#: Told files copied by one worker job, one after another on one slot of their
+#: uid's quota (Filler._fly_told): at most this many, and this many bytes of them
+#: (or one file, when it alone is larger). A request that joins the flight of one
+#: of them waits for the copies before it in the group; the bytes bound keeps that
+#: below what one told file of a few MiB costs it anyway.
+TOLD_GROUP_FILES = 16
+TOLD_GROUP_BYTES = 1 << 20
 
 
 @attrs.define(eq=False)
@@ -219,29 +231,93 @@ class Filler:
                 quota.release()
                 return
             # Chosen once the slot is ours: a miss asked for meanwhile goes first.
+            if not share.asked and share.told and not fills[share.told[0]].remote:
+                self._fly_told(share)
+                continue
             lane = share.asked or share.told
             if not lane:  # pragma: no cover - only this task takes fills out
                 quota.release()
                 continue
             fill = fills.pop(lane.popleft())
-            st = fill.st
             if self.budget is not None:
                 self.budget.use(share, -1)
-            key = HostKey(st.dev, st.ino)
-            flight_key = (key, st.version)
-            entry = self.cache.peek(key)
-            if (
-                (entry is not None and entry.version == st.version)
-                or self.copier.flight(flight_key) is not None
-                or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
-            ):
+            if not self._wanted(fill, share):
                 quota.release()  # filled meanwhile, or no longer worth it
-                self.closer.discard([fill.source.detach()], share)
                 continue
+            st = fill.st
             try:
-                self.fly(flight_key, fill.source, st, fill.label, share, remote=fill.remote)
+                self.fly(
+                    (HostKey(st.dev, st.ino), st.version),
+                    fill.source,
+                    st,
+                    fill.label,
+                    share,
+                    remote=fill.remote,
+                )
             except RequestError:
                 pass  # over its copy budget: dropped (it was only a fill)
+
+    def _wanted(self, fill: Fill, share: UidShare) -> bool:
+        """Whether a fill taken off the queue is still to be copied; if not, its fd is
+        let go of."""
+        st = fill.st
+        key = HostKey(st.dev, st.ino)
+        entry = self.cache.peek(key)
+        if (
+            (entry is not None and entry.version == st.version)
+            or self.copier.flight((key, st.version)) is not None
+            or self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED
+        ):
+            self.closer.discard([fill.source.detach()], share)
+            return False
+        return True
+
+    def _fly_told(self, share: UidShare) -> None:
+        """Start the told files first in the queue, up to TOLD_GROUP_FILES of them and
+        TOLD_GROUP_BYTES (or one file larger than that), as one worker job on the slot
+        of the uid's quota the pump took: one hand-off to a worker and back for them
+        all, where each file's own flight cost the loop a task, a thread's round trip
+        and a turn of the pump."""
+        fills: dict[tuple[HostKey, Version], Fill] = share.fills
+        uid = share.uid
+        items: list[GroupItem] = []
+        total = 0
+        while share.told and len(items) < TOLD_GROUP_FILES:
+            fill = fills[share.told[0]]
+            size = fill.st.size
+            if fill.remote or (items and total + size > TOLD_GROUP_BYTES):
+                break  # (a remote one, never told in fact, is copied alone)
+            share.told.popleft()
+            del fills[(HostKey(fill.st.dev, fill.st.ino), fill.st.version)]
+            if self.budget is not None:
+                self.budget.use(share, -1)
+            if not self._wanted(fill, share):
+                continue
+            try:
+                self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+            except RequestError:
+                self.closer.discard([fill.source.detach()], share)
+                continue  # dropped (it was only a fill)
+            st = fill.st
+            items.append(
+                GroupItem(
+                    key=(HostKey(st.dev, st.ino), st.version),
+                    src=fill.source,
+                    stat=st,
+                    on_copied=self._on_copied(fill.label, uid, size),
+                    on_failed=self._unreserve(uid, size),
+                )
+            )
+            total += size
+        if not items:
+            share.quota.release()  # none still wanted
+            return
+        assert self.nursery is not None
+        for flight in self.copier.start_group(self.nursery, items, share.quota):
+            flight.uid = uid
+
+    def _unreserve(self, uid: int, size: int) -> Callable[[], None]:
+        return lambda: self.pins.unreserve(uid, size)
 
     def _on_copied(
         self, label: str | None, uid: int, reserved: int

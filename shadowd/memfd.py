@@ -166,8 +166,9 @@ def is_sealed(fd: int) -> bool:
 
 
 def reopen_readonly(fd: int) -> int:
-    """A new open file description of *fd*'s file, read-only, with its own offset."""
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    """A new open file description of *fd*'s file, read-only, with its own offset
+    (opened through this process's /proc/self/fd, as a hit's reopen is)."""
+    return _reopen(_proc_fd_dir(), fd)
 
 
 def copy_into(dst: int, src: int, size: int) -> None:

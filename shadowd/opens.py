@@ -231,9 +231,10 @@ class HostOpens:
         a flight that exists is always copying, never queued behind a quota,
         so no other uid can be made to wait on a hostile uid's share. With
         *wait* False nothing is joined and nothing waits: a Miss says whether
-        a copy into the cache is under way; with *told* too, that copy takes
-        a slot only when none of the uid's other jobs and waiting opens wants
-        one (the files a client only tells of go last); with *serve* False a
+        a copy into the cache is under way; with *told* too, that copy is
+        queued and takes a slot only when none of the uid's other jobs and
+        waiting opens wants one (the files a client only tells of go last,
+        several to a worker job); with *serve* False a
         hit serves nobody (serve_now).
         """
         key = HostKey(st.dev, st.ino)
@@ -254,6 +255,14 @@ class HostOpens:
         if flight is None:
             if not wait and self.cache.admission(st.size, st.ctime_ns) is not Admission.CACHED:
                 return NOT_FILLING  # it would not be cached: copying it helps nobody
+            if told and not wait:
+                # Queued even with a slot free: the pump starts told files
+                # together, in one worker job (filling.Filler._fly_told).
+                return (
+                    FILLING
+                    if self.filler.queue(fd, st, label, share, remote=remote, told=True)
+                    else NOT_FILLING
+                )
             quota = share.quota
             if not (quota.try_acquire_last() if told else quota.try_acquire()):
                 if not wait:

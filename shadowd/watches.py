@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import re
 import struct
+import termios
 from collections.abc import Callable
 
 import attrs
@@ -47,6 +49,8 @@ IN_CLOEXEC = os.O_CLOEXEC
 WATCHED = IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
 _READ_SIZE = 64 * 1024
+#: FIONREAD's answer when no event waits (an int, in the buffer given).
+_NOTHING = bytes(4)
 #: Events of watches no entry holds, kept for the copies under way, past which the
 #: copies begun before are taken as changed (served uncached) and the events let go
 #: of: a copy stuck on a hung mount otherwise held back every event read since it
@@ -211,6 +215,14 @@ class Watches:
         """Read every pending event; what they end goes at once. Never blocks."""
         if self.fd < 0:
             return
+        try:
+            # Called for every datagram and every copy: asking how many bytes
+            # wait costs a third of a read that fails with EAGAIN (its
+            # exception made and caught), which is what nearly every call found.
+            if fcntl.ioctl(self.fd, termios.FIONREAD, _NOTHING) == _NOTHING:
+                return
+        except OSError:
+            pass  # read below, as if something waited
         while True:
             try:
                 data = os.read(self.fd, _READ_SIZE)

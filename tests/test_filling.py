@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from shadowd import copier
 from shadowd.access import Peer, UidShare
 from shadowd.cache import CacheLimits, HostKey
-from shadowd.copier import Quota
+from shadowd.copier import Flight, Quota
+from shadowd.errors import RequestError
 from shadowd.fds import FdHolder
 from shadowd.filling import FILL_QUEUE
 from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
+from shadowd.protocol import ErrorCode
 from shadowd.server import Server, ServerConfig
 
 from .conftest import make_file, read_fd
@@ -210,3 +216,85 @@ async def test_a_told_file_a_lone_open_asks_for_moves_up_and_is_not_queued_twice
             assert keys == [key_of(told[i]) for i in (2, 0, 1, 3)]
             assert server.copier.copies == 4
             share.quota.release()
+
+
+@contextlib.contextmanager
+def copies_held(
+    monkeypatch: pytest.MonkeyPatch, fail: Path | None = None
+) -> Iterator[threading.Event]:
+    """Every copy waits in its worker until the event is set (set at the end in any
+    case); the copy of *fail* is refused as a copy of a file that kept changing."""
+    go = threading.Event()
+    real = copier.copy_source
+
+    def held(src: FdHolder, expected: Any, watches: Any = None) -> copier.Copied:
+        go.wait(20)
+        if fail is not None and expected is not None and expected.ino == fail.stat().st_ino:
+            src.close()
+            raise RequestError(ErrorCode.UNSTABLE, "kept changing (the test's)")
+        return real(src, expected, watches)
+
+    monkeypatch.setattr(copier, "copy_source", held)
+    try:
+        yield go
+    finally:
+        go.set()
+
+
+async def test_a_batchs_told_files_are_copied_together_each_a_flight_a_waiting_open_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files of a batch that does not wait are copied by one worker job, on one
+    slot of their uid's quota (the other stays free for the program's own misses),
+    and each is a flight from the start of that job: an open that waits for the last
+    of them joins its copy, neither waiting for a slot nor copying it again."""
+    told = files(tmp_path, "told", 6)
+    asked = make_file(tmp_path / "asked", os.urandom(7000))
+    with trio.fail_after(30), copies_held(monkeypatch) as go:
+        async with serving() as server:
+            opens = server.opens
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, told) == [True] * len(told)
+            await trio.testing.wait_all_tasks_blocked()  # the job waits in its worker
+            assert share.quota.used == 1 and not share.fills and share.fds == 0
+            assert server.copier.in_flight == len(told)
+            assert ask(server, share, asked) is FILLING  # on the other slot, at once
+            assert share.quota.used == 2 and not share.fills
+            fd = os.open(told[-1], os.O_RDONLY | os.O_CLOEXEC)
+            outcome = opens.serve_now(fd, str(told[-1]), share)
+            assert isinstance(outcome, Flight)
+            pending = opens.pending(fd, outcome)
+            go.set()
+            served = await opens.finish(pending, str(told[-1]), share)
+            assert isinstance(served, Served) and not served.hit and served.cached
+            assert read_fd(served.fd.fd) == told[-1].read_bytes()
+            served.fd.close()
+            keys = await cached(server, len(told) + 1)
+            keys.remove(key_of(asked))
+            assert keys == [key_of(p) for p in told]
+            assert server.copier.copies == len(told) + 1
+            assert share.quota.idle and not share.filling
+
+
+async def test_a_told_file_whose_copy_fails_fails_alone_in_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file of a group that cannot be copied is not cached, and gives back what
+    it held (its bytes reserved for the copy, its fd); the others of its job are
+    cached as if it had not been there."""
+    told = files(tmp_path, "told", 5)
+    with trio.fail_after(30), copies_held(monkeypatch, fail=told[2]) as go:
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, told) == [True] * len(told)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.in_flight == len(told)
+            go.set()
+            while server.copier.in_flight:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            keys = [k for k in server.cache.lru_keys() if isinstance(k, HostKey)]
+            assert keys == [key_of(p) for i, p in enumerate(told) if i != 2]
+            assert server.copier.copy_failures == 1 and server.copier.copies == len(told) - 1
+            assert server.pins.charged.get(share.uid, 0) == 0
+            assert share.quota.idle and share.fds == 0
