@@ -1320,3 +1320,156 @@ async def test_02_a_hung_fuse_file_in_another_namespace_never_blocks_the_loop(
     print(f"canary: {took}; flushes waiting: {outcome['flushes_waiting']}")
     print(f"the loop's thread in the kernel: {outcome['loop_stack'][:6]}")
     assert (max(took) < 1.0, "Traceback" not in outcome["log"]) == (True, True), took
+
+
+# Attacks 47 onward come from red team 26 (a hostile daemon facing its clients,
+# the pins, the index).
+
+
+@contextlib.contextmanager
+def _daemon_sending(
+    shared_dir: Path, fs: HangingFS, name: str, answered: list[str]
+) -> Iterator[Path]:
+    """A stand-in daemon (threads of this process) that answers hello and then every
+    open with a descriptor of *fs*'s file *name*, opened anew for each reply (after
+    the client connected: a child that closed it between its fork and its exec
+    would wait on the flush); *answered* gets each request's op."""
+    import msgpack
+
+    from shadowd.fds import scm_rights
+
+    from .test_c_client import _requests, stand_in_daemon
+
+    def hostile(conn: Any) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(
+            msgpack.packb(
+                {"id": hello["id"], "ok": True, "version": 2, "server": "x", "limits": limits}
+            )
+        )
+        for msg, fds in _requests(conn):
+            for fd in fds:
+                os.close(fd)
+            answered.append(msg["op"])
+            planted = os.open(fs.mountpoint / name, os.O_RDONLY | os.O_CLOEXEC)
+            reply = {"id": msg["id"], "ok": True, "size": 3000, "hit": True}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights([planted]))
+            # Closing ours waits on the flush as well, until the mount's abort; left
+            # open, the child of the C client's fork would wait on it instead.
+            threading.Thread(target=_close_quietly, args=(planted,), daemon=True).start()
+
+    path = shared_dir / f"hostile-{len(answered)}-{time.monotonic_ns()}.sock"
+    with stand_in_daemon(path, hostile):
+        yield path
+
+
+async def test_47_a_daemons_descriptor_that_is_no_memfd_never_holds_a_client(
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+) -> None:
+    """A daemon (a server that took the socket's name: attack 11's remains) answers
+    an open with a descriptor of a file of its own FUSE mount, whose server never
+    answers a flush. Each client refuses it (it is not sealed) and closes it, and
+    that close waited for the flush for good: the open never returned. Every open
+    must end: refused, or copied here by the routed opens."""
+    from shadowd_client import AsyncClient, Client, Opener, ShadowdError
+
+    data = b"the caller's own file; " * 100  # no newline: the C client's output is read by line
+    src = make_file(shared_dir / "own", data)
+    fake = FuseFile(data=b"f" * 3000, ino=4747, mode=0o444, hang_flush=True)
+    binary, why = c_client_build()
+    require(binary is not None, f"the C client did not build: {why}")
+    outcomes: dict[str, str] = {}
+    answered: list[str] = []
+    with mounted_fuse(shared_dir / "fuse", fake) as fs:
+        try:
+
+            def client() -> str:
+                with Client(sock, timeout=2) as c:
+                    try:
+                        os.close(c.open(src))
+                    except ShadowdError as exc:
+                        return type(exc).__name__
+                    return "served"
+
+            def opener() -> str:
+                with Opener(sock, timeout=2, local_below=0, use_index=False) as o:
+                    fd = o.open(src)
+                    try:
+                        return "copied here" if read_all(fd) == data else "wrong bytes"
+                    finally:
+                        os.close(fd)
+
+            async def aclient() -> str:
+                async with AsyncClient(sock, timeout=2) as c:
+                    try:
+                        os.close(await c.open(src))
+                    except ShadowdError as exc:
+                        return type(exc).__name__
+                    return "served"
+
+            def c_routed() -> str:
+                import subprocess
+
+                assert binary is not None
+                c_args = ["-s", str(sock), str(src), str(src)]
+                proc = subprocess.Popen(
+                    [binary, "-q", "-r", "-g", "--local-below", "0", "--young", "0", *c_args],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                assert proc.stdin is not None and proc.stdout is not None
+                _c_procs.append(proc)
+                require(proc.stdout.readline() == b"ready\n", "the C client did not start")
+                proc.stdin.write(b"go\n")
+                proc.stdin.flush()
+                # The first open's bytes, then "ready" for the second: it returned.
+                line = proc.stdout.readline()
+                return "copied here" if line == data + b"ready\n" else f"got {line[:40]!r}"
+
+            def async_client() -> str:  # a loop of its own: a close may hold its thread
+                return trio.run(aclient)
+
+            clients = {"Client": client, "Opener": opener, "C routed": c_routed}
+            for name, run in {**clients, "AsyncClient": async_client}.items():
+                with _daemon_sending(shared_dir, fs, "fake", answered) as sock:
+                    try:
+                        with trio.fail_after(10):
+                            outcomes[name] = await trio.to_thread.run_sync(
+                                run, abandon_on_cancel=True
+                            )
+                    except trio.TooSlowError:
+                        outcomes[name] = "waited"
+            flushes = fs.hung_flushes
+        finally:
+            fs.close()  # the flushes fail: whatever waited on one ends
+            for proc in _c_procs:
+                proc.kill()
+                proc.communicate()  # and its pipes closed
+            _c_procs.clear()
+    print(f"{outcomes}; asked {answered}; {flushes} flushes unanswered")
+    require(len(answered) >= 4, f"the stand-in was not asked by every client: {answered}")
+    assert outcomes == {
+        "Client": "UnsealedDescriptor",
+        "Opener": "copied here",
+        "C routed": "copied here",
+        "AsyncClient": "UnsealedDescriptor",
+    }, outcomes
+
+
+_c_procs: list[Any] = []
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):  # ENOTCONN: the flush of an aborted mount
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def mounted_fuse(mountpoint: Path, fake: FuseFile) -> Iterator[HangingFS]:
+    """fusefs.mounted with the one file *fake*, called "fake"."""
+    from .fusefs import mounted
+
+    with mounted(mountpoint, files={"fake": fake}, hanging=0) as fs:
+        yield fs
