@@ -1473,3 +1473,88 @@ def mounted_fuse(mountpoint: Path, fake: FuseFile) -> Iterator[HangingFS]:
 
     with mounted(mountpoint, files={"fake": fake}, hanging=0) as fs:
         yield fs
+
+
+async def test_48_a_served_descriptor_whose_offset_another_holder_moved_is_refused(
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+) -> None:
+    """A daemon answers an open with a description it shares (a dup of what it hands
+    others, or sends to several): sealed, read-only, the file's bytes and size, but
+    at the offset another holder's reads left it. A tracee that reads it sequentially
+    reads from there, and moves it under the others. The C client refuses a served
+    descriptor whose offset is not 0 (a new open file description's); the Python
+    clients took it."""
+    import msgpack
+    from shadowd_client import AsyncClient, Client, ProtocolViolation
+
+    from shadowd.fds import scm_rights
+    from shadowd.memfd import sealed_from_bytes
+
+    from .test_c_client import _requests, stand_in_daemon
+
+    data = b"the caller's own file; " * 100
+    src = make_file(shared_dir / "own", data)
+    sealed = sealed_from_bytes(data)
+    shared = sealed.share()  # one description, sent to every request
+    sealed.release()
+    asked: list[str] = []
+
+    def sharing(conn: Any) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        reply = {"id": hello["id"], "ok": True, "version": 1, "server": "x", "limits": {}}
+        conn.send(msgpack.packb(reply))
+        for msg, fds in _requests(conn):
+            for fd in fds:
+                os.close(fd)
+            asked.append(msg["op"])
+            os.lseek(shared, 100, os.SEEK_SET)  # another holder read 100 bytes of it
+            answer = {"id": msg["id"], "ok": True, "size": len(data), "hit": True}
+            conn.sendmsg([msgpack.packb(answer)], scm_rights([shared]))
+
+    def outcome(fd: int) -> str:
+        try:
+            return f"taken at offset {os.lseek(fd, 0, os.SEEK_CUR)}"
+        finally:
+            os.close(fd)
+
+    def client() -> str:
+        with Client(sock, timeout=5) as c:
+            try:
+                return outcome(c.open(src))
+            except ProtocolViolation:
+                return "refused"
+
+    async def aclient() -> str:
+        async with AsyncClient(sock, timeout=5) as c:
+            try:
+                return outcome(await c.open(src))
+            except ProtocolViolation:
+                return "refused"
+
+    def c_client() -> str:
+        import subprocess
+
+        assert binary is not None
+        done = subprocess.run(
+            [binary, "-q", "-s", str(sock), str(src)], capture_output=True, timeout=20, check=False
+        )
+        return "refused" if b"offset is not 0" in done.stderr else f"exit {done.returncode}"
+
+    binary, why = c_client_build()
+    require(binary is not None, f"the C client did not build: {why}")
+    outcomes: dict[str, str] = {}
+    try:
+        with trio.fail_after(60):
+            for name in ("Client", "AsyncClient", "C"):
+                with stand_in_daemon(shared_dir / f"sharing-{name}.sock", sharing):
+                    sock = shared_dir / f"sharing-{name}.sock"
+                    if name == "AsyncClient":
+                        outcomes[name] = await aclient()
+                    else:
+                        run = client if name == "Client" else c_client
+                        outcomes[name] = await trio.to_thread.run_sync(run)
+    finally:
+        os.close(shared)
+    print(f"{outcomes}; asked {asked}")
+    require(len(asked) >= 3, f"the stand-in was not asked by every client: {asked}")
+    assert outcomes == {"Client": "refused", "AsyncClient": "refused", "C": "refused"}, outcomes

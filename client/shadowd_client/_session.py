@@ -148,8 +148,9 @@ def check_sealed(fd: int) -> None:
 
 
 def check_served(fd: int) -> None:
-    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`) and open
-    read-only, as the protocol promises; otherwise close it and raise ProtocolViolation.
+    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`), open
+    read-only and at offset 0 (a description of its own), as the protocol promises;
+    otherwise close it and raise ProtocolViolation.
 
     A write-only fd could not even be read; a read-write one is not what was promised.
     """
@@ -161,6 +162,20 @@ def check_served(fd: int) -> None:
     if mode != os.O_RDONLY:
         os.close(fd)
         raise ProtocolViolation("the daemon sent a descriptor not open read-only; refused it")
+    # A new open file description starts at offset 0, and the daemon never reads
+    # through the one it sends: elsewhere another holder moved it (a dup, or one
+    # description sent to several), and a tracee's reads would move under it
+    # (attack 48; the C client's served_refusal checks the same).
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        offset = -1
+    if offset != 0:
+        os.close(fd)
+        raise ProtocolViolation(
+            "the daemon sent a descriptor whose offset is not 0 (a description another "
+            "holder shares); refused it"
+        )
 
 
 _F_GET_SEALS = fcntl.F_GET_SEALS
