@@ -225,7 +225,10 @@ def close_apart(fds: Sequence[int]) -> None:
         for fd in fds:
             closer = threading.Thread(target=_close_quietly, args=(fd,), name="shadowd-close-apart")
             closer.daemon = True
-            closer.start()
+            try:
+                closer.start()
+            except RuntimeError:
+                pass  # no thread to be had: the descriptor is left open, as in C
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
