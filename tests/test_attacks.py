@@ -1558,3 +1558,47 @@ async def test_48_a_served_descriptor_whose_offset_another_holder_moved_is_refus
     print(f"{outcomes}; asked {asked}")
     require(len(asked) >= 3, f"the stand-in was not asked by every client: {asked}")
     assert outcomes == {"Client": "refused", "AsyncClient": "refused", "C": "refused"}, outcomes
+
+
+async def test_49_a_served_memfd_published_back_is_not_pinned_once_its_entry_goes(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Another uid that may read a cached file publishes the descriptor it was served
+    as a private file of its own and lets go of everything; the daemon kept its own
+    cached memfd as that private entry. Once the file's host entry is evicted, that
+    memfd counted as held out of the cache (pinned, in all uids' bound: a memfd
+    another uid found) while the cache, as the private entry, counted it too, and no
+    client held any of it. pinned_bytes must come back to 0."""
+    from .test_attacks_25 import MALLORY, REPUBLISH
+
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0", "--max-entries", "2"
+    )
+    f = make_file(shared_dir / "libshared.so", b"s" * 50_000)
+    others = [make_file(shared_dir / f"other{i}", bytes([i]) * 3000) for i in range(2)]
+
+    def owner_opens(*paths: Path) -> dict[str, int]:
+        from shadowd_client import Client
+
+        with Client(d.socket_path, timeout=10) as c:
+            for p in paths:
+                for _ in range(2):
+                    os.close(c.open(p))
+            s = c.stats()
+        return {k: s[k] for k in ("hits", "entries", "evictions", "pinned_bytes")}
+
+    with trio.fail_after(60):
+        cached = await trio.to_thread.run_sync(owner_opens, f)
+        require(cached["hits"] == 1, f"the file was not cached: {cached}")
+        code = REPUBLISH.format(path=str(d.socket_path), name=str(f))
+        published = await trio.to_thread.run_sync(run_as, MALLORY, code)
+        require(published is True, f"the publish was refused: {published}")
+        after = await trio.to_thread.run_sync(owner_opens, *others[:1])
+        for _ in range(50):  # the memfds let go of are read as freed on later rounds
+            if after["pinned_bytes"] == 0:
+                break
+            await trio.sleep(0.1)
+            after = await trio.to_thread.run_sync(owner_opens)
+    print(f"cached {cached}; after the eviction {after}")
+    require(after["evictions"] >= 1, f"nothing was evicted: {after}")
+    assert after["pinned_bytes"] == 0, after
