@@ -43,6 +43,8 @@ class EntryGuard:
     _by_wd: dict[int, HostKey] = attrs.field(factory=dict, init=False)
     #: The memfds tracked (by their watch), until the kernel frees them.
     _memfds: dict[int, SealedFile] = attrs.field(factory=dict, init=False)
+    #: The watch of each of those memfds, by (st_dev, st_ino).
+    _inodes: dict[tuple[int, int], int] = attrs.field(factory=dict, init=False)
     #: The index of the cache, while the daemon publishes one.
     index: Index | None = None
 
@@ -83,6 +85,7 @@ class EntryGuard:
             return
         sealed.pin_wd = wd
         self._memfds[wd] = sealed
+        self._inodes[sealed.inode] = wd
         self.watches.memfds.add(wd)
         self.pins.track(wd, sealed.size, uid, cached=cached, reserved=reserved, shared=shared)
         sealed.sole_uid = None if shared else uid
@@ -128,8 +131,14 @@ class EntryGuard:
         if sealed is not None:
             sealed.attr_changed = True
 
+    def made_here(self, dev: int, ino: int) -> bool:
+        """Whether the inode (*dev*, *ino*) is a memfd the daemon made that is alive."""
+        return (dev, ino) in self._inodes
+
     def _freed(self, wd: int) -> None:
-        self._memfds.pop(wd, None)
+        sealed = self._memfds.pop(wd, None)
+        if sealed is not None and self._inodes.get(sealed.inode) == wd:
+            del self._inodes[sealed.inode]
         self.watches.memfds.discard(wd)
         self.pins.freed(wd)
 

@@ -401,11 +401,14 @@ class SealedFile:
     #: The index's descriptor range, once the memfd was moved into it: its
     #: number is then given back there, never closed (see fdrange.py).
     fd_range: FdRange | None = attrs.field(default=None, init=False)
+    #: (st_dev, st_ino) of the memfd: which inode it is (EntryGuard.made_here).
+    inode: tuple[int, int] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.dir_fd = _proc_fd_dir()
         st = os.fstat(self.holder.fd)
         self.stamp = (st.st_mode, st.st_ctime_ns)
+        self.inode = (st.st_dev, st.st_ino)
         if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) not in (0o444, 0o555):
             # One of ours, not as sealed (0444, 0555 for executables): someone
             # changed it between the seal and now. Never served as intact.

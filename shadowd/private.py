@@ -52,7 +52,9 @@ def size_mismatch(size: int, key: FileKey) -> RequestError:
     )
 
 
-def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
+def seal_in_place(
+    fd: int, key: FileKey, made_here: Callable[[int, int], bool] = lambda dev, ino: False
+) -> SealedFile | None:
     """Seal a published memfd as it is, when we can; None when it must be copied.
 
     Runs on the event loop: *fd* must be a shmem file (``memfd_seals`` is not
@@ -65,6 +67,12 @@ def seal_in_place(fd: int, key: FileKey) -> SealedFile | None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return None  # the worker refuses it with a message naming the kind
+    if made_here(st.st_dev, st.st_ino):
+        # A memfd of the daemon's own, served and sent back: kept, it would be
+        # this private entry and the cached copy of a host file, and once the
+        # host entry left the cache it would count again as held out of it
+        # (pinned, in all uids' bound) while only this entry held it (attack 49).
+        return None
     if st.st_size != key.size:
         raise size_mismatch(st.st_size, key)
     executable = bool(st.st_mode & 0o111)
@@ -189,6 +197,9 @@ class PrivateFiles:
     pins: Pins
     #: Watches a memfd the daemon made until it is freed (EntryGuard.track, guard.py).
     track: Callable[..., None]
+    #: Whether (st_dev, st_ino) is a memfd the daemon made (EntryGuard.made_here): such
+    #: a memfd published is copied, never kept.
+    made_here: Callable[[int, int], bool] = lambda dev, ino: False
     counters: PrivateCounters = attrs.field(factory=PrivateCounters)
     #: Descriptors served of published files that were not cached.
     uncached: int = 0
@@ -223,7 +234,7 @@ class PrivateFiles:
                 return Served(fd=FdHolder(entry.file.share()), size=entry.size, hit=True)
         check_readable(src.fd)
         with refusing_os_errors("cannot inspect the published fd"):
-            sealed = seal_in_place(src.fd, event.key)
+            sealed = seal_in_place(src.fd, event.key, self.made_here)
         if sealed is None:
             return None
         self.counters.publishes += 1

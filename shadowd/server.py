@@ -199,6 +199,7 @@ class Server:
             limits=config.cache,
             pins=self.pins,
             track=self.opens.guard.track,
+            made_here=self.opens.guard.made_here,
         )
         self.collector = StatsCollector(
             cache=self.cache,

@@ -1320,3 +1320,285 @@ async def test_02_a_hung_fuse_file_in_another_namespace_never_blocks_the_loop(
     print(f"canary: {took}; flushes waiting: {outcome['flushes_waiting']}")
     print(f"the loop's thread in the kernel: {outcome['loop_stack'][:6]}")
     assert (max(took) < 1.0, "Traceback" not in outcome["log"]) == (True, True), took
+
+
+# Attacks 47 onward come from red team 26 (a hostile daemon facing its clients,
+# the pins, the index).
+
+
+@contextlib.contextmanager
+def _daemon_sending(
+    shared_dir: Path, fs: HangingFS, name: str, answered: list[str]
+) -> Iterator[Path]:
+    """A stand-in daemon (threads of this process) that answers hello and then every
+    open with a descriptor of *fs*'s file *name*, opened anew for each reply (after
+    the client connected: a child that closed it between its fork and its exec
+    would wait on the flush); *answered* gets each request's op."""
+    import msgpack
+
+    from shadowd.fds import scm_rights
+
+    from .test_c_client import _requests, stand_in_daemon
+
+    def hostile(conn: Any) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        limits = {"max_batch": 64, "racy_window_ns": 0}
+        conn.send(
+            msgpack.packb(
+                {"id": hello["id"], "ok": True, "version": 2, "server": "x", "limits": limits}
+            )
+        )
+        for msg, fds in _requests(conn):
+            for fd in fds:
+                os.close(fd)
+            answered.append(msg["op"])
+            planted = os.open(fs.mountpoint / name, os.O_RDONLY | os.O_CLOEXEC)
+            reply = {"id": msg["id"], "ok": True, "size": 3000, "hit": True}
+            conn.sendmsg([msgpack.packb(reply)], scm_rights([planted]))
+            # Closing ours waits on the flush as well, until the mount's abort; left
+            # open, the child of the C client's fork would wait on it instead.
+            threading.Thread(target=_close_quietly, args=(planted,), daemon=True).start()
+
+    path = shared_dir / f"hostile-{len(answered)}-{time.monotonic_ns()}.sock"
+    with stand_in_daemon(path, hostile):
+        yield path
+
+
+async def test_47_a_daemons_descriptor_that_is_no_memfd_never_holds_a_client(
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+) -> None:
+    """A daemon (a server that took the socket's name: attack 11's remains) answers
+    an open with a descriptor of a file of its own FUSE mount, whose server never
+    answers a flush. Each client refuses it (it is not sealed) and closes it, and
+    that close waited for the flush for good: the open never returned. Every open
+    must end: refused, or copied here by the routed opens."""
+    from shadowd_client import AsyncClient, Client, Opener, ShadowdError
+
+    data = b"the caller's own file; " * 100  # no newline: the C client's output is read by line
+    src = make_file(shared_dir / "own", data)
+    fake = FuseFile(data=b"f" * 3000, ino=4747, mode=0o444, hang_flush=True)
+    binary, why = c_client_build()
+    require(binary is not None, f"the C client did not build: {why}")
+    outcomes: dict[str, str] = {}
+    answered: list[str] = []
+    with mounted_fuse(shared_dir / "fuse", fake) as fs:
+        try:
+
+            def client() -> str:
+                with Client(sock, timeout=2) as c:
+                    try:
+                        os.close(c.open(src))
+                    except ShadowdError as exc:
+                        return type(exc).__name__
+                    return "served"
+
+            def opener() -> str:
+                with Opener(sock, timeout=2, local_below=0, use_index=False) as o:
+                    fd = o.open(src)
+                    try:
+                        return "copied here" if read_all(fd) == data else "wrong bytes"
+                    finally:
+                        os.close(fd)
+
+            async def aclient() -> str:
+                async with AsyncClient(sock, timeout=2) as c:
+                    try:
+                        os.close(await c.open(src))
+                    except ShadowdError as exc:
+                        return type(exc).__name__
+                    return "served"
+
+            def c_routed() -> str:
+                import subprocess
+
+                assert binary is not None
+                c_args = ["-s", str(sock), str(src), str(src)]
+                proc = subprocess.Popen(
+                    [binary, "-q", "-r", "-g", "--local-below", "0", "--young", "0", *c_args],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                assert proc.stdin is not None and proc.stdout is not None
+                _c_procs.append(proc)
+                require(proc.stdout.readline() == b"ready\n", "the C client did not start")
+                proc.stdin.write(b"go\n")
+                proc.stdin.flush()
+                # The first open's bytes, then "ready" for the second: it returned.
+                line = proc.stdout.readline()
+                return "copied here" if line == data + b"ready\n" else f"got {line[:40]!r}"
+
+            def async_client() -> str:  # a loop of its own: a close may hold its thread
+                return trio.run(aclient)
+
+            clients = {"Client": client, "Opener": opener, "C routed": c_routed}
+            for name, run in {**clients, "AsyncClient": async_client}.items():
+                with _daemon_sending(shared_dir, fs, "fake", answered) as sock:
+                    try:
+                        with trio.fail_after(10):
+                            outcomes[name] = await trio.to_thread.run_sync(
+                                run, abandon_on_cancel=True
+                            )
+                    except trio.TooSlowError:
+                        outcomes[name] = "waited"
+            flushes = fs.hung_flushes
+        finally:
+            fs.close()  # the flushes fail: whatever waited on one ends
+            for proc in _c_procs:
+                proc.kill()
+                proc.communicate()  # and its pipes closed
+            _c_procs.clear()
+    print(f"{outcomes}; asked {answered}; {flushes} flushes unanswered")
+    require(len(answered) >= 4, f"the stand-in was not asked by every client: {answered}")
+    assert outcomes == {
+        "Client": "UnsealedDescriptor",
+        "Opener": "copied here",
+        "C routed": "copied here",
+        "AsyncClient": "UnsealedDescriptor",
+    }, outcomes
+
+
+_c_procs: list[Any] = []
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):  # ENOTCONN: the flush of an aborted mount
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def mounted_fuse(mountpoint: Path, fake: FuseFile) -> Iterator[HangingFS]:
+    """fusefs.mounted with the one file *fake*, called "fake"."""
+    from .fusefs import mounted
+
+    with mounted(mountpoint, files={"fake": fake}, hanging=0) as fs:
+        yield fs
+
+
+async def test_48_a_served_descriptor_whose_offset_another_holder_moved_is_refused(
+    shared_dir: Path, c_client_build: Callable[..., tuple[str | None, str]]
+) -> None:
+    """A daemon answers an open with a description it shares (a dup of what it hands
+    others, or sends to several): sealed, read-only, the file's bytes and size, but
+    at the offset another holder's reads left it. A tracee that reads it sequentially
+    reads from there, and moves it under the others. The C client refuses a served
+    descriptor whose offset is not 0 (a new open file description's); the Python
+    clients took it."""
+    import msgpack
+    from shadowd_client import AsyncClient, Client, ProtocolViolation
+
+    from shadowd.fds import scm_rights
+    from shadowd.memfd import sealed_from_bytes
+
+    from .test_c_client import _requests, stand_in_daemon
+
+    data = b"the caller's own file; " * 100
+    src = make_file(shared_dir / "own", data)
+    sealed = sealed_from_bytes(data)
+    shared = sealed.share()  # one description, sent to every request
+    sealed.release()
+    asked: list[str] = []
+
+    def sharing(conn: Any) -> None:
+        hello = msgpack.unpackb(conn.recv(4096))
+        reply = {"id": hello["id"], "ok": True, "version": 1, "server": "x", "limits": {}}
+        conn.send(msgpack.packb(reply))
+        for msg, fds in _requests(conn):
+            for fd in fds:
+                os.close(fd)
+            asked.append(msg["op"])
+            os.lseek(shared, 100, os.SEEK_SET)  # another holder read 100 bytes of it
+            answer = {"id": msg["id"], "ok": True, "size": len(data), "hit": True}
+            conn.sendmsg([msgpack.packb(answer)], scm_rights([shared]))
+
+    def outcome(fd: int) -> str:
+        try:
+            return f"taken at offset {os.lseek(fd, 0, os.SEEK_CUR)}"
+        finally:
+            os.close(fd)
+
+    def client() -> str:
+        with Client(sock, timeout=5) as c:
+            try:
+                return outcome(c.open(src))
+            except ProtocolViolation:
+                return "refused"
+
+    async def aclient() -> str:
+        async with AsyncClient(sock, timeout=5) as c:
+            try:
+                return outcome(await c.open(src))
+            except ProtocolViolation:
+                return "refused"
+
+    def c_client() -> str:
+        import subprocess
+
+        assert binary is not None
+        done = subprocess.run(
+            [binary, "-q", "-s", str(sock), str(src)], capture_output=True, timeout=20, check=False
+        )
+        return "refused" if b"offset is not 0" in done.stderr else f"exit {done.returncode}"
+
+    binary, why = c_client_build()
+    require(binary is not None, f"the C client did not build: {why}")
+    outcomes: dict[str, str] = {}
+    try:
+        with trio.fail_after(60):
+            for name in ("Client", "AsyncClient", "C"):
+                with stand_in_daemon(shared_dir / f"sharing-{name}.sock", sharing):
+                    sock = shared_dir / f"sharing-{name}.sock"
+                    if name == "AsyncClient":
+                        outcomes[name] = await aclient()
+                    else:
+                        run = client if name == "Client" else c_client
+                        outcomes[name] = await trio.to_thread.run_sync(run)
+    finally:
+        os.close(shared)
+    print(f"{outcomes}; asked {asked}")
+    require(len(asked) >= 3, f"the stand-in was not asked by every client: {asked}")
+    assert outcomes == {"Client": "refused", "AsyncClient": "refused", "C": "refused"}, outcomes
+
+
+async def test_49_a_served_memfd_published_back_is_not_pinned_once_its_entry_goes(
+    start_daemon: Any, shared_dir: Path
+) -> None:
+    """Another uid that may read a cached file publishes the descriptor it was served
+    as a private file of its own and lets go of everything; the daemon kept its own
+    cached memfd as that private entry. Once the file's host entry is evicted, that
+    memfd counted as held out of the cache (pinned, in all uids' bound: a memfd
+    another uid found) while the cache, as the private entry, counted it too, and no
+    client held any of it. pinned_bytes must come back to 0."""
+    from .test_attacks_25 import MALLORY, REPUBLISH
+
+    d: Daemon = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0", "--max-entries", "2"
+    )
+    f = make_file(shared_dir / "libshared.so", b"s" * 50_000)
+    others = [make_file(shared_dir / f"other{i}", bytes([i]) * 3000) for i in range(2)]
+
+    def owner_opens(*paths: Path) -> dict[str, int]:
+        from shadowd_client import Client
+
+        with Client(d.socket_path, timeout=10) as c:
+            for p in paths:
+                for _ in range(2):
+                    os.close(c.open(p))
+            s = c.stats()
+        return {k: s[k] for k in ("hits", "entries", "evictions", "pinned_bytes")}
+
+    with trio.fail_after(60):
+        cached = await trio.to_thread.run_sync(owner_opens, f)
+        require(cached["hits"] == 1, f"the file was not cached: {cached}")
+        code = REPUBLISH.format(path=str(d.socket_path), name=str(f))
+        published = await trio.to_thread.run_sync(run_as, MALLORY, code)
+        require(published is True, f"the publish was refused: {published}")
+        after = await trio.to_thread.run_sync(owner_opens, *others[:1])
+        for _ in range(50):  # the memfds let go of are read as freed on later rounds
+            if after["pinned_bytes"] == 0:
+                break
+            await trio.sleep(0.1)
+            after = await trio.to_thread.run_sync(owner_opens)
+    print(f"cached {cached}; after the eviction {after}")
+    require(after["evictions"] >= 1, f"nothing was evicted: {after}")
+    assert after["pinned_bytes"] == 0, after

@@ -342,4 +342,7 @@ async def test_46_a_served_descriptor_published_back_does_not_drop_the_entry(
         after = await trio.to_thread.run_sync(owner_opens)
     print(f"published {published}; before {before}; after {after}")
     assert after["tampered"] == before["tampered"], (before, after)
-    assert after["copies"] == before["copies"], (before, after)
+    # No host copy made again: the owner's opens all hits. (The first publish is
+    # copied itself since attack 49: a memfd of the daemon's own is never kept.)
+    assert after["misses"] == before["misses"], (before, after)
+    assert after["copies"] <= before["copies"] + 1, (before, after)

@@ -25,7 +25,10 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2036,6 +2039,47 @@ dispatch(struct shadowd *c, const struct reply *rep, int *fds, int nfds, int dro
     return 0;
 }
 
+/* Whether *fd* is a file of shmem (a memfd) or hugetlbfs: only they answer
+ * F_GET_SEALS, and their close waits on nobody. */
+static int
+shmem(int fd)
+{
+    return fcntl(fd, F_GET_SEALS) >= 0;
+}
+
+static void *
+close_in_thread(void *arg)
+{
+    close((int)(intptr_t)arg);
+    return NULL;
+}
+
+/* Close *fd*, one the daemon sent that is no memfd, on a detached thread of
+ * its own: closing a file runs its file system's flush, which for a file
+ * of a FUSE mount waits for the mount's server, and a daemon's own mount
+ * need never answer (attack 47: the caller waited for good). A thread per
+ * descriptor: a close takes the number out of the process's table before
+ * it waits, where a descriptor left open would be flushed by the exec (or
+ * exit) of every child forked later. The thread blocks every signal, so
+ * that none meant for the process waits on it. Where no thread can be made
+ * the descriptor is left open. */
+static void
+close_apart(int fd)
+{
+    sigset_t all, before;
+    pthread_attr_t attr;
+    pthread_t t;
+    if (pthread_attr_init(&attr) != 0)
+        return;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &before);
+    pthread_create(&t, &attr, close_in_thread, (void *)(intptr_t)fd);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    pthread_attr_destroy(&attr);
+}
+
 /* Read one datagram without waiting: 1 handled, 0 nothing there, -1 the
  * connection is gone. */
 static int
@@ -2091,6 +2135,20 @@ recv_one(struct shadowd *c)
     if (n == 0 && nfds == 0) {
         fail_connection(c, F_BROKEN, NULL, "shadowd closed the connection");
         return -1;
+    }
+    /* Every descriptor the protocol sends is a memfd; anything else is
+     * refused before its close can hold the caller (close_apart). */
+    for (int i = 0; i < nfds; i++) {
+        if (!shmem(fds[i])) {
+            for (int j = 0; j < nfds; j++) {
+                if (shmem(fds[j]))
+                    close(fds[j]);
+                else
+                    close_apart(fds[j]);
+            }
+            fail_connection(c, F_BAD, NULL, "shadowd sent a descriptor that is no memfd; refused it");
+            return -1;
+        }
     }
     /* MSG_CTRUNC with room left for more descriptors than came: the kernel
      * had no number to give this process for the next one (its

@@ -3,14 +3,18 @@
 # fd. No I/O on the daemon's socket here; Client and AsyncClient do that.
 #
 # Must never: return an fd that is not sealed; leave an fd that
-# came with a reply unclosed when the reply is not handed to the caller.
+# came with a reply unclosed when the reply is not handed to the caller;
+# close on the caller's thread an fd the daemon sent that is no memfd (its
+# close may wait for good: attack 47).
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -144,8 +148,9 @@ def check_sealed(fd: int) -> None:
 
 
 def check_served(fd: int) -> None:
-    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`) and open
-    read-only, as the protocol promises; otherwise close it and raise ProtocolViolation.
+    """Accept an fd the daemon sent only if it is sealed (:func:`check_sealed`), open
+    read-only and at offset 0 (a description of its own), as the protocol promises;
+    otherwise close it and raise ProtocolViolation.
 
     A write-only fd could not even be read; a read-write one is not what was promised.
     """
@@ -157,10 +162,82 @@ def check_served(fd: int) -> None:
     if mode != os.O_RDONLY:
         os.close(fd)
         raise ProtocolViolation("the daemon sent a descriptor not open read-only; refused it")
+    # A new open file description starts at offset 0, and the daemon never reads
+    # through the one it sends: elsewhere another holder moved it (a dup, or one
+    # description sent to several), and a tracee's reads would move under it
+    # (attack 48; the C client's served_refusal checks the same).
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        offset = -1
+    if offset != 0:
+        os.close(fd)
+        raise ProtocolViolation(
+            "the daemon sent a descriptor whose offset is not 0 (a description another "
+            "holder shares); refused it"
+        )
 
 
 _F_GET_SEALS = fcntl.F_GET_SEALS
 _F_GETFL = fcntl.F_GETFL
+
+
+def reply_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of a reply from the daemon (recvmsg's *ancdata*), each a shmem file (a
+    memfd), the only kind the protocol sends; otherwise every one of them is let go of
+    (:func:`close_apart`) and UnsealedDescriptor raised: the reply is refused.
+
+    Closing a file runs its file system's flush, which for a file of a FUSE mount
+    waits for the mount's server: a daemon that sent one of its own mount's, whose
+    server never answers, held the client's close, and so its open, for good
+    (attack 47). F_GET_SEALS is answered by shmem and hugetlbfs alone, whose close
+    waits on nobody.
+    """
+    fds = fds_from_ancdata(ancdata)
+    for fd in fds:
+        if not _shmem(fd):
+            close_apart([fd for fd in fds if not _shmem(fd)])
+            close_all(fd for fd in fds if _shmem(fd))
+            raise UnsealedDescriptor(
+                "the daemon sent a descriptor that is no memfd (its close may wait on a "
+                "file system); refused it, and closed it apart"
+            ) from None
+    return fds
+
+
+def _shmem(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError:
+        return False
+    return True
+
+
+def close_apart(fds: Sequence[int]) -> None:
+    """Close each of *fds* on a thread of its own: a close that waits for good holds
+    that thread, never the caller. One thread a descriptor: a close takes its number out
+    of the process's table before it waits, whereas a descriptor queued behind a close
+    that waits would stay in it, and the child of every later fork would wait on its
+    flush when it execs (or exits). Each blocks every signal (it is made with them
+    blocked), so that none meant for the process waits on it."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        for fd in fds:
+            closer = threading.Thread(target=_close_quietly, args=(fd,), name="shadowd-close-apart")
+            closer.daemon = True
+            try:
+                closer.start()
+            except RuntimeError:
+                pass  # no thread to be had: the descriptor is left open, as in C
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class Broken(Exception):
@@ -530,7 +607,10 @@ def queued_refusal(fd: int, session: Session) -> ShadowdError | None:
             )
         except OSError:
             return None
-    fds = fds_from_ancdata(ancdata)
+    try:
+        fds = reply_fds(ancdata)
+    except ShadowdError:
+        return None
     if not data:
         close_all(fds)
         return None

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from shadowd.fds import close_all, fds_from_ancdata, scm_rights
+from shadowd.fds import close_all, scm_rights
 from shadowd.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -55,6 +55,7 @@ from ._session import (
     own_stats,
     private_fd,
     queued_refusal,
+    reply_fds,
     request_of,
     served_as,
     stats_of,
@@ -430,7 +431,7 @@ class AsyncClient:
             conn.sock.recvmsg_into([conn.buf], ANC_SPACE, RECV_FLAGS),
             "waiting for a reply",
         )
-        fds = fds_from_ancdata(ancdata)
+        fds = reply_fds(ancdata)
         if n == 0 and not fds:
             raise Broken(None, "waiting for a reply")
         return conn.session.receive(memoryview(conn.buf)[:n], fds, flags)

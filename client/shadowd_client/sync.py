@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from shadowd.fds import close_all, fds_from_ancdata, scm_rights
+from shadowd.fds import close_all, scm_rights
 from shadowd.protocol import (
     PROTOCOL_VERSION,
     ClientConnection,
@@ -61,6 +61,7 @@ from ._session import (
     peer_of,
     private_fd,
     queued_refusal,
+    reply_fds,
     request_of,
     served_as,
     stats_of,
@@ -798,7 +799,7 @@ class Client:
             raise Broken(TimeoutError(), "waiting for a reply") from None
         except OSError as exc:
             raise self._broken(exc, "waiting for a reply") from None
-        fds = fds_from_ancdata(ancdata)
+        fds = reply_fds(ancdata)
         if n == 0 and not fds:
             raise Broken(None, "waiting for a reply")
         return self._session.receive(memoryview(self._buf)[:n], fds, flags)
