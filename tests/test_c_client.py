@@ -3364,6 +3364,7 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
     import random
 
     daemon = await start_daemon("--racy-window", "0.05", "--max-entries", "3")
+    daemon.favour()  # ahead of the driver's busy loop and the rewriter
     names = [tmp_path / f"lib{i}.so" for i in range(10)]
     for i, name in enumerate(names):
         _churn_write(name, 20_000 + i, 1_000_000_000 * (i + 1))

@@ -412,6 +412,7 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
 ) -> None:
     """Another client replaces files (new inodes) while a small cache evicts and refills."""
     d: Daemon = await start_daemon("--racy-window", RACY, "--max-entries", "3")
+    d.favour()  # ahead of the reader's busy loop and the rewriter
     names = [tmp_path / f"lib{i}.so" for i in range(10)]
     stop = threading.Event()
     changes = 0
