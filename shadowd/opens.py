@@ -242,9 +242,12 @@ class HostOpens:
         entry = self.cache.lookup(key, version)
         if entry is not None:
             if self.guard.usable(entry, fd, st, remote=remote):
-                self.guard.found(entry.file, share.uid)
-                if not serve:
-                    self.cache.unserved(entry)  # its client copied it: a miss to it
+                if serve:
+                    self.guard.found(entry.file, share.uid)
+                else:
+                    # Its client copied it and holds none of ours: a miss to
+                    # it, and no find that would move the memfd's charge.
+                    self.cache.unserved(entry)
                 return entry.file, entry.size, version
             self.cache.reject(entry)
         assert self.nursery is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,36 @@ async def test_a_told_file_whose_copy_fails_fails_alone_in_its_group(
             assert server.copier.copy_failures == 1 and server.copier.copies == len(told) - 1
             assert server.pins.charged.get(share.uid, 0) == 0
             assert share.quota.idle and share.fds == 0
+
+
+async def test_a_told_item_of_another_uid_that_hits_moves_no_charge(tmp_path: Path) -> None:
+    """Attack 41's rule moves a memfd's charge to all uids once another uid's request
+    finds it, because that uid may hold it. A told item (`serve: false`: its client
+    copied the file itself) that hits is served nothing and holds nothing: the memfd
+    stays charged to the uid whose request made it and which holds it."""
+    f = make_file(tmp_path / "lib.so", os.urandom(100_000))
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with trio.fail_after(10):
+            async with serving() as server:
+                pins = server.opens.pins
+                maker, teller = (
+                    server.gate.admit(Peer(pid=os.getpid(), uid=uid, gid=uid), None).share  # type: ignore[arg-type]
+                    for uid in (1000, 1001)
+                )
+                flight = server.opens.serve_now(fd, None, maker)
+                assert isinstance(flight, Flight)
+                held = (await flight.wait())[0]  # the maker's copy, held
+                await trio.testing.wait_all_tasks_blocked()  # and cached
+                told = server.opens.serve_now(fd, None, teller, wait=False, told=True, serve=False)
+                assert isinstance(told, tuple)  # a hit, served to nobody
+                server.cache.clear()  # out of the cache, still held by the maker
+                assert (pins.charged, pins.shared) == ({1000: 100_000}, 0)
+                os.close(held)
+                deadline = time.monotonic() + 5
+                while pins.used:  # freed: the kernel says so
+                    assert time.monotonic() < deadline
+                    server.opens.watches.drain()
+                    await trio.sleep(0.01)
+    finally:
+        os.close(fd)
