@@ -350,6 +350,8 @@ class Dispatcher:
             entry = index.get(HostKey(dev, ino))
             if entry is not None and not entry.private and n > 0:
                 cache.touch(entry, n)  # its place in the LRU order and its top-file count
+                # The reader may hold it as a socket hit's client may: a find.
+                self.opens.guard.found(entry.file, conn.peer.uid)
         # The client says how many: saturated, so the stats can always be sent.
         self.index_hits = min(self.index_hits + reported, MAX_COUNT)
 

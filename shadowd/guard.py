@@ -91,9 +91,9 @@ class EntryGuard:
         sealed.sole_uid = None if shared else uid
 
     def found(self, file: Shareable, uid: int) -> None:
-        """A request of *uid* found *file* in the cache (a hit, whether or not it asked
-        for a descriptor): if another uid is charged for it, none is from now on, all
-        uids together are (pins.py, attack 41)."""
+        """A peer of *uid* was given *file* from the cache (a hit through the socket, or
+        index hits it reported): if another uid is charged for it, none is from now on,
+        all uids together are (pins.py, attack 41)."""
         if isinstance(file, SealedFile) and file.sole_uid is not None and file.sole_uid != uid:
             file.sole_uid = None
             self.pins.found(file.pin_wd, uid)

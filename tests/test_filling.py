@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from shadowd.errors import RequestError
 from shadowd.fds import FdHolder
 from shadowd.filling import FILL_QUEUE
 from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
-from shadowd.protocol import ErrorCode
+from shadowd.protocol import ErrorCode, Report
 from shadowd.server import Server, ServerConfig
 
 from .conftest import make_file, read_fd
@@ -324,6 +325,43 @@ async def test_a_told_item_of_another_uid_that_hits_moves_no_charge(tmp_path: Pa
                 assert isinstance(told, tuple)  # a hit, served to nobody
                 server.cache.clear()  # out of the cache, still held by the maker
                 assert (pins.charged, pins.shared) == ({1000: 100_000}, 0)
+                os.close(held)
+                deadline = time.monotonic() + 5
+                while pins.used:  # freed: the kernel says so
+                    assert time.monotonic() < deadline
+                    server.opens.watches.drain()
+                    await trio.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
+async def test_index_hits_of_another_uid_reported_move_the_charge_as_a_hit_does(
+    tmp_path: Path,
+) -> None:
+    """A reader of the index (root, or the daemon's uid) takes a memfd another uid's
+    request made without any request the daemon answers; its report of the hits is
+    the daemon's only word of it, and counts as the find a socket hit is (attack 41):
+    from then on no uid is charged for the memfd, all uids together are."""
+    f = make_file(tmp_path / "lib.so", os.urandom(100_000))
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    try:
+        with trio.fail_after(10):
+            async with serving() as server:
+                pins = server.opens.pins
+                maker = server.gate.admit(Peer(pid=os.getpid(), uid=1000, gid=1000), None).share  # type: ignore[arg-type]
+                flight = server.opens.serve_now(fd, None, maker)
+                assert isinstance(flight, Flight)
+                held = (await flight.wait())[0]  # the maker's copy, held
+                await trio.testing.wait_all_tasks_blocked()  # and cached
+                # The reader: the only part of a connection a report reads is its peer.
+                reader = types.SimpleNamespace(peer=Peer(pid=os.getpid(), uid=0, gid=0))
+                server.dispatcher.count_report(
+                    reader,  # type: ignore[arg-type]
+                    Report(id=1, hits=((st.st_dev, st.st_ino, 3),)),
+                )
+                server.cache.clear()  # out of the cache, held (by the maker, or the reader)
+                assert (pins.charged, pins.shared) == ({}, 100_000)
                 os.close(held)
                 deadline = time.monotonic() + 5
                 while pins.used:  # freed: the kernel says so
