@@ -56,7 +56,7 @@ def build_supervisor(
         return None, "no C compiler (cc, gcc or $CC)"
     binary = os.path.join(workdir, name)
     done = subprocess.run(
-        [cc, "-O2", "-Wall", "-Wextra", f"-I{c_client}", *flags, "-o", binary]
+        [cc, "-O2", "-Wall", "-Wextra", "-pthread", f"-I{c_client}", *flags, "-o", binary]
         + [str(s) for s in sources],
         capture_output=True,
         text=True,

@@ -84,7 +84,7 @@ def driver_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
     assert cc is not None
     done = subprocess.run(
         [cc, "-std=gnu99", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR), "-o", str(out),
-         str(REPO / "tests" / "c_driver.c"), str(C_DIR / "shadowd.c")],
+         str(REPO / "tests" / "c_driver.c"), str(C_DIR / "shadowd.c"), "-pthread"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -4625,7 +4625,7 @@ def test_a_file_dated_past_2262_is_asked_for_without_undefined_behaviour(
     done = subprocess.run(
         [cc, "-std=gnu99", "-O1", "-fsanitize=signed-integer-overflow",
          "-fno-sanitize-recover=all", "-I", str(C_DIR), "-o", str(binary), str(src),
-         str(C_DIR / "shadowd.c")],
+         str(C_DIR / "shadowd.c"), "-pthread"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -39,7 +39,10 @@ def build_c_client(workdir: str, *flags: str) -> tuple[str | None, str]:
         return None, "no C compiler (cc, gcc or $CC)"
     binary = os.path.join(workdir, "shadowd-open")
     done = subprocess.run(
-        [cc, "-O2", *flags, "-o", binary, *sources], capture_output=True, text=True, check=False
+        [cc, "-O2", *flags, "-o", binary, *sources, "-pthread"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         return None, f"the C client did not compile: {done.stderr.strip()[:200]}"
