@@ -503,6 +503,16 @@ def deep_file(base: Path, length: int, data: bytes) -> Path:
     return f
 
 
+async def until_unpinned(server: Any) -> None:
+    """Until the in-process *server* tracks no memfd as pinned: the kernel said (through
+    its watches) that every holder let go. Within 5 s."""
+    deadline = time.monotonic() + 5
+    while server.opens.pins.used:
+        assert time.monotonic() < deadline
+        server.opens.watches.drain()
+        await trio.sleep(0.01)
+
+
 def read_fd(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
 from shadowd.protocol import ErrorCode, Report
 from shadowd.server import Server, ServerConfig
 
-from .conftest import make_file, read_fd
+from .conftest import make_file, read_fd, until_unpinned
 
 
 @contextlib.asynccontextmanager
@@ -326,11 +325,7 @@ async def test_a_told_item_of_another_uid_that_hits_moves_no_charge(tmp_path: Pa
                 server.cache.clear()  # out of the cache, still held by the maker
                 assert (pins.charged, pins.shared) == ({1000: 100_000}, 0)
                 os.close(held)
-                deadline = time.monotonic() + 5
-                while pins.used:  # freed: the kernel says so
-                    assert time.monotonic() < deadline
-                    server.opens.watches.drain()
-                    await trio.sleep(0.01)
+                await until_unpinned(server)  # freed: the kernel says so
     finally:
         os.close(fd)
 
@@ -363,10 +358,6 @@ async def test_index_hits_of_another_uid_reported_move_the_charge_as_a_hit_does(
                 server.cache.clear()  # out of the cache, held (by the maker, or the reader)
                 assert (pins.charged, pins.shared) == ({}, 100_000)
                 os.close(held)
-                deadline = time.monotonic() + 5
-                while pins.used:  # freed: the kernel says so
-                    assert time.monotonic() < deadline
-                    server.opens.watches.drain()
-                    await trio.sleep(0.01)
+                await until_unpinned(server)  # freed: the kernel says so
     finally:
         os.close(fd)

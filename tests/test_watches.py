@@ -26,6 +26,8 @@ from shadowd.server import Server, ServerConfig
 from shadowd.source import stat_nosync
 from shadowd.watches import Watches
 
+from .conftest import until_unpinned
+
 
 class _Seen:
     def __init__(self) -> None:
@@ -347,11 +349,7 @@ async def test_a_copy_a_request_of_another_uid_joined_is_charged_to_no_uid(
                     assert (pins.charged, pins.used) == (charged, 100_000), uids
                     for held in served:
                         os.close(held)
-                    deadline = time.monotonic() + 5
-                    while pins.used:  # freed: the kernel says so
-                        assert time.monotonic() < deadline
-                        server.opens.watches.drain()
-                        await trio.sleep(0.01)
+                    await until_unpinned(server)  # freed: the kernel says so
                     os.utime(fd)  # a new version, copied again
                 nursery.cancel_scope.cancel()
     finally:
