@@ -313,7 +313,10 @@ class Filler:
             share.quota.release()  # none still wanted
             return
         assert self.nursery is not None
-        for flight in self.copier.start_group(self.nursery, items, share.quota):
+        # Their sizes were told; a file grown since must not hold up the rest (nor a
+        # request of any uid that joins a later flight) for more bytes than that.
+        max_bytes = TOLD_GROUP_BYTES if len(items) > 1 else None
+        for flight in self.copier.start_group(self.nursery, items, share.quota, max_bytes):
             flight.uid = uid
 
     def _unreserve(self, uid: int, size: int) -> Callable[[], None]:

@@ -24,7 +24,7 @@ from shadowd.cache import CacheLimits, HostKey
 from shadowd.copier import Flight, Quota
 from shadowd.errors import RequestError
 from shadowd.fds import FdHolder
-from shadowd.filling import FILL_QUEUE
+from shadowd.filling import FILL_QUEUE, TOLD_GROUP_BYTES
 from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
 from shadowd.protocol import ErrorCode
 from shadowd.server import Server, ServerConfig
@@ -227,12 +227,14 @@ def copies_held(
     go = threading.Event()
     real = copier.copy_source
 
-    def held(src: FdHolder, expected: Any, watches: Any = None) -> copier.Copied:
+    def held(
+        src: FdHolder, expected: Any, watches: Any = None, *, max_size: int | None = None
+    ) -> copier.Copied:
         go.wait(20)
         if fail is not None and expected is not None and expected.ino == fail.stat().st_ino:
             src.close()
             raise RequestError(ErrorCode.UNSTABLE, "kept changing (the test's)")
-        return real(src, expected, watches)
+        return real(src, expected, watches, max_size=max_size)
 
     monkeypatch.setattr(copier, "copy_source", held)
     try:
@@ -296,5 +298,34 @@ async def test_a_told_file_whose_copy_fails_fails_alone_in_its_group(
             keys = [k for k in server.cache.lru_keys() if isinstance(k, HostKey)]
             assert keys == [key_of(p) for i, p in enumerate(told) if i != 2]
             assert server.copier.copy_failures == 1 and server.copier.copies == len(told) - 1
+            assert server.pins.charged.get(share.uid, 0) == 0
+            assert share.quota.idle and share.fds == 0
+
+
+async def test_a_told_file_grown_since_it_was_told_of_keeps_its_group_within_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """A group of told files is chosen by the sizes they were told of, and a request
+    of any uid that joins one of its flights waits for the copies before it: a file
+    that grew since (its owner's to grow) must not make the job copy more than
+    TOLD_GROUP_BYTES. It is not copied in the group (it was only a fill); the others
+    are cached, and what it held is given back."""
+    grown = make_file(tmp_path / "grown", os.urandom(5000))
+    other = make_file(tmp_path / "other", os.urandom(5001))
+    with trio.fail_after(30):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, [grown, other]) == [True, True]
+            # Before the uid's pump runs (nothing has awaited yet): the owner grows it.
+            with open(grown, "ab") as f:
+                f.write(os.urandom(4 * TOLD_GROUP_BYTES))
+            await trio.testing.wait_all_tasks_blocked()
+            while server.copier.in_flight:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.bytes_copied <= TOLD_GROUP_BYTES
+            keys = [k for k in server.cache.lru_keys() if isinstance(k, HostKey)]
+            assert keys == [key_of(other)]
+            assert server.copier.copy_failures == 1 and server.copier.copies == 1
             assert server.pins.charged.get(share.uid, 0) == 0
             assert share.quota.idle and share.fds == 0
