@@ -302,14 +302,22 @@ class Copied:
 
 
 def copy_source(
-    src: FdHolder, expected: SourceStat | None, watches: Watches | None = None
+    src: FdHolder,
+    expected: SourceStat | None,
+    watches: Watches | None = None,
+    *,
+    max_size: int | None = None,
+    left: int | None = None,
 ) -> Copied:
     """Blocking: a sealed copy of *src*, retried while the file keeps changing.
 
     Takes ownership of *src* and closes it, in this thread. *expected* is the
     stat the request was made with (None for an fd not yet inspected). The
     source's inode is watched first, and a read lease is held around each
-    attempt, so that a change the stat cannot show is seen either way.
+    attempt, so that a change the stat cannot show is seen either way. A source
+    found larger than *max_size* (--max-file-size: the size asked with was checked,
+    a retry's is here) is not copied (FILE_TOO_LARGE), nor one larger than *left*,
+    what its group may still copy (copy_sources; UNSTABLE).
     """
     wd = -1
     try:
@@ -324,6 +332,19 @@ def copy_source(
                 st = stat_sync(src.fd)
                 check_readable(src.fd)
                 check_regular(st)
+            if max_size is not None and st.size > max_size:
+                raise RequestError(
+                    ErrorCode.FILE_TOO_LARGE,
+                    f"file is {st.size} bytes, above the daemon's --max-file-size of "
+                    f"{max_size}; copy it locally",
+                )
+            if left is not None and st.size > left:
+                # Grown since it was asked for, past what its group may copy.
+                raise RequestError(
+                    ErrorCode.UNSTABLE,
+                    f"the file grew to {st.size} bytes since it was asked for "
+                    f"(at most {left} could be copied with it)",
+                )
             refused = leases.take(src.fd)
             started = time.perf_counter()
             try:
@@ -370,20 +391,31 @@ def inspect_source(src: FdHolder) -> SourceStat:
 
 
 def copy_sources(
-    sources: Sequence[tuple[FdHolder, SourceStat]], watches: Watches | None
+    sources: Sequence[tuple[FdHolder, SourceStat]],
+    watches: Watches | None,
+    max_bytes: int | None = None,
+    max_size: int | None = None,
 ) -> tuple[Copied | Exception, ...]:
     """Blocking: copy_source of each (source, stat) in turn, each source closed here;
     a source's error is its result, never the others'. Sleeps GROUP_PAUSE between
-    two copies."""
+    two copies. With *max_bytes*, the copies made come to at most that many bytes:
+    the stats were taken when each file was asked for, and a file that grew since
+    past what is left is not copied (a request that joined a later one's flight
+    waits on these copies, whoever's file they are). *max_size*: copy_source's."""
     done: list[Copied | Exception] = []
+    left = max_bytes
     try:
         for src, st in sources:
             if done:
                 time.sleep(GROUP_PAUSE)
             try:
-                done.append(copy_source(src, st, watches))
+                copied = copy_source(src, st, watches, max_size=max_size, left=left)
             except Exception as exc:
                 done.append(exc)
+            else:
+                done.append(copied)
+                if left is not None:
+                    left -= copied.stat.size
     except BaseException:
         _release(tuple(done))
         close_sources(sources[len(done) :])
@@ -469,6 +501,8 @@ class Copier:
     remote_limiter: trio.CapacityLimiter
     #: The watches a flight's source is added to (while the server serves).
     watches: Watches | None = None
+    #: --max-file-size: a copy that finds its source grown past it stops (copy_source).
+    max_file_size: int | None = None
     _flights: dict[Hashable, Flight] = attrs.field(factory=dict)
     copies: int = 0
     bytes_copied: int = 0
@@ -520,11 +554,11 @@ class Copier:
         remote: bool,
     ) -> None:
         limiter = self.remote_limiter if remote else self.local_limiter
-        watches = self.watches
+        watches, max_size = self.watches, self.max_file_size
         try:
             try:
                 copied: Copied | BaseException = await run_job(
-                    lambda: copy_source(src, expected, watches),
+                    lambda: copy_source(src, expected, watches, max_size=max_size),
                     _release,
                     limiter,
                     unstarted=src.close,
@@ -545,12 +579,14 @@ class Copier:
         nursery: trio.Nursery,
         items: Sequence[GroupItem],
         quota: Quota,
+        max_bytes: int | None = None,
     ) -> list[Flight]:
         """Start copying several local sources (each item's *src* moves here) in one
         worker job, one after another, on the one slot of *quota* the caller took:
         a flight for each, all copying from now on (a request that joins one waits
         for the copies before it in the group). Their results are applied together,
-        in order, when the job ends; the slot is released then."""
+        in order, when the job ends; the slot is released then. With *max_bytes*,
+        the job copies at most that many bytes (copy_sources)."""
         watches = self.watches
         flights = []
         for item in items:
@@ -561,20 +597,24 @@ class Copier:
             )
             self._flights[item.key] = flight
             flights.append(flight)
-        nursery.start_soon(self._run_group, flights, items, quota)
+        nursery.start_soon(self._run_group, flights, items, quota, max_bytes)
         return flights
 
     async def _run_group(
-        self, flights: list[Flight], items: Sequence[GroupItem], quota: Quota
+        self,
+        flights: list[Flight],
+        items: Sequence[GroupItem],
+        quota: Quota,
+        max_bytes: int | None,
     ) -> None:
-        watches = self.watches
+        watches, max_size = self.watches, self.max_file_size
         sources = [(item.src, item.stat) for item in items]
         results: tuple[Copied | Exception, ...] = ()
         settled = 0
         try:
             try:
                 results = await run_job(
-                    lambda: copy_sources(sources, watches),
+                    lambda: copy_sources(sources, watches, max_bytes, max_size),
                     _release,
                     self.local_limiter,
                     unstarted=lambda: close_sources(sources),

@@ -61,7 +61,8 @@ FILL_QUEUE = 512
 #: uid's quota (Filler._fly_told): at most this many, and this many bytes of them
 #: (or one file, when it alone is larger). A request that joins the flight of one
 #: of them waits for the copies before it in the group; the bytes bound keeps that
-#: below what one told file of a few MiB costs it anyway.
+#: below what one told file of a few MiB costs it anyway. The sizes are those told
+#: of; the job holds its copies to the bytes bound whatever the files grew to since.
 TOLD_GROUP_FILES = 16
 TOLD_GROUP_BYTES = 1 << 20
 
@@ -313,7 +314,10 @@ class Filler:
             share.quota.release()  # none still wanted
             return
         assert self.nursery is not None
-        for flight in self.copier.start_group(self.nursery, items, share.quota):
+        # Their sizes were told; a file grown since must not hold up the rest (nor a
+        # request of any uid that joins a later flight) for more bytes than that.
+        max_bytes = TOLD_GROUP_BYTES if len(items) > 1 else None
+        for flight in self.copier.start_group(self.nursery, items, share.quota, max_bytes):
             flight.uid = uid
 
     def _unreserve(self, uid: int, size: int) -> Callable[[], None]:

@@ -162,6 +162,7 @@ class Server:
         self.copier = Copier(
             local_limiter=trio.CapacityLimiter(config.copy_workers),
             remote_limiter=trio.CapacityLimiter(config.remote_workers),
+            max_file_size=config.cache.max_file_size,
         )
         self.mounts = MountTrust()
         self.gate = Gate(config.access, config.peers)

@@ -25,7 +25,7 @@ from shadowd.cache import CacheLimits, HostKey
 from shadowd.copier import Flight, Quota
 from shadowd.errors import RequestError
 from shadowd.fds import FdHolder
-from shadowd.filling import FILL_QUEUE
+from shadowd.filling import FILL_QUEUE, TOLD_GROUP_BYTES
 from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
 from shadowd.protocol import ErrorCode, Report
 from shadowd.server import Server, ServerConfig
@@ -34,10 +34,11 @@ from .conftest import make_file, read_fd, until_unpinned
 
 
 @contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[Server]:
+async def serving(config: ServerConfig | None = None) -> AsyncIterator[Server]:
     """A server's opens as serve() sets them up (watches, mount table, a nursery),
-    without a socket; its racy window 0, so that new files are cached."""
-    server = Server(ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0)))
+    without a socket; its racy window 0 (unless *config* says), so that new files
+    are cached."""
+    server = Server(config or ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0)))
     opens = server.opens
     opens.watches.open()
     server.mounts.open()
@@ -228,12 +229,12 @@ def copies_held(
     go = threading.Event()
     real = copier.copy_source
 
-    def held(src: FdHolder, expected: Any, watches: Any = None) -> copier.Copied:
+    def held(src: FdHolder, expected: Any, watches: Any = None, **bounds: Any) -> copier.Copied:
         go.wait(20)
         if fail is not None and expected is not None and expected.ino == fail.stat().st_ino:
             src.close()
             raise RequestError(ErrorCode.UNSTABLE, "kept changing (the test's)")
-        return real(src, expected, watches)
+        return real(src, expected, watches, **bounds)
 
     monkeypatch.setattr(copier, "copy_source", held)
     try:
@@ -361,3 +362,65 @@ async def test_index_hits_of_another_uid_reported_move_the_charge_as_a_hit_does(
                 await until_unpinned(server)  # freed: the kernel says so
     finally:
         os.close(fd)
+
+
+async def test_a_told_file_grown_since_it_was_told_of_keeps_its_group_within_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """A group of told files is chosen by the sizes they were told of, and a request
+    of any uid that joins one of its flights waits for the copies before it: a file
+    that grew since (its owner's to grow) must not make the job copy more than
+    TOLD_GROUP_BYTES. It is not copied in the group (it was only a fill); the others
+    are cached, and what it held is given back."""
+    grown = make_file(tmp_path / "grown", os.urandom(5000))
+    other = make_file(tmp_path / "other", os.urandom(5001))
+    with trio.fail_after(30):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, [grown, other]) == [True, True]
+            # Before the uid's pump runs (nothing has awaited yet): the owner grows it.
+            with open(grown, "ab") as f:
+                f.write(os.urandom(4 * TOLD_GROUP_BYTES))
+            await trio.testing.wait_all_tasks_blocked()
+            while server.copier.in_flight:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.bytes_copied <= TOLD_GROUP_BYTES
+            keys = [k for k in server.cache.lru_keys() if isinstance(k, HostKey)]
+            assert keys == [key_of(other)]
+            assert server.copier.copy_failures == 1 and server.copier.copies == 1
+            assert server.pins.charged.get(share.uid, 0) == 0
+            assert share.quota.idle and share.fds == 0
+
+
+async def test_a_file_grown_past_the_file_size_limit_before_its_copy_is_not_copied(
+    tmp_path: Path,
+) -> None:
+    """An open that waits for its copy asked with the file's size then; a copy that
+    finds the file changed copies it again at its new size, which must not be above
+    --max-file-size (its bytes reserved were the old size's): refused as the daemon
+    refuses such a file at once (file-too-large), what it held given back."""
+    limit = 64 * 1024
+    path = make_file(tmp_path / "grows", os.urandom(5000))
+    config = ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0, max_file_size=limit))
+    with trio.fail_after(30):
+        async with serving(config) as server:
+            opens = server.opens
+            share = UidShare(os.getuid(), Quota(limit=2))
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            outcome = opens.serve_now(fd, str(path), share)
+            assert isinstance(outcome, Flight)
+            pending = opens.pending(fd, outcome)
+            # Before its copy starts (nothing has awaited yet): the owner grows it.
+            with open(path, "ab") as f:
+                f.write(os.urandom(16 * limit))
+            with pytest.raises(RequestError) as caught:
+                served = await opens.finish(pending, str(path), share)
+                size = os.fstat(served.fd.fd).st_size
+                served.fd.close()
+                raise AssertionError(f"served a copy of {size} bytes")
+            assert caught.value.code is ErrorCode.FILE_TOO_LARGE
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.bytes_copied == 0 and len(server.cache) == 0
+            assert server.pins.charged.get(share.uid, 0) == 0
+            assert share.quota.idle
