@@ -23,7 +23,7 @@ from .fds import FdHolder
 from .leases import Writers
 from .memfd import SealedFile, sealed_copy
 from .protocol import ErrorCode
-from .source import SourceStat, check_readable, check_regular, stat_sync
+from .source import SourceStat, check_readable, check_regular, check_size, stat_sync
 from .watches import Watches
 
 logger = logging.getLogger(__name__)
@@ -332,12 +332,8 @@ def copy_source(
                 st = stat_sync(src.fd)
                 check_readable(src.fd)
                 check_regular(st)
-            if max_size is not None and st.size > max_size:
-                raise RequestError(
-                    ErrorCode.FILE_TOO_LARGE,
-                    f"file is {st.size} bytes, above the daemon's --max-file-size of "
-                    f"{max_size}; copy it locally",
-                )
+            if max_size is not None:
+                check_size(st.size, max_size)
             if left is not None and st.size > left:
                 # Grown since it was asked for, past what its group may copy.
                 raise RequestError(

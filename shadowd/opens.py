@@ -30,9 +30,16 @@ from .filling import Filler
 from .guard import EntryGuard
 from .inflight import FdBudget
 from .pins import Pins
-from .protocol import ErrorCode, Version
+from .protocol import Version
 from .refusals import Refusals
-from .source import MountTrust, SourceStat, check_readable, check_regular, stat_nosync
+from .source import (
+    MountTrust,
+    SourceStat,
+    check_readable,
+    check_regular,
+    check_size,
+    stat_nosync,
+)
 from .stats import Latencies
 from .watches import Watches
 
@@ -104,15 +111,6 @@ def served_fd(file: Shareable) -> int:
         return file.share()
     except OSError as exc:
         raise share_error(exc) from exc
-
-
-def check_size(size: int, limit: int) -> None:
-    """Refuse a file above the daemon's --max-file-size of *limit* bytes."""
-    if size > limit:
-        raise RequestError(
-            ErrorCode.FILE_TOO_LARGE,
-            f"file is {size} bytes, above the daemon's --max-file-size of {limit}; copy it locally",
-        )
 
 
 @attrs.define(eq=False)

@@ -30,10 +30,10 @@ from .copier import Copier, Quota
 from .errors import RequestError, SourceChanged, refusing_os_errors, request_error_from_os
 from .fds import FdHolder
 from .memfd import F_SEAL_EXEC, REQUIRED_SEALS, SealedFile, memfd_seals, own_sealed, sealed_copy
-from .opens import Served, check_size
+from .opens import Served
 from .pins import Pins
 from .protocol import ErrorCode, FileKey, Lookup, Publish
-from .source import check_readable, check_regular, stat_sync
+from .source import check_readable, check_regular, check_size, stat_sync
 
 #: Errors of F_ADD_SEALS that mean "this file cannot be sealed by us": a
 #: writable shared mapping (EBUSY), F_SEAL_SEAL already set or an fd not open

@@ -149,6 +149,15 @@ def check_regular(st: SourceStat) -> None:
         )
 
 
+def check_size(size: int, limit: int) -> None:
+    """Refuse a file above the daemon's --max-file-size of *limit* bytes."""
+    if size > limit:
+        raise RequestError(
+            ErrorCode.FILE_TOO_LARGE,
+            f"file is {size} bytes, above the daemon's --max-file-size of {limit}; copy it locally",
+        )
+
+
 _KIND_NAMES = {
     stat.S_IFDIR: "directory",
     stat.S_IFIFO: "FIFO",
