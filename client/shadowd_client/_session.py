@@ -194,15 +194,15 @@ def reply_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
     waits on nobody.
     """
     fds = fds_from_ancdata(ancdata)
-    for fd in fds:
-        if not _shmem(fd):
-            close_apart([fd for fd in fds if not _shmem(fd)])
-            close_all(fd for fd in fds if _shmem(fd))
-            raise UnsealedDescriptor(
-                "the daemon sent a descriptor that is no memfd (its close may wait on a "
-                "file system); refused it, and closed it apart"
-            ) from None
-    return fds
+    shmem = [_shmem(fd) for fd in fds]
+    if all(shmem):
+        return fds
+    close_apart([fd for fd, ok in zip(fds, shmem, strict=True) if not ok])
+    close_all(fd for fd, ok in zip(fds, shmem, strict=True) if ok)
+    raise UnsealedDescriptor(
+        "the daemon sent a descriptor that is no memfd (its close may wait on a "
+        "file system); refused it, and closed it apart"
+    )
 
 
 def _shmem(fd: int) -> bool:
