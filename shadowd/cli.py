@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "shadowd stats: argument --textfile: writes the Prometheus format, "
                     "not --json (see shadowd stats --help)\n",
                 )
+            if args.paths and not (args.prometheus or args.textfile is not None):
+                parser.exit(
+                    2,
+                    "shadowd stats: argument --paths: only with --prometheus or --textfile "
+                    "(the table and --json always name the top files; see shadowd stats "
+                    "--help)\n",
+                )
             from .cli_stats import run_stats
 
             return run_stats(args)

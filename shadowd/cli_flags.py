@@ -422,4 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         "collector) instead of stdout, atomically (a temporary file renamed over it); "
         "when no daemon answers, PATH says shadowd_up 0. Implies --prometheus",
     )
+    stats.add_argument(
+        "--paths",
+        action="store_true",
+        help="with --prometheus or --textfile, also the files that gain most, by the path "
+        "labels clients sent (shadowd_top_file_*): left out unless asked, since the "
+        "output is read by others (a textfile is world-readable and served over HTTP) "
+        "and each label any client chose would be a new time series",
+    )
     return parser

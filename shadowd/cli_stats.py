@@ -128,7 +128,7 @@ def _render(stats: Stats, args: argparse.Namespace, path: str, rates: str = "") 
     if args.json:
         return format_json(stats) + "\n"
     if args.prometheus:
-        return format_prometheus(stats, now=round(time.time(), 3))
+        return format_prometheus(stats, now=round(time.time(), 3), paths=args.paths)
     table = format_table(stats, path)
     return f"{table}\n{rates}\n" if rates else f"{table}\n"
 

@@ -5,7 +5,8 @@
 #
 # Must never: do I/O or change the numbers it renders (each sample is the
 # figure in the Stats value); write a label value unescaped (a path label is
-# any string a client chose).
+# any string a client chose); write a path label unless asked (its output is
+# read by others than the viewer the daemon answered, attack 50).
 from __future__ import annotations
 
 import math
@@ -278,11 +279,13 @@ def format_prometheus_down(now: float | None = None) -> str:
     return "\n".join(out.lines) + "\n"
 
 
-def format_prometheus(stats: Stats, now: float | None = None) -> str:
+def format_prometheus(stats: Stats, now: float | None = None, *, paths: bool = False) -> str:
     """The stats in the Prometheus text exposition format: base units, _total counters.
 
     *now* (Unix time) adds ``shadowd_scrape_timestamp_seconds``, so that a
     consumer of a file written earlier can tell how old its numbers are.
+    *paths* adds the top files by the path labels clients sent; without it no
+    label value a client chose is written (docs/security.md, attack 50).
     """
     out = _Exposition()
     _freshness(out, 1, now)
@@ -342,6 +345,10 @@ def format_prometheus(stats: Stats, now: float | None = None) -> str:
         "sending its reply, kind=copy to copy a file into a memfd.",
         [({"kind": kind}, hist) for kind, hist in stats.latency.by_kind().items()],
     )
+    if not paths:
+        # Root's stats name every uid's files: a textfile is read by every user
+        # and served over HTTP, and each new label would be a new series.
+        return "\n".join(out.lines) + "\n"
     out.family(
         "shadowd_top_file_hits",
         "gauge",

@@ -296,7 +296,7 @@ async def test_stats_prometheus_from_a_live_daemon_parses(daemon: Daemon, tmp_pa
     settle(f)
     with trio.fail_after(30):
         await open_times(daemon, f, 3)
-        proc = await run("stats", "--socket", str(daemon.socket_path), "--prometheus")
+        proc = await run("stats", "--socket", str(daemon.socket_path), "--prometheus", "--paths")
     assert proc.returncode == 0, proc.stderr
     families = promtext.parse(proc.stdout)
     assert families["shadowd_hits_total"].value(kind="host") == 2
@@ -469,6 +469,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: 
         (["bench", "--procs", "4,0"], ["--procs", "at least 1", "'0'"]),
         (["bench", "--memory-procs", "-2"], ["--memory-procs", "at least 0"]),
         (["stats", "--json", "--textfile", "x.prom"], ["--textfile", "--json"]),
+        (["stats", "--json", "--paths"], ["--paths", "--prometheus"]),
         ([], ["COMMAND"]),
     ],
 )

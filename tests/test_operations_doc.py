@@ -33,7 +33,7 @@ def test_every_stats_key_is_documented() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    names = promtext.parse(format_prometheus(sample_stats()))
+    names = promtext.parse(format_prometheus(sample_stats(), paths=True))
     missing = [n for n in names if n not in DOC]
     assert not missing
 

@@ -83,7 +83,7 @@ def sample_latency() -> Latencies:
 
 
 def test_prometheus_output_parses_strictly_with_our_rules() -> None:
-    text = format_prometheus(sample_stats())
+    text = format_prometheus(sample_stats(), paths=True)
     families = promtext.parse(text)
     for name, fam in families.items():
         assert name.startswith("shadowd_"), name
@@ -114,6 +114,13 @@ def test_prometheus_output_parses_strictly_with_our_rules() -> None:
     # Two entries with one label are one series.
     assert f["shadowd_top_file_saved_bytes"].value(path="/lib/libc.so.6") == 100_010
     assert f["shadowd_up"].value() == 1
+
+
+def test_prometheus_writes_no_path_label_unless_asked() -> None:
+    """Its output is read by others than the viewer the daemon answered (attack 50)."""
+    without = promtext.parse(format_prometheus(sample_stats()))
+    assert not [name for name in without if name.startswith("shadowd_top_file_")]
+    assert "shadowd_hits_total" in without
 
 
 def test_limits_are_split_by_unit_and_every_limit_has_a_reached_counter() -> None:
