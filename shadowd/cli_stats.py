@@ -6,8 +6,9 @@
 # this version cannot read (one line naming the socket, and a non-zero exit;
 # --watch says so and keeps asking); put such a line into the --json or
 # --prometheus stream a program reads (it goes to stderr); leave a
-# half-written --textfile for a collector to read; leave a terminal in the
-# alternate screen.
+# half-written --textfile for a collector to read; chmod or write a file by
+# its name in the --textfile directory, whose owner may swap the name for a
+# symlink (attack 51); leave a terminal in the alternate screen.
 from __future__ import annotations
 
 import argparse
@@ -78,11 +79,13 @@ def _write_textfile(path: str, text: str) -> None:
         raise ConfigError(f"cannot write --textfile {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            # mkstemp makes it 0600; the collector usually runs as another user.
+            # Through the descriptor: the directory's owner may have swapped the
+            # name for a symlink by now, which a chmod by name follows (attack 51).
+            os.fchmod(f.fileno(), 0o644 & ~umask)
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        # mkstemp makes it 0600; the collector usually runs as another user.
-        os.chmod(tmp, 0o644 & ~umask)
         os.rename(tmp, path)
     except OSError as exc:
         try:

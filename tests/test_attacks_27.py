@@ -66,3 +66,42 @@ async def test_50_the_metrics_textfile_shows_no_uid_another_uids_path_labels(
     leaked = [ln for ln in seen_by_bob.splitlines() if str(f) in ln]
     print(f"lines naming alice's file that bob read: {leaked}")
     assert leaked == []  # before: shadowd_top_file_hits{path="...payroll-2026.xlsx"} 2 (and saved)
+
+
+# The owner of the collector's directory (the node exporter's user, say) swaps the
+# temporary file `shadowd stats --textfile` made there for a symlink, at the
+# instant after it was made: a directory's owner may unlink any name in it.
+SWAP_FOR_SYMLINK = """
+os.unlink({tmp!r})
+os.symlink({victim!r}, {tmp!r})
+out(1)
+"""
+
+
+def test_51_the_textfile_directorys_owner_cannot_have_root_chmod_another_file(
+    shared_dir: Path, monkeypatch: Any
+) -> None:
+    """Attack 51: `--textfile` made its temporary file with mkstemp, wrote it, then
+    made it readable with chmod by its name: the directory's owner (the collector's
+    user, whose directory it is) swapped the name for a symlink meanwhile, and root's
+    chmod followed it, making root's 0600 file (/etc/shadow, here a stand-in) 0644.
+    The mode is set through the descriptor now: the swap changes nothing but names."""
+    import tempfile
+
+    from shadowd import cli_stats
+
+    collector = mkdir_owned(shared_dir / "textfile", BOB, 0o755)
+    victim = make_file(shared_dir / "secret", b"root only\n", 0o600)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_swap(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, tmp = real_mkstemp(*args, **kwargs)
+        # The worst instant for the writer, taken deterministically: bob acts now.
+        child(BOB, SWAP_FOR_SYMLINK.format(tmp=tmp, victim=str(victim)))
+        return fd, tmp
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_swap)
+    cli_stats._write_textfile(str(collector / "shadowd.prom"), "shadowd_up 0\n")
+    mode = victim.stat().st_mode & 0o777
+    print(f"root's file is {mode:o} after the write")
+    assert mode == 0o600  # before: 644
