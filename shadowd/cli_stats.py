@@ -34,7 +34,7 @@ def run_stats(args: argparse.Namespace) -> int:
         # No --socket: the client's own rule (shadowd.paths.find_socket).
         client = Client(args.socket, timeout=10.0)
     except ShadowdError as exc:
-        print(f"shadowd: {exc}", file=sys.stderr)
+        print(f"shadowd: {_said(exc)}", file=sys.stderr)
         return 2
     with client:
         if args.watch is not None:
@@ -101,6 +101,13 @@ def _write_textfile(path: str, text: str) -> None:
         raise
 
 
+def _said(exc: Exception) -> str:
+    """*exc*'s message, which may carry the daemon's words, fit for a terminal."""
+    from .report import printable
+
+    return printable(str(exc))
+
+
 class _StatsUnavailable(DaemonError):
     """No stats to show: no daemon, or a reply this version cannot read."""
 
@@ -113,7 +120,7 @@ def _fetch(client: Client) -> Stats:
     try:
         raw = client.stats()
     except ShadowdError as exc:
-        raise _StatsUnavailable(str(exc)) from None  # the message names the socket
+        raise _StatsUnavailable(_said(exc)) from None  # the message names the socket
     try:
         return Stats.from_wire(raw)
     except (ValueError, TypeError, KeyError, IndexError) as exc:

@@ -2,8 +2,10 @@
 # scripts (JSON); for monitoring, prometheus.py.
 #
 # Must never: do I/O or change the numbers it renders; each figure printed is
-# the one in the Stats value; print a client's path label raw (a label is any
-# string a client chose, and a terminal would obey the escape sequences in it).
+# the one in the Stats value; print a client's path label, or any string the
+# daemon sent, raw (a label is any string a client chose, whatever answers on
+# the socket sends what it likes, and a terminal obeys the escape sequences in
+# them: attacks 12 and 52).
 from __future__ import annotations
 
 import json
@@ -126,7 +128,9 @@ def format_table(stats: Stats, socket_path: str | None = None) -> str:
         lines.append("")
         lines.append("files that gain most, by hits:")
         lines += _top_table(stats.top_by_hits)
-    return "\n".join(lines)
+    # Every string came from whoever answered on the socket (its server name, the
+    # names of its limits and codes): no escape sequence reaches a terminal (attack 52).
+    return "\n".join(printable(line) for line in lines)
 
 
 def _uncached(stats: Stats) -> str:

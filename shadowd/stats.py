@@ -312,5 +312,21 @@ class Stats:
                 value = {str(k): int(v) for k, v in dict(value).items()}
             elif field.name == "latency":
                 value = Latencies.from_wire(value)
+            elif not _is_a(value, field.type):
+                # Whoever answers on the socket says what it likes: a string where a
+                # number goes broke the table's arithmetic (attack 52).
+                raise ValueError(f"stats field {field.name!r} is not {field.type}")
             kwargs[field.name] = value
         return cls(**kwargs)
+
+
+def _is_a(value: object, kind: object) -> bool:
+    """Whether *value* is what a scalar field of :class:`Stats` declares (*kind*, the
+    annotation's text): a str, an int (no bool), a float (or an int)."""
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True

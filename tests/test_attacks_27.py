@@ -105,3 +105,74 @@ def test_51_the_textfile_directorys_owner_cannot_have_root_chmod_another_file(
     mode = victim.stat().st_mode & 0o777
     print(f"root's file is {mode:o} after the write")
     assert mode == 0o600  # before: 644
+
+
+# A server at the socket's name (attack 11's remains, or a user's own daemon that
+# an administrator asks with --socket) answers `shadowd stats` with what it likes.
+ESC = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4K\x07"
+
+
+def _stats_sending(stats: dict[str, Any]) -> Any:
+    """A stand-in daemon's handler: hello answered, then *stats* for every request."""
+    import msgpack
+
+    from .test_c_client import _requests
+
+    def handle(conn: Any) -> None:
+        for msg, fds in _requests(conn):
+            for fd in fds:
+                os.close(fd)
+            if msg.get("op") == "hello":
+                reply = {"id": msg["id"], "ok": True, "version": 2, "server": "x", "limits": {}}
+            elif "refusal" in stats:
+                reply = {"id": msg["id"], "ok": False, "code": "busy", "message": stats["refusal"]}
+            else:
+                reply = {"id": msg["id"], "ok": True, "stats": stats}
+            conn.send(msgpack.packb(reply))
+
+    return handle
+
+
+def _wire_stats(**changed: Any) -> dict[str, Any]:
+    from .test_report import sample_stats
+
+    return {**sample_stats().to_wire(), **changed}
+
+
+async def test_52_a_daemons_stats_cannot_write_escape_sequences_to_the_terminal(
+    shared_dir: Path,
+) -> None:
+    """Attack 52: the table printed the stats' strings as the daemon sent them (its
+    server name, the names of its limits and error codes) and took any value for a
+    number: a daemon that answers (a server squatting the socket's name, a user's own
+    daemon an administrator asks with --socket) wrote escape sequences to root's
+    terminal (a title, a cleared screen, the clipboard through OSC 52), and so did
+    the message of a refusal. What it sends is printed with control characters
+    escaped, and a reply whose numbers are not numbers is one this version cannot
+    read (it was a traceback)."""
+    from .test_c_client import stand_in_daemon
+
+    sends = {
+        "names": _wire_stats(
+            server=f"shadowd/9{ESC}",
+            limits={f"max{ESC}": 1},
+            limit_hits={f"max{ESC}": 1},
+            refused=1,
+            refused_by_code={f"busy{ESC}": 1},
+        ),
+        "numbers": _wire_stats(hits=f"1{ESC}", uptime_seconds=f"2{ESC}"),
+        "refusal": {"refusal": f"not now{ESC}"},
+    }
+    printed = {}
+    with trio.fail_after(60):
+        for name, stats in sends.items():
+            path = shared_dir / f"hostile-{name}.sock"
+            with stand_in_daemon(path, _stats_sending(stats)):
+                for form in ([], ["--json"]):
+                    proc = await call(stats_cli, "--socket", str(path), *form)
+                    printed[(name, *form)] = (proc.returncode, proc.stdout + proc.stderr)
+    for key, (code, text) in printed.items():
+        print(key, code, ascii(text[:300]))
+    require(printed[("names",)][0] == 0, f"the table was not printed: {printed}")
+    assert [k for k, (_, text) in printed.items() if "\x1b" in text or "\x07" in text] == []
+    assert [k for k, (_, text) in printed.items() if "Traceback" in text] == []
