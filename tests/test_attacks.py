@@ -819,6 +819,18 @@ with Client({sock!r}, timeout=10) as c:
 """
 
 
+async def tight_pins(start_daemon: Any, shared_dir: Path) -> tuple[Daemon, list[str]]:
+    """A daemon of --max-bytes 8M (so 12 MiB at most out of the cache for all uids),
+    2 MiB a uid and --max-entries 4, and twenty-four 1 MiB files it caches at once."""
+    d = await start_daemon(
+        "--socket-mode", "0666", "--racy-window", "0.05", "--max-entries", "4",
+        "--max-bytes", "8M", "--max-pinned-bytes-per-uid", "2M",
+    )  # fmt: skip
+    paths = [str(make_file(shared_dir / f"file{i}", os.urandom(1 << 20))) for i in range(24)]
+    await trio.sleep(0.1)  # past the racy window
+    return d, paths
+
+
 async def test_41_copies_another_uid_found_are_held_within_the_all_uids_bound(
     start_daemon: Any, shared_dir: Path
 ) -> None:
@@ -831,12 +843,7 @@ async def test_41_copies_another_uid_found_are_held_within_the_all_uids_bound(
     (--max-entries 4): at most 12 MiB pinned. Fails where a shared memfd is charged
     to nobody at all (all twenty-four held, 20 MiB pinned)."""
     mib = 1 << 20
-    d = await start_daemon(
-        "--socket-mode", "0666", "--racy-window", "0.05", "--max-entries", "4",
-        "--max-bytes", "8M", "--max-pinned-bytes-per-uid", "2M",
-    )  # fmt: skip
-    paths = [str(make_file(shared_dir / f"file{i}", os.urandom(mib))) for i in range(24)]
-    await trio.sleep(0.1)  # past the racy window
+    d, paths = await tight_pins(start_daemon, shared_dir)
     sock = str(d.socket_path)
     with contextlib.ExitStack() as stack, trio.fail_after(120):
         holder = stack.enter_context(spawn_as(ALICE, OPEN_AND_HOLD.format(sock=sock)))

@@ -29,6 +29,7 @@ from .test_attacks import (
     child,
     mkdir_owned,
     require,
+    tight_pins,
 )
 
 pytestmark = requires_root
@@ -245,13 +246,8 @@ async def test_53_one_uid_holding_what_others_opened_does_not_stop_a_third_uids_
     the third uid's opens were all busy. An expected failure: see docs/security.md,
     attack 53, for why no reserve fixes it."""
     mib = 1 << 20
-    d = await start_daemon(
-        "--socket-mode", "0666", "--racy-window", "0.05", "--max-entries", "4",
-        "--max-bytes", "8M", "--max-pinned-bytes-per-uid", "2M",
-    )  # fmt: skip
-    paths = [str(make_file(shared_dir / f"lib{i}", os.urandom(mib))) for i in range(24)]
     thirds = [str(make_file(shared_dir / f"own{i}", os.urandom(100_000))) for i in range(4)]
-    await trio.sleep(0.1)  # past the racy window
+    d, paths = await tight_pins(start_daemon, shared_dir)
     sock = str(d.socket_path)
     with contextlib.ExitStack() as stack, trio.fail_after(120):
         opener = stack.enter_context(spawn_as(BOB, OPENS_AND_LETS_GO.format(sock=sock)))
