@@ -673,11 +673,14 @@ class Copier:
             flight.error = RequestError(ErrorCode.INTERNAL, f"copy failed: {copied!r}")
             _failed(flight)
         else:
+            flight.result = copied.sealed
+            flight.stat = copied.stat
             try:
                 on_copied(flight, copied)
             except RequestError as exc:
                 # Refused on the loop before anything kept it (a copy grown past what
                 # its uid may hold): not served, not cached.
+                flight.result = flight.stat = None
                 _release(copied)
                 if self.watches is not None and copied.wd >= 0:
                     self.watches.forget(copied.wd)
@@ -687,8 +690,6 @@ class Copier:
                 return
             self.copies += 1
             self.bytes_copied += copied.stat.size
-            flight.result = copied.sealed
-            flight.stat = copied.stat
 
     def _done(self, flight: Flight) -> None:
         """A flight ends (its result applied, or none): its waiters wake."""
