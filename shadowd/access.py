@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import trio
 
 from .copier import Quota
 from .errors import RequestError
@@ -131,6 +132,11 @@ class UidShare:
     told: collections.deque[Any] = attrs.field(factory=collections.deque)
     #: Whether a task starts its queued fills (filling.Filler._pump).
     filling: bool = False
+    #: Slots of its quota that told files' jobs hold (filling.told_slots bounds them),
+    #: and what the pump waits on when they hold all they may: set when one of those
+    #: jobs ends, or when a miss is queued in ``asked``.
+    told_jobs: int = 0
+    told_turn: trio.Event = attrs.field(factory=trio.Event)
     #: Its connections' seats, counted or not, until each leaves.
     seats: set[Seat] = attrs.field(factory=set)
     #: What looking for its gone peers may still cost (made at its first limit).

@@ -7,6 +7,7 @@
 # filesystems be closed on the event loop (close() on FUSE can block).
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -522,13 +523,15 @@ class Copier:
         remote: bool,
         quota: Quota | None = None,
         on_failed: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> Flight:
         """Start copying *src* (whose ownership moves here) as flight *key*.
 
         *quota* is a slot the caller already took for this copy; it is
         released when the copy ends. It is taken before the flight exists so
         that nobody can join a flight that is still queued behind its
-        starter's quota.
+        starter's quota. *on_end* is called on the loop once it has ended and
+        its slot is released, on every path (cancelled too).
         """
         watches = self.watches
         flight = Flight(
@@ -538,7 +541,11 @@ class Copier:
             on_failed=on_failed,
         )
         self._flights[key] = flight
-        nursery.start_soon(self._run, flight, src, expected, on_copied, remote)
+        nursery.start_soon(
+            functools.partial(
+                self._run, flight, src, expected, on_copied, remote=remote, on_end=on_end
+            )
+        )
         return flight
 
     async def _run(
@@ -547,7 +554,9 @@ class Copier:
         src: FdHolder,
         expected: SourceStat | None,
         on_copied: Callable[[Flight, Copied], None],
+        *,
         remote: bool,
+        on_end: Callable[[], None] | None,
     ) -> None:
         limiter = self.remote_limiter if remote else self.local_limiter
         watches, max_size = self.watches, self.max_file_size
@@ -569,6 +578,8 @@ class Copier:
             if flight.quota is not None:
                 flight.quota.release()
             self._done(flight)
+            if on_end is not None:
+                on_end()
 
     def start_group(
         self,
@@ -576,13 +587,15 @@ class Copier:
         items: Sequence[GroupItem],
         quota: Quota,
         max_bytes: int | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> list[Flight]:
         """Start copying several local sources (each item's *src* moves here) in one
         worker job, one after another, on the one slot of *quota* the caller took:
         a flight for each, all copying from now on (a request that joins one waits
         for the copies before it in the group). Their results are applied together,
-        in order, when the job ends; the slot is released then. With *max_bytes*,
-        the job copies at most that many bytes (copy_sources)."""
+        in order, when the job ends; the slot is released then, and *on_end* called
+        (on every path, cancelled too). With *max_bytes*, the job copies at most that
+        many bytes (copy_sources)."""
         watches = self.watches
         flights = []
         for item in items:
@@ -593,7 +606,7 @@ class Copier:
             )
             self._flights[item.key] = flight
             flights.append(flight)
-        nursery.start_soon(self._run_group, flights, items, quota, max_bytes)
+        nursery.start_soon(self._run_group, flights, items, quota, max_bytes, on_end)
         return flights
 
     async def _run_group(
@@ -602,6 +615,7 @@ class Copier:
         items: Sequence[GroupItem],
         quota: Quota,
         max_bytes: int | None,
+        on_end: Callable[[], None] | None,
     ) -> None:
         watches, max_size = self.watches, self.max_file_size
         sources = [(item.src, item.stat) for item in items]
@@ -638,6 +652,8 @@ class Copier:
             for flight in flights[settled:]:
                 self._done(flight)
             quota.release()
+            if on_end is not None:
+                on_end()
 
     def _settle(
         self,
@@ -645,7 +661,8 @@ class Copier:
         copied: Copied | BaseException,
         on_copied: Callable[[Flight, Copied], None],
     ) -> None:
-        """Apply a copy's result (or its error) to its flight, on the loop."""
+        """Apply a copy's result (or its error) to its flight, on the loop. *on_copied*
+        may refuse the copy with a RequestError, raised before it kept anything."""
         if isinstance(copied, RequestError):
             self.copy_failures += 1
             flight.error = copied
@@ -656,11 +673,23 @@ class Copier:
             flight.error = RequestError(ErrorCode.INTERNAL, f"copy failed: {copied!r}")
             _failed(flight)
         else:
-            self.copies += 1
-            self.bytes_copied += copied.stat.size
             flight.result = copied.sealed
             flight.stat = copied.stat
-            on_copied(flight, copied)
+            try:
+                on_copied(flight, copied)
+            except RequestError as exc:
+                # Refused on the loop before anything kept it (a copy grown past what
+                # its uid may hold): not served, not cached.
+                flight.result = flight.stat = None
+                _release(copied)
+                if self.watches is not None and copied.wd >= 0:
+                    self.watches.forget(copied.wd)
+                self.copy_failures += 1
+                flight.error = exc
+                _failed(flight)
+                return
+            self.copies += 1
+            self.bytes_copied += copied.stat.size
 
     def _done(self, flight: Flight) -> None:
         """A flight ends (its result applied, or none): its waiters wake."""

@@ -13,16 +13,22 @@
 # and only then to the second (copier.Quota.acquire_last). Every told file is
 # queued, even with a slot free, and the second lane's files are copied
 # several to one worker job on one slot (TOLD_GROUP_FILES, TOLD_GROUP_BYTES):
-# one hand-off to a worker and back for them all.
+# one hand-off to a worker and back for them all. Told work holds at most all
+# but one of the uid's slots (told_slots), so the program's own misses find one
+# it does not hold; a group keeps its files' descriptors counted in the fd
+# budget, as they were while queued, until its job ends.
 #
 # Must never: start a copy, or a group of told files' copies, without a slot
 # of its uid's quota (the slot comes first, so a flight that exists is always
 # copying, or in a group whose job is, and no uid waits behind another's
 # quota); queue more than FILL_QUEUE fills per uid, or one version
-# twice, or hold their fds uncounted in the uid's fd budget; let a told file
-# take a slot that an asked one or a waiting open wants; cache a copy of an
-# inode that had an event since its flight began; start a queued fill once the
-# daemon is stopping (stop(): the queue is let go of, attack 35).
+# twice, or hold their fds uncounted in the uid's fd budget (queued or in a
+# group); let a told file take a slot that an asked one or a waiting open
+# wants, or told work hold more slots than told_slots; put two versions of one
+# inode in one group; keep a copy that grew past the bytes its uid reserved
+# unless its bound holds them (Pins.grow); cache a copy of an inode that had
+# an event since its flight began; start a queued fill once the daemon is
+# stopping (stop(): the queue is let go of, attack 35).
 from __future__ import annotations
 
 import logging
@@ -35,7 +41,7 @@ import trio
 from .access import UidShare
 from .cache import Admission, Cache, HostKey
 from .closing import Closer
-from .copier import Copied, Copier, Flight, GroupItem
+from .copier import Copied, Copier, Flight, GroupItem, Quota
 from .errors import RequestError
 from .fds import FdHolder
 from .guard import EntryGuard
@@ -63,6 +69,8 @@ FILL_QUEUE = 512
 #: of them waits for the copies before it in the group; the bytes bound keeps that
 #: below what one told file of a few MiB costs it anyway. The sizes are those told
 #: of; the job holds its copies to the bytes bound whatever the files grew to since.
+#: Each of its files holds a descriptor counted in the uid's fd budget until the job
+#: ends (its source; once copied, its memfd until the results are applied).
 TOLD_GROUP_FILES = 16
 TOLD_GROUP_BYTES = 1 << 20
 
@@ -77,6 +85,22 @@ class Fill:
     remote: bool
     #: An item of a batch (a file told of), not a lone open's miss.
     told: bool
+
+
+def told_slots(quota: Quota) -> int:
+    """How many slots of a uid's quota told files' jobs may hold at once: all but one
+    (one, when there is only one), so that a miss of the uid's program finds a slot
+    that told work does not hold."""
+    return max(1, quota.limit - 1)
+
+
+@attrs.define(eq=False)
+class Reserved:
+    """The bytes reserved in a uid's bound for one copy (Pins.reserve), grown when the
+    copy found its file grown (Pins.grow)."""
+
+    uid: int
+    size: int
 
 
 @attrs.define(eq=False)
@@ -119,27 +143,31 @@ class Filler:
         share: UidShare,
         *,
         remote: bool,
+        told: bool = False,
     ) -> Flight:
         """Start copying *source* (ours now) as flight *key*, on a slot of the uid's
-        quota the caller took. Raises RequestError (busy) past the uid's copy budget;
-        then the slot is given back and *source* closed."""
-        quota, uid, size = share.quota, share.uid, st.size
+        quota the caller took (*told*: one of the slots told files may hold, counted in
+        share.told_jobs until the copy ends). Raises RequestError (busy) past the uid's
+        copy budget; then the slot is given back and *source* closed."""
+        quota, uid = share.quota, share.uid
         try:
-            self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+            self.pins.reserve(uid, st.size)  # refused (busy) past the uid's bound
         except BaseException:
             quota.release()
             self.closer.discard([source.detach()], share)
             raise
         assert self.nursery is not None
+        reserved = Reserved(uid, st.size)
         flight = self.copier.start(
             self.nursery,
             key,
             source,
             st,
-            self._on_copied(label, uid, size),
+            self._on_copied(label, reserved),
             remote=remote,
             quota=quota,
-            on_failed=lambda: self.pins.unreserve(uid, size),
+            on_failed=self._unreserve(reserved),
+            on_end=self._told_ended(share, 0) if told else None,
         )
         flight.uid = uid
         return flight
@@ -169,7 +197,7 @@ class Filler:
                 share.told.remove(key)  # at most FILL_QUEUE long
                 queued.told = False
                 share.asked.append(key)
-                share.quota.hurry()
+                self._hurry(share)
             return True
         if len(fills) >= FILL_QUEUE:
             if told or not share.told:
@@ -187,8 +215,14 @@ class Filler:
             share.filling = True
             self.nursery.start_soon(self._pump, share)
         elif not told:
-            share.quota.hurry()  # the pump may wait in the told files' turn
+            self._hurry(share)
         return True
+
+    def _hurry(self, share: UidShare) -> None:
+        """A miss was queued in the asked lane: the pump, which may wait in the told
+        files' turn for a slot or for one of their jobs to end, waits for a slot now."""
+        share.quota.hurry()
+        share.told_turn.set()
 
     def _drop(self, share: UidShare, fill: Fill) -> None:
         """Let go of a queued fill that will not be copied: its fd, and its count."""
@@ -226,6 +260,12 @@ class Filler:
         while fills:
             if share.asked:
                 await quota.acquire()
+            elif share.told_jobs >= told_slots(quota):
+                # Told files' jobs hold every slot they may: wait for one of them
+                # to end, or for a miss the program asks for (Filler._hurry).
+                share.told_turn = trio.Event()
+                await share.told_turn.wait()
+                continue
             else:
                 await quota.acquire_last()  # moved up by quota.hurry() for an asked one
             if self._stopping():  # stop() came as the slot became ours: no copy starts
@@ -239,6 +279,7 @@ class Filler:
             if not lane:  # pragma: no cover - only this task takes fills out
                 quota.release()
                 continue
+            told = lane is share.told  # (a remote told file, copied alone)
             fill = fills.pop(lane.popleft())
             if self.budget is not None:
                 self.budget.use(share, -1)
@@ -246,6 +287,8 @@ class Filler:
                 quota.release()  # filled meanwhile, or no longer worth it
                 continue
             st = fill.st
+            if told:
+                share.told_jobs += 1
             try:
                 self.fly(
                     (HostKey(st.dev, st.ino), st.version),
@@ -254,9 +297,11 @@ class Filler:
                     fill.label,
                     share,
                     remote=fill.remote,
+                    told=told,
                 )
-            except RequestError:
-                pass  # over its copy budget: dropped (it was only a fill)
+            except RequestError:  # over its copy budget: dropped (it was only a fill)
+                if told:
+                    share.told_jobs -= 1
 
     def _wanted(self, fill: Fill, share: UidShare) -> bool:
         """Whether a fill taken off the queue is still to be copied; if not, its fd is
@@ -282,34 +327,42 @@ class Filler:
         fills: dict[tuple[HostKey, Version], Fill] = share.fills
         uid = share.uid
         items: list[GroupItem] = []
+        inodes: set[HostKey] = set()
         total = 0
         while share.told and len(items) < TOLD_GROUP_FILES:
             fill = fills[share.told[0]]
-            size = fill.st.size
-            if fill.remote or (items and total + size > TOLD_GROUP_BYTES):
+            st = fill.st
+            inode = HostKey(st.dev, st.ino)
+            if fill.remote or (items and total + st.size > TOLD_GROUP_BYTES):
                 break  # (a remote one, never told in fact, is copied alone)
+            if inode in inodes:
+                # Another version of a file the group copies: that copy, finding the
+                # file changed, copies what it is now, maybe this version. It waits
+                # for the next group, which finds it cached if so.
+                break
             share.told.popleft()
-            del fills[(HostKey(fill.st.dev, fill.st.ino), fill.st.version)]
-            if self.budget is not None:
-                self.budget.use(share, -1)
+            del fills[(inode, st.version)]
             if not self._wanted(fill, share):
+                self._uncount(share, 1)
                 continue
             try:
-                self.pins.reserve(uid, size)  # refused (busy) past the uid's bound
+                self.pins.reserve(uid, st.size)  # refused (busy) past the uid's bound
             except RequestError:
+                self._uncount(share, 1)
                 self.closer.discard([fill.source.detach()], share)
                 continue  # dropped (it was only a fill)
-            st = fill.st
+            reserved = Reserved(uid, st.size)
             items.append(
                 GroupItem(
-                    key=(HostKey(st.dev, st.ino), st.version),
+                    key=(inode, st.version),
                     src=fill.source,
                     stat=st,
-                    on_copied=self._on_copied(fill.label, uid, size),
-                    on_failed=self._unreserve(uid, size),
+                    on_copied=self._on_copied(fill.label, reserved),
+                    on_failed=self._unreserve(reserved),
                 )
             )
-            total += size
+            inodes.add(inode)
+            total += st.size
         if not items:
             share.quota.release()  # none still wanted
             return
@@ -317,17 +370,45 @@ class Filler:
         # Their sizes were told; a file grown since must not hold up the rest (nor a
         # request of any uid that joins a later flight) for more bytes than that.
         max_bytes = TOLD_GROUP_BYTES if len(items) > 1 else None
-        for flight in self.copier.start_group(self.nursery, items, share.quota, max_bytes):
+        share.told_jobs += 1
+        # Each file's descriptor stays counted in the fd budget, as it was while
+        # queued (its source, then its copy's memfd), until the job ends.
+        ended = self._told_ended(share, len(items))
+        for flight in self.copier.start_group(
+            self.nursery, items, share.quota, max_bytes, on_end=ended
+        ):
             flight.uid = uid
 
-    def _unreserve(self, uid: int, size: int) -> Callable[[], None]:
-        return lambda: self.pins.unreserve(uid, size)
+    def _uncount(self, share: UidShare, n: int) -> None:
+        if self.budget is not None:
+            self.budget.use(share, -n)
 
-    def _on_copied(
-        self, label: str | None, uid: int, reserved: int
-    ) -> Callable[[Flight, Copied], None]:
+    def _told_ended(self, share: UidShare, fds: int) -> Callable[[], None]:
+        """What a told job calls once it has ended and given its slot back: the slot
+        no longer counts as told work (the pump may start more), and the *fds* it held
+        are out of the fd budget."""
+
+        def ended() -> None:
+            share.told_jobs -= 1
+            share.told_turn.set()
+            self._uncount(share, fds)
+
+        return ended
+
+    def _unreserve(self, reserved: Reserved) -> Callable[[], None]:
+        return lambda: self.pins.unreserve(reserved.uid, reserved.size)
+
+    def _on_copied(self, label: str | None, reserved: Reserved) -> Callable[[Flight, Copied], None]:
+        uid = reserved.uid
+
         def apply(flight: Flight, copied: Copied) -> None:
             st, wd, watches = copied.stat, copied.wd, self.guard.watches
+            if st.size != reserved.size:
+                # A retry copied the file at the size it has now, which the uid must
+                # be able to hold as if it had asked with it: else refused (busy),
+                # before anything is kept (the copier lets go of the copy).
+                self.pins.grow(uid, reserved.size, st.size)
+                reserved.size = max(reserved.size, st.size)
 
             def track(*, cached: bool) -> None:
                 # Charged to uid out of the cache, to nobody's when another uid joined.
@@ -335,7 +416,7 @@ class Filler:
                     copied.sealed,
                     uid,
                     cached=cached,
-                    reserved=reserved,
+                    reserved=reserved.size,
                     wd=copied.memfd_wd,
                     shared=flight.shared,
                 )

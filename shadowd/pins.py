@@ -31,10 +31,14 @@
 # inode and an inotify watch of the daemon's uid (fs.inotify.max_user_watches,
 # shared by every cached file), so the bound is on their number too (attack 38).
 #
-# Must never: let a uid start a copy past its bound; forget a charge while
-# the memfd may still be held (a shared one stays in all uids' charge); charge
-# a uid for a memfd another uid may hold; keep a watch that pins anything (an
-# inotify watch does not keep a memfd's pages).
+# A copy that found its file grown since it was asked for (a retry copies the
+# file at its new size) grows its reservation before it is kept or served, or
+# is refused as a copy of that size would have been (grow).
+#
+# Must never: let a uid start a copy past its bound, or keep one grown past it;
+# forget a charge while the memfd may still be held (a shared one stays in all
+# uids' charge); charge a uid for a memfd another uid may hold; keep a watch
+# that pins anything (an inotify watch does not keep a memfd's pages).
 from __future__ import annotations
 
 import logging
@@ -120,7 +124,22 @@ class Pins:
     def reserve(self, uid: int, size: int) -> None:
         """A copy of *size* bytes starts for *uid*: refused (busy) past its bound, or
         past the bound of all uids unless it is below its fair share of it."""
-        used, want = self.charged.get(uid, 0), cost(size)
+        self._check(uid, cost(size), size)
+        self._charge(uid, cost(size))
+
+    def grow(self, uid: int, reserved: int, size: int) -> None:
+        """A copy reserved with :meth:`reserve` for *reserved* bytes came to *size* (the
+        file grew before its copy, which copied it again): its reservation grows to
+        *size*'s, or, refused as :meth:`reserve` would refuse it, stays as it was."""
+        more = cost(size) - cost(reserved)
+        if more > 0:
+            self._check(uid, more, size)
+            self._charge(uid, more)
+
+    def _check(self, uid: int, want: int, size: int) -> None:
+        """Refuse (busy) *want* more bytes for *uid*'s copy of a *size*-byte file past its
+        bound, or past the bound of all uids unless it is below its fair share of it."""
+        used = self.charged.get(uid, 0)
         if used + want > self.per_uid:
             self._refuse(
                 f"uid {uid} has {used} bytes of copies under way or held out of the cache "
@@ -135,7 +154,6 @@ class Pins:
                 f"cache (at most {self.total}, --max-bytes, and past it a uid's fair share, "
                 f"uid {uid} has {used}); copy this {size}-byte file locally"
             )
-        self._charge(uid, want)
 
     def _refuse(self, message: str) -> None:
         self.hits["max_pinned_bytes_per_uid"] = self.hits.get("max_pinned_bytes_per_uid", 0) + 1

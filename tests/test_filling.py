@@ -25,8 +25,9 @@ from shadowd.cache import CacheLimits, HostKey
 from shadowd.copier import Flight, Quota
 from shadowd.errors import RequestError
 from shadowd.fds import FdHolder
-from shadowd.filling import FILL_QUEUE, TOLD_GROUP_BYTES
+from shadowd.filling import FILL_QUEUE, TOLD_GROUP_BYTES, TOLD_GROUP_FILES
 from shadowd.opens import FILLING, NOT_FILLING, THROTTLED, Miss, Served
+from shadowd.peer_limits import PeerLimits
 from shadowd.protocol import ErrorCode, Report
 from shadowd.server import Server, ServerConfig
 
@@ -258,7 +259,8 @@ async def test_a_batchs_told_files_are_copied_together_each_a_flight_a_waiting_o
             share = UidShare(os.getuid(), Quota(limit=2))
             assert tell(server, share, told) == [True] * len(told)
             await trio.testing.wait_all_tasks_blocked()  # the job waits in its worker
-            assert share.quota.used == 1 and not share.fills and share.fds == 0
+            # Off the queue, each still holds its descriptor, counted until the job ends.
+            assert share.quota.used == 1 and not share.fills and share.fds == len(told)
             assert server.copier.in_flight == len(told)
             assert ask(server, share, asked) is FILLING  # on the other slot, at once
             assert share.quota.used == 2 and not share.fills
@@ -393,34 +395,186 @@ async def test_a_told_file_grown_since_it_was_told_of_keeps_its_group_within_its
             assert share.quota.idle and share.fds == 0
 
 
-async def test_a_file_grown_past_the_file_size_limit_before_its_copy_is_not_copied(
-    tmp_path: Path,
+async def grown_before_its_copy(
+    server: Server, share: UidShare, path: Path, growth: int
+) -> RequestError:
+    """The refusal of an open that waits for its copy, whose file its owner grows by
+    *growth* bytes once the copy is a flight, before it starts (nothing has awaited
+    yet): the size it was asked with is reserved and checked, the retry copies what
+    the file is now. A copy served fails the test, naming its size."""
+    opens = server.opens
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    outcome = opens.serve_now(fd, str(path), share)
+    assert isinstance(outcome, Flight)
+    pending = opens.pending(fd, outcome)
+    with open(path, "ab") as f:
+        f.write(os.urandom(growth))
+    with pytest.raises(RequestError) as caught:
+        served = await opens.finish(pending, str(path), share)
+        size = os.fstat(served.fd.fd).st_size
+        served.fd.close()
+        raise AssertionError(f"served a copy of {size} bytes")
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("limits", "growth", "code"),
+    [
+        pytest.param(
+            {"cache": CacheLimits(racy_window_ns=0, max_file_size=1 << 16)},
+            1 << 20,
+            ErrorCode.FILE_TOO_LARGE,
+            id="max-file-size",
+        ),
+        pytest.param(
+            {
+                "cache": CacheLimits(racy_window_ns=0),
+                "peers": PeerLimits(max_pinned_bytes_per_uid=1 << 17),
+            },
+            1 << 20,
+            ErrorCode.BUSY,
+            id="max-pinned-bytes-per-uid",
+        ),
+    ],
+)
+async def test_a_file_grown_before_its_copy_past_what_it_may_be_is_not_served(
+    tmp_path: Path, limits: dict[str, Any], growth: int, code: ErrorCode
 ) -> None:
-    """An open that waits for its copy asked with the file's size then; a copy that
-    finds the file changed copies it again at its new size, which must not be above
-    --max-file-size (its bytes reserved were the old size's): refused as the daemon
-    refuses such a file at once (file-too-large), what it held given back."""
-    limit = 64 * 1024
+    """An open that waits for its copy asked with the file's size then, which was
+    checked against --max-file-size and reserved in its uid's pinned bound (pins.py);
+    a copy that finds the file changed copies it again at its new size. Past
+    --max-file-size it is refused as such a file is at once (file-too-large, in the
+    worker: nothing copied); within it, the uid's bound must hold the new size before
+    the copy is cached or served, else refused busy as a copy of that size is at once.
+    Either way nothing it held stays charged."""
     path = make_file(tmp_path / "grows", os.urandom(5000))
-    config = ServerConfig(socket_path="", cache=CacheLimits(racy_window_ns=0, max_file_size=limit))
     with trio.fail_after(30):
-        async with serving(config) as server:
-            opens = server.opens
+        async with serving(ServerConfig(socket_path="", **limits)) as server:
             share = UidShare(os.getuid(), Quota(limit=2))
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            outcome = opens.serve_now(fd, str(path), share)
-            assert isinstance(outcome, Flight)
-            pending = opens.pending(fd, outcome)
-            # Before its copy starts (nothing has awaited yet): the owner grows it.
-            with open(path, "ab") as f:
-                f.write(os.urandom(16 * limit))
-            with pytest.raises(RequestError) as caught:
-                served = await opens.finish(pending, str(path), share)
-                size = os.fstat(served.fd.fd).st_size
-                served.fd.close()
-                raise AssertionError(f"served a copy of {size} bytes")
-            assert caught.value.code is ErrorCode.FILE_TOO_LARGE
+            assert server.pins.charged == {}
+            refusal = await grown_before_its_copy(server, share, path, growth)
+            assert refusal.code is code
             await trio.testing.wait_all_tasks_blocked()
-            assert server.copier.bytes_copied == 0 and len(server.cache) == 0
-            assert server.pins.charged.get(share.uid, 0) == 0
+            assert len(server.cache) == 0 and server.copier.copies == 0
+            assert server.pins.charged.get(share.uid, 0) == 0 and server.pins.pinned == 0
             assert share.quota.idle
+
+
+async def test_told_groups_hold_one_slot_of_two_and_an_own_miss_starts_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told files enough for three groups, each held in its copy: they take one of
+    the uid's two slots, never both (the groups run one after another), so the
+    program's own miss meanwhile starts its copy at once on the other, where it
+    waited for a whole group of told copies (up to TOLD_GROUP_BYTES)."""
+    told = files(tmp_path, "told", 40)
+    asked = make_file(tmp_path / "asked", os.urandom(7000))
+    with trio.fail_after(30), copies_held(monkeypatch) as go:
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, told) == [True] * len(told)
+            await trio.testing.wait_all_tasks_blocked()  # a group waits in its worker
+            assert (share.quota.used, server.copier.in_flight) == (1, TOLD_GROUP_FILES)
+            assert ask(server, share, asked) is FILLING
+            assert share.quota.used == 2 and key_of(asked) not in {k for k, _ in share.fills}
+            go.set()
+            keys = await cached(server, len(told) + 1)
+            assert set(keys) == {key_of(p) for p in [*told, asked]}
+            assert server.copier.copies == len(told) + 1
+            await trio.testing.wait_all_tasks_blocked()
+            assert share.quota.idle and not share.filling and share.fds == 0
+
+
+async def test_with_a_single_copy_slot_told_groups_still_take_it_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-copies-per-uid 1: told work may not keep a slot back from the program's
+    misses when there is only one, so it takes that one, a group at a time; the
+    program's miss queued meanwhile goes first once the group ends."""
+    told = files(tmp_path, "told", 2 * TOLD_GROUP_FILES + 3)
+    asked = make_file(tmp_path / "asked", os.urandom(7000))
+    with trio.fail_after(30), copies_held(monkeypatch) as go:
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=1))
+            assert tell(server, share, told) == [True] * len(told)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (share.quota.used, server.copier.in_flight) == (1, TOLD_GROUP_FILES)
+            assert ask(server, share, asked) is FILLING  # queued, first in line
+            go.set()
+            keys = await cached(server, len(told) + 1)
+            assert keys == [key_of(p) for p in told[:TOLD_GROUP_FILES]] + [key_of(asked)] + [
+                key_of(p) for p in told[TOLD_GROUP_FILES:]
+            ]
+            await trio.testing.wait_all_tasks_blocked()
+            assert share.quota.idle and not share.filling and share.fds == 0
+
+
+async def test_a_told_group_counts_its_descriptors_in_the_fd_budget_until_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each told file holds a descriptor (its source, then its copy's memfd) from the
+    moment it is queued until its group's job ends: counted in its uid's fd budget and
+    in the daemon's, as when it was queued, and given back when the copies are applied,
+    when one fails, and when the job is cancelled at shutdown."""
+    told = files(tmp_path, "told", 6)
+    with trio.fail_after(30), copies_held(monkeypatch, fail=told[3]) as go:
+        async with serving() as server:
+            budget = server.budget
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, told) == [True] * len(told)
+            assert (share.fds, budget.used) == (len(told), len(told))  # queued
+            await trio.testing.wait_all_tasks_blocked()  # the group waits in its worker
+            assert not share.fills and server.copier.in_flight == len(told)
+            assert (share.fds, budget.used) == (len(told), len(told))
+            go.set()
+            while server.copier.in_flight:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.copy_failures == 1
+            assert (share.fds, budget.used, budget.active) == (0, 0, 0)
+    more = files(tmp_path, "more", 5)
+    with trio.fail_after(30), copies_held(monkeypatch):
+        async with serving() as server:
+            budget = server.budget
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert tell(server, share, more) == [True] * len(more)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.copier.in_flight == len(more) and share.fds == len(more)
+            # Leaving serving() cancels the nursery (the daemon stops): the job is
+            # abandoned in its worker, which lets go of its fds when it ends.
+        assert (share.fds, budget.used) == (0, 0) and share.quota.idle
+
+
+async def test_a_group_never_holds_two_versions_of_one_file(tmp_path: Path) -> None:
+    """A file told of, changed and told of again is queued twice (two versions). The
+    copy of the first finds the file changed and copies what it is now, the second
+    version: in one group the second's copy made the same bytes again. The second
+    waits for the next group, which finds that version cached: one copy."""
+    path = make_file(tmp_path / "lib.so", os.urandom(50_000))
+    others = files(tmp_path, "other", 3)
+    with trio.fail_after(30):
+        async with serving() as server:
+            share = UidShare(os.getuid(), Quota(limit=2))
+            assert share.quota.try_acquire() and share.quota.try_acquire()
+            assert tell(server, share, [path, others[0]]) == [True, True]
+            first = path.stat()
+            with open(path, "r+b") as f:  # same size, new bytes, a new version
+                f.write(os.urandom(50_000))
+            os.utime(path, ns=(first.st_atime_ns, first.st_mtime_ns + 1_000_000))
+            assert tell(server, share, [path, *others[1:]]) == [True] * 3
+            assert len(share.fills) == 5
+            share.quota.release()  # the told files' turn, on this slot alone
+            await cached(server, 4)
+            while server.copier.in_flight or share.fills:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            entry = server.cache.peek(key_of(path))
+            assert entry is not None
+            fd = entry.file.share()
+            try:
+                assert read_fd(fd) == path.read_bytes()
+            finally:
+                os.close(fd)
+            assert server.copier.copies == 4, "the new version was copied twice"
+            assert server.copier.bytes_copied == 50_000 + sum(p.stat().st_size for p in others)
+            share.quota.release()

@@ -50,6 +50,11 @@ from .conftest import (
 pytestmark = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here")
 
 SEALS = 0xF  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+# For the tests that assert the daemon answered every open: timeouts no loaded
+# host reaches. By default (250 ms) a reply late on a loaded CI machine opened
+# the breaker, and that run's opens were copies ("fallbacks"). The tests of an
+# unreachable daemon keep the defaults.
+STEADY = ["--timeouts", "10000,10000"]
 SIZE = 100_000
 
 
@@ -142,7 +147,13 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
         )
         runs = {
             mode: run_supervised(
-                supervisor, mode, program.argv, socket=socket_path, cwd=program.cwd, env=program.env
+                supervisor,
+                mode,
+                program.argv,
+                socket=socket_path,
+                cwd=program.cwd,
+                env=program.env,
+                options=STEADY,
             )
             for mode in MODES
         }
@@ -157,7 +168,7 @@ def _same_in_every_mode(supervisor: str, socket_path: str, tmp_path: Path) -> No
                 socket=socket_path,
                 cwd=program.cwd,
                 env=program.env,
-                options=[f"--{name}"],
+                options=[*STEADY, f"--{name}"],
             )
         reference = runs["passthrough"]
         assert (reference.returncode, reference.stdout, reference.stderr) == (
@@ -282,7 +293,7 @@ async def test_shadow_fds_are_sealed_read_only_and_private(
 def _shadow_fds(supervisor: str, socket_path: str, tmp_path: Path, mode: str) -> None:
     d = shadow_dir(tmp_path)
     argv = [sys.executable, "-c", SHADOW_PROBE, str(d), str(SIZE)]
-    run = run_supervised(supervisor, mode, argv, socket=socket_path)
+    run = run_supervised(supervisor, mode, argv, socket=socket_path, options=STEADY)
     assert run.returncode == 0, run.stderr.decode()
     s = checked(run)
     out = json.loads(run.stdout)
@@ -736,7 +747,7 @@ def _misses_then_hits(supervisor: str, socket_path: str, tmp_path: Path, call: s
     cat = shutil.which("cat")
     assert cat is not None
     # No cold window: libc's miss in the first run would start one.
-    options = ["--open-fd"] if call == "open-fd" else ["--cold", "0"]
+    options = [*STEADY, "--open-fd"] if call == "open-fd" else [*STEADY, "--cold", "0"]
     if call == "no-index":
         options.append("--no-index")
     # With the index, a file the daemon holds needs no round trip: "index".
@@ -1027,7 +1038,7 @@ def _tiers(supervisor: str, socket_path: str, tmp_path: Path, index: bool) -> No
                 "shadowd",
                 [python, "-c", _rewrite_program(f, size, gates)],
                 socket=socket_path,
-                options=["--cold", "0"] + ([] if index else ["--no-index"]),
+                options=[*STEADY, "--cold", "0"] + ([] if index else ["--no-index"]),
             )
         )
 
@@ -1101,7 +1112,7 @@ def _preload(supervisor: str, socket_path: str, tmp_path: Path) -> None:
     assert cat is not None
     argv = [cat, *map(str, files)]
     expected = b"".join(p.read_bytes() for p in files)
-    first = run_supervised(supervisor, "shadowd", argv, socket=socket_path)
+    first = run_supervised(supervisor, "shadowd", argv, socket=socket_path, options=STEADY)
     assert first.returncode == 0 and first.stdout == expected
     listed = [r["path"] for r in checked(first)["files"]]  # what a previous run opened
     preload = tmp_path / "preload.txt"
@@ -1109,7 +1120,11 @@ def _preload(supervisor: str, socket_path: str, tmp_path: Path) -> None:
     deadline = time.monotonic() + 10
     while True:
         run = run_supervised(
-            supervisor, "shadowd", argv, socket=socket_path, options=["--preload", str(preload)]
+            supervisor,
+            "shadowd",
+            argv,
+            socket=socket_path,
+            options=[*STEADY, "--preload", str(preload)],
         )
         assert run.returncode == 0 and run.stdout == expected, run.stderr
         s = checked(run)
@@ -1173,6 +1188,35 @@ async def test_a_stopped_daemon_costs_five_runs_of_true_less_than_3_s(
         assert not s["shadowd_connected"] and "timed out" in s["last_error"]
         assert s["fallbacks"] == s["shadowed"] > 0 and s["hits"] == 0
     assert took < 3.0, f"{took:.2f} s"
+
+
+async def test_the_supervisors_timeouts_are_settable(
+    supervisor: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    """--timeouts sets the client's connect+hello wait: a stopped daemon keeps a run
+    of true at least that long (the default, 250 ms, is well under it)."""
+    daemon: Daemon = await start_daemon("--racy-window", "0.05")
+    true = shutil.which("true")
+    assert true is not None
+    with trio.fail_after(60):
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            run = await trio.to_thread.run_sync(
+                lambda: run_supervised(
+                    supervisor,
+                    "shadowd",
+                    [true],
+                    socket=str(daemon.socket_path),
+                    options=["--timeouts", "1500"],
+                )
+            )
+            took = time.monotonic() - started
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    s = checked(run)
+    assert run.returncode == 0 and not s["shadowd_connected"] and "timed out" in s["last_error"]
+    assert took >= 1.5, f"{took:.2f} s"
 
 
 LOOP = """

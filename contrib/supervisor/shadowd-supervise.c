@@ -1188,7 +1188,7 @@ usage(FILE *f)
           "                         [--open-fd | --race] [--no-index | --keep-index-hits]\n"
           "                         [--read-open]\n"
           "                         [--preload FILE]\n"
-          "                         [--backoff MS[,MAX]]\n"
+          "                         [--backoff MS[,MAX]] [--timeouts MS[,MS]]\n"
           "                         [--held N[,BYTES]] [--cold N[,MS]] [--stats FILE]\n"
           "                         [--no-sync-wakeup] [--verbose]\n"
           "                         [--] PROGRAM [ARGS...]\n"
@@ -1220,6 +1220,8 @@ usage(FILE *f)
           "  --preload FILE      shadowd mode: paths, one per line, asked of shadowd in\n"
           "                      one batch before its first open; those it has are held\n"
           "  --backoff MS[,MAX]  the client's breaker: first window and cap (1000,30000)\n"
+          "  --timeouts MS[,MS]  the client's connect+hello and reply timeouts (250,250;\n"
+          "                      at most 30000)\n"
           "  --held N[,BYTES]    bounds of the files held (default 1024 or half the fd\n"
           "                      limit, and 512 MiB)\n"
           "  --cold N[,MS]       after misses of N files in a row, copy without asking\n"
@@ -1406,7 +1408,7 @@ main(int argc, char **argv)
     const char *socket_path = NULL, *stats_path = NULL, *preload_path = NULL;
     int i, sv[2], stats_fd = -1, status = 0;
     long long backoff = -1, backoff_max = -1, held = -1, held_bytes = 512LL << 20;
-    long long cold = -1, cold_ms = -1;
+    long long cold = -1, cold_ms = -1, connect_ms = -1, reply_ms = -1;
     sigset_t chld, old_mask;
     struct rlimit nofile = {0, 0};
 
@@ -1452,9 +1454,9 @@ main(int argc, char **argv)
             continue;
         }
         const char *names[] = {"--mode",    "--socket", "--stats", "--preload",
-                               "--backoff", "--held",   "--cold"};
+                               "--backoff", "--held",   "--cold",   "--timeouts"};
         int which = -1;
-        for (int n = 0; n < 7; n++) {
+        for (int n = 0; n < 8; n++) {
             size_t len = strlen(names[n]);
             if (strncmp(a, names[n], len) == 0 && (a[len] == '\0' || a[len] == '=')) {
                 which = n;
@@ -1485,9 +1487,11 @@ main(int argc, char **argv)
             preload_path = value;
         } else if ((which == 4   ? pair(value, &backoff, &backoff_max)
                     : which == 5 ? pair(value, &held, &held_bytes)
-                                 : pair(value, &cold, &cold_ms)) < 0 ||
+                    : which == 6 ? pair(value, &cold, &cold_ms)
+                                 : pair(value, &connect_ms, &reply_ms)) < 0 ||
                    backoff > INT32_MAX || backoff_max > INT32_MAX || held > INT32_MAX ||
-                   cold > INT32_MAX || cold_ms > INT32_MAX) {
+                   cold > INT32_MAX || cold_ms > INT32_MAX || connect_ms > INT32_MAX ||
+                   reply_ms > INT32_MAX) {
             fprintf(stderr, "shadowd-supervise: %s %s: not a number (or two, with a comma)\n",
                     names[which], value);
             return 2;
@@ -1522,6 +1526,7 @@ main(int argc, char **argv)
         shadowd_init(&S.client);
         shadowd_set_log(&S.client, client_log, NULL);
         shadowd_set_backoff(&S.client, (int)backoff, (int)backoff_max);
+        shadowd_set_timeouts(&S.client, (int)connect_ms, (int)reply_ms, -1);
         shadowd_set_race(&S.client, S.race);
         shadowd_set_cold(&S.client, (int)cold, (int)cold_ms);
         /* The tier: every file of a program run (pip opens about 500) and
