@@ -238,6 +238,8 @@ struct shadowd_private_ {
     long long cold_until;
     int hint_fd[SHADOWD_HINTS];
     int hint_label[SHADOWD_HINTS]; /* offset in hint_labels, or -1 */
+    uint64_t hint_dev[SHADOWD_HINTS], hint_ino[SHADOWD_HINTS]; /* each told file's identity */
+    long long hint_since; /* when the oldest file kept was added (mono_us) */
     int hint_used;
     char hint_labels[16384];
     long long hello_deadline;
