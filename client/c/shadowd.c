@@ -4390,15 +4390,16 @@ hint_flush(struct shadowd *c, int leaving)
 }
 
 /* Keep *src* (a duplicate) of version *v* and its label for the daemon, for
- * later. The files kept are told when 64 are kept, or when the first was
- * kept a cold window ago (a long-lived process's files are not held back
- * for its whole life). */
+ * later. The files kept are told when 64 are kept, or, with the cold routing
+ * on, when the first was kept a cold window ago (a long-lived process's
+ * files are not held back for its whole life). */
 static void
 hint_add(struct shadowd *c, int src, const struct shadowd_version_ *v, const char *label)
 {
     struct shadowd_private_ *p = P(c);
     long long now = mono_us();
-    if (p->nhint == SHADOWD_HINTS || (p->nhint > 0 && now - p->hint_since >= 1000LL * p->cold_ms))
+    if (p->nhint == SHADOWD_HINTS ||
+        (p->nhint > 0 && p->cold_misses > 0 && now - p->hint_since >= 1000LL * p->cold_ms))
         hint_flush(c, 0);
     int fd = fcntl(src, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
