@@ -4685,9 +4685,9 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
          * was: the program (a shell loop, a compiler's passes) opens it in
          * process after process, so the daemon is told once this copy is
          * made, and its next opens find it in the index. The daemon, woken
-         * on this CPU, may take the batch in before this open returns (1.5-2
-         * ms for a compiler's 20 files here: docs/performance.md). A file
-         * opened once waits. */
+         * on this CPU, may take the batch in before this open returns (about
+         * 2 ms more for cc's second open of libc here: docs/performance.md).
+         * A file opened once waits. */
         again = P(c)->index_state == IX_HAVE && hint_has(P(c), &v);
     } else if (why == SHADOWD_COPIED_NOT) {
         hint_flush(c, 0); /* the cold window is over: tell the daemon of what it missed */
