@@ -778,8 +778,9 @@ def table(report: dict[str, Any]) -> str:
         "its cache; held: reopened from the supervisor's tier; miss: the daemon had not",
         "cached it (shadowd-fd: served after its copy; routed: copied here while it fills);",
         "raced: copied here before the daemon's answer came (--race); cold: copied here",
-        "without asking for a second after a miss the daemon was filling, told to it",
-        "afterwards in one batch; local: copied here by the routing rules (small,",
+        "without asking (a file the daemon's index lacks, or any file for a second after",
+        "a miss the daemon was filling), told to it afterwards in one batch; local:",
+        "copied here by the routing rules (small,",
         "young); fallback: copied here because the daemon could not answer. preload:",
         "files held / listed, and its time.",
     ]

@@ -326,9 +326,10 @@ def _shadow_fds(supervisor: str, socket_path: str, tmp_path: Path, mode: str) ->
     assert {"data.bin", "../data.bin"} <= set(paths)
     assert paths.count(str(d / "data.bin")) >= 5
     if mode == "shadowd":
-        # A fresh daemon: misses (and maybe a cold window); never a fallback.
+        # A fresh daemon: its index lacks the files, so they are copied here and
+        # told to it (cold); never a fallback.
         assert s["fallbacks"] == 0 and s["shadowd_connected"], s["last_error"]
-        assert s["hits"] + s["misses"] > 0, s
+        assert s["cold"] > 0, s
 
     # In passthrough mode the same probe gets the host files.
     plain = run_supervised(supervisor, "passthrough", argv)

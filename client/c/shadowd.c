@@ -4326,6 +4326,18 @@ cold_saw(struct shadowd *c, const struct shadowd_version_ *v, int filling_miss)
     }
 }
 
+/* Whether a file that the daemon's index, held, lacks is copied here and
+ * told later rather than asked for (the cold routing is on, the race is not
+ * asked for). The daemon then almost surely has no copy: asking would only
+ * start its copy while the program runs, on a CPU the program could use
+ * (docs/performance.md, "A file the index lacks, told later"). */
+static int
+unindexed_is_cold(struct shadowd *c)
+{
+    const struct shadowd_private_ *p = P(c);
+    return p->index_state == IX_HAVE && !p->race && p->cold_misses > 0;
+}
+
 /* Tell the daemon of the files copied here while it was cold: one batch
  * request per max_batch files with "wait": false and "serve": false, not
  * waited for (its reply is read and dropped when it comes, as a cancelled
@@ -4377,18 +4389,27 @@ hint_flush(struct shadowd *c, int leaving)
     p->hint_used = 0;
 }
 
-/* Keep *src* (a duplicate) and its label for the daemon, for later. */
+/* Keep *src* (a duplicate) of version *v* and its label for the daemon, for
+ * later. The files kept are told when 64 are kept, or, with the cold routing
+ * on, when the first was kept a cold window ago (a long-lived process's
+ * files are not held back for its whole life). */
 static void
-hint_add(struct shadowd *c, int src, const char *label)
+hint_add(struct shadowd *c, int src, const struct shadowd_version_ *v, const char *label)
 {
     struct shadowd_private_ *p = P(c);
-    if (p->nhint == SHADOWD_HINTS)
+    long long now = mono_us();
+    if (p->nhint == SHADOWD_HINTS ||
+        (p->nhint > 0 && p->cold_misses > 0 && now - p->hint_since >= 1000LL * p->cold_ms))
         hint_flush(c, 0);
     int fd = fcntl(src, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
         return;
     int i = p->nhint++;
+    if (i == 0)
+        p->hint_since = now;
     p->hint_fd[i] = fd;
+    p->hint_dev[i] = v->dev;
+    p->hint_ino[i] = v->ino;
     p->hint_label[i] = -1;
     size_t n = label && label[0] == '/' ? strlen(label) + 1 : 0;
     if (n > 0 && n <= sizeof p->hint_labels - (size_t)p->hint_used) {
@@ -4396,6 +4417,16 @@ hint_add(struct shadowd *c, int src, const char *label)
         p->hint_label[i] = p->hint_used;
         p->hint_used += (int)n;
     }
+}
+
+/* Whether the file of *v* is among the files kept to be told. */
+static int
+hint_has(const struct shadowd_private_ *p, const struct shadowd_version_ *v)
+{
+    for (int i = 0; i < p->nhint; i++)
+        if (p->hint_dev[i] == v->dev && p->hint_ino[i] == v->ino)
+            return 1;
+    return 0;
 }
 
 /* The routing rules need the daemon's limits (its racy window above all):
@@ -4645,10 +4676,19 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
         snprintf(c->error, sizeof c->error, "the daemon's backlog is full; copied here");
         return copy_here(c, src, v.size, SHADOWD_COPIED_FAILED);
     }
-    if (why == SHADOWD_COPIED_NOT && cold_now(c)) {
+    int again = 0;
+    if (why == SHADOWD_COPIED_NOT && (cold_now(c) || unindexed_is_cold(c))) {
         why = SHADOWD_COPIED_COLD;
         if (want_label)
             label = label_of(src, label, buf, sizeof buf);
+        /* A file copied here and kept to be told, opened again before it
+         * was: the program (a shell loop, a compiler's passes) opens it in
+         * process after process, so the daemon is told once this copy is
+         * made, and its next opens find it in the index. The daemon, woken
+         * on this CPU, may take the batch in before this open returns (about
+         * 2 ms more for cc's second open of libc here: docs/performance.md).
+         * A file opened once waits. */
+        again = P(c)->index_state == IX_HAVE && hint_has(P(c), &v);
     } else if (why == SHADOWD_COPIED_NOT) {
         hint_flush(c, 0); /* the cold window is over: tell the daemon of what it missed */
         if (want_label)
@@ -4681,12 +4721,15 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
         if (why == SHADOWD_COPIED_NOT)
             why = SHADOWD_COPIED_FAILED;
     }
-    int told = why == SHADOWD_COPIED_COLD || (why == SHADOWD_COPIED_RULE && index_wants(c, &st));
+    int told = (why == SHADOWD_COPIED_COLD && !again) ||
+               (why == SHADOWD_COPIED_RULE && index_wants(c, &st));
     if (told && want_label && why == SHADOWD_COPIED_RULE)
         label = label_of(src, label, buf, sizeof buf);
     fd = copy_here(c, src, v.size, why);
     if (fd >= 0 && told)
-        hint_add(c, src, label);
+        hint_add(c, src, &v, label);
+    if (again)
+        hint_flush(c, 0);
     return fd;
 }
 

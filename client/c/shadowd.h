@@ -238,6 +238,8 @@ struct shadowd_private_ {
     long long cold_until;
     int hint_fd[SHADOWD_HINTS];
     int hint_label[SHADOWD_HINTS]; /* offset in hint_labels, or -1 */
+    uint64_t hint_dev[SHADOWD_HINTS], hint_ino[SHADOWD_HINTS]; /* each told file's identity */
+    long long hint_since; /* when the oldest file kept was added (mono_us) */
     int hint_used;
     char hint_labels[16384];
     long long hello_deadline;
@@ -585,12 +587,17 @@ void shadowd_set_race(struct shadowd *c, int on);
 /* A cold daemon: after misses of *misses* files in a row that the daemon is
  * filling (version 2), the routed open copies here without asking for
  * *window_ms* (copied_why SHADOWD_COPIED_COLD; the tier still serves what
- * it holds), then asks again. A miss costs the program a round trip to a
- * daemon that does far more for it than for an item of a batch, so the
- * files copied meanwhile are told to the daemon later in one batch that
- * does not wait ("wait": false; at most SHADOWD_HINTS files, each an fd kept
- * until then): when the list is full, when the window is over, and at
- * shadowd_close. Negative: the defaults (1 miss, 1000 ms); misses 0: never. */
+ * it holds), then asks again; and while the daemon's index is held, a file
+ * the index lacks is copied so at once, with no miss first (unless the race
+ * is asked for). A miss costs the program a round trip to a daemon that
+ * does far more for it than for an item of a batch, so the files copied
+ * meanwhile are told to the daemon later in one batch that does not wait
+ * ("wait": false; at most SHADOWD_HINTS files, each an fd kept until then):
+ * when the list is full, when the window is over, when the first was kept
+ * *window_ms* ago, when one of them is opened again (while the index is
+ * held: its next opens are then index hits), and at shadowd_close.
+ * Negative: the defaults (1 miss, 1000 ms); misses 0: never (a file the
+ * index lacks is then raced). */
 void shadowd_set_cold(struct shadowd *c, int misses, int window_ms);
 
 /* The process-local tier's bounds: at most *max_entries* files (up to
