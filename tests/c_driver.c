@@ -405,15 +405,15 @@ main(void)
         } else if (strcmp(cmd, "churn") == 0) {
             /* churn N EVERY HOT COLD ASKS DONES PATH...: routed opens of the PATHs
              * until N came from the index, every fd checked to hold the version
-             * the caller's fstat saw, sealed and read-only. One open in COLD is
-             * of a PATH past the first HOT, the others of one of the first HOT
-             * (tests/churn.py's pick). After every EVERY index hits one byte to
-             * the FIFO ASKS (the test's rewriter replaces a file for it), once
-             * the byte on the FIFO DONES says the change asked before is in
-             * place: the changes keep pace with the hits, on any host. */
+             * the caller's fstat saw, sealed and read-only. The opens are of one
+             * of the first HOT PATHs, but for one of a later one after every
+             * COLD index hits (tests/churn.py's pick). After every EVERY index
+             * hits one byte to the FIFO ASKS (the rewriter replaces a file for
+             * it), once the byte on the FIFO DONES says the change asked before
+             * is in place: the changes keep pace with the hits, on any host. */
             long want = atol(argv[1]), every = atol(argv[2]);
-            unsigned hot = (unsigned)atoi(argv[3]), cold = (unsigned)atoi(argv[4]);
-            unsigned others = (unsigned)(argc - 7) - hot;
+            unsigned hot = (unsigned)atoi(argv[3]), others = (unsigned)(argc - 7) - hot;
+            long cold = atol(argv[4]), colds = 0;
             int asks = open(argv[5], O_WRONLY | O_CLOEXEC); /* the rewriter's order */
             int dones = asks < 0 ? -1 : open(argv[6], O_RDONLY | O_CLOEXEC);
             unsigned seed = 12345u;
@@ -425,7 +425,11 @@ main(void)
             while ((long)(c.counts.index - base) < want && pacing) {
                 seed = seed * 1103515245u + 12345u;
                 unsigned r = seed >> 12; /* bits apart from the call's, below */
-                int k = (r % cold) ? (int)((r / cold) % hot) : (int)(hot + (r / cold) % others);
+                int k = (int)(r % hot);
+                if ((long)(c.counts.index - base) >= cold * (colds + 1)) {
+                    k = (int)(hot + r % others);
+                    colds++;
+                }
                 const char *path = argv[7 + k];
                 int src = open_src(path);
                 if (src < 0) {

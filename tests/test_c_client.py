@@ -3371,7 +3371,7 @@ async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
         # A bound for a hang only: seconds on an idle host.
         with trio.fail_after(120):
             r = await trio.to_thread.run_sync(
-                lambda: d("churn", 10_000, churn.HITS_PER_CHANGE, churn.HOT, churn.COLD_EVERY,
+                lambda: d("churn", 10_000, churn.HITS_PER_CHANGE, churn.HOT, churn.HITS_PER_COLD,
                           rewriter.asks, rewriter.dones, *names, timeout=110)
             )  # fmt: skip
     finally:

@@ -421,11 +421,13 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
         # would be dropped, with its index hits, and opens the breaker.
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=10)
         pacer = churn.Pacer.open(rewriter.asks, rewriter.dones)
-        served = wrong = 0
+        served = wrong = colds = 0
         rng = random.Random(2)
         try:
             while opener.index_opens < 10_000 and not stop.is_set():
-                name = churn.pick(rng, names)
+                k = churn.pick(rng, names, opener.index_opens, colds)
+                colds += k >= churn.HOT
+                name = names[k]
                 src = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     st = os.fstat(src)
