@@ -794,6 +794,10 @@ def test_connect_start_greets_a_daemon_of_version_1(driver: Any, tmp_path: Path)
     with stand_in_daemon(path, v1):
         d = driver()
         d("log", "capture")
+        # A hello timeout no loaded host reaches: the stand-in answers once this
+        # test has the driver's answer, 250 ms (the default) can pass before
+        # (full runs with two busy loops), and the refusal is what is tested.
+        d("timeouts", 10_000, 10_000, -1)
         started = d("connect_start", path)
         sent.set()
         waited = d("connect_wait")
