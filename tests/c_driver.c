@@ -403,20 +403,39 @@ main(void)
                 close(rw);
             }
         } else if (strcmp(cmd, "churn") == 0) {
-            /* churn N SECONDS PATH...: routed opens of the PATHs at random until N
-             * came from the index or the time is up; every fd checked to hold the
-             * version the caller's fstat saw, sealed and read-only. */
-            long want = atol(argv[1]);
-            double until = t + 1e6 * atof(argv[2]);
+            /* churn N EVERY HOT COLD ASKS DONES PATH...: routed opens of the PATHs
+             * until N came from the index, every fd checked to hold the version
+             * the caller's fstat saw, sealed and read-only. The opens are of one
+             * of the first HOT PATHs, but for one of a later one after every
+             * COLD index hits (tests/churn.py's pick). After every EVERY index
+             * hits one byte to the FIFO ASKS (the rewriter replaces a file for
+             * it), once the byte on the FIFO DONES says the change asked before
+             * is in place: the changes keep pace with the hits, on any host. */
+            long want = atol(argv[1]), every = atol(argv[2]);
+            unsigned hot = (unsigned)atoi(argv[3]), others = (unsigned)(argc - 7) - hot;
+            long cold = atol(argv[4]), colds = 0;
+            int asks = open(argv[5], O_WRONLY | O_CLOEXEC); /* the rewriter's order */
+            int dones = asks < 0 ? -1 : open(argv[6], O_RDONLY | O_CLOEXEC);
             unsigned seed = 12345u;
-            long served = 0, wrong = 0, unsealed = 0, failed = 0, routes[5] = {0};
+            long served = 0, wrong = 0, unsealed = 0, failed = 0, asked = 0, routes[5] = {0};
+            char byte = '.';
             uint64_t base = c.counts.index;
-            while ((long)(c.counts.index - base) < want && now_us() < until) {
+            /* A rewriter gone (or a FIFO not opened) ends the run: asked says so. */
+            int pacing = dones >= 0;
+            while ((long)(c.counts.index - base) < want && pacing) {
                 seed = seed * 1103515245u + 12345u;
-                const char *path = argv[3 + (int)((seed >> 8) % (unsigned)(argc - 3))];
+                unsigned r = seed >> 12; /* bits apart from the call's, below */
+                int k = (int)(r % hot);
+                if ((long)(c.counts.index - base) >= cold * (colds + 1)) {
+                    k = (int)(hot + r % others);
+                    colds++;
+                }
+                const char *path = argv[7 + k];
                 int src = open_src(path);
-                if (src < 0)
-                    continue; /* between the writer's unlink and rename: there is none */
+                if (src < 0) {
+                    failed++;
+                    continue;
+                }
                 struct stat st;
                 fstat(src, &st);
                 /* Both calls, half each: the one taking our fstat serves the
@@ -434,11 +453,22 @@ main(void)
                 unsealed += (fcntl(fd, F_GET_SEALS) & 15) != 15 ||
                             (fcntl(fd, F_GETFL) & O_ACCMODE) != O_RDONLY;
                 close(fd);
+                if ((long)(c.counts.index - base) >= every * (asked + 1)) {
+                    pacing = (asked == 0 || read(dones, &byte, 1) == 1) &&
+                             write(asks, &byte, 1) == 1;
+                    asked += pacing;
+                }
             }
+            if (asked > 0 && pacing && read(dones, &byte, 1) != 1)
+                asked = -asked; /* the last change was asked for, never done */
+            if (dones >= 0)
+                close(dones);
+            if (asks >= 0)
+                close(asks);
             emit("\"served\": %ld, \"wrong\": %ld, \"unsealed\": %ld, \"failed\": %ld, "
-                 "\"index\": %llu, \"refused\": %llu, \"routes\": {\"daemon\": %ld, "
+                 "\"asked\": %ld, \"index\": %llu, \"refused\": %llu, \"routes\": {\"daemon\": %ld, "
                  "\"held\": %ld, \"copy\": %ld, \"index\": %ld}, ",
-                 served, wrong, unsealed, failed, (unsigned long long)(c.counts.index - base),
+                 served, wrong, unsealed, failed, asked, (unsigned long long)(c.counts.index - base),
                  (unsigned long long)c.counts.index_refused, routes[SHADOWD_ROUTE_DAEMON],
                  routes[SHADOWD_ROUTE_HELD], routes[SHADOWD_ROUTE_COPY], routes[SHADOWD_ROUTE_INDEX]);
         } else if (strcmp(cmd, "held") == 0) {

@@ -282,21 +282,6 @@ class Daemon:
             s.close()
         return True
 
-    def favour(self, nice: int = -10) -> None:
-        """Run its threads at *nice* (threads it starts later inherit it): for a test
-        whose client spins beside it, where on a loaded host the spinning client and
-        the host's other work took the CPU the daemon needed to cache what the client
-        asks for (10,000 index hits while files change: 5,400 in 100 s at a load of
-        11; 10,000 in 10 s so favoured). What either side does is the same. Left as
-        it is where this process may not raise a priority."""
-        for tid in os.listdir(f"/proc/{self.pid}/task"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except PermissionError:
-                return
-            except ProcessLookupError:
-                continue  # a thread that ended meanwhile
-
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -1110,9 +1110,13 @@ async def test_08_pending_batch_replies_do_not_exhaust_the_daemons_fds(
     )
     with trio.fail_after(60), spawn_as(ALICE, flood) as attacker:
         sent = await call(attacker.recv, 30)
-        require(sent >= 40 * 20, f"the attacker got only {sent} batches out")
         await trio.sleep(0.5)  # the daemon answers what it can
         held = d.open_fds()
+        # What the attack is for: the daemon holding the fds of replies nobody
+        # reads (1180-1244, idle or loaded). The batches it took to get there
+        # are the host's: with two busy loops 673-784 (40 x 20 was required
+        # here), idle 1455-1861.
+        require(held >= 1000, f"the daemon held only {held} fds ({sent} batches sent)")
         ok, failed = await call(
             child, NOBODY, CANARY.format(sock=sock, path=str(f), data=data, rounds=2, timeout=2)
         )

@@ -37,6 +37,7 @@ import trio
 from shadowd.bench import c_compiler, run_c_clients
 from shadowd.fds import scm_rights
 
+from . import churn
 from .conftest import (
     NOBODY,
     REPO,
@@ -793,6 +794,10 @@ def test_connect_start_greets_a_daemon_of_version_1(driver: Any, tmp_path: Path)
     with stand_in_daemon(path, v1):
         d = driver()
         d("log", "capture")
+        # A hello timeout no loaded host reaches: the stand-in answers once this
+        # test has the driver's answer, 250 ms (the default) can pass before
+        # (full runs with two busy loops), and the refusal is what is tested.
+        d("timeouts", 10_000, 10_000, -1)
         started = d("connect_start", path)
         sent.set()
         waited = d("connect_wait")
@@ -3402,57 +3407,37 @@ async def test_a_c_client_cannot_write_or_grow_the_index(
     assert r["size_after"] == r["size_before"]
 
 
-def _churn_write(path: Path, size: int, mtime_ns: int) -> None:
-    """A new inode at *path*, whole: its bytes are (size, mtime_ns) over and over."""
-    block = size.to_bytes(8, "little") + mtime_ns.to_bytes(8, "little", signed=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes((block * (size // 16 + 1))[:size])
-    os.utime(tmp, ns=(mtime_ns, mtime_ns))
-    os.rename(tmp, path)
-
-
 async def test_ten_thousand_c_index_hits_while_files_change_serve_no_wrong_byte(
     driver: Any, start_daemon: Any, tmp_path: Path
 ) -> None:
-    """Another client replaces files (new inodes) while a cache of 3 entries evicts and refills."""
-    import random
+    """Another client replaces files (new inodes) while a cache of 3 entries evicts and refills.
 
-    daemon = await start_daemon("--racy-window", "0.05", "--max-entries", "3")
-    daemon.favour()  # ahead of the driver's busy loop and the rewriter
-    names = [tmp_path / f"lib{i}.so" for i in range(10)]
-    for i, name in enumerate(names):
-        _churn_write(name, 20_000 + i, 1_000_000_000 * (i + 1))
-    settle(*names)
-    stop = threading.Event()
-    changes = 0
-
-    def rewriter() -> None:
-        nonlocal changes
-        rng = random.Random(1)
-        while not stop.is_set():
-            _churn_write(rng.choice(names), 20_000 + rng.randrange(64), time.time_ns())
-            changes += 1
-            time.sleep(0.002)
-
+    The driver asks for each change after every churn.HITS_PER_CHANGE index hits
+    (tests/churn.py): the same mix on a loaded host as on an idle one. No racy window:
+    no two versions share a key (tests/test_index.py's twin says why)."""
+    daemon = await start_daemon("--racy-window", "0", "--max-entries", "3")
+    names = churn.library(tmp_path)
+    rewriter = churn.Rewriter(names, *churn.fifos(tmp_path))
     d = driver()
     # Timeouts no loaded host reaches: a reply 250 ms late (the default) opens
     # the breaker, and the opens of its window are copies, not index hits.
     for cmd in ("socket", daemon.socket_path), ("routing", 0, -1), ("held", 0, 0), (
             "cold", 0, 0), ("timeouts", 10_000, 10_000, 0), ("log", "quiet"):  # fmt: skip
         d(*cmd)
-    thread = threading.Thread(target=rewriter, daemon=True)
-    thread.start()
+    rewriter.start()
     try:
-        # A few seconds on an idle host; the bound is for a loaded one, where the
-        # daemon caches each new version later and more opens are copies (with
-        # a busy loop on each of this host's two cores: 10-35 s).
+        # A bound for a hang only: seconds on an idle host.
         with trio.fail_after(120):
-            r = await trio.to_thread.run_sync(lambda: d("churn", 10_000, 100, *names, timeout=110))
+            r = await trio.to_thread.run_sync(
+                lambda: d("churn", 10_000, churn.HITS_PER_CHANGE, churn.HOT, churn.HITS_PER_COLD,
+                          rewriter.asks, rewriter.dones, *names, timeout=110)
+            )  # fmt: skip
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        rewriter.join()  # ended by the driver's closing its FIFO (or its end)
+    changes = rewriter.changes
     assert r["wrong"] == 0 and r["unsealed"] == 0 and r["failed"] == 0, r
-    assert r["index"] >= 10_000 and changes > 100, (r, changes)
+    assert r["index"] == 10_000, (r, changes)
+    assert changes == r["asked"] == 10_000 // churn.HITS_PER_CHANGE, (r, changes)
     assert r["routes"]["daemon"] + r["routes"]["copy"] > 0, r  # the cache did change under it
     with trio.fail_after(30):
         await ask(d, "close")  # its last report (its answer not waited for)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -46,6 +45,7 @@ from shadowd.index import (
 from shadowd.memfd import REQUIRED_SEALS, sealed_from_bytes
 from shadowd.metrics import count_open_fds
 
+from . import churn
 from .conftest import (
     NOBODY,
     Daemon,
@@ -74,12 +74,6 @@ RACY = "0.05"
 
 async def in_thread(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
-
-
-def _content(size: int, mtime_ns: int) -> bytes:
-    """What a file of this size and mtime holds in these tests: its version decides it."""
-    seed = hashlib.sha256(f"{size}:{mtime_ns}".encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
 
 
 #: The two ways a view serves a hit: "c" only where the extension is built
@@ -410,46 +404,31 @@ def test_nobody_can_write_or_grow_the_index(rig: _Rig) -> None:
 async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
     start_daemon: Any, tmp_path: Path, index_path: str
 ) -> None:
-    """Another client replaces files (new inodes) while a small cache evicts and refills."""
-    d: Daemon = await start_daemon("--racy-window", RACY, "--max-entries", "3")
-    d.favour()  # ahead of the reader's busy loop and the rewriter
-    names = [tmp_path / f"lib{i}.so" for i in range(10)]
+    """Another client replaces files (new inodes) while a small cache evicts and refills.
+
+    Its changes keep pace with the reader's index hits (tests/churn.py), so the mix is
+    the same on a loaded host as on an idle one, and no clock decides what is counted.
+    No racy window: no two versions share a key, and the daemon is to cache each
+    version once it is asked, not once the wall clock says (a reader that is fast
+    beside it would find every file young)."""
+    d: Daemon = await start_daemon("--racy-window", "0", "--max-entries", "3")
+    names = churn.library(tmp_path)
+    rewriter = churn.Rewriter(names, *churn.fifos(tmp_path))
     stop = threading.Event()
-    changes = 0
 
-    def write(path: Path, size: int, mtime_ns: int) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(_content(size, mtime_ns))
-        os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        os.rename(tmp, path)  # a new inode, whole, with its version's bytes
-
-    for i, name in enumerate(names):
-        write(name, 20_000 + i, 1_000_000_000 * (i + 1))
-    settle(*names)
-
-    def rewriter() -> None:
-        nonlocal changes
-        rng = random.Random(1)
-        while not stop.is_set():
-            name = rng.choice(names)
-            write(name, 20_000 + rng.randrange(64), time.time_ns())
-            changes += 1
-            time.sleep(0.002)
-
-    def reader() -> tuple[int, int, int]:
+    def reader() -> tuple[int, int, int, int]:
         # A timeout no loaded host reaches: a report 250 ms late (the default)
         # would be dropped, with its index hits, and opens the breaker.
         opener = Opener(d.socket_path, local_below=0, held_files=0, timeout=10)
-        served = wrong = 0
+        pacer = churn.Pacer.open(rewriter.asks, rewriter.dones)
+        served = wrong = colds = 0
         rng = random.Random(2)
-        deadline = time.monotonic() + 100  # seconds on an idle host, tens on a loaded one
         try:
-            while opener.index_opens < 10_000 and time.monotonic() < deadline:
-                name = rng.choice(names)
-                try:
-                    src = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue
+            while opener.index_opens < 10_000 and not stop.is_set():
+                k = churn.pick(rng, names, opener.index_opens, colds)
+                colds += k >= churn.HOT
+                name = names[k]
+                src = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     st = os.fstat(src)
                     fd = opener.open_fd(src, label=str(name))
@@ -458,22 +437,31 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
                 data = read_fd(fd)
                 os.close(fd)
                 served += 1
-                if data != _content(st.st_size, st.st_mtime_ns):
+                if data != churn.version_bytes(st.st_size, st.st_mtime_ns):
                     wrong += 1
-            return served, wrong, opener.index_opens
+                if opener.index_opens >= churn.HITS_PER_CHANGE * (pacer.asked + 1):
+                    pacer.step()
+            return served, wrong, opener.index_opens, pacer.asked
         finally:
-            opener.close()
+            try:
+                pacer.close()
+            finally:
+                opener.close()
 
-    thread = threading.Thread(target=rewriter, daemon=True)
-    thread.start()
+    rewriter.start()
     try:
+        # A bound for a hang only: a few seconds idle, tens at a load of 10.
         with trio.fail_after(120):
-            served, wrong, index_hits = await in_thread(reader)
+            served, wrong, index_hits, asked = await trio.to_thread.run_sync(
+                reader, abandon_on_cancel=True
+            )
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        stop.set()  # the reader of a test that timed out ends at its next open
+        rewriter.join()
+    changes = rewriter.changes
     assert wrong == 0, (served, wrong, index_hits, changes)
-    assert index_hits >= 10_000 and changes > 100, (served, index_hits, changes)
+    assert index_hits == 10_000, (served, index_hits, changes)
+    assert changes == asked == 10_000 // churn.HITS_PER_CHANGE, (changes, asked)
     with Client(d.socket_path, timeout=10) as c:
         s = c.stats()
     assert s["index_hits"] >= index_hits - 256  # reported within a batch
@@ -481,7 +469,6 @@ async def test_ten_thousand_index_hits_while_files_change_serve_no_wrong_byte(
     assert s["index_fd_range"] == 3, s  # one number per entry (--max-entries 3)
     # The last rewrites may have taken every entry out: fill the cache again,
     # so that the range's check below has live slots to look at.
-    settle(*names, window=float(RACY))
     with Client(d.socket_path, timeout=10) as c:
         for name in names[:3]:
             os.close(c.open(name))
