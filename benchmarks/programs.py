@@ -427,6 +427,7 @@ def run_all(
     workdir: str,
     baseline: str | None = None,
     base_daemon: OwnDaemon | None = None,
+    timeouts: str | None = None,
 ) -> list[Results]:
     """A warm-up, then *rounds* shuffled rounds of every (program, mode); checked.
 
@@ -448,6 +449,8 @@ def run_all(
             options = (*options, "--preload", r.preload)
         chosen = binary if not suffix(variant) else baseline
         assert chosen is not None, variant
+        if timeouts and mode == "shadowd" and not suffix(variant):
+            options = (*options, "--timeouts", timeouts)
         run = run_supervised(
             chosen,
             mode,
@@ -832,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
         f" supervisor runs every mode too, as MODE{BASELINE}, in the same rounds",
     )
     parser.add_argument(
+        "--timeouts",
+        metavar="MS,MS",
+        help="the supervisor's --timeouts in the shadowd modes (connect+hello, reply; default"
+        " the client's 250,250); not passed to --baseline's supervisor",
+    )
+    parser.add_argument(
         "--baseline-daemon",
         action="store_true",
         help="with --baseline: the baseline's modes talk to a daemon of that tree too (its"
@@ -906,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
                     workdir=workdir,
                     baseline=baseline,
                     base_daemon=base_daemon,
+                    timeouts=args.timeouts,
                 )
         except Mismatch as exc:
             say(f"FAILED: {exc}")

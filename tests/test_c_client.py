@@ -432,12 +432,15 @@ async def test_connects_times_new_connections_that_each_get_the_index(
 async def test_exact_bytes_a_miss_then_a_hit(c_client: str, daemon: Daemon, tmp_path: Path) -> None:
     f = make_file(tmp_path / "lib.so", os.urandom(300_001))
     settle(f)
+    # -t 10000: a miss waits on the daemon's copy, which a loaded host made
+    # take past the default reply timeout (250 ms) once; the hit that follows
+    # is what is checked, not its speed.
     with trio.fail_after(30):
         first = await trio.to_thread.run_sync(
-            lambda: run(c_client, "-v", "-s", str(daemon.socket_path), str(f))
+            lambda: run(c_client, "-v", "-t", "10000", "-s", str(daemon.socket_path), str(f))
         )
         second = await trio.to_thread.run_sync(
-            lambda: run(c_client, "-v", "-s", str(daemon.socket_path), str(f))
+            lambda: run(c_client, "-v", "-t", "10000", "-s", str(daemon.socket_path), str(f))
         )
     assert first.returncode == 0, first.stderr
     assert first.stdout == f.read_bytes()

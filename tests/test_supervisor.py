@@ -855,6 +855,8 @@ def _benchmark() -> None:
             "1",
             "--quick",
             "--json",
+            "--timeouts",
+            STEADY[1],
         ],
         capture_output=True,
         text=True,
