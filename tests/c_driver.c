@@ -824,6 +824,11 @@ main(void)
                 used -= 2;
                 emit("], ");
             }
+        } else if (strcmp(cmd, "idle") == 0) {
+            /* what a supervisor does once it has answered the program; and
+             * whether a batch was due */
+            emit("\"due\": %d, ", c.priv_.hint_due);
+            shadowd_idle(&c);
         } else if (strcmp(cmd, "close") == 0) {
             shadowd_close(&c);
             emit("\"fds\": %d, \"us\": %.1f, ", count_fds(), now_us() - t);

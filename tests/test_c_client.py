@@ -2790,10 +2790,37 @@ async def test_a_file_opened_again_before_it_was_told_is_told_at_once(
         assert (await ask(d, "indexready"))["ready"] == 1
         await ask(d, "routed", first)
         opens = [await ask(d, "routed", again) for _ in range(2)]
+        # Due, not sent before the open returned: told at shadowd_idle.
+        assert (await ask(d, "idle"))["due"] == 1
         await counted_once(daemon, "entries", 2)  # both told, neither asked for
         hit = await ask(d, "routed", again)
         await ask(d, "close")
     assert [r["copied_why"] for r in opens] == ["cold", "cold"], opens
+    assert (hit["route"], hit["hash"]) == ("index", digest), hit
+
+
+async def test_a_batch_left_due_is_sent_by_the_next_routed_call_without_idle(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A caller that never calls shadowd_idle still tells the daemon: the next routed
+    call sends what the last one left due, before its own open."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    (first, _), (again, digest) = big(tmp_path / "first.so"), big(tmp_path / "again.so")
+    (other, _) = big(tmp_path / "other.so")
+    settle(first, again, other)
+    d = driver()
+    with trio.fail_after(30):
+        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 1, 60_000):
+            await ask(d, *cmd)
+        assert (await ask(d, "indexready"))["ready"] == 1
+        await ask(d, "routed", first)
+        await ask(d, "routed", again)
+        await ask(d, "routed", again)  # opened again: a batch due
+        await ask(d, "routed", other)  # sends it first
+        await counted_once(daemon, "entries", 2)
+        assert (await ask(d, "idle"))["due"] == 0  # nothing left due
+        hit = await ask(d, "routed", again)
+        await ask(d, "close")
     assert (hit["route"], hit["hash"]) == ("index", digest), hit
 
 

@@ -4350,6 +4350,7 @@ static void
 hint_flush(struct shadowd *c, int leaving)
 {
     struct shadowd_private_ *p = P(c);
+    p->hint_due = 0;
     if (p->nhint == 0)
         return;
     if (p->live && p->hello == H_DONE && c->protocol >= 2 && !p->down) {
@@ -4628,6 +4629,8 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
     struct stat st;
     struct shadowd_version_ v;
 
+    if (P(c)->hint_due)
+        hint_flush(c, 0); /* left due by the last routed open; shadowd_idle not called */
     clear(c);
     if (given != NULL) {
         st = *given;
@@ -4684,9 +4687,10 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
         /* A file copied here and kept to be told, opened again before it
          * was: the program (a shell loop, a compiler's passes) opens it in
          * process after process, so the daemon is told once this copy is
-         * made, and its next opens find it in the index. The daemon, woken
-         * on this CPU, may take the batch in before this open returns (about
-         * 2 ms more for cc's second open of libc here: docs/performance.md).
+         * made (at shadowd_idle, or at the next routed call), and its next
+         * opens find it in the index. Not before this open returns: the
+         * daemon, woken on this CPU, took the batch in first (about 2 ms
+         * more for cc's second open of libc here: docs/performance.md).
          * A file opened once waits. */
         again = P(c)->index_state == IX_HAVE && hint_has(P(c), &v);
     } else if (why == SHADOWD_COPIED_NOT) {
@@ -4729,8 +4733,15 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
     if (fd >= 0 && told)
         hint_add(c, src, &v, label);
     if (again)
-        hint_flush(c, 0);
+        P(c)->hint_due = 1;
     return fd;
+}
+
+void
+shadowd_idle(struct shadowd *c)
+{
+    if (P(c)->hint_due)
+        hint_flush(c, 0);
 }
 
 int

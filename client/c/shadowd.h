@@ -241,6 +241,7 @@ struct shadowd_private_ {
     uint64_t hint_dev[SHADOWD_HINTS], hint_ino[SHADOWD_HINTS]; /* each told file's identity */
     long long hint_since; /* when the oldest file kept was added (mono_us) */
     int hint_used;
+    int hint_due; /* the files kept are to be told at shadowd_idle or the next routed call */
     char hint_labels[16384];
     long long hello_deadline;
     int connect_ms, reply_ms, reply_ms_per_mib, backoff_first_ms, backoff_max_ms, young_ms;
@@ -740,6 +741,15 @@ int shadowd_index_open(struct shadowd *c, int src, const struct stat *st);
 /* Tell the daemon of the index hits not reported yet, now (not waiting for
  * its answer). The calls above do it by themselves. */
 void shadowd_index_report(struct shadowd *c);
+
+/* Send what a routed open left due, never waiting for an answer: the files
+ * copied here and kept to be told, once one of them was opened again (the
+ * next process will want it from the index). For a supervisor to call once
+ * it has answered the program, so that the daemon, woken on the caller's
+ * CPU, takes the batch in while the program runs, not while it waits for
+ * an open; otherwise the next routed call sends it first. Safe on a
+ * zero-filled struct. */
+void shadowd_idle(struct shadowd *c);
 
 /* ---- pipelined, for poll loops ------------------------------------------
  *

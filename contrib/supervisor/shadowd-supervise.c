@@ -1031,6 +1031,8 @@ handle(const struct seccomp_notif *req)
     S.cold += how == H_COLD;
     S.indexed += how == H_INDEX;
     keep_record(path, ns, wall, (uint64_t)st.st_size, how);
+    if (S.mode == SHADOWD)
+        shadowd_idle(&S.client); /* the program runs again: the daemon's turn */
     goto done;
 cont:
     close_sources(&dir, &at, &src); /* (before the program's own open: as above) */
