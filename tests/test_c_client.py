@@ -2773,40 +2773,19 @@ async def test_a_file_the_index_lacks_is_copied_here_and_told_later_never_asked(
     assert (s["misses"], s["hits"], s["entries"]) == (0, 0, 0), s
 
 
-async def test_a_file_opened_again_before_it_was_told_is_told_at_once(
-    driver: Any, start_daemon: Any, tmp_path: Path
+@pytest.mark.parametrize("then", ["idle", "next-open"])
+async def test_a_file_opened_again_before_it_was_told_is_told_after_that_open(
+    driver: Any, start_daemon: Any, tmp_path: Path, then: str
 ) -> None:
     """A file copied here and kept to be told, opened again (a shell loop's next
-    command, a compiler's next pass): the daemon is told of what is kept at once, so
-    that the opens after it are index hits, not copies, long before the window ends
-    or the client closes."""
+    command, a compiler's next pass): the daemon is told of what is kept, so that the
+    opens after it are index hits, not copies, long before the window ends or the
+    client closes; not before that open returns but at shadowd_idle (what a
+    supervisor calls once it has answered the program), or, for a caller that never
+    calls it, at its next routed call, before that call's own open."""
     daemon = await start_daemon("--racy-window", "0.05")
     (first, _), (again, digest) = big(tmp_path / "first.so"), big(tmp_path / "again.so")
-    settle(first, again)
-    d = driver()
-    with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 1, 60_000):
-            await ask(d, *cmd)
-        assert (await ask(d, "indexready"))["ready"] == 1
-        await ask(d, "routed", first)
-        opens = [await ask(d, "routed", again) for _ in range(2)]
-        # Due, not sent before the open returned: told at shadowd_idle.
-        assert (await ask(d, "idle"))["due"] == 1
-        await counted_once(daemon, "entries", 2)  # both told, neither asked for
-        hit = await ask(d, "routed", again)
-        await ask(d, "close")
-    assert [r["copied_why"] for r in opens] == ["cold", "cold"], opens
-    assert (hit["route"], hit["hash"]) == ("index", digest), hit
-
-
-async def test_a_batch_left_due_is_sent_by_the_next_routed_call_without_idle(
-    driver: Any, start_daemon: Any, tmp_path: Path
-) -> None:
-    """A caller that never calls shadowd_idle still tells the daemon: the next routed
-    call sends what the last one left due, before its own open."""
-    daemon = await start_daemon("--racy-window", "0.05")
-    (first, _), (again, digest) = big(tmp_path / "first.so"), big(tmp_path / "again.so")
-    (other, _) = big(tmp_path / "other.so")
+    other, _ = big(tmp_path / "other.so")
     settle(first, again, other)
     d = driver()
     with trio.fail_after(30):
@@ -2814,13 +2793,16 @@ async def test_a_batch_left_due_is_sent_by_the_next_routed_call_without_idle(
             await ask(d, *cmd)
         assert (await ask(d, "indexready"))["ready"] == 1
         await ask(d, "routed", first)
-        await ask(d, "routed", again)
-        await ask(d, "routed", again)  # opened again: a batch due
-        await ask(d, "routed", other)  # sends it first
-        await counted_once(daemon, "entries", 2)
+        opens = [await ask(d, "routed", again) for _ in range(2)]
+        if then == "idle":
+            assert (await ask(d, "idle"))["due"] == 1  # left due by the open
+        else:
+            await ask(d, "routed", other)  # copied and kept itself, told later
+        await counted_once(daemon, "entries", 2)  # first and again told, not asked for
         assert (await ask(d, "idle"))["due"] == 0  # nothing left due
         hit = await ask(d, "routed", again)
         await ask(d, "close")
+    assert [r["copied_why"] for r in opens] == ["cold", "cold"], opens
     assert (hit["route"], hit["hash"]) == ("index", digest), hit
 
 
