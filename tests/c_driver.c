@@ -627,6 +627,17 @@ main(void)
             int fd = shadowd_open(&c, argv[1]);
             status(t);
             describe("", fd, 0);
+        } else if (strcmp(cmd, "forkidle") == 0) {
+            /* forkidle: a child's first call is shadowd_idle; it exits then. */
+            pid_t pid = fork();
+            if (pid == 0) {
+                shadowd_idle(&c);
+                _exit(0);
+            }
+            int wstatus = 0;
+            if (pid > 0)
+                waitpid(pid, &wstatus, 0);
+            emit("\"child_status\": %d, ", WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
         } else if (strcmp(cmd, "forkindex") == 0) {
             /* forkindex USE KEEP: a child's first call is shadowd_set_index(USE,
              * KEEP); it exits then. */

@@ -2773,6 +2773,17 @@ async def test_a_file_the_index_lacks_is_copied_here_and_told_later_never_asked(
     assert (s["misses"], s["hits"], s["entries"]) == (0, 0, 0), s
 
 
+async def _leave_a_batch_due(d: Any, daemon: Daemon, first: Path, again: Path) -> list[Any]:
+    """Through driver *d*, with the daemon's index held: *first* copied here and kept
+    to be told (the index lacks it), then *again* twice, which leaves the batch of
+    both due; the two opens of *again*."""
+    for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 1, 60_000):
+        await ask(d, *cmd)
+    assert (await ask(d, "indexready"))["ready"] == 1
+    await ask(d, "routed", first)
+    return [await ask(d, "routed", again) for _ in range(2)]
+
+
 @pytest.mark.parametrize("then", ["idle", "next-open"])
 async def test_a_file_opened_again_before_it_was_told_is_told_after_that_open(
     driver: Any, start_daemon: Any, tmp_path: Path, then: str
@@ -2789,11 +2800,7 @@ async def test_a_file_opened_again_before_it_was_told_is_told_after_that_open(
     settle(first, again, other)
     d = driver()
     with trio.fail_after(30):
-        for cmd in ("socket", daemon.socket_path), ("routing", 0, 50), ("cold", 1, 60_000):
-            await ask(d, *cmd)
-        assert (await ask(d, "indexready"))["ready"] == 1
-        await ask(d, "routed", first)
-        opens = [await ask(d, "routed", again) for _ in range(2)]
+        opens = await _leave_a_batch_due(d, daemon, first, again)
         if then == "idle":
             assert (await ask(d, "idle"))["due"] == 1  # left due by the open
         else:
@@ -2804,6 +2811,29 @@ async def test_a_file_opened_again_before_it_was_told_is_told_after_that_open(
         await ask(d, "close")
     assert [r["copied_why"] for r in opens] == ["cold", "cold"], opens
     assert (hit["route"], hit["hash"]) == ("index", digest), hit
+
+
+async def test_a_forked_child_never_tells_its_parents_due_batch(
+    driver: Any, start_daemon: Any, tmp_path: Path
+) -> None:
+    """A batch a routed open left due is the process's that copied the files: a child
+    forked meanwhile whose first call is shadowd_idle (or a routed open) sends nothing
+    on its parent's connection. Its request would take the id the parent's next
+    request takes too (the child has a copy of the parent's next id), and its answer
+    would answer that request."""
+    daemon = await start_daemon("--racy-window", "0.05")
+    (first, _), (again, _) = big(tmp_path / "first.so"), big(tmp_path / "again.so")
+    other, digest = big(tmp_path / "other.so")
+    settle(first, again, other)
+    d = driver()
+    with trio.fail_after(30):
+        await _leave_a_batch_due(d, daemon, first, again)
+        assert (await ask(d, "forkidle"))["child_status"] == 0
+        asked = await ask(d, "requestfd", other)
+        assert (await ask(d, "idle"))["due"] == 1  # the parent's, still due
+        await counted_once(daemon, "entries", 3)
+        await ask(d, "close")
+    assert asked["fd"] >= 0 and asked["hash"] == digest, (asked["error"], asked)
 
 
 async def test_the_race_takes_the_first_done_and_never_waits(

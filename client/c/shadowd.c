@@ -1332,7 +1332,7 @@ after_fork(struct shadowd *c)
     report_clear(P(c));
     for (int i = 0; i < P(c)->nhint; i++)
         close(P(c)->hint_fd[i]);
-    P(c)->nhint = P(c)->hint_used = 0;
+    P(c)->nhint = P(c)->hint_used = P(c)->hint_due = 0;
 }
 
 static int recv_one(struct shadowd *c);
@@ -4629,8 +4629,7 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
     struct stat st;
     struct shadowd_version_ v;
 
-    if (P(c)->hint_due)
-        hint_flush(c, 0); /* left due by the last routed open; shadowd_idle not called */
+    shadowd_idle(c); /* what the last routed open left due, when the caller did not */
     clear(c);
     if (given != NULL) {
         st = *given;
@@ -4740,6 +4739,9 @@ routed(struct shadowd *c, int src, struct proof *pr, const struct stat *given, c
 void
 shadowd_idle(struct shadowd *c)
 {
+    if (!P(c)->hint_due)
+        return; /* (a zero-filled struct too) */
+    after_fork(c); /* a forked child's due batch is its parent's: let go of */
     if (P(c)->hint_due)
         hint_flush(c, 0);
 }

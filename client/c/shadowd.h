@@ -747,7 +747,8 @@ void shadowd_index_report(struct shadowd *c);
  * next process will want it from the index). For a supervisor to call once
  * it has answered the program, so that the daemon, woken on the caller's
  * CPU, takes the batch in while the program runs, not while it waits for
- * an open; otherwise the next routed call sends it first. Safe on a
+ * an open; otherwise the next routed call sends it first. A forked child
+ * sends nothing of its parent's (the parent tells its own). Safe on a
  * zero-filled struct. */
 void shadowd_idle(struct shadowd *c);
 
