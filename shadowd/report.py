@@ -222,7 +222,7 @@ def _top_table(entries: tuple[TopEntry, ...]) -> list[str]:
     for t in entries:
         lines.append(
             f"  {t.hits:>8}  {human_bytes(t.size):>10}  {human_bytes(t.bytes_saved):>10}"
-            f"  {printable(t.label)}"
+            f"  {t.label}"  # (escaped with the table's every line: format_table)
         )
     return lines
 
